@@ -1,0 +1,136 @@
+// Shared pieces of the CPU chunked kernels: typed element access and the per-chunk
+// bookkeeping (cumulative log decay and document segments) that every pass uses.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "lasp2/params.h"
+
+namespace lasp2::cpu {
+
+template <typename T>
+const T* row(ConstView view, int64_t b, int64_t t, int64_t h) {
+  return static_cast<const T*>(view.data) + view.stride.offset(b, t, h);
+}
+template <typename T>
+T* row(MutView view, int64_t b, int64_t t, int64_t h) {
+  return static_cast<T*>(view.data) + view.stride.offset(b, t, h);
+}
+
+template <typename Acc, typename T>
+Acc dot(const T* a, const T* b, int64_t n) {
+  Acc s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<Acc>(a[i]) * static_cast<Acc>(b[i]);
+  return s;
+}
+
+// Per-chunk (or per-part) bookkeeping for tokens x in [0, n) starting at `begin`:
+// G[x] is the cumulative log decay from the first token through x, seg[x] the
+// number of document starts in [0, x]. Pairs (s, t) interact only within one
+// segment; the state entering the chunk reaches only segment 0.
+template <typename Acc>
+struct ChunkInfo {
+  std::vector<Acc> G;
+  std::vector<int> seg;
+  int64_t n = 0;
+
+  void compute(const AttentionParams& p, int64_t b, int64_t h, int64_t begin, int64_t count) {
+    n = count;
+    G.resize(count);
+    seg.resize(count);
+    Acc g = 0;
+    int s = 0;
+    for (int64_t x = 0; x < count; ++x) {
+      if (p.starts_doc(b, begin + x)) ++s;
+      g += static_cast<Acc>(p.decay.at(b, begin + x, h));
+      G[x] = g;
+      seg[x] = s;
+    }
+  }
+  // Weight of key y in the output of query x (y <= x).
+  Acc pair_weight(int64_t x, int64_t y) const {
+    return seg[x] == seg[y] ? std::exp(G[x] - G[y]) : Acc(0);
+  }
+  // Weight of the entering state in the output of token x.
+  Acc entry_weight(int64_t x) const { return seg[x] == 0 ? std::exp(G[x]) : Acc(0); }
+  // Weight of key y in the state leaving the chunk.
+  Acc exit_weight(int64_t y) const { return pair_weight(n - 1, y); }
+  // Factor carrying the entering state through the whole chunk.
+  Acc through_weight() const { return entry_weight(n - 1); }
+};
+
+// A dk x dv fp32-or-better state held row-major.
+template <typename Acc>
+struct State {
+  std::vector<Acc> m;
+  int64_t dk = 0, dv = 0;
+
+  State(int64_t dk_, int64_t dv_) : m(dk_ * dv_, Acc(0)), dk(dk_), dv(dv_) {}
+  void load(const float* src) {
+    if (src == nullptr) {
+      std::fill(m.begin(), m.end(), Acc(0));
+    } else {
+      for (int64_t i = 0; i < dk * dv; ++i) m[i] = static_cast<Acc>(src[i]);
+    }
+  }
+  void store(float* dst) const {
+    for (int64_t i = 0; i < dk * dv; ++i) dst[i] = static_cast<float>(m[i]);
+  }
+  void scale(Acc f) {
+    for (auto& x : m) x *= f;
+  }
+  // m += f * a b^T
+  template <typename T, typename U>
+  void add_outer(Acc f, const T* a, const U* b) {
+    for (int64_t i = 0; i < dk; ++i) {
+      const Acc ai = f * static_cast<Acc>(a[i]);
+      Acc* r = &m[i * dv];
+      for (int64_t j = 0; j < dv; ++j) r[j] += ai * static_cast<Acc>(b[j]);
+    }
+  }
+  // out[j] += f * sum_i a[i] m[i][j]   (a^T M)
+  template <typename T>
+  void left_mul_add(Acc f, const T* a, Acc* out) const {
+    for (int64_t i = 0; i < dk; ++i) {
+      const Acc ai = f * static_cast<Acc>(a[i]);
+      const Acc* r = &m[i * dv];
+      for (int64_t j = 0; j < dv; ++j) out[j] += ai * r[j];
+    }
+  }
+  // out[i] += f * sum_j m[i][j] b[j]   (M b)
+  template <typename T>
+  void right_mul_add(Acc f, const T* b, Acc* out) const {
+    for (int64_t i = 0; i < dk; ++i) {
+      const Acc* r = &m[i * dv];
+      Acc s = 0;
+      for (int64_t j = 0; j < dv; ++j) s += r[j] * static_cast<Acc>(b[j]);
+      out[i] += f * s;
+    }
+  }
+};
+
+// fp32 inputs accumulate in fp32 (as the GPU kernels do); fp64 inputs in fp64.
+template <typename T>
+using AccOf = T;
+
+// Per-token scalars (q . dq, dg) are stored in the decay's precision.
+inline void store_real(void* base, ScalarType type, int64_t index, double value) {
+  if (type == ScalarType::kFloat64) {
+    static_cast<double*>(base)[index] = value;
+  } else {
+    static_cast<float*>(base)[index] = static_cast<float>(value);
+  }
+}
+inline double load_real(const void* base, ScalarType type, int64_t index) {
+  return type == ScalarType::kFloat64 ? static_cast<const double*>(base)[index]
+                                      : static_cast<const float*>(base)[index];
+}
+
+// Offset of the [B, H] block for (b, h) and of a [B, T, H] fp32 contiguous buffer.
+inline int64_t bh_index(const AttentionParams& p, int64_t b, int64_t h) { return b * p.heads + h; }
+inline int64_t bth_index(const AttentionParams& p, int64_t b, int64_t t, int64_t h) {
+  return (b * p.seqlen + t) * p.heads + h;
+}
+
+}  // namespace lasp2::cpu

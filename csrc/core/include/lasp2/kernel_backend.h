@@ -1,0 +1,81 @@
+// The per-device kernels the sequence-parallel algorithms are built from. Each
+// call works on a token range ("part") of the local sequence; states are fp32
+// [B, H, dk, dv] blocks, log decays fp32 [B, H]. CpuBackend and CudaBackend
+// implement the same functions; tests hold them to the same references.
+#pragma once
+
+#include <vector>
+
+#include "lasp2/params.h"
+
+namespace lasp2 {
+
+class KernelBackend {
+ public:
+  virtual ~KernelBackend() = default;
+  virtual Device device() const = 0;
+
+  // --- forward -------------------------------------------------------------
+  // State M of `part` started from zero, and the log of its total decay
+  // (-inf when a document starts inside the part).
+  virtual void part_state(const AttentionParams& p, TokenRange part, float* state,
+                          float* log_decay, void* stream) const = 0;
+
+  // o over `part`, with `initial_state` (nullable: zero) entering the part.
+  virtual void chunk_forward(const AttentionParams& p, TokenRange part,
+                             const float* initial_state, MutView o, void* stream) const = 0;
+
+  // o_t += scale * exp(G_t) q_t^T prefix for the tokens of `part` before its first
+  // document start; G_t is the cumulative log decay from the part's first token.
+  virtual void add_prefix_output(const AttentionParams& p, TokenRange part,
+                                 const float* prefix_state, MutView o, void* stream) const = 0;
+
+  // --- backward ------------------------------------------------------------
+  // dM = scale * sum_t exp(G_t) q_t dO_t^T over the tokens that see the state
+  // entering the part: the gradient of that state.
+  virtual void part_dstate(const AttentionParams& p, TokenRange part, ConstView dout,
+                           float* dstate, void* stream) const = 0;
+
+  // dq over `part` with `initial_state` (nullable) entering it. When q_dot_dq is
+  // given ([B, T, H] contiguous, of the decay dtype, local token index) it
+  // receives q_t . dq_t.
+  virtual void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
+                                 const float* initial_state, MutView dq, void* q_dot_dq,
+                                 void* stream) const = 0;
+
+  // dk, dv over `part`, with `final_dstate` (nullable) the gradient of the state
+  // leaving it. When dg is given ([B, T, H] contiguous, decay dtype) it receives
+  //   dg_t = sum_{t' >= t in part} (q.dq - k.dk)_{t'} + dg_offset[b, h]
+  // which needs q_dot_dq from chunk_backward_dq; dg_offset may be null (zero).
+  virtual void chunk_backward_dkdv(const AttentionParams& p, TokenRange part, ConstView dout,
+                                   const float* final_dstate, MutView dk, MutView dv,
+                                   const void* q_dot_dq, const float* dg_offset, void* dg,
+                                   void* stream) const = 0;
+
+  // --- combine (tiny, sizes independent of the sequence length) ------------
+  // parts[i] is part i's state block, log_decays is [num_parts][B*H] in global order.
+  // prefix for target j: sum_{i<j} exp(sum_{i<m<j} L_m) M_i.
+  virtual void combine_prefix(const std::vector<const float*>& parts, const float* log_decays,
+                              int target, int64_t bh, int64_t state_elems, float* out,
+                              void* stream) const = 0;
+  // suffix for target j: sum_{i>j} exp(sum_{j<m<i} L_m) dM_i.
+  virtual void combine_suffix(const std::vector<const float*>& parts, const float* log_decays,
+                              int target, int64_t bh, int64_t state_elems, float* out,
+                              void* stream) const = 0;
+  // out[bh] = <exp(L) * prefix + state, dstate>: the part of dg owed to later parts.
+  virtual void state_dot(const float* prefix, const float* state, const float* log_decay,
+                         const float* dstate, int64_t bh, int64_t state_elems, float* out,
+                         void* stream) const = 0;
+
+  // --- memory helpers --------------------------------------------------------
+  virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
+  virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+};
+
+const KernelBackend& cpu_backend();
+#ifdef LASP2_WITH_CUDA
+const KernelBackend& cuda_backend();
+#endif
+const KernelBackend& backend_for(Device device);
+
+}  // namespace lasp2

@@ -1,0 +1,83 @@
+// The description of one causal linear attention problem on one device, as the
+// kernels see it. Backends (CPU, CUDA) receive this struct plus a token range.
+//
+// Math (per batch b and head h, with q, k in R^{dk}, v in R^{dv}):
+//   S_t = a_t * S_{t-1} + k_t v_t^T        (S_{-1} = initial state, d_k x d_v, fp32)
+//   o_t = scale * q_t^T S_t
+// where a_t = exp(g_t) and g_t is 0, log_decay[h] or gate[b, t, h] (see DecayMode).
+// A token with doc_start[t] != 0 begins a new document: S_{t-1} is dropped (a_t = 0).
+#pragma once
+
+#include "lasp2/types.h"
+
+namespace lasp2 {
+
+// Decay values, and the gate gradient dg, are float32 (float64 allowed on the CPU,
+// so that float64 gradient checks see exact gates).
+struct DecayParams {
+  DecayMode mode = DecayMode::kNone;
+  ScalarType dtype = ScalarType::kFloat32;
+  const void* log_decay = nullptr;  // kFixed: [H], log of the per-step decay (<= 0)
+  const void* gate = nullptr;       // kGate: log gates, [B, T, H] with gate_stride
+  BTHStrides gate_stride;           // head stride is the element stride along H
+
+  double at(int64_t b, int64_t t, int64_t h) const {
+    const void* base = nullptr;
+    int64_t index = 0;
+    switch (mode) {
+      case DecayMode::kFixed:
+        base = log_decay;
+        index = h;
+        break;
+      case DecayMode::kGate:
+        base = gate;
+        index = gate_stride.offset(b, t, h);
+        break;
+      default:
+        return 0.0;
+    }
+    return dtype == ScalarType::kFloat64 ? static_cast<const double*>(base)[index]
+                                         : static_cast<const float*>(base)[index];
+  }
+};
+
+struct AttentionParams {
+  // Sizes of the local problem.
+  int64_t batch = 0;
+  int64_t seqlen = 0;  // local tokens on this device
+  int64_t heads = 0;
+  int64_t dim_k = 0;
+  int64_t dim_v = 0;
+
+  ScalarType dtype = ScalarType::kFloat32;  // of q, k, v, o and their gradients
+  ConstView q, k, v;
+  DecayParams decay;
+  float scale = 1.f;
+
+  // Optional document starts for packed sequences: uint8 per local token; batch b
+  // reads doc_start[b * doc_start_batch_stride + t]. nullptr = one document.
+  const uint8_t* doc_start = nullptr;
+  int64_t doc_start_batch_stride = 0;
+
+  int chunk_size = 64;
+
+  int64_t state_elems() const { return dim_k * dim_v; }
+  int64_t bh() const { return batch * heads; }
+  bool starts_doc(int64_t b, int64_t t) const {
+    return doc_start != nullptr && doc_start[b * doc_start_batch_stride + t] != 0;
+  }
+};
+
+// A per-part memory record as it travels in the LASP-2 AllGather:
+//   [B*H*dk*dv floats: the part's state M] [B*H floats: log of the part's total decay]
+// A log decay of -inf means the part starts a document, so nothing passes through it.
+struct StateRecord {
+  int64_t bh = 0;
+  int64_t state_elems = 0;  // dk * dv
+
+  static StateRecord of(const AttentionParams& p) { return {p.bh(), p.state_elems()}; }
+  int64_t states() const { return bh * state_elems; }
+  int64_t size() const { return states() + bh; }
+};
+
+}  // namespace lasp2

@@ -1,0 +1,78 @@
+// The independent reference: the step-by-step recurrence S_t = a_t S_{t-1} + k v^T,
+// o_t = scale q_t^T S_t in float64, and its hand-written backward (BPTT).
+#pragma once
+
+#include <vector>
+
+#include "problem.h"
+
+namespace lasp2::testing {
+
+struct ReferenceGrads {
+  std::vector<double> o, dq, dk, dv, dg;
+};
+
+template <typename T>
+ReferenceGrads recurrent_reference(const Problem<T>& pr) {
+  const auto& s = pr.spec;
+  const AttentionParams p = pr.params();
+  const int64_t dk = s.dim_k, dv = s.dim_v, T_ = s.seqlen;
+  ReferenceGrads r;
+  r.o.assign(pr.v.size(), 0);
+  r.dq.assign(pr.q.size(), 0);
+  r.dk.assign(pr.k.size(), 0);
+  r.dv.assign(pr.v.size(), 0);
+  r.dg.assign(pr.gate.size(), 0);
+  auto at = [&](int64_t b, int64_t t, int64_t h, int64_t d) { return ((b * T_ + t) * s.heads + h) * d; };
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t h = 0; h < s.heads; ++h) {
+      // states[t+1] = S_t, states[0] = zero initial state
+      std::vector<std::vector<double>> states(T_ + 1, std::vector<double>(dk * dv, 0.0));
+      for (int64_t t = 0; t < T_; ++t) {
+        const bool reset = p.starts_doc(b, t);
+        const double a = reset ? 0.0 : std::exp(static_cast<double>(p.decay.at(b, t, h)));
+        auto& S = states[t + 1];
+        const auto& prev = states[t];
+        for (int64_t i = 0; i < dk; ++i)
+          for (int64_t j = 0; j < dv; ++j)
+            S[i * dv + j] = a * prev[i * dv + j] + double(pr.k[at(b, t, h, dk) + i]) * double(pr.v[at(b, t, h, dv) + j]);
+        for (int64_t j = 0; j < dv; ++j) {
+          double acc = 0;
+          for (int64_t i = 0; i < dk; ++i) acc += double(pr.q[at(b, t, h, dk) + i]) * S[i * dv + j];
+          r.o[at(b, t, h, dv) + j] = s.scale * acc;
+        }
+      }
+      std::vector<double> dS(dk * dv, 0.0);
+      for (int64_t t = T_ - 1; t >= 0; --t) {
+        for (int64_t i = 0; i < dk; ++i)
+          for (int64_t j = 0; j < dv; ++j)
+            dS[i * dv + j] += s.scale * double(pr.q[at(b, t, h, dk) + i]) * double(pr.dout[at(b, t, h, dv) + j]);
+        const auto& S = states[t + 1];
+        for (int64_t i = 0; i < dk; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j < dv; ++j) acc += S[i * dv + j] * double(pr.dout[at(b, t, h, dv) + j]);
+          r.dq[at(b, t, h, dk) + i] = s.scale * acc;
+        }
+        for (int64_t i = 0; i < dk; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j < dv; ++j) acc += dS[i * dv + j] * double(pr.v[at(b, t, h, dv) + j]);
+          r.dk[at(b, t, h, dk) + i] = acc;
+        }
+        for (int64_t j = 0; j < dv; ++j) {
+          double acc = 0;
+          for (int64_t i = 0; i < dk; ++i) acc += dS[i * dv + j] * double(pr.k[at(b, t, h, dk) + i]);
+          r.dv[at(b, t, h, dv) + j] = acc;
+        }
+        const bool reset = p.starts_doc(b, t);
+        const double a = reset ? 0.0 : std::exp(static_cast<double>(p.decay.at(b, t, h)));
+        double da = 0;
+        for (int64_t e = 0; e < dk * dv; ++e) da += dS[e] * states[t][e];
+        r.dg[(b * T_ + t) * s.heads + h] = reset ? 0.0 : a * da;
+        for (auto& e : dS) e *= a;
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace lasp2::testing
