@@ -1,0 +1,260 @@
+// Times the CUDA backend on one layer's worth of causal linear attention and
+// compares it with the device's measured copy bandwidth.
+//
+//   bench_lasp2 [T=65536] [H=16] [D=128] [B=1] [dtype=bf16|fp16|fp32] [mode=gate|fixed|none] [what]
+// what = table (default), sweep (also times several segment lengths through
+// LASP2_CUDA_SEG_CHUNKS), or once (each backend function once: for profilers).
+//
+// Inputs are random (a 16 MiB random block tiled over each tensor, never zeros),
+// [B, T, H, D] contiguous; gates are log decays in [-0.1, -0.001]. Each number is
+// the median of 20 runs (CUDA events) after 3 warm-up runs. Build (after the
+// CMake build of the core in $BUILD):
+//   g++ -O2 -std=c++17 -Icsrc/core/include -I$CUDA/include benchmarks/kernel/bench_lasp2.cpp \
+//       $BUILD/liblasp2_core.a -L$CUDA/lib64 -lcudart -lpthread -o bench_lasp2
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lasp2/lasp2.h"
+
+using namespace lasp2;
+
+#define CK(x)                                                                        \
+  do {                                                                               \
+    cudaError_t e_ = (x);                                                            \
+    if (e_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+namespace {
+
+uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+uint32_t next_u32() {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return static_cast<uint32_t>(rng_state >> 11);
+}
+float uniform(float lo, float hi) { return lo + (hi - lo) * (next_u32() & 0xFFFFFF) / 16777216.f; }
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+uint16_t to_f16(float f) {  // normal range only (|f| < 65504, no denormal care needed here)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000;
+  int32_t exp = static_cast<int32_t>((u >> 23) & 0xFF) - 127 + 15;
+  uint32_t mant = u & 0x7FFFFF;
+  if (exp <= 0) return static_cast<uint16_t>(sign);
+  uint32_t h = sign | (exp << 10) | (mant >> 13);
+  if ((mant & 0x1FFF) > 0x1000 || ((mant & 0x1FFF) == 0x1000 && (h & 1))) ++h;
+  return static_cast<uint16_t>(h);
+}
+
+// Fills `bytes` of device memory with a 16 MiB random block, repeated.
+void fill_random(void* dst, size_t bytes, ScalarType t, float sd) {
+  const size_t block = std::min<size_t>(bytes, 16u << 20);
+  std::vector<unsigned char> host(block);
+  const size_t es = t == ScalarType::kFloat32 ? 4 : 2;
+  for (size_t i = 0; i + es <= block; i += es) {
+    const float x = sd * (uniform(-1.f, 1.f) + uniform(-1.f, 1.f) + uniform(-1.f, 1.f));
+    if (t == ScalarType::kFloat32) std::memcpy(&host[i], &x, 4);
+    else {
+      const uint16_t h = t == ScalarType::kBFloat16 ? to_bf16(x) : to_f16(x);
+      std::memcpy(&host[i], &h, 2);
+    }
+  }
+  for (size_t off = 0; off < bytes; off += block)
+    CK(cudaMemcpy(static_cast<char*>(dst) + off, host.data(), std::min(block, bytes - off),
+                  cudaMemcpyHostToDevice));
+}
+
+int g_warmup = 3, g_reps = 20;
+float median_ms(const std::function<void()>& fn, int warmup = -1, int reps = -1) {
+  if (warmup < 0) warmup = g_warmup;
+  if (reps < 0) reps = g_reps;
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < warmup; ++i) fn();
+  CK(cudaDeviceSynchronize());
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(a));
+    fn();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  CK(cudaGetLastError());
+  std::sort(ts.begin(), ts.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ts[ts.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t T = argc > 1 ? std::atoll(argv[1]) : 65536;
+  const int64_t H = argc > 2 ? std::atoll(argv[2]) : 16;
+  const int64_t D = argc > 3 ? std::atoll(argv[3]) : 128;
+  const int64_t B = argc > 4 ? std::atoll(argv[4]) : 1;
+  const std::string dts = argc > 5 ? argv[5] : "bf16";
+  const std::string ms = argc > 6 ? argv[6] : "gate";
+  const ScalarType dt = dts == "fp32" ? ScalarType::kFloat32 : dts == "fp16" ? ScalarType::kFloat16 : ScalarType::kBFloat16;
+  const DecayMode mode = ms == "none" ? DecayMode::kNone : ms == "fixed" ? DecayMode::kFixed : DecayMode::kGate;
+  const size_t es = element_size(dt);
+  const std::string what = argc > 7 ? argv[7] : "table";
+  if (what == "once") {
+    g_warmup = 0;
+    g_reps = 1;
+  }
+
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+
+  // Copy bandwidth: 1 GiB device-to-device, bytes read + bytes written.
+  float copy_gbs = 0;
+  {
+    const size_t bytes = size_t(1) << 30;
+    void *x, *y;
+    CK(cudaMalloc(&x, bytes));
+    CK(cudaMalloc(&y, bytes));
+    fill_random(x, bytes, ScalarType::kFloat32, 1.f);
+    const float t = median_ms([&] { CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice)); });
+    copy_gbs = 2.0 * bytes / (t * 1e6);
+    std::printf("copy bandwidth (1 GiB D2D, read+write): %.0f GB/s\n", copy_gbs);
+    CK(cudaFree(x));
+    CK(cudaFree(y));
+  }
+
+  const int64_t n = B * T * H * D;
+  const size_t tb = n * es;
+  void *q, *k, *v, *dO, *o, *dq, *dk, *dv;
+  for (void** p : {&q, &k, &v, &dO, &o, &dq, &dk, &dv}) CK(cudaMalloc(p, tb));
+  const float sd = 0.3f;
+  for (void* p : {q, k, v, dO}) fill_random(p, tb, dt, sd);
+  float *gate, *logd, *dg;
+  CK(cudaMalloc(&gate, B * T * H * 4));
+  CK(cudaMalloc(&logd, H * 4));
+  CK(cudaMalloc(&dg, B * T * H * 4));
+  {
+    std::vector<float> g(B * T * H), l(H);
+    for (auto& x : g) x = uniform(-0.1f, -0.001f);
+    for (int64_t h = 0; h < H; ++h) l[h] = -0.01f * (h + 1);
+    CK(cudaMemcpy(gate, g.data(), g.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(logd, l.data(), l.size() * 4, cudaMemcpyHostToDevice));
+  }
+
+  AttentionParams p;
+  p.batch = B;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = p.dim_v = D;
+  p.dtype = dt;
+  const BTHStrides st{T * H * D, H * D, D};
+  p.q = {q, st};
+  p.k = {k, st};
+  p.v = {v, st};
+  p.decay.mode = mode;
+  p.decay.dtype = ScalarType::kFloat32;
+  p.decay.gate = gate;
+  p.decay.log_decay = logd;
+  p.decay.gate_stride = {T * H, H, 1};
+  p.scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const KernelBackend& be = cuda_backend();
+  const PartLayout layout = PartLayout::contiguous(1, 0);
+  const bool with_dg = mode != DecayMode::kNone;
+  void* bws = nullptr;
+  CK(cudaMalloc(&bws, std::max<int64_t>(8, lasp2_backward_workspace_bytes(p, layout, true))));
+  float *state, *L;
+  CK(cudaMalloc(&state, B * H * D * D * 4));
+  CK(cudaMalloc(&L, B * H * 4));
+  float* qdq = static_cast<float*>(bws);
+  const ConstView dov{dO, st};
+  const TokenRange all{0, T};
+
+  struct Row {
+    std::string name;
+    float ms;
+    double bytes;  // minimum bytes to move
+    double flops;  // chunked-algorithm matmul flops
+  };
+  const double tens = static_cast<double>(tb), scal = static_cast<double>(B * T * H * 4);
+  const double bhc = static_cast<double>(B * H) * ((T + 63) / 64);  // chunks
+  const double C = 64, d = static_cast<double>(D);
+  const double f_state = bhc * 2 * C * d * d;                  // K^T V per chunk
+  const double f_out = bhc * (2 * C * C * d * 2 + 2 * C * d * d * 2);  // QK^T, PV, QS, state update
+  const double f_dkdv = bhc * (2 * C * C * d * 4 + 2 * C * d * d * 3);
+  std::vector<Row> rows;
+  auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& fn) {
+    rows.push_back({name, median_ms(fn), bytes, flops});
+  };
+  add("part_state (states+scan)", 2 * tens + scal, f_state, [&] { be.part_state(p, all, state, L, nullptr); });
+  add("chunk_forward", 4 * tens + scal, f_state + f_out,
+      [&] { be.chunk_forward(p, all, nullptr, {o, st}, nullptr); });
+  add("part_dstate", 2 * tens + scal, f_state, [&] { be.part_dstate(p, all, dov, state, nullptr); });
+  add("chunk_backward_dq (+q.dq)", 5 * tens + 2 * scal, f_state + f_out,
+      [&] { be.chunk_backward_dq(p, all, dov, nullptr, {dq, st}, with_dg ? qdq : nullptr, nullptr); });
+  add("chunk_backward_dkdv (+dg)", 6 * tens + 3 * scal, f_state + f_dkdv, [&] {
+    be.chunk_backward_dkdv(p, all, dov, nullptr, {dk, st}, {dv, st}, with_dg ? qdq : nullptr, nullptr,
+                           with_dg ? dg : nullptr, nullptr);
+  });
+  add("lasp2_forward (1 GPU)", 4 * tens + scal, f_state + f_out, [&] {
+    lasp2_forward(be, nullptr, layout, p, {o, st}, {}, nullptr, {}, nullptr);
+  });
+  add("lasp2_backward (1 GPU)", 7 * tens + 2 * scal, 2 * f_state + f_out + f_dkdv, [&] {
+    lasp2_backward(be, nullptr, layout, p, dov, {}, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws,
+                   nullptr);
+  });
+  if (what == "once") return 0;
+  const float fwd = rows[5].ms, bwd = rows[6].ms;
+  rows.push_back({"fwd+bwd", fwd + bwd, 11 * tens + 3 * scal, 3 * f_state + 2 * f_out + f_dkdv});
+
+  std::printf("\nB=%lld T=%lld H=%lld D=%lld %s mode=%s, copy bandwidth %.0f GB/s\n", (long long)B, (long long)T,
+              (long long)H, (long long)D, dts.c_str(), ms.c_str(), copy_gbs);
+  std::printf("%-28s %9s %10s %9s %8s %10s\n", "op", "ms", "floor_ms", "x_floor", "GB/s", "TFLOP/s");
+  for (const Row& r : rows) {
+    const double floor_ms = r.bytes / (copy_gbs * 1e6);
+    std::printf("%-28s %9.3f %10.3f %9.2f %8.0f %10.1f\n", r.name.c_str(), r.ms, floor_ms, r.ms / floor_ms,
+                r.bytes / (r.ms * 1e6), r.flops / (r.ms * 1e9));
+  }
+  std::printf("(floor = minimum bytes (inputs read once, outputs written once) / copy bandwidth;\n"
+              " TFLOP/s counts the chunked algorithm's matmul flops, chunk 64, incl. the segment-state pass)\n");
+  if (what == "sweep") {
+    std::printf("\nsegment length sweep (LASP2_CUDA_SEG_CHUNKS; 0 = the backend's choice), ms:\n");
+    std::printf("%10s %8s %12s %10s %12s %12s\n", "seg_chunks", "blocks", "part_state", "chunk_fwd", "bwd_dq", "bwd_dkdv");
+    for (int sc : {0, 8, 16, 32, 128}) {
+      if (sc) setenv("LASP2_CUDA_SEG_CHUNKS", std::to_string(sc).c_str(), 1);
+      else unsetenv("LASP2_CUDA_SEG_CHUNKS");
+      const float a = median_ms([&] { be.part_state(p, all, state, L, nullptr); });
+      const float b = median_ms([&] { be.chunk_forward(p, all, nullptr, {o, st}, nullptr); });
+      const float c = median_ms([&] { be.chunk_backward_dq(p, all, dov, nullptr, {dq, st}, with_dg ? qdq : nullptr, nullptr); });
+      const float d2 = median_ms([&] {
+        be.chunk_backward_dkdv(p, all, dov, nullptr, {dk, st}, {dv, st}, with_dg ? qdq : nullptr, nullptr,
+                               with_dg ? dg : nullptr, nullptr);
+      });
+      const long long nch = (T + 63) / 64, segs = sc ? (nch + sc - 1) / sc : -1;
+      std::printf("%10d %8lld %12.3f %10.3f %12.3f %12.3f\n", sc, segs > 0 ? segs * B * H : -1LL, a, b, c, d2);
+    }
+    unsetenv("LASP2_CUDA_SEG_CHUNKS");
+  }
+  return 0;
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: the CUDA GoogleTest cases (8 shards in parallel),
+# compute-sanitizer memcheck and racecheck on a small subset (alongside), then the
+# kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
+# fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
+#   benchmarks/kernel/device_run.sh [all|tests|bench|prof ...]   (several stages allowed)
+# The binaries come from benchmarks/kernel/build_carry.sh (run on the dev machine,
+# carried in .carry/); if they do not start here they are rebuilt from source.
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/lasp2_out}
+mkdir -p "$OUT"
+STAGES=" ${*:-all} "
+has() { [[ "$STAGES" == *" all "* || "$STAGES" == *" $1 "* ]]; }
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PATH=$PATH:/usr/local/cuda/bin
+BIN=.carry/bin
+T0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+if ! $BIN/lasp2_core_tests --gtest_list_tests >/dev/null 2>&1; then
+  echo "carried binaries do not run here; rebuilding" | tee -a "$OUT/gpu.txt"
+  (cmake -S .carry/googletest -B /tmp/gtb -G Ninja -DBUILD_GMOCK=OFF -DCMAKE_INSTALL_PREFIX=/tmp/gt >/dev/null &&
+   cmake --build /tmp/gtb -j16 >/dev/null && cmake --install /tmp/gtb >/dev/null &&
+   cmake -S . -B /tmp/b -G Ninja -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90 -DCMAKE_PREFIX_PATH=/tmp/gt >/dev/null &&
+   cmake --build /tmp/b -j16 >/dev/null &&
+   g++ -O2 -std=c++17 -DLASP2_WITH_CUDA -Icsrc/core/include -I/usr/local/cuda/include benchmarks/kernel/bench_lasp2.cpp \
+     /tmp/b/liblasp2_core.a -L/usr/local/cuda/lib64 -lcudart -lpthread -o /tmp/b/bench_lasp2) > "$OUT/rebuild.log" 2>&1
+  BIN=/tmp/b
+fi
+
+if has tests; then
+  SUB='*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*'
+  timeout 300 compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
+    --gtest_filter="$SUB:CudaCombine.*" > /tmp/memcheck.log 2>&1 &
+  MC=$!
+  timeout 300 compute-sanitizer --tool racecheck $BIN/lasp2_core_tests --gtest_filter="$SUB" > /tmp/racecheck.log 2>&1 &
+  RC=$!
+  for i in 0 1 2 3 4 5 6 7; do
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout 300 $BIN/lasp2_core_tests \
+      --gtest_filter='Cuda*:*/Cuda*' > /tmp/shard$i.log 2>&1 &
+  done
+  wait
+  cat /tmp/shard*.log > "$OUT/tests.log"
+  { echo "== memcheck"; cat /tmp/memcheck.log; echo "== racecheck"; cat /tmp/racecheck.log; } > "$OUT/sanitizer.log"
+  echo "tests+sanitizers done after $(( $(date +%s) - T0 )) s"
+fi
+
+if has bench; then
+  $BIN/bench_lasp2 65536 16 128 1 bf16 gate sweep > "$OUT/bench.log" 2>&1
+  $BIN/bench_lasp2 65536 16 128 1 bf16 fixed >> "$OUT/bench.log" 2>&1
+  $BIN/bench_lasp2 65536 16 64 1 bf16 gate >> "$OUT/bench.log" 2>&1
+  echo "bench done after $(( $(date +%s) - T0 )) s"
+fi
+if has fla && ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl > /dev/null 2>&1
+  PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 240 python3 benchmarks/kernel/bench_fla.py 65536 16 128 1 \
+    --unsafe-gate-timing > "$OUT/fla.log" 2>&1
+  echo "fla done after $(( $(date +%s) - T0 )) s"
+fi
+if has prof; then
+  # one launch of each tensor-core kernel (T = 16K), the stall picture per kernel
+  timeout 200 ncu --kernel-name regex:tc_ --launch-count 8 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis $BIN/bench_lasp2 16384 16 128 1 bf16 gate once > "$OUT/ncu.txt" 2>&1
+  cuobjdump -sass $BIN/bench_lasp2 2>/dev/null | awk '/Function : .*tc_(fwd|dkdv)_kernel.*13__nv_bfloat16Li128ELi0E|Function : .*tc_dkdv_kernelI13__nv_bfloat16Li128E/{f=1} /Function : /&&!/bfloat16Li128ELi0E|dkdv_kernelI13__nv_bfloat16Li128E/{f=0} f' > "$OUT/sass.txt"
+  echo "prof done after $(( $(date +%s) - T0 )) s"
+fi
+
+echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
+cat "$OUT/gpu.txt"
+if [ -f "$OUT/tests.log" ]; then
+  echo "-- gtest shards:"; grep -hE "^\[  (PASSED|FAILED)  \]|tests? ran|SKIPPED \] [0-9]" /tmp/shard*.log | sort | uniq -c
+  echo "-- failing tests:"; grep -h "^\[  FAILED  \] [A-Z]" "$OUT/tests.log" | sort -u | head -30
+  echo "-- max rel err by dtype and op (vs float64 CPU on the same inputs):"
+  grep -h "^\[cuda-op\]" "$OUT/tests.log" | awk '{split($2,a,"_"); k=a[1]" "$3; sub("rel_err=","",$4); sub("tol=","",$5); if ($4+0 > m[k]+0) m[k]=$4; t[k]=$5} END {for (k in m) print k, m[k], "tol", t[k]}' | sort
+  echo "-- FAIL lines:"; grep -h "FAIL$" "$OUT/tests.log" | head -25
+  grep -h "^\[cuda-e2e\]" "$OUT/tests.log" | sort
+  echo "-- sanitizer:"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED  \]" "$OUT/sanitizer.log" | sort | uniq -c
+  grep -hm5 -E "Invalid|Race|hazard" "$OUT/sanitizer.log"
+fi
+[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+[ -f "$OUT/fla.log" ] && grep -E "^fla" "$OUT/fla.log"
+if [ -f "$OUT/ncu.txt" ]; then
+  echo "-- ncu (kernel, duration, SM/DRAM throughput, warps, top stalls):"
+  grep -E "tc_[a-z]+_kernel|^    Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Active Warps|Registers Per|No Eligible|Issued Warp|spends|Warp Cycles Per Issued" "$OUT/ncu.txt" | sed -E 's/void lasp2::cuda::\(anonymous namespace\)::/  /; s/\(lasp2::cuda::[A-Za-z]+\).*//; s/  +/ /g' | head -90
+fi

@@ -1,0 +1,161 @@
+// Host-visible kernel arguments and launchers of the CUDA backend. Plain structs
+// (pointers, element strides, sizes) so that cuda_backend.cpp compiles with the
+// host compiler; the kernels live in the .cu files next to this header.
+//
+// Every kernel works on one part [begin, begin + n) of the local sequence, cut
+// into 64-token chunks; consecutive chunks form segments (seg_chunks chunks each)
+// that run in parallel thread blocks, exactly as LASP-2 splits a sequence over
+// devices: segment states, a scan over segments, then a pass that walks each
+// segment chunk by chunk with the running state on chip.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lasp2::cuda {
+
+constexpr int kChunk = 64;       // tokens per chunk (every kernel)
+constexpr int kMaxParts = 256;   // combine_prefix / combine_suffix pointer table
+constexpr int kMaxGenericDim = 256;
+
+enum class Elem : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// A [B, T, H, D] view: element strides, last dimension contiguous.
+struct View {
+  void* ptr = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+};
+
+// Where the part lies and how it is cut.
+struct Geom {
+  int batch = 0, heads = 0;
+  int64_t seqlen = 0;  // local tokens (row index of [B, T, H] scalars)
+  int64_t begin = 0;   // first token of the part
+  int n = 0;           // tokens in the part
+  int nchunks = 0;     // ceil(n / 64)
+  int seg_chunks = 1;  // chunks per segment
+  int nseg = 1;        // ceil(nchunks / seg_chunks)
+  int64_t bh() const { return static_cast<int64_t>(batch) * heads; }
+};
+
+// Per-token decay bookkeeping ("meta"): for every token x of chunk c, the pair
+// {G, s}: G = cumulative log decay from the chunk's first token through x, s =
+// number of document starts in the chunk up to x (as float). Padded tokens past
+// the part's end repeat the last valid pair. Layout [bh][nchunks * 64][2].
+// segL[bh][nseg] = log of the segment's total decay, -inf if a document starts in it.
+struct MetaArgs {
+  Geom g;
+  int mode = 0;  // DecayMode
+  const float* log_decay = nullptr;
+  const float* gate = nullptr;
+  int64_t gsb = 0, gst = 0, gsh = 0;
+  const uint8_t* doc = nullptr;
+  int64_t doc_sb = 0;
+  float* meta = nullptr;
+  float* segL = nullptr;
+};
+
+// Segment states: out[bh][seg] (a-dim x b-dim, row-major, fp32) =
+//   exit mode:  sum_y w_exit(y) a_y b_y^T      (state leaving the segment from zero)
+//   entry mode: coef * sum_x w_entry(x) a_x b_x^T  (what the segment's queries owe
+//               the state entering it: a = q, b = dO, coef = scale)
+struct StateArgs {
+  Geom g;
+  View a, b;
+  int da = 0, db = 0;
+  const float* meta = nullptr;
+  float coef = 1.f;
+  float* out = nullptr;
+};
+
+// The output pass, o = scale * (w_entry * qa^T S + sum_y w(x,y) (qa.ka_y) va_y):
+//   kFwd:    (qa, ka, va) = (q, k, v), out = o
+//   kDq:     (qa, ka, va) = (dO, v, k), out = dq, and qdq[t] = q_t . dq_t (x = q)
+//   kPrefix: out += scale * w_entry * qa^T S only (add_prefix_output)
+// S_a is the da x dv state of (ka, va); `state` holds S_a ([da][dv]) or, when
+// state_transposed, S_a^T ([dv][da]), at state + bh * state_bh + seg * state_seg.
+enum class FwdMode : int { kFwd = 0, kDq = 1, kPrefix = 2 };
+struct FwdArgs {
+  Geom g;
+  View qa, ka, va, x, out;
+  int da = 0, dv = 0;
+  const float* meta = nullptr;
+  const float* segL = nullptr;  // kPrefix: the prefix enters segment s scaled by exp(sum_{s'<s} L)
+  const float* state = nullptr;
+  int64_t state_bh = 0, state_seg = 0;
+  int state_transposed = 0;
+  float scale = 1.f;
+  float* qdq = nullptr;        // [B, T, H] fp32 contiguous
+  float* scratch = nullptr;    // generic path: per-block state when it does not fit in smem
+};
+
+// dk, dv (and the per-token dg terms) by a reverse walk of each segment.
+// dstate: gradient of the state leaving each segment ([dk][dv]) or null.
+// dg: reverse cumulative sum of (qdq - k.dk) within the segment; when fold_offset
+// the dg_offset[bh] is added here (single segment), else seg_total[bh][seg]
+// receives the segment's sum and launch_dg_fixup adds the later segments' sums.
+struct DkdvArgs {
+  Geom g;
+  View q, k, v, dout, dk_out, dv_out;
+  int dk = 0, dv = 0;
+  const float* meta = nullptr;
+  const float* dstate = nullptr;
+  int64_t dstate_bh = 0, dstate_seg = 0;
+  float scale = 1.f;
+  const float* qdq = nullptr;
+  float* dg = nullptr;
+  const float* dg_offset = nullptr;
+  float* seg_total = nullptr;
+  int fold_offset = 1;
+  float* scratch = nullptr;  // generic path
+};
+
+// ---- misc kernels (misc_kernels.cu) ----
+void launch_meta(const MetaArgs& a, cudaStream_t s);
+// In-place scan over the segment states X[bh][nseg][elems] with segL:
+//   prefix (forward): X[s] <- state entering segment s, starting from `init`;
+//                     `final_out` (nullable) <- state leaving the last segment,
+//                     `log_out` (nullable) <- sum of segL (-inf if any is -inf)
+//   suffix (reverse): X[s] <- gradient of the state leaving segment s, starting
+//                     from `init` (gradient leaving the part); `final_out` <-
+//                     gradient of the state entering the part.
+void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                 bool write_segments, const float* init, float* final_out, float* log_out,
+                 cudaStream_t s);
+void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
+                     cudaStream_t s);
+struct PartTable {
+  const float* p[kMaxParts];
+};
+void launch_combine(const PartTable& parts, int num_parts, const float* log_decays, int target,
+                    int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s);
+void launch_state_dot(const float* prefix, const float* state, const float* log_decay,
+                      const float* dstate, int64_t bh, int64_t elems, float* out, cudaStream_t s);
+
+// ---- tensor-core path (bf16/fp16, dims <= D in {64, 128}, multiples of 8) ----
+// Dynamic shared memory each launcher needs (bytes), to check against the device.
+int tc_state_smem(int D);
+int tc_fwd_smem(int D, FwdMode mode);
+int tc_dkdv_smem(int D);
+void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s);
+void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);
+void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s);
+
+// ---- generic path (any dtype, dims <= 256; FMA arithmetic) ----
+// smem bytes with the state in shared memory (the launcher falls back to global
+// scratch, sized by generic_*_scratch_floats, when this exceeds `smem_limit`).
+int generic_state_smem(int da, int db, bool state_in_smem);
+int generic_fwd_smem(int da, int dv, FwdMode mode, bool state_in_smem);
+int generic_dkdv_smem(int dk, int dv, bool state_in_smem);
+int64_t generic_state_scratch_floats(int da, int db);  // per block
+void launch_generic_state(Elem e, const StateArgs& a, bool entry, bool state_in_smem,
+                          cudaStream_t s);
+void launch_generic_fwd(Elem e, const FwdArgs& a, FwdMode mode, bool state_in_smem,
+                        cudaStream_t s);
+void launch_generic_dkdv(Elem e, const DkdvArgs& a, bool state_in_smem, cudaStream_t s);
+
+// Throws lasp2::Error naming `what` if the last launch failed.
+void check_launch(const char* what);
+
+}  // namespace lasp2::cuda

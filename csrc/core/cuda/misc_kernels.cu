@@ -1,0 +1,222 @@
+// The small kernels: per-token decay bookkeeping (meta), the scan over segment
+// states, the dg fix-up across segments, and the LASP-2 combines of gathered
+// per-part states (sizes independent of the sequence length).
+#include <cmath>
+#include <string>
+
+#include "device_utils.cuh"
+#include "lasp2/types.h"
+
+namespace lasp2::cuda {
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    fail(std::string("lasp2 (CUDA): launching ") + what + " failed: " + cudaGetErrorString(e));
+  }
+}
+
+namespace {
+
+// One block per (segment, bh); warp w handles chunks w, w + 8, ... of the segment;
+// lane l handles tokens 2l, 2l + 1 of a chunk.
+__global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
+  const Geom& g = a.g;
+  const int seg = blockIdx.x % g.nseg;
+  const int64_t bh = blockIdx.x / g.nseg;
+  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c0 = seg * g.seg_chunks;
+  const int c1 = min(g.nchunks, c0 + g.seg_chunks);
+  float total = 0.f;
+  int docs = 0;
+  for (int c = c0 + warp; c < c1; c += 8) {
+    float gv[2];
+    int dv[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int x = c * kChunk + 2 * lane + e;
+      const bool valid = x < g.n;
+      const int64_t t = g.begin + x;
+      float gl = 0.f;
+      if (valid) {
+        if (a.mode == 1) gl = a.log_decay[h];
+        else if (a.mode == 2) gl = a.gate[b * a.gsb + t * a.gst + h * a.gsh];
+      }
+      gv[e] = gl;
+      dv[e] = (valid && a.doc != nullptr && a.doc[b * a.doc_sb + t] != 0) ? 1 : 0;
+    }
+    // Inclusive scan over the 64 tokens: pair sums, then across lanes.
+    float gs = gv[0] + gv[1];
+    int ds = dv[0] + dv[1];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float gu = __shfl_up_sync(0xffffffffu, gs, o);
+      const int du = __shfl_up_sync(0xffffffffu, ds, o);
+      if (lane >= o) {
+        gs += gu;
+        ds += du;
+      }
+    }
+    const float gex = gs - (gv[0] + gv[1]);
+    const int dex = ds - (dv[0] + dv[1]);
+    float4 out;
+    out.x = gex + gv[0];
+    out.y = static_cast<float>(dex + dv[0]);
+    out.z = gs;
+    out.w = static_cast<float>(ds);
+    reinterpret_cast<float4*>(a.meta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = out;
+    total += __shfl_sync(0xffffffffu, gs, 31);
+    docs += __shfl_sync(0xffffffffu, ds, 31);
+  }
+  __shared__ float wt[8];
+  __shared__ int wd[8];
+  if (lane == 0) {
+    wt[warp] = total;
+    wd[warp] = docs;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    int d = 0;
+    for (int w = 0; w < 8; ++w) {
+      L += wt[w];
+      d += wd[w];
+    }
+    a.segL[bh * g.nseg + seg] = d > 0 ? -INFINITY : L;
+  }
+}
+
+__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, int64_t bh_count,
+                                                   int nseg, int64_t elems, bool suffix,
+                                                   bool write_segments, const float* init,
+                                                   float* final_out, float* log_out) {
+  const int64_t bh = blockIdx.y;
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const float* L = segL + bh * nseg;
+  if (log_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    double total = 0.0;
+    bool blocked = false;
+    for (int s = 0; s < nseg; ++s) {
+      blocked = blocked || isinf(L[s]);
+      total += L[s];
+    }
+    log_out[bh] = blocked ? -INFINITY : static_cast<float>(total);
+  }
+  if (e >= elems) return;
+  float* x = X + bh * nseg * elems + e;
+  float acc = init != nullptr ? init[bh * elems + e] : 0.f;
+  for (int i = 0; i < nseg; ++i) {
+    const int s = suffix ? nseg - 1 - i : i;
+    const float m = x[s * elems];
+    if (write_segments) x[s * elems] = acc;
+    acc = __expf(L[s]) * acc + m;  // exp(-inf) = 0: a document start blocks the state
+  }
+  if (final_out != nullptr) final_out[bh * elems + e] = acc;
+}
+
+// dg[t] += dg_offset[bh] + sum of the totals of the segments after t's segment.
+__global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const float* seg_total,
+                                                       const float* dg_offset) {
+  const int seg = blockIdx.x % g.nseg;
+  const int64_t bh = blockIdx.x / g.nseg;
+  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  __shared__ float offset;
+  if (threadIdx.x == 0) {
+    float o = dg_offset != nullptr ? dg_offset[bh] : 0.f;
+    for (int s = g.nseg - 1; s > seg; --s) o += seg_total[bh * g.nseg + s];
+    offset = o;
+  }
+  __syncthreads();
+  const int x0 = seg * g.seg_chunks * kChunk;
+  const int x1 = min(g.n, x0 + g.seg_chunks * kChunk);
+  for (int x = x0 + threadIdx.x; x < x1; x += blockDim.x) dg[bth(g, b, g.begin + x, h)] += offset;
+}
+
+__global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_parts,
+                                                      const float* log_decays, int target,
+                                                      int64_t bh_count, int64_t elems, bool suffix,
+                                                      float* out) {
+  const int64_t i = blockIdx.y;
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= elems) return;
+  double acc = 0.0;
+  if (!suffix) {
+    for (int m = 0; m < target; ++m) {
+      const double a = exp(static_cast<double>(log_decays[m * bh_count + i]));
+      acc = a * acc + parts.p[m][i * elems + e];
+    }
+  } else {
+    for (int m = num_parts - 1; m > target; --m) {
+      const double a = exp(static_cast<double>(log_decays[m * bh_count + i]));
+      acc = a * acc + parts.p[m][i * elems + e];
+    }
+  }
+  out[i * elems + e] = static_cast<float>(acc);
+}
+
+__global__ void __launch_bounds__(256) state_dot_kernel(const float* prefix, const float* state,
+                                                        const float* log_decay,
+                                                        const float* dstate, int64_t elems,
+                                                        float* out) {
+  const int64_t i = blockIdx.x;
+  const double a = exp(static_cast<double>(log_decay[i]));
+  double s = 0.0;
+  for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) {
+    const int64_t idx = i * elems + e;
+    s += (a * prefix[idx] + state[idx]) * static_cast<double>(dstate[idx]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ double part[8];
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < 8; ++w) t += part[w];
+    out[i] = static_cast<float>(t);
+  }
+}
+
+dim3 elem_grid(int64_t elems, int64_t bh) {
+  return dim3(static_cast<unsigned>((elems + 255) / 256), static_cast<unsigned>(bh));
+}
+
+}  // namespace
+
+void launch_meta(const MetaArgs& a, cudaStream_t s) {
+  meta_kernel<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, 0, s>>>(a);
+  check_launch("meta_kernel");
+}
+
+void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                 bool write_segments, const float* init, float* final_out, float* log_out,
+                 cudaStream_t s) {
+  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, segL, bh, nseg, elems, suffix,
+                                                   write_segments, init, final_out, log_out);
+  check_launch("scan_kernel");
+}
+
+void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
+                     cudaStream_t s) {
+  dg_fixup_kernel<<<static_cast<unsigned>(g.bh() * g.nseg), 256, 0, s>>>(g, dg, seg_total,
+                                                                        dg_offset);
+  check_launch("dg_fixup_kernel");
+}
+
+void launch_combine(const PartTable& parts, int num_parts, const float* log_decays, int target,
+                    int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s) {
+  combine_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(parts, num_parts, log_decays, target, bh,
+                                                      elems, suffix, out);
+  check_launch("combine_kernel");
+}
+
+void launch_state_dot(const float* prefix, const float* state, const float* log_decay,
+                      const float* dstate, int64_t bh, int64_t elems, float* out,
+                      cudaStream_t s) {
+  state_dot_kernel<<<static_cast<unsigned>(bh), 256, 0, s>>>(prefix, state, log_decay, dstate,
+                                                             elems, out);
+  check_launch("state_dot_kernel");
+}
+
+}  // namespace lasp2::cuda

@@ -1,0 +1,347 @@
+// Tensor-core dk/dv/dg pass (bf16/fp16 inputs, fp32 accumulation): one block per
+// (b, h, segment), D/16 warps, walking the segment's chunks in REVERSE with the
+// state gradient dS (dk x dv, fp32; the gradient of the state leaving the chunk)
+// in mma accumulators, warp w owning dk rows [16w, 16w + 16). Per chunk:
+//   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit);
+//      dS -> shared memory (16-bit) for the dv product; entry/exit weights.
+//   C. warp w: dk^T rows [16w, +16) = dS v^T diag(w_exit) + q^T P2   (dS from registers)
+//              dv^T rows [16w, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
+//              dS = exp(G_last) dS + scale q^T diag(w_entry) dO
+//      k . dk per token (fp32, before rounding) -> per-warp partial sums.
+//   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment.
+#include "device_utils.cuh"
+#include "tc_tiles.cuh"
+
+namespace lasp2::cuda {
+namespace {
+
+template <int D>
+struct DkdvLayout {
+  static constexpr int kTiles = 8 * TcTile<D>::kBytes;  // [2 stages][q, k, v, dO]
+  static constexpr int kMeta = kTiles;                  // [2][128] floats
+  static constexpr int kQdq = kMeta + 2 * 128 * 4;      // [2][64] floats
+  static constexpr int kP1 = kQdq + 2 * 64 * 4;
+  static constexpr int kP2 = kP1 + kPBytes;
+  static constexpr int kDs = kP2 + kPBytes;             // [D][LD] 16-bit
+  static constexpr int kW = kDs + D * TcTile<D>::LD * 2;
+  static constexpr int kRed = kW + 2 * 64 * 4;
+  static constexpr int kBytes = kRed + (D / 16) * 64 * 4;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
+  using L = DkdvLayout<D>;
+  constexpr int NW = D / 16;
+  constexpr int NTHREADS = 32 * NW;
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* tiles = reinterpret_cast<T*>(smem);
+  float* meta_s = reinterpret_cast<float*>(smem + L::kMeta);
+  float* qdq_s = reinterpret_cast<float*>(smem + L::kQdq);
+  T* P1s = reinterpret_cast<T*>(smem + L::kP1);
+  T* P2s = reinterpret_cast<T*>(smem + L::kP2);
+  T* Dsm = reinterpret_cast<T*>(smem + L::kDs);
+  float* entw = reinterpret_cast<float*>(smem + L::kW);
+  float* extw = entw + 64;
+  float* red = reinterpret_cast<float*>(smem + L::kRed);
+
+  const Geom& g = args.g;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int seg = blockIdx.x % g.nseg;
+  const int64_t bh = blockIdx.x / g.nseg;
+  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  const int c_begin = seg * g.seg_chunks;
+  const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
+  const int dk = args.dk, dv = args.dv;
+  const bool has_dg = args.dg != nullptr;
+
+  // Gradient of the state leaving the segment, [dk][dv].
+  float Ds[D / 8][4];
+  {
+    const float* E = args.dstate != nullptr
+                         ? args.dstate + bh * args.dstate_bh + seg * args.dstate_seg
+                         : nullptr;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+        const int jj = 8 * j + 2 * (lane & 3) + (e & 1);
+        Ds[j][e] = (E != nullptr && i < dk && jj < dv) ? E[i * dv + jj] : 0.f;
+      }
+    }
+  }
+
+  const T* q_b = head_base<T>(args.q, b, h, g.begin);
+  const T* k_b = head_base<T>(args.k, b, h, g.begin);
+  const T* v_b = head_base<T>(args.v, b, h, g.begin);
+  const T* o_b = head_base<T>(args.dout, b, h, g.begin);
+  T* dk_b = head_base<T>(args.dk_out, b, h, g.begin);
+  T* dv_b = head_base<T>(args.dv_out, b, h, g.begin);
+  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  auto tile = [&](int stage, int i) { return tiles + (stage * 4 + i) * kChunk * LD; };
+
+  auto load = [&](int c, int stage) {
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    load_tile<T, D, NTHREADS>(tile(stage, 0), q_b + t0 * args.q.st, args.q.st, nvalid, dk, tid);
+    load_tile<T, D, NTHREADS>(tile(stage, 1), k_b + t0 * args.k.st, args.k.st, nvalid, dk, tid);
+    load_tile<T, D, NTHREADS>(tile(stage, 2), v_b + t0 * args.v.st, args.v.st, nvalid, dv, tid);
+    load_tile<T, D, NTHREADS>(tile(stage, 3), o_b + t0 * args.dout.st, args.dout.st, nvalid, dv,
+                              tid);
+    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+    if (has_dg && tid < 64) {
+      const bool valid = tid < nvalid;
+      const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
+      cp_async4(qdq_s + stage * 64 + tid, src, valid);
+    }
+    cp_async_commit();
+  };
+
+  float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;
+  const bool krows = 16 * warp < dk;
+  const bool vrows = 16 * warp < dv;
+
+  if (c_begin < c_end) load(c_end - 1, 0);
+  for (int c = c_end - 1; c >= c_begin; --c) {
+    const int stage = (c_end - 1 - c) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (c - 1 >= c_begin) load(c - 1, stage ^ 1);
+    const T* Qs = tile(stage, 0);
+    const T* Ks = tile(stage, 1);
+    const T* Vs = tile(stage, 2);
+    const T* Os = tile(stage, 3);
+    const float* ms = meta_s + stage * 128;
+    const float Gl = ms[126], sl = ms[127];
+    const float through = sl == 0.f ? __expf(Gl) : 0.f;
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    const bool full = nvalid == kChunk && dk == D && dv == D;  // block-uniform
+
+    // ---- A -----------------------------------------------------------------------
+    if (tid < 64) {
+      const float G = ms[2 * tid], s = ms[2 * tid + 1];
+      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
+    }
+    tc_scores<T, D>(Qs, Ks, ms, args.scale, P1s, warp, lane);
+    tc_scores<T, D>(Os, Vs, ms, args.scale, P2s, warp, lane);
+    {  // every warp writes its rows (zeros past dk), so the dv product may read all D rows
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = 16 * warp + (lane >> 2) + 8 * hf;
+          const int jj = 8 * j + 2 * (lane & 3);
+          *reinterpret_cast<uint32_t*>(Dsm + i * LD + jj) =
+              pack2<T>(Ds[j][2 * hf], Ds[j][2 * hf + 1]);
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- C -----------------------------------------------------------------------
+    uint32_t qf[4][4];
+    if (krows) {
+      // dk^T rows [16w, +16): dS v^T (exit-weighted) + q^T P2
+      float acc[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack2<T>(Ds[2 * kk][0], Ds[2 * kk][1]);
+        a[1] = pack2<T>(Ds[2 * kk][2], Ds[2 * kk][3]);
+        a[2] = pack2<T>(Ds[2 * kk + 1][0], Ds[2 * kk + 1][1]);
+        a[3] = pack2<T>(Ds[2 * kk + 1][2], Ds[2 * kk + 1][3]);
+        uint32_t bb[4][4];
+#pragma unroll
+        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Vs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          mma16816<T>(acc[2 * np], a, bb[np][0], bb[np][1]);
+          mma16816<T>(acc[2 * np + 1], a, bb[np][2], bb[np][3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int y = 8 * j + 2 * (lane & 3);
+        const float e0 = extw[y], e1 = extw[y + 1];
+        acc[j][0] *= e0;
+        acc[j][1] *= e1;
+        acc[j][2] *= e0;
+        acc[j][3] *= e1;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        ldsm_x4_t(qf[kk], Qs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+        for (int np = 0; np <= kk; ++np) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * np, kLdP));
+          mma16816<T>(acc[2 * np], qf[kk], bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], qf[kk], bb[2], bb[3]);
+        }
+      }
+      // k . dk partials and the dk store
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float part0 = 0.f, part1 = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int d = 16 * warp + (lane >> 2) + 8 * hf;
+          const int y = 8 * j + 2 * (lane & 3);
+          part0 += acc[j][2 * hf] * to_float<T>(Ks[y * LD + d]);
+          part1 += acc[j][2 * hf + 1] * to_float<T>(Ks[(y + 1) * LD + d]);
+          const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          const int yt = 8 * j + (lane >> 2);
+          const int dt = 16 * warp + 8 * hf + 2 * (lane & 3);
+          if (full || (yt < nvalid && dt < dk))
+            *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
+        }
+        if (has_dg) {
+#pragma unroll
+          for (int o = 4; o < 32; o <<= 1) {
+            part0 += __shfl_xor_sync(0xffffffffu, part0, o);
+            part1 += __shfl_xor_sync(0xffffffffu, part1, o);
+          }
+          if (lane < 4) {
+            red[warp * 64 + 8 * j + 2 * lane] = part0;
+            red[warp * 64 + 8 * j + 2 * lane + 1] = part1;
+          }
+        }
+      }
+    }
+    if (vrows) {
+      // dv^T rows [16w, +16): dS^T k^T (exit-weighted) + dO^T P1
+      float acc[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_t(a, Dsm + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+        uint32_t bb[4][4];
+#pragma unroll
+        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Ks + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          mma16816<T>(acc[2 * np], a, bb[np][0], bb[np][1]);
+          mma16816<T>(acc[2 * np + 1], a, bb[np][2], bb[np][3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int y = 8 * j + 2 * (lane & 3);
+        const float e0 = extw[y], e1 = extw[y + 1];
+        acc[j][0] *= e0;
+        acc[j][1] *= e1;
+        acc[j][2] *= e0;
+        acc[j][3] *= e1;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_t(a, Os + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+        for (int np = 0; np <= kk; ++np) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * np, kLdP));
+          mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
+          mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          const int yt = 8 * j + (lane >> 2);
+          const int dt = 16 * warp + 8 * hf + 2 * (lane & 3);
+          if (full || (yt < nvalid && dt < dv))
+            *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
+        }
+      }
+    }
+    if (krows) {
+      // dS = exp(G_last) dS + scale q^T diag(w_entry) dO
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Ds[j][e] *= through;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const int x = 16 * kk + 2 * (lane & 3);
+        const float w0 = entw[x], w1 = entw[x + 1], w2 = entw[x + 8], w3 = entw[x + 9];
+        uint32_t a[4];
+        a[0] = scale2<T>(qf[kk][0], w0, w1);
+        a[1] = scale2<T>(qf[kk][1], w0, w1);
+        a[2] = scale2<T>(qf[kk][2], w2, w3);
+        a[3] = scale2<T>(qf[kk][3], w2, w3);
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, Os + frag_b_kn(lane, 16 * kk, 16 * np, LD));
+          mma16816<T>(Ds[2 * np], a, bb[0], bb[1]);
+          mma16816<T>(Ds[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    if (has_dg) {
+      __syncthreads();
+      if (warp == 0) {
+        const int nact = (dk + 15) / 16;
+        float v[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int y = 2 * lane + e;
+          float kd = 0.f;
+          for (int w = 0; w < nact; ++w) kd += red[w * 64 + y];
+          v[e] = y < nvalid ? qdq_s[stage * 64 + y] - kd : 0.f;
+        }
+        float s = v[0] + v[1];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const float t = __shfl_down_sync(0xffffffffu, s, o);
+          if (lane + o < 32) s += t;
+        }
+        const float total = __shfl_sync(0xffffffffu, s, 0);
+        if (2 * lane < nvalid) args.dg[bth(g, b, g.begin + t0 + 2 * lane, h)] = carry + s;
+        if (2 * lane + 1 < nvalid) args.dg[bth(g, b, g.begin + t0 + 2 * lane + 1, h)] = carry + s - v[0];
+        carry += total;
+      }
+    }
+  }
+  cp_async_wait_all();
+  if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
+}
+
+template <typename T, int D>
+void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
+  constexpr int smem = DkdvLayout<D>::kBytes;
+  auto k = tc_dkdv_kernel<T, D>;
+  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
+  check_launch("tc_dkdv_kernel");
+}
+
+}  // namespace
+
+int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<128>::kBytes; }
+
+void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s) {
+  if (e == Elem::kBF16) {
+    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64>(a, s);
+    else launch_dkdv_t<__nv_bfloat16, 128>(a, s);
+  } else {
+    if (D == 64) launch_dkdv_t<__half, 64>(a, s);
+    else launch_dkdv_t<__half, 128>(a, s);
+  }
+}
+
+}  // namespace lasp2::cuda

@@ -1,0 +1,321 @@
+// Tensor-core output pass (bf16/fp16 inputs, fp32 accumulation): one block per
+// (b, h, segment), D/16 warps, walking the segment's 64-token chunks in order with
+// the running state S_a^T (dv x da, fp32) in mma accumulators; warp w owns its
+// rows [16w, 16w + 16), i.e. output dims [16w, 16w + 16). Per chunk:
+//   A. P = W o (qa ka^T)  (64 x 64, decay/document mask W applied in registers,
+//      stored as 16-bit in shared memory); entry/exit weights to shared memory.
+//   C. per warp, out^T = diag-scaled S_a^T qa^T (inter) + va^T P^T (intra), both
+//      reductions complete inside the warp; the accumulators are transposed with
+//      movmatrix and stored as 4-byte pairs; then S_a^T = exp(G_last) S_a^T +
+//      va^T diag(w_exit) ka, reusing the va^T fragments of the intra product.
+// Modes: kFwd (o), kDq (dq with (dO, v, k), plus q.dq per token), kPrefix
+// (o += scale w_entry qa^T P, the LASP-2 prefix term).
+#include "device_utils.cuh"
+#include "tc_tiles.cuh"
+
+namespace lasp2::cuda {
+namespace {
+
+template <int D, int MODE>
+struct FwdLayout {
+  static constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
+  static constexpr bool kDq = MODE == static_cast<int>(FwdMode::kDq);
+  static constexpr int NT = kPrefix ? 1 : (kDq ? 4 : 3);  // qa, ka, va, x
+  static constexpr int kTiles = 2 * NT * TcTile<D>::kBytes;
+  static constexpr int kMeta = kTiles;
+  static constexpr int kP = kMeta + 2 * 128 * 4;
+  static constexpr int kW = kP + (kPrefix ? 0 : kPBytes);
+  static constexpr int kRed = kW + 2 * 64 * 4;
+  static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
+};
+
+template <typename T, int D, int MODE>
+__global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
+  using L = FwdLayout<D, MODE>;
+  constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
+  constexpr int NT = L::NT;
+  constexpr int NW = D / 16;
+  constexpr int NTHREADS = 32 * NW;
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* tiles = reinterpret_cast<T*>(smem);
+  float* meta_s = reinterpret_cast<float*>(smem + L::kMeta);
+  T* Ps = reinterpret_cast<T*>(smem + L::kP);
+  float* entw = reinterpret_cast<float*>(smem + L::kW);
+  float* extw = entw + 64;
+  float* red = reinterpret_cast<float*>(smem + L::kRed);
+
+  const Geom& g = args.g;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int seg = blockIdx.x % g.nseg;
+  const int64_t bh = blockIdx.x / g.nseg;
+  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  const int c_begin = seg * g.seg_chunks;
+  const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
+  const int da = args.da, dv = args.dv;
+
+  float esc = 1.f;
+  if (kPrefix) {
+    float lam = 0.f;
+    for (int s = 0; s < seg; ++s) lam += args.segL[bh * g.nseg + s];
+    esc = __expf(lam);
+    if (esc == 0.f || args.state == nullptr) return;  // nothing reaches this segment
+  }
+
+  // Entering state, as S_a^T: row = output dim (16 warp + ...), column = qa dim.
+  float S[D / 8][4];
+  {
+    const float* E = args.state != nullptr ? args.state + bh * args.state_bh + seg * args.state_seg
+                                           : nullptr;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+        const int ii = 8 * j + 2 * (lane & 3) + (e & 1);
+        float val = 0.f;
+        if (E != nullptr && jj < dv && ii < da)
+          val = esc * (args.state_transposed ? E[jj * da + ii] : E[ii * dv + jj]);
+        S[j][e] = val;
+      }
+    }
+  }
+
+  const T* qa_b = head_base<T>(args.qa, b, h, g.begin);
+  const T* ka_b = kPrefix ? nullptr : head_base<T>(args.ka, b, h, g.begin);
+  const T* va_b = kPrefix ? nullptr : head_base<T>(args.va, b, h, g.begin);
+  const T* x_b = kDq ? head_base<T>(args.x, b, h, g.begin) : nullptr;
+  T* out_b = head_base<T>(args.out, b, h, g.begin);
+  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  auto tile = [&](int stage, int i) { return tiles + (stage * NT + i) * kChunk * LD; };
+
+  auto load = [&](int c, int stage) {
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    load_tile<T, D, NTHREADS>(tile(stage, 0), qa_b + t0 * args.qa.st, args.qa.st, nvalid, da, tid);
+    if (!kPrefix) {
+      load_tile<T, D, NTHREADS>(tile(stage, 1), ka_b + t0 * args.ka.st, args.ka.st, nvalid, da, tid);
+      load_tile<T, D, NTHREADS>(tile(stage, 2), va_b + t0 * args.va.st, args.va.st, nvalid, dv, tid);
+    }
+    if (kDq)
+      load_tile<T, D, NTHREADS>(tile(stage, 3), x_b + t0 * args.x.st, args.x.st, nvalid, dv, tid);
+    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+    cp_async_commit();
+  };
+
+  const bool active = 16 * warp < dv;
+  if (c_begin < c_end) load(c_begin, 0);
+  for (int c = c_begin; c < c_end; ++c) {
+    const int stage = (c - c_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    const T* Qs = tile(stage, 0);
+    const T* Ks = tile(stage, 1);
+    const T* Vs = tile(stage, 2);
+    const T* Xs = tile(stage, 3);
+    const float* ms = meta_s + stage * 128;
+    const float Gl = ms[126], sl = ms[127];
+    const float through = sl == 0.f ? __expf(Gl) : 0.f;
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
+
+    if (tid < 64) {
+      const float G = ms[2 * tid], s = ms[2 * tid + 1];
+      entw[tid] = s == 0.f ? __expf(G) : 0.f;
+      if (!kPrefix) extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
+    }
+
+    // ---- A: P = W o (qa ka^T) -------------------------------------------------
+    if (!kPrefix) tc_scores<T, D>(Qs, Ks, ms, 1.f, Ps, warp, lane);
+    __syncthreads();
+
+    // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
+    if (active) {
+      float o[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+      // inter: S_a^T qa^T over the qa dims
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack2<T>(S[2 * kk][0], S[2 * kk][1]);
+        a[1] = pack2<T>(S[2 * kk][2], S[2 * kk][3]);
+        a[2] = pack2<T>(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+        a[3] = pack2<T>(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+        uint32_t bb[4][4];
+#pragma unroll
+        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Qs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          mma16816<T>(o[2 * np], a, bb[np][0], bb[np][1]);
+          mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int y = 8 * j + 2 * (lane & 3);
+        const float e0 = entw[y], e1 = entw[y + 1];
+        o[j][0] *= e0;
+        o[j][1] *= e1;
+        o[j][2] *= e0;
+        o[j][3] *= e1;
+      }
+      uint32_t vf[4][4];
+      if (!kPrefix) {
+        // intra: va^T P^T (P is causal: token block np of queries needs key blocks <= np)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          ldsm_x4_t(vf[kk], Vs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+          for (int np = kk; np < 4; ++np) {
+            uint32_t bb[4];
+            ldsm_x4(bb, Ps + frag_b_nk(lane, 16 * kk, 16 * np, kLdP));
+            mma16816<T>(o[2 * np], vf[kk], bb[0], bb[1]);
+            mma16816<T>(o[2 * np + 1], vf[kk], bb[2], bb[3]);
+          }
+        }
+      }
+      const float scale = args.scale;
+      if (kPrefix) {
+        // out += scale * o, element-wise in the accumulator layout (one rounding)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int d = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+            const int y = 8 * j + 2 * (lane & 3) + (e & 1);
+            if (y < nvalid && d < dv) {
+              T* p = out_b + (t0 + y) * args.out.st + d;
+              *p = from_float<T>(to_float<T>(*p) + scale * o[j][e]);
+            }
+          }
+        }
+      } else {
+        float part[8][2];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const float v0 = scale * o[j][2 * hf], v1 = scale * o[j][2 * hf + 1];
+            if (kDq) {
+              const int d = 16 * warp + (lane >> 2) + 8 * hf;
+              const int y = 8 * j + 2 * (lane & 3);
+              const float x0 = to_float<T>(Xs[y * LD + d]);
+              const float x1 = to_float<T>(Xs[(y + 1) * LD + d]);
+              if (hf == 0) {
+                part[j][0] = v0 * x0;
+                part[j][1] = v1 * x1;
+              } else {
+                part[j][0] += v0 * x0;
+                part[j][1] += v1 * x1;
+              }
+            }
+            // transpose the 8x8 (dims x tokens) block: this thread then holds
+            // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
+            const uint32_t tr = movm_trans(pack2<T>(v0, v1));
+            const int y = 8 * j + (lane >> 2);
+            const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
+            if (full || (y < nvalid && d < dv))
+              *reinterpret_cast<uint32_t*>(out_b + (t0 + y) * args.out.st + d) = tr;
+          }
+        }
+        if (kDq) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float v = part[j][e];
+              v += __shfl_xor_sync(0xffffffffu, v, 4);
+              v += __shfl_xor_sync(0xffffffffu, v, 8);
+              v += __shfl_xor_sync(0xffffffffu, v, 16);
+              if (lane < 4) red[warp * 64 + 8 * j + 2 * lane + e] = v;
+            }
+          }
+        }
+      }
+      // state update
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[j][e] *= through;
+      if (!kPrefix) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const int y = 16 * kk + 2 * (lane & 3);
+          const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
+          uint32_t a[4];
+          a[0] = scale2<T>(vf[kk][0], w0, w1);
+          a[1] = scale2<T>(vf[kk][1], w0, w1);
+          a[2] = scale2<T>(vf[kk][2], w2, w3);
+          a[3] = scale2<T>(vf[kk][3], w2, w3);
+#pragma unroll
+          for (int np = 0; np < D / 16; ++np) {
+            uint32_t bb[4];
+            ldsm_x4_t(bb, Ks + frag_b_kn(lane, 16 * kk, 16 * np, LD));
+            mma16816<T>(S[2 * np], a, bb[0], bb[1]);
+            mma16816<T>(S[2 * np + 1], a, bb[2], bb[3]);
+          }
+        }
+      }
+    }
+    if (kDq) {
+      __syncthreads();
+      if (tid < nvalid) {
+        float s = 0.f;
+        const int nact = (dv + 15) / 16;
+        for (int w = 0; w < nact; ++w) s += red[w * 64 + tid];
+        args.qdq[bth(g, b, g.begin + t0 + tid, h)] = s;
+      }
+    }
+    if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
+  }
+  cp_async_wait_all();
+}
+
+template <typename T, int D, int MODE>
+void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
+  constexpr int smem = FwdLayout<D, MODE>::kBytes;
+  auto k = tc_fwd_kernel<T, D, MODE>;
+  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
+  check_launch("tc_fwd_kernel");
+}
+
+template <typename T, int D>
+void launch_fwd_mode(const FwdArgs& a, FwdMode mode, cudaStream_t s) {
+  switch (mode) {
+    case FwdMode::kFwd:
+      launch_fwd_t<T, D, 0>(a, s);
+      break;
+    case FwdMode::kDq:
+      launch_fwd_t<T, D, 1>(a, s);
+      break;
+    case FwdMode::kPrefix:
+      launch_fwd_t<T, D, 2>(a, s);
+      break;
+  }
+}
+
+}  // namespace
+
+int tc_fwd_smem(int D, FwdMode mode) {
+  const int m = static_cast<int>(mode);
+  if (D == 64) return m == 0 ? FwdLayout<64, 0>::kBytes : m == 1 ? FwdLayout<64, 1>::kBytes : FwdLayout<64, 2>::kBytes;
+  return m == 0 ? FwdLayout<128, 0>::kBytes : m == 1 ? FwdLayout<128, 1>::kBytes : FwdLayout<128, 2>::kBytes;
+}
+
+void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s) {
+  if (e == Elem::kBF16) {
+    if (D == 64) launch_fwd_mode<__nv_bfloat16, 64>(a, mode, s);
+    else launch_fwd_mode<__nv_bfloat16, 128>(a, mode, s);
+  } else {
+    if (D == 64) launch_fwd_mode<__half, 64>(a, mode, s);
+    else launch_fwd_mode<__half, 128>(a, mode, s);
+  }
+}
+
+}  // namespace lasp2::cuda

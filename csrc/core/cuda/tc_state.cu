@@ -1,0 +1,169 @@
+// Tensor-core segment states (bf16/fp16 inputs, fp32 accumulation).
+// One block per (b, h, segment, block of DB = 64 state columns), D/16 warps; warp
+// w owns rows [16w, 16w + 16) x the block's 64 columns of the da x db state, held
+// in mma accumulators (32 per thread) for the whole segment, so that two blocks
+// fit on an SM. Each 64-token chunk arrives by cp.async one chunk ahead (double
+// buffer), then
+//   exit mode:  M = exp(G_last) M + A^T diag(w_exit) B
+//   entry mode: M += coef * carry * A^T diag(w_entry) B,  carry *= exp(G_last)
+// with A^T fragments read transposed from the [token][dim] tile (ldmatrix.trans)
+// and scaled per token in registers.
+#include "device_utils.cuh"
+#include "tc_tiles.cuh"
+
+namespace lasp2::cuda {
+namespace {
+
+constexpr int kStateDB = 64;  // state columns per block
+
+template <int D>
+struct StateLayout {
+  static constexpr int kA = TcTile<D>::kBytes;         // [64][D + 8]
+  static constexpr int kB = TcTile<kStateDB>::kBytes;  // [64][64 + 8]
+  static constexpr int kStage = kA + kB;
+  static constexpr int kMeta = 2 * kStage;             // [2][128] floats
+  static constexpr int kBytes = kMeta + 2 * 128 * 4;
+};
+
+template <typename T, int D, bool ENTRY>
+__global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
+  constexpr int NW = D / 16;
+  constexpr int NTHREADS = 32 * NW;
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int DB = kStateDB;
+  constexpr int LDB = TcTile<DB>::LD;
+  constexpr int NSPLIT = D / DB;
+  using L = StateLayout<D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* meta_s = reinterpret_cast<float*>(smem + L::kMeta);
+  auto tile_a = [&](int stage) { return reinterpret_cast<T*>(smem + stage * L::kStage); };
+  auto tile_b = [&](int stage) { return reinterpret_cast<T*>(smem + stage * L::kStage + L::kA); };
+
+  const Geom& g = args.g;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x % NSPLIT;
+  const int seg = (blockIdx.x / NSPLIT) % g.nseg;
+  const int64_t bh = blockIdx.x / NSPLIT / g.nseg;
+  const int col0 = split * DB;  // first state column of this block
+  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  const int c_begin = seg * g.seg_chunks;
+  const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
+  const T* abase = head_base<T>(args.a, b, h, g.begin);
+  const T* bbase = head_base<T>(args.b, b, h, g.begin) + col0;
+  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  if (col0 >= args.db) return;  // (uniform) no columns for this block
+
+  auto load = [&](int c, int stage) {
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da, tid);
+    load_tile<T, DB, NTHREADS>(tile_b(stage), bbase + t0 * args.b.st, args.b.st, nvalid,
+                               args.db - col0, tid);
+    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+    cp_async_commit();
+  };
+
+  float M[DB / 8][4];
+#pragma unroll
+  for (int j = 0; j < DB / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) M[j][e] = 0.f;
+  float carry = args.coef;
+  const bool active = 16 * warp < args.da;
+
+  if (c_begin < c_end) load(c_begin, 0);
+  for (int c = c_begin; c < c_end; ++c) {
+    const int stage = (c - c_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    const T* ta = tile_a(stage);
+    const T* tb = tile_b(stage);
+    const float* ms = meta_s + stage * 128;
+    const float Gl = ms[126], sl = ms[127];
+    const float through = sl == 0.f ? __expf(Gl) : 0.f;
+    if (active) {
+      if (!ENTRY) {
+#pragma unroll
+        for (int j = 0; j < DB / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) M[j][e] *= through;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_t(a, ta + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+        const int y0 = 16 * kk + 2 * (lane & 3);
+        float w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int y = y0 + (e & 1) + 8 * (e >> 1);
+          const float G = ms[2 * y], s = ms[2 * y + 1];
+          if (ENTRY) w[e] = s == 0.f ? carry * __expf(G) : 0.f;
+          else w[e] = s == sl ? __expf(Gl - G) : 0.f;
+        }
+        a[0] = scale2<T>(a[0], w[0], w[1]);
+        a[1] = scale2<T>(a[1], w[0], w[1]);
+        a[2] = scale2<T>(a[2], w[2], w[3]);
+        a[3] = scale2<T>(a[3], w[2], w[3]);
+#pragma unroll
+        for (int np = 0; np < DB / 16; ++np) {  // columns past db are zero in the tile
+          uint32_t bb[4];
+          ldsm_x4_t(bb, tb + frag_b_kn(lane, 16 * kk, 16 * np, LDB));
+          mma16816<T>(M[2 * np], a, bb[0], bb[1]);
+          mma16816<T>(M[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    if (ENTRY) {
+      carry *= through;
+      if (carry == 0.f) break;  // a document start: later tokens never see the entering state
+    }
+  }
+  cp_async_wait_all();
+
+  if (active) {
+    float* out = args.out + (bh * g.nseg + seg) * static_cast<int64_t>(args.da) * args.db;
+#pragma unroll
+    for (int j = 0; j < DB / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+        const int jj = col0 + 8 * j + 2 * (lane & 3) + (e & 1);
+        if (i < args.da && jj < args.db) out[i * args.db + jj] = M[j][e];
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
+  const int smem = StateLayout<D>::kBytes;
+  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * (D / kStateDB));
+  if (entry) {
+    auto k = tc_state_kernel<T, D, true>;
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    k<<<grid, 2 * D, smem, s>>>(a);
+  } else {
+    auto k = tc_state_kernel<T, D, false>;
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    k<<<grid, 2 * D, smem, s>>>(a);
+  }
+  check_launch("tc_state_kernel");
+}
+
+}  // namespace
+
+int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
+
+void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s) {
+  if (e == Elem::kBF16) {
+    if (D == 64) launch_state_t<__nv_bfloat16, 64>(a, entry, s);
+    else launch_state_t<__nv_bfloat16, 128>(a, entry, s);
+  } else {
+    if (D == 64) launch_state_t<__half, 64>(a, entry, s);
+    else launch_state_t<__half, 128>(a, entry, s);
+  }
+}
+
+}  // namespace lasp2::cuda

@@ -1,0 +1,94 @@
+// Shared-memory tiles of the tensor-core kernels: 64 tokens x D (= 64 or 128)
+// 16-bit elements, rows padded by 16 bytes so that ldmatrix's eight row addresses
+// fall into distinct banks.
+#pragma once
+
+#include "device_utils.cuh"
+
+namespace lasp2::cuda {
+
+template <int D>
+struct TcTile {
+  static constexpr int LD = D + 8;                      // elements per row
+  static constexpr int kBytes = kChunk * LD * 2;        // one [64][LD] tile
+};
+constexpr int kLdP = kChunk + 8;                        // [64][72] score tiles
+constexpr int kPBytes = kChunk * kLdP * 2;
+
+// cp.async one chunk of a [token][dim] view into a tile: rows >= nvalid and
+// columns >= dim (a multiple of 8) are zero-filled. Thread tid copies the 16-byte
+// column tid % (D/8) of rows tid / (D/8) + i * step: one 64-bit multiply per
+// call, then additions (the address arithmetic was a third of the loop's
+// instructions when every copy recomputed its row and column).
+template <typename T, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int nvalid,
+                                          int dim, int tid) {
+  constexpr int kVecs = D / 8;
+  constexpr int kStep = NTHREADS / kVecs;  // rows between one thread's copies
+  constexpr int kIters = kChunk / kStep;
+  static_assert(NTHREADS % kVecs == 0 && kChunk % kStep == 0, "tile copy shape");
+  constexpr int LD = TcTile<D>::LD;
+  const int row0 = tid / kVecs, col = (tid % kVecs) * 8;
+  const bool colvalid = col < dim;
+  const T* s = src + row0 * row_stride + col;
+  const int64_t step = kStep * row_stride;
+  T* d = dst + row0 * LD + col;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const bool valid = colvalid && row0 + i * kStep < nvalid;
+    cp_async16(d + i * kStep * LD, valid ? s + i * step : src, valid);
+  }
+}
+
+// P = scale * W o (A B^T) for one 64-token chunk (A, B: [token][dim] tiles whose
+// columns past the head dim are zero), W the causal decay/document mask from the chunk's meta;
+// written as 16-bit values to Ps [64][kLdP]. Warp w (of D/16) computes rows
+// [16 (w % 4), +16) x an n-range of 64 / (NW / 4) columns; 16 x 16 key blocks
+// above the diagonal are skipped and left unwritten (no consumer reads them).
+template <typename T, int D>
+__device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms,
+                                          float scale, T* Ps, int warp, int lane) {
+  constexpr int NW = D / 16;
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8 (D = 64) or 4 (D = 128)
+  const int mt = warp & 3;
+  const int nt0 = (warp >> 2) * NPW;
+  float acc[NPW][4];
+#pragma unroll
+  for (int j = 0; j < NPW; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
+    uint32_t a[4];
+    ldsm_x4(a, As + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+#pragma unroll
+    for (int np = 0; np < NPW / 2; ++np) {
+      const int nt = nt0 + 2 * np;
+      if (8 * nt <= 16 * mt + 15) {
+        uint32_t bb[4];
+        ldsm_x4(bb, Bs + frag_b_nk(lane, 16 * kk, 8 * nt, LD));
+        mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
+        mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NPW; ++j) {
+    // 16 x 16 blocks above the diagonal (key block > query block) are never read
+    // by the consumers (their causal loops skip them): no weights, no store.
+    if (8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * mt + (lane >> 2) + 8 * hf;
+      const int y = 8 * (nt0 + j) + 2 * (lane & 3);
+      const float Gx = ms[2 * x], sx = ms[2 * x + 1];
+      const float w0 = scale * pair_weight(x, y, Gx, sx, ms[2 * y], ms[2 * y + 1]);
+      const float w1 = scale * pair_weight(x, y + 1, Gx, sx, ms[2 * y + 2], ms[2 * y + 3]);
+      *reinterpret_cast<uint32_t*>(Ps + x * kLdP + y) =
+          pack2<T>(acc[j][2 * hf] * w0, acc[j][2 * hf + 1] * w1);
+    }
+  }
+}
+
+}  // namespace lasp2::cuda

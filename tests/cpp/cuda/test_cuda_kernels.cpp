@@ -1,0 +1,485 @@
+// Every CUDA backend function against the CPU backend run in float64 on the SAME
+// inputs (rounded to the device dtype first, decay values to float32), over a
+// part that starts mid-sequence, with random entering states, packed documents
+// at chunk and segment edges, strided views, odd sizes, both kernel paths
+// (tensor cores and generic) and forced multi-segment splits.
+//
+// Tolerances (relative max-norm error, |got - want|_max / |want|_max), against a
+// float64 computation on identical inputs, so they measure the kernels alone:
+//   fp32 1e-4: generic FMA path, fp32 accumulation over <= a few thousand terms.
+//   fp16 3e-3: tensor cores round the score tile P and the running state S to
+//              fp16 (2^-11 relative) before each product; outputs are rounded
+//              to fp16 (2^-11): a few roundings of 4.9e-4.
+//   bf16 1e-2: the same roundings at 2^-8 = 3.9e-3.
+// dg is a reverse cumulative sum over the part of per-token terms (q.dq - k.dk)
+// whose exact sum cancels to the few token pairs that straddle t: the term
+// errors (one rounding tolerance each) add up like a random walk, so its
+// tolerance grows with sqrt(tokens / 64).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <random>
+
+#include "cuda_test_util.h"
+#include "lasp2/kernel_backend.h"
+#include "../problem.h"
+
+namespace lasp2::testing {
+namespace {
+
+double tol_of(ScalarType t) {
+  return t == ScalarType::kFloat32 ? 1e-4 : t == ScalarType::kFloat16 ? 3e-3 : 1e-2;
+}
+double tol_dg(ScalarType t, int64_t n) {
+  return 4 * tol_of(t) * std::sqrt(std::max<double>(1.0, n / 64.0));
+}
+
+class EnvGuard {
+ public:
+  EnvGuard(const char* name, const std::string& value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value.empty()) unsetenv(name);
+    else setenv(name, value.c_str(), 1);
+  }
+  ~EnvGuard() {
+    if (had_) setenv(name_, old_.c_str(), 1);
+    else unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
+struct OpCase {
+  std::string name;
+  ScalarType dtype = ScalarType::kBFloat16;
+  DecayMode mode = DecayMode::kGate;
+  int64_t dk = 64, dv = 64, T = 1000, begin = 37, end = 1000;
+  std::vector<int64_t> docs;
+  Layout layout;
+  int seg_chunks = 2;  // 0: the backend's own choice
+  bool force_generic = false;
+  int64_t B = 2, H = 2;
+};
+
+std::vector<double> random_vec(size_t n, uint32_t seed, double sd = 1.0) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, sd);
+  std::vector<double> v(n);
+  for (auto& x : v) x = static_cast<double>(static_cast<float>(normal(rng)));
+  return v;
+}
+
+// Problem rounded to the device precision; decay values rounded to float32.
+Problem<double> make_problem(const OpCase& c, uint32_t seed) {
+  ProblemSpec s;
+  s.batch = c.B;
+  s.seqlen = c.T;
+  s.heads = c.H;
+  s.dim_k = c.dk;
+  s.dim_v = c.dv;
+  s.mode = c.mode;
+  s.chunk_size = 48;  // the CPU's chunking need not match the GPU's 64
+  s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk)));
+  s.doc_starts = c.docs;
+  Problem<double> pr(s, seed);
+  for (auto* v : {&pr.q, &pr.k, &pr.v, &pr.dout})
+    for (auto& x : *v) x = round_to(c.dtype, x);
+  for (auto& x : pr.gate) x = static_cast<double>(static_cast<float>(x));
+  for (auto& x : pr.log_decay) x = static_cast<double>(static_cast<float>(x));
+  return pr;
+}
+
+struct DeviceProblem {
+  DevTensor q, k, v, dout;
+  DevBuf<float> gate, log_decay;
+  DevBuf<uint8_t> doc;
+  AttentionParams p;
+
+  DeviceProblem(const Problem<double>& pr, ScalarType dtype, Layout lay)
+      : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
+        k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
+        v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
+        dout(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
+        gate(to_device_f32(pr.gate)),
+        log_decay(to_device_f32(pr.log_decay)),
+        doc(pr.doc_start.size()) {
+    q.upload(pr.q);
+    k.upload(pr.k);
+    v.upload(pr.v);
+    dout.upload(pr.dout);
+    doc.upload(pr.doc_start);
+    p = pr.params();
+    p.dtype = dtype;
+    p.q = q.cview();
+    p.k = k.cview();
+    p.v = v.cview();
+    p.decay.dtype = ScalarType::kFloat32;
+    p.decay.gate = gate.p;
+    p.decay.log_decay = log_decay.p;
+    p.doc_start = pr.spec.doc_starts.empty() ? nullptr : doc.p;
+  }
+  DevTensor like_v() { return DevTensor(v.B, v.T, v.H, v.D, v.type, v.layout); }
+  DevTensor like_k() { return DevTensor(k.B, k.T, k.H, k.D, k.type, k.layout); }
+};
+
+void report(const OpCase& c, const char* op, double err, double tol) {
+  std::printf("[cuda-op] %-34s %-12s rel_err=%.3e tol=%.1e %s\n", c.name.c_str(), op, err, tol,
+              err < tol ? "ok" : "FAIL");
+}
+
+void expect_rows(const OpCase& c, const char* op, const DevTensor& t, const std::vector<double>& want,
+                 double tol) {
+  const auto r = t.download();
+  const Compare cmp = compare_rows(r.v, r.written, want, t.B, t.T, t.H, t.D, c.begin, c.end);
+  report(c, op, cmp.rel, tol);
+  EXPECT_EQ(cmp.missing, 0) << op << ": part elements not written or not finite";
+  EXPECT_EQ(cmp.clobbered, 0) << op << ": elements outside the part were written";
+  EXPECT_EQ(r.pad_clobbered, 0) << op << ": padding between heads was written";
+  EXPECT_LT(cmp.rel, tol) << op;
+}
+
+// [B, T, H] scalars (q.dq, dg): inside the part against the reference, outside untouched.
+void expect_scalars(const OpCase& c, const char* op, const DevBuf<float>& d,
+                    const std::vector<double>& want, double tol) {
+  std::vector<float> got = d.download();
+  std::vector<float> in_got;
+  std::vector<double> in_want;
+  int64_t clobbered = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t h = 0; h < c.H; ++h) {
+        const int64_t i = (b * c.T + t) * c.H + h;
+        if (t >= c.begin && t < c.end) {
+          in_got.push_back(got[i]);
+          in_want.push_back(want[i]);
+        } else if (!std::isnan(got[i])) {
+          ++clobbered;
+        }
+      }
+  int64_t bad = 0;
+  const double err = rel_err_f32(in_got, in_want, &bad);
+  report(c, op, err, tol);
+  EXPECT_EQ(bad, 0) << op << ": not written / not finite";
+  EXPECT_EQ(clobbered, 0) << op << ": written outside the part";
+  EXPECT_LT(err, tol) << op;
+}
+
+void expect_state(const OpCase& c, const char* op, const DevBuf<float>& d, const std::vector<float>& want,
+                  double tol) {
+  int64_t bad = 0;
+  const double err = rel_err_f32(d.download(), want, &bad);
+  report(c, op, err, tol);
+  EXPECT_EQ(bad, 0) << op;
+  EXPECT_LT(err, tol) << op;
+}
+
+void run_case(const OpCase& c) {
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
+  const Problem<double> pr = make_problem(c, 1000 + static_cast<uint32_t>(c.T));
+  const AttentionParams pc = pr.params();
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const KernelBackend& gpu = cuda_backend();
+  const KernelBackend& cpu = cpu_backend();
+  const int64_t bh = pc.bh(), se = pc.state_elems();
+  const double tol = tol_of(c.dtype);
+  const auto sv = pr.strides(c.dv), sk = pr.strides(c.dk);
+
+  auto f32 = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  const std::vector<float> S0 = f32(random_vec(bh * se, 11, 2.0));
+  const std::vector<float> P0 = f32(random_vec(bh * se, 12, 2.0));
+  const std::vector<float> D0 = f32(random_vec(bh * se, 13, 0.5));
+  const std::vector<float> dgoff = f32(random_vec(bh, 14, 1.0));
+  DevBuf<float> S0d = to_device_f32(S0), P0d = to_device_f32(P0), D0d = to_device_f32(D0),
+                dgoffd = to_device_f32(dgoff);
+
+  // 1. part_state
+  {
+    std::vector<float> want(bh * se), wantL(bh);
+    cpu.part_state(pc, part, want.data(), wantL.data(), nullptr);
+    DevBuf<float> st(bh * se), L(bh);
+    st.poison();
+    L.poison();
+    gpu.part_state(pg, part, st.p, L.p, nullptr);
+    expect_state(c, "part_state", st, want, tol);
+    const std::vector<float> gotL = L.download();
+    for (int64_t i = 0; i < bh; ++i) {
+      if (std::isinf(wantL[i])) EXPECT_TRUE(std::isinf(gotL[i]) && gotL[i] < 0) << "log decay " << i;
+      else EXPECT_NEAR(gotL[i], wantL[i], 1e-5 * (1 + std::abs(wantL[i]))) << "log decay " << i;
+    }
+  }
+  // 2. chunk_forward with an entering state (twice: must be bitwise reproducible)
+  {
+    std::vector<double> want = pr.zeros_like_v();
+    cpu.chunk_forward(pc, part, S0.data(), {want.data(), sv}, nullptr);
+    DevTensor o = dp.like_v(), o2 = dp.like_v();
+    gpu.chunk_forward(pg, part, S0d.p, o.mview(), nullptr);
+    gpu.chunk_forward(pg, part, S0d.p, o2.mview(), nullptr);
+    expect_rows(c, "chunk_forward", o, want, tol);
+    EXPECT_EQ(o.buf.download(), o2.buf.download()) << "chunk_forward is not deterministic";
+  }
+  // 3. chunk_forward from zero, then add_prefix_output
+  {
+    std::vector<double> want = pr.zeros_like_v();
+    cpu.chunk_forward(pc, part, nullptr, {want.data(), sv}, nullptr);
+    cpu.add_prefix_output(pc, part, P0.data(), {want.data(), sv}, nullptr);
+    DevTensor o = dp.like_v();
+    gpu.chunk_forward(pg, part, nullptr, o.mview(), nullptr);
+    gpu.add_prefix_output(pg, part, P0d.p, o.mview(), nullptr);
+    expect_rows(c, "fwd+prefix", o, want, tol);
+  }
+  // 4. part_dstate
+  {
+    std::vector<float> want(bh * se);
+    cpu.part_dstate(pc, part, pr.dout_view(), want.data(), nullptr);
+    DevBuf<float> d(bh * se);
+    d.poison();
+    gpu.part_dstate(pg, part, dp.dout.cview(), d.p, nullptr);
+    expect_state(c, "part_dstate", d, want, tol);
+  }
+  // 5. dq (+ q.dq), 6. dk, dv, dg
+  {
+    std::vector<double> want_dq = pr.zeros_like_k(), want_qdq(c.B * c.T * c.H, 0.0);
+    cpu.chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), sk}, want_qdq.data(),
+                          nullptr);
+    DevTensor dq = dp.like_k();
+    DevBuf<float> qdq(c.B * c.T * c.H);
+    qdq.poison();
+    gpu.chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, dq.mview(), qdq.p, nullptr);
+    expect_rows(c, "dq", dq, want_dq, tol);
+    expect_scalars(c, "q.dq", qdq, want_qdq, tol);
+
+    std::vector<double> want_dk = pr.zeros_like_k(), want_dv = pr.zeros_like_v(),
+                        want_dg(c.B * c.T * c.H, 0.0);
+    cpu.chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), sk},
+                            {want_dv.data(), sv}, want_qdq.data(), dgoff.data(), want_dg.data(),
+                            nullptr);
+    DevTensor dk = dp.like_k(), dv = dp.like_v(), dk2 = dp.like_k();
+    DevBuf<float> dg(c.B * c.T * c.H);
+    dg.poison();
+    gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, dk.mview(), dv.mview(), qdq.p,
+                            dgoffd.p, dg.p, nullptr);
+    expect_rows(c, "dk", dk, want_dk, tol);
+    expect_rows(c, "dv", dv, want_dv, tol);
+    expect_scalars(c, "dg", dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+    // without dg, a second time: identical dk
+    DevTensor dv2 = dp.like_v();
+    gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, dk2.mview(), dv2.mview(), nullptr,
+                            nullptr, nullptr, nullptr);
+    EXPECT_EQ(dk.buf.download(), dk2.buf.download()) << "dk is not deterministic";
+  }
+}
+
+std::vector<OpCase> op_cases() {
+  std::vector<OpCase> cases;
+  auto mode_name = [](DecayMode m) {
+    return m == DecayMode::kNone ? "none" : m == DecayMode::kFixed ? "fixed" : "gate";
+  };
+  // Part [37, 1000): chunks start at 37 + 64 i, segments (2 chunks) at 37 + 128 i.
+  // Documents at a chunk start (101), a segment start (293) and the token after
+  // it, mid-chunk (600) and the last token (999).
+  const std::vector<int64_t> docs = {101, 293, 294, 600, 999};
+  for (ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat16, ScalarType::kFloat32})
+    for (DecayMode m : {DecayMode::kNone, DecayMode::kFixed, DecayMode::kGate})
+      for (int64_t d : {64, 128}) {
+        OpCase c;
+        c.dtype = t;
+        c.mode = m;
+        c.dk = c.dv = d;
+        c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
+        c.name = std::string(dtype_name(t)) + "_" + mode_name(m) + "_D" + std::to_string(d) +
+                 (c.docs.empty() ? "" : "_docs");
+        cases.push_back(c);
+      }
+  {  // 4096 + 13 tokens, the backend's own segmentation
+    OpCase c;
+    c.name = "bf16_gate_D128_T4109_auto";
+    c.dk = c.dv = 128;
+    c.T = 4109;
+    c.begin = 0;
+    c.end = 4109;
+    c.docs = {64, 1000, 4096};
+    c.seg_chunks = 0;
+    cases.push_back(c);
+    c.name = "fp32_gate_D64_T4109_auto";
+    c.dtype = ScalarType::kFloat32;
+    c.dk = c.dv = 64;
+    cases.push_back(c);
+  }
+  for (ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat32}) {
+    for (int64_t T : {1, 77}) {
+      OpCase c;
+      c.dtype = t;
+      c.T = T;
+      c.begin = 0;
+      c.end = T;
+      c.seg_chunks = 0;
+      c.name = std::string(dtype_name(t)) + "_gate_D64_T" + std::to_string(T);
+      cases.push_back(c);
+    }
+    OpCase c;
+    c.dtype = t;
+    c.T = 77;
+    c.begin = 13;
+    c.end = 77;
+    c.docs = {13, 40};
+    c.seg_chunks = 1;
+    c.name = std::string(dtype_name(t)) + "_gate_D64_T77_part13";
+    cases.push_back(c);
+  }
+  auto odd = [&](const char* name, ScalarType t, int64_t dk, int64_t dv, bool generic = false) {
+    OpCase c;
+    c.name = name;
+    c.dtype = t;
+    c.dk = dk;
+    c.dv = dv;
+    c.T = 300;
+    c.begin = 5;
+    c.end = 300;
+    c.docs = {69, 200};
+    c.seg_chunks = 1;
+    c.force_generic = generic;
+    cases.push_back(c);
+  };
+  odd("bf16_dk40_dv24_tc_padded", ScalarType::kBFloat16, 40, 24);
+  odd("bf16_dk96_dv128_tc", ScalarType::kBFloat16, 96, 128);
+  odd("fp16_dk128_dv64_tc", ScalarType::kFloat16, 128, 64);
+  odd("fp16_dk33_dv17_generic", ScalarType::kFloat16, 33, 17);
+  odd("fp32_dk256_dv192_global_state", ScalarType::kFloat32, 256, 192);
+  odd("bf16_dk160_dv96_generic", ScalarType::kBFloat16, 160, 96);
+  odd("bf16_D128_forced_generic", ScalarType::kBFloat16, 128, 128, true);
+  {  // strided views: Megatron [T, B, H, D] with padded heads
+    OpCase c;
+    c.name = "bf16_gate_D128_TBHD_pad8_tc";
+    c.dk = c.dv = 128;
+    c.layout = {true, 8};
+    c.docs = docs;
+    cases.push_back(c);
+    c.name = "bf16_gate_D64_TBHD_pad3_generic";
+    c.dk = c.dv = 64;
+    c.layout = {true, 3};
+    cases.push_back(c);
+    c.name = "fp16_gate_D64_BTHD_pad8_tc";
+    c.dtype = ScalarType::kFloat16;
+    c.layout = {false, 8};
+    cases.push_back(c);
+    c.name = "fp32_gate_D64_TBHD_pad1";
+    c.dtype = ScalarType::kFloat32;
+    c.layout = {true, 1};
+    cases.push_back(c);
+  }
+  {  // more heads than batch rows, B = 1
+    OpCase c;
+    c.name = "bf16_gate_D64_B1_H5";
+    c.B = 1;
+    c.H = 5;
+    c.docs = docs;
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+class CudaOps : public ::testing::TestWithParam<OpCase> {};
+
+TEST_P(CudaOps, MatchCpuBackendFloat64) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  run_case(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaOps, ::testing::ValuesIn(op_cases()),
+                         [](const ::testing::TestParamInfo<OpCase>& i) { return i.param.name; });
+
+// ---- combines ---------------------------------------------------------------------------
+TEST(CudaCombine, MatchCpu) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const int parts = 7;
+  const int64_t bh = 3, elems = 300;
+  std::vector<std::vector<float>> states(parts);
+  std::vector<DevBuf<float>> dstates;
+  for (int i = 0; i < parts; ++i) {
+    auto v = random_vec(bh * elems, 100 + i);
+    states[i].assign(v.begin(), v.end());
+    dstates.push_back(to_device_f32(states[i]));
+  }
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-2.f, 0.f);
+  std::vector<float> L(parts * bh);
+  for (auto& x : L) x = u(rng);
+  L[2 * bh + 1] = -INFINITY;  // a part that starts a document
+  DevBuf<float> Ld = to_device_f32(L);
+  std::vector<const float*> hp, dp;
+  for (int i = 0; i < parts; ++i) {
+    hp.push_back(states[i].data());
+    dp.push_back(dstates[i].p);
+  }
+  for (int target = 0; target < parts; ++target) {
+    for (bool suffix : {false, true}) {
+      std::vector<float> want(bh * elems);
+      DevBuf<float> got(bh * elems);
+      got.poison();
+      if (suffix) {
+        cpu_backend().combine_suffix(hp, L.data(), target, bh, elems, want.data(), nullptr);
+        cuda_backend().combine_suffix(dp, Ld.p, target, bh, elems, got.p, nullptr);
+      } else {
+        cpu_backend().combine_prefix(hp, L.data(), target, bh, elems, want.data(), nullptr);
+        cuda_backend().combine_prefix(dp, Ld.p, target, bh, elems, got.p, nullptr);
+      }
+      EXPECT_LT(rel_err_f32(got.download(), want), 1e-6) << "target " << target << " suffix " << suffix;
+    }
+  }
+  std::vector<float> want(bh);
+  DevBuf<float> got(bh);
+  cpu_backend().state_dot(states[0].data(), states[1].data(), L.data(), states[2].data(), bh, elems,
+                          want.data(), nullptr);
+  cuda_backend().state_dot(dstates[0].p, dstates[1].p, Ld.p, dstates[2].p, bh, elems, got.p, nullptr);
+  EXPECT_LT(rel_err_f32(got.download(), want), 1e-6);
+
+  // copy / fill_zero
+  DevBuf<float> a = to_device_f32(states[3]), b(bh * elems);
+  cuda_backend().copy(b.p, a.p, bh * elems, nullptr);
+  EXPECT_EQ(b.download(), states[3]);
+  cuda_backend().fill_zero(b.p, bh * elems, nullptr);
+  for (float x : b.download()) EXPECT_EQ(x, 0.f);
+}
+
+TEST(CudaCombine, TooManyPartsIsAnError) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  DevBuf<float> s(4), L(1000), out(4);
+  std::vector<const float*> parts(300, s.p);
+  EXPECT_THROW(cuda_backend().combine_prefix(parts, L.p, 1, 1, 4, out.p, nullptr), Error);
+}
+
+// ---- errors -----------------------------------------------------------------------------
+TEST(CudaErrors, RejectsUnsupportedInputs) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  OpCase c;
+  c.T = 64;
+  c.begin = 0;
+  c.end = 64;
+  const Problem<double> pr = make_problem(c, 1);
+  DeviceProblem dp(pr, ScalarType::kBFloat16, {});
+  DevTensor o = dp.like_v();
+  AttentionParams p = dp.p;
+  p.decay.dtype = ScalarType::kFloat64;  // decay values must be float32 on CUDA
+  EXPECT_THROW(cuda_backend().chunk_forward(p, {0, 64}, nullptr, o.mview(), nullptr), Error);
+  p = dp.p;
+  p.dtype = ScalarType::kFloat64;
+  EXPECT_THROW(cuda_backend().chunk_forward(p, {0, 64}, nullptr, o.mview(), nullptr), Error);
+  p = dp.p;
+  p.dim_k = 300;
+  EXPECT_THROW(cuda_backend().chunk_forward(p, {0, 64}, nullptr, o.mview(), nullptr), Error);
+  p = dp.p;
+  EXPECT_THROW(cuda_backend().chunk_forward(p, {10, 65}, nullptr, o.mview(), nullptr), Error);
+  EXPECT_EQ(cuda_backend().device(), Device::kCUDA);
+  EXPECT_EQ(&backend_for(Device::kCUDA), &cuda_backend());
+}
+
+}  // namespace
+}  // namespace lasp2::testing

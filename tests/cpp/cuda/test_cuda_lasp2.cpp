@@ -1,0 +1,211 @@
+// lasp2_forward / lasp2_backward on the CUDA backend against the float64
+// step-by-step recurrence (tests/cpp/recurrent_reference.h) on the same inputs
+// (rounded to the device dtype): the single-device path (comm = null) and the
+// sequence-parallel schedule on P threads sharing one GPU (contiguous and
+// balanced layouts, both forward schedules), one AllGather per direction.
+// Tolerances as in test_cuda_kernels.cpp (relative max-norm vs float64 on
+// identical inputs; dg grows like sqrt(tokens / 64), see there).
+#include <gtest/gtest.h>
+
+#include <mutex>
+
+#include "cuda_test_util.h"
+#include "lasp2/lasp2.h"
+#include "../local_slice.h"
+#include "../recurrent_reference.h"
+
+namespace lasp2::testing {
+namespace {
+
+double tol_of(ScalarType t) {
+  return t == ScalarType::kFloat32 ? 1e-4 : t == ScalarType::kFloat16 ? 3e-3 : 1e-2;
+}
+double tol_dg(ScalarType t, int64_t n) {
+  return 4 * tol_of(t) * std::sqrt(std::max<double>(1.0, n / 64.0));
+}
+
+Problem<double> rounded(const ProblemSpec& s, ScalarType t, uint32_t seed) {
+  Problem<double> pr(s, seed);
+  for (auto* v : {&pr.q, &pr.k, &pr.v, &pr.dout})
+    for (auto& x : *v) x = round_to(t, x);
+  for (auto& x : pr.gate) x = static_cast<double>(static_cast<float>(x));
+  for (auto& x : pr.log_decay) x = static_cast<double>(static_cast<float>(x));
+  return pr;
+}
+
+struct Grads {
+  std::vector<double> o, dq, dk, dv, dg;
+};
+
+// Runs forward + backward of one rank's problem on the GPU (comm may be null).
+Grads run_rank(const Problem<double>& pr, ScalarType dtype, const PartLayout& layout, Communicator* comm,
+               bool overlap, cudaStream_t stream) {
+  const auto& s = pr.spec;
+  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}), k(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}),
+      v(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {}), dout(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
+  q.upload(pr.q);
+  k.upload(pr.k);
+  v.upload(pr.v);
+  dout.upload(pr.dout);
+  DevBuf<float> gate = to_device_f32(pr.gate), logd = to_device_f32(pr.log_decay);
+  DevBuf<uint8_t> doc(pr.doc_start.size());
+  doc.upload(pr.doc_start);
+  AttentionParams p = pr.params();
+  p.dtype = dtype;
+  p.q = q.cview();
+  p.k = k.cview();
+  p.v = v.cview();
+  p.decay.dtype = ScalarType::kFloat32;
+  p.decay.gate = gate.p;
+  p.decay.log_decay = logd.p;
+  p.doc_start = s.doc_starts.empty() ? nullptr : doc.p;
+
+  DevBuf<float> records(std::max<int64_t>(1, Lasp2Saved::local_records_floats(p, layout)));
+  DevBuf<float> prefixes(std::max<int64_t>(1, Lasp2Saved::prefix_states_floats(p, layout)));
+  DevBuf<float> decays(std::max<int64_t>(1, Lasp2Saved::log_decays_floats(p, layout)));
+  const Lasp2Saved saved{records.p, prefixes.p, decays.p};
+  DevBuf<double> fws((lasp2_forward_workspace_bytes(p, layout) + 7) / 8);
+  DevBuf<double> bws((lasp2_backward_workspace_bytes(p, layout, true) + 7) / 8);
+
+  DevTensor o(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
+  Lasp2Options options;
+  options.overlap_forward = overlap;
+  lasp2_forward(cuda_backend(), comm, layout, p, o.mview(), saved, fws.p, options, stream);
+
+  DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}), dk(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}),
+      dv(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
+  DevBuf<float> dg(s.batch * s.seqlen * s.heads);
+  dg.poison();
+  lasp2_backward(cuda_backend(), comm, layout, p, dout.cview(), saved, dq.mview(), dk.mview(), dv.mview(), dg.p,
+                 bws.p, stream);
+  cuda_ok(cudaStreamSynchronize(stream), "lasp2 on the device");
+  Grads g;
+  g.o = o.download().v;
+  g.dq = dq.download().v;
+  g.dk = dk.download().v;
+  g.dv = dv.download().v;
+  const auto dgf = dg.download();
+  g.dg.assign(dgf.begin(), dgf.end());
+  return g;
+}
+
+double rel_nan_aware(const std::vector<double>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num = std::max(num, std::abs(got[i] - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return num / std::max(den, 1e-3);
+}
+
+void check(const char* name, const Grads& g, const ReferenceGrads& ref, ScalarType t, int64_t T, bool with_dg) {
+  const double tol = tol_of(t);
+  const double eo = rel_nan_aware(g.o, ref.o), eq = rel_nan_aware(g.dq, ref.dq),
+               ek = rel_nan_aware(g.dk, ref.dk), ev = rel_nan_aware(g.dv, ref.dv),
+               eg = rel_nan_aware(g.dg, ref.dg);
+  std::printf("[cuda-e2e] %-40s o=%.2e dq=%.2e dk=%.2e dv=%.2e dg=%.2e (tol %.0e, dg %.1e)\n", name, eo, eq, ek,
+              ev, eg, tol, tol_dg(t, T));
+  EXPECT_LT(eo, tol) << "o";
+  EXPECT_LT(eq, tol) << "dq";
+  EXPECT_LT(ek, tol) << "dk";
+  EXPECT_LT(ev, tol) << "dv";
+  if (with_dg) EXPECT_LT(eg, tol_dg(t, T)) << "dg";
+}
+
+struct E2eCase {
+  ScalarType dtype;
+  DecayMode mode;
+  int64_t d;
+  int64_t T;
+  bool docs;
+};
+
+class CudaLasp2SingleDevice : public ::testing::TestWithParam<E2eCase> {};
+
+TEST_P(CudaLasp2SingleDevice, MatchesRecurrence) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const E2eCase c = GetParam();
+  ProblemSpec s;
+  s.batch = 2;
+  s.heads = 2;
+  s.seqlen = c.T;
+  s.dim_k = s.dim_v = c.d;
+  s.mode = c.mode;
+  s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d)));
+  if (c.docs) s.doc_starts = {1, 64, 500, c.T - 1};
+  const auto pr = rounded(s, c.dtype, 77);
+  const auto ref = recurrent_reference(pr);
+  const Grads g = run_rank(pr, c.dtype, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
+  const std::string name = std::string("single_") + dtype_name(c.dtype) + "_mode" +
+                           std::to_string(static_cast<int>(c.mode)) + "_D" + std::to_string(c.d) + "_T" +
+                           std::to_string(c.T) + (c.docs ? "_docs" : "");
+  check(name.c_str(), g, ref, c.dtype, c.T, c.mode != DecayMode::kNone);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaLasp2SingleDevice,
+    ::testing::Values(E2eCase{ScalarType::kBFloat16, DecayMode::kGate, 64, 1000, true},
+                      E2eCase{ScalarType::kBFloat16, DecayMode::kGate, 128, 2048, false},
+                      E2eCase{ScalarType::kBFloat16, DecayMode::kFixed, 128, 1000, true},
+                      E2eCase{ScalarType::kFloat16, DecayMode::kGate, 64, 1000, true},
+                      E2eCase{ScalarType::kFloat16, DecayMode::kNone, 64, 1000, false},
+                      E2eCase{ScalarType::kFloat32, DecayMode::kGate, 64, 1000, true},
+                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 128, 700, false}));
+
+struct SpCase {
+  int world;
+  bool balanced;
+  bool overlap;
+  ScalarType dtype;
+};
+
+class CudaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
+
+TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const SpCase c = GetParam();
+  ProblemSpec s;
+  s.batch = 2;
+  s.heads = 2;
+  s.dim_k = s.dim_v = 64;
+  s.mode = DecayMode::kGate;
+  s.seqlen = 2 * c.world * 96;  // parts of 96 tokens: they end mid-chunk
+  s.scale = 0.125f;
+  s.doc_starts = {5, 96, 97, s.seqlen - 1};  // one exactly at a part edge
+  const auto global = rounded(s, c.dtype, 99);
+  const auto ref = recurrent_reference(global);
+  Grads out{std::vector<double>(ref.o.size()), std::vector<double>(ref.dq.size()),
+            std::vector<double>(ref.dk.size()), std::vector<double>(ref.dv.size()),
+            std::vector<double>(ref.dg.size())};
+  std::mutex mu;
+  run_device_ranks(c.world, [&](int rank, DeviceThreadCommunicator& comm) {
+    const PartLayout layout =
+        c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
+    const auto local = local_problem(global, layout);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+    const Grads g = run_rank(local, c.dtype, layout, &comm, c.overlap, stream);
+    cudaStreamDestroy(stream);
+    EXPECT_EQ(comm.collectives(), 2);
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
+  });
+  const std::string name = "sp_P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
+                           (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype);
+  check(name.c_str(), out, ref, c.dtype, s.seqlen, true);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
+                         ::testing::Values(SpCase{2, false, true, ScalarType::kBFloat16},
+                                           SpCase{2, true, false, ScalarType::kBFloat16},
+                                           SpCase{4, true, true, ScalarType::kBFloat16},
+                                           SpCase{4, false, false, ScalarType::kFloat32},
+                                           SpCase{3, true, true, ScalarType::kFloat16}));
+
+}  // namespace
+}  // namespace lasp2::testing
