@@ -52,7 +52,7 @@ struct AttentionParams {
   ScalarType dtype = ScalarType::kFloat32;  // of q, k, v, o and their gradients
   ConstView q, k, v;
   DecayParams decay;
-  float scale = 1.f;
+  double scale = 1.0;  // kernels cast to their compute precision
 
   // Optional document starts for packed sequences: uint8 per local token; batch b
   // reads doc_start[b * doc_start_batch_stride + t]. nullptr = one document.

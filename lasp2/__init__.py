@@ -1,0 +1,22 @@
+"""lasp2: sequence parallelism for linear attention (LASP-2) and hybrid models (LASP-2H).
+
+    import lasp2
+    o = lasp2.linear_attention(q, k, v, g=g, group=cp_group)   # [B, T_local, H, D]
+"""
+
+from lasp2._extension import Lasp2Error, has_cuda_kernels
+from lasp2.distributed import gather_sequence, global_token_index, split_sequence
+from lasp2.ops import linear_attention
+from lasp2 import nn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Lasp2Error",
+    "gather_sequence",
+    "global_token_index",
+    "has_cuda_kernels",
+    "linear_attention",
+    "nn",
+    "split_sequence",
+]

@@ -1,0 +1,17 @@
+"""Loads the compiled extension lasp2._C with an actionable message when absent."""
+
+try:
+    from lasp2 import _C  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "lasp2's compiled extension (lasp2._C) is missing or does not match the installed "
+        "torch. Rebuild it against your torch with `pip install --no-build-isolation .` "
+        f"from the lasp2 source tree. Original error: {exc}"
+    ) from exc
+
+Lasp2Error = _C.Lasp2Error
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build carries the CUDA kernels."""
+    return bool(_C.has_cuda_kernels())

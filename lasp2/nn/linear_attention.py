@@ -1,0 +1,104 @@
+"""A linear-attention token mixer whose forward is the same with or without SP."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lasp2.nn.norms import HeadRMSNorm
+from lasp2.ops.linear_attention import linear_attention
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+DECAYS = ("none", "fixed", "gate")
+
+
+def lightning_log_decay(num_heads: int) -> torch.Tensor:
+    """Per-head log decays -2^(-8(h+1)/H) (ALiBi-style slopes, as in lightning attention)."""
+    exponents = -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads
+    return -(2.0 ** exponents)
+
+
+class LinearAttention(nn.Module):
+    """Projections, a feature map, causal linear attention, a per-head output norm.
+
+    Inputs are this rank's share of the sequence: ``[B, T_local, hidden]`` (layout
+    "bthd") or ``[T_local, B, hidden]`` ("tbhd", Megatron's order). With ``group``
+    set to the sequence-parallel group the result equals running the module on the
+    whole sequence and splitting the output (``split`` says how the sequence is laid
+    out). Parameters are replicated across the group; reduce their gradients over it
+    (Megatron does this over its data-parallel-with-context-parallel group).
+
+    decay: "none" (plain linear attention), "fixed" (per-head log decays, lightning
+    attention / retention style) or "gate" (data-dependent scalar gate per head and
+    token, ``logsigmoid(W_g x) / gate_logit_normalizer``, simple-GLA / Mamba2 style).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
+                 decay: str = "gate", feature_map: str = "identity", output_norm: bool = True,
+                 gate_logit_normalizer: float = 16.0, bias: bool = False, group=None,
+                 split: str = "contiguous", layout: str = "bthd", chunk_size: int = 64,
+                 device=None, dtype=None):
+        super().__init__()
+        if decay not in DECAYS:
+            raise ValueError(f"LinearAttention: `decay` must be one of {DECAYS}, got {decay!r}")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"LinearAttention: `feature_map` must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
+        head_dim = head_dim or hidden_size // num_heads
+        if head_dim * num_heads == 0:
+            raise ValueError(f"LinearAttention: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.decay_kind, self.feature_map_name = decay, feature_map
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.group, self.split, self.layout, self.chunk_size = group, split, layout, chunk_size
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
+        self.g_proj = nn.Linear(hidden_size, num_heads, bias=True, **factory) if decay == "gate" else None
+        if decay == "fixed":
+            self.register_buffer("log_decay", lightning_log_decay(num_heads).to(device=device, dtype=torch.float32))
+        else:
+            self.log_decay = None
+        self.norm = HeadRMSNorm(head_dim, **factory) if output_norm else None
+        self.o_proj = nn.Linear(inner, hidden_size, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2 ** -2.5)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.g_proj is not None:
+            nn.init.xavier_uniform_(self.g_proj.weight, gain=2 ** -2.5)
+            nn.init.constant_(self.g_proj.bias, math.log(15.0))  # start near a_t = 1 - 1/16
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"LinearAttention: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
+        lead = x.shape[:2]
+        heads = (*lead, self.num_heads, self.head_dim)
+        feature = FEATURE_MAPS[self.feature_map_name]
+        q = feature(self.q_proj(x).view(heads))
+        k = feature(self.k_proj(x).view(heads))
+        v = self.v_proj(x).view(heads)
+        g = None
+        if self.g_proj is not None:
+            logits = self.g_proj(x)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()  # gates accumulate over the sequence: keep them in fp32
+            g = F.logsigmoid(logits) / self.gate_logit_normalizer
+        o = linear_attention(q, k, v, g=g, decay=self.log_decay, group=self.group, layout=self.layout,
+                             split=self.split, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        if self.norm is not None:
+            o = self.norm(o)
+        return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))

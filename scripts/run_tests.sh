@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it on a fresh machine (no GPU needed):
+#   1. install lasp2 (scripts/install.sh) and the test tools;
+#   2. build the C++ core with CMake and run its GoogleTest suite (ctest);
+#   3. compile the CUDA sources with nvcc for sm_80 and sm_90 when nvcc exists
+#      (their tests skip at run time where no GPU is present);
+#   4. run pytest (GPU-marked tests skip where no GPU is present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+JOBS=${MAX_JOBS:-$(nproc)}
+
+bash scripts/install.sh
+"$PY" -m pip install -q pytest
+
+if [ ! -f /usr/include/gtest/gtest.h ]; then
+  (apt-get install -y -q libgtest-dev >/dev/null 2>&1) ||
+    (apt-get update -q >/dev/null && apt-get install -y -q libgtest-dev >/dev/null)
+fi
+
+echo "== C++ core (CPU) =="
+cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-cmake -j "$JOBS"
+ctest --test-dir build-cmake --output-on-failure -j "$JOBS" | tail -n 3
+
+NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+if [ -x "$NVCC" ]; then
+  echo "== C++ core with CUDA ($("$NVCC" --version | tail -n 1)) =="
+  NCCL_INC=$(bash scripts/fetch_nccl_headers.sh)
+  cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80;90" -DNCCL_INCLUDE_DIR="$NCCL_INC" >/dev/null
+  cmake --build build-cuda -j "$JOBS"
+  ctest --test-dir build-cuda --output-on-failure -j "$JOBS" | tail -n 3
+else
+  echo "== no nvcc: CUDA sources not compiled =="
+fi
+
+echo "== Python =="
+"$PY" -m pytest tests/python -q -p no:cacheprovider "$@"

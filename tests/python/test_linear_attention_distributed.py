@@ -1,0 +1,110 @@
+"""LASP-2 over several gloo processes equals the single-process result.
+
+Each rank checks its own output slice and its gradients (q, k, v, g or decay)
+against a single-process run on the full sequence and against the float64
+reference; every world size runs all configurations in one set of processes.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import lasp2
+from dist_utils import run_distributed
+from reference import linear_attention_reference
+
+CONFIGS = [
+    # (mode, split, with cu_seqlens, dtype, overlap)
+    ("none", "contiguous", False, torch.float64, True),
+    ("decay", "contiguous", False, torch.float64, False),
+    ("gate", "contiguous", False, torch.float64, True),
+    ("gate", "balanced", False, torch.float64, True),
+    ("decay", "balanced", False, torch.float32, False),
+    ("gate", "contiguous", True, torch.float64, True),
+    ("gate", "balanced", True, torch.float64, False),
+    ("none", "balanced", False, torch.bfloat16, True),
+]
+
+
+def global_inputs(world, mode, with_docs, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B = 1 if with_docs else 2
+    T, H, D = 12 * world, 2, 8  # 12 tokens a rank: 6-token parts for the balanced split
+    q, k, v, do = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(4))
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) / 3 if mode == "gate" else None
+    decay = -torch.rand(H, generator=gen, dtype=torch.float64) * 0.3 if mode == "decay" else None
+    cu = None
+    if with_docs:
+        # boundaries inside a rank, exactly at a rank edge, a 1-token document, one spanning ranks
+        cuts = sorted({3, 12, 13, T - 1, T // 2 + 1} - {0, T})
+        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
+    to = lambda x: None if x is None else x.to(dtype if dtype != torch.bfloat16 else torch.float32)
+    return [x.to(dtype) for x in (q, k, v, do)] + [to(g), to(decay), cu]
+
+
+def check_rank(rank, world):
+    group = dist.new_group(list(range(world)))  # a sub-group, as Megatron's CP group would be
+    for index, (mode, split, with_docs, dtype, overlap) in enumerate(CONFIGS):
+        q, k, v, do, g, decay, cu = global_inputs(world, mode, with_docs, dtype, seed=100 + index)
+        leaves_full = [x.clone().requires_grad_() for x in (q, k, v) + tuple(x for x in (g, decay) if x is not None)]
+        gq, gk, gv = leaves_full[:3]
+        extra = leaves_full[3] if len(leaves_full) > 3 else None
+        kw = {"g": extra} if g is not None else ({"decay": extra} if decay is not None else {})
+        o_full = lasp2.linear_attention(gq, gk, gv, cu_seqlens=cu, chunk_size=4, **kw)
+        grads_full = torch.autograd.grad(o_full, leaves_full, do)
+
+        local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
+        lq, lk, lv = (local(x).detach().requires_grad_() for x in (q, k, v))
+        leaves = [lq, lk, lv]
+        kw = {}
+        if g is not None:
+            kw["g"] = local(g).detach().requires_grad_()
+            leaves.append(kw["g"])
+        if decay is not None:
+            kw["decay"] = decay.clone().requires_grad_()
+            leaves.append(kw["decay"])
+        o = lasp2.linear_attention(lq, lk, lv, group=group, split=split, cu_seqlens=cu, chunk_size=4,
+                                   overlap=overlap, **kw)
+        grads = torch.autograd.grad(o, leaves, local(do))
+
+        tol = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+        where = f"config {index} {(mode, split, with_docs, dtype)}"
+        ref = linear_attention_reference(q, k, v, g=g, decay=decay, cu_seqlens=cu)
+        assert_rel(o, local(ref), tol, f"{where}: o vs float64 reference")
+        assert_rel(o, local(o_full), tol, f"{where}: o vs single process")
+        for name, got, want in zip(["dq", "dk", "dv"], grads, grads_full):
+            assert_rel(got, local(want), tol, f"{where}: {name}")
+        if g is not None:
+            assert_rel(grads[3], local(grads_full[3]), 10 * tol, f"{where}: dg", floor=1.0)
+        if decay is not None:
+            # parameter gradients are partial sums per rank; their sum is the full gradient
+            total = grads[3].clone()
+            dist.all_reduce(total, group=group)
+            assert_rel(total, grads_full[3], 10 * tol, f"{where}: d decay (summed over ranks)", floor=1.0)
+
+
+def assert_rel(got, want, tol, what, floor=1e-4):
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(floor)).item()
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lasp2_matches_single_process(world):
+    run_distributed(world, check_rank)
+
+
+def check_mismatch(rank, world):
+    group = dist.group.WORLD
+    T = 8 if rank == 0 else 6  # rank 1 disagrees on its local length
+    q = torch.randn(1, T, 2, 4)
+    try:
+        lasp2.linear_attention(q, q, q, group=group)
+    except ValueError as exc:
+        assert "disagree on local sequence length" in str(exc), str(exc)
+    else:
+        raise AssertionError("mismatched ranks were not detected")
+
+
+def test_mismatched_ranks_raise_instead_of_hanging():
+    run_distributed(2, check_mismatch, timeout=120)
