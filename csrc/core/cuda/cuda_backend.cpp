@@ -160,7 +160,8 @@ int tc_dim(const AttentionParams& p, std::initializer_list<View> views, int smem
   return need <= device_info().smem_optin ? D : 0;
 }
 
-Geom make_geom(const AttentionParams& p, TokenRange part, bool tc) {
+// D: tile dimension of the tensor-core kernels (64 or 128), 0 for the generic path.
+Geom make_geom(const AttentionParams& p, TokenRange part, int D) {
   Geom g;
   g.batch = static_cast<int>(p.batch);
   g.heads = static_cast<int>(p.heads);
@@ -170,12 +171,14 @@ Geom make_geom(const AttentionParams& p, TokenRange part, bool tc) {
   g.nchunks = (g.n + kChunk - 1) / kChunk;
   int sc = env_int("LASP2_CUDA_SEG_CHUNKS", 0);
   if (sc <= 0) {
-    // Tensor cores: about one wave of (b, h, segment) blocks (one block per SM), as
-    // long segments as that allows, so that the segment states and their scan stay
-    // a small part of the traffic (measured on H100 at T = 64K, H = 16, D = 128:
-    // 128-chunk segments, 128 blocks, beat 64-chunk ones, 256 blocks, by 15%; 16-
-    // chunk ones were 1.6x slower). Generic: four blocks per SM. Segments >= 4 chunks.
-    const int64_t target = (tc ? 1 : 4) * static_cast<int64_t>(device_info().sms);
+    // Tensor cores: about one wave of (b, h, segment) blocks, as long segments as
+    // that allows, so that the segment states and their scan stay a small part of
+    // the traffic. Measured on H100 at T = 64K, H = 16 (docs/kernels.md): D = 128
+    // (one 256-thread block per SM) 128-chunk segments beat 64-chunk ones by 15%;
+    // D = 64 (128-thread blocks, two or more per SM) needs two blocks per SM.
+    // Generic: four blocks per SM. Segments have >= 4 chunks.
+    const int per_sm = D == 128 ? 1 : D == 64 ? 2 : 4;
+    const int64_t target = per_sm * static_cast<int64_t>(device_info().sms);
     const int64_t want = std::max<int64_t>(1, target / std::max<int64_t>(1, g.bh()));
     sc = static_cast<int>(std::max<int64_t>(4, (g.nchunks + want - 1) / want));
   }
@@ -241,7 +244,7 @@ class CudaBackend final : public KernelBackend {
     }
     const View k = view_of(p.k), v = view_of(p.v);
     const int D = state_D(p, k, v);
-    const Geom g = make_geom(p, part, D > 0);
+    const Geom g = make_geom(p, part, D);
     Scratch sc;
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
@@ -284,7 +287,7 @@ class CudaBackend final : public KernelBackend {
     }
     const View q = view_of(p.q), d = view_of(dout);
     const int D = state_D(p, q, d);
-    const Geom g = make_geom(p, part, D > 0);
+    const Geom g = make_geom(p, part, D);
     Scratch sc;
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
@@ -325,7 +328,7 @@ class CudaBackend final : public KernelBackend {
     const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v), d = view_of(dout);
     const View dkv = view_of(dk), dvv = view_of(dv);
     const int D = tc_dim(p, {q, k, v, d, dkv, dvv}, tc_dkdv_smem(64), tc_dkdv_smem(128));
-    const Geom g = make_geom(p, part, D > 0);
+    const Geom g = make_geom(p, part, D);
     const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
     bool smem_state = true;
     if (D == 0) smem_state = generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
@@ -434,7 +437,7 @@ class CudaBackend final : public KernelBackend {
     } else {
       D = tc_dim(p, {qa, ka, va, out}, tc_fwd_smem(64, mode), tc_fwd_smem(128, mode));
     }
-    const Geom g = make_geom(p, part, D > 0);
+    const Geom g = make_geom(p, part, D);
     bool smem_state = true;
     if (D == 0) smem_state = generic_fwd_smem(da, dv, mode, true) <= device_info().smem_optin;
     const bool need_states = mode != FwdMode::kPrefix && g.nseg > 1;

@@ -386,6 +386,8 @@ std::vector<OpCase> op_cases() {
   return cases;
 }
 
+void PrintTo(const OpCase& c, std::ostream* os) { *os << c.name; }
+
 class CudaOps : public ::testing::TestWithParam<OpCase> {};
 
 TEST_P(CudaOps, MatchCpuBackendFloat64) {

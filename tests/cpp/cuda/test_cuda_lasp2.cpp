@@ -121,6 +121,14 @@ struct E2eCase {
   bool docs;
 };
 
+std::string e2e_name(const E2eCase& c) {
+  const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
+  return std::string(dtype_name(c.dtype)) + "_" + mode + "_D" + std::to_string(c.d) + "_T" +
+         std::to_string(c.T) + (c.docs ? "_docs" : "");
+}
+
+void PrintTo(const E2eCase& c, std::ostream* os) { *os << e2e_name(c); }
+
 class CudaLasp2SingleDevice : public ::testing::TestWithParam<E2eCase> {};
 
 TEST_P(CudaLasp2SingleDevice, MatchesRecurrence) {
@@ -137,9 +145,7 @@ TEST_P(CudaLasp2SingleDevice, MatchesRecurrence) {
   const auto pr = rounded(s, c.dtype, 77);
   const auto ref = recurrent_reference(pr);
   const Grads g = run_rank(pr, c.dtype, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
-  const std::string name = std::string("single_") + dtype_name(c.dtype) + "_mode" +
-                           std::to_string(static_cast<int>(c.mode)) + "_D" + std::to_string(c.d) + "_T" +
-                           std::to_string(c.T) + (c.docs ? "_docs" : "");
+  const std::string name = "single_" + e2e_name(c);
   check(name.c_str(), g, ref, c.dtype, c.T, c.mode != DecayMode::kNone);
 }
 
@@ -151,7 +157,8 @@ INSTANTIATE_TEST_SUITE_P(
                       E2eCase{ScalarType::kFloat16, DecayMode::kGate, 64, 1000, true},
                       E2eCase{ScalarType::kFloat16, DecayMode::kNone, 64, 1000, false},
                       E2eCase{ScalarType::kFloat32, DecayMode::kGate, 64, 1000, true},
-                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 128, 700, false}));
+                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 128, 700, false}),
+    [](const ::testing::TestParamInfo<E2eCase>& i) { return e2e_name(i.param); });
 
 struct SpCase {
   int world;
@@ -159,6 +166,13 @@ struct SpCase {
   bool overlap;
   ScalarType dtype;
 };
+
+std::string sp_name(const SpCase& c) {
+  return "P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
+         (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype);
+}
+
+void PrintTo(const SpCase& c, std::ostream* os) { *os << sp_name(c); }
 
 class CudaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
 
@@ -195,9 +209,7 @@ TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
     put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
     put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
   });
-  const std::string name = "sp_P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
-                           (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype);
-  check(name.c_str(), out, ref, c.dtype, s.seqlen, true);
+  check(("sp_" + sp_name(c)).c_str(), out, ref, c.dtype, s.seqlen, true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
@@ -205,7 +217,8 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
                                            SpCase{2, true, false, ScalarType::kBFloat16},
                                            SpCase{4, true, true, ScalarType::kBFloat16},
                                            SpCase{4, false, false, ScalarType::kFloat32},
-                                           SpCase{3, true, true, ScalarType::kFloat16}));
+                                           SpCase{3, true, true, ScalarType::kFloat16}),
+                         [](const ::testing::TestParamInfo<SpCase>& i) { return sp_name(i.param); });
 
 }  // namespace
 }  // namespace lasp2::testing
