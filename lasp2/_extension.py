@@ -1,5 +1,7 @@
 """Loads the compiled extension lasp2._C with an actionable message when absent."""
 
+import torch  # noqa: F401  (loads libtorch/libc10, which lasp2._C links against)
+
 try:
     from lasp2 import _C  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
