@@ -2,6 +2,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "instrumented_communicator.h"
+#include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
 #include "linear_attention_op.h"
 #include "process_group_communicator.h"
@@ -51,6 +53,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_shared<ProcessGroupCommunicator>(group, device);
            }),
            py::arg("group"), py::arg("device"));
+
+  // Benchmark instruments (see instrumented_communicator.h).
+  py::class_<lasp2::torch_binding::TimedCommunicator, Communicator,
+             std::shared_ptr<lasp2::torch_binding::TimedCommunicator>>(m, "TimedCommunicator")
+      .def(py::init<std::shared_ptr<Communicator>>(), py::arg("inner"))
+      .def_property_readonly("seconds", &lasp2::torch_binding::TimedCommunicator::seconds)
+      .def_property_readonly("calls", &lasp2::torch_binding::TimedCommunicator::calls)
+      .def_property_readonly("bytes", &lasp2::torch_binding::TimedCommunicator::bytes)
+      .def("reset", &lasp2::torch_binding::TimedCommunicator::reset);
+  py::class_<lasp2::torch_binding::NoopCommunicator, Communicator,
+             std::shared_ptr<lasp2::torch_binding::NoopCommunicator>>(m, "NoopCommunicator")
+      .def(py::init<const std::shared_ptr<Communicator>&>(), py::arg("like"));
 
 #ifdef LASP2_WITH_NCCL
   m.def("nccl_unique_id", [] {
@@ -115,4 +129,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("scale"), py::arg("chunk_size"), py::arg("comm"), py::arg("parts_per_rank"),
       py::arg("dout"), py::arg("local_records"), py::arg("prefix_states"), py::arg("log_decays"),
       py::arg("need_dg"));
+
+  // LASP-1: the P2P ring schedule (contiguous layout only).
+  m.def(
+      "lasp1_forward",
+      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
+         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
+         int64_t chunk_size, std::shared_ptr<Communicator> comm) {
+        py::gil_scoped_release no_gil;  // P2P transfers block on other ranks
+        return lasp2::torch_binding::lasp1_forward(
+            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, 1));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
+      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"));
+
+  m.def(
+      "lasp1_backward",
+      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
+         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
+         int64_t chunk_size, std::shared_ptr<Communicator> comm, at::Tensor dout,
+         at::Tensor entering_state, at::Tensor local_record, bool need_dg) {
+        py::gil_scoped_release no_gil;
+        return lasp2::torch_binding::lasp1_backward(
+            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, 1), dout,
+            entering_state, local_record, need_dg);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
+      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"), py::arg("dout"),
+      py::arg("entering_state"), py::arg("local_record"), py::arg("need_dg"));
 }

@@ -11,6 +11,7 @@ from torch import nn
 
 from lasp2.nn.norms import HeadRMSNorm
 from lasp2.ops.linear_attention import linear_attention
+from lasp2.ops.providers import PROVIDERS
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -40,18 +41,23 @@ class LinearAttention(nn.Module):
     decay: "none" (plain linear attention), "fixed" (per-head log decays, lightning
     attention / retention style) or "gate" (data-dependent scalar gate per head and
     token, ``logsigmoid(W_g x) / gate_logit_normalizer``, simple-GLA / Mamba2 style).
+
+    provider: the sequence-parallel algorithm, "lasp2" (default), "lasp1" or "ulysses"
+    (see ``lasp2.linear_attention``); all give the same result.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
                  decay: str = "gate", feature_map: str = "identity", output_norm: bool = True,
                  gate_logit_normalizer: float = 16.0, bias: bool = False, group=None,
                  split: str = "contiguous", layout: str = "bthd", chunk_size: int = 64,
-                 device=None, dtype=None):
+                 device=None, dtype=None, provider: str = "lasp2"):
         super().__init__()
         if decay not in DECAYS:
             raise ValueError(f"LinearAttention: `decay` must be one of {DECAYS}, got {decay!r}")
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"LinearAttention: `feature_map` must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
+        if provider not in PROVIDERS:
+            raise ValueError(f"LinearAttention: `provider` must be one of {PROVIDERS}, got {provider!r}")
         head_dim = head_dim or hidden_size // num_heads
         if head_dim * num_heads == 0:
             raise ValueError(f"LinearAttention: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
@@ -60,6 +66,7 @@ class LinearAttention(nn.Module):
         self.decay_kind, self.feature_map_name = decay, feature_map
         self.gate_logit_normalizer = gate_logit_normalizer
         self.group, self.split, self.layout, self.chunk_size = group, split, layout, chunk_size
+        self.provider = provider
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
         self.k_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
@@ -98,7 +105,8 @@ class LinearAttention(nn.Module):
                 logits = logits.float()  # gates accumulate over the sequence: keep them in fp32
             g = F.logsigmoid(logits) / self.gate_logit_normalizer
         o = linear_attention(q, k, v, g=g, decay=self.log_decay, group=self.group, layout=self.layout,
-                             split=self.split, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+                             split=self.split, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
+                             provider=self.provider)
         if self.norm is not None:
             o = self.norm(o)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))

@@ -1,4 +1,5 @@
-"""lasp2.linear_attention: causal linear attention, sequence-parallel with LASP-2."""
+"""lasp2.linear_attention: causal linear attention, sequence-parallel with LASP-2
+(or, with `provider=`, LASP-1's P2P ring or an all-to-all over heads)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lasp2.distributed.sequence_split import SPLITS
 from lasp2.ops import _checks as C
 from lasp2.ops._cu_seqlens import doc_starts_from_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops.providers import PROVIDERS
 
 OP = "lasp2.linear_attention"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -45,7 +47,9 @@ class _Lasp2LinearAttention(torch.autograd.Function):
         return dq, dk, dv, d_g, d_decay, None, None, None, None, None, None
 
 
-def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size):
+def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider="lasp2"):
+    if provider not in PROVIDERS:
+        C.fail(OP, f"`provider` must be one of {PROVIDERS}, got {provider!r}")
     C.check_layout(OP, layout)
     C.check_tensor(OP, "q", q, 4)
     C.check_tensor(OP, "k", k, 4)
@@ -86,6 +90,12 @@ def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size):
         C.fail(OP, f"the balanced split needs an even local sequence length, got {q.shape[seq_dim]}")
     if q.shape[seq_dim] < 1:
         C.fail(OP, "`q` has an empty sequence dimension")
+    if provider != "lasp2" and split != "contiguous":
+        C.fail(OP, f"provider {provider!r} supports split=\"contiguous\" only, got split={split!r} "
+                   "(use provider=\"lasp2\" for the balanced split)")
+    if provider == "ulysses" and world > 1 and q.shape[2] % world:
+        C.fail(OP, f"provider \"ulysses\" shards heads over the group: the number of heads "
+                   f"({q.shape[2]}) must be divisible by the group size ({world})")
     return scale, seq_dim, parts
 
 
@@ -102,6 +112,7 @@ def linear_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     overlap: bool = True,
+    provider: str = "lasp2",
 ) -> torch.Tensor:
     r"""Causal linear attention over a sequence that may be split across `group`.
 
@@ -128,12 +139,17 @@ def linear_attention(
             global length: documents never attend across boundaries.
         chunk_size: the CPU kernels' chunk length (GPU kernels pick their own tiles).
         overlap: overlap the state AllGather with the local attention (True) or
-            wait for it and fuse the prefix into one pass (False).
+            wait for it and fuse the prefix into one pass (False). LASP-2 only.
+        provider: the sequence-parallel algorithm, all computing the same result:
+            "lasp2" (default; one AllGather of states per direction), "lasp1" (a ring
+            of P2P state passes, P-1 serial hops; contiguous split only) or "ulysses"
+            (all-to-all to head sharding and back; contiguous split only, the number
+            of heads must be divisible by the group size). See docs/providers.md.
 
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size)
+    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider)
     if scale is None:
         scale = q.shape[3] ** -0.5
     rank, world = group_rank_and_size(group)
@@ -143,17 +159,22 @@ def linear_attention(
     doc_start = None
     if cu_seqlens is not None:
         batch = q.shape[1 - seq_dim]
-        doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len, rank, world,
-                                               "contiguous" if parts == 1 else "balanced", q.device)
+        if provider == "ulysses" and world > 1:  # the whole sequence is local after the all-to-all
+            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len * world, 0, 1,
+                                                   "contiguous", q.device)
+        else:
+            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len, rank, world,
+                                                   "contiguous" if parts == 1 else "balanced", q.device)
     comm = get_communicator(group, q.device)
     if comm is not None:
         verify_group_consistency(
             OP, group,
             [q.shape[1 - seq_dim], local_len, q.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype],
              0 if g is None and decay is None else (1 if decay is not None else 2), parts,
-             int(cu_seqlens is not None), chunk_size],
+             int(cu_seqlens is not None), chunk_size, PROVIDERS.index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "decay mode (none/decay/g)", "split", "use of cu_seqlens", "chunk_size"],
+             "decay mode (none/decay/g)", "split", "use of cu_seqlens", "chunk_size",
+             f"provider {PROVIDERS}"],
             q.device)
 
     if layout == "tbhd":
@@ -161,6 +182,15 @@ def linear_attention(
         if g is not None:
             g = g.transpose(0, 1)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    o = _Lasp2LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm, parts,
-                                    bool(overlap))
+    if comm is None or provider == "lasp2":
+        o = _Lasp2LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm, parts,
+                                        bool(overlap))
+    elif provider == "lasp1":
+        from lasp2.ops.providers.lasp1 import Lasp1LinearAttention
+
+        o = Lasp1LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm)
+    else:
+        from lasp2.ops.providers.ulysses import ulysses_linear_attention
+
+        o = ulysses_linear_attention(q, k, v, g, decay, doc_start, float(scale), chunk_size, group, rank, world)
     return o.transpose(0, 1) if layout == "tbhd" else o
