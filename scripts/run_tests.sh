@@ -11,7 +11,10 @@ PY=${PYTHON:-python3}
 JOBS=${MAX_JOBS:-$(nproc)}
 
 bash scripts/install.sh
-"$PY" -m pip install -q pytest
+# megatron-core is pinned; --no-deps keeps the installed torch (its import needs only
+# torch, numpy, packaging); psutil is needed by its checkpoint writer.
+"$PY" -m pip install -q pytest psutil
+"$PY" -m pip install -q --no-deps "megatron-core==${LASP2_MEGATRON_CORE_VERSION:-0.16.1}"
 
 if [ ! -f /usr/include/gtest/gtest.h ]; then
   (apt-get install -y -q libgtest-dev >/dev/null 2>&1) ||
