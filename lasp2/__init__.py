@@ -7,6 +7,7 @@
 from lasp2._extension import Lasp2Error, has_cuda_kernels
 from lasp2.distributed import gather_sequence, global_token_index, split_sequence
 from lasp2.ops import linear_attention
+from lasp2.ops.softmax_attention import softmax_attention
 from lasp2 import nn
 
 __version__ = "0.1.0"
@@ -18,5 +19,6 @@ __all__ = [
     "has_cuda_kernels",
     "linear_attention",
     "nn",
+    "softmax_attention",
     "split_sequence",
 ]
