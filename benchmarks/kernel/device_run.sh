@@ -3,7 +3,9 @@
 # compute-sanitizer memcheck and racecheck on a small subset (alongside), then the
 # kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
-#   benchmarks/kernel/device_run.sh [all|tests|bench|prof ...]   (several stages allowed)
+#   benchmarks/kernel/device_run.sh [all|tests|bench|base|prof ...]   (several stages allowed)
+# base: the same benchmark with .carry/base/bench_lasp2 (an earlier version, built by
+# build_carry.sh from BASE_REF), on the same machine, for a before/after table.
 # The binaries come from benchmarks/kernel/build_carry.sh (run on the dev machine,
 # carried in .carry/); if they do not start here they are rebuilt from source.
 set -u
@@ -29,11 +31,11 @@ if ! $BIN/lasp2_core_tests --gtest_list_tests >/dev/null 2>&1; then
 fi
 
 if has tests; then
-  SUB='*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*'
-  timeout 300 compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
+  SUB='*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*:*CudaOps*seg5*'
+  timeout 150 compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
     --gtest_filter="$SUB:CudaCombine.*" > /tmp/memcheck.log 2>&1 &
   MC=$!
-  timeout 300 compute-sanitizer --tool racecheck $BIN/lasp2_core_tests --gtest_filter="$SUB" > /tmp/racecheck.log 2>&1 &
+  timeout 150 compute-sanitizer --tool racecheck $BIN/lasp2_core_tests --gtest_filter="$SUB" > /tmp/racecheck.log 2>&1 &
   RC=$!
   for i in 0 1 2 3 4 5 6 7; do
     GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout 300 $BIN/lasp2_core_tests \
@@ -51,6 +53,11 @@ if has bench; then
   $BIN/bench_lasp2 65536 16 64 1 bf16 gate >> "$OUT/bench.log" 2>&1
   echo "bench done after $(( $(date +%s) - T0 )) s"
 fi
+if has base && [ -x .carry/base/bench_lasp2 ]; then
+  .carry/base/bench_lasp2 65536 16 128 1 bf16 gate > "$OUT/base.log" 2>&1
+  .carry/base/bench_lasp2 65536 16 64 1 bf16 gate >> "$OUT/base.log" 2>&1
+  echo "base done after $(( $(date +%s) - T0 )) s"
+fi
 if has fla && ls .whl/fla_core-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl > /dev/null 2>&1
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 240 python3 benchmarks/kernel/bench_fla.py 65536 16 128 1 \
@@ -58,11 +65,13 @@ if has fla && ls .whl/fla_core-*.whl >/dev/null 2>&1; then
   echo "fla done after $(( $(date +%s) - T0 )) s"
 fi
 if has prof; then
-  # one launch of each tensor-core kernel (T = 16K), the stall picture per kernel
-  timeout 200 ncu --kernel-name regex:tc_ --launch-count 8 --section SpeedOfLight --section Occupancy \
+  # one launch of each tensor-core kernel (T = 16K), with the stall reasons per issued
+  # instruction (smsp__average_warps_issue_stalled_*), then the SASS of the D = 128 kernels
+  timeout 150 ncu --kernel-name regex:tc_ --launch-count 8 --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis $BIN/bench_lasp2 16384 16 128 1 bf16 gate once > "$OUT/ncu.txt" 2>&1
-  cuobjdump -sass $BIN/bench_lasp2 2>/dev/null | awk '/Function : .*tc_(fwd|dkdv)_kernel.*13__nv_bfloat16Li128ELi0E|Function : .*tc_dkdv_kernelI13__nv_bfloat16Li128E/{f=1} /Function : /&&!/bfloat16Li128ELi0E|dkdv_kernelI13__nv_bfloat16Li128E/{f=0} f' > "$OUT/sass.txt"
+    --section ComputeWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
+    $BIN/bench_lasp2 16384 16 128 1 bf16 gate once > "$OUT/ncu.txt" 2>&1
+  cuobjdump -sass $BIN/bench_lasp2 2>/dev/null | awk '/Function : .*tc_(fwd|dkdv|state)_kernel.*13__nv_bfloat16Li128E/{f=1} /Function : /&&!/13__nv_bfloat16Li128E/{f=0} f' > "$OUT/sass.txt"
   echo "prof done after $(( $(date +%s) - T0 )) s"
 fi
 
@@ -79,8 +88,22 @@ if [ -f "$OUT/tests.log" ]; then
   grep -hm5 -E "Invalid|Race|hazard" "$OUT/sanitizer.log"
 fi
 [ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+if [ -f "$OUT/base.log" ] && [ -f "$OUT/bench.log" ]; then
+  echo "-- before/after, gate, same machine (ms; base = .carry/base build, new = this build):"
+  awk '/^B=1 T=/ { d = $4; m = $6; f = (FILENAME ~ /base/) }
+       m == "mode=gate," && /^(part_|chunk_|lasp2_|fwd\+bwd)/ {
+         k = sprintf("%-7s %-28s", d, substr($0, 1, 28)); v = substr($0, 29, 10) + 0
+         if (f) b[k] = v; else if (!(k in a)) a[k] = v }
+       END { printf "%-36s %8s %8s %7s\n", "D / op", "base", "new", "speedup"
+             for (k in b) if (k in a) printf "%-36s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
+      "$OUT/base.log" "$OUT/bench.log" | sort
+fi
 [ -f "$OUT/fla.log" ] && grep -E "^fla" "$OUT/fla.log"
 if [ -f "$OUT/ncu.txt" ]; then
+  echo "-- ncu stalls (cycles per issued instruction, > 0.2):"
+  awk '/tc_[a-z]+_kernel</ { k = $0; sub(/^ *void [^:]*::/, "", k); sub(/>\(.*/, ">", k); print "  " k }
+       /smsp__average_warps_issue_stalled_/ && $NF + 0 > 0.2 { m = $1; sub(/smsp__average_warps_issue_stalled_/, "", m);
+         sub(/_per_issue_active.ratio/, "", m); printf "    %-22s %s\n", m, $NF }' "$OUT/ncu.txt" | head -80
   echo "-- ncu (kernel, duration, SM/DRAM throughput, warps, top stalls):"
   grep -E "tc_[a-z]+_kernel|^    Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Active Warps|Registers Per|No Eligible|Issued Warp|spends|Warp Cycles Per Issued" "$OUT/ncu.txt" | sed -E 's/void lasp2::cuda::\(anonymous namespace\)::/  /; s/\(lasp2::cuda::[A-Za-z]+\).*//; s/  +/ /g' | head -90
 fi

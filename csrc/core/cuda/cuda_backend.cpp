@@ -174,8 +174,9 @@ Geom make_geom(const AttentionParams& p, TokenRange part, int D) {
     // Tensor cores: about one wave of (b, h, segment) blocks, as long segments as
     // that allows, so that the segment states and their scan stay a small part of
     // the traffic. Measured on H100 at T = 64K, H = 16 (docs/kernels.md): D = 128
-    // (one 256-thread block per SM) 128-chunk segments beat 64-chunk ones by 15%;
-    // D = 64 (128-thread blocks, two or more per SM) needs two blocks per SM.
+    // (one 512-thread block per SM) 128-chunk segments beat 64-chunk ones by 15%
+    // (measured with the earlier 256-thread blocks); D = 64 (256-thread blocks,
+    // two per SM) needs two blocks per SM.
     // Generic: four blocks per SM. Segments have >= 4 chunks.
     const int per_sm = D == 128 ? 1 : D == 64 ? 2 : 4;
     const int64_t target = per_sm * static_cast<int64_t>(device_info().sms);
@@ -187,7 +188,9 @@ Geom make_geom(const AttentionParams& p, TokenRange part, int D) {
   return g;
 }
 
-MetaArgs meta_args(const AttentionParams& p, const Geom& g, float* meta, float* segL) {
+// wmeta (nullable): per-token weights for the tensor-core segment-state kernel.
+MetaArgs meta_args(const AttentionParams& p, const Geom& g, float* meta, float* segL,
+                   float* wmeta) {
   MetaArgs m;
   m.g = g;
   m.mode = static_cast<int>(p.decay.mode);
@@ -200,12 +203,15 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, float* meta, float* 
   m.doc_sb = p.doc_start_batch_stride;
   m.meta = meta;
   m.segL = segL;
+  m.wmeta = wmeta;
   return m;
 }
 
-// Segment states of (a, b) over the part (exit or entry weights) into X.
+// Segment states of (a, b) over the part (exit or entry weights) into X; the
+// tensor-core kernel (D > 0) reads the per-token weights wmeta, the generic one meta.
 void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da, int db,
-                const float* meta, float coef, bool entry, float* X, cudaStream_t s) {
+                const float* meta, const float* wmeta, float coef, bool entry, float* X,
+                cudaStream_t s) {
   StateArgs sa;
   sa.g = g;
   sa.a = a;
@@ -213,6 +219,7 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
   sa.da = da;
   sa.db = db;
   sa.meta = meta;
+  sa.wmeta = wmeta;
   sa.coef = coef;
   sa.out = X;
   if (D > 0) {
@@ -249,11 +256,12 @@ class CudaBackend final : public KernelBackend {
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
     sc.add(g.bh() * g.nseg * se);
+    sc.add(D > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
     sc.allocate(s);
-    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2);
-    launch_meta(meta_args(p, g, meta, segL), s);
-    run_states(p, g, D, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, 1.f,
-               false, X, s);
+    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(3);
+    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
+    run_states(p, g, D, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, wmeta,
+               1.f, false, X, s);
     launch_scan(X, segL, g.bh(), g.nseg, se, false, false, nullptr, state, log_decay, s);
   }
 
@@ -292,11 +300,12 @@ class CudaBackend final : public KernelBackend {
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
     sc.add(g.bh() * g.nseg * se);
+    sc.add(D > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
     sc.allocate(s);
-    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2);
-    launch_meta(meta_args(p, g, meta, segL), s);
-    run_states(p, g, D, q, d, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, static_cast<float>(p.scale),
-               true, X, s);
+    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(3);
+    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
+    run_states(p, g, D, q, d, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, wmeta,
+               static_cast<float>(p.scale), true, X, s);
     launch_scan(X, segL, g.bh(), g.nseg, se, true, false, nullptr, dstate, nullptr, s);
   }
 
@@ -332,15 +341,18 @@ class CudaBackend final : public KernelBackend {
     const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
     bool smem_state = true;
     if (D == 0) smem_state = generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
+    const int sD = g.nseg > 1 ? state_D(p, q, d) : 0;  // the entry-state pass, if any
     Scratch sc;
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
     sc.add(g.nseg > 1 ? g.bh() * g.nseg * se : 0);
     sc.add(g.bh() * g.nseg);
     sc.add(smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv));
+    sc.add(sD > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
     sc.allocate(s);
     float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *tot = sc.piece(3);
-    launch_meta(meta_args(p, g, meta, segL), s);
+    float* wmeta = sc.piece(5);
+    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
     DkdvArgs a;
     a.g = g;
     a.q = q;
@@ -360,7 +372,7 @@ class CudaBackend final : public KernelBackend {
     a.fold_offset = g.nseg == 1 ? 1 : 0;
     a.scratch = sc.piece(4);
     if (g.nseg > 1) {
-      run_states(p, g, state_D(p, q, d), q, d, idk, idv, meta, static_cast<float>(p.scale), true, X, s);
+      run_states(p, g, sD, q, d, idk, idv, meta, wmeta, static_cast<float>(p.scale), true, X, s);
       launch_scan(X, segL, g.bh(), g.nseg, se, true, true, final_dstate, nullptr, nullptr, s);
       a.dstate = X;
       a.dstate_bh = g.nseg * se;
@@ -441,14 +453,17 @@ class CudaBackend final : public KernelBackend {
     bool smem_state = true;
     if (D == 0) smem_state = generic_fwd_smem(da, dv, mode, true) <= device_info().smem_optin;
     const bool need_states = mode != FwdMode::kPrefix && g.nseg > 1;
+    const View k = view_of(p.k), v = view_of(p.v);
+    const int sD = need_states ? state_D(p, k, v) : 0;  // the segment-state pass, if any
     Scratch sc;
     sc.add(g.bh() * g.nchunks * kChunk * 2);
     sc.add(g.bh() * g.nseg);
     sc.add(need_states ? g.bh() * g.nseg * se : 0);
     sc.add(smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(da, dv));
+    sc.add(sD > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
     sc.allocate(s);
-    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2);
-    launch_meta(meta_args(p, g, meta, segL), s);
+    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(4);
+    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
     FwdArgs a;
     a.g = g;
     a.qa = qa;
@@ -466,9 +481,8 @@ class CudaBackend final : public KernelBackend {
     a.scratch = sc.piece(3);
     if (need_states) {
       // The true state K^T V ([dk][dv]) of each segment, then the prefix scan.
-      const View k = view_of(p.k), v = view_of(p.v);
-      run_states(p, g, state_D(p, k, v), k, v, static_cast<int>(p.dim_k),
-                 static_cast<int>(p.dim_v), meta, 1.f, false, X, s);
+      run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta,
+                 wmeta, 1.f, false, X, s);
       launch_scan(X, segL, g.bh(), g.nseg, se, false, true, init, nullptr, nullptr, s);
       a.state = X;
       a.state_bh = g.nseg * se;

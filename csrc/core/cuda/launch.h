@@ -44,6 +44,9 @@ struct Geom {
 // number of document starts in the chunk up to x (as float). Padded tokens past
 // the part's end repeat the last valid pair. Layout [bh][nchunks * 64][2].
 // segL[bh][nseg] = log of the segment's total decay, -inf if a document starts in it.
+// wmeta (optional, same layout as meta): per token {w_entry, w_exit} =
+// {s == 0 ? exp(G) : 0, s == s_last ? exp(G_last - G) : 0}, s_last and G_last those of
+// the chunk's last token (the tensor-core segment-state kernel reads only these).
 struct MetaArgs {
   Geom g;
   int mode = 0;  // DecayMode
@@ -54,6 +57,7 @@ struct MetaArgs {
   int64_t doc_sb = 0;
   float* meta = nullptr;
   float* segL = nullptr;
+  float* wmeta = nullptr;
 };
 
 // Segment states: out[bh][seg] (a-dim x b-dim, row-major, fp32) =
@@ -65,6 +69,7 @@ struct StateArgs {
   View a, b;
   int da = 0, db = 0;
   const float* meta = nullptr;
+  const float* wmeta = nullptr;  // tensor-core path: per-token weights (MetaArgs::wmeta)
   float coef = 1.f;
   float* out = nullptr;
 };

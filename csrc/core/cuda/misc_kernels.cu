@@ -66,6 +66,17 @@ __global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
     out.z = gs;
     out.w = static_cast<float>(ds);
     reinterpret_cast<float4*>(a.meta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = out;
+    if (a.wmeta != nullptr) {
+      // the same expressions the kernels evaluate from (G, s), so the same values
+      const float Gl = __shfl_sync(0xffffffffu, out.z, 31);
+      const float sl = __shfl_sync(0xffffffffu, out.w, 31);
+      float4 w;
+      w.x = out.y == 0.f ? __expf(out.x) : 0.f;
+      w.y = out.y == sl ? __expf(Gl - out.x) : 0.f;
+      w.z = out.w == 0.f ? __expf(out.z) : 0.f;
+      w.w = out.w == sl ? __expf(Gl - out.z) : 0.f;
+      reinterpret_cast<float4*>(a.wmeta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = w;
+    }
     total += __shfl_sync(0xffffffffu, gs, 31);
     docs += __shfl_sync(0xffffffffu, ds, 31);
   }

@@ -1,13 +1,17 @@
 // Tensor-core dk/dv/dg pass (bf16/fp16 inputs, fp32 accumulation): one block per
-// (b, h, segment), D/16 warps, walking the segment's chunks in REVERSE with the
-// state gradient dS (dk x dv, fp32; the gradient of the state leaving the chunk)
-// in mma accumulators, warp w owning dk rows [16w, 16w + 16). Per chunk:
+// (b, h, segment) of NW = D/8 warps (16 at D = 128), walking the segment's chunks
+// in REVERSE with the state gradient dS (dk x dv, fp32; the gradient of the state
+// leaving the chunk) in mma accumulators. Warp w = (r, hc), r = w % (D/16),
+// hc = w / (D/16), owns dS rows [16r, +16) (dk dims) x columns [hc D/2, +D/2)
+// (dv dims): half a row block per thread, twice the warps of a "one warp per row
+// block" layout (the pass is latency-bound). Per chunk:
 //   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit);
-//      dS -> shared memory (16-bit) for the dv product; entry/exit weights.
-//   C. warp w: dk^T rows [16w, +16) = dS v^T diag(w_exit) + q^T P2   (dS from registers)
-//              dv^T rows [16w, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
-//              dS = exp(G_last) dS + scale q^T diag(w_entry) dO
-//      k . dk per token (fp32, before rounding) -> per-warp partial sums.
+//      every warp writes its part of dS (16-bit) to shared memory; entry/exit weights.
+//   C. warp (r, hc), for the token blocks {hc, 3 - hc} (balanced causal work):
+//              dk^T rows [16r, +16) = dS v^T diag(w_exit) + q^T P2   (dS from smem)
+//              dv^T rows [16r, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
+//      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO;
+//      k . dk per token (fp32, before rounding) -> per-row-block partial sums.
 //   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
@@ -26,12 +30,15 @@ struct DkdvLayout {
   static constexpr int kW = kDs + D * TcTile<D>::LD * 2;
   static constexpr int kRed = kW + 2 * 64 * 4;
   static constexpr int kBytes = kRed + (D / 16) * 64 * 4;
+  static constexpr int NW = D / 8;  // warps
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
+__global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
   using L = DkdvLayout<D>;
-  constexpr int NW = D / 16;
+  constexpr int NW = L::NW;
+  constexpr int NR = D / 16;  // row blocks
+  constexpr int HC = D / 2;   // dS columns per warp
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -47,6 +54,7 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
 
   const Geom& g = args.g;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = warp % NR, hc = warp / NR;
   const int seg = blockIdx.x % g.nseg;
   const int64_t bh = blockIdx.x / g.nseg;
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
@@ -55,18 +63,19 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
   const int dk = args.dk, dv = args.dv;
   const bool has_dg = args.dg != nullptr;
 
-  // Gradient of the state leaving the segment, [dk][dv].
-  float Ds[D / 8][4];
+  // Gradient of the state leaving the segment, [dk][dv]: rows [16r, +16) x
+  // columns [hc D/2, +D/2).
+  float Ds[HC / 8][4];
   {
     const float* E = args.dstate != nullptr
                          ? args.dstate + bh * args.dstate_bh + seg * args.dstate_seg
                          : nullptr;
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
+    for (int j = 0; j < HC / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * warp + (lane >> 2) + 8 * (e >> 1);
-        const int jj = 8 * j + 2 * (lane & 3) + (e & 1);
+        const int i = 16 * r + (lane >> 2) + 8 * (e >> 1);
+        const int jj = hc * HC + 8 * j + 2 * (lane & 3) + (e & 1);
         Ds[j][e] = (E != nullptr && i < dk && jj < dv) ? E[i * dv + jj] : 0.f;
       }
     }
@@ -99,8 +108,10 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
   };
 
   float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;
-  const bool krows = 16 * warp < dk;
-  const bool vrows = 16 * warp < dv;
+  const bool krows = 16 * r < dk;
+  const bool vrows = 16 * r < dv;
+  // This warp's two 16-token output blocks: {hc, 3 - hc} (equal causal work).
+  const int tb[2] = {hc, 3 - hc};
 
   if (c_begin < c_end) load(c_end - 1, 0);
   for (int c = c_end - 1; c >= c_begin; --c) {
@@ -125,15 +136,15 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
       entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
       extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
     }
-    tc_scores<T, D>(Qs, Ks, ms, args.scale, P1s, warp, lane);
-    tc_scores<T, D>(Os, Vs, ms, args.scale, P2s, warp, lane);
-    {  // every warp writes its rows (zeros past dk), so the dv product may read all D rows
+    tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, P1s, warp, lane);
+    tc_scores<T, D, NW>(Os, Vs, ms, args.scale, P2s, warp, lane);
+    {  // every warp writes its part (zeros past dk): the products may read all D rows
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
+      for (int j = 0; j < HC / 8; ++j) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int i = 16 * warp + (lane >> 2) + 8 * hf;
-          const int jj = 8 * j + 2 * (lane & 3);
+          const int i = 16 * r + (lane >> 2) + 8 * hf;
+          const int jj = hc * HC + 8 * j + 2 * (lane & 3);
           *reinterpret_cast<uint32_t*>(Dsm + i * LD + jj) =
               pack2<T>(Ds[j][2 * hf], Ds[j][2 * hf + 1]);
         }
@@ -143,62 +154,64 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
 
     // ---- C -----------------------------------------------------------------------
     uint32_t qf[4][4];
-    if (krows) {
-      // dk^T rows [16w, +16): dS v^T (exit-weighted) + q^T P2
-      float acc[8][4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+    for (int kk = 0; kk < 4; ++kk) ldsm_x4_t(qf[kk], Qs + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
+    if (krows) {
+      // dk^T rows [16r, +16), token blocks tb: dS v^T (exit-weighted) + q^T P2
+      float acc[4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
-        a[0] = pack2<T>(Ds[2 * kk][0], Ds[2 * kk][1]);
-        a[1] = pack2<T>(Ds[2 * kk][2], Ds[2 * kk][3]);
-        a[2] = pack2<T>(Ds[2 * kk + 1][0], Ds[2 * kk + 1][1]);
-        a[3] = pack2<T>(Ds[2 * kk + 1][2], Ds[2 * kk + 1][3]);
-        uint32_t bb[4][4];
+        ldsm_x4(a, Dsm + frag_a_rowmajor(lane, 16 * r, 16 * kk, LD));
+        uint32_t bb[2][4];
 #pragma unroll
-        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Vs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+        for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Vs + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          mma16816<T>(acc[2 * np], a, bb[np][0], bb[np][1]);
-          mma16816<T>(acc[2 * np + 1], a, bb[np][2], bb[np][3]);
+        for (int i = 0; i < 2; ++i) {
+          mma16816<T>(acc[2 * i], a, bb[i][0], bb[i][1]);
+          mma16816<T>(acc[2 * i + 1], a, bb[i][2], bb[i][3]);
         }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int y = 8 * j + 2 * (lane & 3);
+      for (int j = 0; j < 4; ++j) {
+        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
         const float e0 = extw[y], e1 = extw[y + 1];
         acc[j][0] *= e0;
         acc[j][1] *= e1;
         acc[j][2] *= e0;
         acc[j][3] *= e1;
       }
+      // key block tb gets the queries of blocks >= tb
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        ldsm_x4_t(qf[kk], Qs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
 #pragma unroll
-        for (int np = 0; np <= kk; ++np) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * np, kLdP));
-          mma16816<T>(acc[2 * np], qf[kk], bb[0], bb[1]);
-          mma16816<T>(acc[2 * np + 1], qf[kk], bb[2], bb[3]);
+        for (int i = 0; i < 2; ++i) {
+          if (tb[i] <= kk) {
+            uint32_t bb[4];
+            ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+            mma16816<T>(acc[2 * i], qf[kk], bb[0], bb[1]);
+            mma16816<T>(acc[2 * i + 1], qf[kk], bb[2], bb[3]);
+          }
         }
       }
       // k . dk partials and the dk store
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 4; ++j) {
+        const int jt = 2 * tb[j >> 1] + (j & 1);  // n8 tile of the chunk's 64 tokens
         float part0 = 0.f, part1 = 0.f;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int d = 16 * warp + (lane >> 2) + 8 * hf;
-          const int y = 8 * j + 2 * (lane & 3);
+          const int d = 16 * r + (lane >> 2) + 8 * hf;
+          const int y = 8 * jt + 2 * (lane & 3);
           part0 += acc[j][2 * hf] * to_float<T>(Ks[y * LD + d]);
           part1 += acc[j][2 * hf + 1] * to_float<T>(Ks[(y + 1) * LD + d]);
           const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-          const int yt = 8 * j + (lane >> 2);
-          const int dt = 16 * warp + 8 * hf + 2 * (lane & 3);
+          const int yt = 8 * jt + (lane >> 2);
+          const int dt = 16 * r + 8 * hf + 2 * (lane & 3);
           if (full || (yt < nvalid && dt < dk))
             *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
         }
@@ -209,35 +222,35 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
             part1 += __shfl_xor_sync(0xffffffffu, part1, o);
           }
           if (lane < 4) {
-            red[warp * 64 + 8 * j + 2 * lane] = part0;
-            red[warp * 64 + 8 * j + 2 * lane + 1] = part1;
+            red[r * 64 + 8 * jt + 2 * lane] = part0;
+            red[r * 64 + 8 * jt + 2 * lane + 1] = part1;
           }
         }
       }
     }
     if (vrows) {
-      // dv^T rows [16w, +16): dS^T k^T (exit-weighted) + dO^T P1
-      float acc[8][4];
+      // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
+      float acc[4][4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
-        ldsm_x4_t(a, Dsm + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
-        uint32_t bb[4][4];
+        ldsm_x4_t(a, Dsm + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
+        uint32_t bb[2][4];
 #pragma unroll
-        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Ks + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+        for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Ks + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          mma16816<T>(acc[2 * np], a, bb[np][0], bb[np][1]);
-          mma16816<T>(acc[2 * np + 1], a, bb[np][2], bb[np][3]);
+        for (int i = 0; i < 2; ++i) {
+          mma16816<T>(acc[2 * i], a, bb[i][0], bb[i][1]);
+          mma16816<T>(acc[2 * i + 1], a, bb[i][2], bb[i][3]);
         }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int y = 8 * j + 2 * (lane & 3);
+      for (int j = 0; j < 4; ++j) {
+        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
         const float e0 = extw[y], e1 = extw[y + 1];
         acc[j][0] *= e0;
         acc[j][1] *= e1;
@@ -247,31 +260,34 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];
-        ldsm_x4_t(a, Os + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+        ldsm_x4_t(a, Os + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
 #pragma unroll
-        for (int np = 0; np <= kk; ++np) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * np, kLdP));
-          mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
-          mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+        for (int i = 0; i < 2; ++i) {
+          if (tb[i] <= kk) {
+            uint32_t bb[4];
+            ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+            mma16816<T>(acc[2 * i], a, bb[0], bb[1]);
+            mma16816<T>(acc[2 * i + 1], a, bb[2], bb[3]);
+          }
         }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 4; ++j) {
+        const int jt = 2 * tb[j >> 1] + (j & 1);
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-          const int yt = 8 * j + (lane >> 2);
-          const int dt = 16 * warp + 8 * hf + 2 * (lane & 3);
+          const int yt = 8 * jt + (lane >> 2);
+          const int dt = 16 * r + 8 * hf + 2 * (lane & 3);
           if (full || (yt < nvalid && dt < dv))
             *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
         }
       }
     }
     if (krows) {
-      // dS = exp(G_last) dS + scale q^T diag(w_entry) dO
+      // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j)
+      for (int j = 0; j < HC / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) Ds[j][e] *= through;
 #pragma unroll
@@ -284,9 +300,9 @@ __global__ void __launch_bounds__(2 * D, 1) tc_dkdv_kernel(DkdvArgs args) {
         a[2] = scale2<T>(qf[kk][2], w2, w3);
         a[3] = scale2<T>(qf[kk][3], w2, w3);
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
+        for (int np = 0; np < HC / 16; ++np) {
           uint32_t bb[4];
-          ldsm_x4_t(bb, Os + frag_b_kn(lane, 16 * kk, 16 * np, LD));
+          ldsm_x4_t(bb, Os + frag_b_kn(lane, 16 * kk, hc * HC + 16 * np, LD));
           mma16816<T>(Ds[2 * np], a, bb[0], bb[1]);
           mma16816<T>(Ds[2 * np + 1], a, bb[2], bb[3]);
         }
@@ -326,7 +342,7 @@ void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
   auto k = tc_dkdv_kernel<T, D>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
 }
 

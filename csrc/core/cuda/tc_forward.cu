@@ -2,14 +2,18 @@
 // (b, h, segment), D/16 warps, walking the segment's 64-token chunks in order with
 // the running state S_a^T (dv x da, fp32) in mma accumulators; warp w owns its
 // rows [16w, 16w + 16), i.e. output dims [16w, 16w + 16). Per chunk:
-//   A. P = W o (qa ka^T)  (64 x 64, decay/document mask W applied in registers,
-//      stored as 16-bit in shared memory); entry/exit weights to shared memory.
+//   A. P = scale W o (qa ka^T)  (64 x 64, decay/document mask W applied in
+//      registers, stored as 16-bit in shared memory); entry weights (times scale)
+//      and exit weights to shared memory.
 //   C. per warp, out^T = diag-scaled S_a^T qa^T (inter) + va^T P^T (intra), both
 //      reductions complete inside the warp; the accumulators are transposed with
 //      movmatrix and stored as 4-byte pairs; then S_a^T = exp(G_last) S_a^T +
 //      va^T diag(w_exit) ka, reusing the va^T fragments of the intra product.
 // Modes: kFwd (o), kDq (dq with (dO, v, k), plus q.dq per token), kPrefix
 // (o += scale w_entry qa^T P, the LASP-2 prefix term).
+// (A layout with twice the warps, each holding half a row block of the state and
+// reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
+// 0.648 ms per output pass; see docs/kernels.md.)
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -121,14 +125,14 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
 
-    if (tid < 64) {
+    if (tid < 64) {  // scale folded into the entry weights and P: outputs need no multiply
       const float G = ms[2 * tid], s = ms[2 * tid + 1];
-      entw[tid] = s == 0.f ? __expf(G) : 0.f;
+      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
       if (!kPrefix) extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
     }
 
-    // ---- A: P = W o (qa ka^T) -------------------------------------------------
-    if (!kPrefix) tc_scores<T, D>(Qs, Ks, ms, 1.f, Ps, warp, lane);
+    // ---- A: P = scale W o (qa ka^T) -------------------------------------------
+    if (!kPrefix) tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     __syncthreads();
 
     // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
@@ -179,9 +183,8 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
           }
         }
       }
-      const float scale = args.scale;
       if (kPrefix) {
-        // out += scale * o, element-wise in the accumulator layout (one rounding)
+        // out += o (scale is in entw), element-wise in the accumulator layout
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
             const int y = 8 * j + 2 * (lane & 3) + (e & 1);
             if (y < nvalid && d < dv) {
               T* p = out_b + (t0 + y) * args.out.st + d;
-              *p = from_float<T>(to_float<T>(*p) + scale * o[j][e]);
+              *p = from_float<T>(to_float<T>(*p) + o[j][e]);
             }
           }
         }
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const float v0 = scale * o[j][2 * hf], v1 = scale * o[j][2 * hf + 1];
+            const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
             if (kDq) {
               const int d = 16 * warp + (lane >> 2) + 8 * hf;
               const int y = 8 * j + 2 * (lane & 3);

@@ -2,12 +2,14 @@
 // One block per (b, h, segment, block of DB = 64 state columns), D/16 warps; warp
 // w owns rows [16w, 16w + 16) x the block's 64 columns of the da x db state, held
 // in mma accumulators (32 per thread) for the whole segment, so that two blocks
-// fit on an SM. Each 64-token chunk arrives by cp.async one chunk ahead (double
-// buffer), then
+// fit on an SM. Each 64-token chunk arrives by cp.async two chunks ahead (three
+// stages: the kernel streams two tensors with little math per byte, so it needs
+// many bytes in flight), then
 //   exit mode:  M = exp(G_last) M + A^T diag(w_exit) B
 //   entry mode: M += coef * carry * A^T diag(w_entry) B,  carry *= exp(G_last)
 // with A^T fragments read transposed from the [token][dim] tile (ldmatrix.trans)
-// and scaled per token in registers.
+// and scaled per token in registers. The per-token weights come precomputed
+// from the meta kernel (MetaArgs::wmeta): no exponentials here.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -16,13 +18,15 @@ namespace {
 
 constexpr int kStateDB = 64;  // state columns per block
 
+constexpr int kStateStages = 3;
+
 template <int D>
 struct StateLayout {
   static constexpr int kA = TcTile<D>::kBytes;         // [64][D + 8]
   static constexpr int kB = TcTile<kStateDB>::kBytes;  // [64][64 + 8]
   static constexpr int kStage = kA + kB;
-  static constexpr int kMeta = 2 * kStage;             // [2][128] floats
-  static constexpr int kBytes = kMeta + 2 * 128 * 4;
+  static constexpr int kMeta = kStateStages * kStage;  // [stages][64][2] floats: weights
+  static constexpr int kBytes = kMeta + kStateStages * 128 * 4;
 };
 
 template <typename T, int D, bool ENTRY>
@@ -50,16 +54,21 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
   const T* abase = head_base<T>(args.a, b, h, g.begin);
   const T* bbase = head_base<T>(args.b, b, h, g.begin) + col0;
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* wmeta = args.wmeta + bh * g.nchunks * kChunk * 2;
   if (col0 >= args.db) return;  // (uniform) no columns for this block
 
+  // Copies chunk c into `stage` when c < c_end; commits a group either way, so
+  // that "all but the newest group complete" always means "chunk c arrived".
   auto load = [&](int c, int stage) {
-    const int nvalid = min(kChunk, g.n - c * kChunk);
-    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
-    load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da, tid);
-    load_tile<T, DB, NTHREADS>(tile_b(stage), bbase + t0 * args.b.st, args.b.st, nvalid,
-                               args.db - col0, tid);
-    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+    if (c < c_end) {
+      const int nvalid = min(kChunk, g.n - c * kChunk);
+      const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+      load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da,
+                                tid);
+      load_tile<T, DB, NTHREADS>(tile_b(stage), bbase + t0 * args.b.st, args.b.st, nvalid,
+                                 args.db - col0, tid);
+      if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, wmeta + c * 128 + tid * 4, true);
+    }
     cp_async_commit();
   };
 
@@ -71,17 +80,17 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   float carry = args.coef;
   const bool active = 16 * warp < args.da;
 
-  if (c_begin < c_end) load(c_begin, 0);
+  load(c_begin, 0);
+  load(c_begin + 1, 1);
+  int stage = 0;
   for (int c = c_begin; c < c_end; ++c) {
-    const int stage = (c - c_begin) & 1;
-    cp_async_wait_all();
-    __syncthreads();
-    if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    cp_async_wait_group1();  // chunk c arrived (only chunk c + 1 may be pending)
+    __syncthreads();         // ... for every thread; and the stage of c - 1 is free
+    load(c + 2, stage == 0 ? 2 : stage - 1);
     const T* ta = tile_a(stage);
     const T* tb = tile_b(stage);
-    const float* ms = meta_s + stage * 128;
-    const float Gl = ms[126], sl = ms[127];
-    const float through = sl == 0.f ? __expf(Gl) : 0.f;
+    const float* ws = meta_s + stage * 128;  // {w_entry, w_exit} per token
+    const float through = ws[2 * 63];        // w_entry of the last token = exp(G_last) or 0
     if (active) {
       if (!ENTRY) {
 #pragma unroll
@@ -94,13 +103,19 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
         uint32_t a[4];
         ldsm_x4_t(a, ta + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
         const int y0 = 16 * kk + 2 * (lane & 3);
+        const float4 wl = *reinterpret_cast<const float4*>(ws + 2 * y0);        // tokens y0, y0 + 1
+        const float4 wh = *reinterpret_cast<const float4*>(ws + 2 * (y0 + 8));  // y0 + 8, y0 + 9
         float w[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int y = y0 + (e & 1) + 8 * (e >> 1);
-          const float G = ms[2 * y], s = ms[2 * y + 1];
-          if (ENTRY) w[e] = s == 0.f ? carry * __expf(G) : 0.f;
-          else w[e] = s == sl ? __expf(Gl - G) : 0.f;
+        if (ENTRY) {
+          w[0] = carry * wl.x;
+          w[1] = carry * wl.z;
+          w[2] = carry * wh.x;
+          w[3] = carry * wh.z;
+        } else {
+          w[0] = wl.y;
+          w[1] = wl.w;
+          w[2] = wh.y;
+          w[3] = wh.w;
         }
         a[0] = scale2<T>(a[0], w[0], w[1]);
         a[1] = scale2<T>(a[1], w[0], w[1]);
@@ -119,6 +134,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
       carry *= through;
       if (carry == 0.f) break;  // a document start: later tokens never see the entering state
     }
+    stage = stage == 2 ? 0 : stage + 1;
   }
   cp_async_wait_all();
 

@@ -42,17 +42,18 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
 
 // P = scale * W o (A B^T) for one 64-token chunk (A, B: [token][dim] tiles whose
 // columns past the head dim are zero), W the causal decay/document mask from the chunk's meta;
-// written as 16-bit values to Ps [64][kLdP]. Warp w (of D/16) computes rows
+// written as 16-bit values to Ps [64][kLdP]. Warp w (of NW = 4, 8 or 16) computes rows
 // [16 (w % 4), +16) x an n-range of 64 / (NW / 4) columns; 16 x 16 key blocks
 // above the diagonal are skipped and left unwritten (no consumer reads them).
-template <typename T, int D>
+template <typename T, int D, int NW>
 __device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms,
                                           float scale, T* Ps, int warp, int lane) {
-  constexpr int NW = D / 16;
+  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
   constexpr int LD = TcTile<D>::LD;
-  constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8 (D = 64) or 4 (D = 128)
+  constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
   const int mt = warp & 3;
   const int nt0 = (warp >> 2) * NPW;
+  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
   float acc[NPW][4];
 #pragma unroll
   for (int j = 0; j < NPW; ++j)

@@ -298,6 +298,28 @@ std::vector<OpCase> op_cases() {
                  (c.docs.empty() ? "" : "_docs");
         cases.push_back(c);
       }
+  {  // longer forced segments: the 3-stage copy pipeline of the segment-state
+     // kernel wraps around its stages; documents stop the entry-state walk early
+    OpCase c;
+    c.name = "bf16_gate_D128_seg5_docs";
+    c.dk = c.dv = 128;
+    c.docs = docs;
+    c.seg_chunks = 5;
+    cases.push_back(c);
+    c.name = "fp16_fixed_D64_seg7";
+    c.dtype = ScalarType::kFloat16;
+    c.mode = DecayMode::kFixed;
+    c.dk = c.dv = 64;
+    c.docs = {};
+    c.seg_chunks = 7;
+    cases.push_back(c);
+    c.name = "bf16_none_D128_seg3";
+    c.dtype = ScalarType::kBFloat16;
+    c.mode = DecayMode::kNone;
+    c.dk = c.dv = 128;
+    c.seg_chunks = 3;
+    cases.push_back(c);
+  }
   {  // 4096 + 13 tokens, the backend's own segmentation
     OpCase c;
     c.name = "bf16_gate_D128_T4109_auto";
