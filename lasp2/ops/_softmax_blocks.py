@@ -14,7 +14,7 @@ GQA; results in the accumulation dtype, float32, or float64 for float64 inputs):
            ``_scaled_dot_product_flash_attention_for_cpu`` on CPU (exact in float64)
            and the flash kernel ``_scaled_dot_product_flash_attention`` on CUDA
            (float16/bfloat16, head dim a multiple of 8, <= 256); both need equal
-           q/k/v head dims.
+           q/k/v head dims. GQA: native on CPU, K/V heads repeated on CUDA.
   "plain": explicit matrix products with float32 (float64) accumulation. Used where
            no fused kernel applies (CUDA float32/float64, odd head dims) and as a
            readable statement of the math.
@@ -37,12 +37,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def resolve_backend(backend: str, q: torch.Tensor, v_head_dim: int) -> str:
     """The backend a call with these inputs uses ("auto" picks sdpa where it applies)."""
-    if backend == "plain":
-        return "plain"
-    fused_ok = _fused_supported(q, v_head_dim)
-    if backend == "sdpa" and not fused_ok:
-        return "plain"  # documented: sdpa means "fused where supported"
-    if fused_ok and (q.device.type, q.dtype) not in _FUSED_FAILED:
+    # "sdpa" and "auto" both mean: the fused kernel where it applies, else "plain"
+    if backend != "plain" and _fused_supported(q, v_head_dim) and (q.device.type, q.dtype) not in _FUSED_FAILED:
         return "sdpa"
     return "plain"
 
@@ -68,7 +64,8 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _fold_heads(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, H, S, D] -> [B, S, Hkv, D], summing over each query group (GQA backward)."""
+    """[B, H, S, D] -> [B, S, Hkv, D], summing over each query group (GQA backward);
+    [B, Hkv, S, D] (a kernel with native GQA) is only transposed."""
     b, h, s, d = dx.shape
     dx = dx.transpose(1, 2)
     if h != kv_heads:
@@ -119,10 +116,20 @@ def _plain_backward(do, q, k, v, o, lse, scale, causal, aux):
 # --------------------------------------------------------------------------- fused
 
 
+def _on_cpu(x: torch.Tensor) -> bool:
+    """Which fused kernel family serves x (a seam for tests of the CUDA branch's plumbing)."""
+    return x.device.type == "cpu"
+
+
+def _kv_heads_for_kernel(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # the CPU kernel takes fewer K/V heads (GQA) natively; on CUDA they are repeated
+    return x.transpose(1, 2) if _on_cpu(x) else _expand_heads(x, heads)
+
+
 def _fused_forward(q, k, v, scale, causal):
     h = q.shape[2]
-    qh, kh, vh = q.transpose(1, 2), _expand_heads(k, h), _expand_heads(v, h)
-    if q.device.type == "cpu":
+    qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
+    if _on_cpu(q):
         o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
         aux = None
     else:
@@ -135,9 +142,9 @@ def _fused_forward(q, k, v, scale, causal):
 
 def _fused_backward(do, q, k, v, o, lse, scale, causal, aux):
     h, hkv = q.shape[2], k.shape[2]
-    qh, kh, vh = q.transpose(1, 2), _expand_heads(k, h), _expand_heads(v, h)
+    qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
     doh, oh = do.transpose(1, 2), o.transpose(1, 2)
-    if q.device.type == "cpu":
+    if _on_cpu(q):
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             doh, qh, kh, vh, oh, lse, 0.0, causal, scale=scale)
@@ -169,7 +176,7 @@ def block_forward(backend: str, q, k, v, scale: float, causal: bool):
 
 def block_backward(backend: str, do, q, k, v, o, lse, scale: float, causal: bool, aux):
     """(dq, dk, dv) of one block, given the *merged* output o and LSE of its query rows."""
-    if backend == "sdpa" and (aux is not None or q.device.type == "cpu"):
+    if backend == "sdpa" and (aux is not None or _on_cpu(q)):
         return _fused_backward(do, q, k, v, o, lse, scale, causal, aux)
     return _plain_backward(do, q, k, v, o, lse, scale, causal, aux)
 

@@ -149,3 +149,36 @@ def test_plan_with_documents_never_crosses_a_boundary():
     blocks = plan_blocks(8, 1, 2, 1, True, [0, 10, 11, 16])
     assert blocks == [Block(0, 2, 8, 10, True), Block(2, 3, 10, 11, True), Block(3, 8, 11, 16, True),
                       Block(0, 2, 0, 8, False)]
+
+
+def test_cuda_kernel_plumbing_with_a_stand_in(monkeypatch):
+    """The CUDA branch (flash op signatures, K/V heads repeated for GQA, float32 LSE,
+    forward state handed to backward) driven on CPU by a stand-in flash kernel."""
+    from types import SimpleNamespace
+
+    from lasp2.ops import _softmax_blocks as K
+
+    aten, calls = torch.ops.aten, []
+
+    def flash(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert q.shape[1] == k.shape[1] == v.shape[1], "K/V heads must be repeated for the CUDA kernel"
+        assert all(x.is_contiguous() for x in (q, k, v)) and dropout_p == 0.0 and not return_debug_mask
+        o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+        calls.append("fwd")
+        e = torch.empty(0)
+        return o, lse, e, e, q.shape[2], k.shape[2], torch.tensor([7, 0]), e, e
+
+    def flash_backward(do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, seed, offset, *, scale):
+        assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3]
+        assert (max_q, max_k) == (q.shape[2], k.shape[2]) and seed.tolist() == [7, 0] and dropout_p == 0.0
+        calls.append("bwd")
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, 0.0, is_causal, scale=scale)
+
+    monkeypatch.setattr(K, "_aten", SimpleNamespace(_scaled_dot_product_flash_attention=flash,
+                                                    _scaled_dot_product_flash_attention_backward=flash_backward))
+    monkeypatch.setattr(K, "_on_cpu", lambda x: False)
+    q, k, v, do = inputs(B=1, dtype=torch.float32)
+    errors = run_and_ref(q, k, v, do, cu_seqlens=torch.tensor([0, 3, 4, 9, 13]), backend="sdpa")
+    assert max(errors) < 1e-5, errors
+    assert calls.count("fwd") == calls.count("bwd") > 0

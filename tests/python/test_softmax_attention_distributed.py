@@ -97,8 +97,36 @@ def check_rank(rank, world):
         for name, got, want, want_ref in zip(["dq", "dk", "dv"], grads, grads_full, grads_ref):
             assert_rel(got, local(want), tol, f"{where}: {name} vs single process")
             assert_rel(got, local(want_ref), tol, f"{where}: {name} vs float64 reference")
+    check_one_collective_each_way(rank, world, group)
     if world == 2:  # in the same processes, to spare a second start-up
         check_mismatch(rank, world)
+
+
+def check_one_collective_each_way(rank, world, group):
+    """Forward issues exactly one (async) AllGather, backward one (async) reduce-scatter."""
+    import lasp2.ops.softmax_attention as sa
+
+    calls = []
+    originals = sa._all_gather_single, sa._reduce_scatter_single
+
+    def spy(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append((name, kwargs.get("async_op", False)))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    sa._all_gather_single = spy("all_gather", originals[0])
+    sa._reduce_scatter_single = spy("reduce_scatter", originals[1])
+    try:
+        q, k, v, do, cu = global_inputs(world, True, torch.float64, 2, seed=7)
+        local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1).requires_grad_()
+        leaves = [local(x) for x in (q, k, v)]
+        o = lasp2.softmax_attention(*leaves, group=group, split="balanced", cu_seqlens=cu)
+        assert calls == [("all_gather", True)], calls
+        torch.autograd.grad(o, leaves, local(do))
+        assert calls == [("all_gather", True), ("reduce_scatter", True)], calls
+    finally:
+        sa._all_gather_single, sa._reduce_scatter_single = originals
 
 
 def assert_rel(got, want, tol, what):
