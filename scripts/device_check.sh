@@ -1,47 +1,103 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the CUDA extension, run the GPU tests (and the
-# multi-GPU ones when several GPUs are present), the single-GPU example and the
-# kernel benchmark. Logs and results go to $OUT; a summary is printed last.
-#   bash scripts/device_check.sh [build] [tests] [example] [bench]   (default: all)
+# One call on a GPU machine (1 or more GPUs): build the CUDA extension, run the GPU
+# tests (and the multi-GPU ones when several GPUs are present), the examples, the
+# kernel benchmark and the sequence-parallel benchmarks. Everything is logged under
+# /tmp/lasp2_logs (packed into $OUT/logs.tgz); the plots and a summary go to $OUT.
+#   bash scripts/device_check.sh [build] [tests] [examples] [bench] [maxlen] [sp]   (default: all)
 # Optional wheels (e.g. flash-linear-attention's fla-core) are taken from .whl/.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lasp2_out}
-mkdir -p "$OUT"
-STAGES=" ${*:-build tests example bench} "
+LOGS=/tmp/lasp2_logs
+RES=/tmp/lasp2_results
+mkdir -p "$OUT" "$LOGS" "$RES"
+STAGES=" ${*:-build tests examples bench maxlen sp} "
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 T0=$(date +%s)
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} LASP2_CUDA_ARCHS=${LASP2_CUDA_ARCHS:-90} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+keep() { tee -a "$OUT/summary.txt"; }
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} LASP2_CUDA_ARCHS=${LASP2_CUDA_ARCHS:-90}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 NGPU=$(nvidia-smi -L | wc -l)
+say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sort | uniq -c | tr -s ' ')"
 
 if has build; then
-  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-  echo "build done after $(( $(date +%s) - T0 )) s"
+  python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
+  say "built the CUDA extension"
 fi
-python3 -c "import lasp2; assert lasp2.has_cuda_kernels(); print('lasp2 CUDA build OK; NCCL communicator:', lasp2._extension._C.has_nccl_communicator())"
+python3 -c "import lasp2; assert lasp2.has_cuda_kernels(); print('lasp2 CUDA build; NCCL communicator:', lasp2._extension._C.has_nccl_communicator())" 2>&1 | keep
 
 if has tests; then
   MARK="gpu"
   [ "$NGPU" -ge 2 ] && MARK="gpu or multigpu"
-  timeout 400 python3 -m pytest tests/python -m "$MARK" -q -p no:cacheprovider -x > "$OUT/pytest_gpu.log" 2>&1
-  echo "pytest ($MARK) exit $? after $(( $(date +%s) - T0 )) s: $(tail -n 1 "$OUT/pytest_gpu.log")"
+  timeout 300 python3 -m pytest tests/python -m "$MARK" -q -p no:cacheprovider > "$LOGS/pytest_gpu.log" 2>&1
+  say "pytest -m '$MARK' (exit $?): $(tail -n 1 "$LOGS/pytest_gpu.log")"
+  grep -E "^(FAILED|ERROR)" "$LOGS/pytest_gpu.log" | head -20 | keep
 fi
 
-if has example; then
+if has examples; then
   timeout 120 torchrun --standalone --nproc_per_node "$NGPU" examples/sp_linear_attention.py --device cuda \
-    --seq-len 65536 --hidden 1024 --heads 8 > "$OUT/example.log" 2>&1
-  grep -E "lasp2 example|relative error|forward\+backward" "$OUT/example.log"
+    --seq-len 65536 --hidden 1024 --heads 8 --split balanced > "$LOGS/example.log" 2>&1
+  grep -E "lasp2 example|relative error|forward\+backward" "$LOGS/example.log" | keep
+  timeout 120 torchrun --standalone --nproc_per_node "$NGPU" examples/hybrid_block.py --device cuda \
+    --dtype bfloat16 --seq-len 8192 --hidden 512 --heads 8 > "$LOGS/hybrid.log" 2>&1
+  say "hybrid example (exit $?): $(grep -iE "error|ok|mismatch" "$LOGS/hybrid.log" | tail -n 3 | tr '\n' ' ')"
 fi
 
 if has bench; then
-  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$OUT" > "$OUT/bench.log" 2>&1
-  echo "bench done after $(( $(date +%s) - T0 )) s"
-  grep -vE "^\s*$" "$OUT/bench.log" | tail -n 40
+  timeout 240 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
+  say "kernel benchmark (exit $?)"
+  grep -vE "^\s*$" "$LOGS/bench.log" | grep -v "^# plot" | keep
+  cp "$RES/bench_linear_attention.png" "$OUT/" 2>/dev/null
 fi
-echo "== $(cat "$OUT/gpu.txt"); $(( $(date +%s) - T0 )) s"
+
+if has maxlen; then
+  timeout 150 python3 - <<'PY' 2>&1 | keep
+import torch, torch.nn.functional as F, lasp2
+H, D = 16, 128
+for T in (262144, 524288, 1048576, 2097152):
+    try:
+        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = (F.logsigmoid(torch.randn(1, T, H, device="cuda")) / 16).requires_grad_()
+        o = lasp2.linear_attention(q, k, v, g=g)
+        torch.autograd.grad(o, (q, k, v, g), torch.ones_like(o))
+        torch.cuda.synchronize()
+        inputs = 3 * T * H * D * 2 + T * H * 4
+        print(f"maxlen: T={T} fwd+bwd OK, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+              f"({torch.cuda.max_memory_allocated() / inputs:.2f}x the q,k,v,g bytes)")
+        del q, k, v, g, o
+    except torch.cuda.OutOfMemoryError:
+        print(f"maxlen: T={T} out of memory"); break
+PY
+fi
+
+if has sp && [ "$NGPU" -ge 2 ]; then
+  rm -f "$RES/sp_scaling.json"
+  for P in $(seq 1 "$NGPU"); do
+    [ "$P" -eq 1 ] || [ "$P" -eq 2 ] || [ "$P" -eq 4 ] || [ "$P" -eq 8 ] || continue
+    for MODE in weak strong; do
+      timeout 90 torchrun --standalone --nproc_per_node "$P" benchmarks/bench_sp_scaling.py --device cuda \
+        --mode "$MODE" --tokens-per-rank 65536 --global-tokens 262144 --results "$RES/sp_scaling.json" \
+        >> "$LOGS/sp_scaling.log" 2>&1
+    done
+    timeout 150 torchrun --standalone --nproc_per_node "$P" benchmarks/sp_providers.py --device cuda \
+      --tokens 4096,16384,65536 --iters 5 --out-dir "$RES/providers" >> "$LOGS/sp_providers.log" 2>&1
+  done
+  python3 benchmarks/bench_sp_scaling.py --report --results "$RES/sp_scaling.json" 2>&1 | keep
+  cp "$RES/sp_scaling.png" "$OUT/" 2>/dev/null
+  python3 benchmarks/sp_providers.py --report --out-dir "$RES/providers" 2>&1 | tail -n 30 | keep
+  cp "$RES/providers/sp_providers.png" "$OUT/" 2>/dev/null
+  timeout 150 python3 benchmarks/sp_softmax_attention.py --device cuda --seq-len 32768 --heads 32 --kv-heads 8 \
+    --head-dim 128 --dtype bfloat16 --worlds "1,$NGPU" --out-dir "$RES/lasp2h" > "$LOGS/lasp2h_bench.log" 2>&1
+  say "LASP-2H benchmark (exit $?)"
+  tail -n 12 "$LOGS/lasp2h_bench.log" | keep
+  cp "$RES/lasp2h/lasp2h_bench.png" "$OUT/" 2>/dev/null
+fi
+tar czf "$OUT/logs.tgz" -C /tmp lasp2_logs lasp2_results 2>/dev/null
+say "done"
