@@ -1,0 +1,182 @@
+"""A drop-in core linear attention for Linear-MoE (OpenSparseLLMs/Linear-MoE).
+
+Linear-MoE's outer `LinearAttention` builds its core module as
+`build_module(submodules.core_linear_attention, config=config, expand_k=..., expand_v=...)`
+and calls it as `core(q=q, k=k, v=v[, gk=gk])` with q, k, v [n, b, h, d] (its
+LightningAttention, GLA, BasicLinearAttention, LASP2 modules). `Lasp2LinearAttention`
+has that constructor and forward, so the swap is one line in a Linear-MoE layer spec:
+
+    core_linear_attention=Lasp2LinearAttention,
+
+and the sequence-parallel algorithm becomes lasp2's, over Megatron's context-parallel
+group (parallel_state.get_context_parallel_group()), split the way Megatron splits
+batches ("balanced", zig-zag) unless configured otherwise.
+
+Config fields read (all optional; Linear-MoE's names where it has one):
+  la_feature_map          None/"identity", "relu", "elu" (F.elu, as Linear-MoE's
+                          ACT2FN), "elu+1", "silu"/"swish", "sigmoid"
+  la_output_norm          "rmsnorm" (default) or "identity"
+  la_elementwise_affine   learned per-channel scale of the output norm (default True)
+  la_norm_eps             output-norm epsilon (default 1e-6)
+  gla_la_gate_logit_normalizer  g = logsigmoid(gk) / normalizer (default 16)
+  gla_la_clamp_min        optional lower clamp of g
+  lasp2_decay             "none" | "fixed" (lightning slopes of the global heads) |
+                          "gate" (default: "gate" if gates are passed, else "none")
+  lasp2_split             "balanced" (default) or "contiguous"
+  lasp2_provider          "lasp2" (default), "lasp1", "ulysses"
+  la_scale                multiplies q (default head_dim ** -0.5, as lasp2)
+
+Gates: lasp2 takes one log gate per head and token. `gk` may be per-head gate logits
+[n, b, h] or [n, b, h*1]; GLA's per-channel gates [n, b, h*d] are not supported (project
+the gates to heads). `g` may be passed as log gates [n, b, h] directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_patches._compat import check_megatron_core_version
+
+check_megatron_core_version()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+
+import lasp2  # noqa: E402
+from lasp2.nn.linear_attention import lightning_log_decay  # noqa: E402
+from megatron_patches.options import Lasp2ConfigError  # noqa: E402
+
+__all__ = ["Lasp2LinearAttention"]
+
+_FEATURE_MAPS = {
+    None: None,
+    "identity": None,
+    "relu": F.relu,
+    "elu": F.elu,
+    "elu+1": lambda x: F.elu(x) + 1.0,
+    "silu": F.silu,
+    "swish": F.silu,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def _groups():
+    """(cp group or None, tp rank, tp size) from Megatron's parallel state."""
+    if not parallel_state.model_parallel_is_initialized():
+        return None, 0, 1
+    cp = parallel_state.get_context_parallel_group()
+    cp = cp if cp.size() > 1 else None
+    return cp, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+class Lasp2LinearAttention(MegatronModule):
+    """Linear-MoE's core-linear-attention interface on lasp2 (see the module docstring)."""
+
+    def __init__(self, config, expand_k: float = 1.0, expand_v: float = 1.0, **kwargs):
+        super().__init__(config)
+        get = lambda name, default=None: kwargs.get(name, getattr(config, name, default))  # noqa: E731
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.key_dim = int(config.hidden_size * expand_k)
+        self.value_dim = int(config.hidden_size * expand_v)
+        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: key dim {self.key_dim} and value dim {self.value_dim} "
+                                   f"must be divisible by num_attention_heads {self.num_heads}")
+        self.head_qk_dim = self.key_dim // self.num_heads
+        self.head_v_dim = self.value_dim // self.num_heads
+        feature = get("la_feature_map")
+        if feature not in _FEATURE_MAPS:
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: la_feature_map must be one of "
+                                   f"{[k for k in _FEATURE_MAPS if k]}, got {feature!r}")
+        self.feature_map = _FEATURE_MAPS[feature]
+        norm = get("la_output_norm", "rmsnorm")
+        if norm not in ("rmsnorm", "identity"):
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: la_output_norm must be 'rmsnorm' or 'identity', got {norm!r}")
+        self.norm_eps = float(get("la_norm_eps", 1e-6))
+        self.use_norm = norm == "rmsnorm"
+        affine = bool(get("la_elementwise_affine", True))
+        self.norm_weight = (torch.nn.Parameter(torch.ones(self.head_v_dim, dtype=config.params_dtype))
+                            if self.use_norm and affine else None)
+        self.gate_normalizer = float(get("gla_la_gate_logit_normalizer", 16.0))
+        self.gate_clamp_min = get("gla_la_clamp_min")
+        self.split = get("lasp2_split", "balanced")
+        self.provider = get("lasp2_provider", "lasp2")
+        self.decay_mode = get("lasp2_decay")
+        if self.decay_mode not in (None, "none", "fixed", "gate"):
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: lasp2_decay must be none/fixed/gate, got {self.decay_mode!r}")
+        self.scale = get("la_scale")
+        self.chunk_size = int(get("lasp2_chunk_size", 64))
+        self.register_buffer("log_decay", None, persistent=False)
+        if self.decay_mode == "fixed":
+            _, tp_rank, tp_size = _groups()
+            if self.num_heads % tp_size:
+                raise Lasp2ConfigError(f"Lasp2LinearAttention: {self.num_heads} heads are not divisible by TP {tp_size}")
+            per = self.num_heads // tp_size
+            self.register_buffer("log_decay", lightning_log_decay(self.num_heads)[tp_rank * per:(tp_rank + 1) * per]
+                                 .float(), persistent=False)
+        _, _, tp_size = _groups()
+        if self.norm_weight is not None and tp_size > 1:
+            # One scale shared by all heads while heads are split over TP ranks: its gradient
+            # is the sum over the TP group (Megatron sums only sequence-parallel / qk-norm grads).
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            self.norm_weight.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: Optional[torch.Tensor] = None,
+                g: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, **unused) -> torch.Tensor:
+        """q, k, v [n, b, h, d] (or [t, h, d] packed, with cu_seqlens) -> [n, b, h * d_v]."""
+        if beta is not None:
+            raise Lasp2ConfigError("Lasp2LinearAttention: DeltaNet's beta is not supported by lasp2")
+        packed = q.dim() == 3
+        if packed:
+            q, k, v = (x.unsqueeze(1) for x in (q, k, v))
+            gk = gk.unsqueeze(1) if gk is not None and gk.dim() == 2 else gk
+            g = g.unsqueeze(1) if g is not None and g.dim() == 2 else g
+        n, b, h, _ = q.shape
+        if k.shape[2] != h:  # grouped keys/values: one per query head for linear attention
+            rep = h // k.shape[2]
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        if self.feature_map is not None:
+            q, k = self.feature_map(q), self.feature_map(k)
+        log_gate = self._log_gate(gk, g, n, b, h)
+        decay = self.log_decay if log_gate is None else None
+        if self.decay_mode == "gate" and log_gate is None:
+            raise Lasp2ConfigError("Lasp2LinearAttention: lasp2_decay='gate' but no gk / g was passed")
+        cp_group, _, _ = _groups()
+        o = lasp2.linear_attention(q, k, v, g=log_gate, decay=decay, scale=self.scale, group=cp_group,
+                                   layout="tbhd", split=self.split, cu_seqlens=cu_seqlens,
+                                   chunk_size=self.chunk_size, provider=self.provider)
+        if self.use_norm:
+            o32 = o.float()
+            o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+            if self.norm_weight is not None:
+                o32 = o32 * self.norm_weight.float()
+            o = o32.to(o.dtype)
+        return o.reshape(n, b, h * o.shape[-1])
+
+    def _log_gate(self, gk, g, n, b, h):
+        if gk is not None and g is not None:
+            raise Lasp2ConfigError("Lasp2LinearAttention: pass gk (gate logits) or g (log gates), not both")
+        if gk is not None:
+            if gk.dim() == 3 and gk.shape[-1] != h:
+                raise Lasp2ConfigError(
+                    f"Lasp2LinearAttention: gk has {gk.shape[-1]} channels per token; lasp2 takes one gate per "
+                    f"head ({h}), not GLA's per-channel gates [n, b, h*d]: project the gates to heads")
+            logits = gk.reshape(n, b, h)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            g = F.logsigmoid(logits) / self.gate_normalizer
+            if self.gate_clamp_min is not None:
+                g = torch.clamp_min(g, self.gate_clamp_min)
+        elif g is not None:
+            g = g.reshape(n, b, h)
+        return g
+
+
+def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)
+    return grad

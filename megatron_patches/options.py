@@ -1,0 +1,163 @@
+"""The LASP-2 settings of a Megatron model, validated once.
+
+`Lasp2Options` is what every module in this package reads. It comes from, in order:
+an explicit `Lasp2Options` passed to a spec builder (megatron-core users), or the
+parsed Megatron-LM arguments (`megatron.training.get_args()`, filled by
+`add_lasp2_args`), or the defaults below. This module does not import megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+PROVIDERS = ("lasp2", "lasp1", "ulysses", "none")
+SPLITS = ("balanced", "contiguous")
+DECAYS = ("none", "fixed", "gate")
+FEATURE_MAPS = ("identity", "elu", "relu", "silu")
+SOFTMAX_BACKENDS = ("auto", "sdpa", "plain")
+LINEAR, SOFTMAX = "L", "N"
+
+
+class Lasp2ConfigError(ValueError):
+    """A LASP-2 setting that cannot work (raised at model build time, on every rank)."""
+
+
+@dataclass(frozen=True)
+class Lasp2Options:
+    """LASP-2 / LASP-2H settings of a Megatron model.
+
+    provider: sequence-parallel algorithm of the linear-attention layers: "lasp2",
+        "lasp1" (P2P ring), "ulysses" (all-to-all over heads) or "none" (no lasp2:
+        Megatron's stock attention and its own context parallelism; every layer
+        must then be softmax attention). Softmax layers always use LASP-2H.
+    split: how the sequence is laid out over the context-parallel group:
+        "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
+        2P) or "contiguous". lasp1 and ulysses need "contiguous".
+    layer_pattern: one character per layer, "L" linear attention, "N" softmax
+        attention (e.g. "LLLN" * 6). None: every layer is linear attention.
+    decay: linear attention's decay: "none", "fixed" (per-head lightning decay) or
+        "gate" (per-token, per-head gate projected from the hidden states).
+    feature_map: applied to q and k of linear attention.
+    output_norm: per-head RMSNorm of the linear-attention output.
+    gate_logit_normalizer: g = logsigmoid(x W_g + b) / normalizer.
+    learnable_decay: train the fixed per-head decays.
+    linear_rope: apply rotary embeddings in linear-attention layers too (off by
+        default: linear attention is position-aware through its recurrence).
+    chunk_size: chunk length of lasp2's CPU kernels.
+    softmax_backend: lasp2.softmax_attention backend ("auto", "sdpa", "plain").
+    """
+
+    provider: str = "lasp2"
+    split: str = "balanced"
+    layer_pattern: Optional[str] = None
+    decay: str = "fixed"
+    feature_map: str = "identity"
+    output_norm: bool = True
+    gate_logit_normalizer: float = 16.0
+    learnable_decay: bool = False
+    linear_rope: bool = False
+    chunk_size: int = 64
+    softmax_backend: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def replace(self, **changes) -> "Lasp2Options":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, num_layers: Optional[int] = None) -> "Lasp2Options":
+        """Checks the settings (and the pattern against num_layers when given)."""
+        _choice("provider (--sp-provider)", self.provider, PROVIDERS)
+        _choice("split (--sp-split)", self.split, SPLITS)
+        _choice("decay (--linear-attention-decay)", self.decay, DECAYS)
+        _choice("feature_map (--linear-attention-feature-map)", self.feature_map, FEATURE_MAPS)
+        _choice("softmax_backend (--sp-softmax-backend)", self.softmax_backend, SOFTMAX_BACKENDS)
+        if self.provider in ("lasp1", "ulysses") and self.split != "contiguous":
+            raise Lasp2ConfigError(
+                f"provider {self.provider!r} supports split='contiguous' only, got split={self.split!r} "
+                "(use --sp-provider lasp2 for the balanced split, or --sp-split contiguous)")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise Lasp2ConfigError(f"chunk_size (--sp-chunk-size) must be a positive int, got {self.chunk_size!r}")
+        if not self.gate_logit_normalizer > 0:
+            raise Lasp2ConfigError(
+                f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
+        if self.layer_pattern is not None:
+            if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
+                raise Lasp2ConfigError(
+                    f"layer_pattern (--hybrid-layer-pattern) must be a non-empty string of 'L'/'N', "
+                    f"got {self.layer_pattern!r}")
+            bad = sorted(set(self.layer_pattern) - {LINEAR, SOFTMAX})
+            if bad:
+                raise Lasp2ConfigError(
+                    f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r} has characters {bad}; "
+                    "use 'L' (linear attention, LASP-2) and 'N' (softmax attention, LASP-2H)")
+            if num_layers is not None and len(self.layer_pattern) != num_layers:
+                raise Lasp2ConfigError(
+                    f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r} has "
+                    f"{len(self.layer_pattern)} characters but the model has num_layers={num_layers} "
+                    f"(one character per layer, e.g. {('LLLN' * num_layers)[:num_layers]!r})")
+        if self.provider == "none" and LINEAR in self.pattern_for(num_layers or 1):
+            raise Lasp2ConfigError(
+                "provider 'none' (Megatron's own context parallelism) has no linear attention: "
+                "set --hybrid-layer-pattern to all 'N', or --sp-provider lasp2|lasp1|ulysses")
+        return self
+
+    def pattern_for(self, num_layers: int) -> str:
+        if self.layer_pattern is None:
+            return (SOFTMAX if self.provider == "none" else LINEAR) * num_layers
+        return self.layer_pattern
+
+    def layer_kind(self, layer_number: int, num_layers: int) -> str:
+        """'L' or 'N' for a 1-based global layer number."""
+        self.validate(num_layers)
+        if not 1 <= layer_number <= num_layers:
+            raise Lasp2ConfigError(f"layer_number {layer_number} is outside [1, {num_layers}]")
+        return self.pattern_for(num_layers)[layer_number - 1]
+
+
+def _choice(name: str, value, choices):
+    if value not in choices:
+        raise Lasp2ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def options_from_args(args) -> Lasp2Options:
+    """Lasp2Options from an argparse namespace filled by add_lasp2_args."""
+    defaults = Lasp2Options()
+    get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    return Lasp2Options(
+        provider=get("sp_provider", defaults.provider),
+        split=get("sp_split", defaults.split),
+        layer_pattern=get("lasp2_layer_pattern", defaults.layer_pattern),
+        decay=get("linear_attention_decay", defaults.decay),
+        feature_map=get("linear_attention_feature_map", defaults.feature_map),
+        output_norm=get("linear_attention_output_norm", defaults.output_norm),
+        gate_logit_normalizer=get("linear_attention_gate_normalizer", defaults.gate_logit_normalizer),
+        learnable_decay=get("linear_attention_learnable_decay", defaults.learnable_decay),
+        linear_rope=get("linear_attention_rope", defaults.linear_rope),
+        chunk_size=get("sp_chunk_size", defaults.chunk_size),
+        softmax_backend=get("sp_softmax_backend", defaults.softmax_backend),
+    )
+
+
+def _megatron_lm_args():
+    """Megatron-LM's parsed arguments if megatron.training is there and initialized."""
+    try:
+        from megatron.training import global_vars
+    except ImportError:
+        return None
+    args = getattr(global_vars, "_GLOBAL_ARGS", None)
+    if args is None or not hasattr(args, "sp_provider"):
+        return None
+    return args
+
+
+def resolve_options(options: Optional[Lasp2Options] = None) -> Lasp2Options:
+    """The explicit options, else Megatron-LM's parsed --sp-* arguments, else defaults."""
+    if options is not None:
+        if not isinstance(options, Lasp2Options):
+            raise Lasp2ConfigError(f"expected Lasp2Options, got {type(options).__name__}")
+        return options
+    args = _megatron_lm_args()
+    return options_from_args(args) if args is not None else Lasp2Options()

@@ -1,0 +1,151 @@
+"""megatron-core layer / block specs whose attention is LASP-2 (linear) or LASP-2H (softmax).
+
+megatron-core (tested):
+
+    from megatron_patches import Lasp2Options
+    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+    opts = Lasp2Options(layer_pattern="LLLN", decay="gate")
+    model = GPTModel(config, transformer_layer_spec=get_lasp2_hybrid_block_spec(config, opts), ...)
+
+Megatron-LM (one flag; options from the --sp-* arguments of add_lasp2_args):
+
+    pretrain_gpt.py ... --context-parallel-size 4 --spec megatron_patches.specs lasp2_layer_spec \
+        --hybrid-layer-pattern LLLNLLLN --linear-attention-decay gate
+    # with extra_args_provider=add_lasp2_args (see docs/megatron.md)
+
+Every spec keeps the base spec's modules (linear_qkv, linear_proj, norms, MLP/MoE)
+and replaces only `self_attention.module` by Lasp2SelfAttention (plus its params), so
+state dicts keep Megatron's names. Nothing of Megatron is forked.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+from megatron_patches._compat import check_megatron_core_version
+
+check_megatron_core_version()
+
+from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType, LayerType  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import (  # noqa: E402
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
+
+from megatron_patches.attention import Lasp2SelfAttention, mark_heterogeneous_layers  # noqa: E402
+from megatron_patches.options import Lasp2ConfigError, Lasp2Options  # noqa: E402
+
+try:  # the Transformer Engine spec, where TE is installed
+    import transformer_engine  # noqa: F401
+
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    HAVE_TE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAVE_TE = False
+
+__all__ = [
+    "HAVE_TE",
+    "get_lasp2_hybrid_block_spec",
+    "get_lasp2_layer_spec",
+    "get_lasp2_layer_specs",
+    "lasp2_layer_spec",
+    "patch_layer_spec",
+]
+
+
+def patch_layer_spec(spec: ModuleSpec, options: Optional[Lasp2Options] = None,
+                     layer_kind: Optional[str] = None) -> ModuleSpec:
+    """A copy of a TransformerLayer spec whose self attention is Lasp2SelfAttention.
+
+    Works with any spec whose self_attention is a SelfAttention spec (local, TE,
+    MoE layer specs). layer_kind "L"/"N" fixes the layer's kind; None picks it from
+    options.layer_pattern by layer number when the layer is built. options None:
+    Megatron-LM's parsed --sp-* arguments at build time, else the defaults.
+    """
+    if options is not None:
+        options.validate()
+    spec = copy.deepcopy(spec)
+    attn = getattr(getattr(spec, "submodules", None), "self_attention", None)
+    if not isinstance(attn, ModuleSpec) or not hasattr(attn.submodules, "linear_qkv"):
+        raise Lasp2ConfigError("patch_layer_spec needs a TransformerLayer spec with a SelfAttention "
+                               "self_attention (multi-latent attention is not supported)")
+    attn.module = Lasp2SelfAttention
+    attn.params = dict(attn.params or {})
+    attn.params.setdefault("attn_mask_type", AttnMaskType.causal)
+    attn.params["lasp2_options"] = options
+    attn.params["layer_kind"] = layer_kind
+    return spec
+
+
+def _base_layer_spec(backend: str, **base_kwargs) -> ModuleSpec:
+    if backend == "local":
+        return get_gpt_layer_local_spec(**base_kwargs)
+    if backend == "te":
+        if not HAVE_TE:
+            raise Lasp2ConfigError("backend 'te' needs Transformer Engine, which is not importable here")
+        return get_gpt_layer_with_transformer_engine_spec(**base_kwargs)
+    raise Lasp2ConfigError(f"backend must be 'local' or 'te', got {backend!r}")
+
+
+def get_lasp2_layer_spec(options: Optional[Lasp2Options] = None, backend: str = "local",
+                         layer_kind: Optional[str] = None, **base_kwargs) -> ModuleSpec:
+    """A GPT TransformerLayer spec (get_gpt_layer_local_spec or the TE spec, with
+    base_kwargs such as num_experts, qk_layernorm, normalization) with LASP-2 attention.
+
+    layer_kind None makes one spec serve every layer: each layer takes its kind from
+    the pattern when built (pass it as GPTModel's transformer_layer_spec).
+    """
+    return patch_layer_spec(_base_layer_spec(backend, **base_kwargs), options, layer_kind)
+
+
+def get_lasp2_layer_specs(num_layers: int, options: Optional[Lasp2Options] = None, backend: str = "local",
+                          **base_kwargs) -> List[ModuleSpec]:
+    """One spec per layer of the whole model, following options.layer_pattern."""
+    options = options if options is not None else Lasp2Options()
+    pattern = options.validate(num_layers).pattern_for(num_layers)
+    specs = {kind: get_lasp2_layer_spec(options, backend, kind, **base_kwargs) for kind in set(pattern)}
+    return [specs[kind] for kind in pattern]
+
+
+def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, backend: str = "local",
+                                vp_stage: Optional[int] = None, pp_rank: Optional[int] = None,
+                                **base_kwargs) -> TransformerBlockSubmodules:
+    """TransformerBlockSubmodules of this pipeline stage's layers for a hybrid pattern
+    (as get_gpt_decoder_block_spec slices its layers; PP and VPP layouts included).
+
+    A pattern mixing "L" and "N" sets config.hetereogenous_dist_checkpoint (per-layer
+    distributed-checkpoint keys; the layers' parameters differ)."""
+    layer_specs = get_lasp2_layer_specs(config.num_layers, options, backend, **base_kwargs)
+    mark_heterogeneous_layers(config, options if options is not None else Lasp2Options())
+    if config.pipeline_model_parallel_layout is not None:
+        layout = config.pipeline_model_parallel_layout
+        local = [layer_specs[i] for i in layout.get_layer_id_list(
+            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)]
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = layer_specs[offset:offset + count]
+    norm = TENorm if backend == "te" else LNImpl
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=norm)
+
+
+# Module-level specs for Megatron-LM's `--spec megatron_patches.specs <name>` (its GPT
+# builder passes the object to GPTModel as transformer_layer_spec). Their options are
+# read from the parsed --sp-* arguments when the model is built; each layer takes its
+# kind from --hybrid-layer-pattern by its global layer number, so PP works unchanged.
+# Normalisation (LayerNorm / RMSNorm) follows --normalization at build time in both the
+# local (WrappedTorchNorm) and TE (TENorm) specs. The MoE specs use an MoE MLP in every
+# layer (the expert count comes from --num-experts; only "MoE or dense" is in the spec).
+lasp2_layer_spec = get_lasp2_layer_spec(None, "local")
+lasp2_moe_layer_spec = get_lasp2_layer_spec(None, "local", num_experts=1)
+__all__ += ["lasp2_moe_layer_spec"]
+if HAVE_TE:
+    lasp2_te_layer_spec = get_lasp2_layer_spec(None, "te")
+    lasp2_te_moe_layer_spec = get_lasp2_layer_spec(None, "te", num_experts=1, moe_grouped_gemm=True)
+    __all__ += ["lasp2_te_layer_spec", "lasp2_te_moe_layer_spec"]

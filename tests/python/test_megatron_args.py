@@ -1,0 +1,242 @@
+"""add_lasp2_args, Lasp2Options validation, spec building, the batch and RoPE helpers
+(one process, no process group)."""
+
+import argparse
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import lasp2  # noqa: E402
+from megatron_patches import Lasp2ConfigError, Lasp2Options, add_lasp2_args, options_from_args  # noqa: E402
+from megatron_patches.options import resolve_options  # noqa: E402
+
+
+def parse(*argv, parser=None):
+    return add_lasp2_args(parser or argparse.ArgumentParser()).parse_args(list(argv))
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_options_defaults():
+    assert options_from_args(parse()) == Lasp2Options()
+    assert Lasp2Options().split == "balanced"  # Megatron's own batch / RoPE layout
+
+
+def test_every_flag_parses():
+    args = parse("--sp-provider", "lasp1", "--sp-split", "contiguous", "--hybrid-layer-pattern", "LLLN",
+                 "--linear-attention-decay", "gate", "--linear-attention-feature-map", "elu",
+                 "--linear-attention-output-norm", "false", "--linear-attention-gate-normalizer", "8",
+                 "--linear-attention-learnable-decay", "--linear-attention-rope", "true",
+                 "--sp-chunk-size", "32", "--sp-softmax-backend", "plain")
+    assert options_from_args(args) == Lasp2Options(
+        provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="gate", feature_map="elu",
+        output_norm=False, gate_logit_normalizer=8.0, learnable_decay=True, linear_rope=True,
+        chunk_size=32, softmax_backend="plain")
+
+
+def test_extra_args_provider_protocol_returns_the_parser():
+    parser = argparse.ArgumentParser()
+    assert add_lasp2_args(parser) is parser
+    assert any(g.title == "lasp2" for g in parser._action_groups)
+
+
+def test_lasp2_spelling_when_megatron_defines_hybrid_layer_pattern():
+    """Newer Megatron-LM has its own --hybrid-layer-pattern (Mamba hybrids): ours steps aside."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hybrid-layer-pattern", dest="hybrid_layer_pattern")
+    args = parse("--hybrid-layer-pattern", "M*M*", "--lasp2-layer-pattern", "LN", parser=parser)
+    assert args.hybrid_layer_pattern == "M*M*" and args.lasp2_layer_pattern == "LN"
+
+
+@pytest.mark.parametrize("argv", [["--sp-provider", "ring"], ["--sp-split", "zigzag"],
+                                  ["--linear-attention-decay", "alibi"], ["--linear-attention-output-norm", "maybe"]])
+def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(provider="ring"), "provider"),
+    (dict(split="zigzag"), "split"),
+    (dict(decay="alibi"), "decay"),
+    (dict(feature_map="hedgehog"), "feature_map"),
+    (dict(layer_pattern="LLXN"), "characters"),
+    (dict(layer_pattern=""), "non-empty"),
+    (dict(provider="lasp1"), "supports split='contiguous' only"),  # balanced is the default
+    (dict(provider="ulysses", split="balanced"), "supports split='contiguous' only"),
+    (dict(provider="none", layer_pattern="LN"), "no linear attention"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(Lasp2ConfigError, match=match):
+        Lasp2Options(**kwargs)
+
+
+def test_pattern_length_must_match_the_model():
+    opts = Lasp2Options(layer_pattern="LLLN")
+    assert opts.validate(4) is opts
+    with pytest.raises(Lasp2ConfigError, match="has 4 characters but the model has num_layers=8"):
+        opts.validate(8)
+    assert [opts.layer_kind(i, 4) for i in range(1, 5)] == ["L", "L", "L", "N"]
+    assert Lasp2Options().pattern_for(3) == "LLL"
+    assert Lasp2Options(provider="none").pattern_for(2) == "NN"
+
+
+def test_options_come_from_megatron_lm_args(monkeypatch):
+    """Megatron-LM path: no explicit options -> the parsed --sp-* arguments."""
+    assert resolve_options() == Lasp2Options()  # no megatron.training here
+    training = types.ModuleType("megatron.training")
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars._GLOBAL_ARGS = parse("--hybrid-layer-pattern", "LN", "--linear-attention-decay", "none")
+    training.global_vars = global_vars
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    assert resolve_options() == Lasp2Options(layer_pattern="LN", decay="none")
+    explicit = Lasp2Options(decay="gate")
+    assert resolve_options(explicit) is explicit
+
+
+# -- specs -------------------------------------------------------------------------------------
+
+
+def test_layer_specs_follow_the_pattern():
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_patches.attention import Lasp2SelfAttention
+    from megatron_patches.specs import get_lasp2_layer_specs
+
+    opts = Lasp2Options(layer_pattern="LLNL")
+    specs = get_lasp2_layer_specs(4, opts)
+    attn = [s.submodules.self_attention for s in specs]
+    assert [a.params["layer_kind"] for a in attn] == list("LLNL")
+    assert all(a.module is Lasp2SelfAttention and issubclass(a.module, SelfAttention) for a in attn)
+    assert all(a.params["lasp2_options"] is opts for a in attn)
+    with pytest.raises(Lasp2ConfigError, match="num_layers=5"):
+        get_lasp2_layer_specs(5, opts)
+
+
+def test_patch_layer_spec_keeps_the_base_modules():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_patches.specs import patch_layer_spec
+
+    base = get_gpt_layer_local_spec(num_experts=4)
+    patched = patch_layer_spec(base, Lasp2Options(), layer_kind="L")
+    assert patched.submodules.mlp.module is base.submodules.mlp.module  # MoE kept
+    old, new = base.submodules.self_attention, patched.submodules.self_attention
+    assert new.submodules.linear_qkv is old.submodules.linear_qkv
+    assert new.submodules.linear_proj is old.submodules.linear_proj
+    assert old.module.__name__ == "SelfAttention"  # the base spec is not modified
+    with pytest.raises(Lasp2ConfigError, match="multi-latent"):
+        patch_layer_spec(get_gpt_layer_local_spec(multi_latent_attention=True))
+
+
+def test_hybrid_block_spec_slices_pipeline_stages():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+
+    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, pipeline_model_parallel_size=2,
+                               pipeline_dtype=torch.float32, use_cpu_initialization=True)
+    opts = Lasp2Options(layer_pattern="LNNL")
+    for pp_rank, kinds in ((0, "LN"), (1, "NL")):
+        block = get_lasp2_hybrid_block_spec(config, opts, pp_rank=pp_rank)
+        assert "".join(s.submodules.self_attention.params["layer_kind"] for s in block.layer_specs) == kinds
+    assert config.hetereogenous_dist_checkpoint  # mixed layers are keyed per layer in checkpoints
+
+
+def test_module_level_spec_for_megatron_lm():
+    """`--spec megatron_patches.specs lasp2_layer_spec` is resolved with Megatron's import_module."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+
+    spec = import_module(("megatron_patches.specs", "lasp2_layer_spec"))
+    assert isinstance(spec, ModuleSpec)
+    params = spec.submodules.self_attention.params
+    assert params["lasp2_options"] is None and params["layer_kind"] is None  # from args, per layer number
+
+
+# -- batch and RoPE helpers --------------------------------------------------------------------
+
+
+class _Group:
+    """Stands in for a process group where only rank() / size() are read."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("split", ["balanced", "contiguous"])
+def test_batch_split(split):
+    from megatron_patches.batch import get_batch_on_this_sp_rank
+
+    tokens = torch.arange(16)[None].repeat(2, 1)
+    batch = {"tokens": tokens, "labels": tokens + 100, "loss_mask": None, "attention_mask": torch.rand(2, 1, 16, 16)}
+    pieces = [get_batch_on_this_sp_rank(batch, split, cp_group=_Group(r, 2)) for r in range(2)]
+    for r, piece in enumerate(pieces):
+        index = lasp2.global_token_index(8, r, 2, split)
+        assert torch.equal(piece["tokens"], tokens[:, index])
+        assert torch.equal(piece["labels"], tokens[:, index] + 100)
+        assert piece["loss_mask"] is None
+        assert torch.equal(piece["attention_mask"], batch["attention_mask"][:, :, index])
+    if split == "balanced":  # Megatron's zig-zag: rank 0 holds chunks 0 and 3 of 4
+        assert pieces[0]["tokens"][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    with pytest.raises(Lasp2ConfigError, match="divisible"):
+        get_batch_on_this_sp_rank({"tokens": torch.zeros(1, 6)}, "balanced", cp_group=_Group(0, 2))
+
+
+def test_packed_batch_split():
+    from megatron_patches.batch import get_packed_batch_on_this_sp_rank
+
+    tokens = torch.arange(16)[None]
+    cu = torch.tensor([0, 5, 16])
+    local, params = get_packed_batch_on_this_sp_rank({"tokens": tokens}, cu, "contiguous", cp_group=_Group(1, 2))
+    assert local["tokens"].tolist() == [list(range(8, 16))]
+    assert params.qkv_format == "thd" and params.lasp2_split == "contiguous" and params.max_seqlen_q == 11
+    assert params.cu_seqlens_q.tolist() == [0, 5, 16]  # global boundaries
+    with pytest.raises(Lasp2ConfigError, match="batch size 1"):
+        get_packed_batch_on_this_sp_rank({"tokens": torch.zeros(2, 16)}, cu, cp_group=_Group(0, 2))
+
+
+def test_rope_positions_and_patch():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_patches import rope
+
+    # packed, CP = 2, balanced: global positions 0..3 and 12..15 of docs [0, 5) and [5, 16)
+    cu = torch.tensor([0, 5, 16])
+    assert rope.lasp2_rope_positions(8, 0, 2, "balanced", cu).tolist() == [0, 1, 2, 3, 7, 8, 9, 10]
+    original_thd = rope_utils._apply_rotary_pos_emb_thd
+    freqs = torch.randn(16, 1, 1, 8)
+    t = torch.randn(16, 2, 8)
+    try:
+        rope.use_lasp2_rope("contiguous")
+        assert rope.active_rope_split() == "contiguous"
+        # CP = 1: exactly Megatron's THD RoPE
+        ours = rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=_Group(0, 1))
+        theirs = original_thd(t, cu, freqs, cp_group=_Group(0, 1))
+        assert torch.equal(ours, theirs)
+        # unpacked CP slicing: rank 1 of 2 holds positions 8..15
+        emb = torch.arange(16.0).view(16, 1, 1, 1)
+        sliced = rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, _Group(1, 2))
+        assert sliced.flatten().tolist() == list(range(8, 16))
+        rope.use_lasp2_rope("balanced")  # = Megatron's zig-zag, device-agnostic
+        sliced = rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, _Group(1, 2))
+        assert sliced.flatten().tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    finally:
+        rope.restore_megatron_rope()
+    assert rope_utils._apply_rotary_pos_emb_thd is original_thd and rope.active_rope_split() is None

@@ -1,0 +1,90 @@
+"""The Linear-MoE swap: Lasp2LinearAttention in Linear-MoE's core-linear-attention slot
+computes lasp2.nn.LinearAttention's attention (one process here; CP = 2 in
+test_megatron_gpt.py). Linear-MoE itself is not needed: its outer module only
+projects q, k, v (and gate logits) and calls the core as core(q=, k=, v=[, gk=])."""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import lasp2  # noqa: E402
+from megatron_patches.options import Lasp2ConfigError  # noqa: E402
+from test_megatron_support import HEADS, HIDDEN, SEQ  # noqa: E402
+
+
+def linear_moe_config(decay="gate", split="balanced", **fields):
+    """A TransformerConfig with the Linear-MoE fields the core module reads."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                               use_cpu_initialization=True, params_dtype=torch.float32)
+    values = dict(la_mode="chunk", la_feature_map="relu", la_output_norm="rmsnorm", la_elementwise_affine=True,
+                  la_norm_eps=1e-6, gla_la_gate_logit_normalizer=16.0, lasp2_decay=decay, lasp2_split=split)
+    values.update(fields)
+    for name, value in values.items():
+        setattr(config, name, value)
+    return config
+
+
+def swap_forward(layer, core, x):
+    """What Linear-MoE's outer LinearAttention does around its core: project, call, project."""
+    s, b, _ = x.shape
+    heads = (s, b, layer.num_heads, layer.head_dim)
+    q, k, v = layer.q_proj(x).view(heads), layer.k_proj(x).view(heads), layer.v_proj(x).view(heads)
+    gk = layer.g_proj(x) if layer.g_proj is not None else None  # per-head gate logits [s, b, h]
+    o = core(q=q, k=k, v=v, gk=gk) if gk is not None else core(q=q, k=k, v=v)
+    assert o.shape == (s, b, layer.num_heads * layer.head_dim)
+    return layer.o_proj(o)
+
+
+@pytest.mark.parametrize("decay", ["none", "fixed", "gate"])
+def test_swap_equals_lasp2_nn_linear_attention(decay):
+    from megatron_patches.linear_moe import Lasp2LinearAttention
+
+    torch.manual_seed(0)
+    layer = lasp2.nn.LinearAttention(HIDDEN, HEADS, decay=decay, feature_map="relu", layout="tbhd")
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(SEQ, 2, HIDDEN)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(layer.parameters()))
+    core = Lasp2LinearAttention(linear_moe_config(decay))
+    core.norm_weight = layer.norm.weight  # shared: its gradient is compared too
+    y = swap_forward(layer, core, x)
+    grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_swap_is_one_line_in_a_linear_moe_style_spec():
+    """The constructor protocol Linear-MoE uses: build_module(spec, config=, expand_k=, expand_v=)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from megatron_patches.linear_moe import Lasp2LinearAttention
+
+    core = build_module(ModuleSpec(module=Lasp2LinearAttention), config=linear_moe_config("fixed"),
+                        expand_k=1.0, expand_v=1.0)
+    q = k = v = torch.randn(8, 1, HEADS, HIDDEN // HEADS)
+    assert core(q=q, k=k, v=v).shape == (8, 1, HIDDEN)
+    # packed (Linear-MoE squeezes the batch dim of THD tensors): [t, h, d] -> [t, 1, h*d]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    assert core(q=q[:, 0], k=k[:, 0], v=v[:, 0], cu_seqlens=cu).shape == (8, 1, HIDDEN)
+
+
+def test_linear_moe_errors():
+    from megatron_patches.linear_moe import Lasp2LinearAttention
+
+    q = torch.randn(8, 1, HEADS, HIDDEN // HEADS)
+    core = Lasp2LinearAttention(linear_moe_config("gate"))
+    with pytest.raises(Lasp2ConfigError, match="per-channel gates"):
+        core(q=q, k=q, v=q, gk=torch.randn(8, 1, HIDDEN))  # GLA's per-channel gates
+    with pytest.raises(Lasp2ConfigError, match="no gk / g"):
+        core(q=q, k=q, v=q)
+    with pytest.raises(Lasp2ConfigError, match="beta"):
+        core(q=q, k=q, v=q, gk=torch.randn(8, 1, HEADS), beta=torch.rand(8, 1, HEADS))
+    with pytest.raises(Lasp2ConfigError, match="la_feature_map"):
+        Lasp2LinearAttention(linear_moe_config(la_feature_map="hedgehog"))
+    with pytest.raises(Lasp2ConfigError, match="divisible"):
+        Lasp2LinearAttention(linear_moe_config(), expand_k=0.3)
