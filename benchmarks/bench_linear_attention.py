@@ -22,12 +22,15 @@ import lasp2  # noqa: E402
 from torch_chunked import torch_chunked_linear_attention  # noqa: E402
 
 
-def median_ms(fn, warmup=3, reps=10):
+def median_ms(fn, warmup=3, reps=10, budget_ms=3000.0):
+    """Median of `reps` timed calls, fewer when one call is slow (at most ~budget_ms)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if times and sum(times) > budget_ms:
+            break
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -118,6 +121,9 @@ def main():
                 floor_ms = floor_bytes[phase] / bw / 1e6
                 rows.append(dict(impl=name, decay=decay, T=T, phase=phase, ms=ms, tflops=fl / ms / 1e9,
                                  gbs=floor_bytes[phase] / ms / 1e6, x_floor=ms / floor_ms, peak_gib=peak_gib))
+            # one line per measurement as it lands, so a run cut short still reports
+            print(f"# {name} {decay} T={T}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms "
+                  f"({both / (floor_bytes['fwd+bwd'] / bw / 1e6):.2f}x floor), peak {peak_gib:.2f} GiB", flush=True)
     print(f"\n{'impl':>14} {'decay':>6} {'T':>7} {'phase':>8} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x floor':>8} {'peak GiB':>9}")
     for r in rows:
         print(f"{r['impl']:>14} {r['decay']:>6} {r['T']:>7} {r['phase']:>8} {r['ms']:>9.3f} {r['tflops']:>8.1f} "

@@ -50,7 +50,7 @@ if has examples; then
 fi
 
 if has bench; then
-  timeout 240 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
+  timeout 200 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
   say "kernel benchmark (exit $?)"
   grep -vE "^\s*$" "$LOGS/bench.log" | grep -v "^# plot" | keep
   cp "$RES/bench_linear_attention.png" "$OUT/" 2>/dev/null

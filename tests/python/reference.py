@@ -12,7 +12,7 @@ def document_ids(cu_seqlens: Optional[torch.Tensor], length: int) -> Optional[to
     if cu_seqlens is None:
         return None
     ids = torch.zeros(length, dtype=torch.int64)
-    for start in cu_seqlens[1:-1].tolist():
+    for start in cu_seqlens.cpu()[1:-1].tolist():
         ids[start:] += 1
     return ids
 
@@ -37,7 +37,7 @@ def linear_attention_reference(q, k, v, g=None, decay=None, scale=None, cu_seqle
     else:
         log_a = q.new_zeros(B, T, H)
     G = log_a.cumsum(1).permute(0, 2, 1)  # [B, H, T]
-    mask = causal_mask(T, cu_seqlens)
+    mask = causal_mask(T, cu_seqlens).to(q.device)
     diff = (G[..., :, None] - G[..., None, :]).masked_fill(~mask, 0.0)
     weights = torch.where(mask, diff.exp(), torch.zeros_like(diff))
     scores = torch.einsum("bthd,bshd->bhts", q, k) * weights
@@ -53,5 +53,5 @@ def softmax_attention_reference(q, k, v, scale=None, cu_seqlens=None):
     v = v.repeat_interleave(groups, dim=2)
     scale = D ** -0.5 if scale is None else scale
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    scores = scores.masked_fill(~causal_mask(T, cu_seqlens), float("-inf"))
+    scores = scores.masked_fill(~causal_mask(T, cu_seqlens).to(q.device), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
