@@ -47,7 +47,11 @@ from lasp2._extension import _C  # noqa: E402
 # the modules (lasp2.ops.linear_attention is also the name of the function)
 LA = importlib.import_module("lasp2.ops.linear_attention")
 ULYSSES = importlib.import_module("lasp2.ops.providers.ulysses")
-PROVIDERS = ("lasp2", "lasp1", "ulysses")
+# "lasp2-fused" is provider "lasp2" with overlap=False: the AllGather is waited for and the
+# prefix enters one fused pass (the same compute as LASP-1, so the two differ only in how
+# they communicate); "lasp2" overlaps the gather with the local attention and adds the
+# prefix term in a second pass.
+PROVIDERS = ("lasp2", "lasp2-fused", "lasp1", "ulysses")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default GPU bf16, CPU fp32")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--warmup", type=int, default=None, help="default GPU 3, CPU 2")
-    p.add_argument("--iters", type=int, default=None, help="default GPU 10, CPU 7")
+    p.add_argument("--iters", type=int, default=None, help="default GPU 10, CPU 9")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                      "sp_providers"))
     p.add_argument("--report", action="store_true", help="only print the table and plot the stored rows")
@@ -80,7 +84,7 @@ def parse_args(argv=None):
     a.head_dim = a.head_dim or (128 if gpu else 64)
     a.dtype = a.dtype or ("bf16" if gpu else "fp32")
     a.warmup = a.warmup if a.warmup is not None else (3 if gpu else 2)
-    a.iters = a.iters or (10 if gpu else 7)
+    a.iters = a.iters or (10 if gpu else 9)
     return a
 
 
@@ -206,7 +210,9 @@ def measure_all(a, providers, T, group, device):
     def step(provider):
         for x in leaves:
             x.grad = None
-        o = lasp2.linear_attention(leaves[0], leaves[1], leaves[2], group=group, provider=provider, **kw)
+        o = lasp2.linear_attention(leaves[0], leaves[1], leaves[2], group=group,
+                                   provider="lasp2" if provider == "lasp2-fused" else provider,
+                                   overlap=provider != "lasp2-fused", **kw)
         o.backward(do)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -279,7 +285,8 @@ def store(rows, path):
             old = json.load(f)
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
-    out = sorted(merged.values(), key=lambda r: (r["device"], r["tokens_per_rank"], r["world"], r["provider"]))
+    order = lambda r: PROVIDERS.index(r["provider"]) if r["provider"] in PROVIDERS else len(PROVIDERS)
+    out = sorted(merged.values(), key=lambda r: (r["device"], r["tokens_per_rank"], r["world"], order(r)))
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     return out
@@ -287,13 +294,13 @@ def store(rows, path):
 
 # --- report -------------------------------------------------------------------------
 
-HEADER = (f"{'P':>2} {'T/rank':>7} {'provider':<8} {'step ms':>9} {'tok/s':>10} {'blocked ms':>10} "
+HEADER = (f"{'P':>2} {'T/rank':>7} {'provider':<11} {'step ms':>9} {'tok/s':>10} {'blocked ms':>10} "
           f"{'no-comm ms':>10} {'exposed ms':>10} {'MB/rank':>8}")
 
 
 def format_row(r):
     blocked = "-" if r["blocked_ms"] is None else f"{r['blocked_ms']:.2f}"
-    return (f"{r['world']:>2} {r['tokens_per_rank']:>7} {r['provider']:<8} {r['step_ms']:>9.2f} "
+    return (f"{r['world']:>2} {r['tokens_per_rank']:>7} {r['provider']:<11} {r['step_ms']:>9.2f} "
             f"{r['tokens_per_s']:>10.0f} {blocked:>10} {r['noop_ms']:>10.2f} {r['exposed_ms']:>10.2f} "
             f"{r['mb_per_rank']:>8.3f}")
 
@@ -311,7 +318,7 @@ def report(rows, png_path):
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"lasp2": "tab:blue", "lasp1": "tab:orange", "ulysses": "tab:green"}
+    colors = {"lasp2": "tab:blue", "lasp2-fused": "tab:purple", "lasp1": "tab:orange", "ulysses": "tab:green"}
     styles = {1: ":", 2: "--", 4: "-", 8: "-."}
     for device in sorted({r["device"] for r in rows}):
         for provider in PROVIDERS:
