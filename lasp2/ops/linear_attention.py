@@ -111,7 +111,7 @@ def linear_attention(
     split: str = "contiguous",
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
-    overlap: bool = True,
+    overlap: Optional[bool] = None,
     provider: str = "lasp2",
 ) -> torch.Tensor:
     r"""Causal linear attention over a sequence that may be split across `group`.
@@ -138,8 +138,13 @@ def linear_attention(
             sequence (B must be 1), int32/int64, starting at 0 and ending at the
             global length: documents never attend across boundaries.
         chunk_size: the CPU kernels' chunk length (GPU kernels pick their own tiles).
-        overlap: overlap the state AllGather with the local attention (True) or
-            wait for it and fuse the prefix into one pass (False). LASP-2 only.
+        overlap: LASP-2's forward schedule. True: the state AllGather runs while the
+            local attention computes, and the prefix term is added in an extra pass
+            over q and o. False: wait for the AllGather and run one fused pass with the
+            prefix as the entering state. None (default): False on CUDA, where the
+            gather takes tens of microseconds but the extra pass about a millisecond at
+            64K tokens (measured on H100, see docs/results.md), True on the CPU. The
+            backward always overlaps its AllGather with the dq pass. LASP-2 only.
         provider: the sequence-parallel algorithm, all computing the same result:
             "lasp2" (default; one AllGather of states per direction), "lasp1" (a ring
             of P2P state passes, P-1 serial hops; contiguous split only) or "ulysses"
@@ -182,6 +187,8 @@ def linear_attention(
         if g is not None:
             g = g.transpose(0, 1)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if overlap is None:
+        overlap = q.device.type != "cuda"
     if comm is None or provider == "lasp2":
         o = _Lasp2LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm, parts,
                                         bool(overlap))

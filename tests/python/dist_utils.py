@@ -1,9 +1,15 @@
-"""Runs a test body in several processes joined by a gloo process group."""
+"""Runs a test body in several processes joined by a gloo process group.
+
+The processes rendezvous through a FileStore in a fresh temporary folder, not a
+TCP port, so concurrent test sessions on one machine cannot collide.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import traceback
 
@@ -12,17 +18,17 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A free TCP port (for NCCL tests that rendezvous over TCP)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, errors, finished):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world_size, store_path, fn, args, errors, finished):
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     except BaseException:  # reported to the parent, which fails the test
@@ -30,7 +36,7 @@ def _worker(rank, world_size, port, fn, args, errors, finished):
         finished.abort()  # peers stop waiting for this rank
         raise
     dist.destroy_process_group()
-    # Rank 0 hosts the TCP store: it must outlive every other rank's teardown.
+    # No rank leaves (and removes the store) while another is still tearing down.
     try:
         finished.wait(timeout=60)
     except threading.BrokenBarrierError:
@@ -42,8 +48,9 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0):
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     finished = ctx.Barrier(world_size)
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors, finished))
+    store_dir = tempfile.mkdtemp(prefix="lasp2_store_")
+    store_path = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store_path, fn, args, errors, finished))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -52,6 +59,7 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0):
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
+    shutil.rmtree(store_dir, ignore_errors=True)
     failures = []
     while not errors.empty():
         failures.append(errors.get())

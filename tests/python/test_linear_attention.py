@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import lasp2
 from reference import linear_attention_reference
+from checks import rel_err
 
 
 def make_inputs(B=2, T=37, H=3, Dk=16, Dv=8, dtype=torch.float32, mode="gate", seed=0):
@@ -16,11 +17,6 @@ def make_inputs(B=2, T=37, H=3, Dk=16, Dv=8, dtype=torch.float32, mode="gate", s
     cast = lambda x: None if x is None else x.to(dtype)
     return cast(q), cast(k), cast(v), (None if g is None else g.float() if dtype != torch.float64 else g), \
         (None if decay is None else decay.float() if dtype != torch.float64 else decay)
-
-
-def rel_err(got, want, floor=1e-4):
-    """Max-norm error relative to the reference's largest entry (at least `floor`)."""
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import lasp2
 from dist_utils import run_distributed
 from reference import linear_attention_reference
+from checks import assert_rel
 
 CONFIGS = [
     # (mode, split, with cu_seqlens, dtype, overlap)
@@ -82,11 +83,6 @@ def check_rank(rank, world):
             total = grads[3].clone()
             dist.all_reduce(total, group=group)
             assert_rel(total, grads_full[3], 10 * tol, f"{where}: d decay (summed over ranks)", floor=1.0)
-
-
-def assert_rel(got, want, tol, what, floor=1e-4):
-    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(floor)).item()
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

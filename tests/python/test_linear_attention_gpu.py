@@ -10,14 +10,11 @@ import torch.nn.functional as F
 
 import lasp2
 from reference import linear_attention_reference
+from checks import rel_err
 
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
-
-
-def rel_err(got, want, floor=1e-4):
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 def inputs(B, T, H, Dk, Dv, mode, dtype, seed=0):

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import lasp2
 from dist_utils import run_distributed
 from reference import linear_attention_reference
+from checks import rel_err
 
 
 @pytest.mark.parametrize("decay", ["none", "fixed", "gate"])
@@ -42,10 +43,6 @@ def test_bad_module_arguments():
         lasp2.nn.LinearAttention(16, 2, feature_map="tanh")
     with pytest.raises(ValueError, match="`x` must be"):
         lasp2.nn.LinearAttention(16, 2)(torch.randn(2, 3, 8))
-
-
-def rel_err(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def module_rank(rank, world):

@@ -18,6 +18,7 @@ import lasp2
 from lasp2._extension import _C
 from dist_utils import run_distributed
 from reference import linear_attention_reference
+from checks import assert_rel
 
 # the modules themselves (lasp2.ops.linear_attention is also the name of the function)
 la_module = importlib.import_module("lasp2.ops.linear_attention")
@@ -72,11 +73,6 @@ def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2"):
     grads = torch.autograd.grad(o, leaves, to_layout(do, layout))
     back = lambda x: x.transpose(0, 1) if layout == "tbhd" and x.dim() > 1 else x
     return back(o), [back(x) for x in grads]
-
-
-def assert_rel(got, want, tol, what, floor=1e-4):
-    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(floor)).item()
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
 def check_configs(rank, world, group):

@@ -7,6 +7,7 @@ import lasp2
 from lasp2.ops.softmax_attention import Block, plan_blocks
 from reference import softmax_attention_reference
 from test_softmax_attention_distributed import bidirectional_reference
+from checks import rel_err
 
 BACKENDS = ["sdpa", "plain"]
 
@@ -16,10 +17,6 @@ def inputs(B=2, T=13, H=4, Hkv=2, D=8, Dv=None, dtype=torch.float64, seed=0):
     Dv = D if Dv is None else Dv
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
     return make(B, T, H, D), make(B, T, Hkv, D), make(B, T, Hkv, Dv), make(B, T, H, Dv)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def run_and_ref(q, k, v, do, ref_fn=softmax_attention_reference, **kw):

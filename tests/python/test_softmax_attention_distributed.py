@@ -12,6 +12,7 @@ import torch.distributed as dist
 import lasp2
 from dist_utils import run_distributed
 from reference import softmax_attention_reference
+from checks import assert_rel
 
 CONFIGS = [
     # (split, with cu_seqlens, dtype, backend, kv heads, layout, causal)
@@ -127,11 +128,6 @@ def check_one_collective_each_way(rank, world, group):
         assert calls == [("all_gather", True), ("reduce_scatter", True)], calls
     finally:
         sa._all_gather_single, sa._reduce_scatter_single = originals
-
-
-def assert_rel(got, want, tol, what):
-    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-4)).item()
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -14,16 +14,13 @@ import torch.multiprocessing as mp
 import lasp2
 from dist_utils import free_port
 from reference import softmax_attention_reference
+from checks import rel_err
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 
 
 def make(shape, dtype, gen, device="cuda"):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def check_single(dtype, backend, kv_heads, with_docs, T=300, H=8, D=64):

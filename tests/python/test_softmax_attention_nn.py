@@ -8,10 +8,7 @@ import lasp2
 from dist_utils import run_distributed
 from lasp2.nn.softmax_attention import apply_rope, rope_positions
 from reference import softmax_attention_reference
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+from checks import rel_err
 
 
 def test_module_matches_reference_composition():
