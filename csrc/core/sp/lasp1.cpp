@@ -9,27 +9,19 @@
 #include <memory>
 #include <vector>
 
+#include "schedule_util.h"
+
 namespace lasp2 {
 namespace {
 
-void check_group(Communicator* comm, const PartLayout& layout, const AttentionParams& p) {
-  layout.validate(p.seqlen);
+void check_ring(Communicator* comm, const PartLayout& layout, const AttentionParams& p) {
   LASP2_CHECK(layout.parts_per_rank == 1,
               "LASP-1 supports the contiguous layout only (parts_per_rank = 1)");
-  if (comm == nullptr) {
-    LASP2_CHECK(layout.world_size == 1, "a sequence-parallel layout needs a communicator");
-    return;
-  }
-  LASP2_CHECK(comm->size() == layout.world_size && comm->rank() == layout.rank,
-              "the communicator's rank/size differ from the part layout's");
+  sp::check_group(comm, layout, p);
 }
 
-int64_t round_up8(int64_t bytes) { return (bytes + 7) / 8 * 8; }
-
-int64_t q_dot_bytes(const AttentionParams& p) {
-  return round_up8(p.batch * p.seqlen * p.heads *
-                   static_cast<int64_t>(element_size(p.decay.dtype)));
-}
+using sp::q_dot_bytes;
+using sp::round_up8;
 
 constexpr int kTableRows = 3;  // the [0, L_r, 0] log-decay table
 
@@ -69,7 +61,7 @@ int64_t lasp1_backward_workspace_bytes(const AttentionParams& p, const PartLayou
 void lasp1_forward(const KernelBackend& be, Communicator* comm, const PartLayout& layout,
                    const AttentionParams& p, MutView o, const Lasp1Saved& saved,
                    void* workspace, void* stream) {
-  check_group(comm, layout, p);
+  check_ring(comm, layout, p);
   const TokenRange all{0, p.seqlen};
   if (layout.world_size == 1) {
     be.chunk_forward(p, all, nullptr, o, stream);
@@ -109,7 +101,7 @@ void lasp1_backward(const KernelBackend& be, Communicator* comm, const PartLayou
                     const AttentionParams& p, ConstView dout, const Lasp1Saved& saved,
                     MutView dq, MutView dk, MutView dv, void* dg, void* workspace,
                     void* stream) {
-  check_group(comm, layout, p);
+  check_ring(comm, layout, p);
   const TokenRange all{0, p.seqlen};
   char* scratch = static_cast<char*>(workspace);
   void* q_dot_dq = nullptr;

@@ -3,26 +3,16 @@
 
 #include <vector>
 
+#include "schedule_util.h"
+
 namespace lasp2 {
 namespace {
 
-void check_group(Communicator* comm, const PartLayout& layout, const AttentionParams& p) {
-  layout.validate(p.seqlen);
-  if (comm == nullptr) {
-    LASP2_CHECK(layout.world_size == 1, "a sequence-parallel layout needs a communicator");
-    return;
-  }
-  LASP2_CHECK(comm->size() == layout.world_size && comm->rank() == layout.rank,
-              "the communicator's rank/size differ from the part layout's");
-}
+using sp::check_group;
+using sp::q_dot_bytes;
+using sp::round_up8;
 
 bool single_part(const PartLayout& layout) { return layout.world_size == 1; }
-
-int64_t round_up8(int64_t bytes) { return (bytes + 7) / 8 * 8; }
-
-int64_t q_dot_bytes(const AttentionParams& p) {
-  return round_up8(p.batch * p.seqlen * p.heads * static_cast<int64_t>(element_size(p.decay.dtype)));
-}
 
 }  // namespace
 
