@@ -234,6 +234,33 @@ int state_D(const AttentionParams& p, View a, View b) {
   return tc_dim(p, {a, b}, tc_state_smem(64), tc_state_smem(128));
 }
 
+// The state of a whole part, reduced over segments in parallel: exit-weighted
+// sum of k v^T (part_state, with the part's log decay) or entry-weighted
+// scale * sum q dO^T (part_dstate, entry = true, scanned in reverse).
+void reduce_part(const AttentionParams& p, TokenRange part, View a, View b, bool entry,
+                 float* state, float* log_decay, cudaStream_t s) {
+  const int64_t se = p.state_elems();
+  if (p.bh() == 0) return;
+  if (part.length() == 0) {
+    cuda_check(cudaMemsetAsync(state, 0, p.bh() * se * 4, s), "cudaMemsetAsync");
+    if (log_decay) cuda_check(cudaMemsetAsync(log_decay, 0, p.bh() * 4, s), "cudaMemsetAsync");
+    return;
+  }
+  const int D = state_D(p, a, b);
+  const Geom g = make_geom(p, part, D);
+  Scratch sc;
+  sc.add(g.bh() * g.nchunks * kChunk * 2);
+  sc.add(g.bh() * g.nseg);
+  sc.add(g.bh() * g.nseg * se);
+  sc.add(D > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
+  sc.allocate(s);
+  float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(3);
+  launch_meta(meta_args(p, g, meta, segL, wmeta), s);
+  run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, wmeta,
+             entry ? static_cast<float>(p.scale) : 1.f, entry, X, s);
+  launch_scan(X, segL, g.bh(), g.nseg, se, entry, false, nullptr, state, log_decay, s);
+}
+
 class CudaBackend final : public KernelBackend {
  public:
   Device device() const override { return Device::kCUDA; }
@@ -241,28 +268,7 @@ class CudaBackend final : public KernelBackend {
   void part_state(const AttentionParams& p, TokenRange part, float* state, float* log_decay,
                   void* stream) const override {
     check_params(p, part);
-    const cudaStream_t s = as_stream(stream);
-    const int64_t se = p.state_elems();
-    if (p.bh() == 0) return;
-    if (part.length() == 0) {
-      cuda_check(cudaMemsetAsync(state, 0, p.bh() * se * 4, s), "cudaMemsetAsync");
-      cuda_check(cudaMemsetAsync(log_decay, 0, p.bh() * 4, s), "cudaMemsetAsync");
-      return;
-    }
-    const View k = view_of(p.k), v = view_of(p.v);
-    const int D = state_D(p, k, v);
-    const Geom g = make_geom(p, part, D);
-    Scratch sc;
-    sc.add(g.bh() * g.nchunks * kChunk * 2);
-    sc.add(g.bh() * g.nseg);
-    sc.add(g.bh() * g.nseg * se);
-    sc.add(D > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
-    sc.allocate(s);
-    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(3);
-    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
-    run_states(p, g, D, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, wmeta,
-               1.f, false, X, s);
-    launch_scan(X, segL, g.bh(), g.nseg, se, false, false, nullptr, state, log_decay, s);
+    reduce_part(p, part, view_of(p.k), view_of(p.v), false, state, log_decay, as_stream(stream));
   }
 
   void chunk_forward(const AttentionParams& p, TokenRange part, const float* initial_state,
@@ -286,27 +292,7 @@ class CudaBackend final : public KernelBackend {
   void part_dstate(const AttentionParams& p, TokenRange part, ConstView dout, float* dstate,
                    void* stream) const override {
     check_params(p, part);
-    const cudaStream_t s = as_stream(stream);
-    const int64_t se = p.state_elems();
-    if (p.bh() == 0) return;
-    if (part.length() == 0) {
-      cuda_check(cudaMemsetAsync(dstate, 0, p.bh() * se * 4, s), "cudaMemsetAsync");
-      return;
-    }
-    const View q = view_of(p.q), d = view_of(dout);
-    const int D = state_D(p, q, d);
-    const Geom g = make_geom(p, part, D);
-    Scratch sc;
-    sc.add(g.bh() * g.nchunks * kChunk * 2);
-    sc.add(g.bh() * g.nseg);
-    sc.add(g.bh() * g.nseg * se);
-    sc.add(D > 0 ? g.bh() * g.nchunks * kChunk * 2 : 0);
-    sc.allocate(s);
-    float *meta = sc.piece(0), *segL = sc.piece(1), *X = sc.piece(2), *wmeta = sc.piece(3);
-    launch_meta(meta_args(p, g, meta, segL, wmeta), s);
-    run_states(p, g, D, q, d, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), meta, wmeta,
-               static_cast<float>(p.scale), true, X, s);
-    launch_scan(X, segL, g.bh(), g.nseg, se, true, false, nullptr, dstate, nullptr, s);
+    reduce_part(p, part, view_of(p.q), view_of(dout), true, dstate, nullptr, as_stream(stream));
   }
 
   void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
