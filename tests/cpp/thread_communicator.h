@@ -123,15 +123,16 @@ class ThreadCommunicator final : public Communicator {
   int p2p_ = 0;
 };
 
-// Runs fn(rank, comm) on `size` threads and joins them; exceptions are rethrown.
-template <typename Fn>
+// Runs fn(rank, comm) on `size` threads, each with a Comm(group, rank), and joins
+// them; exceptions are rethrown. Comm defaults to the host-memory communicator.
+template <typename Comm = ThreadCommunicator, typename Fn>
 void run_ranks(int size, Fn fn) {
   auto group = std::make_shared<ThreadGroup>(size);
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(size);
   for (int r = 0; r < size; ++r) {
     threads.emplace_back([&, r] {
-      ThreadCommunicator comm(group, r);
+      Comm comm(group, r);
       try {
         fn(r, comm);
       } catch (...) {

@@ -290,25 +290,13 @@ class DeviceThreadCommunicator final : public Communicator {
   int collectives_ = 0;
 };
 
+// run_ranks with device-memory communicators; every thread works on device 0.
 template <typename Fn>
 void run_device_ranks(int size, Fn fn) {
-  auto group = std::make_shared<ThreadGroup>(size);
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(size);
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      DeviceThreadCommunicator comm(group, r);
-      try {
-        cuda_ok(cudaSetDevice(0), "cudaSetDevice");
-        fn(r, comm);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  run_ranks<DeviceThreadCommunicator>(size, [&](int rank, DeviceThreadCommunicator& comm) {
+    cuda_ok(cudaSetDevice(0), "cudaSetDevice");
+    fn(rank, comm);
+  });
 }
 
 }  // namespace lasp2::testing
