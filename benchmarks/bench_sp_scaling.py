@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
+from lasp2.distributed.collectives import all_gather_single
 
 
 def timer(device):
@@ -80,7 +81,7 @@ def measure(args):
     local_ms = run(lambda: step(None))
     record = torch.zeros(B * H * (D * D + 1), device=device)
     gathered = torch.empty(P * record.numel(), device=device)
-    gather_ms = run(lambda: dist.all_gather_into_tensor(gathered, record, group=group))
+    gather_ms = run(lambda: all_gather_single(gathered, record, group=group))
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     else:

@@ -10,6 +10,8 @@ import torch.distributed as dist
 LAYOUTS = ("bthd", "tbhd")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+# dtypes as integers, for the cross-rank consistency check
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 def fail(op: str, message: str):

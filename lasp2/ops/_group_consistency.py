@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from lasp2.distributed.collectives import all_gather_single
+
 _VERIFIED: dict = {}
-# torch >= 2.13 renames all_gather_into_tensor (and deprecates the old name)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def verify_group_consistency(op: str, group, signature: Sequence[int], names: Sequence[str],
@@ -26,7 +26,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     mine = torch.tensor(list(signature), dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-    _all_gather_single(gathered, mine, group=group)
+    all_gather_single(gathered, mine, group=group)
     table = gathered.view(world, -1).cpu()
     for column, name in enumerate(names):
         values = table[:, column].tolist()

@@ -17,7 +17,6 @@ from lasp2.ops._group_consistency import verify_group_consistency
 from lasp2.ops.providers import PROVIDERS
 
 OP = "lasp2.linear_attention"
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 class _Lasp2LinearAttention(torch.autograd.Function):
@@ -174,7 +173,7 @@ def linear_attention(
     if comm is not None:
         verify_group_consistency(
             OP, group,
-            [q.shape[1 - seq_dim], local_len, q.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype],
+            [q.shape[1 - seq_dim], local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
              0 if g is None and decay is None else (1 if decay is not None else 2), parts,
              int(cu_seqlens is not None), chunk_size, PROVIDERS.index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",

@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from lasp2.distributed.collectives import all_gather_single, reduce_scatter_single
 from lasp2.distributed.communicator import group_rank_and_size
 from lasp2.distributed.sequence_split import SPLITS, global_token_index
 from lasp2.ops import _checks as C
@@ -37,10 +38,8 @@ from lasp2.ops._cu_seqlens import check_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
 
 OP = "lasp2.softmax_attention"
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-# torch >= 2.13 renames the single-tensor collectives (and deprecates the old names)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# module attributes, so tests can count the calls
+_all_gather_single, _reduce_scatter_single = all_gather_single, reduce_scatter_single
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ def softmax_attention(
     if world > 1:
         verify_group_consistency(
             OP, group,
-            [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype], parts,
+            [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,
              int(causal), -1 if cu is None else len(cu), int(q.requires_grad), int(k.requires_grad),
              int(v.requires_grad), int(torch.is_grad_enabled())],
             ["batch size", "local sequence length", "query heads", "key/value heads", "key head dim",
