@@ -18,10 +18,15 @@ available unless force=True, and nothing in this package applies it implicitly.
   synchronize     torch.cuda.synchronize -> no-op (dist_checkpointing save,
                   strategies/filesystem_async.py:230; also needs psutil installed)
   schedules       pipeline_parallel.schedules allocates torch.zeros(device="cuda")
-                  (schedules.py:596): that module sees a torch whose zeros maps cuda -> cpu
-
-Not covered: get_megatron_optimizer (FP32Optimizer allocates on cuda, optimizer.py:907);
-use a torch.optim optimizer over DDP's main_grad on CPU (see examples/megatron_hybrid_gpt.py).
+                  (schedules.py:596): that module sees a torch whose factories map cuda -> cpu
+  optimizer       the same for the optimizers (FP32Optimizer's scale, optimizer.py:907; the
+                  distributed optimizer, gradient clipping and its local l2 norm in utils.py,
+                  the loss scaler, finalize_model_grads, the DDP buffers); and their two checks
+                  of CUDA type names (distrib_optimizer.py:420, clip_grads.py:167) see a CPU
+                  tensor's type under its CUDA name; the distributed optimizer's checkpoint
+                  gather / scatter (.cuda() copies, distrib_optimizer.py:1089) runs in place
+  tied_embedding  PP: the last stage's copy of the tied embedding weight is moved with .cuda()
+                  (language_module.py:244); there .cuda() leaves CPU tensors in place
 """
 
 from __future__ import annotations
@@ -113,18 +118,82 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _APPLIED.append("synchronize")
 
-    class _TorchForSchedules(types.ModuleType):
+    # Modules that allocate with device="cuda" (the pipeline schedules, the optimizers and their
+    # gradient clipping / loss scaling): each sees a torch whose factories map cuda -> cpu.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core import utils as mutils
+    from megatron.core.distributed import finalize_model_grads, param_and_grad_buffer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    proxy = _cpu_torch()
+    for module in (schedules, moptimizer, distrib_optimizer, clip_grads, grad_scaler, mutils,
+                   finalize_model_grads, param_and_grad_buffer):
+        module.torch = proxy
+    _APPLIED.append("schedules")
+    # Type checks that spell the CUDA names ('torch.cuda.FloatTensor'): the distributed optimizer's
+    # parameter grouping (distrib_optimizer.py:420) and gradient clipping (clip_grads.py:167).
+    build_groups = distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups.__func__
+    distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = classmethod(
+        _as_on_cuda(build_groups))
+    moptimizer.clip_grad_by_total_norm_fp32 = _as_on_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    # Its checkpoint state is gathered and scattered over the DP group with .cuda() copies
+    # (distrib_optimizer.py:1089 and the matching load paths).
+    for name in ("sharded_state_dict", "load_state_dict"):
+        method = getattr(distrib_optimizer.DistributedOptimizer, name)
+        setattr(distrib_optimizer.DistributedOptimizer, name, _as_on_cuda(method))
+    _APPLIED.append("optimizer")
+
+    # Pipeline parallelism: the last stage's copy of the tied embedding is moved with .cuda()
+    # before the all-reduce that initialises it (language_module.py:244).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _as_on_cuda(LanguageModule.setup_embeddings_and_output_layer)
+    _APPLIED.append("tied_embedding")
+    return list(_APPLIED)
+
+
+def _cpu_torch() -> types.ModuleType:
+    """A stand-in for the torch module whose tensor factories put device="cuda" on the CPU."""
+
+    class _CpuTorch(types.ModuleType):
         def __getattr__(self, name):
             return getattr(torch, name)
 
-    proxy = _TorchForSchedules("torch")
+    proxy = _CpuTorch("torch")
 
-    def zeros(*args, device=None, **kwargs):
-        if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+    def on_cpu(factory):
+        @functools.wraps(factory)
+        def make(*args, device=None, **kwargs):
+            if device is not None and torch.device(device).type == "cuda":
+                device = "cpu"
+            return factory(*args, device=device, **kwargs)
 
-    proxy.zeros = zeros
-    schedules.torch = proxy
-    _APPLIED.append("schedules")
-    return list(_APPLIED)
+        return make
+
+    for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like", "ones_like"):
+        setattr(proxy, name, on_cpu(getattr(torch, name)))
+    return proxy
+
+
+def _as_on_cuda(fn):
+    """fn, during which CPU tensors pass megatron-core's CUDA assumptions: .type() reads
+    'torch.cuda.<T>Tensor' and .cuda() leaves the tensor where it is."""
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original_type(self).replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    def stay(self, *args, **kwargs):
+        return self
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type, torch.Tensor.cuda = cuda_named_type, stay
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
+
+    return wrapped

@@ -17,7 +17,8 @@ pytest.importorskip("megatron.core")
 
 from dist_utils import run_distributed  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
-from test_megatron_support import (  # noqa: E402
+from megatron_testing import (  # noqa: E402
+    ddp_train,
     FP32_TOL,
     HEADS,
     HIDDEN,
@@ -62,13 +63,13 @@ CASES = [
 ]
 CKPT_CASE = Case("ckpt", O(layer_pattern="LNLN", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
-DDP_STEPS = 3
+DDP_STEPS = 3  # ddp_train's default
 
 
 def _packed_documents_are_separate():
     """CP = 1: per-token losses of a packed batch equal those of each document run alone
     (positions restart at every document, nothing attends across a boundary)."""
-    from test_megatron_support import PACKED_CU
+    from megatron_testing import PACKED_CU
 
     case = Case("packed docs", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced")
     model = build_gpt(case)
@@ -129,42 +130,6 @@ def _checkpoints(rank, tmpdir):
     return out
 
 
-def ddp_train(case, tp, cp, steps=DDP_STEPS, global_batch_size=4):
-    """Megatron DDP (grads reduced over the dp x cp group) + SGD; the global loss per step."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    init_parallel(tp=tp, cp=cp)
-    model = build_gpt(case, seed=3)
-    model = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # torch SGD over DDP's main_grad (get_megatron_optimizer allocates on cuda); SGD keeps the
-    # parameter differences proportional to the gradient differences (Adam amplifies tiny ones)
-    opt = torch.optim.SGD(params, lr=0.5)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    dp_cp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
-    losses = []
-    for step in range(steps):
-        batch, cu = global_batch(case, seed=100 + step, batch=global_batch_size)
-        total_tokens = batch["loss_mask"].sum()
-        mine = {k: v.chunk(dp_size)[dp_rank] for k, v in batch.items()}
-        model.zero_grad_buffer()
-        opt.zero_grad(set_to_none=True)
-        local, packed = local_batch(case, mine, cu)
-        per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
-                          packed_seq_params=packed)
-        share = (per_token * local["loss_mask"]).sum() / total_tokens  # sums to the global mean
-        (share * dp_cp_size).backward()  # DDP averages over dp x cp
-        model.finish_grad_sync()
-        for p in params:
-            p.grad = p.main_grad
-        opt.step()
-        total = share.detach().clone()
-        dist.all_reduce(total)  # over every rank: each TP rank holds the same share
-        losses.append(total.item() / tp)
-    return losses, full_state(model.module)
-
-
 def _ddp(rank):
     curves, states = {}, {}
     for tp, cp in ((1, 1), (1, 2)):  # (1, 1): DP = 2, the plain data-parallel reference
@@ -182,7 +147,7 @@ def _linear_moe(rank):
     from megatron.core import parallel_state as ps
 
     from megatron_patches.linear_moe import Lasp2LinearAttention
-    from test_megatron_linear_moe import linear_moe_config, swap_forward
+    from megatron_testing import linear_moe_config, swap_forward
 
     init_parallel(tp=1, cp=2)
     group = ps.get_context_parallel_group()
@@ -261,7 +226,7 @@ def _misc(rank):
 
     def pattern_mismatch():  # the Megatron-LM path: one spec for every layer, pattern checked at build
         from megatron.core.models.gpt import GPTModel
-        from test_megatron_support import VOCAB, transformer_config
+        from megatron_testing import VOCAB, transformer_config
 
         GPTModel(config=transformer_config(Case("p", num_layers=4)),
                  transformer_layer_spec=get_lasp2_layer_spec(O(layer_pattern="LNL")),
@@ -298,7 +263,7 @@ def _megatron_lm_spec_path():
     from megatron.core.transformer.spec_utils import import_module
 
     from megatron_patches import add_lasp2_args, options_from_args
-    from test_megatron_support import VOCAB, transformer_config
+    from megatron_testing import VOCAB, transformer_config
 
     argv = ["--hybrid-layer-pattern", "LNLL", "--linear-attention-decay", "gate", "--sp-split", "balanced"]
     args = add_lasp2_args(argparse.ArgumentParser()).parse_args(argv)

@@ -17,8 +17,8 @@ pytest.importorskip("megatron.core")
 
 from dist_utils import run_distributed  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
-from test_megatron_gpt import ddp_train  # noqa: E402
-from test_megatron_support import (  # noqa: E402
+from megatron_testing import (  # noqa: E402
+    ddp_train,
     Case,
     build_gpt,
     compare,

@@ -10,32 +10,7 @@ pytest.importorskip("megatron.core")
 
 import lasp2  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
-from test_megatron_support import HEADS, HIDDEN, SEQ  # noqa: E402
-
-
-def linear_moe_config(decay="gate", split="balanced", **fields):
-    """A TransformerConfig with the Linear-MoE fields the core module reads."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                               use_cpu_initialization=True, params_dtype=torch.float32)
-    values = dict(la_mode="chunk", la_feature_map="relu", la_output_norm="rmsnorm", la_elementwise_affine=True,
-                  la_norm_eps=1e-6, gla_la_gate_logit_normalizer=16.0, lasp2_decay=decay, lasp2_split=split)
-    values.update(fields)
-    for name, value in values.items():
-        setattr(config, name, value)
-    return config
-
-
-def swap_forward(layer, core, x):
-    """What Linear-MoE's outer LinearAttention does around its core: project, call, project."""
-    s, b, _ = x.shape
-    heads = (s, b, layer.num_heads, layer.head_dim)
-    q, k, v = layer.q_proj(x).view(heads), layer.k_proj(x).view(heads), layer.v_proj(x).view(heads)
-    gk = layer.g_proj(x) if layer.g_proj is not None else None  # per-head gate logits [s, b, h]
-    o = core(q=q, k=k, v=v, gk=gk) if gk is not None else core(q=q, k=k, v=v)
-    assert o.shape == (s, b, layer.num_heads * layer.head_dim)
-    return layer.o_proj(o)
+from megatron_testing import HEADS, HIDDEN, SEQ  # noqa: E402
 
 
 @pytest.mark.parametrize("decay", ["none", "fixed", "gate"])

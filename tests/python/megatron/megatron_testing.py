@@ -1,5 +1,5 @@
 """Shared pieces of the megatron-core integration tests (tiny GPT models, batches,
-gradient gathering, comparisons), plus the checks that need no model.
+gradient gathering, comparisons, Megatron's DDP training loop, the Linear-MoE stand-in).
 
 The models are megatron-core GPTModels (local spec, fp32, use_cpu_initialization,
 no dropout): hidden 64, 4 heads (GQA: 2 query groups), vocab 128, sequence 32.
@@ -13,11 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-import pytest
 import torch
 import torch.distributed as dist
 
-pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 from megatron_patches import Lasp2Options  # noqa: E402
@@ -199,24 +197,62 @@ def format_failures(results: Dict[str, Dict[str, float]], tol: float = FP32_TOL)
     return {name: r for name, r in results.items() if not matches(r, tol)}
 
 
-# --------------------------------------------------------------------------------------------
-# checks without a model
+def linear_moe_config(decay="gate", split="balanced", **fields):
+    """A TransformerConfig with the Linear-MoE fields the core module reads."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                               use_cpu_initialization=True, params_dtype=torch.float32)
+    values = dict(la_mode="chunk", la_feature_map="relu", la_output_norm="rmsnorm", la_elementwise_affine=True,
+                  la_norm_eps=1e-6, gla_la_gate_logit_normalizer=16.0, lasp2_decay=decay, lasp2_split=split)
+    values.update(fields)
+    for name, value in values.items():
+        setattr(config, name, value)
+    return config
 
 
-def test_version_pin_matches_ci():
-    import megatron.core
+def swap_forward(layer, core, x):
+    """What Linear-MoE's outer LinearAttention does around its core: project, call, project."""
+    s, b, _ = x.shape
+    heads = (s, b, layer.num_heads, layer.head_dim)
+    q, k, v = layer.q_proj(x).view(heads), layer.k_proj(x).view(heads), layer.v_proj(x).view(heads)
+    gk = layer.g_proj(x) if layer.g_proj is not None else None  # per-head gate logits [s, b, h]
+    o = core(q=q, k=k, v=v, gk=gk) if gk is not None else core(q=q, k=k, v=v)
+    assert o.shape == (s, b, layer.num_heads * layer.head_dim)
+    return layer.o_proj(o)
 
-    from megatron_patches import PINNED_MEGATRON_CORE
 
-    assert megatron.core.__version__ == PINNED_MEGATRON_CORE
+def ddp_train(case, tp, cp, steps=3, global_batch_size=4):
+    """Megatron DDP (grads reduced over the dp x cp group) + SGD; the global loss per step."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-
-def test_version_mismatch_warns(monkeypatch):
-    import megatron.core
-
-    from megatron_patches import _compat
-
-    monkeypatch.setattr(megatron.core, "__version__", "0.0.1")
-    monkeypatch.setattr(_compat, "_checked", False)
-    with pytest.warns(RuntimeWarning, match="pinned to megatron-core 0.16.1 but found 0.0.1"):
-        _compat.check_megatron_core_version()
+    init_parallel(tp=tp, cp=cp)
+    model = build_gpt(case, seed=3)
+    model = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # torch SGD over DDP's main_grad (get_megatron_optimizer allocates on cuda); SGD keeps the
+    # parameter differences proportional to the gradient differences (Adam amplifies tiny ones)
+    opt = torch.optim.SGD(params, lr=0.5)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    dp_cp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+    losses = []
+    for step in range(steps):
+        batch, cu = global_batch(case, seed=100 + step, batch=global_batch_size)
+        total_tokens = batch["loss_mask"].sum()
+        mine = {k: v.chunk(dp_size)[dp_rank] for k, v in batch.items()}
+        model.zero_grad_buffer()
+        opt.zero_grad(set_to_none=True)
+        local, packed = local_batch(case, mine, cu)
+        per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
+                          packed_seq_params=packed)
+        share = (per_token * local["loss_mask"]).sum() / total_tokens  # sums to the global mean
+        (share * dp_cp_size).backward()  # DDP averages over dp x cp
+        model.finish_grad_sync()
+        for p in params:
+            p.grad = p.main_grad
+        opt.step()
+        total = share.detach().clone()
+        dist.all_reduce(total)  # over every rank: each TP rank holds the same share
+        losses.append(total.item() / tp)
+    return losses, full_state(model.module)

@@ -1,0 +1,520 @@
+"""Pretrain a hybrid GPT with lasp2 on megatron-core's own training machinery.
+
+    torchrun --nproc_per_node 2 -m megatron_patches.pretrain_gpt --context-parallel-size 2 \\
+        --hybrid-layer-pattern LLLN --sp-provider lasp2 --train-iters 20 --save ckpt
+    lasp2-pretrain-gpt ...                                  # the same, as a console script
+
+Nothing here is a training loop of its own making: the steps run through
+megatron-core's `get_forward_backward_func` (no pipelining, 1F1B, interleaved
+virtual stages), gradients through Megatron's `DistributedDataParallel` and
+`finalize_model_grads`, the update through `get_megatron_optimizer` (Adam / SGD,
+`--use-distributed-optimizer`, bf16 master weights), checkpoints through
+`dist_checkpointing` (loadable at another TP x PP x CP x DP layout), data through
+megatron-core's GPT dataset (`MockGPTDataset` unless `--data-path` names an
+indexed dataset). Arguments use Megatron-LM's names. `--sp-provider
+lasp2|lasp1|ulysses|none` is the one lasp2 flag; the rest of the lasp2 group
+(megatron_patches.arguments) has defaults.
+
+Each step logs one line: iteration, loss, learning rate, grad norm, tokens/s and,
+on GPUs, model TFLOP/s per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_patches.arguments import add_lasp2_args
+from megatron_patches.options import Lasp2ConfigError, Lasp2Options, options_from_args
+
+__all__ = ["build_parser", "main", "parse_args", "pretrain"]
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's names for what this launcher uses, plus the lasp2 group."""
+    p = argparse.ArgumentParser(prog="lasp2-pretrain-gpt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=int, default=4)
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--group-query-attention", action="store_true")
+    m.add_argument("--num-query-groups", type=int, default=None)
+    m.add_argument("--seq-length", type=int, default=64)
+    m.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    m.add_argument("--vocab-size", type=int, default=128, help="vocabulary of the mock data / the model")
+    m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
+    m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="layer spec: local or transformer_engine (default: TE where it imports on GPU)")
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--use-distributed-optimizer", action="store_true")
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=1)
+    t.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x DP")
+    t.add_argument("--train-iters", type=int, default=20)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.95)
+    t.add_argument("--sgd-momentum", type=float, default=0.0)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU)")
+    t.add_argument("--calculate-per-token-loss", action="store_true")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    d = p.add_argument_group("data")
+    d.add_argument("--mock-data", action="store_true", help="megatron-core's MockGPTDataset (the default)")
+    d.add_argument("--data-path", nargs="*", default=None, help="Megatron indexed dataset prefix(es)")
+    d.add_argument("--split", default="100,0,0")
+    c = p.add_argument_group("checkpoints and logging")
+    c.add_argument("--save", default=None)
+    c.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    c.add_argument("--load", default=None)
+    c.add_argument("--ckpt-step", type=int, default=None, help="iteration to load (default: the latest)")
+    c.add_argument("--log-interval", type=int, default=1)
+    c.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda if available")
+    c.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None)
+    add_lasp2_args(p)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.bf16 and args.device == "cpu":
+        raise SystemExit("--bf16 is for --device cuda (lasp2's CPU kernels compute in fp32)")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if not args.group_query_attention:
+        args.num_query_groups = None
+    if args.transformer_impl is None:
+        from megatron_patches.specs import HAVE_TE
+
+        args.transformer_impl = "transformer_engine" if (HAVE_TE and args.device == "cuda") else "local"
+    return args
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+
+def _log(text: str):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def initialize(args) -> None:
+    """Process group, Megatron's parallel state (TP, PP, virtual PP, CP), seeds."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(args.distributed_backend)
+    if args.device == "cpu":
+        from megatron_patches.cpu import enable_cpu_execution
+
+        enable_cpu_execution()
+    world = dist.get_world_size()
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world % (tp * pp * cp):
+        raise SystemExit(f"world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    args.data_parallel_size = world // (tp * pp * cp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % per_step:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x DP "
+                         f"= {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers // pp
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise SystemExit("layers per pipeline stage must be divisible by --num-layers-per-virtual-pipeline-stage")
+        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+                                 context_parallel_size=cp,
+                                 # gloo copies of the groups only where the main backend is not gloo
+                                 create_gloo_process_groups=args.distributed_backend != "gloo")
+    torch.manual_seed(args.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+
+
+def transformer_config(args):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    kwargs = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
+        normalization=args.normalization, init_method_std=args.init_method_std,
+        params_dtype=dtype, bf16=args.bf16, pipeline_dtype=dtype, autocast_dtype=dtype,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True,  # the same weights for every layout: checkpoints and tests compare
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        recompute_granularity=args.recompute_granularity,
+        gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
+        apply_rope_fusion=False, bias_dropout_fusion=False,
+    )
+    if args.recompute_granularity == "full":
+        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def lasp2_options(args) -> Lasp2Options:
+    options = options_from_args(args)
+    options.validate(args.num_layers)
+    return options
+
+
+def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
+    """One GPTModel per virtual stage of this pipeline rank, each wrapped in Megatron's DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+
+    backend = "te" if args.transformer_impl == "transformer_engine" else "local"
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if args.virtual_pipeline_model_parallel_size else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        spec = get_lasp2_hybrid_block_spec(config, options, backend, vp_stage=stage)
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab_size,
+                         max_sequence_length=args.max_position_embeddings, pre_process=pre, post_process=post,
+                         position_embedding_type=args.position_embedding_type,
+                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                         vp_stage=stage)
+        if args.device == "cuda":
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)]
+
+
+def build_optimizer(args, chunks):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    return get_megatron_optimizer(config, chunks, use_gloo_process_groups=args.distributed_backend != "gloo")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class _MockTokenizer:
+    """What megatron-core's GPT dataset reads of a tokenizer (vocab size and end-of-document)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.pad = -1
+        self.unique_identifiers = {"class": "lasp2-mock", "vocab_size": vocab_size}  # dataset cache key
+
+
+def build_dataset(args):
+    """megatron-core's GPTDataset: MockGPTDataset, or the indexed dataset at --data-path."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    mock = not args.data_path
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=None if mock else (args.data_path, None),
+        split=None if mock else args.split, tokenizer=_MockTokenizer(args.vocab_size), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=None)
+    samples = args.train_iters * args.global_batch_size
+    cls = MockGPTDataset if mock else GPTDataset
+    train, _, _ = BlendedMegatronDatasetBuilder(cls, [samples, None, None], lambda: True, config).build()
+    return train
+
+
+def data_iterator(args, dataset, start_iteration: int):
+    """Micro-batches of this data-parallel rank, from the global sample index of each step
+    (the same samples whatever the layout: DP rank r takes the r-th slice of each batch)."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank = ps.get_data_parallel_rank()
+    mb, gbs = args.micro_batch_size, args.global_batch_size
+    per_rank = gbs // args.data_parallel_size
+    for iteration in range(start_iteration, args.train_iters):
+        base = iteration * gbs + dp_rank * per_rank
+        for m in range(args.num_microbatches):
+            samples = [dataset[base + m * mb + i] for i in range(mb)]
+            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                   for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM's GPT loss protocol: (sum of this rank's token losses, its token count,
+    a [sum, count] report that the schedule averages over micro-batches)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss, tokens, {"lm loss": torch.stack([loss.detach().clone(), mask.sum()])}
+
+
+def make_forward_step(options: Lasp2Options, device):
+    from megatron_patches.batch import get_batch_on_this_sp_rank
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator) if data_iterator is not None else None
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        local = get_batch_on_this_sp_rank(batch, split=options.split)  # this CP rank's tokens
+        output = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
+        return output, partial(loss_func, local["loss_mask"])
+
+    return forward_step
+
+
+def _reduce_lm_loss(reports: List[Dict[str, torch.Tensor]], device) -> float:
+    """The global token-mean loss of the step (last pipeline stage: sum over micro-batches and
+    the dp x cp group; then broadcast over the pipeline)."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for report in reports:
+        total += report["lm loss"].to(device=device, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is nonzero
+    return (total[0] / total[1]).item()
+
+
+def _flops_per_step(args) -> float:
+    """Model FLOPs of one step: 6 x (parameters touched per token) x tokens, plus the quadratic
+    attention term of the softmax layers (6 x 2 x s x h per token and layer, causal: halved)."""
+    h, l, v, s = args.hidden_size, args.num_layers, args.vocab_size, args.seq_length
+    ffn = args.ffn_hidden_size
+    dense = l * (4 * h * h + 2 * h * ffn) + v * h
+    options = lasp2_options(args)
+    softmax_layers = options.pattern_for(l).count("N")
+    tokens = args.global_batch_size * s
+    return 6.0 * dense * tokens + 6.0 * softmax_layers * s * h * tokens
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _tracker(path: str) -> str:
+    return os.path.join(path, "latest_checkpointed_iteration.txt")
+
+
+def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
+    state = {"iteration": iteration}
+    if len(chunks) == 1:
+        state["model"] = chunks[0].module.sharded_state_dict()
+        model_state = state["model"]
+    else:
+        model_state = {}
+        for i, chunk in enumerate(chunks):
+            state[f"model{i}"] = chunk.module.sharded_state_dict()
+            model_state.update(state[f"model{i}"])
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    return state
+
+
+def save_checkpoint(path: str, iteration: int, chunks, optimizer) -> str:
+    """A dist_checkpointing checkpoint of model and optimizer at <path>/iter_<N>, loadable at
+    another TP x PP x CP x DP layout; <path>/latest_checkpointed_iteration.txt names it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patches.checkpointing import save_strategy
+
+    directory = os.path.join(path, f"iter_{iteration:07d}")
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), directory,
+                            sharded_strategy=save_strategy())
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(_tracker(path), "w") as f:
+            f.write(str(iteration))
+    dist.barrier()
+    return directory
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Gives a fresh optimizer the state entries a loaded checkpoint fills in (the
+    distributed optimizer's state dict reads Adam's "step" of every parameter)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p.data), "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = None) -> int:
+    """Loads the checkpoint of `iteration` (default: the latest) under path; returns its
+    iteration (0 if there is none)."""
+    from megatron.core import dist_checkpointing
+
+    if iteration is None:
+        if not os.path.exists(_tracker(path)):
+            _log(f"no checkpoint under {path}: starting from scratch")
+            return 0
+        with open(_tracker(path)) as f:
+            iteration = int(f.read().strip())
+    directory = os.path.join(path, f"iter_{iteration:07d}")
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
+    state = dist_checkpointing.load(_sharded_state(chunks, optimizer, iteration, True), directory)
+    if len(chunks) == 1:
+        chunks[0].module.load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.module.load_state_dict(state[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    _log(f"loaded {directory} (iteration {iteration})")
+    return iteration
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def pretrain(args, after_model_build=None) -> Dict[str, object]:
+    """Builds everything and trains; returns the per-step losses, the last iteration, the
+    model chunks and the optimizer. after_model_build(chunks), if given, runs before the
+    optimizer is built (tests set weights there)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
+    initialize(args)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    options = lasp2_options(args)
+    if options.split == "contiguous" and args.position_embedding_type == "rope":
+        from megatron_patches.rope import use_lasp2_rope
+
+        use_lasp2_rope("contiguous")  # Megatron slices RoPE for its zig-zag (= balanced) layout
+    config = transformer_config(args)
+    chunks = build_model(args, config, options)
+    if after_model_build is not None:
+        after_model_build(chunks)
+    optimizer = build_optimizer(args, chunks)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    iteration = load_checkpoint(args.load, chunks, optimizer, args.ckpt_step) if args.load else 0
+    dataset = build_dataset(args)
+    iterators = [data_iterator(args, dataset, iteration) for _ in chunks]
+    forward_step = make_forward_step(options, device)
+    forward_backward = get_forward_backward_func()
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    _log(f"lasp2-pretrain-gpt: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
+         f"{args.pipeline_model_parallel_size}{' (virtual ' + str(args.virtual_pipeline_model_parallel_size) + ')' if args.virtual_pipeline_model_parallel_size else ''}"
+         f" x CP {args.context_parallel_size} x DP {args.data_parallel_size}; pattern "
+         f"{options.pattern_for(args.num_layers)}, sp-provider {options.provider}, split {options.split}; "
+         f"{args.transformer_impl} spec, {'bf16' if args.bf16 else 'fp32'}, "
+         f"{'distributed ' if args.use_distributed_optimizer else ''}{args.optimizer}; "
+         f"rank 0 holds {n_params / 1e6:.2f} M parameters")
+    losses = []
+    flops = _flops_per_step(args)
+    while iteration < args.train_iters:
+        start = time.perf_counter()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks, num_microbatches=args.num_microbatches, seq_length=args.seq_length,  # Megatron divides by CP
+            micro_batch_size=args.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"iteration {iteration + 1}: the optimizer step was skipped (inf/nan gradients)")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        loss = _reduce_lm_loss(reports, device)
+        elapsed = time.perf_counter() - start
+        iteration += 1
+        losses.append(loss)
+        if iteration % args.log_interval == 0:
+            tokens_per_s = args.global_batch_size * args.seq_length / elapsed
+            line = (f"iteration {iteration:6d}/{args.train_iters} | lm loss {loss:.6f} | lr {args.lr:.3g} | "
+                    f"grad norm {grad_norm:.4f} | {elapsed * 1000:.1f} ms | tokens/s {tokens_per_s:,.0f}")
+            if device.type == "cuda":
+                line += f" | TFLOP/s per GPU {flops / elapsed / dist.get_world_size() / 1e12:.1f}"
+            _log(line)
+        if args.save and args.save_interval and iteration % args.save_interval == 0 \
+                and iteration < args.train_iters:
+            _log(f"saved {save_checkpoint(args.save, iteration, chunks, optimizer)}")
+    if args.save:
+        _log(f"saved {save_checkpoint(args.save, iteration, chunks, optimizer)}")
+    return {"losses": losses, "iteration": iteration, "chunks": chunks, "optimizer": optimizer}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    except Lasp2ConfigError as exc:
+        print(f"lasp2-pretrain-gpt: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
