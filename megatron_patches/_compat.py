@@ -27,3 +27,35 @@ def check_megatron_core_version() -> str:
                 f"{PINNED_MEGATRON_CORE} only (see docs/megatron.md, 'Patch surface')",
                 RuntimeWarning, stacklevel=3)
     return found
+
+
+_FIXES_APPLIED = False
+
+
+def apply_megatron_core_fixes() -> None:
+    """Work-arounds for megatron-core bugs the launcher meets (idempotent).
+
+    distributed optimizer, no Apex / TE (torch's Adam; every CPU run): loading a
+    'fully_reshardable' checkpoint first gives each parameter's state the common "step"
+    (distrib_optimizer.py, load_state_dict), then copies the checkpoint's per-parameter
+    tensors over every state key, "step" included, which the checkpoint does not hold
+    (_set_main_param_and_optimizer_states: KeyError 'step'). The step is kept as loaded.
+    """
+    global _FIXES_APPLIED
+    if _FIXES_APPLIED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    _FIXES_APPLIED = True

@@ -22,7 +22,9 @@ from megatron_patches.options import (
     options_from_args,
 )
 
-__all__ = ["add_lasp2_args", "options_from_args"]
+__all__ = ["MEGATRON_PATTERN_FLAG", "add_lasp2_args", "options_from_args"]
+
+MEGATRON_PATTERN_FLAG = "--hybrid-layer-pattern"
 
 
 def _bool(text: str) -> bool:
@@ -37,8 +39,7 @@ def _bool(text: str) -> bool:
 def _add(parser: argparse.ArgumentParser, group, flags, **kwargs):
     """Adds an option under the flags the parser does not define yet.
 
-    Newer Megatron-LM defines --hybrid-layer-pattern itself (Mamba hybrids, other
-    symbols); the --lasp2-* spelling of the same option always works.
+    Flags the parser already defines are skipped; at least one must be free.
     """
     taken = getattr(parser, "_option_string_actions", {})
     free = [f for f in flags if f not in taken]
@@ -63,10 +64,13 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
          help="sequence layout over the CP group: balanced (= Megatron's get_batch_on_this_cp_rank "
               "and RoPE slicing, no patch needed) or contiguous (needs megatron_patches.batch and "
               "megatron_patches.rope.use_lasp2_rope). Default: %(default)s")
-    _add(parser, group, ["--hybrid-layer-pattern", "--lasp2-layer-pattern"], dest="lasp2_layer_pattern",
-         type=str, default=d.layer_pattern,
-         help="one character per layer: L = linear attention (LASP-2), N = softmax attention "
-              "(LASP-2H), e.g. LLLNLLLN. Default: every layer linear attention")
+    if MEGATRON_PATTERN_FLAG not in getattr(parser, "_option_string_actions", {}):
+        _add(parser, group, [MEGATRON_PATTERN_FLAG], dest="hybrid_layer_pattern", type=str,
+             default=d.layer_pattern,
+             help="one character per layer: L = linear attention (LASP-2), S = softmax attention "
+                  "(LASP-2H; also N or Megatron's *), e.g. LLLSLLLS. Default: every layer linear attention")
+    # else: Megatron-LM >= 0.17 defines --hybrid-layer-pattern itself; lasp2 reads the same flag
+    # (options_from_args), so there is one pattern flag, in lasp2's letters plus Megatron's "*".
     _add(parser, group, ["--linear-attention-decay"], dest="linear_attention_decay", choices=DECAYS,
          default=d.decay,
          help="none, fixed (per-head lightning decay) or gate (per-token gate projected from the "

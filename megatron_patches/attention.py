@@ -47,7 +47,7 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.linear_attention import FEATURE_MAPS, lightning_log_decay  # noqa: E402
-from megatron_patches.options import LINEAR, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
+from megatron_patches.options import LAYER_LETTERS, LINEAR, SOFTMAX, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = [
     "Lasp2LinearCoreAttention",
@@ -306,7 +306,7 @@ class Lasp2SelfAttention(SelfAttention):
 
     Built by megatron-core's TransformerLayer like the stock SelfAttention, with two
     extra spec params: `lasp2_options` (None: Megatron-LM's parsed --sp-* arguments,
-    else the defaults) and `layer_kind` ("L", "N" or None: the layer's character in
+    else the defaults) and `layer_kind` ("L", "S" or None: the layer's character in
     the options' layer_pattern, by global 1-based layer number).
 
     Linear layers (kind "L"): core attention Lasp2LinearCoreAttention; with
@@ -314,7 +314,7 @@ class Lasp2SelfAttention(SelfAttention):
     hidden -> num_heads, TP-sharded by head; bias initialised to log(15), i.e.
     gates near 1 - 1/16) computes
     g = logsigmoid(x W + b) / gate_logit_normalizer; rotary embeddings are skipped
-    unless linear_rope. Softmax layers (kind "N"): Lasp2SoftmaxCoreAttention, or the
+    unless linear_rope. Softmax layers (kind "S"): Lasp2SoftmaxCoreAttention, or the
     spec's own core attention when provider is "none".
     """
 
@@ -324,8 +324,9 @@ class Lasp2SelfAttention(SelfAttention):
         options = resolve_options(lasp2_options)
         options.validate(config.num_layers)
         kind = layer_kind if layer_kind is not None else options.layer_kind(layer_number, config.num_layers)
-        if kind not in ("L", "N"):
-            raise Lasp2ConfigError(f"layer_kind must be 'L' or 'N', got {kind!r}")
+        if kind not in LAYER_LETTERS or LAYER_LETTERS[kind] not in (LINEAR, SOFTMAX):
+            raise Lasp2ConfigError(f"layer_kind must be 'L' or 'S' (or 'N' / '*'), got {kind!r}")
+        kind = LAYER_LETTERS[kind]
         if kind == LINEAR:
             if options.provider == "none":
                 raise Lasp2ConfigError("provider 'none' has no linear attention (layer "

@@ -15,7 +15,9 @@ batches ("balanced", zig-zag) unless configured otherwise.
 Config fields read (all optional; Linear-MoE's names where it has one):
   la_feature_map          None/"identity", "relu", "elu" (F.elu, as Linear-MoE's
                           ACT2FN), "elu+1", "silu"/"swish", "sigmoid"
-  la_output_norm          "rmsnorm" (default) or "identity"
+  la_output_norm          "rmsnorm" (default) or "identity"; the module is `la_output_norm`
+                          as in Linear-MoE (parameter la_output_norm.weight [head_v_dim]), so
+                          Linear-MoE checkpoints load
   la_elementwise_affine   learned per-channel scale of the output norm (default True)
   la_norm_eps             output-norm epsilon (default 1e-6)
   gla_la_gate_logit_normalizer  g = logsigmoid(gk) / normalizer (default 16)
@@ -47,6 +49,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.linear_attention import lightning_log_decay  # noqa: E402
+from lasp2.nn.norms import HeadRMSNorm  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
@@ -95,11 +98,17 @@ class Lasp2LinearAttention(MegatronModule):
         norm = get("la_output_norm", "rmsnorm")
         if norm not in ("rmsnorm", "identity"):
             raise Lasp2ConfigError(f"Lasp2LinearAttention: la_output_norm must be 'rmsnorm' or 'identity', got {norm!r}")
-        self.norm_eps = float(get("la_norm_eps", 1e-6))
-        self.use_norm = norm == "rmsnorm"
-        affine = bool(get("la_elementwise_affine", True))
-        self.norm_weight = (torch.nn.Parameter(torch.ones(self.head_v_dim, dtype=config.params_dtype))
-                            if self.use_norm and affine else None)
+        # Linear-MoE's own module and parameter name (la_output_norm.weight, [head_v_dim]) so
+        # that its checkpoints load: the scale is shared by all heads.
+        if norm == "rmsnorm":
+            self.la_output_norm = HeadRMSNorm(self.head_v_dim, eps=float(get("la_norm_eps", 1e-6)),
+                                              dtype=config.params_dtype)
+            if not bool(get("la_elementwise_affine", True)):  # Linear-MoE then has no parameter
+                del self.la_output_norm.weight
+                self.la_output_norm.register_buffer("weight", torch.ones(self.head_v_dim), persistent=False)
+        else:
+            self.la_output_norm = torch.nn.Identity()
+        self._register_load_state_dict_pre_hook(_rename_old_norm_weight)
         self.gate_normalizer = float(get("gla_la_gate_logit_normalizer", 16.0))
         self.gate_clamp_min = get("gla_la_clamp_min")
         self.split = get("lasp2_split", "balanced")
@@ -118,11 +127,18 @@ class Lasp2LinearAttention(MegatronModule):
             self.register_buffer("log_decay", lightning_log_decay(self.num_heads)[tp_rank * per:(tp_rank + 1) * per]
                                  .float(), persistent=False)
         _, _, tp_size = _groups()
-        if self.norm_weight is not None and tp_size > 1:
+        weight = getattr(self.la_output_norm, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and tp_size > 1:
             # One scale shared by all heads while heads are split over TP ranks: its gradient
             # is the sum over the TP group (Megatron sums only sequence-parallel / qk-norm grads).
             tp_group = parallel_state.get_tensor_model_parallel_group()
-            self.norm_weight.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+            weight.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+
+    @property
+    def norm_weight(self):
+        """The output norm's scale (la_output_norm.weight), None without one."""
+        weight = getattr(self.la_output_norm, "weight", None)
+        return weight if isinstance(weight, torch.nn.Parameter) else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: Optional[torch.Tensor] = None,
                 g: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
@@ -149,12 +165,7 @@ class Lasp2LinearAttention(MegatronModule):
         o = lasp2.linear_attention(q, k, v, g=log_gate, decay=decay, scale=self.scale, group=cp_group,
                                    layout="tbhd", split=self.split, cu_seqlens=cu_seqlens,
                                    chunk_size=self.chunk_size, provider=self.provider)
-        if self.use_norm:
-            o32 = o.float()
-            o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-            if self.norm_weight is not None:
-                o32 = o32 * self.norm_weight.float()
-            o = o32.to(o.dtype)
+        o = self.la_output_norm(o)
         return o.reshape(n, b, h * o.shape[-1])
 
     def _log_gate(self, gk, g, n, b, h):
@@ -174,6 +185,13 @@ class Lasp2LinearAttention(MegatronModule):
         elif g is not None:
             g = g.reshape(n, b, h)
         return g
+
+
+def _rename_old_norm_weight(state_dict, prefix, *args):
+    """Checkpoints of earlier lasp2 versions named the output-norm scale `norm_weight`."""
+    old = prefix + "norm_weight"
+    if old in state_dict:
+        state_dict[prefix + "la_output_norm.weight"] = state_dict.pop(old)
 
 
 def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:

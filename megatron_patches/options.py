@@ -17,7 +17,27 @@ SPLITS = ("balanced", "contiguous")
 DECAYS = ("none", "fixed", "gate")
 FEATURE_MAPS = ("identity", "elu", "relu", "silu")
 SOFTMAX_BACKENDS = ("auto", "sdpa", "plain")
-LINEAR, SOFTMAX = "L", "N"
+LINEAR, SOFTMAX, GATED_DELTANET = "L", "S", "G"
+# lasp2's layer letters (lasp2.options: L linear attention, S softmax attention, G gated
+# DeltaNet) plus the spellings of softmax attention in Megatron: "N" (earlier lasp2 patterns)
+# and "*" (the attention symbol of Megatron's --hybrid-layer-pattern, 0.17+)
+LAYER_LETTERS = {"L": LINEAR, "S": SOFTMAX, "N": SOFTMAX, "*": SOFTMAX, "G": GATED_DELTANET}
+
+
+def normalize_layer_pattern(pattern: Optional[str], name: str = "layer_pattern (--hybrid-layer-pattern)"):
+    """The pattern in lasp2's letters ("N" and "*" become "S"); ValueError naming the argument
+    for other characters. Megatron's pipeline separator "|" is dropped (stages come from
+    --pipeline-model-parallel-size)."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str) or not pattern.replace("|", ""):
+        raise Lasp2ConfigError(f"{name} must be a non-empty string of layer letters, got {pattern!r}")
+    bad = sorted(set(pattern) - set(LAYER_LETTERS) - {"|"})
+    if bad:
+        raise Lasp2ConfigError(
+            f"{name} {pattern!r} has characters {bad}; use 'L' (linear attention, LASP-2), 'S' (softmax "
+            "attention, LASP-2H; also spelled 'N' or Megatron's '*') and 'G' (gated DeltaNet)")
+    return "".join(LAYER_LETTERS[c] for c in pattern if c != "|")
 
 
 class Lasp2ConfigError(ValueError):
@@ -35,8 +55,9 @@ class Lasp2Options:
     split: how the sequence is laid out over the context-parallel group:
         "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
         2P) or "contiguous". lasp1 and ulysses need "contiguous".
-    layer_pattern: one character per layer, "L" linear attention, "N" softmax
-        attention (e.g. "LLLN" * 6). None: every layer is linear attention.
+    layer_pattern: one character per layer, "L" linear attention, "S" softmax
+        attention ("N" and Megatron's "*" mean the same and are stored as "S"),
+        e.g. "LLLS" * 6. None: every layer is linear attention.
     decay: linear attention's decay: "none", "fixed" (per-head lightning decay) or
         "gate" (per-token, per-head gate projected from the hidden states).
     feature_map: applied to q and k of linear attention.
@@ -62,6 +83,8 @@ class Lasp2Options:
     softmax_backend: str = "auto"
 
     def __post_init__(self):
+        if isinstance(self.layer_pattern, str):
+            object.__setattr__(self, "layer_pattern", normalize_layer_pattern(self.layer_pattern))
         self.validate()
 
     def replace(self, **changes) -> "Lasp2Options":
@@ -84,24 +107,20 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
         if self.layer_pattern is not None:
-            if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
+            normalize_layer_pattern(self.layer_pattern)
+            if GATED_DELTANET in self.layer_pattern:
                 raise Lasp2ConfigError(
-                    f"layer_pattern (--hybrid-layer-pattern) must be a non-empty string of 'L'/'N', "
-                    f"got {self.layer_pattern!r}")
-            bad = sorted(set(self.layer_pattern) - {LINEAR, SOFTMAX})
-            if bad:
-                raise Lasp2ConfigError(
-                    f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r} has characters {bad}; "
-                    "use 'L' (linear attention, LASP-2) and 'N' (softmax attention, LASP-2H)")
+                    f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r}: 'G' (gated DeltaNet) layers "
+                    "are not available in megatron_patches yet; use 'L' and 'S'")
             if num_layers is not None and len(self.layer_pattern) != num_layers:
                 raise Lasp2ConfigError(
                     f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r} has "
                     f"{len(self.layer_pattern)} characters but the model has num_layers={num_layers} "
-                    f"(one character per layer, e.g. {('LLLN' * num_layers)[:num_layers]!r})")
+                    f"(one character per layer, e.g. {('LLLS' * num_layers)[:num_layers]!r})")
         if self.provider == "none" and LINEAR in self.pattern_for(num_layers or 1):
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention: "
-                "set --hybrid-layer-pattern to all 'N', or --sp-provider lasp2|lasp1|ulysses")
+                "set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
         return self
 
     def pattern_for(self, num_layers: int) -> str:
@@ -110,7 +129,7 @@ class Lasp2Options:
         return self.layer_pattern
 
     def layer_kind(self, layer_number: int, num_layers: int) -> str:
-        """'L' or 'N' for a 1-based global layer number."""
+        """'L' or 'S' for a 1-based global layer number."""
         self.validate(num_layers)
         if not 1 <= layer_number <= num_layers:
             raise Lasp2ConfigError(f"layer_number {layer_number} is outside [1, {num_layers}]")
@@ -129,7 +148,8 @@ def options_from_args(args) -> Lasp2Options:
     return Lasp2Options(
         provider=get("sp_provider", defaults.provider),
         split=get("sp_split", defaults.split),
-        layer_pattern=get("lasp2_layer_pattern", defaults.layer_pattern),
+        # add_lasp2_args' flag and Megatron-LM's own (0.17+) share the dest hybrid_layer_pattern
+        layer_pattern=get("hybrid_layer_pattern", defaults.layer_pattern),
         decay=get("linear_attention_decay", defaults.decay),
         feature_map=get("linear_attention_feature_map", defaults.feature_map),
         output_norm=get("linear_attention_output_norm", defaults.output_norm),

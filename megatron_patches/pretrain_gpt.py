@@ -156,10 +156,10 @@ def initialize(args) -> None:
     args.num_microbatches = args.global_batch_size // per_step
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = args.num_layers // pp
-        if per_stage % args.num_layers_per_virtual_pipeline_stage:
-            raise SystemExit("layers per pipeline stage must be divisible by --num-layers-per-virtual-pipeline-stage")
-        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+        # The interleaved schedule runs, but its first-step loss did not equal PP = 1 in
+        # tests/python/megatron/test_megatron_pretrain.py: refused until that is understood.
+        raise SystemExit("--num-layers-per-virtual-pipeline-stage (interleaved 1F1B) is not supported by "
+                         "lasp2-pretrain-gpt yet; use --pipeline-model-parallel-size alone")
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -439,7 +439,10 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_patches._compat import apply_megatron_core_fixes
+
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
+    apply_megatron_core_fixes()
     initialize(args)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     options = lasp2_options(args)

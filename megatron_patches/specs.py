@@ -64,7 +64,7 @@ def patch_layer_spec(spec: ModuleSpec, options: Optional[Lasp2Options] = None,
     """A copy of a TransformerLayer spec whose self attention is Lasp2SelfAttention.
 
     Works with any spec whose self_attention is a SelfAttention spec (local, TE,
-    MoE layer specs). layer_kind "L"/"N" fixes the layer's kind; None picks it from
+    MoE layer specs). layer_kind "L"/"S" fixes the layer's kind; None picks it from
     options.layer_pattern by layer number when the layer is built. options None:
     Megatron-LM's parsed --sp-* arguments at build time, else the defaults.
     """
@@ -119,7 +119,7 @@ def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, 
     """TransformerBlockSubmodules of this pipeline stage's layers for a hybrid pattern
     (as get_gpt_decoder_block_spec slices its layers; PP and VPP layouts included).
 
-    A pattern mixing "L" and "N" sets config.hetereogenous_dist_checkpoint (per-layer
+    A pattern mixing "L" and "S" sets config.hetereogenous_dist_checkpoint (per-layer
     distributed-checkpoint keys; the layers' parameters differ)."""
     layer_specs = get_lasp2_layer_specs(config.num_layers, options, backend, **base_kwargs)
     mark_heterogeneous_layers(config, options if options is not None else Lasp2Options())

@@ -45,12 +45,16 @@ def test_extra_args_provider_protocol_returns_the_parser():
     assert any(g.title == "lasp2" for g in parser._action_groups)
 
 
-def test_lasp2_spelling_when_megatron_defines_hybrid_layer_pattern():
-    """Newer Megatron-LM has its own --hybrid-layer-pattern (Mamba hybrids): ours steps aside."""
+def test_one_pattern_flag_when_megatron_defines_hybrid_layer_pattern():
+    """Megatron-LM 0.17+ has its own --hybrid-layer-pattern: lasp2 adds no second flag and reads
+    Megatron's, whose attention symbol "*" is lasp2's softmax letter "S"."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hybrid-layer-pattern", dest="hybrid_layer_pattern")
-    args = parse("--hybrid-layer-pattern", "M*M*", "--lasp2-layer-pattern", "LN", parser=parser)
-    assert args.hybrid_layer_pattern == "M*M*" and args.lasp2_layer_pattern == "LN"
+    parser.add_argument("--hybrid-layer-pattern", dest="hybrid_layer_pattern", default=None)
+    args = parse("--hybrid-layer-pattern", "L*LN", parser=parser)
+    assert sum(a.dest == "hybrid_layer_pattern" for a in parser._actions) == 1
+    assert options_from_args(args).layer_pattern == "LSLS"
+    with pytest.raises(SystemExit):  # no lasp2 spelling of its own
+        parser.parse_args(["--lasp2-layer-pattern", "LL"])
 
 
 @pytest.mark.parametrize("argv", [["--sp-provider", "ring"], ["--sp-split", "zigzag"],
@@ -86,9 +90,9 @@ def test_pattern_length_must_match_the_model():
     assert opts.validate(4) is opts
     with pytest.raises(Lasp2ConfigError, match="has 4 characters but the model has num_layers=8"):
         opts.validate(8)
-    assert [opts.layer_kind(i, 4) for i in range(1, 5)] == ["L", "L", "L", "N"]
+    assert [opts.layer_kind(i, 4) for i in range(1, 5)] == ["L", "L", "L", "S"]
     assert Lasp2Options().pattern_for(3) == "LLL"
-    assert Lasp2Options(provider="none").pattern_for(2) == "NN"
+    assert Lasp2Options(provider="none").pattern_for(2) == "SS"
 
 
 def test_options_come_from_megatron_lm_args(monkeypatch):
@@ -148,7 +152,7 @@ def test_hybrid_block_spec_slices_pipeline_stages():
     config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, pipeline_model_parallel_size=2,
                                pipeline_dtype=torch.float32, use_cpu_initialization=True)
     opts = Lasp2Options(layer_pattern="LNNL")
-    for pp_rank, kinds in ((0, "LN"), (1, "NL")):
+    for pp_rank, kinds in ((0, "LS"), (1, "SL")):
         block = get_lasp2_hybrid_block_spec(config, opts, pp_rank=pp_rank)
         assert "".join(s.submodules.self_attention.params["layer_kind"] for s in block.layer_specs) == kinds
     assert config.hetereogenous_dist_checkpoint  # mixed layers are keyed per layer in checkpoints

@@ -160,7 +160,7 @@ def _linear_moe(rank):
             ref = layer(x)
             ref_grads = torch.autograd.grad(ref.square().sum(), list(layer.parameters()))
             core = Lasp2LinearAttention(linear_moe_config(decay, split))
-            core.norm_weight = layer.norm.weight  # shared: its gradient is compared too
+            core.la_output_norm.weight = layer.norm.weight  # shared: its gradient is compared too
             x_local = lasp2.split_sequence(x, group, split=split, dim=0)
             y = swap_forward(layer, core, x_local)
             grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
@@ -365,7 +365,7 @@ def test_provider_none_keeps_megatron_attention_and_lasp2h_matches_it(cp2_result
 def test_megatron_lm_module_spec_path(cp2_results):
     """The one-flag Megatron-LM path builds the same model as the explicit block spec (CP = 2)."""
     r = cp2_results["misc"]["megatron_lm_spec"]
-    assert r["kinds"] == "LNLL"
+    assert r["kinds"] == "LSLL"
     assert r["loss_rel"] == 0.0 and r["grad_rel"] == 0.0, r
 
 

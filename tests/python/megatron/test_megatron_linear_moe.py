@@ -10,7 +10,7 @@ pytest.importorskip("megatron.core")
 
 import lasp2  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
-from megatron_testing import HEADS, HIDDEN, SEQ  # noqa: E402
+from megatron_testing import HEADS, HIDDEN, SEQ, linear_moe_config, swap_forward  # noqa: E402
 
 
 @pytest.mark.parametrize("decay", ["none", "fixed", "gate"])
@@ -25,7 +25,7 @@ def test_swap_equals_lasp2_nn_linear_attention(decay):
     ref = layer(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), list(layer.parameters()))
     core = Lasp2LinearAttention(linear_moe_config(decay))
-    core.norm_weight = layer.norm.weight  # shared: its gradient is compared too
+    core.la_output_norm.weight = layer.norm.weight  # shared: its gradient is compared too
     y = swap_forward(layer, core, x)
     grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
@@ -63,3 +63,28 @@ def test_linear_moe_errors():
         Lasp2LinearAttention(linear_moe_config(la_feature_map="hedgehog"))
     with pytest.raises(Lasp2ConfigError, match="divisible"):
         Lasp2LinearAttention(linear_moe_config(), expand_k=0.3)
+
+
+def test_parameter_names_are_linear_moes():
+    """Linear-MoE's core modules hold their output norm as `la_output_norm` (an RMSNorm over
+    head_v_dim, parameter `weight` when la_elementwise_affine): its checkpoints load strictly."""
+    from megatron_patches.linear_moe import Lasp2LinearAttention
+
+    head_v = HIDDEN // HEADS
+    core = Lasp2LinearAttention(linear_moe_config("gate"))
+    assert {n: tuple(p.shape) for n, p in core.named_parameters()} == {"la_output_norm.weight": (head_v,)}
+    scale = torch.linspace(0.5, 1.5, head_v)
+    core.load_state_dict({"la_output_norm.weight": scale}, strict=True)  # a Linear-MoE checkpoint
+    assert torch.equal(core.la_output_norm.weight.detach(), scale)
+    core.load_state_dict({"norm_weight": 2 * scale}, strict=True)  # earlier lasp2 checkpoints
+    assert torch.equal(core.la_output_norm.weight.detach(), 2 * scale)
+    # the scale multiplies the per-head RMS-normalised output
+    q = k = v = torch.randn(8, 1, HEADS, head_v)
+    gk = torch.randn(8, 1, HEADS)
+    o = core(q=q, k=k, v=v, gk=gk).reshape(8, 1, HEADS, head_v)
+    unit = Lasp2LinearAttention(linear_moe_config("gate", la_elementwise_affine=False))
+    assert dict(unit.named_parameters()) == {} and "la_output_norm.weight" not in unit.state_dict()
+    ref = unit(q=q, k=k, v=v, gk=gk).reshape(8, 1, HEADS, head_v) * 2 * scale
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-6)
+    identity = Lasp2LinearAttention(linear_moe_config("gate", la_output_norm="identity"))
+    assert dict(identity.named_parameters()) == {}
