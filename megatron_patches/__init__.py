@@ -1,6 +1,6 @@
 """lasp2 in Megatron: core attentions, layer specs, arguments, batch / RoPE helpers.
 
-Pinned to megatron-core 0.16.1 (a different version warns at import of the modules
+Written against megatron-core 0.16.1 and 0.19.x (another version warns at import of the modules
 that use it). See docs/megatron.md.
 
   megatron_patches.arguments   add_lasp2_args (Megatron-LM extra_args_provider)

@@ -1,30 +1,39 @@
-"""The megatron-core version this package is written against."""
+"""The megatron-core versions this package is written against, and fixes for their bugs."""
 
 from __future__ import annotations
 
 import warnings
 
-PINNED_MEGATRON_CORE = "0.16.1"
+# megatron-core releases the patches are checked against: 0.16.1 (the last release for
+# CPython 3.11) and 0.19.x (the current release; its wheels need CPython >= 3.12).
+SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.19")
+PINNED_MEGATRON_CORE = SUPPORTED_MEGATRON_CORE[0]
 _checked = False
 
 
+def is_supported(version: str) -> bool:
+    base = version.split("+", 1)[0]
+    return any(base == v or base.startswith(v + ".") for v in SUPPORTED_MEGATRON_CORE)
+
+
 def check_megatron_core_version() -> str:
-    """Imports megatron.core; warns once if it is not the pinned version."""
+    """Imports megatron.core; warns once if it is not a supported version."""
     global _checked
     try:
         import megatron.core as mcore
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "megatron_patches needs megatron-core: "
-            f"pip install --no-deps megatron-core=={PINNED_MEGATRON_CORE} psutil") from exc
+            f"pip install --no-deps megatron-core=={PINNED_MEGATRON_CORE} psutil "
+            "(Python 3.11) or 'megatron-core==0.19.*' triton psutil (Python >= 3.12)") from exc
     found = getattr(mcore, "__version__", "unknown")
     if not _checked:
         _checked = True
-        if found != PINNED_MEGATRON_CORE:
+        if not is_supported(found):
             warnings.warn(
-                f"megatron_patches is pinned to megatron-core {PINNED_MEGATRON_CORE} but found {found}: "
-                "the core-attention protocol, spec layout and CPU patches were checked against "
-                f"{PINNED_MEGATRON_CORE} only (see docs/megatron.md, 'Patch surface')",
+                f"megatron_patches supports megatron-core {' and '.join(SUPPORTED_MEGATRON_CORE)} but found "
+                f"{found}: the core-attention protocol, spec layout and CPU patches were checked against "
+                "those only (see docs/megatron.md, 'Patch surface')",
                 RuntimeWarning, stacklevel=3)
     return found
 

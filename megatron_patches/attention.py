@@ -47,7 +47,14 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.linear_attention import FEATURE_MAPS, lightning_log_decay  # noqa: E402
-from megatron_patches.options import LAYER_LETTERS, LINEAR, SOFTMAX, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
+from megatron_patches.options import (  # noqa: E402
+    LAYER_LETTERS,
+    LINEAR,
+    SOFTMAX,
+    Lasp2ConfigError,
+    Lasp2Options,
+    resolve_options,
+)
 
 __all__ = [
     "Lasp2LinearCoreAttention",
@@ -320,7 +327,8 @@ class Lasp2SelfAttention(SelfAttention):
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
                  cp_comm_type=None, pg_collection=None, lasp2_options: Optional[Lasp2Options] = None,
-                 layer_kind: Optional[str] = None):
+                 layer_kind: Optional[str] = None, **kwargs):
+        # kwargs: what newer megatron-core passes on to SelfAttention (0.19: name=)
         options = resolve_options(lasp2_options)
         options.validate(config.num_layers)
         kind = layer_kind if layer_kind is not None else options.layer_kind(layer_number, config.num_layers)
@@ -338,7 +346,8 @@ class Lasp2SelfAttention(SelfAttention):
             core = functools.partial(Lasp2SoftmaxCoreAttention, options=options)
         submodules = dataclasses.replace(submodules, core_attention=core)
         mark_heterogeneous_layers(config, options)
-        kwargs = {} if cp_comm_type is None else {"cp_comm_type": cp_comm_type}
+        if cp_comm_type is not None:
+            kwargs["cp_comm_type"] = cp_comm_type
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, pg_collection=pg_collection, **kwargs)
         self.lasp2_options, self.layer_kind = options, kind

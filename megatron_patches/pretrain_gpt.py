@@ -372,14 +372,14 @@ def save_checkpoint(path: str, iteration: int, chunks, optimizer) -> str:
     another TP x PP x CP x DP layout; <path>/latest_checkpointed_iteration.txt names it."""
     from megatron.core import dist_checkpointing
 
-    from megatron_patches.checkpointing import save_strategy
+    from megatron_patches.checkpointing import check_checkpoint_writer
 
+    check_checkpoint_writer()
     directory = os.path.join(path, f"iter_{iteration:07d}")
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), directory,
-                            sharded_strategy=save_strategy())
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), directory)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(_tracker(path), "w") as f:
@@ -458,6 +458,10 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.grad_scale_func = optimizer.scale_loss
+    if args.save:  # fail now, not after training, if the checkpoint writer cannot run here
+        from megatron_patches.checkpointing import check_checkpoint_writer
+
+        check_checkpoint_writer()
     iteration = load_checkpoint(args.load, chunks, optimizer, args.ckpt_step) if args.load else 0
     dataset = build_dataset(args)
     iterators = [data_iterator(args, dataset, iteration) for _ in chunks]

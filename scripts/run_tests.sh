@@ -23,10 +23,16 @@ quiet() {
 }
 
 bash scripts/install.sh
-# megatron-core is pinned; --no-deps keeps the installed torch (its import needs only
-# torch, numpy, packaging); psutil is needed by its checkpoint writer.
+# megatron-core: the newest release, 0.19.x, where the Python allows it (its wheels need
+# CPython >= 3.12; its pipeline schedules import triton, which CPU-only torch does not bring),
+# else 0.16.1, the last release for 3.11. --no-deps keeps the installed torch (megatron-core's
+# import needs only torch, numpy, packaging); psutil is needed by its checkpoint writer.
 "$PY" -m pip install -q pytest psutil
-"$PY" -m pip install -q --no-deps "megatron-core==${LASP2_MEGATRON_CORE_VERSION:-0.16.1}"
+if "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  "$PY" -m pip install -q --no-deps "megatron-core==${LASP2_MEGATRON_CORE_VERSION:-0.19.*}" triton
+else
+  "$PY" -m pip install -q --no-deps "megatron-core==${LASP2_MEGATRON_CORE_VERSION:-0.16.1}"
+fi
 
 if [ ! -f /usr/include/gtest/gtest.h ]; then
   (apt-get install -y -q libgtest-dev >/dev/null 2>&1) ||

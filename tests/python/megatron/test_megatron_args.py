@@ -121,7 +121,7 @@ def test_layer_specs_follow_the_pattern():
     opts = Lasp2Options(layer_pattern="LLNL")
     specs = get_lasp2_layer_specs(4, opts)
     attn = [s.submodules.self_attention for s in specs]
-    assert [a.params["layer_kind"] for a in attn] == list("LLNL")
+    assert [a.params["layer_kind"] for a in attn] == list("LLSL")  # "N" is read as lasp2's "S"
     assert all(a.module is Lasp2SelfAttention and issubclass(a.module, SelfAttention) for a in attn)
     assert all(a.params["lasp2_options"] is opts for a in attn)
     with pytest.raises(Lasp2ConfigError, match="num_layers=5"):

@@ -1,0 +1,82 @@
+"""Run Megatron-LM's own pretrain_gpt.py / pretrain_mamba.py with lasp2, no source edit:
+
+    python -m megatron_patches.run pretrain_gpt.py --context-parallel-size 4 \\
+        --sp-provider lasp2 --hybrid-layer-pattern LLLSLLLS ... (Megatron-LM's arguments)
+
+Before the script runs, this registers the lasp2 argument group (add_lasp2_args) with
+Megatron-LM's parser, and selects the lasp2 layer spec (`--spec megatron_patches.specs
+lasp2_layer_spec`, or the TE one with --transformer-impl transformer_engine) whenever
+--sp-provider is given and --spec is not: `--sp-provider` alone switches lasp2 on.
+With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from typing import List, Optional
+
+__all__ = ["install", "main", "spec_args"]
+
+
+def spec_args(argv: List[str]) -> List[str]:
+    """argv plus `--spec megatron_patches.specs <spec>` when --sp-provider is given without --spec."""
+    flags = {a.split("=", 1)[0] for a in argv}
+    if "--spec" in flags or not ({"--sp-provider", "--lasp2-sp-provider"} & flags):
+        return list(argv)
+    provider = _value(argv, "--sp-provider") or _value(argv, "--lasp2-sp-provider")
+    if provider == "none":  # Megatron's own attention and context parallelism
+        return list(argv)
+    te = _value(argv, "--transformer-impl") in (None, "transformer_engine")
+    moe = _value(argv, "--num-experts") not in (None, "0")
+    try:
+        from megatron_patches.specs import HAVE_TE
+    except ImportError:  # pragma: no cover - megatron-core missing: the script will say so
+        HAVE_TE = False
+    name = "lasp2_" + ("te_" if te and HAVE_TE else "") + ("moe_" if moe else "") + "layer_spec"
+    return list(argv) + ["--spec", "megatron_patches.specs", name]
+
+
+def _value(argv: List[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def install() -> None:
+    """Makes Megatron-LM's argument parser include the lasp2 group (add_lasp2_args runs after
+    Megatron's own arguments, so it sees Megatron's --hybrid-layer-pattern where defined)."""
+    from megatron.training import arguments
+
+    from megatron_patches.arguments import add_lasp2_args
+
+    original = arguments.add_megatron_arguments
+    if getattr(original, "lasp2", False):
+        return
+
+    def add_megatron_arguments(parser):
+        return add_lasp2_args(original(parser))
+
+    add_megatron_arguments.lasp2 = True
+    arguments.add_megatron_arguments = add_megatron_arguments  # parse_args looks it up at call time
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m megatron_patches.run <pretrain_gpt.py | pretrain_mamba.py> ARGS...")
+    script, rest = argv[0], spec_args(argv[1:])
+    install()
+    if _value(rest, "--sp-split") == "contiguous":
+        from megatron_patches.rope import use_lasp2_rope
+
+        use_lasp2_rope("contiguous")
+    sys.argv = [script] + rest
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
