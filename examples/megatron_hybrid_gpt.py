@@ -1,5 +1,9 @@
 """Pretrain a small hybrid GPT (linear + softmax attention) with megatron-core and lasp2.
 
+A minimal hand-written loop showing the pieces (model call, DDP, a torch optimizer). For
+training on Megatron's own schedules, optimizer and checkpoints use the launcher
+`python -m megatron_patches.pretrain_gpt` (docs/megatron.md).
+
 Linear-attention layers run LASP-2 and softmax layers LASP-2H over Megatron's
 context-parallel group; TP, DP (Megatron's DDP over the dp x cp group) compose as usual.
 

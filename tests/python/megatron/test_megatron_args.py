@@ -244,3 +244,18 @@ def test_rope_positions_and_patch():
     finally:
         rope.restore_megatron_rope()
     assert rope_utils._apply_rotary_pos_emb_thd is original_thd and rope.active_rope_split() is None
+
+
+def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
+    """python -m megatron_patches.run pretrain_gpt.py ...: --sp-provider alone adds the lasp2 spec."""
+    from megatron_patches.run import spec_args
+    from megatron_patches.specs import HAVE_TE
+
+    local = ["--sp-provider", "lasp2", "--transformer-impl", "local"]
+    assert spec_args(local) == local + ["--spec", "megatron_patches.specs", "lasp2_layer_spec"]
+    assert spec_args(local + ["--num-experts", "8"])[-1] == "lasp2_moe_layer_spec"
+    te = spec_args(["--sp-provider=lasp1"])[-1]
+    assert te == ("lasp2_te_layer_spec" if HAVE_TE else "lasp2_layer_spec")
+    for unchanged in (["--sp-provider", "none"], ["--num-layers", "4"],
+                      ["--sp-provider", "lasp2", "--spec", "my.specs", "s"]):
+        assert spec_args(unchanged) == unchanged
