@@ -9,7 +9,7 @@ from lasp2.distributed import gather_sequence, global_token_index, split_sequenc
 from lasp2.ops import linear_attention
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.ops.softmax_attention import softmax_attention
-from lasp2 import nn
+from lasp2 import nn, options
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "kda",
     "linear_attention",
     "nn",
+    "options",
     "softmax_attention",
     "split_sequence",
 ]
