@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasp2.nn.norms import rms_norm
 from lasp2.nn.short_conv import ShortConvolution
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
+from lasp2.options import LAYOUTS, SPLITS, check_choice
 
 
 class GatedRMSNorm(nn.Module):
@@ -24,9 +26,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype))
 
     def forward(self, x, gate):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return (normed * F.silu(gate.float())).to(x.dtype)
+        normed = rms_norm(x, self.weight, self.eps)
+        return normed * F.silu(gate.to(normed.dtype))
 
 
 class GatedDeltaNet(nn.Module):
@@ -44,20 +45,19 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
                  value_head_dim: Optional[int] = None, conv_size: int = 4, per_key_gate: bool = False,
-                 group=None, split: str = "contiguous", layout: str = "bthd", chunk_size: int = 64,
-                 norm_eps: float = 1e-5, device=None, dtype=None):
+                 group=None, split: str = "contiguous", layout: str = "bthd", norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
         value_head_dim = value_head_dim or head_dim
         if head_dim * num_heads == 0:
             raise ValueError(f"GatedDeltaNet: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
-        if layout not in ("bthd", "tbhd"):
-            raise ValueError(f"GatedDeltaNet: `layout` must be 'bthd' or 'tbhd', got {layout!r}")
+        check_choice("GatedDeltaNet", "layout", layout, LAYOUTS)
+        check_choice("GatedDeltaNet", "split", split, SPLITS)
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim, self.value_head_dim = head_dim, value_head_dim
         self.per_key_gate = per_key_gate
-        self.group, self.split, self.layout, self.chunk_size = group, split, layout, chunk_size
+        self.group, self.split, self.layout = group, split, layout
         key_dim, value_dim = num_heads * head_dim, num_heads * value_head_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
@@ -89,19 +89,18 @@ class GatedDeltaNet(nn.Module):
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
         v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        A = torch.exp(self.A_log.float())
-        a = F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        # gates accumulate over the sequence: float32 at least (float64 stays float64)
+        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
+        A = torch.exp(self.A_log.to(gate_dtype))
+        a = F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
         if self.per_key_gate:
             g = -(a.view(B, T, H, K) * A[:, None])
         else:
             g = -(a * A)
         op = kda if self.per_key_gate else gated_delta_rule
-        o, final = op(q, k, v, g.to(q.dtype) if q.dtype == torch.float64 else g,
-                      beta.to(q.dtype) if q.dtype == torch.float64 else beta,
-                      initial_state=initial_state, output_final_state=output_final_state,
-                      cu_seqlens=cu_seqlens, group=self.group, split=self.split, use_qk_l2norm=True,
-                      chunk_size=self.chunk_size)
+        o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens, group=self.group, split=self.split, use_qk_l2norm=True)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         out = self.o_proj(o.reshape(B, T, H * V))
         if self.layout == "tbhd":

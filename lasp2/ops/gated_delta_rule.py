@@ -19,13 +19,16 @@ import torch.distributed as dist
 
 from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator, group_rank_and_size
-from lasp2.distributed.sequence_split import SPLITS, global_token_index
+from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
 from lasp2.ops._cu_seqlens import check_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.options import SPLITS, check_choice
 
-DELTA_PROVIDERS = ("lasp2",)
+DELTA_PROVIDERS = ("lasp2",)  # of lasp2.options.PROVIDERS, the ones this family has
 L2NORM_EPS = 1e-6  # as fla's l2norm
+# The CPU kernels' chunk length, not a knob of the op (as lasp2.linear_attention).
+CPU_CHUNK_SIZE = 64
 
 
 class _DeltaRuleLasp2(torch.autograd.Function):
@@ -91,8 +94,7 @@ def _l2norm(x):
 
 
 def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group):
-    if provider not in DELTA_PROVIDERS:
-        C.fail(op, f"`provider` must be one of {DELTA_PROVIDERS} for the delta-rule family, got {provider!r}")
+    check_choice(op, "provider", provider, DELTA_PROVIDERS)
     C.check_layout(op, layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
         C.check_tensor(op, name, x, 4)
@@ -128,8 +130,7 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
         if beta.numel() and bool(((beta < 0) | (beta > 1) | torch.isnan(beta)).any()):
             C.fail(op, f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
                        f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
-    if split not in SPLITS:
-        C.fail(op, f"`split` must be one of {SPLITS}, got {split!r}")
+    check_choice(op, "split", split, SPLITS)
     C.check_group(op, group)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
@@ -142,7 +143,7 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 
 
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
-                group, layout, split, provider, use_qk_l2norm, sp_context, chunk_size):
+                group, layout, split, provider, use_qk_l2norm, sp_context):
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
         group = sp_context.group
         split = sp_context.split
@@ -151,7 +152,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     scale = C.check_scale(op, scale)
     if scale is None:
         scale = q.shape[3] ** -0.5
-    C.check_chunk_size(op, chunk_size)
+    chunk_size = CPU_CHUNK_SIZE
     if not isinstance(output_final_state, bool):
         C.fail(op, f"`output_final_state` must be a bool, got {type(output_final_state).__name__}")
     rank, world = group_rank_and_size(group)
@@ -180,10 +181,10 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
             op, group,
             [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
              int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
-             chunk_size, int(bool(use_qk_l2norm))],
+             int(bool(use_qk_l2norm))],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
              "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens",
-             "use of initial_state", "output_final_state", "chunk_size", "use_qk_l2norm"],
+             "use of initial_state", "output_final_state", "use_qk_l2norm"],
             q.device)
 
     if layout == "tbhd":
@@ -216,7 +217,6 @@ def gated_delta_rule(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
-    chunk_size: int = 64,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
@@ -247,7 +247,6 @@ def gated_delta_rule(
         provider: "lasp2" (the only sequence-parallel algorithm of this family yet).
         use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
             ``use_qk_l2norm_in_kernel``).
-        chunk_size: the CPU kernels' chunk length.
 
     Returns:
         ``(o, final_state)``: o with the shape of v; final_state None unless
@@ -255,7 +254,7 @@ def gated_delta_rule(
     """
     return _delta_rule("lasp2.gated_delta_rule", q, k, v, g, beta, False, scale, initial_state,
                        output_final_state, cu_seqlens, group, layout, split, provider, use_qk_l2norm,
-                       sp_context, chunk_size)
+                       sp_context)
 
 
 def kda(
@@ -274,7 +273,6 @@ def kda(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
-    chunk_size: int = 64,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
     ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the
@@ -282,4 +280,4 @@ def kda(
     (``[T, B, H, Dk]`` for "tbhd"); every other argument is as
     :func:`gated_delta_rule`."""
     return _delta_rule("lasp2.kda", q, k, v, g, beta, True, scale, initial_state, output_final_state,
-                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context, chunk_size)
+                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context)

@@ -1,4 +1,5 @@
-"""lasp2.gated_delta_rule / lasp2.kda over P = 2, 3, 4 gloo processes equal one process.
+"""lasp2.gated_delta_rule / lasp2.kda over P = 2, 3, 4 gloo processes equal one process
+(itself checked against the float64 recurrence in ops/test_gated_delta_rule.py).
 
 Every rank checks its output rows, its q/k/v/g/beta gradients and the final states
 against a one-process run on the whole sequence (float64, 1e-5 relative: the part
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2_testing.checks import assert_rel
-from lasp2_testing.delta_rule_reference import delta_rule_reference
 from lasp2_testing.dist import run_distributed
 
 # (kind, split, packed)
@@ -51,12 +51,10 @@ def check_rank(rank, world):
     for index, (kind, split, packed) in enumerate(CONFIGS):
         op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
         q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=10 + index)
-        kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu, chunk_size=4)
+        kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
 
         full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
         o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
-        o_ref, final_ref = delta_rule_reference(q, k, v, g, beta, 0.8, h0, cu)
-        assert_rel(o_full, o_ref, 1e-6, f"{kind} one process vs reference")  # fp32 initial states
         grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
 
         local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
@@ -75,6 +73,8 @@ def check_rank(rank, world):
         d_h0 = grads[5].clone()
         dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
         assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+    if world == 2:
+        check_mismatch(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -83,6 +83,7 @@ def test_ranks_equal_one_process(world):
 
 
 def check_mismatch(rank, world):
+    """Ranks that call with different local lengths all raise (instead of hanging)."""
     q = torch.randn(1, 8 + 2 * rank, 2, 4, dtype=torch.float64)
     g = -torch.rand(1, q.shape[1], 2, dtype=torch.float64)
     beta = torch.rand(1, q.shape[1], 2, dtype=torch.float64)
@@ -92,7 +93,3 @@ def check_mismatch(rank, world):
         assert "local sequence length" in str(e), str(e)
     else:
         raise AssertionError("ranks with different lengths must all raise")
-
-
-def test_mismatched_ranks_all_raise():
-    run_distributed(2, check_mismatch)

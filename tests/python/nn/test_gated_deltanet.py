@@ -1,6 +1,7 @@
 """lasp2.nn.GatedDeltaNet and its short convolution: one process against plain
-references, and over gloo groups (P = 2, 3; both splits; packed documents) equal to
-one process in output, input gradient and (group-summed) parameter gradients."""
+references, and over gloo groups (both splits; packed documents) equal to
+one process in output, input gradient and (group-summed) parameter gradients.
+P = 2 keeps CI short; the op itself runs at P = 2, 3, 4 in distributed/."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_short_conv_matches_conv1d_with_documents():
 @pytest.mark.parametrize("per_key_gate", [False, True])
 def test_module_runs_and_returns_states(per_key_gate):
     torch.manual_seed(0)
-    layer = lasp2.nn.GatedDeltaNet(16, 2, conv_size=3, per_key_gate=per_key_gate, chunk_size=4).double()
+    layer = lasp2.nn.GatedDeltaNet(16, 2, conv_size=3, per_key_gate=per_key_gate).double()
     x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
     y, final = layer(x, output_final_state=True)
     assert y.shape == x.shape and final.shape == (2, 2, 8, 8)
@@ -58,7 +59,7 @@ def check_module_rank(rank, world):
     for index, (split, packed, per_key) in enumerate(CONFIGS):
         torch.manual_seed(20 + index)
         T = 8 * world
-        layer = lasp2.nn.GatedDeltaNet(12, 2, conv_size=4, per_key_gate=per_key, chunk_size=4).double()
+        layer = lasp2.nn.GatedDeltaNet(12, 2, conv_size=4, per_key_gate=per_key).double()
         x = torch.randn(1 if packed else 2, T, 12, dtype=torch.float64)
         do = torch.randn_like(x)
         cu = torch.tensor([0, 3, 9, T - 2, T]) if packed else None
@@ -81,6 +82,5 @@ def check_module_rank(rank, world):
             assert_rel(got, want, 1e-5, f"d{name}, {what}")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_module_same_with_and_without_group(world):
-    run_distributed(world, check_module_rank)
+def test_module_same_with_and_without_group():
+    run_distributed(2, check_module_rank)
