@@ -34,7 +34,9 @@ if has build; then
   python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &
   BUILD_PID=$!
 fi
-if has gtest; then
+if has gtest && [ ! -x .carry/bin/lasp2_core_tests ] && [ ! -d .carry/googletest ]; then
+  say "CUDA GoogleTests skipped: carry .carry/bin (benchmarks/kernel/build_carry.sh) or .carry/googletest (a copy of /usr/src/googletest, built here)"
+elif has gtest; then
   # the CUDA GoogleTests (8 shards) and compute-sanitizer on a subset, while the extension builds
   OUT=$LOGS/gtest bash benchmarks/kernel/device_run.sh tests > "$LOGS/gtest_summary.log" 2>&1
   say "CUDA GoogleTests: $(grep -hcE '^\[       OK \]' "$LOGS"/gtest/tests.log 2>/dev/null) OK, \
