@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import lasp2
 from lasp2_testing.checks import assert_rel
 from lasp2_testing.errors import ATTENTION_CASES, BadCall, call, expect_bad_call
-from lasp2_testing.delta_rule import delta_rule_reference
+from lasp2_testing.delta_rule_reference import delta_rule_reference
 
 OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
 
