@@ -92,6 +92,19 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda *a: fn(*a, h0.detach())[1], inputs, eps=1e-3, atol=5e-4, rtol=5e-3)
 
 
+def test_sp_context_supplies_documents():
+    from types import SimpleNamespace
+
+    q, k, v, g, beta, _ = make_inputs("gdn", B=1, T=9)
+    cu = torch.tensor([0, 4, 9])
+    o, _ = lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
+    ctx = SimpleNamespace(group=None, split="contiguous", cu_seqlens=cu)
+    o_ctx, _ = lasp2.gated_delta_rule(q, k, v, g, beta, sp_context=ctx)
+    assert torch.equal(o, o_ctx)
+    with pytest.raises(ValueError, match="`sp_context`"):
+        lasp2.gated_delta_rule(q, k, v, g, beta, sp_context=ctx, cu_seqlens=cu)
+
+
 def qkv(B=1, T=8, H=2, D=4, dtype=torch.float32):
     return tuple(torch.randn(B, T, H, D, dtype=dtype) for _ in range(3))
 
