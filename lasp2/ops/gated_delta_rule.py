@@ -145,9 +145,11 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                 group, layout, split, provider, use_qk_l2norm, sp_context):
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
+        if group is not None or cu_seqlens is not None:
+            C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
         split = sp_context.split
-        cu_seqlens = getattr(sp_context, "cu_seqlens", cu_seqlens)
+        cu_seqlens = getattr(sp_context, "cu_seqlens", None)
     _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group)
     scale = C.check_scale(op, scale)
     if scale is None:

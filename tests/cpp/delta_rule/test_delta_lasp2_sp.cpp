@@ -136,3 +136,35 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_
 
 }  // namespace
 }  // namespace lasp2::delta::testing
+
+namespace lasp2::delta::testing {
+namespace {
+
+// Bad schedule arguments fail with lasp2::Error before any kernel or collective runs.
+TEST(DeltaLasp2Checks, RejectsInconsistentArguments) {
+  DeltaSpec s;
+  s.seqlen = 8;
+  const DeltaProblem<double> pr(s);
+  const DeltaParams p = pr.params();
+  std::vector<double> o(pr.v.size());
+  std::vector<float> records(1024), prefixes(1024), ws(4096);
+  const DeltaSaved saved{records.data(), prefixes.data()};
+  auto run = [&](const PartLayout& layout, const DeltaSequences& seqs) {
+    delta_lasp2_forward(delta_cpu_backend(), nullptr, layout, p, seqs, nullptr,
+                        {o.data(), pr.strides(s.dim_v)}, saved, nullptr, ws.data(), nullptr);
+  };
+  DeltaSequences rows;
+  rows.count = s.batch;
+  EXPECT_THROW(run(PartLayout::contiguous(2, 0), rows), Error);  // SP without a communicator
+  DeltaSequences wrong_count;
+  wrong_count.count = s.batch + 1;
+  EXPECT_THROW(run(PartLayout::contiguous(1, 0), wrong_count), Error);
+  DeltaSequences packed;  // packed documents need B = 1 and doc_start / doc_id
+  packed.count = 2;
+  packed.head_doc = {-1};
+  EXPECT_THROW(run(PartLayout::contiguous(1, 0), packed), Error);
+  EXPECT_NO_THROW(run(PartLayout::contiguous(1, 0), rows));
+}
+
+}  // namespace
+}  // namespace lasp2::delta::testing
