@@ -9,6 +9,7 @@
 
 from lasp2._extension import Lasp2Error, has_cuda_kernels
 from lasp2.distributed import SPContext, build_sp_context, gather_sequence, global_token_index, split_sequence
+from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.ops.linear_attention import linear_attention
 from lasp2.ops.softmax_attention import softmax_attention
 from lasp2 import nn, options
@@ -20,8 +21,10 @@ __all__ = [
     "SPContext",
     "build_sp_context",
     "gather_sequence",
+    "gated_delta_rule",
     "global_token_index",
     "has_cuda_kernels",
+    "kda",
     "linear_attention",
     "nn",
     "options",

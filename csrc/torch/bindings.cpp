@@ -2,6 +2,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "delta_rule_op.h"
 #include "instrumented_communicator.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
@@ -90,6 +91,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+
+  lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA
