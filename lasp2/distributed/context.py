@@ -92,7 +92,7 @@ class SPContext:
         return 2 if self.split == "balanced" and self.world_size > 1 else 1
 
     @property
-    def layout(self) -> str:
+    def effective_split(self) -> str:
         """The split actually in effect: "contiguous" on one device."""
         return "balanced" if self.parts_per_rank == 2 else "contiguous"
 
@@ -104,7 +104,8 @@ class SPContext:
     @cached_property
     def global_index(self) -> torch.Tensor:
         """int64 [local_len]: the global position of each local token."""
-        return global_token_index(self.local_len, self.rank, self.world_size, self.layout, device=self.device)
+        return global_token_index(self.local_len, self.rank, self.world_size, self.effective_split,
+                                  device=self.device)
 
     @cached_property
     def positions(self) -> torch.Tensor:

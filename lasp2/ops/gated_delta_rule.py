@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from lasp2._extension import _C
-from lasp2.distributed.communicator import get_communicator, group_rank_and_size
+from lasp2.distributed.communicator import check_group, get_communicator, group_rank_and_size
+from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
-from lasp2.ops._cu_seqlens import check_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
 from lasp2.options import SPLITS, check_choice
 
@@ -72,7 +72,9 @@ class _DeltaRuleLasp2(torch.autograd.Function):
 
 def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts, device):
     """(doc_start uint8 [T_local], doc_id int32 [T_local], head_doc per global part, N)."""
-    values = check_cu_seqlens(op, cu_seqlens, batch, local_len * world)
+    values = check_cu_seqlens(op, cu_seqlens, local_len * world)
+    if batch != 1:
+        C.fail(op, f"`cu_seqlens` needs packed input with batch size 1, got batch {batch}")
     if bool((values[1:] == values[:-1]).any()):
         C.fail(op, f"`cu_seqlens` must be strictly increasing (no empty documents), got {values.tolist()}")
     global_len = local_len * world
@@ -131,7 +133,7 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
             C.fail(op, f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
                        f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
     check_choice(op, "split", split, SPLITS)
-    C.check_group(op, group)
+    check_group(op, group)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             C.fail(op, f"`initial_state` must be a torch.Tensor or None, got {type(initial_state).__name__}")

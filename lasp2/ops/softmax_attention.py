@@ -331,6 +331,6 @@ def softmax_attention(
     blocks = plan_blocks(local_len, rank, world, parts, causal, cu)
     key_end = max([blk.k_hi for blk in blocks if not blk.local], default=0)
     cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3]), ctx.group, world,
-                  ctx.layout, key_end, causal, ctx.collectives)
+                  ctx.effective_split, key_end, causal, ctx.collectives)
     o = _SoftmaxAttention.apply(q, k, v, cfg)
     return o.transpose(0, 1) if layout == "tbhd" else o

@@ -51,15 +51,16 @@ def test_positions_and_document_starts(split, world, cu):
         halves = split == "balanced" and world > 1
         assert [p[:2] for p in ctx.parts] == ([(0, local_len // 2), (local_len // 2, local_len // 2)] if halves
                                               else [(0, local_len)])
-        assert torch.equal(ctx.global_index, lasp2.global_token_index(seqlen // world, rank, world,
-                                                                       ctx.layout))
+        assert torch.equal(ctx.global_index,
+                           lasp2.global_token_index(seqlen // world, rank, world, ctx.effective_split))
 
 
 def test_build_defaults_and_errors():
     ctx = lasp2.build_sp_context(cu_seqlens=torch.tensor([0, 3, 10], dtype=torch.int32))
     assert (ctx.rank, ctx.world_size, ctx.seqlen, ctx.local_len, ctx.parts_per_rank) == (0, 1, 10, 10, 1)
     assert ctx.cu_seqlens.dtype == torch.int64 and ctx.comm() is None
-    assert lasp2.build_sp_context(split="balanced", seqlen=7).layout == "contiguous"  # one device: plain order
+    # one device: both splits are the plain order
+    assert lasp2.build_sp_context(split="balanced", seqlen=7).effective_split == "contiguous"
     with pytest.raises(ValueError, match="lasp2.build_sp_context: `split` must be one of"):
         lasp2.build_sp_context(split="zigzag", seqlen=8)
     with pytest.raises(ValueError, match="pass `seqlen`"):
