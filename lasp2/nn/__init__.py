@@ -7,5 +7,5 @@ from lasp2.nn.norms import RMSNorm
 from lasp2.nn.short_conv import ShortConvolution
 from lasp2.nn.softmax_attention import SoftmaxAttention
 
-__all__ = ["GatedDeltaNet", "HybridBlock", "HybridStack", "LinearAttention", "RMSNorm",
-           "ShortConvolution", "SoftmaxAttention"]
+__all__ = ["GatedDeltaNet", "HybridBlock", "HybridStack", "LinearAttention", "RMSNorm", "ShortConvolution",
+           "SoftmaxAttention"]
