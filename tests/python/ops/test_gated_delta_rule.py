@@ -1,5 +1,5 @@
 """lasp2.gated_delta_rule / lasp2.kda on one process against the float64 step-by-step
-recurrence (delta_rule_reference.py): outputs, gradients of every input, initial
+recurrence (lasp2_testing/delta_rule.py): outputs, gradients of every input, initial
 states in and final states out, packed documents, layouts, the L2 norm option,
 gradcheck in float64, and errors that name the argument."""
 
