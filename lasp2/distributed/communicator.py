@@ -26,6 +26,19 @@ _COMMUNICATORS: dict = {}
 KINDS = ("torch", "nccl")
 
 
+def check_group(owner: str, group) -> None:
+    """Raises ValueError naming `group` unless it is None or a process group holding this process."""
+    if group is None:
+        return
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"{owner}: `group` must be a torch.distributed ProcessGroup or None, "
+                         f"got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"{owner}: `group` was given but torch.distributed is not initialized")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{owner}: `group` does not contain this process (dist.get_rank(group) < 0)")
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     """(rank in group, group size); (0, 1) for no group."""
     if group is None:

@@ -8,7 +8,7 @@ Two layouts, shared by linear attention (LASP-2) and softmax attention (LASP-2H)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,14 @@ def _parts_per_rank(split: str) -> int:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return 1 if split == "contiguous" else 2
+
+
+def local_parts(local_len: int, rank: int, world_size: int, parts_per_rank: int) -> List[Tuple[int, int, int]]:
+    """(local start, length, global start) of each part a rank holds (1 or 2 parts a rank)."""
+    if parts_per_rank == 1:
+        return [(0, local_len, rank * local_len)]
+    half = local_len // 2
+    return [(0, half, rank * half), (half, half, (2 * world_size - 1 - rank) * half)]
 
 
 def global_token_index(local_len: int, rank: int, world_size: int, split: str = "contiguous",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasp2.distributed.context import SPContext, sp_context_for
 from lasp2.nn.linear_attention import LinearAttention
 from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
@@ -57,8 +58,9 @@ class HybridBlock(nn.Module):
         """Points the mixer at an SP group and split (None: one device)."""
         self.mixer.group, self.mixer.split = group, split
 
-    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x), cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                sp_context: Optional[SPContext] = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), cu_seqlens=cu_seqlens, sp_context=sp_context)
         return x + self.mlp(self.norm2(x))
 
 
@@ -82,6 +84,7 @@ class HybridStack(nn.Module):
                              f"({', '.join(LAYER_LETTERS[c] for c in missing)}) that HybridStack does not build; "
                              f"it builds {sorted(MIXER_OF_LETTER)}")
         self.pattern = pattern
+        self.group, self.split, self.layout = group, split, layout
         kwargs = {"linear": linear_kwargs, "softmax": softmax_kwargs}
         self.layers = nn.ModuleList(
             HybridBlock(hidden_size, num_heads, MIXER_OF_LETTER[c], intermediate_size, group=group, split=split,
@@ -90,10 +93,17 @@ class HybridStack(nn.Module):
         self.norm = RMSNorm(hidden_size, device=device, dtype=dtype)
 
     def set_sequence_parallel(self, group, split: str = "contiguous"):
+        self.group, self.split = group, split
         for layer in self.layers:
             layer.set_sequence_parallel(group, split)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                sp_context: Optional[SPContext] = None) -> torch.Tensor:
+        """x: this rank's tokens. The SP context (group, split, documents, positions) is
+        built once here, unless given, and shared by every layer."""
+        if sp_context is None:
+            seq_dim = 1 if self.layout == "bthd" else 0
+            sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
         for layer in self.layers:
-            x = layer(x, cu_seqlens=cu_seqlens)
+            x = layer(x, sp_context=sp_context)
         return self.norm(x)

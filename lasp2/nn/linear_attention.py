@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lasp2.distributed.context import SPContext
 from lasp2.nn.norms import RMSNorm
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay
 from lasp2.ops.linear_attention import linear_attention
@@ -75,7 +76,10 @@ class LinearAttention(nn.Module):
             nn.init.xavier_uniform_(self.g_proj.weight, gain=2 ** -2.5)
             nn.init.constant_(self.g_proj.bias, math.log(15.0))  # start near a_t = 1 - 1/16
 
-    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                sp_context: Optional[SPContext] = None) -> torch.Tensor:
+        """x: this rank's tokens; `sp_context` (``lasp2.build_sp_context``, once per batch)
+        replaces the module's ``group`` / ``split`` and ``cu_seqlens``."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"LinearAttention: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
         lead = x.shape[:2]
@@ -85,8 +89,9 @@ class LinearAttention(nn.Module):
         k = feature(self.k_proj(x).view(heads))
         v = self.v_proj(x).view(heads)
         g = gate_from_logits(self.g_proj(x), self.gate_logit_normalizer) if self.g_proj is not None else None
-        o = linear_attention(q, k, v, g=g, decay=self.log_decay, group=self.group, layout=self.layout,
-                             split=self.split, cu_seqlens=cu_seqlens, provider=self.provider)
+        where = {"sp_context": sp_context} if sp_context is not None else {"group": self.group, "split": self.split}
+        o = linear_attention(q, k, v, g=g, decay=self.log_decay, layout=self.layout, cu_seqlens=cu_seqlens,
+                             provider=self.provider, **where)
         if self.norm is not None:
             o = self.norm(o)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from lasp2.options import LAYOUTS
 
@@ -55,17 +54,6 @@ def check_device_supported(op: str, q: torch.Tensor, has_cuda_kernels: bool):
             fail(op, "`q` is float64 on CUDA; the CUDA kernels take float16, bfloat16 or float32")
     elif q.device.type != "cpu":
         fail(op, f"`q` is on {q.device}; lasp2 runs on CPU and CUDA devices")
-
-
-def check_group(op: str, group):
-    if group is None:
-        return
-    if not isinstance(group, dist.ProcessGroup):
-        fail(op, f"`group` must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
-    if not dist.is_initialized():
-        fail(op, "`group` was given but torch.distributed is not initialized")
-    if dist.get_rank(group) < 0:
-        fail(op, "`group` does not contain this process (dist.get_rank(group) < 0)")
 
 
 def check_scale(op: str, scale) -> Optional[float]:

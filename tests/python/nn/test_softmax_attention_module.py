@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lasp2
-from lasp2.nn.softmax_attention import apply_rope, rope_positions
+from lasp2.nn.softmax_attention import apply_rope
 from lasp2_testing.reference import softmax_attention_reference
 from lasp2_testing.checks import rel_err
 
@@ -31,9 +31,9 @@ def test_rope_is_a_rotation_with_relative_scores():
 
 
 def test_rope_positions_follow_split_and_documents():
-    assert rope_positions(6, None, "balanced").tolist() == list(range(6))
+    assert lasp2.build_sp_context(None, "balanced", seqlen=6).positions.tolist() == list(range(6))
     cu = torch.tensor([0, 2, 6])
-    assert rope_positions(6, None, "contiguous", cu).tolist() == [0, 1, 0, 1, 2, 3]
+    assert lasp2.build_sp_context(None, "contiguous", cu).positions.tolist() == [0, 1, 0, 1, 2, 3]
 
 
 def test_megatron_layout_module():

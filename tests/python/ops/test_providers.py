@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from lasp2.ops.providers import PROVIDERS
+from lasp2.ops.providers import LINEAR_ATTENTION, PROVIDERS, Provider, get_provider, provider_names, register
 from lasp2_testing.reference import linear_attention_reference
 
 
@@ -54,3 +54,42 @@ def test_module_provider():
         torch.testing.assert_close(y, ys[0])
     with pytest.raises(ValueError, match="`provider` must be one of"):
         lasp2.nn.LinearAttention(16, 2, provider="ring")
+
+
+def test_registry_holds_the_vocabulary():
+    assert provider_names(LINEAR_ATTENTION) == PROVIDERS
+    assert [get_provider("op", LINEAR_ATTENTION, name).name for name in PROVIDERS] == list(PROVIDERS)
+
+
+def test_provider_checks_name_the_argument():
+    get_provider("op", LINEAR_ATTENTION, "lasp2").check("op", heads=3, split="balanced", world_size=4)
+    with pytest.raises(ValueError, match="op: provider 'lasp1' supports split=\"contiguous\" only"):
+        get_provider("op", LINEAR_ATTENTION, "lasp1").check("op", heads=4, split="balanced", world_size=2)
+    with pytest.raises(ValueError, match=r"the number of heads \(3\) must be divisible by the group size \(2\)"):
+        get_provider("op", LINEAR_ATTENTION, "ulysses").check("op", heads=3, split="contiguous", world_size=2)
+    get_provider("op", LINEAR_ATTENTION, "ulysses").check("op", heads=3, split="contiguous", world_size=1)
+
+
+def test_a_new_family_registers_its_providers():
+    class Doubling(Provider):
+        name = "double"
+
+        def apply(self, x):
+            return 2 * x
+
+    family = "test_family_registry"
+    provider = register(family, Doubling())
+    assert get_provider("op", family, "double") is provider and provider.apply(torch.ones(2)).tolist() == [2, 2]
+    assert register(family, provider) is provider  # registering the same object again is a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register(family, Doubling())
+    with pytest.raises(ValueError, match=r"op: `provider` must be one of \('double',\), got 'triple'"):
+        get_provider("op", family, "triple")
+
+
+def test_op_modules_are_modules():
+    import lasp2.ops.linear_attention as linear_module
+    import lasp2.ops.softmax_attention as softmax_module
+
+    assert linear_module.linear_attention is lasp2.linear_attention
+    assert softmax_module.softmax_attention is lasp2.softmax_attention

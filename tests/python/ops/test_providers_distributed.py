@@ -7,8 +7,6 @@ runs every configuration, the communication-pattern checks and the errors that
 need a group.
 """
 
-import importlib
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,13 +14,10 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2._extension import _C
+from lasp2.distributed import Collectives, get_communicator
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import linear_attention_reference
 from lasp2_testing.checks import assert_rel
-
-# the modules themselves (lasp2.ops.linear_attention is also the name of the function)
-la_module = importlib.import_module("lasp2.ops.linear_attention")
-ulysses_module = importlib.import_module("lasp2.ops.providers.ulysses")
 
 PROVIDERS = ("lasp2", "lasp1", "ulysses")
 CONFIGS = [
@@ -59,8 +54,9 @@ def to_layout(x, layout):
     return x.transpose(0, 1).contiguous() if layout == "tbhd" and x is not None and x.dim() > 1 else x
 
 
-def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2"):
-    """Output and gradients for [B, T, ...] inputs, run in `layout`."""
+def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2", sp_context=None):
+    """Output and gradients for [B, T, ...] inputs, run in `layout` (over `group`, or as
+    `sp_context` says)."""
     leaves = [to_layout(x, layout).detach().requires_grad_() for x in (q, k, v)]
     kw = {}
     if g is not None:
@@ -69,7 +65,8 @@ def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2"):
     if decay is not None:
         kw["decay"] = decay.clone().requires_grad_()
         leaves.append(kw["decay"])
-    o = lasp2.linear_attention(*leaves[:3], group=group, layout=layout, cu_seqlens=cu, provider=provider, **kw)
+    o = lasp2.linear_attention(*leaves[:3], group=group, layout=layout, cu_seqlens=cu, provider=provider,
+                               sp_context=sp_context, **kw)
     grads = torch.autograd.grad(o, leaves, to_layout(do, layout))
     back = lambda x: x.transpose(0, 1) if layout == "tbhd" and x.dim() > 1 else x
     return back(o), [back(x) for x in grads]
@@ -118,20 +115,6 @@ def check_module(rank, world, group):
             assert_rel(got, want, 1e-5, f"module {provider}: {name}")  # LASP-2 states travel in fp32
 
 
-class Patched:
-    """Swaps a module attribute for the duration of a with-block."""
-
-    def __init__(self, module, name, value):
-        self.module, self.name, self.value = module, name, value
-
-    def __enter__(self):
-        self.saved = getattr(self.module, self.name)
-        setattr(self.module, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.name, self.saved)
-
-
 def check_communication(rank, world, group):
     """What each provider moves: LASP-1 one send and one recv per interior rank per
     direction, LASP-2 one gather per direction, Ulysses 5 + 5 all-to-alls (with g)."""
@@ -139,15 +122,16 @@ def check_communication(rank, world, group):
     local = lambda x: lasp2.split_sequence(x, group, dim=1)
     B, T, H, D = q.shape
     state_floats = B * H * D * D
-    comm = la_module.get_communicator(group, q.device)
+    comm = get_communicator(group, q.device)
+    context = lambda **swap: lasp2.build_sp_context(group, seqlen=T, **swap)  # noqa: E731
     hops = int(rank > 0) + int(rank < world - 1)
     sends = {"lasp1": (int(rank < world - 1) + int(rank > 0)) * state_floats * 4,
              "lasp2": state_floats * 4 + B * H * 4 + state_floats * 4}  # (M, L) forward, dM backward
     calls = {"lasp1": 2 * hops, "lasp2": 2}
     for provider in ("lasp1", "lasp2"):
         timed = _C.TimedCommunicator(comm)
-        with Patched(la_module, "get_communicator", lambda *a, **kw: timed):
-            run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", group, provider)
+        run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", provider=provider,
+               sp_context=context(communicator=timed))
         assert timed.calls == calls[provider], f"{provider}: {timed.calls} calls, want {calls[provider]}"
         assert timed.bytes == sends[provider], f"{provider}: {timed.bytes} bytes sent, want {sends[provider]}"
         assert timed.seconds > 0
@@ -158,21 +142,21 @@ def check_communication(rank, world, group):
         exchanged.append(inp.numel())
         return dist.all_to_all_single(out, inp, group=group)
 
-    with Patched(ulysses_module, "all_to_all_single", counting):
-        run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", group, "ulysses")
+    run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", provider="ulysses",
+           sp_context=context(collectives=Collectives(all_to_all_single=counting)))
     act = B * (T // world) * H * D
     gates = B * (T // world) * H
     assert sorted(exchanged) == sorted([act] * 8 + [gates] * 2), exchanged
 
     # The no-op communicator moves nothing; rank 0 needs nothing from others in forward.
-    noop = _C.NoopCommunicator(comm)
-    with Patched(la_module, "get_communicator", lambda *a, **kw: noop):
-        for provider in ("lasp1", "lasp2"):
-            o, grads = run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", group, provider)
-            assert all(torch.isfinite(x).all() for x in [o, *grads])
-            if rank == 0:
-                want = linear_attention_reference(local(q), local(k), local(v), g=local(g))
-                assert_rel(o, want, 1e-4, f"{provider} rank 0 with the no-op communicator")
+    noop = context(communicator=_C.NoopCommunicator(comm))
+    for provider in ("lasp1", "lasp2"):
+        o, grads = run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", provider=provider,
+                          sp_context=noop)
+        assert all(torch.isfinite(x).all() for x in [o, *grads])
+        if rank == 0:
+            want = linear_attention_reference(local(q), local(k), local(v), g=local(g))
+            assert_rel(o, want, 1e-4, f"{provider} rank 0 with the no-op communicator")
 
 
 def check_errors(rank, world, group):

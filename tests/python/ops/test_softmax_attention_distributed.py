@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import lasp2
+from lasp2.distributed import TORCH_COLLECTIVES, Collectives
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import softmax_attention_reference
 from lasp2_testing.checks import assert_rel
@@ -86,10 +87,7 @@ def check_rank(rank, world):
 
 def check_one_collective_each_way(rank, world, group):
     """Forward issues exactly one (async) AllGather, backward one (async) reduce-scatter."""
-    import lasp2.ops.softmax_attention as sa
-
     calls = []
-    originals = sa._all_gather_single, sa._reduce_scatter_single
 
     def spy(name, fn):
         def wrapper(*args, **kwargs):
@@ -97,18 +95,17 @@ def check_one_collective_each_way(rank, world, group):
             return fn(*args, **kwargs)
         return wrapper
 
-    sa._all_gather_single = spy("all_gather", originals[0])
-    sa._reduce_scatter_single = spy("reduce_scatter", originals[1])
-    try:
-        q, k, v, do, cu = global_inputs(world, True, torch.float64, 2, seed=7)
-        local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1).requires_grad_()
-        leaves = [local(x) for x in (q, k, v)]
-        o = lasp2.softmax_attention(*leaves, group=group, split="balanced", cu_seqlens=cu)
-        assert calls == [("all_gather", True)], calls
-        torch.autograd.grad(o, leaves, local(do))
-        assert calls == [("all_gather", True), ("reduce_scatter", True)], calls
-    finally:
-        sa._all_gather_single, sa._reduce_scatter_single = originals
+    torch_calls = TORCH_COLLECTIVES
+    spies = Collectives(all_gather_single=spy("all_gather", torch_calls.all_gather_single),
+                        reduce_scatter_single=spy("reduce_scatter", torch_calls.reduce_scatter_single))
+    q, k, v, do, cu = global_inputs(world, True, torch.float64, 2, seed=7)
+    ctx = lasp2.build_sp_context(group, "balanced", cu, collectives=spies)
+    local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1).requires_grad_()
+    leaves = [local(x) for x in (q, k, v)]
+    o = lasp2.softmax_attention(*leaves, sp_context=ctx)
+    assert calls == [("all_gather", True)], calls
+    torch.autograd.grad(o, leaves, local(do))
+    assert calls == [("all_gather", True), ("reduce_scatter", True)], calls
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
