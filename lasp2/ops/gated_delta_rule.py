@@ -19,16 +19,15 @@ import torch.distributed as dist
 
 from lasp2._extension import _C
 from lasp2.distributed.communicator import check_group, get_communicator, group_rank_and_size
-from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
+from lasp2.distributed.context import check_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, register
 from lasp2.options import SPLITS, check_choice
 
-DELTA_PROVIDERS = ("lasp2",)  # of lasp2.options.PROVIDERS, the ones this family has
+FAMILY = "gated_delta_rule"  # the provider family of gated_delta_rule and kda
 L2NORM_EPS = 1e-6  # as fla's l2norm
-# The CPU kernels' chunk length, not a knob of the op (as lasp2.linear_attention).
-CPU_CHUNK_SIZE = 64
 
 
 class _DeltaRuleLasp2(torch.autograd.Function):
@@ -70,6 +69,23 @@ class _DeltaRuleLasp2(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+class DeltaLasp2Provider(Provider):
+    """LASP-2 for the delta-rule family: one AllGather of (A, M) part summaries
+    forward, one of entering-state gradients backward (csrc/core/delta_rule/)."""
+
+    name = "lasp2"
+    splits = SPLITS
+
+    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
+              output_final_state):
+        """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final)."""
+        return _DeltaRuleLasp2.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
+                                     parts_per_rank, output_final_state)
+
+
+register(FAMILY, DeltaLasp2Provider())
+
+
 def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts, device):
     """(doc_start uint8 [T_local], doc_id int32 [T_local], head_doc per global part, N)."""
     values = check_cu_seqlens(op, cu_seqlens, local_len * world)
@@ -96,7 +112,7 @@ def _l2norm(x):
 
 
 def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group):
-    check_choice(op, "provider", provider, DELTA_PROVIDERS)
+    get_provider(op, FAMILY, provider)  # ValueError naming `provider` if this family lacks it
     C.check_layout(op, layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
         C.check_tensor(op, name, x, 4)
@@ -156,7 +172,6 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     scale = C.check_scale(op, scale)
     if scale is None:
         scale = q.shape[3] ** -0.5
-    chunk_size = CPU_CHUNK_SIZE
     if not isinstance(output_final_state, bool):
         C.fail(op, f"`output_final_state` must be a bool, got {type(output_final_state).__name__}")
     rank, world = group_rank_and_size(group)
@@ -196,8 +211,9 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    o, final = _DeltaRuleLasp2.apply(q, k, v, g, beta, initial_state, docs, float(scale), chunk_size,
-                                     comm, parts, output_final_state)
+    o, final = get_provider(op, FAMILY, provider).apply(
+        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm, parts_per_rank=parts,
+        output_final_state=output_final_state)
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:
@@ -248,7 +264,8 @@ def gated_delta_rule(
             strictly increasing from 0 to the global length.
         group, layout, split: as ``lasp2.linear_attention``; ``sp_context`` (an
             ``SPContext``) supplies group, split and cu_seqlens instead.
-        provider: "lasp2" (the only sequence-parallel algorithm of this family yet).
+        provider: "lasp2", the one sequence-parallel algorithm registered for this
+            family ("gated_delta_rule" in lasp2.ops.providers) so far.
         use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
             ``use_qk_l2norm_in_kernel``).
 

@@ -59,6 +59,22 @@ def test_float32_and_default_scale(kind):
 
 
 @pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_half_precision_inputs(kind, dtype, tol):
+    """The CPU computes half-precision inputs in fp32 and returns their dtype."""
+    q, k, v, g, beta, h0 = make_inputs(kind, T=40, dtype=torch.float32)
+    qh, kh, vh = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    o, final = OPS[kind](qh, kh, vh, g, beta, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype and final.dtype == torch.float32
+    o_ref, final_ref = delta_rule_reference(qh.detach(), kh.detach(), vh.detach(), g, beta,
+                                            q.shape[-1] ** -0.5, h0)
+    assert_rel(o, o_ref, tol, f"o {dtype}")
+    assert_rel(final, final_ref, 1e-5, f"final state {dtype}")
+    o.float().sum().backward()
+    assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
 def test_tbhd_layout_and_l2norm(kind):
     q, k, v, g, beta, _ = make_inputs(kind, T=9)
     o, _ = OPS[kind](q, k, v, g, beta, use_qk_l2norm=True)
@@ -90,6 +106,19 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda h: fn(*inputs, h), [h0], eps=1e-2, atol=1e-4, rtol=1e-3)
     # Final states come from the fp32 part summaries.
     assert torch.autograd.gradcheck(lambda *a: fn(*a, h0.detach())[1], inputs, eps=1e-3, atol=5e-4, rtol=5e-3)
+
+
+def test_sp_context_supplies_documents():
+    from lasp2.distributed.context import build_sp_context
+
+    q, k, v, g, beta, _ = make_inputs("gdn", B=1, T=9)
+    cu = torch.tensor([0, 4, 9])
+    o, _ = lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
+    ctx = build_sp_context(group=None, split="contiguous", cu_seqlens=cu, seqlen=9)
+    o_ctx, _ = lasp2.gated_delta_rule(q, k, v, g, beta, sp_context=ctx)
+    assert torch.equal(o, o_ctx)
+    with pytest.raises(ValueError, match="`sp_context`"):
+        lasp2.gated_delta_rule(q, k, v, g, beta, sp_context=ctx, cu_seqlens=cu)
 
 
 def qkv(B=1, T=8, H=2, D=4, dtype=torch.float32):
