@@ -35,7 +35,7 @@ from lasp2.distributed.sequence_split import SPLITS, global_token_index
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
 from lasp2.ops._cu_seqlens import check_cu_seqlens
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 
 OP = "lasp2.softmax_attention"
 # module attributes, so tests can count the calls
@@ -208,10 +208,10 @@ class _SoftmaxAttention(torch.autograd.Function):
             mine = received.transpose(0, 1)  # [B, T, Hkv, D + Dv]
             dk += mine[..., :d]
             dv += mine[..., d:]
-        return (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
-                dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
-                dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
-                None)
+        return C.guard_double_backward(OP, (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
+                                            dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
+                                            dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
+                                            None))
 
 
 def _global_kv(gathered: torch.Tensor, local_len: int, cfg: _Config) -> torch.Tensor:
@@ -321,17 +321,21 @@ def softmax_attention(
     Returns:
         o with the shape of ``q`` but the head dim of ``v``, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, scale, group, layout, split, causal, backend)
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        parts = 1  # on one device both splits are the plain order
-    local_len = q.shape[seq_dim]
-    batch = q.shape[1 - seq_dim]
-    cu = None
-    if cu_seqlens is not None:
-        cu = check_cu_seqlens(OP, cu_seqlens, batch, local_len * world).tolist()
+    try:
+        scale, seq_dim, parts = _validate(q, k, v, scale, group, layout, split, causal, backend)
+        if scale is None:
+            scale = q.shape[3] ** -0.5
+        rank, world = group_rank_and_size(group)
+        if world == 1:
+            parts = 1  # on one device both splits are the plain order
+        local_len = q.shape[seq_dim]
+        batch = q.shape[1 - seq_dim]
+        cu = None
+        if cu_seqlens is not None:
+            cu = check_cu_seqlens(OP, cu_seqlens, batch, local_len * world).tolist()
+    except (ValueError, TypeError):
+        report_local_failure(OP, group, q)  # the other ranks raise too, never wait for this one
+        raise
     if world > 1:
         verify_group_consistency(
             OP, group,
@@ -341,13 +345,14 @@ def softmax_attention(
             ["batch size", "local sequence length", "query heads", "key/value heads", "key head dim",
              "value head dim", "dtype", "split", "causal", "number of cu_seqlens entries",
              "q.requires_grad", "k.requires_grad", "v.requires_grad", "grad mode"],
-            q.device)
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     blocks = plan_blocks(local_len, rank, world, parts, causal, cu)
     key_end = max([blk.k_hi for blk in blocks if not blk.local], default=0)
-    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3]), group, world,
+    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), group, world,
                   "contiguous" if parts == 1 else "balanced", key_end, causal)
     o = _SoftmaxAttention.apply(q, k, v, cfg)
     return o.transpose(0, 1) if layout == "tbhd" else o
