@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2.ops.providers import PROVIDERS
-from reference import linear_attention_reference
+from lasp2_testing.reference import linear_attention_reference
 
 
 def inputs(B=2, T=11, H=3, D=4, dtype=torch.float64):

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import assert_rel
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import assert_rel
 
 CONFIGS = [
     # (mode, split, with cu_seqlens, dtype, overlap)

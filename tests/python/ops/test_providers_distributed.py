@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2._extension import _C
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import assert_rel
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import assert_rel
 
 # the modules themselves (lasp2.ops.linear_attention is also the name of the function)
 la_module = importlib.import_module("lasp2.ops.linear_attention")

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from reference import linear_attention_reference
-from checks import rel_err
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import rel_err
 
 
 def make_inputs(B=2, T=37, H=3, Dk=16, Dv=8, dtype=torch.float32, mode="gate", seed=0):

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import rel_err
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import rel_err
 
 
 @pytest.mark.parametrize("decay", ["none", "fixed", "gate"])
