@@ -69,7 +69,8 @@ def _reset_rank(rank, world, provider, split):
                  local[:4], local[4])
     for name, a, b in zip(("o", "dq", "dk", "dv", "dg"), got, want):
         assert_close_finite(f"rank {rank} {name}", a,
-                            lasp2.split_sequence(b, dist.group.WORLD, split=split, dim=1), 1e-10)
+                            lasp2.split_sequence(b, dist.group.WORLD, split=split, dim=1),
+                            1e-6)  # states cross ranks as float32 records
     return True
 
 
