@@ -8,7 +8,7 @@ from lasp2._extension import Lasp2Error, has_cuda_kernels
 from lasp2.distributed import gather_sequence, global_token_index, split_sequence
 from lasp2.ops import linear_attention
 from lasp2.ops.softmax_attention import softmax_attention
-from lasp2 import nn
+from lasp2 import nn, options
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "has_cuda_kernels",
     "linear_attention",
     "nn",
+    "options",
     "softmax_attention",
     "split_sequence",
 ]

@@ -2,8 +2,7 @@
 
 from lasp2.nn.hybrid import HybridBlock, HybridStack
 from lasp2.nn.linear_attention import LinearAttention
-from lasp2.nn.norms import HeadRMSNorm
+from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
 
-__all__ = ["HeadRMSNorm", "LinearAttention"]
-__all__ += ["HybridBlock", "HybridStack", "SoftmaxAttention"]
+__all__ = ["HybridBlock", "HybridStack", "LinearAttention", "RMSNorm", "SoftmaxAttention"]

@@ -19,7 +19,7 @@ def test_bad_arguments():
 def make_stack():
     torch.manual_seed(0)
     return lasp2.nn.HybridStack(32, 4, pattern="LSLS", intermediate_size=48,
-                                linear_kwargs={"decay": "gate", "chunk_size": 4},
+                                linear_kwargs={"decay": "gate"},
                                 softmax_kwargs={"num_kv_heads": 2}).double()
 
 
