@@ -150,3 +150,19 @@ def check_positive_float(owner: str, name: str, value):
         raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
     if not (0 < float(value) < float("inf")):
         raise ValueError(f"{owner}: `{name}` must be finite and > 0, got {value}")
+
+
+class named_errors:  # noqa: N801 - used as a context manager
+    """Prefixes a RuntimeError from the C++ core (e.g. a failed collective, which already
+    names the collective and the group) with the op's name."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, RuntimeError) and not str(exc).startswith(self.op):
+            raise RuntimeError(f"{self.op}: {exc}") from exc
+        return False

@@ -50,8 +50,11 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
                   overlap: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
-    o, records, prefixes, log_decays = _C.lasp2_forward(q, k, v, g, decay, doc_start, scale, chunk_size,
-                                                        _comm(comm), parts, overlap)
+    with C.named_errors(OP):
+        o, records, prefixes, log_decays = _C.lasp2_forward(q, k, v, g, decay, doc_start, scale, chunk_size,
+                                                            _comm(comm), parts, overlap)
+    if comm == 0:  # one device: backward needs none of them (and they are uninitialised)
+        records, prefixes, log_decays = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
     return o, records, prefixes, log_decays
 
 
@@ -60,10 +63,12 @@ def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, overlap):
     B, _, H, dk = q.shape
     dv = v.shape[3]
     bh = B * H
+    one = comm == 0
     f32 = dict(dtype=torch.float32, device=q.device)
-    return (v.new_empty(v.shape, memory_format=torch.contiguous_format),
-            q.new_empty(parts * (bh * dk * dv + bh), **f32), q.new_empty(parts * bh * dk * dv, **f32),
-            q.new_empty(_world(comm) * parts * bh, **f32))
+    return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
+            q.new_empty(0 if one else parts * (bh * dk * dv + bh), **f32),
+            q.new_empty(0 if one else parts * bh * dk * dv, **f32),
+            q.new_empty(0 if one else _world(comm) * parts * bh, **f32))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:
@@ -77,8 +82,9 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
                    need_dg: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq, dk, dv, dg = _C.lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, _comm(comm), parts,
-                                       do, records, prefixes, log_decays, need_dg)
+    with C.named_errors(OP):
+        dq, dk, dv, dg = _C.lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, _comm(comm),
+                                           parts, do, records, prefixes, log_decays, need_dg)
     if dg is None or not need_dg:
         dg = q.new_empty(0, dtype=_decay_dtype(q))
     return dq, dk, dv, dg
@@ -87,9 +93,7 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
 @lasp2_backward.register_fake
 def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do, records, prefixes, log_decays, need_dg):
     dg_shape = q.shape[:3] if need_dg else (0,)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(dg_shape, dtype=_decay_dtype(q)))
 
 
@@ -124,8 +128,17 @@ torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
                            overlap: bool) -> Tensor:
     """The LASP-2 schedule (or one device when comm is None) through the custom op."""
+    if not torch.compiler.is_compiling() and _under_functorch():
+        raise NotImplementedError(
+            f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
+            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     return lasp2_forward(q, k, v, g, decay, doc_start, float(scale), int(chunk_size), comm_handle(comm),
                          int(parts), bool(overlap))[0]
+
+
+def _under_functorch() -> bool:
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def custom_op_names() -> Sequence[str]:

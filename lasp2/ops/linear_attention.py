@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lasp2._extension import _C, has_cuda_kernels
+from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.communicator import get_communicator, group_rank_and_size
 from lasp2.ops import _checks as C
 from lasp2.ops._cu_seqlens import doc_starts_from_cu_seqlens
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops._library import lasp2_linear_attention
 from lasp2.options import PROVIDERS, SPLITS, check_choice
 
 OP = "lasp2.linear_attention"
@@ -21,31 +22,13 @@ OP = "lasp2.linear_attention"
 CPU_CHUNK_SIZE = 64
 
 
-class _Lasp2LinearAttention(torch.autograd.Function):
-    """Inputs are [B, T, H, D] views; the C++ core does the LASP-2 schedule."""
+class _Lasp2LinearAttention:
+    """The LASP-2 schedule as a torch.library custom op with its autograd formula
+    (lasp2/ops/_library.py: compile / fullgraph / export see one opaque op).
+    Inputs are [B, T, H, D] views; apply(q, k, v, g, decay, doc_start, scale,
+    chunk_size, comm, parts_per_rank, overlap) -> o."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap):
-        o, records, prefixes, log_decays = _C.lasp2_forward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap)
-        ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, log_decays)
-        ctx.config = (scale, chunk_size, comm, parts_per_rank)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, g, decay, doc_start, records, prefixes, log_decays = ctx.saved_tensors
-        scale, chunk_size, comm, parts_per_rank = ctx.config
-        need_dg = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp2_backward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank,
-            do, records, prefixes, log_decays, need_dg)
-        d_g = dg.to(g.dtype) if ctx.needs_input_grad[3] else None
-        # A fixed decay acts as the same gate at every token: its gradient is the sum.
-        d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, d_g, d_decay, None, None, None, None, None, None
+    apply = staticmethod(lasp2_linear_attention)
 
 
 def _validate(q, k, v, g, decay, scale, group, layout, split, provider="lasp2"):
@@ -150,23 +133,31 @@ def linear_attention(
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, provider)
-    chunk_size = CPU_CHUNK_SIZE
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        parts = 1  # on one device both splits are the plain order
-    local_len = q.shape[seq_dim]
-    doc_start = None
-    if cu_seqlens is not None:
-        batch = q.shape[1 - seq_dim]
-        if provider == "ulysses" and world > 1:  # the whole sequence is local after the all-to-all
-            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len * world, 0, 1,
-                                                   "contiguous", q.device)
-        else:
-            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len, rank, world,
-                                                   "contiguous" if parts == 1 else "balanced", q.device)
+    try:
+        C.check_optional_bool(OP, "overlap", overlap)
+        scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, provider)
+        if not torch.compiler.is_compiling():  # compiled graphs: checked inside the custom op
+            C.check_log_gates(OP, "g", g)
+            C.check_log_gates(OP, "decay", decay)
+        chunk_size = CPU_CHUNK_SIZE
+        if scale is None:
+            scale = q.shape[3] ** -0.5
+        rank, world = group_rank_and_size(group)
+        if world == 1:
+            parts = 1  # on one device both splits are the plain order
+        local_len = q.shape[seq_dim]
+        doc_start = None
+        if cu_seqlens is not None:
+            batch = q.shape[1 - seq_dim]
+            if provider == "ulysses" and world > 1:  # the whole sequence is local after the all-to-all
+                doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len * world, 0, 1,
+                                                       "contiguous", q.device)
+            else:
+                doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len, rank, world,
+                                                       "contiguous" if parts == 1 else "balanced", q.device)
+    except (ValueError, TypeError):
+        report_local_failure(OP, group, q)  # the other ranks raise too, never wait for this one
+        raise
     comm = get_communicator(group, q.device)
     if comm is not None:
         verify_group_consistency(
@@ -177,7 +168,12 @@ def linear_attention(
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
              "decay mode (none/decay/g)", "split", "use of cu_seqlens",
              f"provider {PROVIDERS}"],
-            q.device)
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu_seqlens),
+                         ("`layout`", layout), ("`overlap`", overlap)],
+            device_values=[("`decay` values", decay)],
+            flags=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", flag)
+                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None])
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))

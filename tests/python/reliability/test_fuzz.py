@@ -86,12 +86,12 @@ _INVALID = [
     ("LinearAttention", "provider", "x"), ("LinearAttention", "head_dim", 0), ("LinearAttention", "x", "shape"),
     ("SoftmaxAttention", "num_heads", 0), ("SoftmaxAttention", "num_kv_heads", 3),
     ("SoftmaxAttention", "num_kv_heads", 0), ("SoftmaxAttention", "hidden_size", 0),
-    ("SoftmaxAttention", "x", "shape"), ("HeadRMSNorm", "head_dim", 0), ("HeadRMSNorm", "eps", -1.0),
+    ("SoftmaxAttention", "x", "shape"), ("RMSNorm", "dim", 0), ("RMSNorm", "eps", -1.0), ("RMSNorm", "dim", True),
 ]
 
 
 def _module_valid(rng):
-    return dict(kind="module", which=rng.choice(["LinearAttention", "SoftmaxAttention", "HeadRMSNorm"]),
+    return dict(kind="module", which=rng.choice(["LinearAttention", "SoftmaxAttention", "RMSNorm"]),
                 decay=rng.choice(["none", "fixed", "gate"]), layout=rng.choice(["bthd", "tbhd"]),
                 T=rng.randrange(1, 10), seed=rng.randrange(1 << 30))
 
@@ -242,7 +242,7 @@ def _check_module(c):
     elif c["which"] == "SoftmaxAttention":
         m = lasp2.nn.SoftmaxAttention(hidden, heads, layout=c["layout"])
     else:
-        m = lasp2.nn.HeadRMSNorm(hidden)
+        m = lasp2.nn.RMSNorm(hidden)
     x = torch.randn(1, c["T"], hidden, generator=torch.Generator().manual_seed(c["seed"]))
     m64 = copy.deepcopy(m).double()
     got, want = m(x), m64(x.double())
@@ -310,7 +310,7 @@ def _check_invalid(c):
         cls = getattr(lasp2.nn, op)
         args = {"LinearAttention": dict(hidden_size=16, num_heads=2),
                 "SoftmaxAttention": dict(hidden_size=16, num_heads=4),
-                "HeadRMSNorm": dict(head_dim=8)}[op]
+                "RMSNorm": dict(dim=8)}[op]
         if arg == "x":
             call = lambda: cls(**args)(torch.randn(1, 4, 7))  # noqa: E731
         else:
