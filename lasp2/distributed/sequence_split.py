@@ -31,10 +31,36 @@ def local_parts(local_len: int, rank: int, world_size: int, parts_per_rank: int)
     return [(0, half, rank * half), (half, half, (2 * world_size - 1 - rank) * half)]
 
 
+def _check_int(name: str, value, low: int):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}")
+
+
+def _check_rank(rank, world_size):
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"`rank` must lie in [0, world_size={world_size}), got {rank}")
+
+
+def _check_dim(x, dim) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"`dim` {dim} is out of range for a tensor of {x.dim()} dimensions")
+    return dim % x.dim()
+
+
 def global_token_index(local_len: int, rank: int, world_size: int, split: str = "contiguous",
                        device=None) -> torch.Tensor:
     """Global positions of a rank's local tokens, as an int64 tensor of length local_len."""
     parts = _parts_per_rank(split)
+    _check_int("local_len", local_len, 0)
+    _check_rank(rank, world_size)
     if local_len % parts:
         raise ValueError(f"the balanced split needs an even local length, got {local_len}")
     part_len = local_len // parts
@@ -52,8 +78,12 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                    world_size: Optional[int] = None) -> torch.Tensor:
     """This rank's share of a full-sequence tensor along `dim`."""
     parts = _parts_per_rank(split)
+    dim = _check_dim(x, dim)
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both `rank` and `world_size`, or neither (then they come from `group`)")
     if rank is None or world_size is None:
         rank, world_size = group_rank_and_size(group)
+    _check_rank(rank, world_size)
     total = x.shape[dim]
     if total % (world_size * parts):
         raise ValueError(
@@ -66,6 +96,8 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
 def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                     split: str = "contiguous", dim: int = 1) -> torch.Tensor:
     """Inverse of split_sequence: the full sequence on every rank (not differentiable)."""
+    _parts_per_rank(split)
+    dim = _check_dim(x, dim)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
         return x

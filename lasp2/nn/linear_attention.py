@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lasp2.distributed.context import SPContext
+from lasp2.ops._checks import check_positive_float, check_positive_int
 from lasp2.nn.norms import RMSNorm
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay
 from lasp2.ops.linear_attention import linear_attention
@@ -45,6 +46,10 @@ class LinearAttention(nn.Module):
         check_choice("LinearAttention", "provider", provider, PROVIDERS)
         check_choice("LinearAttention", "split", split, SPLITS)
         check_choice("LinearAttention", "layout", layout, LAYOUTS)
+        check_positive_int("LinearAttention", "hidden_size", hidden_size)
+        check_positive_int("LinearAttention", "num_heads", num_heads)
+        check_positive_int("LinearAttention", "head_dim", head_dim, optional=True)
+        check_positive_float("LinearAttention", "gate_logit_normalizer", gate_logit_normalizer)
         head_dim = head_dim or hidden_size // num_heads
         if head_dim * num_heads == 0:
             raise ValueError(f"LinearAttention: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")

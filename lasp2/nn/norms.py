@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lasp2.ops._checks import check_positive_float, check_positive_int
+
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x^2, -1) + eps) * weight`` over the last dimension; `weight`
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
+        check_positive_int("RMSNorm", "dim", dim)
+        check_positive_float("RMSNorm", "eps", eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lasp2.distributed.context import SPContext, sp_context_for
+from lasp2.ops._checks import check_positive_int
 from lasp2.ops.softmax_attention import softmax_attention
 from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice
 
@@ -43,6 +44,10 @@ class SoftmaxAttention(nn.Module):
                  bias: bool = False, causal: bool = True, group=None, split: str = "contiguous",
                  layout: str = "bthd", backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            check_positive_int("SoftmaxAttention", name, value)
+        check_positive_int("SoftmaxAttention", "num_kv_heads", num_kv_heads, optional=True)
+        check_positive_int("SoftmaxAttention", "head_dim", head_dim, optional=True)
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or hidden_size // num_heads
         if head_dim * num_heads == 0:

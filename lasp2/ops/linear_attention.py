@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 
 from lasp2._extension import has_cuda_kernels
+from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.options import PROVIDERS
 
@@ -111,11 +112,20 @@ def linear_attention(
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    scale, seq_dim = _validate(q, k, v, g, decay, scale, layout)
-    impl = get_provider(OP, LINEAR_ATTENTION, provider)
-    local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-    ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
-    impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
+    group_hint = sp_context.group if sp_context is not None else group
+    try:
+        C.check_optional_bool(OP, "overlap", overlap)
+        scale, seq_dim = _validate(q, k, v, g, decay, scale, layout)
+        if not torch.compiler.is_compiling():  # compiled graphs: checked inside the custom op
+            C.check_log_gates(OP, "g", g)
+            C.check_log_gates(OP, "decay", decay)
+        impl = get_provider(OP, LINEAR_ATTENTION, provider)
+        local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
+    except (ValueError, TypeError):
+        report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
+        raise
     if scale is None:
         scale = q.shape[3] ** -0.5
     if ctx.world_size > 1:
@@ -126,7 +136,12 @@ def linear_attention(
              int(ctx.cu_seqlens is not None), PROVIDERS.index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
              "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}"],
-            q.device)
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
+                         ("`layout`", layout), ("`overlap`", overlap)],
+            device_values=[("`decay` values", decay)],
+            flags=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", flag)
+                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None])
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 

@@ -34,7 +34,7 @@ from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.distributed.sequence_split import global_token_index, local_parts
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 
 OP = "lasp2.softmax_attention"
 
@@ -198,10 +198,10 @@ class _SoftmaxAttention(torch.autograd.Function):
             mine = received.transpose(0, 1)  # [B, T, Hkv, D + Dv]
             dk += mine[..., :d]
             dv += mine[..., d:]
-        return (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
-                dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
-                dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
-                None)
+        return C.guard_double_backward(OP, (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
+                                            dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
+                                            dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
+                                            None))
 
 
 def _global_kv(gathered: torch.Tensor, local_len: int, cfg: _Config) -> torch.Tensor:
@@ -308,12 +308,17 @@ def softmax_attention(
     Returns:
         o with the shape of ``q`` but the head dim of ``v``, in the layout of the inputs.
     """
-    scale, seq_dim = _validate(q, k, v, scale, layout, causal, backend)
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    local_len = q.shape[seq_dim]
-    batch = q.shape[1 - seq_dim]
-    ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+    group_hint = sp_context.group if sp_context is not None else group
+    try:
+        scale, seq_dim = _validate(q, k, v, scale, layout, causal, backend)
+        if scale is None:
+            scale = q.shape[3] ** -0.5
+        local_len = q.shape[seq_dim]
+        batch = q.shape[1 - seq_dim]
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+    except (ValueError, TypeError):
+        report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
+        raise
     rank, world, parts, cu = ctx.rank, ctx.world_size, ctx.parts_per_rank, ctx.cu_seqlens_list
     if world > 1:
         verify_group_consistency(
@@ -324,13 +329,14 @@ def softmax_attention(
             ["batch size", "local sequence length", "query heads", "key/value heads", "key head dim",
              "value head dim", "dtype", "split", "causal", "number of cu_seqlens entries",
              "q.requires_grad", "k.requires_grad", "v.requires_grad", "grad mode"],
-            q.device)
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     blocks = plan_blocks(local_len, rank, world, parts, causal, cu)
     key_end = max([blk.k_hi for blk in blocks if not blk.local], default=0)
-    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3]), ctx.group, world,
+    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group, world,
                   ctx.effective_split, key_end, causal, ctx.collectives)
     o = _SoftmaxAttention.apply(q, k, v, cfg)
     return o.transpose(0, 1) if layout == "tbhd" else o

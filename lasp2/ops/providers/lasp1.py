@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 
 from lasp2._extension import _C
+from lasp2.ops import _checks as C
 from lasp2.ops.providers.base import KernelCall, Provider, gate_gradients, needs_gate_gradient
+
+OP = "lasp2.linear_attention"
 
 
 class Lasp1LinearAttention(torch.autograd.Function):
@@ -15,8 +18,9 @@ class Lasp1LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, decay, call: KernelCall):
-        o, entering, record = _C.lasp1_forward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
-                                               call.comm)
+        with C.named_errors(OP):
+            o, entering, record = _C.lasp1_forward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
+                                                   call.comm)
         # KV-state caching: the received state and the part's own (M, L) serve backward.
         ctx.save_for_backward(q, k, v, g, decay, entering, record)
         ctx.call = call
@@ -28,10 +32,12 @@ class Lasp1LinearAttention(torch.autograd.Function):
         call = ctx.call
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp1_backward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
-                                           call.comm, do, entering, record,
-                                           needs_gate_gradient(ctx.needs_input_grad))
-        return (dq, dk, dv, *gate_gradients(ctx.needs_input_grad, g, decay, dg), None)
+        with torch.no_grad(), C.named_errors(OP):
+            dq, dk, dv, dg = _C.lasp1_backward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
+                                               call.comm, do, entering, record,
+                                               needs_gate_gradient(ctx.needs_input_grad))
+        grads = C.guard_double_backward(OP, (dq, dk, dv, *gate_gradients(ctx.needs_input_grad, g, decay, dg)))
+        return (*grads, None)
 
 
 class Lasp1Provider(Provider):

@@ -1,38 +1,26 @@
 """LASP-2: every rank gathers the other parts' d_k x d_v state summaries in ONE
 AllGather per direction (forward: each part's (M, L); backward: each part's state
 gradient), and the C++ core (csrc/core/sp/lasp2.cpp) combines them. Any split; on
-one device (no communicator) it is the plain single-device op."""
+one device (no communicator) it is the plain single-device op.
+
+The schedule runs through the torch.library custom op of lasp2/ops/_library.py, so
+torch.compile (fullgraph), torch.export and opcheck see one opaque op with its fake
+kernel and autograd formula."""
 
 from __future__ import annotations
 
-import torch
-
-from lasp2._extension import _C
-from lasp2.ops.providers.base import KernelCall, Provider, gate_gradients, needs_gate_gradient
+from lasp2.ops._library import lasp2_linear_attention
+from lasp2.ops.providers.base import KernelCall, Provider
 
 
-class Lasp2LinearAttention(torch.autograd.Function):
-    """Inputs are [B, T, H, D] views; `call` carries everything else."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, decay, call: KernelCall):
-        o, records, prefixes, log_decays = _C.lasp2_forward(
-            q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm, call.parts_per_rank,
-            call.overlap)
-        ctx.save_for_backward(q, k, v, g, decay, records, prefixes, log_decays)
-        ctx.call = call
-        return o
+class Lasp2LinearAttention:
+    """apply(q, k, v, g, decay, call) -> o: inputs are [B, T, H, D] views; `call`
+    carries everything else."""
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, g, decay, records, prefixes, log_decays = ctx.saved_tensors
-        call = ctx.call
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp2_backward(
-            q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm, call.parts_per_rank,
-            do, records, prefixes, log_decays, needs_gate_gradient(ctx.needs_input_grad))
-        return (dq, dk, dv, *gate_gradients(ctx.needs_input_grad, g, decay, dg), None)
+    def apply(q, k, v, g, decay, call: KernelCall):
+        return lasp2_linear_attention(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm,
+                                      call.parts_per_rank, call.overlap)
 
 
 class Lasp2Provider(Provider):
