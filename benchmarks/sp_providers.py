@@ -26,7 +26,6 @@ of all ranks (each rank holds T contiguous tokens, the global sequence is P*T):
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import socket
@@ -43,10 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lasp2  # noqa: E402
 from lasp2._extension import _C  # noqa: E402
-
-# the modules (lasp2.ops.linear_attention is also the name of the function)
-LA = importlib.import_module("lasp2.ops.linear_attention")
-ULYSSES = importlib.import_module("lasp2.ops.providers.ulysses")
+from lasp2.distributed import Collectives, get_communicator  # noqa: E402
+from lasp2.ops.gates import lightning_log_decay  # noqa: E402
 # "lasp2-fused" is provider "lasp2" with overlap=False: the AllGather is waited for and the
 # prefix enters one fused pass (the same compute as LASP-1, so the two differ only in how
 # they communicate); "lasp2" overlaps the gather with the local attention and adds the
@@ -88,19 +85,7 @@ def parse_args(argv=None):
     return a
 
 
-# --- instrumentation: swapped into the library modules for one measurement ---------
-
-class Patch:
-    def __init__(self, module, name, value):
-        self.module, self.name, self.value = module, name, value
-
-    def __enter__(self):
-        self.saved = getattr(self.module, self.name)
-        setattr(self.module, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.name, self.saved)
-
+# --- instrumentation: handed to the ops through the SP context ----------------------
 
 class UlyssesMeter:
     """all_to_all_single replacements: timed (really exchanges) or local (no-op)."""
@@ -141,7 +126,7 @@ def make_inputs(a, T, device):
         kw["g"] = F.logsigmoid(torch.randn(a.batch, T, a.heads, generator=gen) + 3.0).to(device)
         leaves.append(kw["g"])
     elif a.decay == "fixed":
-        kw["decay"] = lasp2.nn.linear_attention.lightning_log_decay(a.heads).float().to(device)
+        kw["decay"] = lightning_log_decay(a.heads).float().to(device)
         leaves.append(kw["decay"])
     for x in leaves:
         x.requires_grad_()
@@ -158,38 +143,30 @@ class Variant:
     """One provider in one mode ("real" or "noop": communication replaced by local
     no-ops), with the instruments that mode needs."""
 
-    def __init__(self, provider, mode, comm, device, world):
+    def __init__(self, provider, mode, comm, device, world, group, seqlen):
         self.provider, self.mode = provider, mode
         self.meter = UlyssesMeter(device, world)
         self.timed = None
         self.steps, self.blocked, self.sent = [], [], 0
-        if comm is None:
-            self.patches = []
-        elif mode == "real":
+        swap = {}
+        if comm is not None and mode == "real":
             self.timed = _C.TimedCommunicator(comm)
-            self.patches = [Patch(LA, "get_communicator", lambda *args, **kw: self.timed),
-                            Patch(ULYSSES, "all_to_all_single", self.meter.timed)]
-        else:
-            noop = _C.NoopCommunicator(comm)
-            self.patches = [Patch(LA, "get_communicator", lambda *args, **kw: noop),
-                            Patch(ULYSSES, "all_to_all_single", UlyssesMeter.local)]
+            swap = dict(communicator=self.timed, collectives=Collectives(all_to_all_single=self.meter.timed))
+        elif comm is not None:
+            swap = dict(communicator=_C.NoopCommunicator(comm),
+                        collectives=Collectives(all_to_all_single=UlyssesMeter.local))
+        self.sp_context = lasp2.build_sp_context(group, seqlen=seqlen, device=device, **swap)
 
     def run(self, step, sync, device, record):
         if self.timed is not None:
             self.timed.reset()
         self.meter.seconds, self.meter.bytes = 0.0, 0
-        for p in self.patches:
-            p.__enter__()
-        try:
-            sync()
-            dist.barrier()
-            t0 = time.perf_counter()
-            step(self.provider)
-            sync()
-            elapsed = time.perf_counter() - t0
-        finally:
-            for p in reversed(self.patches):
-                p.__exit__()
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        step(self.provider, self.sp_context)
+        sync()
+        elapsed = time.perf_counter() - t0
         comm_s = self.meter.seconds + (self.timed.seconds if self.timed is not None else 0.0)
         step_max, comm_max = slowest(elapsed, device), slowest(comm_s, device)
         if record:
@@ -203,14 +180,14 @@ def measure_all(a, providers, T, group, device):
     turns within every iteration, so load changes on a shared machine hit them alike."""
     world = dist.get_world_size()
     leaves, kw, do = make_inputs(a, T, device)
-    comm = LA.get_communicator(group, device) if group is not None else None
+    comm = get_communicator(group, device) if group is not None else None
     modes = ("real", "noop") if comm is not None else ("real",)
-    variants = [Variant(p, m, comm, device, world) for p in providers for m in modes]
+    variants = [Variant(p, m, comm, device, world, group, world * T) for p in providers for m in modes]
 
-    def step(provider):
+    def step(provider, sp_context):
         for x in leaves:
             x.grad = None
-        o = lasp2.linear_attention(leaves[0], leaves[1], leaves[2], group=group,
+        o = lasp2.linear_attention(leaves[0], leaves[1], leaves[2], sp_context=sp_context,
                                    provider="lasp2" if provider == "lasp2-fused" else provider,
                                    overlap=provider != "lasp2-fused", **kw)
         o.backward(do)

@@ -43,7 +43,7 @@ def free_port() -> int:
 def ring_forward(q, k, v, group, split, scale, backend):
     """All-gather-free causal attention: K/V travel around the ring, one neighbour at a time."""
     from lasp2.ops import _softmax_blocks as K
-    from lasp2.ops.softmax_attention import _local_parts
+    from lasp2.distributed.sequence_split import local_parts
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     parts = 1 if split == "contiguous" or world == 1 else 2
@@ -53,7 +53,7 @@ def ring_forward(q, k, v, group, split, scale, backend):
     o_acc = torch.zeros(b, t, h, v.shape[3], dtype=acc, device=q.device)
     lse_acc = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
     cur = torch.cat([k, v], dim=-1).contiguous()
-    mine = _local_parts(t, rank, world, parts)
+    mine = local_parts(t, rank, world, parts)
     for step in range(world):
         src = (rank - step) % world
         reqs, nxt = [], None
@@ -64,7 +64,7 @@ def ring_forward(q, k, v, group, split, scale, backend):
                    dist.P2POp(dist.irecv, nxt, (rank - 1) % world, group)]
             reqs = dist.batch_isend_irecv(ops)
         for lq, length, gq in mine:
-            for lk, _, gk in _local_parts(t, src, world, parts):
+            for lk, _, gk in local_parts(t, src, world, parts):
                 if gk > gq:
                     continue  # keys after every query of the part: skipped
                 rows = slice(lq, lq + length)

@@ -65,12 +65,13 @@ def main():
     y_full, grads_full = full_run(stack, dtype)
     y_ref, grads_ref = full_run(copy.deepcopy(stack).float(), torch.float32)
 
-    # LASP-2 + LASP-2H over the group: each rank its share of the sequence
-    stack.set_sequence_parallel(sp_group, args.split)
+    # LASP-2 + LASP-2H over the group: each rank its share of the sequence; the SP
+    # context (group, split, documents, RoPE positions) is built once for the batch
+    sp_context = lasp2.build_sp_context(sp_group, args.split, cu, seqlen=args.seq_len, device=device)
     x_local = lasp2.split_sequence(x, sp_group, split=args.split)
     w_local = lasp2.split_sequence(w, sp_group, split=args.split)
     start = time.perf_counter()
-    y = stack(x_local, cu_seqlens=cu)
+    y = stack(x_local, sp_context=sp_context)
     grads = torch.autograd.grad((y.float() * w_local.float()).sum(), list(stack.parameters()))
     elapsed = time.perf_counter() - start
     grads = [grad.float() for grad in grads]

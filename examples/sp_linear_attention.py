@@ -47,10 +47,10 @@ def main():
     grads_full = torch.autograd.grad(y_full.square().mean() * world, list(layer.parameters()))
 
     # LASP-2 over the group: each rank its share of the sequence
-    layer.group, layer.split = sp_group, args.split
+    sp_context = lasp2.build_sp_context(sp_group, args.split, seqlen=args.seq_len, device=device)
     x_local = lasp2.split_sequence(x, sp_group, split=args.split)
     start = time.perf_counter()
-    y = layer(x_local)
+    y = layer(x_local, sp_context=sp_context)
     grads = torch.autograd.grad(y.square().mean(), list(layer.parameters()))
     elapsed = time.perf_counter() - start
     for grad in grads:

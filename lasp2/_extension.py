@@ -14,6 +14,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 Lasp2Error = _C.Lasp2Error
 
 
+_HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())  # a constant: torch.compile traces a bool, not pybind
+
+
 def has_cuda_kernels() -> bool:
     """True when this build carries the CUDA kernels."""
-    return bool(_C.has_cuda_kernels())
+    return _HAS_CUDA_KERNELS

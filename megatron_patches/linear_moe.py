@@ -49,7 +49,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.linear_attention import lightning_log_decay  # noqa: E402
-from lasp2.nn.norms import HeadRMSNorm  # noqa: E402
+from lasp2.nn.norms import RMSNorm  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
@@ -101,7 +101,7 @@ class Lasp2LinearAttention(MegatronModule):
         # Linear-MoE's own module and parameter name (la_output_norm.weight, [head_v_dim]) so
         # that its checkpoints load: the scale is shared by all heads.
         if norm == "rmsnorm":
-            self.la_output_norm = HeadRMSNorm(self.head_v_dim, eps=float(get("la_norm_eps", 1e-6)),
+            self.la_output_norm = RMSNorm(self.head_v_dim, eps=float(get("la_norm_eps", 1e-6)),
                                               dtype=config.params_dtype)
             if not bool(get("la_elementwise_affine", True)):  # Linear-MoE then has no parameter
                 del self.la_output_norm.weight
@@ -117,7 +117,6 @@ class Lasp2LinearAttention(MegatronModule):
         if self.decay_mode not in (None, "none", "fixed", "gate"):
             raise Lasp2ConfigError(f"Lasp2LinearAttention: lasp2_decay must be none/fixed/gate, got {self.decay_mode!r}")
         self.scale = get("la_scale")
-        self.chunk_size = int(get("lasp2_chunk_size", 64))
         self.register_buffer("log_decay", None, persistent=False)
         if self.decay_mode == "fixed":
             _, tp_rank, tp_size = _groups()
@@ -164,7 +163,7 @@ class Lasp2LinearAttention(MegatronModule):
         cp_group, _, _ = _groups()
         o = lasp2.linear_attention(q, k, v, g=log_gate, decay=decay, scale=self.scale, group=cp_group,
                                    layout="tbhd", split=self.split, cu_seqlens=cu_seqlens,
-                                   chunk_size=self.chunk_size, provider=self.provider)
+                                   provider=self.provider)
         o = self.la_output_norm(o)
         return o.reshape(n, b, h * o.shape[-1])
 

@@ -2,6 +2,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "delta_rule_op.h"
 #include "instrumented_communicator.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
@@ -73,15 +74,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   py::class_<lasp2::NcclCommunicator, Communicator, std::shared_ptr<lasp2::NcclCommunicator>>(
       m, "NcclCommunicator")
-      .def(py::init([](const py::bytes& id, int size, int rank, int device) {
+      .def(py::init([](const py::bytes& id, int size, int rank, int device, double timeout_seconds) {
              const std::string raw = id;
              LASP2_CHECK(raw.size() == lasp2::kNcclUniqueIdBytes, "NCCL unique id has the wrong size");
              lasp2::NcclUniqueIdBytes bytes;
              std::copy(raw.begin(), raw.end(), bytes.begin());
              py::gil_scoped_release no_gil;  // init is collective across ranks
-             return std::make_shared<lasp2::NcclCommunicator>(bytes, size, rank, device);
+             return std::make_shared<lasp2::NcclCommunicator>(bytes, size, rank, device, timeout_seconds);
            }),
-           py::arg("unique_id"), py::arg("size"), py::arg("rank"), py::arg("device"));
+           py::arg("unique_id"), py::arg("size"), py::arg("rank"), py::arg("device"),
+           py::arg("timeout_seconds") = 0.0)
+      .def("abort", &lasp2::NcclCommunicator::abort, py::arg("reason"));
 #endif
   m.def("has_nccl_communicator", [] {
 #ifdef LASP2_WITH_NCCL
@@ -90,6 +93,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+
+  lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA

@@ -3,6 +3,7 @@
 #include "attention_params.h"
 #include "lasp2/lasp2.h"
 #include "tensor_views.h"
+#include "torch_scratch.h"
 
 namespace lasp2::torch_binding {
 
@@ -18,7 +19,7 @@ std::vector<at::Tensor> lasp2_forward(const LinearAttentionArgs& args, bool over
                          log_decays.data_ptr<float>()};
   Lasp2Options options;
   options.overlap_forward = overlap;
-  lasp2_forward(backend_for(core_device(r.q)), args.comm.get(), r.layout, p, mut_view(o), saved,
+  lasp2_forward(kernel_backend_for(r.q), args.comm.get(), r.layout, p, mut_view(o), saved,
                 workspace.data_ptr(), options, current_stream(r.q));
   return {restore_dtype(o, r.input_dtype), records, prefixes, log_decays};
 }
@@ -38,7 +39,7 @@ std::vector<at::Tensor> lasp2_backward(const LinearAttentionArgs& args, const at
   at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(p, r.layout, need_dg), r.q);
   const Lasp2Saved saved{local_records.data_ptr<float>(), prefix_states.data_ptr<float>(),
                          log_decays.data_ptr<float>()};
-  lasp2_backward(backend_for(core_device(r.q)), args.comm.get(), r.layout, p, const_view(dout_c),
+  lasp2_backward(kernel_backend_for(r.q), args.comm.get(), r.layout, p, const_view(dout_c),
                  saved, mut_view(dq), mut_view(dk), mut_view(dv), need_dg ? dg.data_ptr() : nullptr,
                  workspace.data_ptr(), current_stream(r.q));
   return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <string>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "lasp2/communicator.h"
@@ -30,6 +32,8 @@ class ProcessGroupCommunicator final : public Communicator {
 
  private:
   at::Tensor wrap(const void* data, std::size_t count, ScalarType type) const;
+  // "lasp2: <collective> over process group '<name>' [backend, rank r of n]", for errors.
+  std::string describe(const char* collective) const;
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   at::Device device_;

@@ -26,6 +26,19 @@ _COMMUNICATORS: dict = {}
 KINDS = ("torch", "nccl")
 
 
+def check_group(owner: str, group) -> None:
+    """Raises ValueError naming `group` unless it is None or a process group holding this process."""
+    if group is None:
+        return
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"{owner}: `group` must be a torch.distributed ProcessGroup or None, "
+                         f"got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"{owner}: `group` was given but torch.distributed is not initialized")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{owner}: `group` does not contain this process (dist.get_rank(group) < 0)")
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     """(rank in group, group size); (0, 1) for no group."""
     if group is None:
@@ -47,7 +60,16 @@ def _native_nccl(group: dist.ProcessGroup, device: torch.device):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     id_bytes = [bytes(_C.nccl_unique_id()) if rank == 0 else None]
     dist.broadcast_object_list(id_bytes, group_src=0, group=group, device=device)
-    return _C.NcclCommunicator(id_bytes[0], size, rank, device.index)
+    return _C.NcclCommunicator(id_bytes[0], size, rank, device.index, timeout_seconds=_group_timeout(group, device))
+
+
+def _group_timeout(group: dist.ProcessGroup, device: torch.device) -> float:
+    """The group's collective timeout in seconds (the native communicator's watchdog
+    honours it); torch's default when the group does not say."""
+    try:
+        return group._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout.total_seconds()
 
 
 def get_communicator(group: Optional[dist.ProcessGroup], device: torch.device, kind: Optional[str] = None):

@@ -8,14 +8,13 @@ Two layouts, shared by linear attention (LASP-2) and softmax attention (LASP-2H)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import group_rank_and_size
-
-SPLITS = ("contiguous", "balanced")
+from lasp2.options import SPLITS
 
 
 def _parts_per_rank(split: str) -> int:
@@ -24,10 +23,44 @@ def _parts_per_rank(split: str) -> int:
     return 1 if split == "contiguous" else 2
 
 
+def local_parts(local_len: int, rank: int, world_size: int, parts_per_rank: int) -> List[Tuple[int, int, int]]:
+    """(local start, length, global start) of each part a rank holds (1 or 2 parts a rank)."""
+    if parts_per_rank == 1:
+        return [(0, local_len, rank * local_len)]
+    half = local_len // 2
+    return [(0, half, rank * half), (half, half, (2 * world_size - 1 - rank) * half)]
+
+
+def _check_int(name: str, value, low: int):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}")
+
+
+def _check_rank(rank, world_size):
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"`rank` must lie in [0, world_size={world_size}), got {rank}")
+
+
+def _check_dim(x, dim) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"`dim` {dim} is out of range for a tensor of {x.dim()} dimensions")
+    return dim % x.dim()
+
+
 def global_token_index(local_len: int, rank: int, world_size: int, split: str = "contiguous",
                        device=None) -> torch.Tensor:
     """Global positions of a rank's local tokens, as an int64 tensor of length local_len."""
     parts = _parts_per_rank(split)
+    _check_int("local_len", local_len, 0)
+    _check_rank(rank, world_size)
     if local_len % parts:
         raise ValueError(f"the balanced split needs an even local length, got {local_len}")
     part_len = local_len // parts
@@ -45,8 +78,12 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                    world_size: Optional[int] = None) -> torch.Tensor:
     """This rank's share of a full-sequence tensor along `dim`."""
     parts = _parts_per_rank(split)
+    dim = _check_dim(x, dim)
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both `rank` and `world_size`, or neither (then they come from `group`)")
     if rank is None or world_size is None:
         rank, world_size = group_rank_and_size(group)
+    _check_rank(rank, world_size)
     total = x.shape[dim]
     if total % (world_size * parts):
         raise ValueError(
@@ -59,6 +96,8 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
 def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                     split: str = "contiguous", dim: int = 1) -> torch.Tensor:
     """Inverse of split_sequence: the full sequence on every rank (not differentiable)."""
+    _parts_per_rank(split)
+    dim = _check_dim(x, dim)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
         return x

@@ -7,24 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lasp2.distributed.communicator import group_rank_and_size
-from lasp2.distributed.sequence_split import global_token_index
+from lasp2.distributed.context import SPContext, sp_context_for
+from lasp2.ops._checks import check_positive_int
 from lasp2.ops.softmax_attention import softmax_attention
-
-
-def rope_positions(local_len: int, group, split: str, cu_seqlens: Optional[torch.Tensor] = None,
-                   device=None) -> torch.Tensor:
-    """Global positions of this rank's tokens (int64 [local_len]); with cu_seqlens, the
-    position within each token's document (positions restart at every document)."""
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        split = "contiguous"
-    pos = global_token_index(local_len, rank, world, split)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        doc = torch.searchsorted(cu, pos, right=True) - 1
-        pos = pos - cu[doc.clamp(0, cu.numel() - 1)]
-    return pos.to(device)
+from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, seq_dim: int) -> torch.Tensor:
@@ -47,8 +33,9 @@ class SoftmaxAttention(nn.Module):
     "bthd") or ``[T_local, B, hidden]`` ("tbhd", Megatron's order). With ``group``
     set to the sequence-parallel group the result equals running the module on the
     whole sequence and splitting the output: rotary positions are the tokens'
-    *global* positions under ``split`` (``lasp2.global_token_index``), restarting
-    at each document when ``cu_seqlens`` is given. Parameters are replicated across
+    *global* positions under ``split``, restarting at each document when
+    ``cu_seqlens`` is given (``SPContext.positions``). ``sp_context`` (built once per
+    batch, ``lasp2.build_sp_context``) replaces ``group`` / ``split`` / ``cu_seqlens``. Parameters are replicated across
     the group; reduce their gradients over it (as Megatron's DP x CP reduction does).
     """
 
@@ -57,6 +44,10 @@ class SoftmaxAttention(nn.Module):
                  bias: bool = False, causal: bool = True, group=None, split: str = "contiguous",
                  layout: str = "bthd", backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            check_positive_int("SoftmaxAttention", name, value)
+        check_positive_int("SoftmaxAttention", "num_kv_heads", num_kv_heads, optional=True)
+        check_positive_int("SoftmaxAttention", "head_dim", head_dim, optional=True)
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or hidden_size // num_heads
         if head_dim * num_heads == 0:
@@ -65,8 +56,9 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"SoftmaxAttention: `num_kv_heads` {num_kv_heads} must divide `num_heads` {num_heads}")
         if rope and head_dim % 2:
             raise ValueError(f"SoftmaxAttention: rotary embeddings need an even head dim, got {head_dim}")
-        if layout not in ("bthd", "tbhd"):
-            raise ValueError(f"SoftmaxAttention: `layout` must be 'bthd' or 'tbhd', got {layout!r}")
+        check_choice("SoftmaxAttention", "layout", layout, LAYOUTS)
+        check_choice("SoftmaxAttention", "split", split, SPLITS)
+        check_choice("SoftmaxAttention", "backend", backend, SOFTMAX_BACKENDS)
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.rope, self.rope_theta, self.causal = rope, rope_theta, causal
@@ -76,18 +68,20 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                sp_context: Optional[SPContext] = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"SoftmaxAttention: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
         lead = x.shape[:2]
+        seq_dim = 1 if self.layout == "bthd" else 0
+        if sp_context is None:
+            sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.rope:
-            seq_dim = 1 if self.layout == "bthd" else 0
-            pos = rope_positions(x.shape[seq_dim], self.group, self.split, cu_seqlens, device=x.device)
-            q = apply_rope(q, pos, self.rope_theta, seq_dim)
-            k = apply_rope(k, pos, self.rope_theta, seq_dim)
-        o = softmax_attention(q, k, v, group=self.group, layout=self.layout, split=self.split,
-                              cu_seqlens=cu_seqlens, causal=self.causal, backend=self.backend)
+            q = apply_rope(q, sp_context.positions, self.rope_theta, seq_dim)
+            k = apply_rope(k, sp_context.positions, self.rope_theta, seq_dim)
+        o = softmax_attention(q, k, v, layout=self.layout, causal=self.causal, backend=self.backend,
+                              cu_seqlens=cu_seqlens, sp_context=sp_context)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-LAYOUTS = ("bthd", "tbhd")
+from lasp2.options import LAYOUTS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 # dtypes as integers, for the cross-rank consistency check
@@ -56,21 +56,10 @@ def check_device_supported(op: str, q: torch.Tensor, has_cuda_kernels: bool):
         fail(op, f"`q` is on {q.device}; lasp2 runs on CPU and CUDA devices")
 
 
-def check_group(op: str, group):
-    if group is None:
-        return
-    if not isinstance(group, dist.ProcessGroup):
-        fail(op, f"`group` must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
-    if not dist.is_initialized():
-        fail(op, "`group` was given but torch.distributed is not initialized")
-    if dist.get_rank(group) < 0:
-        fail(op, "`group` does not contain this process (dist.get_rank(group) < 0)")
-
-
 def check_scale(op: str, scale) -> Optional[float]:
     if scale is None:
         return None
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float)):
         fail(op, f"`scale` must be a Python float or None, got {type(scale).__name__}")
     scale = float(scale)
     if scale != scale or scale in (float("inf"), float("-inf")):
@@ -78,6 +67,90 @@ def check_scale(op: str, scale) -> Optional[float]:
     return scale
 
 
-def check_chunk_size(op: str, chunk_size):
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        fail(op, f"`chunk_size` must be a positive int, got {chunk_size!r}")
+def check_optional_bool(op: str, name: str, value):
+    """True/False/None only: 'no' or 0 where a bool is due is a mistake, not a choice."""
+    if value is not None and not isinstance(value, bool):
+        fail(op, f"`{name}` must be True, False or None, got {value!r}")
+
+
+def check_bool(op: str, name: str, value):
+    if not isinstance(value, bool):
+        fail(op, f"`{name}` must be a bool, got {value!r}")
+
+
+def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
+    """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset).
+
+    On CPU tensors this is checked here. For CUDA tensors reading the values would
+    cost a host sync per call, so `positive_flag` below is folded into the per-call
+    cross-rank consistency collective instead (which syncs anyway); a CUDA call
+    without a group is not checked (docs/reliability.md).
+    """
+    if x is None or x.device.type != "cpu":
+        return
+    if bool((x > 0).any()):
+        bad = int((x > 0).sum())
+        fail(op, f"`{name}` holds log gates/decays that must be <= 0 (gates in [0, 1]); "
+                 f"{bad} entr{'y is' if bad == 1 else 'ies are'} positive (max {float(x.max())})")
+
+
+def positive_flag(x: Optional[torch.Tensor]):
+    """A device bool scalar: does x hold a positive entry (None: no flag)."""
+    if x is None or x.device.type == "cpu":
+        return None
+    return (x > 0).any()
+
+
+def guard_double_backward(op: str, grads: tuple) -> tuple:
+    """Called at the end of an autograd backward. Under create_graph=True (grad mode on
+    in backward) the gradients are returned with a graph whose backward raises a clear
+    error: the ops' backward is not itself differentiable, and a gradient without its
+    graph would silently drop e.g. a gradient penalty's second-order term."""
+    if not torch.is_grad_enabled():
+        return grads
+    present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not present:
+        return grads
+    err = torch._C._functions.DelayedError(
+        f"{op}: double backward (create_graph=True through this op, e.g. a gradient penalty) is not "
+        "supported; its backward is not differentiable".encode(), len(present))
+    wrapped = err(*[grads[i].detach().requires_grad_() for i in present])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, w in zip(present, wrapped):
+        out[i] = w
+    return tuple(out)
+
+
+def check_positive_int(owner: str, name: str, value, optional: bool = False):
+    """Module constructors: sizes are ints >= 1 (not bools, not floats)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: `{name}` must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}: `{name}` must be >= 1, got {value}")
+
+
+def check_positive_float(owner: str, name: str, value):
+    """Module constructors: normalisers / epsilons are finite numbers > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
+    if not (0 < float(value) < float("inf")):
+        raise ValueError(f"{owner}: `{name}` must be finite and > 0, got {value}")
+
+
+class named_errors:  # noqa: N801 - used as a context manager
+    """Prefixes a RuntimeError from the C++ core (e.g. a failed collective, which already
+    names the collective and the group) with the op's name."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, RuntimeError) and not str(exc).startswith(self.op):
+            raise RuntimeError(f"{self.op}: {exc}") from exc
+        return False

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "sdpa", "plain")
+from lasp2.options import SOFTMAX_BACKENDS as BACKENDS
 _aten = torch.ops.aten
 _FUSED_FAILED: set = set()
 
@@ -35,10 +35,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def resolve_backend(backend: str, q: torch.Tensor, v_head_dim: int) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, v_head_dim: int, scale: float = 1.0) -> str:
     """The backend a call with these inputs uses ("auto" picks sdpa where it applies)."""
-    # "sdpa" and "auto" both mean: the fused kernel where it applies, else "plain"
-    if backend != "plain" and _fused_supported(q, v_head_dim) and (q.device.type, q.dtype) not in _FUSED_FAILED:
+    # "sdpa" and "auto" both mean: the fused kernel where it applies, else "plain".
+    # The fused causal kernels mask with a value that a scale <= 0 turns into NaN rows
+    # (seen with the CPU flash kernel); such scales are valid, so they take "plain".
+    if (backend != "plain" and scale > 0 and _fused_supported(q, v_head_dim)
+            and (q.device.type, q.dtype) not in _FUSED_FAILED):
         return "sdpa"
     return "plain"
 
@@ -126,7 +129,14 @@ def _kv_heads_for_kernel(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.transpose(1, 2) if _on_cpu(x) else _expand_heads(x, heads)
 
 
+def _unit_stride(*xs: torch.Tensor):
+    """The fused kernels read the last dim as contiguous (the CPU flash kernel silently
+    misreads q[..., ::2]): copy the tensors that are not."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
+
+
 def _fused_forward(q, k, v, scale, causal):
+    q, k, v = _unit_stride(q, k, v)
     h = q.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
     if _on_cpu(q):
@@ -141,6 +151,7 @@ def _fused_forward(q, k, v, scale, causal):
 
 
 def _fused_backward(do, q, k, v, o, lse, scale, causal, aux):
+    do, q, k, v, o = _unit_stride(do, q, k, v, o)
     h, hkv = q.shape[2], k.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
     doh, oh = do.transpose(1, 2), o.transpose(1, 2)

@@ -8,47 +8,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lasp2._extension import _C, has_cuda_kernels
-from lasp2.distributed.communicator import get_communicator, group_rank_and_size
-from lasp2.distributed.sequence_split import SPLITS
+from lasp2._extension import has_cuda_kernels
+from lasp2._extension import has_cuda_kernels
+from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
-from lasp2.ops._cu_seqlens import doc_starts_from_cu_seqlens
-from lasp2.ops._group_consistency import verify_group_consistency
-from lasp2.ops.providers import PROVIDERS
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
+from lasp2.options import PROVIDERS
 
 OP = "lasp2.linear_attention"
 
 
-class _Lasp2LinearAttention(torch.autograd.Function):
-    """Inputs are [B, T, H, D] views; the C++ core does the LASP-2 schedule."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap):
-        o, records, prefixes, log_decays = _C.lasp2_forward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap)
-        ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, log_decays)
-        ctx.config = (scale, chunk_size, comm, parts_per_rank)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, g, decay, doc_start, records, prefixes, log_decays = ctx.saved_tensors
-        scale, chunk_size, comm, parts_per_rank = ctx.config
-        need_dg = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp2_backward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank,
-            do, records, prefixes, log_decays, need_dg)
-        d_g = dg.to(g.dtype) if ctx.needs_input_grad[3] else None
-        # A fixed decay acts as the same gate at every token: its gradient is the sum.
-        d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, d_g, d_decay, None, None, None, None, None, None
-
-
-def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider="lasp2"):
-    if provider not in PROVIDERS:
-        C.fail(OP, f"`provider` must be one of {PROVIDERS}, got {provider!r}")
+def _validate(q, k, v, g, decay, scale, layout):
+    """Checks the tensors and scale; returns (scale, the sequence dim)."""
     C.check_layout(OP, layout)
     C.check_tensor(OP, "q", q, 4)
     C.check_tensor(OP, "k", k, 4)
@@ -79,23 +51,9 @@ def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provid
         if decay.device != q.device:
             C.fail(OP, f"`decay` is on {decay.device} but `q` is on {q.device}")
     scale = C.check_scale(OP, scale)
-    C.check_group(OP, group)
-    C.check_chunk_size(OP, chunk_size)
-    if split not in SPLITS:
-        C.fail(OP, f"`split` must be one of {SPLITS}, got {split!r}")
-    parts = 1 if split == "contiguous" else 2
-    _, world = group_rank_and_size(group)
-    if world > 1 and q.shape[seq_dim] % parts:
-        C.fail(OP, f"the balanced split needs an even local sequence length, got {q.shape[seq_dim]}")
     if q.shape[seq_dim] < 1:
         C.fail(OP, "`q` has an empty sequence dimension")
-    if provider != "lasp2" and split != "contiguous":
-        C.fail(OP, f"provider {provider!r} supports split=\"contiguous\" only, got split={split!r} "
-                   "(use provider=\"lasp2\" for the balanced split)")
-    if provider == "ulysses" and world > 1 and q.shape[2] % world:
-        C.fail(OP, f"provider \"ulysses\" shards heads over the group: the number of heads "
-                   f"({q.shape[2]}) must be divisible by the group size ({world})")
-    return scale, seq_dim, parts
+    return scale, seq_dim
 
 
 def linear_attention(
@@ -109,9 +67,9 @@ def linear_attention(
     layout: str = "bthd",
     split: str = "contiguous",
     cu_seqlens: Optional[torch.Tensor] = None,
-    chunk_size: int = 64,
     overlap: Optional[bool] = None,
     provider: str = "lasp2",
+    sp_context: Optional[SPContext] = None,
 ) -> torch.Tensor:
     r"""Causal linear attention over a sequence that may be split across `group`.
 
@@ -136,7 +94,6 @@ def linear_attention(
         cu_seqlens: optional cumulative document lengths of the *global* packed
             sequence (B must be 1), int32/int64, starting at 0 and ending at the
             global length: documents never attend across boundaries.
-        chunk_size: the CPU kernels' chunk length (GPU kernels pick their own tiles).
         overlap: LASP-2's forward schedule. True: the state AllGather runs while the
             local attention computes, and the prefix term is added in an extra pass
             over q and o. False: wait for the AllGather and run one fused pass with the
@@ -149,37 +106,44 @@ def linear_attention(
             of P2P state passes, P-1 serial hops; contiguous split only) or "ulysses"
             (all-to-all to head sharding and back; contiguous split only, the number
             of heads must be divisible by the group size). See docs/providers.md.
+        sp_context: the batch's ``lasp2.build_sp_context(...)``, built once and passed
+            to every layer, in place of ``group``, ``split`` and ``cu_seqlens``.
 
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider)
+    group_hint = sp_context.group if sp_context is not None else group
+    try:
+        C.check_optional_bool(OP, "overlap", overlap)
+        scale, seq_dim = _validate(q, k, v, g, decay, scale, layout)
+        if not torch.compiler.is_compiling():  # compiled graphs: checked inside the custom op
+            C.check_log_gates(OP, "g", g)
+            C.check_log_gates(OP, "decay", decay)
+        impl = get_provider(OP, LINEAR_ATTENTION, provider)
+        local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
+    except (ValueError, TypeError):
+        report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
+        raise
     if scale is None:
         scale = q.shape[3] ** -0.5
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        parts = 1  # on one device both splits are the plain order
-    local_len = q.shape[seq_dim]
-    doc_start = None
-    if cu_seqlens is not None:
-        batch = q.shape[1 - seq_dim]
-        if provider == "ulysses" and world > 1:  # the whole sequence is local after the all-to-all
-            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len * world, 0, 1,
-                                                   "contiguous", q.device)
-        else:
-            doc_start = doc_starts_from_cu_seqlens(OP, cu_seqlens, batch, local_len, rank, world,
-                                                   "contiguous" if parts == 1 else "balanced", q.device)
-    comm = get_communicator(group, q.device)
-    if comm is not None:
+    if ctx.world_size > 1:
         verify_group_consistency(
-            OP, group,
-            [q.shape[1 - seq_dim], local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
-             0 if g is None and decay is None else (1 if decay is not None else 2), parts,
-             int(cu_seqlens is not None), chunk_size, PROVIDERS.index(provider)],
+            OP, ctx.group,
+            [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
+             0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
+             int(ctx.cu_seqlens is not None), PROVIDERS.index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "decay mode (none/decay/g)", "split", "use of cu_seqlens", "chunk_size",
-             f"provider {PROVIDERS}"],
-            q.device)
+             "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}"],
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
+                         ("`layout`", layout), ("`overlap`", overlap)],
+            device_values=[("`decay` values", decay)],
+            flags=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", flag)
+                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None])
+    else:
+        impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
@@ -188,15 +152,5 @@ def linear_attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if overlap is None:
         overlap = q.device.type != "cuda"
-    if comm is None or provider == "lasp2":
-        o = _Lasp2LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm, parts,
-                                        bool(overlap))
-    elif provider == "lasp1":
-        from lasp2.ops.providers.lasp1 import Lasp1LinearAttention
-
-        o = Lasp1LinearAttention.apply(q, k, v, g, decay, doc_start, float(scale), chunk_size, comm)
-    else:
-        from lasp2.ops.providers.ulysses import ulysses_linear_attention
-
-        o = ulysses_linear_attention(q, k, v, g, decay, doc_start, float(scale), chunk_size, group, rank, world)
+    o = impl.apply(q, k, v, g, decay, scale=float(scale), sp_context=ctx, overlap=bool(overlap))
     return o.transpose(0, 1) if layout == "tbhd" else o

@@ -29,17 +29,14 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lasp2.distributed.collectives import all_gather_single, reduce_scatter_single
-from lasp2.distributed.communicator import group_rank_and_size
-from lasp2.distributed.sequence_split import SPLITS, global_token_index
+from lasp2.distributed.collectives import Collectives
+from lasp2.distributed.context import SPContext, resolve_sp_context
+from lasp2.distributed.sequence_split import global_token_index, local_parts
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
-from lasp2.ops._cu_seqlens import check_cu_seqlens
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 
 OP = "lasp2.softmax_attention"
-# module attributes, so tests can count the calls
-_all_gather_single, _reduce_scatter_single = all_gather_single, reduce_scatter_single
 
 
 @dataclass(frozen=True)
@@ -61,20 +58,12 @@ class Block:
         return slice(self.q_lo, self.q_hi)
 
 
-def _local_parts(local_len: int, rank: int, world: int, parts: int) -> List[Tuple[int, int, int]]:
-    """(local start, length, global start) of each part this rank holds."""
-    if parts == 1:
-        return [(0, local_len, rank * local_len)]
-    half = local_len // 2
-    return [(0, half, rank * half), (half, half, (2 * world - 1 - rank) * half)]
-
-
 def plan_blocks(local_len: int, rank: int, world: int, parts: int, causal: bool,
                 cu: Optional[List[int]]) -> List[Block]:
     """The blocks of one rank's attention; local (diagonal) blocks first."""
     total = local_len * world
     local_blocks, remote_blocks = [], []
-    for lstart, length, gstart in _local_parts(local_len, rank, world, parts):
+    for lstart, length, gstart in local_parts(local_len, rank, world, parts):
         gend = gstart + length
         cuts = [gstart] + ([c for c in cu if gstart < c < gend] if cu else []) + [gend]
         cuts = sorted(set(cuts))
@@ -118,6 +107,7 @@ class _Config:
     split: str
     key_end: int  # keys [0, key_end) of the gathered sequence are used by remote blocks
     causal: bool
+    collectives: Collectives
 
 
 class _SoftmaxAttention(torch.autograd.Function):
@@ -135,7 +125,7 @@ class _SoftmaxAttention(torch.autograd.Function):
             packed[..., :d].copy_(k.transpose(0, 1))
             packed[..., d:].copy_(v.transpose(0, 1))
             gathered = packed.new_empty(cfg.world * t, *packed.shape[1:])
-            work = _all_gather_single(gathered, packed, group=cfg.group, async_op=True)
+            work = cfg.collectives.all_gather_single(gathered, packed, group=cfg.group, async_op=True)
 
         # every row's first block is copied in (causal: its diagonal; bidirectional: its only block)
         o_acc = torch.empty(b, t, h, dv_dim, dtype=acc, device=q.device)
@@ -208,10 +198,10 @@ class _SoftmaxAttention(torch.autograd.Function):
             mine = received.transpose(0, 1)  # [B, T, Hkv, D + Dv]
             dk += mine[..., :d]
             dv += mine[..., d:]
-        return (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
-                dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
-                dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
-                None)
+        return C.guard_double_backward(OP, (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
+                                            dk.to(k.dtype) if ctx.needs_input_grad[1] else None,
+                                            dv.to(v.dtype) if ctx.needs_input_grad[2] else None,
+                                            None))
 
 
 def _global_kv(gathered: torch.Tensor, local_len: int, cfg: _Config) -> torch.Tensor:
@@ -236,11 +226,12 @@ def _start_reduce_scatter(d_kv_global: torch.Tensor, local_len: int, cfg: _Confi
     perm, _ = _rank_major_positions(local_len, cfg.world, cfg.split, d_kv_global.device)
     send = d_kv_global.index_select(0, perm)  # rank-major: owner r's rows are block r
     received = send.new_empty(local_len, *send.shape[1:])
-    work = _reduce_scatter_single(received, send, op=dist.ReduceOp.SUM, group=cfg.group, async_op=True)
+    work = cfg.collectives.reduce_scatter_single(received, send, op=dist.ReduceOp.SUM, group=cfg.group,
+                                                async_op=True)
     return work, received
 
 
-def _validate(q, k, v, scale, group, layout, split, causal, backend):
+def _validate(q, k, v, scale, layout, causal, backend):
     C.check_layout(OP, layout)
     C.check_tensor(OP, "q", q, 4)
     C.check_tensor(OP, "k", k, 4)
@@ -266,18 +257,11 @@ def _validate(q, k, v, scale, group, layout, split, causal, backend):
     if q.shape[1 - seq_dim] < 1:
         C.fail(OP, "`q` has an empty batch dimension")
     scale = C.check_scale(OP, scale)
-    C.check_group(OP, group)
-    if split not in SPLITS:
-        C.fail(OP, f"`split` must be one of {SPLITS}, got {split!r}")
     if not isinstance(causal, bool):
         C.fail(OP, f"`causal` must be a bool, got {type(causal).__name__}")
     if backend not in K.BACKENDS:
         C.fail(OP, f"`backend` must be one of {K.BACKENDS}, got {backend!r}")
-    parts = 1 if split == "contiguous" else 2
-    _, world = group_rank_and_size(group)
-    if world > 1 and q.shape[seq_dim] % parts:
-        C.fail(OP, f"the balanced split needs an even local sequence length, got {q.shape[seq_dim]}")
-    return scale, seq_dim, parts
+    return scale, seq_dim
 
 
 def softmax_attention(
@@ -291,6 +275,7 @@ def softmax_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     causal: bool = True,
     backend: str = "auto",
+    sp_context: Optional[SPContext] = None,
 ) -> torch.Tensor:
     r"""Softmax attention over a sequence that may be split across `group` (LASP-2H).
 
@@ -317,37 +302,41 @@ def softmax_attention(
         backend: "auto" (PyTorch's fused SDPA kernels where they apply, otherwise
             "plain"), "sdpa" (the same) or "plain" (explicit matrix products with
             float32 / float64 accumulation).
+        sp_context: the batch's ``lasp2.build_sp_context(...)``, built once and passed
+            to every layer, in place of ``group``, ``split`` and ``cu_seqlens``.
 
     Returns:
         o with the shape of ``q`` but the head dim of ``v``, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, scale, group, layout, split, causal, backend)
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        parts = 1  # on one device both splits are the plain order
-    local_len = q.shape[seq_dim]
-    batch = q.shape[1 - seq_dim]
-    cu = None
-    if cu_seqlens is not None:
-        cu = check_cu_seqlens(OP, cu_seqlens, batch, local_len * world).tolist()
+    group_hint = sp_context.group if sp_context is not None else group
+    try:
+        scale, seq_dim = _validate(q, k, v, scale, layout, causal, backend)
+        if scale is None:
+            scale = q.shape[3] ** -0.5
+        local_len = q.shape[seq_dim]
+        batch = q.shape[1 - seq_dim]
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+    except (ValueError, TypeError):
+        report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
+        raise
+    rank, world, parts, cu = ctx.rank, ctx.world_size, ctx.parts_per_rank, ctx.cu_seqlens_list
     if world > 1:
         verify_group_consistency(
-            OP, group,
+            OP, ctx.group,
             [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,
              int(causal), -1 if cu is None else len(cu), int(q.requires_grad), int(k.requires_grad),
              int(v.requires_grad), int(torch.is_grad_enabled())],
             ["batch size", "local sequence length", "query heads", "key/value heads", "key head dim",
              "value head dim", "dtype", "split", "causal", "number of cu_seqlens entries",
              "q.requires_grad", "k.requires_grad", "v.requires_grad", "grad mode"],
-            q.device)
+            q.device,
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     blocks = plan_blocks(local_len, rank, world, parts, causal, cu)
     key_end = max([blk.k_hi for blk in blocks if not blk.local], default=0)
-    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3]), group, world,
-                  "contiguous" if parts == 1 else "balanced", key_end, causal)
+    cfg = _Config(blocks, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group, world,
+                  ctx.effective_split, key_end, causal, ctx.collectives)
     o = _SoftmaxAttention.apply(q, k, v, cfg)
     return o.transpose(0, 1) if layout == "tbhd" else o

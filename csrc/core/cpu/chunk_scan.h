@@ -25,10 +25,23 @@ Acc dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// A log gate whose exp is 0 in double (-inf, or below about -745) forgets the state
+// before its token exactly, as the float64 recurrence does: the same as a document
+// start there. Treating it as one keeps such gates out of the cumulative sums
+// below, where -inf - (-inf) would give NaN and a huge finite gate would cancel
+// catastrophically against its neighbours. A NaN gate is not a reset (it propagates).
+inline bool resets_state(double log_gate) { return std::exp(log_gate) == 0.0; }
+
+// True when token t of row b, head h sees nothing of the state before it.
+inline bool starts_segment(const AttentionParams& p, int64_t b, int64_t t, int64_t h) {
+  return p.starts_doc(b, t) || resets_state(p.decay.at(b, t, h));
+}
+
 // Per-chunk (or per-part) bookkeeping for tokens x in [0, n) starting at `begin`:
 // G[x] is the cumulative log decay from the first token through x, seg[x] the
-// number of document starts in [0, x]. Pairs (s, t) interact only within one
-// segment; the state entering the chunk reaches only segment 0.
+// number of segment starts (document starts, -inf gates) in [0, x]. Pairs (s, t)
+// interact only within one segment; the state entering the chunk reaches only
+// segment 0. A segment's first gate never enters a weight, so a -inf one is skipped.
 template <typename Acc>
 struct ChunkInfo {
   std::vector<Acc> G;
@@ -42,8 +55,12 @@ struct ChunkInfo {
     Acc g = 0;
     int s = 0;
     for (int64_t x = 0; x < count; ++x) {
-      if (p.starts_doc(b, begin + x)) ++s;
-      g += static_cast<Acc>(p.decay.at(b, begin + x, h));
+      const double gate = p.decay.at(b, begin + x, h);
+      if (p.starts_doc(b, begin + x) || resets_state(gate)) {
+        ++s;
+      } else {
+        g += static_cast<Acc>(gate);
+      }
       G[x] = g;
       seg[x] = s;
     }

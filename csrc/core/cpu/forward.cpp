@@ -55,8 +55,8 @@ void part_log_decay(const AttentionParams& p, TokenRange part, float* log_decay)
       double total = 0;
       bool blocked = false;
       for (int64_t t = part.begin; t < part.end; ++t) {
-        blocked = blocked || p.starts_doc(b, t);
-        total += p.decay.at(b, t, h);
+        blocked = blocked || starts_segment(p, b, t, h);
+        if (!blocked) total += p.decay.at(b, t, h);
       }
       log_decay[bh_index(p, b, h)] =
           blocked ? -std::numeric_limits<float>::infinity() : static_cast<float>(total);

@@ -1,14 +1,24 @@
-"""Sequence-parallel providers for lasp2.linear_attention besides LASP-2 itself.
+"""Sequence-parallel providers: one face (base.py), one registry, one module each.
 
+For lasp2.linear_attention (family "linear_attention"):
   "lasp2":   one AllGather of d_k x d_v states per layer and direction (the default;
-             lasp2/ops/linear_attention.py).
+             lasp2.py).
   "lasp1":   a ring of P2P state passes, P-1 serial hops per direction (lasp1.py).
   "ulysses": all-to-all from sequence- to head-sharding and back, the whole sequence
              on every rank for H/P heads (ulysses.py).
 
-All three compute the same function; docs/providers.md compares their costs.
+All three compute the same function; docs/providers.md compares their costs. A new
+family registers its providers here with `register(family, provider)`.
 """
 
-PROVIDERS = ("lasp2", "lasp1", "ulysses")
+from lasp2.ops.providers.base import Provider, get_provider, provider_names, register
+from lasp2.ops.providers.lasp1 import Lasp1Provider
+from lasp2.ops.providers.lasp2 import Lasp2Provider
+from lasp2.ops.providers.ulysses import UlyssesProvider
+from lasp2.options import PROVIDERS
 
-__all__ = ["PROVIDERS"]
+LINEAR_ATTENTION = "linear_attention"
+for _provider in (Lasp2Provider(), Lasp1Provider(), UlyssesProvider()):
+    register(LINEAR_ATTENTION, _provider)
+
+__all__ = ["LINEAR_ATTENTION", "PROVIDERS", "Provider", "get_provider", "provider_names", "register"]

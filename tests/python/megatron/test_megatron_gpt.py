@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from dist_utils import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
 from megatron_testing import (  # noqa: E402
     ddp_train,

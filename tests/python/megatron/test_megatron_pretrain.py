@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from dist_utils import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
 BASE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <memory>
+#include <string>
 
 #include "lasp2/communicator.h"
 
@@ -19,8 +20,11 @@ NcclUniqueIdBytes nccl_unique_id();
 class NcclCommunicator final : public Communicator {
  public:
   // Collective over the `size` ranks that call with the same id; device is the
-  // CUDA device index all of this rank's buffers live on.
-  NcclCommunicator(const NcclUniqueIdBytes& id, int size, int rank, int device);
+  // CUDA device index all of this rank's buffers live on. timeout_seconds > 0 starts
+  // a watchdog that aborts the communicator when a collective takes longer or NCCL
+  // reports an asynchronous error (a peer died); later calls then throw.
+  NcclCommunicator(const NcclUniqueIdBytes& id, int size, int rank, int device,
+                   double timeout_seconds = 0);
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -38,6 +42,9 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<CommWork> recv(void* buffer, std::size_t count, ScalarType type, int peer,
                                  void* stream) override;
 
+  // Aborts the NCCL communicator now (unblocking stuck collectives); later calls throw.
+  void abort(const std::string& reason);
+
   struct State;  // NCCL and CUDA handles, opaque to includers
 
  private:
@@ -45,6 +52,8 @@ class NcclCommunicator final : public Communicator {
   int size_;
   int rank_;
   int device_;
+
+  std::string label(const char* collective) const;
 };
 
 }  // namespace lasp2

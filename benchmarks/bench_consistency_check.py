@@ -1,0 +1,126 @@
+"""Cost of lasp2's per-call cross-rank consistency check (docs/reliability.md).
+
+Times, on every rank of a group of 2+ processes:
+  check : verify_group_consistency alone (one 256-byte all-gather per rank + compare),
+  step  : a forward+backward of lasp2.linear_attention over a 4K-token global sequence,
+          with the check (as shipped) and with the check replaced by a no-op,
+and prints the check's share of the step. Rank 0 prints one JSON line.
+
+CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
+GPU (NCCL):  torchrun --nproc-per-node 2 benchmarks/bench_consistency_check.py --device cuda
+(--device cpu also works under torchrun; without torchrun it spawns --world processes.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, iters, device):
+    for _ in range(3):
+        fn()
+    _sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _patch_check(enabled: bool, original):
+    """Swap the check in every lasp2 module that imported it (on or off)."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("lasp2") and hasattr(mod, "verify_group_consistency"):
+            mod.verify_group_consistency = original if enabled else (lambda *a, **k: None)
+
+
+def bench(rank, world, args):
+    import lasp2
+    from lasp2.ops import _group_consistency as GC
+
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = dist.group.WORLD
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    T = args.tokens // world
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, T, args.heads, args.head_dim, generator=gen).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
+
+    def step():
+        o = lasp2.linear_attention(q, k, v, g=g, group=group)
+        o.sum().backward()
+
+    signature = list(range(11))
+    names = [f"f{i}" for i in range(11)]
+    check = lambda: GC.verify_group_consistency(  # noqa: E731  (the linear-attention call's shape)
+        "bench", group, signature, names, device, host_values=[("scale", 0.125), ("cu", None), ("p", "lasp2")],
+        device_values=[("decay", None)], flags=[("g > 0", g.detach().max() > 0)] if device.type == "cuda" else ())
+    original = GC.verify_group_consistency
+    t_check = _time(check, args.iters * 4, device)
+    _patch_check(True, original)
+    t_with = _time(step, args.iters, device)
+    _patch_check(False, original)
+    t_without = _time(step, args.iters, device)
+    _patch_check(True, original)
+    if rank == 0:
+        print(json.dumps({
+            "device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
+            "head_dim": args.head_dim, "dtype": str(dtype), "check_us": round(t_check * 1e6, 1),
+            "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
+            "check_share_of_step_pct": round(100 * t_check / t_without, 3),
+            "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3),
+        }), flush=True)
+
+
+def _spawned(rank, world, store, args):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    bench(rank, world, args)
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, default=4096, help="global sequence length")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--world", type=int, default=2, help="processes to spawn when not under torchrun")
+    args = p.parse_args()
+    gpu = args.device == "cuda"
+    args.heads = args.heads or (16 if gpu else 4)
+    args.head_dim = args.head_dim or (128 if gpu else 32)
+    args.iters = args.iters or (50 if gpu else 5)
+    if "RANK" in os.environ:  # torchrun
+        dist.init_process_group("nccl" if gpu else "gloo")
+        bench(dist.get_rank(), dist.get_world_size(), args)
+        dist.destroy_process_group()
+        return
+    store = os.path.join(tempfile.mkdtemp(prefix="lasp2_bench_"), "store")
+    mp.spawn(_spawned, args=(args.world, store, args), nprocs=args.world)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The face every sequence-parallel provider has, and the one registry of them.
+
+A *provider* is one algorithm that runs an op of some *family* over an SP group
+("linear_attention": LASP-2, LASP-1, Ulysses; a new family registers its own, e.g.
+"gated_delta_rule"). Every provider is an object with
+
+    name      its key, as the user spells it (``provider="lasp2"``)
+    splits    the sequence splits it supports (lasp2.options.SPLITS or a subset)
+    check(owner, *, heads, split, world_size)
+              raises ValueError naming the argument for a call it cannot run; cheap,
+              no communication, so callers (Megatron's option checks too) run it
+              before building anything
+    apply(...)
+              runs the op; inside, a torch.autograd.Function holds the provider's
+              forward and backward. For "linear_attention":
+              ``apply(q, k, v, g, decay, *, scale, sp_context, overlap) -> o`` on
+              [B, T_local, H, D] views (layout already "bthd"); other families
+              define the tensors of their own op.
+
+Register with ``register(family, provider)``; the op looks it up with
+``get_provider(owner, family, name)``, which raises ValueError listing the names.
+`gate_gradients` is the gradient epilogue every scalar-gate provider shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from lasp2.options import SPLITS
+
+# The CPU kernels' chunk length, not a knob of the ops (the CUDA kernels pick their
+# own tiles); passed to the binding until it takes its own default.
+CPU_CHUNK_SIZE = 64
+
+
+class Provider:
+    """Base of the providers: a name, the splits it supports, check and apply."""
+
+    name: str = ""
+    splits: Tuple[str, ...] = SPLITS
+
+    def check(self, owner: str, *, heads: int, split: str, world_size: int) -> None:
+        if split not in self.splits:
+            only = " or ".join(f'split="{s}"' for s in self.splits)
+            raise ValueError(f"{owner}: provider {self.name!r} supports {only} only, got split={split!r} "
+                             "(use provider=\"lasp2\" for the balanced split)")
+
+    def apply(self, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Dict[str, Provider]] = {}
+
+
+def register(family: str, provider: Provider) -> Provider:
+    """Adds `provider` to `family` (names are unique within a family) and returns it."""
+    providers = _REGISTRY.setdefault(family, {})
+    if provider.name in providers and providers[provider.name] is not provider:
+        raise ValueError(f"a provider named {provider.name!r} is already registered for {family!r}")
+    providers[provider.name] = provider
+    return provider
+
+
+def provider_names(family: str) -> Tuple[str, ...]:
+    return tuple(_REGISTRY.get(family, {}))
+
+
+def get_provider(owner: str, family: str, name: str) -> Provider:
+    """The provider `name` of `family`; ValueError naming `provider` if there is none."""
+    provider = _REGISTRY.get(family, {}).get(name)
+    if provider is None:
+        raise ValueError(f"{owner}: `provider` must be one of {provider_names(family)}, got {name!r}")
+    return provider
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What the C++ schedules take besides the tensors (one object instead of a train
+    of positional values): the scale, this rank's document starts, the communicator
+    (None: one device), parts per rank (2 for the balanced split), LASP-2's forward
+    schedule flag and the CPU chunk length."""
+
+    scale: float
+    doc_start: Optional[torch.Tensor]
+    comm: Any
+    parts_per_rank: int = 1
+    overlap: bool = True
+    chunk_size: int = CPU_CHUNK_SIZE
+
+
+def gate_gradients(needs_input_grad, g: Optional[torch.Tensor], decay: Optional[torch.Tensor],
+                   dg: Optional[torch.Tensor], g_index: int = 3):
+    """(dL/dg, dL/d decay) from the kernels' per-token gate gradient dg [B, T, H].
+    `g` and `decay` are inputs g_index and g_index + 1 of the autograd Function."""
+    d_g = dg.to(g.dtype) if needs_input_grad[g_index] else None
+    # A fixed decay acts as the same gate at every token: its gradient is the sum.
+    d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if needs_input_grad[g_index + 1] else None
+    return d_g, d_decay
+
+
+def needs_gate_gradient(needs_input_grad, g_index: int = 3) -> bool:
+    return bool(needs_input_grad[g_index] or needs_input_grad[g_index + 1])
+
+
+__all__ = ["CPU_CHUNK_SIZE", "KernelCall", "Provider", "gate_gradients", "get_provider", "needs_gate_gradient",
+           "provider_names", "register"]

@@ -1,0 +1,32 @@
+"""LASP-2: every rank gathers the other parts' d_k x d_v state summaries in ONE
+AllGather per direction (forward: each part's (M, L); backward: each part's state
+gradient), and the C++ core (csrc/core/sp/lasp2.cpp) combines them. Any split; on
+one device (no communicator) it is the plain single-device op.
+
+The schedule runs through the torch.library custom op of lasp2/ops/_library.py, so
+torch.compile (fullgraph), torch.export and opcheck see one opaque op with its fake
+kernel and autograd formula."""
+
+from __future__ import annotations
+
+from lasp2.ops._library import lasp2_linear_attention
+from lasp2.ops.providers.base import KernelCall, Provider
+
+
+class Lasp2LinearAttention:
+    """apply(q, k, v, g, decay, call) -> o: inputs are [B, T, H, D] views; `call`
+    carries everything else."""
+
+    @staticmethod
+    def apply(q, k, v, g, decay, call: KernelCall):
+        return lasp2_linear_attention(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm,
+                                      call.parts_per_rank, call.overlap)
+
+
+class Lasp2Provider(Provider):
+    name = "lasp2"
+
+    def apply(self, q, k, v, g, decay, *, scale, sp_context, overlap):
+        call = KernelCall(scale, sp_context.doc_start_on(q.device), sp_context.comm(), sp_context.parts_per_rank,
+                          overlap)
+        return Lasp2LinearAttention.apply(q, k, v, g, decay, call)

@@ -1,0 +1,117 @@
+"""Helpers of the reliability tests: a float64 step-by-step recurrence (finite for
+-inf gates, unlike the cumulative-sum form) and a gloo world runner that reports
+per-rank results, exceptions and exit codes, with a hard timeout (a hang fails the
+test instead of stalling CI)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import traceback
+from typing import Optional
+
+import torch
+
+
+def recurrence_reference(q, k, v, g=None, decay=None, scale=None, cu_seqlens=None):
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t in float64, token by token.
+
+    [B, T, H, D] inputs; differentiable (autograd) in q, k, v, g and decay.
+    """
+    q, k, v = (x.double() for x in (q, k, v))
+    B, T, H, Dk = q.shape
+    scale = Dk ** -0.5 if scale is None else scale
+    if g is not None:
+        log_a = g.double()
+    elif decay is not None:
+        log_a = decay.double().view(1, 1, H).expand(B, T, H)
+    else:
+        log_a = q.new_zeros(B, T, H)
+    starts = set(cu_seqlens.tolist()[1:-1]) if cu_seqlens is not None else set()
+    S = q.new_zeros(B, H, Dk, v.shape[-1])
+    out = []
+    for t in range(T):
+        a = log_a[:, t].exp()[..., None, None]
+        S = (torch.zeros_like(S) if t in starts else a * S) + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhd,bhde->bhe", q[:, t], S))
+    return torch.stack(out, 1)
+
+
+def _child(rank, world, store_path, fn, args, results, timeout_s):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        value = fn(rank, world, *args)
+        results.put((rank, "ok", value))
+    except BaseException as e:  # reported to the parent
+        results.put((rank, "raised", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    results.close()
+    results.join_thread()  # flushed before the hard exit below
+    os._exit(0)  # no teardown: a peer may already be gone
+
+
+def run_world(world: int, fn, *args, timeout: float = 60.0, pg_timeout: float = 20.0):
+    """Runs fn(rank, world, *args) on `world` gloo processes.
+
+    Returns {rank: ("ok", value) | ("raised", text) | ("exit", exitcode) | ("hung", None)}.
+    fn must be importable (module level) and its return value picklable.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    store_dir = tempfile.mkdtemp(prefix="lasp2_rel_")
+    procs = [ctx.Process(target=_child, args=(r, world, os.path.join(store_dir, "store"), fn, args, results,
+                                              pg_timeout))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    for p in procs:
+        p.join(timeout)
+    import queue
+
+    for _ in range(world):
+        try:
+            rank, kind, value = results.get(timeout=2)
+        except queue.Empty:
+            break
+        out[rank] = (kind, value)
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+            p.join()
+            out.setdefault(r, ("hung", None))
+        else:
+            out.setdefault(r, ("exit", p.exitcode))
+    shutil.rmtree(store_dir, ignore_errors=True)
+    return out
+
+
+def assert_all_ok(results) -> list:
+    bad = {r: v for r, v in results.items() if v[0] != "ok"}
+    assert not bad, f"ranks failed: {bad}"
+    return [results[r][1] for r in sorted(results)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_close_finite(name, got, want, tol):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values {got}"
+    err = rel_err(got, want)
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def local_rows(x: Optional[torch.Tensor], rank: int, world: int, dim: int = 1):
+    if x is None:
+        return None
+    n = x.shape[dim] // world
+    return x.narrow(dim, rank * n, n)

@@ -1,0 +1,71 @@
+"""Issue 13.4: linear attention is a torch.library custom op with fake kernels and an
+autograd formula, so torch.compile(fullgraph=True) and torch.export trace it; torch.func
+transforms raise a clear NotImplementedError (CPU, small shapes: fast)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp2
+from lasp2.ops import _library
+
+
+def _inputs(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 10, 2, 4, generator=gen, dtype=dtype) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, 10, 2, generator=gen, dtype=dtype))
+    return q, k, v, g
+
+
+def test_opcheck_forward_and_backward():
+    q, k, v, g = _inputs(dtype=torch.float64)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(), None, None, 0.5, 4,
+            0, 1, True)
+    torch.library.opcheck(_library.lasp2_forward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v, g = _inputs()
+
+    def f(q, k, v, g):
+        return lasp2.linear_attention(q, k, v, g=g).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    ref = f(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_graph_still_rejects_positive_gates():
+    q, k, v, g = _inputs(1)
+    compiled = torch.compile(lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(ValueError, match="`g`"):
+        compiled(q, k, v, g.abs() + 0.1)
+
+
+def test_export():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, g):
+            return lasp2.linear_attention(q, k, v, g=g)
+
+    q, k, v, g = _inputs(2)
+    ep = torch.export.export(M(), (q, k, v, g))
+    assert any("lasp2.lasp2_forward" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(q, k, v, g), M()(q, k, v, g))
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_func_transforms_raise_a_clear_error(transform):
+    q, k, v, g = _inputs(3, torch.float64)
+    fn = lambda q: lasp2.linear_attention(q, k, v, g=g).sum()  # noqa: E731
+    t = torch.func.grad(fn) if transform == "grad" else torch.func.vmap(fn, in_dims=0)
+    with pytest.raises(NotImplementedError, match="lasp2.linear_attention: torch.func transforms"):
+        t(q if transform == "grad" else q.unsqueeze(0))

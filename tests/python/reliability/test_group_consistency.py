@@ -1,0 +1,60 @@
+"""Issue 13.3: every call checks that the ranks of the group agree (shapes, options
+and small values: scale, cu_seqlens, decay, provider, split), so ranks that disagree
+ALL raise the same ValueError, on every call (no per-signature cache), and the
+process and the group stay usable afterwards."""
+
+import torch
+import torch.distributed as dist
+
+import lasp2
+from rel_helpers import assert_all_ok, run_world
+
+
+def _qkv(T, H=2, D=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+
+
+def _expect(fn, match):
+    try:
+        fn()
+    except ValueError as e:
+        assert match in str(e), f"expected {match!r} in {e}"
+        return str(e)
+    raise AssertionError(f"no error (expected one about {match})")
+
+
+def _scenarios(rank, world):
+    W = dist.group.WORLD
+    la = lambda T, **kw: lasp2.linear_attention(*_qkv(T), group=W, **kw)  # noqa: E731
+    sa = lambda T, **kw: lasp2.softmax_attention(*_qkv(T), group=W, **kw)  # noqa: E731
+    seen = []
+    for op in (la, sa):
+        op(8)
+        op(4)  # both signatures seen once: the old cache skipped the check from here on
+        seen.append(_expect(lambda: op(8 if rank == 0 else 4), "local sequence length"))
+        op(8)  # still usable, and in step
+        seen.append(_expect(lambda: op(8, scale=0.5 if rank == 0 else 0.25), "`scale`"))
+        cu = torch.tensor([0, 3, 16] if rank == 0 else [0, 5, 16])
+        seen.append(_expect(lambda: op(8, cu_seqlens=cu), "`cu_seqlens` contents"))
+        seen.append(_expect(lambda: op(8, split="balanced" if rank else "contiguous"), "split"))
+    decay = torch.tensor([-0.1, -0.2 if rank == 0 else -0.3], dtype=torch.float64)
+    seen.append(_expect(lambda: la(8, decay=decay), "`decay`"))
+    seen.append(_expect(lambda: la(8, provider="lasp1" if rank else "lasp2"), "provider"))
+    # a rank whose own argument check fails still takes part: its peers raise, not hang
+    for op in (sa,):
+        bad_cu = torch.tensor([0, 9, 7, 16] if rank == 0 else [0, 7, 16])
+        seen.append(_expect(lambda: op(8, cu_seqlens=bad_cu), "cu_seqlens" if rank == 0 else "rejected their arguments")
+                    and "checked")
+    # two different ops at the same point: a clear error, not a hang or garbage
+    seen.append(_expect(lambda: la(8) if rank == 0 else sa(8), "different lasp2 ops"))
+    la(8)
+    sa(8)
+    return seen
+
+
+def test_disagreement_raises_on_every_rank_every_call():
+    seen = assert_all_ok(run_world(2, _scenarios, timeout=240))
+    # the same errors on both ranks (the last one names each rank's own op)
+    assert seen[0][:-1] == seen[1][:-1], "ranks must raise the same errors"
+    assert all("different lasp2 ops" in s[-1] for s in seen)
