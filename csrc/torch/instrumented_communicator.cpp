@@ -64,13 +64,6 @@ std::unique_ptr<CommWork> TimedCommunicator::all_gather(const void* send, void* 
                [&] { return inner_->all_gather(send, recv, count, type, stream); });
 }
 
-std::unique_ptr<CommWork> TimedCommunicator::reduce_scatter(const void* send, void* recv,
-                                                            std::size_t count, ScalarType type,
-                                                            void* stream) {
-  return timed(count * size() * element_size(type),
-               [&] { return inner_->reduce_scatter(send, recv, count, type, stream); });
-}
-
 std::unique_ptr<CommWork> TimedCommunicator::send(const void* buffer, std::size_t count,
                                                   ScalarType type, int peer, void* stream) {
   return timed(count * element_size(type),
@@ -97,15 +90,6 @@ std::unique_ptr<CommWork> NoopCommunicator::all_gather(const void* send, void* r
   for (int r = 0; r < size_; ++r) {
     be.copy(static_cast<float*>(recv) + r * n, static_cast<const float*>(send), n, stream);
   }
-  return std::make_unique<CompletedWork>();
-}
-
-std::unique_ptr<CommWork> NoopCommunicator::reduce_scatter(const void* send, void* recv,
-                                                           std::size_t count, ScalarType type,
-                                                           void* stream) {
-  const int64_t n = words(count, type);
-  backend_for(device_).copy(static_cast<float*>(recv), static_cast<const float*>(send) + rank_ * n,
-                            n, stream);
   return std::make_unique<CompletedWork>();
 }
 

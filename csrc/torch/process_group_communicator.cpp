@@ -2,8 +2,8 @@
 
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
-// _allgather_base/_reduce_scatter_base are marked deprecated in newer torch in
-// favour of names older releases lack; they remain the portable spelling.
+// _allgather_base is marked deprecated in newer torch in
+// favour of a name older releases lack; it remains the portable spelling.
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 
 namespace lasp2::torch_binding {
@@ -63,15 +63,6 @@ std::unique_ptr<CommWork> ProcessGroupCommunicator::all_gather(const void* send,
   at::Tensor in = wrap(send, count, type);
   at::Tensor out = wrap(recv, count * size(), type);
   auto work = group_->_allgather_base(out, in);
-  return std::make_unique<TorchWork>(std::move(work), std::vector<at::Tensor>{in, out});
-}
-
-std::unique_ptr<CommWork> ProcessGroupCommunicator::reduce_scatter(const void* send, void* recv,
-                                                                   std::size_t count,
-                                                                   ScalarType type, void*) {
-  at::Tensor in = wrap(send, count * size(), type);
-  at::Tensor out = wrap(recv, count, type);
-  auto work = group_->_reduce_scatter_base(out, in);
   return std::make_unique<TorchWork>(std::move(work), std::vector<at::Tensor>{in, out});
 }
 

@@ -68,16 +68,4 @@ struct AttentionParams {
   }
 };
 
-// A per-part memory record as it travels in the LASP-2 AllGather:
-//   [B*H*dk*dv floats: the part's state M] [B*H floats: log of the part's total decay]
-// A log decay of -inf means the part starts a document, so nothing passes through it.
-struct StateRecord {
-  int64_t bh = 0;
-  int64_t state_elems = 0;  // dk * dv
-
-  static StateRecord of(const AttentionParams& p) { return {p.bh(), p.state_elems()}; }
-  int64_t states() const { return bh * state_elems; }
-  int64_t size() const { return states() + bh; }
-};
-
 }  // namespace lasp2
