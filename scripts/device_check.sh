@@ -27,7 +27,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sort | uniq -c | tr -s ' ')"
 
 if has build; then
-  python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
+  LASP2_BUILD_BENCH=1 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
   say "built the CUDA extension"
 fi
 python3 -c "import lasp2; assert lasp2.has_cuda_kernels(); print('lasp2 CUDA build; NCCL communicator:', lasp2._extension._C.has_nccl_communicator())" 2>&1 | keep

@@ -22,7 +22,8 @@ quiet() {
   fi
 }
 
-bash scripts/install.sh
+# lasp2._bench (benchmark communicators) is built too: the provider tests use it.
+LASP2_BUILD_BENCH=1 bash scripts/install.sh
 # megatron-core is pinned; --no-deps keeps the installed torch (its import needs only
 # torch, numpy, packaging); psutil is needed by its checkpoint writer.
 "$PY" -m pip install -q pytest psutil

@@ -24,26 +24,21 @@ class _Lasp2LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap):
-        o, records, prefixes, log_decays = _C.lasp2_forward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank, overlap)
-        ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, log_decays)
-        ctx.config = (scale, chunk_size, comm, parts_per_rank)
+        args = _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, scale=scale, comm=comm,
+                                      parts_per_rank=parts_per_rank, chunk_size=chunk_size)
+        o, _, saved = _C.lasp2_forward(args, overlap)
+        # The argument tensors go through save_for_backward (version checks, hooks); the rest stays aside.
+        ctx.save_for_backward(*args.tensors(), *saved)
+        ctx.args = args.config()
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, decay, doc_start, records, prefixes, log_decays = ctx.saved_tensors
-        scale, chunk_size, comm, parts_per_rank = ctx.config
+        n = _C.LinearAttentionArgs.num_tensors
+        args = ctx.args.with_tensors(ctx.saved_tensors[:n])
         need_dg = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp2_backward(
-            q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank,
-            do, records, prefixes, log_decays, need_dg)
-        d_g = dg.to(g.dtype) if ctx.needs_input_grad[3] else None
-        # A fixed decay acts as the same gate at every token: its gradient is the sum.
-        d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, d_g, d_decay, None, None, None, None, None, None
+        dq, dk, dv, dg, d_decay, _ = _C.lasp2_backward(args, ctx.saved_tensors[n:], do, need_dg)
+        return dq, dk, dv, dg, d_decay, None, None, None, None, None, None
 
 
 def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider="lasp2"):

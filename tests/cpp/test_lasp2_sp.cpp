@@ -1,10 +1,15 @@
 // LASP-2 end to end on P threads: every rank's outputs and gradients equal the
 // single-device result on its tokens, for contiguous and balanced layouts, all
 // decay modes, packed documents, and both forward schedules; exactly one
-// collective per direction.
+// collective per direction. With sequence states: the initial state enters global
+// part 0 wherever it lives, and every rank returns the same final state and
+// initial-state gradient, the final-state gradient reaching every earlier token.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "lasp2/lasp2.h"
+#include "lasp2/scalar_decay.h"
 #include "local_slice.h"
 #include "recurrent_reference.h"
 #include "thread_communicator.h"
@@ -74,6 +79,68 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
     put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads, 1);
   });
   // States travel in fp32, so fp64 inputs agree to fp32 rounding.
+  EXPECT_LT(rel_error(o, ref.o), 1e-5);
+  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+  if (c.mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+}
+
+TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
+  const SpCase c = GetParam();
+  ProblemSpec s;
+  s.mode = c.mode;
+  s.chunk_size = 4;
+  s.seqlen = 2 * c.world * 5;
+  if (c.with_docs) s.doc_starts = {3, 7};  // h0's document ends inside the first parts
+  const Problem<double> global(s);
+  const int64_t state = s.batch * s.heads * s.dim_k * s.dim_v;
+  std::vector<float> h0(state), dfinal(state);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  for (auto& x : h0) x = normal(rng);
+  for (auto& x : dfinal) x = normal(rng);
+  const auto ref = recurrent_reference(global, &h0, &dfinal);
+
+  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()), dg(ref.dg.size());
+  std::mutex mu;
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
+    const Problem<double> local = local_problem(global, layout);
+    const AttentionParams p = local.params();
+    const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
+    std::vector<double> lo = local.zeros_like_v(), ldq = local.zeros_like_k(), ldk = local.zeros_like_k(),
+                        ldv = local.zeros_like_v(), ldg(local.gate.size());
+    const ScalarDecay fwd(cpu_backend(), p, MutView{lo.data(), sv});
+    const ScalarDecay bwd(cpu_backend(), p,
+                          ScalarDecayGrads{local.dout_view(), {ldq.data(), sk}, {ldk.data(), sk}, {ldv.data(), sv},
+                                           ldg.data()});
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data()};
+    std::vector<float> final_state(state, -1.f), initial_grad(state, -1.f);
+    const SequenceStates seq{h0.data(), final_state.data(), dfinal.data(), initial_grad.data()};
+
+    Workspace fws(lasp2_forward_workspace_bytes(fwd, layout));
+    Lasp2Options options;
+    options.overlap_forward = c.overlap;
+    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), options, nullptr);
+    EXPECT_EQ(comm.collectives(), 1);
+    Workspace bws(lasp2_backward_workspace_bytes(bwd, layout));
+    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    EXPECT_EQ(comm.collectives(), 2);
+    EXPECT_LT(rel_error(final_state, ref.final_state), 1e-5) << "rank " << rank;
+    EXPECT_LT(rel_error(initial_grad, ref.initial_grad), 1e-5) << "rank " << rank;
+
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads, 1);
+  });
   EXPECT_LT(rel_error(o, ref.o), 1e-5);
   EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
   EXPECT_LT(rel_error(dk, ref.dk), 1e-5);

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
-from lasp2._extension import _C
+from lasp2 import _bench  # communicator instruments (built with LASP2_BUILD_BENCH=1)
 from dist_utils import run_distributed
 from reference import linear_attention_reference
 from checks import assert_rel
@@ -145,7 +145,7 @@ def check_communication(rank, world, group):
              "lasp2": state_floats * 4 + B * H * 4 + state_floats * 4}  # (M, L) forward, dM backward
     calls = {"lasp1": 2 * hops, "lasp2": 2}
     for provider in ("lasp1", "lasp2"):
-        timed = _C.TimedCommunicator(comm)
+        timed = _bench.TimedCommunicator(comm)
         with Patched(la_module, "get_communicator", lambda *a, **kw: timed):
             run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", group, provider)
         assert timed.calls == calls[provider], f"{provider}: {timed.calls} calls, want {calls[provider]}"
@@ -165,7 +165,7 @@ def check_communication(rank, world, group):
     assert sorted(exchanged) == sorted([act] * 8 + [gates] * 2), exchanged
 
     # The no-op communicator moves nothing; rank 0 needs nothing from others in forward.
-    noop = _C.NoopCommunicator(comm)
+    noop = _bench.NoopCommunicator(comm)
     with Patched(la_module, "get_communicator", lambda *a, **kw: noop):
         for provider in ("lasp1", "lasp2"):
             o, grads = run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", group, provider)

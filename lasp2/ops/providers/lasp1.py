@@ -14,22 +14,18 @@ class Lasp1LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, decay, doc_start, scale, chunk_size, comm):
-        o, entering, record = _C.lasp1_forward(q, k, v, g, decay, doc_start, scale, chunk_size, comm)
+        args = _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, scale=scale, comm=comm,
+                                      chunk_size=chunk_size)
+        o, saved = _C.lasp1_forward(args)
         # KV-state caching: the received state and the part's own (M, L) serve backward.
-        ctx.save_for_backward(q, k, v, g, decay, doc_start, entering, record)
-        ctx.config = (scale, chunk_size, comm)
+        ctx.save_for_backward(*args.tensors(), *saved)
+        ctx.args = args.config()
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, decay, doc_start, entering, record = ctx.saved_tensors
-        scale, chunk_size, comm = ctx.config
+        n = _C.LinearAttentionArgs.num_tensors
+        args = ctx.args.with_tensors(ctx.saved_tensors[:n])
         need_dg = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv, dg = _C.lasp1_backward(q, k, v, g, decay, doc_start, scale, chunk_size, comm,
-                                           do, entering, record, need_dg)
-        d_g = dg.to(g.dtype) if ctx.needs_input_grad[3] else None
-        # A fixed decay acts as the same gate at every token: its gradient is the sum.
-        d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, d_g, d_decay, None, None, None, None
+        dq, dk, dv, dg, d_decay = _C.lasp1_backward(args, ctx.saved_tensors[n:], do, need_dg)
+        return dq, dk, dv, dg, d_decay, None, None, None, None

@@ -59,6 +59,8 @@ struct AttentionParams {
   const uint8_t* doc_start = nullptr;
   int64_t doc_start_batch_stride = 0;
 
+  // The CPU backend's chunk length (a setting of the reference kernels, not of the
+  // problem: the CUDA backend tiles in 64-token chunks of its own and ignores it).
   int chunk_size = 64;
 
   int64_t state_elems() const { return dim_k * dim_v; }

@@ -39,6 +39,16 @@
 // Buffers the family keeps between backward_entering and backward (per token scratch
 // like q.dq) are the family's backward scratch: it asks for backward_scratch_bytes()
 // and the schedule hands the same block to both calls.
+//
+// One object describes one call: it holds the problem (params, inputs) and where the
+// outputs or gradients go, so the schedule passes only token ranges and fp32 states
+// (see ScalarDecay in scalar_decay.h, and AffineFamily in tests/cpp/test_part_family.cpp,
+// a dense-A family written as plain loops, which is the delta rule's shape of summary).
+// The folds may meet map rows the schedule filled with zeros; such rows only ever
+// multiply a zero accumulator, so a family needs A * 0 = 0 there (true for a zero matrix,
+// and for the scalar encoding L = 0). Gradients of what builds A (gates, betas) come from
+// backward(): the part's P_j, own record and D_j are all it needs (the scalar family adds
+// <A P_j + M_j, D_j> to its gate gradient).
 #pragma once
 
 #include <vector>
@@ -54,8 +64,10 @@ struct SummaryShape {
   int64_t record_floats() const { return state_floats + map_floats; }
 };
 
-// The states backward() gets for one part. `entering` and `state` are always valid
-// buffers (zeros when nothing enters); `leaving_grad` is null when nothing leaves.
+// The states backward() gets for one part. On the single-device path (one part, no
+// sequence states) all are null: nothing enters, nothing leaves. Otherwise `entering`,
+// `state` and `map` are valid buffers (zeros when nothing enters) and `leaving_grad` is
+// null only when nothing leaves the part.
 struct PartStates {
   const float* entering = nullptr;      // P_j
   const float* state = nullptr;         // M_j, this part's own record ...
