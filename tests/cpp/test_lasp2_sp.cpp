@@ -34,6 +34,36 @@ std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
 
 class Lasp2Sp : public ::testing::TestWithParam<SpCase> {};
 
+// One rank's outputs and gradients, and every rank's gathered in global token order.
+struct RankResults {
+  std::vector<double> o, dq, dk, dv, dg;
+  explicit RankResults(const Problem<double>& pr)
+      : o(pr.zeros_like_v()), dq(pr.zeros_like_k()), dk(pr.zeros_like_k()), dv(pr.zeros_like_v()),
+        dg(pr.gate.size()) {}
+};
+
+struct GlobalResults : RankResults {
+  std::mutex mu;
+  using RankResults::RankResults;
+
+  void put(const RankResults& r, const PartLayout& l, const ProblemSpec& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, r.o, l, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dq, r.dq, l, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dk, r.dk, l, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dv, r.dv, l, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dg, r.dg, l, s.batch, s.seqlen, s.heads, 1);
+  }
+  // States travel in fp32, so fp64 inputs agree to fp32 rounding.
+  void expect_matches(const ReferenceGrads& ref, DecayMode mode) const {
+    EXPECT_LT(rel_error(o, ref.o), 1e-5);
+    EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+    EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+    EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+    if (mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+  }
+};
+
 TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const SpCase c = GetParam();
   ProblemSpec s;
@@ -44,8 +74,7 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const Problem<double> global(s);
   const auto ref = recurrent_reference(global);
 
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()), dg(ref.dg.size());
-  std::mutex mu;
+  GlobalResults got(global);
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
     const Problem<double> local = local_problem(global, layout);
@@ -57,33 +86,20 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
     std::vector<float> decays(Lasp2Saved::log_decays_floats(p, layout));
     const Lasp2Saved saved{records.data(), prefixes.data(), decays.data()};
 
-    std::vector<double> lo = local.zeros_like_v();
+    RankResults r(local);
     Workspace fws(lasp2_forward_workspace_bytes(p, layout));
     Lasp2Options options;
     options.overlap_forward = c.overlap;
-    lasp2_forward(cpu_backend(), &comm, layout, p, {lo.data(), sv}, saved, fws.data(), options, nullptr);
+    lasp2_forward(cpu_backend(), &comm, layout, p, {r.o.data(), sv}, saved, fws.data(), options, nullptr);
     EXPECT_EQ(comm.collectives(), 1);
 
-    std::vector<double> ldq = local.zeros_like_k(), ldk = local.zeros_like_k(), ldv = local.zeros_like_v();
-    std::vector<double> ldg(local.gate.size());
     Workspace bws(lasp2_backward_workspace_bytes(p, layout, true));
-    lasp2_backward(cpu_backend(), &comm, layout, p, local.dout_view(), saved, {ldq.data(), sk}, {ldk.data(), sk},
-                   {ldv.data(), sv}, ldg.data(), bws.data(), nullptr);
+    lasp2_backward(cpu_backend(), &comm, layout, p, local.dout_view(), saved, {r.dq.data(), sk}, {r.dk.data(), sk},
+                   {r.dv.data(), sv}, r.dg.data(), bws.data(), nullptr);
     EXPECT_EQ(comm.collectives(), 2);
-
-    std::lock_guard<std::mutex> lock(mu);
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads, 1);
+    got.put(r, layout, s);
   });
-  // States travel in fp32, so fp64 inputs agree to fp32 rounding.
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  if (c.mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+  got.expect_matches(ref, c.mode);
 }
 
 TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
@@ -102,19 +118,17 @@ TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
   for (auto& x : dfinal) x = normal(rng);
   const auto ref = recurrent_reference(global, &h0, &dfinal);
 
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()), dg(ref.dg.size());
-  std::mutex mu;
+  GlobalResults got(global);
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
     const Problem<double> local = local_problem(global, layout);
     const AttentionParams p = local.params();
     const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
-    std::vector<double> lo = local.zeros_like_v(), ldq = local.zeros_like_k(), ldk = local.zeros_like_k(),
-                        ldv = local.zeros_like_v(), ldg(local.gate.size());
-    const ScalarDecay fwd(cpu_backend(), p, MutView{lo.data(), sv});
+    RankResults r(local);
+    const ScalarDecay fwd(cpu_backend(), p, MutView{r.o.data(), sv});
     const ScalarDecay bwd(cpu_backend(), p,
-                          ScalarDecayGrads{local.dout_view(), {ldq.data(), sk}, {ldk.data(), sk}, {ldv.data(), sv},
-                                           ldg.data()});
+                          ScalarDecayGrads{local.dout_view(), {r.dq.data(), sk}, {r.dk.data(), sk},
+                                           {r.dv.data(), sv}, r.dg.data()});
     const SummaryShape sh = fwd.shape();
     std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
     std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
@@ -133,19 +147,9 @@ TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
     EXPECT_EQ(comm.collectives(), 2);
     EXPECT_LT(rel_error(final_state, ref.final_state), 1e-5) << "rank " << rank;
     EXPECT_LT(rel_error(initial_grad, ref.initial_grad), 1e-5) << "rank " << rank;
-
-    std::lock_guard<std::mutex> lock(mu);
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads, 1);
+    got.put(r, layout, s);
   });
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  if (c.mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+  got.expect_matches(ref, c.mode);
 }
 
 std::vector<SpCase> sp_cases() {
