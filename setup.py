@@ -60,7 +60,8 @@ def extension_modules():
     import torch
     from torch.utils import cpp_extension
 
-    core = sources("csrc/core/*.cpp", "csrc/core/cpu/*.cpp", "csrc/core/sp/*.cpp")
+    core = sources("csrc/core/*.cpp", "csrc/core/cpu/*.cpp", "csrc/core/sp/*.cpp",
+                   "csrc/core/delta_rule/*.cpp", "csrc/core/delta_rule/cpu/*.cpp")
     binding = sources("csrc/torch/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc/core/include"), os.path.join(ROOT, "csrc/core")]
     # The language standard is left to torch, whose headers may need a newer one.

@@ -7,18 +7,22 @@
 from lasp2._extension import Lasp2Error, has_cuda_kernels
 from lasp2.distributed import gather_sequence, global_token_index, split_sequence
 from lasp2.ops import linear_attention
+from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.ops.softmax_attention import softmax_attention
-from lasp2 import nn
+from lasp2 import nn, options
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Lasp2Error",
     "gather_sequence",
+    "gated_delta_rule",
     "global_token_index",
     "has_cuda_kernels",
+    "kda",
     "linear_attention",
     "nn",
+    "options",
     "softmax_attention",
     "split_sequence",
 ]

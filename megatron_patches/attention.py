@@ -259,7 +259,7 @@ class Lasp2LinearCoreAttention(_Lasp2CoreAttention):
                                        f"[s, b, heads/tp] = {[s, b, h]}")
         o = lasp2.linear_attention(
             q, k, v, g=g, decay=self.log_decay, scale=self._scale(), group=self.sp_group, layout="tbhd",
-            split=self.options.split, cu_seqlens=cu_seqlens, chunk_size=self.options.chunk_size,
+            split=self.options.split, cu_seqlens=cu_seqlens,
             provider=self.options.provider)
         if self.output_norm_weight is not None:
             o32 = o.float()

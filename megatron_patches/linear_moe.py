@@ -148,7 +148,7 @@ class Lasp2LinearAttention(MegatronModule):
         cp_group, _, _ = _groups()
         o = lasp2.linear_attention(q, k, v, g=log_gate, decay=decay, scale=self.scale, group=cp_group,
                                    layout="tbhd", split=self.split, cu_seqlens=cu_seqlens,
-                                   chunk_size=self.chunk_size, provider=self.provider)
+                                   provider=self.provider)
         if self.use_norm:
             o32 = o.float()
             o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)

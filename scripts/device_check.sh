@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (1 or more GPUs): build the CUDA extension, run the GPU
-# tests (and the multi-GPU ones when several GPUs are present), the examples, the
-# kernel benchmark and the sequence-parallel benchmarks. Everything is logged under
-# /tmp/lasp2_logs (packed into $OUT/logs.tgz); the plots and a summary go to $OUT.
-#   bash scripts/device_check.sh [build] [tests] [examples] [bench] [maxlen] [sp]   (default: all)
-# Optional wheels (e.g. flash-linear-attention's fla-core) are taken from .whl/.
+# tests (and the multi-GPU ones when several GPUs are present), the CUDA GoogleTests
+# with compute-sanitizer (from binaries carried in .carry/bin by
+# benchmarks/kernel/build_carry.sh, else built here), the examples, the kernel
+# benchmark (lasp2 beside fla's chunk_simple_gla), the longest sequence, and the
+# sequence-parallel benchmarks. Everything is logged under /tmp/lasp2_logs (packed
+# into $OUT/logs.tgz); the plots and a summary go to $OUT; a short table is printed last.
+#   bash scripts/device_check.sh [build] [tests] [gtest] [examples] [bench] [maxlen] [sp] [profile]
+# (default: all but profile; about 8 minutes on one H200). Optional wheels (e.g.
+# flash-linear-attention's fla-core) are taken from .whl/.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lasp2_out}
 LOGS=/tmp/lasp2_logs
 RES=/tmp/lasp2_results
 mkdir -p "$OUT" "$LOGS" "$RES"
-STAGES=" ${*:-build tests examples bench maxlen sp} "
+STAGES=" ${*:-build tests gtest examples bench maxlen sp} "
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -27,7 +31,21 @@ NGPU=$(nvidia-smi -L | wc -l)
 say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sort | uniq -c | tr -s ' ')"
 
 if has build; then
-  LASP2_BUILD_BENCH=1 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
+  LASP2_BUILD_BENCH=1 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+if has gtest && [ ! -x .carry/bin/lasp2_core_tests ] && [ ! -d .carry/googletest ]; then
+  say "CUDA GoogleTests skipped: carry .carry/bin (benchmarks/kernel/build_carry.sh) or .carry/googletest (a copy of /usr/src/googletest, built here)"
+elif has gtest; then
+  # the CUDA GoogleTests (8 shards) and compute-sanitizer on a subset, while the extension builds
+  OUT=$LOGS/gtest bash benchmarks/kernel/device_run.sh tests > "$LOGS/gtest_summary.log" 2>&1
+  say "CUDA GoogleTests: $(grep -hcE '^\[       OK \]' "$LOGS"/gtest/tests.log 2>/dev/null) OK, \
+$(grep -h '^\[  FAILED  \] [A-Z]' "$LOGS"/gtest/tests.log 2>/dev/null | sort -u | wc -l) failed"
+  grep -h '^\[  FAILED  \] [A-Z]' "$LOGS"/gtest/tests.log 2>/dev/null | sort -u | head | keep
+  grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/gtest/sanitizer.log 2>/dev/null | sort | uniq -c | keep
+fi
+if has build; then
+  wait "$BUILD_PID" || { tail -40 "$LOGS/build.log"; exit 1; }
   say "built the CUDA extension"
 fi
 python3 -c "import lasp2; assert lasp2.has_cuda_kernels(); print('lasp2 CUDA build; NCCL communicator:', lasp2._extension._C.has_nccl_communicator())" 2>&1 | keep
@@ -50,28 +68,43 @@ if has examples; then
 fi
 
 if has bench; then
-  timeout 200 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
+  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
   say "kernel benchmark (exit $?)"
-  grep -vE "^\s*$" "$LOGS/bench.log" | grep -v "^# plot" | keep
-  cp "$RES/bench_linear_attention.png" "$OUT/" 2>/dev/null
+  grep -E "^# " "$LOGS/bench.log" | grep -v "^# plot" | keep
+  cp "$RES/bench_linear_attention.png" "$RES/bench_linear_attention.json" "$OUT/" 2>/dev/null
+fi
+
+if has profile; then
+  timeout 120 python3 benchmarks/kernel/profile_op.py > "$LOGS/profile.log" 2>&1
+  say "profile (exit $?)"
+  keep < "$LOGS/profile.log"
 fi
 
 if has maxlen; then
-  timeout 150 python3 - <<'PY' 2>&1 | keep
-import torch, torch.nn.functional as F, lasp2
+  # one layer fwd + bwd at up to 4M tokens (H = 16, D = 128, bf16, gates); dO = v
+  # (random, no extra 16 GiB); the second run is timed. At 4M: q, k, v, o, dq, dk, dv
+  # are 7 x 16 GiB, about 114 GiB with the gates (measured at 1M: 28.4 GiB peak)
+  timeout 150 python3 - <<'PY' 2>&1 | tee "$LOGS/maxlen.log" | keep
+import time, torch, torch.nn.functional as F, lasp2
 H, D = 16, 128
-for T in (262144, 524288, 1048576, 2097152):
+for T in (1048576, 2097152, 4194304):
     try:
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = (F.logsigmoid(torch.randn(1, T, H, device="cuda")) / 16).requires_grad_()
-        o = lasp2.linear_attention(q, k, v, g=g)
-        torch.autograd.grad(o, (q, k, v, g), torch.ones_like(o))
-        torch.cuda.synchronize()
+        for _ in range(2):
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            o = lasp2.linear_attention(q, k, v, g=g)
+            grads = torch.autograd.grad(o, (q, k, v, g), v.detach())
+            torch.cuda.synchronize(); ms = (time.perf_counter() - t0) * 1e3
+            # a NaN or inf anywhere makes the fp32 sum non-finite; isfinite(x) would upcast
+            # x and allocate 2.5x its bytes (the 4M run ran out of memory on that)
+            ok = all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in (o,) + grads)
+            del o, grads
         inputs = 3 * T * H * D * 2 + T * H * 4
-        print(f"maxlen: T={T} fwd+bwd OK, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+        print(f"maxlen: T={T} fwd+bwd {ms:.1f} ms, finite {ok}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
               f"({torch.cuda.max_memory_allocated() / inputs:.2f}x the q,k,v,g bytes)")
-        del q, k, v, g, o
+        del q, k, v, g
     except torch.cuda.OutOfMemoryError:
         print(f"maxlen: T={T} out of memory"); break
 PY
@@ -101,3 +134,7 @@ if has sp && [ "$NGPU" -ge 2 ]; then
 fi
 tar czf "$OUT/logs.tgz" -C /tmp lasp2_logs lasp2_results 2>/dev/null
 say "done"
+if [ -f "$LOGS/bench.log" ]; then  # the short table last
+  echo "== one layer, H=16, bf16 (ms; xfl = x memory floor; graph = fwd+bwd replayed from a CUDA graph; fla/us = fla fwd+bwd / lasp2)"
+  sed -n '/^decay /,$p' "$LOGS/bench.log"
+fi

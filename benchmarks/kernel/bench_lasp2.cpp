@@ -241,7 +241,8 @@ int main(int argc, char** argv) {
   if (what == "sweep") {
     std::printf("\nsegment length sweep (LASP2_CUDA_SEG_CHUNKS; 0 = the backend's choice), ms:\n");
     std::printf("%10s %8s %12s %10s %12s %12s\n", "seg_chunks", "blocks", "part_state", "chunk_fwd", "bwd_dq", "bwd_dkdv");
-    for (int sc : {0, 8, 16, 32, 128}) {
+    for (int sc : {0, 2, 3, 4, 6, 8, 16, 32, 128}) {
+      if (sc > (T + 63) / 64) continue;
       if (sc) setenv("LASP2_CUDA_SEG_CHUNKS", std::to_string(sc).c_str(), 1);
       else unsetenv("LASP2_CUDA_SEG_CHUNKS");
       const float a = median_ms([&] { be.part_state(p, all, state, L, nullptr); });

@@ -8,6 +8,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "delta_rule_op.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2_op.h"
@@ -96,6 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::register_exception<lasp2::Error>(m, "Lasp2Error", PyExc_ValueError);
   bind_communicators(m);
   bind_args(m);
+
+  lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA

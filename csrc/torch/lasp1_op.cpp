@@ -3,6 +3,7 @@
 #include "lasp2/lasp1.h"
 #include "lasp2/scalar_decay.h"
 #include "tensor_views.h"
+#include "torch_scratch.h"
 
 namespace lasp2::torch_binding {
 
@@ -10,7 +11,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lasp1_forward(const LinearAttent
   LASP2_CHECK(!args.initial_state, "provider \"lasp1\" takes no `initial_state` (use provider \"lasp2\")");
   Prepared r = prepare(args);
   at::Tensor o = at::empty_like(r.v);
-  const ScalarDecay family(backend_for(core_device(r.q)), r.params, mut_view(o, "o"));
+  const ScalarDecay family(kernel_backend_for(r.q), r.params, mut_view(o, "o"));
   const SummaryShape sh = family.shape();
   at::Tensor entering = floats(Lasp1Saved::entering_state_floats(sh), r.q);
   at::Tensor record = floats(Lasp1Saved::local_record_floats(sh), r.q);
@@ -29,7 +30,7 @@ std::vector<OptTensor> lasp1_backward(const LinearAttentionArgs& args,
   at::Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
   at::Tensor dg;
   if (need_dg) dg = gate_grad(r.params, r.q);
-  const ScalarDecay family(backend_for(core_device(r.q)), r.params,
+  const ScalarDecay family(kernel_backend_for(r.q), r.params,
                            ScalarDecayGrads{const_view(dout_c, "dout"), mut_view(dq, "dq"), mut_view(dk, "dk"),
                                             mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr});
   const SummaryShape sh = family.shape();

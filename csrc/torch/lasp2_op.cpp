@@ -3,6 +3,7 @@
 #include "lasp2/lasp2.h"
 #include "lasp2/scalar_decay.h"
 #include "tensor_views.h"
+#include "torch_scratch.h"
 
 namespace lasp2::torch_binding {
 namespace {
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
-  const ScalarDecay family(backend_for(core_device(r.q)), p, mut_view(o, "o"));
+  const ScalarDecay family(kernel_backend_for(r.q), p, mut_view(o, "o"));
   const SummaryShape sh = family.shape();
   at::Tensor records = floats(Lasp2Saved::local_records_floats(sh, r.layout), r.q);
   at::Tensor prefixes = floats(Lasp2Saved::prefix_states_floats(sh, r.layout), r.q);
@@ -53,7 +54,7 @@ std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
   at::Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
   at::Tensor dg;
   if (need_dg) dg = gate_grad(p, r.q);
-  const ScalarDecay family(backend_for(core_device(r.q)), p,
+  const ScalarDecay family(kernel_backend_for(r.q), p,
                            ScalarDecayGrads{const_view(dout_c, "dout"), mut_view(dq, "dq"), mut_view(dk, "dk"),
                                             mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr});
   const SummaryShape sh = family.shape();

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import group_rank_and_size
-
-SPLITS = ("contiguous", "balanced")
+from lasp2.options import SPLITS
 
 
 def _parts_per_rank(split: str) -> int:

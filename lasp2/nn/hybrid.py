@@ -10,23 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.nn.linear_attention import LinearAttention
+from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
+from lasp2.options import LAYER_LETTERS, check_choice, parse_layer_pattern
 
-MIXERS = ("linear", "softmax")
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the hidden dimension, computed in float32."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xc = x.to(compute)
-        return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(compute)).to(x.dtype)
+# mixer name -> (module, its letter in hybrid patterns, lasp2.options.LAYER_LETTERS)
+MIXERS = {"linear": (LinearAttention, "L"), "softmax": (SoftmaxAttention, "S")}
+MIXER_OF_LETTER = {letter: name for name, (_, letter) in MIXERS.items()}
 
 
 class SwiGLU(nn.Module):
@@ -54,11 +44,10 @@ class HybridBlock(nn.Module):
                  intermediate_size: Optional[int] = None, group=None, split: str = "contiguous",
                  layout: str = "bthd", device=None, dtype=None, **mixer_kwargs):
         super().__init__()
-        if mixer not in MIXERS:
-            raise ValueError(f"HybridBlock: `mixer` must be one of {MIXERS}, got {mixer!r}")
+        check_choice("HybridBlock", "mixer", mixer, tuple(MIXERS))
         factory = {"device": device, "dtype": dtype}
         self.mixer_kind = mixer
-        cls = LinearAttention if mixer == "linear" else SoftmaxAttention
+        cls = MIXERS[mixer][0]
         self.norm1 = RMSNorm(hidden_size, **factory)
         self.mixer = cls(hidden_size, num_heads, group=group, split=split, layout=layout, **factory, **mixer_kwargs)
         self.norm2 = RMSNorm(hidden_size, **factory)
@@ -74,8 +63,9 @@ class HybridBlock(nn.Module):
 
 
 class HybridStack(nn.Module):
-    """A stack of HybridBlocks following ``pattern``, one letter a layer: "L" linear
-    attention, "S" softmax attention; e.g. "LLLS" (3 linear : 1 softmax, as in the
+    """A stack of HybridBlocks following ``pattern``, one letter a layer
+    (``lasp2.options.LAYER_LETTERS``): "L" linear attention, "S" softmax attention;
+    e.g. "LLLS" (3 linear : 1 softmax, as in the
     LASP-2H paper's hybrids). Every layer shares ``group``, ``split`` and ``layout``:
     one sequence layout serves the whole model, so activations never move between
     layers. ``linear_kwargs`` / ``softmax_kwargs`` go to the mixers."""
@@ -85,14 +75,18 @@ class HybridStack(nn.Module):
                  layout: str = "bthd", linear_kwargs: Optional[dict] = None,
                  softmax_kwargs: Optional[dict] = None, device=None, dtype=None):
         super().__init__()
-        if not pattern or set(pattern) - {"L", "S"}:
-            raise ValueError(f"HybridStack: `pattern` must be a non-empty string of 'L' and 'S', got {pattern!r}")
+        letters = parse_layer_pattern(pattern)
+        missing = sorted(set(letters) - set(MIXER_OF_LETTER))
+        if missing:
+            raise ValueError(f"HybridStack: `pattern` {pattern!r} has layer letters {missing} "
+                             f"({', '.join(LAYER_LETTERS[c] for c in missing)}) that HybridStack does not build; "
+                             f"it builds {sorted(MIXER_OF_LETTER)}")
         self.pattern = pattern
+        kwargs = {"linear": linear_kwargs, "softmax": softmax_kwargs}
         self.layers = nn.ModuleList(
-            HybridBlock(hidden_size, num_heads, "linear" if c == "L" else "softmax", intermediate_size,
-                        group=group, split=split, layout=layout, device=device, dtype=dtype,
-                        **((linear_kwargs if c == "L" else softmax_kwargs) or {}))
-            for c in pattern)
+            HybridBlock(hidden_size, num_heads, MIXER_OF_LETTER[c], intermediate_size, group=group, split=split,
+                        layout=layout, device=device, dtype=dtype, **(kwargs[MIXER_OF_LETTER[c]] or {}))
+            for c in letters)
         self.norm = RMSNorm(hidden_size, device=device, dtype=dtype)
 
     def set_sequence_parallel(self, group, split: str = "contiguous"):

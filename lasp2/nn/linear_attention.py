@@ -6,26 +6,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lasp2.nn.norms import HeadRMSNorm
+from lasp2.nn.norms import RMSNorm
+from lasp2.ops.gates import gate_from_logits, lightning_log_decay
 from lasp2.ops.linear_attention import linear_attention
-from lasp2.ops.providers import PROVIDERS
-
-FEATURE_MAPS = {
-    "identity": lambda x: x,
-    "elu": lambda x: F.elu(x) + 1.0,
-    "relu": F.relu,
-    "silu": F.silu,
-}
-DECAYS = ("none", "fixed", "gate")
-
-
-def lightning_log_decay(num_heads: int) -> torch.Tensor:
-    """Per-head log decays -2^(-8(h+1)/H) (ALiBi-style slopes, as in lightning attention)."""
-    exponents = -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads
-    return -(2.0 ** exponents)
+from lasp2.options import DECAYS, FEATURE_MAPS, LAYOUTS, PROVIDERS, SPLITS, check_choice
 
 
 class LinearAttention(nn.Module):
@@ -41,6 +27,7 @@ class LinearAttention(nn.Module):
     decay: "none" (plain linear attention), "fixed" (per-head log decays, lightning
     attention / retention style) or "gate" (data-dependent scalar gate per head and
     token, ``logsigmoid(W_g x) / gate_logit_normalizer``, simple-GLA / Mamba2 style).
+    feature_map: applied to q and k (``lasp2.options.FEATURE_MAPS``; "elu" is elu + 1).
 
     provider: the sequence-parallel algorithm, "lasp2" (default), "lasp1" or "ulysses"
     (see ``lasp2.linear_attention``); all give the same result.
@@ -49,15 +36,14 @@ class LinearAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
                  decay: str = "gate", feature_map: str = "identity", output_norm: bool = True,
                  gate_logit_normalizer: float = 16.0, bias: bool = False, group=None,
-                 split: str = "contiguous", layout: str = "bthd", chunk_size: int = 64,
-                 device=None, dtype=None, provider: str = "lasp2"):
+                 split: str = "contiguous", layout: str = "bthd", device=None, dtype=None,
+                 provider: str = "lasp2"):
         super().__init__()
-        if decay not in DECAYS:
-            raise ValueError(f"LinearAttention: `decay` must be one of {DECAYS}, got {decay!r}")
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"LinearAttention: `feature_map` must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
-        if provider not in PROVIDERS:
-            raise ValueError(f"LinearAttention: `provider` must be one of {PROVIDERS}, got {provider!r}")
+        check_choice("LinearAttention", "decay", decay, DECAYS)
+        check_choice("LinearAttention", "feature_map", feature_map, FEATURE_MAPS)
+        check_choice("LinearAttention", "provider", provider, PROVIDERS)
+        check_choice("LinearAttention", "split", split, SPLITS)
+        check_choice("LinearAttention", "layout", layout, LAYOUTS)
         head_dim = head_dim or hidden_size // num_heads
         if head_dim * num_heads == 0:
             raise ValueError(f"LinearAttention: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
@@ -65,7 +51,7 @@ class LinearAttention(nn.Module):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.decay_kind, self.feature_map_name = decay, feature_map
         self.gate_logit_normalizer = gate_logit_normalizer
-        self.group, self.split, self.layout, self.chunk_size = group, split, layout, chunk_size
+        self.group, self.split, self.layout = group, split, layout
         self.provider = provider
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
@@ -76,7 +62,7 @@ class LinearAttention(nn.Module):
             self.register_buffer("log_decay", lightning_log_decay(num_heads).to(device=device, dtype=torch.float32))
         else:
             self.log_decay = None
-        self.norm = HeadRMSNorm(head_dim, **factory) if output_norm else None
+        self.norm = RMSNorm(head_dim, **factory) if output_norm else None
         self.o_proj = nn.Linear(inner, hidden_size, bias=bias, **factory)
         self.reset_parameters()
 
@@ -98,15 +84,9 @@ class LinearAttention(nn.Module):
         q = feature(self.q_proj(x).view(heads))
         k = feature(self.k_proj(x).view(heads))
         v = self.v_proj(x).view(heads)
-        g = None
-        if self.g_proj is not None:
-            logits = self.g_proj(x)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()  # gates accumulate over the sequence: keep them in fp32
-            g = F.logsigmoid(logits) / self.gate_logit_normalizer
+        g = gate_from_logits(self.g_proj(x), self.gate_logit_normalizer) if self.g_proj is not None else None
         o = linear_attention(q, k, v, g=g, decay=self.log_decay, group=self.group, layout=self.layout,
-                             split=self.split, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
-                             provider=self.provider)
+                             split=self.split, cu_seqlens=cu_seqlens, provider=self.provider)
         if self.norm is not None:
             o = self.norm(o)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))

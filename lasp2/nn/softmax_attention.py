@@ -10,6 +10,7 @@ from torch import nn
 from lasp2.distributed.communicator import group_rank_and_size
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops.softmax_attention import softmax_attention
+from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice
 
 
 def rope_positions(local_len: int, group, split: str, cu_seqlens: Optional[torch.Tensor] = None,
@@ -65,8 +66,9 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"SoftmaxAttention: `num_kv_heads` {num_kv_heads} must divide `num_heads` {num_heads}")
         if rope and head_dim % 2:
             raise ValueError(f"SoftmaxAttention: rotary embeddings need an even head dim, got {head_dim}")
-        if layout not in ("bthd", "tbhd"):
-            raise ValueError(f"SoftmaxAttention: `layout` must be 'bthd' or 'tbhd', got {layout!r}")
+        check_choice("SoftmaxAttention", "layout", layout, LAYOUTS)
+        check_choice("SoftmaxAttention", "split", split, SPLITS)
+        check_choice("SoftmaxAttention", "backend", backend, SOFTMAX_BACKENDS)
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.rope, self.rope_theta, self.causal = rope, rope_theta, causal

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-LAYOUTS = ("bthd", "tbhd")
+from lasp2.options import LAYOUTS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 # dtypes as integers, for the cross-rank consistency check
@@ -76,8 +77,3 @@ def check_scale(op: str, scale) -> Optional[float]:
     if scale != scale or scale in (float("inf"), float("-inf")):
         fail(op, f"`scale` must be finite, got {scale}")
     return scale
-
-
-def check_chunk_size(op: str, chunk_size):
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        fail(op, f"`chunk_size` must be a positive int, got {chunk_size!r}")

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "sdpa", "plain")
+from lasp2.options import SOFTMAX_BACKENDS as BACKENDS
 _aten = torch.ops.aten
 _FUSED_FAILED: set = set()
 

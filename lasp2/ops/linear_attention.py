@@ -10,13 +10,15 @@ import torch.distributed as dist
 
 from lasp2._extension import _C, has_cuda_kernels
 from lasp2.distributed.communicator import get_communicator, group_rank_and_size
-from lasp2.distributed.sequence_split import SPLITS
 from lasp2.ops import _checks as C
 from lasp2.ops._cu_seqlens import doc_starts_from_cu_seqlens
 from lasp2.ops._group_consistency import verify_group_consistency
-from lasp2.ops.providers import PROVIDERS
+from lasp2.options import PROVIDERS, SPLITS, check_choice
 
 OP = "lasp2.linear_attention"
+# The CPU kernels' chunk length, not a knob of the op (the CUDA kernels pick their own
+# tiles); passed until the binding takes its own default.
+CPU_CHUNK_SIZE = 64
 
 
 class _Lasp2LinearAttention(torch.autograd.Function):
@@ -41,9 +43,8 @@ class _Lasp2LinearAttention(torch.autograd.Function):
         return dq, dk, dv, dg, d_decay, None, None, None, None, None, None
 
 
-def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider="lasp2"):
-    if provider not in PROVIDERS:
-        C.fail(OP, f"`provider` must be one of {PROVIDERS}, got {provider!r}")
+def _validate(q, k, v, g, decay, scale, group, layout, split, provider="lasp2"):
+    check_choice(OP, "provider", provider, PROVIDERS)
     C.check_layout(OP, layout)
     C.check_tensor(OP, "q", q, 4)
     C.check_tensor(OP, "k", k, 4)
@@ -75,9 +76,7 @@ def _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provid
             C.fail(OP, f"`decay` is on {decay.device} but `q` is on {q.device}")
     scale = C.check_scale(OP, scale)
     C.check_group(OP, group)
-    C.check_chunk_size(OP, chunk_size)
-    if split not in SPLITS:
-        C.fail(OP, f"`split` must be one of {SPLITS}, got {split!r}")
+    check_choice(OP, "split", split, SPLITS)
     parts = 1 if split == "contiguous" else 2
     _, world = group_rank_and_size(group)
     if world > 1 and q.shape[seq_dim] % parts:
@@ -104,7 +103,6 @@ def linear_attention(
     layout: str = "bthd",
     split: str = "contiguous",
     cu_seqlens: Optional[torch.Tensor] = None,
-    chunk_size: int = 64,
     overlap: Optional[bool] = None,
     provider: str = "lasp2",
 ) -> torch.Tensor:
@@ -131,7 +129,6 @@ def linear_attention(
         cu_seqlens: optional cumulative document lengths of the *global* packed
             sequence (B must be 1), int32/int64, starting at 0 and ending at the
             global length: documents never attend across boundaries.
-        chunk_size: the CPU kernels' chunk length (GPU kernels pick their own tiles).
         overlap: LASP-2's forward schedule. True: the state AllGather runs while the
             local attention computes, and the prefix term is added in an extra pass
             over q and o. False: wait for the AllGather and run one fused pass with the
@@ -148,7 +145,8 @@ def linear_attention(
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, chunk_size, provider)
+    scale, seq_dim, parts = _validate(q, k, v, g, decay, scale, group, layout, split, provider)
+    chunk_size = CPU_CHUNK_SIZE
     if scale is None:
         scale = q.shape[3] ** -0.5
     rank, world = group_rank_and_size(group)
@@ -170,9 +168,9 @@ def linear_attention(
             OP, group,
             [q.shape[1 - seq_dim], local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
              0 if g is None and decay is None else (1 if decay is not None else 2), parts,
-             int(cu_seqlens is not None), chunk_size, PROVIDERS.index(provider)],
+             int(cu_seqlens is not None), PROVIDERS.index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "decay mode (none/decay/g)", "split", "use of cu_seqlens", "chunk_size",
+             "decay mode (none/decay/g)", "split", "use of cu_seqlens",
              f"provider {PROVIDERS}"],
             q.device)
 

@@ -41,7 +41,8 @@ struct Geom {
 
 // Per-token decay bookkeeping ("meta"): for every token x of chunk c, the pair
 // {G, s}: G = cumulative log decay from the chunk's first token through x, s =
-// number of document starts in the chunk up to x (as float). Padded tokens past
+// number of document starts in the chunk up to x (as float); a token whose log decay
+// is -inf (the state forgotten) counts as a document start and adds 0 to G. Padded tokens past
 // the part's end repeat the last valid pair. Layout [bh][nchunks * 64][2].
 // segL[bh][nseg] = log of the segment's total decay, -inf if a document starts in it.
 // wmeta (optional, same layout as meta): per token {w_entry, w_exit} =

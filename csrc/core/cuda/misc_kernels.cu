@@ -43,8 +43,11 @@ __global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
         if (a.mode == 1) gl = a.log_decay[h];
         else if (a.mode == 2) gl = a.gate[b * a.gsb + t * a.gst + h * a.gsh];
       }
-      gv[e] = gl;
-      dv[e] = (valid && a.doc != nullptr && a.doc[b * a.doc_sb + t] != 0) ? 1 : 0;
+      // A log decay of -inf forgets the state (exp(g) = 0): the same as a document
+      // starting at this token, which keeps every G finite (no -inf minus -inf).
+      const bool forget = gl == -INFINITY;
+      gv[e] = forget ? 0.f : gl;
+      dv[e] = (valid && (forget || (a.doc != nullptr && a.doc[b * a.doc_sb + t] != 0))) ? 1 : 0;
     }
     // Inclusive scan over the 64 tokens: pair sums, then across lanes.
     float gs = gv[0] + gv[1];

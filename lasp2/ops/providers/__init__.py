@@ -9,6 +9,6 @@
 All three compute the same function; docs/providers.md compares their costs.
 """
 
-PROVIDERS = ("lasp2", "lasp1", "ulysses")
+from lasp2.options import PROVIDERS
 
 __all__ = ["PROVIDERS"]

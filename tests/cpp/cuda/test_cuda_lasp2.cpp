@@ -7,10 +7,12 @@
 // identical inputs; dg grows like sqrt(tokens / 64), see there).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "cuda_test_util.h"
 #include "lasp2/lasp2.h"
+#include "lasp2/scratch_allocator.h"
 #include "../local_slice.h"
 #include "../recurrent_reference.h"
 
@@ -37,56 +39,93 @@ struct Grads {
   std::vector<double> o, dq, dk, dv, dg;
 };
 
+// One rank's problem on the device: inputs uploaded once, forward + backward
+// enqueued on a stream without synchronizing (so it can be captured in a graph).
+struct DeviceRank {
+  ProblemSpec s;
+  ScalarType dtype;
+  DevTensor q, k, v, dout, o, dq, dk, dv;
+  DevBuf<float> gate, logd, dg, records, prefixes, decays;
+  DevBuf<uint8_t> doc;
+  DevBuf<double> fws, bws;
+  AttentionParams p;
+
+  DeviceRank(const Problem<double>& pr, ScalarType t, const PartLayout& layout)
+      : s(pr.spec), dtype(t),
+        q(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), k(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
+        v(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), dout(s.batch, s.seqlen, s.heads, s.dim_v, t, {}),
+        o(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), dq(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
+        dk(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), dv(s.batch, s.seqlen, s.heads, s.dim_v, t, {}),
+        gate(to_device_f32(pr.gate)), logd(to_device_f32(pr.log_decay)), dg(s.batch * s.seqlen * s.heads),
+        doc(pr.doc_start.size()) {
+    q.upload(pr.q);
+    k.upload(pr.k);
+    v.upload(pr.v);
+    dout.upload(pr.dout);
+    doc.upload(pr.doc_start);
+    p = pr.params();
+    p.dtype = t;
+    p.q = q.cview();
+    p.k = k.cview();
+    p.v = v.cview();
+    p.decay.dtype = ScalarType::kFloat32;
+    p.decay.gate = gate.p;
+    p.decay.log_decay = logd.p;
+    p.doc_start = s.doc_starts.empty() ? nullptr : doc.p;
+    records = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::local_records_floats(p, layout)));
+    prefixes = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::prefix_states_floats(p, layout)));
+    decays = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::log_decays_floats(p, layout)));
+    fws = DevBuf<double>((lasp2_forward_workspace_bytes(p, layout) + 7) / 8);
+    bws = DevBuf<double>((lasp2_backward_workspace_bytes(p, layout, true) + 7) / 8);
+    dg.poison();
+    // uploads and poison ran on the legacy stream, which a non-blocking stream does not wait for
+    cuda_ok(cudaDeviceSynchronize(), "uploads");
+  }
+
+  void enqueue(const KernelBackend& be, Communicator* comm, const PartLayout& layout, bool overlap,
+               cudaStream_t stream) {
+    const Lasp2Saved saved{records.p, prefixes.p, decays.p};
+    Lasp2Options options;
+    options.overlap_forward = overlap;
+    lasp2_forward(be, comm, layout, p, o.mview(), saved, fws.p, options, stream);
+    lasp2_backward(be, comm, layout, p, dout.cview(), saved, dq.mview(), dk.mview(), dv.mview(), dg.p, bws.p,
+                   stream);
+  }
+
+  Grads grads() const {
+    Grads g;
+    g.o = o.download().v;
+    g.dq = dq.download().v;
+    g.dk = dk.download().v;
+    g.dv = dv.download().v;
+    const auto dgf = dg.download();
+    g.dg.assign(dgf.begin(), dgf.end());
+    return g;
+  }
+};
+
 // Runs forward + backward of one rank's problem on the GPU (comm may be null).
 Grads run_rank(const Problem<double>& pr, ScalarType dtype, const PartLayout& layout, Communicator* comm,
-               bool overlap, cudaStream_t stream) {
-  const auto& s = pr.spec;
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}), k(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {}), dout(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
-  q.upload(pr.q);
-  k.upload(pr.k);
-  v.upload(pr.v);
-  dout.upload(pr.dout);
-  DevBuf<float> gate = to_device_f32(pr.gate), logd = to_device_f32(pr.log_decay);
-  DevBuf<uint8_t> doc(pr.doc_start.size());
-  doc.upload(pr.doc_start);
-  AttentionParams p = pr.params();
-  p.dtype = dtype;
-  p.q = q.cview();
-  p.k = k.cview();
-  p.v = v.cview();
-  p.decay.dtype = ScalarType::kFloat32;
-  p.decay.gate = gate.p;
-  p.decay.log_decay = logd.p;
-  p.doc_start = s.doc_starts.empty() ? nullptr : doc.p;
-
-  DevBuf<float> records(std::max<int64_t>(1, Lasp2Saved::local_records_floats(p, layout)));
-  DevBuf<float> prefixes(std::max<int64_t>(1, Lasp2Saved::prefix_states_floats(p, layout)));
-  DevBuf<float> decays(std::max<int64_t>(1, Lasp2Saved::log_decays_floats(p, layout)));
-  const Lasp2Saved saved{records.p, prefixes.p, decays.p};
-  DevBuf<double> fws((lasp2_forward_workspace_bytes(p, layout) + 7) / 8);
-  DevBuf<double> bws((lasp2_backward_workspace_bytes(p, layout, true) + 7) / 8);
-
-  DevTensor o(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
-  Lasp2Options options;
-  options.overlap_forward = overlap;
-  lasp2_forward(cuda_backend(), comm, layout, p, o.mview(), saved, fws.p, options, stream);
-
-  DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}), dk(s.batch, s.seqlen, s.heads, s.dim_k, dtype, {}),
-      dv(s.batch, s.seqlen, s.heads, s.dim_v, dtype, {});
-  DevBuf<float> dg(s.batch * s.seqlen * s.heads);
-  dg.poison();
-  lasp2_backward(cuda_backend(), comm, layout, p, dout.cview(), saved, dq.mview(), dk.mview(), dv.mview(), dg.p,
-                 bws.p, stream);
+               bool overlap, cudaStream_t stream, const KernelBackend& be = cuda_backend()) {
+  DeviceRank r(pr, dtype, layout);
+  r.enqueue(be, comm, layout, overlap, stream);
   cuda_ok(cudaStreamSynchronize(stream), "lasp2 on the device");
-  Grads g;
-  g.o = o.download().v;
-  g.dq = dq.download().v;
-  g.dk = dk.download().v;
-  g.dv = dv.download().v;
-  const auto dgf = dg.download();
-  g.dg.assign(dgf.begin(), dgf.end());
-  return g;
+  return r.grads();
+}
+
+// Log gates of -inf (the state forgotten at that token) at chunk and segment edges,
+// in a run, at the first and last token; with kFixed, the last head's log decay.
+void forget_some(Problem<double>& pr) {
+  const auto& s = pr.spec;
+  if (s.mode == DecayMode::kFixed) {
+    pr.log_decay[s.heads - 1] = -INFINITY;
+    return;
+  }
+  const int64_t T = s.seqlen;
+  for (int64_t t : {int64_t{0}, int64_t{63}, int64_t{64}, int64_t{65}, T / 2, T / 2 + 1, T / 2 + 2, T - 1})
+    pr.gate[(0 * T + t) * s.heads + 0] = -INFINITY;
+  for (int64_t t : {int64_t{1}, int64_t{95}, int64_t{96}, int64_t{255}, int64_t{256}, T - 2})
+    if (t < T) pr.gate[((s.batch - 1) * T + t) * s.heads + (s.heads - 1)] = -INFINITY;
 }
 
 double rel_nan_aware(const std::vector<double>& got, const std::vector<double>& want) {
@@ -119,12 +158,13 @@ struct E2eCase {
   int64_t d;
   int64_t T;
   bool docs;
+  bool forget = false;  // some log gates (or a head's log decay) are -inf
 };
 
 std::string e2e_name(const E2eCase& c) {
   const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
   return std::string(dtype_name(c.dtype)) + "_" + mode + "_D" + std::to_string(c.d) + "_T" +
-         std::to_string(c.T) + (c.docs ? "_docs" : "");
+         std::to_string(c.T) + (c.docs ? "_docs" : "") + (c.forget ? "_forget" : "");
 }
 
 void PrintTo(const E2eCase& c, std::ostream* os) { *os << e2e_name(c); }
@@ -142,7 +182,8 @@ TEST_P(CudaLasp2SingleDevice, MatchesRecurrence) {
   s.mode = c.mode;
   s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d)));
   if (c.docs) s.doc_starts = {1, 64, 500, c.T - 1};
-  const auto pr = rounded(s, c.dtype, 77);
+  auto pr = rounded(s, c.dtype, 77);
+  if (c.forget) forget_some(pr);
   const auto ref = recurrent_reference(pr);
   const Grads g = run_rank(pr, c.dtype, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
   const std::string name = "single_" + e2e_name(c);
@@ -157,7 +198,12 @@ INSTANTIATE_TEST_SUITE_P(
                       E2eCase{ScalarType::kFloat16, DecayMode::kGate, 64, 1000, true},
                       E2eCase{ScalarType::kFloat16, DecayMode::kNone, 64, 1000, false},
                       E2eCase{ScalarType::kFloat32, DecayMode::kGate, 64, 1000, true},
-                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 128, 700, false}),
+                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 128, 700, false},
+                      E2eCase{ScalarType::kBFloat16, DecayMode::kGate, 128, 2048, false, true},
+                      E2eCase{ScalarType::kBFloat16, DecayMode::kGate, 64, 1000, true, true},
+                      E2eCase{ScalarType::kFloat16, DecayMode::kFixed, 64, 1000, false, true},
+                      E2eCase{ScalarType::kFloat32, DecayMode::kGate, 64, 1000, true, true},
+                      E2eCase{ScalarType::kFloat32, DecayMode::kFixed, 40, 300, false, true}),
     [](const ::testing::TestParamInfo<E2eCase>& i) { return e2e_name(i.param); });
 
 struct SpCase {
@@ -165,11 +211,12 @@ struct SpCase {
   bool balanced;
   bool overlap;
   ScalarType dtype;
+  bool forget = false;
 };
 
 std::string sp_name(const SpCase& c) {
   return "P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
-         (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype);
+         (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype) + (c.forget ? "_forget" : "");
 }
 
 void PrintTo(const SpCase& c, std::ostream* os) { *os << sp_name(c); }
@@ -187,7 +234,8 @@ TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
   s.seqlen = 2 * c.world * 96;  // parts of 96 tokens: they end mid-chunk
   s.scale = 0.125f;
   s.doc_starts = {5, 96, 97, s.seqlen - 1};  // one exactly at a part edge
-  const auto global = rounded(s, c.dtype, 99);
+  auto global = rounded(s, c.dtype, 99);
+  if (c.forget) forget_some(global);  // also at part edges (95, 96, 255, 256)
   const auto ref = recurrent_reference(global);
   Grads out{std::vector<double>(ref.o.size()), std::vector<double>(ref.dq.size()),
             std::vector<double>(ref.dk.size()), std::vector<double>(ref.dv.size()),
@@ -217,8 +265,107 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
                                            SpCase{2, true, false, ScalarType::kBFloat16},
                                            SpCase{4, true, true, ScalarType::kBFloat16},
                                            SpCase{4, false, false, ScalarType::kFloat32},
-                                           SpCase{3, true, true, ScalarType::kFloat16}),
+                                           SpCase{3, true, true, ScalarType::kFloat16},
+                                           SpCase{2, true, true, ScalarType::kBFloat16, true},
+                                           SpCase{4, false, false, ScalarType::kFloat32, true}),
                          [](const ::testing::TestParamInfo<SpCase>& i) { return sp_name(i.param); });
+
+// A caller's scratch allocator (the binding passes PyTorch's caching allocator):
+// stream-ordered device memory, counted.
+class CountingAllocator final : public ScratchAllocator {
+ public:
+  void* allocate(size_t bytes, void* stream) const override {
+    void* ptr = nullptr;
+    cuda_ok(cudaMallocAsync(&ptr, bytes, static_cast<cudaStream_t>(stream)), "cudaMallocAsync");
+    ++allocations;
+    ++live;
+    return ptr;
+  }
+  void release(void* ptr, void* stream) const noexcept override {
+    cudaFreeAsync(ptr, static_cast<cudaStream_t>(stream));
+    --live;
+  }
+  mutable std::atomic<int> allocations{0}, live{0};
+};
+
+void expect_bitwise(const Grads& a, const Grads& b) {
+  EXPECT_EQ(a.o, b.o);
+  EXPECT_EQ(a.dq, b.dq);
+  EXPECT_EQ(a.dk, b.dk);
+  EXPECT_EQ(a.dv, b.dv);
+  EXPECT_EQ(a.dg, b.dg);
+}
+
+ProblemSpec graph_spec() {
+  ProblemSpec s;
+  s.batch = 2;
+  s.heads = 2;
+  s.seqlen = 2048;  // several segments: states, scans and the dg fix-up run
+  s.dim_k = s.dim_v = 128;
+  s.mode = DecayMode::kGate;
+  s.scale = 0.088f;
+  s.doc_starts = {700};
+  return s;
+}
+
+TEST(CudaLasp2Scratch, CallersAllocatorGetsEveryBufferBack) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const auto pr = rounded(graph_spec(), ScalarType::kBFloat16, 5);
+  const PartLayout layout = PartLayout::contiguous(1, 0);
+  CountingAllocator allocator;
+  const auto backend = make_cuda_backend(allocator);
+  const Grads mine = run_rank(pr, ScalarType::kBFloat16, layout, nullptr, true, nullptr, *backend);
+  const Grads dflt = run_rank(pr, ScalarType::kBFloat16, layout, nullptr, true, nullptr);
+  EXPECT_EQ(allocator.allocations.load(), 3);  // one device: the output, dq and dk/dv passes
+  EXPECT_EQ(allocator.live.load(), 0);
+  expect_bitwise(mine, dflt);
+}
+
+// Forward + backward enqueue no host synchronization and no synchronous allocation:
+// they capture into a CUDA graph, whose replays equal eager runs bit for bit, also
+// after new inputs are copied into the captured buffers.
+TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const ScalarType t = ScalarType::kBFloat16;
+  auto first = rounded(graph_spec(), t, 6);
+  forget_some(first);
+  const auto second = rounded(graph_spec(), t, 7);
+  const PartLayout layout = PartLayout::contiguous(1, 0);
+  CountingAllocator allocator;
+  const auto counted = make_cuda_backend(allocator);
+  for (const KernelBackend* be : std::vector<const KernelBackend*>{&cuda_backend(), counted.get()}) {
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    const Grads eager1 = run_rank(first, t, layout, nullptr, true, stream, *be);
+    const Grads eager2 = run_rank(second, t, layout, nullptr, true, stream, *be);
+    DeviceRank r(first, t, layout);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
+    r.enqueue(*be, nullptr, layout, true, stream);
+    cuda_ok(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    cuda_ok(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
+    cuda_ok(cudaStreamSynchronize(stream), "replay");
+    expect_bitwise(r.grads(), eager1);
+    // new inputs into the same buffers, outputs poisoned, replay
+    r.q.upload(second.q);
+    r.k.upload(second.k);
+    r.v.upload(second.v);
+    r.dout.upload(second.dout);
+    r.gate.upload(std::vector<float>(second.gate.begin(), second.gate.end()));
+    for (DevTensor* x : {&r.o, &r.dq, &r.dk, &r.dv}) x->buf.poison();
+    r.dg.poison();
+    cuda_ok(cudaDeviceSynchronize(), "uploads");
+    cuda_ok(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
+    cuda_ok(cudaStreamSynchronize(stream), "replay");
+    expect_bitwise(r.grads(), eager2);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+  EXPECT_EQ(allocator.live.load(), 0);
+}
 
 }  // namespace
 }  // namespace lasp2::testing

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import lasp2
 from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator
-from dist_utils import run_distributed
+from lasp2_testing.dist import run_distributed
 
 B, T, H, DK, DV = 2, 12, 2, 4, 3
 

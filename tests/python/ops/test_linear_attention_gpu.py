@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from reference import linear_attention_reference
-from checks import rel_err
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import rel_err
 
 pytestmark = pytest.mark.gpu
 

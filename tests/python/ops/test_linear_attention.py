@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from reference import linear_attention_reference
-from checks import rel_err
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import rel_err
 
 
 def make_inputs(B=2, T=37, H=3, Dk=16, Dv=8, dtype=torch.float32, mode="gate", seed=0):
@@ -24,13 +24,13 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, to
 
 @pytest.mark.parametrize("mode", ["none", "decay", "gate"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,chunk_size", [(1, 64), (37, 8), (64, 16), (100, 64)])
-def test_forward_and_gradients_match_reference(mode, dtype, T, chunk_size):
+@pytest.mark.parametrize("T", [1, 37, 64, 100, 150])  # the CPU kernels' chunks are 64 long
+def test_forward_and_gradients_match_reference(mode, dtype, T):
     q, k, v, g, decay = make_inputs(T=T, dtype=dtype, mode=mode)
     leaves = [x for x in (q, k, v, g, decay) if x is not None]
     for x in leaves:
         x.requires_grad_()
-    o = lasp2.linear_attention(q, k, v, g=g, decay=decay, chunk_size=chunk_size)
+    o = lasp2.linear_attention(q, k, v, g=g, decay=decay)
     assert o.dtype == dtype and o.shape == v.shape
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     rq, rk, rv = ref_leaves[:3]
@@ -54,16 +54,17 @@ def test_forward_and_gradients_match_reference(mode, dtype, T, chunk_size):
 
 @pytest.mark.parametrize("mode", ["none", "decay", "gate"])
 def test_gradcheck_float64(mode):
-    q, k, v, g, decay = make_inputs(B=1, T=11, H=2, Dk=4, Dv=3, dtype=torch.float64, mode=mode, seed=3)
+    # 67 tokens: two chunks of the CPU kernels, the second of 3 tokens
+    q, k, v, g, decay = make_inputs(B=1, T=67, H=1, Dk=3, Dv=2, dtype=torch.float64, mode=mode, seed=3)
     inputs = [x.requires_grad_() for x in (q, k, v)]
     if g is not None:
-        fn = lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g, chunk_size=4)
+        fn = lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g)
         inputs.append(g.requires_grad_())
     elif decay is not None:
-        fn = lambda q, k, v, d: lasp2.linear_attention(q, k, v, decay=d, chunk_size=4)
+        fn = lambda q, k, v, d: lasp2.linear_attention(q, k, v, decay=d)
         inputs.append(decay.requires_grad_())
     else:
-        fn = lambda q, k, v: lasp2.linear_attention(q, k, v, chunk_size=4)
+        fn = lambda q, k, v: lasp2.linear_attention(q, k, v)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -91,9 +92,9 @@ def test_scale_is_applied_to_q():
 
 
 def test_cu_seqlens_equals_running_documents_separately():
-    q, k, v, g, _ = make_inputs(B=1, T=40, dtype=torch.float64)
-    cu = torch.tensor([0, 1, 9, 25, 40], dtype=torch.int32)
-    o = lasp2.linear_attention(q, k, v, g=g, cu_seqlens=cu, chunk_size=8)
+    q, k, v, g, _ = make_inputs(B=1, T=150, dtype=torch.float64)
+    cu = torch.tensor([0, 1, 9, 25, 70, 128, 129, 150], dtype=torch.int32)  # across and at chunk edges (64)
+    o = lasp2.linear_attention(q, k, v, g=g, cu_seqlens=cu)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         piece = lasp2.linear_attention(q[:, start:end], k[:, start:end], v[:, start:end], g=g[:, start:end])
         torch.testing.assert_close(o[:, start:end], piece, rtol=1e-10, atol=1e-12)

@@ -5,9 +5,8 @@ import torch
 
 import lasp2
 from lasp2.ops.softmax_attention import Block, plan_blocks
-from reference import softmax_attention_reference
-from test_softmax_attention_distributed import bidirectional_reference
-from checks import rel_err
+from lasp2_testing.reference import softmax_attention_reference
+from lasp2_testing.checks import rel_err
 
 BACKENDS = ["sdpa", "plain"]
 
@@ -19,13 +18,12 @@ def inputs(B=2, T=13, H=4, Hkv=2, D=8, Dv=None, dtype=torch.float64, seed=0):
     return make(B, T, H, D), make(B, T, Hkv, D), make(B, T, Hkv, Dv), make(B, T, H, Dv)
 
 
-def run_and_ref(q, k, v, do, ref_fn=softmax_attention_reference, **kw):
+def run_and_ref(q, k, v, do, **kw):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o = lasp2.softmax_attention(*leaves, **kw)
     grads = torch.autograd.grad(o, leaves, do)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    cu = kw.get("cu_seqlens")
-    o_ref = ref_fn(*ref_leaves, cu_seqlens=cu) if ref_fn is softmax_attention_reference else ref_fn(*ref_leaves, cu)
+    o_ref = softmax_attention_reference(*ref_leaves, cu_seqlens=kw.get("cu_seqlens"), causal=kw.get("causal", True))
     grads_ref = torch.autograd.grad(o_ref, ref_leaves, do.double())
     return [rel_err(o, o_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref)]
 
@@ -59,7 +57,7 @@ def test_packed_documents(backend, cu):
 def test_bidirectional(backend, with_docs):
     q, k, v, do = inputs(B=1 if with_docs else 2)
     cu = torch.tensor([0, 3, 4, 9, 13]) if with_docs else None
-    errors = run_and_ref(q, k, v, do, ref_fn=bidirectional_reference, cu_seqlens=cu, causal=False, backend=backend)
+    errors = run_and_ref(q, k, v, do, cu_seqlens=cu, causal=False, backend=backend)
     assert max(errors) < 1e-10, errors
 
 

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import assert_rel
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import assert_rel
 
 CONFIGS = [
     # (mode, split, with cu_seqlens, dtype, overlap)
@@ -31,14 +31,18 @@ CONFIGS = [
 def global_inputs(world, mode, with_docs, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     B = 1 if with_docs else 2
-    T, H, D = 12 * world, 2, 8  # 12 tokens a rank: 6-token parts for the balanced split
+    # 72 tokens a rank: 36-token parts for the balanced split; the CPU kernels' 64-token
+    # chunks end inside a rank
+    L = 72
+    T, H, D = L * world, 2, 8
     q, k, v, do = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(4))
     g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) / 3 if mode == "gate" else None
     decay = -torch.rand(H, generator=gen, dtype=torch.float64) * 0.3 if mode == "decay" else None
     cu = None
     if with_docs:
-        # boundaries inside a rank, exactly at a rank edge, a 1-token document, one spanning ranks
-        cuts = sorted({3, 12, 13, T - 1, T // 2 + 1} - {0, T})
+        # boundaries inside a rank, at a chunk edge, exactly at a rank edge, a 1-token
+        # document, one spanning ranks
+        cuts = sorted({3, 64, L, L + 1, T - 1, T // 2 + 1} - {0, T})
         cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
     to = lambda x: None if x is None else x.to(dtype if dtype != torch.bfloat16 else torch.float32)
     return [x.to(dtype) for x in (q, k, v, do)] + [to(g), to(decay), cu]
@@ -52,7 +56,7 @@ def check_rank(rank, world):
         gq, gk, gv = leaves_full[:3]
         extra = leaves_full[3] if len(leaves_full) > 3 else None
         kw = {"g": extra} if g is not None else ({"decay": extra} if decay is not None else {})
-        o_full = lasp2.linear_attention(gq, gk, gv, cu_seqlens=cu, chunk_size=4, **kw)
+        o_full = lasp2.linear_attention(gq, gk, gv, cu_seqlens=cu, **kw)
         grads_full = torch.autograd.grad(o_full, leaves_full, do)
 
         local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
@@ -65,8 +69,7 @@ def check_rank(rank, world):
         if decay is not None:
             kw["decay"] = decay.clone().requires_grad_()
             leaves.append(kw["decay"])
-        o = lasp2.linear_attention(lq, lk, lv, group=group, split=split, cu_seqlens=cu, chunk_size=4,
-                                   overlap=overlap, **kw)
+        o = lasp2.linear_attention(lq, lk, lv, group=group, split=split, cu_seqlens=cu, overlap=overlap, **kw)
         grads = torch.autograd.grad(o, leaves, local(do))
 
         tol = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]

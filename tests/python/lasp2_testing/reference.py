@@ -1,5 +1,5 @@
 """Independent float64 references: the quadratic (attention-matrix) form of causal
-linear attention and plain causal softmax attention, differentiated by autograd."""
+linear attention and plain softmax attention, differentiated by autograd."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ def document_ids(cu_seqlens: Optional[torch.Tensor], length: int) -> Optional[to
     return ids
 
 
-def causal_mask(length: int, cu_seqlens=None) -> torch.Tensor:
-    mask = torch.ones(length, length, dtype=torch.bool).tril()
+def attention_mask(length: int, cu_seqlens=None, causal: bool = True) -> torch.Tensor:
+    """mask[t, s]: query t may see key s (same document, and s <= t when causal)."""
+    mask = torch.ones(length, length, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
     ids = document_ids(cu_seqlens, length)
     if ids is not None:
         mask &= ids[:, None] == ids[None, :]
@@ -37,15 +40,16 @@ def linear_attention_reference(q, k, v, g=None, decay=None, scale=None, cu_seqle
     else:
         log_a = q.new_zeros(B, T, H)
     G = log_a.cumsum(1).permute(0, 2, 1)  # [B, H, T]
-    mask = causal_mask(T, cu_seqlens).to(q.device)
+    mask = attention_mask(T, cu_seqlens).to(q.device)
     diff = (G[..., :, None] - G[..., None, :]).masked_fill(~mask, 0.0)
     weights = torch.where(mask, diff.exp(), torch.zeros_like(diff))
     scores = torch.einsum("bthd,bshd->bhts", q, k) * weights
     return scale * torch.einsum("bhts,bshd->bthd", scores, v)
 
 
-def softmax_attention_reference(q, k, v, scale=None, cu_seqlens=None):
-    """Causal softmax attention, [B, T, H, D] inputs; K/V heads may divide Q heads (GQA)."""
+def softmax_attention_reference(q, k, v, scale=None, cu_seqlens=None, causal=True):
+    """Softmax attention (causal unless told), [B, T, H, D] inputs; K/V heads may divide
+    Q heads (GQA); with cu_seqlens no query sees another document."""
     q, k, v = (x.double() for x in (q, k, v))
     B, T, H, D = q.shape
     groups = H // k.shape[2]
@@ -53,5 +57,5 @@ def softmax_attention_reference(q, k, v, scale=None, cu_seqlens=None):
     v = v.repeat_interleave(groups, dim=2)
     scale = D ** -0.5 if scale is None else scale
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    scores = scores.masked_fill(~causal_mask(T, cu_seqlens).to(q.device), float("-inf"))
+    scores = scores.masked_fill(~attention_mask(T, cu_seqlens, causal).to(q.device), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)

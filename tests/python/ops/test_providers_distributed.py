@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2 import _bench  # communicator instruments (built with LASP2_BUILD_BENCH=1)
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import assert_rel
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import assert_rel
 
 # the modules themselves (lasp2.ops.linear_attention is also the name of the function)
 la_module = importlib.import_module("lasp2.ops.linear_attention")
@@ -40,14 +40,15 @@ CONFIGS = [
 def global_inputs(world, mode, with_docs, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     B = 1 if with_docs else 2
-    T, H, D = 7 * world, 2 * world, 8  # 7 tokens a rank (chunk 4: mid-chunk edges); H % P == 0
+    L = 67  # tokens a rank: the CPU kernels' 64-token chunks end mid-rank, ranks mid-chunk
+    T, H, D = L * world, 2 * world, 8  # H % P == 0 for Ulysses
     q, k, v, do = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(4))
     g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) / 3 if mode == "gate" else None
     decay = -torch.rand(H, generator=gen, dtype=torch.float64) * 0.3 if mode == "decay" else None
     cu = None
     if with_docs:
         # inside a rank, exactly at a rank edge, a 1-token document, one spanning ranks
-        cuts = sorted({3, 7, 8, T // 2 + 1, T - 1} - {0, T})
+        cuts = sorted({3, L, L + 1, T // 2 + 1, T - 1} - {0, T})
         cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
     to = lambda x: None if x is None else x.to(dtype)
     return [x.to(dtype) for x in (q, k, v, do)] + [to(g), to(decay), cu]
@@ -68,8 +69,7 @@ def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2"):
     if decay is not None:
         kw["decay"] = decay.clone().requires_grad_()
         leaves.append(kw["decay"])
-    o = lasp2.linear_attention(*leaves[:3], group=group, layout=layout, cu_seqlens=cu, chunk_size=4,
-                               provider=provider, **kw)
+    o = lasp2.linear_attention(*leaves[:3], group=group, layout=layout, cu_seqlens=cu, provider=provider, **kw)
     grads = torch.autograd.grad(o, leaves, to_layout(do, layout))
     back = lambda x: x.transpose(0, 1) if layout == "tbhd" and x.dim() > 1 else x
     return back(o), [back(x) for x in grads]
@@ -107,7 +107,7 @@ def check_module(rank, world, group):
     outs = {}
     for provider in PROVIDERS:
         torch.manual_seed(1)
-        m = lasp2.nn.LinearAttention(16 * world, 2 * world, decay="gate", group=group, chunk_size=4,
+        m = lasp2.nn.LinearAttention(16 * world, 2 * world, decay="gate", group=group,
                                      provider=provider).double()
         xl = x_local.clone().requires_grad_()
         y = m(xl)

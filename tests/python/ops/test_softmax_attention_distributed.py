@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from dist_utils import run_distributed
-from reference import softmax_attention_reference
-from checks import assert_rel
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import softmax_attention_reference
+from lasp2_testing.checks import assert_rel
 
 CONFIGS = [
     # (split, with cu_seqlens, dtype, backend, kv heads, layout, causal)
@@ -49,25 +49,6 @@ def global_inputs(world, with_docs, dtype, kv_heads, seed):
     return [x.to(dtype) for x in (q, k, v, do)] + [cu]
 
 
-def reference(q, k, v, cu, causal):
-    if causal:
-        return softmax_attention_reference(q, k, v, cu_seqlens=cu)
-    return bidirectional_reference(q, k, v, cu)
-
-
-def bidirectional_reference(q, k, v, cu):
-    q, k, v = (x.double() for x in (q, k, v))
-    H, T = q.shape[2], q.shape[1]
-    k, v = (x.repeat_interleave(H // x.shape[2], dim=2) for x in (k, v))
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[3] ** -0.5
-    if cu is not None:
-        ids = torch.zeros(T, dtype=torch.int64)
-        for start in cu[1:-1].tolist():
-            ids[start:] += 1
-        scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
-
-
 def to_layout(x, layout):
     return x.transpose(0, 1) if layout == "tbhd" else x
 
@@ -83,7 +64,7 @@ def check_rank(rank, world):
         o_full = lasp2.softmax_attention(*full, cu_seqlens=cu, causal=causal, backend=backend)
         grads_full = torch.autograd.grad(o_full, full, do)
         ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-        o_ref = reference(*ref_leaves, cu, causal)
+        o_ref = softmax_attention_reference(*ref_leaves, cu_seqlens=cu, causal=causal)
         grads_ref = torch.autograd.grad(o_ref, ref_leaves, do.double())
 
         local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)

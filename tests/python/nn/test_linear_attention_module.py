@@ -5,21 +5,21 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from dist_utils import run_distributed
-from reference import linear_attention_reference
-from checks import rel_err
+from lasp2_testing.dist import run_distributed
+from lasp2_testing.reference import linear_attention_reference
+from lasp2_testing.checks import rel_err
 
 
 @pytest.mark.parametrize("decay", ["none", "fixed", "gate"])
 @pytest.mark.parametrize("feature_map", ["identity", "elu"])
 def test_module_matches_reference_composition(decay, feature_map):
     torch.manual_seed(0)
-    m = lasp2.nn.LinearAttention(32, 4, decay=decay, feature_map=feature_map, chunk_size=8).double()
+    m = lasp2.nn.LinearAttention(32, 4, decay=decay, feature_map=feature_map).double()
     x = torch.randn(2, 21, 32, dtype=torch.float64)
     y = m(x)
     # recompose by hand with the float64 reference attention
     heads = (2, 21, 4, 8)
-    fm = lasp2.nn.linear_attention.FEATURE_MAPS[feature_map]
+    fm = lasp2.options.FEATURE_MAPS[feature_map]
     q, k, v = fm(m.q_proj(x).view(heads)), fm(m.k_proj(x).view(heads)), m.v_proj(x).view(heads)
     g = torch.nn.functional.logsigmoid(m.g_proj(x)) / 16 if decay == "gate" else None
     o = linear_attention_reference(q, k, v, g=g, decay=m.log_decay.double() if decay == "fixed" else None)
@@ -47,7 +47,7 @@ def test_bad_module_arguments():
 
 def module_rank(rank, world):
     torch.manual_seed(0)
-    m = lasp2.nn.LinearAttention(32, 4, decay="gate", chunk_size=4).double()
+    m = lasp2.nn.LinearAttention(32, 4, decay="gate").double()
     x = torch.randn(2, 8 * world, 32, dtype=torch.float64)
     y_full = m(x)
     loss_full = (y_full ** 2).sum()

@@ -1,0 +1,184 @@
+#include "passes.h"
+
+#include "route.h"
+#include "scratch.h"
+
+namespace lasp2::cuda {
+namespace {
+
+// weights (nullable): per-token weights for the tensor-core segment-state kernel.
+MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers& s) {
+  MetaArgs m;
+  m.g = g;
+  m.mode = static_cast<int>(p.decay.mode);
+  m.log_decay = static_cast<const float*>(p.decay.log_decay);
+  m.gate = static_cast<const float*>(p.decay.gate);
+  m.gsb = p.decay.gate_stride.batch;
+  m.gst = p.decay.gate_stride.seq;
+  m.gsh = p.decay.gate_stride.head;
+  m.doc = p.doc_start;
+  m.doc_sb = p.doc_start_batch_stride;
+  m.meta = s.meta;
+  m.segL = s.seg_log_decay;
+  m.wmeta = s.weights;
+  return m;
+}
+
+// Segment states of (a, b) over the part (exit or entry weights) into s.seg_states;
+// the tensor-core kernel (D > 0) reads the per-token weights, the generic one meta.
+void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da, int db,
+                const ScratchBuffers& s, float coef, bool entry, cudaStream_t stream) {
+  StateArgs sa;
+  sa.g = g;
+  sa.a = a;
+  sa.b = b;
+  sa.da = da;
+  sa.db = db;
+  sa.meta = s.meta;
+  sa.wmeta = s.weights;
+  sa.coef = coef;
+  sa.out = s.seg_states;
+  if (D > 0) {
+    launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
+  } else {
+    const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
+    launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);
+  }
+}
+
+}  // namespace
+
+void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
+                 bool entry, float* state, float* log_decay) {
+  const int64_t se = p.state_elems();
+  if (p.bh() == 0) return;
+  if (part.length() == 0) {
+    cuda_check(cudaMemsetAsync(state, 0, p.bh() * se * 4, c.stream), "cudaMemsetAsync");
+    if (log_decay) cuda_check(cudaMemsetAsync(log_decay, 0, p.bh() * 4, c.stream), "cudaMemsetAsync");
+    return;
+  }
+  const int D = state_dim(p, a, b);
+  const Geom g = make_geom(p, part, D);
+  ScratchLayout layout = ScratchLayout::for_walk(g, D > 0);
+  layout.seg_states = g.bh() * g.nseg * se;
+  Scratch scratch(layout, c.allocator, c.stream);
+  const ScratchBuffers& s = scratch.buffers();
+  launch_meta(meta_args(p, g, s), c.stream);
+  run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
+             entry ? static_cast<float>(p.scale) : 1.f, entry, c.stream);
+  launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state,
+              log_decay, c.stream);
+}
+
+void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
+                const OutputPass& pass) {
+  const int64_t se = p.state_elems();
+  const FwdMode mode = pass.mode;
+  int D = 0;
+  const int smem64 = tc_fwd_smem(64, mode), smem128 = tc_fwd_smem(128, mode);
+  if (mode == FwdMode::kPrefix) {
+    D = tc_dim(p, {pass.qa, pass.out}, smem64, smem128);
+  } else if (mode == FwdMode::kDq) {
+    D = tc_dim(p, {pass.qa, pass.ka, pass.va, pass.x, pass.out}, smem64, smem128);
+  } else {
+    D = tc_dim(p, {pass.qa, pass.ka, pass.va, pass.out}, smem64, smem128);
+  }
+  const Geom g = make_geom(p, part, D);
+  const bool smem_state =
+      D > 0 || generic_fwd_smem(pass.da, pass.dv, mode, true) <= device_info().smem_optin;
+  const bool need_states = mode != FwdMode::kPrefix && g.nseg > 1;
+  const View k = view_of(p.k), v = view_of(p.v);
+  const int sD = need_states ? state_dim(p, k, v) : 0;  // the segment-state pass, if any
+  ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
+  layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
+  layout.block_states =
+      smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
+  Scratch scratch(layout, c.allocator, c.stream);
+  const ScratchBuffers& s = scratch.buffers();
+  launch_meta(meta_args(p, g, s), c.stream);
+  FwdArgs a;
+  a.g = g;
+  a.qa = pass.qa;
+  a.ka = pass.ka;
+  a.va = pass.va;
+  a.x = pass.x;
+  a.out = pass.out;
+  a.da = pass.da;
+  a.dv = pass.dv;
+  a.meta = s.meta;
+  a.segL = s.seg_log_decay;
+  a.state_transposed = pass.transposed ? 1 : 0;
+  a.scale = static_cast<float>(p.scale);
+  a.qdq = pass.qdq;
+  a.scratch = s.block_states;
+  if (need_states) {
+    // The true state K^T V ([dk][dv]) of each segment, then the prefix scan.
+    run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s, 1.f,
+               false, c.stream);
+    launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
+                pass.initial_state, nullptr, nullptr, c.stream);
+    a.state = s.seg_states;
+    a.state_bh = g.nseg * se;
+    a.state_seg = se;
+  } else {
+    a.state = pass.initial_state;
+    a.state_bh = se;
+    a.state_seg = 0;
+  }
+  if (D > 0) launch_tc_fwd(elem_of(p.dtype), D, a, mode, c.stream);
+  else launch_generic_fwd(elem_of(p.dtype), a, mode, smem_state, c.stream);
+}
+
+void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
+              const float* final_dstate, View dk, View dv, const float* q_dot_dq,
+              const float* dg_offset, float* dg) {
+  const int64_t se = p.state_elems();
+  const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v);
+  const int D = tc_dim(p, {q, k, v, dout, dk, dv}, tc_dkdv_smem(64), tc_dkdv_smem(128));
+  const Geom g = make_geom(p, part, D);
+  const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
+  const bool smem_state = D > 0 || generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
+  const int sD = g.nseg > 1 ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
+  ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
+  layout.seg_states = g.nseg > 1 ? g.bh() * g.nseg * se : 0;
+  layout.seg_dg_sums = g.bh() * g.nseg;
+  layout.block_states = smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv);
+  Scratch scratch(layout, c.allocator, c.stream);
+  const ScratchBuffers& s = scratch.buffers();
+  launch_meta(meta_args(p, g, s), c.stream);
+  DkdvArgs a;
+  a.g = g;
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.dout = dout;
+  a.dk_out = dk;
+  a.dv_out = dv;
+  a.dk = idk;
+  a.dv = idv;
+  a.meta = s.meta;
+  a.scale = static_cast<float>(p.scale);
+  a.qdq = q_dot_dq;
+  a.dg = dg;
+  a.dg_offset = dg_offset;
+  a.seg_total = s.seg_dg_sums;
+  a.fold_offset = g.nseg == 1 ? 1 : 0;
+  a.scratch = s.block_states;
+  if (g.nseg > 1) {
+    run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true, c.stream);
+    launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, final_dstate,
+                nullptr, nullptr, c.stream);
+    a.dstate = s.seg_states;
+    a.dstate_bh = g.nseg * se;
+    a.dstate_seg = se;
+  } else {
+    a.dstate = final_dstate;
+    a.dstate_bh = se;
+    a.dstate_seg = 0;
+  }
+  if (D > 0) launch_tc_dkdv(elem_of(p.dtype), D, a, c.stream);
+  else launch_generic_dkdv(elem_of(p.dtype), a, smem_state, c.stream);
+  if (dg != nullptr && g.nseg > 1) launch_dg_fixup(g, dg, s.seg_dg_sums, dg_offset, c.stream);
+}
+
+}  // namespace lasp2::cuda

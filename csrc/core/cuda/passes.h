@@ -1,0 +1,45 @@
+// What each CUDA backend function launches, in order: the per-token decay
+// bookkeeping, segment states and their scan, then the pass that walks every
+// segment with its entering state (docs/kernels.md). The KernelBackend in
+// cuda_backend.cpp checks arguments and calls these.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "launch.h"
+#include "lasp2/params.h"
+#include "lasp2/scratch_allocator.h"
+
+namespace lasp2::cuda {
+
+// Where a call's kernels go and where its scratch comes from (null: cudaMallocAsync).
+struct CallContext {
+  const ScratchAllocator* allocator = nullptr;
+  cudaStream_t stream = nullptr;
+};
+
+// The state of a whole part, reduced over segments in parallel: the exit-weighted
+// sum of k v^T and the part's log decay (part_state), or the entry-weighted
+// scale * sum q dO^T (part_dstate: entry = true, scanned in reverse).
+void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
+                 bool entry, float* state, float* log_decay);
+
+// The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
+// and the transposed state), or the prefix term only (kPrefix).
+struct OutputPass {
+  FwdMode mode = FwdMode::kFwd;
+  View qa, ka, va, x, out;
+  int da = 0, dv = 0;
+  const float* initial_state = nullptr;
+  bool transposed = false;
+  float* qdq = nullptr;
+};
+void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
+                const OutputPass& pass);
+
+// dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part.
+void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
+              const float* final_dstate, View dk, View dv, const float* q_dot_dq,
+              const float* dg_offset, float* dg);
+
+}  // namespace lasp2::cuda

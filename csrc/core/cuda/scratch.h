@@ -1,0 +1,58 @@
+// The temporary buffers of one CUDA backend call, by name. Each pass fills in the
+// sizes it needs (fp32 elements, 0 = not needed); Scratch carves them from one
+// allocation (the caller's ScratchAllocator, else the stream-ordered CUDA allocator)
+// and gives the memory back, stream-ordered, when the call returns.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "launch.h"
+#include "lasp2/scratch_allocator.h"
+
+namespace lasp2::cuda {
+
+// Sizes (fp32 elements) of the named buffers.
+struct ScratchLayout {
+  int64_t meta = 0;           // [bh][nchunks * 64][2]: per token {G, s} (MetaArgs::meta)
+  int64_t weights = 0;        // [bh][nchunks * 64][2]: per token {w_entry, w_exit} (MetaArgs::wmeta)
+  int64_t seg_log_decay = 0;  // [bh][nseg]: log of each segment's total decay
+  int64_t seg_states = 0;     // [bh][nseg][dk * dv]: segment states, then their scan
+  int64_t seg_dg_sums = 0;    // [bh][nseg]: each segment's sum of dg terms (dk/dv pass)
+  int64_t block_states = 0;   // generic path: per-block running state when smem is too small
+
+  // The common part of every pass over a part: meta and segment log decays, plus
+  // the per-token weights when the segment states run on tensor cores.
+  static ScratchLayout for_walk(const Geom& g, bool state_weights);
+};
+
+struct ScratchBuffers {
+  float* meta = nullptr;
+  float* weights = nullptr;
+  float* seg_log_decay = nullptr;
+  float* seg_states = nullptr;
+  float* seg_dg_sums = nullptr;
+  float* block_states = nullptr;
+};
+
+class Scratch {
+ public:
+  // allocator == nullptr: cudaMallocAsync on `stream` (cudaMalloc where the device
+  // has no memory pools).
+  Scratch(const ScratchLayout& layout, const ScratchAllocator* allocator, cudaStream_t stream);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  const ScratchBuffers& buffers() const { return buffers_; }
+
+ private:
+  const ScratchAllocator* allocator_;
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  bool async_ = false;
+  ScratchBuffers buffers_;
+};
+
+}  // namespace lasp2::cuda

@@ -1,0 +1,198 @@
+// The chunked (WY / UT-transform) form of the gated delta rule on the CPU.
+//
+// Inside a chunk of n tokens that holds no document start, with G_x the
+// cumulative log gate from the chunk's first token through token x (a dk vector;
+// all entries equal for GDN) and S0 the state entering the chunk, write
+// S_t = D_t S_{t-1} + k_t u_t^T. Then
+//   u_x + sum_{y<x} L_xy u_y = beta_x (v_x - S0^T (e^{G_x} . k_x)),
+//   L_xy = beta_x k_x^T diag(e^{G_x - G_y}) k_y   (strictly lower triangular),
+// so U = (I + L)^{-1} (...) by forward substitution (the UT transform), and
+//   o_x = scale (S0^T (e^{G_x} . q_x) + sum_{y<=x} q_x^T diag(e^{G_x - G_y}) k_y u_y)
+//   S_n = diag(e^{G_last}) S0 + sum_y (e^{G_last - G_y} . k_y) u_y^T.
+// The chunk's map S0 -> S_n is affine: A_c = diag(e^{G_last}) - sum_y (e^{G_last-G_y} . k_y) w_y^T
+// with w = (I + L)^{-1} (beta_x e^{G_x} . k_x), and M_c = S_n for S0 = 0.
+// Gate differences G_x - G_y (x >= y) are <= 0, so no exponent overflows.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "delta_rule/delta_params.h"
+
+namespace lasp2::delta::cpu {
+
+template <typename T>
+const T* row(ConstView view, int64_t b, int64_t t, int64_t h) {
+  return static_cast<const T*>(view.data) + view.stride.offset(b, t, h);
+}
+template <typename T>
+T* row(MutView view, int64_t b, int64_t t, int64_t h) {
+  return static_cast<T*>(view.data) + view.stride.offset(b, t, h);
+}
+
+inline void store_real(void* base, ScalarType type, int64_t index, double value) {
+  if (type == ScalarType::kFloat64) {
+    static_cast<double*>(base)[index] = value;
+  } else {
+    static_cast<float*>(base)[index] = static_cast<float>(value);
+  }
+}
+
+// A token range [begin, end) of one batch row with no document start after begin.
+struct Chunk {
+  int64_t begin = 0, end = 0;
+  int64_t length() const { return end - begin; }
+};
+
+// The part cut into chunks of at most chunk_size tokens; a document start always
+// begins a chunk, so each chunk lies inside one document.
+inline std::vector<Chunk> chunks_of(const DeltaParams& p, int64_t b, TokenRange part) {
+  std::vector<Chunk> out;
+  int64_t c0 = part.begin;
+  while (c0 < part.end) {
+    int64_t c1 = c0 + 1;
+    while (c1 < part.end && c1 - c0 < p.chunk_size && !p.starts_doc(b, c1)) ++c1;
+    out.push_back({c0, c1});
+    c0 = c1;
+  }
+  return out;
+}
+
+// Row-major dense matrices in the accumulation precision.
+template <typename Acc>
+using Mat = std::vector<Acc>;
+
+template <typename Acc>
+void load_state(Mat<Acc>& S, const float* src, int64_t n) {
+  S.assign(n, Acc(0));
+  if (src != nullptr)
+    for (int64_t i = 0; i < n; ++i) S[i] = static_cast<Acc>(src[i]);
+}
+template <typename Acc>
+void store_state(const Mat<Acc>& S, float* dst) {
+  for (size_t i = 0; i < S.size(); ++i) dst[i] = static_cast<float>(S[i]);
+}
+
+// One chunk of one (b, h), loaded in the accumulation precision.
+template <typename T, typename Acc = T>
+struct WYChunk {
+  int64_t n = 0, dk = 0, dv = 0;
+  Mat<Acc> q, k, v, G, beta, L;
+
+  void load(const DeltaParams& p, int64_t b, int64_t h, Chunk c) {
+    n = c.length();
+    dk = p.dim_k;
+    dv = p.dim_v;
+    q.resize(n * dk);
+    k.resize(n * dk);
+    v.resize(n * dv);
+    G.resize(n * dk);
+    beta.resize(n);
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t t = c.begin + x;
+      const T* qt = row<T>(p.q, b, t, h);
+      const T* kt = row<T>(p.k, b, t, h);
+      const T* vt = row<T>(p.v, b, t, h);
+      for (int64_t i = 0; i < dk; ++i) {
+        q[x * dk + i] = static_cast<Acc>(qt[i]);
+        k[x * dk + i] = static_cast<Acc>(kt[i]);
+        G[x * dk + i] = (x > 0 ? G[(x - 1) * dk + i] : Acc(0)) + static_cast<Acc>(p.gate(b, t, h, i));
+      }
+      for (int64_t j = 0; j < dv; ++j) v[x * dv + j] = static_cast<Acc>(vt[j]);
+      beta[x] = static_cast<Acc>(p.beta_at(b, t, h));
+    }
+    L.assign(n * n, Acc(0));
+    for (int64_t x = 0; x < n; ++x)
+      for (int64_t y = 0; y < x; ++y) L[x * n + y] = beta[x] * gated_dot(k.data(), x, y);
+  }
+
+  // a_x^T diag(e^{G_x - G_y}) k_y for a row x of `a` (q or k), y <= x.
+  Acc gated_dot(const Acc* a, int64_t x, int64_t y) const {
+    Acc s = 0;
+    for (int64_t i = 0; i < dk; ++i)
+      s += a[x * dk + i] * k[y * dk + i] * std::exp(G[x * dk + i] - G[y * dk + i]);
+    return s;
+  }
+
+  // rows r_x <- r_x - sum_{y<x} L_xy r_y (in place): applies (I + L)^{-1}.
+  void solve(Mat<Acc>& r, int64_t width) const {
+    for (int64_t x = 0; x < n; ++x)
+      for (int64_t y = 0; y < x; ++y) {
+        const Acc l = L[x * n + y];
+        if (l == Acc(0)) continue;
+        for (int64_t j = 0; j < width; ++j) r[x * width + j] -= l * r[y * width + j];
+      }
+  }
+
+  // U for the entering state S (dk x dv).
+  Mat<Acc> pseudo_values(const Mat<Acc>& S) const {
+    Mat<Acc> u(n * dv);
+    for (int64_t x = 0; x < n; ++x)
+      for (int64_t j = 0; j < dv; ++j) {
+        Acc s = v[x * dv + j];
+        for (int64_t i = 0; i < dk; ++i) s -= std::exp(G[x * dk + i]) * k[x * dk + i] * S[i * dv + j];
+        u[x * dv + j] = beta[x] * s;
+      }
+    solve(u, dv);
+    return u;
+  }
+
+  // Writes o (when non-null) and advances S to the state leaving the chunk.
+  void advance(const DeltaParams& p, Mat<Acc>& S, int64_t b, int64_t h, int64_t begin,
+               MutView* o) const {
+    const Mat<Acc> u = pseudo_values(S);
+    if (o != nullptr) {
+      std::vector<Acc> acc(dv);
+      for (int64_t x = 0; x < n; ++x) {
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int64_t i = 0; i < dk; ++i) {
+          const Acc qi = std::exp(G[x * dk + i]) * q[x * dk + i];
+          for (int64_t j = 0; j < dv; ++j) acc[j] += qi * S[i * dv + j];
+        }
+        for (int64_t y = 0; y <= x; ++y) {
+          const Acc a = gated_dot(q.data(), x, y);
+          for (int64_t j = 0; j < dv; ++j) acc[j] += a * u[y * dv + j];
+        }
+        T* ox = row<T>(*o, b, begin + x, h);
+        for (int64_t j = 0; j < dv; ++j) ox[j] = static_cast<T>(static_cast<Acc>(p.scale) * acc[j]);
+      }
+    }
+    const int64_t last = n - 1;
+    for (int64_t i = 0; i < dk; ++i) {
+      const Acc decay = std::exp(G[last * dk + i]);
+      for (int64_t j = 0; j < dv; ++j) S[i * dv + j] *= decay;
+    }
+    for (int64_t y = 0; y < n; ++y)
+      for (int64_t i = 0; i < dk; ++i) {
+        const Acc ki = std::exp(G[last * dk + i] - G[y * dk + i]) * k[y * dk + i];
+        for (int64_t j = 0; j < dv; ++j) S[i * dv + j] += ki * u[y * dv + j];
+      }
+  }
+
+  // A <- A_c A for the chunk's homogeneous map A_c (dk x dk).
+  void compose_map(Mat<Acc>& A) const {
+    Mat<Acc> w(n * dk);
+    for (int64_t x = 0; x < n; ++x)
+      for (int64_t i = 0; i < dk; ++i) w[x * dk + i] = beta[x] * std::exp(G[x * dk + i]) * k[x * dk + i];
+    solve(w, dk);
+    const int64_t last = n - 1;
+    Mat<Acc> Ac(dk * dk, Acc(0));
+    for (int64_t i = 0; i < dk; ++i) Ac[i * dk + i] = std::exp(G[last * dk + i]);
+    for (int64_t y = 0; y < n; ++y)
+      for (int64_t i = 0; i < dk; ++i) {
+        const Acc ki = std::exp(G[last * dk + i] - G[y * dk + i]) * k[y * dk + i];
+        for (int64_t j = 0; j < dk; ++j) Ac[i * dk + j] -= ki * w[y * dk + j];
+      }
+    Mat<Acc> out(dk * dk, Acc(0));
+    for (int64_t i = 0; i < dk; ++i)
+      for (int64_t m = 0; m < dk; ++m) {
+        const Acc a = Ac[i * dk + m];
+        if (a == Acc(0)) continue;
+        for (int64_t j = 0; j < dk; ++j) out[i * dk + j] += a * A[m * dk + j];
+      }
+    A.swap(out);
+  }
+};
+
+}  // namespace lasp2::delta::cpu

@@ -1,0 +1,120 @@
+// DeltaKernelBackend on the host: dispatches on the element type (float, double).
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "delta_rule/cpu/delta_cpu.h"
+#include "delta_rule/delta_backend.h"
+
+namespace lasp2::delta {
+namespace {
+
+template <typename F>
+void dispatch_float(ScalarType type, F&& f) {
+  switch (type) {
+    case ScalarType::kFloat32:
+      f(float{});
+      return;
+    case ScalarType::kFloat64:
+      f(double{});
+      return;
+    default:
+      fail(std::string("lasp2: the CPU delta-rule kernels take float32 or float64 inputs, got ") +
+           to_string(type) + " (convert half precisions before the call)");
+  }
+}
+
+class DeltaCpuBackend final : public DeltaKernelBackend {
+ public:
+  Device device() const override { return Device::kCPU; }
+
+  void part_summary(const DeltaParams& p, TokenRange part, const DocStates& doc, float* A,
+                    float* M, float* head_A, float* head_M, void*) const override {
+    dispatch_float(p.dtype, [&](auto tag) {
+      cpu::part_summary<decltype(tag)>(p, part, doc, A, M, head_A, head_M);
+    });
+  }
+
+  void forward(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
+               MutView o, void*) const override {
+    dispatch_float(p.dtype,
+                   [&](auto tag) { cpu::forward<decltype(tag)>(p, part, entering, doc, o); });
+  }
+
+  void entering_dstate(const DeltaParams& p, TokenRange part, ConstView dout, float* dentering,
+                       void*) const override {
+    dispatch_float(p.dtype, [&](auto tag) {
+      cpu::entering_dstate<decltype(tag)>(p, part, dout, dentering);
+    });
+  }
+
+  void backward(const DeltaParams& p, TokenRange part, ConstView dout, const float* entering,
+                const float* leaving_dstate, const DocStates& doc, MutView dq, MutView dk,
+                MutView dv, void* dg, void* dbeta, float* dentering, void*) const override {
+    dispatch_float(p.dtype, [&](auto tag) {
+      cpu::backward<decltype(tag)>(p, part, dout, entering, leaving_dstate, doc, dq, dk, dv, dg,
+                                   dbeta, dentering);
+    });
+  }
+
+  void apply_map(const float* A, const float* x, const float* y, int64_t bh, int64_t dk,
+                 int64_t dv, float* out, void*) const override {
+    std::vector<double> acc(dk * dv);
+    for (int64_t r = 0; r < bh; ++r) {
+      const float* a = A + r * dk * dk;
+      const float* xs = x + r * dk * dv;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = 0; i < dk; ++i)
+        for (int64_t m = 0; m < dk; ++m) {
+          const double w = a[i * dk + m];
+          if (w == 0.0) continue;
+          for (int64_t j = 0; j < dv; ++j) acc[i * dv + j] += w * xs[m * dv + j];
+        }
+      for (int64_t e = 0; e < dk * dv; ++e)
+        out[r * dk * dv + e] = static_cast<float>(acc[e] + (y ? y[r * dk * dv + e] : 0.0));
+    }
+  }
+
+  void apply_map_transposed_add(const float* A, const float* x, int64_t bh, int64_t dk,
+                                int64_t dv, float* out, void*) const override {
+    std::vector<double> acc(dk * dv);
+    for (int64_t r = 0; r < bh; ++r) {
+      const float* a = A + r * dk * dk;
+      const float* xs = x + r * dk * dv;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t m = 0; m < dk; ++m)
+        for (int64_t i = 0; i < dk; ++i) {
+          const double w = a[m * dk + i];  // (A^T)_{i m}
+          if (w == 0.0) continue;
+          for (int64_t j = 0; j < dv; ++j) acc[i * dv + j] += w * xs[m * dv + j];
+        }
+      for (int64_t e = 0; e < dk * dv; ++e)
+        out[r * dk * dv + e] = static_cast<float>(out[r * dk * dv + e] + acc[e]);
+    }
+  }
+
+  void add(float* dst, const float* src, int64_t count, void*) const override {
+    for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+  }
+  void copy(float* dst, const float* src, int64_t count, void*) const override {
+    std::memmove(dst, src, sizeof(float) * count);
+  }
+  void fill_zero(float* dst, int64_t count, void*) const override {
+    std::fill(dst, dst + count, 0.f);
+  }
+};
+
+}  // namespace
+
+const DeltaKernelBackend& delta_cpu_backend() {
+  static const DeltaCpuBackend backend;
+  return backend;
+}
+
+const DeltaKernelBackend& delta_backend_for(Device device) {
+  if (device == Device::kCPU) return delta_cpu_backend();
+  fail("lasp2: the delta-rule family has no CUDA kernels yet; run it on CPU tensors");
+}
+
+}  // namespace lasp2::delta

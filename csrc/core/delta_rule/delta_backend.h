@@ -1,0 +1,64 @@
+// The per-device kernels of the delta-rule family. Each call works on a token
+// range ("part") of the local sequence; states are fp32 [B*H, dk, dv], maps fp32
+// [B*H, dk, dk]. A part is an affine map of the state entering it:
+//   S_out = A S_in + M        (A: product of the part's transitions, M: S_out from zero)
+// A part that contains a document start has A = 0 exactly: the state is replaced
+// at the start, so nothing of S_in reaches S_out.
+// The *head* of a part is its tokens before its first document start (the whole
+// part when it has none, empty when it starts with one); its map (A_head, M_head)
+// gives the end state of the document that enters the part and ends inside it.
+#pragma once
+
+#include "delta_rule/delta_params.h"
+#include "lasp2/types.h"
+
+namespace lasp2::delta {
+
+class DeltaKernelBackend {
+ public:
+  virtual ~DeltaKernelBackend() = default;
+  virtual Device device() const = 0;
+
+  // (A, M) of the part and of its head (head_A = I, head_M = 0 when the part starts
+  // with a document start). Documents begun inside the part start from
+  // doc.initial; the end states of those that also end inside it go to doc.finals.
+  virtual void part_summary(const DeltaParams& p, TokenRange part, const DocStates& doc,
+                            float* A, float* M, float* head_A, float* head_M,
+                            void* stream) const = 0;
+
+  // o over the part with `entering` (nullable: zero) entering it.
+  virtual void forward(const DeltaParams& p, TokenRange part, const float* entering,
+                       const DocStates& doc, MutView o, void* stream) const = 0;
+
+  // Gradient of the entering state from the part's own outputs (no gradient on
+  // any state the part leaves): sweeps the head backwards, needs no states.
+  virtual void entering_dstate(const DeltaParams& p, TokenRange part, ConstView dout,
+                               float* dentering, void* stream) const = 0;
+
+  // Local backward with `entering` (nullable) entering and `leaving_dstate`
+  // (nullable) the gradient of the state leaving the part. The head's end state
+  // receives doc.final_dstate of its document, inner documents' end states theirs;
+  // doc.d_initial gets the gradients of the initial states of documents begun
+  // inside the part. dg is [B, T, H] (scalar gates) or [B, T, H, dk] (per-key),
+  // dbeta [B, T, H], both contiguous in the gate dtype. dentering is nullable.
+  virtual void backward(const DeltaParams& p, TokenRange part, ConstView dout,
+                        const float* entering, const float* leaving_dstate,
+                        const DocStates& doc, MutView dq, MutView dk, MutView dv, void* dg,
+                        void* dbeta, float* dentering, void* stream) const = 0;
+
+  // --- tiny combines over part summaries (sizes independent of T) ----------
+  // out = A x + y per (b, h): A [bh, dk, dk], x, y [bh, dk, dv]; y nullable.
+  virtual void apply_map(const float* A, const float* x, const float* y, int64_t bh, int64_t dk,
+                         int64_t dv, float* out, void* stream) const = 0;
+  // out += A^T x per (b, h).
+  virtual void apply_map_transposed_add(const float* A, const float* x, int64_t bh, int64_t dk,
+                                        int64_t dv, float* out, void* stream) const = 0;
+  virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;
+  virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
+  virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+};
+
+const DeltaKernelBackend& delta_cpu_backend();
+const DeltaKernelBackend& delta_backend_for(Device device);
+
+}  // namespace lasp2::delta

@@ -1,0 +1,206 @@
+#include "delta_rule_op.h"
+
+#include <optional>
+#include <vector>
+
+#include <torch/csrc/utils/pybind.h>
+
+#include "attention_params.h"
+#include "delta_rule/delta_lasp2.h"
+#include "lasp2/communicator.h"
+#include "tensor_views.h"
+
+namespace py = pybind11;
+
+namespace lasp2::torch_binding {
+namespace {
+
+using delta::DeltaParams;
+using delta::DeltaSaved;
+using delta::DeltaSequences;
+using delta::GateKind;
+
+struct DeltaArgs {
+  at::Tensor q, k, v, g, beta;          // [B, T, H, *] views; g [B, T, H] or [B, T, H, Dk]
+  std::optional<at::Tensor> doc_start;  // uint8 [T] (B = 1)
+  std::optional<at::Tensor> doc_id;     // int32 [T]: global document of each token
+  std::vector<int64_t> head_doc;        // per global part (packed only)
+  int64_t num_seqs = 0;
+  std::optional<at::Tensor> initial;    // fp32 [N, H, Dk, Dv]
+  double scale = 1.0;
+  int64_t chunk_size = 64;
+  std::shared_ptr<Communicator> comm;
+  int64_t parts_per_rank = 1;
+};
+
+// The tensors the core reads (compute precision) and the params pointing into them.
+struct DeltaPrepared {
+  at::Tensor q, k, v, g, beta, doc_start, doc_id, initial;
+  at::ScalarType input_dtype;
+  DeltaParams params;
+  PartLayout layout;
+  DeltaSequences seqs;
+};
+
+BTHStrides bth_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+DeltaPrepared prepare(const DeltaArgs& a) {
+  DeltaPrepared r;
+  r.input_dtype = a.q.scalar_type();
+  r.q = compute_tensor(a.q);
+  r.k = compute_tensor(a.k);
+  r.v = compute_tensor(a.v);
+  const at::ScalarType gate_dtype =
+      (!r.q.is_cuda() && r.q.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  r.g = a.g.to(gate_dtype).contiguous();
+  r.beta = a.beta.to(gate_dtype).contiguous();
+
+  DeltaParams& p = r.params;
+  p.batch = r.q.size(0);
+  p.seqlen = r.q.size(1);
+  p.heads = r.q.size(2);
+  p.dim_k = r.q.size(3);
+  p.dim_v = r.v.size(3);
+  p.dtype = from_aten(r.q.scalar_type(), "q");
+  p.q = const_view(r.q, "q");
+  p.k = const_view(r.k, "k");
+  p.v = const_view(r.v, "v");
+  p.gate_dtype = from_aten(gate_dtype, "g");
+  p.gate_kind = r.g.dim() == 4 ? GateKind::kPerKey : GateKind::kScalar;
+  p.g = r.g.data_ptr();
+  p.g_stride = bth_of(r.g);
+  p.beta = r.beta.data_ptr();
+  p.beta_stride = bth_of(r.beta);
+  p.scale = a.scale;
+  p.chunk_size = static_cast<int>(a.chunk_size);
+  if (a.doc_start) {
+    r.doc_start = a.doc_start->to(at::kByte).contiguous();
+    r.doc_id = a.doc_id->to(at::kInt).contiguous();
+    p.doc_start = r.doc_start.data_ptr<uint8_t>();
+    p.doc_id = r.doc_id.data_ptr<int32_t>();
+    p.doc_batch_stride = 0;
+    r.seqs.head_doc = a.head_doc;
+  }
+  r.seqs.count = a.num_seqs;
+  if (a.initial) r.initial = a.initial->to(at::kFloat).contiguous();
+  r.layout = a.comm ? PartLayout{a.comm->size(), a.comm->rank(), static_cast<int>(a.parts_per_rank)}
+                    : PartLayout::contiguous(1, 0);
+  return r;
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+std::vector<at::Tensor> forward(const DeltaArgs& args, bool want_final) {
+  DeltaPrepared r = prepare(args);
+  const DeltaParams& p = r.params;
+  at::Tensor o = at::empty_like(r.v);
+  at::Tensor records = floats(DeltaSaved::records_floats(p, r.layout), r.q);
+  at::Tensor prefixes = floats(DeltaSaved::prefixes_floats(p, r.layout), r.q);
+  at::Tensor finals;
+  if (want_final) {
+    finals = at::empty({r.seqs.count, p.heads, p.dim_k, p.dim_v}, r.q.options().dtype(at::kFloat));
+  }
+  at::Tensor workspace =
+      scratch(delta::delta_lasp2_forward_workspace_bytes(p, r.layout, r.seqs, want_final), r.q);
+  const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
+  delta::delta_lasp2_forward(delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout,
+                             p, r.seqs, ptr_or_null(r.initial), mut_view(o, "o"), saved,
+                             want_final ? finals.data_ptr<float>() : nullptr, workspace.data_ptr(),
+                             current_stream(r.q));
+  return {restore_dtype(o, r.input_dtype), finals, records, prefixes};
+}
+
+std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
+                                 const at::Tensor& records, const at::Tensor& prefixes,
+                                 const std::optional<at::Tensor>& final_dstate, bool need_dg,
+                                 bool need_dbeta, bool need_dinitial) {
+  DeltaPrepared r = prepare(args);
+  const DeltaParams& p = r.params;
+  at::Tensor dout_c = compute_tensor(dout);
+  at::Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
+  at::Tensor dg, dbeta, d_initial, dF;
+  if (need_dg) dg = at::empty_like(r.g);
+  if (need_dbeta) dbeta = at::empty_like(r.beta);
+  if (need_dinitial) {
+    d_initial = at::empty({r.seqs.count, p.heads, p.dim_k, p.dim_v}, r.q.options().dtype(at::kFloat));
+  }
+  if (final_dstate) dF = final_dstate->to(at::kFloat).contiguous();
+  at::Tensor workspace = scratch(
+      delta::delta_lasp2_backward_workspace_bytes(p, r.layout, r.seqs, dF.defined()), r.q);
+  const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
+  delta::delta_lasp2_backward(
+      delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout, p, r.seqs,
+      ptr_or_null(r.initial), const_view(dout_c, "dout"), saved, ptr_or_null(dF), mut_view(dq, "dq"),
+      mut_view(dk, "dk"), mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
+      need_dbeta ? dbeta.data_ptr() : nullptr, need_dinitial ? d_initial.data_ptr<float>() : nullptr,
+      workspace.data_ptr(), current_stream(r.q));
+  return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
+          restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
+}
+
+DeltaArgs make_args(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::Tensor beta,
+                    std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
+                    std::vector<int64_t> head_doc, int64_t num_seqs,
+                    std::optional<at::Tensor> initial, double scale, int64_t chunk_size,
+                    std::shared_ptr<Communicator> comm, int64_t parts_per_rank) {
+  DeltaArgs a;
+  a.q = std::move(q);
+  a.k = std::move(k);
+  a.v = std::move(v);
+  a.g = std::move(g);
+  a.beta = std::move(beta);
+  a.doc_start = std::move(doc_start);
+  a.doc_id = std::move(doc_id);
+  a.head_doc = std::move(head_doc);
+  a.num_seqs = num_seqs;
+  a.initial = std::move(initial);
+  a.scale = scale;
+  a.chunk_size = chunk_size;
+  a.comm = std::move(comm);
+  a.parts_per_rank = parts_per_rank;
+  return a;
+}
+
+}  // namespace
+
+void register_delta_rule(py::module_& m) {
+  m.def(
+      "delta_forward",
+      [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::Tensor beta,
+         std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
+         std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
+         double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
+         int64_t parts_per_rank, bool want_final) {
+        py::gil_scoped_release no_gil;  // the collective may block on other ranks
+        return forward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                 scale, chunk_size, comm, parts_per_rank),
+                       want_final);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
+      py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
+      py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
+      py::arg("parts_per_rank"), py::arg("want_final"));
+
+  m.def(
+      "delta_backward",
+      [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::Tensor beta,
+         std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
+         std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
+         double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
+         int64_t parts_per_rank, at::Tensor dout, at::Tensor records, at::Tensor prefixes,
+         std::optional<at::Tensor> final_dstate, bool need_dg, bool need_dbeta,
+         bool need_dinitial) {
+        py::gil_scoped_release no_gil;
+        return backward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                  scale, chunk_size, comm, parts_per_rank),
+                        dout, records, prefixes, final_dstate, need_dg, need_dbeta, need_dinitial);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
+      py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
+      py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
+      py::arg("parts_per_rank"), py::arg("dout"), py::arg("records"), py::arg("prefixes"),
+      py::arg("final_dstate"), py::arg("need_dg"), py::arg("need_dbeta"),
+      py::arg("need_dinitial"));
+}
+
+}  // namespace lasp2::torch_binding

@@ -1,0 +1,108 @@
+"""Gated DeltaNet (Yang et al., 2024; the layer of Qwen3-Next's linear blocks) as a
+token mixer whose forward is the same with or without sequence parallelism."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lasp2.nn.norms import rms_norm
+from lasp2.nn.short_conv import ShortConvolution
+from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
+from lasp2.options import LAYOUTS, SPLITS, check_choice
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the head dim, times silu(gate): the output gate + norm of fla's
+    gated DeltaNet (FusedRMSNormGated)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype))
+
+    def forward(self, x, gate):
+        normed = rms_norm(x, self.weight, self.eps)
+        return normed * F.silu(gate.to(normed.dtype))
+
+
+class GatedDeltaNet(nn.Module):
+    """Projections, short causal convolutions of q, k, v (SiLU), L2-normalised q and k,
+    beta = sigmoid(W_b x), log gate g = -exp(A_log) softplus(W_a x + dt_bias) (Mamba2
+    style, as fla), the gated delta rule, a gated RMSNorm per head and an output
+    projection. `per_key_gate=True` gives Kimi Delta Attention's per-key-dim gate.
+
+    Inputs are this rank's share of the sequence, ``[B, T_local, hidden]`` ("bthd") or
+    ``[T_local, B, hidden]`` ("tbhd"); with ``group`` the result equals running the
+    module on the whole sequence (the short convolutions exchange a halo of
+    kernel_size - 1 tokens with the previous part's rank, the delta rule runs LASP-2).
+    Parameters are replicated; reduce their gradients over the group.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
+                 value_head_dim: Optional[int] = None, conv_size: int = 4, per_key_gate: bool = False,
+                 group=None, split: str = "contiguous", layout: str = "bthd", norm_eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        head_dim = head_dim or hidden_size // num_heads
+        value_head_dim = value_head_dim or head_dim
+        if head_dim * num_heads == 0:
+            raise ValueError(f"GatedDeltaNet: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
+        check_choice("GatedDeltaNet", "layout", layout, LAYOUTS)
+        check_choice("GatedDeltaNet", "split", split, SPLITS)
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim, self.value_head_dim = head_dim, value_head_dim
+        self.per_key_gate = per_key_gate
+        self.group, self.split, self.layout = group, split, layout
+        key_dim, value_dim = num_heads * head_dim, num_heads * value_head_dim
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False, **factory)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **factory)
+        gate_width = key_dim if per_key_gate else num_heads
+        self.a_proj = nn.Linear(hidden_size, gate_width, bias=False, **factory)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads, **factory).uniform_(1, 16)))
+        # dt_bias = softplus^{-1}(dt) with dt log-uniform in [1e-3, 1e-1], as Mamba2 / fla
+        dt = torch.exp(torch.rand(gate_width, **factory) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.q_conv = ShortConvolution(key_dim, conv_size, **factory)
+        self.k_conv = ShortConvolution(key_dim, conv_size, **factory)
+        self.v_conv = ShortConvolution(value_dim, conv_size, **factory)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False, **factory)
+        self.o_norm = GatedRMSNorm(value_head_dim, eps=norm_eps, **factory)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
+        """Returns the output, or (output, final_state) when output_final_state."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"GatedDeltaNet: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
+        if self.layout == "tbhd":
+            x = x.transpose(0, 1)
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_dim, self.value_head_dim
+        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_seqlens)
+        q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
+        k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
+        v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)
+        # gates accumulate over the sequence: float32 at least (float64 stays float64)
+        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
+        A = torch.exp(self.A_log.to(gate_dtype))
+        a = F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        if self.per_key_gate:
+            g = -(a.view(B, T, H, K) * A[:, None])
+        else:
+            g = -(a * A)
+        op = kda if self.per_key_gate else gated_delta_rule
+        o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens, group=self.group, split=self.split, use_qk_l2norm=True)
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        out = self.o_proj(o.reshape(B, T, H * V))
+        if self.layout == "tbhd":
+            out = out.transpose(0, 1)
+        return (out, final) if output_final_state else out

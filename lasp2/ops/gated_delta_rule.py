@@ -1,0 +1,283 @@
+"""lasp2.gated_delta_rule and lasp2.kda: the gated delta rule (gated DeltaNet) and
+Kimi Delta Attention, sequence-parallel with LASP-2.
+
+Per batch row and head (S is Dk x Dv, fp32):
+    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T,   o_t = scale * S_t^T q_t
+with D_t = exp(g_t) (GDN: g [B, T, H]) or diag(exp(g_t)) (KDA: g [B, T, H, Dk]), the
+recurrence of fla's naive kernels. Each rank's part of the sequence is an affine map
+of the state entering it, S_out = A S_in + M; LASP-2 gathers the (A, M) of every part
+once in forward and one state gradient per part in backward (csrc/core/delta_rule/,
+docs/delta_rule.md).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from lasp2._extension import _C
+from lasp2.distributed.communicator import get_communicator, group_rank_and_size
+from lasp2.distributed.sequence_split import global_token_index
+from lasp2.ops import _checks as C
+from lasp2.ops._cu_seqlens import check_cu_seqlens
+from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.options import SPLITS, check_choice
+
+DELTA_PROVIDERS = ("lasp2",)  # of lasp2.options.PROVIDERS, the ones this family has
+L2NORM_EPS = 1e-6  # as fla's l2norm
+# The CPU kernels' chunk length, not a knob of the op (as lasp2.linear_attention).
+CPU_CHUNK_SIZE = 64
+
+
+class _DeltaRuleLasp2(torch.autograd.Function):
+    """Inputs are [B, T, H, *] views; the C++ core runs the LASP-2 schedule."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial, docs, scale, chunk_size, comm, parts, want_final):
+        doc_start, doc_id, head_doc, num_seqs = docs
+        o, final, records, prefixes = _C.delta_forward(
+            q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
+            comm, parts, want_final)
+        ctx.save_for_backward(q, k, v, g, beta, initial, records, prefixes)
+        ctx.config = (docs, scale, chunk_size, comm, parts)
+        ctx.set_materialize_grads(False)
+        if not want_final:
+            final = o.new_empty(0)
+            ctx.mark_non_differentiable(final)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, beta, initial, records, prefixes = ctx.saved_tensors
+        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts = ctx.config
+        if do is None:
+            do = torch.zeros_like(v)
+        elif do.stride(-1) != 1:
+            do = do.contiguous()
+        if dfinal is not None and dfinal.numel() == 0:
+            dfinal = None
+        need = ctx.needs_input_grad
+        dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
+            q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
+            comm, parts, do, records, prefixes, dfinal, bool(need[3]), bool(need[4]),
+            bool(initial is not None and need[5]))
+        return (dq, dk, dv,
+                dg.to(g.dtype) if need[3] else None,
+                dbeta.to(beta.dtype) if need[4] else None,
+                d_initial.to(initial.dtype) if initial is not None and need[5] else None,
+                None, None, None, None, None, None)
+
+
+def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts, device):
+    """(doc_start uint8 [T_local], doc_id int32 [T_local], head_doc per global part, N)."""
+    values = check_cu_seqlens(op, cu_seqlens, batch, local_len * world)
+    if bool((values[1:] == values[:-1]).any()):
+        C.fail(op, f"`cu_seqlens` must be strictly increasing (no empty documents), got {values.tolist()}")
+    global_len = local_len * world
+    starts = torch.zeros(global_len, dtype=torch.uint8)
+    starts[values[1:-1]] = 1
+    doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
+    index = global_token_index(local_len, rank, world, split)
+    part_len = global_len // total_parts
+    head_doc: List[int] = []
+    for part in range(total_parts):
+        inside = torch.nonzero(starts[part * part_len:(part + 1) * part_len]).flatten()
+        head_doc.append(int(doc_of[part * part_len + inside[0] - 1]) if inside.numel() else -1)
+    return (starts[index].to(device), doc_of[index].to(torch.int32).to(device), head_doc,
+            values.numel() - 1)
+
+
+def _l2norm(x):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group):
+    check_choice(op, "provider", provider, DELTA_PROVIDERS)
+    C.check_layout(op, layout)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.check_tensor(op, name, x, 4)
+    C.check_same_device_dtype(op, "q", q, k=k, v=v)
+    if q.device.type != "cpu":
+        C.fail(op, f"`q` is on {q.device}; the delta-rule family runs on the CPU in this build "
+                   "(CUDA kernels are not written yet)")
+    if k.shape != q.shape:
+        C.fail(op, f"`k` must have the shape of `q` {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        C.fail(op, f"`v` must match `q` in its first three dims {list(q.shape[:3])} ({layout}), "
+                   f"got {list(v.shape)}")
+    C.check_head_dim(op, "q", q.shape[3])
+    C.check_head_dim(op, "v", v.shape[3])
+    bth = list(q.shape[:3])
+    g_shape = bth + [q.shape[3]] if per_key else bth
+    C.check_tensor(op, "g", g, len(g_shape))
+    if list(g.shape) != g_shape:
+        what = "[B, T, H, Dk] (per-key log gates)" if per_key else "[B, T, H] (one log gate per token and head)"
+        C.fail(op, f"`g` must have shape {g_shape} {what}, got {list(g.shape)}")
+    C.check_tensor(op, "beta", beta, 3)
+    if list(beta.shape) != bth:
+        C.fail(op, f"`beta` must have shape {bth} (the first three dims of `q`, {layout}), got {list(beta.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.device != q.device:
+            C.fail(op, f"`{name}` is on {x.device} but `q` is on {q.device}")
+    with torch.no_grad():
+        if g.numel() and bool((g > 0).any()):
+            C.fail(op, f"`g` holds log gates, which must be <= 0 (max is {g.max().item():.4g}); "
+                       "use e.g. -softplus(...) or logsigmoid(...)")
+        if bool(torch.isnan(g).any()):
+            C.fail(op, "`g` contains NaN")
+        if beta.numel() and bool(((beta < 0) | (beta > 1) | torch.isnan(beta)).any()):
+            C.fail(op, f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
+                       f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
+    check_choice(op, "split", split, SPLITS)
+    C.check_group(op, group)
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            C.fail(op, f"`initial_state` must be a torch.Tensor or None, got {type(initial_state).__name__}")
+        if initial_state.dtype not in (torch.float32, torch.float64, q.dtype) or not initial_state.is_floating_point():
+            C.fail(op, f"`initial_state` must be float32, float64 or the dtype of `q` ({q.dtype}), "
+                       f"got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            C.fail(op, f"`initial_state` is on {initial_state.device} but `q` is on {q.device}")
+
+
+def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
+                group, layout, split, provider, use_qk_l2norm, sp_context):
+    if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
+        group = sp_context.group
+        split = sp_context.split
+        cu_seqlens = getattr(sp_context, "cu_seqlens", cu_seqlens)
+    _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group)
+    scale = C.check_scale(op, scale)
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    chunk_size = CPU_CHUNK_SIZE
+    if not isinstance(output_final_state, bool):
+        C.fail(op, f"`output_final_state` must be a bool, got {type(output_final_state).__name__}")
+    rank, world = group_rank_and_size(group)
+    parts = 2 if split == "balanced" and world > 1 else 1
+    seq_dim = 1 if layout == "bthd" else 0
+    local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
+    if local_len < 1:
+        C.fail(op, "`q` has an empty sequence dimension")
+    if local_len % parts:
+        C.fail(op, f"the balanced split needs an even local sequence length, got {local_len}")
+    H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
+
+    docs = (None, None, [], batch)
+    if cu_seqlens is not None:
+        docs = _documents(op, cu_seqlens, batch, local_len, rank, world,
+                          "balanced" if parts == 2 else "contiguous", world * parts, q.device)
+    num_seqs = docs[3]
+    if initial_state is not None and list(initial_state.shape) != [num_seqs, H, Dk, Dv]:
+        what = "documents in `cu_seqlens`" if cu_seqlens is not None else "batch rows"
+        C.fail(op, f"`initial_state` must have shape {[num_seqs, H, Dk, Dv]} "
+                   f"([N, H, Dk, Dv], N = number of {what}), got {list(initial_state.shape)}")
+
+    comm = get_communicator(group, q.device)
+    if comm is not None:
+        verify_group_consistency(
+            op, group,
+            [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
+             int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
+             int(bool(use_qk_l2norm))],
+            ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
+             "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens",
+             "use of initial_state", "output_final_state", "use_qk_l2norm"],
+            q.device)
+
+    if layout == "tbhd":
+        q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    o, final = _DeltaRuleLasp2.apply(q, k, v, g, beta, initial_state, docs, float(scale), chunk_size,
+                                     comm, parts, output_final_state)
+    if layout == "tbhd":
+        o = o.transpose(0, 1)
+    if not output_final_state:
+        return o, None
+    return o, final.to(initial_state.dtype) if initial_state is not None else final
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    layout: str = "bthd",
+    split: str = "contiguous",
+    provider: str = "lasp2",
+    use_qk_l2norm: bool = False,
+    sp_context=None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
+
+    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
+    ``o_t = scale * S_t^T q_t``, as fla's ``chunk_gated_delta_rule``. With a process
+    group each rank passes its share of the sequence (``lasp2.split_sequence``) and
+    gets the output rows one device would compute.
+
+    Args:
+        q, k: ``[B, T, H, Dk]`` (``layout="bthd"``) or ``[T, B, H, Dk]`` ("tbhd").
+        v: the same with ``Dv``.
+        g: log gates ``[B, T, H]`` (``[T, B, H]`` for "tbhd"), <= 0.
+        beta: ``[B, T, H]`` in [0, 1] (e.g. ``sigmoid``).
+        scale: multiplies q; default ``Dk ** -0.5``.
+        initial_state: optional ``[N, H, Dk, Dv]``, N = B, or the number of documents
+            with ``cu_seqlens``; sequence n starts from ``initial_state[n]`` wherever
+            its first token lives. Its gradient on a rank is that rank's share
+            (summed over the group, as the data/context-parallel gradient reduction
+            does, it equals one process's).
+        output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
+            sequence, on every rank (float32, or the dtype of ``initial_state``).
+            Gradients arriving at the ranks' copies are summed (the loss is the sum of
+            the ranks' losses).
+        cu_seqlens: cumulative lengths of the *global* packed sequence (B = 1),
+            strictly increasing from 0 to the global length.
+        group, layout, split: as ``lasp2.linear_attention``; ``sp_context`` (an
+            ``SPContext``) supplies group, split and cu_seqlens instead.
+        provider: "lasp2" (the only sequence-parallel algorithm of this family yet).
+        use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
+            ``use_qk_l2norm_in_kernel``).
+
+    Returns:
+        ``(o, final_state)``: o with the shape of v; final_state None unless
+        ``output_final_state``.
+    """
+    return _delta_rule("lasp2.gated_delta_rule", q, k, v, g, beta, False, scale, initial_state,
+                       output_final_state, cu_seqlens, group, layout, split, provider, use_qk_l2norm,
+                       sp_context)
+
+
+def kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    layout: str = "bthd",
+    split: str = "contiguous",
+    provider: str = "lasp2",
+    use_qk_l2norm: bool = False,
+    sp_context=None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
+    ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the
+    order of fla's KDA kernels and of Kimi Linear). ``g`` is ``[B, T, H, Dk]``
+    (``[T, B, H, Dk]`` for "tbhd"); every other argument is as
+    :func:`gated_delta_rule`."""
+    return _delta_rule("lasp2.kda", q, k, v, g, beta, True, scale, initial_state, output_final_state,
+                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context)

@@ -1,0 +1,95 @@
+"""lasp2.gated_delta_rule / lasp2.kda over P = 2, 3, 4 gloo processes equal one process
+(itself checked against the float64 recurrence in ops/test_gated_delta_rule.py).
+
+Every rank checks its output rows, its q/k/v/g/beta gradients and the final states
+against a one-process run on the whole sequence (float64, 1e-5 relative: the part
+summaries travel in fp32), for both splits, GDN and KDA gates, B > 1 rows and
+packed documents of uneven lengths that span ranks, with initial states in and
+final states out. Final states are replicated: each rank adds its own gradient to
+them; initial-state gradients are per-rank shares that sum to one process's.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import lasp2
+from lasp2_testing.checks import assert_rel
+from lasp2_testing.dist import run_distributed
+
+# (kind, split, packed)
+CONFIGS = [
+    ("gdn", "contiguous", False),
+    ("gdn", "balanced", True),
+    ("kda", "contiguous", True),
+    ("kda", "balanced", False),
+    ("gdn", "contiguous", True),
+]
+
+
+def global_inputs(world, kind, packed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    B = 1 if packed else 2
+    T, H, K, V = 12 * world, 2, 4, 3  # 12 tokens a rank: 6-token parts when balanced
+    q, k, v, do = rnd(B, T, H, K), rnd(B, T, H, K) / 2, rnd(B, T, H, V), rnd(B, T, H, V)
+    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2) / 2
+    beta = torch.sigmoid(rnd(B, T, H))
+    cu = None
+    if packed:  # uneven documents: one ends at a rank edge, a 1-token one, one spans ranks
+        cuts = sorted({5, 12, 13, T // 2 + 1, T - 1})
+        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    h0 = rnd(N, H, K, V) * 0.5
+    dF = rnd(N, H, K, V)
+    return q, k, v, do, g, beta, cu, h0, dF
+
+
+def check_rank(rank, world):
+    group = dist.new_group(list(range(world)))
+    for index, (kind, split, packed) in enumerate(CONFIGS):
+        op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
+        q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=10 + index)
+        kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
+
+        full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
+        grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
+
+        local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
+        leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+        h0_local = h0.clone().requires_grad_()
+        o, final = op(*leaves, initial_state=h0_local, group=group, split=split, **kw)
+        what = f"P={world} {kind} {split} packed={packed} rank {rank}"
+        assert_rel(o, local(o_full), 1e-5, f"o, {what}")
+        assert_rel(final, final_full, 1e-5, f"final state, {what}")
+        # Each rank's loss uses its own output rows and a share of the final-state loss.
+        weight = (rank + 1) / (world * (world + 1) / 2)
+        loss = (o * local(do)).sum() + (final * dF * weight).sum()
+        grads = torch.autograd.grad(loss, leaves + [h0_local])
+        for name, got, want in zip(("q", "k", "v", "g", "beta"), grads, grads_full):
+            assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
+        d_h0 = grads[5].clone()
+        dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
+        assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+    if world == 2:
+        check_mismatch(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_equal_one_process(world):
+    run_distributed(world, check_rank)
+
+
+def check_mismatch(rank, world):
+    """Ranks that call with different local lengths all raise (instead of hanging)."""
+    q = torch.randn(1, 8 + 2 * rank, 2, 4, dtype=torch.float64)
+    g = -torch.rand(1, q.shape[1], 2, dtype=torch.float64)
+    beta = torch.rand(1, q.shape[1], 2, dtype=torch.float64)
+    try:
+        lasp2.gated_delta_rule(q, q, q, g, beta, group=dist.group.WORLD)
+    except ValueError as e:
+        assert "local sequence length" in str(e), str(e)
+    else:
+        raise AssertionError("ranks with different lengths must all raise")

@@ -1,0 +1,167 @@
+"""lasp2.gated_delta_rule / lasp2.kda on one process against the float64 step-by-step
+recurrence (delta_rule_reference.py): outputs, gradients of every input, initial
+states in and final states out, packed documents, layouts, the L2 norm option,
+gradcheck in float64, and errors that name the argument."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp2
+from lasp2_testing.checks import assert_rel
+from lasp2_testing.errors import ATTENTION_CASES, BadCall, call, expect_bad_call
+from lasp2_testing.delta_rule import delta_rule_reference
+
+OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
+
+
+def make_inputs(kind, B=2, T=19, H=2, K=6, V=5, dtype=torch.float64, seed=0, docs=None):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K) / K ** 0.5, rnd(B, T, H, V)
+    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2.0) / 2
+    beta = torch.sigmoid(rnd(B, T, H))
+    N = B if docs is None else len(docs) - 1
+    h0 = rnd(N, H, K, V) * 0.5
+    return [x.to(dtype) for x in (q, k, v, g, beta)] + [h0.to(dtype)]
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_recurrence_float64(kind, packed, with_state):
+    # 150 tokens cross the CPU kernels' 64-token chunk edges; a 1-token document, one over two edges
+    cu = torch.tensor([0, 3, 4, 11, 140, 150], dtype=torch.int64) if packed else None
+    q, k, v, g, beta, h0 = make_inputs(kind, B=1 if packed else 2, T=150, docs=cu.tolist() if packed else None)
+    h0 = h0 if with_state else None
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta) + ((h0,) if with_state else ())]
+    o, final = OPS[kind](*leaves[:5], scale=0.7, initial_state=leaves[5] if with_state else None,
+                         output_final_state=True, cu_seqlens=cu)
+    ref_leaves = [x.clone().requires_grad_() for x in leaves]
+    o_ref, final_ref = delta_rule_reference(*ref_leaves[:5], 0.7, ref_leaves[5] if with_state else None, cu)
+    # states (initial ones included) are fp32 in the core
+    assert_rel(o, o_ref, 1e-6 if with_state else 1e-10, "o")
+    assert_rel(final, final_ref, 1e-6, "final state")  # fp32 states
+    do, dF = torch.randn_like(o), torch.randn_like(final)
+    grads = torch.autograd.grad((o * do).sum() + (final * dF).sum(), leaves)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (final_ref * dF).sum(), ref_leaves)
+    for name, got, want in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_ref):
+        assert_rel(got, want, 1e-6, f"d{name}")  # the final state's gradient travels in fp32
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_float32_and_default_scale(kind):
+    q, k, v, g, beta, _ = make_inputs(kind, dtype=torch.float32, T=70)
+    o, final = OPS[kind](q, k, v, g, beta)
+    assert final is None and o.dtype == torch.float32
+    o_ref, _ = delta_rule_reference(q, k, v, g, beta, q.shape[-1] ** -0.5)
+    assert_rel(o, o_ref, 2e-5, "o float32")
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_tbhd_layout_and_l2norm(kind):
+    q, k, v, g, beta, _ = make_inputs(kind, T=9)
+    o, _ = OPS[kind](q, k, v, g, beta, use_qk_l2norm=True)
+    nq, nk = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    o_ref, _ = delta_rule_reference(nq, nk, v, g, beta, q.shape[-1] ** -0.5)
+    assert_rel(o, o_ref, 1e-10, "o with l2norm")
+    t = lambda x: x.transpose(0, 1).contiguous()
+    o_t, _ = OPS[kind](t(q), t(k), t(v), t(g), t(beta), use_qk_l2norm=True, layout="tbhd")
+    assert_rel(o_t.transpose(0, 1), o, 1e-12, "tbhd")
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_gradcheck(kind):
+    q, k, v, g, beta, h0 = make_inputs(kind, B=1, T=5, H=1, K=3, V=2, seed=3)
+    cu = torch.tensor([0, 2, 5])
+    h0 = torch.cat([h0, h0 * 0.5])  # two documents
+
+    def fn(q, k, v, g, beta, h0):
+        o, final = OPS[kind](q, k, v, g, beta, scale=0.9, initial_state=h0, output_final_state=True,
+                             cu_seqlens=cu)
+        return o, final
+
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    h0 = h0.requires_grad_()
+    # o in float64 with the (fp32) initial states held fixed
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, h0.detach())[0], inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # Both outputs are affine in the initial states, which the core keeps in fp32:
+    # a large step is exact up to fp32 rounding.
+    assert torch.autograd.gradcheck(lambda h: fn(*inputs, h), [h0], eps=1e-2, atol=1e-4, rtol=1e-3)
+    # Final states come from the fp32 part summaries.
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, h0.detach())[1], inputs, eps=1e-3, atol=5e-4, rtol=5e-3)
+
+
+def qkv(B=1, T=8, H=2, D=4, dtype=torch.float32):
+    return tuple(torch.randn(B, T, H, D, dtype=dtype) for _ in range(3))
+
+
+def valid_gates(kind):
+    """The op with valid g and beta (shaped after q) unless the call gives its own."""
+    op = OPS[kind]
+
+    def call_op(q, k, v, g=None, beta=None, **kw):
+        if isinstance(q, torch.Tensor) and q.dim() == 4:
+            shape = list(q.shape[:3]) + ([q.shape[3]] if kind == "kda" else [])
+            g = -0.1 * torch.ones(shape, dtype=torch.float64) if g is None else g
+            beta = 0.5 * torch.ones(list(q.shape[:3]), dtype=torch.float64) if beta is None else beta
+        return op(q, k, v, g, beta, **kw)
+    return call_op
+
+
+def with_gates(kind, name, match, spoil, **inputs):
+    """A row whose spoil gets valid (q, k, v, g, beta, initial_state) to spoil."""
+    def spoil_qkv(q, k, v):
+        shape = list(q.shape[:3]) + ([q.shape[3]] if kind == "kda" else [])
+        g = -0.1 * torch.ones(shape, dtype=q.dtype)
+        beta = 0.5 * torch.ones(list(q.shape[:3]), dtype=q.dtype)
+        h0 = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype)
+        return spoil(q, k, v, g, beta, h0)
+    return BadCall(name, match, spoil_qkv, inputs=inputs)
+
+
+def delta_cases(kind):
+    return [
+        with_gates(kind, "beta above 1", "`beta` must lie in", lambda q, k, v, g, b, h: call(q, k, v, g, b + 1)),
+        with_gates(kind, "beta below 0", "`beta` must lie in", lambda q, k, v, g, b, h: call(q, k, v, g, -b)),
+        with_gates(kind, "beta nan", "`beta` must lie in", lambda q, k, v, g, b, h: call(q, k, v, g, b * float("nan"))),
+        with_gates(kind, "beta shape", "`beta` must have shape", lambda q, k, v, g, b, h: call(q, k, v, g, b[..., :1])),
+        with_gates(kind, "g positive", "`g` holds log gates, which must be <= 0",
+                   lambda q, k, v, g, b, h: call(q, k, v, -g, b)),
+        with_gates(kind, "g shape", "`g` must have shape", lambda q, k, v, g, b, h: call(q, k, v, g[:, :3], b)),
+        with_gates(kind, "g rank", "`g` must have", lambda q, k, v, g, b, h: call(q, k, v, g[..., None], b)),
+        with_gates(kind, "k shape", "`k` must have the shape of `q`", lambda q, k, v, g, b, h: call(q, k[..., :2], v, g, b)),
+        with_gates(kind, "v shape", "`v` must match `q`", lambda q, k, v, g, b, h: call(q, k, v[:, :4], g, b)),
+        with_gates(kind, "initial_state rows", r"`initial_state` must have shape \[1, 2, 4, 4\]",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=torch.cat([h, h]))),
+        with_gates(kind, "initial_state dims", "`initial_state` must have shape",
+                   lambda q, k, v, g, b, h: call(q, k, v[..., :3], g, b, initial_state=h)),
+        with_gates(kind, "initial_state dtype", "`initial_state` must be float32",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h.long())),
+        with_gates(kind, "initial_state not a tensor", "`initial_state` must be a torch.Tensor",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h.tolist())),
+        with_gates(kind, "initial_state per document", r"`initial_state` must have shape \[3, 2, 4, 4\]",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h,
+                                                 cu_seqlens=torch.tensor([0, 2, 3, 8]))),
+        with_gates(kind, "empty document", "`cu_seqlens` must be strictly increasing",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, cu_seqlens=torch.tensor([0, 3, 3, 8]))),
+        with_gates(kind, "provider", "`provider` must be one of", lambda q, k, v, g, b, h: call(q, k, v, g, b, provider="ulysses")),
+        with_gates(kind, "output_final_state type", "`output_final_state` must be a bool",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, output_final_state="yes")),
+        # a CPU-kernel detail, not an argument of the op
+        BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
+    ]
+
+
+CASES = [(kind, case) for kind in ("gdn", "kda") for case in ATTENTION_CASES + delta_cases(kind)]
+
+
+@pytest.mark.parametrize("kind, case", CASES, ids=lambda x: x if isinstance(x, str) else str(x))
+def test_bad_input_raises_naming_the_argument(kind, case):
+    expect_bad_call(valid_gates(kind), case, qkv)
+
+
+def test_gdn_rejects_per_key_gates():
+    q, k, v, g, beta, _ = make_inputs("kda", B=1, T=6)
+    with pytest.raises(ValueError, match="`g` must have 3 dimensions"):
+        lasp2.gated_delta_rule(q, k, v, g, beta)
