@@ -8,7 +8,9 @@ is CPU-only. Build against the torch you already have:
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
 
 Environment: LASP2_FORCE_CPU=1 skips CUDA; LASP2_CUDA_ARCHS="80;90" picks targets;
-MAX_JOBS limits parallel compile jobs.
+MAX_JOBS limits parallel compile jobs; LASP2_BUILD_BENCH=1 also builds lasp2._bench, the
+communicator instruments that benchmarks/sp_providers.py and the provider tests use
+(never part of lasp2._C).
 """
 
 import glob
@@ -47,6 +49,13 @@ def nccl_paths():
     return None
 
 
+def bench_module(cpp_extension, include_dirs, cxx_flags):
+    """lasp2._bench: benchmark-only communicators over lasp2._C's Communicator."""
+    return cpp_extension.CppExtension(
+        "lasp2._bench", sources("csrc/bench/*.cpp", "csrc/core/types.cpp"), include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags})
+
+
 def extension_modules():
     import torch
     from torch.utils import cpp_extension
@@ -59,9 +68,11 @@ def extension_modules():
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     define_macros = []
 
+    extras = [bench_module(cpp_extension, include_dirs, cxx_flags)] if os.environ.get("LASP2_BUILD_BENCH") == "1" else []
+
     if not want_cuda(torch, cpp_extension):
         return [cpp_extension.CppExtension("lasp2._C", core + binding, include_dirs=include_dirs,
-                                           extra_compile_args={"cxx": cxx_flags})]
+                                           extra_compile_args={"cxx": cxx_flags})] + extras
 
     archs = os.environ.get("LASP2_CUDA_ARCHS", "80;90").split(";")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DLASP2_WITH_CUDA"]
@@ -79,7 +90,7 @@ def extension_modules():
     return [cpp_extension.CUDAExtension(
         "lasp2._C", core + cuda_sources + binding, include_dirs=include_dirs,
         define_macros=define_macros, extra_link_args=extra_link_args,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})]
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})] + extras
 
 
 def build_ext_class():

@@ -12,11 +12,11 @@ of all ranks (each rank holds T contiguous tokens, the global sequence is P*T):
             modes take turns within each iteration, so load drifts hit them alike)
   tok/s     global tokens per second, P*B*T / step
   blocked   time a rank spends inside communication calls and waits (slowest rank,
-            median): the lasp2/lasp1 communicator wrapped in _C.TimedCommunicator,
+            median): the lasp2/lasp1 communicator wrapped in _bench.TimedCommunicator,
             Ulysses' all_to_all_single timed with perf_counter (CUDA-synchronised).
             For lasp2/lasp1 on CUDA this is host enqueue time only, so "-".
   no-comm   the same step with communication replaced by a local no-op
-            (_C.NoopCommunicator; Ulysses: a local copy), i.e. the compute alone
+            (_bench.NoopCommunicator; Ulysses: a local copy), i.e. the compute alone
   exposed   step - no-comm: what communication (incl. LASP-1's serial chain) costs
   MB/rank   bytes a rank hands to the network per step: its all-gathered records
             (lasp2), its sends (lasp1), the off-rank (P-1)/P of its all-to-all
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lasp2  # noqa: E402
-from lasp2._extension import _C  # noqa: E402
+from lasp2 import _bench  # noqa: E402  (build with LASP2_BUILD_BENCH=1)
 from lasp2.distributed import Collectives, get_communicator  # noqa: E402
 from lasp2.ops.gates import lightning_log_decay  # noqa: E402
 # "lasp2-fused" is provider "lasp2" with overlap=False: the AllGather is waited for and the
@@ -150,10 +150,10 @@ class Variant:
         self.steps, self.blocked, self.sent = [], [], 0
         swap = {}
         if comm is not None and mode == "real":
-            self.timed = _C.TimedCommunicator(comm)
+            self.timed = _bench.TimedCommunicator(comm)
             swap = dict(communicator=self.timed, collectives=Collectives(all_to_all_single=self.meter.timed))
         elif comm is not None:
-            swap = dict(communicator=_C.NoopCommunicator(comm),
+            swap = dict(communicator=_bench.NoopCommunicator(comm),
                         collectives=Collectives(all_to_all_single=UlyssesMeter.local))
         self.sp_context = lasp2.build_sp_context(group, seqlen=seqlen, device=device, **swap)
 

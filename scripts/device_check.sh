@@ -31,7 +31,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sort | uniq -c | tr -s ' ')"
 
 if has build; then
-  python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &
+  LASP2_BUILD_BENCH=1 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 &
   BUILD_PID=$!
 fi
 if has gtest && [ ! -x .carry/bin/lasp2_core_tests ] && [ ! -d .carry/googletest ]; then

@@ -22,7 +22,8 @@ quiet() {
   fi
 }
 
-bash scripts/install.sh
+# lasp2._bench (benchmark communicators) is built too: the provider tests use it.
+LASP2_BUILD_BENCH=1 bash scripts/install.sh
 # megatron-core: the newest release, 0.19.x, where the Python allows it (its wheels need
 # CPython >= 3.12; its pipeline schedules import triton, which CPU-only torch does not bring),
 # else 0.16.1, the last release for 3.11. --no-deps keeps the installed torch (megatron-core's

@@ -1,10 +1,61 @@
 #include "attention_params.h"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
 
 #include "tensor_views.h"
 
 namespace lasp2::torch_binding {
+namespace {
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+void check_shape(const at::Tensor& t, const char* name, const std::vector<int64_t>& want) {
+  LASP2_CHECK(t.sizes().vec() == want, std::string("`") + name + "` must have shape " +
+                                           shape_str(want) + ", got " + shape_str(t.sizes()));
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  LASP2_CHECK(t.device() == q.device(), std::string("`") + name + "` is on " + t.device().str() +
+                                            " but `q` is on " + q.device().str());
+}
+
+void check_floating(const at::Tensor& t, const char* name) {
+  LASP2_CHECK(t.is_floating_point(), std::string("`") + name + "` must be a floating-point tensor, got " +
+                                         c10::toString(t.scalar_type()));
+  from_aten(t.scalar_type(), name);  // a dtype the core knows
+}
+
+}  // namespace
+
+std::vector<OptTensor> LinearAttentionArgs::tensors() const {
+  auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+  return {opt(q), opt(k), opt(v), g, decay, doc_start, initial_state};
+}
+
+LinearAttentionArgs LinearAttentionArgs::config() const {
+  return with_tensors(std::vector<OptTensor>(kNumTensors));
+}
+
+LinearAttentionArgs LinearAttentionArgs::with_tensors(const std::vector<OptTensor>& t) const {
+  LASP2_CHECK(static_cast<int>(t.size()) == kNumTensors,
+              "LinearAttentionArgs.with_tensors takes " + std::to_string(kNumTensors) + " tensors");
+  LinearAttentionArgs a = *this;
+  a.q = t[0].value_or(at::Tensor());
+  a.k = t[1].value_or(at::Tensor());
+  a.v = t[2].value_or(at::Tensor());
+  a.g = t[3];
+  a.decay = t[4];
+  a.doc_start = t[5];
+  a.initial_state = t[6];
+  return a;
+}
 
 at::Tensor compute_tensor(const at::Tensor& t) {
   const bool half = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -12,6 +63,28 @@ at::Tensor compute_tensor(const at::Tensor& t) {
 }
 
 Prepared prepare(const LinearAttentionArgs& a) {
+  for (const auto& [t, name] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}}) {
+    LASP2_CHECK(t->defined(), std::string("`") + name + "` is missing");
+    LASP2_CHECK(t->dim() == 4, std::string("`") + name + "` must be 4-D [B, T, H, D], got " +
+                                   std::to_string(t->dim()) + "-D");
+    check_floating(*t, name);
+    check_device(*t, name, a.q);
+    LASP2_CHECK(t->scalar_type() == a.q.scalar_type(), std::string("`") + name + "` has dtype " +
+                                                           c10::toString(t->scalar_type()) + " but `q` has " +
+                                                           c10::toString(a.q.scalar_type()));
+  }
+  const int64_t B = a.q.size(0), T = a.q.size(1), H = a.q.size(2), Dk = a.q.size(3), Dv = a.v.size(3);
+  check_shape(a.k, "k", a.q.sizes().vec());
+  check_shape(a.v, "v", {B, T, H, Dv});
+  LASP2_CHECK(T >= 1, "`q` has an empty sequence dimension");
+  LASP2_CHECK(Dk >= 1 && Dv >= 1, "`q` and `v` need head dims of at least 1");
+  LASP2_CHECK(std::isfinite(a.scale), "`scale` must be finite, got " + std::to_string(a.scale));
+  LASP2_CHECK(a.chunk_size >= 1 && a.chunk_size <= INT_MAX,
+              "`chunk_size` must lie in [1, 2**31 - 1], got " + std::to_string(a.chunk_size));
+  LASP2_CHECK(a.parts_per_rank == 1 || a.parts_per_rank == 2,
+              "`parts_per_rank` must be 1 (contiguous) or 2 (balanced), got " + std::to_string(a.parts_per_rank));
+  LASP2_CHECK(!(a.g && a.decay), "pass either `g` (per-token gates) or `decay` (per-head decay), not both");
+
   Prepared r;
   r.input_dtype = a.q.scalar_type();
   r.q = compute_tensor(a.q);
@@ -21,39 +94,84 @@ Prepared prepare(const LinearAttentionArgs& a) {
       (!r.q.is_cuda() && r.q.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 
   AttentionParams& p = r.params;
-  p.batch = r.q.size(0);
-  p.seqlen = r.q.size(1);
-  p.heads = r.q.size(2);
-  p.dim_k = r.q.size(3);
-  p.dim_v = r.v.size(3);
-  p.dtype = from_aten(r.q.scalar_type());
-  p.q = const_view(r.q);
-  p.k = const_view(r.k);
-  p.v = const_view(r.v);
+  p.batch = B;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = Dk;
+  p.dim_v = Dv;
+  p.dtype = from_aten(r.q.scalar_type(), "q");
+  p.q = const_view(r.q, "q");
+  p.k = const_view(r.k, "k");
+  p.v = const_view(r.v, "v");
   p.scale = a.scale;
   p.chunk_size = static_cast<int>(a.chunk_size);
-  p.decay.dtype = from_aten(decay_dtype);
+  p.decay.dtype = from_aten(decay_dtype, "decay");
   if (a.g) {
+    check_floating(*a.g, "g");
+    check_device(*a.g, "g", a.q);
+    check_shape(*a.g, "g", {B, T, H});
     r.g = a.g->to(decay_dtype);
     p.decay.mode = DecayMode::kGate;
     p.decay.gate = r.g.data_ptr();
-    p.decay.gate_stride = bth_strides(r.g);
+    p.decay.gate_stride = bth_strides(r.g, "g");
   } else if (a.decay) {
+    check_floating(*a.decay, "decay");
+    check_device(*a.decay, "decay", a.q);
+    check_shape(*a.decay, "decay", {H});
     r.decay = a.decay->to(decay_dtype).contiguous();
     p.decay.mode = DecayMode::kFixed;
     p.decay.log_decay = r.decay.data_ptr();
   }
   if (a.doc_start) {
-    r.doc_start = a.doc_start->to(at::kByte).contiguous();
+    const at::Tensor& d = *a.doc_start;
+    check_device(d, "doc_start", a.q);
+    LASP2_CHECK(d.dim() == 1 || d.dim() == 2, "`doc_start` must be [T] or [B, T]");
+    check_shape(d, "doc_start", d.dim() == 1 ? std::vector<int64_t>{T} : std::vector<int64_t>{B, T});
+    r.doc_start = d.to(at::kByte).contiguous();
     p.doc_start = r.doc_start.data_ptr<uint8_t>();
-    p.doc_start_batch_stride = r.doc_start.dim() == 2 ? r.doc_start.size(1) : 0;
+    p.doc_start_batch_stride = r.doc_start.dim() == 2 ? T : 0;
   }
+  if (a.initial_state) r.initial_state = state_tensor(*a.initial_state, "initial_state", p, a.q);
   if (a.comm) {
-    r.layout = PartLayout{a.comm->size(), a.comm->rank(), static_cast<int>(a.parts_per_rank)};
+    const int size = a.comm->size(), rank = a.comm->rank();
+    LASP2_CHECK(size >= 1 && rank >= 0 && rank < size,
+                "`comm` reports rank " + std::to_string(rank) + " of " + std::to_string(size));
+    r.layout = PartLayout{size, rank, static_cast<int>(a.parts_per_rank)};
+    LASP2_CHECK(size == 1 || T % a.parts_per_rank == 0,
+                "the balanced split needs an even local sequence length, got " + std::to_string(T));
   } else {
     r.layout = PartLayout::contiguous(1, 0);
   }
   return r;
+}
+
+std::vector<int64_t> state_shape(const AttentionParams& p) {
+  return {p.batch, p.heads, p.dim_k, p.dim_v};
+}
+
+at::Tensor state_tensor(const at::Tensor& t, const char* name, const AttentionParams& p,
+                        const at::Tensor& like) {
+  check_floating(t, name);
+  check_device(t, name, like);
+  check_shape(t, name, state_shape(p));
+  return t.to(at::kFloat).contiguous();
+}
+
+const at::Tensor& saved_buffer(const at::Tensor& t, const char* name, int64_t floats,
+                               const at::Tensor& like) {
+  LASP2_CHECK(t.defined() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.numel() == floats && t.device() == like.device(),
+              std::string("the saved buffer `") + name + "` does not belong to these arguments (expected " +
+                  std::to_string(floats) + " contiguous float32 values on " + like.device().str() + ")");
+  return t;
+}
+
+at::Tensor prepare_dout(const at::Tensor& dout, const LinearAttentionArgs& a, const Prepared& r) {
+  check_shape(dout, "dout", a.v.sizes().vec());
+  check_device(dout, "dout", a.q);
+  check_floating(dout, "dout");
+  at::Tensor d = compute_tensor(dout).to(r.v.scalar_type());
+  return d.stride(3) == 1 ? d : d.contiguous();
 }
 
 at::Tensor floats(int64_t n, const at::Tensor& like) {
@@ -71,6 +189,17 @@ at::Tensor restore_dtype(const at::Tensor& t, at::ScalarType dtype) {
 at::Tensor gate_grad(const AttentionParams& p, const at::Tensor& like) {
   return at::empty({p.batch, p.seqlen, p.heads},
                    like.options().dtype(p.decay.dtype == ScalarType::kFloat64 ? at::kDouble : at::kFloat));
+}
+
+std::vector<OptTensor> input_grads(const LinearAttentionArgs& a, const Prepared& r,
+                                   const at::Tensor& dq, const at::Tensor& dk,
+                                   const at::Tensor& dv, const at::Tensor& dg) {
+  std::vector<OptTensor> out{restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
+                             restore_dtype(dv, r.input_dtype), std::nullopt, std::nullopt};
+  if (dg.defined() && a.g) out[3] = dg.to(a.g->scalar_type());
+  // A fixed decay acts as the same gate at every token: its gradient is the sum.
+  if (dg.defined() && a.decay) out[4] = dg.sum({0, 1}).to(a.decay->scalar_type());
+  return out;
 }
 
 }  // namespace lasp2::torch_binding

@@ -1,12 +1,17 @@
 // The Python module lasp2._C: thin wrappers, no logic of their own.
+//
+// Errors: every check in the core and the binding throws lasp2::Error, which arrives in
+// Python as lasp2._C.Lasp2Error (re-exported as lasp2.Lasp2Error), a subclass of
+// ValueError: nearly all of them are argument problems (shapes, dtypes, devices, sizes,
+// a communicator that does not match the layout). Device faults the core reports (CUDA,
+// NCCL) arrive as the same type, with the failing call in the message.
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
 #include "delta_rule_op.h"
-#include "instrumented_communicator.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
-#include "linear_attention_op.h"
+#include "lasp2_op.h"
 #include "process_group_communicator.h"
 #ifdef LASP2_WITH_NCCL
 #include "lasp2/nccl_communicator.h"
@@ -15,35 +20,12 @@
 namespace py = pybind11;
 using lasp2::Communicator;
 using lasp2::torch_binding::LinearAttentionArgs;
+using lasp2::torch_binding::OptTensor;
 using lasp2::torch_binding::ProcessGroupCommunicator;
 
 namespace {
 
-LinearAttentionArgs make_args(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
-                              std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start,
-                              double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-                              int64_t parts_per_rank) {
-  LinearAttentionArgs a;
-  a.q = std::move(q);
-  a.k = std::move(k);
-  a.v = std::move(v);
-  a.g = std::move(g);
-  a.decay = std::move(decay);
-  a.doc_start = std::move(doc_start);
-  a.scale = scale;
-  a.chunk_size = chunk_size;
-  a.comm = std::move(comm);
-  a.parts_per_rank = parts_per_rank;
-  return a;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lasp2 core bindings (use the lasp2 package, not this module)";
-
-  py::register_exception<lasp2::Error>(m, "Lasp2Error", PyExc_ValueError);
-
+void bind_communicators(py::module_& m) {
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size);
@@ -54,18 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_shared<ProcessGroupCommunicator>(group, device);
            }),
            py::arg("group"), py::arg("device"));
-
-  // Benchmark instruments (see instrumented_communicator.h).
-  py::class_<lasp2::torch_binding::TimedCommunicator, Communicator,
-             std::shared_ptr<lasp2::torch_binding::TimedCommunicator>>(m, "TimedCommunicator")
-      .def(py::init<std::shared_ptr<Communicator>>(), py::arg("inner"))
-      .def_property_readonly("seconds", &lasp2::torch_binding::TimedCommunicator::seconds)
-      .def_property_readonly("calls", &lasp2::torch_binding::TimedCommunicator::calls)
-      .def_property_readonly("bytes", &lasp2::torch_binding::TimedCommunicator::bytes)
-      .def("reset", &lasp2::torch_binding::TimedCommunicator::reset);
-  py::class_<lasp2::torch_binding::NoopCommunicator, Communicator,
-             std::shared_ptr<lasp2::torch_binding::NoopCommunicator>>(m, "NoopCommunicator")
-      .def(py::init<const std::shared_ptr<Communicator>&>(), py::arg("like"));
 
 #ifdef LASP2_WITH_NCCL
   m.def("nccl_unique_id", [] {
@@ -93,6 +63,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+}
+
+// The one argument bundle of every linear attention entry point.
+void bind_args(py::module_& m) {
+  py::class_<LinearAttentionArgs>(m, "LinearAttentionArgs")
+      .def(py::init([](at::Tensor q, at::Tensor k, at::Tensor v, OptTensor g, OptTensor decay,
+                       OptTensor doc_start, OptTensor initial_state, double scale,
+                       std::shared_ptr<Communicator> comm, int64_t parts_per_rank, int64_t chunk_size) {
+             return LinearAttentionArgs{std::move(q), std::move(k), std::move(v), std::move(g),
+                                        std::move(decay), std::move(doc_start), std::move(initial_state),
+                                        scale, std::move(comm), parts_per_rank, chunk_size};
+           }),
+           py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("g") = py::none(),
+           py::arg("decay") = py::none(), py::arg("doc_start") = py::none(),
+           py::arg("initial_state") = py::none(), py::arg("scale") = 1.0, py::arg("comm") = nullptr,
+           py::arg("parts_per_rank") = 1, py::arg("chunk_size") = 64)
+      .def_readonly("scale", &LinearAttentionArgs::scale)
+      .def_readonly("comm", &LinearAttentionArgs::comm)
+      .def_readonly("parts_per_rank", &LinearAttentionArgs::parts_per_rank)
+      .def_readonly("chunk_size", &LinearAttentionArgs::chunk_size)
+      .def_readonly_static("num_tensors", &LinearAttentionArgs::kNumTensors)
+      .def("tensors", &LinearAttentionArgs::tensors,
+           "(q, k, v, g, decay, doc_start, initial_state), None where absent")
+      .def("config", &LinearAttentionArgs::config, "the same arguments without their tensors")
+      .def("with_tensors", &LinearAttentionArgs::with_tensors, py::arg("tensors"),
+           "the same arguments with the tensors of tensors() replaced");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lasp2 core bindings (use the lasp2 package, not this module)";
+
+  py::register_exception<lasp2::Error>(m, "Lasp2Error", PyExc_ValueError);
+  bind_communicators(m);
+  bind_args(m);
 
   lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
 
@@ -104,62 +110,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
 
-  m.def(
-      "lasp2_forward",
-      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
-         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
-         int64_t chunk_size, std::shared_ptr<Communicator> comm, int64_t parts_per_rank,
-         bool overlap) {
-        py::gil_scoped_release no_gil;  // collectives may block on other ranks
-        return lasp2::torch_binding::lasp2_forward(
-            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank), overlap);
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
-      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"), py::arg("parts_per_rank"),
-      py::arg("overlap"));
-
-  m.def(
-      "lasp2_backward",
-      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
-         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
-         int64_t chunk_size, std::shared_ptr<Communicator> comm, int64_t parts_per_rank,
-         at::Tensor dout, at::Tensor local_records, at::Tensor prefix_states, at::Tensor log_decays,
-         bool need_dg) {
-        py::gil_scoped_release no_gil;
-        return lasp2::torch_binding::lasp2_backward(
-            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts_per_rank), dout,
-            local_records, prefix_states, log_decays, need_dg);
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
-      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"), py::arg("parts_per_rank"),
-      py::arg("dout"), py::arg("local_records"), py::arg("prefix_states"), py::arg("log_decays"),
-      py::arg("need_dg"));
-
+  // Collectives and P2P transfers may block on other ranks: no GIL while they run.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("lasp2_forward", &lasp2::torch_binding::lasp2_forward, py::arg("args"), py::arg("overlap"),
+        py::arg("output_final_state") = false, no_gil,
+        "-> (o, final_state or None, saved): LASP-2 forward");
+  m.def("lasp2_backward", &lasp2::torch_binding::lasp2_backward, py::arg("args"), py::arg("saved"),
+        py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
+        py::arg("need_dinitial") = false, no_gil,
+        "-> [dq, dk, dv, dg, ddecay, dinitial_state] (None where not asked for)");
   // LASP-1: the P2P ring schedule (contiguous layout only).
-  m.def(
-      "lasp1_forward",
-      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
-         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
-         int64_t chunk_size, std::shared_ptr<Communicator> comm) {
-        py::gil_scoped_release no_gil;  // P2P transfers block on other ranks
-        return lasp2::torch_binding::lasp1_forward(
-            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, 1));
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
-      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"));
-
-  m.def(
-      "lasp1_backward",
-      [](at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> g,
-         std::optional<at::Tensor> decay, std::optional<at::Tensor> doc_start, double scale,
-         int64_t chunk_size, std::shared_ptr<Communicator> comm, at::Tensor dout,
-         at::Tensor entering_state, at::Tensor local_record, bool need_dg) {
-        py::gil_scoped_release no_gil;
-        return lasp2::torch_binding::lasp1_backward(
-            make_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, 1), dout,
-            entering_state, local_record, need_dg);
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("decay"), py::arg("doc_start"),
-      py::arg("scale"), py::arg("chunk_size"), py::arg("comm"), py::arg("dout"),
-      py::arg("entering_state"), py::arg("local_record"), py::arg("need_dg"));
+  m.def("lasp1_forward", &lasp2::torch_binding::lasp1_forward, py::arg("args"), no_gil,
+        "-> (o, saved): LASP-1 forward");
+  m.def("lasp1_backward", &lasp2::torch_binding::lasp1_backward, py::arg("args"), py::arg("saved"),
+        py::arg("dout"), py::arg("need_dg"), no_gil, "-> [dq, dk, dv, dg, ddecay]");
 }

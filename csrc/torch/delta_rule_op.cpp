@@ -61,11 +61,11 @@ DeltaPrepared prepare(const DeltaArgs& a) {
   p.heads = r.q.size(2);
   p.dim_k = r.q.size(3);
   p.dim_v = r.v.size(3);
-  p.dtype = from_aten(r.q.scalar_type());
-  p.q = const_view(r.q);
-  p.k = const_view(r.k);
-  p.v = const_view(r.v);
-  p.gate_dtype = from_aten(gate_dtype);
+  p.dtype = from_aten(r.q.scalar_type(), "q");
+  p.q = const_view(r.q, "q");
+  p.k = const_view(r.k, "k");
+  p.v = const_view(r.v, "v");
+  p.gate_dtype = from_aten(gate_dtype, "g");
   p.gate_kind = r.g.dim() == 4 ? GateKind::kPerKey : GateKind::kScalar;
   p.g = r.g.data_ptr();
   p.g_stride = bth_of(r.g);
@@ -104,7 +104,7 @@ std::vector<at::Tensor> forward(const DeltaArgs& args, bool want_final) {
       scratch(delta::delta_lasp2_forward_workspace_bytes(p, r.layout, r.seqs, want_final), r.q);
   const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
   delta::delta_lasp2_forward(delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout,
-                             p, r.seqs, ptr_or_null(r.initial), mut_view(o), saved,
+                             p, r.seqs, ptr_or_null(r.initial), mut_view(o, "o"), saved,
                              want_final ? finals.data_ptr<float>() : nullptr, workspace.data_ptr(),
                              current_stream(r.q));
   return {restore_dtype(o, r.input_dtype), finals, records, prefixes};
@@ -130,8 +130,8 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
   const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
   delta::delta_lasp2_backward(
       delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout, p, r.seqs,
-      ptr_or_null(r.initial), const_view(dout_c), saved, ptr_or_null(dF), mut_view(dq),
-      mut_view(dk), mut_view(dv), need_dg ? dg.data_ptr() : nullptr,
+      ptr_or_null(r.initial), const_view(dout_c, "dout"), saved, ptr_or_null(dF), mut_view(dq, "dq"),
+      mut_view(dk, "dk"), mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
       need_dbeta ? dbeta.data_ptr() : nullptr, need_dinitial ? d_initial.data_ptr<float>() : nullptr,
       workspace.data_ptr(), current_stream(r.q));
   return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),

@@ -1,24 +1,25 @@
 // The LASP-1 (P2P ring) linear attention entry points for torch tensors, the
-// counterpart of linear_attention_op.h: Python validates arguments and owns
-// autograd; these allocate outputs and scratch and run the core's ring schedule.
+// counterpart of lasp2_op.h: Python validates arguments and owns autograd; these
+// check what reaches the core, allocate outputs and scratch and run the ring schedule.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
-#include "attention_params.h"  // LinearAttentionArgs
+#include "attention_params.h"
 
 namespace lasp2::torch_binding {
 
-// Returns {o, entering_state, local_record}: what backward needs (the state
-// received from the previous rank, and this part's own state and log decay).
-// args.parts_per_rank must be 1.
-std::vector<at::Tensor> lasp1_forward(const LinearAttentionArgs& args);
+// Returns {o, saved}: saved = {entering_state, local_record}, what backward needs (the
+// state received from the previous rank, and this part's own state and log decay).
+// args.parts_per_rank must be 1; the ring carries no sequence states.
+std::tuple<at::Tensor, std::vector<at::Tensor>> lasp1_forward(const LinearAttentionArgs& args);
 
-// Returns {dq, dk, dv, dg}; dg is undefined unless need_dg.
-std::vector<at::Tensor> lasp1_backward(const LinearAttentionArgs& args, const at::Tensor& dout,
-                                       const at::Tensor& entering_state,
-                                       const at::Tensor& local_record, bool need_dg);
+// Returns {dq, dk, dv, dg, ddecay} as lasp2_backward does.
+std::vector<OptTensor> lasp1_backward(const LinearAttentionArgs& args,
+                                      const std::vector<at::Tensor>& saved,
+                                      const at::Tensor& dout, bool need_dg);
 
 }  // namespace lasp2::torch_binding

@@ -5,8 +5,8 @@
 #include <stdexcept>
 #include <string>
 
-// _allgather_base/_reduce_scatter_base are marked deprecated in newer torch in
-// favour of names older releases lack; they remain the portable spelling.
+// _allgather_base is marked deprecated in newer torch in
+// favour of a name older releases lack; it remains the portable spelling.
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 
 namespace lasp2::torch_binding {
@@ -102,15 +102,6 @@ std::unique_ptr<CommWork> ProcessGroupCommunicator::all_gather(const void* send,
   at::Tensor out = wrap(recv, count * size(), type);
   auto work = start(describe("all_gather"), [&] { return group_->_allgather_base(out, in); });
   return std::make_unique<TorchWork>(std::move(work), std::vector<at::Tensor>{in, out}, describe("all_gather"));
-}
-
-std::unique_ptr<CommWork> ProcessGroupCommunicator::reduce_scatter(const void* send, void* recv,
-                                                                   std::size_t count,
-                                                                   ScalarType type, void*) {
-  at::Tensor in = wrap(send, count * size(), type);
-  at::Tensor out = wrap(recv, count, type);
-  auto work = start(describe("reduce_scatter"), [&] { return group_->_reduce_scatter_base(out, in); });
-  return std::make_unique<TorchWork>(std::move(work), std::vector<at::Tensor>{in, out}, describe("reduce_scatter"));
 }
 
 std::unique_ptr<CommWork> ProcessGroupCommunicator::send(const void* buffer, std::size_t count,

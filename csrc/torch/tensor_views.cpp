@@ -6,7 +6,7 @@
 
 namespace lasp2::torch_binding {
 
-ScalarType from_aten(at::ScalarType type) {
+ScalarType from_aten(at::ScalarType type, const char* name) {
   switch (type) {
     case at::kFloat:
       return ScalarType::kFloat32;
@@ -17,25 +17,29 @@ ScalarType from_aten(at::ScalarType type) {
     case at::kBFloat16:
       return ScalarType::kBFloat16;
     default:
-      fail(std::string("lasp2: unsupported dtype ") + c10::toString(type));
+      fail(std::string("lasp2: `") + name + "` has an unsupported dtype " + c10::toString(type) +
+           " (float32, float64, float16 or bfloat16)");
   }
 }
 
 Device core_device(const at::Tensor& t) { return t.is_cuda() ? Device::kCUDA : Device::kCPU; }
 
 namespace {
-BTHStrides strides_of(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4, "lasp2: expected a [B, T, H, D] tensor");
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "lasp2: the last dimension must be contiguous");
+BTHStrides strides_of(const at::Tensor& t, const char* name) {
+  LASP2_CHECK(t.dim() == 4, std::string("`") + name + "` must be a [B, T, H, D] tensor");
+  LASP2_CHECK(t.stride(3) == 1 || t.size(3) == 1,
+              std::string("the last dimension of `") + name + "` must be contiguous");
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 }  // namespace
 
-ConstView const_view(const at::Tensor& t) { return {t.data_ptr(), strides_of(t)}; }
-MutView mut_view(at::Tensor& t) { return {t.data_ptr(), strides_of(t)}; }
+ConstView const_view(const at::Tensor& t, const char* name) {
+  return {t.data_ptr(), strides_of(t, name)};
+}
+MutView mut_view(at::Tensor& t, const char* name) { return {t.data_ptr(), strides_of(t, name)}; }
 
-BTHStrides bth_strides(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 3, "lasp2: expected a [B, T, H] tensor");
+BTHStrides bth_strides(const at::Tensor& t, const char* name) {
+  LASP2_CHECK(t.dim() == 3, std::string("`") + name + "` must be a [B, T, H] tensor");
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 

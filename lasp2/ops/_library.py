@@ -3,9 +3,9 @@
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, scale, chunk_size, comm, parts, overlap)
-      -> (o, local_records, prefix_states, log_decays)
+      -> (o, local_records, prefix_states, maps)
   lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, scale, chunk_size, comm, parts,
-                        do, local_records, prefix_states, log_decays, need_dg) -> (dq, dk, dv, dg)
+                        do, local_records, prefix_states, maps, need_dg) -> (dq, dk, dv, dg, d_decay)
 
 A communicator is not a tensor or a schema type, so it travels as an int handle
 (0: one device) into a registry that keeps it alive; communicators are cached per
@@ -51,24 +51,27 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
     with C.named_errors(OP):
-        o, records, prefixes, log_decays = _C.lasp2_forward(q, k, v, g, decay, doc_start, scale, chunk_size,
-                                                            _comm(comm), parts, overlap)
-    if comm == 0:  # one device: backward needs none of them (and they are uninitialised)
-        records, prefixes, log_decays = (q.new_empty(0, dtype=torch.float32) for _ in range(3))
-    return o, records, prefixes, log_decays
+        o, _, saved = _C.lasp2_forward(_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts), overlap)
+    records, prefixes, maps = saved
+    return o, records, prefixes, maps
+
+
+def _args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts):
+    return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, scale=scale, comm=_comm(comm),
+                                  parts_per_rank=parts, chunk_size=chunk_size)
 
 
 @lasp2_forward.register_fake
 def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, overlap):
+    # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved for the scalar-decay family
     B, _, H, dk = q.shape
     dv = v.shape[3]
     bh = B * H
-    one = comm == 0
     f32 = dict(dtype=torch.float32, device=q.device)
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
-            q.new_empty(0 if one else parts * (bh * dk * dv + bh), **f32),
-            q.new_empty(0 if one else parts * bh * dk * dv, **f32),
-            q.new_empty(0 if one else _world(comm) * parts * bh, **f32))
+            q.new_empty(parts * (bh * dk * dv + bh), **f32),
+            q.new_empty(parts * bh * dk * dv, **f32),
+            q.new_empty((_world(comm) * parts + 2) * bh, **f32))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:
@@ -78,47 +81,46 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 @torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
 def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
                    doc_start: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
-                   do: Tensor, records: Tensor, prefixes: Tensor, log_decays: Tensor,
-                   need_dg: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    if do.stride(-1) != 1:
-        do = do.contiguous()
+                   do: Tensor, records: Tensor, prefixes: Tensor, maps: Tensor,
+                   need_dg: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with C.named_errors(OP):
-        dq, dk, dv, dg = _C.lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, _comm(comm),
-                                           parts, do, records, prefixes, log_decays, need_dg)
-    if dg is None or not need_dg:
-        dg = q.new_empty(0, dtype=_decay_dtype(q))
-    return dq, dk, dv, dg
+        dq, dk, dv, dg, d_decay, _ = _C.lasp2_backward(
+            _args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts), [records, prefixes, maps], do,
+            need_dg)
+    # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
+    # inputs' dtypes; an empty tensor stands for "not asked for"
+    return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q)
 
 
 @lasp2_backward.register_fake
-def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do, records, prefixes, log_decays, need_dg):
-    dg_shape = q.shape[:3] if need_dg else (0,)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(dg_shape, dtype=_decay_dtype(q)))
+def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do, records, prefixes, maps, need_dg):
+    dg = q.new_empty(q.shape[:3], dtype=g.dtype) if (need_dg and g is not None) else None
+    d_decay = q.new_empty(decay.shape, dtype=decay.dtype) if (need_dg and decay is not None) else None
+    dg, d_decay = _or_empty(dg, q), _or_empty(d_decay, q)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, d_decay
 
 
-_CONFIG = ("scale", "chunk_size", "comm", "parts")
+def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
+    """A custom op returns tensors only: an empty one (a fresh one each time, outputs
+    must not alias) stands for a gradient not asked for."""
+    return q.new_empty(0, dtype=_decay_dtype(q)) if grad is None else grad
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, _overlap = inputs
-    _, records, prefixes, log_decays = output
-    ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, log_decays)
+    _, records, prefixes, maps = output
+    ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, maps)
     ctx.config = (scale, chunk_size, comm, parts)
-    ctx.dtypes = (None if g is None else g.dtype, None if decay is None else decay.dtype)
 
 
-def _backward(ctx, do, _d_records, _d_prefixes, _d_log_decays):
-    q, k, v, g, decay, doc_start, records, prefixes, log_decays = ctx.saved_tensors
+def _backward(ctx, do, _d_records, _d_prefixes, _d_maps):
+    q, k, v, g, decay, doc_start, records, prefixes, maps = ctx.saved_tensors
     scale, chunk_size, comm, parts = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     with torch.no_grad():
-        dq, dk, dv, dg = lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do,
-                                        records, prefixes, log_decays, bool(need_g or need_decay))
-        d_g = dg.to(ctx.dtypes[0]) if need_g else None
-        # a fixed decay acts as the same gate at every token: its gradient is the sum
-        d_decay = dg.sum(dim=(0, 1)).to(ctx.dtypes[1]) if need_decay else None
-    grads = C.guard_double_backward(OP, (dq, dk, dv, d_g, d_decay))
+        dq, dk, dv, dg, d_decay = lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do,
+                                                 records, prefixes, maps, bool(need_g or need_decay))
+    grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None))
     return (*grads, None, None, None, None, None, None)
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from lasp2._extension import has_cuda_kernels
-from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency

@@ -1,5 +1,7 @@
 // The independent reference: the step-by-step recurrence S_t = a_t S_{t-1} + k v^T,
-// o_t = scale q_t^T S_t in float64, and its hand-written backward (BPTT).
+// o_t = scale q_t^T S_t in float64, and its hand-written backward (BPTT). Optionally
+// with a state entering token 0 (h0, [B*H*dk*dv]) and the gradient of the state after
+// the last token (dfinal); a document start resets the state to zero.
 #pragma once
 
 #include <vector>
@@ -10,10 +12,12 @@ namespace lasp2::testing {
 
 struct ReferenceGrads {
   std::vector<double> o, dq, dk, dv, dg;
+  std::vector<double> final_state, initial_grad;  // [B*H*dk*dv]
 };
 
 template <typename T>
-ReferenceGrads recurrent_reference(const Problem<T>& pr) {
+ReferenceGrads recurrent_reference(const Problem<T>& pr, const std::vector<float>* h0 = nullptr,
+                                   const std::vector<float>* dfinal = nullptr) {
   const auto& s = pr.spec;
   const AttentionParams p = pr.params();
   const int64_t dk = s.dim_k, dv = s.dim_v, T_ = s.seqlen;
@@ -23,11 +27,16 @@ ReferenceGrads recurrent_reference(const Problem<T>& pr) {
   r.dk.assign(pr.k.size(), 0);
   r.dv.assign(pr.v.size(), 0);
   r.dg.assign(pr.gate.size(), 0);
+  r.final_state.assign(s.batch * s.heads * dk * dv, 0);
+  r.initial_grad.assign(s.batch * s.heads * dk * dv, 0);
   auto at = [&](int64_t b, int64_t t, int64_t h, int64_t d) { return ((b * T_ + t) * s.heads + h) * d; };
   for (int64_t b = 0; b < s.batch; ++b) {
     for (int64_t h = 0; h < s.heads; ++h) {
       // states[t+1] = S_t, states[0] = zero initial state
       std::vector<std::vector<double>> states(T_ + 1, std::vector<double>(dk * dv, 0.0));
+      const int64_t block = (b * s.heads + h) * dk * dv;
+      if (h0 != nullptr)
+        for (int64_t e = 0; e < dk * dv; ++e) states[0][e] = (*h0)[block + e];
       for (int64_t t = 0; t < T_; ++t) {
         const bool reset = p.starts_doc(b, t);
         const double a = reset ? 0.0 : std::exp(static_cast<double>(p.decay.at(b, t, h)));
@@ -42,7 +51,10 @@ ReferenceGrads recurrent_reference(const Problem<T>& pr) {
           r.o[at(b, t, h, dv) + j] = s.scale * acc;
         }
       }
+      for (int64_t e = 0; e < dk * dv; ++e) r.final_state[block + e] = states[T_][e];
       std::vector<double> dS(dk * dv, 0.0);
+      if (dfinal != nullptr)
+        for (int64_t e = 0; e < dk * dv; ++e) dS[e] = (*dfinal)[block + e];
       for (int64_t t = T_ - 1; t >= 0; --t) {
         for (int64_t i = 0; i < dk; ++i)
           for (int64_t j = 0; j < dv; ++j)
@@ -70,6 +82,7 @@ ReferenceGrads recurrent_reference(const Problem<T>& pr) {
         r.dg[(b * T_ + t) * s.heads + h] = reset ? 0.0 : a * da;
         for (auto& e : dS) e *= a;
       }
+      for (int64_t e = 0; e < dk * dv; ++e) r.initial_grad[block + e] = dS[e];
     }
   }
   return r;

@@ -1,10 +1,15 @@
 // LASP-2 end to end on P threads: every rank's outputs and gradients equal the
 // single-device result on its tokens, for contiguous and balanced layouts, all
 // decay modes, packed documents, and both forward schedules; exactly one
-// collective per direction.
+// collective per direction. With sequence states: the initial state enters global
+// part 0 wherever it lives, and every rank returns the same final state and
+// initial-state gradient, the final-state gradient reaching every earlier token.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "lasp2/lasp2.h"
+#include "lasp2/scalar_decay.h"
 #include "local_slice.h"
 #include "recurrent_reference.h"
 #include "thread_communicator.h"
@@ -29,6 +34,36 @@ std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
 
 class Lasp2Sp : public ::testing::TestWithParam<SpCase> {};
 
+// One rank's outputs and gradients, and every rank's gathered in global token order.
+struct RankResults {
+  std::vector<double> o, dq, dk, dv, dg;
+  explicit RankResults(const Problem<double>& pr)
+      : o(pr.zeros_like_v()), dq(pr.zeros_like_k()), dk(pr.zeros_like_k()), dv(pr.zeros_like_v()),
+        dg(pr.gate.size()) {}
+};
+
+struct GlobalResults : RankResults {
+  std::mutex mu;
+  using RankResults::RankResults;
+
+  void put(const RankResults& r, const PartLayout& l, const ProblemSpec& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, r.o, l, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dq, r.dq, l, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dk, r.dk, l, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(dv, r.dv, l, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(dg, r.dg, l, s.batch, s.seqlen, s.heads, 1);
+  }
+  // States travel in fp32, so fp64 inputs agree to fp32 rounding.
+  void expect_matches(const ReferenceGrads& ref, DecayMode mode) const {
+    EXPECT_LT(rel_error(o, ref.o), 1e-5);
+    EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+    EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+    EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+    if (mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+  }
+};
+
 TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const SpCase c = GetParam();
   ProblemSpec s;
@@ -39,8 +74,7 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const Problem<double> global(s);
   const auto ref = recurrent_reference(global);
 
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()), dg(ref.dg.size());
-  std::mutex mu;
+  GlobalResults got(global);
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
     const Problem<double> local = local_problem(global, layout);
@@ -52,33 +86,70 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
     std::vector<float> decays(Lasp2Saved::log_decays_floats(p, layout));
     const Lasp2Saved saved{records.data(), prefixes.data(), decays.data()};
 
-    std::vector<double> lo = local.zeros_like_v();
+    RankResults r(local);
     Workspace fws(lasp2_forward_workspace_bytes(p, layout));
     Lasp2Options options;
     options.overlap_forward = c.overlap;
-    lasp2_forward(cpu_backend(), &comm, layout, p, {lo.data(), sv}, saved, fws.data(), options, nullptr);
+    lasp2_forward(cpu_backend(), &comm, layout, p, {r.o.data(), sv}, saved, fws.data(), options, nullptr);
     EXPECT_EQ(comm.collectives(), 1);
 
-    std::vector<double> ldq = local.zeros_like_k(), ldk = local.zeros_like_k(), ldv = local.zeros_like_v();
-    std::vector<double> ldg(local.gate.size());
     Workspace bws(lasp2_backward_workspace_bytes(p, layout, true));
-    lasp2_backward(cpu_backend(), &comm, layout, p, local.dout_view(), saved, {ldq.data(), sk}, {ldk.data(), sk},
-                   {ldv.data(), sv}, ldg.data(), bws.data(), nullptr);
+    lasp2_backward(cpu_backend(), &comm, layout, p, local.dout_view(), saved, {r.dq.data(), sk}, {r.dk.data(), sk},
+                   {r.dv.data(), sv}, r.dg.data(), bws.data(), nullptr);
     EXPECT_EQ(comm.collectives(), 2);
-
-    std::lock_guard<std::mutex> lock(mu);
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads, 1);
+    got.put(r, layout, s);
   });
-  // States travel in fp32, so fp64 inputs agree to fp32 rounding.
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  if (c.mode != DecayMode::kNone) EXPECT_LT(rel_error(dg, ref.dg), 1e-4);
+  got.expect_matches(ref, c.mode);
+}
+
+TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
+  const SpCase c = GetParam();
+  ProblemSpec s;
+  s.mode = c.mode;
+  s.chunk_size = 4;
+  s.seqlen = 2 * c.world * 5;
+  if (c.with_docs) s.doc_starts = {3, 7};  // h0's document ends inside the first parts
+  const Problem<double> global(s);
+  const int64_t state = s.batch * s.heads * s.dim_k * s.dim_v;
+  std::vector<float> h0(state), dfinal(state);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  for (auto& x : h0) x = normal(rng);
+  for (auto& x : dfinal) x = normal(rng);
+  const auto ref = recurrent_reference(global, &h0, &dfinal);
+
+  GlobalResults got(global);
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
+    const Problem<double> local = local_problem(global, layout);
+    const AttentionParams p = local.params();
+    const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
+    RankResults r(local);
+    const ScalarDecay fwd(cpu_backend(), p, MutView{r.o.data(), sv});
+    const ScalarDecay bwd(cpu_backend(), p,
+                          ScalarDecayGrads{local.dout_view(), {r.dq.data(), sk}, {r.dk.data(), sk},
+                                           {r.dv.data(), sv}, r.dg.data()});
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data()};
+    std::vector<float> final_state(state, -1.f), initial_grad(state, -1.f);
+    const SequenceStates seq{h0.data(), final_state.data(), dfinal.data(), initial_grad.data()};
+
+    Workspace fws(lasp2_forward_workspace_bytes(fwd, layout));
+    Lasp2Options options;
+    options.overlap_forward = c.overlap;
+    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), options, nullptr);
+    EXPECT_EQ(comm.collectives(), 1);
+    Workspace bws(lasp2_backward_workspace_bytes(bwd, layout));
+    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    EXPECT_EQ(comm.collectives(), 2);
+    EXPECT_LT(rel_error(final_state, ref.final_state), 1e-5) << "rank " << rank;
+    EXPECT_LT(rel_error(initial_grad, ref.initial_grad), 1e-5) << "rank " << rank;
+    got.put(r, layout, s);
+  });
+  got.expect_matches(ref, c.mode);
 }
 
 std::vector<SpCase> sp_cases() {

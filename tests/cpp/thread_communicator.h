@@ -79,22 +79,6 @@ class ThreadCommunicator final : public Communicator {
     return std::make_unique<CompletedWork>();
   }
 
-  std::unique_ptr<CommWork> reduce_scatter(const void* send, void* recv, std::size_t count,
-                                           ScalarType type, void*) override {
-    LASP2_CHECK(type == ScalarType::kFloat32, "thread communicator reduces float32 only");
-    ++collectives_;
-    group_->publish(rank_, send);
-    group_->barrier();
-    auto* out = static_cast<float*>(recv);
-    for (std::size_t i = 0; i < count; ++i) {
-      float s = 0;
-      for (int r = 0; r < size(); ++r) s += static_cast<const float*>(group_->slot(r))[rank_ * count + i];
-      out[i] = s;
-    }
-    group_->barrier();
-    return std::make_unique<CompletedWork>();
-  }
-
   // Point-to-point goes through per-(src, dst) mailboxes: send is buffered, recv
   // blocks until the matching message arrives.
   std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type, int peer,

@@ -232,13 +232,6 @@ std::unique_ptr<CommWork> NcclCommunicator::all_gather(const void* send, void* r
   });
 }
 
-std::unique_ptr<CommWork> NcclCommunicator::reduce_scatter(const void* send, void* recv, std::size_t count,
-                                                           ScalarType type, void* stream) {
-  return enqueue(*state_, device_, stream, label("reduce_scatter"), [&](ncclComm_t comm, cudaStream_t s) {
-    check_nccl(ncclReduceScatter(send, recv, count, to_nccl(type), ncclSum, comm, s), "ncclReduceScatter");
-  });
-}
-
 std::unique_ptr<CommWork> NcclCommunicator::send(const void* buffer, std::size_t count, ScalarType type,
                                                  int peer, void* stream) {
   return enqueue(*state_, device_, stream, label("send"), [&](ncclComm_t comm, cudaStream_t s) {

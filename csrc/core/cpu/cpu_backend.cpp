@@ -111,13 +111,4 @@ const KernelBackend& cpu_backend() {
   return backend;
 }
 
-const KernelBackend& backend_for(Device device) {
-  if (device == Device::kCPU) return cpu_backend();
-#ifdef LASP2_WITH_CUDA
-  return cuda_backend();
-#else
-  fail("lasp2: this build has no CUDA kernels; rebuild with CUDA to run on GPU tensors");
-#endif
-}
-
 }  // namespace lasp2

@@ -19,7 +19,8 @@ A *provider* is one algorithm that runs an op of some *family* over an SP group
 
 Register with ``register(family, provider)``; the op looks it up with
 ``get_provider(owner, family, name)``, which raises ValueError listing the names.
-`gate_gradients` is the gradient epilogue every scalar-gate provider shares.
+The gradient epilogue (dg in the dtype of g, the decay gradient summed over tokens)
+is the binding's (csrc/torch/attention_params.cpp: input_grads), shared by every provider.
 """
 
 from __future__ import annotations
@@ -91,19 +92,4 @@ class KernelCall:
     chunk_size: int = CPU_CHUNK_SIZE
 
 
-def gate_gradients(needs_input_grad, g: Optional[torch.Tensor], decay: Optional[torch.Tensor],
-                   dg: Optional[torch.Tensor], g_index: int = 3):
-    """(dL/dg, dL/d decay) from the kernels' per-token gate gradient dg [B, T, H].
-    `g` and `decay` are inputs g_index and g_index + 1 of the autograd Function."""
-    d_g = dg.to(g.dtype) if needs_input_grad[g_index] else None
-    # A fixed decay acts as the same gate at every token: its gradient is the sum.
-    d_decay = dg.sum(dim=(0, 1)).to(decay.dtype) if needs_input_grad[g_index + 1] else None
-    return d_g, d_decay
-
-
-def needs_gate_gradient(needs_input_grad, g_index: int = 3) -> bool:
-    return bool(needs_input_grad[g_index] or needs_input_grad[g_index + 1])
-
-
-__all__ = ["CPU_CHUNK_SIZE", "KernelCall", "Provider", "gate_gradients", "get_provider", "needs_gate_gradient",
-           "provider_names", "register"]
+__all__ = ["CPU_CHUNK_SIZE", "KernelCall", "Provider", "get_provider", "provider_names", "register"]

@@ -8,7 +8,7 @@ import torch
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
-from lasp2.ops.providers.base import KernelCall, Provider, gate_gradients, needs_gate_gradient
+from lasp2.ops.providers.base import KernelCall, Provider
 
 OP = "lasp2.linear_attention"
 
@@ -18,25 +18,24 @@ class Lasp1LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, decay, call: KernelCall):
+        args = _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=call.doc_start, scale=call.scale,
+                                      comm=call.comm, chunk_size=call.chunk_size)
         with C.named_errors(OP):
-            o, entering, record = _C.lasp1_forward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
-                                                   call.comm)
+            o, saved = _C.lasp1_forward(args)
         # KV-state caching: the received state and the part's own (M, L) serve backward.
-        ctx.save_for_backward(q, k, v, g, decay, entering, record)
-        ctx.call = call
+        ctx.save_for_backward(*args.tensors(), *saved)
+        ctx.args = args.config()
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, decay, entering, record = ctx.saved_tensors
-        call = ctx.call
-        if do.stride(-1) != 1:
-            do = do.contiguous()
+        n = _C.LinearAttentionArgs.num_tensors
+        args = ctx.args.with_tensors(ctx.saved_tensors[:n])
+        need_dg = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         with torch.no_grad(), C.named_errors(OP):
-            dq, dk, dv, dg = _C.lasp1_backward(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size,
-                                               call.comm, do, entering, record,
-                                               needs_gate_gradient(ctx.needs_input_grad))
-        grads = C.guard_double_backward(OP, (dq, dk, dv, *gate_gradients(ctx.needs_input_grad, g, decay, dg)))
+            dq, dk, dv, dg, d_decay = _C.lasp1_backward(args, ctx.saved_tensors[n:], do, need_dg)
+        grads = C.guard_double_backward(OP, (dq, dk, dv, dg if ctx.needs_input_grad[3] else None,
+                                             d_decay if ctx.needs_input_grad[4] else None))
         return (*grads, None)
 
 

@@ -272,10 +272,6 @@ class DeviceThreadCommunicator final : public Communicator {
     group_->barrier();
     return std::make_unique<CompletedWork>();
   }
-  std::unique_ptr<CommWork> reduce_scatter(const void*, void*, std::size_t, ScalarType,
-                                           void*) override {
-    fail("DeviceThreadCommunicator: reduce_scatter is not used by LASP-2");
-  }
   std::unique_ptr<CommWork> send(const void*, std::size_t, ScalarType, int, void*) override {
     fail("DeviceThreadCommunicator: send is not used by LASP-2");
   }

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
-from lasp2._extension import _C
+from lasp2 import _bench  # communicator instruments (built with LASP2_BUILD_BENCH=1)
 from lasp2.distributed import Collectives, get_communicator
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import linear_attention_reference
@@ -120,7 +120,7 @@ def check_communication(rank, world, group):
              "lasp2": state_floats * 4 + B * H * 4 + state_floats * 4}  # (M, L) forward, dM backward
     calls = {"lasp1": 2 * hops, "lasp2": 2}
     for provider in ("lasp1", "lasp2"):
-        timed = _C.TimedCommunicator(comm)
+        timed = _bench.TimedCommunicator(comm)
         run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", provider=provider,
                sp_context=context(communicator=timed))
         assert timed.calls == calls[provider], f"{provider}: {timed.calls} calls, want {calls[provider]}"
@@ -140,7 +140,7 @@ def check_communication(rank, world, group):
     assert sorted(exchanged) == sorted([act] * 8 + [gates] * 2), exchanged
 
     # The no-op communicator moves nothing; rank 0 needs nothing from others in forward.
-    noop = context(communicator=_C.NoopCommunicator(comm))
+    noop = context(communicator=_bench.NoopCommunicator(comm))
     for provider in ("lasp1", "lasp2"):
         o, grads = run_op(local(q), local(k), local(v), local(g), None, local(do), None, "bthd", provider=provider,
                           sp_context=noop)

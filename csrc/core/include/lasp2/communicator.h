@@ -27,16 +27,11 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual Device device() const = 0;
+  virtual Device device() const = 0;  // where the buffers it moves live (checked by the schedules)
 
   // recv holds size() * count elements: rank r's `send` lands at recv + r * count.
   virtual std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count,
                                                ScalarType type, void* stream) = 0;
-
-  // send holds size() * count elements; recv gets the sum over ranks of block rank().
-  virtual std::unique_ptr<CommWork> reduce_scatter(const void* send, void* recv,
-                                                   std::size_t count, ScalarType type,
-                                                   void* stream) = 0;
 
   // Point-to-point transfers for ring algorithms (LASP-1). Peers are ranks of this group.
   virtual std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type,

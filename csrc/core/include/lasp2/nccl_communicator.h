@@ -35,8 +35,6 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count,
                                        ScalarType type, void* stream) override;
-  std::unique_ptr<CommWork> reduce_scatter(const void* send, void* recv, std::size_t count,
-                                           ScalarType type, void* stream) override;
   std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type, int peer,
                                  void* stream) override;
   std::unique_ptr<CommWork> recv(void* buffer, std::size_t count, ScalarType type, int peer,

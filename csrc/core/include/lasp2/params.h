@@ -59,6 +59,8 @@ struct AttentionParams {
   const uint8_t* doc_start = nullptr;
   int64_t doc_start_batch_stride = 0;
 
+  // The CPU backend's chunk length (a setting of the reference kernels, not of the
+  // problem: the CUDA backend tiles in 64-token chunks of its own and ignores it).
   int chunk_size = 64;
 
   int64_t state_elems() const { return dim_k * dim_v; }
@@ -66,18 +68,6 @@ struct AttentionParams {
   bool starts_doc(int64_t b, int64_t t) const {
     return doc_start != nullptr && doc_start[b * doc_start_batch_stride + t] != 0;
   }
-};
-
-// A per-part memory record as it travels in the LASP-2 AllGather:
-//   [B*H*dk*dv floats: the part's state M] [B*H floats: log of the part's total decay]
-// A log decay of -inf means the part starts a document, so nothing passes through it.
-struct StateRecord {
-  int64_t bh = 0;
-  int64_t state_elems = 0;  // dk * dv
-
-  static StateRecord of(const AttentionParams& p) { return {p.bh(), p.state_elems()}; }
-  int64_t states() const { return bh * state_elems; }
-  int64_t size() const { return states() + bh; }
 };
 
 }  // namespace lasp2

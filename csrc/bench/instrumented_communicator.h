@@ -1,4 +1,5 @@
-// Communicator wrappers for benchmarks (they never take part in normal calls):
+// Communicator wrappers for benchmarks, built into the optional extension lasp2._bench
+// (setup.py with LASP2_BUILD_BENCH=1), never into lasp2._C:
 //   TimedCommunicator: forwards to another communicator and adds up the host time
 //     spent inside its calls and in CommWork::wait, with call and byte counts. On
 //     the CPU (gloo) that is the time a rank is blocked on communication, waiting
@@ -9,12 +10,14 @@
 //     communication time, serial waits included, on any device.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <atomic>
 #include <memory>
 
 #include "lasp2/communicator.h"
 
-namespace lasp2::torch_binding {
+namespace lasp2::bench {
 
 class TimedCommunicator final : public Communicator {
  public:
@@ -26,8 +29,6 @@ class TimedCommunicator final : public Communicator {
 
   std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count,
                                        ScalarType type, void* stream) override;
-  std::unique_ptr<CommWork> reduce_scatter(const void* send, void* recv, std::size_t count,
-                                           ScalarType type, void* stream) override;
   std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type, int peer,
                                  void* stream) override;
   std::unique_ptr<CommWork> recv(void* buffer, std::size_t count, ScalarType type, int peer,
@@ -55,20 +56,20 @@ class NoopCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  Device device() const override { return device_; }
+  Device device() const override { return device_.is_cuda() ? Device::kCUDA : Device::kCPU; }
 
   std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count,
                                        ScalarType type, void* stream) override;
-  std::unique_ptr<CommWork> reduce_scatter(const void* send, void* recv, std::size_t count,
-                                           ScalarType type, void* stream) override;
   std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type, int peer,
                                  void* stream) override;
   std::unique_ptr<CommWork> recv(void* buffer, std::size_t count, ScalarType type, int peer,
                                  void* stream) override;
 
  private:
+  at::Tensor bytes_at(const void* data, std::size_t count, ScalarType type) const;
+
   int rank_, size_;
-  Device device_;
+  at::Device device_;  // the current CUDA device at construction for CUDA communicators
 };
 
-}  // namespace lasp2::torch_binding
+}  // namespace lasp2::bench

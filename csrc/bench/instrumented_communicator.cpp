@@ -1,10 +1,10 @@
 #include "instrumented_communicator.h"
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include <chrono>
 
-#include "lasp2/kernel_backend.h"
-
-namespace lasp2::torch_binding {
+namespace lasp2::bench {
 namespace {
 
 int64_t now_ns() {
@@ -27,13 +27,6 @@ class TimedWork final : public CommWork {
   std::unique_ptr<CommWork> inner_;
   TimedCommunicator* owner_;
 };
-
-// count elements of `type` as float32 words, for the backend's float copies.
-int64_t words(std::size_t count, ScalarType type) {
-  const std::size_t bytes = count * element_size(type);
-  LASP2_CHECK(bytes % 4 == 0, "NoopCommunicator moves whole 4-byte words only");
-  return static_cast<int64_t>(bytes / 4);
-}
 
 }  // namespace
 
@@ -64,13 +57,6 @@ std::unique_ptr<CommWork> TimedCommunicator::all_gather(const void* send, void* 
                [&] { return inner_->all_gather(send, recv, count, type, stream); });
 }
 
-std::unique_ptr<CommWork> TimedCommunicator::reduce_scatter(const void* send, void* recv,
-                                                            std::size_t count, ScalarType type,
-                                                            void* stream) {
-  return timed(count * size() * element_size(type),
-               [&] { return inner_->reduce_scatter(send, recv, count, type, stream); });
-}
-
 std::unique_ptr<CommWork> TimedCommunicator::send(const void* buffer, std::size_t count,
                                                   ScalarType type, int peer, void* stream) {
   return timed(count * element_size(type),
@@ -82,30 +68,28 @@ std::unique_ptr<CommWork> TimedCommunicator::recv(void* buffer, std::size_t coun
   return timed(0, [&] { return inner_->recv(buffer, count, type, peer, stream); });
 }
 
-NoopCommunicator::NoopCommunicator(const std::shared_ptr<Communicator>& like) {
+NoopCommunicator::NoopCommunicator(const std::shared_ptr<Communicator>& like)
+    : device_(at::kCPU) {
   LASP2_CHECK(like != nullptr, "NoopCommunicator needs a communicator to imitate");
   rank_ = like->rank();
   size_ = like->size();
-  device_ = like->device();
+  if (like->device() == Device::kCUDA) {
+    device_ = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice();
+  }
+}
+
+// The raw bytes as a byte tensor on the communicator's device; copies go on torch's
+// current stream, which is the stream the core enqueues on.
+at::Tensor NoopCommunicator::bytes_at(const void* data, std::size_t count, ScalarType type) const {
+  return at::from_blob(const_cast<void*>(data), {static_cast<int64_t>(count * element_size(type))},
+                       at::TensorOptions().dtype(at::kByte).device(device_));
 }
 
 std::unique_ptr<CommWork> NoopCommunicator::all_gather(const void* send, void* recv,
-                                                       std::size_t count, ScalarType type,
-                                                       void* stream) {
-  const KernelBackend& be = backend_for(device_);
-  const int64_t n = words(count, type);
-  for (int r = 0; r < size_; ++r) {
-    be.copy(static_cast<float*>(recv) + r * n, static_cast<const float*>(send), n, stream);
-  }
-  return std::make_unique<CompletedWork>();
-}
-
-std::unique_ptr<CommWork> NoopCommunicator::reduce_scatter(const void* send, void* recv,
-                                                           std::size_t count, ScalarType type,
-                                                           void* stream) {
-  const int64_t n = words(count, type);
-  backend_for(device_).copy(static_cast<float*>(recv), static_cast<const float*>(send) + rank_ * n,
-                            n, stream);
+                                                       std::size_t count, ScalarType type, void*) {
+  const at::Tensor in = bytes_at(send, count, type);
+  const at::Tensor out = bytes_at(recv, count * size_, type);
+  out.view({size_, in.numel()}).copy_(in.unsqueeze(0).expand({size_, in.numel()}));
   return std::make_unique<CompletedWork>();
 }
 
@@ -115,9 +99,9 @@ std::unique_ptr<CommWork> NoopCommunicator::send(const void*, std::size_t, Scala
 }
 
 std::unique_ptr<CommWork> NoopCommunicator::recv(void* buffer, std::size_t count, ScalarType type,
-                                                 int, void* stream) {
-  backend_for(device_).fill_zero(static_cast<float*>(buffer), words(count, type), stream);
+                                                 int, void*) {
+  bytes_at(buffer, count, type).zero_();
   return std::make_unique<CompletedWork>();
 }
 
-}  // namespace lasp2::torch_binding
+}  // namespace lasp2::bench

@@ -1,0 +1,112 @@
+// What the sequence-parallel schedules (LASP-2, LASP-1) know about a family of
+// linear recurrences: nothing but how a part's summary is made, combined and used.
+// The schedules (csrc/core/sp) are written against this interface only, so a new
+// family is one folder (csrc/core/<family>/) that implements it; the schedule, the
+// communicator path, the group checks and the thread tests are reused unchanged.
+//
+// The contract. Per batch row and head the recurrence carries a state S (d_k x d_v,
+// fp32 on the wire). Over a token range ("part") the state passes through an affine
+// map of the state entering it:
+//
+//     S_out = A S_in + M        M: the part's state started from zero
+//                               A: the part's transition (acts on S_in from the left)
+//
+//   scalar decay (csrc/core/sp/scalar_decay.cpp):  A = exp(L) I, stored as L per (b, h);
+//     L = -inf when a document starts inside the part (nothing passes through).
+//   delta rule (csrc/core/delta_rule/):  A = prod_t a_t (I - b_t k_t k_t^T), d_k x d_k.
+//
+// A part's summary is the record [M: state_floats][A: map_floats] (fp32, the unit of the
+// forward AllGather). With the parts' records in global order the schedules compute
+//
+//   forward   P_j = A_{j-1} P_{j-1} + M_{j-1}        (P_0 = initial state or zero)
+//             o over part j with P_j entering it
+//   backward  dP_j = gradient of the state entering part j from part j's OWN outputs
+//             D_j  = dP_{j+1} + A_{j+1}^T D_{j+1}     (D_last = final-state gradient or zero)
+//             input gradients of part j from (P_j entering, D_j leaving, dO)
+//
+// What a family implements (all calls enqueue on `stream`; buffers live on device()):
+//   shape()               sizes of one state and one map for this call's batch and heads
+//   summarize(part)       M and A of the part (from zero)
+//   combine_prefix        the P_j fold over a list of states and a contiguous map table
+//   combine_suffix        the D_j fold with the transposed maps
+//   forward(part, P)      outputs of the part with P entering (nullptr: zero)
+//   add_entering_output   optional: forward(part, P) == forward(part, 0) + this, which lets
+//                         LASP-2 overlap the AllGather with forward(part, 0)
+//   entering_grad(part)   dP_j (only outputs the entering state reaches count)
+//   backward_entering     optional: gradients needing only P (the scalar family's dq);
+//                         runs while the backward AllGather is in flight
+//   backward(part, ...)   the remaining gradients, given P_j, the part's own record and D_j
+// Buffers the family keeps between backward_entering and backward (per token scratch
+// like q.dq) are the family's backward scratch: it asks for backward_scratch_bytes()
+// and the schedule hands the same block to both calls.
+//
+// One object describes one call: it holds the problem (params, inputs) and where the
+// outputs or gradients go, so the schedule passes only token ranges and fp32 states
+// (see ScalarDecay in scalar_decay.h, and AffineFamily in tests/cpp/test_part_family.cpp,
+// a dense-A family written as plain loops, which is the delta rule's shape of summary).
+// The folds may meet map rows the schedule filled with zeros; such rows only ever
+// multiply a zero accumulator, so a family needs A * 0 = 0 there (true for a zero matrix,
+// and for the scalar encoding L = 0). Gradients of what builds A (gates, betas) come from
+// backward(): the part's P_j, own record and D_j are all it needs (the scalar family adds
+// <A P_j + M_j, D_j> to its gate gradient).
+#pragma once
+
+#include <vector>
+
+#include "lasp2/types.h"
+
+namespace lasp2 {
+
+// Sizes, in floats, of one state (all batch rows and heads) and one part's map.
+struct SummaryShape {
+  int64_t state_floats = 0;  // B*H*dk*dv
+  int64_t map_floats = 0;    // B*H (scalar decay) or B*H*dk*dk (delta rule)
+  int64_t record_floats() const { return state_floats + map_floats; }
+};
+
+// The states backward() gets for one part. On the single-device path (one part, no
+// sequence states) all are null: nothing enters, nothing leaves. Otherwise `entering`,
+// `state` and `map` are valid buffers (zeros when nothing enters) and `leaving_grad` is
+// null only when nothing leaves the part.
+struct PartStates {
+  const float* entering = nullptr;      // P_j
+  const float* state = nullptr;         // M_j, this part's own record ...
+  const float* map = nullptr;           // ... and its map A_j
+  const float* leaving_grad = nullptr;  // D_j
+};
+
+class PartFamily {
+ public:
+  virtual ~PartFamily() = default;
+
+  virtual SummaryShape shape() const = 0;
+  virtual int64_t local_tokens() const = 0;  // the local sequence length the parts cut up
+  virtual Device device() const = 0;         // where the family's buffers live
+
+  // --- forward ---------------------------------------------------------------
+  virtual void summarize(TokenRange part, float* state, float* map, void* stream) const = 0;
+  // out = fold over m < target of acc = A_m acc + M_m, acc starting at zero; maps is
+  // [parts][map_floats] in the order of `states`.
+  virtual void combine_prefix(const std::vector<const float*>& states, const float* maps,
+                              int target, float* out, void* stream) const = 0;
+  virtual void forward(TokenRange part, const float* entering, void* stream) const = 0;
+  virtual bool has_entering_output() const { return false; }
+  virtual void add_entering_output(TokenRange part, const float* entering, void* stream) const;
+
+  // --- backward --------------------------------------------------------------
+  virtual int64_t backward_scratch_bytes() const { return 0; }
+  virtual void entering_grad(TokenRange part, float* dstate, void* stream) const = 0;
+  // out = fold over m > target, from the last down, of acc = A_m^T acc + dM_m.
+  virtual void combine_suffix(const std::vector<const float*>& dstates, const float* maps,
+                              int target, float* out, void* stream) const = 0;
+  virtual void backward_entering(TokenRange part, const float* entering, void* scratch,
+                                 void* stream) const;
+  virtual void backward(TokenRange part, const PartStates& states, void* scratch,
+                        void* stream) const = 0;
+
+  // --- memory on device() ----------------------------------------------------
+  virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
+  virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+};
+
+}  // namespace lasp2

@@ -1,0 +1,30 @@
+// The LASP-2 linear attention entry points for torch tensors. Python validates
+// arguments (with messages naming them) and owns autograd; these functions check what
+// reaches the core, allocate outputs and scratch, and run the schedule.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "attention_params.h"
+
+namespace lasp2::torch_binding {
+
+// Returns {o, final_state, saved}: final_state ([B, H, Dk, Dv] fp32, the same on every
+// rank) only when asked for; saved = {local_records, prefix_states, maps} is what
+// backward needs.
+std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
+    const LinearAttentionArgs& args, bool overlap, bool output_final_state);
+
+// Returns {dq, dk, dv, dg, ddecay, dinitial_state}, each in its input's dtype; dg (for
+// args.g) and ddecay (for args.decay) only with need_dg, dinitial_state only with
+// need_dinitial. d_final_state is the gradient of forward's final_state (every rank
+// passes the same one).
+std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
+                                      const std::vector<at::Tensor>& saved,
+                                      const at::Tensor& dout, bool need_dg,
+                                      const OptTensor& d_final_state, bool need_dinitial);
+
+}  // namespace lasp2::torch_binding
