@@ -42,7 +42,7 @@ def _worker(rank, world, port, results):
     comm = get_communicator(dist.group.WORLD, device)
     try:
         comm.abort("test: make sure")  # idempotent after the watchdog's abort
-        _C.lasp2_forward(q.detach(), k.detach(), v.detach(), None, None, None, 0.125, 64, comm, 1, False)
+        _C.lasp2_forward(_C.LinearAttentionArgs(q.detach(), k.detach(), v.detach(), scale=0.125, comm=comm), False)
         message = "no error"
     except Exception as e:  # noqa: BLE001 - the message is what is checked
         message = str(e)
