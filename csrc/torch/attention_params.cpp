@@ -197,8 +197,10 @@ std::vector<OptTensor> input_grads(const LinearAttentionArgs& a, const Prepared&
   std::vector<OptTensor> out{restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
                              restore_dtype(dv, r.input_dtype), std::nullopt, std::nullopt};
   if (dg.defined() && a.g) out[3] = dg.to(a.g->scalar_type());
-  // A fixed decay acts as the same gate at every token: its gradient is the sum.
-  if (dg.defined() && a.decay) out[4] = dg.sum({0, 1}).to(a.decay->scalar_type());
+  // A fixed decay acts as the same gate at every token: its gradient is the sum, taken
+  // in float64 (B*T cancelling float32 terms).
+  if (dg.defined() && a.decay)
+    out[4] = dg.sum(at::IntArrayRef{0, 1}, /*keepdim=*/false, at::kDouble).to(a.decay->scalar_type());
   return out;
 }
 
