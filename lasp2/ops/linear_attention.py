@@ -111,7 +111,7 @@ def linear_attention(
     Returns:
         o with the shape of v, in the layout of the inputs.
     """
-    group_hint = sp_context.group if sp_context is not None else group
+    group_hint = sp_context.group if isinstance(sp_context, SPContext) else group
     try:
         C.check_optional_bool(OP, "overlap", overlap)
         scale, seq_dim = _validate(q, k, v, g, decay, scale, layout)

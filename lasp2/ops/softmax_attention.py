@@ -308,7 +308,7 @@ def softmax_attention(
     Returns:
         o with the shape of ``q`` but the head dim of ``v``, in the layout of the inputs.
     """
-    group_hint = sp_context.group if sp_context is not None else group
+    group_hint = sp_context.group if isinstance(sp_context, SPContext) else group
     try:
         scale, seq_dim = _validate(q, k, v, scale, layout, causal, backend)
         if scale is None:
