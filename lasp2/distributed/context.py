@@ -129,6 +129,8 @@ class SPContext:
         return None if starts is None else starts[self.global_index]
 
     def doc_start_on(self, device) -> Optional[torch.Tensor]:
+        if self.cu_seqlens is None:  # no cached_property on this path: torch.compile traces it
+            return None
         starts = self.doc_start
         return None if starts is None else starts.to(device)
 

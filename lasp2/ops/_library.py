@@ -53,6 +53,11 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
     with C.named_errors(OP):
         o, _, saved = _C.lasp2_forward(_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts), overlap)
     records, prefixes, maps = saved
+    if comm == 0:
+        # one device: the schedule leaves these buffers unwritten (backward reads none of
+        # them); a custom op's outputs must be deterministic (opcheck, AOT tracing)
+        for buffer in (records, prefixes, maps):
+            buffer.zero_()
     return o, records, prefixes, maps
 
 
