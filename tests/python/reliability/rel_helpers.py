@@ -15,30 +15,6 @@ from typing import Optional
 import torch
 
 
-def recurrence_reference(q, k, v, g=None, decay=None, scale=None, cu_seqlens=None):
-    """S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t in float64, token by token.
-
-    [B, T, H, D] inputs; differentiable (autograd) in q, k, v, g and decay.
-    """
-    q, k, v = (x.double() for x in (q, k, v))
-    B, T, H, Dk = q.shape
-    scale = Dk ** -0.5 if scale is None else scale
-    if g is not None:
-        log_a = g.double()
-    elif decay is not None:
-        log_a = decay.double().view(1, 1, H).expand(B, T, H)
-    else:
-        log_a = q.new_zeros(B, T, H)
-    starts = set(cu_seqlens.tolist()[1:-1]) if cu_seqlens is not None else set()
-    S = q.new_zeros(B, H, Dk, v.shape[-1])
-    out = []
-    for t in range(T):
-        a = log_a[:, t].exp()[..., None, None]
-        S = (torch.zeros_like(S) if t in starts else a * S) + k[:, t, :, :, None] * v[:, t, :, None, :]
-        out.append(scale * torch.einsum("bhd,bhde->bhe", q[:, t], S))
-    return torch.stack(out, 1)
-
-
 def _child(rank, world, store_path, fn, args, results, timeout_s):
     import datetime
 

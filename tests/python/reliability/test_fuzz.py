@@ -145,7 +145,7 @@ def _check_linear(c):
     import torch.nn.functional as F
 
     import lasp2
-    from rel_helpers import recurrence_reference
+    from lasp2_testing.reference import recurrence_reference
 
     dtype = getattr(torch, c["dtype"])
     gen = torch.Generator().manual_seed(c["seed"])

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from rel_helpers import assert_all_ok, assert_close_finite, local_rows, recurrence_reference, run_world
+from lasp2_testing.reference import recurrence_reference
+from rel_helpers import assert_all_ok, assert_close_finite, local_rows, run_world
 
 NEG_INF = float("-inf")
 
