@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.arguments import add_lasp2_args
-from megatron_patches.options import Lasp2ConfigError, Lasp2Options, options_from_args
+from megatron_patches.options import SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
 
@@ -338,7 +338,7 @@ def _flops_per_step(args) -> float:
     ffn = args.ffn_hidden_size
     dense = l * (4 * h * h + 2 * h * ffn) + v * h
     options = lasp2_options(args)
-    softmax_layers = options.pattern_for(l).count("N")
+    softmax_layers = options.pattern_for(l).count(SOFTMAX)
     tokens = args.global_batch_size * s
     return 6.0 * dense * tokens + 6.0 * softmax_layers * s * h * tokens
 
