@@ -2,9 +2,9 @@
 processes: pipeline schedules, Megatron DDP, get_megatron_optimizer (plain and
 distributed), dist_checkpointing, the mock GPT dataset.
 
-* PP 2 x CP 2 (1F1B) trains exactly as PP 1 x CP 1 x DP 4: the same losses and the same weights after each SGD
-  step (an SGD step moves every weight by lr x its gradient, so equal weights mean
-  equal gradients).
+* PP 2 x CP 2 (1F1B) and PP 2 x VPP 2 x CP 2 (interleaved 1F1B) train exactly as PP 1 x CP 1
+  x DP 4: the same losses and the same weights after each SGD step (an SGD step moves every
+  weight by lr x its gradient, so equal weights mean equal gradients).
 * A gated DeltaNet hybrid (pattern LGLS) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
@@ -38,6 +38,9 @@ ADAM = ["--optimizer", "adam", "--lr", "0.01", "--clip-grad", "0"]
 LAYOUTS = {  # name: (TP, PP, CP, extra)
     "pp1 cp1": (1, 1, 1, []),
     "pp2 cp2": (1, 2, 2, []),
+    # interleaved 1F1B, two virtual stages of one layer per pipeline rank; 4 micro-batches, so the
+    # steady state sends activations and gradients between the two ranks in one step
+    "pp2 vpp2 cp2": (1, 2, 2, ["--num-layers-per-virtual-pipeline-stage", "1"]),
 }
 
 
