@@ -101,11 +101,22 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     mine, gathered, staging = _buffers(device, world)
     staging.zero_()
     staging[:len(host)] = torch.tensor(host, dtype=torch.int64)
+    # absent device values are digested on the host (no kernel); present ones and the
+    # flags are written into the row with one stack + copy
+    for i, (_, t) in enumerate(device_values):
+        if t is None:
+            staging[len(host) + i] = digest_host(None)
     mine.copy_(staging, non_blocking=True)
-    if device_values or flags:
-        extra = [digest_device(t, device) for _, t in device_values]
-        extra += [f.to(device=device, dtype=torch.int64).reshape(()) for _, f in flags]
-        mine[len(host):len(host) + len(extra)] = torch.stack(extra)
+    extra = [(len(host) + i, digest_device(t, device)) for i, (_, t) in enumerate(device_values) if t is not None]
+    extra += [(len(host) + len(device_values) + i, f.to(device=device, dtype=torch.int64).reshape(()))
+              for i, (_, f) in enumerate(flags)]
+    if extra:
+        first = extra[0][0]
+        if [slot for slot, _ in extra] == list(range(first, first + len(extra))):
+            mine[first:first + len(extra)] = torch.stack([x for _, x in extra])
+        else:
+            for slot, x in extra:
+                mine[slot] = x
     try:
         all_gather_single(gathered, mine, group=group)
         # the one host sync of the check: every rank must know the verdict before the op's
