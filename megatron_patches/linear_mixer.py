@@ -224,13 +224,15 @@ class Lasp2LinearMixer(MegatronModule):
         return self.q_layernorm(q), self.k_layernorm(k), v
 
     def _rope(self, q, k, rotary_pos_emb, packed_seq_params):
-        check_rope_layout(self.lasp2_options, self.config, self.pg_collection.cp, packed_seq_params)
+        """Megatron's RoPE on q and k; THD batches are rotated as [t, h, d], as SelfAttention does."""
+        cp = self.pg_collection.cp
+        check_rope_layout(self.lasp2_options, self.config, cp, packed_seq_params)
         q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-        cu = cu_seqlens_of(type(self).__name__, packed_seq_params, self.lasp2_options, self.pg_collection.cp)
-        rotate = lambda t, emb: (  # noqa: E731  (THD RoPE takes [t, h, d])
-            apply_rotary_pos_emb(t if cu is None else t.squeeze(1), emb, config=self.config, cu_seqlens=cu,
-                                 cp_group=self.pg_collection.cp))
-        q, k = rotate(q, q_emb), rotate(k, k_emb)
+        cu = cu_seqlens_of(type(self).__name__, packed_seq_params, self.lasp2_options, cp)
+        if cu is not None:
+            q, k = q.squeeze(1), k.squeeze(1)
+        q = apply_rotary_pos_emb(q, q_emb, config=self.config, cu_seqlens=cu, cp_group=cp)
+        k = apply_rotary_pos_emb(k, k_emb, config=self.config, cu_seqlens=cu, cp_group=cp)
         return (q, k) if cu is None else (q.unsqueeze(1), k.unsqueeze(1))
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
