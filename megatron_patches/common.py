@@ -25,7 +25,7 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "cu_seqlens_of", "global_head_slice",
-           "mark_heterogeneous_layers", "process_groups", "sp_group_of", "warn_once"]
+           "mark_heterogeneous_layers", "process_groups", "sp_group_of", "sum_grad_over_tp", "warn_once"]
 
 _WARNED = set()
 
@@ -63,6 +63,20 @@ def mark_heterogeneous_layers(config, options: Lasp2Options) -> None:
     kinds = set(options.pattern_for(config.num_layers))
     if len(kinds) > 1 and not config.hetereogenous_dist_checkpoint:
         config.hetereogenous_dist_checkpoint = True
+
+
+def sum_grad_over_tp(param: torch.Tensor, tp_group) -> None:
+    """A parameter shared by heads split over TP ranks (e.g. one norm scale for every head):
+    each rank's gradient covers its heads only, the true one is the sum over the TP group
+    (Megatron reduces only sequence-parallel norm gradients over TP)."""
+    if get_pg_size(tp_group) > 1:
+        param.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+
+
+def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)
+    return grad
 
 
 def causal_from_mask(owner: str, attention_mask, mask_type: AttnMaskType) -> bool:

@@ -13,11 +13,13 @@ g = -exp(A_log) softplus(. + dt_bias). Heads and head dims are the model's atten
 heads and kv_channels (keys and values share them); the convolution width is
 config.linear_conv_kernel_dim (Megatron's name, default 4).
 
-The in-projection's output is laid out head by head ([q_h, k_h, v_h, z_h, beta_h, a_h]
-for each head h), so a column-parallel split gives whole heads; tensor parallelism is
-not supported yet (the output norm's scale is shared by heads, its gradient would need
-a TP reduction): TP > 1 raises. The gated delta rule runs on the CPU only in this
-lasp2 build (its CUDA kernels are being written).
+Tensor parallelism splits heads: the in-projection's output is laid out head by head
+([q_h, k_h, v_h, z_h, beta_h, a_h] for each head h), so its column-parallel split, the
+convolution's channels and A_log / dt_bias (TP-sharded along dim 0, global shapes in
+distributed checkpoints) hold whole heads of this TP rank; the output norm's scale is
+shared by all heads, so its gradient is summed over the TP group. The same seed gives
+every TP layout the same (sliced) weights. The gated delta rule runs on the CPU only in
+this lasp2 build (its CUDA kernels are being written).
 """
 
 from __future__ import annotations
@@ -31,15 +33,26 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
-from megatron.core.utils import get_pg_size  # noqa: E402
+from megatron.core.transformer.utils import (  # noqa: E402
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+from megatron.core.utils import divide, get_pg_size  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import GatedRMSNorm, beta_from_logits, delta_log_gate, init_gate_parameters  # noqa: E402
 from lasp2.nn.short_conv import ShortConvolution  # noqa: E402
-from megatron_patches.common import cu_seqlens_of, process_groups, sp_group_of  # noqa: E402
+from megatron_patches.common import (  # noqa: E402
+    cu_seqlens_of,
+    global_head_slice,
+    process_groups,
+    sp_group_of,
+    sum_grad_over_tp,
+)
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["Lasp2GatedDeltaNetMixer", "Lasp2GatedDeltaNetSubmodules"]
@@ -71,30 +84,55 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         options = resolve_options(lasp2_options)
         self.lasp2_options, self.layer_number = options, layer_number
         self.pg_collection = process_groups(pg_collection)
-        tp = get_pg_size(self.pg_collection.tp)
-        if tp > 1:
-            raise Lasp2ConfigError(
-                f"gated DeltaNet ('G') layers support --tensor-model-parallel-size 1 only, got {tp} "
-                f"(layer {layer_number}); use 'L' / 'S' layers with tensor parallelism")
         if options.provider != "lasp2":
             raise Lasp2ConfigError(f"gated DeltaNet ('G') layers run under --sp-provider lasp2 only, "
                                    f"got {options.provider!r} (layer {layer_number})")
-        self.num_heads, self.head_dim = config.num_attention_heads, config.kv_channels
+        tp_group = self.pg_collection.tp
+        self.head_dim = config.kv_channels
+        self.num_heads = divide(config.num_attention_heads, get_pg_size(tp_group))  # this TP rank's
         H, D = self.num_heads, self.head_dim
+        heads = global_head_slice(config.num_attention_heads, tp_group)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         factory = {"device": device, "dtype": config.params_dtype}
         self.in_proj = build_module(
-            submodules.in_proj, config.hidden_size, H * (4 * D + 2), config=config, init_method=config.init_method,
-            gather_output=False, bias=config.add_bias_linear, skip_bias_add=False, is_expert=False,
-            tp_comm_buffer_name=None, tp_group=self.pg_collection.tp)
-        self.conv = ShortConvolution(H * 3 * D, config.linear_conv_kernel_dim or 4, **factory)
-        A_log, dt_bias = init_gate_parameters(H, **factory)
-        self.A_log, self.dt_bias = torch.nn.Parameter(A_log), torch.nn.Parameter(dt_bias)
+            submodules.in_proj, config.hidden_size, config.num_attention_heads * (4 * D + 2), config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+        # the whole model's convolution and gate parameters are drawn (the same random numbers
+        # for every TP layout), this rank keeps its heads
+        self.conv = ShortConvolution(config.num_attention_heads * 3 * D, config.linear_conv_kernel_dim or 4,
+                                     **factory)
+        self.conv.weight = torch.nn.Parameter(self.conv.weight.detach().view(-1, 3 * D, self.conv.kernel_size)[heads]
+                                              .reshape(H * 3 * D, self.conv.kernel_size).clone())
+        A_log, dt_bias = init_gate_parameters(config.num_attention_heads, **factory)
+        self.A_log, self.dt_bias = torch.nn.Parameter(A_log[heads].clone()), torch.nn.Parameter(dt_bias[heads].clone())
+        for param in (self.conv.weight, self.A_log, self.dt_bias):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
         self.out_norm = build_module(submodules.out_norm, D, eps=config.layernorm_epsilon, **factory)
+        for param in self.out_norm.parameters():  # one scale for every head
+            sum_grad_over_tp(param, tp_group)
         self.out_proj = build_module(
-            submodules.out_proj, H * D, config.hidden_size, config=config,
+            submodules.out_proj, config.num_attention_heads * D, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
-            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=self.pg_collection.tp)
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Distributed-checkpoint view: the projections shard themselves; conv.weight, A_log and
+        dt_bias are sharded over TP by head (dim 0); out_norm is replicated."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=self.pg_collection.tp, dp_cp_group=metadata["dp_cp_group"])
+        state = {}
+        for name in ("in_proj", "out_proj"):
+            state.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        state.update(make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0},
+                                                         sharded_offsets, **groups))
+        for name, axis_map in (("conv", {"weight": 0, "bias": 0}), ("out_norm", {})):
+            state.update(make_sharded_tensors_for_checkpoint(
+                getattr(self, name).state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", axis_map,
+                sharded_offsets, **groups))
+        return state
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
@@ -124,3 +162,4 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
                                         use_qk_l2norm=True)
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)
         return self.out_proj(out)
+

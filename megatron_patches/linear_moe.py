@@ -51,6 +51,7 @@ import lasp2  # noqa: E402
 from lasp2.nn.norms import RMSNorm  # noqa: E402
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay  # noqa: E402
 from lasp2.options import FEATURE_MAPS  # noqa: E402
+from megatron_patches.common import sum_grad_over_tp  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
@@ -128,13 +129,10 @@ class Lasp2LinearAttention(MegatronModule):
             per = self.num_heads // tp_size
             self.register_buffer("log_decay", lightning_log_decay(self.num_heads)[tp_rank * per:(tp_rank + 1) * per]
                                  .float(), persistent=False)
-        _, _, tp_size = _groups()
         weight = getattr(self.la_output_norm, "weight", None)
-        if isinstance(weight, torch.nn.Parameter) and tp_size > 1:
-            # One scale shared by all heads while heads are split over TP ranks: its gradient
-            # is the sum over the TP group (Megatron sums only sequence-parallel / qk-norm grads).
-            tp_group = parallel_state.get_tensor_model_parallel_group()
-            weight.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+        if isinstance(weight, torch.nn.Parameter) and parallel_state.model_parallel_is_initialized():
+            # one scale shared by all heads while heads are split over TP ranks
+            sum_grad_over_tp(weight, parallel_state.get_tensor_model_parallel_group())
 
     @property
     def norm_weight(self):
@@ -190,8 +188,3 @@ def _rename_old_norm_weight(state_dict, prefix, *args):
     if old in state_dict:
         state_dict[prefix + "la_output_norm.weight"] = state_dict.pop(old)
 
-
-def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:
-    grad = grad.clone()
-    torch.distributed.all_reduce(grad, group=group)
-    return grad
