@@ -25,7 +25,8 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "cu_seqlens_of", "global_head_slice",
-           "mark_heterogeneous_layers", "process_groups", "sp_group_of", "sum_grad_over_tp", "warn_once"]
+           "mark_heterogeneous_layers", "process_groups", "recomputes_core_attention", "sp_group_of",
+           "sum_grad_over_tp", "warn_once"]
 
 _WARNED = set()
 
@@ -63,6 +64,12 @@ def mark_heterogeneous_layers(config, options: Lasp2Options) -> None:
     kinds = set(options.pattern_for(config.num_layers))
     if len(kinds) > 1 and not config.hetereogenous_dist_checkpoint:
         config.hetereogenous_dist_checkpoint = True
+
+
+def recomputes_core_attention(config) -> bool:
+    """Megatron's selective recompute of the attention core (recompute_granularity="selective"
+    with "core_attn" in recompute_modules): the mixers then checkpoint their core op."""
+    return config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or ())
 
 
 def sum_grad_over_tp(param: torch.Tensor, tp_group) -> None:

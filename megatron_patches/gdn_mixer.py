@@ -33,6 +33,7 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
+from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -50,6 +51,7 @@ from megatron_patches.common import (  # noqa: E402
     cu_seqlens_of,
     global_head_slice,
     process_groups,
+    recomputes_core_attention,
     sp_group_of,
     sum_grad_over_tp,
 )
@@ -115,6 +117,7 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
             submodules.out_proj, config.num_attention_heads * D, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+        self.checkpoint_core_attention = recomputes_core_attention(config)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view: the projections shard themselves; conv.weight, A_log and
@@ -158,8 +161,15 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
         beta = beta_from_logits(beta_logit.squeeze(-1))
         g = delta_log_gate(a.squeeze(-1), self.A_log, self.dt_bias)
-        out, _ = lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
-                                        use_qk_l2norm=True)
+
+        def delta_rule(q, k, v, g, beta):
+            return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
+                                          use_qk_l2norm=True)[0]
+
+        if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
+            out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)
+        else:
+            out = delta_rule(q, k, v, g, beta)
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)
         return self.out_proj(out)
 

@@ -51,6 +51,7 @@ from megatron_patches.common import (  # noqa: E402
     cu_seqlens_of,
     global_head_slice,
     process_groups,
+    recomputes_core_attention,
 )
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
@@ -211,8 +212,7 @@ class Lasp2LinearMixer(MegatronModule):
                 skip_bias_add=False, is_expert=False, tp_comm_buffer_name=None, tp_group=self.pg_collection.tp)
             with torch.no_grad():
                 self.linear_gate.bias.fill_(GATE_BIAS_INIT)
-        self.checkpoint_core_attention = (config.recompute_granularity == "selective"
-                                          and "core_attn" in (config.recompute_modules or ()))
+        self.checkpoint_core_attention = recomputes_core_attention(config)
 
     def _qkv(self, hidden_states):
         """q [s, b, heads/tp, hn], k and v [s, b, groups/tp, hn] from Megatron's grouped layout."""

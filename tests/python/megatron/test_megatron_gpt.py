@@ -52,7 +52,7 @@ CASES = [
     Case("contiguous ulysses all-linear", O(provider="ulysses", split="contiguous", decay="fixed"),
          num_layers=2, rope_split="contiguous"),
     # activation recompute: selective (core attention, the gates an input of the region) and full
-    Case("balanced gate selective-recompute", O(layer_pattern="LNLN", decay="gate"),
+    Case("balanced gate selective-recompute", O(layer_pattern="LGNL", decay="gate"),
          config={"recompute_granularity": "selective"}),
     Case("balanced fixed full-recompute", O(layer_pattern="LLNN"),
          config={"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
