@@ -254,6 +254,76 @@ def _misc(rank):
     out["megatron_lm_spec"] = _megatron_lm_spec_path()
     init_parallel(tp=1, cp=1)
     out["pre_mixer_checkpoints"] = _pre_mixer_checkpoints_load()
+    out["mixers_vs_lasp2_nn"] = _mixers_equal_lasp2_nn_modules()
+    return out
+
+
+def _mixers_equal_lasp2_nn_modules():
+    """CP = 1: each Megatron mixer computes its lasp2.nn module's function (lasp2.nn.LinearAttention,
+    lasp2.nn.GatedDeltaNet, tested against float64 references in tests/python/nn) with the same
+    weights, mapped from Megatron's layouts: linear_qkv grouped per query group, the gated DeltaNet
+    in-projection head by head ([q, k, v, z, beta, a] of each head)."""
+    import lasp2
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    D = HIDDEN // HEADS
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=HIDDEN,
+                               use_cpu_initialization=True, params_dtype=torch.float32, add_bias_linear=False,
+                               hidden_dropout=0.0, attention_dropout=0.0)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(SEQ, 2, HIDDEN, generator=gen, requires_grad=True)
+    out = {}
+
+    def mixer(kind, options):
+        spec = get_lasp2_layer_spec(options, layer_kind=kind).submodules.self_attention
+        module = spec.module(config=config, submodules=spec.submodules, layer_number=1, **spec.params)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        return module
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    linear = mixer("L", O(decay="gate", feature_map="silu"))
+    ref = lasp2.nn.LinearAttention(HIDDEN, HEADS, decay="gate", feature_map="silu", layout="tbhd")
+    with torch.no_grad():
+        w = linear.linear_qkv.weight.view(HEADS, 3, D, HIDDEN)  # one query per group (MHA): [q, k, v] per head
+        for i, proj in enumerate((ref.q_proj, ref.k_proj, ref.v_proj)):
+            proj.weight.copy_(w[:, i].reshape(HEADS * D, HIDDEN))
+        linear.core_attention.output_norm_weight.copy_(linear.core_attention.output_norm_weight[:1].expand(HEADS, D))
+        ref.norm.weight.copy_(linear.core_attention.output_norm_weight[0])
+        ref.g_proj.weight.copy_(linear.linear_gate.weight)
+        ref.g_proj.bias.copy_(linear.linear_gate.bias)
+        ref.o_proj.weight.copy_(linear.linear_proj.weight)
+    y, _ = linear(x)
+    y_ref = ref(x)
+    (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
+    out["L"] = {"out_rel": rel(y, y_ref), "grad_rel": rel(dx, dx_ref)}
+
+    gdn = mixer("G", O(layer_pattern="G"))
+    ref = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, layout="tbhd", norm_eps=config.layernorm_epsilon)
+    with torch.no_grad():
+        w = gdn.in_proj.weight.view(HEADS, 4 * D + 2, HIDDEN)
+        rows = {"q": (0, D), "k": (D, 2 * D), "v": (2 * D, 3 * D), "z": (3 * D, 4 * D), "b": (4 * D, 4 * D + 1),
+                "a": (4 * D + 1, 4 * D + 2)}
+        for name, proj in (("q", ref.q_proj), ("k", ref.k_proj), ("v", ref.v_proj), ("z", ref.g_proj),
+                           ("b", ref.b_proj), ("a", ref.a_proj)):
+            lo, hi = rows[name]
+            proj.weight.copy_(w[:, lo:hi].reshape(-1, HIDDEN))
+        conv = gdn.conv.weight.view(HEADS, 3, D, -1)
+        for i, c in enumerate((ref.q_conv, ref.k_conv, ref.v_conv)):
+            c.weight.copy_(conv[:, i].reshape(HEADS * D, -1))
+        ref.A_log.copy_(gdn.A_log)
+        ref.dt_bias.copy_(gdn.dt_bias)
+        ref.o_norm.weight.copy_(gdn.out_norm.weight)
+        ref.o_proj.weight.copy_(gdn.out_proj.weight)
+    y, _ = gdn(x)
+    y_ref = ref(x)
+    (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
+    out["G"] = {"out_rel": rel(y, y_ref), "grad_rel": rel(dx, dx_ref)}
     return out
 
 
@@ -408,6 +478,13 @@ def test_megatron_lm_module_spec_path(cp2_results):
 
 def test_balanced_batch_split_is_megatrons(cp2_results):
     assert cp2_results["misc"]["batch_matches_megatron"]
+
+
+def test_mixers_compute_their_lasp2_nn_modules(cp2_results):
+    r = cp2_results["misc"]["mixers_vs_lasp2_nn"]
+    assert set(r) == {"L", "G"}
+    for kind, result in r.items():
+        assert result["out_rel"] <= FP32_TOL and result["grad_rel"] <= FP32_TOL, (kind, result)
 
 
 def test_checkpoints_of_the_modules_before_the_mixer_split_load(cp2_results):
