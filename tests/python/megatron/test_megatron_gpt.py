@@ -284,8 +284,12 @@ def _mixers_equal_lasp2_nn_modules():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         return module
 
-    def rel(a, b):
-        return ((a - b).abs().max() / b.abs().max()).item()
+    def against(module, ref):
+        """Relative differences of the outputs and of the input gradients (loss: sum of squares)."""
+        y, y_ref = module(x)[0], ref(x)
+        (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
+        return {name: ((a - b).abs().max() / b.abs().max()).item()
+                for name, a, b in (("out_rel", y, y_ref), ("grad_rel", dx, dx_ref))}
 
     linear = mixer("L", O(decay="gate", feature_map="silu"))
     ref = lasp2.nn.LinearAttention(HIDDEN, HEADS, decay="gate", feature_map="silu", layout="tbhd")
@@ -298,10 +302,7 @@ def _mixers_equal_lasp2_nn_modules():
         ref.g_proj.weight.copy_(linear.linear_gate.weight)
         ref.g_proj.bias.copy_(linear.linear_gate.bias)
         ref.o_proj.weight.copy_(linear.linear_proj.weight)
-    y, _ = linear(x)
-    y_ref = ref(x)
-    (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
-    out["L"] = {"out_rel": rel(y, y_ref), "grad_rel": rel(dx, dx_ref)}
+    out["L"] = against(linear, ref)
 
     gdn = mixer("G", O(layer_pattern="G"))
     ref = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, layout="tbhd", norm_eps=config.layernorm_epsilon)
@@ -320,10 +321,7 @@ def _mixers_equal_lasp2_nn_modules():
         ref.dt_bias.copy_(gdn.dt_bias)
         ref.o_norm.weight.copy_(gdn.out_norm.weight)
         ref.o_proj.weight.copy_(gdn.out_proj.weight)
-    y, _ = gdn(x)
-    y_ref = ref(x)
-    (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
-    out["G"] = {"out_rel": rel(y, y_ref), "grad_rel": rel(dx, dx_ref)}
+    out["G"] = against(gdn, ref)
     return out
 
 
