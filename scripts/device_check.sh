@@ -62,7 +62,7 @@ if has delta; then
      cmake --build /tmp/delta_build -j"$MAX_JOBS") > "$LOGS/delta_gtest_build.log" 2>&1
     DBIN=/tmp/delta_build/lasp2_core_tests
   fi
-  timeout 300 $DBIN --gtest_filter='DeltaCuda*' > "$LOGS/delta_gtest.log" 2>&1
+  timeout 300 $DBIN --gtest_filter='*DeltaCuda*' > "$LOGS/delta_gtest.log" 2>&1
   say "delta CUDA GoogleTests (exit $?): $(grep -cE '^\[       OK \]' "$LOGS/delta_gtest.log") OK, \
 $(grep '^\[  FAILED  \] [A-Z]' "$LOGS/delta_gtest.log" | sort -u | wc -l) failed"
   grep -E '^\[  FAILED  \] [A-Z]|Failure|rel|Expected|Which is' "$LOGS/delta_gtest.log" | head -30 | keep

@@ -7,6 +7,8 @@
 // (tests/cpp/delta_rule/).
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 #include "../delta_rule/delta_problem.h"
@@ -391,6 +393,94 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(c.gate == GateKind::kScalar ? "gdn" : "kda") +
              (c.packed ? "_packed" : "_rows") + "_parts" + std::to_string(c.parts);
     });
+
+}  // namespace
+}  // namespace lasp2::testing
+
+namespace lasp2::testing {
+namespace {
+
+int64_t env_or(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  return (s != nullptr && *s != '\0') ? std::atoll(s) : fallback;
+}
+
+// One GDN layer at T = 64K, H = 16, D = 128, bf16 on one device: the time of the
+// one-device schedule's calls (printed; the assertions only check that every output
+// is finite). LASP2_DELTA_TIMING_T=<tokens> changes T.
+TEST(DeltaCudaTiming, GdnOneDevice) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      dout(1, T, H, D, type, Layout{}), o(1, T, H, D, type, Layout{}), dq(1, T, H, D, type, Layout{}),
+      dk(1, T, H, D, type, Layout{}), dv(1, T, H, D, type, Layout{});
+  {
+    std::mt19937 rng(1);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    std::vector<double> x(T * H * D);
+    for (DevTensor* t : {&q, &k, &v, &dout}) {
+      for (auto& e : x) e = normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0);
+      t->upload(x);
+    }
+  }
+  std::vector<float> gh(T * H), bh(T * H);
+  {
+    std::mt19937 rng(2);
+    std::uniform_real_distribution<float> u(0.f, 1.f);
+    for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+    for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  }
+  auto g = to_device_f32(gh), beta = to_device_f32(bh);
+  DeltaParams p;
+  p.batch = 1;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = p.dim_v = D;
+  p.dtype = type;
+  p.q = q.cview();
+  p.k = k.cview();
+  p.v = v.cview();
+  p.g = g.p;
+  p.g_stride = {T * H, H, 1};
+  p.beta = beta.p;
+  p.beta_stride = {T * H, H, 1};
+  p.scale = 1.0 / std::sqrt(double(D));
+  const auto& be = delta::delta_backend_for(Device::kCUDA);
+  const int64_t S = H * D * D;
+  DevBuf<float> A(H * D * D), M(S), hA(H * D * D), hM(S), dE(S), dg(T * H), db(T * H);
+  const TokenRange all{0, T};
+  cudaEvent_t e0, e1, e2, e3;
+  for (auto* e : {&e0, &e1, &e2, &e3}) cuda_ok(cudaEventCreate(e), "event");
+  for (int rep = 0; rep < 2; ++rep) {  // the second is timed
+    cuda_ok(cudaEventRecord(e0), "record");
+    be.part_summary(p, all, {}, A.p, M.p, hA.p, hM.p, nullptr);
+    cuda_ok(cudaEventRecord(e1), "record");
+    be.forward(p, all, nullptr, {}, o.mview(), nullptr);
+    cuda_ok(cudaEventRecord(e2), "record");
+    be.entering_dstate(p, all, dout.cview(), dE.p, nullptr);
+    be.backward(p, all, dout.cview(), nullptr, nullptr, {}, dq.mview(), dk.mview(), dv.mview(), dg.p,
+                db.p, nullptr, nullptr);
+    cuda_ok(cudaEventRecord(e3), "record");
+    cuda_ok(cudaEventSynchronize(e3), "sync");
+  }
+  float summary_ms = 0, forward_ms = 0, backward_ms = 0;
+  cuda_ok(cudaEventElapsedTime(&summary_ms, e0, e1), "elapsed");
+  cuda_ok(cudaEventElapsedTime(&forward_ms, e1, e2), "elapsed");
+  cuda_ok(cudaEventElapsedTime(&backward_ms, e2, e3), "elapsed");
+  std::printf("[ timing ] GDN T=%lld H=16 D=128 bf16: part_summary %.2f ms, forward %.2f ms, "
+              "entering_dstate + backward %.2f ms\n",
+              static_cast<long long>(T), summary_ms, forward_ms, backward_ms);
+  for (DevTensor* t : {&o, &dq, &dk, &dv}) {
+    const auto rb = t->download();
+    int64_t bad = 0;
+    for (size_t i = 0; i < rb.v.size(); ++i) bad += !std::isfinite(rb.v[i]);
+    EXPECT_EQ(bad, 0);
+  }
+  int64_t bad = 0;
+  EXPECT_LT(rel_err_f32(dg.download(), std::vector<float>(T * H, 0.f), &bad), INFINITY);
+  EXPECT_EQ(bad, 0);
+}
 
 }  // namespace
 }  // namespace lasp2::testing
