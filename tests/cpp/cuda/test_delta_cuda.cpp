@@ -32,13 +32,31 @@ struct DeltaCase {
   ScalarType type;
   int dk, dv;
   bool strided;  // [T, B, H, D] with padded heads
+  int seg_len = 0;  // LASP2_DELTA_SEG_LEN: the walks' segments (0: the backend's choice)
+};
+
+// Sets LASP2_DELTA_SEG_LEN for the scope (segments of a few chunks on small problems,
+// so that the segment summaries and their composition run).
+class SegLenScope {
+ public:
+  explicit SegLenScope(int seg_len) : set_(seg_len > 0) {
+    if (set_) setenv("LASP2_DELTA_SEG_LEN", std::to_string(seg_len).c_str(), 1);
+  }
+  ~SegLenScope() {
+    if (set_) unsetenv("LASP2_DELTA_SEG_LEN");
+  }
+  SegLenScope(const SegLenScope&) = delete;
+  SegLenScope& operator=(const SegLenScope&) = delete;
+
+ private:
+  bool set_;
 };
 
 std::string case_name(const ::testing::TestParamInfo<DeltaCase>& info) {
   const auto& c = info.param;
   return std::string(c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed_" : "_rows_") +
          dtype_name(c.type) + "_dk" + std::to_string(c.dk) + "_dv" + std::to_string(c.dv) +
-         (c.strided ? "_strided" : "");
+         (c.strided ? "_strided" : "") + (c.seg_len ? "_seg" + std::to_string(c.seg_len) : "");
 }
 
 DeltaSpec spec_for(const DeltaCase& c) {
@@ -124,6 +142,7 @@ class DeltaCuda : public ::testing::TestWithParam<DeltaCase> {};
 TEST_P(DeltaCuda, MatchesCpuBackend) {
   LASP2_SKIP_WITHOUT_CUDA();
   const DeltaCase c = GetParam();
+  const SegLenScope seg_scope(c.seg_len);
   DeltaProblem<float> pr(spec_for(c), 11);
   prepare_inputs(pr, c.type);
   const DeltaSpec& s = pr.spec;
@@ -249,14 +268,15 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
 
 std::vector<DeltaCase> delta_cases() {
   std::vector<DeltaCase> out;
-  for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
-    for (bool packed : {false, true}) {
-      out.push_back({gate, packed, ScalarType::kFloat32, 64, 64, false});
-      out.push_back({gate, packed, ScalarType::kBFloat16, 128, 128, !packed});
-      out.push_back({gate, packed, ScalarType::kFloat32, 128, 128, false});
-      out.push_back({gate, packed, ScalarType::kFloat16, 64, 64, false});
-      out.push_back({gate, packed, ScalarType::kFloat32, 40, 24, !packed});
-    }
+  for (int seg : {0, 64})
+    for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
+      for (bool packed : {false, true}) {
+        out.push_back({gate, packed, ScalarType::kFloat32, 64, 64, false, seg});
+        out.push_back({gate, packed, ScalarType::kBFloat16, 128, 128, !packed, seg});
+        out.push_back({gate, packed, ScalarType::kFloat32, 128, 128, false, seg});
+        out.push_back({gate, packed, ScalarType::kFloat16, 64, 64, false, seg});
+        out.push_back({gate, packed, ScalarType::kFloat32, 40, 24, !packed, seg});
+      }
   return out;
 }
 
@@ -307,6 +327,7 @@ struct ScheduleCase {
   GateKind gate;
   bool packed;
   int parts;
+  int seg_len = 0;
 };
 
 class DeltaCudaSchedule : public ::testing::TestWithParam<ScheduleCase> {};
@@ -314,6 +335,7 @@ class DeltaCudaSchedule : public ::testing::TestWithParam<ScheduleCase> {};
 TEST_P(DeltaCudaSchedule, MatchesCpuSchedule) {
   LASP2_SKIP_WITHOUT_CUDA();
   const ScheduleCase c = GetParam();
+  const SegLenScope seg_scope(c.seg_len);
   DeltaCase dc{c.gate, c.packed, ScalarType::kFloat32, 64, 64, false};
   DeltaProblem<float> pr(spec_for(dc), 13);
   prepare_inputs(pr, ScalarType::kFloat32);
@@ -387,11 +409,13 @@ INSTANTIATE_TEST_SUITE_P(
     All, DeltaCudaSchedule,
     ::testing::Values(ScheduleCase{GateKind::kScalar, false, 1}, ScheduleCase{GateKind::kScalar, true, 1},
                       ScheduleCase{GateKind::kScalar, true, 2}, ScheduleCase{GateKind::kPerKey, false, 2},
-                      ScheduleCase{GateKind::kPerKey, true, 2}),
+                      ScheduleCase{GateKind::kPerKey, true, 2}, ScheduleCase{GateKind::kScalar, true, 1, 64},
+                      ScheduleCase{GateKind::kPerKey, true, 2, 64}, ScheduleCase{GateKind::kPerKey, false, 1, 128}),
     [](const ::testing::TestParamInfo<ScheduleCase>& info) {
       const auto& c = info.param;
       return std::string(c.gate == GateKind::kScalar ? "gdn" : "kda") +
-             (c.packed ? "_packed" : "_rows") + "_parts" + std::to_string(c.parts);
+             (c.packed ? "_packed" : "_rows") + "_parts" + std::to_string(c.parts) +
+             (c.seg_len ? "_seg" + std::to_string(c.seg_len) : "");
     });
 
 }  // namespace

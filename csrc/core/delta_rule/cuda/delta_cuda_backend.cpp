@@ -10,6 +10,7 @@
 //   backward         a forward walk storing the state every 64 tokens, the reverse
 //                    walk (dv directly; dq, dk, dg, dbeta summed over state columns
 //                    into an fp32 buffer), and a pass writing dq, dk, dg, dbeta
+#include <algorithm>
 #include <string>
 
 #include "cuda/route.h"
@@ -38,7 +39,6 @@ Elem elem_of(ScalarType t) {
 }
 
 gpu::View view_of(ConstView v) { return {v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
-gpu::View view_of(MutView v) { return {v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
 
 void check_params(const DeltaParams& p, TokenRange part) {
   elem_of(p.dtype);
@@ -83,6 +83,8 @@ gpu::Problem problem_of(const DeltaParams& p, TokenRange part, const float* doc_
   g.doc_id = p.doc_id;
   g.doc_sb = p.doc_batch_stride;
   g.doc_initial = doc_initial;
+  g.seg_len = std::max<int64_t>(g.n, 1);  // one segment until segmented()
+  g.nseg = 1;
   return g;
 }
 
@@ -131,8 +133,36 @@ class Scratch {
   cudaStream_t stream_;
   void* base_ = nullptr;
   bool async_ = false;
-  float* pointers_[4] = {nullptr, nullptr, nullptr, nullptr};
+  float* pointers_[8] = {};
   int count_ = 0;
+};
+
+// Cuts the part into segments that the walks run in parallel (delta_launch.h).
+gpu::Problem segmented(gpu::Problem g) {
+  g.seg_len = gpu::plan_seg_len(g, cuda::device_info().sms);
+  g.nseg = g.n > 0 ? static_cast<int>((g.n + g.seg_len - 1) / g.seg_len) : 1;
+  return g;
+}
+
+// The per-segment maps, states and document starts of a segmented walk.
+struct SegmentBuffers {
+  float *A = nullptr, *M = nullptr, *head_A = nullptr, *head_M = nullptr, *states = nullptr;
+  int* firsts = nullptr;
+  SegmentBuffers(const gpu::Problem& g, const ScratchAllocator* allocator, cudaStream_t s)
+      : scratch_({g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
+                  g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
+                  g.nseg * g.bh() * g.dk * g.dv, static_cast<int64_t>(g.batch) * g.nseg},
+                 allocator, s) {
+    A = scratch_[0];
+    M = scratch_[1];
+    head_A = scratch_[2];
+    head_M = scratch_[3];
+    states = scratch_[4];
+    firsts = reinterpret_cast<int*>(scratch_[5]);
+  }
+
+ private:
+  Scratch scratch_;
 };
 
 class DeltaCudaBackend final : public DeltaKernelBackend {
@@ -145,13 +175,39 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
                     float* M, float* head_A, float* head_M, void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0) return;
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     gpu::SummaryOut out;
-    out.A = A;
-    out.M = M;
-    out.head_A = head_A;
-    out.head_M = head_M;
     out.finals = doc.finals;
-    gpu::launch_summary(problem_of(p, part, doc.initial), out, as_stream(stream));
+    out.ncols = g.dk + g.dv;
+    if (g.nseg == 1) {
+      out.A = A;
+      out.M = M;
+      out.head_A = head_A;
+      out.head_M = head_M;
+      gpu::launch_summary(g, out, s);
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    out.A = seg.A;
+    out.M = seg.M;
+    out.head_A = seg.head_A;
+    out.head_M = seg.head_M;
+    gpu::launch_summary(g, out, s);
+    gpu::launch_firsts(g, seg.firsts, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kSummary;
+    c.segA = seg.A;
+    c.segM = seg.M;
+    c.seg_head_A = seg.head_A;
+    c.seg_head_M = seg.head_M;
+    c.firsts = seg.firsts;
+    c.A = A;
+    c.M = M;
+    c.head_A = head_A;
+    c.head_M = head_M;
+    c.finals = doc.finals;
+    gpu::launch_compose(g, c, s);
   }
 
   void forward(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
@@ -159,20 +215,44 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0) return;
     gpu::ForwardOut out;
-    out.entering = entering;
     out.o = o.data;
     out.osb = o.stride.batch;
     out.ost = o.stride.seq;
     out.osh = o.stride.head;
-    gpu::launch_forward(problem_of(p, part, doc.initial), out, as_stream(stream));
+    walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
   }
 
   void entering_dstate(const DeltaParams& p, TokenRange part, ConstView dout, float* dentering,
                        void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0) return;
-    gpu::launch_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering,
-                                as_stream(stream));
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = segmented(problem_of(p, part, nullptr));
+    if (g.n == 0) {
+      cuda::cuda_check(cudaMemsetAsync(dentering, 0, g.bh() * p.state_elems() * sizeof(float), s),
+                       "cudaMemsetAsync");
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    gpu::launch_firsts(g, seg.firsts, s);
+    if (g.nseg == 1) {
+      gpu::launch_entering_dstate(g, view_of(dout), seg.firsts, nullptr, dentering, s);
+      return;
+    }
+    // E_part = E_0 + A_0^T (E_1 + A_1^T (...)): each segment's own share, carried back
+    // through the maps of the segments before it (A alone: the first dk columns).
+    gpu::SummaryOut out;
+    out.A = seg.A;
+    out.head_A = seg.head_A;
+    out.ncols = g.dk;
+    gpu::launch_summary(g, out, s);
+    gpu::launch_entering_dstate(g, view_of(dout), seg.firsts, nullptr, seg.states, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kSuffix;
+    c.segA = seg.A;
+    c.E = seg.states;
+    c.final_out = dentering;
+    gpu::launch_compose(g, c, s);
   }
 
   void backward(const DeltaParams& p, TokenRange part, ConstView dout, const float* entering,
@@ -181,17 +261,16 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
-    const gpu::Problem g = problem_of(p, part, doc.initial);
+    const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     const int64_t ckpt_floats = p.bh() * g.checkpoints() * p.state_elems();
     const int64_t acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
     const Scratch scratch({ckpt_floats, acc_floats}, allocator_, s);
     if (acc_floats > 0)
       cuda::cuda_check(cudaMemsetAsync(scratch[1], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
 
-    gpu::ForwardOut fwd;
-    fwd.entering = entering;
+    gpu::ForwardOut fwd;  // the state at every 64th token
     fwd.ckpt = scratch[0];
-    if (part.length() > 0) gpu::launch_forward(g, fwd, s);
+    if (part.length() > 0) walk_forward(g, entering, fwd, s);
 
     gpu::BackwardArgs a;
     a.dout = view_of(dout);
@@ -254,6 +333,35 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   }
 
  private:
+  // The forward walk of `out` over the part with `entering` entering it: directly for
+  // one segment, else after the segments' summaries and the prefix of their entering
+  // states.
+  void walk_forward(const gpu::Problem& g, const float* entering, gpu::ForwardOut out,
+                    cudaStream_t s) const {
+    if (g.nseg == 1) {
+      out.entering = entering;
+      gpu::launch_forward(g, out, s);
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    gpu::SummaryOut sum;
+    sum.A = seg.A;
+    sum.M = seg.M;
+    sum.head_A = seg.head_A;
+    sum.head_M = seg.head_M;
+    sum.ncols = g.dk + g.dv;
+    gpu::launch_summary(g, sum, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kPrefix;
+    c.segA = seg.A;
+    c.segM = seg.M;
+    c.init = entering;
+    c.seg_out = seg.states;
+    gpu::launch_compose(g, c, s);
+    out.entering = seg.states;
+    gpu::launch_forward(g, out, s);
+  }
+
   static void check_map(int64_t bh, int64_t dk, int64_t dv) {
     LASP2_CHECK(dk >= 1 && dk <= gpu::kMaxDim && dv >= 1 && dv <= gpu::kMaxDim,
                 "the CUDA delta-rule combines support head dims 1..128");
