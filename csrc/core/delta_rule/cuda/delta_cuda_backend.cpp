@@ -11,6 +11,7 @@
 //                    walk (dv directly; dq, dk, dg, dbeta summed over state columns
 //                    into an fp32 buffer), and a pass writing dq, dk, dg, dbeta
 #include <algorithm>
+#include <cstdint>
 #include <string>
 
 #include "cuda/route.h"
@@ -83,6 +84,12 @@ gpu::Problem problem_of(const DeltaParams& p, TokenRange part, const float* doc_
   g.doc_id = p.doc_id;
   g.doc_sb = p.doc_batch_stride;
   g.doc_initial = doc_initial;
+  const int64_t per = 16 / (g.elem == Elem::kF32 ? 4 : 2);
+  auto aligned = [&](const gpu::View& v) {
+    return reinterpret_cast<uintptr_t>(v.ptr) % 16 == 0 && v.sb % per == 0 && v.st % per == 0 &&
+           v.sh % per == 0;
+  };
+  g.vec = (aligned(g.q) && aligned(g.k) && g.dk % per == 0) ? 1 : 0;
   g.seg_len = std::max<int64_t>(g.n, 1);  // one segment until segmented()
   g.nseg = 1;
   return g;

@@ -64,6 +64,9 @@ struct Problem {
   // [s * seg_len, min(n, (s + 1) * seg_len)); seg_len is a multiple of 64.
   int64_t seg_len = 0;
   int nseg = 1;
+  // q and k rows load in 16-byte pieces: 16-byte aligned, strides and dk multiples of
+  // 16 bytes' worth of elements.
+  int vec = 0;
   LASP2_DELTA_HD int64_t bh() const { return static_cast<int64_t>(batch) * heads; }
   LASP2_DELTA_HD int64_t checkpoints() const { return (n + kCheckpoint - 1) / kCheckpoint; }
 };

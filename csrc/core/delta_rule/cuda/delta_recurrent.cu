@@ -131,34 +131,72 @@ struct ColSource {
   int col0 = 0, ncols = 0;
 };
 
-// Every thread of the block: tokens [x0, x0 + len) of the part (part-relative).
-template <typename T, int DKP, int CW>
+// Every thread of the block (NT threads): tokens [x0, x0 + len) of the part
+// (part-relative). Each thread issues all its loads before it stores any, so a chunk
+// costs about one memory latency; q and k rows move in 16-byte pieces where the
+// views allow it (Problem::vec).
+template <typename T, int DKP, int CW, int NT>
 __device__ void stage_load(const Problem& p, const Stage<T>& st, int b, int h, int64_t x0, int len,
                            bool with_q, ColSource c0, ColSource c1) {
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tid = threadIdx.x;
   const int64_t t0 = p.begin + x0;
-  for (int e = tid; e < len * DKP; e += nt) {
-    const int x = e / DKP, i = e % DKP;
-    const bool in = i < p.dk;
-    st.k[e] = in ? row_of<T>(p.k, b, t0 + x, h)[i] : zero_elem<T>();
-    if (with_q) st.q[e] = in ? row_of<T>(p.q, b, t0 + x, h)[i] : zero_elem<T>();
-    if (p.per_key) st.dec[e] = in ? expf(p.g[b * p.gsb + (t0 + x) * p.gst + h * p.gsh + i]) : 1.f;
+  if (p.vec) {
+    constexpr int PER = 16 / sizeof(T), CPR = DKP / PER, ITEMS = (CT * CPR + NT - 1) / NT;
+    uint4 kb[ITEMS], qb[ITEMS];
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int e = tid + it * NT, x = e / CPR, i0 = (e % CPR) * PER;
+      const bool in = e < len * CPR && i0 < p.dk;
+      kb[it] = in ? *reinterpret_cast<const uint4*>(row_of<T>(p.k, b, t0 + x, h) + i0) : uint4{0, 0, 0, 0};
+      qb[it] = (in && with_q) ? *reinterpret_cast<const uint4*>(row_of<T>(p.q, b, t0 + x, h) + i0)
+                              : uint4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int e = tid + it * NT;
+      if (e < len * CPR) {
+        reinterpret_cast<uint4*>(st.k)[e] = kb[it];
+        if (with_q) reinterpret_cast<uint4*>(st.q)[e] = qb[it];
+      }
+    }
+  } else {
+    for (int e = tid; e < len * DKP; e += NT) {
+      const int x = e / DKP, i = e % DKP;
+      const bool in = i < p.dk;
+      st.k[e] = in ? row_of<T>(p.k, b, t0 + x, h)[i] : zero_elem<T>();
+      if (with_q) st.q[e] = in ? row_of<T>(p.q, b, t0 + x, h)[i] : zero_elem<T>();
+    }
   }
-  for (int e = tid; e < len; e += nt) {
+  if (p.per_key) {
+    for (int e = tid; e < len * DKP; e += NT) {
+      const int x = e / DKP, i = e % DKP;
+      st.dec[e] = i < p.dk ? expf(p.g[b * p.gsb + (t0 + x) * p.gst + h * p.gsh + i]) : 1.f;
+    }
+  }
+  for (int e = tid; e < len; e += NT) {
     const int64_t t = t0 + e;
     if (!p.per_key) st.dec[e] = expf(p.g[b * p.gsb + t * p.gst + h * p.gsh]);
     st.beta[e] = p.beta[b * p.bsb + t * p.bst + h * p.bsh];
     st.start[e] = starts_doc(p, b, t) ? 1 : 0;
   }
-  for (int e = tid; e < len * CW; e += nt) {
-    const int x = e / CW, c = e % CW;
-    if (c0.view != nullptr) {
-      const int col = c0.col0 + c;
-      st.c0[e] = (col >= 0 && col < c0.ncols) ? to_f<T>(row_of<T>(*c0.view, b, t0 + x, h)[col]) : 0.f;
-    }
-    if (c1.view != nullptr) {
-      const int col = c1.col0 + c;
-      st.c1[e] = (col >= 0 && col < c1.ncols) ? to_f<T>(row_of<T>(*c1.view, b, t0 + x, h)[col]) : 0.f;
+  constexpr int CITEMS = (CT * CW + NT - 1) / NT;
+  float v0[CITEMS], v1[CITEMS];
+#pragma unroll
+  for (int it = 0; it < CITEMS; ++it) {
+    const int e = tid + it * NT, x = e / CW, c = e % CW;
+    const int col0 = c0.col0 + c, col1 = c1.col0 + c;
+    const bool in = e < len * CW;
+    v0[it] = (in && c0.view != nullptr && col0 >= 0 && col0 < c0.ncols)
+                 ? to_f<T>(row_of<T>(*c0.view, b, t0 + x, h)[col0]) : 0.f;
+    v1[it] = (in && c1.view != nullptr && col1 >= 0 && col1 < c1.ncols)
+                 ? to_f<T>(row_of<T>(*c1.view, b, t0 + x, h)[col1]) : 0.f;
+  }
+#pragma unroll
+  for (int it = 0; it < CITEMS; ++it) {
+    const int e = tid + it * NT;
+    if (e < len * CW) {
+      if (c0.view != nullptr) st.c0[e] = v0[it];
+      if (c1.view != nullptr) st.c1[e] = v1[it];
     }
   }
 }
@@ -289,7 +327,7 @@ __global__ void __launch_bounds__(NW * 32) forward_kernel(Problem p, ForwardOut 
   for (int64_t c0 = L.x0; c0 < L.x1; c0 += CT) {
     const int len = static_cast<int>(L.x1 - c0 < CT ? L.x1 - c0 : CT);
     __syncthreads();  // the previous chunk's readers (and its output flush) are done
-    stage_load<T, DKP, CW>(p, st, L.b, L.h, c0, len, with_o, vsrc, ColSource{});
+    stage_load<T, DKP, CW, NW * 32>(p, st, L.b, L.h, c0, len, with_o, vsrc, ColSource{});
     __syncthreads();
     if (out.ckpt != nullptr && valid) {
       float* c = out.ckpt + ((L.bh * nck + c0 / CT) * p.dv + L.col) * p.dk;
@@ -348,7 +386,7 @@ __global__ void __launch_bounds__(NW * 32) summary_kernel(Problem p, SummaryOut 
   for (int64_t c0 = L.x0; c0 < L.x1; c0 += CT) {
     const int len = static_cast<int>(L.x1 - c0 < CT ? L.x1 - c0 : CT);
     __syncthreads();
-    stage_load<T, DKP, CW>(p, st, L.b, L.h, c0, len, false, vsrc, ColSource{});
+    stage_load<T, DKP, CW, NW * 32>(p, st, L.b, L.h, c0, len, false, vsrc, ColSource{});
     __syncthreads();
     for (int xx = 0; xx < len; ++xx) {
       if (st.start[xx]) {
@@ -421,7 +459,7 @@ __global__ void __launch_bounds__(NW * 32) entering_dstate_kernel(Problem p, Vie
     const int64_t cs = ce - CT > L.x0 ? ce - CT : L.x0;
     const int len = static_cast<int>(ce - cs);
     __syncthreads();
-    stage_load<T, DKP, CW>(p, st, L.b, L.h, cs, len, true, dsrc, ColSource{});
+    stage_load<T, DKP, CW, NW * 32>(p, st, L.b, L.h, cs, len, true, dsrc, ColSource{});
     __syncthreads();
     for (int xx = len - 1; xx >= 0; --xx) {
       float q[R], k[R], a[R];
@@ -576,8 +614,9 @@ __global__ void __launch_bounds__(kComposeThreads) compose_kernel(Problem p, Com
 // ---- backward --------------------------------------------------------------------------------
 template <int G, int R, int NW>
 __host__ __device__ constexpr int backward_extra_floats() {
-  // stretch entry states per column + per-token sums (dq, dk, dg rows, dbeta) of a stretch
-  return NW * (32 / G) * kStretches * G * R + kStretch * (3 * G * R + 1);
+  // stretch entry states per column + each warp's per-token sums (dq, dk, dg rows,
+  // dbeta) over half a stretch
+  return NW * (32 / G) * kStretches * G * R + (kStretch / 2) * NW * (3 * G * R + 1);
 }
 
 template <typename T, int G, int R, int NW>
@@ -592,7 +631,7 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
   const int64_t se = static_cast<int64_t>(p.dk) * p.dv, nck = p.checkpoints();
   const int Q = 3 * p.dk + 1;
   const float scale = p.scale;
-  for (int e = threadIdx.x; e < kStretch * RQ; e += NW * 32) red[e] = 0.f;
+  constexpr int kHalf = kStretch / 2;
 
   float lam[R];
   load_column<G, R>(p, a.leaving_dstate ? a.leaving_dstate + L.bh * se : nullptr, L.col, valid, L.g,
@@ -603,7 +642,7 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
     const int clen = static_cast<int>(p.n - c0 < CT ? p.n - c0 : CT);
     const int nst = (clen + kStretch - 1) / kStretch;
     __syncthreads();
-    stage_load<T, DKP, CW>(p, st, L.b, L.h, c0, clen, true, vsrc, dsrc);
+    stage_load<T, DKP, CW, NW * 32>(p, st, L.b, L.h, c0, clen, true, vsrc, dsrc);
     __syncthreads();
     // Forward through the checkpoint interval, keeping each stretch's entry state.
     float s[R];
@@ -652,7 +691,7 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
       }
 #pragma unroll
       for (int xx = kStretch - 1; xx >= 0; --xx) {
-        if (xx >= len) continue;
+        if (xx < len) {
         const int x = xb + xx;
         const int64_t t = p.begin + c0 + x;
         const bool start = st.start[x] != 0;
@@ -700,14 +739,14 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
         }
         db = across_groups<G>(db);
         if (L.lane < G) {
-          float* rr = red + xx * RQ;
+          float* rr = red + ((xx % kHalf) * NW + L.warp) * RQ;
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            atomicAdd(rr + L.g * R + r, dq[r]);
-            atomicAdd(rr + DKP + L.g * R + r, dkr[r]);
-            atomicAdd(rr + 2 * DKP + L.g * R + r, dgr[r]);
+            rr[L.g * R + r] = dq[r];
+            rr[DKP + L.g * R + r] = dkr[r];
+            rr[2 * DKP + L.g * R + r] = dgr[r];
           }
-          if (L.lane == 0) atomicAdd(rr + 3 * DKP, db);
+          if (L.lane == 0) rr[3 * DKP] = db;
         }
         if (start) {
           // lam is the gradient of this document's initial state; before the start lies
@@ -721,17 +760,22 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
                   : nullptr;
           load_column<G, R>(p, prev, L.col, valid, L.g, lam);
         }
+        }
+        if (xx % kHalf == 0) {  // the sums of tokens [xx, xx + kHalf) of the stretch
+          const int cnt = (len < xx + kHalf ? len : xx + kHalf) - xx;
+          __syncthreads();
+          const int64_t x0 = c0 + xb + xx;
+          for (int e = threadIdx.x; e < cnt * Q; e += NW * 32) {
+            const int hx = e / Q, qi = e % Q;
+            const int slot = qi < 3 * p.dk ? (qi / p.dk) * DKP + qi % p.dk : 3 * DKP;
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) sum += red[(hx * NW + w) * RQ + slot];
+            atomicAdd(a.acc + ((x0 + hx) * p.bh() + L.bh) * Q + qi, sum);
+          }
+          __syncthreads();
+        }
       }
-      __syncthreads();
-      const int64_t x0 = c0 + xb;
-      for (int e = threadIdx.x; e < len * Q; e += NW * 32) {
-        const int xx = e / Q, qi = e % Q;
-        const int slot = qi < 3 * p.dk ? (qi / p.dk) * DKP + qi % p.dk : 3 * DKP;
-        float* cell = red + xx * RQ + slot;
-        atomicAdd(a.acc + ((x0 + xx) * p.bh() + L.bh) * Q + qi, *cell);
-        *cell = 0.f;
-      }
-      __syncthreads();
     }
   }
   store_column<G, R>(p, a.dentering ? a.dentering + L.bh * se : nullptr, p.dv, L.col, valid, L.g,
