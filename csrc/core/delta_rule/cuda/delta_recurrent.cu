@@ -692,74 +692,74 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
 #pragma unroll
       for (int xx = kStretch - 1; xx >= 0; --xx) {
         if (xx < len) {
-        const int x = xb + xx;
-        const int64_t t = p.begin + c0 + x;
-        const bool start = st.start[x] != 0;
-        float q[R], k[R], dec[R], pre[R];
-        read_rows<T, R>(st.q + x * DKP + L.g * R, q);
-        read_rows<T, R>(st.k + x * DKP + L.g * R, k);
-        read_decay<R>(p, st.dec, x, DKP, L.g, dec);
-        const float beta = st.beta[x];
-        const float v = st.c0[x * CW + L.cl];
-        const float d = st.c1[x * CW + L.cl];
-        if (start) {
-          reset_column<G, R>(p, L.b, t, L.h, L.col, valid, L.g, pre);
-        } else {
+          const int x = xb + xx;
+          const int64_t t = p.begin + c0 + x;
+          const bool start = st.start[x] != 0;
+          float q[R], k[R], dec[R], pre[R];
+          read_rows<T, R>(st.q + x * DKP + L.g * R, q);
+          read_rows<T, R>(st.k + x * DKP + L.g * R, k);
+          read_decay<R>(p, st.dec, x, DKP, L.g, dec);
+          const float beta = st.beta[x];
+          const float v = st.c0[x * CW + L.cl];
+          const float d = st.c1[x * CW + L.cl];
+          if (start) {
+            reset_column<G, R>(p, L.b, t, L.h, L.col, valid, L.g, pre);
+          } else {
 #pragma unroll
-          for (int r = 0; r < R; ++r) pre[r] = xx == 0 ? E[r] : P[xx > 0 ? xx - 1 : 0][r];
-        }
-        // dS_t += scale q do^T; dq = scale S_t do; X = D_t S_{t-1}
-        float dq[R], X[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          lam[r] += scale * q[r] * d;
-          dq[r] = scale * P[xx][r] * d;
-          X[r] = dec[r] * pre[r];
-        }
-        const float kx = group_sum<G>(dot<R>(k, X));
-        const float lk = group_sum<G>(dot<R>(k, lam));
-        if (valid && L.g == 0)
-          static_cast<T*>(a.dv)[L.b * a.dvsb + t * a.dvst + L.h * a.dvsh + L.col] = from_f<T>(beta * lk);
-        const float vm = v - kx;
-        float db = L.g == 0 ? lk * vm : 0.f;
-        float dkr[R], dgr[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          dkr[r] = beta * (lam[r] * vm - X[r] * lk);
-          const float dX = lam[r] - beta * k[r] * lk;
-          dgr[r] = dX * X[r];
-          lam[r] = dec[r] * dX;
-        }
-        // Sum the warp's columns, then add this warp's share to the token's sums.
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          dq[r] = across_groups<G>(dq[r]);
-          dkr[r] = across_groups<G>(dkr[r]);
-          dgr[r] = across_groups<G>(dgr[r]);
-        }
-        db = across_groups<G>(db);
-        if (L.lane < G) {
-          float* rr = red + ((xx % kHalf) * NW + L.warp) * RQ;
+            for (int r = 0; r < R; ++r) pre[r] = xx == 0 ? E[r] : P[xx > 0 ? xx - 1 : 0][r];
+          }
+          // dS_t += scale q do^T; dq = scale S_t do; X = D_t S_{t-1}
+          float dq[R], X[R];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            rr[L.g * R + r] = dq[r];
-            rr[DKP + L.g * R + r] = dkr[r];
-            rr[2 * DKP + L.g * R + r] = dgr[r];
+            lam[r] += scale * q[r] * d;
+            dq[r] = scale * P[xx][r] * d;
+            X[r] = dec[r] * pre[r];
           }
-          if (L.lane == 0) rr[3 * DKP] = db;
-        }
-        if (start) {
-          // lam is the gradient of this document's initial state; before the start lies
-          // the end of the previous document, with its own gradient.
-          if (a.d_initial != nullptr)
-            store_column<G, R>(p, a.d_initial + (doc_of(p, L.b, t) * p.heads + L.h) * se, p.dv,
-                               L.col, valid, L.g, lam);
-          const float* prev =
-              (a.final_dstate != nullptr && t > p.begin)
-                  ? a.final_dstate + (doc_of(p, L.b, t - 1) * p.heads + L.h) * se
-                  : nullptr;
-          load_column<G, R>(p, prev, L.col, valid, L.g, lam);
-        }
+          const float kx = group_sum<G>(dot<R>(k, X));
+          const float lk = group_sum<G>(dot<R>(k, lam));
+          if (valid && L.g == 0)
+            static_cast<T*>(a.dv)[L.b * a.dvsb + t * a.dvst + L.h * a.dvsh + L.col] = from_f<T>(beta * lk);
+          const float vm = v - kx;
+          float db = L.g == 0 ? lk * vm : 0.f;
+          float dkr[R], dgr[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            dkr[r] = beta * (lam[r] * vm - X[r] * lk);
+            const float dX = lam[r] - beta * k[r] * lk;
+            dgr[r] = dX * X[r];
+            lam[r] = dec[r] * dX;
+          }
+          // Sum the warp's columns, then add this warp's share to the token's sums.
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            dq[r] = across_groups<G>(dq[r]);
+            dkr[r] = across_groups<G>(dkr[r]);
+            dgr[r] = across_groups<G>(dgr[r]);
+          }
+          db = across_groups<G>(db);
+          if (L.lane < G) {
+            float* rr = red + ((xx % kHalf) * NW + L.warp) * RQ;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              rr[L.g * R + r] = dq[r];
+              rr[DKP + L.g * R + r] = dkr[r];
+              rr[2 * DKP + L.g * R + r] = dgr[r];
+            }
+            if (L.lane == 0) rr[3 * DKP] = db;
+          }
+          if (start) {
+            // lam is the gradient of this document's initial state; before the start lies
+            // the end of the previous document, with its own gradient.
+            if (a.d_initial != nullptr)
+              store_column<G, R>(p, a.d_initial + (doc_of(p, L.b, t) * p.heads + L.h) * se, p.dv,
+                                 L.col, valid, L.g, lam);
+            const float* prev =
+                (a.final_dstate != nullptr && t > p.begin)
+                    ? a.final_dstate + (doc_of(p, L.b, t - 1) * p.heads + L.h) * se
+                    : nullptr;
+            load_column<G, R>(p, prev, L.col, valid, L.g, lam);
+          }
         }
         if (xx % kHalf == 0) {  // the sums of tokens [xx, xx + kHalf) of the stretch
           const int cnt = (len < xx + kHalf ? len : xx + kHalf) - xx;
