@@ -48,20 +48,23 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 import lasp2  # noqa: E402
-from lasp2.nn.linear_attention import lightning_log_decay  # noqa: E402
 from lasp2.nn.norms import RMSNorm  # noqa: E402
+from lasp2.ops.gates import gate_from_logits, lightning_log_decay  # noqa: E402
+from lasp2.options import FEATURE_MAPS  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
 
+# Linear-MoE's feature-map names (its ACT2FN): "elu" is plain F.elu there, lasp2's "elu" is
+# spelled "elu+1" here; the other maps are lasp2's own (lasp2.options.FEATURE_MAPS).
 _FEATURE_MAPS = {
     None: None,
     "identity": None,
-    "relu": F.relu,
+    "relu": FEATURE_MAPS["relu"],
+    "silu": FEATURE_MAPS["silu"],
+    "swish": FEATURE_MAPS["silu"],
+    "elu+1": FEATURE_MAPS["elu"],
     "elu": F.elu,
-    "elu+1": lambda x: F.elu(x) + 1.0,
-    "silu": F.silu,
-    "swish": F.silu,
     "sigmoid": torch.sigmoid,
 }
 
@@ -175,12 +178,7 @@ class Lasp2LinearAttention(MegatronModule):
                 raise Lasp2ConfigError(
                     f"Lasp2LinearAttention: gk has {gk.shape[-1]} channels per token; lasp2 takes one gate per "
                     f"head ({h}), not GLA's per-channel gates [n, b, h*d]: project the gates to heads")
-            logits = gk.reshape(n, b, h)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            g = F.logsigmoid(logits) / self.gate_normalizer
-            if self.gate_clamp_min is not None:
-                g = torch.clamp_min(g, self.gate_clamp_min)
+            g = gate_from_logits(gk.reshape(n, b, h), self.gate_normalizer, self.gate_clamp_min)
         elif g is not None:
             g = g.reshape(n, b, h)
         return g

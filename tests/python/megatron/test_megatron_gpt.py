@@ -60,8 +60,12 @@ CASES = [
     Case("packed balanced gate rope", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced"),
     Case("packed contiguous fixed learned-pos", O(layer_pattern="LNNL", split="contiguous"), packed=True,
          pos_emb="learned_absolute"),
+    # gated DeltaNet layers: short-convolution halo across ranks, the gated delta rule under LASP-2
+    Case("balanced gdn hybrid gate rope", O(layer_pattern="LGSG", decay="gate")),
+    Case("packed contiguous gdn learned-pos", O(layer_pattern="GSGL", split="contiguous"), packed=True,
+         pos_emb="learned_absolute"),
 ]
-CKPT_CASE = Case("ckpt", O(layer_pattern="LNLN", decay="fixed", learnable_decay=True))
+CKPT_CASE = Case("ckpt", O(layer_pattern="LGNL", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 DDP_STEPS = 3  # ddp_train's default
 
@@ -248,6 +252,39 @@ def _misc(rank):
     out["rope_packed_unpatched"] = error_of(lambda: rope_without_patch(
         Case("p", O(layer_pattern="NL"), num_layers=2, packed=True)))
     out["megatron_lm_spec"] = _megatron_lm_spec_path()
+    init_parallel(tp=1, cp=1)
+    out["pre_mixer_checkpoints"] = _pre_mixer_checkpoints_load()
+    return out
+
+
+def _pre_mixer_checkpoints_load():
+    """State dicts with the keys of the modules before the mixer split (a SelfAttention
+    subclass with core_attention.log_decay / output_norm_weight and linear_gate; the key list
+    is stored in data/) load into today's modules with strict=True, and their values land."""
+    import json
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "pre_mixer_state_dict.json")) as f:
+        cases = json.load(f)["cases"]
+    out = {}
+    for name, case in cases.items():
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                   use_cpu_initialization=True, params_dtype=torch.float32, **case["config"])
+        spec = get_lasp2_hybrid_block_spec(config, O(**case["options"]), **case["base_kwargs"])
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=16)
+        state = model.state_dict()
+        ours = {k: list(v.shape) for k, v in state.items() if ".self_attention." in k and v is not None}
+        gen = torch.Generator().manual_seed(0)
+        old = {k: torch.randn(shape, generator=gen) for k, shape in case["state_dict"].items()}
+        state.update(old)
+        model.load_state_dict(state, strict=True)
+        loaded = model.state_dict()
+        out[name] = {"same_keys": ours == case["state_dict"],
+                     "max_diff": max((loaded[k] - v).abs().max().item() for k, v in old.items())}
     return out
 
 
@@ -371,6 +408,13 @@ def test_megatron_lm_module_spec_path(cp2_results):
 
 def test_balanced_batch_split_is_megatrons(cp2_results):
     assert cp2_results["misc"]["batch_matches_megatron"]
+
+
+def test_checkpoints_of_the_modules_before_the_mixer_split_load(cp2_results):
+    r = cp2_results["misc"]["pre_mixer_checkpoints"]
+    assert len(r) == 4
+    for name, result in r.items():
+        assert result["same_keys"] and result["max_diff"] == 0.0, (name, result)
 
 
 def test_errors_that_need_a_cp_group(cp2_results):

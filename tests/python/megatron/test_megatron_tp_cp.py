@@ -38,9 +38,12 @@ CASES = [
     Case("contiguous ulysses", O(provider="ulysses", split="contiguous", layer_pattern="LLNL"),
          rope_split="contiguous"),
     Case("packed balanced gate", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced"),
+    # gated DeltaNet layers are TP = 1 only: CP 4 (halo of 3 tokens, parts of 4) and the TP 2 error
+    Case("balanced gdn", O(layer_pattern="GLSG", decay="gate")),
 ]
 LAYOUTS = [(2, 2), (1, 4)]  # (TP, CP) against (1, 1)
-CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate"}
+CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn"}
+TP1_CASES = {"balanced gdn"}
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 
 
@@ -54,10 +57,16 @@ def _equality(rank):
         init_parallel(tp=tp, cp=cp)
         groups[(tp, cp)] = ps.get_context_parallel_global_ranks()
         for case in CASES:
-            if cp == 4 and case.name not in CP4_CASES:
+            if (cp == 4 and case.name not in CP4_CASES) or (tp > 1 and case.name in TP1_CASES):
                 continue
             out[f"tp{tp} cp{cp} {case.name}"] = compare(refs[case.name],
                                                          loss_and_grads(build_gpt(case), case, *global_batch(case)))
+    init_parallel(tp=2, cp=2)
+    try:
+        build_gpt(next(c for c in CASES if c.name in TP1_CASES))
+        groups["gdn_tp2_error"] = "no error"
+    except ValueError as exc:
+        groups["gdn_tp2_error"] = str(exc)
     return out, groups
 
 
@@ -137,6 +146,11 @@ def tp_cp_results(tmp_path_factory):
 def test_cp_groups_are_megatrons(tp_cp_results):
     _, groups = tp_cp_results["equality"]
     assert groups[(2, 2)] in ([0, 2], [1, 3]) and groups[(1, 4)] == [0, 1, 2, 3]
+
+
+def test_gated_deltanet_layers_refuse_tensor_parallelism(tp_cp_results):
+    _, groups = tp_cp_results["equality"]
+    assert "support --tensor-model-parallel-size 1 only, got 2" in groups["gdn_tp2_error"]
 
 
 @pytest.mark.parametrize("layout", [f"tp{t} cp{c}" for t, c in LAYOUTS])
