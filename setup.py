@@ -81,6 +81,7 @@ def extension_modules():
     define_macros.append(("LASP2_WITH_CUDA", None))
     extra_link_args = []
     cuda_sources = sources("csrc/core/cuda/*.cu", "csrc/core/cuda/*.cpp")
+    cuda_sources += sources("csrc/core/delta_rule/cuda/*.cu", "csrc/core/delta_rule/cuda/*.cpp")
     nccl = nccl_paths()
     if nccl is not None:
         include_dirs.append(nccl[0])

@@ -6,8 +6,9 @@
 # benchmark (lasp2 beside fla's chunk_simple_gla), the longest sequence, and the
 # sequence-parallel benchmarks. Everything is logged under /tmp/lasp2_logs (packed
 # into $OUT/logs.tgz); the plots and a summary go to $OUT; a short table is printed last.
-#   bash scripts/device_check.sh [build] [tests] [gtest] [examples] [bench] [maxlen] [sp] [check] [profile]
-# (default: all but profile; about 8 minutes on one H200). Optional wheels (e.g.
+#   bash scripts/device_check.sh [build] [tests] [gtest] [examples] [bench] [maxlen] [sp] [check] [profile] [delta]
+# (default: all but profile and delta; about 8 minutes on one H200). delta: the delta-rule
+# CUDA GoogleTests (*DeltaCuda*), its gpu pytest and benchmarks/bench_delta_rule.py. Optional wheels (e.g.
 # flash-linear-attention's fla-core) are taken from .whl/.
 set -u
 cd "$(dirname "$0")/.."
@@ -49,6 +50,31 @@ if has build; then
   say "built the CUDA extension"
 fi
 python3 -c "import lasp2; assert lasp2.has_cuda_kernels(); print('lasp2 CUDA build; NCCL communicator:', lasp2._extension._C.has_nccl_communicator())" 2>&1 | keep
+
+if has delta; then
+  # the delta-rule CUDA backend: GoogleTests against the CPU backend (carried binary or
+  # built here from .carry/googletest), the gpu pytest, the GDN benchmark beside fla
+  DBIN=.carry/bin/lasp2_core_tests
+  if ! $DBIN --gtest_list_tests >/dev/null 2>&1 && [ -d .carry/googletest ]; then
+    (cmake -S .carry/googletest -B /tmp/gtb -G Ninja -DBUILD_GMOCK=OFF -DCMAKE_INSTALL_PREFIX=/tmp/gt &&
+     cmake --build /tmp/gtb -j"$MAX_JOBS" && cmake --install /tmp/gtb &&
+     cmake -S . -B /tmp/delta_build -G Ninja -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90 -DCMAKE_PREFIX_PATH=/tmp/gt &&
+     cmake --build /tmp/delta_build -j"$MAX_JOBS") > "$LOGS/delta_gtest_build.log" 2>&1
+    DBIN=/tmp/delta_build/lasp2_core_tests
+  fi
+  timeout 300 $DBIN --gtest_filter='*DeltaCuda*' > "$LOGS/delta_gtest.log" 2>&1
+  say "delta CUDA GoogleTests (exit $?): $(grep -cE '^\[       OK \]' "$LOGS/delta_gtest.log") OK, \
+$(grep '^\[  FAILED  \] [A-Z]' "$LOGS/delta_gtest.log" | sort -u | wc -l) failed"
+  grep -E '^\[  FAILED  \] [A-Z]|Failure|rel|Expected|Which is' "$LOGS/delta_gtest.log" | head -30 | keep
+  timeout 300 python3 -m pytest tests/python/ops/test_delta_rule_gpu.py -m gpu -q -p no:cacheprovider \
+    > "$LOGS/delta_pytest.log" 2>&1
+  say "delta gpu pytest (exit $?): $(tail -n 1 "$LOGS/delta_pytest.log")"
+  grep -E "^(FAILED|ERROR)|^E  " "$LOGS/delta_pytest.log" | head -20 | keep
+  timeout 420 python3 benchmarks/bench_delta_rule.py --out "$RES" ${DELTA_BENCH_ARGS:-} > "$LOGS/bench_delta.log" 2>&1
+  say "delta benchmark (exit $?)"
+  grep -vE "^\s*$" "$LOGS/bench_delta.log" | grep -E "^#|^GDN|^ +T |^ *[0-9]+ \|" | keep
+  cp "$RES/bench_delta_rule.png" "$RES/bench_delta_rule.json" "$OUT/" 2>/dev/null
+fi
 
 if has tests; then
   MARK="gpu"

@@ -9,6 +9,7 @@
 #include "delta_rule/delta_lasp2.h"
 #include "lasp2/communicator.h"
 #include "tensor_views.h"
+#include "torch_scratch.h"
 
 namespace py = pybind11;
 
@@ -103,7 +104,7 @@ std::vector<at::Tensor> forward(const DeltaArgs& args, bool want_final) {
   at::Tensor workspace =
       scratch(delta::delta_lasp2_forward_workspace_bytes(p, r.layout, r.seqs, want_final), r.q);
   const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
-  delta::delta_lasp2_forward(delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout,
+  delta::delta_lasp2_forward(delta_kernel_backend_for(r.q), args.comm.get(), r.layout,
                              p, r.seqs, ptr_or_null(r.initial), mut_view(o, "o"), saved,
                              want_final ? finals.data_ptr<float>() : nullptr, workspace.data_ptr(),
                              current_stream(r.q));
@@ -129,7 +130,7 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
       delta::delta_lasp2_backward_workspace_bytes(p, r.layout, r.seqs, dF.defined()), r.q);
   const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
   delta::delta_lasp2_backward(
-      delta::delta_backend_for(core_device(r.q)), args.comm.get(), r.layout, p, r.seqs,
+      delta_kernel_backend_for(r.q), args.comm.get(), r.layout, p, r.seqs,
       ptr_or_null(r.initial), const_view(dout_c, "dout"), saved, ptr_or_null(dF), mut_view(dq, "dq"),
       mut_view(dk, "dk"), mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
       need_dbeta ? dbeta.data_ptr() : nullptr, need_dinitial ? d_initial.data_ptr<float>() : nullptr,

@@ -5,6 +5,7 @@
 #ifdef LASP2_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 
+#include "delta_rule/cuda/delta_cuda_backend.h"
 #include "lasp2/scratch_allocator.h"
 #endif
 
@@ -38,6 +39,18 @@ const KernelBackend& kernel_backend_for(const at::Tensor& t) {
   }
 #endif
   return backend_for(core_device(t));
+}
+
+const delta::DeltaKernelBackend& delta_kernel_backend_for(const at::Tensor& t) {
+#ifdef LASP2_WITH_CUDA
+  if (t.is_cuda()) {
+    static const TorchScratch allocator;
+    static const std::unique_ptr<delta::DeltaKernelBackend> backend =
+        delta::make_delta_cuda_backend(allocator);
+    return *backend;
+  }
+#endif
+  return delta::delta_backend_for(core_device(t));
 }
 
 }  // namespace lasp2::torch_binding

@@ -5,10 +5,13 @@
 
 #include <ATen/ATen.h>
 
+#include "delta_rule/delta_backend.h"
 #include "lasp2/kernel_backend.h"
 
 namespace lasp2::torch_binding {
 
 const KernelBackend& kernel_backend_for(const at::Tensor& t);
+// The delta-rule family's backend for a tensor's device (scratch as above).
+const delta::DeltaKernelBackend& delta_kernel_backend_for(const at::Tensor& t);
 
 }  // namespace lasp2::torch_binding

@@ -117,9 +117,8 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
     for name, x in (("q", q), ("k", k), ("v", v)):
         C.check_tensor(op, name, x, 4)
     C.check_same_device_dtype(op, "q", q, k=k, v=v)
-    if q.device.type != "cpu":
-        C.fail(op, f"`q` is on {q.device}; the delta-rule family runs on the CPU in this build "
-                   "(CUDA kernels are not written yet)")
+    if q.device.type not in ("cpu", "cuda"):
+        C.fail(op, f"`q` is on {q.device}; the delta-rule family runs on CPU or CUDA tensors")
     if k.shape != q.shape:
         C.fail(op, f"`k` must have the shape of `q` {list(q.shape)}, got {list(k.shape)}")
     if v.shape[:3] != q.shape[:3]:

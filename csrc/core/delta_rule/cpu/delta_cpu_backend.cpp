@@ -6,6 +6,9 @@
 
 #include "delta_rule/cpu/delta_cpu.h"
 #include "delta_rule/delta_backend.h"
+#ifdef LASP2_WITH_CUDA
+#include "delta_rule/cuda/delta_cuda_backend.h"
+#endif
 
 namespace lasp2::delta {
 namespace {
@@ -114,7 +117,11 @@ const DeltaKernelBackend& delta_cpu_backend() {
 
 const DeltaKernelBackend& delta_backend_for(Device device) {
   if (device == Device::kCPU) return delta_cpu_backend();
-  fail("lasp2: the delta-rule family has no CUDA kernels yet; run it on CPU tensors");
+#ifdef LASP2_WITH_CUDA
+  return delta_cuda_backend();
+#else
+  fail("lasp2: this build has no CUDA kernels; rebuild with CUDA to run the delta rule on GPU tensors");
+#endif
 }
 
 }  // namespace lasp2::delta

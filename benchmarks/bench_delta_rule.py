@@ -1,0 +1,200 @@
+"""Kernel benchmark of one gated DeltaNet (GDN) layer on one GPU.
+
+    python benchmarks/bench_delta_rule.py [--seq-lens 8192 ... 262144] [--heads 16] [--dim 128]
+        [--out DIR] [--fla-budget-s 150]
+
+lasp2.gated_delta_rule (the CUDA backend of csrc/core/delta_rule/cuda) side by side
+with flash-linear-attention's chunk_gated_delta_rule when importable, in the same
+run: fwd, bwd (the backward alone: fwd+bwd minus fwd) and fwd+bwd, B = 1, bf16 q, k,
+v (k l2-normalized), fp32 log gates and betas. Each time is also given as a multiple
+of the memory floor: the bytes of q, k, v, g, beta, o (forward) and of those plus dO,
+dq, dk, dv, dg, dbeta (backward) at 4.2 TB/s. Where fla refuses a pass (its Triton
+kernels on this Triton version) the reason is printed and the passes that run are
+timed. Prints a table, writes a JSON file and a PNG.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lasp2
+
+FLOOR_BYTES_PER_S = 4.2e12
+
+
+def median_ms(fn, warmup=1, reps=5, budget_ms=3000.0):
+    """Median of up to `reps` timed calls (CUDA events), fewer when one call is slow."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if times and sum(times) > budget_ms:
+            break
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(T, H, D, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)
+    q = rnd(1, T, H, D).bfloat16()
+    k = F.normalize(rnd(1, T, H, D), dim=-1).bfloat16()
+    v = rnd(1, T, H, D).bfloat16()
+    g = F.logsigmoid(rnd(1, T, H) + 4.0)  # fp32 log gates, mostly near 0 as in trained layers
+    beta = torch.sigmoid(rnd(1, T, H))
+    do = rnd(1, T, H, D).bfloat16()
+    return q, k, v, g, beta, do
+
+
+def floor_ms(T, H, D, pass_):
+    tok = T * H
+    fwd = tok * D * 2 * 4 + tok * 4 * 2  # q, k, v, o (bf16); g, beta (fp32)
+    bwd = tok * D * 2 * 7 + tok * 4 * 4  # q, k, v, dO in; dq, dk, dv out; g, beta in, dg, dbeta out
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+    return nbytes / FLOOR_BYTES_PER_S * 1e3
+
+
+def providers():
+    out = {"lasp2": lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]}
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        out["fla"] = lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype))[0]
+    except Exception as exc:  # fla is optional: carried to the device as a wheel
+        print(f"# flash-linear-attention not available ({type(exc).__name__}: {exc})")
+    return out
+
+
+def time_passes(fn, q, k, v, g, beta, do):
+    """{fwd, bwd, fwd+bwd} in ms; a pass that raises gives its reason instead."""
+    res = {}
+    with torch.no_grad():
+        res["fwd"] = median_ms(lambda: fn(q, k, v, g, beta))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+
+    def step():
+        o = fn(*leaves)
+        torch.autograd.grad(o, leaves, do)
+
+    res["fwd+bwd"] = median_ms(step)
+    res["bwd"] = res["fwd+bwd"] - res["fwd"]
+    return res
+
+
+def check_close(fns, q, k, v, g, beta):
+    """Relative max difference of lasp2's output against fla's (both bf16)."""
+    if "fla" not in fns:
+        return None
+    with torch.no_grad():
+        a, b = fns["lasp2"](q, k, v, g, beta).float(), fns["fla"](q, k, v, g, beta).float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072, 262144])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--fla-budget-s", type=float, default=150.0, help="stop timing fla after this long")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    fns = providers()
+    H, D = args.heads, args.dim
+    print(f"# GDN, B=1, H={H}, D={D}, bf16 q/k/v, fp32 g/beta on {torch.cuda.get_device_name()}")
+    rows, fla_spent, refused = [], 0.0, {}
+    for T in args.seq_lens:
+        inputs = make_inputs(T, H, D)
+        for name, fn in fns.items():
+            if name == "fla" and fla_spent > args.fla_budget_s:
+                refused.setdefault("budget", f"stopped after {fla_spent:.0f} s (compile + autotune)")
+                continue
+            t0 = time.time()
+            try:
+                res = time_passes(fn, *inputs)
+            except Exception as exc:  # noqa: BLE001 - report and time what runs
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                refused[name] = reason
+                try:
+                    with torch.no_grad():
+                        res = {"fwd": median_ms(lambda: fn(*inputs[:5]))}
+                except Exception as exc2:  # noqa: BLE001
+                    refused[name] = reason + f"; forward: {type(exc2).__name__}"
+                    res = {}
+            if name == "fla":
+                fla_spent += time.time() - t0
+            for pass_, ms in res.items():
+                rows.append({"provider": name, "T": T, "pass": pass_, "ms": ms,
+                             "x_floor": ms / floor_ms(T, H, D, pass_)})
+            torch.cuda.synchronize()
+        if T == args.seq_lens[0]:
+            diff = check_close(fns, *inputs[:5])
+            if diff is not None:
+                print(f"# lasp2 vs fla output at T={T}: max |diff| / max |fla| = {diff:.2e}")
+        del inputs
+        torch.cuda.empty_cache()
+    for name, reason in refused.items():
+        print(f"# {name} refused or skipped: {reason}")
+    with open(os.path.join(args.out, "bench_delta_rule.json"), "w") as f:
+        json.dump({"H": H, "D": D, "rows": rows}, f, indent=1)
+    report(rows, args, H, D)
+
+
+def report(rows, args, H, D):
+    def get(name, T, pass_):
+        for r in rows:
+            if r["provider"] == name and r["T"] == T and r["pass"] == pass_:
+                return r
+        return None
+
+    def fmt(r, key="ms", spec="{:8.2f}"):
+        return spec.format(r[key]) if r is not None else f"{'-':>8}"
+
+    print(f"GDN H={H} D={D} bf16 B=1 (ms; xfl = x memory floor at 4.2 TB/s; fla/us = fla / lasp2)")
+    print(f"{'T':>7} | {'pass':>7} | {'lasp2':>8} {'xfl':>6} | {'fla':>8} {'xfl':>6} | {'fla/us':>6}")
+    for T in args.seq_lens:
+        for pass_ in ("fwd", "bwd", "fwd+bwd"):
+            a, b = get("lasp2", T, pass_), get("fla", T, pass_)
+            ratio = f"{b['ms'] / a['ms']:6.2f}" if a and b and a["ms"] > 0 else f"{'-':>6}"
+            print(f"{T:>7} | {pass_:>7} | {fmt(a)} {fmt(a, 'x_floor', '{:6.1f}')} | "
+                  f"{fmt(b)} {fmt(b, 'x_floor', '{:6.1f}')} | {ratio}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=False)
+    for ax, pass_ in zip(axes, ("fwd", "bwd", "fwd+bwd")):
+        for name, style in (("lasp2", "o-"), ("fla", "s--")):
+            pts = [(T, get(name, T, pass_)["ms"]) for T in args.seq_lens if get(name, T, pass_)]
+            if pts:
+                ax.plot(*zip(*pts), style, label=name)
+        floor = [floor_ms(T, H, D, pass_) for T in args.seq_lens]
+        ax.plot(args.seq_lens, floor, ":", color="gray", label="memory floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"GDN {pass_}, H={H}, D={D}, bf16")
+        ax.set_xlabel("T (tokens, B=1)")
+        ax.set_ylabel("ms")
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(args.out, "bench_delta_rule.png")
+    fig.savefig(path, dpi=110)
+    print(f"# plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+// DeltaKernelBackend on CUDA: argument checks, scratch, and the launches of
+// delta_recurrent.cu. Inputs q, k, v (and dO) in float32, float16 or bfloat16 with a
+// contiguous last dimension and any [B, T, H] strides; gates and betas float32;
+// d_k, d_v in 1..128. Accumulation, states and maps in float32.
+//
+// What each call launches:
+//   part_summary     one walk over the part of the columns [A | M] from [I | 0]
+//   forward          one walk writing o
+//   entering_dstate  one reverse walk over the head
+//   backward         a forward walk storing the state every 64 tokens, the reverse
+//                    walk (dv directly; dq, dk, dg, dbeta summed over state columns
+//                    into an fp32 buffer), and a pass writing dq, dk, dg, dbeta
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda/route.h"
+#include "delta_rule/cuda/delta_cuda_backend.h"
+#include "delta_rule/cuda/delta_launch.h"
+
+namespace lasp2::delta {
+namespace {
+
+using gpu::Elem;
+
+cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+Elem elem_of(ScalarType t) {
+  switch (t) {
+    case ScalarType::kFloat32:
+      return Elem::kF32;
+    case ScalarType::kFloat16:
+      return Elem::kF16;
+    case ScalarType::kBFloat16:
+      return Elem::kBF16;
+    default:
+      fail(std::string("lasp2 (CUDA delta rule): q, k, v must be float32, float16 or bfloat16, got ") +
+           to_string(t));
+  }
+}
+
+gpu::View view_of(ConstView v) { return {v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
+
+void check_params(const DeltaParams& p, TokenRange part) {
+  elem_of(p.dtype);
+  LASP2_CHECK(p.gate_dtype == ScalarType::kFloat32,
+              "the CUDA delta-rule kernels take float32 gates and betas, got " +
+                  std::string(to_string(p.gate_dtype)));
+  LASP2_CHECK(p.dim_k >= 1 && p.dim_k <= gpu::kMaxDim && p.dim_v >= 1 && p.dim_v <= gpu::kMaxDim,
+              "the CUDA delta-rule kernels support head dims 1..128, got dim_k=" +
+                  std::to_string(p.dim_k) + ", dim_v=" + std::to_string(p.dim_v));
+  LASP2_CHECK(p.batch >= 0 && p.heads >= 0 && p.seqlen >= 0, "negative sizes");
+  LASP2_CHECK(p.bh() <= 65535, "the CUDA delta-rule kernels support batch * heads <= 65535");
+  LASP2_CHECK(part.begin >= 0 && part.begin <= part.end && part.end <= p.seqlen,
+              "token range outside the local sequence");
+  LASP2_CHECK(part.length() * p.bh() < (int64_t{1} << 31), "part too long for the CUDA kernels");
+  LASP2_CHECK(p.g != nullptr && p.beta != nullptr, "the delta rule needs gates and betas");
+}
+
+gpu::Problem problem_of(const DeltaParams& p, TokenRange part, const float* doc_initial) {
+  gpu::Problem g;
+  g.batch = static_cast<int>(p.batch);
+  g.heads = static_cast<int>(p.heads);
+  g.dk = static_cast<int>(p.dim_k);
+  g.dv = static_cast<int>(p.dim_v);
+  g.seqlen = p.seqlen;
+  g.begin = part.begin;
+  g.n = part.length();
+  g.elem = elem_of(p.dtype);
+  g.q = view_of(p.q);
+  g.k = view_of(p.k);
+  g.v = view_of(p.v);
+  g.g = static_cast<const float*>(p.g);
+  g.gsb = p.g_stride.batch;
+  g.gst = p.g_stride.seq;
+  g.gsh = p.g_stride.head;
+  g.per_key = p.gate_kind == GateKind::kPerKey ? 1 : 0;
+  g.beta = static_cast<const float*>(p.beta);
+  g.bsb = p.beta_stride.batch;
+  g.bst = p.beta_stride.seq;
+  g.bsh = p.beta_stride.head;
+  g.scale = static_cast<float>(p.scale);
+  g.doc_start = p.doc_start;
+  g.doc_id = p.doc_id;
+  g.doc_sb = p.doc_batch_stride;
+  g.doc_initial = doc_initial;
+  const int64_t per = 16 / (g.elem == Elem::kF32 ? 4 : 2);
+  auto aligned = [&](const gpu::View& v) {
+    return reinterpret_cast<uintptr_t>(v.ptr) % 16 == 0 && v.sb % per == 0 && v.st % per == 0 &&
+           v.sh % per == 0;
+  };
+  g.vec = (aligned(g.q) && aligned(g.k) && g.dk % per == 0) ? 1 : 0;
+  g.seg_len = std::max<int64_t>(g.n, 1);  // one segment until segmented()
+  g.nseg = 1;
+  return g;
+}
+
+// One allocation of `floats` fp32 elements per named buffer, returned stream-ordered.
+class Scratch {
+ public:
+  Scratch(std::initializer_list<int64_t> floats, const ScratchAllocator* allocator,
+          cudaStream_t stream)
+      : allocator_(allocator), stream_(stream) {
+    int64_t bytes = 0;
+    for (int64_t f : floats) bytes += aligned(f);
+    if (bytes == 0) return;
+    if (allocator_ != nullptr) {
+      base_ = allocator_->allocate(static_cast<size_t>(bytes), stream_);
+      LASP2_CHECK(base_ != nullptr, "the scratch allocator returned null");
+    } else if (cuda::device_info().pools) {
+      cuda::cuda_check(cudaMallocAsync(&base_, bytes, stream_), "cudaMallocAsync of the scratch buffer");
+      async_ = true;
+    } else {
+      cuda::cuda_check(cudaMalloc(&base_, bytes), "cudaMalloc of the scratch buffer");
+    }
+    char* p = static_cast<char*>(base_);
+    for (int64_t f : floats) {
+      pointers_[count_++] = f > 0 ? reinterpret_cast<float*>(p) : nullptr;
+      p += aligned(f);
+    }
+  }
+  ~Scratch() {
+    if (base_ == nullptr) return;
+    if (allocator_ != nullptr) {
+      allocator_->release(base_, stream_);
+    } else if (async_) {
+      cudaFreeAsync(base_, stream_);
+    } else {
+      cudaStreamSynchronize(stream_);  // only on devices without memory pools
+      cudaFree(base_);
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* operator[](int i) const { return pointers_[i]; }
+
+ private:
+  static int64_t aligned(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
+  const ScratchAllocator* allocator_;
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  bool async_ = false;
+  float* pointers_[8] = {};
+  int count_ = 0;
+};
+
+// Cuts the part into segments that the walks run in parallel (delta_launch.h).
+gpu::Problem segmented(gpu::Problem g) {
+  g.seg_len = gpu::plan_seg_len(g, cuda::device_info().sms);
+  g.nseg = g.n > 0 ? static_cast<int>((g.n + g.seg_len - 1) / g.seg_len) : 1;
+  return g;
+}
+
+// The per-segment maps, states and document starts of a segmented walk.
+struct SegmentBuffers {
+  float *A = nullptr, *M = nullptr, *head_A = nullptr, *head_M = nullptr, *states = nullptr;
+  int* firsts = nullptr;
+  SegmentBuffers(const gpu::Problem& g, const ScratchAllocator* allocator, cudaStream_t s)
+      : scratch_({g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
+                  g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
+                  g.nseg * g.bh() * g.dk * g.dv, static_cast<int64_t>(g.batch) * g.nseg},
+                 allocator, s) {
+    A = scratch_[0];
+    M = scratch_[1];
+    head_A = scratch_[2];
+    head_M = scratch_[3];
+    states = scratch_[4];
+    firsts = reinterpret_cast<int*>(scratch_[5]);
+  }
+
+ private:
+  Scratch scratch_;
+};
+
+class DeltaCudaBackend final : public DeltaKernelBackend {
+ public:
+  explicit DeltaCudaBackend(const ScratchAllocator* allocator) : allocator_(allocator) {}
+
+  Device device() const override { return Device::kCUDA; }
+
+  void part_summary(const DeltaParams& p, TokenRange part, const DocStates& doc, float* A,
+                    float* M, float* head_A, float* head_M, void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0) return;
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
+    gpu::SummaryOut out;
+    out.finals = doc.finals;
+    out.ncols = g.dk + g.dv;
+    if (g.nseg == 1) {
+      out.A = A;
+      out.M = M;
+      out.head_A = head_A;
+      out.head_M = head_M;
+      gpu::launch_summary(g, out, s);
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    out.A = seg.A;
+    out.M = seg.M;
+    out.head_A = seg.head_A;
+    out.head_M = seg.head_M;
+    gpu::launch_summary(g, out, s);
+    gpu::launch_firsts(g, seg.firsts, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kSummary;
+    c.segA = seg.A;
+    c.segM = seg.M;
+    c.seg_head_A = seg.head_A;
+    c.seg_head_M = seg.head_M;
+    c.firsts = seg.firsts;
+    c.A = A;
+    c.M = M;
+    c.head_A = head_A;
+    c.head_M = head_M;
+    c.finals = doc.finals;
+    gpu::launch_compose(g, c, s);
+  }
+
+  void forward(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
+               MutView o, void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0 || part.length() == 0) return;
+    gpu::ForwardOut out;
+    out.o = o.data;
+    out.osb = o.stride.batch;
+    out.ost = o.stride.seq;
+    out.osh = o.stride.head;
+    walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
+  }
+
+  void entering_dstate(const DeltaParams& p, TokenRange part, ConstView dout, float* dentering,
+                       void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0) return;
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = segmented(problem_of(p, part, nullptr));
+    if (g.n == 0) {
+      cuda::cuda_check(cudaMemsetAsync(dentering, 0, g.bh() * p.state_elems() * sizeof(float), s),
+                       "cudaMemsetAsync");
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    gpu::launch_firsts(g, seg.firsts, s);
+    if (g.nseg == 1) {
+      gpu::launch_entering_dstate(g, view_of(dout), seg.firsts, nullptr, dentering, s);
+      return;
+    }
+    // E_part = E_0 + A_0^T (E_1 + A_1^T (...)): each segment's own share, carried back
+    // through the maps of the segments before it (A alone: the first dk columns).
+    gpu::SummaryOut out;
+    out.A = seg.A;
+    out.head_A = seg.head_A;
+    out.ncols = g.dk;
+    gpu::launch_summary(g, out, s);
+    gpu::launch_entering_dstate(g, view_of(dout), seg.firsts, nullptr, seg.states, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kSuffix;
+    c.segA = seg.A;
+    c.E = seg.states;
+    c.final_out = dentering;
+    gpu::launch_compose(g, c, s);
+  }
+
+  void backward(const DeltaParams& p, TokenRange part, ConstView dout, const float* entering,
+                const float* leaving_dstate, const DocStates& doc, MutView dq, MutView dk,
+                MutView dv, void* dg, void* dbeta, float* dentering, void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0) return;
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
+    const int64_t ckpt_floats = p.bh() * g.checkpoints() * p.state_elems();
+    const int64_t acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
+    const Scratch scratch({ckpt_floats, acc_floats}, allocator_, s);
+    if (acc_floats > 0)
+      cuda::cuda_check(cudaMemsetAsync(scratch[1], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
+
+    gpu::ForwardOut fwd;  // the state at every 64th token
+    fwd.ckpt = scratch[0];
+    if (part.length() > 0) walk_forward(g, entering, fwd, s);
+
+    gpu::BackwardArgs a;
+    a.dout = view_of(dout);
+    a.ckpt = scratch[0];
+    a.leaving_dstate = leaving_dstate;
+    a.final_dstate = doc.final_dstate;
+    a.d_initial = doc.d_initial;
+    a.dentering = dentering;
+    a.dv = dv.data;
+    a.dvsb = dv.stride.batch;
+    a.dvst = dv.stride.seq;
+    a.dvsh = dv.stride.head;
+    a.acc = scratch[1];
+    gpu::launch_backward(g, a, s);
+
+    gpu::FinishArgs f;
+    f.acc = scratch[1];
+    f.dq = dq.data;
+    f.dqsb = dq.stride.batch;
+    f.dqst = dq.stride.seq;
+    f.dqsh = dq.stride.head;
+    f.dk = dk.data;
+    f.dksb = dk.stride.batch;
+    f.dkst = dk.stride.seq;
+    f.dksh = dk.stride.head;
+    f.dg = static_cast<float*>(dg);
+    f.dbeta = static_cast<float*>(dbeta);
+    gpu::launch_finish(g, f, s);
+  }
+
+  void apply_map(const float* A, const float* x, const float* y, int64_t bh, int64_t dk,
+                 int64_t dv, float* out, void* stream) const override {
+    check_map(bh, dk, dv);
+    gpu::launch_apply_map(A, x, y, bh, static_cast<int>(dk), static_cast<int>(dv), false, out,
+                          as_stream(stream));
+  }
+
+  void apply_map_transposed_add(const float* A, const float* x, int64_t bh, int64_t dk,
+                                int64_t dv, float* out, void* stream) const override {
+    check_map(bh, dk, dv);
+    gpu::launch_apply_map(A, x, nullptr, bh, static_cast<int>(dk), static_cast<int>(dv), true, out,
+                          as_stream(stream));
+  }
+
+  void add(float* dst, const float* src, int64_t count, void* stream) const override {
+    gpu::launch_add(dst, src, count, as_stream(stream));
+  }
+
+  void copy(float* dst, const float* src, int64_t count, void* stream) const override {
+    if (count <= 0 || dst == src) return;
+    cuda::cuda_check(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice,
+                                     as_stream(stream)),
+                     "cudaMemcpyAsync");
+  }
+
+  void fill_zero(float* dst, int64_t count, void* stream) const override {
+    if (count <= 0) return;
+    cuda::cuda_check(cudaMemsetAsync(dst, 0, count * sizeof(float), as_stream(stream)),
+                     "cudaMemsetAsync");
+  }
+
+ private:
+  // The forward walk of `out` over the part with `entering` entering it: directly for
+  // one segment, else after the segments' summaries and the prefix of their entering
+  // states.
+  void walk_forward(const gpu::Problem& g, const float* entering, gpu::ForwardOut out,
+                    cudaStream_t s) const {
+    if (g.nseg == 1) {
+      out.entering = entering;
+      gpu::launch_forward(g, out, s);
+      return;
+    }
+    const SegmentBuffers seg(g, allocator_, s);
+    gpu::SummaryOut sum;
+    sum.A = seg.A;
+    sum.M = seg.M;
+    sum.head_A = seg.head_A;
+    sum.head_M = seg.head_M;
+    sum.ncols = g.dk + g.dv;
+    gpu::launch_summary(g, sum, s);
+    gpu::ComposeArgs c;
+    c.mode = gpu::ComposeMode::kPrefix;
+    c.segA = seg.A;
+    c.segM = seg.M;
+    c.init = entering;
+    c.seg_out = seg.states;
+    gpu::launch_compose(g, c, s);
+    out.entering = seg.states;
+    gpu::launch_forward(g, out, s);
+  }
+
+  static void check_map(int64_t bh, int64_t dk, int64_t dv) {
+    LASP2_CHECK(dk >= 1 && dk <= gpu::kMaxDim && dv >= 1 && dv <= gpu::kMaxDim,
+                "the CUDA delta-rule combines support head dims 1..128");
+    LASP2_CHECK(bh >= 0 && bh < (int64_t{1} << 31), "too many (b, h) rows");
+  }
+
+  const ScratchAllocator* allocator_;  // null: cudaMallocAsync
+};
+
+}  // namespace
+
+const DeltaKernelBackend& delta_cuda_backend() {
+  static const DeltaCudaBackend backend(nullptr);
+  return backend;
+}
+
+std::unique_ptr<DeltaKernelBackend> make_delta_cuda_backend(const ScratchAllocator& allocator) {
+  return std::make_unique<DeltaCudaBackend>(&allocator);
+}
+
+}  // namespace lasp2::delta

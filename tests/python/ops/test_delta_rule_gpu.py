@@ -1,0 +1,95 @@
+"""lasp2.gated_delta_rule / lasp2.kda on one CUDA GPU (marker gpu) against the float64
+step-by-step recurrence (lasp2_testing/delta_rule.py) and against the CPU path:
+outputs, final states and the gradients of q, k, v, g, beta and the initial state,
+for rows and packed documents, bf16 / fp16 / fp32 inputs, head dims 64 and 128.
+
+Run on the device machine: `pytest -m gpu tests/python/ops/test_delta_rule_gpu.py`.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp2
+from lasp2_testing.checks import rel_err
+from lasp2_testing.delta_rule import delta_rule_reference
+
+pytestmark = pytest.mark.gpu
+
+OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
+# bf16 / fp16 outputs round to 8 / 11 bits; states and accumulation are fp32
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-4}
+
+
+def make_inputs(kind, B, T, H, D, seed=0, docs=None):
+    """float64 CPU tensors: k l2-normalized per head (as GDN / KDA layers do)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    q, k, v = rnd(B, T, H, D), F.normalize(rnd(B, T, H, D), dim=-1), rnd(B, T, H, D)
+    g = F.logsigmoid(rnd(B, T, H, D) + 3.0 if kind == "kda" else rnd(B, T, H) + 3.0) / 2
+    beta = torch.sigmoid(rnd(B, T, H))
+    N = B if docs is None else len(docs) - 1
+    h0 = rnd(N, H, D, D) * 0.3
+    return q, k, v, g, beta, h0
+
+
+def run(op, q, k, v, g, beta, h0, cu, scale):
+    """o, final and the gradients of (q, k, v, g, beta, h0) for a fixed random loss."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, final = op(*leaves[:5], scale=scale, initial_state=leaves[5], output_final_state=True,
+                  cu_seqlens=cu)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
+    dF = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
+    loss = (o.double() * do.double()).sum() + (final.double() * dF.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return o, final, grads
+
+
+NAMES = ("dq", "dk", "dv", "dg", "dbeta", "d_initial_state")
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("packed", [False, True])
+def test_matches_float64_recurrence(kind, dtype, D, packed):
+    # 200 tokens: three 64-token checkpoints of the backward, documents across them
+    cu = torch.tensor([0, 5, 64, 65, 150, 200]) if packed else None
+    B, T, H = (1 if packed else 2), 200, 2
+    q, k, v, g, beta, h0 = make_inputs(kind, B, T, H, D, docs=cu.tolist() if packed else None)
+    q, k, v = (x.to(dtype) for x in (q, k, v))  # the rounded values are the problem
+    scale = D ** -0.5
+    dev = [x.cuda() for x in (q, k, v)] + [g.float().cuda(), beta.float().cuda(), h0.float().cuda()]
+    o, final, grads = run(OPS[kind], *dev, cu.cuda() if packed else None, scale)
+    assert o.dtype == dtype and o.device.type == "cuda" and final.dtype == torch.float32
+    ref = [x.double() for x in (q, k, v)] + [g.float().double(), beta.float().double(), h0.float().double()]
+    reference = lambda *a, scale, initial_state, output_final_state, cu_seqlens: delta_rule_reference(
+        *a, scale, initial_state, cu_seqlens)
+    o_ref, final_ref, grads_ref = run(reference, *ref, cu, scale)
+    tol = TOL[dtype]
+    assert rel_err(o.cpu(), o_ref) < tol, "o"
+    assert rel_err(final.cpu(), final_ref) < tol, "final state"
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        assert got.device.type == "cuda", name
+        assert rel_err(got.cpu(), want) < tol, name
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_matches_cpu_path(kind, packed):
+    # 1000 tokens (15 checkpoints), q, k, v strided views of one fused projection
+    T, H, D = 1000, 2, 64
+    cu = torch.tensor([0, 1, 333, 334, 700, 1000]) if packed else None
+    B = 1 if packed else 2
+    q, k, v, g, beta, h0 = (x.float() for x in make_inputs(kind, B, T, H, D, seed=3,
+                                                          docs=cu.tolist() if packed else None))
+    scale = 0.9 * D ** -0.5
+    cpu = run(OPS[kind], q, k, v, g, beta, h0, cu, scale)
+    qkv = torch.cat([q, k, v], dim=-1).cuda()
+    views = (qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:])
+    gpu = run(OPS[kind], *views, g.cuda(), beta.cuda(), h0.cuda(), cu.cuda() if packed else None, scale)
+    assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-4, "o"
+    assert rel_err(gpu[1].cpu(), cpu[1]) < 1e-4, "final state"
+    for name, got, want in zip(NAMES, gpu[2], cpu[2]):
+        assert rel_err(got.cpu(), want) < 2e-4, name
