@@ -36,20 +36,20 @@ class _DeltaRuleLasp2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial, docs, scale, chunk_size, comm, parts, want_final):
         doc_start, doc_id, head_doc, num_seqs = docs
-        o, final, records, prefixes = _C.delta_forward(
+        o, final, saved = _C.delta_forward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
             comm, parts, want_final)
-        ctx.save_for_backward(q, k, v, g, beta, initial, records, prefixes)
+        ctx.save_for_backward(q, k, v, g, beta, initial, *saved)
         ctx.config = (docs, scale, chunk_size, comm, parts)
         ctx.set_materialize_grads(False)
-        if not want_final:
+        if not want_final or final is None:
             final = o.new_empty(0)
             ctx.mark_non_differentiable(final)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial, records, prefixes = ctx.saved_tensors
+        q, k, v, g, beta, initial, *saved = ctx.saved_tensors
         (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts = ctx.config
         if do is None:
             do = torch.zeros_like(v)
@@ -60,7 +60,7 @@ class _DeltaRuleLasp2(torch.autograd.Function):
         need = ctx.needs_input_grad
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
-            comm, parts, do, records, prefixes, dfinal, bool(need[3]), bool(need[4]),
+            comm, parts, do, saved, dfinal, bool(need[3]), bool(need[4]),
             bool(initial is not None and need[5]))
         return (dq, dk, dv,
                 dg.to(g.dtype) if need[3] else None,

@@ -18,6 +18,12 @@ struct DgScratch {
   }
 };
 
+void check_docs(const DocStates& docs) {
+  LASP2_CHECK(docs.initial == nullptr && docs.finals == nullptr && docs.final_dstate == nullptr &&
+                  docs.d_initial == nullptr,
+              "the scalar-decay family takes no per-document states yet");
+}
+
 }  // namespace
 
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o)
@@ -31,8 +37,10 @@ int64_t ScalarDecay::backward_scratch_bytes(const AttentionParams& p, bool need_
   return need_dg ? sp::q_dot_bytes(p) + sp::round_up8(p.bh() * 4) : 0;
 }
 
-void ScalarDecay::summarize(TokenRange part, float* state, float* map, void* stream) const {
-  be_.part_state(p_, part, state, map, stream);
+void ScalarDecay::summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                            void* stream) const {
+  check_docs(docs);
+  be_.part_state(p_, part, out.state, out.map, stream);
 }
 
 void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const float* maps,
@@ -40,7 +48,9 @@ void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const 
   be_.combine_prefix(states, maps, target, p_.bh(), p_.state_elems(), out, stream);
 }
 
-void ScalarDecay::forward(TokenRange part, const float* entering, void* stream) const {
+void ScalarDecay::forward(TokenRange part, const float* entering, const DocStates& docs,
+                          void* stream) const {
+  check_docs(docs);
   be_.chunk_forward(p_, part, entering, o_, stream);
 }
 
@@ -58,14 +68,16 @@ void ScalarDecay::combine_suffix(const std::vector<const float*>& dstates, const
   be_.combine_suffix(dstates, maps, target, p_.bh(), p_.state_elems(), out, stream);
 }
 
-void ScalarDecay::backward_entering(TokenRange part, const float* entering, void* scratch,
-                                    void* stream) const {
+void ScalarDecay::backward_entering(TokenRange part, const float* entering, const DocStates& docs,
+                                    void* scratch, void* stream) const {
+  check_docs(docs);
   const DgScratch s(p_, scratch, grads_.dg != nullptr);
   be_.chunk_backward_dq(p_, part, grads_.dout, entering, grads_.dq, s.q_dot_dq, stream);
 }
 
-void ScalarDecay::backward(TokenRange part, const PartStates& states, void* scratch,
-                           void* stream) const {
+void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocStates& docs,
+                           void* scratch, void* stream) const {
+  check_docs(docs);
   const DgScratch s(p_, scratch, grads_.dg != nullptr);
   const float* dg_offset = nullptr;
   if (grads_.dg != nullptr && states.leaving_grad != nullptr) {

@@ -28,10 +28,12 @@ class ScalarDecay final : public PartFamily {
   int64_t local_tokens() const override { return p_.seqlen; }
   Device device() const override { return be_.device(); }
 
-  void summarize(TokenRange part, float* state, float* map, void* stream) const override;
+  void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                 void* stream) const override;
   void combine_prefix(const std::vector<const float*>& states, const float* maps, int target,
                       float* out, void* stream) const override;
-  void forward(TokenRange part, const float* entering, void* stream) const override;
+  void forward(TokenRange part, const float* entering, const DocStates& docs,
+               void* stream) const override;
   bool has_entering_output() const override { return true; }
   void add_entering_output(TokenRange part, const float* entering, void* stream) const override;
 
@@ -41,9 +43,9 @@ class ScalarDecay final : public PartFamily {
   void entering_grad(TokenRange part, float* dstate, void* stream) const override;
   void combine_suffix(const std::vector<const float*>& dstates, const float* maps, int target,
                       float* out, void* stream) const override;
-  void backward_entering(TokenRange part, const float* entering, void* scratch,
-                         void* stream) const override;
-  void backward(TokenRange part, const PartStates& states, void* scratch,
+  void backward_entering(TokenRange part, const float* entering, const DocStates& docs,
+                         void* scratch, void* stream) const override;
+  void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
   void copy(float* dst, const float* src, int64_t count, void* stream) const override {
@@ -51,6 +53,9 @@ class ScalarDecay final : public PartFamily {
   }
   void fill_zero(float* dst, int64_t count, void* stream) const override {
     be_.fill_zero(dst, count, stream);
+  }
+  void add(float* dst, const float* src, int64_t count, void* stream) const override {
+    be_.add(dst, src, count, stream);
   }
 
  private:

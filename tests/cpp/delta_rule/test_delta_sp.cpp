@@ -1,8 +1,10 @@
-// The delta-rule LASP-2 schedule on P threads: every rank's outputs, gradients and
-// final states equal the float64 recurrence over the whole sequence, for the
-// contiguous and balanced layouts, GDN and KDA gates, batch rows and packed
+// The delta-rule family (DeltaFamily over the CPU DeltaKernelBackend) under the
+// generic LASP-2 schedule (csrc/core/sp) on P threads: every rank's outputs,
+// gradients and final states equal the float64 recurrence over the whole sequence,
+// for the contiguous and balanced layouts, GDN and KDA gates, batch rows and packed
 // documents that span ranks, with initial states in and final states out; exactly
-// one collective per direction.
+// one collective per direction. The ranks' initial-state gradients are shares: their
+// sum is one process's (the loss is the sum of the ranks' losses).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,7 +12,8 @@
 
 #include "../thread_communicator.h"
 #include "delta_problem.h"
-#include "delta_rule/delta_lasp2.h"
+#include "delta_rule/delta_family.h"
+#include "lasp2/lasp2.h"
 
 namespace lasp2::delta::testing {
 namespace {
@@ -60,10 +63,7 @@ TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
   const DeltaProblem<double> global(s);
   const DeltaReference ref = delta_reference(global);
   const int64_t N = s.num_docs(), D = N * s.heads * s.dim_k * s.dim_v;
-  DeltaSequences seqs;
-  seqs.count = N;
   const int parts_per_rank = c.balanced ? 2 : 1;
-  if (c.packed) seqs.head_doc = head_docs(global, c.world * parts_per_rank);
 
   std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
   std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size()), d_initial(D, 0.0);
@@ -78,26 +78,39 @@ TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
     const DeltaParams p = local.params();
     const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
 
-    std::vector<float> records(DeltaSaved::records_floats(p, layout));
-    std::vector<float> prefixes(DeltaSaved::prefixes_floats(p, layout));
-    const DeltaSaved saved{records.data(), prefixes.data()};
     std::vector<double> lo(local.v.size());
-    std::vector<float> lfinals(D);
-    std::vector<double> fws((delta_lasp2_forward_workspace_bytes(p, layout, seqs, true) + 7) / 8);
-    delta_lasp2_forward(delta_cpu_backend(), &comm, layout, p, seqs, local.initial.data(),
-                        {lo.data(), local.strides(s.dim_v)}, saved, lfinals.data(), fws.data(), nullptr);
-    EXPECT_EQ(comm.collectives(), c.world > 1 ? 1 : 0);
+    std::vector<float> lfinals(D), fold(p.bh() * p.state_elems());
+    SequenceStates seq;
+    if (c.packed) {
+      seq.head_doc = head_docs(global, c.world * parts_per_rank);
+      seq.count = N;
+    }
+    seq.initial = local.initial.data();
+    seq.final_state = lfinals.data();
+    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+    std::vector<float> head_maps(Lasp2Saved::head_maps_floats(sh, layout, c.packed) + 1);
+    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
+    std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
+    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
+    EXPECT_EQ(comm.collectives(), 1);  // one device with states: the same path
 
     std::vector<double> ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
     std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
     std::vector<float> ldi(D);
-    std::vector<double> bws((delta_lasp2_backward_workspace_bytes(p, layout, seqs, true) + 7) / 8);
-    delta_lasp2_backward(delta_cpu_backend(), &comm, layout, p, seqs, local.initial.data(),
-                         local.dout_view(), saved, local.final_dstate.data(),
-                         {ldq.data(), local.strides(s.dim_k)}, {ldk.data(), local.strides(s.dim_k)},
-                         {ldv.data(), local.strides(s.dim_v)}, ldg.data(), ldb.data(), ldi.data(),
-                         bws.data(), nullptr);
-    EXPECT_EQ(comm.collectives(), c.world > 1 ? 2 : 0);
+    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
+                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
+                           ldg.data(), ldb.data()};
+    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    seq.final_state = nullptr;
+    seq.final_grad = local.final_dstate.data();
+    seq.initial_grad = ldi.data();
+    std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
+    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    EXPECT_EQ(comm.collectives(), 2);
 
     std::lock_guard<std::mutex> lock(mu);
     put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
@@ -140,28 +153,29 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_
 namespace lasp2::delta::testing {
 namespace {
 
-// Bad schedule arguments fail with lasp2::Error before any kernel or collective runs.
-TEST(DeltaLasp2Checks, RejectsInconsistentArguments) {
+// Bad sequence states fail with lasp2::Error before any kernel or collective runs.
+TEST(DeltaSpChecks, RejectsInconsistentArguments) {
   DeltaSpec s;
   s.seqlen = 8;
   const DeltaProblem<double> pr(s);
   const DeltaParams p = pr.params();
   std::vector<double> o(pr.v.size());
-  std::vector<float> records(1024), prefixes(1024), ws(4096);
-  const DeltaSaved saved{records.data(), prefixes.data()};
-  auto run = [&](const PartLayout& layout, const DeltaSequences& seqs) {
-    delta_lasp2_forward(delta_cpu_backend(), nullptr, layout, p, seqs, nullptr,
-                        {o.data(), pr.strides(s.dim_v)}, saved, nullptr, ws.data(), nullptr);
+  std::vector<float> buffers(4096), fold(p.bh() * p.state_elems());
+  const Lasp2Saved saved{buffers.data(), buffers.data() + 1024, buffers.data() + 2048, buffers.data() + 3072};
+  std::vector<double> ws(8192);
+  const DeltaFamily f(delta_cpu_backend(), p, MutView{o.data(), pr.strides(s.dim_v)}, fold.data());
+  std::vector<float> finals(4 * p.bh() * p.state_elems());
+  auto run = [&](const PartLayout& layout, const SequenceStates& seq) {
+    lasp2_forward(f, nullptr, layout, saved, seq, ws.data(), Lasp2Options{}, nullptr);
   };
-  DeltaSequences rows;
-  rows.count = s.batch;
+  SequenceStates rows;
+  rows.final_state = finals.data();
   EXPECT_THROW(run(PartLayout::contiguous(2, 0), rows), Error);  // SP without a communicator
-  DeltaSequences wrong_count;
-  wrong_count.count = s.batch + 1;
-  EXPECT_THROW(run(PartLayout::contiguous(1, 0), wrong_count), Error);
-  DeltaSequences packed;  // packed documents need B = 1 and doc_start / doc_id
+  SequenceStates packed = rows;  // one head_doc entry per global part
   packed.count = 2;
-  packed.head_doc = {-1};
+  packed.head_doc = {-1, 0};
+  EXPECT_THROW(run(PartLayout::contiguous(1, 0), packed), Error);
+  packed.head_doc = {1};  // the last document never ends in a head
   EXPECT_THROW(run(PartLayout::contiguous(1, 0), packed), Error);
   EXPECT_NO_THROW(run(PartLayout::contiguous(1, 0), rows));
 }
