@@ -13,6 +13,7 @@
 #include "../thread_communicator.h"
 #include "delta_problem.h"
 #include "delta_rule/delta_family.h"
+#include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 
 namespace lasp2::delta::testing {
@@ -146,6 +147,73 @@ std::vector<SpCase> sp_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_name);
+
+// LASP-1 (the ring of the same summaries) serves the family too: contiguous layout,
+// no sequence states (documents still reset inside and across ranks).
+class DeltaLasp1Sp : public ::testing::TestWithParam<SpCase> {};
+
+TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
+  const SpCase c = GetParam();
+  DeltaSpec s;
+  s.gate_kind = c.gate;
+  s.chunk_size = 4;
+  s.seqlen = 10 * c.world;
+  if (c.packed) {
+    s.batch = 1;
+    s.doc_starts = {4, 10, 11, s.seqlen - 3};  // one at a rank edge
+  }
+  DeltaProblem<double> global(s);
+  std::fill(global.initial.begin(), global.initial.end(), 0.f);
+  std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
+  const DeltaReference ref = delta_reference(global);
+  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
+  std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size());
+  std::mutex mu;
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout = PartLayout::contiguous(c.world, rank);
+    DeltaProblem<double> local = local_problem(global, layout);
+    const DeltaParams p = local.params();
+    const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
+    std::vector<double> lo(local.v.size()), ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
+    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
+    std::vector<float> fold(p.bh() * p.state_elems());
+    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
+    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
+                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
+                           ldg.data(), ldb.data()};
+    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> entering(Lasp1Saved::entering_state_floats(sh)), record(Lasp1Saved::local_record_floats(sh));
+    const Lasp1Saved saved{entering.data(), record.data()};
+    std::vector<double> fws((lasp1_forward_workspace_bytes(fwd, layout) + 15) / 8);
+    std::vector<double> bws((lasp1_backward_workspace_bytes(bwd, layout) + 15) / 8);
+    lasp1_forward(fwd, &comm, layout, saved, fws.data(), nullptr);
+    lasp1_backward(bwd, &comm, layout, saved, bws.data(), nullptr);
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
+    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+  });
+  EXPECT_LT(rel_error(o, ref.o), 1e-5);
+  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
+  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+}
+
+std::vector<SpCase> ring_cases() {
+  std::vector<SpCase> out;
+  for (int world : {2, 3})
+    for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
+      for (bool packed : {false, true}) out.push_back({world, false, gate, packed});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaLasp1Sp, ::testing::ValuesIn(ring_cases()), sp_name);
 
 }  // namespace
 }  // namespace lasp2::delta::testing
