@@ -10,6 +10,7 @@
 #include "attention_params.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/communicator.h"
+#include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 #include "tensor_views.h"
 
@@ -34,6 +35,7 @@ struct DeltaArgs {
   int64_t chunk_size = 64;
   std::shared_ptr<Communicator> comm;
   int64_t parts_per_rank = 1;
+  bool ring = false;  // LASP-1 (P2P ring) instead of LASP-2
 };
 
 // The tensors the core reads (compute precision) and the params pointing into them.
@@ -108,19 +110,18 @@ void set_documents(const DeltaArgs& a, SequenceStates& seq) {
   }
 }
 
-// Saved for backward: {local_records, prefix_states, maps, head_maps}.
-std::vector<at::Tensor> saved_buffers(const SummaryShape& sh, const PartLayout& l, bool packed,
-                                      const at::Tensor& like) {
-  return {floats(Lasp2Saved::local_records_floats(sh, l), like),
-          floats(Lasp2Saved::prefix_states_floats(sh, l), like),
-          floats(Lasp2Saved::maps_floats(sh, l), like),
-          floats(std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, l, packed), 1), like)};
+// LASP-1 saves {entering_state, local_record} and carries no sequence states (the
+// final states would need one more collective after the ring).
+Lasp1Saved ring_view(const std::vector<at::Tensor>& t) {
+  LASP2_CHECK(t.size() == 2, "delta_backward (LASP-1) needs the 2 saved buffers of delta_forward");
+  return {t[0].data_ptr<float>(), t[1].data_ptr<float>()};
 }
 
-Lasp2Saved saved_view(const std::vector<at::Tensor>& t) {
-  LASP2_CHECK(t.size() == 4, "delta_backward needs the 4 saved buffers of delta_forward");
-  return {t[0].data_ptr<float>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[3].data_ptr<float>()};
+void check_ring(const SequenceStates& seq) {
+  LASP2_CHECK(!seq.any(), "provider \"lasp1\" takes no `initial_state` / `output_final_state` "
+                          "(use provider \"lasp2\")");
 }
+
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaArgs& args,
                                                                     bool want_final) {
@@ -136,9 +137,20 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaA
   seq.initial = ptr_or_null(r.initial);
   seq.final_state = want_final ? finals.data_ptr<float>() : nullptr;
   set_documents(args, seq);
-  std::vector<at::Tensor> saved = saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
+  if (args.ring) {
+    check_ring(seq);
+    const SummaryShape sh = family.shape();
+    std::vector<at::Tensor> saved{floats(Lasp1Saved::entering_state_floats(sh), r.q),
+                                  floats(Lasp1Saved::local_record_floats(sh), r.q)};
+    at::Tensor workspace = scratch(lasp1_forward_workspace_bytes(family, r.layout), r.q);
+    lasp1_forward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
+                  current_stream(r.q));
+    return {restore_dtype(o, r.input_dtype), finals, saved};
+  }
+  std::vector<at::Tensor> saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
   at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
-  lasp2_forward(family, args.comm.get(), r.layout, saved_view(saved), seq, workspace.data_ptr(),
+  lasp2_forward(family, args.comm.get(), r.layout,
+                lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq, workspace.data_ptr(),
                 Lasp2Options{}, current_stream(r.q));
   return {restore_dtype(o, r.input_dtype), finals, saved};
 }
@@ -166,8 +178,17 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
   seq.final_grad = ptr_or_null(dF);
   seq.initial_grad = need_dinitial ? d_initial.data_ptr<float>() : nullptr;
   set_documents(args, seq);
+  if (args.ring) {
+    check_ring(seq);
+    at::Tensor workspace = scratch(lasp1_backward_workspace_bytes(family, r.layout), r.q);
+    lasp1_backward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
+                   current_stream(r.q));
+    return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
+            restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
+  }
   at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(family, r.layout, seq), r.q);
-  lasp2_backward(family, args.comm.get(), r.layout, saved_view(saved), seq, workspace.data_ptr(),
+  lasp2_backward(family, args.comm.get(), r.layout,
+                 lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq, workspace.data_ptr(),
                  current_stream(r.q));
   return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
           restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
@@ -205,16 +226,17 @@ void register_delta_rule(py::module_& m) {
          std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
          std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-         int64_t parts_per_rank, bool want_final) {
+         int64_t parts_per_rank, bool want_final, bool ring) {
         py::gil_scoped_release no_gil;  // the collective may block on other ranks
-        return forward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
-                                 scale, chunk_size, comm, parts_per_rank),
-                       want_final);
+        DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                scale, chunk_size, comm, parts_per_rank);
+        a.ring = ring;
+        return forward(a, want_final);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
-      py::arg("parts_per_rank"), py::arg("want_final"));
+      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false);
 
   m.def(
       "delta_backward",
@@ -224,18 +246,19 @@ void register_delta_rule(py::module_& m) {
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
          int64_t parts_per_rank, at::Tensor dout, std::vector<at::Tensor> saved,
          std::optional<at::Tensor> final_dstate, bool need_dg, bool need_dbeta,
-         bool need_dinitial) {
+         bool need_dinitial, bool ring) {
         py::gil_scoped_release no_gil;
-        return backward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
-                                  scale, chunk_size, comm, parts_per_rank),
-                        dout, saved, final_dstate, need_dg, need_dbeta, need_dinitial);
+        DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                scale, chunk_size, comm, parts_per_rank);
+        a.ring = ring;
+        return backward(a, dout, saved, final_dstate, need_dg, need_dbeta, need_dinitial);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
       py::arg("parts_per_rank"), py::arg("dout"), py::arg("saved"),
       py::arg("final_dstate"), py::arg("need_dg"), py::arg("need_dbeta"),
-      py::arg("need_dinitial"));
+      py::arg("need_dinitial"), py::arg("ring") = false);
 }
 
 }  // namespace lasp2::torch_binding

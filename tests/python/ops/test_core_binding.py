@@ -125,7 +125,7 @@ def test_argument_errors_name_the_argument():
     _error("doc_start", doc_start=torch.zeros(T + 2, dtype=torch.uint8))
     _error("parts_per_rank", parts_per_rank=3)
     _error("scale", scale=float("nan"))
-    _error("not supported yet", doc_start=torch.zeros(T, dtype=torch.uint8), initial_state=torch.zeros(B, H, DK, DV))
+    _error("head_doc", doc_start=torch.zeros(T, dtype=torch.uint8), initial_state=torch.zeros(B, H, DK, DV))
     q, k, v, g, do, _, _ = inputs(dtype=torch.float32)
     with pytest.raises(lasp2.Lasp2Error, match="`k` must have shape"):
         _C.lasp2_forward(_C.LinearAttentionArgs(q, k[:, :-1], v), True)
@@ -140,7 +140,7 @@ def test_backward_checks_what_forward_saved():
     with pytest.raises(lasp2.Lasp2Error, match="dout"):
         _C.lasp2_backward(args, saved, do[:, 1:], True)
     with pytest.raises(lasp2.Lasp2Error, match="saved buffer `maps`"):
-        _C.lasp2_backward(args, [saved[0], saved[1], saved[2][1:]], do, True)
+        _C.lasp2_backward(args, [saved[0], saved[1], saved[2][1:], saved[3]], do, True)
     with pytest.raises(lasp2.Lasp2Error, match="initial_state"):
         _C.lasp2_backward(args, saved, do, True, need_dinitial=True)
     with pytest.raises(lasp2.Lasp2Error, match="lasp1"):
