@@ -173,3 +173,26 @@ def check_other_providers_refuse(rank, world):
 
 def test_other_providers_refuse_states():
     run_distributed(2, check_other_providers_refuse, timeout=120)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_cuda_states_match_cpu(with_docs):
+    """The states path on one CUDA GPU (documents cut into segments that begin off the
+    64-token tiles; the backend's add sums the final-state gradients) equals the CPU."""
+    B, T = (1, 300) if with_docs else (2, 300)
+    q, k, v, g = inputs(B, T, H=2, D=64, dtype=torch.float32, seed=6)
+    cu = torch.tensor([0, 37, 38, 150, 300], dtype=torch.int32) if with_docs else None
+    N = 4 if with_docs else B
+    gen = torch.Generator().manual_seed(7)
+    h0, dfinal = (torch.randn(N, 2, 64, 64, generator=gen) for _ in range(2))
+    do = torch.randn(B, T, 2, 64, generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [x.to(device).requires_grad_() for x in (q, k, v, g, h0)]
+        o, final = lasp2.linear_attention(*leaves[:3], g=leaves[3], cu_seqlens=cu, initial_state=leaves[4],
+                                          output_final_state=True)
+        grads = torch.autograd.grad((o * do.to(device)).sum() + (final * dfinal.to(device)).sum(), leaves)
+        results.append([x.detach().cpu() for x in (o, final, *grads)])
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dg", "dh0"), *results):
+        assert_rel(b, a, 1e-3, name)
