@@ -13,6 +13,7 @@
 //
 //   scalar decay (csrc/core/sp/scalar_decay.cpp):  A = exp(L) I, stored as L per (b, h);
 //     L = -inf when a document starts inside the part (nothing passes through).
+//   (the folds also combine lists of states; add() sums the ranks' final-state gradients)
 //   delta rule (csrc/core/delta_rule/):  A = prod_t a_t (I - b_t k_t k_t^T), d_k x d_k.
 //
 // A part's summary is the record [M: state_floats][A: map_floats] (fp32, the unit of the
@@ -26,7 +27,8 @@
 //
 // What a family implements (all calls enqueue on `stream`; buffers live on device()):
 //   shape()               sizes of one state and one map for this call's batch and heads
-//   summarize(part)       M and A of the part (from zero), and the map of its head (below)
+//   summarize(part)       M and A of the part (nothing entering it; a document begun inside
+//                         starts from its own initial state), and the map of its head (below)
 //   combine_prefix        the P_j fold over a list of states and a contiguous map table
 //   combine_suffix        the D_j fold with the transposed maps
 //   forward(part, P)      outputs of the part with P entering (nullptr: zero)
