@@ -69,7 +69,7 @@ def ring_forward(q, k, v, group, split, scale, backend):
                     continue  # keys after every query of the part: skipped
                 rows = slice(lq, lq + length)
                 kv = cur[:, lk:lk + length]
-                o_b, lse_b, _ = K.block_forward(backend, q[:, rows], kv[..., :d], kv[..., d:], scale, gk == gq)
+                o_b, lse_b = K.block_forward(backend, q[:, rows], kv[..., :d], kv[..., d:], scale, gk == gq)
                 K.merge_into(o_acc, lse_acc, rows, o_b, lse_b)
         for req in reqs:
             req.wait()

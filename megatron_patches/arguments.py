@@ -68,7 +68,8 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         _add(parser, group, [MEGATRON_PATTERN_FLAG], dest="hybrid_layer_pattern", type=str,
              default=d.layer_pattern,
              help="one character per layer: L = linear attention (LASP-2), S = softmax attention "
-                  "(LASP-2H; also N or Megatron's *), e.g. LLLSLLLS. Default: every layer linear attention")
+                  "(LASP-2H; also N or Megatron's *), G = gated DeltaNet (gated delta rule, LASP-2), "
+                  "e.g. LLLSLLLS or LGLS. Default: every layer linear attention")
     # else: Megatron-LM >= 0.17 defines --hybrid-layer-pattern itself; lasp2 reads the same flag
     # (options_from_args), so there is one pattern flag, in lasp2's letters plus Megatron's "*".
     _add(parser, group, ["--linear-attention-decay"], dest="linear_attention_decay", choices=DECAYS,
@@ -90,8 +91,6 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add(parser, group, ["--linear-attention-rope"], dest="linear_attention_rope", type=_bool,
          default=d.linear_rope, metavar="BOOL",
          help="apply rotary embeddings in linear-attention layers. Default: %(default)s")
-    _add(parser, group, ["--sp-chunk-size", "--lasp2-chunk-size"], dest="sp_chunk_size", type=int,
-         default=d.chunk_size, help="chunk length of lasp2's CPU kernels. Default: %(default)s")
     _add(parser, group, ["--sp-softmax-backend", "--lasp2-softmax-backend"], dest="sp_softmax_backend",
          choices=SOFTMAX_BACKENDS, default=d.softmax_backend,
          help="kernels of LASP-2H softmax attention. Default: %(default)s")

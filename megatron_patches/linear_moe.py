@@ -48,20 +48,24 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 import lasp2  # noqa: E402
-from lasp2.nn.linear_attention import lightning_log_decay  # noqa: E402
 from lasp2.nn.norms import RMSNorm  # noqa: E402
+from lasp2.ops.gates import gate_from_logits, lightning_log_decay  # noqa: E402
+from lasp2.options import FEATURE_MAPS  # noqa: E402
+from megatron_patches.common import sum_grad_over_tp  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
 
+# Linear-MoE's feature-map names (its ACT2FN): "elu" is plain F.elu there, lasp2's "elu" is
+# spelled "elu+1" here; the other maps are lasp2's own (lasp2.options.FEATURE_MAPS).
 _FEATURE_MAPS = {
     None: None,
     "identity": None,
-    "relu": F.relu,
+    "relu": FEATURE_MAPS["relu"],
+    "silu": FEATURE_MAPS["silu"],
+    "swish": FEATURE_MAPS["silu"],
+    "elu+1": FEATURE_MAPS["elu"],
     "elu": F.elu,
-    "elu+1": lambda x: F.elu(x) + 1.0,
-    "silu": F.silu,
-    "swish": F.silu,
     "sigmoid": torch.sigmoid,
 }
 
@@ -125,13 +129,10 @@ class Lasp2LinearAttention(MegatronModule):
             per = self.num_heads // tp_size
             self.register_buffer("log_decay", lightning_log_decay(self.num_heads)[tp_rank * per:(tp_rank + 1) * per]
                                  .float(), persistent=False)
-        _, _, tp_size = _groups()
         weight = getattr(self.la_output_norm, "weight", None)
-        if isinstance(weight, torch.nn.Parameter) and tp_size > 1:
-            # One scale shared by all heads while heads are split over TP ranks: its gradient
-            # is the sum over the TP group (Megatron sums only sequence-parallel / qk-norm grads).
-            tp_group = parallel_state.get_tensor_model_parallel_group()
-            weight.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+        if isinstance(weight, torch.nn.Parameter) and parallel_state.model_parallel_is_initialized():
+            # one scale shared by all heads while heads are split over TP ranks
+            sum_grad_over_tp(weight, parallel_state.get_tensor_model_parallel_group())
 
     @property
     def norm_weight(self):
@@ -175,12 +176,7 @@ class Lasp2LinearAttention(MegatronModule):
                 raise Lasp2ConfigError(
                     f"Lasp2LinearAttention: gk has {gk.shape[-1]} channels per token; lasp2 takes one gate per "
                     f"head ({h}), not GLA's per-channel gates [n, b, h*d]: project the gates to heads")
-            logits = gk.reshape(n, b, h)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            g = F.logsigmoid(logits) / self.gate_normalizer
-            if self.gate_clamp_min is not None:
-                g = torch.clamp_min(g, self.gate_clamp_min)
+            g = gate_from_logits(gk.reshape(n, b, h), self.gate_normalizer, self.gate_clamp_min)
         elif g is not None:
             g = g.reshape(n, b, h)
         return g
@@ -192,8 +188,3 @@ def _rename_old_norm_weight(state_dict, prefix, *args):
     if old in state_dict:
         state_dict[prefix + "la_output_norm.weight"] = state_dict.pop(old)
 
-
-def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:
-    grad = grad.clone()
-    torch.distributed.all_reduce(grad, group=group)
-    return grad

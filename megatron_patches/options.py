@@ -3,7 +3,7 @@
 `Lasp2Options` is what every module in this package reads. It comes from, in order:
 an explicit `Lasp2Options` passed to a spec builder (megatron-core users), or the
 parsed Megatron-LM arguments (`megatron.training.get_args()`, filled by
-`add_lasp2_args`), or the defaults below. This module does not import megatron.
+`add_lasp2_args`), or the defaults below. This module does not import megatron; its vocabulary is lasp2.options'.
 """
 
 from __future__ import annotations
@@ -12,32 +12,36 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-PROVIDERS = ("lasp2", "lasp1", "ulysses", "none")
-SPLITS = ("balanced", "contiguous")
-DECAYS = ("none", "fixed", "gate")
-FEATURE_MAPS = ("identity", "elu", "relu", "silu")
-SOFTMAX_BACKENDS = ("auto", "sdpa", "plain")
+import lasp2.options as lasp2_options
+
+# The vocabulary is lasp2's (lasp2.options); Megatron adds provider "none" (its own
+# attention and context parallelism) and its spellings of softmax attention.
+PROVIDERS = (*lasp2_options.PROVIDERS, "none")
+SPLITS = lasp2_options.SPLITS
+DECAYS = lasp2_options.DECAYS
+FEATURE_MAPS = tuple(lasp2_options.FEATURE_MAPS)
+SOFTMAX_BACKENDS = lasp2_options.SOFTMAX_BACKENDS
 LINEAR, SOFTMAX, GATED_DELTANET = "L", "S", "G"
-# lasp2's layer letters (lasp2.options: L linear attention, S softmax attention, G gated
-# DeltaNet) plus the spellings of softmax attention in Megatron: "N" (earlier lasp2 patterns)
-# and "*" (the attention symbol of Megatron's --hybrid-layer-pattern, 0.17+)
-LAYER_LETTERS = {"L": LINEAR, "S": SOFTMAX, "N": SOFTMAX, "*": SOFTMAX, "G": GATED_DELTANET}
+# lasp2's layer letters plus the spellings of softmax attention in Megatron: "N" (earlier lasp2
+# patterns) and "*" (the attention symbol of Megatron's --hybrid-layer-pattern, 0.17+)
+MEGATRON_SPELLINGS = {"N": SOFTMAX, "*": SOFTMAX}
+LAYER_LETTERS = {**{letter: letter for letter in lasp2_options.LAYER_LETTERS}, **MEGATRON_SPELLINGS}
 
 
 def normalize_layer_pattern(pattern: Optional[str], name: str = "layer_pattern (--hybrid-layer-pattern)"):
-    """The pattern in lasp2's letters ("N" and "*" become "S"); ValueError naming the argument
-    for other characters. Megatron's pipeline separator "|" is dropped (stages come from
-    --pipeline-model-parallel-size)."""
+    """The pattern in lasp2's letters ("N" and "*" become "S"); Lasp2ConfigError naming the
+    argument for other characters. Megatron's pipeline separator "|" is dropped (stages come
+    from --pipeline-model-parallel-size)."""
     if pattern is None:
         return None
-    if not isinstance(pattern, str) or not pattern.replace("|", ""):
-        raise Lasp2ConfigError(f"{name} must be a non-empty string of layer letters, got {pattern!r}")
-    bad = sorted(set(pattern) - set(LAYER_LETTERS) - {"|"})
-    if bad:
-        raise Lasp2ConfigError(
-            f"{name} {pattern!r} has characters {bad}; use 'L' (linear attention, LASP-2), 'S' (softmax "
-            "attention, LASP-2H; also spelled 'N' or Megatron's '*') and 'G' (gated DeltaNet)")
-    return "".join(LAYER_LETTERS[c] for c in pattern if c != "|")
+    if not isinstance(pattern, str):
+        raise Lasp2ConfigError(f"{name} must be a string of layer letters, got {pattern!r}")
+    letters = "".join(MEGATRON_SPELLINGS.get(c, c) for c in pattern if c != "|")
+    try:
+        return "".join(lasp2_options.parse_layer_pattern(letters, name))
+    except ValueError as exc:
+        raise Lasp2ConfigError(f"{exc} (from {pattern!r}; softmax attention may also be spelled 'N' or "
+                               "Megatron's '*')") from None
 
 
 class Lasp2ConfigError(ValueError):
@@ -56,8 +60,8 @@ class Lasp2Options:
         "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
         2P) or "contiguous". lasp1 and ulysses need "contiguous".
     layer_pattern: one character per layer, "L" linear attention, "S" softmax
-        attention ("N" and Megatron's "*" mean the same and are stored as "S"),
-        e.g. "LLLS" * 6. None: every layer is linear attention.
+        attention ("N" and Megatron's "*" mean the same and are stored as "S"), "G"
+        gated DeltaNet, e.g. "LLLS" * 6. None: every layer is linear attention.
     decay: linear attention's decay: "none", "fixed" (per-head lightning decay) or
         "gate" (per-token, per-head gate projected from the hidden states).
     feature_map: applied to q and k of linear attention.
@@ -66,7 +70,6 @@ class Lasp2Options:
     learnable_decay: train the fixed per-head decays.
     linear_rope: apply rotary embeddings in linear-attention layers too (off by
         default: linear attention is position-aware through its recurrence).
-    chunk_size: chunk length of lasp2's CPU kernels.
     softmax_backend: lasp2.softmax_attention backend ("auto", "sdpa", "plain").
     """
 
@@ -79,7 +82,6 @@ class Lasp2Options:
     gate_logit_normalizer: float = 16.0
     learnable_decay: bool = False
     linear_rope: bool = False
-    chunk_size: int = 64
     softmax_backend: str = "auto"
 
     def __post_init__(self):
@@ -101,26 +103,24 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 f"provider {self.provider!r} supports split='contiguous' only, got split={self.split!r} "
                 "(use --sp-provider lasp2 for the balanced split, or --sp-split contiguous)")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise Lasp2ConfigError(f"chunk_size (--sp-chunk-size) must be a positive int, got {self.chunk_size!r}")
         if not self.gate_logit_normalizer > 0:
             raise Lasp2ConfigError(
                 f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
         if self.layer_pattern is not None:
             normalize_layer_pattern(self.layer_pattern)
-            if GATED_DELTANET in self.layer_pattern:
-                raise Lasp2ConfigError(
-                    f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r}: 'G' (gated DeltaNet) layers "
-                    "are not available in megatron_patches yet; use 'L' and 'S'")
             if num_layers is not None and len(self.layer_pattern) != num_layers:
                 raise Lasp2ConfigError(
                     f"layer_pattern (--hybrid-layer-pattern) {self.layer_pattern!r} has "
                     f"{len(self.layer_pattern)} characters but the model has num_layers={num_layers} "
                     f"(one character per layer, e.g. {('LLLS' * num_layers)[:num_layers]!r})")
-        if self.provider == "none" and LINEAR in self.pattern_for(num_layers or 1):
+        pattern = self.pattern_for(num_layers or 1)
+        if self.provider == "none" and set(pattern) - {SOFTMAX}:
             raise Lasp2ConfigError(
-                "provider 'none' (Megatron's own context parallelism) has no linear attention: "
-                "set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+                "provider 'none' (Megatron's own context parallelism) has no linear attention or gated "
+                "DeltaNet: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        if GATED_DELTANET in pattern and self.provider != "lasp2":
+            raise Lasp2ConfigError(
+                f"gated DeltaNet ('G') layers run under --sp-provider lasp2 only, got {self.provider!r}")
         return self
 
     def pattern_for(self, num_layers: int) -> str:
@@ -129,7 +129,7 @@ class Lasp2Options:
         return self.layer_pattern
 
     def layer_kind(self, layer_number: int, num_layers: int) -> str:
-        """'L' or 'S' for a 1-based global layer number."""
+        """'L', 'S' or 'G' for a 1-based global layer number."""
         self.validate(num_layers)
         if not 1 <= layer_number <= num_layers:
             raise Lasp2ConfigError(f"layer_number {layer_number} is outside [1, {num_layers}]")
@@ -156,7 +156,6 @@ def options_from_args(args) -> Lasp2Options:
         gate_logit_normalizer=get("linear_attention_gate_normalizer", defaults.gate_logit_normalizer),
         learnable_decay=get("linear_attention_learnable_decay", defaults.learnable_decay),
         linear_rope=get("linear_attention_rope", defaults.linear_rope),
-        chunk_size=get("sp_chunk_size", defaults.chunk_size),
         softmax_backend=get("sp_softmax_backend", defaults.softmax_backend),
     )
 

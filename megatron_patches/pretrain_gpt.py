@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.arguments import add_lasp2_args
-from megatron_patches.options import Lasp2ConfigError, Lasp2Options, options_from_args
+from megatron_patches.options import SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
 
@@ -156,10 +156,12 @@ def initialize(args) -> None:
     args.num_microbatches = args.global_batch_size // per_step
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        # The interleaved schedule runs, but its first-step loss did not equal PP = 1 in
-        # tests/python/megatron/test_megatron_pretrain.py: refused until that is understood.
-        raise SystemExit("--num-layers-per-virtual-pipeline-stage (interleaved 1F1B) is not supported by "
-                         "lasp2-pretrain-gpt yet; use --pipeline-model-parallel-size alone")
+        per_stage = args.num_layers_per_virtual_pipeline_stage * pp
+        if pp < 2 or args.num_layers % per_stage:
+            raise SystemExit(f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage} "
+                             f"needs --pipeline-model-parallel-size > 1 and --num-layers {args.num_layers} "
+                             f"divisible by it x {pp}")
+        args.virtual_pipeline_model_parallel_size = args.num_layers // per_stage
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -193,6 +195,13 @@ def transformer_config(args):
     )
     if args.recompute_granularity == "full":
         kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if args.virtual_pipeline_model_parallel_size and args.distributed_backend == "gloo":
+        # Interleaved stages over 2 pipeline ranks send to "next" and "prev", the same rank, in
+        # one step: batched into one batch_isend_irecv, gloo matches the two messages between
+        # the pair in posting order, and the sender posts (grad to prev, activation to next)
+        # while the receiver posts (activation from prev, grad from next): the tensors swap
+        # silently. Megatron's unbatched p2p path sends the two directions over two groups.
+        kwargs["batch_p2p_comm"] = False
     return TransformerConfig(**kwargs)
 
 
@@ -338,7 +347,7 @@ def _flops_per_step(args) -> float:
     ffn = args.ffn_hidden_size
     dense = l * (4 * h * h + 2 * h * ffn) + v * h
     options = lasp2_options(args)
-    softmax_layers = options.pattern_for(l).count("N")
+    softmax_layers = options.pattern_for(l).count(SOFTMAX)
     tokens = args.global_batch_size * s
     return 6.0 * dense * tokens + 6.0 * softmax_layers * s * h * tokens
 

@@ -10,7 +10,8 @@ nothing needs changing. Two cases do:
 
 `use_lasp2_rope(split)` replaces the two megatron-core functions (three names) that
 slice RoPE per CP rank with versions that take each local token's position from
-lasp2.global_token_index (and, packed, its position within its document). It is
+lasp2's SP context (lasp2.distributed.context: the global index and, packed, the position
+within the token's document). It is
 opt-in, process-wide, idempotent, device-agnostic (no pin_memory / .cuda()), and with
 CP = 1 computes exactly what Megatron computes. `restore_megatron_rope()` undoes it.
 """
@@ -27,7 +28,7 @@ check_megatron_core_version()
 
 from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding  # noqa: E402
 
-from lasp2.distributed.sequence_split import global_token_index  # noqa: E402
+from lasp2.distributed.context import layout_context  # noqa: E402
 from megatron_patches.options import SPLITS, Lasp2ConfigError  # noqa: E402
 
 __all__ = ["lasp2_rope_positions", "restore_megatron_rope", "use_lasp2_rope"]
@@ -44,14 +45,7 @@ def lasp2_rope_positions(local_len: int, cp_rank: int, cp_size: int, split: str,
                          cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 positions of this rank's tokens: global positions under `split`, or with
     cu_seqlens (global, packed) the position within each token's document."""
-    if cp_size == 1:
-        split = "contiguous"
-    pos = global_token_index(local_len, cp_rank, cp_size, split)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        doc = torch.searchsorted(cu, pos, right=True) - 1
-        pos = pos - cu[doc.clamp(0, cu.numel() - 1)]
-    return pos
+    return layout_context(cp_rank, cp_size, split, local_len * cp_size, cu_seqlens).positions
 
 
 def _make_get_pos_emb(split: str):
@@ -64,7 +58,7 @@ def _make_get_pos_emb(split: str):
         parts = size * (2 if split == "balanced" else 1)
         if total % parts:
             raise Lasp2ConfigError(f"RoPE length {total} is not divisible into {parts} parts ({split!r} split)")
-        index = global_token_index(total // size, rank, size, split).to(pos_emb.device)
+        index = layout_context(rank, size, split, total, device=pos_emb.device).global_index
         return pos_emb.index_select(seq_dim, index)
 
     get_pos_emb_on_this_cp_rank.lasp2_split = split

@@ -1,26 +1,33 @@
-"""megatron-core layer / block specs whose attention is LASP-2 (linear) or LASP-2H (softmax).
+"""megatron-core layer / block specs of lasp2 hybrids: one token mixer per layer kind.
 
 megatron-core (tested):
 
     from megatron_patches import Lasp2Options
     from megatron_patches.specs import get_lasp2_hybrid_block_spec
-    opts = Lasp2Options(layer_pattern="LLLN", decay="gate")
+    opts = Lasp2Options(layer_pattern="LGLS", decay="gate")
     model = GPTModel(config, transformer_layer_spec=get_lasp2_hybrid_block_spec(config, opts), ...)
 
 Megatron-LM (one flag; options from the --sp-* arguments of add_lasp2_args):
 
     pretrain_gpt.py ... --context-parallel-size 4 --spec megatron_patches.specs lasp2_layer_spec \
-        --hybrid-layer-pattern LLLNLLLN --linear-attention-decay gate
-    # with extra_args_provider=add_lasp2_args (see docs/megatron.md)
+        --hybrid-layer-pattern LLLSLLLS --linear-attention-decay gate
+    # or: python -m megatron_patches.run pretrain_gpt.py ... (see docs/megatron.md)
 
-Every spec keeps the base spec's modules (linear_qkv, linear_proj, norms, MLP/MoE)
-and replaces only `self_attention.module` by Lasp2SelfAttention (plus its params), so
-state dicts keep Megatron's names. Nothing of Megatron is forked.
+Every spec keeps the base spec's layer modules (norms, MLP / MoE) and its attention
+builders (linear_qkv, linear_proj, q/k_layernorm) and puts in the self-attention slot:
+
+  "L"  Lasp2LinearMixer            (megatron_patches.linear_mixer; LASP-2)
+  "S"  Lasp2SelfAttention with Lasp2SoftmaxCoreAttention (megatron_patches.softmax_attention;
+       LASP-2H), or with the base spec's own core attention for provider "none"
+  "G"  Lasp2GatedDeltaNetMixer     (megatron_patches.gdn_mixer; gated delta rule under LASP-2)
+
+so state dicts keep Megatron's names. Nothing of Megatron is forked.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import List, Optional
 
 from megatron_patches._compat import check_megatron_core_version
@@ -29,15 +36,25 @@ check_megatron_core_version()
 
 from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType, LayerType  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
 
-from megatron_patches.attention import Lasp2SelfAttention, mark_heterogeneous_layers  # noqa: E402
-from megatron_patches.options import Lasp2ConfigError, Lasp2Options  # noqa: E402
+from megatron_patches.common import mark_heterogeneous_layers  # noqa: E402
+from megatron_patches.gdn_mixer import Lasp2GatedDeltaNetMixer, Lasp2GatedDeltaNetSubmodules  # noqa: E402
+from megatron_patches.linear_mixer import Lasp2LinearMixer, Lasp2LinearMixerSubmodules  # noqa: E402
+from megatron_patches.options import (  # noqa: E402
+    GATED_DELTANET,
+    LAYER_LETTERS,
+    LINEAR,
+    Lasp2ConfigError,
+    Lasp2Options,
+    resolve_options,
+)
+from megatron_patches.softmax_attention import Lasp2SelfAttention, Lasp2SoftmaxCoreAttention  # noqa: E402
 
 try:  # the Transformer Engine spec, where TE is installed
     import transformer_engine  # noqa: F401
@@ -51,22 +68,65 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "HAVE_TE",
+    "Lasp2LayerMixer",
     "get_lasp2_hybrid_block_spec",
     "get_lasp2_layer_spec",
     "get_lasp2_layer_specs",
     "lasp2_layer_spec",
+    "mixer_spec",
     "patch_layer_spec",
 ]
 
 
+def mixer_spec(layer_kind: str, attention: ModuleSpec, options: Optional[Lasp2Options] = None) -> ModuleSpec:
+    """The self-attention-slot spec of a layer kind, built from a base SelfAttention spec
+    (its linear_qkv / linear_proj / q,k_layernorm builders and params are reused)."""
+    kind = LAYER_LETTERS.get(layer_kind)
+    if kind is None:
+        raise Lasp2ConfigError(f"layer_kind must be one of {sorted(LAYER_LETTERS)}, got {layer_kind!r}")
+    sub = attention.submodules
+    params = {**(attention.params or {}), "lasp2_options": options}
+    params.setdefault("attn_mask_type", AttnMaskType.causal)
+    if kind == LINEAR:
+        return ModuleSpec(module=Lasp2LinearMixer, params=params, submodules=Lasp2LinearMixerSubmodules(
+            linear_qkv=sub.linear_qkv, linear_proj=sub.linear_proj,
+            q_layernorm=sub.q_layernorm, k_layernorm=sub.k_layernorm))
+    if kind == GATED_DELTANET:
+        return ModuleSpec(module=Lasp2GatedDeltaNetMixer, params=params, submodules=Lasp2GatedDeltaNetSubmodules(
+            in_proj=sub.linear_qkv, out_proj=sub.linear_proj))
+    if resolve_options(options).provider == "none":
+        core = sub.core_attention  # Megatron's own attention and context parallelism
+    else:
+        core = ModuleSpec(module=Lasp2SoftmaxCoreAttention, params={"options": options})
+    return ModuleSpec(module=Lasp2SelfAttention, params=params,
+                      submodules=dataclasses.replace(sub, core_attention=core))
+
+
+class Lasp2LayerMixer:
+    """The self-attention slot of a spec that serves every layer (layer_kind None): when a
+    layer is built it builds the mixer of the layer's kind in the pattern (by its global
+    1-based layer number, so pipeline stages need nothing else). A factory: constructing
+    it returns a Lasp2LinearMixer, Lasp2SelfAttention or Lasp2GatedDeltaNetMixer."""
+
+    def __new__(cls, config, submodules, layer_number: int, lasp2_options: Optional[Lasp2Options] = None,
+                **kwargs):
+        options = resolve_options(lasp2_options)
+        kind = options.layer_kind(layer_number, config.num_layers)
+        mark_heterogeneous_layers(config, options)
+        base = ModuleSpec(module=cls, submodules=submodules,
+                          params={"attn_mask_type": kwargs.pop("attn_mask_type", AttnMaskType.causal)})
+        spec = mixer_spec(kind, base, lasp2_options)
+        return build_module(spec, config=config, layer_number=layer_number, **kwargs)
+
+
 def patch_layer_spec(spec: ModuleSpec, options: Optional[Lasp2Options] = None,
                      layer_kind: Optional[str] = None) -> ModuleSpec:
-    """A copy of a TransformerLayer spec whose self attention is Lasp2SelfAttention.
+    """A copy of a TransformerLayer spec whose self-attention slot holds lasp2's mixer.
 
-    Works with any spec whose self_attention is a SelfAttention spec (local, TE,
-    MoE layer specs). layer_kind "L"/"S" fixes the layer's kind; None picks it from
-    options.layer_pattern by layer number when the layer is built. options None:
-    Megatron-LM's parsed --sp-* arguments at build time, else the defaults.
+    Works with any spec whose self_attention is a SelfAttention spec (local, TE, MoE
+    layer specs). layer_kind "L" / "S" / "G" fixes the layer's kind; None picks it from
+    options.layer_pattern by layer number when the layer is built (Lasp2LayerMixer).
+    options None: Megatron-LM's parsed --sp-* arguments at build time, else the defaults.
     """
     if options is not None:
         options.validate()
@@ -75,11 +135,13 @@ def patch_layer_spec(spec: ModuleSpec, options: Optional[Lasp2Options] = None,
     if not isinstance(attn, ModuleSpec) or not hasattr(attn.submodules, "linear_qkv"):
         raise Lasp2ConfigError("patch_layer_spec needs a TransformerLayer spec with a SelfAttention "
                                "self_attention (multi-latent attention is not supported)")
-    attn.module = Lasp2SelfAttention
-    attn.params = dict(attn.params or {})
-    attn.params.setdefault("attn_mask_type", AttnMaskType.causal)
-    attn.params["lasp2_options"] = options
-    attn.params["layer_kind"] = layer_kind
+    if layer_kind is None:
+        params = {**(attn.params or {}), "lasp2_options": options}
+        params.setdefault("attn_mask_type", AttnMaskType.causal)
+        spec.submodules.self_attention = ModuleSpec(module=Lasp2LayerMixer, params=params,
+                                                    submodules=attn.submodules)
+    else:
+        spec.submodules.self_attention = mixer_spec(layer_kind, attn, options)
     return spec
 
 
@@ -119,7 +181,7 @@ def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, 
     """TransformerBlockSubmodules of this pipeline stage's layers for a hybrid pattern
     (as get_gpt_decoder_block_spec slices its layers; PP and VPP layouts included).
 
-    A pattern mixing "L" and "S" sets config.hetereogenous_dist_checkpoint (per-layer
+    A pattern mixing layer kinds sets config.hetereogenous_dist_checkpoint (per-layer
     distributed-checkpoint keys; the layers' parameters differ)."""
     layer_specs = get_lasp2_layer_specs(config.num_layers, options, backend, **base_kwargs)
     mark_heterogeneous_layers(config, options if options is not None else Lasp2Options())
@@ -138,7 +200,8 @@ def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, 
 # Module-level specs for Megatron-LM's `--spec megatron_patches.specs <name>` (its GPT
 # builder passes the object to GPTModel as transformer_layer_spec). Their options are
 # read from the parsed --sp-* arguments when the model is built; each layer takes its
-# kind from --hybrid-layer-pattern by its global layer number, so PP works unchanged.
+# kind from --hybrid-layer-pattern by its global layer number (Lasp2LayerMixer), so PP works
+# unchanged.
 # Normalisation (LayerNorm / RMSNorm) follows --normalization at build time in both the
 # local (WrappedTorchNorm) and TE (TENorm) specs. The MoE specs use an MoE MLP in every
 # layer (the expert count comes from --num-experts; only "MoE or dense" is in the spec).

@@ -6,7 +6,7 @@
 # benchmark (lasp2 beside fla's chunk_simple_gla), the longest sequence, and the
 # sequence-parallel benchmarks. Everything is logged under /tmp/lasp2_logs (packed
 # into $OUT/logs.tgz); the plots and a summary go to $OUT; a short table is printed last.
-#   bash scripts/device_check.sh [build] [tests] [gtest] [examples] [bench] [maxlen] [sp] [profile]
+#   bash scripts/device_check.sh [build] [tests] [gtest] [examples] [bench] [maxlen] [sp] [check] [profile]
 # (default: all but profile; about 8 minutes on one H200). Optional wheels (e.g.
 # flash-linear-attention's fla-core) are taken from .whl/.
 set -u
@@ -56,6 +56,17 @@ if has tests; then
   timeout 300 python3 -m pytest tests/python -m "$MARK" -q -p no:cacheprovider > "$LOGS/pytest_gpu.log" 2>&1
   say "pytest -m '$MARK' (exit $?): $(tail -n 1 "$LOGS/pytest_gpu.log")"
   grep -E "^(FAILED|ERROR)" "$LOGS/pytest_gpu.log" | head -20 | keep
+fi
+
+if has check; then
+  # the per-call cross-rank consistency check beside a 4K-token layer (docs/reliability.md)
+  if [ "$NGPU" -ge 2 ]; then
+    timeout 180 torchrun --standalone --nproc_per_node 2 benchmarks/bench_consistency_check.py --device cuda \
+      > "$LOGS/check.log" 2>&1
+  else
+    timeout 180 python3 benchmarks/bench_consistency_check.py --device cuda --world 1 > "$LOGS/check.log" 2>&1
+  fi
+  say "consistency check (exit $?): $(grep '^{' "$LOGS/check.log" | tail -n 1)"
 fi
 
 if has examples; then

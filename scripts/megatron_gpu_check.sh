@@ -4,17 +4,22 @@
 # distributed optimizer, the Transformer Engine spec where TE imports (else the local spec),
 # and checks that the loss falls. Prints the per-step log (loss, tokens/s, TFLOP/s per GPU).
 #   bash scripts/megatron_gpu_check.sh            (from the repository root, lasp2 built)
+#   DECAY=gate bash scripts/megatron_gpu_check.sh (per-token gates: Lasp2LinearMixer's linear_gate)
+# PATTERN overrides the 12-letter layer pattern (L / S; "G" layers are CPU-only until the
+# delta-rule CUDA kernels land).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${LOG:-megatron_gpu_check.log}
+PATTERN=${PATTERN:-LLLSLLLSLLLS}
+DECAY=${DECAY:-fixed}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c 'import transformer_engine' 2>/dev/null; then IMPL=transformer_engine; else IMPL=local; fi
-echo "spec: $IMPL"
+echo "spec: $IMPL, pattern $PATTERN, decay $DECAY"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m megatron_patches.pretrain_gpt \
   --device cuda --bf16 --use-distributed-optimizer --transformer-impl "$IMPL" \
   --num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048 --vocab-size 32000 \
-  --hybrid-layer-pattern LLLSLLLSLLLS --sp-provider lasp2 --linear-attention-decay fixed \
+  --hybrid-layer-pattern "$PATTERN" --sp-provider lasp2 --linear-attention-decay "$DECAY" \
   --micro-batch-size 4 --global-batch-size 16 --train-iters 50 --lr 3e-4 --optimizer adam \
   --log-interval 1 2>&1 | tee "$LOG"
 "$PY" - "$LOG" <<'PYEOF'

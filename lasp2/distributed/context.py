@@ -194,6 +194,25 @@ def build_sp_context(group: Optional[dist.ProcessGroup] = None, split: str = "co
     return _build(BUILD, group, split, cu_seqlens, seqlen, None, device, communicator, collectives)
 
 
+def layout_context(rank: int, world_size: int, split: str, seqlen: int, cu_seqlens: Optional[torch.Tensor] = None,
+                   device=None) -> SPContext:
+    """The layout facts of rank `rank` of `world_size` (parts, global index, RoPE positions,
+    document starts) without a process group, for helpers that know the rank but hold no
+    group (e.g. Megatron's RoPE slicing). Ops need a context with its group (build_sp_context)."""
+    owner = "lasp2.layout_context"
+    check_choice(owner, "split", split, SPLITS)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"{owner}: `world_size` must be a positive int, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"{owner}: `rank` must be an int in [0, {world_size}), got {rank!r}")
+    parts = 2 if split == "balanced" and world_size > 1 else 1
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1 or seqlen % (world_size * parts):
+        raise ValueError(f"{owner}: `seqlen` must be a positive int that divides into {world_size * parts} "
+                         f"equal parts ({split!r} split over {world_size} ranks), got {seqlen!r}")
+    cu = None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, seqlen)
+    return SPContext(None, rank, world_size, split, seqlen, cu, torch.device(device or "cpu"))
+
+
 def sp_context_for(group, split: str, cu_seqlens, local_len: int, device) -> SPContext:
     """The context of a module called on `local_len` tokens a rank (what a model builds
     once per batch; modules called without one build their own)."""
@@ -226,4 +245,5 @@ def resolve_sp_context(owner: str, sp_context: Optional[SPContext], group, split
     return ctx
 
 
-__all__ = ["SPContext", "build_sp_context", "check_cu_seqlens", "resolve_sp_context", "sp_context_for"]
+__all__ = ["SPContext", "build_sp_context", "check_cu_seqlens", "layout_context", "resolve_sp_context",
+           "sp_context_for"]

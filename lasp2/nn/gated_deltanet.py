@@ -16,6 +16,37 @@ from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
 
+def init_gate_parameters(num_heads: int, gate_width: Optional[int] = None, device=None, dtype=None):
+    """(A_log [num_heads], dt_bias [gate_width]) initialised as Mamba2 / fla do: A uniform in
+    [1, 16]; dt_bias = softplus^{-1}(dt) with dt log-uniform in [1e-3, 1e-1]."""
+    factory = {"device": device, "dtype": dtype}
+    A_log = torch.log(torch.empty(num_heads, **factory).uniform_(1, 16))
+    dt = torch.exp(torch.rand(gate_width or num_heads, **factory) * (math.log(0.1) - math.log(1e-3))
+                   + math.log(1e-3))
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+def _gate_dtype(x: torch.Tensor) -> torch.dtype:
+    # gates accumulate over the sequence: float32 at least (float64 stays float64)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def delta_log_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, per_key: bool = False) -> torch.Tensor:
+    """Log gates g = -exp(A_log) * softplus(a + dt_bias) <= 0 (Mamba2 style, as fla's gated
+    DeltaNet), in float32 at least. a: [..., H] with dt_bias [H], or with per_key (KDA)
+    [..., H, K] with dt_bias [H * K]."""
+    dtype = _gate_dtype(a)
+    A, dt_bias = torch.exp(A_log.to(dtype)), dt_bias.to(dtype)
+    if per_key:
+        return -(F.softplus(a.to(dtype) + dt_bias.view(A.shape[0], -1)) * A[:, None])
+    return -(F.softplus(a.to(dtype) + dt_bias) * A)
+
+
+def beta_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The delta rule's write strength beta = sigmoid(logits) in (0, 1), float32 at least."""
+    return torch.sigmoid(logits.to(_gate_dtype(logits)))
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over the head dim, times silu(gate): the output gate + norm of fla's
     gated DeltaNet (FusedRMSNormGated)."""
@@ -65,10 +96,8 @@ class GatedDeltaNet(nn.Module):
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **factory)
         gate_width = key_dim if per_key_gate else num_heads
         self.a_proj = nn.Linear(hidden_size, gate_width, bias=False, **factory)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads, **factory).uniform_(1, 16)))
-        # dt_bias = softplus^{-1}(dt) with dt log-uniform in [1e-3, 1e-1], as Mamba2 / fla
-        dt = torch.exp(torch.rand(gate_width, **factory) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A_log, dt_bias = init_gate_parameters(num_heads, gate_width, **factory)
+        self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
         self.q_conv = ShortConvolution(key_dim, conv_size, **factory)
         self.k_conv = ShortConvolution(key_dim, conv_size, **factory)
         self.v_conv = ShortConvolution(value_dim, conv_size, **factory)
@@ -89,15 +118,9 @@ class GatedDeltaNet(nn.Module):
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
         v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)
-        # gates accumulate over the sequence: float32 at least (float64 stays float64)
-        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
-        A = torch.exp(self.A_log.to(gate_dtype))
-        a = F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
-        if self.per_key_gate:
-            g = -(a.view(B, T, H, K) * A[:, None])
-        else:
-            g = -(a * A)
+        beta = beta_from_logits(self.b_proj(x))
+        a = self.a_proj(x)
+        g = delta_log_gate(a.view(B, T, H, K) if self.per_key_gate else a, self.A_log, self.dt_bias, self.per_key_gate)
         op = kda if self.per_key_gate else gated_delta_rule
         o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
                       cu_seqlens=cu_seqlens, group=self.group, split=self.split, use_qk_l2norm=True)

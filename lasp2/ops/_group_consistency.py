@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from array import array
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -54,6 +55,8 @@ def digest_host(value) -> int:
         payload = b"str" + value.encode()
     elif isinstance(value, torch.Tensor):
         payload = b"tensor" + value.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+        payload = b"ints" + array("q", value).tobytes()  # cu_seqlens lists: one pass, no per-item digests
     elif isinstance(value, (list, tuple)):
         payload = b"seq" + b",".join(str(digest_host(v)).encode() for v in value)
     else:
@@ -94,25 +97,57 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
         raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
     host = [digest_host(op), fields, *(int(x) for x in signature),
             *(digest_host(v) for _, v in host_values)]
-    mine = torch.zeros(ROW, dtype=torch.int64)
-    mine[:len(host)] = torch.tensor(host, dtype=torch.int64)
-    if device.type != "cpu":
-        mine = mine.to(device, non_blocking=True)
-    if device_values or flags:
-        extra = [digest_device(t, device) for _, t in device_values]
-        extra += [f.to(device=device, dtype=torch.int64).reshape(()) for _, f in flags]
-        mine[len(host):len(host) + len(extra)] = torch.stack(extra)
     world = dist.get_world_size(group)
-    gathered = torch.empty(world * ROW, dtype=torch.int64, device=device)
+    mine, gathered, staging = _buffers(device, world)
+    staging.zero_()
+    staging[:len(host)] = torch.tensor(host, dtype=torch.int64)
+    # absent device values are digested on the host (no kernel); present ones and the
+    # flags are written into the row with one stack + copy
+    for i, (_, t) in enumerate(device_values):
+        if t is None:
+            staging[len(host) + i] = digest_host(None)
+    mine.copy_(staging, non_blocking=True)
+    extra = [(len(host) + i, digest_device(t, device)) for i, (_, t) in enumerate(device_values) if t is not None]
+    extra += [(len(host) + len(device_values) + i, f.to(device=device, dtype=torch.int64).reshape(()))
+              for i, (_, f) in enumerate(flags)]
+    if extra:
+        first = extra[0][0]
+        if [slot for slot, _ in extra] == list(range(first, first + len(extra))):
+            mine[first:first + len(extra)] = torch.stack([x for _, x in extra])
+        else:
+            for slot, x in extra:
+                mine[slot] = x
     try:
         all_gather_single(gathered, mine, group=group)
-        table = gathered.view(world, ROW).cpu()
+        # the one host sync of the check: every rank must know the verdict before the op's
+        # own collectives, whose sizes may be what the ranks disagree on
+        rows = gathered.view(world, ROW).tolist()
     except RuntimeError as e:
         raise RuntimeError(
             f"{op}: the cross-rank consistency check over process group {_group_label(group)} failed "
             f"(did a rank skip this call, exit, or time out?): {e}") from e
-    _compare(op, table, list(names) + [f"{n}" for n, _ in host_values] + [f"{n}" for n, _ in device_values],
-             len(signature), len(host) + len(device_values), [m for m, _ in flags])
+    flag_start = len(host) + len(device_values)
+    if all(row == rows[0] for row in rows) and not any(rows[0][flag_start:flag_start + len(flags)]):
+        return  # the common case: every rank sent the same row and raised no flag
+    _compare(op, torch.tensor(rows, dtype=torch.int64),
+             list(names) + [f"{n}" for n, _ in host_values] + [f"{n}" for n, _ in device_values],
+             len(signature), flag_start, [m for m, _ in flags])
+
+
+_BUFFERS: dict = {}
+
+
+def _buffers(device: torch.device, world: int):
+    """This rank's row, the gathered table and a host staging row, reused across calls:
+    each check ends with a host sync, so no call reuses a buffer still in flight."""
+    key = (str(device), world)
+    hit = _BUFFERS.get(key)
+    if hit is None:
+        on_gpu = device.type != "cpu"
+        staging = torch.zeros(ROW, dtype=torch.int64, pin_memory=on_gpu and torch.cuda.is_available())
+        mine = staging if not on_gpu else torch.zeros(ROW, dtype=torch.int64, device=device)
+        hit = _BUFFERS[key] = (mine, torch.empty(world * ROW, dtype=torch.int64, device=device), staging)
+    return hit
 
 
 _FAILED = -1  # the "fields" slot of a rank whose own argument checks failed

@@ -97,10 +97,10 @@ def _plain_forward(q, k, v, scale, causal):
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Tq]; every row sees >= 1 key
     p = torch.exp(s - lse[..., None])
     o = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(acc)).reshape(b, tq, h, v.shape[-1])
-    return o, lse.reshape(b, h, tq), None
+    return o, lse.reshape(b, h, tq)
 
 
-def _plain_backward(do, q, k, v, o, lse, scale, causal, aux):
+def _plain_backward(do, q, k, v, o, lse, scale, causal):
     acc = acc_dtype(q.dtype)
     b, tq, h, d = q.shape
     hkv = k.shape[2]
@@ -141,16 +141,14 @@ def _fused_forward(q, k, v, scale, causal):
     qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
     if _on_cpu(q):
         o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
-        aux = None
     else:
-        o, lse, cum_q, cum_k, max_q, max_k, rng_state, unused, _ = _aten._scaled_dot_product_flash_attention(
+        o, lse, *_ = _aten._scaled_dot_product_flash_attention(
             qh.contiguous(), kh.contiguous(), vh.contiguous(), 0.0, causal, False, scale=scale)
-        aux = (cum_q, cum_k, max_q, max_k, rng_state, unused)
     acc = acc_dtype(q.dtype)
-    return o.transpose(1, 2).to(acc), lse.to(acc), aux
+    return o.transpose(1, 2).to(acc), lse.to(acc)
 
 
-def _fused_backward(do, q, k, v, o, lse, scale, causal, aux):
+def _fused_backward(do, q, k, v, o, lse, scale, causal):
     do, q, k, v, o = _unit_stride(do, q, k, v, o)
     h, hkv = q.shape[2], k.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_heads_for_kernel(k, h), _kv_heads_for_kernel(v, h)
@@ -160,10 +158,14 @@ def _fused_backward(do, q, k, v, o, lse, scale, causal, aux):
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             doh, qh, kh, vh, oh, lse, 0.0, causal, scale=scale)
     else:
-        cum_q, cum_k, max_q, max_k, rng_state, unused = aux
+        # the forward's extra outputs are not kept (the op saves only tensors it owns):
+        # without varlen and without dropout they are the block's lengths and two unused
+        # RNG scalars, rebuilt here
+        unused = torch.empty((), dtype=torch.int64)
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
             doh.contiguous(), qh.contiguous(), kh.contiguous(), vh.contiguous(), oh.contiguous(),
-            lse.float().contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal, rng_state, unused, scale=scale)
+            lse.float().contiguous(), None, None, qh.shape[2], kh.shape[2], 0.0, causal, unused, unused,
+            scale=scale)
     acc = acc_dtype(q.dtype)
     return dq.transpose(1, 2).to(acc), _fold_heads(dk.to(acc), hkv), _fold_heads(dv.to(acc), hkv)
 
@@ -172,7 +174,7 @@ def _fused_backward(do, q, k, v, o, lse, scale, causal, aux):
 
 
 def block_forward(backend: str, q, k, v, scale: float, causal: bool):
-    """(o [B, Tq, H, Dv], lse [B, H, Tq], aux) in the accumulation dtype."""
+    """(o [B, Tq, H, Dv], lse [B, H, Tq]) in the accumulation dtype."""
     if backend == "sdpa":
         try:
             return _fused_forward(q, k, v, scale, causal)
@@ -185,11 +187,12 @@ def block_forward(backend: str, q, k, v, scale: float, causal: bool):
     return _plain_forward(q, k, v, scale, causal)
 
 
-def block_backward(backend: str, do, q, k, v, o, lse, scale: float, causal: bool, aux):
-    """(dq, dk, dv) of one block, given the *merged* output o and LSE of its query rows."""
-    if backend == "sdpa" and (aux is not None or _on_cpu(q)):
-        return _fused_backward(do, q, k, v, o, lse, scale, causal, aux)
-    return _plain_backward(do, q, k, v, o, lse, scale, causal, aux)
+def block_backward(backend: str, do, q, k, v, o, lse, scale: float, causal: bool):
+    """(dq, dk, dv) of one block, given the *merged* output o and LSE of its query rows.
+    The fused backward runs where the fused forward did (not after it failed here)."""
+    if backend == "sdpa" and (q.device.type, q.dtype) not in _FUSED_FAILED:
+        return _fused_backward(do, q, k, v, o, lse, scale, causal)
+    return _plain_backward(do, q, k, v, o, lse, scale, causal)
 
 
 def merge_into(o_acc: torch.Tensor, lse_acc: torch.Tensor, rows: slice, o_b: torch.Tensor, lse_b: torch.Tensor):

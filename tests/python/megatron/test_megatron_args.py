@@ -32,11 +32,19 @@ def test_every_flag_parses():
                  "--linear-attention-decay", "gate", "--linear-attention-feature-map", "elu",
                  "--linear-attention-output-norm", "false", "--linear-attention-gate-normalizer", "8",
                  "--linear-attention-learnable-decay", "--linear-attention-rope", "true",
-                 "--sp-chunk-size", "32", "--sp-softmax-backend", "plain")
+                 "--sp-softmax-backend", "plain")
     assert options_from_args(args) == Lasp2Options(
         provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="gate", feature_map="elu",
         output_norm=False, gate_logit_normalizer=8.0, learnable_decay=True, linear_rope=True,
-        chunk_size=32, softmax_backend="plain")
+        softmax_backend="plain")
+
+
+def test_chunk_size_flag_is_gone():
+    """chunk_size is a detail of lasp2's CPU kernels, not a knob (it did nothing on GPUs)."""
+    with pytest.raises(SystemExit):
+        parse("--sp-chunk-size", "32")
+    with pytest.raises(TypeError):
+        Lasp2Options(chunk_size=32)
 
 
 def test_extra_args_provider_protocol_returns_the_parser():
@@ -72,12 +80,14 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(split="zigzag"), "split"),
     (dict(decay="alibi"), "decay"),
     (dict(feature_map="hedgehog"), "feature_map"),
-    (dict(layer_pattern="LLXN"), "characters"),
+    (dict(layer_pattern="LLXN"), "layer letters.*got 'LLXS' \\(from 'LLXN'"),
     (dict(layer_pattern=""), "non-empty"),
     (dict(provider="lasp1"), "supports split='contiguous' only"),  # balanced is the default
     (dict(provider="ulysses", split="balanced"), "supports split='contiguous' only"),
     (dict(provider="none", layer_pattern="LN"), "no linear attention"),
-    (dict(chunk_size=0), "chunk_size"),
+    (dict(layer_pattern="LMLS"), "got 'LMLS'"),  # Megatron's Mamba letter: no lasp2 layer
+    (dict(provider="none", layer_pattern="GS"), "no linear attention or gated DeltaNet"),
+    (dict(provider="lasp1", split="contiguous", layer_pattern="LG"), "'G'.*lasp2 only"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
 ])
 def test_bad_options(kwargs, match):
@@ -93,6 +103,7 @@ def test_pattern_length_must_match_the_model():
     assert [opts.layer_kind(i, 4) for i in range(1, 5)] == ["L", "L", "L", "S"]
     assert Lasp2Options().pattern_for(3) == "LLL"
     assert Lasp2Options(provider="none").pattern_for(2) == "SS"
+    assert Lasp2Options(layer_pattern="L*G|N").layer_pattern == "LSGS"  # Megatron's spellings, "|" dropped
 
 
 def test_options_come_from_megatron_lm_args(monkeypatch):
@@ -115,14 +126,19 @@ def test_options_come_from_megatron_lm_args(monkeypatch):
 def test_layer_specs_follow_the_pattern():
     from megatron.core.transformer.attention import SelfAttention
 
-    from megatron_patches.attention import Lasp2SelfAttention
+    from megatron_patches.gdn_mixer import Lasp2GatedDeltaNetMixer
+    from megatron_patches.linear_mixer import Lasp2LinearMixer
+    from megatron_patches.softmax_attention import Lasp2SelfAttention, Lasp2SoftmaxCoreAttention
     from megatron_patches.specs import get_lasp2_layer_specs
 
-    opts = Lasp2Options(layer_pattern="LLNL")
+    opts = Lasp2Options(layer_pattern="LLNG")
     specs = get_lasp2_layer_specs(4, opts)
     attn = [s.submodules.self_attention for s in specs]
-    assert [a.params["layer_kind"] for a in attn] == list("LLSL")  # "N" is read as lasp2's "S"
-    assert all(a.module is Lasp2SelfAttention and issubclass(a.module, SelfAttention) for a in attn)
+    assert [a.module.layer_kind for a in attn] == list("LLSG")  # "N" is read as lasp2's "S"
+    assert [a.module for a in attn] == [Lasp2LinearMixer, Lasp2LinearMixer, Lasp2SelfAttention,
+                                        Lasp2GatedDeltaNetMixer]
+    assert issubclass(Lasp2SelfAttention, SelfAttention)
+    assert attn[2].submodules.core_attention.module is Lasp2SoftmaxCoreAttention
     assert all(a.params["lasp2_options"] is opts for a in attn)
     with pytest.raises(Lasp2ConfigError, match="num_layers=5"):
         get_lasp2_layer_specs(5, opts)
@@ -154,7 +170,7 @@ def test_hybrid_block_spec_slices_pipeline_stages():
     opts = Lasp2Options(layer_pattern="LNNL")
     for pp_rank, kinds in ((0, "LS"), (1, "SL")):
         block = get_lasp2_hybrid_block_spec(config, opts, pp_rank=pp_rank)
-        assert "".join(s.submodules.self_attention.params["layer_kind"] for s in block.layer_specs) == kinds
+        assert "".join(s.submodules.self_attention.module.layer_kind for s in block.layer_specs) == kinds
     assert config.hetereogenous_dist_checkpoint  # mixed layers are keyed per layer in checkpoints
 
 
@@ -164,8 +180,11 @@ def test_module_level_spec_for_megatron_lm():
 
     spec = import_module(("megatron_patches.specs", "lasp2_layer_spec"))
     assert isinstance(spec, ModuleSpec)
-    params = spec.submodules.self_attention.params
-    assert params["lasp2_options"] is None and params["layer_kind"] is None  # from args, per layer number
+    from megatron_patches.specs import Lasp2LayerMixer
+
+    attn = spec.submodules.self_attention
+    assert attn.module is Lasp2LayerMixer  # builds each layer's mixer by its number in the pattern
+    assert attn.params["lasp2_options"] is None  # read from Megatron-LM's parsed arguments at build time
 
 
 # -- batch and RoPE helpers --------------------------------------------------------------------

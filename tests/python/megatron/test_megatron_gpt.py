@@ -52,7 +52,7 @@ CASES = [
     Case("contiguous ulysses all-linear", O(provider="ulysses", split="contiguous", decay="fixed"),
          num_layers=2, rope_split="contiguous"),
     # activation recompute: selective (core attention, the gates an input of the region) and full
-    Case("balanced gate selective-recompute", O(layer_pattern="LNLN", decay="gate"),
+    Case("balanced gate selective-recompute", O(layer_pattern="LGNL", decay="gate"),
          config={"recompute_granularity": "selective"}),
     Case("balanced fixed full-recompute", O(layer_pattern="LLNN"),
          config={"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
@@ -60,8 +60,12 @@ CASES = [
     Case("packed balanced gate rope", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced"),
     Case("packed contiguous fixed learned-pos", O(layer_pattern="LNNL", split="contiguous"), packed=True,
          pos_emb="learned_absolute"),
+    # gated DeltaNet layers: short-convolution halo across ranks, the gated delta rule under LASP-2
+    Case("balanced gdn hybrid gate rope", O(layer_pattern="LGSG", decay="gate")),
+    Case("packed contiguous gdn learned-pos", O(layer_pattern="GSGL", split="contiguous"), packed=True,
+         pos_emb="learned_absolute"),
 ]
-CKPT_CASE = Case("ckpt", O(layer_pattern="LNLN", decay="fixed", learnable_decay=True))
+CKPT_CASE = Case("ckpt", O(layer_pattern="LGNL", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 DDP_STEPS = 3  # ddp_train's default
 
@@ -248,6 +252,107 @@ def _misc(rank):
     out["rope_packed_unpatched"] = error_of(lambda: rope_without_patch(
         Case("p", O(layer_pattern="NL"), num_layers=2, packed=True)))
     out["megatron_lm_spec"] = _megatron_lm_spec_path()
+    init_parallel(tp=1, cp=1)
+    out["pre_mixer_checkpoints"] = _pre_mixer_checkpoints_load()
+    out["mixers_vs_lasp2_nn"] = _mixers_equal_lasp2_nn_modules()
+    return out
+
+
+def _mixers_equal_lasp2_nn_modules():
+    """CP = 1: each Megatron mixer computes its lasp2.nn module's function (lasp2.nn.LinearAttention,
+    lasp2.nn.GatedDeltaNet, tested against float64 references in tests/python/nn) with the same
+    weights, mapped from Megatron's layouts: linear_qkv grouped per query group, the gated DeltaNet
+    in-projection head by head ([q, k, v, z, beta, a] of each head)."""
+    import lasp2
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    D = HIDDEN // HEADS
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=HIDDEN,
+                               use_cpu_initialization=True, params_dtype=torch.float32, add_bias_linear=False,
+                               hidden_dropout=0.0, attention_dropout=0.0)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(SEQ, 2, HIDDEN, generator=gen, requires_grad=True)
+    out = {}
+
+    def mixer(kind, options):
+        spec = get_lasp2_layer_spec(options, layer_kind=kind).submodules.self_attention
+        module = spec.module(config=config, submodules=spec.submodules, layer_number=1, **spec.params)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        return module
+
+    def against(module, ref):
+        """Relative differences of the outputs and of the input gradients (loss: sum of squares)."""
+        y, y_ref = module(x)[0], ref(x)
+        (dx,), (dx_ref,) = torch.autograd.grad(y.square().sum(), [x]), torch.autograd.grad(y_ref.square().sum(), [x])
+        return {name: ((a - b).abs().max() / b.abs().max()).item()
+                for name, a, b in (("out_rel", y, y_ref), ("grad_rel", dx, dx_ref))}
+
+    linear = mixer("L", O(decay="gate", feature_map="silu"))
+    ref = lasp2.nn.LinearAttention(HIDDEN, HEADS, decay="gate", feature_map="silu", layout="tbhd")
+    with torch.no_grad():
+        w = linear.linear_qkv.weight.view(HEADS, 3, D, HIDDEN)  # one query per group (MHA): [q, k, v] per head
+        for i, proj in enumerate((ref.q_proj, ref.k_proj, ref.v_proj)):
+            proj.weight.copy_(w[:, i].reshape(HEADS * D, HIDDEN))
+        linear.core_attention.output_norm_weight.copy_(linear.core_attention.output_norm_weight[:1].expand(HEADS, D))
+        ref.norm.weight.copy_(linear.core_attention.output_norm_weight[0])
+        ref.g_proj.weight.copy_(linear.linear_gate.weight)
+        ref.g_proj.bias.copy_(linear.linear_gate.bias)
+        ref.o_proj.weight.copy_(linear.linear_proj.weight)
+    out["L"] = against(linear, ref)
+
+    gdn = mixer("G", O(layer_pattern="G"))
+    ref = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, layout="tbhd", norm_eps=config.layernorm_epsilon)
+    with torch.no_grad():
+        w = gdn.in_proj.weight.view(HEADS, 4 * D + 2, HIDDEN)
+        rows = {"q": (0, D), "k": (D, 2 * D), "v": (2 * D, 3 * D), "z": (3 * D, 4 * D), "b": (4 * D, 4 * D + 1),
+                "a": (4 * D + 1, 4 * D + 2)}
+        for name, proj in (("q", ref.q_proj), ("k", ref.k_proj), ("v", ref.v_proj), ("z", ref.g_proj),
+                           ("b", ref.b_proj), ("a", ref.a_proj)):
+            lo, hi = rows[name]
+            proj.weight.copy_(w[:, lo:hi].reshape(-1, HIDDEN))
+        conv = gdn.conv.weight.view(HEADS, 3, D, -1)
+        for i, c in enumerate((ref.q_conv, ref.k_conv, ref.v_conv)):
+            c.weight.copy_(conv[:, i].reshape(HEADS * D, -1))
+        ref.A_log.copy_(gdn.A_log)
+        ref.dt_bias.copy_(gdn.dt_bias)
+        ref.o_norm.weight.copy_(gdn.out_norm.weight)
+        ref.o_proj.weight.copy_(gdn.out_proj.weight)
+    out["G"] = against(gdn, ref)
+    return out
+
+
+def _pre_mixer_checkpoints_load():
+    """State dicts with the keys of the modules before the mixer split (a SelfAttention
+    subclass with core_attention.log_decay / output_norm_weight and linear_gate; the key list
+    is stored in data/) load into today's modules with strict=True, and their values land."""
+    import json
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "pre_mixer_state_dict.json")) as f:
+        cases = json.load(f)["cases"]
+    out = {}
+    for name, case in cases.items():
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                   use_cpu_initialization=True, params_dtype=torch.float32, **case["config"])
+        spec = get_lasp2_hybrid_block_spec(config, O(**case["options"]), **case["base_kwargs"])
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=16)
+        state = model.state_dict()
+        ours = {k: list(v.shape) for k, v in state.items() if ".self_attention." in k and v is not None}
+        gen = torch.Generator().manual_seed(0)
+        old = {k: torch.randn(shape, generator=gen) for k, shape in case["state_dict"].items()}
+        state.update(old)
+        model.load_state_dict(state, strict=True)
+        loaded = model.state_dict()
+        out[name] = {"same_keys": ours == case["state_dict"],
+                     "max_diff": max((loaded[k] - v).abs().max().item() for k, v in old.items())}
     return out
 
 
@@ -371,6 +476,20 @@ def test_megatron_lm_module_spec_path(cp2_results):
 
 def test_balanced_batch_split_is_megatrons(cp2_results):
     assert cp2_results["misc"]["batch_matches_megatron"]
+
+
+def test_mixers_compute_their_lasp2_nn_modules(cp2_results):
+    r = cp2_results["misc"]["mixers_vs_lasp2_nn"]
+    assert set(r) == {"L", "G"}
+    for kind, result in r.items():
+        assert result["out_rel"] <= FP32_TOL and result["grad_rel"] <= FP32_TOL, (kind, result)
+
+
+def test_checkpoints_of_the_modules_before_the_mixer_split_load(cp2_results):
+    r = cp2_results["misc"]["pre_mixer_checkpoints"]
+    assert len(r) == 4
+    for name, result in r.items():
+        assert result["same_keys"] and result["max_diff"] == 0.0, (name, result)
 
 
 def test_errors_that_need_a_cp_group(cp2_results):

@@ -2,9 +2,10 @@
 processes: pipeline schedules, Megatron DDP, get_megatron_optimizer (plain and
 distributed), dist_checkpointing, the mock GPT dataset.
 
-* PP 2 x CP 2 (1F1B) trains exactly as PP 1 x CP 1 x DP 4: the same losses and the same weights after each SGD
-  step (an SGD step moves every weight by lr x its gradient, so equal weights mean
-  equal gradients).
+* PP 2 x CP 2 (1F1B) and PP 2 x VPP 2 x CP 2 (interleaved 1F1B) train exactly as PP 1 x CP 1
+  x DP 4: the same losses and the same weights after each SGD step (an SGD step moves every
+  weight by lr x its gradient, so equal weights mean equal gradients).
+* A gated DeltaNet hybrid (pattern LGLS) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
@@ -27,6 +28,7 @@ pytest.importorskip("megatron.core")
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
+GDN_PATTERN = "LGLS"
 BASE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
         "--hybrid-layer-pattern", PATTERN, "--linear-attention-decay", "gate", "--device", "cpu",
@@ -36,6 +38,9 @@ ADAM = ["--optimizer", "adam", "--lr", "0.01", "--clip-grad", "0"]
 LAYOUTS = {  # name: (TP, PP, CP, extra)
     "pp1 cp1": (1, 1, 1, []),
     "pp2 cp2": (1, 2, 2, []),
+    # interleaved 1F1B, two virtual stages of one layer per pipeline rank; 4 micro-batches, so the
+    # steady state sends activations and gradients between the two ranks in one step
+    "pp2 vpp2 cp2": (1, 2, 2, ["--num-layers-per-virtual-pipeline-stage", "1"]),
 }
 
 
@@ -64,7 +69,7 @@ def _set_weights(chunks):
         for name, param in _global_named_params(chunks):
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             values = torch.randn(param.shape, generator=gen) * 0.1
-            if name.endswith(("layernorm.weight", "final_layernorm.weight", "norm_weight")):
+            if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")):
                 values += 1.0
             param.copy_(values)
 
@@ -109,6 +114,13 @@ def _worker(rank, world, out_path, tmpdir):
     for name, (losses, weights) in runs.items():
         out["pipeline"][name] = {"losses": losses, "ref_losses": ref_losses,
                                  "weight_diff": _max_diff(weights, ref_weights)}
+    # 1b. a gated DeltaNet hybrid: CP 2 (x DP 2) against CP 1 (x DP 4)
+    gdn = {cp: _run(_layout(1, 1, cp) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN])
+           for cp in (1, 2)}
+    out["gdn"] = {"losses": gdn[2]["losses"], "ref_losses": gdn[1]["losses"],
+                  "weight_diff": _max_diff(_weights(gdn[2]["chunks"]), _weights(gdn[1]["chunks"])),
+                  "kinds": "".join(layer.self_attention.layer_kind
+                                   for layer in gdn[2]["chunks"][0].module.decoder.layers)}
     # 2. the distributed optimizer against the plain one (DP 2 x CP 2, Adam, 2 steps)
     plain = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2"])
     distributed = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2", "--use-distributed-optimizer"])
@@ -145,6 +157,14 @@ def test_pipeline_x_context_parallel_equals_one_device(results, layout):
     for got, ref in zip(r["losses"], r["ref_losses"]):
         assert abs(got - ref) <= 1e-5 * abs(ref), r
     assert r["weight_diff"] <= 1e-5, r  # after two SGD steps of lr 0.5: the gradients agree
+
+
+def test_gated_deltanet_hybrid_cp2_equals_cp1(results):
+    r = results["gdn"]
+    assert r["kinds"] == GDN_PATTERN and len(r["losses"]) == 2
+    for got, ref in zip(r["losses"], r["ref_losses"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), r
+    assert r["weight_diff"] <= 1e-5, r
 
 
 def test_distributed_optimizer_equals_plain_optimizer(results):

@@ -38,9 +38,11 @@ CASES = [
     Case("contiguous ulysses", O(provider="ulysses", split="contiguous", layer_pattern="LLNL"),
          rope_split="contiguous"),
     Case("packed balanced gate", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced"),
+    # gated DeltaNet: heads split over TP, the convolution halo over CP (at CP 4 parts of 4 tokens)
+    Case("balanced gdn", O(layer_pattern="GLSG", decay="gate")),
 ]
 LAYOUTS = [(2, 2), (1, 4)]  # (TP, CP) against (1, 1)
-CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate"}
+CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn"}
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 
 
@@ -79,23 +81,27 @@ def _sharding(rank):
 def _checkpoints(rank, tmpdir):
     from megatron.core import dist_checkpointing
 
-    case = CASES[1]  # gate: linear_gate is TP-sharded too
-    states, out = {}, {}
-    for tp, cp in ((1, 1), (2, 2)):
-        init_parallel(tp=tp, cp=cp)
-        model = build_gpt(case, seed=1)
-        states[(tp, cp)] = full_state(model)
-        path = os.path.join(tmpdir, f"tp{tp}cp{cp}")
-        os.makedirs(path, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), path)
-    out["same_seed_state_diff"] = max_state_diff(states[(1, 1)], states[(2, 2)])
-    for (tp, cp), src in (((1, 1), (2, 2)), ((2, 2), (1, 1))):
-        init_parallel(tp=tp, cp=cp)
-        model = build_gpt(case, seed=99)
-        out[f"before_load tp{src[0]}cp{src[1]}->tp{tp}cp{cp}"] = max_state_diff(full_state(model), states[src])
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(tmpdir, f"tp{src[0]}cp{src[1]}"))
-        model.load_state_dict(loaded)
-        out[f"loaded tp{src[0]}cp{src[1]}->tp{tp}cp{cp}"] = max_state_diff(full_state(model), states[src])
+    out = {}
+    # gate: linear_gate is TP-sharded too; gdn: conv.weight, A_log, dt_bias by head, out_norm replicated
+    for case in (CASES[1], CASES[-1]):
+        states = {}
+        for tp, cp in ((1, 1), (2, 2)):
+            init_parallel(tp=tp, cp=cp)
+            model = build_gpt(case, seed=1)
+            states[(tp, cp)] = full_state(model)
+            path = os.path.join(tmpdir, case.name.replace(" ", "_"), f"tp{tp}cp{cp}")
+            os.makedirs(path, exist_ok=True)
+            dist_checkpointing.save(model.sharded_state_dict(), path)
+        out[f"{case.name}: same_seed_state_diff"] = max_state_diff(states[(1, 1)], states[(2, 2)])
+        for (tp, cp), src in (((1, 1), (2, 2)), ((2, 2), (1, 1))):
+            init_parallel(tp=tp, cp=cp)
+            model = build_gpt(case, seed=99)
+            name = f"tp{src[0]}cp{src[1]}->tp{tp}cp{cp}"
+            out[f"{case.name}: before_load {name}"] = max_state_diff(full_state(model), states[src])
+            loaded = dist_checkpointing.load(model.sharded_state_dict(),
+                                             os.path.join(tmpdir, case.name.replace(" ", "_"), f"tp{src[0]}cp{src[1]}"))
+            model.load_state_dict(loaded)
+            out[f"{case.name}: loaded {name}"] = max_state_diff(full_state(model), states[src])
     return out
 
 
@@ -165,12 +171,15 @@ def test_per_head_parameters_are_sharded_by_global_head(tp_cp_results):
 
 def test_dist_checkpoint_between_tp_cp_and_one_device(tp_cp_results):
     r = tp_cp_results["ckpt"]
-    assert r["same_seed_state_diff"] == 0.0
+    assert len(r) == 10  # two cases: same seed, two loads, two starting points
     for key, value in r.items():
-        if key.startswith("before_load"):
+        what = key.split(": ", 1)[1]
+        if what == "same_seed_state_diff":
+            assert value == 0.0, (key, value)  # the same weights at TP 1 and TP 2 (sliced)
+        elif what.startswith("before_load"):
             assert value > 1e-3, (key, value)
-        elif key.startswith("loaded"):
-            assert value == 0.0, (key, value)
+        else:
+            assert what.startswith("loaded") and value == 0.0, (key, value)
 
 
 def test_ddp_dp_cp_tp_training_curves_match(tp_cp_results):

@@ -1,13 +1,14 @@
-"""Issue 13.4: linear attention is a torch.library custom op with fake kernels and an
-autograd formula, so torch.compile(fullgraph=True) and torch.export trace it; torch.func
-transforms raise a clear NotImplementedError (CPU, small shapes: fast)."""
+"""Issue 13.4: linear attention and softmax attention (LASP-2H) are torch.library custom
+ops with fake kernels and an autograd formula, so torch.compile(fullgraph=True) and
+torch.export trace them; torch.func transforms raise a clear NotImplementedError (CPU,
+small shapes: fast)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lasp2
-from lasp2.ops import _library
+from lasp2.ops import _library, _softmax_library
 
 
 def _inputs(seed=0, dtype=torch.float32):
@@ -69,3 +70,54 @@ def test_func_transforms_raise_a_clear_error(transform):
     t = torch.func.grad(fn) if transform == "grad" else torch.func.vmap(fn, in_dims=0)
     with pytest.raises(NotImplementedError, match="lasp2.linear_attention: torch.func transforms"):
         t(q if transform == "grad" else q.unsqueeze(0))
+
+
+# --- softmax attention (LASP-2H) ---------------------------------------------------------
+
+def _softmax_inputs(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 10, 4, 8, generator=gen, dtype=dtype)
+    k, v = (torch.randn(1, 10, 2, 8, generator=gen, dtype=dtype) for _ in range(2))  # GQA: 2 K/V heads
+    return q, k, v
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 10]], ids=["one-doc", "docs"])
+def test_softmax_opcheck_forward_and_backward(cu_seqlens):
+    q, k, v = (x.requires_grad_() for x in _softmax_inputs(dtype=torch.float64))
+    args = (q, k, v, 0.35, "plain", 0, 0, 1, 1, "contiguous", True, cu_seqlens)
+    torch.library.opcheck(_softmax_library.softmax_forward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", ["plain", "sdpa"])
+def test_softmax_compile_fullgraph_matches_eager(backend):
+    q, k, v = _softmax_inputs(4)
+
+    def f(q, k, v):
+        return lasp2.softmax_attention(q, k, v, backend=backend).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_softmax_export():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return lasp2.softmax_attention(q, k, v)
+
+    q, k, v = _softmax_inputs(5)
+    ep = torch.export.export(M(), (q, k, v))
+    assert any("lasp2.softmax_forward" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(q, k, v), M()(q, k, v))
+
+
+def test_softmax_double_backward_raises():
+    q, k, v = (x.requires_grad_() for x in _softmax_inputs(6, torch.float64))
+    (dq,) = torch.autograd.grad(lasp2.softmax_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()

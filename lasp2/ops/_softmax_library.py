@@ -1,0 +1,97 @@
+"""LASP-2H softmax attention as torch.library custom ops.
+
+Registered ops (opaque to torch.compile / torch.export, with fake kernels for
+tracing and an autograd formula):
+  lasp2::softmax_forward(q, k, v, scale, backend, group, rank, world, parts, split, causal, cu_seqlens?)
+      -> (o, lse, kv_global)
+  lasp2::softmax_backward(do, q, k, v, o, lse, kv_global, <the same plan arguments>, need_kv_grads)
+      -> (dq, dk, dv)
+
+The block plan is rebuilt from the integers inside each op (it is a pure function of
+them); the group and its collectives travel as one int handle (lasp2.ops._opaque).
+q, k, v are bthd views. lse and kv_global are what backward needs besides the inputs:
+the merged log-sum-exp [B, H, T] and the gathered keys|values the remote blocks used
+(empty on one device or when a rank has no remote block).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lasp2.ops import _checks as C
+from lasp2.ops import _lasp2h as H
+from lasp2.ops._opaque import handle_of, resolve
+
+OP = "lasp2.softmax_attention"
+
+
+def _config(q: Tensor, scale: float, backend: str, comm: int, rank: int, world: int, parts: int, split: str,
+            causal: bool, cu_seqlens: Optional[List[int]]) -> H.Config:
+    blocks = H.plan_blocks(q.shape[1], rank, world, parts, causal, cu_seqlens)
+    group, collectives = resolve(comm) if comm else (None, None)
+    return H.Config(blocks, scale, backend, group, world, split, H.key_end(blocks), causal, collectives)
+
+
+@torch.library.custom_op("lasp2::softmax_forward", mutates_args=())
+def softmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, comm: int, rank: int, world: int,
+                    parts: int, split: str, causal: bool,
+                    cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor]:
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+    return H.lasp2h_forward(q, k, v, cfg)
+
+
+@softmax_forward.register_fake
+def _(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens):
+    b, t, h, _ = q.shape
+    hkv, d, dv = k.shape[2], k.shape[3], v.shape[3]
+    keys = 0
+    if world > 1:
+        keys = H.key_end(H.plan_blocks(t, rank, world, parts, causal, cu_seqlens))
+    return (q.new_empty(b, t, h, dv), q.new_empty(b, h, t, dtype=H.K.acc_dtype(q.dtype)),
+            q.new_empty(keys, b, hkv, d + dv))
+
+
+@torch.library.custom_op("lasp2::softmax_backward", mutates_args=())
+def softmax_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kv_global: Tensor,
+                     scale: float, backend: str, comm: int, rank: int, world: int, parts: int, split: str,
+                     causal: bool, cu_seqlens: Optional[List[int]],
+                     need_kv_grads: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+    return H.lasp2h_backward(do, q, k, v, o, lse, kv_global, cfg, need_kv_grads)
+
+
+@softmax_backward.register_fake
+def _(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens,
+      need_kv_grads):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *plan = inputs
+    o, lse, kv_global = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_global)
+    ctx.plan = plan
+
+
+def _backward(ctx, do, _d_lse, _d_kv_global):
+    q, k, v, o, lse, kv_global = ctx.saved_tensors
+    need_kv = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    with torch.no_grad():
+        dq, dk, dv = softmax_backward(do, q, k, v, o, lse, kv_global, *ctx.plan, need_kv)
+    grads = (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+             dv if ctx.needs_input_grad[2] else None)
+    return (*C.guard_double_backward(OP, grads), *([None] * len(ctx.plan)))
+
+
+torch.library.register_autograd("lasp2::softmax_forward", _backward, setup_context=_setup_context)
+
+
+def lasp2h_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, group, collectives, rank: int,
+                     world: int, parts: int, split: str, causal: bool, cu_seqlens: Optional[List[int]]) -> Tensor:
+    """One rank's LASP-2H output through the custom op (bthd views in, bthd out)."""
+    comm = handle_of(group, collectives) if world > 1 else 0
+    return softmax_forward(q, k, v, float(scale), backend, comm, int(rank), int(world), int(parts), split,
+                           bool(causal), cu_seqlens)[0]

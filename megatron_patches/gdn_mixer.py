@@ -1,0 +1,175 @@
+"""Gated DeltaNet layers ("G") of a lasp2 model in Megatron: the gated delta rule under LASP-2.
+
+  Lasp2GatedDeltaNetMixer  the token mixer of a TransformerLayer's self-attention slot, in the
+                           style of megatron-core's GatedDeltaNet (a MegatronModule with its
+                           own submodules): a column-parallel in-projection of q, k, v, the
+                           output gate z and the beta / gate logits; a short causal convolution
+                           of q, k, v whose halo crosses CP ranks (lasp2.nn.ShortConvolution);
+                           lasp2.gated_delta_rule over the CP group (L2-normalised q, k);
+                           a gated RMSNorm per head; a row-parallel out-projection
+
+The layer math is lasp2.nn.GatedDeltaNet's (fla's gated DeltaNet): beta = sigmoid(.),
+g = -exp(A_log) softplus(. + dt_bias). Heads and head dims are the model's attention
+heads and kv_channels (keys and values share them); the convolution width is
+config.linear_conv_kernel_dim (Megatron's name, default 4).
+
+Tensor parallelism splits heads: the in-projection's output is laid out head by head
+([q_h, k_h, v_h, z_h, beta_h, a_h] for each head h), so its column-parallel split, the
+convolution's channels and A_log / dt_bias (TP-sharded along dim 0, global shapes in
+distributed checkpoints) hold whole heads of this TP rank; the output norm's scale is
+shared by all heads, so its gradient is summed over the TP group. The same seed gives
+every TP layout the same (sliced) weights. The gated delta rule runs on the CPU only in
+this lasp2 build (its CUDA kernels are being written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron_patches._compat import check_megatron_core_version
+
+check_megatron_core_version()
+
+from megatron.core import tensor_parallel  # noqa: E402
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
+from megatron.core.transformer.utils import (  # noqa: E402
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+from megatron.core.utils import divide, get_pg_size  # noqa: E402
+
+import lasp2  # noqa: E402
+from lasp2.nn.gated_deltanet import GatedRMSNorm, beta_from_logits, delta_log_gate, init_gate_parameters  # noqa: E402
+from lasp2.nn.short_conv import ShortConvolution  # noqa: E402
+from megatron_patches.common import (  # noqa: E402
+    cu_seqlens_of,
+    global_head_slice,
+    process_groups,
+    recomputes_core_attention,
+    sp_group_of,
+    sum_grad_over_tp,
+)
+from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
+
+__all__ = ["Lasp2GatedDeltaNetMixer", "Lasp2GatedDeltaNetSubmodules"]
+
+
+@dataclass
+class Lasp2GatedDeltaNetSubmodules:
+    """in_proj: column-parallel (the base spec's linear_qkv builder: in the TE spec it fuses
+    the layer's input norm); out_proj: row-parallel; out_norm: RMSNorm over the head dim
+    times silu(z)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+    out_norm: Union[ModuleSpec, type] = GatedRMSNorm
+
+
+class Lasp2GatedDeltaNetMixer(MegatronModule):
+    """hidden [s_local, b, h] -> (output [s_local, b, h], output bias): one gated DeltaNet
+    layer over the CP group, built and called like megatron-core's SelfAttention /
+    GatedDeltaNet. Spec param `lasp2_options` (None: Megatron-LM's parsed --sp-*
+    arguments, else the defaults)."""
+
+    layer_kind = "G"
+
+    def __init__(self, config, submodules: Lasp2GatedDeltaNetSubmodules, layer_number: int,
+                 attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
+                 lasp2_options: Optional[Lasp2Options] = None, **kwargs):
+        super().__init__(config=config)
+        options = resolve_options(lasp2_options)
+        self.lasp2_options, self.layer_number = options, layer_number
+        self.pg_collection = process_groups(pg_collection)
+        if options.provider != "lasp2":
+            raise Lasp2ConfigError(f"gated DeltaNet ('G') layers run under --sp-provider lasp2 only, "
+                                   f"got {options.provider!r} (layer {layer_number})")
+        tp_group = self.pg_collection.tp
+        self.head_dim = config.kv_channels
+        self.num_heads = divide(config.num_attention_heads, get_pg_size(tp_group))  # this TP rank's
+        H, D = self.num_heads, self.head_dim
+        heads = global_head_slice(config.num_attention_heads, tp_group)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        factory = {"device": device, "dtype": config.params_dtype}
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, config.num_attention_heads * (4 * D + 2), config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+        # the whole model's convolution and gate parameters are drawn (the same random numbers
+        # for every TP layout), this rank keeps its heads
+        self.conv = ShortConvolution(config.num_attention_heads * 3 * D, config.linear_conv_kernel_dim or 4,
+                                     **factory)
+        self.conv.weight = torch.nn.Parameter(self.conv.weight.detach().view(-1, 3 * D, self.conv.kernel_size)[heads]
+                                              .reshape(H * 3 * D, self.conv.kernel_size).clone())
+        A_log, dt_bias = init_gate_parameters(config.num_attention_heads, **factory)
+        self.A_log, self.dt_bias = torch.nn.Parameter(A_log[heads].clone()), torch.nn.Parameter(dt_bias[heads].clone())
+        for param in (self.conv.weight, self.A_log, self.dt_bias):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+        self.out_norm = build_module(submodules.out_norm, D, eps=config.layernorm_epsilon, **factory)
+        for param in self.out_norm.parameters():  # one scale for every head
+            sum_grad_over_tp(param, tp_group)
+        self.out_proj = build_module(
+            submodules.out_proj, config.num_attention_heads * D, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+        self.checkpoint_core_attention = recomputes_core_attention(config)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Distributed-checkpoint view: the projections shard themselves; conv.weight, A_log and
+        dt_bias are sharded over TP by head (dim 0); out_norm is replicated."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=self.pg_collection.tp, dp_cp_group=metadata["dp_cp_group"])
+        state = {}
+        for name in ("in_proj", "out_proj"):
+            state.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        state.update(make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0},
+                                                         sharded_offsets, **groups))
+        for name, axis_map in (("conv", {"weight": 0, "bias": 0}), ("out_norm", {})):
+            state.update(make_sharded_tensors_for_checkpoint(
+                getattr(self, name).state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", axis_map,
+                sharded_offsets, **groups))
+        return state
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *,
+                inference_params=None, **kwargs):
+        """RoPE and the attention mask are not read (the recurrence is causal and
+        position-aware; documents come from packed_seq_params)."""
+        name = type(self).__name__
+        if inference_context is not None or inference_params is not None:
+            raise Lasp2ConfigError(f"{name}: gated DeltaNet layers do not support Megatron's inference context")
+        if key_value_states is not None or attention_bias is not None:
+            raise Lasp2ConfigError(f"{name}: key_value_states / attention_bias are not supported")
+        o = self.lasp2_options
+        cp = self.pg_collection.cp
+        cu_seqlens = cu_seqlens_of(name, packed_seq_params, o, cp)
+        group = sp_group_of(self.pg_collection)
+        H, D = self.num_heads, self.head_dim
+        mixed, _ = self.in_proj(hidden_states)                       # [s, b, H * (4D + 2)]
+        s, b = mixed.shape[:2]
+        mixed = mixed.transpose(0, 1).reshape(b, s, H, 4 * D + 2)    # lasp2's "bthd"
+        qkv, z, beta_logit, a = torch.split(mixed, [3 * D, D, 1, 1], dim=-1)
+        qkv = self.conv(qkv.reshape(b, s, H * 3 * D), group=group, split=o.split, cu_seqlens=cu_seqlens)
+        q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
+        beta = beta_from_logits(beta_logit.squeeze(-1))
+        g = delta_log_gate(a.squeeze(-1), self.A_log, self.dt_bias)
+
+        def delta_rule(q, k, v, g, beta):
+            return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
+                                          use_qk_l2norm=True)[0]
+
+        if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
+            out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)
+        else:
+            out = delta_rule(q, k, v, g, beta)
+        out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)
+        return self.out_proj(out)
+
