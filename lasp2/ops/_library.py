@@ -152,8 +152,11 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
-    if not output_final_state or d_final is None or d_final.numel() == 0:
+    if not output_final_state:
         d_final = None
+    elif d_final is None:  # the final state took no part in the loss: the same schedule, zero gradient
+        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
+        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
     with torch.no_grad():
         dq, dk, dv, dg, d_decay, d_initial = lasp2_backward(
             q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,

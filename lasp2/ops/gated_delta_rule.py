@@ -43,7 +43,7 @@ class _DeltaRule(torch.autograd.Function):
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
             comm, parts, want_final, ring)
         ctx.save_for_backward(q, k, v, g, beta, initial, *saved)
-        ctx.config = (docs, scale, chunk_size, comm, parts, ring)
+        ctx.config = (docs, scale, chunk_size, comm, parts, ring, want_final)
         ctx.set_materialize_grads(False)
         if not want_final or final is None:
             final = o.new_empty(0)
@@ -53,13 +53,15 @@ class _DeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, g, beta, initial, *saved = ctx.saved_tensors
-        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts, ring = ctx.config
+        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts, ring, want_final = ctx.config
         if do is None:
             do = torch.zeros_like(v)
         elif do.stride(-1) != 1:
             do = do.contiguous()
-        if dfinal is not None and dfinal.numel() == 0:
+        if not want_final:
             dfinal = None
+        elif dfinal is None:  # the final states took no part in the loss: the same schedule, zero gradient
+            dfinal = q.new_zeros((num_seqs, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
         need = ctx.needs_input_grad
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,

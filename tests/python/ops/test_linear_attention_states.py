@@ -196,3 +196,19 @@ def test_cuda_states_match_cpu(with_docs):
         results.append([x.detach().cpu() for x in (o, final, *grads)])
     for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dg", "dh0"), *results):
         assert_rel(b, a, 1e-3, name)
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_unused_final_state_leaves_the_gradients_alone(with_docs):
+    """output_final_state=True with a loss on o only: the same gradients as without."""
+    B = 1 if with_docs else 2
+    q, k, v, g = inputs(B, 9, seed=8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32) if with_docs else None
+    grads = []
+    for want_final in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+        out = lasp2.linear_attention(*leaves[:3], g=leaves[3], cu_seqlens=cu, output_final_state=want_final)
+        o = out[0] if want_final else out
+        grads.append(torch.autograd.grad(o.sum(), leaves))
+    for a, b in zip(*grads):
+        assert_rel(b, a, 1e-6, "gradient")
