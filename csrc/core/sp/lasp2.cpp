@@ -30,30 +30,43 @@ void check_states(const PartLayout& l, const SequenceStates& seq) {
     LASP2_CHECK(d >= -1 && d < seq.count - 1, "head_doc names a document out of range");
 }
 
-// Where each piece of the forward workspace lives (floats). The send block is
-// [local records][local head records][inner documents' end states]; the head records
-// and end states travel only with packed documents (the heads' buffers exist anyway:
-// a family may always write them).
+// Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
+struct Carve {
+  float* base;
+  int64_t used = 0;
+  float* take(int64_t floats) {
+    float* p = base == nullptr ? nullptr : base + used;
+    used += floats;
+    return p;
+  }
+};
+
+// Where each piece of the forward workspace lives. The send block is [local records]
+// [local head records][inner documents' end states]; the head records and end states
+// travel only with packed documents (the heads' buffers exist anyway: a family may
+// always write them).
 struct ForwardSpace {
   int64_t record, parts, sent;  // floats per record, local parts, floats sent per rank
   float *send, *gathered, *state, *table;
+  int64_t floats;
 
   ForwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq, void* base)
       : record(s.record_floats()), parts(l.parts_per_rank) {
     const bool packed = seq.packed();
-    sent = parts * record * (packed ? 2 : 1) + (packed && seq.final_state ? seq.floats(s.state_floats) : 0);
-    send = static_cast<float*>(base);
-    gathered = send + 2 * parts * record + (packed && seq.final_state ? seq.floats(s.state_floats) : 0);
-    state = gathered + l.world_size * sent;
-    table = state + s.state_floats;
+    const int64_t finals = packed && seq.final_state ? seq.floats(s.state_floats) : 0;
+    sent = parts * record * (packed ? 2 : 1) + finals;
+    Carve c{static_cast<float*>(base)};
+    send = c.take(2 * parts * record + finals);
+    gathered = c.take(l.world_size * sent);
+    state = c.take(s.state_floats);
+    table = c.take(3 * s.map_floats);
+    floats = c.used;
   }
-  int64_t floats(const SummaryShape& s) const { return (table - send) + 3 * s.map_floats; }
-  // Part g's gathered record (head: its head record) and rank r's end states.
+  // Part g's gathered record (head: its head record).
   const float* record_of(const PartLayout& l, int g, bool head) const {
     const int slot = l.gather_slot(g);
     return gathered + (slot / parts) * sent + ((head ? parts : 0) + slot % parts) * record;
   }
-  const float* finals_of(int r) const { return gathered + r * sent + 2 * parts * record; }
 };
 
 // The backward workspace after the family's scratch: [local dP][final grads] sent,
@@ -61,6 +74,7 @@ struct ForwardSpace {
 struct BackwardSpace {
   int64_t state, sent;
   float *send, *gathered, *final_grad, *entering, *suffix, *table;
+  int64_t floats;
 
   BackwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq,
                 int64_t family_scratch, void* base)
@@ -68,14 +82,16 @@ struct BackwardSpace {
     const int64_t D = seq.floats(state);
     const bool final_grad_wanted = seq.final_grad != nullptr;
     sent = l.parts_per_rank * state + (final_grad_wanted ? D : 0);
-    send = reinterpret_cast<float*>(static_cast<char*>(base) + round_up8(family_scratch));
-    gathered = send + sent;
-    final_grad = gathered + l.world_size * sent;
-    entering = final_grad + (final_grad_wanted ? D : 0);
-    suffix = entering + (seq.packed() && final_grad_wanted ? l.total_parts() * state : 0);
-    table = suffix + state;
+    Carve c{base == nullptr ? nullptr
+                            : reinterpret_cast<float*>(static_cast<char*>(base) + round_up8(family_scratch))};
+    send = c.take(sent);
+    gathered = c.take(l.world_size * sent);
+    final_grad = c.take(final_grad_wanted ? D : 0);
+    entering = c.take(seq.packed() && final_grad_wanted ? l.total_parts() * state : 0);
+    suffix = c.take(state);
+    table = c.take(3 * s.map_floats);
+    floats = c.used;
   }
-  int64_t floats(const SummaryShape& s) const { return (table - send) + 3 * s.map_floats; }
   const float* dstate_of(const PartLayout& l, int g) const {
     const int slot = l.gather_slot(g);
     return gathered + (slot / l.parts_per_rank) * sent + (slot % l.parts_per_rank) * state;
@@ -103,12 +119,12 @@ bool holds_first_part(const PartLayout& l) {
 }
 
 int64_t forward_bytes(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq) {
-  return round_up8(ForwardSpace(s, l, seq, nullptr).floats(s) * 4);
+  return round_up8(ForwardSpace(s, l, seq, nullptr).floats * 4);
 }
 
 int64_t backward_bytes(const SummaryShape& s, int64_t family_scratch, const PartLayout& l,
                        const SequenceStates& seq) {
-  return round_up8(family_scratch) + round_up8(BackwardSpace(s, l, seq, 0, nullptr).floats(s) * 4);
+  return round_up8(family_scratch) + round_up8(BackwardSpace(s, l, seq, 0, nullptr).floats * 4);
 }
 
 }  // namespace
