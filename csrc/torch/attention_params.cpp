@@ -131,7 +131,13 @@ Prepared prepare(const LinearAttentionArgs& a) {
     p.doc_start = r.doc_start.data_ptr<uint8_t>();
     p.doc_start_batch_stride = r.doc_start.dim() == 2 ? T : 0;
   }
-  if (a.initial_state) r.initial_state = state_tensor(*a.initial_state, "initial_state", p, a.q);
+  LASP2_CHECK(!(a.doc_start && a.initial_state && a.head_doc.empty()),
+              "`initial_state` with packed documents (`doc_start`) is per document: pass `head_doc` and `num_seqs`");
+  if (!a.head_doc.empty()) {
+    LASP2_CHECK(a.doc_start.has_value() && B == 1 && a.num_seqs >= 1,
+                "per-document states (`head_doc`) need packed documents (`doc_start`, batch 1, `num_seqs` >= 1)");
+  }
+  if (a.initial_state) r.initial_state = state_tensor(*a.initial_state, "initial_state", state_shape(p, a), a.q);
   if (a.comm) {
     const int size = a.comm->size(), rank = a.comm->rank();
     LASP2_CHECK(size >= 1 && rank >= 0 && rank < size,
@@ -145,15 +151,15 @@ Prepared prepare(const LinearAttentionArgs& a) {
   return r;
 }
 
-std::vector<int64_t> state_shape(const AttentionParams& p) {
-  return {p.batch, p.heads, p.dim_k, p.dim_v};
+std::vector<int64_t> state_shape(const AttentionParams& p, const LinearAttentionArgs& a) {
+  return {a.document_states() ? a.num_seqs : p.batch, p.heads, p.dim_k, p.dim_v};
 }
 
-at::Tensor state_tensor(const at::Tensor& t, const char* name, const AttentionParams& p,
+at::Tensor state_tensor(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape,
                         const at::Tensor& like) {
   check_floating(t, name);
   check_device(t, name, like);
-  check_shape(t, name, state_shape(p));
+  check_shape(t, name, shape);
   return t.to(at::kFloat).contiguous();
 }
 
@@ -164,6 +170,24 @@ const at::Tensor& saved_buffer(const at::Tensor& t, const char* name, int64_t fl
               std::string("the saved buffer `") + name + "` does not belong to these arguments (expected " +
                   std::to_string(floats) + " contiguous float32 values on " + like.device().str() + ")");
   return t;
+}
+
+std::vector<at::Tensor> lasp2_saved_buffers(const SummaryShape& sh, const PartLayout& l, bool packed,
+                                            const at::Tensor& like) {
+  return {floats(Lasp2Saved::local_records_floats(sh, l), like),
+          floats(Lasp2Saved::prefix_states_floats(sh, l), like),
+          floats(Lasp2Saved::maps_floats(sh, l), like),
+          floats(std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, l, packed), 1), like)};
+}
+
+Lasp2Saved lasp2_saved_view(const std::vector<at::Tensor>& t, const SummaryShape& sh, const PartLayout& l,
+                            bool packed, const at::Tensor& like) {
+  LASP2_CHECK(t.size() == 4, "backward needs the 4 saved buffers of forward");
+  const int64_t head_maps = std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, l, packed), 1);
+  return {saved_buffer(t[0], "local_records", Lasp2Saved::local_records_floats(sh, l), like).data_ptr<float>(),
+          saved_buffer(t[1], "prefix_states", Lasp2Saved::prefix_states_floats(sh, l), like).data_ptr<float>(),
+          saved_buffer(t[2], "maps", Lasp2Saved::maps_floats(sh, l), like).data_ptr<float>(),
+          saved_buffer(t[3], "head_maps", head_maps, like).data_ptr<float>()};
 }
 
 at::Tensor prepare_dout(const at::Tensor& dout, const LinearAttentionArgs& a, const Prepared& r) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lasp2/communicator.h"
+#include "lasp2/lasp2.h"
 #include "lasp2/params.h"
 #include "lasp2/part_layout.h"
 
@@ -23,11 +24,16 @@ struct LinearAttentionArgs {
   OptTensor g;                // [B, T, H] log gates
   OptTensor decay;            // [H] log decays
   OptTensor doc_start;        // [T] (shared by the batch) or [B, T], nonzero where a document starts
-  OptTensor initial_state;    // [B, H, Dk, Dv]: the state entering the sequence (LASP-2)
+  OptTensor initial_state;    // [N, H, Dk, Dv]: the state entering each sequence (LASP-2)
   double scale = 1.0;
   std::shared_ptr<Communicator> comm;  // null: one device
   int64_t parts_per_rank = 1;          // 2: balanced causal split
   int64_t chunk_size = 64;             // the CPU kernels' chunk length; GPUs pick their own
+  // Packed documents with sequence states (N = num_seqs documents, B = 1): per global
+  // part, the document ending in its head (-1: no start in the part). Empty: N = B.
+  std::vector<int64_t> head_doc;
+  int64_t num_seqs = 0;
+  bool document_states() const { return doc_start.has_value() && !head_doc.empty(); }
 
   // The tensors in a fixed order (q, k, v, g, decay, doc_start, initial_state), so an
   // autograd Function can save them with save_for_backward and keep config() aside.
@@ -51,14 +57,21 @@ struct Prepared {
 // the core, then builds the params.
 Prepared prepare(const LinearAttentionArgs& a);
 
-// The [B, H, Dk, Dv] shape of one state of `p`.
-std::vector<int64_t> state_shape(const AttentionParams& p);
+// The [N, H, Dk, Dv] shape of the sequences' states (N = B, or the documents).
+std::vector<int64_t> state_shape(const AttentionParams& p, const LinearAttentionArgs& a);
 // `t` (named `name`) as an fp32 contiguous state of `p` on the device of `like`.
-at::Tensor state_tensor(const at::Tensor& t, const char* name, const AttentionParams& p,
+at::Tensor state_tensor(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape,
                         const at::Tensor& like);
 // A saved fp32 buffer from forward, checked against the size backward expects.
 const at::Tensor& saved_buffer(const at::Tensor& t, const char* name, int64_t floats,
                                const at::Tensor& like);
+// What LASP-2's forward keeps for backward, {local_records, prefix_states, maps,
+// head_maps} for a family of summary `shape` (head maps only with packed documents'
+// states), and the core's view of them, checked against the sizes backward expects.
+std::vector<at::Tensor> lasp2_saved_buffers(const SummaryShape& shape, const PartLayout& l,
+                                            bool packed, const at::Tensor& like);
+Lasp2Saved lasp2_saved_view(const std::vector<at::Tensor>& saved, const SummaryShape& shape,
+                            const PartLayout& l, bool packed, const at::Tensor& like);
 // dout, checked against v, in the precision the core computes in.
 at::Tensor prepare_dout(const at::Tensor& dout, const LinearAttentionArgs& a, const Prepared& r);
 

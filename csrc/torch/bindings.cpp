@@ -70,15 +70,18 @@ void bind_args(py::module_& m) {
   py::class_<LinearAttentionArgs>(m, "LinearAttentionArgs")
       .def(py::init([](at::Tensor q, at::Tensor k, at::Tensor v, OptTensor g, OptTensor decay,
                        OptTensor doc_start, OptTensor initial_state, double scale,
-                       std::shared_ptr<Communicator> comm, int64_t parts_per_rank, int64_t chunk_size) {
+                       std::shared_ptr<Communicator> comm, int64_t parts_per_rank, int64_t chunk_size,
+                       std::vector<int64_t> head_doc, int64_t num_seqs) {
              return LinearAttentionArgs{std::move(q), std::move(k), std::move(v), std::move(g),
                                         std::move(decay), std::move(doc_start), std::move(initial_state),
-                                        scale, std::move(comm), parts_per_rank, chunk_size};
+                                        scale, std::move(comm), parts_per_rank, chunk_size,
+                                        std::move(head_doc), num_seqs};
            }),
            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("g") = py::none(),
            py::arg("decay") = py::none(), py::arg("doc_start") = py::none(),
            py::arg("initial_state") = py::none(), py::arg("scale") = 1.0, py::arg("comm") = nullptr,
-           py::arg("parts_per_rank") = 1, py::arg("chunk_size") = 64)
+           py::arg("parts_per_rank") = 1, py::arg("chunk_size") = 64,
+           py::arg("head_doc") = std::vector<int64_t>{}, py::arg("num_seqs") = 0)
       .def_readonly("scale", &LinearAttentionArgs::scale)
       .def_readonly("comm", &LinearAttentionArgs::comm)
       .def_readonly("parts_per_rank", &LinearAttentionArgs::parts_per_rank)
@@ -114,7 +117,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("lasp2_forward", &lasp2::torch_binding::lasp2_forward, py::arg("args"), py::arg("overlap"),
         py::arg("output_final_state") = false, no_gil,
-        "-> (o, final_state or None, saved): LASP-2 forward");
+        "-> (o, final_state or None, saved): LASP-2 forward (final_state [N, H, Dk, Dv] fp32)");
   m.def("lasp2_backward", &lasp2::torch_binding::lasp2_backward, py::arg("args"), py::arg("saved"),
         py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
         py::arg("need_dinitial") = false, no_gil,

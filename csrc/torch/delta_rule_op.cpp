@@ -1,13 +1,17 @@
 #include "delta_rule_op.h"
 
+#include <algorithm>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include <torch/csrc/utils/pybind.h>
 
 #include "attention_params.h"
-#include "delta_rule/delta_lasp2.h"
+#include "delta_rule/delta_family.h"
 #include "lasp2/communicator.h"
+#include "lasp2/lasp1.h"
+#include "lasp2/lasp2.h"
 #include "tensor_views.h"
 #include "torch_scratch.h"
 
@@ -16,9 +20,9 @@ namespace py = pybind11;
 namespace lasp2::torch_binding {
 namespace {
 
+using delta::DeltaFamily;
+using delta::DeltaGrads;
 using delta::DeltaParams;
-using delta::DeltaSaved;
-using delta::DeltaSequences;
 using delta::GateKind;
 
 struct DeltaArgs {
@@ -32,6 +36,7 @@ struct DeltaArgs {
   int64_t chunk_size = 64;
   std::shared_ptr<Communicator> comm;
   int64_t parts_per_rank = 1;
+  bool ring = false;  // LASP-1 (P2P ring) instead of LASP-2
 };
 
 // The tensors the core reads (compute precision) and the params pointing into them.
@@ -40,7 +45,8 @@ struct DeltaPrepared {
   at::ScalarType input_dtype;
   DeltaParams params;
   PartLayout layout;
-  DeltaSequences seqs;
+  SequenceStates seqs;  // its pointers are set per call
+  int64_t num_seqs = 0;
 };
 
 BTHStrides bth_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -80,9 +86,8 @@ DeltaPrepared prepare(const DeltaArgs& a) {
     p.doc_start = r.doc_start.data_ptr<uint8_t>();
     p.doc_id = r.doc_id.data_ptr<int32_t>();
     p.doc_batch_stride = 0;
-    r.seqs.head_doc = a.head_doc;
   }
-  r.seqs.count = a.num_seqs;
+  r.num_seqs = a.num_seqs;
   if (a.initial) r.initial = a.initial->to(at::kFloat).contiguous();
   r.layout = a.comm ? PartLayout{a.comm->size(), a.comm->rank(), static_cast<int>(a.parts_per_rank)}
                     : PartLayout::contiguous(1, 0);
@@ -91,28 +96,68 @@ DeltaPrepared prepare(const DeltaArgs& a) {
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-std::vector<at::Tensor> forward(const DeltaArgs& args, bool want_final) {
+// The [N, H, Dk, Dv] fp32 states of the call's sequences.
+at::Tensor sequence_states(const DeltaPrepared& r) {
+  const DeltaParams& p = r.params;
+  return at::empty({r.num_seqs, p.heads, p.dim_k, p.dim_v}, r.q.options().dtype(at::kFloat));
+}
+
+// Packed documents carry their states through the parts' head maps; without states
+// the documents' resets need nothing from the schedule.
+void set_documents(const DeltaArgs& a, SequenceStates& seq) {
+  if (a.doc_start && seq.any()) {
+    seq.head_doc = a.head_doc;
+    seq.count = a.num_seqs;
+  }
+}
+
+// LASP-1 saves {entering_state, local_record} and carries no sequence states (the
+// final states would need one more collective after the ring).
+Lasp1Saved ring_view(const std::vector<at::Tensor>& t) {
+  LASP2_CHECK(t.size() == 2, "delta_backward (LASP-1) needs the 2 saved buffers of delta_forward");
+  return {t[0].data_ptr<float>(), t[1].data_ptr<float>()};
+}
+
+void check_ring(const SequenceStates& seq) {
+  LASP2_CHECK(!seq.any(), "provider \"lasp1\" takes no `initial_state` / `output_final_state` "
+                          "(use provider \"lasp2\")");
+}
+
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaArgs& args,
+                                                                    bool want_final) {
   DeltaPrepared r = prepare(args);
   const DeltaParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
-  at::Tensor records = floats(DeltaSaved::records_floats(p, r.layout), r.q);
-  at::Tensor prefixes = floats(DeltaSaved::prefixes_floats(p, r.layout), r.q);
+  at::Tensor fold = floats(p.bh() * p.state_elems(), r.q);
+  const DeltaFamily family(delta_kernel_backend_for(r.q), p, mut_view(o, "o"),
+                           fold.data_ptr<float>());
   at::Tensor finals;
-  if (want_final) {
-    finals = at::empty({r.seqs.count, p.heads, p.dim_k, p.dim_v}, r.q.options().dtype(at::kFloat));
+  if (want_final) finals = sequence_states(r);
+  SequenceStates seq;
+  seq.initial = ptr_or_null(r.initial);
+  seq.final_state = want_final ? finals.data_ptr<float>() : nullptr;
+  set_documents(args, seq);
+  if (args.ring) {
+    check_ring(seq);
+    const SummaryShape sh = family.shape();
+    std::vector<at::Tensor> saved{floats(Lasp1Saved::entering_state_floats(sh), r.q),
+                                  floats(Lasp1Saved::local_record_floats(sh), r.q)};
+    at::Tensor workspace = scratch(lasp1_forward_workspace_bytes(family, r.layout), r.q);
+    lasp1_forward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
+                  current_stream(r.q));
+    return {restore_dtype(o, r.input_dtype), finals, saved};
   }
-  at::Tensor workspace =
-      scratch(delta::delta_lasp2_forward_workspace_bytes(p, r.layout, r.seqs, want_final), r.q);
-  const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
-  delta::delta_lasp2_forward(delta_kernel_backend_for(r.q), args.comm.get(), r.layout,
-                             p, r.seqs, ptr_or_null(r.initial), mut_view(o, "o"), saved,
-                             want_final ? finals.data_ptr<float>() : nullptr, workspace.data_ptr(),
-                             current_stream(r.q));
-  return {restore_dtype(o, r.input_dtype), finals, records, prefixes};
+  std::vector<at::Tensor> saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
+  at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
+  lasp2_forward(family, args.comm.get(), r.layout,
+                lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq, workspace.data_ptr(),
+                Lasp2Options{}, current_stream(r.q));
+  return {restore_dtype(o, r.input_dtype), finals, saved};
 }
 
 std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
-                                 const at::Tensor& records, const at::Tensor& prefixes,
+                                 const std::vector<at::Tensor>& saved,
                                  const std::optional<at::Tensor>& final_dstate, bool need_dg,
                                  bool need_dbeta, bool need_dinitial) {
   DeltaPrepared r = prepare(args);
@@ -122,19 +167,30 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
   at::Tensor dg, dbeta, d_initial, dF;
   if (need_dg) dg = at::empty_like(r.g);
   if (need_dbeta) dbeta = at::empty_like(r.beta);
-  if (need_dinitial) {
-    d_initial = at::empty({r.seqs.count, p.heads, p.dim_k, p.dim_v}, r.q.options().dtype(at::kFloat));
-  }
+  if (need_dinitial) d_initial = sequence_states(r);
   if (final_dstate) dF = final_dstate->to(at::kFloat).contiguous();
-  at::Tensor workspace = scratch(
-      delta::delta_lasp2_backward_workspace_bytes(p, r.layout, r.seqs, dF.defined()), r.q);
-  const DeltaSaved saved{records.data_ptr<float>(), prefixes.data_ptr<float>()};
-  delta::delta_lasp2_backward(
-      delta_kernel_backend_for(r.q), args.comm.get(), r.layout, p, r.seqs,
-      ptr_or_null(r.initial), const_view(dout_c, "dout"), saved, ptr_or_null(dF), mut_view(dq, "dq"),
-      mut_view(dk, "dk"), mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
-      need_dbeta ? dbeta.data_ptr() : nullptr, need_dinitial ? d_initial.data_ptr<float>() : nullptr,
-      workspace.data_ptr(), current_stream(r.q));
+  at::Tensor fold = floats(p.bh() * p.state_elems(), r.q);
+  const DeltaGrads grads{const_view(dout_c, "dout"), mut_view(dq, "dq"), mut_view(dk, "dk"),
+                         mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
+                         need_dbeta ? dbeta.data_ptr() : nullptr};
+  const DeltaFamily family(delta_kernel_backend_for(r.q), p, grads, fold.data_ptr<float>());
+  SequenceStates seq;
+  seq.initial = ptr_or_null(r.initial);
+  seq.final_grad = ptr_or_null(dF);
+  seq.initial_grad = need_dinitial ? d_initial.data_ptr<float>() : nullptr;
+  set_documents(args, seq);
+  if (args.ring) {
+    check_ring(seq);
+    at::Tensor workspace = scratch(lasp1_backward_workspace_bytes(family, r.layout), r.q);
+    lasp1_backward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
+                   current_stream(r.q));
+    return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
+            restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
+  }
+  at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(family, r.layout, seq), r.q);
+  lasp2_backward(family, args.comm.get(), r.layout,
+                 lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq, workspace.data_ptr(),
+                 current_stream(r.q));
   return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
           restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
 }
@@ -171,16 +227,17 @@ void register_delta_rule(py::module_& m) {
          std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
          std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-         int64_t parts_per_rank, bool want_final) {
+         int64_t parts_per_rank, bool want_final, bool ring) {
         py::gil_scoped_release no_gil;  // the collective may block on other ranks
-        return forward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
-                                 scale, chunk_size, comm, parts_per_rank),
-                       want_final);
+        DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                scale, chunk_size, comm, parts_per_rank);
+        a.ring = ring;
+        return forward(a, want_final);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
-      py::arg("parts_per_rank"), py::arg("want_final"));
+      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false);
 
   m.def(
       "delta_backward",
@@ -188,20 +245,21 @@ void register_delta_rule(py::module_& m) {
          std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
          std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-         int64_t parts_per_rank, at::Tensor dout, at::Tensor records, at::Tensor prefixes,
+         int64_t parts_per_rank, at::Tensor dout, std::vector<at::Tensor> saved,
          std::optional<at::Tensor> final_dstate, bool need_dg, bool need_dbeta,
-         bool need_dinitial) {
+         bool need_dinitial, bool ring) {
         py::gil_scoped_release no_gil;
-        return backward(make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
-                                  scale, chunk_size, comm, parts_per_rank),
-                        dout, records, prefixes, final_dstate, need_dg, need_dbeta, need_dinitial);
+        DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
+                                scale, chunk_size, comm, parts_per_rank);
+        a.ring = ring;
+        return backward(a, dout, saved, final_dstate, need_dg, need_dbeta, need_dinitial);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
-      py::arg("parts_per_rank"), py::arg("dout"), py::arg("records"), py::arg("prefixes"),
+      py::arg("parts_per_rank"), py::arg("dout"), py::arg("saved"),
       py::arg("final_dstate"), py::arg("need_dg"), py::arg("need_dbeta"),
-      py::arg("need_dinitial"));
+      py::arg("need_dinitial"), py::arg("ring") = false);
 }
 
 }  // namespace lasp2::torch_binding

@@ -1,5 +1,6 @@
-// The delta-rule family (gated DeltaNet, KDA) for torch tensors: LASP-2 forward
-// and backward over the core schedule (csrc/core/delta_rule/delta_lasp2.h).
+// The delta-rule family (gated DeltaNet, KDA) for torch tensors: forward and backward
+// of DeltaFamily (csrc/core/delta_rule/delta_family.h) over the generic schedules,
+// LASP-2 (csrc/core/sp/lasp2.cpp) or, with ring=True, LASP-1 (lasp1.cpp).
 #pragma once
 
 #include <torch/extension.h>

@@ -12,16 +12,17 @@
 
 namespace lasp2::torch_binding {
 
-// Returns {o, final_state, saved}: final_state ([B, H, Dk, Dv] fp32, the same on every
-// rank) only when asked for; saved = {local_records, prefix_states, maps} is what
-// backward needs.
+// Returns {o, final_state, saved}: final_state ([N, H, Dk, Dv] fp32, N = B or, with
+// args.head_doc, the packed documents; the same on every rank) only when asked for;
+// saved = {local_records, prefix_states, maps, head_maps} is what backward needs.
 std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
     const LinearAttentionArgs& args, bool overlap, bool output_final_state);
 
 // Returns {dq, dk, dv, dg, ddecay, dinitial_state}, each in its input's dtype; dg (for
 // args.g) and ddecay (for args.decay) only with need_dg, dinitial_state only with
-// need_dinitial. d_final_state is the gradient of forward's final_state (every rank
-// passes the same one).
+// need_dinitial. d_final_state is this rank's gradient of forward's final_state (the
+// ranks' are summed: the loss is the sum of the ranks' losses); dinitial_state is this
+// rank's share (summed over the group it is one process's gradient).
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       const std::vector<at::Tensor>& saved,
                                       const at::Tensor& dout, bool need_dg,

@@ -2,10 +2,17 @@
 
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
-  lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, scale, chunk_size, comm, parts, overlap)
-      -> (o, local_records, prefix_states, maps)
-  lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, scale, chunk_size, comm, parts,
-                        do, local_records, prefix_states, maps, need_dg) -> (dq, dk, dv, dg, d_decay)
+  lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
+                       parts, overlap, head_doc, num_seqs, output_final_state)
+      -> (o, final_state, local_records, prefix_states, maps, head_maps)
+  lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
+                        parts, head_doc, num_seqs, do, d_final_state?, local_records,
+                        prefix_states, maps, head_maps, need_dg, need_dinitial)
+      -> (dq, dk, dv, dg, d_decay, d_initial_state)
+final_state is [N, H, Dk, Dv] float32 (N = B, or num_seqs documents when head_doc is
+given), an empty tensor when not asked for. State gradients follow "the loss is the
+sum of the ranks' losses": d_final_state is this rank's (summed over the group inside
+the backward AllGather), d_initial_state this rank's share.
 
 A communicator is not a tensor or a schema type, so it travels as an int handle
 (0: one device) into a registry that keeps it alive; communicators are cached per
@@ -16,7 +23,7 @@ real kernel, so traced / compiled graphs keep them without a graph break.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -46,37 +53,53 @@ def _world(handle: int) -> int:
 
 @torch.library.custom_op("lasp2::lasp2_forward", mutates_args=())
 def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
-                  doc_start: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
-                  overlap: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                  comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
+                  output_final_state: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
     with C.named_errors(OP):
-        o, _, saved = _C.lasp2_forward(_args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts), overlap)
-    records, prefixes, maps = saved
-    if comm == 0:
-        # one device: the schedule leaves these buffers unwritten (backward reads none of
-        # them); a custom op's outputs must be deterministic (opcheck, AOT tracing)
-        for buffer in (records, prefixes, maps):
+        o, final, saved = _C.lasp2_forward(
+            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
+            overlap, output_final_state)
+    # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
+    # schedule leaves unwritten (one device without states: every buffer, backward reads
+    # none of them; the head maps without packed documents' states)
+    if comm == 0 and not _states_used(initial_state, output_final_state):
+        for buffer in saved:
             buffer.zero_()
-    return o, records, prefixes, maps
+    elif not (doc_start is not None and len(head_doc) > 0):
+        saved[3].zero_()
+    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
 
 
-def _args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts):
-    return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, scale=scale, comm=_comm(comm),
-                                  parts_per_rank=parts, chunk_size=chunk_size)
+def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs):
+    return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
+                                  scale=scale, comm=_comm(comm), parts_per_rank=parts, chunk_size=chunk_size,
+                                  head_doc=list(head_doc), num_seqs=num_seqs)
+
+
+def _states_used(initial_state, output_final_state) -> bool:
+    return initial_state is not None or output_final_state
 
 
 @lasp2_forward.register_fake
-def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, overlap):
+def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc, num_seqs,
+      output_final_state):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved for the scalar-decay family
     B, _, H, dk = q.shape
     dv = v.shape[3]
     bh = B * H
     f32 = dict(dtype=torch.float32, device=q.device)
+    packed = doc_start is not None and len(head_doc) > 0 and _states_used(initial_state, output_final_state)
+    n = num_seqs if doc_start is not None and len(head_doc) > 0 else B
+    total = _world(comm) * parts
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
+            q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32),
             q.new_empty(parts * (bh * dk * dv + bh), **f32),
             q.new_empty(parts * bh * dk * dv, **f32),
-            q.new_empty((_world(comm) * parts + 2) * bh, **f32))
+            q.new_empty((total + 2) * bh, **f32),
+            q.new_empty(max(total * bh if packed else 0, 1), **f32))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:
@@ -85,24 +108,29 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
 def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
-                   doc_start: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
-                   do: Tensor, records: Tensor, prefixes: Tensor, maps: Tensor,
-                   need_dg: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                   comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
+                   d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
+                   head_maps: Tensor, need_dg: bool,
+                   need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with C.named_errors(OP):
-        dq, dk, dv, dg, d_decay, _ = _C.lasp2_backward(
-            _args(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts), [records, prefixes, maps], do,
-            need_dg)
+        dq, dk, dv, dg, d_decay, d_initial = _C.lasp2_backward(
+            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
+            [records, prefixes, maps, head_maps], do, need_dg, d_final_state=d_final_state,
+            need_dinitial=need_dinitial)
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
-    return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q)
+    return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
 
 
 @lasp2_backward.register_fake
-def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do, records, prefixes, maps, need_dg):
+def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
+      d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
     dg = q.new_empty(q.shape[:3], dtype=g.dtype) if (need_dg and g is not None) else None
     d_decay = q.new_empty(decay.shape, dtype=decay.dtype) if (need_dg and decay is not None) else None
-    dg, d_decay = _or_empty(dg, q), _or_empty(d_decay, q)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, d_decay
+    d_initial = torch.empty_like(initial_state) if (need_dinitial and initial_state is not None) else None
+    dg, d_decay, d_initial = _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, d_decay, d_initial
 
 
 def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
@@ -112,35 +140,48 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, _overlap = inputs
-    _, records, prefixes, maps = output
-    ctx.save_for_backward(q, k, v, g, decay, doc_start, records, prefixes, maps)
-    ctx.config = (scale, chunk_size, comm, parts)
+    (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, _overlap, head_doc, num_seqs,
+     output_final_state) = inputs
+    _, _, records, prefixes, maps, head_maps = output
+    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, records, prefixes, maps, head_maps)
+    ctx.config = (scale, chunk_size, comm, parts, list(head_doc), num_seqs, output_final_state)
 
 
-def _backward(ctx, do, _d_records, _d_prefixes, _d_maps):
-    q, k, v, g, decay, doc_start, records, prefixes, maps = ctx.saved_tensors
-    scale, chunk_size, comm, parts = ctx.config
+def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
+    q, k, v, g, decay, doc_start, initial_state, records, prefixes, maps, head_maps = ctx.saved_tensors
+    scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
+    if not output_final_state:
+        d_final = None
+    elif d_final is None:  # the final state took no part in the loss: the same schedule, zero gradient
+        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
+        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
     with torch.no_grad():
-        dq, dk, dv, dg, d_decay = lasp2_backward(q, k, v, g, decay, doc_start, scale, chunk_size, comm, parts, do,
-                                                 records, prefixes, maps, bool(need_g or need_decay))
-    grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None))
-    return (*grads, None, None, None, None, None, None)
+        dq, dk, dv, dg, d_decay, d_initial = lasp2_backward(
+            q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
+            d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial))
+    grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
+                                         d_initial if need_dinitial else None))
+    return (*grads[:5], None, grads[5], None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
-                           overlap: bool) -> Tensor:
-    """The LASP-2 schedule (or one device when comm is None) through the custom op."""
+                           overlap: bool, initial_state=None, output_final_state: bool = False,
+                           head_doc: Sequence[int] = (), num_seqs: int = 0):
+    """The LASP-2 schedule (or one device when comm is None) through the custom op:
+    o, or (o, final_state) with output_final_state."""
     if not torch.compiler.is_compiling() and _under_functorch():
         raise NotImplementedError(
             f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
-    return lasp2_forward(q, k, v, g, decay, doc_start, float(scale), int(chunk_size), comm_handle(comm),
-                         int(parts), bool(overlap))[0]
+    out = lasp2_forward(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
+                        comm_handle(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
+                        bool(output_final_state))
+    return (out[0], out[1]) if output_final_state else out[0]
 
 
 def _under_functorch() -> bool:

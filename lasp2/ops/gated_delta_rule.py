@@ -12,7 +12,7 @@ docs/delta_rule.md).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,51 +22,56 @@ from lasp2.distributed.communicator import check_group, get_communicator, group_
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
 from lasp2.distributed.context import check_cu_seqlens
+from lasp2.ops._documents import head_docs
 from lasp2.ops._group_consistency import verify_group_consistency
-from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, register
+from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
 from lasp2.options import SPLITS, check_choice
 
 FAMILY = "gated_delta_rule"  # the provider family of gated_delta_rule and kda
 L2NORM_EPS = 1e-6  # as fla's l2norm
 
 
-class _DeltaRuleLasp2(torch.autograd.Function):
-    """Inputs are [B, T, H, *] views; the C++ core runs the LASP-2 schedule."""
+class _DeltaRule(torch.autograd.Function):
+    """Inputs are [B, T, H, *] views; the C++ core runs the generic schedule over the
+    family's PartFamily (csrc/core/delta_rule/delta_family.h): LASP-2, or with ring=True
+    LASP-1."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial, docs, scale, chunk_size, comm, parts, want_final):
+    def forward(ctx, q, k, v, g, beta, initial, docs, scale, chunk_size, comm, parts, want_final, ring):
         doc_start, doc_id, head_doc, num_seqs = docs
-        o, final, records, prefixes = _C.delta_forward(
+        o, final, saved = _C.delta_forward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
-            comm, parts, want_final)
-        ctx.save_for_backward(q, k, v, g, beta, initial, records, prefixes)
-        ctx.config = (docs, scale, chunk_size, comm, parts)
+            comm, parts, want_final, ring)
+        ctx.save_for_backward(q, k, v, g, beta, initial, *saved)
+        ctx.config = (docs, scale, chunk_size, comm, parts, ring, want_final)
         ctx.set_materialize_grads(False)
-        if not want_final:
+        if not want_final or final is None:
             final = o.new_empty(0)
             ctx.mark_non_differentiable(final)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial, records, prefixes = ctx.saved_tensors
-        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts = ctx.config
+        q, k, v, g, beta, initial, *saved = ctx.saved_tensors
+        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts, ring, want_final = ctx.config
         if do is None:
             do = torch.zeros_like(v)
         elif do.stride(-1) != 1:
             do = do.contiguous()
-        if dfinal is not None and dfinal.numel() == 0:
+        if not want_final:
             dfinal = None
+        elif dfinal is None:  # the final states took no part in the loss: the same schedule, zero gradient
+            dfinal = q.new_zeros((num_seqs, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
         need = ctx.needs_input_grad
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
-            comm, parts, do, records, prefixes, dfinal, bool(need[3]), bool(need[4]),
-            bool(initial is not None and need[5]))
+            comm, parts, do, saved, dfinal, bool(need[3]), bool(need[4]),
+            bool(initial is not None and need[5]), ring)
         return (dq, dk, dv,
                 dg.to(g.dtype) if need[3] else None,
                 dbeta.to(beta.dtype) if need[4] else None,
                 d_initial.to(initial.dtype) if initial is not None and need[5] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class DeltaLasp2Provider(Provider):
@@ -79,11 +84,26 @@ class DeltaLasp2Provider(Provider):
     def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
               output_final_state):
         """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final)."""
-        return _DeltaRuleLasp2.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
-                                     parts_per_rank, output_final_state)
+        return _DeltaRule.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
+                                parts_per_rank, output_final_state, False)
+
+
+class DeltaLasp1Provider(Provider):
+    """LASP-1 for the delta-rule family: the state entering each rank's part travels a
+    ring of P2P sends (csrc/core/sp/lasp1.cpp over the same DeltaFamily); contiguous
+    split, no initial_state / output_final_state across ranks."""
+
+    name = "lasp1"
+    splits = ("contiguous",)
+
+    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
+              output_final_state):
+        return _DeltaRule.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
+                                parts_per_rank, output_final_state, True)
 
 
 register(FAMILY, DeltaLasp2Provider())
+register(FAMILY, DeltaLasp1Provider())
 
 
 def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts, device):
@@ -98,13 +118,8 @@ def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts
     starts[values[1:-1]] = 1
     doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
     index = global_token_index(local_len, rank, world, split)
-    part_len = global_len // total_parts
-    head_doc: List[int] = []
-    for part in range(total_parts):
-        inside = torch.nonzero(starts[part * part_len:(part + 1) * part_len]).flatten()
-        head_doc.append(int(doc_of[part * part_len + inside[0] - 1]) if inside.numel() else -1)
-    return (starts[index].to(device), doc_of[index].to(torch.int32).to(device), head_doc,
-            values.numel() - 1)
+    return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
+            head_docs(values, global_len, total_parts), values.numel() - 1)
 
 
 def _l2norm(x):
@@ -193,16 +208,23 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         C.fail(op, f"`initial_state` must have shape {[num_seqs, H, Dk, Dv]} "
                    f"([N, H, Dk, Dv], N = number of {what}), got {list(initial_state.shape)}")
 
+    impl = get_provider(op, FAMILY, provider)
+    impl.check(op, heads=H, split=split, world_size=world)
+    if world == 1:
+        impl = get_provider(op, FAMILY, "lasp2")  # one device: every provider is the plain op
+    elif provider != "lasp2" and (initial_state is not None or output_final_state):
+        C.fail(op, f"`initial_state` / `output_final_state` are supported by provider=\"lasp2\" only, "
+                   f"got provider={provider!r}")
     comm = get_communicator(group, q.device)
     if comm is not None:
         verify_group_consistency(
             op, group,
             [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
              int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
-             int(bool(use_qk_l2norm))],
+             int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
              "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens",
-             "use of initial_state", "output_final_state", "use_qk_l2norm"],
+             "use of initial_state", "output_final_state", "use_qk_l2norm", f"provider {provider_names(FAMILY)}"],
             q.device)
 
     if layout == "tbhd":
@@ -210,7 +232,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    o, final = get_provider(op, FAMILY, provider).apply(
+    o, final = impl.apply(
         q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm, parts_per_rank=parts,
         output_final_state=output_final_state)
     if layout == "tbhd":
@@ -263,8 +285,10 @@ def gated_delta_rule(
             strictly increasing from 0 to the global length.
         group, layout, split: as ``lasp2.linear_attention``; ``sp_context`` (an
             ``SPContext``) supplies group, split and cu_seqlens instead.
-        provider: "lasp2", the one sequence-parallel algorithm registered for this
-            family ("gated_delta_rule" in lasp2.ops.providers) so far.
+        provider: "lasp2" (one AllGather of part summaries per direction) or "lasp1"
+            (a ring of P2P state passes; contiguous split, no ``initial_state`` /
+            ``output_final_state`` across ranks): the providers registered for this
+            family ("gated_delta_rule" in lasp2.ops.providers).
         use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
             ``use_qk_l2norm_in_kernel``).
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
+from lasp2.ops._documents import head_docs
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.options import PROVIDERS
@@ -55,6 +56,40 @@ def _validate(q, k, v, g, decay, scale, layout):
     return scale, seq_dim
 
 
+def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
+    """Checks initial_state / output_final_state; returns (N, head_doc): the number of
+    sequences (B, or the documents of cu_seqlens) and, with documents and states, the
+    document ending in each global part's head (lasp2/ops/_documents.py)."""
+    C.check_bool(OP, "output_final_state", output_final_state)
+    if initial_state is None and not output_final_state:
+        return q.shape[0], []
+    if provider != "lasp2" and ctx.world_size > 1:
+        C.fail(OP, f"`initial_state` / `output_final_state` are supported by provider=\"lasp2\" only, "
+                   f"got provider={provider!r}")
+    head_doc, n = [], q.shape[0]
+    if ctx.cu_seqlens is not None:
+        values = ctx.cu_seqlens
+        if bool((values[1:] == values[:-1]).any()):
+            C.fail(OP, "`cu_seqlens` must be strictly increasing (no empty documents) with `initial_state` / "
+                       f"`output_final_state`, got {values.tolist()}")
+        n = values.numel() - 1
+        head_doc = head_docs(values, int(values[-1]), ctx.world_size * ctx.parts_per_rank)
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            C.fail(OP, f"`initial_state` must be a torch.Tensor or None, got {type(initial_state).__name__}")
+        if initial_state.dtype not in (torch.float32, torch.float64, q.dtype):
+            C.fail(OP, f"`initial_state` must be float32, float64 or the dtype of `q` ({q.dtype}), "
+                       f"got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            C.fail(OP, f"`initial_state` is on {initial_state.device} but `q` is on {q.device}")
+        want = [n, q.shape[2], q.shape[3], v.shape[3]]
+        if list(initial_state.shape) != want:
+            what = "documents in `cu_seqlens`" if ctx.cu_seqlens is not None else "batch rows"
+            C.fail(OP, f"`initial_state` must have shape {want} ([N, H, Dk, Dv], N = number of {what}), "
+                       f"got {list(initial_state.shape)}")
+    return n, head_doc
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,7 +104,9 @@ def linear_attention(
     overlap: Optional[bool] = None,
     provider: str = "lasp2",
     sp_context: Optional[SPContext] = None,
-) -> torch.Tensor:
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+):
     r"""Causal linear attention over a sequence that may be split across `group`.
 
     Computes, per batch row and head, ``S_t = a_t S_{t-1} + k_t v_t^T`` and
@@ -107,9 +144,21 @@ def linear_attention(
             of heads must be divisible by the group size). See docs/providers.md.
         sp_context: the batch's ``lasp2.build_sp_context(...)``, built once and passed
             to every layer, in place of ``group``, ``split`` and ``cu_seqlens``.
+        initial_state: optional ``[N, H, Dk, Dv]``, N = B, or the number of documents
+            with ``cu_seqlens``: sequence n starts from ``initial_state[n]`` (its first
+            token's decay applies to it, as in fla) wherever that token lives. Its
+            gradient on a rank is that rank's share: summed over the group (as the
+            data/context-parallel gradient reduction does) it is one process's.
+            LASP-2 (and one device) only.
+        output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
+            sequence / document, the same on every rank (float32, or the dtype of
+            ``initial_state``); gradients arriving at the ranks' copies are summed
+            (the loss is the sum of the ranks' losses). LASP-2 (and one device) only.
 
     Returns:
-        o with the shape of v, in the layout of the inputs.
+        o with the shape of v, in the layout of the inputs; ``(o, final_state)`` with
+        ``output_final_state=True`` (fla's pair; o alone otherwise, so existing callers
+        keep their return type).
     """
     group_hint = sp_context.group if isinstance(sp_context, SPContext) else group
     try:
@@ -122,6 +171,7 @@ def linear_attention(
         local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
         ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
         impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
+        num_seqs, head_doc = _validate_states(initial_state, output_final_state, q, v, ctx, provider)
     except (ValueError, TypeError):
         report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
         raise
@@ -132,9 +182,11 @@ def linear_attention(
             OP, ctx.group,
             [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
              0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
-             int(ctx.cu_seqlens is not None), PROVIDERS.index(provider)],
+             int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
+             int(output_final_state)],
             ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}"],
+             "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
+             "use of initial_state", "output_final_state"],
             q.device,
             host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
                          ("`layout`", layout), ("`overlap`", overlap)],
@@ -151,5 +203,14 @@ def linear_attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if overlap is None:
         overlap = q.device.type != "cuda"
-    o = impl.apply(q, k, v, g, decay, scale=float(scale), sp_context=ctx, overlap=bool(overlap))
-    return o.transpose(0, 1) if layout == "tbhd" else o
+    if initial_state is not None or output_final_state:
+        o, final = get_provider(OP, LINEAR_ATTENTION, "lasp2").apply_with_states(
+            q, k, v, g, decay, initial_state, scale=float(scale), sp_context=ctx, overlap=bool(overlap),
+            output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs)
+    else:
+        o, final = impl.apply(q, k, v, g, decay, scale=float(scale), sp_context=ctx, overlap=bool(overlap)), None
+    if layout == "tbhd":
+        o = o.transpose(0, 1)
+    if not output_final_state:
+        return o
+    return o, (final.to(initial_state.dtype) if initial_state is not None else final)

@@ -102,6 +102,9 @@ class CpuBackend final : public KernelBackend {
   void fill_zero(float* dst, int64_t count, void*) const override {
     std::fill(dst, dst + count, 0.f);
   }
+  void add(float* dst, const float* src, int64_t count, void*) const override {
+    for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+  }
 };
 
 }  // namespace

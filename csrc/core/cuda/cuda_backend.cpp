@@ -21,6 +21,7 @@
 #include "lasp2/scratch_allocator.h"
 #include "passes.h"
 #include "route.h"
+#include "scratch.h"
 
 namespace lasp2 {
 namespace {
@@ -142,6 +143,17 @@ class CudaBackend final : public KernelBackend {
     if (count <= 0) return;
     cuda_check(cudaMemsetAsync(dst, 0, count * sizeof(float), as_stream(stream)),
                "cudaMemsetAsync");
+  }
+  // dst + src as a two-entry prefix fold with zero log decays (exp(0) = 1); the third
+  // entry only keeps the fold's target inside the list.
+  void add(float* dst, const float* src, int64_t count, void* stream) const override {
+    if (count <= 0) return;
+    ScratchLayout layout;
+    layout.seg_log_decay = 2;
+    const Scratch zeros(layout, allocator_, as_stream(stream));
+    float* log_decays = zeros.buffers().seg_log_decay;
+    fill_zero(log_decays, 2, stream);
+    combine({dst, src, src}, log_decays, 2, 1, count, dst, false, stream);
   }
 
  private:

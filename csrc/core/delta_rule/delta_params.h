@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "lasp2/part_family.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta {
@@ -75,13 +76,9 @@ struct DeltaParams {
   }
 };
 
-// Per-document states, fp32 [num_docs, H, dk, dv], indexed (doc * H + h). Without
-// packed documents a batch row is a document (doc = b). Any pointer may be null.
-struct DocStates {
-  const float* initial = nullptr;       // states entering documents that begin inside a part
-  float* finals = nullptr;              // out: end states of documents begun and ended inside a part
-  const float* final_dstate = nullptr;  // gradients of the documents' end states
-  float* d_initial = nullptr;           // out: gradients of `initial` for documents begun inside a part
-};
+// Per-document states, fp32 [num_docs, H, dk, dv], indexed (doc * H + h): the
+// schedule's DocStates (lasp2/part_family.h). Without packed documents a batch row is
+// a document (doc = b).
+using DocStates = ::lasp2::DocStates;
 
 }  // namespace lasp2::delta

@@ -34,7 +34,8 @@ void map_table(const PartFamily& f, const float* map, float* table, void* stream
 
 int64_t forward_bytes(const SummaryShape& s, const PartLayout& l) {
   if (l.world_size == 1) return 0;
-  return round_up8((s.state_floats + kTableRows * s.map_floats) * 4);  // S_out, map table
+  // S_out, map table, the head record a family may write (no documents cross the ring)
+  return round_up8((s.state_floats + kTableRows * s.map_floats + s.record_floats()) * 4);
 }
 
 int64_t backward_bytes(const SummaryShape& s, int64_t family_scratch, const PartLayout& l) {
@@ -67,7 +68,7 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   check_ring(comm, layout, f);
   const TokenRange all{0, f.local_tokens()};
   if (layout.world_size == 1) {
-    f.forward(all, nullptr, stream);
+    f.forward(all, nullptr, DocStates{}, stream);
     return;
   }
   const SummaryShape sh = f.shape();
@@ -76,9 +77,10 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   float* A = saved.local_record + sh.state_floats;
   float* s_out = static_cast<float*>(workspace);
   float* table = s_out + sh.state_floats;
+  float* head = table + kTableRows * sh.map_floats;
 
   // The local part's own summary first: the hop below then costs only a fold.
-  f.summarize(all, M, A, stream);
+  f.summarize(all, DocStates{}, {M, A, head, head + sh.state_floats, false}, stream);
   if (rank == 0) {
     f.fill_zero(saved.entering_state, sh.state_floats, stream);
   } else {
@@ -95,7 +97,7 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
     }
     sent = comm->send(out, sh.state_floats, ScalarType::kFloat32, rank + 1, stream);
   }
-  f.forward(all, rank == 0 ? nullptr : saved.entering_state, stream);
+  f.forward(all, rank == 0 ? nullptr : saved.entering_state, DocStates{}, stream);
   if (sent) sent->wait(stream);  // the send buffer lives in the workspace
 }
 
@@ -105,8 +107,8 @@ void lasp1_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   const TokenRange all{0, f.local_tokens()};
   void* family_scratch = workspace;
   if (layout.world_size == 1) {
-    f.backward_entering(all, nullptr, family_scratch, stream);
-    f.backward(all, PartStates{}, family_scratch, stream);
+    f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
+    f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
     return;
   }
   const SummaryShape sh = f.shape();
@@ -120,7 +122,8 @@ void lasp1_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   float* table = ds_in + sh.state_floats;
 
   // What needs only the cached entering state runs before this rank joins the chain.
-  f.backward_entering(all, rank == 0 ? nullptr : saved.entering_state, family_scratch, stream);
+  f.backward_entering(all, rank == 0 ? nullptr : saved.entering_state, DocStates{}, family_scratch,
+                     stream);
   if (rank > 0) f.entering_grad(all, dM, stream);  // rank 0 has nothing to send
   if (rank < last) {
     comm->recv(ds_out, sh.state_floats, ScalarType::kFloat32, rank + 1, stream)->wait(stream);
@@ -136,7 +139,7 @@ void lasp1_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
     sent = comm->send(out, sh.state_floats, ScalarType::kFloat32, rank - 1, stream);
   }
   const PartStates states{saved.entering_state, M, A, rank < last ? ds_out : nullptr};
-  f.backward(all, states, family_scratch, stream);
+  f.backward(all, states, DocStates{}, family_scratch, stream);
   if (sent) sent->wait(stream);
 }
 

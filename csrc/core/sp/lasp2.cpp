@@ -5,7 +5,9 @@
 // [0, A_0, ..., A_{P-1}, 0]: list entry k pairs with map row k + offset. The optional
 // sequence states ride at the ends of the lists, where the zero rows meet them
 // (A * 0 = 0): the initial state is entry 0 of the prefix list (then P_j is entry
-// j + 1), the final-state gradient the last entry of the suffix list.
+// j + 1), the final-state gradient the last entry of the suffix list. A one-step map
+// (a part's head) folds through the 3-row table [0, A_head, 0]. Every list keeps its
+// fold target below its length (the CUDA combine's precondition).
 #include "lasp2/lasp2.h"
 
 #include <vector>
@@ -19,20 +21,110 @@ namespace {
 using sp::check_group;
 using sp::round_up8;
 
-bool without_states(const SequenceStates& s) {
-  return s.initial == nullptr && s.final_state == nullptr && s.final_grad == nullptr &&
-         s.initial_grad == nullptr;
+void check_states(const PartLayout& l, const SequenceStates& seq) {
+  if (!seq.packed()) return;
+  LASP2_CHECK(static_cast<int64_t>(seq.head_doc.size()) == l.total_parts(),
+              "sequence states of packed documents need one head_doc entry per global part");
+  LASP2_CHECK(seq.count >= 1, "sequence states of packed documents need the number of documents");
+  for (int64_t d : seq.head_doc)
+    LASP2_CHECK(d >= -1 && d < seq.count - 1, "head_doc names a document out of range");
 }
 
-// Forward: every part's gathered record.
-int64_t forward_bytes(const SummaryShape& s, const PartLayout& l) {
-  return round_up8(l.total_parts() * s.record_floats() * 4);
+// Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
+struct Carve {
+  float* base;
+  int64_t used = 0;
+  float* take(int64_t floats) {
+    float* p = base == nullptr ? nullptr : base + used;
+    used += floats;
+    return p;
+  }
+};
+
+// Where each piece of the forward workspace lives. The send block is [local records]
+// [local head records][inner documents' end states]; the head records and end states
+// travel only with packed documents (the heads' buffers exist anyway: a family may
+// always write them).
+struct ForwardSpace {
+  int64_t record, parts, sent;  // floats per record, local parts, floats sent per rank
+  float *send, *gathered, *state, *table;
+  int64_t floats;
+
+  ForwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq, void* base)
+      : record(s.record_floats()), parts(l.parts_per_rank) {
+    const bool packed = seq.packed();
+    const int64_t finals = packed && seq.final_state ? seq.floats(s.state_floats) : 0;
+    sent = parts * record * (packed ? 2 : 1) + finals;
+    Carve c{static_cast<float*>(base)};
+    send = c.take(2 * parts * record + finals);
+    gathered = c.take(l.world_size * sent);
+    state = c.take(s.state_floats);
+    table = c.take(3 * s.map_floats);
+    floats = c.used;
+  }
+  // Part g's gathered record (head: its head record).
+  const float* record_of(const PartLayout& l, int g, bool head) const {
+    const int slot = l.gather_slot(g);
+    return gathered + (slot / parts) * sent + ((head ? parts : 0) + slot % parts) * record;
+  }
+};
+
+// The backward workspace after the family's scratch: [local dP][final grads] sent,
+// the gathered blocks, the summed final grads, the parts' E (packed), one D, a table.
+struct BackwardSpace {
+  int64_t state, sent;
+  float *send, *gathered, *final_grad, *entering, *suffix, *table;
+  int64_t floats;
+
+  BackwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq,
+                int64_t family_scratch, void* base)
+      : state(s.state_floats) {
+    const int64_t D = seq.floats(state);
+    const bool final_grad_wanted = seq.final_grad != nullptr;
+    sent = l.parts_per_rank * state + (final_grad_wanted ? D : 0);
+    Carve c{base == nullptr ? nullptr
+                            : reinterpret_cast<float*>(static_cast<char*>(base) + round_up8(family_scratch))};
+    send = c.take(sent);
+    gathered = c.take(l.world_size * sent);
+    final_grad = c.take(final_grad_wanted ? D : 0);
+    entering = c.take(seq.packed() && final_grad_wanted ? l.total_parts() * state : 0);
+    suffix = c.take(state);
+    table = c.take(3 * s.map_floats);
+    floats = c.used;
+  }
+  const float* dstate_of(const PartLayout& l, int g) const {
+    const int slot = l.gather_slot(g);
+    return gathered + (slot / l.parts_per_rank) * sent + (slot % l.parts_per_rank) * state;
+  }
+};
+
+// Fills the [0, A, 0] table of a one-step fold.
+void one_step_table(const PartFamily& f, const float* map, float* table, void* stream) {
+  const int64_t n = f.shape().map_floats;
+  f.fill_zero(table, 3 * n, stream);
+  f.copy(table + n, map, n, stream);
 }
 
-// Backward: the family's scratch, then local dP, gathered dP and one D.
-int64_t backward_bytes(const SummaryShape& s, int64_t family_scratch, const PartLayout& l) {
-  return round_up8(family_scratch) +
-         round_up8((l.parts_per_rank + l.total_parts() + 1) * s.state_floats * 4);
+// dst = sum over the group's ranks of the block at offset `at` of each rank's `sent` floats.
+void sum_over_ranks(const PartFamily& f, const PartLayout& l, const float* gathered, int64_t sent,
+                    int64_t at, int64_t count, float* dst, void* stream) {
+  f.copy(dst, gathered + at, count, stream);
+  for (int r = 1; r < l.world_size; ++r) f.add(dst, gathered + r * sent + at, count, stream);
+}
+
+bool holds_first_part(const PartLayout& l) {
+  for (int i = 0; i < l.parts_per_rank; ++i)
+    if (l.global_part(i) == 0) return true;
+  return false;
+}
+
+int64_t forward_bytes(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq) {
+  return round_up8(ForwardSpace(s, l, seq, nullptr).floats * 4);
+}
+
+int64_t backward_bytes(const SummaryShape& s, int64_t family_scratch, const PartLayout& l,
+                       const SequenceStates& seq) {
+  return round_up8(family_scratch) + round_up8(BackwardSpace(s, l, seq, 0, nullptr).floats * 4);
 }
 
 }  // namespace
@@ -46,6 +138,9 @@ int64_t Lasp2Saved::prefix_states_floats(const SummaryShape& s, const PartLayout
 int64_t Lasp2Saved::maps_floats(const SummaryShape& s, const PartLayout& l) {
   return (l.total_parts() + 2) * s.map_floats;
 }
+int64_t Lasp2Saved::head_maps_floats(const SummaryShape& s, const PartLayout& l, bool packed) {
+  return packed ? l.total_parts() * s.map_floats : 0;
+}
 int64_t Lasp2Saved::local_records_floats(const AttentionParams& p, const PartLayout& l) {
   return local_records_floats(ScalarDecay::shape_of(p), l);
 }
@@ -56,128 +151,181 @@ int64_t Lasp2Saved::log_decays_floats(const AttentionParams& p, const PartLayout
   return maps_floats(ScalarDecay::shape_of(p), l);
 }
 
-int64_t lasp2_forward_workspace_bytes(const PartFamily& f, const PartLayout& l) {
-  return forward_bytes(f.shape(), l);
+int64_t lasp2_forward_workspace_bytes(const PartFamily& f, const PartLayout& l,
+                                      const SequenceStates& seq) {
+  return forward_bytes(f.shape(), l, seq);
 }
 
-int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l) {
-  return backward_bytes(f.shape(), f.backward_scratch_bytes(), l);
+int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
+                                       const SequenceStates& seq) {
+  return backward_bytes(f.shape(), f.backward_scratch_bytes(), l, seq);
 }
 
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
   check_group(comm, layout, f);
+  check_states(layout, seq);
   const int64_t T = f.local_tokens();
-  if (layout.world_size == 1 && without_states(seq)) {
-    f.forward({0, T}, nullptr, stream);
+  if (layout.world_size == 1 && !seq.any()) {
+    f.forward({0, T}, nullptr, DocStates{}, stream);
     return;
   }
   const SummaryShape sh = f.shape();
+  const int64_t S = sh.state_floats, Mp = sh.map_floats, D = seq.floats(S);
   const int parts = layout.parts_per_rank, total = layout.total_parts();
-  for (int i = 0; i < parts; ++i) {
-    float* record = saved.local_records + i * sh.record_floats();
-    f.summarize(layout.local_range(i, T), record, record + sh.state_floats, stream);
+  const bool packed = seq.packed();
+  const ForwardSpace ws(sh, layout, seq, workspace);
+
+  DocStates docs;  // documents inside the parts (packed only)
+  if (packed) {
+    docs.initial = seq.initial;
+    if (seq.final_state != nullptr) {
+      docs.finals = ws.send + 2 * parts * ws.record;
+      f.fill_zero(docs.finals, D, stream);
+    }
   }
-  float* gathered = static_cast<float*>(workspace);
-  auto work = sp::gather(comm, f, saved.local_records, gathered, parts * sh.record_floats(), stream);
+  for (int i = 0; i < parts; ++i) {
+    float* record = ws.send + i * ws.record;
+    float* head = ws.send + (parts + i) * ws.record;
+    f.summarize(layout.local_range(i, T), docs, {record, record + S, head, head + S, packed}, stream);
+  }
+  f.copy(saved.local_records, ws.send, parts * ws.record, stream);
+  auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);
   const bool overlap = options.overlap_forward && f.has_entering_output();
   if (overlap) {
-    for (int i = 0; i < parts; ++i) f.forward(layout.local_range(i, T), nullptr, stream);
+    for (int i = 0; i < parts; ++i) f.forward(layout.local_range(i, T), nullptr, docs, stream);
   }
   work->wait(stream);
 
-  f.fill_zero(saved.maps, sh.map_floats, stream);
-  f.fill_zero(saved.maps + (total + 1) * sh.map_floats, sh.map_floats, stream);
+  f.fill_zero(saved.maps, Mp, stream);
+  f.fill_zero(saved.maps + (total + 1) * Mp, Mp, stream);
   const int first = seq.initial != nullptr ? 1 : 0;  // list index of part 0's state
-  std::vector<const float*> states(first + total);
-  if (first) states[0] = seq.initial;
+  std::vector<const float*> states(first + total + 1);
+  if (first) states[0] = seq.initial;  // the first document's (or every row's)
   for (int g = 0; g < total; ++g) {
-    const float* record = gathered + layout.gather_slot(g) * sh.record_floats();
+    const float* record = ws.record_of(layout, g, false);
     states[first + g] = record;
-    f.copy(saved.maps + (g + 1) * sh.map_floats, record + sh.state_floats, sh.map_floats, stream);
+    f.copy(saved.maps + (g + 1) * Mp, record + S, Mp, stream);
+    if (packed) f.copy(saved.head_maps + g * Mp, ws.record_of(layout, g, true) + S, Mp, stream);
   }
-  const float* maps = saved.maps + (1 - first) * sh.map_floats;  // the row of list entry 0
+  states.back() = states[first + total - 1];  // pairs with the zero row; keeps targets in range
+  const float* maps = saved.maps + (1 - first) * Mp;  // the row of list entry 0
   for (int i = 0; i < parts; ++i) {
     const int g = layout.global_part(i);
-    float* prefix = saved.prefix_states + i * sh.state_floats;
+    float* prefix = saved.prefix_states + i * S;
     f.combine_prefix(states, maps, first + g, prefix, stream);
     const float* entering = (g == 0 && !first) ? nullptr : prefix;
     const TokenRange range = layout.local_range(i, T);
     if (!overlap) {
-      f.forward(range, entering, stream);
+      f.forward(range, entering, docs, stream);
     } else if (entering != nullptr) {
       f.add_entering_output(range, entering, stream);
     }
   }
-  if (seq.final_state != nullptr) {
+  if (seq.final_state == nullptr) return;
+  if (!packed) {
     f.combine_prefix(states, maps, first + total, seq.final_state, stream);
+    return;
   }
+  // Documents begun and ended inside one part: written by that part's rank only.
+  sum_over_ranks(f, layout, ws.gathered, ws.sent, 2 * parts * ws.record, D, seq.final_state, stream);
+  for (int g = 0; g < total; ++g) {  // ending in part g's head: A_head P_g + M_head
+    const int64_t d = seq.head_doc[g];
+    if (d < 0) continue;
+    f.combine_prefix(states, maps, first + g, ws.state, stream);
+    one_step_table(f, saved.head_maps + g * Mp, ws.table, stream);
+    const float* head = ws.record_of(layout, g, true);
+    f.combine_prefix({ws.state, head, head}, ws.table, 2, seq.final_state + d * S, stream);
+  }
+  f.combine_prefix(states, maps, first + total, seq.final_state + (seq.count - 1) * S, stream);
 }
 
 void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                     const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                     void* stream) {
   check_group(comm, layout, f);
+  check_states(layout, seq);
   const int64_t T = f.local_tokens();
   void* family_scratch = workspace;
-  if (layout.world_size == 1 && without_states(seq)) {
+  if (layout.world_size == 1 && !seq.any()) {
     const TokenRange all{0, T};
-    f.backward_entering(all, nullptr, family_scratch, stream);
-    f.backward(all, PartStates{}, family_scratch, stream);
+    f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
+    f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
     return;
   }
   const SummaryShape sh = f.shape();
+  const int64_t S = sh.state_floats, Mp = sh.map_floats, D = seq.floats(S);
   const int parts = layout.parts_per_rank, total = layout.total_parts();
-  float* send = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                         round_up8(f.backward_scratch_bytes()));
-  float* gathered = send + parts * sh.state_floats;
-  float* suffix = gathered + total * sh.state_floats;
+  const bool packed = seq.packed();
+  const BackwardSpace ws(sh, layout, seq, f.backward_scratch_bytes(), workspace);
 
-  for (int i = 0; i < parts; ++i) {
-    f.entering_grad(layout.local_range(i, T), send + i * sh.state_floats, stream);
-  }
-  auto work = sp::gather(comm, f, send, gathered, parts * sh.state_floats, stream);
+  for (int i = 0; i < parts; ++i) f.entering_grad(layout.local_range(i, T), ws.send + i * S, stream);
+  if (seq.final_grad != nullptr) f.copy(ws.send + parts * S, seq.final_grad, D, stream);
+  auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);
   // What needs only forward states (the cached prefixes) runs while the gather flies.
+  DocStates docs;
+  if (packed) docs.initial = seq.initial;
   auto entering_of = [&](int i) -> const float* {
     const bool zero = layout.global_part(i) == 0 && seq.initial == nullptr;
-    return zero ? nullptr : saved.prefix_states + i * sh.state_floats;
+    return zero ? nullptr : saved.prefix_states + i * S;
   };
   for (int i = 0; i < parts; ++i) {
-    f.backward_entering(layout.local_range(i, T), entering_of(i), family_scratch, stream);
+    f.backward_entering(layout.local_range(i, T), entering_of(i), docs, family_scratch, stream);
   }
   work->wait(stream);
 
-  // [unused entry (when the initial-state gradient is wanted)] dP_0 .. dP_{P-1} [final grad]
+  // The final states are replicated: their gradient is the sum of the ranks'.
+  const float* final_grad = nullptr;
+  if (seq.final_grad != nullptr) {
+    sum_over_ranks(f, layout, ws.gathered, ws.sent, parts * S, D, ws.final_grad, stream);
+    final_grad = ws.final_grad;
+  }
+  // [unused entry (when the initial-state gradient is wanted)] E_0 .. E_{P-1} [final grad]
   const int first = seq.initial_grad != nullptr ? 1 : 0;
   std::vector<const float*> dstates(first + total);
   for (int g = 0; g < total; ++g) {
-    dstates[first + g] = gathered + layout.gather_slot(g) * sh.state_floats;
+    const float* E = ws.dstate_of(layout, g);
+    if (packed && final_grad != nullptr && seq.head_doc[g] >= 0) {  // + A_head^T dF(head's document)
+      float* out = ws.entering + g * S;
+      one_step_table(f, saved.head_maps + g * Mp, ws.table, stream);
+      f.combine_suffix({E, E, final_grad + seq.head_doc[g] * S}, ws.table, 0, out, stream);
+      E = out;
+    }
+    dstates[first + g] = E;
   }
   if (first) dstates[0] = dstates[1];  // below every target: never read
-  if (seq.final_grad != nullptr) dstates.push_back(seq.final_grad);
-  const float* maps = saved.maps + (1 - first) * sh.map_floats;
+  if (final_grad != nullptr) dstates.push_back(final_grad + (packed ? (seq.count - 1) * S : 0));
+  const float* maps = saved.maps + (1 - first) * Mp;
+  if (packed) {
+    docs.final_dstate = final_grad;
+    docs.d_initial = seq.initial_grad;
+  }
+  if (seq.initial_grad != nullptr) f.fill_zero(seq.initial_grad, D, stream);  // this rank's share
   for (int i = 0; i < parts; ++i) {
     const int g = layout.global_part(i);
-    const bool last = g == total - 1 && seq.final_grad == nullptr;
-    if (!last) f.combine_suffix(dstates, maps, first + g, suffix, stream);
+    const bool last = g == total - 1 && final_grad == nullptr;
+    if (!last) f.combine_suffix(dstates, maps, first + g, ws.suffix, stream);
     const float* record = saved.local_records + i * sh.record_floats();
-    const PartStates states{saved.prefix_states + i * sh.state_floats, record,
-                            record + sh.state_floats, last ? nullptr : suffix};
-    f.backward(layout.local_range(i, T), states, family_scratch, stream);
+    const PartStates states{saved.prefix_states + i * S, record, record + S,
+                            last ? nullptr : ws.suffix};
+    f.backward(layout.local_range(i, T), states, docs, family_scratch, stream);
   }
-  if (seq.initial_grad != nullptr) f.combine_suffix(dstates, maps, 0, seq.initial_grad, stream);
+  // The first sequence (every row) enters global part 0.
+  if (seq.initial_grad != nullptr && holds_first_part(layout)) {
+    f.combine_suffix(dstates, maps, 0, seq.initial_grad, stream);
+  }
 }
 
 // --- the scalar-decay family -------------------------------------------------
 
 int64_t lasp2_forward_workspace_bytes(const AttentionParams& p, const PartLayout& l) {
-  return forward_bytes(ScalarDecay::shape_of(p), l);
+  return forward_bytes(ScalarDecay::shape_of(p), l, {});
 }
 
 int64_t lasp2_backward_workspace_bytes(const AttentionParams& p, const PartLayout& l,
                                        bool need_dg) {
-  return backward_bytes(ScalarDecay::shape_of(p), ScalarDecay::backward_scratch_bytes(p, need_dg), l);
+  return backward_bytes(ScalarDecay::shape_of(p), ScalarDecay::backward_scratch_bytes(p, need_dg), l, {});
 }
 
 void lasp2_forward(const KernelBackend& backend, Communicator* comm, const PartLayout& layout,

@@ -8,6 +8,6 @@ void PartFamily::add_entering_output(TokenRange, const float*, void*) const {
 }
 
 // Families without a pass that needs only the entering state do all in backward().
-void PartFamily::backward_entering(TokenRange, const float*, void*, void*) const {}
+void PartFamily::backward_entering(TokenRange, const float*, const DocStates&, void*, void*) const {}
 
 }  // namespace lasp2

@@ -1,6 +1,8 @@
 // The scalar-decay family on a KernelBackend (see scalar_decay.h).
 #include "lasp2/scalar_decay.h"
 
+#include <algorithm>
+
 #include "schedule_util.h"
 
 namespace lasp2 {
@@ -18,21 +20,133 @@ struct DgScratch {
   }
 };
 
+bool any_states(const DocStates& d) {
+  return d.initial != nullptr || d.finals != nullptr || d.final_dstate != nullptr ||
+         d.d_initial != nullptr;
+}
+
+const float* doc_state(const float* states, int64_t doc, int64_t state_floats) {
+  return states == nullptr ? nullptr : states + doc * state_floats;
+}
+
 }  // namespace
 
+LocalDocuments LocalDocuments::of(const uint8_t* host_doc_start, int64_t local_tokens,
+                                  const PartLayout& layout, const std::vector<int64_t>& head_doc) {
+  LASP2_CHECK(static_cast<int64_t>(head_doc.size()) == layout.total_parts(),
+              "head_doc needs one entry per global part");
+  LocalDocuments d;
+  for (int i = 0; i < layout.parts_per_rank; ++i) {
+    const TokenRange r = layout.local_range(i, local_tokens);
+    int64_t next = head_doc[layout.global_part(i)] + 1;
+    for (int64_t t = r.begin; t < r.end; ++t) {
+      if (host_doc_start[t] == 0) continue;
+      d.starts.push_back(t);
+      d.ids.push_back(next++);
+    }
+  }
+  return d;
+}
+
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o)
-    : be_(backend), p_(p), o_(o) {}
+    : be_(backend), p_(p), plain_(p), o_(o) {
+  plain_.doc_start = nullptr;
+}
 
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p,
                          const ScalarDecayGrads& grads)
-    : be_(backend), p_(p), grads_(grads) {}
+    : be_(backend), p_(p), plain_(p), grads_(grads) {
+  plain_.doc_start = nullptr;
+}
+
+ScalarDecay& ScalarDecay::with_documents(LocalDocuments docs, float* scratch) {
+  LASP2_CHECK(docs.starts.size() == docs.ids.size(), "every document start needs its document");
+  LASP2_CHECK(docs.starts.empty() || p_.batch == 1, "packed documents need batch size 1");
+  docs_ = std::move(docs);
+  seg_state_ = scratch;
+  zeros_ = scratch + p_.bh() * p_.state_elems();
+  table_ = zeros_ + p_.bh() * p_.state_elems();
+  return *this;
+}
 
 int64_t ScalarDecay::backward_scratch_bytes(const AttentionParams& p, bool need_dg) {
   return need_dg ? sp::q_dot_bytes(p) + sp::round_up8(p.bh() * 4) : 0;
 }
 
-void ScalarDecay::summarize(TokenRange part, float* state, float* map, void* stream) const {
-  be_.part_state(p_, part, state, map, stream);
+// --- segments (packed documents with states) ---------------------------------
+
+std::vector<ScalarDecay::Segment> ScalarDecay::segments(TokenRange part) const {
+  std::vector<Segment> out;
+  int64_t begin = part.begin, doc = -1;
+  const auto first = std::lower_bound(docs_.starts.begin(), docs_.starts.end(), part.begin);
+  for (auto it = first; it != docs_.starts.end() && *it < part.end; ++it) {
+    if (*it > begin) out.push_back({{begin, *it}, doc});
+    begin = *it;
+    doc = docs_.ids[it - docs_.starts.begin()];
+  }
+  out.push_back({{begin, part.end}, doc});
+  return out;
+}
+
+bool ScalarDecay::segmented(TokenRange part, const DocStates& docs) const {
+  if (!any_states(docs)) return false;
+  const auto first = std::lower_bound(docs_.starts.begin(), docs_.starts.end(), part.begin);
+  return first != docs_.starts.end() && *first < part.end;  // a start inside the part
+}
+
+const float* ScalarDecay::entering_of(const Segment& s, const float* entering,
+                                      const DocStates& docs) const {
+  return s.doc < 0 ? entering : doc_state(docs.initial, s.doc, shape().state_floats);
+}
+
+const float* ScalarDecay::leaving_of(const Segment& s, TokenRange part, const PartStates& states,
+                                     const DocStates& docs) const {
+  if (s.range.end == part.end) return states.leaving_grad;
+  // A segment ending inside the part ends its document: the head's is the one before
+  // the part's first start.
+  const auto next = std::lower_bound(docs_.starts.begin(), docs_.starts.end(), s.range.end);
+  const int64_t doc = docs_.ids[next - docs_.starts.begin()] - 1;
+  return doc_state(docs.final_dstate, doc, shape().state_floats);
+}
+
+void ScalarDecay::segment_summary(TokenRange range, void* stream) const {
+  be_.part_state(plain_, range, seg_state_, table_ + p_.bh(), stream);
+}
+
+void ScalarDecay::apply_segment(const float* x, float* out, void* stream) const {
+  if (x == nullptr) {
+    be_.copy(out, seg_state_, shape().state_floats, stream);
+    return;
+  }
+  be_.fill_zero(table_, p_.bh(), stream);
+  be_.combine_prefix({x, seg_state_, seg_state_}, table_, 2, p_.bh(), p_.state_elems(), out, stream);
+}
+
+// --- PartFamily ---------------------------------------------------------------
+
+void ScalarDecay::summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                            void* stream) const {
+  be_.part_state(p_, part, out.state, out.map, stream);  // L = -inf past a start
+  if (!any_states(docs) && !out.want_head) return;
+  const std::vector<Segment> segs = segments(part);
+  const int64_t S = shape().state_floats;
+  if (out.want_head) {
+    if (segs[0].doc >= 0) {  // the part starts with a document: identity, nothing
+      be_.fill_zero(out.head_state, S, stream);
+      be_.fill_zero(out.head_map, p_.bh(), stream);
+    } else {
+      be_.part_state(plain_, segs[0].range, out.head_state, out.head_map, stream);
+    }
+  }
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Segment& s = segs[i];
+    if (s.doc < 0) continue;
+    const bool last = i + 1 == segs.size();
+    if (!last && docs.finals == nullptr) continue;
+    if (last && docs.initial == nullptr) continue;  // the kernel's M already starts from zero
+    segment_summary(s.range, stream);
+    apply_segment(doc_state(docs.initial, s.doc, S), last ? out.state : docs.finals + s.doc * S, stream);
+  }
 }
 
 void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const float* maps,
@@ -40,8 +154,15 @@ void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const 
   be_.combine_prefix(states, maps, target, p_.bh(), p_.state_elems(), out, stream);
 }
 
-void ScalarDecay::forward(TokenRange part, const float* entering, void* stream) const {
-  be_.chunk_forward(p_, part, entering, o_, stream);
+void ScalarDecay::forward(TokenRange part, const float* entering, const DocStates& docs,
+                          void* stream) const {
+  if (!segmented(part, docs)) {
+    be_.chunk_forward(p_, part, entering, o_, stream);
+    return;
+  }
+  for (const Segment& s : segments(part)) {
+    be_.chunk_forward(plain_, s.range, entering_of(s, entering, docs), o_, stream);
+  }
 }
 
 void ScalarDecay::add_entering_output(TokenRange part, const float* entering,
@@ -58,24 +179,58 @@ void ScalarDecay::combine_suffix(const std::vector<const float*>& dstates, const
   be_.combine_suffix(dstates, maps, target, p_.bh(), p_.state_elems(), out, stream);
 }
 
-void ScalarDecay::backward_entering(TokenRange part, const float* entering, void* scratch,
-                                    void* stream) const {
-  const DgScratch s(p_, scratch, grads_.dg != nullptr);
-  be_.chunk_backward_dq(p_, part, grads_.dout, entering, grads_.dq, s.q_dot_dq, stream);
+void ScalarDecay::backward_entering(TokenRange part, const float* entering, const DocStates& docs,
+                                    void* scratch, void* stream) const {
+  const DgScratch g(p_, scratch, grads_.dg != nullptr);
+  if (!segmented(part, docs)) {
+    be_.chunk_backward_dq(p_, part, grads_.dout, entering, grads_.dq, g.q_dot_dq, stream);
+    return;
+  }
+  for (const Segment& s : segments(part)) {
+    be_.chunk_backward_dq(plain_, s.range, grads_.dout, entering_of(s, entering, docs), grads_.dq,
+                          g.q_dot_dq, stream);
+  }
 }
 
-void ScalarDecay::backward(TokenRange part, const PartStates& states, void* scratch,
-                           void* stream) const {
-  const DgScratch s(p_, scratch, grads_.dg != nullptr);
-  const float* dg_offset = nullptr;
-  if (grads_.dg != nullptr && states.leaving_grad != nullptr) {
-    // <S_out, D> with S_out = exp(L) P + M: the part of dg owed to what follows the part.
-    be_.state_dot(states.entering, states.state, states.map, states.leaving_grad, p_.bh(),
-                  p_.state_elems(), s.dg_offset, stream);
-    dg_offset = s.dg_offset;
+void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocStates& docs,
+                           void* scratch, void* stream) const {
+  const DgScratch g(p_, scratch, grads_.dg != nullptr);
+  if (!segmented(part, docs)) {
+    const float* dg_offset = nullptr;
+    if (grads_.dg != nullptr && states.leaving_grad != nullptr) {
+      // <S_out, D> with S_out = exp(L) P + M: the part of dg owed to what follows the part.
+      be_.state_dot(states.entering, states.state, states.map, states.leaving_grad, p_.bh(),
+                    p_.state_elems(), g.dg_offset, stream);
+      dg_offset = g.dg_offset;
+    }
+    be_.chunk_backward_dkdv(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv,
+                            g.q_dot_dq, dg_offset, grads_.dg, stream);
+    return;
   }
-  be_.chunk_backward_dkdv(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv,
-                          s.q_dot_dq, dg_offset, grads_.dg, stream);
+  const int64_t S = shape().state_floats;
+  be_.fill_zero(zeros_, S, stream);
+  for (const Segment& s : segments(part)) {
+    const float* entering = entering_of(s, states.entering, docs);
+    const float* leaving = leaving_of(s, part, states, docs);
+    float* d_initial = s.doc >= 0 && docs.d_initial != nullptr ? docs.d_initial + s.doc * S : nullptr;
+    if (leaving != nullptr && (grads_.dg != nullptr || d_initial != nullptr)) segment_summary(s.range, stream);
+    const float* dg_offset = nullptr;
+    if (grads_.dg != nullptr && leaving != nullptr) {
+      be_.state_dot(entering != nullptr ? entering : zeros_, seg_state_, table_ + p_.bh(), leaving,
+                    p_.bh(), p_.state_elems(), g.dg_offset, stream);
+      dg_offset = g.dg_offset;
+    }
+    be_.chunk_backward_dkdv(plain_, s.range, grads_.dout, leaving, grads_.dk, grads_.dv, g.q_dot_dq,
+                            dg_offset, grads_.dg, stream);
+    if (d_initial == nullptr) continue;
+    // d h0 = dM (own outputs) + exp(L) dS_out
+    be_.part_dstate(plain_, s.range, grads_.dout, d_initial, stream);
+    if (leaving == nullptr) continue;
+    be_.fill_zero(table_, p_.bh(), stream);
+    be_.fill_zero(table_ + 2 * p_.bh(), p_.bh(), stream);
+    be_.combine_suffix({d_initial, d_initial, leaving}, table_, 0, p_.bh(), p_.state_elems(), d_initial,
+                       stream);
+  }
 }
 
 }  // namespace lasp2

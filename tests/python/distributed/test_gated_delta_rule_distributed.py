@@ -73,8 +73,35 @@ def check_rank(rank, world):
         d_h0 = grads[5].clone()
         dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
         assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+    check_lasp1(rank, world, group)
     if world == 2:
         check_mismatch(rank, world)
+
+
+def check_lasp1(rank, world, group):
+    """provider="lasp1" (the ring of the same summaries) equals one process, GDN and KDA,
+    rows and packed documents; it refuses sequence states across ranks."""
+    for index, (kind, packed) in enumerate([("gdn", False), ("kda", True)]):
+        op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
+        q, k, v, do, g, beta, cu, _, _ = global_inputs(world, kind, packed, seed=30 + index)
+        full = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o_full, _ = op(*full, scale=0.8, cu_seqlens=cu)
+        grads_full = torch.autograd.grad((o_full * do).sum(), full)
+        local = lambda x: lasp2.split_sequence(x, group, dim=1)
+        leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+        o, final = op(*leaves, scale=0.8, cu_seqlens=cu, group=group, provider="lasp1")
+        what = f"lasp1 P={world} {kind} packed={packed} rank {rank}"
+        assert final is None
+        assert_rel(o, local(o_full), 1e-5, f"o, {what}")
+        for name, got, want in zip(("q", "k", "v", "g", "beta"), torch.autograd.grad((o * local(do)).sum(), leaves),
+                                   grads_full):
+            assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
+    try:
+        op(*leaves, group=group, provider="lasp1", output_final_state=True)
+    except ValueError as e:
+        assert "output_final_state" in str(e), str(e)
+    else:
+        raise AssertionError("lasp1 with output_final_state across ranks must raise")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -77,13 +77,16 @@ def _states_rank(rank, world, split):
     args = _C.LinearAttentionArgs(local(q), local(k), local(v), g=local(g), initial_state=h0, scale=0.5,
                                   comm=get_communicator(group, q.device),
                                   parts_per_rank=1 if split == "contiguous" else 2, chunk_size=4)
-    o, final, (dq, dk, dv, dg, dh0) = run_core(args, local(do), dfinal, overlap=True)
+    # the loss is the sum of the ranks' losses: each holds a share of the final state's
+    share = (rank + 1) / (world * (world + 1) / 2)
+    o, final, (dq, dk, dv, dg, dh0) = run_core(args, local(do), dfinal * share, overlap=True)
     close(o, local(o_ref), 1e-6, f"rank {rank} o")
     for name, got, want in zip(["dq", "dk", "dv", "dg"], [dq, dk, dv, dg], grads_ref):
         close(got, local(want), 1e-5, f"rank {rank} {name}")
-    # the sequence's states are the same on every rank
+    # the sequence's states are the same on every rank; the ranks' dh0 are shares
     close(final, final_ref, 1e-6, f"rank {rank} final state")
-    close(dh0, grads_ref[4], 1e-5, f"rank {rank} dh0")
+    dist.all_reduce(dh0, group=group)
+    close(dh0, grads_ref[4], 1e-5, f"rank {rank} dh0 summed over the group")
 
 
 @pytest.mark.parametrize("world,split", [(2, "contiguous"), (3, "balanced")])
@@ -125,7 +128,7 @@ def test_argument_errors_name_the_argument():
     _error("doc_start", doc_start=torch.zeros(T + 2, dtype=torch.uint8))
     _error("parts_per_rank", parts_per_rank=3)
     _error("scale", scale=float("nan"))
-    _error("not supported yet", doc_start=torch.zeros(T, dtype=torch.uint8), initial_state=torch.zeros(B, H, DK, DV))
+    _error("head_doc", doc_start=torch.zeros(T, dtype=torch.uint8), initial_state=torch.zeros(B, H, DK, DV))
     q, k, v, g, do, _, _ = inputs(dtype=torch.float32)
     with pytest.raises(lasp2.Lasp2Error, match="`k` must have shape"):
         _C.lasp2_forward(_C.LinearAttentionArgs(q, k[:, :-1], v), True)
@@ -140,7 +143,7 @@ def test_backward_checks_what_forward_saved():
     with pytest.raises(lasp2.Lasp2Error, match="dout"):
         _C.lasp2_backward(args, saved, do[:, 1:], True)
     with pytest.raises(lasp2.Lasp2Error, match="saved buffer `maps`"):
-        _C.lasp2_backward(args, [saved[0], saved[1], saved[2][1:]], do, True)
+        _C.lasp2_backward(args, [saved[0], saved[1], saved[2][1:], saved[3]], do, True)
     with pytest.raises(lasp2.Lasp2Error, match="initial_state"):
         _C.lasp2_backward(args, saved, do, True, need_dinitial=True)
     with pytest.raises(lasp2.Lasp2Error, match="lasp1"):

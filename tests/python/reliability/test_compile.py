@@ -20,8 +20,8 @@ def _inputs(seed=0, dtype=torch.float32):
 
 def test_opcheck_forward_and_backward():
     q, k, v, g = _inputs(dtype=torch.float64)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(), None, None, 0.5, 4,
-            0, 1, True)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(), None, None, None, 0.5, 4,
+            0, 1, True, [], 0, False)
     torch.library.opcheck(_library.lasp2_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

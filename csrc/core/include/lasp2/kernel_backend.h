@@ -70,6 +70,8 @@ class KernelBackend {
   // --- memory helpers --------------------------------------------------------
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+  // dst += src (the schedule sums the ranks' final-state gradients with it).
+  virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;
 };
 
 const KernelBackend& cpu_backend();

@@ -1,7 +1,10 @@
 // LASP-1: sequence-parallel linear recurrences as a ring of point-to-point state
 // passes (Sun et al., 2024, "Linear Attention Sequence Parallelism"), over the same
-// PartFamily (part_family.h) and Communicator as LASP-2. Contiguous layout only:
-// rank r holds part r of P. Written below for the scalar-decay family (A = exp(L) I).
+// PartFamily (part_family.h) and Communicator as LASP-2 (the scalar-decay family and
+// the delta rule, csrc/core/delta_rule/delta_family.h). Contiguous layout only: rank r
+// holds part r of P; no sequence states (the final state would need one more
+// collective after the ring: use LASP-2 for them). Written below for the scalar-decay
+// family (A = exp(L) I); the delta rule's A is its d_k x d_k map.
 //
 // Forward, on rank r:
 //   1. M_r, L_r = state and log total decay of the local part (from zero)

@@ -9,11 +9,17 @@
 //   4. P_i = prefix fold A_{i-1} P_{i-1} + M_{i-1} over all earlier parts (P_0: initial state)
 //   5. o += entering-state term of P_i  (or, fused: step 3 with P_i entering)
 //   final state (optional) = the fold over every part, on every rank: no extra exchange.
+//   packed documents: the head map of each part rides in the same AllGather; the end
+//   state of a document ending in part i's head is A_head_i P_i + M_head_i, one ending
+//   inside the part it began in comes from that part's rank (in the same gather), the
+//   last one is the fold over every part.
 // Backward mirrors it: dP_i = gradient of the state entering part i from its own outputs,
-// ONE AllGather, the family's P-only gradients (scalar decay: dq) while it runs, then the
-// suffix D_i = dP_{i+1} + A_{i+1}^T D_{i+1} (D_last: final-state gradient) and the rest of
+// ONE AllGather (with each rank's final-state gradients, summed after it), the family's
+// P-only gradients (scalar decay: dq) while it runs, then the suffix
+// D_i = E_{i+1} + A_{i+1}^T D_{i+1}, E_i = dP_i + A_head_i^T dF(document ending in the
+// head of part i) (D_last: the last sequence's final-state gradient), and the rest of
 // the gradients with D_i leaving the part. The initial-state gradient is the same fold
-// carried through part 0 (on every rank).
+// carried through part 0, on the rank holding part 0.
 #pragma once
 
 #include "lasp2/communicator.h"
@@ -23,31 +29,51 @@
 
 namespace lasp2 {
 
+// Optional states of the sequences, fp32 on the device, one block of N state blocks
+// [N, H, dk, dv] (a state block is one state of the family for one document: with
+// packed documents B = 1, without them N = B and the block is the whole state). The
+// convention is "the loss is the sum of the ranks' losses": every rank passes its own
+// final-state gradient (they are summed over the group inside the backward AllGather)
+// and every rank gets the same final states; each rank returns its SHARE of the
+// initial-state gradient (a sequence's on the rank where it enters: global part 0, or
+// the part holding a packed document's start; zero elsewhere), so summing over the
+// group gives one process's gradient.
+struct SequenceStates {
+  // Packed documents: per global part, the document whose end is the end of the part's
+  // head (-1: no document starts in the part). Empty: each batch row is a sequence.
+  std::vector<int64_t> head_doc;
+  int64_t count = 0;  // N, packed only (documents)
+
+  const float* initial = nullptr;     // enters each sequence / document (null: zero)
+  float* final_state = nullptr;       // forward: receives the states leaving them
+  const float* final_grad = nullptr;  // backward: this rank's gradient of final_state
+  float* initial_grad = nullptr;      // backward: this rank's share of initial's gradient
+
+  bool packed() const { return !head_doc.empty(); }
+  bool any() const {
+    return initial != nullptr || final_state != nullptr || final_grad != nullptr ||
+           initial_grad != nullptr;
+  }
+  // Floats of the [N, H, dk, dv] block for a family state of `state_floats`.
+  int64_t floats(int64_t state_floats) const { return packed() ? count * state_floats : state_floats; }
+};
+
 // What forward keeps for backward ("KV-state caching"), all fp32 on the device:
 struct Lasp2Saved {
   float* local_records = nullptr;  // [parts_per_rank][record_floats]: M_i then A_i
   float* prefix_states = nullptr;  // [parts_per_rank][state_floats]: P_i
   float* maps = nullptr;           // [total_parts + 2][map_floats]: 0, A of every part in
                                    // global order, 0 (the zero rows pad the folds' ends)
+  float* head_maps = nullptr;      // packed documents: [total_parts][map_floats], A_head
 
   static int64_t local_records_floats(const SummaryShape& s, const PartLayout& l);
   static int64_t prefix_states_floats(const SummaryShape& s, const PartLayout& l);
   static int64_t maps_floats(const SummaryShape& s, const PartLayout& l);
+  static int64_t head_maps_floats(const SummaryShape& s, const PartLayout& l, bool packed);
   // The scalar-decay family's sizes (maps are its log decays).
   static int64_t local_records_floats(const AttentionParams& p, const PartLayout& l);
   static int64_t prefix_states_floats(const AttentionParams& p, const PartLayout& l);
   static int64_t log_decays_floats(const AttentionParams& p, const PartLayout& l);
-};
-
-// Optional states of the whole sequence, one state_floats block (one state per batch row
-// and head), fp32 on the device. Every rank passes the same initial state and final-state
-// gradient and gets the same final state and initial-state gradient: they are values of
-// the one sequence, replicated over the group (not partial sums to be reduced).
-struct SequenceStates {
-  const float* initial = nullptr;     // enters the first part (null: zero); both directions
-  float* final_state = nullptr;       // forward: receives the state leaving the last part
-  const float* final_grad = nullptr;  // backward: gradient of the final state (null: zero)
-  float* initial_grad = nullptr;      // backward: receives the initial state's gradient
 };
 
 struct Lasp2Options {
@@ -58,8 +84,10 @@ struct Lasp2Options {
 };
 
 // Scratch sizes in bytes (multiples of 8); the caller allocates them on the device.
-int64_t lasp2_forward_workspace_bytes(const PartFamily& f, const PartLayout& l);
-int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l);
+int64_t lasp2_forward_workspace_bytes(const PartFamily& f, const PartLayout& l,
+                                      const SequenceStates& states = {});
+int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
+                                       const SequenceStates& states = {});
 
 // comm may be null for a single device (then the layout must have world_size 1).
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,

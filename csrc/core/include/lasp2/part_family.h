@@ -13,6 +13,7 @@
 //
 //   scalar decay (csrc/core/sp/scalar_decay.cpp):  A = exp(L) I, stored as L per (b, h);
 //     L = -inf when a document starts inside the part (nothing passes through).
+//   (the folds also combine lists of states; add() sums the ranks' final-state gradients)
 //   delta rule (csrc/core/delta_rule/):  A = prod_t a_t (I - b_t k_t k_t^T), d_k x d_k.
 //
 // A part's summary is the record [M: state_floats][A: map_floats] (fp32, the unit of the
@@ -26,7 +27,8 @@
 //
 // What a family implements (all calls enqueue on `stream`; buffers live on device()):
 //   shape()               sizes of one state and one map for this call's batch and heads
-//   summarize(part)       M and A of the part (from zero)
+//   summarize(part)       M and A of the part (nothing entering it; a document begun inside
+//                         starts from its own initial state), and the map of its head (below)
 //   combine_prefix        the P_j fold over a list of states and a contiguous map table
 //   combine_suffix        the D_j fold with the transposed maps
 //   forward(part, P)      outputs of the part with P entering (nullptr: zero)
@@ -39,6 +41,16 @@
 // Buffers the family keeps between backward_entering and backward (per token scratch
 // like q.dq) are the family's backward scratch: it asks for backward_scratch_bytes()
 // and the schedule hands the same block to both calls.
+//
+// Packed documents (B = 1). A token may start a document: the state before it is
+// replaced by the document's initial state (or zero). A part holding a document start
+// has A = 0. Its *head* is its tokens before the first start (empty when it starts
+// with one); the head's map (A_head, M_head) gives the end state of the document that
+// enters the part and ends inside it: A_head P_j + M_head. The per-document states
+// (DocStates) reach the family's calls: initial states of documents begun inside the
+// part, end states of those that also end inside it, and their gradients. The
+// schedule handles the document that enters each part (through P_j) and the one that
+// leaves it (through D_j).
 //
 // One object describes one call: it holds the problem (params, inputs) and where the
 // outputs or gradients go, so the schedule passes only token ranges and fp32 states
@@ -64,6 +76,25 @@ struct SummaryShape {
   int64_t record_floats() const { return state_floats + map_floats; }
 };
 
+// Per-document states, fp32 [N, H, dk, dv] (one state block per document; without
+// packed documents a batch row is a document and N = B). Any pointer may be null.
+struct DocStates {
+  const float* initial = nullptr;       // states entering documents that begin inside a part
+  float* finals = nullptr;              // out: end states of documents begun and ended inside a part
+  const float* final_dstate = nullptr;  // gradients of the documents' end states
+  float* d_initial = nullptr;           // out: gradients of `initial` for documents begun inside a part
+};
+
+// Where summarize() writes: the part's record and its head's. The head buffers are
+// always valid; with want_head false the family may leave them unwritten.
+struct PartSummary {
+  float* state = nullptr;       // M
+  float* map = nullptr;         // A
+  float* head_state = nullptr;  // M_head
+  float* head_map = nullptr;    // A_head
+  bool want_head = false;
+};
+
 // The states backward() gets for one part. On the single-device path (one part, no
 // sequence states) all are null: nothing enters, nothing leaves. Otherwise `entering`,
 // `state` and `map` are valid buffers (zeros when nothing enters) and `leaving_grad` is
@@ -84,12 +115,16 @@ class PartFamily {
   virtual Device device() const = 0;         // where the family's buffers live
 
   // --- forward ---------------------------------------------------------------
-  virtual void summarize(TokenRange part, float* state, float* map, void* stream) const = 0;
+  // docs.initial: states of documents begun inside the part; docs.finals: receives the
+  // end states of documents begun and ended inside it (others left untouched).
+  virtual void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                         void* stream) const = 0;
   // out = fold over m < target of acc = A_m acc + M_m, acc starting at zero; maps is
   // [parts][map_floats] in the order of `states`.
   virtual void combine_prefix(const std::vector<const float*>& states, const float* maps,
                               int target, float* out, void* stream) const = 0;
-  virtual void forward(TokenRange part, const float* entering, void* stream) const = 0;
+  virtual void forward(TokenRange part, const float* entering, const DocStates& docs,
+                       void* stream) const = 0;
   virtual bool has_entering_output() const { return false; }
   virtual void add_entering_output(TokenRange part, const float* entering, void* stream) const;
 
@@ -99,14 +134,17 @@ class PartFamily {
   // out = fold over m > target, from the last down, of acc = A_m^T acc + dM_m.
   virtual void combine_suffix(const std::vector<const float*>& dstates, const float* maps,
                               int target, float* out, void* stream) const = 0;
-  virtual void backward_entering(TokenRange part, const float* entering, void* scratch,
-                                 void* stream) const;
-  virtual void backward(TokenRange part, const PartStates& states, void* scratch,
-                        void* stream) const = 0;
+  virtual void backward_entering(TokenRange part, const float* entering, const DocStates& docs,
+                                 void* scratch, void* stream) const;
+  // docs: initial states, end-state gradients (the head's document and inner ones) and
+  // the initial-state gradients to write, of documents inside the part.
+  virtual void backward(TokenRange part, const PartStates& states, const DocStates& docs,
+                        void* scratch, void* stream) const = 0;
 
   // --- memory on device() ----------------------------------------------------
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+  virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;  // dst += src
 };
 
 }  // namespace lasp2

@@ -2,10 +2,19 @@
 // PartFamily: its summary is the record (M, L) with A = exp(L) I, and its kernels are
 // a KernelBackend's (csrc/core/cpu, csrc/core/cuda). One object describes one call:
 // the forward constructor takes the output, the backward one the gradients.
+//
+// Packed documents with sequence states (with_documents): the kernels know document
+// starts only as resets to zero, so the family cuts each part at its starts into
+// segments without one (the kernels then run with no starts, the document's initial
+// state entering its segment) and folds the segments' own (M, L) into the part's
+// summary, the documents' end states and the initial states' gradients.
 #pragma once
+
+#include <vector>
 
 #include "lasp2/kernel_backend.h"
 #include "lasp2/part_family.h"
+#include "lasp2/part_layout.h"
 
 namespace lasp2 {
 
@@ -15,12 +24,30 @@ struct ScalarDecayGrads {
   void* dg = nullptr;  // [B, T, H] contiguous of the decay dtype, or null (not needed)
 };
 
+// Where documents start in the local tokens, ascending, and the global index of each.
+struct LocalDocuments {
+  std::vector<int64_t> starts, ids;
+
+  // From the local document starts (host memory, one flag per local token) and the
+  // schedule's head_doc (per global part, the document ending in its head): the k-th
+  // start inside global part g begins document head_doc[g] + 1 + k.
+  static LocalDocuments of(const uint8_t* host_doc_start, int64_t local_tokens,
+                           const PartLayout& layout, const std::vector<int64_t>& head_doc);
+};
+
 class ScalarDecay final : public PartFamily {
  public:
   ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o);
   ScalarDecay(const KernelBackend& backend, const AttentionParams& p, const ScalarDecayGrads& grads);
 
   static SummaryShape shape_of(const AttentionParams& p) { return {p.bh() * p.state_elems(), p.bh()}; }
+
+  // Segments the parts at `docs.starts` when per-document states are passed; `scratch`
+  // holds documents_scratch_floats(p) fp32 values on the backend's device.
+  ScalarDecay& with_documents(LocalDocuments docs, float* scratch);
+  static int64_t documents_scratch_floats(const AttentionParams& p) {
+    return 2 * p.bh() * p.state_elems() + 3 * p.bh();
+  }
   // q.dq per token (for dg) and the dg offset of one part.
   static int64_t backward_scratch_bytes(const AttentionParams& p, bool need_dg);
 
@@ -28,10 +55,12 @@ class ScalarDecay final : public PartFamily {
   int64_t local_tokens() const override { return p_.seqlen; }
   Device device() const override { return be_.device(); }
 
-  void summarize(TokenRange part, float* state, float* map, void* stream) const override;
+  void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                 void* stream) const override;
   void combine_prefix(const std::vector<const float*>& states, const float* maps, int target,
                       float* out, void* stream) const override;
-  void forward(TokenRange part, const float* entering, void* stream) const override;
+  void forward(TokenRange part, const float* entering, const DocStates& docs,
+               void* stream) const override;
   bool has_entering_output() const override { return true; }
   void add_entering_output(TokenRange part, const float* entering, void* stream) const override;
 
@@ -41,9 +70,9 @@ class ScalarDecay final : public PartFamily {
   void entering_grad(TokenRange part, float* dstate, void* stream) const override;
   void combine_suffix(const std::vector<const float*>& dstates, const float* maps, int target,
                       float* out, void* stream) const override;
-  void backward_entering(TokenRange part, const float* entering, void* scratch,
-                         void* stream) const override;
-  void backward(TokenRange part, const PartStates& states, void* scratch,
+  void backward_entering(TokenRange part, const float* entering, const DocStates& docs,
+                         void* scratch, void* stream) const override;
+  void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
   void copy(float* dst, const float* src, int64_t count, void* stream) const override {
@@ -52,12 +81,37 @@ class ScalarDecay final : public PartFamily {
   void fill_zero(float* dst, int64_t count, void* stream) const override {
     be_.fill_zero(dst, count, stream);
   }
+  void add(float* dst, const float* src, int64_t count, void* stream) const override {
+    be_.add(dst, src, count, stream);
+  }
 
  private:
+  struct Segment {
+    TokenRange range;
+    int64_t doc;  // -1: the document entering the part
+  };
+  // The part cut at its document starts (one segment when none lies inside).
+  std::vector<Segment> segments(TokenRange part) const;
+  bool segmented(TokenRange part, const DocStates& docs) const;
+  // The state entering a segment: the part's for the head, else the document's.
+  const float* entering_of(const Segment& s, const float* entering, const DocStates& docs) const;
+  // The gradient leaving a segment: the part's for the last, else its document's end.
+  const float* leaving_of(const Segment& s, TokenRange part, const PartStates& states,
+                          const DocStates& docs) const;
+  // M and L of a segment from zero, into the scratch (L is row 1 of the fold table).
+  void segment_summary(TokenRange range, void* stream) const;
+  // out = exp(L) x + M of the last segment_summary (x null: M).
+  void apply_segment(const float* x, float* out, void* stream) const;
+
   const KernelBackend& be_;
   AttentionParams p_;
+  AttentionParams plain_;  // p_ without document starts (segments hold none)
   MutView o_;
   ScalarDecayGrads grads_;
+  LocalDocuments docs_;
+  float* seg_state_ = nullptr;  // scratch: [S] segment state, [S] zeros, [3][bh] fold table
+  float* zeros_ = nullptr;
+  float* table_ = nullptr;
 };
 
 }  // namespace lasp2

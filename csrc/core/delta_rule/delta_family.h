@@ -1,0 +1,71 @@
+// The delta-rule family (GDN, KDA; delta_params.h) as a PartFamily: its summary is the
+// affine map (A, M) of a part, A d_k x d_k, and its kernels are a DeltaKernelBackend's
+// (cpu/, and the CUDA backend), so LASP-2 and LASP-1 (csrc/core/sp) run it unchanged.
+// One object describes one call: the forward constructor takes the output, the
+// backward one the gradients.
+#pragma once
+
+#include "delta_rule/delta_backend.h"
+#include "lasp2/part_family.h"
+
+namespace lasp2::delta {
+
+struct DeltaGrads {
+  ConstView dout;
+  MutView dq, dk, dv;
+  void* dg = nullptr;     // [B, T, H] or [B, T, H, dk] in the gate dtype, or null
+  void* dbeta = nullptr;  // [B, T, H] in the gate dtype, or null
+};
+
+class DeltaFamily final : public PartFamily {
+ public:
+  // fold_scratch: one state (B*H*dk*dv fp32) on the backend's device, where the folds
+  // keep their running value (the backend's map products write to a separate buffer).
+  DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, MutView o,
+              float* fold_scratch);
+  DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, const DeltaGrads& grads,
+              float* fold_scratch);
+
+  static SummaryShape shape_of(const DeltaParams& p) {
+    return {p.bh() * p.state_elems(), p.bh() * p.map_elems()};
+  }
+
+  SummaryShape shape() const override { return shape_of(p_); }
+  int64_t local_tokens() const override { return p_.seqlen; }
+  Device device() const override { return be_.device(); }
+
+  void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
+                 void* stream) const override;
+  void combine_prefix(const std::vector<const float*>& states, const float* maps, int target,
+                      float* out, void* stream) const override;
+  void forward(TokenRange part, const float* entering, const DocStates& docs,
+               void* stream) const override;
+
+  void entering_grad(TokenRange part, float* dstate, void* stream) const override;
+  void combine_suffix(const std::vector<const float*>& dstates, const float* maps, int target,
+                      float* out, void* stream) const override;
+  void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
+                void* stream) const override;
+
+  void copy(float* dst, const float* src, int64_t count, void* stream) const override {
+    be_.copy(dst, src, count, stream);
+  }
+  void fill_zero(float* dst, int64_t count, void* stream) const override {
+    be_.fill_zero(dst, count, stream);
+  }
+  void add(float* dst, const float* src, int64_t count, void* stream) const override {
+    be_.add(dst, src, count, stream);
+  }
+
+ private:
+  // Where step k of n writes, so that the last step lands in `out`.
+  float* step_target(int k, int n, float* out) const { return (n - k) % 2 == 0 ? out : fold_; }
+
+  const DeltaKernelBackend& be_;
+  DeltaParams p_;
+  MutView o_;
+  DeltaGrads grads_;
+  float* fold_;
+};
+
+}  // namespace lasp2::delta

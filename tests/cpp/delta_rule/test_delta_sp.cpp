@@ -1,0 +1,252 @@
+// The delta-rule family (DeltaFamily over the CPU DeltaKernelBackend) under the
+// generic LASP-2 schedule (csrc/core/sp) on P threads: every rank's outputs,
+// gradients and final states equal the float64 recurrence over the whole sequence,
+// for the contiguous and balanced layouts, GDN and KDA gates, batch rows and packed
+// documents that span ranks, with initial states in and final states out; exactly
+// one collective per direction. The ranks' initial-state gradients are shares: their
+// sum is one process's (the loss is the sum of the ranks' losses).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "../thread_communicator.h"
+#include "delta_problem.h"
+#include "delta_rule/delta_family.h"
+#include "lasp2/lasp1.h"
+#include "lasp2/lasp2.h"
+
+namespace lasp2::delta::testing {
+namespace {
+
+using lasp2::testing::run_ranks;
+using lasp2::testing::ThreadCommunicator;
+
+struct SpCase {
+  int world;
+  bool balanced;
+  GateKind gate;
+  bool packed;
+};
+
+std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
+  const auto& c = info.param;
+  return "P" + std::to_string(c.world) + (c.balanced ? "_balanced_" : "_contiguous_") +
+         (c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed" : "_rows");
+}
+
+// The document ending at the end of each global part's head (-1: no start inside).
+std::vector<int64_t> head_docs(const DeltaProblem<double>& global, int parts) {
+  const int64_t n = global.spec.seqlen / parts;
+  std::vector<int64_t> out(parts, -1);
+  for (int g = 0; g < parts; ++g)
+    for (int64_t t = g * n; t < (g + 1) * n; ++t)
+      if (global.doc_start[t]) {
+        out[g] = global.doc_id[t] - 1;
+        break;
+      }
+  return out;
+}
+
+class DeltaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
+
+TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
+  const SpCase c = GetParam();
+  DeltaSpec s;
+  s.gate_kind = c.gate;
+  s.chunk_size = 4;
+  s.seqlen = 12 * std::max(c.world, 2);  // parts of 6 or 12 (+) tokens: parts end mid-chunk
+  if (c.packed) {
+    s.batch = 1;
+    // one at a balanced part edge, a one-token document, one spanning several parts
+    s.doc_starts = {5, 6, 7, 12, s.seqlen - 1};
+  }
+  const DeltaProblem<double> global(s);
+  const DeltaReference ref = delta_reference(global);
+  const int64_t N = s.num_docs(), D = N * s.heads * s.dim_k * s.dim_v;
+  const int parts_per_rank = c.balanced ? 2 : 1;
+
+  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
+  std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size()), d_initial(D, 0.0);
+  std::vector<std::vector<float>> finals(c.world);
+  std::mutex mu;
+  const double weight_sum = c.world * (c.world + 1) / 2.0;
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout{c.world, rank, parts_per_rank};
+    DeltaProblem<double> local = local_problem(global, layout);
+    // Each rank holds its own copy of the final states; their gradients add up.
+    for (auto& e : local.final_dstate) e = static_cast<float>(e * (rank + 1) / weight_sum);
+    const DeltaParams p = local.params();
+    const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
+
+    std::vector<double> lo(local.v.size());
+    std::vector<float> lfinals(D), fold(p.bh() * p.state_elems());
+    SequenceStates seq;
+    if (c.packed) {
+      seq.head_doc = head_docs(global, c.world * parts_per_rank);
+      seq.count = N;
+    }
+    seq.initial = local.initial.data();
+    seq.final_state = lfinals.data();
+    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+    std::vector<float> head_maps(Lasp2Saved::head_maps_floats(sh, layout, c.packed) + 1);
+    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
+    std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
+    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
+    EXPECT_EQ(comm.collectives(), 1);  // one device with states: the same path
+
+    std::vector<double> ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
+    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
+    std::vector<float> ldi(D);
+    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
+                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
+                           ldg.data(), ldb.data()};
+    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    seq.final_state = nullptr;
+    seq.final_grad = local.final_dstate.data();
+    seq.initial_grad = ldi.data();
+    std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
+    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    EXPECT_EQ(comm.collectives(), 2);
+
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
+    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+    for (int64_t e = 0; e < D; ++e) d_initial[e] += ldi[e];
+    finals[rank] = lfinals;
+  });
+  // Summaries travel in fp32, so fp64 inputs agree to fp32 rounding.
+  EXPECT_LT(rel_error(o, ref.o), 1e-5);
+  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
+  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+  EXPECT_LT(rel_error(d_initial, ref.d_initial), 1e-5);
+  for (int r = 0; r < c.world; ++r) EXPECT_LT(rel_error(finals[r], ref.finals), 1e-5) << "rank " << r;
+}
+
+std::vector<SpCase> sp_cases() {
+  std::vector<SpCase> out;
+  for (int world : {1, 2, 3, 4})
+    for (bool balanced : {false, true})
+      for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
+        for (bool packed : {false, true}) {
+          if (world == 1 && balanced) continue;
+          out.push_back({world, balanced, gate, packed});
+        }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_name);
+
+// LASP-1 (the ring of the same summaries) serves the family too: contiguous layout,
+// no sequence states (documents still reset inside and across ranks).
+class DeltaLasp1Sp : public ::testing::TestWithParam<SpCase> {};
+
+TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
+  const SpCase c = GetParam();
+  DeltaSpec s;
+  s.gate_kind = c.gate;
+  s.chunk_size = 4;
+  s.seqlen = 10 * c.world;
+  if (c.packed) {
+    s.batch = 1;
+    s.doc_starts = {4, 10, 11, s.seqlen - 3};  // one at a rank edge
+  }
+  DeltaProblem<double> global(s);
+  std::fill(global.initial.begin(), global.initial.end(), 0.f);
+  std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
+  const DeltaReference ref = delta_reference(global);
+  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
+  std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size());
+  std::mutex mu;
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout = PartLayout::contiguous(c.world, rank);
+    DeltaProblem<double> local = local_problem(global, layout);
+    const DeltaParams p = local.params();
+    const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
+    std::vector<double> lo(local.v.size()), ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
+    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
+    std::vector<float> fold(p.bh() * p.state_elems());
+    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
+    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
+                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
+                           ldg.data(), ldb.data()};
+    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> entering(Lasp1Saved::entering_state_floats(sh)), record(Lasp1Saved::local_record_floats(sh));
+    const Lasp1Saved saved{entering.data(), record.data()};
+    std::vector<double> fws((lasp1_forward_workspace_bytes(fwd, layout) + 15) / 8);
+    std::vector<double> bws((lasp1_backward_workspace_bytes(bwd, layout) + 15) / 8);
+    lasp1_forward(fwd, &comm, layout, saved, fws.data(), nullptr);
+    lasp1_backward(bwd, &comm, layout, saved, bws.data(), nullptr);
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
+    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+  });
+  EXPECT_LT(rel_error(o, ref.o), 1e-5);
+  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
+  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+}
+
+std::vector<SpCase> ring_cases() {
+  std::vector<SpCase> out;
+  for (int world : {2, 3})
+    for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
+      for (bool packed : {false, true}) out.push_back({world, false, gate, packed});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaLasp1Sp, ::testing::ValuesIn(ring_cases()), sp_name);
+
+}  // namespace
+}  // namespace lasp2::delta::testing
+
+namespace lasp2::delta::testing {
+namespace {
+
+// Bad sequence states fail with lasp2::Error before any kernel or collective runs.
+TEST(DeltaSpChecks, RejectsInconsistentArguments) {
+  DeltaSpec s;
+  s.seqlen = 8;
+  const DeltaProblem<double> pr(s);
+  const DeltaParams p = pr.params();
+  std::vector<double> o(pr.v.size());
+  std::vector<float> buffers(4096), fold(p.bh() * p.state_elems());
+  const Lasp2Saved saved{buffers.data(), buffers.data() + 1024, buffers.data() + 2048, buffers.data() + 3072};
+  std::vector<double> ws(8192);
+  const DeltaFamily f(delta_cpu_backend(), p, MutView{o.data(), pr.strides(s.dim_v)}, fold.data());
+  std::vector<float> finals(4 * p.bh() * p.state_elems());
+  auto run = [&](const PartLayout& layout, const SequenceStates& seq) {
+    lasp2_forward(f, nullptr, layout, saved, seq, ws.data(), Lasp2Options{}, nullptr);
+  };
+  SequenceStates rows;
+  rows.final_state = finals.data();
+  EXPECT_THROW(run(PartLayout::contiguous(2, 0), rows), Error);  // SP without a communicator
+  SequenceStates packed = rows;  // one head_doc entry per global part
+  packed.count = 2;
+  packed.head_doc = {-1, 0};
+  EXPECT_THROW(run(PartLayout::contiguous(1, 0), packed), Error);
+  packed.head_doc = {1};  // the last document never ends in a head
+  EXPECT_THROW(run(PartLayout::contiguous(1, 0), packed), Error);
+  EXPECT_NO_THROW(run(PartLayout::contiguous(1, 0), rows));
+}
+
+}  // namespace
+}  // namespace lasp2::delta::testing
