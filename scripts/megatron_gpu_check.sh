@@ -5,8 +5,7 @@
 # and checks that the loss falls. Prints the per-step log (loss, tokens/s, TFLOP/s per GPU).
 #   bash scripts/megatron_gpu_check.sh            (from the repository root, lasp2 built)
 #   DECAY=gate bash scripts/megatron_gpu_check.sh (per-token gates: Lasp2LinearMixer's linear_gate)
-# PATTERN overrides the 12-letter layer pattern (L / S; "G" layers are CPU-only until the
-# delta-rule CUDA kernels land).
+# PATTERN overrides the 12-letter layer pattern (L / G / S; e.g. PATTERN=LGLSLGLSLGLS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
