@@ -14,7 +14,8 @@
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
 #include "delta_rule/delta_backend.h"
-#include "delta_rule/delta_lasp2.h"
+#include "delta_rule/delta_family.h"
+#include "lasp2/lasp2.h"
 
 namespace lasp2::testing {
 namespace {
@@ -343,9 +344,9 @@ TEST_P(DeltaCudaSchedule, MatchesCpuSchedule) {
   const DeltaParams hp = pr.params();
   DeviceProblem dev(pr, ScalarType::kFloat32, Layout{});
   const PartLayout layout{1, 0, c.parts};
-  delta::DeltaSequences seqs;
-  seqs.count = s.num_docs();
+  SequenceStates seqs;
   if (c.packed) {
+    seqs.count = s.num_docs();
     const int64_t n = s.seqlen / c.parts;
     for (int g = 0; g < c.parts; ++g) {
       int64_t head = -1;
@@ -357,40 +358,63 @@ TEST_P(DeltaCudaSchedule, MatchesCpuSchedule) {
       seqs.head_doc.push_back(head);
     }
   }
-  const int64_t D = seqs.count * s.heads * hp.state_elems();
+  const int64_t D = s.num_docs() * s.heads * hp.state_elems();
+
+  // The generic LASP-2 schedule over DeltaFamily on one device with `parts` parts, forward
+  // then backward; buffers come from `alloc` (host vectors or device buffers).
+  auto run = [&](const DeltaKernelBackend& be, const DeltaParams& p, MutView o, const delta::DeltaGrads& grads,
+                 const float* initial, float* finals, const float* final_grad, float* d_initial,
+                 auto&& alloc) {
+    float* fold = alloc(p.bh() * p.state_elems());
+    const delta::DeltaFamily fwd(be, p, o, fold);
+    const SummaryShape sh = fwd.shape();
+    const Lasp2Saved saved{alloc(Lasp2Saved::local_records_floats(sh, layout)),
+                           alloc(Lasp2Saved::prefix_states_floats(sh, layout)),
+                           alloc(Lasp2Saved::maps_floats(sh, layout)),
+                           alloc(Lasp2Saved::head_maps_floats(sh, layout, c.packed) + 1)};
+    SequenceStates seq = seqs;
+    seq.initial = initial;
+    seq.final_state = finals;
+    lasp2_forward(fwd, nullptr, layout, saved, seq, alloc(lasp2_forward_workspace_bytes(fwd, layout, seq) / 4 + 2),
+                  Lasp2Options{}, nullptr);
+    const delta::DeltaFamily bwd(be, p, grads, fold);
+    seq.final_state = nullptr;
+    seq.final_grad = final_grad;
+    seq.initial_grad = d_initial;
+    lasp2_backward(bwd, nullptr, layout, saved, seq, alloc(lasp2_backward_workspace_bytes(bwd, layout, seq) / 4 + 2),
+                   nullptr);
+  };
 
   // CPU schedule
-  std::vector<float> rec(delta::DeltaSaved::records_floats(hp, layout));
-  std::vector<float> pre(delta::DeltaSaved::prefixes_floats(hp, layout));
+  std::vector<std::vector<float>> host_buffers;
+  auto host_alloc = [&](int64_t floats) {
+    host_buffers.emplace_back(static_cast<size_t>(floats));
+    return host_buffers.back().data();
+  };
   std::vector<float> o(pr.v.size()), finals(D);
-  std::vector<double> fws((delta::delta_lasp2_forward_workspace_bytes(hp, layout, seqs, true) + 7) / 8);
-  delta::delta_lasp2_forward(delta::delta_cpu_backend(), nullptr, layout, hp, seqs, pr.initial.data(),
-                             {o.data(), pr.strides(s.dim_v)}, {rec.data(), pre.data()},
-                             finals.data(), fws.data(), nullptr);
   std::vector<float> dq(pr.q.size()), dk(pr.k.size()), dv(pr.v.size()), dg(pr.g.size()),
       db(pr.beta.size()), dI(D);
-  std::vector<double> bws((delta::delta_lasp2_backward_workspace_bytes(hp, layout, seqs, true) + 7) / 8);
-  delta::delta_lasp2_backward(delta::delta_cpu_backend(), nullptr, layout, hp, seqs,
-                              pr.initial.data(), pr.dout_view(), {rec.data(), pre.data()},
-                              pr.final_dstate.data(), {dq.data(), pr.strides(s.dim_k)},
-                              {dk.data(), pr.strides(s.dim_k)}, {dv.data(), pr.strides(s.dim_v)},
-                              dg.data(), db.data(), dI.data(), bws.data(), nullptr);
+  run(delta::delta_cpu_backend(), hp, {o.data(), pr.strides(s.dim_v)},
+      {pr.dout_view(), {dq.data(), pr.strides(s.dim_k)}, {dk.data(), pr.strides(s.dim_k)},
+       {dv.data(), pr.strides(s.dim_v)}, dg.data(), db.data()},
+      pr.initial.data(), finals.data(), pr.final_dstate.data(), dI.data(), host_alloc);
 
   // CUDA schedule
-  const auto& gpu = delta::delta_backend_for(Device::kCUDA);
-  DevBuf<float> grec(rec.size()), gpre(pre.size()), gfin(D), gI = to_device_f32(pr.initial),
-      gF = to_device_f32(pr.final_dstate), gdI(D), gdg(dg.size()), gdb(db.size());
-  DevBuf<unsigned char> gfws(delta::delta_lasp2_forward_workspace_bytes(hp, layout, seqs, true));
-  DevBuf<unsigned char> gbws(delta::delta_lasp2_backward_workspace_bytes(hp, layout, seqs, true));
+  std::vector<DevBuf<float>> device_buffers;
+  device_buffers.reserve(16);
+  auto device_alloc = [&](int64_t floats) {
+    device_buffers.emplace_back(static_cast<size_t>(floats));
+    return device_buffers.back().p;
+  };
+  DevBuf<float> gfin(D), gI = to_device_f32(pr.initial), gF = to_device_f32(pr.final_dstate), gdI(D),
+      gdg(dg.size()), gdb(db.size());
   DevTensor go(s.batch, s.seqlen, s.heads, s.dim_v, ScalarType::kFloat32, Layout{});
-  delta::delta_lasp2_forward(gpu, nullptr, layout, dev.p, seqs, gI.p, go.mview(),
-                             {grec.p, gpre.p}, gfin.p, gfws.p, nullptr);
   DevTensor gdq(s.batch, s.seqlen, s.heads, s.dim_k, ScalarType::kFloat32, Layout{});
   DevTensor gdk(s.batch, s.seqlen, s.heads, s.dim_k, ScalarType::kFloat32, Layout{});
   DevTensor gdv(s.batch, s.seqlen, s.heads, s.dim_v, ScalarType::kFloat32, Layout{});
-  delta::delta_lasp2_backward(gpu, nullptr, layout, dev.p, seqs, gI.p, dev.dout.cview(),
-                              {grec.p, gpre.p}, gF.p, gdq.mview(), gdk.mview(), gdv.mview(), gdg.p,
-                              gdb.p, gdI.p, gbws.p, nullptr);
+  run(delta::delta_backend_for(Device::kCUDA), dev.p, go.mview(),
+      {dev.dout.cview(), gdq.mview(), gdk.mview(), gdv.mview(), gdg.p, gdb.p}, gI.p, gfin.p, gF.p, gdI.p,
+      device_alloc);
   cuda_ok(cudaDeviceSynchronize(), "schedule");
   for (auto [name, t, want, dim] : {std::tuple{"o", &go, &o, s.dim_v}, {"dq", &gdq, &dq, s.dim_k},
                                     {"dk", &gdk, &dk, s.dim_k}, {"dv", &gdv, &dv, s.dim_v}}) {
