@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cuda/device_utils.cuh"
 #include "delta_rule/cuda/delta_launch.h"
 #include "lasp2/types.h"
 
@@ -21,24 +22,12 @@ constexpr int CT = kCheckpoint;  // tokens staged at a time (and between checkpo
 constexpr int kStretches = kCheckpoint / kStretch;
 
 // ---- element access --------------------------------------------------------------
+// fp32 <-> fp32 / fp16 / bf16 conversions: the scalar family's (csrc/core/cuda/device_utils.cuh).
+using lasp2::cuda::from_float;
+using lasp2::cuda::to_float;
+
 template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename T>
-__device__ __forceinline__ T zero_elem() { return from_f<T>(0.f); }
+__device__ __forceinline__ T zero_elem() { return from_float<T>(0.f); }
 
 template <typename T>
 __device__ __forceinline__ const T* row_of(const View& v, int b, int64_t t, int h) {
@@ -187,9 +176,9 @@ __device__ void stage_load(const Problem& p, const Stage<T>& st, int b, int h, i
     const int col0 = c0.col0 + c, col1 = c1.col0 + c;
     const bool in = e < len * CW;
     v0[it] = (in && c0.view != nullptr && col0 >= 0 && col0 < c0.ncols)
-                 ? to_f<T>(row_of<T>(*c0.view, b, t0 + x, h)[col0]) : 0.f;
+                 ? to_float<T>(row_of<T>(*c0.view, b, t0 + x, h)[col0]) : 0.f;
     v1[it] = (in && c1.view != nullptr && col1 >= 0 && col1 < c1.ncols)
-                 ? to_f<T>(row_of<T>(*c1.view, b, t0 + x, h)[col1]) : 0.f;
+                 ? to_float<T>(row_of<T>(*c1.view, b, t0 + x, h)[col1]) : 0.f;
   }
 #pragma unroll
   for (int it = 0; it < CITEMS; ++it) {
@@ -211,7 +200,7 @@ __device__ __forceinline__ void read_rows(const T* src, float (&out)[R]) {
     const uint4 u = reinterpret_cast<const uint4*>(src)[c];
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
-    for (int j = 0; j < PER; ++j) out[c * PER + j] = to_f<T>(e[j]);
+    for (int j = 0; j < PER; ++j) out[c * PER + j] = to_float<T>(e[j]);
   }
 }
 template <int R>
@@ -354,7 +343,7 @@ __global__ void __launch_bounds__(NW * 32) forward_kernel(Problem p, ForwardOut 
         const int x = e / CW, col = L.col0 + e % CW;
         if (col < p.dv)
           static_cast<T*>(out.o)[L.b * out.osb + (p.begin + c0 + x) * out.ost + L.h * out.osh + col] =
-              from_f<T>(st.c1[e]);
+              from_float<T>(st.c1[e]);
       }
     }
   }
@@ -719,7 +708,7 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
           const float kx = group_sum<G>(dot<R>(k, X));
           const float lk = group_sum<G>(dot<R>(k, lam));
           if (valid && L.g == 0)
-            static_cast<T*>(a.dv)[L.b * a.dvsb + t * a.dvst + L.h * a.dvsh + L.col] = from_f<T>(beta * lk);
+            static_cast<T*>(a.dv)[L.b * a.dvsb + t * a.dvst + L.h * a.dvsh + L.col] = from_float<T>(beta * lk);
           const float vm = v - kx;
           float db = L.g == 0 ? lk * vm : 0.f;
           float dkr[R], dgr[R];
@@ -796,8 +785,8 @@ __global__ void __launch_bounds__(kMaxDim) finish_kernel(Problem p, FinishArgs a
   const int64_t bth = (b * p.seqlen + t) * p.heads + h;
   float dg_row = 0.f;
   if (i < p.dk) {
-    static_cast<T*>(a.dq)[b * a.dqsb + t * a.dqst + h * a.dqsh + i] = from_f<T>(acc[i]);
-    static_cast<T*>(a.dk)[b * a.dksb + t * a.dkst + h * a.dksh + i] = from_f<T>(acc[p.dk + i]);
+    static_cast<T*>(a.dq)[b * a.dqsb + t * a.dqst + h * a.dqsh + i] = from_float<T>(acc[i]);
+    static_cast<T*>(a.dk)[b * a.dksb + t * a.dkst + h * a.dksh + i] = from_float<T>(acc[p.dk + i]);
     dg_row = acc[2 * p.dk + i];
     if (a.dg != nullptr && p.per_key) a.dg[bth * p.dk + i] = dg_row;
   }
