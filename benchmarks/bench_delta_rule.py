@@ -23,25 +23,14 @@ import torch.nn.functional as F
 
 import lasp2
 
+import cuda_timing  # this folder (the script's own directory is on sys.path)
+
 FLOOR_BYTES_PER_S = 4.2e12
 
 
-def median_ms(fn, warmup=1, reps=5, budget_ms=3000.0):
-    """Median of up to `reps` timed calls (CUDA events), fewer when one call is slow."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if times and sum(times) > budget_ms:
-            break
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def median_ms(fn):
+    """The shared timer with this benchmark's budget: one warm-up, up to 5 calls, 3 s."""
+    return cuda_timing.median_ms(fn, warmup=1, reps=5, budget_ms=3000.0)
 
 
 def make_inputs(T, H, D, seed=0):

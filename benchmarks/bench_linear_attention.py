@@ -26,24 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lasp2  # noqa: E402
-
-
-def median_ms(fn, warmup=3, reps=10, budget_ms=2000.0):
-    """Median of `reps` timed calls (CUDA events), fewer when one call is slow."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if times and sum(times) > budget_ms:
-            break
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from cuda_timing import median_ms  # noqa: E402
 
 
 def copy_bandwidth_gbs():
