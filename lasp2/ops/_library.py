@@ -15,7 +15,7 @@ sum of the ranks' losses": d_final_state is this rank's (summed over the group i
 the backward AllGather), d_initial_state this rank's share.
 
 A communicator is not a tensor or a schema type, so it travels as an int handle
-(0: one device) into a registry that keeps it alive; communicators are cached per
+(0: one device; lasp2.ops._opaque keeps the object alive); communicators are cached per
 group by lasp2.distributed.communicator, so the registry does not grow per call.
 The value checks that need tensor contents (positive gates on CPU) run inside the
 real kernel, so traced / compiled graphs keep them without a graph break.
@@ -30,25 +30,11 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
+from lasp2.ops._opaque import handle_of, resolve
 
 OP = "lasp2.linear_attention"
-_COMMS: dict = {}
-
-
-def comm_handle(comm) -> int:
-    if comm is None:
-        return 0
-    handle = id(comm)
-    _COMMS[handle] = comm
-    return handle
-
-
-def _comm(handle: int):
-    return None if handle == 0 else _COMMS[handle]
-
-
 def _world(handle: int) -> int:
-    return 1 if handle == 0 else int(_COMMS[handle].size)
+    return 1 if handle == 0 else int(resolve(handle).size)
 
 
 @torch.library.custom_op("lasp2::lasp2_forward", mutates_args=())
@@ -75,7 +61,7 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
 
 def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs):
     return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
-                                  scale=scale, comm=_comm(comm), parts_per_rank=parts, chunk_size=chunk_size,
+                                  scale=scale, comm=resolve(comm), parts_per_rank=parts, chunk_size=chunk_size,
                                   head_doc=list(head_doc), num_seqs=num_seqs)
 
 
@@ -179,7 +165,7 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
             f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     out = lasp2_forward(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
-                        comm_handle(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
+                        handle_of(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
                         bool(output_final_state))
     return (out[0], out[1]) if output_final_state else out[0]
 
