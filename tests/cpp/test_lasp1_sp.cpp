@@ -1,7 +1,8 @@
 // LASP-1 (ring of P2P state passes) end to end on P threads: every rank's outputs
 // and gradients equal the single-device float64 recurrence on its tokens, for all
-// decay modes and packed documents; exactly one send and one recv per interior rank
-// per direction, no collective.
+// decay modes and packed documents, contiguous and balanced layouts; on the
+// contiguous layout exactly one send and one recv per interior rank per direction,
+// no collective (the balanced ring runs up and back down: one hop per part edge).
 #include <gtest/gtest.h>
 
 #include "lasp2/lasp1.h"
@@ -16,17 +17,23 @@ struct RingCase {
   int world;
   DecayMode mode;
   bool with_docs;
+  bool balanced = false;
 };
 
 std::string ring_name(const ::testing::TestParamInfo<RingCase>& info) {
   const auto& c = info.param;
   const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
-  return "P" + std::to_string(c.world) + "_" + mode + (c.with_docs ? "_docs" : "");
+  return "P" + std::to_string(c.world) + "_" + mode + (c.with_docs ? "_docs" : "") +
+         (c.balanced ? "_balanced" : "");
 }
 
 // P2P calls a rank makes in one direction: interior ranks one recv and one send,
-// the ends of the ring one of them.
-int p2p_per_direction(int rank, int world) { return (rank > 0) + (rank < world - 1); }
+// the ends of the ring one of them; balanced, twice that, less the local turn at
+// the last rank.
+int p2p_per_direction(int rank, int world, bool balanced) {
+  const int once = (rank > 0) + (rank < world - 1);
+  return balanced ? 2 * once : once;
+}
 
 template <typename T>
 struct RingResult {
@@ -36,32 +43,32 @@ struct RingResult {
 // Runs LASP-1 forward and backward on `world` threads over the global problem and
 // collects every rank's results in global token order.
 template <typename T>
-RingResult<T> run_ring(const Problem<T>& global, int world) {
+RingResult<T> run_ring(const Problem<T>& global, int world, bool balanced = false) {
   const ProblemSpec& s = global.spec;
   RingResult<T> out{global.zeros_like_v(), global.zeros_like_k(), global.zeros_like_k(),
                     global.zeros_like_v(), std::vector<T>(global.gate.size())};
   std::mutex mu;
   run_ranks(world, [&](int rank, ThreadCommunicator& comm) {
-    const PartLayout layout = PartLayout::contiguous(world, rank);
+    const PartLayout layout = balanced ? PartLayout::balanced(world, rank) : PartLayout::contiguous(world, rank);
     const Problem<T> local = local_problem(global, layout);
     const AttentionParams p = local.params();
     const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
 
-    std::vector<float> entering(Lasp1Saved::entering_state_floats(p), -1.f);  // poisoned
-    std::vector<float> record(Lasp1Saved::local_record_floats(p), -1.f);
+    std::vector<float> entering(Lasp1Saved::entering_state_floats(p, layout.parts_per_rank), -1.f);  // poisoned
+    std::vector<float> record(Lasp1Saved::local_record_floats(p, layout.parts_per_rank), -1.f);
     const Lasp1Saved saved{entering.data(), record.data()};
 
     std::vector<T> lo = local.zeros_like_v();
     Workspace fws(lasp1_forward_workspace_bytes(p, layout));
     lasp1_forward(cpu_backend(), &comm, layout, p, {lo.data(), sv}, saved, fws.data(), nullptr);
-    EXPECT_EQ(comm.p2p_calls(), p2p_per_direction(rank, world)) << "rank " << rank << " forward";
+    EXPECT_EQ(comm.p2p_calls(), p2p_per_direction(rank, world, balanced)) << "rank " << rank << " forward";
 
     std::vector<T> ldq = local.zeros_like_k(), ldk = local.zeros_like_k(), ldv = local.zeros_like_v();
     std::vector<T> ldg(local.gate.size());
     Workspace bws(lasp1_backward_workspace_bytes(p, layout, true));
     lasp1_backward(cpu_backend(), &comm, layout, p, local.dout_view(), saved, {ldq.data(), sk}, {ldk.data(), sk},
                    {ldv.data(), sv}, ldg.data(), bws.data(), nullptr);
-    EXPECT_EQ(comm.p2p_calls(), 2 * p2p_per_direction(rank, world)) << "rank " << rank << " backward";
+    EXPECT_EQ(comm.p2p_calls(), 2 * p2p_per_direction(rank, world, balanced)) << "rank " << rank << " backward";
     EXPECT_EQ(comm.collectives(), 0);
 
     std::lock_guard<std::mutex> lock(mu);
@@ -81,7 +88,7 @@ TEST_P(Lasp1Sp, RanksMatchSingleDevice) {
   ProblemSpec s;
   s.mode = c.mode;
   s.chunk_size = 4;
-  s.seqlen = c.world * 7;  // 7 tokens a rank, chunk 4: parts end mid-chunk
+  s.seqlen = c.world * (c.balanced ? 10 : 7);  // parts of 7 or 5 tokens, chunk 4: parts end mid-chunk
   // inside a rank, spanning ranks 0-1, one token long, exactly at a rank edge (P > 2),
   // the last token alone
   if (c.with_docs) {
@@ -91,7 +98,7 @@ TEST_P(Lasp1Sp, RanksMatchSingleDevice) {
   }
   const Problem<double> global(s);
   const auto ref = recurrent_reference(global);
-  const RingResult<double> got = run_ring(global, c.world);
+  const RingResult<double> got = run_ring(global, c.world, c.balanced);
   // States travel in fp32, so fp64 inputs agree to fp32 rounding.
   EXPECT_LT(rel_error(got.o, ref.o), 1e-5);
   EXPECT_LT(rel_error(got.dq, ref.dq), 1e-5);
@@ -105,6 +112,8 @@ std::vector<RingCase> ring_cases() {
   for (int world : {2, 3, 4})
     for (DecayMode mode : {DecayMode::kNone, DecayMode::kFixed, DecayMode::kGate})
       for (bool docs : {false, true}) cases.push_back({world, mode, docs});
+  for (int world : {2, 3})
+    for (bool docs : {false, true}) cases.push_back({world, DecayMode::kGate, docs, true});
   return cases;
 }
 
@@ -166,7 +175,7 @@ TEST(Lasp1Ring, SingleDeviceNeedsNoCommunicator) {
   EXPECT_LT(rel_error(dg, ref.dg), 1e-10);
 }
 
-TEST(Lasp1Errors, ContiguousLayoutAndMatchingCommunicatorOnly) {
+TEST(Lasp1Errors, MatchingCommunicatorOnly) {
   ProblemSpec s;
   s.seqlen = 8;
   const Problem<double> pr(s);
@@ -176,9 +185,8 @@ TEST(Lasp1Errors, ContiguousLayoutAndMatchingCommunicatorOnly) {
   EXPECT_THROW(lasp1_forward(cpu_backend(), nullptr, PartLayout::contiguous(2, 0), p, ov, {}, nullptr, nullptr),
                Error);
   run_ranks(2, [&](int rank, ThreadCommunicator& comm) {
-    // balanced is rejected before any communication, so no rank waits for a peer
-    EXPECT_THROW(lasp1_forward(cpu_backend(), &comm, PartLayout::balanced(2, rank), p, ov, {}, nullptr, nullptr),
-                 Error);
+    // a layout that disagrees with the communicator is rejected before any communication,
+    // so no rank waits for a peer
     EXPECT_THROW(lasp1_forward(cpu_backend(), &comm, PartLayout::contiguous(2, 1 - rank), p, ov, {}, nullptr,
                                nullptr),
                  Error);

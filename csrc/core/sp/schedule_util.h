@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "lasp2/communicator.h"
+#include "lasp2/lasp2.h"
 #include "lasp2/params.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
@@ -21,6 +22,17 @@ inline void check_group(Communicator* comm, const PartLayout& layout, const Part
               "the communicator's rank/size differ from the part layout's");
   LASP2_CHECK(comm->device() == f.device(),
               "the communicator and the kernels work on different devices (CPU vs CUDA)");
+}
+
+// Sequence states of packed documents: one head_doc entry per global part, each naming
+// a document that is not the last (the last never ends in a head).
+inline void check_sequence_states(const PartLayout& l, const SequenceStates& seq) {
+  if (!seq.packed()) return;
+  LASP2_CHECK(static_cast<int64_t>(seq.head_doc.size()) == l.total_parts(),
+              "sequence states of packed documents need one head_doc entry per global part");
+  LASP2_CHECK(seq.count >= 1, "sequence states of packed documents need the number of documents");
+  for (int64_t d : seq.head_doc)
+    LASP2_CHECK(d >= -1 && d < seq.count - 1, "head_doc names a document out of range");
 }
 
 inline int64_t round_up8(int64_t bytes) { return (bytes + 7) / 8 * 8; }

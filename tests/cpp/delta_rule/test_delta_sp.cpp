@@ -48,10 +48,9 @@ std::vector<int64_t> head_docs(const DeltaProblem<double>& global, int parts) {
   return out;
 }
 
-class DeltaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
-
-TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
-  const SpCase c = GetParam();
+// One schedule over the family with sequence states: LASP-2, or the LASP-1 ring
+// (which adds one AllGather per direction for the final states and their gradients).
+void run_with_states(const SpCase& c, bool ring) {
   DeltaSpec s;
   s.gate_kind = c.gate;
   s.chunk_size = 4;
@@ -95,8 +94,18 @@ TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
     std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
     std::vector<float> head_maps(Lasp2Saved::head_maps_floats(sh, layout, c.packed) + 1);
     const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
-    std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
-    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
+    // LASP-1 keeps the entering states, the records and the head maps of its parts
+    std::vector<float> ring_entering(Lasp1Saved::entering_state_floats(sh, parts_per_rank), -1.f);  // poisoned
+    std::vector<float> ring_records(Lasp1Saved::local_record_floats(sh, parts_per_rank), -1.f);
+    std::vector<float> ring_heads(Lasp1Saved::head_maps_floats(sh, parts_per_rank, c.packed) + 1, -1.f);
+    const Lasp1Saved ring_saved{ring_entering.data(), ring_records.data(), ring_heads.data()};
+    if (ring) {
+      std::vector<double> fws((lasp1_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
+      lasp1_forward(fwd, &comm, layout, ring_saved, seq, fws.data(), nullptr);
+    } else {
+      std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
+      lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
+    }
     EXPECT_EQ(comm.collectives(), 1);  // one device with states: the same path
 
     std::vector<double> ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
@@ -109,8 +118,13 @@ TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
     seq.final_state = nullptr;
     seq.final_grad = local.final_dstate.data();
     seq.initial_grad = ldi.data();
-    std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
-    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    if (ring) {
+      std::vector<double> bws((lasp1_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
+      lasp1_backward(bwd, &comm, layout, ring_saved, seq, bws.data(), nullptr);
+    } else {
+      std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
+      lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    }
     EXPECT_EQ(comm.collectives(), 2);
 
     std::lock_guard<std::mutex> lock(mu);
@@ -134,6 +148,14 @@ TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) {
   for (int r = 0; r < c.world; ++r) EXPECT_LT(rel_error(finals[r], ref.finals), 1e-5) << "rank " << r;
 }
 
+class DeltaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
+TEST_P(DeltaLasp2Sp, RanksMatchRecurrence) { run_with_states(GetParam(), false); }
+
+// LASP-1 with sequence states: the ring in global part order (the balanced split
+// runs up and back down the ranks).
+class DeltaLasp1StatesSp : public ::testing::TestWithParam<SpCase> {};
+TEST_P(DeltaLasp1StatesSp, RanksMatchRecurrence) { run_with_states(GetParam(), true); }
+
 std::vector<SpCase> sp_cases() {
   std::vector<SpCase> out;
   for (int world : {1, 2, 3, 4})
@@ -147,6 +169,7 @@ std::vector<SpCase> sp_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_name);
+INSTANTIATE_TEST_SUITE_P(All, DeltaLasp1StatesSp, ::testing::ValuesIn(sp_cases()), sp_name);
 
 // LASP-1 (the ring of the same summaries) serves the family too: contiguous layout,
 // no sequence states (documents still reset inside and across ranks).
