@@ -122,9 +122,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
         py::arg("need_dinitial") = false, no_gil,
         "-> [dq, dk, dv, dg, ddecay, dinitial_state] (None where not asked for)");
-  // LASP-1: the P2P ring schedule (contiguous layout only).
-  m.def("lasp1_forward", &lasp2::torch_binding::lasp1_forward, py::arg("args"), no_gil,
-        "-> (o, saved): LASP-1 forward");
+  // LASP-1: the P2P ring schedule.
+  m.def("lasp1_forward", &lasp2::torch_binding::lasp1_forward, py::arg("args"),
+        py::arg("output_final_state") = false, no_gil,
+        "-> (o, final_state or None, saved): LASP-1 forward (final_state [N, H, Dk, Dv] fp32)");
   m.def("lasp1_backward", &lasp2::torch_binding::lasp1_backward, py::arg("args"), py::arg("saved"),
-        py::arg("dout"), py::arg("need_dg"), no_gil, "-> [dq, dk, dv, dg, ddecay]");
+        py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
+        py::arg("need_dinitial") = false, no_gil,
+        "-> [dq, dk, dv, dg, ddecay, dinitial_state] (None where not asked for)");
 }

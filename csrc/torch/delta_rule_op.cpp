@@ -8,6 +8,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "attention_params.h"
+#include "lasp1_op.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/communicator.h"
 #include "lasp2/lasp1.h"
@@ -111,19 +112,6 @@ void set_documents(const DeltaArgs& a, SequenceStates& seq) {
   }
 }
 
-// LASP-1 saves {entering_state, local_record} and carries no sequence states (the
-// final states would need one more collective after the ring).
-Lasp1Saved ring_view(const std::vector<at::Tensor>& t) {
-  LASP2_CHECK(t.size() == 2, "delta_backward (LASP-1) needs the 2 saved buffers of delta_forward");
-  return {t[0].data_ptr<float>(), t[1].data_ptr<float>()};
-}
-
-void check_ring(const SequenceStates& seq) {
-  LASP2_CHECK(!seq.any(), "provider \"lasp1\" takes no `initial_state` / `output_final_state` "
-                          "(use provider \"lasp2\")");
-}
-
-
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaArgs& args,
                                                                     bool want_final) {
   DeltaPrepared r = prepare(args);
@@ -139,13 +127,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaA
   seq.final_state = want_final ? finals.data_ptr<float>() : nullptr;
   set_documents(args, seq);
   if (args.ring) {
-    check_ring(seq);
-    const SummaryShape sh = family.shape();
-    std::vector<at::Tensor> saved{floats(Lasp1Saved::entering_state_floats(sh), r.q),
-                                  floats(Lasp1Saved::local_record_floats(sh), r.q)};
-    at::Tensor workspace = scratch(lasp1_forward_workspace_bytes(family, r.layout), r.q);
-    lasp1_forward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
-                  current_stream(r.q));
+    std::vector<at::Tensor> saved = lasp1_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
+    at::Tensor workspace = scratch(lasp1_forward_workspace_bytes(family, r.layout, seq), r.q);
+    lasp1_forward(family, args.comm.get(), r.layout,
+                  lasp1_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq,
+                  workspace.data_ptr(), current_stream(r.q));
     return {restore_dtype(o, r.input_dtype), finals, saved};
   }
   std::vector<at::Tensor> saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
@@ -180,10 +166,10 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
   seq.initial_grad = need_dinitial ? d_initial.data_ptr<float>() : nullptr;
   set_documents(args, seq);
   if (args.ring) {
-    check_ring(seq);
-    at::Tensor workspace = scratch(lasp1_backward_workspace_bytes(family, r.layout), r.q);
-    lasp1_backward(family, args.comm.get(), r.layout, ring_view(saved), workspace.data_ptr(),
-                   current_stream(r.q));
+    at::Tensor workspace = scratch(lasp1_backward_workspace_bytes(family, r.layout, seq), r.q);
+    lasp1_backward(family, args.comm.get(), r.layout,
+                   lasp1_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq,
+                   workspace.data_ptr(), current_stream(r.q));
     return {restore_dtype(dq, r.input_dtype), restore_dtype(dk, r.input_dtype),
             restore_dtype(dv, r.input_dtype), dg, dbeta, d_initial};
   }

@@ -6,27 +6,17 @@
 #include "torch_scratch.h"
 
 namespace lasp2::torch_binding {
-namespace {
-
-// The sequence states of one call and what the scalar family needs to cut its parts at
-// packed documents' starts (host copy of the starts, fp32 scratch on the device).
-struct States {
-  SequenceStates seq;
-  at::Tensor scratch;
-
-  States(const LinearAttentionArgs& a, const Prepared& r, ScalarDecay& family, bool any) {
-    if (r.initial_state.defined()) seq.initial = r.initial_state.data_ptr<float>();
-    if (!any || !a.document_states()) return;
-    seq.head_doc = a.head_doc;
-    seq.count = a.num_seqs;
-    const at::Tensor starts = r.doc_start.to(at::kCPU).contiguous();
-    scratch = floats(ScalarDecay::documents_scratch_floats(r.params), r.q);
-    family.with_documents(LocalDocuments::of(starts.data_ptr<uint8_t>(), r.params.seqlen, r.layout, a.head_doc),
-                          scratch.data_ptr<float>());
-  }
-};
-
-}  // namespace
+ScalarSequenceStates::ScalarSequenceStates(const LinearAttentionArgs& a, const Prepared& r, ScalarDecay& family,
+                                           bool any) {
+  if (r.initial_state.defined()) seq.initial = r.initial_state.data_ptr<float>();
+  if (!any || !a.document_states()) return;
+  seq.head_doc = a.head_doc;
+  seq.count = a.num_seqs;
+  const at::Tensor starts = r.doc_start.to(at::kCPU).contiguous();
+  scratch = floats(ScalarDecay::documents_scratch_floats(r.params), r.q);
+  family.with_documents(LocalDocuments::of(starts.data_ptr<uint8_t>(), r.params.seqlen, r.layout, a.head_doc),
+                        scratch.data_ptr<float>());
+}
 
 std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
     const LinearAttentionArgs& args, bool overlap, bool output_final_state) {
@@ -36,7 +26,7 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
   const AttentionParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
   ScalarDecay family(kernel_backend_for(r.q), p, mut_view(o, "o"));
-  States states(args, r, family, args.initial_state.has_value() || output_final_state);
+  ScalarSequenceStates states(args, r, family, args.initial_state.has_value() || output_final_state);
   SequenceStates& seq = states.seq;
   OptTensor final_state;
   if (output_final_state) {
@@ -67,7 +57,7 @@ std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
   ScalarDecay family(kernel_backend_for(r.q), p,
                      ScalarDecayGrads{const_view(dout_c, "dout"), mut_view(dq, "dq"), mut_view(dk, "dk"),
                                       mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr});
-  States states(args, r, family, args.initial_state || d_final_state || need_dinitial);
+  ScalarSequenceStates states(args, r, family, args.initial_state || d_final_state || need_dinitial);
   SequenceStates& seq = states.seq;
   const Lasp2Saved saved = lasp2_saved_view(saved_tensors, family.shape(), r.layout, seq.packed(), r.q);
   at::Tensor d_final, d_initial;

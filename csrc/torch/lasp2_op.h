@@ -9,8 +9,18 @@
 #include <vector>
 
 #include "attention_params.h"
+#include "lasp2/scalar_decay.h"
 
 namespace lasp2::torch_binding {
+
+// The sequence states of one call of the scalar family (LASP-2 and LASP-1), and what
+// the family needs to cut its parts at packed documents' starts (host copy of the
+// starts, fp32 scratch on the device). `any`: the call has sequence states.
+struct ScalarSequenceStates {
+  SequenceStates seq;
+  at::Tensor scratch;
+  ScalarSequenceStates(const LinearAttentionArgs& a, const Prepared& r, ScalarDecay& family, bool any);
+};
 
 // Returns {o, final_state, saved}: final_state ([N, H, Dk, Dv] fp32, N = B or, with
 // args.head_doc, the packed documents; the same on every rank) only when asked for;

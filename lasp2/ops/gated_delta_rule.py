@@ -17,61 +17,18 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lasp2._extension import _C
 from lasp2.distributed.communicator import check_group, get_communicator, group_rank_and_size
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
 from lasp2.distributed.context import check_cu_seqlens
 from lasp2.ops._documents import head_docs
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._delta_library import delta_rule
+from lasp2.ops._group_consistency import report_local_failure
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
 from lasp2.options import SPLITS, check_choice
 
 FAMILY = "gated_delta_rule"  # the provider family of gated_delta_rule and kda
 L2NORM_EPS = 1e-6  # as fla's l2norm
-
-
-class _DeltaRule(torch.autograd.Function):
-    """Inputs are [B, T, H, *] views; the C++ core runs the generic schedule over the
-    family's PartFamily (csrc/core/delta_rule/delta_family.h): LASP-2, or with ring=True
-    LASP-1."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial, docs, scale, chunk_size, comm, parts, want_final, ring):
-        doc_start, doc_id, head_doc, num_seqs = docs
-        o, final, saved = _C.delta_forward(
-            q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
-            comm, parts, want_final, ring)
-        ctx.save_for_backward(q, k, v, g, beta, initial, *saved)
-        ctx.config = (docs, scale, chunk_size, comm, parts, ring, want_final)
-        ctx.set_materialize_grads(False)
-        if not want_final or final is None:
-            final = o.new_empty(0)
-            ctx.mark_non_differentiable(final)
-        return o, final
-
-    @staticmethod
-    def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial, *saved = ctx.saved_tensors
-        (doc_start, doc_id, head_doc, num_seqs), scale, chunk_size, comm, parts, ring, want_final = ctx.config
-        if do is None:
-            do = torch.zeros_like(v)
-        elif do.stride(-1) != 1:
-            do = do.contiguous()
-        if not want_final:
-            dfinal = None
-        elif dfinal is None:  # the final states took no part in the loss: the same schedule, zero gradient
-            dfinal = q.new_zeros((num_seqs, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
-        need = ctx.needs_input_grad
-        dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
-            q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial, scale, chunk_size,
-            comm, parts, do, saved, dfinal, bool(need[3]), bool(need[4]),
-            bool(initial is not None and need[5]), ring)
-        return (dq, dk, dv,
-                dg.to(g.dtype) if need[3] else None,
-                dbeta.to(beta.dtype) if need[4] else None,
-                d_initial.to(initial.dtype) if initial is not None and need[5] else None,
-                None, None, None, None, None, None, None)
 
 
 class DeltaLasp2Provider(Provider):
@@ -80,26 +37,24 @@ class DeltaLasp2Provider(Provider):
 
     name = "lasp2"
     splits = SPLITS
+    takes_states = True
+    ring = False  # the C++ schedule: LASP-2 (csrc/core/sp/lasp2.cpp)
 
-    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
-              output_final_state):
-        """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final)."""
-        return _DeltaRule.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
-                                parts_per_rank, output_final_state, False)
+    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, group, parts_per_rank,
+              output_final_state, consistency, cu_seqlens):
+        """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final or None)
+        through the custom op of lasp2/ops/_delta_library.py."""
+        return delta_rule(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm, group,
+                          parts_per_rank, self.ring, output_final_state, consistency, cu_seqlens)
 
 
-class DeltaLasp1Provider(Provider):
-    """LASP-1 for the delta-rule family: the state entering each rank's part travels a
-    ring of P2P sends (csrc/core/sp/lasp1.cpp over the same DeltaFamily); contiguous
-    split, no initial_state / output_final_state across ranks."""
+class DeltaLasp1Provider(DeltaLasp2Provider):
+    """LASP-1 for the delta-rule family: the state entering each part travels a ring of
+    P2P sends in global part order (csrc/core/sp/lasp1.cpp over the same DeltaFamily);
+    final states take one more AllGather (they arise on different ranks)."""
 
     name = "lasp1"
-    splits = ("contiguous",)
-
-    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
-              output_final_state):
-        return _DeltaRule.apply(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
-                                parts_per_rank, output_final_state, True)
+    ring = True
 
 
 register(FAMILY, DeltaLasp2Provider())
@@ -153,15 +108,8 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
     for name, x in (("g", g), ("beta", beta)):
         if x.device != q.device:
             C.fail(op, f"`{name}` is on {x.device} but `q` is on {q.device}")
-    with torch.no_grad():
-        if g.numel() and bool((g > 0).any()):
-            C.fail(op, f"`g` holds log gates, which must be <= 0 (max is {g.max().item():.4g}); "
-                       "use e.g. -softplus(...) or logsigmoid(...)")
-        if bool(torch.isnan(g).any()):
-            C.fail(op, "`g` contains NaN")
-        if beta.numel() and bool(((beta < 0) | (beta > 1) | torch.isnan(beta)).any()):
-            C.fail(op, f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
-                       f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
+    # the values of g and beta (g <= 0, beta in [0, 1], no NaN) are checked inside the
+    # custom op (lasp2/ops/_delta_library.py), so compiled graphs keep the check
     check_choice(op, "split", split, SPLITS)
     check_group(op, group)
     if initial_state is not None:
@@ -182,6 +130,34 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         group = sp_context.group
         split = sp_context.split
         cu_seqlens = getattr(sp_context, "cu_seqlens", None)
+    try:
+        call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
+                     group, layout, split, provider, use_qk_l2norm)
+    except (ValueError, TypeError):
+        report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
+        raise
+    impl, scale, docs, parts, consistency, cu_list = call
+    comm = get_communicator(group, q.device) if consistency else None
+
+    if layout == "tbhd":
+        q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    o, final = impl.apply(
+        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm, group=group if comm else None,
+        parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency, cu_seqlens=cu_list)
+    if layout == "tbhd":
+        o = o.transpose(0, 1)
+    if not output_final_state:
+        return o, None
+    return o, final.to(initial_state.dtype) if initial_state is not None else final
+
+
+def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens, group, layout,
+          split, provider, use_qk_l2norm):
+    """Checks what needs no tensor values; returns (provider, scale, documents, parts per
+    rank, the cross-rank check's fields (empty on one device), global cu_seqlens list)."""
     _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group)
     scale = C.check_scale(op, scale)
     if scale is None:
@@ -198,10 +174,11 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         C.fail(op, f"the balanced split needs an even local sequence length, got {local_len}")
     H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
 
-    docs = (None, None, [], batch)
+    docs, cu_list = (None, None, [], batch), None
     if cu_seqlens is not None:
         docs = _documents(op, cu_seqlens, batch, local_len, rank, world,
                           "balanced" if parts == 2 else "contiguous", world * parts, q.device)
+        cu_list = cu_seqlens.tolist()
     num_seqs = docs[3]
     if initial_state is not None and list(initial_state.shape) != [num_seqs, H, Dk, Dv]:
         what = "documents in `cu_seqlens`" if cu_seqlens is not None else "batch rows"
@@ -211,35 +188,13 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     impl = get_provider(op, FAMILY, provider)
     impl.check(op, heads=H, split=split, world_size=world)
     if world == 1:
-        impl = get_provider(op, FAMILY, "lasp2")  # one device: every provider is the plain op
-    elif provider != "lasp2" and (initial_state is not None or output_final_state):
-        C.fail(op, f"`initial_state` / `output_final_state` are supported by provider=\"lasp2\" only, "
-                   f"got provider={provider!r}")
-    comm = get_communicator(group, q.device)
-    if comm is not None:
-        verify_group_consistency(
-            op, group,
-            [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
-             int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
-             int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)],
-            ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens",
-             "use of initial_state", "output_final_state", "use_qk_l2norm", f"provider {provider_names(FAMILY)}"],
-            q.device)
-
-    if layout == "tbhd":
-        q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    o, final = impl.apply(
-        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm, parts_per_rank=parts,
-        output_final_state=output_final_state)
-    if layout == "tbhd":
-        o = o.transpose(0, 1)
-    if not output_final_state:
-        return o, None
-    return o, final.to(initial_state.dtype) if initial_state is not None else final
+        return get_provider(op, FAMILY, "lasp2"), scale, docs, parts, [], cu_list  # one device: the plain op
+    # the integer fields of the per-call cross-rank check (names: _delta_library.CONSISTENCY_FIELDS);
+    # it runs inside the custom op, after the value checks of g and beta
+    consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
+                   int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
+                   int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)]
+    return impl, scale, docs, parts, consistency, cu_list
 
 
 def gated_delta_rule(
@@ -286,9 +241,9 @@ def gated_delta_rule(
         group, layout, split: as ``lasp2.linear_attention``; ``sp_context`` (an
             ``SPContext``) supplies group, split and cu_seqlens instead.
         provider: "lasp2" (one AllGather of part summaries per direction) or "lasp1"
-            (a ring of P2P state passes; contiguous split, no ``initial_state`` /
-            ``output_final_state`` across ranks): the providers registered for this
-            family ("gated_delta_rule" in lasp2.ops.providers).
+            (a ring of P2P state passes in global part order, plus one AllGather per
+            direction for the final states when they are asked for): the providers
+            registered for this family ("gated_delta_rule" in lasp2.ops.providers).
         use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
             ``use_qk_l2norm_in_kernel``).
 

@@ -63,9 +63,9 @@ def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
     C.check_bool(OP, "output_final_state", output_final_state)
     if initial_state is None and not output_final_state:
         return q.shape[0], []
-    if provider != "lasp2" and ctx.world_size > 1:
-        C.fail(OP, f"`initial_state` / `output_final_state` are supported by provider=\"lasp2\" only, "
-                   f"got provider={provider!r}")
+    if ctx.world_size > 1 and not get_provider(OP, LINEAR_ATTENTION, provider).takes_states:
+        C.fail(OP, f"`initial_state` / `output_final_state` are supported by providers \"lasp2\" and \"lasp1\" "
+                   f"only, got provider={provider!r}")
     head_doc, n = [], q.shape[0]
     if ctx.cu_seqlens is not None:
         values = ctx.cu_seqlens
@@ -139,7 +139,7 @@ def linear_attention(
             backward always overlaps its AllGather with the dq pass. LASP-2 only.
         provider: the sequence-parallel algorithm, all computing the same result:
             "lasp2" (default; one AllGather of states per direction), "lasp1" (a ring
-            of P2P state passes, P-1 serial hops; contiguous split only) or "ulysses"
+            of P2P state passes, P-1 serial hops, 2(P-1) for the balanced split) or "ulysses"
             (all-to-all to head sharding and back; contiguous split only, the number
             of heads must be divisible by the group size). See docs/providers.md.
         sp_context: the batch's ``lasp2.build_sp_context(...)``, built once and passed
@@ -149,11 +149,12 @@ def linear_attention(
             token's decay applies to it, as in fla) wherever that token lives. Its
             gradient on a rank is that rank's share: summed over the group (as the
             data/context-parallel gradient reduction does) it is one process's.
-            LASP-2 (and one device) only.
+            Providers "lasp2" and "lasp1" (and one device).
         output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
             sequence / document, the same on every rank (float32, or the dtype of
             ``initial_state``); gradients arriving at the ranks' copies are summed
-            (the loss is the sum of the ranks' losses). LASP-2 (and one device) only.
+            (the loss is the sum of the ranks' losses). Providers "lasp2" and "lasp1"
+            (which spends one more AllGather per direction on them) and one device.
 
     Returns:
         o with the shape of v, in the layout of the inputs; ``(o, final_state)`` with
@@ -204,7 +205,7 @@ def linear_attention(
     if overlap is None:
         overlap = q.device.type != "cuda"
     if initial_state is not None or output_final_state:
-        o, final = get_provider(OP, LINEAR_ATTENTION, "lasp2").apply_with_states(
+        o, final = impl.apply_with_states(
             q, k, v, g, decay, initial_state, scale=float(scale), sp_context=ctx, overlap=bool(overlap),
             output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs)
     else:

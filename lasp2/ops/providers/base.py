@@ -6,6 +6,10 @@ A *provider* is one algorithm that runs an op of some *family* over an SP group
 
     name      its key, as the user spells it (``provider="lasp2"``)
     splits    the sequence splits it supports (lasp2.options.SPLITS or a subset)
+    takes_states
+              whether it runs sequence states (initial_state / output_final_state)
+              across ranks; such a provider of "linear_attention" also has
+              ``apply_with_states(...) -> (o, final_state or None)``
     check(owner, *, heads, split, world_size)
               raises ValueError naming the argument for a call it cannot run; cheap,
               no communication, so callers (Megatron's option checks too) run it
@@ -42,6 +46,7 @@ class Provider:
 
     name: str = ""
     splits: Tuple[str, ...] = SPLITS
+    takes_states: bool = False
 
     def check(self, owner: str, *, heads: int, split: str, world_size: int) -> None:
         if split not in self.splits:

@@ -25,6 +25,7 @@ class Lasp2LinearAttention:
 
 class Lasp2Provider(Provider):
     name = "lasp2"
+    takes_states = True
 
     def apply(self, q, k, v, g, decay, *, scale, sp_context, overlap):
         call = KernelCall(scale, sp_context.doc_start_on(q.device), sp_context.comm(), sp_context.parts_per_rank,

@@ -1,5 +1,6 @@
 """lasp2.gated_delta_rule / lasp2.kda over P = 2, 3, 4 gloo processes equal one process
-(itself checked against the float64 recurrence in ops/test_gated_delta_rule.py).
+(itself checked against the float64 recurrence in ops/test_gated_delta_rule.py), with
+provider="lasp2" and provider="lasp1" (the ring, states included).
 
 Every rank checks its output rows, its q/k/v/g/beta gradients and the final states
 against a one-process run on the whole sequence (float64, 1e-5 relative: the part
@@ -46,62 +47,71 @@ def global_inputs(world, kind, packed, seed):
     return q, k, v, do, g, beta, cu, h0, dF
 
 
+# LASP-1 (the ring of the same summaries in global part order) with the same states
+LASP1_CONFIGS = [
+    ("gdn", "contiguous", True),
+    ("kda", "balanced", True),
+    ("gdn", "balanced", False),
+    ("kda", "contiguous", False),
+]
+
+
+def check_config(rank, world, group, provider, kind, split, packed, seed):
+    op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=seed)
+    kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
+
+    full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
+    grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
+
+    local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
+    leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+    h0_local = h0.clone().requires_grad_()
+    o, final = op(*leaves, initial_state=h0_local, group=group, split=split, provider=provider, **kw)
+    what = f"{provider} P={world} {kind} {split} packed={packed} rank {rank}"
+    assert_rel(o, local(o_full), 1e-5, f"o, {what}")
+    assert_rel(final, final_full, 1e-5, f"final state, {what}")
+    # Each rank's loss uses its own output rows and a share of the final-state loss.
+    weight = (rank + 1) / (world * (world + 1) / 2)
+    loss = (o * local(do)).sum() + (final * dF * weight).sum()
+    grads = torch.autograd.grad(loss, leaves + [h0_local])
+    for name, got, want in zip(("q", "k", "v", "g", "beta"), grads, grads_full):
+        assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
+    d_h0 = grads[5].clone()
+    dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
+    assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+
+
 def check_rank(rank, world):
     group = dist.new_group(list(range(world)))
     for index, (kind, split, packed) in enumerate(CONFIGS):
-        op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
-        q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=10 + index)
-        kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
-
-        full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-        o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
-        grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
-
-        local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
-        leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
-        h0_local = h0.clone().requires_grad_()
-        o, final = op(*leaves, initial_state=h0_local, group=group, split=split, **kw)
-        what = f"P={world} {kind} {split} packed={packed} rank {rank}"
-        assert_rel(o, local(o_full), 1e-5, f"o, {what}")
-        assert_rel(final, final_full, 1e-5, f"final state, {what}")
-        # Each rank's loss uses its own output rows and a share of the final-state loss.
-        weight = (rank + 1) / (world * (world + 1) / 2)
-        loss = (o * local(do)).sum() + (final * dF * weight).sum()
-        grads = torch.autograd.grad(loss, leaves + [h0_local])
-        for name, got, want in zip(("q", "k", "v", "g", "beta"), grads, grads_full):
-            assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
-        d_h0 = grads[5].clone()
-        dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
-        assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+        check_config(rank, world, group, "lasp2", kind, split, packed, seed=10 + index)
+    for index, (kind, split, packed) in enumerate(LASP1_CONFIGS):
+        check_config(rank, world, group, "lasp1", kind, split, packed, seed=20 + index)
     check_lasp1(rank, world, group)
     if world == 2:
         check_mismatch(rank, world)
 
 
 def check_lasp1(rank, world, group):
-    """provider="lasp1" (the ring of the same summaries) equals one process, GDN and KDA,
-    rows and packed documents; it refuses sequence states across ranks."""
-    for index, (kind, packed) in enumerate([("gdn", False), ("kda", True)]):
+    """provider="lasp1" without sequence states equals one process, GDN and KDA, rows
+    and packed documents, both splits."""
+    for index, (kind, packed, split) in enumerate([("gdn", False, "contiguous"), ("kda", True, "balanced")]):
         op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
         q, k, v, do, g, beta, cu, _, _ = global_inputs(world, kind, packed, seed=30 + index)
         full = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
         o_full, _ = op(*full, scale=0.8, cu_seqlens=cu)
         grads_full = torch.autograd.grad((o_full * do).sum(), full)
-        local = lambda x: lasp2.split_sequence(x, group, dim=1)
+        local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
         leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
-        o, final = op(*leaves, scale=0.8, cu_seqlens=cu, group=group, provider="lasp1")
-        what = f"lasp1 P={world} {kind} packed={packed} rank {rank}"
+        o, final = op(*leaves, scale=0.8, cu_seqlens=cu, group=group, split=split, provider="lasp1")
+        what = f"lasp1 P={world} {kind} packed={packed} {split} rank {rank}"
         assert final is None
         assert_rel(o, local(o_full), 1e-5, f"o, {what}")
         for name, got, want in zip(("q", "k", "v", "g", "beta"), torch.autograd.grad((o * local(do)).sum(), leaves),
                                    grads_full):
             assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
-    try:
-        op(*leaves, group=group, provider="lasp1", output_final_state=True)
-    except ValueError as e:
-        assert "output_final_state" in str(e), str(e)
-    else:
-        raise AssertionError("lasp1 with output_final_state across ranks must raise")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -120,3 +130,15 @@ def check_mismatch(rank, world):
         assert "local sequence length" in str(e), str(e)
     else:
         raise AssertionError("ranks with different lengths must all raise")
+    # bad gate values on one rank (checked inside the custom op): that rank names `g`,
+    # the others raise too instead of waiting in a collective
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    g = -torch.rand(1, 8, 2, dtype=torch.float64)
+    beta = torch.rand(1, 8, 2, dtype=torch.float64)
+    try:
+        lasp2.gated_delta_rule(q, q, q, g.abs() + 0.1 if rank == 0 else g, beta, group=dist.group.WORLD)
+    except ValueError as e:
+        want = "`g` holds log gates" if rank == 0 else "rejected their arguments"
+        assert want in str(e), str(e)
+    else:
+        raise AssertionError("a rank with positive gates must make every rank raise")

@@ -1,7 +1,7 @@
 """linear_attention's initial_state / output_final_state: one process against a float64
 step-by-step recurrence with per-sequence and per-document states, gradcheck, bad
-input, and gloo worlds of 2 and 3 (both splits, packed documents that span ranks)
-equal to one process under the "sum of the ranks' losses" convention: every rank
+input, and gloo worlds of 2 and 3 (LASP-2 and LASP-1, both splits, packed documents
+that span ranks) equal to one process under the "sum of the ranks' losses" convention: every rank
 returns the same final states, the ranks' final-state gradients add up, the ranks'
 initial-state gradients are shares summing to one process's."""
 
@@ -124,10 +124,14 @@ def test_bad_states_name_the_argument():
         lasp2.linear_attention(q1, k1, v1, cu_seqlens=cu, initial_state=torch.zeros(1, 2, 4, 4))
 
 
+CONFIGS = [("lasp2", "contiguous", False), ("lasp2", "balanced", False), ("lasp2", "contiguous", True),
+           ("lasp2", "balanced", True), ("lasp1", "contiguous", True), ("lasp1", "balanced", True),
+           ("lasp1", "contiguous", False), ("lasp1", "balanced", False)]
+
+
 def check_rank(rank, world):
     group = dist.new_group(list(range(world)))  # a sub-group, as Megatron's CP group would be
-    for index, (split, with_docs) in enumerate([("contiguous", False), ("balanced", False),
-                                                ("contiguous", True), ("balanced", True)]):
+    for index, (provider, split, with_docs) in enumerate(CONFIGS):
         B, L = (1, 12) if with_docs else (2, 12)
         T = L * world
         q, k, v, g = inputs(B, T, seed=10 + index)
@@ -145,8 +149,8 @@ def check_rank(rank, world):
         local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
         leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g)] + [h0.clone().requires_grad_()]
         o, final = lasp2.linear_attention(*leaves[:3], g=leaves[3], group=group, split=split, cu_seqlens=cu,
-                                          initial_state=leaves[4], output_final_state=True)
-        where = f"config {index} ({split}, docs={with_docs}) rank {rank}"
+                                          initial_state=leaves[4], output_final_state=True, provider=provider)
+        where = f"config {index} ({provider}, {split}, docs={with_docs}) rank {rank}"
         assert_rel(o, local(o_full.detach()), 1e-6, "o " + where)
         assert_rel(final, f_full.detach(), 1e-6, "final_state " + where)
         # each rank's loss holds its outputs and a share of the replicated final state's
@@ -166,12 +170,11 @@ def test_sp_equals_one_process(world):
 
 def check_other_providers_refuse(rank, world):
     q, k, v, _ = inputs(2, 4)
-    for provider in ("lasp1", "ulysses"):
-        with pytest.raises(ValueError, match="initial_state"):
-            lasp2.linear_attention(q, k, v, group=dist.group.WORLD, provider=provider, output_final_state=True)
+    with pytest.raises(ValueError, match="`initial_state` / `output_final_state` are supported by providers"):
+        lasp2.linear_attention(q, k, v, group=dist.group.WORLD, provider="ulysses", output_final_state=True)
 
 
-def test_other_providers_refuse_states():
+def test_ulysses_refuses_states():
     run_distributed(2, check_other_providers_refuse, timeout=120)
 
 

@@ -32,10 +32,10 @@ CONFIGS = [
 ]
 
 
-def global_inputs(world, mode, with_docs, dtype, seed):
+def global_inputs(world, mode, with_docs, dtype, seed, L=67):
+    """L tokens a rank (67: the CPU kernels' 64-token chunks end mid-rank, ranks mid-chunk)."""
     gen = torch.Generator().manual_seed(seed)
     B = 1 if with_docs else 2
-    L = 67  # tokens a rank: the CPU kernels' 64-token chunks end mid-rank, ranks mid-chunk
     T, H, D = L * world, 2 * world, 8  # H % P == 0 for Ulysses
     q, k, v, do = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(4))
     g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) / 3 if mode == "gate" else None
@@ -54,7 +54,7 @@ def to_layout(x, layout):
     return x.transpose(0, 1).contiguous() if layout == "tbhd" and x is not None and x.dim() > 1 else x
 
 
-def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2", sp_context=None):
+def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2", sp_context=None, split="contiguous"):
     """Output and gradients for [B, T, ...] inputs, run in `layout` (over `group`, or as
     `sp_context` says)."""
     leaves = [to_layout(x, layout).detach().requires_grad_() for x in (q, k, v)]
@@ -66,7 +66,7 @@ def run_op(q, k, v, g, decay, do, cu, layout, group=None, provider="lasp2", sp_c
         kw["decay"] = decay.clone().requires_grad_()
         leaves.append(kw["decay"])
     o = lasp2.linear_attention(*leaves[:3], group=group, layout=layout, cu_seqlens=cu, provider=provider,
-                               sp_context=sp_context, **kw)
+                               sp_context=sp_context, split=split, **kw)
     grads = torch.autograd.grad(o, leaves, to_layout(do, layout))
     back = lambda x: x.transpose(0, 1) if layout == "tbhd" and x.dim() > 1 else x
     return back(o), [back(x) for x in grads]
@@ -85,6 +85,15 @@ def check_configs(rank, world, group):
                               layout, group, provider)
             gate = {"gate": "g", "decay": "decay"}.get(mode)
             assert_sp_matches(o, grads, ref, o_full, grads_full, local, gate, tol, where, group)
+        if dtype == torch.float64:  # LASP-1's ring also runs the balanced split (up the ranks, back down)
+            q, k, v, do, g, decay, cu = global_inputs(world, mode, with_docs, dtype, seed=400 + index, L=34)
+            o_full, grads_full = run_op(q, k, v, g, decay, do, cu, layout)
+            ref = linear_attention_reference(q, k, v, g=g, decay=decay, cu_seqlens=cu)
+            bal = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1)  # noqa: E731
+            o, grads = run_op(bal(q), bal(k), bal(v), None if g is None else bal(g), decay, bal(do), cu, layout,
+                              group, "lasp1", split="balanced")
+            assert_sp_matches(o, grads, ref, o_full, grads_full, bal, {"gate": "g", "decay": "decay"}.get(mode),
+                              tol, f"lasp1 balanced, config {index}", group)
 
 
 def check_module(rank, world, group):
@@ -159,13 +168,12 @@ def check_errors(rank, world, group):
     else:
         raise AssertionError("ulysses accepted heads not divisible by the group size")
     q = torch.randn(1, 8, 2 * world, 4)
-    for provider in ("lasp1", "ulysses"):
-        try:
-            lasp2.linear_attention(q, q, q, group=group, split="balanced", provider=provider)
-        except ValueError as exc:
-            assert "contiguous\" only" in str(exc), str(exc)
-        else:
-            raise AssertionError(f"{provider} accepted the balanced split")
+    try:
+        lasp2.linear_attention(q, q, q, group=group, split="balanced", provider="ulysses")
+    except ValueError as exc:
+        assert "contiguous\" only" in str(exc), str(exc)
+    else:
+        raise AssertionError("ulysses accepted the balanced split")
     # ranks that disagree on the provider get an error instead of a hang
     try:
         lasp2.linear_attention(q, q, q, group=group, provider="lasp1" if rank == 0 else "lasp2")

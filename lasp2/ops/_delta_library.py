@@ -1,0 +1,234 @@
+"""The delta-rule family (gated DeltaNet, KDA) as torch.library custom ops.
+
+Registered ops (opaque to torch.compile / torch.export, with fake kernels for
+tracing and an autograd formula):
+  lasp2::delta_rule_forward(q, k, v, g, beta, doc_start?, doc_id?, initial_state?, scale, chunk_size,
+                            comm, parts, ring, head_doc, num_seqs, output_final_state, consistency,
+                            cu_seqlens?)
+      -> (o, final_state, saved0, saved1, saved2, saved3)
+  lasp2::delta_rule_backward(q, k, v, g, beta, doc_start?, doc_id?, initial_state?, scale, chunk_size,
+                             comm, parts, ring, head_doc, num_seqs, do, d_final_state?,
+                             saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
+      -> (dq, dk, dv, dg, dbeta, d_initial_state)
+q, k, v, g, beta are [B, T, H, *] views (g [B, T, H] for GDN, [B, T, H, Dk] for KDA).
+ring=False runs LASP-2 (saved: local records, prefix states, map table, head maps),
+ring=True LASP-1 (saved: entering states, local records, head maps, and an unused
+one-float buffer so both schedules return the same number of tensors). final_state is
+[N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
+for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
+losses", docs/delta_rule.md). An empty gradient stands for "not asked for".
+
+The communicator and the process group travel as one int handle (0: one device;
+lasp2.ops._opaque). What needs tensor contents runs in the real kernel, not in the
+traced Python: the value checks of g and beta (ValueError naming them) and, on a
+group, the per-call cross-rank consistency check (`consistency` holds its integer
+fields), so compiled graphs keep both without a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from lasp2._extension import _C
+from lasp2.ops import _checks as C
+from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops._opaque import handle_of, resolve
+
+# The fields of the cross-rank check, in the order of `consistency`.
+CONSISTENCY_FIELDS = (
+    "batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
+    "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens", "use of initial_state",
+    "output_final_state", "use_qk_l2norm", "provider (lasp2/lasp1)")
+
+
+def op_name(g: Tensor) -> str:
+    return "lasp2.kda" if g.dim() == 4 else "lasp2.gated_delta_rule"
+
+
+def _value_error(g: Tensor, beta: Tensor) -> Optional[str]:
+    """What is wrong with the values of g and beta (None: nothing). Reads the tensors,
+    so it runs in the kernel (a host sync on CUDA, as before the ops were custom ops)."""
+    with torch.no_grad():
+        if g.numel() and bool((g > 0).any()):
+            return (f"`g` holds log gates, which must be <= 0 (max is {g.max().item():.4g}); "
+                    "use e.g. -softplus(...) or logsigmoid(...)")
+        if bool(torch.isnan(g).any()):
+            return "`g` contains NaN"
+        if beta.numel() and bool(((beta < 0) | (beta > 1) | torch.isnan(beta)).any()):
+            return (f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
+                    f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
+    return None
+
+
+def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consistency: List[int],
+                cu_seqlens: Optional[List[int]]):
+    """The value checks, then (on a group) the cross-rank check: a rank whose values are
+    bad still takes part in the check's collective, so no rank waits for it."""
+    op = op_name(g)
+    error = _value_error(g, beta)
+    if error is not None:
+        report_local_failure(op, group, q)
+        C.fail(op, error)
+    if group is not None and consistency:
+        verify_group_consistency(op, group, consistency, CONSISTENCY_FIELDS, q.device,
+                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu_seqlens)])
+
+
+def _comm_and_group(handle: int):
+    return resolve(handle) if handle else (None, None)
+
+
+def _packed_states(doc_start, head_doc, initial_state, states_used: bool) -> bool:
+    return doc_start is not None and len(head_doc) > 0 and (initial_state is not None or states_used)
+
+
+@torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
+def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
+                       doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                       comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int,
+                       output_final_state: bool, consistency: List[int],
+                       cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    communicator, group = _comm_and_group(comm)
+    _check_call(q, g, beta, group, scale, consistency, cu_seqlens)
+    with C.named_errors(op_name(g)):
+        o, final, saved = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
+                                           initial_state, scale, chunk_size, communicator, parts,
+                                           output_final_state, ring)
+    # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
+    # schedule leaves unwritten (one device without states: every buffer; the head maps
+    # without packed documents' states)
+    if communicator is None and initial_state is None and not output_final_state:
+        for buffer in saved:
+            buffer.zero_()
+    elif not _packed_states(doc_start, head_doc, initial_state, output_final_state):
+        saved[-1].zero_()
+    if ring:
+        saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
+    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+
+
+def _world(handle: int) -> int:
+    return 1 if handle == 0 else int(_comm_and_group(handle)[0].size)
+
+
+@delta_rule_forward.register_fake
+def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc, num_seqs,
+      output_final_state, consistency, cu_seqlens):
+    # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved / lasp1.cpp's Lasp1Saved for the delta rule
+    B, _, H, dk = q.shape
+    dv = v.shape[3]
+    state, map_ = B * H * dk * dv, B * H * dk * dk
+    record = state + map_
+    total = _world(comm) * parts
+    packed = _packed_states(doc_start, head_doc, initial_state, output_final_state)
+    f32 = dict(dtype=torch.float32)
+    if ring:
+        saved = (q.new_empty(parts * state, **f32), q.new_empty(parts * record, **f32),
+                 q.new_empty(max(parts * map_ if packed else 0, 1), **f32), q.new_empty(1, **f32))
+    else:
+        saved = (q.new_empty(parts * record, **f32), q.new_empty(parts * state, **f32),
+                 q.new_empty((total + 2) * map_, **f32), q.new_empty(max(total * map_ if packed else 0, 1), **f32))
+    n = num_seqs if doc_start is not None and len(head_doc) > 0 else B
+    final = q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32)
+    return (torch.empty_like(v), final, *saved)  # the kernel's output keeps v's strides (at::empty_like)
+
+
+@torch.library.custom_op("lasp2::delta_rule_backward", mutates_args=())
+def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
+                        doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                        comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int, do: Tensor,
+                        d_final_state: Optional[Tensor], saved0: Tensor, saved1: Tensor, saved2: Tensor,
+                        saved3: Tensor, need_dg: bool, need_dbeta: bool,
+                        need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
+    with C.named_errors(op_name(g)):
+        dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
+            q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs, initial_state, scale, chunk_size,
+            _comm_and_group(comm)[0], parts, do, saved, d_final_state, need_dg, need_dbeta,
+            need_dinitial and initial_state is not None, ring)
+    return (dq, dk, dv,
+            _or_empty(dg.to(g.dtype) if need_dg else None, q),
+            _or_empty(dbeta.to(beta.dtype) if need_dbeta else None, q),
+            _or_empty(d_initial.to(initial_state.dtype) if need_dinitial and initial_state is not None else None, q))
+
+
+@delta_rule_backward.register_fake
+def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc, num_seqs,
+      do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+    dg = q.new_empty(g.shape, dtype=g.dtype) if need_dg else None
+    dbeta = q.new_empty(beta.shape, dtype=beta.dtype) if need_dbeta else None
+    d_initial = (q.new_empty(initial_state.shape, dtype=initial_state.dtype)
+                 if need_dinitial and initial_state is not None else None)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _or_empty(dg, q), _or_empty(dbeta, q),
+            _or_empty(d_initial, q))
+
+
+def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
+    """A custom op returns tensors only: a fresh empty one stands for a gradient not asked for."""
+    return q.new_empty(0, dtype=torch.float32) if grad is None else grad
+
+
+_PLAN = slice(8, 15)  # scale .. num_seqs: what backward needs besides the tensors
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, doc_start, doc_id, initial_state = inputs[:8]
+    ctx.save_for_backward(q, k, v, g, beta, doc_start, doc_id, initial_state, *output[2:])
+    ctx.plan = inputs[_PLAN]
+    ctx.output_final_state = inputs[15]
+
+
+def _backward(ctx, do, d_final, *_d_saved):
+    q, k, v, g, beta, doc_start, doc_id, initial_state, *saved = ctx.saved_tensors
+    scale, chunk_size, comm, parts, ring, head_doc, num_seqs = ctx.plan
+    need = ctx.needs_input_grad
+    need_dinitial = initial_state is not None and need[7]
+    if do is None:  # only the final states took part in the loss
+        do = torch.zeros_like(v)
+    elif do.stride(-1) != 1:
+        do = do.contiguous()
+    if not ctx.output_final_state:
+        d_final = None
+    elif d_final is None:  # the final states took no part in the loss: the same schedule, zero gradient
+        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
+        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    with torch.no_grad():
+        dq, dk, dv, dg, dbeta, d_initial = delta_rule_backward(
+            q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, list(head_doc),
+            num_seqs, do, d_final, *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
+    grads = C.guard_double_backward(op_name(g), (dq, dk, dv, dg if need[3] else None,
+                                                  dbeta if need[4] else None, d_initial if need_dinitial else None))
+    return (*grads[:5], None, None, grads[5], *([None] * 10))
+
+
+torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor], docs,
+               scale: float, chunk_size: int, comm, group, parts: int, ring: bool, output_final_state: bool,
+               consistency: Sequence[int] = (), cu_seqlens: Optional[Sequence[int]] = None):
+    """One rank's (o, final_state or None) through the custom op. docs = (doc_start,
+    doc_id, head_doc, num_seqs); comm None: one device."""
+    if not torch.compiler.is_compiling() and _under_functorch():
+        raise NotImplementedError(
+            f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
+            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+    doc_start, doc_id, head_doc, num_seqs = docs
+    handle = handle_of(comm, group) if comm is not None else 0
+    out = delta_rule_forward(q, k, v, g, beta, doc_start, doc_id, initial_state, float(scale), int(chunk_size),
+                             handle, int(parts), bool(ring), [int(d) for d in head_doc], int(num_seqs),
+                             bool(output_final_state), [int(x) for x in consistency],
+                             None if cu_seqlens is None else [int(x) for x in cu_seqlens])
+    return out[0], (out[1] if output_final_state else None)
+
+
+def _under_functorch() -> bool:
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def custom_op_names() -> Sequence[str]:
+    return ("lasp2::delta_rule_forward", "lasp2::delta_rule_backward")

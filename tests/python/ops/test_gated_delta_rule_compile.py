@@ -1,0 +1,128 @@
+"""lasp2.gated_delta_rule / lasp2.kda are torch.library custom ops
+(lasp2/ops/_delta_library.py) with fake kernels and an autograd formula: opcheck,
+torch.compile(fullgraph=True) equal to eager (gradients of initial_state and from the
+final state included), torch.export, the value checks of g and beta still inside a
+compiled graph, double backward and torch.func transforms raising clear errors (CPU,
+small shapes: seconds)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp2
+from lasp2.ops import _delta_library
+
+OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
+
+
+def _inputs(kind, B=2, T=9, H=2, K=4, V=3, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K) / 2, rnd(B, T, H, V)
+    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2) / 2
+    beta = torch.sigmoid(rnd(B, T, H))
+    h0 = rnd(B, H, K, V) * 0.5
+    return [x.to(dtype) for x in (q, k, v, g, beta, h0)]
+
+
+def _op_args(q, k, v, g, beta, h0, docs=(None, None, [], None), final=True):
+    doc_start, doc_id, head_doc, n = docs
+    return (q, k, v, g, beta, doc_start, doc_id, h0, 0.7, 4, 0, 1, False, head_doc, n or q.shape[0], final, [],
+            None)
+
+
+@pytest.mark.parametrize("kind, states", [("gdn", False), ("kda", True)])
+def test_opcheck(kind, states):
+    q, k, v, g, beta, h0 = (x.requires_grad_() for x in _inputs(kind, dtype=torch.float64))
+    args = _op_args(q, k, v, g, beta, h0 if states else None, final=states)
+    torch.library.opcheck(_delta_library.delta_rule_forward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck_packed_documents_with_states():
+    q, k, v, g, beta, _ = _inputs("gdn", B=1, T=10, dtype=torch.float64)
+    starts = torch.zeros(10, dtype=torch.uint8)
+    starts[[3, 4]] = 1
+    doc_id = torch.cumsum(starts.to(torch.int64), 0).to(torch.int32)
+    h0 = torch.randn(3, 2, 4, 3, dtype=torch.float64)
+    args = _op_args(*(x.requires_grad_() for x in (q, k, v, g, beta, h0)), docs=(starts, doc_id, [0], 3))
+    torch.library.opcheck(_delta_library.delta_rule_forward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_compile_fullgraph_matches_eager_with_states(kind):
+    """Output, final state and the gradients of every input, initial_state's included."""
+    inputs = _inputs(kind)
+
+    def f(q, k, v, g, beta, h0):
+        o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+        return o.square().sum() + (final * final.detach()).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in inputs]
+    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+
+
+def test_compile_fullgraph_tbhd_without_states():
+    q, k, v, g, beta, _ = (x.transpose(0, 1).contiguous() for x in _inputs("gdn", seed=1))
+    f = lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta, layout="tbhd")[0]  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, g, beta), f(q, k, v, g, beta))
+
+
+@pytest.mark.parametrize("spoil, match", [(lambda g, b: (g.abs() + 0.1, b), "`g` holds log gates"),
+                                          (lambda g, b: (g, b + 1), "`beta` must lie in"),
+                                          (lambda g, b: (g * float("nan"), b), "`g` contains NaN")],
+                         ids=["g positive", "beta above 1", "g nan"])
+def test_compiled_graph_still_checks_values(spoil, match):
+    q, k, v, g, beta, _ = _inputs("gdn", seed=2)
+    compiled = torch.compile(lambda *a: lasp2.gated_delta_rule(*a)[0], fullgraph=True, backend="aot_eager")
+    compiled(q, k, v, g, beta)  # valid values pass
+    with pytest.raises(ValueError, match=f"lasp2.gated_delta_rule: {match}"):
+        compiled(q, k, v, *spoil(g, beta))
+
+
+def test_export():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, g, beta, h0):
+            return lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+    args = tuple(_inputs("kda", seed=3))
+    ep = torch.export.export(M(), args)
+    assert any("lasp2.delta_rule_forward" in str(n.target) for n in ep.graph.nodes)
+    for got, want in zip(ep.module()(*args), M()(*args)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_double_backward_raises(kind):
+    q, k, v, g, beta, h0 = (x.requires_grad_() for x in _inputs(kind, dtype=torch.float64, seed=4))
+    o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    dq, dh0 = torch.autograd.grad(o.sum() + final.sum(), (q, h0), create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{'lasp2.kda' if kind == 'kda' else 'lasp2.gated_delta_rule'}: "
+                                           "double backward"):
+        (dq.sum() + dh0.sum()).backward()
+
+
+def test_func_transforms_raise_a_clear_error():
+    q, k, v, g, beta, _ = _inputs("gdn", dtype=torch.float64, seed=5)
+    fn = lambda q: lasp2.gated_delta_rule(q, k, v, g, beta)[0].sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="lasp2.gated_delta_rule: torch.func transforms"):
+        torch.func.grad(fn)(q)
+
+
+def test_only_the_final_state_in_the_loss():
+    """A loss on the final state alone: o's gradient is None inside the op's backward."""
+    q, k, v, g, beta, h0 = _inputs("gdn", dtype=torch.float64, seed=6)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    _, final = lasp2.gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    grads = torch.autograd.grad(final.sum(), leaves)
+    o2, final2 = lasp2.gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    grads2 = torch.autograd.grad(final2.sum() + 0 * o2.sum(), leaves)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b)
