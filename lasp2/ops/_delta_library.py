@@ -30,9 +30,11 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lasp2._extension import _C
+from lasp2.distributed.communicator import get_communicator
 from lasp2.ops import _checks as C
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
@@ -207,19 +209,32 @@ def _backward(ctx, do, d_final, *_d_saved):
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
 
 
+def group_handle(group, device: torch.device) -> int:
+    """The op's int handle of (the group's lasp2 communicator on `device`, the group);
+    0 for no group. torch.compile sees a constant: the group goes in by its name, and
+    communicators are cached per group and handles stable, so a compiled graph keeps it."""
+    return 0 if group is None else _named_group_handle(group.group_name, str(device))
+
+
+@torch.compiler.assume_constant_result
+def _named_group_handle(group_name: str, device: str) -> int:
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    comm = get_communicator(group, torch.device(device))
+    return 0 if comm is None else handle_of(comm, group)
+
+
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor], docs,
-               scale: float, chunk_size: int, comm, group, parts: int, ring: bool, output_final_state: bool,
+               scale: float, chunk_size: int, comm: int, parts: int, ring: bool, output_final_state: bool,
                consistency: Sequence[int] = (), cu_seqlens: Optional[Sequence[int]] = None):
     """One rank's (o, final_state or None) through the custom op. docs = (doc_start,
-    doc_id, head_doc, num_seqs); comm None: one device."""
+    doc_id, head_doc, num_seqs); comm: group_handle(...), 0 for one device."""
     if not torch.compiler.is_compiling() and _under_functorch():
         raise NotImplementedError(
             f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     doc_start, doc_id, head_doc, num_seqs = docs
-    handle = handle_of(comm, group) if comm is not None else 0
     out = delta_rule_forward(q, k, v, g, beta, doc_start, doc_id, initial_state, float(scale), int(chunk_size),
-                             handle, int(parts), bool(ring), [int(d) for d in head_doc], int(num_seqs),
+                             int(comm), int(parts), bool(ring), [int(d) for d in head_doc], int(num_seqs),
                              bool(output_final_state), [int(x) for x in consistency],
                              None if cu_seqlens is None else [int(x) for x in cu_seqlens])
     return out[0], (out[1] if output_final_state else None)

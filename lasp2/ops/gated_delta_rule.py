@@ -17,12 +17,12 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lasp2.distributed.communicator import check_group, get_communicator, group_rank_and_size
+from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops import _checks as C
 from lasp2.distributed.context import check_cu_seqlens
 from lasp2.ops._documents import head_docs
-from lasp2.ops._delta_library import delta_rule
+from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
 from lasp2.options import SPLITS, check_choice
@@ -40,11 +40,11 @@ class DeltaLasp2Provider(Provider):
     takes_states = True
     ring = False  # the C++ schedule: LASP-2 (csrc/core/sp/lasp2.cpp)
 
-    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, group, parts_per_rank,
+    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
               output_final_state, consistency, cu_seqlens):
         """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final or None)
-        through the custom op of lasp2/ops/_delta_library.py."""
-        return delta_rule(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm, group,
+        through the custom op of lasp2/ops/_delta_library.py (comm: its group handle)."""
+        return delta_rule(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
                           parts_per_rank, self.ring, output_final_state, consistency, cu_seqlens)
 
 
@@ -137,7 +137,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
         raise
     impl, scale, docs, parts, consistency, cu_list = call
-    comm = get_communicator(group, q.device) if consistency else None
+    comm = group_handle(group, q.device) if consistency else 0  # the communicator and group, as an int
 
     if layout == "tbhd":
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
@@ -145,7 +145,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         q, k = _l2norm(q), _l2norm(k)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o, final = impl.apply(
-        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm, group=group if comm else None,
+        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm,
         parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency, cu_seqlens=cu_list)
     if layout == "tbhd":
         o = o.transpose(0, 1)

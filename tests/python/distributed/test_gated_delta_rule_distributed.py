@@ -1,6 +1,7 @@
 """lasp2.gated_delta_rule / lasp2.kda over P = 2, 3, 4 gloo processes equal one process
 (itself checked against the float64 recurrence in ops/test_gated_delta_rule.py), with
-provider="lasp2" and provider="lasp1" (the ring, states included).
+provider="lasp2" and provider="lasp1" (the ring, states included), and compiled with
+torch.compile(fullgraph=True) over a group of 2.
 
 Every rank checks its output rows, its q/k/v/g/beta gradients and the final states
 against a one-process run on the whole sequence (float64, 1e-5 relative: the part
@@ -92,6 +93,7 @@ def check_rank(rank, world):
     check_lasp1(rank, world, group)
     if world == 2:
         check_mismatch(rank, world)
+        check_compiled(rank, world, group)
 
 
 def check_lasp1(rank, world, group):
@@ -142,3 +144,25 @@ def check_mismatch(rank, world):
         assert want in str(e), str(e)
     else:
         raise AssertionError("a rank with positive gates must make every rank raise")
+
+
+def check_compiled(rank, world, group):
+    """torch.compile(fullgraph=True) over the group: the custom op with its communicator
+    handle, LASP-1 with states and the balanced split; output, final state and every
+    gradient (initial_state's included) equal eager."""
+    q, k, v, do, g, beta, _, h0, dF = global_inputs(world, "kda", False, seed=50)
+    local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1)
+    inputs = [local(x) for x in (q, k, v, g, beta)] + [h0]
+
+    def f(q, k, v, g, beta, h0):
+        o, final = lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, group=group,
+                             split="balanced", provider="lasp1")
+        return (o * local(do)).sum() + (final * dF).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in inputs]
+    want = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want):
+        assert_rel(a, b, 1e-12, f"compiled d{name}, rank {rank}")
