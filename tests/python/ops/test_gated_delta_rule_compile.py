@@ -126,3 +126,27 @@ def test_only_the_final_state_in_the_loss():
     grads2 = torch.autograd.grad(final2.sum() + 0 * o2.sum(), leaves)
     for a, b in zip(grads, grads2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_cuda_opcheck_and_compile_with_states(kind):
+    """The custom op on CUDA (the CUDA DeltaKernelBackend): opcheck of its fake kernel,
+    and a compiled call with states equal to eager (inductor: the graph around the op)."""
+    inputs = [x.cuda() for x in _inputs(kind, B=1, T=130, H=2, K=64, V=64, seed=7)]
+    args = _op_args(*(x.clone().requires_grad_() for x in inputs))
+    # the fake kernel's sizes and strides on CUDA (gradients: atomics, compared below with a tolerance)
+    torch.library.opcheck(_delta_library.delta_rule_forward, args, test_utils=("test_schema", "test_faketensor"))
+
+    def f(q, k, v, g, beta, h0):
+        o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        return o.square().sum() + (final * final.detach()).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in inputs]
+    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
+        # dq, dk, dg, dbeta are sums of fp32 atomics on CUDA: equal up to their order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
