@@ -4,8 +4,9 @@
 # kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
 #   benchmarks/kernel/device_run.sh [all|tests|bench|base|kprof|prof ...]   (several stages allowed)
-# (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; kprof:
-# each kernel's duration through ncu, new and base build)
+# (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; ab:
+# new and base alternating, twice per shape (AB_SHAPES, default the same), with the
+# graph-replayed fwd+bwd; kprof: each kernel's duration through ncu, new and base build)
 # base: the same benchmark with .carry/base/bench_lasp2 (an earlier version, built by
 # build_carry.sh from BASE_REF), on the same machine, for a before/after table.
 # The binaries come from benchmarks/kernel/build_carry.sh (run on the dev machine,
@@ -62,6 +63,22 @@ if has base && [ -x .carry/base/bench_lasp2 ]; then
   for s in $SHAPES; do .carry/base/bench_lasp2 ${s//,/ } >> "$OUT/base.log" 2>&1; done
   echo "base done after $(( $(date +%s) - T0 )) s"
 fi
+if has ab && [ -x .carry/base/bench_lasp2 ]; then
+  # before/after with less noise: new and base alternate, twice per shape, in `fb` mode
+  # (lasp2_forward, lasp2_backward, fwd+bwd, fwd+bwd replayed from a CUDA graph)
+  : > "$OUT/ab.log"
+  for s in ${AB_SHAPES:-$SHAPES}; do
+    for r in 1 2; do
+      for b in new base; do
+        bin=$BIN/bench_lasp2
+        [ "$b" = base ] && bin=.carry/base/bench_lasp2
+        echo "== $b" >> "$OUT/ab.log"
+        $bin ${s//,/ } fb >> "$OUT/ab.log" 2>&1
+      done
+    done
+  done
+  echo "ab done after $(( $(date +%s) - T0 )) s"
+fi
 if has kprof; then
   # each kernel's duration (ncu, one launch per backend function), new and base build,
   # at T = 64K and T = 4K (gates, D = 128, B = 1)
@@ -117,6 +134,15 @@ if [ -f "$OUT/base.log" ] && [ -f "$OUT/bench.log" ]; then
        END { printf "%-61s %8s %8s %7s\n", "shape / op", "base", "new", "speedup"
              for (k in b) if (k in a) printf "%-61s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
       "$OUT/base.log" "$OUT/bench.log" | sort
+fi
+if [ -f "$OUT/ab.log" ]; then
+  echo "-- before/after, alternating runs (ms, the lower of two runs each; base = .carry/base build):"
+  awk '/^== / { f = ($2 == "base") } /^B=[0-9]+ T=/ { sh = $1 " " $2 " " $4 " " $6 }
+       /^(lasp2_|fwd\+bwd)/ { k = sprintf("%-32s %-24s", sh, substr($0, 1, 24)); v = substr($0, 29, 10) + 0
+         if (f) { if (!(k in b) || v < b[k]) b[k] = v } else { if (!(k in a) || v < a[k]) a[k] = v } }
+       END { printf "%-57s %8s %8s %7s\n", "shape / op", "base", "new", "speedup"
+             for (k in b) if (k in a) printf "%-57s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
+      "$OUT/ab.log" | sort
 fi
 [ -f "$OUT/fla.log" ] && grep -E "^fla" "$OUT/fla.log"
 if [ -f "$OUT/ncu.txt" ]; then
