@@ -37,11 +37,12 @@ def eager_function(name: str, impl: Callable, setup_context: Callable, backward:
     setup_context / backward (gradients of unused outputs arrive as zeros, as they do
     for the custom op)."""
 
-    def forward(*inputs):
-        return impl(*inputs)
+    # ctx-style forward: a separate setup_context would make every call bind the
+    # arguments to forward's signature through inspect (measurable at small T)
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-    })
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
