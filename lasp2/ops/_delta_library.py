@@ -16,7 +16,10 @@ ring=True LASP-1 (saved: entering states, local records, head maps, and an unuse
 one-float buffer so both schedules return the same number of tensors). final_state is
 [N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
 for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
-losses", docs/delta_rule.md). An empty gradient stands for "not asked for".
+losses", docs/delta_rule.md). An empty gradient stands for "not asked for". In plain
+eager mode the entry point runs the same functions through a torch.autograd.Function
+instead of the registered op (lasp2.ops._eager: the custom op's Python dispatch costs
+host time per call).
 
 The communicator and the process group travel as one int handle (0: one device;
 lasp2.ops._opaque). What needs tensor contents runs in the real kernel, not in the
@@ -36,6 +39,7 @@ from torch import Tensor
 from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator
 from lasp2.ops import _checks as C
+from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
 
@@ -87,12 +91,8 @@ def _packed_states(doc_start, head_doc, initial_state, states_used: bool) -> boo
     return doc_start is not None and len(head_doc) > 0 and (initial_state is not None or states_used)
 
 
-@torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
-def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
-                       doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                       comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int,
-                       output_final_state: bool, consistency: List[int],
-                       cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc,
+                  num_seqs, output_final_state, consistency, cu_seqlens):
     communicator, group = _comm_and_group(comm)
     _check_call(q, g, beta, group, scale, consistency, cu_seqlens)
     with C.named_errors(op_name(g)):
@@ -110,6 +110,16 @@ def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     if ring:
         saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
     return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+
+
+@torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
+def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
+                       doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                       comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int,
+                       output_final_state: bool, consistency: List[int],
+                       cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring,
+                         head_doc, num_seqs, output_final_state, consistency, cu_seqlens)
 
 
 def _world(handle: int) -> int:
@@ -138,13 +148,8 @@ def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, com
     return (torch.empty_like(v), final, *saved)  # the kernel's output keeps v's strides (at::empty_like)
 
 
-@torch.library.custom_op("lasp2::delta_rule_backward", mutates_args=())
-def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
-                        doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                        comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int, do: Tensor,
-                        d_final_state: Optional[Tensor], saved0: Tensor, saved1: Tensor, saved2: Tensor,
-                        saved3: Tensor, need_dg: bool, need_dbeta: bool,
-                        need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc,
+                   num_seqs, do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
     saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
     with C.named_errors(op_name(g)):
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
@@ -155,6 +160,18 @@ def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
             _or_empty(dg.to(g.dtype) if need_dg else None, q),
             _or_empty(dbeta.to(beta.dtype) if need_dbeta else None, q),
             _or_empty(d_initial.to(initial_state.dtype) if need_dinitial and initial_state is not None else None, q))
+
+
+@torch.library.custom_op("lasp2::delta_rule_backward", mutates_args=())
+def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
+                        doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                        comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int, do: Tensor,
+                        d_final_state: Optional[Tensor], saved0: Tensor, saved1: Tensor, saved2: Tensor,
+                        saved3: Tensor, need_dg: bool, need_dbeta: bool,
+                        need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring,
+                          head_doc, num_seqs, do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta,
+                          need_dinitial)
 
 
 @delta_rule_backward.register_fake
@@ -197,8 +214,9 @@ def _backward(ctx, do, d_final, *_d_saved):
     elif d_final is None:  # the final states took no part in the loss: the same schedule, zero gradient
         n = num_seqs if doc_start is not None and head_doc else q.shape[0]
         d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    run = _backward_impl if eager_call(do, q) else delta_rule_backward
     with torch.no_grad():
-        dq, dk, dv, dg, dbeta, d_initial = delta_rule_backward(
+        dq, dk, dv, dg, dbeta, d_initial = run(
             q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, list(head_doc),
             num_seqs, do, d_final, *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
     grads = C.guard_double_backward(op_name(g), (dq, dk, dv, dg if need[3] else None,
@@ -207,6 +225,7 @@ def _backward(ctx, do, d_final, *_d_saved):
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
+_EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward)
 
 
 def group_handle(group, device: torch.device) -> int:
@@ -233,10 +252,10 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
             f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     doc_start, doc_id, head_doc, num_seqs = docs
-    out = delta_rule_forward(q, k, v, g, beta, doc_start, doc_id, initial_state, float(scale), int(chunk_size),
-                             int(comm), int(parts), bool(ring), [int(d) for d in head_doc], int(num_seqs),
-                             bool(output_final_state), [int(x) for x in consistency],
-                             None if cu_seqlens is None else [int(x) for x in cu_seqlens])
+    run = _EagerForward.apply if eager_call(q, k, v, g, beta, doc_start, doc_id, initial_state) else delta_rule_forward
+    out = run(q, k, v, g, beta, doc_start, doc_id, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
+              bool(ring), [int(d) for d in head_doc], int(num_seqs), bool(output_final_state),
+              [int(x) for x in consistency], None if cu_seqlens is None else [int(x) for x in cu_seqlens])
     return out[0], (out[1] if output_final_state else None)
 
 
