@@ -146,5 +146,8 @@ def test_backward_checks_what_forward_saved():
         _C.lasp2_backward(args, [saved[0], saved[1], saved[2][1:], saved[3]], do, True)
     with pytest.raises(lasp2.Lasp2Error, match="initial_state"):
         _C.lasp2_backward(args, saved, do, True, need_dinitial=True)
-    with pytest.raises(lasp2.Lasp2Error, match="lasp1"):
-        _C.lasp1_forward(_C.LinearAttentionArgs(q, k, v, initial_state=torch.zeros(B, H, DK, DV)))
+    _, _, ring_saved = _C.lasp1_forward(args, False)  # LASP-1 keeps 3 buffers (head maps: packed states)
+    with pytest.raises(lasp2.Lasp2Error, match="the 3 saved buffers"):
+        _C.lasp1_backward(args, ring_saved[:2], do, True)
+    with pytest.raises(lasp2.Lasp2Error, match="saved buffer `local_record`"):
+        _C.lasp1_backward(args, [ring_saved[0], ring_saved[1][1:], ring_saved[2]], do, True)
