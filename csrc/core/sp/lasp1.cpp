@@ -91,7 +91,7 @@ void one_step_table(const PartFamily& f, const float* map, float* table, void* s
   f.copy(table + n, map, n, stream);
 }
 
-// out = A x + M (x null: M) for the record [M][A] at `record` and map `map`.
+// out = A x + M (x null: M): one part's (or head's) state M and map A applied to x.
 void apply_record(const PartFamily& f, const float* x, const float* state, const float* map,
                   float* table, float* out, void* stream) {
   if (x == nullptr) {
