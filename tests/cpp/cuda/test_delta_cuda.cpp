@@ -9,10 +9,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <numeric>
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/delta_backend.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/lasp2.h"
@@ -686,6 +688,90 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   std::printf("[ timing ] GDN T=%lld H=16 D=128 bf16: part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate + backward %.2f ms\n",
               static_cast<long long>(T), summary_ms, forward_ms, backward_ms);
+  // Where the chunked kernels' time goes (delta_chunk.h): each launch on its own,
+  // the second of two runs timed.
+  {
+    namespace gpu = delta::gpu;
+    gpu::Problem g;
+    g.batch = 1;
+    g.heads = static_cast<int>(H);
+    g.dk = g.dv = static_cast<int>(D);
+    g.seqlen = T;
+    g.n = T;
+    g.elem = gpu::Elem::kBF16;
+    auto view = [](const DevTensor& t) {
+      const ConstView v = t.cview();
+      return gpu::View{v.data, v.stride.batch, v.stride.seq, v.stride.head};
+    };
+    g.q = view(q);
+    g.k = view(k);
+    g.v = view(v);
+    g.g = static_cast<const float*>(p.g);
+    g.gsb = T * H;
+    g.gst = H;
+    g.gsh = 1;
+    g.beta = static_cast<const float*>(p.beta);
+    g.bsb = T * H;
+    g.bst = H;
+    g.bsh = 1;
+    g.scale = static_cast<float>(p.scale);
+    g.seg_len = T;
+    const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
+    DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
+        ckpt(H * nck * D * D), dh(H * nck * D * D), acc(T * H * (3 * D + 1));
+    const gpu::ChunkPrep prep{w.p, u.p, meta.p};
+    gpu::ForwardOut fo;
+    fo.o = o.mview().data;
+    fo.osb = T * H * D;
+    fo.ost = H * D;
+    fo.osh = D;
+    gpu::BackwardArgs ba;
+    ba.dout = view(dout);
+    ba.ckpt = ckpt.p;
+    ba.chunk_dstate = dh.p;
+    ba.dv = dv.mview().data;
+    ba.dvsb = T * H * D;
+    ba.dvst = H * D;
+    ba.dvsh = D;
+    ba.acc = acc.p;
+    const std::vector<std::pair<const char*, std::function<void()>>> stages = {
+        {"prep", [&] { gpu::launch_chunk_prep(g, prep, nullptr); }},
+        {"states", [&] {
+           gpu::ChunkStatesOut so;
+           so.v_new = vnew.p;
+           so.states = st16.p;
+           gpu::launch_chunk_states(g, prep, so, nullptr);
+         }},
+        {"output", [&] { gpu::launch_chunk_output(g, prep, vnew.p, st16.p, fo, nullptr); }},
+        {"states(ckpt)", [&] {
+           gpu::ChunkStatesOut so;
+           so.ckpt = ckpt.p;
+           gpu::launch_chunk_states(g, prep, so, nullptr);
+         }},
+        {"rprep", [&] { gpu::launch_chunk_rprep(g, view(dout), prep, nullptr); }},
+        {"rstates", [&] {
+           gpu::ChunkReverseOut ro;
+           ro.dh = dh.p;
+           gpu::launch_chunk_rstates(g, view(dout), prep, ro, nullptr);
+         }},
+        {"interval adjoints", [&] { gpu::launch_backward(g, ba, nullptr); }},
+    };
+    std::string line;
+    for (const auto& [name, launch] : stages) {
+      float ms = 0;
+      for (int rep = 0; rep < 2; ++rep) {
+        cuda_ok(cudaEventRecord(e0), "record");
+        launch();
+        cuda_ok(cudaEventRecord(e1), "record");
+        cuda_ok(cudaEventSynchronize(e1), "sync");
+      }
+      cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "%s%s %.2f", line.empty() ? "" : ", ", name, ms);
+      line += buf;
+    }
+    std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
+  }
   for (DevTensor* t : {&o, &dq, &dk, &dv}) {
     const auto rb = t->download();
     int64_t bad = 0;
