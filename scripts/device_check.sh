@@ -106,7 +106,8 @@ if has examples; then
 fi
 
 if has bench; then
-  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
+  # BENCH_ARGS: extra arguments, e.g. "--decays fixed gate --dims 128" for a shorter run
+  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$RES" ${BENCH_ARGS:-} > "$LOGS/bench.log" 2>&1
   say "kernel benchmark (exit $?)"
   grep -E "^# " "$LOGS/bench.log" | grep -v "^# plot" | keep
   cp "$RES/bench_linear_attention.png" "$RES/bench_linear_attention.json" "$OUT/" 2>/dev/null
