@@ -139,13 +139,20 @@ def digest_device(t: Optional[torch.Tensor], device: torch.device) -> torch.Tens
 
 
 class _Layout:
-    """What the columns of one call's row mean (to word an error)."""
+    """What the columns of one call's row mean (to word an error); the names are only
+    put together when an error is worded."""
 
-    __slots__ = ("op", "names", "n_ints", "flag_start", "flag_messages")
+    __slots__ = ("op", "_names", "_host_values", "_device_values", "n_ints", "flag_start", "flag_messages")
 
-    def __init__(self, op, names, n_ints, flag_start, flag_messages):
-        self.op, self.names, self.n_ints = op, names, n_ints
-        self.flag_start, self.flag_messages = flag_start, flag_messages
+    def __init__(self, op, names, host_values, device_values, flags):
+        self.op, self._names, self._host_values, self._device_values = op, names, host_values, device_values
+        self.n_ints = len(names)
+        self.flag_start = _HEADER + len(names) + len(host_values) + len(device_values)
+        self.flag_messages = [m for m, _ in flags]
+
+    @property
+    def names(self):
+        return list(self._names) + [n for n, _ in self._host_values] + [n for n, _ in self._device_values]
 
 
 class Verdict:
@@ -213,7 +220,7 @@ class _GroupState:
         self.replays: "OrderedDict[tuple, Callable]" = OrderedDict()
         self.pending: Optional[Verdict] = None
         self.buffers: dict = {}
-        self.host_row: Optional[list] = None  # the host part last copied into `mine`
+        self.rows: dict = {}  # (device, world, host part) -> this rank's row on the device
 
     def predicted(self) -> Optional[tuple]:
         return None if self.last is None else self.follows.get(self.last)
@@ -303,9 +310,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     for _, f in flags:  # rank + 1 where set: a flag on every rank still makes the rows differ
         torch.mul(f.reshape(()), rank + 1, out=mine[slot])
         slot += 1
-    layout = _Layout(op, list(names) + [n for n, _ in host_values] + [n for n, _ in device_values],
-                     len(signature), _HEADER + len(signature) + len(host_values) + len(device_values),
-                     [m for m, _ in flags])
+    layout = _Layout(op, names, host_values, device_values, flags)
     _gather(op, group, gathered, mine)
     st.remember(size_row, replay)
     if go_async:
@@ -326,23 +331,25 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
 
 
 def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):
-    """This rank's row (its host part copied only when it changed) and the gathered table,
-    reused across calls: every later write to them is ordered after the collective that
-    read them on the current stream (a synchronous collective makes the current stream
-    wait for it), and an asynchronous verdict's table is copied out first."""
+    """This rank's row on the device (one per distinct host part, so alternating ops copy
+    nothing either) and the gathered table, reused across calls: every later write to
+    them is ordered after the collective that read them on the current stream (a
+    synchronous collective makes the current stream wait for it), and an asynchronous
+    verdict's table is copied out first."""
     key = (str(device), world)
-    bufs = st.buffers.get(key)
-    if bufs is None:
-        bufs = st.buffers[key] = (torch.zeros(ROW, dtype=torch.int64, device=device),
-                                  torch.empty(world * ROW, dtype=torch.int64, device=device))
-        st.host_row = None
-    mine, gathered = bufs
-    if st.host_row != (key, row):
+    gathered = st.buffers.get(key)
+    if gathered is None:
+        gathered = st.buffers[key] = torch.empty(world * ROW, dtype=torch.int64, device=device)
+    row_key = (key, tuple(row))
+    mine = st.rows.get(row_key)
+    if mine is None:
         staging = torch.tensor(row, dtype=torch.int64)
         if device.type == "cuda":
             staging = staging.pin_memory()  # the caching host allocator keeps it until the copy ran
+        mine = st.rows[row_key] = torch.empty(ROW, dtype=torch.int64, device=device)
         mine.copy_(staging, non_blocking=True)
-        st.host_row = (key, row)
+        if len(st.rows) > _REPLAY_SLOTS:
+            st.rows.pop(next(iter(st.rows)))
     return mine, gathered
 
 
