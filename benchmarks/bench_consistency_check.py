@@ -6,8 +6,10 @@ its deferred mode (the CUDA default: compared on the device, no host sync in ste
 state; lasp2/ops/_group_consistency.py):
   check : verify_group_consistency alone (one 256-byte all-gather per rank + compare)
           and the seal of one output,
-  step  : a forward+backward of lasp2.linear_attention over a 4K-token global sequence,
-          with the check (as shipped) and with the check replaced by a no-op,
+  step  : a forward+backward of a stack of 1 (and 8) lasp2.linear_attention layers over a
+          4K-token global sequence, with the check (as shipped) and with the check
+          replaced by a no-op (one layer: each backward right after its forward, the
+          deferred mode's worst case; 8 layers: as in a model),
 and prints the check's share of the step. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
@@ -78,13 +80,14 @@ def bench(rank, world, args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     T = args.tokens // world
     gen = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, T, args.heads, args.head_dim, generator=gen).to(device, dtype).requires_grad_()
-               for _ in range(3))
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
-
-    def step():
-        o = lasp2.linear_attention(q, k, v, g=g, group=group)
-        o.sum().backward()
+    layer_counts = [int(n) for n in args.layers.split(",")]
+    L_max = max(layer_counts)
+    # a stack of layers, each h -> h + linear_attention(h * wq, h * wk, h, g): the backward of
+    # layer l runs after the forward of the layers above it, as in a model
+    x = torch.randn(1, T, args.heads, args.head_dim, generator=gen).to(device, dtype).requires_grad_()
+    wq, wk = (torch.rand(L_max, args.head_dim, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
+    gates = [torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
+             for _ in range(L_max)]
 
     # the linear-attention call's check: 12 size fields, 4 host values, decay (absent), the
     # positive-gate flag on CUDA, and a replay (never run here: the ranks agree)
@@ -92,14 +95,21 @@ def bench(rank, world, args):
     names = [f"f{i}" for i in range(len(signature))]
     replay = (lambda: None, (), {})
 
-    def check():
+    def check(g):
         return GC.verify_group_consistency(
             "bench", group, signature, names, device,
             host_values=[("scale", args.head_dim ** -0.5), ("cu", None), ("layout", "bthd"), ("overlap", None)],
             device_values=[("decay", None)],
             flags=[("g > 0", f) for f in [C.positive_flag(g)] if f is not None], replay=replay)
 
-    o_like = torch.zeros_like(v)
+    def step(layers, beside):
+        h = x
+        for i in range(layers):
+            verdict = check(gates[i]) if beside else GC.NO_CHECK
+            h = h + verdict.seal(lasp2.linear_attention(h * wq[i], h * wk[i], h, g=gates[i], group=group))
+        h.float().sum().backward()
+
+    o_like = torch.zeros_like(x)
     original = GC.verify_group_consistency
     result = {"device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
               "head_dim": args.head_dim, "dtype": str(dtype)}
@@ -110,27 +120,24 @@ def bench(rank, world, args):
         GC.MODE = mode
         GC.STATS.update(sync=0, deferred=0, replays=0)
         # the check alone: the call, and the seal of one output (NaN where the ranks disagree)
-        t_check = _time(lambda: check().seal(o_like), args.iters * 4, device)
-        if world == 1:  # the op does not check itself: run the check beside it, as a group call would
-            def step_checked():
-                verdict = check()
-                o = verdict.seal(lasp2.linear_attention(q, k, v, g=g, group=group))
-                o.sum().backward()
-
-            t_with = _time(step_checked, args.iters, device)
-            t_without = _time(step, args.iters, device)
-        else:
-            _patch_check(True, original)
-            t_with = _time(step, args.iters, device)
-            _patch_check(False, original)
-            t_without = _time(step, args.iters, device)
-            _patch_check(True, original)
-        result[mode] = {
-            "check_us": round(t_check * 1e6, 1), "step_with_check_ms": round(t_with * 1e3, 3),
-            "step_without_check_ms": round(t_without * 1e3, 3),
-            "check_share_of_step_pct": round(100 * t_check / t_without, 3),
-            "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3),
-            "host_reads_of_the_table": GC.STATS["sync"], "deferred_calls": GC.STATS["deferred"]}
+        t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
+        result[mode] = {"check_us": round(t_check * 1e6, 1)}
+        for layers in layer_counts:
+            iters = max(3, args.iters // layers)
+            if world == 1:  # the op does not check itself: run the check beside it, as a group call would
+                t_with = _time(lambda: step(layers, True), iters, device)
+                t_without = _time(lambda: step(layers, False), iters, device)
+            else:
+                _patch_check(True, original)
+                t_with = _time(lambda: step(layers, False), iters, device)
+                _patch_check(False, original)
+                t_without = _time(lambda: step(layers, False), iters, device)
+                _patch_check(True, original)
+            result[mode][f"{layers}_layers"] = {
+                "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
+                "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
+                "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
+        result[mode].update(host_reads_of_the_table=GC.STATS["sync"], deferred_calls=GC.STATS["deferred"])
     GC.MODE = "auto"
     if rank == 0:
         print(json.dumps(result), flush=True)
@@ -154,6 +161,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--world", type=int, default=2, help="processes to spawn when not under torchrun")
+    p.add_argument("--layers", default="1,8",
+                   help="comma-separated stack depths to time (layer l's backward follows the layers above)")
     p.add_argument("--mode", default="both", choices=["both", "sync", "deferred"],
                    help="the check's mode (both: sync and deferred on CUDA, sync on CPU)")
     args = p.parse_args()

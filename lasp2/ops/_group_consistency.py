@@ -215,6 +215,7 @@ class _GroupState:
 
     def __init__(self, group):
         self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.last: Optional[tuple] = None  # size row of the last call known to agree on every rank
         self.follows: dict = {}  # size row -> the size row that followed it last time
         self.replays: "OrderedDict[tuple, Callable]" = OrderedDict()
@@ -290,7 +291,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     fields = len(signature) + len(host_values) + len(device_values) + len(flags)
     if fields + _HEADER > ROW:
         raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
-    size_row = (_op_code(op), fields, *(int(x) for x in signature))
+    size_row = (_op_code(op), fields, *map(int, signature))
     capable = replay is not None and _deferred(device)
     predicted = st.predicted()
     go_async = capable and size_row == predicted
@@ -300,8 +301,8 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
            *(_digest_cached(v) for _, v in host_values),
            *(0 if t is not None else digest_host(None) for _, t in device_values)]
     row += [0] * (ROW - len(row))
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine, gathered = _row_buffers(st, device, world, row)
+    world, rank = st.world, st.rank
+    mine, gathered, table, first = _row_buffers(st, device, world, row)
     slot = _HEADER + len(signature) + len(host_values)
     for _, t in device_values:
         if t is not None:
@@ -315,14 +316,13 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     st.remember(size_row, replay)
     if go_async:
         STATS["deferred"] += 1
-        table = gathered.view(world, ROW)
-        bad = (table != table[:1]).any()
+        bad = (table != first).any()
         copy, event = _host_copy(st, gathered, device)
         st.pending = Verdict(bad, copy, event, world, layout)
         st.advance(size_row)
         return st.pending
     STATS["sync"] += 1
-    rows = gathered.view(world, ROW).tolist()
+    rows = table.tolist()
     if _agree(rows, layout):
         st.advance(size_row)
         return NO_CHECK
@@ -337,9 +337,12 @@ def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):
     synchronous collective makes the current stream wait for it), and an asynchronous
     verdict's table is copied out first."""
     key = (str(device), world)
-    gathered = st.buffers.get(key)
-    if gathered is None:
-        gathered = st.buffers[key] = torch.empty(world * ROW, dtype=torch.int64, device=device)
+    bufs = st.buffers.get(key)
+    if bufs is None:
+        gathered = torch.empty(world * ROW, dtype=torch.int64, device=device)
+        table = gathered.view(world, ROW)
+        bufs = st.buffers[key] = (gathered, table, table[:1])
+    gathered, table, first = bufs
     row_key = (key, tuple(row))
     mine = st.rows.get(row_key)
     if mine is None:
@@ -350,7 +353,7 @@ def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):
         mine.copy_(staging, non_blocking=True)
         if len(st.rows) > _REPLAY_SLOTS:
             st.rows.pop(next(iter(st.rows)))
-    return mine, gathered
+    return mine, gathered, table, first
 
 
 def _host_copy(st: _GroupState, gathered: torch.Tensor, device: torch.device):
