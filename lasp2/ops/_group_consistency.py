@@ -53,7 +53,7 @@ import torch.distributed as dist
 from lasp2.distributed.collectives import all_gather_single
 
 ROW = 32  # int64 slots per rank: header (3) + fields
-_HEADER = 3  # op code, number of fields (or _FAILED), mode (_SYNC / _ASYNC)
+_HEADER = 3  # op code, number of fields (or _FAILED), mode (_SYNC / _ASYNC) + 2 * number of size fields
 _SYNC, _ASYNC = 0, 1
 _FAILED = -1  # the "fields" slot of a rank whose own argument checks failed
 _MASK64 = (1 << 64) - 1
@@ -297,7 +297,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     go_async = capable and size_row == predicted
     # the device-value and flag slots are written on the device below (0 here); an
     # absent device value is digested on the host
-    row = [size_row[0], fields, _ASYNC if go_async else _SYNC, *size_row[2:],
+    row = [size_row[0], fields, (_ASYNC if go_async else _SYNC) + 2 * len(signature), *size_row[2:],
            *(_digest_cached(v) for _, v in host_values),
            *(0 if t is not None else digest_host(None) for _, t in device_values)]
     row += [0] * (ROW - len(row))
@@ -326,7 +326,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     if _agree(rows, layout):
         st.advance(size_row)
         return NO_CHECK
-    _after_disagreement(st, rows, predicted, _disagreement(rows, layout))
+    _after_disagreement(st, rows, _disagreement(rows, layout))
     raise AssertionError("unreachable")
 
 
@@ -387,14 +387,19 @@ def _agree(rows, layout: _Layout) -> bool:
             and not any(rows[0][layout.flag_start:layout.flag_start + len(layout.flag_messages)]))
 
 
-def _after_disagreement(st: _GroupState, rows, predicted, message: str):
+def _size_row(row) -> tuple:
+    """The size row (op code, fields, size fields) a gathered row was sent with."""
+    return (row[0], row[1], *row[_HEADER:_HEADER + row[2] // 2])
+
+
+def _after_disagreement(st: _GroupState, rows, message: str):
     """A synchronous reader found a disagreement. Ranks that went asynchronous run the
     op's collectives at the predicted sizes: run them too (on zeros), so nobody hangs;
     then raise now and again at the next call on the group, when they raise."""
     st.last = None
-    asynchronous = any(row[1] != _FAILED and row[2] == _ASYNC for row in rows)
+    asynchronous = [row for row in rows if row[1] != _FAILED and row[2] % 2 == _ASYNC]
     if asynchronous:
-        replay = st.replays.get(predicted)
+        replay = st.replays.get(_size_row(asynchronous[0]))  # what they run (the common prediction)
         if replay is not None:
             STATS["replays"] += 1
             try:
@@ -474,9 +479,8 @@ def report_local_failure(op: str, group, hint=None):
         return  # the caller's own error is the one to report
     STATS["sync"] += 1
     rows = gathered.view(-1, ROW).tolist()
-    predicted = st.predicted()
     try:
-        _after_disagreement(st, rows, predicted, _failure_message(op, rows))
+        _after_disagreement(st, rows, _failure_message(op, rows))
     except ValueError:
         pass  # the caller raises its own error (the peers get _failure_message)
 
@@ -513,6 +517,6 @@ def _disagreement(rows, layout: _Layout) -> str:
         raised = [r for r, row in enumerate(rows) if row[layout.flag_start + i]]
         if raised:
             return f"{op}: {message} (on rank(s) {raised} of `group`)"
-    modes = [row[2] for row in rows]
+    modes = [row[2] % 2 for row in rows]
     return (f"{op}: ranks of `group` used different consistency-check modes {modes} (rank order; 1 = "
             "asynchronous): set LASP2_CONSISTENCY_CHECK alike on every rank")
