@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it on a fresh machine (no GPU needed):
 #   1. install lasp2 (scripts/install.sh) and the test tools;
-#   2. build the C++ core with CMake and run its GoogleTest suite (ctest);
-#   3. compile the CUDA sources with nvcc for sm_80 and sm_90 when nvcc exists
-#      (their tests skip at run time where no GPU is present);
-#   4. run pytest (GPU-marked tests skip where no GPU is present).
+#   2. build the C++ core with CMake and run its GoogleTest suite (ctest): with nvcc
+#      present, ONE build that also compiles the CUDA sources for sm_80 and sm_90 (the
+#      CPU tests run, the CUDA tests skip where no GPU is present); without nvcc, a
+#      CPU-only build (the CPU-only configuration of the core is also what the Python
+#      extension compiles in step 1 on a CPU torch);
+#   3. run pytest (GPU-marked tests skip where no GPU is present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,24 +42,22 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
     (apt-get update -q >/dev/null && apt-get install -y -q libgtest-dev >/dev/null)
 fi
 
-echo "== C++ core (CPU) =="
-quiet configure-cpu cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
-quiet build-cpu cmake --build build-cmake -j "$JOBS"
-ctest --test-dir build-cmake --output-on-failure -j "$JOBS" | tail -n 3
-
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+SECONDS=0
 if [ -x "$NVCC" ]; then
-  echo "== C++ core with CUDA ($("$NVCC" --version | tail -n 1)) =="
+  echo "== C++ core, CPU + CUDA ($("$NVCC" --version | tail -n 1)) =="
   NCCL_INC=$(bash scripts/fetch_nccl_headers.sh)
-  quiet configure-cuda cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON \
+  quiet configure cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON \
     -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80;90" -DNCCL_INCLUDE_DIR="$NCCL_INC"
-  SECONDS=0
-  quiet build-cuda cmake --build build-cuda -j "$JOBS"
-  echo "CUDA sources compiled for sm_80 and sm_90 in ${SECONDS} s"
-  ctest --test-dir build-cuda --output-on-failure -j "$JOBS" | tail -n 3
+  quiet build cmake --build build-cmake -j "$JOBS"
+  echo "core, tests and CUDA sources (sm_80, sm_90) compiled in ${SECONDS} s"
 else
-  echo "== no nvcc: CUDA sources not compiled =="
+  echo "== C++ core (CPU; no nvcc, CUDA sources not compiled) =="
+  quiet configure cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
+  quiet build cmake --build build-cmake -j "$JOBS"
+  echo "core and tests compiled in ${SECONDS} s"
 fi
+ctest --test-dir build-cmake --output-on-failure -j "$JOBS" | tail -n 3
 
 echo "== Python =="
 "$PY" -m pytest tests/python -q -p no:cacheprovider "$@"
