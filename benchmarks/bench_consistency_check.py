@@ -123,7 +123,7 @@ def bench(rank, world, args):
         t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
         result[mode] = {"check_us": round(t_check * 1e6, 1)}
         for layers in layer_counts:
-            iters = max(3, args.iters // layers)
+            iters = max(10, args.iters // layers)
             if world == 1:  # the op does not check itself: run the check beside it, as a group call would
                 t_with = _time(lambda: step(layers, True), iters, device)
                 t_without = _time(lambda: step(layers, False), iters, device)

@@ -22,8 +22,8 @@ Two modes (docs/reliability.md, "Guaranteed across the ranks of a group"):
   history of the size rows of the calls on the group and predict the next call's
   size row from it (the row that followed the previous call's row last time). A rank
   whose size row is the predicted one goes asynchronous: the table is compared on
-  the device, a disagreement sets the op's outputs to NaN and the table is copied to
-  pinned memory; the host raises the named ValueError at the backward of those
+  the device, a disagreement puts NaN into every output vector (`seal`) and the table
+  is copied to pinned memory; the host raises the named ValueError at the backward of those
   outputs (before the op's backward collectives) and at the next call on the group
   (before its collective), on every rank. A rank whose size row is NOT the predicted
   one (its sizes changed, or the history is too short) reads the table synchronously;
@@ -34,12 +34,15 @@ Two modes (docs/reliability.md, "Guaranteed across the ranks of a group"):
   only grows by calls whose table every rank has seen agree (an asynchronous call's
   table is settled at the start of the next call on the group).
 
+On CUDA the check runs on a side stream (`_side_stream`), beside the op's kernels.
+
 A rank that never calls the op (or exits) makes the gather fail after the group's
 timeout; that surfaces as a RuntimeError naming the op and the group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zlib
@@ -190,9 +193,15 @@ class Verdict:
         return grad
 
     def seal(self, *outputs):
-        """The op's outputs, poisoned with NaN on the device if the ranks disagreed."""
+        """The op's outputs; if the (deferred) comparison found a disagreement, the first
+        value of every output vector (last dim) is NaN, so any projection, norm or
+        reduction over it is NaN; with a backward hook that raises the named error before
+        the op's backward runs."""
         if self.bad is not None:
-            outputs = tuple(_poison(self.bad, t) for t in outputs)
+            if self._event is not None:  # CUDA: `bad` is made on the check's side stream
+                torch.cuda.current_stream(self.bad.device).wait_event(self._event)
+            for t in outputs:
+                _poison(self.bad, t)
             if torch.is_grad_enabled():
                 for t in outputs:
                     if isinstance(t, torch.Tensor) and t.requires_grad:
@@ -201,9 +210,12 @@ class Verdict:
 
 
 def _poison(bad: torch.Tensor, t):
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    return torch.where(bad, float("nan"), t)
+    """NaN into t[..., 0] where `bad` (a device bool scalar), in place and outside autograd
+    (`.data`: an op may have saved t for its backward, which the hook stops first when
+    bad). One strided column: poisoning every element would cost a full pass over the
+    output, about 1% of a step on its own."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.numel():
+        t.data[..., :1].masked_fill_(bad, float("nan"))
 
 
 NO_CHECK = Verdict()  # one device, a synchronous check that passed, or a replay
@@ -301,33 +313,60 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
            *(_digest_cached(v) for _, v in host_values),
            *(0 if t is not None else digest_host(None) for _, t in device_values)]
     row += [0] * (ROW - len(row))
-    world, rank = st.world, st.rank
-    mine, gathered, table, first = _row_buffers(st, device, world, row)
-    slot = _HEADER + len(signature) + len(host_values)
-    for _, t in device_values:
-        if t is not None:
-            mine[slot].copy_(digest_device(t, device))
-        slot += 1
-    for _, f in flags:  # rank + 1 where set: a flag on every rank still makes the rows differ
-        torch.mul(f.reshape(()), rank + 1, out=mine[slot])
-        slot += 1
     layout = _Layout(op, names, host_values, device_values, flags)
-    _gather(op, group, gathered, mine)
+    side = _side_stream(device, device_values, flags)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        mine, gathered, table, first = _row_buffers(st, device, st.world, row)
+        slot = _HEADER + len(signature) + len(host_values)
+        for _, t in device_values:
+            if t is not None:
+                mine[slot].copy_(digest_device(t, device))
+            slot += 1
+        for _, f in flags:  # rank + 1 where set: a flag on every rank still makes the rows differ
+            torch.mul(f.reshape(()), st.rank + 1, out=mine[slot])
+            slot += 1
+        _gather(op, group, gathered, mine)
+        if go_async:
+            bad = (table != first).any()
+            copy, event = _host_copy(st, gathered, device)
+        else:
+            rows = table.tolist()  # the host sync (of the side stream, on CUDA)
     st.remember(size_row, replay)
     if go_async:
         STATS["deferred"] += 1
-        bad = (table != first).any()
-        copy, event = _host_copy(st, gathered, device)
-        st.pending = Verdict(bad, copy, event, world, layout)
+        if side is not None:
+            bad.record_stream(torch.cuda.current_stream(device))  # the seal reads it on this stream
+        st.pending = Verdict(bad, copy, event, st.world, layout)
         st.advance(size_row)
         return st.pending
     STATS["sync"] += 1
-    rows = table.tolist()
     if _agree(rows, layout):
         st.advance(size_row)
         return NO_CHECK
     _after_disagreement(st, rows, _disagreement(rows, layout))
     raise AssertionError("unreachable")
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device, device_values, flags):
+    """CUDA: the stream the check runs on, beside the op's kernels instead of between them
+    (its small kernels and the all-gather then cost the op's stream nothing but the
+    seal's wait). It waits for the current stream only when the row reads tensors made
+    there (device values, flags), so a row of host values alone is compared as soon as
+    it is sent, whatever the queue ahead of it."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    side = _SIDE.get(device.index)
+    if side is None:
+        side = _SIDE[device.index] = torch.cuda.Stream(device)
+    tensors = [t for _, t in device_values if t is not None] + [f for _, f in flags]
+    if tensors:
+        side.wait_stream(torch.cuda.current_stream(device))
+        for t in tensors:
+            t.record_stream(side)  # made on the current stream, read on the side one
+    return side
 
 
 def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):

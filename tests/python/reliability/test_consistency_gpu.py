@@ -48,6 +48,10 @@ def _worker(store, results):
         out["stats"] = dict(GC.STATS)
         out["bitwise"] = all(torch.equal(s, o) for s in sealed)
         out["settled"] = GC._state(group).pending.message() is None
+        # the seal of a disagreeing verdict on CUDA: NaN in o[..., 0] (bf16, through a view)
+        o2 = o.to(torch.bfloat16).transpose(0, 1)
+        GC.Verdict(bad=torch.ones((), dtype=torch.bool, device=device), message="x").seal(o2)
+        out["poisoned"] = bool(torch.isnan(o2[..., 0]).all()) and not bool(torch.isnan(o2[..., 1:]).any())
 
         # CUDA graph capture of a group-of-one call
         static = [x.clone() for x in (q, k, v, g)]
@@ -84,5 +88,5 @@ def test_deferred_check_on_an_nccl_group_of_one():
     p.join(30)
     assert kind == "ok", out
     assert out["stats"] == dict(sync=2, deferred=4, replays=0), out["stats"]
-    assert out["bitwise"] and out["settled"]
+    assert out["bitwise"] and out["settled"] and out["poisoned"]
     assert out["graph_err"] < 1e-3, out["graph_err"]

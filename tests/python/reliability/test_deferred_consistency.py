@@ -38,6 +38,14 @@ def _reference(q, k, v, scale):
     return torch.stack(out, 1)
 
 
+def _softmax_reference(q, k, v):
+    """Causal softmax attention in float64, [B, T, H, D]."""
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    T = q.shape[1]
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
 class _Counter:
     """Counts the check's collectives (the module's all_gather)."""
 
@@ -62,6 +70,12 @@ def _stats(GC, counter):
     GC.STATS.update(sync=0, deferred=0, replays=0)
     counter.n = 0
     return out
+
+
+def _poisoned(o) -> bool:
+    """Every output vector holds a NaN: a projection over the last dim is NaN everywhere."""
+    o = o.detach()
+    return bool(torch.isnan(o @ torch.ones(o.shape[-1], 2, dtype=o.dtype, device=o.device)).all())
 
 
 def _error(fn):
@@ -94,11 +108,22 @@ def _steady_and_values(rank, world, on_gpu=False):
     seen["steady"] = _stats(GC, counter)
     want = _reference(gq, gk, gv, 0.5)[:, rank * T_LOCAL:(rank + 1) * T_LOCAL]
     seen["steady_err"] = max(float((o - want).abs().max()) for o in outs)
+    # softmax attention (which saves its output for backward) on the deferred path too
+    sa = lambda: lasp2.softmax_attention(q, k, v, group=W)  # noqa: E731
+    sa(), sa()
+    _stats(GC, counter)
+    for _ in range(2):
+        o = sa()
+        o.sum().backward()
+    seen["softmax_steady"] = _stats(GC, counter)
+    want_sa = _softmax_reference(gq, gk, gv)[:, rank * T_LOCAL:(rank + 1) * T_LOCAL]
+    seen["softmax_err"] = float((o.detach().cpu().double() - want_sa).abs().max())
+    la(scale=0.5), la(scale=0.5)
     seen["tol"] = 1e-4 if on_gpu else 1e-6  # float32 on GPUs; float64 in on CPU (states travel in float32)
 
     # scale differs: NaN outputs, the named error at backward and at the next call
     o = la(scale=0.5 if rank == 0 else 0.25)
-    seen["scale_nan"] = bool(torch.isnan(o).all())
+    seen["scale_nan"] = _poisoned(o)
     seen["scale_backward"] = _error(lambda: o.sum().backward())
     seen["scale_next"] = _error(lambda: la(scale=0.5))
     o = la(scale=0.5)  # in step again (and read on the host: the history restarts)
@@ -113,7 +138,7 @@ def _steady_and_values(rank, world, on_gpu=False):
         GC.STATS.update(sync=0, deferred=0)
         o = la(scale=0.5, cu_seqlens=cu)
     seen["cu_async"] = GC.STATS["deferred"] == 1 and GC.STATS["sync"] == 0
-    seen["cu_nan"] = bool(torch.isnan(o).all())
+    seen["cu_nan"] = _poisoned(o)
     seen["cu_next"] = _error(lambda: la(scale=0.5))
     la(scale=0.5)
     seen["final"] = _stats(GC, counter)
@@ -142,6 +167,8 @@ def _check_steady_and_values(results):
         assert s["warmup"] == dict(sync=2, deferred=0, replays=0, gathers=2), s["warmup"]
         assert s["steady"] == dict(sync=0, deferred=4, replays=0, gathers=4), s["steady"]
         assert s["steady_err"] < s["tol"] and s["after_err"] < s["tol"], s
+        assert s["softmax_steady"] == dict(sync=0, deferred=2, replays=0, gathers=2), s["softmax_steady"]
+        assert s["softmax_err"] < s["tol"], s["softmax_err"]
         assert s["scale_nan"] and s["cu_nan"] and s["cu_async"]
         for key in ("scale_backward", "scale_next"):
             assert s[key] is not None and "disagree on `scale`" in s[key], (key, s[key])
@@ -165,7 +192,7 @@ def _sizes_ops_failures(rank, world, on_gpu=False):
             seen_call = _error(bad_call)
             return seen_call, None, _error(la), _stats(GC, counter)
         o = la()
-        nan = bool(torch.isnan(o).all())
+        nan = _poisoned(o)
         return nan, _error(lambda: o.sum().backward()), _error(la), _stats(GC, counter)
 
     # rank 0's local length changes alone: it reads the table, replays the peer's call at
@@ -218,3 +245,30 @@ def _check_sizes_ops_failures(results):
     # after an error the history restarts (one host read), its predictions are kept
     assert r0["size_after"] == r1["size_after"] == dict(sync=1, deferred=2, replays=0, gathers=3)
     assert r0["hybrid"] == r1["hybrid"] == dict(sync=0, deferred=8, replays=0, gathers=8), r0["hybrid"]
+
+
+def test_seal_poisons_one_column_and_its_backward_raises():
+    """The seal on its own (no world): a disagreeing verdict puts NaN into the first value
+    of every output vector, in place (also through a transposed view), leaves the others,
+    and its backward hook raises the named error before anything upstream runs."""
+    from lasp2.ops import _group_consistency as GC
+
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    o = (x * 2).transpose(0, 1)
+    before = o.detach().clone()
+    verdict = GC.Verdict(bad=torch.ones((), dtype=torch.bool), message="lasp2.op: ranks disagree on `scale`")
+    sealed = verdict.seal(o)
+    assert sealed is o
+    assert torch.isnan(o[..., 0]).all() and torch.equal(o[..., 1:].detach(), before[..., 1:])
+    try:
+        o.sum().backward()
+    except ValueError as e:
+        assert "`scale`" in str(e)
+    else:
+        raise AssertionError("no error at backward")
+    assert x.grad is None
+    fine = GC.Verdict(bad=torch.zeros((), dtype=torch.bool), message=None)
+    y = x * 3
+    kept = y.detach().clone()
+    fine.seal(y).sum().backward()
+    assert torch.equal(y.detach(), kept) and torch.equal(x.grad, torch.full_like(x, 3.0))
