@@ -68,6 +68,8 @@ MODE = os.environ.get("LASP2_CONSISTENCY_CHECK", "auto")
 # counters for tests and benchmarks: host reads of the table during a call ("sync"),
 # calls left to the device ("deferred"), forward replays at peers' sizes ("replays")
 STATS = {"sync": 0, "deferred": 0, "replays": 0}
+# CUDA: run the check on a side stream beside the op (0: on the op's stream)
+SIDE_STREAM = os.environ.get("LASP2_CONSISTENCY_SIDE_STREAM", "1") != "0"
 _REPLAY_SLOTS = 32  # remembered size rows per group (LRU)
 
 
@@ -356,7 +358,7 @@ def _side_stream(device: torch.device, device_values, flags):
     seal's wait). It waits for the current stream only when the row reads tensors made
     there (device values, flags), so a row of host values alone is compared as soon as
     it is sent, whatever the queue ahead of it."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if not SIDE_STREAM or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
     side = _SIDE.get(device.index)
     if side is None:

@@ -41,13 +41,17 @@ def _worker(store, results):
                 host_values=[("`scale`", scale)], device_values=[("`decay` values", None)],
                 flags=[("g > 0", (g > 0).any())], replay=(lambda: None, (), {}))
 
-        GC.STATS.update(sync=0, deferred=0, replays=0)
         o = lasp2.linear_attention(q, k, v, g=g)
-        sealed = [check(0.125).seal(o) for _ in range(6)]
-        torch.cuda.synchronize()
-        out["stats"] = dict(GC.STATS)
-        out["bitwise"] = all(torch.equal(s, o) for s in sealed)
-        out["settled"] = GC._state(group).pending.message() is None
+        for side in (True, False):  # the check on its side stream, and on the op's stream
+            GC.SIDE_STREAM = side
+            GC._STATES.clear()  # a fresh history: two synchronous calls, then none
+            GC.STATS.update(sync=0, deferred=0, replays=0)
+            sealed = [check(0.125).seal(o) for _ in range(6)]
+            torch.cuda.synchronize()
+            out[f"stats_{side}"] = dict(GC.STATS)
+            out[f"bitwise_{side}"] = all(torch.equal(s, o) for s in sealed)
+            out[f"settled_{side}"] = GC._state(group).pending.message() is None
+        GC.SIDE_STREAM = True
         # the seal of a disagreeing verdict on CUDA: NaN in o[..., 0] (bf16, through a view)
         o2 = o.to(torch.bfloat16).transpose(0, 1)
         GC.Verdict(bad=torch.ones((), dtype=torch.bool, device=device), message="x").seal(o2)
@@ -87,6 +91,8 @@ def test_deferred_check_on_an_nccl_group_of_one():
     kind, out = results.get(timeout=240)
     p.join(30)
     assert kind == "ok", out
-    assert out["stats"] == dict(sync=2, deferred=4, replays=0), out["stats"]
-    assert out["bitwise"] and out["settled"] and out["poisoned"]
+    for side in (True, False):
+        assert out[f"stats_{side}"] == dict(sync=2, deferred=4, replays=0), out
+        assert out[f"bitwise_{side}"] and out[f"settled_{side}"], out
+    assert out["poisoned"], out
     assert out["graph_err"] < 1e-3, out["graph_err"]
