@@ -9,7 +9,8 @@ state; lasp2/ops/_group_consistency.py):
   step  : a forward+backward of a stack of 1 (and 8) lasp2.linear_attention layers over a
           4K-token global sequence, with the check (as shipped) and with the check
           replaced by a no-op (one layer: each backward right after its forward, the
-          deferred mode's worst case; 8 layers: as in a model),
+          deferred mode's worst case; 8 layers: as in a model; and one layer without
+          gates, whose check reads no device tensor),
 and prints the check's share of the step. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
@@ -102,11 +103,12 @@ def bench(rank, world, args):
             device_values=[("decay", None)],
             flags=[("g > 0", f) for f in [C.positive_flag(g)] if f is not None], replay=replay)
 
-    def step(layers, beside):
+    def step(layers, beside, gated=True):
         h = x
         for i in range(layers):
-            verdict = check(gates[i]) if beside else GC.NO_CHECK
-            h = h + verdict.seal(lasp2.linear_attention(h * wq[i], h * wk[i], h, g=gates[i], group=group))
+            g = gates[i] if gated else None
+            verdict = check(g) if beside else GC.NO_CHECK
+            h = h + verdict.seal(lasp2.linear_attention(h * wq[i], h * wk[i], h, g=g, group=group))
         h.float().sum().backward()
 
     o_like = torch.zeros_like(x)
@@ -122,18 +124,20 @@ def bench(rank, world, args):
         # the check alone: the call, and the seal of one output (NaN where the ranks disagree)
         t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
         result[mode] = {"check_us": round(t_check * 1e6, 1)}
-        for layers in layer_counts:
+        # stacks of gated layers; and one layer without gates (its check's row is host values
+        # only: no device fields, so on CUDA it does not wait for the op's stream at all)
+        for layers, gated in [(n, True) for n in layer_counts] + [(1, False)]:
             iters = max(10, args.iters // layers)
             if world == 1:  # the op does not check itself: run the check beside it, as a group call would
-                t_with = _time(lambda: step(layers, True), iters, device)
-                t_without = _time(lambda: step(layers, False), iters, device)
+                t_with = _time(lambda: step(layers, True, gated), iters, device)
+                t_without = _time(lambda: step(layers, False, gated), iters, device)
             else:
                 _patch_check(True, original)
-                t_with = _time(lambda: step(layers, False), iters, device)
+                t_with = _time(lambda: step(layers, False, gated), iters, device)
                 _patch_check(False, original)
-                t_without = _time(lambda: step(layers, False), iters, device)
+                t_without = _time(lambda: step(layers, False, gated), iters, device)
                 _patch_check(True, original)
-            result[mode][f"{layers}_layers"] = {
+            result[mode][f"{layers}_layers" + ("" if gated else "_no_gates")] = {
                 "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
                 "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
                 "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
