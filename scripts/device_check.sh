@@ -66,6 +66,7 @@ if has delta; then
   say "delta CUDA GoogleTests (exit $?): $(grep -cE '^\[       OK \]' "$LOGS/delta_gtest.log") OK, \
 $(grep '^\[  FAILED  \] [A-Z]' "$LOGS/delta_gtest.log" | sort -u | wc -l) failed"
   grep -E '^\[  FAILED  \] [A-Z]|Failure|rel|Expected|Which is' "$LOGS/delta_gtest.log" | head -30 | keep
+  grep -F '[ timing ]' "$LOGS/delta_gtest.log" | keep  # the one-device calls and each chunked kernel at 64K
   timeout 300 python3 -m pytest tests/python/ops/test_delta_rule_gpu.py -m gpu -q -p no:cacheprovider \
     > "$LOGS/delta_pytest.log" 2>&1
   say "delta gpu pytest (exit $?): $(tail -n 1 "$LOGS/delta_pytest.log")"
@@ -108,7 +109,8 @@ if has examples; then
 fi
 
 if has bench; then
-  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$RES" > "$LOGS/bench.log" 2>&1
+  # BENCH_ARGS: extra arguments, e.g. "--decays fixed gate --dims 128" for a shorter run
+  timeout 300 python3 benchmarks/bench_linear_attention.py --out "$RES" ${BENCH_ARGS:-} > "$LOGS/bench.log" 2>&1
   say "kernel benchmark (exit $?)"
   grep -E "^# " "$LOGS/bench.log" | grep -v "^# plot" | keep
   cp "$RES/bench_linear_attention.png" "$RES/bench_linear_attention.json" "$OUT/" 2>/dev/null

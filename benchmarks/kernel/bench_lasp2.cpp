@@ -3,7 +3,10 @@
 //
 //   bench_lasp2 [T=65536] [H=16] [D=128] [B=1] [dtype=bf16|fp16|fp32] [mode=gate|fixed|none] [what]
 // what = table (default), sweep (also times several segment lengths through
-// LASP2_CUDA_SEG_CHUNKS), or once (each backend function once: for profilers).
+// LASP2_CUDA_SEG_CHUNKS), fb (only lasp2_forward / lasp2_backward / fwd+bwd, for
+// repeated before/after runs), or once (each backend function once: for profilers).
+// Every table ends with "fwd+bwd (graph)": lasp2_forward + lasp2_backward captured in
+// one CUDA graph and replayed (the kernels' time without host launch gaps).
 //
 // Inputs are random (a 16 MiB random block tiled over each tensor, never zeros),
 // [B, T, H, D] contiguous; gates are log decays in [-0.1, -0.001]. Each number is
@@ -207,16 +210,18 @@ int main(int argc, char** argv) {
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& fn) {
     rows.push_back({name, median_ms(fn), bytes, flops});
   };
-  add("part_state (states+scan)", 2 * tens + scal, f_state, [&] { be.part_state(p, all, state, L, nullptr); });
-  add("chunk_forward", 4 * tens + scal, f_state + f_out,
-      [&] { be.chunk_forward(p, all, nullptr, {o, st}, nullptr); });
-  add("part_dstate", 2 * tens + scal, f_state, [&] { be.part_dstate(p, all, dov, state, nullptr); });
-  add("chunk_backward_dq (+q.dq)", 5 * tens + 2 * scal, f_state + f_out,
-      [&] { be.chunk_backward_dq(p, all, dov, nullptr, {dq, st}, with_dg ? qdq : nullptr, nullptr); });
-  add("chunk_backward_dkdv (+dg)", 6 * tens + 3 * scal, f_state + f_dkdv, [&] {
-    be.chunk_backward_dkdv(p, all, dov, nullptr, {dk, st}, {dv, st}, with_dg ? qdq : nullptr, nullptr,
-                           with_dg ? dg : nullptr, nullptr);
-  });
+  if (what != "fb") {
+    add("part_state (states+scan)", 2 * tens + scal, f_state, [&] { be.part_state(p, all, state, L, nullptr); });
+    add("chunk_forward", 4 * tens + scal, f_state + f_out,
+        [&] { be.chunk_forward(p, all, nullptr, {o, st}, nullptr); });
+    add("part_dstate", 2 * tens + scal, f_state, [&] { be.part_dstate(p, all, dov, state, nullptr); });
+    add("chunk_backward_dq (+q.dq)", 5 * tens + 2 * scal, f_state + f_out,
+        [&] { be.chunk_backward_dq(p, all, dov, nullptr, {dq, st}, with_dg ? qdq : nullptr, nullptr); });
+    add("chunk_backward_dkdv (+dg)", 6 * tens + 3 * scal, f_state + f_dkdv, [&] {
+      be.chunk_backward_dkdv(p, all, dov, nullptr, {dk, st}, {dv, st}, with_dg ? qdq : nullptr, nullptr,
+                             with_dg ? dg : nullptr, nullptr);
+    });
+  }
   add("lasp2_forward (1 GPU)", 4 * tens + scal, f_state + f_out, [&] {
     lasp2_forward(be, nullptr, layout, p, {o, st}, {}, nullptr, {}, nullptr);
   });
@@ -225,8 +230,25 @@ int main(int argc, char** argv) {
                    nullptr);
   });
   if (what == "once") return 0;
-  const float fwd = rows[5].ms, bwd = rows[6].ms;
-  rows.push_back({"fwd+bwd", fwd + bwd, 11 * tens + 3 * scal, 3 * f_state + 2 * f_out + f_dkdv});
+  const float fwd = rows[rows.size() - 2].ms, bwd = rows.back().ms;
+  const double fb_bytes = 11 * tens + 3 * scal, fb_flops = 3 * f_state + 2 * f_out + f_dkdv;
+  rows.push_back({"fwd+bwd", fwd + bwd, fb_bytes, fb_flops});
+  {  // the same fwd + bwd replayed from a CUDA graph (a blocking stream: the events on
+     // the legacy stream around the launch wait for it)
+    cudaStream_t cs;
+    CK(cudaStreamCreate(&cs));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+    lasp2_forward(be, nullptr, layout, p, {o, st}, {}, nullptr, {}, cs);
+    lasp2_backward(be, nullptr, layout, p, dov, {}, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws, cs);
+    CK(cudaStreamEndCapture(cs, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    rows.push_back({"fwd+bwd (graph)", median_ms([&] { CK(cudaGraphLaunch(exec, cs)); }), fb_bytes, fb_flops});
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    CK(cudaStreamDestroy(cs));
+  }
 
   std::printf("\nB=%lld T=%lld H=%lld D=%lld %s mode=%s, copy bandwidth %.0f GB/s\n", (long long)B, (long long)T,
               (long long)H, (long long)D, dts.c_str(), ms.c_str(), copy_gbs);

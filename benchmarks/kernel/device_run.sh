@@ -3,7 +3,10 @@
 # compute-sanitizer memcheck and racecheck on a small subset (alongside), then the
 # kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
-#   benchmarks/kernel/device_run.sh [all|tests|bench|base|prof ...]   (several stages allowed)
+#   benchmarks/kernel/device_run.sh [all|tests|bench|base|kprof|prof ...]   (several stages allowed)
+# (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; ab:
+# new and base alternating, twice per shape (AB_SHAPES, default the same), with the
+# graph-replayed fwd+bwd; kprof: each kernel's duration through ncu, new and base build)
 # base: the same benchmark with .carry/base/bench_lasp2 (an earlier version, built by
 # build_carry.sh from BASE_REF), on the same machine, for a before/after table.
 # The binaries come from benchmarks/kernel/build_carry.sh (run on the dev machine,
@@ -47,16 +50,49 @@ if has tests; then
   echo "tests+sanitizers done after $(( $(date +%s) - T0 )) s"
 fi
 
+# bench / base: the same shapes (T H D B dtype mode), one bench_lasp2 call each
+SHAPES=${BENCH_SHAPES:-"65536,16,128,1,bf16,gate 65536,16,128,1,bf16,fixed 65536,16,64,1,bf16,gate \
+4096,16,128,1,bf16,gate 4096,16,128,8,bf16,gate 16384,16,128,1,bf16,fixed 262144,16,128,1,bf16,gate"}
 if has bench; then
-  $BIN/bench_lasp2 65536 16 128 1 bf16 gate sweep > "$OUT/bench.log" 2>&1
-  $BIN/bench_lasp2 65536 16 128 1 bf16 fixed >> "$OUT/bench.log" 2>&1
-  $BIN/bench_lasp2 65536 16 64 1 bf16 gate >> "$OUT/bench.log" 2>&1
+  : > "$OUT/bench.log"
+  for s in $SHAPES; do $BIN/bench_lasp2 ${s//,/ } >> "$OUT/bench.log" 2>&1; done
   echo "bench done after $(( $(date +%s) - T0 )) s"
 fi
 if has base && [ -x .carry/base/bench_lasp2 ]; then
-  .carry/base/bench_lasp2 65536 16 128 1 bf16 gate > "$OUT/base.log" 2>&1
-  .carry/base/bench_lasp2 65536 16 64 1 bf16 gate >> "$OUT/base.log" 2>&1
+  : > "$OUT/base.log"
+  for s in $SHAPES; do .carry/base/bench_lasp2 ${s//,/ } >> "$OUT/base.log" 2>&1; done
   echo "base done after $(( $(date +%s) - T0 )) s"
+fi
+if has ab && [ -x .carry/base/bench_lasp2 ]; then
+  # before/after with less noise: new and base alternate, twice per shape, in `fb` mode
+  # (lasp2_forward, lasp2_backward, fwd+bwd, fwd+bwd replayed from a CUDA graph)
+  : > "$OUT/ab.log"
+  for s in ${AB_SHAPES:-$SHAPES}; do
+    for r in 1 2; do
+      for b in new base; do
+        bin=$BIN/bench_lasp2
+        [ "$b" = base ] && bin=.carry/base/bench_lasp2
+        echo "== $b" >> "$OUT/ab.log"
+        $bin ${s//,/ } fb >> "$OUT/ab.log" 2>&1
+      done
+    done
+  done
+  echo "ab done after $(( $(date +%s) - T0 )) s"
+fi
+if has kprof; then
+  # each kernel's duration (ncu, one launch per backend function), new and base build,
+  # at T = 64K and T = 4K (gates, D = 128, B = 1)
+  for b in $BIN/bench_lasp2 .carry/base/bench_lasp2; do
+    [ -x "$b" ] || continue
+    for T in 65536 4096; do
+      echo "== $b T=$T" >> "$OUT/kprof.log"
+      timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum $b $T 16 128 1 bf16 gate once 2>&1 |
+        awk '/Context [0-9]+, Stream/ { k = "?"; if (match($0, /[a-z_]+_kernel(<[^>]*>)?/)) k = substr($0, RSTART, RLENGTH) }
+             /gpu__time_duration.sum/ { printf "%s %s %s\n", k, $(NF-1), $NF }' \
+        >> "$OUT/kprof.log"
+    done
+  done
+  echo "kprof done after $(( $(date +%s) - T0 )) s"
 fi
 if has fla && ls .whl/fla_core-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl > /dev/null 2>&1
@@ -87,16 +123,26 @@ if [ -f "$OUT/tests.log" ]; then
   echo "-- sanitizer:"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED  \]" "$OUT/sanitizer.log" | sort | uniq -c
   grep -hm5 -E "Invalid|Race|hazard" "$OUT/sanitizer.log"
 fi
-[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && grep -E "^(B=|fwd\+bwd|lasp2_|copy)" "$OUT/bench.log"
+[ -f "$OUT/kprof.log" ] && cat "$OUT/kprof.log"
 if [ -f "$OUT/base.log" ] && [ -f "$OUT/bench.log" ]; then
   echo "-- before/after, gate, same machine (ms; base = .carry/base build, new = this build):"
-  awk '/^B=1 T=/ { d = $4; m = $6; f = (FILENAME ~ /base/) }
-       m == "mode=gate," && /^(part_|chunk_|lasp2_|fwd\+bwd)/ {
-         k = sprintf("%-7s %-28s", d, substr($0, 1, 28)); v = substr($0, 29, 10) + 0
+  awk '/^B=[0-9]+ T=/ { sh = $1 " " $2 " " $4 " " $6; f = (FILENAME ~ /base/) }
+       /^(part_|chunk_|lasp2_|fwd\+bwd)/ {
+         k = sprintf("%-32s %-28s", sh, substr($0, 1, 28)); v = substr($0, 29, 10) + 0
          if (f) b[k] = v; else if (!(k in a)) a[k] = v }
-       END { printf "%-36s %8s %8s %7s\n", "D / op", "base", "new", "speedup"
-             for (k in b) if (k in a) printf "%-36s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
+       END { printf "%-61s %8s %8s %7s\n", "shape / op", "base", "new", "speedup"
+             for (k in b) if (k in a) printf "%-61s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
       "$OUT/base.log" "$OUT/bench.log" | sort
+fi
+if [ -f "$OUT/ab.log" ]; then
+  echo "-- before/after, alternating runs (ms, the lower of two runs each; base = .carry/base build):"
+  awk '/^== / { f = ($2 == "base") } /^B=[0-9]+ T=/ { sh = $1 " " $2 " " $4 " " $6 }
+       /^(lasp2_|fwd\+bwd)/ { k = sprintf("%-32s %-24s", sh, substr($0, 1, 24)); v = substr($0, 29, 10) + 0
+         if (f) { if (!(k in b) || v < b[k]) b[k] = v } else { if (!(k in a) || v < a[k]) a[k] = v } }
+       END { printf "%-57s %8s %8s %7s\n", "shape / op", "base", "new", "speedup"
+             for (k in b) if (k in a) printf "%-57s %8.3f %8.3f %6.2fx\n", k, b[k], a[k], b[k] / a[k] }' \
+      "$OUT/ab.log" | sort
 fi
 [ -f "$OUT/fla.log" ] && grep -E "^fla" "$OUT/fla.log"
 if [ -f "$OUT/ncu.txt" ]; then

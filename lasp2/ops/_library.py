@@ -17,6 +17,9 @@ the backward AllGather), d_initial_state this rank's share.
 A communicator is not a tensor or a schema type, so it travels as an int handle
 (0: one device; lasp2.ops._opaque keeps the object alive); communicators are cached per
 group by lasp2.distributed.communicator, so the registry does not grow per call.
+In plain eager mode the entry point runs the same functions through a
+torch.autograd.Function instead of the registered op (lasp2.ops._eager: the custom
+op's Python dispatch is most of the host time at small T).
 The value checks that need tensor contents (positive gates on CPU) run inside the
 real kernel, so traced / compiled graphs keep them without a graph break.
 """
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
+from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._opaque import handle_of, resolve
 
 OP = "lasp2.linear_attention"
@@ -37,11 +41,8 @@ def _world(handle: int) -> int:
     return 1 if handle == 0 else int(resolve(handle).size)
 
 
-@torch.library.custom_op("lasp2::lasp2_forward", mutates_args=())
-def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
-                  doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                  comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
-                  output_final_state: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
+                  num_seqs, output_final_state):
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
     with C.named_errors(OP):
@@ -57,6 +58,15 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
     elif not (doc_start is not None and len(head_doc) > 0):
         saved[3].zero_()
     return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+
+
+@torch.library.custom_op("lasp2::lasp2_forward", mutates_args=())
+def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
+                  doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                  comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
+                  output_final_state: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap,
+                         head_doc, num_seqs, output_final_state)
 
 
 def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs):
@@ -92,13 +102,8 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if (q.device.type == "cpu" and q.dtype == torch.float64) else torch.float32
 
 
-@torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
-def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
-                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                   comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
-                   d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
-                   head_maps: Tensor, need_dg: bool,
-                   need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
+                   do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
     with C.named_errors(OP):
         dq, dk, dv, dg, d_decay, d_initial = _C.lasp2_backward(
             _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
@@ -107,6 +112,17 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
     return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
+
+
+@torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
+def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
+                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
+                   comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
+                   d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
+                   head_maps: Tensor, need_dg: bool,
+                   need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc,
+                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial)
 
 
 @lasp2_backward.register_fake
@@ -143,8 +159,9 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     elif d_final is None:  # the final state took no part in the loss: the same schedule, zero gradient
         n = num_seqs if doc_start is not None and head_doc else q.shape[0]
         d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    run = _backward_impl if eager_call(do, q) else lasp2_backward
     with torch.no_grad():
-        dq, dk, dv, dg, d_decay, d_initial = lasp2_backward(
+        dq, dk, dv, dg, d_decay, d_initial = run(
             q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
             d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial))
     grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
@@ -153,6 +170,7 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
+_EagerForward = eager_function("Lasp2Forward", _forward_impl, _setup_context, _backward)
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
@@ -164,7 +182,8 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
         raise NotImplementedError(
             f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
-    out = lasp2_forward(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
+    run = _EagerForward.apply if eager_call(q, k, v, g, decay, doc_start, initial_state) else lasp2_forward
+    out = run(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
                         handle_of(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
                         bool(output_final_state))
     return (out[0], out[1]) if output_final_state else out[0]

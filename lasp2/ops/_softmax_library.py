@@ -11,7 +11,8 @@ The block plan is rebuilt from the integers inside each op (it is a pure functio
 them); the group and its collectives travel as one int handle (lasp2.ops._opaque).
 q, k, v are bthd views. lse and kv_global are what backward needs besides the inputs:
 the merged log-sum-exp [B, H, T] and the gathered keys|values the remote blocks used
-(empty on one device or when a rank has no remote block).
+(empty on one device or when a rank has no remote block). Plain eager calls run the
+same functions through a torch.autograd.Function (lasp2.ops._eager).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from lasp2.ops import _checks as C
 from lasp2.ops import _lasp2h as H
+from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._opaque import handle_of, resolve
 
 OP = "lasp2.softmax_attention"
@@ -35,12 +37,16 @@ def _config(q: Tensor, scale: float, backend: str, comm: int, rank: int, world: 
     return H.Config(blocks, scale, backend, group, world, split, H.key_end(blocks), causal, collectives)
 
 
+def _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens):
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+    return H.lasp2h_forward(q, k, v, cfg)
+
+
 @torch.library.custom_op("lasp2::softmax_forward", mutates_args=())
 def softmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, comm: int, rank: int, world: int,
                     parts: int, split: str, causal: bool,
                     cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
-    return H.lasp2h_forward(q, k, v, cfg)
+    return _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
 
 
 @softmax_forward.register_fake
@@ -54,13 +60,19 @@ def _(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqle
             q.new_empty(keys, b, hkv, d + dv))
 
 
+def _backward_impl(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal,
+                   cu_seqlens, need_kv_grads):
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+    return H.lasp2h_backward(do, q, k, v, o, lse, kv_global, cfg, need_kv_grads)
+
+
 @torch.library.custom_op("lasp2::softmax_backward", mutates_args=())
 def softmax_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kv_global: Tensor,
                      scale: float, backend: str, comm: int, rank: int, world: int, parts: int, split: str,
                      causal: bool, cu_seqlens: Optional[List[int]],
                      need_kv_grads: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
-    return H.lasp2h_backward(do, q, k, v, o, lse, kv_global, cfg, need_kv_grads)
+    return _backward_impl(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal,
+                          cu_seqlens, need_kv_grads)
 
 
 @softmax_backward.register_fake
@@ -79,19 +91,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _d_lse, _d_kv_global):
     q, k, v, o, lse, kv_global = ctx.saved_tensors
     need_kv = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    run = _backward_impl if eager_call(do, q) else softmax_backward
     with torch.no_grad():
-        dq, dk, dv = softmax_backward(do, q, k, v, o, lse, kv_global, *ctx.plan, need_kv)
+        dq, dk, dv = run(do, q, k, v, o, lse, kv_global, *ctx.plan, need_kv)
     grads = (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
              dv if ctx.needs_input_grad[2] else None)
     return (*C.guard_double_backward(OP, grads), *([None] * len(ctx.plan)))
 
 
 torch.library.register_autograd("lasp2::softmax_forward", _backward, setup_context=_setup_context)
+_EagerForward = eager_function("SoftmaxForward", _forward_impl, _setup_context, _backward)
 
 
 def lasp2h_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, group, collectives, rank: int,
                      world: int, parts: int, split: str, causal: bool, cu_seqlens: Optional[List[int]]) -> Tensor:
     """One rank's LASP-2H output through the custom op (bthd views in, bthd out)."""
     comm = handle_of(group, collectives) if world > 1 else 0
-    return softmax_forward(q, k, v, float(scale), backend, comm, int(rank), int(world), int(parts), split,
+    run = _EagerForward.apply if eager_call(q, k, v) else softmax_forward
+    return run(q, k, v, float(scale), backend, comm, int(rank), int(world), int(parts), split,
                            bool(causal), cu_seqlens)[0]

@@ -18,9 +18,58 @@ void check_launch(const char* what) {
 
 namespace {
 
-// One block per (segment, bh); warp w handles chunks w, w + 8, ... of the segment;
-// lane l handles tokens 2l, 2l + 1 of a chunk.
-__global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
+// One chunk's meta (and weights) from its log decays gv and document flags dv of
+// tokens 2 lane, 2 lane + 1; adds the chunk's total log decay and starts to the
+// warp's running sums.
+__device__ void meta_chunk(const MetaArgs& a, int64_t bh, int c, int lane, const float gv[2],
+                           const int dv[2], float& total, int& docs) {
+  const Geom& g = a.g;
+  // Inclusive scan over the 64 tokens: pair sums, then across lanes.
+  float gs = gv[0] + gv[1];
+  int ds = dv[0] + dv[1];
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float gu = __shfl_up_sync(0xffffffffu, gs, o);
+    const int du = __shfl_up_sync(0xffffffffu, ds, o);
+    if (lane >= o) {
+      gs += gu;
+      ds += du;
+    }
+  }
+  const float gex = gs - (gv[0] + gv[1]);
+  const int dex = ds - (dv[0] + dv[1]);
+  float4 out;
+  out.x = gex + gv[0];
+  out.y = static_cast<float>(dex + dv[0]);
+  out.z = gs;
+  out.w = static_cast<float>(ds);
+  reinterpret_cast<float4*>(a.meta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = out;
+  if (a.wmeta != nullptr) {
+    // the same expressions the kernels evaluate from (G, s), so the same values
+    const float Gl = __shfl_sync(0xffffffffu, out.z, 31);
+    const float sl = __shfl_sync(0xffffffffu, out.w, 31);
+    float4 w;
+    w.x = out.y == 0.f ? __expf(out.x) : 0.f;
+    w.y = out.y == sl ? __expf(Gl - out.x) : 0.f;
+    w.z = out.w == 0.f ? __expf(out.z) : 0.f;
+    w.w = out.w == sl ? __expf(Gl - out.z) : 0.f;
+    reinterpret_cast<float4*>(a.wmeta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = w;
+  }
+  total += __shfl_sync(0xffffffffu, gs, 31);
+  docs += __shfl_sync(0xffffffffu, ds, 31);
+}
+
+// One block of kMetaWarps warps per (segment, bh); warp w handles chunks w, w + 32,
+// ... of the segment; lane l handles tokens 2l, 2l + 1 of a chunk. A warp first loads
+// the log decays of kMetaBatch of its chunks, then computes them one by one, so that
+// the loads of a batch are in flight together. (H200, 64K tokens x 16 heads: 17-18 us
+// with 8 warps and one load round trip per chunk, 16.6 with batched loads, 14.6 with
+// 32 warps; what remains is the gate reads, one float per 64-byte [B, T, H] row, and
+// the 16 MiB of meta and weights written.)
+constexpr int kMetaWarps = 32;
+constexpr int kMetaBatch = 4;
+
+__global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   const Geom& g = a.g;
   const int seg = blockIdx.x % g.nseg;
   const int64_t bh = blockIdx.x / g.nseg;
@@ -30,61 +79,36 @@ __global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
   const int c1 = min(g.nchunks, c0 + g.seg_chunks);
   float total = 0.f;
   int docs = 0;
-  for (int c = c0 + warp; c < c1; c += 8) {
-    float gv[2];
-    int dv[2];
+  for (int cb = c0 + warp; cb < c1; cb += kMetaWarps * kMetaBatch) {
+    float gv[kMetaBatch][2];
+    int dv[kMetaBatch][2];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int x = c * kChunk + 2 * lane + e;
-      const bool valid = x < g.n;
-      const int64_t t = g.begin + x;
-      float gl = 0.f;
-      if (valid) {
-        if (a.mode == 1) gl = a.log_decay[h];
-        else if (a.mode == 2) gl = a.gate[b * a.gsb + t * a.gst + h * a.gsh];
-      }
-      // A log decay of -inf forgets the state (exp(g) = 0): the same as a document
-      // starting at this token, which keeps every G finite (no -inf minus -inf).
-      const bool forget = gl == -INFINITY;
-      gv[e] = forget ? 0.f : gl;
-      dv[e] = (valid && (forget || (a.doc != nullptr && a.doc[b * a.doc_sb + t] != 0))) ? 1 : 0;
-    }
-    // Inclusive scan over the 64 tokens: pair sums, then across lanes.
-    float gs = gv[0] + gv[1];
-    int ds = dv[0] + dv[1];
+    for (int u = 0; u < kMetaBatch; ++u) {
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float gu = __shfl_up_sync(0xffffffffu, gs, o);
-      const int du = __shfl_up_sync(0xffffffffu, ds, o);
-      if (lane >= o) {
-        gs += gu;
-        ds += du;
+      for (int e = 0; e < 2; ++e) {
+        const int x = (cb + kMetaWarps * u) * kChunk + 2 * lane + e;
+        const bool valid = cb + kMetaWarps * u < c1 && x < g.n;
+        const int64_t t = g.begin + x;
+        float gl = 0.f;
+        if (valid) {
+          if (a.mode == 1) gl = a.log_decay[h];
+          else if (a.mode == 2) gl = a.gate[b * a.gsb + t * a.gst + h * a.gsh];
+        }
+        // A log decay of -inf forgets the state (exp(g) = 0): the same as a document
+        // starting at this token, which keeps every G finite (no -inf minus -inf).
+        const bool forget = gl == -INFINITY;
+        gv[u][e] = forget ? 0.f : gl;
+        dv[u][e] = (valid && (forget || (a.doc != nullptr && a.doc[b * a.doc_sb + t] != 0))) ? 1 : 0;
       }
     }
-    const float gex = gs - (gv[0] + gv[1]);
-    const int dex = ds - (dv[0] + dv[1]);
-    float4 out;
-    out.x = gex + gv[0];
-    out.y = static_cast<float>(dex + dv[0]);
-    out.z = gs;
-    out.w = static_cast<float>(ds);
-    reinterpret_cast<float4*>(a.meta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = out;
-    if (a.wmeta != nullptr) {
-      // the same expressions the kernels evaluate from (G, s), so the same values
-      const float Gl = __shfl_sync(0xffffffffu, out.z, 31);
-      const float sl = __shfl_sync(0xffffffffu, out.w, 31);
-      float4 w;
-      w.x = out.y == 0.f ? __expf(out.x) : 0.f;
-      w.y = out.y == sl ? __expf(Gl - out.x) : 0.f;
-      w.z = out.w == 0.f ? __expf(out.z) : 0.f;
-      w.w = out.w == sl ? __expf(Gl - out.z) : 0.f;
-      reinterpret_cast<float4*>(a.wmeta)[((bh * g.nchunks + c) * kChunk + 2 * lane) / 2] = w;
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u) {
+      const int c = cb + kMetaWarps * u;
+      if (c < c1) meta_chunk(a, bh, c, lane, gv[u], dv[u], total, docs);
     }
-    total += __shfl_sync(0xffffffffu, gs, 31);
-    docs += __shfl_sync(0xffffffffu, ds, 31);
   }
-  __shared__ float wt[8];
-  __shared__ int wd[8];
+  __shared__ float wt[kMetaWarps];
+  __shared__ int wd[kMetaWarps];
   if (lane == 0) {
     wt[warp] = total;
     wd[warp] = docs;
@@ -93,7 +117,7 @@ __global__ void __launch_bounds__(256) meta_kernel(MetaArgs a) {
   if (threadIdx.x == 0) {
     float L = 0.f;
     int d = 0;
-    for (int w = 0; w < 8; ++w) {
+    for (int w = 0; w < kMetaWarps; ++w) {
       L += wt[w];
       d += wd[w];
     }
@@ -120,11 +144,24 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, 
   if (e >= elems) return;
   float* x = X + bh * nseg * elems + e;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
-  for (int i = 0; i < nseg; ++i) {
-    const int s = suffix ? nseg - 1 - i : i;
-    const float m = x[s * elems];
-    if (write_segments) x[s * elems] = acc;
-    acc = __expf(L[s]) * acc + m;  // exp(-inf) = 0: a document start blocks the state
+  // batches of 8 segments: the loads of a batch are issued before its stores (which
+  // the compiler cannot move them past), so they are in flight together
+  for (int i0 = 0; i0 < nseg; i0 += 8) {
+    float m[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int i = i0 + j;
+      const int s = suffix ? nseg - 1 - i : i;
+      m[j] = i < nseg ? x[s * elems] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int i = i0 + j;
+      if (i >= nseg) break;
+      const int s = suffix ? nseg - 1 - i : i;
+      if (write_segments) x[s * elems] = acc;
+      acc = __expf(L[s]) * acc + m[j];  // exp(-inf) = 0: a document start blocks the state
+    }
   }
   if (final_out != nullptr) final_out[bh * elems + e] = acc;
 }
@@ -144,7 +181,20 @@ __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const 
   __syncthreads();
   const int x0 = seg * g.seg_chunks * kChunk;
   const int x1 = min(g.n, x0 + g.seg_chunks * kChunk);
-  for (int x = x0 + threadIdx.x; x < x1; x += blockDim.x) dg[bth(g, b, g.begin + x, h)] += offset;
+  // batches of 8 tokens per thread: the loads first, so that they are in flight together
+  for (int xb = x0 + threadIdx.x; xb < x1; xb += 8 * blockDim.x) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int x = xb + u * blockDim.x;
+      v[u] = x < x1 ? dg[bth(g, b, g.begin + x, h)] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int x = xb + u * blockDim.x;
+      if (x < x1) dg[bth(g, b, g.begin + x, h)] = v[u] + offset;
+    }
+  }
 }
 
 __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_parts,
@@ -199,7 +249,7 @@ dim3 elem_grid(int64_t elems, int64_t bh) {
 }  // namespace
 
 void launch_meta(const MetaArgs& a, cudaStream_t s) {
-  meta_kernel<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, 0, s>>>(a);
+  meta_kernel<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * kMetaWarps, 0, s>>>(a);
   check_launch("meta_kernel");
 }
 

@@ -5,9 +5,13 @@
 // fit on an SM. Each 64-token chunk arrives by cp.async two chunks ahead (three
 // stages: the kernel streams two tensors with little math per byte, so it needs
 // many bytes in flight), then
-//   exit mode:  M = exp(G_last) M + A^T diag(w_exit) B
-//   entry mode: M += coef * carry * A^T diag(w_entry) B,  carry *= exp(G_last)
-// with A^T fragments read transposed from the [token][dim] tile (ldmatrix.trans)
+//   M += carry * A^T diag(w) B,  carry *= exp(G_last)  (0 after a document start)
+// walking the chunks forward with w = w_entry, carry = coef (entry mode) or
+// backward from the segment's end with w = w_exit, carry = 1 (exit mode). Either
+// way carry is the decay between the chunk and the segment's edge, so the walk
+// stops once it underflows to zero (a document start, or strong decays: with
+// per-token gates around -0.05 after about 32 chunks), and M stays unscaled.
+// A^T fragments are read transposed from the [token][dim] tile (ldmatrix.trans)
 // and scaled per token in registers. The per-token weights come precomputed
 // from the meta kernel (MetaArgs::wmeta): no exponentials here.
 #include "device_utils.cuh"
@@ -57,10 +61,14 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   const float* wmeta = args.wmeta + bh * g.nchunks * kChunk * 2;
   if (col0 >= args.db) return;  // (uniform) no columns for this block
 
-  // Copies chunk c into `stage` when c < c_end; commits a group either way, so
-  // that "all but the newest group complete" always means "chunk c arrived".
-  auto load = [&](int c, int stage) {
-    if (c < c_end) {
+  // The i-th chunk of the walk: forward (entry) or backward from the end (exit).
+  const int nwalk = c_end - c_begin;
+  auto chunk_of = [&](int i) { return ENTRY ? c_begin + i : c_end - 1 - i; };
+  // Copies the walk's chunk i into `stage` when i < nwalk; commits a group either
+  // way, so that "all but the newest group complete" always means "chunk i arrived".
+  auto load = [&](int i, int stage) {
+    if (i < nwalk) {
+      const int c = chunk_of(i);
       const int nvalid = min(kChunk, g.n - c * kChunk);
       const int64_t t0 = static_cast<int64_t>(c) * kChunk;
       load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da,
@@ -77,27 +85,21 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   for (int j = 0; j < DB / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) M[j][e] = 0.f;
-  float carry = args.coef;
+  float carry = ENTRY ? args.coef : 1.f;
   const bool active = 16 * warp < args.da;
 
-  load(c_begin, 0);
-  load(c_begin + 1, 1);
+  load(0, 0);
+  load(1, 1);
   int stage = 0;
-  for (int c = c_begin; c < c_end; ++c) {
-    cp_async_wait_group1();  // chunk c arrived (only chunk c + 1 may be pending)
-    __syncthreads();         // ... for every thread; and the stage of c - 1 is free
-    load(c + 2, stage == 0 ? 2 : stage - 1);
+  for (int i = 0; i < nwalk; ++i) {
+    cp_async_wait_group1();  // chunk i arrived (only chunk i + 1 may be pending)
+    __syncthreads();         // ... for every thread; and the stage of i - 1 is free
+    load(i + 2, stage == 0 ? 2 : stage - 1);
     const T* ta = tile_a(stage);
     const T* tb = tile_b(stage);
     const float* ws = meta_s + stage * 128;  // {w_entry, w_exit} per token
     const float through = ws[2 * 63];        // w_entry of the last token = exp(G_last) or 0
     if (active) {
-      if (!ENTRY) {
-#pragma unroll
-        for (int j = 0; j < DB / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) M[j][e] *= through;
-      }
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];
@@ -112,10 +114,10 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
           w[2] = carry * wh.x;
           w[3] = carry * wh.z;
         } else {
-          w[0] = wl.y;
-          w[1] = wl.w;
-          w[2] = wh.y;
-          w[3] = wh.w;
+          w[0] = carry * wl.y;
+          w[1] = carry * wl.w;
+          w[2] = carry * wh.y;
+          w[3] = carry * wh.w;
         }
         a[0] = scale2<T>(a[0], w[0], w[1]);
         a[1] = scale2<T>(a[1], w[0], w[1]);
@@ -130,10 +132,10 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
         }
       }
     }
-    if (ENTRY) {
-      carry *= through;
-      if (carry == 0.f) break;  // a document start: later tokens never see the entering state
-    }
+    // through the whole chunk: what lies beyond it (entry: later tokens; exit: earlier
+    // ones) is reached only by this factor; 0 after a document start or an underflow
+    carry *= through;
+    if (carry == 0.f) break;
     stage = stage == 2 ? 0 : stage + 1;
   }
   cp_async_wait_all();

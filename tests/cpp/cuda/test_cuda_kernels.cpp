@@ -320,6 +320,20 @@ std::vector<OpCase> op_cases() {
     c.seg_chunks = 3;
     cases.push_back(c);
   }
+  {  // 16-chunk segments with fixed decays (-0.03, -0.06 per token: no underflow): the
+     // exit-weighted states walk each segment backward, carrying the decay to its end
+     // over 16 chunks (the gated cases' decays, -0.3 per token on average, underflow
+     // after about 6 chunks and stop the walks early, e.g. T4109_auto)
+    OpCase c;
+    c.name = "bf16_fixed_D128_seg16";
+    c.mode = DecayMode::kFixed;
+    c.dk = c.dv = 128;
+    c.T = 2200;
+    c.begin = 0;
+    c.end = 2200;
+    c.seg_chunks = 16;
+    cases.push_back(c);
+  }
   {  // 4096 + 13 tokens, the backend's own segmentation
     OpCase c;
     c.name = "bf16_gate_D128_T4109_auto";

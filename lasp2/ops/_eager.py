@@ -1,0 +1,48 @@
+"""Eager calls of lasp2's custom ops without torch.library's Python dispatch.
+
+An op defined in Python with torch.library.custom_op pays, on every eager call, for
+its dispatcher round trip, the filling of default arguments from its schema and the
+autograd wrapper around it: tens of microseconds per op, measured as most of the
+host time of one layer at T = 4K on an H200 (docs/kernels.md, "Performance"). Each
+op module therefore builds, from the SAME implementation, setup_context and backward
+functions it registers with torch.library, a torch.autograd.Function, and its public
+entry point calls that Function in plain eager mode. Under torch.compile,
+torch.export, a dispatch mode (fake tensors, make_fx) or with tensor subclasses the
+registered custom op runs, so tracing still sees one opaque op with its fake kernel;
+opcheck calls the op itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_call(*tensors) -> bool:
+    """True when the op may bypass its custom-op registration: plain eager mode and
+    plain tensors (None allowed)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A torch.autograd.Function running impl(*inputs) with the op's registered
+    setup_context / backward (gradients of unused outputs arrive as zeros, as they do
+    for the custom op)."""
+
+    # ctx-style forward: a separate setup_context would make every call bind the
+    # arguments to forward's signature through inspect (measurable at small T)
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
