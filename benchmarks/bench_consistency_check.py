@@ -1,9 +1,16 @@
 """Cost of lasp2's per-call cross-rank consistency check (docs/reliability.md).
 
-Times, on every rank of a group of 2+ processes:
-  check : verify_group_consistency alone (one 256-byte all-gather per rank + compare),
-  step  : a forward+backward of lasp2.linear_attention over a 4K-token global sequence,
-          with the check (as shipped) and with the check replaced by a no-op,
+Times, on every rank of a group of 2+ processes, for the check's synchronous mode (the
+host reads the gathered table: CPU/gloo, and CUDA before issue 13's deferred mode) and
+its deferred mode (the CUDA default: compared on the device, no host sync in steady
+state; lasp2/ops/_group_consistency.py):
+  check : verify_group_consistency alone (one 256-byte all-gather per rank + compare)
+          and the seal of one output,
+  step  : a forward+backward of a stack of 1 (and 8) lasp2.linear_attention layers over a
+          4K-token global sequence, with the check (as shipped) and with the check
+          replaced by a no-op (one layer: each backward right after its forward, the
+          deferred mode's worst case; 8 layers: as in a model; and one layer without
+          gates, whose check reads no device tensor),
 and prints the check's share of the step. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
@@ -12,9 +19,11 @@ One GPU:     python benchmarks/bench_consistency_check.py --device cuda --world 
 (--device cpu also works under torchrun; without torchrun it spawns --world processes.)
 With one process the ops skip the check (there is nobody to disagree with), so the
 "with check" step runs the check explicitly beside the op, as a group call would: this
-measures everything but the wire (the row, the digests, the flags, the NCCL launch
-and the table's copy to the host with its stream sync); a 256-byte all-gather between
-GPUs adds the interconnect's latency on top.
+measures everything but the wire (the row, the digests, the flags, the NCCL launch,
+the device comparison and the seal, or the table's copy to the host with its stream
+sync); a 256-byte all-gather between GPUs adds the interconnect's latency on top (in
+deferred mode off the host's path). "host_reads_of_the_table" counts synchronous reads
+over the whole run (deferred: the first calls, before the history predicts the row).
 """
 
 from __future__ import annotations
@@ -50,13 +59,16 @@ def _time(fn, iters, device):
 
 def _patch_check(enabled: bool, original):
     """Swap the check in every lasp2 module that imported it (on or off)."""
+    from lasp2.ops._group_consistency import NO_CHECK
+
     for name, mod in list(sys.modules.items()):
         if name.startswith("lasp2") and hasattr(mod, "verify_group_consistency"):
-            mod.verify_group_consistency = original if enabled else (lambda *a, **k: None)
+            mod.verify_group_consistency = original if enabled else (lambda *a, **k: NO_CHECK)
 
 
 def bench(rank, world, args):
     import lasp2
+    from lasp2.ops import _checks as C
     from lasp2.ops import _group_consistency as GC
 
     if args.device == "cuda":
@@ -69,38 +81,70 @@ def bench(rank, world, args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     T = args.tokens // world
     gen = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, T, args.heads, args.head_dim, generator=gen).to(device, dtype).requires_grad_()
-               for _ in range(3))
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
+    layer_counts = [int(n) for n in args.layers.split(",")]
+    L_max = max(layer_counts)
+    # a stack of layers, each h -> h + linear_attention(h * wq, h * wk, h, g): the backward of
+    # layer l runs after the forward of the layers above it, as in a model
+    x = torch.randn(1, T, args.heads, args.head_dim, generator=gen).to(device, dtype).requires_grad_()
+    wq, wk = (torch.rand(L_max, args.head_dim, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
+    gates = [torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
+             for _ in range(L_max)]
 
-    def step():
-        o = lasp2.linear_attention(q, k, v, g=g, group=group)
-        o.sum().backward()
+    # the linear-attention call's check: 12 size fields, 4 host values, decay (absent), the
+    # positive-gate flag on CUDA, and a replay (never run here: the ranks agree)
+    signature = [1, T, args.heads, args.head_dim, args.head_dim, 1, 2, 1, 0, 0, 0, 0]
+    names = [f"f{i}" for i in range(len(signature))]
+    replay = (lambda: None, (), {})
 
-    signature = list(range(11))
-    names = [f"f{i}" for i in range(11)]
-    check = lambda: GC.verify_group_consistency(  # noqa: E731  (the linear-attention call's shape)
-        "bench", group, signature, names, device, host_values=[("scale", 0.125), ("cu", None), ("p", "lasp2")],
-        device_values=[("decay", None)], flags=[("g > 0", g.detach().max() > 0)] if device.type == "cuda" else ())
+    def check(g):
+        return GC.verify_group_consistency(
+            "bench", group, signature, names, device,
+            host_values=[("scale", args.head_dim ** -0.5), ("cu", None), ("layout", "bthd"), ("overlap", None)],
+            device_values=[("decay", None)],
+            flags=[("g > 0", f) for f in [C.positive_flag(g)] if f is not None], replay=replay)
+
+    def step(layers, beside, gated=True):
+        h = x
+        for i in range(layers):
+            g = gates[i] if gated else None
+            verdict = check(g) if beside else GC.NO_CHECK
+            h = h + verdict.seal(lasp2.linear_attention(h * wq[i], h * wk[i], h, g=g, group=group))
+        h.float().sum().backward()
+
+    o_like = torch.zeros_like(x)
     original = GC.verify_group_consistency
-    t_check = _time(check, args.iters * 4, device)
-    if world == 1:  # the op does not check itself: run the check beside it, as a group call would
-        t_with = _time(lambda: (check(), step()), args.iters, device)
-        t_without = _time(step, args.iters, device)
-    else:
-        _patch_check(True, original)
-        t_with = _time(step, args.iters, device)
-        _patch_check(False, original)
-        t_without = _time(step, args.iters, device)
-        _patch_check(True, original)
+    result = {"device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
+              "head_dim": args.head_dim, "dtype": str(dtype)}
+    modes = ["sync", "deferred"] if device.type == "cuda" else ["sync"]
+    if args.mode != "both":
+        modes = [args.mode]
+    for mode in modes:
+        GC.MODE = mode
+        GC.STATS.update(sync=0, deferred=0, replays=0)
+        # the check alone: the call, and the seal of one output (NaN where the ranks disagree)
+        t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
+        result[mode] = {"check_us": round(t_check * 1e6, 1)}
+        # stacks of gated layers; and one layer without gates (its check's row is host values
+        # only: no device fields, so on CUDA it does not wait for the op's stream at all)
+        for layers, gated in [(n, True) for n in layer_counts] + [(1, False)]:
+            iters = max(10, args.iters // layers)
+            if world == 1:  # the op does not check itself: run the check beside it, as a group call would
+                t_with = _time(lambda: step(layers, True, gated), iters, device)
+                t_without = _time(lambda: step(layers, False, gated), iters, device)
+            else:
+                _patch_check(True, original)
+                t_with = _time(lambda: step(layers, False, gated), iters, device)
+                _patch_check(False, original)
+                t_without = _time(lambda: step(layers, False, gated), iters, device)
+                _patch_check(True, original)
+            result[mode][f"{layers}_layers" + ("" if gated else "_no_gates")] = {
+                "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
+                "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
+                "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
+        result[mode].update(host_reads_of_the_table=GC.STATS["sync"], deferred_calls=GC.STATS["deferred"])
+    GC.MODE = "auto"
     if rank == 0:
-        print(json.dumps({
-            "device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
-            "head_dim": args.head_dim, "dtype": str(dtype), "check_us": round(t_check * 1e6, 1),
-            "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
-            "check_share_of_step_pct": round(100 * t_check / t_without, 3),
-            "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3),
-        }), flush=True)
+        print(json.dumps(result), flush=True)
 
 
 def _spawned(rank, world, store, args):
@@ -121,6 +165,10 @@ def main():
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--world", type=int, default=2, help="processes to spawn when not under torchrun")
+    p.add_argument("--layers", default="1,8",
+                   help="comma-separated stack depths to time (layer l's backward follows the layers above)")
+    p.add_argument("--mode", default="both", choices=["both", "sync", "deferred"],
+                   help="the check's mode (both: sync and deferred on CUDA, sync on CPU)")
     args = p.parse_args()
     gpu = args.device == "cuda"
     args.heads = args.heads or (16 if gpu else 4)

@@ -66,6 +66,7 @@ if has delta; then
   say "delta CUDA GoogleTests (exit $?): $(grep -cE '^\[       OK \]' "$LOGS/delta_gtest.log") OK, \
 $(grep '^\[  FAILED  \] [A-Z]' "$LOGS/delta_gtest.log" | sort -u | wc -l) failed"
   grep -E '^\[  FAILED  \] [A-Z]|Failure|rel|Expected|Which is' "$LOGS/delta_gtest.log" | head -30 | keep
+  grep -F '[ timing ]' "$LOGS/delta_gtest.log" | keep  # the one-device calls and each chunked kernel at 64K
   timeout 300 python3 -m pytest tests/python/ops/test_delta_rule_gpu.py -m gpu -q -p no:cacheprovider \
     > "$LOGS/delta_pytest.log" 2>&1
   say "delta gpu pytest (exit $?): $(tail -n 1 "$LOGS/delta_pytest.log")"
@@ -93,6 +94,9 @@ if has check; then
     timeout 180 python3 benchmarks/bench_consistency_check.py --device cuda --world 1 > "$LOGS/check.log" 2>&1
   fi
   say "consistency check (exit $?): $(grep '^{' "$LOGS/check.log" | tail -n 1)"
+  # its deferred mode on an NCCL group of one, and CUDA-graph capture of a group-of-one call
+  timeout 120 python3 -m pytest tests/python/reliability/test_consistency_gpu.py -q > "$LOGS/check_gpu_test.log" 2>&1
+  say "consistency check GPU test (exit $?): $(tail -n 1 "$LOGS/check_gpu_test.log")"
 fi
 
 if has examples; then

@@ -12,7 +12,7 @@ from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2.ops._documents import head_docs
-from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.options import PROVIDERS
 
@@ -178,8 +178,9 @@ def linear_attention(
         raise
     if scale is None:
         scale = q.shape[3] ** -0.5
+    check = NO_CHECK
     if ctx.world_size > 1:
-        verify_group_consistency(
+        check = verify_group_consistency(
             OP, ctx.group,
             [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
              0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
@@ -193,7 +194,10 @@ def linear_attention(
                          ("`layout`", layout), ("`overlap`", overlap)],
             device_values=[("`decay` values", decay)],
             flags=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", flag)
-                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None])
+                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None],
+            replay=(linear_attention, (q, k, v), dict(g=g, decay=decay, scale=scale, layout=layout, overlap=overlap,
+                    provider=provider, sp_context=ctx, initial_state=initial_state,
+                    output_final_state=output_final_state)))
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 
@@ -213,5 +217,5 @@ def linear_attention(
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:
-        return o
-    return o, (final.to(initial_state.dtype) if initial_state is not None else final)
+        return check.seal(o)  # NaN if the ranks' (asynchronously compared) arguments disagree
+    return check.seal(o, final.to(initial_state.dtype) if initial_state is not None else final)

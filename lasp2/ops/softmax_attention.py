@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
-from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops._lasp2h import Block, plan_blocks  # noqa: F401  (the plan is part of this op's story)
 from lasp2.ops._softmax_library import lasp2h_attention
 
@@ -118,8 +118,9 @@ def softmax_attention(
         raise
     rank, world, parts = ctx.rank, ctx.world_size, ctx.parts_per_rank
     cu = None if ctx.cu_seqlens is None else ctx.cu_seqlens_list  # no cached_property without documents
+    check = NO_CHECK
     if world > 1:
-        verify_group_consistency(
+        check = verify_group_consistency(
             OP, ctx.group,
             [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,
              int(causal), -1 if cu is None else len(cu), int(q.requires_grad), int(k.requires_grad),
@@ -128,10 +129,12 @@ def softmax_attention(
              "value head dim", "dtype", "split", "causal", "number of cu_seqlens entries",
              "q.requires_grad", "k.requires_grad", "v.requires_grad", "grad mode"],
             q.device,
-            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
+            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)],
+            replay=(softmax_attention, (q, k, v), dict(scale=scale, layout=layout, causal=causal, backend=backend,
+                                                         sp_context=ctx)))
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     o = lasp2h_attention(q, k, v, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group,
                          ctx.collectives, rank, world, parts, ctx.effective_split, causal, cu)
-    return o.transpose(0, 1) if layout == "tbhd" else o
+    return check.seal(o.transpose(0, 1) if layout == "tbhd" else o)  # NaN if the ranks disagree

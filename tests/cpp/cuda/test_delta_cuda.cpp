@@ -9,10 +9,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <numeric>
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/delta_backend.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/lasp2.h"
@@ -221,7 +223,10 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     DevBuf<float> gE(E.size());
     gE.poison();
     gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
-    EXPECT_LT(rel_err_f32(gE.download(), E), tol_f32) << "entering dstate";
+    // GDN in 16-bit with d = 64 / 128 runs the chunked reverse pass, whose state
+    // products take 16-bit operands (delta_chunk.h)
+    const bool chunked = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    EXPECT_LT(rel_err_f32(gE.download(), E), chunked ? 5e-3 : tol_f32) << "entering dstate";
   }
 
   // backward with an entering state, a leaving-state gradient and document states
@@ -282,6 +287,170 @@ std::vector<DeltaCase> delta_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaCuda, ::testing::ValuesIn(delta_cases()), case_name);
+
+// ---- the chunked tensor-core kernels (delta_chunk.h) against the token-recurrent ones ----
+// GDN in bf16 / fp16, d = 64 and 128, a part that starts and ends mid-chunk: packed
+// documents without document states (starts inside chunks, on a chunk's first token and
+// one-token documents) and -inf log gates (the state forgotten mid-chunk), with an
+// entering state and a leaving-state gradient. The reference is the same backend with
+// LASP2_DELTA_CHUNKED=0 (the recurrent kernels, held to the CPU backend above; the CPU
+// forward's chunk form has no -inf gates). Without -inf gates the chunked results are
+// also held to the CPU backend.
+struct ChunkedCase {
+  ScalarType type;
+  int d;
+  bool packed;
+  bool neg_inf;
+};
+
+class EnvScope {
+ public:
+  EnvScope(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+  ~EnvScope() { unsetenv(name_); }
+  EnvScope(const EnvScope&) = delete;
+  EnvScope& operator=(const EnvScope&) = delete;
+
+ private:
+  const char* name_;
+};
+
+struct ChunkedResult {
+  std::vector<double> o, dq, dk, dv;
+  std::vector<char> o_written;
+  std::vector<float> dE, dE_head, dg, db, dI;
+};
+
+class DeltaCudaChunked : public ::testing::TestWithParam<ChunkedCase> {};
+
+TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const ChunkedCase c = GetParam();
+  DeltaSpec spec;
+  spec.seqlen = 300;
+  spec.heads = 2;
+  spec.dim_k = spec.dim_v = c.d;
+  spec.chunk_size = 64;
+  spec.scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+  spec.batch = c.packed ? 1 : 2;
+  // part chunks begin at 37, 101, 165, 229: starts inside chunks, on one, one-token docs
+  if (c.packed) spec.doc_starts = {5, 64, 65, 101, 130, 200, 201, 263};
+  DeltaProblem<float> pr(spec, 23);
+  prepare_inputs(pr, c.type);
+  if (c.neg_inf)  // the state forgotten inside a chunk, at a chunk's first token, at the part's first
+    for (int64_t b = 0; b < spec.batch; ++b)
+      for (int64_t t : {37, 90, 165, 166, 250})
+        for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
+  const Layout lay{false, 0};
+  DeviceProblem dev(pr, c.type, lay);
+  const DeltaParams& dp = dev.p;
+  const DeltaParams hp = pr.params();
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  const TokenRange part{37, spec.seqlen - 20};
+  const int64_t bh = dp.bh(), se = dp.state_elems(), D = spec.num_docs() * spec.heads * se;
+
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  std::vector<float> entering(bh * se), leaving(bh * se);
+  for (auto& x : entering) x = normal(rng);
+  for (auto& x : leaving) x = normal(rng);
+  auto d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+
+  auto run = [&]() {
+    ChunkedResult r;
+    DevTensor og(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
+    gpu.forward(dp, part, d_entering.p, DocStates{}, og.mview(), nullptr);
+    auto ob = og.download();
+    r.o = ob.v;
+    r.o_written = ob.written;
+    DevBuf<float> gE(bh * se);
+    gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+    r.dE_head = gE.download();
+    DevTensor gdq(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
+    DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
+    DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
+    DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdI = zeroed(D), gdE(bh * se);
+    DocStates ddoc;
+    ddoc.d_initial = gdI.p;  // gradients of the documents' (zero) initial states
+    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
+                 gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+    r.dq = gdq.download().v;
+    r.dk = gdk.download().v;
+    r.dv = gdv.download().v;
+    r.dg = gdg.download();
+    r.db = gdb.download();
+    r.dI = gdI.download();
+    r.dI.resize(D);
+    r.dE = gdE.download();
+    return r;
+  };
+  const ChunkedResult got = run();
+  ChunkedResult want;
+  {
+    const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+    want = run();
+  }
+  // tol_state: entering_dstate is the chunked reverse pass alone, whose state products
+  // take 16-bit operands (the backward's other outputs come from the exact per-interval
+  // adjoint, which only starts from those states)
+  const double tol_io = 1e-2, tol_sum = 2e-3, tol_state = 5e-3;
+  // max |got - want| / max |want| over the part's rows (the 16-bit outputs are
+  // poisoned outside it); elements inside it must be finite
+  const int64_t part_elems = (part.end - part.begin) * spec.heads * spec.dim_v;
+  auto rel = [&](const std::vector<double>& a, const std::vector<double>& b, const char* name) {
+    double num = 0, den = 0;
+    int64_t bad = 0;
+    for (int64_t b_ = 0; b_ < spec.batch; ++b_)
+      for (int64_t i = 0; i < part_elems; ++i) {
+        const size_t e = static_cast<size_t>((b_ * spec.seqlen + part.begin) * spec.heads * spec.dim_v + i);
+        if (!std::isfinite(a[e]) || !std::isfinite(b[e])) {
+          ++bad;
+          continue;
+        }
+        num = std::max(num, std::abs(a[e] - b[e]));
+        den = std::max(den, std::abs(b[e]));
+      }
+    EXPECT_EQ(bad, 0) << name << ": not finite inside the part";
+    return den > 0 ? num / den : num;
+  };
+  EXPECT_EQ(got.o_written, want.o_written) << "o written where the recurrent kernels write";
+  EXPECT_LT(rel(got.o, want.o, "o"), tol_io) << "o";
+  EXPECT_LT(rel(got.dq, want.dq, "dq"), tol_io) << "dq";
+  EXPECT_LT(rel(got.dk, want.dk, "dk"), tol_io) << "dk";
+  EXPECT_LT(rel(got.dv, want.dv, "dv"), tol_io) << "dv";
+  EXPECT_LT(rel_err_f32(got.dg, want.dg), tol_sum) << "dg";
+  EXPECT_LT(rel_err_f32(got.db, want.db), tol_sum) << "dbeta";
+  EXPECT_LT(rel_err_f32(got.dE, want.dE), tol_sum) << "d_entering";
+  EXPECT_LT(rel_err_f32(got.dE_head, want.dE_head), tol_state) << "entering dstate";
+  if (c.packed) EXPECT_LT(rel_err_f32(got.dI, want.dI), tol_sum) << "d_initial";
+
+  if (!c.neg_inf) {  // and the CPU backend, call by call
+    std::vector<float> o(pr.v.size(), 0.f);
+    delta::delta_cpu_backend().forward(hp, part, entering.data(), DocStates{}, {o.data(), pr.strides(spec.dim_v)},
+                                       nullptr);
+    const Compare cmp = compare_rows(got.o, got.o_written, o, spec.batch, spec.seqlen, spec.heads, spec.dim_v,
+                                     part.begin, part.end);
+    EXPECT_LT(cmp.rel, tol_io) << "o vs CPU";
+    EXPECT_EQ(cmp.missing, 0);
+    EXPECT_EQ(cmp.clobbered, 0);
+    std::vector<float> E(bh * se);
+    delta::delta_cpu_backend().entering_dstate(hp, part, pr.dout_view(), E.data(), nullptr);
+    EXPECT_LT(rel_err_f32(got.dE_head, E), tol_state) << "entering dstate vs CPU";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, DeltaCudaChunked,
+    ::testing::Values(ChunkedCase{ScalarType::kBFloat16, 128, false, false},
+                      ChunkedCase{ScalarType::kBFloat16, 128, true, false},
+                      ChunkedCase{ScalarType::kBFloat16, 64, true, true},
+                      ChunkedCase{ScalarType::kFloat16, 64, false, false},
+                      ChunkedCase{ScalarType::kFloat16, 128, true, true},
+                      ChunkedCase{ScalarType::kFloat16, 64, false, true}),
+    [](const ::testing::TestParamInfo<ChunkedCase>& info) {
+      const auto& c = info.param;
+      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed" : "_rows") +
+             (c.neg_inf ? "_neginf" : "");
+    });
 
 TEST(DeltaCudaCombine, ApplyMapMatchesCpuAndMayAlias) {
   LASP2_SKIP_WITHOUT_CUDA();
@@ -519,6 +688,90 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   std::printf("[ timing ] GDN T=%lld H=16 D=128 bf16: part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate + backward %.2f ms\n",
               static_cast<long long>(T), summary_ms, forward_ms, backward_ms);
+  // Where the chunked kernels' time goes (delta_chunk.h): each launch on its own,
+  // the second of two runs timed.
+  {
+    namespace gpu = delta::gpu;
+    gpu::Problem g;
+    g.batch = 1;
+    g.heads = static_cast<int>(H);
+    g.dk = g.dv = static_cast<int>(D);
+    g.seqlen = T;
+    g.n = T;
+    g.elem = gpu::Elem::kBF16;
+    auto view = [](const DevTensor& t) {
+      const ConstView v = t.cview();
+      return gpu::View{v.data, v.stride.batch, v.stride.seq, v.stride.head};
+    };
+    g.q = view(q);
+    g.k = view(k);
+    g.v = view(v);
+    g.g = static_cast<const float*>(p.g);
+    g.gsb = T * H;
+    g.gst = H;
+    g.gsh = 1;
+    g.beta = static_cast<const float*>(p.beta);
+    g.bsb = T * H;
+    g.bst = H;
+    g.bsh = 1;
+    g.scale = static_cast<float>(p.scale);
+    g.seg_len = T;
+    const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
+    DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
+        ckpt(H * nck * D * D), dh(H * nck * D * D), acc(T * H * (3 * D + 1));
+    const gpu::ChunkPrep prep{w.p, u.p, meta.p};
+    gpu::ForwardOut fo;
+    fo.o = o.mview().data;
+    fo.osb = T * H * D;
+    fo.ost = H * D;
+    fo.osh = D;
+    gpu::BackwardArgs ba;
+    ba.dout = view(dout);
+    ba.ckpt = ckpt.p;
+    ba.chunk_dstate = dh.p;
+    ba.dv = dv.mview().data;
+    ba.dvsb = T * H * D;
+    ba.dvst = H * D;
+    ba.dvsh = D;
+    ba.acc = acc.p;
+    const std::vector<std::pair<const char*, std::function<void()>>> stages = {
+        {"prep", [&] { gpu::launch_chunk_prep(g, prep, nullptr); }},
+        {"states", [&] {
+           gpu::ChunkStatesOut so;
+           so.v_new = vnew.p;
+           so.states = st16.p;
+           gpu::launch_chunk_states(g, prep, so, nullptr);
+         }},
+        {"output", [&] { gpu::launch_chunk_output(g, prep, vnew.p, st16.p, fo, nullptr); }},
+        {"states(ckpt)", [&] {
+           gpu::ChunkStatesOut so;
+           so.ckpt = ckpt.p;
+           gpu::launch_chunk_states(g, prep, so, nullptr);
+         }},
+        {"rprep", [&] { gpu::launch_chunk_rprep(g, view(dout), prep, nullptr); }},
+        {"rstates", [&] {
+           gpu::ChunkReverseOut ro;
+           ro.dh = dh.p;
+           gpu::launch_chunk_rstates(g, view(dout), prep, ro, nullptr);
+         }},
+        {"interval adjoints", [&] { gpu::launch_backward(g, ba, nullptr); }},
+    };
+    std::string line;
+    for (const auto& [name, launch] : stages) {
+      float ms = 0;
+      for (int rep = 0; rep < 2; ++rep) {
+        cuda_ok(cudaEventRecord(e0), "record");
+        launch();
+        cuda_ok(cudaEventRecord(e1), "record");
+        cuda_ok(cudaEventSynchronize(e1), "sync");
+      }
+      cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "%s%s %.2f", line.empty() ? "" : ", ", name, ms);
+      line += buf;
+    }
+    std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
+  }
   for (DevTensor* t : {&o, &dq, &dk, &dv}) {
     const auto rb = t->download();
     int64_t bad = 0;

@@ -15,13 +15,15 @@ from typing import Optional
 import torch
 
 
-def _child(rank, world, store_path, fn, args, results, timeout_s):
+def _child(rank, world, store_path, fn, args, results, timeout_s, backend="gloo"):
     import datetime
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         value = fn(rank, world, *args)
@@ -33,8 +35,8 @@ def _child(rank, world, store_path, fn, args, results, timeout_s):
     os._exit(0)  # no teardown: a peer may already be gone
 
 
-def run_world(world: int, fn, *args, timeout: float = 60.0, pg_timeout: float = 20.0):
-    """Runs fn(rank, world, *args) on `world` gloo processes.
+def run_world(world: int, fn, *args, timeout: float = 60.0, pg_timeout: float = 20.0, backend: str = "gloo"):
+    """Runs fn(rank, world, *args) on `world` gloo processes (nccl: one GPU each).
 
     Returns {rank: ("ok", value) | ("raised", text) | ("exit", exitcode) | ("hung", None)}.
     fn must be importable (module level) and its return value picklable.
@@ -43,7 +45,7 @@ def run_world(world: int, fn, *args, timeout: float = 60.0, pg_timeout: float = 
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="lasp2_rel_")
     procs = [ctx.Process(target=_child, args=(r, world, os.path.join(store_dir, "store"), fn, args, results,
-                                              pg_timeout))
+                                              pg_timeout, backend))
              for r in range(world)]
     for p in procs:
         p.start()

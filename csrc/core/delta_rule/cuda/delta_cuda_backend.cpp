@@ -10,11 +10,20 @@
 //   backward         a forward walk storing the state every 64 tokens, the reverse
 //                    walk (dv directly; dq, dk, dg, dbeta summed over state columns
 //                    into an fp32 buffer), and a pass writing dq, dk, dg, dbeta
+//
+// GDN in fp16 / bf16 with d_k = d_v in {64, 128} and 16-byte-aligned rows takes the
+// chunked tensor-core kernels (delta_chunk.h) instead, where their segments (which
+// start from zero) cover the call: forward, entering_dstate, and backward, whose
+// 64-token checkpoints come from the chunked state pass and whose adjoint runs in
+// every checkpoint interval at once, from the chunked reverse pass's state gradients.
+// LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/route.h"
+#include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
 
@@ -93,6 +102,26 @@ gpu::Problem problem_of(const DeltaParams& p, TokenRange part, const float* doc_
   g.seg_len = std::max<int64_t>(g.n, 1);  // one segment until segmented()
   g.nseg = 1;
   return g;
+}
+
+bool rows_aligned(const void* ptr, int64_t sb, int64_t st, int64_t sh) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && st % 8 == 0 && sh % 8 == 0;
+}
+bool rows_aligned(ConstView v) { return rows_aligned(v.data, v.stride.batch, v.stride.seq, v.stride.head); }
+
+// Whether the chunked kernels take the call (delta_chunk.h): GDN, 16-bit inputs,
+// d_k = d_v in {64, 128}, q, k, v and `extra` in 16-byte-aligned rows.
+bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
+  const char* env = std::getenv("LASP2_DELTA_CHUNKED");
+  if (env != nullptr && env[0] == '0') return false;
+  if (p.gate_kind != GateKind::kScalar) return false;
+  if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
+  if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
+  if (part.length() == 0 || (part.length() + 63) / 64 > 65535) return false;
+  if (!rows_aligned(p.q) || !rows_aligned(p.k) || !rows_aligned(p.v)) return false;
+  for (const ConstView& v : extra)
+    if (!rows_aligned(v)) return false;
+  return true;
 }
 
 // One allocation of `floats` fp32 elements per named buffer, returned stream-ordered.
@@ -226,6 +255,11 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     out.osb = o.stride.batch;
     out.ost = o.stride.seq;
     out.osh = o.stride.head;
+    // documents begun inside a chunk start from zero there: initial states need the walk
+    if (chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
+      chunked_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
+      return;
+    }
     walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
   }
 
@@ -234,6 +268,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
+    if (chunked(p, part, {dout})) {
+      chunked_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, nullptr));
     if (g.n == 0) {
       cuda::cuda_check(cudaMemsetAsync(dentering, 0, g.bh() * p.state_elems() * sizeof(float), s),
@@ -271,15 +309,38 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     const int64_t ckpt_floats = p.bh() * g.checkpoints() * p.state_elems();
     const int64_t acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
-    const Scratch scratch({ckpt_floats, acc_floats}, allocator_, s);
+    // documents begun inside a chunk start from zero there and receive no end-state
+    // gradient in the chunked reverse pass: with those, the walks
+    const bool chunk = chunked(p, part, {dout}) &&
+                       !(p.doc_start != nullptr && (doc.initial != nullptr || doc.final_dstate != nullptr));
+    const int64_t prep_floats = chunk ? chunk_rows(g) * p.dim_k / 2 : 0;
+    const Scratch scratch({ckpt_floats, acc_floats, chunk ? ckpt_floats : 0, prep_floats, prep_floats,
+                           chunk ? 2 * chunk_rows(g) : 0},
+                          allocator_, s);
     if (acc_floats > 0)
       cuda::cuda_check(cudaMemsetAsync(scratch[1], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
 
-    gpu::ForwardOut fwd;  // the state at every 64th token
-    fwd.ckpt = scratch[0];
-    if (part.length() > 0) walk_forward(g, entering, fwd, s);
-
     gpu::BackwardArgs a;
+    if (chunk) {
+      // checkpoints from the chunked state pass, each interval's leaving gradient from
+      // the chunked reverse pass
+      const gpu::ChunkPrep prep{scratch[3], scratch[4], scratch[5]};
+      gpu::launch_chunk_prep(g, prep, s);
+      gpu::ChunkStatesOut so;
+      so.entering = entering;
+      so.ckpt = scratch[0];
+      gpu::launch_chunk_states(g, prep, so, s);
+      gpu::launch_chunk_rprep(g, view_of(dout), prep, s);  // r replaces u
+      gpu::ChunkReverseOut ro;
+      ro.leaving = leaving_dstate;
+      ro.dh = scratch[2];
+      gpu::launch_chunk_rstates(g, view_of(dout), prep, ro, s);
+      a.chunk_dstate = scratch[2];
+    } else {
+      gpu::ForwardOut fwd;  // the state at every 64th token
+      fwd.ckpt = scratch[0];
+      if (part.length() > 0) walk_forward(g, entering, fwd, s);
+    }
     a.dout = view_of(dout);
     a.ckpt = scratch[0];
     a.leaving_dstate = leaving_dstate;
@@ -367,6 +428,41 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_compose(g, c, s);
     out.entering = seg.states;
     gpu::launch_forward(g, out, s);
+  }
+
+  // Rows of the chunked kernels' per-token scratch: (b, h) x whole chunks.
+  static int64_t chunk_rows(const gpu::Problem& g) {
+    return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens;
+  }
+
+  // prep, the state pass (v_new and the 16-bit state entering each chunk), the output.
+  void chunked_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out,
+                       cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g) * g.dk / 2;  // 16-bit [rows][d] in floats
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows,
+                           g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
+                          allocator_, s);
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::ChunkStatesOut so;
+    so.entering = entering;
+    so.v_new = scratch[3];
+    so.states = scratch[4];
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+  }
+
+  // The reverse pass from a zero leaving gradient: the head's outputs' share.
+  void chunked_entering_dstate(const gpu::Problem& g, gpu::View dout, float* dentering,
+                               cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g) * g.dk / 2;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g)}, allocator_, s);
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::launch_chunk_rprep(g, dout, prep, s);
+    gpu::ChunkReverseOut ro;
+    ro.entering = dentering;
+    gpu::launch_chunk_rstates(g, dout, prep, ro, s);
   }
 
   static void check_map(int64_t bh, int64_t dk, int64_t dv) {

@@ -137,6 +137,10 @@ struct BackwardArgs {
   void* dv = nullptr;
   int64_t dvsb = 0, dvst = 0, dvsh = 0;
   float* acc = nullptr;
+  // Non-null: every 64-token checkpoint interval runs in its own block (grid z), its
+  // adjoint starting from chunk_dstate[bh][interval] ([dk][dv], the gradient of the
+  // state leaving the interval, from the chunked reverse pass); leaving_dstate unused.
+  const float* chunk_dstate = nullptr;
 };
 void launch_backward(const Problem& p, const BackwardArgs& a, cudaStream_t s);
 int backward_smem_bytes(int dk);

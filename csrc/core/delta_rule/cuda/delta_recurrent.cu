@@ -622,11 +622,18 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
   const float scale = p.scale;
   constexpr int kHalf = kStretch / 2;
 
+  // One interval per block (grid z) when the chunked reverse pass gave each interval's
+  // leaving gradient, else the whole part's reverse walk.
+  const bool per_chunk = a.chunk_dstate != nullptr;
+  const int64_t c_first = per_chunk ? static_cast<int64_t>(blockIdx.z) : nck - 1;
+  const int64_t c_last = per_chunk ? c_first : 0;
   float lam[R];
-  load_column<G, R>(p, a.leaving_dstate ? a.leaving_dstate + L.bh * se : nullptr, L.col, valid, L.g,
-                    lam);
+  load_column<G, R>(p,
+                    per_chunk ? a.chunk_dstate + (L.bh * nck + c_first) * se
+                              : (a.leaving_dstate ? a.leaving_dstate + L.bh * se : nullptr),
+                    L.col, valid, L.g, lam);
   const ColSource vsrc{&p.v, L.col0, p.dv}, dsrc{&a.dout, L.col0, p.dv};
-  for (int64_t c = nck - 1; c >= 0; --c) {
+  for (int64_t c = c_first; c >= c_last; --c) {
     const int64_t c0 = c * CT;
     const int clen = static_cast<int>(p.n - c0 < CT ? p.n - c0 : CT);
     const int nst = (clen + kStretch - 1) / kStretch;
@@ -767,8 +774,9 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
       }
     }
   }
-  store_column<G, R>(p, a.dentering ? a.dentering + L.bh * se : nullptr, p.dv, L.col, valid, L.g,
-                     lam);
+  if (c_last == 0)
+    store_column<G, R>(p, a.dentering ? a.dentering + L.bh * se : nullptr, p.dv, L.col, valid, L.g,
+                       lam);
 }
 
 // dq, dk (input dtype), dg and dbeta (fp32) from the per-token sums; one block per
@@ -988,7 +996,9 @@ static void launch_backward_cfg(const Problem& p, const BackwardArgs& a, cudaStr
   Problem one = p;  // one segment: the reverse walk runs over the whole part
   one.nseg = 1;
   one.seg_len = p.n;
-  kernel<<<walk_grid<G>(p, p.dv, kBwdWarps, 1), kBwdWarps * 32, bytes, s>>>(one, a);
+  const int z = a.chunk_dstate != nullptr ? static_cast<int>(p.checkpoints()) : 1;
+  if (z == 0) return;
+  kernel<<<walk_grid<G>(p, p.dv, kBwdWarps, z), kBwdWarps * 32, bytes, s>>>(one, a);
 }
 
 void launch_backward(const Problem& p, const BackwardArgs& a, cudaStream_t s) {

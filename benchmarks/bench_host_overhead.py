@@ -1,0 +1,162 @@
+"""Host overhead of one lasp2 layer call: the eager path against the registered
+torch.library custom op, side by side in one run.
+
+In plain eager mode lasp2's ops run their implementation through a
+torch.autograd.Function (lasp2/ops/_eager.py); under torch.compile / export they
+run as registered custom ops, whose Python dispatch costs host time on every call.
+This benchmark times a forward + backward loop of one layer both ways (the eager
+gate patched off for the second) and, on CUDA, the same step replayed from a CUDA
+graph (kernels only, no host). At small T on a GPU the host decides the step time.
+
+  python benchmarks/bench_host_overhead.py                 # CUDA if present, else CPU
+  python benchmarks/bench_host_overhead.py --device cpu --seq-lens 256
+
+Prints a table, writes docs/results/host_overhead.png (--png to change) and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import lasp2
+from lasp2.ops import _eager
+
+
+def _ops(names):
+    """name -> (make inputs, step) for each op timed."""
+    def linear(B, T, H, D, dtype, device):
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        g = (-0.1 * torch.rand(B, T, H, device=device)).requires_grad_()
+        return (q, k, v, g), lambda: lasp2.linear_attention(q, k, v, g=g)
+
+    def softmax(B, T, H, D, dtype, device):
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        return (q, k, v), lambda: lasp2.softmax_attention(q, k, v)
+
+    def delta(B, T, H, D, dtype, device):
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
+        q, k = (torch.nn.functional.normalize(x, dim=-1).requires_grad_() for x in (q, k))
+        v.requires_grad_()
+        g = (-0.1 * torch.rand(B, T, H, device=device)).requires_grad_()
+        beta = torch.rand(B, T, H, device=device, dtype=dtype).mul(0.9).add(0.05).requires_grad_()
+        return (q, k, v, g, beta), lambda: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
+
+    table = {"linear_attention": linear, "softmax_attention": softmax, "gated_delta_rule": delta}
+    return {n: table[n] for n in names}
+
+
+def _patched_modules():
+    return [m for n, m in list(sys.modules.items()) if n.startswith("lasp2.ops") and hasattr(m, "eager_call")]
+
+
+def _set_eager(enabled: bool):
+    for mod in _patched_modules():
+        mod.eager_call = _eager.eager_call if enabled else (lambda *a: False)
+
+
+def _wall_ms(step, iters, device):
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def _graph_ms(step, iters):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return _wall_ms(graph.replay, iters, torch.device("cuda"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", nargs="+", default=["linear_attention", "gated_delta_rule", "softmax_attention"])
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--png", default="docs/results/host_overhead.png")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    seq_lens = args.seq_lens or ([1024, 4096, 16384] if cuda else [256])
+    heads, dim = args.heads or (16 if cuda else 2), args.dim or (128 if cuda else 32)
+    iters = args.iters or (50 if cuda else 20)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+
+    rows = []
+    print(f"{'op':<18} {'T':>7} {'eager ms':>9} {'custom op ms':>13} {'custom/eager':>13} {'graph ms':>9}")
+    for name, make in _ops(args.ops).items():
+        for T in seq_lens:
+            inputs, forward = make(args.batch, T, heads, dim, dtype, device)
+
+            def step():
+                for x in inputs:
+                    x.grad = None
+                forward().float().sum().backward()
+
+            times = {}
+            for mode in (True, False, True, False):  # alternate: each mode's best of two
+                _set_eager(mode)
+                ms = _wall_ms(step, iters, device)
+                times[mode] = min(times.get(mode, ms), ms)
+            _set_eager(True)
+            graph = None
+            if cuda:
+                try:
+                    graph = _graph_ms(step, iters)
+                except Exception as exc:  # an op that does not capture: say so, keep the row
+                    print(f"  ({name} T={T}: graph capture failed: {type(exc).__name__}: {exc})")
+            row = dict(op=name, T=T, B=args.batch, H=heads, D=dim, eager_ms=times[True], custom_op_ms=times[False],
+                       graph_ms=graph)
+            rows.append(row)
+            graph_txt = f"{graph:9.3f}" if graph is not None else f"{'-':>9}"
+            print(f"{name:<18} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "
+                  f"{times[False] / times[True]:12.2f}x {graph_txt}")
+
+    print(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype), rows=rows)))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    labels = [f"{r['op'].split('_')[0]}\n{r['T']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    ax.bar([i - 0.27 for i in x], [r["custom_op_ms"] for r in rows], 0.27, label="registered custom op")
+    ax.bar(list(x), [r["eager_ms"] for r in rows], 0.27, label="eager path")
+    if cuda:
+        ax.bar([i + 0.27 for i in x], [r["graph_ms"] or 0 for r in rows], 0.27, label="CUDA graph (no host)")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("fwd + bwd ms per layer call")
+    ax.set_title(f"host overhead, {'one ' + torch.cuda.get_device_name() if cuda else 'CPU'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=120)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

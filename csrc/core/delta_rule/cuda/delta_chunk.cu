@@ -1,0 +1,589 @@
+// The chunked tensor-core kernels of the scalar-gate delta rule (see delta_chunk.h):
+// mma.sync m16n8k16 in the input dtype (fp16 / bf16) with fp32 accumulation, the
+// shared-memory tiles and PTX wrappers of the scalar family (csrc/core/cuda), 4 warps
+// a block. Warp w owns tokens [16 w, 16 w + 16) of a chunk in the token-row products
+// and state rows [w d / 4, (w + 1) d / 4) in the state products.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstddef>
+#include <string>
+
+#include "cuda/tc_tiles.cuh"
+#include "delta_rule/cuda/delta_chunk.h"
+#include "lasp2/types.h"
+
+namespace lasp2::delta::gpu {
+namespace {
+
+using lasp2::cuda::cp_async16;
+using lasp2::cuda::cp_async_commit;
+using lasp2::cuda::cp_async_wait_all;
+using lasp2::cuda::cp_async_wait_group1;
+using lasp2::cuda::frag_a_colmajor;
+using lasp2::cuda::frag_a_rowmajor;
+using lasp2::cuda::frag_b_kn;
+using lasp2::cuda::frag_b_nk;
+using lasp2::cuda::from_float;
+using lasp2::cuda::kLdP;
+using lasp2::cuda::ldsm_x4;
+using lasp2::cuda::ldsm_x4_t;
+using lasp2::cuda::load_tile;
+using lasp2::cuda::mma16816;
+using lasp2::cuda::pack2;
+using lasp2::cuda::tc_scores;
+using lasp2::cuda::TcTile;
+using lasp2::cuda::unpack2;
+
+constexpr int CH = kChunkTokens;
+constexpr int NT = 128;  // threads a block (4 warps)
+constexpr int BV = kChunkCols;
+constexpr int LDV = BV + 8;  // [64][BV] column tiles, rows padded by 16 bytes
+constexpr int LDL = CH + 1;  // fp32 [64][65] triangular matrices
+
+static_assert(CH == lasp2::cuda::kChunk, "one chunk size for the tiles");
+
+template <typename T>
+__device__ __forceinline__ const T* rows_of(const View& v, int b, int h, int64_t t0) {
+  return static_cast<const T*>(v.ptr) + b * v.sb + h * v.sh + t0 * v.st;
+}
+__device__ __forceinline__ void store_u32(void* p, uint32_t x) { *reinterpret_cast<uint32_t*>(p) = x; }
+__device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+struct ChunkPos {
+  int c, b, h, nvalid;
+  int64_t bh, t0, row0;  // row0: first row of the chunk in [bh][npad] scratch
+};
+__device__ __forceinline__ ChunkPos chunk_pos(const Problem& p, int c, int64_t bh) {
+  ChunkPos q;
+  q.c = c;
+  q.bh = bh;
+  q.b = static_cast<int>(bh / p.heads);
+  q.h = static_cast<int>(bh % p.heads);
+  q.t0 = p.begin + static_cast<int64_t>(c) * CH;
+  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
+  q.nvalid = left < CH ? static_cast<int>(left) : CH;
+  q.row0 = bh * chunk_count(p) * CH + static_cast<int64_t>(c) * CH;
+  return q;
+}
+
+// The {G, s} pairs of a chunk (64 x 2 floats) into shared memory.
+__device__ __forceinline__ void load_meta(float* dst, const float* meta, int64_t row0, int tid) {
+  if (tid < CH / 2) cp_async16(dst + 4 * tid, meta + 2 * row0 + 4 * tid, true);
+}
+// A [64][BV] column block (columns j0..j0+15) of [token][ld] rows into a [64][LDV] tile;
+// rows >= nvalid are zero-filled.
+template <typename T>
+__device__ __forceinline__ void load_cols(T* dst, const T* src, int64_t ld, int j0, int nvalid, int tid) {
+  const int row = tid >> 1, part = tid & 1;  // NT = 2 * CH
+  const bool valid = row < nvalid;
+  cp_async16(dst + row * LDV + 8 * part, valid ? src + row * ld + j0 + 8 * part : src, valid);
+}
+
+// acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.
+template <typename T, int NTILES, bool kTransA>
+__device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
+                                         int m0, int kk0, int kk1, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    if (kk < kk0 || kk >= kk1) continue;
+    uint32_t a[4];
+    if constexpr (kTransA) {
+      ldsm_x4_t(a, A + frag_a_colmajor(lane, m0, 16 * kk, lda));
+    } else {
+      ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
+    }
+#pragma unroll
+    for (int np = 0; np < NTILES / 2; ++np) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * np, ldb));
+      mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
+      mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+// ---- prep: meta, T = (I + L)^-1, w, u ----------------------------------------------------
+template <typename T, int D>
+struct PrepSmem {
+  static constexpr int LD = TcTile<D>::LD;
+  T k[CH * LD];
+  T v[CH * LD];
+  float L[CH * LDL];
+  float Tm[CH * LDL];
+  T tw[CH * kLdP];
+  T tu[CH * kLdP];
+  float lg[CH], bt[CH], G[CH], s[CH];
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+  cp_async_commit();
+  if (tid < CH) {
+    const int x = tid;
+    const int64_t t = cp.t0 + x;
+    const bool valid = x < cp.nvalid;
+    const float lg = valid ? p.g[cp.b * p.gsb + t * p.gst + cp.h * p.gsh] : 0.f;
+    const float bt = valid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
+    const bool start =
+        valid && ((p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0) || lg == -INFINITY);
+    sm.lg[x] = lg;
+    sm.bt[x] = bt;
+    sm.s[x] = start ? 1.f : 0.f;
+  }
+  __syncthreads();
+  if (tid == 0) {  // cumulative gate and segment index; a segment start adds 0 to G
+    float G = 0.f, s = 0.f;
+    for (int x = 0; x < CH; ++x) {
+      if (sm.s[x] != 0.f) {
+        s += 1.f;
+      } else {
+        G += sm.lg[x];
+      }
+      sm.G[x] = G;
+      sm.s[x] = s;
+    }
+  }
+  __syncthreads();
+  if (tid < CH) {
+    out.meta[2 * (cp.row0 + tid)] = sm.G[tid];
+    out.meta[2 * (cp.row0 + tid) + 1] = sm.s[tid];
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  {  // L_xy = beta_x e^{G_x - G_y} k_x . k_y, y < x in one segment
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sm.k + frag_a_rowmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (np > warp) continue;
+        uint32_t bb[4];
+        ldsm_x4(bb, sm.k + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+        mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
+        mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int x = 16 * warp + (lane >> 2) + 8 * (e >> 1), y = 8 * j + 2 * (lane & 3) + (e & 1);
+        const bool in = y < x && sm.s[x] == sm.s[y];
+        sm.L[x * LDL + y] = in ? sm.bt[x] * acc[j][e] * __expf(sm.G[x] - sm.G[y]) : 0.f;
+      }
+  }
+  __syncthreads();
+  if (tid < CH) {  // column j of T = (I + L)^-1 by forward substitution (no other column needed)
+    const int j = tid;
+    for (int x = 0; x < CH; ++x) {
+      float val = x == j ? 1.f : 0.f;
+      if (x > j) {
+        float a0 = 0.f, a1 = 0.f;
+        int y = j;
+        for (; y + 1 < x; y += 2) {
+          a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
+          a1 += sm.L[x * LDL + y + 1] * sm.Tm[(y + 1) * LDL + j];
+        }
+        if (y < x) a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
+        val = -(a0 + a1);
+      }
+      sm.Tm[x * LDL + j] = val;
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < CH * CH; e += NT) {
+    const int x = e / CH, y = e % CH;
+    const float t = sm.Tm[x * LDL + y];
+    const float entry = sm.s[y] == 0.f ? __expf(sm.G[y]) : 0.f;
+    sm.tw[x * kLdP + y] = from_float<T>(t * sm.bt[y] * entry);
+    sm.tu[x * kLdP + y] = from_float<T>(t * sm.bt[y]);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    // T is lower triangular: key blocks past the warp's own are zero
+    mma_rows<T, D / 8, false>(acc, which == 0 ? sm.tw : sm.tu, kLdP, which == 0 ? sm.k : sm.v, LD,
+                              16 * warp, 0, warp + 1, lane);
+    T* dst = static_cast<T*>(which == 0 ? out.w : out.u) + cp.row0 * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  }
+}
+
+// ---- the sequential state passes ---------------------------------------------------------
+// Per buffer: fwd {a1 = w, a2 = k, r = u}; rev {a1 = k, a2 = w, a3 = q, r = r, d = dO}.
+template <typename T, int D, bool kRev>
+struct StateBuf {
+  static constexpr int LD = TcTile<D>::LD;
+  T a1[CH * LD];
+  T a2[CH * LD];
+  T a3[kRev ? CH * LD : 8];
+  T r[CH * LDV];
+  T d[kRev ? CH * LDV : 8];
+  float meta[2 * CH];
+};
+template <typename T, int D, bool kRev>
+struct StateSmem {
+  StateBuf<T, D, kRev> buf[2];
+  T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
+  T ys[CH * LDV];
+};
+
+template <typename T, int D, bool kRev>
+__device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
+                                                 StateBuf<T, D, kRev>& B, int c, int64_t bh, int j0, int tid) {
+  const ChunkPos cp = chunk_pos(p, c, bh);
+  const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
+  const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
+  const T* r = static_cast<const T*>(prep.u) + cp.row0 * D;
+  if constexpr (kRev) {
+    load_tile<T, D, NT>(B.a1, k, p.k.st, cp.nvalid, D, tid);
+    load_tile<T, D, NT>(B.a2, w, D, CH, D, tid);
+    load_tile<T, D, NT>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
+  } else {
+    load_tile<T, D, NT>(B.a1, w, D, CH, D, tid);
+    load_tile<T, D, NT>(B.a2, k, p.k.st, cp.nvalid, D, tid);
+  }
+  load_cols<T>(B.r, r, D, j0, CH, tid);
+  load_meta(B.meta, prep.meta, cp.row0, tid);
+  cp_async_commit();
+}
+
+// Forward (kRev = false): S entering chunk c -> states / ckpt; v_new = u - w S;
+// S <- e S + K^T diag(d) v_new. Reverse: X leaving chunk c -> dh; y = r - diag(d) K X;
+// X <- e X + w^T y + Q^T diag(c) dO.
+template <typename T, int D, bool kRev>
+__global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPrep prep, ChunkStatesOut fo,
+                                                   ChunkReverseOut ro) {
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  StateSmem<T, D, kRev>& sm = *reinterpret_cast<StateSmem<T, D, kRev>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * BV;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t npad = static_cast<int64_t>(nck) * CH;
+  const int64_t se = static_cast<int64_t>(D) * D;
+
+  float S[MT][2][4];
+  {
+    const float* init = kRev ? ro.leaving : fo.entering;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+          const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+          S[mt][nt][e] = init != nullptr ? init[bh * se + row * D + col] : 0.f;
+        }
+  }
+  if (nck == 0) return;
+  load_state_chunk<T, D, kRev>(p, dout, prep, sm.buf[0], kRev ? nck - 1 : 0, bh, j0, tid);
+  for (int i = 0; i < nck; ++i) {
+    const int c = kRev ? nck - 1 - i : i;
+    StateBuf<T, D, kRev>& B = sm.buf[i & 1];
+    if (i + 1 < nck) {
+      load_state_chunk<T, D, kRev>(p, dout, prep, sm.buf[(i + 1) & 1], kRev ? c - 1 : c + 1, bh, j0, tid);
+      cp_async_wait_group1();
+    } else {
+      cp_async_wait_all();
+    }
+    // the carried state: 16-bit copy for the products, and the per-chunk outputs
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
+          const float s0 = S[mt][nt][2 * hf], s1 = S[mt][nt][2 * hf + 1];
+          store_u32(sm.xb + row * LDV + cl, pack2<T>(s0, s1));
+          const int64_t at = (bh * nck + c) * se;
+          if constexpr (kRev) {
+            if (ro.dh != nullptr) *reinterpret_cast<float2*>(ro.dh + at + row * D + col) = make_float2(s0, s1);
+          } else {
+            if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
+            if (fo.ckpt != nullptr) {
+              fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
+              fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
+            }
+          }
+        }
+    __syncthreads();
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    {  // fwd: v_new = u - w S; rev: y = r - diag(d) K X (token rows of this warp)
+      float acc[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      mma_rows<T, 2, false>(acc, B.a1, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = 16 * warp + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+          const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
+          const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+          const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
+          if constexpr (kRev) {
+            store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[nt][2 * hf], rr.y - d * acc[nt][2 * hf + 1]));
+            const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
+            const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
+            store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
+          } else {
+            const float v0 = rr.x - acc[nt][2 * hf], v1 = rr.y - acc[nt][2 * hf + 1];
+            if (fo.v_new != nullptr)
+              store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
+                        pack2<T>(v0, v1));
+            store_u32(sm.ys + x * LDV + cl, pack2<T>(v0 * d, v1 * d));
+          }
+        }
+    }
+    __syncthreads();
+    {  // S <- e S + a2^T ys (+ q^T diag(c) dO)
+      const float e = sL == 0.f ? __expf(GL) : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float(&acc)[2][4] = S[mt];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        const int r0 = warp * (D / 4) + 16 * mt;
+        mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
+        if constexpr (kRev) mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
+      }
+    }
+    __syncthreads();
+  }
+  if constexpr (kRev) {
+    if (ro.entering != nullptr) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+            const int col = j0 + 8 * nt + 2 * (lane & 3);
+            *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) =
+                make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
+          }
+    }
+  }
+}
+
+// ---- chunk-parallel passes with the causal scores ---------------------------------------------
+template <typename T, int D>
+struct ScoreSmem {
+  static constexpr int LD = TcTile<D>::LD;
+  T q[CH * LD];
+  T k[CH * LD];
+  T x[CH * LD];  // output: v_new; rprep: dO
+  T ps[CH * kLdP];
+  float meta[2 * CH];
+  T st[D * LD];  // output only (last: rprep launches without it): the chunk's entering state
+};
+
+// kOut: o = scale diag(e^G [s = 0]) Q S_c + P v_new; else r = -(P^T dO).
+template <typename T, int D, bool kOut>
+__global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, View xin, const void* states,
+                                                   ForwardOut out) {
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ScoreSmem<T, D>& sm = *reinterpret_cast<ScoreSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  const int nck = static_cast<int>(chunk_count(p));
+  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  if constexpr (kOut) {
+    load_tile<T, D, NT>(sm.x, static_cast<const T*>(xin.ptr) + cp.row0 * D, D, CH, D, tid);
+    const T* st = static_cast<const T*>(states) + (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.st + r * LD, st + r * D, D, CH, D, tid);
+  } else {
+    load_tile<T, D, NT>(sm.x, rows_of<T>(xin, cp.b, cp.h, cp.t0), xin.st, cp.nvalid, D, tid);
+  }
+  load_meta(sm.meta, prep.meta, cp.row0, tid);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  tc_scores<T, D, 4>(sm.q, sm.k, sm.meta, p.scale, sm.ps, warp, lane);
+  __syncthreads();
+  float acc[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  if constexpr (kOut) {
+    mma_rows<T, D / 8, false>(acc, sm.q, LD, sm.st, LD, 16 * warp, 0, D / 16, lane);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * warp + (lane >> 2) + 8 * hf;
+      const float f = sm.meta[2 * x + 1] == 0.f ? p.scale * __expf(sm.meta[2 * x]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        acc[j][2 * hf] *= f;
+        acc[j][2 * hf + 1] *= f;
+      }
+    }
+    // score blocks above the diagonal are unwritten: key blocks 0..warp only
+    mma_rows<T, D / 8, false>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, 0, warp + 1, lane);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid)
+          store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
+                    pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  } else {
+    // r_y = -sum_{x >= y} P_xy dO_x: P^T from the [x][y] tile, query blocks warp..3
+    mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, warp, CH / 16, lane);
+    T* dst = static_cast<T*>(prep.u) + cp.row0 * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        store_u32(dst + x * D + col, pack2<T>(-acc[j][2 * hf], -acc[j][2 * hf + 1]));
+      }
+  }
+}
+
+// ---- launch helpers ---------------------------------------------------------------------
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked): ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <typename Kernel>
+void allow(Kernel kernel, int bytes, const char* what) {
+  if (bytes > 48 * 1024) check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+}
+
+// Calls f(T{}, integral_constant D) for p (16-bit inputs, d = 64 or 128).
+template <typename F>
+void dispatch(const Problem& p, F&& f) {
+  auto by_dim = [&](auto tag) {
+    if (p.dk == 64) {
+      f(tag, std::integral_constant<int, 64>{});
+    } else if (p.dk == 128) {
+      f(tag, std::integral_constant<int, 128>{});
+    } else {
+      fail("lasp2 (CUDA delta rule, chunked): d_k = d_v must be 64 or 128");
+    }
+  };
+  if (p.elem == Elem::kBF16) {
+    by_dim(__nv_bfloat16{});
+  } else if (p.elem == Elem::kF16) {
+    by_dim(__half{});
+  } else {
+    fail("lasp2 (CUDA delta rule, chunked): 16-bit inputs only");
+  }
+}
+
+dim3 chunk_grid(const Problem& p) {
+  return dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
+}
+
+}  // namespace
+
+void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
+  if (chunk_count(p) == 0 || p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const int bytes = static_cast<int>(sizeof(PrepSmem<T, D>));
+    allow(prep_kernel<T, D>, bytes, "chunk prep smem");
+    prep_kernel<T, D><<<chunk_grid(p), NT, bytes, s>>>(p, out);
+  });
+  check(cudaGetLastError(), "chunk prep kernel");
+}
+
+void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
+  if (p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const int bytes = static_cast<int>(sizeof(StateSmem<T, D, false>));
+    allow(state_kernel<T, D, false>, bytes, "chunk state smem");
+    state_kernel<T, D, false><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
+        p, View{}, prep, out, ChunkReverseOut{});
+  });
+  check(cudaGetLastError(), "chunk state kernel");
+}
+
+void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new, const void* states,
+                         const ForwardOut& out, cudaStream_t s) {
+  if (chunk_count(p) == 0 || p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const int bytes = static_cast<int>(sizeof(ScoreSmem<T, D>));
+    allow(score_kernel<T, D, true>, bytes, "chunk output smem");
+    score_kernel<T, D, true><<<chunk_grid(p), NT, bytes, s>>>(p, prep, View{v_new, 0, 0, 0}, states, out);
+  });
+  check(cudaGetLastError(), "chunk output kernel");
+}
+
+void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cudaStream_t s) {
+  if (chunk_count(p) == 0 || p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    // no state tile: the same layout, launched with the bytes before it
+    using Smem = ScoreSmem<T, D>;
+    const int bytes = static_cast<int>(offsetof(Smem, st));
+    allow(score_kernel<T, D, false>, bytes, "chunk rprep smem");
+    score_kernel<T, D, false><<<chunk_grid(p), NT, bytes, s>>>(p, prep, dout, nullptr, ForwardOut{});
+  });
+  check(cudaGetLastError(), "chunk rprep kernel");
+}
+
+void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out,
+                          cudaStream_t s) {
+  if (p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const int bytes = static_cast<int>(sizeof(StateSmem<T, D, true>));
+    allow(state_kernel<T, D, true>, bytes, "chunk reverse state smem");
+    state_kernel<T, D, true><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
+        p, dout, prep, ChunkStatesOut{}, out);
+  });
+  check(cudaGetLastError(), "chunk reverse state kernel");
+}
+
+}  // namespace lasp2::delta::gpu

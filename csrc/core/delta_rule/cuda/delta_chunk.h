@@ -1,0 +1,80 @@
+// Host-visible arguments and launchers of the chunked (WY / UT-transform) tensor-core
+// kernels for the scalar-gate delta rule (GDN) in 16-bit inputs, d_k = d_v in {64, 128};
+// the kernels live in delta_chunk.cu. The math is the CPU backend's
+// (cpu/delta_chunk.h), on fixed 64-token chunks of the part:
+//
+//   prep     (chunk-parallel) per chunk: G (cumulative log gate), s (segment index),
+//            L = strict_tril(diag(beta) K K^T o decay), T = (I + L)^-1 by forward
+//            substitution in shared memory, w = T diag(beta e^G [s = 0]) K,
+//            u = T diag(beta) V
+//   states   (sequential over chunks, one block per (b, h, 16 state columns)) with the
+//            state in registers: v_new = u - w S; S <- e S + (diag(d) K)^T v_new
+//   output   (chunk-parallel) o = scale diag(e^G [s = 0]) Q S_c + (Q K^T o decay) v_new
+//   rprep    (chunk-parallel, backward) r = -(P^T dO), P the scaled causal scores
+//   rstates  (sequential over chunks, backwards) the gradient of each chunk's leaving
+//            state: X <- e X + w^T (r - diag(d) K X) + Q^T diag(c) dO
+// with, per chunk, e = e^{G_last} when no segment boundary lies in the chunk (else 0),
+// d_y = e^{G_last - G_y} for tokens of the last segment (else 0), c_x = scale e^{G_x}
+// for tokens of the first segment (else 0).
+//
+// Segments: a document start or a -inf log gate begins a new segment of the chunk
+// (s counts them); tokens of different segments never interact, and only segment 0
+// sees the state entering the chunk. A segment begun inside the chunk starts from zero,
+// so the backend routes packed documents with initial states (forward) or with
+// end-state gradients (backward) to the token-recurrent kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "delta_rule/cuda/delta_launch.h"
+
+namespace lasp2::delta::gpu {
+
+constexpr int kChunkTokens = 64;
+constexpr int kChunkCols = 16;  // state columns per block of the sequential passes
+
+LASP2_DELTA_HD inline int64_t chunk_count(const Problem& p) { return (p.n + kChunkTokens - 1) / kChunkTokens; }
+
+// Per-part scratch of the chunked kernels ([bh][nchunks * 64][d] 16-bit rows, meta
+// {G, s} [bh][nchunks * 64][2] fp32).
+struct ChunkPrep {
+  void* w = nullptr;
+  void* u = nullptr;  // forward: u; backward: r
+  float* meta = nullptr;
+};
+
+// w, u and meta of every chunk.
+void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s);
+
+// The forward state pass. entering: [bh][dk][dv] (nullable: zero). Outputs (each
+// nullable): v_new ([bh][npad][dv], 16-bit), states ([bh][nchunks][dk][dv], 16-bit, the
+// state entering each chunk), ckpt (the same in fp32, [bh][nchunks][dv][dk], column-major
+// as the recurrent backward reads its checkpoints).
+struct ChunkStatesOut {
+  const float* entering = nullptr;
+  void* v_new = nullptr;
+  void* states = nullptr;
+  float* ckpt = nullptr;
+};
+void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
+                         cudaStream_t s);
+
+// o over the part from v_new and the 16-bit chunk states.
+void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new,
+                         const void* states, const ForwardOut& out, cudaStream_t s);
+
+// r = -(P^T dO) of every chunk into prep.u (prep.meta from launch_chunk_prep).
+void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cudaStream_t s);
+
+// The reverse state pass: leaving [bh][dk][dv] (nullable: zero) leaves the part; dh
+// (nullable) receives the gradient of the state leaving each chunk ([bh][nchunks][dk][dv]),
+// entering (nullable) that of the state entering the part.
+struct ChunkReverseOut {
+  const float* leaving = nullptr;
+  float* dh = nullptr;
+  float* entering = nullptr;
+};
+void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep,
+                          const ChunkReverseOut& out, cudaStream_t s);
+
+}  // namespace lasp2::delta::gpu

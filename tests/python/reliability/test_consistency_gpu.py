@@ -1,0 +1,98 @@
+"""Issue 13.3 on a GPU: the per-call consistency check's deferred mode over an NCCL
+group of one process (a child process, so this test's process keeps no group):
+
+- the first calls read the table on the host, then no call does (STATS), and the
+  sealed outputs are the op's outputs, bit for bit;
+- a CUDA-graph capture of a group-of-one lasp2.linear_attention call (the ops skip the
+  check for one rank) replays to the eager result.
+    PYTHONPATH=$PWD python -m pytest tests/python/reliability/test_consistency_gpu.py -q
+"""
+
+import multiprocessing
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def _worker(store, results):
+    try:
+        import torch.distributed as dist
+
+        import lasp2
+        from lasp2.ops import _group_consistency as GC
+
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+        group = dist.group.WORLD
+        device = torch.device("cuda", 0)
+        out = {}
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 256, 4, 64, generator=gen).to(device) for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(1, 256, 4, generator=gen)).to(device)
+
+        def check(scale):
+            return GC.verify_group_consistency(
+                "gpu-test", group, [1, 256, 4, 64, 64], list("abcde"), device,
+                host_values=[("`scale`", scale)], device_values=[("`decay` values", None)],
+                flags=[("g > 0", (g > 0).any())], replay=(lambda: None, (), {}))
+
+        o = lasp2.linear_attention(q, k, v, g=g)
+        for side in (True, False):  # the check on its side stream, and on the op's stream
+            GC.SIDE_STREAM = side
+            GC._STATES.clear()  # a fresh history: two synchronous calls, then none
+            GC.STATS.update(sync=0, deferred=0, replays=0)
+            sealed = [check(0.125).seal(o) for _ in range(6)]
+            torch.cuda.synchronize()
+            out[f"stats_{side}"] = dict(GC.STATS)
+            out[f"bitwise_{side}"] = all(torch.equal(s, o) for s in sealed)
+            out[f"settled_{side}"] = GC._state(group).pending.message() is None
+        GC.SIDE_STREAM = True
+        # the seal of a disagreeing verdict on CUDA: NaN in o[..., 0] (bf16, through a view)
+        o2 = o.to(torch.bfloat16).transpose(0, 1)
+        GC.Verdict(bad=torch.ones((), dtype=torch.bool, device=device), message="x").seal(o2)
+        out["poisoned"] = bool(torch.isnan(o2[..., 0]).all()) and not bool(torch.isnan(o2[..., 1:]).any())
+
+        # CUDA graph capture of a group-of-one call
+        static = [x.clone() for x in (q, k, v, g)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the capture
+                lasp2.linear_attention(*static[:3], g=static[3], group=group)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = lasp2.linear_attention(*static[:3], g=static[3], group=group)
+        for x, y in zip(static, (q, k, v, g)):
+            x.copy_(y * 0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = lasp2.linear_attention(q * 0.5, k * 0.5, v * 0.5, g=g * 0.5)
+        out["graph_err"] = float((captured - want).abs().max())
+        dist.destroy_process_group()
+        results.put(("ok", out))
+    except BaseException as e:  # reported to the parent
+        results.put(("raised", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def test_deferred_check_on_an_nccl_group_of_one():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="lasp2_gpu_check_"), "store")
+    p = ctx.Process(target=_worker, args=(store, results))
+    p.start()
+    kind, out = results.get(timeout=240)
+    p.join(30)
+    assert kind == "ok", out
+    for side in (True, False):
+        assert out[f"stats_{side}"] == dict(sync=2, deferred=4, replays=0), out
+        assert out[f"bitwise_{side}"] and out[f"settled_{side}"], out
+    assert out["poisoned"], out
+    assert out["graph_err"] < 1e-3, out["graph_err"]
