@@ -61,9 +61,12 @@ _SYNC, _ASYNC = 0, 1
 _FAILED = -1  # the "fields" slot of a rank whose own argument checks failed
 _MASK64 = (1 << 64) - 1
 
-# "auto": deferred on CUDA, synchronous on CPU; "sync" / "deferred" force one (tests use
-# "deferred" to run the device-style comparison on CPU tensors). Every rank must use the
-# same mode (a rank in another mode shows up as a disagreement).
+# "auto" (default) = "sync": the table is read on the host at every call. "deferred" is the
+# sync-free mode (device-side comparison, errors at backward / the next call); it is
+# opt-in because on one H200 it measured slower than the synchronous check (docs/
+# reliability.md, "Cost of the per-call check"). Tests use "deferred" to run the
+# device-style comparison on CPU tensors too. Every rank must use the same mode (a rank
+# in another mode shows up as a disagreement).
 MODE = os.environ.get("LASP2_CONSISTENCY_CHECK", "auto")
 # counters for tests and benchmarks: host reads of the table during a call ("sync"),
 # calls left to the device ("deferred"), forward replays at peers' sizes ("replays")
@@ -278,9 +281,7 @@ _REPLAYING = [False]
 def _deferred(device: torch.device) -> bool:
     if MODE == "sync" or torch.compiler.is_compiling():
         return False
-    if MODE == "deferred":
-        return True
-    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    return MODE == "deferred" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def verify_group_consistency(op: str, group, signature: Sequence[int], names: Sequence[str],

@@ -26,6 +26,7 @@ def _worker(store, results):
         import lasp2
         from lasp2.ops import _group_consistency as GC
 
+        GC.MODE = "deferred"  # opt-in; the default is synchronous
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
         group = dist.group.WORLD

@@ -61,7 +61,7 @@ class _Counter:
 def _setup(rank, world, on_gpu):
     from lasp2.ops import _group_consistency as GC
 
-    GC.MODE = "auto" if on_gpu else "deferred"  # auto: deferred on CUDA
+    GC.MODE = "deferred"  # opt-in (the default is synchronous)
     return GC, _Counter(GC), dist.group.WORLD
 
 
