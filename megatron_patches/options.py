@@ -99,10 +99,10 @@ class Lasp2Options:
         _choice("decay (--linear-attention-decay)", self.decay, DECAYS)
         _choice("feature_map (--linear-attention-feature-map)", self.feature_map, FEATURE_MAPS)
         _choice("softmax_backend (--sp-softmax-backend)", self.softmax_backend, SOFTMAX_BACKENDS)
-        if self.provider in ("lasp1", "ulysses") and self.split != "contiguous":
+        if self.provider == "ulysses" and self.split != "contiguous":
             raise Lasp2ConfigError(
                 f"provider {self.provider!r} supports split='contiguous' only, got split={self.split!r} "
-                "(use --sp-provider lasp2 for the balanced split, or --sp-split contiguous)")
+                "(use --sp-provider lasp2 or lasp1 for the balanced split, or --sp-split contiguous)")
         if not self.gate_logit_normalizer > 0:
             raise Lasp2ConfigError(
                 f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")

@@ -82,8 +82,7 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(feature_map="hedgehog"), "feature_map"),
     (dict(layer_pattern="LLXN"), "layer letters.*got 'LLXS' \\(from 'LLXN'"),
     (dict(layer_pattern=""), "non-empty"),
-    (dict(provider="lasp1"), "supports split='contiguous' only"),  # balanced is the default
-    (dict(provider="ulysses", split="balanced"), "supports split='contiguous' only"),
+    (dict(provider="ulysses"), "supports split='contiguous' only"),  # balanced is the default
     (dict(provider="none", layer_pattern="LN"), "no linear attention"),
     (dict(layer_pattern="LMLS"), "got 'LMLS'"),  # Megatron's Mamba letter: no lasp2 layer
     (dict(provider="none", layer_pattern="GS"), "no linear attention or gated DeltaNet"),
@@ -93,6 +92,10 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
         Lasp2Options(**kwargs)
+
+
+def test_lasp1_takes_the_balanced_split():
+    assert Lasp2Options(provider="lasp1").split == "balanced"  # the ring follows the global part order
 
 
 def test_pattern_length_must_match_the_model():
