@@ -18,8 +18,8 @@ ScalarSequenceStates::ScalarSequenceStates(const LinearAttentionArgs& a, const P
                         scratch.data_ptr<float>());
 }
 
-std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
-    const LinearAttentionArgs& args, bool overlap, bool output_final_state) {
+std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args, bool output_final_state,
+                                                 const ScalarSchedule& schedule) {
   LASP2_CHECK(!(output_final_state && args.doc_start && args.head_doc.empty()),
               "final states of packed documents (`doc_start`) are per document: pass `head_doc` and `num_seqs`");
   Prepared r = prepare(args);
@@ -27,26 +27,18 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
   at::Tensor o = at::empty_like(r.v);
   ScalarDecay family(kernel_backend_for(r.q), p, mut_view(o, "o"));
   ScalarSequenceStates states(args, r, family, args.initial_state.has_value() || output_final_state);
-  SequenceStates& seq = states.seq;
   OptTensor final_state;
   if (output_final_state) {
     final_state = at::empty(state_shape(p, args), r.q.options().dtype(at::kFloat));
-    seq.final_state = final_state->data_ptr<float>();
+    states.seq.final_state = final_state->data_ptr<float>();
   }
-  std::vector<at::Tensor> saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
-  at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
-  const Lasp2Saved view = lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q);
-  Lasp2Options options;
-  options.overlap_forward = overlap;
-  lasp2_forward(family, args.comm.get(), r.layout, view, seq, workspace.data_ptr(), options,
-                current_stream(r.q));
-  return {restore_dtype(o, r.input_dtype), final_state, saved};
+  schedule(family, r, states.seq);
+  return {restore_dtype(o, r.input_dtype), final_state};
 }
 
-std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
-                                      const std::vector<at::Tensor>& saved_tensors,
-                                      const at::Tensor& dout, bool need_dg,
-                                      const OptTensor& d_final_state, bool need_dinitial) {
+std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at::Tensor& dout, bool need_dg,
+                                       const OptTensor& d_final_state, bool need_dinitial,
+                                       const ScalarSchedule& schedule) {
   LASP2_CHECK(!need_dinitial || args.initial_state, "the initial-state gradient needs `initial_state`");
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
@@ -59,7 +51,6 @@ std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr});
   ScalarSequenceStates states(args, r, family, args.initial_state || d_final_state || need_dinitial);
   SequenceStates& seq = states.seq;
-  const Lasp2Saved saved = lasp2_saved_view(saved_tensors, family.shape(), r.layout, seq.packed(), r.q);
   at::Tensor d_final, d_initial;
   if (d_final_state) {
     d_final = state_tensor(*d_final_state, "d_final_state", state_shape(p, args), r.q);
@@ -69,11 +60,39 @@ std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
     d_initial = at::empty(state_shape(p, args), r.q.options().dtype(at::kFloat));
     seq.initial_grad = d_initial.data_ptr<float>();
   }
-  at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(family, r.layout, seq), r.q);
-  lasp2_backward(family, args.comm.get(), r.layout, saved, seq, workspace.data_ptr(), current_stream(r.q));
+  schedule(family, r, seq);
   std::vector<OptTensor> grads = input_grads(args, r, dq, dk, dv, dg);
   grads.push_back(need_dinitial ? OptTensor(d_initial.to(args.initial_state->scalar_type())) : std::nullopt);
   return grads;
+}
+
+std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
+    const LinearAttentionArgs& args, bool overlap, bool output_final_state) {
+  std::vector<at::Tensor> saved;
+  auto [o, final_state] = scalar_forward(
+      args, output_final_state, [&](ScalarDecay& family, const Prepared& r, SequenceStates& seq) {
+        saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
+        at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
+        const Lasp2Saved view = lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q);
+        Lasp2Options options;
+        options.overlap_forward = overlap;
+        lasp2_forward(family, args.comm.get(), r.layout, view, seq, workspace.data_ptr(), options,
+                      current_stream(r.q));
+      });
+  return {o, final_state, saved};
+}
+
+std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
+                                      const std::vector<at::Tensor>& saved_tensors,
+                                      const at::Tensor& dout, bool need_dg,
+                                      const OptTensor& d_final_state, bool need_dinitial) {
+  return scalar_backward(
+      args, dout, need_dg, d_final_state, need_dinitial,
+      [&](ScalarDecay& family, const Prepared& r, SequenceStates& seq) {
+        const Lasp2Saved saved = lasp2_saved_view(saved_tensors, family.shape(), r.layout, seq.packed(), r.q);
+        at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(family, r.layout, seq), r.q);
+        lasp2_backward(family, args.comm.get(), r.layout, saved, seq, workspace.data_ptr(), current_stream(r.q));
+      });
 }
 
 }  // namespace lasp2::torch_binding

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -21,6 +22,18 @@ struct ScalarSequenceStates {
   at::Tensor scratch;
   ScalarSequenceStates(const LinearAttentionArgs& a, const Prepared& r, ScalarDecay& family, bool any);
 };
+
+// The schedule-independent half of a scalar-family call (LASP-2 or LASP-1): checks,
+// outputs / gradient buffers, the family and the sequence states; `schedule` allocates
+// its saved buffers (forward) or views them (backward), its workspace, and runs.
+using ScalarSchedule = std::function<void(ScalarDecay& family, const Prepared& r, SequenceStates& seq)>;
+// Returns {o, final_state} (final_state only with output_final_state).
+std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args, bool output_final_state,
+                                                 const ScalarSchedule& schedule);
+// Returns the gradients as lasp2_backward documents them.
+std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at::Tensor& dout, bool need_dg,
+                                       const OptTensor& d_final_state, bool need_dinitial,
+                                       const ScalarSchedule& schedule);
 
 // Returns {o, final_state, saved}: final_state ([N, H, Dk, Dv] fp32, N = B or, with
 // args.head_doc, the packed documents; the same on every rank) only when asked for;
