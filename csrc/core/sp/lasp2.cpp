@@ -19,16 +19,8 @@ namespace lasp2 {
 namespace {
 
 using sp::check_group;
+using sp::check_sequence_states;
 using sp::round_up8;
-
-void check_states(const PartLayout& l, const SequenceStates& seq) {
-  if (!seq.packed()) return;
-  LASP2_CHECK(static_cast<int64_t>(seq.head_doc.size()) == l.total_parts(),
-              "sequence states of packed documents need one head_doc entry per global part");
-  LASP2_CHECK(seq.count >= 1, "sequence states of packed documents need the number of documents");
-  for (int64_t d : seq.head_doc)
-    LASP2_CHECK(d >= -1 && d < seq.count - 1, "head_doc names a document out of range");
-}
 
 // Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
 struct Carve {
@@ -165,7 +157,7 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
   check_group(comm, layout, f);
-  check_states(layout, seq);
+  check_sequence_states(layout, seq);
   const int64_t T = f.local_tokens();
   if (layout.world_size == 1 && !seq.any()) {
     f.forward({0, T}, nullptr, DocStates{}, stream);
@@ -245,7 +237,7 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
                     const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                     void* stream) {
   check_group(comm, layout, f);
-  check_states(layout, seq);
+  check_sequence_states(layout, seq);
   const int64_t T = f.local_tokens();
   void* family_scratch = workspace;
   if (layout.world_size == 1 && !seq.any()) {
