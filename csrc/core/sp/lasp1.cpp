@@ -15,6 +15,7 @@
 namespace lasp2 {
 namespace {
 
+using sp::Carve;
 using sp::round_up8;
 
 void check_ring(Communicator* comm, const PartLayout& layout, const PartFamily& f,
@@ -33,17 +34,6 @@ int owner_of(const PartLayout& l, int g) {
 
 // Whether the call is the plain single-device op (no ring, no states).
 bool plain(const PartLayout& l, const SequenceStates& seq) { return l.world_size == 1 && !seq.any(); }
-
-// Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
-struct Carve {
-  float* base;
-  int64_t used = 0;
-  float* take(int64_t floats) {
-    float* p = base == nullptr ? nullptr : base + used;
-    used += floats;
-    return p;
-  }
-};
 
 // Forward workspace: the states leaving the local parts (send buffers), a fold table,
 // the parts' head records, and with final states this rank's [N] block and the gathered ones.

@@ -18,20 +18,10 @@
 namespace lasp2 {
 namespace {
 
+using sp::Carve;
 using sp::check_group;
 using sp::check_sequence_states;
 using sp::round_up8;
-
-// Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
-struct Carve {
-  float* base;
-  int64_t used = 0;
-  float* take(int64_t floats) {
-    float* p = base == nullptr ? nullptr : base + used;
-    used += floats;
-    return p;
-  }
-};
 
 // Where each piece of the forward workspace lives. The send block is [local records]
 // [local head records][inner documents' end states]; the head records and end states

@@ -37,6 +37,17 @@ inline void check_sequence_states(const PartLayout& l, const SequenceStates& seq
 
 inline int64_t round_up8(int64_t bytes) { return (bytes + 7) / 8 * 8; }
 
+// Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
+struct Carve {
+  float* base;
+  int64_t used = 0;
+  float* take(int64_t floats) {
+    float* p = base == nullptr ? nullptr : base + used;
+    used += floats;
+    return p;
+  }
+};
+
 // Scratch for q_t . dq_t, one value per token and head in the decay's precision.
 inline int64_t q_dot_bytes(const AttentionParams& p) {
   return round_up8(p.batch * p.seqlen * p.heads * static_cast<int64_t>(element_size(p.decay.dtype)));
