@@ -39,6 +39,7 @@ from torch import Tensor
 from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator
 from lasp2.ops import _checks as C
+from lasp2.ops._documents import final_state_grad
 from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
@@ -209,11 +210,7 @@ def _backward(ctx, do, d_final, *_d_saved):
         do = torch.zeros_like(v)
     elif do.stride(-1) != 1:
         do = do.contiguous()
-    if not ctx.output_final_state:
-        d_final = None
-    elif d_final is None:  # the final states took no part in the loss: the same schedule, zero gradient
-        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
-        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    d_final = final_state_grad(d_final, ctx.output_final_state, q, v, doc_start, head_doc, num_seqs)
     run = _backward_impl if eager_call(do, q) else delta_rule_backward
     with torch.no_grad():
         dq, dk, dv, dg, dbeta, d_initial = run(

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
+from lasp2.ops._documents import final_state_grad
 from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._opaque import handle_of, resolve
 
@@ -154,11 +155,7 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
-    if not output_final_state:
-        d_final = None
-    elif d_final is None:  # the final state took no part in the loss: the same schedule, zero gradient
-        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
-        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+    d_final = final_state_grad(d_final, output_final_state, q, v, doc_start, head_doc, num_seqs)
     run = _backward_impl if eager_call(do, q) else lasp2_backward
     with torch.no_grad():
         dq, dk, dv, dg, d_decay, d_initial = run(
