@@ -1,7 +1,8 @@
 // The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h):
-// one block of 4 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with
-// fp32 accumulation. Warp w owns tokens [16 w, 16 w + 16) of the chunk in every
-// token-row product; per-token sums (the G and beta gradients) meet in shared memory.
+// one block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with
+// fp32 accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
+// the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
+// in shared memory.
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
@@ -27,10 +28,55 @@ struct BwdSmem {
   T da[CH * kLdP];  // dA
   float L[CH * LDL];   // Gam o K K^T, strictly lower (without beta)
   float Tm[CH * LDL];  // T in fp32
+  float tmp[16 * 49];  // one block row of the inversion
   float meta[2 * CH];
   float bt[CH], dG[CH], db[CH];
   float dot;  // <dh, h>
 };
+
+constexpr int kThreads = 256;  // 8 warps
+static_assert(sizeof(BwdSmem<__half, 128>) <= 227 * 1024, "one block in sm_90's shared memory");
+
+// T = (I + diag(beta) L)^-1 (L strictly lower, fp32 [64][LDL]) into Tm by blocks of
+// 16: the four diagonal blocks by forward substitution, then block rows 1..3,
+// T_ij = -T_ii sum_{k=j}^{i-1} (diag(beta) L)_ik T_kj, through tmp.
+__device__ __forceinline__ void invert_unit_lower(const float* L, const float* beta, float* Tm, float* tmp,
+                                                  int tid) {
+  if (tid < CH) {
+    const int blk = tid / 16, c = tid % 16, y = 16 * blk + c;
+    for (int r = 0; r < 16; ++r) {
+      const int x = 16 * blk + r;
+      float val = r == c ? 1.f : 0.f;
+      if (r > c) {
+        float acc = 0.f;
+        for (int m = y; m < x; ++m) acc += L[x * LDL + m] * Tm[m * LDL + y];
+        val = -beta[x] * acc;
+      }
+      Tm[x * LDL + y] = val;
+    }
+  }
+  for (int e = tid; e < CH * CH; e += kThreads) {  // zero above the diagonal blocks
+    const int x = e / CH, y = e % CH;
+    if (y / 16 > x / 16) Tm[x * LDL + y] = 0.f;
+  }
+  __syncthreads();
+  for (int i = 1; i < 4; ++i) {
+    for (int e = tid; e < i * 256; e += kThreads) {
+      const int r = (e / 16) % 16, y = 16 * (e / 256) + e % 16, x = 16 * i + r;
+      float acc = 0.f;
+      for (int m = y; m < 16 * i; ++m) acc += L[x * LDL + m] * Tm[m * LDL + y];
+      tmp[r * 49 + y] = beta[x] * acc;
+    }
+    __syncthreads();
+    for (int e = tid; e < i * 256; e += kThreads) {
+      const int r = (e / 16) % 16, y = 16 * (e / 256) + e % 16, x = 16 * i + r;
+      float acc = 0.f;
+      for (int m = 0; m <= r; ++m) acc += Tm[x * LDL + 16 * i + m] * tmp[m * 49 + y];
+      Tm[x * LDL + y] = -acc;
+    }
+    __syncthreads();
+  }
+}
 
 // acc[nt] (+)= A (16 rows from m0, k in [16 kk0, 16 kk1)) x B (columns n0 + 8 nt), for
 // the first 2 npmax n-tiles; A stored [m][k] (or [k][m] when kTransA), B stored [k][n]
@@ -90,38 +136,44 @@ __device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0
     if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
   }
 }
-// Adds -c[j][par] (partial sums of column 8 j + 2 (lane % 4) + par) to dst[column].
-__device__ __forceinline__ void sub_cols(float* dst, const float (&c)[8][2], int lane) {
+// Adds -c[j][par] (partial sums of column n0 + 8 j + 2 (lane % 4) + par) to dst[column].
+template <int N>
+__device__ __forceinline__ void sub_cols(float* dst, const float (&c)[N][2], int n0, int lane) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < N; ++j)
 #pragma unroll
     for (int par = 0; par < 2; ++par) {
       const float s = col_sum(c[j][par]);
-      if (lane < 4) atomicAdd(dst + 8 * j + 2 * lane + par, -s);
+      if (lane < 4) atomicAdd(dst + n0 + 8 * j + 2 * lane + par, -s);
     }
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
+__global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr int LD = TcTile<D>::LD;
-  constexpr int NJ = D / 8;  // n8 tiles across a head dim
+  constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<T, D>& sm = *reinterpret_cast<BwdSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int mw = warp & 3, m0 = 16 * mw;  // token rows of this warp
+  const int nh = warp >> 2;               // column half of this warp
+  const int n0 = nh * (D / 2);            // its first column of a head dim
+  const int c0 = 32 * nh;                 // its first column of a 64-token tile
+  // 16-column pairs of [c0, c0 + 32) at or left of the diagonal block of rows m0
+  const int tri = max(0, min(2, mw - 2 * nh + 1));
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t se = static_cast<int64_t>(D) * D;
   const int64_t at = (cp.bh * nck + cp.c) * se;
-  const int m0 = 16 * warp;
 
-  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, kThreads>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, kThreads>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+  load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   {
     const T* st = static_cast<const T*>(a.states) + at;
 #pragma unroll
-    for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.h + r * LD, st + r * D, D, CH, D, tid);
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.h + r * LD, st + r * D, D, CH, D, tid);
   }
   load_meta(sm.meta, a.meta, cp.row0, tid);
   cp_async_commit();
@@ -137,7 +189,7 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
   {  // dh: fp32 -> the 16-bit tile; <dh, h> for the gate of the chunk's one-segment map
     const float* src = a.dh + at;
     float part = 0.f;
-    for (int e = tid; e < D * D / 4; e += NT) {
+    for (int e = tid; e < D * D / 4; e += kThreads) {
       const int i = (4 * e) / D, j = (4 * e) % D;
       const float4 f = *reinterpret_cast<const float4*>(src + 4 * e);
       T* dst = sm.dh + i * LD + j;
@@ -155,20 +207,20 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
   {  // L = Gam o K K^T (strict); P = scale Gam o Q K^T, dP = scale Gam o dO U^T; and
      // the gate terms of the causal part, M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
-    float kk[8][4], sq[8][4], ee[8][4];
+    float kk[4][4], sq[4][4], ee[4][4];
     zero(kk);
     zero(sq);
     zero(ee);
-    mma_acc<T, 8, false, true>(kk, sm.k, LD, sm.k, LD, m0, 0, 0, D / 16, warp + 1, lane);
-    mma_acc<T, 8, false, true>(sq, sm.q, LD, sm.k, LD, m0, 0, 0, D / 16, warp + 1, lane);
-    mma_acc<T, 8, false, true>(ee, sm.o, LD, sm.u, LD, m0, 0, 0, D / 16, warp + 1, lane);
-    float rowM[2] = {0.f, 0.f}, colM[8][2];
+    mma_acc<T, 4, false, true>(kk, sm.k, LD, sm.k, LD, m0, c0, 0, D / 16, tri, lane);
+    mma_acc<T, 4, false, true>(sq, sm.q, LD, sm.k, LD, m0, c0, 0, D / 16, tri, lane);
+    mma_acc<T, 4, false, true>(ee, sm.o, LD, sm.u, LD, m0, c0, 0, D / 16, tri, lane);
+    float rowM[2] = {0.f, 0.f}, colM[4][2];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
       colM[j][0] = colM[j][1] = 0.f;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, y0 = 8 * j + 2 * (lane & 3);
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
         float pv[2], dv[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
@@ -187,36 +239,19 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
       }
     }
     add_rows(sm.dG, rowM, m0, lane);
-    sub_cols(sm.dG, colM, lane);
+    sub_cols(sm.dG, colM, c0, lane);
   }
   __syncthreads();
-  if (tid < CH) {  // column j of T = (I + L)^-1, L_xy = beta_x sm.L_xy, by forward substitution
-    const int j = tid;
-    for (int x = 0; x < CH; ++x) {
-      float val = x == j ? 1.f : 0.f;
-      if (x > j) {
-        float a0 = 0.f, a1 = 0.f;
-        int y = j;
-        for (; y + 1 < x; y += 2) {
-          a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
-          a1 += sm.L[x * LDL + y + 1] * sm.Tm[(y + 1) * LDL + j];
-        }
-        if (y < x) a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
-        val = -sm.bt[x] * (a0 + a1);
-      }
-      sm.Tm[x * LDL + j] = val;
-    }
-  }
   {  // dU = diag(d) K dh + P^T dO (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
-    float acc[NJ][4];
+    float acc[NH][4];
     zero(acc);
-    mma_acc<T, NJ, false, false>(acc, sm.k, LD, sm.dh, LD, m0, 0, 0, D / 16, NJ / 2, lane);
+    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float cu[2] = {0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         const float2 uu = unpack2<T>(load_u32(sm.u + y * LD + col));
         cu[hf] += acc[j][2 * hf] * uu.x + acc[j][2 * hf + 1] * uu.y;
       }
@@ -230,40 +265,40 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
         atomicAdd(sm.dG + CH - 1, c);
       }
 #pragma unroll
-      for (int j = 0; j < NJ; ++j) {
+      for (int j = 0; j < NH; ++j) {
         acc[j][2 * hf] *= d;
         acc[j][2 * hf + 1] *= d;
       }
     }
-    // P^T: P[x][y] is zero for x < y, so only query blocks warp..3
-    mma_acc<T, NJ, true, false>(acc, sm.pt, kLdP, sm.o, LD, m0, 0, warp, CH / 16, NJ / 2, lane);
+    // P^T: P[x][y] is zero for x < y, so only query blocks mw..3
+    mma_acc<T, NH, true, false>(acc, sm.pt, kLdP, sm.o, LD, m0, n0, mw, CH / 16, NH / 2, lane);
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
-  __syncthreads();
-  for (int e = tid; e < CH * CH; e += NT) {
+  invert_unit_lower(sm.L, sm.bt, sm.Tm, sm.tmp, tid);  // begins and ends with a barrier's worth of syncs
+  for (int e = tid; e < CH * CH; e += kThreads) {
     const int x = e / CH, y = e % CH;
     sm.tt[x * kLdP + y] = from_float<T>(sm.Tm[x * LDL + y]);
   }
   __syncthreads();
   {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y
-    float acc[NJ][4];
+    float acc[NH][4];
     zero(acc);
-    // T^T[y][x] = T[x][y], zero for x < y: blocks warp..3
-    mma_acc<T, NJ, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, 0, warp, CH / 16, NJ / 2, lane);
+    // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     const T* vrow = rows_of<T>(p.v, cp.b, cp.h, cp.t0);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     float dbv[2] = {0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (y < cp.nvalid) {
           const float2 vv = unpack2<T>(load_u32(vrow + y * p.v.st + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
@@ -274,26 +309,26 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
     add_rows(sm.db, dbv, m0, lane);
     __syncthreads();  // every warp has read dU
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
   __syncthreads();
   {  // dL = -(dB U^T) (strict, same segment): dA = dL o beta_x Gam, dbeta_x += sum_y dL_xy sm.L_xy,
      // N = beta_x dL o sm.L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
-    float acc[8][4];
+    float acc[4][4];
     zero(acc);
-    mma_acc<T, 8, false, true>(acc, sm.x, LD, sm.u, LD, m0, 0, 0, D / 16, warp + 1, lane);
-    float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[8][2];
+    mma_acc<T, 4, false, true>(acc, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, tri, lane);
+    float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[4][2];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
       colN[j][0] = colN[j][1] = 0.f;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, y0 = 8 * j + 2 * (lane & 3);
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
         const float bx = sm.bt[x];
         float dav[2];
 #pragma unroll
@@ -313,21 +348,21 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
     }
     add_rows(sm.dG, rowN, m0, lane);
     add_rows(sm.db, rowB, m0, lane);
-    sub_cols(sm.dG, colN, lane);
+    sub_cols(sm.dG, colN, c0, lane);
   }
   __syncthreads();
   {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
-    float acc[NJ][4];
+    float acc[NH][4];
     zero(acc);
-    mma_acc<T, NJ, false, true>(acc, sm.o, LD, sm.h, LD, m0, 0, 0, D / 16, NJ / 2, lane);
+    mma_acc<T, NH, false, true>(acc, sm.o, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float qd[2] = {0.f, 0.f};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
       const float c = sof(x) == 0.f ? p.scale * __expf(Gof(x)) : 0.f;
 #pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int col = 8 * j + 2 * (lane & 3);
+      for (int j = 0; j < NH; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
         acc[j][2 * hf] *= c;
         acc[j][2 * hf + 1] *= c;
         const float2 qq = unpack2<T>(load_u32(sm.q + x * LD + col));
@@ -335,57 +370,52 @@ __global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardA
       }
     }
     add_rows(sm.dG, qd, m0, lane);
-    // dP[x][y] is zero for y > x: key blocks 0..warp
-    mma_acc<T, NJ, false, false>(acc, sm.dp, kLdP, sm.k, LD, m0, 0, 0, warp + 1, NJ / 2, lane);
+    // dP[x][y] is zero for y > x: key blocks 0..mw
+    mma_acc<T, NH, false, false>(acc, sm.dp, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
     T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
-  {  // dk = diag(d) U dh^T - diag(beta) Z + dP^T Q + dA K + dA^T K, Z = diag(ent) dB S0^T,
-     // in two column halves; dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
-    constexpr int NH = NJ / 2;
+  {  // dk = diag(d) U dh^T - diag(beta) Z + dP^T Q + dA K + dA^T K, Z = diag(ent) dB S0^T;
+     // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
     float kz[2] = {0.f, 0.f};
+    float acc[NH][4], z[NH][4];
+    zero(acc);
+    zero(z);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, true>(z, sm.x, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
+      const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
+      const float bx = sm.bt[x];
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
+        const float z0 = ent * z[j][2 * hf], z1 = ent * z[j][2 * hf + 1];
+        kz[hf] += z0 * kx.x + z1 * kx.y;
+        acc[j][2 * hf] = d * acc[j][2 * hf] - bx * z0;
+        acc[j][2 * hf + 1] = d * acc[j][2 * hf + 1] - bx * z1;
+      }
+    }
+    mma_acc<T, NH, true, false>(acc, sm.dp, kLdP, sm.q, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+    mma_acc<T, NH, false, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
-#pragma unroll 1
-    for (int half = 0; half < 2; ++half) {
-      const int n0 = half * (D / 2);
-      float acc[NH][4], z[NH][4];
-      zero(acc);
-      zero(z);
-      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
-      mma_acc<T, NH, false, true>(z, sm.x, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
-        const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
-        const float bx = sm.bt[x];
-#pragma unroll
-        for (int j = 0; j < NH; ++j)
-#pragma unroll
-          for (int par = 0; par < 2; ++par) {
-            const int col = n0 + 8 * j + 2 * (lane & 3) + par;
-            const float zz = ent * z[j][2 * hf + par];
-            kz[hf] += zz * static_cast<float>(sm.k[x * LD + col]);
-            acc[j][2 * hf + par] = d * acc[j][2 * hf + par] - bx * zz;
-          }
+        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
-      mma_acc<T, NH, true, false>(acc, sm.dp, kLdP, sm.q, LD, m0, n0, warp, CH / 16, NH / 2, lane);
-      mma_acc<T, NH, false, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, 0, warp + 1, NH / 2, lane);
-      mma_acc<T, NH, true, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, warp, CH / 16, NH / 2, lane);
-#pragma unroll
-      for (int j = 0; j < NH; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-          if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-        }
-    }
     float kzb[2], kzm[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -434,8 +464,8 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
     check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
           "chunk backward smem");
-    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), NT, bytes,
-                             s>>>(p, a);
+    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads,
+                             bytes, s>>>(p, a);
   };
   auto by_dim = [&](auto tag) {
     if (p.dk == 64 && p.dv == 64) {
