@@ -29,8 +29,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import lasp2
-
 import cuda_timing  # this folder (the script's own directory is on sys.path)
 
 FLOOR_BYTES_PER_S = 4.2e12
@@ -61,8 +59,12 @@ def floor_ms(T, H, D, pass_):
     return nbytes / FLOOR_BYTES_PER_S * 1e3
 
 
-def providers():
-    out = {"lasp2": lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]}
+def providers(with_lasp2=True):
+    out = {}
+    if with_lasp2:  # imported here: --warm-fla runs while lasp2 may still be building
+        import lasp2
+
+        out["lasp2"] = lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -132,7 +134,7 @@ def main():
     parser.add_argument("--warm-fla", action="store_true", help="only compile and autotune fla, then exit")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    fns = providers()
+    fns = providers(with_lasp2=not args.warm_fla)
     H, D = args.heads, args.dim
     t0 = time.time()
     fla_bwd_refused = warm_fla(fns, args.seq_lens[0], H, D) if "fla" in fns else None

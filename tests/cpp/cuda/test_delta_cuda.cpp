@@ -7,6 +7,7 @@
 // (tests/cpp/delta_rule/).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -849,6 +850,13 @@ TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
     return Maps{gA.download(), gM.download(), ghA.download(), ghM.download()};
   };
   const Maps got = summary();
+  {  // the state pass's 16-column blocks compute the same columns as its 32-column ones
+    const EnvScope cols("LASP2_DELTA_STATE_COLS", "16");
+    const Maps narrow = summary();
+    EXPECT_LT(rel_err_f32(narrow.A, got.A), 1e-5) << "A, 16-column blocks";
+    EXPECT_LT(rel_err_f32(narrow.M, got.M), 1e-5) << "M, 16-column blocks";
+    EXPECT_LT(rel_err_f32(narrow.hM, got.hM), 1e-5) << "head M, 16-column blocks";
+  }
   Maps want;
   {
     const EnvScope off("LASP2_DELTA_CHUNKED", "0");
@@ -919,6 +927,127 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaCudaChunkedSummary,
                                   std::to_string(c.batch) + (c.neg_inf ? "_neginf" : "") +
                                   (c.docs == 1 ? "_packed" : c.docs == 2 ? "_packed_first" : "");
                          });
+
+// The chunked forward at T = 64K, H = 16, D = 128, bf16 on one device (printed, the
+// median of 5 after a warm-up): each kernel on its own (the state pass with 16- and
+// 32-column blocks), the backend's forward and part_summary. LASP2_DELTA_TIMING_T=<tokens>
+// changes T. The inputs repeat a 2^20-element random pattern (fast to set up).
+TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const char* env = std::getenv("LASP2_DELTA_TIMING_T");
+  const int64_t T = env != nullptr && *env ? std::atoll(env) : 65536, H = 16, D = 128;
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      o(1, T, H, D, type, Layout{});
+  std::mt19937 rng(1);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const size_t pattern = size_t{1} << 20;
+  for (DevTensor* t : {&q, &k, &v}) {
+    std::vector<unsigned char> host(pattern * 2);
+    for (size_t i = 0; i < pattern; ++i)
+      encode(type, normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0), &host[2 * i]);
+    for (size_t at = 0; at < t->elems; at += pattern)
+      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at),
+                         cudaMemcpyHostToDevice),
+              "upload");
+  }
+  std::vector<float> gh(T * H), bh(T * H);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  auto g = to_device_f32(gh), beta = to_device_f32(bh);
+  DeltaParams p;
+  p.batch = 1;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = p.dim_v = D;
+  p.dtype = type;
+  p.q = q.cview();
+  p.k = k.cview();
+  p.v = v.cview();
+  p.g = g.p;
+  p.g_stride = {T * H, H, 1};
+  p.beta = beta.p;
+  p.beta_stride = {T * H, H, 1};
+  p.scale = 1.0 / std::sqrt(double(D));
+
+  namespace gpu = delta::gpu;
+  gpu::Problem gp;
+  gp.batch = 1;
+  gp.heads = static_cast<int>(H);
+  gp.dk = gp.dv = static_cast<int>(D);
+  gp.seqlen = T;
+  gp.n = T;
+  gp.elem = gpu::Elem::kBF16;
+  auto view = [](const DevTensor& t) {
+    const ConstView cv = t.cview();
+    return gpu::View{cv.data, cv.stride.batch, cv.stride.seq, cv.stride.head};
+  };
+  gp.q = view(q);
+  gp.k = view(k);
+  gp.v = view(v);
+  gp.g = g.p;
+  gp.gsb = T * H;
+  gp.gst = H;
+  gp.gsh = 1;
+  gp.beta = beta.p;
+  gp.bsb = T * H;
+  gp.bst = H;
+  gp.bsh = 1;
+  gp.scale = static_cast<float>(p.scale);
+  gp.seg_len = T;
+  const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
+  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2);
+  DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D);
+  const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
+  gpu::ForwardOut fo;
+  fo.o = o.mview().data;
+  fo.osb = T * H * D;
+  fo.ost = H * D;
+  fo.osh = D;
+  const auto& be = delta::delta_backend_for(Device::kCUDA);
+  auto states = [&](const char* cols) {
+    return [&, cols] {
+      const EnvScope scope("LASP2_DELTA_STATE_COLS", cols);
+      gpu::ChunkStatesOut so;
+      so.v_new = vnew.p;
+      so.states = st16.p;
+      gpu::launch_chunk_states(gp, prep, so, nullptr);
+    };
+  };
+  const std::vector<std::pair<const char*, std::function<void()>>> stages = {
+      {"prep", [&] { gpu::launch_chunk_prep(gp, prep, nullptr); }},
+      {"states(16 cols)", states("16")},
+      {"states(32 cols)", states("32")},
+      {"output", [&] { gpu::launch_chunk_output(gp, prep, vnew.p, st16.p, fo, nullptr); }},
+      {"backend forward", [&] { be.forward(p, {0, T}, nullptr, {}, o.mview(), nullptr); }},
+      {"backend part_summary", [&] { be.part_summary(p, {0, T}, {}, A.p, M.p, hA.p, hM.p, nullptr); }},
+  };
+  cudaEvent_t e0, e1;
+  cuda_ok(cudaEventCreate(&e0), "event");
+  cuda_ok(cudaEventCreate(&e1), "event");
+  std::string line;
+  for (const auto& [name, launch] : stages) {
+    std::vector<float> ms;
+    for (int rep = 0; rep < 6; ++rep) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      launch();
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+      float t = 0;
+      cuda_ok(cudaEventElapsedTime(&t, e0, e1), "elapsed");
+      if (rep > 0) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    char buf[80];
+    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, ms[ms.size() / 2]);
+    line += buf;
+  }
+  std::printf("[ timing ] GDN forward T=%lld H=16 D=128 bf16 (ms, median of 5): %s\n", static_cast<long long>(T),
+              line.c_str());
+  EXPECT_LT(rel_err_f32(M.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "M finite";
+  EXPECT_LT(rel_err_f32(A.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "A finite";
+}
 
 }  // namespace
 }  // namespace lasp2::testing

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/tc_tiles.cuh"
@@ -502,9 +503,9 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
 }
 
 // ---- the forward state pass and the part summary -------------------------------------
-// One block per (b, h) and 16 columns, sequential over chunks, with the inputs of the
-// next NS - 1 chunks in flight (cp.async ring of NS buffers; the pass is bound by the
-// latency of those loads, not by its products). A block either carries 16 columns of
+// One block per (b, h) and C = 16 or 32 columns, sequential over chunks, with the inputs
+// of the next NS - 1 chunks in flight (cp.async ring of NS buffers). Every block reads the
+// chunk's whole w and K, so wider blocks halve that traffic at the cost of fewer blocks. A block either carries 16 columns of
 // the state (S from `entering`, or zero) or, for the part summary, 16 columns of the
 // map A (from I, with u = 0: the columns of A evolve like state columns with v = 0).
 template <int N>
@@ -512,57 +513,66 @@ __device__ __forceinline__ void cp_async_wait_upto() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-template <typename T, int D>
+template <typename T, int D, int C>
 struct FwdStateBuf {
-  static constexpr int LD = TcTile<D>::LD;
+  static constexpr int LD = TcTile<D>::LD, LDC = C + 8;
   T w[CH * LD];
   T k[CH * LD];
-  T u[CH * LDV];
+  T u[CH * LDC];
   float meta[2 * CH];
 };
-template <typename T, int D, int NS>
+template <typename T, int D, int C, int NS>
 struct FwdStateSmem {
-  FwdStateBuf<T, D> buf[NS];
-  T xb[D * LDV];  // the carried columns (16-bit copy), [d][16]
-  T ys[CH * LDV];
+  static constexpr int LDC = C + 8;
+  FwdStateBuf<T, D, C> buf[NS];
+  T xb[D * LDC];  // the carried columns (16-bit copy), [d][C]
+  T ys[CH * LDC];
 };
 
-template <typename T, int D>
-__device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D>& B, int c,
-                                               int64_t bh, int j0, bool with_u, int tid) {
+template <typename T, int D, int C>
+__device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
+                                               int c, int64_t bh, int j0, bool with_u, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
   load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, NT>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  if (with_u) load_cols<T>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D, D, j0, CH, tid);
+  if (with_u) {  // columns j0..j0+C of u: C / 8 16-byte pieces a row
+    const T* u = static_cast<const T*>(prep.u) + cp.row0 * D + j0;
+#pragma unroll
+    for (int i = tid; i < CH * C / 8; i += NT) {
+      const int row = i / (C / 8), part = i % (C / 8);
+      cp_async16(B.u + row * (C + 8) + 8 * part, u + row * D + 8 * part, true);
+    }
+  }
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
-// v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / BV carry
-// state columns; with `sum` (grid x = 2 D / BV) blocks x < D / BV carry the columns of A
+// v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / C carry
+// state columns; with `sum` (grid x = 2 D / C) blocks x < D / C carry the columns of A
 // and the others those of M (the state from zero), written at the end to sum.{A, M,
 // head_A, head_M}.
-template <typename T, int D, int NS>
+template <typename T, int D, int C, int NS>
 __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep, ChunkStatesOut fo,
                                                        ChunkSummaryOut sum) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  FwdStateSmem<T, D, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, NS>*>(smem_raw);
+  constexpr int LDC = C + 8, NTL = C / 8;  // n8 tiles of the block's columns
+  FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / BV;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / BV : blockIdx.x) * BV;
+  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
+  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;
   const int64_t se = static_cast<int64_t>(D) * D;
   const float* entering = summary ? nullptr : fo.entering;
 
-  float S[MT][2][4];
+  float S[MT][NTL][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
@@ -570,27 +580,27 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
         S[mt][nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
       }
   if (amap) {  // u = 0 in every buffer
-    for (int i = tid; i < NS * CH * LDV; i += NT) sm.buf[i / (CH * LDV)].u[i % (CH * LDV)] = from_float<T>(0.f);
+    for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_fwd_chunk<T, D>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+    if (i < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
     cp_async_commit();
   }
   for (int c = 0; c < nck; ++c) {
-    FwdStateBuf<T, D>& B = sm.buf[c % NS];
+    FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
     cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
     // the carried columns: 16-bit copy for the products, and the per-chunk outputs
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
           const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
           const float s0 = S[mt][nt][2 * hf], s1 = S[mt][nt][2 * hf + 1];
-          store_u32(sm.xb + row * LDV + cl, pack2<T>(s0, s1));
+          store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
           if (!summary) {
             const int64_t at = (bh * nck + c) * se;
             if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
@@ -602,29 +612,29 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
         }
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
-    if (c + NS - 1 < nck) load_fwd_chunk<T, D>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
     cp_async_commit();
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (token rows of this warp); ys = diag(d) v_new
-      float acc[2][4];
+      float acc[NTL][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-      mma_rows<T, 2, false>(acc, B.w, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
+      mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDC, 16 * warp, 0, D / 16, lane);
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int x = 16 * warp + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
           const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
           const float d = sx == sL ? __expf(GL - Gx) : 0.f;
-          const float2 rr = unpack2<T>(load_u32(B.u + x * LDV + cl));
+          const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
           const float v0 = rr.x - acc[nt][2 * hf], v1 = rr.y - acc[nt][2 * hf + 1];
           if (!summary && fo.v_new != nullptr)
             store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
                       pack2<T>(v0, v1));
-          store_u32(sm.ys + x * LDV + cl, pack2<T>(v0 * d, v1 * d));
+          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
         }
     }
     __syncthreads();
@@ -632,12 +642,12 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
       const float e = sL == 0.f ? __expf(GL) : 0.f;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        float(&acc)[2][4] = S[mt];
+        float(&acc)[NTL][4] = S[mt];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
-        mma_rows<T, 2, true>(acc, B.k, LD, sm.ys, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+        mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
       }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
@@ -652,7 +662,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
@@ -792,24 +802,36 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
   check(cudaGetLastError(), "chunk prep kernel");
 }
 
-// Ring depth of the forward state pass: 4 chunks when its blocks fit the device in one
-// wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
-template <typename T, int D>
-void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
-                       cudaStream_t s) {
-  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / BV;
+// Columns a block of the forward state pass (LASP2_DELTA_STATE_COLS = 16 or 32, default
+// 32) and its ring depth: 4 chunks when the blocks fit the device in one wave (one block an
+// SM), else 2 (two blocks an SM hide each other's loads).
+template <typename T, int D, int C>
+void launch_fwd_states_cols(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
+                            const ChunkSummaryOut& sum, cudaStream_t s) {
+  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
   const dim3 grid(cols, static_cast<unsigned>(p.bh()));
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   if (static_cast<int64_t>(cols) * p.bh() <= sms) {
-    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, 4>));
-    allow(fwd_state_kernel<T, D, 4>, bytes, "chunk state smem");
-    fwd_state_kernel<T, D, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
+    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
+    allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
+    fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
   } else {
-    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, 2>));
-    allow(fwd_state_kernel<T, D, 2>, bytes, "chunk state smem");
-    fwd_state_kernel<T, D, 2><<<grid, NT, bytes, s>>>(p, prep, out, sum);
+    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 2>));
+    allow(fwd_state_kernel<T, D, C, 2>, bytes, "chunk state smem");
+    fwd_state_kernel<T, D, C, 2><<<grid, NT, bytes, s>>>(p, prep, out, sum);
+  }
+}
+
+template <typename T, int D>
+void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
+                       cudaStream_t s) {
+  const char* env = std::getenv("LASP2_DELTA_STATE_COLS");
+  if (env != nullptr && std::atoi(env) == 16) {
+    launch_fwd_states_cols<T, D, 16>(p, prep, out, sum, s);
+  } else {
+    launch_fwd_states_cols<T, D, 32>(p, prep, out, sum, s);
   }
 }
 
