@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
-#include <cstdlib>
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk.h"
@@ -416,9 +415,9 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
 }
 
 // ---- the forward state pass and the part summary -------------------------------------
-// One block per (b, h) and C = 16 or 32 columns, sequential over chunks, with the inputs
-// of the next NS - 1 chunks in flight (cp.async ring of NS buffers). Every block reads the
-// chunk's whole w and K, so wider blocks halve that traffic at the cost of fewer blocks. A block either carries 16 columns of
+// One block per (b, h) and C columns, sequential over chunks, with the inputs of the next
+// NS - 1 chunks in flight (cp.async ring of NS buffers). Every block reads the chunk's
+// whole w and K. A block either carries 16 columns of
 // the state (S from `entering`, or zero) or, for the part summary, 16 columns of the
 // map A (from I, with u = 0: the columns of A evolve like state columns with v = 0).
 template <int N>
@@ -715,12 +714,15 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
   check(cudaGetLastError(), "chunk prep kernel");
 }
 
-// Columns a block of the forward state pass (LASP2_DELTA_STATE_COLS = 16 or 32, default
-// 32) and its ring depth: 4 chunks when the blocks fit the device in one wave (one block an
-// SM), else 2 (two blocks an SM hide each other's loads).
-template <typename T, int D, int C>
-void launch_fwd_states_cols(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
-                            const ChunkSummaryOut& sum, cudaStream_t s) {
+// The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
+// blocks' reads of w and K, measured slower: 2.40 against 1.48 ms at T = 64K, H = 16,
+// D = 128 on an H200, in one run that shared the GPU with another process's autotuning;
+// the kernel keeps C as a parameter). Ring depth 4 when the blocks fit the device in one wave (one block an SM),
+// else 2 (two blocks an SM hide each other's loads).
+template <typename T, int D>
+void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
+                       cudaStream_t s) {
+  constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
   const dim3 grid(cols, static_cast<unsigned>(p.bh()));
   int device = 0, sms = 0;
@@ -734,17 +736,6 @@ void launch_fwd_states_cols(const Problem& p, const ChunkPrep& prep, const Chunk
     const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 2>));
     allow(fwd_state_kernel<T, D, C, 2>, bytes, "chunk state smem");
     fwd_state_kernel<T, D, C, 2><<<grid, NT, bytes, s>>>(p, prep, out, sum);
-  }
-}
-
-template <typename T, int D>
-void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
-                       cudaStream_t s) {
-  const char* env = std::getenv("LASP2_DELTA_STATE_COLS");
-  if (env != nullptr && std::atoi(env) == 16) {
-    launch_fwd_states_cols<T, D, 16>(p, prep, out, sum, s);
-  } else {
-    launch_fwd_states_cols<T, D, 32>(p, prep, out, sum, s);
   }
 }
 
