@@ -16,6 +16,7 @@
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
 #include "delta_rule/cuda/delta_chunk.h"
+#include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/delta_backend.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/lasp2.h"
@@ -267,8 +268,12 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
       EXPECT_EQ(cmp.missing, 0) << name;
       EXPECT_EQ(cmp.clobbered, 0) << name;
     }
-    // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs
-    const double tol_sum = bf16 ? 1e-3 : 2e-4;
+    // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs.
+    // GDN rows in bfloat16 at d = 64 / 128 take the chunked backward, whose state
+    // products take bfloat16 operands (8 mantissa bits; fp16 holds the tighter bound)
+    const bool chunked_bf16 = c.gate == GateKind::kScalar && c.type == ScalarType::kBFloat16 && !c.packed &&
+                              c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    const double tol_sum = chunked_bf16 ? 1e-2 : bf16 ? 1e-3 : 2e-4;
     EXPECT_LT(rel_err_f32(gdg.download(), dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(gdb.download(), db), tol_sum) << "dbeta";
     const std::vector<float> gi = gdI.download();
@@ -375,18 +380,23 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
     DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
     DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdI = zeroed(D), gdE(bh * se);
-    DocStates ddoc;
-    ddoc.d_initial = gdI.p;  // gradients of the documents' (zero) initial states
-    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
+    // without document states: the chunked backward (delta_chunk_bwd.h) takes packed documents too
+    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{}, gdq.mview(), gdk.mview(),
                  gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
     r.dq = gdq.download().v;
     r.dk = gdk.download().v;
     r.dv = gdv.download().v;
     r.dg = gdg.download();
     r.db = gdb.download();
-    r.dI = gdI.download();
-    r.dI.resize(D);
     r.dE = gdE.download();
+    if (c.packed) {  // the gradients of the documents' (zero) initial states: the recurrent walk
+      DocStates ddoc;
+      ddoc.d_initial = gdI.p;
+      gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
+                   gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+      r.dI = gdI.download();
+      r.dI.resize(D);
+    }
     return r;
   };
   const ChunkedResult got = run();
@@ -395,10 +405,11 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     const EnvScope off("LASP2_DELTA_CHUNKED", "0");
     want = run();
   }
-  // tol_state: entering_dstate is the chunked reverse pass alone, whose state products
-  // take 16-bit operands (the backward's other outputs come from the exact per-interval
-  // adjoint, which only starts from those states)
-  const double tol_io = 1e-2, tol_sum = 2e-3, tol_state = 5e-3;
+  // the chunked kernels' state products take 16-bit operands (the state entering each
+  // chunk, its leaving gradient, T, v_new, dU and dB are rounded to the input dtype, as
+  // in fla's chunk kernels), so dg, dbeta and the entering-state gradient are sums of
+  // rounded products: within 6e-3 in bfloat16 (8 mantissa bits), 2e-3 in float16
+  const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3, tol_state = 5e-3;
   // max |got - want| / max |want| over the part's rows (the 16-bit outputs are
   // poisoned outside it); elements inside it must be finite
   const int64_t part_elems = (part.end - part.begin) * spec.heads * spec.dim_v;
@@ -724,22 +735,30 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     g.seg_len = T;
     const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
     DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
-        ckpt(H * nck * D * D), dh(H * nck * D * D), acc(T * H * (3 * D + 1));
+        dh(H * nck * D * D);
     const gpu::ChunkPrep prep{w.p, u.p, meta.p};
     gpu::ForwardOut fo;
     fo.o = o.mview().data;
     fo.osb = T * H * D;
     fo.ost = H * D;
     fo.osh = D;
-    gpu::BackwardArgs ba;
+    gpu::ChunkBackwardArgs ba;
     ba.dout = view(dout);
-    ba.ckpt = ckpt.p;
-    ba.chunk_dstate = dh.p;
-    ba.dv = dv.mview().data;
-    ba.dvsb = T * H * D;
-    ba.dvst = H * D;
-    ba.dvsh = D;
-    ba.acc = acc.p;
+    ba.meta = meta.p;
+    ba.v_new = vnew.p;
+    ba.states = st16.p;
+    ba.dh = dh.p;
+    for (auto [t, ptr, sb, st, sh] : {std::tuple{&dq, &ba.dq, &ba.dqsb, &ba.dqst, &ba.dqsh},
+                                      {&dk, &ba.dk, &ba.dksb, &ba.dkst, &ba.dksh},
+                                      {&dv, &ba.dv, &ba.dvsb, &ba.dvst, &ba.dvsh}}) {
+      const MutView m = t->mview();
+      *ptr = m.data;
+      *sb = m.stride.batch;
+      *st = m.stride.seq;
+      *sh = m.stride.head;
+    }
+    ba.dg = dg.p;
+    ba.dbeta = db.p;
     const std::vector<std::pair<const char*, std::function<void()>>> stages = {
         {"prep", [&] { gpu::launch_chunk_prep(g, prep, nullptr); }},
         {"states", [&] {
@@ -749,18 +768,13 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
            gpu::launch_chunk_states(g, prep, so, nullptr);
          }},
         {"output", [&] { gpu::launch_chunk_output(g, prep, vnew.p, st16.p, fo, nullptr); }},
-        {"states(ckpt)", [&] {
-           gpu::ChunkStatesOut so;
-           so.ckpt = ckpt.p;
-           gpu::launch_chunk_states(g, prep, so, nullptr);
-         }},
         {"rprep", [&] { gpu::launch_chunk_rprep(g, view(dout), prep, nullptr); }},
         {"rstates", [&] {
            gpu::ChunkReverseOut ro;
            ro.dh = dh.p;
            gpu::launch_chunk_rstates(g, view(dout), prep, ro, nullptr);
          }},
-        {"interval adjoints", [&] { gpu::launch_backward(g, ba, nullptr); }},
+        {"chunk backward", [&] { gpu::launch_chunk_backward(g, ba, nullptr); }},
     };
     std::string line;
     for (const auto& [name, launch] : stages) {
