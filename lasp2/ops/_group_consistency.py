@@ -449,6 +449,8 @@ def _check_fast(st, op, signature, names, device, host_values, device_values, fl
     if len(head) > ROW - LAGGED:
         raise AssertionError(f"{op}: {len(head)} consistency slots exceed the row's {ROW - LAGGED}")
     gc = _group_check(st, device)
+    if st.staged is not None and st.staged.check is not gc:  # values waiting in another device's row
+        _settle_lagged(st, st.staged, at_backward=False)
     kinds = [k for _, _, k in entries]
     token = _Staged(op, [(n, k) for n, _, k in entries], gc) if present else None
     lag = device.type == "cuda" or LAG_ON_CPU
