@@ -5,6 +5,8 @@
 //
 // What each call launches:
 //   part_summary     one walk over the part of the columns [A | M] from [I | 0]
+//                    (chunked, below, where documents start from zero and no
+//                    end states of theirs are asked for)
 //   forward          one walk writing o
 //   entering_dstate  one reverse walk over the head
 //   backward         a forward walk storing the state every 64 tokens, the reverse
@@ -13,9 +15,11 @@
 //
 // GDN in fp16 / bf16 with d_k = d_v in {64, 128} and 16-byte-aligned rows takes the
 // chunked tensor-core kernels (delta_chunk.h) instead, where their segments (which
-// start from zero) cover the call: forward, entering_dstate, and backward (the forward
-// state pass for the state entering each chunk, the reverse one for the gradient of
-// the state leaving each chunk, then every chunk's gradients at once: delta_chunk_bwd.h).
+// start from zero) cover the call: forward, part_summary (the chunk maps' product;
+// head maps from a pass that ends each row at its first document start),
+// entering_dstate, and backward (the forward state pass for the state entering each
+// chunk, the reverse one for the gradient of the state leaving each chunk, then every
+// chunk's gradients at once: delta_chunk_bwd.h).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
@@ -213,6 +217,12 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
+    // the product of the chunk maps and the state pass from zero, where documents begun
+    // inside the part start from zero and no end state of theirs is asked for
+    if (chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
+      chunked_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     gpu::SummaryOut out;
     out.finals = doc.finals;
@@ -442,6 +452,31 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     so.states = scratch[4];
     gpu::launch_chunk_states(g, prep, so, s);
     gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+  }
+
+  // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
+  // documents (A = 0 exactly then, when a document starts in the part) the head maps
+  // come from a second prep and pass in which the tokens from each row's first
+  // document start on are identity transitions.
+  void chunked_summary(const gpu::Problem& g, float* A, float* M, float* head_A, float* head_M,
+                       cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g) * g.dk / 2;
+    const bool packed = g.doc_start != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), packed ? int64_t{g.batch} : 0}, allocator_, s);
+    gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::ChunkSummaryOut out;
+    out.A = A;
+    out.M = M;
+    out.head_A = packed ? nullptr : head_A;
+    out.head_M = packed ? nullptr : head_M;
+    gpu::launch_chunk_summary(g, prep, out, s);
+    if (!packed) return;
+    int* firsts = reinterpret_cast<int*>(scratch[3]);
+    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
+    prep.head_end = firsts;
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::launch_chunk_summary(g, prep, {head_A, head_M, nullptr, nullptr}, s);
   }
 
   // prep; the state pass (v_new and the 16-bit state entering each chunk); r = -(P^T dO)
