@@ -7,7 +7,7 @@ is CPU-only. Build against the torch you already have:
 
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
 
-Environment: LASP2_FORCE_CPU=1 skips CUDA; LASP2_CUDA_ARCHS="80;90" picks targets;
+Environment: LASP2_FORCE_CPU=1 skips CUDA; LASP2_CUDA_ARCHS="80;90a" picks targets;
 MAX_JOBS limits parallel compile jobs; LASP2_BUILD_BENCH=1 also builds lasp2._bench, the
 communicator instruments that benchmarks/sp_providers.py and the provider tests use
 (never part of lasp2._C).

@@ -48,7 +48,7 @@ if [ -x "$NVCC" ]; then
   echo "== C++ core, CPU + CUDA ($("$NVCC" --version | tail -n 1)) =="
   NCCL_INC=$(bash scripts/fetch_nccl_headers.sh)
   quiet configure cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80;90" -DNCCL_INCLUDE_DIR="$NCCL_INC"
+    -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80;90a" -DNCCL_INCLUDE_DIR="$NCCL_INC"
   quiet build cmake --build build-cmake -j "$JOBS"
   echo "core, tests and CUDA sources (sm_80, sm_90) compiled in ${SECONDS} s"
 else

@@ -5,8 +5,7 @@
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
 #   benchmarks/kernel/device_run.sh [all|probe|tests|bench|base|ab|kprof|prof ...]   (several stages allowed)
 # probe: .carry/bin/wgmma_probe (the wgmma operand forms of the sm_90a kernels against
-# a CPU product; its SWAP line names the descriptor convention, exported as
-# LASP2_WGMMA_DESC_SWAP for the later stages when it differs from wgmma.cuh's).
+# a CPU product).
 # AB_BASE_ENV="LASP2_CUDA_WGMMA=0": the base of `ab` and `kprof` is this build run
 # with that environment (the sm_80 mma.sync kernels on the same binary) instead of
 # .carry/base/bench_lasp2.
@@ -42,8 +41,6 @@ fi
 if has probe && [ -x $BIN/wgmma_probe ]; then
   timeout 60 $BIN/wgmma_probe > "$OUT/probe.log" 2>&1
   echo "probe exit $? after $(( $(date +%s) - T0 )) s"
-  SW=$(sed -n 's/^SWAP=//p' "$OUT/probe.log")
-  if [ -n "$SW" ] && [ "$SW" != 0 ] && [ "$SW" != -1 ]; then export LASP2_WGMMA_DESC_SWAP=$SW; fi
 fi
 
 if has tests; then

@@ -36,7 +36,7 @@ const DeviceInfo& device_info() {
 
 bool sm90a_kernels(int pass) {
 #ifdef LASP2_CUDA_SM90A
-  return device_info().cc == 90 && (env_int("LASP2_CUDA_WGMMA", kSm90Dkdv | kSm90Fwd) & pass) != 0;
+  return device_info().cc == 90 && (env_int("LASP2_CUDA_WGMMA", kSm90Default) & pass) != 0;
 #else
   (void)pass;
   return false;
