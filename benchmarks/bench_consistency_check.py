@@ -1,9 +1,9 @@
 """Cost of lasp2's per-call cross-rank consistency check (docs/reliability.md).
 
-Times, on every rank of a group of 2+ processes, for the check's synchronous mode (the
-host reads the gathered table: CPU/gloo, and CUDA before issue 13's deferred mode) and
-its deferred mode (the CUDA default: compared on the device, no host sync in steady
-state; lasp2/ops/_group_consistency.py):
+Times, on every rank of a group of 2+ processes, for the check's modes
+(lasp2/ops/_group_consistency.py): auto (the default: one C++ exchange per call, device
+values lagged to the next exchange), sync (the Python check, every value read at the
+call) and deferred (opt-in: compared on the device, no host read in steady state):
   check : verify_group_consistency alone (one 256-byte all-gather per rank + compare)
           and the seal of one output,
   step  : a forward+backward of a stack of 1 (and 8) lasp2.linear_attention layers over a
@@ -11,6 +11,9 @@ state; lasp2/ops/_group_consistency.py):
           replaced by a no-op (one layer: each backward right after its forward, the
           deferred mode's worst case; 8 layers: as in a model; and one layer without
           gates, whose check reads no device tensor),
+  model : a training step (forward + backward) of lasp2.nn.HybridStack, --model-layers
+          linear-attention blocks at hidden size --hidden (projections, SwiGLU MLP, norms),
+          with and without the check,
 and prints the check's share of the step. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
@@ -101,7 +104,7 @@ def bench(rank, world, args):
             "bench", group, signature, names, device,
             host_values=[("scale", args.head_dim ** -0.5), ("cu", None), ("layout", "bthd"), ("overlap", None)],
             device_values=[("decay", None)],
-            flags=[("g > 0", f) for f in [C.positive_flag(g)] if f is not None], replay=replay)
+            positive=[("`g` holds positive log gates", g)] if g is not None else (), replay=replay)
 
     def step(layers, beside, gated=True):
         h = x
@@ -115,9 +118,9 @@ def bench(rank, world, args):
     original = GC.verify_group_consistency
     result = {"device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
               "head_dim": args.head_dim, "dtype": str(dtype)}
-    modes = ["sync", "deferred"] if device.type == "cuda" else ["sync"]
+    modes = ["auto", "sync", "deferred"] if device.type == "cuda" else ["auto", "sync"]
     if args.mode != "both":
-        modes = [args.mode]
+        modes = args.mode.split(",")
     for mode in modes:
         GC.MODE = mode
         GC.STATS.update(sync=0, deferred=0, replays=0)
@@ -141,10 +144,68 @@ def bench(rank, world, args):
                 "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
                 "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
                 "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
+        if args.model_layers:
+            model = result[mode]["model"] = _model_step(GC, group, device, world, args, original)
+            model["check_share_of_step_pct"] = round(100 * args.model_layers * t_check / (
+                model["step_without_check_ms"] * 1e-3), 3)
         result[mode].update(host_reads_of_the_table=GC.STATS["sync"], deferred_calls=GC.STATS["deferred"])
     GC.MODE = "auto"
     if rank == 0:
         print(json.dumps(result), flush=True)
+
+
+def _model_step(GC, group, device, world, args, original):
+    """A training step of a small model: lasp2.nn.HybridStack of --model-layers linear-attention
+    blocks (q/k/v/g/o projections, per-head norm, SwiGLU MLP of 4x hidden, RMSNorms) at hidden
+    size --hidden, bf16 on CUDA, forward + backward of a 4K-token (global) sequence, with and
+    without the per-call check. With one process the op skips the check (nobody to disagree
+    with), so each layer's call runs it beside the op, with the op's own arguments."""
+    import lasp2.nn.linear_attention as nn_la
+    from lasp2.nn import HybridStack
+    from lasp2.ops import linear_attention as op_module
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, heads = args.hidden, args.heads
+    T = args.tokens // world
+    model = HybridStack(hidden, heads, pattern="L" * args.model_layers, group=group if world > 1 else None,
+                        device=device, dtype=dtype, linear_kwargs={"decay": args.model_decay})
+    x = torch.randn(1, T, hidden, device=device, dtype=dtype, generator=None) * 0.5
+    plain = nn_la.linear_attention
+
+    def beside(q, k, v, g=None, decay=None, **kw):  # the call's check (as linear_attention runs it), then the op
+        signature = [q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3], 1,
+                     0 if g is None and decay is None else (1 if decay is not None else 2), 1, 0, 0, 0, 0]
+        verdict = GC.verify_group_consistency(
+            op_module.OP, group, signature, op_module._CHECK_NAMES, device,
+            host_values=[("`scale`", q.shape[3] ** -0.5), ("`cu_seqlens` contents", None), ("`layout`", "bthd"),
+                         ("`overlap`", None)],
+            device_values=[("`decay` values", decay)],
+            positive=[(f"`{n}` holds positive log gates/decays", t) for n, t in (("g", g), ("decay", decay))
+                      if t is not None],
+            replay=(plain, (q, k, v), dict(g=g, decay=decay, **kw)))
+        return verdict.seal(plain(q, k, v, g=g, decay=decay, **kw))
+
+    def step():
+        model(x).float().square().mean().backward()
+
+    iters = max(10, args.iters // 2)
+    out = {"layers": args.model_layers, "hidden": hidden, "decay": args.model_decay}
+    try:
+        if world == 1:
+            nn_la.linear_attention = beside
+            t_with = _time(step, iters, device)
+            nn_la.linear_attention = plain
+            t_without = _time(step, iters, device)
+        else:
+            t_with = _time(step, iters, device)
+            _patch_check(False, original)
+            t_without = _time(step, iters, device)
+            _patch_check(True, original)
+    finally:
+        nn_la.linear_attention = plain
+    out.update(step_with_check_ms=round(t_with * 1e3, 3), step_without_check_ms=round(t_without * 1e3, 3),
+               measured_overhead_pct=round(100 * (t_with - t_without) / t_without, 3))
+    return out
 
 
 def _spawned(rank, world, store, args):
@@ -167,13 +228,19 @@ def main():
     p.add_argument("--world", type=int, default=2, help="processes to spawn when not under torchrun")
     p.add_argument("--layers", default="1,8",
                    help="comma-separated stack depths to time (layer l's backward follows the layers above)")
-    p.add_argument("--mode", default="both", choices=["both", "sync", "deferred"],
-                   help="the check's mode (both: sync and deferred on CUDA, sync on CPU)")
+    p.add_argument("--mode", default="both",
+                   help="the check's modes, comma-separated from auto, sync, deferred (both: all three on CUDA, "
+                        "auto and sync on CPU)")
+    p.add_argument("--model-layers", type=int, default=4,
+                   help="also time a training step of a HybridStack of this many linear-attention blocks (0: no)")
+    p.add_argument("--hidden", type=int, default=None, help="the model's hidden size (default heads x head dim)")
+    p.add_argument("--model-decay", default="gate", choices=["gate", "fixed", "none"])
     args = p.parse_args()
     gpu = args.device == "cuda"
     args.heads = args.heads or (16 if gpu else 4)
     args.head_dim = args.head_dim or (128 if gpu else 32)
     args.iters = args.iters or (50 if gpu else 5)
+    args.hidden = args.hidden or args.heads * args.head_dim
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group("nccl" if gpu else "gloo")
         bench(dist.get_rank(), dist.get_world_size(), args)

@@ -1,16 +1,24 @@
 """Kernel benchmark of one gated DeltaNet (GDN) layer on one GPU.
 
     python benchmarks/bench_delta_rule.py [--seq-lens 8192 ... 262144] [--heads 16] [--dim 128]
-        [--out DIR] [--fla-budget-s 150]
+        [--out DIR] [--fla-budget-s 120] [--row-budget-s 20] [--warm-fla]
 
 lasp2.gated_delta_rule (the CUDA backend of csrc/core/delta_rule/cuda) side by side
 with flash-linear-attention's chunk_gated_delta_rule when importable, in the same
 run: fwd, bwd (the backward alone: fwd+bwd minus fwd) and fwd+bwd, B = 1, bf16 q, k,
 v (k l2-normalized), fp32 log gates and betas. Each time is also given as a multiple
 of the memory floor: the bytes of q, k, v, g, beta, o (forward) and of those plus dO,
-dq, dk, dv, dg, dbeta (backward) at 4.2 TB/s. Where fla refuses a pass (its Triton
-kernels on this Triton version) the reason is printed and the passes that run are
-timed. Prints a table, writes a JSON file and a PNG.
+dq, dk, dv, dg, dbeta (backward) at 4.2 TB/s.
+
+fla's Triton kernels compile and autotune on their first call (minutes on a fresh
+machine; the autotune keys hold no sequence length, so one warm-up serves every T):
+the run warms fla up once at the first length, then times each row within
+--row-budget-s, and stops timing fla after --fla-budget-s. Where fla refuses a pass
+(its gated backward on some Triton versions, fla issue #640) the refusal is tried
+once, printed, written into the table, and the passes that run are timed.
+`--warm-fla` only compiles and autotunes fla (Triton's cache keeps both across
+processes), e.g. in the background while lasp2 builds. Prints a table, writes a JSON
+file and a PNG.
 """
 
 import argparse
@@ -21,16 +29,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-import lasp2
-
 import cuda_timing  # this folder (the script's own directory is on sys.path)
 
 FLOOR_BYTES_PER_S = 4.2e12
 
 
-def median_ms(fn):
-    """The shared timer with this benchmark's budget: one warm-up, up to 5 calls, 3 s."""
-    return cuda_timing.median_ms(fn, warmup=1, reps=5, budget_ms=3000.0)
+def median_ms(fn, budget_s=3.0):
+    """The shared timer with this benchmark's budget: one warm-up, up to 5 calls."""
+    return cuda_timing.median_ms(fn, warmup=1, reps=5, budget_ms=1000.0 * budget_s)
 
 
 def make_inputs(T, H, D, seed=0):
@@ -53,8 +59,12 @@ def floor_ms(T, H, D, pass_):
     return nbytes / FLOOR_BYTES_PER_S * 1e3
 
 
-def providers():
-    out = {"lasp2": lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]}
+def providers(with_lasp2=True):
+    out = {}
+    if with_lasp2:  # imported here: --warm-fla runs while lasp2 may still be building
+        import lasp2
+
+        out["lasp2"] = lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -64,20 +74,43 @@ def providers():
     return out
 
 
-def time_passes(fn, q, k, v, g, beta, do):
-    """{fwd, bwd, fwd+bwd} in ms; a pass that raises gives its reason instead."""
+def time_passes(fn, q, k, v, g, beta, do, with_bwd=True, budget_s=3.0):
+    """{fwd, bwd, fwd+bwd} in ms (fwd alone when not with_bwd)."""
     res = {}
     with torch.no_grad():
-        res["fwd"] = median_ms(lambda: fn(q, k, v, g, beta))
+        res["fwd"] = median_ms(lambda: fn(q, k, v, g, beta), budget_s / 2)
+    if not with_bwd:
+        return res
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
 
     def step():
         o = fn(*leaves)
         torch.autograd.grad(o, leaves, do)
 
-    res["fwd+bwd"] = median_ms(step)
+    res["fwd+bwd"] = median_ms(step, budget_s / 2)
     res["bwd"] = res["fwd+bwd"] - res["fwd"]
     return res
+
+
+def refusal(exc):
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def warm_fla(fns, T, H, D):
+    """Compiles and autotunes fla at length T (forward, then one backward try). Returns
+    the backward's refusal, or None when it runs."""
+    fn = fns["fla"]
+    q, k, v, g, beta, do = make_inputs(T, H, D)
+    with torch.no_grad():
+        fn(q, k, v, g, beta)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    try:
+        torch.autograd.grad(fn(*leaves), leaves, do)
+    except Exception as exc:  # noqa: BLE001 - fla's own refusal, reported
+        return refusal(exc)
+    finally:
+        torch.cuda.synchronize()
+    return None
 
 
 def check_close(fns, q, k, v, g, beta):
@@ -95,33 +128,40 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--fla-budget-s", type=float, default=150.0, help="stop timing fla after this long")
+    parser.add_argument("--fla-budget-s", type=float, default=120.0,
+                        help="stop timing fla after this long (its warm-up included)")
+    parser.add_argument("--row-budget-s", type=float, default=20.0, help="time budget of one provider at one T")
+    parser.add_argument("--warm-fla", action="store_true", help="only compile and autotune fla, then exit")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    fns = providers()
+    fns = providers(with_lasp2=not args.warm_fla)
     H, D = args.heads, args.dim
+    t0 = time.time()
+    fla_bwd_refused = warm_fla(fns, args.seq_lens[0], H, D) if "fla" in fns else None
+    fla_spent = time.time() - t0
+    if "fla" in fns:
+        print(f"# fla warm-up (compile + autotune at T={args.seq_lens[0]}): {fla_spent:.0f} s")
+        if fla_bwd_refused:
+            print(f"# fla backward refused: {fla_bwd_refused}")
+    if args.warm_fla:
+        return
     print(f"# GDN, B=1, H={H}, D={D}, bf16 q/k/v, fp32 g/beta on {torch.cuda.get_device_name()}")
-    rows, fla_spent, refused = [], 0.0, {}
+    rows, skipped = [], {}
     for T in args.seq_lens:
         inputs = make_inputs(T, H, D)
         for name, fn in fns.items():
             if name == "fla" and fla_spent > args.fla_budget_s:
-                refused.setdefault("budget", f"stopped after {fla_spent:.0f} s (compile + autotune)")
+                skipped.setdefault("fla", f"rows from T={T} on: the fla budget of {args.fla_budget_s:.0f} s is spent")
                 continue
-            t0 = time.time()
+            t1 = time.time()
+            with_bwd = not (name == "fla" and fla_bwd_refused)
             try:
-                res = time_passes(fn, *inputs)
-            except Exception as exc:  # noqa: BLE001 - report and time what runs
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                refused[name] = reason
-                try:
-                    with torch.no_grad():
-                        res = {"fwd": median_ms(lambda: fn(*inputs[:5]))}
-                except Exception as exc2:  # noqa: BLE001
-                    refused[name] = reason + f"; forward: {type(exc2).__name__}"
-                    res = {}
+                res = time_passes(fn, *inputs, with_bwd=with_bwd, budget_s=args.row_budget_s / 2)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                skipped[f"{name} T={T}"] = refusal(exc)
+                res = {}
             if name == "fla":
-                fla_spent += time.time() - t0
+                fla_spent += time.time() - t1
             for pass_, ms in res.items():
                 rows.append({"provider": name, "T": T, "pass": pass_, "ms": ms,
                              "x_floor": ms / floor_ms(T, H, D, pass_)})
@@ -132,14 +172,15 @@ def main():
                 print(f"# lasp2 vs fla output at T={T}: max |diff| / max |fla| = {diff:.2e}")
         del inputs
         torch.cuda.empty_cache()
-    for name, reason in refused.items():
-        print(f"# {name} refused or skipped: {reason}")
+    for name, reason in skipped.items():
+        print(f"# {name} skipped: {reason}")
+    print(f"# total {time.time() - t0:.0f} s")
     with open(os.path.join(args.out, "bench_delta_rule.json"), "w") as f:
-        json.dump({"H": H, "D": D, "rows": rows}, f, indent=1)
-    report(rows, args, H, D)
+        json.dump({"H": H, "D": D, "rows": rows, "fla_bwd_refused": fla_bwd_refused}, f, indent=1)
+    report(rows, args, H, D, fla_bwd_refused)
 
 
-def report(rows, args, H, D):
+def report(rows, args, H, D, fla_bwd_refused=None):
     def get(name, T, pass_):
         for r in rows:
             if r["provider"] == name and r["T"] == T and r["pass"] == pass_:
@@ -155,8 +196,12 @@ def report(rows, args, H, D):
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
             a, b = get("lasp2", T, pass_), get("fla", T, pass_)
             ratio = f"{b['ms'] / a['ms']:6.2f}" if a and b and a["ms"] > 0 else f"{'-':>6}"
-            print(f"{T:>7} | {pass_:>7} | {fmt(a)} {fmt(a, 'x_floor', '{:6.1f}')} | "
-                  f"{fmt(b)} {fmt(b, 'x_floor', '{:6.1f}')} | {ratio}")
+            fla_cell = f"{fmt(b)} {fmt(b, 'x_floor', '{:6.1f}')}"
+            if b is None and pass_ != "fwd" and fla_bwd_refused:
+                fla_cell = f"{'refused':>15}"
+            print(f"{T:>7} | {pass_:>7} | {fmt(a)} {fmt(a, 'x_floor', '{:6.1f}')} | {fla_cell} | {ratio}")
+    if fla_bwd_refused:
+        print(f"refused: fla's backward on this Triton ({fla_bwd_refused}; fla issue #640)")
     try:
         import matplotlib
 
@@ -175,7 +220,10 @@ def report(rows, args, H, D):
         ax.plot(args.seq_lens, floor, ":", color="gray", label="memory floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"GDN {pass_}, H={H}, D={D}, bf16")
+        title = f"GDN {pass_}, H={H}, D={D}, bf16"
+        if pass_ != "fwd" and fla_bwd_refused:
+            title += "\n(fla backward refused on this Triton, fla #640)"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("T (tokens, B=1)")
         ax.set_ylabel("ms")
         ax.legend()

@@ -51,13 +51,16 @@ def _ops(names):
     return {n: table[n] for n in names}
 
 
+_EAGER_CALL = _eager.eager_call  # kept: _set_eager(False) replaces the name in lasp2.ops._eager itself too
+
+
 def _patched_modules():
     return [m for n, m in list(sys.modules.items()) if n.startswith("lasp2.ops") and hasattr(m, "eager_call")]
 
 
 def _set_eager(enabled: bool):
     for mod in _patched_modules():
-        mod.eager_call = _eager.eager_call if enabled else (lambda *a: False)
+        mod.eager_call = _EAGER_CALL if enabled else (lambda *a: False)
 
 
 def _wall_ms(step, iters, device):
@@ -86,6 +89,37 @@ def _graph_ms(step, iters):
     return _wall_ms(graph.replay, iters, torch.device("cuda"))
 
 
+def _profile(step, steps, device):
+    """cProfile of `steps` eager steps: microseconds per step inside lasp2._C's functions
+    (binding + core, host side), in everything else, and the top Python functions."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+    per = 1e6 / steps
+    total = sum(v[2] for v in stats.values()) * per
+    core = sum(v[2] for k, v in stats.items() if "lasp2._C" in k[2]) * per
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+    out = {"us_per_step": round(total, 1), "in_lasp2_C_us": round(core, 1),
+           "top": [(f"{k[0].split('site-packages/')[-1].split('lasp2/')[-1]}:{k[1]}({k[2]})", v[1] // steps,
+                    round(v[2] * per, 1)) for k, v in top]}
+    print(f"  profile: {out['us_per_step']} us/step under cProfile, {out['in_lasp2_C_us']} in lasp2._C; top:")
+    for name, calls, us in out["top"]:
+        print(f"    {us:8.1f} us  x{calls:<3} {name}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +130,9 @@ def main():
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--png", default="docs/results/host_overhead.png")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also profile this many eager steps of each op and length (cProfile): the host time "
+                         "inside the binding's calls (lasp2._C) and the Python functions that cost most")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -127,6 +164,8 @@ def main():
             graph = _graph_ms(step, iters) if cuda and name != "gated_delta_rule" else None
             row = dict(op=name, T=T, B=args.batch, H=heads, D=dim, eager_ms=times[True], custom_op_ms=times[False],
                        graph_ms=graph)
+            if args.profile:
+                row["profile"] = _profile(step, args.profile, device)
             rows.append(row)
             graph_txt = f"{graph:9.3f}" if graph is not None else f"{'-':>9}"
             print(f"{name:<18} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "

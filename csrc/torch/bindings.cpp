@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include "delta_rule_op.h"
+#include "group_check.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2_op.h"
@@ -104,6 +105,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_args(m);
 
   lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
+  lasp2::torch_binding::register_group_check(m);  // the per-call cross-rank check (group_check.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA

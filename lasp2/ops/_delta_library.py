@@ -232,7 +232,15 @@ def group_handle(group, device: torch.device) -> int:
     return 0 if group is None else _named_group_handle(group.group_name, str(device))
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo, which
+    would cost every `import lasp2` (and every spawned rank) seconds: the decorator only
+    marks the function (tests/python/ops/test_import.py checks both halves of that)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _named_group_handle(group_name: str, device: str) -> int:
     group = dist.distributed_c10d._resolve_process_group(group_name)
     comm = get_communicator(group, torch.device(device))

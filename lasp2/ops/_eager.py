@@ -14,7 +14,7 @@ opcheck calls the op itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -32,16 +32,27 @@ def eager_call(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
-def eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+def eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable,
+                   internal_outputs: Sequence[int] = ()) -> type:
     """A torch.autograd.Function running impl(*inputs) with the op's registered
     setup_context / backward (gradients of unused outputs arrive as zeros, as they do
-    for the custom op)."""
+    for the custom op).
+
+    internal_outputs: indices of outputs that only carry what the backward needs (saved
+    buffers the entry point never returns): they are marked non-differentiable and the
+    gradients are not materialised, so the backward gets None, not a zeros tensor per
+    unused output (an allocation and a fill each, on every backward); the backward must
+    then accept None for any output's gradient."""
+    internal = tuple(internal_outputs)
 
     # ctx-style forward: a separate setup_context would make every call bind the
     # arguments to forward's signature through inspect (measurable at small T)
     def forward(ctx, *inputs):
         output = impl(*inputs)
         setup_context(ctx, inputs, output)
+        if internal:
+            ctx.mark_non_differentiable(*(output[i] for i in internal))
+            ctx.set_materialize_grads(False)
         return output
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),

@@ -13,10 +13,17 @@ wrong result. So EVERY call all-gathers one fixed-size int64 row per rank, made 
 
 and every rank compares the same gathered table.
 
-Two modes (docs/reliability.md, "Guaranteed across the ranks of a group"):
+Three modes (docs/reliability.md, "Guaranteed across the ranks of a group"):
 
-* synchronous (CPU / gloo, where the host sync is free; and any call without a
-  `replay`): the host reads the table before the op's collectives, and every rank
+* auto (the default): one C++ call (csrc/torch/group_check.h, GroupCheck.exchange)
+  sends the row and compares the table on the host, at the call, for everything but
+  device values; those (decay bits, positive CUDA gates) are computed on the op's
+  stream into the row's last LAGGED slots (GroupCheck.stage) and sent with the NEXT
+  exchange on the group: the next call, or the backward of this call's outputs (a
+  hook), so the host never waits for the GPU's queue; every rank raises the same
+  ValueError there. On CPU groups they go with their own call's row.
+* synchronous (LASP2_CONSISTENCY_CHECK=sync; auto under torch.compile / CUDA-graph
+  capture): the host reads the table before the op's collectives, and every rank
   raises the same ValueError naming the first disagreeing argument, or none does.
 * deferred (CUDA): the host does not wait for the table. The ranks keep a common
   history of the size rows of the calls on the group and predict the next call's
@@ -61,16 +68,26 @@ _SYNC, _ASYNC = 0, 1
 _FAILED = -1  # the "fields" slot of a rank whose own argument checks failed
 _MASK64 = (1 << 64) - 1
 
-# "auto" (default) = "sync": the table is read on the host at every call. "deferred" is the
-# sync-free mode (device-side comparison, errors at backward / the next call); it is
-# opt-in because on one H200 it measured slower than the synchronous check (docs/
-# reliability.md, "Cost of the per-call check"). Tests use "deferred" to run the
-# device-style comparison on CPU tensors too. Every rank must use the same mode (a rank
-# in another mode shows up as a disagreement).
+# "auto" (default): the C++ check below (_check_fast). "sync": the Python check reading
+# every value at the call. "deferred" is the sync-free mode (device-side comparison,
+# errors at backward / the next call); it is opt-in because on one H200 it measured
+# slower than the synchronous check (docs/reliability.md, "Cost of the per-call check").
+# Tests use "deferred" to run the device-style comparison on CPU tensors too. Every rank
+# must use the same mode (a rank in another mode shows up as a disagreement).
 MODE = os.environ.get("LASP2_CONSISTENCY_CHECK", "auto")
+# "auto": the C++ check (csrc/torch/group_check.h), one call per op call: the row's host
+# part is compared at the call; device values (decay bits, positive gates) are computed
+# on the op's stream into the row's last LAGGED slots and sent with the NEXT exchange on
+# the group (the next call, or the backward of this call's outputs), so the host never
+# waits for the GPU's queue. LAG_ON_CPU applies that lag to CPU groups too (tests; on
+# the CPU the values are otherwise compared at their own call).
+LAGGED = 4
+LAG_ON_CPU = False
 # counters for tests and benchmarks: host reads of the table during a call ("sync"),
 # calls left to the device ("deferred"), forward replays at peers' sizes ("replays")
 STATS = {"sync": 0, "deferred": 0, "replays": 0}
+# "auto": exchanges made by the backward of a call's outputs (its device values unsent till then)
+LAGGED_SETTLES = [0]
 # CUDA: run the check on a side stream beside the op (0: on the op's stream)
 SIDE_STREAM = os.environ.get("LASP2_CONSISTENCY_SIDE_STREAM", "1") != "0"
 _REPLAY_SLOTS = 32  # remembered size rows per group (LRU)
@@ -239,6 +256,7 @@ class _GroupState:
         self.pending: Optional[Verdict] = None
         self.buffers: dict = {}
         self.rows: dict = {}  # (device, world, host part) -> this rank's row on the device
+        self.staged: Optional[_Staged] = None  # device values of the last call, not sent yet ("auto")
 
     def predicted(self) -> Optional[tuple]:
         return None if self.last is None else self.follows.get(self.last)
@@ -288,7 +306,8 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
                              device: torch.device, host_values: Sequence[Tuple[str, object]] = (),
                              device_values: Sequence[Tuple[str, Optional[torch.Tensor]]] = (),
                              flags: Sequence[Tuple[str, torch.Tensor]] = (), *,
-                             replay: Optional[tuple] = None) -> Verdict:
+                             replay: Optional[tuple] = None,
+                             positive: Sequence[Tuple[str, Optional[torch.Tensor]]] = ()) -> Verdict:
     """Checks that every rank of `group` calls `op` the same way; returns a Verdict whose
     `seal(*outputs)` the caller applies to the op's outputs.
 
@@ -298,11 +317,18 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     replay: (fn, args, kwargs) that makes this call again (tensors are replaced by zeros of
     their shape); with it the call may be checked asynchronously (deferred mode), without it
     the check is synchronous.
+    positive: (message, tensor or None) raised if any rank's tensor holds a positive entry
+    (device tensors only: CPU tensors are checked on the host by the op).
     """
     if _REPLAYING[0]:
         return NO_CHECK  # the peers' check ran in the call being replayed
     st = _state(group)
     st.settle()
+    if MODE == "auto" and _fast_ok(device, len(device_values) + len(positive) + len(flags)):
+        return _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive)
+    if st.staged is not None:  # this call is checked the synchronous way: send the waiting values first
+        _settle_lagged(st, st.staged, at_backward=False)
+    flags = list(flags) + [(m, (t > 0).any()) for m, t in positive if t is not None and t.device.type != "cpu"]
     fields = len(signature) + len(host_values) + len(device_values) + len(flags)
     if fields + _HEADER > ROW:
         raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
@@ -348,6 +374,156 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
         return NO_CHECK
     _after_disagreement(st, rows, _disagreement(rows, layout))
     raise AssertionError("unreachable")
+
+
+_KIND_DIGEST, _KIND_MAX = 0, 1  # csrc/torch/group_check.h, GroupCheck::Kind
+
+
+class _Staged:
+    """The device values one call staged into the lagged slots of its group's row (their
+    names and kinds; the values stay on the device until the next exchange sends them)."""
+
+    __slots__ = ("op", "entries", "check")
+
+    def __init__(self, op, entries, check):
+        self.op, self.entries, self.check = op, entries, check  # entries: [(name or message, kind)]
+
+    def max_slots(self):
+        first = ROW - LAGGED
+        return [first + i for i, (_, kind) in enumerate(self.entries) if kind == _KIND_MAX]
+
+
+class _LaggedVerdict(Verdict):
+    """A call whose device values wait in the lagged slots: the backward of its outputs
+    sends them (if no later call on the group did) before the op's backward runs."""
+
+    __slots__ = ("_st", "_token")
+
+    def __init__(self, st, token):
+        super().__init__()
+        self._st, self._token = st, token
+
+    def _hook(self, grad):
+        _settle_lagged(self._st, self._token)
+        return grad
+
+    def seal(self, *outputs):
+        if torch.is_grad_enabled():
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._hook)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _fast_ok(device: torch.device, n_device_values: int) -> bool:
+    """The C++ check ("auto") handles this call: eager (not compiling, not capturing a
+    CUDA graph) and room for its device values in the lagged slots."""
+    if n_device_values > LAGGED or torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return device.type == "cpu"
+
+
+def _group_check(st: "_GroupState", device: torch.device):
+    key = ("group_check", device)
+    gc = st.buffers.get(key)
+    if gc is None:
+        from lasp2._extension import _C
+
+        gc = st.buffers[key] = _C.GroupCheck(st.group, device, ROW, LAGGED)
+    return gc
+
+
+def _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive) -> Verdict:
+    """One C++ exchange (csrc/torch/group_check.h): the host part of this call's row is
+    compared now; its device values are staged for the next exchange on the group (on
+    CUDA, or LAG_ON_CPU) or, on the CPU, sent with this call's row."""
+    entries = [(name, t, _KIND_DIGEST) for name, t in device_values]
+    entries += [(m, t if t is not None and t.device.type != "cpu" else None, _KIND_MAX) for m, t in positive]
+    entries += [(m, f, _KIND_MAX) for m, f in flags]
+    values = [t for _, t, _ in entries]
+    present = any(t is not None for t in values)
+    head = [_op_code(op), len(signature) + len(host_values) + len(entries), _SYNC + 2 * len(signature),
+            *map(int, signature), *(_digest_cached(v) for _, v in host_values)]
+    if len(head) > ROW - LAGGED:
+        raise AssertionError(f"{op}: {len(head)} consistency slots exceed the row's {ROW - LAGGED}")
+    gc = _group_check(st, device)
+    if st.staged is not None and st.staged.check is not gc:  # values waiting in another device's row
+        _settle_lagged(st, st.staged, at_backward=False)
+    kinds = [k for _, _, k in entries]
+    token = _Staged(op, [(n, k) for n, _, k in entries], gc) if present else None
+    lag = device.type == "cuda" or LAG_ON_CPU
+    if token is not None and not lag:
+        gc.stage(values, kinds)  # CPU: computed at once, sent with this row
+        sent = token
+    else:
+        sent = st.staged  # the previous call's device values (or None)
+    st.staged = None
+    col = _exchange(op, st, gc, head, sent)
+    if col >= 0:
+        raise ValueError(_fast_message(gc.table().tolist(), _Layout(op, names, host_values, (), ()), sent,
+                                       current=sent is token))
+    if token is not None and lag:
+        gc.stage(values, kinds)
+        st.staged = token
+        return _LaggedVerdict(st, token)
+    return NO_CHECK
+
+
+def _drop_staged(st):
+    if st.staged is not None:
+        st.staged.check.discard()
+        st.staged = None
+
+
+def _exchange(op, st, gc, head, sent) -> int:
+    STATS["sync"] += 1
+    try:
+        return gc.exchange(head, [] if sent is None else sent.max_slots())
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{op}: the cross-rank consistency check over process group {_group_label(st.group)} failed "
+            f"(did a rank skip this call, exit, or time out?): {e}") from e
+
+
+def _settle_lagged(st, token: _Staged, at_backward: bool = True):
+    """The backward of a call whose device values no later exchange sent: send them now
+    (every rank reaches this hook at the same point of its backward). Also before a call
+    that is checked the synchronous way (under torch.compile, say)."""
+    if st.staged is not token:
+        return  # a later call on the group compared them
+    st.staged = None
+    LAGGED_SETTLES[0] += 1
+    col = _exchange(token.op, st, token.check, [_op_code("lasp2.settle"), 0, _SYNC], token)
+    if col >= 0:
+        raise ValueError(_fast_message(token.check.table().tolist(), None, token, current=False,
+                                       backward=at_backward))
+
+
+def _fast_message(rows, layout: Optional[_Layout], sent: Optional[_Staged], current: bool,
+                  backward: bool = False) -> str:
+    first = ROW - LAGGED
+    if layout is not None and any(row[:first] != rows[0][:first] for row in rows):
+        return _disagreement(rows, layout)
+    where = ""
+    if backward:
+        where = " (found at the backward of its outputs, before the op's backward ran; raised on every rank)"
+    elif not current:
+        where = (" (values of the previous call on this group, compared at this call without waiting for the GPU; "
+                 "raised on every rank)")
+    for i, (name, kind) in enumerate(sent.entries if sent is not None else ()):
+        column = [row[first + i] for row in rows]
+        if kind == _KIND_MAX:
+            raised = [r for r, bits in enumerate(column) if struct.unpack("<d", struct.pack("<q", bits))[0] > 0]
+            if raised:
+                return f"{sent.op}: {name} (on rank(s) {raised} of `group`){where}"
+        elif len(set(column)) != 1:
+            return (f"{sent.op}: ranks of `group` disagree on {name}: differing digests (rank order){where}. Every "
+                    "rank of the sequence-parallel group must call with the same shapes, dtype, options and small "
+                    "arguments.")
+    return ("lasp2: ranks of `group` sent different consistency rows (different lasp2 versions or "
+            "LASP2_CONSISTENCY_CHECK modes?)")
 
 
 _SIDE: dict = {}
@@ -510,6 +686,7 @@ def report_local_failure(op: str, group, hint=None):
         return
     st = _state(group)
     st.settle()
+    _drop_staged(st)  # every rank raises at this call: the last call's device values go unsent
     device = group_device(group, hint)
     mine = torch.zeros(ROW, dtype=torch.int64)
     mine[0], mine[1] = _op_code(op), _FAILED

@@ -46,10 +46,8 @@ def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size
                   num_seqs, output_final_state):
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
-    with C.named_errors(OP):
-        o, final, saved = _C.lasp2_forward(
-            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
-            overlap, output_final_state)
+    o, final, *saved = _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts,
+                                      overlap, head_doc, num_seqs, output_final_state)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
     # schedule leaves unwritten (one device without states: every buffer, backward reads
     # none of them; the head maps without packed documents' states)
@@ -59,6 +57,19 @@ def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size
     elif not (doc_start is not None and len(head_doc) > 0):
         saved[3].zero_()
     return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+
+
+def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
+                   num_seqs, output_final_state):
+    """The forward as the eager entry point runs it: its one caller, lasp2.linear_attention,
+    has checked the gates' signs already, and the saved buffers are internal outputs (never
+    returned to the user), so what the schedule leaves unwritten in them is never read and
+    needs no zeroing (four fills per call on one device); final_state is None unless asked for."""
+    with C.named_errors(OP):
+        o, final, saved = _C.lasp2_forward(
+            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
+            overlap, output_final_state)
+    return (o, final, *saved)
 
 
 @torch.library.custom_op("lasp2::lasp2_forward", mutates_args=())
@@ -105,14 +116,23 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 
 def _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
-    with C.named_errors(OP):
-        dq, dk, dv, dg, d_decay, d_initial = _C.lasp2_backward(
-            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
-            [records, prefixes, maps, head_maps], do, need_dg, d_final_state=d_final_state,
-            need_dinitial=need_dinitial)
+    dq, dk, dv, dg, d_decay, d_initial = _backward_eager(
+        q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
+        d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial)
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
     return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
+
+
+def _backward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
+                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
+    """The backward's gradients, None where not asked for (the eager path; the custom op
+    returns empty tensors instead)."""
+    with C.named_errors(OP):
+        return _C.lasp2_backward(
+            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
+            [records, prefixes, maps, head_maps], do, need_dg, d_final_state=d_final_state,
+            need_dinitial=need_dinitial)
 
 
 @torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
@@ -156,7 +176,9 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
     d_final = final_state_grad(d_final, output_final_state, q, v, doc_start, head_doc, num_seqs)
-    run = _backward_impl if eager_call(do, q) else lasp2_backward
+    if do is None:  # the eager Function does not materialise gradients: o took no part in the loss
+        do = torch.zeros_like(v)
+    run = _backward_eager if eager_call(do, q) else lasp2_backward
     with torch.no_grad():
         dq, dk, dv, dg, d_decay, d_initial = run(
             q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
@@ -167,7 +189,8 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
-_EagerForward = eager_function("Lasp2Forward", _forward_impl, _setup_context, _backward)
+_EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _backward,
+                               internal_outputs=(2, 3, 4, 5))
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,

@@ -17,6 +17,27 @@ from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.options import PROVIDERS
 
 OP = "lasp2.linear_attention"
+# what the size fields of the per-call consistency check are (in the order linear_attention sends them)
+_CHECK_NAMES = ("batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
+                "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
+                "use of initial_state", "output_final_state")
+
+
+_ONE_DEVICE: dict = {}  # (split, local length, device) -> the SPContext of a call without group / cu_seqlens
+
+
+def _context(sp_context, group, split, cu_seqlens, local_len, batch, device):
+    """resolve_sp_context, remembering the (immutable) context of one-device calls without
+    documents: building and validating it again is a measurable share of a small call."""
+    if sp_context is not None or group is not None or cu_seqlens is not None or type(split) is not str:
+        return resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, device)
+    key = (split, local_len, device)
+    ctx = _ONE_DEVICE.get(key)
+    if ctx is None:
+        ctx = resolve_sp_context(OP, None, None, split, None, local_len, batch, device)
+        if len(_ONE_DEVICE) < 256:
+            _ONE_DEVICE[key] = ctx
+    return ctx
 
 
 def _validate(q, k, v, g, decay, scale, layout):
@@ -170,7 +191,7 @@ def linear_attention(
             C.check_log_gates(OP, "decay", decay)
         impl = get_provider(OP, LINEAR_ATTENTION, provider)
         local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        ctx = _context(sp_context, group, split, cu_seqlens, local_len, batch, q.device)
         impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
         num_seqs, head_doc = _validate_states(initial_state, output_final_state, q, v, ctx, provider)
     except (ValueError, TypeError):
@@ -186,15 +207,12 @@ def linear_attention(
              0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
              int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
              int(output_final_state)],
-            ["batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-             "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
-             "use of initial_state", "output_final_state"],
-            q.device,
+            _CHECK_NAMES, q.device,
             host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
                          ("`layout`", layout), ("`overlap`", overlap)],
             device_values=[("`decay` values", decay)],
-            flags=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", flag)
-                   for name, x in (("g", g), ("decay", decay)) if (flag := C.positive_flag(x)) is not None],
+            positive=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", x)
+                      for name, x in (("g", g), ("decay", decay)) if x is not None],
             replay=(linear_attention, (q, k, v), dict(g=g, decay=decay, scale=scale, layout=layout, overlap=overlap,
                     provider=provider, sp_context=ctx, initial_state=initial_state,
                     output_final_state=output_final_state)))

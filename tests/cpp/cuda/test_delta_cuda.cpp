@@ -7,6 +7,7 @@
 // (tests/cpp/delta_rule/).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -15,6 +16,7 @@
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
 #include "delta_rule/cuda/delta_chunk.h"
+#include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/delta_backend.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/lasp2.h"
@@ -198,16 +200,21 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     doc.initial = pr.initial.data();
     doc.finals = finals.data();
     cpu.part_summary(hp, part, doc, A.data(), M.data(), hA.data(), hM.data(), nullptr);
+    // GDN in 16-bit with d = 64 / 128 without documents runs the chunk maps, whose state
+    // products take 16-bit operands (delta_chunk.h)
+    const bool chunked = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128) &&
+                         !c.packed;
+    const double tol_map = chunked ? 5e-3 : tol_f32;
     DevBuf<float> gA(A.size()), gM(M.size()), ghA(hA.size()), ghM(hM.size());
     DevBuf<float> gfin = zeroed(D);
     DocStates ddoc;
     ddoc.initial = d_initial_states.p;
     ddoc.finals = gfin.p;
     gpu.part_summary(dp, part, ddoc, gA.p, gM.p, ghA.p, ghM.p, nullptr);
-    EXPECT_LT(rel_err_f32(gA.download(), A), tol_f32) << "A";
-    EXPECT_LT(rel_err_f32(gM.download(), M), tol_f32) << "M";
-    EXPECT_LT(rel_err_f32(ghA.download(), hA), tol_f32) << "head A";
-    EXPECT_LT(rel_err_f32(ghM.download(), hM), tol_f32) << "head M";
+    EXPECT_LT(rel_err_f32(gA.download(), A), tol_map) << "A";
+    EXPECT_LT(rel_err_f32(gM.download(), M), tol_map) << "M";
+    EXPECT_LT(rel_err_f32(ghA.download(), hA), tol_map) << "head A";
+    EXPECT_LT(rel_err_f32(ghM.download(), hM), tol_map) << "head M";
     const std::vector<float> gf = gfin.download();
     EXPECT_LT(rel_err_f32(std::vector<float>(gf.begin(), gf.begin() + D), finals), tol_f32) << "finals";
     if (c.packed) {
@@ -261,8 +268,12 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
       EXPECT_EQ(cmp.missing, 0) << name;
       EXPECT_EQ(cmp.clobbered, 0) << name;
     }
-    // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs
-    const double tol_sum = bf16 ? 1e-3 : 2e-4;
+    // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs.
+    // GDN rows in bfloat16 at d = 64 / 128 take the chunked backward, whose state
+    // products take bfloat16 operands (8 mantissa bits; fp16 holds the tighter bound)
+    const bool chunked_bf16 = c.gate == GateKind::kScalar && c.type == ScalarType::kBFloat16 && !c.packed &&
+                              c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    const double tol_sum = chunked_bf16 ? 1e-2 : bf16 ? 1e-3 : 2e-4;
     EXPECT_LT(rel_err_f32(gdg.download(), dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(gdb.download(), db), tol_sum) << "dbeta";
     const std::vector<float> gi = gdI.download();
@@ -369,18 +380,23 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
     DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
     DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdI = zeroed(D), gdE(bh * se);
-    DocStates ddoc;
-    ddoc.d_initial = gdI.p;  // gradients of the documents' (zero) initial states
-    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
+    // without document states: the chunked backward (delta_chunk_bwd.h) takes packed documents too
+    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{}, gdq.mview(), gdk.mview(),
                  gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
     r.dq = gdq.download().v;
     r.dk = gdk.download().v;
     r.dv = gdv.download().v;
     r.dg = gdg.download();
     r.db = gdb.download();
-    r.dI = gdI.download();
-    r.dI.resize(D);
     r.dE = gdE.download();
+    if (c.packed) {  // the gradients of the documents' (zero) initial states: the recurrent walk
+      DocStates ddoc;
+      ddoc.d_initial = gdI.p;
+      gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
+                   gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+      r.dI = gdI.download();
+      r.dI.resize(D);
+    }
     return r;
   };
   const ChunkedResult got = run();
@@ -389,10 +405,11 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     const EnvScope off("LASP2_DELTA_CHUNKED", "0");
     want = run();
   }
-  // tol_state: entering_dstate is the chunked reverse pass alone, whose state products
-  // take 16-bit operands (the backward's other outputs come from the exact per-interval
-  // adjoint, which only starts from those states)
-  const double tol_io = 1e-2, tol_sum = 2e-3, tol_state = 5e-3;
+  // the chunked kernels' state products take 16-bit operands (the state entering each
+  // chunk, its leaving gradient, T, v_new, dU and dB are rounded to the input dtype, as
+  // in fla's chunk kernels), so dg, dbeta and the entering-state gradient are sums of
+  // rounded products: within 6e-3 in bfloat16 (8 mantissa bits), 2e-3 in float16
+  const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3, tol_state = 5e-3;
   // max |got - want| / max |want| over the part's rows (the 16-bit outputs are
   // poisoned outside it); elements inside it must be finite
   const int64_t part_elems = (part.end - part.begin) * spec.heads * spec.dim_v;
@@ -718,22 +735,30 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     g.seg_len = T;
     const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
     DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
-        ckpt(H * nck * D * D), dh(H * nck * D * D), acc(T * H * (3 * D + 1));
+        dh(H * nck * D * D);
     const gpu::ChunkPrep prep{w.p, u.p, meta.p};
     gpu::ForwardOut fo;
     fo.o = o.mview().data;
     fo.osb = T * H * D;
     fo.ost = H * D;
     fo.osh = D;
-    gpu::BackwardArgs ba;
+    gpu::ChunkBackwardArgs ba;
     ba.dout = view(dout);
-    ba.ckpt = ckpt.p;
-    ba.chunk_dstate = dh.p;
-    ba.dv = dv.mview().data;
-    ba.dvsb = T * H * D;
-    ba.dvst = H * D;
-    ba.dvsh = D;
-    ba.acc = acc.p;
+    ba.meta = meta.p;
+    ba.v_new = vnew.p;
+    ba.states = st16.p;
+    ba.dh = dh.p;
+    for (auto [t, ptr, sb, st, sh] : {std::tuple{&dq, &ba.dq, &ba.dqsb, &ba.dqst, &ba.dqsh},
+                                      {&dk, &ba.dk, &ba.dksb, &ba.dkst, &ba.dksh},
+                                      {&dv, &ba.dv, &ba.dvsb, &ba.dvst, &ba.dvsh}}) {
+      const MutView m = t->mview();
+      *ptr = m.data;
+      *sb = m.stride.batch;
+      *st = m.stride.seq;
+      *sh = m.stride.head;
+    }
+    ba.dg = dg.p;
+    ba.dbeta = db.p;
     const std::vector<std::pair<const char*, std::function<void()>>> stages = {
         {"prep", [&] { gpu::launch_chunk_prep(g, prep, nullptr); }},
         {"states", [&] {
@@ -743,18 +768,13 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
            gpu::launch_chunk_states(g, prep, so, nullptr);
          }},
         {"output", [&] { gpu::launch_chunk_output(g, prep, vnew.p, st16.p, fo, nullptr); }},
-        {"states(ckpt)", [&] {
-           gpu::ChunkStatesOut so;
-           so.ckpt = ckpt.p;
-           gpu::launch_chunk_states(g, prep, so, nullptr);
-         }},
         {"rprep", [&] { gpu::launch_chunk_rprep(g, view(dout), prep, nullptr); }},
         {"rstates", [&] {
            gpu::ChunkReverseOut ro;
            ro.dh = dh.p;
            gpu::launch_chunk_rstates(g, view(dout), prep, ro, nullptr);
          }},
-        {"interval adjoints", [&] { gpu::launch_backward(g, ba, nullptr); }},
+        {"chunk backward", [&] { gpu::launch_chunk_backward(g, ba, nullptr); }},
     };
     std::string line;
     for (const auto& [name, launch] : stages) {
@@ -781,6 +801,254 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   int64_t bad = 0;
   EXPECT_LT(rel_err_f32(dg.download(), std::vector<float>(T * H, 0.f), &bad), INFINITY);
   EXPECT_EQ(bad, 0);
+}
+
+}  // namespace
+}  // namespace lasp2::testing
+
+// ---- the chunked part summary (gdnfwd) -------------------------------------------------
+// part_summary of GDN in 16-bit (documents without initial states, no end states asked
+// for) is the product of the chunk maps A_c = e I - (diag(d) K)^T w and the chunked state
+// pass from zero; with packed documents the head maps come from a second pass that ends
+// at each row's first document start (delta_chunk.h). Held to the token-recurrent walk
+// (LASP2_DELTA_CHUNKED=0) with and without -inf log gates (inside a chunk, on a chunk's
+// first token, on the part's first token), rows and packed documents (starting inside
+// the part, and on its first token: an empty head), to the CPU backend without -inf
+// gates, and to the forward: A E + M is the state the part leaves with E entering, so
+// the next part's outputs from it equal those of one forward over both.
+namespace lasp2::testing {
+namespace {
+
+struct SummaryCase {
+  ScalarType type;
+  int d;
+  bool neg_inf;
+  int batch;
+  int docs = 0;  // 0: rows; 1: documents starting inside the part; 2: one on its first token
+};
+
+class DeltaCudaChunkedSummary : public ::testing::TestWithParam<SummaryCase> {};
+
+TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const SummaryCase c = GetParam();
+  DeltaSpec spec;
+  spec.seqlen = 333;
+  spec.heads = 2;
+  spec.batch = c.batch;
+  spec.dim_k = spec.dim_v = c.d;
+  spec.chunk_size = 64;
+  spec.scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+  if (c.docs == 1) spec.doc_starts = {5, 64, 65, 101, 130, 200, 201, 263};
+  if (c.docs == 2) spec.doc_starts = {37, 100, 101, 250, 300};
+  DeltaProblem<float> pr(spec, 31);
+  prepare_inputs(pr, c.type);
+  if (c.neg_inf)
+    for (int64_t b = 0; b < spec.batch; ++b)
+      for (int64_t t : {37, 90, 165, 166, 250})
+        for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
+  DeviceProblem dev(pr, c.type, Layout{});
+  const DeltaParams& dp = dev.p;
+  const DeltaParams hp = pr.params();
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  const TokenRange part{37, 290};  // starts and ends mid-chunk, 253 tokens: a partial last chunk
+  const int64_t bh = dp.bh(), se = dp.state_elems(), me = dp.map_elems();
+
+  struct Maps {
+    std::vector<float> A, M, hA, hM;
+  };
+  auto summary = [&]() {
+    DevBuf<float> gA(bh * me), gM(bh * se), ghA(bh * me), ghM(bh * se);
+    for (auto* b : {&gA, &gM, &ghA, &ghM}) b->poison();
+    gpu.part_summary(dp, part, DocStates{}, gA.p, gM.p, ghA.p, ghM.p, nullptr);
+    return Maps{gA.download(), gM.download(), ghA.download(), ghM.download()};
+  };
+  const Maps got = summary();
+  Maps want;
+  {
+    const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+    want = summary();
+  }
+  const double tol = 5e-3;
+  EXPECT_LT(rel_err_f32(got.A, want.A), tol) << "A";
+  EXPECT_LT(rel_err_f32(got.M, want.M), tol) << "M";
+  if (c.docs != 0) {
+    EXPECT_LT(rel_err_f32(got.hA, want.hA), tol) << "head A";
+    EXPECT_LT(rel_err_f32(got.hM, want.hM), tol) << "head M";
+  } else {
+    EXPECT_EQ(got.hA, got.A) << "a part without document starts is its own head";
+    EXPECT_EQ(got.hM, got.M) << "a part without document starts is its own head";
+  }
+  if (c.neg_inf || c.docs != 0) {  // the entering state forgotten: A = 0 exactly
+    EXPECT_EQ(delta::testing::max_abs(got.A), 0.0) << "A after a -inf gate or a document start";
+  }
+  if (!c.neg_inf) {
+    std::vector<float> A(bh * me), M(bh * se), hA(bh * me), hM(bh * se);
+    delta::delta_cpu_backend().part_summary(hp, part, DocStates{}, A.data(), M.data(), hA.data(), hM.data(),
+                                            nullptr);
+    EXPECT_LT(rel_err_f32(got.A, A), tol) << "A vs CPU";
+    EXPECT_LT(rel_err_f32(got.M, M), tol) << "M vs CPU";
+    EXPECT_LT(rel_err_f32(got.hA, hA), tol) << "head A vs CPU";
+    EXPECT_LT(rel_err_f32(got.hM, hM), tol) << "head M vs CPU";
+  }
+
+  // A E + M entering [290, T) gives the outputs of one forward over [37, T) from E
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  std::vector<float> entering(bh * se);
+  for (auto& x : entering) x = normal(rng);
+  auto dE = to_device_f32(entering);
+  DevBuf<float> gA = to_device_f32(got.A), gM = to_device_f32(got.M), leaving(bh * se);
+  gpu.apply_map(gA.p, dE.p, gM.p, bh, spec.dim_k, spec.dim_v, leaving.p, nullptr);
+  const TokenRange next{part.end, spec.seqlen}, both{part.begin, spec.seqlen};
+  DevTensor o_two(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, Layout{});
+  DevTensor o_one(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, Layout{});
+  gpu.forward(dp, next, leaving.p, DocStates{}, o_two.mview(), nullptr);
+  gpu.forward(dp, both, dE.p, DocStates{}, o_one.mview(), nullptr);
+  const auto a = o_two.download(), b = o_one.download();
+  double num = 0, den = 0;
+  int64_t bad = 0;
+  for (int64_t b_ = 0; b_ < spec.batch; ++b_)
+    for (int64_t i = 0; i < (next.end - next.begin) * spec.heads * spec.dim_v; ++i) {
+      const size_t e = static_cast<size_t>((b_ * spec.seqlen + next.begin) * spec.heads * spec.dim_v + i);
+      bad += !std::isfinite(a.v[e]) || !std::isfinite(b.v[e]);
+      num = std::max(num, std::abs(a.v[e] - b.v[e]));
+      den = std::max(den, std::abs(b.v[e]));
+    }
+  EXPECT_EQ(bad, 0);
+  EXPECT_LT(num / den, 1e-2) << "outputs after the part from A E + M vs one forward";
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaCudaChunkedSummary,
+                         ::testing::Values(SummaryCase{ScalarType::kBFloat16, 128, false, 2},
+                                           SummaryCase{ScalarType::kBFloat16, 128, true, 1},
+                                           SummaryCase{ScalarType::kBFloat16, 64, false, 1},
+                                           SummaryCase{ScalarType::kFloat16, 64, true, 2},
+                                           SummaryCase{ScalarType::kFloat16, 128, false, 1},
+                                           SummaryCase{ScalarType::kBFloat16, 128, false, 1, 1},
+                                           SummaryCase{ScalarType::kBFloat16, 64, true, 1, 1},
+                                           SummaryCase{ScalarType::kFloat16, 128, false, 1, 2}),
+                         [](const ::testing::TestParamInfo<SummaryCase>& info) {
+                           const auto& c = info.param;
+                           return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + "_b" +
+                                  std::to_string(c.batch) + (c.neg_inf ? "_neginf" : "") +
+                                  (c.docs == 1 ? "_packed" : c.docs == 2 ? "_packed_first" : "");
+                         });
+
+// The chunked forward at T = 64K, H = 16, D = 128, bf16 on one device (printed, the
+// median of 5 after a warm-up): each kernel on its own, the backend's forward and
+// part_summary. LASP2_DELTA_TIMING_T=<tokens>
+// changes T. The inputs repeat a 2^20-element random pattern (fast to set up).
+TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const char* env = std::getenv("LASP2_DELTA_TIMING_T");
+  const int64_t T = env != nullptr && *env ? std::atoll(env) : 65536, H = 16, D = 128;
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      o(1, T, H, D, type, Layout{});
+  std::mt19937 rng(1);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const size_t pattern = size_t{1} << 20;
+  for (DevTensor* t : {&q, &k, &v}) {
+    std::vector<unsigned char> host(pattern * 2);
+    for (size_t i = 0; i < pattern; ++i)
+      encode(type, normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0), &host[2 * i]);
+    for (size_t at = 0; at < t->elems; at += pattern)
+      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at),
+                         cudaMemcpyHostToDevice),
+              "upload");
+  }
+  std::vector<float> gh(T * H), bh(T * H);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  auto g = to_device_f32(gh), beta = to_device_f32(bh);
+  DeltaParams p;
+  p.batch = 1;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = p.dim_v = D;
+  p.dtype = type;
+  p.q = q.cview();
+  p.k = k.cview();
+  p.v = v.cview();
+  p.g = g.p;
+  p.g_stride = {T * H, H, 1};
+  p.beta = beta.p;
+  p.beta_stride = {T * H, H, 1};
+  p.scale = 1.0 / std::sqrt(double(D));
+
+  namespace gpu = delta::gpu;
+  gpu::Problem gp;
+  gp.batch = 1;
+  gp.heads = static_cast<int>(H);
+  gp.dk = gp.dv = static_cast<int>(D);
+  gp.seqlen = T;
+  gp.n = T;
+  gp.elem = gpu::Elem::kBF16;
+  auto view = [](const DevTensor& t) {
+    const ConstView cv = t.cview();
+    return gpu::View{cv.data, cv.stride.batch, cv.stride.seq, cv.stride.head};
+  };
+  gp.q = view(q);
+  gp.k = view(k);
+  gp.v = view(v);
+  gp.g = g.p;
+  gp.gsb = T * H;
+  gp.gst = H;
+  gp.gsh = 1;
+  gp.beta = beta.p;
+  gp.bsb = T * H;
+  gp.bst = H;
+  gp.bsh = 1;
+  gp.scale = static_cast<float>(p.scale);
+  gp.seg_len = T;
+  const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
+  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2);
+  DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D);
+  const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
+  gpu::ForwardOut fo;
+  fo.o = o.mview().data;
+  fo.osb = T * H * D;
+  fo.ost = H * D;
+  fo.osh = D;
+  const auto& be = delta::delta_backend_for(Device::kCUDA);
+  const std::vector<std::pair<const char*, std::function<void()>>> stages = {
+      {"prep", [&] { gpu::launch_chunk_prep(gp, prep, nullptr); }},
+      {"states", [&] {
+         gpu::ChunkStatesOut so;
+         so.v_new = vnew.p;
+         so.states = st16.p;
+         gpu::launch_chunk_states(gp, prep, so, nullptr);
+       }},
+      {"output", [&] { gpu::launch_chunk_output(gp, prep, vnew.p, st16.p, fo, nullptr); }},
+      {"backend forward", [&] { be.forward(p, {0, T}, nullptr, {}, o.mview(), nullptr); }},
+      {"backend part_summary", [&] { be.part_summary(p, {0, T}, {}, A.p, M.p, hA.p, hM.p, nullptr); }},
+  };
+  cudaEvent_t e0, e1;
+  cuda_ok(cudaEventCreate(&e0), "event");
+  cuda_ok(cudaEventCreate(&e1), "event");
+  std::string line;
+  for (const auto& [name, launch] : stages) {
+    std::vector<float> ms;
+    for (int rep = 0; rep < 6; ++rep) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      launch();
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+      float t = 0;
+      cuda_ok(cudaEventElapsedTime(&t, e0, e1), "elapsed");
+      if (rep > 0) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    char buf[80];
+    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, ms[ms.size() / 2]);
+    line += buf;
+  }
+  std::printf("[ timing ] GDN forward T=%lld H=16 D=128 bf16 (ms, median of 5): %s\n", static_cast<long long>(T),
+              line.c_str());
+  EXPECT_LT(rel_err_f32(M.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "M finite";
+  EXPECT_LT(rel_err_f32(A.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "A finite";
 }
 
 }  // namespace

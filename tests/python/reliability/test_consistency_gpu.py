@@ -81,6 +81,78 @@ def _worker(store, results):
         results.put(("raised", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+def _auto_worker(store, results):
+    """The default ("auto") check on CUDA: the host never waits for the op's stream."""
+    try:
+        import torch.distributed as dist
+
+        import lasp2
+        from lasp2.ops import _group_consistency as GC
+
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+        group = dist.group.WORLD
+        device = torch.device("cuda", 0)
+        out = {}
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 256, 4, 64, generator=gen).to(device).requires_grad_() for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(1, 256, 4, generator=gen)).to(device)
+        decay = -torch.rand(4, generator=gen).to(device)
+
+        def check(gates, scale=0.125):
+            return GC.verify_group_consistency(
+                "gpu-test", group, [1, 256, 4, 64, 64], list("abcde"), device,
+                host_values=[("`scale`", scale)], device_values=[("`decay` values", decay)],
+                positive=[("`g` holds positive log gates", gates)])
+
+        for _ in range(3):
+            check(g)
+        torch.cuda.synchronize()
+        # ~0.5 s of work queued on the op's stream: the check returns long before it ends
+        torch.cuda._sleep(1 << 30)
+        check(g)
+        out["returned_before_queue_drained"] = not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+        # a positive gate: raised at the next exchange on the group ...
+        check(g.abs() + 0.5)
+        try:
+            check(g)
+            out["next_call"] = None
+        except ValueError as e:
+            out["next_call"] = str(e)
+        # ... or at the backward of the call's outputs, before the op's backward
+        o = check(g.abs() + 0.5).seal(lasp2.linear_attention(q, k, v, g=g))
+        try:
+            o.sum().backward()
+            out["backward"] = None
+        except ValueError as e:
+            out["backward"] = str(e)
+        out["no_grad"] = q.grad is None
+        check(g)  # usable again
+        out["after"] = True
+        dist.destroy_process_group()
+        results.put(("ok", out))
+    except BaseException as e:  # reported to the parent
+        results.put(("raised", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def test_default_check_does_not_wait_for_the_op_stream():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="lasp2_gpu_auto_"), "store")
+    p = ctx.Process(target=_auto_worker, args=(store, results))
+    p.start()
+    kind, out = results.get(timeout=240)
+    p.join(30)
+    assert kind == "ok", out
+    assert out["returned_before_queue_drained"], out
+    assert out["next_call"] and "positive log gates (on rank(s) [0]" in out["next_call"], out
+    assert out["backward"] and "positive log gates" in out["backward"] and "backward" in out["backward"], out
+    assert out["no_grad"] and out["after"], out
+
+
 def test_deferred_check_on_an_nccl_group_of_one():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

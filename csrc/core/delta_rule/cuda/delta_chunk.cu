@@ -9,101 +9,16 @@
 #include <cstddef>
 #include <string>
 
-#include "cuda/tc_tiles.cuh"
 #include "delta_rule/cuda/delta_chunk.h"
+#include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
 namespace {
 
-using lasp2::cuda::cp_async16;
-using lasp2::cuda::cp_async_commit;
-using lasp2::cuda::cp_async_wait_all;
-using lasp2::cuda::cp_async_wait_group1;
-using lasp2::cuda::frag_a_colmajor;
-using lasp2::cuda::frag_a_rowmajor;
-using lasp2::cuda::frag_b_kn;
-using lasp2::cuda::frag_b_nk;
-using lasp2::cuda::from_float;
-using lasp2::cuda::kLdP;
-using lasp2::cuda::ldsm_x4;
-using lasp2::cuda::ldsm_x4_t;
-using lasp2::cuda::load_tile;
-using lasp2::cuda::mma16816;
-using lasp2::cuda::pack2;
-using lasp2::cuda::tc_scores;
-using lasp2::cuda::TcTile;
-using lasp2::cuda::unpack2;
-
-constexpr int CH = kChunkTokens;
-constexpr int NT = 128;  // threads a block (4 warps)
-constexpr int BV = kChunkCols;
-constexpr int LDV = BV + 8;  // [64][BV] column tiles, rows padded by 16 bytes
-constexpr int LDL = CH + 1;  // fp32 [64][65] triangular matrices
-
-static_assert(CH == lasp2::cuda::kChunk, "one chunk size for the tiles");
-
-template <typename T>
-__device__ __forceinline__ const T* rows_of(const View& v, int b, int h, int64_t t0) {
-  return static_cast<const T*>(v.ptr) + b * v.sb + h * v.sh + t0 * v.st;
-}
-__device__ __forceinline__ void store_u32(void* p, uint32_t x) { *reinterpret_cast<uint32_t*>(p) = x; }
-__device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-struct ChunkPos {
-  int c, b, h, nvalid;
-  int64_t bh, t0, row0;  // row0: first row of the chunk in [bh][npad] scratch
-};
-__device__ __forceinline__ ChunkPos chunk_pos(const Problem& p, int c, int64_t bh) {
-  ChunkPos q;
-  q.c = c;
-  q.bh = bh;
-  q.b = static_cast<int>(bh / p.heads);
-  q.h = static_cast<int>(bh % p.heads);
-  q.t0 = p.begin + static_cast<int64_t>(c) * CH;
-  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
-  q.nvalid = left < CH ? static_cast<int>(left) : CH;
-  q.row0 = bh * chunk_count(p) * CH + static_cast<int64_t>(c) * CH;
-  return q;
-}
-
-// The {G, s} pairs of a chunk (64 x 2 floats) into shared memory.
-__device__ __forceinline__ void load_meta(float* dst, const float* meta, int64_t row0, int tid) {
-  if (tid < CH / 2) cp_async16(dst + 4 * tid, meta + 2 * row0 + 4 * tid, true);
-}
-// A [64][BV] column block (columns j0..j0+15) of [token][ld] rows into a [64][LDV] tile;
-// rows >= nvalid are zero-filled.
-template <typename T>
-__device__ __forceinline__ void load_cols(T* dst, const T* src, int64_t ld, int j0, int nvalid, int tid) {
-  const int row = tid >> 1, part = tid & 1;  // NT = 2 * CH
-  const bool valid = row < nvalid;
-  cp_async16(dst + row * LDV + 8 * part, valid ? src + row * ld + j0 + 8 * part : src, valid);
-}
-
-// acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.
-template <typename T, int NTILES, bool kTransA>
-__device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
-                                         int m0, int kk0, int kk1, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    if (kk < kk0 || kk >= kk1) continue;
-    uint32_t a[4];
-    if constexpr (kTransA) {
-      ldsm_x4_t(a, A + frag_a_colmajor(lane, m0, 16 * kk, lda));
-    } else {
-      ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
-    }
-#pragma unroll
-    for (int np = 0; np < NTILES / 2; ++np) {
-      uint32_t bb[4];
-      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * np, ldb));
-      mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
-      mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
-    }
-  }
-}
-
 // ---- prep: meta, T = (I + L)^-1, w, u ----------------------------------------------------
+// L and T in fp32 [64][LDL]; once T is read into registers their bytes hold the 16-bit
+// tw, tu tiles (so that three blocks of d = 128 fit an SM).
 template <typename T, int D>
 struct PrepSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -111,10 +26,104 @@ struct PrepSmem {
   T v[CH * LD];
   float L[CH * LDL];
   float Tm[CH * LDL];
-  T tw[CH * kLdP];
-  T tu[CH * kLdP];
-  float lg[CH], bt[CH], G[CH], s[CH];
+  float bt[CH], G[CH], s[CH];
 };
+static_assert(2 * CH * kLdP * 2 <= 2 * CH * LDL * 4, "tw, tu fit where L and T were");
+
+// T = (I + L)^-1 of a strictly lower-triangular 64 x 64 L, in fp32, blocked by 16:
+// the diagonal blocks by substitution (warp w, lane j solves column j of block w in
+// registers), then the 2 x 2 block merges inv([[A, 0], [C, B]]) =
+// [[A^-1, 0], [-B^-1 C A^-1, B^-1]] at 16 and at 32. Entries of T above the
+// diagonal blocks are left unwritten; in the diagonal blocks they are zero. The L
+// blocks consumed by a merge hold C A^-1 afterwards.
+__device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
+  const int warp = tid >> 5, lane = tid & 31;
+  {
+    const int base = 16 * warp;
+    if (lane < 16) {
+      float t[16];
+#pragma unroll
+      for (int x = 0; x < 16; ++x) {
+        float acc = x == lane ? 1.f : 0.f;
+#pragma unroll
+        for (int y = 0; y < x; ++y) acc -= L[(base + x) * LDL + base + y] * t[y];
+        t[x] = acc;
+      }
+#pragma unroll
+      for (int x = 0; x < 16; ++x) Tm[(base + x) * LDL + base + lane] = t[x];
+    }
+  }
+  __syncthreads();
+  {  // blocks (1, 0) and (3, 2): 2 x 2 outputs a thread
+    const int q = tid & 63, i0 = tid < 64 ? 16 : 48, j0 = i0 - 16;
+    const int r = 2 * (q >> 3), c = 2 * (q & 7);
+    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {  // C A^-1 (A^-1 lower triangular: zeros above)
+      const float c0 = L[(i0 + r) * LDL + j0 + k], c1 = L[(i0 + r + 1) * LDL + j0 + k];
+      const float a0 = Tm[(j0 + k) * LDL + j0 + c], a1 = Tm[(j0 + k) * LDL + j0 + c + 1];
+      x[0][0] += c0 * a0;
+      x[0][1] += c0 * a1;
+      x[1][0] += c1 * a0;
+      x[1][1] += c1 * a1;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) L[(i0 + r + a) * LDL + j0 + c + b] = x[a][b];
+    __syncthreads();
+    float y[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {  // B^-1 (C A^-1), k <= row
+      const float b0 = Tm[(i0 + r) * LDL + i0 + k], b1 = Tm[(i0 + r + 1) * LDL + i0 + k];
+      const float x0 = L[(i0 + k) * LDL + j0 + c], x1 = L[(i0 + k) * LDL + j0 + c + 1];
+      y[0][0] += b0 * x0;
+      y[0][1] += b0 * x1;
+      y[1][0] += b1 * x0;
+      y[1][1] += b1 * x1;
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) Tm[(i0 + r + a) * LDL + j0 + c + b] = -y[a][b];
+  }
+  __syncthreads();
+  {  // block rows 32..63 x columns 0..31: 2 x 4 outputs a thread
+    const int r = 2 * (tid >> 3), c = 4 * (tid & 7);
+    float x[2][4] = {};
+    for (int k = c; k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
+      const float c0 = L[(32 + r) * LDL + k], c1 = L[(33 + r) * LDL + k];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float a = Tm[k * LDL + c + b];
+        x[0][b] += c0 * a;
+        x[1][b] += c1 * a;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) L[(32 + r + a) * LDL + c + b] = x[a][b];
+    __syncthreads();
+    float y[2][4] = {};
+    for (int k = 0; k <= r + 1; ++k) {  // B^-1 (C A^-1), B^-1 = T[32:64, 32:64]
+      const float b0 = Tm[(32 + r) * LDL + 32 + k], b1 = Tm[(33 + r) * LDL + 32 + k];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float xv = L[(32 + k) * LDL + c + b];
+        y[0][b] += b0 * xv;
+        y[1][b] += b1 * xv;
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) Tm[(32 + r + a) * LDL + c + b] = -y[a][b];
+  }
+  __syncthreads();
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
@@ -126,35 +135,41 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
   load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
   load_tile<T, D, NT>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
-  if (tid < CH) {
-    const int x = tid;
-    const int64_t t = cp.t0 + x;
-    const bool valid = x < cp.nvalid;
-    const float lg = valid ? p.g[cp.b * p.gsb + t * p.gst + cp.h * p.gsh] : 0.f;
-    const float bt = valid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
-    const bool start =
-        valid && ((p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0) || lg == -INFINITY);
-    sm.lg[x] = lg;
-    sm.bt[x] = bt;
-    sm.s[x] = start ? 1.f : 0.f;
-  }
-  __syncthreads();
-  if (tid == 0) {  // cumulative gate and segment index; a segment start adds 0 to G
-    float G = 0.f, s = 0.f;
-    for (int x = 0; x < CH; ++x) {
-      if (sm.s[x] != 0.f) {
-        s += 1.f;
-      } else {
-        G += sm.lg[x];
-      }
-      sm.G[x] = G;
-      sm.s[x] = s;
+  if (warp == 0) {
+    // tokens 2 lane, 2 lane + 1: the cumulative gate G and segment index s by a warp
+    // scan (a segment start, document start or -inf gate, adds 0 to G)
+    const int head_end = out.head_end != nullptr ? out.head_end[cp.b] : -1;
+    float lg[2], st[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int x = 2 * lane + i;
+      const int64_t t = cp.t0 + x;
+      // past the head (head maps only): an identity transition
+      const bool valid = x < cp.nvalid && (head_end < 0 || cp.c * CH + x < head_end);
+      const float g = valid ? p.g[cp.b * p.gsb + t * p.gst + cp.h * p.gsh] : 0.f;
+      const bool start =
+          valid && ((p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0) || g == -INFINITY);
+      sm.bt[x] = valid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
+      lg[i] = start ? 0.f : g;
+      st[i] = start ? 1.f : 0.f;
     }
-  }
-  __syncthreads();
-  if (tid < CH) {
-    out.meta[2 * (cp.row0 + tid)] = sm.G[tid];
-    out.meta[2 * (cp.row0 + tid) + 1] = sm.s[tid];
+    float gsum = lg[0] + lg[1], ssum = st[0] + st[1];
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float go = __shfl_up_sync(0xffffffffu, gsum, off), so = __shfl_up_sync(0xffffffffu, ssum, off);
+      if (lane >= off) {
+        gsum += go;
+        ssum += so;
+      }
+    }
+    float gex = __shfl_up_sync(0xffffffffu, gsum, 1), sex = __shfl_up_sync(0xffffffffu, ssum, 1);
+    if (lane == 0) gex = sex = 0.f;
+    const float G0 = gex + lg[0], G1 = G0 + lg[1], s0 = sex + st[0], s1 = s0 + st[1];
+    sm.G[2 * lane] = G0;
+    sm.G[2 * lane + 1] = G1;
+    sm.s[2 * lane] = s0;
+    sm.s[2 * lane + 1] = s1;
+    *reinterpret_cast<float4*>(out.meta + 2 * (cp.row0 + 2 * lane)) = make_float4(G0, s0, G1, s1);
   }
   cp_async_wait_all();
   __syncthreads();
@@ -183,36 +198,32 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
       for (int e = 0; e < 4; ++e) {
         const int x = 16 * warp + (lane >> 2) + 8 * (e >> 1), y = 8 * j + 2 * (lane & 3) + (e & 1);
         const bool in = y < x && sm.s[x] == sm.s[y];
-        sm.L[x * LDL + y] = in ? sm.bt[x] * acc[j][e] * __expf(sm.G[x] - sm.G[y]) : 0.f;
+        if (y < 16 * warp + 16) sm.L[x * LDL + y] = in ? sm.bt[x] * acc[j][e] * __expf(sm.G[x] - sm.G[y]) : 0.f;
       }
   }
   __syncthreads();
-  if (tid < CH) {  // column j of T = (I + L)^-1 by forward substitution (no other column needed)
-    const int j = tid;
-    for (int x = 0; x < CH; ++x) {
-      float val = x == j ? 1.f : 0.f;
-      if (x > j) {
-        float a0 = 0.f, a1 = 0.f;
-        int y = j;
-        for (; y + 1 < x; y += 2) {
-          a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
-          a1 += sm.L[x * LDL + y + 1] * sm.Tm[(y + 1) * LDL + j];
-        }
-        if (y < x) a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
-        val = -(a0 + a1);
-      }
-      sm.Tm[x * LDL + j] = val;
+  invert_unit_lower(sm.L, sm.Tm, tid);
+  {  // tw = T diag(beta e^G [s = 0]), tu = T diag(beta) (16-bit) over L and T
+    constexpr int kPer = CH * CH / NT;
+    float t[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = tid + NT * i, x = e / CH, y = e % CH;
+      t[i] = y <= x ? sm.Tm[x * LDL + y] : 0.f;
+    }
+    __syncthreads();
+    T* tw = reinterpret_cast<T*>(sm.L);
+    T* tu = tw + CH * kLdP;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = tid + NT * i, x = e / CH, y = e % CH;
+      const float entry = sm.s[y] == 0.f ? __expf(sm.G[y]) : 0.f;
+      tw[x * kLdP + y] = from_float<T>(t[i] * sm.bt[y] * entry);
+      tu[x * kLdP + y] = from_float<T>(t[i] * sm.bt[y]);
     }
   }
   __syncthreads();
-  for (int e = tid; e < CH * CH; e += NT) {
-    const int x = e / CH, y = e % CH;
-    const float t = sm.Tm[x * LDL + y];
-    const float entry = sm.s[y] == 0.f ? __expf(sm.G[y]) : 0.f;
-    sm.tw[x * kLdP + y] = from_float<T>(t * sm.bt[y] * entry);
-    sm.tu[x * kLdP + y] = from_float<T>(t * sm.bt[y]);
-  }
-  __syncthreads();
+  const T* tw = reinterpret_cast<const T*>(sm.L);
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
     float acc[D / 8][4];
@@ -221,7 +232,7 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     // T is lower triangular: key blocks past the warp's own are zero
-    mma_rows<T, D / 8, false>(acc, which == 0 ? sm.tw : sm.tu, kLdP, which == 0 ? sm.k : sm.v, LD,
+    mma_rows<T, D / 8, false>(acc, which == 0 ? tw : tw + CH * kLdP, kLdP, which == 0 ? sm.k : sm.v, LD,
                               16 * warp, 0, warp + 1, lane);
     T* dst = static_cast<T*>(which == 0 ? out.w : out.u) + cp.row0 * D;
 #pragma unroll
@@ -403,6 +414,177 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
   }
 }
 
+// ---- the forward state pass and the part summary -------------------------------------
+// One block per (b, h) and C columns, sequential over chunks, with the inputs of the next
+// NS - 1 chunks in flight (cp.async ring of NS buffers). Every block reads the chunk's
+// whole w and K. A block either carries 16 columns of
+// the state (S from `entering`, or zero) or, for the part summary, 16 columns of the
+// map A (from I, with u = 0: the columns of A evolve like state columns with v = 0).
+template <int N>
+__device__ __forceinline__ void cp_async_wait_upto() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename T, int D, int C>
+struct FwdStateBuf {
+  static constexpr int LD = TcTile<D>::LD, LDC = C + 8;
+  T w[CH * LD];
+  T k[CH * LD];
+  T u[CH * LDC];
+  float meta[2 * CH];
+};
+template <typename T, int D, int C, int NS>
+struct FwdStateSmem {
+  static constexpr int LDC = C + 8;
+  FwdStateBuf<T, D, C> buf[NS];
+  T xb[D * LDC];  // the carried columns (16-bit copy), [d][C]
+  T ys[CH * LDC];
+};
+
+template <typename T, int D, int C>
+__device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
+                                               int c, int64_t bh, int j0, bool with_u, int tid) {
+  const ChunkPos cp = chunk_pos(p, c, bh);
+  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NT>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  if (with_u) {  // columns j0..j0+C of u: C / 8 16-byte pieces a row
+    const T* u = static_cast<const T*>(prep.u) + cp.row0 * D + j0;
+#pragma unroll
+    for (int i = tid; i < CH * C / 8; i += NT) {
+      const int row = i / (C / 8), part = i % (C / 8);
+      cp_async16(B.u + row * (C + 8) + 8 * part, u + row * D + 8 * part, true);
+    }
+  }
+  load_meta(B.meta, prep.meta, cp.row0, tid);
+}
+
+// v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / C carry
+// state columns; with `sum` (grid x = 2 D / C) blocks x < D / C carry the columns of A
+// and the others those of M (the state from zero), written at the end to sum.{A, M,
+// head_A, head_M}.
+template <typename T, int D, int C, int NS>
+__global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep, ChunkStatesOut fo,
+                                                       ChunkSummaryOut sum) {
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int LDC = C + 8, NTL = C / 8;  // n8 tiles of the block's columns
+  FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool summary = sum.A != nullptr;
+  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
+  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t npad = static_cast<int64_t>(nck) * CH;
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const float* entering = summary ? nullptr : fo.entering;
+
+  float S[MT][NTL][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+        const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+        S[mt][nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
+      }
+  if (amap) {  // u = 0 in every buffer
+    for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
+  }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+    cp_async_commit();
+  }
+  for (int c = 0; c < nck; ++c) {
+    FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
+    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    // the carried columns: 16-bit copy for the products, and the per-chunk outputs
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
+          const float s0 = S[mt][nt][2 * hf], s1 = S[mt][nt][2 * hf + 1];
+          store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
+          if (!summary) {
+            const int64_t at = (bh * nck + c) * se;
+            if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
+            if (fo.ckpt != nullptr) {
+              fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
+              fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
+            }
+          }
+        }
+    // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
+    __syncthreads();
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    cp_async_commit();
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    {  // v_new = u - w S (token rows of this warp); ys = diag(d) v_new
+      float acc[NTL][4];
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDC, 16 * warp, 0, D / 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = 16 * warp + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+          const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
+          const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+          const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
+          const float v0 = rr.x - acc[nt][2 * hf], v1 = rr.y - acc[nt][2 * hf + 1];
+          if (!summary && fo.v_new != nullptr)
+            store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
+                      pack2<T>(v0, v1));
+          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+        }
+    }
+    __syncthreads();
+    {  // S <- e S + K^T ys
+      const float e = sL == 0.f ? __expf(GL) : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float(&acc)[NTL][4] = S[mt];
+#pragma unroll
+        for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+      }
+    }
+    // no barrier: the next chunk writes xb (last read before the barrier above) and
+    // ys (read just now) only after its first barrier
+  }
+  cp_async_wait_all();
+  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    if (dst[which] == nullptr) continue;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int col = j0 + 8 * nt + 2 * (lane & 3);
+          *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
+              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
+        }
+  }
+}
+
 // ---- chunk-parallel passes with the causal scores ---------------------------------------------
 template <typename T, int D>
 struct ScoreSmem {
@@ -532,17 +714,46 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
   check(cudaGetLastError(), "chunk prep kernel");
 }
 
+// The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
+// blocks' reads of w and K, measured slower: 2.40 against 1.48 ms at T = 64K, H = 16,
+// D = 128 on an H200, in one run that shared the GPU with another process's autotuning;
+// the kernel keeps C as a parameter). Ring depth 4 when the blocks fit the device in one wave (one block an SM),
+// else 2 (two blocks an SM hide each other's loads).
+template <typename T, int D>
+void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
+                       cudaStream_t s) {
+  constexpr int C = kChunkCols;
+  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
+  const dim3 grid(cols, static_cast<unsigned>(p.bh()));
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  if (static_cast<int64_t>(cols) * p.bh() <= sms) {
+    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
+    allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
+    fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
+  } else {
+    const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 2>));
+    allow(fwd_state_kernel<T, D, C, 2>, bytes, "chunk state smem");
+    fwd_state_kernel<T, D, C, 2><<<grid, NT, bytes, s>>>(p, prep, out, sum);
+  }
+}
+
 void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
   if (p.bh() == 0) return;
   dispatch(p, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    const int bytes = static_cast<int>(sizeof(StateSmem<T, D, false>));
-    allow(state_kernel<T, D, false>, bytes, "chunk state smem");
-    state_kernel<T, D, false><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
-        p, View{}, prep, out, ChunkReverseOut{});
+    launch_fwd_states<decltype(tag), decltype(dim)::value>(p, prep, out, ChunkSummaryOut{}, s);
   });
   check(cudaGetLastError(), "chunk state kernel");
+}
+
+void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSummaryOut& out, cudaStream_t s) {
+  if (p.bh() == 0) return;
+  if (out.A == nullptr || out.M == nullptr) fail("lasp2 (CUDA delta rule, chunked): the summary needs A and M");
+  dispatch(p, [&](auto tag, auto dim) {
+    launch_fwd_states<decltype(tag), decltype(dim)::value>(p, prep, ChunkStatesOut{}, out, s);
+  });
+  check(cudaGetLastError(), "chunk summary kernel");
 }
 
 void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new, const void* states,

@@ -3,12 +3,14 @@
 // the kernels live in delta_chunk.cu. The math is the CPU backend's
 // (cpu/delta_chunk.h), on fixed 64-token chunks of the part:
 //
-//   prep     (chunk-parallel) per chunk: G (cumulative log gate), s (segment index),
-//            L = strict_tril(diag(beta) K K^T o decay), T = (I + L)^-1 by forward
-//            substitution in shared memory, w = T diag(beta e^G [s = 0]) K,
-//            u = T diag(beta) V
-//   states   (sequential over chunks, one block per (b, h, 16 state columns)) with the
-//            state in registers: v_new = u - w S; S <- e S + (diag(d) K)^T v_new
+//   prep     (chunk-parallel) per chunk: G (cumulative log gate, a warp scan), s (segment
+//            index), L = strict_tril(diag(beta) K K^T o decay), T = (I + L)^-1 in fp32
+//            blocked by 16 (diagonal blocks by substitution, then two 2 x 2 block
+//            merges), w = T diag(beta e^G [s = 0]) K, u = T diag(beta) V
+//   states   (sequential over chunks, one block per (b, h, 16 state columns), the next
+//            chunks' inputs in flight) with the state in registers:
+//            v_new = u - w S; S <- e S + (diag(d) K)^T v_new; the same pass over the
+//            columns of [A | M] from [I | 0] gives the part summary
 //   output   (chunk-parallel) o = scale diag(e^G [s = 0]) Q S_c + (Q K^T o decay) v_new
 //   rprep    (chunk-parallel, backward) r = -(P^T dO), P the scaled causal scores
 //   rstates  (sequential over chunks, backwards) the gradient of each chunk's leaving
@@ -41,6 +43,10 @@ struct ChunkPrep {
   void* w = nullptr;
   void* u = nullptr;  // forward: u; backward: r
   float* meta = nullptr;
+  // Nullable, [batch]: the part-relative index of each row's first document start (-1:
+  // none). Tokens from there on become identity transitions (beta = 0, log gate 0, no
+  // segment start), so that the state pass gives the map of the part's head.
+  const int* head_end = nullptr;
 };
 
 // w, u and meta of every chunk.
@@ -50,14 +56,30 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s);
 // nullable): v_new ([bh][npad][dv], 16-bit), states ([bh][nchunks][dk][dv], 16-bit, the
 // state entering each chunk), ckpt (the same in fp32, [bh][nchunks][dv][dk], column-major
 // as the recurrent backward reads its checkpoints).
+// leaving (nullable): the state leaving the part, fp32 [bh][dk][dv].
 struct ChunkStatesOut {
   const float* entering = nullptr;
   void* v_new = nullptr;
   void* states = nullptr;
   float* ckpt = nullptr;
+  float* leaving = nullptr;
 };
 void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
                          cudaStream_t s);
+
+// The part's affine map S_out = A S_in + M (delta_backend.h) from the chunk maps
+// A_c = e I - (diag(d) K)^T w: the state pass over the columns of [A | M] from [I | 0]
+// (u = 0 for the columns of A), fp32 [bh][d][d] each; head_A, head_M (nullable)
+// receive copies (a part without document starts is its own head; with them, the pass
+// after a prep with head_end gives the head maps).
+struct ChunkSummaryOut {
+  float* A = nullptr;
+  float* M = nullptr;
+  float* head_A = nullptr;
+  float* head_M = nullptr;
+};
+void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSummaryOut& out,
+                          cudaStream_t s);
 
 // o over the part from v_new and the 16-bit chunk states.
 void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new,

@@ -5,6 +5,8 @@
 //
 // What each call launches:
 //   part_summary     one walk over the part of the columns [A | M] from [I | 0]
+//                    (chunked, below, where documents start from zero and no
+//                    end states of theirs are asked for)
 //   forward          one walk writing o
 //   entering_dstate  one reverse walk over the head
 //   backward         a forward walk storing the state every 64 tokens, the reverse
@@ -13,9 +15,11 @@
 //
 // GDN in fp16 / bf16 with d_k = d_v in {64, 128} and 16-byte-aligned rows takes the
 // chunked tensor-core kernels (delta_chunk.h) instead, where their segments (which
-// start from zero) cover the call: forward, entering_dstate, and backward, whose
-// 64-token checkpoints come from the chunked state pass and whose adjoint runs in
-// every checkpoint interval at once, from the chunked reverse pass's state gradients.
+// start from zero) cover the call: forward, part_summary (the chunk maps' product;
+// head maps from a pass that ends each row at its first document start),
+// entering_dstate, and backward (the forward state pass for the state entering each
+// chunk, the reverse one for the gradient of the state leaving each chunk, then every
+// chunk's gradients at once: delta_chunk_bwd.h).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +28,7 @@
 
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk.h"
+#include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
 
@@ -212,6 +217,12 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
+    // the product of the chunk maps and the state pass from zero, where documents begun
+    // inside the part start from zero and no end state of theirs is asked for
+    if (chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
+      chunked_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     gpu::SummaryOut out;
     out.finals = doc.finals;
@@ -306,37 +317,28 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
+    // documents begun inside a chunk start from zero there, receive no end-state gradient
+    // and give none to their initial state in the chunked kernels: with those, the walks
+    const bool chunk =
+        chunked(p, part, {dout, ConstView{dq.data, dq.stride}, ConstView{dk.data, dk.stride},
+                          ConstView{dv.data, dv.stride}}) &&
+        cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k)) &&
+        !(p.doc_start != nullptr &&
+          (doc.initial != nullptr || doc.final_dstate != nullptr || doc.d_initial != nullptr));
+    if (chunk) {
+      chunked_backward(problem_of(p, part, nullptr), view_of(dout), entering, leaving_dstate, dq, dk, dv,
+                       static_cast<float*>(dg), static_cast<float*>(dbeta), dentering, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     const int64_t ckpt_floats = p.bh() * g.checkpoints() * p.state_elems();
     const int64_t acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
-    // documents begun inside a chunk start from zero there and receive no end-state
-    // gradient in the chunked reverse pass: with those, the walks
-    const bool chunk = chunked(p, part, {dout}) &&
-                       !(p.doc_start != nullptr && (doc.initial != nullptr || doc.final_dstate != nullptr));
-    const int64_t prep_floats = chunk ? chunk_rows(g) * p.dim_k / 2 : 0;
-    const Scratch scratch({ckpt_floats, acc_floats, chunk ? ckpt_floats : 0, prep_floats, prep_floats,
-                           chunk ? 2 * chunk_rows(g) : 0},
-                          allocator_, s);
+    const Scratch scratch({ckpt_floats, acc_floats}, allocator_, s);
     if (acc_floats > 0)
       cuda::cuda_check(cudaMemsetAsync(scratch[1], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
 
     gpu::BackwardArgs a;
-    if (chunk) {
-      // checkpoints from the chunked state pass, each interval's leaving gradient from
-      // the chunked reverse pass
-      const gpu::ChunkPrep prep{scratch[3], scratch[4], scratch[5]};
-      gpu::launch_chunk_prep(g, prep, s);
-      gpu::ChunkStatesOut so;
-      so.entering = entering;
-      so.ckpt = scratch[0];
-      gpu::launch_chunk_states(g, prep, so, s);
-      gpu::launch_chunk_rprep(g, view_of(dout), prep, s);  // r replaces u
-      gpu::ChunkReverseOut ro;
-      ro.leaving = leaving_dstate;
-      ro.dh = scratch[2];
-      gpu::launch_chunk_rstates(g, view_of(dout), prep, ro, s);
-      a.chunk_dstate = scratch[2];
-    } else {
+    {
       gpu::ForwardOut fwd;  // the state at every 64th token
       fwd.ckpt = scratch[0];
       if (part.length() > 0) walk_forward(g, entering, fwd, s);
@@ -450,6 +452,76 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     so.states = scratch[4];
     gpu::launch_chunk_states(g, prep, so, s);
     gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+  }
+
+  // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
+  // documents (A = 0 exactly then, when a document starts in the part) the head maps
+  // come from a second prep and pass in which the tokens from each row's first
+  // document start on are identity transitions.
+  void chunked_summary(const gpu::Problem& g, float* A, float* M, float* head_A, float* head_M,
+                       cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g) * g.dk / 2;
+    const bool packed = g.doc_start != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), packed ? int64_t{g.batch} : 0}, allocator_, s);
+    gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::ChunkSummaryOut out;
+    out.A = A;
+    out.M = M;
+    out.head_A = packed ? nullptr : head_A;
+    out.head_M = packed ? nullptr : head_M;
+    gpu::launch_chunk_summary(g, prep, out, s);
+    if (!packed) return;
+    int* firsts = reinterpret_cast<int*>(scratch[3]);
+    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
+    prep.head_end = firsts;
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::launch_chunk_summary(g, prep, {head_A, head_M, nullptr, nullptr}, s);
+  }
+
+  // prep; the state pass (v_new and the 16-bit state entering each chunk); r = -(P^T dO)
+  // in place of u; the reverse state pass (each chunk's leaving-state gradient and the
+  // entering state's); then every chunk's gradients at once (delta_chunk_bwd.h).
+  void chunked_backward(const gpu::Problem& g, gpu::View dout, const float* entering, const float* leaving,
+                        MutView dq, MutView dk, MutView dv, float* dg, float* dbeta, float* dentering,
+                        cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g) * g.dk / 2;
+    const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows, states / 2, states}, allocator_, s);
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::ChunkStatesOut so;
+    so.entering = entering;
+    so.v_new = scratch[3];
+    so.states = scratch[4];
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::launch_chunk_rprep(g, dout, prep, s);
+    gpu::ChunkReverseOut ro;
+    ro.leaving = leaving;
+    ro.dh = scratch[5];
+    ro.entering = dentering;
+    gpu::launch_chunk_rstates(g, dout, prep, ro, s);
+    gpu::ChunkBackwardArgs a;
+    a.dout = dout;
+    a.meta = prep.meta;
+    a.v_new = scratch[3];
+    a.states = scratch[4];
+    a.dh = scratch[5];
+    a.dq = dq.data;
+    a.dqsb = dq.stride.batch;
+    a.dqst = dq.stride.seq;
+    a.dqsh = dq.stride.head;
+    a.dk = dk.data;
+    a.dksb = dk.stride.batch;
+    a.dkst = dk.stride.seq;
+    a.dksh = dk.stride.head;
+    a.dv = dv.data;
+    a.dvsb = dv.stride.batch;
+    a.dvst = dv.stride.seq;
+    a.dvsh = dv.stride.head;
+    a.dg = dg;
+    a.dbeta = dbeta;
+    gpu::launch_chunk_backward(g, a, s);
   }
 
   // The reverse pass from a zero leaving gradient: the head's outputs' share.

@@ -1,0 +1,459 @@
+// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h):
+// one block of 4 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with
+// fp32 accumulation. Warp w owns tokens [16 w, 16 w + 16) of the chunk in every
+// token-row product; per-token sums (the G and beta gradients) meet in shared memory.
+#include <string>
+
+#include "delta_rule/cuda/delta_chunk_bwd.h"
+#include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "lasp2/types.h"
+
+namespace lasp2::delta::gpu {
+namespace {
+
+template <typename T, int D>
+struct BwdSmem {
+  static constexpr int LD = TcTile<D>::LD;
+  T q[CH * LD];
+  T k[CH * LD];
+  T o[CH * LD];  // dO
+  T u[CH * LD];  // v_new
+  T x[CH * LD];  // dU, then dB
+  T h[D * LD];   // the state entering the chunk
+  T dh[D * LD];  // the gradient of the state leaving it
+  T pt[CH * kLdP];  // P (scaled causal scores)
+  T dp[CH * kLdP];  // dP
+  T tt[CH * kLdP];  // T = (I + L)^-1
+  T da[CH * kLdP];  // dA
+  float L[CH * LDL];   // Gam o K K^T, strictly lower (without beta)
+  float Tm[CH * LDL];  // T in fp32
+  float meta[2 * CH];
+  float bt[CH], dG[CH], db[CH];
+  float dot;  // <dh, h>
+};
+
+// acc[nt] (+)= A (16 rows from m0, k in [16 kk0, 16 kk1)) x B (columns n0 + 8 nt), for
+// the first 2 npmax n-tiles; A stored [m][k] (or [k][m] when kTransA), B stored [k][n]
+// (or [n][k] when kBnk).
+template <typename T, int NTILES, bool kTransA, bool kBnk>
+__device__ __forceinline__ void mma_acc(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb, int m0,
+                                        int n0, int kk0, int kk1, int npmax, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    if (kk < kk0 || kk >= kk1) continue;
+    uint32_t a[4];
+    if constexpr (kTransA) {
+      ldsm_x4_t(a, A + frag_a_colmajor(lane, m0, 16 * kk, lda));
+    } else {
+      ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
+    }
+#pragma unroll
+    for (int np = 0; np < NTILES / 2; ++np) {
+      if (np >= npmax) continue;
+      uint32_t bb[4];
+      if constexpr (kBnk) {
+        ldsm_x4(bb, B + frag_b_nk(lane, 16 * kk, n0 + 16 * np, ldb));
+      } else {
+        ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, n0 + 16 * np, ldb));
+      }
+      mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
+      mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
+
+// Sum over the 4 lanes that share a fragment row.
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// Sum over the 8 lane groups that share a fragment column.
+__device__ __forceinline__ float col_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+
+// Adds v[hf] (this lane's partial sums of rows m0 + lane / 4 + 8 hf) to dst[row].
+__device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float s = row_sum(v[hf]);
+    if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
+  }
+}
+// Adds -c[j][par] (partial sums of column 8 j + 2 (lane % 4) + par) to dst[column].
+__device__ __forceinline__ void sub_cols(float* dst, const float (&c)[8][2], int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int par = 0; par < 2; ++par) {
+      const float s = col_sum(c[j][par]);
+      if (lane < 4) atomicAdd(dst + 8 * j + 2 * lane + par, -s);
+    }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int NJ = D / 8;  // n8 tiles across a head dim
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BwdSmem<T, D>& sm = *reinterpret_cast<BwdSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const int64_t at = (cp.bh * nck + cp.c) * se;
+  const int m0 = 16 * warp;
+
+  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+  {
+    const T* st = static_cast<const T*>(a.states) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.h + r * LD, st + r * D, D, CH, D, tid);
+  }
+  load_meta(sm.meta, a.meta, cp.row0, tid);
+  cp_async_commit();
+  if (tid < CH) {
+    const int64_t t = cp.t0 + tid;
+    sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
+    sm.dG[tid] = 0.f;
+    sm.db[tid] = 0.f;
+  }
+  if (tid == 0) sm.dot = 0.f;
+  cp_async_wait_all();
+  __syncthreads();
+  {  // dh: fp32 -> the 16-bit tile; <dh, h> for the gate of the chunk's one-segment map
+    const float* src = a.dh + at;
+    float part = 0.f;
+    for (int e = tid; e < D * D / 4; e += NT) {
+      const int i = (4 * e) / D, j = (4 * e) % D;
+      const float4 f = *reinterpret_cast<const float4*>(src + 4 * e);
+      T* dst = sm.dh + i * LD + j;
+      store_u32(dst, pack2<T>(f.x, f.y));
+      store_u32(dst + 2, pack2<T>(f.z, f.w));
+      const float2 h0 = unpack2<T>(load_u32(sm.h + i * LD + j)), h1 = unpack2<T>(load_u32(sm.h + i * LD + j + 2));
+      part += f.x * h0.x + f.y * h0.y + f.z * h1.x + f.w * h1.y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0) atomicAdd(&sm.dot, part);
+  }
+  const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
+  auto Gof = [&](int x) { return sm.meta[2 * x]; };
+  auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
+  {  // L = Gam o K K^T (strict); P = scale Gam o Q K^T, dP = scale Gam o dO U^T; and
+     // the gate terms of the causal part, M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
+    float kk[8][4], sq[8][4], ee[8][4];
+    zero(kk);
+    zero(sq);
+    zero(ee);
+    mma_acc<T, 8, false, true>(kk, sm.k, LD, sm.k, LD, m0, 0, 0, D / 16, warp + 1, lane);
+    mma_acc<T, 8, false, true>(sq, sm.q, LD, sm.k, LD, m0, 0, 0, D / 16, warp + 1, lane);
+    mma_acc<T, 8, false, true>(ee, sm.o, LD, sm.u, LD, m0, 0, 0, D / 16, warp + 1, lane);
+    float rowM[2] = {0.f, 0.f}, colM[8][2];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      colM[j][0] = colM[j][1] = 0.f;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = 8 * j + 2 * (lane & 3);
+        float pv[2], dv[2];
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const int y = y0 + par, e = 2 * hf + par;
+          const bool same = sof(x) == sof(y);
+          const float dec = (y <= x && same) ? __expf(Gof(x) - Gof(y)) : 0.f;
+          sm.L[x * LDL + y] = y < x ? dec * kk[j][e] : 0.f;
+          pv[par] = p.scale * dec * sq[j][e];
+          dv[par] = p.scale * dec * ee[j][e];
+          const float m = pv[par] * ee[j][e];
+          rowM[hf] += m;
+          colM[j][par] += m;
+        }
+        store_u32(sm.pt + x * kLdP + y0, pack2<T>(pv[0], pv[1]));
+        store_u32(sm.dp + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
+      }
+    }
+    add_rows(sm.dG, rowM, m0, lane);
+    sub_cols(sm.dG, colM, lane);
+  }
+  __syncthreads();
+  if (tid < CH) {  // column j of T = (I + L)^-1, L_xy = beta_x sm.L_xy, by forward substitution
+    const int j = tid;
+    for (int x = 0; x < CH; ++x) {
+      float val = x == j ? 1.f : 0.f;
+      if (x > j) {
+        float a0 = 0.f, a1 = 0.f;
+        int y = j;
+        for (; y + 1 < x; y += 2) {
+          a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
+          a1 += sm.L[x * LDL + y + 1] * sm.Tm[(y + 1) * LDL + j];
+        }
+        if (y < x) a0 += sm.L[x * LDL + y] * sm.Tm[y * LDL + j];
+        val = -sm.bt[x] * (a0 + a1);
+      }
+      sm.Tm[x * LDL + j] = val;
+    }
+  }
+  {  // dU = diag(d) K dh + P^T dO (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
+    float acc[NJ][4];
+    zero(acc);
+    mma_acc<T, NJ, false, false>(acc, sm.k, LD, sm.dh, LD, m0, 0, 0, D / 16, NJ / 2, lane);
+    float cu[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        const float2 uu = unpack2<T>(load_u32(sm.u + y * LD + col));
+        cu[hf] += acc[j][2 * hf] * uu.x + acc[j][2 * hf + 1] * uu.y;
+      }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int y = m0 + (lane >> 2) + 8 * hf;
+      const float d = sof(y) == sL ? __expf(GL - Gof(y)) : 0.f;
+      const float c = d * row_sum(cu[hf]);
+      if ((lane & 3) == 0) {
+        atomicAdd(sm.dG + y, -c);
+        atomicAdd(sm.dG + CH - 1, c);
+      }
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        acc[j][2 * hf] *= d;
+        acc[j][2 * hf + 1] *= d;
+      }
+    }
+    // P^T: P[x][y] is zero for x < y, so only query blocks warp..3
+    mma_acc<T, NJ, true, false>(acc, sm.pt, kLdP, sm.o, LD, m0, 0, warp, CH / 16, NJ / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  }
+  __syncthreads();
+  for (int e = tid; e < CH * CH; e += NT) {
+    const int x = e / CH, y = e % CH;
+    sm.tt[x * kLdP + y] = from_float<T>(sm.Tm[x * LDL + y]);
+  }
+  __syncthreads();
+  {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y
+    float acc[NJ][4];
+    zero(acc);
+    // T^T[y][x] = T[x][y], zero for x < y: blocks warp..3
+    mma_acc<T, NJ, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, 0, warp, CH / 16, NJ / 2, lane);
+    const T* vrow = rows_of<T>(p.v, cp.b, cp.h, cp.t0);
+    T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
+    float dbv[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        if (y < cp.nvalid) {
+          const float2 vv = unpack2<T>(load_u32(vrow + y * p.v.st + col));
+          dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
+          const float b = sm.bt[y];
+          store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
+        }
+      }
+    add_rows(sm.db, dbv, m0, lane);
+    __syncthreads();  // every warp has read dU
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  }
+  __syncthreads();
+  {  // dL = -(dB U^T) (strict, same segment): dA = dL o beta_x Gam, dbeta_x += sum_y dL_xy sm.L_xy,
+     // N = beta_x dL o sm.L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
+    float acc[8][4];
+    zero(acc);
+    mma_acc<T, 8, false, true>(acc, sm.x, LD, sm.u, LD, m0, 0, 0, D / 16, warp + 1, lane);
+    float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[8][2];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      colN[j][0] = colN[j][1] = 0.f;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = 8 * j + 2 * (lane & 3);
+        const float bx = sm.bt[x];
+        float dav[2];
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const int y = y0 + par;
+          const bool in = y < x && sof(x) == sof(y);
+          const float dl = in ? -acc[j][2 * hf + par] : 0.f;
+          const float lr = sm.L[x * LDL + y];
+          rowB[hf] += dl * lr;
+          const float n = bx * dl * lr;
+          rowN[hf] += n;
+          colN[j][par] += n;
+          dav[par] = in ? dl * bx * __expf(Gof(x) - Gof(y)) : 0.f;
+        }
+        store_u32(sm.da + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
+      }
+    }
+    add_rows(sm.dG, rowN, m0, lane);
+    add_rows(sm.db, rowB, m0, lane);
+    sub_cols(sm.dG, colN, lane);
+  }
+  __syncthreads();
+  {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
+    float acc[NJ][4];
+    zero(acc);
+    mma_acc<T, NJ, false, true>(acc, sm.o, LD, sm.h, LD, m0, 0, 0, D / 16, NJ / 2, lane);
+    float qd[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      const float c = sof(x) == 0.f ? p.scale * __expf(Gof(x)) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        const int col = 8 * j + 2 * (lane & 3);
+        acc[j][2 * hf] *= c;
+        acc[j][2 * hf + 1] *= c;
+        const float2 qq = unpack2<T>(load_u32(sm.q + x * LD + col));
+        qd[hf] += acc[j][2 * hf] * qq.x + acc[j][2 * hf + 1] * qq.y;
+      }
+    }
+    add_rows(sm.dG, qd, m0, lane);
+    // dP[x][y] is zero for y > x: key blocks 0..warp
+    mma_acc<T, NJ, false, false>(acc, sm.dp, kLdP, sm.k, LD, m0, 0, 0, warp + 1, NJ / 2, lane);
+    T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  }
+  {  // dk = diag(d) U dh^T - diag(beta) Z + dP^T Q + dA K + dA^T K, Z = diag(ent) dB S0^T,
+     // in two column halves; dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
+    constexpr int NH = NJ / 2;
+    float kz[2] = {0.f, 0.f};
+    T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      const int n0 = half * (D / 2);
+      float acc[NH][4], z[NH][4];
+      zero(acc);
+      zero(z);
+      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
+      mma_acc<T, NH, false, true>(z, sm.x, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
+        const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
+        const float bx = sm.bt[x];
+#pragma unroll
+        for (int j = 0; j < NH; ++j)
+#pragma unroll
+          for (int par = 0; par < 2; ++par) {
+            const int col = n0 + 8 * j + 2 * (lane & 3) + par;
+            const float zz = ent * z[j][2 * hf + par];
+            kz[hf] += zz * static_cast<float>(sm.k[x * LD + col]);
+            acc[j][2 * hf + par] = d * acc[j][2 * hf + par] - bx * zz;
+          }
+      }
+      mma_acc<T, NH, true, false>(acc, sm.dp, kLdP, sm.q, LD, m0, n0, warp, CH / 16, NH / 2, lane);
+      mma_acc<T, NH, false, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, 0, warp + 1, NH / 2, lane);
+      mma_acc<T, NH, true, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, warp, CH / 16, NH / 2, lane);
+#pragma unroll
+      for (int j = 0; j < NH; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+          if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        }
+    }
+    float kzb[2], kzm[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
+      kzm[hf] = -kz[hf];
+    }
+    add_rows(sm.dG, kzb, m0, lane);
+    add_rows(sm.db, kzm, m0, lane);
+  }
+  __syncthreads();
+  if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
+    if (lane == 0) {
+      const float eL = sL == 0.f ? __expf(GL) : 0.f;
+      float run = 0.f;
+      for (int x = CH - 1; x >= 0; --x) {
+        if (x == CH - 1 || sof(x + 1) != sof(x)) run = 0.f;
+        run += sm.dG[x] + (x == CH - 1 ? eL * sm.dot : 0.f);
+        sm.dG[x] = (x == 0 ? sof(0) != 0.f : sof(x) != sof(x - 1)) ? 0.f : run;
+      }
+    }
+    __syncwarp();
+    for (int x = lane; x < cp.nvalid; x += 32) {
+      const int64_t bth = (cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h;
+      if (a.dg != nullptr) a.dg[bth] = sm.dG[x];
+      if (a.dbeta != nullptr) a.dbeta[bth] = sm.db[x];
+    }
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked backward): ") + what + ": " + cudaGetErrorString(e));
+}
+
+}  // namespace
+
+int chunk_backward_smem_bytes(int d) {
+  return d == 64 ? static_cast<int>(sizeof(BwdSmem<__nv_bfloat16, 64>))
+                 : static_cast<int>(sizeof(BwdSmem<__nv_bfloat16, 128>));
+}
+
+void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
+  if (chunk_count(p) == 0 || p.bh() == 0) return;
+  auto go = [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+          "chunk backward smem");
+    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), NT, bytes,
+                             s>>>(p, a);
+  };
+  auto by_dim = [&](auto tag) {
+    if (p.dk == 64 && p.dv == 64) {
+      go(tag, std::integral_constant<int, 64>{});
+    } else if (p.dk == 128 && p.dv == 128) {
+      go(tag, std::integral_constant<int, 128>{});
+    } else {
+      fail("lasp2 (CUDA delta rule, chunked backward): d_k = d_v must be 64 or 128");
+    }
+  };
+  if (p.elem == Elem::kBF16) {
+    by_dim(__nv_bfloat16{});
+  } else if (p.elem == Elem::kF16) {
+    by_dim(__half{});
+  } else {
+    fail("lasp2 (CUDA delta rule, chunked backward): 16-bit inputs only");
+  }
+  check(cudaGetLastError(), "chunk backward kernel");
+}
+
+}  // namespace lasp2::delta::gpu

@@ -1,0 +1,113 @@
+"""Issue 13.3, the default per-call check (lasp2/ops/_group_consistency.py, "auto"; the C++
+GroupCheck of csrc/torch/group_check.h): sizes, options and host values are compared at
+the call; device values (decay bits, positive gates) are compared at the NEXT exchange on
+the group (the next call, or the backward of the call's outputs), which on CUDA keeps
+the host from waiting for the GPU's queue. Forced onto CPU tensors over gloo here
+(LAG_ON_CPU): every rank raises the same ValueError at the same point, nobody hangs,
+and the group stays usable."""
+
+import torch
+import torch.distributed as dist
+
+import lasp2
+from rel_helpers import assert_all_ok, run_world
+
+
+def _qkv(T=8, H=2, D=4, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, T, H, D, generator=gen, dtype=torch.float64).requires_grad_(grad) for _ in range(3))
+
+
+def _error(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _scenarios(rank, world):
+    from lasp2.ops import _group_consistency as GC
+
+    GC.LAG_ON_CPU = True
+    W = dist.group.WORLD
+    out = {}
+    same = torch.tensor([-0.1, -0.2], dtype=torch.float64)
+    mine = torch.tensor([-0.1, -0.2 if rank == 0 else -0.3], dtype=torch.float64)
+    la = lambda **kw: lasp2.linear_attention(*_qkv(), group=W, **kw)  # noqa: E731
+
+    # agreeing calls: one exchange each, no error; the result is the one-device result
+    GC.STATS.update(sync=0)
+    q, k, v = _qkv()
+    o = lasp2.linear_attention(q, k, v, decay=same, group=W)
+    la(decay=same)
+    out["exchanges"] = GC.STATS["sync"]
+    full = [torch.cat([_qkv(seed=0)[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
+    want = lasp2.linear_attention(*full, decay=same)[:, rank * 8:(rank + 1) * 8]
+    out["value_ok"] = torch.allclose(o, want, rtol=1e-6, atol=1e-6)  # SP vs one device: 1e-7 either mode
+
+    # differing decay values: the call returns, the next call on the group raises (every rank)
+    out["decay_call"] = _error(lambda: la(decay=mine))
+    out["decay_next"] = _error(lambda: la())
+    out["after_decay"] = _error(lambda: la(decay=same))  # usable again (and this call's values agree)
+
+    # ... or the backward of its outputs raises, before the op's backward
+    q, k, v = _qkv(grad=True)
+    o = lasp2.linear_attention(q, k, v, decay=mine, group=W)
+    GC.LAGGED_SETTLES[0] = 0
+    out["decay_backward"] = _error(lambda: o.sum().backward())
+    out["no_grad_reached"] = q.grad is None
+    out["settles"] = GC.LAGGED_SETTLES[0]
+    out["after_backward"] = _error(lambda: la())
+
+    # agreeing values, backward: the hook's exchange finds nothing; a later call already
+    # sent the values of an earlier one, so its hook sends nothing
+    q, k, v = _qkv(grad=True)
+    o1 = lasp2.linear_attention(q, k, v, decay=same, group=W)
+    o2 = lasp2.linear_attention(q, k, v, decay=same, group=W)
+    GC.LAGGED_SETTLES[0] = 0
+    (o1.sum() + o2.sum()).backward()
+    out["clean_backward_settles"] = GC.LAGGED_SETTLES[0]
+    out["grad_finite"] = bool(torch.isfinite(q.grad).all())
+
+    # a flag (a positive gate on a device) raised on one rank: named, with the rank
+    def flagged(value):
+        return GC.verify_group_consistency("lasp2.test_op", W, [1, 2], ["a", "b"], torch.device("cpu"),
+                                           flags=[("`g` holds positive log gates", torch.tensor(value))])
+    flagged(False)
+    out["flag_call"] = _error(lambda: flagged(rank == 1))
+    out["flag_next"] = _error(lambda: flagged(False))
+
+    # a size disagreement while values wait: raised at the call, the waiting values dropped
+    la(decay=mine)
+    out["sizes"] = _error(lambda: lasp2.linear_attention(*_qkv(T=8 if rank == 0 else 4), group=W))
+    out["after_sizes"] = _error(lambda: la())
+
+    # a rank whose own argument check fails while values wait: everybody raises, then works
+    la(decay=same)
+    out["local_failure"] = _error(lambda: la(scale="x" if rank == 0 else None))
+    out["after_failure"] = _error(lambda: la())
+    return out
+
+
+def test_device_values_are_compared_at_the_next_exchange_on_every_rank():
+    results = assert_all_ok(run_world(2, _scenarios, timeout=240))
+    r0, r1 = results[0], results[1]
+    assert r0["exchanges"] == r1["exchanges"] == 2  # one collective per call
+    assert r0["value_ok"] and r1["value_ok"]
+    for r in (r0, r1):
+        assert r["decay_call"] is None
+        assert "`decay` values" in r["decay_next"] and "previous call" in r["decay_next"]
+        assert r["after_decay"] is None
+        assert "`decay` values" in r["decay_backward"] and "backward" in r["decay_backward"]
+        assert r["no_grad_reached"] and r["settles"] == 1
+        assert r["after_backward"] is None
+        assert r["clean_backward_settles"] == 1 and r["grad_finite"]
+        assert r["flag_call"] is None
+        assert "positive log gates (on rank(s) [1]" in r["flag_next"]
+        assert "local sequence length" in r["sizes"]
+        assert r["after_sizes"] is None
+        assert r["after_failure"] is None
+    for key in ("decay_next", "decay_backward", "flag_next", "sizes"):
+        assert r0[key] == r1[key], f"{key}: ranks must raise the same error"
+    assert "`scale`" in r0["local_failure"] and "rejected their arguments" in r1["local_failure"]
