@@ -7,10 +7,11 @@
 // REVERSE with the state gradient dS (dk x dv, fp32) in accumulators: warpgroup w
 // keeps dS rows [64w, +64). The tiles q, k, v, dO come by cp.async one chunk ahead,
 // stored as core matrices (wgmma.cuh). Per 64-token chunk:
-//   0. both warpgroups write their dS rows (16-bit) to shared memory as dS and as
-//      dS^T (8 x 8 blocks transposed by movmatrix), then the proxy fence and the
-//      block's one barrier; only then the next chunk's copies are issued (a proxy
-//      fence waits for the issuing thread's copies in flight).
+//   0. once both warpgroups are done with the previous chunk (a barrier: each
+//      reads the other's dS rows), both write their dS rows (16-bit) to shared
+//      memory as dS and as dS^T (8 x 8 blocks transposed by movmatrix), then the
+//      proxy fence and a second barrier; only then the next chunk's copies are
+//      issued (a proxy fence waits for the issuing thread's copies in flight).
 //   1. warpgroup 0: P2^T = v dO^T, warpgroup 1: P1^T = k q^T ([key][query]);
 //   2. warpgroup 0: dk = v dS^T, warpgroup 1: dv = k dS (token rows; B = dS^T resp.
 //      dS, both K-major: one instruction form for both warpgroups, since ptxas
@@ -135,6 +136,8 @@ __global__ void __launch_bounds__(256, 1) tc_dkdv_sm90_kernel(DkdvArgs args, int
   for (int c = c_end - 1; c >= c_begin; --c) {
     const int stage = (c_end - 1 - c) & 1;
     cp_async_wait_all();
+    // both warpgroups' products of the previous chunk read the other one's dS rows
+    __syncthreads();
     // dS (gradient of the state leaving chunk c) to shared memory, as dS and dS^T
 #pragma unroll
     for (int j = 0; j < 16; ++j)
