@@ -27,7 +27,6 @@
 // Compiled for every target; the body exists only for sm_90a (the route launches
 // it only there: sm90a_kernels(kSm90Dkdv), route.h).
 #include "device_utils.cuh"
-#include "route.h"
 #include "wgmma.cuh"
 
 namespace lasp2::cuda {
@@ -50,7 +49,7 @@ struct Sm90DkdvLayout {
 constexpr uint32_t kColStep = 128, kRowStep = 16 * 128;
 
 template <typename T>
-__global__ void __launch_bounds__(256, 1) tc_dkdv_sm90_kernel(DkdvArgs args, int flags) {
+__global__ void __launch_bounds__(256, 1) tc_dkdv_sm90_kernel(DkdvArgs args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Sm90DkdvLayout;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -308,7 +307,6 @@ __global__ void __launch_bounds__(256, 1) tc_dkdv_sm90_kernel(DkdvArgs args, int
   if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
 #else
   (void)args;
-  (void)flags;
 #endif
 }
 
@@ -317,7 +315,7 @@ void launch_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = Sm90DkdvLayout::kBytes;
   auto k = tc_dkdv_sm90_kernel<T>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, smem, s>>>(a, env_int("LASP2_WGMMA_FLAGS", 0));
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, smem, s>>>(a);
   check_launch("tc_dkdv_sm90_kernel");
 }
 

@@ -22,7 +22,6 @@
 // ptxas would serialize); P never goes through shared memory.
 // The body exists only for sm_90a (the route: sm90a_kernels()).
 #include "device_utils.cuh"
-#include "route.h"
 #include "wgmma.cuh"
 
 namespace lasp2::cuda {
@@ -43,7 +42,7 @@ struct Sm90FwdLayout {
 constexpr uint32_t kColStep = 128, kRowStep = 16 * 128;
 
 template <typename T, bool kDq>
-__global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args, int flags) {
+__global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Sm90FwdLayout<kDq>;
   constexpr int NT = L::NT;
@@ -118,10 +117,8 @@ __global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args, int f
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
     cp_async_wait_all();
-    const float* ms = meta_s + stage * 128;
-    const float Gl = ms[126], sl = ms[127];
-    const float through = sl == 0.f ? __expf(Gl) : 0.f;
-    // the state entering chunk c (16-bit) to shared memory, then its decay
+    // the state entering chunk c (16-bit) to shared memory (each warpgroup's
+    // products read only its own columns: no barrier needed before the stores)
 #pragma unroll
     for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
@@ -133,16 +130,19 @@ __global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args, int f
           *reinterpret_cast<uint32_t*>(Ssm + cm_offset(ii, jj, kD)) =
               pack2<T>(S[mb][4 * j + 2 * hf], S[mb][4 * j + 2 * hf + 1]);
         }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      S[0][i] *= through;
-      S[1][i] *= through;
-    }
     // the copies' bytes and the state are read by the tensor cores next; the fence
     // comes before the next chunk's copies are issued (it would wait for them)
     fence_proxy_async();
     __syncthreads();
     if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    const float* ms = meta_s + stage * 128;  // (copied by warp 0: read after the barrier)
+    const float Gl = ms[126], sl = ms[127];
+    const float through = sl == 0.f ? __expf(Gl) : 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {  // the decay, before any wgmma of this chunk is in flight
+      S[0][i] *= through;
+      S[1][i] *= through;
+    }
     const unsigned char* Qs = tile(stage, 0);
     const unsigned char* Ks = tile(stage, 1);
     const unsigned char* Vs = tile(stage, 2);
@@ -264,7 +264,6 @@ __global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args, int f
   cp_async_wait_all();
 #else
   (void)args;
-  (void)flags;
 #endif
 }
 
@@ -273,7 +272,7 @@ void launch_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = Sm90FwdLayout<kDq>::kBytes;
   auto k = tc_fwd_sm90_kernel<T, kDq>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, smem, s>>>(a, env_int("LASP2_WGMMA_FLAGS", 0));
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 256, smem, s>>>(a);
   check_launch("tc_fwd_sm90_kernel");
 }
 
