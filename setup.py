@@ -7,7 +7,7 @@ is CPU-only. Build against the torch you already have:
 
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
 
-Environment: LASP2_FORCE_CPU=1 skips CUDA; LASP2_CUDA_ARCHS="80;90" picks targets;
+Environment: LASP2_FORCE_CPU=1 skips CUDA; LASP2_CUDA_ARCHS="80;90a" picks targets;
 MAX_JOBS limits parallel compile jobs; LASP2_BUILD_BENCH=1 also builds lasp2._bench, the
 communicator instruments that benchmarks/sp_providers.py and the provider tests use
 (never part of lasp2._C).
@@ -74,11 +74,13 @@ def extension_modules():
         return [cpp_extension.CppExtension("lasp2._C", core + binding, include_dirs=include_dirs,
                                            extra_compile_args={"cxx": cxx_flags})] + extras
 
-    archs = os.environ.get("LASP2_CUDA_ARCHS", "80;90").split(";")
+    archs = os.environ.get("LASP2_CUDA_ARCHS", "80;90a").split(";")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DLASP2_WITH_CUDA"]
     for arch in archs:
         nvcc_flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     define_macros.append(("LASP2_WITH_CUDA", None))
+    if "90a" in archs:  # the Hopper wgmma kernels (csrc/core/cuda/route.h: sm90a_kernels)
+        define_macros.append(("LASP2_CUDA_SM90A", None))
     extra_link_args = []
     cuda_sources = sources("csrc/core/cuda/*.cu", "csrc/core/cuda/*.cpp")
     cuda_sources += sources("csrc/core/delta_rule/cuda/*.cu", "csrc/core/delta_rule/cuda/*.cpp")

@@ -21,7 +21,7 @@ has() { [[ "$STAGES" == *" $1 "* ]]; }
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 keep() { tee -a "$OUT/summary.txt"; }
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} LASP2_CUDA_ARCHS=${LASP2_CUDA_ARCHS:-90}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} LASP2_CUDA_ARCHS=${LASP2_CUDA_ARCHS:-90a}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1

@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it on a fresh machine (no GPU needed):
 #   1. install lasp2 (scripts/install.sh) and the test tools;
 #   2. build the C++ core with CMake and run its GoogleTest suite (ctest): with nvcc
-#      present, ONE build that also compiles the CUDA sources (sm_90 machine code and
+#      present, ONE build that also compiles the CUDA sources (sm_90a machine code and
 #      sm_80 PTX: both architectures' code paths go through the compiler, and the
 #      machine-code pass, a quarter of the CUDA compile time, runs once; the CPU tests
 #      run, the CUDA tests skip where no GPU is present); without nvcc, a
@@ -50,9 +50,9 @@ if [ -x "$NVCC" ]; then
   echo "== C++ core, CPU + CUDA ($("$NVCC" --version | tail -n 1)) =="
   NCCL_INC=$(bash scripts/fetch_nccl_headers.sh)
   quiet configure cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80-virtual;90-real" -DNCCL_INCLUDE_DIR="$NCCL_INC"
+    -DCMAKE_CUDA_COMPILER="$NVCC" -DLASP2_CUDA_ARCHS="80-virtual;90a-real" -DNCCL_INCLUDE_DIR="$NCCL_INC"
   quiet build cmake --build build-cmake -j "$JOBS"
-  echo "core, tests and CUDA sources (sm_80 PTX, sm_90) compiled in ${SECONDS} s"
+  echo "core, tests and CUDA sources (sm_80 PTX, sm_90a) compiled in ${SECONDS} s"
 else
   echo "== C++ core (CPU; no nvcc, CUDA sources not compiled) =="
   quiet configure cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release

@@ -7,12 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build/sm90}
 CUDA=${CUDA_HOME:-/usr/local/cuda}
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90 >/dev/null
-cmake --build "$BUILD"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90a >/dev/null
+cmake --build "$BUILD" -j "${JOBS:-1}"
 g++ -O2 -std=c++17 -DLASP2_WITH_CUDA -Icsrc/core/include -I"$CUDA/include" benchmarks/kernel/bench_lasp2.cpp \
   "$BUILD/liblasp2_core.a" -L"$CUDA/lib64" -lcudart -lpthread -o "$BUILD/bench_lasp2"
 mkdir -p .carry/bin
 cp "$BUILD/lasp2_core_tests" "$BUILD/bench_lasp2" .carry/bin/
+# the wgmma operand-form probe (device_run.sh probe)
+"$CUDA/bin/nvcc" -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc/core/cuda -Icsrc/core/include \
+  benchmarks/kernel/wgmma_probe.cu -o .carry/bin/wgmma_probe
 [ -d .carry/googletest ] || cp -r /usr/src/googletest .carry/googletest
 # BASE_REF=<commit>: also build that version's benchmark into .carry/base/ (for the
 # same-machine before/after table of `device_run.sh bench base`).

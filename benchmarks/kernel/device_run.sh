@@ -3,7 +3,12 @@
 # compute-sanitizer memcheck and racecheck on a small subset (alongside), then the
 # kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
-#   benchmarks/kernel/device_run.sh [all|tests|bench|base|kprof|prof ...]   (several stages allowed)
+#   benchmarks/kernel/device_run.sh [all|probe|tests|bench|base|ab|kprof|prof ...]   (several stages allowed)
+# probe: .carry/bin/wgmma_probe (the wgmma operand forms of the sm_90a kernels against
+# a CPU product).
+# AB_BASE_ENV="LASP2_CUDA_WGMMA=0": the base of `ab` and `kprof` is this build run
+# with that environment (the sm_80 mma.sync kernels on the same binary) instead of
+# .carry/base/bench_lasp2.
 # (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; ab:
 # new and base alternating, twice per shape (AB_SHAPES, default the same), with the
 # graph-replayed fwd+bwd; kprof: each kernel's duration through ncu, new and base build)
@@ -26,11 +31,16 @@ if ! $BIN/lasp2_core_tests --gtest_list_tests >/dev/null 2>&1; then
   echo "carried binaries do not run here; rebuilding" | tee -a "$OUT/gpu.txt"
   (cmake -S .carry/googletest -B /tmp/gtb -G Ninja -DBUILD_GMOCK=OFF -DCMAKE_INSTALL_PREFIX=/tmp/gt >/dev/null &&
    cmake --build /tmp/gtb -j16 >/dev/null && cmake --install /tmp/gtb >/dev/null &&
-   cmake -S . -B /tmp/b -G Ninja -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90 -DCMAKE_PREFIX_PATH=/tmp/gt >/dev/null &&
+   cmake -S . -B /tmp/b -G Ninja -DLASP2_WITH_CUDA=ON -DLASP2_CUDA_ARCHS=90a -DCMAKE_PREFIX_PATH=/tmp/gt >/dev/null &&
    cmake --build /tmp/b -j16 >/dev/null &&
    g++ -O2 -std=c++17 -DLASP2_WITH_CUDA -Icsrc/core/include -I/usr/local/cuda/include benchmarks/kernel/bench_lasp2.cpp \
      /tmp/b/liblasp2_core.a -L/usr/local/cuda/lib64 -lcudart -lpthread -o /tmp/b/bench_lasp2) > "$OUT/rebuild.log" 2>&1
   BIN=/tmp/b
+fi
+
+if has probe && [ -x $BIN/wgmma_probe ]; then
+  timeout 60 $BIN/wgmma_probe > "$OUT/probe.log" 2>&1
+  echo "probe exit $? after $(( $(date +%s) - T0 )) s"
 fi
 
 if has tests; then
@@ -63,15 +73,17 @@ if has base && [ -x .carry/base/bench_lasp2 ]; then
   for s in $SHAPES; do .carry/base/bench_lasp2 ${s//,/ } >> "$OUT/base.log" 2>&1; done
   echo "base done after $(( $(date +%s) - T0 )) s"
 fi
-if has ab && [ -x .carry/base/bench_lasp2 ]; then
+BASE_RUN=".carry/base/bench_lasp2"
+[ -n "${AB_BASE_ENV:-}" ] && BASE_RUN="env $AB_BASE_ENV $BIN/bench_lasp2"
+if has ab && { [ -x .carry/base/bench_lasp2 ] || [ -n "${AB_BASE_ENV:-}" ]; }; then
   # before/after with less noise: new and base alternate, twice per shape, in `fb` mode
   # (lasp2_forward, lasp2_backward, fwd+bwd, fwd+bwd replayed from a CUDA graph)
   : > "$OUT/ab.log"
   for s in ${AB_SHAPES:-$SHAPES}; do
-    for r in 1 2; do
+    for r in $(seq "${AB_RUNS:-2}"); do
       for b in new base; do
         bin=$BIN/bench_lasp2
-        [ "$b" = base ] && bin=.carry/base/bench_lasp2
+        [ "$b" = base ] && bin=$BASE_RUN
         echo "== $b" >> "$OUT/ab.log"
         $bin ${s//,/ } fb >> "$OUT/ab.log" 2>&1
       done
@@ -82,12 +94,12 @@ fi
 if has kprof; then
   # each kernel's duration (ncu, one launch per backend function), new and base build,
   # at T = 64K and T = 4K (gates, D = 128, B = 1)
-  for b in $BIN/bench_lasp2 .carry/base/bench_lasp2; do
-    [ -x "$b" ] || continue
-    for T in 65536 4096; do
-      echo "== $b T=$T" >> "$OUT/kprof.log"
-      timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum $b $T 16 128 1 bf16 gate once 2>&1 |
-        awk '/Context [0-9]+, Stream/ { k = "?"; if (match($0, /[a-z_]+_kernel(<[^>]*>)?/)) k = substr($0, RSTART, RLENGTH) }
+  for b in "$BIN/bench_lasp2" "$BASE_RUN"; do
+    [ -x "${b##* }" ] || continue
+    for TB in ${KPROF_SHAPES:-65536,1 4096,1}; do
+      echo "== $b T,B=$TB" >> "$OUT/kprof.log"
+      timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum $b ${TB%,*} 16 128 ${TB#*,} bf16 gate once 2>&1 |
+        awk '/Context [0-9]+, Stream/ { k = "?"; if (match($0, /[a-z_0-9]+_kernel(<[^>]*>)?/)) k = substr($0, RSTART, RLENGTH) }
              /gpu__time_duration.sum/ { printf "%s %s %s\n", k, $(NF-1), $NF }' \
         >> "$OUT/kprof.log"
     done
@@ -113,6 +125,7 @@ fi
 
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$OUT/gpu.txt"
+[ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 if [ -f "$OUT/tests.log" ]; then
   echo "-- gtest shards:"; grep -hE "^\[  (PASSED|FAILED)  \]|tests? ran|SKIPPED \] [0-9]" /tmp/shard*.log | sort | uniq -c
   echo "-- failing tests:"; grep -h "^\[  FAILED  \] [A-Z]" "$OUT/tests.log" | sort -u | head -30
