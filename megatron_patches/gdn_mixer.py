@@ -55,7 +55,7 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
-from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
+from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["Lasp2GatedDeltaNetMixer", "Lasp2GatedDeltaNetSubmodules"]
 
@@ -86,8 +86,8 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         options = resolve_options(lasp2_options)
         self.lasp2_options, self.layer_number = options, layer_number
         self.pg_collection = process_groups(pg_collection)
-        if options.provider != "lasp2":
-            raise Lasp2ConfigError(f"gated DeltaNet ('G') layers run under --sp-provider lasp2 only, "
+        if options.provider not in GDN_PROVIDERS:
+            raise Lasp2ConfigError(f"gated DeltaNet ('G') layers run under --sp-provider {' or '.join(GDN_PROVIDERS)}, "
                                    f"got {options.provider!r} (layer {layer_number})")
         tp_group = self.pg_collection.tp
         self.head_dim = config.kv_channels
@@ -164,7 +164,7 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
 
         def delta_rule(q, k, v, g, beta):
             return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
-                                          use_qk_l2norm=True)[0]
+                                          provider=o.provider, use_qk_l2norm=True)[0]
 
         if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
             out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)

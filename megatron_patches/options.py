@@ -17,6 +17,8 @@ import lasp2.options as lasp2_options
 # The vocabulary is lasp2's (lasp2.options); Megatron adds provider "none" (its own
 # attention and context parallelism) and its spellings of softmax attention.
 PROVIDERS = (*lasp2_options.PROVIDERS, "none")
+# the providers lasp2.gated_delta_rule has (its family has no Ulysses provider yet)
+GDN_PROVIDERS = ("lasp2", "lasp1")
 SPLITS = lasp2_options.SPLITS
 DECAYS = lasp2_options.DECAYS
 FEATURE_MAPS = tuple(lasp2_options.FEATURE_MAPS)
@@ -55,10 +57,11 @@ class Lasp2Options:
     provider: sequence-parallel algorithm of the linear-attention layers: "lasp2",
         "lasp1" (P2P ring), "ulysses" (all-to-all over heads) or "none" (no lasp2:
         Megatron's stock attention and its own context parallelism; every layer
-        must then be softmax attention). Softmax layers always use LASP-2H.
+        must then be softmax attention). Softmax layers always use LASP-2H; gated
+        DeltaNet ("G") layers take "lasp2" or "lasp1".
     split: how the sequence is laid out over the context-parallel group:
         "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
-        2P) or "contiguous". lasp1 and ulysses need "contiguous".
+        2P) or "contiguous". ulysses needs "contiguous".
     layer_pattern: one character per layer, "L" linear attention, "S" softmax
         attention ("N" and Megatron's "*" mean the same and are stored as "S"), "G"
         gated DeltaNet, e.g. "LLLS" * 6. None: every layer is linear attention.
@@ -118,9 +121,10 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention or gated "
                 "DeltaNet: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
-        if GATED_DELTANET in pattern and self.provider != "lasp2":
+        if GATED_DELTANET in pattern and self.provider not in GDN_PROVIDERS:
             raise Lasp2ConfigError(
-                f"gated DeltaNet ('G') layers run under --sp-provider lasp2 only, got {self.provider!r}")
+                f"gated DeltaNet ('G') layers run under --sp-provider {' or '.join(GDN_PROVIDERS)}, "
+                f"got {self.provider!r} (lasp2.gated_delta_rule has no {self.provider!r} provider)")
         return self
 
     def pattern_for(self, num_layers: int) -> str:

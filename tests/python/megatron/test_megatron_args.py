@@ -86,7 +86,7 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(provider="none", layer_pattern="LN"), "no linear attention"),
     (dict(layer_pattern="LMLS"), "got 'LMLS'"),  # Megatron's Mamba letter: no lasp2 layer
     (dict(provider="none", layer_pattern="GS"), "no linear attention or gated DeltaNet"),
-    (dict(provider="lasp1", split="contiguous", layer_pattern="LG"), "'G'.*lasp2 only"),
+    (dict(provider="ulysses", split="contiguous", layer_pattern="LG"), "'G'.*lasp2 or lasp1, got 'ulysses'"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
 ])
 def test_bad_options(kwargs, match):

@@ -64,6 +64,7 @@ CASES = [
     Case("balanced gdn hybrid gate rope", O(layer_pattern="LGSG", decay="gate")),
     Case("packed contiguous gdn learned-pos", O(layer_pattern="GSGL", split="contiguous"), packed=True,
          pos_emb="learned_absolute"),
+    Case("balanced lasp1 gdn hybrid gate", O(provider="lasp1", layer_pattern="GLSG", decay="gate")),
 ]
 CKPT_CASE = Case("ckpt", O(layer_pattern="LGNL", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
