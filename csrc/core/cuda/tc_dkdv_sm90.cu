@@ -100,17 +100,8 @@ __global__ void __launch_bounds__(256, 1) tc_dkdv_sm90_kernel(DkdvArgs args) {
   const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
   auto tile = [&](int stage, int i) { return smem + L::kTiles + (stage * 4 + i) * kTileBytes; };
 
-  // Thread tid copies 16-byte pieces i = tid + 256 n: row (i / 128) * 8 + i % 8,
-  // column piece (i / 8) % 16, so that 8 consecutive threads fill one core matrix
-  // (128 contiguous bytes: no bank conflicts).
   auto load_one = [&](unsigned char* dst, const T* src, int64_t st, int nvalid, int dim) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int i = tid + 256 * n;
-      const int row = (i >> 7) * 8 + (i & 7), col = ((i >> 3) & 15) * 8;
-      const bool valid = row < nvalid && col < dim;
-      cp_async16(dst + cm_offset(row, col, kD), valid ? src + row * st + col : src, valid);
-    }
+    copy_tile_cm<kD>(dst, src, st, nvalid, dim, tid);
   };
   auto load = [&](int c, int stage) {
     const int nvalid = min(kChunk, g.n - c * kChunk);

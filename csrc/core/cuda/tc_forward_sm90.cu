@@ -94,13 +94,7 @@ __global__ void __launch_bounds__(256, 1) tc_fwd_sm90_kernel(FwdArgs args) {
   auto tile = [&](int stage, int i) { return smem + L::kTiles + (stage * NT + i) * kTileBytes; };
 
   auto load_one = [&](unsigned char* dst, const T* src, int64_t st, int nvalid, int dim) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int i = tid + 256 * n;
-      const int row = (i >> 7) * 8 + (i & 7), col = ((i >> 3) & 15) * 8;
-      const bool valid = row < nvalid && col < dim;
-      cp_async16(dst + cm_offset(row, col, kD), valid ? src + row * st + col : src, valid);
-    }
+    copy_tile_cm<kD>(dst, src, st, nvalid, dim, tid);
   };
   auto load = [&](int c, int stage) {
     const int nvalid = min(kChunk, g.n - c * kChunk);

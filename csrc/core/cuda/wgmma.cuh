@@ -29,6 +29,24 @@ __host__ __device__ constexpr int cm_offset(int row, int col, int cols) {
   return (((row >> 3) * (cols >> 3) + (col >> 3)) << 7) + ((row & 7) << 4) + ((col & 7) << 1);
 }
 
+// Copies one chunk's [64][cols] tile of 16-bit rows (row stride `st` elements; rows >=
+// nvalid and columns >= dim zero-filled) into the core-matrix layout, by the 256 threads
+// of two warpgroups with cp.async: piece i = tid + 256 n goes to row (i / 128) * 8 + i % 8,
+// column piece (i / 8) % 16, so 8 consecutive threads fill one core matrix (128
+// contiguous bytes: no bank conflicts).
+template <int kCols, typename T>
+__device__ __forceinline__ void copy_tile_cm(unsigned char* dst, const T* src, int64_t st, int nvalid, int dim,
+                                             int tid) {
+  static_assert(kCols == 128, "16 column pieces of 8 elements");
+#pragma unroll
+  for (int n = 0; n < 4; ++n) {
+    const int i = tid + 256 * n;
+    const int row = (i >> 7) * 8 + (i & 7), col = ((i >> 3) & 15) * 8;
+    const bool valid = row < nvalid && col < dim;
+    cp_async16(dst + cm_offset(row, col, kCols), valid ? src + row * st + col : src, valid);
+  }
+}
+
 // Matrix descriptor, no swizzle: start address, LBO (K direction), SBO (M/N direction).
 __device__ __forceinline__ uint64_t wg_desc(const void* p, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((smem_u32(p) & 0x3FFFF) >> 4) |
