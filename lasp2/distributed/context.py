@@ -219,10 +219,28 @@ def sp_context_for(group, split: str, cu_seqlens, local_len: int, device) -> SPC
     return _build(BUILD, group, split, cu_seqlens, None, local_len, device)
 
 
+_ONE_DEVICE: dict = {}  # (split, local length, device) -> the context of a call without group / cu_seqlens
+
+
+def _one_device_context(owner: str, split: str, local_len: int, device) -> SPContext:
+    """The (immutable) context of a one-device call without documents, built once per
+    (split, length, device): building and validating it again is a measurable share of a
+    small call. Arguments that fail the checks raise, and are not remembered."""
+    key = (split, local_len, device)
+    ctx = _ONE_DEVICE.get(key)
+    if ctx is None:
+        ctx = _build(owner, None, split, None, None, local_len, device)
+        if len(_ONE_DEVICE) < 256:
+            _ONE_DEVICE[key] = ctx
+    return ctx
+
+
 def resolve_sp_context(owner: str, sp_context: Optional[SPContext], group, split: str, cu_seqlens,
                        local_len: int, batch: int, device) -> SPContext:
     """The context an op runs with: `sp_context`, or one built from the per-call
     arguments. Raises ValueError naming the argument when they disagree."""
+    if sp_context is None and group is None and cu_seqlens is None and type(split) is str:
+        return _one_device_context(owner, split, local_len, device)
     if sp_context is None:
         ctx = _build(owner, group, split, cu_seqlens, None, local_len, device)
     else:

@@ -23,23 +23,6 @@ _CHECK_NAMES = ("batch size", "local sequence length", "heads", "key head dim", 
                 "use of initial_state", "output_final_state")
 
 
-_ONE_DEVICE: dict = {}  # (split, local length, device) -> the SPContext of a call without group / cu_seqlens
-
-
-def _context(sp_context, group, split, cu_seqlens, local_len, batch, device):
-    """resolve_sp_context, remembering the (immutable) context of one-device calls without
-    documents: building and validating it again is a measurable share of a small call."""
-    if sp_context is not None or group is not None or cu_seqlens is not None or type(split) is not str:
-        return resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, device)
-    key = (split, local_len, device)
-    ctx = _ONE_DEVICE.get(key)
-    if ctx is None:
-        ctx = resolve_sp_context(OP, None, None, split, None, local_len, batch, device)
-        if len(_ONE_DEVICE) < 256:
-            _ONE_DEVICE[key] = ctx
-    return ctx
-
-
 def _validate(q, k, v, g, decay, scale, layout):
     """Checks the tensors and scale; returns (scale, the sequence dim)."""
     C.check_layout(OP, layout)
@@ -191,7 +174,7 @@ def linear_attention(
             C.check_log_gates(OP, "decay", decay)
         impl = get_provider(OP, LINEAR_ATTENTION, provider)
         local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-        ctx = _context(sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
         impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
         num_seqs, head_doc = _validate_states(initial_state, output_final_state, q, v, ctx, provider)
     except (ValueError, TypeError):
