@@ -82,8 +82,9 @@ def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
     """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset).
 
     On CPU tensors this is checked here. For CUDA tensors reading the values would
-    cost a host sync per call, so `positive_flag` below is folded into the per-call
-    cross-rank consistency collective instead (which syncs anyway); a CUDA call
+    cost a host sync per call, so they go to the per-call cross-rank consistency check
+    instead (`positive=`: staged on the device and compared at the group's next
+    exchange, or `positive_flag` below in the synchronous mode); a CUDA call
     without a group is not checked (docs/reliability.md).
     """
     if x is None or x.device.type != "cpu":

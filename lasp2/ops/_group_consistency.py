@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.collectives import all_gather_single
+from lasp2.ops._checks import positive_flag
 
 ROW = 32  # int64 slots per rank: header (3) + fields
 _HEADER = 3  # op code, number of fields (or _FAILED), mode (_SYNC / _ASYNC) + 2 * number of size fields
@@ -328,7 +329,7 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
         return _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive)
     if st.staged is not None:  # this call is checked the synchronous way: send the waiting values first
         _settle_lagged(st, st.staged, at_backward=False)
-    flags = list(flags) + [(m, (t > 0).any()) for m, t in positive if t is not None and t.device.type != "cpu"]
+    flags = list(flags) + [(m, f) for m, t in positive if (f := positive_flag(t)) is not None]
     fields = len(signature) + len(host_values) + len(device_values) + len(flags)
     if fields + _HEADER > ROW:
         raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
