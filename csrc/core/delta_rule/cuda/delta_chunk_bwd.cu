@@ -78,36 +78,6 @@ __device__ __forceinline__ void invert_unit_lower(const float* L, const float* b
   }
 }
 
-// acc[nt] (+)= A (16 rows from m0, k in [16 kk0, 16 kk1)) x B (columns n0 + 8 nt), for
-// the first 2 npmax n-tiles; A stored [m][k] (or [k][m] when kTransA), B stored [k][n]
-// (or [n][k] when kBnk).
-template <typename T, int NTILES, bool kTransA, bool kBnk>
-__device__ __forceinline__ void mma_acc(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb, int m0,
-                                        int n0, int kk0, int kk1, int npmax, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    if (kk < kk0 || kk >= kk1) continue;
-    uint32_t a[4];
-    if constexpr (kTransA) {
-      ldsm_x4_t(a, A + frag_a_colmajor(lane, m0, 16 * kk, lda));
-    } else {
-      ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
-    }
-#pragma unroll
-    for (int np = 0; np < NTILES / 2; ++np) {
-      if (np >= npmax) continue;
-      uint32_t bb[4];
-      if constexpr (kBnk) {
-        ldsm_x4(bb, B + frag_b_nk(lane, 16 * kk, n0 + 16 * np, ldb));
-      } else {
-        ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, n0 + 16 * np, ldb));
-      }
-      mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
-      mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
-    }
-  }
-}
-
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll

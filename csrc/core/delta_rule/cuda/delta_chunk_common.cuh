@@ -1,7 +1,8 @@
 // Shared device helpers of the chunked delta-rule kernels (delta_chunk.cu forward and
 // reverse state passes, delta_chunk_bwd.cu backward): tile loads of a 64-token chunk,
-// the chunk's position in the part and the per-warp mma.sync row products. Included
-// by .cu files only; everything lives in an anonymous namespace (internal linkage).
+// the chunk's position in the part and the per-warp mma.sync products (mma_acc, and
+// mma_rows, its full-width case). Included by .cu files only; everything lives in an
+// anonymous namespace (internal linkage).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -79,10 +80,12 @@ __device__ __forceinline__ void load_cols(T* dst, const T* src, int64_t ld, int 
   cp_async16(dst + row * LDV + 8 * part, valid ? src + row * ld + j0 + 8 * part : src, valid);
 }
 
-// acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.
-template <typename T, int NTILES, bool kTransA>
-__device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
-                                         int m0, int kk0, int kk1, int lane) {
+// acc[nt] (+)= A (16 rows from m0, k in [16 kk0, 16 kk1)) x B (columns n0 + 8 nt), for
+// the first 2 npmax n-tiles; A stored [m][k] (or [k][m] when kTransA), B stored [k][n]
+// (or [n][k] when kBnk).
+template <typename T, int NTILES, bool kTransA, bool kBnk>
+__device__ __forceinline__ void mma_acc(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb, int m0,
+                                        int n0, int kk0, int kk1, int npmax, int lane) {
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
     if (kk < kk0 || kk >= kk1) continue;
@@ -94,12 +97,24 @@ __device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, in
     }
 #pragma unroll
     for (int np = 0; np < NTILES / 2; ++np) {
+      if (np >= npmax) continue;
       uint32_t bb[4];
-      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * np, ldb));
+      if constexpr (kBnk) {
+        ldsm_x4(bb, B + frag_b_nk(lane, 16 * kk, n0 + 16 * np, ldb));
+      } else {
+        ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, n0 + 16 * np, ldb));
+      }
       mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
       mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
     }
   }
+}
+
+// acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.
+template <typename T, int NTILES, bool kTransA>
+__device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
+                                         int m0, int kk0, int kk1, int lane) {
+  mma_acc<T, NTILES, kTransA, false>(acc, A, lda, B, ldb, m0, 0, kk0, kk1, NTILES / 2, lane);
 }
 
 }  // namespace
