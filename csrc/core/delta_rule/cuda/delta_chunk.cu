@@ -245,66 +245,58 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
   }
 }
 
-// ---- the sequential state passes ---------------------------------------------------------
-// Per buffer: fwd {a1 = w, a2 = k, r = u}; rev {a1 = k, a2 = w, a3 = q, r = r, d = dO}.
-template <typename T, int D, bool kRev>
+// ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
+// Per buffer: a1 = k, a2 = w, a3 = q, r = r, d = dO.
+template <typename T, int D>
 struct StateBuf {
   static constexpr int LD = TcTile<D>::LD;
   T a1[CH * LD];
   T a2[CH * LD];
-  T a3[kRev ? CH * LD : 8];
+  T a3[CH * LD];
   T r[CH * LDV];
-  T d[kRev ? CH * LDV : 8];
+  T d[CH * LDV];
   float meta[2 * CH];
 };
-template <typename T, int D, bool kRev>
+template <typename T, int D>
 struct StateSmem {
-  StateBuf<T, D, kRev> buf[2];
+  StateBuf<T, D> buf[2];
   T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
   T ys[CH * LDV];
 };
 
-template <typename T, int D, bool kRev>
+template <typename T, int D>
 __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
-                                                 StateBuf<T, D, kRev>& B, int c, int64_t bh, int j0, int tid) {
+                                                 StateBuf<T, D>& B, int c, int64_t bh, int j0, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
   const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
   const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
   const T* r = static_cast<const T*>(prep.u) + cp.row0 * D;
-  if constexpr (kRev) {
-    load_tile<T, D, NT>(B.a1, k, p.k.st, cp.nvalid, D, tid);
-    load_tile<T, D, NT>(B.a2, w, D, CH, D, tid);
-    load_tile<T, D, NT>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-    load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
-  } else {
-    load_tile<T, D, NT>(B.a1, w, D, CH, D, tid);
-    load_tile<T, D, NT>(B.a2, k, p.k.st, cp.nvalid, D, tid);
-  }
+  load_tile<T, D, NT>(B.a1, k, p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(B.a2, w, D, CH, D, tid);
+  load_tile<T, D, NT>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
   load_cols<T>(B.r, r, D, j0, CH, tid);
   load_meta(B.meta, prep.meta, cp.row0, tid);
   cp_async_commit();
 }
 
-// Forward (kRev = false): S entering chunk c -> states / ckpt; v_new = u - w S;
-// S <- e S + K^T diag(d) v_new. Reverse: X leaving chunk c -> dh; y = r - diag(d) K X;
+// Backwards over the chunks: X leaving chunk c -> dh; y = r - diag(d) K X;
 // X <- e X + w^T y + Q^T diag(c) dO.
-template <typename T, int D, bool kRev>
-__global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPrep prep, ChunkStatesOut fo,
-                                                   ChunkReverseOut ro) {
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  StateSmem<T, D, kRev>& sm = *reinterpret_cast<StateSmem<T, D, kRev>*>(smem_raw);
+  StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
-  const int64_t npad = static_cast<int64_t>(nck) * CH;
   const int64_t se = static_cast<int64_t>(D) * D;
 
   float S[MT][2][4];
   {
-    const float* init = kRev ? ro.leaving : fo.entering;
+    const float* init = ro.leaving;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -317,17 +309,17 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
         }
   }
   if (nck == 0) return;
-  load_state_chunk<T, D, kRev>(p, dout, prep, sm.buf[0], kRev ? nck - 1 : 0, bh, j0, tid);
+  load_state_chunk<T, D>(p, dout, prep, sm.buf[0], nck - 1, bh, j0, tid);
   for (int i = 0; i < nck; ++i) {
-    const int c = kRev ? nck - 1 - i : i;
-    StateBuf<T, D, kRev>& B = sm.buf[i & 1];
+    const int c = nck - 1 - i;
+    StateBuf<T, D>& B = sm.buf[i & 1];
     if (i + 1 < nck) {
-      load_state_chunk<T, D, kRev>(p, dout, prep, sm.buf[(i + 1) & 1], kRev ? c - 1 : c + 1, bh, j0, tid);
+      load_state_chunk<T, D>(p, dout, prep, sm.buf[(i + 1) & 1], c - 1, bh, j0, tid);
       cp_async_wait_group1();
     } else {
       cp_async_wait_all();
     }
-    // the carried state: 16-bit copy for the products, and the per-chunk outputs
+    // the carried gradient: 16-bit copy for the products, and each chunk's dh
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -339,19 +331,11 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
           const float s0 = S[mt][nt][2 * hf], s1 = S[mt][nt][2 * hf + 1];
           store_u32(sm.xb + row * LDV + cl, pack2<T>(s0, s1));
           const int64_t at = (bh * nck + c) * se;
-          if constexpr (kRev) {
-            if (ro.dh != nullptr) *reinterpret_cast<float2*>(ro.dh + at + row * D + col) = make_float2(s0, s1);
-          } else {
-            if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
-            if (fo.ckpt != nullptr) {
-              fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
-              fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
-            }
-          }
+          if (ro.dh != nullptr) *reinterpret_cast<float2*>(ro.dh + at + row * D + col) = make_float2(s0, s1);
         }
     __syncthreads();
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    {  // fwd: v_new = u - w S; rev: y = r - diag(d) K X (token rows of this warp)
+    {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -366,22 +350,14 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
           const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
           const float d = sx == sL ? __expf(GL - Gx) : 0.f;
           const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
-          if constexpr (kRev) {
-            store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[nt][2 * hf], rr.y - d * acc[nt][2 * hf + 1]));
-            const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
-            const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
-            store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
-          } else {
-            const float v0 = rr.x - acc[nt][2 * hf], v1 = rr.y - acc[nt][2 * hf + 1];
-            if (fo.v_new != nullptr)
-              store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
-                        pack2<T>(v0, v1));
-            store_u32(sm.ys + x * LDV + cl, pack2<T>(v0 * d, v1 * d));
-          }
+          store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[nt][2 * hf], rr.y - d * acc[nt][2 * hf + 1]));
+          const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
+          const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
+          store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
         }
     }
     __syncthreads();
-    {  // S <- e S + a2^T ys (+ q^T diag(c) dO)
+    {  // X <- e X + a2^T ys + q^T diag(c) dO
       const float e = sL == 0.f ? __expf(GL) : 0.f;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -392,25 +368,23 @@ __global__ void __launch_bounds__(NT) state_kernel(Problem p, View dout, ChunkPr
           for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
         const int r0 = warp * (D / 4) + 16 * mt;
         mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
-        if constexpr (kRev) mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
+        mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
       }
     }
     __syncthreads();
   }
-  if constexpr (kRev) {
-    if (ro.entering != nullptr) {
+  if (ro.entering != nullptr) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-            const int col = j0 + 8 * nt + 2 * (lane & 3);
-            *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) =
-                make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
-          }
-    }
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int col = j0 + 8 * nt + 2 * (lane & 3);
+          *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) =
+              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
+        }
   }
 }
 
@@ -789,10 +763,9 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    const int bytes = static_cast<int>(sizeof(StateSmem<T, D, true>));
-    allow(state_kernel<T, D, true>, bytes, "chunk reverse state smem");
-    state_kernel<T, D, true><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
-        p, dout, prep, ChunkStatesOut{}, out);
+    const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
+    allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
+    rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
   });
   check(cudaGetLastError(), "chunk reverse state kernel");
 }
