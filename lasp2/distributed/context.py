@@ -38,9 +38,9 @@ from lasp2.options import SPLITS, check_choice
 BUILD = "lasp2.build_sp_context"
 
 
-def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch.Tensor:
-    """Validates global cu_seqlens (documents of a packed sequence), ending at
-    `global_len` unless that is None, and returns them as an int64 CPU tensor."""
+def check_cu_seqlens_form(owner: str, cu_seqlens) -> int:
+    """What can be checked of cu_seqlens without reading its values (type, dtype, shape;
+    so a traced graph keeps it); returns the number of documents."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"{owner}: `cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -48,6 +48,13 @@ def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{owner}: `cu_seqlens` must be 1-D with at least 2 entries, "
                          f"got shape {list(cu_seqlens.shape)}")
+    return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch.Tensor:
+    """Validates global cu_seqlens (documents of a packed sequence), ending at
+    `global_len` unless that is None, and returns them as an int64 CPU tensor."""
+    check_cu_seqlens_form(owner, cu_seqlens)
     values = cu_seqlens.detach().to("cpu", torch.int64)
     if values[0].item() != 0:
         raise ValueError(f"{owner}: `cu_seqlens` must start at 0, got {values[0].item()}")
