@@ -3,7 +3,7 @@ initial / final states (csrc/core/include/lasp2/lasp2.h: SequenceStates)."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -11,11 +11,11 @@ from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
 
 
-def head_docs(values: torch.Tensor, global_len: int, total_parts: int) -> List[int]:
+def head_docs(values: Sequence[int], global_len: int, total_parts: int) -> List[int]:
     """Per global part, the document whose end is the end of the part's head (its tokens
     before its first document start); -1 when no document starts inside the part.
-    `values` are the global cu_seqlens (CPU int64, strictly increasing)."""
-    starts = values[1:-1].tolist()
+    `values` are the global cu_seqlens (strictly increasing)."""
+    starts = values[1:-1]
     part_len = global_len // total_parts
     out: List[int] = []
     for part in range(total_parts):
@@ -43,7 +43,7 @@ def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: 
     split = "balanced" if parts_per_rank == 2 else "contiguous"
     index = global_token_index(local_len, rank, world, split)
     return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
-            head_docs(values, global_len, world * parts_per_rank))
+            head_docs(values.tolist(), global_len, world * parts_per_rank))
 
 
 def final_state_grad(d_final: Optional[torch.Tensor], output_final_state: bool, q: torch.Tensor, v: torch.Tensor,
