@@ -251,9 +251,9 @@ def _group_check(st: "_GroupState", device: torch.device):
 
 def _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive) -> Verdict:
     """One C++ exchange: the host part of this call's row is compared now. Its device
-    values are staged into the ring and sent DEPTH calls later (on CUDA, or LAG_ON_CPU),
-    when the ring is full, so the exchange waits for GPU work that old only; on the CPU
-    they go with this call's row."""
+    values are staged into the ring and sent DEPTH calls later on the group (on CUDA, or
+    LAG_ON_CPU), so an exchange waits for GPU work that old only; on the CPU they go with
+    this call's row."""
     entries = [(name, t, _KIND_DIGEST) for name, t in device_values]
     entries += [(m, t if t is not None and t.device.type != "cpu" else None, _KIND_MAX) for m, t in positive]
     entries += [(m, f, _KIND_MAX) for m, f in flags]
@@ -302,6 +302,8 @@ def _exchange(op, st, gc, head, sends) -> int:
     try:
         return gc.exchange(head, [t.seq for t in sends], max_slots)
     except RuntimeError as e:
+        for token in sends:  # never compared: their outputs' backward must not run
+            token.lost = True
         raise RuntimeError(
             f"{op}: the cross-rank consistency check over process group {_group_label(st.group)} failed "
             f"(did a rank skip this call, exit, or time out?): {e}") from e

@@ -77,9 +77,11 @@ def test_native_nccl_watchdog_releases_a_dead_peer():
 
 # Issue 13.6 on GPUs with the default (torch) communicator: the op's and the check's
 # collectives run through the caller's ProcessGroupNCCL. With TORCH_NCCL_BLOCKING_WAIT=1
-# a collective that does not complete within the group's timeout raises on the host (the
-# watchdog aborts the communicator), which lasp2 turns into an error naming the op and
-# the group; the process stays usable for single-device calls. Two GPUs needed: NCCL
+# (and error handling that aborts the communicator without tearing the process down) a
+# collective that does not complete within the group's timeout raises on the host, which
+# lasp2 turns into an error naming the op and the group; the process stays usable for
+# single-device calls. Without those settings torch's watchdog decides (by default it
+# ends the process): that is torch's policy, not lasp2's. Two GPUs needed: NCCL
 # refuses two ranks on one GPU, so these never ran on the one-GPU machine.
 NCCL_TIMEOUT = 10.0
 
@@ -107,10 +109,12 @@ def _nccl_peer_skips(rank, world, op_name):
 
     import lasp2
 
+    q, k, v = _cuda_qkv(rank)
+    dist.all_reduce(q.detach().sum())  # the group's communicator exists before rank 1 goes quiet
+    torch.cuda.synchronize(rank)
     if rank == 1:
         time.sleep(NCCL_TIMEOUT * 3)  # never calls the op: rank 0's check times out
         os._exit(0)
-    q, k, v = _cuda_qkv(rank)
     try:
         getattr(lasp2, op_name)(q, k, v, group=dist.group.WORLD)
         torch.cuda.synchronize(rank)
@@ -159,7 +163,8 @@ def _nccl_peer_rejects_its_arguments(rank, world):
 def _run_nccl(fn, *args, monkeypatch):
     from rel_helpers import run_world
 
-    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises in wait()
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # the watchdog aborts the communicator, no teardown
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     return run_world(2, fn, *args, timeout=NCCL_TIMEOUT * 8, pg_timeout=NCCL_TIMEOUT, backend="nccl")
 
