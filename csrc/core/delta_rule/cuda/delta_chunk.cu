@@ -250,43 +250,26 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
-// One block of 8 warps per (b, h) and kRevCols state columns, backwards over the chunks,
-// with the inputs of the next kRevStages - 1 chunks in flight (a cp.async ring, as the
-// forward pass). Every block reads the chunk's whole k, w and q, so the pass is bound by
-// those reads from L2 (the 16-column blocks of 4 warps it had before moved 3.6 TB/s at
-// 64K): 32 columns a block halve them, and warp w takes column half w / 4 with the
-// token rows / state rows of w % 4, so that a warp's share of the products is that of
-// a 16-column block's warp. Per buffer: a1 = k, a2 = w, a3 = q, r = r, d = dO.
-constexpr int kRevStages = 3;  // 3 x 62 KiB at d = 128: one block an SM
-constexpr int kRevCols = 32;
-constexpr int kRevThreads = 256;
-constexpr int LDR = kRevCols + 8;  // [64][32] column tiles, rows padded by 16 bytes
+// One block per (b, h) and BV state columns, backwards over the chunks, with the inputs
+// of the next kRevStages - 1 chunks in flight (a cp.async ring, as the forward pass).
+// Per buffer: a1 = k, a2 = w, a3 = q, r = r, d = dO.
+constexpr int kRevStages = 3;  // 3 x 58 KiB at d = 128: one block an SM with room to spare
 template <typename T, int D>
 struct StateBuf {
   static constexpr int LD = TcTile<D>::LD;
   T a1[CH * LD];
   T a2[CH * LD];
   T a3[CH * LD];
-  T r[CH * LDR];
-  T d[CH * LDR];
+  T r[CH * LDV];
+  T d[CH * LDV];
   float meta[2 * CH];
 };
 template <typename T, int D>
 struct StateSmem {
   StateBuf<T, D> buf[kRevStages];
-  T xb[D * LDR];  // the carried state (16-bit copy), [d][32]
-  T ys[CH * LDR];
+  T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
+  T ys[CH * LDV];
 };
-
-// Columns j0..j0+31 of [token][ld] rows into a [64][LDR] tile (one 16-byte piece a
-// thread); rows >= nvalid are zero-filled.
-template <typename T>
-__device__ __forceinline__ void load_rev_cols(T* dst, const T* src, int64_t ld, int j0, int nvalid, int tid) {
-  static_assert(kRevThreads == CH * kRevCols / 8, "one piece a thread");
-  const int row = tid >> 2, part = tid & 3;
-  const bool valid = row < nvalid;
-  cp_async16(dst + row * LDR + 8 * part, valid ? src + row * ld + j0 + 8 * part : src, valid);
-}
 
 template <typename T, int D>
 __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
@@ -295,19 +278,18 @@ __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& d
   const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
   const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
   const T* r = static_cast<const T*>(prep.u) + cp.row0 * D;
-  load_tile<T, D, kRevThreads>(B.a1, k, p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, kRevThreads>(B.a2, w, D, CH, D, tid);
-  load_tile<T, D, kRevThreads>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_rev_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
-  load_rev_cols<T>(B.r, r, D, j0, CH, tid);
+  load_tile<T, D, NT>(B.a1, k, p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(B.a2, w, D, CH, D, tid);
+  load_tile<T, D, NT>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
+  load_cols<T>(B.r, r, D, j0, CH, tid);
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
 // Backwards over the chunks: X leaving chunk c -> dh (16-bit); y = r - diag(d) K X;
 // X <- e X + w^T y + Q^T diag(c) dO.
 template <typename T, int D>
-__global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View dout, ChunkPrep prep,
-                                                                ChunkReverseOut ro) {
+__global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
   constexpr int NS = kRevStages;
@@ -315,9 +297,7 @@ __global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int mw = warp & 3;             // token rows 16 mw, state rows mw D / 4
-  const int cw = 16 * (warp >> 2);     // the warp's 16 columns inside the block's 32
-  const int j0 = blockIdx.x * kRevCols;
+  const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t se = static_cast<int64_t>(D) * D;
@@ -331,8 +311,8 @@ __global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View 
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = mw * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
-          const int col = j0 + cw + 8 * nt + 2 * (lane & 3) + (e & 1);
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+          const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
           S[mt][nt][e] = init != nullptr ? init[bh * se + row * D + col] : 0.f;
         }
   }
@@ -352,43 +332,43 @@ __global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View 
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int row = mw * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int cl = cw + 8 * nt + 2 * (lane & 3);
-          store_u32(sm.xb + row * LDR + cl, pack2<T>(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]));
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int cl = 8 * nt + 2 * (lane & 3);
+          store_u32(sm.xb + row * LDV + cl, pack2<T>(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]));
         }
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
     if (i + NS - 1 < nck) load_state_chunk<T, D>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
     cp_async_commit();
-    if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store
+    if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: 2 D / NT a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
 #pragma unroll
-      for (int e = tid; e < D * kRevCols / 8; e += kRevThreads) {
-        const int row = e >> 2, part = e & 3;
+      for (int e = tid; e < 2 * D; e += NT) {
+        const int row = e >> 1, part = e & 1;
         *reinterpret_cast<uint4*>(dst + row * D + 8 * part) =
-            *reinterpret_cast<const uint4*>(sm.xb + row * LDR + 8 * part);
+            *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
       }
     }
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    {  // y = r - diag(d) K X (token rows and columns of this warp)
+    {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-      mma_rows<T, 2, false>(acc, B.a1, LD, sm.xb + cw, LDR, 16 * mw, 0, D / 16, lane);
+      mma_rows<T, 2, false>(acc, B.a1, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int x = 16 * mw + (lane >> 2) + 8 * hf, cl = cw + 8 * nt + 2 * (lane & 3);
+          const int x = 16 * warp + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
           const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
           const float d = sx == sL ? __expf(GL - Gx) : 0.f;
-          const float2 rr = unpack2<T>(load_u32(B.r + x * LDR + cl));
-          store_u32(sm.ys + x * LDR + cl, pack2<T>(rr.x - d * acc[nt][2 * hf], rr.y - d * acc[nt][2 * hf + 1]));
+          const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
+          store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[nt][2 * hf], rr.y - d * acc[nt][2 * hf + 1]));
           const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
-          const float2 dd = unpack2<T>(load_u32(B.d + x * LDR + cl));
-          store_u32(B.d + x * LDR + cl, pack2<T>(dd.x * cx, dd.y * cx));
+          const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
+          store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
         }
     }
     __syncthreads();
@@ -401,9 +381,9 @@ __global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View 
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
-        const int r0 = mw * (D / 4) + 16 * mt;
-        mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys + cw, LDR, r0, 0, CH / 16, lane);
-        mma_rows<T, 2, true>(acc, B.a3, LD, B.d + cw, LDR, r0, 0, CH / 16, lane);
+        const int r0 = warp * (D / 4) + 16 * mt;
+        mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
+        mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
       }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and ys
@@ -417,8 +397,8 @@ __global__ void __launch_bounds__(kRevThreads) rev_state_kernel(Problem p, View 
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int row = mw * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int col = j0 + cw + 8 * nt + 2 * (lane & 3);
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          const int col = j0 + 8 * nt + 2 * (lane & 3);
           *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) =
               make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
         }
@@ -802,8 +782,7 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
-    const dim3 grid(D / kRevCols, static_cast<unsigned>(p.bh()));
-    rev_state_kernel<T, D><<<grid, kRevThreads, bytes, s>>>(p, dout, prep, out);
+    rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
   });
   check(cudaGetLastError(), "chunk reverse state kernel");
 }
