@@ -148,21 +148,24 @@ def check_mismatch(rank, world):
 
 def check_compiled(rank, world, group):
     """torch.compile(fullgraph=True) over the group: the custom op with its communicator
-    handle, LASP-1 with states and the balanced split; output, final state and every
-    gradient (initial_state's included) equal eager."""
-    q, k, v, do, g, beta, _, h0, dF = global_inputs(world, "kda", False, seed=50)
-    local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1)
-    inputs = [local(x) for x in (q, k, v, g, beta)] + [h0]
+    handle, with states; LASP-1 (KDA, balanced split, rows) and LASP-2 (GDN, packed
+    documents spanning ranks: cu_seqlens enters the graph as a tensor); output, final
+    state and every gradient (initial_state's included) equal eager."""
+    for kind, packed, split, provider in (("kda", False, "balanced", "lasp1"), ("gdn", True, "contiguous", "lasp2")):
+        q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=50)
+        local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)  # noqa: E731
+        inputs = [local(x) for x in (q, k, v, g, beta)] + [h0]
+        op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
 
-    def f(q, k, v, g, beta, h0):
-        o, final = lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, group=group,
-                             split="balanced", provider="lasp1")
-        return (o * local(do)).sum() + (final * dF).sum()
+        def f(q, k, v, g, beta, h0):
+            o, final = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, group=group, split=split,
+                          provider=provider, cu_seqlens=cu)
+            return (o * local(do)).sum() + (final * dF).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    got = torch.autograd.grad(compiled(*leaves), leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in inputs]
-    want = torch.autograd.grad(f(*ref_leaves), ref_leaves)
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want):
-        assert_rel(a, b, 1e-12, f"compiled d{name}, rank {rank}")
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        got = torch.autograd.grad(compiled(*leaves), leaves)
+        ref_leaves = [x.clone().requires_grad_() for x in inputs]
+        want = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+        for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want):
+            assert_rel(a, b, 1e-12, f"compiled {kind} {provider} d{name}, rank {rank}")
