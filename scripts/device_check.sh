@@ -94,7 +94,7 @@ if has check; then
     timeout 180 python3 benchmarks/bench_consistency_check.py --device cuda --world 1 > "$LOGS/check.log" 2>&1
   fi
   say "consistency check (exit $?): $(grep '^{' "$LOGS/check.log" | tail -n 1)"
-  # its deferred mode on an NCCL group of one, and CUDA-graph capture of a group-of-one call
+  # the default check on an NCCL group of one (no wait for the op stream), CUDA-graph capture of a group-of-one call
   timeout 120 python3 -m pytest tests/python/reliability/test_consistency_gpu.py -q > "$LOGS/check_gpu_test.log" 2>&1
   say "consistency check GPU test (exit $?): $(tail -n 1 "$LOGS/check_gpu_test.log")"
 fi
