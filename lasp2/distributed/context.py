@@ -24,7 +24,6 @@ layout (csrc/core/include/lasp2/part_layout.h is the C++ one).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -38,9 +37,9 @@ from lasp2.options import SPLITS, check_choice
 BUILD = "lasp2.build_sp_context"
 
 
-def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch.Tensor:
-    """Validates global cu_seqlens (documents of a packed sequence), ending at
-    `global_len` unless that is None, and returns them as an int64 CPU tensor."""
+def check_cu_seqlens_form(owner: str, cu_seqlens) -> int:
+    """What can be checked of cu_seqlens without reading its values (type, dtype, shape;
+    so a traced graph keeps it); returns the number of documents."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"{owner}: `cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -48,6 +47,13 @@ def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{owner}: `cu_seqlens` must be 1-D with at least 2 entries, "
                          f"got shape {list(cu_seqlens.shape)}")
+    return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch.Tensor:
+    """Validates global cu_seqlens (documents of a packed sequence), ending at
+    `global_len` unless that is None, and returns them as an int64 CPU tensor."""
+    check_cu_seqlens_form(owner, cu_seqlens)
     values = cu_seqlens.detach().to("cpu", torch.int64)
     if values[0].item() != 0:
         raise ValueError(f"{owner}: `cu_seqlens` must start at 0, got {values[0].item()}")
@@ -58,6 +64,23 @@ def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch
             f"{owner}: `cu_seqlens` must end at the global sequence length {global_len} "
             f"(local length x group size), got {values[-1].item()}")
     return values
+
+
+class _memo:
+    """functools.cached_property without its lock (Python 3.11 takes an RLock on every
+    first access, a context manager torch.compile cannot trace): a context built outside
+    a compiled function and used inside it computes its per-token tensors in the graph.
+    The value lands in the instance's __dict__, which then shadows this descriptor."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,18 +119,18 @@ class SPContext:
         """The split actually in effect: "contiguous" on one device."""
         return "balanced" if self.parts_per_rank == 2 else "contiguous"
 
-    @cached_property
+    @_memo
     def parts(self) -> List[Tuple[int, int, int]]:
         """(local start, length, global start) of each part this rank holds."""
         return local_parts(self.local_len, self.rank, self.world_size, self.parts_per_rank)
 
-    @cached_property
+    @_memo
     def global_index(self) -> torch.Tensor:
         """int64 [local_len]: the global position of each local token."""
         return global_token_index(self.local_len, self.rank, self.world_size, self.effective_split,
                                   device=self.device)
 
-    @cached_property
+    @_memo
     def positions(self) -> torch.Tensor:
         """int64 [local_len]: RoPE positions, the global position or, with cu_seqlens,
         the position within the token's document."""
@@ -117,11 +140,11 @@ class SPContext:
         doc = torch.searchsorted(self.cu_seqlens, pos, right=True) - 1
         return (pos - self.cu_seqlens[doc.clamp(0, self.cu_seqlens.numel() - 1)]).to(self.device)
 
-    @cached_property
+    @_memo
     def cu_seqlens_list(self) -> Optional[List[int]]:
         return None if self.cu_seqlens is None else self.cu_seqlens.tolist()
 
-    @cached_property
+    @_memo
     def doc_start(self) -> Optional[torch.Tensor]:
         """uint8 [local_len]: 1 where a local token begins a document (other than token 0);
         None without cu_seqlens."""
@@ -129,12 +152,12 @@ class SPContext:
         return None if starts is None else starts[self.global_index]
 
     def doc_start_on(self, device) -> Optional[torch.Tensor]:
-        if self.cu_seqlens is None:  # no cached_property on this path: torch.compile traces it
+        if self.cu_seqlens is None:
             return None
         starts = self.doc_start
         return None if starts is None else starts.to(device)
 
-    @cached_property
+    @_memo
     def global_doc_start(self) -> Optional[torch.Tensor]:
         """uint8 [seqlen]: the document starts of the whole sequence (for algorithms that
         hold every token of some heads, such as Ulysses)."""
@@ -171,8 +194,17 @@ def _build(owner: str, group, split: str, cu_seqlens, seqlen: Optional[int], loc
         raise ValueError(f"{owner}: `seqlen` {seqlen} must divide into {world * parts} equal parts "
                          f"for the {split!r} split over {world} ranks")
     cu = None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, seqlen)
-    return SPContext(group, rank, world, split, seqlen, cu, torch.device(device or "cpu"), communicator,
-                     collectives or TORCH_COLLECTIVES)
+    return _with_boundaries(SPContext(group, rank, world, split, seqlen, cu, torch.device(device or "cpu"),
+                                      communicator, collectives or TORCH_COLLECTIVES))
+
+
+def _with_boundaries(ctx: SPContext) -> SPContext:
+    """Reads cu_seqlens' values once, where the context is built: a compiled function
+    that takes the context then sees python ints, not a tensor whose values it cannot
+    trace (the ops' checks and the per-part document maps use them)."""
+    if ctx.cu_seqlens is not None:
+        ctx.__dict__["cu_seqlens_list"] = ctx.cu_seqlens.tolist()
+    return ctx
 
 
 def build_sp_context(group: Optional[dist.ProcessGroup] = None, split: str = "contiguous",
@@ -210,7 +242,7 @@ def layout_context(rank: int, world_size: int, split: str, seqlen: int, cu_seqle
         raise ValueError(f"{owner}: `seqlen` must be a positive int that divides into {world_size * parts} "
                          f"equal parts ({split!r} split over {world_size} ranks), got {seqlen!r}")
     cu = None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, seqlen)
-    return SPContext(None, rank, world_size, split, seqlen, cu, torch.device(device or "cpu"))
+    return _with_boundaries(SPContext(None, rank, world_size, split, seqlen, cu, torch.device(device or "cpu")))
 
 
 def sp_context_for(group, split: str, cu_seqlens, local_len: int, device) -> SPContext:

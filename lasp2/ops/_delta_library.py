@@ -2,15 +2,17 @@
 
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
-  lasp2::delta_rule_forward(q, k, v, g, beta, doc_start?, doc_id?, initial_state?, scale, chunk_size,
-                            comm, parts, ring, head_doc, num_seqs, output_final_state, consistency,
-                            cu_seqlens?)
+  lasp2::delta_rule_forward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
+                            comm, parts, ring, num_seqs, output_final_state, consistency)
       -> (o, final_state, saved0, saved1, saved2, saved3)
-  lasp2::delta_rule_backward(q, k, v, g, beta, doc_start?, doc_id?, initial_state?, scale, chunk_size,
-                             comm, parts, ring, head_doc, num_seqs, do, d_final_state?,
+  lasp2::delta_rule_backward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
+                             comm, parts, ring, num_seqs, do, d_final_state?,
                              saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
       -> (dq, dk, dv, dg, dbeta, d_initial_state)
-q, k, v, g, beta are [B, T, H, *] views (g [B, T, H] for GDN, [B, T, H, Dk] for KDA).
+q, k, v, g, beta are [B, T, H, *] views (g [B, T, H] for GDN, [B, T, H, Dk] for KDA);
+cu_seqlens the global document boundaries (a tensor: the op reads its values, so a
+compiled graph takes packed documents without a graph break), num_seqs N (B, or the
+number of documents: cu_seqlens.numel() - 1).
 ring=False runs LASP-2 (saved: local records, prefix states, map table, head maps),
 ring=True LASP-1 (saved: entering states, local records, head maps, and an unused
 one-float buffer so both schedules return the same number of tensors). final_state is
@@ -23,9 +25,10 @@ host time per call).
 
 The communicator and the process group travel as one int handle (0: one device;
 lasp2.ops._opaque). What needs tensor contents runs in the real kernel, not in the
-traced Python: the value checks of g and beta (ValueError naming them) and, on a
-group, the per-call cross-rank consistency check (`consistency` holds its integer
-fields), so compiled graphs keep both without a graph break.
+traced Python: the value checks of g, beta and cu_seqlens (ValueError naming them), the
+planning of the documents from cu_seqlens and, on a group, the per-call cross-rank
+consistency check (`consistency` holds its integer fields), so compiled graphs keep
+all of them without a graph break.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from torch import Tensor
 from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator
 from lasp2.ops import _checks as C
-from lasp2.ops._documents import final_state_grad
+from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.ops._documents import final_state_grad, local_documents
 from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
@@ -70,32 +74,48 @@ def _value_error(g: Tensor, beta: Tensor) -> Optional[str]:
     return None
 
 
+def _documents(q: Tensor, g: Tensor, cu_seqlens: Optional[Tensor], group, parts: int):
+    """(doc_start, doc_id, head_doc) of this rank from the global cu_seqlens ((None, None,
+    []) without documents); ValueError naming `cu_seqlens` for bad values."""
+    if cu_seqlens is None:
+        return None, None, []
+    rank, world = group_rank_and_size(group)
+    return local_documents(op_name(g), cu_seqlens, q.shape[1], rank, world, parts, q.device)
+
+
 def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consistency: List[int],
-                cu_seqlens: Optional[List[int]]):
-    """The value checks, then (on a group) the cross-rank check: a rank whose values are
-    bad still takes part in the check's collective, so no rank waits for it."""
+                cu_seqlens: Optional[Tensor], parts: int):
+    """The value checks (g, beta, cu_seqlens), then (on a group) the cross-rank check: a
+    rank whose values are bad still takes part in the check's collective, so no rank
+    waits for it. Returns this rank's documents (_documents)."""
     op = op_name(g)
-    error = _value_error(g, beta)
-    if error is not None:
+    try:
+        error = _value_error(g, beta)
+        if error is not None:
+            C.fail(op, error)
+        docs = _documents(q, g, cu_seqlens, group, parts)
+    except ValueError:
         report_local_failure(op, group, q)
-        C.fail(op, error)
+        raise
     if group is not None and consistency:
+        contents = None if cu_seqlens is None else cu_seqlens.tolist()
         verify_group_consistency(op, group, consistency, CONSISTENCY_FIELDS, q.device,
-                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu_seqlens)])
+                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", contents)])
+    return docs
 
 
 def _comm_and_group(handle: int):
     return resolve(handle) if handle else (None, None)
 
 
-def _packed_states(doc_start, head_doc, initial_state, states_used: bool) -> bool:
-    return doc_start is not None and len(head_doc) > 0 and (initial_state is not None or states_used)
+def _packed_states(cu_seqlens, initial_state, states_used: bool) -> bool:
+    return cu_seqlens is not None and (initial_state is not None or states_used)
 
 
-def _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc,
-                  num_seqs, output_final_state, consistency, cu_seqlens):
+def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
+                  output_final_state, consistency):
     communicator, group = _comm_and_group(comm)
-    _check_call(q, g, beta, group, scale, consistency, cu_seqlens)
+    doc_start, doc_id, head_doc = _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts)
     with C.named_errors(op_name(g)):
         o, final, saved = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
                                            initial_state, scale, chunk_size, communicator, parts,
@@ -106,7 +126,7 @@ def _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chu
     if communicator is None and initial_state is None and not output_final_state:
         for buffer in saved:
             buffer.zero_()
-    elif not _packed_states(doc_start, head_doc, initial_state, output_final_state):
+    elif not _packed_states(cu_seqlens, initial_state, output_final_state):
         saved[-1].zero_()
     if ring:
         saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
@@ -114,13 +134,12 @@ def _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chu
 
 
 @torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
-def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
-                       doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                       comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int,
-                       output_final_state: bool, consistency: List[int],
-                       cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring,
-                         head_doc, num_seqs, output_final_state, consistency, cu_seqlens)
+def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
+                       initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
+                       ring: bool, num_seqs: int, output_final_state: bool,
+                       consistency: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
+                         output_final_state, consistency)
 
 
 def _world(handle: int) -> int:
@@ -128,15 +147,15 @@ def _world(handle: int) -> int:
 
 
 @delta_rule_forward.register_fake
-def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc, num_seqs,
-      output_final_state, consistency, cu_seqlens):
+def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
+      output_final_state, consistency):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved / lasp1.cpp's Lasp1Saved for the delta rule
     B, _, H, dk = q.shape
     dv = v.shape[3]
     state, map_ = B * H * dk * dv, B * H * dk * dk
     record = state + map_
     total = _world(comm) * parts
-    packed = _packed_states(doc_start, head_doc, initial_state, output_final_state)
+    packed = _packed_states(cu_seqlens, initial_state, output_final_state)
     f32 = dict(dtype=torch.float32)
     if ring:
         saved = (q.new_empty(parts * state, **f32), q.new_empty(parts * record, **f32),
@@ -144,18 +163,19 @@ def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, com
     else:
         saved = (q.new_empty(parts * record, **f32), q.new_empty(parts * state, **f32),
                  q.new_empty((total + 2) * map_, **f32), q.new_empty(max(total * map_ if packed else 0, 1), **f32))
-    n = num_seqs if doc_start is not None and len(head_doc) > 0 else B
-    final = q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32)
+    final = q.new_empty((num_seqs, H, dk, dv) if output_final_state else (0,), **f32)
     return (torch.empty_like(v), final, *saved)  # the kernel's output keeps v's strides (at::empty_like)
 
 
-def _backward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc,
-                   num_seqs, do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
+                   d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
     saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
+    communicator, group = _comm_and_group(comm)
+    doc_start, doc_id, head_doc = _documents(q, g, cu_seqlens, group, parts)  # checked by the forward
     with C.named_errors(op_name(g)):
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
-            q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs, initial_state, scale, chunk_size,
-            _comm_and_group(comm)[0], parts, do, saved, d_final_state, need_dg, need_dbeta,
+            q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial_state, scale, chunk_size,
+            communicator, parts, do, saved, d_final_state, need_dg, need_dbeta,
             need_dinitial and initial_state is not None, ring)
     return (dq, dk, dv,
             _or_empty(dg.to(g.dtype) if need_dg else None, q),
@@ -164,20 +184,18 @@ def _backward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, ch
 
 
 @torch.library.custom_op("lasp2::delta_rule_backward", mutates_args=())
-def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, doc_start: Optional[Tensor],
-                        doc_id: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
-                        comm: int, parts: int, ring: bool, head_doc: List[int], num_seqs: int, do: Tensor,
-                        d_final_state: Optional[Tensor], saved0: Tensor, saved1: Tensor, saved2: Tensor,
-                        saved3: Tensor, need_dg: bool, need_dbeta: bool,
+def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
+                        initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
+                        ring: bool, num_seqs: int, do: Tensor, d_final_state: Optional[Tensor], saved0: Tensor,
+                        saved1: Tensor, saved2: Tensor, saved3: Tensor, need_dg: bool, need_dbeta: bool,
                         need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring,
-                          head_doc, num_seqs, do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta,
-                          need_dinitial)
+    return _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
+                          do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
 
 
 @delta_rule_backward.register_fake
-def _(q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, head_doc, num_seqs,
-      do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
+      d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
     dg = q.new_empty(g.shape, dtype=g.dtype) if need_dg else None
     dbeta = q.new_empty(beta.shape, dtype=beta.dtype) if need_dbeta else None
     d_initial = (q.new_empty(initial_state.shape, dtype=initial_state.dtype)
@@ -191,34 +209,34 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
     return q.new_empty(0, dtype=torch.float32) if grad is None else grad
 
 
-_PLAN = slice(8, 15)  # scale .. num_seqs: what backward needs besides the tensors
+_PLAN = slice(7, 13)  # scale .. num_seqs: what backward needs besides the tensors
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, doc_start, doc_id, initial_state = inputs[:8]
-    ctx.save_for_backward(q, k, v, g, beta, doc_start, doc_id, initial_state, *output[2:])
+    q, k, v, g, beta, cu_seqlens, initial_state = inputs[:7]
+    ctx.save_for_backward(q, k, v, g, beta, cu_seqlens, initial_state, *output[2:])
     ctx.plan = inputs[_PLAN]
-    ctx.output_final_state = inputs[15]
+    ctx.output_final_state = inputs[13]
 
 
 def _backward(ctx, do, d_final, *_d_saved):
-    q, k, v, g, beta, doc_start, doc_id, initial_state, *saved = ctx.saved_tensors
-    scale, chunk_size, comm, parts, ring, head_doc, num_seqs = ctx.plan
+    q, k, v, g, beta, cu_seqlens, initial_state, *saved = ctx.saved_tensors
+    scale, chunk_size, comm, parts, ring, num_seqs = ctx.plan
     need = ctx.needs_input_grad
-    need_dinitial = initial_state is not None and need[7]
+    need_dinitial = initial_state is not None and need[6]
     if do is None:  # only the final states took part in the loss
         do = torch.zeros_like(v)
     elif do.stride(-1) != 1:
         do = do.contiguous()
-    d_final = final_state_grad(d_final, ctx.output_final_state, q, v, doc_start, head_doc, num_seqs)
+    d_final = final_state_grad(d_final, ctx.output_final_state, q, v, num_seqs)
     run = _backward_impl if eager_call(do, q) else delta_rule_backward
     with torch.no_grad():
         dq, dk, dv, dg, dbeta, d_initial = run(
-            q, k, v, g, beta, doc_start, doc_id, initial_state, scale, chunk_size, comm, parts, ring, list(head_doc),
-            num_seqs, do, d_final, *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
+            q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do, d_final,
+            *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
     grads = C.guard_double_backward(op_name(g), (dq, dk, dv, dg if need[3] else None,
                                                   dbeta if need[4] else None, d_initial if need_dinitial else None))
-    return (*grads[:5], None, None, grads[5], *([None] * 10))
+    return (*grads[:5], None, grads[5], *([None] * 8))
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
@@ -247,20 +265,19 @@ def _named_group_handle(group_name: str, device: str) -> int:
     return 0 if comm is None else handle_of(comm, group)
 
 
-def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor], docs,
-               scale: float, chunk_size: int, comm: int, parts: int, ring: bool, output_final_state: bool,
-               consistency: Sequence[int] = (), cu_seqlens: Optional[Sequence[int]] = None):
-    """One rank's (o, final_state or None) through the custom op. docs = (doc_start,
-    doc_id, head_doc, num_seqs); comm: group_handle(...), 0 for one device."""
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor],
+               cu_seqlens: Optional[Tensor], num_seqs: int, scale: float, chunk_size: int, comm: int, parts: int,
+               ring: bool, output_final_state: bool, consistency: Sequence[int] = ()):
+    """One rank's (o, final_state or None) through the custom op. cu_seqlens: the global
+    document boundaries (None: rows); num_seqs: N (B, or the number of documents); comm:
+    group_handle(...), 0 for one device."""
     if not torch.compiler.is_compiling() and _under_functorch():
         raise NotImplementedError(
             f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
-    doc_start, doc_id, head_doc, num_seqs = docs
-    run = _EagerForward.apply if eager_call(q, k, v, g, beta, doc_start, doc_id, initial_state) else delta_rule_forward
-    out = run(q, k, v, g, beta, doc_start, doc_id, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
-              bool(ring), [int(d) for d in head_doc], int(num_seqs), bool(output_final_state),
-              [int(x) for x in consistency], None if cu_seqlens is None else [int(x) for x in cu_seqlens])
+    run = _EagerForward.apply if eager_call(q, k, v, g, beta, cu_seqlens, initial_state) else delta_rule_forward
+    out = run(q, k, v, g, beta, cu_seqlens, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
+              bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency])
     return out[0], (out[1] if output_final_state else None)
 
 

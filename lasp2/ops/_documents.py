@@ -7,12 +7,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from lasp2.distributed.context import check_cu_seqlens
+from lasp2.distributed.sequence_split import global_token_index
 
-def head_docs(values: torch.Tensor, global_len: int, total_parts: int) -> List[int]:
+
+def head_docs(values: Sequence[int], global_len: int, total_parts: int) -> List[int]:
     """Per global part, the document whose end is the end of the part's head (its tokens
     before its first document start); -1 when no document starts inside the part.
-    `values` are the global cu_seqlens (CPU int64, strictly increasing)."""
-    starts = values[1:-1].tolist()
+    `values` are the global cu_seqlens (strictly increasing)."""
+    starts = values[1:-1]
     part_len = global_len // total_parts
     out: List[int] = []
     for part in range(total_parts):
@@ -23,15 +26,34 @@ def head_docs(values: torch.Tensor, global_len: int, total_parts: int) -> List[i
     return out
 
 
+def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: int, world: int,
+                    parts_per_rank: int, device: torch.device):
+    """This rank's view of the global packed documents: (doc_start uint8 [T_local],
+    doc_id int32 [T_local], head_doc per global part). Reads the values of cu_seqlens
+    (ValueError naming it when they are not strictly increasing from 0 to the global
+    length), so the ops call it inside their kernels, where torch.compile does not trace."""
+    global_len = local_len * world
+    values = check_cu_seqlens(owner, cu_seqlens, global_len)
+    if bool((values[1:] == values[:-1]).any()):
+        raise ValueError(f"{owner}: `cu_seqlens` must be strictly increasing (no empty documents), "
+                         f"got {values.tolist()}")
+    starts = torch.zeros(global_len, dtype=torch.uint8)
+    starts[values[1:-1]] = 1
+    doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
+    split = "balanced" if parts_per_rank == 2 else "contiguous"
+    index = global_token_index(local_len, rank, world, split)
+    return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
+            head_docs(values.tolist(), global_len, world * parts_per_rank))
+
+
 def final_state_grad(d_final: Optional[torch.Tensor], output_final_state: bool, q: torch.Tensor, v: torch.Tensor,
-                     doc_start: Optional[torch.Tensor], head_doc: Sequence[int],
-                     num_seqs: int) -> Optional[torch.Tensor]:
+                     num_states: int) -> Optional[torch.Tensor]:
     """The final-state gradient an op's backward passes to its schedule: None when no
-    final states were returned; zeros [N, H, Dk, Dv] when they were but took no part in
-    the loss (the same schedule runs, so every rank makes the same collectives)."""
+    final states were returned; zeros [N, H, Dk, Dv] (N = num_states) when they were but
+    took no part in the loss (the same schedule runs, so every rank makes the same
+    collectives)."""
     if not output_final_state:
         return None
     if d_final is None:
-        n = num_seqs if doc_start is not None and head_doc else q.shape[0]
-        d_final = q.new_zeros((n, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+        d_final = q.new_zeros((num_states, q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
     return d_final

@@ -175,7 +175,8 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
-    d_final = final_state_grad(d_final, output_final_state, q, v, doc_start, head_doc, num_seqs)
+    d_final = final_state_grad(d_final, output_final_state, q, v,
+                               num_seqs if doc_start is not None and head_doc else q.shape[0])
     if do is None:  # the eager Function does not materialise gradients: o took no part in the loss
         do = torch.zeros_like(v)
     run = _backward_eager if eager_call(do, q) else lasp2_backward

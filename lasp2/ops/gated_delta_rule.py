@@ -18,10 +18,8 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import check_group, group_rank_and_size
-from lasp2.distributed.sequence_split import global_token_index
+from lasp2.distributed.context import check_cu_seqlens_form
 from lasp2.ops import _checks as C
-from lasp2.distributed.context import check_cu_seqlens
-from lasp2.ops._documents import head_docs
 from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
@@ -40,12 +38,12 @@ class DeltaLasp2Provider(Provider):
     takes_states = True
     ring = False  # the C++ schedule: LASP-2 (csrc/core/sp/lasp2.cpp)
 
-    def apply(self, q, k, v, g, beta, initial_state, *, docs, scale, comm, parts_per_rank,
-              output_final_state, consistency, cu_seqlens):
+    def apply(self, q, k, v, g, beta, initial_state, *, cu_seqlens, num_seqs, scale, comm, parts_per_rank,
+              output_final_state, consistency):
         """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final or None)
         through the custom op of lasp2/ops/_delta_library.py (comm: its group handle)."""
-        return delta_rule(q, k, v, g, beta, initial_state, docs, scale, CPU_CHUNK_SIZE, comm,
-                          parts_per_rank, self.ring, output_final_state, consistency, cu_seqlens)
+        return delta_rule(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, scale, CPU_CHUNK_SIZE, comm,
+                          parts_per_rank, self.ring, output_final_state, consistency)
 
 
 class DeltaLasp1Provider(DeltaLasp2Provider):
@@ -59,22 +57,6 @@ class DeltaLasp1Provider(DeltaLasp2Provider):
 
 register(FAMILY, DeltaLasp2Provider())
 register(FAMILY, DeltaLasp1Provider())
-
-
-def _documents(op, cu_seqlens, batch, local_len, rank, world, split, total_parts, device):
-    """(doc_start uint8 [T_local], doc_id int32 [T_local], head_doc per global part, N)."""
-    values = check_cu_seqlens(op, cu_seqlens, local_len * world)
-    if batch != 1:
-        C.fail(op, f"`cu_seqlens` needs packed input with batch size 1, got batch {batch}")
-    if bool((values[1:] == values[:-1]).any()):
-        C.fail(op, f"`cu_seqlens` must be strictly increasing (no empty documents), got {values.tolist()}")
-    global_len = local_len * world
-    starts = torch.zeros(global_len, dtype=torch.uint8)
-    starts[values[1:-1]] = 1
-    doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
-    index = global_token_index(local_len, rank, world, split)
-    return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
-            head_docs(values, global_len, total_parts), values.numel() - 1)
 
 
 def _l2norm(x):
@@ -136,7 +118,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     except (ValueError, TypeError):
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
         raise
-    impl, scale, docs, parts, consistency, cu_list = call
+    impl, scale, cu_seqlens, num_seqs, parts, consistency = call
     comm = group_handle(group, q.device) if consistency else 0  # the communicator and group, as an int
 
     if layout == "tbhd":
@@ -145,8 +127,8 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         q, k = _l2norm(q), _l2norm(k)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o, final = impl.apply(
-        q, k, v, g, beta, initial_state, docs=docs, scale=float(scale), comm=comm,
-        parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency, cu_seqlens=cu_list)
+        q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, num_seqs=num_seqs, scale=float(scale), comm=comm,
+        parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency)
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:
@@ -156,8 +138,9 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
 
 def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens, group, layout,
           split, provider, use_qk_l2norm):
-    """Checks what needs no tensor values; returns (provider, scale, documents, parts per
-    rank, the cross-rank check's fields (empty on one device), global cu_seqlens list)."""
+    """Checks what needs no tensor values; returns (provider, scale, cu_seqlens, N, parts
+    per rank, the cross-rank check's fields (empty on one device)). The values of g, beta
+    and cu_seqlens are checked inside the op (lasp2/ops/_delta_library.py)."""
     _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group)
     scale = C.check_scale(op, scale)
     if scale is None:
@@ -174,12 +157,11 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
         C.fail(op, f"the balanced split needs an even local sequence length, got {local_len}")
     H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
 
-    docs, cu_list = (None, None, [], batch), None
+    num_seqs = batch
     if cu_seqlens is not None:
-        docs = _documents(op, cu_seqlens, batch, local_len, rank, world,
-                          "balanced" if parts == 2 else "contiguous", world * parts, q.device)
-        cu_list = cu_seqlens.tolist()
-    num_seqs = docs[3]
+        num_seqs = check_cu_seqlens_form(op, cu_seqlens)
+        if batch != 1:
+            C.fail(op, f"`cu_seqlens` needs packed input with batch size 1, got batch {batch}")
     if initial_state is not None and list(initial_state.shape) != [num_seqs, H, Dk, Dv]:
         what = "documents in `cu_seqlens`" if cu_seqlens is not None else "batch rows"
         C.fail(op, f"`initial_state` must have shape {[num_seqs, H, Dk, Dv]} "
@@ -188,13 +170,13 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     impl = get_provider(op, FAMILY, provider)
     impl.check(op, heads=H, split=split, world_size=world)
     if world == 1:
-        return get_provider(op, FAMILY, "lasp2"), scale, docs, parts, [], cu_list  # one device: the plain op
+        return get_provider(op, FAMILY, "lasp2"), scale, cu_seqlens, num_seqs, parts, []  # one device: the plain op
     # the integer fields of the per-call cross-rank check (names: _delta_library.CONSISTENCY_FIELDS);
     # it runs inside the custom op, after the value checks of g and beta
     consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
                    int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
                    int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)]
-    return impl, scale, docs, parts, consistency, cu_list
+    return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 
 def gated_delta_rule(

@@ -72,12 +72,12 @@ def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
                    f"only, got provider={provider!r}")
     head_doc, n = [], q.shape[0]
     if ctx.cu_seqlens is not None:
-        values = ctx.cu_seqlens
-        if bool((values[1:] == values[:-1]).any()):
+        values = ctx.cu_seqlens_list  # python ints, known before a compiled graph runs
+        if any(a == b for a, b in zip(values, values[1:])):
             C.fail(OP, "`cu_seqlens` must be strictly increasing (no empty documents) with `initial_state` / "
-                       f"`output_final_state`, got {values.tolist()}")
-        n = values.numel() - 1
-        head_doc = head_docs(values, int(values[-1]), ctx.world_size * ctx.parts_per_rank)
+                       f"`output_final_state`, got {values}")
+        n = len(values) - 1
+        head_doc = head_docs(values, values[-1], ctx.world_size * ctx.parts_per_rank)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             C.fail(OP, f"`initial_state` must be a torch.Tensor or None, got {type(initial_state).__name__}")

@@ -117,7 +117,7 @@ def softmax_attention(
         report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
         raise
     rank, world, parts = ctx.rank, ctx.world_size, ctx.parts_per_rank
-    cu = None if ctx.cu_seqlens is None else ctx.cu_seqlens_list  # no cached_property without documents
+    cu = None if ctx.cu_seqlens is None else ctx.cu_seqlens_list
     check = NO_CHECK
     if world > 1:
         check = verify_group_consistency(

@@ -3,9 +3,11 @@
 // path that CI runs, so it favours clarity over speed.
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "combine_cpu.h"
 #include "cpu_kernels.h"
+#include "float_dispatch.h"
 #include "lasp2/kernel_backend.h"
 
 namespace lasp2 {
@@ -13,17 +15,7 @@ namespace {
 
 template <typename F>
 void dispatch_float(ScalarType type, F&& f) {
-  switch (type) {
-    case ScalarType::kFloat32:
-      f(float{});
-      return;
-    case ScalarType::kFloat64:
-      f(double{});
-      return;
-    default:
-      fail(std::string("lasp2: the CPU kernels take float32 or float64 inputs, got ") +
-           to_string(type) + " (convert half precisions before the call)");
-  }
+  dispatch_cpu_float(type, "CPU kernels", std::forward<F>(f));
 }
 
 class CpuBackend final : public KernelBackend {

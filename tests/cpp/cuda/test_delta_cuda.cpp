@@ -735,8 +735,10 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     g.seg_len = T;
     const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
     DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
-        dh(H * nck * D * D);
+        dh(H * nck * D * D / 2), tm(rows * 64 / 2);
     const gpu::ChunkPrep prep{w.p, u.p, meta.p};
+    gpu::ChunkPrep bprep = prep;  // the backward's prep also keeps T
+    bprep.t = tm.p;
     gpu::ForwardOut fo;
     fo.o = o.mview().data;
     fo.osb = T * H * D;
@@ -748,6 +750,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     ba.v_new = vnew.p;
     ba.states = st16.p;
     ba.dh = dh.p;
+    ba.t = tm.p;
     for (auto [t, ptr, sb, st, sh] : {std::tuple{&dq, &ba.dq, &ba.dqsb, &ba.dqst, &ba.dqsh},
                                       {&dk, &ba.dk, &ba.dksb, &ba.dkst, &ba.dksh},
                                       {&dv, &ba.dv, &ba.dvsb, &ba.dvst, &ba.dvsh}}) {
@@ -761,6 +764,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     ba.dbeta = db.p;
     const std::vector<std::pair<const char*, std::function<void()>>> stages = {
         {"prep", [&] { gpu::launch_chunk_prep(g, prep, nullptr); }},
+        {"prep with T", [&] { gpu::launch_chunk_prep(g, bprep, nullptr); }},
         {"states", [&] {
            gpu::ChunkStatesOut so;
            so.v_new = vnew.p;

@@ -25,10 +25,9 @@ def _inputs(kind, B=2, T=9, H=2, K=4, V=3, dtype=torch.float32, seed=0):
     return [x.to(dtype) for x in (q, k, v, g, beta, h0)]
 
 
-def _op_args(q, k, v, g, beta, h0, docs=(None, None, [], None), final=True):
-    doc_start, doc_id, head_doc, n = docs
-    return (q, k, v, g, beta, doc_start, doc_id, h0, 0.7, 4, 0, 1, False, head_doc, n or q.shape[0], final, [],
-            None)
+def _op_args(q, k, v, g, beta, h0, cu_seqlens=None, final=True):
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    return (q, k, v, g, beta, cu_seqlens, h0, 0.7, 4, 0, 1, False, n, final, [])
 
 
 @pytest.mark.parametrize("kind, states", [("gdn", False), ("kda", True)])
@@ -41,11 +40,9 @@ def test_opcheck(kind, states):
 
 def test_opcheck_packed_documents_with_states():
     q, k, v, g, beta, _ = _inputs("gdn", B=1, T=10, dtype=torch.float64)
-    starts = torch.zeros(10, dtype=torch.uint8)
-    starts[[3, 4]] = 1
-    doc_id = torch.cumsum(starts.to(torch.int64), 0).to(torch.int32)
     h0 = torch.randn(3, 2, 4, 3, dtype=torch.float64)
-    args = _op_args(*(x.requires_grad_() for x in (q, k, v, g, beta, h0)), docs=(starts, doc_id, [0], 3))
+    cu_seqlens = torch.tensor([0, 3, 4, 10])
+    args = _op_args(*(x.requires_grad_() for x in (q, k, v, g, beta, h0)), cu_seqlens=cu_seqlens)
     torch.library.opcheck(_delta_library.delta_rule_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -66,6 +63,30 @@ def test_compile_fullgraph_matches_eager_with_states(kind):
     ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
     for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
         torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_compile_fullgraph_packed_documents(kind):
+    """cu_seqlens in a fullgraph compile: the op plans the documents from its values
+    inside the kernel (no graph break); output, final states and every gradient equal
+    eager, and a recompiled graph takes new boundaries without retracing their values."""
+    q, k, v, g, beta, _ = _inputs(kind, B=1, T=12, seed=3)
+    h0 = torch.randn(3, 2, 4, 3)
+
+    def f(q, k, v, g, beta, h0, cu):
+        o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return o.square().sum() + (final * final.detach()).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for cu in (torch.tensor([0, 5, 7, 12]), torch.tensor([0, 1, 11, 12])):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        grads = torch.autograd.grad(compiled(*leaves, cu), leaves)
+        ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        ref_grads = torch.autograd.grad(f(*ref_leaves, cu), ref_leaves)
+        for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{cu.tolist()} d{name}: {m}")
+    with pytest.raises(ValueError, match="`cu_seqlens` must be strictly increasing"):
+        compiled(q, k, v, g, beta, h0, torch.tensor([0, 5, 5, 12]))
 
 
 def test_compile_fullgraph_tbhd_without_states():

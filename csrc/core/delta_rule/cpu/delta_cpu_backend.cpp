@@ -2,8 +2,10 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "cpu/float_dispatch.h"
 #include "delta_rule/cpu/delta_cpu.h"
 #include "delta_rule/delta_backend.h"
 #ifdef LASP2_WITH_CUDA
@@ -15,17 +17,7 @@ namespace {
 
 template <typename F>
 void dispatch_float(ScalarType type, F&& f) {
-  switch (type) {
-    case ScalarType::kFloat32:
-      f(float{});
-      return;
-    case ScalarType::kFloat64:
-      f(double{});
-      return;
-    default:
-      fail(std::string("lasp2: the CPU delta-rule kernels take float32 or float64 inputs, got ") +
-           to_string(type) + " (convert half precisions before the call)");
-  }
+  dispatch_cpu_float(type, "CPU delta-rule kernels", std::forward<F>(f));
 }
 
 class DeltaCpuBackend final : public DeltaKernelBackend {

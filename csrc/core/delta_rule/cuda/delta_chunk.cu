@@ -216,6 +216,10 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       t[i] = y <= x ? sm.Tm()[x * LDL + y] : 0.f;
     }
+    if (out.t != nullptr) {  // the backward's copy of T
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) static_cast<T*>(out.t)[cp.row0 * CH + tid + NT * i] = from_float<T>(t[i]);
+    }
     __syncthreads();
     // T is in registers: V over its bytes, in flight while tw and w are formed
     load_tile<T, D, NT>(sm.v(), rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
@@ -263,7 +267,10 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
+// One block per (b, h) and BV state columns, backwards over the chunks, with the inputs
+// of the next kRevStages - 1 chunks in flight (a cp.async ring, as the forward pass).
 // Per buffer: a1 = k, a2 = w, a3 = q, r = r, d = dO.
+constexpr int kRevStages = 3;  // 3 x 58 KiB at d = 128: one block an SM with room to spare
 template <typename T, int D>
 struct StateBuf {
   static constexpr int LD = TcTile<D>::LD;
@@ -276,7 +283,7 @@ struct StateBuf {
 };
 template <typename T, int D>
 struct StateSmem {
-  StateBuf<T, D> buf[2];
+  StateBuf<T, D> buf[kRevStages];
   T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
   T ys[CH * LDV];
 };
@@ -294,15 +301,16 @@ __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& d
   load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
   load_cols<T>(B.r, r, D, j0, CH, tid);
   load_meta(B.meta, prep.meta, cp.row0, tid);
-  cp_async_commit();
 }
 
-// Backwards over the chunks: X leaving chunk c -> dh; y = r - diag(d) K X;
+// Backwards over the chunks: X leaving chunk c -> dh (16-bit); y = r - diag(d) K X;
 // X <- e X + w^T y + Q^T diag(c) dO.
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int MT = D / 64;  // 16-row m-tiles of state rows per warp
+  constexpr int NS = kRevStages;
+  static_assert(NS == 3, "cp_async_wait_group1 below waits for the oldest of NS - 1 = 2 groups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -325,18 +333,16 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
           S[mt][nt][e] = init != nullptr ? init[bh * se + row * D + col] : 0.f;
         }
   }
-  if (nck == 0) return;
-  load_state_chunk<T, D>(p, dout, prep, sm.buf[0], nck - 1, bh, j0, tid);
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_state_chunk<T, D>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
+    cp_async_commit();
+  }
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i;
-    StateBuf<T, D>& B = sm.buf[i & 1];
-    if (i + 1 < nck) {
-      load_state_chunk<T, D>(p, dout, prep, sm.buf[(i + 1) & 1], c - 1, bh, j0, tid);
-      cp_async_wait_group1();
-    } else {
-      cp_async_wait_all();
-    }
-    // the carried gradient: 16-bit copy for the products, and each chunk's dh
+    StateBuf<T, D>& B = sm.buf[i % NS];
+    cp_async_wait_group1();  // chunk c's group has landed
+    // the carried gradient: 16-bit copy for the products (and each chunk's dh)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -344,13 +350,22 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
-          const float s0 = S[mt][nt][2 * hf], s1 = S[mt][nt][2 * hf + 1];
-          store_u32(sm.xb + row * LDV + cl, pack2<T>(s0, s1));
-          const int64_t at = (bh * nck + c) * se;
-          if (ro.dh != nullptr) *reinterpret_cast<float2*>(ro.dh + at + row * D + col) = make_float2(s0, s1);
+          const int cl = 8 * nt + 2 * (lane & 3);
+          store_u32(sm.xb + row * LDV + cl, pack2<T>(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]));
         }
+    // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
+    if (i + NS - 1 < nck) load_state_chunk<T, D>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+    cp_async_commit();
+    if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: 2 D / NT a thread
+      T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
+#pragma unroll
+      for (int e = tid; e < 2 * D; e += NT) {
+        const int row = e >> 1, part = e & 1;
+        *reinterpret_cast<uint4*>(dst + row * D + 8 * part) =
+            *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
+      }
+    }
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
@@ -388,8 +403,10 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
         mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
       }
     }
-    __syncthreads();
+    // no barrier: the next chunk writes xb (last read before the barrier above) and ys
+    // (read just now) only after its first barrier, and refills this buffer after it
   }
+  cp_async_wait_all();
   if (ro.entering != nullptr) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

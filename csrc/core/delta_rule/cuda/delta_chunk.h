@@ -47,6 +47,9 @@ struct ChunkPrep {
   // none). Tokens from there on become identity transitions (beta = 0, log gate 0, no
   // segment start), so that the state pass gives the map of the part's head.
   const int* head_end = nullptr;
+  // Nullable, [bh][nchunks][64][64] 16-bit: T = (I + L)^-1 of every chunk (for the chunk
+  // backward, which would otherwise invert L again).
+  void* t = nullptr;
 };
 
 // w, u and meta of every chunk.
@@ -89,11 +92,12 @@ void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_
 void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cudaStream_t s);
 
 // The reverse state pass: leaving [bh][dk][dv] (nullable: zero) leaves the part; dh
-// (nullable) receives the gradient of the state leaving each chunk ([bh][nchunks][dk][dv]),
-// entering (nullable) that of the state entering the part.
+// (nullable) receives the gradient of the state leaving each chunk ([bh][nchunks][dk][dv],
+// 16-bit: the chunk backward's products take it in the input dtype), entering (nullable)
+// that of the state entering the part (fp32).
 struct ChunkReverseOut {
   const float* leaving = nullptr;
-  float* dh = nullptr;
+  void* dh = nullptr;
   float* entering = nullptr;
 };
 void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep,

@@ -19,16 +19,15 @@ struct BwdSmem {
   T k[CH * LD];
   T o[CH * LD];  // dO
   T u[CH * LD];  // v_new
+  T v[CH * LD];
   T x[CH * LD];  // dU, then dB
   T h[D * LD];   // the state entering the chunk
   T dh[D * LD];  // the gradient of the state leaving it
   T pt[CH * kLdP];  // P (scaled causal scores)
   T dp[CH * kLdP];  // dP
-  T tt[CH * kLdP];  // T = (I + L)^-1
+  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep)
   T da[CH * kLdP];  // dA
-  float L[CH * LDL];   // Gam o K K^T, strictly lower (without beta)
-  float Tm[CH * LDL];  // T in fp32
-  float tmp[16 * 49];  // one block row of the inversion
+  float L[CH * LDL];  // Gam o K K^T, strictly lower (without beta)
   float meta[2 * CH];
   float bt[CH], dG[CH], db[CH];
   float dot;  // <dh, h>
@@ -36,47 +35,6 @@ struct BwdSmem {
 
 constexpr int kThreads = 256;  // 8 warps
 static_assert(sizeof(BwdSmem<__half, 128>) <= 227 * 1024, "one block in sm_90's shared memory");
-
-// T = (I + diag(beta) L)^-1 (L strictly lower, fp32 [64][LDL]) into Tm by blocks of
-// 16: the four diagonal blocks by forward substitution, then block rows 1..3,
-// T_ij = -T_ii sum_{k=j}^{i-1} (diag(beta) L)_ik T_kj, through tmp.
-__device__ __forceinline__ void invert_unit_lower(const float* L, const float* beta, float* Tm, float* tmp,
-                                                  int tid) {
-  if (tid < CH) {
-    const int blk = tid / 16, c = tid % 16, y = 16 * blk + c;
-    for (int r = 0; r < 16; ++r) {
-      const int x = 16 * blk + r;
-      float val = r == c ? 1.f : 0.f;
-      if (r > c) {
-        float acc = 0.f;
-        for (int m = y; m < x; ++m) acc += L[x * LDL + m] * Tm[m * LDL + y];
-        val = -beta[x] * acc;
-      }
-      Tm[x * LDL + y] = val;
-    }
-  }
-  for (int e = tid; e < CH * CH; e += kThreads) {  // zero above the diagonal blocks
-    const int x = e / CH, y = e % CH;
-    if (y / 16 > x / 16) Tm[x * LDL + y] = 0.f;
-  }
-  __syncthreads();
-  for (int i = 1; i < 4; ++i) {
-    for (int e = tid; e < i * 256; e += kThreads) {
-      const int r = (e / 16) % 16, y = 16 * (e / 256) + e % 16, x = 16 * i + r;
-      float acc = 0.f;
-      for (int m = y; m < 16 * i; ++m) acc += L[x * LDL + m] * Tm[m * LDL + y];
-      tmp[r * 49 + y] = beta[x] * acc;
-    }
-    __syncthreads();
-    for (int e = tid; e < i * 256; e += kThreads) {
-      const int r = (e / 16) % 16, y = 16 * (e / 256) + e % 16, x = 16 * i + r;
-      float acc = 0.f;
-      for (int m = 0; m <= r; ++m) acc += Tm[x * LDL + 16 * i + m] * tmp[m * 49 + y];
-      Tm[x * LDL + y] = -acc;
-    }
-    __syncthreads();
-  }
-}
 
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
@@ -140,12 +98,19 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
   load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
   load_tile<T, D, kThreads>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
   load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+  load_meta(sm.meta, a.meta, cp.row0, tid);
+  cp_async_commit();  // what the scores need; the rest lands while they are formed
   {
     const T* st = static_cast<const T*>(a.states) + at;
+    const T* dst = static_cast<const T*>(a.dh) + at;
 #pragma unroll
-    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.h + r * LD, st + r * D, D, CH, D, tid);
+    for (int r = 0; r < D; r += CH) {
+      load_tile<T, D, kThreads>(sm.h + r * LD, st + r * D, D, CH, D, tid);
+      load_tile<T, D, kThreads>(sm.dh + r * LD, dst + r * D, D, CH, D, tid);
+    }
   }
-  load_meta(sm.meta, a.meta, cp.row0, tid);
+  load_tile<T, CH, kThreads>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, CH, tid);
+  load_tile<T, D, kThreads>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
   if (tid < CH) {
     const int64_t t = cp.t0 + tid;
@@ -154,24 +119,8 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
     sm.db[tid] = 0.f;
   }
   if (tid == 0) sm.dot = 0.f;
-  cp_async_wait_all();
+  cp_async_wait_group1();
   __syncthreads();
-  {  // dh: fp32 -> the 16-bit tile; <dh, h> for the gate of the chunk's one-segment map
-    const float* src = a.dh + at;
-    float part = 0.f;
-    for (int e = tid; e < D * D / 4; e += kThreads) {
-      const int i = (4 * e) / D, j = (4 * e) % D;
-      const float4 f = *reinterpret_cast<const float4*>(src + 4 * e);
-      T* dst = sm.dh + i * LD + j;
-      store_u32(dst, pack2<T>(f.x, f.y));
-      store_u32(dst + 2, pack2<T>(f.z, f.w));
-      const float2 h0 = unpack2<T>(load_u32(sm.h + i * LD + j)), h1 = unpack2<T>(load_u32(sm.h + i * LD + j + 2));
-      part += f.x * h0.x + f.y * h0.y + f.z * h1.x + f.w * h1.y;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-    if (lane == 0) atomicAdd(&sm.dot, part);
-  }
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
@@ -211,7 +160,26 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
     add_rows(sm.dG, rowM, m0, lane);
     sub_cols(sm.dG, colM, c0, lane);
   }
+  cp_async_wait_all();
   __syncthreads();
+  {  // <dh, h> for the gate of the chunk's one-segment map
+    float part = 0.f;
+#pragma unroll 4
+    for (int e = tid; e < D * D / 8; e += kThreads) {
+      const int i = (8 * e) / D, j = (8 * e) % D;
+      const uint4 x = *reinterpret_cast<const uint4*>(sm.dh + i * LD + j);
+      const uint4 y = *reinterpret_cast<const uint4*>(sm.h + i * LD + j);
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const float2 f = unpack2<T>(xs[m]), g = unpack2<T>(ys[m]);
+        part += f.x * g.x + f.y * g.y;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0) atomicAdd(&sm.dot, part);
+  }
   {  // dU = diag(d) K dh + P^T dO (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
@@ -250,18 +218,12 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
         store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
-  invert_unit_lower(sm.L, sm.bt, sm.Tm, sm.tmp, tid);  // begins and ends with a barrier's worth of syncs
-  for (int e = tid; e < CH * CH; e += kThreads) {
-    const int x = e / CH, y = e % CH;
-    sm.tt[x * kLdP + y] = from_float<T>(sm.Tm[x * LDL + y]);
-  }
   __syncthreads();
   {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y
     float acc[NH][4];
     zero(acc);
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-    const T* vrow = rows_of<T>(p.v, cp.b, cp.h, cp.t0);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     float dbv[2] = {0.f, 0.f};
 #pragma unroll
@@ -270,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
       for (int hf = 0; hf < 2; ++hf) {
         const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (y < cp.nvalid) {
-          const float2 vv = unpack2<T>(load_u32(vrow + y * p.v.st + col));
+          const float2 vv = unpack2<T>(load_u32(sm.v + y * LD + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
           const float b = sm.bt[y];
           store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
@@ -397,20 +359,36 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
   }
   __syncthreads();
   if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
-    if (lane == 0) {
-      const float eL = sL == 0.f ? __expf(GL) : 0.f;
-      float run = 0.f;
-      for (int x = CH - 1; x >= 0; --x) {
-        if (x == CH - 1 || sof(x + 1) != sof(x)) run = 0.f;
-        run += sm.dG[x] + (x == CH - 1 ? eL * sm.dot : 0.f);
-        sm.dG[x] = (x == 0 ? sof(0) != 0.f : sof(x) != sof(x - 1)) ? 0.f : run;
+    // A segmented suffix scan, lane l holding tokens 2 l and 2 l + 1: a run restarts at the
+    // chunk's last token and at each segment's last.
+    const float eL = sL == 0.f ? __expf(GL) : 0.f;
+    const int xa = 2 * lane, xb = xa + 1;
+    const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
+    const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
+    float run = va + (fa ? 0.f : vb);  // token xa's run over this lane's tokens
+    bool cut = fa || fb;               // whether a run restarts inside them
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float r2 = __shfl_down_sync(0xffffffffu, run, o);
+      const bool c2 = __shfl_down_sync(0xffffffffu, static_cast<int>(cut), o) != 0;
+      if (lane + o < 32) {
+        if (!cut) run += r2;
+        cut = cut || c2;
       }
     }
-    __syncwarp();
-    for (int x = lane; x < cp.nvalid; x += 32) {
-      const int64_t bth = (cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h;
-      if (a.dg != nullptr) a.dg[bth] = sm.dG[x];
-      if (a.dbeta != nullptr) a.dbeta[bth] = sm.db[x];
+    float in = __shfl_down_sync(0xffffffffu, run, 1);  // lanes l + 1..31, token xb + 1 onward
+    if (lane == 31) in = 0.f;
+    const float rb = vb + (fb ? 0.f : in), ra = va + (fa ? 0.f : rb);
+    const bool first_a = xa == 0 ? sof(0) != 0.f : sof(xa) != sof(xa - 1), first_b = fa;
+    const float outs[2] = {first_a ? 0.f : ra, first_b ? 0.f : rb};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int x = xa + i;
+      if (x < cp.nvalid) {
+        const int64_t bth = (cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h;
+        if (a.dg != nullptr) a.dg[bth] = outs[i];
+        if (a.dbeta != nullptr) a.dbeta[bth] = sm.db[x];
+      }
     }
   }
 }

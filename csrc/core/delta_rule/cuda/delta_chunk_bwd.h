@@ -1,7 +1,7 @@
 // The chunk-parallel backward of the chunked (WY / UT-transform) GDN kernels
 // (delta_chunk_bwd.cu). With the 16-bit state h_c entering each chunk and v_new
-// (launch_chunk_states), the fp32 gradient dh_c of the state leaving each chunk
-// (launch_chunk_rstates) and the chunk's meta {G, s} (launch_chunk_prep), every chunk's
+// (launch_chunk_states), the 16-bit gradient dh_c of the state leaving each chunk
+// (launch_chunk_rstates) and the chunk's meta {G, s} and T (launch_chunk_prep), every chunk's
 // dq, dk, dv, dg and dbeta follow from the chunk alone; one block per (chunk, b, h).
 // The math, per chunk (U = v_new, S0 = h_c, X = dh_c; Gam the causal decay of the
 // chunk's segments, ent_x = e^{G_x} [s_x = 0], d_y = e^{G_last - G_y} [s_y = s_last],
@@ -27,7 +27,8 @@ struct ChunkBackwardArgs {
   const float* meta = nullptr;     // {G, s} per chunk row (launch_chunk_prep)
   const void* v_new = nullptr;     // [bh][nchunks * 64][dv], 16-bit
   const void* states = nullptr;    // [bh][nchunks][dk][dv], 16-bit: the state entering each chunk
-  const float* dh = nullptr;       // [bh][nchunks][dk][dv]: the gradient of the state leaving each chunk
+  const void* dh = nullptr;        // [bh][nchunks][dk][dv], 16-bit: the gradient of the state leaving each chunk
+  const void* t = nullptr;         // [bh][nchunks][64][64], 16-bit: each chunk's T (launch_chunk_prep)
   void* dq = nullptr;
   int64_t dqsb = 0, dqst = 0, dqsh = 0;
   void* dk = nullptr;

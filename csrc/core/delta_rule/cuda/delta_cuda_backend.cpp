@@ -487,8 +487,11 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
                         cudaStream_t s) const {
     const int64_t half_rows = chunk_rows(g) * g.dk / 2;
     const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv;
-    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows, states / 2, states}, allocator_, s);
-    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    const int64_t tmats = g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens * gpu::kChunkTokens;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows, states / 2, states / 2, tmats / 2},
+                          allocator_, s);
+    gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    prep.t = scratch[6];
     gpu::launch_chunk_prep(g, prep, s);
     gpu::ChunkStatesOut so;
     so.entering = entering;
@@ -507,6 +510,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.v_new = scratch[3];
     a.states = scratch[4];
     a.dh = scratch[5];
+    a.t = scratch[6];
     a.dq = dq.data;
     a.dqsb = dq.stride.batch;
     a.dqst = dq.stride.seq;
