@@ -130,7 +130,7 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
+__global__ void __launch_bounds__(NT, 4) prep_kernel(Problem p, ChunkPrep out) {  // 4 blocks an SM: <= 128 registers
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
@@ -216,21 +216,19 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       t[i] = y <= x ? sm.Tm()[x * LDL + y] : 0.f;
     }
-    if (out.t != nullptr) {  // the backward's copy of T
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) static_cast<T*>(out.t)[cp.row0 * CH + tid + NT * i] = from_float<T>(t[i]);
-    }
     __syncthreads();
     // T is in registers: V over its bytes, in flight while tw and w are formed
     load_tile<T, D, NT>(sm.v(), rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
     cp_async_commit();
     T* tw = reinterpret_cast<T*>(sm.L);
+    T* const tcopy = out.t != nullptr ? static_cast<T*>(out.t) + cp.row0 * CH + tid : nullptr;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       const float entry = sm.s[y] == 0.f ? __expf(sm.G[y]) : 0.f;
       tw[x * kLdP + y] = from_float<T>(t[i] * sm.bt[y] * entry);
       tu[i] = from_float<T>(t[i] * sm.bt[y]);
+      if (tcopy != nullptr) tcopy[NT * i] = from_float<T>(t[i]);  // the backward's copy of T
     }
   }
   __syncthreads();
