@@ -447,31 +447,21 @@ struct FwdStateSmem {
   T ys[CH * LDC];
 };
 
-// The per-block starts of a (b, h)'s inputs to the state pass: chunk c's rows are
-// c * 64 rows on (no division a chunk).
-template <typename T>
-struct FwdChunkSrc {
-  const T* w;
-  const T* k;
-  const T* u;  // null: u = 0 (the columns of A)
-  const float* meta;
-  int64_t kst, left;  // k's row stride; tokens of the part from chunk 0 on
-};
-
 template <typename T, int D, int C>
-__device__ __forceinline__ void load_fwd_chunk(const FwdChunkSrc<T>& src, FwdStateBuf<T, D, C>& B, int c, int tid) {
-  const int64_t r0 = static_cast<int64_t>(c) * CH, left = src.left - r0;
-  const int nvalid = left < CH ? static_cast<int>(left) : CH;
-  load_tile<T, D, NT>(B.w, src.w + r0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(B.k, src.k + r0 * src.kst, src.kst, nvalid, D, tid);
-  if (src.u != nullptr) {  // the block's C columns of u: C / 8 16-byte pieces a row
+__device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
+                                               int c, int64_t bh, int j0, bool with_u, int tid) {
+  const ChunkPos cp = chunk_pos(p, c, bh);
+  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NT>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  if (with_u) {  // columns j0..j0+C of u: C / 8 16-byte pieces a row
+    const T* u = static_cast<const T*>(prep.u) + cp.row0 * D + j0;
 #pragma unroll
     for (int i = tid; i < CH * C / 8; i += NT) {
       const int row = i / (C / 8), part = i % (C / 8);
-      cp_async16(B.u + row * (C + 8) + 8 * part, src.u + (r0 + row) * D + 8 * part, true);
+      cp_async16(B.u + row * (C + 8) + 8 * part, u + row * D + 8 * part, true);
     }
   }
-  load_meta(B.meta, src.meta, r0, tid);
+  load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
 // v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / C carry
@@ -510,19 +500,9 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
   if (amap) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
-  FwdChunkSrc<T> src;
-  {
-    const ChunkPos c0 = chunk_pos(p, 0, bh);
-    src.w = static_cast<const T*>(prep.w) + c0.row0 * D;
-    src.k = rows_of<T>(p.k, c0.b, c0.h, c0.t0);
-    src.u = amap ? nullptr : static_cast<const T*>(prep.u) + c0.row0 * D + j0;
-    src.meta = prep.meta + 2 * c0.row0;
-    src.kst = p.k.st;
-    src.left = p.n;
-  }
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_fwd_chunk<T, D, C>(src, sm.buf[i], i, tid);
+    if (i < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
     cp_async_commit();
   }
   for (int c = 0; c < nck; ++c) {
@@ -550,6 +530,8 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
         }
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    cp_async_commit();
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (token rows of this warp); ys = diag(d) v_new
       float acc[NTL][4];
@@ -558,10 +540,6 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
       mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDC, 16 * warp, 0, D / 16, lane);
-      // the next chunks' loads, issued under the products' latency (chunk c - 1's buffer
-      // is free: every warp is past the barrier above)
-      if (c + NS - 1 < nck) load_fwd_chunk<T, D, C>(src, sm.buf[(c + NS - 1) % NS], c + NS - 1, tid);
-      cp_async_commit();
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
