@@ -79,8 +79,6 @@ def extension_modules():
     for arch in archs:
         nvcc_flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     define_macros.append(("LASP2_WITH_CUDA", None))
-    if "90a" in archs:  # the Hopper wgmma kernels (csrc/core/cuda/route.h: sm90a_kernels)
-        define_macros.append(("LASP2_CUDA_SM90A", None))
     extra_link_args = []
     cuda_sources = sources("csrc/core/cuda/*.cu", "csrc/core/cuda/*.cpp")
     cuda_sources += sources("csrc/core/delta_rule/cuda/*.cu", "csrc/core/delta_rule/cuda/*.cpp")

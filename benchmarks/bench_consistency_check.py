@@ -1,19 +1,19 @@
 """Cost of lasp2's per-call cross-rank consistency check (docs/reliability.md).
 
-Times, on every rank of a group of 2+ processes, for the check's modes
-(lasp2/ops/_group_consistency.py): auto (the default: one C++ exchange per call, device
-values lagged to the next exchange), sync (the Python check, every value read at the
-call) and deferred (opt-in: compared on the device, no host read in steady state):
-  check : verify_group_consistency alone (one 256-byte all-gather per rank + compare)
-          and the seal of one output,
+Times, on every rank of a group of 2+ processes, for the check's configurations
+(lasp2/ops/_group_consistency.py): auto (the default: one C++ exchange per call; device
+values staged into a ring and sent --depth calls later; depth 1 is the previous design,
+which waited for the previous call's values) and sync (the Python check, every value read
+at the call):
+  check : verify_group_consistency alone (one 256-byte all-gather per rank + compare),
   step  : a forward+backward of a stack of 1 (and 8) lasp2.linear_attention layers over a
           4K-token global sequence, with the check (as shipped) and with the check
-          replaced by a no-op (one layer: each backward right after its forward, the
-          deferred mode's worst case; 8 layers: as in a model; and one layer without
-          gates, whose check reads no device tensor),
+          replaced by a no-op (and one layer without gates, whose check reads no device
+          tensor),
   model : a training step (forward + backward) of lasp2.nn.HybridStack, --model-layers
           linear-attention blocks at hidden size --hidden (projections, SwiGLU MLP, norms),
-          with and without the check,
+          with and without the check; --big-hidden adds a second, clearly GPU-bound model
+          (same blocks at that hidden size),
 and prints the check's share of the step. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
@@ -22,11 +22,11 @@ One GPU:     python benchmarks/bench_consistency_check.py --device cuda --world 
 (--device cpu also works under torchrun; without torchrun it spawns --world processes.)
 With one process the ops skip the check (there is nobody to disagree with), so the
 "with check" step runs the check explicitly beside the op, as a group call would: this
-measures everything but the wire (the row, the digests, the flags, the NCCL launch,
-the device comparison and the seal, or the table's copy to the host with its stream
-sync); a 256-byte all-gather between GPUs adds the interconnect's latency on top (in
-deferred mode off the host's path). "host_reads_of_the_table" counts synchronous reads
-over the whole run (deferred: the first calls, before the history predicts the row).
+measures everything but the wire (the row, the digests, the flags, the NCCL launch of a
+one-rank all-gather, the table's copy to the host with its stream sync, the ring's
+waits). With 2+ GPUs the all-gather adds the interconnect's latency, and with the torch
+communicator it queues behind the op's own collectives on the group's NCCL stream.
+"host_reads_of_the_table" counts exchanges over the whole run.
 """
 
 from __future__ import annotations
@@ -93,18 +93,17 @@ def bench(rank, world, args):
     gates = [torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
              for _ in range(L_max)]
 
-    # the linear-attention call's check: 12 size fields, 4 host values, decay (absent), the
-    # positive-gate flag on CUDA, and a replay (never run here: the ranks agree)
+    # the linear-attention call's check: 12 size fields, 4 host values, decay (absent) and
+    # the positive-gate flag on CUDA
     signature = [1, T, args.heads, args.head_dim, args.head_dim, 1, 2, 1, 0, 0, 0, 0]
     names = [f"f{i}" for i in range(len(signature))]
-    replay = (lambda: None, (), {})
 
     def check(g):
         return GC.verify_group_consistency(
             "bench", group, signature, names, device,
             host_values=[("scale", args.head_dim ** -0.5), ("cu", None), ("layout", "bthd"), ("overlap", None)],
             device_values=[("decay", None)],
-            positive=[("`g` holds positive log gates", g)] if g is not None else (), replay=replay)
+            positive=[("`g` holds positive log gates", g)] if g is not None else ())
 
     def step(layers, beside, gated=True):
         h = x
@@ -118,13 +117,16 @@ def bench(rank, world, args):
     original = GC.verify_group_consistency
     result = {"device": str(device), "world": world, "global_tokens": args.tokens, "heads": args.heads,
               "head_dim": args.head_dim, "dtype": str(dtype)}
-    modes = ["auto", "sync", "deferred"] if device.type == "cuda" else ["auto", "sync"]
-    if args.mode != "both":
-        modes = args.mode.split(",")
-    for mode in modes:
-        GC.MODE = mode
-        GC.STATS.update(sync=0, deferred=0, replays=0)
-        # the check alone: the call, and the seal of one output (NaN where the ranks disagree)
+    configs = []
+    for mode in args.mode.split(","):
+        configs += [(f"auto_depth{d}", mode, int(d)) for d in args.depth.split(",")] if mode == "auto" else [
+            (mode, mode, GC.DEPTH)]
+    for label, mode, depth in configs:
+        GC.MODE, GC.DEPTH = mode, depth
+        GC._STATES.clear()  # a fresh GroupCheck (its ring takes DEPTH when made)
+        GC.STATS.update(sync=0)
+        mode = label
+        # the check alone: the call, and the seal of one output
         t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
         result[mode] = {"check_us": round(t_check * 1e6, 1)}
         # stacks of gated layers; and one layer without gates (its check's row is host values
@@ -145,16 +147,17 @@ def bench(rank, world, args):
                 "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
                 "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
         if args.model_layers:
-            model = result[mode]["model"] = _model_step(GC, group, device, world, args, original)
-            model["check_share_of_step_pct"] = round(100 * args.model_layers * t_check / (
-                model["step_without_check_ms"] * 1e-3), 3)
-        result[mode].update(host_reads_of_the_table=GC.STATS["sync"], deferred_calls=GC.STATS["deferred"])
+            for key, hidden in [("model", args.hidden)] + ([("model_big", args.big_hidden)] if args.big_hidden else []):
+                model = result[mode][key] = _model_step(GC, group, device, world, args, original, hidden)
+                model["check_share_of_step_pct"] = round(100 * args.model_layers * t_check / (
+                    model["step_without_check_ms"] * 1e-3), 3)
+        result[mode].update(host_reads_of_the_table=GC.STATS["sync"])
     GC.MODE = "auto"
     if rank == 0:
         print(json.dumps(result), flush=True)
 
 
-def _model_step(GC, group, device, world, args, original):
+def _model_step(GC, group, device, world, args, original, hidden):
     """A training step of a small model: lasp2.nn.HybridStack of --model-layers linear-attention
     blocks (q/k/v/g/o projections, per-head norm, SwiGLU MLP of 4x hidden, RMSNorms) at hidden
     size --hidden, bf16 on CUDA, forward + backward of a 4K-token (global) sequence, with and
@@ -165,7 +168,7 @@ def _model_step(GC, group, device, world, args, original):
     from lasp2.ops import linear_attention as op_module
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hidden, heads = args.hidden, args.heads
+    heads = max(1, hidden // args.head_dim)  # heads of --head-dim (16 of 128 at hidden 2048)
     T = args.tokens // world
     model = HybridStack(hidden, heads, pattern="L" * args.model_layers, group=group if world > 1 else None,
                         device=device, dtype=dtype, linear_kwargs={"decay": args.model_decay})
@@ -181,15 +184,14 @@ def _model_step(GC, group, device, world, args, original):
                          ("`overlap`", None)],
             device_values=[("`decay` values", decay)],
             positive=[(f"`{n}` holds positive log gates/decays", t) for n, t in (("g", g), ("decay", decay))
-                      if t is not None],
-            replay=(plain, (q, k, v), dict(g=g, decay=decay, **kw)))
+                      if t is not None])
         return verdict.seal(plain(q, k, v, g=g, decay=decay, **kw))
 
     def step():
         model(x).float().square().mean().backward()
 
     iters = max(10, args.iters // 2)
-    out = {"layers": args.model_layers, "hidden": hidden, "decay": args.model_decay}
+    out = {"layers": args.model_layers, "hidden": hidden, "heads": heads, "decay": args.model_decay}
     try:
         if world == 1:
             nn_la.linear_attention = beside
@@ -228,12 +230,15 @@ def main():
     p.add_argument("--world", type=int, default=2, help="processes to spawn when not under torchrun")
     p.add_argument("--layers", default="1,8",
                    help="comma-separated stack depths to time (layer l's backward follows the layers above)")
-    p.add_argument("--mode", default="both",
-                   help="the check's modes, comma-separated from auto, sync, deferred (both: all three on CUDA, "
-                        "auto and sync on CPU)")
+    p.add_argument("--mode", default="auto,sync", help="the check's modes, comma-separated from auto, sync")
+    p.add_argument("--depth", default="1,4",
+                   help="auto: ring depths to time, comma-separated (1: the previous design, waiting for the "
+                        "previous call's device values; the default depth is lasp2's)")
     p.add_argument("--model-layers", type=int, default=4,
                    help="also time a training step of a HybridStack of this many linear-attention blocks (0: no)")
     p.add_argument("--hidden", type=int, default=None, help="the model's hidden size (default heads x head dim)")
+    p.add_argument("--big-hidden", type=int, default=0,
+                   help="also time the model at this hidden size (a GPU-bound step; 0: no)")
     p.add_argument("--model-decay", default="gate", choices=["gate", "fixed", "none"])
     args = p.parse_args()
     gpu = args.device == "cuda"

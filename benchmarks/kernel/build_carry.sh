@@ -13,9 +13,6 @@ g++ -O2 -std=c++17 -DLASP2_WITH_CUDA -Icsrc/core/include -I"$CUDA/include" bench
   "$BUILD/liblasp2_core.a" -L"$CUDA/lib64" -lcudart -lpthread -o "$BUILD/bench_lasp2"
 mkdir -p .carry/bin
 cp "$BUILD/lasp2_core_tests" "$BUILD/bench_lasp2" .carry/bin/
-# the wgmma operand-form probe (device_run.sh probe)
-"$CUDA/bin/nvcc" -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc/core/cuda -Icsrc/core/include \
-  benchmarks/kernel/wgmma_probe.cu -o .carry/bin/wgmma_probe
 [ -d .carry/googletest ] || cp -r /usr/src/googletest .carry/googletest
 # BASE_REF=<commit>: also build that version's benchmark into .carry/base/ (for the
 # same-machine before/after table of `device_run.sh bench base`).

@@ -3,12 +3,14 @@
 # compute-sanitizer memcheck and racecheck on a small subset (alongside), then the
 # kernel benchmark and, when a flash-linear-attention wheel was carried in .whl/,
 # fla's chunk kernels at the same size. Logs go to $OUT; a summary is printed last.
-#   benchmarks/kernel/device_run.sh [all|probe|tests|bench|base|ab|kprof|prof ...]   (several stages allowed)
-# probe: .carry/bin/wgmma_probe (the wgmma operand forms of the sm_90a kernels against
-# a CPU product).
-# AB_BASE_ENV="LASP2_CUDA_WGMMA=0": the base of `ab` and `kprof` is this build run
-# with that environment (the sm_80 mma.sync kernels on the same binary) instead of
+#   benchmarks/kernel/device_run.sh [all|tests|bench|base|ab|kprof|prof ...]   (several stages allowed)
+# AB_BASE_ENV="NAME=value ...": the base of `ab` and `kprof` is this build run with
+# that environment (an A/B of a run-time knob on one binary) instead of
 # .carry/base/bench_lasp2.
+# SAN_FILTER / SAN_TIMEOUT: the GoogleTest filter and time limit of the sanitizer runs;
+# PROF_KERNELS / PROF_COUNT / PROF_T: kernel-name regex, launches and T of `prof`.
+# The device tool returns at most 8 files from $OUT: a call running several stages
+# should point OUT at one folder per stage or keep only the summaries.
 # (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; ab:
 # new and base alternating, twice per shape (AB_SHAPES, default the same), with the
 # graph-replayed fwd+bwd; kprof: each kernel's duration through ncu, new and base build)
@@ -38,17 +40,12 @@ if ! $BIN/lasp2_core_tests --gtest_list_tests >/dev/null 2>&1; then
   BIN=/tmp/b
 fi
 
-if has probe && [ -x $BIN/wgmma_probe ]; then
-  timeout 60 $BIN/wgmma_probe > "$OUT/probe.log" 2>&1
-  echo "probe exit $? after $(( $(date +%s) - T0 )) s"
-fi
-
 if has tests; then
-  SUB='*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*:*CudaOps*seg5*:*bf16_gate_D64_T1000_docs_forget*'
-  timeout 150 compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
+  SUB=${SAN_FILTER:-'*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*:*CudaOps*seg5*:*bf16_gate_D64_T1000_docs_forget*'}
+  timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
     --gtest_filter="$SUB:CudaCombine.*" > /tmp/memcheck.log 2>&1 &
   MC=$!
-  timeout 150 compute-sanitizer --tool racecheck $BIN/lasp2_core_tests --gtest_filter="$SUB" > /tmp/racecheck.log 2>&1 &
+  timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool racecheck $BIN/lasp2_core_tests --gtest_filter="$SUB" > /tmp/racecheck.log 2>&1 &
   RC=$!
   for i in 0 1 2 3 4 5 6 7; do
     GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout 300 $BIN/lasp2_core_tests \
@@ -115,17 +112,16 @@ fi
 if has prof; then
   # one launch of each tensor-core kernel (T = 16K), with the stall reasons per issued
   # instruction (smsp__average_warps_issue_stalled_*), then the SASS of the D = 128 kernels
-  timeout 150 ncu --kernel-name regex:tc_ --launch-count 8 --section SpeedOfLight --section Occupancy \
+  timeout 150 ncu --kernel-name regex:${PROF_KERNELS:-tc_} --launch-count ${PROF_COUNT:-8} --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
-    $BIN/bench_lasp2 16384 16 128 1 bf16 gate once > "$OUT/ncu.txt" 2>&1
-  cuobjdump -sass $BIN/bench_lasp2 2>/dev/null | awk '/Function : .*tc_(fwd|dkdv|state)_kernel.*13__nv_bfloat16Li128E/{f=1} /Function : /&&!/13__nv_bfloat16Li128E/{f=0} f' > "$OUT/sass.txt"
+    --section ComputeWorkloadAnalysis --section InstructionStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
+    $BIN/bench_lasp2 ${PROF_T:-16384} 16 128 1 bf16 gate once > "$OUT/ncu.txt" 2>&1
+  cuobjdump -sass $BIN/bench_lasp2 2>/dev/null | awk '/Function : .*tc_(fwd|dkdv|state)_kernel.*13__nv_bfloat16Li128E/{f=1; print; next} /Function : /{f=0} f' > "$OUT/sass.txt"
   echo "prof done after $(( $(date +%s) - T0 )) s"
 fi
 
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$OUT/gpu.txt"
-[ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 if [ -f "$OUT/tests.log" ]; then
   echo "-- gtest shards:"; grep -hE "^\[  (PASSED|FAILED)  \]|tests? ran|SKIPPED \] [0-9]" /tmp/shard*.log | sort | uniq -c
   echo "-- failing tests:"; grep -h "^\[  FAILED  \] [A-Z]" "$OUT/tests.log" | sort -u | head -30
@@ -160,9 +156,9 @@ fi
 [ -f "$OUT/fla.log" ] && grep -E "^fla" "$OUT/fla.log"
 if [ -f "$OUT/ncu.txt" ]; then
   echo "-- ncu stalls (cycles per issued instruction, > 0.2):"
-  awk '/tc_[a-z]+_kernel</ { k = $0; sub(/^ *void [^:]*::/, "", k); sub(/>\(.*/, ">", k); print "  " k }
+  awk '/tc_[a-z_0-9]+_kernel</ { k = $0; sub(/^ *void [^:]*::/, "", k); sub(/>\(.*/, ">", k); print "  " k }
        /smsp__average_warps_issue_stalled_/ && $NF + 0 > 0.2 { m = $1; sub(/smsp__average_warps_issue_stalled_/, "", m);
          sub(/_per_issue_active.ratio/, "", m); printf "    %-22s %s\n", m, $NF }' "$OUT/ncu.txt" | head -80
   echo "-- ncu (kernel, duration, SM/DRAM throughput, warps, top stalls):"
-  grep -E "tc_[a-z]+_kernel|^    Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Active Warps|Registers Per|No Eligible|Issued Warp|spends|Warp Cycles Per Issued" "$OUT/ncu.txt" | sed -E 's/void lasp2::cuda::\(anonymous namespace\)::/  /; s/\(lasp2::cuda::[A-Za-z]+\).*//; s/  +/ /g' | head -90
+  grep -E "tc_[a-z_0-9]+_kernel|^    Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Active Warps|Registers Per|No Eligible|Issued Warp|spends|Warp Cycles Per Issued|Executed Instructions  |Executed Ipc Active|SM Busy|Issue Slots Busy" "$OUT/ncu.txt" | sed -E 's/void lasp2::cuda::\(anonymous namespace\)::/  /; s/\(lasp2::cuda::[A-Za-z]+\).*//; s/  +/ /g' | head -${PROF_LINES:-90}
 fi

@@ -5,10 +5,15 @@
 //
 // Values that live on the device (the bits of `decay`, "g holds a positive entry") would
 // make that host read wait for the op's stream, i.e. drain the GPU's queue at every
-// call. stage() therefore computes them on the current stream into the LAST `lagged`
-// slots of the row buffer, and the next exchange() on the group (the next call, or the
-// backward of the outputs) sends them, waiting only for the event recorded after them:
-// the host never waits for work enqueued after the previous call's values.
+// call. stage() therefore computes them on the op's stream into one entry of a RING of
+// `depth` entries (`lagged` int64 each) and records an event after them; a later
+// exchange() sends the entries it is asked for at the end of its row, its side stream
+// waiting only for THOSE entries' events. The caller sends an entry `depth` calls after
+// staging it (or at the backward of its outputs), so the host may run `depth` calls ahead
+// of the GPU: the event it waits for is that old.
+//
+// On CUDA the row's copies and the all-gather run on a high-priority stream of the check's
+// own; the host waits for that stream only, never for the op's queue behind the events.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,22 +40,25 @@ class GroupCheck {
   // Kinds of a staged device value.
   enum Kind : int64_t { kDigest = 0, kMax = 1 };
 
-  GroupCheck(c10::intrusive_ptr<c10d::ProcessGroup> group, at::Device device, int64_t row, int64_t lagged);
+  GroupCheck(c10::intrusive_ptr<c10d::ProcessGroup> group, at::Device device, int64_t row, int64_t lagged,
+             int64_t depth);
 
-  // Writes the device values of this call into the lagged slots (None: 0), on the
-  // current stream: kDigest a bit-exact int64 digest, kMax the float64 bits of the
-  // maximum (a positive one is a flag). Records the event exchange() waits for.
-  void stage(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds);
+  // Writes this call's device values (None: 0) into the next free ring entry, on the current
+  // stream: kDigest a bit-exact int64 digest, kMax the float64 bits of the maximum (a
+  // positive one is a flag). Records the entry's event. Returns the entry's sequence number
+  // (0, 1, 2, ... per object), which exchange() takes. Throws when all `depth` entries wait.
+  int64_t stage(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds);
 
-  // Sends `head` (at most row - lagged values, zero-padded) followed by the lagged slots
-  // as they were last staged, all-gathers every rank's row and compares on the host.
-  // Returns -1 when every row is equal and no slot of `max_slots` holds a positive
-  // float64 on any rank; otherwise the first column that differs or is flagged. Clears
-  // the lagged slots for the next call. Throws RuntimeError when the collective fails.
-  int64_t exchange(const std::vector<int64_t>& head, const std::vector<int64_t>& max_slots);
+  // Sends `head` (zero-padded) followed by the staged entries `sends` (sequence numbers, in
+  // order; entry i of n fills slots [row - lagged * (n - i), row - lagged * (n - i - 1))),
+  // all-gathers every rank's row and compares on the host. Returns -1 when every row is
+  // equal and no slot of `max_slots` holds a positive float64 on any rank; otherwise the
+  // first column that differs or is flagged. Frees the sent entries. Throws RuntimeError
+  // when the collective fails.
+  int64_t exchange(const std::vector<int64_t>& head, const std::vector<int64_t>& sends,
+                   const std::vector<int64_t>& max_slots);
 
-  // Forgets the staged values (zeros in their slots, ordered after them on the current
-  // stream): every rank raised at a call whose exchange did not send them.
+  // Frees every staged entry unsent (every rank dropped them at the same point).
   void discard();
 
   // The last gathered table, [world, row] int64 on the CPU (to word an error).
@@ -58,22 +66,26 @@ class GroupCheck {
 
   int64_t world() const { return world_; }
   int64_t rank() const { return rank_; }
+  int64_t depth() const { return depth_; }
 
  private:
   at::Tensor digest(const at::Tensor& t);
+  int64_t entry_of(int64_t seq) const;
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   at::Device device_;
-  int64_t row_, lagged_, world_, rank_;
+  int64_t row_, lagged_, depth_, world_, rank_;
+  int64_t next_seq_ = 0;
+  std::vector<int64_t> entry_seq_;  // per ring entry: the sequence number staged there, -1 when free
+  at::Tensor ring_;        // [depth, lagged] int64 on the device: staged values
   at::Tensor host_row_;    // [row] int64, pinned on CUDA: the head is written here
   at::Tensor mine_;        // [row] int64 on the device: what is sent
   at::Tensor gathered_;    // [world * row] int64 on the device
   at::Tensor host_table_;  // [world * row] int64, pinned on CUDA
   at::Tensor weights_;     // the digest's multipliers, for the last length digested
-  bool staged_ = false;
 #ifdef LASP2_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> side_;  // the check's own stream, beside the op's
-  at::cuda::CUDAEvent staged_event_;
+  std::vector<at::cuda::CUDAEvent> events_;    // per ring entry: recorded after its values
 #endif
 };
 

@@ -11,37 +11,20 @@ wrong result. So EVERY call all-gathers one fixed-size int64 row per rank, made 
     contents, ...), digests of small device tensors (decay) and flags computed on the
     device (e.g. "g has a positive entry here"), none of which needs a host sync,
 
-and every rank compares the same gathered table.
-
-Three modes (docs/reliability.md, "Guaranteed across the ranks of a group"):
+and every rank compares the same gathered table (docs/reliability.md, "Guaranteed
+across the ranks of a group"). Two modes (LASP2_CONSISTENCY_CHECK, alike on every rank):
 
 * auto (the default): one C++ call (csrc/torch/group_check.h, GroupCheck.exchange)
-  sends the row and compares the table on the host, at the call, for everything but
-  device values; those (decay bits, positive CUDA gates) are computed on the op's
-  stream into the row's last LAGGED slots (GroupCheck.stage) and sent with the NEXT
-  exchange on the group: the next call, or the backward of this call's outputs (a
-  hook), so the host never waits for the GPU's queue; every rank raises the same
-  ValueError there. On CPU groups they go with their own call's row.
-* synchronous (LASP2_CONSISTENCY_CHECK=sync; auto under torch.compile / CUDA-graph
-  capture): the host reads the table before the op's collectives, and every rank
-  raises the same ValueError naming the first disagreeing argument, or none does.
-* deferred (CUDA): the host does not wait for the table. The ranks keep a common
-  history of the size rows of the calls on the group and predict the next call's
-  size row from it (the row that followed the previous call's row last time). A rank
-  whose size row is the predicted one goes asynchronous: the table is compared on
-  the device, a disagreement puts NaN into every output vector (`seal`) and the table
-  is copied to pinned memory; the host raises the named ValueError at the backward of those
-  outputs (before the op's backward collectives) and at the next call on the group
-  (before its collective), on every rank. A rank whose size row is NOT the predicted
-  one (its sizes changed, or the history is too short) reads the table synchronously;
-  if it finds ranks that went asynchronous at the predicted sizes, it runs the op's
-  forward at those sizes on zeros (`replay`, recorded when this rank made that call)
-  so their collectives complete, raises, and raises again at its next call on the
-  group, in step with them. Predictions are common to all ranks because the history
-  only grows by calls whose table every rank has seen agree (an asynchronous call's
-  table is settled at the start of the next call on the group).
-
-On CUDA the check runs on a side stream (`_side_stream`), beside the op's kernels.
+  sends the row and compares the table on the host, at the call, before the op's
+  collectives: sizes, options and host values. Device values (decay bits, positive
+  CUDA gates) are computed on the op's stream into a ring of DEPTH entries
+  (GroupCheck.stage) and sent DEPTH calls later on the group, or at the backward of
+  the call's outputs (a hook, before the op's backward), whichever comes first: the
+  host then waits only for GPU work DEPTH calls old, never for the op's queue, and
+  every rank raises the same ValueError there. On CPU groups they go with their own
+  call's row (no queue to wait for).
+* sync (and auto under torch.compile / CUDA-graph capture): the Python check reads the
+  whole table, device values included, before the op's collectives.
 
 A rank that never calls the op (or exits) makes the gather fail after the group's
 timeout; that surfaces as a RuntimeError naming the op and the group.
@@ -54,8 +37,8 @@ import os
 import struct
 import zlib
 from array import array
-from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Tuple
+from collections import deque
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -64,34 +47,30 @@ from lasp2.distributed.collectives import all_gather_single
 from lasp2.ops._checks import positive_flag
 
 ROW = 32  # int64 slots per rank: header (3) + fields
-_HEADER = 3  # op code, number of fields (or _FAILED), mode (_SYNC / _ASYNC) + 2 * number of size fields
-_SYNC, _ASYNC = 0, 1
+_HEADER = 3  # op code, number of fields (or _FAILED), mode + 2 * number of size fields
+MODES = ("sync", "auto")  # slot 2 of the header holds the index (mod 2)
+_SYNC, _AUTO = 0, 1
 _FAILED = -1  # the "fields" slot of a rank whose own argument checks failed
 _MASK64 = (1 << 64) - 1
 
-# "auto" (default): the C++ check below (_check_fast). "sync": the Python check reading
-# every value at the call. "deferred" is the sync-free mode (device-side comparison,
-# errors at backward / the next call); it is opt-in because on one H200 it measured
-# slower than the synchronous check (docs/reliability.md, "Cost of the per-call check").
-# Tests use "deferred" to run the device-style comparison on CPU tensors too. Every rank
-# must use the same mode (a rank in another mode shows up as a disagreement).
 MODE = os.environ.get("LASP2_CONSISTENCY_CHECK", "auto")
-# "auto": the C++ check (csrc/torch/group_check.h), one call per op call: the row's host
-# part is compared at the call; device values (decay bits, positive gates) are computed
-# on the op's stream into the row's last LAGGED slots and sent with the NEXT exchange on
-# the group (the next call, or the backward of this call's outputs), so the host never
-# waits for the GPU's queue. LAG_ON_CPU applies that lag to CPU groups too (tests; on
-# the CPU the values are otherwise compared at their own call).
+if MODE not in MODES:
+    raise ValueError(f"LASP2_CONSISTENCY_CHECK must be one of {MODES}, got {MODE!r}")
+# "auto": device values (decay bits, positive gates) take LAGGED slots of a row; a call's
+# are sent DEPTH calls later (or at the backward of its outputs), so the host may run
+# DEPTH calls ahead of the GPU. A group's GroupCheck takes DEPTH when it is made.
 LAGGED = 4
+DEPTH = 4
+# LAG_ON_CPU applies the lag to CPU groups too (tests; on the CPU the values are otherwise
+# compared at their own call)
 LAG_ON_CPU = False
-# counters for tests and benchmarks: host reads of the table during a call ("sync"),
-# calls left to the device ("deferred"), forward replays at peers' sizes ("replays")
-STATS = {"sync": 0, "deferred": 0, "replays": 0}
+# counters for tests and benchmarks: host reads of a gathered table (one per exchange)
+STATS = {"sync": 0}
 # "auto": exchanges made by the backward of a call's outputs (its device values unsent till then)
 LAGGED_SETTLES = [0]
-# CUDA: run the check on a side stream beside the op (0: on the op's stream)
+# CUDA, "sync": run the check on a side stream beside the op (0: on the op's stream)
 SIDE_STREAM = os.environ.get("LASP2_CONSISTENCY_SIDE_STREAM", "1") != "0"
-_REPLAY_SLOTS = 32  # remembered size rows per group (LRU)
+_SETTLE_HEAD = 5  # a settling exchange's head: op code, 0, mode, entries sent, first sequence number
 
 
 def _signed(x: int) -> int:
@@ -182,106 +161,39 @@ class _Layout:
 
 
 class Verdict:
-    """The outcome of one call's check. `seal(*outputs)` returns the outputs, NaN where
-    the (deferred) comparison found a disagreement, with a backward hook that raises the
-    named error before the op's backward runs."""
+    """The outcome of one call's check: `seal(*outputs)` returns the op's outputs (with a
+    backward hook where the call's device values are still to be compared)."""
 
-    __slots__ = ("bad", "_table", "_event", "_world", "_layout", "_message", "_done")
-
-    def __init__(self, bad=None, table=None, event=None, world=1, layout=None, message=None):
-        self.bad, self._table, self._event, self._world, self._layout = bad, table, event, world, layout
-        self._message, self._done = message, table is None
-
-    def message(self) -> Optional[str]:
-        """The named error, or None: waits for this call's table (normally long there)."""
-        if not self._done:
-            if self._event is not None:
-                self._event.synchronize()
-            rows = self._table.view(self._world, ROW).tolist()
-            self._table = self._event = None
-            self._done = True
-            if not _agree(rows, self._layout):
-                self._message = _disagreement(rows, self._layout) + (
-                    " [found by the asynchronous check of an earlier call on this group, whose outputs were set "
-                    "to NaN; raised on every rank]")
-        return self._message
-
-    def raise_if_bad(self):
-        message = self.message()
-        if message is not None:
-            raise ValueError(message)
-
-    def _hook(self, grad):
-        self.raise_if_bad()
-        return grad
+    __slots__ = ()
 
     def seal(self, *outputs):
-        """The op's outputs; if the (deferred) comparison found a disagreement, the first
-        value of every output vector (last dim) is NaN, so any projection, norm or
-        reduction over it is NaN; with a backward hook that raises the named error before
-        the op's backward runs."""
-        if self.bad is not None:
-            if self._event is not None:  # CUDA: `bad` is made on the check's side stream
-                torch.cuda.current_stream(self.bad.device).wait_event(self._event)
-            for t in outputs:
-                _poison(self.bad, t)
-            if torch.is_grad_enabled():
-                for t in outputs:
-                    if isinstance(t, torch.Tensor) and t.requires_grad:
-                        t.register_hook(self._hook)
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def _poison(bad: torch.Tensor, t):
-    """NaN into t[..., 0] where `bad` (a device bool scalar), in place and outside autograd
-    (`.data`: an op may have saved t for its backward, which the hook stops first when
-    bad). One strided column: poisoning every element would cost a full pass over the
-    output, about 1% of a step on its own."""
-    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.numel():
-        t.data[..., :1].masked_fill_(bad, float("nan"))
+NO_CHECK = Verdict()  # one device, or a check with nothing left to compare
 
 
-NO_CHECK = Verdict()  # one device, a synchronous check that passed, or a replay
+class _Staged:
+    """The device values one call staged into a ring entry of its group's GroupCheck:
+    their names and kinds (the values stay on the device until an exchange sends them)."""
+
+    __slots__ = ("op", "entries", "check", "seq", "call", "lost")
+
+    def __init__(self, op, entries, check):
+        self.op, self.entries, self.check = op, entries, check  # entries: [(name or message, kind)]
+        self.seq, self.call, self.lost = -1, -1, False  # ring sequence number, index of the call
 
 
 class _GroupState:
-    """Per group: the common history of size rows, the pending deferred verdict, the
-    replays and the reused buffers."""
+    """Per group: the staged entries not sent yet (oldest first) and reused buffers."""
 
     def __init__(self, group):
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.last: Optional[tuple] = None  # size row of the last call known to agree on every rank
-        self.follows: dict = {}  # size row -> the size row that followed it last time
-        self.replays: "OrderedDict[tuple, Callable]" = OrderedDict()
-        self.pending: Optional[Verdict] = None
+        self.pending: "deque[_Staged]" = deque()
+        self.calls = 0  # "auto" calls checked on the group
         self.buffers: dict = {}
-        self.rows: dict = {}  # (device, world, host part) -> this rank's row on the device
-        self.staged: Optional[_Staged] = None  # device values of the last call, not sent yet ("auto")
-
-    def predicted(self) -> Optional[tuple]:
-        return None if self.last is None else self.follows.get(self.last)
-
-    def advance(self, size_row: tuple):
-        if self.last is not None:
-            self.follows[self.last] = size_row
-            if len(self.follows) > 4 * _REPLAY_SLOTS:
-                self.follows.pop(next(iter(self.follows)))
-        self.last = size_row
-
-    def remember(self, size_row: tuple, replay):
-        if replay is None or size_row in self.replays:
-            return
-        self.replays[size_row] = _replayer(*replay)
-        if len(self.replays) > _REPLAY_SLOTS:
-            self.replays.popitem(last=False)
-
-    def settle(self):
-        """Raise the previous call's disagreement (every rank holds the same table)."""
-        pending, self.pending = self.pending, None
-        if pending is not None and pending.message() is not None:
-            self.last = None
-            raise ValueError(pending.message())
+        self.rows: dict = {}  # (device, world, host part) -> this rank's row on the device ("sync")
 
 
 _STATES: dict = {}
@@ -294,126 +206,27 @@ def _state(group) -> _GroupState:
     return st
 
 
-_REPLAYING = [False]
-
-
-def _deferred(device: torch.device) -> bool:
-    if MODE == "sync" or torch.compiler.is_compiling():
-        return False
-    return MODE == "deferred" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def verify_group_consistency(op: str, group, signature: Sequence[int], names: Sequence[str],
                              device: torch.device, host_values: Sequence[Tuple[str, object]] = (),
                              device_values: Sequence[Tuple[str, Optional[torch.Tensor]]] = (),
                              flags: Sequence[Tuple[str, torch.Tensor]] = (), *,
-                             replay: Optional[tuple] = None,
                              positive: Sequence[Tuple[str, Optional[torch.Tensor]]] = ()) -> Verdict:
     """Checks that every rank of `group` calls `op` the same way; returns a Verdict whose
     `seal(*outputs)` the caller applies to the op's outputs.
 
     signature/names: the size fields (small ints) and what they are; host_values:
     (name, value) pairs compared by digest; device_values: (name, small tensor) compared
-    bit-exactly by digest; flags: (message, bool device scalar) raised if any rank sets it.
-    replay: (fn, args, kwargs) that makes this call again (tensors are replaced by zeros of
-    their shape); with it the call may be checked asynchronously (deferred mode), without it
-    the check is synchronous.
+    bit-exactly by digest; flags: (message, bool device scalar) raised if any rank sets it;
     positive: (message, tensor or None) raised if any rank's tensor holds a positive entry
     (device tensors only: CPU tensors are checked on the host by the op).
     """
-    if _REPLAYING[0]:
-        return NO_CHECK  # the peers' check ran in the call being replayed
     st = _state(group)
-    st.settle()
     if MODE == "auto" and _fast_ok(device, len(device_values) + len(positive) + len(flags)):
         return _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive)
-    if st.staged is not None:  # this call is checked the synchronous way: send the waiting values first
-        _settle_lagged(st, st.staged, at_backward=False)
-    flags = list(flags) + [(m, f) for m, t in positive if (f := positive_flag(t)) is not None]
-    fields = len(signature) + len(host_values) + len(device_values) + len(flags)
-    if fields + _HEADER > ROW:
-        raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
-    size_row = (_op_code(op), fields, *map(int, signature))
-    capable = replay is not None and _deferred(device)
-    predicted = st.predicted()
-    go_async = capable and size_row == predicted
-    # the device-value and flag slots are written on the device below (0 here); an
-    # absent device value is digested on the host
-    row = [size_row[0], fields, (_ASYNC if go_async else _SYNC) + 2 * len(signature), *size_row[2:],
-           *(_digest_cached(v) for _, v in host_values),
-           *(0 if t is not None else digest_host(None) for _, t in device_values)]
-    row += [0] * (ROW - len(row))
-    layout = _Layout(op, names, host_values, device_values, flags)
-    side = _side_stream(device, device_values, flags)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        mine, gathered, table, first = _row_buffers(st, device, st.world, row)
-        slot = _HEADER + len(signature) + len(host_values)
-        for _, t in device_values:
-            if t is not None:
-                mine[slot].copy_(digest_device(t, device))
-            slot += 1
-        for _, f in flags:  # rank + 1 where set: a flag on every rank still makes the rows differ
-            torch.mul(f.reshape(()), st.rank + 1, out=mine[slot])
-            slot += 1
-        _gather(op, group, gathered, mine)
-        if go_async:
-            bad = (table != first).any()
-            copy, event = _host_copy(st, gathered, device)
-        else:
-            rows = table.tolist()  # the host sync (of the side stream, on CUDA)
-    st.remember(size_row, replay)
-    if go_async:
-        STATS["deferred"] += 1
-        if side is not None:
-            bad.record_stream(torch.cuda.current_stream(device))  # the seal reads it on this stream
-        st.pending = Verdict(bad, copy, event, st.world, layout)
-        st.advance(size_row)
-        return st.pending
-    STATS["sync"] += 1
-    if _agree(rows, layout):
-        st.advance(size_row)
-        return NO_CHECK
-    _after_disagreement(st, rows, _disagreement(rows, layout))
-    raise AssertionError("unreachable")
+    return _check_sync(st, op, signature, names, device, host_values, device_values, flags, positive)
 
 
 _KIND_DIGEST, _KIND_MAX = 0, 1  # csrc/torch/group_check.h, GroupCheck::Kind
-
-
-class _Staged:
-    """The device values one call staged into the lagged slots of its group's row (their
-    names and kinds; the values stay on the device until the next exchange sends them)."""
-
-    __slots__ = ("op", "entries", "check")
-
-    def __init__(self, op, entries, check):
-        self.op, self.entries, self.check = op, entries, check  # entries: [(name or message, kind)]
-
-    def max_slots(self):
-        first = ROW - LAGGED
-        return [first + i for i, (_, kind) in enumerate(self.entries) if kind == _KIND_MAX]
-
-
-class _LaggedVerdict(Verdict):
-    """A call whose device values wait in the lagged slots: the backward of its outputs
-    sends them (if no later call on the group did) before the op's backward runs."""
-
-    __slots__ = ("_st", "_token")
-
-    def __init__(self, st, token):
-        super().__init__()
-        self._st, self._token = st, token
-
-    def _hook(self, grad):
-        _settle_lagged(self._st, self._token)
-        return grad
-
-    def seal(self, *outputs):
-        if torch.is_grad_enabled():
-            for t in outputs:
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.register_hook(self._hook)
-        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _fast_ok(device: torch.device, n_device_values: int) -> bool:
@@ -432,108 +245,188 @@ def _group_check(st: "_GroupState", device: torch.device):
     if gc is None:
         from lasp2._extension import _C
 
-        gc = st.buffers[key] = _C.GroupCheck(st.group, device, ROW, LAGGED)
+        gc = st.buffers[key] = _C.GroupCheck(st.group, device, ROW, LAGGED, DEPTH)
     return gc
 
 
 def _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive) -> Verdict:
-    """One C++ exchange (csrc/torch/group_check.h): the host part of this call's row is
-    compared now; its device values are staged for the next exchange on the group (on
-    CUDA, or LAG_ON_CPU) or, on the CPU, sent with this call's row."""
+    """One C++ exchange: the host part of this call's row is compared now. Its device
+    values are staged into the ring and sent DEPTH calls later (on CUDA, or LAG_ON_CPU),
+    when the ring is full, so the exchange waits for GPU work that old only; on the CPU
+    they go with this call's row."""
     entries = [(name, t, _KIND_DIGEST) for name, t in device_values]
     entries += [(m, t if t is not None and t.device.type != "cpu" else None, _KIND_MAX) for m, t in positive]
     entries += [(m, f, _KIND_MAX) for m, f in flags]
     values = [t for _, t, _ in entries]
-    present = any(t is not None for t in values)
-    head = [_op_code(op), len(signature) + len(host_values) + len(entries), _SYNC + 2 * len(signature),
-            *map(int, signature), *(_digest_cached(v) for _, v in host_values)]
+    kinds = [k for _, _, k in entries]
+    gc = _group_check(st, device)
+    if st.pending and st.pending[0].check is not gc:  # values waiting in another device's ring
+        _settle(st, st.pending[-1], at_backward=False)
+    token = _Staged(op, [(n, k) for n, _, k in entries], gc) if any(t is not None for t in values) else None
+    lag = device.type == "cuda" or LAG_ON_CPU
+    sends = []
+    if token is not None and not lag:
+        token.seq = gc.stage(values, kinds)  # CPU: computed at once, sent with this row
+        sends = [token]
+    elif st.pending and (st.calls - st.pending[0].call >= gc.depth or len(st.pending) >= gc.depth):
+        sends = [st.pending.popleft()]  # the oldest, DEPTH calls back (each call stages at most one)
+    st.calls += 1
+    head = [_op_code(op), len(signature) + len(host_values) + len(entries), _AUTO + 2 * len(signature),
+            *map(int, signature), *(_digest_cached(v) for _, v in host_values),
+            len(sends), sends[0].seq if sends else -1]
     if len(head) > ROW - LAGGED:
         raise AssertionError(f"{op}: {len(head)} consistency slots exceed the row's {ROW - LAGGED}")
-    gc = _group_check(st, device)
-    if st.staged is not None and st.staged.check is not gc:  # values waiting in another device's row
-        _settle_lagged(st, st.staged, at_backward=False)
-    kinds = [k for _, _, k in entries]
-    token = _Staged(op, [(n, k) for n, _, k in entries], gc) if present else None
-    lag = device.type == "cuda" or LAG_ON_CPU
-    if token is not None and not lag:
-        gc.stage(values, kinds)  # CPU: computed at once, sent with this row
-        sent = token
-    else:
-        sent = st.staged  # the previous call's device values (or None)
-    st.staged = None
-    col = _exchange(op, st, gc, head, sent)
+    col = _exchange(op, st, gc, head, sends)
     if col >= 0:
-        raise ValueError(_fast_message(gc.table().tolist(), _Layout(op, names, host_values, (), ()), sent,
-                                       current=sent is token))
+        rows = gc.table().tolist()
+        layout = _Layout(op, names, host_values, _LAG_FIELDS, ())
+        _drop_pending(st, sends)
+        raise ValueError(_fast_message(rows, layout, len(head), sends, current=token is not None and not lag))
     if token is not None and lag:
-        gc.stage(values, kinds)
-        st.staged = token
+        token.seq, token.call = gc.stage(values, kinds), st.calls - 1
+        st.pending.append(token)
         return _LaggedVerdict(st, token)
     return NO_CHECK
 
 
-def _drop_staged(st):
-    if st.staged is not None:
-        st.staged.check.discard()
-        st.staged = None
+# the fast row's two columns after the host values (to word an error)
+_LAG_FIELDS = (("the number of lagged device-value entries sent", None), ("their sequence number", None))
 
 
-def _exchange(op, st, gc, head, sent) -> int:
+def _exchange(op, st, gc, head, sends) -> int:
     STATS["sync"] += 1
+    max_slots = []
+    first = ROW - LAGGED * len(sends)
+    for i, token in enumerate(sends):
+        max_slots += [first + i * LAGGED + j for j, (_, kind) in enumerate(token.entries) if kind == _KIND_MAX]
     try:
-        return gc.exchange(head, [] if sent is None else sent.max_slots())
+        return gc.exchange(head, [t.seq for t in sends], max_slots)
     except RuntimeError as e:
         raise RuntimeError(
             f"{op}: the cross-rank consistency check over process group {_group_label(st.group)} failed "
             f"(did a rank skip this call, exit, or time out?): {e}") from e
 
 
-def _settle_lagged(st, token: _Staged, at_backward: bool = True):
-    """The backward of a call whose device values no later exchange sent: send them now
-    (every rank reaches this hook at the same point of its backward). Also before a call
-    that is checked the synchronous way (under torch.compile, say)."""
-    if st.staged is not token:
-        return  # a later call on the group compared them
-    st.staged = None
-    LAGGED_SETTLES[0] += 1
-    col = _exchange(token.op, st, token.check, [_op_code("lasp2.settle"), 0, _SYNC], token)
-    if col >= 0:
-        raise ValueError(_fast_message(token.check.table().tolist(), None, token, current=False,
-                                       backward=at_backward))
+def _drop_pending(st, also=()):
+    """Every rank raised at the same exchange: the entries still waiting (and those it
+    sent) are not compared any more. Their outputs' backward raises instead (`lost`), so
+    no gradient of a call with uncompared values is computed."""
+    for token in (*also, *st.pending):
+        token.lost = True
+    if st.pending:
+        st.pending[0].check.discard()
+    st.pending.clear()
 
 
-def _fast_message(rows, layout: Optional[_Layout], sent: Optional[_Staged], current: bool,
+def _settle(st, token: _Staged, at_backward: bool = True):
+    """Sends every waiting entry (oldest first, several per exchange) if `token` is among
+    them: at the backward of its outputs, before the op's backward (every rank reaches
+    this hook at the same point of its backward), or before a call checked another way."""
+    if token not in st.pending:
+        return  # a later call on the group sent it
+    per_exchange = (ROW - _SETTLE_HEAD) // LAGGED
+    while st.pending:
+        sends = [st.pending.popleft() for _ in range(min(per_exchange, len(st.pending)))]
+        LAGGED_SETTLES[0] += 1
+        col = _exchange(token.op, st, token.check, [_op_code("lasp2.settle"), 0, _AUTO, len(sends), sends[0].seq],
+                        sends)
+        if col >= 0:
+            raise ValueError(_fast_message(token.check.table().tolist(), None, _SETTLE_HEAD, sends, current=False,
+                                           backward=at_backward))
+
+
+class _LaggedVerdict(Verdict):
+    """A call whose device values wait in the ring: the backward of its outputs sends
+    them (if no later call on the group did) before the op's backward runs."""
+
+    __slots__ = ("_st", "_token")
+
+    def __init__(self, st, token):
+        self._st, self._token = st, token
+
+    def _hook(self, grad):
+        if self._token.lost:
+            raise ValueError(
+                f"{self._token.op}: the device values of this call (decay, gate signs) were never compared across "
+                "the ranks (a later call on the group raised first), so its backward does not run; raised on every "
+                "rank")
+        _settle(self._st, self._token)
+        return grad
+
+    def seal(self, *outputs):
+        if torch.is_grad_enabled():
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._hook)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _fast_message(rows, layout: Optional[_Layout], head_len: int, sends, current: bool,
                   backward: bool = False) -> str:
-    first = ROW - LAGGED
-    if layout is not None and any(row[:first] != rows[0][:first] for row in rows):
+    if layout is not None and any(row[:head_len] != rows[0][:head_len] for row in rows):
         return _disagreement(rows, layout)
     where = ""
     if backward:
         where = " (found at the backward of its outputs, before the op's backward ran; raised on every rank)"
     elif not current:
-        where = (" (values of the previous call on this group, compared at this call without waiting for the GPU; "
-                 "raised on every rank)")
-    for i, (name, kind) in enumerate(sent.entries if sent is not None else ()):
-        column = [row[first + i] for row in rows]
-        if kind == _KIND_MAX:
-            raised = [r for r, bits in enumerate(column) if struct.unpack("<d", struct.pack("<q", bits))[0] > 0]
-            if raised:
-                return f"{sent.op}: {name} (on rank(s) {raised} of `group`){where}"
-        elif len(set(column)) != 1:
-            return (f"{sent.op}: ranks of `group` disagree on {name}: differing digests (rank order){where}. Every "
-                    "rank of the sequence-parallel group must call with the same shapes, dtype, options and small "
-                    "arguments.")
+        where = (f" (values of an earlier call on this group, up to {DEPTH} calls back, compared at this call "
+                 "without waiting for the GPU; raised on every rank)")
+    first = ROW - LAGGED * len(sends)
+    for i, token in enumerate(sends):
+        for j, (name, kind) in enumerate(token.entries):
+            column = [row[first + i * LAGGED + j] for row in rows]
+            if kind == _KIND_MAX:
+                raised = [r for r, bits in enumerate(column) if struct.unpack("<d", struct.pack("<q", bits))[0] > 0]
+                if raised:
+                    return f"{token.op}: {name} (on rank(s) {raised} of `group`){where}"
+            elif len(set(column)) != 1:
+                return (f"{token.op}: ranks of `group` disagree on {name}: differing digests (rank order){where}. "
+                        "Every rank of the sequence-parallel group must call with the same shapes, dtype, options "
+                        "and small arguments.")
     return ("lasp2: ranks of `group` sent different consistency rows (different lasp2 versions or "
             "LASP2_CONSISTENCY_CHECK modes?)")
+
+
+def _check_sync(st, op, signature, names, device, host_values, device_values, flags, positive) -> Verdict:
+    """The Python check: every value, device ones included, read at the call."""
+    if st.pending:  # values of earlier "auto" calls wait: send them first
+        _settle(st, st.pending[-1], at_backward=False)
+    flags = list(flags) + [(m, f) for m, t in positive if (f := positive_flag(t)) is not None]
+    fields = len(signature) + len(host_values) + len(device_values) + len(flags)
+    if fields + _HEADER > ROW:
+        raise AssertionError(f"{op}: {fields} consistency fields exceed the row of {ROW}")
+    # the device-value and flag slots are written on the device below (0 here); an
+    # absent device value is digested on the host
+    row = [_op_code(op), fields, _SYNC + 2 * len(signature), *map(int, signature),
+           *(_digest_cached(v) for _, v in host_values),
+           *(0 if t is not None else digest_host(None) for _, t in device_values)]
+    row += [0] * (ROW - len(row))
+    layout = _Layout(op, names, host_values, device_values, flags)
+    side = _side_stream(device, device_values, flags)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        mine, gathered, table = _row_buffers(st, device, st.world, row)
+        slot = _HEADER + len(signature) + len(host_values)
+        for _, t in device_values:
+            if t is not None:
+                mine[slot].copy_(digest_device(t, device))
+            slot += 1
+        for _, f in flags:  # rank + 1 where set: a flag on every rank still makes the rows differ
+            torch.mul(f.reshape(()), st.rank + 1, out=mine[slot])
+            slot += 1
+        _gather(op, st.group, gathered, mine)
+        rows = table.tolist()  # the host sync (of the side stream, on CUDA)
+    STATS["sync"] += 1
+    if _agree(rows, layout):
+        return NO_CHECK
+    raise ValueError(_disagreement(rows, layout))
 
 
 _SIDE: dict = {}
 
 
 def _side_stream(device: torch.device, device_values, flags):
-    """CUDA: the stream the check runs on, beside the op's kernels instead of between them
-    (its small kernels and the all-gather then cost the op's stream nothing but the
-    seal's wait). It waits for the current stream only when the row reads tensors made
+    """CUDA: the stream the synchronous check runs on, beside the op's kernels instead of
+    between them. It waits for the current stream only when the row reads tensors made
     there (device values, flags), so a row of host values alone is compared as soon as
     it is sent, whatever the queue ahead of it."""
     if not SIDE_STREAM or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
@@ -552,16 +445,13 @@ def _side_stream(device: torch.device, device_values, flags):
 def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):
     """This rank's row on the device (one per distinct host part, so alternating ops copy
     nothing either) and the gathered table, reused across calls: every later write to
-    them is ordered after the collective that read them on the current stream (a
-    synchronous collective makes the current stream wait for it), and an asynchronous
-    verdict's table is copied out first."""
+    them is ordered after the collective that read them (the host read the table)."""
     key = (str(device), world)
     bufs = st.buffers.get(key)
     if bufs is None:
         gathered = torch.empty(world * ROW, dtype=torch.int64, device=device)
-        table = gathered.view(world, ROW)
-        bufs = st.buffers[key] = (gathered, table, table[:1])
-    gathered, table, first = bufs
+        bufs = st.buffers[key] = (gathered, gathered.view(world, ROW))
+    gathered, table = bufs
     row_key = (key, tuple(row))
     mine = st.rows.get(row_key)
     if mine is None:
@@ -570,26 +460,9 @@ def _row_buffers(st: _GroupState, device: torch.device, world: int, row: list):
             staging = staging.pin_memory()  # the caching host allocator keeps it until the copy ran
         mine = st.rows[row_key] = torch.empty(ROW, dtype=torch.int64, device=device)
         mine.copy_(staging, non_blocking=True)
-        if len(st.rows) > _REPLAY_SLOTS:
+        if len(st.rows) > 32:
             st.rows.pop(next(iter(st.rows)))
-    return mine, gathered, table, first
-
-
-def _host_copy(st: _GroupState, gathered: torch.Tensor, device: torch.device):
-    """The gathered table on the host without a sync: a pinned buffer and an event (CUDA),
-    or a copy (CPU). One per group suffices: it is read at the next call on the group (or
-    at the backward) before the next copy is enqueued."""
-    if device.type != "cuda":
-        return gathered.clone(), None
-    key = ("host", gathered.numel())
-    hit = st.buffers.get(key)
-    if hit is None:
-        hit = st.buffers[key] = (torch.empty(gathered.numel(), dtype=torch.int64, pin_memory=True),
-                                 torch.cuda.Event())
-    pinned, event = hit
-    pinned.copy_(gathered, non_blocking=True)
-    event.record()
-    return pinned, event
+    return mine, gathered, table
 
 
 def _gather(op, group, gathered, mine):
@@ -604,60 +477,6 @@ def _gather(op, group, gathered, mine):
 def _agree(rows, layout: _Layout) -> bool:
     return (all(row == rows[0] for row in rows)
             and not any(rows[0][layout.flag_start:layout.flag_start + len(layout.flag_messages)]))
-
-
-def _size_row(row) -> tuple:
-    """The size row (op code, fields, size fields) a gathered row was sent with."""
-    return (row[0], row[1], *row[_HEADER:_HEADER + row[2] // 2])
-
-
-def _after_disagreement(st: _GroupState, rows, message: str):
-    """A synchronous reader found a disagreement. Ranks that went asynchronous run the
-    op's collectives at the predicted sizes: run them too (on zeros), so nobody hangs;
-    then raise now and again at the next call on the group, when they raise."""
-    st.last = None
-    asynchronous = [row for row in rows if row[1] != _FAILED and row[2] % 2 == _ASYNC]
-    if asynchronous:
-        replay = st.replays.get(_size_row(asynchronous[0]))  # what they run (the common prediction)
-        if replay is not None:
-            STATS["replays"] += 1
-            try:
-                replay()
-            except Exception as e:  # noqa: BLE001 - the disagreement is the error to report
-                message += f" (replaying the peers' call at their sizes failed too: {type(e).__name__}: {e})"
-        st.pending = Verdict(message=message + " [raised on every rank; the ranks that checked asynchronously "
-                                               "raise at this call's backward and at their next call on the group]")
-    raise ValueError(message)
-
-
-def _replayer(fn, args, kwargs):
-    """A callable that makes the call fn(*args, **kwargs) again on zeros of the same shapes,
-    dtypes and devices (and requires_grad, grad mode), without checking: the same collectives.
-    Keeps no reference to the call's tensors (only to small ones such as an SPContext)."""
-    grad_mode = torch.is_grad_enabled()
-
-    def meta(x):
-        if isinstance(x, torch.Tensor):
-            return ("tensor", tuple(x.shape), x.dtype, x.device, x.requires_grad)
-        return ("value", x)
-
-    spec_args = [meta(a) for a in args]
-    spec_kwargs = {k: meta(v) for k, v in kwargs.items()}
-
-    def build(m):
-        if m[0] == "tensor":
-            return torch.zeros(m[1], dtype=m[2], device=m[3]).requires_grad_(m[4])
-        return m[1]
-
-    def run():
-        _REPLAYING[0] = True
-        try:
-            with torch.set_grad_enabled(grad_mode):
-                fn(*(build(m) for m in spec_args), **{k: build(m) for k, m in spec_kwargs.items()})
-        finally:
-            _REPLAYING[0] = False
-
-    return run
 
 
 def group_device(group, hint=None) -> torch.device:
@@ -681,13 +500,11 @@ def usable_group(group) -> bool:
 def report_local_failure(op: str, group, hint=None):
     """This rank's arguments failed its own checks: take part in the check's collective
     with a failure row, so the other ranks raise too instead of waiting in a collective
-    this rank never reaches (ranks that went asynchronous get a replay of their call).
-    The caller re-raises its own error afterwards."""
-    if _REPLAYING[0] or not usable_group(group):
+    this rank never reaches. The caller re-raises its own error afterwards."""
+    if not usable_group(group):
         return
     st = _state(group)
-    st.settle()
-    _drop_staged(st)  # every rank raises at this call: the last call's device values go unsent
+    _drop_pending(st)  # every rank raises at this call (the peers drop theirs on seeing this row)
     device = group_device(group, hint)
     mine = torch.zeros(ROW, dtype=torch.int64)
     mine[0], mine[1] = _op_code(op), _FAILED
@@ -698,11 +515,6 @@ def report_local_failure(op: str, group, hint=None):
     except RuntimeError:
         return  # the caller's own error is the one to report
     STATS["sync"] += 1
-    rows = gathered.view(-1, ROW).tolist()
-    try:
-        _after_disagreement(st, rows, _failure_message(op, rows))
-    except ValueError:
-        pass  # the caller raises its own error (the peers get _failure_message)
 
 
 def _failure_message(op, rows) -> str:
@@ -737,6 +549,6 @@ def _disagreement(rows, layout: _Layout) -> str:
         raised = [r for r, row in enumerate(rows) if row[layout.flag_start + i]]
         if raised:
             return f"{op}: {message} (on rank(s) {raised} of `group`)"
-    modes = [row[2] % 2 for row in rows]
-    return (f"{op}: ranks of `group` used different consistency-check modes {modes} (rank order; 1 = "
-            "asynchronous): set LASP2_CONSISTENCY_CHECK alike on every rank")
+    modes = [MODES[row[2] % 2] for row in rows]
+    return (f"{op}: ranks of `group` used different consistency-check modes {modes} (rank order): set "
+            "LASP2_CONSISTENCY_CHECK alike on every rank")

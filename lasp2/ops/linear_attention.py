@@ -195,10 +195,7 @@ def linear_attention(
                          ("`layout`", layout), ("`overlap`", overlap)],
             device_values=[("`decay` values", decay)],
             positive=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", x)
-                      for name, x in (("g", g), ("decay", decay)) if x is not None],
-            replay=(linear_attention, (q, k, v), dict(g=g, decay=decay, scale=scale, layout=layout, overlap=overlap,
-                    provider=provider, sp_context=ctx, initial_state=initial_state,
-                    output_final_state=output_final_state)))
+                      for name, x in (("g", g), ("decay", decay)) if x is not None])
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 
@@ -218,5 +215,5 @@ def linear_attention(
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:
-        return check.seal(o)  # NaN if the ranks' (asynchronously compared) arguments disagree
+        return check.seal(o)  # the backward compares this call's device values first, if no later call did
     return check.seal(o, final.to(initial_state.dtype) if initial_state is not None else final)

@@ -81,14 +81,6 @@ __device__ __forceinline__ float pair_weight(int x, int y, float Gx, float sx, f
   return (y <= x && sx == sy) ? __expf(Gx - Gy) : 0.f;
 }
 
-// Entry weight (times `scale`) of token x: how the state entering the chunk reaches x.
-__device__ __forceinline__ float entry_weight(const float* ms, int x, float scale) {
-  return ms[2 * x + 1] == 0.f ? scale * __expf(ms[2 * x]) : 0.f;
-}
-// Exit weight of token y: how y reaches the state leaving the chunk (G_last, s_last).
-__device__ __forceinline__ float exit_weight(const float* ms, int y, float Gl, float sl) {
-  return ms[2 * y + 1] == sl ? __expf(Gl - ms[2 * y]) : 0.f;
-}
 
 // ---- PTX wrappers --------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

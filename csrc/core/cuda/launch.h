@@ -147,12 +147,6 @@ int tc_dkdv_smem(int D);
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s);
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s);
-// Hopper (sm_90a, wgmma) versions, D = 128 only; the route takes them when
-// sm90a_kernels(pass) (route.h).
-int tc_dkdv_sm90_smem();
-void launch_tc_dkdv_sm90(Elem e, const DkdvArgs& a, cudaStream_t s);
-int tc_fwd_sm90_smem(FwdMode mode);  // kFwd and kDq (tc_forward_sm90.cu)
-void launch_tc_fwd_sm90(Elem e, const FwdArgs& a, FwdMode mode, cudaStream_t s);
 
 // ---- generic path (any dtype, dims <= 256; FMA arithmetic) ----
 // smem bytes with the state in shared memory (the launcher falls back to global

@@ -125,10 +125,7 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
     a.state_bh = se;
     a.state_seg = 0;
   }
-  if (D == 128 && mode != FwdMode::kPrefix && sm90a_kernels(kSm90Fwd) &&
-      tc_fwd_sm90_smem(mode) <= device_info().smem_optin)
-    launch_tc_fwd_sm90(elem_of(p.dtype), a, mode, c.stream);
-  else if (D > 0) launch_tc_fwd(elem_of(p.dtype), D, a, mode, c.stream);
+  if (D > 0) launch_tc_fwd(elem_of(p.dtype), D, a, mode, c.stream);
   else launch_generic_fwd(elem_of(p.dtype), a, mode, smem_state, c.stream);
 }
 
@@ -179,9 +176,7 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
     a.dstate_bh = se;
     a.dstate_seg = 0;
   }
-  if (D == 128 && sm90a_kernels(kSm90Dkdv) && tc_dkdv_sm90_smem() <= device_info().smem_optin)
-    launch_tc_dkdv_sm90(elem_of(p.dtype), a, c.stream);
-  else if (D > 0) launch_tc_dkdv(elem_of(p.dtype), D, a, c.stream);
+  if (D > 0) launch_tc_dkdv(elem_of(p.dtype), D, a, c.stream);
   else launch_generic_dkdv(elem_of(p.dtype), a, smem_state, c.stream);
   if (dg != nullptr && g.nseg > 1) launch_dg_fixup(g, dg, s.seg_dg_sums, dg_offset, c.stream);
 }

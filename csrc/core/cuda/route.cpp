@@ -27,20 +27,7 @@ const DeviceInfo& device_info() {
   int pools = 0;
   cuda_check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "attribute");
   info.pools = pools != 0;
-  int major = 0, minor = 0;
-  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
-  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "attribute");
-  info.cc = 10 * major + minor;
   return cache.emplace(dev, info).first->second;
-}
-
-bool sm90a_kernels(int pass) {
-#ifdef LASP2_CUDA_SM90A
-  return device_info().cc == 90 && (env_int("LASP2_CUDA_WGMMA", kSm90Default) & pass) != 0;
-#else
-  (void)pass;
-  return false;
-#endif
 }
 
 int env_int(const char* name, int fallback) {

@@ -19,21 +19,9 @@ struct DeviceInfo {
   int sms = 1;
   int smem_optin = 48 * 1024;  // opt-in shared memory per block
   bool pools = false;          // stream-ordered allocator (cudaMallocAsync) supported
-  int cc = 0;                  // compute capability, 10 * major + minor
 };
 // The current device's limits (cached per device).
 const DeviceInfo& device_info();
-
-// Whether a pass's Hopper kernel (wgmma, compiled for sm_90a) runs on the current
-// device: the build had sm_90a among its targets (LASP2_CUDA_SM90A), the device is
-// compute capability 9.0, and the pass's bit is set in LASP2_CUDA_WGMMA (default
-// kSm90Default; 0 = the mma.sync kernels everywhere, for A/B runs and tests).
-constexpr int kSm90Dkdv = 1;  // tc_dkdv_sm90.cu
-constexpr int kSm90Fwd = 2;   // tc_forward_sm90.cu (output and dq passes)
-// The passes on by default: those measured correct and faster than mma.sync on an
-// H200 (docs/kernels.md, "Hopper kernels").
-constexpr int kSm90Default = 0;
-bool sm90a_kernels(int pass);
 
 // Integer environment knob, `fallback` when unset or empty.
 int env_int(const char* name, int fallback);

@@ -5,14 +5,17 @@
 // hc = w / (D/16), owns dS rows [16r, +16) (dk dims) x columns [hc D/2, +D/2)
 // (dv dims): half a row block per thread, twice the warps of a "one warp per row
 // block" layout (the pass is latency-bound). Per chunk:
-//   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit);
-//      every warp writes its part of dS (16-bit) to shared memory; entry/exit weights.
+//   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit),
+//      the weights W computed once for both; every warp writes its part of dS
+//      (16-bit) to shared memory; entry/exit weights.
 //   C. warp (r, hc), for the token blocks {hc, 3 - hc} (balanced causal work):
 //              dk^T rows [16r, +16) = dS v^T diag(w_exit) + q^T P2   (dS from smem)
 //              dv^T rows [16r, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
 //      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO;
 //      k . dk per token (fp32, before rounding) -> per-row-block partial sums.
-//   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment.
+//   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
+//   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
+//   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -112,12 +115,40 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
   const bool vrows = 16 * r < dv;
   // This warp's two 16-token output blocks: {hc, 3 - hc} (equal causal work).
   const int tb[2] = {hc, 3 - hc};
+  // warp 0: the chunk whose dg is still to be written (its q.dq per lane, tokens)
+  float pend_qdq[2] = {0.f, 0.f};
+  int pend_nvalid = 0;
+  int64_t pend_t0 = 0;
+  bool pending = false;
+  auto finish_dg = [&]() {  // warp 0, after a barrier that follows the chunk's k.dk writes
+    const int nact = (dk + 15) / 16;
+    float v[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int y = 2 * lane + e;
+      float kd = 0.f;
+      for (int w = 0; w < nact; ++w) kd += red[w * 64 + y];
+      v[e] = y < pend_nvalid ? pend_qdq[e] - kd : 0.f;
+    }
+    float s = v[0] + v[1];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float t = __shfl_down_sync(0xffffffffu, s, o);
+      if (lane + o < 32) s += t;
+    }
+    const float total = __shfl_sync(0xffffffffu, s, 0);
+    if (2 * lane < pend_nvalid) args.dg[bth(g, b, g.begin + pend_t0 + 2 * lane, h)] = carry + s;
+    if (2 * lane + 1 < pend_nvalid)
+      args.dg[bth(g, b, g.begin + pend_t0 + 2 * lane + 1, h)] = carry + s - v[0];
+    carry += total;
+  };
 
   if (c_begin < c_end) load(c_end - 1, 0);
   for (int c = c_end - 1; c >= c_begin; --c) {
     const int stage = (c_end - 1 - c) & 1;
     cp_async_wait_all();
     __syncthreads();
+    if (has_dg && warp == 0 && pending) finish_dg();  // the previous (later) chunk
     if (c - 1 >= c_begin) load(c - 1, stage ^ 1);
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
@@ -136,8 +167,22 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
       entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
       extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
     }
-    tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, P1s, warp, lane);
-    tc_scores<T, D, NW>(Os, Vs, ms, args.scale, P2s, warp, lane);
+    {
+      const T* const as[2] = {Qs, Os};
+      const T* const bs[2] = {Ks, Vs};
+      T* const ps[2] = {P1s, P2s};
+      tc_scores<T, D, NW, 2>(as, bs, ms, args.scale, ps, warp, lane);
+    }
+    if (has_dg && warp == 0) {  // this chunk's q.dq, before its stage is refilled
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int y = 2 * lane + e;
+        pend_qdq[e] = y < nvalid ? qdq_s[stage * 64 + y] : 0.f;
+      }
+      pend_nvalid = nvalid;
+      pend_t0 = t0;
+      pending = true;
+    }
     {  // every warp writes its part (zeros past dk): the products may read all D rows
 #pragma unroll
       for (int j = 0; j < HC / 8; ++j) {
@@ -308,32 +353,12 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
         }
       }
     }
-    if (has_dg) {
-      __syncthreads();
-      if (warp == 0) {
-        const int nact = (dk + 15) / 16;
-        float v[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int y = 2 * lane + e;
-          float kd = 0.f;
-          for (int w = 0; w < nact; ++w) kd += red[w * 64 + y];
-          v[e] = y < nvalid ? qdq_s[stage * 64 + y] - kd : 0.f;
-        }
-        float s = v[0] + v[1];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const float t = __shfl_down_sync(0xffffffffu, s, o);
-          if (lane + o < 32) s += t;
-        }
-        const float total = __shfl_sync(0xffffffffu, s, 0);
-        if (2 * lane < nvalid) args.dg[bth(g, b, g.begin + t0 + 2 * lane, h)] = carry + s;
-        if (2 * lane + 1 < nvalid) args.dg[bth(g, b, g.begin + t0 + 2 * lane + 1, h)] = carry + s - v[0];
-        carry += total;
-      }
-    }
   }
   cp_async_wait_all();
+  if (has_dg) {
+    __syncthreads();
+    if (warp == 0 && pending) finish_dg();  // the segment's first chunk
+  }
   if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
 }
 

@@ -40,37 +40,46 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
   }
 }
 
-// P = scale * W o (A B^T) for one 64-token chunk (A, B: [token][dim] tiles whose
-// columns past the head dim are zero), W the causal decay/document mask from the chunk's meta;
-// written as 16-bit values to Ps [64][kLdP]. Warp w (of NW = 4, 8 or 16) computes rows
-// [16 (w % 4), +16) x an n-range of 64 / (NW / 4) columns; 16 x 16 key blocks
-// above the diagonal are skipped and left unwritten (no consumer reads them).
-template <typename T, int D, int NW>
-__device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms,
-                                          float scale, T* Ps, int warp, int lane) {
+// P_i = scale * W o (A_i B_i^T), i < N, for one 64-token chunk (A_i, B_i: [token][dim]
+// tiles whose columns past the head dim are zero), W the causal decay/document mask
+// from the chunk's meta; written as 16-bit values to Ps[i] [64][kLdP]. Warp w (of
+// NW = 4, 8 or 16) computes rows [16 (w % 4), +16) x an n-range of 64 / (NW / 4)
+// columns; 16 x 16 key blocks above the diagonal are skipped and left unwritten (no
+// consumer reads them). With N = 2 (the dk/dv pass: P1 from q, k and P2 from dO, v)
+// the weights are computed once for both products and the two MMA chains interleave.
+template <typename T, int D, int NW, int N = 1>
+__device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* const (&Bs)[N],
+                                          const float* ms, float scale, T* const (&Ps)[N],
+                                          int warp, int lane) {
   static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
   const int mt = warp & 3;
   const int nt0 = (warp >> 2) * NPW;
   if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
-  float acc[NPW][4];
+  float acc[N][NPW][4];
 #pragma unroll
-  for (int j = 0; j < NPW; ++j)
+  for (int i = 0; i < N; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int j = 0; j < NPW; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
-    uint32_t a[4];
-    ldsm_x4(a, As + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    uint32_t a[N][4];
+#pragma unroll
+    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
 #pragma unroll
     for (int np = 0; np < NPW / 2; ++np) {
       const int nt = nt0 + 2 * np;
       if (8 * nt <= 16 * mt + 15) {
-        uint32_t bb[4];
-        ldsm_x4(bb, Bs + frag_b_nk(lane, 16 * kk, 8 * nt, LD));
-        mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
-        mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          uint32_t bb[4];
+          ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * nt, LD));
+          mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
+          mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
+        }
       }
     }
   }
@@ -86,10 +95,20 @@ __device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float*
       const float Gx = ms[2 * x], sx = ms[2 * x + 1];
       const float w0 = scale * pair_weight(x, y, Gx, sx, ms[2 * y], ms[2 * y + 1]);
       const float w1 = scale * pair_weight(x, y + 1, Gx, sx, ms[2 * y + 2], ms[2 * y + 3]);
-      *reinterpret_cast<uint32_t*>(Ps + x * kLdP + y) =
-          pack2<T>(acc[j][2 * hf] * w0, acc[j][2 * hf + 1] * w1);
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        *reinterpret_cast<uint32_t*>(Ps[i] + x * kLdP + y) =
+            pack2<T>(acc[i][j][2 * hf] * w0, acc[i][j][2 * hf + 1] * w1);
     }
   }
+}
+template <typename T, int D, int NW>
+__device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms, float scale,
+                                          T* Ps, int warp, int lane) {
+  const T* const a[1] = {As};
+  const T* const b[1] = {Bs};
+  T* const p[1] = {Ps};
+  tc_scores<T, D, NW, 1>(a, b, ms, scale, p, warp, lane);
 }
 
 }  // namespace lasp2::cuda

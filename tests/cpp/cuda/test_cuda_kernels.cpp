@@ -65,7 +65,6 @@ struct OpCase {
   int seg_chunks = 2;  // 0: the backend's own choice
   bool force_generic = false;
   int64_t B = 2, H = 2;
-  int wgmma = -1;  // >= 0: LASP2_CUDA_WGMMA for this case (the Hopper kernels' passes)
 };
 
 std::vector<double> random_vec(size_t n, uint32_t seed, double sd = 1.0) {
@@ -183,7 +182,6 @@ void expect_state(const OpCase& c, const char* op, const DevBuf<float>& d, const
 void run_case(const OpCase& c) {
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
   EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
-  EnvGuard wg("LASP2_CUDA_WGMMA", c.wgmma >= 0 ? std::to_string(c.wgmma) : "");
   const Problem<double> pr = make_problem(c, 1000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
@@ -421,19 +419,6 @@ std::vector<OpCase> op_cases() {
     c.H = 5;
     c.docs = docs;
     cases.push_back(c);
-  }
-  {  // every 16-bit case of tile D = 128 again with the Hopper (wgmma) kernels of all
-     // passes switched on (on other devices the route keeps the mma.sync kernels)
-    const size_t n = cases.size();
-    for (size_t i = 0; i < n; ++i) {
-      OpCase c = cases[i];
-      if (c.dtype == ScalarType::kFloat32 || c.force_generic || std::max(c.dk, c.dv) <= 64 ||
-          std::max(c.dk, c.dv) > 128)
-        continue;
-      c.name += "_wgmma";
-      c.wgmma = 3;
-      cases.push_back(c);
-    }
   }
   return cases;
 }

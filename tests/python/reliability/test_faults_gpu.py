@@ -73,3 +73,122 @@ def test_native_nccl_watchdog_releases_a_dead_peer():
     assert released, "the stream stayed stuck after the peer exited"
     assert "NCCL communicator" in message and ("timed out" in message or "failed" in message
                                                or "aborted" in message), message
+
+
+# Issue 13.6 on GPUs with the default (torch) communicator: the op's and the check's
+# collectives run through the caller's ProcessGroupNCCL. With TORCH_NCCL_BLOCKING_WAIT=1
+# a collective that does not complete within the group's timeout raises on the host (the
+# watchdog aborts the communicator), which lasp2 turns into an error naming the op and
+# the group; the process stays usable for single-device calls. Two GPUs needed: NCCL
+# refuses two ranks on one GPU, so these never ran on the one-GPU machine.
+NCCL_TIMEOUT = 10.0
+
+
+def _cuda_qkv(rank, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device("cuda", rank)
+    return [torch.randn(1, 256, 2, 64, generator=gen).to(device).requires_grad_() for _ in range(3)]
+
+
+def _cuda_usable(rank):
+    """A single-device call after the failure works."""
+    import lasp2
+
+    q, k, v = _cuda_qkv(rank, seed=5)
+    o = lasp2.linear_attention(q, k, v)
+    torch.cuda.synchronize(rank)
+    return bool(torch.isfinite(o).all())
+
+
+def _nccl_peer_skips(rank, world, op_name):
+    import time
+
+    import torch.distributed as dist
+
+    import lasp2
+
+    if rank == 1:
+        time.sleep(NCCL_TIMEOUT * 3)  # never calls the op: rank 0's check times out
+        os._exit(0)
+    q, k, v = _cuda_qkv(rank)
+    try:
+        getattr(lasp2, op_name)(q, k, v, group=dist.group.WORLD)
+        torch.cuda.synchronize(rank)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    return message, _cuda_usable(rank)
+
+
+def _nccl_peer_exits_before_backward(rank, world):
+    import torch.distributed as dist
+
+    import lasp2
+
+    q, k, v = _cuda_qkv(rank, seed=rank)
+    o = lasp2.linear_attention(q, k, v, group=dist.group.WORLD)
+    torch.cuda.synchronize(rank)
+    if rank == 1:
+        os._exit(0)  # gone: rank 0's backward (its collectives, or the hook's check) waits for it
+    try:
+        o.sum().backward()
+        torch.cuda.synchronize(rank)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    return message, _cuda_usable(rank)
+
+
+def _nccl_peer_rejects_its_arguments(rank, world):
+    import torch.distributed as dist
+
+    import lasp2
+
+    q, k, v = _cuda_qkv(rank)
+    try:
+        lasp2.linear_attention(q, k, v, group=dist.group.WORLD, scale="x" if rank == 1 else None)
+        message = "no error"
+    except (ValueError, TypeError) as e:
+        message = str(e)
+    o = lasp2.linear_attention(q, k, v, group=dist.group.WORLD)  # the group is still in step
+    o.sum().backward()
+    torch.cuda.synchronize(rank)
+    return message, bool(torch.isfinite(q.grad).all())
+
+
+def _run_nccl(fn, *args, monkeypatch):
+    from rel_helpers import run_world
+
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    return run_world(2, fn, *args, timeout=NCCL_TIMEOUT * 8, pg_timeout=NCCL_TIMEOUT, backend="nccl")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("op_name", ["linear_attention", "softmax_attention"])
+def test_nccl_rank_that_skips_the_call_raises_naming_op_and_group(op_name, monkeypatch):
+    results = _run_nccl(_nccl_peer_skips, op_name, monkeypatch=monkeypatch)
+    kind, value = results[0]
+    assert kind == "ok", f"rank 0 did not survive: {results[0]}"
+    message, usable = value
+    assert f"lasp2.{op_name}" in message and "process group" in message, message
+    assert usable
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_peer_exit_before_backward_raises_naming_the_group(monkeypatch):
+    results = _run_nccl(_nccl_peer_exits_before_backward, monkeypatch=monkeypatch)
+    kind, value = results[0]
+    assert kind == "ok", f"rank 0 did not survive: {results[0]}"
+    message, usable = value
+    assert "process group" in message and ("failed" in message or "timed out" in message.lower()), message
+    assert usable
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_peer_that_rejects_its_arguments_makes_every_rank_raise(monkeypatch):
+    results = _run_nccl(_nccl_peer_rejects_its_arguments, monkeypatch=monkeypatch)
+    (kind0, (m0, ok0)), (kind1, (m1, ok1)) = results[0], results[1]
+    assert kind0 == kind1 == "ok", results
+    assert "rejected their arguments" in m0 and "`scale`" in m1, (m0, m1)
+    assert ok0 and ok1

@@ -1,10 +1,11 @@
 """Issue 13.3, the default per-call check (lasp2/ops/_group_consistency.py, "auto"; the C++
 GroupCheck of csrc/torch/group_check.h): sizes, options and host values are compared at
-the call; device values (decay bits, positive gates) are compared at the NEXT exchange on
-the group (the next call, or the backward of the call's outputs), which on CUDA keeps
-the host from waiting for the GPU's queue. Forced onto CPU tensors over gloo here
-(LAG_ON_CPU): every rank raises the same ValueError at the same point, nobody hangs,
-and the group stays usable."""
+the call; device values (decay bits, positive gates) are staged into a ring and compared
+DEPTH calls later on the group, or at the backward of the call's outputs, which on CUDA
+keeps the host from waiting for the GPU's queue. Forced onto CPU tensors over gloo here
+(LAG_ON_CPU, DEPTH = 2): every rank raises the same ValueError at the same point, nobody
+hangs, no gradient of a call with uncompared values is computed, and the group stays
+usable."""
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ def _error(fn):
 def _scenarios(rank, world):
     from lasp2.ops import _group_consistency as GC
 
-    GC.LAG_ON_CPU = True
+    GC.LAG_ON_CPU, GC.DEPTH = True, 2
     W = dist.group.WORLD
     out = {}
     same = torch.tensor([-0.1, -0.2], dtype=torch.float64)
@@ -46,9 +47,11 @@ def _scenarios(rank, world):
     want = lasp2.linear_attention(*full, decay=same)[:, rank * 8:(rank + 1) * 8]
     out["value_ok"] = torch.allclose(o, want, rtol=1e-6, atol=1e-6)  # SP vs one device: 1e-7 either mode
 
-    # differing decay values: the call returns, the next call on the group raises (every rank)
+    # differing decay values: the call returns, and so does the next; the DEPTH-th call
+    # after it raises on every rank (calls without device values count too)
     out["decay_call"] = _error(lambda: la(decay=mine))
     out["decay_next"] = _error(lambda: la())
+    out["decay_depth"] = _error(lambda: la())
     out["after_decay"] = _error(lambda: la(decay=same))  # usable again (and this call's values agree)
 
     # ... or the backward of its outputs raises, before the op's backward
@@ -60,8 +63,8 @@ def _scenarios(rank, world):
     out["settles"] = GC.LAGGED_SETTLES[0]
     out["after_backward"] = _error(lambda: la())
 
-    # agreeing values, backward: the hook's exchange finds nothing; a later call already
-    # sent the values of an earlier one, so its hook sends nothing
+    # agreeing values, backward: the first hook sends every waiting entry in one exchange,
+    # the second hook finds its values sent
     q, k, v = _qkv(grad=True)
     o1 = lasp2.linear_attention(q, k, v, decay=same, group=W)
     o2 = lasp2.linear_attention(q, k, v, decay=same, group=W)
@@ -77,10 +80,15 @@ def _scenarios(rank, world):
     flagged(False)
     out["flag_call"] = _error(lambda: flagged(rank == 1))
     out["flag_next"] = _error(lambda: flagged(False))
+    out["flag_depth"] = _error(lambda: flagged(False))
 
-    # a size disagreement while values wait: raised at the call, the waiting values dropped
-    la(decay=mine)
+    # a size disagreement while values wait: raised at the call; the waiting values are
+    # dropped on every rank, so the backward of their outputs raises instead of running
+    q, k, v = _qkv(grad=True)
+    o = lasp2.linear_attention(q, k, v, decay=same, group=W)
     out["sizes"] = _error(lambda: lasp2.linear_attention(*_qkv(T=8 if rank == 0 else 4), group=W))
+    out["lost_backward"] = _error(lambda: o.sum().backward())
+    out["lost_no_grad"] = q.grad is None
     out["after_sizes"] = _error(lambda: la())
 
     # a rank whose own argument check fails while values wait: everybody raises, then works
@@ -90,24 +98,25 @@ def _scenarios(rank, world):
     return out
 
 
-def test_device_values_are_compared_at_the_next_exchange_on_every_rank():
+def test_device_values_are_compared_depth_calls_later_on_every_rank():
     results = assert_all_ok(run_world(2, _scenarios, timeout=240))
     r0, r1 = results[0], results[1]
     assert r0["exchanges"] == r1["exchanges"] == 2  # one collective per call
     assert r0["value_ok"] and r1["value_ok"]
     for r in (r0, r1):
-        assert r["decay_call"] is None
-        assert "`decay` values" in r["decay_next"] and "previous call" in r["decay_next"]
+        assert r["decay_call"] is None and r["decay_next"] is None
+        assert "`decay` values" in r["decay_depth"] and "earlier call" in r["decay_depth"]
         assert r["after_decay"] is None
         assert "`decay` values" in r["decay_backward"] and "backward" in r["decay_backward"]
         assert r["no_grad_reached"] and r["settles"] == 1
         assert r["after_backward"] is None
         assert r["clean_backward_settles"] == 1 and r["grad_finite"]
-        assert r["flag_call"] is None
-        assert "positive log gates (on rank(s) [1]" in r["flag_next"]
+        assert r["flag_call"] is None and r["flag_next"] is None
+        assert "positive log gates (on rank(s) [1]" in r["flag_depth"]
         assert "local sequence length" in r["sizes"]
+        assert "never compared" in r["lost_backward"] and r["lost_no_grad"]
         assert r["after_sizes"] is None
         assert r["after_failure"] is None
-    for key in ("decay_next", "decay_backward", "flag_next", "sizes"):
+    for key in ("decay_depth", "decay_backward", "flag_depth", "sizes", "lost_backward"):
         assert r0[key] == r1[key], f"{key}: ranks must raise the same error"
     assert "`scale`" in r0["local_failure"] and "rejected their arguments" in r1["local_failure"]
