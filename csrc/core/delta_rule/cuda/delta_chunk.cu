@@ -129,8 +129,16 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
   __syncthreads();
 }
 
+// Blocks an SM that prep's shared memory allows at d = 128 (228 KiB on sm_90, 164 KiB
+// on sm_80), held by the register bound (128 registers a thread for four).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kPrepBlocksPerSm = 3;
+#else
+constexpr int kPrepBlocksPerSm = 4;
+#endif
+
 template <typename T, int D>
-__global__ void __launch_bounds__(NT, 4) prep_kernel(Problem p, ChunkPrep out) {  // 4 blocks an SM: <= 128 registers
+__global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
