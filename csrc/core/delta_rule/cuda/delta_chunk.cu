@@ -17,18 +17,22 @@ namespace lasp2::delta::gpu {
 namespace {
 
 // ---- prep: meta, T = (I + L)^-1, w, u ----------------------------------------------------
-// L and T in fp32 [64][LDL]; once T is read into registers their bytes hold the 16-bit
-// tw, tu tiles (so that three blocks of d = 128 fit an SM).
+// L and T in fp32 [64][LDL]. Once T is read into registers, V is loaded over T's bytes
+// and L's hold the 16-bit tw tile, then (after w) the tu tile: 51 KiB a block at d = 128,
+// four blocks an SM (V beside T from the start, three: 0.89 against 0.80 ms at T = 64K,
+// H = 16 on an H200, docs/delta_rule.md).
 template <typename T, int D>
 struct PrepSmem {
   static constexpr int LD = TcTile<D>::LD;
+  static constexpr int kTmBytes = CH * LDL * 4, kVBytes = CH * LD * static_cast<int>(sizeof(T));
   T k[CH * LD];
-  T v[CH * LD];
   float L[CH * LDL];
-  float Tm[CH * LDL];
+  alignas(16) unsigned char tv[kTmBytes > kVBytes ? kTmBytes : kVBytes];  // T (fp32), then V
   float bt[CH], G[CH], s[CH];
+  __device__ float* Tm() { return reinterpret_cast<float*>(tv); }
+  __device__ T* v() { return reinterpret_cast<T*>(tv); }
 };
-static_assert(2 * CH * kLdP * 2 <= 2 * CH * LDL * 4, "tw, tu fit where L and T were");
+static_assert(CH * kLdP * 2 <= CH * LDL * 4, "tw (and later tu) fit where L was");
 
 // T = (I + L)^-1 of a strictly lower-triangular 64 x 64 L, in fp32, blocked by 16:
 // the diagonal blocks by substitution (warp w, lane j solves column j of block w in
@@ -125,15 +129,22 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
   __syncthreads();
 }
 
+// Blocks an SM that prep's shared memory allows at d = 128 (228 KiB on sm_90, 164 KiB
+// on sm_80), held by the register bound (128 registers a thread for four).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kPrepBlocksPerSm = 3;
+#else
+constexpr int kPrepBlocksPerSm = 4;
+#endif
+
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
+__global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
   if (warp == 0) {
     // tokens 2 lane, 2 lane + 1: the cumulative gate G and segment index s by a warp
@@ -202,43 +213,43 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
       }
   }
   __syncthreads();
-  invert_unit_lower(sm.L, sm.Tm, tid);
-  {  // tw = T diag(beta e^G [s = 0]), tu = T diag(beta) (16-bit) over L and T
-    constexpr int kPer = CH * CH / NT;
+  invert_unit_lower(sm.L, sm.Tm(), tid);
+  // tw = T diag(beta e^G [s = 0]), tu = T diag(beta) (16-bit); w = tw K, u = tu V
+  constexpr int kPer = CH * CH / NT;
+  T tu[kPer];  // held here while w is formed
+  {
     float t[kPer];
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
-      t[i] = y <= x ? sm.Tm[x * LDL + y] : 0.f;
-    }
-    if (out.t != nullptr) {  // the backward's copy of T
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) static_cast<T*>(out.t)[cp.row0 * CH + tid + NT * i] = from_float<T>(t[i]);
+      t[i] = y <= x ? sm.Tm()[x * LDL + y] : 0.f;
     }
     __syncthreads();
+    // T is in registers: V over its bytes, in flight while tw and w are formed
+    load_tile<T, D, NT>(sm.v(), rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+    cp_async_commit();
     T* tw = reinterpret_cast<T*>(sm.L);
-    T* tu = tw + CH * kLdP;
+    T* const tcopy = out.t != nullptr ? static_cast<T*>(out.t) + cp.row0 * CH + tid : nullptr;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       const float entry = sm.s[y] == 0.f ? __expf(sm.G[y]) : 0.f;
       tw[x * kLdP + y] = from_float<T>(t[i] * sm.bt[y] * entry);
-      tu[x * kLdP + y] = from_float<T>(t[i] * sm.bt[y]);
+      tu[i] = from_float<T>(t[i] * sm.bt[y]);
+      if (tcopy != nullptr) tcopy[NT * i] = from_float<T>(t[i]);  // the backward's copy of T
     }
   }
   __syncthreads();
-  const T* tw = reinterpret_cast<const T*>(sm.L);
-#pragma unroll
-  for (int which = 0; which < 2; ++which) {
+  // acc = A (16-bit [64][kLdP], lower triangular: key blocks past the warp's own are
+  // zero) x B (a [64][LD] tile) into dst's chunk rows
+  auto product = [&](const T* A, const T* Bm, void* dst_base) {
     float acc[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    // T is lower triangular: key blocks past the warp's own are zero
-    mma_rows<T, D / 8, false>(acc, which == 0 ? tw : tw + CH * kLdP, kLdP, which == 0 ? sm.k : sm.v, LD,
-                              16 * warp, 0, warp + 1, lane);
-    T* dst = static_cast<T*>(which == 0 ? out.w : out.u) + cp.row0 * D;
+    mma_rows<T, D / 8, false>(acc, A, kLdP, Bm, LD, 16 * warp, 0, warp + 1, lane);
+    T* dst = static_cast<T*>(dst_base) + cp.row0 * D;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
@@ -246,7 +257,19 @@ __global__ void __launch_bounds__(NT) prep_kernel(Problem p, ChunkPrep out) {
         const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
         store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
+  };
+  const T* tw = reinterpret_cast<const T*>(sm.L);
+  product(tw, sm.k, out.w);
+  __syncthreads();  // every warp is past tw: tu takes its place
+  T* tu_s = reinterpret_cast<T*>(sm.L);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = tid + NT * i, x = e / CH, y = e % CH;
+    tu_s[x * kLdP + y] = tu[i];
   }
+  cp_async_wait_all();
+  __syncthreads();
+  product(tu_s, sm.v(), out.u);
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -706,9 +729,9 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
-// blocks' reads of w and K, measured slower: 2.40 against 1.48 ms at T = 64K, H = 16,
-// D = 128 on an H200, in one run that shared the GPU with another process's autotuning;
-// the kernel keeps C as a parameter). Ring depth 4 when the blocks fit the device in one wave (one block an SM),
+// blocks' reads of w and K, measured slower: 2.29 to 2.40 against 1.46 ms at T = 64K,
+// H = 16, D = 128 on an H200, with 4 or 8 warps; docs/delta_rule.md; the kernel keeps C
+// as a parameter). Ring depth 4 when the blocks fit the device in one wave (one block an SM),
 // else 2 (two blocks an SM hide each other's loads).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
