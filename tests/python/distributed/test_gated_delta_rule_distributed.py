@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2_testing.checks import assert_rel
+from lasp2_testing.compiled import assert_compiled_matches_eager
 from lasp2_testing.dist import run_distributed
 
 # (kind, split, packed)
@@ -162,10 +163,6 @@ def check_compiled(rank, world, group):
                           provider=provider, cu_seqlens=cu)
             return (o * local(do)).sum() + (final * dF).sum()
 
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        got = torch.autograd.grad(compiled(*leaves), leaves)
-        ref_leaves = [x.clone().requires_grad_() for x in inputs]
-        want = torch.autograd.grad(f(*ref_leaves), ref_leaves)
-        for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want):
-            assert_rel(a, b, 1e-12, f"compiled {kind} {provider} d{name}, rank {rank}")
+        assert_compiled_matches_eager(
+            f, inputs, ("q", "k", "v", "g", "beta", "initial_state"),
+            compare=lambda name, a, b: assert_rel(a, b, 1e-12, f"compiled {kind} {provider} d{name}, rank {rank}"))

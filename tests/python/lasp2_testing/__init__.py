@@ -5,4 +5,5 @@ tests/python on pytest's path):
   checks     the relative-error measure every numerical assertion uses
   dist       runs a test body on several processes joined by a process group
   errors     the one scaffold every bad-input test is written with
+  compiled   a fullgraph-compiled function's gradients against eager
 """

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2.ops import _delta_library
+from lasp2_testing.compiled import assert_compiled_matches_eager
 
 OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
 def _inputs(kind, B=2, T=9, H=2, K=4, V=3, dtype=torch.float32, seed=0):
@@ -56,13 +58,7 @@ def test_compile_fullgraph_matches_eager_with_states(kind):
         o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
         return o.square().sum() + (final * final.detach()).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    grads = torch.autograd.grad(compiled(*leaves), leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in inputs]
-    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    assert_compiled_matches_eager(f, inputs, NAMES)
 
 
 @pytest.mark.parametrize("kind", ["gdn", "kda"])
@@ -79,12 +75,7 @@ def test_compile_fullgraph_packed_documents(kind):
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for cu in (torch.tensor([0, 5, 7, 12]), torch.tensor([0, 1, 11, 12])):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-        grads = torch.autograd.grad(compiled(*leaves, cu), leaves)
-        ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-        ref_grads = torch.autograd.grad(f(*ref_leaves, cu), ref_leaves)
-        for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
-            torch.testing.assert_close(a, b, msg=lambda m: f"{cu.tolist()} d{name}: {m}")
+        assert_compiled_matches_eager(f, (q, k, v, g, beta, h0), NAMES, cu, compiled=compiled)
     with pytest.raises(ValueError, match="`cu_seqlens` must be strictly increasing"):
         compiled(q, k, v, g, beta, h0, torch.tensor([0, 5, 5, 12]))
 
@@ -163,11 +154,7 @@ def test_cuda_opcheck_and_compile_with_states(kind):
         o, final = OPS[kind](q, k, v, g, beta, initial_state=h0, output_final_state=True)
         return o.square().sum() + (final * final.detach()).sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    grads = torch.autograd.grad(compiled(*leaves), leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in inputs]
-    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
-        # dq, dk, dg, dbeta are sums of fp32 atomics on CUDA: equal up to their order
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+    # dq, dk, dg, dbeta are sums of fp32 atomics on CUDA: equal up to their order
+    close = lambda name, a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4,  # noqa: E731
+                                                          msg=lambda m: f"d{name}: {m}")
+    assert_compiled_matches_eager(f, inputs, NAMES, backend="inductor", compare=close)

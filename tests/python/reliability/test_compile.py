@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2.ops import _library, _softmax_library
+from lasp2_testing.compiled import assert_compiled_matches_eager
 
 
 def _inputs(seed=0, dtype=torch.float32):
@@ -58,13 +59,7 @@ def test_compile_fullgraph_with_documents_from_sp_context():
         s = lasp2.softmax_attention(q, k, v, sp_context=ctx)
         return o.square().sum() + (final * final.detach()).sum() + s.square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    grads = torch.autograd.grad(compiled(*leaves), leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    ref_grads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
-    for name, a, b in zip(("q", "k", "v", "g", "initial_state"), grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    assert_compiled_matches_eager(f, (q, k, v, g, h0), ("q", "k", "v", "g", "initial_state"))
 
 
 def test_compiled_graph_still_rejects_positive_gates():
