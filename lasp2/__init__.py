@@ -12,6 +12,7 @@ from lasp2.distributed import SPContext, build_sp_context, gather_sequence, glob
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.ops.linear_attention import linear_attention
 from lasp2.ops.softmax_attention import softmax_attention
+from lasp2.ops._group_consistency import settle_consistency_checks
 from lasp2 import nn, options
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "linear_attention",
     "nn",
     "options",
+    "settle_consistency_checks",
     "softmax_attention",
     "split_sequence",
 ]

@@ -54,7 +54,8 @@ def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch
     """Validates global cu_seqlens (documents of a packed sequence), ending at
     `global_len` unless that is None, and returns them as an int64 CPU tensor."""
     check_cu_seqlens_form(owner, cu_seqlens)
-    values = cu_seqlens.detach().to("cpu", torch.int64)
+    # a copy: the context keeps it, and a caller's buffer refilled in place must not change it
+    values = cu_seqlens.detach().to("cpu", torch.int64, copy=True)
     if values[0].item() != 0:
         raise ValueError(f"{owner}: `cu_seqlens` must start at 0, got {values[0].item()}")
     if bool((values[1:] < values[:-1]).any()):

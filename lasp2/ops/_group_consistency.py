@@ -226,6 +226,20 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     return _check_sync(st, op, signature, names, device, host_values, device_values, flags, positive)
 
 
+def settle_consistency_checks(group=None) -> None:
+    """Compares now the device values (`decay` digests, positive-gate flags) of the last
+    calls on `group` (every group used so far when None) that still wait in the check's
+    ring: with the default check they are compared up to DEPTH calls later or at the
+    backward of their outputs, so a forward-only run (evaluation, inference) should call
+    this at its end. Raises the same ValueError on every rank if they disagree. A
+    collective when something waits: call it on every rank of the group at the same point
+    (every rank made the same calls, so they agree on what waits)."""
+    states = [_state(group)] if group is not None else list(_STATES.values())
+    for st in states:
+        if st.pending:
+            _settle(st, st.pending[-1], at_backward=False)
+
+
 _KIND_DIGEST, _KIND_MAX = 0, 1  # csrc/torch/group_check.h, GroupCheck::Kind
 
 
@@ -302,8 +316,11 @@ def _exchange(op, st, gc, head, sends) -> int:
     try:
         return gc.exchange(head, [t.seq for t in sends], max_slots)
     except RuntimeError as e:
-        for token in sends:  # never compared: their outputs' backward must not run
-            token.lost = True
+        # never compared: the sent entries and every one still waiting (their outputs'
+        # backward must not run); the ring's slots are free again, so later calls on the
+        # group stage as on a fresh ring instead of failing on entries nobody will send
+        _drop_pending(st, sends)
+        gc.discard()
         raise RuntimeError(
             f"{op}: the cross-rank consistency check over process group {_group_label(st.group)} failed "
             f"(did a rank skip this call, exit, or time out?): {e}") from e
@@ -333,6 +350,7 @@ def _settle(st, token: _Staged, at_backward: bool = True):
         col = _exchange(token.op, st, token.check, [_op_code("lasp2.settle"), 0, _AUTO, len(sends), sends[0].seq],
                         sends)
         if col >= 0:
+            _drop_pending(st, sends)  # every rank raises here: nothing left is compared any more
             raise ValueError(_fast_message(token.check.table().tolist(), None, _SETTLE_HEAD, sends, current=False,
                                            backward=at_backward))
 
@@ -365,6 +383,8 @@ class _LaggedVerdict(Verdict):
 
 def _fast_message(rows, layout: Optional[_Layout], head_len: int, sends, current: bool,
                   backward: bool = False) -> str:
+    if any(row[1] == _FAILED for row in rows):  # a peer's own argument checks failed
+        return _failure_message(layout.op if layout is not None else sends[0].op if sends else "lasp2", rows)
     if layout is not None and any(row[:head_len] != rows[0][:head_len] for row in rows):
         return _disagreement(rows, layout)
     where = ""

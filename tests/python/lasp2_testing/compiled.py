@@ -23,6 +23,8 @@ def assert_compiled_matches_eager(f: Callable, inputs: Sequence[torch.Tensor], n
     want)` replaces torch.testing.assert_close."""
     if compiled is None:
         compiled = torch.compile(f, fullgraph=True, backend=backend)
+    if len(names) != len(inputs):
+        raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
     got, want = loss_grads(compiled, inputs, *extra), loss_grads(f, inputs, *extra)
     for name, a, b in zip(names, got, want):
         if compare is None:

@@ -95,6 +95,15 @@ def _scenarios(rank, world):
     la(decay=same)
     out["local_failure"] = _error(lambda: la(scale="x" if rank == 0 else None))
     out["after_failure"] = _error(lambda: la())
+
+    # a forward-only run's last calls: settle_consistency_checks compares what waits
+    with torch.no_grad():
+        la(decay=mine)
+    out["settle_mismatch"] = _error(lambda: lasp2.settle_consistency_checks(W))
+    out["settle_again"] = _error(lambda: lasp2.settle_consistency_checks(W))  # nothing waits
+    with torch.no_grad():
+        la(decay=same)
+    out["settle_clean"] = _error(lambda: lasp2.settle_consistency_checks())
     return out
 
 
@@ -117,6 +126,8 @@ def test_device_values_are_compared_depth_calls_later_on_every_rank():
         assert "never compared" in r["lost_backward"] and r["lost_no_grad"]
         assert r["after_sizes"] is None
         assert r["after_failure"] is None
-    for key in ("decay_depth", "decay_backward", "flag_depth", "sizes", "lost_backward"):
+        assert "`decay` values" in r["settle_mismatch"] and "earlier call" in r["settle_mismatch"]
+        assert r["settle_again"] is None and r["settle_clean"] is None
+    for key in ("decay_depth", "decay_backward", "flag_depth", "sizes", "lost_backward", "settle_mismatch"):
         assert r0[key] == r1[key], f"{key}: ranks must raise the same error"
     assert "`scale`" in r0["local_failure"] and "rejected their arguments" in r1["local_failure"]
