@@ -203,8 +203,7 @@ def _with_boundaries(ctx: SPContext) -> SPContext:
     """Reads cu_seqlens' values once, where the context is built: a compiled function
     that takes the context then sees python ints, not a tensor whose values it cannot
     trace (the ops' checks and the per-part document maps use them)."""
-    if ctx.cu_seqlens is not None:
-        ctx.__dict__["cu_seqlens_list"] = ctx.cu_seqlens.tolist()
+    ctx.cu_seqlens_list  # noqa: B018 - the memo is filled here, outside any compiled function
     return ctx
 
 

@@ -40,9 +40,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lasp2._extension import _C
-from lasp2.distributed.communicator import get_communicator
+from lasp2.distributed.communicator import get_communicator, group_rank_and_size
 from lasp2.ops import _checks as C
-from lasp2.distributed.communicator import group_rank_and_size
 from lasp2.ops._documents import final_state_grad, local_documents
 from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
@@ -64,26 +63,24 @@ def _value_error(g: Tensor, beta: Tensor) -> Optional[str]:
     so it runs in the kernel: ONE host sync on CUDA for valid values (the flags of every
     test reduced on the device, read together); the message's details only on failure."""
     with torch.no_grad():
-        flags = torch.stack([(g > 0).any(), torch.isnan(g).any(),
-                             ((beta < 0) | (beta > 1) | torch.isnan(beta)).any()])
-        if not bool(flags.any()):
-            return None
-        if g.numel() and bool((g > 0).any()):
+        positive_g, nan_g, bad_beta = torch.stack([
+            (g > 0).any(), torch.isnan(g).any(), ((beta < 0) | (beta > 1) | torch.isnan(beta)).any()]).tolist()
+        if positive_g:
             return (f"`g` holds log gates, which must be <= 0 (max is {g.max().item():.4g}); "
                     "use e.g. -softplus(...) or logsigmoid(...)")
-        if bool(torch.isnan(g).any()):
+        if nan_g:
             return "`g` contains NaN"
-        if beta.numel() and bool(((beta < 0) | (beta > 1) | torch.isnan(beta)).any()):
+        if bad_beta:
             return (f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
                     f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
     return None
 
 
 def _documents(q: Tensor, g: Tensor, cu_seqlens: Optional[Tensor], group, parts: int):
-    """(doc_start, doc_id, head_doc) of this rank from the global cu_seqlens ((None, None,
-    []) without documents); ValueError naming `cu_seqlens` for bad values."""
+    """(doc_start, doc_id, head_doc, boundaries) of this rank from the global cu_seqlens
+    ((None, None, [], None) without documents); ValueError naming `cu_seqlens` for bad values."""
     if cu_seqlens is None:
-        return None, None, []
+        return None, None, [], None
     rank, world = group_rank_and_size(group)
     return local_documents(op_name(g), cu_seqlens, q.shape[1], rank, world, parts, q.device)
 
@@ -98,15 +95,14 @@ def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consist
         error = _value_error(g, beta)
         if error is not None:
             C.fail(op, error)
-        docs = _documents(q, g, cu_seqlens, group, parts)
+        doc_start, doc_id, head_doc, bounds = _documents(q, g, cu_seqlens, group, parts)
     except ValueError:
         report_local_failure(op, group, q)
         raise
     if group is not None and consistency:
-        contents = None if cu_seqlens is None else cu_seqlens.tolist()
         verify_group_consistency(op, group, consistency, CONSISTENCY_FIELDS, q.device,
-                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", contents)])
-    return docs
+                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", bounds)])
+    return doc_start, doc_id, head_doc
 
 
 def _comm_and_group(handle: int):
@@ -176,7 +172,7 @@ def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_siz
                    d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
     saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
     communicator, group = _comm_and_group(comm)
-    doc_start, doc_id, head_doc = _documents(q, g, cu_seqlens, group, parts)  # checked by the forward
+    doc_start, doc_id, head_doc, _ = _documents(q, g, cu_seqlens, group, parts)  # checked by the forward
     with C.named_errors(op_name(g)):
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial_state, scale, chunk_size,

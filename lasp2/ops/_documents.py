@@ -26,24 +26,31 @@ def head_docs(values: Sequence[int], global_len: int, total_parts: int) -> List[
     return out
 
 
+def check_nonempty_documents(owner: str, bounds: Sequence[int], when: str = ""):
+    """ValueError naming cu_seqlens if two of its (python int) boundaries are equal."""
+    if any(a == b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{owner}: `cu_seqlens` must be strictly increasing (no empty documents){when}, "
+                         f"got {list(bounds)}")
+
+
 def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: int, world: int,
                     parts_per_rank: int, device: torch.device):
     """This rank's view of the global packed documents: (doc_start uint8 [T_local],
-    doc_id int32 [T_local], head_doc per global part). Reads the values of cu_seqlens
-    (ValueError naming it when they are not strictly increasing from 0 to the global
-    length), so the ops call it inside their kernels, where torch.compile does not trace."""
+    doc_id int32 [T_local], head_doc per global part, the boundaries as python ints).
+    Reads the values of cu_seqlens once (ValueError naming it when they are not strictly
+    increasing from 0 to the global length), so the ops call it inside their kernels,
+    where torch.compile does not trace."""
     global_len = local_len * world
     values = check_cu_seqlens(owner, cu_seqlens, global_len)
-    if bool((values[1:] == values[:-1]).any()):
-        raise ValueError(f"{owner}: `cu_seqlens` must be strictly increasing (no empty documents), "
-                         f"got {values.tolist()}")
+    bounds = values.tolist()
+    check_nonempty_documents(owner, bounds)
     starts = torch.zeros(global_len, dtype=torch.uint8)
     starts[values[1:-1]] = 1
     doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
     split = "balanced" if parts_per_rank == 2 else "contiguous"
     index = global_token_index(local_len, rank, world, split)
     return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
-            head_docs(values.tolist(), global_len, world * parts_per_rank))
+            head_docs(bounds, global_len, world * parts_per_rank), bounds)
 
 
 def final_state_grad(d_final: Optional[torch.Tensor], output_final_state: bool, q: torch.Tensor, v: torch.Tensor,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, resolve_sp_context
 from lasp2.ops import _checks as C
-from lasp2.ops._documents import head_docs
+from lasp2.ops._documents import check_nonempty_documents, head_docs
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.options import PROVIDERS
@@ -73,9 +73,7 @@ def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
     head_doc, n = [], q.shape[0]
     if ctx.cu_seqlens is not None:
         values = ctx.cu_seqlens_list  # python ints, known before a compiled graph runs
-        if any(a == b for a, b in zip(values, values[1:])):
-            C.fail(OP, "`cu_seqlens` must be strictly increasing (no empty documents) with `initial_state` / "
-                       f"`output_final_state`, got {values}")
+        check_nonempty_documents(OP, values, " with `initial_state` / `output_final_state`")
         n = len(values) - 1
         head_doc = head_docs(values, values[-1], ctx.world_size * ctx.parts_per_rank)
     if initial_state is not None:
