@@ -102,6 +102,17 @@ def _cuda_usable(rank):
     return bool(torch.isfinite(o).all())
 
 
+def _error_then_usable(rank, call):
+    """(the RuntimeError `call` raised, or "no error"; whether a one-device call works after it)."""
+    try:
+        call()
+        torch.cuda.synchronize(rank)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    return message, _cuda_usable(rank)
+
+
 def _nccl_peer_skips(rank, world, op_name):
     import time
 
@@ -115,13 +126,7 @@ def _nccl_peer_skips(rank, world, op_name):
     if rank == 1:
         time.sleep(NCCL_TIMEOUT * 3)  # never calls the op: rank 0's check times out
         os._exit(0)
-    try:
-        getattr(lasp2, op_name)(q, k, v, group=dist.group.WORLD)
-        torch.cuda.synchronize(rank)
-        message = "no error"
-    except RuntimeError as e:
-        message = str(e)
-    return message, _cuda_usable(rank)
+    return _error_then_usable(rank, lambda: getattr(lasp2, op_name)(q, k, v, group=dist.group.WORLD))
 
 
 def _nccl_peer_exits_before_backward(rank, world):
@@ -134,13 +139,7 @@ def _nccl_peer_exits_before_backward(rank, world):
     torch.cuda.synchronize(rank)
     if rank == 1:
         os._exit(0)  # gone: rank 0's backward (its collectives, or the hook's check) waits for it
-    try:
-        o.sum().backward()
-        torch.cuda.synchronize(rank)
-        message = "no error"
-    except RuntimeError as e:
-        message = str(e)
-    return message, _cuda_usable(rank)
+    return _error_then_usable(rank, lambda: o.sum().backward())
 
 
 def _nccl_peer_rejects_its_arguments(rank, world):
