@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.collectives import all_gather_single
+from lasp2.distributed.communicator import check_group
 from lasp2.ops._checks import positive_flag
 
 ROW = 32  # int64 slots per rank: header (3) + fields
@@ -234,6 +235,7 @@ def settle_consistency_checks(group=None) -> None:
     this at its end. Raises the same ValueError on every rank if they disagree. A
     collective when something waits: call it on every rank of the group at the same point
     (every rank made the same calls, so they agree on what waits)."""
+    check_group("lasp2.settle_consistency_checks", group)
     states = [_state(group)] if group is not None else list(_STATES.values())
     for st in states:
         if st.pending:

@@ -7,6 +7,7 @@ keeps the host from waiting for the GPU's queue. Forced onto CPU tensors over gl
 hangs, no gradient of a call with uncompared values is computed, and the group stays
 usable."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -131,3 +132,9 @@ def test_device_values_are_compared_depth_calls_later_on_every_rank():
     for key in ("decay_depth", "decay_backward", "flag_depth", "sizes", "lost_backward", "settle_mismatch"):
         assert r0[key] == r1[key], f"{key}: ranks must raise the same error"
     assert "`scale`" in r0["local_failure"] and "rejected their arguments" in r1["local_failure"]
+
+
+def test_settle_rejects_a_group_that_is_not_one():
+    with pytest.raises(ValueError, match="settle_consistency_checks: `group` must be a torch.distributed"):
+        lasp2.settle_consistency_checks("WORLD")
+    lasp2.settle_consistency_checks()  # nothing waits in this process: a no-op
