@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <numeric>
+#include <sstream>
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
@@ -1053,6 +1055,147 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
               line.c_str());
   EXPECT_LT(rel_err_f32(M.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "M finite";
   EXPECT_LT(rel_err_f32(A.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "A finite";
+}
+
+// ---- the state passes side by side (gdnstates) -------------------------------------------
+// The forward pass (v_new and the 16-bit chunk states), the part summary and the reverse
+// pass (16-bit dh) at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16, for each
+// kernel family of LASP2_DELTA_STATE_KERNEL named in LASP2_STATE_TIMING_VARIANTS
+// (default "tile reg2 reg4"): the median of the timed launches
+// (LASP2_STATE_TIMING_REPS, default 3, the first untimed), and every output's max
+// difference relative to the first family's (the small-problem tests above hold each
+// family to the recurrent kernels; here the whole 64K chain is compared).
+// The first `count` bf16 values of a device buffer.
+std::vector<float> decode_bf16(const DevBuf<float>& b, size_t count) {
+  std::vector<uint16_t> h(count);
+  cuda_ok(cudaMemcpy(h.data(), b.p, 2 * count, cudaMemcpyDeviceToHost), "download");
+  std::vector<float> out(count);
+  for (size_t i = 0; i < count; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+    std::memcpy(&out[i], &bits, 4);
+  }
+  return out;
+}
+
+TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
+  const int reps = static_cast<int>(env_or("LASP2_STATE_TIMING_REPS", 3));
+  const char* names_env = std::getenv("LASP2_STATE_TIMING_VARIANTS");
+  std::vector<std::string> names;
+  {
+    std::istringstream in(names_env != nullptr && *names_env ? names_env : "tile reg2 reg4");
+    for (std::string w; in >> w;) names.push_back(w);
+  }
+  ASSERT_FALSE(names.empty());
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      dout(1, T, H, D, type, Layout{});
+  std::mt19937 rng(1);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const size_t pattern = size_t{1} << 20;
+  for (DevTensor* t : {&q, &k, &v, &dout}) {
+    std::vector<unsigned char> host(pattern * 2);
+    for (size_t i = 0; i < pattern; ++i)
+      encode(type, normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0), &host[2 * i]);
+    for (size_t at = 0; at < t->elems; at += pattern)
+      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
+              "upload");
+  }
+  std::vector<float> gh(T * H), bh(T * H);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  auto g = to_device_f32(gh), beta = to_device_f32(bh);
+
+  namespace gpu = delta::gpu;
+  gpu::Problem gp;
+  gp.batch = 1;
+  gp.heads = static_cast<int>(H);
+  gp.dk = gp.dv = static_cast<int>(D);
+  gp.seqlen = T;
+  gp.n = T;
+  gp.elem = gpu::Elem::kBF16;
+  auto view = [](const DevTensor& t) {
+    const ConstView cv = t.cview();
+    return gpu::View{cv.data, cv.stride.batch, cv.stride.seq, cv.stride.head};
+  };
+  gp.q = view(q);
+  gp.k = view(k);
+  gp.v = view(v);
+  gp.g = g.p;
+  gp.gsb = T * H;
+  gp.gst = H;
+  gp.gsh = 1;
+  gp.beta = beta.p;
+  gp.bsb = T * H;
+  gp.bst = H;
+  gp.bsh = 1;
+  gp.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  gp.seg_len = T;
+  const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
+  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), r(rows * D / 2), meta(2 * rows), vnew(rows * D / 2),
+      st16(H * nck * D * D / 2), dh(H * nck * D * D / 2), A(H * D * D), M(H * D * D);
+  const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
+  const gpu::ChunkPrep rprep{w.p, r.p, meta.p};
+  gpu::launch_chunk_prep(gp, prep, nullptr);
+  gpu::launch_chunk_rprep(gp, view(dout), rprep, nullptr);
+  const std::vector<std::pair<const char*, std::function<void()>>> stages = {
+      {"states", [&] {
+         gpu::ChunkStatesOut so;
+         so.v_new = vnew.p;
+         so.states = st16.p;
+         gpu::launch_chunk_states(gp, prep, so, nullptr);
+       }},
+      {"summary", [&] { gpu::launch_chunk_summary(gp, prep, {A.p, M.p, nullptr, nullptr}, nullptr); }},
+      {"rstates", [&] {
+         gpu::ChunkReverseOut ro;
+         ro.dh = dh.p;
+         gpu::launch_chunk_rstates(gp, view(dout), rprep, ro, nullptr);
+       }},
+  };
+  cudaEvent_t e0, e1;
+  cuda_ok(cudaEventCreate(&e0), "event");
+  cuda_ok(cudaEventCreate(&e1), "event");
+  std::vector<std::vector<float>> first;  // the first family's outputs
+  for (const std::string& name : names) {
+    const EnvScope family("LASP2_DELTA_STATE_KERNEL", name.c_str());
+    std::string line;
+    for (const auto& [stage, launch] : stages) {
+      std::vector<float> ms;
+      for (int rep = 0; rep < reps; ++rep) {
+        cuda_ok(cudaEventRecord(e0), "record");
+        launch();
+        cuda_ok(cudaEventRecord(e1), "record");
+        cuda_ok(cudaEventSynchronize(e1), "sync");
+        float t = 0;
+        cuda_ok(cudaEventElapsedTime(&t, e0, e1), "elapsed");
+        if (rep > 0 || reps == 1) ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      char buf[80];
+      std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", stage, ms[ms.size() / 2]);
+      line += buf;
+    }
+    // head 0 of the 16-bit outputs (all chunks), every head of the maps
+    const size_t head_rows = static_cast<size_t>(nck) * 64 * D, head_states = static_cast<size_t>(nck) * D * D;
+    const std::vector<std::vector<float>> got = {decode_bf16(vnew, head_rows), decode_bf16(st16, head_states),
+                                                 decode_bf16(dh, head_states), A.download(), M.download()};
+    if (first.empty()) first = got;
+    const char* out_names[] = {"v_new", "states", "dh", "A", "M"};
+    for (size_t i = 0; i < got.size(); ++i) {
+      int64_t bad = 0;
+      const double rel = rel_err_f32(got[i], first[i], &bad);
+      EXPECT_EQ(bad, 0) << name << " " << out_names[i] << " not finite";
+      // 16-bit operands on a 1024-chunk chain, summed in another order: 5e-2 of the max
+      EXPECT_LT(rel, 5e-2) << name << " " << out_names[i] << " against " << names[0];
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), ", %s %.1e", out_names[i], rel);
+      line += buf;
+    }
+    std::printf("[ timing ] state passes T=%lld H=16 D=128 bf16, %s (ms, median; max diff rel. to %s): %s\n",
+                static_cast<long long>(T), name.c_str(), names[0].c_str(), line.c_str());
+  }
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk.h"
@@ -15,6 +17,9 @@
 
 namespace lasp2::delta::gpu {
 namespace {
+
+using lasp2::cuda::movm_trans;
+using lasp2::cuda::scale2;
 
 // ---- prep: meta, T = (I + L)^-1, w, u ----------------------------------------------------
 // L and T in fp32 [64][LDL]. Once T is read into registers, V is loaded over T's bytes
@@ -455,20 +460,26 @@ struct FwdStateSmem {
   T ys[CH * LDC];
 };
 
-template <typename T, int D, int C>
+// Columns [0, C) of the first 64 rows of src (row pitch ld) into a [64][C + 8] tile;
+// rows >= nvalid are zero-filled. NTH threads, C / 8 16-byte pieces a row.
+template <typename T, int C, int NTH>
+__device__ __forceinline__ void load_col_block(T* dst, const T* src, int64_t ld, int nvalid, int tid) {
+#pragma unroll
+  for (int i = tid; i < CH * C / 8; i += NTH) {
+    const int row = i / (C / 8), part = i % (C / 8);
+    const bool valid = row < nvalid;
+    cp_async16(dst + row * (C + 8) + 8 * part, valid ? src + row * ld + 8 * part : src, valid);
+  }
+}
+
+template <typename T, int D, int C, int NTH = NT>
 __device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
                                                int c, int64_t bh, int j0, bool with_u, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  if (with_u) {  // columns j0..j0+C of u: C / 8 16-byte pieces a row
-    const T* u = static_cast<const T*>(prep.u) + cp.row0 * D + j0;
-#pragma unroll
-    for (int i = tid; i < CH * C / 8; i += NT) {
-      const int row = i / (C / 8), part = i % (C / 8);
-      cp_async16(B.u + row * (C + 8) + 8 * part, u + row * D + 8 * part, true);
-    }
-  }
+  load_tile<T, D, NTH>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NTH>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  // columns j0..j0+C of u
+  if (with_u) load_col_block<T, C, NTH>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, tid);
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
@@ -596,6 +607,335 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
           *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
               make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
         }
+  }
+}
+
+// ---- register-resident state passes ---------------------------------------------------------
+// The passes above hand the state and each chunk's product to the other warps through
+// shared memory twice a chunk: two barriers and two shared-memory round trips on the
+// serial chain, and every 16 columns re-read the chunk's w and K from L2. Here the
+// state never leaves registers: warp w carries the state columns col0 = j0 + 16 w ..
+// col0 + 15 over all D state rows, as the accumulator of S^T (m = those columns,
+// n = state rows), and both products of a chunk are taken transposed, so that each
+// one's accumulator is the next one's A operand (two m16n8 fp32 accumulator tiles,
+// packed to 16 bits, are one m16k16 A fragment):
+//   forward   v^T = u^T - S^T W^T             (B = W^T: w [token][row], n x k)
+//             S^T <- e S^T + (v^T diag(d)) K  (B = K [token][row], k x n)
+//   reverse   y^T = r^T - X^T K^T diag(d)
+//             X^T <- e X^T + y^T w + (dO^T diag(c)) Q
+// The block's warps share one cp.async ring of the chunk tiles and meet at one barrier
+// a chunk, which only guards the ring. A block of WARPS warps carries 16 WARPS columns.
+// Accumulator tile n of S^T: S[n][e] = S(row 8 n + 2 (lane % 4) + (e % 2),
+// column col0 + lane / 4 + 8 (e / 2)).
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// One m16n8 tile of X^T (16 columns of X from dst's column, 8 rows of X from dst's row),
+// packed to 16 bits as lo = its columns 0..7, hi = 8..15, stored as X [row][column]
+// rows of pitch ld: movmatrix transposes each 8 x 8 half in registers, so a thread
+// writes two adjacent columns of one row.
+__device__ __forceinline__ void store_tile_transposed(void* dst, int64_t ld, uint32_t lo, uint32_t hi, int lane) {
+  uint16_t* at = static_cast<uint16_t*>(dst) + (lane >> 2) * ld + 2 * (lane & 3);
+  store_u32(at, movm_trans(lo));
+  store_u32(at + 8, movm_trans(hi));
+}
+
+// The chunk's decay factors of the tokens of accumulator tile n (8 n + 2 (lane % 4) + j):
+// d_j (leaving-state weight) and, for the reverse pass, c_j = scale e^G [s = 0].
+struct TokenFactors {
+  float d0, d1, c0, c1;
+};
+__device__ __forceinline__ TokenFactors token_factors(const float* meta, int n, int lane, float GL, float sL,
+                                                      float scale) {
+  const float4 m = *reinterpret_cast<const float4*>(meta + 2 * (8 * n + 2 * (lane & 3)));  // G, s, G, s
+  TokenFactors f;
+  f.d0 = m.y == sL ? __expf(GL - m.x) : 0.f;
+  f.d1 = m.w == sL ? __expf(GL - m.z) : 0.f;
+  f.c0 = m.y == 0.f ? scale * __expf(m.x) : 0.f;
+  f.c1 = m.w == 0.f ? scale * __expf(m.z) : 0.f;
+  return f;
+}
+
+// The forward pass and the part summary (the same outputs as fwd_state_kernel).
+template <typename T, int D, int WARPS, int NS>
+__global__ void __launch_bounds__(32 * WARPS, 1)
+    reg_fwd_state_kernel(Problem p, ChunkPrep prep, ChunkStatesOut fo, ChunkSummaryOut sum) {
+  constexpr int NTH = 32 * WARPS, C = 16 * WARPS, LD = TcTile<D>::LD, LDC = C + 8;
+  constexpr int KS = D / 16, NR = D / 8;  // k-steps and n8 tiles over the state rows
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FwdStateBuf<T, D, C>* buf = reinterpret_cast<FwdStateBuf<T, D, C>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool summary = sum.A != nullptr;
+  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
+  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  const int cw = 16 * warp, col0 = j0 + cw;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t npad = static_cast<int64_t>(nck) * CH;
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const float* entering = summary ? nullptr : fo.entering;
+
+  float S[NR][4];
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
+      S[n][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
+    }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_fwd_chunk<T, D, C, NTH>(p, prep, buf[i], i, bh, j0, !amap, tid);
+    cp_async_commit();
+  }
+  for (int c = 0; c < nck; ++c) {
+    FwdStateBuf<T, D, C>& B = buf[c % NS];
+    // the state entering chunk c in 16 bits: w S's A operand, and the stored state
+    uint32_t sa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) acc_to_a<T>(sa[kk], S[2 * kk], S[2 * kk + 1]);
+    if (!summary) {
+      const int64_t at = (bh * nck + c) * se;
+      if (fo.states != nullptr) {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            store_tile_transposed(static_cast<T*>(fo.states) + at + 8 * (2 * kk + h) * D + col0, D, sa[kk][2 * h],
+                                  sa[kk][2 * h + 1], lane);
+      }
+      if (fo.ckpt != nullptr) {  // [column][row]: the accumulator's pairs are adjacent rows
+#pragma unroll
+        for (int n = 0; n < NR; ++n)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = 8 * n + 2 * (lane & 3), col = col0 + (lane >> 2) + 8 * hf;
+            *reinterpret_cast<float2*>(fo.ckpt + at + static_cast<int64_t>(col) * D + row) =
+                make_float2(S[n][2 * hf], S[n][2 * hf + 1]);
+          }
+      }
+    }
+    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    // every warp is past chunk c - 1 (its buffer is free) and sees chunk c
+    __syncthreads();
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NTH>(p, prep, buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    cp_async_commit();
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    float v[CH / 8][4];  // v^T: 16 columns x 64 tokens
+#pragma unroll
+    for (int n = 0; n < CH / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+      for (int np = 0; np < CH / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, B.w + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+        mma16816<T>(v[2 * np], sa[kk], bb[0], bb[1]);
+        mma16816<T>(v[2 * np + 1], sa[kk], bb[2], bb[3]);
+      }
+    uint32_t ya[CH / 16][4];  // v^T diag(d) as A fragments over the tokens
+#pragma unroll
+    for (int np = 0; np < CH / 16; ++np) {
+      uint32_t uu[4] = {0u, 0u, 0u, 0u};  // u^T in the accumulator layout
+      if (!amap) ldsm_x4_t(uu, B.u + frag_a_colmajor(lane, cw, 16 * np, LDC));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = 2 * np + h;
+        const TokenFactors f = token_factors(B.meta, n, lane, GL, sL, 0.f);
+        const float2 ulo = unpack2<T>(uu[2 * h]), uhi = unpack2<T>(uu[2 * h + 1]);
+        const float v0 = ulo.x - v[n][0], v1 = ulo.y - v[n][1], v2 = uhi.x - v[n][2], v3 = uhi.y - v[n][3];
+        if (!summary && fo.v_new != nullptr)
+          store_tile_transposed(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + 8 * n) * D + col0,
+                                D, pack2<T>(v0, v1), pack2<T>(v2, v3), lane);
+        ya[np][2 * h] = pack2<T>(v0 * f.d0, v1 * f.d1);
+        ya[np][2 * h + 1] = pack2<T>(v2 * f.d0, v3 * f.d1);
+      }
+    }
+    const float e = sL == 0.f ? __expf(GL) : 0.f;
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) S[n][q] *= e;
+#pragma unroll
+    for (int t = 0; t < CH / 16; ++t)
+#pragma unroll
+      for (int np = 0; np < NR / 2; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, B.k + frag_b_kn(lane, 16 * t, 16 * np, LD));
+        mma16816<T>(S[2 * np], ya[t], bb[0], bb[1]);
+        mma16816<T>(S[2 * np + 1], ya[t], bb[2], bb[3]);
+      }
+  }
+  cp_async_wait_all();
+  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    if (dst[which] == nullptr) continue;
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
+        dst[which][bh * se + row * D + col] = S[n][e];
+      }
+  }
+}
+
+// The reverse pass's chunk tiles: k, w, q [64][LD]; r and dO, the block's C columns.
+template <typename T, int D, int C>
+struct RevStateBuf {
+  static constexpr int LD = TcTile<D>::LD, LDC = C + 8;
+  T k[CH * LD];
+  T w[CH * LD];
+  T q[CH * LD];
+  T r[CH * LDC];
+  T d[CH * LDC];
+  float meta[2 * CH];
+};
+
+template <typename T, int D, int C, int NTH>
+__device__ __forceinline__ void load_rev_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
+                                               RevStateBuf<T, D, C>& B, int c, int64_t bh, int j0, int tid) {
+  const ChunkPos cp = chunk_pos(p, c, bh);
+  load_tile<T, D, NTH>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NTH>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NTH>(B.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_col_block<T, C, NTH>(B.r, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, tid);
+  load_col_block<T, C, NTH>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0) + j0, dout.st, cp.nvalid, tid);
+  load_meta(B.meta, prep.meta, cp.row0, tid);
+}
+
+// The reverse pass (the same outputs as rev_state_kernel).
+template <typename T, int D, int WARPS, int NS>
+__global__ void __launch_bounds__(32 * WARPS, 1)
+    reg_rev_state_kernel(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
+  constexpr int NTH = 32 * WARPS, C = 16 * WARPS, LD = TcTile<D>::LD, LDC = C + 8;
+  constexpr int KS = D / 16, NR = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RevStateBuf<T, D, C>* buf = reinterpret_cast<RevStateBuf<T, D, C>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * C, cw = 16 * warp, col0 = j0 + cw;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t se = static_cast<int64_t>(D) * D;
+
+  float X[NR][4];  // X^T, the gradient of the state leaving the chunk
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
+      X[n][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
+    }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_rev_chunk<T, D, C, NTH>(p, dout, prep, buf[i], nck - 1 - i, bh, j0, tid);
+    cp_async_commit();
+  }
+  for (int i = 0; i < nck; ++i) {
+    const int c = nck - 1 - i;
+    RevStateBuf<T, D, C>& B = buf[i % NS];
+    uint32_t xa[KS][4];  // X in 16 bits: K X's A operand, and the chunk's dh
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) acc_to_a<T>(xa[kk], X[2 * kk], X[2 * kk + 1]);
+    if (ro.dh != nullptr) {
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          store_tile_transposed(static_cast<T*>(ro.dh) + (bh * nck + c) * se + 8 * (2 * kk + h) * D + col0, D,
+                                xa[kk][2 * h], xa[kk][2 * h + 1], lane);
+    }
+    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    // every warp is past chunk c + 1 (its buffer is free) and sees chunk c
+    __syncthreads();
+    if (i + NS - 1 < nck) load_rev_chunk<T, D, C, NTH>(p, dout, prep, buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+    cp_async_commit();
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    const float e = sL == 0.f ? __expf(GL) : 0.f;
+    // (dO^T diag(c)) as A fragments over the tokens; needs no X, so its product with Q
+    // (issued with X^T K^T) fills the tensor pipe while the chain waits
+    TokenFactors f[CH / 8];
+    uint32_t da[CH / 16][4];
+#pragma unroll
+    for (int n = 0; n < CH / 8; ++n) f[n] = token_factors(B.meta, n, lane, GL, sL, p.scale);
+#pragma unroll
+    for (int t = 0; t < CH / 16; ++t) {
+      ldsm_x4_t(da[t], B.d + frag_a_colmajor(lane, cw, 16 * t, LDC));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const TokenFactors& g = f[2 * t + h];
+        da[t][2 * h] = scale2<T>(da[t][2 * h], g.c0, g.c1);
+        da[t][2 * h + 1] = scale2<T>(da[t][2 * h + 1], g.c0, g.c1);
+      }
+    }
+    float y[CH / 8][4];  // X^T K^T
+#pragma unroll
+    for (int n = 0; n < CH / 8; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) y[n][q] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) X[n][q] *= e;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+      for (int np = 0; np < CH / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, B.k + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+        mma16816<T>(y[2 * np], xa[kk], bb[0], bb[1]);
+        mma16816<T>(y[2 * np + 1], xa[kk], bb[2], bb[3]);
+      }
+      // X^T += (dO^T diag(c)) Q, interleaved: state rows 16 kk .. 16 kk + 15 (KS = NR / 2)
+#pragma unroll
+      for (int t = 0; t < CH / 16; ++t) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, B.q + frag_b_kn(lane, 16 * t, 16 * kk, LD));
+        mma16816<T>(X[2 * kk], da[t], bb[0], bb[1]);
+        mma16816<T>(X[2 * kk + 1], da[t], bb[2], bb[3]);
+      }
+    }
+    uint32_t ya[CH / 16][4];  // y^T = r^T - X^T K^T diag(d), as A fragments over the tokens
+#pragma unroll
+    for (int np = 0; np < CH / 16; ++np) {
+      uint32_t rr[4];  // r^T in the accumulator layout
+      ldsm_x4_t(rr, B.r + frag_a_colmajor(lane, cw, 16 * np, LDC));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = 2 * np + h;
+        const float2 rlo = unpack2<T>(rr[2 * h]), rhi = unpack2<T>(rr[2 * h + 1]);
+        ya[np][2 * h] = pack2<T>(rlo.x - f[n].d0 * y[n][0], rlo.y - f[n].d1 * y[n][1]);
+        ya[np][2 * h + 1] = pack2<T>(rhi.x - f[n].d0 * y[n][2], rhi.y - f[n].d1 * y[n][3]);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < CH / 16; ++t)
+#pragma unroll
+      for (int np = 0; np < NR / 2; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, B.w + frag_b_kn(lane, 16 * t, 16 * np, LD));
+        mma16816<T>(X[2 * np], ya[t], bb[0], bb[1]);
+        mma16816<T>(X[2 * np + 1], ya[t], bb[2], bb[3]);
+      }
+  }
+  cp_async_wait_all();
+  if (ro.entering != nullptr) {
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
+        ro.entering[bh * se + row * D + col] = X[n][e];
+      }
   }
 }
 
@@ -728,6 +1068,45 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
   check(cudaGetLastError(), "chunk prep kernel");
 }
 
+// Which state passes run: LASP2_DELTA_STATE_KERNEL = "tile" (fwd_state_kernel and
+// rev_state_kernel, 16 columns a block), "reg2" or "reg4" (the register-resident ones
+// with 2 or 4 warps a block: 32 or 64 columns). Read at every launch (tests switch it).
+int state_pass_warps() {
+  const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
+  if (env == nullptr || *env == 0) return 4;
+  if (std::strcmp(env, "tile") == 0) return 0;
+  if (std::strcmp(env, "reg2") == 0) return 2;
+  if (std::strcmp(env, "reg4") == 0) return 4;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, reg2 or reg4, not ") + env);
+}
+
+int device_sms() {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+// The register-resident forward pass: a ring of 4 chunks when the blocks fit the device
+// in one wave (one block an SM), else of 2 (two blocks an SM hide each other's loads).
+template <typename T, int D, int WARPS>
+void launch_reg_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
+                           const ChunkSummaryOut& sum, cudaStream_t s) {
+  constexpr int C = 16 * WARPS;
+  static_assert(D % C == 0, "whole column blocks");
+  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
+  const dim3 grid(cols, static_cast<unsigned>(p.bh()));
+  auto run = [&](auto kernel, int bytes) {
+    allow(kernel, bytes, "chunk state smem");
+    kernel<<<grid, 32 * WARPS, bytes, s>>>(p, prep, out, sum);
+  };
+  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
+    run(reg_fwd_state_kernel<T, D, WARPS, 4>, 4 * static_cast<int>(sizeof(FwdStateBuf<T, D, C>)));
+  } else {
+    run(reg_fwd_state_kernel<T, D, WARPS, 2>, 2 * static_cast<int>(sizeof(FwdStateBuf<T, D, C>)));
+  }
+}
+
 // The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
 // blocks' reads of w and K, measured slower: 2.29 to 2.40 against 1.46 ms at T = 64K,
 // H = 16, D = 128 on an H200, with 4 or 8 warps; docs/delta_rule.md; the kernel keeps C
@@ -736,13 +1115,13 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
+  const int warps = state_pass_warps();
+  if (warps == 2) return launch_reg_fwd_states<T, D, 2>(p, prep, out, sum, s);
+  if (warps == 4) return launch_reg_fwd_states<T, D, 4>(p, prep, out, sum, s);
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
   const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-  int device = 0, sms = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  if (static_cast<int64_t>(cols) * p.bh() <= sms) {
+  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
     const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
     allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
     fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
@@ -803,6 +1182,16 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
+    auto reg = [&](auto warps) {  // a ring of 3 chunks (one block an SM)
+      constexpr int W = decltype(warps)::value;
+      const int bytes = 3 * static_cast<int>(sizeof(RevStateBuf<T, D, 16 * W>));
+      allow(reg_rev_state_kernel<T, D, W, 3>, bytes, "chunk reverse state smem");
+      reg_rev_state_kernel<T, D, W, 3>
+          <<<dim3(D / (16 * W), static_cast<unsigned>(p.bh())), 32 * W, bytes, s>>>(p, dout, prep, out);
+    };
+    const int warps = state_pass_warps();
+    if (warps == 2) return reg(std::integral_constant<int, 2>{});
+    if (warps == 4) return reg(std::integral_constant<int, 4>{});
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
     rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
