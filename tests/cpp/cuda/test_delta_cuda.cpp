@@ -1061,10 +1061,11 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
 // The forward pass (v_new and the 16-bit chunk states), the part summary and the reverse
 // pass (16-bit dh) at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16, for each
 // kernel family of LASP2_DELTA_STATE_KERNEL named in LASP2_STATE_TIMING_VARIANTS
-// (default "tile reg2 reg4"): the median of the timed launches
-// (LASP2_STATE_TIMING_REPS, default 3, the first untimed), and every output's max
-// difference relative to the first family's (the small-problem tests above hold each
-// family to the recurrent kernels; here the whole 64K chain is compared).
+// (default "tile reg1 reg2 reg4"): the median of the timed launches
+// (LASP2_STATE_TIMING_REPS, default 3, the first untimed), and the outputs' max
+// difference relative to the first family's (head 0 of v_new, the states and dh over all
+// chunks; A and M: the small-problem tests above hold each family to the recurrent
+// kernels, here the whole 64K chain is compared).
 // The first `count` bf16 values of a device buffer.
 std::vector<float> decode_bf16(const DevBuf<float>& b, size_t count) {
   std::vector<uint16_t> h(count);
@@ -1084,7 +1085,7 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
   const char* names_env = std::getenv("LASP2_STATE_TIMING_VARIANTS");
   std::vector<std::string> names;
   {
-    std::istringstream in(names_env != nullptr && *names_env ? names_env : "tile reg2 reg4");
+    std::istringstream in(names_env != nullptr && *names_env ? names_env : "tile reg1 reg2 reg4");
     for (std::string w; in >> w;) names.push_back(w);
   }
   ASSERT_FALSE(names.empty());

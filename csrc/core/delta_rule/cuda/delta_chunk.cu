@@ -646,18 +646,21 @@ __device__ __forceinline__ void store_tile_transposed(void* dst, int64_t ld, uin
 }
 
 // The chunk's decay factors of the tokens of accumulator tile n (8 n + 2 (lane % 4) + j):
-// d_j (leaving-state weight) and, for the reverse pass, c_j = scale e^G [s = 0].
+// d_j (leaving-state weight) and, with kOut (the reverse pass), c_j = scale e^G [s = 0].
 struct TokenFactors {
-  float d0, d1, c0, c1;
+  float d0, d1, c0 = 0.f, c1 = 0.f;
 };
+template <bool kOut>
 __device__ __forceinline__ TokenFactors token_factors(const float* meta, int n, int lane, float GL, float sL,
                                                       float scale) {
   const float4 m = *reinterpret_cast<const float4*>(meta + 2 * (8 * n + 2 * (lane & 3)));  // G, s, G, s
   TokenFactors f;
   f.d0 = m.y == sL ? __expf(GL - m.x) : 0.f;
   f.d1 = m.w == sL ? __expf(GL - m.z) : 0.f;
-  f.c0 = m.y == 0.f ? scale * __expf(m.x) : 0.f;
-  f.c1 = m.w == 0.f ? scale * __expf(m.z) : 0.f;
+  if constexpr (kOut) {
+    f.c0 = m.y == 0.f ? scale * __expf(m.x) : 0.f;
+    f.c1 = m.w == 0.f ? scale * __expf(m.z) : 0.f;
+  }
   return f;
 }
 
@@ -748,7 +751,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = 2 * np + h;
-        const TokenFactors f = token_factors(B.meta, n, lane, GL, sL, 0.f);
+        const TokenFactors f = token_factors<false>(B.meta, n, lane, GL, sL, 0.f);
         const float2 ulo = unpack2<T>(uu[2 * h]), uhi = unpack2<T>(uu[2 * h + 1]);
         const float v0 = ulo.x - v[n][0], v1 = ulo.y - v[n][1], v2 = uhi.x - v[n][2], v3 = uhi.y - v[n][3];
         if (!summary && fo.v_new != nullptr)
@@ -866,7 +869,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1)
     TokenFactors f[CH / 8];
     uint32_t da[CH / 16][4];
 #pragma unroll
-    for (int n = 0; n < CH / 8; ++n) f[n] = token_factors(B.meta, n, lane, GL, sL, p.scale);
+    for (int n = 0; n < CH / 8; ++n) f[n] = token_factors<true>(B.meta, n, lane, GL, sL, p.scale);
 #pragma unroll
     for (int t = 0; t < CH / 16; ++t) {
       ldsm_x4_t(da[t], B.d + frag_a_colmajor(lane, cw, 16 * t, LDC));
@@ -1069,15 +1072,17 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run: LASP2_DELTA_STATE_KERNEL = "tile" (fwd_state_kernel and
-// rev_state_kernel, 16 columns a block), "reg2" or "reg4" (the register-resident ones
-// with 2 or 4 warps a block: 32 or 64 columns). Read at every launch (tests switch it).
+// rev_state_kernel, 16 columns a block), "reg1", "reg2" or "reg4" (the register-resident
+// ones with 1, 2 or 4 warps a block: 16, 32 or 64 columns). Read at every launch (tests
+// switch it).
 int state_pass_warps() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0) return 4;
+  if (env == nullptr || *env == 0) return 2;
   if (std::strcmp(env, "tile") == 0) return 0;
+  if (std::strcmp(env, "reg1") == 0) return 1;
   if (std::strcmp(env, "reg2") == 0) return 2;
   if (std::strcmp(env, "reg4") == 0) return 4;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, reg2 or reg4, not ") + env);
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, reg1, reg2 or reg4, not ") + env);
 }
 
 int device_sms() {
@@ -1116,6 +1121,7 @@ template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
   const int warps = state_pass_warps();
+  if (warps == 1) return launch_reg_fwd_states<T, D, 1>(p, prep, out, sum, s);
   if (warps == 2) return launch_reg_fwd_states<T, D, 2>(p, prep, out, sum, s);
   if (warps == 4) return launch_reg_fwd_states<T, D, 4>(p, prep, out, sum, s);
   constexpr int C = kChunkCols;
@@ -1190,6 +1196,7 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
           <<<dim3(D / (16 * W), static_cast<unsigned>(p.bh())), 32 * W, bytes, s>>>(p, dout, prep, out);
     };
     const int warps = state_pass_warps();
+    if (warps == 1) return reg(std::integral_constant<int, 1>{});
     if (warps == 2) return reg(std::integral_constant<int, 2>{});
     if (warps == 4) return reg(std::integral_constant<int, 4>{});
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
