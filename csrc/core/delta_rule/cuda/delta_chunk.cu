@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
@@ -299,18 +300,20 @@ struct StateSmem {
   T ys[CH * LDV];
 };
 
-template <typename T, int D>
+template <typename T, int D, int NTH = NT>
 __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
                                                  StateBuf<T, D>& B, int c, int64_t bh, int j0, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
   const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
   const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
   const T* r = static_cast<const T*>(prep.u) + cp.row0 * D;
-  load_tile<T, D, NT>(B.a1, k, p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(B.a2, w, D, CH, D, tid);
-  load_tile<T, D, NT>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
-  load_cols<T>(B.r, r, D, j0, CH, tid);
+  load_tile<T, D, NTH>(B.a1, k, p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NTH>(B.a2, w, D, CH, D, tid);
+  load_tile<T, D, NTH>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  if (tid < NT) {  // the column tiles: 2 CH = NT pieces
+    load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
+    load_cols<T>(B.r, r, D, j0, CH, tid);
+  }
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
@@ -607,6 +610,241 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
           *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
               make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
         }
+  }
+}
+
+// ---- the state passes with 8 warps a block ---------------------------------------------------
+// The same blocks (16 state columns) and tiles as fwd_state_kernel / rev_state_kernel, but
+// 8 warps: two on each scheduler, so that one warp's dependent instructions (the mma
+// chains, the epilogues' loads and exponentials) hide behind the other's, and each warp
+// issues half the instructions of a chunk. The ncu profile of the 4-warp passes (T = 16K)
+// showed one warp a scheduler stalled 3.5 of every 4.5 cycles, mostly on fixed-latency
+// dependencies. Token products: warp w takes tokens 16 (w % 4) .. and columns
+// 8 (w / 4) .. (one n8 tile, 8 k-steps); state products: state rows 16 w .. 16 w + 15
+// (d = 128 only: 8 m-tiles of state rows).
+constexpr int NT8 = 256;
+
+// ldmatrix of two 8 x 8 16-bit matrices, transposed (lanes 0..15 give the row addresses).
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(lasp2::cuda::smem_u32(p)));
+}
+
+// acc (+)= A (16 rows from m0, stored [m][k], k over 16 kk for kk < KS) x B (stored [k][n],
+// the 8 columns from n0): one n8 tile.
+template <typename T, int KS>
+__device__ __forceinline__ void mma_row_tile(float (&acc)[4], const T* A, int lda, const T* B, int ldb, int m0, int n0,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4], b[2];
+    ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
+    ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
+    mma16816<T>(acc, a, b[0], b[1]);
+  }
+}
+
+template <typename T, int D, int NS>
+__global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo,
+                                                          ChunkSummaryOut sum) {
+  static_assert(D == 128, "8 warps x 16 state rows");
+  constexpr int LD = TcTile<D>::LD, C = BV, LDC = C + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool summary = sum.A != nullptr;
+  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
+  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t npad = static_cast<int64_t>(nck) * CH;
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const float* entering = summary ? nullptr : fo.entering;
+  const int r0 = 16 * warp;                        // state rows of this warp
+  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);  // tokens and columns of its token tile
+
+  float S[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+      S[nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
+    }
+  if (amap) {  // u = 0 in every buffer
+    for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
+  }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+    cp_async_commit();
+  }
+  for (int c = 0; c < nck; ++c) {
+    FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
+    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    // the carried columns: 16-bit copy for the products, and the per-chunk outputs
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = r0 + (lane >> 2) + 8 * hf;
+        const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
+        const float s0 = S[nt][2 * hf], s1 = S[nt][2 * hf + 1];
+        store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
+        if (!summary) {
+          const int64_t at = (bh * nck + c) * se;
+          if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
+          if (fo.ckpt != nullptr) {
+            fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
+            fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
+          }
+        }
+      }
+    // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
+    __syncthreads();
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    cp_async_commit();
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    {  // v_new = u - w S (this warp's token tile); ys = diag(d) v_new
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_row_tile<T, D / 16>(acc, B.w, LD, sm.xb, LDC, x0, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
+        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
+        const float v0 = rr.x - acc[2 * hf], v1 = rr.y - acc[2 * hf + 1];
+        if (!summary && fo.v_new != nullptr)
+          store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
+                    pack2<T>(v0, v1));
+        store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+      }
+    }
+    __syncthreads();
+    {  // S <- e S + K^T ys (this warp's state rows)
+      const float e = sL == 0.f ? __expf(GL) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      mma_rows<T, 2, true>(S, B.k, LD, sm.ys, LDC, r0, 0, CH / 16, lane);
+    }
+    // no barrier: the next chunk writes xb (last read before the barrier above) and
+    // ys (read just now) only after its first barrier
+  }
+  cp_async_wait_all();
+  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    if (dst[which] == nullptr) continue;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = r0 + (lane >> 2) + 8 * hf;
+        const int col = j0 + 8 * nt + 2 * (lane & 3);
+        *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
+            make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
+      }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
+  static_assert(D == 128, "8 warps x 16 state rows");
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int NS = kRevStages;
+  static_assert(NS == 3, "cp_async_wait_group1 below waits for the oldest of NS - 1 = 2 groups");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * BV;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const int r0 = 16 * warp;
+  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);
+
+  float S[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+      S[nt][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
+    }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
+    cp_async_commit();
+  }
+  for (int i = 0; i < nck; ++i) {
+    const int c = nck - 1 - i;
+    StateBuf<T, D>& B = sm.buf[i % NS];
+    cp_async_wait_group1();  // chunk c's group has landed
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = r0 + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+        store_u32(sm.xb + row * LDV + cl, pack2<T>(S[nt][2 * hf], S[nt][2 * hf + 1]));
+      }
+    // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
+    __syncthreads();
+    if (i + NS - 1 < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+    cp_async_commit();
+    if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
+      T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
+      const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
+      *reinterpret_cast<uint4*>(dst + row * D + 8 * part) = *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
+    }
+    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_row_tile<T, D / 16>(acc, B.a1, LD, sm.xb, LDV, x0, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
+        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
+        store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[2 * hf], rr.y - d * acc[2 * hf + 1]));
+        const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
+        const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
+        store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
+      }
+    }
+    __syncthreads();
+    {  // X <- e X + w^T ys + q^T diag(c) dO: two accumulators, four chains of four
+      const float e = sL == 0.f ? __expf(GL) : 0.f;
+      float oq[2][4] = {};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      mma_rows<T, 2, true>(S, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
+      mma_rows<T, 2, true>(oq, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+    }
+    // no barrier: the next chunk writes xb and ys only after its first barrier, and
+    // refills this buffer after it
+  }
+  cp_async_wait_all();
+  if (ro.entering != nullptr) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = r0 + (lane >> 2) + 8 * hf;
+        const int col = j0 + 8 * nt + 2 * (lane & 3);
+        *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
+      }
   }
 }
 
@@ -1072,17 +1310,20 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run: LASP2_DELTA_STATE_KERNEL = "tile" (fwd_state_kernel and
-// rev_state_kernel, 16 columns a block), "reg1", "reg2" or "reg4" (the register-resident
-// ones with 1, 2 or 4 warps a block: 16, 32 or 64 columns). Read at every launch (tests
-// switch it).
-int state_pass_warps() {
+// rev_state_kernel: 16 columns and 4 warps a block), "w8" (the same blocks with 8 warps,
+// d = 128; tile otherwise), "reg1", "reg2" or "reg4" (the register-resident passes with
+// 1, 2 or 4 warps a block: 16, 32 or 64 columns). Read at every launch (tests switch it).
+enum class StatePass { kTile, kW8, kReg1, kReg2, kReg4 };
+StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0) return 2;
-  if (std::strcmp(env, "tile") == 0) return 0;
-  if (std::strcmp(env, "reg1") == 0) return 1;
-  if (std::strcmp(env, "reg2") == 0) return 2;
-  if (std::strcmp(env, "reg4") == 0) return 4;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, reg1, reg2 or reg4, not ") + env);
+  if (env == nullptr || *env == 0) return StatePass::kW8;
+  for (auto [name, pass] : {std::pair{"tile", StatePass::kTile}, std::pair{"w8", StatePass::kW8},
+                            std::pair{"reg1", StatePass::kReg1}, std::pair{"reg2", StatePass::kReg2},
+                            std::pair{"reg4", StatePass::kReg4}})
+    if (std::strcmp(env, name) == 0) return pass;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, reg1, reg2 or "
+                   "reg4, not ") +
+       env);
 }
 
 int device_sms() {
@@ -1120,14 +1361,25 @@ void launch_reg_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkS
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
-  const int warps = state_pass_warps();
-  if (warps == 1) return launch_reg_fwd_states<T, D, 1>(p, prep, out, sum, s);
-  if (warps == 2) return launch_reg_fwd_states<T, D, 2>(p, prep, out, sum, s);
-  if (warps == 4) return launch_reg_fwd_states<T, D, 4>(p, prep, out, sum, s);
+  const StatePass pass = state_pass();
+  if (pass == StatePass::kReg1) return launch_reg_fwd_states<T, D, 1>(p, prep, out, sum, s);
+  if (pass == StatePass::kReg2) return launch_reg_fwd_states<T, D, 2>(p, prep, out, sum, s);
+  if (pass == StatePass::kReg4) return launch_reg_fwd_states<T, D, 4>(p, prep, out, sum, s);
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
   const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
+  const bool one_wave = static_cast<int64_t>(cols) * p.bh() <= device_sms();
+  if constexpr (D == 128) {
+    if (pass == StatePass::kW8) {
+      auto run = [&](auto kernel, int bytes) {
+        allow(kernel, bytes, "chunk state smem");
+        kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
+      };
+      if (one_wave) return run(fwd_state_kernel_w8<T, D, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>)));
+      return run(fwd_state_kernel_w8<T, D, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, C, 2>)));
+    }
+  }
+  if (one_wave) {
     const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
     allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
     fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
@@ -1195,11 +1447,18 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
       reg_rev_state_kernel<T, D, W, 3>
           <<<dim3(D / (16 * W), static_cast<unsigned>(p.bh())), 32 * W, bytes, s>>>(p, dout, prep, out);
     };
-    const int warps = state_pass_warps();
-    if (warps == 1) return reg(std::integral_constant<int, 1>{});
-    if (warps == 2) return reg(std::integral_constant<int, 2>{});
-    if (warps == 4) return reg(std::integral_constant<int, 4>{});
+    const StatePass pass = state_pass();
+    if (pass == StatePass::kReg1) return reg(std::integral_constant<int, 1>{});
+    if (pass == StatePass::kReg2) return reg(std::integral_constant<int, 2>{});
+    if (pass == StatePass::kReg4) return reg(std::integral_constant<int, 4>{});
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
+    if constexpr (D == 128) {
+      if (pass == StatePass::kW8) {
+        allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
+        rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
+        return;
+      }
+    }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
     rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
   });
