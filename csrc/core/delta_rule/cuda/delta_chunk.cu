@@ -632,17 +632,40 @@ __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
 }
 
 // acc (+)= A (16 rows from m0, stored [m][k], k over 16 kk for kk < KS) x B (stored [k][n],
-// the 8 columns from n0): one n8 tile.
+// the 8 columns from n0): one n8 tile, as two chains (even and odd k-steps) that the
+// tensor pipe overlaps, summed at the end.
 template <typename T, int KS>
 __device__ __forceinline__ void mma_row_tile(float (&acc)[4], const T* A, int lda, const T* B, int ldb, int m0, int n0,
                                              int lane) {
+  float odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t a[4], b[2];
     ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
     ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
-    mma16816<T>(acc, a, b[0], b[1]);
+    if (kk & 1) {
+      mma16816<T>(odd, a, b[0], b[1]);
+    } else {
+      mma16816<T>(acc, a, b[0], b[1]);
+    }
   }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] += odd[e];
+}
+
+// acc[2][4] += first half (k-steps 0, 1) + second half (2, 3) of A^T B over a chunk's
+// tokens (mma_rows with kTransA), as two chains of two a tile.
+template <typename T>
+__device__ __forceinline__ void mma_rows_halves(float (&acc)[2][4], const T* A, int lda, const T* B, int ldb, int m0,
+                                                int lane) {
+  static_assert(CH / 16 == 4, "four k-steps over a chunk's tokens");
+  float hi[2][4] = {};
+  mma_rows<T, 2, true>(acc, A, lda, B, ldb, m0, 0, 2, lane);
+  mma_rows<T, 2, true>(hi, A, lda, B, ldb, m0, 2, 4, lane);
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
 template <typename T, int D, int NS>
@@ -729,7 +752,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
-      mma_rows<T, 2, true>(S, B.k, LD, sm.ys, LDC, r0, 0, CH / 16, lane);
+      mma_rows_halves<T>(S, B.k, LD, sm.ys, LDC, r0, lane);
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier
@@ -818,15 +841,15 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       }
     }
     __syncthreads();
-    {  // X <- e X + w^T ys + q^T diag(c) dO: two accumulators, four chains of four
+    {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
       const float e = sL == 0.f ? __expf(GL) : 0.f;
       float oq[2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
-      mma_rows<T, 2, true>(S, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
-      mma_rows<T, 2, true>(oq, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
+      mma_rows_halves<T>(S, B.a2, LD, sm.ys, LDV, r0, lane);
+      mma_rows_halves<T>(oq, B.a3, LD, B.d, LDV, r0, lane);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
