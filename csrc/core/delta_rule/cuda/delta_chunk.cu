@@ -19,9 +19,6 @@
 namespace lasp2::delta::gpu {
 namespace {
 
-using lasp2::cuda::movm_trans;
-using lasp2::cuda::scale2;
-
 // ---- prep: meta, T = (I + L)^-1, w, u ----------------------------------------------------
 // L and T in fp32 [64][LDL]. Once T is read into registers, V is loaded over T's bytes
 // and L's hold the 16-bit tw tile, then (after w) the tu tile: 51 KiB a block at d = 128,
@@ -614,14 +611,14 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 }
 
 // ---- the state passes with 8 warps a block ---------------------------------------------------
-// The same blocks (16 state columns) and tiles as fwd_state_kernel / rev_state_kernel, but
-// 8 warps: two on each scheduler, so that one warp's dependent instructions (the mma
-// chains, the epilogues' loads and exponentials) hide behind the other's, and each warp
-// issues half the instructions of a chunk. The ncu profile of the 4-warp passes (T = 16K)
-// showed one warp a scheduler stalled 3.5 of every 4.5 cycles, mostly on fixed-latency
-// dependencies. Token products: warp w takes tokens 16 (w % 4) .. and columns
-// 8 (w / 4) .. (one n8 tile, 8 k-steps); state products: state rows 16 w .. 16 w + 15
-// (d = 128 only: 8 m-tiles of state rows).
+// The tiles of fwd_state_kernel / rev_state_kernel with 8 warps a block: two on each
+// scheduler, so that one warp's dependent instructions (the mma chains, the epilogues'
+// loads and exponentials) hide behind the other's. The ncu profile of the 4-warp passes
+// (T = 16K, H = 16, D = 128 on an H200) showed one warp a scheduler stalled 3.5 of every
+// 4.5 cycles, mostly on fixed-latency dependencies, and L2 throughput at 76 %. Token
+// products: warp w takes tokens 16 (w % 4) .. and C / 16 n8 tiles of columns from
+// C / 2 (w / 4) (k-steps in two chains); state products: state rows 16 w .. 16 w + 15
+// (d = 128 only), the chunk's tokens in two halves (chains of two).
 constexpr int NT8 = 256;
 
 // ldmatrix of two 8 x 8 16-bit matrices, transposed (lanes 0..15 give the row addresses).
@@ -631,48 +628,52 @@ __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
                : "r"(lasp2::cuda::smem_u32(p)));
 }
 
-// acc (+)= A (16 rows from m0, stored [m][k], k over 16 kk for kk < KS) x B (stored [k][n],
-// the 8 columns from n0): one n8 tile, as two chains (even and odd k-steps) that the
-// tensor pipe overlaps, summed at the end.
-template <typename T, int KS>
-__device__ __forceinline__ void mma_row_tile(float (&acc)[4], const T* A, int lda, const T* B, int ldb, int m0, int n0,
-                                             int lane) {
-  float odd[4] = {0.f, 0.f, 0.f, 0.f};
+// acc[t] (+)= A (16 rows from m0, stored [m][k], KS k-steps) x B (stored [k][n], n8 tile t
+// from column n0), NTILES = 1 or 2 tiles, each as two chains (even and odd k-steps) that
+// the tensor pipe overlaps, summed at the end.
+template <typename T, int KS, int NTILES>
+__device__ __forceinline__ void mma_row_tiles(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
+                                              int m0, int n0, int lane) {
+  static_assert(NTILES == 1 || NTILES == 2, "one or two n8 tiles");
+  float odd[NTILES][4] = {};
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    uint32_t a[4], b[2];
+    uint32_t a[4], b[4];
     ldsm_x4(a, A + frag_a_rowmajor(lane, m0, 16 * kk, lda));
-    ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
-    if (kk & 1) {
-      mma16816<T>(odd, a, b[0], b[1]);
+    if constexpr (NTILES == 1) {
+      ldsm_x2_t(reinterpret_cast<uint32_t(&)[2]>(b), B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
     } else {
-      mma16816<T>(acc, a, b[0], b[1]);
+      ldsm_x4_t(b, B + frag_b_kn(lane, 16 * kk, n0, ldb));
     }
+#pragma unroll
+    for (int t = 0; t < NTILES; ++t) mma16816<T>(kk & 1 ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
   }
 #pragma unroll
-  for (int e = 0; e < 4; ++e) acc[e] += odd[e];
+  for (int t = 0; t < NTILES; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
 }
 
-// acc[2][4] += first half (k-steps 0, 1) + second half (2, 3) of A^T B over a chunk's
-// tokens (mma_rows with kTransA), as two chains of two a tile.
-template <typename T>
-__device__ __forceinline__ void mma_rows_halves(float (&acc)[2][4], const T* A, int lda, const T* B, int ldb, int m0,
-                                                int lane) {
+// acc[NTILES][4] += A^T B over a chunk's tokens (mma_rows with kTransA: A stored [token][m],
+// B [token][n]), the tokens in two halves: two chains of two a tile.
+template <typename T, int NTILES>
+__device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,
+                                                int m0, int lane) {
   static_assert(CH / 16 == 4, "four k-steps over a chunk's tokens");
-  float hi[2][4] = {};
-  mma_rows<T, 2, true>(acc, A, lda, B, ldb, m0, 0, 2, lane);
-  mma_rows<T, 2, true>(hi, A, lda, B, ldb, m0, 2, 4, lane);
+  float hi[NTILES][4] = {};
+  mma_rows<T, NTILES, true>(acc, A, lda, B, ldb, m0, 0, 2, lane);
+  mma_rows<T, NTILES, true>(hi, A, lda, B, ldb, m0, 2, 4, lane);
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
-template <typename T, int D, int NS>
+template <typename T, int D, int C, int NS>
 __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo,
                                                           ChunkSummaryOut sum) {
   static_assert(D == 128, "8 warps x 16 state rows");
-  constexpr int LD = TcTile<D>::LD, C = BV, LDC = C + 8;
+  constexpr int LD = TcTile<D>::LD, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
   FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -685,11 +686,11 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   const int64_t se = static_cast<int64_t>(D) * D;
   const float* entering = summary ? nullptr : fo.entering;
   const int r0 = 16 * warp;                        // state rows of this warp
-  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);  // tokens and columns of its token tile
+  const int x0 = 16 * (warp & 3), n0 = 8 * TPW * (warp >> 2);  // tokens and columns of its token tiles
 
-  float S[2][4];
+  float S[NTL][4];
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
@@ -708,7 +709,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
     // the carried columns: 16-bit copy for the products, and the per-chunk outputs
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int row = r0 + (lane >> 2) + 8 * hf;
@@ -729,30 +730,34 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
     cp_async_commit();
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    {  // v_new = u - w S (this warp's token tile); ys = diag(d) v_new
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_row_tile<T, D / 16>(acc, B.w, LD, sm.xb, LDC, x0, n0, lane);
+    {  // v_new = u - w S (this warp's token tiles); ys = diag(d) v_new
+      float acc[TPW][4] = {};
+      mma_row_tiles<T, D / 16, TPW>(acc, B.w, LD, sm.xb, LDC, x0, n0, lane);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const int x = x0 + (lane >> 2) + 8 * hf;
         const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
         const float d = sx == sL ? __expf(GL - Gx) : 0.f;
-        const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
-        const float v0 = rr.x - acc[2 * hf], v1 = rr.y - acc[2 * hf + 1];
-        if (!summary && fo.v_new != nullptr)
-          store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
-                    pack2<T>(v0, v1));
-        store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+#pragma unroll
+        for (int t = 0; t < TPW; ++t) {
+          const int cl = n0 + 8 * t + 2 * (lane & 3);
+          const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
+          const float v0 = rr.x - acc[t][2 * hf], v1 = rr.y - acc[t][2 * hf + 1];
+          if (!summary && fo.v_new != nullptr)
+            store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
+                      pack2<T>(v0, v1));
+          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+        }
       }
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? __expf(GL) : 0.f;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
-      mma_rows_halves<T>(S, B.k, LD, sm.ys, LDC, r0, lane);
+      mma_rows_halves<T, NTL>(S, B.k, LD, sm.ys, LDC, r0, lane);
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier
@@ -764,7 +769,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   for (int which = 0; which < 2; ++which) {
     if (dst[which] == nullptr) continue;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int row = r0 + (lane >> 2) + 8 * hf;
@@ -826,8 +831,9 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     }
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_row_tile<T, D / 16>(acc, B.a1, LD, sm.xb, LDV, x0, n0, lane);
+      float acc1[1][4] = {};
+      mma_row_tiles<T, D / 16, 1>(acc1, B.a1, LD, sm.xb, LDV, x0, n0, lane);
+      const float(&acc)[4] = acc1[0];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
@@ -848,8 +854,8 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
-      mma_rows_halves<T>(S, B.a2, LD, sm.ys, LDV, r0, lane);
-      mma_rows_halves<T>(oq, B.a3, LD, B.d, LDV, r0, lane);
+      mma_rows_halves<T, 2>(S, B.a2, LD, sm.ys, LDV, r0, lane);
+      mma_rows_halves<T, 2>(oq, B.a3, LD, B.d, LDV, r0, lane);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -867,338 +873,6 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
         const int row = r0 + (lane >> 2) + 8 * hf;
         const int col = j0 + 8 * nt + 2 * (lane & 3);
         *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
-      }
-  }
-}
-
-// ---- register-resident state passes ---------------------------------------------------------
-// The passes above hand the state and each chunk's product to the other warps through
-// shared memory twice a chunk: two barriers and two shared-memory round trips on the
-// serial chain, and every 16 columns re-read the chunk's w and K from L2. Here the
-// state never leaves registers: warp w carries the state columns col0 = j0 + 16 w ..
-// col0 + 15 over all D state rows, as the accumulator of S^T (m = those columns,
-// n = state rows), and both products of a chunk are taken transposed, so that each
-// one's accumulator is the next one's A operand (two m16n8 fp32 accumulator tiles,
-// packed to 16 bits, are one m16k16 A fragment):
-//   forward   v^T = u^T - S^T W^T             (B = W^T: w [token][row], n x k)
-//             S^T <- e S^T + (v^T diag(d)) K  (B = K [token][row], k x n)
-//   reverse   y^T = r^T - X^T K^T diag(d)
-//             X^T <- e X^T + y^T w + (dO^T diag(c)) Q
-// The block's warps share one cp.async ring of the chunk tiles and meet at one barrier
-// a chunk, which only guards the ring. A block of WARPS warps carries 16 WARPS columns.
-// Accumulator tile n of S^T: S[n][e] = S(row 8 n + 2 (lane % 4) + (e % 2),
-// column col0 + lane / 4 + 8 (e / 2)).
-template <typename T>
-__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-  a[0] = pack2<T>(lo[0], lo[1]);
-  a[1] = pack2<T>(lo[2], lo[3]);
-  a[2] = pack2<T>(hi[0], hi[1]);
-  a[3] = pack2<T>(hi[2], hi[3]);
-}
-
-// One m16n8 tile of X^T (16 columns of X from dst's column, 8 rows of X from dst's row),
-// packed to 16 bits as lo = its columns 0..7, hi = 8..15, stored as X [row][column]
-// rows of pitch ld: movmatrix transposes each 8 x 8 half in registers, so a thread
-// writes two adjacent columns of one row.
-__device__ __forceinline__ void store_tile_transposed(void* dst, int64_t ld, uint32_t lo, uint32_t hi, int lane) {
-  uint16_t* at = static_cast<uint16_t*>(dst) + (lane >> 2) * ld + 2 * (lane & 3);
-  store_u32(at, movm_trans(lo));
-  store_u32(at + 8, movm_trans(hi));
-}
-
-// The chunk's decay factors of the tokens of accumulator tile n (8 n + 2 (lane % 4) + j):
-// d_j (leaving-state weight) and, with kOut (the reverse pass), c_j = scale e^G [s = 0].
-struct TokenFactors {
-  float d0, d1, c0 = 0.f, c1 = 0.f;
-};
-template <bool kOut>
-__device__ __forceinline__ TokenFactors token_factors(const float* meta, int n, int lane, float GL, float sL,
-                                                      float scale) {
-  const float4 m = *reinterpret_cast<const float4*>(meta + 2 * (8 * n + 2 * (lane & 3)));  // G, s, G, s
-  TokenFactors f;
-  f.d0 = m.y == sL ? __expf(GL - m.x) : 0.f;
-  f.d1 = m.w == sL ? __expf(GL - m.z) : 0.f;
-  if constexpr (kOut) {
-    f.c0 = m.y == 0.f ? scale * __expf(m.x) : 0.f;
-    f.c1 = m.w == 0.f ? scale * __expf(m.z) : 0.f;
-  }
-  return f;
-}
-
-// The forward pass and the part summary (the same outputs as fwd_state_kernel).
-template <typename T, int D, int WARPS, int NS>
-__global__ void __launch_bounds__(32 * WARPS, 1)
-    reg_fwd_state_kernel(Problem p, ChunkPrep prep, ChunkStatesOut fo, ChunkSummaryOut sum) {
-  constexpr int NTH = 32 * WARPS, C = 16 * WARPS, LD = TcTile<D>::LD, LDC = C + 8;
-  constexpr int KS = D / 16, NR = D / 8;  // k-steps and n8 tiles over the state rows
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  FwdStateBuf<T, D, C>* buf = reinterpret_cast<FwdStateBuf<T, D, C>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
-  const int cw = 16 * warp, col0 = j0 + cw;
-  const int64_t bh = blockIdx.y;
-  const int nck = static_cast<int>(chunk_count(p));
-  const int64_t npad = static_cast<int64_t>(nck) * CH;
-  const int64_t se = static_cast<int64_t>(D) * D;
-  const float* entering = summary ? nullptr : fo.entering;
-
-  float S[NR][4];
-#pragma unroll
-  for (int n = 0; n < NR; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
-      S[n][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
-    }
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_fwd_chunk<T, D, C, NTH>(p, prep, buf[i], i, bh, j0, !amap, tid);
-    cp_async_commit();
-  }
-  for (int c = 0; c < nck; ++c) {
-    FwdStateBuf<T, D, C>& B = buf[c % NS];
-    // the state entering chunk c in 16 bits: w S's A operand, and the stored state
-    uint32_t sa[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) acc_to_a<T>(sa[kk], S[2 * kk], S[2 * kk + 1]);
-    if (!summary) {
-      const int64_t at = (bh * nck + c) * se;
-      if (fo.states != nullptr) {
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            store_tile_transposed(static_cast<T*>(fo.states) + at + 8 * (2 * kk + h) * D + col0, D, sa[kk][2 * h],
-                                  sa[kk][2 * h + 1], lane);
-      }
-      if (fo.ckpt != nullptr) {  // [column][row]: the accumulator's pairs are adjacent rows
-#pragma unroll
-        for (int n = 0; n < NR; ++n)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int row = 8 * n + 2 * (lane & 3), col = col0 + (lane >> 2) + 8 * hf;
-            *reinterpret_cast<float2*>(fo.ckpt + at + static_cast<int64_t>(col) * D + row) =
-                make_float2(S[n][2 * hf], S[n][2 * hf + 1]);
-          }
-      }
-    }
-    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
-    // every warp is past chunk c - 1 (its buffer is free) and sees chunk c
-    __syncthreads();
-    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NTH>(p, prep, buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
-    cp_async_commit();
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    float v[CH / 8][4];  // v^T: 16 columns x 64 tokens
-#pragma unroll
-    for (int n = 0; n < CH / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) v[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-      for (int np = 0; np < CH / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, B.w + frag_b_nk(lane, 16 * kk, 16 * np, LD));
-        mma16816<T>(v[2 * np], sa[kk], bb[0], bb[1]);
-        mma16816<T>(v[2 * np + 1], sa[kk], bb[2], bb[3]);
-      }
-    uint32_t ya[CH / 16][4];  // v^T diag(d) as A fragments over the tokens
-#pragma unroll
-    for (int np = 0; np < CH / 16; ++np) {
-      uint32_t uu[4] = {0u, 0u, 0u, 0u};  // u^T in the accumulator layout
-      if (!amap) ldsm_x4_t(uu, B.u + frag_a_colmajor(lane, cw, 16 * np, LDC));
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = 2 * np + h;
-        const TokenFactors f = token_factors<false>(B.meta, n, lane, GL, sL, 0.f);
-        const float2 ulo = unpack2<T>(uu[2 * h]), uhi = unpack2<T>(uu[2 * h + 1]);
-        const float v0 = ulo.x - v[n][0], v1 = ulo.y - v[n][1], v2 = uhi.x - v[n][2], v3 = uhi.y - v[n][3];
-        if (!summary && fo.v_new != nullptr)
-          store_tile_transposed(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + 8 * n) * D + col0,
-                                D, pack2<T>(v0, v1), pack2<T>(v2, v3), lane);
-        ya[np][2 * h] = pack2<T>(v0 * f.d0, v1 * f.d1);
-        ya[np][2 * h + 1] = pack2<T>(v2 * f.d0, v3 * f.d1);
-      }
-    }
-    const float e = sL == 0.f ? __expf(GL) : 0.f;
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) S[n][q] *= e;
-#pragma unroll
-    for (int t = 0; t < CH / 16; ++t)
-#pragma unroll
-      for (int np = 0; np < NR / 2; ++np) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, B.k + frag_b_kn(lane, 16 * t, 16 * np, LD));
-        mma16816<T>(S[2 * np], ya[t], bb[0], bb[1]);
-        mma16816<T>(S[2 * np + 1], ya[t], bb[2], bb[3]);
-      }
-  }
-  cp_async_wait_all();
-  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
-  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
-#pragma unroll
-  for (int which = 0; which < 2; ++which) {
-    if (dst[which] == nullptr) continue;
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
-        dst[which][bh * se + row * D + col] = S[n][e];
-      }
-  }
-}
-
-// The reverse pass's chunk tiles: k, w, q [64][LD]; r and dO, the block's C columns.
-template <typename T, int D, int C>
-struct RevStateBuf {
-  static constexpr int LD = TcTile<D>::LD, LDC = C + 8;
-  T k[CH * LD];
-  T w[CH * LD];
-  T q[CH * LD];
-  T r[CH * LDC];
-  T d[CH * LDC];
-  float meta[2 * CH];
-};
-
-template <typename T, int D, int C, int NTH>
-__device__ __forceinline__ void load_rev_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
-                                               RevStateBuf<T, D, C>& B, int c, int64_t bh, int j0, int tid) {
-  const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NTH>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NTH>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NTH>(B.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_col_block<T, C, NTH>(B.r, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, tid);
-  load_col_block<T, C, NTH>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0) + j0, dout.st, cp.nvalid, tid);
-  load_meta(B.meta, prep.meta, cp.row0, tid);
-}
-
-// The reverse pass (the same outputs as rev_state_kernel).
-template <typename T, int D, int WARPS, int NS>
-__global__ void __launch_bounds__(32 * WARPS, 1)
-    reg_rev_state_kernel(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
-  constexpr int NTH = 32 * WARPS, C = 16 * WARPS, LD = TcTile<D>::LD, LDC = C + 8;
-  constexpr int KS = D / 16, NR = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  RevStateBuf<T, D, C>* buf = reinterpret_cast<RevStateBuf<T, D, C>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int j0 = blockIdx.x * C, cw = 16 * warp, col0 = j0 + cw;
-  const int64_t bh = blockIdx.y;
-  const int nck = static_cast<int>(chunk_count(p));
-  const int64_t se = static_cast<int64_t>(D) * D;
-
-  float X[NR][4];  // X^T, the gradient of the state leaving the chunk
-#pragma unroll
-  for (int n = 0; n < NR; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
-      X[n][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
-    }
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_rev_chunk<T, D, C, NTH>(p, dout, prep, buf[i], nck - 1 - i, bh, j0, tid);
-    cp_async_commit();
-  }
-  for (int i = 0; i < nck; ++i) {
-    const int c = nck - 1 - i;
-    RevStateBuf<T, D, C>& B = buf[i % NS];
-    uint32_t xa[KS][4];  // X in 16 bits: K X's A operand, and the chunk's dh
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) acc_to_a<T>(xa[kk], X[2 * kk], X[2 * kk + 1]);
-    if (ro.dh != nullptr) {
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          store_tile_transposed(static_cast<T*>(ro.dh) + (bh * nck + c) * se + 8 * (2 * kk + h) * D + col0, D,
-                                xa[kk][2 * h], xa[kk][2 * h + 1], lane);
-    }
-    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
-    // every warp is past chunk c + 1 (its buffer is free) and sees chunk c
-    __syncthreads();
-    if (i + NS - 1 < nck) load_rev_chunk<T, D, C, NTH>(p, dout, prep, buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
-    cp_async_commit();
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    const float e = sL == 0.f ? __expf(GL) : 0.f;
-    // (dO^T diag(c)) as A fragments over the tokens; needs no X, so its product with Q
-    // (issued with X^T K^T) fills the tensor pipe while the chain waits
-    TokenFactors f[CH / 8];
-    uint32_t da[CH / 16][4];
-#pragma unroll
-    for (int n = 0; n < CH / 8; ++n) f[n] = token_factors<true>(B.meta, n, lane, GL, sL, p.scale);
-#pragma unroll
-    for (int t = 0; t < CH / 16; ++t) {
-      ldsm_x4_t(da[t], B.d + frag_a_colmajor(lane, cw, 16 * t, LDC));
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const TokenFactors& g = f[2 * t + h];
-        da[t][2 * h] = scale2<T>(da[t][2 * h], g.c0, g.c1);
-        da[t][2 * h + 1] = scale2<T>(da[t][2 * h + 1], g.c0, g.c1);
-      }
-    }
-    float y[CH / 8][4];  // X^T K^T
-#pragma unroll
-    for (int n = 0; n < CH / 8; ++n)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) y[n][q] = 0.f;
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) X[n][q] *= e;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-      for (int np = 0; np < CH / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, B.k + frag_b_nk(lane, 16 * kk, 16 * np, LD));
-        mma16816<T>(y[2 * np], xa[kk], bb[0], bb[1]);
-        mma16816<T>(y[2 * np + 1], xa[kk], bb[2], bb[3]);
-      }
-      // X^T += (dO^T diag(c)) Q, interleaved: state rows 16 kk .. 16 kk + 15 (KS = NR / 2)
-#pragma unroll
-      for (int t = 0; t < CH / 16; ++t) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, B.q + frag_b_kn(lane, 16 * t, 16 * kk, LD));
-        mma16816<T>(X[2 * kk], da[t], bb[0], bb[1]);
-        mma16816<T>(X[2 * kk + 1], da[t], bb[2], bb[3]);
-      }
-    }
-    uint32_t ya[CH / 16][4];  // y^T = r^T - X^T K^T diag(d), as A fragments over the tokens
-#pragma unroll
-    for (int np = 0; np < CH / 16; ++np) {
-      uint32_t rr[4];  // r^T in the accumulator layout
-      ldsm_x4_t(rr, B.r + frag_a_colmajor(lane, cw, 16 * np, LDC));
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = 2 * np + h;
-        const float2 rlo = unpack2<T>(rr[2 * h]), rhi = unpack2<T>(rr[2 * h + 1]);
-        ya[np][2 * h] = pack2<T>(rlo.x - f[n].d0 * y[n][0], rlo.y - f[n].d1 * y[n][1]);
-        ya[np][2 * h + 1] = pack2<T>(rhi.x - f[n].d0 * y[n][2], rhi.y - f[n].d1 * y[n][3]);
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < CH / 16; ++t)
-#pragma unroll
-      for (int np = 0; np < NR / 2; ++np) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, B.w + frag_b_kn(lane, 16 * t, 16 * np, LD));
-        mma16816<T>(X[2 * np], ya[t], bb[0], bb[1]);
-        mma16816<T>(X[2 * np + 1], ya[t], bb[2], bb[3]);
-      }
-  }
-  cp_async_wait_all();
-  if (ro.entering != nullptr) {
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 8 * n + 2 * (lane & 3) + (e & 1), col = col0 + (lane >> 2) + 8 * (e >> 1);
-        ro.entering[bh * se + row * D + col] = X[n][e];
       }
   }
 }
@@ -1332,20 +1006,19 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
   check(cudaGetLastError(), "chunk prep kernel");
 }
 
-// Which state passes run: LASP2_DELTA_STATE_KERNEL = "tile" (fwd_state_kernel and
-// rev_state_kernel: 16 columns and 4 warps a block), "w8" (the same blocks with 8 warps,
-// d = 128; tile otherwise), "reg1", "reg2" or "reg4" (the register-resident passes with
-// 1, 2 or 4 warps a block: 16, 32 or 64 columns). Read at every launch (tests switch it).
-enum class StatePass { kTile, kW8, kReg1, kReg2, kReg4 };
+// Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
+// compare the families): "tile", fwd_state_kernel and rev_state_kernel (16 columns and
+// 4 warps a block); "w8" (default) at d = 128 their 8-warp versions (d = 64: tile);
+// "w8c32" the forward pass with 8 warps and 32 columns a block (half the blocks, half
+// the reads of w and K; the reverse pass as w8).
+enum class StatePass { kTile, kW8, kW8Wide };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
   if (env == nullptr || *env == 0) return StatePass::kW8;
   for (auto [name, pass] : {std::pair{"tile", StatePass::kTile}, std::pair{"w8", StatePass::kW8},
-                            std::pair{"reg1", StatePass::kReg1}, std::pair{"reg2", StatePass::kReg2},
-                            std::pair{"reg4", StatePass::kReg4}})
+                            std::pair{"w8c32", StatePass::kW8Wide}})
     if (std::strcmp(env, name) == 0) return pass;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, reg1, reg2 or "
-                   "reg4, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or w8c32, not ") +
        env);
 }
 
@@ -1354,26 +1027,6 @@ int device_sms() {
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return sms;
-}
-
-// The register-resident forward pass: a ring of 4 chunks when the blocks fit the device
-// in one wave (one block an SM), else of 2 (two blocks an SM hide each other's loads).
-template <typename T, int D, int WARPS>
-void launch_reg_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
-                           const ChunkSummaryOut& sum, cudaStream_t s) {
-  constexpr int C = 16 * WARPS;
-  static_assert(D % C == 0, "whole column blocks");
-  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
-  const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-  auto run = [&](auto kernel, int bytes) {
-    allow(kernel, bytes, "chunk state smem");
-    kernel<<<grid, 32 * WARPS, bytes, s>>>(p, prep, out, sum);
-  };
-  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
-    run(reg_fwd_state_kernel<T, D, WARPS, 4>, 4 * static_cast<int>(sizeof(FwdStateBuf<T, D, C>)));
-  } else {
-    run(reg_fwd_state_kernel<T, D, WARPS, 2>, 2 * static_cast<int>(sizeof(FwdStateBuf<T, D, C>)));
-  }
 }
 
 // The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
@@ -1385,24 +1038,26 @@ template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
   const StatePass pass = state_pass();
-  if (pass == StatePass::kReg1) return launch_reg_fwd_states<T, D, 1>(p, prep, out, sum, s);
-  if (pass == StatePass::kReg2) return launch_reg_fwd_states<T, D, 2>(p, prep, out, sum, s);
-  if (pass == StatePass::kReg4) return launch_reg_fwd_states<T, D, 4>(p, prep, out, sum, s);
-  constexpr int C = kChunkCols;
-  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
-  const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-  const bool one_wave = static_cast<int64_t>(cols) * p.bh() <= device_sms();
   if constexpr (D == 128) {
-    if (pass == StatePass::kW8) {
+    auto w8 = [&](auto cols_tag) {
+      constexpr int CW = decltype(cols_tag)::value;
+      const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / CW;
+      const dim3 grid(cols, static_cast<unsigned>(p.bh()));
       auto run = [&](auto kernel, int bytes) {
         allow(kernel, bytes, "chunk state smem");
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
       };
-      if (one_wave) return run(fwd_state_kernel_w8<T, D, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>)));
-      return run(fwd_state_kernel_w8<T, D, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, C, 2>)));
-    }
+      if (static_cast<int64_t>(cols) * p.bh() <= device_sms())
+        return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
+      run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
+    };
+    if (pass == StatePass::kW8) return w8(std::integral_constant<int, kChunkCols>{});
+    if (pass == StatePass::kW8Wide) return w8(std::integral_constant<int, 2 * kChunkCols>{});
   }
-  if (one_wave) {
+  constexpr int C = kChunkCols;
+  const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
+  const dim3 grid(cols, static_cast<unsigned>(p.bh()));
+  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
     const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
     allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
     fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
@@ -1463,20 +1118,10 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    auto reg = [&](auto warps) {  // a ring of 3 chunks (one block an SM)
-      constexpr int W = decltype(warps)::value;
-      const int bytes = 3 * static_cast<int>(sizeof(RevStateBuf<T, D, 16 * W>));
-      allow(reg_rev_state_kernel<T, D, W, 3>, bytes, "chunk reverse state smem");
-      reg_rev_state_kernel<T, D, W, 3>
-          <<<dim3(D / (16 * W), static_cast<unsigned>(p.bh())), 32 * W, bytes, s>>>(p, dout, prep, out);
-    };
     const StatePass pass = state_pass();
-    if (pass == StatePass::kReg1) return reg(std::integral_constant<int, 1>{});
-    if (pass == StatePass::kReg2) return reg(std::integral_constant<int, 2>{});
-    if (pass == StatePass::kReg4) return reg(std::integral_constant<int, 4>{});
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     if constexpr (D == 128) {
-      if (pass == StatePass::kW8) {
+      if (pass != StatePass::kTile) {
         allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
         rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
         return;
