@@ -254,7 +254,10 @@ def _backward(ctx, do, d_final, *_d_saved):
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
-_EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward)
+# the saved buffers (outputs 2..5) only carry what the backward needs: no zero gradients
+# are made for them on every backward
+_EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward,
+                               internal_outputs=(2, 3, 4, 5))
 
 
 def group_handle(group, device: torch.device) -> int:
