@@ -348,7 +348,6 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
   }
   cp_async_wait_group1();
   __syncthreads();
-  const float sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
   {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
