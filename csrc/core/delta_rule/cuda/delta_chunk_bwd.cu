@@ -1,6 +1,6 @@
-// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h):
-// one block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with
-// fp32 accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
+// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h): two
+// kernels of one block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input
+// dtype with fp32 accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
 // the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
 // in shared memory.
 #include <string>
