@@ -204,8 +204,8 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
         // tokens instead of 16 16-bit loads.
         uint32_t xf[4];
         // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
-        // a row pointer advanced by one 64-bit add per j (a 64-bit multiply and its
-        // address arithmetic per store were about a fifth of the loop's instructions)
+        // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
+        // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
         T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
         const int64_t ostep = 8 * args.out.st;
 #pragma unroll
