@@ -97,5 +97,5 @@ def test_staged_values_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused stage kernel)")
 def test_staged_values_cuda():
     """The fused kernel computes the same bits as the CPU loop and the reference."""
-    (out,) = assert_all_ok(run_world(1, _cases, "cuda", backend="nccl"))
+    (out,) = assert_all_ok(run_world(1, _cases, "cuda:0", backend="nccl"))
     _check(out)
