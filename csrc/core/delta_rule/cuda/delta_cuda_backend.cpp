@@ -512,7 +512,6 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dh = scratch[5];
     a.t = scratch[6];
     a.r = prep.u;
-    a.sums = static_cast<float*>(prep.w);  // w is dead after rstates
     a.dq = dq.data;
     a.dqsb = dq.stride.batch;
     a.dqst = dq.stride.seq;
