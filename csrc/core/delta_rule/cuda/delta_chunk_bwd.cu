@@ -1,6 +1,6 @@
-// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h): two
-// kernels of one block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input
-// dtype with fp32 accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
+// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h): one
+// block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
+// accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
 // the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
 // in shared memory.
 #include <string>
@@ -12,44 +12,33 @@
 namespace lasp2::delta::gpu {
 namespace {
 
-// Two kernels, so that each block's tiles stay under half of an SM's shared memory
-// (two blocks an SM hide one block's loads and barriers behind the other's; the one
-// kernel of 224 KiB ran one block an SM). Kernel 1 (`values`) takes the side of dU:
-// dU, dB, dv, dA and the dk terms of U dh^T and dA; kernel 2 (`keys`) the side of the
-// scores and of h: dP, dq and the rest of dk, then the gate and beta sums. Between
-// them dB travels in dq's rows, the first dk terms in dk's (16 bits, as fla's two dk
-// halves do) and the per-token sums in a.sums.
+// One block runs two phases in the same tiles, so that they stay under half of an
+// SM's shared memory (two blocks an SM hide one block's loads and barriers behind the
+// other's; the one-phase kernel of 224 KiB ran one block an SM). The values phase
+// takes the side of dU: dU, dB, dv, dA and the dk terms of U dh^T and dA; the keys
+// phase the side of the scores and of h: dP, dq and the rest of dk, then dg and dbeta.
+// The keys phase's tiles load into the values phase's as each one falls free (q over
+// v, dO over dB, h over dh, dP over dA); dB goes out through dq's rows and comes back
+// over v_new once the scores are formed, dk's first terms through dk's (16 bits, as
+// fla's two dk halves).
 template <typename T, int D>
-struct ValueSmem {
+struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
   T k[CH * LD];
-  T u[CH * LD];  // v_new
-  T v[CH * LD];
-  T x[CH * LD];     // r, then dU, then dB
-  T dh[D * LD];     // the gradient of the state leaving the chunk
-  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA
+  T u[CH * LD];     // v_new; keys: dB
+  T vq[CH * LD];    // v; keys: q
+  T x[CH * LD];     // r, then dU, then dB; keys: dO
+  T s[D * LD];      // dh; keys: h
+  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA; keys: dP
   float meta[2 * CH];
   float bt[CH], dG[CH], db[CH];
   float dot;  // <dh, h>
-};
-template <typename T, int D>
-struct KeySmem {
-  static constexpr int LD = TcTile<D>::LD;
-  T q[CH * LD];
-  T k[CH * LD];
-  T o[CH * LD];   // dO
-  T ub[CH * LD];  // v_new, then dB
-  T h[D * LD];    // the state entering the chunk
-  T dp[CH * kLdP];
-  float meta[2 * CH];
-  float bt[CH], dG[CH], db[CH];
 };
 
 constexpr int kThreads = 256;  // 8 warps
 // sm_90: 228 KiB of shared memory an SM, 1 KiB of it reserved per block
 constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
-static_assert(sizeof(ValueSmem<__half, 128>) <= kTwoBlocks, "two value blocks an SM");
-static_assert(sizeof(KeySmem<__half, 128>) <= kTwoBlocks, "two key blocks an SM");
+static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
 
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
@@ -108,36 +97,37 @@ struct WarpPart {
   }
 };
 
-// Kernel 1: dU = diag(d) K dh - r (r = -(P^T dO) from rprep), dB = T^T dU, dv, dL -> dA,
-// and dk's terms diag(d) U dh^T + dA K + dA^T K (into dk); dB into dq's rows; the
-// gate and beta terms of these products, and e <dh, h> on the last token, into a.sums.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p, ChunkBackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  ValueSmem<T, D>& sm = *reinterpret_cast<ValueSmem<T, D>*>(smem_raw);
-  const int tid = threadIdx.x;
+  BwdSmem<T, D>& sm = *reinterpret_cast<BwdSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5;
   const WarpPart wp(tid, D);
   const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0, c0 = wp.c0;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
+  T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
+  T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
 
+  // ---- values phase
   load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
   {
     const T* dst = static_cast<const T*>(a.dh) + at;
 #pragma unroll
-    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.dh + r * LD, dst + r * D, D, CH, D, tid);
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, dst + r * D, D, CH, D, tid);
   }
   load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   load_meta(sm.meta, a.meta, cp.row0, tid);
   cp_async_commit();  // what dU needs; T and v land while it is formed
   load_tile<T, CH, kThreads>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, CH, tid);
-  load_tile<T, D, kThreads>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+  load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
-  // h only meets dh in <dh, h>: straight into registers, 16 bytes a load (no tile for it)
+  // h meets dh only in <dh, h>: straight into registers, 16 bytes a load (dh's tile
+  // takes h only after dh's last use)
   constexpr int kDotVecs = D * D / 8 / kThreads;
   uint4 hv[kDotVecs];
   {
@@ -162,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
 #pragma unroll
     for (int i = 0; i < kDotVecs; ++i) {
       const int e = tid + i * kThreads, r = (8 * e) / D, c = (8 * e) % D;
-      const uint4 x = *reinterpret_cast<const uint4*>(sm.dh + r * LD + c);
+      const uint4 x = *reinterpret_cast<const uint4*>(sm.s + r * LD + c);
       const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {hv[i].x, hv[i].y, hv[i].z, hv[i].w};
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
@@ -177,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
-    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float cu[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NH; ++j)
@@ -207,13 +197,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
   }
   cp_async_wait_all();
   __syncthreads();
-  {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB into dq's rows for kernel 2
+  {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB out through dq's rows
     float acc[NH][4];
     zero(acc);
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
-    T* dbrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
     float dbv[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NH; ++j)
@@ -221,15 +210,17 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
       for (int hf = 0; hf < 2; ++hf) {
         const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (y < cp.nvalid) {
-          const float2 vv = unpack2<T>(load_u32(sm.v + y * LD + col));
+          const float2 vv = unpack2<T>(load_u32(sm.vq + y * LD + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
           const float b = sm.bt[y];
           store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
-          store_u32(dbrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          store_u32(dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
     add_rows(sm.db, dbv, m0, lane);
-    __syncthreads();  // every warp has read dU (and T)
+    __syncthreads();  // every warp has read dU, T and v: q takes v's tile
+    load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    cp_async_commit();
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -276,11 +267,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
     add_rows(sm.db, rowB, m0, lane);
     sub_cols(sm.dG, colN, c0, lane);
   }
-  __syncthreads();
-  {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (kernel 2 adds the rest)
+  __syncthreads();  // every warp has read dB: dO takes its tile
+  load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+  cp_async_commit();
+  {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
     float acc[NH][4];
     zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
@@ -293,7 +286,6 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
     }
     mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-    T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -302,61 +294,24 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_values_kernel(Problem p
         if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
-  __syncthreads();
-  if (tid < CH) {  // e <dh, h> belongs to G_last (e = e^{G_last} when the chunk is one segment)
-    const float eL = sL == 0.f ? __expf(GL) : 0.f;
-    const float dG = sm.dG[tid] + (tid == CH - 1 ? eL * sm.dot : 0.f);
-    reinterpret_cast<float2*>(a.sums)[cp.row0 + tid] = make_float2(dG, sm.db[tid]);
-  }
-}
-
-// Kernel 2: P and dP (and the gate terms of P o (dO U^T)), dq = scale diag(ent) dO h^T +
-// dP K, dk += dP^T Q - diag(beta ent) dB h^T (dB from dq's rows, the first terms from
-// dk's), then dg (the segmented suffix sum) and dbeta from kernel 1's sums and these.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, ChunkBackwardArgs a) {
-  constexpr int LD = TcTile<D>::LD;
-  constexpr int NH = D / 16;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  KeySmem<T, D>& sm = *reinterpret_cast<KeySmem<T, D>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const WarpPart wp(tid, D);
-  const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0, c0 = wp.c0;
-  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  const int nck = static_cast<int>(chunk_count(p));
-  const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
-  T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
-
-  load_tile<T, D, kThreads>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.ub, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
-  load_meta(sm.meta, a.meta, cp.row0, tid);
-  cp_async_commit();  // what the scores need; h lands while they are formed
+  __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
   {
     const T* st = static_cast<const T*>(a.states) + at;
 #pragma unroll
-    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.h + r * LD, st + r * D, D, CH, D, tid);
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
   }
   cp_async_commit();
-  if (tid < CH) {
-    const int64_t t = cp.t0 + tid;
-    sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
-    const float2 s1 = reinterpret_cast<const float2*>(a.sums)[cp.row0 + tid];
-    sm.dG[tid] = s1.x;
-    sm.db[tid] = s1.y;
-  }
-  cp_async_wait_group1();
+
+  // ---- keys phase
+  cp_async_wait_group1();  // q and dO
   __syncthreads();
-  auto Gof = [&](int x) { return sm.meta[2 * x]; };
-  auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
   {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
      // M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
     float sq[4][4], ee[4][4];
     zero(sq);
     zero(ee);
-    mma_acc<T, 4, false, true>(sq, sm.q, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
-    mma_acc<T, 4, false, true>(ee, sm.o, LD, sm.ub, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowM[2] = {0.f, 0.f}, colM[4][2];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -374,21 +329,21 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
           rowM[hf] += m;
           colM[j][par] += m;
         }
-        store_u32(sm.dp + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
+        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
       }
     }
     add_rows(sm.dG, rowM, m0, lane);
     sub_cols(sm.dG, colM, c0, lane);
   }
-  __syncthreads();  // every warp has read U: dB (kernel 1's, in dq's rows) takes its tile
-  load_tile<T, D, kThreads>(sm.ub, dqrow, a.dqst, cp.nvalid, D, tid);
+  __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
+  load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
   cp_async_commit();
   cp_async_wait_group1();  // h
   __syncthreads();
   float dq[NH][4];
   {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
     zero(dq);
-    mma_acc<T, NH, false, true>(dq, sm.o, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float qd[2] = {0.f, 0.f};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -399,13 +354,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
         const int col = n0 + 8 * j + 2 * (lane & 3);
         dq[j][2 * hf] *= c;
         dq[j][2 * hf + 1] *= c;
-        const float2 qq = unpack2<T>(load_u32(sm.q + x * LD + col));
+        const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
         qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
       }
     }
     add_rows(sm.dG, qd, m0, lane);
     // dP[x][y] is zero for y > x: key blocks 0..mw
-    mma_acc<T, NH, false, false>(dq, sm.dp, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
   }
   cp_async_wait_all();
   __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
@@ -416,13 +371,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
       const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
       if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
     }
-  {  // dk = (kernel 1's terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
+  {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
      // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
     float kz[2] = {0.f, 0.f};
     float acc[NH][4];
     zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.ub, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
-    T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
@@ -433,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
       for (int j = 0; j < NH; ++j) {
         const int col = n0 + 8 * j + 2 * (lane & 3);
         const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
-        // each lane reads back only the dk places it writes below
+        // this lane wrote these dk places in the values phase
         const float2 k1 = valid ? unpack2<T>(load_u32(dkrow + x * a.dkst + col)) : make_float2(0.f, 0.f);
         const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
         kz[hf] += z0 * kx.x + z1 * kx.y;
@@ -441,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
         acc[j][2 * hf + 1] = k1.y - bx * z1;
       }
     }
-    mma_acc<T, NH, true, false>(acc, sm.dp, kLdP, sm.q, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -462,8 +416,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_keys_kernel(Problem p, 
   if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
     // A segmented suffix scan, lane l holding tokens 2 l and 2 l + 1: a run restarts at the
     // chunk's last token and at each segment's last.
+    const float eL = sL == 0.f ? __expf(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
-    const float va = sm.dG[xa], vb = sm.dG[xb];
+    const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
     const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
     float run = va + (fa ? 0.f : vb);  // token xa's run over this lane's tokens
     bool cut = fa || fb;               // whether a run restarts inside them
@@ -500,28 +455,24 @@ void check(cudaError_t e, const char* what) {
 }  // namespace
 
 int chunk_backward_smem_bytes(int d) {
-  auto larger = [](size_t x, size_t y) { return static_cast<int>(x > y ? x : y); };
-  return d == 64 ? larger(sizeof(ValueSmem<__nv_bfloat16, 64>), sizeof(KeySmem<__nv_bfloat16, 64>))
-                 : larger(sizeof(ValueSmem<__nv_bfloat16, 128>), sizeof(KeySmem<__nv_bfloat16, 128>));
+  return d == 64 ? static_cast<int>(sizeof(BwdSmem<__nv_bfloat16, 64>))
+                 : static_cast<int>(sizeof(BwdSmem<__nv_bfloat16, 128>));
 }
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  auto allow = [](auto kernel, size_t bytes) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-          "chunk backward smem");
-    // all of the SM's 228 KiB as shared memory, so that two blocks fit
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-          "chunk backward carveout");
-  };
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    const dim3 grid(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
-    allow(chunk_bwd_values_kernel<T, D>, sizeof(ValueSmem<T, D>));
-    allow(chunk_bwd_keys_kernel<T, D>, sizeof(KeySmem<T, D>));
-    chunk_bwd_values_kernel<T, D><<<grid, kThreads, sizeof(ValueSmem<T, D>), s>>>(p, a);
-    chunk_bwd_keys_kernel<T, D><<<grid, kThreads, sizeof(KeySmem<T, D>), s>>>(p, a);
+    const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+          "chunk backward smem");
+    // all of the SM's 228 KiB as shared memory, so that two blocks fit
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared),
+          "chunk backward carveout");
+    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads,
+                             bytes, s>>>(p, a);
   };
   auto by_dim = [&](auto tag) {
     if (p.dk == 64 && p.dv == 64) {

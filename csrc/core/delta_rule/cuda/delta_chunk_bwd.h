@@ -3,9 +3,9 @@
 // (launch_chunk_states), the 16-bit gradient dh_c of the state leaving each chunk
 // (launch_chunk_rstates), the chunk's meta {G, s} and T (launch_chunk_prep) and r =
 // -(P^T dO) (launch_chunk_rprep), every chunk's dq, dk, dv, dg and dbeta follow from the
-// chunk alone: two kernels of one block per (chunk, b, h), the first on the side of dU
-// (dU, dB, dv, dA), the second on the side of the scores and h (dP, dq, the rest of dk,
-// dg, dbeta), each under half of an SM's shared memory.
+// chunk alone: one block per (chunk, b, h) in two phases over the same tiles (under half
+// of an SM's shared memory), first the side of dU (dU, dB, dv, dA), then the side of
+// the scores and h (dP, dq, the rest of dk, dg, dbeta).
 // The math, per chunk (U = v_new, S0 = h_c, X = dh_c; Gam the causal decay of the
 // chunk's segments, ent_x = e^{G_x} [s_x = 0], d_y = e^{G_last - G_y} [s_y = s_last],
 // T = (I + L)^-1 as in prep; see docs/delta_rule.md):
@@ -33,10 +33,7 @@ struct ChunkBackwardArgs {
   const void* dh = nullptr;        // [bh][nchunks][dk][dv], 16-bit: the gradient of the state leaving each chunk
   const void* t = nullptr;         // [bh][nchunks][64][64], 16-bit: each chunk's T (launch_chunk_prep)
   const void* r = nullptr;         // [bh][nchunks * 64][dv], 16-bit: -(P^T dO) (launch_chunk_rprep)
-  // [bh][nchunks * 64][2] fp32 scratch: the first kernel's per-token gate and beta sums
-  // (prep's w, dead after the reverse state pass, has room: 2 d 16-bit values a row)
-  float* sums = nullptr;
-  // dq and dk also carry the first kernel's dB and dk terms to the second
+  // dq and dk also carry dB and dk's first terms from the first phase to the second
   void* dq = nullptr;
   int64_t dqsb = 0, dqst = 0, dqsh = 0;
   void* dk = nullptr;
@@ -47,8 +44,7 @@ struct ChunkBackwardArgs {
   float* dbeta = nullptr;  // nullable: [B, T, H] contiguous
 };
 
-// Shared memory one block of launch_chunk_backward's kernels needs (the larger of the
-// two) for head dim d (64 or 128).
+// Shared memory one block of launch_chunk_backward needs for head dim d (64 or 128).
 int chunk_backward_smem_bytes(int d);
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s);

@@ -568,7 +568,6 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dh = scratch[2];
     a.t = prep.t;
     a.r = kept->reverse.u;
-    a.sums = static_cast<float*>(prep.w);  // w is dead after rstates (a kept w too: this is its last use)
     a.dq = dq.data;
     a.dqsb = dq.stride.batch;
     a.dqst = dq.stride.seq;
