@@ -94,7 +94,7 @@ def test_staged_values_cpu():
     _check(out)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused stage kernel)")
+@pytest.mark.gpu  # the fused stage kernel; run on the device with `pytest -m gpu`
 def test_staged_values_cuda():
     """The fused kernel computes the same bits as the CPU loop and the reference."""
     (out,) = assert_all_ok(run_world(1, _cases, "cuda:0", backend="nccl"))
