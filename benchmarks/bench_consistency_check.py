@@ -14,7 +14,13 @@ at the call):
           linear-attention blocks at hidden size --hidden (projections, SwiGLU MLP, norms),
           with and without the check; --big-hidden adds a second, clearly GPU-bound model
           (same blocks at that hidden size),
-and prints the check's share of the step. Rank 0 prints one JSON line.
+and prints the check's share of the step. Each with/without pair is timed in --rounds
+alternating rounds (with, without, without, with, ...) and reported as medians, with the
+median of the rounds' overheads: a host-bound loop's speed drifts by 10-20% over a run, which
+back-to-back single timings took for the check's cost. "host_parts" splits the auto check's
+time per call: the Python part (the row built, the C++ object replaced by a stub), the
+C++ exchange alone (head only: one row kernel, the all-gather, the table's copy and the
+side stream's sync), and staging one gate flag plus sending it. Rank 0 prints one JSON line.
 
 CPU (gloo):  python benchmarks/bench_consistency_check.py --device cpu
 GPU (NCCL):  torchrun --nproc-per-node 2 benchmarks/bench_consistency_check.py --device cuda
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +65,68 @@ def _time(fn, iters, device):
         fn()
     _sync(device)
     return (time.perf_counter() - start) / iters
+
+
+def _paired(fn, switch, iters, device, rounds):
+    """Times fn with the check (switch(True)) and without (switch(False)) in `rounds` rounds
+    of alternating order (with first, then without first), so a drift of the loop's speed
+    over the run lands on both columns alike; leaves the check on. Returns the median with,
+    the median without, and the median of the rounds' overheads in %."""
+    withs, withouts, overheads = [], [], []
+    try:
+        for r in range(rounds):
+            times = {}
+            for enabled in ((True, False) if r % 2 == 0 else (False, True)):
+                switch(enabled)
+                times[enabled] = _time(fn, iters, device)
+            withs.append(times[True])
+            withouts.append(times[False])
+            overheads.append(100 * (times[True] - times[False]) / times[False])
+    finally:
+        switch(True)
+    return statistics.median(withs), statistics.median(withouts), statistics.median(overheads)
+
+
+class _StubCheck:
+    """A GroupCheck that sends nothing: the Python part of a check, timed alone."""
+
+    def __init__(self, depth):
+        self.depth = depth
+
+    def exchange(self, head, sends, max_slots):
+        return -1
+
+    def exchange_then_stage(self, head, sends, max_slots, values, kinds):
+        return -1, 0
+
+    def stage(self, values, kinds):
+        return 0
+
+    def discard(self):
+        pass
+
+
+def _host_parts(GC, group, device, check, gate, iters):
+    """The auto check's time per call, split (see the module's docstring), in us."""
+    st = GC._state(group)
+    gc = GC._group_check(st, device)
+    head = [1] * 20
+    slot = GC.ROW - GC.LAGGED  # the staged flag's slot when one entry is sent
+
+    def stage_and_send():
+        gc.exchange(head, [gc.stage([gate], [GC._KIND_MAX])], [slot])
+
+    GC.settle_consistency_checks(group)  # the ring's entries are free
+    out = {"exchange_us": _time(lambda: gc.exchange(head, [], []), iters, device) * 1e6,
+           "stage_and_send_us": _time(stage_and_send, iters, device) * 1e6}
+    GC.settle_consistency_checks(group)
+    st.checks[device] = _StubCheck(st.depth)
+    try:
+        out["python_us"] = _time(lambda: check(gate), iters, device) * 1e6
+    finally:
+        st.checks[device] = gc
+        st.pending.clear()
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def _patch_check(enabled: bool, original):
@@ -129,23 +198,25 @@ def bench(rank, world, args):
         # the check alone: the call, and the seal of one output
         t_check = _time(lambda: check(gates[0]).seal(o_like), args.iters * 4, device)
         result[mode] = {"check_us": round(t_check * 1e6, 1)}
+        if label.startswith("auto"):
+            result[mode]["host_parts"] = _host_parts(GC, group, device, check, gates[0], args.iters * 4)
         # stacks of gated layers; and one layer without gates (its check's row is host values
         # only: no device fields, so on CUDA it does not wait for the op's stream at all)
         for layers, gated in [(n, True) for n in layer_counts] + [(1, False)]:
             iters = max(10, args.iters // layers)
             if world == 1:  # the op does not check itself: run the check beside it, as a group call would
-                t_with = _time(lambda: step(layers, True, gated), iters, device)
-                t_without = _time(lambda: step(layers, False, gated), iters, device)
+                beside = [True]
+                t_with, t_without, overhead = _paired(
+                    lambda: step(layers, beside[0], gated), lambda on: beside.__setitem__(0, on), iters, device,
+                    args.rounds)
             else:
-                _patch_check(True, original)
-                t_with = _time(lambda: step(layers, False, gated), iters, device)
-                _patch_check(False, original)
-                t_without = _time(lambda: step(layers, False, gated), iters, device)
-                _patch_check(True, original)
+                t_with, t_without, overhead = _paired(
+                    lambda: step(layers, False, gated), lambda on: _patch_check(on, original), iters, device,
+                    args.rounds)
             result[mode][f"{layers}_layers" + ("" if gated else "_no_gates")] = {
                 "step_with_check_ms": round(t_with * 1e3, 3), "step_without_check_ms": round(t_without * 1e3, 3),
                 "check_share_of_step_pct": round(100 * layers * t_check / t_without, 3),
-                "measured_overhead_pct": round(100 * (t_with - t_without) / t_without, 3)}
+                "measured_overhead_pct": round(overhead, 3)}
         if args.model_layers:
             for key, hidden in [("model", args.hidden)] + ([("model_big", args.big_hidden)] if args.big_hidden else []):
                 model = result[mode][key] = _model_step(GC, group, device, world, args, original, hidden)
@@ -192,21 +263,19 @@ def _model_step(GC, group, device, world, args, original, hidden):
 
     iters = max(10, args.iters // 2)
     out = {"layers": args.model_layers, "hidden": hidden, "heads": heads, "decay": args.model_decay}
-    try:
+
+    def switch(with_check):
         if world == 1:
-            nn_la.linear_attention = beside
-            t_with = _time(step, iters, device)
-            nn_la.linear_attention = plain
-            t_without = _time(step, iters, device)
+            nn_la.linear_attention = beside if with_check else plain
         else:
-            t_with = _time(step, iters, device)
-            _patch_check(False, original)
-            t_without = _time(step, iters, device)
-            _patch_check(True, original)
+            _patch_check(with_check, original)
+
+    try:
+        t_with, t_without, overhead = _paired(step, switch, iters, device, args.rounds)
     finally:
         nn_la.linear_attention = plain
     out.update(step_with_check_ms=round(t_with * 1e3, 3), step_without_check_ms=round(t_without * 1e3, 3),
-               measured_overhead_pct=round(100 * (t_with - t_without) / t_without, 3))
+               measured_overhead_pct=round(overhead, 3))
     return out
 
 
@@ -239,6 +308,8 @@ def main():
     p.add_argument("--hidden", type=int, default=None, help="the model's hidden size (default heads x head dim)")
     p.add_argument("--big-hidden", type=int, default=0,
                    help="also time the model at this hidden size (a GPU-bound step; 0: no)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating with/without rounds per pair (medians reported)")
     p.add_argument("--model-decay", default="gate", choices=["gate", "fixed", "none"])
     args = p.parse_args()
     gpu = args.device == "cuda"

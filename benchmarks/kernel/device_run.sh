@@ -9,6 +9,9 @@
 # .carry/base/bench_lasp2.
 # SAN_FILTER / SAN_TIMEOUT: the GoogleTest filter and time limit of the sanitizer runs;
 # PROF_KERNELS / PROF_COUNT / PROF_T: kernel-name regex, launches and T of `prof`.
+# TEST_FILTER: the GoogleTest filter of `tests` (default 'Cuda*:*/Cuda*');
+# KPROF_METRICS: ncu metrics of `kprof` (default gpu__time_duration.sum; e.g. add
+# smsp__inst_executed.sum for executed instructions).
 # The device tool returns at most 8 files from $OUT: a call running several stages
 # should point OUT at one folder per stage or keep only the summaries.
 # (BENCH_SHAPES="T,H,D,B,dtype,mode ..." overrides the shapes of bench and base; ab:
@@ -49,7 +52,7 @@ if has tests; then
   RC=$!
   for i in 0 1 2 3 4 5 6 7; do
     GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout 300 $BIN/lasp2_core_tests \
-      --gtest_filter='Cuda*:*/Cuda*' > /tmp/shard$i.log 2>&1 &
+      --gtest_filter="${TEST_FILTER:-Cuda*:*/Cuda*}" > /tmp/shard$i.log 2>&1 &
   done
   wait
   cat /tmp/shard*.log > "$OUT/tests.log"
@@ -95,9 +98,9 @@ if has kprof; then
     [ -x "${b##* }" ] || continue
     for TB in ${KPROF_SHAPES:-65536,1 4096,1}; do
       echo "== $b T,B=$TB" >> "$OUT/kprof.log"
-      timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum $b ${TB%,*} 16 128 ${TB#*,} bf16 gate once 2>&1 |
+      timeout 120 ncu --clock-control none --metrics ${KPROF_METRICS:-gpu__time_duration.sum} $b ${TB%,*} 16 128 ${TB#*,} bf16 gate once 2>&1 |
         awk '/Context [0-9]+, Stream/ { k = "?"; if (match($0, /[a-z_0-9]+_kernel(<[^>]*>)?/)) k = substr($0, RSTART, RLENGTH) }
-             /gpu__time_duration.sum/ { printf "%s %s %s\n", k, $(NF-1), $NF }' \
+             /^ +[a-z_]+__[a-z_.]+ / { printf "%s %s %s %s\n", k, $1, $(NF-1), $NF }' \
         >> "$OUT/kprof.log"
     done
   done

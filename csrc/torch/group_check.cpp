@@ -5,13 +5,18 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "consistency_values.h"
 #include "lasp2/types.h"
 
 #ifdef LASP2_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/consistency_kernels.h"
 #endif
 
 // _allgather_base is marked deprecated in newer torch in favour of a name older
@@ -48,26 +53,17 @@ GroupCheck::GroupCheck(c10::intrusive_ptr<c10d::ProcessGroup> group, at::Device 
     // blocks, so the host's wait for the table is the round trip, not the op's kernel
     side_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index());
     events_ = std::vector<at::cuda::CUDAEvent>(depth_);
+    LASP2_CHECK(row_ <= lasp2::cuda::kMaxCheckRow && row_ / std::max<int64_t>(lagged_, 1) <= lasp2::cuda::kMaxCheckSends,
+                "GroupCheck: a CUDA row holds at most 64 slots and 16 sent entries");
+    scratch_ = at::zeros({depth_, lasp2::cuda::kStageScratch}, int64_on(device_));
   }
 #else
   LASP2_CHECK(!device_.is_cuda(), "GroupCheck: this lasp2 build has no CUDA support");
 #endif
   ring_ = at::zeros({depth_, std::max<int64_t>(lagged_, 1)}, int64_on(device_));
-  host_row_ = host_buffer(row_, device_);
-  host_row_.zero_();
   mine_ = at::zeros({row_}, int64_on(device_));
   gathered_ = at::empty({world_ * row_}, int64_on(device_));
   host_table_ = device_.is_cuda() ? host_buffer(world_ * row_, device_) : gathered_;
-}
-
-at::Tensor GroupCheck::digest(const at::Tensor& t) {
-  // position-sensitive wrap-around int64 arithmetic over the exact float64 bits
-  at::Tensor bits = t.detach().reshape(-1).to(at::kDouble).contiguous().view(at::kLong);
-  const int64_t n = bits.numel();
-  if (!weights_.defined() || weights_.numel() != n) {
-    weights_ = at::bitwise_or(at::arange(n, int64_on(at::kCPU)) * 2654435761LL + 40503, 1).to(device_);
-  }
-  return at::bitwise_xor(bits, at::bitwise_right_shift(bits, 29)).mul_(weights_);
 }
 
 int64_t GroupCheck::entry_of(int64_t seq) const {
@@ -77,6 +73,80 @@ int64_t GroupCheck::entry_of(int64_t seq) const {
   return entry;
 }
 
+void GroupCheck::stage_on_cpu(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds,
+                              int64_t* slots) const {
+  std::fill(slots, slots + lagged_, 0);
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!values[i] || values[i]->numel() == 0) continue;  // the slot stays 0
+    const at::Tensor x = values[i]->detach().to(at::kDouble).contiguous();  // no copy when it is one already
+    const double* data = x.data_ptr<double>();
+    const int64_t n = x.numel();
+    if (kinds[i] == kDigest) {
+      uint64_t sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += consistency::digest_term(data[j], j);
+      slots[i] = static_cast<int64_t>(sum);
+    } else {
+      double most = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < n; ++j) most = consistency::max_step(most, data[j]);
+      slots[i] = consistency::double_bits(most);
+    }
+  }
+}
+
+#ifdef LASP2_WITH_CUDA
+void GroupCheck::stage_on_cuda(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds,
+                               int64_t entry) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
+  int64_t* out = ring_.data_ptr<int64_t>() + entry * ring_.size(1);
+  if (values.empty()) {
+    C10_CUDA_CHECK(cudaMemsetAsync(out, 0, lagged_ * sizeof(int64_t), stream));
+    return;
+  }
+  lasp2::cuda::StageArgs args;
+  args.count = static_cast<int>(values.size());
+  args.slots = static_cast<int>(lagged_);
+  args.out = out;
+  args.scratch = scratch_.data_ptr<int64_t>() + entry * scratch_.size(1);
+  std::vector<at::Tensor> held;  // converted copies, alive until the launch is queued
+  held.reserve(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    lasp2::cuda::StagedValue& v = args.v[i];
+    v.kind = static_cast<int>(kinds[i]);
+    if (!values[i] || values[i]->numel() == 0) continue;  // n = 0: the slot is 0
+    at::Tensor t = values[i]->detach();
+    switch (t.scalar_type()) {
+      case at::kFloat: v.elem = static_cast<int>(lasp2::cuda::StagedElem::kF32); break;
+      case at::kDouble: v.elem = static_cast<int>(lasp2::cuda::StagedElem::kF64); break;
+      case at::kHalf: v.elem = static_cast<int>(lasp2::cuda::StagedElem::kF16); break;
+      case at::kBFloat16: v.elem = static_cast<int>(lasp2::cuda::StagedElem::kBF16); break;
+      case at::kBool: v.elem = static_cast<int>(lasp2::cuda::StagedElem::kBool); break;
+      default:  // any other dtype: as float64, the definition's own type
+        t = t.to(at::kDouble);
+        v.elem = static_cast<int>(lasp2::cuda::StagedElem::kF64);
+    }
+    held.push_back(t.contiguous());  // no copy when it is contiguous already
+    v.ptr = held.back().data_ptr();
+    v.n = held.back().numel();
+  }
+  lasp2::cuda::launch_stage_values(args, stream);
+}
+
+void GroupCheck::send_on_cuda(const std::vector<int64_t>& head, const std::vector<int64_t>& entries, int64_t first) {
+  lasp2::cuda::RowArgs args;
+  std::copy(head.begin(), head.end(), args.head);
+  std::fill(args.head + head.size(), args.head + first, 0);
+  std::copy(entries.begin(), entries.end(), args.entries);
+  args.row = static_cast<int>(row_);
+  args.first = static_cast<int>(first);
+  args.lagged = static_cast<int>(lagged_);
+  args.sends = static_cast<int>(entries.size());
+  args.ring = ring_.data_ptr<int64_t>();
+  args.ring_stride = ring_.size(1);
+  args.mine = mine_.data_ptr<int64_t>();
+  lasp2::cuda::launch_write_row(args, side_->stream());
+}
+#endif
+
 int64_t GroupCheck::stage(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds) {
   LASP2_CHECK(values.size() == kinds.size() && static_cast<int64_t>(values.size()) <= lagged_,
               "GroupCheck.stage: at most `lagged` values, one kind each");
@@ -84,29 +154,22 @@ int64_t GroupCheck::stage(const std::vector<std::optional<at::Tensor>>& values, 
   const int64_t entry = seq % depth_;
   LASP2_CHECK(entry_seq_[entry] < 0, "GroupCheck.stage: all " + std::to_string(depth_) +
                                          " ring entries wait to be sent; send the oldest first");
-#ifdef LASP2_WITH_CUDA
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (device_.is_cuda()) guard.emplace(device_);
-#endif
-  // the entry's previous values were sent by an exchange whose stream the host waited for
-  at::Tensor slots = ring_[entry];
-  slots.zero_();
   for (size_t i = 0; i < values.size(); ++i) {
-    if (!values[i] || values[i]->numel() == 0) continue;  // the slot stays 0
-    const at::Tensor& t = *values[i];
-    LASP2_CHECK(t.device() == device_, "GroupCheck.stage: a value on " + t.device().str() + ", the check runs on " +
-                                           device_.str());
-    at::Tensor slot = slots.narrow(0, static_cast<int64_t>(i), 1);
-    if (kinds[i] == kDigest) {
-      at::sum_out(slot, digest(t), at::IntArrayRef{0}, /*keepdim=*/true);
-    } else {
-      const at::Tensor x = t.scalar_type() == at::kBool ? t.detach().to(at::kFloat) : t.detach();
-      slot.view(at::kDouble).copy_(at::amax(x).reshape({1}));
-    }
+    LASP2_CHECK(kinds[i] == kDigest || kinds[i] == kMax, "GroupCheck.stage: a kind is 0 (digest) or 1 (max)");
+    LASP2_CHECK(!values[i] || values[i]->device() == device_, "GroupCheck.stage: a value on " +
+                                                                  values[i]->device().str() + ", the check runs on " +
+                                                                  device_.str());
   }
+  // the entry's previous values were sent by an exchange whose stream the host waited for
 #ifdef LASP2_WITH_CUDA
-  if (device_.is_cuda()) events_[entry].record(c10::cuda::getCurrentCUDAStream(device_.index()));
+  if (device_.is_cuda()) {
+    LASP2_CHECK(values.size() <= static_cast<size_t>(lasp2::cuda::kMaxStagedValues), "GroupCheck.stage: at most 8 values");
+    c10::cuda::CUDAGuard guard(device_);
+    stage_on_cuda(values, kinds, entry);
+    events_[entry].record(c10::cuda::getCurrentCUDAStream(device_.index()));
+  }
 #endif
+  if (device_.is_cpu()) stage_on_cpu(values, kinds, ring_.data_ptr<int64_t>() + entry * ring_.size(1));
   entry_seq_[entry] = seq;
   ++next_seq_;
   return seq;
@@ -119,10 +182,12 @@ int64_t GroupCheck::exchange(const std::vector<int64_t>& head, const std::vector
   LASP2_CHECK(static_cast<int64_t>(head.size()) <= first, "GroupCheck.exchange: the row's head is too long");
   std::vector<int64_t> entries;
   for (int64_t seq : sends) entries.push_back(entry_of(seq));
-  // the previous exchange waited for its copies, so the host row is free to rewrite
-  int64_t* row = device_.is_cuda() ? host_row_.data_ptr<int64_t>() : mine_.data_ptr<int64_t>();
-  std::memcpy(row, head.data(), head.size() * sizeof(int64_t));
-  std::memset(row + head.size(), 0, (first - head.size()) * sizeof(int64_t));
+  // a max slot differs between ranks (their own tensors): only its sign is compared
+  std::vector<bool> is_max(row_, false);
+  for (int64_t slot : max_slots) {
+    LASP2_CHECK(slot >= first && slot < row_, "GroupCheck.exchange: a max slot outside the sent entries");
+    is_max[slot] = true;
+  }
 
 #ifdef LASP2_WITH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
@@ -131,31 +196,43 @@ int64_t GroupCheck::exchange(const std::vector<int64_t>& head, const std::vector
     guard.emplace(device_);
     on_side.emplace(*side_);
     for (int64_t entry : entries) events_[entry].block(*side_);  // those calls' values, nothing queued later
-    mine_.narrow(0, 0, first).copy_(host_row_.narrow(0, 0, first), /*non_blocking=*/true);
+    send_on_cuda(head, entries, first);
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    mine_.narrow(0, first + i * lagged_, lagged_).copy_(ring_[entries[i]].narrow(0, 0, lagged_));
+  if (device_.is_cpu()) {  // the previous exchange's collective finished: the row is free to rewrite
+    int64_t* row = mine_.data_ptr<int64_t>();
+    std::copy(head.begin(), head.end(), row);
+    std::fill(row + head.size(), row + first, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* staged = ring_.data_ptr<int64_t>() + entries[i] * ring_.size(1);
+      std::copy(staged, staged + lagged_, row + first + i * lagged_);
+    }
   }
   try {
     group_->_allgather_base(gathered_, mine_)->wait();
   } catch (const std::exception& e) {
+#ifdef LASP2_WITH_CUDA
+    // the side stream may still run this exchange's row kernel (reading ring entries the
+    // caller is about to drop and restage): let it finish, so a failed exchange, like a
+    // good one, leaves nothing of its own queued
+    if (device_.is_cuda()) {
+      try {
+        side_->synchronize();
+      } catch (const std::exception&) {  // the collective's own error is the one to report
+      }
+    }
+#endif
     throw std::runtime_error(std::string("all_gather of the consistency rows failed: ") + e.what());
   }
 #ifdef LASP2_WITH_CUDA
   if (device_.is_cuda()) {
-    host_table_.copy_(gathered_, /*non_blocking=*/true);
+    C10_CUDA_CHECK(cudaMemcpyAsync(host_table_.data_ptr<int64_t>(), gathered_.data_ptr<int64_t>(),
+                                   world_ * row_ * sizeof(int64_t), cudaMemcpyDeviceToHost, side_->stream()));
     side_->synchronize();  // the check's own stream: the op's queue is not drained
   }
 #endif
   for (size_t i = 0; i < entries.size(); ++i) entry_seq_[entries[i]] = -1;
 
-  // a max slot differs between ranks (their own tensors): only its sign is compared
-  std::vector<bool> is_max(row_, false);
-  for (int64_t slot : max_slots) {
-    LASP2_CHECK(slot >= first && slot < row_, "GroupCheck.exchange: a max slot outside the sent entries");
-    is_max[slot] = true;
-  }
   const int64_t* table = host_table_.data_ptr<int64_t>();
   for (int64_t col = 0; col < row_; ++col) {
     if (is_max[col]) continue;
@@ -173,6 +250,16 @@ int64_t GroupCheck::exchange(const std::vector<int64_t>& head, const std::vector
   return -1;
 }
 
+std::pair<int64_t, int64_t> GroupCheck::exchange_then_stage(const std::vector<int64_t>& head,
+                                                            const std::vector<int64_t>& sends,
+                                                            const std::vector<int64_t>& max_slots,
+                                                            const std::vector<std::optional<at::Tensor>>& values,
+                                                            const std::vector<int64_t>& kinds) {
+  const int64_t col = exchange(head, sends, max_slots);
+  const bool any = std::any_of(values.begin(), values.end(), [](const auto& v) { return v.has_value(); });
+  return {col, col < 0 && any ? stage(values, kinds) : -1};
+}
+
 void GroupCheck::discard() { entry_seq_.assign(depth_, -1); }
 
 at::Tensor GroupCheck::table() const { return host_table_.view({world_, row_}).clone(); }
@@ -188,6 +275,9 @@ void register_group_check(pybind11::module_& m) {
       .def("exchange", &GroupCheck::exchange, py::arg("head"), py::arg("sends"), py::arg("max_slots"),
            py::call_guard<py::gil_scoped_release>(),
            "-> -1 when every rank sent the same row and no max slot is positive, else the first such column")
+      .def("exchange_then_stage", &GroupCheck::exchange_then_stage, py::arg("head"), py::arg("sends"),
+           py::arg("max_slots"), py::arg("values"), py::arg("kinds"), py::call_guard<py::gil_scoped_release>(),
+           "-> (exchange's result, the staged entry's sequence number or -1)")
       .def("discard", &GroupCheck::discard)
       .def("table", &GroupCheck::table)
       .def_property_readonly("world", &GroupCheck::world)

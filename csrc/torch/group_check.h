@@ -5,21 +5,25 @@
 //
 // Values that live on the device (the bits of `decay`, "g holds a positive entry") would
 // make that host read wait for the op's stream, i.e. drain the GPU's queue at every
-// call. stage() therefore computes them on the op's stream into one entry of a RING of
+// call. stage() therefore computes them on the op's stream (ONE fused kernel per call,
+// csrc/core/cuda/consistency_kernels.h; the same definition on the CPU,
+// csrc/core/consistency_values.h) into one entry of a RING of
 // `depth` entries (`lagged` int64 each) and records an event after them; a later
 // exchange() sends the entries it is asked for at the end of its row, its side stream
 // waiting only for THOSE entries' events. The caller sends an entry `depth` calls after
 // staging it (or at the backward of its outputs), so the host may run `depth` calls ahead
 // of the GPU: the event it waits for is that old.
 //
-// On CUDA the row's copies and the all-gather run on a high-priority stream of the check's
-// own; the host waits for that stream only, never for the op's queue behind the events.
+// On CUDA the row is written by one kernel (the head passed by value, the sent ring entries
+// appended) and sent by the all-gather on a high-priority stream of the check's own; the
+// host waits for that stream only, never for the op's queue behind the events.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -58,6 +62,14 @@ class GroupCheck {
   int64_t exchange(const std::vector<int64_t>& head, const std::vector<int64_t>& sends,
                    const std::vector<int64_t>& max_slots);
 
+  // exchange(), then, when every row agreed and `values` holds a tensor, stage(values,
+  // kinds): one call from Python for a call whose device values go DEPTH calls later.
+  // Returns (exchange's result, the staged sequence number or -1).
+  std::pair<int64_t, int64_t> exchange_then_stage(const std::vector<int64_t>& head, const std::vector<int64_t>& sends,
+                                                  const std::vector<int64_t>& max_slots,
+                                                  const std::vector<std::optional<at::Tensor>>& values,
+                                                  const std::vector<int64_t>& kinds);
+
   // Frees every staged entry unsent (every rank dropped them at the same point).
   void discard();
 
@@ -69,8 +81,14 @@ class GroupCheck {
   int64_t depth() const { return depth_; }
 
  private:
-  at::Tensor digest(const at::Tensor& t);
   int64_t entry_of(int64_t seq) const;
+  void stage_on_cpu(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds,
+                    int64_t* slots) const;
+#ifdef LASP2_WITH_CUDA
+  void stage_on_cuda(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds,
+                     int64_t entry);
+  void send_on_cuda(const std::vector<int64_t>& head, const std::vector<int64_t>& entries, int64_t first);
+#endif
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   at::Device device_;
@@ -78,11 +96,10 @@ class GroupCheck {
   int64_t next_seq_ = 0;
   std::vector<int64_t> entry_seq_;  // per ring entry: the sequence number staged there, -1 when free
   at::Tensor ring_;        // [depth, lagged] int64 on the device: staged values
-  at::Tensor host_row_;    // [row] int64, pinned on CUDA: the head is written here
+  at::Tensor scratch_;     // CUDA: [depth, kStageScratch] int64, the stage kernel's partials per entry
   at::Tensor mine_;        // [row] int64 on the device: what is sent
   at::Tensor gathered_;    // [world * row] int64 on the device
   at::Tensor host_table_;  // [world * row] int64, pinned on CUDA
-  at::Tensor weights_;     // the digest's multipliers, for the last length digested
 #ifdef LASP2_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> side_;  // the check's own stream, beside the op's
   std::vector<at::cuda::CUDAEvent> events_;    // per ring entry: recorded after its values

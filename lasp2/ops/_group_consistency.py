@@ -104,11 +104,25 @@ def digest_host(value) -> int:
 
 _TENSOR_DIGEST: list = [None, -1, 0]  # the last tensor digested (kept alive, so its id stays its own), version, digest
 _OP_CODES: dict = {}
+_SCALAR_DIGESTS: dict = {}  # (type, value) -> digest of the scalars calls pass again and again (scale, layout)
+_MEMO_TYPES = (type(None), bool, int, float, str)
 
 
 def _digest_cached(value) -> int:
     """digest_host, remembering the last tensor (an SPContext's cu_seqlens is passed to
-    every layer of a step: digest it once)."""
+    every layer of a step: digest it once) and the scalars seen (a call's scale, layout
+    and options repeat at every layer)."""
+    kind = type(value)
+    if kind in _MEMO_TYPES:
+        if kind is float and value == 0.0:  # 0.0 and -0.0 are one dict key but two digests
+            return digest_host(value)
+        key = (kind, value)
+        digest = _SCALAR_DIGESTS.get(key)
+        if digest is None:
+            if len(_SCALAR_DIGESTS) > 4096:  # a caller passing ever new values: start afresh
+                _SCALAR_DIGESTS.clear()
+            digest = _SCALAR_DIGESTS[key] = digest_host(value)
+        return digest
     if isinstance(value, torch.Tensor):
         held, version, digest = _TENSOR_DIGEST
         if held is value and version == value._version:
@@ -194,6 +208,8 @@ class _GroupState:
         self.pending: "deque[_Staged]" = deque()
         self.calls = 0  # "auto" calls checked on the group
         self.buffers: dict = {}
+        self.checks: dict = {}  # device -> its GroupCheck ("auto")
+        self.depth = DEPTH  # the ring depth of its GroupChecks (taken when they are made)
         self.rows: dict = {}  # (device, world, host part) -> this rank's row on the device ("sync")
 
 
@@ -256,12 +272,12 @@ def _fast_ok(device: torch.device, n_device_values: int) -> bool:
 
 
 def _group_check(st: "_GroupState", device: torch.device):
-    key = ("group_check", device)
-    gc = st.buffers.get(key)
+    gc = st.checks.get(device)
     if gc is None:
         from lasp2._extension import _C
 
-        gc = st.buffers[key] = _C.GroupCheck(st.group, device, ROW, LAGGED, DEPTH)
+        gc = st.checks[device] = _C.GroupCheck(st.group, device, ROW, LAGGED, DEPTH)
+        st.depth = gc.depth
     return gc
 
 
@@ -270,37 +286,43 @@ def _check_fast(st, op, signature, names, device, host_values, device_values, fl
     values are staged into the ring and sent DEPTH calls later on the group (on CUDA, or
     LAG_ON_CPU), so an exchange waits for GPU work that old only; on the CPU they go with
     this call's row."""
-    entries = [(name, t, _KIND_DIGEST) for name, t in device_values]
-    entries += [(m, t if t is not None and t.device.type != "cpu" else None, _KIND_MAX) for m, t in positive]
-    entries += [(m, f, _KIND_MAX) for m, f in flags]
-    values = [t for _, t, _ in entries]
-    kinds = [k for _, _, k in entries]
     gc = _group_check(st, device)
-    if st.pending and st.pending[0].check is not gc:  # values waiting in another device's ring
-        _settle(st, st.pending[-1], at_backward=False)
-    token = _Staged(op, [(n, k) for n, _, k in entries], gc) if any(t is not None for t in values) else None
+    pending = st.pending
+    if pending and pending[0].check is not gc:  # values waiting in another device's ring
+        _settle(st, pending[-1], at_backward=False)
+    token = None
+    n_values = len(device_values) + len(positive) + len(flags)
+    if n_values:
+        values = [t for _, t in device_values]
+        values += [t if t is not None and t.device.type != "cpu" else None for _, t in positive]
+        values += [f for _, f in flags]
+        kinds = [_KIND_DIGEST] * len(device_values) + [_KIND_MAX] * (n_values - len(device_values))
+        if any(t is not None for t in values):
+            token = _Staged(op, [(n, _KIND_DIGEST) for n, _ in device_values] + [(m, _KIND_MAX) for m, _ in positive]
+                            + [(m, _KIND_MAX) for m, _ in flags], gc)
     lag = device.type == "cuda" or LAG_ON_CPU
-    sends = []
+    sends = ()
     if token is not None and not lag:
         token.seq = gc.stage(values, kinds)  # CPU: computed at once, sent with this row
-        sends = [token]
-    elif st.pending and (st.calls - st.pending[0].call >= gc.depth or len(st.pending) >= gc.depth):
-        sends = [st.pending.popleft()]  # the oldest, DEPTH calls back (each call stages at most one)
+        sends = (token,)
+    elif pending and (st.calls - pending[0].call >= st.depth or len(pending) >= st.depth):
+        sends = (pending.popleft(),)  # the oldest, DEPTH calls back (each call stages at most one)
     st.calls += 1
-    head = [_op_code(op), len(signature) + len(host_values) + len(entries), _AUTO + 2 * len(signature),
-            *map(int, signature), *(_digest_cached(v) for _, v in host_values),
+    head = [_op_code(op), len(signature) + len(host_values) + n_values, _AUTO + 2 * len(signature),
+            *map(int, signature), *[_digest_cached(v) for _, v in host_values],
             len(sends), sends[0].seq if sends else -1]
     if len(head) > ROW - LAGGED:
         raise AssertionError(f"{op}: {len(head)} consistency slots exceed the row's {ROW - LAGGED}")
-    col = _exchange(op, st, gc, head, sends)
+    stage_now = token is not None and lag
+    col, seq = _exchange(op, st, gc, head, sends, (values, kinds) if stage_now else None)
     if col >= 0:
         rows = gc.table().tolist()
         layout = _Layout(op, names, host_values, _LAG_FIELDS, ())
         _drop_pending(st, sends)
         raise ValueError(_fast_message(rows, layout, len(head), sends, current=token is not None and not lag))
-    if token is not None and lag:
-        token.seq, token.call = gc.stage(values, kinds), st.calls - 1
-        st.pending.append(token)
+    if stage_now:
+        token.seq, token.call = seq, st.calls - 1
+        pending.append(token)
         return _LaggedVerdict(st, token)
     return NO_CHECK
 
@@ -309,14 +331,18 @@ def _check_fast(st, op, signature, names, device, host_values, device_values, fl
 _LAG_FIELDS = (("the number of lagged device-value entries sent", None), ("their sequence number", None))
 
 
-def _exchange(op, st, gc, head, sends) -> int:
+def _exchange(op, st, gc, head, sends, stage=None):
+    """gc.exchange (with `stage` = (values, kinds): exchange_then_stage, the call's own values
+    staged once its row agreed) -> (first differing column or -1, staged sequence number or -1)."""
     STATS["sync"] += 1
     max_slots = []
     first = ROW - LAGGED * len(sends)
     for i, token in enumerate(sends):
         max_slots += [first + i * LAGGED + j for j, (_, kind) in enumerate(token.entries) if kind == _KIND_MAX]
     try:
-        return gc.exchange(head, [t.seq for t in sends], max_slots)
+        if stage is not None:
+            return gc.exchange_then_stage(head, [t.seq for t in sends], max_slots, *stage)
+        return gc.exchange(head, [t.seq for t in sends], max_slots), -1
     except RuntimeError as e:
         # never compared: the sent entries and every one still waiting (their outputs'
         # backward must not run); the ring's slots are free again, so later calls on the
@@ -349,8 +375,8 @@ def _settle(st, token: _Staged, at_backward: bool = True):
     while st.pending:
         sends = [st.pending.popleft() for _ in range(min(per_exchange, len(st.pending)))]
         LAGGED_SETTLES[0] += 1
-        col = _exchange(token.op, st, token.check, [_op_code("lasp2.settle"), 0, _AUTO, len(sends), sends[0].seq],
-                        sends)
+        col, _ = _exchange(token.op, st, token.check,
+                           [_op_code("lasp2.settle"), 0, _AUTO, len(sends), sends[0].seq], sends)
         if col >= 0:
             _drop_pending(st, sends)  # every rank raises here: nothing left is compared any more
             raise ValueError(_fast_message(token.check.table().tolist(), None, _SETTLE_HEAD, sends, current=False,

@@ -243,17 +243,20 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
           }
         }
       }
-      // k . dk partials and the dk store
+      // k . dk partials and the dk store. k at this thread's accumulator positions
+      // (dims d, tokens y and y + 1) is a 32-bit pair of an A fragment of k^T: one
+      // ldmatrix.trans per 16 tokens instead of 16 16-bit loads.
+      uint32_t kf[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int jt = 2 * tb[j >> 1] + (j & 1);  // n8 tile of the chunk's 64 tokens
+        if ((j & 1) == 0) ldsm_x4_t(kf, Ks + frag_a_colmajor(lane, 16 * r, 16 * tb[j >> 1], LD));
         float part0 = 0.f, part1 = 0.f;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int d = 16 * r + (lane >> 2) + 8 * hf;
-          const int y = 8 * jt + 2 * (lane & 3);
-          part0 += acc[j][2 * hf] * to_float<T>(Ks[y * LD + d]);
-          part1 += acc[j][2 * hf + 1] * to_float<T>(Ks[(y + 1) * LD + d]);
+          const float2 kv = unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
+          part0 += acc[j][2 * hf] * kv.x;
+          part1 += acc[j][2 * hf + 1] * kv.y;
           const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
           const int yt = 8 * jt + (lane >> 2);
           const int dt = 16 * r + 8 * hf + 2 * (lane & 3);

@@ -199,16 +199,24 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
         }
       } else {
         float part[8][2];
+        // kDq: x (= q) at this thread's accumulator positions (dims d, tokens y and
+        // y + 1) is a 32-bit pair of an A fragment of x^T: one ldmatrix.trans per 16
+        // tokens instead of 16 16-bit loads.
+        uint32_t xf[4];
+        // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
+        // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
+        // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
+        T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
+        const int64_t ostep = 8 * args.out.st;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
+          if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
             if (kDq) {
-              const int d = 16 * warp + (lane >> 2) + 8 * hf;
-              const int y = 8 * j + 2 * (lane & 3);
-              const float x0 = to_float<T>(Xs[y * LD + d]);
-              const float x1 = to_float<T>(Xs[(y + 1) * LD + d]);
+              const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
+              const float x0 = x.x, x1 = x.y;
               if (hf == 0) {
                 part[j][0] = v0 * x0;
                 part[j][1] = v1 * x1;
@@ -222,9 +230,9 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
             const uint32_t tr = movm_trans(pack2<T>(v0, v1));
             const int y = 8 * j + (lane >> 2);
             const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
-            if (full || (y < nvalid && d < dv))
-              *reinterpret_cast<uint32_t*>(out_b + (t0 + y) * args.out.st + d) = tr;
+            if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
           }
+          orow += ostep;
         }
         if (kDq) {
 #pragma unroll

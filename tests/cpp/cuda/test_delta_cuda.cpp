@@ -753,6 +753,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     ba.states = st16.p;
     ba.dh = dh.p;
     ba.t = tm.p;
+    ba.r = u.p;      // rprep's r (the stage before rstates)
     for (auto [t, ptr, sb, st, sh] : {std::tuple{&dq, &ba.dq, &ba.dqsb, &ba.dqst, &ba.dqsh},
                                       {&dk, &ba.dk, &ba.dksb, &ba.dkst, &ba.dksh},
                                       {&dv, &ba.dv, &ba.dvsb, &ba.dvst, &ba.dvsh}}) {

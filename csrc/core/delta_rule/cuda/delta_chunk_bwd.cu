@@ -1,6 +1,6 @@
-// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h):
-// one block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with
-// fp32 accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
+// The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h): one
+// block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
+// accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
 // the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
 // in shared memory.
 #include <string>
@@ -12,29 +12,33 @@
 namespace lasp2::delta::gpu {
 namespace {
 
+// One block runs two phases in the same tiles, so that they stay under half of an
+// SM's shared memory (two blocks an SM hide one block's loads and barriers behind the
+// other's; the one-phase kernel of 224 KiB ran one block an SM). The values phase
+// takes the side of dU: dU, dB, dv, dA and the dk terms of U dh^T and dA; the keys
+// phase the side of the scores and of h: dP, dq and the rest of dk, then dg and dbeta.
+// The keys phase's tiles load into the values phase's as each one falls free (q over
+// v, dO over dB, h over dh, dP over dA); dB goes out through dq's rows and comes back
+// over v_new once the scores are formed, dk's first terms through dk's (16 bits, as
+// fla's two dk halves).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
-  T q[CH * LD];
   T k[CH * LD];
-  T o[CH * LD];  // dO
-  T u[CH * LD];  // v_new
-  T v[CH * LD];
-  T x[CH * LD];  // dU, then dB
-  T h[D * LD];   // the state entering the chunk
-  T dh[D * LD];  // the gradient of the state leaving it
-  T pt[CH * kLdP];  // P (scaled causal scores)
-  T dp[CH * kLdP];  // dP
-  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep)
-  T da[CH * kLdP];  // dA
-  float L[CH * LDL];  // Gam o K K^T, strictly lower (without beta)
+  T u[CH * LD];     // v_new; keys: dB
+  T vq[CH * LD];    // v; keys: q
+  T x[CH * LD];     // r, then dU, then dB; keys: dO
+  T s[D * LD];      // dh; keys: h
+  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA; keys: dP
   float meta[2 * CH];
   float bt[CH], dG[CH], db[CH];
   float dot;  // <dh, h>
 };
 
 constexpr int kThreads = 256;  // 8 warps
-static_assert(sizeof(BwdSmem<__half, 128>) <= 227 * 1024, "one block in sm_90's shared memory");
+// sm_90: 228 KiB of shared memory an SM, 1 KiB of it reserved per block
+constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
+static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
 
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
@@ -76,42 +80,61 @@ __device__ __forceinline__ void sub_cols(float* dst, const float (&c)[N][2], int
     }
 }
 
+// Warp w's share of every product: token rows [16 (w % 4), +16) and column half w / 4.
+struct WarpPart {
+  int lane, mw, m0;
+  int n0;   // first column of a head dim
+  int c0;   // first column of a 64-token tile
+  int tri;  // 16-column pairs of [c0, c0 + 32) at or left of the diagonal block of rows m0
+  __device__ WarpPart(int tid, int d) {
+    const int warp = tid >> 5, nh = warp >> 2;
+    lane = tid & 31;
+    mw = warp & 3;
+    m0 = 16 * mw;
+    n0 = nh * (d / 2);
+    c0 = 32 * nh;
+    tri = max(0, min(2, mw - 2 * nh + 1));
+  }
+};
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<T, D>& sm = *reinterpret_cast<BwdSmem<T, D>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int mw = warp & 3, m0 = 16 * mw;  // token rows of this warp
-  const int nh = warp >> 2;               // column half of this warp
-  const int n0 = nh * (D / 2);            // its first column of a head dim
-  const int c0 = 32 * nh;                 // its first column of a 64-token tile
-  // 16-column pairs of [c0, c0 + 32) at or left of the diagonal block of rows m0
-  const int tri = max(0, min(2, mw - 2 * nh + 1));
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const WarpPart wp(tid, D);
+  const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0, c0 = wp.c0;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int nck = static_cast<int>(chunk_count(p));
-  const int64_t se = static_cast<int64_t>(D) * D;
-  const int64_t at = (cp.bh * nck + cp.c) * se;
+  const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
+  T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
+  T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
 
-  load_tile<T, D, kThreads>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  // ---- values phase
   load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.o, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
-  load_meta(sm.meta, a.meta, cp.row0, tid);
-  cp_async_commit();  // what the scores need; the rest lands while they are formed
   {
-    const T* st = static_cast<const T*>(a.states) + at;
     const T* dst = static_cast<const T*>(a.dh) + at;
 #pragma unroll
-    for (int r = 0; r < D; r += CH) {
-      load_tile<T, D, kThreads>(sm.h + r * LD, st + r * D, D, CH, D, tid);
-      load_tile<T, D, kThreads>(sm.dh + r * LD, dst + r * D, D, CH, D, tid);
-    }
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, dst + r * D, D, CH, D, tid);
   }
+  load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+  load_meta(sm.meta, a.meta, cp.row0, tid);
+  cp_async_commit();  // what dU needs; T and v land while it is formed
   load_tile<T, CH, kThreads>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, CH, tid);
-  load_tile<T, D, kThreads>(sm.v, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+  load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
+  // h meets dh only in <dh, h>: straight into registers, 16 bytes a load (dh's tile
+  // takes h only after dh's last use)
+  constexpr int kDotVecs = D * D / 8 / kThreads;
+  uint4 hv[kDotVecs];
+  {
+    const uint4* hs = reinterpret_cast<const uint4*>(static_cast<const T*>(a.states) + at);
+#pragma unroll
+    for (int i = 0; i < kDotVecs; ++i) hv[i] = hs[tid + i * kThreads];
+  }
   if (tid < CH) {
     const int64_t t = cp.t0 + tid;
     sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
@@ -124,52 +147,13 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
-  {  // L = Gam o K K^T (strict); P = scale Gam o Q K^T, dP = scale Gam o dO U^T; and
-     // the gate terms of the causal part, M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
-    float kk[4][4], sq[4][4], ee[4][4];
-    zero(kk);
-    zero(sq);
-    zero(ee);
-    mma_acc<T, 4, false, true>(kk, sm.k, LD, sm.k, LD, m0, c0, 0, D / 16, tri, lane);
-    mma_acc<T, 4, false, true>(sq, sm.q, LD, sm.k, LD, m0, c0, 0, D / 16, tri, lane);
-    mma_acc<T, 4, false, true>(ee, sm.o, LD, sm.u, LD, m0, c0, 0, D / 16, tri, lane);
-    float rowM[2] = {0.f, 0.f}, colM[4][2];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      colM[j][0] = colM[j][1] = 0.f;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-        float pv[2], dv[2];
-#pragma unroll
-        for (int par = 0; par < 2; ++par) {
-          const int y = y0 + par, e = 2 * hf + par;
-          const bool same = sof(x) == sof(y);
-          const float dec = (y <= x && same) ? __expf(Gof(x) - Gof(y)) : 0.f;
-          sm.L[x * LDL + y] = y < x ? dec * kk[j][e] : 0.f;
-          pv[par] = p.scale * dec * sq[j][e];
-          dv[par] = p.scale * dec * ee[j][e];
-          const float m = pv[par] * ee[j][e];
-          rowM[hf] += m;
-          colM[j][par] += m;
-        }
-        store_u32(sm.pt + x * kLdP + y0, pack2<T>(pv[0], pv[1]));
-        store_u32(sm.dp + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
-      }
-    }
-    add_rows(sm.dG, rowM, m0, lane);
-    sub_cols(sm.dG, colM, c0, lane);
-  }
-  cp_async_wait_all();
-  __syncthreads();
   {  // <dh, h> for the gate of the chunk's one-segment map
     float part = 0.f;
-#pragma unroll 4
-    for (int e = tid; e < D * D / 8; e += kThreads) {
-      const int i = (8 * e) / D, j = (8 * e) % D;
-      const uint4 x = *reinterpret_cast<const uint4*>(sm.dh + i * LD + j);
-      const uint4 y = *reinterpret_cast<const uint4*>(sm.h + i * LD + j);
-      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int i = 0; i < kDotVecs; ++i) {
+      const int e = tid + i * kThreads, r = (8 * e) / D, c = (8 * e) % D;
+      const uint4 x = *reinterpret_cast<const uint4*>(sm.s + r * LD + c);
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {hv[i].x, hv[i].y, hv[i].z, hv[i].w};
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
         const float2 f = unpack2<T>(xs[m]), g = unpack2<T>(ys[m]);
@@ -180,10 +164,10 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
     if (lane == 0) atomicAdd(&sm.dot, part);
   }
-  {  // dU = diag(d) K dh + P^T dO (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
+  {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
-    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float cu[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NH; ++j)
@@ -202,24 +186,18 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
         atomicAdd(sm.dG + y, -c);
         atomicAdd(sm.dG + CH - 1, c);
       }
+      // r and dU share the tile: each lane reads and writes only its own fragment's places
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
-        acc[j][2 * hf] *= d;
-        acc[j][2 * hf + 1] *= d;
+        T* at_x = sm.x + y * LD + n0 + 8 * j + 2 * (lane & 3);
+        const float2 rr = unpack2<T>(load_u32(at_x));
+        store_u32(at_x, pack2<T>(d * acc[j][2 * hf] - rr.x, d * acc[j][2 * hf + 1] - rr.y));
       }
     }
-    // P^T: P[x][y] is zero for x < y, so only query blocks mw..3
-    mma_acc<T, NH, true, false>(acc, sm.pt, kLdP, sm.o, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-#pragma unroll
-    for (int j = 0; j < NH; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
   }
+  cp_async_wait_all();
   __syncthreads();
-  {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y
+  {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB out through dq's rows
     float acc[NH][4];
     zero(acc);
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
@@ -232,14 +210,17 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
       for (int hf = 0; hf < 2; ++hf) {
         const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (y < cp.nvalid) {
-          const float2 vv = unpack2<T>(load_u32(sm.v + y * LD + col));
+          const float2 vv = unpack2<T>(load_u32(sm.vq + y * LD + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
           const float b = sm.bt[y];
           store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
+          store_u32(dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
     add_rows(sm.db, dbv, m0, lane);
-    __syncthreads();  // every warp has read dU
+    __syncthreads();  // every warp has read dU, T and v: q takes v's tile
+    load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    cp_async_commit();
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -249,11 +230,14 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
       }
   }
   __syncthreads();
-  {  // dL = -(dB U^T) (strict, same segment): dA = dL o beta_x Gam, dbeta_x += sum_y dL_xy sm.L_xy,
-     // N = beta_x dL o sm.L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
-    float acc[4][4];
+  {  // dL = -(dB U^T) (strict, same segment) and L = Gam o K K^T (without beta) on the same
+     // fragments: dA = dL o beta_x Gam (into T's tile), dbeta_x += sum_y dL_xy L_xy,
+     // N = beta_x dL o L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
+    float acc[4][4], kk[4][4];
     zero(acc);
-    mma_acc<T, 4, false, true>(acc, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, tri, lane);
+    zero(kk);
+    mma_acc<T, 4, false, true>(acc, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(kk, sm.k, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[4][2];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -265,28 +249,101 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
         float dav[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
-          const int y = y0 + par;
+          const int y = y0 + par, e = 2 * hf + par;
           const bool in = y < x && sof(x) == sof(y);
-          const float dl = in ? -acc[j][2 * hf + par] : 0.f;
-          const float lr = sm.L[x * LDL + y];
+          const float dec = in ? __expf(Gof(x) - Gof(y)) : 0.f;
+          const float dl = in ? -acc[j][e] : 0.f;
+          const float lr = dec * kk[j][e];
           rowB[hf] += dl * lr;
           const float n = bx * dl * lr;
           rowN[hf] += n;
           colN[j][par] += n;
-          dav[par] = in ? dl * bx * __expf(Gof(x) - Gof(y)) : 0.f;
+          dav[par] = dl * bx * dec;
         }
-        store_u32(sm.da + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
+        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
       }
     }
     add_rows(sm.dG, rowN, m0, lane);
     add_rows(sm.db, rowB, m0, lane);
     sub_cols(sm.dG, colN, c0, lane);
   }
-  __syncthreads();
-  {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
+  __syncthreads();  // every warp has read dB: dO takes its tile
+  load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+  cp_async_commit();
+  {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
     float acc[NH][4];
     zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.o, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        acc[j][2 * hf] *= d;
+        acc[j][2 * hf + 1] *= d;
+      }
+    }
+    mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
+  }
+  __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
+  {
+    const T* st = static_cast<const T*>(a.states) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+  }
+  cp_async_commit();
+
+  // ---- keys phase
+  cp_async_wait_group1();  // q and dO
+  __syncthreads();
+  {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
+     // M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
+    float sq[4][4], ee[4][4];
+    zero(sq);
+    zero(ee);
+    mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    float rowM[2] = {0.f, 0.f}, colM[4][2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      colM[j][0] = colM[j][1] = 0.f;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+        float dv[2];
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const int y = y0 + par, e = 2 * hf + par;
+          const float dec = (y <= x && sof(x) == sof(y)) ? __expf(Gof(x) - Gof(y)) : 0.f;
+          dv[par] = p.scale * dec * ee[j][e];
+          const float m = p.scale * dec * sq[j][e] * ee[j][e];
+          rowM[hf] += m;
+          colM[j][par] += m;
+        }
+        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
+      }
+    }
+    add_rows(sm.dG, rowM, m0, lane);
+    sub_cols(sm.dG, colM, c0, lane);
+  }
+  __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
+  load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
+  cp_async_commit();
+  cp_async_wait_group1();  // h
+  __syncthreads();
+  float dq[NH][4];
+  {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
+    zero(dq);
+    mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float qd[2] = {0.f, 0.f};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -295,52 +352,50 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(Problem p, ChunkBac
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
         const int col = n0 + 8 * j + 2 * (lane & 3);
-        acc[j][2 * hf] *= c;
-        acc[j][2 * hf + 1] *= c;
-        const float2 qq = unpack2<T>(load_u32(sm.q + x * LD + col));
-        qd[hf] += acc[j][2 * hf] * qq.x + acc[j][2 * hf + 1] * qq.y;
+        dq[j][2 * hf] *= c;
+        dq[j][2 * hf + 1] *= c;
+        const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
+        qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
       }
     }
     add_rows(sm.dG, qd, m0, lane);
     // dP[x][y] is zero for y > x: key blocks 0..mw
-    mma_acc<T, NH, false, false>(acc, sm.dp, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
-    T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
-#pragma unroll
-    for (int j = 0; j < NH; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
+    mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
   }
-  {  // dk = diag(d) U dh^T - diag(beta) Z + dP^T Q + dA K + dA^T K, Z = diag(ent) dB S0^T;
+  cp_async_wait_all();
+  __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
+#pragma unroll
+  for (int j = 0; j < NH; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+      if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+    }
+  {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
      // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
     float kz[2] = {0.f, 0.f};
-    float acc[NH][4], z[NH][4];
+    float acc[NH][4];
     zero(acc);
-    zero(z);
-    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.dh, LD, m0, n0, 0, D / 16, NH / 2, lane);
-    mma_acc<T, NH, false, true>(z, sm.x, LD, sm.h, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
       const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
       const float bx = sm.bt[x];
+      const bool valid = x < cp.nvalid;
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
         const int col = n0 + 8 * j + 2 * (lane & 3);
         const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
-        const float z0 = ent * z[j][2 * hf], z1 = ent * z[j][2 * hf + 1];
+        // this lane wrote these dk places in the values phase
+        const float2 k1 = valid ? unpack2<T>(load_u32(dkrow + x * a.dkst + col)) : make_float2(0.f, 0.f);
+        const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
         kz[hf] += z0 * kx.x + z1 * kx.y;
-        acc[j][2 * hf] = d * acc[j][2 * hf] - bx * z0;
-        acc[j][2 * hf + 1] = d * acc[j][2 * hf + 1] - bx * z1;
+        acc[j][2 * hf] = k1.x - bx * z0;
+        acc[j][2 * hf + 1] = k1.y - bx * z1;
       }
     }
-    mma_acc<T, NH, true, false>(acc, sm.dp, kLdP, sm.q, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-    mma_acc<T, NH, false, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
-    mma_acc<T, NH, true, false>(acc, sm.da, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-    T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -412,6 +467,10 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
     check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
           "chunk backward smem");
+    // all of the SM's 228 KiB as shared memory, so that two blocks fit
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared),
+          "chunk backward carveout");
     chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads,
                              bytes, s>>>(p, a);
   };

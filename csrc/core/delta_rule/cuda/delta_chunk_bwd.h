@@ -1,8 +1,11 @@
 // The chunk-parallel backward of the chunked (WY / UT-transform) GDN kernels
 // (delta_chunk_bwd.cu). With the 16-bit state h_c entering each chunk and v_new
 // (launch_chunk_states), the 16-bit gradient dh_c of the state leaving each chunk
-// (launch_chunk_rstates) and the chunk's meta {G, s} and T (launch_chunk_prep), every chunk's
-// dq, dk, dv, dg and dbeta follow from the chunk alone; one block per (chunk, b, h).
+// (launch_chunk_rstates), the chunk's meta {G, s} and T (launch_chunk_prep) and r =
+// -(P^T dO) (launch_chunk_rprep), every chunk's dq, dk, dv, dg and dbeta follow from the
+// chunk alone: one block per (chunk, b, h) in two phases over the same tiles (under half
+// of an SM's shared memory), first the side of dU (dU, dB, dv, dA), then the side of
+// the scores and h (dP, dq, the rest of dk, dg, dbeta).
 // The math, per chunk (U = v_new, S0 = h_c, X = dh_c; Gam the causal decay of the
 // chunk's segments, ent_x = e^{G_x} [s_x = 0], d_y = e^{G_last - G_y} [s_y = s_last],
 // T = (I + L)^-1 as in prep; see docs/delta_rule.md):
@@ -29,6 +32,8 @@ struct ChunkBackwardArgs {
   const void* states = nullptr;    // [bh][nchunks][dk][dv], 16-bit: the state entering each chunk
   const void* dh = nullptr;        // [bh][nchunks][dk][dv], 16-bit: the gradient of the state leaving each chunk
   const void* t = nullptr;         // [bh][nchunks][64][64], 16-bit: each chunk's T (launch_chunk_prep)
+  const void* r = nullptr;         // [bh][nchunks * 64][dv], 16-bit: -(P^T dO) (launch_chunk_rprep)
+  // dq and dk also carry dB and dk's first terms from the first phase to the second
   void* dq = nullptr;
   int64_t dqsb = 0, dqst = 0, dqsh = 0;
   void* dk = nullptr;

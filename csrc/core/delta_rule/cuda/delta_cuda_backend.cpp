@@ -511,6 +511,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.states = scratch[4];
     a.dh = scratch[5];
     a.t = scratch[6];
+    a.r = prep.u;
     a.dq = dq.data;
     a.dqsb = dq.stride.batch;
     a.dqst = dq.stride.seq;
