@@ -1,7 +1,8 @@
 """Kernel benchmark of one gated DeltaNet (GDN) layer on one GPU.
 
     python benchmarks/bench_delta_rule.py [--seq-lens 8192 ... 262144] [--heads 16] [--dim 128]
-        [--out DIR] [--fla-budget-s 120] [--row-budget-s 20] [--warm-fla]
+        [--out DIR] [--fla-budget-s 120] [--row-budget-s 20] [--warm-fla] [--providers lasp2 fla]
+        [--profile-len 65536]
 
 lasp2.gated_delta_rule (the CUDA backend of csrc/core/delta_rule/cuda) side by side
 with flash-linear-attention's chunk_gated_delta_rule when importable, in the same
@@ -19,6 +20,12 @@ once, printed, written into the table, and the passes that run are timed.
 `--warm-fla` only compiles and autotunes fla (Triton's cache keeps both across
 processes), e.g. in the background while lasp2 builds. Prints a table, writes a JSON
 file and a PNG.
+
+`--profile-len T` then runs lasp2's forward and one forward + backward at T under
+torch.profiler: it prints the launches (kernels and copies, with their device time)
+and the op's time next to the sum of its launches, i.e. what the op costs beyond its
+kernels (its checks, allocations and host work before the first kernel). Writes
+profile_T.txt.
 """
 
 import argparse
@@ -59,12 +66,14 @@ def floor_ms(T, H, D, pass_):
     return nbytes / FLOOR_BYTES_PER_S * 1e3
 
 
-def providers(with_lasp2=True):
+def providers(with_lasp2=True, with_fla=True):
     out = {}
     if with_lasp2:  # imported here: --warm-fla runs while lasp2 may still be building
         import lasp2
 
         out["lasp2"] = lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
+    if not with_fla:
+        return out
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
@@ -115,7 +124,7 @@ def warm_fla(fns, T, H, D):
 
 def check_close(fns, q, k, v, g, beta):
     """Relative max difference of lasp2's output against fla's (both bf16)."""
-    if "fla" not in fns:
+    if "fla" not in fns or "lasp2" not in fns:
         return None
     with torch.no_grad():
         a, b = fns["lasp2"](q, k, v, g, beta).float(), fns["fla"](q, k, v, g, beta).float()
@@ -132,9 +141,13 @@ def main():
                         help="stop timing fla after this long (its warm-up included)")
     parser.add_argument("--row-budget-s", type=float, default=20.0, help="time budget of one provider at one T")
     parser.add_argument("--warm-fla", action="store_true", help="only compile and autotune fla, then exit")
+    parser.add_argument("--providers", nargs="+", default=["lasp2", "fla"], choices=["lasp2", "fla"])
+    parser.add_argument("--profile-len", type=int, default=0,
+                        help="also profile lasp2's forward and forward + backward at this T (0: no)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    fns = providers(with_lasp2=not args.warm_fla)
+    fns = providers(with_lasp2=not args.warm_fla and "lasp2" in args.providers,
+                    with_fla=args.warm_fla or "fla" in args.providers)
     H, D = args.heads, args.dim
     t0 = time.time()
     fla_bwd_refused = warm_fla(fns, args.seq_lens[0], H, D) if "fla" in fns else None
@@ -178,6 +191,43 @@ def main():
     with open(os.path.join(args.out, "bench_delta_rule.json"), "w") as f:
         json.dump({"H": H, "D": D, "rows": rows, "fla_bwd_refused": fla_bwd_refused}, f, indent=1)
     report(rows, args, H, D, fla_bwd_refused)
+    if args.profile_len and "lasp2" in fns:
+        profile(fns["lasp2"], args.profile_len, H, D, args.out)
+
+
+def profile(fn, T, H, D, out_dir):
+    """lasp2's forward, then one forward + backward at T under torch.profiler: the
+    launches, and the op's time (CUDA events, median of 5) beside the sum of its
+    launches' device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    q, k, v, g, beta, do = make_inputs(T, H, D)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, g, beta)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*leaves), leaves, do)
+
+    lines = []
+    for name, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        op_ms = median_ms(step, budget_s=5.0)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        launches = sum(e.count for e in events)
+        kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+        lines.append(f"# T={T} {name}: op {op_ms:.3f} ms, its {launches} launches {kernels_ms:.3f} ms of device "
+                     f"time, {op_ms - kernels_ms:.3f} ms beyond them")
+        lines.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out_dir, f"profile_{T}.txt"), "w") as f:
+        f.write(text + "\n")
 
 
 def report(rows, args, H, D, fla_bwd_refused=None):

@@ -10,6 +10,7 @@
 #include "attention_params.h"
 #include "lasp1_op.h"
 #include "delta_rule/delta_family.h"
+#include "delta_value_check.h"
 #include "lasp2/communicator.h"
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
@@ -207,6 +208,7 @@ DeltaArgs make_args(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::
 }  // namespace
 
 void register_delta_rule(py::module_& m) {
+  register_delta_value_check(m);
   m.def(
       "delta_forward",
       [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g, at::Tensor beta,

@@ -7,7 +7,7 @@
 
 namespace lasp2::torch_binding {
 
-// Adds delta_forward / delta_backward to the extension module.
+// Adds delta_forward / delta_backward and delta_value_stats to the extension module.
 void register_delta_rule(pybind11::module_& m);
 
 }  // namespace lasp2::torch_binding

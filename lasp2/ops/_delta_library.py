@@ -33,6 +33,7 @@ all of them without a graph break.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -58,22 +59,25 @@ def op_name(g: Tensor) -> str:
     return "lasp2.kda" if g.dim() == 4 else "lasp2.gated_delta_rule"
 
 
-def _value_error(g: Tensor, beta: Tensor) -> Optional[str]:
-    """What is wrong with the values of g and beta (None: nothing). Reads the tensors,
-    so it runs in the kernel: ONE host sync on CUDA for valid values (the flags of every
-    test reduced on the device, read together); the message's details only on failure."""
-    with torch.no_grad():
-        positive_g, nan_g, bad_beta = torch.stack([
-            (g > 0).any(), torch.isnan(g).any(), ((beta < 0) | (beta > 1) | torch.isnan(beta)).any()]).tolist()
-        if positive_g:
-            return (f"`g` holds log gates, which must be <= 0 (max is {g.max().item():.4g}); "
-                    "use e.g. -softplus(...) or logsigmoid(...)")
-        if nan_g:
-            return "`g` contains NaN"
-        if bad_beta:
-            return (f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in "
-                    f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
+def _value_error(stats: Sequence[float]) -> Optional[str]:
+    """What is wrong with the values of g and beta (None: nothing), from their one-pass
+    statistics (max g, min beta, max beta; NaN where a tensor holds one) that
+    _C.delta_value_stats reduces on the tensors' device (csrc/torch/delta_value_check.h)."""
+    g_max, beta_min, beta_max = stats
+    if math.isnan(g_max):
+        return "`g` contains NaN"
+    if g_max > 0:
+        return (f"`g` holds log gates, which must be <= 0 (max is {g_max:.4g}); "
+                "use e.g. -softplus(...) or logsigmoid(...)")
+    if not (beta_min >= 0 and beta_max <= 1):  # NaN fails both
+        return f"`beta` must lie in [0, 1] (e.g. sigmoid(...)); got values in [{beta_min:.4g}, {beta_max:.4g}]"
     return None
+
+
+def _raise_value_error(g: Tensor, stats: Sequence[float]):
+    error = _value_error(stats)
+    if error is not None:
+        C.fail(op_name(g), error)
 
 
 def _documents(q: Tensor, g: Tensor, cu_seqlens: Optional[Tensor], group, parts: int):
@@ -92,9 +96,7 @@ def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consist
     waits for it. Returns this rank's documents (_documents)."""
     op = op_name(g)
     try:
-        error = _value_error(g, beta)
-        if error is not None:
-            C.fail(op, error)
+        _raise_value_error(g, _C.delta_value_stats(g, beta).wait())
         doc_start, doc_id, head_doc, bounds = _documents(q, g, cu_seqlens, group, parts)
     except ValueError:
         report_local_failure(op, group, q)
@@ -116,7 +118,16 @@ def _packed_states(cu_seqlens, initial_state, states_used: bool) -> bool:
 def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
                   output_final_state, consistency):
     communicator, group = _comm_and_group(comm)
-    doc_start, doc_id, head_doc = _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts)
+    # One CUDA device without documents: nothing else reads values on the host, so the
+    # check of g and beta waits for its reductions only after the kernels are launched
+    # (they are safe on any values; a bad call raises and its outputs are dropped) and
+    # the GPU never idles for it. Otherwise it goes first: a rank with bad values must
+    # fail before the collectives.
+    pending = _C.delta_value_stats(g, beta) if (group is None and cu_seqlens is None and g.is_cuda) else None
+    if pending is None:
+        doc_start, doc_id, head_doc = _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts)
+    else:
+        doc_start, doc_id, head_doc = None, None, []
     with C.named_errors(op_name(g)):
         o, final, saved = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
                                            initial_state, scale, chunk_size, communicator, parts,
@@ -129,6 +140,8 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
             buffer.zero_()
     elif not _packed_states(cu_seqlens, initial_state, output_final_state):
         saved[-1].zero_()
+    if pending is not None:
+        _raise_value_error(g, pending.wait())
     if ring:
         saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
     return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
@@ -241,7 +254,10 @@ def _backward(ctx, do, d_final, *_d_saved):
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
-_EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward)
+# the saved buffers (outputs 2..5) only carry what the backward needs: no zero gradients
+# are made for them on every backward
+_EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward,
+                               internal_outputs=(2, 3, 4, 5))
 
 
 def group_handle(group, device: torch.device) -> int:

@@ -9,10 +9,20 @@
 // gives the end state of the document that enters the part and ends inside it.
 #pragma once
 
+#include <memory>
+
 #include "delta_rule/delta_params.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta {
+
+// What a backend's entering_dstate may keep for the backward of the same part in the
+// same call (the CUDA backend: its chunked kernels' per-chunk w, u, T, meta and r), so
+// that backward need not form it again. Opaque to the callers; destroying it frees it.
+class KeptPartWork {
+ public:
+  virtual ~KeptPartWork() = default;
+};
 
 class DeltaKernelBackend {
  public:
@@ -45,6 +55,24 @@ class DeltaKernelBackend {
                         const float* entering, const float* leaving_dstate,
                         const DocStates& doc, MutView dq, MutView dk, MutView dv, void* dg,
                         void* dbeta, float* dentering, void* stream) const = 0;
+
+  // The same two calls when one caller runs both on one part (the SP schedules'
+  // backward): entering_dstate_keeping returns what backward_reusing of that part, with
+  // the same params and dout, can reuse (null: nothing; by default nothing is kept and
+  // the calls above run). Results equal the calls above.
+  virtual std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part,
+                                                                ConstView dout, float* dentering,
+                                                                void* stream) const {
+    entering_dstate(p, part, dout, dentering, stream);
+    return nullptr;
+  }
+  virtual void backward_reusing(const KeptPartWork* kept, const DeltaParams& p, TokenRange part,
+                                ConstView dout, const float* entering, const float* leaving_dstate,
+                                const DocStates& doc, MutView dq, MutView dk, MutView dv, void* dg,
+                                void* dbeta, float* dentering, void* stream) const {
+    (void)kept;
+    backward(p, part, dout, entering, leaving_dstate, doc, dq, dk, dv, dg, dbeta, dentering, stream);
+  }
 
   // --- tiny combines over part summaries (sizes independent of T) ----------
   // out = A x + y per (b, h): A [bh, dk, dk], x, y [bh, dk, dv]; y nullable.

@@ -63,13 +63,18 @@ void DeltaFamily::forward(TokenRange part, const float* entering, const DocState
 }
 
 void DeltaFamily::entering_grad(TokenRange part, float* dstate, void* stream) const {
-  be_.entering_dstate(p_, part, grads_.dout, dstate, stream);
+  std::unique_ptr<KeptPartWork> kept = be_.entering_dstate_keeping(p_, part, grads_.dout, dstate, stream);
+  if (kept) kept_.emplace_back(part, std::move(kept));
 }
 
 void DeltaFamily::backward(TokenRange part, const PartStates& states, const DocStates& docs,
                            void*, void* stream) const {
-  be_.backward(p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
-               grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream);
+  auto it = kept_.begin();
+  while (it != kept_.end() && !(it->first.begin == part.begin && it->first.end == part.end)) ++it;
+  const KeptPartWork* kept = it != kept_.end() ? it->second.get() : nullptr;
+  be_.backward_reusing(kept, p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
+                       grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream);
+  if (it != kept_.end()) kept_.erase(it);  // freed stream-ordered, behind the launches that read it
 }
 
 }  // namespace lasp2::delta

@@ -2,8 +2,14 @@
 // affine map (A, M) of a part, A d_k x d_k, and its kernels are a DeltaKernelBackend's
 // (cpu/, and the CUDA backend), so LASP-2 and LASP-1 (csrc/core/sp) run it unchanged.
 // One object describes one call: the forward constructor takes the output, the
-// backward one the gradients.
+// backward one the gradients. The schedules run entering_grad and then backward on
+// each part; what the backend keeps from the first for the second (its per-chunk
+// scratch on CUDA) the object holds in between and frees after backward.
 #pragma once
+
+#include <memory>
+#include <utility>
+#include <vector>
 
 #include "delta_rule/delta_backend.h"
 #include "lasp2/part_family.h"
@@ -66,6 +72,8 @@ class DeltaFamily final : public PartFamily {
   MutView o_;
   DeltaGrads grads_;
   float* fold_;
+  // entering_grad's kept work per part (at most parts_per_rank entries), until backward
+  mutable std::vector<std::pair<TokenRange, std::unique_ptr<KeptPartWork>>> kept_;
 };
 
 }  // namespace lasp2::delta

@@ -471,6 +471,93 @@ INSTANTIATE_TEST_SUITE_P(
              (c.neg_inf ? "_neginf" : "");
     });
 
+// ---- entering_dstate_keeping + backward_reusing (what the SP schedules run, through
+// DeltaFamily) against entering_dstate + backward: the chunked kernels skip prep and
+// rprep in the second call and must give the same results; the CPU backend keeps nothing.
+TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const bool packed : {false, true}) {
+    SCOPED_TRACE(packed ? "packed" : "rows");
+    DeltaSpec spec;
+    spec.seqlen = 300;
+    spec.heads = 2;
+    spec.dim_k = spec.dim_v = 64;
+    spec.chunk_size = 64;
+    spec.scale = 0.125;
+    spec.batch = packed ? 1 : 2;
+    if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    DeltaProblem<float> pr(spec, 31);
+    prepare_inputs(pr, ScalarType::kBFloat16);
+    const Layout lay{false, 0};
+    DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
+    const DeltaParams& dp = dev.p;
+    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+    const TokenRange part{37, spec.seqlen - 20};
+    const int64_t se = dp.bh() * dp.state_elems();
+    std::mt19937 rng(4);
+    std::normal_distribution<float> normal(0.f, 0.3f);
+    std::vector<float> entering(se), leaving(se);
+    for (auto& x : entering) x = normal(rng);
+    for (auto& x : leaving) x = normal(rng);
+    auto d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+
+    struct Grads {
+      std::vector<double> dq, dk, dv;
+      std::vector<float> dg, db, dE, dE_head;
+    };
+    auto run = [&](bool keep) {
+      Grads r;
+      DevBuf<float> gE(se);
+      std::unique_ptr<delta::KeptPartWork> kept;
+      if (keep) {
+        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), gE.p, nullptr);
+        EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
+      } else {
+        gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+      }
+      DevTensor gdq(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
+      DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
+      DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, ScalarType::kBFloat16, lay);
+      DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdE(se);
+      gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{},
+                           gdq.mview(), gdk.mview(), gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+      kept.reset();
+      r.dq = gdq.download().v;
+      r.dk = gdk.download().v;
+      r.dv = gdv.download().v;
+      r.dg = gdg.download();
+      r.db = gdb.download();
+      r.dE = gdE.download();
+      r.dE_head = gE.download();
+      return r;
+    };
+    const Grads want = run(false), got = run(true);
+    // the same kernels on the same inputs: equal up to the order of the per-token sums'
+    // shared-memory atomics (dg, dbeta)
+    auto max_diff = [](const std::vector<double>& a, const std::vector<double>& b) -> double {
+      double m = 0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;  // written in one run only
+        if (!std::isnan(a[i])) m = std::max(m, std::abs(a[i] - b[i]));
+      }
+      return m;
+    };
+    EXPECT_EQ(max_diff(got.dq, want.dq), 0.0) << "dq";
+    EXPECT_EQ(max_diff(got.dk, want.dk), 0.0) << "dk";
+    EXPECT_EQ(max_diff(got.dv, want.dv), 0.0) << "dv";
+    EXPECT_LT(rel_err_f32(got.dg, want.dg), 1e-5) << "dg";
+    EXPECT_LT(rel_err_f32(got.db, want.db), 1e-5) << "dbeta";
+    EXPECT_LT(rel_err_f32(got.dE, want.dE), 1e-5) << "d_entering";
+    EXPECT_LT(rel_err_f32(got.dE_head, want.dE_head), 1e-6) << "entering dstate";
+  }
+  DeltaProblem<float> small(DeltaSpec{}, 1);
+  std::vector<float> E(small.params().bh() * small.params().state_elems());
+  EXPECT_EQ(delta::delta_cpu_backend().entering_dstate_keeping(small.params(), {0, small.spec.seqlen},
+                                                               small.dout_view(), E.data(), nullptr),
+            nullptr)
+      << "the CPU backend keeps nothing";
+}
+
 TEST(DeltaCudaCombine, ApplyMapMatchesCpuAndMayAlias) {
   LASP2_SKIP_WITHOUT_CUDA();
   const int64_t bh = 3, dk = 128, dv = 96;

@@ -19,11 +19,16 @@
 // head maps from a pass that ends each row at its first document start),
 // entering_dstate, and backward (the forward state pass for the state entering each
 // chunk, the reverse one for the gradient of the state leaving each chunk, then every
-// chunk's gradients at once: delta_chunk_bwd.h).
+// chunk's gradients at once: delta_chunk_bwd.h). When one caller runs entering_dstate
+// and backward on the same part (the SP schedules, through DeltaFamily),
+// entering_dstate_keeping keeps prep's and rprep's outputs and backward_reusing skips
+// those two launches.
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include "cuda/route.h"
@@ -206,6 +211,31 @@ struct SegmentBuffers {
   Scratch scratch_;
 };
 
+// Rows of the chunked kernels' per-token scratch: (b, h) x whole chunks.
+int64_t chunk_rows(const gpu::Problem& g) { return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens; }
+
+// The backward's per-chunk inputs from prep (w, u, meta and T) and rprep (r). r goes
+// in place of u unless `separate_r` (then the state pass can still read u after rprep:
+// what entering_dstate keeps for backward).
+class ChunkBackwardPrep final : public KeptPartWork {
+ public:
+  ChunkBackwardPrep(const gpu::Problem& g, bool separate_r, const ScratchAllocator* allocator, cudaStream_t s)
+      : scratch_({chunk_rows(g) * g.dk / 2, chunk_rows(g) * g.dk / 2, 2 * chunk_rows(g),
+                  g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens * gpu::kChunkTokens / 2,
+                  separate_r ? chunk_rows(g) * g.dk / 2 : 0},
+                 allocator, s) {
+    prep = {scratch_[0], scratch_[1], scratch_[2]};
+    prep.t = scratch_[3];
+    reverse = prep;
+    if (separate_r) reverse.u = scratch_[4];
+  }
+  gpu::ChunkPrep prep;     // u in .u
+  gpu::ChunkPrep reverse;  // r in .u
+
+ private:
+  Scratch scratch_;
+};
+
 class DeltaCudaBackend final : public DeltaKernelBackend {
  public:
   explicit DeltaCudaBackend(const ScratchAllocator* allocator) : allocator_(allocator) {}
@@ -311,9 +341,37 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_compose(g, c, s);
   }
 
+  // Keeps prep's and rprep's outputs (with T, r beside u) when the chunked kernels take
+  // the call; backward_reusing then skips both (1.2 ms of 64K tokens on an H200).
+  std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part, ConstView dout,
+                                                        float* dentering, void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0 || !chunked(p, part, {dout})) {
+      entering_dstate(p, part, dout, dentering, stream);
+      return nullptr;
+    }
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = problem_of(p, part, nullptr);
+    auto kept = std::make_unique<ChunkBackwardPrep>(g, true, allocator_, s);
+    gpu::launch_chunk_prep(g, kept->prep, s);
+    gpu::launch_chunk_rprep(g, view_of(dout), kept->reverse, s);
+    gpu::ChunkReverseOut ro;
+    ro.entering = dentering;
+    gpu::launch_chunk_rstates(g, view_of(dout), kept->reverse, ro, s);
+    return kept;
+  }
+
   void backward(const DeltaParams& p, TokenRange part, ConstView dout, const float* entering,
                 const float* leaving_dstate, const DocStates& doc, MutView dq, MutView dk,
                 MutView dv, void* dg, void* dbeta, float* dentering, void* stream) const override {
+    backward_reusing(nullptr, p, part, dout, entering, leaving_dstate, doc, dq, dk, dv, dg, dbeta, dentering,
+                     stream);
+  }
+
+  void backward_reusing(const KeptPartWork* kept, const DeltaParams& p, TokenRange part, ConstView dout,
+                        const float* entering, const float* leaving_dstate, const DocStates& doc, MutView dq,
+                        MutView dk, MutView dv, void* dg, void* dbeta, float* dentering,
+                        void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
@@ -326,8 +384,9 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
         !(p.doc_start != nullptr &&
           (doc.initial != nullptr || doc.final_dstate != nullptr || doc.d_initial != nullptr));
     if (chunk) {
-      chunked_backward(problem_of(p, part, nullptr), view_of(dout), entering, leaving_dstate, dq, dk, dv,
-                       static_cast<float*>(dg), static_cast<float*>(dbeta), dentering, s);
+      chunked_backward(problem_of(p, part, nullptr), view_of(dout), dynamic_cast<const ChunkBackwardPrep*>(kept),
+                       entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg), static_cast<float*>(dbeta),
+                       dentering, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
@@ -432,11 +491,6 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_forward(g, out, s);
   }
 
-  // Rows of the chunked kernels' per-token scratch: (b, h) x whole chunks.
-  static int64_t chunk_rows(const gpu::Problem& g) {
-    return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens;
-  }
-
   // prep, the state pass (v_new and the 16-bit state entering each chunk), the output.
   void chunked_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out,
                        cudaStream_t s) const {
@@ -481,37 +535,39 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
 
   // prep; the state pass (v_new and the 16-bit state entering each chunk); r = -(P^T dO)
   // in place of u; the reverse state pass (each chunk's leaving-state gradient and the
-  // entering state's); then every chunk's gradients at once (delta_chunk_bwd.h).
-  void chunked_backward(const gpu::Problem& g, gpu::View dout, const float* entering, const float* leaving,
-                        MutView dq, MutView dk, MutView dv, float* dg, float* dbeta, float* dentering,
-                        cudaStream_t s) const {
-    const int64_t half_rows = chunk_rows(g) * g.dk / 2;
+  // entering state's); then every chunk's gradients at once (delta_chunk_bwd.h). With
+  // `kept` (entering_dstate_keeping of the same part) prep and rprep have run already.
+  void chunked_backward(const gpu::Problem& g, gpu::View dout, const ChunkBackwardPrep* kept, const float* entering,
+                        const float* leaving, MutView dq, MutView dk, MutView dv, float* dg, float* dbeta,
+                        float* dentering, cudaStream_t s) const {
     const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv;
-    const int64_t tmats = g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens * gpu::kChunkTokens;
-    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows, states / 2, states / 2, tmats / 2},
-                          allocator_, s);
-    gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
-    prep.t = scratch[6];
-    gpu::launch_chunk_prep(g, prep, s);
+    const Scratch scratch({chunk_rows(g) * g.dk / 2, states / 2, states / 2}, allocator_, s);
+    std::optional<ChunkBackwardPrep> own;
+    if (kept == nullptr) {
+      own.emplace(g, false, allocator_, s);
+      gpu::launch_chunk_prep(g, own->prep, s);
+      kept = &*own;
+    }
+    const gpu::ChunkPrep& prep = kept->prep;
     gpu::ChunkStatesOut so;
     so.entering = entering;
-    so.v_new = scratch[3];
-    so.states = scratch[4];
+    so.v_new = scratch[0];
+    so.states = scratch[1];
     gpu::launch_chunk_states(g, prep, so, s);
-    gpu::launch_chunk_rprep(g, dout, prep, s);
+    if (own) gpu::launch_chunk_rprep(g, dout, own->reverse, s);  // r over u: the state pass has read it
     gpu::ChunkReverseOut ro;
     ro.leaving = leaving;
-    ro.dh = scratch[5];
+    ro.dh = scratch[2];
     ro.entering = dentering;
-    gpu::launch_chunk_rstates(g, dout, prep, ro, s);
+    gpu::launch_chunk_rstates(g, dout, kept->reverse, ro, s);
     gpu::ChunkBackwardArgs a;
     a.dout = dout;
     a.meta = prep.meta;
-    a.v_new = scratch[3];
-    a.states = scratch[4];
-    a.dh = scratch[5];
-    a.t = scratch[6];
-    a.r = prep.u;
+    a.v_new = scratch[0];
+    a.states = scratch[1];
+    a.dh = scratch[2];
+    a.t = prep.t;
+    a.r = kept->reverse.u;
     a.dq = dq.data;
     a.dqsb = dq.stride.batch;
     a.dqst = dq.stride.seq;
