@@ -1149,7 +1149,7 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
 // The forward pass (v_new and the 16-bit chunk states), the part summary and the reverse
 // pass (16-bit dh) at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16, for each
 // kernel family of LASP2_DELTA_STATE_KERNEL named in LASP2_STATE_TIMING_VARIANTS
-// (default "tile w8 w8c32"): the median of the timed launches
+// (default "tile w8"): the median of the timed launches
 // (LASP2_STATE_TIMING_REPS, default 3, the first untimed), and the outputs' max
 // difference relative to the first family's (head 0 of v_new, the states and dh over all
 // chunks; A and M: the small-problem tests above hold each family to the recurrent
@@ -1173,7 +1173,7 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
   const char* names_env = std::getenv("LASP2_STATE_TIMING_VARIANTS");
   std::vector<std::string> names;
   {
-    std::istringstream in(names_env != nullptr && *names_env ? names_env : "tile w8 w8c32");
+    std::istringstream in(names_env != nullptr && *names_env ? names_env : "tile w8");
     for (std::string w; in >> w;) names.push_back(w);
   }
   ASSERT_FALSE(names.empty());

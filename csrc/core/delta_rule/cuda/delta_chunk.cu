@@ -1007,19 +1007,14 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare the families): "tile", fwd_state_kernel and rev_state_kernel (16 columns and
-// 4 warps a block); "w8" (default) at d = 128 their 8-warp versions (d = 64: tile);
-// "w8c32" the forward pass with 8 warps and 32 columns a block (half the blocks, half
-// the reads of w and K; the reverse pass as w8).
-enum class StatePass { kTile, kW8, kW8Wide };
+// compare the two): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), or
+// "w8" (the default; d = 128, else tile), their 8-warp versions.
+enum class StatePass { kTile, kW8 };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0) return StatePass::kW8;
-  for (auto [name, pass] : {std::pair{"tile", StatePass::kTile}, std::pair{"w8", StatePass::kW8},
-                            std::pair{"w8c32", StatePass::kW8Wide}})
-    if (std::strcmp(env, name) == 0) return pass;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or w8c32, not ") +
-       env);
+  if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile or w8, not ") + env);
 }
 
 int device_sms() {
@@ -1029,11 +1024,14 @@ int device_sms() {
   return sms;
 }
 
-// The forward state pass: kChunkCols columns a block (32-column blocks, which halve the
-// blocks' reads of w and K, measured slower: 2.29 to 2.40 against 1.46 ms at T = 64K,
-// H = 16, D = 128 on an H200, with 4 or 8 warps; docs/delta_rule.md; the kernel keeps C
-// as a parameter). Ring depth 4 when the blocks fit the device in one wave (one block an SM),
-// else 2 (two blocks an SM hide each other's loads).
+// The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
+// a block for the state pass, 32 for the summary (whose 2 d columns a (b, h) would
+// otherwise take two blocks an SM, each reading w and K). Measured at T = 64K, H = 16,
+// bf16 on an H200 (docs/delta_rule.md, "State passes, seventh round"): states 1.36 ms
+// with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
+// work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
+// 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
+// SM), else 2 (two blocks an SM hide each other's loads).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1051,8 +1049,8 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
         return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
       run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
     };
+    if (pass == StatePass::kW8 && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
     if (pass == StatePass::kW8) return w8(std::integral_constant<int, kChunkCols>{});
-    if (pass == StatePass::kW8Wide) return w8(std::integral_constant<int, 2 * kChunkCols>{});
   }
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
@@ -1120,8 +1118,8 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
-    if constexpr (D == 128) {
-      if (pass != StatePass::kTile) {
+    if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
+      if (pass == StatePass::kW8) {
         allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
         rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
         return;

@@ -7,9 +7,9 @@
 //            index), L = strict_tril(diag(beta) K K^T o decay), T = (I + L)^-1 in fp32
 //            blocked by 16 (diagonal blocks by substitution, then two 2 x 2 block
 //            merges), w = T diag(beta e^G [s = 0]) K, u = T diag(beta) V
-//   states   (sequential over chunks, one block per (b, h, 16 state columns), the next
-//            chunks' inputs in flight, 8 warps a block at d = 128 and 4 at d = 64) with
-//            the state in registers:
+//   states   (sequential over chunks, one block per (b, h, 16 state columns; 32 for the
+//            summary at d = 128), the next chunks' inputs in flight, 8 warps a block at
+//            d = 128 and 4 at d = 64) with the state in registers:
 //            v_new = u - w S; S <- e S + (diag(d) K)^T v_new; the same pass over the
 //            columns of [A | M] from [I | 0] gives the part summary
 //   output   (chunk-parallel) o = scale diag(e^G [s = 0]) Q S_c + (Q K^T o decay) v_new
