@@ -175,19 +175,4 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T>
-struct ElemOf;
-template <>
-struct ElemOf<float> {
-  static constexpr Elem value = Elem::kF32;
-};
-template <>
-struct ElemOf<__half> {
-  static constexpr Elem value = Elem::kF16;
-};
-template <>
-struct ElemOf<__nv_bfloat16> {
-  static constexpr Elem value = Elem::kBF16;
-};
-
 }  // namespace lasp2::cuda

@@ -6,6 +6,7 @@
 // (the 1e-4 accuracy target excludes tf32 / bf16 tensor cores) and for sizes or
 // strides the tensor-core kernels do not take.
 #include "device_utils.cuh"
+#include "elem_dispatch.cuh"
 
 namespace lasp2::cuda {
 namespace {
@@ -411,21 +412,6 @@ void gen_dkdv_t(const DkdvArgs& a, bool smem_state, cudaStream_t s) {
   generic_dkdv_kernel<T><<<static_cast<unsigned>(a.g.bh() * a.g.nseg), kThreads, bytes, s>>>(
       a, smem_state ? 1 : 0);
   check_launch("generic_dkdv_kernel");
-}
-
-template <typename F>
-void dispatch_elem(Elem e, F&& f) {
-  switch (e) {
-    case Elem::kF32:
-      f(float{});
-      break;
-    case Elem::kF16:
-      f(__half{});
-      break;
-    case Elem::kBF16:
-      f(__nv_bfloat16{});
-      break;
-  }
 }
 
 void launch_generic_state(Elem e, const StateArgs& a, bool entry, bool state_in_smem,

@@ -13,13 +13,13 @@
 
 #include <cstdint>
 
+#include "elem.h"
+
 namespace lasp2::cuda {
 
 constexpr int kChunk = 64;       // tokens per chunk (every kernel)
 constexpr int kMaxParts = 256;   // combine_prefix / combine_suffix pointer table
 constexpr int kMaxGenericDim = 256;
-
-enum class Elem : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // A [B, T, H, D] view: element strides, last dimension contiguous.
 struct View {

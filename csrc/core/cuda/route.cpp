@@ -35,7 +35,7 @@ int env_int(const char* name, int fallback) {
   return (s != nullptr && *s != '\0') ? std::atoi(s) : fallback;
 }
 
-Elem elem_of(ScalarType t) {
+Elem elem_of(ScalarType t, const char* inputs) {
   switch (t) {
     case ScalarType::kFloat32:
       return Elem::kF32;
@@ -44,8 +44,7 @@ Elem elem_of(ScalarType t) {
     case ScalarType::kBFloat16:
       return Elem::kBF16;
     default:
-      fail(std::string("lasp2 (CUDA): inputs must be float32, float16 or bfloat16, got ") +
-           to_string(t));
+      fail(std::string(inputs) + " must be float32, float16 or bfloat16, got " + to_string(t));
   }
 }
 

@@ -26,7 +26,9 @@ const DeviceInfo& device_info();
 // Integer environment knob, `fallback` when unset or empty.
 int env_int(const char* name, int fallback);
 
-Elem elem_of(ScalarType t);
+// The kernels' element type of t; for any other dtype throws lasp2::Error saying that
+// `inputs` (the family and its tensors) must be float32, float16 or bfloat16.
+Elem elem_of(ScalarType t, const char* inputs = "lasp2 (CUDA): inputs");
 View view_of(ConstView v);
 View view_of(MutView v);
 

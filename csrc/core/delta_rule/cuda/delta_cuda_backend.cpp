@@ -44,21 +44,18 @@ using gpu::Elem;
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-Elem elem_of(ScalarType t) {
-  switch (t) {
-    case ScalarType::kFloat32:
-      return Elem::kF32;
-    case ScalarType::kFloat16:
-      return Elem::kF16;
-    case ScalarType::kBFloat16:
-      return Elem::kBF16;
-    default:
-      fail(std::string("lasp2 (CUDA delta rule): q, k, v must be float32, float16 or bfloat16, got ") +
-           to_string(t));
-  }
-}
+Elem elem_of(ScalarType t) { return cuda::elem_of(t, "lasp2 (CUDA delta rule): q, k, v"); }
 
 gpu::View view_of(ConstView v) { return {v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
+
+// An output tensor into a kernel argument struct's pointer and [B, T, H] strides
+// (those structs name each output's fields apart: dq, dqsb, dqst, dqsh).
+void set_out(MutView v, void*& ptr, int64_t& sb, int64_t& st, int64_t& sh) {
+  ptr = v.data;
+  sb = v.stride.batch;
+  st = v.stride.seq;
+  sh = v.stride.head;
+}
 
 void check_params(const DeltaParams& p, TokenRange part) {
   elem_of(p.dtype);
@@ -254,23 +251,13 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
-    gpu::SummaryOut out;
-    out.finals = doc.finals;
-    out.ncols = g.dk + g.dv;
+    const int ncols = g.dk + g.dv;  // SummaryOut: {A, M, head_A, head_M, finals, ncols}
     if (g.nseg == 1) {
-      out.A = A;
-      out.M = M;
-      out.head_A = head_A;
-      out.head_M = head_M;
-      gpu::launch_summary(g, out, s);
+      gpu::launch_summary(g, {A, M, head_A, head_M, doc.finals, ncols}, s);
       return;
     }
     const SegmentBuffers seg(g, allocator_, s);
-    out.A = seg.A;
-    out.M = seg.M;
-    out.head_A = seg.head_A;
-    out.head_M = seg.head_M;
-    gpu::launch_summary(g, out, s);
+    gpu::launch_summary(g, {seg.A, seg.M, seg.head_A, seg.head_M, doc.finals, ncols}, s);
     gpu::launch_firsts(g, seg.firsts, s);
     gpu::ComposeArgs c;
     c.mode = gpu::ComposeMode::kSummary;
@@ -292,10 +279,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0) return;
     gpu::ForwardOut out;
-    out.o = o.data;
-    out.osb = o.stride.batch;
-    out.ost = o.stride.seq;
-    out.osh = o.stride.head;
+    set_out(o, out.o, out.osb, out.ost, out.osh);
     // documents begun inside a chunk start from zero there: initial states need the walk
     if (chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
       chunked_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
@@ -408,23 +392,14 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.final_dstate = doc.final_dstate;
     a.d_initial = doc.d_initial;
     a.dentering = dentering;
-    a.dv = dv.data;
-    a.dvsb = dv.stride.batch;
-    a.dvst = dv.stride.seq;
-    a.dvsh = dv.stride.head;
+    set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
     a.acc = scratch[1];
     gpu::launch_backward(g, a, s);
 
     gpu::FinishArgs f;
     f.acc = scratch[1];
-    f.dq = dq.data;
-    f.dqsb = dq.stride.batch;
-    f.dqst = dq.stride.seq;
-    f.dqsh = dq.stride.head;
-    f.dk = dk.data;
-    f.dksb = dk.stride.batch;
-    f.dkst = dk.stride.seq;
-    f.dksh = dk.stride.head;
+    set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
+    set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
     f.dg = static_cast<float*>(dg);
     f.dbeta = static_cast<float*>(dbeta);
     gpu::launch_finish(g, f, s);
@@ -473,13 +448,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     const SegmentBuffers seg(g, allocator_, s);
-    gpu::SummaryOut sum;
-    sum.A = seg.A;
-    sum.M = seg.M;
-    sum.head_A = seg.head_A;
-    sum.head_M = seg.head_M;
-    sum.ncols = g.dk + g.dv;
-    gpu::launch_summary(g, sum, s);
+    gpu::launch_summary(g, {seg.A, seg.M, seg.head_A, seg.head_M, nullptr, g.dk + g.dv}, s);
     gpu::ComposeArgs c;
     c.mode = gpu::ComposeMode::kPrefix;
     c.segA = seg.A;
@@ -568,18 +537,9 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dh = scratch[2];
     a.t = prep.t;
     a.r = kept->reverse.u;
-    a.dq = dq.data;
-    a.dqsb = dq.stride.batch;
-    a.dqst = dq.stride.seq;
-    a.dqsh = dq.stride.head;
-    a.dk = dk.data;
-    a.dksb = dk.stride.batch;
-    a.dkst = dk.stride.seq;
-    a.dksh = dk.stride.head;
-    a.dv = dv.data;
-    a.dvsb = dv.stride.batch;
-    a.dvst = dv.stride.seq;
-    a.dvsh = dv.stride.head;
+    set_out(dq, a.dq, a.dqsb, a.dqst, a.dqsh);
+    set_out(dk, a.dk, a.dksb, a.dkst, a.dksh);
+    set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
     a.dg = dg;
     a.dbeta = dbeta;
     gpu::launch_chunk_backward(g, a, s);

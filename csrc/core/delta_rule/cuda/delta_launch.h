@@ -22,9 +22,11 @@
 
 #include <cstdint>
 
+#include "cuda/elem.h"
+
 namespace lasp2::delta::gpu {
 
-enum class Elem : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+using ::lasp2::cuda::Elem;  // input element type, shared with the scalar-decay kernels
 
 #ifdef __CUDACC__
 #define LASP2_DELTA_HD __host__ __device__

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/device_utils.cuh"
+#include "cuda/elem_dispatch.cuh"
 #include "delta_rule/cuda/delta_launch.h"
 #include "lasp2/types.h"
 
@@ -25,6 +26,8 @@ constexpr int kStretches = kCheckpoint / kStretch;
 // fp32 <-> fp32 / fp16 / bf16 conversions: the scalar family's (csrc/core/cuda/device_utils.cuh).
 using lasp2::cuda::from_float;
 using lasp2::cuda::to_float;
+// dispatch_elem: the input dtype's C++ type, as the scalar family's launchers pick it.
+using lasp2::cuda::dispatch_elem;
 
 template <typename T>
 __device__ __forceinline__ T zero_elem() { return from_float<T>(0.f); }
@@ -854,21 +857,6 @@ __global__ void add_kernel(float* dst, const float* src, int64_t count) {
 }
 
 // ---- dispatch ------------------------------------------------------------------------------
-template <typename F>
-void dispatch_elem(Elem e, F&& f) {
-  switch (e) {
-    case Elem::kF32:
-      f(float{});
-      return;
-    case Elem::kF16:
-      f(__half{});
-      return;
-    case Elem::kBF16:
-      f(__nv_bfloat16{});
-      return;
-  }
-}
-
 // Walks: 8 warps, 8 lanes per column (32 columns a block), 8 or 16 rows per lane.
 constexpr int kWalkWarps = 8, kWalkG = 8;
 // Backward: 8 warps; d_k <= 64: 8 lanes x 8 rows; <= 128: 16 lanes x 8 rows.
