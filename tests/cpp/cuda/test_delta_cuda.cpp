@@ -728,6 +728,126 @@ int64_t env_or(const char* name, int64_t fallback) {
   return (s != nullptr && *s != '\0') ? std::atoll(s) : fallback;
 }
 
+// ---- the timing tests' GDN layer: [1, T, H, D] bf16 inputs on one device ----
+// Normal random values in `tensors` (2-byte elements; k's scaled by 1/sqrt(D)) as a
+// repeated 2^20-element pattern (fast to set up at 64K tokens).
+void upload_pattern(std::mt19937& rng, std::initializer_list<DevTensor*> tensors, const DevTensor* k) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const size_t pattern = size_t{1} << 20;
+  for (DevTensor* t : tensors) {
+    std::vector<unsigned char> host(pattern * 2);
+    for (size_t i = 0; i < pattern; ++i)
+      encode(t->type, normal(rng) * (t == k ? 1.0 / std::sqrt(double(t->D)) : 1.0), &host[2 * i]);
+    for (size_t at = 0; at < t->elems; at += pattern)
+      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
+              "upload");
+  }
+}
+
+// Log gates in log [0.9, 1) and betas in [0.1, 0.9), `rows` (token, head) rows of each.
+struct GatesBetas {
+  DevBuf<float> g, beta;
+};
+GatesBetas random_gates(std::mt19937& rng, int64_t rows) {
+  std::vector<float> gh(rows), bh(rows);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  return {to_device_f32(gh), to_device_f32(bh)};
+}
+
+// The backend's parameters of the layer (gates and betas [1, T, H] contiguous).
+DeltaParams gdn_params(const DevTensor& q, const DevTensor& k, const DevTensor& v, const GatesBetas& gb) {
+  const int64_t T = q.T, H = q.H, D = q.D;
+  DeltaParams p;
+  p.batch = 1;
+  p.seqlen = T;
+  p.heads = H;
+  p.dim_k = p.dim_v = D;
+  p.dtype = q.type;
+  p.q = q.cview();
+  p.k = k.cview();
+  p.v = v.cview();
+  p.g = gb.g.p;
+  p.g_stride = {T * H, H, 1};
+  p.beta = gb.beta.p;
+  p.beta_stride = {T * H, H, 1};
+  p.scale = 1.0 / std::sqrt(double(D));
+  return p;
+}
+
+delta::gpu::View gpu_view(ConstView v) { return delta::gpu::View{v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
+
+// The kernels' problem of gdn_params' layer: all T tokens, one segment.
+delta::gpu::Problem gdn_problem(const DeltaParams& p) {
+  delta::gpu::Problem g;
+  g.batch = 1;
+  g.heads = static_cast<int>(p.heads);
+  g.dk = g.dv = static_cast<int>(p.dim_k);
+  g.seqlen = p.seqlen;
+  g.n = p.seqlen;
+  g.elem = delta::gpu::Elem::kBF16;
+  g.q = gpu_view(p.q);
+  g.k = gpu_view(p.k);
+  g.v = gpu_view(p.v);
+  g.g = static_cast<const float*>(p.g);
+  g.gsb = p.g_stride.batch;
+  g.gst = p.g_stride.seq;
+  g.gsh = p.g_stride.head;
+  g.beta = static_cast<const float*>(p.beta);
+  g.bsb = p.beta_stride.batch;
+  g.bst = p.beta_stride.seq;
+  g.bsh = p.beta_stride.head;
+  g.scale = static_cast<float>(p.scale);
+  g.seg_len = p.seqlen;
+  return g;
+}
+
+// The forward walk's output argument writing o.
+delta::gpu::ForwardOut forward_out(DevTensor& o) {
+  const MutView m = o.mview();
+  delta::gpu::ForwardOut fo;
+  fo.o = m.data;
+  fo.osb = m.stride.batch;
+  fo.ost = m.stride.seq;
+  fo.osh = m.stride.head;
+  return fo;
+}
+
+// Milliseconds of `launch` on the default stream: the median of runs 2..reps (the
+// first warms up; reps = 1: that one).
+class LaunchTimer {
+ public:
+  LaunchTimer() {
+    cuda_ok(cudaEventCreate(&e0_), "event");
+    cuda_ok(cudaEventCreate(&e1_), "event");
+  }
+  ~LaunchTimer() {
+    cudaEventDestroy(e0_);
+    cudaEventDestroy(e1_);
+  }
+  LaunchTimer(const LaunchTimer&) = delete;
+  LaunchTimer& operator=(const LaunchTimer&) = delete;
+
+  float median_ms(const std::function<void()>& launch, int reps) {
+    std::vector<float> ms;
+    for (int rep = 0; rep < reps; ++rep) {
+      cuda_ok(cudaEventRecord(e0_), "record");
+      launch();
+      cuda_ok(cudaEventRecord(e1_), "record");
+      cuda_ok(cudaEventSynchronize(e1_), "sync");
+      float t = 0;
+      cuda_ok(cudaEventElapsedTime(&t, e0_, e1_), "elapsed");
+      if (rep > 0 || reps == 1) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+
+ private:
+  cudaEvent_t e0_, e1_;
+};
+
 // One GDN layer at T = 64K, H = 16, D = 128, bf16 on one device: the time of the
 // one-device schedule's calls (printed; the assertions only check that every output
 // is finite). LASP2_DELTA_TIMING_T=<tokens> changes T.
@@ -747,28 +867,9 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
       t->upload(x);
     }
   }
-  std::vector<float> gh(T * H), bh(T * H);
-  {
-    std::mt19937 rng(2);
-    std::uniform_real_distribution<float> u(0.f, 1.f);
-    for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
-    for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
-  }
-  auto g = to_device_f32(gh), beta = to_device_f32(bh);
-  DeltaParams p;
-  p.batch = 1;
-  p.seqlen = T;
-  p.heads = H;
-  p.dim_k = p.dim_v = D;
-  p.dtype = type;
-  p.q = q.cview();
-  p.k = k.cview();
-  p.v = v.cview();
-  p.g = g.p;
-  p.g_stride = {T * H, H, 1};
-  p.beta = beta.p;
-  p.beta_stride = {T * H, H, 1};
-  p.scale = 1.0 / std::sqrt(double(D));
+  std::mt19937 gate_rng(2);
+  const GatesBetas gb = random_gates(gate_rng, T * H);
+  const DeltaParams p = gdn_params(q, k, v, gb);
   const auto& be = delta::delta_backend_for(Device::kCUDA);
   const int64_t S = H * D * D;
   DevBuf<float> A(H * D * D), M(S), hA(H * D * D), hM(S), dE(S), dg(T * H), db(T * H);
@@ -798,43 +899,16 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   // the second of two runs timed.
   {
     namespace gpu = delta::gpu;
-    gpu::Problem g;
-    g.batch = 1;
-    g.heads = static_cast<int>(H);
-    g.dk = g.dv = static_cast<int>(D);
-    g.seqlen = T;
-    g.n = T;
-    g.elem = gpu::Elem::kBF16;
-    auto view = [](const DevTensor& t) {
-      const ConstView v = t.cview();
-      return gpu::View{v.data, v.stride.batch, v.stride.seq, v.stride.head};
-    };
-    g.q = view(q);
-    g.k = view(k);
-    g.v = view(v);
-    g.g = static_cast<const float*>(p.g);
-    g.gsb = T * H;
-    g.gst = H;
-    g.gsh = 1;
-    g.beta = static_cast<const float*>(p.beta);
-    g.bsb = T * H;
-    g.bst = H;
-    g.bsh = 1;
-    g.scale = static_cast<float>(p.scale);
-    g.seg_len = T;
+    const gpu::Problem g = gdn_problem(p);
     const int64_t nck = gpu::chunk_count(g), rows = H * nck * 64;
     DevBuf<float> w(rows * D / 2), u(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
         dh(H * nck * D * D / 2), tm(rows * 64 / 2);
     const gpu::ChunkPrep prep{w.p, u.p, meta.p};
     gpu::ChunkPrep bprep = prep;  // the backward's prep also keeps T
     bprep.t = tm.p;
-    gpu::ForwardOut fo;
-    fo.o = o.mview().data;
-    fo.osb = T * H * D;
-    fo.ost = H * D;
-    fo.osh = D;
+    const gpu::ForwardOut fo = forward_out(o);
     gpu::ChunkBackwardArgs ba;
-    ba.dout = view(dout);
+    ba.dout = gpu_view(dout.cview());
     ba.meta = meta.p;
     ba.v_new = vnew.p;
     ba.states = st16.p;
@@ -862,24 +936,18 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
            gpu::launch_chunk_states(g, prep, so, nullptr);
          }},
         {"output", [&] { gpu::launch_chunk_output(g, prep, vnew.p, st16.p, fo, nullptr); }},
-        {"rprep", [&] { gpu::launch_chunk_rprep(g, view(dout), prep, nullptr); }},
+        {"rprep", [&] { gpu::launch_chunk_rprep(g, ba.dout, prep, nullptr); }},
         {"rstates", [&] {
            gpu::ChunkReverseOut ro;
            ro.dh = dh.p;
-           gpu::launch_chunk_rstates(g, view(dout), prep, ro, nullptr);
+           gpu::launch_chunk_rstates(g, ba.dout, prep, ro, nullptr);
          }},
         {"chunk backward", [&] { gpu::launch_chunk_backward(g, ba, nullptr); }},
     };
+    LaunchTimer timer;
     std::string line;
     for (const auto& [name, launch] : stages) {
-      float ms = 0;
-      for (int rep = 0; rep < 2; ++rep) {
-        cuda_ok(cudaEventRecord(e0), "record");
-        launch();
-        cuda_ok(cudaEventRecord(e1), "record");
-        cuda_ok(cudaEventSynchronize(e1), "sync");
-      }
-      cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+      const float ms = timer.median_ms(launch, 2);  // the second of two runs
       char buf[64];
       std::snprintf(buf, sizeof(buf), "%s%s %.2f", line.empty() ? "" : ", ", name, ms);
       line += buf;
@@ -1035,77 +1103,22 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaCudaChunkedSummary,
 // changes T. The inputs repeat a 2^20-element random pattern (fast to set up).
 TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const char* env = std::getenv("LASP2_DELTA_TIMING_T");
-  const int64_t T = env != nullptr && *env ? std::atoll(env) : 65536, H = 16, D = 128;
+  const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
   const ScalarType type = ScalarType::kBFloat16;
   DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
       o(1, T, H, D, type, Layout{});
   std::mt19937 rng(1);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  const size_t pattern = size_t{1} << 20;
-  for (DevTensor* t : {&q, &k, &v}) {
-    std::vector<unsigned char> host(pattern * 2);
-    for (size_t i = 0; i < pattern; ++i)
-      encode(type, normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0), &host[2 * i]);
-    for (size_t at = 0; at < t->elems; at += pattern)
-      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at),
-                         cudaMemcpyHostToDevice),
-              "upload");
-  }
-  std::vector<float> gh(T * H), bh(T * H);
-  std::uniform_real_distribution<float> u(0.f, 1.f);
-  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
-  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
-  auto g = to_device_f32(gh), beta = to_device_f32(bh);
-  DeltaParams p;
-  p.batch = 1;
-  p.seqlen = T;
-  p.heads = H;
-  p.dim_k = p.dim_v = D;
-  p.dtype = type;
-  p.q = q.cview();
-  p.k = k.cview();
-  p.v = v.cview();
-  p.g = g.p;
-  p.g_stride = {T * H, H, 1};
-  p.beta = beta.p;
-  p.beta_stride = {T * H, H, 1};
-  p.scale = 1.0 / std::sqrt(double(D));
+  upload_pattern(rng, {&q, &k, &v}, &k);
+  const GatesBetas gb = random_gates(rng, T * H);
+  const DeltaParams p = gdn_params(q, k, v, gb);
 
   namespace gpu = delta::gpu;
-  gpu::Problem gp;
-  gp.batch = 1;
-  gp.heads = static_cast<int>(H);
-  gp.dk = gp.dv = static_cast<int>(D);
-  gp.seqlen = T;
-  gp.n = T;
-  gp.elem = gpu::Elem::kBF16;
-  auto view = [](const DevTensor& t) {
-    const ConstView cv = t.cview();
-    return gpu::View{cv.data, cv.stride.batch, cv.stride.seq, cv.stride.head};
-  };
-  gp.q = view(q);
-  gp.k = view(k);
-  gp.v = view(v);
-  gp.g = g.p;
-  gp.gsb = T * H;
-  gp.gst = H;
-  gp.gsh = 1;
-  gp.beta = beta.p;
-  gp.bsb = T * H;
-  gp.bst = H;
-  gp.bsh = 1;
-  gp.scale = static_cast<float>(p.scale);
-  gp.seg_len = T;
+  const gpu::Problem gp = gdn_problem(p);
   const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
   DevBuf<float> w(rows * D / 2), uu(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2);
   DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D);
   const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
-  gpu::ForwardOut fo;
-  fo.o = o.mview().data;
-  fo.osb = T * H * D;
-  fo.ost = H * D;
-  fo.osh = D;
+  const gpu::ForwardOut fo = forward_out(o);
   const auto& be = delta::delta_backend_for(Device::kCUDA);
   const std::vector<std::pair<const char*, std::function<void()>>> stages = {
       {"prep", [&] { gpu::launch_chunk_prep(gp, prep, nullptr); }},
@@ -1119,24 +1132,11 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
       {"backend forward", [&] { be.forward(p, {0, T}, nullptr, {}, o.mview(), nullptr); }},
       {"backend part_summary", [&] { be.part_summary(p, {0, T}, {}, A.p, M.p, hA.p, hM.p, nullptr); }},
   };
-  cudaEvent_t e0, e1;
-  cuda_ok(cudaEventCreate(&e0), "event");
-  cuda_ok(cudaEventCreate(&e1), "event");
+  LaunchTimer timer;
   std::string line;
   for (const auto& [name, launch] : stages) {
-    std::vector<float> ms;
-    for (int rep = 0; rep < 6; ++rep) {
-      cuda_ok(cudaEventRecord(e0), "record");
-      launch();
-      cuda_ok(cudaEventRecord(e1), "record");
-      cuda_ok(cudaEventSynchronize(e1), "sync");
-      float t = 0;
-      cuda_ok(cudaEventElapsedTime(&t, e0, e1), "elapsed");
-      if (rep > 0) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
     char buf[80];
-    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, ms[ms.size() / 2]);
+    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, timer.median_ms(launch, 6));
     line += buf;
   }
   std::printf("[ timing ] GDN forward T=%lld H=16 D=128 bf16 (ms, median of 5): %s\n", static_cast<long long>(T),
@@ -1181,54 +1181,19 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
   DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
       dout(1, T, H, D, type, Layout{});
   std::mt19937 rng(1);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  const size_t pattern = size_t{1} << 20;
-  for (DevTensor* t : {&q, &k, &v, &dout}) {
-    std::vector<unsigned char> host(pattern * 2);
-    for (size_t i = 0; i < pattern; ++i)
-      encode(type, normal(rng) * (t == &k ? 1.0 / std::sqrt(double(D)) : 1.0), &host[2 * i]);
-    for (size_t at = 0; at < t->elems; at += pattern)
-      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
-              "upload");
-  }
-  std::vector<float> gh(T * H), bh(T * H);
-  std::uniform_real_distribution<float> u(0.f, 1.f);
-  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
-  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
-  auto g = to_device_f32(gh), beta = to_device_f32(bh);
+  upload_pattern(rng, {&q, &k, &v, &dout}, &k);
+  const GatesBetas gb = random_gates(rng, T * H);
 
   namespace gpu = delta::gpu;
-  gpu::Problem gp;
-  gp.batch = 1;
-  gp.heads = static_cast<int>(H);
-  gp.dk = gp.dv = static_cast<int>(D);
-  gp.seqlen = T;
-  gp.n = T;
-  gp.elem = gpu::Elem::kBF16;
-  auto view = [](const DevTensor& t) {
-    const ConstView cv = t.cview();
-    return gpu::View{cv.data, cv.stride.batch, cv.stride.seq, cv.stride.head};
-  };
-  gp.q = view(q);
-  gp.k = view(k);
-  gp.v = view(v);
-  gp.g = g.p;
-  gp.gsb = T * H;
-  gp.gst = H;
-  gp.gsh = 1;
-  gp.beta = beta.p;
-  gp.bsb = T * H;
-  gp.bst = H;
-  gp.bsh = 1;
-  gp.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
-  gp.seg_len = T;
+  const gpu::Problem gp = gdn_problem(gdn_params(q, k, v, gb));
+  const gpu::View dO = gpu_view(dout.cview());
   const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
   DevBuf<float> w(rows * D / 2), uu(rows * D / 2), r(rows * D / 2), meta(2 * rows), vnew(rows * D / 2),
       st16(H * nck * D * D / 2), dh(H * nck * D * D / 2), A(H * D * D), M(H * D * D);
   const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
   const gpu::ChunkPrep rprep{w.p, r.p, meta.p};
   gpu::launch_chunk_prep(gp, prep, nullptr);
-  gpu::launch_chunk_rprep(gp, view(dout), rprep, nullptr);
+  gpu::launch_chunk_rprep(gp, dO, rprep, nullptr);
   const std::vector<std::pair<const char*, std::function<void()>>> stages = {
       {"states", [&] {
          gpu::ChunkStatesOut so;
@@ -1240,30 +1205,17 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
       {"rstates", [&] {
          gpu::ChunkReverseOut ro;
          ro.dh = dh.p;
-         gpu::launch_chunk_rstates(gp, view(dout), rprep, ro, nullptr);
+         gpu::launch_chunk_rstates(gp, dO, rprep, ro, nullptr);
        }},
   };
-  cudaEvent_t e0, e1;
-  cuda_ok(cudaEventCreate(&e0), "event");
-  cuda_ok(cudaEventCreate(&e1), "event");
+  LaunchTimer timer;
   std::vector<std::vector<float>> first;  // the first family's outputs
   for (const std::string& name : names) {
     const EnvScope family("LASP2_DELTA_STATE_KERNEL", name.c_str());
     std::string line;
     for (const auto& [stage, launch] : stages) {
-      std::vector<float> ms;
-      for (int rep = 0; rep < reps; ++rep) {
-        cuda_ok(cudaEventRecord(e0), "record");
-        launch();
-        cuda_ok(cudaEventRecord(e1), "record");
-        cuda_ok(cudaEventSynchronize(e1), "sync");
-        float t = 0;
-        cuda_ok(cudaEventElapsedTime(&t, e0, e1), "elapsed");
-        if (rep > 0 || reps == 1) ms.push_back(t);
-      }
-      std::sort(ms.begin(), ms.end());
       char buf[80];
-      std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", stage, ms[ms.size() / 2]);
+      std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", stage, timer.median_ms(launch, reps));
       line += buf;
     }
     // head 0 of the 16-bit outputs (all chunks), every head of the maps
