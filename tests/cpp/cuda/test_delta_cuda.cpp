@@ -144,6 +144,52 @@ DevBuf<float> zeroed(size_t n) {
   return d;
 }
 
+// Random entering states and leaving-state gradients (normal, sd 0.3), `floats` each,
+// on the host and on the device.
+struct EdgeStates {
+  std::vector<float> entering, leaving;
+  DevBuf<float> d_entering, d_leaving;
+};
+EdgeStates random_edge_states(uint32_t seed, int64_t floats) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  std::vector<float> entering(floats), leaving(floats);
+  for (auto& x : entering) x = normal(rng);
+  for (auto& x : leaving) x = normal(rng);
+  DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+  return {std::move(entering), std::move(leaving), std::move(d_entering), std::move(d_leaving)};
+}
+
+// A backward call's results read back: dq, dk, dv (NaN where not written), dg, dbeta,
+// the entering-state gradient, and entering_dstate's (dE_head).
+struct Grads {
+  std::vector<double> dq, dk, dv;
+  std::vector<float> dg, db, dE, dE_head;
+};
+
+// The outputs of a backward call on pr's problem: dq, dk, dv in `type` (poisoned), dg
+// and dbeta zeroed, and the entering-state gradient (`state_floats`).
+struct BackwardBuffers {
+  DevTensor dq, dk, dv;
+  DevBuf<float> dg, db, dE;
+  BackwardBuffers(const DeltaProblem<float>& pr, ScalarType type, Layout lay, int64_t state_floats)
+      : dq(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
+        dk(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
+        dv(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),
+        dg(zeroed(pr.g.size())),
+        db(zeroed(pr.beta.size())),
+        dE(state_floats) {}
+  // All of Grads but dE_head.
+  void download(Grads& r) const {
+    r.dq = dq.download().v;
+    r.dk = dk.download().v;
+    r.dv = dv.download().v;
+    r.dg = dg.download();
+    r.db = db.download();
+    r.dE = dE.download();
+  }
+};
+
 class DeltaCuda : public ::testing::TestWithParam<DeltaCase> {};
 
 TEST_P(DeltaCuda, MatchesCpuBackend) {
@@ -168,12 +214,10 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
   const int64_t bh = hp.bh(), se = hp.state_elems(), me = hp.map_elems();
   const int64_t N = s.num_docs(), D = N * s.heads * se;
 
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.f, 0.3f);
-  std::vector<float> entering(bh * se), leaving(bh * se);
-  for (auto& x : entering) x = normal(rng);
-  for (auto& x : leaving) x = normal(rng);
-  auto d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+  const EdgeStates edge = random_edge_states(5, bh * se);
+  const std::vector<float>& entering = edge.entering;
+  const std::vector<float>& leaving = edge.leaving;
+  const float *d_entering = edge.d_entering.p, *d_leaving = edge.d_leaving.p;
   auto d_initial_states = to_device_f32(pr.initial), d_final_dstate = to_device_f32(pr.final_dstate);
 
   // forward
@@ -185,7 +229,7 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     DevTensor og(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
     DocStates ddoc;
     ddoc.initial = d_initial_states.p;
-    gpu.forward(dp, part, d_entering.p, ddoc, og.mview(), nullptr);
+    gpu.forward(dp, part, d_entering, ddoc, og.mview(), nullptr);
     const auto rb = og.download();
     const Compare cmp = compare_rows(rb.v, rb.written, o, s.batch, s.seqlen, s.heads, s.dim_v,
                                      part.begin, part.end);
@@ -251,18 +295,16 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
                  {dq.data(), pr.strides(s.dim_k)}, {dk.data(), pr.strides(s.dim_k)},
                  {dv.data(), pr.strides(s.dim_v)}, dg.data(), db.data(), dE.data(), nullptr);
 
-    DevTensor gdq(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay);
-    DevTensor gdk(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay);
-    DevTensor gdv(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-    DevBuf<float> gdg = zeroed(dg.size()), gdb = zeroed(db.size()), gdI = zeroed(D), gdE(dE.size());
+    BackwardBuffers g(pr, c.type, lay, bh * se);
+    DevBuf<float> gdI = zeroed(D);
     DocStates ddoc;
     ddoc.initial = d_initial_states.p;
     ddoc.final_dstate = d_final_dstate.p;
     ddoc.d_initial = gdI.p;
-    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(),
-                 gdk.mview(), gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+    gpu.backward(dp, part, dev.dout.cview(), d_entering, d_leaving, ddoc, g.dq.mview(), g.dk.mview(),
+                 g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
     for (auto [name, t, want, dim] :
-         {std::tuple{"dq", &gdq, &dq, s.dim_k}, {"dk", &gdk, &dk, s.dim_k}, {"dv", &gdv, &dv, s.dim_v}}) {
+         {std::tuple{"dq", &g.dq, &dq, s.dim_k}, {"dk", &g.dk, &dk, s.dim_k}, {"dv", &g.dv, &dv, s.dim_v}}) {
       const auto rb = t->download();
       const Compare cmp =
           compare_rows(rb.v, rb.written, *want, s.batch, s.seqlen, s.heads, dim, part.begin, part.end);
@@ -276,11 +318,11 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     const bool chunked_bf16 = c.gate == GateKind::kScalar && c.type == ScalarType::kBFloat16 && !c.packed &&
                               c.dk == c.dv && (c.dk == 64 || c.dk == 128);
     const double tol_sum = chunked_bf16 ? 1e-2 : bf16 ? 1e-3 : 2e-4;
-    EXPECT_LT(rel_err_f32(gdg.download(), dg), tol_sum) << "dg";
-    EXPECT_LT(rel_err_f32(gdb.download(), db), tol_sum) << "dbeta";
+    EXPECT_LT(rel_err_f32(g.dg.download(), dg), tol_sum) << "dg";
+    EXPECT_LT(rel_err_f32(g.db.download(), db), tol_sum) << "dbeta";
     const std::vector<float> gi = gdI.download();
     EXPECT_LT(rel_err_f32(std::vector<float>(gi.begin(), gi.begin() + D), dI), tol_sum) << "d_initial";
-    EXPECT_LT(rel_err_f32(gdE.download(), dE), tol_sum) << "d_entering";
+    EXPECT_LT(rel_err_f32(g.dE.download(), dE), tol_sum) << "d_entering";
     (void)gk;
   }
 }
@@ -327,10 +369,10 @@ class EnvScope {
   const char* name_;
 };
 
-struct ChunkedResult {
-  std::vector<double> o, dq, dk, dv;
+struct ChunkedResult : Grads {
+  std::vector<double> o;
   std::vector<char> o_written;
-  std::vector<float> dE, dE_head, dg, db, dI;
+  std::vector<float> dI;
 };
 
 class DeltaCudaChunked : public ::testing::TestWithParam<ChunkedCase> {};
@@ -361,41 +403,31 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   const TokenRange part{37, spec.seqlen - 20};
   const int64_t bh = dp.bh(), se = dp.state_elems(), D = spec.num_docs() * spec.heads * se;
 
-  std::mt19937 rng(9);
-  std::normal_distribution<float> normal(0.f, 0.3f);
-  std::vector<float> entering(bh * se), leaving(bh * se);
-  for (auto& x : entering) x = normal(rng);
-  for (auto& x : leaving) x = normal(rng);
-  auto d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+  const EdgeStates edge = random_edge_states(9, bh * se);
+  const std::vector<float>& entering = edge.entering;
+  const float *d_entering = edge.d_entering.p, *d_leaving = edge.d_leaving.p;
 
   auto run = [&]() {
     ChunkedResult r;
     DevTensor og(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
-    gpu.forward(dp, part, d_entering.p, DocStates{}, og.mview(), nullptr);
+    gpu.forward(dp, part, d_entering, DocStates{}, og.mview(), nullptr);
     auto ob = og.download();
     r.o = ob.v;
     r.o_written = ob.written;
     DevBuf<float> gE(bh * se);
     gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
     r.dE_head = gE.download();
-    DevTensor gdq(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
-    DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, c.type, lay);
-    DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, c.type, lay);
-    DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdI = zeroed(D), gdE(bh * se);
+    BackwardBuffers g(pr, c.type, lay, bh * se);
+    DevBuf<float> gdI = zeroed(D);
     // without document states: the chunked backward (delta_chunk_bwd.h) takes packed documents too
-    gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{}, gdq.mview(), gdk.mview(),
-                 gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
-    r.dq = gdq.download().v;
-    r.dk = gdk.download().v;
-    r.dv = gdv.download().v;
-    r.dg = gdg.download();
-    r.db = gdb.download();
-    r.dE = gdE.download();
+    gpu.backward(dp, part, dev.dout.cview(), d_entering, d_leaving, DocStates{}, g.dq.mview(), g.dk.mview(),
+                 g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+    g.download(r);
     if (c.packed) {  // the gradients of the documents' (zero) initial states: the recurrent walk
       DocStates ddoc;
       ddoc.d_initial = gdI.p;
-      gpu.backward(dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, ddoc, gdq.mview(), gdk.mview(),
-                   gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+      gpu.backward(dp, part, dev.dout.cview(), d_entering, d_leaving, ddoc, g.dq.mview(), g.dk.mview(),
+                   g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
       r.dI = gdI.download();
       r.dI.resize(D);
     }
@@ -494,17 +526,8 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
     const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
     const TokenRange part{37, spec.seqlen - 20};
     const int64_t se = dp.bh() * dp.state_elems();
-    std::mt19937 rng(4);
-    std::normal_distribution<float> normal(0.f, 0.3f);
-    std::vector<float> entering(se), leaving(se);
-    for (auto& x : entering) x = normal(rng);
-    for (auto& x : leaving) x = normal(rng);
-    auto d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+    const EdgeStates edge = random_edge_states(4, se);
 
-    struct Grads {
-      std::vector<double> dq, dk, dv;
-      std::vector<float> dg, db, dE, dE_head;
-    };
     auto run = [&](bool keep) {
       Grads r;
       DevBuf<float> gE(se);
@@ -515,19 +538,11 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
       } else {
         gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
       }
-      DevTensor gdq(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
-      DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
-      DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, ScalarType::kBFloat16, lay);
-      DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdE(se);
-      gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{},
-                           gdq.mview(), gdk.mview(), gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
+      BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+      gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{},
+                           g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
       kept.reset();
-      r.dq = gdq.download().v;
-      r.dk = gdk.download().v;
-      r.dv = gdv.download().v;
-      r.dg = gdg.download();
-      r.db = gdb.download();
-      r.dE = gdE.download();
+      g.download(r);
       r.dE_head = gE.download();
       return r;
     };
