@@ -15,9 +15,41 @@ constexpr float* ScratchBuffers::*kPointers[] = {
 static_assert(sizeof(kSizes) / sizeof(kSizes[0]) == sizeof(kPointers) / sizeof(kPointers[0]),
               "one pointer per named size");
 
-int64_t aligned_bytes(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
+int64_t layout_bytes(const ScratchLayout& layout) {
+  int64_t bytes = 0;
+  for (auto size : kSizes) bytes += aligned_bytes(layout.*size);
+  return bytes;
+}
 
 }  // namespace
+
+int64_t aligned_bytes(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
+
+DeviceBlock::DeviceBlock(int64_t bytes, const ScratchAllocator* allocator, cudaStream_t stream)
+    : allocator_(allocator), stream_(stream) {
+  if (bytes == 0) return;
+  if (allocator_ != nullptr) {
+    base_ = allocator_->allocate(static_cast<size_t>(bytes), stream_);
+    LASP2_CHECK(base_ != nullptr, "the scratch allocator returned null");
+  } else if (device_info().pools) {
+    cuda_check(cudaMallocAsync(&base_, bytes, stream_), "cudaMallocAsync of the scratch buffer");
+    async_ = true;
+  } else {
+    cuda_check(cudaMalloc(&base_, bytes), "cudaMalloc of the scratch buffer");
+  }
+}
+
+DeviceBlock::~DeviceBlock() {
+  if (base_ == nullptr) return;
+  if (allocator_ != nullptr) {
+    allocator_->release(base_, stream_);
+  } else if (async_) {
+    cudaFreeAsync(base_, stream_);
+  } else {
+    cudaStreamSynchronize(stream_);  // only on devices without memory pools
+    cudaFree(base_);
+  }
+}
 
 ScratchLayout ScratchLayout::for_walk(const Geom& g, bool state_weights) {
   ScratchLayout l;
@@ -29,36 +61,13 @@ ScratchLayout ScratchLayout::for_walk(const Geom& g, bool state_weights) {
 
 Scratch::Scratch(const ScratchLayout& layout, const ScratchAllocator* allocator,
                  cudaStream_t stream)
-    : allocator_(allocator), stream_(stream) {
-  int64_t bytes = 0;
-  for (auto size : kSizes) bytes += aligned_bytes(layout.*size);
-  if (bytes == 0) return;
-  if (allocator_ != nullptr) {
-    base_ = allocator_->allocate(static_cast<size_t>(bytes), stream_);
-    LASP2_CHECK(base_ != nullptr, "the scratch allocator returned null");
-  } else if (device_info().pools) {
-    cuda_check(cudaMallocAsync(&base_, bytes, stream_), "cudaMallocAsync of the scratch buffer");
-    async_ = true;
-  } else {
-    cuda_check(cudaMalloc(&base_, bytes), "cudaMalloc of the scratch buffer");
-  }
-  char* p = static_cast<char*>(base_);
+    : block_(layout_bytes(layout), allocator, stream) {
+  char* p = block_.data();
+  if (p == nullptr) return;
   for (size_t i = 0; i < sizeof(kSizes) / sizeof(kSizes[0]); ++i) {
     const int64_t floats = layout.*kSizes[i];
     if (floats > 0) buffers_.*kPointers[i] = reinterpret_cast<float*>(p);
     p += aligned_bytes(floats);
-  }
-}
-
-Scratch::~Scratch() {
-  if (base_ == nullptr) return;
-  if (allocator_ != nullptr) {
-    allocator_->release(base_, stream_);
-  } else if (async_) {
-    cudaFreeAsync(base_, stream_);
-  } else {
-    cudaStreamSynchronize(stream_);  // only on devices without memory pools
-    cudaFree(base_);
   }
 }
 

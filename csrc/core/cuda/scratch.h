@@ -13,6 +13,30 @@
 
 namespace lasp2::cuda {
 
+// Bytes of `floats` fp32 elements rounded up to 256, so that buffers carved one after
+// another from one allocation each start on a 256-byte boundary.
+int64_t aligned_bytes(int64_t floats);
+
+// One device allocation of `bytes` for a backend call: from `allocator` when given,
+// else cudaMallocAsync on `stream` (cudaMalloc where the device has no memory pools);
+// given back, stream-ordered, on destruction. bytes == 0: none (data() is null).
+// Both kernel families carve their scratch from one.
+class DeviceBlock {
+ public:
+  DeviceBlock(int64_t bytes, const ScratchAllocator* allocator, cudaStream_t stream);
+  ~DeviceBlock();
+  DeviceBlock(const DeviceBlock&) = delete;
+  DeviceBlock& operator=(const DeviceBlock&) = delete;
+
+  char* data() const { return static_cast<char*>(base_); }
+
+ private:
+  const ScratchAllocator* allocator_;
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  bool async_ = false;
+};
+
 // Sizes (fp32 elements) of the named buffers.
 struct ScratchLayout {
   int64_t meta = 0;           // [bh][nchunks * 64][2]: per token {G, s} (MetaArgs::meta)
@@ -41,17 +65,11 @@ class Scratch {
   // allocator == nullptr: cudaMallocAsync on `stream` (cudaMalloc where the device
   // has no memory pools).
   Scratch(const ScratchLayout& layout, const ScratchAllocator* allocator, cudaStream_t stream);
-  ~Scratch();
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
 
   const ScratchBuffers& buffers() const { return buffers_; }
 
  private:
-  const ScratchAllocator* allocator_;
-  cudaStream_t stream_;
-  void* base_ = nullptr;
-  bool async_ = false;
+  DeviceBlock block_;
   ScratchBuffers buffers_;
 };
 

@@ -32,6 +32,7 @@
 #include <string>
 
 #include "cuda/route.h"
+#include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
@@ -131,51 +132,29 @@ bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstV
   return true;
 }
 
-// One allocation of `floats` fp32 elements per named buffer, returned stream-ordered.
+// One allocation (cuda::DeviceBlock) of `floats` fp32 elements per buffer, each on a
+// 256-byte boundary; buffer i is scratch[i] (null where its size is 0).
 class Scratch {
  public:
   Scratch(std::initializer_list<int64_t> floats, const ScratchAllocator* allocator,
           cudaStream_t stream)
-      : allocator_(allocator), stream_(stream) {
-    int64_t bytes = 0;
-    for (int64_t f : floats) bytes += aligned(f);
-    if (bytes == 0) return;
-    if (allocator_ != nullptr) {
-      base_ = allocator_->allocate(static_cast<size_t>(bytes), stream_);
-      LASP2_CHECK(base_ != nullptr, "the scratch allocator returned null");
-    } else if (cuda::device_info().pools) {
-      cuda::cuda_check(cudaMallocAsync(&base_, bytes, stream_), "cudaMallocAsync of the scratch buffer");
-      async_ = true;
-    } else {
-      cuda::cuda_check(cudaMalloc(&base_, bytes), "cudaMalloc of the scratch buffer");
-    }
-    char* p = static_cast<char*>(base_);
+      : block_(total_bytes(floats), allocator, stream) {
+    char* p = block_.data();
+    if (p == nullptr) return;
     for (int64_t f : floats) {
       pointers_[count_++] = f > 0 ? reinterpret_cast<float*>(p) : nullptr;
-      p += aligned(f);
+      p += cuda::aligned_bytes(f);
     }
   }
-  ~Scratch() {
-    if (base_ == nullptr) return;
-    if (allocator_ != nullptr) {
-      allocator_->release(base_, stream_);
-    } else if (async_) {
-      cudaFreeAsync(base_, stream_);
-    } else {
-      cudaStreamSynchronize(stream_);  // only on devices without memory pools
-      cudaFree(base_);
-    }
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
   float* operator[](int i) const { return pointers_[i]; }
 
  private:
-  static int64_t aligned(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
-  const ScratchAllocator* allocator_;
-  cudaStream_t stream_;
-  void* base_ = nullptr;
-  bool async_ = false;
+  static int64_t total_bytes(std::initializer_list<int64_t> floats) {
+    int64_t bytes = 0;
+    for (int64_t f : floats) bytes += cuda::aligned_bytes(f);
+    return bytes;
+  }
+  cuda::DeviceBlock block_;
   float* pointers_[8] = {};
   int count_ = 0;
 };
