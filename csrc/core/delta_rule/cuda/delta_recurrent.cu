@@ -882,6 +882,18 @@ dim3 walk_grid(const Problem& p, int ncols, int nw, int nseg) {
               static_cast<unsigned>(p.bh()), static_cast<unsigned>(nseg));
 }
 
+// Launches a walk kernel (kWalkWarps warps of kWalkG-lane column groups, R rows a
+// lane, input type T) over `ncols` state columns and every segment of p; its stage
+// holds q when `with_q`.
+template <typename T, int R, typename Kernel, typename... Args>
+void launch_walk(Kernel kernel, const char* what, const Problem& p, int ncols, bool with_q, cudaStream_t s,
+                 const Args&... args) {
+  constexpr int CW = kWalkWarps * (32 / kWalkG);
+  const int bytes = stage_sizes(sizeof(T), kWalkG * R, CW, p.per_key, with_q).total;
+  allow_smem(kernel, bytes, what);
+  kernel<<<walk_grid<kWalkG>(p, ncols, kWalkWarps, p.nseg), kWalkWarps * 32, bytes, s>>>(args...);
+}
+
 // Calls f(T{}, integral_constant R) for the walk configuration of p.
 template <typename F>
 void dispatch_walk(const Problem& p, F&& f) {
@@ -916,11 +928,8 @@ int64_t plan_seg_len(const Problem& p, int sms) {
 void launch_forward(const Problem& p, const ForwardOut& out, cudaStream_t s) {
   dispatch_walk(p, [&](auto tag, auto rows) {
     using T = decltype(tag);
-    constexpr int R = decltype(rows)::value, CW = kWalkWarps * (32 / kWalkG);
-    const int bytes = stage_sizes(sizeof(T), kWalkG * R, CW, p.per_key, out.o != nullptr).total;
-    auto kernel = forward_kernel<T, kWalkG, R, kWalkWarps>;
-    allow_smem(kernel, bytes, "forward");
-    kernel<<<walk_grid<kWalkG>(p, p.dv, kWalkWarps, p.nseg), kWalkWarps * 32, bytes, s>>>(p, out);
+    constexpr int R = decltype(rows)::value;
+    launch_walk<T, R>(forward_kernel<T, kWalkG, R, kWalkWarps>, "forward", p, p.dv, out.o != nullptr, s, p, out);
   });
   check_launch("forward kernel");
 }
@@ -928,11 +937,8 @@ void launch_forward(const Problem& p, const ForwardOut& out, cudaStream_t s) {
 void launch_summary(const Problem& p, const SummaryOut& out, cudaStream_t s) {
   dispatch_walk(p, [&](auto tag, auto rows) {
     using T = decltype(tag);
-    constexpr int R = decltype(rows)::value, CW = kWalkWarps * (32 / kWalkG);
-    const int bytes = stage_sizes(sizeof(T), kWalkG * R, CW, p.per_key, false).total;
-    auto kernel = summary_kernel<T, kWalkG, R, kWalkWarps>;
-    allow_smem(kernel, bytes, "part summary");
-    kernel<<<walk_grid<kWalkG>(p, out.ncols, kWalkWarps, p.nseg), kWalkWarps * 32, bytes, s>>>(p, out);
+    constexpr int R = decltype(rows)::value;
+    launch_walk<T, R>(summary_kernel<T, kWalkG, R, kWalkWarps>, "part summary", p, out.ncols, false, s, p, out);
   });
   check_launch("part summary kernel");
 }
@@ -951,12 +957,9 @@ void launch_entering_dstate(const Problem& p, View dout, const int* firsts,
                             const float* final_dstate, float* out, cudaStream_t s) {
   dispatch_walk(p, [&](auto tag, auto rows) {
     using T = decltype(tag);
-    constexpr int R = decltype(rows)::value, CW = kWalkWarps * (32 / kWalkG);
-    const int bytes = stage_sizes(sizeof(T), kWalkG * R, CW, p.per_key, true).total;
-    auto kernel = entering_dstate_kernel<T, kWalkG, R, kWalkWarps>;
-    allow_smem(kernel, bytes, "entering-state gradient");
-    kernel<<<walk_grid<kWalkG>(p, p.dv, kWalkWarps, p.nseg), kWalkWarps * 32, bytes, s>>>(
-        p, dout, firsts, final_dstate, out);
+    constexpr int R = decltype(rows)::value;
+    launch_walk<T, R>(entering_dstate_kernel<T, kWalkG, R, kWalkWarps>, "entering-state gradient", p, p.dv, true, s,
+                      p, dout, firsts, final_dstate, out);
   });
   check_launch("entering-state gradient kernel");
 }
