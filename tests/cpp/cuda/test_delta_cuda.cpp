@@ -96,6 +96,26 @@ void prepare_inputs(DeltaProblem<float>& pr, ScalarType type) {
     for (auto& x : *vec) x = static_cast<float>(round_to(type, x));
 }
 
+// GDN with d_k = d_v = d, two heads and 64-token chunks: what the chunked kernels take.
+DeltaSpec gdn_spec(int d, int64_t seqlen, int64_t batch) {
+  DeltaSpec spec;
+  spec.seqlen = seqlen;
+  spec.heads = 2;
+  spec.batch = batch;
+  spec.dim_k = spec.dim_v = d;
+  spec.chunk_size = 64;
+  spec.scale = 1.0 / std::sqrt(static_cast<double>(d));
+  return spec;
+}
+
+// -inf log gates (the state forgotten) at `tokens` of every row and head.
+void forget_at(DeltaProblem<float>& pr, std::initializer_list<int64_t> tokens) {
+  const DeltaSpec& spec = pr.spec;
+  for (int64_t b = 0; b < spec.batch; ++b)
+    for (int64_t t : tokens)
+      for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
+}
+
 // The problem on the device (q, k, v, dO in `type`, gates and betas fp32).
 struct DeviceProblem {
   DevTensor q, k, v, dout;
@@ -380,21 +400,13 @@ class DeltaCudaChunked : public ::testing::TestWithParam<ChunkedCase> {};
 TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   LASP2_SKIP_WITHOUT_CUDA();
   const ChunkedCase c = GetParam();
-  DeltaSpec spec;
-  spec.seqlen = 300;
-  spec.heads = 2;
-  spec.dim_k = spec.dim_v = c.d;
-  spec.chunk_size = 64;
-  spec.scale = 1.0 / std::sqrt(static_cast<double>(c.d));
-  spec.batch = c.packed ? 1 : 2;
+  DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
   // part chunks begin at 37, 101, 165, 229: starts inside chunks, on one, one-token docs
   if (c.packed) spec.doc_starts = {5, 64, 65, 101, 130, 200, 201, 263};
   DeltaProblem<float> pr(spec, 23);
   prepare_inputs(pr, c.type);
-  if (c.neg_inf)  // the state forgotten inside a chunk, at a chunk's first token, at the part's first
-    for (int64_t b = 0; b < spec.batch; ++b)
-      for (int64_t t : {37, 90, 165, 166, 250})
-        for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
+  // the state forgotten inside a chunk, at a chunk's first token, at the part's first
+  if (c.neg_inf) forget_at(pr, {37, 90, 165, 166, 250});
   const Layout lay{false, 0};
   DeviceProblem dev(pr, c.type, lay);
   const DeltaParams& dp = dev.p;
@@ -510,13 +522,7 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
   LASP2_SKIP_WITHOUT_CUDA();
   for (const bool packed : {false, true}) {
     SCOPED_TRACE(packed ? "packed" : "rows");
-    DeltaSpec spec;
-    spec.seqlen = 300;
-    spec.heads = 2;
-    spec.dim_k = spec.dim_v = 64;
-    spec.chunk_size = 64;
-    spec.scale = 0.125;
-    spec.batch = packed ? 1 : 2;
+    DeltaSpec spec = gdn_spec(64, 300, packed ? 1 : 2);
     if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
     DeltaProblem<float> pr(spec, 31);
     prepare_inputs(pr, ScalarType::kBFloat16);
@@ -1009,21 +1015,12 @@ class DeltaCudaChunkedSummary : public ::testing::TestWithParam<SummaryCase> {};
 TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
   LASP2_SKIP_WITHOUT_CUDA();
   const SummaryCase c = GetParam();
-  DeltaSpec spec;
-  spec.seqlen = 333;
-  spec.heads = 2;
-  spec.batch = c.batch;
-  spec.dim_k = spec.dim_v = c.d;
-  spec.chunk_size = 64;
-  spec.scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+  DeltaSpec spec = gdn_spec(c.d, 333, c.batch);
   if (c.docs == 1) spec.doc_starts = {5, 64, 65, 101, 130, 200, 201, 263};
   if (c.docs == 2) spec.doc_starts = {37, 100, 101, 250, 300};
   DeltaProblem<float> pr(spec, 31);
   prepare_inputs(pr, c.type);
-  if (c.neg_inf)
-    for (int64_t b = 0; b < spec.batch; ++b)
-      for (int64_t t : {37, 90, 165, 166, 250})
-        for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
+  if (c.neg_inf) forget_at(pr, {37, 90, 165, 166, 250});
   DeviceProblem dev(pr, c.type, Layout{});
   const DeltaParams& dp = dev.p;
   const DeltaParams hp = pr.params();
