@@ -1,5 +1,8 @@
-"""Packed documents as the C++ schedules see them when documents carry their own
-initial / final states (csrc/core/include/lasp2/lasp2.h: SequenceStates)."""
+"""Packed documents as the C++ schedules see them: each rank's document starts and,
+when documents carry their own initial / final states, the head documents of the parts
+(csrc/core/include/lasp2/lasp2.h: SequenceStates). The custom ops plan them here from a
+cu_seqlens tensor (the delta rule always, linear attention for per-call documents on one
+device), reading its values inside the op, where torch.compile does not trace."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Issue 13.4: linear attention and softmax attention (LASP-2H) are torch.library custom
 ops with fake kernels and an autograd formula, so torch.compile(fullgraph=True) and
-torch.export trace them; torch.func transforms raise a clear NotImplementedError (CPU,
-small shapes: fast)."""
+torch.export trace them (per-call cu_seqlens included: the ops plan the documents
+inside); torch.func transforms raise a clear NotImplementedError (CPU, small shapes: fast)."""
 
 import pytest
 import torch
@@ -19,10 +19,14 @@ def _inputs(seed=0, dtype=torch.float32):
     return q, k, v, g
 
 
-def test_opcheck_forward_and_backward():
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "per-call-docs-with-states"])
+def test_opcheck_forward_and_backward(documents):
     q, k, v, g = _inputs(dtype=torch.float64)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(), None, None, None, 0.5, 4,
             0, 1, True, [], 0, False)
+    if documents:  # the op plans cu_seqlens' documents itself; 3 documents with their states
+        h0 = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+        args = args[:6] + (h0,) + args[7:13] + (3, True, torch.tensor([0, 3, 4, 10]))
     torch.library.opcheck(_library.lasp2_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -180,10 +184,13 @@ def _softmax_inputs(seed=0, dtype=torch.float32):
     return q, k, v
 
 
-@pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 10]], ids=["one-doc", "docs"])
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 10], torch.tensor([0, 3, 10])],
+                         ids=["one-doc", "docs", "per-call-docs"])
 def test_softmax_opcheck_forward_and_backward(cu_seqlens):
     q, k, v = (x.requires_grad_() for x in _softmax_inputs(dtype=torch.float64))
-    args = (q, k, v, 0.35, "plain", 0, 0, 1, 1, "contiguous", True, cu_seqlens)
+    per_call = isinstance(cu_seqlens, torch.Tensor)  # the op reads the tensor itself
+    args = (q, k, v, 0.35, "plain", 0, 0, 1, 1, "contiguous", True, None if per_call else cu_seqlens,
+            cu_seqlens if per_call else None)
     torch.library.opcheck(_softmax_library.softmax_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
