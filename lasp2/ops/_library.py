@@ -13,10 +13,10 @@ Packed documents come planned (doc_start, and head_doc with states: an SPContext
 read when it was built) or as a per-call cu_seqlens tensor (then doc_start is None and
 head_doc []): the op reads its values and plans the documents itself, as the delta-rule
 ops do (lasp2/ops/_documents.py), so a compiled graph takes per-call documents without
-a graph break. final_state is [N, H, Dk, Dv] float32 (N = B, or num_seqs documents with
-packed documents' states), an empty tensor when not asked for. State gradients follow "the loss is the
-sum of the ranks' losses": d_final_state is this rank's (summed over the group inside
-the backward AllGather), d_initial_state this rank's share.
+a graph break. final_state is [N, H, Dk, Dv] float32 (N = B, or num_seqs documents
+carrying states), an empty tensor when not asked for. State gradients follow "the loss
+is the sum of the ranks' losses": d_final_state is this rank's (summed over the group
+inside the backward AllGather), d_initial_state this rank's share.
 
 A communicator is not a tensor or a schema type, so it travels as an int handle
 (0: one device; lasp2.ops._opaque keeps the object alive); communicators are cached per
