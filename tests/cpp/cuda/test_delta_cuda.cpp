@@ -508,16 +508,23 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
     auto run = [&](bool keep) {
       Grads r;
       DevBuf<float> gE(se);
-      std::unique_ptr<delta::KeptPartWork> kept;
-      if (keep) {
-        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), gE.p, nullptr);
-        EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
-      } else {
-        gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
-      }
       DevTensor gdq(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
       DevTensor gdk(spec.batch, spec.seqlen, spec.heads, spec.dim_k, ScalarType::kBFloat16, lay);
       DevTensor gdv(spec.batch, spec.seqlen, spec.heads, spec.dim_v, ScalarType::kBFloat16, lay);
+      const delta::BackwardPlan plan{gdq.mview(), gdk.mview(), gdv.mview(), false};
+      std::unique_ptr<delta::KeptPartWork> kept;
+      if (keep) {
+        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), plan, gE.p, nullptr);
+        EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
+        // a backward that will take the token walks (a misaligned dq view) gets nothing kept
+        delta::BackwardPlan walks = plan;
+        walks.dq.data = static_cast<char*>(walks.dq.data) + 2;
+        DevBuf<float> unused(se);
+        EXPECT_EQ(gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), walks, unused.p, nullptr), nullptr)
+            << "nothing is kept for a backward the chunked kernels do not take";
+      } else {
+        gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+      }
       DevBuf<float> gdg = zeroed(pr.g.size()), gdb = zeroed(pr.beta.size()), gdE(se);
       gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), d_entering.p, d_leaving.p, DocStates{},
                            gdq.mview(), gdk.mview(), gdv.mview(), gdg.p, gdb.p, gdE.p, nullptr);
@@ -553,7 +560,8 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
   DeltaProblem<float> small(DeltaSpec{}, 1);
   std::vector<float> E(small.params().bh() * small.params().state_elems());
   EXPECT_EQ(delta::delta_cpu_backend().entering_dstate_keeping(small.params(), {0, small.spec.seqlen},
-                                                               small.dout_view(), E.data(), nullptr),
+                                                               small.dout_view(), delta::BackwardPlan{}, E.data(),
+                                                               nullptr),
             nullptr)
       << "the CPU backend keeps nothing";
 }
