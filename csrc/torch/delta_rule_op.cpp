@@ -159,7 +159,8 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
   at::Tensor fold = floats(p.bh() * p.state_elems(), r.q);
   const DeltaGrads grads{const_view(dout_c, "dout"), mut_view(dq, "dq"), mut_view(dk, "dk"),
                          mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
-                         need_dbeta ? dbeta.data_ptr() : nullptr};
+                         need_dbeta ? dbeta.data_ptr() : nullptr,
+                         r.initial.defined() || dF.defined() || need_dinitial};
   const DeltaFamily family(delta_kernel_backend_for(r.q), p, grads, fold.data_ptr<float>());
   SequenceStates seq;
   seq.initial = ptr_or_null(r.initial);

@@ -147,24 +147,35 @@ void GroupCheck::send_on_cuda(const std::vector<int64_t>& head, const std::vecto
 }
 #endif
 
-int64_t GroupCheck::stage(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds) {
+void GroupCheck::check_values(const std::vector<std::optional<at::Tensor>>& values,
+                              const std::vector<int64_t>& kinds) const {
   LASP2_CHECK(values.size() == kinds.size() && static_cast<int64_t>(values.size()) <= lagged_,
               "GroupCheck.stage: at most `lagged` values, one kind each");
-  const int64_t seq = next_seq_;
-  const int64_t entry = seq % depth_;
-  LASP2_CHECK(entry_seq_[entry] < 0, "GroupCheck.stage: all " + std::to_string(depth_) +
-                                         " ring entries wait to be sent; send the oldest first");
+#ifdef LASP2_WITH_CUDA
+  LASP2_CHECK(!device_.is_cuda() || values.size() <= static_cast<size_t>(lasp2::cuda::kMaxStagedValues),
+              "GroupCheck.stage: at most 8 values");
+#endif
   for (size_t i = 0; i < values.size(); ++i) {
     LASP2_CHECK(kinds[i] == kDigest || kinds[i] == kMax, "GroupCheck.stage: a kind is 0 (digest) or 1 (max)");
     LASP2_CHECK(!values[i] || values[i]->device() == device_, "GroupCheck.stage: a value on " +
                                                                   values[i]->device().str() + ", the check runs on " +
                                                                   device_.str());
   }
+}
+
+int64_t GroupCheck::stage(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds) {
+  check_values(values, kinds);
+  const int64_t seq = next_seq_;
+  const int64_t entry = seq % depth_;
+  LASP2_CHECK(entry_seq_[entry] < 0, "GroupCheck.stage: all " + std::to_string(depth_) +
+                                         " ring entries wait to be sent; send the oldest first");
   // the entry's previous values were sent by an exchange whose stream the host waited for
 #ifdef LASP2_WITH_CUDA
   if (device_.is_cuda()) {
-    LASP2_CHECK(values.size() <= static_cast<size_t>(lasp2::cuda::kMaxStagedValues), "GroupCheck.stage: at most 8 values");
     c10::cuda::CUDAGuard guard(device_);
+    // an entry dropped unsent (discard) may still have its stage kernel running, maybe on
+    // another stream: the new one must not share the entry's scratch counter with it
+    events_[entry].block(c10::cuda::getCurrentCUDAStream(device_.index()));
     stage_on_cuda(values, kinds, entry);
     events_[entry].record(c10::cuda::getCurrentCUDAStream(device_.index()));
   }
@@ -255,6 +266,9 @@ std::pair<int64_t, int64_t> GroupCheck::exchange_then_stage(const std::vector<in
                                                             const std::vector<int64_t>& max_slots,
                                                             const std::vector<std::optional<at::Tensor>>& values,
                                                             const std::vector<int64_t>& kinds) {
+  // a rank's own bad values must fail before the collective, not after it (where only
+  // that rank would raise and its peers would go on into the op's collectives)
+  check_values(values, kinds);
   const int64_t col = exchange(head, sends, max_slots);
   const bool any = std::any_of(values.begin(), values.end(), [](const auto& v) { return v.has_value(); });
   return {col, col < 0 && any ? stage(values, kinds) : -1};

@@ -47,6 +47,9 @@ class GroupCheck {
   GroupCheck(c10::intrusive_ptr<c10d::ProcessGroup> group, at::Device device, int64_t row, int64_t lagged,
              int64_t depth);
 
+  // The argument checks of stage(), also run by exchange_then_stage before its collective.
+  void check_values(const std::vector<std::optional<at::Tensor>>& values, const std::vector<int64_t>& kinds) const;
+
   // Writes this call's device values (None: 0) into the next free ring entry, on the current
   // stream: kDigest a bit-exact int64 digest, kMax the float64 bits of the maximum (a
   // positive one is a flag). Records the entry's event. Returns the entry's sequence number

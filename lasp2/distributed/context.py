@@ -67,6 +67,36 @@ def check_cu_seqlens(owner: str, cu_seqlens, global_len: Optional[int]) -> torch
     return values
 
 
+def document_starts(values: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """uint8 [seqlen] (CPU): 1 at each inner boundary of the checked global cu_seqlens
+    `values` (check_cu_seqlens). The one computation of the document starts the kernels
+    take, whether an SPContext or an op's custom op plans them (so both give the same
+    bits); an empty last document's boundary (= seqlen) falls off the end."""
+    starts = torch.zeros(seqlen + 1, dtype=torch.uint8)
+    starts[values[1:-1]] = 1
+    return starts[:seqlen]
+
+
+def check_packed_batch(owner: str, batch: int):
+    """Documents of a packed sequence (cu_seqlens) need batch size 1."""
+    if batch != 1:
+        raise ValueError(f"{owner}: `cu_seqlens` needs packed input with batch size 1, got batch {batch}")
+
+
+def per_call_documents(owner: str, sp_context, group, cu_seqlens, batch: int) -> Optional[int]:
+    """The number of documents of a per-call `cu_seqlens` on one device (no `group`, no
+    `sp_context`), checked in form only: the op passes the tensor into its custom op,
+    which reads and checks the values (ValueError naming `cu_seqlens`) and plans the
+    documents there, so a torch.compile(fullgraph=True) graph takes per-call documents
+    without a break. None when the documents, if any, go through an SPContext
+    (resolve_sp_context reads them in Python)."""
+    if sp_context is not None or group is not None or cu_seqlens is None:
+        return None
+    num_docs = check_cu_seqlens_form(owner, cu_seqlens)
+    check_packed_batch(owner, batch)
+    return num_docs
+
+
 class _memo:
     """functools.cached_property without its lock (Python 3.11 takes an RLock on every
     first access, a context manager torch.compile cannot trace): a context built outside
@@ -164,9 +194,7 @@ class SPContext:
         hold every token of some heads, such as Ulysses)."""
         if self.cu_seqlens is None:
             return None
-        starts = torch.zeros(self.seqlen + 1, dtype=torch.uint8)
-        starts[self.cu_seqlens[1:-1]] = 1
-        return starts[:self.seqlen].to(self.device)
+        return document_starts(self.cu_seqlens, self.seqlen).to(self.device)
 
     def comm(self):
         """The C++ core's communicator for the group (None on one device)."""
@@ -290,8 +318,8 @@ def resolve_sp_context(owner: str, sp_context: Optional[SPContext], group, split
         if local_len != ctx.local_len:
             raise ValueError(f"{owner}: `q` has {local_len} tokens a rank but `sp_context` was built for "
                              f"{ctx.local_len} ({ctx.seqlen} over {ctx.world_size} ranks)")
-    if ctx.cu_seqlens is not None and batch != 1:
-        raise ValueError(f"{owner}: `cu_seqlens` needs packed input with batch size 1, got batch {batch}")
+    if ctx.cu_seqlens is not None:
+        check_packed_batch(owner, batch)
     return ctx
 
 

@@ -1,5 +1,8 @@
-"""Packed documents as the C++ schedules see them when documents carry their own
-initial / final states (csrc/core/include/lasp2/lasp2.h: SequenceStates)."""
+"""Packed documents as the C++ schedules see them: each rank's document starts and,
+when documents carry their own initial / final states, the head documents of the parts
+(csrc/core/include/lasp2/lasp2.h: SequenceStates). The custom ops plan them here from a
+cu_seqlens tensor (the delta rule always, linear attention for per-call documents on one
+device), reading its values inside the op, where torch.compile does not trace."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lasp2.distributed.context import check_cu_seqlens
+from lasp2.distributed.context import check_cu_seqlens, document_starts
 from lasp2.distributed.sequence_split import global_token_index
 
 
@@ -33,6 +36,27 @@ def check_nonempty_documents(owner: str, bounds: Sequence[int], when: str = ""):
                          f"got {list(bounds)}")
 
 
+# the ops' condition for strictly increasing cu_seqlens when documents carry states (linear
+# attention's; the delta rule always needs them)
+WITH_STATES = " with `initial_state` / `output_final_state`"
+
+
+def _global_documents(owner: str, cu_seqlens: torch.Tensor, global_len: int, nonempty_when: Optional[str]):
+    """Reads the values of cu_seqlens once: (the boundaries as python ints, the global
+    document starts). ValueError naming it unless they run from 0 to the global length,
+    non-decreasing (strictly increasing, with `nonempty_when` in the message, unless that
+    is None)."""
+    values = check_cu_seqlens(owner, cu_seqlens, global_len)
+    bounds = values.tolist()
+    if nonempty_when is not None:
+        check_nonempty_documents(owner, bounds, nonempty_when)
+    return bounds, document_starts(values, global_len)
+
+
+def _local_index(local_len: int, rank: int, world: int, parts_per_rank: int) -> torch.Tensor:
+    return global_token_index(local_len, rank, world, "balanced" if parts_per_rank == 2 else "contiguous")
+
+
 def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: int, world: int,
                     parts_per_rank: int, device: torch.device):
     """This rank's view of the global packed documents: (doc_start uint8 [T_local],
@@ -41,16 +65,23 @@ def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: 
     increasing from 0 to the global length), so the ops call it inside their kernels,
     where torch.compile does not trace."""
     global_len = local_len * world
-    values = check_cu_seqlens(owner, cu_seqlens, global_len)
-    bounds = values.tolist()
-    check_nonempty_documents(owner, bounds)
-    starts = torch.zeros(global_len, dtype=torch.uint8)
-    starts[values[1:-1]] = 1
+    bounds, starts = _global_documents(owner, cu_seqlens, global_len, "")
     doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
-    split = "balanced" if parts_per_rank == 2 else "contiguous"
-    index = global_token_index(local_len, rank, world, split)
+    index = _local_index(local_len, rank, world, parts_per_rank)
     return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
             head_docs(bounds, global_len, world * parts_per_rank), bounds)
+
+
+def local_document_starts(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: int, world: int,
+                          parts_per_rank: int, device: torch.device, with_states: bool):
+    """(doc_start uint8 [T_local], head_doc per global part) of this rank: what the
+    linear-attention schedules take, as an SPContext gives them (bit for bit), planned
+    from cu_seqlens inside a custom op. Documents may be empty unless they carry states
+    (`with_states`); head_doc is [] without states."""
+    global_len = local_len * world
+    bounds, starts = _global_documents(owner, cu_seqlens, global_len, WITH_STATES if with_states else None)
+    head = head_docs(bounds, global_len, world * parts_per_rank) if with_states else []
+    return starts[_local_index(local_len, rank, world, parts_per_rank)].to(device), head
 
 
 def final_state_grad(d_final: Optional[torch.Tensor], output_final_state: bool, q: torch.Tensor, v: torch.Tensor,

@@ -305,7 +305,7 @@ def _check_fast(st, op, signature, names, device, host_values, device_values, fl
     if token is not None and not lag:
         token.seq = gc.stage(values, kinds)  # CPU: computed at once, sent with this row
         sends = (token,)
-    elif pending and (st.calls - pending[0].call >= st.depth or len(pending) >= st.depth):
+    elif pending and (st.calls - pending[0].call >= gc.depth or len(pending) >= gc.depth):
         sends = (pending.popleft(),)  # the oldest, DEPTH calls back (each call stages at most one)
     st.calls += 1
     head = [_op_code(op), len(signature) + len(host_values) + n_values, _AUTO + 2 * len(signature),

@@ -3,16 +3,20 @@
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
-                       parts, overlap, head_doc, num_seqs, output_final_state)
+                       parts, overlap, head_doc, num_seqs, output_final_state, cu_seqlens?)
       -> (o, final_state, local_records, prefix_states, maps, head_maps)
   lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
                         parts, head_doc, num_seqs, do, d_final_state?, local_records,
-                        prefix_states, maps, head_maps, need_dg, need_dinitial)
+                        prefix_states, maps, head_maps, need_dg, need_dinitial, cu_seqlens?)
       -> (dq, dk, dv, dg, d_decay, d_initial_state)
-final_state is [N, H, Dk, Dv] float32 (N = B, or num_seqs documents when head_doc is
-given), an empty tensor when not asked for. State gradients follow "the loss is the
-sum of the ranks' losses": d_final_state is this rank's (summed over the group inside
-the backward AllGather), d_initial_state this rank's share.
+Packed documents come planned (doc_start, and head_doc with states: an SPContext's,
+read when it was built) or as a per-call cu_seqlens tensor (then doc_start is None and
+head_doc []): the op reads its values and plans the documents itself, as the delta-rule
+ops do (lasp2/ops/_documents.py), so a compiled graph takes per-call documents without
+a graph break. final_state is [N, H, Dk, Dv] float32 (N = B, or num_seqs documents
+carrying states), an empty tensor when not asked for. State gradients follow "the loss
+is the sum of the ranks' losses": d_final_state is this rank's (summed over the group
+inside the backward AllGather), d_initial_state this rank's share.
 
 A communicator is not a tensor or a schema type, so it travels as an int handle
 (0: one device; lasp2.ops._opaque keeps the object alive); communicators are cached per
@@ -33,7 +37,7 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
-from lasp2.ops._documents import final_state_grad
+from lasp2.ops._documents import final_state_grad, local_document_starts
 from lasp2.ops._eager import eager_call, eager_function
 from lasp2.ops._opaque import handle_of, resolve
 
@@ -43,32 +47,32 @@ def _world(handle: int) -> int:
 
 
 def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
-                  num_seqs, output_final_state):
+                  num_seqs, output_final_state, cu_seqlens=None):
     C.check_log_gates(OP, "g", g)
     C.check_log_gates(OP, "decay", decay)
     o, final, *saved = _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts,
-                                      overlap, head_doc, num_seqs, output_final_state)
+                                      overlap, head_doc, num_seqs, output_final_state, cu_seqlens)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
     # schedule leaves unwritten (one device without states: every buffer, backward reads
     # none of them; the head maps without packed documents' states)
     if comm == 0 and not _states_used(initial_state, output_final_state):
         for buffer in saved:
             buffer.zero_()
-    elif not (doc_start is not None and len(head_doc) > 0):
+    elif not _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state):
         saved[3].zero_()
     return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
 
 
 def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
-                   num_seqs, output_final_state):
+                   num_seqs, output_final_state, cu_seqlens=None):
     """The forward as the eager entry point runs it: its one caller, lasp2.linear_attention,
     has checked the gates' signs already, and the saved buffers are internal outputs (never
     returned to the user), so what the schedule leaves unwritten in them is never read and
     needs no zeroing (four fills per call on one device); final_state is None unless asked for."""
+    args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
+                 cu_seqlens, _states_used(initial_state, output_final_state))
     with C.named_errors(OP):
-        o, final, saved = _C.lasp2_forward(
-            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
-            overlap, output_final_state)
+        o, final, saved = _C.lasp2_forward(args, overlap, output_final_state)
     return (o, final, *saved)
 
 
@@ -76,12 +80,19 @@ def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_siz
 def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                   comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
-                  output_final_state: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  output_final_state: bool,
+                  cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap,
-                         head_doc, num_seqs, output_final_state)
+                         head_doc, num_seqs, output_final_state, cu_seqlens)
 
 
-def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs):
+def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
+          cu_seqlens, with_states):
+    if cu_seqlens is not None:  # per-call documents: read and planned here, inside the op
+        communicator = resolve(comm)
+        rank, world = (0, 1) if communicator is None else (communicator.rank, communicator.size)
+        doc_start, head_doc = local_document_starts(OP, cu_seqlens, q.shape[1], rank, world, parts, q.device,
+                                                    with_states)
     return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
                                   scale=scale, comm=resolve(comm), parts_per_rank=parts, chunk_size=chunk_size,
                                   head_doc=list(head_doc), num_seqs=num_seqs)
@@ -91,16 +102,25 @@ def _states_used(initial_state, output_final_state) -> bool:
     return initial_state is not None or output_final_state
 
 
+def _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state) -> bool:
+    """Packed documents carrying their own states (N = the number of documents; the
+    schedule fills the head maps): planned ones come with head_doc, per-call ones with
+    cu_seqlens."""
+    if cu_seqlens is not None:
+        return _states_used(initial_state, output_final_state)
+    return doc_start is not None and len(head_doc) > 0
+
+
 @lasp2_forward.register_fake
 def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc, num_seqs,
-      output_final_state):
+      output_final_state, cu_seqlens=None):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved for the scalar-decay family
     B, _, H, dk = q.shape
     dv = v.shape[3]
     bh = B * H
     f32 = dict(dtype=torch.float32, device=q.device)
-    packed = doc_start is not None and len(head_doc) > 0 and _states_used(initial_state, output_final_state)
-    n = num_seqs if doc_start is not None and len(head_doc) > 0 else B
+    packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
+    n = num_seqs if packed else B
     total = _world(comm) * parts
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
             q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32),
@@ -115,24 +135,25 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 
 
 def _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                   do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
+                   do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
     dq, dk, dv, dg, d_decay, d_initial = _backward_eager(
         q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-        d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial)
+        d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens)
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
     return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
 
 
 def _backward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
+                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
     """The backward's gradients, None where not asked for (the eager path; the custom op
-    returns empty tensors instead)."""
+    returns empty tensors instead). Per-call documents are planned again from cu_seqlens
+    (checked by the forward)."""
+    args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
+                 cu_seqlens, _states_used(initial_state, d_final_state is not None))
     with C.named_errors(OP):
-        return _C.lasp2_backward(
-            _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs),
-            [records, prefixes, maps, head_maps], do, need_dg, d_final_state=d_final_state,
-            need_dinitial=need_dinitial)
+        return _C.lasp2_backward(args, [records, prefixes, maps, head_maps], do, need_dg,
+                                 d_final_state=d_final_state, need_dinitial=need_dinitial)
 
 
 @torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
@@ -140,15 +161,16 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
                    doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                    comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
                    d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
-                   head_maps: Tensor, need_dg: bool,
-                   need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   head_maps: Tensor, need_dg: bool, need_dinitial: bool,
+                   cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc,
-                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial)
+                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial,
+                          cu_seqlens)
 
 
 @lasp2_backward.register_fake
 def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-      d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial):
+      d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
     dg = q.new_empty(q.shape[:3], dtype=g.dtype) if (need_dg and g is not None) else None
     d_decay = q.new_empty(decay.shape, dtype=decay.dtype) if (need_dg and decay is not None) else None
     d_initial = torch.empty_like(initial_state) if (need_dinitial and initial_state is not None) else None
@@ -164,29 +186,29 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, _overlap, head_doc, num_seqs,
-     output_final_state) = inputs
+     output_final_state, cu_seqlens) = inputs
     _, _, records, prefixes, maps, head_maps = output
-    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, records, prefixes, maps, head_maps)
+    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps)
     ctx.config = (scale, chunk_size, comm, parts, list(head_doc), num_seqs, output_final_state)
 
 
 def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
-    q, k, v, g, decay, doc_start, initial_state, records, prefixes, maps, head_maps = ctx.saved_tensors
+    q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps = ctx.saved_tensors
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
-    d_final = final_state_grad(d_final, output_final_state, q, v,
-                               num_seqs if doc_start is not None and head_doc else q.shape[0])
+    packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
+    d_final = final_state_grad(d_final, output_final_state, q, v, num_seqs if packed else q.shape[0])
     if do is None:  # the eager Function does not materialise gradients: o took no part in the loss
         do = torch.zeros_like(v)
     run = _backward_eager if eager_call(do, q) else lasp2_backward
     with torch.no_grad():
         dq, dk, dv, dg, d_decay, d_initial = run(
             q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-            d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial))
+            d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial), cu_seqlens)
     grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
                                          d_initial if need_dinitial else None))
-    return (*grads[:5], None, grads[5], None, None, None, None, None, None, None, None)
+    return (*grads[:5], None, grads[5], *([None] * 9))
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
@@ -196,17 +218,19 @@ _EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
                            overlap: bool, initial_state=None, output_final_state: bool = False,
-                           head_doc: Sequence[int] = (), num_seqs: int = 0):
+                           head_doc: Sequence[int] = (), num_seqs: int = 0, cu_seqlens: Optional[Tensor] = None):
     """The LASP-2 schedule (or one device when comm is None) through the custom op:
-    o, or (o, final_state) with output_final_state."""
+    o, or (o, final_state) with output_final_state. Documents: planned (doc_start,
+    head_doc) or per call (cu_seqlens, global boundaries the op reads; num_seqs its
+    number of documents when they carry states)."""
     if not torch.compiler.is_compiling() and _under_functorch():
         raise NotImplementedError(
             f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
-    run = _EagerForward.apply if eager_call(q, k, v, g, decay, doc_start, initial_state) else lasp2_forward
+    run = _EagerForward.apply if eager_call(q, k, v, g, decay, doc_start, initial_state, cu_seqlens) else lasp2_forward
     out = run(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
-                        handle_of(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
-                        bool(output_final_state))
+              handle_of(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
+              bool(output_final_state), cu_seqlens)
     return (out[0], out[1]) if output_final_state else out[0]
 
 

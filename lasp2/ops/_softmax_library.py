@@ -2,13 +2,19 @@
 
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
-  lasp2::softmax_forward(q, k, v, scale, backend, group, rank, world, parts, split, causal, cu_seqlens?)
+  lasp2::softmax_forward(q, k, v, scale, backend, group, rank, world, parts, split, causal, cu_seqlens?,
+                         cu_seqlens_tensor?)
       -> (o, lse, kv_global)
-  lasp2::softmax_backward(do, q, k, v, o, lse, kv_global, <the same plan arguments>, need_kv_grads)
+  lasp2::softmax_backward(do, q, k, v, o, lse, kv_global, <the same plan arguments but the tensor>,
+                          need_kv_grads, cu_seqlens_tensor?)
       -> (dq, dk, dv)
 
 The block plan is rebuilt from the integers inside each op (it is a pure function of
 them); the group and its collectives travel as one int handle (lasp2.ops._opaque).
+Document boundaries come as python ints (cu_seqlens: an SPContext's, read when it was
+built; the fake kernel sizes kv_global from them) or, on one device, where no size
+depends on them, as the per-call tensor (cu_seqlens_tensor) that the op reads and
+checks itself, so a compiled graph takes per-call documents without a graph break.
 q, k, v are bthd views. lse and kv_global are what backward needs besides the inputs:
 the merged log-sum-exp [B, H, T] and the gathered keys|values the remote blocks used
 (empty on one device or when a rank has no remote block). Plain eager calls run the
@@ -22,6 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lasp2.distributed.context import check_cu_seqlens
 from lasp2.ops import _checks as C
 from lasp2.ops import _lasp2h as H
 from lasp2.ops._eager import eager_call, eager_function
@@ -31,72 +38,75 @@ OP = "lasp2.softmax_attention"
 
 
 def _config(q: Tensor, scale: float, backend: str, comm: int, rank: int, world: int, parts: int, split: str,
-            causal: bool, cu_seqlens: Optional[List[int]]) -> H.Config:
+            causal: bool, cu_seqlens: Optional[List[int]], cu_seqlens_tensor: Optional[Tensor]) -> H.Config:
+    if cu_seqlens_tensor is not None:  # per-call documents: read here, inside the op
+        cu_seqlens = check_cu_seqlens(OP, cu_seqlens_tensor, q.shape[1] * world).tolist()
     blocks = H.plan_blocks(q.shape[1], rank, world, parts, causal, cu_seqlens)
     group, collectives = resolve(comm) if comm else (None, None)
     return H.Config(blocks, scale, backend, group, world, split, H.key_end(blocks), causal, collectives)
 
 
-def _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens):
-    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+def _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens, cu_seqlens_tensor=None):
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens, cu_seqlens_tensor)
     return H.lasp2h_forward(q, k, v, cfg)
 
 
 @torch.library.custom_op("lasp2::softmax_forward", mutates_args=())
 def softmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, comm: int, rank: int, world: int,
-                    parts: int, split: str, causal: bool,
-                    cu_seqlens: Optional[List[int]]) -> Tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+                    parts: int, split: str, causal: bool, cu_seqlens: Optional[List[int]],
+                    cu_seqlens_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens,
+                         cu_seqlens_tensor)
 
 
 @softmax_forward.register_fake
-def _(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens):
+def _(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens, cu_seqlens_tensor=None):
     b, t, h, _ = q.shape
     hkv, d, dv = k.shape[2], k.shape[3], v.shape[3]
     keys = 0
-    if world > 1:
+    if world > 1:  # (a group's documents always come as ints)
         keys = H.key_end(H.plan_blocks(t, rank, world, parts, causal, cu_seqlens))
     return (q.new_empty(b, t, h, dv), q.new_empty(b, h, t, dtype=H.K.acc_dtype(q.dtype)),
             q.new_empty(keys, b, hkv, d + dv))
 
 
 def _backward_impl(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal,
-                   cu_seqlens, need_kv_grads):
-    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens)
+                   cu_seqlens, need_kv_grads, cu_seqlens_tensor=None):
+    cfg = _config(q, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens, cu_seqlens_tensor)
     return H.lasp2h_backward(do, q, k, v, o, lse, kv_global, cfg, need_kv_grads)
 
 
 @torch.library.custom_op("lasp2::softmax_backward", mutates_args=())
 def softmax_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kv_global: Tensor,
                      scale: float, backend: str, comm: int, rank: int, world: int, parts: int, split: str,
-                     causal: bool, cu_seqlens: Optional[List[int]],
-                     need_kv_grads: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                     causal: bool, cu_seqlens: Optional[List[int]], need_kv_grads: bool,
+                     cu_seqlens_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward_impl(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal,
-                          cu_seqlens, need_kv_grads)
+                          cu_seqlens, need_kv_grads, cu_seqlens_tensor)
 
 
 @softmax_backward.register_fake
 def _(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal, cu_seqlens,
-      need_kv_grads):
+      need_kv_grads, cu_seqlens_tensor=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *plan = inputs
+    q, k, v, *plan, cu_seqlens_tensor = inputs
     o, lse, kv_global = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_global)
+    ctx.save_for_backward(q, k, v, o, lse, kv_global, cu_seqlens_tensor)
     ctx.plan = plan
 
 
 def _backward(ctx, do, _d_lse, _d_kv_global):
-    q, k, v, o, lse, kv_global = ctx.saved_tensors
+    q, k, v, o, lse, kv_global, cu_seqlens_tensor = ctx.saved_tensors
     need_kv = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     run = _backward_impl if eager_call(do, q) else softmax_backward
     with torch.no_grad():
-        dq, dk, dv = run(do, q, k, v, o, lse, kv_global, *ctx.plan, need_kv)
+        dq, dk, dv = run(do, q, k, v, o, lse, kv_global, *ctx.plan, need_kv, cu_seqlens_tensor)
     grads = (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
              dv if ctx.needs_input_grad[2] else None)
-    return (*C.guard_double_backward(OP, grads), *([None] * len(ctx.plan)))
+    return (*C.guard_double_backward(OP, grads), *([None] * (len(ctx.plan) + 1)))
 
 
 torch.library.register_autograd("lasp2::softmax_forward", _backward, setup_context=_setup_context)
@@ -104,9 +114,12 @@ _EagerForward = eager_function("SoftmaxForward", _forward_impl, _setup_context, 
 
 
 def lasp2h_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str, group, collectives, rank: int,
-                     world: int, parts: int, split: str, causal: bool, cu_seqlens: Optional[List[int]]) -> Tensor:
-    """One rank's LASP-2H output through the custom op (bthd views in, bthd out)."""
+                     world: int, parts: int, split: str, causal: bool, cu_seqlens: Optional[List[int]],
+                     cu_seqlens_tensor: Optional[Tensor] = None) -> Tensor:
+    """One rank's LASP-2H output through the custom op (bthd views in, bthd out).
+    Documents: cu_seqlens (python ints) or, on one device, cu_seqlens_tensor (per-call
+    global boundaries the op reads)."""
     comm = handle_of(group, collectives) if world > 1 else 0
-    run = _EagerForward.apply if eager_call(q, k, v) else softmax_forward
+    run = _EagerForward.apply if eager_call(q, k, v, cu_seqlens_tensor) else softmax_forward
     return run(q, k, v, float(scale), backend, comm, int(rank), int(world), int(parts), split,
-                           bool(causal), cu_seqlens)[0]
+               bool(causal), cu_seqlens, cu_seqlens_tensor)[0]

@@ -9,11 +9,13 @@ import torch
 import torch.distributed as dist
 
 from lasp2._extension import has_cuda_kernels
-from lasp2.distributed.context import SPContext, resolve_sp_context
+from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_context
 from lasp2.ops import _checks as C
-from lasp2.ops._documents import check_nonempty_documents, head_docs
+from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
+from lasp2.ops._library import lasp2_linear_attention
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
+from lasp2.ops.providers.base import CPU_CHUNK_SIZE
 from lasp2.options import PROVIDERS
 
 OP = "lasp2.linear_attention"
@@ -60,10 +62,11 @@ def _validate(q, k, v, g, decay, scale, layout):
     return scale, seq_dim
 
 
-def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
+def _validate_states(initial_state, output_final_state, q, v, ctx, provider, num_docs):
     """Checks initial_state / output_final_state; returns (N, head_doc): the number of
-    sequences (B, or the documents of cu_seqlens) and, with documents and states, the
-    document ending in each global part's head (lasp2/ops/_documents.py)."""
+    sequences (B, or the documents of cu_seqlens) and, with the context's documents and
+    states, the document ending in each global part's head (lasp2/ops/_documents.py).
+    num_docs: the number of per-call documents, planned inside the op (None: none)."""
     C.check_bool(OP, "output_final_state", output_final_state)
     if initial_state is None and not output_final_state:
         return q.shape[0], []
@@ -71,9 +74,11 @@ def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
         C.fail(OP, f"`initial_state` / `output_final_state` are supported by providers \"lasp2\" and \"lasp1\" "
                    f"only, got provider={provider!r}")
     head_doc, n = [], q.shape[0]
-    if ctx.cu_seqlens is not None:
+    if num_docs is not None:
+        n = num_docs  # the op checks the values and plans head_doc
+    elif ctx.cu_seqlens is not None:
         values = ctx.cu_seqlens_list  # python ints, known before a compiled graph runs
-        check_nonempty_documents(OP, values, " with `initial_state` / `output_final_state`")
+        check_nonempty_documents(OP, values, WITH_STATES)
         n = len(values) - 1
         head_doc = head_docs(values, values[-1], ctx.world_size * ctx.parts_per_rank)
     if initial_state is not None:
@@ -86,7 +91,7 @@ def _validate_states(initial_state, output_final_state, q, v, ctx, provider):
             C.fail(OP, f"`initial_state` is on {initial_state.device} but `q` is on {q.device}")
         want = [n, q.shape[2], q.shape[3], v.shape[3]]
         if list(initial_state.shape) != want:
-            what = "documents in `cu_seqlens`" if ctx.cu_seqlens is not None else "batch rows"
+            what = "documents in `cu_seqlens`" if num_docs is not None or ctx.cu_seqlens is not None else "batch rows"
             C.fail(OP, f"`initial_state` must have shape {want} ([N, H, Dk, Dv], N = number of {what}), "
                        f"got {list(initial_state.shape)}")
     return n, head_doc
@@ -172,9 +177,12 @@ def linear_attention(
             C.check_log_gates(OP, "decay", decay)
         impl = get_provider(OP, LINEAR_ATTENTION, provider)
         local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        # one device: per-call documents go into the custom op unread (no graph break when compiled)
+        num_docs = per_call_documents(OP, sp_context, group, cu_seqlens, batch)
+        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens if num_docs is None else None, local_len,
+                                 batch, q.device)
         impl.check(OP, heads=q.shape[2], split=ctx.split, world_size=ctx.world_size)
-        num_seqs, head_doc = _validate_states(initial_state, output_final_state, q, v, ctx, provider)
+        num_seqs, head_doc = _validate_states(initial_state, output_final_state, q, v, ctx, provider, num_docs)
     except (ValueError, TypeError):
         report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
         raise
@@ -204,7 +212,11 @@ def linear_attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if overlap is None:
         overlap = q.device.type != "cuda"
-    if initial_state is not None or output_final_state:
+    if num_docs is not None:  # one device (the plain op), the documents planned inside it
+        out = lasp2_linear_attention(q, k, v, g, decay, None, float(scale), CPU_CHUNK_SIZE, None, 1, bool(overlap),
+                                     initial_state, output_final_state, num_seqs=num_seqs, cu_seqlens=cu_seqlens)
+        o, final = out if output_final_state else (out, None)
+    elif initial_state is not None or output_final_state:
         o, final = impl.apply_with_states(
             q, k, v, g, decay, initial_state, scale=float(scale), sp_context=ctx, overlap=bool(overlap),
             output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs)

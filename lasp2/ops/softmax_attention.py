@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lasp2.distributed.context import SPContext, resolve_sp_context
+from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
@@ -112,7 +112,10 @@ def softmax_attention(
             scale = q.shape[3] ** -0.5
         local_len = q.shape[seq_dim]
         batch = q.shape[1 - seq_dim]
-        ctx = resolve_sp_context(OP, sp_context, group, split, cu_seqlens, local_len, batch, q.device)
+        # one device: per-call documents go into the custom op unread (no graph break when compiled)
+        per_call = per_call_documents(OP, sp_context, group, cu_seqlens, batch) is not None
+        ctx = resolve_sp_context(OP, sp_context, group, split, None if per_call else cu_seqlens, local_len, batch,
+                                 q.device)
     except (ValueError, TypeError):
         report_local_failure(OP, group_hint, q)  # the other ranks raise too, never wait for this one
         raise
@@ -134,5 +137,6 @@ def softmax_attention(
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     o = lasp2h_attention(q, k, v, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group,
-                         ctx.collectives, rank, world, parts, ctx.effective_split, causal, cu)
+                         ctx.collectives, rank, world, parts, ctx.effective_split, causal, cu,
+                         cu_seqlens if per_call else None)
     return check.seal(o.transpose(0, 1) if layout == "tbhd" else o)

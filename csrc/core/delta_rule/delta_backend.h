@@ -24,6 +24,14 @@ class KeptPartWork {
   virtual ~KeptPartWork() = default;
 };
 
+// The backward that will follow entering_dstate_keeping on a part: whether it can take
+// the kept work depends on its gradient views and on per-document states (with those the
+// token walks run, and anything kept would only be held through the AllGather unused).
+struct BackwardPlan {
+  MutView dq, dk, dv;
+  bool doc_states = false;  // initial states, end-state gradients or initial-state gradients
+};
+
 class DeltaKernelBackend {
  public:
   virtual ~DeltaKernelBackend() = default;
@@ -58,11 +66,13 @@ class DeltaKernelBackend {
 
   // The same two calls when one caller runs both on one part (the SP schedules'
   // backward): entering_dstate_keeping returns what backward_reusing of that part, with
-  // the same params and dout, can reuse (null: nothing; by default nothing is kept and
-  // the calls above run). Results equal the calls above.
+  // the same params and dout and the gradients `plan` describes, can reuse (null:
+  // nothing; by default nothing is kept and the calls above run). Results equal the
+  // calls above.
   virtual std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part,
-                                                                ConstView dout, float* dentering,
-                                                                void* stream) const {
+                                                                ConstView dout, const BackwardPlan& plan,
+                                                                float* dentering, void* stream) const {
+    (void)plan;
     entering_dstate(p, part, dout, dentering, stream);
     return nullptr;
   }

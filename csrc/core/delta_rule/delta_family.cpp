@@ -63,7 +63,8 @@ void DeltaFamily::forward(TokenRange part, const float* entering, const DocState
 }
 
 void DeltaFamily::entering_grad(TokenRange part, float* dstate, void* stream) const {
-  std::unique_ptr<KeptPartWork> kept = be_.entering_dstate_keeping(p_, part, grads_.dout, dstate, stream);
+  const BackwardPlan plan{grads_.dq, grads_.dk, grads_.dv, grads_.doc_states};
+  std::unique_ptr<KeptPartWork> kept = be_.entering_dstate_keeping(p_, part, grads_.dout, plan, dstate, stream);
   if (kept) kept_.emplace_back(part, std::move(kept));
 }
 

@@ -21,6 +21,7 @@ struct DeltaGrads {
   MutView dq, dk, dv;
   void* dg = nullptr;     // [B, T, H] or [B, T, H, dk] in the gate dtype, or null
   void* dbeta = nullptr;  // [B, T, H] in the gate dtype, or null
+  bool doc_states = false;  // the call has per-document initial states or end-state gradients
 };
 
 class DeltaFamily final : public PartFamily {

@@ -537,14 +537,21 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
     auto run = [&](bool keep) {
       Grads r;
       DevBuf<float> gE(se);
+      BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+      const delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
       std::unique_ptr<delta::KeptPartWork> kept;
       if (keep) {
-        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), gE.p, nullptr);
+        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), plan, gE.p, nullptr);
         EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
+        // a backward that will take the token walks (a misaligned dq view) gets nothing kept
+        delta::BackwardPlan walks = plan;
+        walks.dq.data = static_cast<char*>(walks.dq.data) + 2;
+        DevBuf<float> unused(se);
+        EXPECT_EQ(gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), walks, unused.p, nullptr), nullptr)
+            << "nothing is kept for a backward the chunked kernels do not take";
       } else {
         gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
       }
-      BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
       gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{},
                            g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
       kept.reset();
@@ -574,7 +581,8 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
   DeltaProblem<float> small(DeltaSpec{}, 1);
   std::vector<float> E(small.params().bh() * small.params().state_elems());
   EXPECT_EQ(delta::delta_cpu_backend().entering_dstate_keeping(small.params(), {0, small.spec.seqlen},
-                                                               small.dout_view(), E.data(), nullptr),
+                                                               small.dout_view(), delta::BackwardPlan{}, E.data(),
+                                                               nullptr),
             nullptr)
       << "the CPU backend keeps nothing";
 }

@@ -1,7 +1,7 @@
 """Issue 13.4: linear attention and softmax attention (LASP-2H) are torch.library custom
 ops with fake kernels and an autograd formula, so torch.compile(fullgraph=True) and
-torch.export trace them; torch.func transforms raise a clear NotImplementedError (CPU,
-small shapes: fast)."""
+torch.export trace them (per-call cu_seqlens included: the ops plan the documents
+inside); torch.func transforms raise a clear NotImplementedError (CPU, small shapes: fast)."""
 
 import pytest
 import torch
@@ -19,10 +19,14 @@ def _inputs(seed=0, dtype=torch.float32):
     return q, k, v, g
 
 
-def test_opcheck_forward_and_backward():
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "per-call-docs-with-states"])
+def test_opcheck_forward_and_backward(documents):
     q, k, v, g = _inputs(dtype=torch.float64)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(), None, None, None, 0.5, 4,
             0, 1, True, [], 0, False)
+    if documents:  # the op plans cu_seqlens' documents itself; 3 documents with their states
+        h0 = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+        args = args[:6] + (h0,) + args[7:13] + (3, True, torch.tensor([0, 3, 4, 10]))
     torch.library.opcheck(_library.lasp2_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -62,6 +66,87 @@ def test_compile_fullgraph_with_documents_from_sp_context():
     assert_compiled_matches_eager(f, (q, k, v, g, h0), ("q", "k", "v", "g", "initial_state"))
 
 
+def _values_and_grads(f, inputs, *extra):
+    """f's value and its gradients with respect to fresh copies of `inputs`."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    out = f(*leaves, *extra)
+    return [out, *torch.autograd.grad(out, leaves)]
+
+
+def _assert_bitwise(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"{what}: output {i} differs from eager"
+
+
+def test_compile_fullgraph_with_per_call_cu_seqlens():
+    """Per-call `cu_seqlens=` (one device) enter the graph as a tensor: the custom ops
+    read and plan the documents themselves (as the delta-rule ops do), so fullgraph
+    compiles; the value, final states and every gradient (initial state's included) equal
+    eager bit for bit, and eager equals the SPContext route. A second batch with other
+    boundaries (same count) reuses the graph: no recompilation."""
+    q, k, v, g = _inputs(seed=4)
+    h0 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def f(q, k, v, g, h0, cu):
+        o, final = lasp2.linear_attention(q, k, v, g=g, cu_seqlens=cu, initial_state=h0, output_final_state=True)
+        plain = lasp2.linear_attention(q, k, v, g=g, cu_seqlens=cu)  # documents without states
+        s = lasp2.softmax_attention(q, k, v, cu_seqlens=cu)
+        return o.square().sum() + (final * final.detach()).sum() + plain.sin().sum() + s.square().sum()
+
+    def f_context(q, k, v, g, h0, cu):
+        ctx = lasp2.build_sp_context(cu_seqlens=cu)
+        o, final = lasp2.linear_attention(q, k, v, g=g, sp_context=ctx, initial_state=h0, output_final_state=True)
+        plain = lasp2.linear_attention(q, k, v, g=g, sp_context=ctx)
+        s = lasp2.softmax_attention(q, k, v, sp_context=ctx)
+        return o.square().sum() + (final * final.detach()).sum() + plain.sin().sum() + s.square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = (q, k, v, g, h0)
+    for cu in (torch.tensor([0, 3, 4, 10]), torch.tensor([0, 6, 7, 10])):
+        with torch._dynamo.config.patch(error_on_recompile=cu[1].item() == 6):
+            got = _values_and_grads(compiled, inputs, cu)
+        want = _values_and_grads(f, inputs, cu)
+        _assert_bitwise(got, want, f"compiled, cu_seqlens {cu.tolist()}")
+        _assert_bitwise(want, _values_and_grads(f_context, inputs, cu), f"eager, cu_seqlens {cu.tolist()}")
+
+
+_BAD_CU = [([1, 4, 10], False, "must start at 0"), ([0, 6, 3, 10], False, "must be non-decreasing"),
+           ([0, 4, 8], False, "must end at the global sequence length 10"),
+           ([0, 4, 4, 10], True, "must be strictly increasing .*with `initial_state` / `output_final_state`")]
+
+
+@pytest.mark.parametrize("op, cu, states, match", [("linear", *case) for case in _BAD_CU] +
+                         [("softmax", *case) for case in _BAD_CU if not case[1]])  # softmax: no states
+def test_compiled_graph_rejects_bad_cu_seqlens_values(op, cu, states, match):
+    """The value checks of per-call cu_seqlens run inside the custom ops, so the compiled
+    graph raises the eager ValueError naming `cu_seqlens`."""
+    q, k, v, _ = _inputs(6)
+
+    def f(q, k, v, cu):
+        if op == "softmax":
+            return lasp2.softmax_attention(q, k, v, cu_seqlens=cu)
+        return lasp2.linear_attention(q, k, v, cu_seqlens=cu, output_final_state=states)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for run in (f, compiled):
+        with pytest.raises(ValueError, match=f"`cu_seqlens` {match}"):
+            run(q, k, v, torch.tensor(cu))
+
+
+def test_export_with_per_call_cu_seqlens():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, cu):
+            return lasp2.linear_attention(q, k, v, cu_seqlens=cu) + lasp2.softmax_attention(q, k, v, cu_seqlens=cu)
+
+    q, k, v, _ = _inputs(7)
+    cu = torch.tensor([0, 2, 9, 10])
+    ep = torch.export.export(M(), (q, k, v, cu))
+    targets = [str(n.target) for n in ep.graph.nodes]
+    assert any("lasp2.lasp2_forward" in t for t in targets) and any("lasp2.softmax_forward" in t for t in targets)
+    other = torch.tensor([0, 5, 6, 10])  # the exported program plans the documents it is given
+    assert torch.equal(ep.module()(q, k, v, other), M()(q, k, v, other))
+
+
 def test_compiled_graph_still_rejects_positive_gates():
     q, k, v, g = _inputs(1)
     compiled = torch.compile(lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g), fullgraph=True,
@@ -99,10 +184,13 @@ def _softmax_inputs(seed=0, dtype=torch.float32):
     return q, k, v
 
 
-@pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 10]], ids=["one-doc", "docs"])
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 10], torch.tensor([0, 3, 10])],
+                         ids=["one-doc", "docs", "per-call-docs"])
 def test_softmax_opcheck_forward_and_backward(cu_seqlens):
     q, k, v = (x.requires_grad_() for x in _softmax_inputs(dtype=torch.float64))
-    args = (q, k, v, 0.35, "plain", 0, 0, 1, 1, "contiguous", True, cu_seqlens)
+    per_call = isinstance(cu_seqlens, torch.Tensor)  # the op reads the tensor itself
+    args = (q, k, v, 0.35, "plain", 0, 0, 1, 1, "contiguous", True, None if per_call else cu_seqlens,
+            cu_seqlens if per_call else None)
     torch.library.opcheck(_softmax_library.softmax_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

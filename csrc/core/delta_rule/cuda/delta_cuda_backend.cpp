@@ -304,12 +304,25 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_compose(g, c, s);
   }
 
+  // Whether the chunked backward takes the part (else the token walks): 16-bit aligned
+  // views, the chunk kernel's shared memory, and no per-document states (documents begun
+  // inside a chunk start from zero there, receive no end-state gradient and give none to
+  // their initial state in the chunked kernels).
+  bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) const {
+    return chunked(p, part, {dout, ConstView{plan.dq.data, plan.dq.stride}, ConstView{plan.dk.data, plan.dk.stride},
+                             ConstView{plan.dv.data, plan.dv.stride}}) &&
+           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k)) &&
+           !(p.doc_start != nullptr && plan.doc_states);
+  }
+
   // Keeps prep's and rprep's outputs (with T, r beside u) when the chunked kernels take
   // the call; backward_reusing then skips both (1.2 ms of 64K tokens on an H200).
   std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part, ConstView dout,
-                                                        float* dentering, void* stream) const override {
+                                                        const BackwardPlan& plan, float* dentering,
+                                                        void* stream) const override {
     check_params(p, part);
-    if (p.bh() == 0 || !chunked(p, part, {dout})) {
+    // keep only what the chunked backward will take (0.9 GB a part at 64K tokens)
+    if (p.bh() == 0 || !chunk_backward_takes(p, part, dout, plan)) {
       entering_dstate(p, part, dout, dentering, stream);
       return nullptr;
     }
@@ -338,15 +351,8 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
-    // documents begun inside a chunk start from zero there, receive no end-state gradient
-    // and give none to their initial state in the chunked kernels: with those, the walks
-    const bool chunk =
-        chunked(p, part, {dout, ConstView{dq.data, dq.stride}, ConstView{dk.data, dk.stride},
-                          ConstView{dv.data, dv.stride}}) &&
-        cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k)) &&
-        !(p.doc_start != nullptr &&
-          (doc.initial != nullptr || doc.final_dstate != nullptr || doc.d_initial != nullptr));
-    if (chunk) {
+    const bool doc_states = doc.initial != nullptr || doc.final_dstate != nullptr || doc.d_initial != nullptr;
+    if (chunk_backward_takes(p, part, dout, {dq, dk, dv, doc_states})) {
       chunked_backward(problem_of(p, part, nullptr), view_of(dout), dynamic_cast<const ChunkBackwardPrep*>(kept),
                        entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg), static_cast<float*>(dbeta),
                        dentering, s);
