@@ -250,7 +250,7 @@ def _model_step(GC, group, device, world, args, original, hidden):
         signature = [q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3], 1,
                      0 if g is None and decay is None else (1 if decay is not None else 2), 1, 0, 0, 0, 0]
         verdict = GC.verify_group_consistency(
-            op_module.OP, group, signature, op_module._CHECK_NAMES, device,
+            op_module.OP, group, signature, op_module.CHECK_NAMES, device,
             host_values=[("`scale`", q.shape[3] ** -0.5), ("`cu_seqlens` contents", None), ("`layout`", "bthd"),
                          ("`overlap`", None)],
             device_values=[("`decay` values", decay)],

@@ -24,7 +24,10 @@ across the ranks of a group"). Two modes (LASP2_CONSISTENCY_CHECK, alike on ever
   every rank raises the same ValueError there. On CPU groups they go with their own
   call's row (no queue to wait for).
 * sync (and auto under torch.compile / CUDA-graph capture): the Python check reads the
-  whole table, device values included, before the op's collectives.
+  whole table, device values included, before the op's collectives. Compiled calls over
+  a group run the check inside their custom op's real kernel instead (the delta-rule
+  ops always, linear_attention under torch.compile: lasp2/ops/_library.py), in auto
+  with the C++ exchange, the device values compared at the call (lag=False).
 
 A rank that never calls the op (or exits) makes the gather fail after the group's
 timeout; that surfaces as a RuntimeError naming the op and the group.
@@ -79,8 +82,15 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
+class Digest(int):
+    """A host value's digest_host, taken earlier (e.g. while torch.compile traced the
+    call): a row slot holds it as it is."""
+
+
 def digest_host(value) -> int:
     """A deterministic int64 of a host value (identical across processes, unlike hash())."""
+    if type(value) is Digest:
+        return int(value)
     if value is None:
         payload = b"none"
     elif isinstance(value, bool):
@@ -227,7 +237,8 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
                              device: torch.device, host_values: Sequence[Tuple[str, object]] = (),
                              device_values: Sequence[Tuple[str, Optional[torch.Tensor]]] = (),
                              flags: Sequence[Tuple[str, torch.Tensor]] = (), *,
-                             positive: Sequence[Tuple[str, Optional[torch.Tensor]]] = ()) -> Verdict:
+                             positive: Sequence[Tuple[str, Optional[torch.Tensor]]] = (),
+                             lag: bool = True) -> Verdict:
     """Checks that every rank of `group` calls `op` the same way; returns a Verdict whose
     `seal(*outputs)` the caller applies to the op's outputs.
 
@@ -236,9 +247,13 @@ def verify_group_consistency(op: str, group, signature: Sequence[int], names: Se
     bit-exactly by digest; flags: (message, bool device scalar) raised if any rank sets it;
     positive: (message, tensor or None) raised if any rank's tensor holds a positive entry
     (device tensors only: CPU tensors are checked on the host by the op).
+    lag=False: the device values are compared at this call too (a custom op's real
+    kernel, whose outputs take no backward hook): the sync check where they would lag.
     """
     st = _state(group)
-    if MODE == "auto" and _fast_ok(device, len(device_values) + len(positive) + len(flags)):
+    n_values = len(device_values) + len(positive) + len(flags)
+    lags = n_values and (device.type == "cuda" or LAG_ON_CPU)
+    if MODE == "auto" and _fast_ok(device, n_values) and (lag or not lags):
         return _check_fast(st, op, signature, names, device, host_values, device_values, flags, positive)
     return _check_sync(st, op, signature, names, device, host_values, device_values, flags, positive)
 

@@ -25,7 +25,12 @@ In plain eager mode the entry point runs the same functions through a
 torch.autograd.Function instead of the registered op (lasp2.ops._eager: the custom
 op's Python dispatch is most of the host time at small T).
 The value checks that need tensor contents (positive gates on CPU) run inside the
-real kernel, so traced / compiled graphs keep them without a graph break.
+real kernel, so traced / compiled graphs keep them without a graph break. So does,
+under torch.compile over a group, the per-call cross-rank consistency check (as the
+delta-rule ops run it, lasp2/ops/_delta_library.py): `check` is the group's handle
+(_delta_library.group_handle; 0: no check in the op), `consistency` the row's size
+fields and the digests of its host values taken while tracing (compiled_check); the
+eager entry point runs the check in Python before the op (lasp2.linear_attention).
 """
 
 from __future__ import annotations
@@ -37,19 +42,76 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
+from lasp2.ops._delta_library import _assume_constant_result, group_handle
 from lasp2.ops._documents import final_state_grad, local_document_starts
 from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._group_consistency import Digest, digest_host, report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
+from lasp2.options import PROVIDERS
 
 OP = "lasp2.linear_attention"
+# what the size fields of the per-call consistency check are (in the order linear_attention sends them)
+CHECK_NAMES = ("batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
+               "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
+               "use of initial_state", "output_final_state")
+# its host values after `scale` (in the op: digested while tracing)
+HOST_NAMES = ("`cu_seqlens` contents", "`layout`", "`overlap`")
+
+
+def compiled_check(group, device, signature, host_values) -> dict:
+    """The op's `check` / `consistency` arguments that run the cross-rank check inside
+    the custom op (under torch.compile): constants of the traced graph."""
+    return dict(check=group_handle(group, device), consistency=[*map(int, signature), *_digests(*host_values)])
+
+
+@_assume_constant_result
+def _digests(*values) -> tuple:
+    return tuple(digest_host(list(v) if isinstance(v, tuple) else v) for v in values)
+
+
+def _check_in_op(q, g, decay, scale, check: int, consistency: List[int]):
+    """The cross-rank check of a compiled call over a group, at its real kernel: the
+    eager check's row and errors (the device values compared at the call). A rank whose
+    gates are bad still takes part, so no rank waits for it."""
+    group = resolve(check)[1]
+    try:
+        C.check_log_gates(OP, "g", g)
+        C.check_log_gates(OP, "decay", decay)
+    except ValueError:
+        report_local_failure(OP, group, q)
+        raise
+    n = len(CHECK_NAMES)
+    verify_group_consistency(
+        OP, group, consistency[:n], CHECK_NAMES, q.device,
+        host_values=[("`scale`", float(scale)), *zip(HOST_NAMES, map(Digest, consistency[n:]))],
+        **device_checks(g, decay), lag=False)
+
+
+def device_checks(g, decay) -> dict:
+    """The check row's device values and positive-gate flags (the eager call's and the op's)."""
+    return dict(device_values=[("`decay` values", decay)],
+                positive=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", x)
+                          for name, x in (("g", g), ("decay", decay)) if x is not None])
+
+
+def _communicator(handle: int):
+    """The communicator of an op's `comm`: handle_of(communicator), or (compiled over a
+    group) group_handle's handle of (communicator, group)."""
+    obj = resolve(handle)
+    return obj[0] if isinstance(obj, tuple) else obj
+
+
 def _world(handle: int) -> int:
-    return 1 if handle == 0 else int(resolve(handle).size)
+    return 1 if handle == 0 else int(_communicator(handle).size)
 
 
 def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
-                  num_seqs, output_final_state, cu_seqlens=None):
-    C.check_log_gates(OP, "g", g)
-    C.check_log_gates(OP, "decay", decay)
+                  num_seqs, output_final_state, cu_seqlens=None, check=0, consistency=None):
+    if check:
+        _check_in_op(q, g, decay, scale, check, consistency)
+    else:
+        C.check_log_gates(OP, "g", g)
+        C.check_log_gates(OP, "decay", decay)
     o, final, *saved = _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts,
                                       overlap, head_doc, num_seqs, output_final_state, cu_seqlens)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
@@ -80,21 +142,21 @@ def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_siz
 def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                   comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
-                  output_final_state: bool,
-                  cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  output_final_state: bool, cu_seqlens: Optional[Tensor] = None, check: int = 0,
+                  consistency: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap,
-                         head_doc, num_seqs, output_final_state, cu_seqlens)
+                         head_doc, num_seqs, output_final_state, cu_seqlens, check, consistency)
 
 
 def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
           cu_seqlens, with_states):
     if cu_seqlens is not None:  # per-call documents: read and planned here, inside the op
-        communicator = resolve(comm)
+        communicator = _communicator(comm)
         rank, world = (0, 1) if communicator is None else (communicator.rank, communicator.size)
         doc_start, head_doc = local_document_starts(OP, cu_seqlens, q.shape[1], rank, world, parts, q.device,
                                                     with_states)
     return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
-                                  scale=scale, comm=resolve(comm), parts_per_rank=parts, chunk_size=chunk_size,
+                                  scale=scale, comm=_communicator(comm), parts_per_rank=parts, chunk_size=chunk_size,
                                   head_doc=list(head_doc), num_seqs=num_seqs)
 
 
@@ -113,7 +175,7 @@ def _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_
 
 @lasp2_forward.register_fake
 def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc, num_seqs,
-      output_final_state, cu_seqlens=None):
+      output_final_state, cu_seqlens=None, check=0, consistency=None):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved for the scalar-decay family
     B, _, H, dk = q.shape
     dv = v.shape[3]
@@ -186,7 +248,7 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, _overlap, head_doc, num_seqs,
-     output_final_state, cu_seqlens) = inputs
+     output_final_state, cu_seqlens, *_check) = inputs
     _, _, records, prefixes, maps, head_maps = output
     ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps)
     ctx.config = (scale, chunk_size, comm, parts, list(head_doc), num_seqs, output_final_state)
@@ -208,7 +270,7 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
             d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial), cu_seqlens)
     grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
                                          d_initial if need_dinitial else None))
-    return (*grads[:5], None, grads[5], *([None] * 9))
+    return (*grads[:5], None, grads[5], *([None] * 11))
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
@@ -218,19 +280,28 @@ _EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
                            overlap: bool, initial_state=None, output_final_state: bool = False,
-                           head_doc: Sequence[int] = (), num_seqs: int = 0, cu_seqlens: Optional[Tensor] = None):
+                           head_doc: Sequence[int] = (), num_seqs: int = 0, cu_seqlens: Optional[Tensor] = None,
+                           check: int = 0, consistency: Optional[Sequence[int]] = None):
     """The LASP-2 schedule (or one device when comm is None) through the custom op:
     o, or (o, final_state) with output_final_state. Documents: planned (doc_start,
     head_doc) or per call (cu_seqlens, global boundaries the op reads; num_seqs its
-    number of documents when they carry states)."""
+    number of documents when they carry states). check / consistency: compiled_check's
+    (compiled calls over a group only)."""
     if not torch.compiler.is_compiling() and _under_functorch():
         raise NotImplementedError(
             f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
-    run = _EagerForward.apply if eager_call(q, k, v, g, decay, doc_start, initial_state, cu_seqlens) else lasp2_forward
-    out = run(q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size),
-              handle_of(comm), int(parts), bool(overlap), [int(d) for d in head_doc], int(num_seqs),
-              bool(output_final_state), cu_seqlens)
+    # compiled over a group: the communicator goes in as the check's group handle (a constant
+    # of the graph; handle_of would register it only after the trace)
+    handle = int(check) if check else handle_of(comm)
+    args = (q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size), handle, int(parts),
+            bool(overlap), [int(d) for d in head_doc], int(num_seqs), bool(output_final_state), cu_seqlens)
+    if check:  # compiled over a group: the op checks the ranks
+        out = lasp2_forward(*args, int(check), list(consistency))
+    elif eager_call(q, k, v, g, decay, doc_start, initial_state, cu_seqlens):
+        out = _EagerForward.apply(*args)
+    else:
+        out = lasp2_forward(*args)
     return (out[0], out[1]) if output_final_state else out[0]
 
 

@@ -13,16 +13,12 @@ from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_
 from lasp2.ops import _checks as C
 from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
-from lasp2.ops._library import lasp2_linear_attention
+from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE
 from lasp2.options import PROVIDERS
 
 OP = "lasp2.linear_attention"
-# what the size fields of the per-call consistency check are (in the order linear_attention sends them)
-_CHECK_NAMES = ("batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
-                "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
-                "use of initial_state", "output_final_state")
 
 
 def _validate(q, k, v, g, decay, scale, layout):
@@ -188,20 +184,25 @@ def linear_attention(
         raise
     if scale is None:
         scale = q.shape[3] ** -0.5
-    check = NO_CHECK
+    check, in_op_check = NO_CHECK, {}
     if ctx.world_size > 1:
-        check = verify_group_consistency(
-            OP, ctx.group,
-            [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
-             0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
-             int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
-             int(output_final_state)],
-            _CHECK_NAMES, q.device,
-            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
-                         ("`layout`", layout), ("`overlap`", overlap)],
-            device_values=[("`decay` values", decay)],
-            positive=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", x)
-                      for name, x in (("g", g), ("decay", decay)) if x is not None])
+        signature = [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
+                     0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
+                     int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
+                     int(output_final_state)]
+        if torch.compiler.is_compiling() and provider == "lasp2":  # the custom op checks the ranks
+            cu_list = ctx.cu_seqlens_list
+            in_op_check = compiled_check(ctx.group, q.device, signature,
+                                         (None if cu_list is None else tuple(cu_list), layout, overlap))
+        else:
+            if torch.compiler.is_compiling():  # a graph break (an error under fullgraph=True) before the Python check
+                torch._dynamo.graph_break(
+                    f"{OP}: over a group, fullgraph torch.compile supports provider \"lasp2\" only (its custom op "
+                    f"runs the cross-rank check); provider={provider!r} checks the ranks in Python")
+            check = verify_group_consistency(
+                OP, ctx.group, signature, CHECK_NAMES, q.device,
+                host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
+                             ("`layout`", layout), ("`overlap`", overlap)], **device_checks(g, decay))
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 
@@ -219,9 +220,10 @@ def linear_attention(
     elif initial_state is not None or output_final_state:
         o, final = impl.apply_with_states(
             q, k, v, g, decay, initial_state, scale=float(scale), sp_context=ctx, overlap=bool(overlap),
-            output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs)
+            output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs, **in_op_check)
     else:
-        o, final = impl.apply(q, k, v, g, decay, scale=float(scale), sp_context=ctx, overlap=bool(overlap)), None
+        o = impl.apply(q, k, v, g, decay, scale=float(scale), sp_context=ctx, overlap=bool(overlap), **in_op_check)
+        final = None
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:

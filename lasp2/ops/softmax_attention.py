@@ -123,6 +123,10 @@ def softmax_attention(
     cu = None if ctx.cu_seqlens is None else ctx.cu_seqlens_list
     check = NO_CHECK
     if world > 1:
+        if torch.compiler.is_compiling():  # a graph break (an error under fullgraph=True) before the Python check
+            torch._dynamo.graph_break(f"{OP}: fullgraph torch.compile over a group is not supported yet (the "
+                                      "cross-rank check runs in Python before the op; the delta-rule ops and "
+                                      "linear_attention run it inside their custom op)")
         check = verify_group_consistency(
             OP, ctx.group,
             [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,

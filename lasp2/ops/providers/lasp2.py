@@ -27,17 +27,23 @@ class Lasp2Provider(Provider):
     name = "lasp2"
     takes_states = True
 
-    def apply(self, q, k, v, g, decay, *, scale, sp_context, overlap):
+    def apply(self, q, k, v, g, decay, *, scale, sp_context, overlap, **in_op_check):
+        """in_op_check: lasp2.ops._library.compiled_check's arguments (a compiled call
+        over a group: the custom op checks the ranks)."""
         call = KernelCall(scale, sp_context.doc_start_on(q.device), sp_context.comm(), sp_context.parts_per_rank,
                           overlap)
+        if in_op_check:
+            return lasp2_linear_attention(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm,
+                                          call.parts_per_rank, call.overlap, **in_op_check)
         return Lasp2LinearAttention.apply(q, k, v, g, decay, call)
 
     def apply_with_states(self, q, k, v, g, decay, initial_state, *, scale, sp_context, overlap,
-                          output_final_state, head_doc, num_seqs):
+                          output_final_state, head_doc, num_seqs, **in_op_check):
         """apply() with the sequences' initial / final states -> (o, final_state or None)."""
         call = KernelCall(scale, sp_context.doc_start_on(q.device), sp_context.comm(), sp_context.parts_per_rank,
                           overlap)
         out = lasp2_linear_attention(q, k, v, g, decay, call.doc_start, call.scale, call.chunk_size, call.comm,
                                      call.parts_per_rank, call.overlap, initial_state=initial_state,
-                                     output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs)
+                                     output_final_state=output_final_state, head_doc=head_doc, num_seqs=num_seqs,
+                                     **in_op_check)
         return out if output_final_state else (out, None)
