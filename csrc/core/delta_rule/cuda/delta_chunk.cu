@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "delta_rule/cuda/delta_chunk.h"
+#include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "lasp2/types.h"
 
@@ -1017,13 +1018,6 @@ StatePass state_pass() {
   fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile or w8, not ") + env);
 }
 
-int device_sms() {
-  int device = 0, sms = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return sms;
-}
-
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
 // a block for the state pass, 32 for the summary (whose 2 d columns a (b, h) would
 // otherwise take two blocks an SM, each reading w and K). Measured at T = 64K, H = 16,
@@ -1045,7 +1039,7 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
         allow(kernel, bytes, "chunk state smem");
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
       };
-      if (static_cast<int64_t>(cols) * p.bh() <= device_sms())
+      if (static_cast<int64_t>(cols) * p.bh() <= lasp2::cuda::device_info().sms)
         return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
       run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
     };
@@ -1055,7 +1049,7 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
   const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-  if (static_cast<int64_t>(cols) * p.bh() <= device_sms()) {
+  if (static_cast<int64_t>(cols) * p.bh() <= lasp2::cuda::device_info().sms) {
     const int bytes = static_cast<int>(sizeof(FwdStateSmem<T, D, C, 4>));
     allow(fwd_state_kernel<T, D, C, 4>, bytes, "chunk state smem");
     fwd_state_kernel<T, D, C, 4><<<grid, NT, bytes, s>>>(p, prep, out, sum);
