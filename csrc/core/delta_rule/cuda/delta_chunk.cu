@@ -9,12 +9,16 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "delta_rule/cuda/delta_chunk.h"
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/cluster_copy.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -670,13 +674,68 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
+// ---- cluster loads of the forward pass --------------------------------------------------------
+// With kCl, the D / C column blocks of a (b, h) (or 2 D / C for the summary) form a
+// thread-block cluster of K blocks (8, 4 or 2) and a ninth warp of each block loads the
+// chunks: its 64 / K rows of w and of K, multicast into every block of the cluster by
+// bulk copies (each chunk's w and K leave L2 once a cluster instead of once a block:
+// the 8-warp pass was L2-bound, 84 % busy), and its own u columns and meta by cp.async.
+// full[s]: buffer s holds its chunk (one arrival with the expected bytes, 32 cp.async
+// arrivals); empty[s]: every block of the cluster is done with buffer s (K arrivals, one
+// a block, before any block copies the next chunk into it).
+constexpr int kFwdLoaderThreads = 32;
 template <typename T, int D, int C, int NS>
-__global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo,
-                                                          ChunkSummaryOut sum) {
+struct FwdStateSmemCl : FwdStateSmem<T, D, C, NS> {
+  uint64_t full[NS];
+  uint64_t empty[NS];
+};
+
+// The loader warp of a cluster block: chunks 0..nck-1 into the ring, each buffer once
+// the cluster is done with its previous chunk.
+template <typename T, int D, int C, int NS>
+__device__ __forceinline__ void load_fwd_chunks_cluster(const Problem& p, const ChunkPrep& prep,
+                                                        FwdStateSmemCl<T, D, C, NS>& sm, int64_t bh, int j0,
+                                                        bool with_u, int lane) {
+  constexpr int LD = TcTile<D>::LD, kRowBytes = D * static_cast<int>(sizeof(T));
+  const int nck = static_cast<int>(chunk_count(p));
+  const int blocks = static_cast<int>(cluster_blocks()), rows = CH / blocks;
+  const int first = static_cast<int>(cluster_rank()) * rows;  // this block's rows of w and K
+  const uint16_t mask = static_cast<uint16_t>((1u << blocks) - 1);
+  for (int i = 0; i < nck; ++i) {
+    const int s = i % NS;
+    FwdStateBuf<T, D, C>& B = sm.buf[s];
+    if (i >= NS) mbar_wait(&sm.empty[s], ((i / NS) - 1) & 1);
+    const ChunkPos cp = chunk_pos(p, i, bh);
+    if (lane == 0) mbar_arrive_expect_tx(&sm.full[s], static_cast<uint32_t>((CH + cp.nvalid) * kRowBytes));
+    const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
+    const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
+    for (int r = lane; r < 2 * rows; r += kFwdLoaderThreads) {
+      const int row = first + (r < rows ? r : r - rows);
+      if (r < rows) {
+        bulk_copy_multicast(B.w + row * LD, w + row * D, kRowBytes, &sm.full[s], mask);
+      } else if (row < cp.nvalid) {
+        bulk_copy_multicast(B.k + row * LD, k + row * p.k.st, kRowBytes, &sm.full[s], mask);
+      }
+    }
+    // K rows past the part's end: zeros, each block its own
+    for (int e = lane; e < (CH - cp.nvalid) * (D / 8); e += kFwdLoaderThreads)
+      cp_async16(B.k + (cp.nvalid + e / (D / 8)) * LD + 8 * (e % (D / 8)), k, false);
+    if (with_u)
+      load_col_block<T, C, kFwdLoaderThreads>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, lane);
+    load_meta(B.meta, prep.meta, cp.row0, lane);
+    mbar_arrive_cp_async(&sm.full[s]);
+  }
+}
+
+// kCl: a cluster of column blocks fed by a loader warp (above); else each block loads
+// its own chunks with cp.async, NS - 1 ahead.
+template <typename T, int D, int C, int NS, bool kCl>
+__global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 : 2)
+    fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo, ChunkSummaryOut sum) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
+  FwdStateSmemCl<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmemCl<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
   const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
@@ -697,17 +756,47 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
       S[nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
     }
-  if (amap) {  // u = 0 in every buffer
+  if (amap && tid < NT8) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
+  // the 8 computing warps' barrier (the loader warp takes no part)
+  auto sync = [] {
+    if constexpr (kCl) {
+      asm volatile("bar.sync 1, %0;\n" ::"n"(NT8) : "memory");
+    } else {
+      __syncthreads();
+    }
+  };
+  if constexpr (kCl) {
+    if (tid == 0) {
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
-    cp_async_commit();
+      for (int s = 0; s < NS; ++s) {
+        mbar_init(&sm.full[s], 1 + kFwdLoaderThreads);
+        mbar_init(&sm.empty[s], cluster_blocks());
+      }
+      mbar_init_fence();
+    }
+    cluster_sync();  // every block's barriers are set before any copy reaches them
+    if (warp == NT8 / 32) {
+      load_fwd_chunks_cluster<T, D, C, NS>(p, prep, sm, bh, j0, !amap, lane);
+      __syncwarp();
+      cluster_sync();  // no block leaves while copies or arrivals may still reach it
+      return;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) {
+      if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+      cp_async_commit();
+    }
   }
   for (int c = 0; c < nck; ++c) {
     FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
-    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    if constexpr (kCl) {
+      mbar_wait(&sm.full[c % NS], (c / NS) & 1);
+    } else {
+      cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
+    }
     // the carried columns: 16-bit copy for the products, and the per-chunk outputs
 #pragma unroll
     for (int nt = 0; nt < NTL; ++nt)
@@ -727,9 +816,16 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
         }
       }
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
-    __syncthreads();
-    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
-    cp_async_commit();
+    sync();
+    if constexpr (kCl) {  // buffer (c - 1) % NS is free here: tell every block's loader
+      if (tid == 0 && c >= 1 && c - 1 + NS < nck) {
+        for (uint32_t r = 0; r < cluster_blocks(); ++r) mbar_arrive_remote(&sm.empty[(c - 1) % NS], r);
+      }
+    } else {
+      if (c + NS - 1 < nck)
+        load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+      cp_async_commit();
+    }
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (this warp's token tiles); ys = diag(d) v_new
       float acc[TPW][4] = {};
@@ -751,7 +847,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
         }
       }
     }
-    __syncthreads();
+    sync();
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? __expf(GL) : 0.f;
 #pragma unroll
@@ -779,6 +875,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
             make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
       }
   }
+  if constexpr (kCl) cluster_sync();  // with the loader warps (above)
 }
 
 template <typename T, int D>
@@ -1008,14 +1105,68 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare the two): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), or
-// "w8" (the default; d = 128, else tile), their 8-warp versions.
-enum class StatePass { kTile, kW8 };
+// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block); "w8",
+// their 8-warp versions (d = 128, else tile); "cluster" (the default), at d = 128 the
+// forward pass and the summary on clusters of column blocks where those fit the device
+// in one wave (else w8; the reverse pass is w8's).
+enum class StatePass { kTile, kW8, kCluster };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (env == nullptr || *env == 0 || std::strcmp(env, "cluster") == 0) return StatePass::kCluster;
+  if (std::strcmp(env, "w8") == 0) return StatePass::kW8;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile or w8, not ") + env);
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or cluster, not ") +
+       env);
+}
+
+// Blocks a cluster of the forward pass (grid x = the column blocks of one (b, h)): the
+// largest of 8, 4, 2 dividing grid.x with every cluster of the grid resident at once
+// (a block carries its columns over all chunks, so a second wave would double the time);
+// 0 when none fits, before sm_90, or when the grid is more than one wave.
+// LASP2_DELTA_STATE_CLUSTER=<n> forces n (0: no clusters). Cached per device, kernel
+// and grid.
+template <typename Kernel>
+int fwd_cluster_size(Kernel kernel, dim3 grid, int threads, int bytes) {
+  int dev = 0, major = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
+  const int forced = lasp2::cuda::env_int("LASP2_DELTA_STATE_CLUSTER", -1);
+  if (major < 9 || forced == 0) return 0;
+  if (forced > 0) {
+    if ((forced & (forced - 1)) != 0 || forced > 8 || grid.x % forced != 0)
+      fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_CLUSTER must be 0, 1, 2, 4 or 8 and divide " +
+           std::to_string(grid.x));
+    return forced;
+  }
+  if (static_cast<int64_t>(grid.x) * grid.y > lasp2::cuda::device_info().sms) return 0;
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, unsigned, unsigned>, int> cache;
+  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), grid.x, grid.y);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  int best = 0;
+  for (int size = 8; size >= 2 && best == 0; size /= 2) {
+    if (grid.x % size != 0) continue;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = bytes;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = size;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // not an error of the caller's: no clusters then
+      continue;
+    }
+    if (static_cast<int64_t>(clusters) * size >= static_cast<int64_t>(grid.x) * grid.y) best = size;
+  }
+  cache.emplace(key, best);
+  return best;
 }
 
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
@@ -1025,7 +1176,9 @@ StatePass state_pass() {
 // with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
 // 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
-// SM), else 2 (two blocks an SM hide each other's loads).
+// SM), else 2 (two blocks an SM hide each other's loads). Where the wave's clusters fit,
+// the column blocks of a (b, h) share each chunk's w and K through multicast copies
+// ("cluster", docs/delta_rule.md "Forward, eighth round").
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1035,16 +1188,38 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       constexpr int CW = decltype(cols_tag)::value;
       const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / CW;
       const dim3 grid(cols, static_cast<unsigned>(p.bh()));
+      if (pass == StatePass::kCluster) {
+        auto kernel = fwd_state_kernel_w8<T, D, CW, 4, true>;
+        const int bytes = static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>));
+        const int threads = NT8 + kFwdLoaderThreads;
+        allow(kernel, bytes, "chunk state smem");
+        if (const int size = fwd_cluster_size(kernel, grid, threads, bytes); size > 0) {
+          cudaLaunchConfig_t cfg = {};
+          cfg.gridDim = grid;
+          cfg.blockDim = dim3(threads);
+          cfg.dynamicSmemBytes = bytes;
+          cfg.stream = s;
+          cudaLaunchAttribute attr[1];
+          attr[0].id = cudaLaunchAttributeClusterDimension;
+          attr[0].val.clusterDim.x = size;
+          attr[0].val.clusterDim.y = 1;
+          attr[0].val.clusterDim.z = 1;
+          cfg.attrs = attr;
+          cfg.numAttrs = 1;
+          check(cudaLaunchKernelEx(&cfg, kernel, p, prep, out, sum), "chunk state kernel (clusters)");
+          return;
+        }
+      }
       auto run = [&](auto kernel, int bytes) {
         allow(kernel, bytes, "chunk state smem");
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
       };
       if (static_cast<int64_t>(cols) * p.bh() <= lasp2::cuda::device_info().sms)
-        return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
-      run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
+        return run(fwd_state_kernel_w8<T, D, CW, 4, false>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>)));
+      run(fwd_state_kernel_w8<T, D, CW, 2, false>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 2>)));
     };
-    if (pass == StatePass::kW8 && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
-    if (pass == StatePass::kW8) return w8(std::integral_constant<int, kChunkCols>{});
+    if (pass != StatePass::kTile && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
+    if (pass != StatePass::kTile) return w8(std::integral_constant<int, kChunkCols>{});
   }
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
@@ -1113,7 +1288,7 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
-      if (pass == StatePass::kW8) {
+      if (pass != StatePass::kTile) {
         allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
         rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
         return;
