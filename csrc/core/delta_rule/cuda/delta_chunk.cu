@@ -674,63 +674,97 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
-// ---- cluster loads of the forward pass --------------------------------------------------------
-// With kCl, the D / C column blocks of a (b, h) (or 2 D / C for the summary) form a
+// ---- cluster loads of the 8-warp state passes ------------------------------------------------
+// With kCl, the column blocks of a (b, h) (D / C of them, 2 D / C for the summary) form a
 // thread-block cluster of K blocks (8, 4 or 2) and a ninth warp of each block loads the
-// chunks: its 64 / K rows of w and of K, multicast into every block of the cluster by
-// bulk copies (each chunk's w and K leave L2 once a cluster instead of once a block:
-// the 8-warp pass was L2-bound, 84 % busy), and its own u columns and meta by cp.async.
+// chunks: its 64 / K rows of each chunk's full-width tiles (w and K; the reverse pass
+// also Q), multicast into every block of the cluster by bulk copies, so that each
+// chunk's tiles leave L2 once a cluster instead of once a block (the 8-warp passes were
+// L2-bound, 84 % busy), and its own column tiles and meta by cp.async.
 // full[s]: buffer s holds its chunk (one arrival with the expected bytes, 32 cp.async
 // arrivals); empty[s]: every block of the cluster is done with buffer s (K arrivals, one
 // a block, before any block copies the next chunk into it).
-constexpr int kFwdLoaderThreads = 32;
-template <typename T, int D, int C, int NS>
-struct FwdStateSmemCl : FwdStateSmem<T, D, C, NS> {
+constexpr int kLoaderThreads = 32;
+template <int NS>
+struct ClusterRing {
   uint64_t full[NS];
   uint64_t empty[NS];
 };
 
-// The loader warp of a cluster block: chunks 0..nck-1 into the ring, each buffer once
-// the cluster is done with its previous chunk.
-template <typename T, int D, int C, int NS>
-__device__ __forceinline__ void load_fwd_chunks_cluster(const Problem& p, const ChunkPrep& prep,
-                                                        FwdStateSmemCl<T, D, C, NS>& sm, int64_t bh, int j0,
-                                                        bool with_u, int lane) {
-  constexpr int LD = TcTile<D>::LD, kRowBytes = D * static_cast<int>(sizeof(T));
-  const int nck = static_cast<int>(chunk_count(p));
+// The computing warps' side: thread 0 sets the barriers (before the cluster_sync that
+// every thread calls next).
+template <int NS>
+__device__ __forceinline__ void ring_init(ClusterRing<NS>& ring, int tid) {
+  if (tid != 0) return;
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    mbar_init(&ring.full[s], 1 + kLoaderThreads);
+    mbar_init(&ring.empty[s], cluster_blocks());
+  }
+  mbar_init_fence();
+}
+// Buffer s is free in this block (after the computing warps' barrier): thread 0 tells
+// every block's loader.
+template <int NS>
+__device__ __forceinline__ void ring_release(ClusterRing<NS>& ring, int s, int tid) {
+  if (tid != 0) return;
+  for (uint32_t r = 0; r < cluster_blocks(); ++r) mbar_arrive_remote(&ring.empty[s], r);
+}
+
+// A [64][D] tile of a chunk: rows < nvalid from src (row pitch ld), the rest zero.
+template <typename T>
+struct RowTile {
+  T* dst;
+  const T* src;
+  int64_t ld;
+  int nvalid;
+};
+
+// The loader warp: chunk i of 0..n-1 into buffer i % NS once the cluster is done with
+// the buffer's previous chunk. tiles(i, s, RowTile (&)[N]) names the chunk's full-width
+// tiles; own(i, s) issues this block's cp.async pieces (column tiles, meta).
+template <typename T, int D, int N, int NS, typename Tiles, typename Own>
+__device__ __forceinline__ void cluster_loader(int n, ClusterRing<NS>& ring, int lane, Tiles&& tiles, Own&& own) {
+  constexpr int LD = TcTile<D>::LD, kRowBytes = D * static_cast<int>(sizeof(T)), kPieces = D / 8;
   const int blocks = static_cast<int>(cluster_blocks()), rows = CH / blocks;
-  const int first = static_cast<int>(cluster_rank()) * rows;  // this block's rows of w and K
+  const int first = static_cast<int>(cluster_rank()) * rows;  // this block's rows of each tile
   const uint16_t mask = static_cast<uint16_t>((1u << blocks) - 1);
-  for (int i = 0; i < nck; ++i) {
+  for (int i = 0; i < n; ++i) {
     const int s = i % NS;
-    FwdStateBuf<T, D, C>& B = sm.buf[s];
-    if (i >= NS) mbar_wait(&sm.empty[s], ((i / NS) - 1) & 1);
-    const ChunkPos cp = chunk_pos(p, i, bh);
-    if (lane == 0) mbar_arrive_expect_tx(&sm.full[s], static_cast<uint32_t>((CH + cp.nvalid) * kRowBytes));
-    const T* w = static_cast<const T*>(prep.w) + cp.row0 * D;
-    const T* k = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
-    for (int r = lane; r < 2 * rows; r += kFwdLoaderThreads) {
-      const int row = first + (r < rows ? r : r - rows);
-      if (r < rows) {
-        bulk_copy_multicast(B.w + row * LD, w + row * D, kRowBytes, &sm.full[s], mask);
-      } else if (row < cp.nvalid) {
-        bulk_copy_multicast(B.k + row * LD, k + row * p.k.st, kRowBytes, &sm.full[s], mask);
-      }
+    if (i >= NS) mbar_wait(&ring.empty[s], ((i / NS) - 1) & 1);
+    RowTile<T> t[N];
+    tiles(i, s, t);
+    if (lane == 0) {
+      int bytes = 0;
+#pragma unroll
+      for (int j = 0; j < N; ++j) bytes += t[j].nvalid * kRowBytes;
+      mbar_arrive_expect_tx(&ring.full[s], static_cast<uint32_t>(bytes));
     }
-    // K rows past the part's end: zeros, each block its own
-    for (int e = lane; e < (CH - cp.nvalid) * (D / 8); e += kFwdLoaderThreads)
-      cp_async16(B.k + (cp.nvalid + e / (D / 8)) * LD + 8 * (e % (D / 8)), k, false);
-    if (with_u)
-      load_col_block<T, C, kFwdLoaderThreads>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, lane);
-    load_meta(B.meta, prep.meta, cp.row0, lane);
-    mbar_arrive_cp_async(&sm.full[s]);
+    for (int r = lane; r < N * rows; r += kLoaderThreads) {
+      const int which = r / rows, row = first + r % rows;
+#pragma unroll
+      for (int j = 0; j < N; ++j)  // t indexed by constants only (kept in registers)
+        if (j == which && row < t[j].nvalid)
+          bulk_copy_multicast(t[j].dst + row * LD, t[j].src + row * t[j].ld, kRowBytes, &ring.full[s], mask);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j)  // rows past the part's end: zeros, each block its own
+      for (int e = lane; e < (CH - t[j].nvalid) * kPieces; e += kLoaderThreads)
+        cp_async16(t[j].dst + (t[j].nvalid + e / kPieces) * LD + 8 * (e % kPieces), t[j].src, false);
+    own(i, s);
+    mbar_arrive_cp_async(&ring.full[s]);
   }
 }
 
-// kCl: a cluster of column blocks fed by a loader warp (above); else each block loads
-// its own chunks with cp.async, NS - 1 ahead.
+template <typename T, int D, int C, int NS>
+struct FwdStateSmemCl : FwdStateSmem<T, D, C, NS> {
+  ClusterRing<NS> ring;
+};
+
+// kCl: a cluster of column blocks fed by a loader warp ("cluster loads" above); else
+// each block loads its own chunks with cp.async, NS - 1 ahead.
 template <typename T, int D, int C, int NS, bool kCl>
-__global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 : 2)
+__global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
     fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo, ChunkSummaryOut sum) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp
@@ -754,7 +788,10 @@ __global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 :
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
+      // (the loader warp's rows would be past the state's: it reads nothing)
+      S[nt][e] = amap                                 ? (row == col ? 1.f : 0.f)
+                 : entering != nullptr && tid < NT8 ? entering[bh * se + row * D + col]
+                                                     : 0.f;
     }
   if (amap && tid < NT8) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
@@ -768,17 +805,23 @@ __global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 :
     }
   };
   if constexpr (kCl) {
-    if (tid == 0) {
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        mbar_init(&sm.full[s], 1 + kFwdLoaderThreads);
-        mbar_init(&sm.empty[s], cluster_blocks());
-      }
-      mbar_init_fence();
-    }
+    ring_init(sm.ring, tid);
     cluster_sync();  // every block's barriers are set before any copy reaches them
     if (warp == NT8 / 32) {
-      load_fwd_chunks_cluster<T, D, C, NS>(p, prep, sm, bh, j0, !amap, lane);
+      cluster_loader<T, D, 2>(
+          nck, sm.ring, lane,
+          [&](int i, int s, RowTile<T>(&t)[2]) {
+            const ChunkPos cp = chunk_pos(p, i, bh);
+            t[0] = {sm.buf[s].w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH};
+            t[1] = {sm.buf[s].k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid};
+          },
+          [&](int i, int s) {
+            const ChunkPos cp = chunk_pos(p, i, bh);
+            if (!amap)
+              load_col_block<T, C, kLoaderThreads>(sm.buf[s].u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D,
+                                                   CH, lane);
+            load_meta(sm.buf[s].meta, prep.meta, cp.row0, lane);
+          });
       __syncwarp();
       cluster_sync();  // no block leaves while copies or arrivals may still reach it
       return;
@@ -793,7 +836,7 @@ __global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 :
   for (int c = 0; c < nck; ++c) {
     FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
     if constexpr (kCl) {
-      mbar_wait(&sm.full[c % NS], (c / NS) & 1);
+      mbar_wait(&sm.ring.full[c % NS], (c / NS) & 1);
     } else {
       cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
     }
@@ -818,9 +861,7 @@ __global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 :
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
     sync();
     if constexpr (kCl) {  // buffer (c - 1) % NS is free here: tell every block's loader
-      if (tid == 0 && c >= 1 && c - 1 + NS < nck) {
-        for (uint32_t r = 0; r < cluster_blocks(); ++r) mbar_arrive_remote(&sm.empty[(c - 1) % NS], r);
-      }
+      if (c >= 1 && c - 1 + NS < nck) ring_release(sm.ring, (c - 1) % NS, tid);
     } else {
       if (c + NS - 1 < nck)
         load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
@@ -879,13 +920,21 @@ __global__ void __launch_bounds__(kCl ? NT8 + kFwdLoaderThreads : NT8, kCl ? 1 :
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
+struct StateSmemCl : StateSmem<T, D> {
+  ClusterRing<kRevStages> ring;
+};
+
+// kCl: as fwd_state_kernel_w8's (k, w and q multicast, r and dO columns and meta by the
+// loader's cp.async).
+template <typename T, int D, bool kCl>
+__global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
+    rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NS = kRevStages;
   static_assert(NS == 3, "cp_async_wait_group1 below waits for the oldest of NS - 1 = 2 groups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
+  StateSmemCl<T, D>& sm = *reinterpret_cast<StateSmemCl<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
@@ -900,17 +949,54 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
+      S[nt][e] = ro.leaving != nullptr && tid < NT8 ? ro.leaving[bh * se + row * D + col] : 0.f;  // not the loader
     }
+  auto sync = [] {  // the 8 computing warps (the loader warp takes no part)
+    if constexpr (kCl) {
+      asm volatile("bar.sync 1, %0;\n" ::"n"(NT8) : "memory");
+    } else {
+      __syncthreads();
+    }
+  };
+  if constexpr (kCl) {
+    ring_init(sm.ring, tid);
+    cluster_sync();  // every block's barriers are set before any copy reaches them
+    if (warp == NT8 / 32) {
+      cluster_loader<T, D, 3>(
+          nck, sm.ring, lane,
+          [&](int i, int s, RowTile<T>(&t)[3]) {
+            const ChunkPos cp = chunk_pos(p, nck - 1 - i, bh);
+            t[0] = {sm.buf[s].a1, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid};
+            t[1] = {sm.buf[s].a2, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH};
+            t[2] = {sm.buf[s].a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid};
+          },
+          [&](int i, int s) {
+            const ChunkPos cp = chunk_pos(p, nck - 1 - i, bh);
+            StateBuf<T, D>& B = sm.buf[s];
+            load_col_block<T, BV, kLoaderThreads>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0) + j0, dout.st, cp.nvalid,
+                                                  lane);
+            load_col_block<T, BV, kLoaderThreads>(B.r, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, lane);
+            load_meta(B.meta, prep.meta, cp.row0, lane);
+          });
+      __syncwarp();
+      cluster_sync();  // no block leaves while copies or arrivals may still reach it
+      return;
+    }
+  } else {
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
-    cp_async_commit();
+    for (int i = 0; i < NS - 1; ++i) {
+      if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
+      cp_async_commit();
+    }
   }
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i;
     StateBuf<T, D>& B = sm.buf[i % NS];
-    cp_async_wait_group1();  // chunk c's group has landed
+    if constexpr (kCl) {
+      mbar_wait(&sm.ring.full[i % NS], (i / NS) & 1);
+    } else {
+      cp_async_wait_group1();  // chunk c's group has landed
+    }
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -919,9 +1005,14 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
         store_u32(sm.xb + row * LDV + cl, pack2<T>(S[nt][2 * hf], S[nt][2 * hf + 1]));
       }
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
-    __syncthreads();
-    if (i + NS - 1 < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
-    cp_async_commit();
+    sync();
+    if constexpr (kCl) {
+      if (i >= 1 && i - 1 + NS < nck) ring_release(sm.ring, (i - 1) % NS, tid);
+    } else {
+      if (i + NS - 1 < nck)
+        load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+      cp_async_commit();
+    }
     if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
@@ -944,7 +1035,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
         store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
       }
     }
-    __syncthreads();
+    sync();
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
       const float e = sL == 0.f ? __expf(GL) : 0.f;
       float oq[2][4] = {};
@@ -973,6 +1064,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
         *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
       }
   }
+  if constexpr (kCl) cluster_sync();  // with the loader warps (above)
 }
 
 // ---- chunk-parallel passes with the causal scores ---------------------------------------------
@@ -1107,8 +1199,8 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
 // compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block); "w8",
 // their 8-warp versions (d = 128, else tile); "cluster" (the default), at d = 128 the
-// forward pass and the summary on clusters of column blocks where those fit the device
-// in one wave (else w8; the reverse pass is w8's).
+// state passes and the summary on clusters of column blocks where those fit the device
+// in one wave (else w8).
 enum class StatePass { kTile, kW8, kCluster };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
@@ -1119,14 +1211,14 @@ StatePass state_pass() {
        env);
 }
 
-// Blocks a cluster of the forward pass (grid x = the column blocks of one (b, h)): the
+// Blocks a cluster of a state pass (grid x = the column blocks of one (b, h)): the
 // largest of 8, 4, 2 dividing grid.x with every cluster of the grid resident at once
 // (a block carries its columns over all chunks, so a second wave would double the time);
 // 0 when none fits, before sm_90, or when the grid is more than one wave.
 // LASP2_DELTA_STATE_CLUSTER=<n> forces n (0: no clusters). Cached per device, kernel
 // and grid.
 template <typename Kernel>
-int fwd_cluster_size(Kernel kernel, dim3 grid, int threads, int bytes) {
+int cluster_size(Kernel kernel, dim3 grid, int threads, int bytes) {
   int dev = 0, major = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
@@ -1169,6 +1261,30 @@ int fwd_cluster_size(Kernel kernel, dim3 grid, int threads, int bytes) {
   return best;
 }
 
+// Launches kernel (one block per column block and (b, h), the computing warps and a
+// loader warp) on clusters of cluster_size blocks; false (nothing launched) when none fit.
+template <typename... Params, typename... Args>
+bool launch_clustered(void (*kernel)(Params...), int bytes, dim3 grid, cudaStream_t s, Args&&... args) {
+  const int threads = NT8 + kLoaderThreads;
+  allow(kernel, bytes, "chunk state smem");
+  const int size = cluster_size(kernel, grid, threads, bytes);
+  if (size == 0) return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = bytes;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = size;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "chunk state kernel (clusters)");
+  return true;
+}
+
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
 // a block for the state pass, 32 for the summary (whose 2 d columns a (b, h) would
 // otherwise take two blocks an SM, each reading w and K). Measured at T = 64K, H = 16,
@@ -1188,28 +1304,10 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       constexpr int CW = decltype(cols_tag)::value;
       const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / CW;
       const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-      if (pass == StatePass::kCluster) {
-        auto kernel = fwd_state_kernel_w8<T, D, CW, 4, true>;
-        const int bytes = static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>));
-        const int threads = NT8 + kFwdLoaderThreads;
-        allow(kernel, bytes, "chunk state smem");
-        if (const int size = fwd_cluster_size(kernel, grid, threads, bytes); size > 0) {
-          cudaLaunchConfig_t cfg = {};
-          cfg.gridDim = grid;
-          cfg.blockDim = dim3(threads);
-          cfg.dynamicSmemBytes = bytes;
-          cfg.stream = s;
-          cudaLaunchAttribute attr[1];
-          attr[0].id = cudaLaunchAttributeClusterDimension;
-          attr[0].val.clusterDim.x = size;
-          attr[0].val.clusterDim.y = 1;
-          attr[0].val.clusterDim.z = 1;
-          cfg.attrs = attr;
-          cfg.numAttrs = 1;
-          check(cudaLaunchKernelEx(&cfg, kernel, p, prep, out, sum), "chunk state kernel (clusters)");
-          return;
-        }
-      }
+      if (pass == StatePass::kCluster &&
+          launch_clustered(fwd_state_kernel_w8<T, D, CW, 4, true>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>)),
+                           grid, s, p, prep, out, sum))
+        return;
       auto run = [&](auto kernel, int bytes) {
         allow(kernel, bytes, "chunk state smem");
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
@@ -1287,15 +1385,21 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
+    const dim3 grid(D / BV, static_cast<unsigned>(p.bh()));
     if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
+      if (pass == StatePass::kCluster &&
+          launch_clustered(rev_state_kernel_w8<T, D, true>, static_cast<int>(sizeof(StateSmemCl<T, D>)), grid, s, p,
+                           dout, prep, out))
+        return;
       if (pass != StatePass::kTile) {
-        allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
-        rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
+        const int bytes8 = static_cast<int>(sizeof(StateSmemCl<T, D>));
+        allow(rev_state_kernel_w8<T, D, false>, bytes8, "chunk reverse state smem");
+        rev_state_kernel_w8<T, D, false><<<grid, NT8, bytes8, s>>>(p, dout, prep, out);
         return;
       }
     }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
-    rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
+    rev_state_kernel<T, D><<<grid, NT, bytes, s>>>(p, dout, prep, out);
   });
   check(cudaGetLastError(), "chunk reverse state kernel");
 }
