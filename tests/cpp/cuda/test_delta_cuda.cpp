@@ -448,6 +448,8 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   };
   ChunkedResult got;
   {
+    // the cluster cases name their family (the default is "w8")
+    const EnvScope family("LASP2_DELTA_STATE_KERNEL", *c.cluster != 0 ? "cluster" : "");
     const EnvScope cluster("LASP2_DELTA_STATE_CLUSTER", c.cluster);
     got = run();
   }
@@ -520,11 +522,12 @@ INSTANTIATE_TEST_SUITE_P(
              (c.neg_inf ? "_neginf" : "");
     });
 
-// The state passes on clusters of 2 and 4 column blocks (forced; the default takes 8
-// where they fit), as above.
+// The state passes on clusters of 2, 4 and 8 column blocks (LASP2_DELTA_STATE_KERNEL=
+// cluster with forced sizes), as above.
 INSTANTIATE_TEST_SUITE_P(Clusters, DeltaCudaChunked,
                          ::testing::Values(ChunkedCase{ScalarType::kBFloat16, 128, true, true, "2"},
-                                           ChunkedCase{ScalarType::kFloat16, 128, false, false, "4"}),
+                                           ChunkedCase{ScalarType::kFloat16, 128, false, false, "4"},
+                                           ChunkedCase{ScalarType::kBFloat16, 128, true, false, "8"}),
                          [](const ::testing::TestParamInfo<ChunkedCase>& info) {
                            const auto& c = info.param;
                            return std::string(dtype_name(c.type)) + (c.packed ? "_packed" : "_rows") + "_cluster" +

@@ -1197,15 +1197,16 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block); "w8",
-// their 8-warp versions (d = 128, else tile); "cluster" (the default), at d = 128 the
+// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block); "w8"
+// (the default), their 8-warp versions (d = 128, else tile); "cluster", at d = 128 the
 // state passes and the summary on clusters of column blocks where those fit the device
-// in one wave (else w8).
+// in one wave (else w8). "cluster" is opt-in until it is measured on a device
+// (docs/delta_rule.md, "State passes on clusters, eighth round").
 enum class StatePass { kTile, kW8, kCluster };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "cluster") == 0) return StatePass::kCluster;
-  if (std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (std::strcmp(env, "cluster") == 0) return StatePass::kCluster;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
   fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or cluster, not ") +
        env);
@@ -1293,8 +1294,8 @@ bool launch_clustered(void (*kernel)(Params...), int bytes, dim3 grid, cudaStrea
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
 // 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
 // SM), else 2 (two blocks an SM hide each other's loads). Where the wave's clusters fit,
-// the column blocks of a (b, h) share each chunk's w and K through multicast copies
-// ("cluster", docs/delta_rule.md "Forward, eighth round").
+// the column blocks of a (b, h) can share each chunk's w and K through multicast copies
+// ("cluster", docs/delta_rule.md "State passes on clusters, eighth round").
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
