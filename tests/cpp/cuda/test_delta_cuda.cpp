@@ -376,7 +376,6 @@ struct ChunkedCase {
   int d;
   bool packed;
   bool neg_inf;
-  const char* cluster = "";  // LASP2_DELTA_STATE_CLUSTER for the chunked run ("": the default)
 };
 
 class EnvScope {
@@ -446,13 +445,7 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     }
     return r;
   };
-  ChunkedResult got;
-  {
-    // the cluster cases name their family (the default is "w8")
-    const EnvScope family("LASP2_DELTA_STATE_KERNEL", *c.cluster != 0 ? "cluster" : "");
-    const EnvScope cluster("LASP2_DELTA_STATE_CLUSTER", c.cluster);
-    got = run();
-  }
+  const ChunkedResult got = run();
   ChunkedResult want;
   {
     const EnvScope off("LASP2_DELTA_CHUNKED", "0");
@@ -521,18 +514,6 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed" : "_rows") +
              (c.neg_inf ? "_neginf" : "");
     });
-
-// The state passes on clusters of 2, 4 and 8 column blocks (LASP2_DELTA_STATE_KERNEL=
-// cluster with forced sizes), as above.
-INSTANTIATE_TEST_SUITE_P(Clusters, DeltaCudaChunked,
-                         ::testing::Values(ChunkedCase{ScalarType::kBFloat16, 128, true, true, "2"},
-                                           ChunkedCase{ScalarType::kFloat16, 128, false, false, "4"},
-                                           ChunkedCase{ScalarType::kBFloat16, 128, true, false, "8"}),
-                         [](const ::testing::TestParamInfo<ChunkedCase>& info) {
-                           const auto& c = info.param;
-                           return std::string(dtype_name(c.type)) + (c.packed ? "_packed" : "_rows") + "_cluster" +
-                                  c.cluster;
-                         });
 
 // ---- entering_dstate_keeping + backward_reusing (what the SP schedules run, through
 // DeltaFamily) against entering_dstate + backward: the chunked kernels skip prep and

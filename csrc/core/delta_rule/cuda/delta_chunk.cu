@@ -9,16 +9,12 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <utility>
 
 #include "delta_rule/cuda/delta_chunk.h"
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
-#include "delta_rule/cuda/cluster_copy.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -674,102 +670,13 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
-// ---- cluster loads of the 8-warp state passes ------------------------------------------------
-// With kCl, the column blocks of a (b, h) (D / C of them, 2 D / C for the summary) form a
-// thread-block cluster of K blocks (8, 4 or 2) and a ninth warp of each block loads the
-// chunks: its 64 / K rows of each chunk's full-width tiles (w and K; the reverse pass
-// also Q), multicast into every block of the cluster by bulk copies, so that each
-// chunk's tiles leave L2 once a cluster instead of once a block (the 8-warp passes were
-// L2-bound, 84 % busy), and its own column tiles and meta by cp.async.
-// full[s]: buffer s holds its chunk (one arrival with the expected bytes, 32 cp.async
-// arrivals); empty[s]: every block of the cluster is done with buffer s (K arrivals, one
-// a block, before any block copies the next chunk into it).
-constexpr int kLoaderThreads = 32;
-template <int NS>
-struct ClusterRing {
-  uint64_t full[NS];
-  uint64_t empty[NS];
-};
-
-// The computing warps' side: thread 0 sets the barriers (before the cluster_sync that
-// every thread calls next).
-template <int NS>
-__device__ __forceinline__ void ring_init(ClusterRing<NS>& ring, int tid) {
-  if (tid != 0) return;
-#pragma unroll
-  for (int s = 0; s < NS; ++s) {
-    mbar_init(&ring.full[s], 1 + kLoaderThreads);
-    mbar_init(&ring.empty[s], cluster_blocks());
-  }
-  mbar_init_fence();
-}
-// Buffer s is free in this block (after the computing warps' barrier): thread 0 tells
-// every block's loader.
-template <int NS>
-__device__ __forceinline__ void ring_release(ClusterRing<NS>& ring, int s, int tid) {
-  if (tid != 0) return;
-  for (uint32_t r = 0; r < cluster_blocks(); ++r) mbar_arrive_remote(&ring.empty[s], r);
-}
-
-// A [64][D] tile of a chunk: rows < nvalid from src (row pitch ld), the rest zero.
-template <typename T>
-struct RowTile {
-  T* dst;
-  const T* src;
-  int64_t ld;
-  int nvalid;
-};
-
-// The loader warp: chunk i of 0..n-1 into buffer i % NS once the cluster is done with
-// the buffer's previous chunk. tiles(i, s, RowTile (&)[N]) names the chunk's full-width
-// tiles; own(i, s) issues this block's cp.async pieces (column tiles, meta).
-template <typename T, int D, int N, int NS, typename Tiles, typename Own>
-__device__ __forceinline__ void cluster_loader(int n, ClusterRing<NS>& ring, int lane, Tiles&& tiles, Own&& own) {
-  constexpr int LD = TcTile<D>::LD, kRowBytes = D * static_cast<int>(sizeof(T)), kPieces = D / 8;
-  const int blocks = static_cast<int>(cluster_blocks()), rows = CH / blocks;
-  const int first = static_cast<int>(cluster_rank()) * rows;  // this block's rows of each tile
-  const uint16_t mask = static_cast<uint16_t>((1u << blocks) - 1);
-  for (int i = 0; i < n; ++i) {
-    const int s = i % NS;
-    if (i >= NS) mbar_wait(&ring.empty[s], ((i / NS) - 1) & 1);
-    RowTile<T> t[N];
-    tiles(i, s, t);
-    if (lane == 0) {
-      int bytes = 0;
-#pragma unroll
-      for (int j = 0; j < N; ++j) bytes += t[j].nvalid * kRowBytes;
-      mbar_arrive_expect_tx(&ring.full[s], static_cast<uint32_t>(bytes));
-    }
-    for (int r = lane; r < N * rows; r += kLoaderThreads) {
-      const int which = r / rows, row = first + r % rows;
-#pragma unroll
-      for (int j = 0; j < N; ++j)  // t indexed by constants only (kept in registers)
-        if (j == which && row < t[j].nvalid)
-          bulk_copy_multicast(t[j].dst + row * LD, t[j].src + row * t[j].ld, kRowBytes, &ring.full[s], mask);
-    }
-#pragma unroll
-    for (int j = 0; j < N; ++j)  // rows past the part's end: zeros, each block its own
-      for (int e = lane; e < (CH - t[j].nvalid) * kPieces; e += kLoaderThreads)
-        cp_async16(t[j].dst + (t[j].nvalid + e / kPieces) * LD + 8 * (e % kPieces), t[j].src, false);
-    own(i, s);
-    mbar_arrive_cp_async(&ring.full[s]);
-  }
-}
-
 template <typename T, int D, int C, int NS>
-struct FwdStateSmemCl : FwdStateSmem<T, D, C, NS> {
-  ClusterRing<NS> ring;
-};
-
-// kCl: a cluster of column blocks fed by a loader warp ("cluster loads" above); else
-// each block loads its own chunks with cp.async, NS - 1 ahead.
-template <typename T, int D, int C, int NS, bool kCl>
-__global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
-    fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo, ChunkSummaryOut sum) {
+__global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo,
+                                                          ChunkSummaryOut sum) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  FwdStateSmemCl<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmemCl<T, D, C, NS>*>(smem_raw);
+  FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
   const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
@@ -788,58 +695,19 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      // (the loader warp's rows would be past the state's: it reads nothing)
-      S[nt][e] = amap                                 ? (row == col ? 1.f : 0.f)
-                 : entering != nullptr && tid < NT8 ? entering[bh * se + row * D + col]
-                                                     : 0.f;
+      S[nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
     }
-  if (amap && tid < NT8) {  // u = 0 in every buffer
+  if (amap) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
-  // the 8 computing warps' barrier (the loader warp takes no part)
-  auto sync = [] {
-    if constexpr (kCl) {
-      asm volatile("bar.sync 1, %0;\n" ::"n"(NT8) : "memory");
-    } else {
-      __syncthreads();
-    }
-  };
-  if constexpr (kCl) {
-    ring_init(sm.ring, tid);
-    cluster_sync();  // every block's barriers are set before any copy reaches them
-    if (warp == NT8 / 32) {
-      cluster_loader<T, D, 2>(
-          nck, sm.ring, lane,
-          [&](int i, int s, RowTile<T>(&t)[2]) {
-            const ChunkPos cp = chunk_pos(p, i, bh);
-            t[0] = {sm.buf[s].w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH};
-            t[1] = {sm.buf[s].k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid};
-          },
-          [&](int i, int s) {
-            const ChunkPos cp = chunk_pos(p, i, bh);
-            if (!amap)
-              load_col_block<T, C, kLoaderThreads>(sm.buf[s].u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D,
-                                                   CH, lane);
-            load_meta(sm.buf[s].meta, prep.meta, cp.row0, lane);
-          });
-      __syncwarp();
-      cluster_sync();  // no block leaves while copies or arrivals may still reach it
-      return;
-    }
-  } else {
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) {
-      if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
-      cp_async_commit();
-    }
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+    cp_async_commit();
   }
   for (int c = 0; c < nck; ++c) {
     FwdStateBuf<T, D, C>& B = sm.buf[c % NS];
-    if constexpr (kCl) {
-      mbar_wait(&sm.ring.full[c % NS], (c / NS) & 1);
-    } else {
-      cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
-    }
+    cp_async_wait_upto<NS - 2>();  // chunk c's group has landed
     // the carried columns: 16-bit copy for the products, and the per-chunk outputs
 #pragma unroll
     for (int nt = 0; nt < NTL; ++nt)
@@ -859,14 +727,9 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
         }
       }
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
-    sync();
-    if constexpr (kCl) {  // buffer (c - 1) % NS is free here: tell every block's loader
-      if (c >= 1 && c - 1 + NS < nck) ring_release(sm.ring, (c - 1) % NS, tid);
-    } else {
-      if (c + NS - 1 < nck)
-        load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
-      cp_async_commit();
-    }
+    __syncthreads();
+    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    cp_async_commit();
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (this warp's token tiles); ys = diag(d) v_new
       float acc[TPW][4] = {};
@@ -888,7 +751,7 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
         }
       }
     }
-    sync();
+    __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? __expf(GL) : 0.f;
 #pragma unroll
@@ -916,25 +779,16 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8, kCl ? 1 : 2)
             make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
       }
   }
-  if constexpr (kCl) cluster_sync();  // with the loader warps (above)
 }
 
 template <typename T, int D>
-struct StateSmemCl : StateSmem<T, D> {
-  ClusterRing<kRevStages> ring;
-};
-
-// kCl: as fwd_state_kernel_w8's (k, w and q multicast, r and dO columns and meta by the
-// loader's cp.async).
-template <typename T, int D, bool kCl>
-__global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
-    rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
+__global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NS = kRevStages;
   static_assert(NS == 3, "cp_async_wait_group1 below waits for the oldest of NS - 1 = 2 groups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  StateSmemCl<T, D>& sm = *reinterpret_cast<StateSmemCl<T, D>*>(smem_raw);
+  StateSmem<T, D>& sm = *reinterpret_cast<StateSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
@@ -949,54 +803,17 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = ro.leaving != nullptr && tid < NT8 ? ro.leaving[bh * se + row * D + col] : 0.f;  // not the loader
+      S[nt][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
     }
-  auto sync = [] {  // the 8 computing warps (the loader warp takes no part)
-    if constexpr (kCl) {
-      asm volatile("bar.sync 1, %0;\n" ::"n"(NT8) : "memory");
-    } else {
-      __syncthreads();
-    }
-  };
-  if constexpr (kCl) {
-    ring_init(sm.ring, tid);
-    cluster_sync();  // every block's barriers are set before any copy reaches them
-    if (warp == NT8 / 32) {
-      cluster_loader<T, D, 3>(
-          nck, sm.ring, lane,
-          [&](int i, int s, RowTile<T>(&t)[3]) {
-            const ChunkPos cp = chunk_pos(p, nck - 1 - i, bh);
-            t[0] = {sm.buf[s].a1, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid};
-            t[1] = {sm.buf[s].a2, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH};
-            t[2] = {sm.buf[s].a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid};
-          },
-          [&](int i, int s) {
-            const ChunkPos cp = chunk_pos(p, nck - 1 - i, bh);
-            StateBuf<T, D>& B = sm.buf[s];
-            load_col_block<T, BV, kLoaderThreads>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0) + j0, dout.st, cp.nvalid,
-                                                  lane);
-            load_col_block<T, BV, kLoaderThreads>(B.r, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, lane);
-            load_meta(B.meta, prep.meta, cp.row0, lane);
-          });
-      __syncwarp();
-      cluster_sync();  // no block leaves while copies or arrivals may still reach it
-      return;
-    }
-  } else {
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) {
-      if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
-      cp_async_commit();
-    }
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
+    cp_async_commit();
   }
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i;
     StateBuf<T, D>& B = sm.buf[i % NS];
-    if constexpr (kCl) {
-      mbar_wait(&sm.ring.full[i % NS], (i / NS) & 1);
-    } else {
-      cp_async_wait_group1();  // chunk c's group has landed
-    }
+    cp_async_wait_group1();  // chunk c's group has landed
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -1005,14 +822,9 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
         store_u32(sm.xb + row * LDV + cl, pack2<T>(S[nt][2 * hf], S[nt][2 * hf + 1]));
       }
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
-    sync();
-    if constexpr (kCl) {
-      if (i >= 1 && i - 1 + NS < nck) ring_release(sm.ring, (i - 1) % NS, tid);
-    } else {
-      if (i + NS - 1 < nck)
-        load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
-      cp_async_commit();
-    }
+    __syncthreads();
+    if (i + NS - 1 < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+    cp_async_commit();
     if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
@@ -1035,7 +847,7 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
         store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
       }
     }
-    sync();
+    __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
       const float e = sL == 0.f ? __expf(GL) : 0.f;
       float oq[2][4] = {};
@@ -1064,7 +876,6 @@ __global__ void __launch_bounds__(kCl ? NT8 + kLoaderThreads : NT8)
         *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
       }
   }
-  if constexpr (kCl) cluster_sync();  // with the loader warps (above)
 }
 
 // ---- chunk-parallel passes with the causal scores ---------------------------------------------
@@ -1197,93 +1008,14 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block); "w8"
-// (the default), their 8-warp versions (d = 128, else tile); "cluster", at d = 128 the
-// state passes and the summary on clusters of column blocks where those fit the device
-// in one wave (else w8). "cluster" is opt-in until it is measured on a device
-// (docs/delta_rule.md, "State passes on clusters, eighth round").
-enum class StatePass { kTile, kW8, kCluster };
+// compare the two): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), or
+// "w8" (the default; d = 128, else tile), their 8-warp versions.
+enum class StatePass { kTile, kW8 };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
   if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
-  if (std::strcmp(env, "cluster") == 0) return StatePass::kCluster;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or cluster, not ") +
-       env);
-}
-
-// Blocks a cluster of a state pass (grid x = the column blocks of one (b, h)): the
-// largest of 8, 4, 2 dividing grid.x with every cluster of the grid resident at once
-// (a block carries its columns over all chunks, so a second wave would double the time);
-// 0 when none fits, before sm_90, or when the grid is more than one wave.
-// LASP2_DELTA_STATE_CLUSTER=<n> forces n (0: no clusters). Cached per device, kernel
-// and grid.
-template <typename Kernel>
-int cluster_size(Kernel kernel, dim3 grid, int threads, int bytes) {
-  int dev = 0, major = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
-  const int forced = lasp2::cuda::env_int("LASP2_DELTA_STATE_CLUSTER", -1);
-  if (major < 9 || forced == 0) return 0;
-  if (forced > 0) {
-    if ((forced & (forced - 1)) != 0 || forced > 8 || grid.x % forced != 0)
-      fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_CLUSTER must be 0, 1, 2, 4 or 8 and divide " +
-           std::to_string(grid.x));
-    return forced;
-  }
-  if (static_cast<int64_t>(grid.x) * grid.y > lasp2::cuda::device_info().sms) return 0;
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, unsigned, unsigned>, int> cache;
-  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), grid.x, grid.y);
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
-  int best = 0;
-  for (int size = 8; size >= 2 && best == 0; size /= 2) {
-    if (grid.x % size != 0) continue;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = bytes;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = size;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
-      (void)cudaGetLastError();  // not an error of the caller's: no clusters then
-      continue;
-    }
-    if (static_cast<int64_t>(clusters) * size >= static_cast<int64_t>(grid.x) * grid.y) best = size;
-  }
-  cache.emplace(key, best);
-  return best;
-}
-
-// Launches kernel (one block per column block and (b, h), the computing warps and a
-// loader warp) on clusters of cluster_size blocks; false (nothing launched) when none fit.
-template <typename... Params, typename... Args>
-bool launch_clustered(void (*kernel)(Params...), int bytes, dim3 grid, cudaStream_t s, Args&&... args) {
-  const int threads = NT8 + kLoaderThreads;
-  allow(kernel, bytes, "chunk state smem");
-  const int size = cluster_size(kernel, grid, threads, bytes);
-  if (size == 0) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = bytes;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = size;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "chunk state kernel (clusters)");
-  return true;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile or w8, not ") + env);
 }
 
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
@@ -1293,9 +1025,7 @@ bool launch_clustered(void (*kernel)(Params...), int bytes, dim3 grid, cudaStrea
 // with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
 // 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
-// SM), else 2 (two blocks an SM hide each other's loads). Where the wave's clusters fit,
-// the column blocks of a (b, h) can share each chunk's w and K through multicast copies
-// ("cluster", docs/delta_rule.md "State passes on clusters, eighth round").
+// SM), else 2 (two blocks an SM hide each other's loads).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1305,20 +1035,16 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       constexpr int CW = decltype(cols_tag)::value;
       const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / CW;
       const dim3 grid(cols, static_cast<unsigned>(p.bh()));
-      if (pass == StatePass::kCluster &&
-          launch_clustered(fwd_state_kernel_w8<T, D, CW, 4, true>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>)),
-                           grid, s, p, prep, out, sum))
-        return;
       auto run = [&](auto kernel, int bytes) {
         allow(kernel, bytes, "chunk state smem");
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
       };
       if (static_cast<int64_t>(cols) * p.bh() <= lasp2::cuda::device_info().sms)
-        return run(fwd_state_kernel_w8<T, D, CW, 4, false>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 4>)));
-      run(fwd_state_kernel_w8<T, D, CW, 2, false>, static_cast<int>(sizeof(FwdStateSmemCl<T, D, CW, 2>)));
+        return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
+      run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
     };
-    if (pass != StatePass::kTile && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
-    if (pass != StatePass::kTile) return w8(std::integral_constant<int, kChunkCols>{});
+    if (pass == StatePass::kW8 && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
+    if (pass == StatePass::kW8) return w8(std::integral_constant<int, kChunkCols>{});
   }
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
@@ -1386,21 +1112,15 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
-    const dim3 grid(D / BV, static_cast<unsigned>(p.bh()));
     if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
-      if (pass == StatePass::kCluster &&
-          launch_clustered(rev_state_kernel_w8<T, D, true>, static_cast<int>(sizeof(StateSmemCl<T, D>)), grid, s, p,
-                           dout, prep, out))
-        return;
-      if (pass != StatePass::kTile) {
-        const int bytes8 = static_cast<int>(sizeof(StateSmemCl<T, D>));
-        allow(rev_state_kernel_w8<T, D, false>, bytes8, "chunk reverse state smem");
-        rev_state_kernel_w8<T, D, false><<<grid, NT8, bytes8, s>>>(p, dout, prep, out);
+      if (pass == StatePass::kW8) {
+        allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
+        rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
         return;
       }
     }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
-    rev_state_kernel<T, D><<<grid, NT, bytes, s>>>(p, dout, prep, out);
+    rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
   });
   check(cudaGetLastError(), "chunk reverse state kernel");
 }
