@@ -1,17 +1,12 @@
 // The chunk-parallel backward of the chunked GDN kernels (see delta_chunk_bwd.h): one
-// block of 8 warps (two warpgroups) per (chunk, b, h), 16-bit operands with fp32
-// accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of the
-// columns (w / 4) in every product; per-token sums (the G and beta gradients) meet in
-// shared memory. The products are wgmma (warpgroup w / 4: all 64 rows, its column
-// half) where the target has it (sm_90a), else mma.sync m16n8k16 on the same
-// core-matrix tiles (delta_wgmma.cuh); both leave the same accumulator layout.
-#include <cstdlib>
+// block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
+// accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
+// the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
+// in shared memory.
 #include <string>
-#include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
-#include "delta_rule/cuda/delta_wgmma.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -25,15 +20,16 @@ namespace {
 // The keys phase's tiles load into the values phase's as each one falls free (q over
 // v, dO over dB, h over dh, dP over dA); dB goes out through dq's rows and comes back
 // over v_new once the scores are formed, dk's first terms through dk's (16 bits, as
-// fla's two dk halves). Every tile is in the core-matrix layout (cm<C>), unpadded.
+// fla's two dk halves).
 template <typename T, int D>
 struct BwdSmem {
-  T k[CH * D];
-  T u[CH * D];   // v_new; keys: dB
-  T vq[CH * D];  // v; keys: q
-  T x[CH * D];   // r, then dU, then dB; keys: dO
-  T s[D * D];    // dh; keys: h
-  T tt[CH * CH];  // T = (I + L)^-1 (from prep), then dA; keys: dP
+  static constexpr int LD = TcTile<D>::LD;
+  T k[CH * LD];
+  T u[CH * LD];     // v_new; keys: dB
+  T vq[CH * LD];    // v; keys: q
+  T x[CH * LD];     // r, then dU, then dB; keys: dO
+  T s[D * LD];      // dh; keys: h
+  T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA; keys: dP
   float meta[2 * CH];
   float bt[CH], dG[CH], db[CH];
   float dot;  // <dh, h>
@@ -44,124 +40,12 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
 static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
 
-// cp.async one chunk's [64][C] tile of 16-bit rows (row stride st elements; rows >=
-// nvalid zero-filled) into the core-matrix layout: piece i = tid + 256 n (16 bytes) goes
-// to element 8 i, so 8 consecutive threads fill one core matrix (conflict-free
-// stores) and a warp reads 64 contiguous bytes of each of 8 rows.
-template <typename T, int C>
-__device__ __forceinline__ void load_cm(T* dst, const T* src, int64_t st, int nvalid, int tid) {
-  constexpr int kIters = CH * C / 8 / kThreads;
-  constexpr int kRows = kThreads * 8 / C;  // rows between one thread's copies
-  const int row0 = 8 * (tid / C) + (tid & 7), col = 8 * ((tid >> 3) % (C / 8));
-  const T* s = src + row0 * st + col;
-  T* d = dst + 8 * tid;
-  if (nvalid == CH) {  // block-uniform
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) cp_async16(d + i * kThreads * 8, s + i * kRows * st, true);
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const bool valid = row0 + i * kRows < nvalid;
-    cp_async16(d + i * kThreads * 8, valid ? s + i * kRows * st : src, valid);
-  }
-}
-
-// acc (+)= A B for this warp: rows [m0, +16) of the 64-row product, n-tiles from n0.
-// A is a core-matrix tile of CA columns read as [m][k] (or as [k][m] when kTA), B one
-// of CB columns read as [k][n] (or [n][k] when kBnk); KS k16 steps in all.
-// mma.sync (this warp alone): k steps [kk0, kk1) and the first 2 npmax n-tiles only
-// (the callers' zero blocks skipped). wgmma (the warp's warpgroup, which must call it
-// together): all KS steps and all n-tiles, with the callers' zero blocks stored as
-// zeros; with kWait = false the products stay in flight (wait() before reading acc).
-template <bool kWg>
-struct Mma {
-  template <typename T, int NT, bool kTA, bool kBnk, int CA, int CB, int KS, bool kWait = true>
-  static __device__ __forceinline__ void prod(float (&acc)[NT][4], const T* A, const T* B, int m0, int n0,
-                                              int kk0, int kk1, int npmax, int lane) {
-#if LASP2_DELTA_WGMMA
-    if constexpr (kWg) {
-      float(&d)[4 * NT] = reinterpret_cast<float(&)[4 * NT]>(acc);
-      wg_fence_operand(d);
-      wg_fence();
-      // K-major: a k step is 2 core matrices along the columns (256 bytes), the rows'
-      // core matrices 16 C bytes apart; MN-major: a k step is 16 rows (32 C bytes).
-      // The descriptors are formed here, from their start address (wg_desc): formed
-      // once for the kernel they would hold registers all the way.
-      const uint64_t da0 = kTA ? wg_desc(A, 16 * CA, 128) : wg_desc(A, 128, 16 * CA);
-      const uint64_t db0 = kBnk ? wg_desc(B + 8 * CB * (n0 / 8), 128, 16 * CB) : wg_desc(B + 64 * (n0 / 8), 16 * CB, 128);
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        // the start address field counts 16 bytes
-        const uint64_t da = da0 + static_cast<uint64_t>(kTA ? 2 * CA * kk : 16 * kk);
-        const uint64_t db = db0 + static_cast<uint64_t>(kBnk ? 16 * kk : 2 * CB * kk);
-        Wg<T, 8 * NT>::template ss<kTA ? 1 : 0, kBnk ? 0 : 1>(d, da, db);
-      }
-      wg_commit();
-      if constexpr (kWait) wait(acc);
-      return;
-    }
-#endif
-    if (npmax <= 0) return;  // warp-uniform: every n-tile of this warp is a zero block
-    const int mi = lane >> 3, r = lane & 7;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      if (kk < kk0 || kk >= kk1) continue;
-      uint32_t a[4];
-      if constexpr (kTA) {
-        ldsm_x4_t(a, A + cm<CA>(16 * kk + (mi >> 1) * 8 + r, m0 + (mi & 1) * 8));
-      } else {
-        ldsm_x4(a, A + cm<CA>(m0 + (lane & 15), 16 * kk + (lane >> 4) * 8));
-      }
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        if (np >= npmax) continue;
-        uint32_t bb[4];
-        if constexpr (kBnk) {
-          ldsm_x4(bb, B + cm<CB>(n0 + 16 * np + (mi >> 1) * 8 + r, 16 * kk + (mi & 1) * 8));
-        } else {
-          ldsm_x4_t(bb, B + cm<CB>(16 * kk + (mi & 1) * 8 + r, n0 + 16 * np + (mi >> 1) * 8));
-        }
-        mma16816<T>(acc[2 * np], a, bb[0], bb[1]);
-        mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
-  }
-  // Waits for this warpgroup's products in flight (wgmma); nothing for mma.sync.
-  template <int NT>
-  static __device__ __forceinline__ void wait(float (&acc)[NT][4]) {
-#if LASP2_DELTA_WGMMA
-    if constexpr (kWg) {
-      wg_wait0();
-      wg_fence_operand(reinterpret_cast<float(&)[4 * NT]>(acc));
-    }
-#endif
-  }
-  // A barrier that publishes shared-memory writes (stores, completed copies) to the
-  // products after it.
-  static __device__ __forceinline__ void publish() {
-    if constexpr (kWg) fence_proxy_async();
-    __syncthreads();
-  }
-};
-
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
   for (int j = 0; j < N; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-}
-
-// f(j, hf, row, col) for each of this warp's accumulator pairs acc[j][2 hf], acc[j][2 hf
-// + 1]: places (row, col) and (row, col + 1), rows m0 + lane / 4 + 8 hf, columns n0 + 8 j
-// + 2 (lane % 4).
-template <int N, typename F>
-__device__ __forceinline__ void each_pair(int m0, int n0, int lane, F&& f) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) f(j, hf, m0 + (lane >> 2) + 8 * hf, n0 + 8 * j + 2 * (lane & 3));
 }
 
 // Sum over the 4 lanes that share a fragment row.
@@ -213,12 +97,11 @@ struct WarpPart {
   }
 };
 
-template <typename T, int D, bool kWg>
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
-  using M = Mma<kWg>;
+  constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
-  constexpr int KD = D / 16, KC = CH / 16;  // k16 steps over a head dim, over a chunk
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<T, D>& sm = *reinterpret_cast<BwdSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5;
   const WarpPart wp(tid, D);
@@ -228,22 +111,20 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
   T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
-  // a [D][D] state tile: two 64-row halves (rows r.. start at element r D of cm<D>)
-  auto load_state = [&](const void* base) {
-    const T* src = static_cast<const T*>(base) + at;
-#pragma unroll
-    for (int r = 0; r < D; r += CH) load_cm<T, D>(sm.s + r * D, src + r * D, D, CH, tid);
-  };
 
   // ---- values phase
-  load_cm<T, D>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, tid);
-  load_state(a.dh);
-  load_cm<T, D>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, tid);
-  load_cm<T, D>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, tid);
+  load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  {
+    const T* dst = static_cast<const T*>(a.dh) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, dst + r * D, D, CH, D, tid);
+  }
+  load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   load_meta(sm.meta, a.meta, cp.row0, tid);
   cp_async_commit();  // what dU needs; T and v land while it is formed
-  load_cm<T, CH>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, tid);
-  load_cm<T, D>(sm.vq, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, tid);
+  load_tile<T, CH, kThreads>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, CH, tid);
+  load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
   cp_async_commit();
   // h meets dh only in <dh, h>: straight into registers, 16 bytes a load (dh's tile
   // takes h only after dh's last use)
@@ -262,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
   if (tid == 0) sm.dot = 0.f;
   cp_async_wait_group1();
-  M::publish();
+  __syncthreads();
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
@@ -271,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int i = 0; i < kDotVecs; ++i) {
       const int e = tid + i * kThreads, r = (8 * e) / D, c = (8 * e) % D;
-      const uint4 x = *reinterpret_cast<const uint4*>(sm.s + cm<D>(r, c));
+      const uint4 x = *reinterpret_cast<const uint4*>(sm.s + r * LD + c);
       const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {hv[i].x, hv[i].y, hv[i].z, hv[i].w};
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
@@ -286,56 +167,67 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
-    M::template prod<T, NH, false, false, D, D, KD>(acc, sm.k, sm.s, m0, n0, 0, KD, NH / 2, lane);
+    mma_acc<T, NH, false, false>(acc, sm.k, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float cu[2] = {0.f, 0.f};
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int y, int col) {
-      const float2 uu = unpack2<T>(load_u32(sm.u + cm<D>(y, col)));
-      cu[hf] += acc[j][2 * hf] * uu.x + acc[j][2 * hf + 1] * uu.y;
-    });
-    float dd[2];
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        const float2 uu = unpack2<T>(load_u32(sm.u + y * LD + col));
+        cu[hf] += acc[j][2 * hf] * uu.x + acc[j][2 * hf + 1] * uu.y;
+      }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int y = m0 + (lane >> 2) + 8 * hf;
-      dd[hf] = sof(y) == sL ? __expf(GL - Gof(y)) : 0.f;
-      const float c = dd[hf] * row_sum(cu[hf]);
+      const float d = sof(y) == sL ? __expf(GL - Gof(y)) : 0.f;
+      const float c = d * row_sum(cu[hf]);
       if ((lane & 3) == 0) {
         atomicAdd(sm.dG + y, -c);
         atomicAdd(sm.dG + CH - 1, c);
       }
+      // r and dU share the tile: each lane reads and writes only its own fragment's places
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        T* at_x = sm.x + y * LD + n0 + 8 * j + 2 * (lane & 3);
+        const float2 rr = unpack2<T>(load_u32(at_x));
+        store_u32(at_x, pack2<T>(d * acc[j][2 * hf] - rr.x, d * acc[j][2 * hf + 1] - rr.y));
+      }
     }
-    // r and dU share the tile: each lane reads and writes only its own fragment's places
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int y, int col) {
-      T* at_x = sm.x + cm<D>(y, col);
-      const float2 rr = unpack2<T>(load_u32(at_x));
-      store_u32(at_x, pack2<T>(dd[hf] * acc[j][2 * hf] - rr.x, dd[hf] * acc[j][2 * hf + 1] - rr.y));
-    });
   }
   cp_async_wait_all();
-  M::publish();
+  __syncthreads();
   {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB out through dq's rows
     float acc[NH][4];
     zero(acc);
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
-    M::template prod<T, NH, true, false, CH, D, KC>(acc, sm.tt, sm.x, m0, n0, mw, KC, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     float dbv[2] = {0.f, 0.f};
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int y, int col) {
-      if (y < cp.nvalid) {
-        const float2 vv = unpack2<T>(load_u32(sm.vq + cm<D>(y, col)));
-        dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
-        const float b = sm.bt[y];
-        store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
-        store_u32(dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        if (y < cp.nvalid) {
+          const float2 vv = unpack2<T>(load_u32(sm.vq + y * LD + col));
+          dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
+          const float b = sm.bt[y];
+          store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
+          store_u32(dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        }
       }
-    });
     add_rows(sm.db, dbv, m0, lane);
-    __syncthreads();  // every warp has read dU, T and v: dB takes dU's tile, q v's
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int y, int col) {
-      store_u32(sm.x + cm<D>(y, col), pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-    });
-    if constexpr (kWg) fence_proxy_async();  // (before the copy is issued: the stores are what it orders)
-    load_cm<T, D>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, tid);
+    __syncthreads();  // every warp has read dU, T and v: q takes v's tile
+    load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
     cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int y = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        store_u32(sm.x + y * LD + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
   }
   __syncthreads();
   {  // dL = -(dB U^T) (strict, same segment) and L = Gam o K K^T (without beta) on the same
@@ -344,41 +236,44 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     float acc[4][4], kk[4][4];
     zero(acc);
     zero(kk);
-    M::template prod<T, 4, false, true, D, D, KD, false>(acc, sm.x, sm.u, m0, c0, 0, KD, wp.tri, lane);
-    M::template prod<T, 4, false, true, D, D, KD>(kk, sm.k, sm.k, m0, c0, 0, KD, wp.tri, lane);
-    M::wait(acc);
+    mma_acc<T, 4, false, true>(acc, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(kk, sm.k, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[4][2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) colN[j][0] = colN[j][1] = 0.f;
-    each_pair<4>(m0, c0, lane, [&](int j, int hf, int x, int y0) {
-      const float bx = sm.bt[x];
-      float dav[2];
+    for (int j = 0; j < 4; ++j) {
+      colN[j][0] = colN[j][1] = 0.f;
 #pragma unroll
-      for (int par = 0; par < 2; ++par) {
-        const int y = y0 + par, e = 2 * hf + par;
-        const bool in = y < x && sof(x) == sof(y);
-        const float dec = in ? __expf(Gof(x) - Gof(y)) : 0.f;
-        const float dl = in ? -acc[j][e] : 0.f;
-        const float lr = dec * kk[j][e];
-        rowB[hf] += dl * lr;
-        const float n = bx * dl * lr;
-        rowN[hf] += n;
-        colN[j][par] += n;
-        dav[par] = dl * bx * dec;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+        const float bx = sm.bt[x];
+        float dav[2];
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const int y = y0 + par, e = 2 * hf + par;
+          const bool in = y < x && sof(x) == sof(y);
+          const float dec = in ? __expf(Gof(x) - Gof(y)) : 0.f;
+          const float dl = in ? -acc[j][e] : 0.f;
+          const float lr = dec * kk[j][e];
+          rowB[hf] += dl * lr;
+          const float n = bx * dl * lr;
+          rowN[hf] += n;
+          colN[j][par] += n;
+          dav[par] = dl * bx * dec;
+        }
+        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
       }
-      store_u32(sm.tt + cm<CH>(x, y0), pack2<T>(dav[0], dav[1]));
-    });
+    }
     add_rows(sm.dG, rowN, m0, lane);
     add_rows(sm.db, rowB, m0, lane);
     sub_cols(sm.dG, colN, c0, lane);
   }
-  M::publish();  // every warp has read dB: dO takes its tile; dA is in T's
-  load_cm<T, D>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, tid);
+  __syncthreads();  // every warp has read dB: dO takes its tile
+  load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
   cp_async_commit();
   {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
     float acc[NH][4];
     zero(acc);
-    M::template prod<T, NH, false, true, D, D, KD>(acc, sm.u, sm.s, m0, n0, 0, KD, NH / 2, lane);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
@@ -389,110 +284,129 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         acc[j][2 * hf + 1] *= d;
       }
     }
-    M::template prod<T, NH, false, false, CH, D, KC, false>(acc, sm.tt, sm.k, m0, n0, 0, mw + 1, NH / 2, lane);
-    M::template prod<T, NH, true, false, CH, D, KC>(acc, sm.tt, sm.k, m0, n0, mw, KC, NH / 2, lane);
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int x, int col) {
-      if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-    });
+    mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
   }
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
-  load_state(a.states);
+  {
+    const T* st = static_cast<const T*>(a.states) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+  }
   cp_async_commit();
 
   // ---- keys phase
   cp_async_wait_group1();  // q and dO
-  M::publish();
+  __syncthreads();
   {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
      // M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
     float sq[4][4], ee[4][4];
     zero(sq);
     zero(ee);
-    M::template prod<T, 4, false, true, D, D, KD, false>(sq, sm.vq, sm.k, m0, c0, 0, KD, wp.tri, lane);
-    M::template prod<T, 4, false, true, D, D, KD>(ee, sm.x, sm.u, m0, c0, 0, KD, wp.tri, lane);
-    M::wait(sq);
+    mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowM[2] = {0.f, 0.f}, colM[4][2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) colM[j][0] = colM[j][1] = 0.f;
-    each_pair<4>(m0, c0, lane, [&](int j, int hf, int x, int y0) {
-      float dv[2];
+    for (int j = 0; j < 4; ++j) {
+      colM[j][0] = colM[j][1] = 0.f;
 #pragma unroll
-      for (int par = 0; par < 2; ++par) {
-        const int y = y0 + par, e = 2 * hf + par;
-        const float dec = (y <= x && sof(x) == sof(y)) ? __expf(Gof(x) - Gof(y)) : 0.f;
-        dv[par] = p.scale * dec * ee[j][e];
-        const float m = p.scale * dec * sq[j][e] * ee[j][e];
-        rowM[hf] += m;
-        colM[j][par] += m;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+        float dv[2];
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const int y = y0 + par, e = 2 * hf + par;
+          const float dec = (y <= x && sof(x) == sof(y)) ? __expf(Gof(x) - Gof(y)) : 0.f;
+          dv[par] = p.scale * dec * ee[j][e];
+          const float m = p.scale * dec * sq[j][e] * ee[j][e];
+          rowM[hf] += m;
+          colM[j][par] += m;
+        }
+        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
       }
-      store_u32(sm.tt + cm<CH>(x, y0), pack2<T>(dv[0], dv[1]));
-    });
+    }
     add_rows(sm.dG, rowM, m0, lane);
     sub_cols(sm.dG, colM, c0, lane);
   }
   __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
-  load_cm<T, D>(sm.u, dqrow, a.dqst, cp.nvalid, tid);
+  load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
   cp_async_commit();
   cp_async_wait_group1();  // h
-  M::publish();            // (and dP)
+  __syncthreads();
   float dq[NH][4];
   {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
     zero(dq);
-    M::template prod<T, NH, false, true, D, D, KD>(dq, sm.x, sm.s, m0, n0, 0, KD, NH / 2, lane);
-    float qd[2] = {0.f, 0.f}, c[2];
+    mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    float qd[2] = {0.f, 0.f};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      c[hf] = sof(x) == 0.f ? p.scale * __expf(Gof(x)) : 0.f;
+      const float c = sof(x) == 0.f ? p.scale * __expf(Gof(x)) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        dq[j][2 * hf] *= c;
+        dq[j][2 * hf + 1] *= c;
+        const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
+        qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
+      }
     }
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int x, int col) {
-      dq[j][2 * hf] *= c[hf];
-      dq[j][2 * hf + 1] *= c[hf];
-      const float2 qq = unpack2<T>(load_u32(sm.vq + cm<D>(x, col)));
-      qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
-    });
     add_rows(sm.dG, qd, m0, lane);
     // dP[x][y] is zero for y > x: key blocks 0..mw
-    M::template prod<T, NH, false, false, CH, D, KC>(dq, sm.tt, sm.k, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
   }
-  // dq in 16 bits (as written) while Z is formed: half the registers
-  uint32_t dq16[NH][2];
-  each_pair<NH>(m0, n0, lane, [&](int j, int hf, int, int) { dq16[j][hf] = pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]); });
   cp_async_wait_all();
-  M::publish();  // dB has left dq's rows (every thread's copies are done): dq may be written
-  each_pair<NH>(m0, n0, lane, [&](int j, int hf, int x, int col) {
-    if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, dq16[j][hf]);
-  });
+  __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
+#pragma unroll
+  for (int j = 0; j < NH; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+      if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+    }
   {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
      // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
     float kz[2] = {0.f, 0.f};
     float acc[NH][4];
     zero(acc);
-    M::template prod<T, NH, false, true, D, D, KD>(acc, sm.u, sm.s, m0, n0, 0, KD, NH / 2, lane);
-    float ent[2], bx[2];
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      ent[hf] = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
-      bx[hf] = sm.bt[x];
+      const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
+      const float bx = sm.bt[x];
+      const bool valid = x < cp.nvalid;
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
+        // this lane wrote these dk places in the values phase
+        const float2 k1 = valid ? unpack2<T>(load_u32(dkrow + x * a.dkst + col)) : make_float2(0.f, 0.f);
+        const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
+        kz[hf] += z0 * kx.x + z1 * kx.y;
+        acc[j][2 * hf] = k1.x - bx * z0;
+        acc[j][2 * hf + 1] = k1.y - bx * z1;
+      }
     }
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int x, int col) {
-      const float2 kx = unpack2<T>(load_u32(sm.k + cm<D>(x, col)));
-      // this lane wrote these dk places in the values phase
-      const float2 k1 =
-          x < cp.nvalid ? unpack2<T>(load_u32(dkrow + x * a.dkst + col)) : make_float2(0.f, 0.f);
-      const float z0 = ent[hf] * acc[j][2 * hf], z1 = ent[hf] * acc[j][2 * hf + 1];
-      kz[hf] += z0 * kx.x + z1 * kx.y;
-      acc[j][2 * hf] = k1.x - bx[hf] * z0;
-      acc[j][2 * hf + 1] = k1.y - bx[hf] * z1;
-    });
-    M::template prod<T, NH, true, false, CH, D, KC>(acc, sm.tt, sm.vq, m0, n0, mw, KC, NH / 2, lane);
-    each_pair<NH>(m0, n0, lane, [&](int j, int hf, int x, int col) {
-      if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-    });
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+      }
     float kzb[2], kzm[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      kzb[hf] = -bx[hf] * kz[hf];
+      kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
       kzm[hf] = -kz[hf];
     }
     add_rows(sm.dG, kzb, m0, lane);
@@ -538,16 +452,6 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked backward): ") + what + ": " + cudaGetErrorString(e));
 }
 
-// LASP2_DELTA_BWD_WGMMA=0 takes the mma.sync products on sm_90a too (tests, A/B
-// timing); elsewhere the wgmma instantiation runs them anyway.
-bool use_wgmma() {
-  static const bool on = [] {
-    const char* e = std::getenv("LASP2_DELTA_BWD_WGMMA");
-    return e == nullptr || *e == '\0' || std::atoi(e) != 0;
-  }();
-  return on;
-}
-
 }  // namespace
 
 int chunk_backward_smem_bytes(int d) {
@@ -557,30 +461,24 @@ int chunk_backward_smem_bytes(int d) {
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  auto go = [&](auto tag, auto dim, auto wg) {
+  auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    constexpr bool kWg = decltype(wg)::value;
-    auto kernel = chunk_bwd_kernel<T, D, kWg>;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+          "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared),
           "chunk backward carveout");
-    kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
-  };
-  auto by_wg = [&](auto tag, auto dim) {
-    if (use_wgmma()) {
-      go(tag, dim, std::true_type{});
-    } else {
-      go(tag, dim, std::false_type{});
-    }
+    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads,
+                             bytes, s>>>(p, a);
   };
   auto by_dim = [&](auto tag) {
     if (p.dk == 64 && p.dv == 64) {
-      by_wg(tag, std::integral_constant<int, 64>{});
+      go(tag, std::integral_constant<int, 64>{});
     } else if (p.dk == 128 && p.dv == 128) {
-      by_wg(tag, std::integral_constant<int, 128>{});
+      go(tag, std::integral_constant<int, 128>{});
     } else {
       fail("lasp2 (CUDA delta rule, chunked backward): d_k = d_v must be 64 or 128");
     }
