@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from lasp2.distributed.collectives import TORCH_COLLECTIVES
 from lasp2.distributed.context import check_cu_seqlens
+from lasp2.distributed.sequence_split import local_parts
 from lasp2.ops import _checks as C
 from lasp2.ops import _lasp2h as H
 from lasp2.ops._delta_library import _assume_constant_result
@@ -119,11 +120,20 @@ def _(q, k, v, scale, backend, comm, rank, world, parts, split, causal, cu_seqle
       consistency=None):
     b, t, h, _ = q.shape
     hkv, d, dv = k.shape[2], k.shape[3], v.shape[3]
-    keys = 0
-    if world > 1:  # (a group's documents always come as ints)
-        keys = H.key_end(H.plan_blocks(t, rank, world, parts, causal, cu_seqlens))
+    keys = _fake_key_end(t, rank, world, parts, causal, cu_seqlens) if world > 1 else 0
     return (q.new_empty(b, t, h, dv), q.new_empty(b, h, t, dtype=H.K.acc_dtype(q.dtype)),
             q.new_empty(keys, b, hkv, d + dv))
+
+
+def _fake_key_end(t, rank: int, world: int, parts: int, causal: bool, cu_seqlens: Optional[List[int]]):
+    """H.key_end of the plan for a local length t that may be symbolic (torch.compile's
+    dynamic shapes: the plan's sets and comparisons would need its value). Without
+    documents it has a closed form: causal, every part reads the keys before its global
+    start, so the last part (the latest start) reads the most; bidirectional, all keys.
+    Documents (a group's always come as python ints) fix the length anyway."""
+    if cu_seqlens is not None:
+        return H.key_end(H.plan_blocks(int(t), rank, world, parts, causal, cu_seqlens))
+    return local_parts(t, rank, world, parts)[-1][2] if causal else world * t
 
 
 def _backward_impl(do, q, k, v, o, lse, kv_global, scale, backend, comm, rank, world, parts, split, causal,

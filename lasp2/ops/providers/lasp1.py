@@ -58,8 +58,15 @@ def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_siz
 
 def _forward_impl(*inputs):
     out = _forward_eager(*inputs)
-    if not _packed(inputs[5], inputs[11]):
-        out[4].zero_()  # the one-float head maps nobody writes: a custom op's outputs must be deterministic
+    doc_start, initial_state, comm, head_doc, output_final_state = (inputs[i] for i in (5, 6, 9, 11, 13))
+    # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
+    # ring leaves unwritten (one device without states: every buffer, backward reads none
+    # of them; the one-float head maps without packed documents' states)
+    if comm == 0 and initial_state is None and not output_final_state:
+        for buffer in out[2:]:
+            buffer.zero_()
+    elif not _packed(doc_start, head_doc):
+        out[4].zero_()
     return out
 
 

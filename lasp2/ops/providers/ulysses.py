@@ -48,7 +48,8 @@ def seq_to_head(x: torch.Tensor, world: int, group, collectives) -> torch.Tensor
     send = x.reshape(B, Tl, world, H // world, D).permute(2, 0, 1, 3, 4).contiguous()
     recv = torch.empty_like(send)
     collectives.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's tokens
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, world * Tl, H // world, D)
+    # contiguous, as the fake kernels lay the ops' outputs out (reshape keeps a view where it can)
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, world * Tl, H // world, D).contiguous()
 
 
 def head_to_seq(y: torch.Tensor, world: int, group, collectives) -> torch.Tensor:
@@ -57,7 +58,7 @@ def head_to_seq(y: torch.Tensor, world: int, group, collectives) -> torch.Tensor
     send = y.reshape(B, world, T // world, Hp, D).permute(1, 0, 2, 3, 4).contiguous()
     recv = torch.empty_like(send)
     collectives.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's heads
-    return recv.permute(1, 2, 0, 3, 4).reshape(B, T // world, world * Hp, D)
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, T // world, world * Hp, D).contiguous()
 
 
 def _heads(decay: Optional[Tensor], rank: int, heads: int) -> Optional[Tensor]:

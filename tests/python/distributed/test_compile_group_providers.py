@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2.distributed import Collectives
+from lasp2.distributed.collectives import TORCH_COLLECTIVES
+from lasp2.ops._delta_library import group_handle
+from lasp2.ops._softmax_library import collectives_handle, softmax_forward
+from lasp2.ops.providers import lasp1, ulysses
 from lasp2_testing.dist import run_distributed
+
+OPCHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def _draw(seed, *shapes):
@@ -93,6 +99,15 @@ def check_linear_providers(rank, world):
 
     _assert_compiled_equals_eager(ulysses_gates, (lq, lk, lv, lg), "qkvg", "ulysses gates")
 
+    # opcheck over the group: schema, fake kernels against the real ops (sizes, strides,
+    # deterministic outputs), AOT dispatch with the backward ops
+    leaves = [x.clone().requires_grad_() for x in (lq, lk, lv, lg)]
+    torch.library.opcheck(lasp1.lasp1_forward, (*leaves, None, None, None, 0.5, 64, group_handle(group, lq.device), 1,
+                                                [], 2, False), test_utils=OPCHECKS)
+    torch.library.opcheck(ulysses.ulysses_forward, (*leaves, None, None, 0.5, 64,
+                                                    collectives_handle("test", group, TORCH_COLLECTIVES), rank,
+                                                    world), test_utils=OPCHECKS)
+
     # disagreements: the eager ValueError on every rank, raised by the check inside the op
     scaled = torch.compile(lambda q, k, v: lasp2.linear_attention(q, k, v, group=group, scale=0.5 + rank,
                                                                   provider="lasp1"),
@@ -140,6 +155,9 @@ def check_softmax(rank, world):
         return (lasp2.softmax_attention(q, k, v, group=group, split="balanced") * ldo).sum()
 
     _assert_compiled_equals_eager(rows, (lq, lk, lv), "qkv", "softmax rows (balanced)")
+    leaves = [x.clone().requires_grad_() for x in (lq, lk, lv)]
+    torch.library.opcheck(softmax_forward, (*leaves, 0.5, "plain", collectives_handle("test", group, TORCH_COLLECTIVES),
+                                            rank, world, 2, "balanced", True, None), test_utils=OPCHECKS)
     # without fullgraph too (the compiled call used to fail after its graph break)
     _assert_compiled_equals_eager(rows, (lq, lk, lv), "qkv", "softmax rows, not fullgraph", fullgraph=False)
 
