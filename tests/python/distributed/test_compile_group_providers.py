@@ -7,7 +7,8 @@ documents, gates / decay / sequence states); softmax_attention also compiles wit
 fullgraph (its graph used to break before a handle registered too late); ranks that
 disagree (scale, decay values, cu_seqlens, one rank's bad gates) raise the eager
 call's ValueError on every rank; an SPContext with its own collectives names itself
-under fullgraph and runs outside the graph otherwise. (Provider "lasp2": test_linear_attention_compile_distributed.py.)"""
+under fullgraph and runs outside the graph otherwise; the three ops pass opcheck over
+the group. (Provider "lasp2": test_linear_attention_compile_distributed.py.)"""
 
 import pytest
 import torch
@@ -158,7 +159,9 @@ def check_softmax(rank, world):
     leaves = [x.clone().requires_grad_() for x in (lq, lk, lv)]
     torch.library.opcheck(softmax_forward, (*leaves, 0.5, "plain", collectives_handle("test", group, TORCH_COLLECTIVES),
                                             rank, world, 2, "balanced", True, None), test_utils=OPCHECKS)
-    # without fullgraph too (the compiled call used to fail after its graph break)
+    # without fullgraph too (the compiled call used to fail after its graph break); a
+    # fresh cache, or the fullgraph graph of `rows` would be reused
+    torch._dynamo.reset()
     _assert_compiled_equals_eager(rows, (lq, lk, lv), "qkv", "softmax rows, not fullgraph", fullgraph=False)
 
     sp = lasp2.build_sp_context(group, "contiguous", torch.tensor([0, 3, 9, T]))
