@@ -96,13 +96,12 @@ def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay:
 def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check=0, consistency=None):
     B, Tl, H, dk = q.shape
     T, Hp, dv = Tl * world, H // world, v.shape[3]
-    bh = B * Hp
-    f32 = dict(dtype=torch.float32)
-    # the single-device op's saved buffers (lasp2_forward's fake kernel, one part of one rank)
-    saved = (q.new_empty(bh * dk * dv + bh, **f32), q.new_empty(bh * dk * dv, **f32), q.new_empty(3 * bh, **f32),
-             q.new_empty(1, **f32))
-    return (v.new_empty(B, Tl, H, dv), q.new_empty(B, T, Hp, dk), k.new_empty(B, T, Hp, dk),
-            v.new_empty(B, T, Hp, dv), q.new_empty(0) if g is None else g.new_empty(B, T, Hp), *saved)
+    qh, kh, vh = q.new_empty(B, T, Hp, dk), k.new_empty(B, T, Hp, dk), v.new_empty(B, T, Hp, dv)
+    gh = None if g is None else g.new_empty(B, T, Hp)
+    # the single-device op's saved buffers: its own fake kernel sizes them
+    _, _, *saved = L.lasp2_forward(qh, kh, vh, gh, _heads(decay, rank, Hp), doc_start, None, scale, chunk_size, 0,
+                                   1, True, [], 0, False)
+    return (v.new_empty(B, Tl, H, dv), qh, kh, vh, q.new_empty(0) if gh is None else gh, *saved)
 
 
 def _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, rank, world, do, records, prefixes,
