@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lasp2._extension import has_cuda_kernels
 from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_context
 from lasp2.ops import _checks as C
+from lasp2.ops._compiled import outside_graph, own_communication
 from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention
@@ -185,20 +186,22 @@ def linear_attention(
     if scale is None:
         scale = q.shape[3] ** -0.5
     check, in_op_check = NO_CHECK, {}
+    if ctx.world_size > 1 and torch.compiler.is_compiling():
+        why = own_communication(ctx) or (None if impl.checks_in_op else
+                                         f"provider {provider!r} (its op checks the ranks in Python)")
+        if why:
+            return outside_graph(OP, why, linear_attention, q, k, v, g, decay, scale, group, layout, split,
+                                 cu_seqlens, overlap, provider, sp_context, initial_state, output_final_state)
     if ctx.world_size > 1:
         signature = [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
                      0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
                      int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
                      int(output_final_state)]
-        if torch.compiler.is_compiling() and provider == "lasp2":  # the custom op checks the ranks
+        if torch.compiler.is_compiling():  # the provider's custom op checks the ranks
             cu_list = ctx.cu_seqlens_list
             in_op_check = compiled_check(ctx.group, q.device, signature,
                                          (None if cu_list is None else tuple(cu_list), layout, overlap))
         else:
-            if torch.compiler.is_compiling():  # a graph break (an error under fullgraph=True) before the Python check
-                torch._dynamo.graph_break(
-                    f"{OP}: over a group, fullgraph torch.compile supports provider \"lasp2\" only (its custom op "
-                    f"runs the cross-rank check); provider={provider!r} checks the ranks in Python")
             check = verify_group_consistency(
                 OP, ctx.group, signature, CHECK_NAMES, q.device,
                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),

@@ -7,7 +7,9 @@ ONE AllGather of K|V forward, ONE reduce-scatter of dK|dV backward, each overlap
 with the local causal blocks; packed documents (cu_seqlens) never attend across a
 boundary. The algorithm is lasp2/ops/_lasp2h.py; it runs as the torch.library custom
 ops of lasp2/ops/_softmax_library.py (so torch.compile / export see one opaque op).
-This module checks the arguments and that every rank calls the op the same way.
+This module checks the arguments and that every rank calls the op the same way
+(under torch.compile the custom op runs that check, so a group call compiles with
+fullgraph=True).
 See docs/lasp2h.md.
 """
 
@@ -21,9 +23,10 @@ import torch.distributed as dist
 from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2.ops import _softmax_blocks as K
+from lasp2.ops._compiled import outside_graph, own_communication
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops._lasp2h import Block, plan_blocks  # noqa: F401  (the plan is part of this op's story)
-from lasp2.ops._softmax_library import lasp2h_attention
+from lasp2.ops._softmax_library import CHECK_NAMES, host_digests, lasp2h_attention
 
 OP = "lasp2.softmax_attention"
 
@@ -121,26 +124,26 @@ def softmax_attention(
         raise
     rank, world, parts = ctx.rank, ctx.world_size, ctx.parts_per_rank
     cu = None if ctx.cu_seqlens is None else ctx.cu_seqlens_list
-    check = NO_CHECK
+    check, consistency = NO_CHECK, None
+    if world > 1 and torch.compiler.is_compiling():
+        why = own_communication(ctx, communicator=False)
+        if why:
+            return outside_graph(OP, why, softmax_attention, q, k, v, scale, group, layout, split, cu_seqlens,
+                                 causal, backend, sp_context)
     if world > 1:
-        if torch.compiler.is_compiling():  # a graph break (an error under fullgraph=True) before the Python check
-            torch._dynamo.graph_break(f"{OP}: fullgraph torch.compile over a group is not supported yet (the "
-                                      "cross-rank check runs in Python before the op; the delta-rule ops and "
-                                      "linear_attention run it inside their custom op)")
-        check = verify_group_consistency(
-            OP, ctx.group,
-            [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,
-             int(causal), -1 if cu is None else len(cu), int(q.requires_grad), int(k.requires_grad),
-             int(v.requires_grad), int(torch.is_grad_enabled())],
-            ["batch size", "local sequence length", "query heads", "key/value heads", "key head dim",
-             "value head dim", "dtype", "split", "causal", "number of cu_seqlens entries",
-             "q.requires_grad", "k.requires_grad", "v.requires_grad", "grad mode"],
-            q.device,
-            host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
+        signature = [batch, local_len, q.shape[2], k.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype], parts,
+                     int(causal), -1 if cu is None else len(cu), int(q.requires_grad), int(k.requires_grad),
+                     int(v.requires_grad), int(torch.is_grad_enabled())]
+        if torch.compiler.is_compiling():  # the custom op checks the ranks (constants of the graph)
+            consistency = [*signature, *host_digests(None if cu is None else tuple(cu), layout)]
+        else:
+            check = verify_group_consistency(
+                OP, ctx.group, signature, CHECK_NAMES, q.device,
+                host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", cu), ("`layout`", layout)])
 
     if layout == "tbhd":
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     o = lasp2h_attention(q, k, v, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group,
                          ctx.collectives, rank, world, parts, ctx.effective_split, causal, cu,
-                         cu_seqlens if per_call else None)
+                         cu_seqlens if per_call else None, consistency)
     return check.seal(o.transpose(0, 1) if layout == "tbhd" else o)

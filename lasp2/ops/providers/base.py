@@ -20,6 +20,12 @@ A *provider* is one algorithm that runs an op of some *family* over an SP group
               ``apply(q, k, v, g, decay, *, scale, sp_context, overlap) -> o`` on
               [B, T_local, H, D] views (layout already "bthd"); other families
               define the tensors of their own op.
+    checks_in_op
+              whether its torch.library custom op runs the per-call cross-rank
+              check (``apply(..., check=, consistency=)``, lasp2.ops._library.
+              compiled_check's arguments): then torch.compile(fullgraph=True) takes
+              a call over a group; otherwise the op checks the ranks in Python and
+              a compiled call breaks the graph there (an error under fullgraph)
 
 Register with ``register(family, provider)``; the op looks it up with
 ``get_provider(owner, family, name)``, which raises ValueError listing the names.
@@ -47,6 +53,7 @@ class Provider:
     name: str = ""
     splits: Tuple[str, ...] = SPLITS
     takes_states: bool = False
+    checks_in_op: bool = False
 
     def check(self, owner: str, *, heads: int, split: str, world_size: int) -> None:
         if split not in self.splits:

@@ -26,6 +26,7 @@ class Lasp2LinearAttention:
 class Lasp2Provider(Provider):
     name = "lasp2"
     takes_states = True
+    checks_in_op = True
 
     def apply(self, q, k, v, g, decay, *, scale, sp_context, overlap, **in_op_check):
         """in_op_check: lasp2.ops._library.compiled_check's arguments (a compiled call

@@ -3,11 +3,9 @@ gloo group of 2: the cross-rank consistency check runs inside the custom op, so 
 call compiles without a graph break; its output and every gradient equal the eager
 call's bit for bit (rows and packed documents of an SPContext), and ranks that disagree
 (scale, cu_seqlens, decay values; bad gates on one rank) raise the eager call's
-ValueError on every rank. Providers "lasp1" and "ulysses" and softmax_attention fail
-fullgraph with a message naming what is unsupported, and compile with a graph break
-otherwise."""
+ValueError on every rank. Providers "lasp1" and "ulysses" and softmax_attention
+(LASP-2H): tests/python/distributed/test_compile_group_providers.py."""
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -90,20 +88,6 @@ def check_compiled(rank, world):
     # the group still works after the raises (every rank raised at the same point)
     o = gates(q, k, v, g)
     assert torch.equal(o, lasp2.linear_attention(q, k, v, g=g, group=group))
-
-    # what fullgraph does not take over a group yet names itself (without fullgraph: a graph break)
-    others = [(f'supports provider "lasp2" only', lambda q, k, v, p=p: lasp2.linear_attention(q, k, v, group=group,
-                                                                                              provider=p), True)
-              for p in ("lasp1", "ulysses")]
-    others.append(("softmax_attention: fullgraph torch.compile over a group is not supported",
-                   lambda q, k, v: lasp2.softmax_attention(q, k, v, group=group), False))
-    for want, fn, breaks_cleanly in others:
-        torch._dynamo.reset()  # the lambdas share a code object: no cached graph of another provider
-        with pytest.raises(torch._dynamo.exc.Unsupported, match=want):
-            torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
-        if breaks_cleanly:
-            torch._dynamo.reset()
-            assert torch.equal(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v))
 
 
 def test_compiled_over_gloo_group():
