@@ -115,7 +115,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
         split = sp_context.split
-        collectives = sp_context.collectives
+        collectives = getattr(sp_context, "collectives", None)
         cu_seqlens = getattr(sp_context, "cu_seqlens", None)
     try:
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
