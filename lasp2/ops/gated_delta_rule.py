@@ -23,6 +23,7 @@ from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
+from lasp2.ops.providers.ulysses_delta import DeltaUlyssesProvider
 from lasp2.options import SPLITS, check_choice
 
 FAMILY = "gated_delta_rule"  # the provider family of gated_delta_rule and kda
@@ -39,9 +40,10 @@ class DeltaLasp2Provider(Provider):
     ring = False  # the C++ schedule: LASP-2 (csrc/core/sp/lasp2.cpp)
 
     def apply(self, q, k, v, g, beta, initial_state, *, cu_seqlens, num_seqs, scale, comm, parts_per_rank,
-              output_final_state, consistency):
+              output_final_state, consistency, collectives=None):
         """q, k, v [B, T_local, H, D] ("bthd" views), g, beta likewise; returns (o, final or None)
-        through the custom op of lasp2/ops/_delta_library.py (comm: its group handle)."""
+        through the custom op of lasp2/ops/_delta_library.py (comm: its group handle;
+        collectives: an SPContext's, used by "ulysses" only)."""
         return delta_rule(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, scale, CPU_CHUNK_SIZE, comm,
                           parts_per_rank, self.ring, output_final_state, consistency)
 
@@ -57,6 +59,7 @@ class DeltaLasp1Provider(DeltaLasp2Provider):
 
 register(FAMILY, DeltaLasp2Provider())
 register(FAMILY, DeltaLasp1Provider())
+register(FAMILY, DeltaUlyssesProvider())  # all-to-all over heads (providers/ulysses_delta.py)
 
 
 def _l2norm(x):
@@ -106,11 +109,13 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                 group, layout, split, provider, use_qk_l2norm, sp_context):
+    collectives = None
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
         if group is not None or cu_seqlens is not None:
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
         split = sp_context.split
+        collectives = getattr(sp_context, "collectives", None)
         cu_seqlens = getattr(sp_context, "cu_seqlens", None)
     try:
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
@@ -128,7 +133,8 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o, final = impl.apply(
         q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, num_seqs=num_seqs, scale=float(scale), comm=comm,
-        parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency)
+        parts_per_rank=parts, output_final_state=output_final_state, consistency=consistency,
+        collectives=collectives)
     if layout == "tbhd":
         o = o.transpose(0, 1)
     if not output_final_state:
@@ -222,10 +228,12 @@ def gated_delta_rule(
             strictly increasing from 0 to the global length.
         group, layout, split: as ``lasp2.linear_attention``; ``sp_context`` (an
             ``SPContext``) supplies group, split and cu_seqlens instead.
-        provider: "lasp2" (one AllGather of part summaries per direction) or "lasp1"
+        provider: "lasp2" (one AllGather of part summaries per direction), "lasp1"
             (a ring of P2P state passes in global part order, plus one AllGather per
-            direction for the final states when they are asked for): the providers
-            registered for this family ("gated_delta_rule" in lasp2.ops.providers).
+            direction for the final states when they are asked for) or "ulysses"
+            (all-to-all to head sharding and back; heads divisible by the group size):
+            the providers registered for this family ("gated_delta_rule" in
+            lasp2.ops.providers).
         use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
             ``use_qk_l2norm_in_kernel``).
 

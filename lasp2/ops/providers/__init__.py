@@ -9,6 +9,10 @@ For lasp2.linear_attention (family "linear_attention"):
 
 All three compute the same function; docs/providers.md compares their costs. A new
 family registers its providers here with `register(family, provider)`.
+
+For lasp2.gated_delta_rule / lasp2.kda (family "gated_delta_rule"), the op's module
+registers "lasp2", "lasp1" and "ulysses" (ulysses_delta.py) in that order, which the
+per-call cross-rank check's provider field relies on.
 """
 
 from lasp2.ops.providers.base import Provider, get_provider, provider_names, register

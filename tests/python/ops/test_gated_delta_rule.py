@@ -174,7 +174,7 @@ def delta_cases(kind):
                                                  cu_seqlens=torch.tensor([0, 2, 3, 8]))),
         with_gates(kind, "empty document", "`cu_seqlens` must be strictly increasing",
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, cu_seqlens=torch.tensor([0, 3, 3, 8]))),
-        with_gates(kind, "provider", "`provider` must be one of", lambda q, k, v, g, b, h: call(q, k, v, g, b, provider="ulysses")),
+        with_gates(kind, "provider", "`provider` must be one of", lambda q, k, v, g, b, h: call(q, k, v, g, b, provider="ring")),
         with_gates(kind, "output_final_state type", "`output_final_state` must be a bool",
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, output_final_state="yes")),
         # a CPU-kernel detail, not an argument of the op

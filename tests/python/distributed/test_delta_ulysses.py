@@ -1,0 +1,202 @@
+"""provider="ulysses" of lasp2.gated_delta_rule / lasp2.kda over P = 2 and 4 gloo
+processes equals one process (itself checked against the float64 recurrence in
+ops/test_gated_delta_rule.py).
+
+Every rank checks its output rows, its q/k/v/g/beta gradients, the final states and
+the summed initial-state gradient against a one-process run on the whole sequence
+(float64, 1e-5 relative), for both splits, GDN and KDA gates, B > 1 rows and packed
+documents of uneven lengths that span ranks, initial states in and final states out
+(H = 4 heads, so P = 4 leaves one head a rank). Also: the "tbhd" layout with
+use_qk_l2norm, a call without states, final states that only some ranks' losses use,
+the number of all-to-alls through an SPContext's collectives, and ranks that raise
+together: heads not divisible by P, bad gates on one rank, ranks passing different
+providers.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import lasp2
+from lasp2.distributed.collectives import TORCH_COLLECTIVES, Collectives
+from lasp2_testing.checks import assert_rel
+from lasp2_testing.dist import run_distributed
+
+H = 4
+
+# (kind, split, packed)
+CONFIGS = [
+    ("gdn", "contiguous", True),
+    ("gdn", "balanced", False),
+    ("kda", "balanced", True),
+    ("kda", "contiguous", False),
+]
+
+
+def global_inputs(world, kind, packed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    B = 1 if packed else 2
+    T, K, V = 8 * world, 4, 3  # 8 tokens a rank: 4-token parts when balanced
+    q, k, v, do = rnd(B, T, H, K), rnd(B, T, H, K) / 2, rnd(B, T, H, V), rnd(B, T, H, V)
+    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2) / 2
+    beta = torch.sigmoid(rnd(B, T, H))
+    cu = None
+    if packed:  # uneven documents: one ends at a rank edge, a 1-token one, others span ranks
+        cuts = sorted({3, 8, 9, T // 2 + 1, T - 1})
+        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    h0 = rnd(N, H, K, V) * 0.5
+    dF = rnd(N, H, K, V)
+    return q, k, v, do, g, beta, cu, h0, dF
+
+
+def _op(kind):
+    return lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
+
+
+def check_config(rank, world, group, kind, split, packed, seed):
+    op = _op(kind)
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed)
+    kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
+
+    full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
+    grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
+
+    local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)  # noqa: E731
+    leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+    h0_local = h0.clone().requires_grad_()
+    o, final = op(*leaves, initial_state=h0_local, group=group, split=split, provider="ulysses", **kw)
+    what = f"ulysses P={world} {kind} {split} packed={packed} rank {rank}"
+    assert o.shape == leaves[2].shape and final.shape == h0.shape and final.dtype == h0.dtype
+    assert_rel(o, local(o_full), 1e-5, f"o, {what}")
+    assert_rel(final, final_full, 1e-5, f"final state, {what}")
+    # each rank's loss uses its own output rows and a share of the final-state loss
+    weight = (rank + 1) / (world * (world + 1) / 2)
+    loss = (o * local(do)).sum() + (final * dF * weight).sum()
+    grads = torch.autograd.grad(loss, leaves + [h0_local])
+    for name, got, want in zip(("q", "k", "v", "g", "beta"), grads, grads_full):
+        assert got.dtype == want.dtype and got.shape == local(want).shape
+        assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
+    d_h0 = grads[5].clone()
+    dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
+    assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+
+
+def check_variants(rank, world, group):
+    """"tbhd" with use_qk_l2norm and no states (final None); then final states asked for
+    that only rank 0's loss uses (the others get zero gradients and still make the same
+    collectives); gradients equal one process's."""
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, "kda", False, seed=40)
+    full = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o_full, _ = lasp2.kda(*full, use_qk_l2norm=True)
+    grads_full = torch.autograd.grad((o_full * do).sum(), full)
+    tb = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1).transpose(0, 1)  # noqa: E731
+    leaves = [tb(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+    o, final = lasp2.kda(*leaves, use_qk_l2norm=True, layout="tbhd", group=group, split="balanced",
+                         provider="ulysses")
+    assert final is None
+    what = f"ulysses P={world} tbhd l2norm rank {rank}"
+    assert_rel(o, tb(o_full), 1e-5, f"o, {what}")
+    for name, got, want in zip(("q", "k", "v", "g", "beta"), torch.autograd.grad((o * tb(do)).sum(), leaves),
+                               grads_full):
+        assert_rel(got, tb(want), 1e-5, f"d{name}, {what}")
+
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, "gdn", True, seed=41)
+    full = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o_full, final_full = lasp2.gated_delta_rule(*full, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
+    local = lambda x: lasp2.split_sequence(x, group, dim=1)  # noqa: E731
+    leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+    o, final = lasp2.gated_delta_rule(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                      group=group, provider="ulysses")
+    loss = (o * local(do)).sum() + ((final * dF).sum() if rank == 0 else 0)
+    for name, got, want in zip(("q", "k", "v", "g", "beta"), torch.autograd.grad(loss, leaves), grads_full):
+        assert_rel(got, local(want), 1e-5, f"d{name}, final states in rank 0's loss only, rank {rank}")
+
+
+def check_collectives(rank, world, group):
+    """Through an SPContext's collectives: 3 all-to-alls forward (q|k|v, g|beta, o) and 3
+    backward (dO, dq|dk|dv, dg|dbeta), one AllGather of final states forward and one
+    ReduceScatter of their gradients backward."""
+    counts = {"all_to_all_single": 0, "all_gather_single": 0, "reduce_scatter_single": 0}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return getattr(TORCH_COLLECTIVES, name)(*args, **kwargs)
+        return call
+
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, "gdn", True, seed=42)
+    ctx = lasp2.build_sp_context(group, split="balanced", cu_seqlens=cu,
+                                 collectives=Collectives(**{name: counted(name) for name in counts}))
+    local = lambda x: lasp2.split_sequence(x, group, split="balanced", dim=1)  # noqa: E731
+    leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+    o, final = lasp2.gated_delta_rule(*leaves, initial_state=h0, output_final_state=True, provider="ulysses",
+                                      sp_context=ctx)
+    assert counts == {"all_to_all_single": 3, "all_gather_single": 1, "reduce_scatter_single": 0}, counts
+    ((o * local(do)).sum() + (final * dF).sum()).backward()
+    assert counts == {"all_to_all_single": 6, "all_gather_single": 1, "reduce_scatter_single": 1}, counts
+    o_full, _ = lasp2.gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu)
+    assert_rel(o, local(o_full), 1e-5, f"o through an SPContext, rank {rank}")
+
+
+def _expect_value_error(fn, want: str, what: str):
+    try:
+        fn()
+    except ValueError as e:
+        assert want in str(e), f"{what}: {e}"
+    else:
+        raise AssertionError(f"{what}: no ValueError")
+
+
+def check_errors(rank, world, group):
+    """Ranks raise together (no rank left in a collective)."""
+    heads = 3 if world == 2 else 6
+    q = torch.randn(1, 4, heads, 4, dtype=torch.float64)
+    g = -torch.rand(1, 4, heads, dtype=torch.float64)
+    beta = torch.rand(1, 4, heads, dtype=torch.float64)
+    _expect_value_error(lambda: lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses"),
+                        f"provider=\"ulysses\" shards heads over the group: the number of heads ({heads}) must be "
+                        f"divisible by the group size ({world})", f"heads {heads}, rank {rank}")
+    # bad gate values on one rank: checked before the all-to-alls; that rank names `g`
+    q = torch.randn(1, 4, H, 4, dtype=torch.float64)
+    g = -torch.rand(1, 4, H, dtype=torch.float64)
+    beta = torch.rand(1, 4, H, dtype=torch.float64)
+    _expect_value_error(
+        lambda: lasp2.gated_delta_rule(q, q, q, g.abs() + 0.1 if rank == 1 else g, beta, group=group,
+                                       provider="ulysses"),
+        "`g` holds log gates" if rank == 1 else "rejected their arguments", f"bad g on rank 1, rank {rank}")
+    # ranks passing different providers: the per-call cross-rank check names it
+    _expect_value_error(
+        lambda: lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses" if rank else "lasp2"),
+        "disagree on provider", f"providers differ, rank {rank}")
+    # and the group still works afterwards
+    o, _ = lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses")
+    assert o.shape == q.shape
+
+
+def check_rank(rank, world):
+    group = dist.new_group(list(range(world)))
+    for index, (kind, split, packed) in enumerate(CONFIGS):
+        check_config(rank, world, group, kind, split, packed, seed=10 + index)
+    check_errors(rank, world, group)
+    if world == 2:
+        check_variants(rank, world, group)
+        check_collectives(rank, world, group)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_equals_one_process(world):
+    run_distributed(world, check_rank)
+
+
+def test_one_device_is_the_plain_op():
+    """No group: provider="ulysses" is the single-device op (as every provider)."""
+    q, k, v, _, g, beta, cu, h0, _ = global_inputs(2, "kda", True, seed=5)
+    o, final = lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                         provider="ulysses")
+    o_ref, final_ref = lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert torch.equal(o, o_ref) and torch.equal(final, final_ref)
