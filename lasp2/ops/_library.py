@@ -157,10 +157,20 @@ def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, 
         rank, world = (0, 1) if communicator is None else (communicator.rank, communicator.size)
         doc_start, head_doc = local_document_starts(OP, cu_seqlens, q.shape[1], rank, world, parts, q.device,
                                                     with_states)
-    return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
-                                  scale=scale, comm=None if comm == 0 else _communicator(comm),
-                                  parts_per_rank=parts, chunk_size=chunk_size,
-                                  head_doc=list(head_doc), num_seqs=num_seqs)
+    # the non-tensor half comes from a small cache: binding LinearAttentionArgs' 13 keyword
+    # arguments costs about twice its with_tensors (host time, twice per fwd + bwd)
+    key = (scale, chunk_size, comm, parts, tuple(head_doc), num_seqs)
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = _C.LinearAttentionArgs(q, k, v, scale=scale, comm=None if comm == 0 else _communicator(comm),
+                                        parts_per_rank=parts, chunk_size=chunk_size, head_doc=list(head_doc),
+                                        num_seqs=num_seqs).config()
+        if len(_CONFIGS) < 64:
+            _CONFIGS[key] = config
+    return config.with_tensors([q, k, v, g, decay, doc_start, initial_state])
+
+
+_CONFIGS: dict = {}  # (scale, chunk_size, comm handle, parts, head_doc, num_seqs) -> LinearAttentionArgs.config()
 
 
 def _states_used(initial_state, output_final_state) -> bool:
