@@ -12,6 +12,15 @@ and beta on the host). At small T on a GPU the host decides the step time.
   python benchmarks/bench_host_overhead.py                 # CUDA if present, else CPU
   python benchmarks/bench_host_overhead.py --device cpu --seq-lens 256
 
+  python benchmarks/bench_host_overhead.py --device cpu --seq-lens 64 --heads 1 --dim 8 --split
+      # tiny shapes: the op path's host time with negligible compute
+
+--split also times the parts of one eager step on the host (wall clock and this
+thread's CPU time): the forward call, the loss, the backward call, and the wait for
+the device at the end. On CUDA the backward runs on autograd's device thread, so the
+backward's wall time with little CPU time on this thread is that thread's work plus
+the hand-offs; wall time well above CPU time in the forward means the host waited.
+
 Prints a table, writes docs/results/host_overhead.png (--png to change) and one JSON line.
 """
 
@@ -89,6 +98,40 @@ def _graph_ms(step, iters):
     return _wall_ms(graph.replay, iters, torch.device("cuda"))
 
 
+def _split(forward, inputs, steps, device):
+    """Median microseconds per part of one eager step: wall clock and (in parentheses
+    in the printout) this thread's CPU time."""
+    cuda = device.type == "cuda"
+    parts = ("forward", "loss", "backward", "sync")
+    wall = {p: [] for p in parts}
+    cpu = {p: [] for p in parts}
+    for i in range(steps + 3):
+        for x in inputs:
+            x.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        marks = [(time.perf_counter_ns(), time.thread_time_ns())]
+        out = forward()
+        marks.append((time.perf_counter_ns(), time.thread_time_ns()))
+        loss = out.float().sum()
+        marks.append((time.perf_counter_ns(), time.thread_time_ns()))
+        loss.backward()
+        marks.append((time.perf_counter_ns(), time.thread_time_ns()))
+        if cuda:
+            torch.cuda.synchronize()
+        marks.append((time.perf_counter_ns(), time.thread_time_ns()))
+        if i < 3:  # warm-up
+            continue
+        for j, p in enumerate(parts):
+            wall[p].append((marks[j + 1][0] - marks[j][0]) / 1e3)
+            cpu[p].append((marks[j + 1][1] - marks[j][1]) / 1e3)
+    med = lambda xs: round(sorted(xs)[len(xs) // 2], 1)  # noqa: E731
+    out = {p: {"wall_us": med(wall[p]), "cpu_us": med(cpu[p])} for p in parts}
+    print("  split (median us, wall (this thread's CPU)): " +
+          ", ".join(f"{p} {v['wall_us']} ({v['cpu_us']})" for p, v in out.items()))
+    return out
+
+
 def _profile(step, steps, device):
     """cProfile of `steps` eager steps: microseconds per step inside lasp2._C's functions
     (binding + core, host side), in everything else, and the top Python functions."""
@@ -133,6 +176,8 @@ def main():
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile this many eager steps of each op and length (cProfile): the host time "
                          "inside the binding's calls (lasp2._C) and the Python functions that cost most")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the parts of an eager step (forward, loss, backward, device wait) on the host")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -166,6 +211,8 @@ def main():
                        graph_ms=graph)
             if args.profile:
                 row["profile"] = _profile(step, args.profile, device)
+            if args.split:
+                row["split"] = _split(forward, inputs, iters, device)
             rows.append(row)
             graph_txt = f"{graph:9.3f}" if graph is not None else f"{'-':>9}"
             print(f"{name:<18} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "

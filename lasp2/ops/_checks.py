@@ -27,6 +27,21 @@ def check_tensor(op: str, name: str, x, ndim: int, dtypes: Sequence[torch.dtype]
         fail(op, f"`{name}` has dtype {x.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
 
 
+def check_qkv(op: str, q, k, v, ndim: int = 4):
+    """check_tensor for q, k and v, then check_same_device_dtype(k, v against q). The
+    usual case (all three fine) is decided in one expression without a Python call per
+    test (the ops' host time at small T); anything else runs those checks for their
+    messages, so the errors are the same."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dim() == ndim and k.dim() == ndim and v.dim() == ndim and q.dtype in FLOAT_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.device == q.device and v.device == q.device):
+        return
+    check_tensor(op, "q", q, ndim)
+    check_tensor(op, "k", k, ndim)
+    check_tensor(op, "v", v, ndim)
+    check_same_device_dtype(op, "q", q, k=k, v=v)
+
+
 def check_layout(op: str, layout: str):
     if layout not in LAYOUTS:
         fail(op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
@@ -155,3 +170,13 @@ class named_errors:  # noqa: N801 - used as a context manager
         if kind is not None and issubclass(kind, RuntimeError) and not str(exc).startswith(self.op):
             raise RuntimeError(f"{self.op}: {exc}") from exc
         return False
+
+
+def reraise_named(op: str, exc: RuntimeError):
+    """named_errors' rule for an `except RuntimeError as exc:` block (the eager paths use
+    it: a try costs nothing when nothing is raised, the context manager three Python
+    calls per call): raises `exc` prefixed with the op's name, or `exc` itself when it
+    names the op already."""
+    if not str(exc).startswith(op):
+        raise RuntimeError(f"{op}: {exc}") from exc
+    raise  # the exception being handled, unchanged

@@ -132,9 +132,11 @@ def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_siz
     returned to the user), so what the schedule leaves unwritten in them is never read and
     needs no zeroing (four fills per call on one device); final_state is None unless asked for."""
     args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                 cu_seqlens, _states_used(initial_state, output_final_state))
-    with C.named_errors(OP):
+                 cu_seqlens, initial_state is not None or output_final_state)
+    try:  # C.named_errors' rule without a context manager's calls (host time at small T)
         o, final, saved = _C.lasp2_forward(args, overlap, output_final_state)
+    except RuntimeError as exc:
+        C.reraise_named(OP, exc)
     return (o, final, *saved)
 
 
@@ -155,9 +157,20 @@ def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, 
         rank, world = (0, 1) if communicator is None else (communicator.rank, communicator.size)
         doc_start, head_doc = local_document_starts(OP, cu_seqlens, q.shape[1], rank, world, parts, q.device,
                                                     with_states)
-    return _C.LinearAttentionArgs(q, k, v, g=g, decay=decay, doc_start=doc_start, initial_state=initial_state,
-                                  scale=scale, comm=_communicator(comm), parts_per_rank=parts, chunk_size=chunk_size,
-                                  head_doc=list(head_doc), num_seqs=num_seqs)
+    # the non-tensor half comes from a small cache: binding LinearAttentionArgs' 13 keyword
+    # arguments costs about twice its with_tensors (host time, twice per fwd + bwd)
+    key = (scale, chunk_size, comm, parts, tuple(head_doc), num_seqs)
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = _C.LinearAttentionArgs(q, k, v, scale=scale, comm=None if comm == 0 else _communicator(comm),
+                                        parts_per_rank=parts, chunk_size=chunk_size, head_doc=list(head_doc),
+                                        num_seqs=num_seqs).config()
+        if len(_CONFIGS) < 64 and scale != 0:  # -0.0 == 0.0 as a key: a zero scale is never cached
+            _CONFIGS[key] = config
+    return config.with_tensors([q, k, v, g, decay, doc_start, initial_state])
+
+
+_CONFIGS: dict = {}  # (scale, chunk_size, comm handle, parts, head_doc, num_seqs) -> LinearAttentionArgs.config()
 
 
 def _states_used(initial_state, output_final_state) -> bool:
@@ -212,10 +225,12 @@ def _backward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_si
     returns empty tensors instead). Per-call documents are planned again from cu_seqlens
     (checked by the forward)."""
     args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                 cu_seqlens, _states_used(initial_state, d_final_state is not None))
-    with C.named_errors(OP):
+                 cu_seqlens, initial_state is not None or d_final_state is not None)
+    try:
         return _C.lasp2_backward(args, [records, prefixes, maps, head_maps], do, need_dg,
                                  d_final_state=d_final_state, need_dinitial=need_dinitial)
+    except RuntimeError as exc:
+        C.reraise_named(OP, exc)
 
 
 @torch.library.custom_op("lasp2::lasp2_backward", mutates_args=())
@@ -259,23 +274,36 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
-    packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
-    d_final = final_state_grad(d_final, output_final_state, q, v, num_seqs if packed else q.shape[0])
+    if output_final_state:
+        packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
+        d_final = final_state_grad(d_final, output_final_state, q, v, num_seqs if packed else q.shape[0])
+    else:
+        d_final = None
     if do is None:  # the eager Function does not materialise gradients: o took no part in the loss
         do = torch.zeros_like(v)
     run = _backward_eager if eager_call(do, q) else lasp2_backward
-    with torch.no_grad():
-        dq, dk, dv, dg, d_decay, d_initial = run(
-            q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
+    args = (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
             d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial), cu_seqlens)
-    grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
-                                         d_initial if need_dinitial else None))
+    # grad mode is off in a backward unless create_graph=True: no no_grad() context's
+    # Python calls (a dozen) on the usual path
+    create_graph = torch.is_grad_enabled()
+    if create_graph:
+        with torch.no_grad():
+            dq, dk, dv, dg, d_decay, d_initial = run(*args)
+    else:
+        dq, dk, dv, dg, d_decay, d_initial = run(*args)
+    grads = (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None, d_initial if need_dinitial else None)
+    if create_graph:
+        grads = C.guard_double_backward(OP, grads)
     return (*grads[:5], None, grads[5], *([None] * 11))
 
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
+# the eager Function takes (q, k, v, g, decay, doc_start, initial_state, the rest as one
+# tuple): only those seven may need gradients (_eager.eager_function's leading_inputs)
+_TENSOR_INPUTS = 7
 _EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _backward,
-                               internal_outputs=(2, 3, 4, 5))
+                               internal_outputs=(2, 3, 4, 5), leading_inputs=_TENSOR_INPUTS)
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,
@@ -293,13 +321,14 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     # compiled over a group: the communicator goes in as the check's group handle (a constant
     # of the graph; handle_of would register it only after the trace)
-    handle = int(check) if check else handle_of(comm)
+    handle = int(check) if check else (0 if comm is None else handle_of(comm))
     args = (q, k, v, g, decay, doc_start, initial_state, float(scale), int(chunk_size), handle, int(parts),
-            bool(overlap), [int(d) for d in head_doc], int(num_seqs), bool(output_final_state), cu_seqlens)
+            bool(overlap), [int(d) for d in head_doc] if head_doc else [], int(num_seqs), bool(output_final_state),
+            cu_seqlens)
     if check:  # compiled over a group: the op checks the ranks
         out = lasp2_forward(*args, int(check), list(consistency))
     elif eager_call(q, k, v, g, decay, doc_start, initial_state, cu_seqlens):
-        out = _EagerForward.apply(*args)
+        out = _EagerForward.apply(*args[:_TENSOR_INPUTS], args[_TENSOR_INPUTS:])
     else:
         out = lasp2_forward(*args)
     return (out[0], out[1]) if output_final_state else out[0]
