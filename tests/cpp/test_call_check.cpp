@@ -6,6 +6,7 @@
 // collective. The armed check is taken by the forward (one call only).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -195,7 +196,7 @@ std::string poison_name(const ::testing::TestParamInfo<PoisonCase>& info) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CallCheckPoison, ::testing::ValuesIn(poison_cases()), poison_name);
 
-TEST(CallCheckPoison, StridedHalfPrecisionTargets) {
+TEST(CallCheckTargets, StridedHalfPrecisionGetNaNTheGapsNot) {
   // a [B=2, T=3, H=2, D=3] bf16 view inside a wider buffer (head stride 4): NaN in the
   // view's elements, the gaps untouched
   std::vector<uint16_t> buf(2 * 3 * 2 * 4 + 1, 0x1234);

@@ -102,6 +102,7 @@ void poison_on_failed_check(Device device, const float* gathered, int64_t rank_s
   }
   if (args.count > 0) cuda::launch_poison(args, static_cast<cudaStream_t>(stream));
 #else
+  (void)stream;
   fail("lasp2: this build has no CUDA kernels; rebuild with CUDA to run on GPU tensors");
 #endif
 }
