@@ -154,7 +154,9 @@ int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
-  const CallCheck check = take_call_check();  // taken whatever follows: it belongs to this call only
+  // taken whatever follows (it belongs to this call only); a group call's only
+  const CallCheck taken = take_call_check();
+  const CallCheck check = comm != nullptr ? taken : CallCheck{};
   check_group(comm, layout, f);
   check_sequence_states(layout, seq);
   LASP2_CHECK(!check.armed() || check.device == f.device(),
