@@ -45,4 +45,35 @@ LASP2_HOST_DEVICE inline double max_step(double running, double x) {
   return (x > running || x != x) && running == running ? x : running;
 }
 
+// A call's device values folded into its LASP-2 AllGather (lasp2/call_check.h): rank r's
+// word i is the int64 held by the fp32 slots gathered[r * rank_stride + 2 i], [.. + 1], the
+// low half first (the slots are moved, never computed on, so the bits arrive as sent).
+LASP2_HOST_DEVICE inline int64_t gathered_word(const float* gathered, int64_t rank_stride, int r, int i) {
+  uint32_t lo, hi;
+  memcpy(&lo, gathered + r * rank_stride + 2 * i, sizeof(lo));
+  memcpy(&hi, gathered + r * rank_stride + 2 * i + 1, sizeof(hi));
+  return static_cast<int64_t>(static_cast<uint64_t>(hi) << 32 | lo);
+}
+
+// The words fail exactly when the check will raise for them later (group_check.cpp's
+// compare): a digest word differs between two ranks, or a kMax word (bit i of max_mask)
+// holds a positive float64 on some rank (a NaN maximum is not positive, as there).
+LASP2_HOST_DEVICE inline bool words_fail(const float* gathered, int64_t rank_stride, int world, int count,
+                                         uint32_t max_mask) {
+  for (int i = 0; i < count; ++i) {
+    const int64_t first = gathered_word(gathered, rank_stride, 0, i);
+    for (int r = 0; r < world; ++r) {
+      const int64_t w = r == 0 ? first : gathered_word(gathered, rank_stride, r, i);
+      if (max_mask >> i & 1u) {
+        double value;
+        memcpy(&value, &w, sizeof(value));
+        if (value > 0) return true;
+      } else if (w != first) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
 }  // namespace lasp2::consistency

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "consistency_values.h"
+#include "lasp2/call_check.h"
 #include "lasp2/types.h"
 
 #ifdef LASP2_WITH_CUDA
@@ -188,6 +189,7 @@ int64_t GroupCheck::stage(const std::vector<std::optional<at::Tensor>>& values, 
 
 int64_t GroupCheck::exchange(const std::vector<int64_t>& head, const std::vector<int64_t>& sends,
                              const std::vector<int64_t>& max_slots) {
+  disarm_call_check();  // a new call on a group: what an earlier one armed is not this call's
   const int64_t n = static_cast<int64_t>(sends.size());
   const int64_t first = row_ - lagged_ * n;  // where the sent entries start
   LASP2_CHECK(static_cast<int64_t>(head.size()) <= first, "GroupCheck.exchange: the row's head is too long");
@@ -271,7 +273,21 @@ std::pair<int64_t, int64_t> GroupCheck::exchange_then_stage(const std::vector<in
   check_values(values, kinds);
   const int64_t col = exchange(head, sends, max_slots);
   const bool any = std::any_of(values.begin(), values.end(), [](const auto& v) { return v.has_value(); });
-  return {col, col < 0 && any ? stage(values, kinds) : -1};
+  if (col >= 0 || !any) return {col, -1};
+  const int64_t seq = stage(values, kinds);
+  // the op that follows on this thread folds the staged words into its own AllGather and
+  // poisons its outputs on every rank if they fail (lasp2/call_check.h): compared DEPTH
+  // calls later by this check, but never returned unpoisoned in between
+  if (static_cast<int64_t>(values.size()) <= kCallCheckWords) {
+    CallCheck check;
+    check.words = ring_.data_ptr<int64_t>() + entry_of(seq) * ring_.size(1);
+    check.count = static_cast<int>(std::min<int64_t>(lagged_, kCallCheckWords));
+    for (size_t i = 0; i < kinds.size(); ++i)
+      if (kinds[i] == kMax) check.max_mask |= 1u << i;
+    check.device = device_.is_cuda() ? lasp2::Device::kCUDA : lasp2::Device::kCPU;
+    arm_call_check(check);
+  }
+  return {col, seq};
 }
 
 void GroupCheck::discard() { entry_seq_.assign(depth_, -1); }
@@ -293,6 +309,8 @@ void register_group_check(pybind11::module_& m) {
            py::arg("max_slots"), py::arg("values"), py::arg("kinds"), py::call_guard<py::gil_scoped_release>(),
            "-> (exchange's result, the staged entry's sequence number or -1)")
       .def("discard", &GroupCheck::discard)
+      .def_static("disarm_call_check", &disarm_call_check,
+                  "forgets the device values a call armed for the next LASP-2 forward (lasp2/call_check.h)")
       .def("table", &GroupCheck::table)
       .def_property_readonly("world", &GroupCheck::world)
       .def_property_readonly("rank", &GroupCheck::rank)

@@ -67,7 +67,10 @@ class GroupCheck {
 
   // exchange(), then, when every row agreed and `values` holds a tensor, stage(values,
   // kinds): one call from Python for a call whose device values go DEPTH calls later.
-  // Returns (exchange's result, the staged sequence number or -1).
+  // The staged entry is then ARMED for this thread's next LASP-2 forward, which folds it
+  // into its own AllGather and poisons its outputs on every rank when the ranks' values
+  // fail (lasp2/call_check.h); exchange() disarms first. Returns (exchange's result, the
+  // staged sequence number or -1).
   std::pair<int64_t, int64_t> exchange_then_stage(const std::vector<int64_t>& head, const std::vector<int64_t>& sends,
                                                   const std::vector<int64_t>& max_slots,
                                                   const std::vector<std::optional<at::Tensor>>& values,

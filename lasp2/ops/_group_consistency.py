@@ -22,7 +22,10 @@ across the ranks of a group"). Two modes (LASP2_CONSISTENCY_CHECK, alike on ever
   the call's outputs (a hook, before the op's backward), whichever comes first: the
   host then waits only for GPU work DEPTH calls old, never for the op's queue, and
   every rank raises the same ValueError there. On CPU groups they go with their own
-  call's row (no queue to wait for).
+  call's row (no queue to wait for). Meanwhile the call's outputs are never a silent
+  wrong answer: the exchange ARMS the staged values for the op that follows, whose
+  LASP-2 AllGather carries them and whose outputs become NaN on every rank at once when
+  they fail (csrc/core/include/lasp2/call_check.h; no host sync).
 * sync (and auto under torch.compile / CUDA-graph capture): the Python check reads the
   whole table, device values included, before the op's collectives. Compiled calls over
   a group run the check inside their custom op's real kernel instead (the delta-rule
@@ -454,6 +457,7 @@ def _fast_message(rows, layout: Optional[_Layout], head_len: int, sends, current
 
 def _check_sync(st, op, signature, names, device, host_values, device_values, flags, positive) -> Verdict:
     """The Python check: every value, device ones included, read at the call."""
+    _disarm()  # values an earlier "auto" call armed are not this call's (its op may never have taken them)
     if st.pending:  # values of earlier "auto" calls wait: send them first
         _settle(st, st.pending[-1], at_backward=False)
     flags = list(flags) + [(m, f) for m, t in positive if (f := positive_flag(t)) is not None]
@@ -484,6 +488,12 @@ def _check_sync(st, op, signature, names, device, host_values, device_values, fl
     if _agree(rows, layout):
         return NO_CHECK
     raise ValueError(_disagreement(rows, layout))
+
+
+def _disarm():
+    from lasp2._extension import _C
+
+    _C.GroupCheck.disarm_call_check()
 
 
 _SIDE: dict = {}

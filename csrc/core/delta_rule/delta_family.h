@@ -47,6 +47,9 @@ class DeltaFamily final : public PartFamily {
                       float* out, void* stream) const override;
   void forward(TokenRange part, const float* entering, const DocStates& docs,
                void* stream) const override;
+  PoisonTarget output() const override {
+    return {o_.data, p_.dtype, p_.batch, p_.seqlen, p_.heads, p_.dim_v, o_.stride};
+  }
 
   void entering_grad(TokenRange part, float* dstate, void* stream) const override;
   void combine_suffix(const std::vector<const float*>& dstates, const float* maps, int target,

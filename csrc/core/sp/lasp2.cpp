@@ -8,10 +8,16 @@
 // j + 1), the final-state gradient the last entry of the suffix list. A one-step map
 // (a part's head) folds through the 3-row table [0, A_head, 0]. Every list keeps its
 // fold target below its length (the CUDA combine's precondition).
+//
+// Every rank's block of the forward AllGather ends in kCallCheckFloats slots: the
+// device values the call's cross-rank check armed (lasp2/call_check.h; unwritten when
+// none was armed, which the check makes alike on every rank), compared on the device
+// after the gather, so a call whose ranks disagree returns NaN on every rank at once.
 #include "lasp2/lasp2.h"
 
 #include <vector>
 
+#include "lasp2/call_check.h"
 #include "lasp2/scalar_decay.h"
 #include "schedule_util.h"
 
@@ -26,9 +32,10 @@ using sp::round_up8;
 // Where each piece of the forward workspace lives. The send block is [local records]
 // [local head records][inner documents' end states]; the head records and end states
 // travel only with packed documents (the heads' buffers exist anyway: a family may
-// always write them).
+// always write them), then the call's check words (kCallCheckFloats, at `words`; written
+// after the summaries, as without packed documents they lie where the heads' are).
 struct ForwardSpace {
-  int64_t record, parts, sent;  // floats per record, local parts, floats sent per rank
+  int64_t record, parts, sent, words;  // floats per record, local parts, floats sent per rank, words' offset
   float *send, *gathered, *state, *table;
   int64_t floats;
 
@@ -36,9 +43,10 @@ struct ForwardSpace {
       : record(s.record_floats()), parts(l.parts_per_rank) {
     const bool packed = seq.packed();
     const int64_t finals = packed && seq.final_state ? seq.floats(s.state_floats) : 0;
-    sent = parts * record * (packed ? 2 : 1) + finals;
+    words = parts * record * (packed ? 2 : 1) + finals;
+    sent = words + kCallCheckFloats;
     Carve c{static_cast<float*>(base)};
-    send = c.take(2 * parts * record + finals);
+    send = c.take(2 * parts * record + finals + kCallCheckFloats);
     gathered = c.take(l.world_size * sent);
     state = c.take(s.state_floats);
     table = c.take(3 * s.map_floats);
@@ -146,8 +154,13 @@ int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
+  // taken whatever follows (it belongs to this call only); a group call's only
+  const CallCheck taken = take_call_check();
+  const CallCheck check = comm != nullptr ? taken : CallCheck{};
   check_group(comm, layout, f);
   check_sequence_states(layout, seq);
+  LASP2_CHECK(!check.armed() || check.device == f.device(),
+              "the call's consistency check and the kernels work on different devices (CPU vs CUDA)");
   const int64_t T = f.local_tokens();
   if (layout.world_size == 1 && !seq.any()) {
     f.forward({0, T}, nullptr, DocStates{}, stream);
@@ -173,6 +186,9 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
     f.summarize(layout.local_range(i, T), docs, {record, record + S, head, head + S, packed}, stream);
   }
   f.copy(saved.local_records, ws.send, parts * ws.record, stream);
+  if (check.armed()) {
+    f.copy(ws.send + ws.words, reinterpret_cast<const float*>(check.words), 2 * check.count, stream);
+  }
   auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);
   const bool overlap = options.overlap_forward && f.has_entering_output();
   if (overlap) {
@@ -205,22 +221,26 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
       f.add_entering_output(range, entering, stream);
     }
   }
-  if (seq.final_state == nullptr) return;
-  if (!packed) {
+  if (seq.final_state != nullptr && !packed) {
     f.combine_prefix(states, maps, first + total, seq.final_state, stream);
-    return;
+  } else if (seq.final_state != nullptr) {
+    // Documents begun and ended inside one part: written by that part's rank only.
+    sum_over_ranks(f, layout, ws.gathered, ws.sent, 2 * parts * ws.record, D, seq.final_state, stream);
+    for (int g = 0; g < total; ++g) {  // ending in part g's head: A_head P_g + M_head
+      const int64_t d = seq.head_doc[g];
+      if (d < 0) continue;
+      f.combine_prefix(states, maps, first + g, ws.state, stream);
+      one_step_table(f, saved.head_maps + g * Mp, ws.table, stream);
+      const float* head = ws.record_of(layout, g, true);
+      f.combine_prefix({ws.state, head, head}, ws.table, 2, seq.final_state + d * S, stream);
+    }
+    f.combine_prefix(states, maps, first + total, seq.final_state + (seq.count - 1) * S, stream);
   }
-  // Documents begun and ended inside one part: written by that part's rank only.
-  sum_over_ranks(f, layout, ws.gathered, ws.sent, 2 * parts * ws.record, D, seq.final_state, stream);
-  for (int g = 0; g < total; ++g) {  // ending in part g's head: A_head P_g + M_head
-    const int64_t d = seq.head_doc[g];
-    if (d < 0) continue;
-    f.combine_prefix(states, maps, first + g, ws.state, stream);
-    one_step_table(f, saved.head_maps + g * Mp, ws.table, stream);
-    const float* head = ws.record_of(layout, g, true);
-    f.combine_prefix({ws.state, head, head}, ws.table, 2, seq.final_state + d * S, stream);
+  if (check.armed()) {  // every rank reads the same gathered words: all poison, or none
+    const PoisonTarget targets[] = {f.output(), PoisonTarget::floats(seq.final_state, seq.final_state ? D : 0)};
+    poison_on_failed_check(f.device(), ws.gathered + ws.words, ws.sent, layout.world_size, check, targets, 2,
+                           stream);
   }
-  f.combine_prefix(states, maps, first + total, seq.final_state + (seq.count - 1) * S, stream);
 }
 
 void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& layout,

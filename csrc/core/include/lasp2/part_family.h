@@ -65,6 +65,7 @@
 
 #include <vector>
 
+#include "lasp2/call_check.h"
 #include "lasp2/types.h"
 
 namespace lasp2 {
@@ -127,6 +128,9 @@ class PartFamily {
                        void* stream) const = 0;
   virtual bool has_entering_output() const { return false; }
   virtual void add_entering_output(TokenRange part, const float* entering, void* stream) const;
+  // The call's output o (forward objects): LASP-2 fills it with NaN on every rank when the
+  // ranks' device values armed for the call disagree (lasp2/call_check.h). {}: none.
+  virtual PoisonTarget output() const { return {}; }
 
   // --- backward --------------------------------------------------------------
   virtual int64_t backward_scratch_bytes() const { return 0; }

@@ -62,6 +62,9 @@ class ScalarDecay final : public PartFamily {
   void forward(TokenRange part, const float* entering, const DocStates& docs,
                void* stream) const override;
   bool has_entering_output() const override { return true; }
+  PoisonTarget output() const override {
+    return {o_.data, p_.dtype, p_.batch, p_.seqlen, p_.heads, p_.dim_v, o_.stride};
+  }
   void add_entering_output(TokenRange part, const float* entering, void* stream) const override;
 
   int64_t backward_scratch_bytes() const override {
