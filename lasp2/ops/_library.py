@@ -4,11 +4,16 @@ Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
                        parts, overlap, head_doc, num_seqs, output_final_state, cu_seqlens?)
-      -> (o, final_state, local_records, prefix_states, maps, head_maps)
+      -> (o, final_state, local_records, prefix_states, maps, head_maps, segment_states)
   lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
                         parts, head_doc, num_seqs, do, d_final_state?, local_records,
-                        prefix_states, maps, head_maps, need_dg, need_dinitial, cu_seqlens?)
+                        prefix_states, maps, head_maps, segment_states, need_dg, need_dinitial,
+                        cu_seqlens?)
       -> (dq, dk, dv, dg, d_decay, d_initial_state)
+segment_states: what the CUDA kernels keep from the forward for the dq pass (the
+segments' exit-weighted states, batch x heads x segments x dk x dv floats, the segments
+chosen from the device's SM count: _C.lasp2_saved_states_floats, which the fake
+function asks too); empty on the CPU.
 Packed documents come planned (doc_start, and head_doc with states: an SPContext's,
 read when it was built) or as a per-call cu_seqlens tensor (then doc_start is None and
 head_doc []): the op reads its values and plans the documents itself, as the delta-rule
@@ -115,10 +120,10 @@ def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size
     o, final, *saved = _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts,
                                       overlap, head_doc, num_seqs, output_final_state, cu_seqlens)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
-    # schedule leaves unwritten (one device without states: every buffer, backward reads
-    # none of them; the head maps without packed documents' states)
+    # schedule leaves unwritten (one device without states: every buffer but the segment
+    # states, backward reads none of them; the head maps without packed documents' states)
     if comm == 0 and not _states_used(initial_state, output_final_state):
-        for buffer in saved:
+        for buffer in saved[:4]:
             buffer.zero_()
     elif not _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state):
         saved[3].zero_()
@@ -143,7 +148,8 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                   comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
                   output_final_state: bool, cu_seqlens: Optional[Tensor] = None, check: int = 0,
-                  consistency: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  consistency: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor]:
     return _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap,
                          head_doc, num_seqs, output_final_state, cu_seqlens, check, consistency)
 
@@ -184,12 +190,15 @@ def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, part
     packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
     n = num_seqs if packed else B
     total = _world(comm) * parts
+    # without a communicator the kernels run the local sequence as one part
+    seg_states = _C.lasp2_saved_states_floats(B, q.shape[1], H, dk, dv, q.dtype, q.device, parts if comm else 1)
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
             q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32),
             q.new_empty(parts * (bh * dk * dv + bh), **f32),
             q.new_empty(parts * bh * dk * dv, **f32),
             q.new_empty((total + 2) * bh, **f32),
-            q.new_empty(max(total * bh if packed else 0, 1), **f32))
+            q.new_empty(max(total * bh if packed else 0, 1), **f32),
+            q.new_empty(seg_states, **f32))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:
@@ -197,24 +206,26 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 
 
 def _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                   do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+                   do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial,
+                   cu_seqlens=None):
     dq, dk, dv, dg, d_decay, d_initial = _backward_eager(
         q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-        d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens)
+        d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial, cu_seqlens)
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
     return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
 
 
 def _backward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+                    do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial,
+                    cu_seqlens=None):
     """The backward's gradients, None where not asked for (the eager path; the custom op
     returns empty tensors instead). Per-call documents are planned again from cu_seqlens
     (checked by the forward)."""
     args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
                  cu_seqlens, _states_used(initial_state, d_final_state is not None))
     with C.named_errors(OP):
-        return _C.lasp2_backward(args, [records, prefixes, maps, head_maps], do, need_dg,
+        return _C.lasp2_backward(args, [records, prefixes, maps, head_maps, seg_states], do, need_dg,
                                  d_final_state=d_final_state, need_dinitial=need_dinitial)
 
 
@@ -223,16 +234,16 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
                    doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                    comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
                    d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
-                   head_maps: Tensor, need_dg: bool, need_dinitial: bool,
+                   head_maps: Tensor, seg_states: Tensor, need_dg: bool, need_dinitial: bool,
                    cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc,
-                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial,
-                          cu_seqlens)
+                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg,
+                          need_dinitial, cu_seqlens)
 
 
 @lasp2_backward.register_fake
 def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-      d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+      d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial, cu_seqlens=None):
     dg = q.new_empty(q.shape[:3], dtype=g.dtype) if (need_dg and g is not None) else None
     d_decay = q.new_empty(decay.shape, dtype=decay.dtype) if (need_dg and decay is not None) else None
     d_initial = torch.empty_like(initial_state) if (need_dinitial and initial_state is not None) else None
@@ -249,13 +260,15 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
 def _setup_context(ctx, inputs, output):
     (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, _overlap, head_doc, num_seqs,
      output_final_state, cu_seqlens, *_check) = inputs
-    _, _, records, prefixes, maps, head_maps = output
-    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps)
+    _, _, records, prefixes, maps, head_maps, seg_states = output
+    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps,
+                          seg_states)
     ctx.config = (scale, chunk_size, comm, parts, list(head_doc), num_seqs, output_final_state)
 
 
-def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
-    q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps = ctx.saved_tensors
+def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps, _d_seg_states):
+    (q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps,
+     seg_states) = ctx.saved_tensors
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
@@ -267,7 +280,8 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
     with torch.no_grad():
         dq, dk, dv, dg, d_decay, d_initial = run(
             q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-            d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial), cu_seqlens)
+            d_final, records, prefixes, maps, head_maps, seg_states, bool(need_g or need_decay), bool(need_dinitial),
+            cu_seqlens)
     grads = C.guard_double_backward(OP, (dq, dk, dv, dg if need_g else None, d_decay if need_decay else None,
                                          d_initial if need_dinitial else None))
     return (*grads[:5], None, grads[5], *([None] * 11))
@@ -275,7 +289,7 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
 
 torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context=_setup_context)
 _EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _backward,
-                               internal_outputs=(2, 3, 4, 5))
+                               internal_outputs=(2, 3, 4, 5, 6))
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,

@@ -125,10 +125,11 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   }
 }
 
-__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, int64_t bh_count,
-                                                   int nseg, int64_t elems, bool suffix,
-                                                   bool write_segments, const float* init,
-                                                   float* final_out, float* log_out) {
+__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, const float* segL,
+                                                   int64_t bh_count, int nseg, int64_t elems,
+                                                   bool suffix, bool write_segments,
+                                                   const float* init, float* final_out,
+                                                   float* log_out) {
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -143,6 +144,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, 
   }
   if (e >= elems) return;
   float* x = X + bh * nseg * elems + e;
+  const float* src = M + bh * nseg * elems + e;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch are issued before its stores (which
   // the compiler cannot move them past), so they are in flight together
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, 
     for (int j = 0; j < 8; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
-      m[j] = i < nseg ? x[s * elems] : 0.f;
+      m[j] = i < nseg ? src[s * elems] : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -253,11 +255,11 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
   check_launch("meta_kernel");
 }
 
-void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
-                 bool write_segments, const float* init, float* final_out, float* log_out,
-                 cudaStream_t s) {
-  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, segL, bh, nseg, elems, suffix,
-                                                   write_segments, init, final_out, log_out);
+void launch_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg, int64_t elems,
+                 bool suffix, bool write_segments, const float* init, float* final_out,
+                 float* log_out, cudaStream_t s) {
+  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M != nullptr ? M : X, segL, bh, nseg, elems,
+                                                   suffix, write_segments, init, final_out, log_out);
   check_launch("scan_kernel");
 }
 

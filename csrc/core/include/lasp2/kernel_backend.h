@@ -52,6 +52,33 @@ class KernelBackend {
                                    const void* q_dot_dq, const float* dg_offset, void* dg,
                                    void* stream) const = 0;
 
+  // --- states kept from forward for backward (optional) --------------------
+  // A backend whose dq pass starts from states its forward pass computes anyway may
+  // keep them: saved_states_floats(p, part) fp32 values on its device (0, the default:
+  // it keeps none). The CUDA backend keeps the exit-weighted states of the part's
+  // segments before their scan (batch x heads x segments x dk x dv, docs/kernels.md),
+  // which do not depend on the state entering the part.
+  virtual int64_t saved_states_floats(const AttentionParams& p, TokenRange part) const {
+    (void)p;
+    (void)part;
+    return 0;
+  }
+  // chunk_forward, also writing those states into `saved` (nullable: keep none).
+  virtual void chunk_forward_saving(const AttentionParams& p, TokenRange part,
+                                    const float* initial_state, MutView o, float* saved,
+                                    void* stream) const {
+    (void)saved;
+    chunk_forward(p, part, initial_state, o, stream);
+  }
+  // chunk_backward_dq reading them from `saved` (written by chunk_forward_saving over
+  // the same part, inputs and params; nullable: computed again). Same results.
+  virtual void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
+                                       const float* initial_state, MutView dq, void* q_dot_dq,
+                                       const float* saved, void* stream) const {
+    (void)saved;
+    chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
+  }
+
   // --- combine (tiny, sizes independent of the sequence length) ------------
   // parts[i] is part i's state block, log_decays is [num_parts][B*H] in global order.
   // prefix for target j: sum_{i<j} exp(sum_{i<m<j} L_m) M_i.
