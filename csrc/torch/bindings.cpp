@@ -128,6 +128,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seqlen"), py::arg("heads"), py::arg("dim_k"), py::arg("dim_v"), py::arg("dtype"),
         py::arg("device"), py::arg("parts_per_rank"),
         "-> float32 values of saved[4] of lasp2_forward (the CUDA kernels' segment states; 0 on the CPU)");
+  m.def("lasp2_saved_states_plan", &lasp2::torch_binding::lasp2_saved_states_plan, py::arg("dtype"),
+        py::arg("dim_k"), py::arg("dim_v"), py::arg("device"),
+        "-> (target_blocks, forced_seg_chunks) that size follows ((0, 0): nothing kept)");
   // LASP-1: the P2P ring schedule.
   m.def("lasp1_forward", &lasp2::torch_binding::lasp1_forward, py::arg("args"),
         py::arg("output_final_state") = false, no_gil,

@@ -77,27 +77,49 @@ int64_t saved_states_floats(const AttentionParams& p, const PartLayout& layout, 
 
 }  // namespace
 
+namespace {
+AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
+                             at::ScalarType dtype) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.heads = heads;
+  p.dim_k = dim_k;
+  p.dim_v = dim_v;
+  p.dtype = from_aten(dtype, "q");
+  return p;
+}
+}  // namespace
+
 int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
                                   int64_t dim_v, at::ScalarType dtype, const at::Device& device,
                                   int64_t parts_per_rank) {
 #ifdef LASP2_WITH_CUDA
   if (device.is_cuda()) {
     const c10::DeviceGuard guard(device);  // the segments depend on the device's SM count
-    AttentionParams p;
-    p.batch = batch;
-    p.seqlen = seqlen;
-    p.heads = heads;
-    p.dim_k = dim_k;
-    p.dim_v = dim_v;
-    p.dtype = from_aten(dtype, "q");
     PartLayout layout = PartLayout::contiguous(1, 0);
     layout.parts_per_rank = static_cast<int>(parts_per_rank);
-    return ScalarDecay::saved_states_floats(backend_for(Device::kCUDA), p, layout);
+    return ScalarDecay::saved_states_floats(backend_for(Device::kCUDA),
+                                            shape_params(batch, seqlen, heads, dim_k, dim_v, dtype), layout);
   }
 #endif
   (void)batch, (void)seqlen, (void)heads, (void)dim_k, (void)dim_v, (void)dtype, (void)device;
   (void)parts_per_rank;
   return 0;
+}
+
+std::tuple<int64_t, int64_t> lasp2_saved_states_plan(at::ScalarType dtype, int64_t dim_k, int64_t dim_v,
+                                                     const at::Device& device) {
+#ifdef LASP2_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::DeviceGuard guard(device);
+    const KernelBackend::SavedStatesPlan plan =
+        backend_for(Device::kCUDA).saved_states_plan(shape_params(1, 1, 1, dim_k, dim_v, dtype));
+    return {plan.target_blocks, plan.forced_seg_chunks};
+  }
+#endif
+  (void)dtype, (void)dim_k, (void)dim_v, (void)device;
+  return {0, 0};
 }
 
 std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(

@@ -56,6 +56,11 @@ int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, 
                                   int64_t dim_v, at::ScalarType dtype, const at::Device& device,
                                   int64_t parts_per_rank);
 
+// What that size follows (KernelBackend::SavedStatesPlan: target blocks, forced segment
+// chunks; (0, 0) where nothing is kept), for the fake function's symbolic shapes.
+std::tuple<int64_t, int64_t> lasp2_saved_states_plan(at::ScalarType dtype, int64_t dim_k, int64_t dim_v,
+                                                     const at::Device& device);
+
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       const std::vector<at::Tensor>& saved,
                                       const at::Tensor& dout, bool need_dg,

@@ -190,8 +190,7 @@ def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, part
     packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
     n = num_seqs if packed else B
     total = _world(comm) * parts
-    # without a communicator the kernels run the local sequence as one part
-    seg_states = _C.lasp2_saved_states_floats(B, q.shape[1], H, dk, dv, q.dtype, q.device, parts if comm else 1)
+    seg_states = _segment_states_floats(q, v, parts if comm else 1)  # no communicator: one part
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
             q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32),
             q.new_empty(parts * (bh * dk * dv + bh), **f32),
@@ -199,6 +198,35 @@ def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, part
             q.new_empty((total + 2) * bh, **f32),
             q.new_empty(max(total * bh if packed else 0, 1), **f32),
             q.new_empty(seg_states, **f32))
+
+
+def _segment_states_floats(q: Tensor, v: Tensor, parts: int):
+    """The size of the forward's segment states (ScalarDecay::saved_states_floats: its
+    largest of one slot per local part and one for the whole local sequence), from
+    sizes that may be symbolic (torch.compile with dynamic shapes): the kernels' plan
+    (KernelBackend::SavedStatesPlan, constant per dtype, head dims and device) applied
+    here as the CUDA backend applies it (make_geom); a GPU test holds it to the
+    kernels' own size."""
+    B, T, H, dk = q.shape
+    dv = v.shape[3]
+    target, forced = _C.lasp2_saved_states_plan(q.dtype, int(dk), int(dv), q.device)
+    bh = B * H
+    if target == 0 or bh == 0:
+        return 0
+
+    def part(n):
+        chunks = (n + 63) // 64
+        if forced > 0:
+            seg = forced
+        else:
+            want = torch.sym_max(1, target // bh)
+            seg = torch.sym_max(4, (chunks + want - 1) // want)
+        seg = torch.sym_max(1, torch.sym_min(seg, torch.sym_max(1, chunks)))
+        nseg = (chunks + seg - 1) // seg
+        return bh * nseg * dk * dv if nseg > 1 else 0
+
+    whole = part(T)
+    return whole if parts == 1 else torch.sym_max(whole, parts * part(T // parts))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:

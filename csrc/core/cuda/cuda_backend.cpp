@@ -51,6 +51,12 @@ class CudaBackend final : public KernelBackend {
     return kept_state_floats(p, part);
   }
 
+  SavedStatesPlan saved_states_plan(const AttentionParams& p) const override {
+    SavedStatesPlan plan;
+    output_plan(p, &plan.target_blocks, &plan.forced_seg_chunks);
+    return plan;
+  }
+
   void chunk_forward_saving(const AttentionParams& p, TokenRange part, const float* initial_state,
                             MutView o, float* saved, void* stream) const override {
     check_params(p, part);

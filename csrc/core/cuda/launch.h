@@ -119,18 +119,16 @@ struct DkdvArgs {
 
 // ---- misc kernels (misc_kernels.cu) ----
 void launch_meta(const MetaArgs& a, cudaStream_t s);
-// Scan over the segment states M[bh][nseg][elems] with segL, into X (same layout;
-// M = X or null: in place; else M is only read, so states kept from a forward pass
-// stay intact for a second backward):
+// In-place scan over the segment states X[bh][nseg][elems] with segL:
 //   prefix (forward): X[s] <- state entering segment s, starting from `init`;
 //                     `final_out` (nullable) <- state leaving the last segment,
 //                     `log_out` (nullable) <- sum of segL (-inf if any is -inf)
 //   suffix (reverse): X[s] <- gradient of the state leaving segment s, starting
 //                     from `init` (gradient leaving the part); `final_out` <-
 //                     gradient of the state entering the part.
-void launch_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg, int64_t elems,
-                 bool suffix, bool write_segments, const float* init, float* final_out,
-                 float* log_out, cudaStream_t s);
+void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                 bool write_segments, const float* init, float* final_out, float* log_out,
+                 cudaStream_t s);
 void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
                      cudaStream_t s);
 struct PartTable {

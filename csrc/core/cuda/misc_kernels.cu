@@ -6,6 +6,7 @@
 
 #include "device_utils.cuh"
 #include "lasp2/types.h"
+#include "segment_scan.h"
 
 namespace lasp2::cuda {
 
@@ -255,11 +256,17 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
   check_launch("meta_kernel");
 }
 
-void launch_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg, int64_t elems,
-                 bool suffix, bool write_segments, const float* init, float* final_out,
-                 float* log_out, cudaStream_t s) {
-  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M != nullptr ? M : X, segL, bh, nseg, elems,
-                                                   suffix, write_segments, init, final_out, log_out);
+void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                 bool write_segments, const float* init, float* final_out, float* log_out,
+                 cudaStream_t s) {
+  launch_scan_from(X, X, segL, bh, nseg, elems, suffix, write_segments, init, final_out, log_out, s);
+}
+
+void launch_scan_from(float* X, const float* M, const float* segL, int64_t bh, int nseg,
+                      int64_t elems, bool suffix, bool write_segments, const float* init,
+                      float* final_out, float* log_out, cudaStream_t s) {
+  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
+                                                   write_segments, init, final_out, log_out);
   check_launch("scan_kernel");
 }
 

@@ -4,6 +4,7 @@
 
 #include "route.h"
 #include "scratch.h"
+#include "segment_scan.h"
 
 namespace lasp2::cuda {
 namespace {
@@ -69,8 +70,8 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   launch_meta(meta_args(p, g, s), c.stream);
   run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
              entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, c.stream);
-  launch_scan(s.seg_states, nullptr, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr,
-              state, log_decay, c.stream);
+  launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state,
+              log_decay, c.stream);
 }
 
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
@@ -128,8 +129,8 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
                  false, out, c.stream);
       M = out;
     }
-    launch_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                pass.initial_state, nullptr, nullptr, c.stream);
+    launch_scan_from(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
+                     pass.initial_state, nullptr, nullptr, c.stream);
     a.state = s.seg_states;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
@@ -142,11 +143,23 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   else launch_generic_fwd(elem_of(p.dtype), a, mode, smem_state, c.stream);
 }
 
-Geom output_geom(const AttentionParams& p, TokenRange part) {
-  // the tile dimension both output modes would take with aligned views (no view checks)
+namespace {
+// The tile dimension both output modes would take with aligned views (no view checks).
+int output_dim(const AttentionParams& p) {
   const int smem64 = std::max(tc_fwd_smem(64, FwdMode::kFwd), tc_fwd_smem(64, FwdMode::kDq));
   const int smem128 = std::max(tc_fwd_smem(128, FwdMode::kFwd), tc_fwd_smem(128, FwdMode::kDq));
-  return make_geom(p, part, tc_dim(p, {}, smem64, smem128));
+  return tc_dim(p, {}, smem64, smem128);
+}
+}  // namespace
+
+Geom output_geom(const AttentionParams& p, TokenRange part) {
+  return make_geom(p, part, output_dim(p));
+}
+
+void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_seg_chunks) {
+  const int D = output_dim(p);  // make_geom's blocks per SM for this tile dimension
+  *target_blocks = (D == 128 ? 1 : D == 64 ? 2 : 4) * static_cast<int64_t>(device_info().sms);
+  *forced_seg_chunks = env_int("LASP2_CUDA_SEG_CHUNKS", 0);
 }
 
 int64_t kept_state_floats(const AttentionParams& p, TokenRange part) {
@@ -193,8 +206,8 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   if (g.nseg > 1) {
     run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true, s.seg_states,
                c.stream);
-    launch_scan(s.seg_states, nullptr, s.seg_log_decay, g.bh(), g.nseg, se, true, true,
-                final_dstate, nullptr, nullptr, c.stream);
+    launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, final_dstate,
+                nullptr, nullptr, c.stream);
     a.dstate = s.seg_states;
     a.dstate_bh = g.nseg * se;
     a.dstate_seg = se;

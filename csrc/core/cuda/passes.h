@@ -47,6 +47,9 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
 // (dtype, dims, batch x heads, device) and the part alone, not from the views' alignment,
 // so the forward (o) and the backward (dq) agree even where their routes differ.
 Geom output_geom(const AttentionParams& p, TokenRange part);
+// make_geom's wave target (blocks per SM x SMs) and LASP2_CUDA_SEG_CHUNKS for output_geom
+// (KernelBackend::SavedStatesPlan).
+void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_seg_chunks);
 // fp32 values of the kept states of `part`: bh x nseg x dk x dv, 0 with one segment
 // (the pass then needs none).
 int64_t kept_state_floats(const AttentionParams& p, TokenRange part);

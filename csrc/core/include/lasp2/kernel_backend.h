@@ -63,6 +63,20 @@ class KernelBackend {
     (void)part;
     return 0;
   }
+  // What that size follows, for callers that size the buffer from symbolic shapes (the
+  // torch op's fake function mirrors it, lasp2/ops/_library.py): a part of n tokens has
+  // c = ceil(n / 64) chunks cut into segments of s = forced_seg_chunks (if > 0) else
+  // max(4, ceil(c / max(1, target_blocks / (B*H)))) chunks, clamped to [1, max(1, c)];
+  // with nseg = ceil(c / s) > 1 segments it keeps B*H*nseg*dk*dv values, else none.
+  // target_blocks = 0: the backend keeps nothing.
+  struct SavedStatesPlan {
+    int64_t target_blocks = 0;
+    int forced_seg_chunks = 0;
+  };
+  virtual SavedStatesPlan saved_states_plan(const AttentionParams& p) const {
+    (void)p;
+    return {};
+  }
   // chunk_forward, also writing those states into `saved` (nullable: keep none).
   virtual void chunk_forward_saving(const AttentionParams& p, TokenRange part,
                                     const float* initial_state, MutView o, float* saved,
