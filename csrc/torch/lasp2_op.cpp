@@ -77,6 +77,7 @@ int64_t saved_states_floats(const AttentionParams& p, const PartLayout& layout, 
 
 }  // namespace
 
+#ifdef LASP2_WITH_CUDA
 namespace {
 AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
                              at::ScalarType dtype) {
@@ -90,6 +91,7 @@ AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64
   return p;
 }
 }  // namespace
+#endif
 
 int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
                                   int64_t dim_v, at::ScalarType dtype, const at::Device& device,
