@@ -191,6 +191,9 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&state, B * H * D * D * 4));
   CK(cudaMalloc(&L, B * H * 4));
   float* qdq = static_cast<float*>(bws);
+  // what the forward keeps for the backward's dq pass (the segment states)
+  Lasp2Saved saved;
+  CK(cudaMalloc(&saved.segment_states, std::max<int64_t>(4, 4 * Lasp2Saved::segment_states_floats(be, p, layout))));
   const ConstView dov{dO, st};
   const TokenRange all{0, T};
 
@@ -223,10 +226,10 @@ int main(int argc, char** argv) {
     });
   }
   add("lasp2_forward (1 GPU)", 4 * tens + scal, f_state + f_out, [&] {
-    lasp2_forward(be, nullptr, layout, p, {o, st}, {}, nullptr, {}, nullptr);
+    lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, nullptr);
   });
   add("lasp2_backward (1 GPU)", 7 * tens + 2 * scal, 2 * f_state + f_out + f_dkdv, [&] {
-    lasp2_backward(be, nullptr, layout, p, dov, {}, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws,
+    lasp2_backward(be, nullptr, layout, p, dov, saved, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws,
                    nullptr);
   });
   if (what == "once") return 0;
@@ -240,8 +243,8 @@ int main(int argc, char** argv) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
-    lasp2_forward(be, nullptr, layout, p, {o, st}, {}, nullptr, {}, cs);
-    lasp2_backward(be, nullptr, layout, p, dov, {}, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws, cs);
+    lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, cs);
+    lasp2_backward(be, nullptr, layout, p, dov, saved, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws, cs);
     CK(cudaStreamEndCapture(cs, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
     rows.push_back({"fwd+bwd (graph)", median_ms([&] { CK(cudaGraphLaunch(exec, cs)); }), fb_bytes, fb_flops});

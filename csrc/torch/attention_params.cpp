@@ -182,7 +182,8 @@ std::vector<at::Tensor> lasp2_saved_buffers(const SummaryShape& sh, const PartLa
 
 Lasp2Saved lasp2_saved_view(const std::vector<at::Tensor>& t, const SummaryShape& sh, const PartLayout& l,
                             bool packed, const at::Tensor& like) {
-  LASP2_CHECK(t.size() == 4, "backward needs the 4 saved buffers of forward");
+  // a fifth (the scalar family's segment states, lasp2_op.cpp) is read by its caller
+  LASP2_CHECK(t.size() == 4 || t.size() == 5, "backward needs the 4 saved buffers of forward");
   const int64_t head_maps = std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, l, packed), 1);
   return {saved_buffer(t[0], "local_records", Lasp2Saved::local_records_floats(sh, l), like).data_ptr<float>(),
           saved_buffer(t[1], "prefix_states", Lasp2Saved::prefix_states_floats(sh, l), like).data_ptr<float>(),

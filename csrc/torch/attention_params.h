@@ -67,7 +67,9 @@ const at::Tensor& saved_buffer(const at::Tensor& t, const char* name, int64_t fl
                                const at::Tensor& like);
 // What LASP-2's forward keeps for backward, {local_records, prefix_states, maps,
 // head_maps} for a family of summary `shape` (head maps only with packed documents'
-// states), and the core's view of them, checked against the sizes backward expects.
+// states), and the core's view of them, checked against the sizes backward expects
+// (the view takes a fifth buffer, the scalar family's segment states, and leaves it to
+// its caller).
 std::vector<at::Tensor> lasp2_saved_buffers(const SummaryShape& shape, const PartLayout& l,
                                             bool packed, const at::Tensor& like);
 Lasp2Saved lasp2_saved_view(const std::vector<at::Tensor>& saved, const SummaryShape& shape,

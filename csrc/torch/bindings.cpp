@@ -124,6 +124,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
         py::arg("need_dinitial") = false, no_gil,
         "-> [dq, dk, dv, dg, ddecay, dinitial_state] (None where not asked for)");
+  m.def("lasp2_saved_states_floats", &lasp2::torch_binding::lasp2_saved_states_floats, py::arg("batch"),
+        py::arg("seqlen"), py::arg("heads"), py::arg("dim_k"), py::arg("dim_v"), py::arg("dtype"),
+        py::arg("device"), py::arg("parts_per_rank"),
+        "-> float32 values of saved[4] of lasp2_forward (the CUDA kernels' segment states; 0 on the CPU)");
+  m.def("lasp2_saved_states_plan", &lasp2::torch_binding::lasp2_saved_states_plan, py::arg("dtype"),
+        py::arg("dim_k"), py::arg("dim_v"), py::arg("device"),
+        "-> (target_blocks, forced_seg_chunks) that size follows ((0, 0): nothing kept)");
   // LASP-1: the P2P ring schedule.
   m.def("lasp1_forward", &lasp2::torch_binding::lasp1_forward, py::arg("args"),
         py::arg("output_final_state") = false, no_gil,

@@ -1,5 +1,7 @@
 #include "lasp2_op.h"
 
+#include <c10/core/DeviceGuard.h>
+
 #include "lasp2/lasp2.h"
 #include "lasp2/scalar_decay.h"
 #include "tensor_views.h"
@@ -66,12 +68,74 @@ std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at
   return grads;
 }
 
+namespace {
+
+// fp32 values of the segment states the kernels keep for the dq pass (none on the CPU).
+int64_t saved_states_floats(const AttentionParams& p, const PartLayout& layout, const at::Tensor& like) {
+  return ScalarDecay::saved_states_floats(kernel_backend_for(like), p, layout);
+}
+
+}  // namespace
+
+#ifdef LASP2_WITH_CUDA
+namespace {
+AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
+                             at::ScalarType dtype) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.heads = heads;
+  p.dim_k = dim_k;
+  p.dim_v = dim_v;
+  p.dtype = from_aten(dtype, "q");
+  return p;
+}
+}  // namespace
+#endif
+
+int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
+                                  int64_t dim_v, at::ScalarType dtype, const at::Device& device,
+                                  int64_t parts_per_rank) {
+#ifdef LASP2_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::DeviceGuard guard(device);  // the segments depend on the device's SM count
+    PartLayout layout = PartLayout::contiguous(1, 0);
+    layout.parts_per_rank = static_cast<int>(parts_per_rank);
+    return ScalarDecay::saved_states_floats(backend_for(Device::kCUDA),
+                                            shape_params(batch, seqlen, heads, dim_k, dim_v, dtype), layout);
+  }
+#endif
+  (void)batch, (void)seqlen, (void)heads, (void)dim_k, (void)dim_v, (void)dtype, (void)device;
+  (void)parts_per_rank;
+  return 0;
+}
+
+std::tuple<int64_t, int64_t> lasp2_saved_states_plan(at::ScalarType dtype, int64_t dim_k, int64_t dim_v,
+                                                     const at::Device& device) {
+#ifdef LASP2_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::DeviceGuard guard(device);
+    const KernelBackend::SavedStatesPlan plan =
+        backend_for(Device::kCUDA).saved_states_plan(shape_params(1, 1, 1, dim_k, dim_v, dtype));
+    return {plan.target_blocks, plan.forced_seg_chunks};
+  }
+#endif
+  (void)dtype, (void)dim_k, (void)dim_v, (void)device;
+  return {0, 0};
+}
+
 std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
     const LinearAttentionArgs& args, bool overlap, bool output_final_state) {
   std::vector<at::Tensor> saved;
   auto [o, final_state] = scalar_forward(
       args, output_final_state, [&](ScalarDecay& family, const Prepared& r, SequenceStates& seq) {
         saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
+        // Packed documents' states cut parts at their starts, whose states are not kept:
+        // zeros there (a custom op's outputs are deterministic), attached otherwise.
+        at::Tensor states = floats(saved_states_floats(r.params, r.layout, r.q), r.q);
+        if (args.document_states()) states.zero_();
+        else family.with_saved_states(states.data_ptr<float>(), r.layout);
+        saved.push_back(states);
         at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
         const Lasp2Saved view = lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q);
         Lasp2Options options;
@@ -90,6 +154,11 @@ std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
       args, dout, need_dg, d_final_state, need_dinitial,
       [&](ScalarDecay& family, const Prepared& r, SequenceStates& seq) {
         const Lasp2Saved saved = lasp2_saved_view(saved_tensors, family.shape(), r.layout, seq.packed(), r.q);
+        if (saved_tensors.size() == 5 && !args.document_states()) {  // else the kernels recompute them
+          const at::Tensor& states = saved_buffer(saved_tensors[4], "segment_states",
+                                                  saved_states_floats(r.params, r.layout, r.q), r.q);
+          family.with_saved_states(states.data_ptr<float>(), r.layout);
+        }
         at::Tensor workspace = scratch(lasp2_backward_workspace_bytes(family, r.layout, seq), r.q);
         lasp2_backward(family, args.comm.get(), r.layout, saved, seq, workspace.data_ptr(), current_stream(r.q));
       });

@@ -37,7 +37,10 @@ std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at
 
 // Returns {o, final_state, saved}: final_state ([N, H, Dk, Dv] fp32, N = B or, with
 // args.head_doc, the packed documents; the same on every rank) only when asked for;
-// saved = {local_records, prefix_states, maps, head_maps} is what backward needs.
+// saved = {local_records, prefix_states, maps, head_maps, segment_states} is what
+// backward needs (segment_states: lasp2_saved_states_floats values, what the CUDA
+// kernels keep for the dq pass; empty on the CPU; zeros, unused, with packed
+// documents' states).
 std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
     const LinearAttentionArgs& args, bool overlap, bool output_final_state);
 
@@ -46,6 +49,18 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
 // need_dinitial. d_final_state is this rank's gradient of forward's final_state (the
 // ranks' are summed: the loss is the sum of the ranks' losses); dinitial_state is this
 // rank's share (summed over the group it is one process's gradient).
+// The size of saved[4] for a call's shapes alone (the custom op's fake function): fp32
+// values for q [batch, seqlen, heads, dim_k] of `dtype` on `device`, v's head dim dim_v,
+// and parts_per_rank local parts (1 without a communicator).
+int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
+                                  int64_t dim_v, at::ScalarType dtype, const at::Device& device,
+                                  int64_t parts_per_rank);
+
+// What that size follows (KernelBackend::SavedStatesPlan: target blocks, forced segment
+// chunks; (0, 0) where nothing is kept), for the fake function's symbolic shapes.
+std::tuple<int64_t, int64_t> lasp2_saved_states_plan(at::ScalarType dtype, int64_t dim_k, int64_t dim_v,
+                                                     const at::Device& device);
+
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       const std::vector<at::Tensor>& saved,
                                       const at::Tensor& dout, bool need_dg,

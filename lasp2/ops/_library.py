@@ -4,11 +4,16 @@ Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::lasp2_forward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
                        parts, overlap, head_doc, num_seqs, output_final_state, cu_seqlens?)
-      -> (o, final_state, local_records, prefix_states, maps, head_maps)
+      -> (o, final_state, local_records, prefix_states, maps, head_maps, segment_states)
   lasp2::lasp2_backward(q, k, v, g?, decay?, doc_start?, initial_state?, scale, chunk_size, comm,
                         parts, head_doc, num_seqs, do, d_final_state?, local_records,
-                        prefix_states, maps, head_maps, need_dg, need_dinitial, cu_seqlens?)
+                        prefix_states, maps, head_maps, segment_states, need_dg, need_dinitial,
+                        cu_seqlens?)
       -> (dq, dk, dv, dg, d_decay, d_initial_state)
+segment_states: what the CUDA kernels keep from the forward for the dq pass (the
+segments' exit-weighted states, batch x heads x segments x dk x dv floats, the segments
+chosen from the device's SM count: _C.lasp2_saved_states_floats, which the fake
+function asks too); empty on the CPU.
 Packed documents come planned (doc_start, and head_doc with states: an SPContext's,
 read when it was built) or as a per-call cu_seqlens tensor (then doc_start is None and
 head_doc []): the op reads its values and plans the documents itself, as the delta-rule
@@ -115,10 +120,10 @@ def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size
     o, final, *saved = _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts,
                                       overlap, head_doc, num_seqs, output_final_state, cu_seqlens)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
-    # schedule leaves unwritten (one device without states: every buffer, backward reads
-    # none of them; the head maps without packed documents' states)
+    # schedule leaves unwritten (one device without states: every buffer but the segment
+    # states, backward reads none of them; the head maps without packed documents' states)
     if comm == 0 and not _states_used(initial_state, output_final_state):
-        for buffer in saved:
+        for buffer in saved[:4]:
             buffer.zero_()
     elif not _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state):
         saved[3].zero_()
@@ -145,7 +150,8 @@ def lasp2_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: O
                   doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                   comm: int, parts: int, overlap: bool, head_doc: List[int], num_seqs: int,
                   output_final_state: bool, cu_seqlens: Optional[Tensor] = None, check: int = 0,
-                  consistency: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  consistency: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor]:
     return _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap,
                          head_doc, num_seqs, output_final_state, cu_seqlens, check, consistency)
 
@@ -197,12 +203,43 @@ def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, part
     packed = _packed_states(doc_start, head_doc, cu_seqlens, initial_state, output_final_state)
     n = num_seqs if packed else B
     total = _world(comm) * parts
+    seg_states = _segment_states_floats(q, v, parts if comm else 1)  # no communicator: one part
     return (torch.empty_like(v),  # the kernel's output keeps v's strides (at::empty_like)
             q.new_empty((n, H, dk, dv) if output_final_state else (0,), **f32),
             q.new_empty(parts * (bh * dk * dv + bh), **f32),
             q.new_empty(parts * bh * dk * dv, **f32),
             q.new_empty((total + 2) * bh, **f32),
-            q.new_empty(max(total * bh if packed else 0, 1), **f32))
+            q.new_empty(max(total * bh if packed else 0, 1), **f32),
+            q.new_empty(seg_states, **f32))
+
+
+def _segment_states_floats(q: Tensor, v: Tensor, parts: int):
+    """The size of the forward's segment states (ScalarDecay::saved_states_floats: its
+    largest of one slot per local part and one for the whole local sequence), from
+    sizes that may be symbolic (torch.compile with dynamic shapes): the kernels' plan
+    (KernelBackend::SavedStatesPlan, constant per dtype, head dims and device) applied
+    here as the CUDA backend applies it (make_geom); a GPU test holds it to the
+    kernels' own size."""
+    B, T, H, dk = q.shape
+    dv = v.shape[3]
+    target, forced = _C.lasp2_saved_states_plan(q.dtype, int(dk), int(dv), q.device)
+    bh = B * H
+    if target == 0 or bh == 0:
+        return 0
+
+    def part(n):
+        chunks = (n + 63) // 64
+        if forced > 0:
+            seg = forced
+        else:
+            want = torch.sym_max(1, target // bh)
+            seg = torch.sym_max(4, (chunks + want - 1) // want)
+        seg = torch.sym_max(1, torch.sym_min(seg, torch.sym_max(1, chunks)))
+        nseg = (chunks + seg - 1) // seg
+        return bh * nseg * dk * dv if nseg > 1 else 0
+
+    whole = part(T)
+    return whole if parts == 1 else torch.sym_max(whole, parts * part(T // parts))
 
 
 def _decay_dtype(q: Tensor) -> torch.dtype:
@@ -210,24 +247,26 @@ def _decay_dtype(q: Tensor) -> torch.dtype:
 
 
 def _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                   do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+                   do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial,
+                   cu_seqlens=None):
     dq, dk, dv, dg, d_decay, d_initial = _backward_eager(
         q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-        d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens)
+        d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial, cu_seqlens)
     # dg ([B, T, H], for g) and d_decay ([H], for decay, summed over tokens) in their
     # inputs' dtypes; an empty tensor stands for "not asked for"
     return dq, dk, dv, _or_empty(dg, q), _or_empty(d_decay, q), _or_empty(d_initial, q)
 
 
 def _backward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                    do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+                    do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial,
+                    cu_seqlens=None):
     """The backward's gradients, None where not asked for (the eager path; the custom op
     returns empty tensors instead). Per-call documents are planned again from cu_seqlens
     (checked by the forward)."""
     args = _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
-                 cu_seqlens, initial_state is not None or d_final_state is not None)
+                 cu_seqlens, _states_used(initial_state, d_final_state is not None))
     try:
-        return _C.lasp2_backward(args, [records, prefixes, maps, head_maps], do, need_dg,
+        return _C.lasp2_backward(args, [records, prefixes, maps, head_maps, seg_states], do, need_dg,
                                  d_final_state=d_final_state, need_dinitial=need_dinitial)
     except RuntimeError as exc:
         C.reraise_named(OP, exc)
@@ -238,16 +277,16 @@ def lasp2_backward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: 
                    doc_start: Optional[Tensor], initial_state: Optional[Tensor], scale: float, chunk_size: int,
                    comm: int, parts: int, head_doc: List[int], num_seqs: int, do: Tensor,
                    d_final_state: Optional[Tensor], records: Tensor, prefixes: Tensor, maps: Tensor,
-                   head_maps: Tensor, need_dg: bool, need_dinitial: bool,
+                   head_maps: Tensor, seg_states: Tensor, need_dg: bool, need_dinitial: bool,
                    cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc,
-                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial,
-                          cu_seqlens)
+                          num_seqs, do, d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg,
+                          need_dinitial, cu_seqlens)
 
 
 @lasp2_backward.register_fake
 def _(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-      d_final_state, records, prefixes, maps, head_maps, need_dg, need_dinitial, cu_seqlens=None):
+      d_final_state, records, prefixes, maps, head_maps, seg_states, need_dg, need_dinitial, cu_seqlens=None):
     dg = q.new_empty(q.shape[:3], dtype=g.dtype) if (need_dg and g is not None) else None
     d_decay = q.new_empty(decay.shape, dtype=decay.dtype) if (need_dg and decay is not None) else None
     d_initial = torch.empty_like(initial_state) if (need_dinitial and initial_state is not None) else None
@@ -264,13 +303,15 @@ def _or_empty(grad: Optional[Tensor], q: Tensor) -> Tensor:
 def _setup_context(ctx, inputs, output):
     (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, _overlap, head_doc, num_seqs,
      output_final_state, cu_seqlens, *_check) = inputs
-    _, _, records, prefixes, maps, head_maps = output
-    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps)
+    _, _, records, prefixes, maps, head_maps, seg_states = output
+    ctx.save_for_backward(q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps,
+                          seg_states)
     ctx.config = (scale, chunk_size, comm, parts, list(head_doc), num_seqs, output_final_state)
 
 
-def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
-    q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps = ctx.saved_tensors
+def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps, _d_seg_states):
+    (q, k, v, g, decay, doc_start, initial_state, cu_seqlens, records, prefixes, maps, head_maps,
+     seg_states) = ctx.saved_tensors
     scale, chunk_size, comm, parts, head_doc, num_seqs, output_final_state = ctx.config
     need_g, need_decay = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     need_dinitial = initial_state is not None and ctx.needs_input_grad[6]
@@ -283,7 +324,8 @@ def _backward(ctx, do, d_final, _d_records, _d_prefixes, _d_maps, _d_head_maps):
         do = torch.zeros_like(v)
     run = _backward_eager if eager_call(do, q) else lasp2_backward
     args = (q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs, do,
-            d_final, records, prefixes, maps, head_maps, bool(need_g or need_decay), bool(need_dinitial), cu_seqlens)
+            d_final, records, prefixes, maps, head_maps, seg_states, bool(need_g or need_decay), bool(need_dinitial),
+            cu_seqlens)
     # grad mode is off in a backward unless create_graph=True: no no_grad() context's
     # Python calls (a dozen) on the usual path
     create_graph = torch.is_grad_enabled()
@@ -303,7 +345,7 @@ torch.library.register_autograd("lasp2::lasp2_forward", _backward, setup_context
 # tuple): only those seven may need gradients (_eager.eager_function's leading_inputs)
 _TENSOR_INPUTS = 7
 _EagerForward = eager_function("Lasp2Forward", _forward_eager, _setup_context, _backward,
-                               internal_outputs=(2, 3, 4, 5), leading_inputs=_TENSOR_INPUTS)
+                               internal_outputs=(2, 3, 4, 5, 6), leading_inputs=_TENSOR_INPUTS)
 
 
 def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_size: int, comm, parts: int,

@@ -42,6 +42,23 @@ class CudaBackend final : public KernelBackend {
 
   void chunk_forward(const AttentionParams& p, TokenRange part, const float* initial_state,
                      MutView o, void* stream) const override {
+    chunk_forward_saving(p, part, initial_state, o, nullptr, stream);
+  }
+
+  // The exit-weighted segment states of (k, v) before their scan (passes.h: OutputPass).
+  int64_t saved_states_floats(const AttentionParams& p, TokenRange part) const override {
+    check_params(p, part);
+    return kept_state_floats(p, part);
+  }
+
+  SavedStatesPlan saved_states_plan(const AttentionParams& p) const override {
+    SavedStatesPlan plan;
+    output_plan(p, &plan.target_blocks, &plan.forced_seg_chunks);
+    return plan;
+  }
+
+  void chunk_forward_saving(const AttentionParams& p, TokenRange part, const float* initial_state,
+                            MutView o, float* saved, void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0) return;
     OutputPass pass;
@@ -53,6 +70,7 @@ class CudaBackend final : public KernelBackend {
     pass.da = static_cast<int>(p.dim_k);
     pass.dv = static_cast<int>(p.dim_v);
     pass.initial_state = initial_state;
+    pass.keep = saved;
     run_output(call(stream), p, part, pass);
   }
 
@@ -79,6 +97,12 @@ class CudaBackend final : public KernelBackend {
   void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
                          const float* initial_state, MutView dq, void* q_dot_dq,
                          void* stream) const override {
+    chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, nullptr, stream);
+  }
+
+  void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
+                               const float* initial_state, MutView dq, void* q_dot_dq,
+                               const float* saved, void* stream) const override {
     check_params(p, part);
     LASP2_CHECK(q_dot_dq == nullptr || p.decay.dtype == ScalarType::kFloat32,
                 "CUDA kernels write q_dot_dq as float32 (decay dtype must be float32)");
@@ -96,6 +120,7 @@ class CudaBackend final : public KernelBackend {
     pass.initial_state = initial_state;
     pass.transposed = true;
     pass.qdq = static_cast<float*>(q_dot_dq);
+    pass.kept = saved;
     run_output(call(stream), p, part, pass);
   }
 

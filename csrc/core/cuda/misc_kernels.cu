@@ -6,6 +6,7 @@
 
 #include "device_utils.cuh"
 #include "lasp2/types.h"
+#include "segment_scan.h"
 
 namespace lasp2::cuda {
 
@@ -125,10 +126,11 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   }
 }
 
-__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, int64_t bh_count,
-                                                   int nseg, int64_t elems, bool suffix,
-                                                   bool write_segments, const float* init,
-                                                   float* final_out, float* log_out) {
+__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, const float* segL,
+                                                   int64_t bh_count, int nseg, int64_t elems,
+                                                   bool suffix, bool write_segments,
+                                                   const float* init, float* final_out,
+                                                   float* log_out) {
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -143,6 +145,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, 
   }
   if (e >= elems) return;
   float* x = X + bh * nseg * elems + e;
+  const float* src = M + bh * nseg * elems + e;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch are issued before its stores (which
   // the compiler cannot move them past), so they are in flight together
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, 
     for (int j = 0; j < 8; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
-      m[j] = i < nseg ? x[s * elems] : 0.f;
+      m[j] = i < nseg ? src[s * elems] : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -256,7 +259,13 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
 void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
                  bool write_segments, const float* init, float* final_out, float* log_out,
                  cudaStream_t s) {
-  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, segL, bh, nseg, elems, suffix,
+  launch_scan_from(X, X, segL, bh, nseg, elems, suffix, write_segments, init, final_out, log_out, s);
+}
+
+void launch_scan_from(float* X, const float* M, const float* segL, int64_t bh, int nseg,
+                      int64_t elems, bool suffix, bool write_segments, const float* init,
+                      float* final_out, float* log_out, cudaStream_t s) {
+  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
                                                    write_segments, init, final_out, log_out);
   check_launch("scan_kernel");
 }

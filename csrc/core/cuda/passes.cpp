@@ -1,7 +1,10 @@
 #include "passes.h"
 
+#include <algorithm>
+
 #include "route.h"
 #include "scratch.h"
+#include "segment_scan.h"
 
 namespace lasp2::cuda {
 namespace {
@@ -24,10 +27,11 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
   return m;
 }
 
-// Segment states of (a, b) over the part (exit or entry weights) into s.seg_states;
-// the tensor-core kernel (D > 0) reads the per-token weights, the generic one meta.
+// Segment states of (a, b) over the part (exit or entry weights) into `out`
+// ([bh][nseg][da * db]); the tensor-core kernel (D > 0) reads the per-token weights,
+// the generic one meta.
 void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da, int db,
-                const ScratchBuffers& s, float coef, bool entry, cudaStream_t stream) {
+                const ScratchBuffers& s, float coef, bool entry, float* out, cudaStream_t stream) {
   StateArgs sa;
   sa.g = g;
   sa.a = a;
@@ -37,7 +41,7 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
   sa.meta = s.meta;
   sa.wmeta = s.weights;
   sa.coef = coef;
-  sa.out = s.seg_states;
+  sa.out = out;
   if (D > 0) {
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
   } else {
@@ -65,7 +69,7 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   const ScratchBuffers& s = scratch.buffers();
   launch_meta(meta_args(p, g, s), c.stream);
   run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
-             entry ? static_cast<float>(p.scale) : 1.f, entry, c.stream);
+             entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, c.stream);
   launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state,
               log_decay, c.stream);
 }
@@ -83,12 +87,15 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   } else {
     D = tc_dim(p, {pass.qa, pass.ka, pass.va, pass.out}, smem64, smem128);
   }
-  const Geom g = make_geom(p, part, D);
+  const bool keeping = mode != FwdMode::kPrefix && (pass.keep != nullptr || pass.kept != nullptr);
+  const Geom g = keeping ? output_geom(p, part) : make_geom(p, part, D);
   const bool smem_state =
       D > 0 || generic_fwd_smem(pass.da, pass.dv, mode, true) <= device_info().smem_optin;
   const bool need_states = mode != FwdMode::kPrefix && g.nseg > 1;
+  const bool read_kept = need_states && pass.kept != nullptr;
   const View k = view_of(p.k), v = view_of(p.v);
-  const int sD = need_states ? state_dim(p, k, v) : 0;  // the segment-state pass, if any
+  // the segment-state pass, if any (none when the forward's states are read back)
+  const int sD = need_states && !read_kept ? state_dim(p, k, v) : 0;
   ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
   layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
   layout.block_states =
@@ -112,11 +119,18 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   a.qdq = pass.qdq;
   a.scratch = s.block_states;
   if (need_states) {
-    // The true state K^T V ([dk][dv]) of each segment, then the prefix scan.
-    run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s, 1.f,
-               false, c.stream);
-    launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                pass.initial_state, nullptr, nullptr, c.stream);
+    // The true state K^T V ([dk][dv]) of each segment (computed, into `keep` when the
+    // forward keeps them, or the forward's read back), then the prefix scan into the
+    // scratch: the kept states stay unscanned, valid for any entering state.
+    const float* M = pass.kept;
+    if (!read_kept) {
+      float* out = pass.keep != nullptr ? pass.keep : s.seg_states;
+      run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s, 1.f,
+                 false, out, c.stream);
+      M = out;
+    }
+    launch_scan_from(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
+                     pass.initial_state, nullptr, nullptr, c.stream);
     a.state = s.seg_states;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
@@ -127,6 +141,31 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   }
   if (D > 0) launch_tc_fwd(elem_of(p.dtype), D, a, mode, c.stream);
   else launch_generic_fwd(elem_of(p.dtype), a, mode, smem_state, c.stream);
+}
+
+namespace {
+// The tile dimension both output modes would take with aligned views (no view checks).
+int output_dim(const AttentionParams& p) {
+  const int smem64 = std::max(tc_fwd_smem(64, FwdMode::kFwd), tc_fwd_smem(64, FwdMode::kDq));
+  const int smem128 = std::max(tc_fwd_smem(128, FwdMode::kFwd), tc_fwd_smem(128, FwdMode::kDq));
+  return tc_dim(p, {}, smem64, smem128);
+}
+}  // namespace
+
+Geom output_geom(const AttentionParams& p, TokenRange part) {
+  return make_geom(p, part, output_dim(p));
+}
+
+void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_seg_chunks) {
+  const int D = output_dim(p);  // make_geom's blocks per SM for this tile dimension
+  *target_blocks = (D == 128 ? 1 : D == 64 ? 2 : 4) * static_cast<int64_t>(device_info().sms);
+  *forced_seg_chunks = env_int("LASP2_CUDA_SEG_CHUNKS", 0);
+}
+
+int64_t kept_state_floats(const AttentionParams& p, TokenRange part) {
+  if (p.bh() == 0 || part.length() == 0) return 0;
+  const Geom g = output_geom(p, part);
+  return g.nseg > 1 ? g.bh() * g.nseg * p.state_elems() : 0;
 }
 
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
@@ -165,7 +204,8 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   a.fold_offset = g.nseg == 1 ? 1 : 0;
   a.scratch = s.block_states;
   if (g.nseg > 1) {
-    run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true, c.stream);
+    run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true, s.seg_states,
+               c.stream);
     launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, final_dstate,
                 nullptr, nullptr, c.stream);
     a.dstate = s.seg_states;

@@ -26,6 +26,10 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
 
 // The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
 // and the transposed state), or the prefix term only (kPrefix).
+// Both kFwd and kDq start from the exit-weighted segment states M_s of (k, v) over the
+// part (before their scan, so independent of the entering state). `keep` (kFwd) receives
+// them, `kept` (kDq) reads them instead of running the state pass; either one puts the
+// pass on the output geometry (output_geom), so the two calls cut the part alike.
 struct OutputPass {
   FwdMode mode = FwdMode::kFwd;
   View qa, ka, va, x, out;
@@ -33,9 +37,22 @@ struct OutputPass {
   const float* initial_state = nullptr;
   bool transposed = false;
   float* qdq = nullptr;
+  float* keep = nullptr;
+  const float* kept = nullptr;
 };
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
                 const OutputPass& pass);
+
+// The segments of the output pass when it keeps or reads states: chosen from the params
+// (dtype, dims, batch x heads, device) and the part alone, not from the views' alignment,
+// so the forward (o) and the backward (dq) agree even where their routes differ.
+Geom output_geom(const AttentionParams& p, TokenRange part);
+// make_geom's wave target (blocks per SM x SMs) and LASP2_CUDA_SEG_CHUNKS for output_geom
+// (KernelBackend::SavedStatesPlan).
+void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_seg_chunks);
+// fp32 values of the kept states of `part`: bh x nseg x dk x dv, 0 with one segment
+// (the pass then needs none).
+int64_t kept_state_floats(const AttentionParams& p, TokenRange part);
 
 // dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part.
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,

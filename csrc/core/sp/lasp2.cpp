@@ -140,6 +140,10 @@ int64_t Lasp2Saved::prefix_states_floats(const AttentionParams& p, const PartLay
 int64_t Lasp2Saved::log_decays_floats(const AttentionParams& p, const PartLayout& l) {
   return maps_floats(ScalarDecay::shape_of(p), l);
 }
+int64_t Lasp2Saved::segment_states_floats(const KernelBackend& backend, const AttentionParams& p,
+                                          const PartLayout& l) {
+  return ScalarDecay::saved_states_floats(backend, p, l);
+}
 
 int64_t lasp2_forward_workspace_bytes(const PartFamily& f, const PartLayout& l,
                                       const SequenceStates& seq) {
@@ -333,16 +337,18 @@ int64_t lasp2_backward_workspace_bytes(const AttentionParams& p, const PartLayou
 void lasp2_forward(const KernelBackend& backend, Communicator* comm, const PartLayout& layout,
                    const AttentionParams& p, MutView o, const Lasp2Saved& saved,
                    void* workspace, const Lasp2Options& options, void* stream) {
-  lasp2_forward(ScalarDecay(backend, p, o), comm, layout, saved, SequenceStates{}, workspace,
-                options, stream);
+  ScalarDecay family(backend, p, o);
+  family.with_saved_states(saved.segment_states, layout);
+  lasp2_forward(family, comm, layout, saved, SequenceStates{}, workspace, options, stream);
 }
 
 void lasp2_backward(const KernelBackend& backend, Communicator* comm, const PartLayout& layout,
                     const AttentionParams& p, ConstView dout, const Lasp2Saved& saved,
                     MutView dq, MutView dk, MutView dv, void* dg, void* workspace,
                     void* stream) {
-  lasp2_backward(ScalarDecay(backend, p, ScalarDecayGrads{dout, dq, dk, dv, dg}), comm, layout,
-                 saved, SequenceStates{}, workspace, stream);
+  ScalarDecay family(backend, p, ScalarDecayGrads{dout, dq, dk, dv, dg});
+  family.with_saved_states(saved.segment_states, layout);
+  lasp2_backward(family, comm, layout, saved, SequenceStates{}, workspace, stream);
 }
 
 }  // namespace lasp2

@@ -73,6 +73,39 @@ int64_t ScalarDecay::backward_scratch_bytes(const AttentionParams& p, bool need_
   return need_dg ? sp::q_dot_bytes(p) + sp::round_up8(p.bh() * 4) : 0;
 }
 
+// --- states kept from forward for backward --------------------------------------
+
+ScalarDecay& ScalarDecay::with_saved_states(float* buffer, const PartLayout& layout) {
+  saved_states_ = buffer;
+  saved_layout_ = layout;
+  return *this;
+}
+
+// The local parts' slots one after another, or the local sequence as one part (the
+// schedule's single-device path) from the start: whichever needs more.
+int64_t ScalarDecay::saved_states_floats(const KernelBackend& backend, const AttentionParams& p,
+                                         const PartLayout& layout) {
+  if (p.seqlen <= 0) return 0;
+  int64_t parts = 0;
+  for (int i = 0; i < layout.parts_per_rank; ++i) {
+    parts += backend.saved_states_floats(p, layout.local_range(i, p.seqlen));
+  }
+  return std::max(parts, backend.saved_states_floats(p, {0, p.seqlen}));
+}
+
+float* ScalarDecay::saved_slot(TokenRange part) const {
+  if (saved_states_ == nullptr || !docs_.starts.empty()) return nullptr;
+  if (be_.saved_states_floats(p_, part) == 0) return nullptr;
+  if (part.begin == 0 && part.end == p_.seqlen) return saved_states_;
+  int64_t offset = 0;
+  for (int i = 0; i < saved_layout_.parts_per_rank; ++i) {
+    const TokenRange r = saved_layout_.local_range(i, p_.seqlen);
+    if (r.begin == part.begin && r.end == part.end) return saved_states_ + offset;
+    offset += be_.saved_states_floats(p_, r);
+  }
+  return nullptr;  // not a part of the layout: nothing kept
+}
+
 // --- segments (packed documents with states) ---------------------------------
 
 std::vector<ScalarDecay::Segment> ScalarDecay::segments(TokenRange part) const {
@@ -157,7 +190,7 @@ void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const 
 void ScalarDecay::forward(TokenRange part, const float* entering, const DocStates& docs,
                           void* stream) const {
   if (!segmented(part, docs)) {
-    be_.chunk_forward(p_, part, entering, o_, stream);
+    be_.chunk_forward_saving(p_, part, entering, o_, saved_slot(part), stream);
     return;
   }
   for (const Segment& s : segments(part)) {
@@ -183,7 +216,8 @@ void ScalarDecay::backward_entering(TokenRange part, const float* entering, cons
                                     void* scratch, void* stream) const {
   const DgScratch g(p_, scratch, grads_.dg != nullptr);
   if (!segmented(part, docs)) {
-    be_.chunk_backward_dq(p_, part, grads_.dout, entering, grads_.dq, g.q_dot_dq, stream);
+    be_.chunk_backward_dq_saved(p_, part, grads_.dout, entering, grads_.dq, g.q_dot_dq,
+                                saved_slot(part), stream);
     return;
   }
   for (const Segment& s : segments(part)) {

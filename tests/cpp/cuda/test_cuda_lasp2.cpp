@@ -45,7 +45,8 @@ struct DeviceRank {
   ProblemSpec s;
   ScalarType dtype;
   DevTensor q, k, v, dout, o, dq, dk, dv;
-  DevBuf<float> gate, logd, dg, records, prefixes, decays;
+  DevBuf<float> gate, logd, dg, records, prefixes, decays, states;
+  bool keep_states = true;  // Lasp2Saved::segment_states (the kernels' segment states) or recompute
   DevBuf<uint8_t> doc;
   DevBuf<double> fws, bws;
   AttentionParams p;
@@ -75,6 +76,7 @@ struct DeviceRank {
     records = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::local_records_floats(p, layout)));
     prefixes = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::prefix_states_floats(p, layout)));
     decays = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::log_decays_floats(p, layout)));
+    states = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::segment_states_floats(cuda_backend(), p, layout)));
     fws = DevBuf<double>((lasp2_forward_workspace_bytes(p, layout) + 7) / 8);
     bws = DevBuf<double>((lasp2_backward_workspace_bytes(p, layout, true) + 7) / 8);
     dg.poison();
@@ -84,7 +86,7 @@ struct DeviceRank {
 
   void enqueue(const KernelBackend& be, Communicator* comm, const PartLayout& layout, bool overlap,
                cudaStream_t stream) {
-    const Lasp2Saved saved{records.p, prefixes.p, decays.p};
+    const Lasp2Saved saved{records.p, prefixes.p, decays.p, nullptr, keep_states ? states.p : nullptr};
     Lasp2Options options;
     options.overlap_forward = overlap;
     lasp2_forward(be, comm, layout, p, o.mview(), saved, fws.p, options, stream);
@@ -365,6 +367,79 @@ TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
     cudaStreamDestroy(stream);
   }
   EXPECT_EQ(allocator.live.load(), 0);
+}
+
+// The dq pass reads the segment states the forward kept (Lasp2Saved::segment_states)
+// instead of computing them again: every gradient equals the recomputing run bit for
+// bit, on one device (the whole local sequence one part) and on P ranks (each part's
+// own slot; the prefix entering a part enters only the backward's scan, after the
+// overlapped forward ran from zero), also for a second backward from one forward;
+// and altered states change dq.
+Grads run_with_states(const Problem<double>& pr, ScalarType t, const PartLayout& layout, Communicator* comm,
+                      bool overlap, bool keep, cudaStream_t stream, int backwards = 1, float alter = 0.f) {
+  DeviceRank r(pr, t, layout);
+  r.keep_states = keep;
+  const Lasp2Saved saved{r.records.p, r.prefixes.p, r.decays.p, nullptr, keep ? r.states.p : nullptr};
+  Lasp2Options options;
+  options.overlap_forward = overlap;
+  lasp2_forward(cuda_backend(), comm, layout, r.p, r.o.mview(), saved, r.fws.p, options, stream);
+  if (alter != 0.f) {
+    std::vector<float> s = r.states.download();
+    for (float& x : s) x = alter * x + 1.f;
+    r.states.upload(s);
+  }
+  for (int i = 0; i < backwards; ++i) {
+    lasp2_backward(cuda_backend(), comm, layout, r.p, r.dout.cview(), saved, r.dq.mview(), r.dk.mview(),
+                   r.dv.mview(), r.dg.p, r.bws.p, stream);
+  }
+  cuda_ok(cudaStreamSynchronize(stream), "lasp2 on the device");
+  return r.grads();
+}
+
+TEST(CudaLasp2SavedStates, SingleDeviceEqualsRecompute) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat32}) {
+    for (const DecayMode m : {DecayMode::kGate, DecayMode::kFixed, DecayMode::kNone}) {
+      ProblemSpec s = graph_spec();
+      s.mode = m;
+      const auto pr = rounded(s, t, 8);
+      const PartLayout layout = PartLayout::contiguous(1, 0);
+      ASSERT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), pr.params(), layout), 0);
+      const Grads re = run_with_states(pr, t, layout, nullptr, true, false, nullptr);
+      const Grads kept = run_with_states(pr, t, layout, nullptr, true, true, nullptr, 2);
+      SCOPED_TRACE(std::string(dtype_name(t)) + " mode " + std::to_string(static_cast<int>(m)));
+      expect_bitwise(kept, re);
+      const Grads bad = run_with_states(pr, t, layout, nullptr, true, true, nullptr, 1, 0.5f);
+      EXPECT_NE(bad.dq, re.dq) << "altered states left dq unchanged";
+      EXPECT_EQ(bad.dv, re.dv) << "dv does not read the forward's states";
+    }
+  }
+}
+
+TEST(CudaLasp2SavedStates, RanksEqualRecompute) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const SpCase& c : {SpCase{2, true, true, ScalarType::kBFloat16}, SpCase{2, false, false, ScalarType::kBFloat16},
+                          SpCase{3, false, true, ScalarType::kFloat32}}) {
+    ProblemSpec s = graph_spec();
+    s.seqlen = c.world * 1024;
+    s.doc_starts = {700, s.seqlen / 2};
+    const auto global = rounded(s, c.dtype, 9);
+    std::mutex mu;
+    run_device_ranks(c.world, [&](int rank, DeviceThreadCommunicator& comm) {
+      const PartLayout layout =
+          c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
+      const auto local = local_problem(global, layout);
+      cudaStream_t stream;
+      cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+      const Grads re = run_with_states(local, c.dtype, layout, &comm, c.overlap, false, stream);
+      const Grads kept = run_with_states(local, c.dtype, layout, &comm, c.overlap, true, stream);
+      cudaStreamDestroy(stream);
+      std::lock_guard<std::mutex> lock(mu);
+      SCOPED_TRACE(sp_name(c) + " rank " + std::to_string(rank));
+      EXPECT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), local.params(), layout), 0);
+      expect_bitwise(kept, re);
+    });
+  }
 }
 
 }  // namespace

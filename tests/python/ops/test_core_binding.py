@@ -151,3 +151,86 @@ def test_backward_checks_what_forward_saved():
         _C.lasp1_backward(args, ring_saved[:2], do, True)
     with pytest.raises(lasp2.Lasp2Error, match="saved buffer `local_record`"):
         _C.lasp1_backward(args, [ring_saved[0], ring_saved[1][1:], ring_saved[2]], do, True)
+
+
+def test_segment_states_buffer():
+    """saved[4] holds what the CUDA kernels keep from the forward for the dq pass: the CPU
+    keeps nothing (size 0, as the fake function's size query says), and a backward given
+    only the first four buffers computes the same gradients."""
+    q, k, v, g, do, _, _ = inputs(dtype=torch.float32)
+    args = _C.LinearAttentionArgs(q, k, v, g=g, scale=0.5)
+    _, _, saved = _C.lasp2_forward(args, True)
+    assert len(saved) == 5 and saved[4].numel() == 0
+    assert _C.lasp2_saved_states_floats(B, T, H, DK, DV, q.dtype, q.device, 1) == 0
+    with_states = _C.lasp2_backward(args, saved, do, True)
+    without = _C.lasp2_backward(args, saved[:4], do, True)
+    for a, b in zip(with_states[:4], without[:4]):
+        assert torch.equal(a, b)
+    with pytest.raises(lasp2.Lasp2Error, match="saved buffer `segment_states`"):
+        _C.lasp2_backward(args, saved[:4] + [torch.zeros(3)], do, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["g", "decay", None])
+def test_cuda_linear_attention_backward_reads_the_forward_segment_states(decay):
+    """On CUDA saved[4] is the forward's segment states (batch x heads x segments x dk x dv
+    floats, the size the fake function asks _C.lasp2_saved_states_floats for): the
+    backward reads them and gives the gradients of a backward that recomputes them,
+    bit for bit; altered states change dq (only dq and what builds on it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    Bc, Tc, Hc, D = 2, 2048, 2, 64
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(torch.bfloat16)
+    q, k, v, do = r(Bc, Tc, Hc, D), r(Bc, Tc, Hc, D), r(Bc, Tc, Hc, D), r(Bc, Tc, Hc, D)
+    kw = {"g": -torch.rand(Bc, Tc, Hc, generator=gen, device="cuda") * 0.1} if decay == "g" else {}
+    if decay == "decay":
+        kw = {"decay": -torch.rand(Hc, generator=gen, device="cuda") * 0.05}
+    args = _C.LinearAttentionArgs(q, k, v, scale=D**-0.5, **kw)
+    _, _, saved = _C.lasp2_forward(args, True)
+    n = _C.lasp2_saved_states_floats(Bc, Tc, Hc, D, D, q.dtype, q.device, 1)
+    assert len(saved) == 5 and saved[4].numel() == n > 0 and n % (Bc * Hc * D * D) == 0
+    need_dg = decay is not None
+    kept = _C.lasp2_backward(args, saved, do, need_dg)
+    again = _C.lasp2_backward(args, saved, do, need_dg)  # a second backward from one forward
+    recomputed = _C.lasp2_backward(args, saved[:4], do, need_dg)
+    for a, b, c in zip(kept[:5], again[:5], recomputed[:5]):
+        assert (a is None and c is None) or (torch.equal(a, c) and torch.equal(b, c))
+    altered = _C.lasp2_backward(args, saved[:4] + [saved[4] * 0.5 + 1], do, need_dg)
+    assert not torch.equal(altered[0], recomputed[0])
+    assert torch.equal(altered[2], recomputed[2])  # dv: the dk/dv pass does not read them
+
+
+@pytest.mark.gpu
+def test_cuda_linear_attention_fake_sizes_match():
+    """The custom op's fake function gives every output the real kernel's size on CUDA,
+    the segment states included (opcheck: schema and fake tensors)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from lasp2.ops import _library
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 4096, 3, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(3))
+    g = -torch.rand(1, 4096, 3, generator=gen, device="cuda") * 0.1
+    args = (q, k, v, g, None, None, None, 128**-0.5, 64, 0, 1, True, [], 0, False)
+    torch.library.opcheck(_library.lasp2_forward, args, test_utils=("test_schema", "test_faketensor"))
+    assert _library.lasp2_forward(*args)[6].numel() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_linear_attention_fake_segment_states_size_follows_the_kernels():
+    """The fake function's size of the segment states (computed from sizes that may be
+    symbolic) equals the CUDA backend's own, over batch x heads below, at and above one
+    wave of blocks, head dims of both tile sizes and the generic route, short and long
+    sequences, one and two parts."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from lasp2.ops import _library
+    for Bc, Tc, Hc, dk, dv, dtype, parts in [(1, 65536, 16, 128, 128, torch.bfloat16, 1),
+                                           (1, 16384, 16, 128, 128, torch.bfloat16, 2),
+                                           (2, 4109, 2, 64, 64, torch.float16, 1), (1, 200, 1, 64, 64, torch.bfloat16, 2),
+                                           (8, 4096, 32, 128, 128, torch.bfloat16, 1),
+                                           (3, 1000, 5, 40, 24, torch.float32, 2), (1, 77, 2, 33, 17, torch.float32, 1)]:
+        q = torch.empty(Bc, Tc, Hc, dk, device="cuda", dtype=dtype)
+        v = torch.empty(Bc, Tc, Hc, dv, device="cuda", dtype=dtype)
+        want = _C.lasp2_saved_states_floats(Bc, Tc, Hc, dk, dv, dtype, q.device, parts)
+        assert _library._segment_states_floats(q, v, parts) == want, (Bc, Tc, Hc, dk, dv, dtype, parts)

@@ -52,6 +52,47 @@ class KernelBackend {
                                    const void* q_dot_dq, const float* dg_offset, void* dg,
                                    void* stream) const = 0;
 
+  // --- states kept from forward for backward (optional) --------------------
+  // A backend whose dq pass starts from states its forward pass computes anyway may
+  // keep them: saved_states_floats(p, part) fp32 values on its device (0, the default:
+  // it keeps none). The CUDA backend keeps the exit-weighted states of the part's
+  // segments before their scan (batch x heads x segments x dk x dv, docs/kernels.md),
+  // which do not depend on the state entering the part.
+  virtual int64_t saved_states_floats(const AttentionParams& p, TokenRange part) const {
+    (void)p;
+    (void)part;
+    return 0;
+  }
+  // What that size follows, for callers that size the buffer from symbolic shapes (the
+  // torch op's fake function mirrors it, lasp2/ops/_library.py): a part of n tokens has
+  // c = ceil(n / 64) chunks cut into segments of s = forced_seg_chunks (if > 0) else
+  // max(4, ceil(c / max(1, target_blocks / (B*H)))) chunks, clamped to [1, max(1, c)];
+  // with nseg = ceil(c / s) > 1 segments it keeps B*H*nseg*dk*dv values, else none.
+  // target_blocks = 0: the backend keeps nothing.
+  struct SavedStatesPlan {
+    int64_t target_blocks = 0;
+    int forced_seg_chunks = 0;
+  };
+  virtual SavedStatesPlan saved_states_plan(const AttentionParams& p) const {
+    (void)p;
+    return {};
+  }
+  // chunk_forward, also writing those states into `saved` (nullable: keep none).
+  virtual void chunk_forward_saving(const AttentionParams& p, TokenRange part,
+                                    const float* initial_state, MutView o, float* saved,
+                                    void* stream) const {
+    (void)saved;
+    chunk_forward(p, part, initial_state, o, stream);
+  }
+  // chunk_backward_dq reading them from `saved` (written by chunk_forward_saving over
+  // the same part, inputs and params; nullable: computed again). Same results.
+  virtual void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
+                                       const float* initial_state, MutView dq, void* q_dot_dq,
+                                       const float* saved, void* stream) const {
+    (void)saved;
+    chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
+  }
+
   // --- combine (tiny, sizes independent of the sequence length) ------------
   // parts[i] is part i's state block, log_decays is [num_parts][B*H] in global order.
   // prefix for target j: sum_{i<j} exp(sum_{i<m<j} L_m) M_i.

@@ -65,6 +65,10 @@ struct Lasp2Saved {
   float* maps = nullptr;           // [total_parts + 2][map_floats]: 0, A of every part in
                                    // global order, 0 (the zero rows pad the folds' ends)
   float* head_maps = nullptr;      // packed documents: [total_parts][map_floats], A_head
+  // Optional, the scalar family over a KernelBackend (the lasp2_forward / lasp2_backward
+  // below): what the backend keeps for its dq pass (the CUDA backend's segment states,
+  // ScalarDecay::with_saved_states), segment_states_floats values; null: recomputed.
+  float* segment_states = nullptr;
 
   static int64_t local_records_floats(const SummaryShape& s, const PartLayout& l);
   static int64_t prefix_states_floats(const SummaryShape& s, const PartLayout& l);
@@ -74,6 +78,8 @@ struct Lasp2Saved {
   static int64_t local_records_floats(const AttentionParams& p, const PartLayout& l);
   static int64_t prefix_states_floats(const AttentionParams& p, const PartLayout& l);
   static int64_t log_decays_floats(const AttentionParams& p, const PartLayout& l);
+  static int64_t segment_states_floats(const KernelBackend& backend, const AttentionParams& p,
+                                       const PartLayout& l);
 };
 
 struct Lasp2Options {

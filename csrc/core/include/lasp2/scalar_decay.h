@@ -51,6 +51,17 @@ class ScalarDecay final : public PartFamily {
   // q.dq per token (for dg) and the dg offset of one part.
   static int64_t backward_scratch_bytes(const AttentionParams& p, bool need_dg);
 
+  // States the backend keeps from forward for its backward (KernelBackend::
+  // saved_states_floats; the CUDA backend's segment states): `buffer` holds
+  // saved_states_floats(backend, p, layout) fp32 values, one slot per local part of
+  // `layout` or, where the schedule runs the local sequence as one part (one device
+  // without sequence states), the whole of it. The forward fills the slots, a backward
+  // with the same inputs, params, layout and buffer reads them. Parts cut at documents
+  // (with_documents) neither fill nor read theirs. Null: nothing is kept.
+  ScalarDecay& with_saved_states(float* buffer, const PartLayout& layout);
+  static int64_t saved_states_floats(const KernelBackend& backend, const AttentionParams& p,
+                                     const PartLayout& layout);
+
   SummaryShape shape() const override { return shape_of(p_); }
   int64_t local_tokens() const override { return p_.seqlen; }
   Device device() const override { return be_.device(); }
@@ -105,6 +116,8 @@ class ScalarDecay final : public PartFamily {
   void segment_summary(TokenRange range, void* stream) const;
   // out = exp(L) x + M of the last segment_summary (x null: M).
   void apply_segment(const float* x, float* out, void* stream) const;
+  // The saved-states slot of a part (null: none kept for it).
+  float* saved_slot(TokenRange part) const;
 
   const KernelBackend& be_;
   AttentionParams p_;
@@ -115,6 +128,8 @@ class ScalarDecay final : public PartFamily {
   float* seg_state_ = nullptr;  // scratch: [S] segment state, [S] zeros, [3][bh] fold table
   float* zeros_ = nullptr;
   float* table_ = nullptr;
+  float* saved_states_ = nullptr;  // with_saved_states
+  PartLayout saved_layout_;
 };
 
 }  // namespace lasp2
