@@ -79,16 +79,16 @@ def _forward_eager(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, 
 
 def _forward_impl(*inputs):
     out = _forward_eager(*inputs)
-    for buffer in out[5:]:  # one device without states: backward reads none of them, a custom
-        buffer.zero_()      # op's outputs must be deterministic (as lasp2_forward does)
-    return out
+    for buffer in out[5:9]:  # one device without states: backward reads none of them, a custom
+        buffer.zero_()       # op's outputs must be deterministic (as lasp2_forward does); the
+    return out               # segment states (out[9]) are written whole by the forward
 
 
 @torch.library.custom_op("lasp2::ulysses_forward", mutates_args=())
 def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], decay: Optional[Tensor],
                     doc_start: Optional[Tensor], scale: float, chunk_size: int, comm: int, rank: int, world: int,
                     check: int = 0, consistency: Optional[List[int]] = None
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check, consistency)
 
 
@@ -105,7 +105,7 @@ def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check=
 
 
 def _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, rank, world, do, records, prefixes,
-                    maps, head_maps, need):
+                    maps, head_maps, seg_states, need):
     """(dq, dk, dv, dg, d_decay) of the inputs, None where not asked for (`need`): the
     adjoint all-to-alls around the single-device backward."""
     group, collectives = resolve(comm)
@@ -113,7 +113,7 @@ def _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, r
     dh = seq_to_head(do, world, group, collectives)
     dq, dk, dv, dg, d_decay, _ = L._backward_eager(
         qh, kh, vh, gh, _heads(decay, rank, heads), doc_start, None, scale, chunk_size, 0, 1, [], 0, dh, None,
-        records, prefixes, maps, head_maps, bool(need[3] or need[4]), False)
+        records, prefixes, maps, head_maps, seg_states, bool(need[3] or need[4]), False)
     grads = [head_to_seq(x, world, group, collectives) if want else None for x, want in zip((dq, dk, dv), need)]
     grads.append(head_to_seq(dg.unsqueeze(-1), world, group, collectives).squeeze(-1) if need[3] else None)
     if need[4]:  # the gradient of this rank's slice of decay
@@ -128,15 +128,15 @@ def _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, r
 def ulysses_backward(qh: Tensor, kh: Tensor, vh: Tensor, gh: Optional[Tensor], decay: Optional[Tensor],
                      doc_start: Optional[Tensor], scale: float, chunk_size: int, comm: int, rank: int, world: int,
                      do: Tensor, records: Tensor, prefixes: Tensor, maps: Tensor, head_maps: Tensor,
-                     need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     seg_states: Tensor, need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, rank, world, do, records,
-                            prefixes, maps, head_maps, need)
+                            prefixes, maps, head_maps, seg_states, need)
     return tuple(L._or_empty(x, do) for x in grads)
 
 
 @ulysses_backward.register_fake
 def _(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, rank, world, do, records, prefixes, maps,
-      head_maps, need):
+      head_maps, seg_states, need):
     B, T, Hp, dk = qh.shape
     shape = (B, T // world, Hp * world)
     grads = (qh.new_empty(*shape, dk), kh.new_empty(*shape, dk), vh.new_empty(*shape, vh.shape[3]),
@@ -165,9 +165,9 @@ def _backward(ctx, do, *_d_saved):
 
 
 torch.library.register_autograd("lasp2::ulysses_forward", _backward, setup_context=_setup_context)
-# the head-sharded inputs and the saved buffers (outputs 1..8) only serve the backward
+# the head-sharded inputs and the saved buffers (outputs 1..9) only serve the backward
 _EagerForward = eager_function("UlyssesForward", _forward_eager, _setup_context, _backward,
-                               internal_outputs=tuple(range(1, 9)))
+                               internal_outputs=tuple(range(1, 10)))
 
 
 class UlyssesProvider(Provider):

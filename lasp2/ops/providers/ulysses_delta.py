@@ -40,7 +40,7 @@ from lasp2.options import SPLITS
 
 @dataclass(frozen=True)
 class Exchange:
-    """What the all-to-alls need (the attributes ulysses.seq_to_head / head_to_seq read,
+    """What the all-to-alls need (what ulysses.seq_to_head / head_to_seq take,
     plus the rank and the split)."""
 
     group: Any
@@ -52,7 +52,7 @@ class Exchange:
 
 def to_heads(x: torch.Tensor, ex: Exchange) -> torch.Tensor:
     """[B, T/P, H, D] sequence-sharded -> [B, T, H/P, D] head-sharded, tokens in global order."""
-    y = seq_to_head(x, ex)  # rank-major: rank i's local tokens at [i*T/P, (i+1)*T/P)
+    y = seq_to_head(x, ex.world_size, ex.group, ex.collectives)  # rank-major: rank i's local tokens at [i*T/P, (i+1)*T/P)
     if ex.parts == 1:
         return y
     B, T, Hp, D = y.shape
@@ -69,7 +69,7 @@ def to_sequence(y: torch.Tensor, ex: Exchange) -> torch.Tensor:
         P = ex.world_size
         y = y.reshape(B, 2 * P, T // (2 * P), Hp, D)
         y = torch.stack((y[:, :P], y[:, P:].flip(1)), dim=2).reshape(B, T, Hp, D)
-    return head_to_seq(y.contiguous(), ex)
+    return head_to_seq(y.contiguous(), ex.world_size, ex.group, ex.collectives)
 
 
 def gather_heads(final: torch.Tensor, ex: Exchange) -> torch.Tensor:
