@@ -11,9 +11,7 @@
 //   C. warp (r, hc), for the token blocks {hc, 3 - hc} (balanced causal work):
 //              dk^T rows [16r, +16) = dS v^T diag(w_exit) + q^T P2   (dS from smem)
 //              dv^T rows [16r, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
-//      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO, with dS held
-//      as alpha dS_hat (LazyDecay, tc_tiles.cuh: alpha in the exit weights, 1 / alpha
-//      in the entry weights, dS_hat rescaled only when alpha gets small);
+//      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO;
 //      k . dk per token (fp32, before rounding) -> per-row-block partial sums.
 //   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
@@ -145,8 +143,6 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
     carry += total;
   };
 
-  float alpha = 1.f;  // dS = alpha * Ds (LazyDecay)
-  constexpr float kMinAlpha = LazyDecay<T>::kMinAlpha;
   if (c_begin < c_end) load(c_end - 1, 0);
   for (int c = c_end - 1; c >= c_begin; --c) {
     const int stage = (c_end - 1 - c) & 1;
@@ -164,21 +160,12 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
     const int nvalid = min(kChunk, g.n - c * kChunk);
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dk == D && dv == D;  // block-uniform
-    // alpha of the state gradient entering the chunk (block-uniform); below kMinAlpha
-    // or at a document start (0) Ds is rescaled instead
-    const float na = alpha * through;
-    const bool rescale = !(na >= kMinAlpha && na <= 1.f);  // NaN too, like Ds *= NaN
-    const float alpha_next = rescale ? 1.f : na;
 
     // ---- A -----------------------------------------------------------------------
-    const int et = weight_thread<NW>(tid);
-    if (static_cast<unsigned>(et) < 64u) {
-      const float G = ms[2 * et], s = ms[2 * et + 1];
-      // (kMinAlpha = 1: alpha is always 1, the weights as without LazyDecay)
-      const float a = kMinAlpha < 1.f ? alpha : 1.f;
-      const float inv = kMinAlpha < 1.f ? __fdividef(1.f, alpha_next) : 1.f;
-      entw[et] = s == 0.f ? args.scale * __expf(G) * inv : 0.f;
-      extw[et] = s == sl ? a * __expf(Gl - G) : 0.f;
+    if (tid < 64) {
+      const float G = ms[2 * tid], s = ms[2 * tid + 1];
+      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
     }
     {
       const T* const as[2] = {Qs, Os};
@@ -347,13 +334,10 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
     }
     if (krows) {
       // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
-      // (Ds *= alpha exp(G_last) only when alpha is reset)
-      if (rescale) {
 #pragma unroll
-        for (int j = 0; j < HC / 8; ++j)
+      for (int j = 0; j < HC / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) Ds[j][e] *= na;
-      }
+        for (int e = 0; e < 4; ++e) Ds[j][e] *= through;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const int x = 16 * kk + 2 * (lane & 3);
@@ -372,7 +356,6 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
         }
       }
     }
-    alpha = alpha_next;
   }
   cp_async_wait_all();
   if (has_dg) {

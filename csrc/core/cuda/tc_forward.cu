@@ -9,9 +9,6 @@
 //      reductions complete inside the warp; the accumulators are transposed with
 //      movmatrix and stored as 4-byte pairs; then S_a^T = exp(G_last) S_a^T +
 //      va^T diag(w_exit) ka, reusing the va^T fragments of the intra product.
-//      S_a^T is held as alpha S_hat (LazyDecay, tc_tiles.cuh): alpha goes into the
-//      entry weights, 1 / alpha into the exit weights, and S_hat is rescaled only
-//      when alpha gets small or a document starts.
 // Modes: kFwd (o), kDq (dq with (dO, v, k), plus q.dq per token), kPrefix
 // (o += scale w_entry qa^T P, the LASP-2 prefix term).
 // (A layout with twice the warps, each holding half a row block of the state and
@@ -111,8 +108,6 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
   };
 
   const bool active = 16 * warp < dv;
-  float alpha = 1.f;  // S_a^T = alpha * S (LazyDecay; kPrefix: always 1)
-  constexpr float kMinAlpha = kPrefix ? 1.f : LazyDecay<T>::kMinAlpha;
   if (c_begin < c_end) load(c_begin, 0);
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
@@ -129,21 +124,11 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     const int nvalid = min(kChunk, g.n - c * kChunk);
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
-    // alpha of the state leaving the chunk; below kMinAlpha (or 0 at a document
-    // start) S is rescaled instead (block-uniform: every thread computes the same)
-    const float na = alpha * through;
-    const bool rescale = !(na >= kMinAlpha && na <= 1.f);  // NaN too, like S *= NaN
-    const float alpha_next = rescale ? 1.f : na;
 
-    const int et = weight_thread<NW>(tid);
-    if (static_cast<unsigned>(et) < 64u) {
-      // scale folded into the entry weights and P: outputs need no multiply
-      const float G = ms[2 * et], s = ms[2 * et + 1];
-      // (kMinAlpha = 1: alpha is always 1, the weights as without LazyDecay)
-      const float a = kMinAlpha < 1.f ? alpha : 1.f;
-      const float inv = kMinAlpha < 1.f ? __fdividef(1.f, alpha_next) : 1.f;
-      entw[et] = s == 0.f ? args.scale * a * __expf(G) : 0.f;
-      if (!kPrefix) extw[et] = s == sl ? __expf(Gl - G) * inv : 0.f;
+    if (tid < 64) {  // scale folded into the entry weights and P: outputs need no multiply
+      const float G = ms[2 * tid], s = ms[2 * tid + 1];
+      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      if (!kPrefix) extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
     }
 
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
@@ -263,13 +248,11 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
           }
         }
       }
-      // state update: S_hat *= alpha exp(G_last) only when alpha is reset
-      if (rescale) {
+      // state update
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
+      for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) S[j][e] *= na;
-      }
+        for (int e = 0; e < 4; ++e) S[j][e] *= through;
       if (!kPrefix) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -300,7 +283,6 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
       }
     }
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
-    alpha = alpha_next;
   }
   cp_async_wait_all();
 }

@@ -58,56 +58,13 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
-// Row block of the score tile that warp w computes. Warp w issues from scheduler
-// (SM sub-partition) w % 4 and takes the n-range p = w / 4 of 64 / (NW / 4) columns;
-// only 16 x 16 blocks on or below the diagonal are computed (10 of 16). With row block
-// w % 4 (the plain layout) scheduler s got the blocks of row s only: 1, 2, 3, 4 blocks
-// (NW = 16) resp. 1, 2, 3, 4 (NW = 8, warps 4 and 5 idle), so the block barrier after
-// the tile waited on scheduler 3. The row block (w % 4) ^ f(p) spreads them 3, 3, 2, 2
-// (NW = 16: f = 0, 0, 2, 3; NW = 8: f = 0, 3); each warp keeps one row block and its
-// n-range, so its work and its results are the same, only which warp does it changes.
-template <int NW>
-__device__ __forceinline__ int score_row_block(int warp) {
-  const int s = warp & 3, p = warp >> 2;
-  if (NW == 16) return s ^ ((p & 2) ? p : 0);
-  if (NW == 8) return s ^ (3 * p);
-  return s;
-}
-// The warps that compute a chunk's 64 entry/exit weights (thread et = tid - base,
-// 0 <= et < 64): with 8 or 16 warps the last two, which have no score block
-// (score_row_block) while the others compute the tile; with 4 warps the first two.
-template <int NW>
-__device__ __forceinline__ int weight_thread(int tid) {
-  return NW >= 8 ? tid - 32 * (NW - 2) : tid;
-}
-
-// The walking passes keep their running state as S = alpha * S_hat with a
-// block-uniform scalar alpha instead of decaying all of S_hat each chunk
-// (S *= exp(G_last): 32-64 FMUL per thread and chunk): the decay of a chunk goes into
-// alpha (alpha *= exp(G_last)), the weights that read S get alpha, the term added to
-// S gets 1 / alpha, and S_hat is multiplied by alpha only when alpha would fall
-// below kMinAlpha (then alpha = 1) or a document starts (alpha exp(G_last) = 0).
-// bf16 has fp32's exponent range, so S_hat (<= 2^64 |S|) and the 16-bit operands
-// scaled by 1 / alpha stay far from overflow; fp16 (largest value 65504) keeps
-// kMinAlpha = 1, i.e. S_hat *= exp(G_last) whenever G_last < 0: the same operations
-// as before, bit for bit.
-template <typename T>
-struct LazyDecay {
-  static constexpr float kMinAlpha = 1.f;
-};
-template <>
-struct LazyDecay<__nv_bfloat16> {
-  static constexpr float kMinAlpha = 5.421010862427522e-20f;  // 2^-64
-};
-
 // P_i = scale * W o (A_i B_i^T), i < N, for one 64-token chunk (A_i, B_i: [token][dim]
 // tiles whose columns past the head dim are zero), W the causal decay/document mask
 // from the chunk's meta; written as 16-bit values to Ps[i] [64][kLdP]. Warp w (of
-// NW = 4, 8 or 16) computes rows [16 score_row_block(w), +16) x the n-range w / 4 of
-// 64 / (NW / 4) columns; 16 x 16 key blocks above the diagonal are skipped and left
-// unwritten (no consumer reads them). With N = 2 (the dk/dv pass: P1 from q, k and P2
-// from dO, v) the weights are computed once for both products and the two MMA
-// chains interleave.
+// NW = 4, 8 or 16) computes rows [16 (w % 4), +16) x an n-range of 64 / (NW / 4)
+// columns; 16 x 16 key blocks above the diagonal are skipped and left unwritten (no
+// consumer reads them). With N = 2 (the dk/dv pass: P1 from q, k and P2 from dO, v)
+// the weights are computed once for both products and the two MMA chains interleave.
 template <typename T, int D, int NW, int N = 1>
 __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* const (&Bs)[N],
                                           const float* ms, float scale, T* const (&Ps)[N],
@@ -115,7 +72,7 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
   static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = score_row_block<NW>(warp);
+  const int mt = warp & 3;
   const int nt0 = (warp >> 2) * NPW;
   if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
   float acc[N][NPW][4];
