@@ -404,9 +404,8 @@ TEST(CudaLasp2SavedStates, SingleDeviceEqualsRecompute) {
       s.mode = m;
       const auto pr = rounded(s, t, 8);
       const PartLayout layout = PartLayout::contiguous(1, 0);
-      AttentionParams device_params = pr.params();  // the host problem is float64: ask with the device dtype
-      device_params.dtype = t;
-      ASSERT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), device_params, layout), 0);
+      const DeviceRank probe(pr, t, layout);  // the host problem is float64: ask with the device's params
+      ASSERT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), probe.p, layout), 0);
       const Grads re = run_with_states(pr, t, layout, nullptr, true, false, nullptr);
       const Grads kept = run_with_states(pr, t, layout, nullptr, true, true, nullptr, 2);
       SCOPED_TRACE(std::string(dtype_name(t)) + " mode " + std::to_string(static_cast<int>(m)));
@@ -438,9 +437,8 @@ TEST(CudaLasp2SavedStates, RanksEqualRecompute) {
       cudaStreamDestroy(stream);
       std::lock_guard<std::mutex> lock(mu);
       SCOPED_TRACE(sp_name(c) + " rank " + std::to_string(rank));
-      AttentionParams device_params = local.params();  // float64 host problem: ask with the device dtype
-      device_params.dtype = c.dtype;
-      EXPECT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), device_params, layout), 0);
+      const DeviceRank probe(local, c.dtype, layout);  // float64 host problem: ask with the device's params
+      EXPECT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), probe.p, layout), 0);
       expect_bitwise(kept, re);
     });
   }

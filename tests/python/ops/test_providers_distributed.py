@@ -126,7 +126,9 @@ def check_communication(rank, world, group):
     context = lambda **swap: lasp2.build_sp_context(group, seqlen=T, **swap)  # noqa: E731
     hops = int(rank > 0) + int(rank < world - 1)
     sends = {"lasp1": (int(rank < world - 1) + int(rank > 0)) * state_floats * 4,
-             "lasp2": state_floats * 4 + B * H * 4 + state_floats * 4}  # (M, L) forward, dM backward
+             # (M, L) and the call check's 4 int64 words (sent by every group call, so every
+             # rank's gather has one size) forward, dM backward
+             "lasp2": state_floats * 4 + B * H * 4 + 4 * 8 + state_floats * 4}
     calls = {"lasp1": 2 * hops, "lasp2": 2}
     for provider in ("lasp1", "lasp2"):
         timed = _bench.TimedCommunicator(comm)
