@@ -178,6 +178,27 @@ def check_errors(rank, world, group):
     assert o.shape == q.shape
 
 
+def check_compiled(rank, world, group):
+    """torch.compile without fullgraph: the provider's call breaks the graph (its checks
+    read values on the host) and equals eager bit for bit."""
+    q, k, v, do, g, beta, _, _, _ = global_inputs(world, "gdn", False, seed=31)
+    local = [lasp2.split_sequence(x, group, dim=1) for x in (q, k, v, do, g, beta)]
+
+    def loss(q, k, v, g, beta):
+        o, _ = lasp2.gated_delta_rule(q, k, v, g, beta, group=group, provider="ulysses")
+        return (o * local[3]).sum()
+
+    def values_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (local[0], local[1], local[2], local[4], local[5])]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves)]
+
+    got = values_and_grads(torch.compile(loss, backend="aot_eager"))
+    want = values_and_grads(loss)
+    for name, a, b in zip(("loss", "q", "k", "v", "g", "beta"), got, want):
+        assert torch.equal(a, b), f"compiled ulysses: {name} differs from eager"
+
+
 def check_rank(rank, world):
     group = dist.new_group(list(range(world)))
     for index, (kind, split, packed) in enumerate(CONFIGS):
@@ -186,6 +207,7 @@ def check_rank(rank, world):
     if world == 2:
         check_variants(rank, world, group)
         check_collectives(rank, world, group)
+        check_compiled(rank, world, group)
 
 
 @pytest.mark.parametrize("world", [2, 4])
