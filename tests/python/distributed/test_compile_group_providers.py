@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
+from lasp2_testing.checks import expect_value_error
 from lasp2.distributed import Collectives
 from lasp2.distributed.collectives import TORCH_COLLECTIVES
 from lasp2.ops._delta_library import group_handle
@@ -44,13 +45,6 @@ def _assert_compiled_equals_eager(f, inputs, names, what, fullgraph=True):
         assert torch.equal(a, b), f"{what}: the compiled {name} differs from eager"
 
 
-def _expect_value_error(fn, want: str, what: str):
-    try:
-        fn()
-    except ValueError as e:
-        assert want in str(e), f"{what}: {e}"
-    else:
-        raise AssertionError(f"{what}: every rank must raise")
 
 
 def check_linear_providers(rank, world):
@@ -113,16 +107,16 @@ def check_linear_providers(rank, world):
     scaled = torch.compile(lambda q, k, v: lasp2.linear_attention(q, k, v, group=group, scale=0.5 + rank,
                                                                   provider="lasp1"),
                            fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: scaled(lq, lk, lv), "ranks of `group` disagree on `scale`", "lasp1 scale per rank")
+    expect_value_error(lambda: scaled(lq, lk, lv), "ranks of `group` disagree on `scale`", "lasp1 scale per rank")
     per_rank = torch.tensor([-0.1, -0.2 - rank], dtype=torch.float64)  # a device value
     decays = torch.compile(lambda q, k, v: lasp2.linear_attention(q, k, v, decay=per_rank, group=group,
                                                                   provider="ulysses"),
                            fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: decays(lq, lk, lv), "disagree on `decay` values", "ulysses decay per rank")
+    expect_value_error(lambda: decays(lq, lk, lv), "disagree on `decay` values", "ulysses decay per rank")
     bad_g = lg.abs() + 0.1 if rank == 0 else lg  # rank 0's own bad gates: it names `g`, its peer raises too
     gates = torch.compile(lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g, group=group, provider="ulysses"),
                           fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: gates(lq, lk, lv, bad_g), "`g`" if rank == 0 else "rejected their arguments",
+    expect_value_error(lambda: gates(lq, lk, lv, bad_g), "`g`" if rank == 0 else "rejected their arguments",
                         "ulysses: positive gates on rank 0")
     assert torch.equal(gates(lq, lk, lv, lg), lasp2.linear_attention(lq, lk, lv, g=lg, group=group,
                                                                      provider="ulysses"))
@@ -174,11 +168,11 @@ def check_softmax(rank, world):
 
     scaled = torch.compile(lambda q, k, v: lasp2.softmax_attention(q, k, v, group=group, scale=0.5 + rank),
                            fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: scaled(lq, lk, lv), "ranks of `group` disagree on `scale`", "softmax scale per rank")
+    expect_value_error(lambda: scaled(lq, lk, lv), "ranks of `group` disagree on `scale`", "softmax scale per rank")
     per_rank = lasp2.build_sp_context(group, "contiguous", torch.tensor([0, 3 + rank, T]))
     docs = torch.compile(lambda q, k, v: lasp2.softmax_attention(q, k, v, sp_context=per_rank, layout="tbhd"),
                          fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: docs(pq, pk, pv), "disagree on `cu_seqlens` contents", "softmax cu_seqlens per rank")
+    expect_value_error(lambda: docs(pq, pk, pv), "disagree on `cu_seqlens` contents", "softmax cu_seqlens per rank")
     # the group still works after the raises (every rank raised at the same point)
     plain = torch.compile(lambda q, k, v: lasp2.softmax_attention(q, k, v, group=group), fullgraph=True,
                           backend="aot_eager")

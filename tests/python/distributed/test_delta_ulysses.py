@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import lasp2
 from lasp2.distributed.collectives import TORCH_COLLECTIVES, Collectives
-from lasp2_testing.checks import assert_rel
+from lasp2_testing.checks import assert_rel, expect_value_error
 from lasp2_testing.dist import run_distributed
 
 H = 4
@@ -143,13 +143,6 @@ def check_collectives(rank, world, group):
     assert_rel(o, local(o_full), 1e-5, f"o through an SPContext, rank {rank}")
 
 
-def _expect_value_error(fn, want: str, what: str):
-    try:
-        fn()
-    except ValueError as e:
-        assert want in str(e), f"{what}: {e}"
-    else:
-        raise AssertionError(f"{what}: no ValueError")
 
 
 def check_errors(rank, world, group):
@@ -158,19 +151,19 @@ def check_errors(rank, world, group):
     q = torch.randn(1, 4, heads, 4, dtype=torch.float64)
     g = -torch.rand(1, 4, heads, dtype=torch.float64)
     beta = torch.rand(1, 4, heads, dtype=torch.float64)
-    _expect_value_error(lambda: lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses"),
+    expect_value_error(lambda: lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses"),
                         f"provider=\"ulysses\" shards heads over the group: the number of heads ({heads}) must be "
                         f"divisible by the group size ({world})", f"heads {heads}, rank {rank}")
     # bad gate values on one rank: checked before the all-to-alls; that rank names `g`
     q = torch.randn(1, 4, H, 4, dtype=torch.float64)
     g = -torch.rand(1, 4, H, dtype=torch.float64)
     beta = torch.rand(1, 4, H, dtype=torch.float64)
-    _expect_value_error(
+    expect_value_error(
         lambda: lasp2.gated_delta_rule(q, q, q, g.abs() + 0.1 if rank == 1 else g, beta, group=group,
                                        provider="ulysses"),
         "`g` holds log gates" if rank == 1 else "rejected their arguments", f"bad g on rank 1, rank {rank}")
     # ranks passing different providers: the per-call cross-rank check names it
-    _expect_value_error(
+    expect_value_error(
         lambda: lasp2.gated_delta_rule(q, q, q, g, beta, group=group, provider="ulysses" if rank else "lasp2"),
         "disagree on provider", f"providers differ, rank {rank}")
     # and the group still works afterwards

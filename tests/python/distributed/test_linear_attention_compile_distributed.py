@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
+from lasp2_testing.checks import expect_value_error
 from lasp2_testing.dist import run_distributed
 
 
@@ -23,13 +24,6 @@ def _inputs(rank, world, gated):
     return [local(x) for x in (q, k, v)], (local(g) if gated else None), local(do)
 
 
-def _expect_value_error(fn, want: str, what: str):
-    try:
-        fn()
-    except ValueError as e:
-        assert want in str(e), f"{what}: {e}"
-    else:
-        raise AssertionError(f"{what}: every rank must raise")
 
 
 def check_compiled(rank, world):
@@ -71,19 +65,19 @@ def check_compiled(rank, world):
     (q, k, v), g, _ = _inputs(rank, world, True)
     scaled = torch.compile(lambda q, k, v: lasp2.linear_attention(q, k, v, g=g, group=group, scale=0.5 + rank),
                            fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: scaled(q, k, v), "ranks of `group` disagree on `scale`", "scale per rank")
+    expect_value_error(lambda: scaled(q, k, v), "ranks of `group` disagree on `scale`", "scale per rank")
     per_rank = lasp2.build_sp_context(group, "contiguous", torch.tensor([0, 3 + rank, 8 * world]))
     docs = torch.compile(lambda q, k, v: lasp2.linear_attention(q[:1], k[:1], v[:1], sp_context=per_rank),
                          fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: docs(q, k, v), "disagree on `cu_seqlens` contents", "cu_seqlens per rank")
+    expect_value_error(lambda: docs(q, k, v), "disagree on `cu_seqlens` contents", "cu_seqlens per rank")
     decay = torch.tensor([-0.1, -0.2 - rank], dtype=torch.float64)  # a device value
     decays = torch.compile(lambda q, k, v: lasp2.linear_attention(q, k, v, decay=decay, group=group),
                            fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: decays(q, k, v), "disagree on `decay` values", "decay per rank")
+    expect_value_error(lambda: decays(q, k, v), "disagree on `decay` values", "decay per rank")
     bad_g = g.abs() + 0.1 if rank == 0 else g  # rank 0's own bad gates: it names `g`, its peer raises too
     gates = torch.compile(lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g, group=group),
                           fullgraph=True, backend="aot_eager")
-    _expect_value_error(lambda: gates(q, k, v, bad_g), "`g`" if rank == 0 else "rejected their arguments",
+    expect_value_error(lambda: gates(q, k, v, bad_g), "`g`" if rank == 0 else "rejected their arguments",
                         "positive gates on rank 0")
     # the group still works after the raises (every rank raised at the same point)
     o = gates(q, k, v, g)

@@ -30,3 +30,13 @@ def assert_sp_matches(o, grads, ref, o_full, grads_full, local, gate, tol, where
         total = grads[3].clone()
         dist.all_reduce(total, group=group)
         assert_rel(total, grads_full[3], 10 * tol, f"{where}: d decay (summed over ranks)", floor=1.0)
+
+
+def expect_value_error(fn, want: str, what: str):
+    """fn() must raise a ValueError whose message holds `want` (on this rank)."""
+    try:
+        fn()
+    except ValueError as e:
+        assert want in str(e), f"{what}: {e}"
+    else:
+        raise AssertionError(f"{what}: no ValueError")
