@@ -107,15 +107,20 @@ def _(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check=
 def _backward_eager(qh, kh, vh, gh, decay, doc_start, scale, chunk_size, comm, rank, world, do, records, prefixes,
                     maps, head_maps, seg_states, need):
     """(dq, dk, dv, dg, d_decay) of the inputs, None where not asked for (`need`): the
-    adjoint all-to-alls around the single-device backward."""
+    adjoint all-to-alls around the single-device backward. Every rank runs the same
+    all-to-alls whatever its own `need` (dq, dk, dv always, dg whenever g is given):
+    ranks whose inputs differ in requires_grad would otherwise make different
+    collectives and hang."""
     group, collectives = resolve(comm)
     heads = qh.shape[2]
     dh = seq_to_head(do, world, group, collectives)
     dq, dk, dv, dg, d_decay, _ = L._backward_eager(
         qh, kh, vh, gh, _heads(decay, rank, heads), doc_start, None, scale, chunk_size, 0, 1, [], 0, dh, None,
-        records, prefixes, maps, head_maps, seg_states, bool(need[3] or need[4]), False)
-    grads = [head_to_seq(x, world, group, collectives) if want else None for x, want in zip((dq, dk, dv), need)]
-    grads.append(head_to_seq(dg.unsqueeze(-1), world, group, collectives).squeeze(-1) if need[3] else None)
+        records, prefixes, maps, head_maps, seg_states, bool(gh is not None or need[4]), False)
+    grads = [head_to_seq(x, world, group, collectives) for x in (dq, dk, dv)]
+    grads = [x if want else None for x, want in zip(grads, need)]
+    dg = None if gh is None else head_to_seq(dg.unsqueeze(-1), world, group, collectives).squeeze(-1)
+    grads.append(dg if need[3] else None)
     if need[4]:  # the gradient of this rank's slice of decay
         full = decay.new_zeros(decay.shape)
         full[rank * heads:(rank + 1) * heads] = d_decay

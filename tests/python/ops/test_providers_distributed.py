@@ -185,12 +185,31 @@ def check_errors(rank, world, group):
         raise AssertionError("mismatched providers were not detected")
 
 
+def check_mixed_requires_grad(rank, world, group):
+    """Ulysses: a rank whose k needs no gradient still runs the peers' backward
+    all-to-alls (it used to skip dk's and dg's: a hang), and dq, dv are unchanged."""
+    q, k, v, do, g, _, _ = global_inputs(world, "gate", False, torch.float64, seed=7, L=16)
+    lq, lk, lv, ldo, lg = (lasp2.split_sequence(x, group, dim=1) for x in (q, k, v, do, g))
+
+    def grads(k_needs_grad, g_needs_grad):
+        qq, vv = lq.clone().requires_grad_(), lv.clone().requires_grad_()
+        kk, gg = lk.clone().requires_grad_(k_needs_grad), lg.clone().requires_grad_(g_needs_grad)
+        o = lasp2.linear_attention(qq, kk, vv, g=gg, group=group, provider="ulysses")
+        return torch.autograd.grad((o * ldo).sum(), [qq, vv])
+
+    want = grads(True, True)
+    got = grads(rank == 0, rank != 0)
+    for name, a, b in zip(("dq", "dv"), got, want):
+        assert torch.equal(a, b), f"ulysses with mixed requires_grad: {name}"
+
+
 def check_rank(rank, world):
     group = dist.new_group(list(range(world)))  # a sub-group, as Megatron's CP group would be
     check_configs(rank, world, group)
     check_module(rank, world, group)
     check_communication(rank, world, group)
     check_errors(rank, world, group)
+    check_mixed_requires_grad(rank, world, group)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
