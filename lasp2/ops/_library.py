@@ -171,7 +171,9 @@ def _args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, 
         config = _C.LinearAttentionArgs(q, k, v, scale=scale, comm=None if comm == 0 else _communicator(comm),
                                         parts_per_rank=parts, chunk_size=chunk_size, head_doc=list(head_doc),
                                         num_seqs=num_seqs).config()
-        if len(_CONFIGS) < 64 and scale != 0:  # -0.0 == 0.0 as a key: a zero scale is never cached
+        if scale != 0:  # -0.0 == 0.0 as a key: a zero scale is never cached
+            if len(_CONFIGS) >= 64:  # e.g. per-batch head_doc values: start afresh, keep caching
+                _CONFIGS.clear()
             _CONFIGS[key] = config
     return config.with_tensors([q, k, v, g, decay, doc_start, initial_state])
 
