@@ -12,8 +12,9 @@ tracing and an autograd formula):
       -> (dq, dk, dv, dg, d_decay, d_initial_state)
 segment_states: what the CUDA kernels keep from the forward for the dq pass (the
 segments' exit-weighted states, batch x heads x segments x dk x dv floats, the segments
-chosen from the device's SM count: _C.lasp2_saved_states_floats, which the fake
-function asks too); empty on the CPU.
+chosen from the device's SM count: _C.lasp2_saved_states_floats; the fake function
+applies the same rule in Python to _C.lasp2_saved_states_plan's constants, and a GPU
+test holds the two equal); empty on the CPU.
 Packed documents come planned (doc_start, and head_doc with states: an SPContext's,
 read when it was built) or as a per-call cu_seqlens tensor (then doc_start is None and
 head_doc []): the op reads its values and plans the documents itself, as the delta-rule
