@@ -56,9 +56,10 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "over Megatron's context-parallel group (--context-parallel-size)."))
     _add(parser, group, ["--sp-provider", "--lasp2-sp-provider"], dest="sp_provider",
          choices=PROVIDERS, default=d.provider,
-         help="sequence parallelism of linear-attention layers: lasp2 (one AllGather of states), "
-              "lasp1 (P2P ring), ulysses (all-to-all over heads), none (no lasp2: Megatron's own "
-              "attention and context parallelism; softmax layers only). Default: %(default)s")
+         help="sequence parallelism of linear-attention and gated DeltaNet layers: lasp2 (one "
+              "AllGather of states), lasp1 (P2P ring), ulysses (all-to-all over heads; linear layers "
+              "need --sp-split contiguous), none (no lasp2: Megatron's own attention and context "
+              "parallelism; softmax layers only). Default: %(default)s")
     _add(parser, group, ["--sp-split", "--lasp2-sp-split"], dest="sp_split", choices=SPLITS,
          default=d.split,
          help="sequence layout over the CP group: balanced (= Megatron's get_batch_on_this_cp_rank "
@@ -68,7 +69,8 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         _add(parser, group, [MEGATRON_PATTERN_FLAG], dest="hybrid_layer_pattern", type=str,
              default=d.layer_pattern,
              help="one character per layer: L = linear attention (LASP-2), S = softmax attention "
-                  "(LASP-2H; also N or Megatron's *), G = gated DeltaNet (gated delta rule, LASP-2), "
+                  "(LASP-2H; also N or Megatron's *), G = gated DeltaNet (gated delta rule under "
+                  "--sp-provider), "
                   "e.g. LLLSLLLS or LGLS. Default: every layer linear attention")
     # else: Megatron-LM >= 0.17 defines --hybrid-layer-pattern itself; lasp2 reads the same flag
     # (options_from_args), so there is one pattern flag, in lasp2's letters plus Megatron's "*".

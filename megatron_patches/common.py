@@ -49,6 +49,16 @@ def sp_group_of(pg_collection: ProcessGroupCollection):
     return pg_collection.cp if get_pg_size(pg_collection.cp) > 1 else None
 
 
+def check_ulysses_heads(options: Lasp2Options, heads_per_tp_rank: int, cp_group, layer: str) -> None:
+    """provider 'ulysses' shards a layer's heads (those of this TP rank) over the CP group:
+    Lasp2ConfigError naming --context-parallel-size at build time unless they divide."""
+    cp = get_pg_size(cp_group)
+    if options.provider == "ulysses" and heads_per_tp_rank % cp:
+        raise Lasp2ConfigError(
+            f"provider 'ulysses' shards heads over the CP group: heads per TP rank ({heads_per_tp_rank}) of "
+            f"{layer} must be divisible by --context-parallel-size {cp}")
+
+
 def global_head_slice(num_heads: int, tp_group) -> slice:
     """The global heads this TP rank holds: [tp_rank * H/tp, (tp_rank + 1) * H/tp)."""
     tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)

@@ -18,8 +18,11 @@ Tensor parallelism splits heads: the in-projection's output is laid out head by 
 convolution's channels and A_log / dt_bias (TP-sharded along dim 0, global shapes in
 distributed checkpoints) hold whole heads of this TP rank; the output norm's scale is
 shared by all heads, so its gradient is summed over the TP group. The same seed gives
-every TP layout the same (sliced) weights. The gated delta rule runs on the CPU only in
-this lasp2 build (its CUDA kernels are being written).
+every TP layout the same (sliced) weights.
+
+The provider is --sp-provider: "lasp2", "lasp1" or "ulysses" (lasp2.gated_delta_rule's
+all-to-all over heads; it takes either split, and this TP rank's heads must divide by
+the CP size).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import GatedRMSNorm, beta_from_logits, delta_log_gate, init_gate_parameters  # noqa: E402
 from lasp2.nn.short_conv import ShortConvolution  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
+    check_ulysses_heads,
     cu_seqlens_of,
     global_head_slice,
     process_groups,
@@ -92,6 +96,7 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         tp_group = self.pg_collection.tp
         self.head_dim = config.kv_channels
         self.num_heads = divide(config.num_attention_heads, get_pg_size(tp_group))  # this TP rank's
+        check_ulysses_heads(options, self.num_heads, self.pg_collection.cp, f"gated DeltaNet layer {layer_number}")
         H, D = self.num_heads, self.head_dim
         heads = global_head_slice(config.num_attention_heads, tp_group)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()

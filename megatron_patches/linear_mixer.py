@@ -48,6 +48,7 @@ from lasp2.options import FEATURE_MAPS  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
     Lasp2CoreAttentionBase,
     check_rope_layout,
+    check_ulysses_heads,
     cu_seqlens_of,
     global_head_slice,
     process_groups,
@@ -77,12 +78,7 @@ class Lasp2LinearCoreAttention(Lasp2CoreAttentionBase):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection, options)
         o = self.options
-        if o.provider == "ulysses":
-            cp = get_pg_size(self.cp_group)
-            if self.heads_per_partition % cp:
-                raise Lasp2ConfigError(
-                    f"provider 'ulysses' shards heads over the CP group: heads per TP rank "
-                    f"({self.heads_per_partition}) must be divisible by --context-parallel-size {cp}")
+        check_ulysses_heads(o, self.heads_per_partition, self.cp_group, f"linear layer {layer_number}")
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.log_decay = None
         if o.decay == "fixed":

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import lasp2.options as lasp2_options
+from lasp2.ops.gated_delta_rule import FAMILY as _DELTA_FAMILY
+from lasp2.ops.providers import LINEAR_ATTENTION as _LINEAR_FAMILY
+from lasp2.ops.providers import get_provider, provider_names
 
 # The vocabulary is lasp2's (lasp2.options); Megatron adds provider "none" (its own
 # attention and context parallelism) and its spellings of softmax attention.
 PROVIDERS = (*lasp2_options.PROVIDERS, "none")
-# the providers lasp2.gated_delta_rule has (its family has no Ulysses provider yet)
-GDN_PROVIDERS = ("lasp2", "lasp1")
+# the providers lasp2.gated_delta_rule has ("lasp2", "lasp1", "ulysses"), read from lasp2's
+# registry so that this list cannot fall behind the op
+GDN_PROVIDERS = provider_names(_DELTA_FAMILY)
 SPLITS = lasp2_options.SPLITS
 DECAYS = lasp2_options.DECAYS
 FEATURE_MAPS = tuple(lasp2_options.FEATURE_MAPS)
@@ -58,10 +62,11 @@ class Lasp2Options:
         "lasp1" (P2P ring), "ulysses" (all-to-all over heads) or "none" (no lasp2:
         Megatron's stock attention and its own context parallelism; every layer
         must then be softmax attention). Softmax layers always use LASP-2H; gated
-        DeltaNet ("G") layers take "lasp2" or "lasp1".
+        DeltaNet ("G") layers take "lasp2", "lasp1" or "ulysses" too.
     split: how the sequence is laid out over the context-parallel group:
         "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
-        2P) or "contiguous". ulysses needs "contiguous".
+        2P) or "contiguous". ulysses needs "contiguous" where the pattern has linear
+        ("L") layers (lasp2.gated_delta_rule's ulysses takes either split).
     layer_pattern: one character per layer, "L" linear attention, "S" softmax
         attention ("N" and Megatron's "*" mean the same and are stored as "S"), "G"
         gated DeltaNet, e.g. "LLLS" * 6. None: every layer is linear attention.
@@ -102,10 +107,6 @@ class Lasp2Options:
         _choice("decay (--linear-attention-decay)", self.decay, DECAYS)
         _choice("feature_map (--linear-attention-feature-map)", self.feature_map, FEATURE_MAPS)
         _choice("softmax_backend (--sp-softmax-backend)", self.softmax_backend, SOFTMAX_BACKENDS)
-        if self.provider == "ulysses" and self.split != "contiguous":
-            raise Lasp2ConfigError(
-                f"provider {self.provider!r} supports split='contiguous' only, got split={self.split!r} "
-                "(use --sp-provider lasp2 or lasp1 for the balanced split, or --sp-split contiguous)")
         if not self.gate_logit_normalizer > 0:
             raise Lasp2ConfigError(
                 f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
@@ -125,6 +126,9 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 f"gated DeltaNet ('G') layers run under --sp-provider {' or '.join(GDN_PROVIDERS)}, "
                 f"got {self.provider!r} (lasp2.gated_delta_rule has no {self.provider!r} provider)")
+        for kind, family, op in ((LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention"),
+                                 (GATED_DELTANET, _DELTA_FAMILY, "lasp2.gated_delta_rule")):
+            _check_split(self.provider, self.split, kind, family, op, pattern)
         return self
 
     def pattern_for(self, num_layers: int) -> str:
@@ -138,6 +142,20 @@ class Lasp2Options:
         if not 1 <= layer_number <= num_layers:
             raise Lasp2ConfigError(f"layer_number {layer_number} is outside [1, {num_layers}]")
         return self.pattern_for(num_layers)[layer_number - 1]
+
+
+def _check_split(provider: str, split: str, kind: str, family: str, op: str, pattern: str) -> None:
+    """Lasp2ConfigError naming --sp-split when the pattern has `kind` layers and their op's
+    provider does not take the split (lasp2's providers say which splits they take)."""
+    if kind not in pattern or provider not in provider_names(family):
+        return
+    splits = get_provider(op, family, provider).splits
+    if split not in splits:
+        only = " or ".join(repr(s) for s in splits)
+        raise Lasp2ConfigError(
+            f"split (--sp-split) {split!r}: provider {provider!r} supports split={only} only for "
+            f"{lasp2_options.LAYER_LETTERS[kind]} ({kind!r}) layers ({op}); use --sp-provider lasp2 or "
+            f"lasp1 for the balanced split, or --sp-split contiguous")
 
 
 def _choice(name: str, value, choices):

@@ -62,6 +62,18 @@ at::Tensor compute_tensor(const at::Tensor& t) {
   return t.is_cuda() || !half ? t : t.to(at::kFloat);
 }
 
+AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
+                             at::ScalarType dtype) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.heads = heads;
+  p.dim_k = dim_k;
+  p.dim_v = dim_v;
+  p.dtype = from_aten(dtype, "q");
+  return p;
+}
+
 Prepared prepare(const LinearAttentionArgs& a) {
   for (const auto& [t, name] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}}) {
     LASP2_CHECK(t->defined(), std::string("`") + name + "` is missing");
@@ -94,12 +106,7 @@ Prepared prepare(const LinearAttentionArgs& a) {
       (!r.q.is_cuda() && r.q.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 
   AttentionParams& p = r.params;
-  p.batch = B;
-  p.seqlen = T;
-  p.heads = H;
-  p.dim_k = Dk;
-  p.dim_v = Dv;
-  p.dtype = from_aten(r.q.scalar_type(), "q");
+  p = shape_params(B, T, H, Dk, Dv, r.q.scalar_type());
   p.q = const_view(r.q, "q");
   p.k = const_view(r.k, "k");
   p.v = const_view(r.v, "v");

@@ -53,6 +53,11 @@ struct Prepared {
   PartLayout layout;
 };
 
+// The sizes and dtype of the params (no tensors): what prepare() starts from, and all
+// that the saved-state sizes depend on (lasp2_saved_states_floats / _plan).
+AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
+                             at::ScalarType dtype);
+
 // Checks every argument (raising lasp2::Error that names it) before anything reaches
 // the core, then builds the params.
 Prepared prepare(const LinearAttentionArgs& a);

@@ -77,22 +77,6 @@ int64_t saved_states_floats(const AttentionParams& p, const PartLayout& layout, 
 
 }  // namespace
 
-#ifdef LASP2_WITH_CUDA
-namespace {
-AttentionParams shape_params(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k, int64_t dim_v,
-                             at::ScalarType dtype) {
-  AttentionParams p;
-  p.batch = batch;
-  p.seqlen = seqlen;
-  p.heads = heads;
-  p.dim_k = dim_k;
-  p.dim_v = dim_v;
-  p.dtype = from_aten(dtype, "q");
-  return p;
-}
-}  // namespace
-#endif
-
 int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
                                   int64_t dim_v, at::ScalarType dtype, const at::Device& device,
                                   int64_t parts_per_rank) {

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -27,6 +28,28 @@ inline bool has_cuda_device() {
 
 #define LASP2_SKIP_WITHOUT_CUDA() \
   if (!::lasp2::testing::has_cuda_device()) GTEST_SKIP() << "no CUDA device"
+
+// Sets (or, with an empty value, unsets) an environment variable the backend reads
+// (LASP2_CUDA_SEG_CHUNKS, LASP2_CUDA_FORCE_GENERIC) for one scope.
+class EnvGuard {
+ public:
+  EnvGuard(const char* name, const std::string& value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value.empty()) unsetenv(name);
+    else setenv(name, value.c_str(), 1);
+  }
+  ~EnvGuard() {
+    if (had_) setenv(name_, old_.c_str(), 1);
+    else unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
 
 inline void cuda_ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));

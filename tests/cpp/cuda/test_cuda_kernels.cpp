@@ -36,26 +36,6 @@ double tol_dg(ScalarType t, int64_t n) {
   return 4 * tol_of(t) * std::sqrt(std::max<double>(1.0, n / 64.0));
 }
 
-class EnvGuard {
- public:
-  EnvGuard(const char* name, const std::string& value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    if (value.empty()) unsetenv(name);
-    else setenv(name, value.c_str(), 1);
-  }
-  ~EnvGuard() {
-    if (had_) setenv(name_, old_.c_str(), 1);
-    else unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
-};
-
 struct OpCase {
   std::string name;
   ScalarType dtype = ScalarType::kBFloat16;

@@ -369,78 +369,248 @@ TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
   EXPECT_EQ(allocator.live.load(), 0);
 }
 
-// The dq pass reads the segment states the forward kept (Lasp2Saved::segment_states)
-// instead of computing them again: every gradient equals the recomputing run bit for
-// bit, on one device (the whole local sequence one part) and on P ranks (each part's
-// own slot; the prefix entering a part enters only the backward's scan, after the
-// overlapped forward ran from zero), also for a second backward from one forward;
-// and altered states change dq.
-Grads run_with_states(const Problem<double>& pr, ScalarType t, const PartLayout& layout, Communicator* comm,
-                      bool overlap, bool keep, cudaStream_t stream, int backwards = 1, float alter = 0.f) {
-  DeviceRank r(pr, t, layout);
-  r.keep_states = keep;
-  const Lasp2Saved saved{r.records.p, r.prefixes.p, r.decays.p, nullptr, keep ? r.states.p : nullptr};
-  Lasp2Options options;
-  options.overlap_forward = overlap;
-  lasp2_forward(cuda_backend(), comm, layout, r.p, r.o.mview(), saved, r.fws.p, options, stream);
-  if (alter != 0.f) {
-    std::vector<float> s = r.states.download();
-    for (float& x : s) x = alter * x + 1.f;
-    r.states.upload(s);
+// ---- segment states kept from forward (Lasp2Saved::segment_states) ------------------------
+// The dq pass reads the segment states the forward kept instead of computing them again:
+// every gradient equals the recomputing run bit for bit, on one device (the whole local
+// sequence one part) and on P ranks (each local part its own slot, one after another;
+// the prefix entering a part enters only the backward's scan, after the overlapped
+// forward ran from zero), also for a second backward from one forward; altered states
+// change dq, and altering one part's slot changes only that part's dq. The buffer
+// starts poisoned (every byte 0xFF, a NaN): a value the backward read that the forward
+// did not write would turn dq into NaN, and what no part uses (the buffer is sized for
+// the whole local sequence too) stays poisoned.
+class CudaLasp2SavedStates : public ::testing::Test {
+ protected:
+  void SetUp() override { LASP2_SKIP_WITHOUT_CUDA(); }
+
+  struct How {
+    bool keep = true;      // false: the kernels recompute the states (no buffer)
+    bool overlap = true;   // Lasp2Options::overlap_forward
+    int backwards = 1;     // backward runs from the one forward
+    float alter = 0.f;     // nonzero: kept x -> alter * x + 1 in [alter_begin, alter_end) before backward
+    int64_t alter_begin = 0, alter_end = -1;  // -1: to the end of the buffer
+  };
+
+  struct Run {
+    Grads grads;
+    std::vector<float> states;         // the buffer after the forward (before any alteration)
+    std::vector<TokenRange> parts;     // the local parts of the layout
+    std::vector<int64_t> part_floats;  // the backend's kept floats of each part (its slot size)
+    int64_t whole_floats = 0;          // ... of the whole local sequence as one part
+  };
+
+  static Run run(const Problem<double>& pr, ScalarType t, const PartLayout& layout, Communicator* comm,
+                 cudaStream_t stream, const How& how) {
+    DeviceRank r(pr, t, layout);
+    r.keep_states = how.keep;
+    Run out;
+    for (int i = 0; i < layout.parts_per_rank; ++i) {
+      out.parts.push_back(layout.local_range(i, r.p.seqlen));
+      out.part_floats.push_back(cuda_backend().saved_states_floats(r.p, out.parts.back()));
+    }
+    out.whole_floats = cuda_backend().saved_states_floats(r.p, {0, r.p.seqlen});
+    r.states.poison();
+    cuda_ok(cudaDeviceSynchronize(), "poison");
+    const Lasp2Saved saved{r.records.p, r.prefixes.p, r.decays.p, nullptr, how.keep ? r.states.p : nullptr};
+    Lasp2Options options;
+    options.overlap_forward = how.overlap;
+    lasp2_forward(cuda_backend(), comm, layout, r.p, r.o.mview(), saved, r.fws.p, options, stream);
+    cuda_ok(cudaStreamSynchronize(stream), "lasp2_forward");
+    out.states = r.states.download();
+    if (how.alter != 0.f) {
+      std::vector<float> s = out.states;
+      const int64_t end = how.alter_end < 0 ? static_cast<int64_t>(s.size()) : how.alter_end;
+      for (int64_t i = how.alter_begin; i < end; ++i) s[i] = how.alter * s[i] + 1.f;
+      r.states.upload(s);
+    }
+    for (int i = 0; i < how.backwards; ++i) {
+      lasp2_backward(cuda_backend(), comm, layout, r.p, r.dout.cview(), saved, r.dq.mview(), r.dk.mview(),
+                     r.dv.mview(), r.dg.p, r.bws.p, stream);
+    }
+    cuda_ok(cudaStreamSynchronize(stream), "lasp2_backward");
+    out.grads = r.grads();
+    return out;
   }
-  for (int i = 0; i < backwards; ++i) {
-    lasp2_backward(cuda_backend(), comm, layout, r.p, r.dout.cview(), saved, r.dq.mview(), r.dk.mview(),
-                   r.dv.mview(), r.dg.p, r.bws.p, stream);
+
+  // On every rank of `world` threads (one GPU): `check(rank, layout, local problem, stream)`
+  // under a lock after nothing but the rank's own runs.
+  template <typename Check>
+  static void on_ranks(int world, bool balanced, const Problem<double>& global, Check check) {
+    std::mutex mu;
+    run_device_ranks(world, [&](int rank, DeviceThreadCommunicator& comm) {
+      const PartLayout layout = balanced ? PartLayout::balanced(world, rank) : PartLayout::contiguous(world, rank);
+      const auto local = local_problem(global, layout);
+      cudaStream_t stream;
+      cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+      check(rank, layout, local, &comm, stream, mu);
+      cudaStreamDestroy(stream);
+    });
   }
-  cuda_ok(cudaStreamSynchronize(stream), "lasp2 on the device");
-  return r.grads();
+
+  // The slots the backward reads are written in full, the rest of the buffer is not touched.
+  static void expect_slots_written(const Run& kept) {
+    int64_t offset = 0;
+    const bool whole = kept.parts.size() == 1;
+    for (size_t i = 0; i < kept.parts.size(); ++i) {
+      const int64_t n = whole ? kept.whole_floats : kept.part_floats[i];
+      for (int64_t j = offset; j < offset + n; ++j) {
+        ASSERT_TRUE(std::isfinite(kept.states[j])) << "part " << i << " slot value " << j - offset << " of " << n;
+      }
+      offset += n;
+    }
+    ASSERT_LE(offset, static_cast<int64_t>(kept.states.size()));
+    const auto* tail = reinterpret_cast<const unsigned char*>(kept.states.data() + offset);
+    EXPECT_TRUE(is_poison(tail, (kept.states.size() - offset) * sizeof(float)))
+        << "the forward wrote past the parts' slots";
+  }
+};
+
+// Rows [range) of a [B, T, H * D] array.
+std::vector<double> token_rows(const std::vector<double>& x, int64_t B, int64_t T, TokenRange range) {
+  const int64_t row = static_cast<int64_t>(x.size()) / (B * T);
+  std::vector<double> out;
+  for (int64_t b = 0; b < B; ++b) out.insert(out.end(), x.begin() + (b * T + range.begin) * row,
+                                             x.begin() + (b * T + range.end) * row);
+  return out;
 }
 
-TEST(CudaLasp2SavedStates, SingleDeviceEqualsRecompute) {
-  LASP2_SKIP_WITHOUT_CUDA();
+TEST_F(CudaLasp2SavedStates, SingleDeviceEqualsRecompute) {
   for (const ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat32}) {
     for (const DecayMode m : {DecayMode::kGate, DecayMode::kFixed, DecayMode::kNone}) {
       ProblemSpec s = graph_spec();
       s.mode = m;
       const auto pr = rounded(s, t, 8);
       const PartLayout layout = PartLayout::contiguous(1, 0);
-      const DeviceRank probe(pr, t, layout);  // the host problem is float64: ask with the device's params
-      ASSERT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), probe.p, layout), 0);
-      const Grads re = run_with_states(pr, t, layout, nullptr, true, false, nullptr);
-      const Grads kept = run_with_states(pr, t, layout, nullptr, true, true, nullptr, 2);
       SCOPED_TRACE(std::string(dtype_name(t)) + " mode " + std::to_string(static_cast<int>(m)));
-      expect_bitwise(kept, re);
-      const Grads bad = run_with_states(pr, t, layout, nullptr, true, true, nullptr, 1, 0.5f);
-      EXPECT_NE(bad.dq, re.dq) << "altered states left dq unchanged";
-      EXPECT_EQ(bad.dv, re.dv) << "dv does not read the forward's states";
+      const Run re = run(pr, t, layout, nullptr, nullptr, How{false});
+      const Run kept = run(pr, t, layout, nullptr, nullptr, How{true, true, 2});
+      ASSERT_GT(kept.whole_floats, 0);
+      expect_slots_written(kept);
+      expect_bitwise(kept.grads, re.grads);
+      const Run bad = run(pr, t, layout, nullptr, nullptr, How{true, true, 1, 0.5f});
+      EXPECT_NE(bad.grads.dq, re.grads.dq) << "altered states left dq unchanged";
+      EXPECT_EQ(bad.grads.dv, re.grads.dv) << "dv does not read the forward's states";
     }
   }
 }
 
-TEST(CudaLasp2SavedStates, RanksEqualRecompute) {
-  LASP2_SKIP_WITHOUT_CUDA();
+TEST_F(CudaLasp2SavedStates, RanksEqualRecompute) {
   for (const SpCase& c : {SpCase{2, true, true, ScalarType::kBFloat16}, SpCase{2, false, false, ScalarType::kBFloat16},
                           SpCase{3, false, true, ScalarType::kFloat32}}) {
     ProblemSpec s = graph_spec();
     s.seqlen = c.world * 1024;
     s.doc_starts = {700, s.seqlen / 2};
-    const auto global = rounded(s, c.dtype, 9);
-    std::mutex mu;
-    run_device_ranks(c.world, [&](int rank, DeviceThreadCommunicator& comm) {
-      const PartLayout layout =
-          c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
-      const auto local = local_problem(global, layout);
-      cudaStream_t stream;
-      cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
-      const Grads re = run_with_states(local, c.dtype, layout, &comm, c.overlap, false, stream);
-      const Grads kept = run_with_states(local, c.dtype, layout, &comm, c.overlap, true, stream);
-      cudaStreamDestroy(stream);
-      std::lock_guard<std::mutex> lock(mu);
-      SCOPED_TRACE(sp_name(c) + " rank " + std::to_string(rank));
-      const DeviceRank probe(local, c.dtype, layout);  // float64 host problem: ask with the device's params
-      EXPECT_GT(Lasp2Saved::segment_states_floats(cuda_backend(), probe.p, layout), 0);
-      expect_bitwise(kept, re);
-    });
+    on_ranks(c.world, c.balanced, rounded(s, c.dtype, 9),
+             [&](int rank, const PartLayout& layout, const Problem<double>& local, Communicator* comm,
+                 cudaStream_t stream, std::mutex& mu) {
+               const Run re = run(local, c.dtype, layout, comm, stream, How{false, c.overlap});
+               const Run kept = run(local, c.dtype, layout, comm, stream, How{true, c.overlap, 2});
+               std::lock_guard<std::mutex> lock(mu);
+               SCOPED_TRACE(sp_name(c) + " rank " + std::to_string(rank));
+               for (int64_t n : kept.part_floats) EXPECT_GT(n, 0);
+               expect_slots_written(kept);
+               expect_bitwise(kept.grads, re.grads);
+             });
+  }
+}
+
+// The balanced split (two parts a rank) with parts that end mid-chunk and mid-segment,
+// 2 and 3 ranks, B x H leaving several segments (short 4-chunk ones with few heads,
+// longer uneven ones with B x H near the SM count, forced 3-chunk ones), the tensor-core
+// and the generic routes; and parts of one segment each, whose states are not kept while
+// the buffer (sized for the whole local sequence too) is not empty.
+struct SavedCase {
+  const char* name;
+  int world;
+  int64_t part_len;  // tokens of each part (a rank holds two)
+  int64_t batch, heads, d;
+  ScalarType dtype;
+  DecayMode mode;
+  bool overlap;
+  int seg_chunks = 0;   // LASP2_CUDA_SEG_CHUNKS (0: the backend's own segments)
+  bool kept = true;     // false: one segment a part, nothing kept
+};
+
+TEST_F(CudaLasp2SavedStates, BalancedUnevenPartsEqualRecompute) {
+  const SavedCase cases[] = {
+      // 700 tokens = 11 chunks (the last of 60 tokens): 4-chunk segments 4 + 4 + 3
+      {"P2_part700_bh3_D64_bf16_gate", 2, 700, 1, 3, 64, ScalarType::kBFloat16, DecayMode::kGate, true},
+      {"P3_part700_bh3_D128_fp16_fixed", 3, 700, 1, 3, 128, ScalarType::kFloat16, DecayMode::kFixed, false},
+      {"P3_part700_bh4_D40_fp32_gate_generic", 3, 700, 2, 2, 40, ScalarType::kFloat32, DecayMode::kGate, true},
+      // 1000 tokens = 16 chunks, B x H = 40 (near the SM count): segments longer than 4
+      // chunks that do not divide the part (6 + 6 + 4 on 132 SMs)
+      {"P2_part1000_bh40_D128_bf16_gate", 2, 1000, 4, 10, 128, ScalarType::kBFloat16, DecayMode::kGate, false},
+      {"P3_part1000_bh6_D64_bf16_gate_seg3", 3, 1000, 2, 3, 64, ScalarType::kBFloat16, DecayMode::kGate, true, 3},
+      // 200 tokens = 4 chunks: one segment a part (nothing kept), 7 chunks for the whole
+      {"P2_part200_bh2_D64_bf16_gate_none_kept", 2, 200, 1, 2, 64, ScalarType::kBFloat16, DecayMode::kGate, true,
+       0, false},
+  };
+  for (const SavedCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    const EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+    ProblemSpec s;
+    s.batch = c.batch;
+    s.heads = c.heads;
+    s.dim_k = s.dim_v = c.d;
+    s.mode = c.mode;
+    s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d)));
+    s.seqlen = 2 * c.world * c.part_len;
+    s.doc_starts = {c.part_len / 2, 3 * c.part_len + 1};  // inside a part (no sequence states: kept)
+    auto global = rounded(s, c.dtype, 31);
+    forget_some(global);
+    on_ranks(c.world, true, global,
+             [&](int rank, const PartLayout& layout, const Problem<double>& local, Communicator* comm,
+                 cudaStream_t stream, std::mutex& mu) {
+               const Run re = run(local, c.dtype, layout, comm, stream, How{false, c.overlap});
+               const Run kept = run(local, c.dtype, layout, comm, stream, How{true, c.overlap, 2});
+               std::lock_guard<std::mutex> lock(mu);
+               SCOPED_TRACE("rank " + std::to_string(rank));
+               ASSERT_EQ(kept.parts.size(), 2u);
+               EXPECT_EQ(kept.part_floats[0], kept.part_floats[1]);
+               const int64_t per_segment = c.batch * c.heads * c.d * c.d;
+               if (c.kept) {
+                 EXPECT_GE(kept.part_floats[0], 2 * per_segment) << "several segments a part";
+               } else {
+                 EXPECT_EQ(kept.part_floats[0], 0);
+                 EXPECT_GT(kept.whole_floats, 0) << "the buffer has room for the whole sequence";
+               }
+               EXPECT_EQ(static_cast<int64_t>(kept.states.size()),
+                         std::max<int64_t>(1, std::max(kept.whole_floats, 2 * kept.part_floats[0])));
+               expect_slots_written(kept);
+               expect_bitwise(kept.grads, re.grads);
+             });
+  }
+}
+
+// Each balanced part reads its own slot: altering one part's slot changes dq of that
+// part's tokens only.
+TEST_F(CudaLasp2SavedStates, BalancedPartsReadTheirOwnSlots) {
+  for (const int world : {2, 3}) {
+    ProblemSpec s = graph_spec();
+    s.seqlen = 2 * world * 700;
+    s.doc_starts = {};
+    const auto global = rounded(s, ScalarType::kBFloat16, 12);
+    on_ranks(world, true, global,
+             [&](int rank, const PartLayout& layout, const Problem<double>& local, Communicator* comm,
+                 cudaStream_t stream, std::mutex& mu) {
+               const ScalarType t = ScalarType::kBFloat16;
+               const Run re = run(local, t, layout, comm, stream, How{false});
+               const int64_t slot = re.part_floats[0];
+               const Run bad0 = run(local, t, layout, comm, stream, How{true, true, 1, 0.5f, 0, slot});
+               const Run bad1 = run(local, t, layout, comm, stream, How{true, true, 1, 0.5f, slot, 2 * slot});
+               std::lock_guard<std::mutex> lock(mu);
+               SCOPED_TRACE("P" + std::to_string(world) + " rank " + std::to_string(rank));
+               ASSERT_GT(slot, 0);
+               ASSERT_EQ(re.part_floats[1], slot);
+               const int64_t B = s.batch, T = local.spec.seqlen;
+               const TokenRange p0 = re.parts[0], p1 = re.parts[1];
+               EXPECT_NE(token_rows(bad0.grads.dq, B, T, p0), token_rows(re.grads.dq, B, T, p0));
+               EXPECT_EQ(token_rows(bad0.grads.dq, B, T, p1), token_rows(re.grads.dq, B, T, p1));
+               EXPECT_EQ(token_rows(bad1.grads.dq, B, T, p0), token_rows(re.grads.dq, B, T, p0));
+               EXPECT_NE(token_rows(bad1.grads.dq, B, T, p1), token_rows(re.grads.dq, B, T, p1));
+               EXPECT_EQ(bad0.grads.dv, re.grads.dv);
+               EXPECT_EQ(bad1.grads.dv, re.grads.dv);
+             });
   }
 }
 

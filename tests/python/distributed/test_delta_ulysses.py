@@ -16,11 +16,11 @@ providers.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import lasp2
 from lasp2.distributed.collectives import TORCH_COLLECTIVES, Collectives
 from lasp2_testing.checks import assert_rel, expect_value_error
+from lasp2_testing.delta_inputs import delta_rule_inputs
 from lasp2_testing.dist import run_distributed
 
 H = 4
@@ -35,21 +35,7 @@ CONFIGS = [
 
 
 def global_inputs(world, kind, packed, seed):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    B = 1 if packed else 2
-    T, K, V = 8 * world, 4, 3  # 8 tokens a rank: 4-token parts when balanced
-    q, k, v, do = rnd(B, T, H, K), rnd(B, T, H, K) / 2, rnd(B, T, H, V), rnd(B, T, H, V)
-    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2) / 2
-    beta = torch.sigmoid(rnd(B, T, H))
-    cu = None
-    if packed:  # uneven documents: one ends at a rank edge, a 1-token one, others span ranks
-        cuts = sorted({3, 8, 9, T // 2 + 1, T - 1})
-        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
-    N = B if cu is None else cu.numel() - 1
-    h0 = rnd(N, H, K, V) * 0.5
-    dF = rnd(N, H, K, V)
-    return q, k, v, do, g, beta, cu, h0, dF
+    return delta_rule_inputs(world, kind, packed, seed, heads=H, tokens_per_rank=8)  # 4-token parts when balanced
 
 
 def _op(kind):

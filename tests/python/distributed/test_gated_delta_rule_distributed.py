@@ -14,11 +14,11 @@ them; initial-state gradients are per-rank shares that sum to one process's.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import lasp2
 from lasp2_testing.checks import assert_rel
 from lasp2_testing.compiled import assert_compiled_matches_eager
+from lasp2_testing.delta_inputs import delta_rule_inputs
 from lasp2_testing.dist import run_distributed
 
 # (kind, split, packed)
@@ -32,21 +32,7 @@ CONFIGS = [
 
 
 def global_inputs(world, kind, packed, seed):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    B = 1 if packed else 2
-    T, H, K, V = 12 * world, 2, 4, 3  # 12 tokens a rank: 6-token parts when balanced
-    q, k, v, do = rnd(B, T, H, K), rnd(B, T, H, K) / 2, rnd(B, T, H, V), rnd(B, T, H, V)
-    g = F.logsigmoid(rnd(B, T, H, K) if kind == "kda" else rnd(B, T, H) + 2) / 2
-    beta = torch.sigmoid(rnd(B, T, H))
-    cu = None
-    if packed:  # uneven documents: one ends at a rank edge, a 1-token one, one spans ranks
-        cuts = sorted({5, 12, 13, T // 2 + 1, T - 1})
-        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
-    N = B if cu is None else cu.numel() - 1
-    h0 = rnd(N, H, K, V) * 0.5
-    dF = rnd(N, H, K, V)
-    return q, k, v, do, g, beta, cu, h0, dF
+    return delta_rule_inputs(world, kind, packed, seed, heads=2, tokens_per_rank=12)  # 6-token parts when balanced
 
 
 # LASP-1 (the ring of the same summaries in global part order) with the same states

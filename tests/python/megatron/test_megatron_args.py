@@ -86,12 +86,28 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(provider="none", layer_pattern="LN"), "no linear attention"),
     (dict(layer_pattern="LMLS"), "got 'LMLS'"),  # Megatron's Mamba letter: no lasp2 layer
     (dict(provider="none", layer_pattern="GS"), "no linear attention or gated DeltaNet"),
-    (dict(provider="ulysses", split="contiguous", layer_pattern="LG"), "'G'.*lasp2 or lasp1, got 'ulysses'"),
+    # ulysses of linear attention takes the contiguous split only; the G layers' would take both
+    (dict(provider="ulysses", layer_pattern="GLS"),
+     r"split \(--sp-split\) 'balanced': provider 'ulysses' supports split='contiguous' only for linear "
+     r"attention \(LASP-2\) \('L'\) layers"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
         Lasp2Options(**kwargs)
+
+
+def test_gated_deltanet_layers_take_every_provider_of_lasp2_gated_delta_rule():
+    from lasp2.ops.gated_delta_rule import FAMILY
+    from lasp2.ops.providers import provider_names
+    from megatron_patches.options import GDN_PROVIDERS
+
+    assert GDN_PROVIDERS == provider_names(FAMILY) == ("lasp2", "lasp1", "ulysses")
+    # without linear layers ulysses takes Megatron's balanced split (lasp2.gated_delta_rule's does)
+    assert Lasp2Options(provider="ulysses", layer_pattern="GSG").split == "balanced"
+    assert Lasp2Options(provider="ulysses", split="contiguous", layer_pattern="LGSG").validate(4)
+    args = parse("--sp-provider", "ulysses", "--hybrid-layer-pattern", "G*G")
+    assert options_from_args(args) == Lasp2Options(provider="ulysses", layer_pattern="GSG")
 
 
 def test_lasp1_takes_the_balanced_split():

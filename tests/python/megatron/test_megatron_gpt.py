@@ -65,6 +65,14 @@ CASES = [
     Case("packed contiguous gdn learned-pos", O(layer_pattern="GSGL", split="contiguous"), packed=True,
          pos_emb="learned_absolute"),
     Case("balanced lasp1 gdn hybrid gate", O(provider="lasp1", layer_pattern="GLSG", decay="gate")),
+    # gated DeltaNet layers under Ulysses (lasp2.gated_delta_rule's all-to-all over heads): with
+    # linear layers (whose Ulysses needs the contiguous split), and alone under Megatron's balanced
+    # split, packed documents included
+    Case("contiguous ulysses gdn hybrid gate", O(provider="ulysses", split="contiguous", layer_pattern="LGSG",
+                                                 decay="gate"), rope_split="contiguous"),
+    Case("balanced ulysses gdn", O(provider="ulysses", layer_pattern="GSGS")),
+    Case("packed balanced ulysses gdn", O(provider="ulysses", layer_pattern="SGGS"), packed=True,
+         rope_split="balanced"),
 ]
 CKPT_CASE = Case("ckpt", O(layer_pattern="LGNL", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
@@ -228,6 +236,8 @@ def _misc(rank):
                                                     labels=local["labels"], packed_seq_params=packed))
     out["ulysses_heads"] = error_of(lambda: build_gpt(
         Case("u", O(provider="ulysses", split="contiguous"), num_layers=1, groups=1), num_attention_heads=1))
+    out["ulysses_heads_gdn"] = error_of(lambda: build_gpt(
+        Case("ug", O(provider="ulysses", layer_pattern="G"), num_layers=1, groups=1), num_attention_heads=1))
 
     def pattern_mismatch():  # the Megatron-LM path: one spec for every layer, pattern checked at build
         from megatron.core.models.gpt import GPTModel
@@ -496,7 +506,10 @@ def test_checkpoints_of_the_modules_before_the_mixer_split_load(cp2_results):
 def test_errors_that_need_a_cp_group(cp2_results):
     r = cp2_results["misc"]
     assert "get_packed_batch_on_this_sp_rank" in r["packed_unmarked"]
-    assert "must be divisible by --context-parallel-size 2" in r["ulysses_heads"]
+    assert "heads per TP rank (1) of linear layer 1 must be divisible by --context-parallel-size 2" in \
+        r["ulysses_heads"]
+    assert "heads per TP rank (1) of gated DeltaNet layer 1 must be divisible by --context-parallel-size 2" in \
+        r["ulysses_heads_gdn"]
     assert "has 3 characters but the model has num_layers=4" in r["pattern_mismatch"]
     assert "the contiguous split needs megatron_patches.rope.use_lasp2_rope('contiguous')" in \
         r["rope_contiguous_unpatched"]
