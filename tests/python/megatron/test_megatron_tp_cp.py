@@ -38,11 +38,15 @@ CASES = [
     Case("contiguous ulysses", O(provider="ulysses", split="contiguous", layer_pattern="LLNL"),
          rope_split="contiguous"),
     Case("packed balanced gate", O(layer_pattern="LNLN", decay="gate"), packed=True, rope_split="balanced"),
+    # gated DeltaNet under Ulysses: TP splits the heads, the all-to-all the TP rank's heads
+    # again (one head a rank at TP 2 x CP 2 and at CP 4)
+    Case("contiguous ulysses gdn", O(provider="ulysses", split="contiguous", layer_pattern="LGSG", decay="gate"),
+         rope_split="contiguous"),
     # gated DeltaNet: heads split over TP, the convolution halo over CP (at CP 4 parts of 4 tokens)
     Case("balanced gdn", O(layer_pattern="GLSG", decay="gate")),
 ]
 LAYOUTS = [(2, 2), (1, 4)]  # (TP, CP) against (1, 1)
-CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn"}
+CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn", "contiguous ulysses gdn"}
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 
 
