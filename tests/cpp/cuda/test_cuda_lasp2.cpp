@@ -432,8 +432,9 @@ class CudaLasp2SavedStates : public ::testing::Test {
     return out;
   }
 
-  // On every rank of `world` threads (one GPU): `check(rank, layout, local problem, stream)`
-  // under a lock after nothing but the rank's own runs.
+  // On every rank of `world` threads sharing one GPU: check(rank, layout, the rank's
+  // problem, comm, stream, mu), which makes the rank's runs (every rank the same ones:
+  // they meet in the collectives) and then compares under the lock `mu`.
   template <typename Check>
   static void on_ranks(int world, bool balanced, const Problem<double>& global, Check check) {
     std::mutex mu;
