@@ -4,10 +4,10 @@ Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::delta_rule_forward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
                             comm, parts, ring, num_seqs, output_final_state, consistency)
-      -> (o, final_state, saved0, saved1, saved2, saved3)
+      -> (o, final_state, saved0, saved1, saved2, saved3, kept)
   lasp2::delta_rule_backward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
                              comm, parts, ring, num_seqs, do, d_final_state?,
-                             saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
+                             saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial)
       -> (dq, dk, dv, dg, dbeta, d_initial_state)
 q, k, v, g, beta are [B, T, H, *] views (g [B, T, H] for GDN, [B, T, H, Dk] for KDA);
 cu_seqlens the global document boundaries (a tensor: the op reads its values, so a
@@ -15,7 +15,11 @@ compiled graph takes packed documents without a graph break), num_seqs N (B, or 
 number of documents: cu_seqlens.numel() - 1).
 ring=False runs LASP-2 (saved: local records, prefix states, map table, head maps),
 ring=True LASP-1 (saved: entering states, local records, head maps, and an unused
-one-float buffer so both schedules return the same number of tensors). final_state is
+one-float buffer so both schedules return the same number of tensors). kept: what the
+CUDA chunked kernels' forward keeps for the backward (prep's w, meta, T and the state
+pass's v_new and per-chunk states, fp32 values; empty on the CPU, for other dtypes or
+head dims, for packed documents with their own states, and with LASP2_DELTA_KEEP_FORWARD=0;
+its size: _forward_kept_floats, docs/delta_rule.md). final_state is
 [N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
 for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
 losses", docs/delta_rule.md). An empty gradient stands for "not asked for". In plain
@@ -129,7 +133,7 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
     else:
         doc_start, doc_id, head_doc = None, None, []
     with C.named_errors(op_name(g)):
-        o, final, saved = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
+        o, final, saved, kept = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
                                            initial_state, scale, chunk_size, communicator, parts,
                                            output_final_state, ring)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
@@ -144,20 +148,45 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
         _raise_value_error(g, pending.wait())
     if ring:
         saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
-    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved, kept)
 
 
 @torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
 def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
                        initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
                        ring: bool, num_seqs: int, output_final_state: bool,
-                       consistency: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       consistency: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
                          output_final_state, consistency)
 
 
 def _world(handle: int) -> int:
     return 1 if handle == 0 else int(_comm_and_group(handle)[0].size)
+
+
+def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_state, output_final_state: bool,
+                         comm: int, parts: int):
+    """The size of the forward's kept buffer (csrc/torch/delta_rule_op.cpp's
+    forward_kept_floats: DeltaFamily::forward_kept_floats over the rank's parts, each
+    ForwardKept::floats in delta_cuda_backend.cpp), from sizes that may be symbolic: per
+    part of n tokens, c = ceil(n / 64) chunks and r = B H 64 c rows, 16-bit w and v_new
+    (r dk / 2 and r dv / 2 floats), meta (2 r), T (32 r) and the 16-bit state entering
+    each chunk (B H c dk dv / 2). A GPU test holds it to the kernels' own size."""
+    if _packed_states(cu_seqlens, initial_state, output_final_state):
+        return 0
+    B, T, H, dk = q.shape
+    dv = v.shape[3]
+    if not _C.delta_keeps_forward(q.dtype, int(dk), int(dv), g.dim() == 4, q.device):
+        return 0
+    n_parts = parts if comm else 1  # one device: the whole local sequence is one part
+    bh = B * H
+
+    def part(n):
+        chunks = (n + 63) // 64
+        rows = bh * chunks * 64
+        return rows * dk // 2 + 2 * rows + 32 * rows + rows * dv // 2 + bh * chunks * dk * dv // 2
+
+    return n_parts * part(T // n_parts)
 
 
 @delta_rule_forward.register_fake
@@ -178,11 +207,13 @@ def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, part
         saved = (q.new_empty(parts * record, **f32), q.new_empty(parts * state, **f32),
                  q.new_empty((total + 2) * map_, **f32), q.new_empty(max(total * map_ if packed else 0, 1), **f32))
     final = q.new_empty((num_seqs, H, dk, dv) if output_final_state else (0,), **f32)
-    return (torch.empty_like(v), final, *saved)  # the kernel's output keeps v's strides (at::empty_like)
+    kept = q.new_empty(_forward_kept_floats(q, v, g, cu_seqlens, initial_state, output_final_state, comm, parts),
+                       **f32)
+    return (torch.empty_like(v), final, *saved, kept)  # the kernel's output keeps v's strides (at::empty_like)
 
 
 def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
-                   d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+                   d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial):
     saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
     communicator, group = _comm_and_group(comm)
     doc_start, doc_id, head_doc, _ = _documents(q, g, cu_seqlens, group, parts)  # checked by the forward
@@ -190,7 +221,7 @@ def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_siz
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial_state, scale, chunk_size,
             communicator, parts, do, saved, d_final_state, need_dg, need_dbeta,
-            need_dinitial and initial_state is not None, ring)
+            need_dinitial and initial_state is not None, ring, kept if kept.numel() else None)
     return (dq, dk, dv,
             _or_empty(dg.to(g.dtype) if need_dg else None, q),
             _or_empty(dbeta.to(beta.dtype) if need_dbeta else None, q),
@@ -201,15 +232,15 @@ def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_siz
 def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
                         initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
                         ring: bool, num_seqs: int, do: Tensor, d_final_state: Optional[Tensor], saved0: Tensor,
-                        saved1: Tensor, saved2: Tensor, saved3: Tensor, need_dg: bool, need_dbeta: bool,
+                        saved1: Tensor, saved2: Tensor, saved3: Tensor, kept: Tensor, need_dg: bool, need_dbeta: bool,
                         need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                          do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
+                          do, d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial)
 
 
 @delta_rule_backward.register_fake
 def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
-      d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+      d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial):
     dg = q.new_empty(g.shape, dtype=g.dtype) if need_dg else None
     dbeta = q.new_empty(beta.shape, dtype=beta.dtype) if need_dbeta else None
     d_initial = (q.new_empty(initial_state.shape, dtype=initial_state.dtype)
@@ -254,10 +285,10 @@ def _backward(ctx, do, d_final, *_d_saved):
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
-# the saved buffers (outputs 2..5) only carry what the backward needs: no zero gradients
+# the saved buffers (outputs 2..6) only carry what the backward needs: no zero gradients
 # are made for them on every backward
 _EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward,
-                               internal_outputs=(2, 3, 4, 5))
+                               internal_outputs=(2, 3, 4, 5, 6))
 
 
 def group_handle(group, device: torch.device) -> int:
