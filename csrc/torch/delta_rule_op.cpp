@@ -125,15 +125,16 @@ int64_t forward_kept_floats(const DeltaArgs& a, const DeltaPrepared& r, bool doc
   return DeltaFamily::forward_kept_floats(delta_kernel_backend_for(r.q), r.params, r.layout);
 }
 
+// keep: a backward can follow (else nothing is kept).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> forward(const DeltaArgs& args,
-                                                                                bool want_final) {
+                                                                                bool want_final, bool keep) {
   DeltaPrepared r = prepare(args);
   const DeltaParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
   at::Tensor fold = floats(p.bh() * p.state_elems(), r.q);
   DeltaFamily family(delta_kernel_backend_for(r.q), p, mut_view(o, "o"), fold.data_ptr<float>());
   // from the caching allocator on the call's stream; read by the backward of this call
-  at::Tensor kept = floats(forward_kept_floats(args, r, r.initial.defined() || want_final), r.q);
+  at::Tensor kept = floats(keep ? forward_kept_floats(args, r, r.initial.defined() || want_final) : 0, r.q);
   if (kept.numel() > 0) family.with_forward_kept(kept.data_ptr<float>(), r.layout);
   at::Tensor finals;
   if (want_final) finals = sequence_states(r);
@@ -237,17 +238,17 @@ void register_delta_rule(py::module_& m) {
          std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
          std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-         int64_t parts_per_rank, bool want_final, bool ring) {
+         int64_t parts_per_rank, bool want_final, bool ring, bool keep) {
         py::gil_scoped_release no_gil;  // the collective may block on other ranks
         DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
                                 scale, chunk_size, comm, parts_per_rank);
         a.ring = ring;
-        return forward(a, want_final);
+        return forward(a, want_final, keep);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
-      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false);
+      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false, py::arg("keep") = true);
 
   m.def(
       "delta_backward",

@@ -3,7 +3,8 @@
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::delta_rule_forward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
-                            comm, parts, ring, num_seqs, output_final_state, consistency)
+                            comm, parts, ring, num_seqs, output_final_state, consistency,
+                            keep=True)
       -> (o, final_state, saved0, saved1, saved2, saved3, kept)
   lasp2::delta_rule_backward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
                              comm, parts, ring, num_seqs, do, d_final_state?,
@@ -18,8 +19,9 @@ ring=True LASP-1 (saved: entering states, local records, head maps, and an unuse
 one-float buffer so both schedules return the same number of tensors). kept: what the
 CUDA chunked kernels' forward keeps for the backward (prep's w, meta, T and the state
 pass's v_new and per-chunk states, fp32 values; empty on the CPU, for other dtypes or
-head dims, for packed documents with their own states, and with LASP2_DELTA_KEEP_FORWARD=0;
-its size: _forward_kept_floats, docs/delta_rule.md). final_state is
+head dims, for packed documents with their own states, with LASP2_DELTA_KEEP_FORWARD=0,
+and with keep=False: delta_rule passes keep only when a backward can follow; its size:
+_forward_kept_floats, docs/delta_rule.md). final_state is
 [N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
 for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
 losses", docs/delta_rule.md). An empty gradient stands for "not asked for". In plain
@@ -120,7 +122,7 @@ def _packed_states(cu_seqlens, initial_state, states_used: bool) -> bool:
 
 
 def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                  output_final_state, consistency):
+                  output_final_state, consistency, keep=True):
     communicator, group = _comm_and_group(comm)
     # One CUDA device without documents: nothing else reads values on the host, so the
     # check of g and beta waits for its reductions only after the kernels are launched
@@ -135,7 +137,7 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
     with C.named_errors(op_name(g)):
         o, final, saved, kept = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
                                            initial_state, scale, chunk_size, communicator, parts,
-                                           output_final_state, ring)
+                                           output_final_state, ring, keep)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
     # schedule leaves unwritten (one device without states: every buffer; the head maps
     # without packed documents' states)
@@ -154,10 +156,10 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
 @torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
 def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
                        initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
-                       ring: bool, num_seqs: int, output_final_state: bool,
-                       consistency: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       ring: bool, num_seqs: int, output_final_state: bool, consistency: List[int],
+                       keep: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                         output_final_state, consistency)
+                         output_final_state, consistency, keep)
 
 
 def _world(handle: int) -> int:
@@ -165,14 +167,14 @@ def _world(handle: int) -> int:
 
 
 def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_state, output_final_state: bool,
-                         comm: int, parts: int):
+                         comm: int, parts: int, keep: bool = True):
     """The size of the forward's kept buffer (csrc/torch/delta_rule_op.cpp's
     forward_kept_floats: DeltaFamily::forward_kept_floats over the rank's parts, each
     ForwardKept::floats in delta_cuda_backend.cpp), from sizes that may be symbolic: per
     part of n tokens, c = ceil(n / 64) chunks and r = B H 64 c rows, 16-bit w and v_new
     (r dk / 2 and r dv / 2 floats), meta (2 r), T (32 r) and the 16-bit state entering
     each chunk (B H c dk dv / 2). A GPU test holds it to the kernels' own size."""
-    if _packed_states(cu_seqlens, initial_state, output_final_state):
+    if not keep or _packed_states(cu_seqlens, initial_state, output_final_state):
         return 0
     B, T, H, dk = q.shape
     dv = v.shape[3]
@@ -191,7 +193,7 @@ def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_st
 
 @delta_rule_forward.register_fake
 def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-      output_final_state, consistency):
+      output_final_state, consistency, keep=True):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved / lasp1.cpp's Lasp1Saved for the delta rule
     B, _, H, dk = q.shape
     dv = v.shape[3]
@@ -207,8 +209,8 @@ def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, part
         saved = (q.new_empty(parts * record, **f32), q.new_empty(parts * state, **f32),
                  q.new_empty((total + 2) * map_, **f32), q.new_empty(max(total * map_ if packed else 0, 1), **f32))
     final = q.new_empty((num_seqs, H, dk, dv) if output_final_state else (0,), **f32)
-    kept = q.new_empty(_forward_kept_floats(q, v, g, cu_seqlens, initial_state, output_final_state, comm, parts),
-                       **f32)
+    kept = q.new_empty(_forward_kept_floats(q, v, g, cu_seqlens, initial_state, output_final_state, comm, parts,
+                                            keep), **f32)
     return (torch.empty_like(v), final, *saved, kept)  # the kernel's output keeps v's strides (at::empty_like)
 
 
@@ -281,7 +283,7 @@ def _backward(ctx, do, d_final, *_d_saved):
             *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
     grads = C.guard_double_backward(op_name(g), (dq, dk, dv, dg if need[3] else None,
                                                   dbeta if need[4] else None, d_initial if need_dinitial else None))
-    return (*grads[:5], None, grads[5], *([None] * 8))
+    return (*grads[:5], None, grads[5], *([None] * 9))
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
@@ -324,8 +326,11 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
             f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     run = _EagerForward.apply if eager_call(q, k, v, g, beta, cu_seqlens, initial_state) else delta_rule_forward
+    # the forward keeps its chunked outputs only for a backward that can follow
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (q, k, v, g, beta, initial_state))
     out = run(q, k, v, g, beta, cu_seqlens, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
-              bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency])
+              bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency], keep)
     return out[0], (out[1] if output_final_state else None)
 
 
