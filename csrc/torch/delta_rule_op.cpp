@@ -10,6 +10,9 @@
 #include "attention_params.h"
 #include "lasp1_op.h"
 #include "delta_rule/delta_family.h"
+#ifdef LASP2_WITH_CUDA
+#include "delta_rule/cuda/delta_cuda_backend.h"
+#endif
 #include "delta_value_check.h"
 #include "lasp2/communicator.h"
 #include "lasp2/lasp1.h"
@@ -113,14 +116,26 @@ void set_documents(const DeltaArgs& a, SequenceStates& seq) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaArgs& args,
-                                                                    bool want_final) {
+// fp32 values of what the forward keeps for the backward (DeltaFamily::with_forward_kept;
+// the CUDA chunked kernels' prep and state-pass outputs, 0 on the CPU). Packed documents
+// with their own initial or final states keep nothing: the token walks take their
+// backward (lasp2/ops/_delta_library.py's fake function applies the same rule).
+int64_t forward_kept_floats(const DeltaArgs& a, const DeltaPrepared& r, bool doc_states) {
+  if (a.doc_start && doc_states) return 0;
+  return DeltaFamily::forward_kept_floats(delta_kernel_backend_for(r.q), r.params, r.layout);
+}
+
+// keep: a backward can follow (else nothing is kept).
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> forward(const DeltaArgs& args,
+                                                                                bool want_final, bool keep) {
   DeltaPrepared r = prepare(args);
   const DeltaParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
   at::Tensor fold = floats(p.bh() * p.state_elems(), r.q);
-  const DeltaFamily family(delta_kernel_backend_for(r.q), p, mut_view(o, "o"),
-                           fold.data_ptr<float>());
+  DeltaFamily family(delta_kernel_backend_for(r.q), p, mut_view(o, "o"), fold.data_ptr<float>());
+  // from the caching allocator on the call's stream; read by the backward of this call
+  at::Tensor kept = floats(keep ? forward_kept_floats(args, r, r.initial.defined() || want_final) : 0, r.q);
+  if (kept.numel() > 0) family.with_forward_kept(kept.data_ptr<float>(), r.layout);
   at::Tensor finals;
   if (want_final) finals = sequence_states(r);
   SequenceStates seq;
@@ -133,18 +148,18 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const DeltaA
     lasp1_forward(family, args.comm.get(), r.layout,
                   lasp1_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq,
                   workspace.data_ptr(), current_stream(r.q));
-    return {restore_dtype(o, r.input_dtype), finals, saved};
+    return {restore_dtype(o, r.input_dtype), finals, saved, kept};
   }
   std::vector<at::Tensor> saved = lasp2_saved_buffers(family.shape(), r.layout, seq.packed(), r.q);
   at::Tensor workspace = scratch(lasp2_forward_workspace_bytes(family, r.layout, seq), r.q);
   lasp2_forward(family, args.comm.get(), r.layout,
                 lasp2_saved_view(saved, family.shape(), r.layout, seq.packed(), r.q), seq, workspace.data_ptr(),
                 Lasp2Options{}, current_stream(r.q));
-  return {restore_dtype(o, r.input_dtype), finals, saved};
+  return {restore_dtype(o, r.input_dtype), finals, saved, kept};
 }
 
 std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
-                                 const std::vector<at::Tensor>& saved,
+                                 const std::vector<at::Tensor>& saved, const std::optional<at::Tensor>& kept,
                                  const std::optional<at::Tensor>& final_dstate, bool need_dg,
                                  bool need_dbeta, bool need_dinitial) {
   DeltaPrepared r = prepare(args);
@@ -161,7 +176,14 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
                          mut_view(dv, "dv"), need_dg ? dg.data_ptr() : nullptr,
                          need_dbeta ? dbeta.data_ptr() : nullptr,
                          r.initial.defined() || dF.defined() || need_dinitial};
-  const DeltaFamily family(delta_kernel_backend_for(r.q), p, grads, fold.data_ptr<float>());
+  DeltaFamily family(delta_kernel_backend_for(r.q), p, grads, fold.data_ptr<float>());
+  // the forward's kept buffer, where it has the size this call would keep (else, e.g. with
+  // LASP2_DELTA_KEEP_FORWARD changed in between, the backward recomputes)
+  const int64_t kept_floats = forward_kept_floats(args, r, r.initial.defined() || dF.defined());
+  if (kept && kept_floats > 0 && kept->numel() == kept_floats && kept->scalar_type() == at::kFloat &&
+      kept->is_contiguous() && kept->device() == r.q.device()) {
+    family.with_forward_kept(kept->data_ptr<float>(), r.layout);
+  }
   SequenceStates seq;
   seq.initial = ptr_or_null(r.initial);
   seq.final_grad = ptr_or_null(dF);
@@ -216,17 +238,17 @@ void register_delta_rule(py::module_& m) {
          std::optional<at::Tensor> doc_start, std::optional<at::Tensor> doc_id,
          std::vector<int64_t> head_doc, int64_t num_seqs, std::optional<at::Tensor> initial,
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
-         int64_t parts_per_rank, bool want_final, bool ring) {
+         int64_t parts_per_rank, bool want_final, bool ring, bool keep) {
         py::gil_scoped_release no_gil;  // the collective may block on other ranks
         DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
                                 scale, chunk_size, comm, parts_per_rank);
         a.ring = ring;
-        return forward(a, want_final);
+        return forward(a, want_final, keep);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
-      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false);
+      py::arg("parts_per_rank"), py::arg("want_final"), py::arg("ring") = false, py::arg("keep") = true);
 
   m.def(
       "delta_backward",
@@ -236,19 +258,44 @@ void register_delta_rule(py::module_& m) {
          double scale, int64_t chunk_size, std::shared_ptr<Communicator> comm,
          int64_t parts_per_rank, at::Tensor dout, std::vector<at::Tensor> saved,
          std::optional<at::Tensor> final_dstate, bool need_dg, bool need_dbeta,
-         bool need_dinitial, bool ring) {
+         bool need_dinitial, bool ring, std::optional<at::Tensor> kept) {
         py::gil_scoped_release no_gil;
         DeltaArgs a = make_args(q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial,
                                 scale, chunk_size, comm, parts_per_rank);
         a.ring = ring;
-        return backward(a, dout, saved, final_dstate, need_dg, need_dbeta, need_dinitial);
+        return backward(a, dout, saved, kept, final_dstate, need_dg, need_dbeta, need_dinitial);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("beta"),
       py::arg("doc_start"), py::arg("doc_id"), py::arg("head_doc"), py::arg("num_seqs"),
       py::arg("initial"), py::arg("scale"), py::arg("chunk_size"), py::arg("comm"),
       py::arg("parts_per_rank"), py::arg("dout"), py::arg("saved"),
       py::arg("final_dstate"), py::arg("need_dg"), py::arg("need_dbeta"),
-      py::arg("need_dinitial"), py::arg("ring") = false);
+      py::arg("need_dinitial"), py::arg("ring") = false, py::arg("kept") = py::none());
+
+  // Whether the CUDA kernels keep the forward's chunked outputs for the backward for these
+  // dtype, head dims and gate kind on `device` (the rule of DeltaCudaBackend's
+  // forward_kept_floats, LASP2_DELTA_KEEP_FORWARD included): the fake function sizes the
+  // kept buffer from it.
+  m.def(
+      "delta_keeps_forward",
+      [](at::ScalarType dtype, int64_t dim_k, int64_t dim_v, bool per_key, const at::Device& device) {
+#ifdef LASP2_WITH_CUDA
+        if (device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
+          const c10::DeviceGuard guard(device);  // the shared-memory limit is the device's
+          DeltaParams p;
+          p.batch = p.seqlen = p.heads = 1;
+          p.dim_k = dim_k;
+          p.dim_v = dim_v;
+          p.dtype = from_aten(dtype, "q");
+          p.gate_kind = per_key ? GateKind::kPerKey : GateKind::kScalar;
+          static const auto& backend = delta::delta_cuda_backend();
+          return backend.forward_kept_floats(p, {0, 1}) > 0;
+        }
+#endif
+        (void)dtype, (void)dim_k, (void)dim_v, (void)per_key, (void)device;
+        return false;
+      },
+      py::arg("dtype"), py::arg("dim_k"), py::arg("dim_v"), py::arg("per_key"), py::arg("device"));
 }
 
 }  // namespace lasp2::torch_binding

@@ -3,11 +3,12 @@
 Registered ops (opaque to torch.compile / torch.export, with fake kernels for
 tracing and an autograd formula):
   lasp2::delta_rule_forward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
-                            comm, parts, ring, num_seqs, output_final_state, consistency)
-      -> (o, final_state, saved0, saved1, saved2, saved3)
+                            comm, parts, ring, num_seqs, output_final_state, consistency,
+                            keep=True)
+      -> (o, final_state, saved0, saved1, saved2, saved3, kept)
   lasp2::delta_rule_backward(q, k, v, g, beta, cu_seqlens?, initial_state?, scale, chunk_size,
                              comm, parts, ring, num_seqs, do, d_final_state?,
-                             saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
+                             saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial)
       -> (dq, dk, dv, dg, dbeta, d_initial_state)
 q, k, v, g, beta are [B, T, H, *] views (g [B, T, H] for GDN, [B, T, H, Dk] for KDA);
 cu_seqlens the global document boundaries (a tensor: the op reads its values, so a
@@ -15,7 +16,12 @@ compiled graph takes packed documents without a graph break), num_seqs N (B, or 
 number of documents: cu_seqlens.numel() - 1).
 ring=False runs LASP-2 (saved: local records, prefix states, map table, head maps),
 ring=True LASP-1 (saved: entering states, local records, head maps, and an unused
-one-float buffer so both schedules return the same number of tensors). final_state is
+one-float buffer so both schedules return the same number of tensors). kept: what the
+CUDA chunked kernels' forward keeps for the backward (prep's w, meta, T and the state
+pass's v_new and per-chunk states, fp32 values; empty on the CPU, for other dtypes or
+head dims, for packed documents with their own states, with LASP2_DELTA_KEEP_FORWARD=0,
+and with keep=False: delta_rule passes keep only when a backward can follow; its size:
+_forward_kept_floats, docs/delta_rule.md). final_state is
 [N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
 for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
 losses", docs/delta_rule.md). An empty gradient stands for "not asked for". In plain
@@ -116,7 +122,7 @@ def _packed_states(cu_seqlens, initial_state, states_used: bool) -> bool:
 
 
 def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                  output_final_state, consistency):
+                  output_final_state, consistency, keep=True):
     communicator, group = _comm_and_group(comm)
     # One CUDA device without documents: nothing else reads values on the host, so the
     # check of g and beta waits for its reductions only after the kernels are launched
@@ -129,9 +135,9 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
     else:
         doc_start, doc_id, head_doc = None, None, []
     with C.named_errors(op_name(g)):
-        o, final, saved = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
+        o, final, saved, kept = _C.delta_forward(q, k, v, g, beta, doc_start, doc_id, list(head_doc), num_seqs,
                                            initial_state, scale, chunk_size, communicator, parts,
-                                           output_final_state, ring)
+                                           output_final_state, ring, keep)
     # a custom op's outputs must be deterministic (opcheck, AOT tracing): zero what the
     # schedule leaves unwritten (one device without states: every buffer; the head maps
     # without packed documents' states)
@@ -144,25 +150,50 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
         _raise_value_error(g, pending.wait())
     if ring:
         saved = [*saved, q.new_zeros(1, dtype=torch.float32)]
-    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved)
+    return (o, final if final is not None else q.new_empty(0, dtype=torch.float32), *saved, kept)
 
 
 @torch.library.custom_op("lasp2::delta_rule_forward", mutates_args=())
 def delta_rule_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
                        initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
-                       ring: bool, num_seqs: int, output_final_state: bool,
-                       consistency: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       ring: bool, num_seqs: int, output_final_state: bool, consistency: List[int],
+                       keep: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                         output_final_state, consistency)
+                         output_final_state, consistency, keep)
 
 
 def _world(handle: int) -> int:
     return 1 if handle == 0 else int(_comm_and_group(handle)[0].size)
 
 
+def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_state, output_final_state: bool,
+                         comm: int, parts: int, keep: bool = True):
+    """The size of the forward's kept buffer (csrc/torch/delta_rule_op.cpp's
+    forward_kept_floats: DeltaFamily::forward_kept_floats over the rank's parts, each
+    ForwardKept::floats in delta_cuda_backend.cpp), from sizes that may be symbolic: per
+    part of n tokens, c = ceil(n / 64) chunks and r = B H 64 c rows, 16-bit w and v_new
+    (r dk / 2 and r dv / 2 floats), meta (2 r), T (32 r) and the 16-bit state entering
+    each chunk (B H c dk dv / 2). A GPU test holds it to the kernels' own size."""
+    if not keep or _packed_states(cu_seqlens, initial_state, output_final_state):
+        return 0
+    B, T, H, dk = q.shape
+    dv = v.shape[3]
+    if not _C.delta_keeps_forward(q.dtype, int(dk), int(dv), g.dim() == 4, q.device):
+        return 0
+    n_parts = parts if comm else 1  # one device: the whole local sequence is one part
+    bh = B * H
+
+    def part(n):
+        chunks = (n + 63) // 64
+        rows = bh * chunks * 64
+        return rows * dk // 2 + 2 * rows + 32 * rows + rows * dv // 2 + bh * chunks * dk * dv // 2
+
+    return n_parts * part(T // n_parts)
+
+
 @delta_rule_forward.register_fake
 def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-      output_final_state, consistency):
+      output_final_state, consistency, keep=True):
     # sizes of csrc/core/sp/lasp2.cpp's Lasp2Saved / lasp1.cpp's Lasp1Saved for the delta rule
     B, _, H, dk = q.shape
     dv = v.shape[3]
@@ -178,11 +209,13 @@ def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, part
         saved = (q.new_empty(parts * record, **f32), q.new_empty(parts * state, **f32),
                  q.new_empty((total + 2) * map_, **f32), q.new_empty(max(total * map_ if packed else 0, 1), **f32))
     final = q.new_empty((num_seqs, H, dk, dv) if output_final_state else (0,), **f32)
-    return (torch.empty_like(v), final, *saved)  # the kernel's output keeps v's strides (at::empty_like)
+    kept = q.new_empty(_forward_kept_floats(q, v, g, cu_seqlens, initial_state, output_final_state, comm, parts,
+                                            keep), **f32)
+    return (torch.empty_like(v), final, *saved, kept)  # the kernel's output keeps v's strides (at::empty_like)
 
 
 def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
-                   d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+                   d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial):
     saved = [saved0, saved1, saved2] if ring else [saved0, saved1, saved2, saved3]
     communicator, group = _comm_and_group(comm)
     doc_start, doc_id, head_doc, _ = _documents(q, g, cu_seqlens, group, parts)  # checked by the forward
@@ -190,7 +223,7 @@ def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_siz
         dq, dk, dv, dg, dbeta, d_initial = _C.delta_backward(
             q, k, v, g, beta, doc_start, doc_id, head_doc, num_seqs, initial_state, scale, chunk_size,
             communicator, parts, do, saved, d_final_state, need_dg, need_dbeta,
-            need_dinitial and initial_state is not None, ring)
+            need_dinitial and initial_state is not None, ring, kept if kept.numel() else None)
     return (dq, dk, dv,
             _or_empty(dg.to(g.dtype) if need_dg else None, q),
             _or_empty(dbeta.to(beta.dtype) if need_dbeta else None, q),
@@ -201,15 +234,15 @@ def _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_siz
 def delta_rule_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Optional[Tensor],
                         initial_state: Optional[Tensor], scale: float, chunk_size: int, comm: int, parts: int,
                         ring: bool, num_seqs: int, do: Tensor, d_final_state: Optional[Tensor], saved0: Tensor,
-                        saved1: Tensor, saved2: Tensor, saved3: Tensor, need_dg: bool, need_dbeta: bool,
+                        saved1: Tensor, saved2: Tensor, saved3: Tensor, kept: Tensor, need_dg: bool, need_dbeta: bool,
                         need_dinitial: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs,
-                          do, d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial)
+                          do, d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial)
 
 
 @delta_rule_backward.register_fake
 def _(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size, comm, parts, ring, num_seqs, do,
-      d_final_state, saved0, saved1, saved2, saved3, need_dg, need_dbeta, need_dinitial):
+      d_final_state, saved0, saved1, saved2, saved3, kept, need_dg, need_dbeta, need_dinitial):
     dg = q.new_empty(g.shape, dtype=g.dtype) if need_dg else None
     dbeta = q.new_empty(beta.shape, dtype=beta.dtype) if need_dbeta else None
     d_initial = (q.new_empty(initial_state.shape, dtype=initial_state.dtype)
@@ -250,14 +283,14 @@ def _backward(ctx, do, d_final, *_d_saved):
             *saved, bool(need[3]), bool(need[4]), bool(need_dinitial))
     grads = C.guard_double_backward(op_name(g), (dq, dk, dv, dg if need[3] else None,
                                                   dbeta if need[4] else None, d_initial if need_dinitial else None))
-    return (*grads[:5], None, grads[5], *([None] * 8))
+    return (*grads[:5], None, grads[5], *([None] * 9))
 
 
 torch.library.register_autograd("lasp2::delta_rule_forward", _backward, setup_context=_setup_context)
-# the saved buffers (outputs 2..5) only carry what the backward needs: no zero gradients
+# the saved buffers (outputs 2..6) only carry what the backward needs: no zero gradients
 # are made for them on every backward
 _EagerForward = eager_function("DeltaRuleForward", _forward_impl, _setup_context, _backward,
-                               internal_outputs=(2, 3, 4, 5))
+                               internal_outputs=(2, 3, 4, 5, 6))
 
 
 def group_handle(group, device: torch.device) -> int:
@@ -293,8 +326,11 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
             f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
             "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
     run = _EagerForward.apply if eager_call(q, k, v, g, beta, cu_seqlens, initial_state) else delta_rule_forward
+    # the forward keeps its chunked outputs only for a backward that can follow
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (q, k, v, g, beta, initial_state))
     out = run(q, k, v, g, beta, cu_seqlens, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
-              bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency])
+              bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency], keep)
     return out[0], (out[1] if output_final_state else None)
 
 

@@ -30,6 +30,8 @@ class KeptPartWork {
 struct BackwardPlan {
   MutView dq, dk, dv;
   bool doc_states = false;  // initial states, end-state gradients or initial-state gradients
+  // Nullable: what forward_keeping wrote for this part (forward_kept_floats values).
+  const float* forward_kept = nullptr;
 };
 
 class DeltaKernelBackend {
@@ -47,6 +49,25 @@ class DeltaKernelBackend {
   // o over the part with `entering` (nullable: zero) entering it.
   virtual void forward(const DeltaParams& p, TokenRange part, const float* entering,
                        const DocStates& doc, MutView o, void* stream) const = 0;
+
+  // What the forward can keep for the backward of the same part with the same entering
+  // state (the CUDA chunked kernels: per-chunk w, meta, T, v_new and the 16-bit state
+  // entering each chunk), in fp32 values on the device; 0 (the default, the CPU): nothing.
+  // It depends on the params' sizes, dtypes and gate kind alone (not on the views'
+  // alignment), so a caller can size the buffer before the call.
+  virtual int64_t forward_kept_floats(const DeltaParams& p, TokenRange part) const {
+    (void)p, (void)part;
+    return 0;
+  }
+  // forward, also writing `kept` (nullable; forward_kept_floats(p, part) values) where
+  // the chunked kernels take the part. The backward calls of the same part read it
+  // through BackwardPlan::forward_kept / backward_reusing's forward_kept only when
+  // their own chunked kernels take the part, which needs everything the forward's did.
+  virtual void forward_keeping(const DeltaParams& p, TokenRange part, const float* entering,
+                               const DocStates& doc, MutView o, float* kept, void* stream) const {
+    (void)kept;
+    forward(p, part, entering, doc, o, stream);
+  }
 
   // Gradient of the entering state from the part's own outputs (no gradient on
   // any state the part leaves): sweeps the head backwards, needs no states.
@@ -67,8 +88,9 @@ class DeltaKernelBackend {
   // The same two calls when one caller runs both on one part (the SP schedules'
   // backward): entering_dstate_keeping returns what backward_reusing of that part, with
   // the same params and dout and the gradients `plan` describes, can reuse (null:
-  // nothing; by default nothing is kept and the calls above run). Results equal the
-  // calls above.
+  // nothing; by default nothing is kept and the calls above run). forward_kept
+  // (nullable, also in plan) is what forward_keeping of the part wrote, with the same
+  // `entering`: prep and the state pass are not run again. Results equal the calls above.
   virtual std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part,
                                                                 ConstView dout, const BackwardPlan& plan,
                                                                 float* dentering, void* stream) const {
@@ -79,8 +101,9 @@ class DeltaKernelBackend {
   virtual void backward_reusing(const KeptPartWork* kept, const DeltaParams& p, TokenRange part,
                                 ConstView dout, const float* entering, const float* leaving_dstate,
                                 const DocStates& doc, MutView dq, MutView dk, MutView dv, void* dg,
-                                void* dbeta, float* dentering, void* stream) const {
-    (void)kept;
+                                void* dbeta, float* dentering, void* stream,
+                                const float* forward_kept = nullptr) const {
+    (void)kept, (void)forward_kept;
     backward(p, part, dout, entering, leaving_dstate, doc, dq, dk, dv, dg, dbeta, dentering, stream);
   }
 

@@ -11,6 +11,33 @@ DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p
                          const DeltaGrads& grads, float* fold_scratch)
     : be_(backend), p_(p), grads_(grads), fold_(fold_scratch) {}
 
+DeltaFamily& DeltaFamily::with_forward_kept(float* buffer, const PartLayout& layout) {
+  forward_kept_ = buffer;
+  kept_layout_ = layout;
+  return *this;
+}
+
+int64_t DeltaFamily::forward_kept_floats(const DeltaKernelBackend& backend, const DeltaParams& p,
+                                         const PartLayout& layout) {
+  int64_t floats = 0;
+  for (int i = 0; i < layout.parts_per_rank; ++i) floats += backend.forward_kept_floats(p, layout.local_range(i, p.seqlen));
+  return floats;
+}
+
+// The part's slot, or null. With two parts a rank only those two have slots: the
+// whole-sequence call of the one-device schedule (world size 1 without states) then
+// recomputes, whichever of the two schedules' forms the other call took.
+float* DeltaFamily::kept_slot(TokenRange part) const {
+  if (forward_kept_ == nullptr || be_.forward_kept_floats(p_, part) == 0) return nullptr;
+  float* slot = forward_kept_;
+  for (int i = 0; i < kept_layout_.parts_per_rank; ++i) {
+    const TokenRange r = kept_layout_.local_range(i, p_.seqlen);
+    if (r.begin == part.begin && r.end == part.end) return slot;
+    slot += be_.forward_kept_floats(p_, r);
+  }
+  return nullptr;
+}
+
 void DeltaFamily::summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
                             void* stream) const {
   be_.part_summary(p_, part, docs, out.map, out.state, out.head_map, out.head_state, stream);
@@ -59,11 +86,11 @@ void DeltaFamily::combine_suffix(const std::vector<const float*>& dstates, const
 
 void DeltaFamily::forward(TokenRange part, const float* entering, const DocStates& docs,
                           void* stream) const {
-  be_.forward(p_, part, entering, docs, o_, stream);
+  be_.forward_keeping(p_, part, entering, docs, o_, kept_slot(part), stream);
 }
 
 void DeltaFamily::entering_grad(TokenRange part, float* dstate, void* stream) const {
-  const BackwardPlan plan{grads_.dq, grads_.dk, grads_.dv, grads_.doc_states};
+  const BackwardPlan plan{grads_.dq, grads_.dk, grads_.dv, grads_.doc_states, kept_slot(part)};
   std::unique_ptr<KeptPartWork> kept = be_.entering_dstate_keeping(p_, part, grads_.dout, plan, dstate, stream);
   if (kept) kept_.emplace_back(part, std::move(kept));
 }
@@ -74,7 +101,7 @@ void DeltaFamily::backward(TokenRange part, const PartStates& states, const DocS
   while (it != kept_.end() && !(it->first.begin == part.begin && it->first.end == part.end)) ++it;
   const KeptPartWork* kept = it != kept_.end() ? it->second.get() : nullptr;
   be_.backward_reusing(kept, p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
-                       grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream);
+                       grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream, kept_slot(part));
   if (it != kept_.end()) kept_.erase(it);  // freed stream-ordered, behind the launches that read it
 }
 

@@ -4,7 +4,9 @@
 // One object describes one call: the forward constructor takes the output, the
 // backward one the gradients. The schedules run entering_grad and then backward on
 // each part; what the backend keeps from the first for the second (its per-chunk
-// scratch on CUDA) the object holds in between and frees after backward.
+// scratch on CUDA) the object holds in between and frees after backward. What the
+// forward keeps for the backward (with_forward_kept: the CUDA chunked kernels' prep and
+// state-pass outputs) lives in a caller's buffer from the forward call to the backward one.
 #pragma once
 
 #include <memory>
@@ -13,6 +15,7 @@
 
 #include "delta_rule/delta_backend.h"
 #include "lasp2/part_family.h"
+#include "lasp2/part_layout.h"
 
 namespace lasp2::delta {
 
@@ -36,6 +39,18 @@ class DeltaFamily final : public PartFamily {
   static SummaryShape shape_of(const DeltaParams& p) {
     return {p.bh() * p.state_elems(), p.bh() * p.map_elems()};
   }
+
+  // The buffer the forward fills and the backward of the same call reads (both objects get
+  // the same one): forward_kept_floats(backend, p, layout) fp32 values, one slot per local
+  // part in order (with one part a rank, that part is the whole local sequence, which the
+  // one-device schedule runs as one). 0: the backend keeps nothing (the CPU backend, or
+  // LASP2_DELTA_KEEP_FORWARD=0); a null buffer: nothing kept, the backward recomputes.
+  // Its contents depend on the state entering each part, which the schedules hand to the
+  // backward as they handed it to the forward (LASP-2's prefix states, LASP-1's entering
+  // states); a slot is read only where the backend's chunked backward takes the part.
+  DeltaFamily& with_forward_kept(float* buffer, const PartLayout& layout);
+  static int64_t forward_kept_floats(const DeltaKernelBackend& backend, const DeltaParams& p,
+                                     const PartLayout& layout);
 
   SummaryShape shape() const override { return shape_of(p_); }
   int64_t local_tokens() const override { return p_.seqlen; }
@@ -68,6 +83,7 @@ class DeltaFamily final : public PartFamily {
   }
 
  private:
+  float* kept_slot(TokenRange part) const;
   // Where step k of n writes, so that the last step lands in `out`.
   float* step_target(int k, int n, float* out) const { return (n - k) % 2 == 0 ? out : fold_; }
 
@@ -76,6 +92,8 @@ class DeltaFamily final : public PartFamily {
   MutView o_;
   DeltaGrads grads_;
   float* fold_;
+  float* forward_kept_ = nullptr;  // with_forward_kept
+  PartLayout kept_layout_{};
   // entering_grad's kept work per part (at most parts_per_rank entries), until backward
   mutable std::vector<std::pair<TokenRange, std::unique_ptr<KeptPartWork>>> kept_;
 };

@@ -125,7 +125,8 @@ class UlyssesDeltaRule(torch.autograd.Function):
         betah = gates[..., -1].contiguous()
         h0 = initial_state[:, heads].contiguous() if initial_state is not None else None
         o, final, *saved = _forward_impl(qh, kh, vh, gh, betah, cu_seqlens, h0, plan.scale, CPU_CHUNK_SIZE, 0, 1,
-                                         False, plan.num_seqs, plan.output_final_state, [])
+                                         False, plan.num_seqs, plan.output_final_state, [],
+                                         keep=any(ctx.needs_input_grad[:6]))
         ctx.save_for_backward(qh, kh, vh, gh, betah, cu_seqlens, h0, *saved)
         ctx.plan, ctx.heads = plan, heads
         ctx.dtypes = (g.dtype, beta.dtype, None if initial_state is None else initial_state.dtype)

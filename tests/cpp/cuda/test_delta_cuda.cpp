@@ -587,6 +587,173 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
       << "the CPU backend keeps nothing";
 }
 
+// ---- forward_keeping + the backward reading what it kept (prep's w, meta, T and the state
+// pass's v_new and chunk states, DeltaFamily::with_forward_kept): against forward +
+// entering_dstate + backward, which recompute them. The same kernels on the same inputs, so
+// o, dq, dk, dv are equal bit for bit (dg, dbeta: up to the order of shared-memory atomics).
+// Both backward forms: the one-device one (backward_reusing alone) and the SP schedules'
+// (entering_dstate_keeping, then backward_reusing); a part with an entering state and a
+// leaving-state gradient, rows and packed documents (no per-document states).
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;  // written in one run only
+    if (!std::isnan(a[i])) m = std::max(m, std::abs(a[i] - b[i]));
+  }
+  return m;
+}
+
+TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const int d : {64, 128}) {
+    for (const bool packed : {false, true}) {
+      SCOPED_TRACE(std::string(packed ? "packed" : "rows") + " d=" + std::to_string(d));
+      DeltaSpec spec = gdn_spec(d, 300, packed ? 1 : 2);
+      if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
+      DeltaProblem<float> pr(spec, 37);
+      prepare_inputs(pr, ScalarType::kBFloat16);
+      const Layout lay{false, 0};
+      DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
+      const DeltaParams& dp = dev.p;
+      const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+      const TokenRange part{37, spec.seqlen - 20};
+      const int64_t se = dp.bh() * dp.state_elems();
+      const EdgeStates edge = random_edge_states(5, se);
+      const int64_t chunks = (part.length() + 63) / 64, rows = dp.bh() * chunks * 64;
+      const int64_t want_floats = rows * d / 2 + 2 * rows + 32 * rows + rows * d / 2 + dp.bh() * chunks * d * d / 2;
+      ASSERT_EQ(gpu.forward_kept_floats(dp, part), want_floats) << "w, meta, T, v_new, chunk states";
+
+      // mode 0: recompute; 1: one-device form; 2: the SP schedules' form
+      auto run = [&](int mode, std::vector<double>& o_out) {
+        Grads r;
+        DevTensor o(spec.batch, spec.seqlen, spec.heads, d, ScalarType::kBFloat16, lay);
+        DevBuf<float> kept(want_floats), gE(se);
+        BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+        if (mode == 0) {
+          gpu.forward(dp, part, edge.d_entering.p, DocStates{}, o.mview(), nullptr);
+        } else {
+          gpu.forward_keeping(dp, part, edge.d_entering.p, DocStates{}, o.mview(), kept.p, nullptr);
+        }
+        std::unique_ptr<delta::KeptPartWork> work;
+        if (mode == 2) {
+          delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
+          plan.forward_kept = kept.p;
+          work = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), plan, gE.p, nullptr);
+          EXPECT_NE(work, nullptr);
+        } else {
+          gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+        }
+        gpu.backward_reusing(work.get(), dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p,
+                             DocStates{}, g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p,
+                             nullptr, mode == 0 ? nullptr : kept.p);
+        work.reset();
+        g.download(r);
+        r.dE_head = gE.download();
+        o_out = o.download().v;
+        return r;
+      };
+      std::vector<double> o_want, o_one, o_sp;
+      const Grads want = run(0, o_want), one = run(1, o_one), sp = run(2, o_sp);
+      for (const auto& [name, got, o_got] : {std::tuple{"one device", &one, &o_one}, {"sp", &sp, &o_sp}}) {
+        SCOPED_TRACE(name);
+        EXPECT_EQ(max_abs_diff(*o_got, o_want), 0.0) << "o";
+        EXPECT_EQ(max_abs_diff(got->dq, want.dq), 0.0) << "dq";
+        EXPECT_EQ(max_abs_diff(got->dk, want.dk), 0.0) << "dk";
+        EXPECT_EQ(max_abs_diff(got->dv, want.dv), 0.0) << "dv";
+        EXPECT_LT(rel_err_f32(got->dg, want.dg), 1e-5) << "dg";
+        EXPECT_LT(rel_err_f32(got->db, want.db), 1e-5) << "dbeta";
+        EXPECT_LT(rel_err_f32(got->dE, want.dE), 1e-5) << "d_entering";
+        EXPECT_LT(rel_err_f32(got->dE_head, want.dE_head), 1e-6) << "entering dstate";
+      }
+    }
+  }
+  // nothing kept where the chunked kernels do not run: fp32, KDA, the CPU backend
+  DeltaProblem<float> small(gdn_spec(64, 100, 1), 1);
+  const DeltaParams hp = small.params();
+  EXPECT_EQ(delta::delta_cpu_backend().forward_kept_floats(hp, {0, 100}), 0);
+  DeltaParams f32 = hp;
+  f32.dtype = ScalarType::kFloat32;
+  f32.gate_dtype = ScalarType::kFloat32;
+  EXPECT_EQ(delta::delta_backend_for(Device::kCUDA).forward_kept_floats(f32, {0, 100}), 0);
+  DeltaParams kda = f32;
+  kda.dtype = ScalarType::kBFloat16;
+  kda.gate_kind = GateKind::kPerKey;
+  EXPECT_EQ(delta::delta_backend_for(Device::kCUDA).forward_kept_floats(kda, {0, 100}), 0);
+}
+
+// The LASP-2 schedule on one device through DeltaFamily (bf16, d = 64), with the
+// forward's kept buffer (with_forward_kept) and without: equal outputs and gradients (o,
+// dq, dk, dv bit for bit). Rows with initial states and final-state gradients (the
+// general schedule: prefix states enter every part) over one and two parts, and packed
+// documents without states (the one-device form, one part).
+TEST(DeltaCudaForwardKept, ScheduleMatchesRecomputing) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const auto& [packed, parts] : {std::pair{false, 1}, {false, 2}, {true, 1}}) {
+    SCOPED_TRACE(std::string(packed ? "packed" : "rows") + " parts=" + std::to_string(parts));
+    DeltaSpec spec = gdn_spec(64, 320, packed ? 1 : 2);
+    if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    DeltaProblem<float> pr(spec, 41);
+    prepare_inputs(pr, ScalarType::kBFloat16);
+    const Layout lay{false, 0};
+    DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
+    const DeltaParams& dp = dev.p;
+    const auto& be = delta::delta_backend_for(Device::kCUDA);
+    const PartLayout layout{1, 0, parts};
+    const int64_t S = dp.bh() * dp.state_elems();
+    const int64_t kept_floats = delta::DeltaFamily::forward_kept_floats(be, dp, layout);
+    ASSERT_GT(kept_floats, 0);
+    DevBuf<float> initial = to_device_f32(std::vector<float>(pr.initial.begin(), pr.initial.begin() + S));
+    DevBuf<float> final_grad = to_device_f32(std::vector<float>(pr.final_dstate.begin(), pr.final_dstate.begin() + S));
+
+    auto run = [&](bool keep, std::vector<std::vector<double>>& out, std::vector<float>& dg_out,
+                   std::vector<float>& db_out, std::vector<float>& dI_out) {
+      std::vector<DevBuf<float>> bufs;
+      bufs.reserve(16);
+      auto alloc = [&](int64_t floats) {
+        bufs.emplace_back(static_cast<size_t>(std::max<int64_t>(floats, 1)));
+        return bufs.back().p;
+      };
+      DevTensor o(spec.batch, spec.seqlen, spec.heads, 64, ScalarType::kBFloat16, lay);
+      BackwardBuffers g(pr, ScalarType::kBFloat16, lay, S);
+      DevBuf<float> dI(S), kept(kept_floats);
+      float* fold = alloc(S);
+      delta::DeltaFamily fwd(be, dp, o.mview(), fold);
+      if (keep) fwd.with_forward_kept(kept.p, layout);
+      const SummaryShape sh = fwd.shape();
+      const Lasp2Saved saved{alloc(Lasp2Saved::local_records_floats(sh, layout)),
+                             alloc(Lasp2Saved::prefix_states_floats(sh, layout)), alloc(Lasp2Saved::maps_floats(sh, layout)),
+                             alloc(Lasp2Saved::head_maps_floats(sh, layout, false) + 1)};
+      SequenceStates seq;
+      if (!packed) seq.initial = initial.p;
+      lasp2_forward(fwd, nullptr, layout, saved, seq, alloc(lasp2_forward_workspace_bytes(fwd, layout, seq) / 4 + 2),
+                    Lasp2Options{}, nullptr);
+      const delta::DeltaGrads grads{dev.dout.cview(), g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p};
+      delta::DeltaFamily bwd(be, dp, grads, fold);
+      if (keep) bwd.with_forward_kept(kept.p, layout);
+      if (!packed) {
+        seq.final_grad = final_grad.p;
+        seq.initial_grad = dI.p;
+      }
+      lasp2_backward(bwd, nullptr, layout, saved, seq, alloc(lasp2_backward_workspace_bytes(bwd, layout, seq) / 4 + 2),
+                     nullptr);
+      cuda_ok(cudaDeviceSynchronize(), "schedule");
+      out = {o.download().v, g.dq.download().v, g.dk.download().v, g.dv.download().v};
+      dg_out = g.dg.download();
+      db_out = g.db.download();
+      dI_out = packed ? std::vector<float>{} : dI.download();
+    };
+    std::vector<std::vector<double>> want, got;
+    std::vector<float> dg_w, db_w, dI_w, dg_g, db_g, dI_g;
+    run(false, want, dg_w, db_w, dI_w);
+    run(true, got, dg_g, db_g, dI_g);
+    const char* names[] = {"o", "dq", "dk", "dv"};
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(max_abs_diff(got[i], want[i]), 0.0) << names[i];
+    EXPECT_LT(rel_err_f32(dg_g, dg_w), 1e-5) << "dg";
+    EXPECT_LT(rel_err_f32(db_g, db_w), 1e-5) << "dbeta";
+    if (!packed) EXPECT_LT(rel_err_f32(dI_g, dI_w), 1e-5) << "d_initial";
+  }
+}
+
 TEST(DeltaCudaCombine, ApplyMapMatchesCpuAndMayAlias) {
   LASP2_SKIP_WITHOUT_CUDA();
   const int64_t bh = 3, dk = 128, dv = 96;
@@ -924,6 +1091,33 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   std::printf("[ timing ] GDN T=%lld H=16 D=128 bf16: part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate + backward %.2f ms\n",
               static_cast<long long>(T), summary_ms, forward_ms, backward_ms);
+  // One device as the schedule runs it (forward, then backward alone), recomputing and
+  // with the forward's kept buffer (forward_keeping, backward_reusing reading it).
+  {
+    DevBuf<float> kept(be.forward_kept_floats(p, all));
+    float ms[2][2] = {};
+    for (int rep = 0; rep < 3; ++rep) {  // recompute, keep, recompute, keep, ...: the last two timed
+      for (int keep = 0; keep < 2; ++keep) {
+        cuda_ok(cudaEventRecord(e0), "record");
+        if (keep) {
+          be.forward_keeping(p, all, nullptr, {}, o.mview(), kept.p, nullptr);
+        } else {
+          be.forward(p, all, nullptr, {}, o.mview(), nullptr);
+        }
+        cuda_ok(cudaEventRecord(e1), "record");
+        be.backward_reusing(nullptr, p, all, dout.cview(), nullptr, nullptr, {}, dq.mview(), dk.mview(), dv.mview(),
+                            dg.p, db.p, nullptr, nullptr, keep ? kept.p : nullptr);
+        cuda_ok(cudaEventRecord(e2), "record");
+        cuda_ok(cudaEventSynchronize(e2), "sync");
+        cuda_ok(cudaEventElapsedTime(&ms[keep][0], e0, e1), "elapsed");
+        cuda_ok(cudaEventElapsedTime(&ms[keep][1], e1, e2), "elapsed");
+      }
+    }
+    std::printf("[ timing ] GDN T=%lld one device: recomputing forward %.2f + backward %.2f = %.2f ms; "
+                "forward kept (%.1f MiB) forward %.2f + backward %.2f = %.2f ms\n",
+                static_cast<long long>(T), ms[0][0], ms[0][1], ms[0][0] + ms[0][1],
+                be.forward_kept_floats(p, all) * 4.0 / (1 << 20), ms[1][0], ms[1][1], ms[1][0] + ms[1][1]);
+  }
   // Where the chunked kernels' time goes (delta_chunk.h): each launch on its own,
   // the second of two runs timed.
   {

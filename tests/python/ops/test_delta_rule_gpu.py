@@ -129,3 +129,47 @@ def test_gdn_chunked_kernels(dtype, D, packed):
     for name, got, want in zip(NAMES, grads, grads_ref):
         assert torch.isfinite(got).all(), name
         assert rel_err(got.cpu(), want) < tol, name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("final", [False, True])
+def test_gdn_forward_kept_equals_recomputing(packed, final, monkeypatch):
+    """The forward's kept buffer (prep's and the state pass's outputs, read by the
+    backward instead of running them again) against LASP2_DELTA_KEEP_FORWARD=0: the same
+    kernels on the same values, so o, dq, dk, dv are equal bit for bit (dg, dbeta through
+    shared-memory atomics: up to their order). The op's kept tensor has the fake
+    function's size (> 0 where it keeps: rows with or without states, packed documents
+    without)."""
+    from lasp2.ops import _delta_library
+    cu = torch.tensor([0, 5, 64, 65, 150, 300]) if packed else None
+    B, T, H, D = (1 if packed else 2), 300, 2, 64
+    q, k, v, g, beta, h0 = make_inputs("gdn", B, T, H, D, seed=3, docs=cu.tolist() if packed else None)
+    q, k, v = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
+    g, beta, h0 = (x.to("cuda", torch.float32) for x in (g, beta, h0))
+    cu = cu.cuda() if packed else None
+    h0 = None if packed else h0  # packed documents with their own states keep nothing
+
+    def grads():
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o, fin = lasp2.gated_delta_rule(*leaves, initial_state=h0, output_final_state=final and not packed,
+                                        cu_seqlens=cu)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.device, o.dtype)
+        loss = (o.float() * do.float()).sum() + (fin.sum() if fin is not None else 0)
+        return [o.detach(), *torch.autograd.grad(loss, leaves)]
+
+    monkeypatch.setenv("LASP2_DELTA_KEEP_FORWARD", "0")
+    want = grads()
+    monkeypatch.delenv("LASP2_DELTA_KEEP_FORWARD")
+    got = grads()
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got[:4], want[:4]):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("dg", "dbeta"), got[4:], want[4:]):
+        assert rel_err(a, b) < 1e-5, name
+    # the real kept buffer against the fake function's size
+    args = (q, k, v, g, beta, cu, h0, D ** -0.5, 64, 0, 1, False, B if cu is None else cu.numel() - 1,
+            final and not packed, [])
+    kept = _delta_library.delta_rule_forward(*args)[6]
+    assert kept.numel() > 0
+    assert kept.numel() == _delta_library._forward_kept_floats(q, v, g, cu, h0, final and not packed, 0, 1)
+    monkeypatch.setenv("LASP2_DELTA_KEEP_FORWARD", "0")
+    assert _delta_library.delta_rule_forward(*args)[6].numel() == 0

@@ -22,7 +22,10 @@
 // chunk's gradients at once: delta_chunk_bwd.h). When one caller runs entering_dstate
 // and backward on the same part (the SP schedules, through DeltaFamily),
 // entering_dstate_keeping keeps prep's and rprep's outputs and backward_reusing skips
-// those two launches.
+// those two launches. forward_keeping keeps what the forward's prep and state pass wrote
+// (w, meta, T, v_new and the 16-bit state entering each chunk: ForwardKept) in a buffer
+// the caller holds until the backward, which then runs neither of them again.
+// LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
@@ -190,6 +193,40 @@ struct SegmentBuffers {
 // Rows of the chunked kernels' per-token scratch: (b, h) x whole chunks.
 int64_t chunk_rows(const gpu::Problem& g) { return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens; }
 
+// Whether the forward keeps its chunked kernels' outputs for the backward (forward_kept_floats
+// > 0): everything of chunked() and chunk_backward_takes() that the params' sizes, dtypes
+// and gate kind decide (the views' alignment is checked by each call).
+bool keeps_forward_params(const DeltaParams& p) {
+  const char* chunked_env = std::getenv("LASP2_DELTA_CHUNKED");
+  if (chunked_env != nullptr && chunked_env[0] == '0') return false;
+  const char* keep_env = std::getenv("LASP2_DELTA_KEEP_FORWARD");
+  if (keep_env != nullptr && keep_env[0] == '0') return false;
+  if (p.gate_kind != GateKind::kScalar) return false;
+  if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
+  if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
+  return cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
+}
+
+// One part's forward-kept buffer: w, meta, T, v_new, the 16-bit chunk states, back to
+// back (each a multiple of 64 floats, so every piece starts 256-byte aligned).
+struct ForwardKept {
+  float *w = nullptr, *meta = nullptr, *t = nullptr, *v_new = nullptr, *states = nullptr;
+
+  static int64_t floats(int64_t bh, int64_t chunks, int64_t dk, int64_t dv) {
+    const int64_t rows = bh * chunks * gpu::kChunkTokens;
+    return rows * dk / 2 + 2 * rows + rows * gpu::kChunkTokens / 2 + rows * dv / 2 + bh * chunks * dk * dv / 2;
+  }
+  ForwardKept(const gpu::Problem& g, const float* base) {
+    const int64_t rows = g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens;
+    float* p = const_cast<float*>(base);  // written by forward_keeping, read by the backward
+    w = p;
+    meta = w + rows * g.dk / 2;
+    t = meta + 2 * rows;
+    v_new = t + rows * gpu::kChunkTokens / 2;
+    states = v_new + rows * g.dv / 2;
+  }
+};
+
 // The backward's per-chunk inputs from prep (w, u, meta and T) and rprep (r). r goes
 // in place of u unless `separate_r` (then the state pass can still read u after rprep:
 // what entering_dstate keeps for backward).
@@ -205,8 +242,22 @@ class ChunkBackwardPrep final : public KeptPartWork {
     reverse = prep;
     if (separate_r) reverse.u = scratch_[4];
   }
+  // The forward's prep and state pass from `kept` (forward_keeping): only r is allocated.
+  ChunkBackwardPrep(const gpu::Problem& g, const ForwardKept& kept, const ScratchAllocator* allocator,
+                    cudaStream_t s)
+      : scratch_({chunk_rows(g) * g.dk / 2}, allocator, s) {
+    prep = {kept.w, nullptr, kept.meta};
+    prep.t = kept.t;
+    reverse = prep;
+    reverse.u = scratch_[0];
+    v_new = kept.v_new;
+    states = kept.states;
+  }
   gpu::ChunkPrep prep;     // u in .u
   gpu::ChunkPrep reverse;  // r in .u
+  // Non-null: the forward's state pass wrote them (nothing to run again).
+  const void* v_new = nullptr;
+  const void* states = nullptr;
 
  private:
   Scratch scratch_;
@@ -265,6 +316,48 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
+  }
+
+  int64_t forward_kept_floats(const DeltaParams& p, TokenRange part) const override {
+    if (p.bh() == 0 || part.length() <= 0 || !keeps_forward_params(p)) return 0;
+    return ForwardKept::floats(p.bh(), (part.length() + gpu::kChunkTokens - 1) / gpu::kChunkTokens, p.dim_k,
+                               p.dim_v);
+  }
+
+  // The chunked forward with prep's w, meta, T and the state pass's v_new and chunk states
+  // in `kept`. Where the output's views do not suit the chunked output pass (only a
+  // caller's own o can be misaligned: the binding's o follows v's strides), the walk
+  // writes o and the kept buffer is still filled for the backward.
+  void forward_keeping(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
+                       MutView o, float* kept, void* stream) const override {
+    check_params(p, part);
+    const int64_t kept_floats = kept != nullptr ? forward_kept_floats(p, part) : 0;
+    if (kept_floats == 0 || !chunked(p, part, {}) || (p.doc_start != nullptr && doc.initial != nullptr)) {
+      // zeros where nothing is kept (misaligned q, k, v: the backward's chunked kernels do
+      // not take the part either and never read it), so the buffer is deterministic
+      if (kept_floats > 0) fill_zero(kept, kept_floats, stream);
+      forward(p, part, entering, doc, o, stream);
+      return;
+    }
+    const cudaStream_t s = as_stream(stream);
+    const gpu::Problem g = problem_of(p, part, nullptr);
+    const ForwardKept fk(g, kept);
+    const Scratch scratch({chunk_rows(g) * g.dk / 2}, allocator_, s);  // u
+    gpu::ChunkPrep prep{fk.w, scratch[0], fk.meta};
+    prep.t = fk.t;  // the backward's copy of T (prep computes it either way)
+    gpu::launch_chunk_prep(g, prep, s);
+    gpu::ChunkStatesOut so;
+    so.entering = entering;
+    so.v_new = fk.v_new;
+    so.states = fk.states;
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::ForwardOut out;
+    set_out(o, out.o, out.osb, out.ost, out.osh);
+    if (rows_aligned(ConstView{o.data, o.stride})) {
+      gpu::launch_chunk_output(g, prep, fk.v_new, fk.states, out, s);
+    } else {
+      walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, s);
+    }
   }
 
   void entering_dstate(const DeltaParams& p, TokenRange part, ConstView dout, float* dentering,
@@ -328,8 +421,13 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     }
     const cudaStream_t s = as_stream(stream);
     const gpu::Problem g = problem_of(p, part, nullptr);
-    auto kept = std::make_unique<ChunkBackwardPrep>(g, true, allocator_, s);
-    gpu::launch_chunk_prep(g, kept->prep, s);
+    std::unique_ptr<ChunkBackwardPrep> kept;
+    if (plan.forward_kept != nullptr) {  // prep ran in the forward
+      kept = std::make_unique<ChunkBackwardPrep>(g, ForwardKept(g, plan.forward_kept), allocator_, s);
+    } else {
+      kept = std::make_unique<ChunkBackwardPrep>(g, true, allocator_, s);
+      gpu::launch_chunk_prep(g, kept->prep, s);
+    }
     gpu::launch_chunk_rprep(g, view_of(dout), kept->reverse, s);
     gpu::ChunkReverseOut ro;
     ro.entering = dentering;
@@ -346,16 +444,16 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
 
   void backward_reusing(const KeptPartWork* kept, const DeltaParams& p, TokenRange part, ConstView dout,
                         const float* entering, const float* leaving_dstate, const DocStates& doc, MutView dq,
-                        MutView dk, MutView dv, void* dg, void* dbeta, float* dentering,
-                        void* stream) const override {
+                        MutView dk, MutView dv, void* dg, void* dbeta, float* dentering, void* stream,
+                        const float* forward_kept = nullptr) const override {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
     const bool doc_states = doc.initial != nullptr || doc.final_dstate != nullptr || doc.d_initial != nullptr;
     if (chunk_backward_takes(p, part, dout, {dq, dk, dv, doc_states})) {
       chunked_backward(problem_of(p, part, nullptr), view_of(dout), dynamic_cast<const ChunkBackwardPrep*>(kept),
-                       entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg), static_cast<float*>(dbeta),
-                       dentering, s);
+                       forward_kept, entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg),
+                       static_cast<float*>(dbeta), dentering, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
@@ -490,25 +588,39 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   // prep; the state pass (v_new and the 16-bit state entering each chunk); r = -(P^T dO)
   // in place of u; the reverse state pass (each chunk's leaving-state gradient and the
   // entering state's); then every chunk's gradients at once (delta_chunk_bwd.h). With
-  // `kept` (entering_dstate_keeping of the same part) prep and rprep have run already.
-  void chunked_backward(const gpu::Problem& g, gpu::View dout, const ChunkBackwardPrep* kept, const float* entering,
-                        const float* leaving, MutView dq, MutView dk, MutView dv, float* dg, float* dbeta,
-                        float* dentering, cudaStream_t s) const {
+  // `kept` (entering_dstate_keeping of the same part) prep and rprep have run already; with
+  // `forward_kept` (forward_keeping of the part, the same entering state) prep and the
+  // state pass have.
+  void chunked_backward(const gpu::Problem& g, gpu::View dout, const ChunkBackwardPrep* kept,
+                        const float* forward_kept, const float* entering, const float* leaving, MutView dq,
+                        MutView dk, MutView dv, float* dg, float* dbeta, float* dentering, cudaStream_t s) const {
     const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv;
-    const Scratch scratch({chunk_rows(g) * g.dk / 2, states / 2, states / 2}, allocator_, s);
     std::optional<ChunkBackwardPrep> own;
-    if (kept == nullptr) {
+    if (kept == nullptr && forward_kept != nullptr) {
+      own.emplace(g, ForwardKept(g, forward_kept), allocator_, s);
+      kept = &*own;
+    } else if (kept == nullptr) {
       own.emplace(g, false, allocator_, s);
       gpu::launch_chunk_prep(g, own->prep, s);
       kept = &*own;
     }
+    const bool run_states = kept->v_new == nullptr;
+    const Scratch scratch({run_states ? chunk_rows(g) * g.dk / 2 : 0, run_states ? states / 2 : 0, states / 2},
+                          allocator_, s);
     const gpu::ChunkPrep& prep = kept->prep;
-    gpu::ChunkStatesOut so;
-    so.entering = entering;
-    so.v_new = scratch[0];
-    so.states = scratch[1];
-    gpu::launch_chunk_states(g, prep, so, s);
-    if (own) gpu::launch_chunk_rprep(g, dout, own->reverse, s);  // r over u: the state pass has read it
+    const void* v_new = kept->v_new;
+    const void* chunk_states = kept->states;
+    if (run_states) {
+      gpu::ChunkStatesOut so;
+      so.entering = entering;
+      so.v_new = scratch[0];
+      so.states = scratch[1];
+      gpu::launch_chunk_states(g, prep, so, s);
+      v_new = scratch[0];
+      chunk_states = scratch[1];
+    }
+    // r over u (the state pass has read it), or into its own buffer (forward kept)
+    if (own) gpu::launch_chunk_rprep(g, dout, own->reverse, s);
     gpu::ChunkReverseOut ro;
     ro.leaving = leaving;
     ro.dh = scratch[2];
@@ -517,8 +629,8 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::ChunkBackwardArgs a;
     a.dout = dout;
     a.meta = prep.meta;
-    a.v_new = scratch[0];
-    a.states = scratch[1];
+    a.v_new = v_new;
+    a.states = chunk_states;
     a.dh = scratch[2];
     a.t = prep.t;
     a.r = kept->reverse.u;
