@@ -8,6 +8,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
 
+#include "call_check_op.h"
 #include "delta_rule_op.h"
 #include "group_check.h"
 #include "lasp1_op.h"
@@ -106,6 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
   lasp2::torch_binding::register_group_check(m);  // the per-call cross-rank check (group_check.cpp)
+  lasp2::torch_binding::register_call_check(m);  // "NaN at the call" outside the C++ schedules (call_check_op.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA

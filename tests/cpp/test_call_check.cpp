@@ -1,9 +1,10 @@
 // "NaN at the call" (lasp2/call_check.h): the device values a call's cross-rank check
-// arms ride in LASP-2's forward AllGather, and every rank compares every rank's words
-// right after it. Ranks whose digests differ, or a rank with a positive maximum (a
-// positive gate), get NaN in every output and final state on EVERY rank, at this call;
-// agreeing ranks get bit-for-bit what an unarmed call returns, with still exactly one
-// collective. The armed check is taken by the forward (one call only).
+// arms ride in LASP-2's forward AllGather (LASP-1: one AllGather of their own beside the
+// ring), and every rank compares every rank's words after it. Ranks whose digests
+// differ, or a rank with a positive maximum (a positive gate), get NaN in every output
+// and final state on EVERY rank, at this call; agreeing ranks get bit-for-bit what an
+// unarmed call returns, LASP-2 with still exactly one collective, LASP-1 with one more
+// (and the same ring). The armed check is taken by the forward (one call only).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,8 +12,10 @@
 #include <cstring>
 #include <mutex>
 
+#include "armed_words.h"
 #include "consistency_values.h"
 #include "lasp2/call_check.h"
+#include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 #include "lasp2/scalar_decay.h"
 #include "local_slice.h"
@@ -20,12 +23,6 @@
 
 namespace lasp2::testing {
 namespace {
-
-int64_t bits_of(double x) {
-  int64_t b;
-  std::memcpy(&b, &x, sizeof(b));
-  return b;
-}
 
 // world ranks' words laid out as a gather would hold them: rank r's at r * stride floats
 std::vector<float> gathered(const std::vector<std::vector<int64_t>>& ranks, int64_t stride) {
@@ -89,13 +86,37 @@ bool none_nan(const std::vector<double>& x) {
 struct Outcome {
   std::vector<double> o;
   std::vector<float> final_state;
-  int collectives = 0;
+  int collectives = 0, p2p = 0;
   bool left_armed = true;
 };
 
-// One LASP-2 forward per rank with final states; words(rank) is what the rank arms ({}: nothing).
+// One forward of the schedule with final states on the rank's communicator.
+void forward(bool lasp1, const ScalarDecay& fwd, ThreadCommunicator& comm, const PartLayout& layout,
+             const SequenceStates& seq, bool overlap) {
+  const SummaryShape sh = fwd.shape();
+  if (lasp1) {
+    std::vector<float> entering(Lasp1Saved::entering_state_floats(sh, layout.parts_per_rank));
+    std::vector<float> records(Lasp1Saved::local_record_floats(sh, layout.parts_per_rank));
+    Workspace ws(lasp1_forward_workspace_bytes(fwd, layout, seq));
+    lasp1_forward(fwd, &comm, layout, Lasp1Saved{entering.data(), records.data(), nullptr}, seq, ws.data(), nullptr);
+    return;
+  }
+  std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+  std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+  std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+  std::vector<float> head_maps(std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, layout, false), 1));
+  const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
+  Workspace ws(lasp2_forward_workspace_bytes(fwd, layout, seq));
+  Lasp2Options options;
+  options.overlap_forward = overlap;
+  lasp2_forward(fwd, &comm, layout, saved, seq, ws.data(), options, nullptr);
+}
+
+// One forward per rank with final states (LASP-2, or LASP-1's ring); words(rank) is what
+// the rank arms ({}: nothing).
 template <typename Words>
-std::vector<Outcome> run_forward(int world, bool balanced, bool docs, bool overlap, uint32_t max_mask, Words words) {
+std::vector<Outcome> run_forward(bool lasp1, int world, bool balanced, bool docs, bool overlap, uint32_t max_mask,
+                                 Words words) {
   ProblemSpec s;
   s.mode = DecayMode::kGate;
   s.chunk_size = 4;
@@ -113,28 +134,14 @@ std::vector<Outcome> run_forward(int world, bool balanced, bool docs, bool overl
     Outcome& r = out[rank];
     r.o = local.zeros_like_v();
     const ScalarDecay fwd(cpu_backend(), p, MutView{r.o.data(), local.strides(p.dim_v)});
-    const SummaryShape sh = fwd.shape();
-    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
-    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
-    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
-    std::vector<float> head_maps(std::max<int64_t>(Lasp2Saved::head_maps_floats(sh, layout, false), 1));
-    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
-    r.final_state.assign(sh.state_floats, -1.f);
+    r.final_state.assign(fwd.shape().state_floats, -1.f);
     SequenceStates seq;
     seq.final_state = r.final_state.data();
     const std::vector<int64_t> mine = words(rank);
-    if (!mine.empty()) {
-      CallCheck c;
-      c.words = mine.data();
-      c.count = static_cast<int>(mine.size());
-      c.max_mask = max_mask;
-      arm_call_check(c);
-    }
-    Workspace fws(lasp2_forward_workspace_bytes(fwd, layout, seq));
-    Lasp2Options options;
-    options.overlap_forward = overlap;
-    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), options, nullptr);
+    if (!mine.empty()) arm_words(mine.data(), mine.size(), max_mask, Device::kCPU);
+    forward(lasp1, fwd, comm, layout, seq, overlap);
     r.collectives = comm.collectives();
+    r.p2p = comm.p2p_calls();
     r.left_armed = take_call_check().armed();
   });
   return out;
@@ -142,7 +149,7 @@ std::vector<Outcome> run_forward(int world, bool balanced, bool docs, bool overl
 
 struct PoisonCase {
   int world;
-  bool balanced, docs, overlap;
+  bool balanced, docs, overlap, lasp1;
 };
 
 class CallCheckPoison : public ::testing::TestWithParam<PoisonCase> {};
@@ -151,17 +158,17 @@ TEST_P(CallCheckPoison, EveryRankGetsNaNAtTheCallOrTheExactResult) {
   const PoisonCase c = GetParam();
   const int64_t digest = 0x5DEECE66Dll, neg = bits_of(-0.5);
   const auto none = [](int) { return std::vector<int64_t>{}; };
-  const auto plain = run_forward(c.world, c.balanced, c.docs, c.overlap, 0b10, none);
+  const auto plain = run_forward(c.lasp1, c.world, c.balanced, c.docs, c.overlap, 0b10, none);
   // agreeing words (maxima that differ but are not positive): the unarmed call's bits
-  const auto agree = run_forward(c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
+  const auto agree = run_forward(c.lasp1, c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
     return std::vector<int64_t>{digest, bits_of(-0.5 - rank), 0, 0};
   });
   // the last rank's digest differs
-  const auto differ = run_forward(c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
+  const auto differ = run_forward(c.lasp1, c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
     return std::vector<int64_t>{rank == c.world - 1 ? digest + 1 : digest, neg, 0, 0};
   });
   // rank 0 holds a positive gate
-  const auto positive = run_forward(c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
+  const auto positive = run_forward(c.lasp1, c.world, c.balanced, c.docs, c.overlap, 0b10, [&](int rank) {
     return std::vector<int64_t>{digest, rank == 0 ? bits_of(0.125) : neg, 0, 0};
   });
   for (int r = 0; r < c.world; ++r) {
@@ -173,25 +180,29 @@ TEST_P(CallCheckPoison, EveryRankGetsNaNAtTheCallOrTheExactResult) {
       EXPECT_TRUE(all_nan((*bad)[r].o));  // every token, also those after a document start
       EXPECT_TRUE(all_nan((*bad)[r].final_state));
     }
-    for (const auto* run : {&plain, &agree, &differ, &positive}) {
-      EXPECT_EQ((*run)[r].collectives, 1);  // the words ride in the one AllGather
-      EXPECT_FALSE((*run)[r].left_armed);   // taken by the forward
+    EXPECT_EQ(plain[r].collectives, 1);  // LASP-2's AllGather; LASP-1's of the final states
+    for (const auto* run : {&agree, &differ, &positive}) {
+      // LASP-2: the words ride in its one AllGather; LASP-1: one more, the ring unchanged
+      EXPECT_EQ((*run)[r].collectives, c.lasp1 ? 2 : 1);
+      EXPECT_EQ((*run)[r].p2p, plain[r].p2p);
     }
+    for (const auto* run : {&plain, &agree, &differ, &positive}) EXPECT_FALSE((*run)[r].left_armed);  // taken
   }
 }
 
 std::vector<PoisonCase> poison_cases() {
   std::vector<PoisonCase> cases;
-  for (int world : {2, 3})
-    for (bool balanced : {false, true})
-      for (bool docs : {false, true}) cases.push_back({world, balanced, docs, world == 2});
+  for (bool lasp1 : {false, true})
+    for (int world : {2, 3})
+      for (bool balanced : {false, true})
+        for (bool docs : {false, true}) cases.push_back({world, balanced, docs, world == 2 && !lasp1, lasp1});
   return cases;
 }
 
 std::string poison_name(const ::testing::TestParamInfo<PoisonCase>& info) {
   const auto& c = info.param;
-  return "P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") + (c.docs ? "_docs" : "") +
-         (c.overlap ? "_overlap" : "_fused");
+  return std::string(c.lasp1 ? "Lasp1_P" : "P") + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
+         (c.docs ? "_docs" : "") + (c.lasp1 ? "" : c.overlap ? "_overlap" : "_fused");
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CallCheckPoison, ::testing::ValuesIn(poison_cases()), poison_name);

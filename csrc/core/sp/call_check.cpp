@@ -16,29 +16,18 @@ namespace {
 
 thread_local CallCheck armed_check;
 
+template <typename Bits>
+void put_bits(void* p, Bits bits) {
+  std::memcpy(p, &bits, sizeof(bits));
+}
+
 // A quiet NaN of the element type, as its bits (float16 and bfloat16 need no arithmetic type).
 void fill_nan(void* p, ScalarType t) {
   switch (t) {
-    case ScalarType::kFloat32: {
-      const uint32_t bits = 0x7FC00000u;
-      std::memcpy(p, &bits, 4);
-      break;
-    }
-    case ScalarType::kFloat64: {
-      const uint64_t bits = 0x7FF8000000000000ull;
-      std::memcpy(p, &bits, 8);
-      break;
-    }
-    case ScalarType::kFloat16: {
-      const uint16_t bits = 0x7E00u;
-      std::memcpy(p, &bits, 2);
-      break;
-    }
-    case ScalarType::kBFloat16: {
-      const uint16_t bits = 0x7FC0u;
-      std::memcpy(p, &bits, 2);
-      break;
-    }
+    case ScalarType::kFloat32: return put_bits(p, uint32_t{0x7FC00000u});
+    case ScalarType::kFloat64: return put_bits(p, uint64_t{0x7FF8000000000000ull});
+    case ScalarType::kFloat16: return put_bits(p, uint16_t{0x7E00u});
+    case ScalarType::kBFloat16: return put_bits(p, uint16_t{0x7FC0u});
   }
 }
 

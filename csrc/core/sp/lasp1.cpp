@@ -4,6 +4,13 @@
 // table is [0, A, 0] (rows that only ever multiply a zero accumulator):
 //   combine_prefix({S_in, M, M}, target 2)     = A S_in + M            (S_out)
 //   combine_suffix({E, E, dS_out}, target 0)   = E + A^T dS_out        (dS_in)
+//
+// "NaN at the call" (lasp2/call_check.h): a ring rank hears only from its predecessor,
+// so the words the call's cross-rank check armed take one AllGather of their own
+// (2 * count floats per rank, sent from the check's ring entry), posted before the ring
+// and compared after it, when the outputs and final states are written: ranks whose
+// words fail return NaN on every rank. The check arms alike on every rank (its row
+// agreed at this call), so every rank posts that gather or none.
 #include "lasp2/lasp1.h"
 
 #include <memory>
@@ -36,9 +43,10 @@ int owner_of(const PartLayout& l, int g) {
 bool plain(const PartLayout& l, const SequenceStates& seq) { return l.world_size == 1 && !seq.any(); }
 
 // Forward workspace: the states leaving the local parts (send buffers), a fold table,
-// the parts' head records, and with final states this rank's [N] block and the gathered ones.
+// the parts' head records, with final states this rank's [N] block and the gathered ones,
+// and the ranks' gathered check words (kCallCheckFloats each; used when a check is armed).
 struct ForwardSpace {
-  float *leaving, *table, *heads, *finals, *gathered;
+  float *leaving, *table, *heads, *finals, *gathered, *words;
   int64_t floats;
   ForwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq, void* base) {
     const int64_t D = seq.final_state != nullptr ? seq.floats(s.state_floats) : 0;
@@ -48,6 +56,7 @@ struct ForwardSpace {
     heads = c.take(l.parts_per_rank * s.record_floats());
     finals = c.take(D);
     gathered = c.take(l.world_size * D);
+    words = c.take(l.world_size * kCallCheckFloats);
     floats = c.used;
   }
 };
@@ -140,6 +149,7 @@ int64_t lasp1_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
 void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp1Saved& saved, const SequenceStates& seq, void* workspace,
                    void* stream) {
+  const CallCheck check = sp::take_group_check(comm, f);
   check_ring(comm, layout, f, seq, saved);
   const int64_t T = f.local_tokens();
   if (plain(layout, seq)) {
@@ -152,6 +162,12 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   const bool packed = seq.packed();
   const ForwardSpace ws(sh, layout, seq, workspace);
   const int64_t D = seq.floats(S);
+  // the check's words fly while the ring runs (every rank posts this gather first)
+  const int64_t word_floats = 2 * static_cast<int64_t>(check.count);
+  std::unique_ptr<CommWork> words;
+  if (check.armed()) {
+    words = sp::gather(comm, f, reinterpret_cast<const float*>(check.words), ws.words, word_floats, stream);
+  }
 
   DocStates docs;  // documents inside the parts (packed only)
   if (seq.final_state != nullptr) f.fill_zero(ws.finals, D, stream);
@@ -203,6 +219,10 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   if (seq.final_state != nullptr) {  // every end state was written by exactly one rank
     sp::gather(comm, f, ws.finals, ws.gathered, D, stream)->wait(stream);
     sum_over_ranks(f, layout.world_size, ws.gathered, D, seq.final_state, stream);
+  }
+  if (words) {
+    words->wait(stream);
+    sp::poison_outputs(f, check, ws.words, word_floats, layout.world_size, seq.final_state, D, stream);
   }
   for (auto& work : sent) work->wait(stream);  // the send buffers live in the workspace
 }

@@ -158,13 +158,9 @@ int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
-  // taken whatever follows (it belongs to this call only); a group call's only
-  const CallCheck taken = take_call_check();
-  const CallCheck check = comm != nullptr ? taken : CallCheck{};
+  const CallCheck check = sp::take_group_check(comm, f);
   check_group(comm, layout, f);
   check_sequence_states(layout, seq);
-  LASP2_CHECK(!check.armed() || check.device == f.device(),
-              "the call's consistency check and the kernels work on different devices (CPU vs CUDA)");
   const int64_t T = f.local_tokens();
   if (layout.world_size == 1 && !seq.any()) {
     f.forward({0, T}, nullptr, DocStates{}, stream);
@@ -240,11 +236,7 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
     }
     f.combine_prefix(states, maps, first + total, seq.final_state + (seq.count - 1) * S, stream);
   }
-  if (check.armed()) {  // every rank reads the same gathered words: all poison, or none
-    const PoisonTarget targets[] = {f.output(), PoisonTarget::floats(seq.final_state, seq.final_state ? D : 0)};
-    poison_on_failed_check(f.device(), ws.gathered + ws.words, ws.sent, layout.world_size, check, targets, 2,
-                           stream);
-  }
+  sp::poison_outputs(f, check, ws.gathered + ws.words, ws.sent, layout.world_size, seq.final_state, D, stream);
 }
 
 void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& layout,

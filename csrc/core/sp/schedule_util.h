@@ -1,9 +1,11 @@
 // Pieces both sequence-parallel schedules (LASP-2, LASP-1) use: argument checks,
-// scratch sizing and the gather of a group that may be a single device.
+// scratch sizing, the gather of a group that may be a single device, and the call's
+// armed check (lasp2/call_check.h: taken at the start, its outputs poisoned at the end).
 #pragma once
 
 #include <memory>
 
+#include "lasp2/call_check.h"
 #include "lasp2/communicator.h"
 #include "lasp2/lasp2.h"
 #include "lasp2/params.h"
@@ -62,6 +64,29 @@ inline std::unique_ptr<CommWork> gather(Communicator* comm, const PartFamily& f,
   }
   return comm->all_gather(send, recv, static_cast<std::size_t>(count), ScalarType::kFloat32,
                           stream);
+}
+
+// The check the call's cross-rank check armed (lasp2/call_check.h), taken whatever
+// follows: it belongs to this call only. A call without a group (one device) takes
+// none (a group of one is never armed).
+inline CallCheck take_group_check(Communicator* comm, const PartFamily& f) {
+  const CallCheck taken = take_call_check();
+  if (comm == nullptr) return {};
+  LASP2_CHECK(!taken.armed() || taken.device == f.device(),
+              "the call's consistency check and the kernels work on different devices (CPU vs CUDA)");
+  return taken;
+}
+
+// After every rank's words were gathered (rank r's at gathered + r * rank_stride): the
+// call's output and its `final_floats` floats of final states (null: none) become NaN
+// on every rank when they fail, nothing is written otherwise. Every rank reads the same
+// gathered words, so all poison or none.
+inline void poison_outputs(const PartFamily& f, const CallCheck& check, const float* gathered,
+                           int64_t rank_stride, int world, float* final_state, int64_t final_floats,
+                           void* stream) {
+  if (!check.armed()) return;
+  const PoisonTarget targets[] = {f.output(), PoisonTarget::floats(final_state, final_state ? final_floats : 0)};
+  poison_on_failed_check(f.device(), gathered, rank_stride, world, check, targets, 2, stream);
 }
 
 }  // namespace lasp2::sp

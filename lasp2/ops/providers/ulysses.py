@@ -7,6 +7,12 @@ more all-to-all brings o back to sequence sharding. Backward runs the adjoint
 all-to-alls. Communication is O(T) activations per layer (4 all-to-alls forward, 4
 backward with g's), against LASP-2's O(1) states; heads must divide by P.
 
+"NaN at the call" (csrc/core/include/lasp2/call_check.h): the words the call's
+cross-rank check armed (its device values, compared DEPTH calls later) take one
+all-gather of their own (at most 32 bytes per rank) before the first all-to-all; after
+the last one the outputs become NaN on every rank when the ranks' words fail (one
+kernel, no host sync). The check arms alike on every rank, so every rank gathers or none.
+
 The whole exchange runs as one torch.library custom op pair, so torch.compile
 (fullgraph=True) takes it over a group:
   lasp2::ulysses_forward(q, k, v, g?, decay?, doc_start?, scale, chunk_size, comm, rank, world,
@@ -32,6 +38,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lasp2._extension import _C
 from lasp2.ops import _checks as C
 from lasp2.ops import _library as L
 from lasp2.ops._eager import eager_call, eager_function
@@ -65,15 +72,31 @@ def _heads(decay: Optional[Tensor], rank: int, heads: int) -> Optional[Tensor]:
     return None if decay is None else decay[rank * heads:(rank + 1) * heads]
 
 
+def _gather_armed_words(like, world: int, group, collectives):
+    """The words the call's check armed, gathered from every rank ([world, count] int64),
+    and their max mask; None when nothing is armed. Taken before the single-device op
+    below, which would take (and drop) them otherwise."""
+    armed = _C.take_call_check_words(like)
+    if armed is None:
+        return None
+    words, max_mask = armed
+    gathered = words.new_empty(world, words.numel())
+    collectives.all_gather_single(gathered, words, group=group)
+    return gathered, max_mask
+
+
 def _forward_eager(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check=0, consistency=None):
     if check:  # compiled: the cross-rank check (and the gates' signs) before the first all-to-all
         L._check_in_op(q, g, decay, scale, check, consistency)
     group, collectives = resolve(comm)
+    armed = _gather_armed_words(q, world, group, collectives)
     qh, kh, vh = (seq_to_head(x, world, group, collectives) for x in (q, k, v))
     gh = None if g is None else seq_to_head(g.unsqueeze(-1), world, group, collectives).squeeze(-1)
     o, _, *saved = L._forward_eager(qh, kh, vh, gh, _heads(decay, rank, q.shape[2] // world), doc_start, None,
                                     scale, chunk_size, 0, 1, True, [], 0, False)
     o = head_to_seq(o, world, group, collectives)
+    if armed is not None:  # every rank compares the same gathered words: all NaN, or none
+        _C.poison_on_failed_words(*armed, [o])
     return (o, qh, kh, vh, q.new_empty(0) if gh is None else gh, *saved)
 
 

@@ -17,6 +17,7 @@
 
 #include "lasp2/communicator.h"
 #include "lasp2/params.h"
+#include "../problem.h"
 #include "../thread_communicator.h"
 
 namespace lasp2::testing {
@@ -57,6 +58,20 @@ inline void cuda_ok(cudaError_t e, const char* what) {
 
 inline const char* dtype_name(ScalarType t) {
   return t == ScalarType::kBFloat16 ? "bf16" : t == ScalarType::kFloat16 ? "fp16" : "fp32";
+}
+
+// The sequence-parallel tests' problem on `world` ranks: parts of 96 tokens (they end
+// mid-chunk), documents starting inside a part, exactly at a part edge, at the last token.
+inline ProblemSpec sp_spec(int world) {
+  ProblemSpec s;
+  s.batch = 2;
+  s.heads = 2;
+  s.dim_k = s.dim_v = 64;
+  s.mode = DecayMode::kGate;
+  s.seqlen = 2 * world * 96;
+  s.scale = 0.125f;
+  s.doc_starts = {5, 96, 97, s.seqlen - 1};
+  return s;
 }
 
 // ---- element encoding -----------------------------------------------------------
@@ -272,7 +287,9 @@ double rel_err_f32(const std::vector<float>& got, const std::vector<W>& want, in
 
 // ---- a device-memory thread communicator ---------------------------------------------
 // All ranks are threads of this process on one GPU; all_gather synchronizes the
-// caller's stream, then copies every rank's send buffer with cudaMemcpy.
+// caller's stream, then copies every rank's send buffer with cudaMemcpy. send / recv
+// (LASP-1's ring) go through the host: send synchronizes the stream and posts a copy,
+// recv blocks until it arrives and copies it into the device buffer.
 class DeviceThreadCommunicator final : public Communicator {
  public:
   DeviceThreadCommunicator(std::shared_ptr<ThreadGroup> group, int rank)
@@ -295,18 +312,33 @@ class DeviceThreadCommunicator final : public Communicator {
     group_->barrier();
     return std::make_unique<CompletedWork>();
   }
-  std::unique_ptr<CommWork> send(const void*, std::size_t, ScalarType, int, void*) override {
-    fail("DeviceThreadCommunicator: send is not used by LASP-2");
+  std::unique_ptr<CommWork> send(const void* buffer, std::size_t count, ScalarType type, int peer,
+                                 void* stream) override {
+    ++p2p_;
+    std::vector<char> message(count * element_size(type));
+    cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "send: sync");
+    cuda_ok(cudaMemcpy(message.data(), buffer, message.size(), cudaMemcpyDeviceToHost), "send: copy");
+    group_->post(rank_, peer, std::move(message));
+    return std::make_unique<CompletedWork>();
   }
-  std::unique_ptr<CommWork> recv(void*, std::size_t, ScalarType, int, void*) override {
-    fail("DeviceThreadCommunicator: recv is not used by LASP-2");
+  std::unique_ptr<CommWork> recv(void* buffer, std::size_t count, ScalarType type, int peer,
+                                 void* stream) override {
+    ++p2p_;
+    const std::vector<char> message = group_->take(peer, rank_);
+    LASP2_CHECK(message.size() == count * element_size(type), "DeviceThreadCommunicator: size mismatch");
+    // the buffer may still be read by work queued on the stream
+    cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "recv: sync");
+    cuda_ok(cudaMemcpy(buffer, message.data(), message.size(), cudaMemcpyHostToDevice), "recv: copy");
+    return std::make_unique<CompletedWork>();
   }
   int collectives() const { return collectives_; }
+  int p2p_calls() const { return p2p_; }
 
  private:
   std::shared_ptr<ThreadGroup> group_;
   int rank_;
   int collectives_ = 0;
+  int p2p_ = 0;
 };
 
 // run_ranks with device-memory communicators; every thread works on device 0.

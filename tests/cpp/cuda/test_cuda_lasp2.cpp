@@ -228,14 +228,7 @@ class CudaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
 TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
   LASP2_SKIP_WITHOUT_CUDA();
   const SpCase c = GetParam();
-  ProblemSpec s;
-  s.batch = 2;
-  s.heads = 2;
-  s.dim_k = s.dim_v = 64;
-  s.mode = DecayMode::kGate;
-  s.seqlen = 2 * c.world * 96;  // parts of 96 tokens: they end mid-chunk
-  s.scale = 0.125f;
-  s.doc_starts = {5, 96, 97, s.seqlen - 1};  // one exactly at a part edge
+  const ProblemSpec s = sp_spec(c.world);
   auto global = rounded(s, c.dtype, 99);
   if (c.forget) forget_some(global);  // also at part edges (95, 96, 255, 256)
   const auto ref = recurrent_reference(global);

@@ -12,20 +12,8 @@ import torch
 import torch.distributed as dist
 
 import lasp2
+from lasp2_testing.lagged import qkv, value_error
 from rel_helpers import assert_all_ok, run_world
-
-
-def _qkv(T=8, H=2, D=4, seed=0, grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, T, H, D, generator=gen, dtype=torch.float64).requires_grad_(grad) for _ in range(3))
-
-
-def _error(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _scenarios(rank, world):
@@ -36,37 +24,37 @@ def _scenarios(rank, world):
     out = {}
     same = torch.tensor([-0.1, -0.2], dtype=torch.float64)
     mine = torch.tensor([-0.1, -0.2 if rank == 0 else -0.3], dtype=torch.float64)
-    la = lambda **kw: lasp2.linear_attention(*_qkv(), group=W, **kw)  # noqa: E731
+    la = lambda **kw: lasp2.linear_attention(*qkv(), group=W, **kw)  # noqa: E731
 
     # agreeing calls: one exchange each, no error; the result is the one-device result
     GC.STATS.update(sync=0)
-    q, k, v = _qkv()
+    q, k, v = qkv()
     o = lasp2.linear_attention(q, k, v, decay=same, group=W)
     la(decay=same)
     out["exchanges"] = GC.STATS["sync"]
-    full = [torch.cat([_qkv(seed=0)[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
+    full = [torch.cat([qkv(seed=0)[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
     want = lasp2.linear_attention(*full, decay=same)[:, rank * 8:(rank + 1) * 8]
     out["value_ok"] = torch.allclose(o, want, rtol=1e-6, atol=1e-6)  # SP vs one device: 1e-7 either mode
 
     # differing decay values: the call returns, and so does the next; the DEPTH-th call
     # after it raises on every rank (calls without device values count too)
-    out["decay_call"] = _error(lambda: la(decay=mine))
-    out["decay_next"] = _error(lambda: la())
-    out["decay_depth"] = _error(lambda: la())
-    out["after_decay"] = _error(lambda: la(decay=same))  # usable again (and this call's values agree)
+    out["decay_call"] = value_error(lambda: la(decay=mine))
+    out["decay_next"] = value_error(lambda: la())
+    out["decay_depth"] = value_error(lambda: la())
+    out["after_decay"] = value_error(lambda: la(decay=same))  # usable again (and this call's values agree)
 
     # ... or the backward of its outputs raises, before the op's backward
-    q, k, v = _qkv(grad=True)
+    q, k, v = qkv(grad=True)
     o = lasp2.linear_attention(q, k, v, decay=mine, group=W)
     GC.LAGGED_SETTLES[0] = 0
-    out["decay_backward"] = _error(lambda: o.sum().backward())
+    out["decay_backward"] = value_error(lambda: o.sum().backward())
     out["no_grad_reached"] = q.grad is None
     out["settles"] = GC.LAGGED_SETTLES[0]
-    out["after_backward"] = _error(lambda: la())
+    out["after_backward"] = value_error(lambda: la())
 
     # agreeing values, backward: the first hook sends every waiting entry in one exchange,
     # the second hook finds its values sent
-    q, k, v = _qkv(grad=True)
+    q, k, v = qkv(grad=True)
     o1 = lasp2.linear_attention(q, k, v, decay=same, group=W)
     o2 = lasp2.linear_attention(q, k, v, decay=same, group=W)
     GC.LAGGED_SETTLES[0] = 0
@@ -79,32 +67,32 @@ def _scenarios(rank, world):
         return GC.verify_group_consistency("lasp2.test_op", W, [1, 2], ["a", "b"], torch.device("cpu"),
                                            flags=[("`g` holds positive log gates", torch.tensor(value))])
     flagged(False)
-    out["flag_call"] = _error(lambda: flagged(rank == 1))
-    out["flag_next"] = _error(lambda: flagged(False))
-    out["flag_depth"] = _error(lambda: flagged(False))
+    out["flag_call"] = value_error(lambda: flagged(rank == 1))
+    out["flag_next"] = value_error(lambda: flagged(False))
+    out["flag_depth"] = value_error(lambda: flagged(False))
 
     # a size disagreement while values wait: raised at the call; the waiting values are
     # dropped on every rank, so the backward of their outputs raises instead of running
-    q, k, v = _qkv(grad=True)
+    q, k, v = qkv(grad=True)
     o = lasp2.linear_attention(q, k, v, decay=same, group=W)
-    out["sizes"] = _error(lambda: lasp2.linear_attention(*_qkv(T=8 if rank == 0 else 4), group=W))
-    out["lost_backward"] = _error(lambda: o.sum().backward())
+    out["sizes"] = value_error(lambda: lasp2.linear_attention(*qkv(T=8 if rank == 0 else 4), group=W))
+    out["lost_backward"] = value_error(lambda: o.sum().backward())
     out["lost_no_grad"] = q.grad is None
-    out["after_sizes"] = _error(lambda: la())
+    out["after_sizes"] = value_error(lambda: la())
 
     # a rank whose own argument check fails while values wait: everybody raises, then works
     la(decay=same)
-    out["local_failure"] = _error(lambda: la(scale="x" if rank == 0 else None))
-    out["after_failure"] = _error(lambda: la())
+    out["local_failure"] = value_error(lambda: la(scale="x" if rank == 0 else None))
+    out["after_failure"] = value_error(lambda: la())
 
     # a forward-only run's last calls: settle_consistency_checks compares what waits
     with torch.no_grad():
         la(decay=mine)
-    out["settle_mismatch"] = _error(lambda: lasp2.settle_consistency_checks(W))
-    out["settle_again"] = _error(lambda: lasp2.settle_consistency_checks(W))  # nothing waits
+    out["settle_mismatch"] = value_error(lambda: lasp2.settle_consistency_checks(W))
+    out["settle_again"] = value_error(lambda: lasp2.settle_consistency_checks(W))  # nothing waits
     with torch.no_grad():
         la(decay=same)
-    out["settle_clean"] = _error(lambda: lasp2.settle_consistency_checks())
+    out["settle_clean"] = value_error(lambda: lasp2.settle_consistency_checks())
     return out
 
 

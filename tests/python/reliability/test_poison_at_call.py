@@ -3,30 +3,20 @@
 at that call, while the error itself still arrives from the check's ring DEPTH calls
 later (or at the backward, or at settle_consistency_checks) with the same message on
 every rank. The values ride in LASP-2's own forward AllGather and are compared right
-after it (csrc/core/include/lasp2/call_check.h). Forced onto CPU tensors over gloo with
+after it (csrc/core/include/lasp2/call_check.h); providers "lasp1" (a ring of sends)
+and "ulysses" (all-to-alls over heads) gather them in one all-gather of their own. Forced onto CPU tensors over gloo with
 LAG_ON_CPU and DEPTH = 2 (on CPU groups the values are otherwise compared at the call);
 agreeing ranks get the one-process result, bit for bit what the unlagged check gives."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import lasp2
+from lasp2_testing.lagged import qkv, value_error
 from rel_helpers import assert_all_ok, run_world
 
 T, H, D = 8, 2, 4
-
-
-def _qkv(seed=0, grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, T, H, D, generator=gen, dtype=torch.float64).requires_grad_(grad) for _ in range(3))
-
-
-def _error(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _nan(*tensors):
@@ -43,7 +33,7 @@ def _scenarios(rank, world):
     W = dist.group.WORLD
     same = torch.tensor([-0.1, -0.2], dtype=torch.float64)
     mine = torch.tensor([-0.1, -0.2 if rank == 0 else -0.3], dtype=torch.float64)
-    la = lambda **kw: lasp2.linear_attention(*_qkv(), group=W, **kw)  # noqa: E731
+    la = lambda **kw: lasp2.linear_attention(*qkv(), group=W, **kw)  # noqa: E731
     out = {}
 
     # agreeing ranks: the values compared at the call (nothing armed) and through the ring
@@ -53,19 +43,19 @@ def _scenarios(rank, world):
     GC.LAG_ON_CPU = True
     lagged = la(decay=same)
     out["bitwise"] = torch.equal(at_call, lagged)
-    full = [torch.cat([_qkv()[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
+    full = [torch.cat([qkv()[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
     want = lasp2.linear_attention(*full, decay=same)[:, rank * T:(rank + 1) * T]
     out["one_process"] = torch.allclose(lagged, want, rtol=1e-6, atol=1e-6)
-    out["settle_clean"] = _error(lambda: lasp2.settle_consistency_checks(W))
+    out["settle_clean"] = value_error(lambda: lasp2.settle_consistency_checks(W))
 
     # a differing decay: NaN on every rank at this call; the next call is its own (finite)
     # result; the DEPTH-th call raises on every rank, as before
     bad = la(decay=mine)
     out["bad_nan"] = _nan(bad)
     out["next_finite"] = _finite(la())
-    out["depth_error"] = _error(lambda: la())
+    out["depth_error"] = value_error(lambda: la())
     out["after_finite"] = _finite(la(decay=same))
-    out["after_settle"] = _error(lambda: lasp2.settle_consistency_checks(W))
+    out["after_settle"] = value_error(lambda: lasp2.settle_consistency_checks(W))
 
     # every schedule and output: splits, packed documents (tokens after a document start
     # do not see the entering state: still NaN), both forward schedules, final states
@@ -79,23 +69,18 @@ def _scenarios(rank, world):
                 key = f"{split}/{'docs' if docs else 'plain'}/{'overlap' if overlap else 'fused'}"
                 kw = dict(split=split, cu_seqlens=cu, overlap=overlap, output_final_state=True)
                 o, final = la(decay=mine, initial_state=h0, **kw)
-                settle = _error(lambda: lasp2.settle_consistency_checks(W))
+                settle = value_error(lambda: lasp2.settle_consistency_checks(W))
                 o_ok, final_ok = la(decay=same, **kw)
                 cases[key] = (_nan(o, final), settle, _finite(o_ok, final_ok))
     out["cases"] = cases
 
     # with gradients: NaN outputs, and the backward raises before any gradient (the hook)
-    q, k, v = _qkv(grad=True)
+    q, k, v = qkv(grad=True)
     o = lasp2.linear_attention(q, k, v, decay=mine, group=W)
     out["grad_nan"] = _nan(o.detach())
-    out["backward"] = _error(lambda: o.sum().backward())
+    out["backward"] = value_error(lambda: o.sum().backward())
     out["no_grad"] = q.grad is None
 
-    # a provider whose schedule does not take the armed values (LASP-1: no AllGather to
-    # fold them into) leaves them for nobody: the next lasp2 call's check disarms them
-    la(decay=mine, provider="lasp1")
-    out["stale_not_applied"] = _finite(la())
-    out["lasp1_error"] = _error(lambda: la())
     return out
 
 
@@ -111,7 +96,73 @@ def test_disagreeing_device_values_give_nan_at_the_call_on_every_rank():
             assert settle is not None and "`decay` values" in settle, key
             assert ok, f"{key}: the agreeing call after it is finite"
         assert r["grad_nan"] and "backward" in r["backward"] and r["no_grad"]
-        assert r["stale_not_applied"] and "`decay` values" in r["lasp1_error"]
-    for key in ("depth_error", "backward", "lasp1_error"):
+    for key in ("depth_error", "backward"):
         assert results[0][key] == results[1][key], f"{key}: ranks must raise the same error"
     assert results[0]["cases"] == results[1]["cases"]
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _other_providers(rank, world):
+    """LASP-1's ring and Ulysses' all-to-alls: the same NaN at the call, the same error
+    DEPTH calls later (or at the backward), the same bits as the unlagged check when the
+    ranks agree."""
+    from lasp2.ops import _group_consistency as GC
+
+    GC.DEPTH = 2
+    W = dist.group.WORLD
+    heads = 6  # Ulysses shards heads over 2 or 3 ranks
+    same = -torch.linspace(0.1, 0.6, heads, dtype=torch.float64)
+    mine = same.clone()
+    if rank == world - 1:
+        mine[1] = -0.35
+    full = [torch.cat([qkv(H=heads)[i]] * world, dim=1) for i in range(3)]  # every rank holds the same shard
+    want = lasp2.linear_attention(*full, decay=same)[:, rank * T:(rank + 1) * T]
+    out = {}
+    for provider, splits, states in (("lasp1", ("contiguous", "balanced"), True), ("ulysses", ("contiguous",), False)):
+        for split in splits:
+            kw = dict(group=W, provider=provider, split=split)
+            if states:
+                kw["output_final_state"] = True
+            call = lambda decay, grad=False: lasp2.linear_attention(*qkv(H=heads, grad=grad), decay=decay, **kw)  # noqa: E731,B023
+            r = {}
+            GC.LAG_ON_CPU = False  # compared at the call: nothing armed
+            at_call = _outputs(call(same))
+            GC.LAG_ON_CPU = True
+            lagged = _outputs(call(same))
+            r["bitwise"] = all(torch.equal(a, b) for a, b in zip(at_call, lagged))
+            r["one_process"] = split == "balanced" or torch.allclose(lagged[0], want, rtol=1e-6, atol=1e-6)
+            # forward only: NaN at the call (outputs and final states), the error DEPTH calls later
+            r["bad_nan"] = _nan(*_outputs(call(mine)))
+            r["next_finite"] = _finite(*_outputs(call(None)))
+            r["depth_error"] = value_error(lambda: call(None))  # noqa: B023
+            r["after_finite"] = _finite(*_outputs(call(same)))
+            r["settle"] = value_error(lambda: lasp2.settle_consistency_checks(W))
+            # with gradients: NaN outputs, and the backward raises before any gradient
+            q, k, v = qkv(H=heads, grad=True)
+            o = _outputs(lasp2.linear_attention(q, k, v, decay=mine, **kw))
+            r["grad_nan"] = _nan(*(x.detach() for x in o))
+            r["backward"] = value_error(lambda: o[0].sum().backward())  # noqa: B023
+            r["no_grad"] = q.grad is None
+            out[f"{provider}/{split}"] = r
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_lasp1_and_ulysses_give_nan_at_the_call_on_every_rank(world):
+    results = assert_all_ok(run_world(world, _other_providers, timeout=300))
+    for rank, res in enumerate(results):
+        assert set(res) == {"lasp1/contiguous", "lasp1/balanced", "ulysses/contiguous"}
+        for key, r in res.items():
+            where = f"rank {rank}, {key}"
+            assert r["bitwise"], f"{where}: agreeing ranks must get the unlagged check's bits"
+            assert r["one_process"], f"{where}: agreeing ranks must get the one-process result"
+            assert r["bad_nan"], f"{where}: the call with differing `decay` must return NaN on every rank"
+            assert r["next_finite"] and r["after_finite"] and r["settle"] is None, where
+            assert "`decay` values" in r["depth_error"] and "earlier call" in r["depth_error"], where
+            assert r["grad_nan"] and "backward" in r["backward"] and r["no_grad"], where
+    for key in results[0]:
+        for field in ("depth_error", "backward"):
+            assert len({res[key][field] for res in results}) == 1, f"{key} {field}: ranks must raise the same error"

@@ -4,18 +4,21 @@
 // gate") DEPTH calls later, so that the host never waits for the op's stream
 // (csrc/torch/group_check.h). To keep the calls in between from returning a silently
 // wrong answer, the check ARMS the call's values (a few int64 words on the op's device)
-// right before the op; the LASP-2 forward of the same thread TAKES them, sends them in
-// its own AllGather (a few words per rank, independent of the sequence length) and,
-// right after it, every rank compares every rank's words on the device: when two ranks'
-// digests differ, or a maximum word is positive on a rank, the call's outputs and final
-// states become NaN on every rank (one tiny kernel that writes nothing otherwise; no
-// host sync). The error itself still comes from the check, DEPTH calls later or at the
-// backward, naming the value and the ranks.
+// right before the op; the forward of the same thread TAKES them and gathers them over
+// the group: LASP-2 in its own AllGather (a few words per rank, independent of the
+// sequence length), LASP-1 (a ring of sends) in one AllGather of their own posted before
+// the ring, provider "ulysses" (Python all-to-alls) through its collectives
+// (csrc/torch/call_check_op.h). After it every rank compares every rank's words on the
+// device: when two ranks' digests differ, or a maximum word is positive on a rank, the
+// call's outputs and final states become NaN on every rank (one tiny kernel that writes
+// nothing otherwise; no host sync). The error itself still comes from the check, DEPTH
+// calls later or at the backward, naming the value and the ranks. The check arms only
+// when its row agreed at this call and the call has device values, both alike on every
+// rank, so every rank gathers the words or none does.
 //
 // Thread-local: the check and the op run on the caller's thread (and each rank of the
 // core tests is a thread). Every check of a group call disarms first, so an armed call
-// whose op never reaches the LASP-2 schedule (providers "lasp1", "ulysses") leaves
-// nothing for a later op.
+// whose op never takes it leaves nothing for a later op.
 #pragma once
 
 #include <cstdint>

@@ -36,6 +36,11 @@
 // since the end states arise on different ranks. Backward: ONE AllGather sums the
 // ranks' final-state gradients before the ring; the last part's leaving gradient is
 // the last sequence's, and dS_in of a part also carries A_head^T dF(head document).
+//
+// "NaN at the call" (lasp2/call_check.h): when the call's cross-rank check armed its
+// device values, the forward gathers them in one more AllGather (at most 32 bytes per
+// rank, posted before the ring, waited for after it) and fills the outputs and final
+// states with NaN on every rank when the ranks' values fail.
 #pragma once
 
 #include "lasp2/communicator.h"
