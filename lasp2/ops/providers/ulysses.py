@@ -80,9 +80,9 @@ def _gather_armed_words(like, world: int, group, collectives):
     if armed is None:
         return None
     words, max_mask = armed
-    gathered = words.new_empty(world, words.numel())
+    gathered = words.new_empty(world * words.numel())  # flat: gloo takes no stacked output
     collectives.all_gather_single(gathered, words, group=group)
-    return gathered, max_mask
+    return gathered.view(world, -1), max_mask
 
 
 def _forward_eager(q, k, v, g, decay, doc_start, scale, chunk_size, comm, rank, world, check=0, consistency=None):

@@ -13,6 +13,7 @@
 
 #include "../armed_words.h"
 #include "cuda_test_util.h"
+#include "device_rank.h"
 #include "lasp2/call_check.h"
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
@@ -39,25 +40,8 @@ struct Result {
 // One rank's forward (LASP-2 or LASP-1) with final states on the GPU.
 Result forward_on_device(bool lasp1, const Problem<double>& pr, ScalarType t, const PartLayout& layout,
                          DeviceThreadCommunicator& comm, const Armed& armed) {
-  const ProblemSpec& s = pr.spec;
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), k(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), o(s.batch, s.seqlen, s.heads, s.dim_v, t, {});
-  q.upload(pr.q);
-  k.upload(pr.k);
-  v.upload(pr.v);
-  DevBuf<float> gate = to_device_f32(pr.gate), logd = to_device_f32(pr.log_decay);
-  DevBuf<uint8_t> doc(pr.doc_start.size());
-  if (!pr.doc_start.empty()) doc.upload(pr.doc_start);
-  AttentionParams p = pr.params();
-  p.dtype = t;
-  p.q = q.cview();
-  p.k = k.cview();
-  p.v = v.cview();
-  p.decay.dtype = ScalarType::kFloat32;
-  p.decay.gate = gate.p;
-  p.decay.log_decay = logd.p;
-  p.doc_start = s.doc_starts.empty() ? nullptr : doc.p;
-  const ScalarDecay family(cuda_backend(), p, o.mview());
+  DeviceRank rank(pr, t, layout);
+  const ScalarDecay family(cuda_backend(), rank.p, rank.o.mview());
   const SummaryShape sh = family.shape();
   DevBuf<float> final_state(sh.state_floats);
   // zeros, not the 0xFF poison: an unwritten final state must not pass for NaN
@@ -77,19 +61,16 @@ Result forward_on_device(bool lasp1, const Problem<double>& pr, ScalarType t, co
     lasp1_forward(family, &comm, layout, Lasp1Saved{entering.p, records.p, nullptr}, seq, ws.p, stream);
     cuda_ok(cudaStreamSynchronize(stream), "LASP-1 forward");
   } else {
-    DevBuf<float> records(Lasp2Saved::local_records_floats(sh, layout));
-    DevBuf<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
-    DevBuf<float> maps(Lasp2Saved::maps_floats(sh, layout));
     DevBuf<float> head_maps(1);
     DevBuf<double> ws((lasp2_forward_workspace_bytes(family, layout, seq) + 7) / 8);
-    lasp2_forward(family, &comm, layout, Lasp2Saved{records.p, prefixes.p, maps.p, head_maps.p}, seq, ws.p,
-                  Lasp2Options{}, stream);
+    lasp2_forward(family, &comm, layout, Lasp2Saved{rank.records.p, rank.prefixes.p, rank.decays.p, head_maps.p},
+                  seq, ws.p, Lasp2Options{}, stream);
     cuda_ok(cudaStreamSynchronize(stream), "LASP-2 forward");
   }
   cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
   Result r;
-  r.o = o.buf.download();
-  const auto back = o.download();
+  r.o = rank.o.buf.download();
+  const auto back = rank.o.download();
   r.o_values = back.v;
   r.o_written = back.written;
   r.final_state = final_state.download();
