@@ -102,11 +102,12 @@ struct Case {
   ScalarType dtype;
 };
 
-std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  const Case& c = info.param;
+std::string case_name(const Case& c) {
   return std::string(c.lasp1 ? "Lasp1_P" : "Lasp2_P") + std::to_string(c.world) +
          (c.balanced ? "_balanced_" : "_contiguous_") + dtype_name(c.dtype);
 }
+
+void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
 
 class CudaCallCheck : public ::testing::TestWithParam<Case> {};
 
@@ -153,7 +154,7 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CudaCallCheck,
                                            Case{false, 3, true, ScalarType::kFloat32},
                                            Case{true, 2, true, ScalarType::kBFloat16},
                                            Case{true, 3, false, ScalarType::kFloat32}),
-                         case_name);
+                         [](const ::testing::TestParamInfo<Case>& i) { return case_name(i.param); });
 
 }  // namespace
 }  // namespace lasp2::testing
