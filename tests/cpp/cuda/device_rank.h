@@ -1,6 +1,6 @@
-// One rank's linear attention problem on the device (the CUDA backend's end-to-end
-// tests: test_cuda_lasp2.cpp, test_cuda_call_check.cpp): inputs uploaded once, LASP-2's
-// saved buffers and workspaces sized for the layout, the params pointing at them.
+// A linear attention problem on the device (the CUDA backend's tests: test_cuda_kernels.cpp,
+// test_cuda_lasp2.cpp, test_cuda_call_check.cpp): the inputs uploaded once and the params
+// pointing at them; for one rank of a layout also LASP-2's saved buffers and workspaces.
 #pragma once
 
 #include <algorithm>
@@ -16,25 +16,20 @@ struct Grads {
   std::vector<double> o, dq, dk, dv, dg;
 };
 
-// One rank's problem on the device: inputs uploaded once, forward + backward
-// enqueued on a stream without synchronizing (so it can be captured in a graph).
-struct DeviceRank {
-  ProblemSpec s;
-  ScalarType dtype;
-  DevTensor q, k, v, dout, o, dq, dk, dv;
-  DevBuf<float> gate, logd, dg, records, prefixes, decays, states;
-  bool keep_states = true;  // Lasp2Saved::segment_states (the kernels' segment states) or recompute
+// A problem's inputs on the device in a layout, and the params pointing at them.
+struct DeviceProblem {
+  DevTensor q, k, v, dout;
+  DevBuf<float> gate, log_decay;
   DevBuf<uint8_t> doc;
-  DevBuf<double> fws, bws;
   AttentionParams p;
 
-  DeviceRank(const Problem<double>& pr, ScalarType t, const PartLayout& layout)
-      : s(pr.spec), dtype(t),
-        q(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), k(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
-        v(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), dout(s.batch, s.seqlen, s.heads, s.dim_v, t, {}),
-        o(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), dq(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
-        dk(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), dv(s.batch, s.seqlen, s.heads, s.dim_v, t, {}),
-        gate(to_device_f32(pr.gate)), logd(to_device_f32(pr.log_decay)), dg(s.batch * s.seqlen * s.heads),
+  DeviceProblem(const Problem<double>& pr, ScalarType dtype, Layout lay)
+      : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
+        k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
+        v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
+        dout(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
+        gate(to_device_f32(pr.gate)),
+        log_decay(to_device_f32(pr.log_decay)),
         doc(pr.doc_start.size()) {
     q.upload(pr.q);
     k.upload(pr.k);
@@ -42,14 +37,34 @@ struct DeviceRank {
     dout.upload(pr.dout);
     doc.upload(pr.doc_start);
     p = pr.params();
-    p.dtype = t;
+    p.dtype = dtype;
     p.q = q.cview();
     p.k = k.cview();
     p.v = v.cview();
     p.decay.dtype = ScalarType::kFloat32;
     p.decay.gate = gate.p;
-    p.decay.log_decay = logd.p;
-    p.doc_start = s.doc_starts.empty() ? nullptr : doc.p;
+    p.decay.log_decay = log_decay.p;
+    p.doc_start = pr.spec.doc_starts.empty() ? nullptr : doc.p;
+  }
+  DevTensor like_v() { return DevTensor(v.B, v.T, v.H, v.D, v.type, v.layout); }
+  DevTensor like_k() { return DevTensor(k.B, k.T, k.H, k.D, k.type, k.layout); }
+};
+
+// One rank's problem on the device: inputs uploaded once, forward + backward
+// enqueued on a stream without synchronizing (so it can be captured in a graph).
+struct DeviceRank : DeviceProblem {
+  ProblemSpec s;
+  ScalarType dtype;
+  DevTensor o, dq, dk, dv;
+  DevBuf<float> dg, records, prefixes, decays, states;
+  bool keep_states = true;  // Lasp2Saved::segment_states (the kernels' segment states) or recompute
+  DevBuf<double> fws, bws;
+
+  DeviceRank(const Problem<double>& pr, ScalarType t, const PartLayout& layout)
+      : DeviceProblem(pr, t, Layout{}), s(pr.spec), dtype(t),
+        o(s.batch, s.seqlen, s.heads, s.dim_v, t, {}), dq(s.batch, s.seqlen, s.heads, s.dim_k, t, {}),
+        dk(s.batch, s.seqlen, s.heads, s.dim_k, t, {}), dv(s.batch, s.seqlen, s.heads, s.dim_v, t, {}),
+        dg(s.batch * s.seqlen * s.heads) {
     records = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::local_records_floats(p, layout)));
     prefixes = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::prefix_states_floats(p, layout)));
     decays = DevBuf<float>(std::max<int64_t>(1, Lasp2Saved::log_decays_floats(p, layout)));

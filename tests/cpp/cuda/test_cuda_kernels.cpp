@@ -23,6 +23,7 @@
 #include <random>
 
 #include "cuda_test_util.h"
+#include "device_rank.h"
 #include "lasp2/kernel_backend.h"
 #include "../problem.h"
 
@@ -75,39 +76,6 @@ Problem<double> make_problem(const OpCase& c, uint32_t seed) {
   for (auto& x : pr.log_decay) x = static_cast<double>(static_cast<float>(x));
   return pr;
 }
-
-struct DeviceProblem {
-  DevTensor q, k, v, dout;
-  DevBuf<float> gate, log_decay;
-  DevBuf<uint8_t> doc;
-  AttentionParams p;
-
-  DeviceProblem(const Problem<double>& pr, ScalarType dtype, Layout lay)
-      : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
-        k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, dtype, lay),
-        v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
-        dout(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, dtype, lay),
-        gate(to_device_f32(pr.gate)),
-        log_decay(to_device_f32(pr.log_decay)),
-        doc(pr.doc_start.size()) {
-    q.upload(pr.q);
-    k.upload(pr.k);
-    v.upload(pr.v);
-    dout.upload(pr.dout);
-    doc.upload(pr.doc_start);
-    p = pr.params();
-    p.dtype = dtype;
-    p.q = q.cview();
-    p.k = k.cview();
-    p.v = v.cview();
-    p.decay.dtype = ScalarType::kFloat32;
-    p.decay.gate = gate.p;
-    p.decay.log_decay = log_decay.p;
-    p.doc_start = pr.spec.doc_starts.empty() ? nullptr : doc.p;
-  }
-  DevTensor like_v() { return DevTensor(v.B, v.T, v.H, v.D, v.type, v.layout); }
-  DevTensor like_k() { return DevTensor(k.B, k.T, k.H, k.D, k.type, k.layout); }
-};
 
 void report(const OpCase& c, const char* op, double err, double tol) {
   std::printf("[cuda-op] %-34s %-12s rel_err=%.3e tol=%.1e %s\n", c.name.c_str(), op, err, tol,
