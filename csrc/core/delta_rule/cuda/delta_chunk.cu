@@ -623,6 +623,16 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 constexpr int NT8 = 256;
 
 // ---- a chunk's copies, addressed once a block (the lean state passes) -------------------
+// The decays of the lean passes as one MUFU.EX2 (exp_ftz: their arguments are <= 0; a
+// weight below 2^-126 becomes 0 instead of a denormal), else __expf's seven instructions.
+template <bool kLean>
+__device__ __forceinline__ float chunk_exp(float x) {
+  if constexpr (kLean) {
+    return lasp2::cuda::exp_ftz(x);
+  } else {
+    return __expf(x);
+  }
+}
 // The per-chunk loads of the 8-warp passes as the old loaders wrote them (load_fwd_chunk,
 // load_state_chunk) recompute every address each chunk: chunk_pos' 64-bit division of bh,
 // the view offsets and each thread's tile offsets. The state pass is latency-bound with
@@ -859,7 +869,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf;
         const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
-        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float d = sx == sL ? chunk_exp<kLean>(GL - Gx) : 0.f;
 #pragma unroll
         for (int t = 0; t < TPW; ++t) {
           const int cl = n0 + 8 * t + 2 * (lane & 3);
@@ -877,7 +887,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
-      const float e = sL == 0.f ? __expf(GL) : 0.f;
+      const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
@@ -999,17 +1009,17 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
         const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
-        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float d = sx == sL ? chunk_exp<kLean>(GL - Gx) : 0.f;
         const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
         store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[2 * hf], rr.y - d * acc[2 * hf + 1]));
-        const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
+        const float cx = sx == 0.f ? p.scale * chunk_exp<kLean>(Gx) : 0.f;
         const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
         store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
       }
     }
     __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
-      const float e = sL == 0.f ? __expf(GL) : 0.f;
+      const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
       float oq[2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
