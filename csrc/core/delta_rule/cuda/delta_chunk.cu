@@ -636,9 +636,10 @@ __device__ __forceinline__ float chunk_exp(float x) {
 // The per-chunk loads of the 8-warp passes as the old loaders wrote them (load_fwd_chunk,
 // load_state_chunk) recompute every address each chunk: chunk_pos' 64-bit division of bh,
 // the view offsets and each thread's tile offsets. The state pass is latency-bound with
-// two warps a scheduler, so those instructions sit on the chunk's path (about 400 PTX
-// instructions a warp a chunk against 40 for the products). Here each thread's sources
-// and shared-memory destinations are formed once; a chunk adds its row offset.
+// two warps a scheduler, so those instructions sit on the chunk's path (ncu: 361
+// instructions a warp a chunk in the forward, about 40 of them the products'). Here each
+// thread's sources and shared-memory destinations are formed once; a chunk adds its row
+// offset (292 instructions, 11 % less time; docs/delta_rule.md, ninth round).
 __device__ __forceinline__ void cp_async16_to(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
@@ -843,7 +844,8 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
         store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
         if (!summary) {
           const int64_t at = (bh * nck + c) * se;
-          if (!kXbStates && fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
+          if (!kXbStates && fo.states != nullptr)
+            store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
           if (fo.ckpt != nullptr) {
             fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
             fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
@@ -1198,8 +1200,9 @@ StatePass state_pass() {
 // bf16 on an H200 (docs/delta_rule.md, "State passes, seventh round"): states 1.36 ms
 // with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
-// 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
-// SM), else 2 (two blocks an SM hide each other's loads).
+// 16 columns). The copies addressed once a block (w8 against w8calc, ninth round):
+// states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
+// device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1291,7 +1294,9 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
-    if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
+    // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16; 1.74 with the copies
+    // addressed once a block (docs/delta_rule.md)
+    if constexpr (D == 128) {
       auto run = [&](auto kernel) {
         allow(kernel, bytes, "chunk reverse state smem");
         kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
