@@ -622,6 +622,96 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 // (d = 128 only), the chunk's tokens in two halves (chains of two).
 constexpr int NT8 = 256;
 
+// ---- a chunk's copies, addressed once a block (the lean state passes) -------------------
+// The decays of the lean passes as one MUFU.EX2 (exp_ftz: their arguments are <= 0; a
+// weight below 2^-126 becomes 0 instead of a denormal), else __expf's seven instructions.
+template <bool kLean>
+__device__ __forceinline__ float chunk_exp(float x) {
+  if constexpr (kLean) {
+    return lasp2::cuda::exp_ftz(x);
+  } else {
+    return __expf(x);
+  }
+}
+// The per-chunk loads of the 8-warp passes as the old loaders wrote them (load_fwd_chunk,
+// load_state_chunk) recompute every address each chunk: chunk_pos' 64-bit division of bh,
+// the view offsets and each thread's tile offsets. The state pass is latency-bound with
+// two warps a scheduler, so those instructions sit on the chunk's path (ncu: 361
+// instructions a warp a chunk in the forward, about 40 of them the products'). Here each
+// thread's sources and shared-memory destinations are formed once; a chunk adds its row
+// offset (292 instructions, 11 % less time; docs/delta_rule.md, ninth round).
+__device__ __forceinline__ void cp_async16_to(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+// Rows >= nvalid of a chunk are zero-filled.
+__device__ __forceinline__ int chunk_rows(const Problem& p, int c) {
+  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
+  return left < CH ? static_cast<int>(left) : CH;
+}
+// This thread's share of a [64][D] tile of rows (stride st) into a [64][LD] shared tile.
+template <typename T, int D, int NTH>
+struct TileCopy {
+  static constexpr int kVecs = D / 8, kStep = NTH / kVecs, kIters = CH / kStep;
+  static_assert(NTH % kVecs == 0 && CH % kStep == 0, "tile copy shape");
+  const T* src;  // chunk 0's first row of this thread
+  int64_t st;
+  uint32_t dst;
+  int row0;
+  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
+    row0 = tid / kVecs;
+    const int col = (tid % kVecs) * 8;
+    src = rows + row0 * stride + col;
+    st = stride;
+    dst = lasp2::cuda::smem_u32(tile + row0 * TcTile<D>::LD + col);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
+    const T* s = src + static_cast<int64_t>(c) * CH * st;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const bool valid = row0 + i * kStep < nvalid;
+      cp_async16_to(dst + buf_off + i * kStep * TcTile<D>::LD * sizeof(T), valid ? s + i * kStep * st : src, valid);
+    }
+  }
+};
+// This thread's share (at most one 16-byte piece) of a [64][C] column block of rows
+// (stride st, rows already offset to the block's first column) into a [64][C + 8] tile.
+template <typename T, int C, int NTH>
+struct ColCopy {
+  static_assert(CH * C / 8 <= NTH, "one piece a thread");
+  const T* src;
+  int64_t st;
+  uint32_t dst;
+  int row;
+  bool active;
+  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
+    active = tid < CH * C / 8;
+    row = tid / (C / 8);
+    const int part = tid % (C / 8);
+    src = rows + row * stride + 8 * part;
+    st = stride;
+    dst = lasp2::cuda::smem_u32(tile + row * (C + 8) + 8 * part);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
+    if (!active) return;
+    const bool valid = row < nvalid;
+    cp_async16_to(dst + buf_off, valid ? src + static_cast<int64_t>(c) * CH * st : src, valid);
+  }
+};
+// The {G, s} pairs of a chunk: threads 0..31, 16 bytes each.
+struct MetaCopy {
+  const float* src;
+  uint32_t dst;
+  bool active;
+  __device__ __forceinline__ void init(const float* meta, int64_t row0, const float* tile, int tid) {
+    active = tid < CH / 2;
+    src = meta + 2 * row0 + 4 * tid;
+    dst = lasp2::cuda::smem_u32(tile + 4 * tid);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off) const {
+    if (active) cp_async16_to(dst + buf_off, src + static_cast<int64_t>(c) * 2 * CH, true);
+  }
+};
+
 // ldmatrix of two 8 x 8 16-bit matrices, transposed (lanes 0..15 give the row addresses).
 __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
@@ -670,7 +760,10 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
 
-template <typename T, int D, int C, int NS>
+// kLean: the copies of TileCopy / ColCopy / MetaCopy and the chunk states stored from xb
+// (16 bytes a thread) instead of four 4-byte stores a thread from registers; else the
+// earlier per-chunk addressing (LASP2_DELTA_STATE_KERNEL=w8calc, kept for the A/B).
+template <typename T, int D, int C, int NS, bool kLean>
 __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPrep prep, ChunkStatesOut fo,
                                                           ChunkSummaryOut sum) {
   static_assert(D == 128, "8 warps x 16 state rows");
@@ -700,9 +793,41 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   if (amap) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
+  [[maybe_unused]] TileCopy<T, D, NT8> cw, ck;
+  [[maybe_unused]] ColCopy<T, C, NT8> cu;
+  [[maybe_unused]] MetaCopy cm;
+  [[maybe_unused]] T* vn = nullptr;    // this thread's first v_new element of chunk 0
+  [[maybe_unused]] T* st16 = nullptr;  // this thread's 16 bytes of chunk 0's state
+  // the chunk states from xb when one 16-byte piece a thread covers them (C = 16; the
+  // 32-column blocks run the summary, which writes no chunk states)
+  constexpr bool kXbStates = kLean && D * C / 8 <= NT8;
+  if constexpr (kLean) {
+    const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+    const int64_t row0 = bh * npad;
+    cw.init(static_cast<const T*>(prep.w) + row0 * D, D, sm.buf[0].w, tid);
+    ck.init(rows_of<T>(p.k, b, h, p.begin), p.k.st, sm.buf[0].k, tid);
+    cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.buf[0].u, tid);
+    cm.init(prep.meta, row0, sm.buf[0].meta, tid);
+    if (!summary && fo.v_new != nullptr)
+      vn = static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3);
+    if (kXbStates && !summary && fo.states != nullptr && tid < D * C / 8)
+      st16 = static_cast<T*>(fo.states) + bh * nck * se + (tid / (C / 8)) * D + j0 + 8 * (tid % (C / 8));
+  }
+  // chunk c into buffer c % NS
+  auto load = [&](int c) {
+    if constexpr (kLean) {
+      const uint32_t off = static_cast<uint32_t>((c % NS) * sizeof(FwdStateBuf<T, D, C>));
+      cw.issue(c, off, CH);
+      ck.issue(c, off, chunk_rows(p, c));
+      if (!amap) cu.issue(c, off, CH);
+      cm.issue(c, off);
+    } else {
+      load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[c % NS], c, bh, j0, !amap, tid);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
+    if (i < nck) load(i);
     cp_async_commit();
   }
   for (int c = 0; c < nck; ++c) {
@@ -719,7 +844,8 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
         store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
         if (!summary) {
           const int64_t at = (bh * nck + c) * se;
-          if (fo.states != nullptr) store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
+          if (!kXbStates && fo.states != nullptr)
+            store_u32(static_cast<T*>(fo.states) + at + row * D + col, pack2<T>(s0, s1));
           if (fo.ckpt != nullptr) {
             fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
             fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
@@ -728,8 +854,15 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
       }
     // every warp is past chunk c - 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
-    if (c + NS - 1 < nck) load_fwd_chunk<T, D, C, NT8>(p, prep, sm.buf[(c + NS - 1) % NS], c + NS - 1, bh, j0, !amap, tid);
+    if (c + NS - 1 < nck) load(c + NS - 1);
     cp_async_commit();
+    if constexpr (kXbStates) {  // the chunk's 16-bit state from xb, 16 bytes a thread (all NT8 at C = 16)
+      if (st16 != nullptr) {
+        const int row = tid / (C / 8), part = tid % (C / 8);
+        *reinterpret_cast<uint4*>(st16 + static_cast<int64_t>(c) * se) =
+            *reinterpret_cast<const uint4*>(sm.xb + row * LDC + 8 * part);
+      }
+    }
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (this warp's token tiles); ys = diag(d) v_new
       float acc[TPW][4] = {};
@@ -738,22 +871,25 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf;
         const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
-        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float d = sx == sL ? chunk_exp<kLean>(GL - Gx) : 0.f;
 #pragma unroll
         for (int t = 0; t < TPW; ++t) {
           const int cl = n0 + 8 * t + 2 * (lane & 3);
           const float2 rr = unpack2<T>(load_u32(B.u + x * LDC + cl));
           const float v0 = rr.x - acc[t][2 * hf], v1 = rr.y - acc[t][2 * hf + 1];
-          if (!summary && fo.v_new != nullptr)
+          if constexpr (kLean) {
+            if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D + 8 * t, pack2<T>(v0, v1));
+          } else if (!summary && fo.v_new != nullptr) {
             store_u32(static_cast<T*>(fo.v_new) + (bh * npad + static_cast<int64_t>(c) * CH + x) * D + j0 + cl,
                       pack2<T>(v0, v1));
+          }
           store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
         }
       }
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
-      const float e = sL == 0.f ? __expf(GL) : 0.f;
+      const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
@@ -781,7 +917,9 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   }
 }
 
-template <typename T, int D>
+// kLean: the copies addressed once a block (TileCopy, ColCopy, MetaCopy) and dh's
+// pointer formed once; else the per-chunk load_state_chunk (w8calc, for the A/B).
+template <typename T, int D, bool kLean>
 __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro) {
   static_assert(D == 128, "8 warps x 16 state rows");
   constexpr int LD = TcTile<D>::LD;
@@ -805,9 +943,39 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
       S[nt][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
     }
+  [[maybe_unused]] TileCopy<T, D, NT8> ck, cw, cq;
+  [[maybe_unused]] ColCopy<T, BV, NT8> cd, cr;
+  [[maybe_unused]] MetaCopy cm;
+  [[maybe_unused]] T* dh16 = nullptr;  // this thread's 16 bytes of dh (row tid / 2) of chunk 0
+  if constexpr (kLean) {
+    const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+    const int64_t row0 = bh * nck * CH;
+    if (ro.dh != nullptr) dh16 = static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1);
+    ck.init(rows_of<T>(p.k, b, h, p.begin), p.k.st, sm.buf[0].a1, tid);
+    cw.init(static_cast<const T*>(prep.w) + row0 * D, D, sm.buf[0].a2, tid);
+    cq.init(rows_of<T>(p.q, b, h, p.begin), p.q.st, sm.buf[0].a3, tid);
+    cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.buf[0].d, tid);
+    cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.buf[0].r, tid);
+    cm.init(prep.meta, row0, sm.buf[0].meta, tid);
+  }
+  // chunk c into buffer s
+  auto load = [&](int c, int s) {
+    if constexpr (kLean) {
+      const uint32_t off = static_cast<uint32_t>(s * sizeof(StateBuf<T, D>));
+      const int nv = chunk_rows(p, c);
+      ck.issue(c, off, nv);
+      cw.issue(c, off, CH);
+      cq.issue(c, off, nv);
+      cd.issue(c, off, nv);
+      cr.issue(c, off, CH);
+      cm.issue(c, off);
+    } else {
+      load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[s], c, bh, j0, tid);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
+    if (i < nck) load(nck - 1 - i, i);
     cp_async_commit();
   }
   for (int i = 0; i < nck; ++i) {
@@ -823,9 +991,13 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       }
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
-    if (i + NS - 1 < nck) load_state_chunk<T, D, NT8>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
+    if (i + NS - 1 < nck) load(c - (NS - 1), (i + NS - 1) % NS);
     cp_async_commit();
-    if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
+    if constexpr (kLean) {  // xb's rows, 16 bytes a store: one a thread (NT8 = 2 D)
+      if (dh16 != nullptr)
+        *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
+            *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+    } else if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
       *reinterpret_cast<uint4*>(dst + row * D + 8 * part) = *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
@@ -839,17 +1011,17 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
         const float Gx = B.meta[2 * x], sx = B.meta[2 * x + 1];
-        const float d = sx == sL ? __expf(GL - Gx) : 0.f;
+        const float d = sx == sL ? chunk_exp<kLean>(GL - Gx) : 0.f;
         const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
         store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[2 * hf], rr.y - d * acc[2 * hf + 1]));
-        const float cx = sx == 0.f ? p.scale * __expf(Gx) : 0.f;
+        const float cx = sx == 0.f ? p.scale * chunk_exp<kLean>(Gx) : 0.f;
         const float2 dd = unpack2<T>(load_u32(B.d + x * LDV + cl));
         store_u32(B.d + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
       }
     }
     __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
-      const float e = sL == 0.f ? __expf(GL) : 0.f;
+      const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
       float oq[2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -1008,14 +1180,18 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare the two): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), or
-// "w8" (the default; d = 128, else tile), their 8-warp versions.
-enum class StatePass { kTile, kW8 };
+// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), "w8"
+// (the default; d = 128, else tile), their 8-warp versions with the copies addressed once
+// a block, or "w8calc", the 8-warp versions addressing every chunk's copies anew (the
+// previous default, kept for the A/B in docs/delta_rule.md).
+enum class StatePass { kTile, kW8, kW8Calc };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
   if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile or w8, not ") + env);
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or w8calc, not ") +
+       env);
 }
 
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
@@ -1024,15 +1200,17 @@ StatePass state_pass() {
 // bf16 on an H200 (docs/delta_rule.md, "State passes, seventh round"): states 1.36 ms
 // with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
-// 16 columns). Ring depth 4 when the blocks fit the device in one wave (one block an
-// SM), else 2 (two blocks an SM hide each other's loads).
+// 16 columns). The copies addressed once a block (w8 against w8calc, ninth round):
+// states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
+// device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
   const StatePass pass = state_pass();
   if constexpr (D == 128) {
-    auto w8 = [&](auto cols_tag) {
+    auto w8 = [&](auto cols_tag, auto lean_tag) {
       constexpr int CW = decltype(cols_tag)::value;
+      constexpr bool kLean = decltype(lean_tag)::value;
       const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / CW;
       const dim3 grid(cols, static_cast<unsigned>(p.bh()));
       auto run = [&](auto kernel, int bytes) {
@@ -1040,11 +1218,15 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
         kernel<<<grid, NT8, bytes, s>>>(p, prep, out, sum);
       };
       if (static_cast<int64_t>(cols) * p.bh() <= lasp2::cuda::device_info().sms)
-        return run(fwd_state_kernel_w8<T, D, CW, 4>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
-      run(fwd_state_kernel_w8<T, D, CW, 2>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
+        return run(fwd_state_kernel_w8<T, D, CW, 4, kLean>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 4>)));
+      run(fwd_state_kernel_w8<T, D, CW, 2, kLean>, static_cast<int>(sizeof(FwdStateSmem<T, D, CW, 2>)));
     };
-    if (pass == StatePass::kW8 && sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{});
-    if (pass == StatePass::kW8) return w8(std::integral_constant<int, kChunkCols>{});
+    auto w8_cols = [&](auto lean_tag) {
+      if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
+      w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
+    };
+    if (pass == StatePass::kW8) return w8_cols(std::true_type{});
+    if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
   }
   constexpr int C = kChunkCols;
   const unsigned cols = (sum.A != nullptr ? 2 : 1) * D / C;
@@ -1112,12 +1294,15 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     constexpr int D = decltype(dim)::value;
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
-    if constexpr (D == 128) {  // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16 (docs/delta_rule.md)
-      if (pass == StatePass::kW8) {
-        allow(rev_state_kernel_w8<T, D>, bytes, "chunk reverse state smem");
-        rev_state_kernel_w8<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
-        return;
-      }
+    // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16; 1.74 with the copies
+    // addressed once a block (docs/delta_rule.md)
+    if constexpr (D == 128) {
+      auto run = [&](auto kernel) {
+        allow(kernel, bytes, "chunk reverse state smem");
+        kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
+      };
+      if (pass == StatePass::kW8) return run(rev_state_kernel_w8<T, D, true>);
+      if (pass == StatePass::kW8Calc) return run(rev_state_kernel_w8<T, D, false>);
     }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
     rev_state_kernel<T, D><<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT, bytes, s>>>(p, dout, prep, out);
