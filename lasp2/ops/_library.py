@@ -379,6 +379,20 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
     return (out[0], out[1]) if output_final_state else out[0]
 
 
+def lasp2_one_device(q, k, v, g, decay, scale: float, chunk_size: int, overlap: bool):
+    """o of one device without documents or states (what lasp2_linear_attention computes
+    for comm=None, doc_start=None): in plain eager mode through the binding's C++
+    autograd node (lasp2_eager_node.h: forward and backward cross from Python once each,
+    the backward runs without Python), else through the custom op. The caller has
+    checked the arguments and, on the CPU, the gates' signs."""
+    if eager_call(q, k, v, g, decay) and not _under_functorch():
+        try:  # C.named_errors' rule without a context manager's calls
+            return _C.lasp2_one_device(q, k, v, g, decay, scale, chunk_size, overlap)
+        except RuntimeError as exc:
+            C.reraise_named(OP, exc)
+    return lasp2_linear_attention(q, k, v, g, decay, None, scale, chunk_size, None, 1, overlap)
+
+
 def _under_functorch() -> bool:
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
