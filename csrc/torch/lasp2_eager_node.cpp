@@ -1,7 +1,11 @@
 #include "lasp2_eager_node.h"
 
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
 
 #include "lasp2_op.h"
 
@@ -11,6 +15,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+constexpr const char* kOp = "lasp2.linear_attention";
 constexpr int kSaved = 5;  // lasp2_forward's saved buffers (records, prefixes, maps, head_maps, segment states)
 
 // The same arguments lasp2.ops._library builds for a one-device call (no communicator,
@@ -31,13 +36,31 @@ void guard_double_backward(variable_list& grads) {
     if (g.defined()) present_grads.push_back(g.detach().requires_grad_(true));
   if (present_grads.empty()) return;
   torch::autograd::DelayedError error(
-      "lasp2.linear_attention: double backward (create_graph=True through this op, e.g. a gradient penalty) "
-      "is not supported; its backward is not differentiable",
+      std::string(kOp) + ": double backward (create_graph=True through this op, e.g. a gradient penalty) "
+                         "is not supported; its backward is not differentiable",
       static_cast<int64_t>(present_grads.size()));
   variable_list wrapped = error.apply(std::move(present_grads));
   size_t next = 0;
   for (at::Tensor& g : grads)
     if (g.defined()) g = wrapped[next++];
+}
+
+// A backward's error as the Python eager Function gave it: lasp2::Error as
+// lasp2._C.Lasp2Error (set as the Python error, which autograd carries to the caller's
+// thread), anything else prefixed with the op's name (C.reraise_named's rule).
+[[noreturn]] void rethrow_named() {
+  try {
+    throw;
+  } catch (const lasp2::Error& e) {
+    pybind11::gil_scoped_acquire gil;
+    const pybind11::object type = pybind11::module_::import("lasp2._C").attr("Lasp2Error");
+    PyErr_SetString(type.ptr(), e.what());
+    throw python_error();
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    if (what.rfind(kOp, 0) == 0) throw;
+    throw std::runtime_error(std::string(kOp) + ": " + what);
+  }
 }
 
 struct OneDevice : public torch::autograd::Function<OneDevice> {
@@ -64,9 +87,14 @@ struct OneDevice : public torch::autograd::Function<OneDevice> {
     const bool need_decay = decay && ctx->needs_input_grad(g ? 4 : 3);
     const std::vector<at::Tensor> saved(s.begin() + 5, s.begin() + 5 + kSaved);
     const at::Tensor dout = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(v);
-    std::vector<OptTensor> grads = lasp2_backward(
-        one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(), ctx->saved_data["chunk_size"].toInt()),
-        saved, dout, need_g || need_decay, std::nullopt, /*need_dinitial=*/false);
+    std::vector<OptTensor> grads;
+    try {
+      grads = lasp2_backward(one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(),
+                                             ctx->saved_data["chunk_size"].toInt()),
+                             saved, dout, need_g || need_decay, std::nullopt, /*need_dinitial=*/false);
+    } catch (...) {
+      rethrow_named();
+    }
     // one gradient per forward argument: q, k, v, g, decay, then the three non-tensors
     variable_list out{grads[0].value_or(at::Tensor()), grads[1].value_or(at::Tensor()),
                       grads[2].value_or(at::Tensor()),
