@@ -161,3 +161,23 @@ def test_node_refuses_torch_func():
     q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64) for _ in range(3))
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda x: lasp2.linear_attention(x, k, v).sum())(q)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_node_under_checkpoint_and_anomaly_mode(use_reentrant, monkeypatch):
+    """Activation checkpointing recomputes the forward (the node saved through its
+    hooks, or run again under a reentrant backward); anomaly mode records the forward's
+    Python stack from inside the node (the binding runs it without the GIL): the
+    Function's gradients, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    got = {}
+    for path in PATHS[:2]:
+        _use(path, monkeypatch)
+        named, do = _inputs("gate", torch.float32, "bthd", ("q", "k", "v", "g"))
+        with torch.autograd.set_detect_anomaly(True):
+            o = checkpoint(lambda q, k, v, g: lasp2.linear_attention(q, k, v, g=g) * 1, *named.values(),
+                           use_reentrant=use_reentrant)
+            o.backward(do)  # reentrant checkpointing takes .backward() only
+        got[path] = [x.grad for x in named.values()]
+    for a, b in zip(got["node"], got["function"]):
+        _equal(a, b)
