@@ -217,7 +217,7 @@ def linear_attention(
     if v.stride(-1) != 1:
         v = v.contiguous()
     if overlap is None:
-        overlap = q.device.type != "cuda"
+        overlap = not q.is_cuda
     if ctx.world_size == 1 and sp_context is None and num_docs is None and ctx.cu_seqlens is None and \
             initial_state is None and not output_final_state:
         # one device, no documents, no states: what provider "lasp2" would call, without its
