@@ -134,7 +134,9 @@ def _split(forward, inputs, steps, device):
 
 def _profile(step, steps, device):
     """cProfile of `steps` eager steps: microseconds per step inside lasp2._C's functions
-    (binding + core, host side), in everything else, and the top Python functions."""
+    (binding + core, host side), in everything else, and the top Python functions.
+    linear_attention's one-device backward runs in its C++ autograd node, so its time
+    is counted under torch's run_backward, not under lasp2._C."""
     import cProfile
     import pstats
 

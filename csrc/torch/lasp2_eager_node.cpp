@@ -57,7 +57,9 @@ void guard_double_backward(variable_list& grads) {
     PyErr_SetString(type.ptr(), e.what());
     throw python_error();
   } catch (const std::exception& e) {
-    const std::string what = e.what();
+    // torch's errors without their C++ backtrace, as Python shows them
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    const std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
     if (what.rfind(kOp, 0) == 0) throw;
     throw std::runtime_error(std::string(kOp) + ": " + what);
   }

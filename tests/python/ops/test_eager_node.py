@@ -181,3 +181,19 @@ def test_node_under_checkpoint_and_anomaly_mode(use_reentrant, monkeypatch):
         got[path] = [x.grad for x in named.values()]
     for a, b in zip(got["node"], got["function"]):
         _equal(a, b)
+
+
+def test_node_backward_error_as_the_function_gave_it(monkeypatch):
+    """An error inside the backward (here a sparse output gradient the binding cannot
+    lay out) arrives with the Function's type and message: prefixed with the op's name,
+    without a C++ backtrace."""
+    got = {}
+    for path in PATHS[:2]:
+        _use(path, monkeypatch)
+        named, do = _inputs("none", torch.float32, "bthd", ("q", "k", "v"))
+        o = lasp2.linear_attention(**named)
+        with pytest.raises(RuntimeError) as err:
+            torch.autograd.grad(o, [named["q"]], do.to_sparse())
+        got[path] = (type(err.value), str(err.value))
+    assert got["node"] == got["function"]
+    assert got["node"][1].startswith("lasp2.linear_attention: ") and "Exception raised from" not in got["node"][1]
