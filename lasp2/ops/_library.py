@@ -48,6 +48,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
@@ -388,7 +389,9 @@ def lasp2_one_device(q, k, v, g, decay, scale: float, chunk_size: int, overlap: 
     autograd node (lasp2_eager_node.h: forward and backward cross from Python once each,
     the backward runs without Python), else through the custom op. The caller has
     checked the arguments and, on the CPU, the gates' signs."""
-    if eager_call(q, k, v, g, decay) and not _under_functorch():
+    # forward-mode AD (a dual level open): the Python Function, whose missing jvp raises
+    # NotImplementedError (a C++ node raises a RuntimeError of its own)
+    if eager_call(q, k, v, g, decay) and not _under_functorch() and _forward_ad._current_level < 0:
         try:  # C.named_errors' rule without a context manager's calls
             return _C.lasp2_one_device(q, k, v, g, decay, scale, chunk_size, overlap)
         except RuntimeError as exc:

@@ -197,3 +197,17 @@ def test_node_backward_error_as_the_function_gave_it(monkeypatch):
         got[path] = (type(err.value), str(err.value))
     assert got["node"] == got["function"]
     assert got["node"][1].startswith("lasp2.linear_attention: ") and "Exception raised from" not in got["node"][1]
+
+
+def test_forward_mode_ad_takes_the_function(monkeypatch):
+    """Inside a forward-AD dual level the call keeps to the Python Function, whose
+    missing jvp raises NotImplementedError (the node's would be a RuntimeError); outside
+    one the node runs again."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v = (torch.randn(1, 8, 1, 8) for _ in range(3))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.ones_like(q))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            lasp2.linear_attention(dual, k, v)
+    o = lasp2.linear_attention(q.requires_grad_(), k, v)
+    assert any("OneDevice" in n for n in _graph_names(o))
