@@ -15,6 +15,10 @@ and beta on the host). At small T on a GPU the host decides the step time.
   python benchmarks/bench_host_overhead.py --device cpu --seq-lens 64 --heads 1 --dim 8 --split
       # tiny shapes: the op path's host time with negligible compute
 
+  OMP_NUM_THREADS=1 python benchmarks/bench_host_overhead.py --device cpu --seq-lens 64 --heads 1 --dim 8 \
+      --ops linear_attention --iters 500 --cpu-time
+      # the same by this thread's CPU time (a shared box: other jobs' load moves wall time)
+
 --split also times the parts of one eager step on the host (wall clock and this
 thread's CPU time): the forward call, the loss, the backward call, and the wait for
 the device at the end. On CUDA the backward runs on autograd's device thread, so the
@@ -72,17 +76,20 @@ def _set_eager(enabled: bool):
         mod.eager_call = _EAGER_CALL if enabled else (lambda *a: False)
 
 
+_CLOCK = time.perf_counter  # --cpu-time: time.thread_time
+
+
 def _wall_ms(step, iters, device):
     for _ in range(3):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = _CLOCK()
     for _ in range(iters):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
+    return (_CLOCK() - start) / iters * 1e3
 
 
 def _graph_ms(step, iters):
@@ -134,7 +141,9 @@ def _split(forward, inputs, steps, device):
 
 def _profile(step, steps, device):
     """cProfile of `steps` eager steps: microseconds per step inside lasp2._C's functions
-    (binding + core, host side), in everything else, and the top Python functions."""
+    (binding + core, host side), in everything else, and the top Python functions.
+    linear_attention's one-device backward runs in its C++ autograd node, so its time
+    is counted under torch's run_backward, not under lasp2._C."""
     import cProfile
     import pstats
 
@@ -178,7 +187,14 @@ def main():
                          "inside the binding's calls (lasp2._C) and the Python functions that cost most")
     ap.add_argument("--split", action="store_true",
                     help="also time the parts of an eager step (forward, loss, backward, device wait) on the host")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the eager and custom-op loops by this thread's CPU time, not the wall clock: on a "
+                         "shared CPU box other jobs' load then moves the numbers less (CPU devices; with "
+                         "OMP_NUM_THREADS=1 the kernels run on this thread too)")
     args = ap.parse_args()
+    if args.cpu_time:
+        global _CLOCK
+        _CLOCK = time.thread_time
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     seq_lens = args.seq_lens or ([1024, 4096, 16384] if cuda else [256])

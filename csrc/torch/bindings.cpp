@@ -13,6 +13,7 @@
 #include "group_check.h"
 #include "lasp1_op.h"
 #include "lasp2/kernel_backend.h"
+#include "lasp2_eager_node.h"
 #include "lasp2_op.h"
 #include "process_group_communicator.h"
 #ifdef LASP2_WITH_NCCL
@@ -126,6 +127,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("need_dg"), py::arg("d_final_state") = py::none(),
         py::arg("need_dinitial") = false, no_gil,
         "-> [dq, dk, dv, dg, ddecay, dinitial_state] (None where not asked for)");
+  // One device without documents or states, in plain eager mode: a C++ autograd node
+  // (lasp2_eager_node.h), so forward and backward cross from Python once each.
+  m.def("lasp2_one_device", &lasp2::torch_binding::lasp2_one_device, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("g"), py::arg("decay"), py::arg("scale"), py::arg("chunk_size"), py::arg("overlap"), no_gil,
+        "-> o, differentiable: lasp2_forward / lasp2_backward on one device behind a C++ autograd node");
   m.def("lasp2_saved_states_floats", &lasp2::torch_binding::lasp2_saved_states_floats, py::arg("batch"),
         py::arg("seqlen"), py::arg("heads"), py::arg("dim_k"), py::arg("dim_v"), py::arg("dtype"),
         py::arg("device"), py::arg("parts_per_rank"),

@@ -29,7 +29,10 @@ A communicator is not a tensor or a schema type, so it travels as an int handle
 group by lasp2.distributed.communicator, so the registry does not grow per call.
 In plain eager mode the entry point runs the same functions through a
 torch.autograd.Function instead of the registered op (lasp2.ops._eager: the custom
-op's Python dispatch is most of the host time at small T).
+op's Python dispatch is most of the host time at small T); a one-device call without
+documents or states goes to the binding's C++ autograd node instead
+(lasp2_one_device, csrc/torch/lasp2_eager_node.cpp: the same forward, backward and
+saved buffers, with no Python in the backward).
 The value checks that need tensor contents (positive gates on CPU) run inside the
 real kernel, so traced / compiled graphs keep them without a graph break. So does,
 under torch.compile over a group, the per-call cross-rank consistency check (as the
@@ -45,6 +48,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
@@ -377,6 +381,22 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
     else:
         out = lasp2_forward(*args)
     return (out[0], out[1]) if output_final_state else out[0]
+
+
+def lasp2_one_device(q, k, v, g, decay, scale: float, chunk_size: int, overlap: bool):
+    """o of one device without documents or states (what lasp2_linear_attention computes
+    for comm=None, doc_start=None): in plain eager mode through the binding's C++
+    autograd node (lasp2_eager_node.h: forward and backward cross from Python once each,
+    the backward runs without Python), else through the custom op. The caller has
+    checked the arguments and, on the CPU, the gates' signs."""
+    # forward-mode AD (a dual level open): the Python Function, whose missing jvp raises
+    # NotImplementedError (a C++ node raises a RuntimeError of its own)
+    if eager_call(q, k, v, g, decay) and not _under_functorch() and _forward_ad._current_level < 0:
+        try:  # C.named_errors' rule without a context manager's calls
+            return _C.lasp2_one_device(q, k, v, g, decay, scale, chunk_size, overlap)
+        except RuntimeError as exc:
+            C.reraise_named(OP, exc)
+    return lasp2_linear_attention(q, k, v, g, decay, None, scale, chunk_size, None, 1, overlap)
 
 
 def _under_functorch() -> bool:

@@ -14,7 +14,7 @@ from lasp2.ops import _checks as C
 from lasp2.ops._compiled import outside_graph, own_communication
 from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
 from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
-from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention
+from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention, lasp2_one_device
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE
 from lasp2.options import PROVIDERS
@@ -217,12 +217,12 @@ def linear_attention(
     if v.stride(-1) != 1:
         v = v.contiguous()
     if overlap is None:
-        overlap = q.device.type != "cuda"
+        overlap = not q.is_cuda
     if ctx.world_size == 1 and sp_context is None and num_docs is None and ctx.cu_seqlens is None and \
             initial_state is None and not output_final_state:
         # one device, no documents, no states: what provider "lasp2" would call, without its
-        # per-call KernelCall / SPContext look-ups (host time at small T)
-        o = lasp2_linear_attention(q, k, v, g, decay, None, float(scale), CPU_CHUNK_SIZE, None, 1, bool(overlap))
+        # per-call KernelCall / SPContext look-ups (host time at small T); eager: a C++ autograd node
+        o = lasp2_one_device(q, k, v, g, decay, float(scale), CPU_CHUNK_SIZE, bool(overlap))
         final = None
     elif num_docs is not None:  # one device (the plain op), the documents planned inside it
         out = lasp2_linear_attention(q, k, v, g, decay, None, float(scale), CPU_CHUNK_SIZE, None, 1, bool(overlap),

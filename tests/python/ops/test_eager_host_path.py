@@ -1,6 +1,6 @@
 """The trimmed eager path of lasp2.linear_attention (one device, no documents, no states:
-straight to the op, the eager Function with its non-tensor arguments packed, cached
-LinearAttentionArgs configs) must give the registered custom op's results bit for bit,
+straight to the op, the binding's C++ autograd node; test_eager_node.py holds it to the
+Python eager Function too) must give the registered custom op's results bit for bit,
 and a float64 reference's within rounding, for every decay kind, scale and create_graph."""
 
 import pytest
