@@ -1524,5 +1524,50 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
   EXPECT_GT(finite, static_cast<int64_t>(lean.size()) * 9 / 10);
 }
 
+// The lean chunk backward (the default) against the earlier kernel
+// (LASP2_DELTA_CHUNK_BWD_KERNEL=calc): the same products and sums with fewer instructions
+// (one-instruction decays, the gate pairs read once), so dq, dk and dv must be equal bit
+// for bit and dg, dbeta equal up to the order of their shared-memory atomics. d = 128 and
+// 64, rows and packed documents with a -inf gate inside a chunk, a part starting at token
+// 37 and ending mid-chunk, an entering state and a leaving gradient.
+TEST(DeltaCudaChunkBackward, LeanEqualsCalc) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const int d : {128, 64})
+    for (const bool packed : {false, true}) {
+      SCOPED_TRACE(std::string(packed ? "packed" : "rows") + " d=" + std::to_string(d));
+      DeltaSpec spec = gdn_spec(d, 300, packed ? 1 : 2);
+      if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
+      DeltaProblem<float> pr(spec, 41);
+      if (packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
+      prepare_inputs(pr, ScalarType::kBFloat16);
+      const Layout lay{false, 0};
+      DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
+      const DeltaParams& dp = dev.p;
+      const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+      const TokenRange part{37, spec.seqlen - 20};
+      const int64_t se = dp.bh() * dp.state_elems();
+      const EdgeStates edge = random_edge_states(4, se);
+      auto run = [&](const char* kernel) {
+        const EnvScope scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
+        Grads r;
+        BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+        gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
+                     g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+        g.download(r);
+        return r;
+      };
+      const Grads calc = run("calc"), lean = run("lean");
+      EXPECT_EQ(max_abs_diff(lean.dq, calc.dq), 0.0) << "dq";
+      EXPECT_EQ(max_abs_diff(lean.dk, calc.dk), 0.0) << "dk";
+      EXPECT_EQ(max_abs_diff(lean.dv, calc.dv), 0.0) << "dv";
+      EXPECT_LT(rel_err_f32(lean.dg, calc.dg), 1e-5) << "dg";
+      EXPECT_LT(rel_err_f32(lean.db, calc.db), 1e-5) << "dbeta";
+      EXPECT_LT(rel_err_f32(lean.dE, calc.dE), 1e-6) << "d_entering";
+      int64_t nonzero = 0;
+      for (double x : lean.dk) nonzero += (!std::isnan(x) && x != 0.0) ? 1 : 0;
+      EXPECT_GT(nonzero, static_cast<int64_t>(lean.dk.size()) / 2) << "dk written";
+    }
+}
+
 }  // namespace
 }  // namespace lasp2::testing

@@ -3,6 +3,8 @@
 // accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
 // the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
 // in shared memory.
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
@@ -97,7 +99,35 @@ struct WarpPart {
   }
 };
 
-template <typename T, int D>
+// The lean kernel (the default; LASP2_DELTA_CHUNK_BWD_KERNEL=calc runs the earlier one,
+// kept for the A/B) computes the same numbers with fewer instructions: its decays are
+// one MUFU.EX2 each (exp_ftz: every argument is <= 0; a weight below 2^-126 becomes 0
+// instead of a denormal) instead of __expf's seven instructions, 32 of them a lane in the
+// two score epilogues; those epilogues read the {G, s} pairs of a fragment's two key
+// columns as one 16-byte shared load and the row's once per row (the earlier code reads
+// them, and beta, per element: the tile stores between them are generic stores the
+// compiler cannot prove apart); b and h come from a 32-bit division (bh < 65536, a grid
+// dimension) instead of the 64-bit one.
+// This lane's places in a 16-bit [token][d] output (dq, dk, dv) for its two fragment rows,
+// formed once per use: a fragment's column tile j is then at + 8 j (an immediate in the
+// store), where the earlier code formed each 64-bit address anew (4 integer instructions
+// a store).
+template <typename T>
+__device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0, int n0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
+}
+
+template <bool kLean>
+__device__ __forceinline__ float bwd_exp(float x) {
+  if constexpr (kLean) {
+    return lasp2::cuda::exp_ftz(x);
+  } else {
+    return __expf(x);
+  }
+}
+
+template <typename T, int D, bool kLean>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
@@ -106,7 +136,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   const int tid = threadIdx.x, warp = tid >> 5;
   const WarpPart wp(tid, D);
   const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0, c0 = wp.c0;
-  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  if constexpr (kLean) {  // (the 64-bit division's results are then unused and not computed)
+    const unsigned bh32 = blockIdx.y, heads = static_cast<unsigned>(p.heads);
+    cp.b = static_cast<int>(bh32 / heads);
+    cp.h = static_cast<int>(bh32 - static_cast<unsigned>(cp.b) * heads);
+  }
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
@@ -180,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int y = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(y) == sL ? __expf(GL - Gof(y)) : 0.f;
+      const float d = sof(y) == sL ? bwd_exp<kLean>(GL - Gof(y)) : 0.f;
       const float c = d * row_sum(cu[hf]);
       if ((lane & 3) == 0) {
         atomicAdd(sm.dG + y, -c);
@@ -203,6 +238,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
+    T *dvat[2], *dqat[2];
+    out_rows(dvat, dvrow, a.dvst, m0, n0, lane);
+    out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
     float dbv[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NH; ++j)
@@ -213,8 +251,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           const float2 vv = unpack2<T>(load_u32(sm.vq + y * LD + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
           const float b = sm.bt[y];
-          store_u32(dvrow + y * a.dvst + col, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
-          store_u32(dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          store_u32(kLean ? dvat[hf] + 8 * j : dvrow + y * a.dvst + col,
+                    pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
+          store_u32(kLean ? dqat[hf] + 8 * j : dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
     add_rows(sm.db, dbv, m0, lane);
@@ -239,19 +278,30 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     mma_acc<T, 4, false, true>(acc, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
     mma_acc<T, 4, false, true>(kk, sm.k, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowN[2] = {0.f, 0.f}, rowB[2] = {0.f, 0.f}, colN[4][2];
+    float2 mx[2];
+    float bxr[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * x);
+      bxr[hf] = sm.bt[x];
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       colN[j][0] = colN[j][1] = 0.f;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-        const float bx = sm.bt[x];
+        const float bx = kLean ? bxr[hf] : sm.bt[x];
+        const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
         float dav[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
           const int y = y0 + par, e = 2 * hf + par;
-          const bool in = y < x && sof(x) == sof(y);
-          const float dec = in ? __expf(Gof(x) - Gof(y)) : 0.f;
+          const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
+          const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
+          const bool in = y < x && sx == sy;
+          const float dec = in ? bwd_exp<kLean>(Gx - Gy) : 0.f;
           const float dl = in ? -acc[j][e] : 0.f;
           const float lr = dec * kk[j][e];
           rowB[hf] += dl * lr;
@@ -271,13 +321,15 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
   cp_async_commit();
   {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
+    T* dkat[2];
+    out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
     float acc[NH][4];
     zero(acc);
     mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? __expf(GL - Gof(x)) : 0.f;
+      const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
         acc[j][2 * hf] *= d;
@@ -291,7 +343,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        if (x < cp.nvalid)
+          store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
   }
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
@@ -313,17 +366,23 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
     mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
     float rowM[2] = {0.f, 0.f}, colM[4][2];
+    float2 mx[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       colM[j][0] = colM[j][1] = 0.f;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+        const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
         float dv[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
           const int y = y0 + par, e = 2 * hf + par;
-          const float dec = (y <= x && sof(x) == sof(y)) ? __expf(Gof(x) - Gof(y)) : 0.f;
+          const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
+          const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
+          const float dec = (y <= x && sx == sy) ? bwd_exp<kLean>(Gx - Gy) : 0.f;
           dv[par] = p.scale * dec * ee[j][e];
           const float m = p.scale * dec * sq[j][e] * ee[j][e];
           rowM[hf] += m;
@@ -348,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      const float c = sof(x) == 0.f ? p.scale * __expf(Gof(x)) : 0.f;
+      const float c = sof(x) == 0.f ? p.scale * bwd_exp<kLean>(Gof(x)) : 0.f;
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
         const int col = n0 + 8 * j + 2 * (lane & 3);
@@ -364,15 +423,20 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
   cp_async_wait_all();
   __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
+  T* dqat[2];
+  out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
 #pragma unroll
   for (int j = 0; j < NH; ++j)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-      if (x < cp.nvalid) store_u32(dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+      if (x < cp.nvalid)
+        store_u32(kLean ? dqat[hf] + 8 * j : dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
     }
   {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
      // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
+    T* dkat[2];
+    out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
     float kz[2] = {0.f, 0.f};
     float acc[NH][4];
     zero(acc);
@@ -380,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      const float ent = sof(x) == 0.f ? __expf(Gof(x)) : 0.f;
+      const float ent = sof(x) == 0.f ? bwd_exp<kLean>(Gof(x)) : 0.f;
       const float bx = sm.bt[x];
       const bool valid = x < cp.nvalid;
 #pragma unroll
@@ -388,7 +452,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         const int col = n0 + 8 * j + 2 * (lane & 3);
         const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
         // this lane wrote these dk places in the values phase
-        const float2 k1 = valid ? unpack2<T>(load_u32(dkrow + x * a.dkst + col)) : make_float2(0.f, 0.f);
+        const float2 k1 = valid ? unpack2<T>(load_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col))
+                                : make_float2(0.f, 0.f);
         const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
         kz[hf] += z0 * kx.x + z1 * kx.y;
         acc[j][2 * hf] = k1.x - bx * z0;
@@ -401,7 +466,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid) store_u32(dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        if (x < cp.nvalid)
+          store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
       }
     float kzb[2], kzm[2];
 #pragma unroll
@@ -416,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
     // A segmented suffix scan, lane l holding tokens 2 l and 2 l + 1: a run restarts at the
     // chunk's last token and at each segment's last.
-    const float eL = sL == 0.f ? __expf(GL) : 0.f;
+    const float eL = sL == 0.f ? bwd_exp<kLean>(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
     const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
     const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
@@ -459,20 +525,29 @@ int chunk_backward_smem_bytes(int d) {
                  : static_cast<int>(sizeof(BwdSmem<__nv_bfloat16, 128>));
 }
 
+// Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
+// the tests and the timing A/B can switch it): lean (the default) or calc (the earlier one).
+bool lean_chunk_backward() {
+  const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return true;
+  if (std::strcmp(env, "calc") == 0) return false;
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean or calc, not ") +
+       env);
+}
+
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
+  const bool lean = lean_chunk_backward();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-          "chunk backward smem");
+    auto kernel = lean ? chunk_bwd_kernel<T, D, true> : chunk_bwd_kernel<T, D, false>;
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
-    check(cudaFuncSetAttribute(chunk_bwd_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared),
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
           "chunk backward carveout");
-    chunk_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads,
-                             bytes, s>>>(p, a);
+    kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
   auto by_dim = [&](auto tag) {
     if (p.dk == 64 && p.dv == 64) {
