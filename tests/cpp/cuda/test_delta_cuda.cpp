@@ -515,6 +515,17 @@ INSTANTIATE_TEST_SUITE_P(
              (c.neg_inf ? "_neginf" : "");
     });
 
+// The largest |a - b| over words written in both runs; a word written in one run only
+// (NaN in the other, the buffers start as NaN) counts as infinitely far.
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;  // written in one run only
+    if (!std::isnan(a[i])) m = std::max(m, std::abs(a[i] - b[i]));
+  }
+  return m;
+}
+
 // ---- entering_dstate_keeping + backward_reusing (what the SP schedules run, through
 // DeltaFamily) against entering_dstate + backward: the chunked kernels skip prep and
 // rprep in the second call and must give the same results; the CPU backend keeps nothing.
@@ -562,17 +573,9 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
     const Grads want = run(false), got = run(true);
     // the same kernels on the same inputs: equal up to the order of the per-token sums'
     // shared-memory atomics (dg, dbeta)
-    auto max_diff = [](const std::vector<double>& a, const std::vector<double>& b) -> double {
-      double m = 0;
-      for (size_t i = 0; i < a.size(); ++i) {
-        if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;  // written in one run only
-        if (!std::isnan(a[i])) m = std::max(m, std::abs(a[i] - b[i]));
-      }
-      return m;
-    };
-    EXPECT_EQ(max_diff(got.dq, want.dq), 0.0) << "dq";
-    EXPECT_EQ(max_diff(got.dk, want.dk), 0.0) << "dk";
-    EXPECT_EQ(max_diff(got.dv, want.dv), 0.0) << "dv";
+    EXPECT_EQ(max_abs_diff(got.dq, want.dq), 0.0) << "dq";
+    EXPECT_EQ(max_abs_diff(got.dk, want.dk), 0.0) << "dk";
+    EXPECT_EQ(max_abs_diff(got.dv, want.dv), 0.0) << "dv";
     EXPECT_LT(rel_err_f32(got.dg, want.dg), 1e-5) << "dg";
     EXPECT_LT(rel_err_f32(got.db, want.db), 1e-5) << "dbeta";
     EXPECT_LT(rel_err_f32(got.dE, want.dE), 1e-5) << "d_entering";
@@ -594,14 +597,6 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
 // Both backward forms: the one-device one (backward_reusing alone) and the SP schedules'
 // (entering_dstate_keeping, then backward_reusing); a part with an entering state and a
 // leaving-state gradient, rows and packed documents (no per-document states).
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  double m = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;  // written in one run only
-    if (!std::isnan(a[i])) m = std::max(m, std::abs(a[i] - b[i]));
-  }
-  return m;
-}
 
 TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
   LASP2_SKIP_WITHOUT_CUDA();
