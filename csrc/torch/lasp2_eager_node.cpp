@@ -47,9 +47,14 @@ void guard_double_backward(variable_list& grads) {
 
 // A backward's error as the Python eager Function gave it: lasp2::Error as
 // lasp2._C.Lasp2Error (set as the Python error, which autograd carries to the caller's
-// thread), anything else prefixed with the op's name (C.reraise_named's rule).
+// thread), a Python error raised inside (e.g. by a dispatch mode around the backward)
+// as itself (its type and message are in the thread's Python error state, which a
+// std::exception's what() does not carry), anything else prefixed with the op's name
+// (C.reraise_named's rule).
 [[noreturn]] void rethrow_named() {
   try {
+    throw;
+  } catch (const python_error&) {
     throw;
   } catch (const lasp2::Error& e) {
     pybind11::gil_scoped_acquire gil;

@@ -211,3 +211,37 @@ def test_forward_mode_ad_takes_the_function(monkeypatch):
             lasp2.linear_attention(dual, k, v)
     o = lasp2.linear_attention(q.requires_grad_(), k, v)
     assert any("OneDevice" in n for n in _graph_names(o))
+
+
+class _RaisingMode:
+    """A dispatch mode entered around the backward only (as a profiler or checker may be)
+    that raises a Python error of its own on the first op inside the op's backward."""
+
+    class Error(Exception):
+        pass
+
+    @staticmethod
+    def make():
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                raise _RaisingMode.Error(f"raised by the mode at {func}")
+
+        return Mode()
+
+
+def test_node_python_error_inside_the_backward_keeps_its_type_and_message(monkeypatch):
+    """A Python exception raised inside the backward (here by a dispatch mode around it)
+    reaches the caller as itself, with its message, on both paths (the node must not
+    turn it into an empty RuntimeError)."""
+    got = {}
+    for path in PATHS[:2]:
+        _use(path, monkeypatch)
+        named, do = _inputs("gate", torch.float32, "bthd", ("q", "k", "v", "g"))
+        o = lasp2.linear_attention(**named)
+        with pytest.raises(_RaisingMode.Error, match="raised by the mode at") as err:
+            with _RaisingMode.make():
+                o.backward(do)
+        got[path] = type(err.value)
+    assert got["node"] is got["function"] is _RaisingMode.Error
