@@ -104,6 +104,9 @@ class _Plan:
     scale: float
     num_seqs: int
     output_final_state: bool
+    # a backward can follow (grad mode on and an input needs a gradient): the forward then
+    # keeps its chunked outputs (ctx.needs_input_grad inside forward ignores grad mode)
+    keep: bool = True
 
 
 class UlyssesDeltaRule(torch.autograd.Function):
@@ -126,7 +129,7 @@ class UlyssesDeltaRule(torch.autograd.Function):
         h0 = initial_state[:, heads].contiguous() if initial_state is not None else None
         o, final, *saved = _forward_impl(qh, kh, vh, gh, betah, cu_seqlens, h0, plan.scale, CPU_CHUNK_SIZE, 0, 1,
                                          False, plan.num_seqs, plan.output_final_state, [],
-                                         keep=any(ctx.needs_input_grad[:6]))
+                                         keep=plan.keep)
         ctx.save_for_backward(qh, kh, vh, gh, betah, cu_seqlens, h0, *saved)
         ctx.plan, ctx.heads = plan, heads
         ctx.dtypes = (g.dtype, beta.dtype, None if initial_state is None else initial_state.dtype)
@@ -203,6 +206,8 @@ class DeltaUlyssesProvider(Provider):
         _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts_per_rank)
         rank, world = group_rank_and_size(group)
         ex = Exchange(group, rank, world, parts_per_rank, collectives or TORCH_COLLECTIVES)
+        keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                               for x in (q, k, v, g, beta, initial_state))
         o, final = UlyssesDeltaRule.apply(q, k, v, g, beta, initial_state, cu_seqlens,
-                                          _Plan(ex, float(scale), int(num_seqs), bool(output_final_state)))
+                                          _Plan(ex, float(scale), int(num_seqs), bool(output_final_state), keep))
         return o, (final if output_final_state else None)

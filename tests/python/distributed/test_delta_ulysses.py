@@ -201,3 +201,38 @@ def test_one_device_is_the_plain_op():
                          provider="ulysses")
     o_ref, final_ref = lasp2.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert torch.equal(o, o_ref) and torch.equal(final, final_ref)
+
+
+def check_keep_flag(rank, world):
+    """What the single-device op is told about a following backward (its `keep`: the
+    CUDA forward then holds its chunked outputs, about a GB a part at 64K tokens): yes
+    with grad mode on and an input needing a gradient, no under torch.no_grad() even
+    when leaves need gradients, as lasp2.gated_delta_rule's own rule (delta_rule) says."""
+    from lasp2.ops.providers import ulysses_delta
+
+    group = dist.group.WORLD
+    q, k, v, _, g, beta, _, _, _ = global_inputs(world, "gdn", False, 5)
+    local = lambda x: lasp2.split_sequence(x, group, split="contiguous", dim=1)  # noqa: E731
+    seen = []
+    real = ulysses_delta._forward_impl
+
+    def spy(*args, keep=True, **kw):
+        seen.append(keep)
+        return real(*args, keep=keep, **kw)
+
+    ulysses_delta._forward_impl = spy
+    try:
+        leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+        run = lambda xs: lasp2.gated_delta_rule(*xs, group=group, provider="ulysses")  # noqa: E731
+        o_grad, _ = run(leaves)
+        with torch.no_grad():
+            o_nograd, _ = run(leaves)
+        run([x.detach() for x in leaves])
+    finally:
+        ulysses_delta._forward_impl = real
+    assert seen == [True, False, False], seen
+    assert torch.equal(o_grad.detach(), o_nograd)
+
+
+def test_keep_only_when_a_backward_can_follow():
+    run_distributed(2, check_keep_flag)
