@@ -1,5 +1,6 @@
 #include "lasp2_op.h"
 
+#include <ATen/DeviceGuard.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "lasp2/lasp2.h"
@@ -22,6 +23,7 @@ ScalarSequenceStates::ScalarSequenceStates(const LinearAttentionArgs& a, const P
 
 std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args, bool output_final_state,
                                                  const ScalarSchedule& schedule) {
+  const at::OptionalDeviceGuard guard(at::device_of(args.q));  // kernels, streams, scratch: q's device
   LASP2_CHECK(!(output_final_state && args.doc_start && args.head_doc.empty()),
               "final states of packed documents (`doc_start`) are per document: pass `head_doc` and `num_seqs`");
   Prepared r = prepare(args);
@@ -41,6 +43,7 @@ std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args
 std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at::Tensor& dout, bool need_dg,
                                        const OptTensor& d_final_state, bool need_dinitial,
                                        const ScalarSchedule& schedule) {
+  const at::OptionalDeviceGuard guard(at::device_of(args.q));
   LASP2_CHECK(!need_dinitial || args.initial_state, "the initial-state gradient needs `initial_state`");
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
