@@ -1,8 +1,11 @@
-"""Kernel benchmark of one gated DeltaNet (GDN) layer on one GPU.
+"""Kernel benchmark of one gated DeltaNet (GDN) or KDA layer on one GPU.
 
     python benchmarks/bench_delta_rule.py [--seq-lens 8192 ... 262144] [--heads 16] [--dim 128]
         [--out DIR] [--fla-budget-s 120] [--row-budget-s 20] [--warm-fla] [--providers lasp2 fla]
-        [--profile-len 65536]
+        [--profile-len 65536] [--family gdn|kda]
+
+`--family kda`: lasp2.kda beside fla's chunk_kda, log gates per key dim (their bytes
+count in the floor); writes bench_kda.json / .png.
 
 lasp2.gated_delta_rule (the CUDA backend of csrc/core/delta_rule/cuda) side by side
 with flash-linear-attention's chunk_gated_delta_rule when importable, in the same
@@ -46,38 +49,45 @@ def median_ms(fn, budget_s=3.0):
     return cuda_timing.median_ms(fn, warmup=1, reps=5, budget_ms=1000.0 * budget_s)
 
 
-def make_inputs(T, H, D, seed=0):
+def make_inputs(T, H, D, seed=0, family="gdn"):
+    """KDA's log gates are per key dim ([1, T, H, D]), GDN's per head ([1, T, H])."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)
     q = rnd(1, T, H, D).bfloat16()
     k = F.normalize(rnd(1, T, H, D), dim=-1).bfloat16()
     v = rnd(1, T, H, D).bfloat16()
-    g = F.logsigmoid(rnd(1, T, H) + 4.0)  # fp32 log gates, mostly near 0 as in trained layers
+    gate_shape = (1, T, H, D) if family == "kda" else (1, T, H)
+    g = F.logsigmoid(rnd(*gate_shape) + 4.0)  # fp32 log gates, mostly near 0 as in trained layers
     beta = torch.sigmoid(rnd(1, T, H))
     do = rnd(1, T, H, D).bfloat16()
     return q, k, v, g, beta, do
 
 
-def floor_ms(T, H, D, pass_):
+def floor_ms(T, H, D, pass_, family="gdn"):
     tok = T * H
-    fwd = tok * D * 2 * 4 + tok * 4 * 2  # q, k, v, o (bf16); g, beta (fp32)
-    bwd = tok * D * 2 * 7 + tok * 4 * 4  # q, k, v, dO in; dq, dk, dv out; g, beta in, dg, dbeta out
+    gate = tok * 4 * (D if family == "kda" else 1)  # fp32 log gates
+    fwd = tok * D * 2 * 4 + gate + tok * 4  # q, k, v, o (bf16); g, beta (fp32)
+    bwd = tok * D * 2 * 7 + 2 * gate + tok * 4 * 2  # q, k, v, dO in; dq, dk, dv out; g, beta in, dg, dbeta out
     nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
     return nbytes / FLOOR_BYTES_PER_S * 1e3
 
 
-def providers(with_lasp2=True, with_fla=True):
+def providers(with_lasp2=True, with_fla=True, family="gdn"):
     out = {}
     if with_lasp2:  # imported here: --warm-fla runs while lasp2 may still be building
         import lasp2
 
-        out["lasp2"] = lambda q, k, v, g, beta: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
+        op = lasp2.kda if family == "kda" else lasp2.gated_delta_rule
+        out["lasp2"] = lambda q, k, v, g, beta: op(q, k, v, g, beta)[0]
     if not with_fla:
         return out
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        if family == "kda":
+            from fla.ops.kda import chunk_kda as fla_op
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_op
 
-        out["fla"] = lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype))[0]
+        out["fla"] = lambda q, k, v, g, beta: fla_op(q, k, v, g, beta.to(q.dtype))[0]
     except Exception as exc:  # fla is optional: carried to the device as a wheel
         print(f"# flash-linear-attention not available ({type(exc).__name__}: {exc})")
     return out
@@ -105,11 +115,11 @@ def refusal(exc):
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
-def warm_fla(fns, T, H, D):
+def warm_fla(fns, T, H, D, family):
     """Compiles and autotunes fla at length T (forward, then one backward try). Returns
     the backward's refusal, or None when it runs."""
     fn = fns["fla"]
-    q, k, v, g, beta, do = make_inputs(T, H, D)
+    q, k, v, g, beta, do = make_inputs(T, H, D, family=family)
     with torch.no_grad():
         fn(q, k, v, g, beta)
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
@@ -142,15 +152,17 @@ def main():
     parser.add_argument("--row-budget-s", type=float, default=20.0, help="time budget of one provider at one T")
     parser.add_argument("--warm-fla", action="store_true", help="only compile and autotune fla, then exit")
     parser.add_argument("--providers", nargs="+", default=["lasp2", "fla"], choices=["lasp2", "fla"])
+    parser.add_argument("--family", default="gdn", choices=["gdn", "kda"],
+                        help="gated DeltaNet (fla: chunk_gated_delta_rule) or KDA (fla: chunk_kda)")
     parser.add_argument("--profile-len", type=int, default=0,
                         help="also profile lasp2's forward and forward + backward at this T (0: no)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     fns = providers(with_lasp2=not args.warm_fla and "lasp2" in args.providers,
-                    with_fla=args.warm_fla or "fla" in args.providers)
-    H, D = args.heads, args.dim
+                    with_fla=args.warm_fla or "fla" in args.providers, family=args.family)
+    H, D, fam = args.heads, args.dim, args.family
     t0 = time.time()
-    fla_bwd_refused = warm_fla(fns, args.seq_lens[0], H, D) if "fla" in fns else None
+    fla_bwd_refused = warm_fla(fns, args.seq_lens[0], H, D, fam) if "fla" in fns else None
     fla_spent = time.time() - t0
     if "fla" in fns:
         print(f"# fla warm-up (compile + autotune at T={args.seq_lens[0]}): {fla_spent:.0f} s")
@@ -158,10 +170,10 @@ def main():
             print(f"# fla backward refused: {fla_bwd_refused}")
     if args.warm_fla:
         return
-    print(f"# GDN, B=1, H={H}, D={D}, bf16 q/k/v, fp32 g/beta on {torch.cuda.get_device_name()}")
+    print(f"# {fam.upper()}, B=1, H={H}, D={D}, bf16 q/k/v, fp32 g/beta on {torch.cuda.get_device_name()}")
     rows, skipped = [], {}
     for T in args.seq_lens:
-        inputs = make_inputs(T, H, D)
+        inputs = make_inputs(T, H, D, family=fam)
         for name, fn in fns.items():
             if name == "fla" and fla_spent > args.fla_budget_s:
                 skipped.setdefault("fla", f"rows from T={T} on: the fla budget of {args.fla_budget_s:.0f} s is spent")
@@ -177,7 +189,7 @@ def main():
                 fla_spent += time.time() - t1
             for pass_, ms in res.items():
                 rows.append({"provider": name, "T": T, "pass": pass_, "ms": ms,
-                             "x_floor": ms / floor_ms(T, H, D, pass_)})
+                             "x_floor": ms / floor_ms(T, H, D, pass_, fam)})
             torch.cuda.synchronize()
         if T == args.seq_lens[0]:
             diff = check_close(fns, *inputs[:5])
@@ -188,21 +200,22 @@ def main():
     for name, reason in skipped.items():
         print(f"# {name} skipped: {reason}")
     print(f"# total {time.time() - t0:.0f} s")
-    with open(os.path.join(args.out, "bench_delta_rule.json"), "w") as f:
-        json.dump({"H": H, "D": D, "rows": rows, "fla_bwd_refused": fla_bwd_refused}, f, indent=1)
+    stem = "bench_delta_rule" if fam == "gdn" else f"bench_{fam}"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump({"family": fam, "H": H, "D": D, "rows": rows, "fla_bwd_refused": fla_bwd_refused}, f, indent=1)
     report(rows, args, H, D, fla_bwd_refused)
     if args.profile_len and "lasp2" in fns:
-        profile(fns["lasp2"], args.profile_len, H, D, args.out)
+        profile(fns["lasp2"], args.profile_len, H, D, args.out, fam)
 
 
-def profile(fn, T, H, D, out_dir):
+def profile(fn, T, H, D, out_dir, family="gdn"):
     """lasp2's forward, then one forward + backward at T under torch.profiler: the
     launches, and the op's time (CUDA events, median of 5) beside the sum of its
     launches' device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    q, k, v, g, beta, do = make_inputs(T, H, D)
+    q, k, v, g, beta, do = make_inputs(T, H, D, family=family)
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
 
     def fwd():
@@ -240,7 +253,8 @@ def report(rows, args, H, D, fla_bwd_refused=None):
     def fmt(r, key="ms", spec="{:8.2f}"):
         return spec.format(r[key]) if r is not None else f"{'-':>8}"
 
-    print(f"GDN H={H} D={D} bf16 B=1 (ms; xfl = x memory floor at 4.2 TB/s; fla/us = fla / lasp2)")
+    fam = args.family.upper()
+    print(f"{fam} H={H} D={D} bf16 B=1 (ms; xfl = x memory floor at 4.2 TB/s; fla/us = fla / lasp2)")
     print(f"{'T':>7} | {'pass':>7} | {'lasp2':>8} {'xfl':>6} | {'fla':>8} {'xfl':>6} | {'fla/us':>6}")
     for T in args.seq_lens:
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
@@ -266,11 +280,11 @@ def report(rows, args, H, D, fla_bwd_refused=None):
             pts = [(T, get(name, T, pass_)["ms"]) for T in args.seq_lens if get(name, T, pass_)]
             if pts:
                 ax.plot(*zip(*pts), style, label=name)
-        floor = [floor_ms(T, H, D, pass_) for T in args.seq_lens]
+        floor = [floor_ms(T, H, D, pass_, args.family) for T in args.seq_lens]
         ax.plot(args.seq_lens, floor, ":", color="gray", label="memory floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        title = f"GDN {pass_}, H={H}, D={D}, bf16"
+        title = f"{fam} {pass_}, H={H}, D={D}, bf16"
         if pass_ != "fwd" and fla_bwd_refused:
             title += "\n(fla backward refused on this Triton, fla #640)"
         ax.set_title(title, fontsize=9)
@@ -278,7 +292,7 @@ def report(rows, args, H, D, fla_bwd_refused=None):
         ax.set_ylabel("ms")
         ax.legend()
     fig.tight_layout()
-    path = os.path.join(args.out, "bench_delta_rule.png")
+    path = os.path.join(args.out, "bench_delta_rule.png" if args.family == "gdn" else f"bench_{args.family}.png")
     fig.savefig(path, dpi=110)
     print(f"# plot: {path}")
 
