@@ -1,8 +1,9 @@
 // The chunked KDA forward kernels (kda_chunk.h) against the token-recurrent kernels
 // (the same backend with LASP2_DELTA_KDA_CHUNKED=0) and the CPU backend, call by call:
-// forward (o over a part that starts and ends mid-chunk, with an entering state) and
+// forward (o over a part that starts and ends mid-chunk, with an entering state),
 // part_summary (A, M and the head maps; A and M give the state leaving the part from
-// any entering state, the final state). bf16 / fp16, d = 64 and 128, rows and packed
+// any entering state, the final state) and entering_dstate (the entering state's
+// gradient from the part's own outputs). bf16 / fp16, d = 64 and 128, rows and packed
 // documents (starts inside chunks, on a chunk's first token, one-token documents),
 // -inf log gates on some key dims and on all of them, and strong gates (down to -5 a
 // dim and token). The recurrent kernels are held to the CPU backend by
@@ -20,6 +21,7 @@
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/delta_backend.h"
 #include "lasp2/lasp2.h"
 
@@ -70,7 +72,7 @@ DeltaProblem<float> kda_problem(const KdaCase& c) {
   DeltaProblem<float> pr(s, 31);
   const double kscale = 2.0 / std::sqrt(static_cast<double>(c.d));
   for (auto& x : pr.k) x = static_cast<float>(x * kscale);
-  for (auto* vec : {&pr.q, &pr.k, &pr.v})
+  for (auto* vec : {&pr.q, &pr.k, &pr.v, &pr.dout})
     for (auto& x : *vec) x = static_cast<float>(round_to(c.type, x));
   const int64_t rows = s.batch * s.seqlen * s.heads;
   if (c.gates == Gates::kStrong) {
@@ -94,7 +96,7 @@ DeltaProblem<float> kda_problem(const KdaCase& c) {
 struct KdaResult {
   std::vector<double> o;
   std::vector<char> o_written;
-  std::vector<float> A, M, hA, hM;
+  std::vector<float> A, M, hA, hM, E;
 };
 
 class DeltaCudaKdaChunked : public ::testing::TestWithParam<KdaCase> {};
@@ -107,7 +109,8 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   const DeltaParams hp = pr.params();
   const Layout lay{false, 0};
   DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+  dout.upload({pr.dout.begin(), pr.dout.end()});
   q.upload({pr.q.begin(), pr.q.end()});
   k.upload({pr.k.begin(), pr.k.end()});
   v.upload({pr.v.begin(), pr.v.end()});
@@ -153,6 +156,10 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
     r.M = M.download();
     r.hA = hA.download();
     r.hM = hM.download();
+    DevBuf<float> E(bh * se);
+    E.poison();
+    gpu.entering_dstate(dp, part, dout.cview(), E.p, nullptr);
+    r.E = E.download();
     return r;
   };
   const KdaResult got = run();
@@ -174,6 +181,7 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   EXPECT_LT(rel_err_f32(got.M, want.M), tol_map) << "M vs recurrent";
   EXPECT_LT(rel_err_f32(got.hA, want.hA), tol_map) << "head A vs recurrent";
   EXPECT_LT(rel_err_f32(got.hM, want.hM), tol_map) << "head M vs recurrent";
+  EXPECT_LT(rel_err_f32(got.E, want.E), tol_map) << "entering dstate vs recurrent";
   // the state leaving the part from `entering`: A S_in + M
   auto leaving = [&](const KdaResult& r) {
     std::vector<float> out(bh * se);
@@ -204,6 +212,9 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
     EXPECT_LT(rel_err_f32(got.M, M), tol_map) << "M vs CPU";
     EXPECT_LT(rel_err_f32(got.hA, hA), tol_map) << "head A vs CPU";
     EXPECT_LT(rel_err_f32(got.hM, hM), tol_map) << "head M vs CPU";
+    std::vector<float> E(bh * se);
+    cpu.entering_dstate(hp, part, pr.dout_view(), E.data(), nullptr);
+    EXPECT_LT(rel_err_f32(got.E, E), tol_map) << "entering dstate vs CPU";
   }
 }
 
@@ -223,10 +234,11 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
     });
 
-// KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device: forward and
-// part_summary with the chunked kernels and with the recurrent ones (printed), and the
-// backward (the recurrent kernels either way). Inputs: repeated random patterns (fast
-// to set up); the assertions check that o is finite and the two forwards agree.
+// KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
+// part_summary, forward and entering_dstate with the chunked kernels and with the
+// recurrent ones (printed), and the backward (the recurrent kernels either way). Inputs:
+// repeated random patterns (fast to set up); the assertions check that o is finite and
+// the two forwards agree.
 TEST(DeltaCudaKdaTiming, OneDevice) {
   LASP2_SKIP_WITHOUT_CUDA();
   const char* t_env = std::getenv("LASP2_DELTA_TIMING_T");
@@ -278,7 +290,10 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   const TokenRange all{0, T};
   cudaEvent_t e0, e1, e2;
   for (auto* e : {&e0, &e1, &e2}) cuda_ok(cudaEventCreate(e), "event");
-  float ms[2][2] = {};  // [recurrent][summary, forward]
+  float ms[2][3] = {};  // [recurrent][summary, forward, entering_dstate]
+  DevBuf<float> dE(H * D * D);
+  cudaEvent_t e3;
+  cuda_ok(cudaEventCreate(&e3), "event");
   for (int rec = 0; rec < 2; ++rec) {
     std::unique_ptr<KdaEnv> off;
     if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED", "0");
@@ -288,10 +303,13 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
       cuda_ok(cudaEventRecord(e1), "record");
       be.forward(p, all, nullptr, {}, rec ? o_rec.mview() : o.mview(), nullptr);
       cuda_ok(cudaEventRecord(e2), "record");
-      cuda_ok(cudaEventSynchronize(e2), "sync");
+      be.entering_dstate(p, all, dout.cview(), dE.p, nullptr);
+      cuda_ok(cudaEventRecord(e3), "record");
+      cuda_ok(cudaEventSynchronize(e3), "sync");
     }
     cuda_ok(cudaEventElapsedTime(&ms[rec][0], e0, e1), "elapsed");
     cuda_ok(cudaEventElapsedTime(&ms[rec][1], e1, e2), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&ms[rec][2], e2, e3), "elapsed");
   }
   float bwd_ms = 0;
   cuda_ok(cudaEventRecord(e0), "record");
@@ -300,10 +318,62 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   cuda_ok(cudaEventRecord(e1), "record");
   cuda_ok(cudaEventSynchronize(e1), "sync");
   cuda_ok(cudaEventElapsedTime(&bwd_ms, e0, e1), "elapsed");
-  std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked part_summary %.2f ms, forward %.2f ms; "
-              "recurrent part_summary %.2f ms, forward %.2f ms; backward (recurrent) %.2f ms\n",
-              static_cast<long long>(T), ms[0][0], ms[0][1], ms[1][0], ms[1][1], bwd_ms);
-  for (auto* e : {&e0, &e1, &e2}) cudaEventDestroy(*e);
+  std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked part_summary %.2f ms, forward %.2f ms, "
+              "entering_dstate %.2f ms; recurrent part_summary %.2f ms, forward %.2f ms, entering_dstate %.2f ms; "
+              "backward (recurrent) %.2f ms\n",
+              static_cast<long long>(T), ms[0][0], ms[0][1], ms[0][2], ms[1][0], ms[1][1], ms[1][2], bwd_ms);
+  // per launch of the chunked forward (kda_chunk.h): prep, the state pass, the output
+  {
+    namespace gpu = delta::gpu;
+    gpu::Problem kp;
+    kp.batch = 1;
+    kp.heads = static_cast<int>(H);
+    kp.dk = kp.dv = static_cast<int>(D);
+    kp.seqlen = kp.n = kp.seg_len = T;
+    kp.elem = gpu::Elem::kBF16;
+    kp.q = {q.buf.p, T * H * D, H * D, D};
+    kp.k = {k.buf.p, T * H * D, H * D, D};
+    kp.v = {v.buf.p, T * H * D, H * D, D};
+    kp.g = g.p;
+    kp.gsb = T * H * D;
+    kp.gst = H * D;
+    kp.gsh = D;
+    kp.per_key = 1;
+    kp.beta = beta.p;
+    kp.bsb = T * H;
+    kp.bst = H;
+    kp.bsh = 1;
+    kp.scale = static_cast<float>(p.scale);
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(kp);
+    DevBuf<float> w(z.rows_half), u(z.rows_half), qg(z.rows_half), kd(z.rows_half), pm(z.p_half), eL(z.eL),
+        vn(z.rows_half), st(H * gpu::chunk_count(kp) * D * D / 2);
+    const gpu::KdaPrep prep{w.p, u.p, qg.p, kd.p, pm.p, eL.p};
+    gpu::ChunkStatesOut so;
+    so.v_new = vn.p;
+    so.states = st.p;
+    gpu::ForwardOut fo;
+    fo.o = o.buf.p;
+    fo.osb = T * H * D;
+    fo.ost = H * D;
+    fo.osh = D;
+    float t[3] = {};
+    for (int rep = 0; rep < 2; ++rep) {  // the second is timed
+      cuda_ok(cudaEventRecord(e0), "record");
+      gpu::launch_kda_prep(kp, prep, nullptr);
+      cuda_ok(cudaEventRecord(e1), "record");
+      gpu::launch_kda_states(kp, prep, so, nullptr);
+      cuda_ok(cudaEventRecord(e2), "record");
+      gpu::launch_kda_output(kp, prep, vn.p, st.p, fo, nullptr);
+      cuda_ok(cudaEventRecord(e3), "record");
+      cuda_ok(cudaEventSynchronize(e3), "sync");
+    }
+    cuda_ok(cudaEventElapsedTime(&t[0], e0, e1), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&t[1], e1, e2), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&t[2], e2, e3), "elapsed");
+    std::printf("[ timing ] KDA chunked forward per launch: prep %.2f ms, states %.2f ms, output %.2f ms\n", t[0], t[1],
+                t[2]);
+  }
+  for (auto* e : {&e0, &e1, &e2, &e3}) cudaEventDestroy(*e);
   // the first 256 tokens of both forwards
   const int64_t n = std::min<int64_t>(T, 256);
   DevTensor head(1, n, H, D, type, Layout{}), head_rec(1, n, H, D, type, Layout{});

@@ -136,9 +136,10 @@ bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstV
   return true;
 }
 
-// Whether the KDA chunk kernels (kda_chunk.h) take a forward or part_summary call: what
-// chunked() asks of GDN, with per-key gates. LASP2_DELTA_KDA_CHUNKED=0 (or
-// LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels; KDA's backward always walks.
+// Whether the KDA chunk kernels (kda_chunk.h) take a forward, part_summary or
+// entering_dstate call: what chunked() asks of GDN, with per-key gates.
+// LASP2_DELTA_KDA_CHUNKED=0 (or LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels;
+// KDA's backward always walks.
 bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
   const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED");
   if (env != nullptr && env[0] == '0') return false;
@@ -390,6 +391,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       chunked_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
       return;
     }
+    if (kda_chunked(p, part, {dout})) {
+      kda_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, nullptr));
     if (g.n == 0) {
       cuda::cuda_check(cudaMemsetAsync(dentering, 0, g.bh() * p.state_elems() * sizeof(float), s),
@@ -596,6 +601,16 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     so.states = scratch[7];
     gpu::launch_kda_states(g, prep, so, s);
     gpu::launch_kda_output(g, prep, scratch[6], scratch[7], out, s);
+  }
+
+  // KDA's entering_dstate: prep, rprep and the reverse state pass (kda_chunk.h).
+  void kda_entering_dstate(const gpu::Problem& g, gpu::View dout, float* dentering, cudaStream_t s) const {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.rows_half},
+                          allocator_, s);
+    const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::launch_kda_entering_dstate(g, prep, dout, scratch[6], dentering, s);
   }
 
   // KDA's part summary as chunked_summary below: prep, the state pass over [A | M] from

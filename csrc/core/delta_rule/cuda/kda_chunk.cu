@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
   for (int i = tid; i < D; i += NT) {
     const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + i;
     float acc = 0.f;
+#pragma unroll 16
     for (int x = 0; x < CH; ++x) {
       if (live(x) && sm.start[x] == 0.f) acc += fmaxf(gp[x * p.gst], kKdaGateFloor);
       sm.G[x * D + i] = acc;
@@ -146,6 +147,7 @@ __global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
       while ((a + 1) * (a + 2) / 2 <= pi) ++a;
       const int b = pi - a * (a + 1) / 2, x = r + a, y = r + b;
       float sk = 0.f, sq = 0.f;
+#pragma unroll 4
       for (int j = 0; j < D; j += 2) {
         const int i = (j + 2 * lane) & (D - 1);
         const float2 gx = *reinterpret_cast<const float2*>(sm.G + x * D + i);
@@ -392,6 +394,161 @@ __global__ void __launch_bounds__(NT) kda_output_kernel(Problem p, KdaPrep prep,
     }
 }
 
+// ---- the entering state's gradient from the part's own outputs (entering_dstate) ----------------
+// The chunk computed v_new = u - w S0, S1 = diag(eL) S0 + kd^T v_new, O = qg S0 + P v_new;
+// with X the gradient of S1 and r = -(P^T dO), the gradient of S0 is
+// diag(eL) X + w^T (r - kd X) + qg^T dO (kda_chunk.h).
+template <typename T, int D>
+struct KdaRprepSmem {
+  static constexpr int LD = TcTile<D>::LD;
+  T ps[CH * kLdP];
+  T d[CH * LD];
+};
+
+// r = -(P^T dO) of every chunk, 16-bit [rows][d]: r_y = -sum_{x >= y} P_xy dO_x.
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) kda_rprep_kernel(Problem p, KdaPrep prep, View dout, void* r) {
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  KdaRprepSmem<T, D>& sm = *reinterpret_cast<KdaRprepSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
+  load_tile<T, CH, NT>(sm.ps, static_cast<const T*>(prep.p) + chunk * CH * CH, CH, CH, CH, tid);
+  load_tile<T, D, NT>(sm.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, cp.nvalid, D, tid);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  float acc[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  // P^T from the [x][y] tile: query blocks warp..3 (P is zero above its diagonal)
+  mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.d, LD, 16 * warp, warp, CH / 16, lane);
+  T* dst = static_cast<T*>(r) + cp.row0 * D;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
+      store_u32(dst + x * D + col, pack2<T>(-acc[j][2 * hf], -acc[j][2 * hf + 1]));
+    }
+}
+
+// One block per (b, h) and BV = 16 columns, backwards over the chunks (the next chunk's
+// tiles in flight, two buffers): X (the gradient of the state leaving the chunk, from
+// zero at the part's end) <- diag(eL) X + w^T (r - kd X) + qg^T dO; the last X is the
+// entering state's gradient.
+template <typename T, int D>
+struct KdaRevBuf {
+  static constexpr int LD = TcTile<D>::LD;
+  T w[CH * LD];
+  T kd[CH * LD];
+  T qg[CH * LD];
+  T r[CH * LDV];
+  T d[CH * LDV];
+  float eL[D];
+};
+template <typename T, int D>
+struct KdaRevSmem {
+  KdaRevBuf<T, D> buf[2];
+  T xb[D * LDV];
+  T ys[CH * LDV];
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPrep& prep, const View& dout,
+                                                   const void* r, KdaRevBuf<T, D>& B, int c, int64_t bh, int j0,
+                                                   int tid) {
+  const ChunkPos cp = chunk_pos(p, c, bh);
+  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NT>(B.kd, static_cast<const T*>(prep.kd) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NT>(B.qg, static_cast<const T*>(prep.qg) + cp.row0 * D, D, CH, D, tid);
+  load_cols<T>(B.r, static_cast<const T*>(r) + cp.row0 * D, D, j0, CH, tid);
+  load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
+  if (tid < D / 4) cp_async16(B.eL + 4 * tid, prep.eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep prep, View dout, const void* r,
+                                                           float* entering) {
+  constexpr int LD = TcTile<D>::LD;
+  constexpr int MT = D / 64;
+  constexpr int NTL = BV / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  KdaRevSmem<T, D>& sm = *reinterpret_cast<KdaRevSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * BV;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t se = static_cast<int64_t>(D) * D;
+  float X[MT][NTL][4] = {};
+  load_kda_rev_chunk<T, D>(p, prep, dout, r, sm.buf[0], nck - 1, bh, j0, tid);
+  cp_async_commit();
+  for (int i = 0; i < nck; ++i) {
+    const int c = nck - 1 - i;
+    KdaRevBuf<T, D>& B = sm.buf[i & 1];
+    cp_async_wait_all();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+          store_u32(sm.xb + row * LDV + 8 * nt + 2 * (lane & 3), pack2<T>(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]));
+        }
+    // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
+    __syncthreads();
+    if (c > 0) load_kda_rev_chunk<T, D>(p, prep, dout, r, sm.buf[(i + 1) & 1], c - 1, bh, j0, tid);
+    cp_async_commit();
+    {  // ys = r - kd X (this warp's token rows)
+      float acc[NTL][4];
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      mma_rows<T, NTL, false>(acc, B.kd, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = 16 * warp + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+          const float2 rr = unpack2<T>(load_u32(B.r + x * LDV + cl));
+          store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - acc[nt][2 * hf], rr.y - acc[nt][2 * hf + 1]));
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float e = B.eL[warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf];
+#pragma unroll
+        for (int nt = 0; nt < NTL; ++nt) {
+          X[mt][nt][2 * hf] *= e;
+          X[mt][nt][2 * hf + 1] *= e;
+        }
+      }
+      mma_rows<T, NTL, true>(X[mt], B.w, LD, sm.ys, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+      mma_rows<T, NTL, true>(X[mt], B.qg, LD, B.d, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+    }
+  }
+  cp_async_wait_all();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+        const int col = j0 + 8 * nt + 2 * (lane & 3);
+        *reinterpret_cast<float2*>(entering + bh * se + row * D + col) =
+            make_float2(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]);
+      }
+}
+
 // ---- launch helpers -------------------------------------------------------------------------------
 void kda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail(std::string("lasp2 (CUDA KDA, chunked): ") + what + ": " + cudaGetErrorString(e));
@@ -464,6 +621,24 @@ void launch_kda_output(const Problem& p, const KdaPrep& prep, const void* v_new,
     constexpr int D = decltype(dim)::value;
     kda_launch(kda_output_kernel<T, D>, dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())),
                static_cast<int>(sizeof(KdaOutSmem<T, D>)), s, "KDA chunk output", p, prep, v_new, states, out);
+  });
+}
+
+void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout, void* r, float* entering,
+                                cudaStream_t s) {
+  if (p.bh() == 0) return;
+  if (chunk_count(p) == 0) {
+    kda_check(cudaMemsetAsync(entering, 0, p.bh() * p.dk * p.dv * sizeof(float), s), "KDA entering dstate");
+    return;
+  }
+  kda_dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    kda_launch(kda_rprep_kernel<T, D>, dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())),
+               static_cast<int>(sizeof(KdaRprepSmem<T, D>)), s, "KDA chunk rprep", p, prep, dout, r);
+    kda_launch(kda_rev_state_kernel<T, D>, dim3(D / BV, static_cast<unsigned>(p.bh())),
+               static_cast<int>(sizeof(KdaRevSmem<T, D>)), s, "KDA chunk reverse state pass", p, prep, dout,
+               static_cast<const void*>(r), entering);
   });
 }
 

@@ -15,6 +15,8 @@
 //           v_new = u - w S; S <- diag(eL) S + kd^T v_new; the same pass over the
 //           columns of [A | M] from [I | 0] gives the part summary
 //   output  (chunk-parallel) o = qg S_c + P v_new
+//   rprep, rstates (entering_dstate) r = -(P^T dO); backwards over the chunks
+//           X <- diag(eL) X + w^T (r - kd X) + qg^T dO
 //
 // Where GDN's kernels scale a whole token row by one decay (e^{G_x}, e^{G_last - G_y},
 // e^{G_last}), KDA scales each element: the per-row factors become the qg, kd and the
@@ -76,5 +78,14 @@ void launch_kda_summary(const Problem& p, const KdaPrep& prep, const ChunkSummar
 // o over the part from qg, P, v_new and the 16-bit chunk states.
 void launch_kda_output(const Problem& p, const KdaPrep& prep, const void* v_new, const void* states,
                        const ForwardOut& out, cudaStream_t s);
+
+// The gradient of the state entering the part from the part's own outputs dO (the
+// backend's entering_dstate): r = -(P^T dO) per chunk into `r` (16-bit [rows][d], the
+// size of w), then the reverse state pass X <- diag(eL) X + w^T (r - kd X) + qg^T dO
+// from X = 0 at the part's end; `entering` fp32 [bh][dk][dv]. A chunk with a document
+// start passes nothing back (its eL is 0 and its w, kd and qg rows lie in different
+// segments), so this is the gradient through the part's head, as the walks give it.
+void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout, void* r, float* entering,
+                                cudaStream_t s);
 
 }  // namespace lasp2::delta::gpu
