@@ -295,9 +295,9 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     DevBuf<float> gE(E.size());
     gE.poison();
     gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
-    // GDN in 16-bit with d = 64 / 128 runs the chunked reverse pass, whose state
-    // products take 16-bit operands (delta_chunk.h)
-    const bool chunked = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    // GDN and KDA in 16-bit with d = 64 / 128 run the chunked reverse pass, whose state
+    // products take 16-bit operands (delta_chunk.h, kda_chunk.h)
+    const bool chunked = bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
     EXPECT_LT(rel_err_f32(gE.download(), E), chunked ? 5e-3 : tol_f32) << "entering dstate";
   }
 
