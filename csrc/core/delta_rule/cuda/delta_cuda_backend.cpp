@@ -27,6 +27,9 @@
 // the caller holds until the backward, which then runs neither of them again.
 // LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
+// KDA under the same conditions takes its own chunked kernels (kda_chunk.h) for
+// forward, part_summary and entering_dstate; its backward walks.
+// LASP2_DELTA_KDA_CHUNKED=0 turns those off alone.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
