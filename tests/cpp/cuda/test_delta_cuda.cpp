@@ -266,10 +266,9 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     doc.initial = pr.initial.data();
     doc.finals = finals.data();
     cpu.part_summary(hp, part, doc, A.data(), M.data(), hA.data(), hM.data(), nullptr);
-    // GDN in 16-bit with d = 64 / 128 without documents runs the chunk maps, whose state
-    // products take 16-bit operands (delta_chunk.h)
-    const bool chunked = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128) &&
-                         !c.packed;
+    // GDN and KDA in 16-bit with d = 64 / 128 without documents run the chunk maps, whose
+    // state products take 16-bit operands (delta_chunk.h, kda_chunk.h)
+    const bool chunked = bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128) && !c.packed;
     const double tol_map = chunked ? 5e-3 : tol_f32;
     DevBuf<float> gA(A.size()), gM(M.size()), ghA(hA.size()), ghM(hM.size());
     DevBuf<float> gfin = zeroed(D);
@@ -296,9 +295,9 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     DevBuf<float> gE(E.size());
     gE.poison();
     gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
-    // GDN in 16-bit with d = 64 / 128 runs the chunked reverse pass, whose state
-    // products take 16-bit operands (delta_chunk.h)
-    const bool chunked = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    // GDN and KDA in 16-bit with d = 64 / 128 run the chunked reverse pass, whose state
+    // products take 16-bit operands (delta_chunk.h, kda_chunk.h)
+    const bool chunked = bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
     EXPECT_LT(rel_err_f32(gE.download(), E), chunked ? 5e-3 : tol_f32) << "entering dstate";
   }
 

@@ -15,6 +15,7 @@
 #include "delta_rule/cuda/delta_chunk.h"
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -37,101 +38,6 @@ struct PrepSmem {
   __device__ T* v() { return reinterpret_cast<T*>(tv); }
 };
 static_assert(CH * kLdP * 2 <= CH * LDL * 4, "tw (and later tu) fit where L was");
-
-// T = (I + L)^-1 of a strictly lower-triangular 64 x 64 L, in fp32, blocked by 16:
-// the diagonal blocks by substitution (warp w, lane j solves column j of block w in
-// registers), then the 2 x 2 block merges inv([[A, 0], [C, B]]) =
-// [[A^-1, 0], [-B^-1 C A^-1, B^-1]] at 16 and at 32. Entries of T above the
-// diagonal blocks are left unwritten; in the diagonal blocks they are zero. The L
-// blocks consumed by a merge hold C A^-1 afterwards.
-__device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
-  const int warp = tid >> 5, lane = tid & 31;
-  {
-    const int base = 16 * warp;
-    if (lane < 16) {
-      float t[16];
-#pragma unroll
-      for (int x = 0; x < 16; ++x) {
-        float acc = x == lane ? 1.f : 0.f;
-#pragma unroll
-        for (int y = 0; y < x; ++y) acc -= L[(base + x) * LDL + base + y] * t[y];
-        t[x] = acc;
-      }
-#pragma unroll
-      for (int x = 0; x < 16; ++x) Tm[(base + x) * LDL + base + lane] = t[x];
-    }
-  }
-  __syncthreads();
-  {  // blocks (1, 0) and (3, 2): 2 x 2 outputs a thread
-    const int q = tid & 63, i0 = tid < 64 ? 16 : 48, j0 = i0 - 16;
-    const int r = 2 * (q >> 3), c = 2 * (q & 7);
-    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {  // C A^-1 (A^-1 lower triangular: zeros above)
-      const float c0 = L[(i0 + r) * LDL + j0 + k], c1 = L[(i0 + r + 1) * LDL + j0 + k];
-      const float a0 = Tm[(j0 + k) * LDL + j0 + c], a1 = Tm[(j0 + k) * LDL + j0 + c + 1];
-      x[0][0] += c0 * a0;
-      x[0][1] += c0 * a1;
-      x[1][0] += c1 * a0;
-      x[1][1] += c1 * a1;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < 2; ++b) L[(i0 + r + a) * LDL + j0 + c + b] = x[a][b];
-    __syncthreads();
-    float y[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {  // B^-1 (C A^-1), k <= row
-      const float b0 = Tm[(i0 + r) * LDL + i0 + k], b1 = Tm[(i0 + r + 1) * LDL + i0 + k];
-      const float x0 = L[(i0 + k) * LDL + j0 + c], x1 = L[(i0 + k) * LDL + j0 + c + 1];
-      y[0][0] += b0 * x0;
-      y[0][1] += b0 * x1;
-      y[1][0] += b1 * x0;
-      y[1][1] += b1 * x1;
-    }
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < 2; ++b) Tm[(i0 + r + a) * LDL + j0 + c + b] = -y[a][b];
-  }
-  __syncthreads();
-  {  // block rows 32..63 x columns 0..31: 2 x 4 outputs a thread
-    const int r = 2 * (tid >> 3), c = 4 * (tid & 7);
-    float x[2][4] = {};
-    for (int k = c; k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
-      const float c0 = L[(32 + r) * LDL + k], c1 = L[(33 + r) * LDL + k];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const float a = Tm[k * LDL + c + b];
-        x[0][b] += c0 * a;
-        x[1][b] += c1 * a;
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) L[(32 + r + a) * LDL + c + b] = x[a][b];
-    __syncthreads();
-    float y[2][4] = {};
-    for (int k = 0; k <= r + 1; ++k) {  // B^-1 (C A^-1), B^-1 = T[32:64, 32:64]
-      const float b0 = Tm[(32 + r) * LDL + 32 + k], b1 = Tm[(33 + r) * LDL + 32 + k];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const float xv = L[(32 + k) * LDL + c + b];
-        y[0][b] += b0 * xv;
-        y[1][b] += b1 * xv;
-      }
-    }
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) Tm[(32 + r + a) * LDL + c + b] = -y[a][b];
-  }
-  __syncthreads();
-}
 
 // Blocks an SM that prep's shared memory allows at d = 128 (228 KiB on sm_90, 164 KiB
 // on sm_80), held by the register bound (128 registers a thread for four).

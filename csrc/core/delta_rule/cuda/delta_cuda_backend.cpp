@@ -27,6 +27,9 @@
 // the caller holds until the backward, which then runs neither of them again.
 // LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
+// KDA under the same conditions takes its own chunked kernels (kda_chunk.h) for
+// forward, part_summary and entering_dstate; its backward walks.
+// LASP2_DELTA_KDA_CHUNKED=0 turns those off alone.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -38,6 +41,7 @@
 #include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
+#include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
 
@@ -133,6 +137,19 @@ bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstV
   for (const ConstView& v : extra)
     if (!rows_aligned(v)) return false;
   return true;
+}
+
+// Whether the KDA chunk kernels (kda_chunk.h) take a forward, part_summary or
+// entering_dstate call: what chunked() asks of GDN, with per-key gates.
+// LASP2_DELTA_KDA_CHUNKED=0 (or LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels;
+// KDA's backward always walks.
+bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
+  const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED");
+  if (env != nullptr && env[0] == '0') return false;
+  if (p.gate_kind != GateKind::kPerKey) return false;
+  DeltaParams scalar = p;
+  scalar.gate_kind = GateKind::kScalar;
+  return chunked(scalar, part, extra);
 }
 
 // One allocation (cuda::DeviceBlock) of `floats` fp32 elements per buffer, each on a
@@ -280,6 +297,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       chunked_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
       return;
     }
+    if (kda_chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
+      kda_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     const int ncols = g.dk + g.dv;  // SummaryOut: {A, M, head_A, head_M, finals, ncols}
     if (g.nseg == 1) {
@@ -313,6 +334,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     // documents begun inside a chunk start from zero there: initial states need the walk
     if (chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
       chunked_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
+      return;
+    }
+    if (kda_chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
+      kda_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
       return;
     }
     walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
@@ -367,6 +392,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     const cudaStream_t s = as_stream(stream);
     if (chunked(p, part, {dout})) {
       chunked_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
+      return;
+    }
+    if (kda_chunked(p, part, {dout})) {
+      kda_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, nullptr));
@@ -558,6 +587,58 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     so.states = scratch[4];
     gpu::launch_chunk_states(g, prep, so, s);
     gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+  }
+
+  // KDA (kda_chunk.h): prep, the state pass (v_new and the 16-bit state entering each
+  // chunk), the output.
+  void kda_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out, cudaStream_t s) const {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.rows_half,
+                           g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
+                          allocator_, s);
+    const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::ChunkStatesOut so;
+    so.entering = entering;
+    so.v_new = scratch[6];
+    so.states = scratch[7];
+    gpu::launch_kda_states(g, prep, so, s);
+    gpu::launch_kda_output(g, prep, scratch[6], scratch[7], out, s);
+  }
+
+  // KDA's entering_dstate: prep, rprep and the reverse state pass (kda_chunk.h).
+  void kda_entering_dstate(const gpu::Problem& g, gpu::View dout, float* dentering, cudaStream_t s) const {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.rows_half},
+                          allocator_, s);
+    const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::launch_kda_entering_dstate(g, prep, dout, scratch[6], dentering, s);
+  }
+
+  // KDA's part summary as chunked_summary below: prep, the state pass over [A | M] from
+  // [I | 0]; with packed documents the head maps from a second prep ending each row at
+  // its first document start.
+  void kda_summary(const gpu::Problem& g, float* A, float* M, float* head_A, float* head_M, cudaStream_t s) const {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    const bool packed = g.doc_start != nullptr;
+    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL,
+                           packed ? int64_t{g.batch} : 0},
+                          allocator_, s);
+    gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::ChunkSummaryOut out;
+    out.A = A;
+    out.M = M;
+    out.head_A = packed ? nullptr : head_A;
+    out.head_M = packed ? nullptr : head_M;
+    gpu::launch_kda_summary(g, prep, out, s);
+    if (!packed) return;
+    int* firsts = reinterpret_cast<int*>(scratch[6]);
+    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
+    prep.head_end = firsts;
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::launch_kda_summary(g, prep, {head_A, head_M, nullptr, nullptr}, s);
   }
 
   // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
