@@ -2,12 +2,13 @@
 // once and written once forward (x -> y), dy and y read once and dx written once backward.
 //
 // A group of G lanes (G a power of two, 4..32, the smallest holding the row's vectors)
-// owns one row: each lane loads up to kMaxIters vectors of V elements (16 bytes when every
-// pointer and stride allows it, else single elements) into registers, the group sums in a
-// shuffle tree, and the lane writes its own elements: a row costs no shared memory and no
-// second read. Rows of every tensor of the call (q and k) share one grid. Rows longer
-// than the registers hold (D > 32 * V * kMaxIters) take a two-pass loop kernel, one warp
-// per row, that reads the row twice.
+// owns one row: each lane loads up to I vectors of V elements into registers (V: 16
+// bytes when every pointer and stride allows it, then I = 2; else single elements,
+// I = 8), the group sums in a shuffle tree, and the lane writes its own elements: a row
+// costs no shared memory and no second read. I is small and static because registers
+// are allocated for all I (occupancy: what a memory-bound kernel lives on). Rows of every
+// tensor of the call (q and k) share one grid. Rows longer than that (D > 32 * V * I)
+// take a two-pass loop kernel, one warp per row, that reads the row twice.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,7 +20,8 @@ namespace lasp2::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxIters = 8;
+constexpr int kVecIters = 2;     // vectors per lane, 16-byte path (bf16: D <= 512; fp32: D <= 256)
+constexpr int kScalarIters = 8;  // elements per lane, scalar path (D <= 256)
 constexpr int kMinGroup = 4;
 
 template <typename T>
@@ -103,7 +105,7 @@ __device__ __forceinline__ Acc group_sum(Acc v, int group) {
   return v;
 }
 
-template <typename T, int V>
+template <typename T, int V, int kMaxIters>
 __global__ void __launch_bounds__(kThreads) l2norm_forward_regs(const KernelArgs a) {
   using Acc = typename AccOf<T>::type;
   using P = Pack<T, V>;
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) l2norm_forward_regs(const KernelArgs
   if (sub == 0) static_cast<Acc*>(v.rstd)[p.r] = rstd;
 }
 
-template <typename T, int V>
+template <typename T, int V, int kMaxIters>
 __global__ void __launch_bounds__(kThreads) l2norm_backward_regs(const KernelArgs a) {
   using Acc = typename AccOf<T>::type;
   using P = Pack<T, V>;
@@ -252,12 +254,12 @@ void launch(KernelArgs& a, bool backward, cudaStream_t stream) {
     vec_ok = vector_ok(v.in, v.in_s, kVec, bytes) && vector_ok(v.out, v.out_s, kVec, bytes) &&
              (!backward || vector_ok(v.aux, v.aux_s, kVec, bytes));
   }
-  const int vec = vec_ok && a.dim <= 32 * kVec * kMaxIters ? kVec : 1;
-  const bool regs = a.dim <= 32 * vec * kMaxIters;
+  const int vec = vec_ok && a.dim <= 32 * kVec * kVecIters ? kVec : 1;
+  const bool regs = a.dim <= 32 * vec * (vec == 1 ? kScalarIters : kVecIters);
   int group = 32;
   if (regs) {
     // one vector per lane where the row allows (rows up to 32 vectors), else whole warps
-    // looping up to kMaxIters times (guaranteed by `regs`)
+    // looping up to kVecIters / kScalarIters times (guaranteed by `regs`)
     const int packs = a.dim / vec;
     group = kMinGroup;
     while (group < 32 && group < packs) group <<= 1;
@@ -271,11 +273,11 @@ void launch(KernelArgs& a, bool backward, cudaStream_t stream) {
     if (backward) l2norm_backward_loop<T><<<grid, kThreads, 0, stream>>>(a);
     else l2norm_forward_loop<T><<<grid, kThreads, 0, stream>>>(a);
   } else if (vec == kVec) {
-    if (backward) l2norm_backward_regs<T, kVec><<<grid, kThreads, 0, stream>>>(a);
-    else l2norm_forward_regs<T, kVec><<<grid, kThreads, 0, stream>>>(a);
+    if (backward) l2norm_backward_regs<T, kVec, kVecIters><<<grid, kThreads, 0, stream>>>(a);
+    else l2norm_forward_regs<T, kVec, kVecIters><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    if (backward) l2norm_backward_regs<T, 1><<<grid, kThreads, 0, stream>>>(a);
-    else l2norm_forward_regs<T, 1><<<grid, kThreads, 0, stream>>>(a);
+    if (backward) l2norm_backward_regs<T, 1, kScalarIters><<<grid, kThreads, 0, stream>>>(a);
+    else l2norm_forward_regs<T, 1, kScalarIters><<<grid, kThreads, 0, stream>>>(a);
   }
   check_launch(backward ? "the L2 norm's backward kernel" : "the L2 norm's forward kernel");
 }
