@@ -178,6 +178,14 @@ def test_compile_fullgraph_matches_eager(layout):
     assert_compiled_matches_eager(f, (q, k), ("q", "k"), compiled=compiled)
 
 
+def test_double_backward_raises():
+    q, k = rand(2, 3, 2, 4).requires_grad_(), rand(2, 3, 2, 4, seed=1).requires_grad_()
+    yq, yk = qk_l2norm(q, k)
+    (dq,) = torch.autograd.grad((yq * yq.detach()).sum() + yk.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="lasp2.qk_l2norm: double backward"):
+        dq.sum().backward()
+
+
 def test_func_transforms_raise_a_clear_error():
     q, k = rand(2, 3, 2, 4), rand(2, 3, 2, 4, seed=1)
     with pytest.raises(NotImplementedError, match="lasp2.qk_l2norm: torch.func transforms"):
