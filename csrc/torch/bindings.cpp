@@ -16,6 +16,7 @@
 #include "lasp2_eager_node.h"
 #include "lasp2_op.h"
 #include "process_group_communicator.h"
+#include "qk_l2norm_op.h"
 #ifdef LASP2_WITH_NCCL
 #include "lasp2/nccl_communicator.h"
 #endif
@@ -109,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   lasp2::torch_binding::register_delta_rule(m);  // gated DeltaNet / KDA (delta_rule_op.cpp)
   lasp2::torch_binding::register_group_check(m);  // the per-call cross-rank check (group_check.cpp)
   lasp2::torch_binding::register_call_check(m);  // "NaN at the call" outside the C++ schedules (call_check_op.cpp)
+  lasp2::torch_binding::register_qk_l2norm(m);  // the fused L2 norm of q and k (qk_l2norm_op.cpp)
 
   m.def("has_cuda_kernels", [] {
 #ifdef LASP2_WITH_CUDA

@@ -22,12 +22,12 @@ from lasp2.distributed.context import check_cu_seqlens_form
 from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
+from lasp2.ops._l2norm_library import L2NORM_EPS, qk_l2norm
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
 from lasp2.ops.providers.ulysses_delta import DeltaUlyssesProvider
 from lasp2.options import SPLITS, check_choice
 
 FAMILY = "gated_delta_rule"  # the provider family of gated_delta_rule and kda
-L2NORM_EPS = 1e-6  # as fla's l2norm
 
 
 class DeltaLasp2Provider(Provider):
@@ -60,10 +60,6 @@ class DeltaLasp1Provider(DeltaLasp2Provider):
 register(FAMILY, DeltaLasp2Provider())
 register(FAMILY, DeltaLasp1Provider())
 register(FAMILY, DeltaUlyssesProvider())  # all-to-all over heads (providers/ulysses_delta.py)
-
-
-def _l2norm(x):
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
 def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provider, group):
@@ -128,8 +124,8 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
 
     if layout == "tbhd":
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
+    if use_qk_l2norm:  # one fused op, one kernel launch for both each way (lasp2/ops/_l2norm_library.py)
+        q, k = qk_l2norm(q, k, L2NORM_EPS)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o, final = impl.apply(
         q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, num_seqs=num_seqs, scale=float(scale), comm=comm,
