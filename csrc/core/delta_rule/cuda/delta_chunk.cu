@@ -489,6 +489,18 @@ __device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
+// The initial state H (weight f) that a document begun inside chunk c carries out of it
+// when the chunk's last token lies in that document's first segment (delta_chunk_docs.h),
+// else null. Read once a chunk, only when fo.doc_f is set (never without document states).
+template <int D>
+__device__ __forceinline__ const float* doc_carry(const Problem& p, const ChunkStatesOut& fo, int64_t bh, int c,
+                                                  int64_t npad, float& f) {
+  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
+  const int64_t r = bh * npad + static_cast<int64_t>(c) * CH + (left < CH ? left : CH) - 1;
+  f = fo.doc_f[r];
+  return f != 0.f ? fo.doc_initial + static_cast<int64_t>(fo.doc_idx[r]) * D * D : nullptr;
+}
+
 // v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / C carry
 // state columns; with `sum` (grid x = 2 D / C) blocks x < D / C carry the columns of A
 // and the others those of M (the state from zero), written at the end to sum.{A, M,
@@ -591,6 +603,22 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
         mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+      }
+    }
+    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+      float f = 0.f;
+      const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
+      if (H != nullptr) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+              const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+              S[mt][nt][e] += f * H[row * D + col];
+            }
       }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
@@ -900,6 +928,19 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
       mma_rows_halves<T, NTL>(S, B.k, LD, sm.ys, LDC, r0, lane);
+    }
+    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+      float f = 0.f;
+      const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
+      if (H != nullptr) {
+#pragma unroll
+        for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+            S[nt][e] += f * H[row * D + col];
+          }
+      }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier

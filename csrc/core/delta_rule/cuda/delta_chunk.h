@@ -22,9 +22,11 @@
 //
 // Segments: a document start or a -inf log gate begins a new segment of the chunk
 // (s counts them); tokens of different segments never interact, and only segment 0
-// sees the state entering the chunk. A segment begun inside the chunk starts from zero,
-// so the backend routes packed documents with initial states (forward) or with
-// end-state gradients (backward) to the token-recurrent kernels.
+// sees the state entering the chunk. A segment begun inside the chunk starts from zero;
+// documents with their own initial states and end states add their terms around these
+// kernels (delta_chunk_docs.h; the state pass takes ChunkStatesOut::doc_*). The backend
+// routes packed documents with end-state or initial-state gradients (backward) to the
+// token-recurrent kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -67,6 +69,13 @@ struct ChunkStatesOut {
   void* states = nullptr;
   float* ckpt = nullptr;
   float* leaving = nullptr;
+  // Nullable (packed documents with initial states, delta_chunk_docs.h): per token row
+  // [bh][nchunks * 64] the weight f of the initial state of a document begun inside its
+  // chunk and that state's index (doc * H + h) in doc_initial; the state leaving a chunk
+  // gains f H of the chunk's last token.
+  const float* doc_f = nullptr;
+  const int* doc_idx = nullptr;
+  const float* doc_initial = nullptr;
 };
 void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
                          cudaStream_t s);

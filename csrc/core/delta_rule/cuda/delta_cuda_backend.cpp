@@ -26,6 +26,9 @@
 // (w, meta, T, v_new and the 16-bit state entering each chunk: ForwardKept) in a buffer
 // the caller holds until the backward, which then runs neither of them again.
 // LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
+// Packed documents with their own initial states (forward, part_summary) or end states
+// (part_summary's finals) take the chunked kernels with delta_chunk_docs.h's terms; their
+// backward with document states takes the recurrent kernels.
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +41,7 @@
 #include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
+#include "delta_rule/cuda/delta_chunk_docs.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
 
@@ -274,10 +278,13 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
-    // the product of the chunk maps and the state pass from zero, where documents begun
-    // inside the part start from zero and no end state of theirs is asked for
-    if (chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
-      chunked_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
+    // the product of the chunk maps and the state pass from zero; with documents' initial
+    // or end states, M and the finals from a state pass carrying them (delta_chunk_docs.h)
+    if (chunked(p, part, {})) {
+      const gpu::Problem g = problem_of(p, part, nullptr);
+      chunked_summary(g, A, M, head_A, head_M, s);
+      if (p.doc_start != nullptr && (doc.initial != nullptr || doc.finals != nullptr))
+        chunked_doc_states(g, doc.initial, doc.finals, M, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
@@ -310,9 +317,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     if (p.bh() == 0 || part.length() == 0) return;
     gpu::ForwardOut out;
     set_out(o, out.o, out.osb, out.ost, out.osh);
-    // documents begun inside a chunk start from zero there: initial states need the walk
-    if (chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
-      chunked_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
+    if (chunked(p, part, {ConstView{o.data, o.stride}})) {
+      // documents' initial states: delta_chunk_docs.h's terms around the same kernels
+      chunked_forward(problem_of(p, part, nullptr), entering, p.doc_start != nullptr ? doc.initial : nullptr, out,
+                      as_stream(stream));
       return;
     }
     walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
@@ -543,21 +551,79 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_forward(g, out, s);
   }
 
-  // prep, the state pass (v_new and the 16-bit state entering each chunk), the output.
-  void chunked_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out,
-                       cudaStream_t s) const {
-    const int64_t half_rows = chunk_rows(g) * g.dk / 2;  // 16-bit [rows][d] in floats
-    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows,
-                           g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
+  // prep, the state pass (v_new and the 16-bit state entering each chunk), the output;
+  // with `doc_initial` (packed documents' initial states) prep runs on V' and the state
+  // pass and the output add the documents' terms (delta_chunk_docs.h).
+  void chunked_forward(const gpu::Problem& g0, const float* entering, const float* doc_initial,
+                       const gpu::ForwardOut& out, cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g0) * g0.dk / 2;  // 16-bit [rows][d] in floats
+    const bool docs = doc_initial != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g0), half_rows,
+                           g0.bh() * gpu::chunk_count(g0) * g0.dk * g0.dv / 2, docs ? doc_v_floats(g0) : 0,
+                           docs ? chunk_rows(g0) : 0, docs ? chunk_rows(g0) : 0},
                           allocator_, s);
+    gpu::ChunkStatesOut so;
+    const gpu::ChunkDocs d{doc_initial, scratch[6], reinterpret_cast<int*>(scratch[7]), scratch[5]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
     const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
     gpu::launch_chunk_prep(g, prep, s);
-    gpu::ChunkStatesOut so;
     so.entering = entering;
     so.v_new = scratch[3];
     so.states = scratch[4];
     gpu::launch_chunk_states(g, prep, so, s);
     gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+    if (docs) gpu::launch_chunk_doc_output(g, d, out, s);
+  }
+
+  // V' = V - diag(f) K H of delta_chunk_docs.h, [B][seqlen][H][dv] 16-bit, in floats.
+  static int64_t doc_v_floats(const gpu::Problem& g) { return g.batch * g.seqlen * g.heads * g.dv / 2; }
+
+  // f, idx and V' (delta_chunk_docs.h) for `d`; the problem with V' in place of v, and
+  // the state pass's document terms in `so`.
+  static gpu::Problem with_doc_v(const gpu::Problem& g, const gpu::ChunkDocs& d, gpu::ChunkStatesOut& so,
+                                 cudaStream_t s) {
+    gpu::launch_chunk_doc_prep(g, d, s);
+    gpu::Problem gv = g;
+    gv.v = {d.v, g.seqlen * g.heads * g.dv, static_cast<int64_t>(g.heads) * g.dv, g.dv};
+    so.doc_f = d.f;
+    so.doc_idx = d.idx;
+    so.doc_initial = d.initial;
+    return gv;
+  }
+
+  // M (the state leaving the part from zero) with the initial states of the documents
+  // begun inside the part (nullable), and the end states of those begun and ended inside
+  // it into `finals` (nullable): prep (on V'), the state pass carrying the documents'
+  // states, then delta_chunk_docs.h's end states.
+  void chunked_doc_states(const gpu::Problem& g0, const float* initial, float* finals, float* M,
+                          cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g0) * g0.dk / 2;
+    const bool docs = initial != nullptr, ends = finals != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g0), ends ? half_rows : 0,
+                           ends ? g0.bh() * gpu::chunk_count(g0) * g0.dk * g0.dv / 2 : 0,
+                           docs ? doc_v_floats(g0) : 0, docs ? chunk_rows(g0) : 0,
+                           docs ? chunk_rows(g0) + g0.batch : g0.batch},
+                          allocator_, s);
+    gpu::ChunkStatesOut so;
+    gpu::ChunkDocs d;
+    if (docs) d = {initial, scratch[6], reinterpret_cast<int*>(scratch[7]), scratch[5]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    so.v_new = scratch[3];
+    so.states = scratch[4];
+    so.leaving = M;
+    gpu::launch_chunk_states(g, prep, so, s);
+    if (!ends) return;
+    int* firsts = reinterpret_cast<int*>(scratch[7]) + (docs ? chunk_rows(g0) : 0);
+    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
+    gpu::ChunkDocFinals a;
+    a.meta = prep.meta;
+    a.v_new = scratch[3];
+    a.states = scratch[4];
+    a.firsts = firsts;
+    a.finals = finals;
+    gpu::launch_chunk_doc_finals(g, d, a, s);
   }
 
   // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
