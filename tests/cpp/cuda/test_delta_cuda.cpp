@@ -333,11 +333,11 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
       EXPECT_EQ(cmp.clobbered, 0) << name;
     }
     // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs.
-    // GDN rows in bfloat16 at d = 64 / 128 take the chunked backward, whose state
-    // products take bfloat16 operands (8 mantissa bits; fp16 holds the tighter bound)
-    const bool chunked_bf16 = c.gate == GateKind::kScalar && c.type == ScalarType::kBFloat16 && !c.packed &&
-                              c.dk == c.dv && (c.dk == 64 || c.dk == 128);
-    const double tol_sum = chunked_bf16 ? 1e-2 : bf16 ? 1e-3 : 2e-4;
+    // GDN in 16 bits at d = 64 / 128 takes the chunked backward (packed documents with
+    // their states: delta_chunk_docs.h), whose state products take 16-bit operands
+    // (bfloat16: 8 mantissa bits; float16 within 2e-3)
+    const bool chunked16 = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    const double tol_sum = chunked16 ? (c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3) : bf16 ? 1e-3 : 2e-4;
     EXPECT_LT(rel_err_f32(g.dg.download(), dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(g.db.download(), db), tol_sum) << "dbeta";
     const std::vector<float> gi = gdI.download();
@@ -1707,40 +1707,86 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
     }
   }
 
-  // the backward with document states (the recurrent kernels) against the CPU backend
-  if (!c.neg_inf) {
-    const TokenRange part{37, 310};
-    std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
-    std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dI = zeros(D), dE(bh * se);
-    DocStates doc;
-    doc.initial = pr.initial.data();
-    doc.final_dstate = pr.final_dstate.data();
-    doc.d_initial = dI.data();
-    cpu.backward(hp, part, pr.dout_view(), edge.entering.data(), edge.leaving.data(), doc,
-                 {dq.data(), pr.strides(spec.dim_k)}, {dk.data(), pr.strides(spec.dim_k)},
-                 {dv.data(), pr.strides(spec.dim_v)}, dg.data(), db.data(), dE.data(), nullptr);
-    BackwardBuffers g(pr, c.type, Layout{}, bh * se);
+  // the backward with document states (initial states, end-state gradients, initial-state
+  // gradients), an entering state and a leaving-state gradient: chunked against recurrent,
+  // and against the CPU backend without -inf gates
+  for (const TokenRange part : {TokenRange{37, 310}, TokenRange{0, spec.seqlen}}) {
+    SCOPED_TRACE("backward, part " + std::to_string(part.begin) + ".." + std::to_string(part.end));
     auto d_final_dstate = to_device_f32(pr.final_dstate);
-    DevBuf<float> gdI = zeroed(D);
-    DocStates ddoc;
-    ddoc.initial = d_initial.p;
-    ddoc.final_dstate = d_final_dstate.p;
-    ddoc.d_initial = gdI.p;
-    gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, ddoc, g.dq.mview(), g.dk.mview(),
-                 g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
-    for (auto [name, t, want, dim] :
-         {std::tuple{"dq", &g.dq, &dq, spec.dim_k}, {"dk", &g.dk, &dk, spec.dim_k}, {"dv", &g.dv, &dv, spec.dim_v}}) {
-      const auto rb = t->download();
-      const Compare cmp =
-          compare_rows(rb.v, rb.written, *want, spec.batch, spec.seqlen, spec.heads, dim, part.begin, part.end);
-      EXPECT_LT(cmp.rel, tol_io) << name;
-      EXPECT_EQ(cmp.missing, 0) << name;
+    struct BwdResult : Grads {
+      std::vector<float> dI;
+    };
+    auto run = [&]() {
+      BwdResult r;
+      BackwardBuffers g(pr, c.type, Layout{}, bh * se);
+      DevBuf<float> gdI = zeroed(D);
+      DocStates ddoc;
+      ddoc.initial = d_initial.p;
+      ddoc.final_dstate = d_final_dstate.p;
+      ddoc.d_initial = gdI.p;
+      gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, ddoc, g.dq.mview(), g.dk.mview(),
+                   g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+      g.download(r);
+      r.dI = gdI.download();
+      r.dI.resize(D);
+      return r;
+    };
+    const BwdResult got = run();
+    BwdResult want;
+    {
+      const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+      want = run();
     }
-    EXPECT_LT(rel_err_f32(g.dg.download(), dg), 1e-3) << "dg";
-    EXPECT_LT(rel_err_f32(g.db.download(), db), 1e-3) << "dbeta";
-    const std::vector<float> gi = gdI.download();
-    EXPECT_LT(rel_err_f32(std::vector<float>(gi.begin(), gi.begin() + D), dI), 1e-3) << "d_initial";
-    EXPECT_LT(rel_err_f32(g.dE.download(), dE), 1e-3) << "d_entering";
+    // as DeltaCudaChunked: 16-bit state operands in the chunked passes
+    const double tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
+    auto rel_rows = [&](const std::vector<double>& a, const std::vector<double>& b, int64_t dim) {
+      double num = 0, den = 0;
+      int64_t bad = 0;
+      const int64_t row = spec.heads * dim;
+      for (int64_t i = part.begin * row; i < part.end * row; ++i) {
+        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
+          ++bad;
+          continue;
+        }
+        num = std::max(num, std::abs(a[i] - b[i]));
+        den = std::max(den, std::abs(b[i]));
+      }
+      EXPECT_EQ(bad, 0) << "gradient not finite inside the part";
+      return den > 0 ? num / den : num;
+    };
+    EXPECT_LT(rel_rows(got.dq, want.dq, spec.dim_k), tol_io) << "dq";
+    EXPECT_LT(rel_rows(got.dk, want.dk, spec.dim_k), tol_io) << "dk";
+    EXPECT_LT(rel_rows(got.dv, want.dv, spec.dim_v), tol_io) << "dv";
+    EXPECT_LT(rel_err_f32(got.dg, want.dg), tol_sum) << "dg";
+    EXPECT_LT(rel_err_f32(got.db, want.db), tol_sum) << "dbeta";
+    EXPECT_LT(rel_err_f32(got.dI, want.dI), tol_sum) << "d_initial";
+    EXPECT_LT(rel_err_f32(got.dE, want.dE), tol_sum) << "d_entering";
+    EXPECT_GT(delta::testing::max_abs(want.dI), 0.0) << "initial-state gradients asked for";
+
+    if (!c.neg_inf) {
+      std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
+      std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dI = zeros(D), dE(bh * se);
+      DocStates doc;
+      doc.initial = pr.initial.data();
+      doc.final_dstate = pr.final_dstate.data();
+      doc.d_initial = dI.data();
+      cpu.backward(hp, part, pr.dout_view(), edge.entering.data(), edge.leaving.data(), doc,
+                   {dq.data(), pr.strides(spec.dim_k)}, {dk.data(), pr.strides(spec.dim_k)},
+                   {dv.data(), pr.strides(spec.dim_v)}, dg.data(), db.data(), dE.data(), nullptr);
+      for (auto [name, got_v, want_v, dim] : {std::tuple{"dq", &got.dq, &dq, spec.dim_k}, {"dk", &got.dk, &dk, spec.dim_k},
+                                              {"dv", &got.dv, &dv, spec.dim_v}}) {
+        std::vector<char> written(got_v->size(), 0);
+        for (size_t i = 0; i < written.size(); ++i) written[i] = std::isnan((*got_v)[i]) ? 0 : 1;
+        const Compare cmp =
+            compare_rows(*got_v, written, *want_v, spec.batch, spec.seqlen, spec.heads, dim, part.begin, part.end);
+        EXPECT_LT(cmp.rel, tol_io) << name << " vs CPU";
+        EXPECT_EQ(cmp.missing, 0) << name << " vs CPU";
+      }
+      EXPECT_LT(rel_err_f32(got.dg, dg), tol_sum) << "dg vs CPU";
+      EXPECT_LT(rel_err_f32(got.db, db), tol_sum) << "dbeta vs CPU";
+      EXPECT_LT(rel_err_f32(got.dI, dI), tol_sum) << "d_initial vs CPU";
+      EXPECT_LT(rel_err_f32(got.dE, dE), tol_sum) << "d_entering vs CPU";
+    }
   }
 }
 
@@ -1760,8 +1806,10 @@ INSTANTIATE_TEST_SUITE_P(
 // One GDN layer at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16, documents of
 // 1000 tokens (starting inside chunks) with initial states: the forward with them and
 // part_summary with them and the end states asked for, on the chunked kernels with
-// delta_chunk_docs.h's terms and on the recurrent ones (LASP2_DELTA_CHUNKED=0), and the
-// forward without document states for reference (printed; asserts finite outputs).
+// delta_chunk_docs.h's terms and on the recurrent ones (LASP2_DELTA_CHUNKED=0), the
+// backward with initial states, end-state and initial-state gradients likewise, and the
+// forward and backward without document states for reference (printed; asserts finite
+// outputs).
 namespace lasp2::testing {
 namespace {
 
@@ -1770,9 +1818,10 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
   const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128, L = 1000;
   const ScalarType type = ScalarType::kBFloat16;
   DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
-      o(1, T, H, D, type, Layout{});
+      o(1, T, H, D, type, Layout{}), dout(1, T, H, D, type, Layout{}), dq(1, T, H, D, type, Layout{}),
+      dk(1, T, H, D, type, Layout{}), dv(1, T, H, D, type, Layout{});
   std::mt19937 rng(3);
-  upload_pattern(rng, {&q, &k, &v}, &k);
+  upload_pattern(rng, {&q, &k, &v, &dout}, &k);
   const GatesBetas gb = random_gates(rng, T * H);
   const int64_t docs = (T + L - 1) / L;
   std::vector<uint8_t> start(T, 0);
@@ -1788,7 +1837,8 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
   std::vector<float> init(docs * H * D * D);
   std::normal_distribution<float> normal(0.f, 0.3f);
   for (auto& e : init) e = normal(rng);
-  DevBuf<float> d_init = to_device_f32(init), finals = zeroed(docs * H * D * D);
+  DevBuf<float> d_init = to_device_f32(init), finals = zeroed(docs * H * D * D), d_final = to_device_f32(init),
+                d_dinit = zeroed(docs * H * D * D), dg = zeroed(T * H), dbeta = zeroed(T * H);
   DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D);
   DeltaParams p = gdn_params(q, k, v, gb);
   p.doc_start = d_start.p;
@@ -1812,9 +1862,22 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
     const std::vector<float> m = M.download();
     for (float x : m) bad += std::isfinite(x) ? 0 : 1;
     EXPECT_EQ(bad, 0) << what << ": M";
-    std::printf("[doc states T=%lld H=%lld D=%lld, %lld documents] %s: forward %.3f ms, part_summary %.3f ms\n",
+    DocStates bwd_doc = doc;
+    bwd_doc.final_dstate = d_final.p;
+    bwd_doc.d_initial = d_dinit.p;
+    const float bwd = timer.median_ms(
+        [&] {
+          gpu.backward(p, part, dout.cview(), nullptr, nullptr, bwd_doc, dq.mview(), dk.mview(), dv.mview(), dg.p,
+                       dbeta.p, nullptr, nullptr);
+        },
+        3);
+    for (const DevTensor* t : {&dq})
+      for (double x : t->download().v) bad += std::isfinite(x) ? 0 : 1;
+    EXPECT_EQ(bad, 0) << what << ": dq";
+    std::printf("[doc states T=%lld H=%lld D=%lld, %lld documents] %s: forward %.3f ms, part_summary %.3f ms, "
+                "backward %.3f ms\n",
                 static_cast<long long>(T), static_cast<long long>(H), static_cast<long long>(D),
-                static_cast<long long>(docs), what, fwd, sum);
+                static_cast<long long>(docs), what, fwd, sum, bwd);
   };
   time_calls("chunked");
   {
@@ -1822,8 +1885,14 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
     time_calls("recurrent");
   }
   const float plain = timer.median_ms([&] { gpu.forward(p, part, nullptr, DocStates{}, o.mview(), nullptr); }, 4);
-  std::printf("[doc states T=%lld] chunked forward without document states: %.3f ms\n", static_cast<long long>(T),
-              plain);
+  const float plain_bwd = timer.median_ms(
+      [&] {
+        gpu.backward(p, part, dout.cview(), nullptr, nullptr, DocStates{}, dq.mview(), dk.mview(), dv.mview(), dg.p,
+                     dbeta.p, nullptr, nullptr);
+      },
+      3);
+  std::printf("[doc states T=%lld] chunked without document states: forward %.3f ms, backward %.3f ms\n",
+              static_cast<long long>(T), plain, plain_bwd);
 }
 
 }  // namespace

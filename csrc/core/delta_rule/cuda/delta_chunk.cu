@@ -383,7 +383,27 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
             *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
       }
     }
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
+      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+      __syncthreads();  // dh's copy of xb is done
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+            const int cl = 8 * nt + 2 * (lane & 3);
+            const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
+            S[mt][nt][2 * hf] = f2.x;
+            S[mt][nt][2 * hf + 1] = f2.y;
+            store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
+          }
+      __syncthreads();
+      GL = ro.doc_end_g[bh * nck + c];
+      sL = 0.f;
+    }
     {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
 #pragma unroll
@@ -1048,7 +1068,24 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
       *reinterpret_cast<uint4*>(dst + row * D + 8 * part) = *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
     }
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
+      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+      __syncthreads();  // dh's copy of xb is done
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = r0 + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+          const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
+          S[nt][2 * hf] = f2.x;
+          S[nt][2 * hf + 1] = f2.y;
+          store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
+        }
+      __syncthreads();
+      GL = ro.doc_end_g[bh * nck + c];
+      sL = 0.f;
+    }
     {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
       float acc1[1][4] = {};
       mma_row_tiles<T, D / 16, 1>(acc1, B.a1, LD, sm.xb, LDV, x0, n0, lane);

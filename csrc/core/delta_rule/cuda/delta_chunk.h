@@ -109,6 +109,15 @@ struct ChunkReverseOut {
   const float* leaving = nullptr;
   void* dh = nullptr;
   float* entering = nullptr;
+  // Nullable (documents' end-state gradients, delta_chunk_docs.h): per chunk [bh][nchunks]
+  // the index doc * H + h in doc_final of the end-state gradient F of the document ending
+  // in the chunk's segment 0, just before its first document start (-1: none), and the
+  // chunk's cumulative log gate G_e at that end (0 when the chunk starts with a document).
+  // Such a chunk's entering gradient is e^{G_e} F - w^T diag(e^{G_e - G} [s = 0]) K F
+  // plus its outputs' share: F takes X's place (dh still receives X).
+  const int* doc_end_idx = nullptr;
+  const float* doc_end_g = nullptr;
+  const float* doc_final = nullptr;
 };
 void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep,
                           const ChunkReverseOut& out, cudaStream_t s);

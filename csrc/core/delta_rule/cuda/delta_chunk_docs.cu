@@ -200,6 +200,44 @@ __global__ void __launch_bounds__(NTH) doc_finals_kernel(Problem p, ChunkDocs d,
   }
 }
 
+// One thread per (b, h, chunk): the chunk's first document start, the log gates before it.
+__global__ void __launch_bounds__(NTH) doc_ends_kernel(Problem p, ChunkDocEnds a) {
+  const int64_t nck = chunk_count(p);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * NTH + threadIdx.x;
+  if (i >= p.bh() * nck) return;
+  const int64_t bh = i / nck;
+  const int c = static_cast<int>(i % nck);
+  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+  const int64_t t0 = p.begin + static_cast<int64_t>(c) * CH, left = p.n - static_cast<int64_t>(c) * CH;
+  const int nvalid = left < CH ? static_cast<int>(left) : CH;
+  int xb = -1;
+  bool cut = false;  // a -inf gate (a segment start) before the first document start
+  float gsum = 0.f;
+  for (int x = 0; x < nvalid; ++x) {
+    const int64_t t = t0 + x;
+    if (p.doc_start[b * p.doc_sb + t] != 0) {
+      xb = x;
+      break;
+    }
+    const float g = p.g[b * p.gsb + t * p.gst + h * p.gsh];
+    if (g == -INFINITY) cut = true;
+    if (!cut) gsum += g;
+  }
+  if (h == 0) a.flags[b * nck + c] = xb >= 0 ? 1 : 0;
+  const bool inject = a.final_dstate != nullptr && xb >= 0 && t0 + xb > p.begin && !cut;
+  a.end_idx[i] = inject ? static_cast<int>(doc_of(p, b, t0 + xb - 1) * p.heads + h) : -1;
+  a.end_g[i] = inject ? gsum : 0.f;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) dh32_kernel(Problem p, const T* dh, const int* flags, float* out) {
+  const int c = blockIdx.x;
+  const int64_t bh = blockIdx.y, nck = chunk_count(p);
+  if (flags[(bh / p.heads) * nck + c] == 0) return;
+  const int64_t se = static_cast<int64_t>(p.dk) * p.dv, at = (bh * nck + c) * se;
+  for (int64_t e = threadIdx.x; e < se; e += 256) out[at + e] = to_float<T>(dh[at + e]);
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) ::lasp2::fail(std::string("lasp2 (CUDA delta rule, chunked documents): ") + what + ": " + cudaGetErrorString(e));
 }
@@ -253,6 +291,23 @@ void launch_chunk_doc_finals(const Problem& p, const ChunkDocs& d, const ChunkDo
     doc_finals_kernel<decltype(tag), decltype(dim)::value><<<grid_of(p), NTH, 0, s>>>(p, d, a);
   });
   check(cudaGetLastError(), "finals kernel");
+}
+
+void launch_chunk_doc_ends(const Problem& p, const ChunkDocEnds& e, cudaStream_t s) {
+  const int64_t n = chunk_count(p) * p.bh();
+  if (n == 0) return;
+  if (p.doc_start == nullptr) ::lasp2::fail("lasp2 (CUDA delta rule, chunked documents): ends need documents");
+  doc_ends_kernel<<<static_cast<unsigned>((n + NTH - 1) / NTH), NTH, 0, s>>>(p, e);
+  check(cudaGetLastError(), "ends kernel");
+}
+
+void launch_chunk_doc_dh32(const Problem& p, const void* dh, const int* flags, float* out, cudaStream_t s) {
+  if (chunk_count(p) == 0 || p.bh() == 0) return;
+  dispatch(p, [&](auto tag, auto) {
+    using T = decltype(tag);
+    dh32_kernel<T><<<grid_of(p), 256, 0, s>>>(p, static_cast<const T*>(dh), flags, out);
+  });
+  check(cudaGetLastError(), "dh32 kernel");
 }
 
 }  // namespace lasp2::delta::gpu

@@ -56,4 +56,23 @@ struct ChunkDocFinals {
 };
 void launch_chunk_doc_finals(const Problem& p, const ChunkDocs& d, const ChunkDocFinals& a, cudaStream_t s);
 
+// The backward (delta_cuda_backend.cpp: prep, the state passes and the chunk backward
+// as without documents, on V'): per chunk, whether a document starts in it (flags,
+// [batch][nchunks]: the chunks whose gradients the token-recurrent backward recomputes
+// from the chunked passes' fp32 entering state and 16-bit leaving gradient, with the
+// documents' initial states and end-state gradients), and the end-state gradient that
+// takes X's place in the reverse state pass (ChunkReverseOut::doc_end_*): the document
+// ending just before the chunk's first document start, when that end lies in segment 0
+// (no -inf gate before it in the chunk) and the start is not the part's first token.
+struct ChunkDocEnds {
+  const float* final_dstate = nullptr;  // nullable: DocStates::final_dstate
+  int* end_idx = nullptr;               // [bh][nchunks]
+  float* end_g = nullptr;               // [bh][nchunks]
+  int* flags = nullptr;                 // [batch][nchunks]
+};
+void launch_chunk_doc_ends(const Problem& p, const ChunkDocEnds& e, cudaStream_t s);
+
+// out[bh][c] = float(dh[bh][c]) ([dk][dv] each) for the flagged chunks.
+void launch_chunk_doc_dh32(const Problem& p, const void* dh, const int* flags, float* out, cudaStream_t s);
+
 }  // namespace lasp2::delta::gpu

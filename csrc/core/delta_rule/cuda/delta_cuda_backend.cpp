@@ -410,10 +410,14 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   // inside a chunk start from zero there, receive no end-state gradient and give none to
   // their initial state in the chunked kernels).
   bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) const {
+    return chunk_backward_fits(p, part, dout, plan) && !(p.doc_start != nullptr && plan.doc_states);
+  }
+  // The views and the chunk kernel's shared memory alone (packed documents with their
+  // states: chunked_doc_backward).
+  static bool chunk_backward_fits(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) {
     return chunked(p, part, {dout, ConstView{plan.dq.data, plan.dq.stride}, ConstView{plan.dk.data, plan.dk.stride},
                              ConstView{plan.dv.data, plan.dv.stride}}) &&
-           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k)) &&
-           !(p.doc_start != nullptr && plan.doc_states);
+           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
   }
 
   // Keeps prep's and rprep's outputs (with T, r beside u) when the chunked kernels take
@@ -462,6 +466,11 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       chunked_backward(problem_of(p, part, nullptr), view_of(dout), dynamic_cast<const ChunkBackwardPrep*>(kept),
                        forward_kept, entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg),
                        static_cast<float*>(dbeta), dentering, s);
+      return;
+    }
+    if (doc_states && p.doc_start != nullptr && chunk_backward_fits(p, part, dout, {dq, dk, dv, true})) {
+      chunked_doc_backward(p, part, view_of(dout), entering, leaving_dstate, doc, dq, dk, dv, static_cast<float*>(dg),
+                           static_cast<float*>(dbeta), dentering, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
@@ -706,6 +715,90 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dg = dg;
     a.dbeta = dbeta;
     gpu::launch_chunk_backward(g, a, s);
+  }
+
+  // Packed documents with their own states (delta_chunk_docs.h): prep on V', the state
+  // pass carrying the documents' initial states (also writing the fp32 state entering each
+  // chunk), rprep, the reverse pass with the end-state gradients in X's place where a
+  // document ends in a chunk's segment 0, and the chunk backward over every chunk; then
+  // the chunks where a document starts get their gradients again from the token-recurrent
+  // backward, one 64-token interval a block from the chunked passes' entering state and
+  // leaving gradient (its initial-state and end-state gradients, d_initial written there).
+  void chunked_doc_backward(const DeltaParams& p, TokenRange part, gpu::View dout, const float* entering,
+                            const float* leaving, const DocStates& doc, MutView dq, MutView dk, MutView dv,
+                            float* dg, float* dbeta, float* dentering, cudaStream_t s) const {
+    const gpu::Problem g0 = problem_of(p, part, nullptr);
+    const int64_t nck = gpu::chunk_count(g0), rows = chunk_rows(g0), half_rows = rows * g0.dk / 2;
+    const int64_t states = g0.bh() * nck * g0.dk * g0.dv, acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
+    const bool docs = doc.initial != nullptr;
+    // w, u (then r), meta, T, v_new, 16-bit chunk states, fp32 chunk states, 16-bit dh
+    const Scratch a({half_rows, half_rows, 2 * rows, rows * gpu::kChunkTokens / 2, half_rows, states / 2, states,
+                     states / 2},
+                    allocator_, s);
+    // V', f, idx, end_idx, end_g, flags, fp32 dh, the recurrent backward's sums
+    const Scratch b({docs ? doc_v_floats(g0) : 0, docs ? rows : 0, docs ? rows : 0, g0.bh() * nck, g0.bh() * nck,
+                     g0.batch * nck, states, acc_floats},
+                    allocator_, s);
+    gpu::ChunkStatesOut so;
+    gpu::ChunkDocs d;
+    if (docs) d = {doc.initial, b[1], reinterpret_cast<int*>(b[2]), b[0]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
+    gpu::ChunkPrep prep{a[0], a[1], a[2]};
+    prep.t = a[3];
+    gpu::launch_chunk_prep(g, prep, s);
+    so.entering = entering;
+    so.v_new = a[4];
+    so.states = a[5];
+    so.ckpt = a[6];
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::launch_chunk_rprep(g, dout, prep, s);  // r over u (the state pass has read it)
+    const gpu::ChunkDocEnds ends{doc.final_dstate, reinterpret_cast<int*>(b[3]), b[4], reinterpret_cast<int*>(b[5])};
+    gpu::launch_chunk_doc_ends(g, ends, s);
+    gpu::ChunkReverseOut ro;
+    ro.leaving = leaving;
+    ro.dh = a[7];
+    ro.entering = dentering;
+    ro.doc_end_idx = ends.end_idx;
+    ro.doc_end_g = ends.end_g;
+    ro.doc_final = doc.final_dstate;
+    gpu::launch_chunk_rstates(g, dout, prep, ro, s);
+    gpu::ChunkBackwardArgs ca;
+    ca.dout = dout;
+    ca.meta = prep.meta;
+    ca.v_new = a[4];
+    ca.states = a[5];
+    ca.dh = a[7];
+    ca.t = prep.t;
+    ca.r = prep.u;
+    set_out(dq, ca.dq, ca.dqsb, ca.dqst, ca.dqsh);
+    set_out(dk, ca.dk, ca.dksb, ca.dkst, ca.dksh);
+    set_out(dv, ca.dv, ca.dvsb, ca.dvst, ca.dvsh);
+    ca.dg = dg;
+    ca.dbeta = dbeta;
+    gpu::launch_chunk_backward(g, ca, s);
+    // the chunks with a document start, again: the recurrent backward on v and the
+    // documents' states (one segment: launch_backward walks intervals, not segments)
+    gpu::launch_chunk_doc_dh32(g, a[7], ends.flags, b[6], s);
+    cuda::cuda_check(cudaMemsetAsync(b[7], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
+    const gpu::Problem gr = problem_of(p, part, doc.initial);
+    gpu::BackwardArgs ra;
+    ra.dout = dout;
+    ra.ckpt = a[6];
+    ra.chunk_dstate = b[6];
+    ra.flags = ends.flags;
+    ra.final_dstate = doc.final_dstate;
+    ra.d_initial = doc.d_initial;
+    set_out(dv, ra.dv, ra.dvsb, ra.dvst, ra.dvsh);
+    ra.acc = b[7];
+    gpu::launch_backward(gr, ra, s);
+    gpu::FinishArgs f;
+    f.acc = b[7];
+    set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
+    set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
+    f.dg = dg;
+    f.dbeta = dbeta;
+    f.flags = ends.flags;
+    gpu::launch_finish(gr, f, s);
   }
 
   // The reverse pass from a zero leaving gradient: the head's outputs' share.
