@@ -24,9 +24,8 @@
 // (s counts them); tokens of different segments never interact, and only segment 0
 // sees the state entering the chunk. A segment begun inside the chunk starts from zero;
 // documents with their own initial states and end states add their terms around these
-// kernels (delta_chunk_docs.h; the state pass takes ChunkStatesOut::doc_*). The backend
-// routes packed documents with end-state or initial-state gradients (backward) to the
-// token-recurrent kernels.
+// kernels (delta_chunk_docs.h; the state passes take ChunkStatesOut::doc_* and
+// ChunkReverseOut::doc_end_*).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -26,9 +26,10 @@
 // (w, meta, T, v_new and the 16-bit state entering each chunk: ForwardKept) in a buffer
 // the caller holds until the backward, which then runs neither of them again.
 // LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
-// Packed documents with their own initial states (forward, part_summary) or end states
-// (part_summary's finals) take the chunked kernels with delta_chunk_docs.h's terms; their
-// backward with document states takes the recurrent kernels.
+// Packed documents with their own initial states (forward, part_summary), end states
+// (part_summary's finals) or state gradients (backward) take the chunked kernels with
+// delta_chunk_docs.h's terms; the backward then reruns the token-recurrent backward on
+// the 64-token chunks where a document starts (chunked_doc_backward).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 #include <algorithm>
 #include <cstdint>
