@@ -131,6 +131,49 @@ def test_gdn_chunked_kernels(dtype, D, packed):
         assert rel_err(got.cpu(), want) < tol, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_gdn_chunked_document_states(dtype, D, with_initial):
+    """Packed documents with their own initial states in and end states out: the forward
+    and the end states run the chunked kernels (csrc/core/delta_rule/cuda/
+    delta_chunk_docs.h), the backward the recurrent ones. 300 tokens: several documents
+    inside one chunk, documents shorter than a chunk, a one-token document, documents
+    crossing chunk boundaries, one on a chunk's first token; -inf log gates inside a
+    chunk and on a document's first token; against the float64 recurrence."""
+    cu = torch.tensor([0, 3, 10, 11, 40, 64, 100, 190, 260, 300])
+    T, H = 300, 2
+    q, k, v, g, beta, h0 = make_inputs("gdn", 1, T, H, D, seed=7, docs=cu.tolist())
+    g[:, [20, 64 + 36, 220]] = -float("inf")  # inside a chunk; a document's first token (100)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    scale = D ** -0.5
+    h0 = h0 if with_initial else torch.zeros_like(h0)
+
+    def outputs(op, tensors, cu_seqlens):
+        leaves = [x.detach().clone().requires_grad_() for x in tensors]
+        init = leaves[5] if with_initial else None
+        o, final = op(*leaves[:5], scale=scale, initial_state=init, output_final_state=True, cu_seqlens=cu_seqlens)
+        gen = torch.Generator().manual_seed(4)
+        do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+        dF = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(o.device)
+        loss = (o.double() * do).sum() + (final.double() * dF).sum()
+        grads = torch.autograd.grad(loss, leaves if with_initial else leaves[:5])
+        return o, final, grads
+
+    dev = [x.cuda() for x in (q, k, v)] + [g.float().cuda(), beta.float().cuda(), h0.float().cuda()]
+    o, final, grads = outputs(lasp2.gated_delta_rule, dev, cu.cuda())
+    ref = [x.double() for x in (q, k, v)] + [g.float().double(), beta.float().double(), h0.float().double()]
+    reference = lambda q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens: \
+        delta_rule_reference(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    o_ref, final_ref, grads_ref = outputs(reference, ref, cu)
+    tol = TOL[dtype]
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    assert rel_err(o.cpu(), o_ref) < tol, "o"
+    assert rel_err(final.cpu(), final_ref) < tol, "final state"
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        assert rel_err(got.cpu(), want) < tol, name
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("final", [False, True])
 def test_gdn_forward_kept_equals_recomputing(packed, final, monkeypatch):

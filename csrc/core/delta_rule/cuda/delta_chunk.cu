@@ -289,7 +289,27 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
             *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
       }
     }
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
+      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+      __syncthreads();  // dh's copy of xb is done
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
+            const int cl = 8 * nt + 2 * (lane & 3);
+            const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
+            S[mt][nt][2 * hf] = f2.x;
+            S[mt][nt][2 * hf + 1] = f2.y;
+            store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
+          }
+      __syncthreads();
+      GL = ro.doc_end_g[bh * nck + c];
+      sL = 0.f;
+    }
     {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
 #pragma unroll
@@ -395,6 +415,18 @@ __device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
+// The initial state H (weight f) that a document begun inside chunk c carries out of it
+// when the chunk's last token lies in that document's first segment (delta_chunk_docs.h),
+// else null. Read once a chunk, only when fo.doc_f is set (never without document states).
+template <int D>
+__device__ __forceinline__ const float* doc_carry(const Problem& p, const ChunkStatesOut& fo, int64_t bh, int c,
+                                                  int64_t npad, float& f) {
+  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
+  const int64_t r = bh * npad + static_cast<int64_t>(c) * CH + (left < CH ? left : CH) - 1;
+  f = fo.doc_f[r];
+  return f != 0.f ? fo.doc_initial + static_cast<int64_t>(fo.doc_idx[r]) * D * D : nullptr;
+}
+
 // v_new = u - w S; S <- e S + K^T diag(d) v_new for every chunk. Blocks x < D / C carry
 // state columns; with `sum` (grid x = 2 D / C) blocks x < D / C carry the columns of A
 // and the others those of M (the state from zero), written at the end to sum.{A, M,
@@ -497,6 +529,22 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
         mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
+      }
+    }
+    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+      float f = 0.f;
+      const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
+      if (H != nullptr) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+              const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+              S[mt][nt][e] += f * H[row * D + col];
+            }
       }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
@@ -807,6 +855,19 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
       mma_rows_halves<T, NTL>(S, B.k, LD, sm.ys, LDC, r0, lane);
     }
+    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+      float f = 0.f;
+      const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
+      if (H != nullptr) {
+#pragma unroll
+        for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+            S[nt][e] += f * H[row * D + col];
+          }
+      }
+    }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier
   }
@@ -913,7 +974,24 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
       *reinterpret_cast<uint4*>(dst + row * D + 8 * part) = *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
     }
-    const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
+      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+      __syncthreads();  // dh's copy of xb is done
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = r0 + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
+          const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
+          S[nt][2 * hf] = f2.x;
+          S[nt][2 * hf + 1] = f2.y;
+          store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
+        }
+      __syncthreads();
+      GL = ro.doc_end_g[bh * nck + c];
+      sL = 0.f;
+    }
     {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
       float acc1[1][4] = {};
       mma_row_tiles<T, D / 16, 1>(acc1, B.a1, LD, sm.xb, LDV, x0, n0, lane);

@@ -22,9 +22,10 @@
 //
 // Segments: a document start or a -inf log gate begins a new segment of the chunk
 // (s counts them); tokens of different segments never interact, and only segment 0
-// sees the state entering the chunk. A segment begun inside the chunk starts from zero,
-// so the backend routes packed documents with initial states (forward) or with
-// end-state gradients (backward) to the token-recurrent kernels.
+// sees the state entering the chunk. A segment begun inside the chunk starts from zero;
+// documents with their own initial states and end states add their terms around these
+// kernels (delta_chunk_docs.h; the state passes take ChunkStatesOut::doc_* and
+// ChunkReverseOut::doc_end_*).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -67,6 +68,13 @@ struct ChunkStatesOut {
   void* states = nullptr;
   float* ckpt = nullptr;
   float* leaving = nullptr;
+  // Nullable (packed documents with initial states, delta_chunk_docs.h): per token row
+  // [bh][nchunks * 64] the weight f of the initial state of a document begun inside its
+  // chunk and that state's index (doc * H + h) in doc_initial; the state leaving a chunk
+  // gains f H of the chunk's last token.
+  const float* doc_f = nullptr;
+  const int* doc_idx = nullptr;
+  const float* doc_initial = nullptr;
 };
 void launch_chunk_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
                          cudaStream_t s);
@@ -100,6 +108,15 @@ struct ChunkReverseOut {
   const float* leaving = nullptr;
   void* dh = nullptr;
   float* entering = nullptr;
+  // Nullable (documents' end-state gradients, delta_chunk_docs.h): per chunk [bh][nchunks]
+  // the index doc * H + h in doc_final of the end-state gradient F of the document ending
+  // in the chunk's segment 0, just before its first document start (-1: none), and the
+  // chunk's cumulative log gate G_e at that end (0 when the chunk starts with a document).
+  // Such a chunk's entering gradient is e^{G_e} F - w^T diag(e^{G_e - G} [s = 0]) K F
+  // plus its outputs' share: F takes X's place (dh still receives X).
+  const int* doc_end_idx = nullptr;
+  const float* doc_end_g = nullptr;
+  const float* doc_final = nullptr;
 };
 void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep,
                           const ChunkReverseOut& out, cudaStream_t s);

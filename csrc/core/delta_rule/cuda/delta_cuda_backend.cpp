@@ -26,6 +26,10 @@
 // (w, meta, T, v_new and the 16-bit state entering each chunk: ForwardKept) in a buffer
 // the caller holds until the backward, which then runs neither of them again.
 // LASP2_DELTA_KEEP_FORWARD=0 turns that off (forward_kept_floats returns 0).
+// Packed documents with their own initial states (forward, part_summary), end states
+// (part_summary's finals) or state gradients (backward) take the chunked kernels with
+// delta_chunk_docs.h's terms; the backward then reruns the token-recurrent backward on
+// the 64-token chunks where a document starts (chunked_doc_backward).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 // KDA under the same conditions takes its own chunked kernels (kda_chunk.h) for
 // forward, part_summary and entering_dstate; its backward walks.
@@ -41,6 +45,7 @@
 #include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
+#include "delta_rule/cuda/delta_chunk_docs.h"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
@@ -291,10 +296,13 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     check_params(p, part);
     if (p.bh() == 0) return;
     const cudaStream_t s = as_stream(stream);
-    // the product of the chunk maps and the state pass from zero, where documents begun
-    // inside the part start from zero and no end state of theirs is asked for
-    if (chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
-      chunked_summary(problem_of(p, part, nullptr), A, M, head_A, head_M, s);
+    // the product of the chunk maps and the state pass from zero; with documents' initial
+    // or end states, M and the finals from a state pass carrying them (delta_chunk_docs.h)
+    if (chunked(p, part, {})) {
+      const gpu::Problem g = problem_of(p, part, nullptr);
+      chunked_summary(g, A, M, head_A, head_M, s);
+      if (p.doc_start != nullptr && (doc.initial != nullptr || doc.finals != nullptr))
+        chunked_doc_states(g, doc.initial, doc.finals, M, s);
       return;
     }
     if (kda_chunked(p, part, {}) && (p.doc_start == nullptr || (doc.initial == nullptr && doc.finals == nullptr))) {
@@ -331,9 +339,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     if (p.bh() == 0 || part.length() == 0) return;
     gpu::ForwardOut out;
     set_out(o, out.o, out.osb, out.ost, out.osh);
-    // documents begun inside a chunk start from zero there: initial states need the walk
-    if (chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
-      chunked_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
+    if (chunked(p, part, {ConstView{o.data, o.stride}})) {
+      // documents' initial states: delta_chunk_docs.h's terms around the same kernels
+      chunked_forward(problem_of(p, part, nullptr), entering, p.doc_start != nullptr ? doc.initial : nullptr, out,
+                      as_stream(stream));
       return;
     }
     if (kda_chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
@@ -431,10 +440,14 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   // inside a chunk start from zero there, receive no end-state gradient and give none to
   // their initial state in the chunked kernels).
   bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) const {
+    return chunk_backward_fits(p, part, dout, plan) && !(p.doc_start != nullptr && plan.doc_states);
+  }
+  // The views and the chunk kernel's shared memory alone (packed documents with their
+  // states: chunked_doc_backward).
+  static bool chunk_backward_fits(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) {
     return chunked(p, part, {dout, ConstView{plan.dq.data, plan.dq.stride}, ConstView{plan.dk.data, plan.dk.stride},
                              ConstView{plan.dv.data, plan.dv.stride}}) &&
-           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k)) &&
-           !(p.doc_start != nullptr && plan.doc_states);
+           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
   }
 
   // Keeps prep's and rprep's outputs (with T, r beside u) when the chunked kernels take
@@ -483,6 +496,11 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       chunked_backward(problem_of(p, part, nullptr), view_of(dout), dynamic_cast<const ChunkBackwardPrep*>(kept),
                        forward_kept, entering, leaving_dstate, dq, dk, dv, static_cast<float*>(dg),
                        static_cast<float*>(dbeta), dentering, s);
+      return;
+    }
+    if (doc_states && p.doc_start != nullptr && chunk_backward_fits(p, part, dout, {dq, dk, dv, true})) {
+      chunked_doc_backward(p, part, view_of(dout), entering, leaving_dstate, doc, dq, dk, dv, static_cast<float*>(dg),
+                           static_cast<float*>(dbeta), dentering, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
@@ -572,21 +590,79 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_forward(g, out, s);
   }
 
-  // prep, the state pass (v_new and the 16-bit state entering each chunk), the output.
-  void chunked_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out,
-                       cudaStream_t s) const {
-    const int64_t half_rows = chunk_rows(g) * g.dk / 2;  // 16-bit [rows][d] in floats
-    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), half_rows,
-                           g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
+  // prep, the state pass (v_new and the 16-bit state entering each chunk), the output;
+  // with `doc_initial` (packed documents' initial states) prep runs on V' and the state
+  // pass and the output add the documents' terms (delta_chunk_docs.h).
+  void chunked_forward(const gpu::Problem& g0, const float* entering, const float* doc_initial,
+                       const gpu::ForwardOut& out, cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g0) * g0.dk / 2;  // 16-bit [rows][d] in floats
+    const bool docs = doc_initial != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g0), half_rows,
+                           g0.bh() * gpu::chunk_count(g0) * g0.dk * g0.dv / 2, docs ? doc_v_floats(g0) : 0,
+                           docs ? chunk_rows(g0) : 0, docs ? chunk_rows(g0) : 0},
                           allocator_, s);
+    gpu::ChunkStatesOut so;
+    const gpu::ChunkDocs d{doc_initial, scratch[6], reinterpret_cast<int*>(scratch[7]), scratch[5]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
     const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
     gpu::launch_chunk_prep(g, prep, s);
-    gpu::ChunkStatesOut so;
     so.entering = entering;
     so.v_new = scratch[3];
     so.states = scratch[4];
     gpu::launch_chunk_states(g, prep, so, s);
     gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
+    if (docs) gpu::launch_chunk_doc_output(g, d, out, s);
+  }
+
+  // V' = V - diag(f) K H of delta_chunk_docs.h, [B][seqlen][H][dv] 16-bit, in floats.
+  static int64_t doc_v_floats(const gpu::Problem& g) { return g.batch * g.seqlen * g.heads * g.dv / 2; }
+
+  // f, idx and V' (delta_chunk_docs.h) for `d`; the problem with V' in place of v, and
+  // the state pass's document terms in `so`.
+  static gpu::Problem with_doc_v(const gpu::Problem& g, const gpu::ChunkDocs& d, gpu::ChunkStatesOut& so,
+                                 cudaStream_t s) {
+    gpu::launch_chunk_doc_prep(g, d, s);
+    gpu::Problem gv = g;
+    gv.v = {d.v, g.seqlen * g.heads * g.dv, static_cast<int64_t>(g.heads) * g.dv, g.dv};
+    so.doc_f = d.f;
+    so.doc_idx = d.idx;
+    so.doc_initial = d.initial;
+    return gv;
+  }
+
+  // M (the state leaving the part from zero) with the initial states of the documents
+  // begun inside the part (nullable), and the end states of those begun and ended inside
+  // it into `finals` (nullable): prep (on V'), the state pass carrying the documents'
+  // states, then delta_chunk_docs.h's end states.
+  void chunked_doc_states(const gpu::Problem& g0, const float* initial, float* finals, float* M,
+                          cudaStream_t s) const {
+    const int64_t half_rows = chunk_rows(g0) * g0.dk / 2;
+    const bool docs = initial != nullptr, ends = finals != nullptr;
+    const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g0), ends ? half_rows : 0,
+                           ends ? g0.bh() * gpu::chunk_count(g0) * g0.dk * g0.dv / 2 : 0,
+                           docs ? doc_v_floats(g0) : 0, docs ? chunk_rows(g0) : 0,
+                           docs ? chunk_rows(g0) + g0.batch : g0.batch},
+                          allocator_, s);
+    gpu::ChunkStatesOut so;
+    gpu::ChunkDocs d;
+    if (docs) d = {initial, scratch[6], reinterpret_cast<int*>(scratch[7]), scratch[5]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
+    gpu::launch_chunk_prep(g, prep, s);
+    so.v_new = scratch[3];
+    so.states = scratch[4];
+    so.leaving = M;
+    gpu::launch_chunk_states(g, prep, so, s);
+    if (!ends) return;
+    int* firsts = reinterpret_cast<int*>(scratch[7]) + (docs ? chunk_rows(g0) : 0);
+    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
+    gpu::ChunkDocFinals a;
+    a.meta = prep.meta;
+    a.v_new = scratch[3];
+    a.states = scratch[4];
+    a.firsts = firsts;
+    a.finals = finals;
+    gpu::launch_chunk_doc_finals(g, d, a, s);
   }
 
   // KDA (kda_chunk.h): prep, the state pass (v_new and the 16-bit state entering each
@@ -721,6 +797,90 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dg = dg;
     a.dbeta = dbeta;
     gpu::launch_chunk_backward(g, a, s);
+  }
+
+  // Packed documents with their own states (delta_chunk_docs.h): prep on V', the state
+  // pass carrying the documents' initial states (also writing the fp32 state entering each
+  // chunk), rprep, the reverse pass with the end-state gradients in X's place where a
+  // document ends in a chunk's segment 0, and the chunk backward over every chunk; then
+  // the chunks where a document starts get their gradients again from the token-recurrent
+  // backward, one 64-token interval a block from the chunked passes' entering state and
+  // leaving gradient (its initial-state and end-state gradients, d_initial written there).
+  void chunked_doc_backward(const DeltaParams& p, TokenRange part, gpu::View dout, const float* entering,
+                            const float* leaving, const DocStates& doc, MutView dq, MutView dk, MutView dv,
+                            float* dg, float* dbeta, float* dentering, cudaStream_t s) const {
+    const gpu::Problem g0 = problem_of(p, part, nullptr);
+    const int64_t nck = gpu::chunk_count(g0), rows = chunk_rows(g0), half_rows = rows * g0.dk / 2;
+    const int64_t states = g0.bh() * nck * g0.dk * g0.dv, acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
+    const bool docs = doc.initial != nullptr;
+    // w, u (then r), meta, T, v_new, 16-bit chunk states, fp32 chunk states, 16-bit dh
+    const Scratch a({half_rows, half_rows, 2 * rows, rows * gpu::kChunkTokens / 2, half_rows, states / 2, states,
+                     states / 2},
+                    allocator_, s);
+    // V', f, idx, end_idx, end_g, flags, fp32 dh, the recurrent backward's sums
+    const Scratch b({docs ? doc_v_floats(g0) : 0, docs ? rows : 0, docs ? rows : 0, g0.bh() * nck, g0.bh() * nck,
+                     g0.batch * nck, states, acc_floats},
+                    allocator_, s);
+    gpu::ChunkStatesOut so;
+    gpu::ChunkDocs d;
+    if (docs) d = {doc.initial, b[1], reinterpret_cast<int*>(b[2]), b[0]};
+    const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
+    gpu::ChunkPrep prep{a[0], a[1], a[2]};
+    prep.t = a[3];
+    gpu::launch_chunk_prep(g, prep, s);
+    so.entering = entering;
+    so.v_new = a[4];
+    so.states = a[5];
+    so.ckpt = a[6];
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::launch_chunk_rprep(g, dout, prep, s);  // r over u (the state pass has read it)
+    const gpu::ChunkDocEnds ends{doc.final_dstate, reinterpret_cast<int*>(b[3]), b[4], reinterpret_cast<int*>(b[5])};
+    gpu::launch_chunk_doc_ends(g, ends, s);
+    gpu::ChunkReverseOut ro;
+    ro.leaving = leaving;
+    ro.dh = a[7];
+    ro.entering = dentering;
+    ro.doc_end_idx = ends.end_idx;
+    ro.doc_end_g = ends.end_g;
+    ro.doc_final = doc.final_dstate;
+    gpu::launch_chunk_rstates(g, dout, prep, ro, s);
+    gpu::ChunkBackwardArgs ca;
+    ca.dout = dout;
+    ca.meta = prep.meta;
+    ca.v_new = a[4];
+    ca.states = a[5];
+    ca.dh = a[7];
+    ca.t = prep.t;
+    ca.r = prep.u;
+    set_out(dq, ca.dq, ca.dqsb, ca.dqst, ca.dqsh);
+    set_out(dk, ca.dk, ca.dksb, ca.dkst, ca.dksh);
+    set_out(dv, ca.dv, ca.dvsb, ca.dvst, ca.dvsh);
+    ca.dg = dg;
+    ca.dbeta = dbeta;
+    gpu::launch_chunk_backward(g, ca, s);
+    // the chunks with a document start, again: the recurrent backward on v and the
+    // documents' states (one segment: launch_backward walks intervals, not segments)
+    gpu::launch_chunk_doc_dh32(g, a[7], ends.flags, b[6], s);
+    cuda::cuda_check(cudaMemsetAsync(b[7], 0, acc_floats * sizeof(float), s), "cudaMemsetAsync");
+    const gpu::Problem gr = problem_of(p, part, doc.initial);
+    gpu::BackwardArgs ra;
+    ra.dout = dout;
+    ra.ckpt = a[6];
+    ra.chunk_dstate = b[6];
+    ra.flags = ends.flags;
+    ra.final_dstate = doc.final_dstate;
+    ra.d_initial = doc.d_initial;
+    set_out(dv, ra.dv, ra.dvsb, ra.dvst, ra.dvsh);
+    ra.acc = b[7];
+    gpu::launch_backward(gr, ra, s);
+    gpu::FinishArgs f;
+    f.acc = b[7];
+    set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
+    set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
+    f.dg = dg;
+    f.dbeta = dbeta;
+    f.flags = ends.flags;
+    gpu::launch_finish(gr, f, s);
   }
 
   // The reverse pass from a zero leaving gradient: the head's outputs' share.

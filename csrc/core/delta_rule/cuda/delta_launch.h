@@ -143,6 +143,9 @@ struct BackwardArgs {
   // adjoint starting from chunk_dstate[bh][interval] ([dk][dv], the gradient of the
   // state leaving the interval, from the chunked reverse pass); leaving_dstate unused.
   const float* chunk_dstate = nullptr;
+  // Nullable, with chunk_dstate: [batch][checkpoints], the intervals to run (others exit;
+  // the chunked documents' backward, delta_chunk_docs.h, reruns those with a document start).
+  const int* flags = nullptr;
 };
 void launch_backward(const Problem& p, const BackwardArgs& a, cudaStream_t s);
 int backward_smem_bytes(int dk);
@@ -155,6 +158,7 @@ struct FinishArgs {
   int64_t dksb = 0, dkst = 0, dksh = 0;
   float* dg = nullptr;     // nullable: [B, T, H] or [B, T, H, dk], contiguous
   float* dbeta = nullptr;  // nullable: [B, T, H], contiguous
+  const int* flags = nullptr;  // nullable: [batch][checkpoints], the intervals whose tokens to write
 };
 void launch_finish(const Problem& p, const FinishArgs& a, cudaStream_t s);
 

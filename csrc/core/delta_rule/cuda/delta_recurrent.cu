@@ -628,6 +628,7 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
   // One interval per block (grid z) when the chunked reverse pass gave each interval's
   // leaving gradient, else the whole part's reverse walk.
   const bool per_chunk = a.chunk_dstate != nullptr;
+  if (per_chunk && a.flags != nullptr && a.flags[L.b * nck + blockIdx.z] == 0) return;  // the whole block
   const int64_t c_first = per_chunk ? static_cast<int64_t>(blockIdx.z) : nck - 1;
   const int64_t c_last = per_chunk ? c_first : 0;
   float lam[R];
@@ -791,6 +792,7 @@ __global__ void __launch_bounds__(kMaxDim) finish_kernel(Problem p, FinishArgs a
   const int64_t x = blockIdx.x / bh, bhi = blockIdx.x % bh;
   const int b = static_cast<int>(bhi / p.heads), h = static_cast<int>(bhi % p.heads);
   const int64_t t = p.begin + x;
+  if (a.flags != nullptr && a.flags[b * p.checkpoints() + x / kCheckpoint] == 0) return;  // the whole block
   const int Q = 3 * p.dk + 1, i = threadIdx.x;
   const float* acc = a.acc + blockIdx.x * static_cast<int64_t>(Q);
   const int64_t bth = (b * p.seqlen + t) * p.heads + h;
