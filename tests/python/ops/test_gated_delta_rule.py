@@ -30,10 +30,34 @@ def make_inputs(kind, B=2, T=19, H=2, K=6, V=5, dtype=torch.float64, seed=0, doc
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_matches_recurrence_float64(kind, packed, with_state):
+    check_against_recurrence(kind, packed, with_state)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_full_reset_gates_match_recurrence(kind, packed):
+    """A log gate of -inf forgets the state (exp(g) = 0): valid input, finite results
+    equal to the recurrence (the CPU kernels returned NaN from the first -inf on)."""
+
+    def reset(g):
+        # the part's first token, a chunk edge (64), inside chunks (70, 71), right after
+        # a document start (141); for KDA some key dims only
+        g = g.clone()
+        dims = (slice(None), 0) if g.dim() == 3 else (slice(None), 0, slice(0, 3))
+        for t in (0, 64, 70, 71, 141):
+            g[(slice(None), t) + dims[1:]] = float("-inf")
+        return g
+
+    check_against_recurrence(kind, packed, True, spoil_gates=reset)
+
+
+def check_against_recurrence(kind, packed, with_state, spoil_gates=None):
     # 150 tokens cross the CPU kernels' 64-token chunk edges; a 1-token document, one over two edges
     cu = torch.tensor([0, 3, 4, 11, 140, 150], dtype=torch.int64) if packed else None
     q, k, v, g, beta, h0 = make_inputs(kind, B=1 if packed else 2, T=150, docs=cu.tolist() if packed else None)
     h0 = h0 if with_state else None
+    if spoil_gates is not None:
+        g = spoil_gates(g)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta) + ((h0,) if with_state else ())]
     o, final = OPS[kind](*leaves[:5], scale=0.7, initial_state=leaves[5] if with_state else None,
                          output_final_state=True, cu_seqlens=cu)

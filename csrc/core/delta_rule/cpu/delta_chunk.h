@@ -12,6 +12,10 @@
 // The chunk's map S0 -> S_n is affine: A_c = diag(e^{G_last}) - sum_y (e^{G_last-G_y} . k_y) w_y^T
 // with w = (I + L)^{-1} (beta_x e^{G_x} . k_x), and M_c = S_n for S0 = 0.
 // Gate differences G_x - G_y (x >= y) are <= 0, so no exponent overflows.
+// A log gate of -inf (a full reset: exp(g) = 0) is valid input; G_x - G_y would be
+// -inf - -inf there, so a chunk also begins at every token with a -inf gate entry and
+// G is kept relative to the chunk's first token (`G`: the gates after it; `g0`: its
+// own), whose gate enters only the factors on S0 (e^{g0 + G_x}).
 #pragma once
 
 #include <algorithm>
@@ -39,20 +43,31 @@ inline void store_real(void* base, ScalarType type, int64_t index, double value)
   }
 }
 
-// A token range [begin, end) of one batch row with no document start after begin.
+// A token range [begin, end) of one batch row with no document start and no -inf
+// gate after begin.
 struct Chunk {
   int64_t begin = 0, end = 0;
   int64_t length() const { return end - begin; }
 };
 
-// The part cut into chunks of at most chunk_size tokens; a document start always
-// begins a chunk, so each chunk lies inside one document.
+// Whether token t of row b has a log gate of -inf in any head or key dim.
+inline bool resets_state(const DeltaParams& p, int64_t b, int64_t t) {
+  const int64_t dims = p.gate_kind == GateKind::kScalar ? 1 : p.dim_k;
+  for (int64_t h = 0; h < p.heads; ++h)
+    for (int64_t i = 0; i < dims; ++i)
+      if (std::isinf(p.gate(b, t, h, i))) return true;
+  return false;
+}
+
+// The part cut into chunks of at most chunk_size tokens; a document start or a -inf
+// gate always begins a chunk, so each chunk lies inside one document and its gate
+// differences are finite.
 inline std::vector<Chunk> chunks_of(const DeltaParams& p, int64_t b, TokenRange part) {
   std::vector<Chunk> out;
   int64_t c0 = part.begin;
   while (c0 < part.end) {
     int64_t c1 = c0 + 1;
-    while (c1 < part.end && c1 - c0 < p.chunk_size && !p.starts_doc(b, c1)) ++c1;
+    while (c1 < part.end && c1 - c0 < p.chunk_size && !p.starts_doc(b, c1) && !resets_state(p, b, c1)) ++c1;
     out.push_back({c0, c1});
     c0 = c1;
   }
@@ -79,6 +94,10 @@ template <typename T, typename Acc = T>
 struct WYChunk {
   int64_t n = 0, dk = 0, dv = 0;
   Mat<Acc> q, k, v, G, beta, L;
+  Mat<Acc> g0;  // the first token's log gates (dk): they act on the entering state only
+
+  // e^{G_x} with the first token's gate: the decay from the entering state to token x.
+  Acc entry_decay(int64_t x, int64_t i) const { return std::exp(g0[i] + G[x * dk + i]); }
 
   void load(const DeltaParams& p, int64_t b, int64_t h, Chunk c) {
     n = c.length();
@@ -88,6 +107,7 @@ struct WYChunk {
     k.resize(n * dk);
     v.resize(n * dv);
     G.resize(n * dk);
+    g0.resize(dk);
     beta.resize(n);
     for (int64_t x = 0; x < n; ++x) {
       const int64_t t = c.begin + x;
@@ -97,7 +117,9 @@ struct WYChunk {
       for (int64_t i = 0; i < dk; ++i) {
         q[x * dk + i] = static_cast<Acc>(qt[i]);
         k[x * dk + i] = static_cast<Acc>(kt[i]);
-        G[x * dk + i] = (x > 0 ? G[(x - 1) * dk + i] : Acc(0)) + static_cast<Acc>(p.gate(b, t, h, i));
+        const Acc g = static_cast<Acc>(p.gate(b, t, h, i));
+        if (x == 0) g0[i] = g;
+        G[x * dk + i] = x > 0 ? G[(x - 1) * dk + i] + g : Acc(0);
       }
       for (int64_t j = 0; j < dv; ++j) v[x * dv + j] = static_cast<Acc>(vt[j]);
       beta[x] = static_cast<Acc>(p.beta_at(b, t, h));
@@ -131,7 +153,7 @@ struct WYChunk {
     for (int64_t x = 0; x < n; ++x)
       for (int64_t j = 0; j < dv; ++j) {
         Acc s = v[x * dv + j];
-        for (int64_t i = 0; i < dk; ++i) s -= std::exp(G[x * dk + i]) * k[x * dk + i] * S[i * dv + j];
+        for (int64_t i = 0; i < dk; ++i) s -= entry_decay(x, i) * k[x * dk + i] * S[i * dv + j];
         u[x * dv + j] = beta[x] * s;
       }
     solve(u, dv);
@@ -147,7 +169,7 @@ struct WYChunk {
       for (int64_t x = 0; x < n; ++x) {
         std::fill(acc.begin(), acc.end(), Acc(0));
         for (int64_t i = 0; i < dk; ++i) {
-          const Acc qi = std::exp(G[x * dk + i]) * q[x * dk + i];
+          const Acc qi = entry_decay(x, i) * q[x * dk + i];
           for (int64_t j = 0; j < dv; ++j) acc[j] += qi * S[i * dv + j];
         }
         for (int64_t y = 0; y <= x; ++y) {
@@ -160,7 +182,7 @@ struct WYChunk {
     }
     const int64_t last = n - 1;
     for (int64_t i = 0; i < dk; ++i) {
-      const Acc decay = std::exp(G[last * dk + i]);
+      const Acc decay = entry_decay(last, i);
       for (int64_t j = 0; j < dv; ++j) S[i * dv + j] *= decay;
     }
     for (int64_t y = 0; y < n; ++y)
@@ -174,11 +196,11 @@ struct WYChunk {
   void compose_map(Mat<Acc>& A) const {
     Mat<Acc> w(n * dk);
     for (int64_t x = 0; x < n; ++x)
-      for (int64_t i = 0; i < dk; ++i) w[x * dk + i] = beta[x] * std::exp(G[x * dk + i]) * k[x * dk + i];
+      for (int64_t i = 0; i < dk; ++i) w[x * dk + i] = beta[x] * entry_decay(x, i) * k[x * dk + i];
     solve(w, dk);
     const int64_t last = n - 1;
     Mat<Acc> Ac(dk * dk, Acc(0));
-    for (int64_t i = 0; i < dk; ++i) Ac[i * dk + i] = std::exp(G[last * dk + i]);
+    for (int64_t i = 0; i < dk; ++i) Ac[i * dk + i] = entry_decay(last, i);
     for (int64_t y = 0; y < n; ++y)
       for (int64_t i = 0; i < dk; ++i) {
         const Acc ki = std::exp(G[last * dk + i] - G[y * dk + i]) * k[y * dk + i];
