@@ -37,7 +37,8 @@ def test_matches_recurrence_float64(kind, packed, with_state):
 @pytest.mark.parametrize("packed", [False, True])
 def test_full_reset_gates_match_recurrence(kind, packed):
     """A log gate of -inf forgets the state (exp(g) = 0): valid input, finite results
-    equal to the recurrence (the CPU kernels returned NaN from the first -inf on)."""
+    equal to the recurrence (the CPU kernels returned NaN from the first -inf on, and
+    a gate of -1e30 cancelled its chunk neighbours' gates)."""
 
     def reset(g):
         # the part's first token, a chunk edge (64), inside chunks (70, 71), right after
@@ -46,6 +47,7 @@ def test_full_reset_gates_match_recurrence(kind, packed):
         dims = (slice(None), 0) if g.dim() == 3 else (slice(None), 0, slice(0, 3))
         for t in (0, 64, 70, 71, 141):
             g[(slice(None), t) + dims[1:]] = float("-inf")
+        g[(slice(None), 100) + dims[1:]] = -1e30  # exp is 0 in double: a reset too
         return g
 
     check_against_recurrence(kind, packed, True, spoil_gates=reset)

@@ -13,7 +13,8 @@
 // with w = (I + L)^{-1} (beta_x e^{G_x} . k_x), and M_c = S_n for S0 = 0.
 // Gate differences G_x - G_y (x >= y) are <= 0, so no exponent overflows.
 // A log gate of -inf (a full reset: exp(g) = 0) is valid input; G_x - G_y would be
-// -inf - -inf there, so a chunk also begins at every token with a -inf gate entry and
+// -inf - -inf there (and a gate of -1e30 would swallow its neighbours in G), so a chunk
+// also begins at every token with such a gate entry (resets_state below) and
 // G is kept relative to the chunk's first token (`G`: the gates after it; `g0`: its
 // own), whose gate enters only the factors on S0 (e^{g0 + G_x}).
 #pragma once
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/chunk_scan.h"
 #include "delta_rule/delta_params.h"
 
 namespace lasp2::delta::cpu {
@@ -50,12 +52,14 @@ struct Chunk {
   int64_t length() const { return end - begin; }
 };
 
-// Whether token t of row b has a log gate of -inf in any head or key dim.
+// Whether token t of row b resets the state in any head or key dim: a log gate whose
+// exp is 0 in double (-inf, or below about -745, which would cancel catastrophically
+// against its neighbours in G), the scalar family's rule (cpu/chunk_scan.h).
 inline bool resets_state(const DeltaParams& p, int64_t b, int64_t t) {
   const int64_t dims = p.gate_kind == GateKind::kScalar ? 1 : p.dim_k;
   for (int64_t h = 0; h < p.heads; ++h)
     for (int64_t i = 0; i < dims; ++i)
-      if (std::isinf(p.gate(b, t, h, i))) return true;
+      if (lasp2::cpu::resets_state(p.gate(b, t, h, i))) return true;
   return false;
 }
 
