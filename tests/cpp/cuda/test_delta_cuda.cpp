@@ -336,7 +336,14 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     // products take bfloat16 operands (8 mantissa bits; fp16 holds the tighter bound)
     const bool chunked_bf16 = c.gate == GateKind::kScalar && c.type == ScalarType::kBFloat16 && !c.packed &&
                               c.dk == c.dv && (c.dk == 64 || c.dk == 128);
-    const double tol_sum = chunked_bf16 ? 1e-2 : bf16 ? 1e-3 : 2e-4;
+    // KDA rows in 16 bits at d = 64 / 128 take KDA's chunked backward (kda_chunk_bwd.h):
+    // the bounds of DeltaCudaKdaBackward (1e-2 in bfloat16, 2e-3 in float16)
+    const bool kda_chunked16 = c.gate == GateKind::kPerKey && c.type != ScalarType::kFloat32 && !c.packed &&
+                               c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    const double tol_sum = chunked_bf16 || (kda_chunked16 && c.type == ScalarType::kBFloat16) ? 1e-2
+                           : kda_chunked16                                                 ? 2e-3
+                           : bf16                                                          ? 1e-3
+                                                                                           : 2e-4;
     EXPECT_LT(rel_err_f32(g.dg.download(), dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(g.db.download(), db), tol_sum) << "dbeta";
     const std::vector<float> gi = gdI.download();

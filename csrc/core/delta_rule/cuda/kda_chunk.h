@@ -57,6 +57,7 @@ struct KdaPrep {
   void* p = nullptr;
   float* eL = nullptr;
   const int* head_end = nullptr;
+  void* t = nullptr;  // nullable: T = (I + L)^-1, 16-bit [bh][nchunks][64][64] (the backward's)
 };
 
 // Floats of each KdaPrep buffer for a problem (w, u, qg, kd, p, eL in that order).
@@ -88,5 +89,12 @@ void launch_kda_output(const Problem& p, const KdaPrep& prep, const void* v_new,
 // segments), so this is the gradient through the part's head, as the walks give it.
 void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout, void* r, float* entering,
                                 cudaStream_t s);
+
+// The same rprep and reverse pass for the backward (kda_chunk_bwd.h): X starts from
+// `leaving` (fp32 [bh][dk][dv], the gradient of the state leaving the part; null: zero),
+// the 16-bit X leaving each chunk goes to `dh` ([bh][nchunks][dk][dv]) and the last X
+// to `entering`; both nullable.
+void launch_kda_rstates(const Problem& p, const KdaPrep& prep, View dout, void* r, const float* leaving, void* dh,
+                        float* entering, cudaStream_t s);
 
 }  // namespace lasp2::delta::gpu
