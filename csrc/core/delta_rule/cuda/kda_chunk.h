@@ -1,7 +1,7 @@
 // Host-visible arguments and launchers of the chunked (WY / UT-transform) tensor-core
 // kernels for KDA (per-key log gates g[B, T, H, d_k]) in 16-bit inputs, d_k = d_v in
-// {64, 128}: forward, part summary and the entering state's gradient (the backward's
-// local gradients take the token-recurrent kernels); the kernels live in kda_chunk.cu. The math is the CPU
+// {64, 128}: forward, part summary and the entering state's gradient, and the passes the
+// backward (kda_chunk_bwd.h) reads; the kernels live in kda_chunk.cu. The math is the CPU
 // backend's (cpu/delta_chunk.h) on the GDN kernels' fixed 64-token chunks
 // (delta_chunk.h), with G_x the within-chunk cumulative log gate of token x, a d_k
 // vector, and S0 the state entering the chunk:
