@@ -336,9 +336,10 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
     }
     // dg, dbeta: the sums of many products; the bf16 outputs above bound their inputs.
     // GDN in 16 bits at d = 64 / 128 takes the chunked backward (packed documents with
-    // their states: delta_chunk_docs.h), whose state products take 16-bit operands
-    // (bfloat16: 8 mantissa bits; float16 within 2e-3)
-    const bool chunked16 = c.gate == GateKind::kScalar && bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    // their states: delta_chunk_docs.h), KDA rows in 16 bits KDA's (kda_chunk_bwd.h): their
+    // state products take 16-bit operands (bfloat16: 8 mantissa bits; float16 within 2e-3)
+    const bool shape16 = bf16 && c.dk == c.dv && (c.dk == 64 || c.dk == 128);
+    const bool chunked16 = shape16 && (c.gate == GateKind::kScalar || !c.packed);
     const double tol_sum = chunked16 ? (c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3) : bf16 ? 1e-3 : 2e-4;
     EXPECT_LT(rel_err_f32(g.dg.download(), dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(g.db.download(), db), tol_sum) << "dbeta";

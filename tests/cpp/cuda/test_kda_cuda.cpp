@@ -6,7 +6,8 @@
 // gradient from the part's own outputs). bf16 / fp16, d = 64 and 128, rows and packed
 // documents (starts inside chunks, on a chunk's first token, one-token documents),
 // -inf log gates on some key dims and on all of them, and strong gates (down to -5 a
-// dim and token). The recurrent kernels are held to the CPU backend by
+// dim and token); and the chunked backward (kda_chunk_bwd.h, DeltaCudaKdaBackward): dq,
+// dk, dv, dg, dbeta and the entering state's gradient. The recurrent kernels are held to the CPU backend by
 // test_delta_cuda.cpp; the CPU chunk form takes no -inf gates, so those cases compare
 // with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming).
 #include <gtest/gtest.h>
@@ -234,11 +235,161 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
     });
 
+// The chunked backward (kda_chunk_bwd.h) against the recurrent one
+// (LASP2_DELTA_KDA_CHUNKED_BWD=0) and, without -inf gates, the CPU backend: dq, dk, dv
+// (16-bit; written on the part's rows only), dg per key dim, dbeta and the entering
+// state's gradient, with an entering state and a leaving-state gradient, on the cases
+// above. Packed documents with document states take the recurrent backward (checked:
+// the d_initial call equals the CPU backend's).
+class DeltaCudaKdaBackward : public ::testing::TestWithParam<KdaCase> {};
+
+struct KdaGrads {
+  DevTensor::Readback dq, dk, dv;
+  std::vector<float> dg, db, dE;
+};
+
+TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const KdaCase c = GetParam();
+  const DeltaProblem<float> pr = kda_problem(c);
+  const DeltaSpec& s = pr.spec;
+  const DeltaParams hp = pr.params();
+  const Layout lay{false, 0};
+  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
+      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+  dout.upload({pr.dout.begin(), pr.dout.end()});
+  q.upload({pr.q.begin(), pr.q.end()});
+  k.upload({pr.k.begin(), pr.k.end()});
+  v.upload({pr.v.begin(), pr.v.end()});
+  DevBuf<float> g = to_device_f32(pr.g), beta = to_device_f32(pr.beta);
+  DevBuf<uint8_t> doc_start(pr.doc_start.size());
+  DevBuf<int32_t> doc_id(pr.doc_id.size());
+  doc_start.upload(pr.doc_start);
+  doc_id.upload(pr.doc_id);
+  DeltaParams dp = hp;
+  dp.dtype = c.type;
+  dp.gate_dtype = ScalarType::kFloat32;
+  dp.q = q.cview();
+  dp.k = k.cview();
+  dp.v = v.cview();
+  dp.g = g.p;
+  dp.beta = beta.p;
+  if (s.packed()) {
+    dp.doc_start = doc_start.p;
+    dp.doc_id = doc_id.p;
+  }
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  const TokenRange part{37, s.seqlen - 20};
+  const int64_t bh = hp.bh(), se = hp.state_elems();
+  std::vector<float> entering(bh * se), leaving(bh * se);
+  {
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal(0.f, 0.3f);
+    for (auto& x : entering) x = normal(rng);
+    for (auto& x : leaving) x = normal(rng);
+  }
+  const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+
+  auto run = [&]() {
+    KdaGrads r;
+    DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), dk(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
+        dv(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+    DevBuf<float> dg = to_device_f32(std::vector<float>(pr.g.size(), 0.f));
+    DevBuf<float> db = to_device_f32(std::vector<float>(pr.beta.size(), 0.f));
+    DevBuf<float> dE(bh * se);
+    dE.poison();
+    gpu.backward(dp, part, dout.cview(), d_entering.p, d_leaving.p, DocStates{}, dq.mview(), dk.mview(), dv.mview(),
+                 dg.p, db.p, dE.p, nullptr);
+    r.dq = dq.download();
+    r.dk = dk.download();
+    r.dv = dv.download();
+    r.dg = dg.download();
+    r.db = db.download();
+    r.dE = dE.download();
+    return r;
+  };
+  const KdaGrads got = run();
+  KdaGrads want;
+  {
+    const KdaEnv off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    want = run();
+  }
+  // as GDN's chunked backward: 16-bit outputs at 1e-2; dg, dbeta and the entering-state
+  // gradient are fp32 sums of products of 16-bit operands (h, dh, T, v_new, dU, dB, the
+  // scaled sub-chunk tiles): 1e-2 in bfloat16, 2e-3 in float16
+  const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
+  for (auto [name, a, b, dim] : {std::tuple{"dq", &got.dq, &want.dq, s.dim_k}, {"dk", &got.dk, &want.dk, s.dim_k},
+                                 {"dv", &got.dv, &want.dv, s.dim_v}}) {
+    const Compare cmp = compare_rows(a->v, a->written, b->v, s.batch, s.seqlen, s.heads, dim, part.begin, part.end);
+    EXPECT_LT(cmp.rel, tol_io) << name << " vs recurrent";
+    EXPECT_EQ(cmp.missing, 0) << name;
+    EXPECT_EQ(cmp.clobbered, 0) << name;
+    EXPECT_EQ(a->written, b->written) << name << " written where the recurrent kernels write";
+  }
+  EXPECT_LT(rel_err_f32(got.dg, want.dg), tol_sum) << "dg vs recurrent";
+  EXPECT_LT(rel_err_f32(got.db, want.db), tol_sum) << "dbeta vs recurrent";
+  EXPECT_LT(rel_err_f32(got.dE, want.dE), tol_sum) << "d_entering vs recurrent";
+  EXPECT_GT(delta::testing::max_abs(got.dg), 0.0) << "dg is not all zero";
+
+  const DeltaKernelBackend& cpu = delta::delta_cpu_backend();
+  if (c.gates != Gates::kNegInf) {
+    std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f), dg(pr.g.size(), 0.f),
+        db(pr.beta.size(), 0.f), dE(bh * se);
+    cpu.backward(hp, part, pr.dout_view(), entering.data(), leaving.data(), DocStates{},
+                 {dq.data(), pr.strides(s.dim_k)}, {dk.data(), pr.strides(s.dim_k)}, {dv.data(), pr.strides(s.dim_v)},
+                 dg.data(), db.data(), dE.data(), nullptr);
+    for (auto [name, a, b, dim] : {std::tuple{"dq", &got.dq, &dq, s.dim_k}, {"dk", &got.dk, &dk, s.dim_k},
+                                   {"dv", &got.dv, &dv, s.dim_v}}) {
+      const Compare cmp = compare_rows(a->v, a->written, *b, s.batch, s.seqlen, s.heads, dim, part.begin, part.end);
+      EXPECT_LT(cmp.rel, tol_io) << name << " vs CPU";
+    }
+    EXPECT_LT(rel_err_f32(got.dg, dg), tol_sum) << "dg vs CPU";
+    EXPECT_LT(rel_err_f32(got.db, db), tol_sum) << "dbeta vs CPU";
+    EXPECT_LT(rel_err_f32(got.dE, dE), tol_sum) << "d_entering vs CPU";
+  }
+  if (s.packed() && c.gates != Gates::kNegInf) {  // document states: the recurrent backward takes the call
+    const int64_t D = s.num_docs() * s.heads * se;
+    DevBuf<float> gdI = to_device_f32(std::vector<float>(D, 0.f));
+    DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), dk(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
+        dv(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+    DevBuf<float> dg(pr.g.size()), db(pr.beta.size()), dE(bh * se);
+    DocStates ddoc;
+    ddoc.d_initial = gdI.p;
+    gpu.backward(dp, part, dout.cview(), d_entering.p, d_leaving.p, ddoc, dq.mview(), dk.mview(), dv.mview(), dg.p,
+                 db.p, dE.p, nullptr);
+    std::vector<float> dI(D, 0.f), hq(pr.q.size()), hk(pr.k.size()), hv(pr.v.size()), hg(pr.g.size()),
+        hb(pr.beta.size()), hE(bh * se);
+    DocStates hdoc;
+    hdoc.d_initial = dI.data();
+    cpu.backward(hp, part, pr.dout_view(), entering.data(), leaving.data(), hdoc, {hq.data(), pr.strides(s.dim_k)},
+                 {hk.data(), pr.strides(s.dim_k)}, {hv.data(), pr.strides(s.dim_v)}, hg.data(), hb.data(), hE.data(),
+                 nullptr);
+    EXPECT_LT(rel_err_f32(gdI.download(), dI), 1e-3) << "d_initial vs CPU (recurrent backward)";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, DeltaCudaKdaBackward,
+    ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
+                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
+                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kStrong},
+                      KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
+                      KdaCase{ScalarType::kBFloat16, 64, false, Gates::kNegInf},
+                      KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
+                      KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
+                      KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
+                      KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
+    [](const ::testing::TestParamInfo<KdaCase>& info) {
+      const auto& c = info.param;
+      const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
+      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
+    });
+
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
-// part_summary, forward and entering_dstate with the chunked kernels and with the
-// recurrent ones (printed), and the backward (the recurrent kernels either way). Inputs:
-// repeated random patterns (fast to set up); the assertions check that o is finite and
-// the two forwards agree.
+// part_summary, forward, entering_dstate and the backward with the chunked kernels and
+// with the recurrent ones (printed). Inputs: repeated random patterns (fast to set up);
+// the assertions check that o and dq are finite and the two forwards and backwards agree
+// on the first tokens.
 TEST(DeltaCudaKdaTiming, OneDevice) {
   LASP2_SKIP_WITHOUT_CUDA();
   const char* t_env = std::getenv("LASP2_DELTA_TIMING_T");
@@ -311,17 +462,27 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     cuda_ok(cudaEventElapsedTime(&ms[rec][1], e1, e2), "elapsed");
     cuda_ok(cudaEventElapsedTime(&ms[rec][2], e2, e3), "elapsed");
   }
-  float bwd_ms = 0;
-  cuda_ok(cudaEventRecord(e0), "record");
-  be.backward(p, all, dout.cview(), nullptr, nullptr, {}, dq.mview(), dk.mview(), dv.mview(), dg.p, db.p, nullptr,
-              nullptr);
-  cuda_ok(cudaEventRecord(e1), "record");
-  cuda_ok(cudaEventSynchronize(e1), "sync");
-  cuda_ok(cudaEventElapsedTime(&bwd_ms, e0, e1), "elapsed");
+  // the backward: chunked (kda_chunk_bwd.h; timed on its second call) and recurrent
+  // (LASP2_DELTA_KDA_CHUNKED_BWD=0); dq of both kept to compare below
+  float bwd_ms[2] = {};
+  DevTensor dq_rec(1, T, H, D, type, Layout{});
+  for (int rec = 0; rec < 2; ++rec) {
+    std::unique_ptr<KdaEnv> off;
+    if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    for (int rep = 0; rep < 2 - rec; ++rep) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      be.backward(p, all, dout.cview(), nullptr, nullptr, {}, rec ? dq_rec.mview() : dq.mview(), dk.mview(),
+                  dv.mview(), dg.p, db.p, nullptr, nullptr);
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+    }
+    cuda_ok(cudaEventElapsedTime(&bwd_ms[rec], e0, e1), "elapsed");
+  }
   std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked part_summary %.2f ms, forward %.2f ms, "
-              "entering_dstate %.2f ms; recurrent part_summary %.2f ms, forward %.2f ms, entering_dstate %.2f ms; "
-              "backward (recurrent) %.2f ms\n",
-              static_cast<long long>(T), ms[0][0], ms[0][1], ms[0][2], ms[1][0], ms[1][1], ms[1][2], bwd_ms);
+              "entering_dstate %.2f ms, backward %.2f ms; recurrent part_summary %.2f ms, forward %.2f ms, "
+              "entering_dstate %.2f ms, backward %.2f ms\n",
+              static_cast<long long>(T), ms[0][0], ms[0][1], ms[0][2], bwd_ms[0], ms[1][0], ms[1][1], ms[1][2],
+              bwd_ms[1]);
   // per launch of the chunked forward (kda_chunk.h): prep, the state pass, the output
   {
     namespace gpu = delta::gpu;
@@ -387,6 +548,18 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     den = std::max(den, std::abs(b.v[i]));
   }
   EXPECT_LT(num / std::max(den, 1e-3), 2e-2) << "chunked vs recurrent o (first tokens)";
+  // dq of the two backwards over the first tokens
+  DevTensor dqh(1, n, H, D, type, Layout{}), dqh_rec(1, n, H, D, type, Layout{});
+  cuda_ok(cudaMemcpy(dqh.buf.p, dq.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
+  cuda_ok(cudaMemcpy(dqh_rec.buf.p, dq_rec.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
+  const auto c1 = dqh.download(), c2 = dqh_rec.download();
+  num = den = 0;
+  for (size_t i = 0; i < c1.v.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(c1.v[i])) << "dq not finite at " << i;
+    num = std::max(num, std::abs(c1.v[i] - c2.v[i]));
+    den = std::max(den, std::abs(c2.v[i]));
+  }
+  EXPECT_LT(num / std::max(den, 1e-3), 2e-2) << "chunked vs recurrent dq (first tokens)";
 }
 
 }  // namespace

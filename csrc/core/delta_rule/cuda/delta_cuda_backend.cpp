@@ -32,8 +32,10 @@
 // the 64-token chunks where a document starts (chunked_doc_backward).
 // LASP2_DELTA_CHUNKED=0 turns the chunked kernels off (the token-recurrent ones run).
 // KDA under the same conditions takes its own chunked kernels (kda_chunk.h) for
-// forward, part_summary and entering_dstate; its backward walks.
-// LASP2_DELTA_KDA_CHUNKED=0 turns those off alone.
+// forward, part_summary and entering_dstate, and (kda_chunk_bwd.h, where the block's
+// shared memory fits and, with packed documents, no document states are passed) the
+// backward. LASP2_DELTA_KDA_CHUNKED=0 turns those off alone;
+// LASP2_DELTA_KDA_CHUNKED_BWD=0 the backward alone.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -47,6 +49,7 @@
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_docs.h"
 #include "delta_rule/cuda/kda_chunk.h"
+#include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
 
@@ -147,7 +150,7 @@ bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstV
 // Whether the KDA chunk kernels (kda_chunk.h) take a forward, part_summary or
 // entering_dstate call: what chunked() asks of GDN, with per-key gates.
 // LASP2_DELTA_KDA_CHUNKED=0 (or LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels;
-// KDA's backward always walks.
+// the backward takes kda_backward_chunked() below.
 bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
   const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED");
   if (env != nullptr && env[0] == '0') return false;
@@ -155,6 +158,21 @@ bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<Co
   DeltaParams scalar = p;
   scalar.gate_kind = GateKind::kScalar;
   return chunked(scalar, part, extra);
+}
+
+// Whether the KDA chunked backward (kda_chunk_bwd.h) takes a backward call: kda_chunked()
+// with dout, dq, dk and dv, the block's shared memory (217 KiB at d = 128: sm_90, not
+// sm_80), and no per-document states with packed documents (as GDN's).
+// LASP2_DELTA_KDA_CHUNKED_BWD=0 keeps the recurrent backward.
+bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout, MutView dq, MutView dk, MutView dv,
+                          bool doc_states) {
+  const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED_BWD");
+  if (env != nullptr && env[0] == '0') return false;
+  if (p.doc_start != nullptr && doc_states) return false;
+  if (!kda_chunked(p, part, {dout, ConstView{dq.data, dq.stride}, ConstView{dk.data, dk.stride},
+                             ConstView{dv.data, dv.stride}}))
+    return false;
+  return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
 }
 
 // One allocation (cuda::DeviceBlock) of `floats` fp32 elements per buffer, each on a
@@ -503,6 +521,11 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
                            static_cast<float*>(dbeta), dentering, s);
       return;
     }
+    if (kda_backward_chunked(p, part, dout, dq, dk, dv, doc_states)) {
+      kda_backward(problem_of(p, part, nullptr), view_of(dout), entering, leaving_dstate, dq, dk, dv,
+                   static_cast<float*>(dg), static_cast<float*>(dbeta), dentering, s);
+      return;
+    }
     const gpu::Problem g = segmented(problem_of(p, part, doc.initial));
     const int64_t ckpt_floats = p.bh() * g.checkpoints() * p.state_elems();
     const int64_t acc_floats = part.length() * p.bh() * (3 * p.dim_k + 1);
@@ -690,6 +713,41 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
     gpu::launch_kda_prep(g, prep, s);
     gpu::launch_kda_entering_dstate(g, prep, dout, scratch[6], dentering, s);
+  }
+
+  // KDA's backward (kda_chunk_bwd.h): prep (with T), the state pass from `entering` (v_new
+  // and the 16-bit state entering each chunk), rprep and the reverse pass from `leaving`
+  // (each chunk's 16-bit leaving-state gradient and the entering state's), then every
+  // chunk's gradients at once.
+  void kda_backward(const gpu::Problem& g, gpu::View dout, const float* entering, const float* leaving, MutView dq,
+                    MutView dk, MutView dv, float* dg, float* dbeta, float* dentering, cudaStream_t s) const {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2;
+    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.p_half, z.rows_half},
+                          allocator_, s);
+    const Scratch more({states, z.rows_half, states}, allocator_, s);  // chunk states, r, dh
+    gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    prep.t = scratch[6];
+    gpu::launch_kda_prep(g, prep, s);
+    gpu::ChunkStatesOut so;
+    so.entering = entering;
+    so.v_new = scratch[7];
+    so.states = more[0];
+    gpu::launch_kda_states(g, prep, so, s);
+    gpu::launch_kda_rstates(g, prep, dout, more[1], leaving, more[2], dentering, s);
+    gpu::KdaBackwardArgs a;
+    a.dout = dout;
+    a.v_new = scratch[7];
+    a.states = more[0];
+    a.dh = more[2];
+    a.t = prep.t;
+    a.r = more[1];
+    set_out(dq, a.dq, a.dqsb, a.dqst, a.dqsh);
+    set_out(dk, a.dk, a.dksb, a.dkst, a.dksh);
+    set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
+    a.dg = dg;
+    a.dbeta = dbeta;
+    gpu::launch_kda_backward(g, a, s);
   }
 
   // KDA's part summary as chunked_summary below: prep, the state pass over [A | M] from

@@ -182,9 +182,11 @@ __global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
     store_u32(sm.k + x * LD + i, pack2<T>(first ? k2.x * __expf(G2.x) : 0.f, first ? k2.y * __expf(G2.y) : 0.f));
   }
   T* tb = sm.sub[0][0];
+  T* tg = out.t != nullptr ? static_cast<T*>(out.t) + chunk * CH * CH : nullptr;
   for (int e = tid; e < CH * CH; e += NT) {
     const int x = e / CH, y = e % CH;
     tb[x * kLdP + y] = from_float<T>(y <= x ? sm.Tm[x * LDL + y] * sm.bt[y] : 0.f);
+    if (tg != nullptr) tg[e] = from_float<T>(y <= x ? sm.Tm[x * LDL + y] : 0.f);
   }
   cp_async_wait_all();
   __syncthreads();
@@ -472,7 +474,7 @@ __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPr
 
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep prep, View dout, const void* r,
-                                                           float* entering) {
+                                                           const float* leaving, void* dh, float* entering) {
   constexpr int LD = TcTile<D>::LD;
   constexpr int MT = D / 64;
   constexpr int NTL = BV / 8;
@@ -484,6 +486,16 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t se = static_cast<int64_t>(D) * D;
   float X[MT][NTL][4] = {};
+  if (leaving != nullptr)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
+          X[mt][nt][e] = leaving[bh * se + row * D + j0 + 8 * nt + 2 * (lane & 3) + (e & 1)];
+        }
   load_kda_rev_chunk<T, D>(p, prep, dout, r, sm.buf[0], nck - 1, bh, j0, tid);
   cp_async_commit();
   for (int i = 0; i < nck; ++i) {
@@ -497,7 +509,10 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          store_u32(sm.xb + row * LDV + 8 * nt + 2 * (lane & 3), pack2<T>(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]));
+          const uint32_t packed = pack2<T>(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]);
+          store_u32(sm.xb + row * LDV + 8 * nt + 2 * (lane & 3), packed);
+          if (dh != nullptr)
+            store_u32(static_cast<T*>(dh) + (bh * nck + c) * se + row * D + j0 + 8 * nt + 2 * (lane & 3), packed);
         }
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
@@ -536,6 +551,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
     }
   }
   cp_async_wait_all();
+  if (entering == nullptr) return;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -626,9 +642,19 @@ void launch_kda_output(const Problem& p, const KdaPrep& prep, const void* v_new,
 
 void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout, void* r, float* entering,
                                 cudaStream_t s) {
+  launch_kda_rstates(p, prep, dout, r, nullptr, nullptr, entering, s);
+}
+
+void launch_kda_rstates(const Problem& p, const KdaPrep& prep, View dout, void* r, const float* leaving, void* dh,
+                        float* entering, cudaStream_t s) {
   if (p.bh() == 0) return;
   if (chunk_count(p) == 0) {
-    kda_check(cudaMemsetAsync(entering, 0, p.bh() * p.dk * p.dv * sizeof(float), s), "KDA entering dstate");
+    const size_t bytes = p.bh() * p.dk * p.dv * sizeof(float);
+    if (entering != nullptr && leaving != nullptr) {
+      kda_check(cudaMemcpyAsync(entering, leaving, bytes, cudaMemcpyDeviceToDevice, s), "KDA entering dstate");
+    } else if (entering != nullptr) {
+      kda_check(cudaMemsetAsync(entering, 0, bytes, s), "KDA entering dstate");
+    }
     return;
   }
   kda_dispatch(p, [&](auto tag, auto dim) {
@@ -638,7 +664,7 @@ void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout
                static_cast<int>(sizeof(KdaRprepSmem<T, D>)), s, "KDA chunk rprep", p, prep, dout, r);
     kda_launch(kda_rev_state_kernel<T, D>, dim3(D / BV, static_cast<unsigned>(p.bh())),
                static_cast<int>(sizeof(KdaRevSmem<T, D>)), s, "KDA chunk reverse state pass", p, prep, dout,
-               static_cast<const void*>(r), entering);
+               static_cast<const void*>(r), leaving, dh, entering);
   });
 }
 

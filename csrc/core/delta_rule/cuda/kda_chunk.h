@@ -1,7 +1,7 @@
 // Host-visible arguments and launchers of the chunked (WY / UT-transform) tensor-core
 // kernels for KDA (per-key log gates g[B, T, H, d_k]) in 16-bit inputs, d_k = d_v in
-// {64, 128}: forward, part summary and the entering state's gradient (the backward's
-// local gradients take the token-recurrent kernels); the kernels live in kda_chunk.cu. The math is the CPU
+// {64, 128}: forward, part summary and the entering state's gradient, and the passes the
+// backward (kda_chunk_bwd.h) reads; the kernels live in kda_chunk.cu. The math is the CPU
 // backend's (cpu/delta_chunk.h) on the GDN kernels' fixed 64-token chunks
 // (delta_chunk.h), with G_x the within-chunk cumulative log gate of token x, a d_k
 // vector, and S0 the state entering the chunk:
@@ -57,6 +57,7 @@ struct KdaPrep {
   void* p = nullptr;
   float* eL = nullptr;
   const int* head_end = nullptr;
+  void* t = nullptr;  // nullable: T = (I + L)^-1, 16-bit [bh][nchunks][64][64] (the backward's)
 };
 
 // Floats of each KdaPrep buffer for a problem (w, u, qg, kd, p, eL in that order).
@@ -88,5 +89,12 @@ void launch_kda_output(const Problem& p, const KdaPrep& prep, const void* v_new,
 // segments), so this is the gradient through the part's head, as the walks give it.
 void launch_kda_entering_dstate(const Problem& p, const KdaPrep& prep, View dout, void* r, float* entering,
                                 cudaStream_t s);
+
+// The same rprep and reverse pass for the backward (kda_chunk_bwd.h): X starts from
+// `leaving` (fp32 [bh][dk][dv], the gradient of the state leaving the part; null: zero),
+// the 16-bit X leaving each chunk goes to `dh` ([bh][nchunks][dk][dv]) and the last X
+// to `entering`; both nullable.
+void launch_kda_rstates(const Problem& p, const KdaPrep& prep, View dout, void* r, const float* leaving, void* dh,
+                        float* entering, cudaStream_t s);
 
 }  // namespace lasp2::delta::gpu
