@@ -12,6 +12,7 @@ from torch import nn
 
 from lasp2.nn.norms import rms_norm
 from lasp2.nn.short_conv import ShortConvolution
+from lasp2.ops._checks import check_positive_float, check_positive_int
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
@@ -78,6 +79,12 @@ class GatedDeltaNet(nn.Module):
                  value_head_dim: Optional[int] = None, conv_size: int = 4, per_key_gate: bool = False,
                  group=None, split: str = "contiguous", layout: str = "bthd", norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
+        check_positive_int("GatedDeltaNet", "hidden_size", hidden_size)
+        check_positive_int("GatedDeltaNet", "num_heads", num_heads)
+        check_positive_int("GatedDeltaNet", "head_dim", head_dim, optional=True)
+        check_positive_int("GatedDeltaNet", "value_head_dim", value_head_dim, optional=True)
+        check_positive_int("GatedDeltaNet", "conv_size", conv_size)
+        check_positive_float("GatedDeltaNet", "norm_eps", norm_eps)
         head_dim = head_dim or hidden_size // num_heads
         value_head_dim = value_head_dim or head_dim
         if head_dim * num_heads == 0:

@@ -147,8 +147,8 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     scale = C.check_scale(op, scale)
     if scale is None:
         scale = q.shape[3] ** -0.5
-    if not isinstance(output_final_state, bool):
-        C.fail(op, f"`output_final_state` must be a bool, got {type(output_final_state).__name__}")
+    C.check_bool(op, "output_final_state", output_final_state)
+    C.check_bool(op, "use_qk_l2norm", use_qk_l2norm)  # a truthy 'no' must not normalise
     rank, world = group_rank_and_size(group)
     parts = 2 if split == "balanced" and world > 1 else 1
     seq_dim = 1 if layout == "bthd" else 0

@@ -203,6 +203,8 @@ def delta_cases(kind):
         with_gates(kind, "provider", "`provider` must be one of", lambda q, k, v, g, b, h: call(q, k, v, g, b, provider="ring")),
         with_gates(kind, "output_final_state type", "`output_final_state` must be a bool",
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, output_final_state="yes")),
+        with_gates(kind, "use_qk_l2norm type", "`use_qk_l2norm` must be a bool",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, use_qk_l2norm="no")),
         # a CPU-kernel detail, not an argument of the op
         BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
     ]

@@ -1,4 +1,5 @@
-"""A bounded, seeded fuzz of every public op and module (issue 13).
+"""A bounded, seeded fuzz of every public op and module (issue 13): linear_attention,
+softmax_attention, gated_delta_rule, kda, the nn modules and the split helpers.
 
 A few hundred generated calls, valid and invalid, run in child processes (each
 child takes a slice of the cases and reports every case before and after running
@@ -60,6 +61,20 @@ def _softmax_valid(rng):
     return c
 
 
+def _delta_valid(rng):
+    """gated_delta_rule / kda: chunk edges (T up to 140 against 64-token chunks), packed
+    documents, initial / final states, L2 norm, and edge gates (-inf: a full reset, a
+    gate whose exp is 0 in double, 0; beta 0 and 1)."""
+    B = rng.choice([1, 1, 2])
+    c = dict(kind="delta", op=rng.choice(["gdn", "kda"]), B=B, T=rng.choice([rng.randrange(1, 20), rng.randrange(60, 141)]),
+             H=rng.randrange(1, 3), Dk=rng.randrange(1, 7), Dv=rng.randrange(1, 7),
+             dtype=rng.choice(["float32", "float64"]), layout=rng.choice(["bthd", "tbhd"]),
+             scale=rng.choice([None, 0.3, -0.7]), edges=rng.random() < 0.5, state=rng.random() < 0.4,
+             final=rng.random() < 0.5, l2norm=rng.random() < 0.3, grad=rng.random() < 0.4, seed=rng.randrange(1 << 30))
+    c["cu"] = _doc_cuts(rng, c["T"]) if B == 1 and rng.random() < 0.4 else None
+    return c
+
+
 # (op, argument, bad value tag): each names the argument in its error
 _INVALID = [
     ("linear", "q", "list"), ("linear", "q", "3d"), ("linear", "q", "int32"), ("linear", "k", "shape"),
@@ -87,11 +102,18 @@ _INVALID = [
     ("SoftmaxAttention", "num_heads", 0), ("SoftmaxAttention", "num_kv_heads", 3),
     ("SoftmaxAttention", "num_kv_heads", 0), ("SoftmaxAttention", "hidden_size", 0),
     ("SoftmaxAttention", "x", "shape"), ("RMSNorm", "dim", 0), ("RMSNorm", "eps", -1.0), ("RMSNorm", "dim", True),
+    ("gdn", "g", "positive"), ("gdn", "g", "per_key"), ("gdn", "g", "nan"), ("gdn", "beta", "above_one"),
+    ("gdn", "beta", "negative"), ("gdn", "beta", "shape"), ("gdn", "initial_state", "shape"),
+    ("gdn", "initial_state", "int"), ("gdn", "scale", True), ("gdn", "v", "shape"), ("gdn", "cu_seqlens", "end"),
+    ("gdn", "use_qk_l2norm", "no"), ("gdn", "output_final_state", 1), ("gdn", "provider", "ring"),
+    ("kda", "g", "per_head"), ("kda", "g", "positive"), ("kda", "beta", "above_one"),
+    ("GatedDeltaNet", "num_heads", 0), ("GatedDeltaNet", "hidden_size", 0), ("GatedDeltaNet", "conv_size", 0),
+    ("GatedDeltaNet", "norm_eps", 0.0), ("GatedDeltaNet", "layout", "x"), ("GatedDeltaNet", "split", "x"),
 ]
 
 
 def _module_valid(rng):
-    return dict(kind="module", which=rng.choice(["LinearAttention", "SoftmaxAttention", "RMSNorm"]),
+    return dict(kind="module", which=rng.choice(["LinearAttention", "SoftmaxAttention", "RMSNorm", "GatedDeltaNet"]),
                 decay=rng.choice(["none", "fixed", "gate"]), layout=rng.choice(["bthd", "tbhd"]),
                 T=rng.randrange(1, 10), seed=rng.randrange(1 << 30))
 
@@ -99,7 +121,7 @@ def _module_valid(rng):
 def generate_cases(seed=SEED, n=CASES):
     rng = random.Random(seed)
     cases = [dict(kind="invalid", op=op, arg=arg, bad=bad, seed=i) for i, (op, arg, bad) in enumerate(_INVALID)]
-    makers = [_linear_valid] * 5 + [_softmax_valid] * 4 + [_module_valid]
+    makers = [_linear_valid] * 5 + [_softmax_valid] * 4 + [_delta_valid] * 4 + [_module_valid]
     while len(cases) < n:
         cases.append(rng.choice(makers)(rng))
     rng.shuffle(cases)
@@ -116,6 +138,8 @@ def _run_case(case):
         return _check_linear(case)
     if case["kind"] == "softmax":
         return _check_softmax(case)
+    if case["kind"] == "delta":
+        return _check_delta(case)
     if case["kind"] == "module":
         return _check_module(case)
     return _check_invalid(case)
@@ -129,10 +153,11 @@ def _t(shape, dtype, strided, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def _compare(name, got, want, dtype):
+def _compare(name, got, want, dtype, tol64=1e-9):
     import torch
 
-    tol = 1e-9 if dtype == torch.float64 else 3e-4
+    tol = tol64 if dtype == torch.float64 else 3e-4
+    got = got.detach()
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values where the reference is finite")
     err = float((got.double() - want).norm() / want.norm().clamp_min(1e-12))
@@ -177,6 +202,59 @@ def _check_linear(c):
         want = torch.autograd.grad(ref, ref_leaves, do)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             _compare(name, a, b, dtype)
+    return "ok"
+
+
+def _check_delta(c):
+    import torch
+    import torch.nn.functional as F
+
+    import lasp2
+    from lasp2_testing.delta_rule import delta_rule_reference
+
+    dtype = getattr(torch, c["dtype"])
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, T, H, Dk = c["B"], c["T"], c["H"], c["Dk"]
+    q, k = (_t((B, T, H, Dk), torch.float64, False, gen) for _ in range(2))
+    k = k if c["l2norm"] else F.normalize(k, dim=-1)
+    v = _t((B, T, H, c["Dv"]), torch.float64, False, gen)
+    g = F.logsigmoid(torch.randn(B, T, H, *([Dk] if c["op"] == "kda" else []), generator=gen, dtype=torch.float64))
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64))
+    if c["edges"]:
+        for value in (float("-inf"), float("-inf"), -1e30, 0.0):
+            g.view(-1)[torch.randint(0, g.numel(), (1,), generator=gen)] = value
+        beta.view(-1)[torch.randint(0, beta.numel(), (2,), generator=gen)] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    cu = torch.tensor(c["cu"]) if c["cu"] is not None else None
+    N = B if cu is None else len(c["cu"]) - 1
+    h0 = 0.5 * torch.randn(N, H, Dk, c["Dv"], generator=gen, dtype=torch.float64) if c["state"] else None
+    inputs = [x.to(dtype) for x in (q, k, v, g, beta)] + ([h0.to(dtype)] if c["state"] else [])
+    leaves = [x.detach().clone().requires_grad_(c["grad"]) for x in inputs]
+    to_layout = (lambda x: x.transpose(0, 1)) if c["layout"] == "tbhd" else (lambda x: x)
+    op = lasp2.kda if c["op"] == "kda" else lasp2.gated_delta_rule
+    o, final = op(*(to_layout(x) for x in leaves[:5]), scale=c["scale"], layout=c["layout"],
+                  initial_state=leaves[5] if c["state"] else None, output_final_state=c["final"],
+                  cu_seqlens=cu, use_qk_l2norm=c["l2norm"])
+    o = to_layout(o)
+    ref_leaves = [x.detach().double().requires_grad_(c["grad"]) for x in inputs]
+    rq, rk = ref_leaves[:2]
+    if c["l2norm"]:
+        rq, rk = (x / (x.square().sum(-1, keepdim=True) + 1e-6).sqrt() for x in (rq, rk))
+    scale = c["scale"] if c["scale"] is not None else Dk ** -0.5
+    ref, ref_final = delta_rule_reference(rq, rk, *ref_leaves[2:5], scale, ref_leaves[5] if c["state"] else None, cu)
+    tol64 = 1e-5 if c["state"] or c["final"] else 1e-9  # states travel in fp32 in the core
+    _compare("o", o, ref.detach(), dtype, tol64)
+    if c["final"]:
+        _compare("final_state", final, ref_final.detach(), dtype, tol64)
+    if c["grad"]:
+        do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        outs, ref_outs, grads_out = [o], [ref], [do]
+        if c["final"]:
+            dF = torch.randn(final.shape, generator=gen, dtype=torch.float64)
+            outs, ref_outs, grads_out = outs + [final], ref_outs + [ref_final], grads_out + [dF]
+        got = torch.autograd.grad(outs, leaves, [x.to(y.dtype) for x, y in zip(grads_out, outs)])
+        want = torch.autograd.grad(ref_outs, ref_leaves, grads_out)
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dinitial_state"), got, want):
+            _compare(name, a, b, dtype, 1e-5)
     return "ok"
 
 
@@ -241,6 +319,8 @@ def _check_module(c):
         m = lasp2.nn.LinearAttention(hidden, heads, decay=c["decay"], layout=c["layout"])
     elif c["which"] == "SoftmaxAttention":
         m = lasp2.nn.SoftmaxAttention(hidden, heads, layout=c["layout"])
+    elif c["which"] == "GatedDeltaNet":
+        m = lasp2.nn.GatedDeltaNet(hidden, heads, per_key_gate=c["decay"] == "gate", layout=c["layout"])
     else:
         m = lasp2.nn.RMSNorm(hidden)
     x = torch.randn(1, c["T"], hidden, generator=torch.Generator().manual_seed(c["seed"]))
@@ -286,6 +366,26 @@ def _bad_linear(arg, bad, torch, kw):
         kw[arg] = bad
 
 
+def _bad_delta(op, arg, bad, torch, kw):
+    """gated_delta_rule / kda with one bad argument; the rest valid."""
+    import lasp2
+
+    q = kw["q"]
+    shape = (*q.shape[:3], q.shape[3]) if op == "kda" else q.shape[:3]
+    kw["g"], kw["beta"] = -0.1 * torch.ones(shape), 0.5 * torch.ones(q.shape[:3])
+    bad_values = {
+        ("g", "positive"): lambda: 0.1 * torch.ones(shape), ("g", "nan"): lambda: torch.full(shape, float("nan")),
+        ("g", "per_key"): lambda: -0.1 * torch.ones(*q.shape), ("g", "per_head"): lambda: -0.1 * torch.ones(q.shape[:3]),
+        ("beta", "above_one"): lambda: torch.full(q.shape[:3], 1.5), ("beta", "negative"): lambda: -kw["beta"],
+        ("beta", "shape"): lambda: kw["beta"][..., :1], ("initial_state", "shape"): lambda: torch.zeros(2, 2, 4, 4),
+        ("initial_state", "int"): lambda: torch.zeros(1, 2, 4, 4, dtype=torch.int32),
+        ("v", "shape"): lambda: kw["v"][:, :3], ("cu_seqlens", "end"): lambda: torch.tensor([0, q.shape[1] + 1]),
+    }
+    kw[arg] = bad_values[(arg, bad)]() if (arg, bad) in bad_values else bad
+    fn = lasp2.kda if op == "kda" else lasp2.gated_delta_rule
+    return lambda: fn(**kw)
+
+
 def _check_invalid(c):
     import torch
 
@@ -294,7 +394,9 @@ def _check_invalid(c):
     op, arg, bad = c["op"], c["arg"], c["bad"]
     gen = torch.Generator().manual_seed(c["seed"])
     kw = {n: torch.randn(1, 8, 2, 4, generator=gen) for n in "qkv"}
-    if op in ("linear", "softmax"):
+    if op in ("gdn", "kda"):
+        call = _bad_delta(op, arg, bad, torch, kw)
+    elif op in ("linear", "softmax"):
         _bad_linear(arg, bad, torch, kw)
         fn = lasp2.linear_attention if op == "linear" else lasp2.softmax_attention
         call = lambda: fn(**kw)  # noqa: E731
@@ -308,7 +410,7 @@ def _check_invalid(c):
         call = lambda: lasp2.global_token_index(**args)  # noqa: E731
     else:
         cls = getattr(lasp2.nn, op)
-        args = {"LinearAttention": dict(hidden_size=16, num_heads=2),
+        args = {"LinearAttention": dict(hidden_size=16, num_heads=2), "GatedDeltaNet": dict(hidden_size=16, num_heads=2),
                 "SoftmaxAttention": dict(hidden_size=16, num_heads=4),
                 "RMSNorm": dict(dim=8)}[op]
         if arg == "x":
