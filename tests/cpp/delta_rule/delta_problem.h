@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -18,6 +19,9 @@ struct DeltaSpec {
   int chunk_size = 4;
   double scale = 0.8;
   std::vector<int64_t> doc_starts;  // packed documents (batch must be 1); token 0 is not listed
+  // tokens whose log gate is -inf in head 0 (every dim of a scalar gate, the first half of
+  // a per-key one) and -1e30 (exp 0 in double) in the last head: full resets
+  std::vector<int64_t> reset_tokens;
   bool packed() const { return !doc_starts.empty(); }
   int64_t num_docs() const { return packed() ? static_cast<int64_t>(doc_starts.size()) + 1 : batch; }
 };
@@ -45,6 +49,13 @@ struct DeltaProblem {
     fill(dout, s.dim_v, 0.5);
     g.resize(s.batch * s.seqlen * s.heads * (s.gate_kind == GateKind::kPerKey ? s.dim_k : 1));
     for (auto& e : g) e = static_cast<T>(gate(rng));
+    const int64_t gd = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
+    for (int64_t t : s.reset_tokens)
+      for (int64_t b = 0; b < s.batch; ++b)
+        for (int64_t i = 0; i < (gd + 1) / 2; ++i) {
+          g[((b * s.seqlen + t) * s.heads) * gd + i] = -std::numeric_limits<T>::infinity();
+          g[((b * s.seqlen + t) * s.heads + s.heads - 1) * gd + gd - 1 - i] = static_cast<T>(-1e30);
+        }
     beta.resize(s.batch * s.seqlen * s.heads);
     for (auto& e : beta) e = static_cast<T>(unit(rng));
     doc_start.assign(s.seqlen, 0);

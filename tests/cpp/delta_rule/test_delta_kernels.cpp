@@ -14,12 +14,13 @@ struct KernelCase {
   GateKind gate;
   bool packed;
   bool fp64;
+  bool resets = false;  // -inf / -1e30 log gates (full resets) inside and at the edges of chunks
 };
 
 std::string kernel_name(const ::testing::TestParamInfo<KernelCase>& info) {
   const auto& c = info.param;
   return std::string(c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed" : "_rows") +
-         (c.fp64 ? "_fp64" : "_fp32");
+         (c.fp64 ? "_fp64" : "_fp32") + (c.resets ? "_resets" : "");
 }
 
 DeltaSpec spec_for(const KernelCase& c) {
@@ -29,6 +30,7 @@ DeltaSpec spec_for(const KernelCase& c) {
     s.batch = 1;
     s.doc_starts = {3, 4, 11, 12, 20};  // a one-token document, starts on and off chunk edges
   }
+  if (c.resets) s.reset_tokens = {0, 6, 8, 9, 12, 22};  // the first token, mid-chunk, chunk edges, a doc start, the last
   return s;
 }
 
@@ -106,7 +108,11 @@ void check_kernels(const KernelCase& c) {
               {dk.data(), pr.strides(s.dim_k)}, {dv.data(), pr.strides(s.dim_v)}, nullptr, nullptr,
               dentering.data(), nullptr);
   EXPECT_LT(rel_error(E, dentering), 1e-5);
-  EXPECT_GT(max_abs(E), 1e-3);
+  if (c.resets && c.gate == GateKind::kScalar) {
+    EXPECT_EQ(max_abs(E), 0.0);  // every head forgets the entering state at token 0
+  } else {
+    EXPECT_GT(max_abs(E), 1e-3);
+  }
 }
 
 TEST_P(DeltaKernels, MatchRecurrence) {
@@ -123,7 +129,11 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaKernels,
                                            KernelCase{GateKind::kPerKey, false, true},
                                            KernelCase{GateKind::kPerKey, true, true},
                                            KernelCase{GateKind::kScalar, false, false},
-                                           KernelCase{GateKind::kPerKey, true, false}),
+                                           KernelCase{GateKind::kPerKey, true, false},
+                                           KernelCase{GateKind::kScalar, false, true, true},
+                                           KernelCase{GateKind::kScalar, true, true, true},
+                                           KernelCase{GateKind::kPerKey, false, true, true},
+                                           KernelCase{GateKind::kPerKey, true, false, true}),
                          kernel_name);
 
 // The chunk length changes nothing but rounding.
