@@ -7,7 +7,7 @@ Every rank checks its output rows, its q/k/v/g/beta gradients and the final stat
 against a one-process run on the whole sequence (float64, 1e-5 relative: the part
 summaries travel in fp32), for both splits, GDN and KDA gates, B > 1 rows and
 packed documents of uneven lengths that span ranks, with initial states in and
-final states out. Final states are replicated: each rank adds its own gradient to
+final states out, and full resets (-inf log gates) on and inside parts. Final states are replicated: each rank adds its own gradient to
 them; initial-state gradients are per-rank shares that sum to one process's.
 """
 
@@ -31,8 +31,21 @@ CONFIGS = [
 ]
 
 
-def global_inputs(world, kind, packed, seed):
-    return delta_rule_inputs(world, kind, packed, seed, heads=2, tokens_per_rank=12)  # 6-token parts when balanced
+def global_inputs(world, kind, packed, seed, resets=False):
+    inputs = delta_rule_inputs(world, kind, packed, seed, heads=2, tokens_per_rank=12)  # 6-token parts when balanced
+    if resets:  # full resets (log gate -inf) on the first token of rank 1's part, mid-part and at the end
+        g = inputs[4]
+        T = g.shape[1]
+        for t in (0, 5, 12, T // 2 + 3, T - 1):
+            g[:, t, 0] = float("-inf")  # head 0; for KDA every key dim of it
+    return inputs
+
+
+# full resets: (kind, split, packed) checked with -inf gates by provider "lasp2"
+RESET_CONFIGS = [
+    ("gdn", "balanced", True),
+    ("kda", "contiguous", False),
+]
 
 
 # LASP-1 (the ring of the same summaries in global part order) with the same states
@@ -44,9 +57,9 @@ LASP1_CONFIGS = [
 ]
 
 
-def check_config(rank, world, group, provider, kind, split, packed, seed):
+def check_config(rank, world, group, provider, kind, split, packed, seed, resets=False):
     op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
-    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=seed)
+    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed=seed, resets=resets)
     kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
 
     full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
@@ -57,7 +70,8 @@ def check_config(rank, world, group, provider, kind, split, packed, seed):
     leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
     h0_local = h0.clone().requires_grad_()
     o, final = op(*leaves, initial_state=h0_local, group=group, split=split, provider=provider, **kw)
-    what = f"{provider} P={world} {kind} {split} packed={packed} rank {rank}"
+    what = f"{provider} P={world} {kind} {split} packed={packed} resets={resets} rank {rank}"
+    assert torch.isfinite(o_full).all() and torch.isfinite(final_full).all(), what
     assert_rel(o, local(o_full), 1e-5, f"o, {what}")
     assert_rel(final, final_full, 1e-5, f"final state, {what}")
     # Each rank's loss uses its own output rows and a share of the final-state loss.
@@ -77,6 +91,8 @@ def check_rank(rank, world):
         check_config(rank, world, group, "lasp2", kind, split, packed, seed=10 + index)
     for index, (kind, split, packed) in enumerate(LASP1_CONFIGS):
         check_config(rank, world, group, "lasp1", kind, split, packed, seed=20 + index)
+    for index, (kind, split, packed) in enumerate(RESET_CONFIGS):
+        check_config(rank, world, group, "lasp2", kind, split, packed, seed=40 + index, resets=True)
     check_lasp1(rank, world, group)
     if world == 2:
         check_mismatch(rank, world)
