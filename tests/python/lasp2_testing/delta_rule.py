@@ -8,6 +8,14 @@ D_t = exp(g_t) (g [B, T, H]) or diag(exp(g_t)) (g [B, T, H, Dk]). Packed documen
 
 import torch
 
+L2NORM_EPS = 1e-6  # fla's l2norm, what use_qk_l2norm=True applies
+
+
+def l2norm_reference(x, eps=L2NORM_EPS):
+    """The L2 norm over the head dim that use_qk_l2norm=True applies to q and k (fla's
+    l2norm; lasp2's op before its fused kernels): x * rsqrt(sum x^2 + eps)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
 
 def delta_rule_reference(q, k, v, g, beta, scale, initial_state=None, cu_seqlens=None):
     """q, k [B, T, H, Dk], v [B, T, H, Dv] (bthd). Returns (o, final [N, H, Dk, Dv])."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import lasp2
 from lasp2_testing.checks import assert_rel
 from lasp2_testing.errors import ATTENTION_CASES, BadCall, call, expect_bad_call
-from lasp2_testing.delta_rule import delta_rule_reference
+from lasp2_testing.delta_rule import delta_rule_reference, l2norm_reference
 
 OPS = {"gdn": lasp2.gated_delta_rule, "kda": lasp2.kda}
 
@@ -104,7 +104,7 @@ def test_half_precision_inputs(kind, dtype, tol):
 def test_tbhd_layout_and_l2norm(kind):
     q, k, v, g, beta, _ = make_inputs(kind, T=9)
     o, _ = OPS[kind](q, k, v, g, beta, use_qk_l2norm=True)
-    nq, nk = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    nq, nk = l2norm_reference(q), l2norm_reference(k)
     o_ref, _ = delta_rule_reference(nq, nk, v, g, beta, q.shape[-1] ** -0.5)
     assert_rel(o, o_ref, 1e-10, "o with l2norm")
     t = lambda x: x.transpose(0, 1).contiguous()

@@ -15,13 +15,10 @@ from lasp2.ops import _l2norm_library as L
 from lasp2.ops._l2norm_library import L2NORM_EPS, qk_l2norm
 from lasp2_testing.checks import assert_rel
 from lasp2_testing.compiled import assert_compiled_matches_eager
+from lasp2_testing.delta_rule import l2norm_reference as unfused  # the formula the op replaces
 
 TOL = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-
-def unfused(x, eps=L2NORM_EPS):
-    """The formula the op replaces (lasp2 before the fused op, fla's l2norm)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def reference(q, k, dq_hat, dk_hat):

@@ -210,7 +210,7 @@ def _check_delta(c):
     import torch.nn.functional as F
 
     import lasp2
-    from lasp2_testing.delta_rule import delta_rule_reference
+    from lasp2_testing.delta_rule import delta_rule_reference, l2norm_reference
 
     dtype = getattr(torch, c["dtype"])
     gen = torch.Generator().manual_seed(c["seed"])
@@ -238,7 +238,7 @@ def _check_delta(c):
     ref_leaves = [x.detach().double().requires_grad_(c["grad"]) for x in inputs]
     rq, rk = ref_leaves[:2]
     if c["l2norm"]:
-        rq, rk = (x / (x.square().sum(-1, keepdim=True) + 1e-6).sqrt() for x in (rq, rk))
+        rq, rk = l2norm_reference(rq), l2norm_reference(rk)
     scale = c["scale"] if c["scale"] is not None else Dk ** -0.5
     ref, ref_final = delta_rule_reference(rq, rk, *ref_leaves[2:5], scale, ref_leaves[5] if c["state"] else None, cu)
     tol64 = 1e-5 if c["state"] or c["final"] else 1e-9  # states travel in fp32 in the core
