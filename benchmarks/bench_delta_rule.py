@@ -63,6 +63,11 @@ def make_inputs(T, H, D, seed=0, family="gdn"):
     return q, k, v, g, beta, do
 
 
+def out_stem(family):
+    """The JSON / PNG name: bench_delta_rule for GDN (as before --family), bench_kda."""
+    return "bench_delta_rule" if family == "gdn" else f"bench_{family}"
+
+
 def floor_ms(T, H, D, pass_, family="gdn"):
     tok = T * H
     gate = tok * 4 * (D if family == "kda" else 1)  # fp32 log gates
@@ -200,8 +205,7 @@ def main():
     for name, reason in skipped.items():
         print(f"# {name} skipped: {reason}")
     print(f"# total {time.time() - t0:.0f} s")
-    stem = "bench_delta_rule" if fam == "gdn" else f"bench_{fam}"
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{out_stem(fam)}.json"), "w") as f:
         json.dump({"family": fam, "H": H, "D": D, "rows": rows, "fla_bwd_refused": fla_bwd_refused}, f, indent=1)
     report(rows, args, H, D, fla_bwd_refused)
     if args.profile_len and "lasp2" in fns:
@@ -292,7 +296,7 @@ def report(rows, args, H, D, fla_bwd_refused=None):
         ax.set_ylabel("ms")
         ax.legend()
     fig.tight_layout()
-    path = os.path.join(args.out, "bench_delta_rule.png" if args.family == "gdn" else f"bench_{args.family}.png")
+    path = os.path.join(args.out, f"{out_stem(args.family)}.png")
     fig.savefig(path, dpi=110)
     print(f"# plot: {path}")
 
