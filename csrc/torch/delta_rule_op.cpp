@@ -5,7 +5,6 @@
 #include <tuple>
 #include <vector>
 
-#include <ATen/DeviceGuard.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "attention_params.h"
@@ -129,7 +128,7 @@ int64_t forward_kept_floats(const DeltaArgs& a, const DeltaPrepared& r, bool doc
 // keep: a backward can follow (else nothing is kept).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> forward(const DeltaArgs& args,
                                                                                 bool want_final, bool keep) {
-  const at::OptionalDeviceGuard guard(at::device_of(args.q));  // kernels, streams, scratch: q's device
+  const c10::DeviceGuard guard(args.q.device());  // kernels, streams, scratch: q's device
   DeltaPrepared r = prepare(args);
   const DeltaParams& p = r.params;
   at::Tensor o = at::empty_like(r.v);
@@ -164,7 +163,7 @@ std::vector<at::Tensor> backward(const DeltaArgs& args, const at::Tensor& dout,
                                  const std::vector<at::Tensor>& saved, const std::optional<at::Tensor>& kept,
                                  const std::optional<at::Tensor>& final_dstate, bool need_dg,
                                  bool need_dbeta, bool need_dinitial) {
-  const at::OptionalDeviceGuard guard(at::device_of(args.q));
+  const c10::DeviceGuard guard(args.q.device());
   DeltaPrepared r = prepare(args);
   const DeltaParams& p = r.params;
   at::Tensor dout_c = compute_tensor(dout);

@@ -1,6 +1,5 @@
 #include "lasp2_op.h"
 
-#include <ATen/DeviceGuard.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "lasp2/lasp2.h"
@@ -23,7 +22,7 @@ ScalarSequenceStates::ScalarSequenceStates(const LinearAttentionArgs& a, const P
 
 std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args, bool output_final_state,
                                                  const ScalarSchedule& schedule) {
-  const at::OptionalDeviceGuard guard(at::device_of(args.q));  // kernels, streams, scratch: q's device
+  const c10::DeviceGuard guard(args.q.device());  // kernels, streams, scratch: q's device
   LASP2_CHECK(!(output_final_state && args.doc_start && args.head_doc.empty()),
               "final states of packed documents (`doc_start`) are per document: pass `head_doc` and `num_seqs`");
   Prepared r = prepare(args);
@@ -43,7 +42,7 @@ std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args
 std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at::Tensor& dout, bool need_dg,
                                        const OptTensor& d_final_state, bool need_dinitial,
                                        const ScalarSchedule& schedule) {
-  const at::OptionalDeviceGuard guard(at::device_of(args.q));
+  const c10::DeviceGuard guard(args.q.device());
   LASP2_CHECK(!need_dinitial || args.initial_state, "the initial-state gradient needs `initial_state`");
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
