@@ -1,0 +1,103 @@
+// The lane layout of an m16n8k16 fp32 accumulator, shared by the chunked GDN and KDA
+// kernels (delta_chunk*.cu, kda_chunk*.cu): a warp's 16 x (8 N) block from row m0 keeps
+// acc[n][2 hf + par] at row m0 + lane / 4 + 8 hf, column 8 n + 2 (lane % 4) + par.
+// These helpers zero, walk, sum and store such fragments; each is force-inlined over
+// compile-time tile counts, so the kernels compile as with the loops written out.
+// Included by .cu files only, after delta_chunk_common.cuh; internal linkage.
+#pragma once
+
+#include "delta_rule/cuda/delta_chunk_common.cuh"
+
+namespace lasp2::delta::gpu {
+namespace {
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
+
+// f(n, hf, row, col) for this lane's column pairs (col, col + 1) of the N n8 tiles from
+// row m0: acc[n][2 hf] and acc[n][2 hf + 1] (n outer, hf inner).
+template <int N, typename F>
+__device__ __forceinline__ void for_pairs(int m0, int lane, F&& f) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) f(n, hf, m0 + (lane >> 2) + 8 * hf, 8 * n + 2 * (lane & 3));
+}
+
+// A warp's token rows m0.. of acc into 16-bit [row][ld] dst (negated with kNeg).
+template <typename T, int N, bool kNeg = false>
+__device__ __forceinline__ void store_rows(T* dst, int ld, const float (&acc)[N][4], int m0, int lane) {
+  for_pairs<N>(m0, lane, [&](int n, int hf, int x, int col) {
+    const float a0 = acc[n][2 * hf], a1 = acc[n][2 * hf + 1];
+    store_u32(dst + x * ld + col, kNeg ? pack2<T>(-a0, -a1) : pack2<T>(a0, a1));
+  });
+}
+
+// ---- fp32 state tiles: rows r0.. (16 a warp), columns j0.. of a row-major [D][D] state
+// S = I (identity, the columns of a summary's map A), else src[at + ...] or, without src, 0.
+template <int D, int N>
+__device__ __forceinline__ void load_state(float (&S)[N][4], bool identity, const float* src, int64_t at, int r0,
+                                           int j0, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + 8 * (e >> 1);
+      const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+      S[nt][e] = identity ? (row == col ? 1.f : 0.f) : src != nullptr ? src[at + row * D + col] : 0.f;
+    }
+}
+// S into dst (already offset to the (b, h) state), 8 bytes a store.
+template <int D, int N>
+__device__ __forceinline__ void store_state(float* dst, const float (&S)[N][4], int r0, int j0, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = r0 + (lane >> 2) + 8 * hf;
+      const int col = j0 + 8 * nt + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(dst + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
+    }
+}
+
+// ---- per-row and per-column sums of a fragment ----------------------------------------
+// Sum over the 4 lanes that share a fragment row.
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// Sum over the 8 lane groups that share a fragment column.
+__device__ __forceinline__ float col_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+// Adds v[hf] (this lane's partial sums of rows m0 + lane / 4 + 8 hf) to dst[row].
+__device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float s = row_sum(v[hf]);
+    if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
+  }
+}
+
+// Adds c[j][par] (negated with kNeg; partial sums of column n0 + 8 j + 2 (lane % 4) + par)
+// to dst[column].
+template <bool kNeg, int N>
+__device__ __forceinline__ void add_cols(float* dst, const float (&c)[N][2], int n0, int lane) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int par = 0; par < 2; ++par) {
+      const float s = col_sum(c[j][par]);
+      if (lane < 4) atomicAdd(dst + n0 + 8 * j + 2 * lane + par, kNeg ? -s : s);
+    }
+}
+
+}  // namespace
+}  // namespace lasp2::delta::gpu
