@@ -65,6 +65,59 @@ __device__ __forceinline__ void store_state(float* dst, const float (&S)[N][4], 
     }
 }
 
+// S += f src (src offset to the (b, h) state).
+template <int D, int N>
+__device__ __forceinline__ void add_state(float (&S)[N][4], float f, const float* src, int r0, int j0, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + (lane >> 2) + 8 * (e >> 1);
+      const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
+      S[nt][e] += f * src[row * D + col];
+    }
+}
+// S = src (offset to the (b, h) state), and its 16-bit copy into the [row][ldx] tile xb
+// (columns from 0).
+template <typename T, int D, int N>
+__device__ __forceinline__ void load_state_xb(float (&S)[N][4], T* xb, int ldx, const float* src, int r0, int j0,
+                                              int lane) {
+  for_pairs<N>(r0, lane, [&](int nt, int hf, int row, int cl) {
+    const float2 f2 = *reinterpret_cast<const float2*>(src + row * D + j0 + cl);
+    S[nt][2 * hf] = f2.x;
+    S[nt][2 * hf + 1] = f2.y;
+    store_u32(xb + row * ldx + cl, pack2<T>(f2.x, f2.y));
+  });
+}
+// diag(f) S: row r times f[r].
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&S)[N][4], const float* f, int r0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float e = f[r0 + (lane >> 2) + 8 * hf];
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt) {
+      S[nt][2 * hf] *= e;
+      S[nt][2 * hf + 1] *= e;
+    }
+  }
+}
+// The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
+// (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and
+// head_M's; store(dst) writes the carried columns to dst (offset to the (b, h) state).
+template <typename F>
+__device__ __forceinline__ void store_pass_end(const ChunkStatesOut& fo, const ChunkSummaryOut& sum, bool amap,
+                                               int64_t at, F&& store) {
+  const bool summary = sum.A != nullptr;
+  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    if (dst[which] == nullptr) continue;
+    store(dst[which] + at);
+  }
+}
+
 // ---- per-row and per-column sums of a fragment ----------------------------------------
 // Sum over the 4 lanes that share a fragment row.
 __device__ __forceinline__ float row_sum(float v) {

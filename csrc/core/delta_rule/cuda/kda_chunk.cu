@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "lasp2/types.h"
@@ -295,10 +296,7 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
     cp_async_commit();
     {  // v_new = u - w S (this warp's token rows)
       float acc[NTL][4];
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
@@ -330,23 +328,10 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
-  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
 #pragma unroll
-  for (int which = 0; which < 2; ++which) {
-    if (dst[which] == nullptr) continue;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int col = j0 + 8 * nt + 2 * (lane & 3);
-          *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
-              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
-        }
-  }
+    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
+  });
 }
 
 // ---- the output pass: o = qg S_c + P v_new ------------------------------------------------------
@@ -520,10 +505,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
     cp_async_commit();
     {  // ys = r - kd X (this warp's token rows)
       float acc[NTL][4];
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, NTL, false>(acc, B.kd, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
@@ -537,15 +519,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float e = B.eL[warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf];
-#pragma unroll
-        for (int nt = 0; nt < NTL; ++nt) {
-          X[mt][nt][2 * hf] *= e;
-          X[mt][nt][2 * hf + 1] *= e;
-        }
-      }
+      scale_rows(X[mt], B.eL, warp * (D / 4) + 16 * mt, lane);
       mma_rows<T, NTL, true>(X[mt], B.w, LD, sm.ys, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
       mma_rows<T, NTL, true>(X[mt], B.qg, LD, B.d, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
     }
@@ -553,16 +527,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
   cp_async_wait_all();
   if (entering == nullptr) return;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-        const int col = j0 + 8 * nt + 2 * (lane & 3);
-        *reinterpret_cast<float2*>(entering + bh * se + row * D + col) =
-            make_float2(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]);
-      }
+  for (int mt = 0; mt < MT; ++mt) store_state<D>(entering + bh * se, X[mt], warp * (D / 4) + 16 * mt, j0, lane);
 }
 
 // ---- launch helpers -------------------------------------------------------------------------------
