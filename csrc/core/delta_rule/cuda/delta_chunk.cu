@@ -97,10 +97,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   __syncthreads();
   {  // L_xy = beta_x e^{G_x - G_y} k_x . k_y, y < x in one segment
     float acc[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    zero(acc);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
@@ -156,26 +153,8 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
     }
   }
   __syncthreads();
-  // acc = A (16-bit [64][kLdP], lower triangular: key blocks past the warp's own are
-  // zero) x B (a [64][LD] tile) into dst's chunk rows
-  auto product = [&](const T* A, const T* Bm, void* dst_base) {
-    float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    mma_rows<T, D / 8, false>(acc, A, kLdP, Bm, LD, 16 * warp, 0, warp + 1, lane);
-    T* dst = static_cast<T*>(dst_base) + cp.row0 * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
-  };
   const T* tw = reinterpret_cast<const T*>(sm.L);
-  product(tw, sm.k, out.w);
+  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tw, sm.k, warp, lane);
   __syncthreads();  // every warp is past tw: tu takes its place
   T* tu_s = reinterpret_cast<T*>(sm.L);
 #pragma unroll
@@ -185,7 +164,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   }
   cp_async_wait_all();
   __syncthreads();
-  product(tu_s, sm.v(), out.u);
+  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tu_s, sm.v(), warp, lane);
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -953,10 +932,7 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
   tc_scores<T, D, 4>(sm.q, sm.k, sm.meta, p.scale, sm.ps, warp, lane);
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   if constexpr (kOut) {
     mma_rows<T, D / 8, false>(acc, sm.q, LD, sm.st, LD, 16 * warp, 0, D / 16, lane);
 #pragma unroll
@@ -971,15 +947,7 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
     }
     // score blocks above the diagonal are unwritten: key blocks 0..warp only
     mma_rows<T, D / 8, false>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, 0, warp + 1, lane);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid)
-          store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
-                    pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
+    store_o_rows<T>(out, cp, acc, 16 * warp, lane);
   } else {
     // r_y = -sum_{x >= y} P_xy dO_x: P^T from the [x][y] tile, query blocks warp..3
     mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, warp, CH / 16, lane);

@@ -38,6 +38,27 @@ __device__ __forceinline__ void store_rows(T* dst, int ld, const float (&acc)[N]
   });
 }
 
+// ---- products into a chunk's token rows (warp w: rows 16 w..) -------------------------
+// dst's rows (16-bit [64][D]) = A (16-bit [64][kLdP], lower triangular: key blocks past
+// the warp's own are zero) x B (a [64][LD] tile); the prep kernels' w and u.
+template <typename T, int D>
+__device__ __forceinline__ void lower_product(T* dst, const T* A, const T* B, int warp, int lane) {
+  float acc[D / 8][4];
+  zero(acc);
+  mma_rows<T, D / 8, false>(acc, A, kLdP, B, TcTile<D>::LD, 16 * warp, 0, warp + 1, lane);
+  store_rows<T, D / 8>(dst, D, acc, 16 * warp, lane);
+}
+// The chunk's output rows (those in the part) into out.o.
+template <typename T, int N>
+__device__ __forceinline__ void store_o_rows(const ForwardOut& out, const ChunkPos& cp, const float (&acc)[N][4],
+                                             int m0, int lane) {
+  for_pairs<N>(m0, lane, [&](int j, int hf, int x, int col) {
+    if (x < cp.nvalid)
+      store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
+                pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+  });
+}
+
 // ---- fp32 state tiles: rows r0.. (16 a warp), columns j0.. of a row-major [D][D] state
 // S = I (identity, the columns of a summary's map A), else src[at + ...] or, without src, 0.
 template <int D, int N>

@@ -191,25 +191,9 @@ __global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
   }
   cp_async_wait_all();
   __syncthreads();
-  // dst's chunk rows = tb (lower triangular: key blocks past the warp's own are zero) x B
-  auto product = [&](const T* Bm, void* dst_base) {
-    float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    mma_rows<T, D / 8, false>(acc, tb, kLdP, Bm, LD, 16 * warp, 0, warp + 1, lane);
-    T* dst = static_cast<T*>(dst_base) + cp.row0 * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
-  };
-  product(sm.k, out.w);
-  product(sm.qv, out.u);
+  // w = tb (e^G . k) [s = 0], u = tb v
+  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tb, sm.k, warp, lane);
+  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tb, sm.qv, warp, lane);
 }
 
 // ---- the state pass and the part summary ------------------------------------------------------
@@ -364,21 +348,10 @@ __global__ void __launch_bounds__(NT) kda_output_kernel(Problem p, KdaPrep prep,
   cp_async_wait_all();
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   mma_rows<T, D / 8, false>(acc, sm.qg, LD, sm.st, LD, 16 * warp, 0, D / 16, lane);
   mma_rows<T, D / 8, false>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, 0, warp + 1, lane);
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-      if (x < cp.nvalid)
-        store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
-                  pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-    }
+  store_o_rows<T>(out, cp, acc, 16 * warp, lane);
 }
 
 // ---- the entering state's gradient from the part's own outputs (entering_dstate) ----------------
@@ -407,20 +380,10 @@ __global__ void __launch_bounds__(NT) kda_rprep_kernel(Problem p, KdaPrep prep, 
   cp_async_wait_all();
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   // P^T from the [x][y] tile: query blocks warp..3 (P is zero above its diagonal)
   mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.d, LD, 16 * warp, warp, CH / 16, lane);
-  T* dst = static_cast<T*>(r) + cp.row0 * D;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-      store_u32(dst + x * D + col, pack2<T>(-acc[j][2 * hf], -acc[j][2 * hf + 1]));
-    }
+  store_rows<T, D / 8, true>(static_cast<T*>(r) + cp.row0 * D, D, acc, 16 * warp, lane);
 }
 
 // One block per (b, h) and BV = 16 columns, backwards over the chunks (the next chunk's
