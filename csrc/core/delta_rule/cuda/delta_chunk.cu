@@ -15,6 +15,7 @@
 #include "delta_rule/cuda/delta_chunk.h"
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "lasp2/types.h"
@@ -963,34 +964,19 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
 }
 
 // ---- launch helpers ---------------------------------------------------------------------
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked)";
+
+void check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 template <typename Kernel>
 void allow(Kernel kernel, int bytes, const char* what) {
-  if (bytes > 48 * 1024) check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  chunk_allow_smem(kernel, bytes, kWho, what);
 }
 
 // Calls f(T{}, integral_constant D) for p (16-bit inputs, d = 64 or 128).
 template <typename F>
 void dispatch(const Problem& p, F&& f) {
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else if (p.dk == 128) {
-      f(tag, std::integral_constant<int, 128>{});
-    } else {
-      fail("lasp2 (CUDA delta rule, chunked): d_k = d_v must be 64 or 128");
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA delta rule, chunked): 16-bit inputs only");
-  }
+  chunk_dispatch<false>(p, kWho, f);
 }
 
 dim3 chunk_grid(const Problem& p) {

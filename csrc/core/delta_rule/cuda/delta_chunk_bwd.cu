@@ -9,6 +9,7 @@
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "lasp2/types.h"
 
@@ -475,9 +476,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked backward): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked backward)";
+
+void check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 }  // namespace
 
@@ -510,22 +511,7 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
           "chunk backward carveout");
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64 && p.dv == 64) {
-      go(tag, std::integral_constant<int, 64>{});
-    } else if (p.dk == 128 && p.dv == 128) {
-      go(tag, std::integral_constant<int, 128>{});
-    } else {
-      fail("lasp2 (CUDA delta rule, chunked backward): d_k = d_v must be 64 or 128");
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA delta rule, chunked backward): 16-bit inputs only");
-  }
+  chunk_dispatch<true>(p, kWho, go);
   check(cudaGetLastError(), "chunk backward kernel");
 }
 

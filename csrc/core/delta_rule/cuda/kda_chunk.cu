@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
@@ -494,35 +495,24 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
 }
 
 // ---- launch helpers -------------------------------------------------------------------------------
-void kda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA KDA, chunked): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA KDA, chunked)";
+
+void kda_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 // Launches kernel<<<grid, NT, bytes>>>(args...) after raising its shared-memory limit.
 template <typename Kernel, typename... Args>
 void kda_launch(Kernel kernel, dim3 grid, int bytes, cudaStream_t s, const char* what, Args... args) {
-  if (bytes > 48 * 1024) kda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  chunk_allow_smem(kernel, bytes, kWho, what);
   kernel<<<grid, NT, bytes, s>>>(args...);
   kda_check(cudaGetLastError(), what);
 }
 
-// f(T{}, integral_constant D) for p's 16-bit element type and d = 64 or 128.
+// f(T{}, integral_constant D) for p's 16-bit element type and d_k = d_v = 64 or 128 (the
+// dims checked before the element type).
 template <typename F>
 void kda_dispatch(const Problem& p, F&& f) {
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail("lasp2 (CUDA KDA, chunked): d_k = d_v must be 64 or 128");
-  if (p.elem != Elem::kBF16 && p.elem != Elem::kF16) fail("lasp2 (CUDA KDA, chunked): 16-bit inputs only");
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else {
-      f(tag, std::integral_constant<int, 128>{});
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else {
-    by_dim(__half{});
-  }
+  chunk_dispatch<true>(p, kWho, f);
 }
 
 void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "lasp2/types.h"
@@ -436,9 +437,9 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
   if (tid < nvalid && a.dbeta != nullptr) a.dbeta[(cp.b * p.seqlen + cp.t0 + tid) * p.heads + cp.h] = sm.db[tid];
 }
 
-void kda_bwd_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA KDA, chunked backward): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
+
+void kda_bwd_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 }  // namespace
 
@@ -460,20 +461,7 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
     kda_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
         p, a);
   };
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      go(tag, std::integral_constant<int, 64>{});
-    } else {
-      go(tag, std::integral_constant<int, 128>{});
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA KDA, chunked backward): 16-bit inputs only");
-  }
+  chunk_dispatch<true>(p, kWho, go);
   kda_bwd_check(cudaGetLastError(), "KDA chunk backward kernel");
 }
 
