@@ -17,6 +17,7 @@
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_device_problem.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/delta_backend.h"
@@ -115,46 +116,6 @@ void forget_at(DeltaProblem<float>& pr, std::initializer_list<int64_t> tokens) {
     for (int64_t t : tokens)
       for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
 }
-
-// The problem on the device (q, k, v, dO in `type`, gates and betas fp32).
-struct DeviceProblem {
-  DevTensor q, k, v, dout;
-  DevBuf<float> g, beta;
-  DevBuf<uint8_t> doc_start;
-  DevBuf<int32_t> doc_id;
-  DeltaParams p;
-
-  DeviceProblem(const DeltaProblem<float>& pr, ScalarType type, Layout lay)
-      : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
-        k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
-        v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),
-        dout(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),
-        g(pr.g.size()),
-        beta(pr.beta.size()),
-        doc_start(pr.doc_start.size()),
-        doc_id(pr.doc_id.size()) {
-    q.upload(as_double(pr.q));
-    k.upload(as_double(pr.k));
-    v.upload(as_double(pr.v));
-    dout.upload(as_double(pr.dout));
-    g.upload(pr.g);
-    beta.upload(pr.beta);
-    doc_start.upload(pr.doc_start);
-    doc_id.upload(pr.doc_id);
-    p = pr.params();
-    p.dtype = type;
-    p.gate_dtype = ScalarType::kFloat32;
-    p.q = q.cview();
-    p.k = k.cview();
-    p.v = v.cview();
-    p.g = g.p;
-    p.beta = beta.p;
-    if (pr.spec.packed()) {
-      p.doc_start = doc_start.p;
-      p.doc_id = doc_id.p;
-    }
-  }
-};
 
 std::vector<float> zeros(size_t n) { return std::vector<float>(n, 0.f); }
 

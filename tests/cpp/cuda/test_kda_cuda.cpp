@@ -22,6 +22,7 @@
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_device_problem.h"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/delta_backend.h"
 #include "lasp2/lasp2.h"
@@ -109,29 +110,9 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
   const Layout lay{false, 0};
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-  dout.upload({pr.dout.begin(), pr.dout.end()});
-  q.upload({pr.q.begin(), pr.q.end()});
-  k.upload({pr.k.begin(), pr.k.end()});
-  v.upload({pr.v.begin(), pr.v.end()});
-  DevBuf<float> g = to_device_f32(pr.g), beta = to_device_f32(pr.beta);
-  DevBuf<uint8_t> doc_start(pr.doc_start.size());
-  DevBuf<int32_t> doc_id(pr.doc_id.size());
-  doc_start.upload(pr.doc_start);
-  doc_id.upload(pr.doc_id);
-  DeltaParams dp = hp;
-  dp.dtype = c.type;
-  dp.gate_dtype = ScalarType::kFloat32;
-  dp.q = q.cview();
-  dp.k = k.cview();
-  dp.v = v.cview();
-  dp.g = g.p;
-  dp.beta = beta.p;
-  if (s.packed()) {
-    dp.doc_start = doc_start.p;
-    dp.doc_id = doc_id.p;
-  }
+  const DeviceProblem dev(pr, c.type, lay);
+  const DeltaParams& dp = dev.p;
+  const DevTensor& dout = dev.dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
   const TokenRange part{37, s.seqlen - 20};
   const int64_t bh = hp.bh(), se = hp.state_elems(), me = hp.map_elems();
@@ -255,29 +236,9 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
   const Layout lay{false, 0};
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-  dout.upload({pr.dout.begin(), pr.dout.end()});
-  q.upload({pr.q.begin(), pr.q.end()});
-  k.upload({pr.k.begin(), pr.k.end()});
-  v.upload({pr.v.begin(), pr.v.end()});
-  DevBuf<float> g = to_device_f32(pr.g), beta = to_device_f32(pr.beta);
-  DevBuf<uint8_t> doc_start(pr.doc_start.size());
-  DevBuf<int32_t> doc_id(pr.doc_id.size());
-  doc_start.upload(pr.doc_start);
-  doc_id.upload(pr.doc_id);
-  DeltaParams dp = hp;
-  dp.dtype = c.type;
-  dp.gate_dtype = ScalarType::kFloat32;
-  dp.q = q.cview();
-  dp.k = k.cview();
-  dp.v = v.cview();
-  dp.g = g.p;
-  dp.beta = beta.p;
-  if (s.packed()) {
-    dp.doc_start = doc_start.p;
-    dp.doc_id = doc_id.p;
-  }
+  const DeviceProblem dev(pr, c.type, lay);
+  const DeltaParams& dp = dev.p;
+  const DevTensor& dout = dev.dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
   const TokenRange part{37, s.seqlen - 20};
   const int64_t bh = hp.bh(), se = hp.state_elems();
