@@ -46,18 +46,6 @@ struct KdaCase {
   Gates gates;
 };
 
-// Sets an environment variable for the scope.
-class KdaEnv {
- public:
-  KdaEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
-  ~KdaEnv() { unsetenv(name_); }
-  KdaEnv(const KdaEnv&) = delete;
-  KdaEnv& operator=(const KdaEnv&) = delete;
-
- private:
-  const char* name_;
-};
-
 // The problem: q, k, v rounded to `type` (k scaled to about unit norm, as KDA layers
 // l2-normalize it), per-key gates per `gates`.
 DeltaProblem<float> kda_problem(const KdaCase& c) {
@@ -147,7 +135,7 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   const KdaResult got = run();
   KdaResult want;
   {
-    const KdaEnv off("LASP2_DELTA_KDA_CHUNKED", "0");
+    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED", "0");
     want = run();
   }
   // o in the input dtype; the maps are fp32 sums of products whose operands (T, w, kd,
@@ -272,7 +260,7 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   const KdaGrads got = run();
   KdaGrads want;
   {
-    const KdaEnv off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
     want = run();
   }
   // as GDN's chunked backward: 16-bit outputs at 1e-2; dg, dbeta and the entering-state
@@ -407,8 +395,8 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   cudaEvent_t e3;
   cuda_ok(cudaEventCreate(&e3), "event");
   for (int rec = 0; rec < 2; ++rec) {
-    std::unique_ptr<KdaEnv> off;
-    if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED", "0");
+    std::unique_ptr<EnvGuard> off;
+    if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED", "0");
     for (int rep = 0; rep < 2; ++rep) {  // the second is timed
       cuda_ok(cudaEventRecord(e0), "record");
       be.part_summary(p, all, {}, A.p, M.p, hA.p, hM.p, nullptr);
@@ -428,8 +416,8 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   float bwd_ms[2] = {};
   DevTensor dq_rec(1, T, H, D, type, Layout{});
   for (int rec = 0; rec < 2; ++rec) {
-    std::unique_ptr<KdaEnv> off;
-    if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    std::unique_ptr<EnvGuard> off;
+    if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
     for (int rep = 0; rep < 2 - rec; ++rep) {
       cuda_ok(cudaEventRecord(e0), "record");
       be.backward(p, all, dout.cview(), nullptr, nullptr, {}, rec ? dq_rec.mview() : dq.mview(), dk.mview(),
