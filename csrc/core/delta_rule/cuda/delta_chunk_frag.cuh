@@ -60,18 +60,21 @@ __device__ __forceinline__ void store_o_rows(const ForwardOut& out, const ChunkP
 }
 
 // ---- fp32 state tiles: rows r0.. (16 a warp), columns j0.. of a row-major [D][D] state
+// f(nt, e, row, col) for this lane's entries S[nt][e] of a state tile.
+template <int N, typename F>
+__device__ __forceinline__ void for_state(int r0, int j0, int lane, F&& f) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(nt, e, r0 + (lane >> 2) + 8 * (e >> 1), j0 + 8 * nt + 2 * (lane & 3) + (e & 1));
+}
 // S = I (identity, the columns of a summary's map A), else src[at + ...] or, without src, 0.
 template <int D, int N>
 __device__ __forceinline__ void load_state(float (&S)[N][4], bool identity, const float* src, int64_t at, int r0,
                                            int j0, int lane) {
-#pragma unroll
-  for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = r0 + (lane >> 2) + 8 * (e >> 1);
-      const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = identity ? (row == col ? 1.f : 0.f) : src != nullptr ? src[at + row * D + col] : 0.f;
-    }
+  for_state<N>(r0, j0, lane, [&](int nt, int e, int row, int col) {
+    S[nt][e] = identity ? (row == col ? 1.f : 0.f) : src != nullptr ? src[at + row * D + col] : 0.f;
+  });
 }
 // S into dst (already offset to the (b, h) state), 8 bytes a store.
 template <int D, int N>
@@ -89,14 +92,7 @@ __device__ __forceinline__ void store_state(float* dst, const float (&S)[N][4], 
 // S += f src (src offset to the (b, h) state).
 template <int D, int N>
 __device__ __forceinline__ void add_state(float (&S)[N][4], float f, const float* src, int r0, int j0, int lane) {
-#pragma unroll
-  for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = r0 + (lane >> 2) + 8 * (e >> 1);
-      const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] += f * src[row * D + col];
-    }
+  for_state<N>(r0, j0, lane, [&](int nt, int e, int row, int col) { S[nt][e] += f * src[row * D + col]; });
 }
 // S = src (offset to the (b, h) state), and its 16-bit copy into the [row][ldx] tile xb
 // (columns from 0).
