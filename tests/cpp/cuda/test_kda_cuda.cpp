@@ -46,6 +46,13 @@ struct KdaCase {
   Gates gates;
 };
 
+// The test name of a case, e.g. bf16_d128_packed_neginf.
+std::string kda_case_name(const ::testing::TestParamInfo<KdaCase>& info) {
+  const KdaCase& c = info.param;
+  const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
+  return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
+}
+
 // The problem: q, k, v rounded to `type` (k scaled to about unit norm, as KDA layers
 // l2-normalize it), per-key gates per `gates`.
 DeltaProblem<float> kda_problem(const KdaCase& c) {
@@ -198,11 +205,7 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    [](const ::testing::TestParamInfo<KdaCase>& info) {
-      const auto& c = info.param;
-      const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
-      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
-    });
+    kda_case_name);
 
 // The chunked backward (kda_chunk_bwd.h) against the recurrent one
 // (LASP2_DELTA_KDA_CHUNKED_BWD=0) and, without -inf gates, the CPU backend: dq, dk, dv
@@ -328,11 +331,7 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    [](const ::testing::TestParamInfo<KdaCase>& info) {
-      const auto& c = info.param;
-      const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
-      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
-    });
+    kda_case_name);
 
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
