@@ -1,9 +1,13 @@
 // The lane layout of an m16n8k16 fp32 accumulator, shared by the chunked GDN and KDA
 // kernels (delta_chunk*.cu, kda_chunk*.cu): a warp's 16 x (8 N) block from row m0 keeps
 // acc[n][2 hf + par] at row m0 + lane / 4 + 8 hf, column 8 n + 2 (lane % 4) + par.
-// These helpers zero, walk, sum and store such fragments; each is force-inlined over
-// compile-time tile counts, so the kernels compile as with the loops written out.
-// Included by .cu files only, after delta_chunk_common.cuh; internal linkage.
+// These helpers zero, walk, sum and store such fragments, force-inlined over compile-time
+// tile counts. Textually equal code can still compile differently once inlined (operand
+// order, CSE): each use was checked against the written-out loops (ptxas -v registers and
+// spills on sm_90a and sm_80, PTX opcode counts), and where a helper moved them the loop
+// stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
+// KDA state pass's diag(eL) scaling, the GDN rprep's negated store).
+// Included by .cu files only; internal linkage.
 #pragma once
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
