@@ -17,6 +17,7 @@
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_device_problem.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/delta_backend.h"
@@ -115,46 +116,6 @@ void forget_at(DeltaProblem<float>& pr, std::initializer_list<int64_t> tokens) {
     for (int64_t t : tokens)
       for (int64_t h = 0; h < spec.heads; ++h) pr.g[(b * spec.seqlen + t) * spec.heads + h] = -INFINITY;
 }
-
-// The problem on the device (q, k, v, dO in `type`, gates and betas fp32).
-struct DeviceProblem {
-  DevTensor q, k, v, dout;
-  DevBuf<float> g, beta;
-  DevBuf<uint8_t> doc_start;
-  DevBuf<int32_t> doc_id;
-  DeltaParams p;
-
-  DeviceProblem(const DeltaProblem<float>& pr, ScalarType type, Layout lay)
-      : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
-        k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
-        v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),
-        dout(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),
-        g(pr.g.size()),
-        beta(pr.beta.size()),
-        doc_start(pr.doc_start.size()),
-        doc_id(pr.doc_id.size()) {
-    q.upload(as_double(pr.q));
-    k.upload(as_double(pr.k));
-    v.upload(as_double(pr.v));
-    dout.upload(as_double(pr.dout));
-    g.upload(pr.g);
-    beta.upload(pr.beta);
-    doc_start.upload(pr.doc_start);
-    doc_id.upload(pr.doc_id);
-    p = pr.params();
-    p.dtype = type;
-    p.gate_dtype = ScalarType::kFloat32;
-    p.q = q.cview();
-    p.k = k.cview();
-    p.v = v.cview();
-    p.g = g.p;
-    p.beta = beta.p;
-    if (pr.spec.packed()) {
-      p.doc_start = doc_start.p;
-      p.doc_id = doc_id.p;
-    }
-  }
-};
 
 std::vector<float> zeros(size_t n) { return std::vector<float>(n, 0.f); }
 
@@ -381,17 +342,6 @@ struct ChunkedCase {
   bool neg_inf;
 };
 
-class EnvScope {
- public:
-  EnvScope(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
-  ~EnvScope() { unsetenv(name_); }
-  EnvScope(const EnvScope&) = delete;
-  EnvScope& operator=(const EnvScope&) = delete;
-
- private:
-  const char* name_;
-};
-
 struct ChunkedResult : Grads {
   std::vector<double> o;
   std::vector<char> o_written;
@@ -451,7 +401,7 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   const ChunkedResult got = run();
   ChunkedResult want;
   {
-    const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
     want = run();
   }
   // the chunked kernels' state products take 16-bit operands (the state entering each
@@ -1240,7 +1190,7 @@ TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
   const Maps got = summary();
   Maps want;
   {
-    const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
     want = summary();
   }
   const double tol = 5e-3;
@@ -1423,7 +1373,7 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
   LaunchTimer timer;
   std::vector<std::vector<float>> first;  // the first family's outputs
   for (const std::string& name : names) {
-    const EnvScope family("LASP2_DELTA_STATE_KERNEL", name.c_str());
+    const EnvGuard family("LASP2_DELTA_STATE_KERNEL", name.c_str());
     std::string line;
     for (const auto& [stage, launch] : stages) {
       char buf[80];
@@ -1486,7 +1436,7 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
   gpu::launch_chunk_prep(gp, prep, nullptr);
   gpu::launch_chunk_rprep(gp, dO, rprep, nullptr);
   auto run = [&](const char* family) {
-    const EnvScope scope("LASP2_DELTA_STATE_KERNEL", family);
+    const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
     DevBuf<float> vnew(rows * D / 2), st16(bh * nck * se / 2), leaving(bh * se), dh(bh * nck * se / 2),
         dentering(bh * se), A(bh * se), M(bh * se);
     for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) b->poison();
@@ -1546,7 +1496,7 @@ TEST(DeltaCudaChunkBackward, LeanEqualsCalc) {
       const int64_t se = dp.bh() * dp.state_elems();
       const EdgeStates edge = random_edge_states(4, se);
       auto run = [&](const char* kernel) {
-        const EnvScope scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
+        const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
         Grads r;
         BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
         gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
@@ -1654,7 +1604,7 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
     const Result got = run();
     Result want;
     {
-      const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
       want = run();
     }
     auto rel_part = [&](const std::vector<double>& a, const std::vector<double>& b) {
@@ -1737,7 +1687,7 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
     const BwdResult got = run();
     BwdResult want;
     {
-      const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
       want = run();
     }
     // as DeltaCudaChunked: 16-bit state operands in the chunked passes
@@ -1884,7 +1834,7 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
   };
   time_calls("chunked");
   {
-    const EnvScope off("LASP2_DELTA_CHUNKED", "0");
+    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
     time_calls("recurrent");
   }
   const float plain = timer.median_ms([&] { gpu.forward(p, part, nullptr, DocStates{}, o.mview(), nullptr); }, 4);

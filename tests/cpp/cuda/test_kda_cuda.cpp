@@ -22,6 +22,7 @@
 
 #include "../delta_rule/delta_problem.h"
 #include "cuda_test_util.h"
+#include "delta_device_problem.h"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/delta_backend.h"
 #include "lasp2/lasp2.h"
@@ -45,17 +46,12 @@ struct KdaCase {
   Gates gates;
 };
 
-// Sets an environment variable for the scope.
-class KdaEnv {
- public:
-  KdaEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
-  ~KdaEnv() { unsetenv(name_); }
-  KdaEnv(const KdaEnv&) = delete;
-  KdaEnv& operator=(const KdaEnv&) = delete;
-
- private:
-  const char* name_;
-};
+// The test name of a case, e.g. bf16_d128_packed_neginf.
+std::string kda_case_name(const ::testing::TestParamInfo<KdaCase>& info) {
+  const KdaCase& c = info.param;
+  const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
+  return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
+}
 
 // The problem: q, k, v rounded to `type` (k scaled to about unit norm, as KDA layers
 // l2-normalize it), per-key gates per `gates`.
@@ -109,29 +105,9 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
   const Layout lay{false, 0};
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-  dout.upload({pr.dout.begin(), pr.dout.end()});
-  q.upload({pr.q.begin(), pr.q.end()});
-  k.upload({pr.k.begin(), pr.k.end()});
-  v.upload({pr.v.begin(), pr.v.end()});
-  DevBuf<float> g = to_device_f32(pr.g), beta = to_device_f32(pr.beta);
-  DevBuf<uint8_t> doc_start(pr.doc_start.size());
-  DevBuf<int32_t> doc_id(pr.doc_id.size());
-  doc_start.upload(pr.doc_start);
-  doc_id.upload(pr.doc_id);
-  DeltaParams dp = hp;
-  dp.dtype = c.type;
-  dp.gate_dtype = ScalarType::kFloat32;
-  dp.q = q.cview();
-  dp.k = k.cview();
-  dp.v = v.cview();
-  dp.g = g.p;
-  dp.beta = beta.p;
-  if (s.packed()) {
-    dp.doc_start = doc_start.p;
-    dp.doc_id = doc_id.p;
-  }
+  const DeviceProblem dev(pr, c.type, lay);
+  const DeltaParams& dp = dev.p;
+  const DevTensor& dout = dev.dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
   const TokenRange part{37, s.seqlen - 20};
   const int64_t bh = hp.bh(), se = hp.state_elems(), me = hp.map_elems();
@@ -166,7 +142,7 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   const KdaResult got = run();
   KdaResult want;
   {
-    const KdaEnv off("LASP2_DELTA_KDA_CHUNKED", "0");
+    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED", "0");
     want = run();
   }
   // o in the input dtype; the maps are fp32 sums of products whose operands (T, w, kd,
@@ -229,11 +205,7 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    [](const ::testing::TestParamInfo<KdaCase>& info) {
-      const auto& c = info.param;
-      const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
-      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
-    });
+    kda_case_name);
 
 // The chunked backward (kda_chunk_bwd.h) against the recurrent one
 // (LASP2_DELTA_KDA_CHUNKED_BWD=0) and, without -inf gates, the CPU backend: dq, dk, dv
@@ -255,29 +227,9 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
   const Layout lay{false, 0};
-  DevTensor q(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), k(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-      v(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay), dout(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-  dout.upload({pr.dout.begin(), pr.dout.end()});
-  q.upload({pr.q.begin(), pr.q.end()});
-  k.upload({pr.k.begin(), pr.k.end()});
-  v.upload({pr.v.begin(), pr.v.end()});
-  DevBuf<float> g = to_device_f32(pr.g), beta = to_device_f32(pr.beta);
-  DevBuf<uint8_t> doc_start(pr.doc_start.size());
-  DevBuf<int32_t> doc_id(pr.doc_id.size());
-  doc_start.upload(pr.doc_start);
-  doc_id.upload(pr.doc_id);
-  DeltaParams dp = hp;
-  dp.dtype = c.type;
-  dp.gate_dtype = ScalarType::kFloat32;
-  dp.q = q.cview();
-  dp.k = k.cview();
-  dp.v = v.cview();
-  dp.g = g.p;
-  dp.beta = beta.p;
-  if (s.packed()) {
-    dp.doc_start = doc_start.p;
-    dp.doc_id = doc_id.p;
-  }
+  const DeviceProblem dev(pr, c.type, lay);
+  const DeltaParams& dp = dev.p;
+  const DevTensor& dout = dev.dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
   const TokenRange part{37, s.seqlen - 20};
   const int64_t bh = hp.bh(), se = hp.state_elems();
@@ -311,7 +263,7 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   const KdaGrads got = run();
   KdaGrads want;
   {
-    const KdaEnv off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
     want = run();
   }
   // as GDN's chunked backward: 16-bit outputs at 1e-2; dg, dbeta and the entering-state
@@ -379,11 +331,7 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    [](const ::testing::TestParamInfo<KdaCase>& info) {
-      const auto& c = info.param;
-      const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
-      return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
-    });
+    kda_case_name);
 
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
@@ -446,8 +394,8 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   cudaEvent_t e3;
   cuda_ok(cudaEventCreate(&e3), "event");
   for (int rec = 0; rec < 2; ++rec) {
-    std::unique_ptr<KdaEnv> off;
-    if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED", "0");
+    std::unique_ptr<EnvGuard> off;
+    if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED", "0");
     for (int rep = 0; rep < 2; ++rep) {  // the second is timed
       cuda_ok(cudaEventRecord(e0), "record");
       be.part_summary(p, all, {}, A.p, M.p, hA.p, hM.p, nullptr);
@@ -467,8 +415,8 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   float bwd_ms[2] = {};
   DevTensor dq_rec(1, T, H, D, type, Layout{});
   for (int rec = 0; rec < 2; ++rec) {
-    std::unique_ptr<KdaEnv> off;
-    if (rec) off = std::make_unique<KdaEnv>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
+    std::unique_ptr<EnvGuard> off;
+    if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
     for (int rep = 0; rep < 2 - rec; ++rep) {
       cuda_ok(cudaEventRecord(e0), "record");
       be.backward(p, all, dout.cview(), nullptr, nullptr, {}, rec ? dq_rec.mview() : dq.mview(), dk.mview(),

@@ -15,6 +15,8 @@
 #include "delta_rule/cuda/delta_chunk.h"
 #include "cuda/route.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "lasp2/types.h"
 
@@ -96,10 +98,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   __syncthreads();
   {  // L_xy = beta_x e^{G_x - G_y} k_x . k_y, y < x in one segment
     float acc[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    zero(acc);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
@@ -155,26 +154,8 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
     }
   }
   __syncthreads();
-  // acc = A (16-bit [64][kLdP], lower triangular: key blocks past the warp's own are
-  // zero) x B (a [64][LD] tile) into dst's chunk rows
-  auto product = [&](const T* A, const T* Bm, void* dst_base) {
-    float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    mma_rows<T, D / 8, false>(acc, A, kLdP, Bm, LD, 16 * warp, 0, warp + 1, lane);
-    T* dst = static_cast<T*>(dst_base) + cp.row0 * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
-  };
   const T* tw = reinterpret_cast<const T*>(sm.L);
-  product(tw, sm.k, out.w);
+  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tw, sm.k, warp, lane);
   __syncthreads();  // every warp is past tw: tu takes its place
   T* tu_s = reinterpret_cast<T*>(sm.L);
 #pragma unroll
@@ -184,7 +165,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   }
   cp_async_wait_all();
   __syncthreads();
-  product(tu_s, sm.v(), out.u);
+  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tu_s, sm.v(), warp, lane);
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -243,19 +224,8 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
   const int64_t se = static_cast<int64_t>(D) * D;
 
   float S[MT][2][4];
-  {
-    const float* init = ro.leaving;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
-          const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-          S[mt][nt][e] = init != nullptr ? init[bh * se + row * D + col] : 0.f;
-        }
-  }
+  for (int mt = 0; mt < MT; ++mt) load_state<D>(S[mt], false, ro.leaving, bh * se, warp * (D / 4) + 16 * mt, j0, lane);
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
     if (i < nck) load_state_chunk<T, D>(p, dout, prep, sm.buf[i], nck - 1 - i, bh, j0, tid);
@@ -267,15 +237,7 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
     cp_async_wait_group1();  // chunk c's group has landed
     // the carried gradient: 16-bit copy for the products (and each chunk's dh)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int cl = 8 * nt + 2 * (lane & 3);
-          store_u32(sm.xb + row * LDV + cl, pack2<T>(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]));
-        }
+    for (int mt = 0; mt < MT; ++mt) store_rows<T, 2>(sm.xb, LDV, S[mt], warp * (D / 4) + 16 * mt, lane);
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
     if (i + NS - 1 < nck) load_state_chunk<T, D>(p, dout, prep, sm.buf[(i + NS - 1) % NS], c - (NS - 1), bh, j0, tid);
@@ -294,28 +256,14 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
       const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
       __syncthreads();  // dh's copy of xb is done
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-            const int cl = 8 * nt + 2 * (lane & 3);
-            const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
-            S[mt][nt][2 * hf] = f2.x;
-            S[mt][nt][2 * hf + 1] = f2.y;
-            store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
-          }
+      for (int mt = 0; mt < MT; ++mt) load_state_xb<T, D>(S[mt], sm.xb, LDV, F, warp * (D / 4) + 16 * mt, j0, lane);
       __syncthreads();
       GL = ro.doc_end_g[bh * nck + c];
       sL = 0.f;
     }
     {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, 2, false>(acc, B.a1, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -352,16 +300,7 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
   cp_async_wait_all();
   if (ro.entering != nullptr) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int col = j0 + 8 * nt + 2 * (lane & 3);
-          *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) =
-              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
-        }
+    for (int mt = 0; mt < MT; ++mt) store_state<D>(ro.entering + bh * se, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
   }
 }
 
@@ -451,15 +390,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 
   float S[MT][NTL][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
-        const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-        S[mt][nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
-      }
+  for (int mt = 0; mt < MT; ++mt) load_state<D>(S[mt], amap, entering, bh * se, warp * (D / 4) + 16 * mt, j0, lane);
   if (amap) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
@@ -498,10 +429,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
     const float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
     {  // v_new = u - w S (token rows of this warp); ys = diag(d) v_new
       float acc[NTL][4];
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDC, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
@@ -536,38 +464,17 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
       const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
       if (H != nullptr) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * (e >> 1);
-              const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-              S[mt][nt][e] += f * H[row * D + col];
-            }
+        for (int mt = 0; mt < MT; ++mt) add_state<D>(S[mt], f, H, warp * (D / 4) + 16 * mt, j0, lane);
       }
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier
   }
   cp_async_wait_all();
-  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
-  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
 #pragma unroll
-  for (int which = 0; which < 2; ++which) {
-    if (dst[which] == nullptr) continue;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int col = j0 + 8 * nt + 2 * (lane & 3);
-          *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
-              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
-        }
-  }
+    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
+  });
 }
 
 // ---- the state passes with 8 warps a block ---------------------------------------------------
@@ -742,13 +649,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   const int x0 = 16 * (warp & 3), n0 = 8 * TPW * (warp >> 2);  // tokens and columns of its token tiles
 
   float S[NTL][4];
-#pragma unroll
-  for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
-    }
+  load_state<D>(S, amap, entering, bh * se, r0, j0, lane);
   if (amap) {  // u = 0 in every buffer
     for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
   }
@@ -858,15 +759,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
       float f = 0.f;
       const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
-      if (H != nullptr) {
-#pragma unroll
-        for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-            S[nt][e] += f * H[row * D + col];
-          }
-      }
+      if (H != nullptr) add_state<D>(S, f, H, r0, j0, lane);
     }
     // no barrier: the next chunk writes xb (last read before the barrier above) and
     // ys (read just now) only after its first barrier
@@ -877,15 +770,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
     if (dst[which] == nullptr) continue;
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = r0 + (lane >> 2) + 8 * hf;
-        const int col = j0 + 8 * nt + 2 * (lane & 3);
-        *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
-            make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
-      }
+    store_state<D>(dst[which] + bh * se, S, r0, j0, lane);
   }
 }
 
@@ -908,13 +793,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
   const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);
 
   float S[2][4];
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = r0 + (lane >> 2) + 8 * (e >> 1), col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
-      S[nt][e] = ro.leaving != nullptr ? ro.leaving[bh * se + row * D + col] : 0.f;
-    }
+  load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
   [[maybe_unused]] TileCopy<T, D, NT8> ck, cw, cq;
   [[maybe_unused]] ColCopy<T, BV, NT8> cd, cr;
   [[maybe_unused]] MetaCopy cm;
@@ -954,13 +833,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     const int c = nck - 1 - i;
     StateBuf<T, D>& B = sm.buf[i % NS];
     cp_async_wait_group1();  // chunk c's group has landed
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = r0 + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
-        store_u32(sm.xb + row * LDV + cl, pack2<T>(S[nt][2 * hf], S[nt][2 * hf + 1]));
-      }
+    store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
     // every warp is past chunk c + 1 (its buffer is free) and sees chunk c and xb
     __syncthreads();
     if (i + NS - 1 < nck) load(c - (NS - 1), (i + NS - 1) % NS);
@@ -978,16 +851,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
       const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
       __syncthreads();  // dh's copy of xb is done
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = r0 + (lane >> 2) + 8 * hf, cl = 8 * nt + 2 * (lane & 3);
-          const float2 f2 = *reinterpret_cast<const float2*>(F + row * D + j0 + cl);
-          S[nt][2 * hf] = f2.x;
-          S[nt][2 * hf + 1] = f2.y;
-          store_u32(sm.xb + row * LDV + cl, pack2<T>(f2.x, f2.y));
-        }
+      load_state_xb<T, D>(S, sm.xb, LDV, F, r0, j0, lane);
       __syncthreads();
       GL = ro.doc_end_g[bh * nck + c];
       sL = 0.f;
@@ -1027,16 +891,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     // refills this buffer after it
   }
   cp_async_wait_all();
-  if (ro.entering != nullptr) {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = r0 + (lane >> 2) + 8 * hf;
-        const int col = j0 + 8 * nt + 2 * (lane & 3);
-        *reinterpret_cast<float2*>(ro.entering + bh * se + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
-      }
-  }
+  if (ro.entering != nullptr) store_state<D>(ro.entering + bh * se, S, r0, j0, lane);
 }
 
 // ---- chunk-parallel passes with the causal scores ---------------------------------------------
@@ -1078,10 +933,7 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
   tc_scores<T, D, 4>(sm.q, sm.k, sm.meta, p.scale, sm.ps, warp, lane);
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   if constexpr (kOut) {
     mma_rows<T, D / 8, false>(acc, sm.q, LD, sm.st, LD, 16 * warp, 0, D / 16, lane);
 #pragma unroll
@@ -1096,15 +948,7 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
     }
     // score blocks above the diagonal are unwritten: key blocks 0..warp only
     mma_rows<T, D / 8, false>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, 0, warp + 1, lane);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid)
-          store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
-                    pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
+    store_o_rows<T>(out, cp, acc, 16 * warp, lane);
   } else {
     // r_y = -sum_{x >= y} P_xy dO_x: P^T from the [x][y] tile, query blocks warp..3
     mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, warp, CH / 16, lane);
@@ -1120,34 +964,19 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
 }
 
 // ---- launch helpers ---------------------------------------------------------------------
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked)";
+
+void check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 template <typename Kernel>
 void allow(Kernel kernel, int bytes, const char* what) {
-  if (bytes > 48 * 1024) check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  chunk_allow_smem(kernel, bytes, kWho, what);
 }
 
 // Calls f(T{}, integral_constant D) for p (16-bit inputs, d = 64 or 128).
 template <typename F>
 void dispatch(const Problem& p, F&& f) {
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else if (p.dk == 128) {
-      f(tag, std::integral_constant<int, 128>{});
-    } else {
-      fail("lasp2 (CUDA delta rule, chunked): d_k = d_v must be 64 or 128");
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA delta rule, chunked): 16-bit inputs only");
-  }
+  chunk_dispatch<false>(p, kWho, f);
 }
 
 dim3 chunk_grid(const Problem& p) {

@@ -9,6 +9,8 @@
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -41,46 +43,6 @@ constexpr int kThreads = 256;  // 8 warps
 // sm_90: 228 KiB of shared memory an SM, 1 KiB of it reserved per block
 constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
 static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
-
-template <int N>
-__device__ __forceinline__ void zero(float (&acc)[N][4]) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-}
-
-// Sum over the 4 lanes that share a fragment row.
-__device__ __forceinline__ float row_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-// Sum over the 8 lane groups that share a fragment column.
-__device__ __forceinline__ float col_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 4);
-  v += __shfl_xor_sync(0xffffffffu, v, 8);
-  return v + __shfl_xor_sync(0xffffffffu, v, 16);
-}
-
-// Adds v[hf] (this lane's partial sums of rows m0 + lane / 4 + 8 hf) to dst[row].
-__device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0, int lane) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float s = row_sum(v[hf]);
-    if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
-  }
-}
-// Adds -c[j][par] (partial sums of column n0 + 8 j + 2 (lane % 4) + par) to dst[column].
-template <int N>
-__device__ __forceinline__ void sub_cols(float* dst, const float (&c)[N][2], int n0, int lane) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int par = 0; par < 2; ++par) {
-      const float s = col_sum(c[j][par]);
-      if (lane < 4) atomicAdd(dst + n0 + 8 * j + 2 * lane + par, -s);
-    }
-}
 
 // Warp w's share of every product: token rows [16 (w % 4), +16) and column half w / 4.
 struct WarpPart {
@@ -315,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     }
     add_rows(sm.dG, rowN, m0, lane);
     add_rows(sm.db, rowB, m0, lane);
-    sub_cols(sm.dG, colN, c0, lane);
+    add_cols<true>(sm.dG, colN, c0, lane);
   }
   __syncthreads();  // every warp has read dB: dO takes its tile
   load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
@@ -392,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       }
     }
     add_rows(sm.dG, rowM, m0, lane);
-    sub_cols(sm.dG, colM, c0, lane);
+    add_cols<true>(sm.dG, colM, c0, lane);
   }
   __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
   load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
@@ -514,9 +476,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA delta rule, chunked backward): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked backward)";
+
+void check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 }  // namespace
 
@@ -549,22 +511,7 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
           "chunk backward carveout");
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64 && p.dv == 64) {
-      go(tag, std::integral_constant<int, 64>{});
-    } else if (p.dk == 128 && p.dv == 128) {
-      go(tag, std::integral_constant<int, 128>{});
-    } else {
-      fail("lasp2 (CUDA delta rule, chunked backward): d_k = d_v must be 64 or 128");
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA delta rule, chunked backward): 16-bit inputs only");
-  }
+  chunk_dispatch<true>(p, kWho, go);
   check(cudaGetLastError(), "chunk backward kernel");
 }
 

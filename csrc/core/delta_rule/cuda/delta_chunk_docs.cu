@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cuda/device_utils.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_docs.h"
 #include "lasp2/types.h"
 
@@ -238,29 +239,14 @@ __global__ void __launch_bounds__(256) dh32_kernel(Problem p, const T* dh, const
   for (int64_t e = threadIdx.x; e < se; e += 256) out[at + e] = to_float<T>(dh[at + e]);
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) ::lasp2::fail(std::string("lasp2 (CUDA delta rule, chunked documents): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked documents)";
 
-// Calls f(T{}, integral_constant D) for p (16-bit inputs, d = 64 or 128).
+void check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
+
+// Calls f(T{}, integral_constant D) for p (16-bit inputs, d_k = d_v = 64 or 128).
 template <typename F>
 void dispatch(const Problem& p, F&& f) {
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64 && p.dv == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else if (p.dk == 128 && p.dv == 128) {
-      f(tag, std::integral_constant<int, 128>{});
-    } else {
-      ::lasp2::fail("lasp2 (CUDA delta rule, chunked documents): d_k = d_v must be 64 or 128");
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    ::lasp2::fail("lasp2 (CUDA delta rule, chunked documents): 16-bit inputs only");
-  }
+  chunk_dispatch<true>(p, kWho, f);
 }
 
 dim3 grid_of(const Problem& p) { return dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())); }

@@ -750,9 +750,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     gpu::launch_kda_backward(g, a, s);
   }
 
-  // KDA's part summary as chunked_summary below: prep, the state pass over [A | M] from
-  // [I | 0]; with packed documents the head maps from a second prep ending each row at
-  // its first document start.
+  // KDA's part summary: summary_passes below on the KDA prep and state pass.
   void kda_summary(const gpu::Problem& g, float* A, float* M, float* head_A, float* head_M, cudaStream_t s) const {
     const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
     const bool packed = g.doc_start != nullptr;
@@ -760,44 +758,41 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
                            packed ? int64_t{g.batch} : 0},
                           allocator_, s);
     gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
-    gpu::launch_kda_prep(g, prep, s);
+    summary_passes(g, prep, reinterpret_cast<int*>(scratch[6]), gpu::launch_kda_prep, gpu::launch_kda_summary, A, M,
+                   head_A, head_M, s);
+  }
+
+  // The part summary, GDN (ChunkPrep, launch_chunk_*) or KDA (KdaPrep, launch_kda_*):
+  // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
+  // documents (A = 0 exactly then, when a document starts in the part) the head maps
+  // come from a second prep and pass in which the tokens from each row's first
+  // document start on are identity transitions (firsts: g.batch ints of scratch).
+  template <typename Prep, typename PrepFn, typename SummaryFn>
+  static void summary_passes(const gpu::Problem& g, Prep& prep, int* firsts, PrepFn run_prep, SummaryFn run_summary,
+                             float* A, float* M, float* head_A, float* head_M, cudaStream_t s) {
+    const bool packed = g.doc_start != nullptr;
+    run_prep(g, prep, s);
     gpu::ChunkSummaryOut out;
     out.A = A;
     out.M = M;
     out.head_A = packed ? nullptr : head_A;
     out.head_M = packed ? nullptr : head_M;
-    gpu::launch_kda_summary(g, prep, out, s);
+    run_summary(g, prep, out, s);
     if (!packed) return;
-    int* firsts = reinterpret_cast<int*>(scratch[6]);
     gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
     prep.head_end = firsts;
-    gpu::launch_kda_prep(g, prep, s);
-    gpu::launch_kda_summary(g, prep, {head_A, head_M, nullptr, nullptr}, s);
+    run_prep(g, prep, s);
+    run_summary(g, prep, gpu::ChunkSummaryOut{head_A, head_M, nullptr, nullptr}, s);
   }
 
-  // prep, then the state pass over the columns of [A | M] from [I | 0]; with packed
-  // documents (A = 0 exactly then, when a document starts in the part) the head maps
-  // come from a second prep and pass in which the tokens from each row's first
-  // document start on are identity transitions.
   void chunked_summary(const gpu::Problem& g, float* A, float* M, float* head_A, float* head_M,
                        cudaStream_t s) const {
     const int64_t half_rows = chunk_rows(g) * g.dk / 2;
     const bool packed = g.doc_start != nullptr;
     const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g), packed ? int64_t{g.batch} : 0}, allocator_, s);
     gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
-    gpu::launch_chunk_prep(g, prep, s);
-    gpu::ChunkSummaryOut out;
-    out.A = A;
-    out.M = M;
-    out.head_A = packed ? nullptr : head_A;
-    out.head_M = packed ? nullptr : head_M;
-    gpu::launch_chunk_summary(g, prep, out, s);
-    if (!packed) return;
-    int* firsts = reinterpret_cast<int*>(scratch[3]);
-    gpu::launch_firsts(g, firsts, s);  // one segment: firsts[b]
-    prep.head_end = firsts;
-    gpu::launch_chunk_prep(g, prep, s);
-    gpu::launch_chunk_summary(g, prep, {head_A, head_M, nullptr, nullptr}, s);
+    summary_passes(g, prep, reinterpret_cast<int*>(scratch[3]), gpu::launch_chunk_prep, gpu::launch_chunk_summary, A,
+                   M, head_A, head_M, s);
   }
 
   // prep; the state pass (v_new and the 16-bit state entering each chunk); r = -(P^T dO)

@@ -11,6 +11,8 @@
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "lasp2/types.h"
@@ -190,25 +192,9 @@ __global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
   }
   cp_async_wait_all();
   __syncthreads();
-  // dst's chunk rows = tb (lower triangular: key blocks past the warp's own are zero) x B
-  auto product = [&](const T* Bm, void* dst_base) {
-    float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    mma_rows<T, D / 8, false>(acc, tb, kLdP, Bm, LD, 16 * warp, 0, warp + 1, lane);
-    T* dst = static_cast<T*>(dst_base) + cp.row0 * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        store_u32(dst + x * D + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-      }
-  };
-  product(sm.k, out.w);
-  product(sm.qv, out.u);
+  // w = tb (e^G . k) [s = 0], u = tb v
+  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tb, sm.k, warp, lane);
+  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tb, sm.qv, warp, lane);
 }
 
 // ---- the state pass and the part summary ------------------------------------------------------
@@ -295,10 +281,7 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
     cp_async_commit();
     {  // v_new = u - w S (this warp's token rows)
       float acc[NTL][4];
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, NTL, false>(acc, B.w, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
@@ -330,23 +313,10 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
-  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
 #pragma unroll
-  for (int which = 0; which < 2; ++which) {
-    if (dst[which] == nullptr) continue;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-          const int col = j0 + 8 * nt + 2 * (lane & 3);
-          *reinterpret_cast<float2*>(dst[which] + bh * se + row * D + col) =
-              make_float2(S[mt][nt][2 * hf], S[mt][nt][2 * hf + 1]);
-        }
-  }
+    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
+  });
 }
 
 // ---- the output pass: o = qg S_c + P v_new ------------------------------------------------------
@@ -379,21 +349,10 @@ __global__ void __launch_bounds__(NT) kda_output_kernel(Problem p, KdaPrep prep,
   cp_async_wait_all();
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   mma_rows<T, D / 8, false>(acc, sm.qg, LD, sm.st, LD, 16 * warp, 0, D / 16, lane);
   mma_rows<T, D / 8, false>(acc, sm.ps, kLdP, sm.x, LD, 16 * warp, 0, warp + 1, lane);
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-      if (x < cp.nvalid)
-        store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
-                  pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-    }
+  store_o_rows<T>(out, cp, acc, 16 * warp, lane);
 }
 
 // ---- the entering state's gradient from the part's own outputs (entering_dstate) ----------------
@@ -422,20 +381,10 @@ __global__ void __launch_bounds__(NT) kda_rprep_kernel(Problem p, KdaPrep prep, 
   cp_async_wait_all();
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  zero(acc);
   // P^T from the [x][y] tile: query blocks warp..3 (P is zero above its diagonal)
   mma_rows<T, D / 8, true>(acc, sm.ps, kLdP, sm.d, LD, 16 * warp, warp, CH / 16, lane);
-  T* dst = static_cast<T*>(r) + cp.row0 * D;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * warp + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-      store_u32(dst + x * D + col, pack2<T>(-acc[j][2 * hf], -acc[j][2 * hf + 1]));
-    }
+  store_rows<T, D / 8, true>(static_cast<T*>(r) + cp.row0 * D, D, acc, 16 * warp, lane);
 }
 
 // One block per (b, h) and BV = 16 columns, backwards over the chunks (the next chunk's
@@ -520,10 +469,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
     cp_async_commit();
     {  // ys = r - kd X (this warp's token rows)
       float acc[NTL][4];
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      zero(acc);
       mma_rows<T, NTL, false>(acc, B.kd, LD, sm.xb, LDV, 16 * warp, 0, D / 16, lane);
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
@@ -537,15 +483,7 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float e = B.eL[warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf];
-#pragma unroll
-        for (int nt = 0; nt < NTL; ++nt) {
-          X[mt][nt][2 * hf] *= e;
-          X[mt][nt][2 * hf + 1] *= e;
-        }
-      }
+      scale_rows(X[mt], B.eL, warp * (D / 4) + 16 * mt, lane);
       mma_rows<T, NTL, true>(X[mt], B.w, LD, sm.ys, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
       mma_rows<T, NTL, true>(X[mt], B.qg, LD, B.d, LDV, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
     }
@@ -553,48 +491,28 @@ __global__ void __launch_bounds__(NT) kda_rev_state_kernel(Problem p, KdaPrep pr
   cp_async_wait_all();
   if (entering == nullptr) return;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp * (D / 4) + 16 * mt + (lane >> 2) + 8 * hf;
-        const int col = j0 + 8 * nt + 2 * (lane & 3);
-        *reinterpret_cast<float2*>(entering + bh * se + row * D + col) =
-            make_float2(X[mt][nt][2 * hf], X[mt][nt][2 * hf + 1]);
-      }
+  for (int mt = 0; mt < MT; ++mt) store_state<D>(entering + bh * se, X[mt], warp * (D / 4) + 16 * mt, j0, lane);
 }
 
 // ---- launch helpers -------------------------------------------------------------------------------
-void kda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA KDA, chunked): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA KDA, chunked)";
+
+void kda_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 // Launches kernel<<<grid, NT, bytes>>>(args...) after raising its shared-memory limit.
 template <typename Kernel, typename... Args>
 void kda_launch(Kernel kernel, dim3 grid, int bytes, cudaStream_t s, const char* what, Args... args) {
-  if (bytes > 48 * 1024) kda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  chunk_allow_smem(kernel, bytes, kWho, what);
   kernel<<<grid, NT, bytes, s>>>(args...);
   kda_check(cudaGetLastError(), what);
 }
 
-// f(T{}, integral_constant D) for p's 16-bit element type and d = 64 or 128.
+// f(T{}, integral_constant D) for p's 16-bit element type and d_k = d_v = 64 or 128 (the
+// dims checked before the element type).
 template <typename F>
 void kda_dispatch(const Problem& p, F&& f) {
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail("lasp2 (CUDA KDA, chunked): d_k = d_v must be 64 or 128");
-  if (p.elem != Elem::kBF16 && p.elem != Elem::kF16) fail("lasp2 (CUDA KDA, chunked): 16-bit inputs only");
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else {
-      f(tag, std::integral_constant<int, 128>{});
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else {
-    by_dim(__half{});
-  }
+  chunk_dispatch<true>(p, kWho, f);
 }
 
 void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,

@@ -11,6 +11,8 @@
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_dispatch.h"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "lasp2/types.h"
 
@@ -38,32 +40,6 @@ struct KdaBwdSmem {
 };
 static_assert(kLdP <= TcTile<64>::LD, "T fits a token tile");
 
-template <int N>
-__device__ __forceinline__ void zero(float (&acc)[N][4]) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-}
-// Sum over the 4 lanes that share a fragment row.
-__device__ __forceinline__ float row_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-// Sum over the 8 lane groups that share a fragment column.
-__device__ __forceinline__ float col_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 4);
-  v += __shfl_xor_sync(0xffffffffu, v, 8);
-  return v + __shfl_xor_sync(0xffffffffu, v, 16);
-}
-// Adds v[hf] (this lane's partial sums of rows m0 + lane / 4 + 8 hf) to dst[row].
-__device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0, int lane) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float s = row_sum(v[hf]);
-    if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
-  }
-}
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -273,13 +249,7 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
       dG[y * D + i] -= kc;
       colp[j][par] += kc;
     });
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-      for (int par = 0; par < 2; ++par) {
-        const float s = col_sum(colp[j][par]);
-        if (lane < 4) atomicAdd(sm.dGL + 8 * j + 2 * lane + par, s);
-      }
+    add_cols<false>(sm.dGL, colp, 0, lane);
   }
   if (sL == 0.f) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 straight from global)
     const T* h = static_cast<const T*>(a.states) + at;
@@ -467,9 +437,9 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
   if (tid < nvalid && a.dbeta != nullptr) a.dbeta[(cp.b * p.seqlen + cp.t0 + tid) * p.heads + cp.h] = sm.db[tid];
 }
 
-void kda_bwd_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail(std::string("lasp2 (CUDA KDA, chunked backward): ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
+
+void kda_bwd_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
 
 }  // namespace
 
@@ -491,20 +461,7 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
     kda_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
         p, a);
   };
-  auto by_dim = [&](auto tag) {
-    if (p.dk == 64) {
-      go(tag, std::integral_constant<int, 64>{});
-    } else {
-      go(tag, std::integral_constant<int, 128>{});
-    }
-  };
-  if (p.elem == Elem::kBF16) {
-    by_dim(__nv_bfloat16{});
-  } else if (p.elem == Elem::kF16) {
-    by_dim(__half{});
-  } else {
-    fail("lasp2 (CUDA KDA, chunked backward): 16-bit inputs only");
-  }
+  chunk_dispatch<true>(p, kWho, go);
   kda_bwd_check(cudaGetLastError(), "KDA chunk backward kernel");
 }
 

@@ -1,0 +1,177 @@
+// The lane layout of an m16n8k16 fp32 accumulator, shared by the chunked GDN and KDA
+// kernels (delta_chunk*.cu, kda_chunk*.cu): a warp's 16 x (8 N) block from row m0 keeps
+// acc[n][2 hf + par] at row m0 + lane / 4 + 8 hf, column 8 n + 2 (lane % 4) + par.
+// These helpers zero, walk, sum and store such fragments, force-inlined over compile-time
+// tile counts. Textually equal code can still compile differently once inlined (operand
+// order, CSE): each use was checked against the written-out loops (ptxas -v registers and
+// spills on sm_90a and sm_80, PTX opcode counts), and where a helper moved them the loop
+// stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
+// KDA state pass's diag(eL) scaling, the GDN rprep's negated store).
+// Included by .cu files only; internal linkage.
+#pragma once
+
+#include "delta_rule/cuda/delta_chunk_common.cuh"
+
+namespace lasp2::delta::gpu {
+namespace {
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
+
+// f(n, hf, row, col) for this lane's column pairs (col, col + 1) of the N n8 tiles from
+// row m0: acc[n][2 hf] and acc[n][2 hf + 1] (n outer, hf inner).
+template <int N, typename F>
+__device__ __forceinline__ void for_pairs(int m0, int lane, F&& f) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) f(n, hf, m0 + (lane >> 2) + 8 * hf, 8 * n + 2 * (lane & 3));
+}
+
+// A warp's token rows m0.. of acc into 16-bit [row][ld] dst (negated with kNeg).
+template <typename T, int N, bool kNeg = false>
+__device__ __forceinline__ void store_rows(T* dst, int ld, const float (&acc)[N][4], int m0, int lane) {
+  for_pairs<N>(m0, lane, [&](int n, int hf, int x, int col) {
+    const float a0 = acc[n][2 * hf], a1 = acc[n][2 * hf + 1];
+    store_u32(dst + x * ld + col, kNeg ? pack2<T>(-a0, -a1) : pack2<T>(a0, a1));
+  });
+}
+
+// ---- products into a chunk's token rows (warp w: rows 16 w..) -------------------------
+// dst's rows (16-bit [64][D]) = A (16-bit [64][kLdP], lower triangular: key blocks past
+// the warp's own are zero) x B (a [64][LD] tile); the prep kernels' w and u.
+template <typename T, int D>
+__device__ __forceinline__ void lower_product(T* dst, const T* A, const T* B, int warp, int lane) {
+  float acc[D / 8][4];
+  zero(acc);
+  mma_rows<T, D / 8, false>(acc, A, kLdP, B, TcTile<D>::LD, 16 * warp, 0, warp + 1, lane);
+  store_rows<T, D / 8>(dst, D, acc, 16 * warp, lane);
+}
+// The chunk's output rows (those in the part) into out.o.
+template <typename T, int N>
+__device__ __forceinline__ void store_o_rows(const ForwardOut& out, const ChunkPos& cp, const float (&acc)[N][4],
+                                             int m0, int lane) {
+  for_pairs<N>(m0, lane, [&](int j, int hf, int x, int col) {
+    if (x < cp.nvalid)
+      store_u32(static_cast<T*>(out.o) + cp.b * out.osb + (cp.t0 + x) * out.ost + cp.h * out.osh + col,
+                pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+  });
+}
+
+// ---- fp32 state tiles: rows r0.. (16 a warp), columns j0.. of a row-major [D][D] state
+// f(nt, e, row, col) for this lane's entries S[nt][e] of a state tile.
+template <int N, typename F>
+__device__ __forceinline__ void for_state(int r0, int j0, int lane, F&& f) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(nt, e, r0 + (lane >> 2) + 8 * (e >> 1), j0 + 8 * nt + 2 * (lane & 3) + (e & 1));
+}
+// S = I (identity, the columns of a summary's map A), else src[at + ...] or, without src, 0.
+template <int D, int N>
+__device__ __forceinline__ void load_state(float (&S)[N][4], bool identity, const float* src, int64_t at, int r0,
+                                           int j0, int lane) {
+  for_state<N>(r0, j0, lane, [&](int nt, int e, int row, int col) {
+    S[nt][e] = identity ? (row == col ? 1.f : 0.f) : src != nullptr ? src[at + row * D + col] : 0.f;
+  });
+}
+// S into dst (already offset to the (b, h) state), 8 bytes a store.
+template <int D, int N>
+__device__ __forceinline__ void store_state(float* dst, const float (&S)[N][4], int r0, int j0, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = r0 + (lane >> 2) + 8 * hf;
+      const int col = j0 + 8 * nt + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(dst + row * D + col) = make_float2(S[nt][2 * hf], S[nt][2 * hf + 1]);
+    }
+}
+
+// S += f src (src offset to the (b, h) state).
+template <int D, int N>
+__device__ __forceinline__ void add_state(float (&S)[N][4], float f, const float* src, int r0, int j0, int lane) {
+  for_state<N>(r0, j0, lane, [&](int nt, int e, int row, int col) { S[nt][e] += f * src[row * D + col]; });
+}
+// S = src (offset to the (b, h) state), and its 16-bit copy into the [row][ldx] tile xb
+// (columns from 0).
+template <typename T, int D, int N>
+__device__ __forceinline__ void load_state_xb(float (&S)[N][4], T* xb, int ldx, const float* src, int r0, int j0,
+                                              int lane) {
+  for_pairs<N>(r0, lane, [&](int nt, int hf, int row, int cl) {
+    const float2 f2 = *reinterpret_cast<const float2*>(src + row * D + j0 + cl);
+    S[nt][2 * hf] = f2.x;
+    S[nt][2 * hf + 1] = f2.y;
+    store_u32(xb + row * ldx + cl, pack2<T>(f2.x, f2.y));
+  });
+}
+// diag(f) S: row r times f[r].
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&S)[N][4], const float* f, int r0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float e = f[r0 + (lane >> 2) + 8 * hf];
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt) {
+      S[nt][2 * hf] *= e;
+      S[nt][2 * hf + 1] *= e;
+    }
+  }
+}
+// The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
+// (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and
+// head_M's; store(dst) writes the carried columns to dst (offset to the (b, h) state).
+template <typename F>
+__device__ __forceinline__ void store_pass_end(const ChunkStatesOut& fo, const ChunkSummaryOut& sum, bool amap,
+                                               int64_t at, F&& store) {
+  const bool summary = sum.A != nullptr;
+  float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+  if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    if (dst[which] == nullptr) continue;
+    store(dst[which] + at);
+  }
+}
+
+// ---- per-row and per-column sums of a fragment ----------------------------------------
+// Sum over the 4 lanes that share a fragment row.
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// Sum over the 8 lane groups that share a fragment column.
+__device__ __forceinline__ float col_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+// Adds v[hf] (this lane's partial sums of rows m0 + lane / 4 + 8 hf) to dst[row].
+__device__ __forceinline__ void add_rows(float* dst, const float (&v)[2], int m0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float s = row_sum(v[hf]);
+    if ((lane & 3) == 0) atomicAdd(dst + m0 + (lane >> 2) + 8 * hf, s);
+  }
+}
+
+// Adds c[j][par] (negated with kNeg; partial sums of column n0 + 8 j + 2 (lane % 4) + par)
+// to dst[column].
+template <bool kNeg, int N>
+__device__ __forceinline__ void add_cols(float* dst, const float (&c)[N][2], int n0, int lane) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int par = 0; par < 2; ++par) {
+      const float s = col_sum(c[j][par]);
+      if (lane < 4) atomicAdd(dst + n0 + 8 * j + 2 * lane + par, kNeg ? -s : s);
+    }
+}
+
+}  // namespace
+}  // namespace lasp2::delta::gpu
