@@ -17,10 +17,11 @@ number of documents: cu_seqlens.numel() - 1).
 ring=False runs LASP-2 (saved: local records, prefix states, map table, head maps),
 ring=True LASP-1 (saved: entering states, local records, head maps, and an unused
 one-float buffer so both schedules return the same number of tensors). kept: what the
-CUDA chunked kernels' forward keeps for the backward (prep's w, meta, T and the state
-pass's v_new and per-chunk states, fp32 values; empty on the CPU, for other dtypes or
-head dims, for packed documents with their own states, with LASP2_DELTA_KEEP_FORWARD=0,
-and with keep=False: delta_rule passes keep only when a backward can follow; its size:
+CUDA chunked kernels' forward keeps for the backward (GDN: prep's w, meta, T; KDA: prep's
+w, qg, kd, P, eL, T; both: the state pass's v_new and per-chunk states; fp32 values; empty
+on the CPU, for other dtypes or head dims, for packed documents with their own states,
+with LASP2_DELTA_KEEP_FORWARD=0 (KDA also LASP2_DELTA_KDA_KEEP_FORWARD=0), and with
+keep=False: delta_rule passes keep only when a backward can follow; its size:
 _forward_kept_floats, docs/delta_rule.md). final_state is
 [N, H, Dk, Dv] float32 (N = B, or num_seqs documents), an empty tensor when not asked
 for; d_final_state is this rank's, d_initial_state its share ("the sum of the ranks'
@@ -170,10 +171,12 @@ def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_st
                          comm: int, parts: int, keep: bool = True):
     """The size of the forward's kept buffer (csrc/torch/delta_rule_op.cpp's
     forward_kept_floats: DeltaFamily::forward_kept_floats over the rank's parts, each
-    ForwardKept::floats in delta_cuda_backend.cpp), from sizes that may be symbolic: per
-    part of n tokens, c = ceil(n / 64) chunks and r = B H 64 c rows, 16-bit w and v_new
-    (r dk / 2 and r dv / 2 floats), meta (2 r), T (32 r) and the 16-bit state entering
-    each chunk (B H c dk dv / 2). A GPU test holds it to the kernels' own size."""
+    ForwardKept::floats or, KDA, KdaForwardKept::floats in delta_cuda_backend.cpp), from
+    sizes that may be symbolic: per part of n tokens, c = ceil(n / 64) chunks and
+    r = B H 64 c rows, 16-bit v_new (r dv / 2 floats), the 16-bit state entering each chunk
+    (B H c dk dv / 2) and GDN: 16-bit w (r dk / 2), meta (2 r), T (32 r); KDA: 16-bit w, qg,
+    kd (r dk / 2 each), P and T (32 r each), fp32 eL (B H c dk). GPU tests hold it to the
+    kernels' own size."""
     if not keep or _packed_states(cu_seqlens, initial_state, output_final_state):
         return 0
     B, T, H, dk = q.shape
@@ -182,11 +185,15 @@ def _forward_kept_floats(q: Tensor, v: Tensor, g: Tensor, cu_seqlens, initial_st
         return 0
     n_parts = parts if comm else 1  # one device: the whole local sequence is one part
     bh = B * H
+    per_key = g.dim() == 4
 
     def part(n):
         chunks = (n + 63) // 64
         rows = bh * chunks * 64
-        return rows * dk // 2 + 2 * rows + 32 * rows + rows * dv // 2 + bh * chunks * dk * dv // 2
+        shared = rows * dv // 2 + bh * chunks * dk * dv // 2  # v_new, chunk states
+        if per_key:  # w, qg, kd; P, T; eL
+            return shared + 3 * (rows * dk // 2) + 2 * 32 * rows + bh * chunks * dk
+        return shared + rows * dk // 2 + 2 * rows + 32 * rows  # w, meta, T
 
     return n_parts * part(T // n_parts)
 

@@ -51,8 +51,9 @@ class DeltaKernelBackend {
                        const DocStates& doc, MutView o, void* stream) const = 0;
 
   // What the forward can keep for the backward of the same part with the same entering
-  // state (the CUDA chunked kernels: per-chunk w, meta, T, v_new and the 16-bit state
-  // entering each chunk), in fp32 values on the device; 0 (the default, the CPU): nothing.
+  // state (the CUDA chunked kernels: per-chunk w, meta, T (KDA: w, qg, kd, P, eL, T),
+  // v_new and the 16-bit state entering each chunk), in fp32 values on the device; 0 (the
+  // default, the CPU): nothing.
   // It depends on the params' sizes, dtypes and gate kind alone (not on the views'
   // alignment), so a caller can size the buffer before the call.
   virtual int64_t forward_kept_floats(const DeltaParams& p, TokenRange part) const {

@@ -174,19 +174,31 @@ def test_gdn_chunked_document_states(dtype, D, with_initial):
         assert rel_err(got.cpu(), want) < tol, name
 
 
+def _skip_unless_kept(kind, D, dtype=torch.bfloat16):
+    """Skips where the CUDA kernels keep nothing for (kind, D): KDA at D = 128 needs the
+    chunked backward's 217 KiB of shared memory (sm_90; an sm_80 takes the token walks)."""
+    from lasp2._extension import _C
+    if not _C.delta_keeps_forward(dtype, D, D, kind == "kda", torch.device("cuda")):
+        assert torch.cuda.get_device_capability() < (9, 0), "an H100 / H200 keeps the forward's outputs"
+        pytest.skip(f"{kind} at D = {D}: this GPU's shared memory does not take the chunked backward")
+
+
+@pytest.mark.parametrize("kind,D", [("gdn", 64), ("kda", 128)])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("final", [False, True])
-def test_gdn_forward_kept_equals_recomputing(packed, final, monkeypatch):
+def test_forward_kept_equals_recomputing(kind, D, packed, final, monkeypatch):
     """The forward's kept buffer (prep's and the state pass's outputs, read by the
     backward instead of running them again) against LASP2_DELTA_KEEP_FORWARD=0: the same
     kernels on the same values, so o, dq, dk, dv are equal bit for bit (dg, dbeta through
-    shared-memory atomics: up to their order). The op's kept tensor has the fake
-    function's size (> 0 where it keeps: rows with or without states, packed documents
-    without)."""
+    shared-memory atomics: up to their order). GDN at D = 64, KDA at D = 128; 300 tokens
+    (five chunks), rows with initial states or packed documents across chunks. The op's
+    kept tensor has the fake function's size (> 0 where it keeps: rows with or without
+    states, packed documents without)."""
     from lasp2.ops import _delta_library
+    _skip_unless_kept(kind, D)
     cu = torch.tensor([0, 5, 64, 65, 150, 300]) if packed else None
-    B, T, H, D = (1 if packed else 2), 300, 2, 64
-    q, k, v, g, beta, h0 = make_inputs("gdn", B, T, H, D, seed=3, docs=cu.tolist() if packed else None)
+    B, T, H = (1 if packed else 2), 300, 2
+    q, k, v, g, beta, h0 = make_inputs(kind, B, T, H, D, seed=3, docs=cu.tolist() if packed else None)
     q, k, v = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
     g, beta, h0 = (x.to("cuda", torch.float32) for x in (g, beta, h0))
     cu = cu.cuda() if packed else None
@@ -194,8 +206,7 @@ def test_gdn_forward_kept_equals_recomputing(packed, final, monkeypatch):
 
     def grads():
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
-        o, fin = lasp2.gated_delta_rule(*leaves, initial_state=h0, output_final_state=final and not packed,
-                                        cu_seqlens=cu)
+        o, fin = OPS[kind](*leaves, initial_state=h0, output_final_state=final and not packed, cu_seqlens=cu)
         do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.device, o.dtype)
         loss = (o.float() * do.float()).sum() + (fin.sum() if fin is not None else 0)
         return [o.detach(), *torch.autograd.grad(loss, leaves)]
@@ -214,5 +225,42 @@ def test_gdn_forward_kept_equals_recomputing(packed, final, monkeypatch):
     kept = _delta_library.delta_rule_forward(*args)[6]
     assert kept.numel() > 0
     assert kept.numel() == _delta_library._forward_kept_floats(q, v, g, cu, h0, final and not packed, 0, 1)
+    monkeypatch.setenv("LASP2_DELTA_KDA_KEEP_FORWARD", "0")  # KDA's own knob leaves GDN alone
+    assert (_delta_library.delta_rule_forward(*args)[6].numel() == 0) == (kind == "kda")
+    monkeypatch.delenv("LASP2_DELTA_KDA_KEEP_FORWARD")
     monkeypatch.setenv("LASP2_DELTA_KEEP_FORWARD", "0")
     assert _delta_library.delta_rule_forward(*args)[6].numel() == 0
+
+
+@pytest.mark.parametrize("kind,D", [("gdn", 64), ("kda", 128)])
+def test_forward_keeps_only_for_a_backward(kind, D):
+    """The op keeps the forward's outputs only where a backward can follow: with inputs
+    that require grad in grad mode the call's graph holds the kept buffer (its size from
+    _forward_kept_floats) until it is freed; under torch.no_grad, or with no input that
+    requires grad, nothing beyond o and the schedule's small saved buffers stays
+    allocated after the call."""
+    from lasp2.ops import _delta_library
+    _skip_unless_kept(kind, D)
+    B, T, H = 1, 4096, 4
+    q, k, v, g, beta, _ = make_inputs(kind, B, T, H, D, seed=5)
+    q, k, v = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
+    g, beta = (x.to("cuda", torch.float32) for x in (g, beta))
+    kept_bytes = 4 * _delta_library._forward_kept_floats(q, v, g, None, None, False, 0, 1)
+    o_bytes = v.numel() * v.element_size()
+    assert kept_bytes > 4 * o_bytes  # the bound below tells the two apart
+
+    def held(grad_mode, requires_grad):
+        """Bytes the call leaves allocated while its output (and graph) lives."""
+        leaves = [x.detach().clone().requires_grad_(requires_grad) for x in (q, k, v, g, beta)]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.set_grad_enabled(grad_mode):
+            o, _ = OPS[kind](*leaves)
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_allocated()
+        del o
+        return after - before
+
+    assert held(True, True) >= kept_bytes + o_bytes
+    assert held(False, True) < o_bytes + kept_bytes // 4
+    assert held(True, False) < o_bytes + kept_bytes // 4

@@ -35,7 +35,12 @@
 // forward, part_summary and entering_dstate, and (kda_chunk_bwd.h, where the block's
 // shared memory fits and, with packed documents, no document states are passed) the
 // backward. LASP2_DELTA_KDA_CHUNKED=0 turns those off alone;
-// LASP2_DELTA_KDA_CHUNKED_BWD=0 the backward alone.
+// LASP2_DELTA_KDA_CHUNKED_BWD=0 the backward alone. Its forward_keeping keeps what the
+// KDA backward reads of prep (w, qg, kd, P, eL, and T, which the forward's prep then also
+// writes; not u: only the state pass reads it) and of the state pass (KdaForwardKept);
+// the backward then runs neither, and the SP schedules' entering_dstate skips prep too.
+// LASP2_DELTA_KEEP_FORWARD=0 (both families) or LASP2_DELTA_KDA_KEEP_FORWARD=0 (KDA alone)
+// turns that off.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -234,16 +239,25 @@ struct SegmentBuffers {
 int64_t chunk_rows(const gpu::Problem& g) { return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens; }
 
 // Whether the forward keeps its chunked kernels' outputs for the backward (forward_kept_floats
-// > 0): everything of chunked() and chunk_backward_takes() that the params' sizes, dtypes
-// and gate kind decide (the views' alignment is checked by each call).
+// > 0): everything of chunked() and chunk_backward_takes() (GDN) or of kda_chunked() and
+// kda_backward_chunked() (KDA) that the params' sizes, dtypes and gate kind decide (the
+// views' alignment is checked by each call).
 bool keeps_forward_params(const DeltaParams& p) {
   const char* chunked_env = std::getenv("LASP2_DELTA_CHUNKED");
   if (chunked_env != nullptr && chunked_env[0] == '0') return false;
   const char* keep_env = std::getenv("LASP2_DELTA_KEEP_FORWARD");
   if (keep_env != nullptr && keep_env[0] == '0') return false;
-  if (p.gate_kind != GateKind::kScalar) return false;
   if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
   if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
+  if (p.gate_kind == GateKind::kPerKey) {
+    for (const char* name :
+         {"LASP2_DELTA_KDA_KEEP_FORWARD", "LASP2_DELTA_KDA_CHUNKED", "LASP2_DELTA_KDA_CHUNKED_BWD"}) {
+      const char* env = std::getenv(name);
+      if (env != nullptr && env[0] == '0') return false;
+    }
+    return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
+  }
+  if (p.gate_kind != GateKind::kScalar) return false;
   return cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
 }
 
@@ -264,6 +278,36 @@ struct ForwardKept {
     t = meta + 2 * rows;
     v_new = t + rows * gpu::kChunkTokens / 2;
     states = v_new + rows * g.dv / 2;
+  }
+};
+
+// One KDA part's forward-kept buffer: what the KDA backward reads of prep (w, qg, kd,
+// P, eL, T: KdaPrep without u) and of the state pass (v_new, the 16-bit chunk states),
+// back to back; each piece a multiple of 64 floats (rows are whole chunks, d in {64, 128}),
+// so every one starts 256-byte aligned.
+struct KdaForwardKept {
+  gpu::KdaPrep prep;
+  void* v_new = nullptr;
+  void* states = nullptr;
+
+  // chunks: bh * chunk count. 16-bit w, qg, kd, v_new ([rows][d]), P and T ([64][64] a
+  // chunk) and chunk states ([dk][dv] a chunk); fp32 eL ([dk] a chunk).
+  static int64_t floats(int64_t bh, int64_t chunks, int64_t dk, int64_t dv) {
+    const int64_t c = bh * chunks, rows = c * gpu::kChunkTokens;
+    return 3 * rows * dk / 2 + 2 * c * gpu::kChunkTokens * gpu::kChunkTokens / 2 + c * dk + rows * dv / 2 +
+           c * dk * dv / 2;
+  }
+  KdaForwardKept(const gpu::Problem& g, const float* base) {
+    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
+    float* p = const_cast<float*>(base);  // written by forward_keeping, read by the backward
+    prep.w = p;
+    prep.qg = p += z.rows_half;
+    prep.kd = p += z.rows_half;
+    prep.p = p += z.rows_half;
+    prep.t = p += z.p_half;
+    prep.eL = p += z.p_half;
+    v_new = p += z.eL;
+    states = p + chunk_rows(g) * g.dv / 2;
   }
 };
 
@@ -364,7 +408,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     if (kda_chunked(p, part, {ConstView{o.data, o.stride}}) && !(p.doc_start != nullptr && doc.initial != nullptr)) {
-      kda_forward(problem_of(p, part, nullptr), entering, out, as_stream(stream));
+      kda_forward(problem_of(p, part, nullptr), entering, &out, nullptr, as_stream(stream));
       return;
     }
     walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, as_stream(stream));
@@ -372,19 +416,22 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
 
   int64_t forward_kept_floats(const DeltaParams& p, TokenRange part) const override {
     if (p.bh() == 0 || part.length() <= 0 || !keeps_forward_params(p)) return 0;
-    return ForwardKept::floats(p.bh(), (part.length() + gpu::kChunkTokens - 1) / gpu::kChunkTokens, p.dim_k,
-                               p.dim_v);
+    const int64_t chunks = (part.length() + gpu::kChunkTokens - 1) / gpu::kChunkTokens;
+    return p.gate_kind == GateKind::kPerKey ? KdaForwardKept::floats(p.bh(), chunks, p.dim_k, p.dim_v)
+                                            : ForwardKept::floats(p.bh(), chunks, p.dim_k, p.dim_v);
   }
 
   // The chunked forward with prep's w, meta, T and the state pass's v_new and chunk states
-  // in `kept`. Where the output's views do not suit the chunked output pass (only a
-  // caller's own o can be misaligned: the binding's o follows v's strides), the walk
-  // writes o and the kept buffer is still filled for the backward.
+  // in `kept` (KDA: KdaForwardKept's). Where the output's views do not suit the chunked
+  // output pass (only a caller's own o can be misaligned: the binding's o follows v's
+  // strides), the walk writes o and the kept buffer is still filled for the backward.
   void forward_keeping(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
                        MutView o, float* kept, void* stream) const override {
     check_params(p, part);
     const int64_t kept_floats = kept != nullptr ? forward_kept_floats(p, part) : 0;
-    if (kept_floats == 0 || !chunked(p, part, {}) || (p.doc_start != nullptr && doc.initial != nullptr)) {
+    const bool kda = p.gate_kind == GateKind::kPerKey;
+    if (kept_floats == 0 || !(kda ? kda_chunked(p, part, {}) : chunked(p, part, {})) ||
+        (p.doc_start != nullptr && doc.initial != nullptr)) {
       // zeros where nothing is kept (misaligned q, k, v: the backward's chunked kernels do
       // not take the part either and never read it), so the buffer is deterministic
       if (kept_floats > 0) fill_zero(kept, kept_floats, stream);
@@ -393,6 +440,14 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     }
     const cudaStream_t s = as_stream(stream);
     const gpu::Problem g = problem_of(p, part, nullptr);
+    if (kda) {
+      gpu::ForwardOut out;
+      set_out(o, out.o, out.osb, out.ost, out.osh);
+      const bool o_fits = rows_aligned(ConstView{o.data, o.stride});
+      kda_forward(g, entering, o_fits ? &out : nullptr, kept, s);
+      if (!o_fits) walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, s);
+      return;
+    }
     const ForwardKept fk(g, kept);
     const Scratch scratch({chunk_rows(g) * g.dk / 2}, allocator_, s);  // u
     gpu::ChunkPrep prep{fk.w, scratch[0], fk.meta};
@@ -422,7 +477,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     if (kda_chunked(p, part, {dout})) {
-      kda_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, s);
+      kda_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, nullptr, s);
       return;
     }
     const gpu::Problem g = segmented(problem_of(p, part, nullptr));
@@ -474,6 +529,14 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
                                                         const BackwardPlan& plan, float* dentering,
                                                         void* stream) const override {
     check_params(p, part);
+    // KDA: prep from the forward where the chunked backward will read it too (nothing
+    // more is kept: rprep runs inside launch_kda_rstates, again for the backward)
+    if (p.bh() > 0 && plan.forward_kept != nullptr &&
+        kda_backward_chunked(p, part, dout, plan.dq, plan.dk, plan.dv, plan.doc_states)) {
+      kda_entering_dstate(problem_of(p, part, nullptr), view_of(dout), dentering, plan.forward_kept,
+                          as_stream(stream));
+      return nullptr;
+    }
     // keep only what the chunked backward will take (0.9 GB a part at 64K tokens)
     if (p.bh() == 0 || !chunk_backward_takes(p, part, dout, plan)) {
       entering_dstate(p, part, dout, dentering, stream);
@@ -522,7 +585,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     if (kda_backward_chunked(p, part, dout, dq, dk, dv, doc_states)) {
-      kda_backward(problem_of(p, part, nullptr), view_of(dout), entering, leaving_dstate, dq, dk, dv,
+      kda_backward(problem_of(p, part, nullptr), view_of(dout), forward_kept, entering, leaving_dstate, dq, dk, dv,
                    static_cast<float*>(dg), static_cast<float*>(dbeta), dentering, s);
       return;
     }
@@ -689,56 +752,88 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   }
 
   // KDA (kda_chunk.h): prep, the state pass (v_new and the 16-bit state entering each
-  // chunk), the output.
-  void kda_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut& out, cudaStream_t s) const {
+  // chunk), the output (null `out`: none). With `kept` (forward_keeping) prep's outputs but
+  // u, T among them, and the state pass's go there (KdaForwardKept), u alone to scratch.
+  void kda_forward(const gpu::Problem& g, const float* entering, const gpu::ForwardOut* out, float* kept,
+                   cudaStream_t s) const {
     const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
-    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.rows_half,
-                           g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
+    const int64_t own = kept != nullptr ? 0 : 1;  // 0: the piece is in `kept`
+    const Scratch scratch({z.rows_half, own * z.rows_half, own * z.rows_half, own * z.rows_half, own * z.p_half,
+                           own * z.eL, own * z.rows_half, own * g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2},
                           allocator_, s);
-    const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
-    gpu::launch_kda_prep(g, prep, s);
+    gpu::KdaPrep prep{scratch[1], scratch[0], scratch[2], scratch[3], scratch[4], scratch[5]};
     gpu::ChunkStatesOut so;
     so.entering = entering;
     so.v_new = scratch[6];
     so.states = scratch[7];
+    if (kept != nullptr) {
+      const KdaForwardKept fk(g, kept);
+      prep = fk.prep;
+      prep.u = scratch[0];
+      so.v_new = fk.v_new;
+      so.states = fk.states;
+    }
+    gpu::launch_kda_prep(g, prep, s);
     gpu::launch_kda_states(g, prep, so, s);
-    gpu::launch_kda_output(g, prep, scratch[6], scratch[7], out, s);
+    if (out != nullptr) gpu::launch_kda_output(g, prep, so.v_new, so.states, *out, s);
   }
 
-  // KDA's entering_dstate: prep, rprep and the reverse state pass (kda_chunk.h).
-  void kda_entering_dstate(const gpu::Problem& g, gpu::View dout, float* dentering, cudaStream_t s) const {
+  // KDA's entering_dstate: prep (or the forward's, `forward_kept`: KdaForwardKept), rprep
+  // and the reverse state pass (kda_chunk.h).
+  void kda_entering_dstate(const gpu::Problem& g, gpu::View dout, float* dentering, const float* forward_kept,
+                           cudaStream_t s) const {
     const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
-    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.rows_half},
+    const int64_t own = forward_kept != nullptr ? 0 : 1;
+    const Scratch scratch({own * z.rows_half, own * z.rows_half, own * z.rows_half, own * z.rows_half,
+                           own * z.p_half, own * z.eL, z.rows_half},
                           allocator_, s);
-    const gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
-    gpu::launch_kda_prep(g, prep, s);
+    gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
+    if (forward_kept != nullptr) {
+      prep = KdaForwardKept(g, forward_kept).prep;
+    } else {
+      gpu::launch_kda_prep(g, prep, s);
+    }
     gpu::launch_kda_entering_dstate(g, prep, dout, scratch[6], dentering, s);
   }
 
   // KDA's backward (kda_chunk_bwd.h): prep (with T), the state pass from `entering` (v_new
   // and the 16-bit state entering each chunk), rprep and the reverse pass from `leaving`
   // (each chunk's 16-bit leaving-state gradient and the entering state's), then every
-  // chunk's gradients at once.
-  void kda_backward(const gpu::Problem& g, gpu::View dout, const float* entering, const float* leaving, MutView dq,
-                    MutView dk, MutView dv, float* dg, float* dbeta, float* dentering, cudaStream_t s) const {
+  // chunk's gradients at once. With `forward_kept` (forward_keeping of the part, the same
+  // entering state: KdaForwardKept) prep and the state pass ran in the forward.
+  void kda_backward(const gpu::Problem& g, gpu::View dout, const float* forward_kept, const float* entering,
+                    const float* leaving, MutView dq, MutView dk, MutView dv, float* dg, float* dbeta,
+                    float* dentering, cudaStream_t s) const {
     const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
     const int64_t states = g.bh() * gpu::chunk_count(g) * g.dk * g.dv / 2;
-    const Scratch scratch({z.rows_half, z.rows_half, z.rows_half, z.rows_half, z.p_half, z.eL, z.p_half, z.rows_half},
+    const int64_t own = forward_kept != nullptr ? 0 : 1;
+    // w, u, qg, kd, P, eL, T, v_new (none with forward_kept)
+    const Scratch scratch({own * z.rows_half, own * z.rows_half, own * z.rows_half, own * z.rows_half,
+                           own * z.p_half, own * z.eL, own * z.p_half, own * z.rows_half},
                           allocator_, s);
-    const Scratch more({states, z.rows_half, states}, allocator_, s);  // chunk states, r, dh
+    const Scratch more({own * states, z.rows_half, states}, allocator_, s);  // chunk states, r, dh
     gpu::KdaPrep prep{scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]};
     prep.t = scratch[6];
-    gpu::launch_kda_prep(g, prep, s);
-    gpu::ChunkStatesOut so;
-    so.entering = entering;
-    so.v_new = scratch[7];
-    so.states = more[0];
-    gpu::launch_kda_states(g, prep, so, s);
+    const void* v_new = scratch[7];
+    const void* chunk_states = more[0];
+    if (forward_kept != nullptr) {
+      const KdaForwardKept fk(g, forward_kept);
+      prep = fk.prep;
+      v_new = fk.v_new;
+      chunk_states = fk.states;
+    } else {
+      gpu::launch_kda_prep(g, prep, s);
+      gpu::ChunkStatesOut so;
+      so.entering = entering;
+      so.v_new = scratch[7];
+      so.states = more[0];
+      gpu::launch_kda_states(g, prep, so, s);
+    }
     gpu::launch_kda_rstates(g, prep, dout, more[1], leaving, more[2], dentering, s);
     gpu::KdaBackwardArgs a;
     a.dout = dout;
-    a.v_new = scratch[7];
-    a.states = more[0];
+    a.v_new = v_new;
+    a.states = chunk_states;
     a.dh = more[2];
     a.t = prep.t;
     a.r = more[1];
