@@ -24,6 +24,7 @@
 #include "cuda_test_util.h"
 #include "delta_device_problem.h"
 #include "delta_rule/cuda/kda_chunk.h"
+#include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "delta_rule/delta_backend.h"
 #include "lasp2/lasp2.h"
 
@@ -220,6 +221,32 @@ struct KdaGrads {
   std::vector<float> dg, db, dE;
 };
 
+// The CUDA backend's backward of a case's problem over `part` from the entering state and
+// the leaving-state gradient.
+KdaGrads kda_device_backward(const DeltaProblem<float>& pr, const DeviceProblem& dev, ScalarType type, Layout lay,
+                             TokenRange part, const DevBuf<float>& entering, const DevBuf<float>& leaving) {
+  const DeltaSpec& s = pr.spec;
+  const DeltaParams hp = pr.params();
+  const int64_t bh = hp.bh(), se = hp.state_elems();
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  KdaGrads r;
+  DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, type, lay), dk(s.batch, s.seqlen, s.heads, s.dim_k, type, lay),
+      dv(s.batch, s.seqlen, s.heads, s.dim_v, type, lay);
+  DevBuf<float> dg = to_device_f32(std::vector<float>(pr.g.size(), 0.f));
+  DevBuf<float> db = to_device_f32(std::vector<float>(pr.beta.size(), 0.f));
+  DevBuf<float> dE(bh * se);
+  dE.poison();
+  gpu.backward(dev.p, part, dev.dout.cview(), entering.p, leaving.p, DocStates{}, dq.mview(), dk.mview(), dv.mview(),
+               dg.p, db.p, dE.p, nullptr);
+  r.dq = dq.download();
+  r.dk = dk.download();
+  r.dv = dv.download();
+  r.dg = dg.download();
+  r.db = db.download();
+  r.dE = dE.download();
+  return r;
+}
+
 TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   LASP2_SKIP_WITHOUT_CUDA();
   const KdaCase c = GetParam();
@@ -242,24 +269,7 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   }
   const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
 
-  auto run = [&]() {
-    KdaGrads r;
-    DevTensor dq(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay), dk(s.batch, s.seqlen, s.heads, s.dim_k, c.type, lay),
-        dv(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
-    DevBuf<float> dg = to_device_f32(std::vector<float>(pr.g.size(), 0.f));
-    DevBuf<float> db = to_device_f32(std::vector<float>(pr.beta.size(), 0.f));
-    DevBuf<float> dE(bh * se);
-    dE.poison();
-    gpu.backward(dp, part, dout.cview(), d_entering.p, d_leaving.p, DocStates{}, dq.mview(), dk.mview(), dv.mview(),
-                 dg.p, db.p, dE.p, nullptr);
-    r.dq = dq.download();
-    r.dk = dk.download();
-    r.dv = dv.download();
-    r.dg = dg.download();
-    r.db = db.download();
-    r.dE = dE.download();
-    return r;
-  };
+  auto run = [&]() { return kda_device_backward(pr, dev, c.type, lay, part, d_entering, d_leaving); };
   const KdaGrads got = run();
   KdaGrads want;
   {
@@ -330,6 +340,63 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
                       KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
+                      KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
+    kda_case_name);
+
+// The chunk-gradient kernels against each other (LASP2_DELTA_KDA_BWD_KERNEL: the 8-warp
+// kernel, the default, and the earlier 4-warp one) on the cases above: the same
+// functions, so both within the bounds above of each other, and written on the same
+// places.
+class DeltaCudaKdaBwdKernels : public ::testing::TestWithParam<KdaCase> {};
+
+TEST_P(DeltaCudaKdaBwdKernels, NewMatchesOld) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const KdaCase c = GetParam();
+  const DeltaProblem<float> pr = kda_problem(c);
+  const DeltaSpec& s = pr.spec;
+  const DeltaParams hp = pr.params();
+  const Layout lay{false, 0};
+  const DeviceProblem dev(pr, c.type, lay);
+  const TokenRange part{37, s.seqlen - 20};
+  const int64_t bh = hp.bh(), se = hp.state_elems();
+  std::vector<float> entering(bh * se), leaving(bh * se);
+  {
+    std::mt19937 rng(13);
+    std::normal_distribution<float> normal(0.f, 0.3f);
+    for (auto& x : entering) x = normal(rng);
+    for (auto& x : leaving) x = normal(rng);
+  }
+  const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
+  KdaGrads grads[2];
+  for (int old = 0; old < 2; ++old) {
+    const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", old ? "old" : "new");
+    grads[old] = kda_device_backward(pr, dev, c.type, lay, part, d_entering, d_leaving);
+  }
+  const KdaGrads& nw = grads[0];
+  const KdaGrads& od = grads[1];
+  const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
+  for (auto [name, a, b, dim] : {std::tuple{"dq", &nw.dq, &od.dq, s.dim_k}, {"dk", &nw.dk, &od.dk, s.dim_k},
+                                 {"dv", &nw.dv, &od.dv, s.dim_v}}) {
+    const Compare cmp = compare_rows(a->v, a->written, b->v, s.batch, s.seqlen, s.heads, dim, part.begin, part.end);
+    EXPECT_LT(cmp.rel, tol_io) << name << " new vs old kernel";
+    EXPECT_EQ(cmp.missing, 0) << name;
+    EXPECT_EQ(cmp.clobbered, 0) << name;
+    EXPECT_EQ(a->written, b->written) << name << " written where the old kernel writes";
+  }
+  EXPECT_LT(rel_err_f32(nw.dg, od.dg), tol_sum) << "dg new vs old kernel";
+  EXPECT_LT(rel_err_f32(nw.db, od.db), tol_sum) << "dbeta new vs old kernel";
+  EXPECT_LT(rel_err_f32(nw.dE, od.dE), tol_sum) << "d_entering new vs old kernel";
+  EXPECT_GT(delta::testing::max_abs(nw.dg), 0.0) << "dg is not all zero";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, DeltaCudaKdaBwdKernels,
+    ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
+                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
+                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kStrong},
+                      KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
+                      KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
+                      KdaCase{ScalarType::kFloat16, 128, true, Gates::kNegInf},
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
     kda_case_name);
 
@@ -426,6 +493,22 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     }
     cuda_ok(cudaEventElapsedTime(&bwd_ms[rec], e0, e1), "elapsed");
   }
+  float bwd_old_ms = 0.f;  // the chunked backward with the earlier 4-warp chunk-gradient kernel
+  {
+    const EnvGuard old("LASP2_DELTA_KDA_BWD_KERNEL", "old");
+    DevTensor dq_old(1, T, H, D, type, Layout{});
+    for (int rep = 0; rep < 2; ++rep) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      be.backward(p, all, dout.cview(), nullptr, nullptr, {}, dq_old.mview(), dk.mview(), dv.mview(), dg.p, db.p,
+                  nullptr, nullptr);
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+    }
+    cuda_ok(cudaEventElapsedTime(&bwd_old_ms, e0, e1), "elapsed");
+  }
+  std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked backward with the old (4-warp) chunk-gradient kernel "
+              "%.2f ms\n",
+              static_cast<long long>(T), bwd_old_ms);
   std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate %.2f ms, backward %.2f ms; recurrent part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate %.2f ms, backward %.2f ms\n",
@@ -481,6 +564,94 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     cuda_ok(cudaEventElapsedTime(&t[2], e2, e3), "elapsed");
     std::printf("[ timing ] KDA chunked forward per launch: prep %.2f ms, states %.2f ms, output %.2f ms\n", t[0], t[1],
                 t[2]);
+    // per launch of the chunked backward (kda_chunk_bwd.h): prep with T, the state pass,
+    // rprep + the reverse pass (launch_kda_rstates), the chunk gradients with the 8-warp
+    // kernel (new, the default) and with the 4-warp one (old); the two kernels' outputs
+    // compared over the first tokens
+    DevBuf<float> tt(z.p_half), rr(z.rows_half), dhb(H * gpu::chunk_count(kp) * D * D / 2), dg2[2] = {},
+        db2[2] = {};
+    gpu::KdaPrep bp = prep;
+    bp.t = tt.p;
+    const gpu::View dov{dout.buf.p, T * H * D, H * D, D};
+    DevTensor bq[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
+    DevTensor bk[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
+    DevTensor bv[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
+    gpu::KdaBackwardArgs ba[2];
+    for (int k2 = 0; k2 < 2; ++k2) {
+      dg2[k2] = DevBuf<float>(T * H * D);
+      db2[k2] = DevBuf<float>(T * H);
+      gpu::KdaBackwardArgs& x = ba[k2];
+      x.dout = dov;
+      x.v_new = vn.p;
+      x.states = st.p;
+      x.dh = dhb.p;
+      x.t = tt.p;
+      x.r = rr.p;
+      x.dq = bq[k2].buf.p;
+      x.dk = bk[k2].buf.p;
+      x.dv = bv[k2].buf.p;
+      x.dqsb = x.dksb = x.dvsb = T * H * D;
+      x.dqst = x.dkst = x.dvst = H * D;
+      x.dqsh = x.dksh = x.dvsh = D;
+      x.dg = dg2[k2].p;
+      x.dbeta = db2[k2].p;
+    }
+    cudaEvent_t e4, e5;
+    cuda_ok(cudaEventCreate(&e4), "event");
+    cuda_ok(cudaEventCreate(&e5), "event");
+    float tb[5] = {};
+    for (int rep = 0; rep < 2; ++rep) {  // the second is timed
+      cuda_ok(cudaEventRecord(e0), "record");
+      gpu::launch_kda_prep(kp, bp, nullptr);
+      cuda_ok(cudaEventRecord(e1), "record");
+      gpu::launch_kda_states(kp, bp, so, nullptr);
+      cuda_ok(cudaEventRecord(e2), "record");
+      gpu::launch_kda_rstates(kp, bp, dov, rr.p, nullptr, dhb.p, nullptr, nullptr);
+      cuda_ok(cudaEventRecord(e3), "record");
+      {
+        const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", "new");
+        gpu::launch_kda_backward(kp, ba[0], nullptr);
+      }
+      cuda_ok(cudaEventRecord(e4), "record");
+      {
+        const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", "old");
+        gpu::launch_kda_backward(kp, ba[1], nullptr);
+      }
+      cuda_ok(cudaEventRecord(e5), "record");
+      cuda_ok(cudaEventSynchronize(e5), "sync");
+    }
+    cuda_ok(cudaEventElapsedTime(&tb[0], e0, e1), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&tb[1], e1, e2), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&tb[2], e2, e3), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&tb[3], e3, e4), "elapsed");
+    cuda_ok(cudaEventElapsedTime(&tb[4], e4, e5), "elapsed");
+    std::printf("[ timing ] KDA chunked backward per launch: prep (with T) %.2f ms, states %.2f ms, rprep + rstates "
+                "%.2f ms, chunk gradients %.2f ms (new, 8 warps) / %.2f ms (old, 4 warps)\n",
+                tb[0], tb[1], tb[2], tb[3], tb[4]);
+    cudaEventDestroy(e4);
+    cudaEventDestroy(e5);
+    // the two kernels' dq, dk, dv and dg over the first 256 tokens, dbeta everywhere
+    const int64_t nb = std::min<int64_t>(T, 256);
+    for (auto [name, pair] : {std::pair{"dq", bq}, std::pair{"dk", bk}, std::pair{"dv", bv}}) {
+      DevTensor h0(1, nb, H, D, type, Layout{}), h1(1, nb, H, D, type, Layout{});
+      cuda_ok(cudaMemcpy(h0.buf.p, pair[0].buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
+      cuda_ok(cudaMemcpy(h1.buf.p, pair[1].buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
+      const auto r0 = h0.download(), r1 = h1.download();
+      double num = 0, den = 0;
+      for (size_t i = 0; i < r0.v.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(r0.v[i])) << name << " (new kernel) not finite at " << i;
+        num = std::max(num, std::abs(r0.v[i] - r1.v[i]));
+        den = std::max(den, std::abs(r1.v[i]));
+      }
+      EXPECT_LT(num / std::max(den, 1e-3), 1e-2) << name << ": new vs old chunk-gradient kernel (first tokens)";
+    }
+    {
+      std::vector<float> g0(nb * H * D), g1(nb * H * D);
+      cuda_ok(cudaMemcpy(g0.data(), dg2[0].p, 4 * g0.size(), cudaMemcpyDeviceToHost), "download");
+      cuda_ok(cudaMemcpy(g1.data(), dg2[1].p, 4 * g1.size(), cudaMemcpyDeviceToHost), "download");
+      EXPECT_LT(rel_err_f32(g0, g1), 1e-2) << "dg: new vs old chunk-gradient kernel (first tokens)";
+      EXPECT_LT(rel_err_f32(db2[0].download(), db2[1].download()), 1e-2) << "dbeta: new vs old chunk-gradient kernel";
+    }
   }
   for (auto* e : {&e0, &e1, &e2, &e3}) cudaEventDestroy(*e);
   // the first 256 tokens of both forwards

@@ -1,5 +1,7 @@
-// The chunk-parallel backward of the chunked KDA kernels (see kda_chunk_bwd.h): one block
-// of 4 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
+// The chunk-parallel backward of the chunked KDA kernels (see kda_chunk_bwd.h): the
+// selection between the 8-warp kernel (kda_chunk_bwd_wide.cu, the default) and this
+// file's earlier 4-warp kernel (LASP2_DELTA_KDA_BWD_KERNEL=old, kept for the A/B), which
+// runs one block of 4 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
 // accumulation. Warp w owns tokens [16 w, 16 w + 16) of the chunk in every product (all
 // d columns), so each lane owns the same (token, dim) places of every [64][d] result:
 // dk and dG (the gradient of G, per element) sum in fp32 shared memory without atomics,
@@ -7,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -14,6 +18,7 @@
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
+#include "delta_rule/cuda/kda_chunk_bwd_wide.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -443,7 +448,18 @@ void kda_bwd_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what)
 
 }  // namespace
 
+// Which chunk-gradient kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every call so
+// that the tests and the timing A/B can switch it): new (the 8-warp kernel, the default)
+// or old (the 4-warp kernel below).
+static bool kda_backward_old() {
+  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return false;
+  if (std::strcmp(env, "old") == 0) return true;
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new or old, not " + env);
+}
+
 int kda_backward_smem_bytes(int d) {
+  if (!kda_backward_old()) return kda_backward_wide_smem_bytes(d);
   return d == 64 ? static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 64>))
                  : static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 128>));
 }
@@ -452,6 +468,10 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
   if (chunk_count(p) == 0 || p.bh() == 0) return;
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128))
     fail("lasp2 (CUDA KDA, chunked backward): d_k = d_v must be 64 or 128");
+  if (!kda_backward_old()) {
+    launch_kda_backward_wide(p, a, s);
+    return;
+  }
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
