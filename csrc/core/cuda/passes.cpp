@@ -29,8 +29,12 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
 
 // The meta and the dg fix-up over all heads of a token range (head_row_kernels.cu) or
 // per (b, h, segment) (misc_kernels.cu); both write the same bits. LASP2_CUDA_HEAD_ROWS
-// (for A/B timing) is a bit mask: 1 the meta, 2 the fix-up over rows; default 3.
-bool head_rows(int bit) { return (env_int("LASP2_CUDA_HEAD_ROWS", 3) & bit) != 0; }
+// is a bit mask: 1 the meta over rows, 2 the fix-up over rows. Default 2: on an H200
+// (session 11, docs/kernels.md) the fix-up over rows took 5.5 instead of 20 us at 64K
+// tokens, while the meta over rows plus its segment-sum kernel measured no gain in
+// graph-replayed fwd + bwd (the meta alone 10.2 instead of 14.5 us, plus 3.6 us for
+// the extra launch).
+bool head_rows(int bit) { return (env_int("LASP2_CUDA_HEAD_ROWS", 2) & bit) != 0; }
 
 // The meta (and weights); segL only where a scan or the prefix pass reads it: with
 // more than one segment, or always (`reduce`: the part's log decay).
