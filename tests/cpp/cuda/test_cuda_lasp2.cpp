@@ -294,9 +294,10 @@ TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
 
 // ---- the small kernels over all heads of a token range (head_row_kernels.cu) --------------
 // The meta (and its segment log decays) and the dg fix-up over whole [B, T, H] rows write
-// the same bits as the kernels per (b, h, segment) (LASP2_CUDA_HEAD_ROWS=3 against 0): every output
-// and gradient equal, on one device and on P = 2 ranks (whose part states and prefix pass
-// read the segment log decays too), and within the tolerances of the recurrence. Heads:
+// the same bits as the kernels per (b, h, segment) (LASP2_CUDA_HEAD_ROWS=3 and 2 against 0):
+// every output and gradient equal, on one device and on P = 2 ranks (whose part states and
+// prefix pass read the segment log decays too), and within the tolerances of the
+// recurrence. Heads:
 // 5 (rows not a power of two), 1 (32 chunks per meta block), 130 (the meta falls back
 // to the per-(b, h) kernel, the fix-up does not); documents and -inf gates; forced short
 // segments (many, a short last one) and the backend's own.
@@ -364,17 +365,17 @@ TEST(CudaLasp2HeadRows, SameBitsAsPerHeadKernels) {
     auto pr = rounded(s, t, 31);
     if (c.docs) forget_some(pr);
     const EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-    Grads rows, per_head;
-    {
-      const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", "3");
-      rows = run_world(pr, t, c.world);
-    }
+    Grads per_head;
     {
       const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", "0");
       per_head = run_world(pr, t, c.world);
     }
-    expect_bitwise(rows, per_head);
-    check(name.c_str(), rows, recurrent_reference(pr), t, c.T, true);
+    for (const char* bits : {"3", "2"}) {  // both over rows; the default (the fix-up only)
+      SCOPED_TRACE(std::string("LASP2_CUDA_HEAD_ROWS=") + bits);
+      const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", bits);
+      expect_bitwise(run_world(pr, t, c.world), per_head);
+    }
+    check(name.c_str(), per_head, recurrent_reference(pr), t, c.T, true);
   }
 }
 
