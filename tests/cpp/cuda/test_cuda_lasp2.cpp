@@ -292,6 +292,93 @@ TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
   EXPECT_EQ(allocator.live.load(), 0);
 }
 
+// ---- the small kernels over all heads of a token range (head_row_kernels.cu) --------------
+// The meta (and its segment log decays) and the dg fix-up over whole [B, T, H] rows write
+// the same bits as the kernels per (b, h, segment) (LASP2_CUDA_HEAD_ROWS=3 and 2 against 0):
+// every output and gradient equal, on one device and on P = 2 ranks (whose part states and
+// prefix pass read the segment log decays too), and within the tolerances of the
+// recurrence. Heads:
+// 5 (rows not a power of two), 1 (32 chunks per meta block), 130 (the meta falls back
+// to the per-(b, h) kernel, the fix-up does not); documents and -inf gates; forced short
+// segments (many, a short last one) and the backend's own.
+struct RowsCase {
+  int64_t batch, heads, T, d;
+  DecayMode mode;
+  int seg_chunks;  // LASP2_CUDA_SEG_CHUNKS (0: the backend's own segments)
+  bool docs;       // document starts and -inf log decays
+  int world;
+};
+
+std::string rows_name(const RowsCase& c) {
+  return "B" + std::to_string(c.batch) + "_H" + std::to_string(c.heads) + "_T" + std::to_string(c.T) + "_D" +
+         std::to_string(c.d) + (c.mode == DecayMode::kFixed ? "_fixed" : "_gate") + "_seg" +
+         std::to_string(c.seg_chunks) + (c.docs ? "_docs" : "") + "_P" + std::to_string(c.world);
+}
+
+// Forward + backward of `global` on `world` ranks (balanced layout; one device: the whole
+// sequence), the gradients gathered in the global layout.
+Grads run_world(const Problem<double>& global, ScalarType t, int world) {
+  if (world == 1) return run_rank(global, t, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
+  const ProblemSpec& s = global.spec;
+  Grads out{std::vector<double>(global.q.size() / s.dim_k * s.dim_v), std::vector<double>(global.q.size()),
+            std::vector<double>(global.k.size()), std::vector<double>(global.v.size()),
+            std::vector<double>(s.batch * s.seqlen * s.heads)};
+  std::mutex mu;
+  run_device_ranks(world, [&](int rank, DeviceThreadCommunicator& comm) {
+    const PartLayout layout = PartLayout::balanced(world, rank);
+    const auto local = local_problem(global, layout);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+    const Grads g = run_rank(local, t, layout, &comm, true, stream);
+    cudaStreamDestroy(stream);
+    std::lock_guard<std::mutex> lock(mu);
+    put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+    put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+    put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
+  });
+  return out;
+}
+
+TEST(CudaLasp2HeadRows, SameBitsAsPerHeadKernels) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const ScalarType t = ScalarType::kBFloat16;
+  const RowsCase cases[] = {{3, 5, 1000, 64, DecayMode::kGate, 3, true, 1},
+                            {1, 1, 2500, 128, DecayMode::kGate, 0, true, 1},
+                            {2, 16, 2048, 64, DecayMode::kGate, 0, false, 1},
+                            {2, 3, 1000, 64, DecayMode::kFixed, 2, true, 1},
+                            {1, 130, 300, 16, DecayMode::kGate, 2, false, 1},
+                            {2, 5, 1000, 64, DecayMode::kGate, 3, true, 2},
+                            {2, 4, 1000, 64, DecayMode::kFixed, 0, true, 2}};
+  for (const RowsCase& c : cases) {
+    const std::string name = "rows_" + rows_name(c);
+    SCOPED_TRACE(name);
+    ProblemSpec s;
+    s.batch = c.batch;
+    s.heads = c.heads;
+    s.seqlen = c.T;
+    s.dim_k = s.dim_v = c.d;
+    s.mode = c.mode;
+    s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d)));
+    if (c.docs) s.doc_starts = {1, 64, 500, c.T - 1};
+    auto pr = rounded(s, t, 31);
+    if (c.docs) forget_some(pr);
+    const EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+    Grads per_head;
+    {
+      const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", "0");
+      per_head = run_world(pr, t, c.world);
+    }
+    for (const char* bits : {"3", "2"}) {  // both over rows; the default (the fix-up only)
+      SCOPED_TRACE(std::string("LASP2_CUDA_HEAD_ROWS=") + bits);
+      const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", bits);
+      expect_bitwise(run_world(pr, t, c.world), per_head);
+    }
+    check(name.c_str(), per_head, recurrent_reference(pr), t, c.T, true);
+  }
+}
+
 // ---- segment states kept from forward (Lasp2Saved::segment_states) ------------------------
 // The dq pass reads the segment states the forward kept instead of computing them again:
 // every gradient equals the recomputing run bit for bit, on one device (the whole local
