@@ -55,6 +55,17 @@ def check_same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, **others)
             fail(op, f"`{name}` has dtype {x.dtype} but `{ref_name}` has {ref.dtype}")
 
 
+def check_nonempty(op: str, q: torch.Tensor, seq_dim: int):
+    """No empty sequence, batch or head dimension (an empty call's backward has nothing
+    valid to run on; the kernels' views need at least one row of each)."""
+    if q.shape[seq_dim] < 1:
+        fail(op, "`q` has an empty sequence dimension")
+    if q.shape[1 - seq_dim] < 1:
+        fail(op, "`q` has an empty batch dimension")
+    if q.shape[2] < 1:
+        fail(op, "`q` has 0 heads")
+
+
 def check_head_dim(op: str, name: str, d: int):
     if d < 1 or d > MAX_HEAD_DIM:
         fail(op, f"`{name}` head dim {d} is outside [1, {MAX_HEAD_DIM}]")

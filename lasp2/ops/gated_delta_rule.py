@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import check_group, group_rank_and_size
-from lasp2.distributed.context import check_cu_seqlens_form
+from lasp2.distributed.context import SPContext, check_cu_seqlens_form
 from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
@@ -107,6 +107,10 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
                 group, layout, split, provider, use_qk_l2norm, sp_context):
     collectives = None
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
+        if not isinstance(sp_context, SPContext):
+            report_local_failure(op, group, q)
+            C.fail(op, f"`sp_context` must be an SPContext from lasp2.build_sp_context, "
+                       f"got {type(sp_context).__name__}")
         if group is not None or cu_seqlens is not None:
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
@@ -153,8 +157,7 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     parts = 2 if split == "balanced" and world > 1 else 1
     seq_dim = 1 if layout == "bthd" else 0
     local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-    if local_len < 1:
-        C.fail(op, "`q` has an empty sequence dimension")
+    C.check_nonempty(op, q, seq_dim)
     if local_len % parts:
         C.fail(op, f"the balanced split needs an even local sequence length, got {local_len}")
     H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
