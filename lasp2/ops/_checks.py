@@ -168,6 +168,27 @@ def check_positive_float(owner: str, name: str, value):
         raise ValueError(f"{owner}: `{name}` must be finite and > 0, got {value}")
 
 
+def check_module_input(owner: str, x, hidden_size: int, weight: torch.Tensor, seq_dim: Optional[int] = None):
+    """Module forwards: x is a floating [*, *, hidden_size] tensor in the dtype of the
+    module's parameters (unless autocast picks the dtypes), with a non-empty sequence
+    and batch when `seq_dim` is given: errors name `x` instead of surfacing as an
+    AttributeError or a matmul's dtype RuntimeError deep inside the projections."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: `x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"{owner}: `x` must be [*, *, {hidden_size}], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: `x` has dtype {x.dtype}; a floating-point dtype is needed")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{owner}: `x` has dtype {x.dtype} but the module's parameters are {weight.dtype}; "
+                         "convert one to the other (or run under torch.autocast)")
+    if seq_dim is not None:
+        if x.shape[seq_dim] < 1:
+            raise ValueError(f"{owner}: `x` has an empty sequence dimension, shape {list(x.shape)}")
+        if x.shape[1 - seq_dim] < 1:
+            raise ValueError(f"{owner}: `x` has an empty batch dimension, shape {list(x.shape)}")
+
+
 class named_errors:  # noqa: N801 - used as a context manager
     """Prefixes a RuntimeError from the C++ core (e.g. a failed collective, which already
     names the collective and the group) with the op's name."""
