@@ -106,7 +106,7 @@ def check_bool(op: str, name: str, value):
 
 
 def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
-    """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset).
+    """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset), not NaN.
 
     On CPU tensors this is checked here. For CUDA tensors reading the values would
     cost a host sync per call, so they go to the per-call cross-rank consistency check
@@ -116,7 +116,9 @@ def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
     """
     if x is None or not x.is_cpu:
         return
-    if bool((x > 0).any()):
+    if not bool((x <= 0).all()):  # one pass; NaN fails `<= 0` too (it would poison every later token)
+        if bool(x.isnan().any()):
+            fail(op, f"`{name}` contains NaN ({int(x.isnan().sum())} entries); log gates/decays must be <= 0")
         bad = int((x > 0).sum())
         fail(op, f"`{name}` holds log gates/decays that must be <= 0 (gates in [0, 1]); "
                  f"{bad} entr{'y is' if bad == 1 else 'ies are'} positive (max {float(x.max())})")
