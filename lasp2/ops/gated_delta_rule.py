@@ -104,7 +104,7 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 
 
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
-                group, layout, split, provider, use_qk_l2norm, sp_context):
+                group, layout, split, provider, use_qk_l2norm, sp_context, use_qk_l2norm_in_kernel=None):
     collectives = None
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
         if not isinstance(sp_context, SPContext):
@@ -118,6 +118,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         collectives = getattr(sp_context, "collectives", None)
         cu_seqlens = getattr(sp_context, "cu_seqlens", None)
     try:
+        use_qk_l2norm = _fla_l2norm_spelling(op, use_qk_l2norm, use_qk_l2norm_in_kernel)
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                      group, layout, split, provider, use_qk_l2norm)
     except (ValueError, TypeError):
@@ -164,6 +165,9 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
 
     num_seqs = batch
     if cu_seqlens is not None:
+        if isinstance(cu_seqlens, bool):  # fla's 9th positional argument is use_qk_l2norm_in_kernel
+            C.fail(op, f"`cu_seqlens` must be a torch.Tensor, got bool {cu_seqlens}: the 9th positional argument "
+                       "is lasp2's `cu_seqlens`, fla's `use_qk_l2norm_in_kernel`; pass the flag by keyword")
         num_seqs = check_cu_seqlens_form(op, cu_seqlens)
         if batch != 1:
             C.fail(op, f"`cu_seqlens` needs packed input with batch size 1, got batch {batch}")
@@ -184,6 +188,20 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 
+def _fla_l2norm_spelling(op: str, use_qk_l2norm, use_qk_l2norm_in_kernel) -> bool:
+    """The one L2-norm flag from lasp2's spelling and fla's (`use_qk_l2norm_in_kernel`,
+    None when not given): both are checked as bools, and two that disagree are an error
+    rather than a silent pick (a default False of the other spelling is not a choice)."""
+    if use_qk_l2norm_in_kernel is None:
+        return use_qk_l2norm
+    C.check_bool(op, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    C.check_bool(op, "use_qk_l2norm", use_qk_l2norm)
+    if use_qk_l2norm and not use_qk_l2norm_in_kernel:
+        C.fail(op, "`use_qk_l2norm=True` and `use_qk_l2norm_in_kernel=False` disagree; pass one of them "
+                   "(`use_qk_l2norm_in_kernel` is fla's name for the same flag)")
+    return use_qk_l2norm_in_kernel
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,6 +218,7 @@ def gated_delta_rule(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
+    use_qk_l2norm_in_kernel: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
@@ -233,8 +252,11 @@ def gated_delta_rule(
             (all-to-all to head sharding and back; heads divisible by the group size):
             the providers registered for this family ("gated_delta_rule" in
             lasp2.ops.providers).
-        use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
-            ``use_qk_l2norm_in_kernel``).
+        use_qk_l2norm: L2-normalise q and k over the head dim first.
+        use_qk_l2norm_in_kernel: fla's name for ``use_qk_l2norm``, accepted so a call
+            written for fla's ``chunk_gated_delta_rule`` / ``chunk_kda`` runs unchanged
+            (pass it by keyword: fla's 9th positional argument is lasp2's ``cu_seqlens``).
+            Giving both with different values is a ValueError.
 
     Returns:
         ``(o, final_state)``: o with the shape of v; final_state None unless
@@ -242,7 +264,7 @@ def gated_delta_rule(
     """
     return _delta_rule("lasp2.gated_delta_rule", q, k, v, g, beta, False, scale, initial_state,
                        output_final_state, cu_seqlens, group, layout, split, provider, use_qk_l2norm,
-                       sp_context)
+                       sp_context, use_qk_l2norm_in_kernel)
 
 
 def kda(
@@ -261,6 +283,7 @@ def kda(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
+    use_qk_l2norm_in_kernel: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
     ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the
@@ -268,4 +291,5 @@ def kda(
     (``[T, B, H, Dk]`` for "tbhd"); every other argument is as
     :func:`gated_delta_rule`."""
     return _delta_rule("lasp2.kda", q, k, v, g, beta, True, scale, initial_state, output_final_state,
-                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context)
+                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context,
+                       use_qk_l2norm_in_kernel)

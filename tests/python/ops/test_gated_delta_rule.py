@@ -235,3 +235,28 @@ def test_gdn_rejects_per_key_gates():
     q, k, v, g, beta, _ = make_inputs("kda", B=1, T=6)
     with pytest.raises(ValueError, match="`g` must have 3 dimensions"):
         lasp2.gated_delta_rule(q, k, v, g, beta)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_fla_spelling_of_l2norm(kind):
+    """fla's keyword `use_qk_l2norm_in_kernel` (chunk_gated_delta_rule / chunk_kda) is
+    accepted: a call written for fla runs unchanged and normalises q and k; False keeps
+    them as they are; disagreeing with `use_qk_l2norm` is an error, not a silent pick."""
+    q, k, v, g, beta, h0 = make_inputs(kind, B=1, T=9)
+    op = OPS[kind]
+    o, final = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_ref, final_ref = delta_rule_reference(l2norm_reference(q), l2norm_reference(k), v, g, beta,
+                                            q.shape[-1] ** -0.5, h0)
+    assert_rel(o, o_ref, 1e-6, "o, fla's spelling")  # states are fp32 in the core
+    assert_rel(final, final_ref, 1e-6, "final state, fla's spelling")
+    o_plain, _ = op(q, k, v, g, beta, use_qk_l2norm_in_kernel=False)
+    assert_rel(o_plain, delta_rule_reference(q, k, v, g, beta, q.shape[-1] ** -0.5)[0], 1e-10, "o, no l2norm")
+    o_both, _ = op(q, k, v, g, beta, use_qk_l2norm=True, use_qk_l2norm_in_kernel=True)
+    assert torch.equal(o_both, op(q, k, v, g, beta, use_qk_l2norm=True)[0])
+    with pytest.raises(ValueError, match="`use_qk_l2norm=True` and `use_qk_l2norm_in_kernel=False` disagree"):
+        op(q, k, v, g, beta, use_qk_l2norm=True, use_qk_l2norm_in_kernel=False)
+    with pytest.raises(ValueError, match="`use_qk_l2norm_in_kernel` must be a bool"):
+        op(q, k, v, g, beta, use_qk_l2norm_in_kernel="yes")
+    # fla's positional order puts the flag where lasp2 has cu_seqlens: named in the error
+    with pytest.raises(ValueError, match="fla's `use_qk_l2norm_in_kernel`; pass the flag by keyword"):
+        op(q, k, v, g, beta, None, None, False, True)
