@@ -223,8 +223,8 @@ def gated_delta_rule(
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
     ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
-    ``o_t = scale * S_t^T q_t``, as fla's ``chunk_gated_delta_rule`` (its calls run
-    unchanged; the differences are in docs/fla.md). With a process
+    ``o_t = scale * S_t^T q_t``, as fla's ``chunk_gated_delta_rule`` (a call with the
+    arguments both take runs unchanged; the differences: docs/fla.md). With a process
     group each rank passes its share of the sequence (``lasp2.split_sequence``) and
     gets the output rows one device would compute.
 
