@@ -145,7 +145,9 @@ class Lasp2LinearAttention(MegatronModule):
                 cu_seqlens: Optional[torch.Tensor] = None, **unused) -> torch.Tensor:
         """q, k, v [n, b, h, d] (or [t, h, d] packed, with cu_seqlens) -> [n, b, h * d_v]."""
         if beta is not None:
-            raise Lasp2ConfigError("Lasp2LinearAttention: DeltaNet's beta is not supported by lasp2")
+            raise Lasp2ConfigError("Lasp2LinearAttention: `beta` (DeltaNet's delta rule) is not taken in this "
+                                   "linear-attention slot; the delta rule is lasp2.gated_delta_rule / lasp2.kda, "
+                                   "and in Megatron the gated DeltaNet layers (hybrid pattern letter 'G')")
         packed = q.dim() == 3
         if packed:
             q, k, v = (x.unsqueeze(1) for x in (q, k, v))

@@ -47,6 +47,8 @@ def check_cu_seqlens_form(owner: str, cu_seqlens) -> int:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{owner}: `cu_seqlens` must be 1-D with at least 2 entries, "
                          f"got shape {list(cu_seqlens.shape)}")
+    if cu_seqlens.device.type not in ("cpu", "cuda"):  # e.g. meta: its values cannot be read
+        raise ValueError(f"{owner}: `cu_seqlens` is on {cu_seqlens.device}; it must be on the CPU or a CUDA device")
     return cu_seqlens.numel() - 1
 
 

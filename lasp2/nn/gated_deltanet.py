@@ -12,7 +12,8 @@ from torch import nn
 
 from lasp2.nn.norms import rms_norm
 from lasp2.nn.short_conv import ShortConvolution
-from lasp2.ops._checks import check_positive_float, check_positive_int
+from lasp2.distributed.context import check_cu_seqlens_form
+from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
@@ -115,8 +116,10 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
         """Returns the output, or (output, final_state) when output_final_state."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"GatedDeltaNet: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
+        check_module_input("GatedDeltaNet", x, self.hidden_size, self.q_proj.weight,
+                           1 if self.layout == "bthd" else 0)
+        if cu_seqlens is not None:  # its form before the convolutions read its values
+            check_cu_seqlens_form("GatedDeltaNet", cu_seqlens)
         if self.layout == "tbhd":
             x = x.transpose(0, 1)
         B, T, _ = x.shape

@@ -20,6 +20,7 @@ from torch import nn
 
 from lasp2.distributed.collectives import all_gather_single
 from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
 
 
@@ -51,8 +52,8 @@ class _GatherHalo(torch.autograd.Function):
 
 def _global_doc_ids(cu_seqlens, global_len):
     starts = torch.zeros(global_len, dtype=torch.int64)
-    if cu_seqlens is not None:
-        starts[cu_seqlens.to("cpu", torch.int64)[1:-1]] = 1
+    if cu_seqlens is not None:  # checked: unchecked values would index out of range or mislabel tokens
+        starts[check_cu_seqlens("ShortConvolution", cu_seqlens, global_len)[1:-1]] = 1
     return torch.cumsum(starts, 0)
 
 

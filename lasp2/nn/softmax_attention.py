@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lasp2.distributed.context import SPContext, sp_context_for
-from lasp2.ops._checks import check_positive_int
+from lasp2.ops._checks import check_module_input, check_positive_int
 from lasp2.ops.softmax_attention import softmax_attention
 from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice
 
@@ -70,10 +70,9 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 sp_context: Optional[SPContext] = None) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"SoftmaxAttention: `x` must be [*, *, {self.hidden_size}], got {list(x.shape)}")
-        lead = x.shape[:2]
         seq_dim = 1 if self.layout == "bthd" else 0
+        check_module_input("SoftmaxAttention", x, self.hidden_size, self.q_proj.weight, seq_dim)
+        lead = x.shape[:2]
         if sp_context is None:
             sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)

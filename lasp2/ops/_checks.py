@@ -55,6 +55,17 @@ def check_same_device_dtype(op: str, ref_name: str, ref: torch.Tensor, **others)
             fail(op, f"`{name}` has dtype {x.dtype} but `{ref_name}` has {ref.dtype}")
 
 
+def check_nonempty(op: str, q: torch.Tensor, seq_dim: int):
+    """No empty sequence, batch or head dimension (an empty call's backward has nothing
+    valid to run on; the kernels' views need at least one row of each)."""
+    if q.shape[seq_dim] < 1:
+        fail(op, "`q` has an empty sequence dimension")
+    if q.shape[1 - seq_dim] < 1:
+        fail(op, "`q` has an empty batch dimension")
+    if q.shape[2] < 1:
+        fail(op, "`q` has 0 heads")
+
+
 def check_head_dim(op: str, name: str, d: int):
     if d < 1 or d > MAX_HEAD_DIM:
         fail(op, f"`{name}` head dim {d} is outside [1, {MAX_HEAD_DIM}]")
@@ -95,7 +106,7 @@ def check_bool(op: str, name: str, value):
 
 
 def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
-    """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset).
+    """Log gates / decays must be <= 0 (a gate of at most 1; -inf is a full reset), not NaN.
 
     On CPU tensors this is checked here. For CUDA tensors reading the values would
     cost a host sync per call, so they go to the per-call cross-rank consistency check
@@ -105,7 +116,9 @@ def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
     """
     if x is None or not x.is_cpu:
         return
-    if bool((x > 0).any()):
+    if not bool((x <= 0).all()):  # one pass; NaN fails `<= 0` too (it would poison every later token)
+        if bool(x.isnan().any()):
+            fail(op, f"`{name}` contains NaN ({int(x.isnan().sum())} entries); log gates/decays must be <= 0")
         bad = int((x > 0).sum())
         fail(op, f"`{name}` holds log gates/decays that must be <= 0 (gates in [0, 1]); "
                  f"{bad} entr{'y is' if bad == 1 else 'ies are'} positive (max {float(x.max())})")
@@ -155,6 +168,27 @@ def check_positive_float(owner: str, name: str, value):
         raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
     if not (0 < float(value) < float("inf")):
         raise ValueError(f"{owner}: `{name}` must be finite and > 0, got {value}")
+
+
+def check_module_input(owner: str, x, hidden_size: int, weight: torch.Tensor, seq_dim: Optional[int] = None):
+    """Module forwards: x is a floating [*, *, hidden_size] tensor in the dtype of the
+    module's parameters (unless autocast picks the dtypes), with a non-empty sequence
+    and batch when `seq_dim` is given: errors name `x` instead of surfacing as an
+    AttributeError or a matmul's dtype RuntimeError deep inside the projections."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: `x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"{owner}: `x` must be [*, *, {hidden_size}], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: `x` has dtype {x.dtype}; a floating-point dtype is needed")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{owner}: `x` has dtype {x.dtype} but the module's parameters are {weight.dtype}; "
+                         "convert one to the other (or run under torch.autocast)")
+    if seq_dim is not None:
+        if x.shape[seq_dim] < 1:
+            raise ValueError(f"{owner}: `x` has an empty sequence dimension, shape {list(x.shape)}")
+        if x.shape[1 - seq_dim] < 1:
+            raise ValueError(f"{owner}: `x` has an empty batch dimension, shape {list(x.shape)}")
 
 
 class named_errors:  # noqa: N801 - used as a context manager

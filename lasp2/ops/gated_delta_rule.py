@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import check_group, group_rank_and_size
-from lasp2.distributed.context import check_cu_seqlens_form
+from lasp2.distributed.context import SPContext, check_cu_seqlens_form
 from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import delta_rule, group_handle
 from lasp2.ops._group_consistency import report_local_failure
@@ -104,9 +104,13 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 
 
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
-                group, layout, split, provider, use_qk_l2norm, sp_context):
+                group, layout, split, provider, use_qk_l2norm, sp_context, use_qk_l2norm_in_kernel=None):
     collectives = None
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
+        if not isinstance(sp_context, SPContext):
+            report_local_failure(op, group, q)
+            C.fail(op, f"`sp_context` must be an SPContext from lasp2.build_sp_context, "
+                       f"got {type(sp_context).__name__}")
         if group is not None or cu_seqlens is not None:
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
@@ -114,6 +118,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         collectives = getattr(sp_context, "collectives", None)
         cu_seqlens = getattr(sp_context, "cu_seqlens", None)
     try:
+        use_qk_l2norm = _fla_l2norm_spelling(op, use_qk_l2norm, use_qk_l2norm_in_kernel)
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                      group, layout, split, provider, use_qk_l2norm)
     except (ValueError, TypeError):
@@ -153,14 +158,16 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     parts = 2 if split == "balanced" and world > 1 else 1
     seq_dim = 1 if layout == "bthd" else 0
     local_len, batch = q.shape[seq_dim], q.shape[1 - seq_dim]
-    if local_len < 1:
-        C.fail(op, "`q` has an empty sequence dimension")
+    C.check_nonempty(op, q, seq_dim)
     if local_len % parts:
         C.fail(op, f"the balanced split needs an even local sequence length, got {local_len}")
     H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
 
     num_seqs = batch
     if cu_seqlens is not None:
+        if isinstance(cu_seqlens, bool):  # fla's 9th positional argument is use_qk_l2norm_in_kernel
+            C.fail(op, f"`cu_seqlens` must be a torch.Tensor, got bool {cu_seqlens}: the 9th positional argument "
+                       "is lasp2's `cu_seqlens`, fla's `use_qk_l2norm_in_kernel`; pass the flag by keyword")
         num_seqs = check_cu_seqlens_form(op, cu_seqlens)
         if batch != 1:
             C.fail(op, f"`cu_seqlens` needs packed input with batch size 1, got batch {batch}")
@@ -181,6 +188,20 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 
+def _fla_l2norm_spelling(op: str, use_qk_l2norm, use_qk_l2norm_in_kernel) -> bool:
+    """The one L2-norm flag from lasp2's spelling and fla's (`use_qk_l2norm_in_kernel`,
+    None when not given): both are checked as bools, and two that disagree are an error
+    rather than a silent pick (a default False of the other spelling is not a choice)."""
+    if use_qk_l2norm_in_kernel is None:
+        return use_qk_l2norm
+    C.check_bool(op, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    C.check_bool(op, "use_qk_l2norm", use_qk_l2norm)
+    if use_qk_l2norm and not use_qk_l2norm_in_kernel:
+        C.fail(op, "`use_qk_l2norm=True` and `use_qk_l2norm_in_kernel=False` disagree; pass one of them "
+                   "(`use_qk_l2norm_in_kernel` is fla's name for the same flag)")
+    return use_qk_l2norm_in_kernel
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,11 +218,13 @@ def gated_delta_rule(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
+    use_qk_l2norm_in_kernel: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
     ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,
-    ``o_t = scale * S_t^T q_t``, as fla's ``chunk_gated_delta_rule``. With a process
+    ``o_t = scale * S_t^T q_t``, as fla's ``chunk_gated_delta_rule`` (a call with the
+    arguments both take runs unchanged; the differences: docs/fla.md). With a process
     group each rank passes its share of the sequence (``lasp2.split_sequence``) and
     gets the output rows one device would compute.
 
@@ -230,8 +253,11 @@ def gated_delta_rule(
             (all-to-all to head sharding and back; heads divisible by the group size):
             the providers registered for this family ("gated_delta_rule" in
             lasp2.ops.providers).
-        use_qk_l2norm: L2-normalise q and k over the head dim first (fla's
-            ``use_qk_l2norm_in_kernel``).
+        use_qk_l2norm: L2-normalise q and k over the head dim first.
+        use_qk_l2norm_in_kernel: fla's name for ``use_qk_l2norm``, accepted so a call
+            written for fla's ``chunk_gated_delta_rule`` / ``chunk_kda`` runs unchanged
+            (pass it by keyword: fla's 9th positional argument is lasp2's ``cu_seqlens``).
+            Giving both with different values is a ValueError.
 
     Returns:
         ``(o, final_state)``: o with the shape of v; final_state None unless
@@ -239,7 +265,7 @@ def gated_delta_rule(
     """
     return _delta_rule("lasp2.gated_delta_rule", q, k, v, g, beta, False, scale, initial_state,
                        output_final_state, cu_seqlens, group, layout, split, provider, use_qk_l2norm,
-                       sp_context)
+                       sp_context, use_qk_l2norm_in_kernel)
 
 
 def kda(
@@ -258,6 +284,7 @@ def kda(
     provider: str = "lasp2",
     use_qk_l2norm: bool = False,
     sp_context=None,
+    use_qk_l2norm_in_kernel: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
     ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the
@@ -265,4 +292,5 @@ def kda(
     (``[T, B, H, Dk]`` for "tbhd"); every other argument is as
     :func:`gated_delta_rule`."""
     return _delta_rule("lasp2.kda", q, k, v, g, beta, True, scale, initial_state, output_final_state,
-                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context)
+                       cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context,
+                       use_qk_l2norm_in_kernel)

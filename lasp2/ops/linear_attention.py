@@ -51,8 +51,7 @@ def _validate(q, k, v, g, decay, scale, layout):
         if decay.device != q.device:
             C.fail(OP, f"`decay` is on {decay.device} but `q` is on {q.device}")
     scale = C.check_scale(OP, scale)
-    if q.shape[seq_dim] < 1:
-        C.fail(OP, "`q` has an empty sequence dimension")
+    C.check_nonempty(OP, q, seq_dim)
     return scale, seq_dim
 
 

@@ -48,14 +48,11 @@ def _validate(q, k, v, scale, layout, causal, backend):
         C.fail(OP, f"`k` must have the head dim of `q` ({q.shape[3]}), got {k.shape[3]}")
     if v.shape[:3] != k.shape[:3]:
         C.fail(OP, f"`v` must match `k` in its first three dims {list(k.shape[:3])}, got {list(v.shape)}")
+    C.check_nonempty(OP, q, seq_dim)
     if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
         C.fail(OP, f"`k` has {k.shape[2]} heads, which must divide the {q.shape[2]} heads of `q` (GQA)")
     C.check_head_dim(OP, "q", q.shape[3])
     C.check_head_dim(OP, "v", v.shape[3])
-    if q.shape[seq_dim] < 1:
-        C.fail(OP, "`q` has an empty sequence dimension")
-    if q.shape[1 - seq_dim] < 1:
-        C.fail(OP, "`q` has an empty batch dimension")
     scale = C.check_scale(OP, scale)
     if not isinstance(causal, bool):
         C.fail(OP, f"`causal` must be a bool, got {type(causal).__name__}")

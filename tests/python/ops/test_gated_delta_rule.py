@@ -205,6 +205,19 @@ def delta_cases(kind):
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, output_final_state="yes")),
         with_gates(kind, "use_qk_l2norm type", "`use_qk_l2norm` must be a bool",
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, use_qk_l2norm="no")),
+        with_gates(kind, "beta with a trailing unit dim", "`beta` must have 3 dimensions",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b[..., None])),
+        with_gates(kind, "beta integer", "`beta` has dtype torch.int64",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b.round().long())),
+        with_gates(kind, "g integer", "`g` has dtype torch.int64", lambda q, k, v, g, b, h: call(q, k, v, g.long(), b)),
+        with_gates(kind, "g last dim", "`g` must have",
+                   lambda q, k, v, g, b, h: call(q, k, v, torch.cat([g, g[..., :1]], -1), b)),
+        with_gates(kind, "cu_seqlens int16", "`cu_seqlens` must be int32 or int64",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int16))),
+        with_gates(kind, "initial_state rows vs batch", r"`initial_state` must have shape \[2, 2, 4, 4\]",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h[:1]), B=2),
+        with_gates(kind, "sp_context type", "`sp_context` must be an SPContext",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, sp_context="ctx")),
         # a CPU-kernel detail, not an argument of the op
         BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
     ]
@@ -222,3 +235,28 @@ def test_gdn_rejects_per_key_gates():
     q, k, v, g, beta, _ = make_inputs("kda", B=1, T=6)
     with pytest.raises(ValueError, match="`g` must have 3 dimensions"):
         lasp2.gated_delta_rule(q, k, v, g, beta)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_fla_spelling_of_l2norm(kind):
+    """fla's keyword `use_qk_l2norm_in_kernel` (chunk_gated_delta_rule / chunk_kda) is
+    accepted: a call written for fla runs unchanged and normalises q and k; False keeps
+    them as they are; disagreeing with `use_qk_l2norm` is an error, not a silent pick."""
+    q, k, v, g, beta, h0 = make_inputs(kind, B=1, T=9)
+    op = OPS[kind]
+    o, final = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_ref, final_ref = delta_rule_reference(l2norm_reference(q), l2norm_reference(k), v, g, beta,
+                                            q.shape[-1] ** -0.5, h0)
+    assert_rel(o, o_ref, 1e-6, "o, fla's spelling")  # states are fp32 in the core
+    assert_rel(final, final_ref, 1e-6, "final state, fla's spelling")
+    o_plain, _ = op(q, k, v, g, beta, use_qk_l2norm_in_kernel=False)
+    assert_rel(o_plain, delta_rule_reference(q, k, v, g, beta, q.shape[-1] ** -0.5)[0], 1e-10, "o, no l2norm")
+    o_both, _ = op(q, k, v, g, beta, use_qk_l2norm=True, use_qk_l2norm_in_kernel=True)
+    assert torch.equal(o_both, op(q, k, v, g, beta, use_qk_l2norm=True)[0])
+    with pytest.raises(ValueError, match="`use_qk_l2norm=True` and `use_qk_l2norm_in_kernel=False` disagree"):
+        op(q, k, v, g, beta, use_qk_l2norm=True, use_qk_l2norm_in_kernel=False)
+    with pytest.raises(ValueError, match="`use_qk_l2norm_in_kernel` must be a bool"):
+        op(q, k, v, g, beta, use_qk_l2norm_in_kernel="yes")
+    # fla's positional order puts the flag where lasp2 has cu_seqlens: named in the error
+    with pytest.raises(ValueError, match="fla's `use_qk_l2norm_in_kernel`; pass the flag by keyword"):
+        op(q, k, v, g, beta, None, None, False, True)

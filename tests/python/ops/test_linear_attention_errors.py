@@ -24,6 +24,16 @@ CASES = ATTENTION_CASES + [
     BadCall("g shape follows layout", r"`g` must have shape \[8, 1, 2\]",
             lambda q, k, v: call(tbhd(q), tbhd(k), tbhd(v), g=torch.zeros(1, 8, 2), layout="tbhd")),
     BadCall("decay shape", "`decay` must have shape", lambda q, k, v: call(q, k, v, decay=torch.zeros(3))),
+    BadCall("g with a trailing unit dim", "`g` must have 3 dimensions",
+            lambda q, k, v: call(q, k, v, g=torch.zeros(1, 8, 2, 1))),
+    BadCall("decay integer", "`decay` has dtype torch.int64",
+            lambda q, k, v: call(q, k, v, decay=torch.zeros(2, dtype=torch.long))),
+    # NaN passed the `> 0` test and turned every later output row NaN (CPU tensors)
+    BadCall("g nan", "`g` contains NaN",
+            lambda q, k, v: call(q, k, v, g=torch.tensor([-0.1, float("nan")]).repeat(8).view(1, 8, 2))),
+    BadCall("decay nan", "`decay` contains NaN", lambda q, k, v: call(q, k, v, decay=torch.tensor([-0.1, float("nan")]))),
+    BadCall("initial_state rows vs documents", r"`initial_state` must have shape \[3, 2, 4, 4\]",
+            lambda q, k, v: call(q, k, v, initial_state=torch.zeros(2, 2, 4, 4), cu_seqlens=torch.tensor([0, 2, 4, 8]))),
     # a CPU-kernel detail, not an argument of the op
     BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
 ]
