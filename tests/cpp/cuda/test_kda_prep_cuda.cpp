@@ -316,7 +316,8 @@ TEST(DeltaCudaKdaPrepTiming, LevelsVsOld) {
       std::vector<unsigned char> host(2 * pattern);
       for (size_t i = 0; i < pattern; ++i) encode(type, normal(rng) * (t == &k ? 0.09 : 1.0), &host[2 * i]);
       for (size_t at = 0; at < t->elems; at += pattern)
-        cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
+        cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at),
+                           cudaMemcpyHostToDevice),
                 "upload");
     }
   }

@@ -25,7 +25,7 @@ namespace {
 
 constexpr int kSub = 16;  // tokens of a sub-chunk: the factoring points of L and P
 
-// ---- prep -----------------------------------------------------------------------------------
+// ---- prep (the 4-warp one: LASP2_DELTA_KDA_PREP=old; the default is kda_prep.cu's) -----------
 // 150 KiB at d = 128 (fits sm_80's 163 KiB opt-in): one block an SM on sm_90, where
 // the GDN prep runs four (the per-element gates take G, 32 KiB, and the per-warp
 // scaled sub-chunk tiles, 51 KiB).
