@@ -13,12 +13,17 @@ namespace {
 // registers), then the 2 x 2 block merges inv([[A, 0], [C, B]]) =
 // [[A^-1, 0], [-B^-1 C A^-1, B^-1]] at 16 and at 32. Entries of T above the
 // diagonal blocks are left unwritten; in the diagonal blocks they are zero. The L
-// blocks consumed by a merge hold C A^-1 afterwards.
+// blocks consumed by a merge hold C A^-1 afterwards. The first 128 threads (NT) do the
+// work; a block of kThreads > NT (the 8-warp KDA prep) calls it with all its threads,
+// the others only meeting the barriers.
+template <int kThreads = NT>
 __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
+  static_assert(kThreads >= NT, "four warps do the work");
+  const bool act = kThreads == NT || tid < NT;
   const int warp = tid >> 5, lane = tid & 31;
   {
     const int base = 16 * warp;
-    if (lane < 16) {
+    if (act && lane < 16) {
       float t[16];
 #pragma unroll
       for (int x = 0; x < 16; ++x) {
@@ -38,6 +43,7 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
     float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
     for (int k = 0; k < 16; ++k) {  // C A^-1 (A^-1 lower triangular: zeros above)
+      if (!act) break;
       const float c0 = L[(i0 + r) * LDL + j0 + k], c1 = L[(i0 + r + 1) * LDL + j0 + k];
       const float a0 = Tm[(j0 + k) * LDL + j0 + c], a1 = Tm[(j0 + k) * LDL + j0 + c + 1];
       x[0][0] += c0 * a0;
@@ -46,14 +52,16 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
       x[1][1] += c1 * a1;
     }
     __syncthreads();
+    if (act)
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 2; ++b) L[(i0 + r + a) * LDL + j0 + c + b] = x[a][b];
+        for (int b = 0; b < 2; ++b) L[(i0 + r + a) * LDL + j0 + c + b] = x[a][b];
     __syncthreads();
     float y[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
     for (int k = 0; k < 16; ++k) {  // B^-1 (C A^-1), k <= row
+      if (!act) break;
       const float b0 = Tm[(i0 + r) * LDL + i0 + k], b1 = Tm[(i0 + r + 1) * LDL + i0 + k];
       const float x0 = L[(i0 + k) * LDL + j0 + c], x1 = L[(i0 + k) * LDL + j0 + c + 1];
       y[0][0] += b0 * x0;
@@ -61,16 +69,17 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
       y[1][0] += b1 * x0;
       y[1][1] += b1 * x1;
     }
+    if (act)
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 2; ++b) Tm[(i0 + r + a) * LDL + j0 + c + b] = -y[a][b];
+        for (int b = 0; b < 2; ++b) Tm[(i0 + r + a) * LDL + j0 + c + b] = -y[a][b];
   }
   __syncthreads();
   {  // block rows 32..63 x columns 0..31: 2 x 4 outputs a thread
     const int r = 2 * (tid >> 3), c = 4 * (tid & 7);
     float x[2][4] = {};
-    for (int k = c; k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
+    for (int k = c; act && k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
       const float c0 = L[(32 + r) * LDL + k], c1 = L[(33 + r) * LDL + k];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
@@ -80,13 +89,14 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
       }
     }
     __syncthreads();
+    if (act)
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) L[(32 + r + a) * LDL + c + b] = x[a][b];
+        for (int b = 0; b < 4; ++b) L[(32 + r + a) * LDL + c + b] = x[a][b];
     __syncthreads();
     float y[2][4] = {};
-    for (int k = 0; k <= r + 1; ++k) {  // B^-1 (C A^-1), B^-1 = T[32:64, 32:64]
+    for (int k = 0; act && k <= r + 1; ++k) {  // B^-1 (C A^-1), B^-1 = T[32:64, 32:64]
       const float b0 = Tm[(32 + r) * LDL + 32 + k], b1 = Tm[(33 + r) * LDL + 32 + k];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
@@ -95,10 +105,11 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
         y[1][b] += b1 * xv;
       }
     }
+    if (act)
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) Tm[(32 + r + a) * LDL + c + b] = -y[a][b];
+        for (int b = 0; b < 4; ++b) Tm[(32 + r + a) * LDL + c + b] = -y[a][b];
   }
   __syncthreads();
 }

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -15,6 +17,7 @@
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
+#include "delta_rule/cuda/kda_prep.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -22,7 +25,7 @@ namespace {
 
 constexpr int kSub = 16;  // tokens of a sub-chunk: the factoring points of L and P
 
-// ---- prep -----------------------------------------------------------------------------------
+// ---- prep (the 4-warp one: LASP2_DELTA_KDA_PREP=old; the default is kda_prep.cu's) -----------
 // 150 KiB at d = 128 (fits sm_80's 163 KiB opt-in): one block an SM on sm_90, where
 // the GDN prep runs four (the per-element gates take G, 32 KiB, and the per-warp
 // scaled sub-chunk tiles, 51 KiB).
@@ -527,10 +530,25 @@ void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOu
   });
 }
 
+// Which prep runs (LASP2_DELTA_KDA_PREP, read at every launch so that the tests and the
+// timing A/B can switch it): "levels" (the default, kda_prep.cu's 8 warps) or "old" (the
+// 4-warp kda_prep_kernel above, kept for that A/B).
+bool kda_prep_old() {
+  const char* env = std::getenv("LASP2_DELTA_KDA_PREP");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "levels") == 0) return false;
+  if (std::strcmp(env, "old") == 0) return true;
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_PREP must be levels or old, not " + env);
+}
+
 }  // namespace
 
 void launch_kda_prep(const Problem& p, const KdaPrep& out, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
+  if (!kda_prep_old()) {
+    if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail("lasp2 (CUDA KDA, chunked): d_k = d_v must be 64 or 128");
+    launch_kda_prep_levels(p, out, s);
+    return;
+  }
   kda_dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;

@@ -8,7 +8,9 @@
 //
 //   prep    (chunk-parallel) G; L_xy = beta_x k_x^T diag(e^{G_x - G_y}) k_y (y < x),
 //           P_xy = scale q_x^T diag(e^{G_x - G_y}) k_y (y <= x), both on tensor cores
-//           between 16-token sub-chunks (below) and elementwise inside them;
+//           between 16-token sub-chunks (below) and elementwise inside them (the
+//           4-warp prep, LASP2_DELTA_KDA_PREP=old; the default, kda_prep.h, takes the
+//           decays as products of per-token factors and every pair on tensor cores);
 //           T = (I + L)^-1; w = T diag(beta) (e^G . K) [s = 0], u = T diag(beta) V;
 //           qg_x = scale e^{G_x} . q_x [s_x = 0], kd_y = e^{G_last - G_y} . k_y
 //           [s_y = s_last], eL = e^{G_last} [one segment]
