@@ -435,16 +435,19 @@ __global__ void __launch_bounds__(kWideThreads, D == 64 ? 2 : 1) kda_bwd_wide_ke
     });
     add_rows(sm.db, dbv, m0, lane);
   }
-  if constexpr (kAhead) cp_async_wait_all();  // S0 (Z's product below reads it before the
-                                              // wait for dO and k)
   __syncthreads();  // every warp is past dU and T: dO and k take their tiles
   load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
   load_tile<T, D, NTH>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
   cp_async_commit();
-  // Z's product (dB and S0 only) while dO and k land (kAhead)
+  // kAhead: Z's product (dB and S0 only) while dO and k land; S0's group (the older one)
+  // waited here, with dO and k already in flight
   float zacc[NH][4];
   zero(zacc);
-  if constexpr (kAhead) mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+  if constexpr (kAhead) {
+    cp_async_wait_group1();
+    __syncthreads();  // S0's tile whole
+    mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+  }
   cp_async_wait_all();
   __syncthreads();
 
@@ -473,6 +476,7 @@ __global__ void __launch_bounds__(kWideThreads, D == 64 ? 2 : 1) kda_bwd_wide_ke
     add_rows(sm.db, kz, m0, lane);
   }
   // dq's first term scale ent . (dO S0^T), in registers until the row sums; dG += q . it
+  // (kAhead: q . (it + the row sum), in the row sums' epilogue)
   float dq[NH][4];
   zero(dq);
   mma_acc<T, NH, false, true>(dq, sm.x1, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
