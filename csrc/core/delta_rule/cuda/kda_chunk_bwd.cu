@@ -449,17 +449,20 @@ void kda_bwd_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what)
 }  // namespace
 
 // Which chunk-gradient kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every call so
-// that the tests and the timing A/B can switch it): new (the 8-warp kernel, the default)
-// or old (the 4-warp kernel below).
-static bool kda_backward_old() {
+// that the tests and the timing A/B can switch it): new (the 8-warp kernel with its
+// global loads issued ahead, the default), serial (the 8-warp kernel as it landed in
+// session 11, loads where they are used) or old (the 4-warp kernel below).
+enum class KdaBwdKernel { kNew, kSerial, kOld };
+static KdaBwdKernel kda_backward_kernel() {
   const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return false;
-  if (std::strcmp(env, "old") == 0) return true;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new or old, not " + env);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return KdaBwdKernel::kNew;
+  if (std::strcmp(env, "serial") == 0) return KdaBwdKernel::kSerial;
+  if (std::strcmp(env, "old") == 0) return KdaBwdKernel::kOld;
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new, serial or old, not " + env);
 }
 
 int kda_backward_smem_bytes(int d) {
-  if (!kda_backward_old()) return kda_backward_wide_smem_bytes(d);
+  if (kda_backward_kernel() != KdaBwdKernel::kOld) return kda_backward_wide_smem_bytes(d);
   return d == 64 ? static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 64>))
                  : static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 128>));
 }
@@ -468,8 +471,9 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
   if (chunk_count(p) == 0 || p.bh() == 0) return;
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128))
     fail("lasp2 (CUDA KDA, chunked backward): d_k = d_v must be 64 or 128");
-  if (!kda_backward_old()) {
-    launch_kda_backward_wide(p, a, s);
+  const KdaBwdKernel which = kda_backward_kernel();
+  if (which != KdaBwdKernel::kOld) {
+    launch_kda_backward_wide(p, a, which == KdaBwdKernel::kNew, s);
     return;
   }
   auto go = [&](auto tag, auto dim) {
