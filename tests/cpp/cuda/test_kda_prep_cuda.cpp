@@ -1,27 +1,23 @@
-// The KDA chunk prep (launch_kda_prep, kda_chunk.h) on its own: every output (qg, kd,
-// eL, P, T, w, u) of the 8-warp "levels" prep (kda_prep.cu, the default) and of the
-// 4-warp one (LASP2_DELTA_KDA_PREP=old) against a float64 host evaluation of the
+// The KDA chunk prep (launch_kda_prep, kda_chunk.h; kernel in kda_prep.cu) on its own:
+// every output (qg, kd, eL, P, T, w, u) against a float64 host evaluation of the
 // formulas in kda_chunk.h, on a part that starts and ends mid-chunk, 2 batches x 3
 // heads, d = 64 and 128, bf16 and fp16: mild, strong (down to -5) and -inf log gates
 // (some dims, and every dim of one token), packed documents (starts inside chunks, on a
 // chunk's first token, one-token documents) and head maps (head_end inside a chunk and
-// on a chunk edge). Plus DeltaCudaKdaPrepTiming: the two preps and the chunked forward
-// at T = 64K, H = 16, D = 128, bf16.
+// on a chunk edge). Its time is printed by DeltaCudaKdaTiming.OneDevice
+// (test_kda_cuda.cpp, "per launch").
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
-#include <cstdlib>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_test_util.h"
 #include "delta_rule/cuda/kda_chunk.h"
-#include "delta_rule/delta_backend.h"
-#include "lasp2/lasp2.h"
 
 namespace lasp2::testing {
 namespace {
@@ -173,15 +169,15 @@ struct PrepOut {
   std::vector<double> w, u, qg, kd, p, t, eL;
 };
 
-std::vector<double> decode16(ScalarType type, const DevBuf<float>& b, size_t limit = SIZE_MAX) {
+std::vector<double> decode16(ScalarType type, const DevBuf<float>& b) {
   const std::vector<float> raw = b.download();
   const auto* bytes = reinterpret_cast<const unsigned char*>(raw.data());
-  std::vector<double> out(std::min(raw.size() * 2, limit));
+  std::vector<double> out(raw.size() * 2);
   for (size_t j = 0; j < out.size(); ++j) out[j] = decode(type, bytes + 2 * j);
   return out;
 }
 
-PrepOut run_prep(const PrepCase& c, const PrepInputs& in, const char* which) {
+PrepOut run_prep(const PrepCase& c, const PrepInputs& in) {
   const int D = c.d;
   DevTensor q(kB, kT, kH, D, c.type, Layout{}), k(kB, kT, kH, D, c.type, Layout{}), v(kB, kT, kH, D, c.type, Layout{});
   q.upload(in.q);
@@ -222,10 +218,7 @@ PrepOut run_prep(const PrepCase& c, const PrepInputs& in, const char* which) {
   DevBuf<float> w(z.rows_half), u(z.rows_half), qg(z.rows_half), kd(z.rows_half), pm(z.p_half), t(z.p_half), eL(z.eL);
   for (auto* b : {&w, &u, &qg, &kd, &pm, &t, &eL}) b->poison();
   gpu::KdaPrep prep{w.p, u.p, qg.p, kd.p, pm.p, eL.p, c.docs ? head_end.p : nullptr, t.p};
-  {
-    const EnvGuard knob("LASP2_DELTA_KDA_PREP", which);
-    gpu::launch_kda_prep(p, prep, nullptr);
-  }
+  gpu::launch_kda_prep(p, prep, nullptr);
   cuda_ok(cudaGetLastError(), "prep launch");
   PrepOut o;
   o.w = decode16(c.type, w);
@@ -270,18 +263,14 @@ TEST_P(DeltaCudaKdaPrep, MatchesFloat64) {
   const PrepCase c = GetParam();
   const PrepInputs in = prep_inputs(c);
   const PrepRef ref = prep_reference(in, c.d, 1.0 / std::sqrt(static_cast<double>(c.d)));
-  // 16-bit outputs of fp32 sums of 16-bit products (the levels prep also rounds its
-  // scaled q, k tiles, as the old one does between sub-chunks): 1e-2 for the
-  // elementwise scalings and P, 2e-2 for T and what T multiplies
-  for (const char* which : {"levels", "old"}) {
-    const PrepOut o = run_prep(c, in, which);
-    const std::string tag = std::string(which) + " prep: ";
-    for (auto [name, got, want, tol] :
-         {std::tuple{"qg", &o.qg, &ref.qg, 1e-2}, {"kd", &o.kd, &ref.kd, 1e-2}, {"eL", &o.eL, &ref.eL, 1e-4},
-          {"P", &o.p, &ref.p, 1e-2}, {"T", &o.t, &ref.t, 2e-2}, {"w", &o.w, &ref.w, 2e-2}, {"u", &o.u, &ref.u, 2e-2}}) {
-      EXPECT_LT(rel_err(*got, *want), tol) << tag << name << " vs float64";
-      EXPECT_EQ(zero_mismatches(*got, *want), 0) << tag << name << " zero pattern vs float64";
-    }
+  // 16-bit outputs of fp32 sums of 16-bit products (of 16-bit scaled q, k tiles): 1e-2
+  // for the elementwise scalings and P, 2e-2 for T and what T multiplies
+  const PrepOut o = run_prep(c, in);
+  for (auto [name, got, want, tol] :
+       {std::tuple{"qg", &o.qg, &ref.qg, 1e-2}, {"kd", &o.kd, &ref.kd, 1e-2}, {"eL", &o.eL, &ref.eL, 1e-4},
+        {"P", &o.p, &ref.p, 1e-2}, {"T", &o.t, &ref.t, 2e-2}, {"w", &o.w, &ref.w, 2e-2}, {"u", &o.u, &ref.u, 2e-2}}) {
+    EXPECT_LT(rel_err(*got, *want), tol) << name << " vs float64";
+    EXPECT_EQ(zero_mismatches(*got, *want), 0) << name << " zero pattern vs float64";
   }
 }
 
@@ -296,134 +285,6 @@ INSTANTIATE_TEST_SUITE_P(
                       PrepCase{ScalarType::kFloat16, 128, PrepGates::kNegInf, false},
                       PrepCase{ScalarType::kFloat16, 64, PrepGates::kStrong, false}),
     prep_case_name);
-
-// The levels prep against the old one at T = 64K (LASP2_DELTA_TIMING_T), H = 16,
-// D = 128, bf16, alternating, 5 timed launches each after a warm-up (median printed),
-// then the whole chunked forward (backend forward: prep, state pass, output) with each;
-// asserts that the two preps' P and w agree.
-TEST(DeltaCudaKdaPrepTiming, LevelsVsOld) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  const char* t_env = std::getenv("LASP2_DELTA_TIMING_T");
-  const int64_t T = t_env != nullptr && *t_env != '\0' ? std::atoll(t_env) : 65536, H = 16, D = 128;
-  const ScalarType type = ScalarType::kBFloat16;
-  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
-      o(1, T, H, D, type, Layout{});
-  std::mt19937 rng(3);
-  const size_t pattern = size_t{1} << 20;
-  {
-    std::normal_distribution<double> normal(0.0, 1.0);
-    for (DevTensor* t : {&q, &k, &v}) {
-      std::vector<unsigned char> host(2 * pattern);
-      for (size_t i = 0; i < pattern; ++i) encode(type, normal(rng) * (t == &k ? 0.09 : 1.0), &host[2 * i]);
-      for (size_t at = 0; at < t->elems; at += pattern)
-        cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at),
-                           cudaMemcpyHostToDevice),
-                "upload");
-    }
-  }
-  DevBuf<float> g(T * H * D), beta(T * H);
-  {
-    std::uniform_real_distribution<float> u(0.f, 1.f);
-    std::vector<float> gh(pattern), bh(T * H);
-    for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
-    for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
-    for (size_t at = 0; at < g.n; at += pattern)
-      cuda_ok(cudaMemcpy(g.p + at, gh.data(), 4 * std::min(pattern, g.n - at), cudaMemcpyHostToDevice), "upload");
-    beta.upload(bh);
-  }
-  gpu::Problem kp;
-  kp.batch = 1;
-  kp.heads = static_cast<int>(H);
-  kp.dk = kp.dv = static_cast<int>(D);
-  kp.seqlen = kp.n = kp.seg_len = T;
-  kp.elem = gpu::Elem::kBF16;
-  kp.q = {q.buf.p, T * H * D, H * D, D};
-  kp.k = {k.buf.p, T * H * D, H * D, D};
-  kp.v = {v.buf.p, T * H * D, H * D, D};
-  kp.g = g.p;
-  kp.gsb = T * H * D;
-  kp.gst = H * D;
-  kp.gsh = D;
-  kp.per_key = 1;
-  kp.beta = beta.p;
-  kp.bsb = T * H;
-  kp.bst = H;
-  kp.bsh = 1;
-  kp.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
-  const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(kp);
-  DevBuf<float> outs[2][6];
-  gpu::KdaPrep prep[2];
-  for (int n = 0; n < 2; ++n) {
-    for (int j = 0; j < 4; ++j) outs[n][j] = DevBuf<float>(z.rows_half);
-    outs[n][4] = DevBuf<float>(z.p_half);
-    outs[n][5] = DevBuf<float>(z.eL);
-    prep[n] = gpu::KdaPrep{outs[n][0].p, outs[n][1].p, outs[n][2].p, outs[n][3].p, outs[n][4].p, outs[n][5].p};
-  }
-  const char* names[2] = {"levels", "old"};
-  cudaEvent_t e0, e1;
-  cuda_ok(cudaEventCreate(&e0), "event");
-  cuda_ok(cudaEventCreate(&e1), "event");
-  auto time_it = [&](auto&& f) {
-    cuda_ok(cudaEventRecord(e0), "record");
-    f();
-    cuda_ok(cudaEventRecord(e1), "record");
-    cuda_ok(cudaEventSynchronize(e1), "sync");
-    float ms = 0;
-    cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-    return ms;
-  };
-  constexpr int kReps = 5;
-  std::vector<float> prep_ms[2], fwd_ms[2];
-  const auto& be = delta::delta_backend_for(Device::kCUDA);
-  delta::DeltaParams dp;
-  dp.batch = 1;
-  dp.seqlen = T;
-  dp.heads = H;
-  dp.dim_k = dp.dim_v = D;
-  dp.dtype = type;
-  dp.gate_kind = delta::GateKind::kPerKey;
-  dp.q = q.cview();
-  dp.k = k.cview();
-  dp.v = v.cview();
-  dp.g = g.p;
-  dp.g_stride = {T * H * D, H * D, D};
-  dp.beta = beta.p;
-  dp.beta_stride = {T * H, H, 1};
-  dp.scale = kp.scale;
-  for (int rep = 0; rep <= kReps; ++rep)
-    for (int n = 0; n < 2; ++n) {
-      const EnvGuard knob("LASP2_DELTA_KDA_PREP", names[n]);
-      const float a = time_it([&] { gpu::launch_kda_prep(kp, prep[n], nullptr); });
-      const float b = time_it([&] { be.forward(dp, TokenRange{0, T}, nullptr, {}, o.mview(), nullptr); });
-      if (rep > 0) {  // the first is a warm-up
-        prep_ms[n].push_back(a);
-        fwd_ms[n].push_back(b);
-      }
-    }
-  auto median = [](std::vector<float> x) {
-    std::sort(x.begin(), x.end());
-    return x[x.size() / 2];
-  };
-  std::printf("[ timing ] KDA prep T=%lld H=16 D=128 bf16, median of %d: levels %.3f ms, old %.3f ms; "
-              "chunked forward with levels %.3f ms, with old %.3f ms\n",
-              static_cast<long long>(T), kReps, median(prep_ms[0]), median(prep_ms[1]), median(fwd_ms[0]),
-              median(fwd_ms[1]));
-  for (int n = 0; n < 2; ++n) {
-    std::printf("[ timing ] %s prep:", names[n]);
-    for (float x : prep_ms[n]) std::printf(" %.3f", x);
-    std::printf(" ms; forward:");
-    for (float x : fwd_ms[n]) std::printf(" %.3f", x);
-    std::printf(" ms\n");
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  // the two preps' P and w (bf16), their first 2^22 elements
-  for (int j : {4, 0}) {
-    const size_t n = size_t{1} << 22;
-    const std::vector<double> a = decode16(type, outs[0][j], n), b = decode16(type, outs[1][j], n);
-    EXPECT_LT(rel_err(a, b), 2e-2) << (j == 4 ? "P" : "w") << ": levels vs old prep";
-  }
-}
 
 }  // namespace
 }  // namespace lasp2::testing

@@ -44,23 +44,6 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
 static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
 
-// Warp w's share of every product: token rows [16 (w % 4), +16) and column half w / 4.
-struct WarpPart {
-  int lane, mw, m0;
-  int n0;   // first column of a head dim
-  int c0;   // first column of a 64-token tile
-  int tri;  // 16-column pairs of [c0, c0 + 32) at or left of the diagonal block of rows m0
-  __device__ WarpPart(int tid, int d) {
-    const int warp = tid >> 5, nh = warp >> 2;
-    lane = tid & 31;
-    mw = warp & 3;
-    m0 = 16 * mw;
-    n0 = nh * (d / 2);
-    c0 = 32 * nh;
-    tri = max(0, min(2, mw - 2 * nh + 1));
-  }
-};
-
 // The lean kernel (the default; LASP2_DELTA_CHUNK_BWD_KERNEL=calc runs the earlier one,
 // kept for the A/B) computes the same numbers with fewer instructions: its decays are
 // one MUFU.EX2 each (exp_ftz: every argument is <= 0; a weight below 2^-126 becomes 0

@@ -173,5 +173,23 @@ __device__ __forceinline__ void add_cols(float* dst, const float (&c)[N][2], int
     }
 }
 
+// An 8-warp chunk backward's share of warp w (the GDN and KDA chunk backwards): token
+// rows [16 (w % 4), +16) (sub-chunk mw) and the column half w / 4 of every product.
+struct WarpPart {
+  int lane, mw, m0;
+  int n0;   // first column of a head dim
+  int c0;   // first column of a 64-token tile
+  int tri;  // 16-column pairs of [c0, c0 + 32) at or left of the diagonal block of rows m0
+  __device__ WarpPart(int tid, int d) {
+    const int warp = tid >> 5, nh = warp >> 2;
+    lane = tid & 31;
+    mw = warp & 3;
+    m0 = 16 * mw;
+    n0 = nh * (d / 2);
+    c0 = 32 * nh;
+    tri = max(0, min(2, mw - 2 * nh + 1));
+  }
+};
+
 }  // namespace
 }  // namespace lasp2::delta::gpu

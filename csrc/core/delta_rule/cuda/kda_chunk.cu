@@ -1,204 +1,23 @@
-// The chunked tensor-core forward kernels of KDA (see kda_chunk.h): mma.sync m16n8k16
-// in the input dtype (fp16 / bf16) with fp32 accumulation on the GDN chunk kernels'
-// tiles and helpers (delta_chunk_common.cuh), 4 warps a block. Warp w owns tokens
+// The chunked tensor-core kernels of KDA after prep (kda_prep.cu; see kda_chunk.h): the
+// state pass, the output pass, rprep and the reverse state pass, mma.sync m16n8k16 in
+// the input dtype (fp16 / bf16) with fp32 accumulation on the GDN chunk kernels' tiles
+// and helpers (delta_chunk_common.cuh), 4 warps a block. Warp w owns tokens
 // [16 w, 16 w + 16) of a chunk in the token-row products and state rows
 // [w d / 4, (w + 1) d / 4) in the state products.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstddef>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
-#include "delta_rule/cuda/delta_chunk_invert.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
-#include "delta_rule/cuda/kda_prep.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
 namespace {
-
-constexpr int kSub = 16;  // tokens of a sub-chunk: the factoring points of L and P
-
-// ---- prep (the 4-warp one: LASP2_DELTA_KDA_PREP=old; the default is kda_prep.cu's) -----------
-// 150 KiB at d = 128 (fits sm_80's 163 KiB opt-in): one block an SM on sm_90, where
-// the GDN prep runs four (the per-element gates take G, 32 KiB, and the per-warp
-// scaled sub-chunk tiles, 51 KiB).
-template <typename T, int D>
-struct KdaPrepSmem {
-  static constexpr int LD = TcTile<D>::LD;
-  T k[CH * LD];   // k, then (e^G . k) [s = 0]
-  T qv[CH * LD];  // q, then v
-  float G[CH * D];
-  float L[CH * LDL];
-  float Tm[CH * LDL];
-  // per warp: its rows scaled to its first token r (e^{G_x - G_r} . q_x, . k_x) and an
-  // earlier sub-chunk's keys scaled from r (e^{G_r - G_y} . k_y); later T diag(beta)
-  T sub[4][3][kSub * LD];
-  float bt[CH], s[CH], start[CH];
-};
-static_assert(CH * kLdP <= 4 * 3 * kSub * TcTile<64>::LD, "T diag(beta) fits where the sub-chunk tiles were");
-
-template <typename T, int D>
-__global__ void __launch_bounds__(NT) kda_prep_kernel(Problem p, KdaPrep out) {
-  constexpr int LD = TcTile<D>::LD;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  KdaPrepSmem<T, D>& sm = *reinterpret_cast<KdaPrepSmem<T, D>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
-  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.qv, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  cp_async_commit();
-  // past the head (head maps only) and past the part: identity transitions
-  const int head_end = out.head_end != nullptr ? out.head_end[cp.b] : -1;
-  auto live = [&](int x) { return x < cp.nvalid && (head_end < 0 || cp.c * CH + x < head_end); };
-  if (tid < CH) {
-    const int x = tid;
-    const int64_t t = cp.t0 + x;
-    const bool valid = live(x);
-    sm.bt[x] = valid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
-    sm.start[x] = valid && p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0 ? 1.f : 0.f;
-  }
-  __syncthreads();
-  if (tid < CH) {  // the segment index: document starts up to x
-    float s = 0.f;
-    for (int y = 0; y <= tid; ++y) s += sm.start[y];
-    sm.s[tid] = s;
-  }
-  // G: a thread a key dim (consecutive dims: coalesced gate reads), sequential over tokens;
-  // a segment start adds 0, a gate below kKdaGateFloor (-inf among them) adds the floor
-  for (int i = tid; i < D; i += NT) {
-    const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + i;
-    float acc = 0.f;
-#pragma unroll 16
-    for (int x = 0; x < CH; ++x) {
-      if (live(x) && sm.start[x] == 0.f) acc += fmaxf(gp[x * p.gst], kKdaGateFloor);
-      sm.G[x * D + i] = acc;
-    }
-  }
-  cp_async_wait_all();
-  __syncthreads();
-  const float* GL = sm.G + (CH - 1) * D;
-  const float sL = sm.s[CH - 1];
-  {  // qg, kd (16-bit rows) and eL
-    T* qg = static_cast<T*>(out.qg) + cp.row0 * D;
-    T* kd = static_cast<T*>(out.kd) + cp.row0 * D;
-    for (int e = tid; e < CH * D / 2; e += NT) {
-      const int x = e / (D / 2), i = 2 * (e % (D / 2));
-      const float2 q2 = unpack2<T>(load_u32(sm.qv + x * LD + i)), k2 = unpack2<T>(load_u32(sm.k + x * LD + i));
-      const float2 G2 = *reinterpret_cast<const float2*>(sm.G + x * D + i);
-      const bool first = sm.s[x] == 0.f, last = sm.s[x] == sL;
-      const float a0 = first ? p.scale * __expf(G2.x) : 0.f, a1 = first ? p.scale * __expf(G2.y) : 0.f;
-      const float d0 = last ? __expf(GL[i] - G2.x) : 0.f, d1 = last ? __expf(GL[i + 1] - G2.y) : 0.f;
-      store_u32(qg + x * D + i, pack2<T>(q2.x * a0, q2.y * a1));
-      store_u32(kd + x * D + i, pack2<T>(k2.x * d0, k2.y * d1));
-    }
-    for (int i = tid; i < D; i += NT) out.eL[chunk * D + i] = sL == 0.f ? __expf(GL[i]) : 0.f;
-  }
-  {  // L (fp32, shared) and P (16-bit, global) of this warp's sub-chunk X = warp
-    const int X = warp, r = kSub * X;
-    T* qs = sm.sub[warp][0];
-    T* ks = sm.sub[warp][1];
-    T* kr = sm.sub[warp][2];
-    T* pg = static_cast<T*>(out.p) + chunk * CH * CH;
-    for (int e = lane; e < kSub * D / 2; e += 32) {
-      const int a = e / (D / 2), i = 2 * (e % (D / 2)), x = r + a;
-      const float f0 = __expf(sm.G[x * D + i] - sm.G[r * D + i]), f1 = __expf(sm.G[x * D + i + 1] - sm.G[r * D + i + 1]);
-      const float2 q2 = unpack2<T>(load_u32(sm.qv + x * LD + i)), k2 = unpack2<T>(load_u32(sm.k + x * LD + i));
-      store_u32(qs + a * LD + i, pack2<T>(q2.x * f0, q2.y * f1));
-      store_u32(ks + a * LD + i, pack2<T>(k2.x * f0, k2.y * f1));
-    }
-    // key sub-chunks after X: P is zero there
-    for (int e = lane; e < kSub * (CH - r - kSub) / 2; e += 32) {
-      const int w2 = (CH - r - kSub) / 2, a = e / w2, y = r + kSub + 2 * (e % w2);
-      store_u32(pg + (r + a) * CH + y, pack2<T>(0.f, 0.f));
-    }
-    for (int Y = 0; Y < X; ++Y) {
-      const int y0 = kSub * Y;
-      for (int e = lane; e < kSub * D / 2; e += 32) {
-        const int a = e / (D / 2), i = 2 * (e % (D / 2)), y = y0 + a;
-        const float f0 = __expf(sm.G[r * D + i] - sm.G[y * D + i]);
-        const float f1 = __expf(sm.G[r * D + i + 1] - sm.G[y * D + i + 1]);
-        const float2 k2 = unpack2<T>(load_u32(sm.k + y * LD + i));
-        store_u32(kr + a * LD + i, pack2<T>(k2.x * f0, k2.y * f1));
-      }
-      __syncwarp();
-      float accL[2][4] = {}, accP[2][4] = {};
-      mma_acc<T, 2, false, true>(accL, ks, LD, kr, LD, 0, 0, 0, D / 16, 1, lane);
-      mma_acc<T, 2, false, true>(accP, qs, LD, kr, LD, 0, 0, 0, D / 16, 1, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = r + (lane >> 2) + 8 * hf, y = y0 + 8 * nt + 2 * (lane & 3);
-          const bool in0 = sm.s[x] == sm.s[y], in1 = sm.s[x] == sm.s[y + 1];
-          sm.L[x * LDL + y] = in0 ? sm.bt[x] * accL[nt][2 * hf] : 0.f;
-          sm.L[x * LDL + y + 1] = in1 ? sm.bt[x] * accL[nt][2 * hf + 1] : 0.f;
-          store_u32(pg + x * CH + y,
-                    pack2<T>(in0 ? p.scale * accP[nt][2 * hf] : 0.f, in1 ? p.scale * accP[nt][2 * hf + 1] : 0.f));
-        }
-      __syncwarp();  // kr is rewritten for the next Y
-    }
-    // the diagonal sub-chunk, elementwise: pair (a, b), b <= a, one lane; each lane
-    // starts its walk over the dims at 2 lane (different banks for different rows)
-    for (int pi = lane; pi < kSub * (kSub + 1) / 2; pi += 32) {
-      int a = 0;
-      while ((a + 1) * (a + 2) / 2 <= pi) ++a;
-      const int b = pi - a * (a + 1) / 2, x = r + a, y = r + b;
-      float sk = 0.f, sq = 0.f;
-#pragma unroll 4
-      for (int j = 0; j < D; j += 2) {
-        const int i = (j + 2 * lane) & (D - 1);
-        const float2 gx = *reinterpret_cast<const float2*>(sm.G + x * D + i);
-        const float2 gy = *reinterpret_cast<const float2*>(sm.G + y * D + i);
-        const float e0 = __expf(gx.x - gy.x), e1 = __expf(gx.y - gy.y);
-        const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + i)), ky = unpack2<T>(load_u32(sm.k + y * LD + i));
-        const float2 qx = unpack2<T>(load_u32(sm.qv + x * LD + i));
-        sk += kx.x * ky.x * e0 + kx.y * ky.y * e1;
-        sq += qx.x * ky.x * e0 + qx.y * ky.y * e1;
-      }
-      const bool in = sm.s[x] == sm.s[y];
-      if (b < a) sm.L[x * LDL + y] = in ? sm.bt[x] * sk : 0.f;
-      pg[x * CH + y] = from_float<T>(in ? p.scale * sq : 0.f);
-    }
-    for (int pi = lane; pi < kSub * kSub; pi += 32) {  // above the diagonal: zero
-      const int a = pi / kSub, b = pi % kSub;
-      if (b > a) pg[(r + a) * CH + r + b] = from_float<T>(0.f);
-    }
-  }
-  __syncthreads();
-  // q is done with: v over it, in flight while T is formed
-  load_tile<T, D, NT>(sm.qv, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
-  cp_async_commit();
-  invert_unit_lower(sm.L, sm.Tm, tid);
-  // (e^G . k) [s = 0] in place of k; tb = T diag(beta) (16-bit, entries above the
-  // diagonal blocks of T are unwritten: zero here)
-  for (int e = tid; e < CH * D / 2; e += NT) {
-    const int x = e / (D / 2), i = 2 * (e % (D / 2));
-    const float2 k2 = unpack2<T>(load_u32(sm.k + x * LD + i));
-    const float2 G2 = *reinterpret_cast<const float2*>(sm.G + x * D + i);
-    const bool first = sm.s[x] == 0.f;
-    store_u32(sm.k + x * LD + i, pack2<T>(first ? k2.x * __expf(G2.x) : 0.f, first ? k2.y * __expf(G2.y) : 0.f));
-  }
-  T* tb = sm.sub[0][0];
-  T* tg = out.t != nullptr ? static_cast<T*>(out.t) + chunk * CH * CH : nullptr;
-  for (int e = tid; e < CH * CH; e += NT) {
-    const int x = e / CH, y = e % CH;
-    tb[x * kLdP + y] = from_float<T>(y <= x ? sm.Tm[x * LDL + y] * sm.bt[y] : 0.f);
-    if (tg != nullptr) tg[e] = from_float<T>(y <= x ? sm.Tm[x * LDL + y] : 0.f);
-  }
-  cp_async_wait_all();
-  __syncthreads();
-  // w = tb (e^G . k) [s = 0], u = tb v
-  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tb, sm.k, warp, lane);
-  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tb, sm.qv, warp, lane);
-}
 
 // ---- the state pass and the part summary ------------------------------------------------------
 // One block per (b, h) and BV = 16 columns, sequential over the chunks, the next chunk's
@@ -530,32 +349,7 @@ void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOu
   });
 }
 
-// Which prep runs (LASP2_DELTA_KDA_PREP, read at every launch so that the tests and the
-// timing A/B can switch it): "levels" (the default, kda_prep.cu's 8 warps) or "old" (the
-// 4-warp kda_prep_kernel above, kept for that A/B).
-bool kda_prep_old() {
-  const char* env = std::getenv("LASP2_DELTA_KDA_PREP");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "levels") == 0) return false;
-  if (std::strcmp(env, "old") == 0) return true;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_PREP must be levels or old, not " + env);
-}
-
 }  // namespace
-
-void launch_kda_prep(const Problem& p, const KdaPrep& out, cudaStream_t s) {
-  if (chunk_count(p) == 0 || p.bh() == 0) return;
-  if (!kda_prep_old()) {
-    if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail("lasp2 (CUDA KDA, chunked): d_k = d_v must be 64 or 128");
-    launch_kda_prep_levels(p, out, s);
-    return;
-  }
-  kda_dispatch(p, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    kda_launch(kda_prep_kernel<T, D>, dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())),
-               static_cast<int>(sizeof(KdaPrepSmem<T, D>)), s, "KDA chunk prep", p, out);
-  });
-}
 
 void launch_kda_states(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
   kda_state_launch(p, prep, out, ChunkSummaryOut{}, s);

@@ -1,16 +1,14 @@
 // Host-visible arguments and launchers of the chunked (WY / UT-transform) tensor-core
 // kernels for KDA (per-key log gates g[B, T, H, d_k]) in 16-bit inputs, d_k = d_v in
 // {64, 128}: forward, part summary and the entering state's gradient, and the passes the
-// backward (kda_chunk_bwd.h) reads; the kernels live in kda_chunk.cu. The math is the CPU
-// backend's (cpu/delta_chunk.h) on the GDN kernels' fixed 64-token chunks
-// (delta_chunk.h), with G_x the within-chunk cumulative log gate of token x, a d_k
-// vector, and S0 the state entering the chunk:
+// backward (kda_chunk_bwd.h) reads; the prep's kernel lives in kda_prep.cu, the others
+// in kda_chunk.cu. The math is the CPU backend's (cpu/delta_chunk.h) on the GDN
+// kernels' fixed 64-token chunks (delta_chunk.h), with G_x the within-chunk cumulative
+// log gate of token x, a d_k vector, and S0 the state entering the chunk:
 //
 //   prep    (chunk-parallel) G; L_xy = beta_x k_x^T diag(e^{G_x - G_y}) k_y (y < x),
-//           P_xy = scale q_x^T diag(e^{G_x - G_y}) k_y (y <= x), both on tensor cores
-//           between 16-token sub-chunks (below) and elementwise inside them (the
-//           4-warp prep, LASP2_DELTA_KDA_PREP=old; the default, kda_prep.h, takes the
-//           decays as products of per-token factors and every pair on tensor cores);
+//           P_xy = scale q_x^T diag(e^{G_x - G_y}) k_y (y <= x), every pair on
+//           tensor cores (the decays factored as below);
 //           T = (I + L)^-1; w = T diag(beta) (e^G . K) [s = 0], u = T diag(beta) V;
 //           qg_x = scale e^{G_x} . q_x [s_x = 0], kd_y = e^{G_last - G_y} . k_y
 //           [s_y = s_last], eL = e^{G_last} [one segment]
@@ -26,10 +24,10 @@
 // T diag(beta) (e^G . K) tiles (formed once in prep, so the state pass and the output
 // pass are plain products) and the per-row eL of the state. The pair decays
 // e^{G_x - G_y} of L and P are not a rank-one product of a row and a column factor, so
-// between the 16-token sub-chunks X > Y they factor at r, the first token of X:
-// e^{G_x - G_r} e^{G_r - G_y}, both <= 1 (the gates are <= 0), as (e^{G_x - G_r} . k_x)
-// times (e^{G_r - G_y} . k_y); inside a sub-chunk each pair is summed elementwise with
-// one exponential a term. No exponent is positive, so nothing overflows; a factor that
+// they factor at a token r between y and x: e^{G_x - G_r} e^{G_r - G_y}, both <= 1 (the
+// gates are <= 0), as (e^{G_x - G_r} . k_x) times (e^{G_r - G_y} . k_y) on tensor cores
+// (kda_prep.cu picks r by the highest bit in which x and y differ, six "levels" of
+// 16 x 16 tiles). No exponent is positive, so nothing overflows; a factor that
 // underflows multiplies a product that is that small anyway.
 //
 // Segments: as in delta_chunk.h, a document start begins a segment of the chunk (G
@@ -72,6 +70,7 @@ inline KdaPrepSizes kda_prep_sizes(const Problem& p) {
   return {rows * p.dk / 2, chunks * kChunkTokens * kChunkTokens / 2, chunks * p.dk};
 }
 
+// qg, kd, eL, P, w, u (and T where out.t is set) of every chunk of the part (kda_prep.cu).
 void launch_kda_prep(const Problem& p, const KdaPrep& out, cudaStream_t s);
 
 // The state pass (ChunkStatesOut as delta_chunk.h: entering, v_new, 16-bit states

@@ -1,41 +1,56 @@
-// The chunk-parallel backward of the chunked KDA kernels (see kda_chunk_bwd.h): the
-// selection between the 8-warp kernel (kda_chunk_bwd_wide.cu, the default) and this
-// file's earlier 4-warp kernel (LASP2_DELTA_KDA_BWD_KERNEL=old, kept for the A/B), which
-// runs one block of 4 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
-// accumulation. Warp w owns tokens [16 w, 16 w + 16) of the chunk in every product (all
-// d columns), so each lane owns the same (token, dim) places of every [64][d] result:
-// dk and dG (the gradient of G, per element) sum in fp32 shared memory without atomics,
-// dq's first term goes out through dq's rows and comes back to the same lane.
+// The chunk-gradient kernel of the KDA chunked backward (math: kda_chunk_bwd.h). One
+// block of 8 warps per (chunk, b, h), mma.sync m16n8k16 in the input dtype with fp32
+// accumulation. Warp w owns tokens [16 (w % 4), +16) and the column half w / 4 of every
+// [64][d] product (as the GDN chunk backward's warps), so each lane keeps its dk and dq
+// places in registers from the first product to the store, and dG (per element, fp32)
+// sums in shared memory at places no other lane touches. Where session 10's 4-warp
+// kernel (25.47 ms at the size below, since removed) spent its time, and what this one
+// does instead:
+// * fp32 [64][d] rows of 128 floats put the 8 rows of a fragment in one bank (8-way
+//   conflicts on every G, dG and dk access): G and dG rows here are padded by 8 floats
+//   and read as float2 (conflict free), dk lives in registers;
+// * the four decayed token sums each took their own exponential a (x, y, dim) term
+//   inside the diagonal sub-chunks: the two row sums (dP and dL against k) share one
+//   exponential and one scaled tile between sub-chunks, and so do the two column sums
+//   (dP against q, beta dL against k), whose tensor-core products and elementwise
+//   terms go into one accumulator (only their sum is used);
+// * 4 warps an SM (one 217 KiB block): 8 warps in a 189.5 KiB block at d = 128 (still
+//   one an SM; 242 registers on sm_90a), 100 KiB at d = 64 (two an SM);
+// * with one block an SM nothing hides a global load's latency: the loads the session-11
+//   kernel waited on one round after another (k for kd, S0 for rowdot(X, S0), v next to
+//   the dv stores that may alias it, the gates after a barrier, q twice) are issued
+//   ahead of their use (kAhead, the default; LASP2_DELTA_KDA_BWD_KERNEL=serial keeps
+//   them where they are used, for the A/B).
+// On one H200 at T = 64K, H = 16, d = 128, bf16: 10.20 ms (docs/delta_rule.md, "The KDA
+// chunked backward").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
-#include "delta_rule/cuda/kda_chunk_bwd_wide.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
 namespace {
 
-using lasp2::cuda::exp_ftz;  // every exponent below is <= 0
+using lasp2::cuda::exp_ftz;
 
-// 217 KiB at d = 128 (sm_90's 227 KiB opt-in; sm_80 takes the recurrent backward at
-// d = 128, the backend checks), 112 KiB at d = 64.
+constexpr int kThreads = 256;  // 8 warps
+
 template <typename T, int D>
 struct KdaBwdSmem {
   static constexpr int LD = TcTile<D>::LD;
-  float G[CH * D];
-  float dG[CH * D];
-  float dK[CH * D];
-  T u[CH * LD];   // v_new; then each warp's scaled 16-token tile (its own 16 rows)
-  T x1[CH * LD];  // r, then dU, then dO
+  static constexpr int LG = D + 8;  // fp32 rows padded by 32 bytes (see above)
+  float G[CH * LG];
+  float dG[CH * LG];
+  T u[CH * LD];   // v_new; then the row sums' scaled tiles and the column sums' q tiles
+  T x1[CH * LD];  // r, then dU, then dO; then the column sums' k tiles
   T x2[CH * LD];  // kd, then dB, then q
   T s[D * LD];    // dh, then h (the state entering the chunk)
   T tk[CH * LD];  // T (ld kLdP), then k
@@ -47,143 +62,176 @@ static_assert(kLdP <= TcTile<64>::LD, "T fits a token tile");
 
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 
-// acc[x] = sum_{y <= x} M_xy e^{G_x - G_y} . src_y for the rows x of warp w (sub-chunk
-// X = w, first token r): for earlier sub-chunks Y on tensor cores as e^{G_x - G_r} .
-// (M_XY (e^{G_r - G_y} . src_y)), inside X elementwise. M [x][y] (ld kLdP) is zero across
-// segments; the factors are formed only inside one segment (G restarts at a document
-// start, so across one they could overflow). scr: this warp's [16][LD] scratch.
+// aP[x] = sum_{y <= x} dP_xy e^{G_x - G_y} . k_y and aL[x] the same with dL, for this
+// warp's rows x (sub-chunk mw, first token r) and column half n0: for earlier sub-chunks
+// Y on tensor cores as e^{G_x - G_r} . (M_XY (e^{G_r - G_y} . k_y)), one scaled tile for
+// both products; inside the sub-chunk elementwise, one exponential for both sums. The
+// scores are zero across segments and past the diagonal. scr: this warp's [16][d / 2]
+// scratch (ld LD).
 template <typename T, int D>
-__device__ __forceinline__ void decayed_rows(float (&acc)[D / 8][4], const T* M, const T* src, T* scr,
-                                             const float* G, const float* seg, int w, int lane) {
-  constexpr int LD = TcTile<D>::LD;
-  const int r = 16 * w;
-  zero(acc);
-  for (int Y = 0; Y < w; ++Y) {
-    for (int e = lane; e < 16 * D / 2; e += 32) {
-      const int a = e / (D / 2), i = 2 * (e % (D / 2)), y = 16 * Y + a;
+__device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D / 16][4], const KdaBwdSmem<T, D>& sm,
+                                         T* scr, int mw, int n0, int lane) {
+  constexpr int NH = D / 16, LD = KdaBwdSmem<T, D>::LD, LG = KdaBwdSmem<T, D>::LG;
+  const float* G = sm.G;
+  const float* seg = sm.seg;
+  const int r = 16 * mw;
+  zero(aP);
+  zero(aL);
+  for (int Y = 0; Y < mw; ++Y) {
+    for (int e = lane; e < 16 * D / 4; e += 32) {
+      const int a = e / (D / 4), c = 2 * (e % (D / 4)), i = n0 + c, y = 16 * Y + a;
       const bool in = seg[y] == seg[r];
-      const float f0 = in ? exp_ftz(G[r * D + i] - G[y * D + i]) : 0.f;
-      const float f1 = in ? exp_ftz(G[r * D + i + 1] - G[y * D + i + 1]) : 0.f;
-      const float2 s2 = unpack2<T>(load_u32(src + y * LD + i));
-      store_u32(scr + a * LD + i, pack2<T>(s2.x * f0, s2.y * f1));
+      const float2 gr = ld2(G + r * LG + i), gy = ld2(G + y * LG + i);
+      const float f0 = in ? exp_ftz(gr.x - gy.x) : 0.f, f1 = in ? exp_ftz(gr.y - gy.y) : 0.f;
+      const float2 k2 = unpack2<T>(load_u32(sm.tk + y * LD + i));
+      store_u32(scr + a * LD + c, pack2<T>(k2.x * f0, k2.y * f1));
     }
     __syncwarp();
-    mma_acc<T, D / 8, false, false>(acc, M + 16 * Y, kLdP, scr, LD, r, 0, 0, 1, D / 16, lane);
+    mma_acc<T, NH, false, false>(aP, sm.dP + 16 * Y, kLdP, scr, LD, r, 0, 0, 1, NH / 2, lane);
+    mma_acc<T, NH, false, false>(aL, sm.dL + 16 * Y, kLdP, scr, LD, r, 0, 0, 1, NH / 2, lane);
     __syncwarp();  // scr is rewritten for the next Y
   }
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int x = r + (lane >> 2) + 8 * hf;
     const bool xin = seg[x] == seg[r];
+    float2 gx[NH];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int i = 8 * j + 2 * (lane & 3);
-      acc[j][2 * hf] = xin ? acc[j][2 * hf] * exp_ftz(G[x * D + i] - G[r * D + i]) : 0.f;
-      acc[j][2 * hf + 1] = xin ? acc[j][2 * hf + 1] * exp_ftz(G[x * D + i + 1] - G[r * D + i + 1]) : 0.f;
+    for (int j = 0; j < NH; ++j) {
+      const int i = n0 + 8 * j + 2 * (lane & 3);
+      gx[j] = ld2(G + x * LG + i);
+      const float2 gr = ld2(G + r * LG + i);
+      const float f0 = xin ? exp_ftz(gx[j].x - gr.x) : 0.f, f1 = xin ? exp_ftz(gx[j].y - gr.y) : 0.f;
+      aP[j][2 * hf] *= f0;
+      aP[j][2 * hf + 1] *= f1;
+      aL[j][2 * hf] *= f0;
+      aL[j][2 * hf + 1] *= f1;
     }
-    for (int y = r; y <= x; ++y) {
-      if (seg[y] != seg[x]) continue;
-      const float m = to_f(M[x * kLdP + y]);
-      if (m == 0.f) continue;
+    // y up to the last row of this half (warp-uniform bounds)
+    for (int y = r; y < r + 8 * hf + 8; ++y) {
+      const float mp = to_f(sm.dP[x * kLdP + y]), ml = to_f(sm.dL[x * kLdP + y]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int i = 8 * j + 2 * (lane & 3);
-        const float2 gx = *reinterpret_cast<const float2*>(G + x * D + i);
-        const float2 gy = *reinterpret_cast<const float2*>(G + y * D + i);
-        const float2 sy = unpack2<T>(load_u32(src + y * LD + i));
-        acc[j][2 * hf] += m * sy.x * exp_ftz(gx.x - gy.x);
-        acc[j][2 * hf + 1] += m * sy.y * exp_ftz(gx.y - gy.y);
+      for (int j = 0; j < NH; ++j) {
+        const int i = n0 + 8 * j + 2 * (lane & 3);
+        const float2 gy = ld2(G + y * LG + i);
+        const float2 ky = unpack2<T>(load_u32(sm.tk + y * LD + i));
+        const float t0 = ky.x * exp_ftz(fminf(gx[j].x - gy.x, 0.f));
+        const float t1 = ky.y * exp_ftz(fminf(gx[j].y - gy.y, 0.f));
+        aP[j][2 * hf] += mp * t0;
+        aP[j][2 * hf + 1] += mp * t1;
+        aL[j][2 * hf] += ml * t0;
+        aL[j][2 * hf + 1] += ml * t1;
       }
     }
   }
 }
 
-// acc[y] = sum_{x >= y} M_xy rs_x e^{G_x - G_y} . src_x for the rows y of warp w
-// (sub-chunk Y = w, last token e): for later sub-chunks X on tensor cores as
-// e^{G_e - G_y} . (M_XY^T (rs_x e^{G_x - G_e} . src_x)), inside Y elementwise. rs: a
-// per-token factor (kRowScale) or 1.
-template <typename T, int D, bool kRowScale>
-__device__ __forceinline__ void decayed_cols(float (&acc)[D / 8][4], const T* M, const T* src, const float* rs,
-                                             T* scr, const float* G, const float* seg, int w, int lane) {
-  constexpr int LD = TcTile<D>::LD;
-  const int y0 = 16 * w, e = y0 + 15;
+// acc[y] = sum_{x >= y} e^{G_x - G_y} . (dP_xy q_x + beta_x dL_xy k_x) for this warp's
+// rows y (sub-chunk mw, last token e) and column half n0: for later sub-chunks X on
+// tensor cores as e^{G_e - G_y} . (dP_XY^T (e^{G_x - G_e} . q_x) + dL_XY^T (beta_x
+// e^{G_x - G_e} . k_x)) (one exponential for both tiles), inside the sub-chunk
+// elementwise (one exponential for both terms). scq, sck: this warp's [16][d / 2]
+// scratch tiles (ld LD).
+template <typename T, int D>
+__device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSmem<T, D>& sm, const T* qt, T* scq,
+                                         T* sck, int mw, int n0, int lane) {
+  constexpr int NH = D / 16, LD = KdaBwdSmem<T, D>::LD, LG = KdaBwdSmem<T, D>::LG;
+  const float* G = sm.G;
+  const float* seg = sm.seg;
+  const int y0 = 16 * mw, e = y0 + 15;
   zero(acc);
-  for (int X = w + 1; X < CH / 16; ++X) {
-    for (int k = lane; k < 16 * D / 2; k += 32) {
-      const int a = k / (D / 2), i = 2 * (k % (D / 2)), x = 16 * X + a;
+  for (int X = mw + 1; X < CH / 16; ++X) {
+    for (int t = lane; t < 16 * D / 4; t += 32) {
+      const int a = t / (D / 4), c = 2 * (t % (D / 4)), i = n0 + c, x = 16 * X + a;
       const bool in = seg[x] == seg[e];
-      const float c = kRowScale ? rs[x] : 1.f;
-      const float f0 = in ? c * exp_ftz(G[x * D + i] - G[e * D + i]) : 0.f;
-      const float f1 = in ? c * exp_ftz(G[x * D + i + 1] - G[e * D + i + 1]) : 0.f;
-      const float2 s2 = unpack2<T>(load_u32(src + x * LD + i));
-      store_u32(scr + a * LD + i, pack2<T>(s2.x * f0, s2.y * f1));
+      const float2 gx = ld2(G + x * LG + i), ge = ld2(G + e * LG + i);
+      const float f0 = in ? exp_ftz(gx.x - ge.x) : 0.f, f1 = in ? exp_ftz(gx.y - ge.y) : 0.f;
+      const float2 q2 = unpack2<T>(load_u32(qt + x * LD + i)), k2 = unpack2<T>(load_u32(sm.tk + x * LD + i));
+      const float b = sm.bt[x];
+      store_u32(scq + a * LD + c, pack2<T>(q2.x * f0, q2.y * f1));
+      store_u32(sck + a * LD + c, pack2<T>(b * f0 * k2.x, b * f1 * k2.y));
     }
     __syncwarp();
     // M^T's rows y0.. from M's [x][y] rows of X
-    mma_acc<T, D / 8, true, false>(acc, M + 16 * X * kLdP, kLdP, scr, LD, y0, 0, 0, 1, D / 16, lane);
+    mma_acc<T, NH, true, false>(acc, sm.dP + 16 * X * kLdP, kLdP, scq, LD, y0, 0, 0, 1, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.dL + 16 * X * kLdP, kLdP, sck, LD, y0, 0, 0, 1, NH / 2, lane);
     __syncwarp();
   }
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int y = y0 + (lane >> 2) + 8 * hf;
     const bool yin = seg[y] == seg[e];
+    float2 gy[NH];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int i = 8 * j + 2 * (lane & 3);
-      acc[j][2 * hf] = yin ? acc[j][2 * hf] * exp_ftz(G[e * D + i] - G[y * D + i]) : 0.f;
-      acc[j][2 * hf + 1] = yin ? acc[j][2 * hf + 1] * exp_ftz(G[e * D + i + 1] - G[y * D + i + 1]) : 0.f;
+    for (int j = 0; j < NH; ++j) {
+      const int i = n0 + 8 * j + 2 * (lane & 3);
+      gy[j] = ld2(G + y * LG + i);
+      const float2 ge = ld2(G + e * LG + i);
+      acc[j][2 * hf] *= yin ? exp_ftz(ge.x - gy[j].x) : 0.f;
+      acc[j][2 * hf + 1] *= yin ? exp_ftz(ge.y - gy[j].y) : 0.f;
     }
-    for (int x = y; x <= e; ++x) {
-      if (seg[x] != seg[y]) continue;
-      const float m = to_f(M[x * kLdP + y]) * (kRowScale ? rs[x] : 1.f);
-      if (m == 0.f) continue;
+    // x from the first row of this half (warp-uniform bounds)
+    for (int x = y0 + 8 * hf; x < y0 + 16; ++x) {
+      const float mp = to_f(sm.dP[x * kLdP + y]), ml = sm.bt[x] * to_f(sm.dL[x * kLdP + y]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int i = 8 * j + 2 * (lane & 3);
-        const float2 gx = *reinterpret_cast<const float2*>(G + x * D + i);
-        const float2 gy = *reinterpret_cast<const float2*>(G + y * D + i);
-        const float2 sx = unpack2<T>(load_u32(src + x * LD + i));
-        acc[j][2 * hf] += m * sx.x * exp_ftz(gx.x - gy.x);
-        acc[j][2 * hf + 1] += m * sx.y * exp_ftz(gx.y - gy.y);
+      for (int j = 0; j < NH; ++j) {
+        const int i = n0 + 8 * j + 2 * (lane & 3);
+        const float2 gx = ld2(G + x * LG + i);
+        const float2 qx = unpack2<T>(load_u32(qt + x * LD + i)), kx = unpack2<T>(load_u32(sm.tk + x * LD + i));
+        acc[j][2 * hf] += exp_ftz(fminf(gx.x - gy[j].x, 0.f)) * (mp * qx.x + ml * kx.x);
+        acc[j][2 * hf + 1] += exp_ftz(fminf(gx.y - gy[j].y, 0.f)) * (mp * qx.y + ml * kx.y);
       }
     }
   }
 }
 
-// f(x, i, hf, j, par) over this lane's places of a [64][D] fragment set of warp rows m0.
-template <int D, typename F>
-__device__ __forceinline__ void for_frag(int m0, int lane, F&& f) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int par = 0; par < 2; ++par) f(m0 + (lane >> 2) + 8 * hf, 8 * j + 2 * (lane & 3) + par, hf, j, par);
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
-  constexpr int LD = TcTile<D>::LD;
-  constexpr int NJ = D / 8;
+// kAhead (the default; LASP2_DELTA_KDA_BWD_KERNEL=serial turns it off): the global loads
+// that the session-11 kernel waited on one after another are issued ahead of their use
+// (see "Loads ahead" in docs/delta_rule.md). With one block an SM at d = 128 nothing
+// else hides their latency. The same formulas; dq, dk, dv the same operations (dG's q
+// term is summed once, q . (dq's first term + the row sum), instead of in two steps).
+template <typename T, int D, bool kAhead>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
+  using Smem = KdaBwdSmem<T, D>;
+  constexpr int LD = Smem::LD, LG = Smem::LG;
+  constexpr int NH = D / 16;  // n8 tiles across half a head dim
+  constexpr int NTH = kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  KdaBwdSmem<T, D>& sm = *reinterpret_cast<KdaBwdSmem<T, D>*>(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, m0 = 16 * warp;
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const WarpPart wp(tid, D);
+  const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
   const int64_t at = chunk * D * D;
   const int nvalid = cp.nvalid;
   float* G = sm.G;
   float* dG = sm.dG;
-  float* dK = sm.dK;
   const float* seg = sm.seg;
 
-  load_tile<T, D, NT>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
+  static_assert(D <= NTH && CH <= NTH, "a thread a key dim, a thread a token");
+  if constexpr (kAhead) {  // k into kd's tile, its own group (kd reads it once G is summed);
+                           // rows past nvalid zero-filled, as the serial kd loop's k
+    load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+    cp_async_commit();
+  }
+  load_tile<T, D, NTH>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+  load_tile<T, D, NTH>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
 #pragma unroll
-  for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);
-  load_tile<T, CH, NT>(sm.tk, static_cast<const T*>(a.t) + chunk * CH * CH, CH, CH, CH, tid);
+  for (int r = 0; r < D; r += CH)
+    load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);
+  load_tile<T, CH, NTH>(sm.tk, static_cast<const T*>(a.t) + chunk * CH * CH, CH, CH, CH, tid);
   cp_async_commit();
+  // kAhead: this thread's key dim's gates (64 loads in one batch), issued before the
+  // barrier below so that they are in flight with beta's and the document starts'
+  float gv[CH];
+  if (kAhead && tid < D) {
+    const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + tid;
+#pragma unroll
+    for (int x = 0; x < CH; ++x) gv[x] = x < nvalid ? gp[x * p.gst] : 0.f;
+  }
   if (tid < CH) {
     const int x = tid;
     const int64_t t = cp.t0 + x;
@@ -192,73 +240,138 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
     sm.start[x] = valid && p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0 ? 1.f : 0.f;
     sm.db[x] = 0.f;
   }
-  for (int i = tid; i < D; i += NT) sm.dGL[i] = 0.f;
-  for (int e = tid; e < CH * D; e += NT) dG[e] = dK[e] = 0.f;
+  for (int i = tid; i < D; i += NTH) sm.dGL[i] = 0.f;
+  for (int e = tid; e < CH * LG; e += NTH) dG[e] = 0.f;
   __syncthreads();
   if (tid < CH) {  // the segment index: document starts up to x
-    float s = 0.f;
-    for (int y = 0; y <= tid; ++y) s += sm.start[y];
-    sm.seg[tid] = s;
-  }
-  // G as prep forms it (a segment start adds 0, gates clamped at kKdaGateFloor)
-  for (int i = tid; i < D; i += NT) {
-    const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + i;
-    float acc = 0.f;
-    for (int x = 0; x < CH; ++x) {
-      if (x < nvalid && sm.start[x] == 0.f) acc += fmaxf(gp[x * p.gst], kKdaGateFloor);
-      G[x * D + i] = acc;
+    if constexpr (kAhead) {  // warps 0 and 1 whole: the count of starts from two ballots
+      static_assert(CH == 64, "two warps of tokens");
+      const int lane = tid & 31;
+      const unsigned lo = __ballot_sync(0xffffffffu, sm.start[lane] != 0.f);
+      const unsigned hi = __ballot_sync(0xffffffffu, sm.start[32 + lane] != 0.f);
+      const unsigned upto = 0xffffffffu >> (31 - lane);  // bits 0..lane
+      const int n = tid < 32 ? __popc(lo & upto) : __popc(lo) + __popc(hi & upto);
+      sm.seg[tid] = static_cast<float>(n);
+    } else {
+      float s = 0.f;
+      for (int y = 0; y <= tid; ++y) s += sm.start[y];
+      sm.seg[tid] = s;
     }
   }
+  // G as prep forms it (a segment start adds 0, gates clamped at kKdaGateFloor); the
+  // chunk's gates are loaded first, then summed
+  if (tid < D) {
+    const int i = tid;
+    if constexpr (!kAhead) {
+      const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + i;
+#pragma unroll
+      for (int x = 0; x < CH; ++x) gv[x] = x < nvalid ? gp[x * p.gst] : 0.f;
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int x = 0; x < CH; ++x) {
+      if (x < nvalid && sm.start[x] == 0.f) acc += fmaxf(gv[x], kKdaGateFloor);
+      G[x * LG + i] = acc;
+    }
+  }
+  if constexpr (kAhead) cp_async_wait_group1();  // k's group (the first) has landed
   __syncthreads();
-  const float* GL = G + (CH - 1) * D;
+  const float* GL = G + (CH - 1) * LG;
   const float sL = seg[CH - 1];
-  {  // kd = e^{G_last - G} . K [last segment] over x2
+  if constexpr (kAhead) {  // kd = e^{G_last - G} . K [last segment], in place over k's tile
+    static_assert(CH * D / 2 % NTH == 0, "whole rounds");
+#pragma unroll
+    for (int it = 0; it < CH * D / 2 / NTH; ++it) {
+      const int e = tid + it * NTH, x = e / (D / 2), i = 2 * (e % (D / 2));
+      T* px = sm.x2 + x * LD + i;
+      const float2 k2 = unpack2<T>(load_u32(px));
+      const bool last = seg[x] == sL;
+      const float2 gl = ld2(GL + i), g = ld2(G + x * LG + i);
+      const float d0 = last ? exp_ftz(gl.x - g.x) : 0.f, d1 = last ? exp_ftz(gl.y - g.y) : 0.f;
+      store_u32(px, pack2<T>(k2.x * d0, k2.y * d1));
+    }
+  } else {  // kd = e^{G_last - G} . K [last segment] over x2
     const T* krow = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
-    for (int e = tid; e < CH * D / 2; e += NT) {
+    for (int e = tid; e < CH * D / 2; e += NTH) {
       const int x = e / (D / 2), i = 2 * (e % (D / 2));
       const float2 k2 = x < nvalid ? unpack2<T>(load_u32(krow + x * p.k.st + i)) : make_float2(0.f, 0.f);
       const bool last = seg[x] == sL;
-      const float d0 = last ? exp_ftz(GL[i] - G[x * D + i]) : 0.f, d1 = last ? exp_ftz(GL[i + 1] - G[x * D + i + 1]) : 0.f;
+      const float2 gl = ld2(GL + i), g = ld2(G + x * LG + i);
+      const float d0 = last ? exp_ftz(gl.x - g.x) : 0.f, d1 = last ? exp_ftz(gl.y - g.y) : 0.f;
       store_u32(sm.x2 + x * LD + i, pack2<T>(k2.x * d0, k2.y * d1));
     }
   }
   cp_async_wait_all();
   __syncthreads();
 
+  // kAhead: S0's rows warp + 8 r for rowdot(X, S0) (this lane's pairs 2 lane + 64 c),
+  // all loaded here in one batch, used after the two products below
+  constexpr int RR = D / 8, RC = D / 64;
+  static_assert(NTH / 32 == 8 && D % 64 == 0, "8 warps, 32 pairs a row a round");
+  const bool rowdot = sL == 0.f;  // block-uniform
+  const T* h0 = static_cast<const T*>(a.states) + at;
+  uint32_t hreg[RR][RC];
+  if (kAhead && rowdot) {
+#pragma unroll
+    for (int r = 0; r < RR; ++r)
+#pragma unroll
+      for (int c = 0; c < RC; ++c) hreg[r][c] = load_u32(h0 + (warp + 8 * r) * D + 2 * lane + 64 * c);
+  }
+
+  // this lane's dk places, in registers until the store
+  float dk[NH][4];
   // ---- the values side: dU, dk's kd term, the gate of the one-segment map, dB, dv
   {  // dU = kd X - r over r (each lane its own places)
-    float acc[NJ][4];
+    float acc[NH][4];
     zero(acc);
-    mma_rows<T, NJ, false>(acc, sm.x2, LD, sm.s, LD, m0, 0, D / 16, lane);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        T* px = sm.x1 + (m0 + (lane >> 2) + 8 * hf) * LD + 8 * j + 2 * (lane & 3);
-        const float2 rr = unpack2<T>(load_u32(px));
-        store_u32(px, pack2<T>(acc[j][2 * hf] - rr.x, acc[j][2 * hf + 1] - rr.y));
-      }
-  }
-  {  // C = U X^T: dk_y += dd_y . C_y; dG_y -= kd_y . C_y; dG_last += sum_y kd_y . C_y
-    float acc[NJ][4];
-    zero(acc);
-    mma_acc<T, NJ, false, true>(acc, sm.u, LD, sm.s, LD, m0, 0, 0, D / 16, NJ / 2, lane);
-    float colp[NJ][2];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) colp[j][0] = colp[j][1] = 0.f;
-    for_frag<D>(m0, lane, [&](int y, int i, int hf, int j, int par) {
-      const float c = acc[j][2 * hf + par];
-      const float dd = seg[y] == sL ? exp_ftz(GL[i] - G[y * D + i]) : 0.f;
-      const float kc = to_f(sm.x2[y * LD + i]) * c;
-      dK[y * D + i] += dd * c;
-      dG[y * D + i] -= kc;
-      colp[j][par] += kc;
+    mma_acc<T, NH, false, false>(acc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
+      T* px = sm.x1 + x * LD + n0 + c;
+      const float2 rr = unpack2<T>(load_u32(px));
+      store_u32(px, pack2<T>(acc[j][2 * hf] - rr.x, acc[j][2 * hf + 1] - rr.y));
     });
-    add_cols<false>(sm.dGL, colp, 0, lane);
   }
-  if (sL == 0.f) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 straight from global)
-    const T* h = static_cast<const T*>(a.states) + at;
-    for (int i = warp; i < D; i += NT / 32) {
+  {  // C = U X^T: dk_y = dd_y . C_y; dG_y -= kd_y . C_y; dG_last += sum_y kd_y . C_y
+    float acc[NH][4];
+    zero(acc);
+    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    float colp[NH][2];
+#pragma unroll
+    for (int j = 0; j < NH; ++j) colp[j][0] = colp[j][1] = 0.f;
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
+      const int i = n0 + c;
+      const bool last = seg[y] == sL;
+      const float2 gl = ld2(GL + i), g = ld2(G + y * LG + i);
+      const float2 kd = unpack2<T>(load_u32(sm.x2 + y * LD + i));
+      const float c0 = acc[j][2 * hf], c1 = acc[j][2 * hf + 1];
+      dk[j][2 * hf] = last ? exp_ftz(gl.x - g.x) * c0 : 0.f;
+      dk[j][2 * hf + 1] = last ? exp_ftz(gl.y - g.y) * c1 : 0.f;
+      float2* pg = reinterpret_cast<float2*>(dG + y * LG + i);
+      const float2 old = *pg;
+      *pg = make_float2(old.x - kd.x * c0, old.y - kd.y * c1);
+      colp[j][0] += kd.x * c0;
+      colp[j][1] += kd.y * c1;
+    });
+    add_cols<false>(sm.dGL, colp, n0, lane);
+  }
+  if (kAhead && rowdot) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 from the batch above)
+#pragma unroll
+    for (int r = 0; r < RR; ++r) {
+      const int i = warp + 8 * r;
+      float part = 0.f;
+#pragma unroll
+      for (int c = 0; c < RC; ++c) {
+        const int j = 2 * lane + 64 * c;
+        const float2 hh = unpack2<T>(hreg[r][c]), xx = unpack2<T>(load_u32(sm.s + i * LD + j));
+        part += hh.x * xx.x + hh.y * xx.y;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) atomicAdd(sm.dGL + i, exp_ftz(GL[i]) * part);
+    }
+  } else if (!kAhead && rowdot) {  // the same, S0 straight from global
+    const T* h = h0;
+    for (int i = warp; i < D; i += NTH / 32) {
       float part = 0.f;
       for (int j = 2 * lane; j < D; j += 64) {
         const float2 hh = unpack2<T>(load_u32(h + i * D + j)), xx = unpack2<T>(load_u32(sm.s + i * LD + j));
@@ -269,39 +382,58 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
       if (lane == 0) atomicAdd(sm.dGL + i, exp_ftz(GL[i]) * part);
     }
   }
-  __syncthreads();  // dU is whole; every warp is past X: h takes its tile
+  __syncthreads();  // dU is whole; every warp is past X and kd: h takes X's tile
 #pragma unroll
   for (int r = 0; r < D; r += CH)
-    load_tile<T, D, NT>(sm.s + r * LD, static_cast<const T*>(a.states) + at + r * D, D, CH, D, tid);
+    load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.states) + at + r * D, D, CH, D, tid);
   cp_async_commit();
-  {  // dB = T^T dU (T^T[y][x] is zero for x < y: blocks warp..3); dv = beta dB;
-     // dbeta_y += dB_y . v_y; dB over this warp's kd rows (only this warp read them)
-    float acc[NJ][4];
-    zero(acc);
-    mma_acc<T, NJ, true, false>(acc, sm.tk, kLdP, sm.x1, LD, m0, 0, warp, CH / 16, NJ / 2, lane);
+  {  // dB = T^T dU (T^T[y][x] is zero for x < y: blocks mw..3); dv = beta dB;
+     // dbeta_y += dB_y . v_y; dB over kd's tile (every warp is past kd)
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     const T* vrow = rows_of<T>(p.v, cp.b, cp.h, cp.t0);
+    // kAhead: this lane's v pairs in one batch before the product (in the serial loop
+    // each load waits for the dv store before it, which may alias it)
+    uint32_t vreg[NH][2];
+    if constexpr (kAhead)
+      for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
+        vreg[j][hf] = y < nvalid ? load_u32(vrow + y * p.v.st + n0 + c) : 0u;
+      });
+    float acc[NH][4];
+    zero(acc);
+    mma_acc<T, NH, true, false>(acc, sm.tk, kLdP, sm.x1, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     float dbv[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int y = m0 + (lane >> 2) + 8 * hf, col = 8 * j + 2 * (lane & 3);
-        const float b0 = acc[j][2 * hf], b1 = acc[j][2 * hf + 1];
-        if (y < nvalid) {
-          const float2 vv = unpack2<T>(load_u32(vrow + y * p.v.st + col));
-          dbv[hf] += b0 * vv.x + b1 * vv.y;
-          const float b = sm.bt[y];
-          store_u32(dvrow + y * a.dvst + col, pack2<T>(b * b0, b * b1));
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
+      const int col = n0 + c;
+      const float b0 = acc[j][2 * hf], b1 = acc[j][2 * hf + 1];
+      if (y < nvalid) {
+        uint32_t vw;
+        if constexpr (kAhead) {
+          vw = vreg[j][hf];
+        } else {
+          vw = load_u32(vrow + y * p.v.st + col);
         }
-        store_u32(sm.x2 + y * LD + col, pack2<T>(b0, b1));
+        const float2 vv = unpack2<T>(vw);
+        dbv[hf] += b0 * vv.x + b1 * vv.y;
+        const float b = sm.bt[y];
+        store_u32(dvrow + y * a.dvst + col, pack2<T>(b * b0, b * b1));
       }
+      store_u32(sm.x2 + y * LD + col, pack2<T>(b0, b1));
+    });
     add_rows(sm.db, dbv, m0, lane);
   }
   __syncthreads();  // every warp is past dU and T: dO and k take their tiles
-  load_tile<T, D, NT>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
-  load_tile<T, D, NT>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+  load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
+  load_tile<T, D, NTH>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
   cp_async_commit();
+  // kAhead: Z's product (dB and S0 only) while dO and k land; S0's group (the older one)
+  // waited here, with dO and k already in flight
+  float zacc[NH][4];
+  zero(zacc);
+  if constexpr (kAhead) {
+    cp_async_wait_group1();
+    __syncthreads();  // S0's tile whole
+    mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+  }
   cp_async_wait_all();
   __syncthreads();
 
@@ -309,131 +441,142 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
   const T* qrow = rows_of<T>(p.q, cp.b, cp.h, cp.t0);
   {  // Z = ent . (dB S0^T): dk -= beta Z; dG -= beta k . Z; dbeta -= k . Z
-    float acc[NJ][4];
-    zero(acc);
-    mma_acc<T, NJ, false, true>(acc, sm.x2, LD, sm.s, LD, m0, 0, 0, D / 16, NJ / 2, lane);
+    float (&acc)[NH][4] = zacc;
+    if constexpr (!kAhead) mma_acc<T, NH, false, true>(acc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float kz[2] = {0.f, 0.f};
-    for_frag<D>(m0, lane, [&](int x, int i, int hf, int j, int par) {
-      const float z = seg[x] == 0.f ? exp_ftz(G[x * D + i]) * acc[j][2 * hf + par] : 0.f;
-      const float kx = to_f(sm.tk[x * LD + i]), b = sm.bt[x];
-      dK[x * D + i] -= b * z;
-      dG[x * D + i] -= b * kx * z;
-      kz[hf] -= kx * z;
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
+      const int i = n0 + c;
+      const bool first = seg[x] == 0.f;
+      const float2 g = ld2(G + x * LG + i);
+      const float z0 = first ? exp_ftz(g.x) * acc[j][2 * hf] : 0.f;
+      const float z1 = first ? exp_ftz(g.y) * acc[j][2 * hf + 1] : 0.f;
+      const float2 kx = unpack2<T>(load_u32(sm.tk + x * LD + i));
+      const float b = sm.bt[x];
+      dk[j][2 * hf] -= b * z0;
+      dk[j][2 * hf + 1] -= b * z1;
+      float2* pg = reinterpret_cast<float2*>(dG + x * LG + i);
+      const float2 old = *pg;
+      *pg = make_float2(old.x - b * kx.x * z0, old.y - b * kx.y * z1);
+      kz[hf] -= kx.x * z0 + kx.y * z1;
     });
     add_rows(sm.db, kz, m0, lane);
   }
-  {  // dq's first term scale ent . (dO S0^T): dG += q . it; out through dq's rows
-    float acc[NJ][4];
-    zero(acc);
-    mma_acc<T, NJ, false, true>(acc, sm.x1, LD, sm.s, LD, m0, 0, 0, D / 16, NJ / 2, lane);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int x = m0 + (lane >> 2) + 8 * hf, i = 8 * j + 2 * (lane & 3);
-        if (x >= nvalid) continue;
-        const bool first = seg[x] == 0.f;
-        const float d0 = first ? p.scale * exp_ftz(G[x * D + i]) * acc[j][2 * hf] : 0.f;
-        const float d1 = first ? p.scale * exp_ftz(G[x * D + i + 1]) * acc[j][2 * hf + 1] : 0.f;
-        const float2 qq = unpack2<T>(load_u32(qrow + x * p.q.st + i));
-        dG[x * D + i] += qq.x * d0;
-        dG[x * D + i + 1] += qq.y * d1;
-        store_u32(dqrow + x * a.dqst + i, pack2<T>(d0, d1));
-      }
+  // dq's first term scale ent . (dO S0^T), in registers until the row sums; dG += q . it
+  // (kAhead: q . (it + the row sum), in the row sums' epilogue)
+  float dq[NH][4];
+  zero(dq);
+  mma_acc<T, NH, false, true>(dq, sm.x1, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+  for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
+    const int i = n0 + c;
+    const bool first = x < nvalid && seg[x] == 0.f;
+    const float2 g = ld2(G + x * LG + i);
+    const float d0 = first ? p.scale * exp_ftz(g.x) * dq[j][2 * hf] : 0.f;
+    const float d1 = first ? p.scale * exp_ftz(g.y) * dq[j][2 * hf + 1] : 0.f;
+    dq[j][2 * hf] = d0;
+    dq[j][2 * hf + 1] = d1;
+    if (!kAhead && x < nvalid) {  // kAhead: with the row sum's q term, q from shared
+      const float2 qq = unpack2<T>(load_u32(qrow + x * p.q.st + i));
+      float2* pg = reinterpret_cast<float2*>(dG + x * LG + i);
+      const float2 old = *pg;
+      *pg = make_float2(old.x + qq.x * d0, old.y + qq.y * d1);
+    }
+  });
+  if constexpr (kAhead) {  // every warp is past S0 (Z, dq's first term): q takes S0's tile,
+                           // landing while dP and dL are formed
+    __syncthreads();
+    load_tile<T, D, NTH>(sm.s, qrow, p.q.st, nvalid, D, tid);
+    cp_async_commit();
   }
-  {  // dP = scale (dO U^T) [y <= x], dL = -(dB U^T) [y < x], both in one segment
-    float ee[8][4], bb[8][4];
+  {  // dP = scale (dO U^T) [y <= x], dL = -(dB U^T) [y < x], both in one segment: this
+     // warp's rows and score columns c0.. (the 16-column pairs right of the diagonal
+     // block stay zero)
+    const int c0 = wp.c0;
+    float ee[4][4], bb[4][4];
     zero(ee);
     zero(bb);
-    mma_acc<T, 8, false, true>(ee, sm.x1, LD, sm.u, LD, m0, 0, 0, D / 16, 4, lane);
-    mma_acc<T, 8, false, true>(bb, sm.x2, LD, sm.u, LD, m0, 0, 0, D / 16, 4, lane);
+    mma_acc<T, 4, false, true>(ee, sm.x1, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    mma_acc<T, 4, false, true>(bb, sm.x2, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+    for_pairs<4>(m0, lane, [&](int j, int hf, int x, int c) {
+      const int y0 = c0 + c;
+      float pv[2], lv[2];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int x = m0 + (lane >> 2) + 8 * hf, y0 = 8 * j + 2 * (lane & 3);
-        float pv[2], lv[2];
-#pragma unroll
-        for (int par = 0; par < 2; ++par) {
-          const int y = y0 + par;
-          const bool same = seg[x] == seg[y];
-          pv[par] = y <= x && same ? p.scale * ee[j][2 * hf + par] : 0.f;
-          lv[par] = y < x && same ? -bb[j][2 * hf + par] : 0.f;
-        }
-        store_u32(sm.dP + x * kLdP + y0, pack2<T>(pv[0], pv[1]));
-        store_u32(sm.dL + x * kLdP + y0, pack2<T>(lv[0], lv[1]));
+      for (int par = 0; par < 2; ++par) {
+        const int y = y0 + par;
+        const bool same = seg[x] == seg[y];
+        pv[par] = y <= x && same ? p.scale * ee[j][2 * hf + par] : 0.f;
+        lv[par] = y < x && same ? -bb[j][2 * hf + par] : 0.f;
       }
+      store_u32(sm.dP + x * kLdP + y0, pack2<T>(pv[0], pv[1]));
+      store_u32(sm.dL + x * kLdP + y0, pack2<T>(lv[0], lv[1]));
+    });
   }
-  __syncthreads();  // dP, dL whole; every warp is past U and dB: q takes dB's tile
-  load_tile<T, D, NT>(sm.x2, qrow, p.q.st, nvalid, D, tid);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncthreads();
+  if constexpr (kAhead) {
+    cp_async_wait_all();  // q (issued before dP, dL)
+    __syncthreads();      // dP, dL whole; q's tile whole
+  } else {
+    __syncthreads();  // dP, dL whole; every warp is past U, dO and dB: q takes dB's tile
+    load_tile<T, D, NTH>(sm.x2, qrow, p.q.st, nvalid, D, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+  }
+  const T* qt = kAhead ? sm.s : sm.x2;  // q's [64][LD] tile
 
-  // ---- the decayed sums over tokens
-  T* scr = sm.u + m0 * LD;  // this warp's rows of the v_new tile
-  {  // dq = (first term) + sum_y dP_xy e^{G_x - G_y} . k_y; dG += q . (the sum)
-    float acc[NJ][4];
-    decayed_rows<T, D>(acc, sm.dP, sm.tk, scr, G, seg, warp, lane);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int x = m0 + (lane >> 2) + 8 * hf, i = 8 * j + 2 * (lane & 3);
-        if (x >= nvalid) continue;
-        const float2 qq = unpack2<T>(load_u32(sm.x2 + x * LD + i));
-        dG[x * D + i] += qq.x * acc[j][2 * hf];
-        dG[x * D + i + 1] += qq.y * acc[j][2 * hf + 1];
-        // this lane wrote the first term here above
-        const float2 f = unpack2<T>(load_u32(dqrow + x * a.dqst + i));
-        store_u32(dqrow + x * a.dqst + i, pack2<T>(f.x + acc[j][2 * hf], f.y + acc[j][2 * hf + 1]));
-      }
-  }
-  {  // R = sum_y dL_xy e^{G_x - G_y} . k_y: dk += beta R; dG += beta k . R; dbeta += k . R
-    float acc[NJ][4];
-    decayed_rows<T, D>(acc, sm.dL, sm.tk, scr, G, seg, warp, lane);
+  // ---- the decayed sums over tokens (scratch: this warp's rows and column half of the
+  // v_new and dO tiles, which no warp reads any more)
+  T* scr_u = sm.u + m0 * LD + n0;
+  T* scr_x = sm.x1 + m0 * LD + n0;
+  {  // dq += sum_y dP_xy e^{G_x - G_y} . k_y, dG += q . (the sum); R = sum_y dL_xy e^{G_x -
+     // G_y} . k_y: dk += beta R; dG += beta k . R; dbeta += k . R
+    float aP[NH][4], aL[NH][4];
+    row_sums<T, D>(aP, aL, sm, scr_u, mw, n0, lane);
     float kr[2] = {0.f, 0.f};
-    for_frag<D>(m0, lane, [&](int x, int i, int hf, int j, int par) {
-      const float r = acc[j][2 * hf + par], kx = to_f(sm.tk[x * LD + i]), b = sm.bt[x];
-      dK[x * D + i] += b * r;
-      dG[x * D + i] += b * kx * r;
-      kr[hf] += kx * r;
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
+      const int i = n0 + c;
+      const float p0 = aP[j][2 * hf], p1 = aP[j][2 * hf + 1], r0 = aL[j][2 * hf], r1 = aL[j][2 * hf + 1];
+      const float2 kx = unpack2<T>(load_u32(sm.tk + x * LD + i));
+      const float b = sm.bt[x];
+      dk[j][2 * hf] += b * r0;
+      dk[j][2 * hf + 1] += b * r1;
+      kr[hf] += kx.x * r0 + kx.y * r1;
+      float2 dgv = make_float2(b * kx.x * r0, b * kx.y * r1);
+      if (x < nvalid) {
+        const float2 qq = unpack2<T>(load_u32(qt + x * LD + i));
+        const float s0 = dq[j][2 * hf] + p0, s1 = dq[j][2 * hf + 1] + p1;
+        // kAhead: q . dq whole (its first term was not added to dG above)
+        dgv.x += qq.x * (kAhead ? s0 : p0);
+        dgv.y += qq.y * (kAhead ? s1 : p1);
+        store_u32(dqrow + x * a.dqst + i, pack2<T>(s0, s1));
+      }
+      float2* pg = reinterpret_cast<float2*>(dG + x * LG + i);
+      const float2 old = *pg;
+      *pg = make_float2(old.x + dgv.x, old.y + dgv.y);
     });
     add_rows(sm.db, kr, m0, lane);
   }
-  {  // dk += sum_x dP_xy e^{G_x - G_y} . q_x + sum_x beta_x dL_xy e^{G_x - G_y} . k_x; dG -= k . both
-    float acc[NJ][4];
-    decayed_cols<T, D, false>(acc, sm.dP, sm.x2, nullptr, scr, G, seg, warp, lane);
-    for_frag<D>(m0, lane, [&](int y, int i, int hf, int j, int par) {
-      const float c = acc[j][2 * hf + par];
-      dK[y * D + i] += c;
-      dG[y * D + i] -= to_f(sm.tk[y * LD + i]) * c;
-    });
-    decayed_cols<T, D, true>(acc, sm.dL, sm.tk, sm.bt, scr, G, seg, warp, lane);
+  __syncwarp();  // the row sums' scratch reads are done before the column sums write it
+  {  // dk += sum_x e^{G_x - G_y} . (dP_xy q_x + beta_x dL_xy k_x); dG -= k . (the sum)
+    float acc[NH][4];
+    col_sums<T, D>(acc, sm, qt, scr_u, scr_x, mw, n0, lane);
     T* dkrow = static_cast<T*>(a.dk) + cp.b * a.dksb + cp.t0 * a.dkst + cp.h * a.dksh;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int y = m0 + (lane >> 2) + 8 * hf, i = 8 * j + 2 * (lane & 3);
-        float out[2];
-#pragma unroll
-        for (int par = 0; par < 2; ++par) {
-          const float c = acc[j][2 * hf + par];
-          out[par] = dK[y * D + i + par] + c;
-          dG[y * D + i + par] -= to_f(sm.tk[y * LD + i + par]) * c;
-        }
-        if (y < nvalid) store_u32(dkrow + y * a.dkst + i, pack2<T>(out[0], out[1]));
-      }
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
+      const int i = n0 + c;
+      const float c0 = acc[j][2 * hf], c1 = acc[j][2 * hf + 1];
+      const float2 ky = unpack2<T>(load_u32(sm.tk + y * LD + i));
+      float2* pg = reinterpret_cast<float2*>(dG + y * LG + i);
+      const float2 old = *pg;
+      *pg = make_float2(old.x - ky.x * c0, old.y - ky.y * c1);
+      if (y < nvalid) store_u32(dkrow + y * a.dkst + i, pack2<T>(dk[j][2 * hf] + c0, dk[j][2 * hf + 1] + c1));
+    });
   }
   __syncthreads();
   // dg: dG summed backwards inside each segment (0 at a segment's first token, whose gate
   // G does not contain), a thread a key dim; dbeta
-  for (int i = tid; i < D; i += NT) {
+  for (int i = tid; i < D; i += NTH) {
     float run = 0.f;
     for (int x = CH - 1; x >= 0; --x) {
       if (x < CH - 1 && seg[x + 1] != seg[x]) run = 0.f;
-      run += dG[x * D + i] + (x == CH - 1 ? sm.dGL[i] : 0.f);
+      run += dG[x * LG + i] + (x == CH - 1 ? sm.dGL[i] : 0.f);
       const bool first = x == 0 ? seg[0] != 0.f : seg[x] != seg[x - 1];
       if (x < nvalid && a.dg != nullptr)
         a.dg[((cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h) * D + i] = first ? 0.f : run;
@@ -444,49 +587,42 @@ __global__ void __launch_bounds__(NT) kda_bwd_kernel(Problem p, KdaBackwardArgs 
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
 
-void kda_bwd_check(cudaError_t e, const char* what) { chunk_check(e, kWho, what); }
+// Whether the kernel issues its global loads ahead: LASP2_DELTA_KDA_BWD_KERNEL, read at
+// every call so that the tests and the timing A/B can switch it, new (loads ahead, the
+// default) or serial (the kernel as it landed in session 11, loads where they are used).
+bool kda_backward_loads_ahead() {
+  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return true;
+  if (std::strcmp(env, "serial") == 0) return false;
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new or serial, not " + env);
+}
 
 }  // namespace
 
-// Which chunk-gradient kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every call so
-// that the tests and the timing A/B can switch it): new (the 8-warp kernel with its
-// global loads issued ahead, the default), serial (the 8-warp kernel as it landed in
-// session 11, loads where they are used) or old (the 4-warp kernel below).
-enum class KdaBwdKernel { kNew, kSerial, kOld };
-static KdaBwdKernel kda_backward_kernel() {
-  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return KdaBwdKernel::kNew;
-  if (std::strcmp(env, "serial") == 0) return KdaBwdKernel::kSerial;
-  if (std::strcmp(env, "old") == 0) return KdaBwdKernel::kOld;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new, serial or old, not " + env);
-}
-
 int kda_backward_smem_bytes(int d) {
-  if (kda_backward_kernel() != KdaBwdKernel::kOld) return kda_backward_wide_smem_bytes(d);
   return d == 64 ? static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 64>))
                  : static_cast<int>(sizeof(KdaBwdSmem<__nv_bfloat16, 128>));
 }
 
 void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  if (p.dk != p.dv || (p.dk != 64 && p.dk != 128))
-    fail("lasp2 (CUDA KDA, chunked backward): d_k = d_v must be 64 or 128");
-  const KdaBwdKernel which = kda_backward_kernel();
-  if (which != KdaBwdKernel::kOld) {
-    launch_kda_backward_wide(p, a, which == KdaBwdKernel::kNew, s);
-    return;
-  }
+  if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail(std::string(kWho) + ": d_k = d_v must be 64 or 128");
+  const bool ahead = kda_backward_loads_ahead();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(KdaBwdSmem<T, D>));
-    kda_bwd_check(cudaFuncSetAttribute(kda_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-                  "KDA chunk backward smem");
-    kda_bwd_kernel<T, D><<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), NT, bytes, s>>>(
-        p, a);
+    auto* kernel = ahead ? kda_bwd_kernel<T, D, true> : kda_bwd_kernel<T, D, false>;
+    chunk_allow_smem(kernel, bytes, kWho, "KDA chunk backward smem");
+    // all of the SM's shared memory as shared memory, so that two blocks fit at d = 64
+    chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     cudaSharedmemCarveoutMaxShared),
+                kWho, "KDA chunk backward carveout");
+    const dim3 grid(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
+    kernel<<<grid, kThreads, bytes, s>>>(p, a);
   };
   chunk_dispatch<true>(p, kWho, go);
-  kda_bwd_check(cudaGetLastError(), "KDA chunk backward kernel");
+  chunk_check(cudaGetLastError(), kWho, "KDA chunk backward kernel");
 }
 
 }  // namespace lasp2::delta::gpu

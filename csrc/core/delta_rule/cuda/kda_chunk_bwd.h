@@ -2,8 +2,7 @@
 // T (KdaPrep::t), the state pass's v_new and 16-bit state h_c entering each chunk, rprep's
 // r = -(P^T dO) and the reverse pass's 16-bit gradient dh_c of the state leaving each
 // chunk (launch_kda_rstates), every chunk's dq, dk, dv, dg (per key dim) and dbeta follow
-// from the chunk alone: one block per (chunk, b, h), of 8 warps (kda_chunk_bwd_wide.cu,
-// the default) or of 4 (the earlier kernel, LASP2_DELTA_KDA_BWD_KERNEL=old).
+// from the chunk alone: one block of 8 warps per (chunk, b, h).
 // The math, per chunk (U = v_new, S0 = h_c, X = dh_c; G_x the within-segment cumulative
 // log gate, a d_k vector; ent_x = e^{G_x} [s_x = 0], dd_y = e^{G_last - G_y} [s_y =
 // s_last], kd = dd . K; every decay e^{G_x - G_y} below is per element, y <= x in one
@@ -18,9 +17,9 @@
 //   dG_x = q_x . dq_x + k_x . (-beta Z + beta R - dd . (U X^T) - (the two sums over x))_x,
 //          and at the chunk's last token + sum_y kd_y . (U X^T)_y + e^{G_last} . rowdot(X, S0)
 //   dg_t = sum of dG_x over x >= t in t's segment (0 at a segment's first token)
-// The sums over tokens factor between 16-token sub-chunks as prep's do (both factors
-// <= 1); inside a sub-chunk each (x, y, dim) takes its own exponential (the 8-warp
-// kernel: one for both row sums, one for both column sums).
+// The sums over tokens factor between 16-token sub-chunks at a sub-chunk's first or
+// last token (both factors <= 1); inside a sub-chunk each (x, y, dim) takes one
+// exponential for both row sums and one for both column sums.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,8 +46,7 @@ struct KdaBackwardArgs {
   float* dbeta = nullptr;  // nullable: [B, T, H] contiguous
 };
 
-// Shared memory one block of launch_kda_backward needs for head dim d (64 or 128), for
-// the kernel LASP2_DELTA_KDA_BWD_KERNEL selects.
+// Shared memory one block of launch_kda_backward needs for head dim d (64 or 128).
 int kda_backward_smem_bytes(int d);
 
 void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s);

@@ -1,12 +1,13 @@
-// The 8-warp KDA chunk prep (kda_prep.h): the outputs of kda_chunk.cu's 4-warp prep
-// (qg, kd, eL, P, T, w, u; kda_chunk.h), formed with far fewer exponentials and every
-// pair of L and P on tensor cores.
+// The KDA chunk prep, launch_kda_prep (kda_chunk.h): per chunk qg, kd, eL, P, T, w and u
+// (KdaPrep) with the per-key decays as products of per-token gate factors and every
+// pair of a chunk's L and P on tensor cores, 8 warps a block.
 //
 // Decays as products. With gamma_t = e^{g_t} (the log gate clamped at kKdaGateFloor;
 // 1 at a segment start and past the part or the head), e^{G_x - G_y} is the product of
-// gamma over (y, x]: one exponential a token and dim (8192 a chunk at d = 128, where the
-// 4-warp prep takes about 115000), the rest products of factors <= 1, so nothing
-// overflows and a factor that underflows scales a term that small anyway.
+// gamma over (y, x]: one exponential a token and dim (8192 a chunk at d = 128, where an
+// exponential a pair and dim inside the 16-token sub-chunks takes about 115000), the
+// rest products of factors <= 1, so nothing overflows and a factor that underflows
+// scales a term that small anyway.
 //
 // Levels. A pair y < x of the chunk's 64 tokens has a highest differing bit m of x and
 // y (0..5); with r = x with its bits below m cleared (y < r <= x), e^{G_x - G_y} =
@@ -17,10 +18,9 @@
 // qs ks^T (P) at rows of upper halves and columns of the lower half of the same block.
 // Levels 0..3 pair tokens inside a 16-token sub-chunk X (the diagonal tile of X, its
 // entries of level m picked out), level 4 sub-chunk 1 with 0 and 3 with 2, level 5
-// sub-chunks 2, 3 with 0, 1: six levels of 16 x 16 x d mma tiles, the fp32 sums of
-// 16-bit products that the 4-warp prep's off-diagonal sub-chunk tiles also take. P's
-// diagonal P_xx = scale q_x . k_x comes at the level of x's lowest set bit (where its
-// factor is 1); the sub-chunks' first tokens from a dot product.
+// sub-chunks 2, 3 with 0, 1: six levels of 16 x 16 x d mma tiles (fp32 sums of 16-bit
+// products). P's diagonal P_xx = scale q_x . k_x comes at the level of x's lowest set
+// bit (where its factor is 1); the sub-chunks' first tokens from a dot product.
 //
 // Threads. For the factors, thread (X = warp / 2, dims i, i + 1) keeps its 16 tokens'
 // gamma in registers and walks them (prefix and suffix products; the sub-chunks'
@@ -29,19 +29,20 @@
 // touch only sub-chunk X's rows, formed and multiplied by warps 2 X and 2 X + 1: a
 // barrier of those two warps between the steps; block barriers around levels 4 and 5.
 // 98 KiB of shared memory and at most 128 registers at d = 128: two blocks (16 warps)
-// an SM, where the 4-warp prep (150 KiB) runs one.
+// an SM.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
-#include "delta_rule/cuda/kda_prep.h"
+#include "delta_rule/cuda/kda_chunk.h"
 
 namespace lasp2::delta::gpu {
 namespace {
@@ -204,7 +205,7 @@ __device__ __forceinline__ void consume_level(KdaLevelSmem<T, D>& sm, float scal
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) kda_prep_levels_kernel(Problem p, KdaPrep out) {
+__global__ void __launch_bounds__(kThreads, 2) kda_prep_kernel(Problem p, KdaPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   KdaLevelSmem<T, D>& sm = *reinterpret_cast<KdaLevelSmem<T, D>*>(smem_raw);
@@ -398,13 +399,15 @@ static_assert(smem_fits<__nv_bfloat16, 64>() && smem_fits<__nv_bfloat16, 128>(),
 
 }  // namespace
 
-void launch_kda_prep_levels(const Problem& p, const KdaPrep& out, cudaStream_t s) {
+void launch_kda_prep(const Problem& p, const KdaPrep& out, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
+  // the dims before the element type, as the other KDA launchers (kda_chunk.cu)
+  if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail(std::string(kWho) + ": d_k = d_v must be 64 or 128");
   chunk_dispatch<true>(p, kWho, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(KdaLevelSmem<T, D>));
-    auto kernel = kda_prep_levels_kernel<T, D>;
+    auto kernel = kda_prep_kernel<T, D>;
     chunk_allow_smem(kernel, bytes, kWho, "KDA chunk prep");
     // the SM's whole 228 KiB as shared memory: two blocks of d = 128 an SM
     chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
