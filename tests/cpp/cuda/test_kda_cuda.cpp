@@ -343,75 +343,6 @@ INSTANTIATE_TEST_SUITE_P(
                       KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
     kda_case_name);
 
-// The chunk-gradient kernel's two variants against each other (LASP2_DELTA_KDA_BWD_KERNEL:
-// its global loads issued ahead, "new", the default; the kernel as it landed, loads where
-// they are used, "serial") on the cases above. DeltaCudaKdaBackward holds new to the
-// recurrent kernels and the CPU; this test holds serial to new. They run the same
-// operations for dq, dk and dv (only where their loads are issued differs) and sum dG's
-// q term in one step instead of two: their dq, dk, dv agree but for rare rounding flips,
-// dg and dbeta to fp32 rounding.
-class DeltaCudaKdaBwdKernels : public ::testing::TestWithParam<KdaCase> {};
-
-TEST_P(DeltaCudaKdaBwdKernels, NewMatchesSerial) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  const KdaCase c = GetParam();
-  const DeltaProblem<float> pr = kda_problem(c);
-  const DeltaSpec& s = pr.spec;
-  const DeltaParams hp = pr.params();
-  const Layout lay{false, 0};
-  const DeviceProblem dev(pr, c.type, lay);
-  const TokenRange part{37, s.seqlen - 20};
-  const int64_t bh = hp.bh(), se = hp.state_elems();
-  std::vector<float> entering(bh * se), leaving(bh * se);
-  {
-    std::mt19937 rng(13);
-    std::normal_distribution<float> normal(0.f, 0.3f);
-    for (auto& x : entering) x = normal(rng);
-    for (auto& x : leaving) x = normal(rng);
-  }
-  const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
-  const char* kernels[2] = {"new", "serial"};
-  KdaGrads grads[2];
-  for (int k = 0; k < 2; ++k) {
-    const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", kernels[k]);
-    grads[k] = kda_device_backward(pr, dev, c.type, lay, part, d_entering, d_leaving);
-  }
-  // new vs serial: a wrong load ahead (a stale tile, a missed term) changes whole rows or
-  // chunks; at most 1 in 200 elements may differ by a rounding flip
-  const KdaGrads& nw = grads[0];
-  const KdaGrads& se_ = grads[1];
-  for (auto [name, a, b] : {std::tuple{"dq", &nw.dq, &se_.dq}, {"dk", &nw.dk, &se_.dk}, {"dv", &nw.dv, &se_.dv}}) {
-    ASSERT_EQ(a->v.size(), b->v.size()) << name;
-    int64_t differ = 0, both = 0;
-    for (size_t i = 0; i < a->v.size(); ++i) {
-      if (!a->written[i]) continue;
-      ++both;
-      if (a->v[i] != b->v[i]) ++differ;
-    }
-    EXPECT_GT(both, 0) << name;
-    EXPECT_LE(differ * 200, both) << name << ": new and serial differ on " << differ << " of " << both;
-    EXPECT_EQ(a->written, b->written) << name << " new and serial written on the same places";
-  }
-  EXPECT_LT(rel_err_f32(nw.dg, se_.dg), 1e-4) << "dg new vs serial";
-  EXPECT_LT(rel_err_f32(nw.db, se_.db), 1e-4) << "dbeta new vs serial";
-  EXPECT_LT(rel_err_f32(nw.dE, se_.dE), 1e-4) << "d_entering new vs serial";
-  EXPECT_GT(delta::testing::max_abs(nw.dg), 0.0) << "dg is not all zero";
-}
-
-// (rows cases run rowdot(X, S0), which a chunk with a document start skips; every case's
-// last chunk is partial, 51 tokens)
-INSTANTIATE_TEST_SUITE_P(
-    All, DeltaCudaKdaBwdKernels,
-    ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
-                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kStrong},
-                      KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
-                      KdaCase{ScalarType::kBFloat16, 64, false, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
-                      KdaCase{ScalarType::kFloat16, 128, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    kda_case_name);
-
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
 // with the recurrent ones (printed). Inputs: repeated random patterns (fast to set up);
@@ -561,41 +492,31 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     std::printf("[ timing ] KDA chunked forward per launch: prep %.2f ms, states %.2f ms, output %.2f ms\n", t[0], t[1],
                 t[2]);
     // per launch of the chunked backward (kda_chunk_bwd.h): prep with T, the state pass,
-    // rprep + the reverse pass (launch_kda_rstates), the chunk gradients with the loads
-    // ahead (new, the default) and without (serial); the two variants' outputs compared
-    // over the first tokens
-    DevBuf<float> tt(z.p_half), rr(z.rows_half), dhb(H * gpu::chunk_count(kp) * D * D / 2), dg2[2] = {},
-        db2[2] = {};
+    // rprep + the reverse pass (launch_kda_rstates), the chunk gradients
+    DevBuf<float> tt(z.p_half), rr(z.rows_half), dhb(H * gpu::chunk_count(kp) * D * D / 2), dgb(T * H * D),
+        dbb(T * H);
     gpu::KdaPrep bp = prep;
     bp.t = tt.p;
     const gpu::View dov{dout.buf.p, T * H * D, H * D, D};
-    DevTensor bq[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
-    DevTensor bk[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
-    DevTensor bv[2] = {DevTensor(1, T, H, D, type, Layout{}), DevTensor(1, T, H, D, type, Layout{})};
-    gpu::KdaBackwardArgs ba[2];
-    for (int k2 = 0; k2 < 2; ++k2) {
-      dg2[k2] = DevBuf<float>(T * H * D);
-      db2[k2] = DevBuf<float>(T * H);
-      gpu::KdaBackwardArgs& x = ba[k2];
-      x.dout = dov;
-      x.v_new = vn.p;
-      x.states = st.p;
-      x.dh = dhb.p;
-      x.t = tt.p;
-      x.r = rr.p;
-      x.dq = bq[k2].buf.p;
-      x.dk = bk[k2].buf.p;
-      x.dv = bv[k2].buf.p;
-      x.dqsb = x.dksb = x.dvsb = T * H * D;
-      x.dqst = x.dkst = x.dvst = H * D;
-      x.dqsh = x.dksh = x.dvsh = D;
-      x.dg = dg2[k2].p;
-      x.dbeta = db2[k2].p;
-    }
-    cudaEvent_t e4, e5;
+    DevTensor bq(1, T, H, D, type, Layout{}), bk(1, T, H, D, type, Layout{}), bv(1, T, H, D, type, Layout{});
+    gpu::KdaBackwardArgs ba;
+    ba.dout = dov;
+    ba.v_new = vn.p;
+    ba.states = st.p;
+    ba.dh = dhb.p;
+    ba.t = tt.p;
+    ba.r = rr.p;
+    ba.dq = bq.buf.p;
+    ba.dk = bk.buf.p;
+    ba.dv = bv.buf.p;
+    ba.dqsb = ba.dksb = ba.dvsb = T * H * D;
+    ba.dqst = ba.dkst = ba.dvst = H * D;
+    ba.dqsh = ba.dksh = ba.dvsh = D;
+    ba.dg = dgb.p;
+    ba.dbeta = dbb.p;
+    cudaEvent_t e4;
     cuda_ok(cudaEventCreate(&e4), "event");
-    cuda_ok(cudaEventCreate(&e5), "event");
-    float tb[5] = {};
+    float tb[4] = {};
     for (int rep = 0; rep < 2; ++rep) {  // the second is timed
       cuda_ok(cudaEventRecord(e0), "record");
       gpu::launch_kda_prep(kp, bp, nullptr);
@@ -604,49 +525,30 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
       cuda_ok(cudaEventRecord(e2), "record");
       gpu::launch_kda_rstates(kp, bp, dov, rr.p, nullptr, dhb.p, nullptr, nullptr);
       cuda_ok(cudaEventRecord(e3), "record");
-      {
-        const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", "new");
-        gpu::launch_kda_backward(kp, ba[0], nullptr);
-      }
+      gpu::launch_kda_backward(kp, ba, nullptr);
       cuda_ok(cudaEventRecord(e4), "record");
-      {
-        const EnvGuard which("LASP2_DELTA_KDA_BWD_KERNEL", "serial");
-        gpu::launch_kda_backward(kp, ba[1], nullptr);
-      }
-      cuda_ok(cudaEventRecord(e5), "record");
-      cuda_ok(cudaEventSynchronize(e5), "sync");
+      cuda_ok(cudaEventSynchronize(e4), "sync");
     }
     cuda_ok(cudaEventElapsedTime(&tb[0], e0, e1), "elapsed");
     cuda_ok(cudaEventElapsedTime(&tb[1], e1, e2), "elapsed");
     cuda_ok(cudaEventElapsedTime(&tb[2], e2, e3), "elapsed");
     cuda_ok(cudaEventElapsedTime(&tb[3], e3, e4), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&tb[4], e4, e5), "elapsed");
     std::printf("[ timing ] KDA chunked backward per launch: prep (with T) %.2f ms, states %.2f ms, rprep + rstates "
-                "%.2f ms, chunk gradients %.2f ms (new, loads ahead) / %.2f ms (serial, loads where used)\n",
-                tb[0], tb[1], tb[2], tb[3], tb[4]);
+                "%.2f ms, chunk gradients %.2f ms\n",
+                tb[0], tb[1], tb[2], tb[3]);
     cudaEventDestroy(e4);
-    cudaEventDestroy(e5);
-    // the two variants' dq, dk, dv and dg over the first 256 tokens, dbeta everywhere
+    // the chunk gradients' dq, dk, dv over the first 256 tokens are finite and not all zero
     const int64_t nb = std::min<int64_t>(T, 256);
-    for (auto [name, pair] : {std::pair{"dq", bq}, std::pair{"dk", bk}, std::pair{"dv", bv}}) {
-      DevTensor h0(1, nb, H, D, type, Layout{}), h1(1, nb, H, D, type, Layout{});
-      cuda_ok(cudaMemcpy(h0.buf.p, pair[0].buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
-      cuda_ok(cudaMemcpy(h1.buf.p, pair[1].buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
-      const auto r0 = h0.download(), r1 = h1.download();
-      double num = 0, den = 0;
+    for (auto [name, grad] : {std::pair{"dq", &bq}, std::pair{"dk", &bk}, std::pair{"dv", &bv}}) {
+      DevTensor h0(1, nb, H, D, type, Layout{});
+      cuda_ok(cudaMemcpy(h0.buf.p, grad->buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
+      const auto r0 = h0.download();
+      double peak = 0;
       for (size_t i = 0; i < r0.v.size(); ++i) {
-        ASSERT_TRUE(std::isfinite(r0.v[i])) << name << " (new) not finite at " << i;
-        num = std::max(num, std::abs(r0.v[i] - r1.v[i]));
-        den = std::max(den, std::abs(r1.v[i]));
+        ASSERT_TRUE(std::isfinite(r0.v[i])) << name << " not finite at " << i;
+        peak = std::max(peak, static_cast<double>(std::abs(r0.v[i])));
       }
-      EXPECT_LT(num / std::max(den, 1e-3), 1e-2) << name << ": new vs serial chunk gradients (first tokens)";
-    }
-    {
-      std::vector<float> g0(nb * H * D), g1(nb * H * D);
-      cuda_ok(cudaMemcpy(g0.data(), dg2[0].p, 4 * g0.size(), cudaMemcpyDeviceToHost), "download");
-      cuda_ok(cudaMemcpy(g1.data(), dg2[1].p, 4 * g1.size(), cudaMemcpyDeviceToHost), "download");
-      EXPECT_LT(rel_err_f32(g0, g1), 1e-2) << "dg: new vs serial chunk gradients (first tokens)";
-      EXPECT_LT(rel_err_f32(db2[0].download(), db2[1].download()), 1e-2) << "dbeta: new vs serial chunk gradients";
+      EXPECT_GT(peak, 0.0) << name << " is all zero over the first tokens";
     }
   }
   for (auto* e : {&e0, &e1, &e2, &e3}) cudaEventDestroy(*e);

@@ -19,15 +19,12 @@
 // * with one block an SM nothing hides a global load's latency: the loads the session-11
 //   kernel waited on one round after another (k for kd, S0 for rowdot(X, S0), v next to
 //   the dv stores that may alias it, the gates after a barrier, q twice) are issued
-//   ahead of their use (kAhead, the default; LASP2_DELTA_KDA_BWD_KERNEL=serial keeps
-//   them where they are used, for the A/B).
-// On one H200 at T = 64K, H = 16, d = 128, bf16: 10.20 ms (docs/delta_rule.md, "The KDA
+//   ahead of their use (10.41 -> 9.32 ms, measured side by side).
+// On one H200 at T = 64K, H = 16, d = 128, bf16: 9.32 ms (docs/delta_rule.md, "The KDA
 // chunked backward").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
@@ -187,12 +184,9 @@ __device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSm
   }
 }
 
-// kAhead (the default; LASP2_DELTA_KDA_BWD_KERNEL=serial turns it off): the global loads
-// that the session-11 kernel waited on one after another are issued ahead of their use
-// (see "Loads ahead" in docs/delta_rule.md). With one block an SM at d = 128 nothing
-// else hides their latency. The same formulas; dq, dk, dv the same operations (dG's q
-// term is summed once, q . (dq's first term + the row sum), instead of in two steps).
-template <typename T, int D, bool kAhead>
+// The global loads are issued ahead of their use (see "Loads ahead" in
+// docs/delta_rule.md): with one block an SM at d = 128 nothing else hides their latency.
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
   using Smem = KdaBwdSmem<T, D>;
   constexpr int LD = Smem::LD, LG = Smem::LG;
@@ -212,11 +206,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   const float* seg = sm.seg;
 
   static_assert(D <= NTH && CH <= NTH, "a thread a key dim, a thread a token");
-  if constexpr (kAhead) {  // k into kd's tile, its own group (kd reads it once G is summed);
-                           // rows past nvalid zero-filled, as the serial kd loop's k
-    load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
-    cp_async_commit();
-  }
+  // k into kd's tile, its own group (kd reads it once G is summed); rows past nvalid
+  // zero-filled
+  load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+  cp_async_commit();
   load_tile<T, D, NTH>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, NTH>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
 #pragma unroll
@@ -224,10 +217,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);
   load_tile<T, CH, NTH>(sm.tk, static_cast<const T*>(a.t) + chunk * CH * CH, CH, CH, CH, tid);
   cp_async_commit();
-  // kAhead: this thread's key dim's gates (64 loads in one batch), issued before the
-  // barrier below so that they are in flight with beta's and the document starts'
+  // this thread's key dim's gates (64 loads in one batch), issued before the barrier
+  // below so that they are in flight with beta's and the document starts'
   float gv[CH];
-  if (kAhead && tid < D) {
+  if (tid < D) {
     const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + tid;
 #pragma unroll
     for (int x = 0; x < CH; ++x) gv[x] = x < nvalid ? gp[x * p.gst] : 0.f;
@@ -243,30 +236,19 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   for (int i = tid; i < D; i += NTH) sm.dGL[i] = 0.f;
   for (int e = tid; e < CH * LG; e += NTH) dG[e] = 0.f;
   __syncthreads();
-  if (tid < CH) {  // the segment index: document starts up to x
-    if constexpr (kAhead) {  // warps 0 and 1 whole: the count of starts from two ballots
-      static_assert(CH == 64, "two warps of tokens");
-      const int lane = tid & 31;
-      const unsigned lo = __ballot_sync(0xffffffffu, sm.start[lane] != 0.f);
-      const unsigned hi = __ballot_sync(0xffffffffu, sm.start[32 + lane] != 0.f);
-      const unsigned upto = 0xffffffffu >> (31 - lane);  // bits 0..lane
-      const int n = tid < 32 ? __popc(lo & upto) : __popc(lo) + __popc(hi & upto);
-      sm.seg[tid] = static_cast<float>(n);
-    } else {
-      float s = 0.f;
-      for (int y = 0; y <= tid; ++y) s += sm.start[y];
-      sm.seg[tid] = s;
-    }
+  if (tid < CH) {  // the segment index: document starts up to x, counted from two ballots
+    static_assert(CH == 64, "two warps of tokens");
+    const int lane = tid & 31;
+    const unsigned lo = __ballot_sync(0xffffffffu, sm.start[lane] != 0.f);
+    const unsigned hi = __ballot_sync(0xffffffffu, sm.start[32 + lane] != 0.f);
+    const unsigned upto = 0xffffffffu >> (31 - lane);  // bits 0..lane
+    const int n = tid < 32 ? __popc(lo & upto) : __popc(lo) + __popc(hi & upto);
+    sm.seg[tid] = static_cast<float>(n);
   }
   // G as prep forms it (a segment start adds 0, gates clamped at kKdaGateFloor); the
   // chunk's gates are loaded first, then summed
   if (tid < D) {
     const int i = tid;
-    if constexpr (!kAhead) {
-      const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + i;
-#pragma unroll
-      for (int x = 0; x < CH; ++x) gv[x] = x < nvalid ? gp[x * p.gst] : 0.f;
-    }
     float acc = 0.f;
 #pragma unroll
     for (int x = 0; x < CH; ++x) {
@@ -274,11 +256,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       G[x * LG + i] = acc;
     }
   }
-  if constexpr (kAhead) cp_async_wait_group1();  // k's group (the first) has landed
+  cp_async_wait_group1();  // k's group (the first) has landed
   __syncthreads();
   const float* GL = G + (CH - 1) * LG;
   const float sL = seg[CH - 1];
-  if constexpr (kAhead) {  // kd = e^{G_last - G} . K [last segment], in place over k's tile
+  {  // kd = e^{G_last - G} . K [last segment], in place over k's tile
     static_assert(CH * D / 2 % NTH == 0, "whole rounds");
 #pragma unroll
     for (int it = 0; it < CH * D / 2 / NTH; ++it) {
@@ -290,28 +272,18 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const float d0 = last ? exp_ftz(gl.x - g.x) : 0.f, d1 = last ? exp_ftz(gl.y - g.y) : 0.f;
       store_u32(px, pack2<T>(k2.x * d0, k2.y * d1));
     }
-  } else {  // kd = e^{G_last - G} . K [last segment] over x2
-    const T* krow = rows_of<T>(p.k, cp.b, cp.h, cp.t0);
-    for (int e = tid; e < CH * D / 2; e += NTH) {
-      const int x = e / (D / 2), i = 2 * (e % (D / 2));
-      const float2 k2 = x < nvalid ? unpack2<T>(load_u32(krow + x * p.k.st + i)) : make_float2(0.f, 0.f);
-      const bool last = seg[x] == sL;
-      const float2 gl = ld2(GL + i), g = ld2(G + x * LG + i);
-      const float d0 = last ? exp_ftz(gl.x - g.x) : 0.f, d1 = last ? exp_ftz(gl.y - g.y) : 0.f;
-      store_u32(sm.x2 + x * LD + i, pack2<T>(k2.x * d0, k2.y * d1));
-    }
   }
   cp_async_wait_all();
   __syncthreads();
 
-  // kAhead: S0's rows warp + 8 r for rowdot(X, S0) (this lane's pairs 2 lane + 64 c),
+  // S0's rows warp + 8 r for rowdot(X, S0) (this lane's pairs 2 lane + 64 c),
   // all loaded here in one batch, used after the two products below
   constexpr int RR = D / 8, RC = D / 64;
   static_assert(NTH / 32 == 8 && D % 64 == 0, "8 warps, 32 pairs a row a round");
   const bool rowdot = sL == 0.f;  // block-uniform
   const T* h0 = static_cast<const T*>(a.states) + at;
   uint32_t hreg[RR][RC];
-  if (kAhead && rowdot) {
+  if (rowdot) {
 #pragma unroll
     for (int r = 0; r < RR; ++r)
 #pragma unroll
@@ -354,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     });
     add_cols<false>(sm.dGL, colp, n0, lane);
   }
-  if (kAhead && rowdot) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 from the batch above)
+  if (rowdot) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 from the batch above)
 #pragma unroll
     for (int r = 0; r < RR; ++r) {
       const int i = warp + 8 * r;
@@ -363,18 +335,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       for (int c = 0; c < RC; ++c) {
         const int j = 2 * lane + 64 * c;
         const float2 hh = unpack2<T>(hreg[r][c]), xx = unpack2<T>(load_u32(sm.s + i * LD + j));
-        part += hh.x * xx.x + hh.y * xx.y;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (lane == 0) atomicAdd(sm.dGL + i, exp_ftz(GL[i]) * part);
-    }
-  } else if (!kAhead && rowdot) {  // the same, S0 straight from global
-    const T* h = h0;
-    for (int i = warp; i < D; i += NTH / 32) {
-      float part = 0.f;
-      for (int j = 2 * lane; j < D; j += 64) {
-        const float2 hh = unpack2<T>(load_u32(h + i * D + j)), xx = unpack2<T>(load_u32(sm.s + i * LD + j));
         part += hh.x * xx.x + hh.y * xx.y;
       }
 #pragma unroll
@@ -391,11 +351,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
      // dbeta_y += dB_y . v_y; dB over kd's tile (every warp is past kd)
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     const T* vrow = rows_of<T>(p.v, cp.b, cp.h, cp.t0);
-    // kAhead: this lane's v pairs in one batch before the product (in the serial loop
-    // each load waits for the dv store before it, which may alias it)
+    // this lane's v pairs in one batch before the product (loaded next to their use, each
+    // load would wait for the dv store before it, which may alias it)
     uint32_t vreg[NH][2];
-    if constexpr (kAhead)
-      for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
+    for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
         vreg[j][hf] = y < nvalid ? load_u32(vrow + y * p.v.st + n0 + c) : 0u;
       });
     float acc[NH][4];
@@ -406,13 +365,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const int col = n0 + c;
       const float b0 = acc[j][2 * hf], b1 = acc[j][2 * hf + 1];
       if (y < nvalid) {
-        uint32_t vw;
-        if constexpr (kAhead) {
-          vw = vreg[j][hf];
-        } else {
-          vw = load_u32(vrow + y * p.v.st + col);
-        }
-        const float2 vv = unpack2<T>(vw);
+        const float2 vv = unpack2<T>(vreg[j][hf]);
         dbv[hf] += b0 * vv.x + b1 * vv.y;
         const float b = sm.bt[y];
         store_u32(dvrow + y * a.dvst + col, pack2<T>(b * b0, b * b1));
@@ -425,15 +378,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
   load_tile<T, D, NTH>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
   cp_async_commit();
-  // kAhead: Z's product (dB and S0 only) while dO and k land; S0's group (the older one)
-  // waited here, with dO and k already in flight
+  // Z's product (dB and S0 only) while dO and k land; S0's group (the older one) waited
+  // here, with dO and k already in flight
   float zacc[NH][4];
   zero(zacc);
-  if constexpr (kAhead) {
-    cp_async_wait_group1();
-    __syncthreads();  // S0's tile whole
-    mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-  }
+  cp_async_wait_group1();
+  __syncthreads();  // S0's tile whole
+  mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
   cp_async_wait_all();
   __syncthreads();
 
@@ -442,7 +393,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   const T* qrow = rows_of<T>(p.q, cp.b, cp.h, cp.t0);
   {  // Z = ent . (dB S0^T): dk -= beta Z; dG -= beta k . Z; dbeta -= k . Z
     float (&acc)[NH][4] = zacc;
-    if constexpr (!kAhead) mma_acc<T, NH, false, true>(acc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
     float kz[2] = {0.f, 0.f};
     for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
       const int i = n0 + c;
@@ -461,8 +411,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     });
     add_rows(sm.db, kz, m0, lane);
   }
-  // dq's first term scale ent . (dO S0^T), in registers until the row sums; dG += q . it
-  // (kAhead: q . (it + the row sum), in the row sums' epilogue)
+  // dq's first term scale ent . (dO S0^T), in registers until the row sums (dG's q term,
+  // q . (it + the row sum), in the row sums' epilogue)
   float dq[NH][4];
   zero(dq);
   mma_acc<T, NH, false, true>(dq, sm.x1, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
@@ -474,19 +424,12 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     const float d1 = first ? p.scale * exp_ftz(g.y) * dq[j][2 * hf + 1] : 0.f;
     dq[j][2 * hf] = d0;
     dq[j][2 * hf + 1] = d1;
-    if (!kAhead && x < nvalid) {  // kAhead: with the row sum's q term, q from shared
-      const float2 qq = unpack2<T>(load_u32(qrow + x * p.q.st + i));
-      float2* pg = reinterpret_cast<float2*>(dG + x * LG + i);
-      const float2 old = *pg;
-      *pg = make_float2(old.x + qq.x * d0, old.y + qq.y * d1);
-    }
   });
-  if constexpr (kAhead) {  // every warp is past S0 (Z, dq's first term): q takes S0's tile,
-                           // landing while dP and dL are formed
-    __syncthreads();
-    load_tile<T, D, NTH>(sm.s, qrow, p.q.st, nvalid, D, tid);
-    cp_async_commit();
-  }
+  // every warp is past S0 (Z, dq's first term): q takes S0's tile, landing while dP and dL
+  // are formed
+  __syncthreads();
+  load_tile<T, D, NTH>(sm.s, qrow, p.q.st, nvalid, D, tid);
+  cp_async_commit();
   {  // dP = scale (dO U^T) [y <= x], dL = -(dB U^T) [y < x], both in one segment: this
      // warp's rows and score columns c0.. (the 16-column pairs right of the diagonal
      // block stay zero)
@@ -510,17 +453,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       store_u32(sm.dL + x * kLdP + y0, pack2<T>(lv[0], lv[1]));
     });
   }
-  if constexpr (kAhead) {
-    cp_async_wait_all();  // q (issued before dP, dL)
-    __syncthreads();      // dP, dL whole; q's tile whole
-  } else {
-    __syncthreads();  // dP, dL whole; every warp is past U, dO and dB: q takes dB's tile
-    load_tile<T, D, NTH>(sm.x2, qrow, p.q.st, nvalid, D, tid);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-  }
-  const T* qt = kAhead ? sm.s : sm.x2;  // q's [64][LD] tile
+  cp_async_wait_all();  // q (issued before dP, dL)
+  __syncthreads();      // dP, dL whole; q's tile whole
+  const T* qt = sm.s;   // q's [64][LD] tile
 
   // ---- the decayed sums over tokens (scratch: this warp's rows and column half of the
   // v_new and dO tiles, which no warp reads any more)
@@ -543,9 +478,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       if (x < nvalid) {
         const float2 qq = unpack2<T>(load_u32(qt + x * LD + i));
         const float s0 = dq[j][2 * hf] + p0, s1 = dq[j][2 * hf + 1] + p1;
-        // kAhead: q . dq whole (its first term was not added to dG above)
-        dgv.x += qq.x * (kAhead ? s0 : p0);
-        dgv.y += qq.y * (kAhead ? s1 : p1);
+        dgv.x += qq.x * s0;  // q . dq whole
+        dgv.y += qq.y * s1;
         store_u32(dqrow + x * a.dqst + i, pack2<T>(s0, s1));
       }
       float2* pg = reinterpret_cast<float2*>(dG + x * LG + i);
@@ -587,16 +521,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
 
-// Whether the kernel issues its global loads ahead: LASP2_DELTA_KDA_BWD_KERNEL, read at
-// every call so that the tests and the timing A/B can switch it, new (loads ahead, the
-// default) or serial (the kernel as it landed in session 11, loads where they are used).
-bool kda_backward_loads_ahead() {
-  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "new") == 0) return true;
-  if (std::strcmp(env, "serial") == 0) return false;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be new or serial, not " + env);
-}
-
 }  // namespace
 
 int kda_backward_smem_bytes(int d) {
@@ -607,12 +531,11 @@ int kda_backward_smem_bytes(int d) {
 void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail(std::string(kWho) + ": d_k = d_v must be 64 or 128");
-  const bool ahead = kda_backward_loads_ahead();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(KdaBwdSmem<T, D>));
-    auto* kernel = ahead ? kda_bwd_kernel<T, D, true> : kda_bwd_kernel<T, D, false>;
+    auto* kernel = kda_bwd_kernel<T, D>;
     chunk_allow_smem(kernel, bytes, kWho, "KDA chunk backward smem");
     // all of the SM's shared memory as shared memory, so that two blocks fit at d = 64
     chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
