@@ -47,6 +47,15 @@ Grads run_rank(const Problem<double>& pr, ScalarType dtype, const PartLayout& la
 
 // Log gates of -inf (the state forgotten at that token) at chunk and segment edges,
 // in a run, at the first and last token; with kFixed, the last head's log decay.
+// One rank's outputs and gradients into the global ones at its layout's tokens.
+void put_rank(Grads& out, const Grads& g, const PartLayout& layout, const ProblemSpec& s) {
+  put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+  put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+  put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
+  put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
+  put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
+}
+
 void forget_some(Problem<double>& pr) {
   const auto& s = pr.spec;
   if (s.mode == DecayMode::kFixed) {
@@ -176,11 +185,7 @@ TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
     cudaStreamDestroy(stream);
     EXPECT_EQ(comm.collectives(), 2);
     std::lock_guard<std::mutex> lock(mu);
-    put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
+    put_rank(out, g, layout, s);
   });
   check(("sp_" + sp_name(c)).c_str(), out, ref, c.dtype, s.seqlen, true);
 }
@@ -332,11 +337,7 @@ Grads run_world(const Problem<double>& global, ScalarType t, int world) {
     const Grads g = run_rank(local, t, layout, &comm, true, stream);
     cudaStreamDestroy(stream);
     std::lock_guard<std::mutex> lock(mu);
-    put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-    put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-    put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
+    put_rank(out, g, layout, s);
   });
   return out;
 }
