@@ -71,6 +71,17 @@ def check_head_dim(op: str, name: str, d: int):
         fail(op, f"`{name}` head dim {d} is outside [1, {MAX_HEAD_DIM}]")
 
 
+def check_linear_qkv_shapes(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str):
+    """The linear families' q, k, v (4-d, checked before): k the shape of q, v the same in
+    its first three dims, both head dims in [1, MAX_HEAD_DIM]."""
+    if k.shape != q.shape:
+        fail(op, f"`k` must have the shape of `q` {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        fail(op, f"`v` must match `q` in its first three dims {list(q.shape[:3])} ({layout}), got {list(v.shape)}")
+    check_head_dim(op, "q", q.shape[3])
+    check_head_dim(op, "v", v.shape[3])
+
+
 def check_device_supported(op: str, q: torch.Tensor, has_cuda_kernels: bool):
     # is_cuda / is_cpu: no torch.device object per test (the ops' host time at small T)
     if q.is_cuda:

@@ -51,7 +51,7 @@ from lasp2._extension import _C
 from lasp2.distributed.communicator import get_communicator, group_rank_and_size
 from lasp2.ops import _checks as C
 from lasp2.ops._documents import final_state_grad, local_documents
-from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._eager import eager_call, eager_function, reject_functorch
 from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
 
@@ -328,10 +328,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     """One rank's (o, final_state or None) through the custom op. cu_seqlens: the global
     document boundaries (None: rows); num_seqs: N (B, or the number of documents); comm:
     group_handle(...), 0 for one device."""
-    if not torch.compiler.is_compiling() and _under_functorch():
-        raise NotImplementedError(
-            f"{op_name(g)}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
-            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+    reject_functorch(op_name(g))
     run = _EagerForward.apply if eager_call(q, k, v, g, beta, cu_seqlens, initial_state) else delta_rule_forward
     # the forward keeps its chunked outputs only for a backward that can follow
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
@@ -339,11 +336,6 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial
     out = run(q, k, v, g, beta, cu_seqlens, initial_state, float(scale), int(chunk_size), int(comm), int(parts),
               bool(ring), int(num_seqs), bool(output_final_state), [int(x) for x in consistency], keep)
     return out[0], (out[1] if output_final_state else None)
-
-
-def _under_functorch() -> bool:
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def custom_op_names() -> Sequence[str]:

@@ -38,6 +38,21 @@ def eager_call(*tensors) -> bool:
     return True
 
 
+def under_functorch() -> bool:
+    """Inside a torch.func transform (grad, vmap, ...)."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def reject_functorch(op: str):
+    """NotImplementedError naming `op` inside a torch.func transform (outside torch.compile,
+    which traces the custom op instead): lasp2's ops do not support them."""
+    if not torch.compiler.is_compiling() and under_functorch():
+        raise NotImplementedError(
+            f"{op}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
+            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+
+
 def eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable,
                    internal_outputs: Sequence[int] = (), leading_inputs: int = 0) -> type:
     """A torch.autograd.Function running impl(*inputs) with the op's registered

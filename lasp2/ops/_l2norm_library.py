@@ -29,8 +29,7 @@ from torch import Tensor
 
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
-from lasp2.ops._delta_library import _under_functorch
-from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._eager import eager_call, eager_function, reject_functorch
 
 L2NORM_EPS = 1e-6  # as fla's l2norm
 OP = "lasp2.qk_l2norm"
@@ -107,10 +106,7 @@ def qk_l2norm(q: Tensor, k: Tensor, eps: float = L2NORM_EPS) -> Tuple[Tensor, Te
     """(q, k) each L2-normalised over its last dim, x * rsqrt(sum x^2 + eps), through one
     fused op (both tensors in one kernel launch each way). q and k share shape, dtype and
     device."""
-    if not torch.compiler.is_compiling() and _under_functorch():
-        raise NotImplementedError(
-            f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
-            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+    reject_functorch(OP)
     run = _EagerForward.apply if eager_call(q, k) else qk_l2norm_forward
     out = run(q, k, float(eps))
     return out[0], out[1]

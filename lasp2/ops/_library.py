@@ -54,7 +54,7 @@ from lasp2._extension import _C
 from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import _assume_constant_result, group_handle
 from lasp2.ops._documents import final_state_grad, local_document_starts
-from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._eager import eager_call, eager_function, reject_functorch, under_functorch
 from lasp2.ops._group_consistency import Digest, digest_host, report_local_failure, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
 from lasp2.options import PROVIDERS
@@ -364,10 +364,7 @@ def lasp2_linear_attention(q, k, v, g, decay, doc_start, scale: float, chunk_siz
     head_doc) or per call (cu_seqlens, global boundaries the op reads; num_seqs its
     number of documents when they carry states). check / consistency: compiled_check's
     (compiled calls over a group only)."""
-    if not torch.compiler.is_compiling() and _under_functorch():
-        raise NotImplementedError(
-            f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
-            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+    reject_functorch(OP)
     # compiled over a group: the communicator goes in as the check's group handle (a constant
     # of the graph; handle_of would register it only after the trace)
     handle = int(check) if check else (0 if comm is None else handle_of(comm))
@@ -391,17 +388,12 @@ def lasp2_one_device(q, k, v, g, decay, scale: float, chunk_size: int, overlap: 
     checked the arguments and, on the CPU, the gates' signs."""
     # forward-mode AD (a dual level open): the Python Function, whose missing jvp raises
     # NotImplementedError (a C++ node raises a RuntimeError of its own)
-    if eager_call(q, k, v, g, decay) and not _under_functorch() and _forward_ad._current_level < 0:
+    if eager_call(q, k, v, g, decay) and not under_functorch() and _forward_ad._current_level < 0:
         try:  # C.named_errors' rule without a context manager's calls
             return _C.lasp2_one_device(q, k, v, g, decay, scale, chunk_size, overlap)
         except RuntimeError as exc:
             C.reraise_named(OP, exc)
     return lasp2_linear_attention(q, k, v, g, decay, None, scale, chunk_size, None, 1, overlap)
-
-
-def _under_functorch() -> bool:
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def custom_op_names() -> Sequence[str]:

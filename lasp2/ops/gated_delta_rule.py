@@ -70,13 +70,7 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
     C.check_same_device_dtype(op, "q", q, k=k, v=v)
     if q.device.type not in ("cpu", "cuda"):
         C.fail(op, f"`q` is on {q.device}; the delta-rule family runs on CPU or CUDA tensors")
-    if k.shape != q.shape:
-        C.fail(op, f"`k` must have the shape of `q` {list(q.shape)}, got {list(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        C.fail(op, f"`v` must match `q` in its first three dims {list(q.shape[:3])} ({layout}), "
-                   f"got {list(v.shape)}")
-    C.check_head_dim(op, "q", q.shape[3])
-    C.check_head_dim(op, "v", v.shape[3])
+    C.check_linear_qkv_shapes(op, q, k, v, layout)
     bth = list(q.shape[:3])
     g_shape = bth + [q.shape[3]] if per_key else bth
     C.check_tensor(op, "g", g, len(g_shape))

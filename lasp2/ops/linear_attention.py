@@ -27,13 +27,7 @@ def _validate(q, k, v, g, decay, scale, layout):
     C.check_layout(OP, layout)
     C.check_qkv(OP, q, k, v)
     C.check_device_supported(OP, q, has_cuda_kernels())
-    if k.shape != q.shape:
-        C.fail(OP, f"`k` must have the shape of `q` {list(q.shape)}, got {list(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        C.fail(OP, f"`v` must match `q` in its first three dims {list(q.shape[:3])} "
-                   f"({layout}), got {list(v.shape)}")
-    C.check_head_dim(OP, "q", q.shape[3])
-    C.check_head_dim(OP, "v", v.shape[3])
+    C.check_linear_qkv_shapes(OP, q, k, v, layout)
     seq_dim = 1 if layout == "bthd" else 0
     bth = [q.shape[0], q.shape[1], q.shape[2]]
     if g is not None and decay is not None:

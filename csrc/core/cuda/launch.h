@@ -131,12 +131,9 @@ void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elem
                  cudaStream_t s);
 void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
                      cudaStream_t s);
-// The same two over all heads of a token range (head_row_kernels.cu: whole [B, T, H]
-// rows, coalesced; the same bits): launch_meta_rows writes segL only when seg_decays
-// (one more small kernel); each takes the geometries its *_fit accepts (heads <= 128
-// resp. 1024).
-bool meta_rows_fit(const Geom& g);
-void launch_meta_rows(const MetaArgs& a, bool seg_decays, cudaStream_t s);
+// The same fix-up over all heads of a token range (head_row_kernels.cu: whole [B, T, H]
+// rows, coalesced; the same bits), for the geometries dg_fixup_rows_fit accepts
+// (heads <= 1024).
 bool dg_fixup_rows_fit(const Geom& g);
 void launch_dg_fixup_rows(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
                           cudaStream_t s);

@@ -27,23 +27,11 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
   return m;
 }
 
-// The meta and the dg fix-up over all heads of a token range (head_row_kernels.cu) or
-// per (b, h, segment) (misc_kernels.cu); both write the same bits. LASP2_CUDA_HEAD_ROWS
-// is a bit mask: 1 the meta over rows, 2 the fix-up over rows. Default 2: on an H200
-// (session 11, docs/kernels.md) the fix-up over rows took 5.5 instead of 20 us at 64K
-// tokens, while the meta over rows plus its segment-sum kernel measured no gain in
-// graph-replayed fwd + bwd (the meta alone 10.2 instead of 14.5 us, plus 3.6 us for
-// the extra launch).
-bool head_rows(int bit) { return (env_int("LASP2_CUDA_HEAD_ROWS", 2) & bit) != 0; }
-
-// The meta (and weights); segL only where a scan or the prefix pass reads it: with
-// more than one segment, or always (`reduce`: the part's log decay).
-void run_meta(const AttentionParams& p, const Geom& g, const ScratchBuffers& s, bool reduce,
-              cudaStream_t stream) {
-  const MetaArgs m = meta_args(p, g, s);
-  if (head_rows(1) && meta_rows_fit(g)) launch_meta_rows(m, reduce || g.nseg > 1, stream);
-  else launch_meta(m, stream);
-}
+// The dg fix-up over all heads of a token range (head_row_kernels.cu) unless
+// LASP2_CUDA_HEAD_ROWS=0, which selects the one per (b, h, segment) (misc_kernels.cu):
+// both write the same bits (the test compares them); on an H200 (session 11,
+// docs/kernels.md) the one over rows took 5.5 instead of 20 us at 64K tokens.
+bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1) != 0; }
 
 // Segment states of (a, b) over the part (exit or entry weights) into `out`
 // ([bh][nseg][da * db]); the tensor-core kernel (D > 0) reads the per-token weights,
@@ -85,7 +73,7 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   layout.seg_states = g.bh() * g.nseg * se;
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
-  run_meta(p, g, s, true, c.stream);
+  launch_meta(meta_args(p, g, s), c.stream);
   run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
              entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, c.stream);
   launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state,
@@ -120,7 +108,7 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
       smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
-  run_meta(p, g, s, false, c.stream);
+  launch_meta(meta_args(p, g, s), c.stream);
   FwdArgs a;
   a.g = g;
   a.qa = pass.qa;
@@ -202,7 +190,7 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   layout.block_states = smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
-  run_meta(p, g, s, false, c.stream);
+  launch_meta(meta_args(p, g, s), c.stream);
   DkdvArgs a;
   a.g = g;
   a.q = q;
@@ -237,7 +225,7 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   if (D > 0) launch_tc_dkdv(elem_of(p.dtype), D, a, c.stream);
   else launch_generic_dkdv(elem_of(p.dtype), a, smem_state, c.stream);
   if (dg != nullptr && g.nseg > 1) {
-    if (head_rows(2) && dg_fixup_rows_fit(g)) {
+    if (dg_fixup_over_rows() && dg_fixup_rows_fit(g)) {
       launch_dg_fixup_rows(g, dg, s.seg_dg_sums, dg_offset, c.stream);
     } else {
       launch_dg_fixup(g, dg, s.seg_dg_sums, dg_offset, c.stream);

@@ -33,7 +33,7 @@ from lasp2._extension import _C
 from lasp2.ops import _checks as C
 from lasp2.ops import _library as L
 from lasp2.ops._documents import final_state_grad
-from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._eager import eager_call, eager_function, reject_functorch
 from lasp2.ops._opaque import handle_of
 from lasp2.ops.providers.base import KernelCall, Provider
 
@@ -165,10 +165,7 @@ def lasp1_linear_attention(q, k, v, g, decay, initial_state, call: KernelCall, o
     """One rank's (o, final_state: empty unless output_final_state) through the custom op.
     check / consistency: _library.compiled_check's (compiled calls over a group: the op
     checks the ranks, and `check` is also the communicator's handle)."""
-    if not torch.compiler.is_compiling() and L._under_functorch():
-        raise NotImplementedError(
-            f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
-            "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+    reject_functorch(OP)
     handle = int(check) if check else handle_of(call.comm)
     args = (q, k, v, g, decay, call.doc_start, initial_state, float(call.scale), int(call.chunk_size), handle,
             int(call.parts_per_rank), [int(d) for d in head_doc], int(num_seqs), bool(output_final_state))

@@ -41,7 +41,7 @@ from torch import Tensor
 from lasp2._extension import _C
 from lasp2.ops import _checks as C
 from lasp2.ops import _library as L
-from lasp2.ops._eager import eager_call, eager_function
+from lasp2.ops._eager import eager_call, eager_function, reject_functorch
 from lasp2.ops._opaque import resolve
 from lasp2.ops._softmax_library import collectives_handle
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider
@@ -213,10 +213,7 @@ class UlyssesProvider(Provider):
         """[B, T/P, H, D] views in, o [B, T/P, H, Dv] out: single-device LASP-2 on the whole
         sequence for this rank's H/P heads (document starts of the global sequence).
         check / consistency: _library.compiled_check's (a compiled call: the op checks the ranks)."""
-        if not torch.compiler.is_compiling() and L._under_functorch():
-            raise NotImplementedError(
-                f"{OP}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by this op; "
-                "use torch.autograd (torch.autograd.grad / .backward) or torch.compile")
+        reject_functorch(OP)
         starts = sp_context.global_doc_start
         doc_start = None if starts is None else starts.to(q.device)
         comm = collectives_handle(OP, sp_context.group, sp_context.collectives)

@@ -480,6 +480,48 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
   return m;
 }
 
+// The problem of the kept-work tests below (DeltaCudaKeptPrep, DeltaCudaForwardKept): bf16,
+// d_k = d_v = d, 300 tokens, rows (batch 2) or packed documents (batch 1), on the device;
+// the part [37, 280) (starting inside a chunk, four chunks), with random entering states
+// and leaving-state gradients.
+struct KeptWorkProblem {
+  DeltaProblem<float> pr;
+  Layout lay{false, 0};
+  DeviceProblem dev;
+  const DeltaParams& dp = dev.p;
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  TokenRange part{37, pr.spec.seqlen - 20};
+  int64_t se = dp.bh() * dp.state_elems();
+  EdgeStates edge;
+
+  KeptWorkProblem(GateKind gate, int d, bool packed, uint32_t seed, uint32_t edge_seed)
+      : pr(prepared(gate, d, packed, seed)), dev(pr, ScalarType::kBFloat16, lay),
+        edge(random_edge_states(edge_seed, se)) {}
+
+ private:
+  static DeltaProblem<float> prepared(GateKind gate, int d, bool packed, uint32_t seed) {
+    DeltaSpec spec = gdn_spec(d, 300, packed ? 1 : 2);
+    spec.gate_kind = gate;
+    if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    DeltaProblem<float> pr(spec, seed);
+    prepare_inputs(pr, ScalarType::kBFloat16);
+    return pr;
+  }
+};
+
+// A backward that read kept work against the one that recomputed it: the same kernels on
+// the same inputs, so dq, dk, dv equal bit for bit, and dg, dbeta, the entering-state
+// gradients equal up to the order of the per-token sums' shared-memory atomics.
+void expect_same_backward(const Grads& got, const Grads& want) {
+  EXPECT_EQ(max_abs_diff(got.dq, want.dq), 0.0) << "dq";
+  EXPECT_EQ(max_abs_diff(got.dk, want.dk), 0.0) << "dk";
+  EXPECT_EQ(max_abs_diff(got.dv, want.dv), 0.0) << "dv";
+  EXPECT_LT(rel_err_f32(got.dg, want.dg), 1e-5) << "dg";
+  EXPECT_LT(rel_err_f32(got.db, want.db), 1e-5) << "dbeta";
+  EXPECT_LT(rel_err_f32(got.dE, want.dE), 1e-5) << "d_entering";
+  EXPECT_LT(rel_err_f32(got.dE_head, want.dE_head), 1e-6) << "entering dstate";
+}
+
 // ---- entering_dstate_keeping + backward_reusing (what the SP schedules run, through
 // DeltaFamily) against entering_dstate + backward: the chunked kernels skip prep and
 // rprep in the second call and must give the same results; the CPU backend keeps nothing.
@@ -487,53 +529,39 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
   LASP2_SKIP_WITHOUT_CUDA();
   for (const bool packed : {false, true}) {
     SCOPED_TRACE(packed ? "packed" : "rows");
-    DeltaSpec spec = gdn_spec(64, 300, packed ? 1 : 2);
-    if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
-    DeltaProblem<float> pr(spec, 31);
-    prepare_inputs(pr, ScalarType::kBFloat16);
-    const Layout lay{false, 0};
-    DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
-    const DeltaParams& dp = dev.p;
-    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-    const TokenRange part{37, spec.seqlen - 20};
-    const int64_t se = dp.bh() * dp.state_elems();
-    const EdgeStates edge = random_edge_states(4, se);
+    const KeptWorkProblem kp(GateKind::kScalar, 64, packed, 31, 4);
+    const DeltaParams& dp = kp.dp;
+    const DeltaKernelBackend& gpu = kp.gpu;
+    const TokenRange part = kp.part;
+    const int64_t se = kp.se;
 
     auto run = [&](bool keep) {
       Grads r;
       DevBuf<float> gE(se);
-      BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+      BackwardBuffers g(kp.pr, ScalarType::kBFloat16, kp.lay, se);
       const delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
       std::unique_ptr<delta::KeptPartWork> kept;
       if (keep) {
-        kept = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), plan, gE.p, nullptr);
+        kept = gpu.entering_dstate_keeping(dp, part, kp.dev.dout.cview(), plan, gE.p, nullptr);
         EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
         // a backward that will take the token walks (a misaligned dq view) gets nothing kept
         delta::BackwardPlan walks = plan;
         walks.dq.data = static_cast<char*>(walks.dq.data) + 2;
         DevBuf<float> unused(se);
-        EXPECT_EQ(gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), walks, unused.p, nullptr), nullptr)
+        EXPECT_EQ(gpu.entering_dstate_keeping(dp, part, kp.dev.dout.cview(), walks, unused.p, nullptr), nullptr)
             << "nothing is kept for a backward the chunked kernels do not take";
       } else {
-        gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+        gpu.entering_dstate(dp, part, kp.dev.dout.cview(), gE.p, nullptr);
       }
-      gpu.backward_reusing(kept.get(), dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{},
-                           g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+      gpu.backward_reusing(kept.get(), dp, part, kp.dev.dout.cview(), kp.edge.d_entering.p, kp.edge.d_leaving.p,
+                           DocStates{}, g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
       kept.reset();
       g.download(r);
       r.dE_head = gE.download();
       return r;
     };
     const Grads want = run(false), got = run(true);
-    // the same kernels on the same inputs: equal up to the order of the per-token sums'
-    // shared-memory atomics (dg, dbeta)
-    EXPECT_EQ(max_abs_diff(got.dq, want.dq), 0.0) << "dq";
-    EXPECT_EQ(max_abs_diff(got.dk, want.dk), 0.0) << "dk";
-    EXPECT_EQ(max_abs_diff(got.dv, want.dv), 0.0) << "dv";
-    EXPECT_LT(rel_err_f32(got.dg, want.dg), 1e-5) << "dg";
-    EXPECT_LT(rel_err_f32(got.db, want.db), 1e-5) << "dbeta";
-    EXPECT_LT(rel_err_f32(got.dE, want.dE), 1e-5) << "d_entering";
-    EXPECT_LT(rel_err_f32(got.dE_head, want.dE_head), 1e-6) << "entering dstate";
+    expect_same_backward(got, want);
   }
   DeltaProblem<float> small(DeltaSpec{}, 1);
   std::vector<float> E(small.params().bh() * small.params().state_elems());
@@ -580,18 +608,12 @@ TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
       for (const bool packed : {false, true}) {
         const bool kda = gate == GateKind::kPerKey;
         SCOPED_TRACE(std::string(kda ? "kda " : "gdn ") + (packed ? "packed" : "rows") + " d=" + std::to_string(d));
-        DeltaSpec spec = gdn_spec(d, 300, packed ? 1 : 2);
-        spec.gate_kind = gate;
-        if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
-        DeltaProblem<float> pr(spec, 37);
-        prepare_inputs(pr, ScalarType::kBFloat16);
-        const Layout lay{false, 0};
-        DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
-        const DeltaParams& dp = dev.p;
-        const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-        const TokenRange part{37, spec.seqlen - 20};
-        const int64_t se = dp.bh() * dp.state_elems();
-        const EdgeStates edge = random_edge_states(5, se);
+        const KeptWorkProblem kp(gate, d, packed, 37, 5);
+        const DeltaSpec& spec = kp.pr.spec;
+        const DeltaParams& dp = kp.dp;
+        const DeltaKernelBackend& gpu = kp.gpu;
+        const TokenRange part = kp.part;
+        const int64_t se = kp.se;
         const int64_t chunks = (part.length() + 63) / 64;
         if (!chunk_backward_fits_device(gate, d)) {  // sm_80 at d = 128: the token walks, nothing kept
           EXPECT_EQ(gpu.forward_kept_floats(dp, part), 0);
@@ -604,26 +626,26 @@ TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
         // 2 with the kept buffer zeroed between the forward and the backward
         auto run = [&](int mode, std::vector<double>& o_out) {
           Grads r;
-          DevTensor o(spec.batch, spec.seqlen, spec.heads, d, ScalarType::kBFloat16, lay);
+          DevTensor o(spec.batch, spec.seqlen, spec.heads, d, ScalarType::kBFloat16, kp.lay);
           DevBuf<float> kept(want_floats), gE(se);
-          BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
+          BackwardBuffers g(kp.pr, ScalarType::kBFloat16, kp.lay, se);
           if (mode == 0) {
-            gpu.forward(dp, part, edge.d_entering.p, DocStates{}, o.mview(), nullptr);
+            gpu.forward(dp, part, kp.edge.d_entering.p, DocStates{}, o.mview(), nullptr);
           } else {
-            gpu.forward_keeping(dp, part, edge.d_entering.p, DocStates{}, o.mview(), kept.p, nullptr);
+            gpu.forward_keeping(dp, part, kp.edge.d_entering.p, DocStates{}, o.mview(), kept.p, nullptr);
           }
           if (mode >= 3) cuda_ok(cudaMemset(kept.p, 0, want_floats * sizeof(float)), "memset");
           std::unique_ptr<delta::KeptPartWork> work;
           if (mode == 2 || mode == 4) {
             delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
             plan.forward_kept = kept.p;
-            work = gpu.entering_dstate_keeping(dp, part, dev.dout.cview(), plan, gE.p, nullptr);
+            work = gpu.entering_dstate_keeping(dp, part, kp.dev.dout.cview(), plan, gE.p, nullptr);
             // GDN keeps rprep's r for the backward; KDA's rprep runs inside its reverse pass
             EXPECT_EQ(work != nullptr, !kda);
           } else {
-            gpu.entering_dstate(dp, part, dev.dout.cview(), gE.p, nullptr);
+            gpu.entering_dstate(dp, part, kp.dev.dout.cview(), gE.p, nullptr);
           }
-          gpu.backward_reusing(work.get(), dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p,
+          gpu.backward_reusing(work.get(), dp, part, kp.dev.dout.cview(), kp.edge.d_entering.p, kp.edge.d_leaving.p,
                                DocStates{}, g.dq.mview(), g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p,
                                nullptr, mode == 0 ? nullptr : kept.p);
           work.reset();
@@ -637,13 +659,7 @@ TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
         for (const auto& [name, got, o_got] : {std::tuple{"one device", &one, &o_one}, {"sp", &sp, &o_sp}}) {
           SCOPED_TRACE(name);
           EXPECT_EQ(max_abs_diff(*o_got, o_want), 0.0) << "o";
-          EXPECT_EQ(max_abs_diff(got->dq, want.dq), 0.0) << "dq";
-          EXPECT_EQ(max_abs_diff(got->dk, want.dk), 0.0) << "dk";
-          EXPECT_EQ(max_abs_diff(got->dv, want.dv), 0.0) << "dv";
-          EXPECT_LT(rel_err_f32(got->dg, want.dg), 1e-5) << "dg";
-          EXPECT_LT(rel_err_f32(got->db, want.db), 1e-5) << "dbeta";
-          EXPECT_LT(rel_err_f32(got->dE, want.dE), 1e-5) << "d_entering";
-          EXPECT_LT(rel_err_f32(got->dE_head, want.dE_head), 1e-6) << "entering dstate";
+          expect_same_backward(*got, want);
         }
         const Grads z1 = run(3, o_z1), z2 = run(4, o_z2);
         EXPECT_GT(max_abs_diff(z1.dq, want.dq), 0.0) << "the one-device backward reads the kept buffer";

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -91,33 +92,68 @@ DeltaProblem<float> kda_problem(const KdaCase& c) {
   return pr;
 }
 
+// The cases of both suites: bf16 / fp16, d = 64 and 128, rows and packed documents, each
+// gate kind; the backward also takes bf16 d = 128 packed with strong gates.
+std::vector<KdaCase> kda_cases(bool backward) {
+  std::vector<KdaCase> cases = {KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
+                                KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
+                                KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
+                                KdaCase{ScalarType::kBFloat16, 64, false, Gates::kNegInf},
+                                KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
+                                KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
+                                KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
+                                KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}};
+  if (backward) cases.push_back(KdaCase{ScalarType::kBFloat16, 128, true, Gates::kStrong});
+  return cases;
+}
+
+// The fixture of both suites: the case's problem on the host and (after the device check)
+// on the device, and the part they run, [37, 280): starting and ending inside chunks.
+class KdaCaseTest : public ::testing::TestWithParam<KdaCase> {
+ protected:
+  void SetUp() override {
+    LASP2_SKIP_WITHOUT_CUDA();
+    dev_ = std::make_unique<DeviceProblem>(pr, c.type, lay);
+  }
+  const DeviceProblem& dev() const { return *dev_; }
+
+  const KdaCase c = GetParam();
+  const DeltaProblem<float> pr = kda_problem(c);
+  const DeltaSpec& s = pr.spec;
+  const DeltaParams hp = pr.params();
+  const Layout lay{false, 0};
+  const TokenRange part{37, s.seqlen - 20};
+  const int64_t bh = hp.bh(), se = hp.state_elems();
+
+ private:
+  std::unique_ptr<DeviceProblem> dev_;
+};
+
+// `count` vectors of `floats` normal values (sd 0.3) from one generator seeded `seed`,
+// one after another: entering states and leaving-state gradients.
+std::vector<std::vector<float>> random_states(uint32_t seed, int count, int64_t floats) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  std::vector<std::vector<float>> out(count, std::vector<float>(floats));
+  for (auto& vec : out)
+    for (auto& x : vec) x = normal(rng);
+  return out;
+}
+
 struct KdaResult {
   std::vector<double> o;
   std::vector<char> o_written;
   std::vector<float> A, M, hA, hM, E;
 };
 
-class DeltaCudaKdaChunked : public ::testing::TestWithParam<KdaCase> {};
+class DeltaCudaKdaChunked : public KdaCaseTest {};
 
 TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  const KdaCase c = GetParam();
-  const DeltaProblem<float> pr = kda_problem(c);
-  const DeltaSpec& s = pr.spec;
-  const DeltaParams hp = pr.params();
-  const Layout lay{false, 0};
-  const DeviceProblem dev(pr, c.type, lay);
-  const DeltaParams& dp = dev.p;
-  const DevTensor& dout = dev.dout;
+  const DeltaParams& dp = dev().p;
+  const DevTensor& dout = dev().dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-  const TokenRange part{37, s.seqlen - 20};
-  const int64_t bh = hp.bh(), se = hp.state_elems(), me = hp.map_elems();
-  std::vector<float> entering(bh * se);
-  {
-    std::mt19937 rng(9);
-    std::normal_distribution<float> normal(0.f, 0.3f);
-    for (auto& x : entering) x = normal(rng);
-  }
+  const int64_t me = hp.map_elems();
+  const std::vector<float> entering = random_states(9, 1, bh * se)[0];
   const DevBuf<float> d_entering = to_device_f32(entering);
 
   auto run = [&]() {
@@ -196,17 +232,7 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    All, DeltaCudaKdaChunked,
-    ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
-                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
-                      KdaCase{ScalarType::kBFloat16, 64, false, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
-                      KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
-                      KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    kda_case_name);
+INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaChunked, ::testing::ValuesIn(kda_cases(false)), kda_case_name);
 
 // The chunked backward (kda_chunk_bwd.h) against the recurrent one
 // (LASP2_DELTA_KDA_CHUNKED_BWD=0) and, without -inf gates, the CPU backend: dq, dk, dv
@@ -214,7 +240,7 @@ INSTANTIATE_TEST_SUITE_P(
 // state's gradient, with an entering state and a leaving-state gradient, on the cases
 // above. Packed documents with document states take the recurrent backward (checked:
 // the d_initial call equals the CPU backend's).
-class DeltaCudaKdaBackward : public ::testing::TestWithParam<KdaCase> {};
+class DeltaCudaKdaBackward : public KdaCaseTest {};
 
 struct KdaGrads {
   DevTensor::Readback dq, dk, dv;
@@ -248,28 +274,15 @@ KdaGrads kda_device_backward(const DeltaProblem<float>& pr, const DeviceProblem&
 }
 
 TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  const KdaCase c = GetParam();
-  const DeltaProblem<float> pr = kda_problem(c);
-  const DeltaSpec& s = pr.spec;
-  const DeltaParams hp = pr.params();
-  const Layout lay{false, 0};
-  const DeviceProblem dev(pr, c.type, lay);
-  const DeltaParams& dp = dev.p;
-  const DevTensor& dout = dev.dout;
+  const DeltaParams& dp = dev().p;
+  const DevTensor& dout = dev().dout;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-  const TokenRange part{37, s.seqlen - 20};
-  const int64_t bh = hp.bh(), se = hp.state_elems();
-  std::vector<float> entering(bh * se), leaving(bh * se);
-  {
-    std::mt19937 rng(11);
-    std::normal_distribution<float> normal(0.f, 0.3f);
-    for (auto& x : entering) x = normal(rng);
-    for (auto& x : leaving) x = normal(rng);
-  }
+  const std::vector<std::vector<float>> edge = random_states(11, 2, bh * se);
+  const std::vector<float>& entering = edge[0];
+  const std::vector<float>& leaving = edge[1];
   const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
 
-  auto run = [&]() { return kda_device_backward(pr, dev, c.type, lay, part, d_entering, d_leaving); };
+  auto run = [&]() { return kda_device_backward(pr, dev(), c.type, lay, part, d_entering, d_leaving); };
   const KdaGrads got = run();
   KdaGrads want;
   {
@@ -330,18 +343,47 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    All, DeltaCudaKdaBackward,
-    ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
-                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kBFloat16, 128, true, Gates::kStrong},
-                      KdaCase{ScalarType::kBFloat16, 64, true, Gates::kStrong},
-                      KdaCase{ScalarType::kBFloat16, 64, false, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 64, false, Gates::kMild},
-                      KdaCase{ScalarType::kFloat16, 64, true, Gates::kNegInf},
-                      KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild},
-                      KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
-    kda_case_name);
+INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaBackward, ::testing::ValuesIn(kda_cases(true)), kda_case_name);
+
+// Runs `steps` in order `reps` times on the default stream and returns each step's
+// milliseconds in the last run (events recorded between the steps).
+std::vector<float> time_steps(const std::vector<std::function<void()>>& steps, int reps = 2) {
+  std::vector<cudaEvent_t> ev(steps.size() + 1);
+  for (auto& e : ev) cuda_ok(cudaEventCreate(&e), "event");
+  for (int rep = 0; rep < reps; ++rep) {
+    cuda_ok(cudaEventRecord(ev[0]), "record");
+    for (size_t i = 0; i < steps.size(); ++i) {
+      steps[i]();
+      cuda_ok(cudaEventRecord(ev[i + 1]), "record");
+    }
+    cuda_ok(cudaEventSynchronize(ev.back()), "sync");
+  }
+  std::vector<float> ms(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) cuda_ok(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]), "elapsed");
+  for (auto& e : ev) cudaEventDestroy(e);
+  return ms;
+}
+
+// The first n tokens of a [1, T, H, D] 16-bit tensor, read back.
+DevTensor::Readback first_tokens(const DevTensor& t, int64_t n) {
+  DevTensor head(1, n, t.H, t.D, t.type, Layout{});
+  cuda_ok(cudaMemcpy(head.buf.p, t.buf.p, 2 * n * t.H * t.D, cudaMemcpyDeviceToDevice), "copy");
+  return head.download();
+}
+
+int64_t count_nonfinite(const std::vector<double>& a) {
+  return std::count_if(a.begin(), a.end(), [](double x) { return !std::isfinite(x); });
+}
+
+// max |a - b| / max(max |b|, 1e-3) (NaNs passed over)
+double rel_max_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return num / std::max(den, 1e-3);
+}
 
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
@@ -353,9 +395,9 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   const char* t_env = std::getenv("LASP2_DELTA_TIMING_T");
   const int64_t T = t_env != nullptr && *t_env != '\0' ? std::atoll(t_env) : 65536, H = 16, D = 128;
   const ScalarType type = ScalarType::kBFloat16;
-  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
-      dout(1, T, H, D, type, Layout{}), o(1, T, H, D, type, Layout{}), o_rec(1, T, H, D, type, Layout{}),
-      dq(1, T, H, D, type, Layout{}), dk(1, T, H, D, type, Layout{}), dv(1, T, H, D, type, Layout{});
+  auto tensor = [&] { return DevTensor(1, T, H, D, type, Layout{}); };  // [1, T, H, D]
+  DevTensor q = tensor(), k = tensor(), v = tensor(), dout = tensor(), o = tensor(), o_rec = tensor(), dq = tensor(),
+            dk = tensor(), dv = tensor();
   std::mt19937 rng(3);
   const size_t pattern = size_t{1} << 20;
   {
@@ -397,44 +439,28 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   const auto& be = delta::delta_backend_for(Device::kCUDA);
   DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D), dg(T * H * D), db(T * H);
   const TokenRange all{0, T};
-  cudaEvent_t e0, e1, e2;
-  for (auto* e : {&e0, &e1, &e2}) cuda_ok(cudaEventCreate(e), "event");
-  float ms[2][3] = {};  // [recurrent][summary, forward, entering_dstate]
+  std::vector<float> ms[2];  // [recurrent][summary, forward, entering_dstate]
   DevBuf<float> dE(H * D * D);
-  cudaEvent_t e3;
-  cuda_ok(cudaEventCreate(&e3), "event");
   for (int rec = 0; rec < 2; ++rec) {
     std::unique_ptr<EnvGuard> off;
     if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED", "0");
-    for (int rep = 0; rep < 2; ++rep) {  // the second is timed
-      cuda_ok(cudaEventRecord(e0), "record");
-      be.part_summary(p, all, {}, A.p, M.p, hA.p, hM.p, nullptr);
-      cuda_ok(cudaEventRecord(e1), "record");
-      be.forward(p, all, nullptr, {}, rec ? o_rec.mview() : o.mview(), nullptr);
-      cuda_ok(cudaEventRecord(e2), "record");
-      be.entering_dstate(p, all, dout.cview(), dE.p, nullptr);
-      cuda_ok(cudaEventRecord(e3), "record");
-      cuda_ok(cudaEventSynchronize(e3), "sync");
-    }
-    cuda_ok(cudaEventElapsedTime(&ms[rec][0], e0, e1), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&ms[rec][1], e1, e2), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&ms[rec][2], e2, e3), "elapsed");
+    ms[rec] = time_steps({[&] { be.part_summary(p, all, {}, A.p, M.p, hA.p, hM.p, nullptr); },
+                          [&] { be.forward(p, all, nullptr, {}, rec ? o_rec.mview() : o.mview(), nullptr); },
+                          [&] { be.entering_dstate(p, all, dout.cview(), dE.p, nullptr); }});
   }
   // the backward: chunked (kda_chunk_bwd.h; timed on its second call) and recurrent
   // (LASP2_DELTA_KDA_CHUNKED_BWD=0); dq of both kept to compare below
   float bwd_ms[2] = {};
-  DevTensor dq_rec(1, T, H, D, type, Layout{});
+  DevTensor dq_rec = tensor();
   for (int rec = 0; rec < 2; ++rec) {
     std::unique_ptr<EnvGuard> off;
     if (rec) off = std::make_unique<EnvGuard>("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
-    for (int rep = 0; rep < 2 - rec; ++rep) {
-      cuda_ok(cudaEventRecord(e0), "record");
-      be.backward(p, all, dout.cview(), nullptr, nullptr, {}, rec ? dq_rec.mview() : dq.mview(), dk.mview(),
-                  dv.mview(), dg.p, db.p, nullptr, nullptr);
-      cuda_ok(cudaEventRecord(e1), "record");
-      cuda_ok(cudaEventSynchronize(e1), "sync");
-    }
-    cuda_ok(cudaEventElapsedTime(&bwd_ms[rec], e0, e1), "elapsed");
+    bwd_ms[rec] = time_steps({[&] {
+                               be.backward(p, all, dout.cview(), nullptr, nullptr, {},
+                                           rec ? dq_rec.mview() : dq.mview(), dk.mview(), dv.mview(), dg.p, db.p,
+                                           nullptr, nullptr);
+                             }},
+                             2 - rec)[0];
   }
   std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16: chunked part_summary %.2f ms, forward %.2f ms, "
               "entering_dstate %.2f ms, backward %.2f ms; recurrent part_summary %.2f ms, forward %.2f ms, "
@@ -475,20 +501,9 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     fo.osb = T * H * D;
     fo.ost = H * D;
     fo.osh = D;
-    float t[3] = {};
-    for (int rep = 0; rep < 2; ++rep) {  // the second is timed
-      cuda_ok(cudaEventRecord(e0), "record");
-      gpu::launch_kda_prep(kp, prep, nullptr);
-      cuda_ok(cudaEventRecord(e1), "record");
-      gpu::launch_kda_states(kp, prep, so, nullptr);
-      cuda_ok(cudaEventRecord(e2), "record");
-      gpu::launch_kda_output(kp, prep, vn.p, st.p, fo, nullptr);
-      cuda_ok(cudaEventRecord(e3), "record");
-      cuda_ok(cudaEventSynchronize(e3), "sync");
-    }
-    cuda_ok(cudaEventElapsedTime(&t[0], e0, e1), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&t[1], e1, e2), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&t[2], e2, e3), "elapsed");
+    const std::vector<float> t = time_steps({[&] { gpu::launch_kda_prep(kp, prep, nullptr); },
+                                             [&] { gpu::launch_kda_states(kp, prep, so, nullptr); },
+                                             [&] { gpu::launch_kda_output(kp, prep, vn.p, st.p, fo, nullptr); }});
     std::printf("[ timing ] KDA chunked forward per launch: prep %.2f ms, states %.2f ms, output %.2f ms\n", t[0], t[1],
                 t[2]);
     // per launch of the chunked backward (kda_chunk_bwd.h): prep with T, the state pass,
@@ -498,7 +513,7 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     gpu::KdaPrep bp = prep;
     bp.t = tt.p;
     const gpu::View dov{dout.buf.p, T * H * D, H * D, D};
-    DevTensor bq(1, T, H, D, type, Layout{}), bk(1, T, H, D, type, Layout{}), bv(1, T, H, D, type, Layout{});
+    DevTensor bq = tensor(), bk = tensor(), bv = tensor();
     gpu::KdaBackwardArgs ba;
     ba.dout = dov;
     ba.v_new = vn.p;
@@ -514,69 +529,28 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     ba.dqsh = ba.dksh = ba.dvsh = D;
     ba.dg = dgb.p;
     ba.dbeta = dbb.p;
-    cudaEvent_t e4;
-    cuda_ok(cudaEventCreate(&e4), "event");
-    float tb[4] = {};
-    for (int rep = 0; rep < 2; ++rep) {  // the second is timed
-      cuda_ok(cudaEventRecord(e0), "record");
-      gpu::launch_kda_prep(kp, bp, nullptr);
-      cuda_ok(cudaEventRecord(e1), "record");
-      gpu::launch_kda_states(kp, bp, so, nullptr);
-      cuda_ok(cudaEventRecord(e2), "record");
-      gpu::launch_kda_rstates(kp, bp, dov, rr.p, nullptr, dhb.p, nullptr, nullptr);
-      cuda_ok(cudaEventRecord(e3), "record");
-      gpu::launch_kda_backward(kp, ba, nullptr);
-      cuda_ok(cudaEventRecord(e4), "record");
-      cuda_ok(cudaEventSynchronize(e4), "sync");
-    }
-    cuda_ok(cudaEventElapsedTime(&tb[0], e0, e1), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&tb[1], e1, e2), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&tb[2], e2, e3), "elapsed");
-    cuda_ok(cudaEventElapsedTime(&tb[3], e3, e4), "elapsed");
+    const std::vector<float> tb =
+        time_steps({[&] { gpu::launch_kda_prep(kp, bp, nullptr); },
+                    [&] { gpu::launch_kda_states(kp, bp, so, nullptr); },
+                    [&] { gpu::launch_kda_rstates(kp, bp, dov, rr.p, nullptr, dhb.p, nullptr, nullptr); },
+                    [&] { gpu::launch_kda_backward(kp, ba, nullptr); }});
     std::printf("[ timing ] KDA chunked backward per launch: prep (with T) %.2f ms, states %.2f ms, rprep + rstates "
                 "%.2f ms, chunk gradients %.2f ms\n",
                 tb[0], tb[1], tb[2], tb[3]);
-    cudaEventDestroy(e4);
     // the chunk gradients' dq, dk, dv over the first 256 tokens are finite and not all zero
-    const int64_t nb = std::min<int64_t>(T, 256);
     for (auto [name, grad] : {std::pair{"dq", &bq}, std::pair{"dk", &bk}, std::pair{"dv", &bv}}) {
-      DevTensor h0(1, nb, H, D, type, Layout{});
-      cuda_ok(cudaMemcpy(h0.buf.p, grad->buf.p, 2 * nb * H * D, cudaMemcpyDeviceToDevice), "copy");
-      const auto r0 = h0.download();
-      double peak = 0;
-      for (size_t i = 0; i < r0.v.size(); ++i) {
-        ASSERT_TRUE(std::isfinite(r0.v[i])) << name << " not finite at " << i;
-        peak = std::max(peak, static_cast<double>(std::abs(r0.v[i])));
-      }
-      EXPECT_GT(peak, 0.0) << name << " is all zero over the first tokens";
+      const std::vector<double> head = first_tokens(*grad, std::min<int64_t>(T, 256)).v;
+      ASSERT_EQ(count_nonfinite(head), 0) << name << " not finite";
+      EXPECT_GT(delta::testing::max_abs(head), 0.0) << name << " is all zero over the first tokens";
     }
   }
-  for (auto* e : {&e0, &e1, &e2, &e3}) cudaEventDestroy(*e);
-  // the first 256 tokens of both forwards
+  // the first 256 tokens of both forwards and both backwards' dq
   const int64_t n = std::min<int64_t>(T, 256);
-  DevTensor head(1, n, H, D, type, Layout{}), head_rec(1, n, H, D, type, Layout{});
-  cuda_ok(cudaMemcpy(head.buf.p, o.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
-  cuda_ok(cudaMemcpy(head_rec.buf.p, o_rec.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
-  const auto a = head.download(), b = head_rec.download();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.v.size(); ++i) {
-    ASSERT_TRUE(std::isfinite(a.v[i])) << "o not finite at " << i;
-    num = std::max(num, std::abs(a.v[i] - b.v[i]));
-    den = std::max(den, std::abs(b.v[i]));
+  for (auto [name, got, rec] : {std::tuple{"o", &o, &o_rec}, std::tuple{"dq", &dq, &dq_rec}}) {
+    const std::vector<double> a = first_tokens(*got, n).v, b = first_tokens(*rec, n).v;
+    ASSERT_EQ(count_nonfinite(a), 0) << name << " not finite";
+    EXPECT_LT(rel_max_diff(a, b), 2e-2) << "chunked vs recurrent " << name << " (first tokens)";
   }
-  EXPECT_LT(num / std::max(den, 1e-3), 2e-2) << "chunked vs recurrent o (first tokens)";
-  // dq of the two backwards over the first tokens
-  DevTensor dqh(1, n, H, D, type, Layout{}), dqh_rec(1, n, H, D, type, Layout{});
-  cuda_ok(cudaMemcpy(dqh.buf.p, dq.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
-  cuda_ok(cudaMemcpy(dqh_rec.buf.p, dq_rec.buf.p, 2 * n * H * D, cudaMemcpyDeviceToDevice), "copy");
-  const auto c1 = dqh.download(), c2 = dqh_rec.download();
-  num = den = 0;
-  for (size_t i = 0; i < c1.v.size(); ++i) {
-    ASSERT_TRUE(std::isfinite(c1.v[i])) << "dq not finite at " << i;
-    num = std::max(num, std::abs(c1.v[i] - c2.v[i]));
-    den = std::max(den, std::abs(c2.v[i]));
-  }
-  EXPECT_LT(num / std::max(den, 1e-3), 2e-2) << "chunked vs recurrent dq (first tokens)";
 }
 
 }  // namespace

@@ -218,6 +218,15 @@ def delta_cases(kind):
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h[:1]), B=2),
         with_gates(kind, "sp_context type", "`sp_context` must be an SPContext",
                    lambda q, k, v, g, b, h: call(q, k, v, g, b, sp_context="ctx")),
+        with_gates(kind, "g on meta", "`g` is on meta but `q` is on cpu",
+                   lambda q, k, v, g, b, h: call(q, k, v, g.to("meta"), b)),
+        with_gates(kind, "beta on meta", "`beta` is on meta but `q` is on cpu",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b.to("meta"))),
+        with_gates(kind, "g bool", "`g` has dtype torch.bool", lambda q, k, v, g, b, h: call(q, k, v, g < 0, b)),
+        with_gates(kind, "initial_state on meta", "`initial_state` is on meta but `q` is on cpu",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h.to("meta"))),
+        with_gates(kind, "initial_state half", "`initial_state` must be float32, float64 or the dtype of `q`",
+                   lambda q, k, v, g, b, h: call(q, k, v, g, b, initial_state=h.half())),
         # a CPU-kernel detail, not an argument of the op
         BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
     ]

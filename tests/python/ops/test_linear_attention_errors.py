@@ -34,6 +34,17 @@ CASES = ATTENTION_CASES + [
     BadCall("decay nan", "`decay` contains NaN", lambda q, k, v: call(q, k, v, decay=torch.tensor([-0.1, float("nan")]))),
     BadCall("initial_state rows vs documents", r"`initial_state` must have shape \[3, 2, 4, 4\]",
             lambda q, k, v: call(q, k, v, initial_state=torch.zeros(2, 2, 4, 4), cu_seqlens=torch.tensor([0, 2, 4, 8]))),
+    BadCall("decay 0-d", "`decay` must have 1 dimensions", lambda q, k, v: call(q, k, v, decay=torch.tensor(-0.1))),
+    BadCall("decay on meta", "`decay` is on meta but `q` is on cpu",
+            lambda q, k, v: call(q, k, v, decay=torch.zeros(2, device="meta"))),
+    BadCall("g bool", "`g` has dtype torch.bool",
+            lambda q, k, v: call(q, k, v, g=torch.zeros(1, 8, 2, dtype=torch.bool))),
+    BadCall("initial_state on meta", "`initial_state` is on meta but `q` is on cpu",
+            lambda q, k, v: call(q, k, v, initial_state=torch.zeros(1, 2, 4, 4, device="meta"))),
+    BadCall("initial_state integer", "`initial_state` must be float32, float64 or the dtype of `q`",
+            lambda q, k, v: call(q, k, v, initial_state=torch.zeros(1, 2, 4, 4, dtype=torch.long))),
+    BadCall("output_final_state int", "`output_final_state` must be a bool",
+            lambda q, k, v: call(q, k, v, output_final_state=1)),
     # a CPU-kernel detail, not an argument of the op
     BadCall("chunk size", "chunk_size", lambda q, k, v: call(q, k, v, chunk_size=4), error=TypeError),
 ]
