@@ -1050,6 +1050,40 @@ delta::gpu::ForwardOut forward_out(DevTensor& o) {
   return fo;
 }
 
+// Milliseconds of `launch` on the default stream: the median of runs 2..reps (the
+// first warms up; reps = 1: that one).
+class LaunchTimer {
+ public:
+  LaunchTimer() {
+    cuda_ok(cudaEventCreate(&e0_), "event");
+    cuda_ok(cudaEventCreate(&e1_), "event");
+  }
+  ~LaunchTimer() {
+    cudaEventDestroy(e0_);
+    cudaEventDestroy(e1_);
+  }
+  LaunchTimer(const LaunchTimer&) = delete;
+  LaunchTimer& operator=(const LaunchTimer&) = delete;
+
+  float median_ms(const std::function<void()>& launch, int reps) {
+    std::vector<float> ms;
+    for (int rep = 0; rep < reps; ++rep) {
+      cuda_ok(cudaEventRecord(e0_), "record");
+      launch();
+      cuda_ok(cudaEventRecord(e1_), "record");
+      cuda_ok(cudaEventSynchronize(e1_), "sync");
+      float t = 0;
+      cuda_ok(cudaEventElapsedTime(&t, e0_, e1_), "elapsed");
+      if (rep > 0 || reps == 1) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+
+ private:
+  cudaEvent_t e0_, e1_;
+};
+
 // One GDN layer at T = 64K, H = 16, D = 128, bf16 on one device: the time of the
 // one-device schedule's calls (printed; the assertions only check that every output
 // is finite). LASP2_DELTA_TIMING_T=<tokens> changes T.
