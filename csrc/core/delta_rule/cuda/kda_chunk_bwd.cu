@@ -92,8 +92,8 @@ __device__ __forceinline__ float ex2g(float x) {
 // scores are zero across segments and past the diagonal. scr: this warp's [16][d / 2]
 // scratch (ld LD).
 template <typename T, int D>
-__device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D / 16][4],
-                                         const KdaBwdSmem<T, D>& sm, T* scr, int mw, int n0, int lane) {
+__device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D / 16][4], const KdaBwdSmem<T, D>& sm,
+                                         T* scr, int mw, int n0, int lane) {
   constexpr int NH = D / 16, LD = KdaBwdSmem<T, D>::LD, LG = KdaBwdSmem<T, D>::LG;
   const float* G = sm.G;
   const float* seg = sm.seg;
@@ -157,8 +157,8 @@ __device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D /
 // elementwise (one exponential for both terms). scq, sck: this warp's [16][d / 2]
 // scratch tiles (ld LD).
 template <typename T, int D>
-__device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSmem<T, D>& sm, const T* qt,
-                                         T* scq, T* sck, int mw, int n0, int lane) {
+__device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSmem<T, D>& sm, const T* qt, T* scq,
+                                         T* sck, int mw, int n0, int lane) {
   constexpr int NH = D / 16, LD = KdaBwdSmem<T, D>::LD, LG = KdaBwdSmem<T, D>::LG;
   const float* G = sm.G;
   const float* seg = sm.seg;
@@ -278,11 +278,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     sm.db[x] = sm.db[CH + x] = 0.f;
   }
   for (int i = tid; i < D; i += NTH) sm.glr[i] = 0.f;
-  {  // 16 bytes a store
-    static_assert(LG % 4 == 0, "whole float4s");
+  static_assert(LG % 4 == 0, "whole float4s");
 #pragma unroll
-    for (int e = 4 * tid; e < CH * LG; e += 4 * NTH) *reinterpret_cast<float4*>(dG + e) = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  for (int e = 4 * tid; e < CH * LG; e += 4 * NTH)  // 16 bytes a store
+    *reinterpret_cast<float4*>(dG + e) = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();
   if (tid < CH) {  // the segment index: document starts up to x, counted from two ballots
     static_assert(CH == 64, "two warps of tokens");
