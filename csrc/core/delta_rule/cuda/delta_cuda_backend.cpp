@@ -166,7 +166,7 @@ bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<Co
 }
 
 // Whether the KDA chunked backward (kda_chunk_bwd.h) takes a backward call: kda_chunked()
-// with dout, dq, dk and dv, the block's shared memory (189.5 KiB at d = 128: sm_90, not
+// with dout, dq, dk and dv, the block's shared memory (191.75 KiB at d = 128: sm_90, not
 // sm_80), and no per-document states with packed documents (as GDN's).
 // LASP2_DELTA_KDA_CHUNKED_BWD=0 keeps the recurrent backward.
 bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout, MutView dq, MutView dk, MutView dv,

@@ -14,13 +14,23 @@
 //   exponential and one scaled tile between sub-chunks, and so do the two column sums
 //   (dP against q, beta dL against k), whose tensor-core products and elementwise
 //   terms go into one accumulator (only their sum is used);
-// * 4 warps an SM (one 217 KiB block): 8 warps in a 189.5 KiB block at d = 128 (still
-//   one an SM; 242 registers on sm_90a), 100 KiB at d = 64 (two an SM);
+// * 4 warps an SM (one 217 KiB block): 8 warps in a 191.75 KiB block at d = 128 (still
+//   one an SM; 254 registers on sm_90a), 101.5 KiB at d = 64 (two an SM);
 // * with one block an SM nothing hides a global load's latency: the loads the session-11
 //   kernel waited on one round after another (k for kd, S0 for rowdot(X, S0), v next to
 //   the dv stores that may alias it, the gates after a barrier, q twice) are issued
-//   ahead of their use (10.41 -> 9.32 ms, measured side by side).
-// On one H200 at T = 64K, H = 16, d = 128, bf16: 9.32 ms (docs/delta_rule.md, "The KDA
+//   ahead of their use (10.41 -> 9.32 ms, measured side by side);
+// * with two warps a scheduler every stall shows: session 11's kernel issued an
+//   instruction every 7.3 cycles a warp, 2.5 of them waiting on the instruction fetch
+//   (ncu), with 10104 instructions of SASS, among them 38 float atomicAdds to shared
+//   memory (dbeta, dG_last; each a load / compare-and-swap loop with its own branches,
+//   four warps contending for each dG_last place) and 64 gate loads (each behind its
+//   own branch, its 64-bit address formed anew). Now dbeta and dG_last sum in slots
+//   written by one lane each (no atomics), the gate loads step one pointer without tests
+//   in a whole chunk, G is kept in log2 units (no multiply an exponential) and the loops
+//   inside the diagonal sub-chunks are unrolled by 2 (9.26 -> 6.45 ms, measured side by
+//   side; docs/delta_rule.md, "twelfth round").
+// On one H200 at T = 64K, H = 16, d = 128, bf16: 6.45 ms (docs/delta_rule.md, "The KDA
 // chunked backward").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,8 +45,6 @@
 
 namespace lasp2::delta::gpu {
 namespace {
-
-using lasp2::cuda::exp_ftz;
 
 constexpr int kThreads = 256;  // 8 warps
 
@@ -53,13 +61,29 @@ struct KdaBwdSmem {
   T tk[CH * LD];  // T (ld kLdP), then k
   T dP[CH * kLdP];
   T dL[CH * kLdP];
-  float bt[CH], seg[CH], start[CH], db[CH], dGL[D];
+  float bt[CH], seg[CH], start[CH];
+  // sums without shared-memory atomics (a float atomicAdd to shared memory is a load /
+  // compare-and-swap loop on sm_90): dbeta's partial sums a column half (db[nh][x]),
+  // dG_last's column sums a sub-chunk (gl4[mw][i]) and rowdot's a key dim (glr[i]), each
+  // place written by one lane only, summed at the end
+  float db[2 * CH], gl4[4 * D], glr[D];
 };
 static_assert(kLdP <= TcTile<64>::LD, "T fits a token tile");
 
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// e^x of a G difference (or of G) as one MUFU.EX2: G is kept in shared memory already
+// multiplied by log2(e) (one multiply a key dim and token instead of one an exponential,
+// as exp_ftz does), so the argument goes to ex2 as it is. Every argument is <= 0 (a
+// clamp or the gates' sign).
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float ex2g(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // aP[x] = sum_{y <= x} dP_xy e^{G_x - G_y} . k_y and aL[x] the same with dL, for this
 // warp's rows x (sub-chunk mw, first token r) and column half n0: for earlier sub-chunks
@@ -81,7 +105,7 @@ __device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D /
       const int a = e / (D / 4), c = 2 * (e % (D / 4)), i = n0 + c, y = 16 * Y + a;
       const bool in = seg[y] == seg[r];
       const float2 gr = ld2(G + r * LG + i), gy = ld2(G + y * LG + i);
-      const float f0 = in ? exp_ftz(gr.x - gy.x) : 0.f, f1 = in ? exp_ftz(gr.y - gy.y) : 0.f;
+      const float f0 = in ? ex2g(gr.x - gy.x) : 0.f, f1 = in ? ex2g(gr.y - gy.y) : 0.f;
       const float2 k2 = unpack2<T>(load_u32(sm.tk + y * LD + i));
       store_u32(scr + a * LD + c, pack2<T>(k2.x * f0, k2.y * f1));
     }
@@ -100,13 +124,14 @@ __device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D /
       const int i = n0 + 8 * j + 2 * (lane & 3);
       gx[j] = ld2(G + x * LG + i);
       const float2 gr = ld2(G + r * LG + i);
-      const float f0 = xin ? exp_ftz(gx[j].x - gr.x) : 0.f, f1 = xin ? exp_ftz(gx[j].y - gr.y) : 0.f;
+      const float f0 = xin ? ex2g(gx[j].x - gr.x) : 0.f, f1 = xin ? ex2g(gx[j].y - gr.y) : 0.f;
       aP[j][2 * hf] *= f0;
       aP[j][2 * hf + 1] *= f1;
       aL[j][2 * hf] *= f0;
       aL[j][2 * hf + 1] *= f1;
     }
     // y up to the last row of this half (warp-uniform bounds)
+#pragma unroll 2
     for (int y = r; y < r + 8 * hf + 8; ++y) {
       const float mp = to_f(sm.dP[x * kLdP + y]), ml = to_f(sm.dL[x * kLdP + y]);
 #pragma unroll
@@ -114,8 +139,8 @@ __device__ __forceinline__ void row_sums(float (&aP)[D / 16][4], float (&aL)[D /
         const int i = n0 + 8 * j + 2 * (lane & 3);
         const float2 gy = ld2(G + y * LG + i);
         const float2 ky = unpack2<T>(load_u32(sm.tk + y * LD + i));
-        const float t0 = ky.x * exp_ftz(fminf(gx[j].x - gy.x, 0.f));
-        const float t1 = ky.y * exp_ftz(fminf(gx[j].y - gy.y, 0.f));
+        const float t0 = ky.x * ex2g(fminf(gx[j].x - gy.x, 0.f));
+        const float t1 = ky.y * ex2g(fminf(gx[j].y - gy.y, 0.f));
         aP[j][2 * hf] += mp * t0;
         aP[j][2 * hf + 1] += mp * t1;
         aL[j][2 * hf] += ml * t0;
@@ -144,7 +169,7 @@ __device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSm
       const int a = t / (D / 4), c = 2 * (t % (D / 4)), i = n0 + c, x = 16 * X + a;
       const bool in = seg[x] == seg[e];
       const float2 gx = ld2(G + x * LG + i), ge = ld2(G + e * LG + i);
-      const float f0 = in ? exp_ftz(gx.x - ge.x) : 0.f, f1 = in ? exp_ftz(gx.y - ge.y) : 0.f;
+      const float f0 = in ? ex2g(gx.x - ge.x) : 0.f, f1 = in ? ex2g(gx.y - ge.y) : 0.f;
       const float2 q2 = unpack2<T>(load_u32(qt + x * LD + i)), k2 = unpack2<T>(load_u32(sm.tk + x * LD + i));
       const float b = sm.bt[x];
       store_u32(scq + a * LD + c, pack2<T>(q2.x * f0, q2.y * f1));
@@ -166,10 +191,11 @@ __device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSm
       const int i = n0 + 8 * j + 2 * (lane & 3);
       gy[j] = ld2(G + y * LG + i);
       const float2 ge = ld2(G + e * LG + i);
-      acc[j][2 * hf] *= yin ? exp_ftz(ge.x - gy[j].x) : 0.f;
-      acc[j][2 * hf + 1] *= yin ? exp_ftz(ge.y - gy[j].y) : 0.f;
+      acc[j][2 * hf] *= yin ? ex2g(ge.x - gy[j].x) : 0.f;
+      acc[j][2 * hf + 1] *= yin ? ex2g(ge.y - gy[j].y) : 0.f;
     }
     // x from the first row of this half (warp-uniform bounds)
+#pragma unroll 2
     for (int x = y0 + 8 * hf; x < y0 + 16; ++x) {
       const float mp = to_f(sm.dP[x * kLdP + y]), ml = sm.bt[x] * to_f(sm.dL[x * kLdP + y]);
 #pragma unroll
@@ -177,10 +203,22 @@ __device__ __forceinline__ void col_sums(float (&acc)[D / 16][4], const KdaBwdSm
         const int i = n0 + 8 * j + 2 * (lane & 3);
         const float2 gx = ld2(G + x * LG + i);
         const float2 qx = unpack2<T>(load_u32(qt + x * LD + i)), kx = unpack2<T>(load_u32(sm.tk + x * LD + i));
-        acc[j][2 * hf] += exp_ftz(fminf(gx.x - gy[j].x, 0.f)) * (mp * qx.x + ml * kx.x);
-        acc[j][2 * hf + 1] += exp_ftz(fminf(gx.y - gy[j].y, 0.f)) * (mp * qx.y + ml * kx.y);
+        acc[j][2 * hf] += ex2g(fminf(gx.x - gy[j].x, 0.f)) * (mp * qx.x + ml * kx.x);
+        acc[j][2 * hf + 1] += ex2g(fminf(gx.y - gy[j].y, 0.f)) * (mp * qx.y + ml * kx.y);
       }
     }
+  }
+}
+
+// dbeta's partial sums v[hf] of this lane's rows m0 + lane / 4 + 8 hf, added to its
+// column half's slot of db (one lane a row and slot: no atomics).
+template <typename S>
+__device__ __forceinline__ void db_rows(S& sm, bool nh, const float (&v)[2], int m0, int lane) {
+  float* dst = sm.db + (nh ? CH : 0);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float s = row_sum(v[hf]);
+    if ((lane & 3) == 0) dst[m0 + (lane >> 2) + 8 * hf] += s;
   }
 }
 
@@ -222,8 +260,14 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   float gv[CH];
   if (tid < D) {
     const float* gp = p.g + cp.b * p.gsb + cp.t0 * p.gst + cp.h * p.gsh + tid;
+    const int64_t st = p.gst;
+    if (nvalid == CH) {
 #pragma unroll
-    for (int x = 0; x < CH; ++x) gv[x] = x < nvalid ? gp[x * p.gst] : 0.f;
+      for (int x = 0; x < CH; ++x, gp += st) gv[x] = *gp;
+    } else {
+#pragma unroll
+      for (int x = 0; x < CH; ++x, gp += st) gv[x] = x < nvalid ? *gp : 0.f;
+    }
   }
   if (tid < CH) {
     const int x = tid;
@@ -231,10 +275,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     const bool valid = x < nvalid;
     sm.bt[x] = valid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
     sm.start[x] = valid && p.doc_start != nullptr && p.doc_start[cp.b * p.doc_sb + t] != 0 ? 1.f : 0.f;
-    sm.db[x] = 0.f;
+    sm.db[x] = sm.db[CH + x] = 0.f;
   }
-  for (int i = tid; i < D; i += NTH) sm.dGL[i] = 0.f;
-  for (int e = tid; e < CH * LG; e += NTH) dG[e] = 0.f;
+  for (int i = tid; i < D; i += NTH) sm.glr[i] = 0.f;
+  static_assert(LG % 4 == 0, "whole float4s");
+#pragma unroll
+  for (int e = 4 * tid; e < CH * LG; e += 4 * NTH)  // 16 bytes a store
+    *reinterpret_cast<float4*>(dG + e) = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();
   if (tid < CH) {  // the segment index: document starts up to x, counted from two ballots
     static_assert(CH == 64, "two warps of tokens");
@@ -252,8 +299,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     float acc = 0.f;
 #pragma unroll
     for (int x = 0; x < CH; ++x) {
-      if (x < nvalid && sm.start[x] == 0.f) acc += fmaxf(gv[x], kKdaGateFloor);
-      G[x * LG + i] = acc;
+      // gv is 0 past the part (fmaxf(0, floor) adds 0): a select, no branch
+      acc += sm.start[x] == 0.f ? fmaxf(gv[x], kKdaGateFloor) : 0.f;
+      G[x * LG + i] = acc * kLog2e;  // in log2 units (ex2g)
     }
   }
   cp_async_wait_group1();  // k's group (the first) has landed
@@ -269,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const float2 k2 = unpack2<T>(load_u32(px));
       const bool last = seg[x] == sL;
       const float2 gl = ld2(GL + i), g = ld2(G + x * LG + i);
-      const float d0 = last ? exp_ftz(gl.x - g.x) : 0.f, d1 = last ? exp_ftz(gl.y - g.y) : 0.f;
+      const float d0 = last ? ex2g(gl.x - g.x) : 0.f, d1 = last ? ex2g(gl.y - g.y) : 0.f;
       store_u32(px, pack2<T>(k2.x * d0, k2.y * d1));
     }
   }
@@ -316,15 +364,23 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const float2 gl = ld2(GL + i), g = ld2(G + y * LG + i);
       const float2 kd = unpack2<T>(load_u32(sm.x2 + y * LD + i));
       const float c0 = acc[j][2 * hf], c1 = acc[j][2 * hf + 1];
-      dk[j][2 * hf] = last ? exp_ftz(gl.x - g.x) * c0 : 0.f;
-      dk[j][2 * hf + 1] = last ? exp_ftz(gl.y - g.y) * c1 : 0.f;
+      dk[j][2 * hf] = last ? ex2g(gl.x - g.x) * c0 : 0.f;
+      dk[j][2 * hf + 1] = last ? ex2g(gl.y - g.y) * c1 : 0.f;
       float2* pg = reinterpret_cast<float2*>(dG + y * LG + i);
       const float2 old = *pg;
       *pg = make_float2(old.x - kd.x * c0, old.y - kd.y * c1);
       colp[j][0] += kd.x * c0;
       colp[j][1] += kd.y * c1;
     });
-    add_cols<false>(sm.dGL, colp, n0, lane);
+    {  // this sub-chunk's slot: each column written by one lane
+#pragma unroll
+      for (int j = 0; j < NH; ++j)
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const float s = col_sum(colp[j][par]);
+          if (lane < 4) sm.gl4[mw * D + n0 + 8 * j + 2 * lane + par] = s;
+        }
+    }
   }
   if (rowdot) {  // dG_last += e^{G_last} . rowdot(X, S0) (S0 from the batch above)
 #pragma unroll
@@ -339,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (lane == 0) atomicAdd(sm.dGL + i, exp_ftz(GL[i]) * part);
+      if (lane == 0) sm.glr[i] = ex2g(GL[i]) * part;  // row i is this warp's only
     }
   }
   __syncthreads();  // dU is whole; every warp is past X and kd: h takes X's tile
@@ -372,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       }
       store_u32(sm.x2 + y * LD + col, pack2<T>(b0, b1));
     });
-    add_rows(sm.db, dbv, m0, lane);
+    db_rows(sm, wp.n0 != 0, dbv, m0, lane);
   }
   __syncthreads();  // every warp is past dU and T: dO and k take their tiles
   load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
@@ -398,8 +454,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const int i = n0 + c;
       const bool first = seg[x] == 0.f;
       const float2 g = ld2(G + x * LG + i);
-      const float z0 = first ? exp_ftz(g.x) * acc[j][2 * hf] : 0.f;
-      const float z1 = first ? exp_ftz(g.y) * acc[j][2 * hf + 1] : 0.f;
+      const float z0 = first ? ex2g(g.x) * acc[j][2 * hf] : 0.f;
+      const float z1 = first ? ex2g(g.y) * acc[j][2 * hf + 1] : 0.f;
       const float2 kx = unpack2<T>(load_u32(sm.tk + x * LD + i));
       const float b = sm.bt[x];
       dk[j][2 * hf] -= b * z0;
@@ -409,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       *pg = make_float2(old.x - b * kx.x * z0, old.y - b * kx.y * z1);
       kz[hf] -= kx.x * z0 + kx.y * z1;
     });
-    add_rows(sm.db, kz, m0, lane);
+    db_rows(sm, wp.n0 != 0, kz, m0, lane);
   }
   // dq's first term scale ent . (dO S0^T), in registers until the row sums (dG's q term,
   // q . (it + the row sum), in the row sums' epilogue)
@@ -420,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     const int i = n0 + c;
     const bool first = x < nvalid && seg[x] == 0.f;
     const float2 g = ld2(G + x * LG + i);
-    const float d0 = first ? p.scale * exp_ftz(g.x) * dq[j][2 * hf] : 0.f;
-    const float d1 = first ? p.scale * exp_ftz(g.y) * dq[j][2 * hf + 1] : 0.f;
+    const float d0 = first ? p.scale * ex2g(g.x) * dq[j][2 * hf] : 0.f;
+    const float d1 = first ? p.scale * ex2g(g.y) * dq[j][2 * hf + 1] : 0.f;
     dq[j][2 * hf] = d0;
     dq[j][2 * hf + 1] = d1;
   });
@@ -486,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
       const float2 old = *pg;
       *pg = make_float2(old.x + dgv.x, old.y + dgv.y);
     });
-    add_rows(sm.db, kr, m0, lane);
+    db_rows(sm, wp.n0 != 0, kr, m0, lane);
   }
   __syncwarp();  // the row sums' scratch reads are done before the column sums write it
   {  // dk += sum_x e^{G_x - G_y} . (dP_xy q_x + beta_x dL_xy k_x); dG -= k . (the sum)
@@ -507,16 +563,18 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   // dg: dG summed backwards inside each segment (0 at a segment's first token, whose gate
   // G does not contain), a thread a key dim; dbeta
   for (int i = tid; i < D; i += NTH) {
+    const float gl = sm.glr[i] + ((sm.gl4[i] + sm.gl4[D + i]) + (sm.gl4[2 * D + i] + sm.gl4[3 * D + i]));
     float run = 0.f;
     for (int x = CH - 1; x >= 0; --x) {
       if (x < CH - 1 && seg[x + 1] != seg[x]) run = 0.f;
-      run += dG[x * LG + i] + (x == CH - 1 ? sm.dGL[i] : 0.f);
+      run += dG[x * LG + i] + (x == CH - 1 ? gl : 0.f);
       const bool first = x == 0 ? seg[0] != 0.f : seg[x] != seg[x - 1];
       if (x < nvalid && a.dg != nullptr)
         a.dg[((cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h) * D + i] = first ? 0.f : run;
     }
   }
-  if (tid < nvalid && a.dbeta != nullptr) a.dbeta[(cp.b * p.seqlen + cp.t0 + tid) * p.heads + cp.h] = sm.db[tid];
+  if (tid < nvalid && a.dbeta != nullptr)
+    a.dbeta[(cp.b * p.seqlen + cp.t0 + tid) * p.heads + cp.h] = sm.db[tid] + sm.db[CH + tid];
 }
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
