@@ -12,9 +12,9 @@
 //     1,136, 977 -> 940 us at 64K tokens on an H200). The score tile's blocks are
 //     spread over the four schedulers (tc_scores' Spread) and warps 6 and 7, which
 //     then have none, compute the entry/exit weights.
-// Every output element is computed with the same operations in the same order in
-// both layouts (the same bits). Below, "rows [16r, +16)" means the warp's 16 RM rows.
-// Per chunk:
+// Every output element is computed with the same operations in the same order as by
+// the 16-row warps it replaced (the same bits; compared on an H200 before their
+// removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:
 //   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit),
 //      the weights W computed once for both; every warp writes its part of dS
 //      (16-bit) to shared memory; entry/exit weights.
