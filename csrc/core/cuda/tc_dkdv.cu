@@ -1,10 +1,20 @@
 // Tensor-core dk/dv/dg pass (bf16/fp16 inputs, fp32 accumulation): one block per
-// (b, h, segment) of NW = D/8 warps (16 at D = 128), walking the segment's chunks
-// in REVERSE with the state gradient dS (dk x dv, fp32; the gradient of the state
-// leaving the chunk) in mma accumulators. Warp w = (r, hc), r = w % (D/16),
-// hc = w / (D/16), owns dS rows [16r, +16) (dk dims) x columns [hc D/2, +D/2)
-// (dv dims): half a row block per thread, twice the warps of a "one warp per row
-// block" layout (the pass is latency-bound). Per chunk:
+// (b, h, segment) of NW = D/(8 RM) warps, walking the segment's chunks in REVERSE
+// with the state gradient dS (dk x dv, fp32; the gradient of the state leaving the
+// chunk) in mma accumulators. Warp w = (r, hc), r = w % (D/(16 RM)),
+// hc = w / (D/(16 RM)), owns dS rows [16 RM r, +16 RM) (dk dims) x columns
+// [hc D/2, +D/2) (dv dims). RM = m16 row tiles per warp:
+//   RM = 1 at D = 64 (8 warps): 16 rows per warp;
+//   RM = 2 at D = 128 (8 warps, 256 threads, up to 255 registers): each B fragment
+//     read from shared memory (the v, k, dO tiles, P1, P2) feeds two m16 tiles, so
+//     the row groups read them half as often as 16 warps of 16 rows (sessions 4-11,
+//     512 threads; docs/kernels.md, session 12: ldmatrix per chunk and SM 1,664 ->
+//     1,136, 977 -> 940 us at 64K tokens on an H200). The score tile's blocks are
+//     spread over the four schedulers (tc_scores' Spread) and warps 6 and 7, which
+//     then have none, compute the entry/exit weights.
+// Every output element is computed with the same operations in the same order as by
+// the 16-row warps it replaced (the same bits; compared on an H200 before their
+// removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:
 //   A. P1 = scale W o (q k^T), P2 = scale W o (dO v^T) -> shared memory (16-bit),
 //      the weights W computed once for both; every warp writes its part of dS
 //      (16-bit) to shared memory; entry/exit weights.
@@ -36,12 +46,13 @@ struct DkdvLayout {
   static constexpr int NW = D / 8;  // warps
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
+template <typename T, int D, int RM>
+__global__ void __launch_bounds__(32 * (D / 8) / RM, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
   using L = DkdvLayout<D>;
-  constexpr int NW = L::NW;
-  constexpr int NR = D / 16;  // row blocks
-  constexpr int HC = D / 2;   // dS columns per warp
+  constexpr bool Spread = RM == 2;  // see the head comment
+  constexpr int NW = L::NW / RM;
+  constexpr int NR = D / 16 / RM;  // row groups of RM m16 tiles
+  constexpr int HC = D / 2;        // dS columns per warp
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -66,20 +77,23 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
   const int dk = args.dk, dv = args.dv;
   const bool has_dg = args.dg != nullptr;
 
-  // Gradient of the state leaving the segment, [dk][dv]: rows [16r, +16) x
-  // columns [hc D/2, +D/2).
-  float Ds[HC / 8][4];
+  // Gradient of the state leaving the segment, [dk][dv]: rows [16 RM r, +16 RM)
+  // (m16 tile m: row block RM r + m) x columns [hc D/2, +D/2).
+  float Ds[RM][HC / 8][4];
   {
     const float* E = args.dstate != nullptr
                          ? args.dstate + bh * args.dstate_bh + seg * args.dstate_seg
                          : nullptr;
 #pragma unroll
-    for (int j = 0; j < HC / 8; ++j) {
+    for (int m = 0; m < RM; ++m) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + (lane >> 2) + 8 * (e >> 1);
-        const int jj = hc * HC + 8 * j + 2 * (lane & 3) + (e & 1);
-        Ds[j][e] = (E != nullptr && i < dk && jj < dv) ? E[i * dv + jj] : 0.f;
+      for (int j = 0; j < HC / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 16 * (RM * r + m) + (lane >> 2) + 8 * (e >> 1);
+          const int jj = hc * HC + 8 * j + 2 * (lane & 3) + (e & 1);
+          Ds[m][j][e] = (E != nullptr && i < dk && jj < dv) ? E[i * dv + jj] : 0.f;
+        }
       }
     }
   }
@@ -111,8 +125,11 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
   };
 
   float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;
-  const bool krows = 16 * r < dk;
-  const bool vrows = 16 * r < dv;
+  // The warp has a row below dk (dv); its other m16 tiles (RM = 2, dims < D) compute
+  // zeros: the rows of dS and of the q, k, v, dO tiles past the dims are zero, and
+  // their stores are masked.
+  const bool krows = 16 * RM * r < dk;
+  const bool vrows = 16 * RM * r < dv;
   // This warp's two 16-token output blocks: {hc, 3 - hc} (equal causal work).
   const int tb[2] = {hc, 3 - hc};
   // warp 0: the chunk whose dg is still to be written (its q.dq per lane, tokens)
@@ -162,16 +179,17 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
     const bool full = nvalid == kChunk && dk == D && dv == D;  // block-uniform
 
     // ---- A -----------------------------------------------------------------------
-    if (tid < 64) {
-      const float G = ms[2 * tid], s = ms[2 * tid + 1];
-      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
-      extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
+    const int wt = Spread ? tid - (NTHREADS - 64) : tid;  // the weights' threads
+    if (wt >= 0 && wt < 64) {
+      const float G = ms[2 * wt], s = ms[2 * wt + 1];
+      entw[wt] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      extw[wt] = s == sl ? __expf(Gl - G) : 0.f;
     }
     {
       const T* const as[2] = {Qs, Os};
       const T* const bs[2] = {Ks, Vs};
       T* const ps[2] = {P1s, P2s};
-      tc_scores<T, D, NW, 2>(as, bs, ms, args.scale, ps, warp, lane);
+      tc_scores<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
     }
     if (has_dg && warp == 0) {  // this chunk's q.dq, before its stage is refilled
 #pragma unroll
@@ -185,50 +203,65 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
     }
     {  // every warp writes its part (zeros past dk): the products may read all D rows
 #pragma unroll
-      for (int j = 0; j < HC / 8; ++j) {
+      for (int m = 0; m < RM; ++m) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = 16 * r + (lane >> 2) + 8 * hf;
-          const int jj = hc * HC + 8 * j + 2 * (lane & 3);
-          *reinterpret_cast<uint32_t*>(Dsm + i * LD + jj) =
-              pack2<T>(Ds[j][2 * hf], Ds[j][2 * hf + 1]);
+        for (int j = 0; j < HC / 8; ++j) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * (RM * r + m) + (lane >> 2) + 8 * hf;
+            const int jj = hc * HC + 8 * j + 2 * (lane & 3);
+            *reinterpret_cast<uint32_t*>(Dsm + i * LD + jj) =
+                pack2<T>(Ds[m][j][2 * hf], Ds[m][j][2 * hf + 1]);
+          }
         }
       }
     }
     __syncthreads();
 
     // ---- C -----------------------------------------------------------------------
-    uint32_t qf[4][4];
+    uint32_t qf[RM][4][4];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) ldsm_x4_t(qf[kk], Qs + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
+    for (int m = 0; m < RM; ++m)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        ldsm_x4_t(qf[m][kk], Qs + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
     if (krows) {
       // dk^T rows [16r, +16), token blocks tb: dS v^T (exit-weighted) + q^T P2
-      float acc[4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
+      float acc[RM][4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < RM; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldsm_x4(a, Dsm + frag_a_rowmajor(lane, 16 * r, 16 * kk, LD));
+        uint32_t a[RM][4];
+#pragma unroll
+        for (int m = 0; m < RM; ++m)
+          ldsm_x4(a[m], Dsm + frag_a_rowmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
         uint32_t bb[2][4];
 #pragma unroll
         for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Vs + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          mma16816<T>(acc[2 * i], a, bb[i][0], bb[i][1]);
-          mma16816<T>(acc[2 * i + 1], a, bb[i][2], bb[i][3]);
-        }
+        for (int m = 0; m < RM; ++m)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            mma16816<T>(acc[m][2 * i], a[m], bb[i][0], bb[i][1]);
+            mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
+          }
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
         const float e0 = extw[y], e1 = extw[y + 1];
-        acc[j][0] *= e0;
-        acc[j][1] *= e1;
-        acc[j][2] *= e0;
-        acc[j][3] *= e1;
+#pragma unroll
+        for (int m = 0; m < RM; ++m) {
+          acc[m][j][0] *= e0;
+          acc[m][j][1] *= e1;
+          acc[m][j][2] *= e0;
+          acc[m][j][3] *= e1;
+        }
       }
       // key block tb gets the queries of blocks >= tb
 #pragma unroll
@@ -238,121 +271,153 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
           if (tb[i] <= kk) {
             uint32_t bb[4];
             ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
-            mma16816<T>(acc[2 * i], qf[kk], bb[0], bb[1]);
-            mma16816<T>(acc[2 * i + 1], qf[kk], bb[2], bb[3]);
+#pragma unroll
+            for (int m = 0; m < RM; ++m) {
+              mma16816<T>(acc[m][2 * i], qf[m][kk], bb[0], bb[1]);
+              mma16816<T>(acc[m][2 * i + 1], qf[m][kk], bb[2], bb[3]);
+            }
           }
         }
       }
       // k . dk partials and the dk store. k at this thread's accumulator positions
       // (dims d, tokens y and y + 1) is a 32-bit pair of an A fragment of k^T: one
       // ldmatrix.trans per 16 tokens instead of 16 16-bit loads.
-      uint32_t kf[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int jt = 2 * tb[j >> 1] + (j & 1);  // n8 tile of the chunk's 64 tokens
-        if ((j & 1) == 0) ldsm_x4_t(kf, Ks + frag_a_colmajor(lane, 16 * r, 16 * tb[j >> 1], LD));
-        float part0 = 0.f, part1 = 0.f;
+      for (int m = 0; m < RM; ++m) {
+        const int rb = RM * r + m;  // row block
+        uint32_t kf[4];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float2 kv = unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
-          part0 += acc[j][2 * hf] * kv.x;
-          part1 += acc[j][2 * hf + 1] * kv.y;
-          const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-          const int yt = 8 * jt + (lane >> 2);
-          const int dt = 16 * r + 8 * hf + 2 * (lane & 3);
-          if (full || (yt < nvalid && dt < dk))
-            *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
-        }
-        if (has_dg) {
+        for (int j = 0; j < 4; ++j) {
+          const int jt = 2 * tb[j >> 1] + (j & 1);  // n8 tile of the chunk's 64 tokens
+          if ((j & 1) == 0) ldsm_x4_t(kf, Ks + frag_a_colmajor(lane, 16 * rb, 16 * tb[j >> 1], LD));
+          float part0 = 0.f, part1 = 0.f;
 #pragma unroll
-          for (int o = 4; o < 32; o <<= 1) {
-            part0 += __shfl_xor_sync(0xffffffffu, part0, o);
-            part1 += __shfl_xor_sync(0xffffffffu, part1, o);
+          for (int hf = 0; hf < 2; ++hf) {
+            const float2 kv = unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
+            part0 += acc[m][j][2 * hf] * kv.x;
+            part1 += acc[m][j][2 * hf + 1] * kv.y;
+            const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
+            const int yt = 8 * jt + (lane >> 2);
+            const int dt = 16 * rb + 8 * hf + 2 * (lane & 3);
+            if (full || (yt < nvalid && dt < dk))
+              *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
           }
-          if (lane < 4) {
-            red[r * 64 + 8 * jt + 2 * lane] = part0;
-            red[r * 64 + 8 * jt + 2 * lane + 1] = part1;
+          if (has_dg) {
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+              part0 += __shfl_xor_sync(0xffffffffu, part0, o);
+              part1 += __shfl_xor_sync(0xffffffffu, part1, o);
+            }
+            if (lane < 4) {
+              red[rb * 64 + 8 * jt + 2 * lane] = part0;
+              red[rb * 64 + 8 * jt + 2 * lane + 1] = part1;
+            }
           }
         }
       }
     }
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
-      float acc[4][4];
+      float acc[RM][4][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < RM; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldsm_x4_t(a, Dsm + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
+        uint32_t a[RM][4];
+#pragma unroll
+        for (int m = 0; m < RM; ++m)
+          ldsm_x4_t(a[m], Dsm + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
         uint32_t bb[2][4];
 #pragma unroll
         for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Ks + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          mma16816<T>(acc[2 * i], a, bb[i][0], bb[i][1]);
-          mma16816<T>(acc[2 * i + 1], a, bb[i][2], bb[i][3]);
-        }
+        for (int m = 0; m < RM; ++m)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            mma16816<T>(acc[m][2 * i], a[m], bb[i][0], bb[i][1]);
+            mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
+          }
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
         const float e0 = extw[y], e1 = extw[y + 1];
-        acc[j][0] *= e0;
-        acc[j][1] *= e1;
-        acc[j][2] *= e0;
-        acc[j][3] *= e1;
+#pragma unroll
+        for (int m = 0; m < RM; ++m) {
+          acc[m][j][0] *= e0;
+          acc[m][j][1] *= e1;
+          acc[m][j][2] *= e0;
+          acc[m][j][3] *= e1;
+        }
       }
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[4];
-        ldsm_x4_t(a, Os + frag_a_colmajor(lane, 16 * r, 16 * kk, LD));
+        uint32_t a[RM][4];
+#pragma unroll
+        for (int m = 0; m < RM; ++m)
+          ldsm_x4_t(a[m], Os + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           if (tb[i] <= kk) {
             uint32_t bb[4];
             ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
-            mma16816<T>(acc[2 * i], a, bb[0], bb[1]);
-            mma16816<T>(acc[2 * i + 1], a, bb[2], bb[3]);
+#pragma unroll
+            for (int m = 0; m < RM; ++m) {
+              mma16816<T>(acc[m][2 * i], a[m], bb[0], bb[1]);
+              mma16816<T>(acc[m][2 * i + 1], a[m], bb[2], bb[3]);
+            }
           }
         }
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int jt = 2 * tb[j >> 1] + (j & 1);
+      for (int m = 0; m < RM; ++m) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const uint32_t tr = movm_trans(pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-          const int yt = 8 * jt + (lane >> 2);
-          const int dt = 16 * r + 8 * hf + 2 * (lane & 3);
-          if (full || (yt < nvalid && dt < dv))
-            *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
+        for (int j = 0; j < 4; ++j) {
+          const int jt = 2 * tb[j >> 1] + (j & 1);
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
+            const int yt = 8 * jt + (lane >> 2);
+            const int dt = 16 * (RM * r + m) + 8 * hf + 2 * (lane & 3);
+            if (full || (yt < nvalid && dt < dv))
+              *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
+          }
         }
       }
     }
     if (krows) {
       // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
 #pragma unroll
-      for (int j = 0; j < HC / 8; ++j)
+      for (int m = 0; m < RM; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) Ds[j][e] *= through;
+        for (int j = 0; j < HC / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) Ds[m][j][e] *= through;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const int x = 16 * kk + 2 * (lane & 3);
         const float w0 = entw[x], w1 = entw[x + 1], w2 = entw[x + 8], w3 = entw[x + 9];
-        uint32_t a[4];
-        a[0] = scale2<T>(qf[kk][0], w0, w1);
-        a[1] = scale2<T>(qf[kk][1], w0, w1);
-        a[2] = scale2<T>(qf[kk][2], w2, w3);
-        a[3] = scale2<T>(qf[kk][3], w2, w3);
+        uint32_t a[RM][4];
+#pragma unroll
+        for (int m = 0; m < RM; ++m) {
+          a[m][0] = scale2<T>(qf[m][kk][0], w0, w1);
+          a[m][1] = scale2<T>(qf[m][kk][1], w0, w1);
+          a[m][2] = scale2<T>(qf[m][kk][2], w2, w3);
+          a[m][3] = scale2<T>(qf[m][kk][3], w2, w3);
+        }
 #pragma unroll
         for (int np = 0; np < HC / 16; ++np) {
           uint32_t bb[4];
           ldsm_x4_t(bb, Os + frag_b_kn(lane, 16 * kk, hc * HC + 16 * np, LD));
-          mma16816<T>(Ds[2 * np], a, bb[0], bb[1]);
-          mma16816<T>(Ds[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+          for (int m = 0; m < RM; ++m) {
+            mma16816<T>(Ds[m][2 * np], a[m], bb[0], bb[1]);
+            mma16816<T>(Ds[m][2 * np + 1], a[m], bb[2], bb[3]);
+          }
         }
       }
     }
@@ -365,12 +430,12 @@ __global__ void __launch_bounds__(32 * (D / 8), D == 128 ? 1 : 2) tc_dkdv_kernel
   if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-template <typename T, int D>
+template <typename T, int D, int RM>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
-  auto k = tc_dkdv_kernel<T, D>;
+  auto k = tc_dkdv_kernel<T, D, RM>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW / RM, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
 }
 
@@ -380,11 +445,11 @@ int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<1
 
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s) {
   if (e == Elem::kBF16) {
-    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64>(a, s);
-    else launch_dkdv_t<__nv_bfloat16, 128>(a, s);
+    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64, 1>(a, s);
+    else launch_dkdv_t<__nv_bfloat16, 128, 2>(a, s);
   } else {
-    if (D == 64) launch_dkdv_t<__half, 64>(a, s);
-    else launch_dkdv_t<__half, 128>(a, s);
+    if (D == 64) launch_dkdv_t<__half, 64, 1>(a, s);
+    else launch_dkdv_t<__half, 128, 2>(a, s);
   }
 }
 

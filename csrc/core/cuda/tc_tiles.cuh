@@ -65,14 +65,20 @@ __device__ __forceinline__ float exp_ftz(float x) {
 // columns; 16 x 16 key blocks above the diagonal are skipped and left unwritten (no
 // consumer reads them). With N = 2 (the dk/dv pass: P1 from q, k and P2 from dO, v)
 // the weights are computed once for both products and the two MMA chains interleave.
-template <typename T, int D, int NW, int N = 1>
+// Spread (NW = 8 only): warps 4-7 take the query rows of row block 3 - (w % 4) instead
+// of w % 4. Warp w issues from scheduler w % 4; with row block w % 4 the 10 causal
+// 16 x 16 blocks fall 1, 2, 3, 4 on the four schedulers (warps 4 and 5 have none, 7
+// has two), spread they fall 3, 3, 2, 2 and warps 6 and 7 have none. Each element is
+// computed the same way (the same bits).
+template <typename T, int D, int NW, int N = 1, bool Spread = false>
 __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* const (&Bs)[N],
                                           const float* ms, float scale, T* const (&Ps)[N],
                                           int warp, int lane) {
   static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
+  static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = warp & 3;
+  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
   const int nt0 = (warp >> 2) * NPW;
   if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
   float acc[N][NPW][4];

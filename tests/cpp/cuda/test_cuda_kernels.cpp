@@ -545,6 +545,86 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
   run_saved_states_case(c);
 }
 
+// ---- the dk/dv kernel's 32-row warps at tile D = 128 (tc_dkdv.cu RM = 2) ----------------
+// Edge cases of its row tiles against the CPU backend in float64, run twice (bitwise
+// reproducible): the tile's full width and forced 2-chunk segments with documents, a
+// partial last chunk, dims below the tile (dk = 72: a warp whose second m16 tile lies
+// past dk; dv = 40 and 64: warps with no dv row), fixed and no decay, fp16, the backend's
+// own segments at T = 4109 and a [T, B, H, D] view with padded heads. q.dq is random (the
+// pass only reads it). On an H200 (session 12) these cases also gave dk, dv and dg equal
+// bit for bit to the 16-row-warp kernel of sessions 4-11, which was then removed.
+void run_dkdv_rows_case(const OpCase& c) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const Problem<double> pr = make_problem(c, 3000 + static_cast<uint32_t>(c.T));
+  const AttentionParams pc = pr.params();
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
+  const std::vector<double> d0 = random_vec(bh * se, 31, 0.5), off = random_vec(bh, 32, 1.0),
+                            qdq = random_vec(scalars, 33, 1.0);
+  const std::vector<float> D0(d0.begin(), d0.end()), dgoff(off.begin(), off.end()),
+      qdqf(qdq.begin(), qdq.end());
+  DevBuf<float> D0d = to_device_f32(D0), dgoffd = to_device_f32(dgoff), qdqd = to_device_f32(qdqf);
+
+  std::vector<double> want_dk = pr.zeros_like_k(), want_dv = pr.zeros_like_v(), want_dg(scalars, 0.0);
+  cpu_backend().chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), pr.strides(c.dk)},
+                                    {want_dv.data(), pr.strides(c.dv)}, qdq.data(), dgoff.data(),
+                                    want_dg.data(), nullptr);
+  struct Out {
+    DevTensor dk, dv;
+    DevBuf<float> dg;
+  };
+  auto run = [&]() {
+    Out o{dp.like_k(), dp.like_v(), DevBuf<float>(scalars)};
+    o.dg.poison();
+    cuda_backend().chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, o.dk.mview(), o.dv.mview(), qdqd.p,
+                                       dgoffd.p, o.dg.p, nullptr);
+    return o;
+  };
+  const Out a = run(), b = run();
+  EXPECT_EQ(b.dk.buf.download(), a.dk.buf.download()) << "dk not reproducible";
+  EXPECT_EQ(b.dv.buf.download(), a.dv.buf.download()) << "dv not reproducible";
+  EXPECT_EQ(float_bits(b.dg.download()), float_bits(a.dg.download())) << "dg not reproducible";
+  const double tol = tol_of(c.dtype);
+  expect_rows(c, "dk_rows32", a.dk, want_dk, tol);
+  expect_rows(c, "dv_rows32", a.dv, want_dv, tol);
+  expect_scalars(c, "dg_rows32", a.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+}
+
+TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const std::vector<int64_t> docs = {101, 293, 294, 600, 999};
+  auto make = [&](const char* name, ScalarType t, DecayMode m, int64_t dk, int64_t dv) {
+    OpCase c;  // part [37, 1000): the last chunk partial; 2-chunk segments
+    c.name = name;
+    c.dtype = t;
+    c.mode = m;
+    c.dk = dk;
+    c.dv = dv;
+    c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
+    return c;
+  };
+  std::vector<OpCase> cases = {make("r32_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
+                               make("r32_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128),
+                               make("r32_bf16_none_dk72_dv40", ScalarType::kBFloat16, DecayMode::kNone, 72, 40),
+                               make("r32_fp16_gate_dk128_dv64", ScalarType::kFloat16, DecayMode::kGate, 128, 64),
+                               make("r32_bf16_gate_dk96_dv128", ScalarType::kBFloat16, DecayMode::kGate, 96, 128)};
+  OpCase c = make("r32_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  c.T = 4109;
+  c.begin = 0;
+  c.end = 4109;
+  c.docs = {64, 1000, 4096};
+  c.seg_chunks = 0;
+  cases.push_back(c);
+  c = make("r32_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  c.layout = {true, 8};
+  c.seg_chunks = 3;
+  cases.push_back(c);
+  for (const OpCase& x : cases) run_dkdv_rows_case(x);
+}
+
 // ---- errors -----------------------------------------------------------------------------
 TEST(CudaErrors, RejectsUnsupportedInputs) {
   LASP2_SKIP_WITHOUT_CUDA();
