@@ -1639,12 +1639,13 @@ TEST(DeltaCudaChunkBackward, LeanEqualsCalc) {
 }
 
 // The once chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=once: dB kept in shared memory and
-// dk's first terms in registers instead of the hand-over through dq's and dk's rows)
-// against the lean kernel: the same products in the same order with dk's first terms
-// rounded to 16 bits as the hand-over rounds them, so dq, dk and dv must be equal bit for
-// bit; dg and dbeta up to the order of their shared-memory atomics and one fp32 rounding
-// (the gate terms of P o (dO U^T) multiply in another order). The cases of LeanEqualsCalc,
-// fp16 too, and a part of one partial chunk.
+// dk's first terms in registers instead of the hand-over through dq's and dk's rows) and
+// its early form (=early: h loaded as soon as dU is formed) against the lean kernel: the
+// same products in the same order with dk's first terms rounded to 16 bits as the
+// hand-over rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to
+// the order of their shared-memory atomics and one fp32 rounding (the gate terms of
+// P o (dO U^T) multiply in another order). The cases of LeanEqualsCalc, fp16 too, and a
+// part of one partial chunk.
 TEST(DeltaCudaChunkBackward, OnceEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1683,18 +1684,22 @@ TEST(DeltaCudaChunkBackward, OnceEqualsLean) {
       g.download(r);
       return r;
     };
-    const Grads lean = run("lean"), once = run("once");
-    EXPECT_EQ(max_abs_diff(once.dq, lean.dq), 0.0) << "dq";
-    EXPECT_EQ(max_abs_diff(once.dk, lean.dk), 0.0) << "dk";
-    EXPECT_EQ(max_abs_diff(once.dv, lean.dv), 0.0) << "dv";
-    EXPECT_LT(rel_err_f32(once.dg, lean.dg), 1e-5) << "dg";
-    EXPECT_LT(rel_err_f32(once.db, lean.db), 1e-5) << "dbeta";
-    EXPECT_LT(rel_err_f32(once.dE, lean.dE), 1e-6) << "d_entering";
-    for (const auto* x : {&once.dq, &once.dk, &once.dv}) {
-      int64_t nonzero = 0;
-      for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
-      EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
-          << "written";
+    const Grads lean = run("lean");
+    for (const char* kernel : {"once", "early"}) {
+      SCOPED_TRACE(kernel);
+      const Grads once = run(kernel);
+      EXPECT_EQ(max_abs_diff(once.dq, lean.dq), 0.0) << "dq";
+      EXPECT_EQ(max_abs_diff(once.dk, lean.dk), 0.0) << "dk";
+      EXPECT_EQ(max_abs_diff(once.dv, lean.dv), 0.0) << "dv";
+      EXPECT_LT(rel_err_f32(once.dg, lean.dg), 1e-5) << "dg";
+      EXPECT_LT(rel_err_f32(once.db, lean.db), 1e-5) << "dbeta";
+      EXPECT_LT(rel_err_f32(once.dE, lean.dE), 1e-6) << "d_entering";
+      for (const auto* x : {&once.dq, &once.dk, &once.dv}) {
+        int64_t nonzero = 0;
+        for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
+        EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
+            << "written";
+      }
     }
   }
 }

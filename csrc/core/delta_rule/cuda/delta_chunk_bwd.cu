@@ -74,7 +74,11 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // in its tile (its fp32 values stay in registers for the gate terms), then q comes in
 // over U for P = scale Gam o Q K^T. Keys phase order: Z (dB S0^T, while q lands), the
 // rest of dk, P's gate terms, dq.
-constexpr int kCalc = 0, kLeanMode = 1, kOnceMode = 2;
+// The early kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=early) is the once kernel with dk's
+// term diag(d) U dh^T formed next to dU (its fp32 fragments then held in registers
+// through dB and dA), so that h can take dh's tile as soon as dU is formed and lands
+// behind dB, dA and dP instead of behind dP alone. Same products in the same order.
+constexpr int kCalc = 0, kLeanMode = 1, kOnceMode = 2, kEarlyMode = 3;
 
 template <bool kLean>
 __device__ __forceinline__ float bwd_exp(float x) {
@@ -88,7 +92,8 @@ __device__ __forceinline__ float bwd_exp(float x) {
 template <typename T, int D, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr bool kLean = kMode != kCalc;  // the once kernel keeps the lean one's instructions
-  constexpr bool kOnce = kMode == kOnceMode;
+  constexpr bool kEarly = kMode == kEarlyMode;
+  constexpr bool kOnce = kMode == kOnceMode || kEarly;
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -190,8 +195,30 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       }
     }
   }
+  // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
+  [[maybe_unused]] float ud[NH][4];
+  if constexpr (kEarly) {
+    zero(ud);
+    mma_acc<T, NH, false, true>(ud, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      const float d = sof(x) == sL ? bwd_exp<true>(GL - Gof(x)) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        ud[j][2 * hf] *= d;
+        ud[j][2 * hf + 1] *= d;
+      }
+    }
+  }
   cp_async_wait_all();
   __syncthreads();
+  if constexpr (kEarly) {  // every warp has read dh: h takes its tile
+    const T* st = static_cast<const T*>(a.states) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+    cp_async_commit();
+  }
   {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB out through dq's rows
     float acc[NH][4];
     zero(acc);
@@ -295,16 +322,23 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     T* dkat[2];
     out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
     float acc[NH][4];
-    zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    if constexpr (kEarly) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
+      for (int j = 0; j < NH; ++j)
 #pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        acc[j][2 * hf] *= d;
-        acc[j][2 * hf + 1] *= d;
+        for (int e = 0; e < 4; ++e) acc[j][e] = ud[j][e];
+    } else {
+      zero(acc);
+      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; ++j) {
+          acc[j][2 * hf] *= d;
+          acc[j][2 * hf + 1] *= d;
+        }
       }
     }
     mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
@@ -321,14 +355,15 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         }
       }
   }
-  if constexpr (kOnce) cp_async_wait_all();  // dO: this thread's copies (the barrier shows all of them)
+  // once: dO (early: and h), this thread's copies (the barrier shows all of them)
+  if constexpr (kOnce) cp_async_wait_all();
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
-  {
+  if constexpr (!kEarly) {
     const T* st = static_cast<const T*>(a.states) + at;
 #pragma unroll
     for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+    cp_async_commit();
   }
-  cp_async_commit();
 
   // ---- keys phase
   if constexpr (kOnce) {
@@ -359,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           store_u32(sm.tt + x * kLdP + y0, pack2<T>(pe[j][2 * hf], pe[j][2 * hf + 1]));
         }
     }
-    cp_async_wait_all();  // h
+    cp_async_wait_all();  // h (early: already in)
     __syncthreads();      // every warp has read U and written dP; h is in: q takes U's tile
     load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
     cp_async_commit();
@@ -628,14 +663,15 @@ int chunk_backward_smem_bytes(int d) {
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
 // the tests and the timing A/B can switch it): lean (the default), once (dq and dk
-// written once) or calc (the earliest).
+// written once), early (once with h loaded early) or calc (the earliest).
 int chunk_backward_mode() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return kLeanMode;
   if (std::strcmp(env, "once") == 0) return kOnceMode;
+  if (std::strcmp(env, "early") == 0) return kEarlyMode;
   if (std::strcmp(env, "calc") == 0) return kCalc;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean, once or "
-                   "calc, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean, once, "
+                   "early or calc, not ") +
        env);
 }
 
@@ -646,7 +682,8 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = mode == kOnceMode   ? chunk_bwd_kernel<T, D, kOnceMode>
+    auto kernel = mode == kEarlyMode  ? chunk_bwd_kernel<T, D, kEarlyMode>
+                  : mode == kOnceMode ? chunk_bwd_kernel<T, D, kOnceMode>
                   : mode == kLeanMode ? chunk_bwd_kernel<T, D, kLeanMode>
                                       : chunk_bwd_kernel<T, D, kCalc>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
