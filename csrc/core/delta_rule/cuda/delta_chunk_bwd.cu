@@ -377,7 +377,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       mma_acc<T, 4, false, true>(ee, sm.vq, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
       float2 mx[2];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
+      for (int hf = 0; hf < 2; ++hf)
+        mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -439,7 +440,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
-        if (m0 + (lane >> 2) + 8 * hf < cp.nvalid) store_u32(dkat[hf] + 8 * j, pack2<T>(dk[j][2 * hf], dk[j][2 * hf + 1]));
+        if (m0 + (lane >> 2) + 8 * hf < cp.nvalid)
+          store_u32(dkat[hf] + 8 * j, pack2<T>(dk[j][2 * hf], dk[j][2 * hf + 1]));
     {  // P = scale Gam o Q K^T (registers only); M = P o (dO U^T) = (Q K^T) o pe:
        // dG_x += sum_y M_xy, dG_y -= sum_x M_xy
       float sq[4][4];
