@@ -1232,6 +1232,35 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
       line += buf;
     }
     std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
+    // The chunk backward's variants side by side (LASP2_DELTA_TIMING_BWD_KERNELS, e.g.
+    // "lean once lean once": LASP2_DELTA_CHUNK_BWD_KERNEL set to each in turn): the chunk
+    // backward launch alone (the median of 5 after a warm-up) and the one-device backward
+    // with the forward kept (forward_keeping, then backward_reusing timed; the median of 3
+    // after a warm-up), so that one process's data serve the A/B.
+    if (const char* list = std::getenv("LASP2_DELTA_TIMING_BWD_KERNELS"); list != nullptr && *list != '\0') {
+      DevBuf<float> kept(be.forward_kept_floats(p, all));
+      std::istringstream names(list);
+      std::string name;
+      while (names >> name) {
+        const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", name.c_str());
+        const float chunk_ms = timer.median_ms([&] { gpu::launch_chunk_backward(g, ba, nullptr); }, 6);
+        std::vector<float> bwd;
+        for (int rep = 0; rep < 4; ++rep) {
+          be.forward_keeping(p, all, nullptr, {}, o.mview(), kept.p, nullptr);
+          cuda_ok(cudaEventRecord(e0), "record");
+          be.backward_reusing(nullptr, p, all, dout.cview(), nullptr, nullptr, {}, dq.mview(), dk.mview(),
+                              dv.mview(), dg.p, db.p, nullptr, nullptr, kept.p);
+          cuda_ok(cudaEventRecord(e1), "record");
+          cuda_ok(cudaEventSynchronize(e1), "sync");
+          float ms = 0;
+          cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+          if (rep > 0) bwd.push_back(ms);
+        }
+        std::sort(bwd.begin(), bwd.end());
+        std::printf("[ timing ] chunk backward kernel %s: launch %.3f ms, one-device backward (forward kept) %.3f ms\n",
+                    name.c_str(), chunk_ms, bwd[bwd.size() / 2]);
+      }
+    }
   }
   for (DevTensor* t : {&o, &dq, &dk, &dv}) {
     const auto rb = t->download();
@@ -1623,6 +1652,72 @@ TEST(DeltaCudaChunkBackward, LeanEqualsCalc) {
       for (double x : lean.dk) nonzero += (!std::isnan(x) && x != 0.0) ? 1 : 0;
       EXPECT_GT(nonzero, static_cast<int64_t>(lean.dk.size()) / 2) << "dk written";
     }
+}
+
+// The once chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=once: dB kept in shared memory and
+// dk's first terms in registers instead of the hand-over through dq's and dk's rows) and
+// its early form (=early: h loaded as soon as dU is formed) against the lean kernel: the
+// same products in the same order with dk's first terms rounded to 16 bits as the
+// hand-over rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to
+// the order of their shared-memory atomics and one fp32 rounding (the gate terms of
+// P o (dO U^T) multiply in another order). The cases of LeanEqualsCalc, fp16 too, and a
+// part of one partial chunk.
+TEST(DeltaCudaChunkBackward, OnceEqualsLean) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  struct Case {
+    int d;
+    bool packed;
+    ScalarType type;
+    TokenRange part;
+  };
+  const std::vector<Case> cases = {{128, false, ScalarType::kBFloat16, {37, 280}},
+                                   {128, true, ScalarType::kBFloat16, {37, 280}},
+                                   {64, false, ScalarType::kBFloat16, {37, 280}},
+                                   {64, true, ScalarType::kBFloat16, {37, 280}},
+                                   {128, true, ScalarType::kFloat16, {0, 300}},
+                                   {128, false, ScalarType::kBFloat16, {100, 141}}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.packed ? "packed" : "rows") + " d=" + std::to_string(c.d) +
+                 (c.type == ScalarType::kFloat16 ? " fp16" : " bf16") + " part " + std::to_string(c.part.begin) +
+                 ".." + std::to_string(c.part.end));
+    DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
+    if (c.packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    DeltaProblem<float> pr(spec, 43);
+    if (c.packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
+    prepare_inputs(pr, c.type);
+    const Layout lay{false, 0};
+    DeviceProblem dev(pr, c.type, lay);
+    const DeltaParams& dp = dev.p;
+    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+    const int64_t se = dp.bh() * dp.state_elems();
+    const EdgeStates edge = random_edge_states(5, se);
+    auto run = [&](const char* kernel) {
+      const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
+      Grads r;
+      BackwardBuffers g(pr, c.type, lay, se);
+      gpu.backward(dp, c.part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
+                   g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+      g.download(r);
+      return r;
+    };
+    const Grads lean = run("lean");
+    for (const char* kernel : {"once", "early"}) {
+      SCOPED_TRACE(kernel);
+      const Grads once = run(kernel);
+      EXPECT_EQ(max_abs_diff(once.dq, lean.dq), 0.0) << "dq";
+      EXPECT_EQ(max_abs_diff(once.dk, lean.dk), 0.0) << "dk";
+      EXPECT_EQ(max_abs_diff(once.dv, lean.dv), 0.0) << "dv";
+      EXPECT_LT(rel_err_f32(once.dg, lean.dg), 1e-5) << "dg";
+      EXPECT_LT(rel_err_f32(once.db, lean.db), 1e-5) << "dbeta";
+      EXPECT_LT(rel_err_f32(once.dE, lean.dE), 1e-6) << "d_entering";
+      for (const auto* x : {&once.dq, &once.dk, &once.dv}) {
+        int64_t nonzero = 0;
+        for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
+        EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
+            << "written";
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -63,6 +63,23 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
+// The kernel's variants (LASP2_DELTA_CHUNK_BWD_KERNEL): calc (the seventh round's
+// instructions), lean (ninth round, above) and once (twelfth round): dq and dk written
+// once. The lean kernel hands dB from the values phase to the keys phase through dq's
+// rows and dk's first terms through dk's (16-bit stores, read back); the once kernel
+// keeps dB in its tile and dk's first terms in registers, rounded to 16 bits as the
+// hand-over through dk rounds them, so its dq, dk and dv are the lean kernel's bit for
+// bit. What makes the room: dO comes in over v (free after dB) instead of over dB, and
+// the scores' two products are split: dP = scale Gam o dO U^T is formed while U is still
+// in its tile (its fp32 values stay in registers for the gate terms), then q comes in
+// over U for P = scale Gam o Q K^T. Keys phase order: Z (dB S0^T, while q lands), the
+// rest of dk, P's gate terms, dq.
+// The early kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=early) is the once kernel with dk's
+// term diag(d) U dh^T formed next to dU (its fp32 fragments then held in registers
+// through dB and dA), so that h can take dh's tile as soon as dU is formed and lands
+// behind dB, dA and dP instead of behind dP alone. Same products in the same order.
+constexpr int kCalc = 0, kLeanMode = 1, kOnceMode = 2, kEarlyMode = 3;
+
 template <bool kLean>
 __device__ __forceinline__ float bwd_exp(float x) {
   if constexpr (kLean) {
@@ -72,8 +89,11 @@ __device__ __forceinline__ float bwd_exp(float x) {
   }
 }
 
-template <typename T, int D, bool kLean>
+template <typename T, int D, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
+  constexpr bool kLean = kMode != kCalc;  // the once kernel keeps the lean one's instructions
+  constexpr bool kEarly = kMode == kEarlyMode;
+  constexpr bool kOnce = kMode == kOnceMode || kEarly;
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -175,8 +195,30 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       }
     }
   }
+  // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
+  [[maybe_unused]] float ud[NH][4];
+  if constexpr (kEarly) {
+    zero(ud);
+    mma_acc<T, NH, false, true>(ud, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = m0 + (lane >> 2) + 8 * hf;
+      const float d = sof(x) == sL ? bwd_exp<true>(GL - Gof(x)) : 0.f;
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+        ud[j][2 * hf] *= d;
+        ud[j][2 * hf + 1] *= d;
+      }
+    }
+  }
   cp_async_wait_all();
   __syncthreads();
+  if constexpr (kEarly) {  // every warp has read dh: h takes its tile
+    const T* st = static_cast<const T*>(a.states) + at;
+#pragma unroll
+    for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+    cp_async_commit();
+  }
   {  // dB = T^T dU; dv = diag(beta) dB; dbeta_y += dB_y . v_y; dB out through dq's rows
     float acc[NH][4];
     zero(acc);
@@ -198,12 +240,18 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           const float b = sm.bt[y];
           store_u32(kLean ? dvat[hf] + 8 * j : dvrow + y * a.dvst + col,
                     pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
-          store_u32(kLean ? dqat[hf] + 8 * j : dqrow + y * a.dqst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          if constexpr (!kOnce)
+            store_u32(kLean ? dqat[hf] + 8 * j : dqrow + y * a.dqst + col,
+                      pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
     add_rows(sm.db, dbv, m0, lane);
-    __syncthreads();  // every warp has read dU, T and v: q takes v's tile
-    load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    __syncthreads();  // every warp has read dU, T and v: q (once: dO) takes v's tile
+    if constexpr (kOnce) {
+      load_tile<T, D, kThreads>(sm.vq, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+    } else {
+      load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    }
     cp_async_commit();
 #pragma unroll
     for (int j = 0; j < NH; ++j)
@@ -262,23 +310,35 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     add_rows(sm.db, rowB, m0, lane);
     add_cols<true>(sm.dG, colN, c0, lane);
   }
-  __syncthreads();  // every warp has read dB: dO takes its tile
-  load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
-  cp_async_commit();
+  __syncthreads();  // every warp has read dB: dO takes its tile (once: dB stays)
+  if constexpr (!kOnce) {
+    load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+    cp_async_commit();
+  }
+  // once: dk's first terms, rounded to 16 bits as the lean kernel's hand-over through
+  // dk's rows rounds them (a packed pair a fragment place)
+  [[maybe_unused]] uint32_t dk1[NH][2];
   {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
     T* dkat[2];
     out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
     float acc[NH][4];
-    zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    if constexpr (kEarly) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
+      for (int j = 0; j < NH; ++j)
 #pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        acc[j][2 * hf] *= d;
-        acc[j][2 * hf + 1] *= d;
+        for (int e = 0; e < 4; ++e) acc[j][e] = ud[j][e];
+    } else {
+      zero(acc);
+      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; ++j) {
+          acc[j][2 * hf] *= d;
+          acc[j][2 * hf + 1] *= d;
+        }
       }
     }
     mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
@@ -288,140 +348,273 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid)
+        if constexpr (kOnce) {
+          dk1[j][hf] = pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]);
+        } else if (x < cp.nvalid) {
           store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        }
       }
   }
+  // once: dO (early: and h), this thread's copies (the barrier shows all of them)
+  if constexpr (kOnce) cp_async_wait_all();
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
-  {
+  if constexpr (!kEarly) {
     const T* st = static_cast<const T*>(a.states) + at;
 #pragma unroll
     for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
+    cp_async_commit();
   }
-  cp_async_commit();
 
   // ---- keys phase
-  cp_async_wait_group1();  // q and dO
-  __syncthreads();
-  {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
-     // M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
-    float sq[4][4], ee[4][4];
-    zero(sq);
-    zero(ee);
-    mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
-    mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
-    float rowM[2] = {0.f, 0.f}, colM[4][2];
-    float2 mx[2];
+  if constexpr (kOnce) {
+    // dO is in v's tile, dB in its own, dk's first terms in dk1, h on its way into dh's.
+    // dP = scale Gam o dO U^T while U is still in its tile; pe keeps dP in fp32 (0 off
+    // the mask) for the gate terms with P once q is in
+    float pe[4][4];
+    {
+      float ee[4][4];
+      zero(ee);
+      mma_acc<T, 4, false, true>(ee, sm.vq, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+      float2 mx[2];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
+      for (int hf = 0; hf < 2; ++hf)
+        mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      colM[j][0] = colM[j][1] = 0.f;
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-        const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
-        float dv[2];
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+          const float4 my = *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
 #pragma unroll
-        for (int par = 0; par < 2; ++par) {
-          const int y = y0 + par, e = 2 * hf + par;
-          const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
-          const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
-          const float dec = (y <= x && sx == sy) ? bwd_exp<kLean>(Gx - Gy) : 0.f;
-          dv[par] = p.scale * dec * ee[j][e];
-          const float m = p.scale * dec * sq[j][e] * ee[j][e];
-          rowM[hf] += m;
-          colM[j][par] += m;
+          for (int par = 0; par < 2; ++par) {
+            const int y = y0 + par, e = 2 * hf + par;
+            const float Gy = par ? my.z : my.x, sy = par ? my.w : my.y;
+            const float dec = (y <= x && mx[hf].y == sy) ? bwd_exp<true>(mx[hf].x - Gy) : 0.f;
+            pe[j][e] = p.scale * dec * ee[j][e];
+          }
+          store_u32(sm.tt + x * kLdP + y0, pack2<T>(pe[j][2 * hf], pe[j][2 * hf + 1]));
         }
-        store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
-      }
     }
-    add_rows(sm.dG, rowM, m0, lane);
-    add_cols<true>(sm.dG, colM, c0, lane);
-  }
-  __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
-  load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
-  cp_async_commit();
-  cp_async_wait_group1();  // h
-  __syncthreads();
-  float dq[NH][4];
-  {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
-    zero(dq);
-    mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-    float qd[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float c = sof(x) == 0.f ? p.scale * bwd_exp<kLean>(Gof(x)) : 0.f;
-#pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        const int col = n0 + 8 * j + 2 * (lane & 3);
-        dq[j][2 * hf] *= c;
-        dq[j][2 * hf + 1] *= c;
-        const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
-        qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
-      }
-    }
-    add_rows(sm.dG, qd, m0, lane);
-    // dP[x][y] is zero for y > x: key blocks 0..mw
-    mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
-  }
-  cp_async_wait_all();
-  __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
-  T* dqat[2];
-  out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
-#pragma unroll
-  for (int j = 0; j < NH; ++j)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-      if (x < cp.nvalid)
-        store_u32(kLean ? dqat[hf] + 8 * j : dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
-    }
-  {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
-     // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
+    cp_async_wait_all();  // h (early: already in)
+    __syncthreads();      // every warp has read U and written dP; h is in: q takes U's tile
+    load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    cp_async_commit();
     T* dkat[2];
     out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
-    float kz[2] = {0.f, 0.f};
-    float acc[NH][4];
-    zero(acc);
-    mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+    float dk[NH][4];
+    {  // dk = (the first terms) - diag(beta) Z, Z = diag(ent) dB S0^T, while q lands;
+       // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
+      float kz[2] = {0.f, 0.f};
+      zero(dk);
+      mma_acc<T, NH, false, true>(dk, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float ent = sof(x) == 0.f ? bwd_exp<kLean>(Gof(x)) : 0.f;
-      const float bx = sm.bt[x];
-      const bool valid = x < cp.nvalid;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float ent = sof(x) == 0.f ? bwd_exp<true>(Gof(x)) : 0.f;
+        const float bx = sm.bt[x];
 #pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        const int col = n0 + 8 * j + 2 * (lane & 3);
-        const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
-        // this lane wrote these dk places in the values phase
-        const float2 k1 = valid ? unpack2<T>(load_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col))
-                                : make_float2(0.f, 0.f);
-        const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
-        kz[hf] += z0 * kx.x + z1 * kx.y;
-        acc[j][2 * hf] = k1.x - bx * z0;
-        acc[j][2 * hf + 1] = k1.y - bx * z1;
+        for (int j = 0; j < NH; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane & 3);
+          const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
+          const float2 k1 = unpack2<T>(dk1[j][hf]);
+          const float z0 = ent * dk[j][2 * hf], z1 = ent * dk[j][2 * hf + 1];
+          kz[hf] += z0 * kx.x + z1 * kx.y;
+          dk[j][2 * hf] = k1.x - bx * z0;
+          dk[j][2 * hf + 1] = k1.y - bx * z1;
+        }
       }
+      float kzb[2], kzm[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
+        kzm[hf] = -kz[hf];
+      }
+      add_rows(sm.dG, kzb, m0, lane);
+      add_rows(sm.db, kzm, m0, lane);
     }
-    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+    cp_async_wait_all();  // q
+    __syncthreads();
+    // dk += dP^T Q (dP[x][y] is zero for x < y: row blocks mw..3)
+    mma_acc<T, NH, true, false>(dk, sm.tt, kLdP, sm.u, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+#pragma unroll
+    for (int j = 0; j < NH; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        if (m0 + (lane >> 2) + 8 * hf < cp.nvalid)
+          store_u32(dkat[hf] + 8 * j, pack2<T>(dk[j][2 * hf], dk[j][2 * hf + 1]));
+    {  // P = scale Gam o Q K^T (registers only); M = P o (dO U^T) = (Q K^T) o pe:
+       // dG_x += sum_y M_xy, dG_y -= sum_x M_xy
+      float sq[4][4];
+      zero(sq);
+      mma_acc<T, 4, false, true>(sq, sm.u, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
+      float rowM[2] = {0.f, 0.f}, colM[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        colM[j][0] = colM[j][1] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int par = 0; par < 2; ++par) {
+            const float m = sq[j][2 * hf + par] * pe[j][2 * hf + par];
+            rowM[hf] += m;
+            colM[j][par] += m;
+          }
+      }
+      add_rows(sm.dG, rowM, m0, lane);
+      add_cols<true>(sm.dG, colM, c0, lane);
+    }
+    {  // dq = scale diag(ent) dO S0^T + dP K, written once; dG_x += q_x . (the first term)_x
+      float dq[NH][4];
+      zero(dq);
+      mma_acc<T, NH, false, true>(dq, sm.vq, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+      float qd[2] = {0.f, 0.f};
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float c = sof(x) == 0.f ? p.scale * bwd_exp<true>(Gof(x)) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane & 3);
+          dq[j][2 * hf] *= c;
+          dq[j][2 * hf + 1] *= c;
+          const float2 qq = unpack2<T>(load_u32(sm.u + x * LD + col));
+          qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
+        }
+      }
+      add_rows(sm.dG, qd, m0, lane);
+      mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+      T* dqat[2];
+      out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
+#pragma unroll
+      for (int j = 0; j < NH; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          if (m0 + (lane >> 2) + 8 * hf < cp.nvalid)
+            store_u32(dqat[hf] + 8 * j, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+    }
+  } else {
+    cp_async_wait_group1();  // q and dO
+    __syncthreads();
+    {  // P = scale Gam o Q K^T (registers only), dP = scale Gam o dO U^T; the gate terms of
+       // M = P o (dO U^T): dG_x += sum_y M_xy, dG_y -= sum_x M_xy
+      float sq[4][4], ee[4][4];
+      zero(sq);
+      zero(ee);
+      mma_acc<T, 4, false, true>(sq, sm.vq, LD, sm.k, LD, m0, c0, 0, D / 16, wp.tri, lane);
+      mma_acc<T, 4, false, true>(ee, sm.x, LD, sm.u, LD, m0, c0, 0, D / 16, wp.tri, lane);
+      float rowM[2] = {0.f, 0.f}, colM[4][2];
+      float2 mx[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        colM[j][0] = colM[j][1] = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
+          const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
+          float dv[2];
+#pragma unroll
+          for (int par = 0; par < 2; ++par) {
+            const int y = y0 + par, e = 2 * hf + par;
+            const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
+            const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
+            const float dec = (y <= x && sx == sy) ? bwd_exp<kLean>(Gx - Gy) : 0.f;
+            dv[par] = p.scale * dec * ee[j][e];
+            const float m = p.scale * dec * sq[j][e] * ee[j][e];
+            rowM[hf] += m;
+            colM[j][par] += m;
+          }
+          store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
+        }
+      }
+      add_rows(sm.dG, rowM, m0, lane);
+      add_cols<true>(sm.dG, colM, c0, lane);
+    }
+    __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
+    load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
+    cp_async_commit();
+    cp_async_wait_group1();  // h
+    __syncthreads();
+    float dq[NH][4];
+    {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
+      zero(dq);
+      mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+      float qd[2] = {0.f, 0.f};
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float c = sof(x) == 0.f ? p.scale * bwd_exp<kLean>(Gof(x)) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane & 3);
+          dq[j][2 * hf] *= c;
+          dq[j][2 * hf + 1] *= c;
+          const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
+          qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
+        }
+      }
+      add_rows(sm.dG, qd, m0, lane);
+      // dP[x][y] is zero for y > x: key blocks 0..mw
+      mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    }
+    cp_async_wait_all();
+    __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
+    T* dqat[2];
+    out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
         if (x < cp.nvalid)
-          store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          store_u32(kLean ? dqat[hf] + 8 * j : dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
       }
-    float kzb[2], kzm[2];
+    {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
+       // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
+      T* dkat[2];
+      out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
+      float kz[2] = {0.f, 0.f};
+      float acc[NH][4];
+      zero(acc);
+      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
-      kzm[hf] = -kz[hf];
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        const float ent = sof(x) == 0.f ? bwd_exp<kLean>(Gof(x)) : 0.f;
+        const float bx = sm.bt[x];
+        const bool valid = x < cp.nvalid;
+#pragma unroll
+        for (int j = 0; j < NH; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane & 3);
+          const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
+          // this lane wrote these dk places in the values phase
+          const float2 k1 = valid ? unpack2<T>(load_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col))
+                                  : make_float2(0.f, 0.f);
+          const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
+          kz[hf] += z0 * kx.x + z1 * kx.y;
+          acc[j][2 * hf] = k1.x - bx * z0;
+          acc[j][2 * hf + 1] = k1.y - bx * z1;
+        }
+      }
+      mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
+#pragma unroll
+      for (int j = 0; j < NH; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
+          if (x < cp.nvalid)
+            store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+        }
+      float kzb[2], kzm[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
+        kzm[hf] = -kz[hf];
+      }
+      add_rows(sm.dG, kzb, m0, lane);
+      add_rows(sm.db, kzm, m0, lane);
     }
-    add_rows(sm.dG, kzb, m0, lane);
-    add_rows(sm.db, kzm, m0, lane);
   }
   __syncthreads();
   if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
@@ -471,23 +664,30 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): lean (the default) or calc (the earlier one).
-bool lean_chunk_backward() {
+// the tests and the timing A/B can switch it): lean (the default), once (dq and dk
+// written once), early (once with h loaded early) or calc (the earliest).
+int chunk_backward_mode() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return true;
-  if (std::strcmp(env, "calc") == 0) return false;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean or calc, not ") +
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return kLeanMode;
+  if (std::strcmp(env, "once") == 0) return kOnceMode;
+  if (std::strcmp(env, "early") == 0) return kEarlyMode;
+  if (std::strcmp(env, "calc") == 0) return kCalc;
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean, once, "
+                   "early or calc, not ") +
        env);
 }
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  const bool lean = lean_chunk_backward();
+  const int mode = chunk_backward_mode();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = lean ? chunk_bwd_kernel<T, D, true> : chunk_bwd_kernel<T, D, false>;
+    auto kernel = mode == kEarlyMode  ? chunk_bwd_kernel<T, D, kEarlyMode>
+                  : mode == kOnceMode ? chunk_bwd_kernel<T, D, kOnceMode>
+                  : mode == kLeanMode ? chunk_bwd_kernel<T, D, kLeanMode>
+                                      : chunk_bwd_kernel<T, D, kCalc>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),

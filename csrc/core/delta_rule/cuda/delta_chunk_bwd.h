@@ -34,6 +34,7 @@ struct ChunkBackwardArgs {
   const void* t = nullptr;         // [bh][nchunks][64][64], 16-bit: each chunk's T (launch_chunk_prep)
   const void* r = nullptr;         // [bh][nchunks * 64][dv], 16-bit: -(P^T dO) (launch_chunk_rprep)
   // dq and dk also carry dB and dk's first terms from the first phase to the second
+  // (the lean and calc kernels; the once and early ones keep them on the chip)
   void* dq = nullptr;
   int64_t dqsb = 0, dqst = 0, dqsh = 0;
   void* dk = nullptr;
