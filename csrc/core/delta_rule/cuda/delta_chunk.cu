@@ -779,20 +779,16 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   }
 }
 
-// ---- the forward state pass on whole-tile copies (sm_90: "tma", "tma2") ------------------
-// The w8 pass reads each chunk's w and K (32 KiB) once per column block: 8 blocks of a
-// (b, h) read the same tiles, 128 blocks x 34.5 KiB a chunk = 4.4 MiB a chunk step,
-// 3.7 TB/s from L2 at 1.19 us a chunk (ncu: L2 79 % busy), and each thread issues 9
-// cp.async a chunk with their address arithmetic. Here thread 0 copies each tile as two
-// 64-column boxes of a tensor map (128-byte swizzle, the ldmatrix addresses swizzled to
-// match), counted on an mbarrier a ring buffer (`full`); the 16 columns of u and the
-// meta stay cp.async pieces (1 and 1/8 a thread). With KCL = 2 ("tma2") the two column
-// blocks of a cluster each copy half of the rows into both blocks (multicast): w and K
-// leave L2 once a cluster, 18.5 instead of 34.5 KiB a block a chunk. A buffer is refilled
-// only after both blocks are done with it (`empty`: one arrival from each block's thread
-// 0 after its first barrier of the next chunk); the refill is issued after the second
-// barrier (half a chunk later), so that a peer a little behind costs no wait, and lands
-// NS - 2 chunks and a half before it is read. docs/delta_rule.md, twelfth round.
+// ---- the state passes on whole-tile copies (sm_90: "tma", the default there) ------------
+// w8 copies each chunk's w and K (the reverse pass k, w and q) as 4 cp.async pieces a
+// thread and tile, each with its predicate and offsets (9 / 13 copies a thread a chunk);
+// the pass is latency-bound with two warps a scheduler, so those instructions sit on the
+// chunk's path. Here thread 0 copies each tile as two 64-column boxes of a tensor map
+// (128-byte swizzle, the ldmatrix addresses swizzled to match), counted on one mbarrier a
+// ring buffer (`full`); the 16 columns of u (reverse: r, dO) and the meta stay cp.async
+// pieces. At T = 64K, H = 16 on an H200: states 1.34 -> 0.95 ms, rstates 1.81 -> 1.32
+// (docs/delta_rule.md, twelfth round; there also the clusters of 2 with multicast copies,
+// 1.64 / 1.94 ms, not kept).
 // Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
 // 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
 // map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
@@ -805,8 +801,7 @@ struct TmaStateSmem {
   float meta[NS][2 * CH];
   T xb[128 * LDC];  // the carried columns (16-bit copy), [d][16]
   T ys[CH * LDC];
-  uint64_t full[NS];   // buffer s holds its chunk's w and K
-  uint64_t empty[NS];  // (KCL > 1) every block of the cluster is done with buffer s
+  uint64_t full[NS];  // buffer s holds its chunk's w and K
 };
 
 // v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with one n8 tile):
@@ -857,7 +852,7 @@ struct KMapDims {
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; not the
 // summary) of fwd_state_kernel_w8 (C = 16, kLean) with the tiles above: the same products
 // in the same order, so every output equals w8's bit for bit.
-template <typename T, int NS, int KCL>
+template <typename T, int NS>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
                          const __grid_constant__ CUtensorMap kmap, KMapDims kd) {
@@ -866,7 +861,6 @@ __global__ void __launch_bounds__(NT8, 2)
 #else
   constexpr int D = 128, C = kChunkCols, LDC = C + 8, NTL = C / 8;
   static_assert(NTL == 2, "16 columns: one n8 tile a warp in the token product");
-  constexpr bool kMc = KCL > 1;
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TmaStateSmem<T, NS>& sm =
@@ -886,15 +880,10 @@ __global__ void __launch_bounds__(NT8, 2)
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       mbar_init(&sm.full[s], 1);
-      if constexpr (kMc) mbar_init(&sm.empty[s], KCL);
     }
     mbar_init_fence();
   }
-  if constexpr (kMc) {
-    cluster_sync();  // every block's barriers are set before any copy or arrival reaches them
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   ColCopy<T, C, NT8> cu;
   MetaCopy cm;
   cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
@@ -909,23 +898,20 @@ __global__ void __launch_bounds__(NT8, 2)
   const uint32_t aw = (x0 + (lane & 15)) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
   const uint32_t ak = (r0 >> 6) * kSwzHalf + (8 * (lane >> 4) + (lane & 7)) * 128 +
                       ((((r0 & 63) >> 3) + ((lane >> 3) & 1)) ^ (lane & 7)) * 16;
-  // chunk c's w and K into buffer c % NS (thread 0): this block's CH / KCL rows of each,
-  // both halves, into every block of the cluster
-  const int first = kMc ? static_cast<int>(cluster_rank()) * (CH / KCL) : 0;
+  // chunk c's w and K into buffer c % NS (thread 0), both halves of each
   const int hb[3] = {static_cast<int>(bh % p.heads), 0, static_cast<int>(bh / p.heads)};
   auto issue_tiles = [&](int c) {
-    const int s = c % NS, t = c * CH + first;
+    const int s = c % NS, t = c * CH;
     mbar_arrive_expect_tx(&sm.full[s], kBufBytes);
-    const uint32_t dst = tiles0 + s * kBufBytes + first * 128;
+    const uint32_t dst = tiles0 + s * kBufBytes;
     // the K map's coordinates 1..3 (h, t, b in the host's order)
     const int y = kd.h == 1 ? hb[0] : kd.t == 1 ? t : hb[2];
     const int z = kd.h == 2 ? hb[0] : kd.t == 2 ? t : hb[2];
     const int w = kd.h == 3 ? hb[0] : kd.t == 3 ? t : hb[2];
-    constexpr uint16_t mask = static_cast<uint16_t>((1u << KCL) - 1);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      tma_box_2d<kMc>(dst + half * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s], mask);
-      tma_box_4d<kMc>(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s], mask);
+      tma_box_2d(dst + half * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s]);
+      tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
     }
   };
 #pragma unroll
@@ -959,17 +945,8 @@ __global__ void __launch_bounds__(NT8, 2)
     // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     const int n = c + NS - 1;  // the chunk that refills buffer (c - 1) % NS
-    if constexpr (kMc) {
-      // (n >= NS: buffer n % NS held chunk n - NS; before that it was never filled)
-      if (tid == 0 && n >= NS && n < nck) {
-#pragma unroll
-        for (uint32_t r = 0; r < KCL; ++r) mbar_arrive_remote(&sm.empty[n % NS], r);
-      }
-    }
     if (n < nck) {
-      if constexpr (!kMc) {
-        if (tid == 0) issue_tiles(n);
-      }
+      if (tid == 0) issue_tiles(n);
       cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
       cm.issue(n, (n % NS) * sizeof(sm.meta[0]));
     }
@@ -996,12 +973,6 @@ __global__ void __launch_bounds__(NT8, 2)
       }
     }
     __syncthreads();
-    if constexpr (kMc) {  // both blocks released buffer n % NS (chunk n - NS) at their first barrier
-      if (tid == 0 && n < nck) {
-        if (n >= NS) mbar_wait(&sm.empty[n % NS], ((n / NS) - 1) & 1);
-        issue_tiles(n);
-      }
-    }
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
 #pragma unroll
@@ -1018,7 +989,6 @@ __global__ void __launch_bounds__(NT8, 2)
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  if constexpr (kMc) cluster_sync();  // no block leaves while the other's arrivals may reach it
   if (fo.leaving != nullptr) store_state<D>(fo.leaving + bh * se, S, r0, j0, lane);
 #endif
 }
@@ -1145,8 +1115,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
 
 // The reverse state pass (dh, the entering gradient) of rev_state_kernel_w8 (kLean) on the
 // tiles of fwd_state_kernel_tma: each chunk's k, w and q as tensor-map boxes (three tiles,
-// 48 KiB; with KCL = 2 each block of the cluster copies half of their rows into both),
-// dO's and r's 16 columns and the meta as cp.async pieces, a ring of kRevStages buffers
+// 48 KiB), dO's and r's 16 columns and the meta as cp.async pieces, a ring of kRevStages buffers
 // walked backwards. The same products in the same order as w8, so every output equals
 // w8's bit for bit.
 template <typename T>
@@ -1158,11 +1127,10 @@ struct TmaRevSmem {
   float meta[NS][2 * CH];
   T xb[128 * LDV];  // the carried gradient (16-bit copy), [d][16]
   T ys[CH * LDV];
-  uint64_t full[NS];   // buffer s holds its chunk's k, w and q
-  uint64_t empty[NS];  // (KCL > 1) every block of the cluster is done with buffer s
+  uint64_t full[NS];  // buffer s holds its chunk's k, w and q
 };
 
-template <typename T, int KCL>
+template <typename T>
 __global__ void __launch_bounds__(NT8)
     rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
                          const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap wmap,
@@ -1171,7 +1139,6 @@ __global__ void __launch_bounds__(NT8)
   __trap();  // the host launches it on sm_90 and later only
 #else
   constexpr int D = 128, NS = kRevStages;
-  constexpr bool kMc = KCL > 1;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TmaRevSmem<T>& sm =
@@ -1191,15 +1158,10 @@ __global__ void __launch_bounds__(NT8)
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       mbar_init(&sm.full[s], 1);
-      if constexpr (kMc) mbar_init(&sm.empty[s], KCL);
     }
     mbar_init_fence();
   }
-  if constexpr (kMc) {
-    cluster_sync();  // every block's barriers are set before any copy or arrival reaches them
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   ColCopy<T, BV, NT8> cd, cr;
   MetaCopy cm;
   cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
@@ -1211,22 +1173,20 @@ __global__ void __launch_bounds__(NT8)
   const uint32_t aw = (x0 + (lane & 15)) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
   const uint32_t ak = (r0 >> 6) * kSwzHalf + (8 * (lane >> 4) + (lane & 7)) * 128 +
                       ((((r0 & 63) >> 3) + ((lane >> 3) & 1)) ^ (lane & 7)) * 16;
-  const int first = kMc ? static_cast<int>(cluster_rank()) * (CH / KCL) : 0;
-  // step i: chunk nck - 1 - i into buffer i % NS; thread 0 its tiles (this block's rows)
+  // step i: chunk nck - 1 - i into buffer i % NS; thread 0 its tiles
   auto issue_tiles = [&](int i) {
-    const int s = i % NS, t = (nck - 1 - i) * CH + first;
+    const int s = i % NS, t = (nck - 1 - i) * CH;
     mbar_arrive_expect_tx(&sm.full[s], kBufBytes);
-    const uint32_t dst = tiles0 + s * kBufBytes + first * 128;
+    const uint32_t dst = tiles0 + s * kBufBytes;
     const int ky = kd.h == 1 ? h : kd.t == 1 ? t : b, kz = kd.h == 2 ? h : kd.t == 2 ? t : b,
               kw = kd.h == 3 ? h : kd.t == 3 ? t : b;
     const int qy = qd.h == 1 ? h : qd.t == 1 ? t : b, qz = qd.h == 2 ? h : qd.t == 2 ? t : b,
               qw = qd.h == 3 ? h : qd.t == 3 ? t : b;
-    constexpr uint16_t mask = static_cast<uint16_t>((1u << KCL) - 1);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      tma_box_4d<kMc>(dst + half * kSwzHalf, &kmap, 64 * half, ky, kz, kw, &sm.full[s], mask);
-      tma_box_2d<kMc>(dst + (2 + half) * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s], mask);
-      tma_box_4d<kMc>(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s], mask);
+      tma_box_4d(dst + half * kSwzHalf, &kmap, 64 * half, ky, kz, kw, &sm.full[s]);
+      tma_box_2d(dst + (2 + half) * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s]);
+      tma_box_4d(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s]);
     }
   };
   auto issue_own = [&](int i) {
@@ -1251,16 +1211,8 @@ __global__ void __launch_bounds__(NT8)
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     const int n = i + NS - 1;  // the step that refills buffer (i - 1) % NS
-    if constexpr (kMc) {
-      if (tid == 0 && n >= NS && n < nck) {
-#pragma unroll
-        for (uint32_t r = 0; r < KCL; ++r) mbar_arrive_remote(&sm.empty[n % NS], r);
-      }
-    }
     if (n < nck) {
-      if constexpr (!kMc) {
-        if (tid == 0) issue_tiles(n);
-      }
+      if (tid == 0) issue_tiles(n);
       issue_own(n);
     }
     cp_async_commit();
@@ -1295,12 +1247,6 @@ __global__ void __launch_bounds__(NT8)
       }
     }
     __syncthreads();
-    if constexpr (kMc) {  // both blocks released buffer n % NS (step n - NS) at their first barrier
-      if (tid == 0 && n < nck) {
-        if (n >= NS) mbar_wait(&sm.empty[n % NS], ((n / NS) - 1) & 1);
-        issue_tiles(n);
-      }
-    }
     {  // X <- e X + w^T ys + q^T diag(c) dO
       const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
       float oq[2][4] = {};
@@ -1318,7 +1264,6 @@ __global__ void __launch_bounds__(NT8)
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  if constexpr (kMc) cluster_sync();  // no block leaves while the other's arrivals may reach it
   if (ro.entering != nullptr) store_state<D>(ro.entering + bh * se, S, r0, j0, lane);
 #endif
 }
@@ -1427,24 +1372,22 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), "w8"
-// (the default; d = 128, else tile), their 8-warp versions with the copies addressed once
-// a block, or "w8calc", the 8-warp versions addressing every chunk's copies anew (the
-// previous default, kept for the A/B in docs/delta_rule.md); "tma" and "tma2": the
-// forward and reverse state passes on whole-tile tensor-map copies, alone or multicast
-// over clusters of 2 column blocks (fwd_state_kernel_tma, rev_state_kernel_tma; d = 128
-// on sm_90 only, an error elsewhere; the summary as w8; twelfth round in
-// docs/delta_rule.md).
-enum class StatePass { kTile, kW8, kW8Calc, kTma, kTma2 };
+// compare them). Unset: "tma" where it runs (sm_90, d = 128, strides a tensor map takes),
+// else "w8". "tile": fwd_state_kernel and rev_state_kernel (4 warps a block); "w8": their
+// 8-warp versions with the copies addressed once a block (d = 128, else tile); "w8calc":
+// the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
+// A/B); "tma": the forward and reverse passes on whole-tile tensor-map copies
+// (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by name where they cannot run, an
+// error; the summary keeps w8's 32-column blocks). docs/delta_rule.md, twelfth round.
+enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (env == nullptr || *env == 0) return StatePass::kDefault;
+  if (std::strcmp(env, "w8") == 0) return StatePass::kW8;
   if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
   if (std::strcmp(env, "tma") == 0) return StatePass::kTma;
-  if (std::strcmp(env, "tma2") == 0) return StatePass::kTma2;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc, tma or "
-                   "tma2, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc or tma, not ") +
        env);
 }
 
@@ -1523,74 +1466,59 @@ bool runs_sm90(Kernel kernel) {
   }
   return true;
 }
-// The launch of a state kernel on clusters of kcl blocks (1: plain blocks).
+// A tma state kernel: its shared memory allowed, launched with NT8 threads a block.
 template <typename... Params, typename... Args>
-void launch_on_clusters(void (*kernel)(Params...), dim3 grid, int bytes, int kcl, cudaStream_t s, Args&&... args) {
+void launch_tma_pass(void (*kernel)(Params...), dim3 grid, int bytes, cudaStream_t s, Args&&... args) {
   allow(kernel, bytes, "chunk state smem (tma)");
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(NT8);
-  cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(kcl);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "chunk state kernel (tma)");
+  kernel<<<grid, NT8, bytes, s>>>(std::forward<Args>(args)...);
 }
 
-// The forward state pass on fwd_state_kernel_tma with clusters of kcl (1 or 2) column
-// blocks; false (nothing launched) where it cannot run: before sm_90, a binary without
-// sm_90 code, strides the tensor maps cannot take.
+// The forward state pass on fwd_state_kernel_tma; false (nothing launched) where it
+// cannot run: before sm_90, a binary without sm_90 code, strides a tensor map cannot take.
 template <typename T>
-bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, int kcl,
-                           cudaStream_t s) {
+bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
   constexpr int D = 128;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap wmap, kmap;
   {  // w: [bh * nck * 64 rows][D], contiguous
     const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-    if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH / kcl)) return false;
+    if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH)) return false;
   }
   KMapDims kd{};
-  if (!encode_token_map<T>(&kmap, kd, p.k, p, CH / kcl)) return false;
+  if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
   const dim3 grid(D / kChunkCols, static_cast<unsigned>(p.bh()));
   auto run = [&](auto kernel, int ns) {
     if (!runs_sm90(kernel)) return false;
     // + 1024: the tiles' alignment for the swizzle
     const int bytes = static_cast<int>((ns == 4 ? sizeof(TmaStateSmem<T, 4>) : sizeof(TmaStateSmem<T, 2>)) + 1024);
-    launch_on_clusters(kernel, grid, bytes, kcl, s, p, prep, out, wmap, kmap, kd);
+    launch_tma_pass(kernel, grid, bytes, s, p, prep, out, wmap, kmap, kd);
     return true;
   };
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
-  if (kcl == 2) return one_wave ? run(fwd_state_kernel_tma<T, 4, 2>, 4) : run(fwd_state_kernel_tma<T, 2, 2>, 2);
-  return one_wave ? run(fwd_state_kernel_tma<T, 4, 1>, 4) : run(fwd_state_kernel_tma<T, 2, 1>, 2);
+  return one_wave ? run(fwd_state_kernel_tma<T, 4>, 4) : run(fwd_state_kernel_tma<T, 2>, 2);
 }
 
-// The reverse state pass on rev_state_kernel_tma (clusters of kcl column blocks); false
-// (nothing launched) where it cannot run, as launch_fwd_states_tma.
+// The reverse state pass on rev_state_kernel_tma; false (nothing launched) where it
+// cannot run, as launch_fwd_states_tma.
 template <typename T>
-bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out, int kcl,
+bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out,
                            cudaStream_t s) {
   constexpr int D = 128;
-  auto kernel = kcl == 2 ? rev_state_kernel_tma<T, 2> : rev_state_kernel_tma<T, 1>;
+  auto kernel = rev_state_kernel_tma<T>;
   if (!runs_sm90(kernel)) return false;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap kmap, wmap, qmap;
   KMapDims kd{}, qd{};
   const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH / kcl) ||
-      !encode_token_map<T>(&kmap, kd, p.k, p, CH / kcl) || !encode_token_map<T>(&qmap, qd, p.q, p, CH / kcl))
+  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
+      !encode_token_map<T>(&qmap, qd, p.q, p, CH))
     return false;
   const int bytes = static_cast<int>(sizeof(TmaRevSmem<T>) + 1024);  // + the swizzle's alignment
-  launch_on_clusters(kernel, dim3(D / BV, static_cast<unsigned>(p.bh())), bytes, kcl, s, p, dout, prep, out, kmap,
-                     wmap, qmap, kd, qd);
+  launch_tma_pass(kernel, dim3(D / BV, static_cast<unsigned>(p.bh())), bytes, s, p, dout, prep, out, kmap, wmap, qmap,
+                  kd, qd);
   return true;
 }
 
@@ -1603,6 +1531,8 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
 // 16 columns). The copies addressed once a block (w8 against w8calc, ninth round):
 // states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
 // device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
+// On sm_90 the state pass runs on tensor-map copies by default (fwd_state_kernel_tma:
+// 1.34 -> 0.95 ms against w8 in one call, twelfth round).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1625,15 +1555,15 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
-    if ((pass == StatePass::kTma || pass == StatePass::kTma2) && sum.A == nullptr) {
+    if ((pass == StatePass::kTma || pass == StatePass::kDefault) && sum.A == nullptr) {
+      if (launch_fwd_states_tma<T>(p, prep, out, s)) return;
       // chosen by name: where it cannot run that is an error, not a silent w8 (the tests
       // compare the two)
-      if (!launch_fwd_states_tma<T>(p, prep, out, pass == StatePass::kTma2 ? 2 : 1, s))
-        fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma / tma2 needs sm_90 and tensor-map "
-             "strides (16-byte multiples)");
-      return;
+      if (pass == StatePass::kTma)
+        fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
+             "(16-byte multiples)");
     }
-    if (pass == StatePass::kW8 || pass == StatePass::kTma || pass == StatePass::kTma2)
+    if (pass == StatePass::kW8 || pass == StatePass::kTma || pass == StatePass::kDefault)
       return w8_cols(std::true_type{});
     if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
   }
@@ -1704,19 +1634,20 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16; 1.74 with the copies
-    // addressed once a block (docs/delta_rule.md)
+    // addressed once a block; on sm_90 by default the tensor-map copies (rev_state_kernel_tma,
+    // 1.81 -> 1.32 ms against w8 in one call; docs/delta_rule.md, twelfth round)
     if constexpr (D == 128) {
       auto run = [&](auto kernel) {
         allow(kernel, bytes, "chunk reverse state smem");
         kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
       };
-      if (pass == StatePass::kTma || pass == StatePass::kTma2) {
-        if (!launch_rev_states_tma<T>(p, dout, prep, out, pass == StatePass::kTma2 ? 2 : 1, s))
-          fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma / tma2 needs sm_90 and tensor-map "
-               "strides (16-byte multiples)");
-        return;
+      if (pass == StatePass::kTma || pass == StatePass::kDefault) {
+        if (launch_rev_states_tma<T>(p, dout, prep, out, s)) return;
+        if (pass == StatePass::kTma)
+          fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
+               "(16-byte multiples)");
       }
-      if (pass == StatePass::kW8) return run(rev_state_kernel_w8<T, D, true>);
+      if (pass == StatePass::kW8 || pass == StatePass::kDefault) return run(rev_state_kernel_w8<T, D, true>);
       if (pass == StatePass::kW8Calc) return run(rev_state_kernel_w8<T, D, false>);
     }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
