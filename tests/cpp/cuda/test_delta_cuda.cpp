@@ -1538,75 +1538,92 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
   }
 }
 
-// The 8-warp state passes with their copies addressed once a block (w8, the default) and
-// every chunk's copies addressed anew (w8calc): the same arithmetic on the same tiles, so
-// every output must be equal bit for bit. Two batch rows of 9 heads (144 state-pass blocks:
-// the two-buffer ring on a 132-SM H200, the summary's 72 the four-buffer one) in
-// Megatron's [T, B, H, D] order with padded heads, a part that starts at token 37 and ends 20 tokens early (its last
-// chunk has 47 rows), an entering state and a leaving gradient.
+// The 8-warp state passes with their copies addressed once a block (w8), every chunk's
+// copies addressed anew (w8calc) and the passes on whole-tile tensor-map copies (tma, the
+// default on sm_90): the same arithmetic on the same tiles, so every output must be
+// equal bit for bit. Two batch rows
+// of 9 heads (144 state-pass blocks: the two-buffer rings on a 132-SM H200, the summary's
+// 72 the four-buffer one) in Megatron's [T, B, H, D] order with padded heads, and one
+// batch row of 5 heads in [B, T, H, D] (40 blocks: the four-buffer rings); a part that
+// starts at token 37 and ends 20 tokens early (its last chunk has 47 rows), an entering
+// state and a leaving gradient.
 TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const int64_t B = 2, T = 1000, H = 9, D = 128;
-  const ScalarType type = ScalarType::kBFloat16;
-  const Layout lay{true, 8};
-  DevTensor q(B, T, H, D, type, lay), k(B, T, H, D, type, lay), v(B, T, H, D, type, lay), dout(B, T, H, D, type, lay);
-  std::mt19937 rng(7);
-  upload_pattern(rng, {&q, &k, &v, &dout}, &k);
-  const GatesBetas gb = random_gates(rng, B * T * H);
-  DeltaParams dp = gdn_params(q, k, v, gb);
-  dp.batch = B;
-  namespace gpu = delta::gpu;
-  gpu::Problem gp = gdn_problem(dp);
-  gp.batch = static_cast<int>(B);
-  gp.begin = 37;
-  gp.n = T - 37 - 20;
-  const gpu::View dO = gpu_view(dout.cview());
-  const int64_t bh = B * H, nck = gpu::chunk_count(gp), rows = bh * nck * 64, se = D * D;
-  ASSERT_EQ(nck, 15);
-  std::vector<float> state(bh * se);
-  std::normal_distribution<float> normal(0.f, 0.3f);
-  for (auto& e : state) e = normal(rng);
-  const DevBuf<float> entering = to_device_f32(state), leaving_grad = to_device_f32(state);
-  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), r(rows * D / 2), meta(2 * rows);
-  const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
-  const gpu::ChunkPrep rprep{w.p, r.p, meta.p};
-  gpu::launch_chunk_prep(gp, prep, nullptr);
-  gpu::launch_chunk_rprep(gp, dO, rprep, nullptr);
-  auto run = [&](const char* family) {
-    const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
-    DevBuf<float> vnew(rows * D / 2), st16(bh * nck * se / 2), leaving(bh * se), dh(bh * nck * se / 2),
-        dentering(bh * se), A(bh * se), M(bh * se);
-    for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) b->poison();
-    gpu::ChunkStatesOut so;
-    so.entering = entering.p;
-    so.v_new = vnew.p;
-    so.states = st16.p;
-    so.leaving = leaving.p;
-    gpu::launch_chunk_states(gp, prep, so, nullptr);
-    gpu::launch_chunk_summary(gp, prep, {A.p, M.p, nullptr, nullptr}, nullptr);
-    gpu::ChunkReverseOut ro;
-    ro.leaving = leaving_grad.p;
-    ro.dh = dh.p;
-    ro.entering = dentering.p;
-    gpu::launch_chunk_rstates(gp, dO, rprep, ro, nullptr);
-    cuda_ok(cudaDeviceSynchronize(), "state passes");
-    std::vector<float> out;
-    for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) {
-      const std::vector<float> h = b->download();
-      out.insert(out.end(), h.begin(), h.end());
-    }
-    return out;
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  struct Shape {
+    int64_t B, H;
+    Layout lay;
   };
-  const std::vector<float> lean = run("w8"), calc = run("w8calc");
-  ASSERT_EQ(lean.size(), calc.size());
-  int64_t differ = 0, finite = 0;
-  for (size_t i = 0; i < lean.size(); ++i) {
-    differ += std::memcmp(&lean[i], &calc[i], 4) != 0;
-    finite += std::isfinite(calc[i]) ? 1 : 0;
+  for (const Shape& sh : {Shape{2, 9, Layout{true, 8}}, Shape{1, 5, Layout{false, 0}}}) {
+    SCOPED_TRACE("B=" + std::to_string(sh.B) + " H=" + std::to_string(sh.H));
+    const int64_t B = sh.B, T = 1000, H = sh.H, D = 128;
+    const ScalarType type = ScalarType::kBFloat16;
+    DevTensor q(B, T, H, D, type, sh.lay), k(B, T, H, D, type, sh.lay), v(B, T, H, D, type, sh.lay),
+        dout(B, T, H, D, type, sh.lay);
+    std::mt19937 rng(7);
+    upload_pattern(rng, {&q, &k, &v, &dout}, &k);
+    const GatesBetas gb = random_gates(rng, B * T * H);
+    DeltaParams dp = gdn_params(q, k, v, gb);
+    dp.batch = B;
+    namespace gpu = delta::gpu;
+    gpu::Problem gp = gdn_problem(dp);
+    gp.batch = static_cast<int>(B);
+    gp.begin = 37;
+    gp.n = T - 37 - 20;
+    const gpu::View dO = gpu_view(dout.cview());
+    const int64_t bh = B * H, nck = gpu::chunk_count(gp), rows = bh * nck * 64, se = D * D;
+    ASSERT_EQ(nck, 15);
+    std::vector<float> state(bh * se);
+    std::normal_distribution<float> normal(0.f, 0.3f);
+    for (auto& e : state) e = normal(rng);
+    const DevBuf<float> entering = to_device_f32(state), leaving_grad = to_device_f32(state);
+    DevBuf<float> w(rows * D / 2), uu(rows * D / 2), r(rows * D / 2), meta(2 * rows);
+    const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
+    const gpu::ChunkPrep rprep{w.p, r.p, meta.p};
+    gpu::launch_chunk_prep(gp, prep, nullptr);
+    gpu::launch_chunk_rprep(gp, dO, rprep, nullptr);
+    auto run = [&](const char* family) {
+      const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
+      DevBuf<float> vnew(rows * D / 2), st16(bh * nck * se / 2), leaving(bh * se), dh(bh * nck * se / 2),
+          dentering(bh * se), A(bh * se), M(bh * se);
+      for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) b->poison();
+      gpu::ChunkStatesOut so;
+      so.entering = entering.p;
+      so.v_new = vnew.p;
+      so.states = st16.p;
+      so.leaving = leaving.p;
+      gpu::launch_chunk_states(gp, prep, so, nullptr);
+      gpu::launch_chunk_summary(gp, prep, {A.p, M.p, nullptr, nullptr}, nullptr);
+      gpu::ChunkReverseOut ro;
+      ro.leaving = leaving_grad.p;
+      ro.dh = dh.p;
+      ro.entering = dentering.p;
+      gpu::launch_chunk_rstates(gp, dO, rprep, ro, nullptr);
+      cuda_ok(cudaDeviceSynchronize(), "state passes");
+      std::vector<float> out;
+      for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) {
+        const std::vector<float> h = b->download();
+        out.insert(out.end(), h.begin(), h.end());
+      }
+      return out;
+    };
+    const std::vector<float> lean = run("w8");
+    std::vector<const char*> others = {"w8calc"};
+    if (major >= 9) others.push_back("tma");
+    for (const char* family : others) {
+      const std::vector<float> got = run(family);
+      ASSERT_EQ(lean.size(), got.size()) << family;
+      int64_t differ = 0, finite = 0;
+      for (size_t i = 0; i < lean.size(); ++i) {
+        differ += std::memcmp(&lean[i], &got[i], 4) != 0;
+        finite += std::isfinite(got[i]) ? 1 : 0;
+      }
+      EXPECT_EQ(differ, 0) << family << ": of " << lean.size() << " words";
+      // poison (NaN) where nothing was written: most of every buffer must be written
+      EXPECT_GT(finite, static_cast<int64_t>(lean.size()) * 9 / 10) << family;
+    }
   }
-  EXPECT_EQ(differ, 0) << "of " << lean.size() << " words";
-  // poison (NaN) where nothing was written: most of every buffer must be written
-  EXPECT_GT(finite, static_cast<int64_t>(lean.size()) * 9 / 10);
 }
 
 // The lean chunk backward (the default) against the earlier kernel

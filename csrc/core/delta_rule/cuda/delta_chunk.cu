@@ -3,13 +3,17 @@
 // shared-memory tiles and PTX wrappers of the scalar family (csrc/core/cuda), 4 warps
 // a block. Warp w owns tokens [16 w, 16 w + 16) of a chunk in the token-row products
 // and state rows [w d / 4, (w + 1) d / 4) in the state products.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "delta_rule/cuda/delta_chunk.h"
@@ -18,6 +22,7 @@
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
+#include "delta_rule/cuda/tma_copy.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -774,6 +779,220 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   }
 }
 
+// ---- the state passes on whole-tile copies (sm_90: "tma", the default there) ------------
+// w8 copies each chunk's w and K (the reverse pass k, w and q) as 4 cp.async pieces a
+// thread and tile, each with its predicate and offsets (9 / 13 copies a thread a chunk);
+// the pass is latency-bound with two warps a scheduler, so those instructions sit on the
+// chunk's path. Here thread 0 copies each tile as two 64-column boxes of a tensor map
+// (128-byte swizzle, the ldmatrix addresses swizzled to match), counted on one mbarrier a
+// ring buffer (`full`); the 16 columns of u (reverse: r, dO) and the meta stay cp.async
+// pieces. At T = 64K, H = 16 on an H200: states 1.34 -> 0.95 ms, rstates 1.81 -> 1.32
+// (docs/delta_rule.md, twelfth round; there also the clusters of 2 with multicast copies,
+// 1.64 / 1.94 ms, not kept).
+// Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
+// 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
+// map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
+constexpr int kSwzHalf = CH * 64 * 2;  // bytes of one 64-column half of a 16-bit tile
+template <typename T, int NS>
+struct TmaStateSmem {
+  static constexpr int LDC = kChunkCols + 8;
+  unsigned char tiles[NS][2][2 * kSwzHalf];  // [buffer][w, K]: 1024-byte aligned (the swizzle)
+  T u[NS][CH * LDC];
+  float meta[NS][2 * CH];
+  T xb[128 * LDC];  // the carried columns (16-bit copy), [d][16]
+  T ys[CH * LDC];
+  uint64_t full[NS];  // buffer s holds its chunk's w and K
+};
+
+// v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with one n8 tile):
+// A = the swizzled w tile, a_lane this lane's row piece at k-step 0 (rows m0 + lane % 16,
+// m0 % 8 == 0, so row % 8 == lane % 8: k-step kk XORs (kk % 4) << 5 into the piece and
+// adds a half's bytes from kk = 4).
+template <typename T>
+__device__ __forceinline__ void mma_w_swizzled(float (&acc)[4], uint32_t a_lane, const T* B, int ldb, int n0,
+                                               int lane) {
+  float odd[4] = {};
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t a[4], b[2];
+    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
+    ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
+    mma16816<T>(kk & 1 ? odd : acc, a, b[0], b[1]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] += odd[e];
+}
+// S += K^T ys over the chunk's tokens in two halves (as mma_rows_halves with two n8
+// tiles): A = the swizzled K tile read transposed, a_lane this lane's piece at k-step 0
+// (a k-step is 16 token rows, 2048 bytes).
+template <typename T>
+__device__ __forceinline__ void mma_k_swizzled(float (&acc)[2][4], uint32_t a_lane, const T* B, int ldb, int lane) {
+  float hi[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < CH / 16; ++kk) {
+    float(&c)[2][4] = kk < 2 ? acc : hi;
+    uint32_t a[4], bb[4];
+    ldsm_x4_t_at(a, a_lane + kk * 2048);
+    ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 0, ldb));
+    mma16816<T>(c[0], a, bb[0], bb[1]);
+    mma16816<T>(c[1], a, bb[2], bb[3]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
+}
+
+// Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
+// stride.
+struct KMapDims {
+  int h, t, b;
+};
+
+// The forward state pass (v_new, the 16-bit chunk states, the leaving state; not the
+// summary) of fwd_state_kernel_w8 (C = 16, kLean) with the tiles above: the same products
+// in the same order, so every output equals w8's bit for bit.
+template <typename T, int NS>
+__global__ void __launch_bounds__(NT8, 2)
+    fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
+                         const __grid_constant__ CUtensorMap kmap, KMapDims kd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the host launches it on sm_90 and later only
+#else
+  constexpr int D = 128, C = kChunkCols, LDC = C + 8, NTL = C / 8;
+  static_assert(NTL == 2, "16 columns: one n8 tile a warp in the token product");
+  constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TmaStateSmem<T, NS>& sm =
+      *reinterpret_cast<TmaStateSmem<T, NS>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * C;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;
+  const int64_t se = static_cast<int64_t>(D) * D;
+  const int r0 = 16 * warp;                          // state rows of this warp
+  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);  // tokens and columns of its token tile
+
+  float S[NTL][4];
+  load_state<D>(S, false, fo.entering, bh * se, r0, j0, lane);
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&sm.full[s], 1);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  ColCopy<T, C, NT8> cu;
+  MetaCopy cm;
+  cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
+  cm.init(prep.meta, row0, sm.meta[0], tid);
+  T* const vn = fo.v_new != nullptr
+                    ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
+                    : nullptr;
+  T* const st16 =
+      fo.states != nullptr ? static_cast<T*>(fo.states) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1) : nullptr;
+  const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
+  // this lane's ldmatrix pieces at k-step 0: w (token rows x0..), K^T (state rows r0..)
+  const uint32_t aw = (x0 + (lane & 15)) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
+  const uint32_t ak = (r0 >> 6) * kSwzHalf + (8 * (lane >> 4) + (lane & 7)) * 128 +
+                      ((((r0 & 63) >> 3) + ((lane >> 3) & 1)) ^ (lane & 7)) * 16;
+  // chunk c's w and K into buffer c % NS (thread 0), both halves of each
+  const int hb[3] = {static_cast<int>(bh % p.heads), 0, static_cast<int>(bh / p.heads)};
+  auto issue_tiles = [&](int c) {
+    const int s = c % NS, t = c * CH;
+    mbar_arrive_expect_tx(&sm.full[s], kBufBytes);
+    const uint32_t dst = tiles0 + s * kBufBytes;
+    // the K map's coordinates 1..3 (h, t, b in the host's order)
+    const int y = kd.h == 1 ? hb[0] : kd.t == 1 ? t : hb[2];
+    const int z = kd.h == 2 ? hb[0] : kd.t == 2 ? t : hb[2];
+    const int w = kd.h == 3 ? hb[0] : kd.t == 3 ? t : hb[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      tma_box_2d(dst + half * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s]);
+      tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) {
+      if (tid == 0) issue_tiles(i);
+      cu.issue(i, i * sizeof(sm.u[0]), CH);
+      cm.issue(i, i * sizeof(sm.meta[0]));
+    }
+    cp_async_commit();
+  }
+  for (int c = 0; c < nck; ++c) {
+    const int s = c % NS;
+    cp_async_wait_upto<NS - 2>();  // chunk c's u and meta have landed
+    // the carried columns: 16-bit copy for the products (and the chunk state), checkpoints
+#pragma unroll
+    for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = r0 + (lane >> 2) + 8 * hf;
+        const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
+        const float s0 = S[nt][2 * hf], s1 = S[nt][2 * hf + 1];
+        store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
+        if (fo.ckpt != nullptr) {
+          const int64_t at = (bh * nck + c) * se;
+          fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
+          fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
+        }
+      }
+    mbar_wait(&sm.full[s], (c / NS) & 1);  // chunk c's w and K have landed
+    // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
+    __syncthreads();
+    const int n = c + NS - 1;  // the chunk that refills buffer (c - 1) % NS
+    if (n < nck) {
+      if (tid == 0) issue_tiles(n);
+      cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
+      cm.issue(n, (n % NS) * sizeof(sm.meta[0]));
+    }
+    cp_async_commit();
+    if (st16 != nullptr)  // the chunk's 16-bit state from xb, 16 bytes a thread
+      *reinterpret_cast<uint4*>(st16 + static_cast<int64_t>(c) * se) =
+          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDC + 8 * (tid & 1));
+    const float* meta = sm.meta[s];
+    const T* u = sm.u[s];
+    const float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
+    const uint32_t wt = tiles0 + s * kBufBytes;
+    {  // v_new = u - w S (this warp's token tile); ys = diag(d) v_new
+      float acc[4] = {};
+      mma_w_swizzled<T>(acc, wt + aw, sm.xb, LDC, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const float Gx = meta[2 * x], sx = meta[2 * x + 1];
+        const float d = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
+        const float2 rr = unpack2<T>(load_u32(u + x * LDC + cl));
+        const float v0 = rr.x - acc[2 * hf], v1 = rr.y - acc[2 * hf + 1];
+        if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D, pack2<T>(v0, v1));
+        store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+      }
+    }
+    __syncthreads();
+    {  // S <- e S + K^T ys (this warp's state rows)
+      const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      mma_k_swizzled<T>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
+    }
+    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+      float f = 0.f;
+      const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
+      if (H != nullptr) add_state<D>(S, f, H, r0, j0, lane);
+    }
+    // no barrier: the next chunk writes xb and ys only after its first barrier
+  }
+  cp_async_wait_all();
+  if (fo.leaving != nullptr) store_state<D>(fo.leaving + bh * se, S, r0, j0, lane);
+#endif
+}
+
 // kLean: the copies addressed once a block (TileCopy, ColCopy, MetaCopy) and dh's
 // pointer formed once; else the per-chunk load_state_chunk (w8calc, for the A/B).
 template <typename T, int D, bool kLean>
@@ -894,6 +1113,161 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
   if (ro.entering != nullptr) store_state<D>(ro.entering + bh * se, S, r0, j0, lane);
 }
 
+// The reverse state pass (dh, the entering gradient) of rev_state_kernel_w8 (kLean) on the
+// tiles of fwd_state_kernel_tma: each chunk's k, w and q as tensor-map boxes (three tiles,
+// 48 KiB), dO's and r's 16 columns and the meta as cp.async pieces, a ring of kRevStages buffers
+// walked backwards. The same products in the same order as w8, so every output equals
+// w8's bit for bit.
+template <typename T>
+struct TmaRevSmem {
+  static constexpr int NS = kRevStages;
+  unsigned char tiles[NS][3][2 * kSwzHalf];  // [buffer][k, w, q]: 1024-byte aligned (the swizzle)
+  T r[NS][CH * LDV];
+  T d[NS][CH * LDV];
+  float meta[NS][2 * CH];
+  T xb[128 * LDV];  // the carried gradient (16-bit copy), [d][16]
+  T ys[CH * LDV];
+  uint64_t full[NS];  // buffer s holds its chunk's k, w and q
+};
+
+template <typename T>
+__global__ void __launch_bounds__(NT8)
+    rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
+                         const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap wmap,
+                         const __grid_constant__ CUtensorMap qmap, KMapDims kd, KMapDims qd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the host launches it on sm_90 and later only
+#else
+  constexpr int D = 128, NS = kRevStages;
+  constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TmaRevSmem<T>& sm =
+      *reinterpret_cast<TmaRevSmem<T>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j0 = blockIdx.x * BV;
+  const int64_t bh = blockIdx.y;
+  const int nck = static_cast<int>(chunk_count(p));
+  const int64_t se = static_cast<int64_t>(D) * D, row0 = bh * nck * CH;
+  const int r0 = 16 * warp;
+  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);
+  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+
+  float S[2][4];
+  load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&sm.full[s], 1);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  ColCopy<T, BV, NT8> cd, cr;
+  MetaCopy cm;
+  cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
+  cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], tid);
+  cm.init(prep.meta, row0, sm.meta[0], tid);
+  T* const dh16 = ro.dh != nullptr ? static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
+                                   : nullptr;
+  const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
+  const uint32_t aw = (x0 + (lane & 15)) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
+  const uint32_t ak = (r0 >> 6) * kSwzHalf + (8 * (lane >> 4) + (lane & 7)) * 128 +
+                      ((((r0 & 63) >> 3) + ((lane >> 3) & 1)) ^ (lane & 7)) * 16;
+  // step i: chunk nck - 1 - i into buffer i % NS; thread 0 its tiles
+  auto issue_tiles = [&](int i) {
+    const int s = i % NS, t = (nck - 1 - i) * CH;
+    mbar_arrive_expect_tx(&sm.full[s], kBufBytes);
+    const uint32_t dst = tiles0 + s * kBufBytes;
+    const int ky = kd.h == 1 ? h : kd.t == 1 ? t : b, kz = kd.h == 2 ? h : kd.t == 2 ? t : b,
+              kw = kd.h == 3 ? h : kd.t == 3 ? t : b;
+    const int qy = qd.h == 1 ? h : qd.t == 1 ? t : b, qz = qd.h == 2 ? h : qd.t == 2 ? t : b,
+              qw = qd.h == 3 ? h : qd.t == 3 ? t : b;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      tma_box_4d(dst + half * kSwzHalf, &kmap, 64 * half, ky, kz, kw, &sm.full[s]);
+      tma_box_2d(dst + (2 + half) * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s]);
+      tma_box_4d(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s]);
+    }
+  };
+  auto issue_own = [&](int i) {
+    const int c = nck - 1 - i, s = i % NS;
+    cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
+    cr.issue(c, s * sizeof(sm.r[0]), CH);
+    cm.issue(c, s * sizeof(sm.meta[0]));
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nck) {
+      if (tid == 0) issue_tiles(i);
+      issue_own(i);
+    }
+    cp_async_commit();
+  }
+  for (int i = 0; i < nck; ++i) {
+    const int c = nck - 1 - i, s = i % NS;
+    cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
+    store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
+    mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
+    // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
+    __syncthreads();
+    const int n = i + NS - 1;  // the step that refills buffer (i - 1) % NS
+    if (n < nck) {
+      if (tid == 0) issue_tiles(n);
+      issue_own(n);
+    }
+    cp_async_commit();
+    if (dh16 != nullptr)  // xb's rows, 16 bytes a thread
+      *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
+          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+    const float* meta = sm.meta[s];
+    T* const dd_t = sm.d[s];
+    float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
+    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
+      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+      __syncthreads();  // dh's copy of xb is done
+      load_state_xb<T, D>(S, sm.xb, LDV, F, r0, j0, lane);
+      __syncthreads();
+      GL = ro.doc_end_g[bh * nck + c];
+      sL = 0.f;
+    }
+    const uint32_t kt = tiles0 + s * kBufBytes;
+    {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
+      float acc[4] = {};
+      mma_w_swizzled<T>(acc, kt + aw, sm.xb, LDV, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const float Gx = meta[2 * x], sx = meta[2 * x + 1];
+        const float d = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
+        const float2 rr = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
+        store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[2 * hf], rr.y - d * acc[2 * hf + 1]));
+        const float cx = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
+        const float2 dd = unpack2<T>(load_u32(dd_t + x * LDV + cl));
+        store_u32(dd_t + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
+      }
+    }
+    __syncthreads();
+    {  // X <- e X + w^T ys + q^T diag(c) dO
+      const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
+      float oq[2][4] = {};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      mma_k_swizzled<T>(S, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
+      mma_k_swizzled<T>(oq, kt + 4 * kSwzHalf + ak, dd_t, LDV, lane);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+    }
+    // no barrier: the next chunk writes xb and ys only after its first barrier
+  }
+  cp_async_wait_all();
+  if (ro.entering != nullptr) store_state<D>(ro.entering + bh * se, S, r0, j0, lane);
+#endif
+}
+
 // ---- chunk-parallel passes with the causal scores ---------------------------------------------
 template <typename T, int D>
 struct ScoreSmem {
@@ -998,18 +1372,154 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 }
 
 // Which state passes run (LASP2_DELTA_STATE_KERNEL, read at every launch: the tests
-// compare them): "tile", fwd_state_kernel and rev_state_kernel (4 warps a block), "w8"
-// (the default; d = 128, else tile), their 8-warp versions with the copies addressed once
-// a block, or "w8calc", the 8-warp versions addressing every chunk's copies anew (the
-// previous default, kept for the A/B in docs/delta_rule.md).
-enum class StatePass { kTile, kW8, kW8Calc };
+// compare them). Unset: "tma" where it runs (sm_90, d = 128, strides a tensor map takes),
+// else "w8". "tile": fwd_state_kernel and rev_state_kernel (4 warps a block); "w8": their
+// 8-warp versions with the copies addressed once a block (d = 128, else tile); "w8calc":
+// the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
+// A/B); "tma": the forward and reverse passes on whole-tile tensor-map copies
+// (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by name where they cannot run, an
+// error; the summary keeps w8's 32-column blocks). docs/delta_rule.md, twelfth round.
+enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "w8") == 0) return StatePass::kW8;
+  if (env == nullptr || *env == 0) return StatePass::kDefault;
+  if (std::strcmp(env, "w8") == 0) return StatePass::kW8;
   if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8 or w8calc, not ") +
+  if (std::strcmp(env, "tma") == 0) return StatePass::kTma;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc or tma, not ") +
        env);
+}
+
+// ---- the tensor maps of fwd_state_kernel_tma ---------------------------------------------
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A 16-bit tensor of `rank` dimensions (d first, contiguous; strides in bytes of the
+// others) read in boxes of 64 columns x `rows` rows (dimension `row_dim`; the others 1)
+// with the 128-byte swizzle; rows past a dimension's extent read as zeros.
+template <typename T>
+bool encode_rows_map(CUtensorMap* map, int rank, const void* base, const cuuint64_t* dims, const cuuint64_t* strides,
+                     int row_dim, int rows) {
+  const EncodeTiledFn f = encode_tiled();
+  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  cuuint32_t box[4] = {64, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
+  box[row_dim] = static_cast<cuuint32_t>(rows);
+  for (int i = 0; i + 1 < rank; ++i)
+    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return f(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), dims, strides, box, ones,
+           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The part's token rows of a [B, T, H, D]-strided 16-bit view (from token p.begin, p.n
+// of them; rows past the part read as zeros) as a 4-d map {d, ...} whose other three
+// dimensions go by stride (one of extent 1 last); kd says where h, t and b went.
+template <typename T>
+bool encode_token_map(CUtensorMap* map, KMapDims& kd, const View& v, const Problem& p, int rows) {
+  struct Dim {
+    int64_t stride, extent;
+    int which;  // 0 h, 1 t, 2 b
+  } dm[3] = {{v.sh, p.heads, 0}, {v.st, p.n, 1}, {v.sb, p.batch, 2}};
+  int64_t far = 16;
+  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
+  for (Dim& x : dm)
+    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
+  std::stable_sort(std::begin(dm), std::end(dm), [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  cuuint64_t dims[4] = {128, 0, 0, 0}, strides[3];
+  int row_dim = 0;
+  for (int i = 0; i < 3; ++i) {
+    dims[i + 1] = static_cast<cuuint64_t>(dm[i].extent);
+    strides[i] = static_cast<cuuint64_t>(dm[i].stride) * sizeof(T);
+    (dm[i].which == 0 ? kd.h : dm[i].which == 1 ? kd.t : kd.b) = i + 1;
+    if (dm[i].which == 1) row_dim = i + 1;
+  }
+  return encode_rows_map<T>(map, 4, static_cast<const T*>(v.ptr) + p.begin * v.st, dims, strides, row_dim, rows);
+}
+// An sm_90 device, and the kernel built for it.
+template <typename Kernel>
+bool runs_sm90(Kernel kernel) {
+  int dev = 0, major = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+      cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.binaryVersion < 90) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+// A tma state kernel: its shared memory allowed, launched with NT8 threads a block.
+template <typename... Params, typename... Args>
+void launch_tma_pass(void (*kernel)(Params...), dim3 grid, int bytes, cudaStream_t s, Args&&... args) {
+  allow(kernel, bytes, "chunk state smem (tma)");
+  kernel<<<grid, NT8, bytes, s>>>(std::forward<Args>(args)...);
+}
+
+// The forward state pass on fwd_state_kernel_tma; false (nothing launched) where it
+// cannot run: before sm_90, a binary without sm_90 code, strides a tensor map cannot take.
+template <typename T>
+bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
+  constexpr int D = 128;
+  const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
+  if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
+  CUtensorMap wmap, kmap;
+  {  // w: [bh * nck * 64 rows][D], contiguous
+    const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
+    if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH)) return false;
+  }
+  KMapDims kd{};
+  if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
+  const dim3 grid(D / kChunkCols, static_cast<unsigned>(p.bh()));
+  auto run = [&](auto kernel, int ns) {
+    if (!runs_sm90(kernel)) return false;
+    // + 1024: the tiles' alignment for the swizzle
+    const int bytes = static_cast<int>((ns == 4 ? sizeof(TmaStateSmem<T, 4>) : sizeof(TmaStateSmem<T, 2>)) + 1024);
+    launch_tma_pass(kernel, grid, bytes, s, p, prep, out, wmap, kmap, kd);
+    return true;
+  };
+  // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
+  const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
+  return one_wave ? run(fwd_state_kernel_tma<T, 4>, 4) : run(fwd_state_kernel_tma<T, 2>, 2);
+}
+
+// The reverse state pass on rev_state_kernel_tma; false (nothing launched) where it
+// cannot run, as launch_fwd_states_tma.
+template <typename T>
+bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out,
+                           cudaStream_t s) {
+  constexpr int D = 128;
+  auto kernel = rev_state_kernel_tma<T>;
+  if (!runs_sm90(kernel)) return false;
+  const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
+  if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
+  CUtensorMap kmap, wmap, qmap;
+  KMapDims kd{}, qd{};
+  const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
+  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
+      !encode_token_map<T>(&qmap, qd, p.q, p, CH))
+    return false;
+  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T>) + 1024);  // + the swizzle's alignment
+  launch_tma_pass(kernel, dim3(D / BV, static_cast<unsigned>(p.bh())), bytes, s, p, dout, prep, out, kmap, wmap, qmap,
+                  kd, qd);
+  return true;
 }
 
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
@@ -1021,6 +1531,8 @@ StatePass state_pass() {
 // 16 columns). The copies addressed once a block (w8 against w8calc, ninth round):
 // states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
 // device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
+// On sm_90 the state pass runs on tensor-map copies by default (fwd_state_kernel_tma:
+// 1.34 -> 0.95 ms against w8 in one call, twelfth round).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1043,7 +1555,16 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
-    if (pass == StatePass::kW8) return w8_cols(std::true_type{});
+    if ((pass == StatePass::kTma || pass == StatePass::kDefault) && sum.A == nullptr) {
+      if (launch_fwd_states_tma<T>(p, prep, out, s)) return;
+      // chosen by name: where it cannot run that is an error, not a silent w8 (the tests
+      // compare the two)
+      if (pass == StatePass::kTma)
+        fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
+             "(16-byte multiples)");
+    }
+    if (pass == StatePass::kW8 || pass == StatePass::kTma || pass == StatePass::kDefault)
+      return w8_cols(std::true_type{});
     if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
   }
   constexpr int C = kChunkCols;
@@ -1113,13 +1634,20 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     const StatePass pass = state_pass();
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16; 1.74 with the copies
-    // addressed once a block (docs/delta_rule.md)
+    // addressed once a block; on sm_90 by default the tensor-map copies (rev_state_kernel_tma,
+    // 1.81 -> 1.32 ms against w8 in one call; docs/delta_rule.md, twelfth round)
     if constexpr (D == 128) {
       auto run = [&](auto kernel) {
         allow(kernel, bytes, "chunk reverse state smem");
         kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
       };
-      if (pass == StatePass::kW8) return run(rev_state_kernel_w8<T, D, true>);
+      if (pass == StatePass::kTma || pass == StatePass::kDefault) {
+        if (launch_rev_states_tma<T>(p, dout, prep, out, s)) return;
+        if (pass == StatePass::kTma)
+          fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
+               "(16-byte multiples)");
+      }
+      if (pass == StatePass::kW8 || pass == StatePass::kDefault) return run(rev_state_kernel_w8<T, D, true>);
       if (pass == StatePass::kW8Calc) return run(rev_state_kernel_w8<T, D, false>);
     }
     allow(rev_state_kernel<T, D>, bytes, "chunk reverse state smem");
