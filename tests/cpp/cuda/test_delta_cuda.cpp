@@ -1233,7 +1233,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     }
     std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
     // The chunk backward's variants side by side (LASP2_DELTA_TIMING_BWD_KERNELS, e.g.
-    // "lean once lean once": LASP2_DELTA_CHUNK_BWD_KERNEL set to each in turn): the chunk
+    // "lean early lean early": LASP2_DELTA_CHUNK_BWD_KERNEL set to each in turn): the chunk
     // backward launch alone (the median of 5 after a warm-up) and the one-device backward
     // with the forward kept (forward_keeping, then backward_reusing timed; the median of 3
     // after a warm-up), so that one process's data serve the A/B.
@@ -1626,60 +1626,16 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
   }
 }
 
-// The lean chunk backward (the default) against the earlier kernel
-// (LASP2_DELTA_CHUNK_BWD_KERNEL=calc): the same products and sums with fewer instructions
-// (one-instruction decays, the gate pairs read once), so dq, dk and dv must be equal bit
-// for bit and dg, dbeta equal up to the order of their shared-memory atomics. d = 128 and
-// 64, rows and packed documents with a -inf gate inside a chunk, a part starting at token
-// 37 and ending mid-chunk, an entering state and a leaving gradient.
-TEST(DeltaCudaChunkBackward, LeanEqualsCalc) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  for (const int d : {128, 64})
-    for (const bool packed : {false, true}) {
-      SCOPED_TRACE(std::string(packed ? "packed" : "rows") + " d=" + std::to_string(d));
-      DeltaSpec spec = gdn_spec(d, 300, packed ? 1 : 2);
-      if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
-      DeltaProblem<float> pr(spec, 41);
-      if (packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
-      prepare_inputs(pr, ScalarType::kBFloat16);
-      const Layout lay{false, 0};
-      DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
-      const DeltaParams& dp = dev.p;
-      const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-      const TokenRange part{37, spec.seqlen - 20};
-      const int64_t se = dp.bh() * dp.state_elems();
-      const EdgeStates edge = random_edge_states(4, se);
-      auto run = [&](const char* kernel) {
-        const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
-        Grads r;
-        BackwardBuffers g(pr, ScalarType::kBFloat16, lay, se);
-        gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
-                     g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
-        g.download(r);
-        return r;
-      };
-      const Grads calc = run("calc"), lean = run("lean");
-      EXPECT_EQ(max_abs_diff(lean.dq, calc.dq), 0.0) << "dq";
-      EXPECT_EQ(max_abs_diff(lean.dk, calc.dk), 0.0) << "dk";
-      EXPECT_EQ(max_abs_diff(lean.dv, calc.dv), 0.0) << "dv";
-      EXPECT_LT(rel_err_f32(lean.dg, calc.dg), 1e-5) << "dg";
-      EXPECT_LT(rel_err_f32(lean.db, calc.db), 1e-5) << "dbeta";
-      EXPECT_LT(rel_err_f32(lean.dE, calc.dE), 1e-6) << "d_entering";
-      int64_t nonzero = 0;
-      for (double x : lean.dk) nonzero += (!std::isnan(x) && x != 0.0) ? 1 : 0;
-      EXPECT_GT(nonzero, static_cast<int64_t>(lean.dk.size()) / 2) << "dk written";
-    }
-}
-
-// The once chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=once: dB kept in shared memory and
-// dk's first terms in registers instead of the hand-over through dq's and dk's rows) and
-// its early form (=early: h loaded as soon as dU is formed) against the lean kernel: the
-// same products in the same order with dk's first terms rounded to 16 bits as the
-// hand-over rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to
-// the order of their shared-memory atomics and one fp32 rounding (the gate terms of
-// P o (dO U^T) multiply in another order). The cases of LeanEqualsCalc, fp16 too, and a
-// part of one partial chunk.
-TEST(DeltaCudaChunkBackward, OnceEqualsLean) {
+// The early chunk backward (the default: dB kept in shared memory and dk's first terms in
+// registers instead of the hand-over through dq's and dk's rows, h loaded as soon as dU
+// is formed) against the lean kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=lean): the same
+// products in the same order with dk's first terms rounded to 16 bits as the hand-over
+// rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to the order
+// of their shared-memory atomics and one fp32 rounding (the gate terms of P o (dO U^T)
+// multiply in another order). d = 128 and 64, rows and packed documents with a -inf gate
+// inside a chunk, a part starting at token 37 and ending mid-chunk, an entering state and
+// a leaving gradient; fp16 too, and a part of one partial chunk.
+TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
     int d;
@@ -1717,17 +1673,18 @@ TEST(DeltaCudaChunkBackward, OnceEqualsLean) {
       g.download(r);
       return r;
     };
+    // the default twice (unset and named), so that the default is the early kernel
     const Grads lean = run("lean");
-    for (const char* kernel : {"once", "early"}) {
-      SCOPED_TRACE(kernel);
-      const Grads once = run(kernel);
-      EXPECT_EQ(max_abs_diff(once.dq, lean.dq), 0.0) << "dq";
-      EXPECT_EQ(max_abs_diff(once.dk, lean.dk), 0.0) << "dk";
-      EXPECT_EQ(max_abs_diff(once.dv, lean.dv), 0.0) << "dv";
-      EXPECT_LT(rel_err_f32(once.dg, lean.dg), 1e-5) << "dg";
-      EXPECT_LT(rel_err_f32(once.db, lean.db), 1e-5) << "dbeta";
-      EXPECT_LT(rel_err_f32(once.dE, lean.dE), 1e-6) << "d_entering";
-      for (const auto* x : {&once.dq, &once.dk, &once.dv}) {
+    for (const char* kernel : {"", "early"}) {
+      SCOPED_TRACE(*kernel ? kernel : "(default)");
+      const Grads early = run(kernel);
+      EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
+      EXPECT_EQ(max_abs_diff(early.dk, lean.dk), 0.0) << "dk";
+      EXPECT_EQ(max_abs_diff(early.dv, lean.dv), 0.0) << "dv";
+      EXPECT_LT(rel_err_f32(early.dg, lean.dg), 1e-5) << "dg";
+      EXPECT_LT(rel_err_f32(early.db, lean.db), 1e-5) << "dbeta";
+      EXPECT_LT(rel_err_f32(early.dE, lean.dE), 1e-6) << "d_entering";
+      for (const auto* x : {&early.dq, &early.dk, &early.dv}) {
         int64_t nonzero = 0;
         for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
         EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)

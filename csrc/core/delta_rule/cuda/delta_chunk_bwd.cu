@@ -21,10 +21,10 @@ namespace {
 // other's; the one-phase kernel of 224 KiB ran one block an SM). The values phase
 // takes the side of dU: dU, dB, dv, dA and the dk terms of U dh^T and dA; the keys
 // phase the side of the scores and of h: dP, dq and the rest of dk, then dg and dbeta.
-// The keys phase's tiles load into the values phase's as each one falls free (q over
-// v, dO over dB, h over dh, dP over dA); dB goes out through dq's rows and comes back
-// over v_new once the scores are formed, dk's first terms through dk's (16 bits, as
-// fla's two dk halves).
+// The keys phase's tiles load into the values phase's as each one falls free (lean: q
+// over v, dO over dB, h over dh, dP over dA; dB goes out through dq's rows and comes
+// back over v_new once the scores are formed, dk's first terms through dk's, 16 bits, as
+// fla's two dk halves; early, the default: below, at the kernel's variants).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -44,56 +44,40 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
 static_assert(sizeof(BwdSmem<__half, 128>) <= kTwoBlocks, "two blocks an SM");
 
-// The lean kernel (the default; LASP2_DELTA_CHUNK_BWD_KERNEL=calc runs the earlier one,
-// kept for the A/B) computes the same numbers with fewer instructions: its decays are
-// one MUFU.EX2 each (exp_ftz: every argument is <= 0; a weight below 2^-126 becomes 0
-// instead of a denormal) instead of __expf's seven instructions, 32 of them a lane in the
-// two score epilogues; those epilogues read the {G, s} pairs of a fragment's two key
-// columns as one 16-byte shared load and the row's once per row (the earlier code reads
-// them, and beta, per element: the tile stores between them are generic stores the
+// Both kernels (ninth round) take the cheap instructions: decays are one MUFU.EX2 each
+// (exp_ftz: every argument is <= 0; a weight below 2^-126 becomes 0 instead of a denormal)
+// instead of __expf's seven instructions; the score epilogues read the {G, s} pairs of a
+// fragment's two key columns as one 16-byte shared load and the row's once per row (read
+// per element, they are reloaded: the tile stores between them are generic stores the
 // compiler cannot prove apart); b and h come from a 32-bit division (bh < 65536, a grid
 // dimension) instead of the 64-bit one.
 // This lane's places in a 16-bit [token][d] output (dq, dk, dv) for its two fragment rows,
 // formed once per use: a fragment's column tile j is then at + 8 j (an immediate in the
-// store), where the earlier code formed each 64-bit address anew (4 integer instructions
-// a store).
+// store) instead of each 64-bit address formed anew (4 integer instructions a store).
 template <typename T>
 __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0, int n0, int lane) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's variants (LASP2_DELTA_CHUNK_BWD_KERNEL): calc (the seventh round's
-// instructions), lean (ninth round, above) and once (twelfth round): dq and dk written
-// once. The lean kernel hands dB from the values phase to the keys phase through dq's
-// rows and dk's first terms through dk's (16-bit stores, read back); the once kernel
-// keeps dB in its tile and dk's first terms in registers, rounded to 16 bits as the
-// hand-over through dk rounds them, so its dq, dk and dv are the lean kernel's bit for
-// bit. What makes the room: dO comes in over v (free after dB) instead of over dB, and
-// the scores' two products are split: dP = scale Gam o dO U^T is formed while U is still
-// in its tile (its fp32 values stay in registers for the gate terms), then q comes in
-// over U for P = scale Gam o Q K^T. Keys phase order: Z (dB S0^T, while q lands), the
-// rest of dk, P's gate terms, dq.
-// The early kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=early) is the once kernel with dk's
-// term diag(d) U dh^T formed next to dU (its fp32 fragments then held in registers
-// through dB and dA), so that h can take dh's tile as soon as dU is formed and lands
-// behind dB, dA and dP instead of behind dP alone. Same products in the same order.
-constexpr int kCalc = 0, kLeanMode = 1, kOnceMode = 2, kEarlyMode = 3;
+// The kernel's two forms (LASP2_DELTA_CHUNK_BWD_KERNEL): early (twelfth round, the
+// default) and lean (ninth round, kept as its reference: the bit-equality test and the
+// timing A/B). The lean kernel hands dB from the values phase to the keys phase through
+// dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
+// kernel writes dq and dk once: it keeps dB in its tile and dk's first terms in
+// registers, rounded to 16 bits as the hand-over through dk rounds them, so its dq, dk
+// and dv are the lean kernel's bit for bit. What makes the room: dO comes in over v (free
+// after dB) instead of over dB, and the scores' two products are split: dP = scale Gam o
+// dO U^T is formed while U is still in its tile (its fp32 values stay in registers for
+// the gate terms), then q comes in over U for P = scale Gam o Q K^T. Its dk term
+// diag(d) U dh^T is formed next to dU (the fp32 fragments held in registers through dB
+// and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
+// and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
+// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round".)
+__device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
-template <bool kLean>
-__device__ __forceinline__ float bwd_exp(float x) {
-  if constexpr (kLean) {
-    return lasp2::cuda::exp_ftz(x);
-  } else {
-    return __expf(x);
-  }
-}
-
-template <typename T, int D, int kMode>
+template <typename T, int D, bool kEarly>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
-  constexpr bool kLean = kMode != kCalc;  // the once kernel keeps the lean one's instructions
-  constexpr bool kEarly = kMode == kEarlyMode;
-  constexpr bool kOnce = kMode == kOnceMode || kEarly;
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -102,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   const WarpPart wp(tid, D);
   const int lane = wp.lane, mw = wp.mw, m0 = wp.m0, n0 = wp.n0, c0 = wp.c0;
   ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  if constexpr (kLean) {  // (the 64-bit division's results are then unused and not computed)
+  {  // (the 64-bit division's results are then unused and not computed)
     const unsigned bh32 = blockIdx.y, heads = static_cast<unsigned>(p.heads);
     cp.b = static_cast<int>(bh32 / heads);
     cp.h = static_cast<int>(bh32 - static_cast<unsigned>(cp.b) * heads);
@@ -180,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int y = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(y) == sL ? bwd_exp<kLean>(GL - Gof(y)) : 0.f;
+      const float d = sof(y) == sL ? bwd_exp(GL - Gof(y)) : 0.f;
       const float c = d * row_sum(cu[hf]);
       if ((lane & 3) == 0) {
         atomicAdd(sm.dG + y, -c);
@@ -203,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? bwd_exp<true>(GL - Gof(x)) : 0.f;
+      const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
 #pragma unroll
       for (int j = 0; j < NH; ++j) {
         ud[j][2 * hf] *= d;
@@ -238,16 +222,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           const float2 vv = unpack2<T>(load_u32(sm.vq + y * LD + col));
           dbv[hf] += acc[j][2 * hf] * vv.x + acc[j][2 * hf + 1] * vv.y;
           const float b = sm.bt[y];
-          store_u32(kLean ? dvat[hf] + 8 * j : dvrow + y * a.dvst + col,
-                    pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
-          if constexpr (!kOnce)
-            store_u32(kLean ? dqat[hf] + 8 * j : dqrow + y * a.dqst + col,
-                      pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          store_u32(dvat[hf] + 8 * j, pack2<T>(b * acc[j][2 * hf], b * acc[j][2 * hf + 1]));
+          if constexpr (!kEarly) store_u32(dqat[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
     add_rows(sm.db, dbv, m0, lane);
-    __syncthreads();  // every warp has read dU, T and v: q (once: dO) takes v's tile
-    if constexpr (kOnce) {
+    __syncthreads();  // every warp has read dU, T and v: q (early: dO) takes v's tile
+    if constexpr (kEarly) {
       load_tile<T, D, kThreads>(sm.vq, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
     } else {
       load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
@@ -285,16 +266,16 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-        const float bx = kLean ? bxr[hf] : sm.bt[x];
-        const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float bx = bxr[hf];
+        const float4 my = *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
         float dav[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
           const int y = y0 + par, e = 2 * hf + par;
-          const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
-          const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
+          const float Gx = mx[hf].x, sx = mx[hf].y;
+          const float Gy = par ? my.z : my.x, sy = par ? my.w : my.y;
           const bool in = y < x && sx == sy;
-          const float dec = in ? bwd_exp<kLean>(Gx - Gy) : 0.f;
+          const float dec = in ? bwd_exp(Gx - Gy) : 0.f;
           const float dl = in ? -acc[j][e] : 0.f;
           const float lr = dec * kk[j][e];
           rowB[hf] += dl * lr;
@@ -310,12 +291,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     add_rows(sm.db, rowB, m0, lane);
     add_cols<true>(sm.dG, colN, c0, lane);
   }
-  __syncthreads();  // every warp has read dB: dO takes its tile (once: dB stays)
-  if constexpr (!kOnce) {
+  __syncthreads();  // every warp has read dB: dO takes its tile (early: dB stays)
+  if constexpr (!kEarly) {
     load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
     cp_async_commit();
   }
-  // once: dk's first terms, rounded to 16 bits as the lean kernel's hand-over through
+  // early: dk's first terms, rounded to 16 bits as the lean kernel's hand-over through
   // dk's rows rounds them (a packed pair a fragment place)
   [[maybe_unused]] uint32_t dk1[NH][2];
   {  // dk's first terms: diag(d) U dh^T + dA K + dA^T K (out through dk's rows)
@@ -333,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf;
-        const float d = sof(x) == sL ? bwd_exp<kLean>(GL - Gof(x)) : 0.f;
+        const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
 #pragma unroll
         for (int j = 0; j < NH; ++j) {
           acc[j][2 * hf] *= d;
@@ -347,16 +328,16 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if constexpr (kOnce) {
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        if constexpr (kEarly) {
           dk1[j][hf] = pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]);
         } else if (x < cp.nvalid) {
-          store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          store_u32(dkat[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
   }
-  // once: dO (early: and h), this thread's copies (the barrier shows all of them)
-  if constexpr (kOnce) cp_async_wait_all();
+  // early: dO and h, this thread's copies (the barrier shows all of them)
+  if constexpr (kEarly) cp_async_wait_all();
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
   if constexpr (!kEarly) {
     const T* st = static_cast<const T*>(a.states) + at;
@@ -366,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
 
   // ---- keys phase
-  if constexpr (kOnce) {
-    // dO is in v's tile, dB in its own, dk's first terms in dk1, h on its way into dh's.
+  if constexpr (kEarly) {
+    // dO is in v's tile, dB in its own, dk's first terms in dk1, h in dh's.
     // dP = scale Gam o dO U^T while U is still in its tile; pe keeps dP in fp32 (0 off
     // the mask) for the gate terms with P once q is in
     float pe[4][4];
@@ -389,13 +370,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           for (int par = 0; par < 2; ++par) {
             const int y = y0 + par, e = 2 * hf + par;
             const float Gy = par ? my.z : my.x, sy = par ? my.w : my.y;
-            const float dec = (y <= x && mx[hf].y == sy) ? bwd_exp<true>(mx[hf].x - Gy) : 0.f;
+            const float dec = (y <= x && mx[hf].y == sy) ? bwd_exp(mx[hf].x - Gy) : 0.f;
             pe[j][e] = p.scale * dec * ee[j][e];
           }
           store_u32(sm.tt + x * kLdP + y0, pack2<T>(pe[j][2 * hf], pe[j][2 * hf + 1]));
         }
     }
-    cp_async_wait_all();  // h (early: already in)
+    cp_async_wait_all();  // (h: already in)
     __syncthreads();      // every warp has read U and written dP; h is in: q takes U's tile
     load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
     cp_async_commit();
@@ -410,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf;
-        const float ent = sof(x) == 0.f ? bwd_exp<true>(Gof(x)) : 0.f;
+        const float ent = sof(x) == 0.f ? bwd_exp(Gof(x)) : 0.f;
         const float bx = sm.bt[x];
 #pragma unroll
         for (int j = 0; j < NH; ++j) {
@@ -471,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf;
-        const float c = sof(x) == 0.f ? p.scale * bwd_exp<true>(Gof(x)) : 0.f;
+        const float c = sof(x) == 0.f ? p.scale * bwd_exp(Gof(x)) : 0.f;
 #pragma unroll
         for (int j = 0; j < NH; ++j) {
           const int col = n0 + 8 * j + 2 * (lane & 3);
@@ -512,14 +493,14 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-          const float4 my = kLean ? *reinterpret_cast<const float4*>(sm.meta + 2 * y0) : make_float4(0.f, 0.f, 0.f, 0.f);
+          const float4 my = *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
           float dv[2];
 #pragma unroll
           for (int par = 0; par < 2; ++par) {
             const int y = y0 + par, e = 2 * hf + par;
-            const float Gx = kLean ? mx[hf].x : Gof(x), sx = kLean ? mx[hf].y : sof(x);
-            const float Gy = kLean ? (par ? my.z : my.x) : Gof(y), sy = kLean ? (par ? my.w : my.y) : sof(y);
-            const float dec = (y <= x && sx == sy) ? bwd_exp<kLean>(Gx - Gy) : 0.f;
+            const float Gx = mx[hf].x, sx = mx[hf].y;
+            const float Gy = par ? my.z : my.x, sy = par ? my.w : my.y;
+            const float dec = (y <= x && sx == sy) ? bwd_exp(Gx - Gy) : 0.f;
             dv[par] = p.scale * dec * ee[j][e];
             const float m = p.scale * dec * sq[j][e] * ee[j][e];
             rowM[hf] += m;
@@ -544,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf;
-        const float c = sof(x) == 0.f ? p.scale * bwd_exp<kLean>(Gof(x)) : 0.f;
+        const float c = sof(x) == 0.f ? p.scale * bwd_exp(Gof(x)) : 0.f;
 #pragma unroll
         for (int j = 0; j < NH; ++j) {
           const int col = n0 + 8 * j + 2 * (lane & 3);
@@ -566,9 +547,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     for (int j = 0; j < NH; ++j)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-        if (x < cp.nvalid)
-          store_u32(kLean ? dqat[hf] + 8 * j : dqrow + x * a.dqst + col, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+        const int x = m0 + (lane >> 2) + 8 * hf;
+        if (x < cp.nvalid) store_u32(dqat[hf] + 8 * j, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
       }
     {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
        // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
@@ -581,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf;
-        const float ent = sof(x) == 0.f ? bwd_exp<kLean>(Gof(x)) : 0.f;
+        const float ent = sof(x) == 0.f ? bwd_exp(Gof(x)) : 0.f;
         const float bx = sm.bt[x];
         const bool valid = x < cp.nvalid;
 #pragma unroll
@@ -589,8 +569,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           const int col = n0 + 8 * j + 2 * (lane & 3);
           const float2 kx = unpack2<T>(load_u32(sm.k + x * LD + col));
           // this lane wrote these dk places in the values phase
-          const float2 k1 = valid ? unpack2<T>(load_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col))
-                                  : make_float2(0.f, 0.f);
+          const float2 k1 = valid ? unpack2<T>(load_u32(dkat[hf] + 8 * j)) : make_float2(0.f, 0.f);
           const float z0 = ent * acc[j][2 * hf], z1 = ent * acc[j][2 * hf + 1];
           kz[hf] += z0 * kx.x + z1 * kx.y;
           acc[j][2 * hf] = k1.x - bx * z0;
@@ -602,9 +581,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       for (int j = 0; j < NH; ++j)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int x = m0 + (lane >> 2) + 8 * hf, col = n0 + 8 * j + 2 * (lane & 3);
-          if (x < cp.nvalid)
-            store_u32(kLean ? dkat[hf] + 8 * j : dkrow + x * a.dkst + col, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+          const int x = m0 + (lane >> 2) + 8 * hf;
+          if (x < cp.nvalid) store_u32(dkat[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       float kzb[2], kzm[2];
 #pragma unroll
@@ -620,7 +598,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   if (warp == 0) {  // dg: G's gradient summed backwards inside each segment (0 at its first token)
     // A segmented suffix scan, lane l holding tokens 2 l and 2 l + 1: a run restarts at the
     // chunk's last token and at each segment's last.
-    const float eL = sL == 0.f ? bwd_exp<kLean>(GL) : 0.f;
+    const float eL = sL == 0.f ? bwd_exp(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
     const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
     const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
@@ -664,30 +642,25 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): lean (the default), once (dq and dk
-// written once), early (once with h loaded early) or calc (the earliest).
-int chunk_backward_mode() {
+// the tests and the timing A/B can switch it): early (the default) or lean (its reference).
+// True for early.
+bool chunk_backward_early() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return kLeanMode;
-  if (std::strcmp(env, "once") == 0) return kOnceMode;
-  if (std::strcmp(env, "early") == 0) return kEarlyMode;
-  if (std::strcmp(env, "calc") == 0) return kCalc;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be lean, once, "
-                   "early or calc, not ") +
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "early") == 0) return true;
+  if (std::strcmp(env, "lean") == 0) return false;
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be early or lean, "
+                   "not ") +
        env);
 }
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  const int mode = chunk_backward_mode();
+  const bool early = chunk_backward_early();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = mode == kEarlyMode  ? chunk_bwd_kernel<T, D, kEarlyMode>
-                  : mode == kOnceMode ? chunk_bwd_kernel<T, D, kOnceMode>
-                  : mode == kLeanMode ? chunk_bwd_kernel<T, D, kLeanMode>
-                                      : chunk_bwd_kernel<T, D, kCalc>;
+    auto kernel = early ? chunk_bwd_kernel<T, D, true> : chunk_bwd_kernel<T, D, false>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
