@@ -107,6 +107,27 @@ __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2],
   mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
 }
 
+// dk's first term diag(d) U dh^T, d_x = exp(G_L - G_x) for the tokens of the chunk's last
+// segment (0 before it): U in its tile, dh in the state tile (early forms it next to dU,
+// lean in the values phase's dk terms).
+template <typename T, int D>
+__device__ __forceinline__ void ud_terms(float (&acc)[D / 16][4], BwdSmem<T, D>& sm, float GL, float sL, int m0,
+                                         int n0, int lane) {
+  constexpr int LD = TcTile<D>::LD, NH = D / 16;
+  zero(acc);
+  mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = m0 + (lane >> 2) + 8 * hf;
+    const float d = sm.meta[2 * x + 1] == sL ? bwd_exp(GL - sm.meta[2 * x]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+      acc[j][2 * hf] *= d;
+      acc[j][2 * hf + 1] *= d;
+    }
+  }
+}
+
 // This lane's fragment rows of a 16-bit output (places from out_rows), the chunk's valid
 // tokens only.
 template <typename T, int NH>
@@ -240,20 +261,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
   [[maybe_unused]] float ud[NH][4];
-  if constexpr (kEarly) {
-    zero(ud);
-    mma_acc<T, NH, false, true>(ud, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
-#pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        ud[j][2 * hf] *= d;
-        ud[j][2 * hf + 1] *= d;
-      }
-    }
-  }
+  if constexpr (kEarly) ud_terms(ud, sm, GL, sL, m0, n0, lane);
   cp_async_wait_all();
   __syncthreads();
   if constexpr (kEarly) {  // every warp has read dh: h takes its tile
@@ -368,18 +376,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = ud[j][e];
     } else {
-      zero(acc);
-      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NH; ++j) {
-          acc[j][2 * hf] *= d;
-          acc[j][2 * hf + 1] *= d;
-        }
-      }
+      ud_terms(acc, sm, GL, sL, m0, n0, lane);
     }
     mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
