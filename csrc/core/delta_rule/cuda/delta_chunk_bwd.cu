@@ -76,9 +76,9 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round".)
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
-// The keys phase's blocks that both kernels run alike, each on its own tiles (early: dO
+// The blocks that both kernels run alike, each on its own tiles (keys phase, early: dO
 // over v, q over U, dB in its own; lean: dO over dB, q over v, dB back over U), so that
-// the two forms share one text (their PTX is unchanged by the factoring).
+// the two forms share one text (their PTX, sm_90a and sm_80, is unchanged by it).
 
 // dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
 // dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
@@ -141,9 +141,9 @@ __device__ __forceinline__ void store_rows(T* const (&at)[2], const float (&acc)
 }
 
 // Z's gate terms, kz_x = k_x . Z_x: dG_x -= beta_x kz_x, dbeta_x -= kz_x. kzb and kzm:
-// the two row vectors' room, the caller's: with local arrays here (allocas the inliner
-// hoists ahead of the kernel's own) the d = 64 kernels' PTX changed (registers coalesced
-// otherwise in the values phase), though the instructions' work was the same.
+// the two row vectors' room, the caller's: with local arrays here (allocas that, once
+// inlined, likely sit ahead of the kernel's own) the d = 64 kernels' PTX changed
+// (registers coalesced otherwise in the values phase), though the work was the same.
 template <typename T, int D>
 __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2], float (&kzb)[2], float (&kzm)[2],
                                          int m0, int lane) {
