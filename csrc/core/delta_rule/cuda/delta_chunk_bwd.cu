@@ -76,6 +76,86 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round".)
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
+// The blocks that both kernels run alike, each on its own tiles (keys phase, early: dO
+// over v, q over U, dB in its own; lean: dO over dB, q over v, dB back over U), so that
+// the two forms share one text (their PTX, sm_90a and sm_80, is unchanged by it).
+
+// dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
+// dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
+// here moves the kernel's PTX: see kz_terms).
+template <typename T, int D>
+__device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2], BwdSmem<T, D>& sm, const T* dO,
+                                         const T* q, const Problem& p, int m0, int n0, int mw, int lane) {
+  constexpr int LD = TcTile<D>::LD, NH = D / 16;
+  zero(dq);
+  mma_acc<T, NH, false, true>(dq, dO, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+  qd[0] = qd[1] = 0.f;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = m0 + (lane >> 2) + 8 * hf;
+    const float c = sm.meta[2 * x + 1] == 0.f ? p.scale * bwd_exp(sm.meta[2 * x]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      dq[j][2 * hf] *= c;
+      dq[j][2 * hf + 1] *= c;
+      const float2 qq = unpack2<T>(load_u32(q + x * LD + col));
+      qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
+    }
+  }
+  add_rows(sm.dG, qd, m0, lane);
+  mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+}
+
+// dk's first term diag(d) U dh^T, d_x = exp(G_L - G_x) for the tokens of the chunk's last
+// segment (0 before it): U in its tile, dh in the state tile (early forms it next to dU,
+// lean in the values phase's dk terms).
+template <typename T, int D>
+__device__ __forceinline__ void ud_terms(float (&acc)[D / 16][4], BwdSmem<T, D>& sm, float GL, float sL, int m0,
+                                         int n0, int lane) {
+  constexpr int LD = TcTile<D>::LD, NH = D / 16;
+  zero(acc);
+  mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = m0 + (lane >> 2) + 8 * hf;
+    const float d = sm.meta[2 * x + 1] == sL ? bwd_exp(GL - sm.meta[2 * x]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+      acc[j][2 * hf] *= d;
+      acc[j][2 * hf + 1] *= d;
+    }
+  }
+}
+
+// This lane's fragment rows of a 16-bit output (places from out_rows), the chunk's valid
+// tokens only.
+template <typename T, int NH>
+__device__ __forceinline__ void store_rows(T* const (&at)[2], const float (&acc)[NH][4], int m0, int nvalid,
+                                           int lane) {
+#pragma unroll
+  for (int j = 0; j < NH; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      if (m0 + (lane >> 2) + 8 * hf < nvalid) store_u32(at[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
+}
+
+// Z's gate terms, kz_x = k_x . Z_x: dG_x -= beta_x kz_x, dbeta_x -= kz_x. kzb and kzm:
+// the two row vectors' room, the caller's: with local arrays here (allocas that, once
+// inlined, likely sit ahead of the kernel's own) the d = 64 kernels' PTX changed
+// (registers coalesced otherwise in the values phase), though the work was the same.
+template <typename T, int D>
+__device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2], float (&kzb)[2], float (&kzm)[2],
+                                         int m0, int lane) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
+    kzm[hf] = -kz[hf];
+  }
+  add_rows(sm.dG, kzb, m0, lane);
+  add_rows(sm.db, kzm, m0, lane);
+}
+
 template <typename T, int D, bool kEarly>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   constexpr int LD = TcTile<D>::LD;
@@ -181,20 +261,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
   [[maybe_unused]] float ud[NH][4];
-  if constexpr (kEarly) {
-    zero(ud);
-    mma_acc<T, NH, false, true>(ud, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = m0 + (lane >> 2) + 8 * hf;
-      const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
-#pragma unroll
-      for (int j = 0; j < NH; ++j) {
-        ud[j][2 * hf] *= d;
-        ud[j][2 * hf + 1] *= d;
-      }
-    }
-  }
+  if constexpr (kEarly) ud_terms(ud, sm, GL, sL, m0, n0, lane);
   cp_async_wait_all();
   __syncthreads();
   if constexpr (kEarly) {  // every warp has read dh: h takes its tile
@@ -309,18 +376,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = ud[j][e];
     } else {
-      zero(acc);
-      mma_acc<T, NH, false, true>(acc, sm.u, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        const float d = sof(x) == sL ? bwd_exp(GL - Gof(x)) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NH; ++j) {
-          acc[j][2 * hf] *= d;
-          acc[j][2 * hf + 1] *= d;
-        }
-      }
+      ud_terms(acc, sm, GL, sL, m0, n0, lane);
     }
     mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
     mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
@@ -405,24 +461,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         }
       }
       float kzb[2], kzm[2];
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
-        kzm[hf] = -kz[hf];
-      }
-      add_rows(sm.dG, kzb, m0, lane);
-      add_rows(sm.db, kzm, m0, lane);
+      kz_terms(sm, kz, kzb, kzm, m0, lane);
     }
     cp_async_wait_all();  // q
     __syncthreads();
     // dk += dP^T Q (dP[x][y] is zero for x < y: row blocks mw..3)
     mma_acc<T, NH, true, false>(dk, sm.tt, kLdP, sm.u, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-#pragma unroll
-    for (int j = 0; j < NH; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        if (m0 + (lane >> 2) + 8 * hf < cp.nvalid)
-          store_u32(dkat[hf] + 8 * j, pack2<T>(dk[j][2 * hf], dk[j][2 * hf + 1]));
+    store_rows(dkat, dk, m0, cp.nvalid, lane);
     {  // P = scale Gam o Q K^T (registers only); M = P o (dO U^T) = (Q K^T) o pe:
        // dG_x += sum_y M_xy, dG_y -= sum_x M_xy
       float sq[4][4];
@@ -444,34 +489,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       add_rows(sm.dG, rowM, m0, lane);
       add_cols<true>(sm.dG, colM, c0, lane);
     }
-    {  // dq = scale diag(ent) dO S0^T + dP K, written once; dG_x += q_x . (the first term)_x
-      float dq[NH][4];
-      zero(dq);
-      mma_acc<T, NH, false, true>(dq, sm.vq, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-      float qd[2] = {0.f, 0.f};
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        const float c = sof(x) == 0.f ? p.scale * bwd_exp(Gof(x)) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NH; ++j) {
-          const int col = n0 + 8 * j + 2 * (lane & 3);
-          dq[j][2 * hf] *= c;
-          dq[j][2 * hf + 1] *= c;
-          const float2 qq = unpack2<T>(load_u32(sm.u + x * LD + col));
-          qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
-        }
-      }
-      add_rows(sm.dG, qd, m0, lane);
-      mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    {  // dq, written once
+      float dq[NH][4], qd[2];
+      dq_terms(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
       T* dqat[2];
       out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
-#pragma unroll
-      for (int j = 0; j < NH; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          if (m0 + (lane >> 2) + 8 * hf < cp.nvalid)
-            store_u32(dqat[hf] + 8 * j, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
+      store_rows(dqat, dq, m0, cp.nvalid, lane);
     }
   } else {
     cp_async_wait_group1();  // q and dO
@@ -518,38 +541,15 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     cp_async_wait_group1();  // h
     __syncthreads();
     float dq[NH][4];
-    {  // dq = scale diag(ent) dO S0^T + dP K; dG_x += q_x . (the first term)_x
-      zero(dq);
-      mma_acc<T, NH, false, true>(dq, sm.x, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
-      float qd[2] = {0.f, 0.f};
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        const float c = sof(x) == 0.f ? p.scale * bwd_exp(Gof(x)) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NH; ++j) {
-          const int col = n0 + 8 * j + 2 * (lane & 3);
-          dq[j][2 * hf] *= c;
-          dq[j][2 * hf + 1] *= c;
-          const float2 qq = unpack2<T>(load_u32(sm.vq + x * LD + col));
-          qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
-        }
-      }
-      add_rows(sm.dG, qd, m0, lane);
-      // dP[x][y] is zero for y > x: key blocks 0..mw
-      mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    {
+      float qd[2];
+      dq_terms(dq, qd, sm, sm.x, sm.vq, p, m0, n0, mw, lane);
     }
     cp_async_wait_all();
     __syncthreads();  // dB has left dq's rows (every thread's copies are done): dq may be written
     T* dqat[2];
     out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
-#pragma unroll
-    for (int j = 0; j < NH; ++j)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = m0 + (lane >> 2) + 8 * hf;
-        if (x < cp.nvalid) store_u32(dqat[hf] + 8 * j, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
-      }
+    store_rows(dqat, dq, m0, cp.nvalid, lane);
     {  // dk = (the first terms) - diag(beta) Z + dP^T Q, Z = diag(ent) dB S0^T;
        // dG_x -= beta_x k_x . Z_x, dbeta_x -= k_x . Z_x
       T* dkat[2];
@@ -577,21 +577,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         }
       }
       mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.vq, LD, m0, n0, mw, CH / 16, NH / 2, lane);
-#pragma unroll
-      for (int j = 0; j < NH; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = m0 + (lane >> 2) + 8 * hf;
-          if (x < cp.nvalid) store_u32(dkat[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
-        }
+      store_rows(dkat, acc, m0, cp.nvalid, lane);
       float kzb[2], kzm[2];
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
-        kzm[hf] = -kz[hf];
-      }
-      add_rows(sm.dG, kzb, m0, lane);
-      add_rows(sm.db, kzm, m0, lane);
+      kz_terms(sm, kz, kzb, kzm, m0, lane);
     }
   }
   __syncthreads();
