@@ -43,14 +43,16 @@ struct DkdvLayout {
   static constexpr int kW = kDs + D * TcTile<D>::LD * 2;
   static constexpr int kRed = kW + 2 * 64 * 4;
   static constexpr int kBytes = kRed + (D / 16) * 64 * 4;
-  static constexpr int NW = D / 8;  // warps
+  static constexpr int RM = D == 128 ? 2 : 1;  // m16 row tiles per warp (head comment)
+  static constexpr int NW = D / 8 / RM;        // warps: 8 at both sizes
 };
 
-template <typename T, int D, int RM>
-__global__ void __launch_bounds__(32 * (D / 8) / RM, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
+template <typename T, int D>
+__global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
   using L = DkdvLayout<D>;
+  constexpr int RM = L::RM;
   constexpr bool Spread = RM == 2;  // see the head comment
-  constexpr int NW = L::NW / RM;
+  constexpr int NW = L::NW;
   constexpr int NR = D / 16 / RM;  // row groups of RM m16 tiles
   constexpr int HC = D / 2;        // dS columns per warp
   constexpr int NTHREADS = 32 * NW;
@@ -430,12 +432,12 @@ __global__ void __launch_bounds__(32 * (D / 8) / RM, D == 128 ? 1 : 2) tc_dkdv_k
   if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-template <typename T, int D, int RM>
+template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
-  auto k = tc_dkdv_kernel<T, D, RM>;
+  auto k = tc_dkdv_kernel<T, D>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW / RM, smem, s>>>(a);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
 }
 
@@ -445,11 +447,11 @@ int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<1
 
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s) {
   if (e == Elem::kBF16) {
-    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64, 1>(a, s);
-    else launch_dkdv_t<__nv_bfloat16, 128, 2>(a, s);
+    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64>(a, s);
+    else launch_dkdv_t<__nv_bfloat16, 128>(a, s);
   } else {
-    if (D == 64) launch_dkdv_t<__half, 64, 1>(a, s);
-    else launch_dkdv_t<__half, 128, 2>(a, s);
+    if (D == 64) launch_dkdv_t<__half, 64>(a, s);
+    else launch_dkdv_t<__half, 128>(a, s);
   }
 }
 
