@@ -849,6 +849,19 @@ struct KMapDims {
   int h, t, b;
 };
 
+// Thread 0 sets up a tma kernel's ring of `full` barriers: one arrival each (its own
+// expect_tx).
+template <int NS>
+__device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid) {
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&full[s], 1);
+    }
+    mbar_init_fence();
+  }
+}
+
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; not the
 // summary) of fwd_state_kernel_w8 (C = 16, kLean) with the tiles above: the same products
 // in the same order, so every output equals w8's bit for bit.
@@ -876,13 +889,7 @@ __global__ void __launch_bounds__(NT8, 2)
 
   float S[NTL][4];
   load_state<D>(S, false, fo.entering, bh * se, r0, j0, lane);
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(&sm.full[s], 1);
-    }
-    mbar_init_fence();
-  }
+  init_full_barriers(sm.full, tid);
   __syncthreads();
   ColCopy<T, C, NT8> cu;
   MetaCopy cm;
@@ -1154,13 +1161,7 @@ __global__ void __launch_bounds__(NT8)
 
   float S[2][4];
   load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(&sm.full[s], 1);
-    }
-    mbar_init_fence();
-  }
+  init_full_barriers(sm.full, tid);
   __syncthreads();
   ColCopy<T, BV, NT8> cd, cr;
   MetaCopy cm;
@@ -1391,6 +1392,13 @@ StatePass state_pass() {
        env);
 }
 
+// LASP2_DELTA_STATE_KERNEL=tma where its kernels cannot run: an error, not a silent w8
+// (the tests compare the two).
+[[noreturn]] void fail_tma_unavailable() {
+  fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
+       "(16-byte multiples)");
+}
+
 // ---- the tensor maps of fwd_state_kernel_tma ---------------------------------------------
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -1557,11 +1565,7 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
     };
     if ((pass == StatePass::kTma || pass == StatePass::kDefault) && sum.A == nullptr) {
       if (launch_fwd_states_tma<T>(p, prep, out, s)) return;
-      // chosen by name: where it cannot run that is an error, not a silent w8 (the tests
-      // compare the two)
-      if (pass == StatePass::kTma)
-        fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
-             "(16-byte multiples)");
+      if (pass == StatePass::kTma) fail_tma_unavailable();
     }
     if (pass == StatePass::kW8 || pass == StatePass::kTma || pass == StatePass::kDefault)
       return w8_cols(std::true_type{});
@@ -1643,9 +1647,7 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
       };
       if (pass == StatePass::kTma || pass == StatePass::kDefault) {
         if (launch_rev_states_tma<T>(p, dout, prep, out, s)) return;
-        if (pass == StatePass::kTma)
-          fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
-               "(16-byte multiples)");
+        if (pass == StatePass::kTma) fail_tma_unavailable();
       }
       if (pass == StatePass::kW8 || pass == StatePass::kDefault) return run(rev_state_kernel_w8<T, D, true>);
       if (pass == StatePass::kW8Calc) return run(rev_state_kernel_w8<T, D, false>);
