@@ -135,6 +135,99 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
     }
   }
 }
+// The product part of tc_scores for a warp whose first NB n16 column pairs (of
+// NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
+// D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
+// block (see tc_scores_split).
+template <typename T, int D, int NPW, int N, int NB>
+__device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* const (&Bs)[N], int mt,
+                                              int nt0, int lane, float (&acc)[N][NPW][4]) {
+  static_assert(NB >= 1 && 2 * NB <= NPW, "tc_score_mmas: 1 <= NB <= NPW / 2");
+  constexpr int LD = TcTile<D>::LD;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
+    uint32_t a[N][4];
+#pragma unroll
+    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+#pragma unroll
+    for (int np = 0; np < NB; ++np) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        uint32_t bb[4];
+        ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2 * np), LD));
+        mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
+        mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
+      }
+    }
+  }
+}
+
+// The weights and 16-bit stores of tc_scores for one warp's accumulators (the same
+// code as at the end of tc_scores).
+template <typename T, int D, int NPW, int N>
+__device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], const float* ms, float scale,
+                                               T* const (&Ps)[N], int mt, int nt0, int lane) {
+  // This thread's two query rows x (meta read once per chunk, not per key tile).
+  float Gx[2], sx[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = 16 * mt + (lane >> 2) + 8 * hf;
+    Gx[hf] = ms[2 * x];
+    sx[hf] = ms[2 * x + 1];
+  }
+#pragma unroll
+  for (int j = 0; j < NPW; ++j) {
+    // 16 x 16 blocks above the diagonal are never read by the consumers: no store.
+    if (8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
+    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
+    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);  // {G, s} of keys y, y + 1
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * mt + (lane >> 2) + 8 * hf;
+      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
+      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        *reinterpret_cast<uint32_t*>(Ps[i] + x * kLdP + y) =
+            pack2<T>(acc[i][j][2 * hf] * w0, acc[i][j][2 * hf + 1] * w1);
+    }
+  }
+}
+
+// tc_scores with the causal test of each n16 column pair taken once, before the k
+// loop (a warp-uniform switch over the count NB of pairs on or below the diagonal),
+// instead of inside every k step. In tc_scores that test splits each k step into its
+// own basic blocks, so ptxas issues a step's ldmatrix right before the step's mma and
+// waits a shared-memory latency per step (static SASS of the dk/dv kernel, session 13);
+// here the loop is straight and the next step's fragments load while this step's mma
+// run. Every accumulator gets the same mma in the same order (the same bits), and the
+// weights and stores are tc_scores' (tc_score_store).
+template <typename T, int D, int NW, int N = 1, bool Spread = false>
+__device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
+                                                const float* ms, float scale, T* const (&Ps)[N], int warp,
+                                                int lane) {
+  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores_split: 4, 8 or 16 warps");
+  static_assert(!Spread || NW == 8, "tc_scores_split: Spread needs 8 warps");
+  constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
+  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  const int nt0 = (warp >> 2) * NPW;
+  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  float acc[N][NPW][4];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < NPW; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
+  const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
+  if (NPW / 2 >= 4 && nb >= 4) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 4 ? 4 : 1)>(As, Bs, mt, nt0, lane, acc);
+  else if (NPW / 2 >= 3 && nb == 3) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 3 ? 3 : 1)>(As, Bs, mt, nt0, lane, acc);
+  else if (NPW / 2 >= 2 && nb == 2) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 2 ? 2 : 1)>(As, Bs, mt, nt0, lane, acc);
+  else tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
+  tc_score_store<T, D, NPW, N>(acc, ms, scale, Ps, mt, nt0, lane);
+}
+
 template <typename T, int D, int NW>
 __device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms, float scale,
                                           T* Ps, int warp, int lane) {
