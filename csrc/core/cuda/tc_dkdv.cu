@@ -12,6 +12,16 @@
 //     1,136, 977 -> 940 us at 64K tokens on an H200). The score tile's blocks are
 //     spread over the four schedulers (tc_scores' Spread) and warps 6 and 7, which
 //     then have none, compute the entry/exit weights.
+// Session 13 (docs/kernels.md: 935 -> 821 us at 64K tokens, the same bits):
+//   * no causal test inside an unrolled loop: the score tile's k loop
+//     (tc_scores_split) and the causal products of C (specialized on hc) are straight
+//     blocks, so ptxas loads the next step's fragments while this step's mma run (a
+//     test per step made each step its own basic block, waiting for its ldmatrix);
+//   * the k.dk partials of all RM x 4 n8 tiles reduced over a column's 8 lanes in one
+//     exchange (xchg_step: 14 shuffles instead of 48 at RM = 2, the same pairs summed
+//     in the same order as the per-tile butterfly);
+//   * the dg warp (kDgWarp) is one without a score block (warp 7 at D = 128, 4 at
+//     D = 64), not warp 0, whose scheduler also runs 3 of the 10 score blocks.
 // Every output element is computed with the same operations in the same order as by
 // the 16-row warps it replaced (the same bits; compared on an H200 before their
 // removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:
@@ -23,11 +33,9 @@
 //              dv^T rows [16r, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
 //      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO;
 //      k . dk per token (fp32, before rounding) -> per-row-block partial sums.
-//   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
+//   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
-#include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -36,9 +44,9 @@
 namespace lasp2::cuda {
 namespace {
 
-// One step of the exchange reduction (Xred, head comment): lanes paired across lane bit
-// 2 + st; the lane with that bit set keeps values [HALF, 2 HALF) and sends [0, HALF),
-// its partner the reverse; after it v[k] (k < HALF) holds the pair's sum. HALF is a
+// One step of the exchange reduction of the k.dk partials (head comment): lanes paired
+// across lane bit 2 + st; the lane with that bit set keeps values [HALF, 2 HALF) and
+// sends [0, HALF), its partner the reverse; after it v[k] (k < HALF) holds the pair's sum. HALF is a
 // template argument so that every index is a constant (with the loop bound computed
 // from the step inside one loop, v went to local memory: a 64-byte stack frame).
 template <int HALF, int N>
@@ -67,27 +75,12 @@ struct DkdvLayout {
   static constexpr int NW = D / 8 / RM;        // warps: 8 at both sizes
 };
 
-// Variants V (session 13, LASP2_CUDA_DKDV_KERNEL; 0 = the session-12 kernel):
-// V >= 1 (Straight): the causal tests that split the score tile's k loop and the C
-//   phase's causal products into one basic block per step (each step then waits for
-//   its own ldmatrix) are taken once per warp, outside the loops: tc_scores_split,
-//   and the causal products specialized on hc. Same MMAs, same order.
-// V >= 2 (Xred): the k.dk partials of all RM x 4 n8 tiles reduced over the 8 lanes of
-//   a column in one exchange: each butterfly step sends half of the values still held
-//   and keeps the other half (16 -> 8 -> 4 -> 2 values per lane at RM = 2: 14
-//   shuffles instead of 48, one tree of 3 steps instead of 8). Each value is summed in
-//   the same pairs in the same order as by the per-tile butterfly (same bits).
-// V >= 3: the dg warp (finish_dg, q.dq, the segment total) is warp 7 at D = 128 (it
-//   has no score block with Spread; it computes half of the weights) instead of warp
-//   0, which shares its scheduler with warp 4 and so with 3 of the 10 score blocks.
-//   At D = 64 warp 4 (no score block, its scheduler 1 block). Same arithmetic.
-template <typename T, int D, int V>
+template <typename T, int D>
 __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
   using L = DkdvLayout<D>;
   constexpr int RM = L::RM;
   constexpr bool Spread = RM == 2;  // see the head comment
-  constexpr bool Straight = V >= 1, Xred = V >= 2;
-  constexpr int kDgWarp = V >= 3 ? (Spread ? 7 : 4) : 0;  // the warp that writes dg
+  constexpr int kDgWarp = Spread ? 7 : 4;  // writes dg: no score block (head comment)
   constexpr int NW = L::NW;
   constexpr int NR = D / 16 / RM;  // row groups of RM m16 tiles
   constexpr int HC = D / 2;        // dS columns per warp
@@ -170,12 +163,12 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   const bool vrows = 16 * RM * r < dv;
   // This warp's two 16-token output blocks: {hc, 3 - hc} (equal causal work).
   const int tb[2] = {hc, 3 - hc};
-  // warp 0: the chunk whose dg is still to be written (its q.dq per lane, tokens)
+  // warp kDgWarp: the chunk whose dg is still to be written (its q.dq per lane, tokens)
   float pend_qdq[2] = {0.f, 0.f};
   int pend_nvalid = 0;
   int64_t pend_t0 = 0;
   bool pending = false;
-  auto finish_dg = [&]() {  // warp kDgWarp, after a barrier that follows the chunk's k.dk writes
+  auto finish_dg = [&]() {  // warp kDgWarp, after a barrier following the chunk's k.dk writes
     const int nact = (dk + 15) / 16;
     float v[2];
 #pragma unroll
@@ -227,8 +220,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       const T* const as[2] = {Qs, Os};
       const T* const bs[2] = {Ks, Vs};
       T* const ps[2] = {P1s, P2s};
-      if constexpr (Straight) tc_scores_split<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
-      else tc_scores<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
+      tc_scores_split<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
     }
     if (has_dg && warp == kDgWarp) {  // this chunk's q.dq, before its stage is refilled
 #pragma unroll
@@ -303,37 +295,17 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         }
       }
       // key block tb gets the queries of blocks >= tb
-      if constexpr (Straight) {
-        // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
-        auto causal = [&](auto h0) {
-          constexpr int H0 = decltype(h0)::value;
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int tbi = i == 0 ? H0 : 3 - H0;
-              if (tbi <= kk) {
-                uint32_t bb[4];
-                ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
-#pragma unroll
-                for (int m = 0; m < RM; ++m) {
-                  mma16816<T>(acc[m][2 * i], qf[m][kk], bb[0], bb[1]);
-                  mma16816<T>(acc[m][2 * i + 1], qf[m][kk], bb[2], bb[3]);
-                }
-              }
-            }
-          }
-        };
-        if (hc == 0) causal(std::integral_constant<int, 0>{});
-        else causal(std::integral_constant<int, 1>{});
-      } else {
+      // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
+      auto causal = [&](auto h0) {
+        constexpr int H0 = decltype(h0)::value;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            if (tb[i] <= kk) {
+            const int tbi = i == 0 ? H0 : 3 - H0;
+            if (tbi <= kk) {
               uint32_t bb[4];
-              ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+              ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
 #pragma unroll
               for (int m = 0; m < RM; ++m) {
                 mma16816<T>(acc[m][2 * i], qf[m][kk], bb[0], bb[1]);
@@ -342,11 +314,13 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             }
           }
         }
-      }
+      };
+      if (hc == 0) causal(std::integral_constant<int, 0>{});
+      else causal(std::integral_constant<int, 1>{});
       // k . dk partials and the dk store. k at this thread's accumulator positions
       // (dims d, tokens y and y + 1) is a 32-bit pair of an A fragment of k^T: one
       // ldmatrix.trans per 16 tokens instead of 16 16-bit loads.
-      float parts[RM * 8];  // Xred: the partials [m][j][0 / 1] of all tiles
+      float parts[RM * 8];  // the partials [m][j][0 / 1] of all tiles
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
         const int rb = RM * r + m;  // row block
@@ -367,23 +341,11 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             if (full || (yt < nvalid && dt < dk))
               *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
           }
-          if constexpr (Xred) {
-            parts[8 * m + 2 * j] = part0;
-            parts[8 * m + 2 * j + 1] = part1;
-          } else if (has_dg) {
-#pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-              part0 += __shfl_xor_sync(0xffffffffu, part0, o);
-              part1 += __shfl_xor_sync(0xffffffffu, part1, o);
-            }
-            if (lane < 4) {
-              red[rb * 64 + 8 * jt + 2 * lane] = part0;
-              red[rb * 64 + 8 * jt + 2 * lane + 1] = part1;
-            }
-          }
+          parts[8 * m + 2 * j] = part0;
+          parts[8 * m + 2 * j + 1] = part1;
         }
       }
-      if (Xred && has_dg) {
+      if (has_dg) {
         // step s pairs lanes across lane bit 2 + s (offset 4 << s), as the per-tile
         // butterfly; after it parts[k] holds the sum of index k + (N/2) b2 + (N/4) b3
         // + (N/8) b4 (b = this lane's bits), k < N / 8
@@ -393,9 +355,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         xchg_step<N / 8>(parts, lane, 2);
 #pragma unroll
         for (int k = 0; k < N / 8; ++k) {
-          const int idx = k + (N / 2) * ((lane >> 2) & 1) + (N / 4) * ((lane >> 3) & 1) + (N / 8) * ((lane >> 4) & 1);
+          const int idx =
+              k + (N / 2) * ((lane >> 2) & 1) + (N / 4) * ((lane >> 3) & 1) + (N / 8) * ((lane >> 4) & 1);
           const int m = idx >> 3, j = (idx >> 1) & 3;
-          const int jt = 2 * ((j >> 1) == 0 ? hc : 3 - hc) + (j & 1);  // tb[j >> 1]: no indexed array
+          const int jt = 2 * ((j >> 1) == 0 ? hc : 3 - hc) + (j & 1);  // tb[j >> 1], not indexed
           red[(RM * r + m) * 64 + 8 * jt + 2 * (lane & 3) + (idx & 1)] = parts[k];
         }
       }
@@ -438,47 +401,23 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
           acc[m][j][3] *= e1;
         }
       }
-      if constexpr (Straight) {
-        // as in dk: one straight block per hc; the dO fragments of token blocks below
-        // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded
-        auto causal = [&](auto h0) {
-          constexpr int H0 = decltype(h0)::value;
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            if (kk < H0) continue;  // H0 = min(H0, 3 - H0)
-            uint32_t a[RM][4];
-#pragma unroll
-            for (int m = 0; m < RM; ++m)
-              ldsm_x4_t(a[m], Os + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int tbi = i == 0 ? H0 : 3 - H0;
-              if (tbi <= kk) {
-                uint32_t bb[4];
-                ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
-#pragma unroll
-                for (int m = 0; m < RM; ++m) {
-                  mma16816<T>(acc[m][2 * i], a[m], bb[0], bb[1]);
-                  mma16816<T>(acc[m][2 * i + 1], a[m], bb[2], bb[3]);
-                }
-              }
-            }
-          }
-        };
-        if (hc == 0) causal(std::integral_constant<int, 0>{});
-        else causal(std::integral_constant<int, 1>{});
-      } else {
+      // as in dk: one straight block per hc; the dO fragments of token blocks below
+      // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded
+      auto causal = [&](auto h0) {
+        constexpr int H0 = decltype(h0)::value;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
+          if (kk < H0) continue;  // H0 = min(H0, 3 - H0)
           uint32_t a[RM][4];
 #pragma unroll
           for (int m = 0; m < RM; ++m)
             ldsm_x4_t(a[m], Os + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            if (tb[i] <= kk) {
+            const int tbi = i == 0 ? H0 : 3 - H0;
+            if (tbi <= kk) {
               uint32_t bb[4];
-              ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+              ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
 #pragma unroll
               for (int m = 0; m < RM; ++m) {
                 mma16816<T>(acc[m][2 * i], a[m], bb[0], bb[1]);
@@ -487,7 +426,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             }
           }
         }
-      }
+      };
+      if (hc == 0) causal(std::integral_constant<int, 0>{});
+      else causal(std::integral_constant<int, 1>{});
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
 #pragma unroll
@@ -545,22 +486,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-// LASP2_CUDA_DKDV_KERNEL (session 13 A/B, read at every launch): the variant V of
-// tc_dkdv_kernel, 0 to 3 (unset: 3).
-int dkdv_variant() {
-  const char* env = std::getenv("LASP2_CUDA_DKDV_KERNEL");
-  if (env == nullptr || *env == '\0') return 3;
-  return std::min(3, std::max(0, std::atoi(env)));
-}
-
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
-  const int v = dkdv_variant();
-  auto k = v == 0   ? tc_dkdv_kernel<T, D, 0>
-           : v == 1 ? tc_dkdv_kernel<T, D, 1>
-           : v == 2 ? tc_dkdv_kernel<T, D, 2>
-                    : tc_dkdv_kernel<T, D, 3>;
+  auto k = tc_dkdv_kernel<T, D>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");

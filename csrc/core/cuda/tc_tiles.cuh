@@ -221,9 +221,10 @@ __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
   // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
   const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
-  if (NPW / 2 >= 4 && nb >= 4) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 4 ? 4 : 1)>(As, Bs, mt, nt0, lane, acc);
-  else if (NPW / 2 >= 3 && nb == 3) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 3 ? 3 : 1)>(As, Bs, mt, nt0, lane, acc);
-  else if (NPW / 2 >= 2 && nb == 2) tc_score_mmas<T, D, NPW, N, (NPW / 2 >= 2 ? 2 : 1)>(As, Bs, mt, nt0, lane, acc);
+  constexpr int H = NPW / 2;  // pairs per warp; NB = min(k, H) keeps unused cases valid
+  if (nb >= 4) tc_score_mmas<T, D, NPW, N, (H < 4 ? H : 4)>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 3) tc_score_mmas<T, D, NPW, N, (H < 3 ? H : 3)>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 2) tc_score_mmas<T, D, NPW, N, (H < 2 ? H : 2)>(As, Bs, mt, nt0, lane, acc);
   else tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
   tc_score_store<T, D, NPW, N>(acc, ms, scale, Ps, mt, nt0, lane);
 }
