@@ -882,7 +882,8 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 }
 
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
-// with kSummary, the part summary (C = 16 or 32 columns of [A | M]: grid x = 2 D / C,
+// with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
+// slower, docs/delta_rule.md thirteenth round: grid x = 2 D / C,
 // blocks x < D / C the columns of A from I with u = 0, the others M's from zero; no
 // per-chunk outputs) of fwd_state_kernel_w8 (kLean) with the tiles above: the same
 // products in the same order, so every output equals w8's (at the same C) bit for bit.
@@ -1413,12 +1414,8 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 // the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
 // A/B); "tma": the forward and reverse passes and the part summary (32-column blocks) on
 // whole-tile tensor-map copies (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by
-// name where they cannot run, an error); "tma16": tma with the summary in 16-column
-// blocks (the thirteenth round's A/B). docs/delta_rule.md, twelfth and thirteenth rounds.
-enum class StatePass { kTile, kW8, kW8Calc, kTma, kTma16, kDefault };
-bool tma_pass(StatePass pass) {
-  return pass == StatePass::kTma || pass == StatePass::kTma16 || pass == StatePass::kDefault;
-}
+// name where they cannot run, an error). docs/delta_rule.md, twelfth and thirteenth rounds.
+enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
   if (env == nullptr || *env == 0) return StatePass::kDefault;
@@ -1426,16 +1423,14 @@ StatePass state_pass() {
   if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
   if (std::strcmp(env, "tma") == 0) return StatePass::kTma;
-  if (std::strcmp(env, "tma16") == 0) return StatePass::kTma16;
-  fail(std::string(
-           "lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc, tma or tma16, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc or tma, not ") +
        env);
 }
 
 // LASP2_DELTA_STATE_KERNEL=tma where its kernels cannot run: an error, not a silent w8
 // (the tests compare the two).
 [[noreturn]] void fail_tma_unavailable() {
-  fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma (tma16) needs sm_90 and tensor-map strides "
+  fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 and tensor-map strides "
        "(16-byte multiples)");
 }
 
@@ -1583,7 +1578,8 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
 // states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
 // device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
 // On sm_90 the state pass runs on tensor-map copies by default (fwd_state_kernel_tma:
-// 1.34 -> 0.95 ms against w8 in one call, twelfth round).
+// 1.34 -> 0.95 ms against w8 in one call, twelfth round), and so does the summary, in
+// 32-column blocks (1.43 -> 1.03 ms; 16-column blocks 1.20, thirteenth round).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1606,12 +1602,11 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
-    if (tma_pass(pass)) {
-      const bool done = sum.A == nullptr               ? launch_fwd_states_tma<T>(p, prep, out, sum, s)
-                        : pass == StatePass::kTma16 ? launch_fwd_states_tma<T, kChunkCols, true>(p, prep, out, sum, s)
-                                                    : launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s);
+    if (pass == StatePass::kTma || pass == StatePass::kDefault) {
+      const bool done = sum.A == nullptr ? launch_fwd_states_tma<T>(p, prep, out, sum, s)
+                                         : launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s);
       if (done) return;
-      if (pass != StatePass::kDefault) fail_tma_unavailable();
+      if (pass == StatePass::kTma) fail_tma_unavailable();
     }
     if (pass == StatePass::kW8 || pass == StatePass::kDefault) return w8_cols(std::true_type{});
     if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
@@ -1690,9 +1685,9 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
         allow(kernel, bytes, "chunk reverse state smem");
         kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
       };
-      if (tma_pass(pass)) {
+      if (pass == StatePass::kTma || pass == StatePass::kDefault) {
         if (launch_rev_states_tma<T>(p, dout, prep, out, s)) return;
-        if (pass != StatePass::kDefault) fail_tma_unavailable();
+        if (pass == StatePass::kTma) fail_tma_unavailable();
       }
       if (pass == StatePass::kW8 || pass == StatePass::kDefault) return run(rev_state_kernel_w8<T, D, true>);
       if (pass == StatePass::kW8Calc) return run(rev_state_kernel_w8<T, D, false>);
