@@ -15,10 +15,81 @@
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass; see docs/kernels.md.)
 #include "device_utils.cuh"
+#include "route.h"
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
 namespace {
+
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p)));
+}
+
+// The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (variant 2
+// of tc_fwd_kernel). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
+// below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of
+// them, n8 tiles [nt0, nt0 + CNT) of row block mt:
+//   warp  0     1     2     3   |  4     5     6     7
+//   mt    3     3     2     2   |  3     1     1     0
+//   nt0   0     3     0     3   |  6     0     2     0
+// Warp w issues from scheduler w % 4, so each scheduler gets 5 n8 tiles (tc_scores:
+// 1, 2, 3, 4 blocks = 2, 4, 6, 8 tiles; Spread 6, 6, 4, 4) and no warp more than 3
+// (tc_scores: 4). Each element of P is computed with the same MMAs in the same order
+// and the same weight expression as in tc_scores: the same bits.
+template <typename T, int D, int CNT>
+__device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const float* ms, float scale,
+                                             T* Ps, int mt, int nt0, int lane) {
+  constexpr int LD = TcTile<D>::LD;
+  float acc[CNT][4];
+#pragma unroll
+  for (int j = 0; j < CNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4], bb[4];
+    ldsm_x4(a, Qs + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    ldsm_x4(bb, Ks + frag_b_nk(lane, 16 * kk, 8 * nt0, LD));
+    mma16816<T>(acc[0], a, bb[0], bb[1]);
+    mma16816<T>(acc[1], a, bb[2], bb[3]);
+    if (CNT == 3) {
+      uint32_t b2[2];  // lanes 0-15 address key rows 8 (nt0 + 2) + r, dims 16 kk + 8 (lane / 8)
+      ldsm_x2(b2, Ks + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2), LD));
+      mma16816<T>(acc[CNT - 1], a, b2[0], b2[1]);
+    }
+  }
+  float Gx[2], sx[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = 16 * mt + (lane >> 2) + 8 * hf;
+    Gx[hf] = ms[2 * x];
+    sx[hf] = ms[2 * x + 1];
+  }
+#pragma unroll
+  for (int j = 0; j < CNT; ++j) {
+    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
+    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * mt + (lane >> 2) + 8 * hf;
+      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
+      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
+      *reinterpret_cast<uint32_t*>(Ps + x * kLdP + y) =
+          pack2<T>(acc[j][2 * hf] * w0, acc[j][2 * hf + 1] * w1);
+    }
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const float* ms, float scale,
+                                             T* Ps, int warp, int lane) {
+  const int mt = (0x01132233 >> (4 * warp)) & 15;
+  const int nt0 = (0x02063030 >> (4 * warp)) & 15;
+  if (warp < 4) scores_slice<T, D, 3>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
+  else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
+}
 
 template <int D, int MODE>
 struct FwdLayout {
@@ -33,12 +104,24 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
-template <typename T, int D, int MODE>
+// V (LASP2_CUDA_FWD_KERNEL, a temporary A/B knob; D = 128 and the output / dq modes
+// only): 0 = the score tile as in sessions 4-12 (row block w % 4: 1, 2, 3, 4 16 x 16
+// blocks per scheduler, warps 4 and 5 idle; entry/exit weights by warps 0 and 1);
+// 1 = tc_scores' Spread (3, 3, 2, 2 blocks; weights by warps 6 and 7, which have no
+// block); 2 = scores_fine8 (5 n8 tiles per scheduler; weights by warps 6 and 7);
+// 3 = 2 with the inter product S_a^T qa^T before the barrier after the score tile
+// (it reads only qa and the state). All four compute the same bits.
+template <typename T, int D, int MODE, int V = 0>
 __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
   constexpr int NW = D / 16;
+  static_assert(V == 0 || (NW == 8 && !kPrefix), "tc_fwd_kernel variants: D = 128, output / dq");
+  constexpr bool kEarly = V == 3;
+  // the 64 threads that write the entry/exit weights: the last two warps when they
+  // have the least score work (V >= 1)
+  constexpr int kWeightTid0 = V == 0 ? 0 : 32 * NW - 64;
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -125,24 +208,21 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
 
-    if (tid < 64) {  // scale folded into the entry weights and P: outputs need no multiply
-      const float G = ms[2 * tid], s = ms[2 * tid + 1];
-      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
-      if (!kPrefix) extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
+    if (V == 0 ? tid < 64 : tid >= kWeightTid0) {
+      // scale folded into the entry weights and P: outputs need no multiply
+      const int x = tid - kWeightTid0;
+      const float G = ms[2 * x], s = ms[2 * x + 1];
+      entw[x] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      if (!kPrefix) extw[x] = s == sl ? __expf(Gl - G) : 0.f;
     }
 
-    // ---- A: P = scale W o (qa ka^T) -------------------------------------------
-    if (!kPrefix) tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-    __syncthreads();
-
-    // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
-    if (active) {
-      float o[8][4];
+    float o[8][4];
+    // inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
+    auto inter = [&]() {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
-      // inter: S_a^T qa^T over the qa dims
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
@@ -159,6 +239,29 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
           mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
         }
       }
+    };
+
+    // ---- A: P = scale W o (qa ka^T) -------------------------------------------
+    if (!kPrefix) {
+      if constexpr (V == 0) {
+        tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      } else if constexpr (V == 1) {
+        const T* const qs[1] = {Qs};
+        const T* const ks[1] = {Ks};
+        T* const ps[1] = {Ps};
+        tc_scores<T, D, NW, 1, true>(qs, ks, ms, args.scale, ps, warp, lane);
+      } else {
+        scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      }
+    }
+    if constexpr (kEarly) {
+      if (active) inter();
+    }
+    __syncthreads();
+
+    // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
+    if (active) {
+      if constexpr (!kEarly) inter();
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int y = 8 * j + 2 * (lane & 3);
@@ -291,6 +394,21 @@ template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
   auto k = tc_fwd_kernel<T, D, MODE>;
+  if constexpr (D == 128 && MODE != static_cast<int>(FwdMode::kPrefix)) {
+    switch (env_int("LASP2_CUDA_FWD_KERNEL", 0)) {
+      case 1:
+        k = tc_fwd_kernel<T, D, MODE, 1>;
+        break;
+      case 2:
+        k = tc_fwd_kernel<T, D, MODE, 2>;
+        break;
+      case 3:
+        k = tc_fwd_kernel<T, D, MODE, 3>;
+        break;
+      default:
+        break;
+    }
+  }
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
   check_launch("tc_fwd_kernel");
