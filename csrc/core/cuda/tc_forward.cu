@@ -4,7 +4,8 @@
 // rows [16w, 16w + 16), i.e. output dims [16w, 16w + 16). Per chunk:
 //   A. P = scale W o (qa ka^T)  (64 x 64, decay/document mask W applied in
 //      registers, stored as 16-bit in shared memory); entry weights (times scale)
-//      and exit weights to shared memory.
+//      and exit weights to shared memory. At D = 128 (8 warps) also each warp's
+//      S_a^T qa^T (inter), which needs neither P nor the weights.
 //   C. per warp, out^T = diag-scaled S_a^T qa^T (inter) + va^T P^T (intra), both
 //      reductions complete inside the warp; the accumulators are transposed with
 //      movmatrix and stored as 4-byte pairs; then S_a^T = exp(G_last) S_a^T +
@@ -15,7 +16,6 @@
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass; see docs/kernels.md.)
 #include "device_utils.cuh"
-#include "route.h"
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -27,8 +27,8 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "r"(smem_u32(p)));
 }
 
-// The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (variant 2
-// of tc_fwd_kernel). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
+// The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
+// output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
 // below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of
 // them, n8 tiles [nt0, nt0 + CNT) of row block mt:
 //   warp  0     1     2     3   |  4     5     6     7
@@ -104,24 +104,19 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
-// V (LASP2_CUDA_FWD_KERNEL, a temporary A/B knob; D = 128 and the output / dq modes
-// only): 0 = the score tile as in sessions 4-12 (row block w % 4: 1, 2, 3, 4 16 x 16
-// blocks per scheduler, warps 4 and 5 idle; entry/exit weights by warps 0 and 1);
-// 1 = tc_scores' Spread (3, 3, 2, 2 blocks; weights by warps 6 and 7, which have no
-// block); 2 = scores_fine8 (5 n8 tiles per scheduler; weights by warps 6 and 7);
-// 3 = 2 with the inter product S_a^T qa^T before the barrier after the score tile
-// (it reads only qa and the state). All four compute the same bits.
-template <typename T, int D, int MODE, int V = 0>
+template <typename T, int D, int MODE>
 __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
   constexpr int NW = D / 16;
-  static_assert(V == 0 || (NW == 8 && !kPrefix), "tc_fwd_kernel variants: D = 128, output / dq");
-  constexpr bool kEarly = V == 3;
-  // the 64 threads that write the entry/exit weights: the last two warps when they
-  // have the least score work (V >= 1)
-  constexpr int kWeightTid0 = V == 0 ? 0 : 32 * NW - 64;
+  // 8 warps with a score tile (session 13): scores_fine8 instead of tc_scores' row
+  // block w % 4 (1, 2, 3, 4 16 x 16 blocks per scheduler, warps 4 and 5 idle), the
+  // entry/exit weights by warps 6 and 7 (2 n8 tiles each) instead of warps 0 and 1, and
+  // the inter product S_a^T qa^T (it reads only qa and the state) before the barrier
+  // after the score tile instead of after it. Same MMAs in the same order: same bits.
+  constexpr bool kSplit = NW == 8 && !kPrefix;
+  constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -208,7 +203,7 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
 
-    if (V == 0 ? tid < 64 : tid >= kWeightTid0) {
+    if (kSplit ? tid >= kWeightTid0 : tid < 64) {
       // scale folded into the entry weights and P: outputs need no multiply
       const int x = tid - kWeightTid0;
       const float G = ms[2 * x], s = ms[2 * x + 1];
@@ -242,26 +237,17 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     };
 
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
-    if (!kPrefix) {
-      if constexpr (V == 0) {
-        tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      } else if constexpr (V == 1) {
-        const T* const qs[1] = {Qs};
-        const T* const ks[1] = {Ks};
-        T* const ps[1] = {Ps};
-        tc_scores<T, D, NW, 1, true>(qs, ks, ms, args.scale, ps, warp, lane);
-      } else {
-        scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      }
-    }
-    if constexpr (kEarly) {
+    if constexpr (kSplit) {
+      scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
       if (active) inter();
+    } else if constexpr (!kPrefix) {
+      tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
     __syncthreads();
 
     // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
     if (active) {
-      if constexpr (!kEarly) inter();
+      if constexpr (!kSplit) inter();
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int y = 8 * j + 2 * (lane & 3);
@@ -394,21 +380,6 @@ template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
   auto k = tc_fwd_kernel<T, D, MODE>;
-  if constexpr (D == 128 && MODE != static_cast<int>(FwdMode::kPrefix)) {
-    switch (env_int("LASP2_CUDA_FWD_KERNEL", 0)) {
-      case 1:
-        k = tc_fwd_kernel<T, D, MODE, 1>;
-        break;
-      case 2:
-        k = tc_fwd_kernel<T, D, MODE, 2>;
-        break;
-      case 3:
-        k = tc_fwd_kernel<T, D, MODE, 3>;
-        break;
-      default:
-        break;
-    }
-  }
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
   check_launch("tc_fwd_kernel");

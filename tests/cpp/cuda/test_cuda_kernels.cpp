@@ -626,12 +626,14 @@ TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
 }
 
 // ---- the output and dq passes' score-tile split (tc_forward.cu, session 13) -------------
-// Edge cases against the CPU backend in float64: forced 2-chunk segments with documents
-// and a partial last chunk (part [37, 1000)), dims below the tile (dv = 40: warps 3-7
-// write no output but still compute their score tiles and, in variants 1-3, the weights;
-// dk = 96), D = 64 (the 4-warp kernel), fixed and no decay, fp16, the backend's own
-// segments at T = 4109. Every variant of LASP2_CUDA_FWD_KERNEL must give o, dq and q.dq
-// equal bit for bit to variant 0 (the same MMAs in the same order).
+// Edge cases against the CPU backend in float64, run twice (bitwise reproducible): forced
+// 2-chunk segments with documents and a partial last chunk (part [37, 1000)), dims below
+// the tile (dv = 40: warps 3-7 write no output but still compute their score tiles and,
+// warps 6 and 7, the weights; dk = 96, dv = 72), D = 64 (the 4-warp kernel), fixed and
+// no decay, fp16, the backend's own segments at T = 4109. On an H200 (session 13) these
+// cases also gave o, dq and q.dq equal bit for bit to the kernel of sessions 4-12 and to
+// the measured variants (tc_scores' Spread; the fine split with the inter product after
+// the barrier), which were then removed.
 void run_fwd_split_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
@@ -653,25 +655,21 @@ void run_fwd_split_case(const OpCase& c) {
     DevTensor o, dq;
     DevBuf<float> qdq;
   };
-  auto run = [&](const char* variant) {
-    EnvGuard v("LASP2_CUDA_FWD_KERNEL", variant);
+  auto run = [&]() {
     Out r{dp.like_v(), dp.like_k(), DevBuf<float>(scalars)};
     r.qdq.poison();
     cuda_backend().chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
     cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
     return r;
   };
-  const Out base = run("0");
+  const Out a = run(), b = run();
   const double tol = tol_of(c.dtype);
-  expect_rows(c, "o_split", base.o, want_o, tol);
-  expect_rows(c, "dq_split", base.dq, want_dq, tol);
-  expect_scalars(c, "q.dq_split", base.qdq, want_qdq, tol);
-  for (const char* variant : {"0", "1", "2", "3"}) {
-    const Out r = run(variant);
-    EXPECT_EQ(r.o.buf.download(), base.o.buf.download()) << "o, variant " << variant;
-    EXPECT_EQ(r.dq.buf.download(), base.dq.buf.download()) << "dq, variant " << variant;
-    EXPECT_EQ(float_bits(r.qdq.download()), float_bits(base.qdq.download())) << "q.dq, variant " << variant;
-  }
+  expect_rows(c, "o_split", a.o, want_o, tol);
+  expect_rows(c, "dq_split", a.dq, want_dq, tol);
+  expect_scalars(c, "q.dq_split", a.qdq, want_qdq, tol);
+  EXPECT_EQ(b.o.buf.download(), a.o.buf.download()) << "o not reproducible";
+  EXPECT_EQ(b.dq.buf.download(), a.dq.buf.download()) << "dq not reproducible";
+  EXPECT_EQ(float_bits(b.qdq.download()), float_bits(a.qdq.download())) << "q.dq not reproducible";
 }
 
 TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
