@@ -4,7 +4,8 @@
 // rows [16w, 16w + 16), i.e. output dims [16w, 16w + 16). Per chunk:
 //   A. P = scale W o (qa ka^T)  (64 x 64, decay/document mask W applied in
 //      registers, stored as 16-bit in shared memory); entry weights (times scale)
-//      and exit weights to shared memory.
+//      and exit weights to shared memory. At D = 128 (8 warps) also each warp's
+//      S_a^T qa^T (inter), which needs neither P nor the weights.
 //   C. per warp, out^T = diag-scaled S_a^T qa^T (inter) + va^T P^T (intra), both
 //      reductions complete inside the warp; the accumulators are transposed with
 //      movmatrix and stored as 4-byte pairs; then S_a^T = exp(G_last) S_a^T +
@@ -19,6 +20,76 @@
 
 namespace lasp2::cuda {
 namespace {
+
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p)));
+}
+
+// The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
+// output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
+// below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of
+// them, n8 tiles [nt0, nt0 + CNT) of row block mt:
+//   warp  0     1     2     3   |  4     5     6     7
+//   mt    3     3     2     2   |  3     1     1     0
+//   nt0   0     3     0     3   |  6     0     2     0
+// Warp w issues from scheduler w % 4, so each scheduler gets 5 n8 tiles (tc_scores:
+// 1, 2, 3, 4 blocks = 2, 4, 6, 8 tiles; Spread 6, 6, 4, 4) and no warp more than 3
+// (tc_scores: 4). Each element of P is computed with the same MMAs in the same order
+// and the same weight expression as in tc_scores: the same bits.
+template <typename T, int D, int CNT>
+__device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const float* ms, float scale,
+                                             T* Ps, int mt, int nt0, int lane) {
+  constexpr int LD = TcTile<D>::LD;
+  float acc[CNT][4];
+#pragma unroll
+  for (int j = 0; j < CNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4], bb[4];
+    ldsm_x4(a, Qs + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    ldsm_x4(bb, Ks + frag_b_nk(lane, 16 * kk, 8 * nt0, LD));
+    mma16816<T>(acc[0], a, bb[0], bb[1]);
+    mma16816<T>(acc[1], a, bb[2], bb[3]);
+    if (CNT == 3) {
+      uint32_t b2[2];  // lanes 0-15 address key rows 8 (nt0 + 2) + r, dims 16 kk + 8 (lane / 8)
+      ldsm_x2(b2, Ks + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2), LD));
+      mma16816<T>(acc[CNT - 1], a, b2[0], b2[1]);
+    }
+  }
+  float Gx[2], sx[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = 16 * mt + (lane >> 2) + 8 * hf;
+    Gx[hf] = ms[2 * x];
+    sx[hf] = ms[2 * x + 1];
+  }
+#pragma unroll
+  for (int j = 0; j < CNT; ++j) {
+    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
+    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * mt + (lane >> 2) + 8 * hf;
+      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
+      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
+      *reinterpret_cast<uint32_t*>(Ps + x * kLdP + y) =
+          pack2<T>(acc[j][2 * hf] * w0, acc[j][2 * hf + 1] * w1);
+    }
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const float* ms, float scale,
+                                             T* Ps, int warp, int lane) {
+  const int mt = (0x01132233 >> (4 * warp)) & 15;
+  const int nt0 = (0x02063030 >> (4 * warp)) & 15;
+  if (warp < 4) scores_slice<T, D, 3>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
+  else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
+}
 
 template <int D, int MODE>
 struct FwdLayout {
@@ -39,6 +110,13 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
   constexpr int NW = D / 16;
+  // 8 warps with a score tile (session 13): scores_fine8 instead of tc_scores' row
+  // block w % 4 (1, 2, 3, 4 16 x 16 blocks per scheduler, warps 4 and 5 idle), the
+  // entry/exit weights by warps 6 and 7 (2 n8 tiles each) instead of warps 0 and 1, and
+  // the inter product S_a^T qa^T (it reads only qa and the state) before the barrier
+  // after the score tile instead of after it. Same MMAs in the same order: same bits.
+  constexpr bool kSplit = NW == 8 && !kPrefix;
+  constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -125,24 +203,21 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
     const bool full = nvalid == kChunk && dv == D;  // block-uniform: stores need no bounds
 
-    if (tid < 64) {  // scale folded into the entry weights and P: outputs need no multiply
-      const float G = ms[2 * tid], s = ms[2 * tid + 1];
-      entw[tid] = s == 0.f ? args.scale * __expf(G) : 0.f;
-      if (!kPrefix) extw[tid] = s == sl ? __expf(Gl - G) : 0.f;
+    if (kSplit ? tid >= kWeightTid0 : tid < 64) {
+      // scale folded into the entry weights and P: outputs need no multiply
+      const int x = tid - kWeightTid0;
+      const float G = ms[2 * x], s = ms[2 * x + 1];
+      entw[x] = s == 0.f ? args.scale * __expf(G) : 0.f;
+      if (!kPrefix) extw[x] = s == sl ? __expf(Gl - G) : 0.f;
     }
 
-    // ---- A: P = scale W o (qa ka^T) -------------------------------------------
-    if (!kPrefix) tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-    __syncthreads();
-
-    // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
-    if (active) {
-      float o[8][4];
+    float o[8][4];
+    // inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
+    auto inter = [&]() {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
-      // inter: S_a^T qa^T over the qa dims
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
@@ -159,6 +234,20 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
           mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
         }
       }
+    };
+
+    // ---- A: P = scale W o (qa ka^T) -------------------------------------------
+    if constexpr (kSplit) {
+      scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      if (active) inter();
+    } else if constexpr (!kPrefix) {
+      tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+    }
+    __syncthreads();
+
+    // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
+    if (active) {
+      if constexpr (!kSplit) inter();
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int y = 8 * j + 2 * (lane & 3);

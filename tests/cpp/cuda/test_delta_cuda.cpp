@@ -1540,8 +1540,8 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
 
 // The 8-warp state passes with their copies addressed once a block (w8), every chunk's
 // copies addressed anew (w8calc) and the passes on whole-tile tensor-map copies (tma, the
-// default on sm_90): the same arithmetic on the same tiles, so every output must be
-// equal bit for bit. Two batch rows
+// default on sm_90, its summary in 32-column blocks as w8's): the same arithmetic on the
+// same tiles, so every output must be equal bit for bit. Two batch rows
 // of 9 heads (144 state-pass blocks: the two-buffer rings on a 132-SM H200, the summary's
 // 72 the four-buffer one) in Megatron's [T, B, H, D] order with padded heads, and one
 // batch row of 5 heads in [B, T, H, D] (40 blocks: the four-buffer rings); a part that
@@ -1622,6 +1622,68 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
       EXPECT_EQ(differ, 0) << family << ": of " << lean.size() << " words";
       // poison (NaN) where nothing was written: most of every buffer must be written
       EXPECT_GT(finite, static_cast<int64_t>(lean.size()) * 9 / 10) << family;
+    }
+  }
+}
+
+// The part summary through the backend (part_summary: A, M and the head maps) on
+// tensor-map copies (tma, the default on sm_90, 32-column blocks) against w8's, bit for
+// bit, and against the CPU backend: batch rows with -inf gates
+// inside the part (A = 0 exactly), packed documents starting inside the part (A = 0;
+// the head maps from the second pass), fp16 with both; 18 (b, h) (the two-buffer rings
+// on a 132-SM H200) and 5 or 3 (the four-buffer ones); parts starting and ending mid-chunk.
+TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "the tma summary runs on sm_90 and later";
+  struct Case {
+    ScalarType type;
+    int64_t batch, heads;
+    bool packed, neg_inf;
+    TokenRange part;
+  };
+  const std::vector<Case> cases = {{ScalarType::kBFloat16, 2, 9, false, true, {37, 980}},
+                                   {ScalarType::kBFloat16, 1, 5, true, false, {37, 980}},
+                                   {ScalarType::kFloat16, 1, 3, true, true, {0, 700}}};
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.packed ? "packed" : "rows") + (c.neg_inf ? " -inf" : "") + " B=" +
+                 std::to_string(c.batch) + " H=" + std::to_string(c.heads));
+    DeltaSpec spec = gdn_spec(128, 1000, c.batch);
+    spec.heads = c.heads;
+    if (c.packed) spec.doc_starts = {5, 64, 130, 131, 400, 641};
+    DeltaProblem<float> pr(spec, 17);
+    prepare_inputs(pr, c.type);
+    if (c.neg_inf) forget_at(pr, {100, 300, 301});
+    DeviceProblem dev(pr, c.type, Layout{});
+    const int64_t bh = dev.p.bh(), se = dev.p.state_elems();
+    auto run = [&](const char* family) {
+      const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
+      DevBuf<float> A(bh * se), M(bh * se), hA(bh * se), hM(bh * se);
+      for (DevBuf<float>* b : {&A, &M, &hA, &hM}) b->poison();
+      gpu.part_summary(dev.p, c.part, DocStates{}, A.p, M.p, hA.p, hM.p, nullptr);
+      return std::vector<std::vector<float>>{A.download(), M.download(), hA.download(), hM.download()};
+    };
+    const char* names[] = {"A", "M", "head A", "head M"};
+    const auto w8 = run("w8");
+    for (const char* family : {"", "tma"}) {
+      SCOPED_TRACE(*family ? family : "(default)");
+      const auto got = run(family);
+      for (int i = 0; i < 4; ++i) {
+        int64_t differ = 0;
+        for (size_t e = 0; e < got[i].size(); ++e) differ += std::memcmp(&got[i][e], &w8[i][e], 4) != 0;
+        EXPECT_EQ(differ, 0) << names[i] << ": of " << got[i].size() << " words";
+      }
+    }
+    EXPECT_EQ(delta::testing::max_abs(w8[0]), 0.0) << "A after a -inf gate or a document start";
+    if (c.packed) EXPECT_GT(delta::testing::max_abs(w8[2]), 0.0) << "head A: no document start before its end";
+    if (!c.neg_inf) {  // the CPU backend (no -inf gates); 16-bit operands over 15 chunks
+      std::vector<float> A(bh * se), M(bh * se), hA(bh * se), hM(bh * se);
+      delta::delta_cpu_backend().part_summary(pr.params(), c.part, DocStates{}, A.data(), M.data(), hA.data(),
+                                              hM.data(), nullptr);
+      const std::vector<float>* want[] = {&A, &M, &hA, &hM};
+      for (int i = 0; i < 4; ++i) EXPECT_LT(rel_err_f32(w8[i], *want[i]), 1e-2) << names[i] << " vs CPU";
     }
   }
 }

@@ -793,52 +793,71 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 // 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
 // map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
 constexpr int kSwzHalf = CH * 64 * 2;  // bytes of one 64-column half of a 16-bit tile
-template <typename T, int NS>
+template <typename T, int NS, int C = kChunkCols>
 struct TmaStateSmem {
-  static constexpr int LDC = kChunkCols + 8;
+  static constexpr int LDC = C + 8;
   unsigned char tiles[NS][2][2 * kSwzHalf];  // [buffer][w, K]: 1024-byte aligned (the swizzle)
   T u[NS][CH * LDC];
   float meta[NS][2 * CH];
-  T xb[128 * LDC];  // the carried columns (16-bit copy), [d][16]
+  T xb[128 * LDC];  // the carried columns (16-bit copy), [d][C]
   T ys[CH * LDC];
   uint64_t full[NS];  // buffer s holds its chunk's w and K
 };
 
-// v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with one n8 tile):
-// A = the swizzled w tile, a_lane this lane's row piece at k-step 0 (rows m0 + lane % 16,
-// m0 % 8 == 0, so row % 8 == lane % 8: k-step kk XORs (kk % 4) << 5 into the piece and
-// adds a half's bytes from kk = 4).
+// v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with NTILES n8
+// tiles from column n0): A = the swizzled w tile, a_lane this lane's row piece at k-step
+// 0 (rows m0 + lane % 16, m0 % 8 == 0, so row % 8 == lane % 8: k-step kk XORs
+// (kk % 4) << 5 into the piece and adds a half's bytes from kk = 4).
+template <typename T, int NTILES>
+__device__ __forceinline__ void mma_w_swizzled(float (&acc)[NTILES][4], uint32_t a_lane, const T* B, int ldb, int n0,
+                                               int lane) {
+  static_assert(NTILES == 1 || NTILES == 2, "one or two n8 tiles");
+  float odd[NTILES][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t a[4], b[2 * NTILES];
+    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
+    if constexpr (NTILES == 1) {
+      ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
+    } else {
+      ldsm_x4_t(b, B + frag_b_kn(lane, 16 * kk, n0, ldb));
+    }
+#pragma unroll
+    for (int t = 0; t < NTILES; ++t) mma16816<T>(kk & 1 ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
+  }
+#pragma unroll
+  for (int t = 0; t < NTILES; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
+}
+// One n8 tile (the reverse pass).
 template <typename T>
 __device__ __forceinline__ void mma_w_swizzled(float (&acc)[4], uint32_t a_lane, const T* B, int ldb, int n0,
                                                int lane) {
-  float odd[4] = {};
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    uint32_t a[4], b[2];
-    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
-    ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
-    mma16816<T>(kk & 1 ? odd : acc, a, b[0], b[1]);
-  }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) acc[e] += odd[e];
+  mma_w_swizzled<T, 1>(reinterpret_cast<float(&)[1][4]>(acc), a_lane, B, ldb, n0, lane);
 }
-// S += K^T ys over the chunk's tokens in two halves (as mma_rows_halves with two n8
+// S += K^T ys over the chunk's tokens in two halves (as mma_rows_halves with NTL n8
 // tiles): A = the swizzled K tile read transposed, a_lane this lane's piece at k-step 0
 // (a k-step is 16 token rows, 2048 bytes).
-template <typename T>
-__device__ __forceinline__ void mma_k_swizzled(float (&acc)[2][4], uint32_t a_lane, const T* B, int ldb, int lane) {
-  float hi[2][4] = {};
+template <typename T, int NTL>
+__device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_lane, const T* B, int ldb, int lane) {
+  static_assert(NTL % 2 == 0, "pairs of n8 tiles");
+  float hi[NTL][4] = {};
 #pragma unroll
   for (int kk = 0; kk < CH / 16; ++kk) {
-    float(&c)[2][4] = kk < 2 ? acc : hi;
-    uint32_t a[4], bb[4];
+    float(&c)[NTL][4] = kk < 2 ? acc : hi;
+    uint32_t a[4];
     ldsm_x4_t_at(a, a_lane + kk * 2048);
-    ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 0, ldb));
-    mma16816<T>(c[0], a, bb[0], bb[1]);
-    mma16816<T>(c[1], a, bb[2], bb[3]);
+#pragma unroll
+    for (int pr = 0; pr < NTL / 2; ++pr) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * pr, ldb));
+      mma16816<T>(c[2 * pr], a, bb[0], bb[1]);
+      mma16816<T>(c[2 * pr + 1], a, bb[2], bb[3]);
+    }
   }
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt)
+  for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
 }
@@ -862,44 +881,49 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
   }
 }
 
-// The forward state pass (v_new, the 16-bit chunk states, the leaving state; not the
-// summary) of fwd_state_kernel_w8 (C = 16, kLean) with the tiles above: the same products
-// in the same order, so every output equals w8's bit for bit.
-template <typename T, int NS>
+// The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
+// with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
+// slower, docs/delta_rule.md thirteenth round: grid x = 2 D / C,
+// blocks x < D / C the columns of A from I with u = 0, the others M's from zero; no
+// per-chunk outputs) of fwd_state_kernel_w8 (kLean) with the tiles above: the same
+// products in the same order, so every output equals w8's (at the same C) bit for bit.
+template <typename T, int NS, int C = kChunkCols, bool kSummary = false>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
-                         const __grid_constant__ CUtensorMap kmap, KMapDims kd) {
+                         const __grid_constant__ CUtensorMap kmap, KMapDims kd, ChunkSummaryOut sum) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the host launches it on sm_90 and later only
 #else
-  constexpr int D = 128, C = kChunkCols, LDC = C + 8, NTL = C / 8;
-  static_assert(NTL == 2, "16 columns: one n8 tile a warp in the token product");
+  constexpr int D = 128, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp (token product)
+  static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaStateSmem<T, NS>& sm =
-      *reinterpret_cast<TmaStateSmem<T, NS>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm =
+      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int j0 = blockIdx.x * C;
+  const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
+  const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;
   const int64_t se = static_cast<int64_t>(D) * D;
   const int r0 = 16 * warp;                          // state rows of this warp
-  const int x0 = 16 * (warp & 3), n0 = 8 * (warp >> 2);  // tokens and columns of its token tile
+  const int x0 = 16 * (warp & 3), n0 = 8 * TPW * (warp >> 2);  // tokens and columns of its token tiles
 
   float S[NTL][4];
-  load_state<D>(S, false, fo.entering, bh * se, r0, j0, lane);
+  load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
   ColCopy<T, C, NT8> cu;
   MetaCopy cm;
   cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
   cm.init(prep.meta, row0, sm.meta[0], tid);
-  T* const vn = fo.v_new != nullptr
+  T* const vn = !kSummary && fo.v_new != nullptr
                     ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
                     : nullptr;
-  T* const st16 =
-      fo.states != nullptr ? static_cast<T*>(fo.states) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1) : nullptr;
+  T* const st16 = !kSummary && fo.states != nullptr
+                      ? static_cast<T*>(fo.states) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
+                      : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
   // this lane's ldmatrix pieces at k-step 0: w (token rows x0..), K^T (state rows r0..)
   const uint32_t aw = (x0 + (lane & 15)) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
@@ -925,7 +949,7 @@ __global__ void __launch_bounds__(NT8, 2)
   for (int i = 0; i < NS - 1; ++i) {
     if (i < nck) {
       if (tid == 0) issue_tiles(i);
-      cu.issue(i, i * sizeof(sm.u[0]), CH);
+      if (!amap) cu.issue(i, i * sizeof(sm.u[0]), CH);
       cm.issue(i, i * sizeof(sm.meta[0]));
     }
     cp_async_commit();
@@ -942,7 +966,7 @@ __global__ void __launch_bounds__(NT8, 2)
         const int cl = 8 * nt + 2 * (lane & 3), col = j0 + cl;
         const float s0 = S[nt][2 * hf], s1 = S[nt][2 * hf + 1];
         store_u32(sm.xb + row * LDC + cl, pack2<T>(s0, s1));
-        if (fo.ckpt != nullptr) {
+        if (!kSummary && fo.ckpt != nullptr) {
           const int64_t at = (bh * nck + c) * se;
           fo.ckpt[at + static_cast<int64_t>(col) * D + row] = s0;
           fo.ckpt[at + static_cast<int64_t>(col + 1) * D + row] = s1;
@@ -954,7 +978,7 @@ __global__ void __launch_bounds__(NT8, 2)
     const int n = c + NS - 1;  // the chunk that refills buffer (c - 1) % NS
     if (n < nck) {
       if (tid == 0) issue_tiles(n);
-      cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
+      if (!amap) cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
       cm.issue(n, (n % NS) * sizeof(sm.meta[0]));
     }
     cp_async_commit();
@@ -965,18 +989,22 @@ __global__ void __launch_bounds__(NT8, 2)
     const T* u = sm.u[s];
     const float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
     const uint32_t wt = tiles0 + s * kBufBytes;
-    {  // v_new = u - w S (this warp's token tile); ys = diag(d) v_new
-      float acc[4] = {};
-      mma_w_swizzled<T>(acc, wt + aw, sm.xb, LDC, n0, lane);
+    {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A); ys = diag(d) v_new
+      float acc[TPW][4] = {};
+      mma_w_swizzled<T, TPW>(acc, wt + aw, sm.xb, LDC, n0, lane);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const int x = x0 + (lane >> 2) + 8 * hf;
         const float Gx = meta[2 * x], sx = meta[2 * x + 1];
         const float d = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
-        const float2 rr = unpack2<T>(load_u32(u + x * LDC + cl));
-        const float v0 = rr.x - acc[2 * hf], v1 = rr.y - acc[2 * hf + 1];
-        if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D, pack2<T>(v0, v1));
-        store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+#pragma unroll
+        for (int t = 0; t < TPW; ++t) {
+          const int cl = n0 + 8 * t + 2 * (lane & 3);
+          const float2 rr = amap ? make_float2(0.f, 0.f) : unpack2<T>(load_u32(u + x * LDC + cl));
+          const float v0 = rr.x - acc[t][2 * hf], v1 = rr.y - acc[t][2 * hf + 1];
+          if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D + 8 * t, pack2<T>(v0, v1));
+          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+        }
       }
     }
     __syncthreads();
@@ -986,9 +1014,9 @@ __global__ void __launch_bounds__(NT8, 2)
       for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
-      mma_k_swizzled<T>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
+      mma_k_swizzled<T, NTL>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     }
-    if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
+    if (!kSummary && fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
       float f = 0.f;
       const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
       if (H != nullptr) add_state<D>(S, f, H, r0, j0, lane);
@@ -996,7 +1024,14 @@ __global__ void __launch_bounds__(NT8, 2)
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  if (fo.leaving != nullptr) store_state<D>(fo.leaving + bh * se, S, r0, j0, lane);
+  if constexpr (kSummary) {
+    float* const dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
+#pragma unroll
+    for (int which = 0; which < 2; ++which)
+      if (dst[which] != nullptr) store_state<D>(dst[which] + bh * se, S, r0, j0, lane);
+  } else if (fo.leaving != nullptr) {
+    store_state<D>(fo.leaving + bh * se, S, r0, j0, lane);
+  }
 #endif
 }
 
@@ -1377,9 +1412,9 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 // else "w8". "tile": fwd_state_kernel and rev_state_kernel (4 warps a block); "w8": their
 // 8-warp versions with the copies addressed once a block (d = 128, else tile); "w8calc":
 // the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
-// A/B); "tma": the forward and reverse passes on whole-tile tensor-map copies
-// (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by name where they cannot run, an
-// error; the summary keeps w8's 32-column blocks). docs/delta_rule.md, twelfth round.
+// A/B); "tma": the forward and reverse passes and the part summary (32-column blocks) on
+// whole-tile tensor-map copies (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by
+// name where they cannot run, an error). docs/delta_rule.md, twelfth and thirteenth rounds.
 enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
@@ -1481,10 +1516,12 @@ void launch_tma_pass(void (*kernel)(Params...), dim3 grid, int bytes, cudaStream
   kernel<<<grid, NT8, bytes, s>>>(std::forward<Args>(args)...);
 }
 
-// The forward state pass on fwd_state_kernel_tma; false (nothing launched) where it
-// cannot run: before sm_90, a binary without sm_90 code, strides a tensor map cannot take.
-template <typename T>
-bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, cudaStream_t s) {
+// The forward state pass (C = 16) or, with kSummary, the part summary (sum) on
+// fwd_state_kernel_tma; false (nothing launched) where it cannot run: before sm_90, a
+// binary without sm_90 code, strides a tensor map cannot take.
+template <typename T, int C = kChunkCols, bool kSummary = false>
+bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
+                           const ChunkSummaryOut& sum, cudaStream_t s) {
   constexpr int D = 128;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
@@ -1495,17 +1532,18 @@ bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkS
   }
   KMapDims kd{};
   if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
-  const dim3 grid(D / kChunkCols, static_cast<unsigned>(p.bh()));
+  const dim3 grid((kSummary ? 2 : 1) * D / C, static_cast<unsigned>(p.bh()));
   auto run = [&](auto kernel, int ns) {
     if (!runs_sm90(kernel)) return false;
     // + 1024: the tiles' alignment for the swizzle
-    const int bytes = static_cast<int>((ns == 4 ? sizeof(TmaStateSmem<T, 4>) : sizeof(TmaStateSmem<T, 2>)) + 1024);
-    launch_tma_pass(kernel, grid, bytes, s, p, prep, out, wmap, kmap, kd);
+    const int bytes =
+        static_cast<int>((ns == 4 ? sizeof(TmaStateSmem<T, 4, C>) : sizeof(TmaStateSmem<T, 2, C>)) + 1024);
+    launch_tma_pass(kernel, grid, bytes, s, p, prep, out, wmap, kmap, kd, sum);
     return true;
   };
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
-  return one_wave ? run(fwd_state_kernel_tma<T, 4>, 4) : run(fwd_state_kernel_tma<T, 2>, 2);
+  return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary>, 4) : run(fwd_state_kernel_tma<T, 2, C, kSummary>, 2);
 }
 
 // The reverse state pass on rev_state_kernel_tma; false (nothing launched) where it
@@ -1540,7 +1578,8 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
 // states 1.37 -> 1.22, summary 1.43 -> 1.36 ms. Ring depth 4 when the blocks fit the
 // device in one wave (one block an SM), else 2 (two blocks an SM hide each other's loads).
 // On sm_90 the state pass runs on tensor-map copies by default (fwd_state_kernel_tma:
-// 1.34 -> 0.95 ms against w8 in one call, twelfth round).
+// 1.34 -> 0.95 ms against w8 in one call, twelfth round), and so does the summary, in
+// 32-column blocks (1.43 -> 1.03 ms; 16-column blocks 1.20, thirteenth round).
 template <typename T, int D>
 void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out, const ChunkSummaryOut& sum,
                        cudaStream_t s) {
@@ -1563,12 +1602,13 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
-    if ((pass == StatePass::kTma || pass == StatePass::kDefault) && sum.A == nullptr) {
-      if (launch_fwd_states_tma<T>(p, prep, out, s)) return;
+    if (pass == StatePass::kTma || pass == StatePass::kDefault) {
+      const bool done = sum.A == nullptr ? launch_fwd_states_tma<T>(p, prep, out, sum, s)
+                                         : launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s);
+      if (done) return;
       if (pass == StatePass::kTma) fail_tma_unavailable();
     }
-    if (pass == StatePass::kW8 || pass == StatePass::kTma || pass == StatePass::kDefault)
-      return w8_cols(std::true_type{});
+    if (pass == StatePass::kW8 || pass == StatePass::kDefault) return w8_cols(std::true_type{});
     if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
   }
   constexpr int C = kChunkCols;
