@@ -48,6 +48,12 @@ def _ops(names):
         g = (-0.1 * torch.rand(B, T, H, device=device)).requires_grad_()
         return (q, k, v, g), lambda: lasp2.linear_attention(q, k, v, g=g)
 
+    def linear_fixed(B, T, H, D, dtype, device):
+        # a fixed per-head log decay (lightning attention's), a constant: no gradient
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        decay = -0.05 * torch.rand(H, device=device)
+        return (q, k, v), lambda: lasp2.linear_attention(q, k, v, decay=decay)
+
     def softmax(B, T, H, D, dtype, device):
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         return (q, k, v), lambda: lasp2.softmax_attention(q, k, v)
@@ -60,7 +66,8 @@ def _ops(names):
         beta = torch.rand(B, T, H, device=device, dtype=dtype).mul(0.9).add(0.05).requires_grad_()
         return (q, k, v, g, beta), lambda: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
 
-    table = {"linear_attention": linear, "softmax_attention": softmax, "gated_delta_rule": delta}
+    table = {"linear_attention": linear, "linear_attention_fixed": linear_fixed, "softmax_attention": softmax,
+             "gated_delta_rule": delta}
     return {n: table[n] for n in names}
 
 
@@ -242,7 +249,7 @@ def main():
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    labels = [f"{r['op'].split('_')[0]}\n{r['T']}" for r in rows]
+    labels = [f"{r['op'].replace('_attention', '').replace('_rule', '')}\n{r['T']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
     ax.bar([i - 0.27 for i in x], [r["custom_op_ms"] for r in rows], 0.27, label="registered custom op")

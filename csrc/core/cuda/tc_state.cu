@@ -17,10 +17,11 @@
 // A split walk (StateArgs::sub_chunks, for per-head fixed decays, whose weakest head
 // otherwise walks whole segments while the others stop early: docs/kernels.md,
 // session 13) gives piece j of the walk to its own blocks: they first multiply the
-// through factors of the walk's chunks before the piece into carry, in the walk's order
-// (so every chunk is weighted with the same carry bits as in one walk), skip the piece
+// through factors of the walk's chunks before the piece into carry (32 at a time, a
+// butterfly product per warp: a few shuffles instead of a chain of 32), skip the piece
 // if carry is already 0, and write the piece's state apart; launch_state_sum adds the
-// pieces. Only the fp32 summation order differs from one walk.
+// pieces. Against one walk only the rounding of carry's product and the fp32 summation
+// order of the state differ.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -74,14 +75,22 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   // This block's piece of the walk: chunks [i0, i0 + nwalk) of it.
   const int nall = max(0, c_end - c_begin);
   const int i0 = min(nall, sub * args.sub_chunks);  // sub = 0 without a split
-  // carry through the walk's chunks before the piece (same order as one walk), 0 as
-  // soon as it underflows or a document starts, or when the piece is past the segment
+  // carry through the walk's chunks before the piece, 0 once it underflows or a
+  // document starts, or when the piece lies past the segment's end
   float carry = sub > 0 && i0 == nall ? 0.f : ENTRY ? args.coef : 1.f;
-  for (int base = 0; base < i0 && carry != 0.f; base += 32) {
-    const int c = base + lane < i0 ? chunk_of(base + lane) : -1;
-    const float t = c >= 0 ? wmeta[c * 128 + 2 * 63] : 1.f;  // w_entry of the chunk's last token
-    const int n = min(32, i0 - base);
-    for (int j = 0; j < n && carry != 0.f; ++j) carry *= __shfl_sync(0xffffffffu, t, j);
+  for (int base = 0; base < i0 && carry != 0.f; base += 4 * 32) {
+    float t[4];  // through factor (w_entry of the chunk's last token), 1 past the piece
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + 32 * u + lane;
+      t[u] = i < i0 ? wmeta[chunk_of(i) * 128 + 2 * 63] : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) t[u] *= __shfl_xor_sync(0xffffffffu, t[u], o);
+      carry *= t[u];  // the same value in every lane
+    }
   }
   // (one walk never reaches a chunk after carry became 0; piece 0 starts as one walk)
   const int nwalk =
