@@ -19,6 +19,9 @@ and beta on the host). At small T on a GPU the host decides the step time.
       --ops linear_attention --iters 500 --cpu-time
       # the same by this thread's CPU time (a shared box: other jobs' load moves wall time)
 
+Ops: linear_attention (per-token gates g), linear_attention_fixed (a fixed per-head
+decay without gradient), gated_delta_rule, softmax_attention.
+
 --split also times the parts of one eager step on the host (wall clock and this
 thread's CPU time): the forward call, the loss, the backward call, and the wait for
 the device at the end. On CUDA the backward runs on autograd's device thread, so the
@@ -211,7 +214,7 @@ def main():
     torch.manual_seed(0)
 
     rows = []
-    print(f"{'op':<18} {'T':>7} {'eager ms':>9} {'custom op ms':>13} {'custom/eager':>13} {'graph ms':>9}")
+    print(f"{'op':<22} {'T':>7} {'eager ms':>9} {'custom op ms':>13} {'custom/eager':>13} {'graph ms':>9}")
     for name, make in _ops(args.ops).items():
         for T in seq_lens:
             inputs, forward = make(args.batch, T, heads, dim, dtype, device)
@@ -238,7 +241,7 @@ def main():
                 row["split"] = _split(forward, inputs, iters, device)
             rows.append(row)
             graph_txt = f"{graph:9.3f}" if graph is not None else f"{'-':>9}"
-            print(f"{name:<18} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "
+            print(f"{name:<22} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "
                   f"{times[False] / times[True]:12.2f}x {graph_txt}")
 
     print(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype), rows=rows)))
