@@ -1274,15 +1274,15 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
 }
 
 // prep's and rprep's thirteenth-round kernels (the defaults: prep's w and u through
-// shared memory in 16-byte stores; rprep with P^T in registers) against the twelfth
-// round's (LASP2_DELTA_PREP_KERNEL=old, LASP2_DELTA_RPREP_KERNEL=old): the same products
-// in the same order, so w, u, meta, T and r must be equal bit for bit. bf16 and fp16,
-// d = 64 and 128, two batch rows with packed documents (one on a chunk's first token)
-// and -inf gates (inside a chunk and on a chunk's first token), a part from token 37 to
-// 280 (chunks from 37, 101, 165 and 229; the last one partial). The upper triangle of T
-// and the pairs across document starts are zero: a tenth of each buffer's words at least
-// must be non-zero.
-TEST(DeltaCudaPrep, StagedEqualsOld) {
+// shared memory in 16-byte stores, the balanced inverse merge, T's copy in pairs; rprep
+// with P^T in registers) against the twelfth round's (LASP2_DELTA_PREP_KERNEL=old,
+// LASP2_DELTA_RPREP_KERNEL=old): the same products in the same order, so w, u, meta, T
+// and r must be equal bit for bit. bf16 and fp16, d = 64 and 128, two batch rows with
+// packed documents (one on a chunk's first token) and -inf gates (inside a chunk and on a
+// chunk's first token), a part from token 37 to 280 (chunks from 37, 101, 165 and 229;
+// the last one partial). The upper triangle of T and the pairs across document starts
+// are zero: a tenth of each buffer's words at least must be non-zero.
+TEST(DeltaCudaPrep, NewEqualsOld) {
   LASP2_SKIP_WITHOUT_CUDA();
   namespace gpu = delta::gpu;
   for (const ScalarType type : {ScalarType::kBFloat16, ScalarType::kFloat16})
@@ -1318,10 +1318,9 @@ TEST(DeltaCudaPrep, StagedEqualsOld) {
         return out;
       };
       const auto old = run("old", "old");
-      // the defaults unset and named (prep's "balanced", rprep's "reg"), prep's "staged"
-      for (const auto& [pk, rk] : {std::pair{"", ""}, std::pair{"balanced", "reg"}, std::pair{"staged", "reg"}}) {
-        SCOPED_TRACE(*pk ? pk : "(default)");
-        const auto got = run(pk, rk);
+      for (const char* kernel : {"", "new"}) {  // the default unset and named
+        SCOPED_TRACE(*kernel ? kernel : "(default)");
+        const auto got = run(kernel, kernel);
         const char* names[] = {"w", "u", "r", "meta", "T"};
         for (size_t i = 0; i < old.size(); ++i) {
           ASSERT_EQ(old[i].size(), got[i].size());
@@ -1343,10 +1342,9 @@ TEST(DeltaCudaPrep, StagedEqualsOld) {
 }
 
 // prep (with and without T) and rprep at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128,
-// bf16: the twelfth round's kernels (old), prep's staged and balanced variants (rprep's
-// reg with both) alternating, two rounds, each
-// the median of 5 launches after a warm-up (printed; the assertion only checks that r is
-// finite).
+// bf16: the twelfth round's kernels (old) and the defaults (new) alternating, two rounds,
+// each the median of 5 launches after a warm-up (printed; the assertion only checks that
+// r is finite). LASP2_PREP_TIMING_REPS=1: one launch each (for ncu).
 TEST(DeltaCudaPrepTiming, OldVsNew) {
   LASP2_SKIP_WITHOUT_CUDA();
   const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
@@ -1366,16 +1364,16 @@ TEST(DeltaCudaPrepTiming, OldVsNew) {
   tprep.t = tm.p;
   const gpu::View dO = gpu_view(dout.cview());
   LaunchTimer timer;
+  const int reps = static_cast<int>(env_or("LASP2_PREP_TIMING_REPS", 6));  // 1 under ncu: one launch each
   for (int round = 0; round < 2; ++round)
-    for (const char* kernel : {"old", "staged", "balanced"}) {
-      const bool old = std::strcmp(kernel, "old") == 0;
-      const EnvGuard a("LASP2_DELTA_PREP_KERNEL", kernel), b("LASP2_DELTA_RPREP_KERNEL", old ? "old" : "reg");
-      const float p_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, prep, nullptr); }, 6);
-      const float pt_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, tprep, nullptr); }, 6);
+    for (const char* kernel : {"old", "new"}) {
+      const EnvGuard a("LASP2_DELTA_PREP_KERNEL", kernel), b("LASP2_DELTA_RPREP_KERNEL", kernel);
+      const float p_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, prep, nullptr); }, reps);
+      const float pt_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, tprep, nullptr); }, reps);
       const float r_ms =
-          timer.median_ms([&] { gpu::launch_chunk_rprep(gp, dO, gpu::ChunkPrep{w.p, r.p, meta.p}, nullptr); }, 6);
-      std::printf("[ timing ] round %d prep %-8s rprep %-3s T=%lld: prep %.3f ms, prep with T %.3f ms, rprep %.3f ms\n",
-                  round, kernel, old ? "old" : "reg", static_cast<long long>(T), p_ms, pt_ms, r_ms);
+          timer.median_ms([&] { gpu::launch_chunk_rprep(gp, dO, gpu::ChunkPrep{w.p, r.p, meta.p}, nullptr); }, reps);
+      std::printf("[ timing ] round %d %s T=%lld: prep %.3f ms, prep with T %.3f ms, rprep %.3f ms\n", round, kernel,
+                  static_cast<long long>(T), p_ms, pt_ms, r_ms);
     }
   int64_t bad = 0;  // r's bf16 pairs: an all-ones exponent is inf or NaN
   for (float x : r.download()) {

@@ -54,17 +54,19 @@ constexpr int kPrepBlocksPerSm = 3;
 constexpr int kPrepBlocksPerSm = 4;
 #endif
 
-// Variants (LASP2_DELTA_PREP_KERNEL; thirteenth round), each the same products in the
-// same order, so the same bits: kVariant 0 ("old") the twelfth round's kernel, the
-// equality test's reference; from 1 ("staged") w and u leave through shared memory (w
-// over K's bytes once every warp is past K, then u there) in 16-byte stores of whole rows
-// instead of each lane's 4-byte pieces of 8 rows, and tu is held two entries a register
-// (ptxas: 16 bytes of stack instead of 56 at d = 128); from 2 ("balanced", the default)
-// also the balanced 32-block merge of invert_unit_lower and T's copy in 4-byte pairs
-// (one shuffle with the neighbouring column's lane) instead of 2-byte stores.
-template <typename T, int D, int kVariant>
+// kNew (the default since the thirteenth round; LASP2_DELTA_PREP_KERNEL=old runs the
+// twelfth round's kernel, the equality test's reference): the same products in the same
+// order, so the same bits, with
+// - w and u out through shared memory (w over K's bytes once every warp is past K, then
+//   u there) in 16-byte stores of whole rows, instead of each lane's 4-byte pieces of 8
+//   rows (global store requests 1.05 M -> 0.27 M at T = 16K);
+// - tu held two entries a register (ptxas: 24 bytes of stack instead of 56 at d = 128);
+// - the balanced 32-block merge of invert_unit_lower (shared-memory wavefronts with the
+//   staged stores 23.7 M -> 19.9 M at T = 16K) and T's copy in 4-byte pairs (one shuffle with the neighbouring
+//   column's lane) instead of 2-byte stores.
+// 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/delta_rule.md, "Prep and rprep, thirteenth round").
+template <typename T, int D, bool kNew>
 __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
-  constexpr bool kStaged = kVariant >= 1, kBalanced = kVariant >= 2;
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
@@ -137,12 +139,12 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
       }
   }
   __syncthreads();
-  invert_unit_lower<NT, kBalanced>(sm.L, sm.Tm(), tid);
+  invert_unit_lower<NT, kNew>(sm.L, sm.Tm(), tid);
   // tw = T diag(beta e^G [s = 0]), tu = T diag(beta) (16-bit); w = tw K, u = tu V
   constexpr int kPer = CH * CH / NT;
-  // held here while w is formed (kStaged: two entries a register, against spills)
-  T tu[kStaged ? 1 : kPer];
-  uint32_t tu2[kStaged ? kPer / 2 : 1];
+  // held here while w is formed (kNew: two entries a register, against spills)
+  T tu[kNew ? 1 : kPer];
+  uint32_t tu2[kNew ? kPer / 2 : 1];
   {
     float t[kPer];
 #pragma unroll
@@ -165,12 +167,12 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
     for (int i = 0; i < kPer; ++i) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       tw[x * kLdP + y] = from_float<T>(t[i] * by * entry);
-      if constexpr (kStaged) {
+      if constexpr (kNew) {
         if (i & 1) tu2[i / 2] = pack2<T>(t[i - 1] * by, t[i] * by);
       } else {
         tu[i] = from_float<T>(t[i] * by);
       }
-      if constexpr (kBalanced) {
+      if constexpr (kNew) {
         // the backward's copy of T: entries i - 1 and i of lanes 2 j and 2 j + 1 (columns
         // y, y + 1) as two pairs, row x_{i-1} from the even lane, row x_i from the odd one
         if ((i & 1) && tcopy != nullptr) {
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   T* const w_out = static_cast<T*>(out.w) + cp.row0 * D;
   T* const u_out = static_cast<T*>(out.u) + cp.row0 * D;
   float acc[D / 8][4];
-  if constexpr (kStaged) {
+  if constexpr (kNew) {
     zero(acc);
     mma_rows<T, D / 8, false>(acc, tw, kLdP, sm.k, LD, 16 * warp, 0, warp + 1, lane);
   } else {
@@ -199,16 +201,16 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = tid + NT * i, x = e / CH, y = e % CH;
-    if constexpr (kStaged) {
+    if constexpr (kNew) {
       reinterpret_cast<uint16_t*>(tu_s)[x * kLdP + y] = static_cast<uint16_t>(tu2[i / 2] >> (16 * (i & 1)));
     } else {
       tu_s[x * kLdP + y] = tu[i];
     }
   }
-  if constexpr (kStaged) store_rows<T, D / 8>(sm.k, LD, acc, 16 * warp, lane);
+  if constexpr (kNew) store_rows<T, D / 8>(sm.k, LD, acc, 16 * warp, lane);
   cp_async_wait_all();
   __syncthreads();
-  if constexpr (kStaged) {
+  if constexpr (kNew) {
     copy_rows_out<T, D, NT>(w_out, sm.k, LD, tid);
     zero(acc);
     mma_rows<T, D / 8, false>(acc, tu_s, kLdP, sm.v(), LD, 16 * warp, 0, warp + 1, lane);
@@ -1516,13 +1518,8 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
       allow(kernel, bytes, "chunk prep smem");
       kernel<<<chunk_grid(p), NT, bytes, s>>>(p, out);
     };
-    const char* env = std::getenv("LASP2_DELTA_PREP_KERNEL");
-    const std::string name = env != nullptr ? env : "";
-    if (name == "old") return run(prep_kernel<T, D, 0>);
-    if (name == "staged") return run(prep_kernel<T, D, 1>);
-    if (!name.empty() && name != "balanced")
-      fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_PREP_KERNEL must be balanced, staged or old, not " + name);
-    run(prep_kernel<T, D, 2>);
+    if (env_is("LASP2_DELTA_PREP_KERNEL", "old", "new")) return run(prep_kernel<T, D, false>);
+    run(prep_kernel<T, D, true>);
   });
   check(cudaGetLastError(), "chunk prep kernel");
 }
@@ -1775,7 +1772,7 @@ void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cuda
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    if (env_is("LASP2_DELTA_RPREP_KERNEL", "old", "reg")) {
+    if (env_is("LASP2_DELTA_RPREP_KERNEL", "old", "new")) {
       // no state tile: the same layout, launched with the bytes before it
       using Smem = ScoreSmem<T, D>;
       const int bytes = static_cast<int>(offsetof(Smem, st));
