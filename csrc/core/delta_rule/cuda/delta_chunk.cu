@@ -169,10 +169,6 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
       tw[x * kLdP + y] = from_float<T>(t[i] * by * entry);
       if constexpr (kNew) {
         if (i & 1) tu2[i / 2] = pack2<T>(t[i - 1] * by, t[i] * by);
-      } else {
-        tu[i] = from_float<T>(t[i] * by);
-      }
-      if constexpr (kNew) {
         // the backward's copy of T: entries i - 1 and i of lanes 2 j and 2 j + 1 (columns
         // y, y + 1) as two pairs, row x_{i-1} from the even lane, row x_i from the odd one
         if ((i & 1) && tcopy != nullptr) {
@@ -181,6 +177,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
           store_u32(tcopy + (odd ? NT * i - 1 : NT * (i - 1)), odd ? pack2<T>(got, t[i]) : pack2<T>(t[i - 1], got));
         }
       } else {
+        tu[i] = from_float<T>(t[i] * by);
         if (tcopy != nullptr) tcopy[NT * i] = from_float<T>(t[i]);  // the backward's copy of T
       }
     }
