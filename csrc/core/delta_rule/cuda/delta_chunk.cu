@@ -1917,9 +1917,13 @@ void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSu
   check(cudaGetLastError(), "chunk summary kernel");
 }
 
+// LASP2_DELTA_FUSED_OUTPUT: "1" on, anything else set off, unset kFusedOutputDefault (off:
+// not yet measured on the device; docs/delta_rule.md, thirteenth round).
+constexpr bool kFusedOutputDefault = false;
 bool chunk_output_fused(const Problem& p) {
   const char* env = std::getenv("LASP2_DELTA_FUSED_OUTPUT");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  const bool on = (env == nullptr || *env == 0) ? kFusedOutputDefault : std::strcmp(env, "1") == 0;
+  if (!on) return false;
   const StatePass pass = state_pass();
   return p.dk == 128 && p.dv == 128 && (p.elem == Elem::kBF16 || p.elem == Elem::kF16) &&
          (pass == StatePass::kDefault || pass == StatePass::kTma) && chunk_count(p) > 0 && p.bh() > 0;

@@ -101,14 +101,15 @@ void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSu
 void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new,
                          const void* states, const ForwardOut& out, cudaStream_t s);
 
-// The output folded into the forward state pass (LASP2_DELTA_FUSED_OUTPUT, docs/delta_rule.md
-// "Output folded into the state pass, thirteenth round"): each column block of the tma
-// pass also forms o[:, cols] = scale diag(e^G [s = 0]) Q S_c[:, cols] + P v_new[:, cols]
-// from prep's scores (prep.qk), equal bit for bit to launch_chunk_states then
-// launch_chunk_output (the same products in the same order). chunk_output_fused: whether
-// the forward should take this path for p (the knob on, sm_90 build of the pass, d = 128);
-// launch_chunk_states_output: false (nothing launched) where the pass cannot run (then
-// launch_chunk_states and launch_chunk_output). so.v_new and so.states stay nullable.
+// The output folded into the forward state pass (LASP2_DELTA_FUSED_OUTPUT=1, off by
+// default; docs/delta_rule.md "Output folded into the state pass, thirteenth round"): each
+// column block of the tma pass also forms o[:, cols] = scale diag(e^G [s = 0]) Q S_c[:, cols]
+// + P v_new[:, cols] from prep's scores (prep.qk), equal bit for bit to launch_chunk_states
+// then launch_chunk_output (the same products in the same order). chunk_output_fused:
+// whether the forward takes this path for p (the knob, d = 128, 16-bit, the tma state
+// pass chosen); launch_chunk_states_output: false (nothing launched) where that pass
+// cannot run (then launch_chunk_states and launch_chunk_output). so.v_new and so.states
+// stay nullable.
 bool chunk_output_fused(const Problem& p);
 bool launch_chunk_states_output(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& so,
                                 const ForwardOut& out, cudaStream_t s);
