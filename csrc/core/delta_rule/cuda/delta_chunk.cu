@@ -101,7 +101,9 @@ __device__ __forceinline__ void prep_scores(const Problem& p, void* qk, PrepSmem
 //   staged stores 23.7 M -> 19.9 M at T = 16K) and T's copy in 4-byte pairs (one shuffle with the neighbouring
 //   column's lane) instead of 2-byte stores.
 // 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/delta_rule.md, "Prep and rprep, thirteenth round").
-template <typename T, int D, bool kNew>
+// kScores: also the fused output's scores into out.qk (prep_scores; its own instantiation,
+// so that prep without them compiles as before).
+template <typename T, int D, bool kNew, bool kScores = false>
 __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   } else {
     lower_product<T, D>(u_out, tu_s, sm.v(), warp, lane);
   }
-  if (out.qk != nullptr) prep_scores<T, D, kNew>(p, out.qk, sm);
+  if constexpr (kScores) prep_scores<T, D, kNew>(p, out.qk, sm);
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -1659,6 +1661,10 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
       allow(kernel, bytes, "chunk prep smem");
       kernel<<<chunk_grid(p), NT, bytes, s>>>(p, out);
     };
+    if (out.qk != nullptr) {  // the fused output's scores (d = 128 only; the new kernel: the same bits as old)
+      if constexpr (D == 128) return run(prep_kernel<T, D, true, true>);
+      fail("lasp2 (CUDA delta rule, chunked): prep's scores (ChunkPrep::qk) need d = 128");
+    }
     if (env_is("LASP2_DELTA_PREP_KERNEL", "old", "new")) return run(prep_kernel<T, D, false>);
     run(prep_kernel<T, D, true>);
   });
