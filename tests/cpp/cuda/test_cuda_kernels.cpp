@@ -653,31 +653,39 @@ void run_dkdv_rows_case(const OpCase& c) {
   expect_scalars(c, "dg_rows32", a.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
 }
 
+// The walking passes' edge cases (dk/dv rows of 32, the output / dq score split): part
+// [37, 1000) of the default problem, so the last chunk is partial, with 2-chunk segments
+// and documents (none with a fixed decay).
+OpCase walking_edge_case(const char* name, ScalarType t, DecayMode m, int64_t dk, int64_t dv) {
+  OpCase c;
+  c.name = name;
+  c.dtype = t;
+  c.mode = m;
+  c.dk = dk;
+  c.dv = dv;
+  c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : std::vector<int64_t>{101, 293, 294, 600, 999};
+  return c;
+}
+// The same over a whole T = 4109 with three documents and the backend's own segments.
+OpCase with_auto_segments(OpCase c) {
+  c.T = 4109;
+  c.begin = 0;
+  c.end = 4109;
+  c.docs = {64, 1000, 4096};
+  c.seg_chunks = 0;
+  return c;
+}
+
 TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const std::vector<int64_t> docs = {101, 293, 294, 600, 999};
-  auto make = [&](const char* name, ScalarType t, DecayMode m, int64_t dk, int64_t dv) {
-    OpCase c;  // part [37, 1000): the last chunk partial; 2-chunk segments
-    c.name = name;
-    c.dtype = t;
-    c.mode = m;
-    c.dk = dk;
-    c.dv = dv;
-    c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
-    return c;
-  };
+  const auto make = walking_edge_case;
   std::vector<OpCase> cases = {make("r32_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
                                make("r32_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128),
                                make("r32_bf16_none_dk72_dv40", ScalarType::kBFloat16, DecayMode::kNone, 72, 40),
                                make("r32_fp16_gate_dk128_dv64", ScalarType::kFloat16, DecayMode::kGate, 128, 64),
                                make("r32_bf16_gate_dk96_dv128", ScalarType::kBFloat16, DecayMode::kGate, 96, 128)};
   OpCase c = make("r32_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.T = 4109;
-  c.begin = 0;
-  c.end = 4109;
-  c.docs = {64, 1000, 4096};
-  c.seg_chunks = 0;
-  cases.push_back(c);
+  cases.push_back(with_auto_segments(c));
   c = make("r32_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
   c.layout = {true, 8};
   c.seg_chunks = 3;
@@ -745,17 +753,7 @@ void run_fwd_split_case(const OpCase& c) {
 
 TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const std::vector<int64_t> docs = {101, 293, 294, 600, 999};
-  auto make = [&](const char* name, ScalarType t, DecayMode m, int64_t dk, int64_t dv) {
-    OpCase c;  // part [37, 1000): the last chunk partial; 2-chunk segments
-    c.name = name;
-    c.dtype = t;
-    c.mode = m;
-    c.dk = dk;
-    c.dv = dv;
-    c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
-    return c;
-  };
+  const auto make = walking_edge_case;
   std::vector<OpCase> cases = {make("fs_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
                                make("fs_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128),
                                make("fs_bf16_none_dk128_dv40", ScalarType::kBFloat16, DecayMode::kNone, 128, 40),
@@ -765,12 +763,7 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
                                make("fs_bf16_none_dk48_dv40", ScalarType::kBFloat16, DecayMode::kNone, 48, 40),
                                make("fs_fp16_fixed_D64", ScalarType::kFloat16, DecayMode::kFixed, 64, 64)};
   OpCase c = make("fs_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.T = 4109;
-  c.begin = 0;
-  c.end = 4109;
-  c.docs = {64, 1000, 4096};
-  c.seg_chunks = 0;
-  cases.push_back(c);
+  cases.push_back(with_auto_segments(c));
   // LASP2_TEST_CASES=<substring>: only the matching cases (short sanitizer runs)
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
