@@ -415,15 +415,15 @@ TEST_P(DeltaCudaKdaStateTma, EqualsTileKernel) {
   }
   EXPECT_GT(delta::testing::max_abs(tile[0]), 0.0) << "o is not all zero";
   EXPECT_GT(delta::testing::max_abs(tile[3]), 0.0) << "M is not all zero";
-  if (c.packed || c.gates == Gates::kNegInf) {
-    EXPECT_EQ(delta::testing::max_abs(tile[2]), 0.0) << "A after a document start or an all -inf token";
-  } else {
-    EXPECT_GT(delta::testing::max_abs(tile[2]), 0.0) << "A";
+  if (c.packed) {
+    EXPECT_EQ(delta::testing::max_abs(tile[2]), 0.0) << "a part with a document start has A = 0 exactly";
+  } else if (c.gates == Gates::kMild) {
+    EXPECT_GT(delta::testing::max_abs(tile[2]), 0.0) << "A is not all zero";
   }
-  // the split chains: fp32 sums in another order (o as the chunked kernels' o against
-  // the recurrent one; the maps as theirs)
   EXPECT_GT(delta::testing::max_abs(tile[6]), 0.0) << "entering_dstate is not all zero";
   EXPECT_GT(delta::testing::max_abs(tile[10]), 0.0) << "dg is not all zero";
+  // the split chains: fp32 sums in another order (16-bit outputs at the chunked kernels'
+  // 1e-2 against the recurrent ones, the maps at their 5e-3, the backward's sums at its)
   const auto split = run("tmasplit");
   for (int i : {0, 7, 8, 9}) EXPECT_LT(rel_err_f32(split[i], tile[i]), 1e-2) << "tmasplit " << names[i];
   for (int i : {2, 3, 4, 5, 6}) EXPECT_LT(rel_err_f32(split[i], tile[i]), 5e-3) << "tmasplit " << names[i];
