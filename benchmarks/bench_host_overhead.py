@@ -19,6 +19,9 @@ and beta on the host). At small T on a GPU the host decides the step time.
       --ops linear_attention --iters 500 --cpu-time
       # the same by this thread's CPU time (a shared box: other jobs' load moves wall time)
 
+Ops: linear_attention (per-token gates g), linear_attention_fixed (a fixed per-head
+decay without gradient), gated_delta_rule, softmax_attention.
+
 --split also times the parts of one eager step on the host (wall clock and this
 thread's CPU time): the forward call, the loss, the backward call, and the wait for
 the device at the end. On CUDA the backward runs on autograd's device thread, so the
@@ -48,6 +51,12 @@ def _ops(names):
         g = (-0.1 * torch.rand(B, T, H, device=device)).requires_grad_()
         return (q, k, v, g), lambda: lasp2.linear_attention(q, k, v, g=g)
 
+    def linear_fixed(B, T, H, D, dtype, device):
+        # a fixed per-head log decay (lightning attention's), a constant: no gradient
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        decay = -0.05 * torch.rand(H, device=device)
+        return (q, k, v), lambda: lasp2.linear_attention(q, k, v, decay=decay)
+
     def softmax(B, T, H, D, dtype, device):
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         return (q, k, v), lambda: lasp2.softmax_attention(q, k, v)
@@ -60,7 +69,8 @@ def _ops(names):
         beta = torch.rand(B, T, H, device=device, dtype=dtype).mul(0.9).add(0.05).requires_grad_()
         return (q, k, v, g, beta), lambda: lasp2.gated_delta_rule(q, k, v, g, beta)[0]
 
-    table = {"linear_attention": linear, "softmax_attention": softmax, "gated_delta_rule": delta}
+    table = {"linear_attention": linear, "linear_attention_fixed": linear_fixed, "softmax_attention": softmax,
+             "gated_delta_rule": delta}
     return {n: table[n] for n in names}
 
 
@@ -204,7 +214,7 @@ def main():
     torch.manual_seed(0)
 
     rows = []
-    print(f"{'op':<18} {'T':>7} {'eager ms':>9} {'custom op ms':>13} {'custom/eager':>13} {'graph ms':>9}")
+    print(f"{'op':<22} {'T':>7} {'eager ms':>9} {'custom op ms':>13} {'custom/eager':>13} {'graph ms':>9}")
     for name, make in _ops(args.ops).items():
         for T in seq_lens:
             inputs, forward = make(args.batch, T, heads, dim, dtype, device)
@@ -231,7 +241,7 @@ def main():
                 row["split"] = _split(forward, inputs, iters, device)
             rows.append(row)
             graph_txt = f"{graph:9.3f}" if graph is not None else f"{'-':>9}"
-            print(f"{name:<18} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "
+            print(f"{name:<22} {T:>7} {times[True]:9.3f} {times[False]:13.3f} "
                   f"{times[False] / times[True]:12.2f}x {graph_txt}")
 
     print(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype), rows=rows)))
@@ -242,7 +252,7 @@ def main():
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    labels = [f"{r['op'].split('_')[0]}\n{r['T']}" for r in rows]
+    labels = [f"{r['op'].replace('_attention', '').replace('_rule', '')}\n{r['T']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
     ax.bar([i - 0.27 for i in x], [r["custom_op_ms"] for r in rows], 0.27, label="registered custom op")

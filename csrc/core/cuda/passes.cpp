@@ -33,9 +33,35 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
 // docs/kernels.md) the one over rows took 5.5 instead of 20 us at 64K tokens.
 bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1) != 0; }
 
+// Chunks per piece of a split segment-state walk (StateArgs::sub_chunks), 0 = one walk
+// per segment. A walk stops where its carry underflows, so the pass lasts as long as
+// its longest walk: with per-token gates every walk stops after about 32 chunks, with
+// a fixed decay per head the weakest head's walks cover whole segments (128 chunks at
+// T = 64K, H = 16 on 132 SMs) while the others stop early (docs/kernels.md, session 13).
+// Pieces of 32 chunks bound every block's walk; the default splits fixed decays only.
+// LASP2_CUDA_STATE_SUB_CHUNKS=n: n > 0 for every decay mode, 0 = never split.
+int state_sub_chunks(const AttentionParams& p) {
+  const int forced = env_int("LASP2_CUDA_STATE_SUB_CHUNKS", -1);
+  if (forced >= 0) return forced;
+  return p.decay.mode == DecayMode::kFixed ? 32 : 0;
+}
+
+// Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
+int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
+  const int sc = sD > 0 ? state_sub_chunks(p) : 0;
+  return sc > 0 && g.seg_chunks > sc ? (g.seg_chunks + sc - 1) / sc : 1;
+}
+
+// The split walks' scratch (none without a split).
+void add_state_split(ScratchLayout& l, const AttentionParams& p, const Geom& g, int sD) {
+  const int64_t later = g.bh() * g.nseg * (state_pieces(p, g, sD) - 1);
+  l.sub_states = later * p.state_elems();
+  l.sub_flags = later;
+}
+
 // Segment states of (a, b) over the part (exit or entry weights) into `out`
 // ([bh][nseg][da * db]); the tensor-core kernel (D > 0) reads the per-token weights,
-// the generic one meta.
+// the generic one meta. The scratch has the split walks' buffers (add_state_split).
 void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da, int db,
                 const ScratchBuffers& s, float coef, bool entry, float* out, cudaStream_t stream) {
   StateArgs sa;
@@ -49,7 +75,14 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
   sa.coef = coef;
   sa.out = out;
   if (D > 0) {
+    sa.nsub = state_pieces(p, g, D);
+    if (sa.nsub > 1) {
+      sa.sub_chunks = state_sub_chunks(p);
+      sa.sub_out = s.sub_states;
+      sa.sub_flags = s.sub_flags;
+    }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
+    if (sa.nsub > 1) launch_state_sum(sa, stream);
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
     launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);
@@ -71,6 +104,7 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   const Geom g = make_geom(p, part, D);
   ScratchLayout layout = ScratchLayout::for_walk(g, D > 0);
   layout.seg_states = g.bh() * g.nseg * se;
+  add_state_split(layout, p, g, D);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
   launch_meta(meta_args(p, g, s), c.stream);
@@ -106,6 +140,7 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
   layout.block_states =
       smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
+  add_state_split(layout, p, g, sD);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
   launch_meta(meta_args(p, g, s), c.stream);
@@ -188,6 +223,7 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   layout.seg_states = g.nseg > 1 ? g.bh() * g.nseg * se : 0;
   layout.seg_dg_sums = g.bh() * g.nseg;
   layout.block_states = smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv);
+  add_state_split(layout, p, g, sD);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
   launch_meta(meta_args(p, g, s), c.stream);

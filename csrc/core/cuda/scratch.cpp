@@ -8,10 +8,12 @@ namespace {
 // The buffers in allocation order, each starting on a 256-byte boundary.
 constexpr int64_t ScratchLayout::*kSizes[] = {
     &ScratchLayout::meta,       &ScratchLayout::weights,     &ScratchLayout::seg_log_decay,
-    &ScratchLayout::seg_states, &ScratchLayout::seg_dg_sums, &ScratchLayout::block_states};
+    &ScratchLayout::seg_states, &ScratchLayout::seg_dg_sums, &ScratchLayout::block_states,
+    &ScratchLayout::sub_states, &ScratchLayout::sub_flags};
 constexpr float* ScratchBuffers::*kPointers[] = {
     &ScratchBuffers::meta,       &ScratchBuffers::weights,     &ScratchBuffers::seg_log_decay,
-    &ScratchBuffers::seg_states, &ScratchBuffers::seg_dg_sums, &ScratchBuffers::block_states};
+    &ScratchBuffers::seg_states, &ScratchBuffers::seg_dg_sums, &ScratchBuffers::block_states,
+    &ScratchBuffers::sub_states, &ScratchBuffers::sub_flags};
 static_assert(sizeof(kSizes) / sizeof(kSizes[0]) == sizeof(kPointers) / sizeof(kPointers[0]),
               "one pointer per named size");
 

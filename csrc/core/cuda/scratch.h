@@ -45,6 +45,8 @@ struct ScratchLayout {
   int64_t seg_states = 0;     // [bh][nseg][dk * dv]: segment states, then their scan
   int64_t seg_dg_sums = 0;    // [bh][nseg]: each segment's sum of dg terms (dk/dv pass)
   int64_t block_states = 0;   // generic path: per-block running state when smem is too small
+  int64_t sub_states = 0;     // split state walks: [bh][nseg][nsub - 1][dk * dv] (StateArgs)
+  int64_t sub_flags = 0;      // split state walks: [bh][nseg][nsub - 1] (StateArgs)
 
   // The common part of every pass over a part: meta and segment log decays, plus
   // the per-token weights when the segment states run on tensor cores.
@@ -58,6 +60,8 @@ struct ScratchBuffers {
   float* seg_states = nullptr;
   float* seg_dg_sums = nullptr;
   float* block_states = nullptr;
+  float* sub_states = nullptr;
+  float* sub_flags = nullptr;
 };
 
 class Scratch {

@@ -12,6 +12,16 @@
 //     1,136, 977 -> 940 us at 64K tokens on an H200). The score tile's blocks are
 //     spread over the four schedulers (tc_scores' Spread) and warps 6 and 7, which
 //     then have none, compute the entry/exit weights.
+// Session 13 (docs/kernels.md: 935 -> 821 us at 64K tokens, the same bits):
+//   * no causal test inside an unrolled loop: the score tile's k loop
+//     (tc_scores_split) and the causal products of C (specialized on hc) are straight
+//     blocks, so ptxas loads the next step's fragments while this step's mma run (a
+//     test per step made each step its own basic block, waiting for its ldmatrix);
+//   * the k.dk partials of all RM x 4 n8 tiles reduced over a column's 8 lanes in one
+//     exchange (xchg_step: 14 shuffles instead of 48 at RM = 2, the same pairs summed
+//     in the same order as the per-tile butterfly);
+//   * the dg warp (kDgWarp) is one without a score block (warp 7 at D = 128, 4 at
+//     D = 64), not warp 0, whose scheduler also runs 3 of the 10 score blocks.
 // Every output element is computed with the same operations in the same order as by
 // the 16-row warps it replaced (the same bits; compared on an H200 before their
 // removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:
@@ -23,14 +33,32 @@
 //              dv^T rows [16r, +16) = dS^T k^T diag(w_exit) + dO^T P1 (dS^T from smem)
 //      then its part dS = exp(G_last) dS + scale q^T diag(w_entry) dO;
 //      k . dk per token (fp32, before rounding) -> per-row-block partial sums.
-//   warp 0: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
+//   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
+#include <type_traits>
+
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
 namespace {
+
+// One step of the exchange reduction of the k.dk partials (head comment): lanes paired
+// across lane bit 2 + st; the lane with that bit set keeps values [HALF, 2 HALF) and
+// sends [0, HALF), its partner the reverse; after it v[k] (k < HALF) holds the pair's sum. HALF is a
+// template argument so that every index is a constant (with the loop bound computed
+// from the step inside one loop, v went to local memory: a 64-byte stack frame).
+template <int HALF, int N>
+__device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
+  const bool up = ((lane >> (2 + st)) & 1) != 0;
+#pragma unroll
+  for (int k = 0; k < HALF; ++k) {
+    const float send = up ? v[k] : v[k + HALF];
+    const float keep = up ? v[k + HALF] : v[k];
+    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, 4 << st);
+  }
+}
 
 template <int D>
 struct DkdvLayout {
@@ -52,6 +80,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   using L = DkdvLayout<D>;
   constexpr int RM = L::RM;
   constexpr bool Spread = RM == 2;  // see the head comment
+  constexpr int kDgWarp = Spread ? 7 : 4;  // writes dg: no score block (head comment)
   constexpr int NW = L::NW;
   constexpr int NR = D / 16 / RM;  // row groups of RM m16 tiles
   constexpr int HC = D / 2;        // dS columns per warp
@@ -134,12 +163,12 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   const bool vrows = 16 * RM * r < dv;
   // This warp's two 16-token output blocks: {hc, 3 - hc} (equal causal work).
   const int tb[2] = {hc, 3 - hc};
-  // warp 0: the chunk whose dg is still to be written (its q.dq per lane, tokens)
+  // warp kDgWarp: the chunk whose dg is still to be written (its q.dq per lane, tokens)
   float pend_qdq[2] = {0.f, 0.f};
   int pend_nvalid = 0;
   int64_t pend_t0 = 0;
   bool pending = false;
-  auto finish_dg = [&]() {  // warp 0, after a barrier that follows the chunk's k.dk writes
+  auto finish_dg = [&]() {  // warp kDgWarp, after a barrier following the chunk's k.dk writes
     const int nact = (dk + 15) / 16;
     float v[2];
 #pragma unroll
@@ -167,7 +196,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     const int stage = (c_end - 1 - c) & 1;
     cp_async_wait_all();
     __syncthreads();
-    if (has_dg && warp == 0 && pending) finish_dg();  // the previous (later) chunk
+    if (has_dg && warp == kDgWarp && pending) finish_dg();  // the previous (later) chunk
     if (c - 1 >= c_begin) load(c - 1, stage ^ 1);
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
@@ -191,9 +220,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       const T* const as[2] = {Qs, Os};
       const T* const bs[2] = {Ks, Vs};
       T* const ps[2] = {P1s, P2s};
-      tc_scores<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
+      tc_scores_split<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
     }
-    if (has_dg && warp == 0) {  // this chunk's q.dq, before its stage is refilled
+    if (has_dg && warp == kDgWarp) {  // this chunk's q.dq, before its stage is refilled
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int y = 2 * lane + e;
@@ -266,24 +295,32 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         }
       }
       // key block tb gets the queries of blocks >= tb
+      // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
+      auto causal = [&](auto h0) {
+        constexpr int H0 = decltype(h0)::value;
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (tb[i] <= kk) {
-            uint32_t bb[4];
-            ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+          for (int i = 0; i < 2; ++i) {
+            const int tbi = i == 0 ? H0 : 3 - H0;
+            if (tbi <= kk) {
+              uint32_t bb[4];
+              ldsm_x4_t(bb, P2s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
 #pragma unroll
-            for (int m = 0; m < RM; ++m) {
-              mma16816<T>(acc[m][2 * i], qf[m][kk], bb[0], bb[1]);
-              mma16816<T>(acc[m][2 * i + 1], qf[m][kk], bb[2], bb[3]);
+              for (int m = 0; m < RM; ++m) {
+                mma16816<T>(acc[m][2 * i], qf[m][kk], bb[0], bb[1]);
+                mma16816<T>(acc[m][2 * i + 1], qf[m][kk], bb[2], bb[3]);
+              }
             }
           }
         }
-      }
+      };
+      if (hc == 0) causal(std::integral_constant<int, 0>{});
+      else causal(std::integral_constant<int, 1>{});
       // k . dk partials and the dk store. k at this thread's accumulator positions
       // (dims d, tokens y and y + 1) is a 32-bit pair of an A fragment of k^T: one
       // ldmatrix.trans per 16 tokens instead of 16 16-bit loads.
+      float parts[RM * 8];  // the partials [m][j][0 / 1] of all tiles
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
         const int rb = RM * r + m;  // row block
@@ -304,17 +341,25 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             if (full || (yt < nvalid && dt < dk))
               *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
           }
-          if (has_dg) {
+          parts[8 * m + 2 * j] = part0;
+          parts[8 * m + 2 * j + 1] = part1;
+        }
+      }
+      if (has_dg) {
+        // step s pairs lanes across lane bit 2 + s (offset 4 << s), as the per-tile
+        // butterfly; after it parts[k] holds the sum of index k + (N/2) b2 + (N/4) b3
+        // + (N/8) b4 (b = this lane's bits), k < N / 8
+        constexpr int N = RM * 8;
+        xchg_step<N / 2>(parts, lane, 0);
+        xchg_step<N / 4>(parts, lane, 1);
+        xchg_step<N / 8>(parts, lane, 2);
 #pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-              part0 += __shfl_xor_sync(0xffffffffu, part0, o);
-              part1 += __shfl_xor_sync(0xffffffffu, part1, o);
-            }
-            if (lane < 4) {
-              red[rb * 64 + 8 * jt + 2 * lane] = part0;
-              red[rb * 64 + 8 * jt + 2 * lane + 1] = part1;
-            }
-          }
+        for (int k = 0; k < N / 8; ++k) {
+          const int idx =
+              k + (N / 2) * ((lane >> 2) & 1) + (N / 4) * ((lane >> 3) & 1) + (N / 8) * ((lane >> 4) & 1);
+          const int m = idx >> 3, j = (idx >> 1) & 3;
+          const int jt = 2 * ((j >> 1) == 0 ? hc : 3 - hc) + (j & 1);  // tb[j >> 1], not indexed
+          red[(RM * r + m) * 64 + 8 * jt + 2 * (lane & 3) + (idx & 1)] = parts[k];
         }
       }
     }
@@ -356,25 +401,34 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
           acc[m][j][3] *= e1;
         }
       }
+      // as in dk: one straight block per hc; the dO fragments of token blocks below
+      // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded
+      auto causal = [&](auto h0) {
+        constexpr int H0 = decltype(h0)::value;
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[RM][4];
+        for (int kk = 0; kk < 4; ++kk) {
+          if (kk < H0) continue;  // H0 = min(H0, 3 - H0)
+          uint32_t a[RM][4];
 #pragma unroll
-        for (int m = 0; m < RM; ++m)
-          ldsm_x4_t(a[m], Os + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
+          for (int m = 0; m < RM; ++m)
+            ldsm_x4_t(a[m], Os + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (tb[i] <= kk) {
-            uint32_t bb[4];
-            ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tb[i], kLdP));
+          for (int i = 0; i < 2; ++i) {
+            const int tbi = i == 0 ? H0 : 3 - H0;
+            if (tbi <= kk) {
+              uint32_t bb[4];
+              ldsm_x4_t(bb, P1s + frag_b_kn(lane, 16 * kk, 16 * tbi, kLdP));
 #pragma unroll
-            for (int m = 0; m < RM; ++m) {
-              mma16816<T>(acc[m][2 * i], a[m], bb[0], bb[1]);
-              mma16816<T>(acc[m][2 * i + 1], a[m], bb[2], bb[3]);
+              for (int m = 0; m < RM; ++m) {
+                mma16816<T>(acc[m][2 * i], a[m], bb[0], bb[1]);
+                mma16816<T>(acc[m][2 * i + 1], a[m], bb[2], bb[3]);
+              }
             }
           }
         }
-      }
+      };
+      if (hc == 0) causal(std::integral_constant<int, 0>{});
+      else causal(std::integral_constant<int, 1>{});
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
 #pragma unroll
@@ -427,9 +481,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   cp_async_wait_all();
   if (has_dg) {
     __syncthreads();
-    if (warp == 0 && pending) finish_dg();  // the segment's first chunk
+    if (warp == kDgWarp && pending) finish_dg();  // the segment's first chunk
   }
-  if (has_dg && !args.fold_offset && tid == 0) args.seg_total[bh * g.nseg + seg] = carry;
+  if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
 template <typename T, int D>

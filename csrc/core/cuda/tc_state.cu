@@ -14,6 +14,14 @@
 // A^T fragments are read transposed from the [token][dim] tile (ldmatrix.trans)
 // and scaled per token in registers. The per-token weights come precomputed
 // from the meta kernel (MetaArgs::wmeta): no exponentials here.
+// A split walk (StateArgs::sub_chunks, for per-head fixed decays, whose weakest head
+// otherwise walks whole segments while the others stop early: docs/kernels.md,
+// session 13) gives piece j of the walk to its own blocks: they first multiply the
+// through factors of the walk's chunks before the piece into carry (32 at a time, a
+// butterfly product per warp: a few shuffles instead of a chain of 32), skip the piece
+// if carry is already 0, and write the piece's state apart; launch_state_sum adds the
+// pieces. Against one walk only the rounding of carry's product and the fp32 summation
+// order of the state differ.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -50,8 +58,9 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   const Geom& g = args.g;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x % NSPLIT;
-  const int seg = (blockIdx.x / NSPLIT) % g.nseg;
-  const int64_t bh = blockIdx.x / NSPLIT / g.nseg;
+  const int sub = (blockIdx.x / NSPLIT) % args.nsub;
+  const int seg = (blockIdx.x / NSPLIT / args.nsub) % g.nseg;
+  const int64_t bh = blockIdx.x / NSPLIT / args.nsub / g.nseg;
   const int col0 = split * DB;  // first state column of this block
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
   const int c_begin = seg * g.seg_chunks;
@@ -61,14 +70,36 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   const float* wmeta = args.wmeta + bh * g.nchunks * kChunk * 2;
   if (col0 >= args.db) return;  // (uniform) no columns for this block
 
-  // The i-th chunk of the walk: forward (entry) or backward from the end (exit).
-  const int nwalk = c_end - c_begin;
+  // The i-th chunk of the segment's walk: forward (entry) or backward from the end (exit).
   auto chunk_of = [&](int i) { return ENTRY ? c_begin + i : c_end - 1 - i; };
+  // This block's piece of the walk: chunks [i0, i0 + nwalk) of it.
+  const int nall = max(0, c_end - c_begin);
+  const int i0 = min(nall, sub * args.sub_chunks);  // sub = 0 without a split
+  // carry through the walk's chunks before the piece, 0 once it underflows or a
+  // document starts, or when the piece lies past the segment's end
+  float carry = sub > 0 && i0 == nall ? 0.f : ENTRY ? args.coef : 1.f;
+  for (int base = 0; base < i0 && carry != 0.f; base += 4 * 32) {
+    float t[4];  // through factor (w_entry of the chunk's last token), 1 past the piece
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + 32 * u + lane;
+      t[u] = i < i0 ? wmeta[chunk_of(i) * 128 + 2 * 63] : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) t[u] *= __shfl_xor_sync(0xffffffffu, t[u], o);
+      carry *= t[u];  // the same value in every lane
+    }
+  }
+  // (one walk never reaches a chunk after carry became 0; piece 0 starts as one walk)
+  const int nwalk =
+      sub > 0 && carry == 0.f ? 0 : (args.nsub > 1 ? min(nall, i0 + args.sub_chunks) : nall) - i0;
   // Copies the walk's chunk i into `stage` when i < nwalk; commits a group either
   // way, so that "all but the newest group complete" always means "chunk i arrived".
   auto load = [&](int i, int stage) {
     if (i < nwalk) {
-      const int c = chunk_of(i);
+      const int c = chunk_of(i0 + i);
       const int nvalid = min(kChunk, g.n - c * kChunk);
       const int64_t t0 = static_cast<int64_t>(c) * kChunk;
       load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da,
@@ -85,7 +116,6 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   for (int j = 0; j < DB / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) M[j][e] = 0.f;
-  float carry = ENTRY ? args.coef : 1.f;
   const bool active = 16 * warp < args.da;
 
   load(0, 0);
@@ -140,8 +170,14 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   }
   cp_async_wait_all();
 
+  float* out = args.out + (bh * g.nseg + seg) * static_cast<int64_t>(args.da) * args.db;
+  if (sub > 0) {  // a later piece: its own slot, and whether it walked any chunk
+    const int64_t slot = (bh * g.nseg + seg) * (args.nsub - 1) + sub - 1;
+    if (split == 0 && tid == 0) args.sub_flags[slot] = nwalk > 0 ? 1.f : 0.f;
+    if (nwalk == 0) return;
+    out = args.sub_out + slot * static_cast<int64_t>(args.da) * args.db;
+  }
   if (active) {
-    float* out = args.out + (bh * g.nseg + seg) * static_cast<int64_t>(args.da) * args.db;
 #pragma unroll
     for (int j = 0; j < DB / 8; ++j) {
 #pragma unroll
@@ -157,7 +193,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
 template <typename T, int D>
 void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   const int smem = StateLayout<D>::kBytes;
-  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * (D / kStateDB));
+  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * a.nsub * (D / kStateDB));
   if (entry) {
     auto k = tc_state_kernel<T, D, true>;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -170,7 +206,48 @@ void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   check_launch("tc_state_kernel");
 }
 
+// out += the walked later pieces of a split state pass, in walk order (StateArgs).
+// Grid (bh * nseg, elements / 1024); each thread adds 4 values 256 apart (plain float
+// accesses: `out` may be a caller's buffer of any 4-byte alignment).
+__global__ void __launch_bounds__(256) state_sum_kernel(StateArgs a) {
+  const int64_t seg = blockIdx.x;  // bh * nseg + segment
+  const int64_t elems = static_cast<int64_t>(a.da) * a.db;
+  const float* flags = a.sub_flags + seg * (a.nsub - 1);
+  bool any = false;
+  for (int j = 0; j < a.nsub - 1; ++j) any = any || flags[j] != 0.f;
+  if (!any) return;  // only piece 0 walked: out is complete
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * 1024 + threadIdx.x;
+  float acc[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t e = e0 + 256 * u;
+    acc[u] = e < elems ? a.out[seg * elems + e] : 0.f;
+  }
+  for (int j = 0; j < a.nsub - 1; ++j) {
+    if (flags[j] == 0.f) continue;
+    const float* x = a.sub_out + (seg * (a.nsub - 1) + j) * elems;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t e = e0 + 256 * u;
+      if (e < elems) acc[u] += x[e];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t e = e0 + 256 * u;
+    if (e < elems) a.out[seg * elems + e] = acc[u];
+  }
+}
+
 }  // namespace
+
+void launch_state_sum(const StateArgs& a, cudaStream_t s) {
+  const int64_t elems = static_cast<int64_t>(a.da) * a.db;
+  const dim3 grid(static_cast<unsigned>(a.g.bh() * a.g.nseg),
+                  static_cast<unsigned>((elems + 1023) / 1024));
+  state_sum_kernel<<<grid, 256, 0, s>>>(a);
+  check_launch("state_sum_kernel");
+}
 
 int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 

@@ -58,13 +58,75 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
+// The product part of tc_scores for a warp whose first NB n16 column pairs (of
+// NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
+// D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
+// block (see tc_scores_split).
+template <typename T, int D, int NPW, int N, int NB>
+__device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* const (&Bs)[N], int mt,
+                                              int nt0, int lane, float (&acc)[N][NPW][4]) {
+  static_assert(NB >= 1 && 2 * NB <= NPW, "tc_score_mmas: 1 <= NB <= NPW / 2");
+  constexpr int LD = TcTile<D>::LD;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
+    uint32_t a[N][4];
+#pragma unroll
+    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+#pragma unroll
+    for (int np = 0; np < NB; ++np) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        uint32_t bb[4];
+        ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2 * np), LD));
+        mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
+        mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
+      }
+    }
+  }
+}
+
+// The weights and 16-bit stores of tc_scores / tc_scores_split for one warp's
+// accumulators.
+template <typename T, int D, int NPW, int N>
+__device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], const float* ms, float scale,
+                                               T* const (&Ps)[N], int mt, int nt0, int lane) {
+  // This thread's two query rows x (meta read once per chunk, not per key tile).
+  float Gx[2], sx[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int x = 16 * mt + (lane >> 2) + 8 * hf;
+    Gx[hf] = ms[2 * x];
+    sx[hf] = ms[2 * x + 1];
+  }
+#pragma unroll
+  for (int j = 0; j < NPW; ++j) {
+    // 16 x 16 blocks above the diagonal (key block > query block) are never read
+    // by the consumers (their causal loops skip them): no weights, no store.
+    if (8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
+    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
+    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);  // {G, s} of keys y, y + 1
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int x = 16 * mt + (lane >> 2) + 8 * hf;
+      // the pair weight of device_utils.cuh's pair_weight, with exp_ftz
+      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
+      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        *reinterpret_cast<uint32_t*>(Ps[i] + x * kLdP + y) =
+            pack2<T>(acc[i][j][2 * hf] * w0, acc[i][j][2 * hf + 1] * w1);
+    }
+  }
+}
+
 // P_i = scale * W o (A_i B_i^T), i < N, for one 64-token chunk (A_i, B_i: [token][dim]
 // tiles whose columns past the head dim are zero), W the causal decay/document mask
 // from the chunk's meta; written as 16-bit values to Ps[i] [64][kLdP]. Warp w (of
 // NW = 4, 8 or 16) computes rows [16 (w % 4), +16) x an n-range of 64 / (NW / 4)
 // columns; 16 x 16 key blocks above the diagonal are skipped and left unwritten (no
-// consumer reads them). With N = 2 (the dk/dv pass: P1 from q, k and P2 from dO, v)
-// the weights are computed once for both products and the two MMA chains interleave.
+// consumer reads them). With N = 2 (P1 from q, k and P2 from dO, v: the dk/dv pass,
+// through tc_scores_split) the weights are computed once for both products and the
+// two MMA chains interleave.
 // Spread (NW = 8 only): warps 4-7 take the query rows of row block 3 - (w % 4) instead
 // of w % 4. Warp w issues from scheduler w % 4; with row block w % 4 the 10 causal
 // 16 x 16 blocks fall 1, 2, 3, 4 on the four schedulers (warps 4 and 5 have none, 7
@@ -107,34 +169,43 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
       }
     }
   }
-  // This thread's two query rows x (meta read once per chunk, not per key tile).
-  float Gx[2], sx[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int x = 16 * mt + (lane >> 2) + 8 * hf;
-    Gx[hf] = ms[2 * x];
-    sx[hf] = ms[2 * x + 1];
-  }
-#pragma unroll
-  for (int j = 0; j < NPW; ++j) {
-    // 16 x 16 blocks above the diagonal (key block > query block) are never read
-    // by the consumers (their causal loops skip them): no weights, no store.
-    if (8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
-    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
-    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);  // {G, s} of keys y, y + 1
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * mt + (lane >> 2) + 8 * hf;
-      // the pair weight of device_utils.cuh's pair_weight, with exp_ftz
-      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
-      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        *reinterpret_cast<uint32_t*>(Ps[i] + x * kLdP + y) =
-            pack2<T>(acc[i][j][2 * hf] * w0, acc[i][j][2 * hf + 1] * w1);
-    }
-  }
+  tc_score_store<T, D, NPW, N>(acc, ms, scale, Ps, mt, nt0, lane);
 }
+// tc_scores with the causal test of each n16 column pair taken once, before the k
+// loop (a warp-uniform switch over the count NB of pairs on or below the diagonal),
+// instead of inside every k step. In tc_scores that test splits each k step into its
+// own basic blocks, so ptxas issues a step's ldmatrix right before the step's mma and
+// waits a shared-memory latency per step (static SASS of the dk/dv kernel, session 13);
+// here the loop is straight and the next step's fragments load while this step's mma
+// run. Every accumulator gets the same mma in the same order (the same bits), and the
+// weights and stores are tc_scores' (tc_score_store).
+template <typename T, int D, int NW, int N = 1, bool Spread = false>
+__device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
+                                                const float* ms, float scale, T* const (&Ps)[N], int warp,
+                                                int lane) {
+  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores_split: 4, 8 or 16 warps");
+  static_assert(!Spread || NW == 8, "tc_scores_split: Spread needs 8 warps");
+  constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
+  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  const int nt0 = (warp >> 2) * NPW;
+  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  float acc[N][NPW][4];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < NPW; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
+  const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
+  constexpr int H = NPW / 2;  // pairs per warp; NB = min(k, H) keeps unused cases valid
+  if (nb >= 4) tc_score_mmas<T, D, NPW, N, (H < 4 ? H : 4)>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 3) tc_score_mmas<T, D, NPW, N, (H < 3 ? H : 3)>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 2) tc_score_mmas<T, D, NPW, N, (H < 2 ? H : 2)>(As, Bs, mt, nt0, lane, acc);
+  else tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
+  tc_score_store<T, D, NPW, N>(acc, ms, scale, Ps, mt, nt0, lane);
+}
+
 template <typename T, int D, int NW>
 __device__ __forceinline__ void tc_scores(const T* As, const T* Bs, const float* ms, float scale,
                                           T* Ps, int warp, int lane) {

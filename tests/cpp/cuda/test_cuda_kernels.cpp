@@ -45,6 +45,7 @@ struct OpCase {
   std::vector<int64_t> docs;
   Layout layout;
   int seg_chunks = 2;  // 0: the backend's own choice
+  int state_sub_chunks = -1;  // LASP2_CUDA_STATE_SUB_CHUNKS (split state walks); -1: unset
   bool force_generic = false;
   int64_t B = 2, H = 2;
 };
@@ -130,6 +131,8 @@ void expect_state(const OpCase& c, const char* op, const DevBuf<float>& d, const
 
 void run_case(const OpCase& c) {
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
+               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
   EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
   const Problem<double> pr = make_problem(c, 1000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
@@ -282,6 +285,54 @@ std::vector<OpCase> op_cases() {
     c.begin = 0;
     c.end = 2200;
     c.seg_chunks = 16;
+    cases.push_back(c);
+  }
+  {  // Split segment-state walks (StateArgs::sub_chunks; the default splits fixed decays
+     // into pieces of 32 chunks where segments are longer): pieces of 3 chunks over
+     // 16-chunk segments (every piece walks and is added), pieces of 2 with gates and
+     // documents (pieces after a document start or an underflow are skipped), one chunk
+     // per piece with a short last segment (pieces past its end), D = 64 (one column
+     // block), dv = 64 at D = 128 (no second column block), no decay, and the default
+     // pieces over 40-chunk segments (32 + 8 chunks; head 1's second piece underflows)
+    OpCase c;
+    c.name = "bf16_fixed_D128_seg16_sub3";
+    c.mode = DecayMode::kFixed;
+    c.dk = c.dv = 128;
+    c.T = 2200;
+    c.begin = 0;
+    c.end = 2200;
+    c.seg_chunks = 16;
+    c.state_sub_chunks = 3;
+    cases.push_back(c);
+    c.name = "bf16_fixed_D128_T3000_seg40_default_split";
+    c.T = 3000;
+    c.end = 3000;
+    c.seg_chunks = 40;
+    c.state_sub_chunks = -1;
+    cases.push_back(c);
+    c = OpCase();
+    c.name = "bf16_gate_D128_seg5_docs_sub2";
+    c.dk = c.dv = 128;
+    c.docs = docs;
+    c.seg_chunks = 5;
+    c.state_sub_chunks = 2;
+    cases.push_back(c);
+    c.name = "bf16_none_D128_seg3_sub2";
+    c.mode = DecayMode::kNone;
+    c.docs = {};
+    c.seg_chunks = 3;
+    cases.push_back(c);
+    c.name = "fp16_fixed_D64_seg7_sub1";
+    c.dtype = ScalarType::kFloat16;
+    c.mode = DecayMode::kFixed;
+    c.dk = c.dv = 64;
+    c.seg_chunks = 7;
+    c.state_sub_chunks = 1;
+    cases.push_back(c);
+    c.name = "fp16_fixed_dk128_dv64_seg6_sub4";
+    c.dk = 128;
+    c.seg_chunks = 6;
+    c.state_sub_chunks = 4;
     cases.push_back(c);
   }
   {  // 4096 + 13 tokens, the backend's own segmentation
@@ -460,6 +511,8 @@ std::vector<uint32_t> float_bits(const std::vector<float>& x) {
 
 void run_saved_states_case(const OpCase& c) {
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
+               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
   const Problem<double> pr = make_problem(c, 2000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
@@ -542,6 +595,13 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
   c.begin = 0;
   c.end = 4109;
   c.seg_chunks = 0;
+  run_saved_states_case(c);
+  c.name = "saved_bf16_fixed_D128_seg16_sub3";  // the kept states from split walks
+  c.mode = DecayMode::kFixed;
+  c.docs = {};
+  c.T = c.end = 2200;
+  c.seg_chunks = 16;
+  c.state_sub_chunks = 3;
   run_saved_states_case(c);
 }
 

@@ -1273,6 +1273,117 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
   EXPECT_EQ(bad, 0);
 }
 
+// prep's and rprep's thirteenth-round kernels (the defaults: prep's w and u through
+// shared memory in 16-byte stores, the balanced inverse merge, T's copy in pairs; rprep
+// with P^T in registers) against the twelfth round's (LASP2_DELTA_PREP_KERNEL=old,
+// LASP2_DELTA_RPREP_KERNEL=old): the same products in the same order, so w, u, meta, T
+// and r must be equal bit for bit. bf16 and fp16, d = 64 and 128, two batch rows with
+// packed documents (one on a chunk's first token) and -inf gates (inside a chunk and on a
+// chunk's first token), a part from token 37 to 280 (chunks from 37, 101, 165 and 229;
+// the last one partial). The upper triangle of T and the pairs across document starts
+// are zero: a tenth of each buffer's words at least must be non-zero.
+TEST(DeltaCudaPrep, NewEqualsOld) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  namespace gpu = delta::gpu;
+  for (const ScalarType type : {ScalarType::kBFloat16, ScalarType::kFloat16})
+    for (const int d : {64, 128}) {
+      SCOPED_TRACE(std::string(dtype_name(type)) + " d=" + std::to_string(d));
+      DeltaSpec spec = gdn_spec(d, 300, 2);
+      spec.doc_starts = {5, 64, 65, 130, 201, 229};
+      DeltaProblem<float> pr(spec, 47);
+      forget_at(pr, {120, 165});  // inside chunk 1; chunk 2's first token
+      prepare_inputs(pr, type);
+      DeviceProblem dev(pr, type, Layout{});
+      gpu::Problem gp = gdn_problem(dev.p);
+      gp.batch = static_cast<int>(spec.batch);
+      gp.elem = type == ScalarType::kFloat16 ? gpu::Elem::kF16 : gpu::Elem::kBF16;
+      gp.doc_start = dev.p.doc_start;
+      gp.doc_sb = dev.p.doc_batch_stride;
+      gp.begin = 37;
+      gp.n = 280 - 37;
+      ASSERT_NE(gp.doc_start, nullptr);
+      const gpu::View dO = gpu_view(dev.dout.cview());
+      const int64_t rows = gp.bh() * gpu::chunk_count(gp) * 64;
+      auto run = [&](const char* prep_kernel, const char* rprep_kernel) {
+        const EnvGuard a("LASP2_DELTA_PREP_KERNEL", prep_kernel), b("LASP2_DELTA_RPREP_KERNEL", rprep_kernel);
+        DevBuf<float> w(rows * d / 2), u(rows * d / 2), r(rows * d / 2), meta(2 * rows), t(rows * 64 / 2);
+        for (DevBuf<float>* x : {&w, &u, &r, &meta, &t}) x->poison();
+        gpu::ChunkPrep prep{w.p, u.p, meta.p};
+        prep.t = t.p;
+        gpu::launch_chunk_prep(gp, prep, nullptr);
+        gpu::launch_chunk_rprep(gp, dO, gpu::ChunkPrep{w.p, r.p, meta.p}, nullptr);
+        cuda_ok(cudaDeviceSynchronize(), "prep and rprep");
+        std::vector<std::vector<float>> out;
+        for (DevBuf<float>* x : {&w, &u, &r, &meta, &t}) out.push_back(x->download());
+        return out;
+      };
+      const auto old = run("old", "old");
+      for (const char* kernel : {"", "new"}) {  // the default unset and named
+        SCOPED_TRACE(*kernel ? kernel : "(default)");
+        const auto got = run(kernel, kernel);
+        const char* names[] = {"w", "u", "r", "meta", "T"};
+        for (size_t i = 0; i < old.size(); ++i) {
+          ASSERT_EQ(old[i].size(), got[i].size());
+          int64_t differ = 0, written = 0, nonzero = 0;
+          for (size_t e = 0; e < old[i].size(); ++e) {
+            uint32_t a = 0, b = 0;
+            std::memcpy(&a, &old[i][e], 4);
+            std::memcpy(&b, &got[i][e], 4);
+            differ += a != b;
+            written += b != 0xFFFFFFFFu;
+            nonzero += b != 0u;
+          }
+          EXPECT_EQ(differ, 0) << names[i] << ": of " << old[i].size() << " words";
+          EXPECT_EQ(written, static_cast<int64_t>(old[i].size())) << names[i] << ": every word written";
+          EXPECT_GT(nonzero, static_cast<int64_t>(old[i].size()) / 10) << names[i];
+        }
+      }
+    }
+}
+
+// prep (with and without T) and rprep at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128,
+// bf16: the twelfth round's kernels (old) and the defaults (new) alternating, two rounds,
+// each the median of 5 launches after a warm-up (printed; the assertion only checks that
+// r is finite). LASP2_PREP_TIMING_REPS=1: one launch each (for ncu).
+TEST(DeltaCudaPrepTiming, OldVsNew) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      dout(1, T, H, D, type, Layout{});
+  std::mt19937 rng(1);
+  upload_pattern(rng, {&q, &k, &v, &dout}, &k);
+  const GatesBetas gb = random_gates(rng, T * H);
+  const DeltaParams p = gdn_params(q, k, v, gb);
+  namespace gpu = delta::gpu;
+  const gpu::Problem gp = gdn_problem(p);
+  const int64_t rows = H * gpu::chunk_count(gp) * 64;
+  DevBuf<float> w(rows * D / 2), u(rows * D / 2), r(rows * D / 2), meta(2 * rows), tm(rows * 64 / 2);
+  const gpu::ChunkPrep prep{w.p, u.p, meta.p};
+  gpu::ChunkPrep tprep = prep;
+  tprep.t = tm.p;
+  const gpu::View dO = gpu_view(dout.cview());
+  LaunchTimer timer;
+  const int reps = static_cast<int>(env_or("LASP2_PREP_TIMING_REPS", 6));  // 1 under ncu: one launch each
+  for (int round = 0; round < 2; ++round)
+    for (const char* kernel : {"old", "new"}) {
+      const EnvGuard a("LASP2_DELTA_PREP_KERNEL", kernel), b("LASP2_DELTA_RPREP_KERNEL", kernel);
+      const float p_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, prep, nullptr); }, reps);
+      const float pt_ms = timer.median_ms([&] { gpu::launch_chunk_prep(gp, tprep, nullptr); }, reps);
+      const float r_ms =
+          timer.median_ms([&] { gpu::launch_chunk_rprep(gp, dO, gpu::ChunkPrep{w.p, r.p, meta.p}, nullptr); }, reps);
+      std::printf("[ timing ] round %d %s T=%lld: prep %.3f ms, prep with T %.3f ms, rprep %.3f ms\n", round, kernel,
+                  static_cast<long long>(T), p_ms, pt_ms, r_ms);
+    }
+  int64_t bad = 0;  // r's bf16 pairs: an all-ones exponent is inf or NaN
+  for (float x : r.download()) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, &x, 4);
+    bad += (bits & 0x7F80u) == 0x7F80u || (bits & 0x7F800000u) == 0x7F800000u;
+  }
+  EXPECT_EQ(bad, 0);
+}
+
 }  // namespace
 }  // namespace lasp2::testing
 

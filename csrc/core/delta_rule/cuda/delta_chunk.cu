@@ -55,7 +55,18 @@ constexpr int kPrepBlocksPerSm = 3;
 constexpr int kPrepBlocksPerSm = 4;
 #endif
 
-template <typename T, int D>
+// kNew (the default since the thirteenth round; LASP2_DELTA_PREP_KERNEL=old runs the
+// twelfth round's kernel, the equality test's reference): the same products in the same
+// order, so the same bits, with
+// - w and u out through shared memory (w over K's bytes once every warp is past K, then
+//   u there) in 16-byte stores of whole rows, instead of each lane's 4-byte pieces of 8
+//   rows (global store requests 1.05 M -> 0.27 M at T = 16K);
+// - tu held two entries a register (ptxas: 24 bytes of stack instead of 56 at d = 128);
+// - the balanced 32-block merge of invert_unit_lower (shared-memory wavefronts with the
+//   staged stores 23.7 M -> 19.9 M at T = 16K) and T's copy in 4-byte pairs (one shuffle with the neighbouring
+//   column's lane) instead of 2-byte stores.
+// 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/delta_rule.md, "Prep and rprep, thirteenth round").
+template <typename T, int D, bool kNew>
 __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -129,10 +140,12 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
       }
   }
   __syncthreads();
-  invert_unit_lower(sm.L, sm.Tm(), tid);
+  invert_unit_lower<NT, kNew>(sm.L, sm.Tm(), tid);
   // tw = T diag(beta e^G [s = 0]), tu = T diag(beta) (16-bit); w = tw K, u = tu V
   constexpr int kPer = CH * CH / NT;
-  T tu[kPer];  // held here while w is formed
+  // held here while w is formed (kNew: two entries a register, against spills)
+  T tu[kNew ? 1 : kPer];
+  uint32_t tu2[kNew ? kPer / 2 : 1];
   {
     float t[kPer];
 #pragma unroll
@@ -155,23 +168,57 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
     for (int i = 0; i < kPer; ++i) {
       const int e = tid + NT * i, x = e / CH, y = e % CH;
       tw[x * kLdP + y] = from_float<T>(t[i] * by * entry);
-      tu[i] = from_float<T>(t[i] * by);
-      if (tcopy != nullptr) tcopy[NT * i] = from_float<T>(t[i]);  // the backward's copy of T
+      if constexpr (kNew) {
+        if (i & 1) tu2[i / 2] = pack2<T>(t[i - 1] * by, t[i] * by);
+        // the backward's copy of T: entries i - 1 and i of lanes 2 j and 2 j + 1 (columns
+        // y, y + 1) as two pairs, row x_{i-1} from the even lane, row x_i from the odd one
+        if ((i & 1) && tcopy != nullptr) {
+          const bool odd = (tid & 1) != 0;
+          const float got = __shfl_xor_sync(0xffffffffu, odd ? t[i - 1] : t[i], 1);
+          store_u32(tcopy + (odd ? NT * i - 1 : NT * (i - 1)), odd ? pack2<T>(got, t[i]) : pack2<T>(t[i - 1], got));
+        }
+      } else {
+        tu[i] = from_float<T>(t[i] * by);
+        if (tcopy != nullptr) tcopy[NT * i] = from_float<T>(t[i]);  // the backward's copy of T
+      }
     }
   }
   __syncthreads();
   const T* tw = reinterpret_cast<const T*>(sm.L);
-  lower_product<T, D>(static_cast<T*>(out.w) + cp.row0 * D, tw, sm.k, warp, lane);
-  __syncthreads();  // every warp is past tw: tu takes its place
+  T* const w_out = static_cast<T*>(out.w) + cp.row0 * D;
+  T* const u_out = static_cast<T*>(out.u) + cp.row0 * D;
+  float acc[D / 8][4];
+  if constexpr (kNew) {
+    zero(acc);
+    mma_rows<T, D / 8, false>(acc, tw, kLdP, sm.k, LD, 16 * warp, 0, warp + 1, lane);
+  } else {
+    lower_product<T, D>(w_out, tw, sm.k, warp, lane);
+  }
+  __syncthreads();  // every warp is past tw (and K): tu takes tw's place (and w K's)
   T* tu_s = reinterpret_cast<T*>(sm.L);
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = tid + NT * i, x = e / CH, y = e % CH;
-    tu_s[x * kLdP + y] = tu[i];
+    if constexpr (kNew) {
+      reinterpret_cast<uint16_t*>(tu_s)[x * kLdP + y] = static_cast<uint16_t>(tu2[i / 2] >> (16 * (i & 1)));
+    } else {
+      tu_s[x * kLdP + y] = tu[i];
+    }
   }
+  if constexpr (kNew) store_rows<T, D / 8>(sm.k, LD, acc, 16 * warp, lane);
   cp_async_wait_all();
   __syncthreads();
-  lower_product<T, D>(static_cast<T*>(out.u) + cp.row0 * D, tu_s, sm.v(), warp, lane);
+  if constexpr (kNew) {
+    copy_rows_out<T, D, NT>(w_out, sm.k, LD, tid);
+    zero(acc);
+    mma_rows<T, D / 8, false>(acc, tu_s, kLdP, sm.v(), LD, 16 * warp, 0, warp + 1, lane);
+    __syncthreads();  // every thread has copied w out of K's bytes
+    store_rows<T, D / 8>(sm.k, LD, acc, 16 * warp, lane);
+    __syncthreads();
+    copy_rows_out<T, D, NT>(u_out, sm.k, LD, tid);
+  } else {
+    lower_product<T, D>(u_out, tu_s, sm.v(), warp, lane);
+  }
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -1205,6 +1252,95 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
   }
 }
 
+// rprep with P^T in registers (thirteenth round; the default, score_kernel<T, D, false>
+// is LASP2_DELTA_RPREP_KERNEL=old): warp w forms S^T = K Q^T for its 16 key rows y =
+// 16 w.. over the query columns x >= 16 w, weights it to P^T, and its accumulators,
+// packed to 16 bits, are the A fragments of r = -(P^T dO) as they are (m16n8 C layout =
+// m16k16 A layout two n8 tiles at a time). The same products in the same order as
+// score_kernel's through its score tile (an mma's dot products do not depend on which
+// operand is A), so the same bits; without the score tile a block takes 52 KiB at d = 128
+// (four blocks an SM, three before). r leaves through q's bytes in 16-byte stores.
+template <typename T, int D>
+struct RprepSmem {
+  static constexpr int LD = TcTile<D>::LD;
+  T q[CH * LD];  // then r, staged for the stores
+  T k[CH * LD];
+  T x[CH * LD];  // dO
+  float meta[2 * CH];
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(NT) rprep_kernel(Problem p, ChunkPrep prep, View dout) {
+  constexpr int LD = TcTile<D>::LD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RprepSmem<T, D>& sm = *reinterpret_cast<RprepSmem<T, D>*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
+  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_tile<T, D, NT>(sm.x, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, cp.nvalid, D, tid);
+  load_meta(sm.meta, prep.meta, cp.row0, tid);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  // S^T: rows y = 16 warp.., columns x in the n8 tiles 2 warp..7 (P_xy = 0 for x < y)
+  float st[CH / 8][4];
+  zero(st);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sm.k + frag_a_rowmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+    for (int np = 0; np < CH / 16; ++np) {
+      if (np < warp) continue;
+      uint32_t bb[4];
+      ldsm_x4(bb, sm.q + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+      mma16816<T>(st[2 * np], a, bb[0], bb[1]);
+      mma16816<T>(st[2 * np + 1], a, bb[2], bb[3]);
+    }
+  }
+  // P^T_yx = S^T_yx scale e^{G_x - G_y} for y <= x in one segment (tc_scores' weights)
+  float Gy[2], sy[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int y = 16 * warp + (lane >> 2) + 8 * hf;
+    Gy[hf] = sm.meta[2 * y];
+    sy[hf] = sm.meta[2 * y + 1];
+  }
+  uint32_t pa[CH / 16][4];  // the A fragments of P^T, key block kk
+#pragma unroll
+  for (int j = 0; j < CH / 8; ++j) {
+    if ((j >> 1) < warp) continue;
+    const int x = 8 * j + 2 * (lane & 3);
+    const float4 mx = *reinterpret_cast<const float4*>(sm.meta + 2 * x);  // {G, s} of queries x, x + 1
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int y = 16 * warp + (lane >> 2) + 8 * hf;
+      const float w0 = (y <= x && sy[hf] == mx.y) ? p.scale * lasp2::cuda::exp_ftz(mx.x - Gy[hf]) : 0.f;
+      const float w1 = (y <= x + 1 && sy[hf] == mx.w) ? p.scale * lasp2::cuda::exp_ftz(mx.z - Gy[hf]) : 0.f;
+      pa[j >> 1][2 * (j & 1) + hf] = pack2<T>(st[j][2 * hf] * w0, st[j][2 * hf + 1] * w1);
+    }
+  }
+  // r_y = -sum_{x >= y} P_xy dO_x over the query blocks warp..3
+  float acc[D / 8][4];
+  zero(acc);
+#pragma unroll
+  for (int kk = 0; kk < CH / 16; ++kk) {
+    if (kk < warp) continue;
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, sm.x + frag_b_kn(lane, 16 * kk, 16 * np, LD));
+      mma16816<T>(acc[2 * np], pa[kk], bb[0], bb[1]);
+      mma16816<T>(acc[2 * np + 1], pa[kk], bb[2], bb[3]);
+    }
+  }
+  __syncthreads();  // every warp is past q: r takes its place
+  store_rows<T, D / 8, true>(sm.q, LD, acc, 16 * warp, lane);
+  __syncthreads();
+  copy_rows_out<T, D, NT>(static_cast<T*>(prep.u) + cp.row0 * D, sm.q, LD, tid);
+}
+
 // ---- launch helpers ---------------------------------------------------------------------
 constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked)";
 
@@ -1225,6 +1361,15 @@ dim3 chunk_grid(const Problem& p) {
   return dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
 }
 
+// A kernel choice read at every launch (the tests compare the two): true where `name` is
+// `old`, false where it is unset, empty or `dflt`; anything else is an error.
+bool env_is(const char* name, const char* old, const char* dflt) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == 0 || std::strcmp(env, dflt) == 0) return false;
+  if (std::strcmp(env, old) == 0) return true;
+  fail(std::string("lasp2 (CUDA delta rule, chunked): ") + name + " must be " + dflt + " or " + old + ", not " + env);
+}
+
 }  // namespace
 
 void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
@@ -1233,8 +1378,12 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(PrepSmem<T, D>));
-    allow(prep_kernel<T, D>, bytes, "chunk prep smem");
-    prep_kernel<T, D><<<chunk_grid(p), NT, bytes, s>>>(p, out);
+    auto run = [&](auto kernel) {
+      allow(kernel, bytes, "chunk prep smem");
+      kernel<<<chunk_grid(p), NT, bytes, s>>>(p, out);
+    };
+    if (env_is("LASP2_DELTA_PREP_KERNEL", "old", "new")) return run(prep_kernel<T, D, false>);
+    run(prep_kernel<T, D, true>);
   });
   check(cudaGetLastError(), "chunk prep kernel");
 }
@@ -1443,11 +1592,17 @@ void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cuda
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    // no state tile: the same layout, launched with the bytes before it
-    using Smem = ScoreSmem<T, D>;
-    const int bytes = static_cast<int>(offsetof(Smem, st));
-    allow(score_kernel<T, D, false>, bytes, "chunk rprep smem");
-    score_kernel<T, D, false><<<chunk_grid(p), NT, bytes, s>>>(p, prep, dout, nullptr, ForwardOut{});
+    if (env_is("LASP2_DELTA_RPREP_KERNEL", "old", "new")) {
+      // no state tile: the same layout, launched with the bytes before it
+      using Smem = ScoreSmem<T, D>;
+      const int bytes = static_cast<int>(offsetof(Smem, st));
+      allow(score_kernel<T, D, false>, bytes, "chunk rprep smem");
+      score_kernel<T, D, false><<<chunk_grid(p), NT, bytes, s>>>(p, prep, dout, nullptr, ForwardOut{});
+      return;
+    }
+    const int bytes = static_cast<int>(sizeof(RprepSmem<T, D>));
+    allow(rprep_kernel<T, D>, bytes, "chunk rprep smem");
+    rprep_kernel<T, D><<<chunk_grid(p), NT, bytes, s>>>(p, prep, dout);
   });
   check(cudaGetLastError(), "chunk rprep kernel");
 }

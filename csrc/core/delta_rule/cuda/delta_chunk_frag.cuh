@@ -42,6 +42,20 @@ __device__ __forceinline__ void store_rows(T* dst, int ld, const float (&acc)[N]
   });
 }
 
+// A chunk's 64 rows of D 16-bit values from a [64][ld] shared-memory tile into dst's
+// contiguous [64][D] rows, 16 bytes a store by NTH threads (each warp store whole
+// 128-byte lines, where store_rows' 4-byte pieces touch 8 rows an instruction).
+template <typename T, int D, int NTH>
+__device__ __forceinline__ void copy_rows_out(T* dst, const T* src, int ld, int tid) {
+  constexpr int kPieces = CH * D / 8, kRowPieces = D / 8;
+  static_assert(kPieces % NTH == 0, "whole rounds of 16-byte pieces");
+#pragma unroll
+  for (int e = tid; e < kPieces; e += NTH) {
+    const int row = e / kRowPieces, c = 8 * (e % kRowPieces);
+    *reinterpret_cast<uint4*>(dst + row * D + c) = *reinterpret_cast<const uint4*>(src + row * ld + c);
+  }
+}
+
 // ---- products into a chunk's token rows (warp w: rows 16 w..) -------------------------
 // dst's rows (16-bit [64][D]) = A (16-bit [64][kLdP], lower triangular: key blocks past
 // the warp's own are zero) x B (a [64][LD] tile); the prep kernels' w and u.

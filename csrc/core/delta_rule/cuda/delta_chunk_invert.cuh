@@ -16,7 +16,12 @@ namespace {
 // blocks consumed by a merge hold C A^-1 afterwards. The first 128 threads (NT) do the
 // work; a block of kThreads > NT (the 8-warp KDA prep) calls it with all its threads,
 // the others only meeting the barriers.
-template <int kThreads = NT>
+// kBalanced (GDN prep's default since the thirteenth round): the first half of the
+// 32-block merge (C A^-1, whose sums start at the output column) gives each warp two
+// column groups (4 (tid / 16)) over 16 row pairs instead of all eight over 4 row pairs,
+// so a warp's loop runs 32 - 8 w steps instead of 32 (80 warp steps instead of 128).
+// Every output is the same sum in the same order, on another thread: the same bits.
+template <int kThreads = NT, bool kBalanced = false>
 __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
   static_assert(kThreads >= NT, "four warps do the work");
   const bool act = kThreads == NT || tid < NT;
@@ -78,14 +83,15 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
   __syncthreads();
   {  // block rows 32..63 x columns 0..31: 2 x 4 outputs a thread
     const int r = 2 * (tid >> 3), c = 4 * (tid & 7);
+    const int r1 = kBalanced ? 2 * (tid & 15) : r, c1 = kBalanced ? 4 * ((tid >> 4) & 7) : c;
     float x[2][4] = {};
-    for (int k = c; act && k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
-      const float c0 = L[(32 + r) * LDL + k], c1 = L[(33 + r) * LDL + k];
+    for (int k = c1; act && k < 32; ++k) {  // C A^-1 with A^-1 = T[0:32, 0:32], zero for k < c
+      const float c0 = L[(32 + r1) * LDL + k], c1v = L[(33 + r1) * LDL + k];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const float a = Tm[k * LDL + c + b];
+        const float a = Tm[k * LDL + c1 + b];
         x[0][b] += c0 * a;
-        x[1][b] += c1 * a;
+        x[1][b] += c1v * a;
       }
     }
     __syncthreads();
@@ -93,7 +99,7 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
 #pragma unroll
       for (int a = 0; a < 2; ++a)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) L[(32 + r + a) * LDL + c + b] = x[a][b];
+        for (int b = 0; b < 4; ++b) L[(32 + r1 + a) * LDL + c1 + b] = x[a][b];
     __syncthreads();
     float y[2][4] = {};
     for (int k = 0; act && k <= r + 1; ++k) {  // B^-1 (C A^-1), B^-1 = T[32:64, 32:64]
