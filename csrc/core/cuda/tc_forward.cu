@@ -15,6 +15,9 @@
 // (A layout with twice the warps, each holding half a row block of the state and
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass; see docs/kernels.md.)
+#include <cstdlib>
+#include <cstring>
+
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -104,8 +107,13 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
-template <typename T, int D, int MODE>
-__global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
+// VAR (D = 64 output / dq only, session 13; temporary, LASP2_CUDA_FWD_KERNEL): 0 = the
+// score tile by tc_scores (sessions 4-12), 1 = tc_scores_split, 2 = tc_scores_split with
+// its weights and stores per case (the default). At D = 64 the output pass runs 3 blocks
+// per SM (shared memory); the bound keeps variants 1-2 at <= 168 registers for that
+// (unbounded: 175).
+template <typename T, int D, int MODE, int VAR>
+__global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
@@ -241,7 +249,15 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
       scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
       if (active) inter();
     } else if constexpr (!kPrefix) {
-      tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      // D = 64 (session 13): tc_scores_split, the causal count taken once per warp, so the
+      // k loop is straight (tc_scores: the loads of n16 pairs 1-3 each right before their
+      // mma, one shared-memory wait per pair and k step); same MMAs in the same order.
+      const T* const a[1] = {Qs};
+      const T* const bk[1] = {Ks};
+      T* const p[1] = {Ps};
+      if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
+      else if constexpr (VAR == 1) tc_scores_split<T, D, NW, 1, false, false>(a, bk, ms, args.scale, p, warp, lane);
+      else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
     __syncthreads();
 
@@ -376,10 +392,27 @@ __global__ void __launch_bounds__(2 * D, 1) tc_fwd_kernel(FwdArgs args) {
   cp_async_wait_all();
 }
 
+// LASP2_CUDA_FWD_KERNEL=old | split (temporary, session 13): D = 64's output and dq
+// passes as variant 0 or 1 of tc_fwd_kernel (same bits; for the A/B and the equality
+// test); unset: variant 2. Read per launch so that a test can switch it. The other
+// kernels have one version.
+int fwd_kernel_variant() {
+  const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
+  if (env != nullptr && std::strcmp(env, "old") == 0) return 0;
+  if (env != nullptr && std::strcmp(env, "split") == 0) return 1;
+  return 2;
+}
+
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
-  auto k = tc_fwd_kernel<T, D, MODE>;
+  constexpr bool kVariants = D == 64 && MODE != static_cast<int>(FwdMode::kPrefix);
+  auto k = tc_fwd_kernel<T, D, MODE, 2>;
+  if constexpr (kVariants) {
+    const int var = fwd_kernel_variant();
+    if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
+    if (var == 1) k = tc_fwd_kernel<T, D, MODE, 1>;
+  }
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
   check_launch("tc_fwd_kernel");

@@ -86,10 +86,13 @@ __device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* 
 }
 
 // The weights and 16-bit stores of tc_scores / tc_scores_split for one warp's
-// accumulators.
-template <typename T, int D, int NPW, int N>
+// accumulators. NB = 0: the n16 pairs above the diagonal are skipped by a test per pair;
+// NB > 0: the caller knows that exactly pairs [0, NB) lie on or below it (no test, one
+// straight block: the key meta of all pairs can load before the first weight).
+template <typename T, int D, int NPW, int N, int NB = 0>
 __device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], const float* ms, float scale,
                                                T* const (&Ps)[N], int mt, int nt0, int lane) {
+  static_assert(NB >= 0 && 2 * NB <= NPW, "tc_score_store: 0 <= NB <= NPW / 2");
   // This thread's two query rows x (meta read once per chunk, not per key tile).
   float Gx[2], sx[2];
 #pragma unroll
@@ -99,10 +102,10 @@ __device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], co
     sx[hf] = ms[2 * x + 1];
   }
 #pragma unroll
-  for (int j = 0; j < NPW; ++j) {
+  for (int j = 0; j < (NB > 0 ? 2 * NB : NPW); ++j) {
     // 16 x 16 blocks above the diagonal (key block > query block) are never read
     // by the consumers (their causal loops skip them): no weights, no store.
-    if (8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
+    if (NB == 0 && 8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
     const int y = 8 * (nt0 + j) + 2 * (lane & 3);
     const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);  // {G, s} of keys y, y + 1
 #pragma unroll
@@ -178,8 +181,10 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
 // waits a shared-memory latency per step (static SASS of the dk/dv kernel, session 13);
 // here the loop is straight and the next step's fragments load while this step's mma
 // run. Every accumulator gets the same mma in the same order (the same bits), and the
-// weights and stores are tc_scores' (tc_score_store).
-template <typename T, int D, int NW, int N = 1, bool Spread = false>
+// weights and stores are tc_scores' (tc_score_store). StraightStore (the output / dq
+// passes at D = 64, session 13): the weights and stores also inside each case, with
+// their pair count known (tc_score_store<NB>): no per-pair test there either.
+template <typename T, int D, int NW, int N = 1, bool Spread = false, bool StraightStore = false>
 __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
                                                 const float* ms, float scale, T* const (&Ps)[N], int warp,
                                                 int lane) {
@@ -199,9 +204,26 @@ __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T
   // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
   const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
   constexpr int H = NPW / 2;  // pairs per warp; NB = min(k, H) keeps unused cases valid
-  if (nb >= 4) tc_score_mmas<T, D, NPW, N, (H < 4 ? H : 4)>(As, Bs, mt, nt0, lane, acc);
-  else if (nb == 3) tc_score_mmas<T, D, NPW, N, (H < 3 ? H : 3)>(As, Bs, mt, nt0, lane, acc);
-  else if (nb == 2) tc_score_mmas<T, D, NPW, N, (H < 2 ? H : 2)>(As, Bs, mt, nt0, lane, acc);
+  constexpr int B4 = H < 4 ? H : 4, B3 = H < 3 ? H : 3, B2 = H < 2 ? H : 2;
+  if constexpr (StraightStore) {
+    if (nb >= 4) {
+      tc_score_mmas<T, D, NPW, N, B4>(As, Bs, mt, nt0, lane, acc);
+      tc_score_store<T, D, NPW, N, B4>(acc, ms, scale, Ps, mt, nt0, lane);
+    } else if (nb == 3) {
+      tc_score_mmas<T, D, NPW, N, B3>(As, Bs, mt, nt0, lane, acc);
+      tc_score_store<T, D, NPW, N, B3>(acc, ms, scale, Ps, mt, nt0, lane);
+    } else if (nb == 2) {
+      tc_score_mmas<T, D, NPW, N, B2>(As, Bs, mt, nt0, lane, acc);
+      tc_score_store<T, D, NPW, N, B2>(acc, ms, scale, Ps, mt, nt0, lane);
+    } else {
+      tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
+      tc_score_store<T, D, NPW, N, 1>(acc, ms, scale, Ps, mt, nt0, lane);
+    }
+    return;
+  }
+  if (nb >= 4) tc_score_mmas<T, D, NPW, N, B4>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 3) tc_score_mmas<T, D, NPW, N, B3>(As, Bs, mt, nt0, lane, acc);
+  else if (nb == 2) tc_score_mmas<T, D, NPW, N, B2>(As, Bs, mt, nt0, lane, acc);
   else tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
   tc_score_store<T, D, NPW, N>(acc, ms, scale, Ps, mt, nt0, lane);
 }

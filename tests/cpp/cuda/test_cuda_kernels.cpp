@@ -690,7 +690,9 @@ TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
 // 2-chunk segments with documents and a partial last chunk (part [37, 1000)), dims below
 // the tile (dv = 40: warps 3-7 write no output but still compute their score tiles and,
 // warps 6 and 7, the weights; dk = 96, dv = 72), D = 64 (the 4-warp kernel), fixed and
-// no decay, fp16, the backend's own segments at T = 4109. On an H200 (session 13) these
+// no decay, fp16, the backend's own segments at T = 4109; D = 64 also with dk = 48,
+// dv = 40 and fixed decay, and each case also with LASP2_CUDA_FWD_KERNEL=old, which must
+// give the same bits (D = 64's straight score loops, session 13). On an H200 (session 13) these
 // cases also gave o, dq and q.dq equal bit for bit to the kernel of sessions 4-12 and to
 // the measured variants (tc_scores' Spread; the fine split with the inter product after
 // the barrier), which were then removed.
@@ -722,8 +724,17 @@ void run_fwd_split_case(const OpCase& c) {
     cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
     return r;
   };
-  const Out a = run(), b = run();
+  // the default kernels (twice) and LASP2_CUDA_FWD_KERNEL=old (D = 64: tc_scores instead
+  // of tc_scores_split, session 13; the other tiles have one kernel): the same bits
+  auto run_knob = [&](const char* knob) {
+    EnvGuard k("LASP2_CUDA_FWD_KERNEL", knob);
+    return run();
+  };
+  const Out a = run_knob(""), b = run_knob(""), old = run_knob("old");
   const double tol = tol_of(c.dtype);
+  EXPECT_EQ(old.o.buf.download(), a.o.buf.download()) << "o: LASP2_CUDA_FWD_KERNEL=old differs";
+  EXPECT_EQ(old.dq.buf.download(), a.dq.buf.download()) << "dq: LASP2_CUDA_FWD_KERNEL=old differs";
+  EXPECT_EQ(float_bits(old.qdq.download()), float_bits(a.qdq.download())) << "q.dq: LASP2_CUDA_FWD_KERNEL=old differs";
   expect_rows(c, "o_split", a.o, want_o, tol);
   expect_rows(c, "dq_split", a.dq, want_dq, tol);
   expect_scalars(c, "q.dq_split", a.qdq, want_qdq, tol);
@@ -750,7 +761,9 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
                                make("fs_bf16_none_dk128_dv40", ScalarType::kBFloat16, DecayMode::kNone, 128, 40),
                                make("fs_bf16_gate_dk96_dv72", ScalarType::kBFloat16, DecayMode::kGate, 96, 72),
                                make("fs_bf16_gate_D64_docs", ScalarType::kBFloat16, DecayMode::kGate, 64, 64),
-                               make("fs_fp16_gate_D64", ScalarType::kFloat16, DecayMode::kGate, 64, 64)};
+                               make("fs_fp16_gate_D64", ScalarType::kFloat16, DecayMode::kGate, 64, 64),
+                               make("fs_bf16_none_dk48_dv40", ScalarType::kBFloat16, DecayMode::kNone, 48, 40),
+                               make("fs_fp16_fixed_D64", ScalarType::kFloat16, DecayMode::kFixed, 64, 64)};
   OpCase c = make("fs_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
   c.T = 4109;
   c.begin = 0;
