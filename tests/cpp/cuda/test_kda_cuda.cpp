@@ -9,16 +9,21 @@
 // dim and token); and the chunked backward (kda_chunk_bwd.h, DeltaCudaKdaBackward): dq,
 // dk, dv, dg, dbeta and the entering state's gradient. The recurrent kernels are held to the CPU backend by
 // test_delta_cuda.cpp; the CPU chunk form takes no -inf gates, so those cases compare
-// with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming).
+// with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming), and the
+// state pass on tensor-map copies against the tile kernel (DeltaCudaKdaStateTma, its
+// A/B DeltaCudaKdaStateTiming).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <string>
 
 #include "../delta_rule/delta_problem.h"
@@ -46,13 +51,15 @@ struct KdaCase {
   int d;
   bool packed;
   Gates gates;
+  int heads = 2;
 };
 
 // The test name of a case, e.g. bf16_d128_packed_neginf.
 std::string kda_case_name(const ::testing::TestParamInfo<KdaCase>& info) {
   const KdaCase& c = info.param;
   const char* gates = c.gates == Gates::kMild ? "mild" : c.gates == Gates::kNegInf ? "neginf" : "strong";
-  return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates;
+  return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.packed ? "_packed_" : "_rows_") + gates +
+         (c.heads != 2 ? "_h" + std::to_string(c.heads) : "");
 }
 
 // The problem: q, k, v rounded to `type` (k scaled to about unit norm, as KDA layers
@@ -61,7 +68,7 @@ DeltaProblem<float> kda_problem(const KdaCase& c) {
   DeltaSpec s;
   s.gate_kind = GateKind::kPerKey;
   s.seqlen = 300;
-  s.heads = 2;
+  s.heads = c.heads;
   s.dim_k = s.dim_v = c.d;
   s.chunk_size = 64;
   s.scale = 1.0 / std::sqrt(static_cast<double>(c.d));
@@ -345,6 +352,93 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaBackward, ::testing::ValuesIn(kda_cases(true)), kda_case_name);
 
+// KDA's state passes on tensor-map copies (kda_state_kernel_tma, kda_rev_state_kernel_tma;
+// sm_90, d = 128; LASP2_DELTA_KDA_STATE_KERNEL) against the 4-warp tile kernels: "tma"
+// runs the tile kernels' products in their order, so o, the forward's kept v_new and
+// 16-bit chunk states, A, M, the head maps, entering_dstate and the whole backward (dq,
+// dk, dv, dg, dbeta, the entering state's gradient; its state pass and reverse pass with
+// dh) must be equal bit for bit; "tmasplit" (GDN's split chains) within the tolerances
+// the chunked kernels keep against the recurrent ones.
+// Cases: bf16 and fp16, rows and packed documents, -inf and strong gates, B x H = 2 or
+// 4 (the four-buffer rings) and 18 or 17 (144 / 136 blocks: the two-buffer rings on a
+// 132-SM H200); the fixture's part [37, 280) starts and ends mid-chunk, with an
+// entering state.
+class DeltaCudaKdaStateTma : public KdaCaseTest {};
+
+TEST_P(DeltaCudaKdaStateTma, EqualsTileKernel) {
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "the tma state pass runs on sm_90 and later";
+  const DeltaParams& dp = dev().p;
+  const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+  const int64_t me = hp.map_elems(), kept_n = gpu.forward_kept_floats(dp, part);
+  ASSERT_GT(kept_n, 0) << "the chunked kernels take the part";
+  const DevBuf<float> d_entering = to_device_f32(random_states(9, 1, bh * se)[0]);
+  const DevBuf<float> d_leaving = to_device_f32(random_states(11, 1, bh * se)[0]);
+  // o (its 16-bit values), kept, A, M, head A, head M, the entering state's gradient
+  // (entering_dstate), the backward's dq, dk, dv, dg, dbeta and entering-state gradient
+  auto run = [&](const char* kernel) {
+    const EnvGuard scope("LASP2_DELTA_KDA_STATE_KERNEL", kernel);
+    DevTensor og(s.batch, s.seqlen, s.heads, s.dim_v, c.type, lay);
+    DevBuf<float> kept(kept_n), A(bh * me), M(bh * se), hA(bh * me), hM(bh * se);
+    for (auto* b : {&kept, &A, &M, &hA, &hM}) b->poison();
+    gpu.forward_keeping(dp, part, d_entering.p, DocStates{}, og.mview(), kept.p, nullptr);
+    gpu.part_summary(dp, part, DocStates{}, A.p, M.p, hA.p, hM.p, nullptr);
+    std::vector<float> o;  // 0 outside the part (poison, NaN, in the readback)
+    for (double x : og.download().v) o.push_back(std::isfinite(x) ? static_cast<float>(x) : 0.f);
+    std::vector<std::vector<float>> out = {o, kept.download()};
+    for (auto* b : {&A, &M, &hA, &hM}) out.push_back(b->download());
+    DevBuf<float> E(bh * se);
+    E.poison();
+    gpu.entering_dstate(dp, part, dev().dout.cview(), E.p, nullptr);
+    out.push_back(E.download());
+    const KdaGrads gr = kda_device_backward(pr, dev(), c.type, lay, part, d_entering, d_leaving);
+    for (const auto* t : {&gr.dq, &gr.dk, &gr.dv}) {
+      std::vector<float> f;  // 0 outside the part
+      for (double x : t->v) f.push_back(std::isfinite(x) ? static_cast<float>(x) : 0.f);
+      out.push_back(f);
+    }
+    for (const auto* v : {&gr.dg, &gr.db, &gr.dE}) out.push_back(*v);
+    return out;
+  };
+  constexpr int kOut = 13;
+  const char* names[kOut] = {"o",  "kept (v_new, chunk states)", "A",  "M",  "head A", "head M", "entering_dstate",
+                             "dq", "dk", "dv", "dg", "dbeta", "backward d_entering"};
+  const auto tile = run("tile");
+  const auto tma = run("tma");
+  ASSERT_EQ(tile.size(), static_cast<size_t>(kOut));
+  for (int i = 0; i < kOut; ++i) {
+    ASSERT_EQ(tile[i].size(), tma[i].size()) << names[i];
+    int64_t differ = 0;
+    for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
+    EXPECT_EQ(differ, 0) << "tma vs tile " << names[i] << ": of " << tile[i].size() << " words";
+  }
+  EXPECT_GT(delta::testing::max_abs(tile[0]), 0.0) << "o is not all zero";
+  EXPECT_GT(delta::testing::max_abs(tile[3]), 0.0) << "M is not all zero";
+  if (c.packed) {
+    EXPECT_EQ(delta::testing::max_abs(tile[2]), 0.0) << "a part with a document start has A = 0 exactly";
+  } else if (c.gates == Gates::kMild) {
+    EXPECT_GT(delta::testing::max_abs(tile[2]), 0.0) << "A is not all zero";
+  }
+  EXPECT_GT(delta::testing::max_abs(tile[6]), 0.0) << "entering_dstate is not all zero";
+  EXPECT_GT(delta::testing::max_abs(tile[10]), 0.0) << "dg is not all zero";
+  // the split chains: fp32 sums in another order (16-bit outputs at the chunked kernels'
+  // 1e-2 against the recurrent ones, the maps at their 5e-3, the backward's sums at its)
+  const auto split = run("tmasplit");
+  for (int i : {0, 7, 8, 9}) EXPECT_LT(rel_err_f32(split[i], tile[i]), 1e-2) << "tmasplit " << names[i];
+  for (int i : {2, 3, 4, 5, 6}) EXPECT_LT(rel_err_f32(split[i], tile[i]), 5e-3) << "tmasplit " << names[i];
+  const double tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;  // the backward suite's
+  for (int i : {10, 11, 12}) EXPECT_LT(rel_err_f32(split[i], tile[i]), tol_sum) << "tmasplit " << names[i];
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaStateTma,
+                         ::testing::Values(KdaCase{ScalarType::kBFloat16, 128, false, Gates::kMild},
+                                           KdaCase{ScalarType::kBFloat16, 128, true, Gates::kNegInf},
+                                           KdaCase{ScalarType::kBFloat16, 128, false, Gates::kNegInf, 9},
+                                           KdaCase{ScalarType::kFloat16, 128, true, Gates::kMild, 17},
+                                           KdaCase{ScalarType::kFloat16, 128, false, Gates::kStrong}),
+                         kda_case_name);
+
 // Runs `steps` in order `reps` times on the default stream and returns each step's
 // milliseconds in the last run (events recorded between the steps).
 std::vector<float> time_steps(const std::vector<std::function<void()>>& steps, int reps = 2) {
@@ -385,6 +479,59 @@ double rel_max_diff(const std::vector<double>& a, const std::vector<double>& b) 
   return num / std::max(den, 1e-3);
 }
 
+// Random [1, T, H, D] 16-bit token tensors from one generator: a 2^20-value normal
+// pattern repeated (fast to set up at T = 64K), `small`'s scaled by 0.09.
+void upload_timing_tokens(std::mt19937& rng, ScalarType type, std::initializer_list<DevTensor*> tensors,
+                          const DevTensor* small) {
+  const size_t pattern = size_t{1} << 20;
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (DevTensor* t : tensors) {
+    std::vector<unsigned char> host(2 * pattern);
+    for (size_t i = 0; i < pattern; ++i) encode(type, normal(rng) * (t == small ? 0.09 : 1.0), &host[2 * i]);
+    for (size_t at = 0; at < t->elems; at += pattern)
+      cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
+              "upload");
+  }
+}
+// Per-key log gates in log [0.9, 1) (a repeated pattern), betas in [0.1, 0.9).
+void upload_timing_gates(std::mt19937& rng, DevBuf<float>& g, DevBuf<float>& beta) {
+  const size_t pattern = size_t{1} << 20;
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> gh(pattern), bh(beta.n);
+  for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
+  for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
+  for (size_t at = 0; at < g.n; at += pattern)
+    cuda_ok(cudaMemcpy(g.p + at, gh.data(), 4 * std::min(pattern, g.n - at), cudaMemcpyHostToDevice), "upload");
+  beta.upload(bh);
+}
+// The chunk kernels' problem over the whole of [1, T, H, D] bf16 q, k, v with per-key
+// gates g [1, T, H, D] and betas [1, T, H], scale 1 / sqrt(D).
+delta::gpu::Problem timing_problem(const DevTensor& q, const DevTensor& k, const DevTensor& v, const DevBuf<float>& g,
+                                   const DevBuf<float>& beta) {
+  namespace gpu = delta::gpu;
+  const int64_t T = q.T, H = q.H, D = q.D;
+  gpu::Problem kp;
+  kp.batch = 1;
+  kp.heads = static_cast<int>(H);
+  kp.dk = kp.dv = static_cast<int>(D);
+  kp.seqlen = kp.n = kp.seg_len = T;
+  kp.elem = gpu::Elem::kBF16;
+  kp.q = {q.buf.p, T * H * D, H * D, D};
+  kp.k = {k.buf.p, T * H * D, H * D, D};
+  kp.v = {v.buf.p, T * H * D, H * D, D};
+  kp.g = g.p;
+  kp.gsb = T * H * D;
+  kp.gst = H * D;
+  kp.gsh = D;
+  kp.per_key = 1;
+  kp.beta = beta.p;
+  kp.bsb = T * H;
+  kp.bst = H;
+  kp.bsh = 1;
+  kp.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  return kp;
+}
+
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
 // with the recurrent ones (printed). Inputs: repeated random patterns (fast to set up);
@@ -399,28 +546,9 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   DevTensor q = tensor(), k = tensor(), v = tensor(), dout = tensor(), o = tensor(), o_rec = tensor(), dq = tensor(),
             dk = tensor(), dv = tensor();
   std::mt19937 rng(3);
-  const size_t pattern = size_t{1} << 20;
-  {
-    std::normal_distribution<double> normal(0.0, 1.0);
-    for (DevTensor* t : {&q, &k, &v, &dout}) {
-      std::vector<unsigned char> host(2 * pattern);
-      for (size_t i = 0; i < pattern; ++i) encode(type, normal(rng) * (t == &k ? 0.09 : 1.0), &host[2 * i]);
-      for (size_t at = 0; at < t->elems; at += pattern)
-        cuda_ok(cudaMemcpy(t->buf.p + 2 * at, host.data(), 2 * std::min(pattern, t->elems - at), cudaMemcpyHostToDevice),
-                "upload");
-    }
-  }
-  // per-key log gates in log [0.9, 1), betas in [0.1, 0.9)
+  upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
   DevBuf<float> g(T * H * D), beta(T * H);
-  {
-    std::uniform_real_distribution<float> u(0.f, 1.f);
-    std::vector<float> gh(pattern), bh(T * H);
-    for (auto& e : gh) e = std::log(0.9f + 0.1f * u(rng));
-    for (auto& e : bh) e = 0.1f + 0.8f * u(rng);
-    for (size_t at = 0; at < g.n; at += pattern)
-      cuda_ok(cudaMemcpy(g.p + at, gh.data(), 4 * std::min(pattern, g.n - at), cudaMemcpyHostToDevice), "upload");
-    beta.upload(bh);
-  }
+  upload_timing_gates(rng, g, beta);
   DeltaParams p;
   p.batch = 1;
   p.seqlen = T;
@@ -470,25 +598,7 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   // per launch of the chunked forward (kda_chunk.h): prep, the state pass, the output
   {
     namespace gpu = delta::gpu;
-    gpu::Problem kp;
-    kp.batch = 1;
-    kp.heads = static_cast<int>(H);
-    kp.dk = kp.dv = static_cast<int>(D);
-    kp.seqlen = kp.n = kp.seg_len = T;
-    kp.elem = gpu::Elem::kBF16;
-    kp.q = {q.buf.p, T * H * D, H * D, D};
-    kp.k = {k.buf.p, T * H * D, H * D, D};
-    kp.v = {v.buf.p, T * H * D, H * D, D};
-    kp.g = g.p;
-    kp.gsb = T * H * D;
-    kp.gst = H * D;
-    kp.gsh = D;
-    kp.per_key = 1;
-    kp.beta = beta.p;
-    kp.bsb = T * H;
-    kp.bst = H;
-    kp.bsh = 1;
-    kp.scale = static_cast<float>(p.scale);
+    const gpu::Problem kp = timing_problem(q, k, v, g, beta);
     const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(kp);
     DevBuf<float> w(z.rows_half), u(z.rows_half), qg(z.rows_half), kd(z.rows_half), pm(z.p_half), eL(z.eL),
         vn(z.rows_half), st(H * gpu::chunk_count(kp) * D * D / 2);
@@ -550,6 +660,127 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     const std::vector<double> a = first_tokens(*got, n).v, b = first_tokens(*rec, n).v;
     ASSERT_EQ(count_nonfinite(a), 0) << name << " not finite";
     EXPECT_LT(rel_max_diff(a, b), 2e-2) << "chunked vs recurrent " << name << " (first tokens)";
+  }
+}
+
+// A/B of KDA's state passes per launch (kda_chunk_tma.h: the forward pass, the part
+// summary, rprep + the reverse pass) at T = 64K
+// (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16: the kernels named in
+// LASP2_KDA_STATE_TIMING_VARIANTS (LASP2_DELTA_KDA_STATE_KERNEL values; default two
+// rounds of "tile tma tmasplit", alternating), each launch timed alone, the median of
+// LASP2_STATE_TIMING_REPS (5) after one warm-up. Then each kernel's outputs against the
+// tile kernels': tma's v_new, 16-bit states, leaving state, A, M, dh and entering
+// gradient bit for bit, tmasplit's fp32 ones within 2e-2 (max-norm relative).
+TEST(DeltaCudaKdaStateTiming, TmaAgainstTile) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "the tma state pass runs on sm_90 and later";
+  namespace gpu = delta::gpu;
+  auto env_or = [](const char* name, const char* dflt) {
+    const char* e = std::getenv(name);
+    return std::string(e != nullptr && *e != '\0' ? e : dflt);
+  };
+  const int64_t T = std::atoll(env_or("LASP2_DELTA_TIMING_T", "65536").c_str()), H = 16, D = 128;
+  const int reps = std::max(1, std::atoi(env_or("LASP2_STATE_TIMING_REPS", "5").c_str()));
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      dout(1, T, H, D, type, Layout{});
+  std::mt19937 rng(3);
+  upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
+  DevBuf<float> g(T * H * D), beta(T * H);
+  upload_timing_gates(rng, g, beta);
+  const gpu::Problem kp = timing_problem(q, k, v, g, beta);
+  const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(kp);
+  const int64_t nck = gpu::chunk_count(kp), se = D * D;
+  DevBuf<float> w(z.rows_half), u(z.rows_half), qg(z.rows_half), kd(z.rows_half), pm(z.p_half), eL(z.eL);
+  const gpu::KdaPrep prep{w.p, u.p, qg.p, kd.p, pm.p, eL.p};
+  gpu::launch_kda_prep(kp, prep, nullptr);
+  const std::vector<std::vector<float>> edge = random_states(4, 2, H * se);
+  const DevBuf<float> entering = to_device_f32(edge[0]), leaving_grad = to_device_f32(edge[1]);
+  const gpu::View dov{dout.buf.p, T * H * D, H * D, D};
+  struct Outs {
+    DevBuf<float> vn, st, leaving, A, M, r, dh, dE;
+  };
+  auto make_outs = [&] {
+    return Outs{DevBuf<float>(z.rows_half), DevBuf<float>(H * nck * se / 2), DevBuf<float>(H * se),
+                DevBuf<float>(H * se),      DevBuf<float>(H * se),           DevBuf<float>(z.rows_half),
+                DevBuf<float>(H * nck * se / 2), DevBuf<float>(H * se)};
+  };
+  // 0 the state pass, 1 the summary, 2 rprep + the reverse pass (launch_kda_rstates)
+  auto launch = [&](Outs& o, int pass) {
+    if (pass == 1) return gpu::launch_kda_summary(kp, prep, {o.A.p, o.M.p, nullptr, nullptr}, nullptr);
+    if (pass == 2) return gpu::launch_kda_rstates(kp, prep, dov, o.r.p, leaving_grad.p, o.dh.p, o.dE.p, nullptr);
+    gpu::ChunkStatesOut so;
+    so.entering = entering.p;
+    so.v_new = o.vn.p;
+    so.states = o.st.p;
+    so.leaving = o.leaving.p;
+    gpu::launch_kda_states(kp, prep, so, nullptr);
+  };
+  cudaEvent_t e0, e1;
+  cuda_ok(cudaEventCreate(&e0), "event");
+  cuda_ok(cudaEventCreate(&e1), "event");
+  auto median_ms = [&](const std::function<void()>& f) {
+    f();  // warm-up
+    std::vector<float> ms(reps);
+    for (float& m : ms) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      f();
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+      cuda_ok(cudaEventElapsedTime(&m, e0, e1), "elapsed");
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  };
+  {
+    Outs o = make_outs();
+    std::istringstream names(env_or("LASP2_KDA_STATE_TIMING_VARIANTS", "tile tma tmasplit tile tma tmasplit"));
+    for (std::string name; names >> name;) {
+      const EnvGuard scope("LASP2_DELTA_KDA_STATE_KERNEL", name);
+      const float st_ms = median_ms([&] { launch(o, 0); });
+      const float sum_ms = median_ms([&] { launch(o, 1); });
+      const float rev_ms = median_ms([&] { launch(o, 2); });
+      std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16 state kernel %-8s: states %.3f ms, summary %.3f ms, "
+                  "rprep + rstates %.3f ms (median of %d)\n",
+                  static_cast<long long>(T), name.c_str(), st_ms, sum_ms, rev_ms, reps);
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  // every output of a kernel, host side: v_new, states, leaving, A, M, dh, the entering
+  // state's gradient
+  auto outputs = [&](const char* name) {
+    const EnvGuard scope("LASP2_DELTA_KDA_STATE_KERNEL", name);
+    Outs o = make_outs();
+    for (DevBuf<float>* b : {&o.vn, &o.st, &o.leaving, &o.A, &o.M, &o.dh, &o.dE}) b->poison();
+    for (int pass = 0; pass < 3; ++pass) launch(o, pass);
+    std::vector<std::vector<float>> out;
+    for (DevBuf<float>* b : {&o.vn, &o.st, &o.leaving, &o.A, &o.M, &o.dh, &o.dE}) out.push_back(b->download());
+    return out;
+  };
+  constexpr int kOut = 7;
+  const char* what[kOut] = {"v_new", "16-bit states", "leaving", "A", "M", "dh", "entering gradient"};
+  const auto tile = outputs("tile");
+  for (int i : {2, 3, 4, 6}) {
+    int64_t finite = 0;
+    for (float x : tile[i]) finite += std::isfinite(x) ? 1 : 0;
+    EXPECT_EQ(finite, static_cast<int64_t>(tile[i].size())) << "tile " << what[i] << " written and finite";
+  }
+  {
+    const auto tma = outputs("tma");
+    for (int i = 0; i < kOut; ++i) {
+      int64_t differ = 0;
+      for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
+      EXPECT_EQ(differ, 0) << "tma vs tile " << what[i] << ": of " << tile[i].size() << " words";
+    }
+  }
+  const auto split = outputs("tmasplit");
+  for (int i : {2, 3, 4, 6}) {
+    const double rel = rel_err_f32(split[i], tile[i]);
+    std::printf("[ timing ] tmasplit vs tile %s: max-norm relative %.3g\n", what[i], rel);
+    EXPECT_LT(rel, 2e-2) << "tmasplit vs tile " << what[i];
   }
 }
 

@@ -22,6 +22,7 @@
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/delta_chunk_invert.cuh"
+#include "delta_rule/cuda/delta_chunk_tma.cuh"
 #include "delta_rule/cuda/tma_copy.cuh"
 #include "lasp2/types.h"
 
@@ -401,11 +402,6 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
 // whole w and K. A block either carries 16 columns of
 // the state (S from `entering`, or zero) or, for the part summary, 16 columns of the
 // map A (from I, with u = 0: the columns of A evolve like state columns with v = 0).
-template <int N>
-__device__ __forceinline__ void cp_async_wait_upto() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 template <typename T, int D, int C>
 struct FwdStateBuf {
   static constexpr int LD = TcTile<D>::LD, LDC = C + 8;
@@ -577,7 +573,6 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 // products: warp w takes tokens 16 (w % 4) .. and C / 16 n8 tiles of columns from
 // C / 2 (w / 4) (k-steps in two chains); state products: state rows 16 w .. 16 w + 15
 // (d = 128 only), the chunk's tokens in two halves (chains of two).
-constexpr int NT8 = 256;
 
 // ---- a chunk's copies, addressed once a block (the lean state passes) -------------------
 // The decays of the lean passes as one MUFU.EX2 (exp_ftz: their arguments are <= 0; a
@@ -589,91 +584,6 @@ __device__ __forceinline__ float chunk_exp(float x) {
   } else {
     return __expf(x);
   }
-}
-// The per-chunk loads of the 8-warp passes as the old loaders wrote them (load_fwd_chunk,
-// load_state_chunk) recompute every address each chunk: chunk_pos' 64-bit division of bh,
-// the view offsets and each thread's tile offsets. The state pass is latency-bound with
-// two warps a scheduler, so those instructions sit on the chunk's path (ncu: 361
-// instructions a warp a chunk in the forward, about 40 of them the products'). Here each
-// thread's sources and shared-memory destinations are formed once; a chunk adds its row
-// offset (292 instructions, 11 % less time; docs/delta_rule.md, ninth round).
-__device__ __forceinline__ void cp_async16_to(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
-}
-// Rows >= nvalid of a chunk are zero-filled.
-__device__ __forceinline__ int chunk_rows(const Problem& p, int c) {
-  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
-  return left < CH ? static_cast<int>(left) : CH;
-}
-// This thread's share of a [64][D] tile of rows (stride st) into a [64][LD] shared tile.
-template <typename T, int D, int NTH>
-struct TileCopy {
-  static constexpr int kVecs = D / 8, kStep = NTH / kVecs, kIters = CH / kStep;
-  static_assert(NTH % kVecs == 0 && CH % kStep == 0, "tile copy shape");
-  const T* src;  // chunk 0's first row of this thread
-  int64_t st;
-  uint32_t dst;
-  int row0;
-  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
-    row0 = tid / kVecs;
-    const int col = (tid % kVecs) * 8;
-    src = rows + row0 * stride + col;
-    st = stride;
-    dst = lasp2::cuda::smem_u32(tile + row0 * TcTile<D>::LD + col);
-  }
-  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
-    const T* s = src + static_cast<int64_t>(c) * CH * st;
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const bool valid = row0 + i * kStep < nvalid;
-      cp_async16_to(dst + buf_off + i * kStep * TcTile<D>::LD * sizeof(T), valid ? s + i * kStep * st : src, valid);
-    }
-  }
-};
-// This thread's share (at most one 16-byte piece) of a [64][C] column block of rows
-// (stride st, rows already offset to the block's first column) into a [64][C + 8] tile.
-template <typename T, int C, int NTH>
-struct ColCopy {
-  static_assert(CH * C / 8 <= NTH, "one piece a thread");
-  const T* src;
-  int64_t st;
-  uint32_t dst;
-  int row;
-  bool active;
-  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
-    active = tid < CH * C / 8;
-    row = tid / (C / 8);
-    const int part = tid % (C / 8);
-    src = rows + row * stride + 8 * part;
-    st = stride;
-    dst = lasp2::cuda::smem_u32(tile + row * (C + 8) + 8 * part);
-  }
-  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
-    if (!active) return;
-    const bool valid = row < nvalid;
-    cp_async16_to(dst + buf_off, valid ? src + static_cast<int64_t>(c) * CH * st : src, valid);
-  }
-};
-// The {G, s} pairs of a chunk: threads 0..31, 16 bytes each.
-struct MetaCopy {
-  const float* src;
-  uint32_t dst;
-  bool active;
-  __device__ __forceinline__ void init(const float* meta, int64_t row0, const float* tile, int tid) {
-    active = tid < CH / 2;
-    src = meta + 2 * row0 + 4 * tid;
-    dst = lasp2::cuda::smem_u32(tile + 4 * tid);
-  }
-  __device__ __forceinline__ void issue(int c, uint32_t buf_off) const {
-    if (active) cp_async16_to(dst + buf_off, src + static_cast<int64_t>(c) * 2 * CH, true);
-  }
-};
-
-// ldmatrix of two 8 x 8 16-bit matrices, transposed (lanes 0..15 give the row addresses).
-__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(lasp2::cuda::smem_u32(p)));
 }
 
 // acc[t] (+)= A (16 rows from m0, stored [m][k], KS k-steps) x B (stored [k][n], n8 tile t
@@ -878,7 +788,6 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 // Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
 // 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
 // map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
-constexpr int kSwzHalf = CH * 64 * 2;  // bytes of one 64-column half of a 16-bit tile
 // kOut (the output folded in, C = 16): a buffer also holds Q (two halves) and the chunk's
 // [64][64] scores (one), and vn the chunk's v_new columns.
 template <typename T, int NS, int C = kChunkCols, bool kOut = false>
@@ -894,38 +803,6 @@ struct TmaStateSmem {
   uint64_t full[NS];  // buffer s holds its chunk's tiles
 };
 
-// v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with NTILES n8
-// tiles from column n0): A = the swizzled w tile, a_lane this lane's row piece at k-step
-// 0 (rows m0 + lane % 16, m0 % 8 == 0, so row % 8 == lane % 8: k-step kk XORs
-// (kk % 4) << 5 into the piece and adds a half's bytes from kk = 4).
-template <typename T, int NTILES>
-__device__ __forceinline__ void mma_w_swizzled(float (&acc)[NTILES][4], uint32_t a_lane, const T* B, int ldb, int n0,
-                                               int lane) {
-  static_assert(NTILES == 1 || NTILES == 2, "one or two n8 tiles");
-  float odd[NTILES][4] = {};
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    uint32_t a[4], b[2 * NTILES];
-    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
-    if constexpr (NTILES == 1) {
-      ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
-    } else {
-      ldsm_x4_t(b, B + frag_b_kn(lane, 16 * kk, n0, ldb));
-    }
-#pragma unroll
-    for (int t = 0; t < NTILES; ++t) mma16816<T>(kk & 1 ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
-  }
-#pragma unroll
-  for (int t = 0; t < NTILES; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
-}
-// One n8 tile (the reverse pass).
-template <typename T>
-__device__ __forceinline__ void mma_w_swizzled(float (&acc)[4], uint32_t a_lane, const T* B, int ldb, int n0,
-                                               int lane) {
-  mma_w_swizzled<T, 1>(reinterpret_cast<float(&)[1][4]>(acc), a_lane, B, ldb, n0, lane);
-}
 // acc += A B over k-steps 0..kk_end (at most KS; a warp-uniform bound) in one chain, as
 // mma_rows orders them (so that the fused output equals score_kernel's bit for bit): A a
 // swizzled tile addressed as in mma_w_swizzled, B stored [k][n].
@@ -939,50 +816,6 @@ __device__ __forceinline__ void mma_swizzled_chain(float (&acc)[4], uint32_t a_l
     ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
     ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
     mma16816<T>(acc, a, b[0], b[1]);
-  }
-}
-// S += K^T ys over the chunk's tokens in two halves (as mma_rows_halves with NTL n8
-// tiles): A = the swizzled K tile read transposed, a_lane this lane's piece at k-step 0
-// (a k-step is 16 token rows, 2048 bytes).
-template <typename T, int NTL>
-__device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_lane, const T* B, int ldb, int lane) {
-  static_assert(NTL % 2 == 0, "pairs of n8 tiles");
-  float hi[NTL][4] = {};
-#pragma unroll
-  for (int kk = 0; kk < CH / 16; ++kk) {
-    float(&c)[NTL][4] = kk < 2 ? acc : hi;
-    uint32_t a[4];
-    ldsm_x4_t_at(a, a_lane + kk * 2048);
-#pragma unroll
-    for (int pr = 0; pr < NTL / 2; ++pr) {
-      uint32_t bb[4];
-      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * pr, ldb));
-      mma16816<T>(c[2 * pr], a, bb[0], bb[1]);
-      mma16816<T>(c[2 * pr + 1], a, bb[2], bb[3]);
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
-}
-
-// Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
-// stride.
-struct KMapDims {
-  int h, t, b;
-};
-
-// Thread 0 sets up a tma kernel's ring of `full` barriers: one arrival each (its own
-// expect_tx).
-template <int NS>
-__device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid) {
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(&full[s], 1);
-    }
-    mbar_init_fence();
   }
 }
 
@@ -1699,42 +1532,6 @@ StatePass state_pass() {
 }
 
 // ---- the tensor maps of fwd_state_kernel_tma ---------------------------------------------
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<EncodeTiledFn>(nullptr);
-    }
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
-  return fn;
-}
-
-// A 16-bit tensor of `rank` dimensions (d first, contiguous; strides in bytes of the
-// others) read in boxes of 64 columns x `rows` rows (dimension `row_dim`; the others 1)
-// with the 128-byte swizzle; rows past a dimension's extent read as zeros.
-template <typename T>
-bool encode_rows_map(CUtensorMap* map, int rank, const void* base, const cuuint64_t* dims, const cuuint64_t* strides,
-                     int row_dim, int rows) {
-  const EncodeTiledFn f = encode_tiled();
-  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
-  cuuint32_t box[4] = {64, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
-  box[row_dim] = static_cast<cuuint32_t>(rows);
-  for (int i = 0; i + 1 < rank; ++i)
-    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
-  const CUtensorMapDataType type =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return f(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), dims, strides, box, ones,
-           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
 
 // The part's token rows of a [B, T, H, D]-strided 16-bit view (from token p.begin, p.n
 // of them; rows past the part read as zeros) as a 4-d map {d, ...} whose other three
@@ -1759,19 +1556,6 @@ bool encode_token_map(CUtensorMap* map, KMapDims& kd, const View& v, const Probl
     if (dm[i].which == 1) row_dim = i + 1;
   }
   return encode_rows_map<T>(map, 4, static_cast<const T*>(v.ptr) + p.begin * v.st, dims, strides, row_dim, rows);
-}
-// An sm_90 device, and the kernel built for it.
-template <typename Kernel>
-bool runs_sm90(Kernel kernel) {
-  int dev = 0, major = 0;
-  cudaFuncAttributes fa{};
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-      cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.binaryVersion < 90) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return true;
 }
 // A tma state kernel: its shared memory allowed, launched with NT8 threads a block.
 template <typename... Params, typename... Args>

@@ -8,12 +8,16 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
+#include "delta_rule/cuda/kda_chunk_tma.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -337,9 +341,43 @@ void kda_dispatch(const Problem& p, F&& f) {
   chunk_dispatch<true>(p, kWho, f);
 }
 
+// Which kernels run KDA's state passes: the forward pass, the part summary and the
+// reverse pass (LASP2_DELTA_KDA_STATE_KERNEL, read at every launch: the tests compare
+// them): "tile" kda_state_kernel / kda_rev_state_kernel (4 warps, cp.async tiles); "tma"
+// kda_state_kernel_tma / kda_rev_state_kernel_tma (8 warps, tensor-map tiles; sm_90,
+// d = 128) with the tile kernels' products in their order (every output equal bit for
+// bit); "tmasplit" the same with GDN's split chains. Unset: kKdaStateDefault.
+// tma / tmasplit fall back to tile at d = 64; named at d = 128 where the tma kernel
+// cannot run (before sm_90), an error. docs/delta_rule.md, thirteenth round.
+enum class KdaStatePass { kTile, kTma, kTmaSplit };
+constexpr KdaStatePass kKdaStateDefault = KdaStatePass::kTile;  // not yet measured on the GPU
+struct KdaStateChoice {
+  KdaStatePass pass;
+  bool named;  // set by the variable (else the default)
+};
+KdaStateChoice kda_state_pass() {
+  const char* env = std::getenv("LASP2_DELTA_KDA_STATE_KERNEL");
+  if (env == nullptr || *env == 0) return {kKdaStateDefault, false};
+  if (std::strcmp(env, "tile") == 0) return {KdaStatePass::kTile, true};
+  if (std::strcmp(env, "tma") == 0) return {KdaStatePass::kTma, true};
+  if (std::strcmp(env, "tmasplit") == 0) return {KdaStatePass::kTmaSplit, true};
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL must be tile, tma or tmasplit, not " + env);
+}
+
+// LASP2_DELTA_KDA_STATE_KERNEL=tma / tmasplit at d = 128 where the tma kernels cannot
+// run: an error, not a silent tile (the tests compare the two).
+[[noreturn]] void fail_kda_tma_unavailable() {
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL=tma / tmasplit needs an sm_90 device and binary");
+}
+
 void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,
                       cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
+  const KdaStateChoice choice = kda_state_pass();
+  if (choice.pass != KdaStatePass::kTile && p.dk == 128 && p.dv == 128) {
+    if (launch_kda_states_tma(p, prep, fo, sum, choice.pass == KdaStatePass::kTmaSplit, s)) return;
+    if (choice.named) fail_kda_tma_unavailable();
+  }
   kda_dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
@@ -392,6 +430,12 @@ void launch_kda_rstates(const Problem& p, const KdaPrep& prep, View dout, void* 
     constexpr int D = decltype(dim)::value;
     kda_launch(kda_rprep_kernel<T, D>, dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())),
                static_cast<int>(sizeof(KdaRprepSmem<T, D>)), s, "KDA chunk rprep", p, prep, dout, r);
+    const KdaStateChoice choice = kda_state_pass();
+    if (choice.pass != KdaStatePass::kTile && D == 128) {
+      const bool split = choice.pass == KdaStatePass::kTmaSplit;
+      if (launch_kda_rstates_tma(p, prep, dout, r, leaving, dh, entering, split, s)) return;
+      if (choice.named) fail_kda_tma_unavailable();
+    }
     kda_launch(kda_rev_state_kernel<T, D>, dim3(D / BV, static_cast<unsigned>(p.bh())),
                static_cast<int>(sizeof(KdaRevSmem<T, D>)), s, "KDA chunk reverse state pass", p, prep, dout,
                static_cast<const void*>(r), leaving, dh, entering);

@@ -1,0 +1,256 @@
+// Shared pieces of the state passes on whole-tile tensor-map copies (sm_90): GDN's
+// fwd_state_kernel_tma / rev_state_kernel_tma (delta_chunk.cu) and KDA's
+// kda_state_kernel_tma / kda_rev_state_kernel_tma (kda_chunk_tma.cu). Device: the copies addressed once a block
+// (TileCopy, ColCopy, MetaCopy), the swizzled-tile products (mma_w_swizzled,
+// mma_k_swizzled) and the ring's barriers; host: the tensor-map encoding and the sm_90
+// check. Included by .cu files only; everything has internal linkage.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/tc_tiles.cuh"
+#include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/tma_copy.cuh"
+
+namespace lasp2::delta::gpu {
+namespace {
+
+// Threads a block of the 8-warp state passes (two warps a scheduler).
+constexpr int NT8 = 256;
+
+// Waits until at most N of this thread's cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_upto() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The per-chunk loads of the 8-warp passes as the old loaders wrote them (load_fwd_chunk,
+// load_state_chunk) recompute every address each chunk: chunk_pos' 64-bit division of bh,
+// the view offsets and each thread's tile offsets. The state pass is latency-bound with
+// two warps a scheduler, so those instructions sit on the chunk's path (ncu: 361
+// instructions a warp a chunk in the forward, about 40 of them the products'). Here each
+// thread's sources and shared-memory destinations are formed once; a chunk adds its row
+// offset (292 instructions, 11 % less time; docs/delta_rule.md, ninth round).
+__device__ __forceinline__ void cp_async16_to(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+// Rows >= nvalid of a chunk are zero-filled.
+__device__ __forceinline__ int chunk_rows(const Problem& p, int c) {
+  const int64_t left = p.n - static_cast<int64_t>(c) * CH;
+  return left < CH ? static_cast<int>(left) : CH;
+}
+// This thread's share of a [64][D] tile of rows (stride st) into a [64][LD] shared tile.
+template <typename T, int D, int NTH>
+struct TileCopy {
+  static constexpr int kVecs = D / 8, kStep = NTH / kVecs, kIters = CH / kStep;
+  static_assert(NTH % kVecs == 0 && CH % kStep == 0, "tile copy shape");
+  const T* src;  // chunk 0's first row of this thread
+  int64_t st;
+  uint32_t dst;
+  int row0;
+  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
+    row0 = tid / kVecs;
+    const int col = (tid % kVecs) * 8;
+    src = rows + row0 * stride + col;
+    st = stride;
+    dst = lasp2::cuda::smem_u32(tile + row0 * TcTile<D>::LD + col);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
+    const T* s = src + static_cast<int64_t>(c) * CH * st;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const bool valid = row0 + i * kStep < nvalid;
+      cp_async16_to(dst + buf_off + i * kStep * TcTile<D>::LD * sizeof(T), valid ? s + i * kStep * st : src, valid);
+    }
+  }
+};
+// This thread's share (at most one 16-byte piece) of a [64][C] column block of rows
+// (stride st, rows already offset to the block's first column) into a [64][C + 8] tile.
+template <typename T, int C, int NTH>
+struct ColCopy {
+  static_assert(CH * C / 8 <= NTH, "one piece a thread");
+  const T* src;
+  int64_t st;
+  uint32_t dst;
+  int row;
+  bool active;
+  __device__ __forceinline__ void init(const T* rows, int64_t stride, const T* tile, int tid) {
+    active = tid < CH * C / 8;
+    row = tid / (C / 8);
+    const int part = tid % (C / 8);
+    src = rows + row * stride + 8 * part;
+    st = stride;
+    dst = lasp2::cuda::smem_u32(tile + row * (C + 8) + 8 * part);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off, int nvalid) const {
+    if (!active) return;
+    const bool valid = row < nvalid;
+    cp_async16_to(dst + buf_off, valid ? src + static_cast<int64_t>(c) * CH * st : src, valid);
+  }
+};
+// The {G, s} pairs of a chunk: threads 0..31, 16 bytes each.
+struct MetaCopy {
+  const float* src;
+  uint32_t dst;
+  bool active;
+  __device__ __forceinline__ void init(const float* meta, int64_t row0, const float* tile, int tid) {
+    active = tid < CH / 2;
+    src = meta + 2 * row0 + 4 * tid;
+    dst = lasp2::cuda::smem_u32(tile + 4 * tid);
+  }
+  __device__ __forceinline__ void issue(int c, uint32_t buf_off) const {
+    if (active) cp_async16_to(dst + buf_off, src + static_cast<int64_t>(c) * 2 * CH, true);
+  }
+};
+
+// ldmatrix of two 8 x 8 16-bit matrices, transposed (lanes 0..15 give the row addresses).
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(lasp2::cuda::smem_u32(p)));
+}
+
+// bytes of one 64-column half of a 16-bit [64][128] tile (128-byte rows, swizzled)
+constexpr int kSwzHalf = CH * 64 * 2;
+
+// v = w S over the chunk's d (8 k-steps in two chains, as mma_row_tiles with NTILES n8
+// tiles from column n0; kSplit false: one chain in k order, as mma_rows): A = the
+// swizzled w tile, a_lane this lane's row piece at k-step 0 (rows m0 + lane % 16,
+// m0 % 8 == 0, so row % 8 == lane % 8: k-step kk XORs (kk % 4) << 5 into the piece and
+// adds a half's bytes from kk = 4).
+template <typename T, int NTILES, bool kSplit = true>
+__device__ __forceinline__ void mma_w_swizzled(float (&acc)[NTILES][4], uint32_t a_lane, const T* B, int ldb, int n0,
+                                               int lane) {
+  static_assert(NTILES == 1 || NTILES == 2, "one or two n8 tiles");
+  float odd[NTILES][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t a[4], b[2 * NTILES];
+    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
+    if constexpr (NTILES == 1) {
+      ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
+    } else {
+      ldsm_x4_t(b, B + frag_b_kn(lane, 16 * kk, n0, ldb));
+    }
+#pragma unroll
+    for (int t = 0; t < NTILES; ++t) mma16816<T>(kSplit && (kk & 1) ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
+  }
+  if constexpr (kSplit) {
+#pragma unroll
+    for (int t = 0; t < NTILES; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
+  }
+}
+// One n8 tile (the reverse pass).
+template <typename T>
+__device__ __forceinline__ void mma_w_swizzled(float (&acc)[4], uint32_t a_lane, const T* B, int ldb, int n0,
+                                               int lane) {
+  mma_w_swizzled<T, 1>(reinterpret_cast<float(&)[1][4]>(acc), a_lane, B, ldb, n0, lane);
+}
+// S += K^T ys over the chunk's tokens in two halves (as mma_rows_halves with NTL n8
+// tiles; kSplit false: one chain in token order, as mma_rows): A = the swizzled K tile
+// read transposed, a_lane this lane's piece at k-step 0 (a k-step is 16 token rows, 2048
+// bytes).
+template <typename T, int NTL, bool kSplit = true>
+__device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_lane, const T* B, int ldb, int lane) {
+  static_assert(NTL % 2 == 0, "pairs of n8 tiles");
+  float hi[NTL][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < CH / 16; ++kk) {
+    float(&c)[NTL][4] = !kSplit || kk < 2 ? acc : hi;
+    uint32_t a[4];
+    ldsm_x4_t_at(a, a_lane + kk * 2048);
+#pragma unroll
+    for (int pr = 0; pr < NTL / 2; ++pr) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, B + frag_b_kn(lane, 16 * kk, 16 * pr, ldb));
+      mma16816<T>(c[2 * pr], a, bb[0], bb[1]);
+      mma16816<T>(c[2 * pr + 1], a, bb[2], bb[3]);
+    }
+  }
+  if constexpr (kSplit) {
+#pragma unroll
+    for (int nt = 0; nt < NTL; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
+  }
+}
+
+// Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
+// stride.
+struct KMapDims {
+  int h, t, b;
+};
+
+// Thread 0 sets up a tma kernel's ring of `full` barriers: one arrival each (its own
+// expect_tx).
+template <int NS>
+__device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid) {
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&full[s], 1);
+    }
+    mbar_init_fence();
+  }
+}
+
+// ---- host: the tensor maps and the sm_90 check ------------------------------------------
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A 16-bit tensor of `rank` dimensions (d first, contiguous; strides in bytes of the
+// others) read in boxes of 64 columns x `rows` rows (dimension `row_dim`; the others 1)
+// with the 128-byte swizzle; rows past a dimension's extent read as zeros.
+template <typename T>
+bool encode_rows_map(CUtensorMap* map, int rank, const void* base, const cuuint64_t* dims, const cuuint64_t* strides,
+                     int row_dim, int rows) {
+  const EncodeTiledFn f = encode_tiled();
+  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  cuuint32_t box[4] = {64, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
+  box[row_dim] = static_cast<cuuint32_t>(rows);
+  for (int i = 0; i + 1 < rank; ++i)
+    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return f(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), dims, strides, box, ones,
+           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// An sm_90 device, and the kernel built for it.
+template <typename Kernel>
+bool runs_sm90(Kernel kernel) {
+  int dev = 0, major = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+      cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.binaryVersion < 90) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace lasp2::delta::gpu
