@@ -9,10 +9,11 @@
 //   v_new = u - w S      (warp w: tokens 16 (w % 4).., C / 2 columns from C / 2 (w / 4))
 //   S <- diag(eL) S + kd^T v_new   (warp w: state rows 16 w..16 w + 15)
 //
-// kda_state_kernel (kda_chunk.cu, 4 warps, cp.async tiles) computes the same: with kSplit
-// false the products run in its order (one chain over k), so every output equals its
-// bit for bit; kSplit true splits the chains as GDN's tma pass does (two chains: v over
-// even / odd k-steps, S over the chunk's two token halves), equal up to fp32 rounding.
+// kda_state_kernel (kda_chunk.cu, 4 warps, cp.async tiles) computes the same, its products
+// in its order (one chain over k), so every output equals its bit for bit. (GDN's two
+// chains a product, v over even / odd k-steps and S over the chunk's two token halves,
+// measured slower here: states 0.886 against 0.868 ms, the reverse pass 1.38 against 1.26
+// at 64K; removed, docs/delta_rule.md thirteenth round.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -47,7 +48,7 @@ struct KdaTmaStateSmem {
 // The state pass (C = 16: v_new, the 16-bit states entering each chunk, the leaving
 // state) or, with kSummary, the part summary (C = 32, grid x = 2 d / C: blocks x < d / C
 // the columns of A from I with u = 0, the others M's from zero).
-template <typename T, int NS, int C, bool kSummary, bool kSplit>
+template <typename T, int NS, int C, bool kSummary>
 __global__ void __launch_bounds__(NT8, 2)
     kda_state_kernel_tma(Problem p, KdaPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
                          const __grid_constant__ CUtensorMap kdmap, ChunkSummaryOut sum) {
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(NT8, 2)
     const uint32_t wt = tiles0 + s * kBufBytes;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A)
       float acc[TPW][4] = {};
-      mma_w_swizzled<T, TPW, kSplit>(acc, wt + aw, sm.xb, LDC, n0, lane);
+      mma_w_swizzled<T, TPW, false>(acc, wt + aw, sm.xb, LDC, n0, lane);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf;
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(NT8, 2)
     __syncthreads();
     // S <- diag(eL) S + kd^T v_new (this warp's state rows)
     scale_rows(S, sm.eL[s], r0, lane);
-    mma_k_swizzled<T, NTL, kSplit>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
+    mma_k_swizzled<T, NTL, false>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(NT8, 2)
 // 16-bit X leaving each chunk to dh, the last X to `entering`) on the same machinery:
 // each chunk's kd, w and qg as tensor-map tiles (48 KiB), r's and dO's 16 columns and
 // eL as cp.async pieces, a ring of 3 buffers walked backwards (GDN's
-// rev_state_kernel_tma's depth). kSplit as the forward pass.
+// rev_state_kernel_tma's depth), the products in kda_rev_state_kernel's order.
 constexpr int kKdaRevStages = 3;
 template <typename T>
 struct KdaTmaRevSmem {
@@ -181,7 +182,7 @@ struct KdaTmaRevSmem {
   uint64_t full[NS];  // buffer s holds its chunk's kd, w and qg
 };
 
-template <typename T, bool kSplit>
+template <typename T>
 __global__ void __launch_bounds__(NT8)
     kda_rev_state_kernel_tma(Problem p, View dout, const void* r, const float* leaving, void* dh, float* entering,
                              const float* eLs, const __grid_constant__ CUtensorMap kdmap,
@@ -263,7 +264,7 @@ __global__ void __launch_bounds__(NT8)
     const uint32_t kt = tiles0 + s * kBufBytes;
     {  // ys = r - kd X (this warp's token tile)
       float acc[1][4] = {};
-      mma_w_swizzled<T, 1, kSplit>(acc, kt + aw, sm.xb, LDV, n0, lane);
+      mma_w_swizzled<T, 1, false>(acc, kt + aw, sm.xb, LDV, n0, lane);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
@@ -274,8 +275,8 @@ __global__ void __launch_bounds__(NT8)
     __syncthreads();
     // X <- diag(eL) X + w^T ys + qg^T dO (this warp's state rows)
     scale_rows(X, sm.eL[s], r0, lane);
-    mma_k_swizzled<T, 2, kSplit>(X, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
-    mma_k_swizzled<T, 2, kSplit>(X, kt + 4 * kSwzHalf + ak, sm.d[s], LDV, lane);
+    mma_k_swizzled<T, 2, false>(X, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
+    mma_k_swizzled<T, 2, false>(X, kt + 4 * kSwzHalf + ak, sm.d[s], LDV, lane);
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(NT8)
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked)";
 
-template <typename T, int C, bool kSummary, bool kSplit>
+template <typename T, int C, bool kSummary>
 bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,
                   cudaStream_t s) {
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
@@ -307,23 +308,23 @@ bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& f
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   // (two blocks an SM hide each other's loads), as GDN's; + 1024: the swizzle's alignment
   if (static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms)
-    return run(kda_state_kernel_tma<T, 4, C, kSummary, kSplit>,
+    return run(kda_state_kernel_tma<T, 4, C, kSummary>,
                static_cast<int>(sizeof(KdaTmaStateSmem<T, 4, C>) + 1024));
-  return run(kda_state_kernel_tma<T, 2, C, kSummary, kSplit>,
+  return run(kda_state_kernel_tma<T, 2, C, kSummary>,
              static_cast<int>(sizeof(KdaTmaStateSmem<T, 2, C>) + 1024));
 }
 
-template <typename T, bool kSplit>
-bool launch_split(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,
-                  cudaStream_t s) {
-  if (sum.A != nullptr) return launch_typed<T, 2 * kChunkCols, true, kSplit>(p, prep, fo, sum, s);
-  return launch_typed<T, kChunkCols, false, kSplit>(p, prep, fo, sum, s);
+template <typename T>
+bool launch_states_or_summary(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo,
+                              const ChunkSummaryOut& sum, cudaStream_t s) {
+  if (sum.A != nullptr) return launch_typed<T, 2 * kChunkCols, true>(p, prep, fo, sum, s);
+  return launch_typed<T, kChunkCols, false>(p, prep, fo, sum, s);
 }
 
-template <typename T, bool kSplit>
+template <typename T>
 bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const void* r, const float* leaving, void* dh,
                       float* entering, cudaStream_t s) {
-  auto kernel = kda_rev_state_kernel_tma<T, kSplit>;
+  auto kernel = kda_rev_state_kernel_tma<T>;
   if (!runs_sm90(kernel)) return false;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31)) return false;
@@ -344,25 +345,18 @@ bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const vo
 }  // namespace
 
 bool launch_kda_states_tma(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo,
-                           const ChunkSummaryOut& sum, bool split, cudaStream_t s) {
+                           const ChunkSummaryOut& sum, cudaStream_t s) {
   if (p.dk != kD || p.dv != kD || chunk_count(p) == 0 || p.bh() == 0) return false;
-  if (p.elem == Elem::kBF16)
-    return split ? launch_split<__nv_bfloat16, true>(p, prep, fo, sum, s)
-                 : launch_split<__nv_bfloat16, false>(p, prep, fo, sum, s);
-  if (p.elem == Elem::kF16)
-    return split ? launch_split<__half, true>(p, prep, fo, sum, s) : launch_split<__half, false>(p, prep, fo, sum, s);
+  if (p.elem == Elem::kBF16) return launch_states_or_summary<__nv_bfloat16>(p, prep, fo, sum, s);
+  if (p.elem == Elem::kF16) return launch_states_or_summary<__half>(p, prep, fo, sum, s);
   return false;
 }
 
 bool launch_kda_rstates_tma(const Problem& p, const KdaPrep& prep, View dout, const void* r, const float* leaving,
-                            void* dh, float* entering, bool split, cudaStream_t s) {
+                            void* dh, float* entering, cudaStream_t s) {
   if (p.dk != kD || p.dv != kD || chunk_count(p) == 0 || p.bh() == 0) return false;
-  if (p.elem == Elem::kBF16)
-    return split ? launch_rev_typed<__nv_bfloat16, true>(p, prep, dout, r, leaving, dh, entering, s)
-                 : launch_rev_typed<__nv_bfloat16, false>(p, prep, dout, r, leaving, dh, entering, s);
-  if (p.elem == Elem::kF16)
-    return split ? launch_rev_typed<__half, true>(p, prep, dout, r, leaving, dh, entering, s)
-                 : launch_rev_typed<__half, false>(p, prep, dout, r, leaving, dh, entering, s);
+  if (p.elem == Elem::kBF16) return launch_rev_typed<__nv_bfloat16>(p, prep, dout, r, leaving, dh, entering, s);
+  if (p.elem == Elem::kF16) return launch_rev_typed<__half>(p, prep, dout, r, leaving, dh, entering, s);
   return false;
 }
 
