@@ -1509,11 +1509,8 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaCudaChunkedSummary,
 
 // The chunked forward at T = 64K, H = 16, D = 128, bf16 on one device (printed, the
 // median of 5 after a warm-up): each kernel on its own, the backend's forward and
-// part_summary; then the output folded into the state pass (LASP2_DELTA_FUSED_OUTPUT=1:
-// prep with the scores, the state pass with the output) against states then output (=0),
-// the backend's forward and forward_keeping, off and on alternating (the median of 5
-// after a warm-up round). LASP2_DELTA_TIMING_T=<tokens>
-// changes T, LASP2_DELTA_TIMING_REPS the launches a stage (default 6). The inputs repeat a 2^20-element random pattern (fast to set up).
+// part_summary. LASP2_DELTA_TIMING_T=<tokens>
+// changes T. The inputs repeat a 2^20-element random pattern (fast to set up).
 TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
   LASP2_SKIP_WITHOUT_CUDA();
   const int64_t T = env_or("LASP2_DELTA_TIMING_T", 65536), H = 16, D = 128;
@@ -1528,12 +1525,9 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
   namespace gpu = delta::gpu;
   const gpu::Problem gp = gdn_problem(p);
   const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
-  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2),
-      qk(rows * 64 / 2);
+  DevBuf<float> w(rows * D / 2), uu(rows * D / 2), meta(2 * rows), vnew(rows * D / 2), st16(H * nck * D * D / 2);
   DevBuf<float> A(H * D * D), M(H * D * D), hA(H * D * D), hM(H * D * D);
   const gpu::ChunkPrep prep{w.p, uu.p, meta.p};
-  gpu::ChunkPrep sprep = prep;  // prep with the fused output's scores
-  sprep.qk = qk.p;
   const gpu::ForwardOut fo = forward_out(o);
   const auto& be = delta::delta_backend_for(Device::kCUDA);
   const std::vector<std::pair<const char*, std::function<void()>>> stages = {
@@ -1545,48 +1539,18 @@ TEST(DeltaCudaForwardTiming, GdnChunkedKernels) {
          gpu::launch_chunk_states(gp, prep, so, nullptr);
        }},
       {"output", [&] { gpu::launch_chunk_output(gp, prep, vnew.p, st16.p, fo, nullptr); }},
-      {"prep with scores", [&] { gpu::launch_chunk_prep(gp, sprep, nullptr); }},
-      {"states with output", [&] {
-         gpu::ChunkStatesOut so;
-         so.v_new = vnew.p;
-         so.states = st16.p;
-         EXPECT_TRUE(gpu::launch_chunk_states_output(gp, sprep, so, fo, nullptr));
-       }},
-      {"states with output, no v_new or states", [&] {
-         EXPECT_TRUE(gpu::launch_chunk_states_output(gp, sprep, gpu::ChunkStatesOut{}, fo, nullptr));
-       }},
       {"backend forward", [&] { be.forward(p, {0, T}, nullptr, {}, o.mview(), nullptr); }},
       {"backend part_summary", [&] { be.part_summary(p, {0, T}, {}, A.p, M.p, hA.p, hM.p, nullptr); }},
   };
   LaunchTimer timer;
   std::string line;
-  const int reps = static_cast<int>(env_or("LASP2_DELTA_TIMING_REPS", 6));  // 1 under a profiler
   for (const auto& [name, launch] : stages) {
     char buf[80];
-    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, timer.median_ms(launch, reps));
+    std::snprintf(buf, sizeof(buf), "%s%s %.3f", line.empty() ? "" : ", ", name, timer.median_ms(launch, 6));
     line += buf;
   }
   std::printf("[ timing ] GDN forward T=%lld H=16 D=128 bf16 (ms, median of 5): %s\n", static_cast<long long>(T),
               line.c_str());
-  {  // the fused output's A/B through the backend
-    DevBuf<float> kept(be.forward_kept_floats(p, {0, T}));
-    std::vector<float> ms[2][2];
-    for (int rep = 0; rep < 6; ++rep)
-      for (int fused = 0; fused < 2; ++fused) {
-        const EnvGuard knob("LASP2_DELTA_FUSED_OUTPUT", fused ? "1" : "0");
-        ms[fused][0].push_back(timer.median_ms([&] { be.forward(p, {0, T}, nullptr, {}, o.mview(), nullptr); }, 1));
-        ms[fused][1].push_back(timer.median_ms(
-            [&] { be.forward_keeping(p, {0, T}, nullptr, {}, o.mview(), kept.p, nullptr); }, 1));
-      }
-    auto median = [](std::vector<float> x) {  // of rounds 2..6
-      x.erase(x.begin());
-      std::sort(x.begin(), x.end());
-      return x[x.size() / 2];
-    };
-    std::printf("[ timing ] GDN T=%lld fused output off -> on (ms, median of 5, alternating): forward %.3f -> %.3f, "
-                "forward_keeping %.3f -> %.3f\n",
-                static_cast<long long>(T), median(ms[0][0]), median(ms[1][0]), median(ms[0][1]), median(ms[1][1]));
-  }
   EXPECT_LT(rel_err_f32(M.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "M finite";
   EXPECT_LT(rel_err_f32(A.download(), std::vector<float>(H * D * D, 0.f)), INFINITY) << "A finite";
 }
@@ -2232,117 +2196,6 @@ TEST(DeltaCudaDocStatesTiming, GdnPackedOneDevice) {
       3);
   std::printf("[doc states T=%lld] chunked without document states: forward %.3f ms, backward %.3f ms\n",
               static_cast<long long>(T), plain, plain_bwd);
-}
-
-}  // namespace
-}  // namespace lasp2::testing
-
-// ---- the output folded into the forward state pass (LASP2_DELTA_FUSED_OUTPUT) ----------
-// With the knob on, prep also writes every chunk's scaled causal scores and the tma state
-// pass forms o beside v_new and the state update: the same products in the same order as
-// the state pass then the output pass (delta_chunk.h), so o and the forward's kept buffer
-// (w, meta, T, v_new, the chunk states) must equal the knob-off path bit for bit, and o
-// the token-recurrent walk (LASP2_DELTA_CHUNKED=0) within the 16-bit tolerance. bf16 and
-// fp16 at d = 128; packed documents (starts inside chunks, on a chunk's first token,
-// one-token documents) with and without their own initial states, -inf gates inside a
-// chunk and on a chunk's first token, an entering state; one row of 5 heads in
-// [B, T, H, D] (40 blocks: the three-buffer ring) and two rows of 9 heads in Megatron's
-// [T, B, H, D] with padded heads (144 blocks: the two-buffer ring); a part starting at
-// token 37 and ending 20 tokens early (its last chunk partial).
-namespace lasp2::testing {
-namespace {
-
-TEST(DeltaCudaFusedOutput, EqualsStatesThenOutput) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  struct Case {
-    ScalarType type;
-    bool packed;
-    int64_t batch, heads;
-    Layout lay;
-  };
-  const std::vector<Case> cases = {{ScalarType::kBFloat16, true, 1, 5, Layout{false, 0}},
-                                   {ScalarType::kFloat16, true, 1, 5, Layout{false, 0}},
-                                   {ScalarType::kBFloat16, false, 2, 9, Layout{true, 8}},
-                                   {ScalarType::kFloat16, false, 2, 9, Layout{true, 8}}};
-  const TokenRange part{37, 310};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(std::string(c.type == ScalarType::kFloat16 ? "fp16" : "bf16") + (c.packed ? " packed" : " rows") +
-                 " B=" + std::to_string(c.batch) + " H=" + std::to_string(c.heads));
-    DeltaSpec spec = gdn_spec(128, 330, c.batch);
-    spec.heads = c.heads;
-    if (c.packed) spec.doc_starts = {5, 40, 50, 52, 64, 101, 130, 200, 201, 202, 263, 270, 300};
-    DeltaProblem<float> pr(spec, 29);
-    prepare_inputs(pr, c.type);
-    forget_at(pr, {45, 90, 165});  // inside chunks, and on the part's chunk 2's first token
-    DeviceProblem dev(pr, c.type, c.lay);
-    const DeltaParams& dp = dev.p;
-    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-    const EdgeStates edge = random_edge_states(3, dp.bh() * dp.state_elems());
-    const auto d_initial = to_device_f32(pr.initial);
-    struct Result {
-      DevTensor::Readback o, o_doc, o_kept;
-      std::vector<float> kept;
-    };
-    auto run = [&](const char* knob) {
-      const EnvGuard scope("LASP2_DELTA_FUSED_OUTPUT", knob);
-      Result r;
-      DevTensor o(spec.batch, spec.seqlen, spec.heads, 128, c.type, c.lay);
-      gpu.forward(dp, part, edge.d_entering.p, {}, o.mview(), nullptr);
-      r.o = o.download();
-      if (c.packed) {
-        DevTensor od(spec.batch, spec.seqlen, spec.heads, 128, c.type, c.lay);
-        DocStates doc;
-        doc.initial = d_initial.p;
-        gpu.forward(dp, part, edge.d_entering.p, doc, od.mview(), nullptr);
-        r.o_doc = od.download();
-      }
-      DevTensor ok(spec.batch, spec.seqlen, spec.heads, 128, c.type, c.lay);
-      DevBuf<float> kept(gpu.forward_kept_floats(dp, part));  // none for the walk
-      if (kept.n > 0) kept.poison();
-      gpu.forward_keeping(dp, part, edge.d_entering.p, {}, ok.mview(), kept.p, nullptr);
-      r.o_kept = ok.download();
-      if (kept.n > 0) r.kept = kept.download();
-      return r;
-    };
-    const Result off = run("0"), on = run("1");
-    Result walk;
-    {
-      const EnvGuard chunked_off("LASP2_DELTA_CHUNKED", "0");
-      walk = run("0");
-    }
-    const int64_t row = spec.heads * 128;
-    auto same = [&](const DevTensor::Readback& a, const DevTensor::Readback& b, const char* what) {
-      int64_t differ = 0, missing = 0;
-      for (int64_t bt = 0; bt < spec.batch; ++bt)
-        for (int64_t i = (bt * spec.seqlen + part.begin) * row; i < (bt * spec.seqlen + part.end) * row; ++i) {
-          missing += (!b.written[i] || !std::isfinite(b.v[i])) ? 1 : 0;
-          differ += (a.written[i] != b.written[i] || !(a.v[i] == b.v[i])) ? 1 : 0;
-        }
-      EXPECT_EQ(missing, 0) << what << ": o not written or not finite inside the part";
-      EXPECT_EQ(differ, 0) << what << ": fused o differs from states + output";
-    };
-    auto close = [&](const DevTensor::Readback& a, const DevTensor::Readback& b, const char* what) {
-      double num = 0, den = 0;
-      for (int64_t bt = 0; bt < spec.batch; ++bt)
-        for (int64_t i = (bt * spec.seqlen + part.begin) * row; i < (bt * spec.seqlen + part.end) * row; ++i) {
-          num = std::max(num, std::abs(a.v[i] - b.v[i]));
-          den = std::max(den, std::abs(b.v[i]));
-        }
-      EXPECT_LT(num / den, 1e-2) << what << ": fused o against the token-recurrent walk";
-    };
-    same(off.o, on.o, "forward");
-    same(off.o_kept, on.o_kept, "forward_keeping");
-    close(on.o, walk.o, "forward");
-    if (c.packed) {
-      same(off.o_doc, on.o_doc, "forward with initial states");
-      close(on.o_doc, walk.o_doc, "forward with initial states");
-    }
-    ASSERT_EQ(off.kept.size(), on.kept.size());
-    ASSERT_GT(on.kept.size(), 0u);
-    int64_t differ = 0;
-    for (size_t i = 0; i < on.kept.size(); ++i) differ += std::memcmp(&off.kept[i], &on.kept[i], 4) != 0;
-    EXPECT_EQ(differ, 0) << "the kept buffer (w, meta, T, v_new, states) of " << on.kept.size() << " words";
-  }
 }
 
 }  // namespace

@@ -55,42 +55,6 @@ constexpr int kPrepBlocksPerSm = 3;
 constexpr int kPrepBlocksPerSm = 4;
 #endif
 
-// The fused output's scores (ChunkPrep::qk) at prep's end: Q over V's bytes, the 16-bit
-// score tile and the {G, s} pairs tc_scores reads over L's (both free once u is formed),
-// K still in place (kLoadK: loaded again, prep's kNew wrote w and u over it). The same tc_scores on the same q, k and meta as the output pass's
-// score_kernel: the same bits. 16 x 16 blocks above the diagonal (tc_scores leaves them
-// unwritten) are written as zeros.
-// The chunk's position is formed again here (not held in registers through prep).
-template <typename T, int D, bool kLoadK>
-__device__ __forceinline__ void prep_scores(const Problem& p, void* qk, PrepSmem<T, D>& sm) {
-  constexpr int kPBytes = lasp2::cuda::kPBytes;
-  static_assert(kPBytes + 2 * CH * 4 <= CH * LDL * 4, "scores and meta fit where L was");
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  __syncthreads();  // every warp is past V and tu
-  load_tile<T, D, NT>(sm.v(), rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  if constexpr (kLoadK) load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  cp_async_commit();
-  T* ps = reinterpret_cast<T*>(sm.L);
-  float* ms = sm.L + kPBytes / 4;
-  if (tid < CH) {
-    ms[2 * tid] = sm.G[tid];
-    ms[2 * tid + 1] = sm.s[tid];
-  }
-  cp_async_wait_all();
-  __syncthreads();
-  tc_scores<T, D, NT / 32>(sm.v(), sm.k, ms, p.scale, ps, warp, lane);
-  __syncthreads();
-  T* dst = static_cast<T*>(qk) + cp.row0 * CH;
-#pragma unroll
-  for (int i = 0; i < CH * CH / 8 / NT; ++i) {
-    const int e = tid + NT * i, x = e / 8, pc = e % 8;  // 16 bytes: columns 8 pc.. of row x
-    const uint4 z = make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(dst + x * CH + 8 * pc) =
-        (pc >> 1) > (x >> 4) ? z : *reinterpret_cast<const uint4*>(ps + x * kLdP + 8 * pc);
-  }
-}
-
 // kNew (the default since the thirteenth round; LASP2_DELTA_PREP_KERNEL=old runs the
 // twelfth round's kernel, the equality test's reference): the same products in the same
 // order, so the same bits, with
@@ -102,9 +66,7 @@ __device__ __forceinline__ void prep_scores(const Problem& p, void* qk, PrepSmem
 //   staged stores 23.7 M -> 19.9 M at T = 16K) and T's copy in 4-byte pairs (one shuffle with the neighbouring
 //   column's lane) instead of 2-byte stores.
 // 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/delta_rule.md, "Prep and rprep, thirteenth round").
-// kScores: also the fused output's scores into out.qk (prep_scores; its own instantiation,
-// so that prep without them compiles as before).
-template <typename T, int D, bool kNew, bool kScores = false>
+template <typename T, int D, bool kNew>
 __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -257,7 +219,6 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   } else {
     lower_product<T, D>(u_out, tu_s, sm.v(), warp, lane);
   }
-  if constexpr (kScores) prep_scores<T, D, kNew>(p, out.qk, sm);
 }
 
 // ---- the reverse state pass (sequential over chunks; the forward one is fwd_state_kernel) ---
@@ -788,36 +749,16 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 // Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
 // 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
 // map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
-// kOut (the output folded in, C = 16): a buffer also holds Q (two halves) and the chunk's
-// [64][64] scores (one), and vn the chunk's v_new columns.
-template <typename T, int NS, int C = kChunkCols, bool kOut = false>
+template <typename T, int NS, int C = kChunkCols>
 struct TmaStateSmem {
   static constexpr int LDC = C + 8;
-  static constexpr int kHalves = kOut ? 7 : 4;  // w, w, K, K[, Q, Q, P]
-  unsigned char tiles[NS][kHalves][kSwzHalf];  // 1024-byte aligned (the swizzle)
+  unsigned char tiles[NS][2][2 * kSwzHalf];  // [buffer][w, K]: 1024-byte aligned (the swizzle)
   T u[NS][CH * LDC];
   float meta[NS][2 * CH];
   T xb[128 * LDC];  // the carried columns (16-bit copy), [d][C]
   T ys[CH * LDC];
-  T vn[kOut ? CH * LDC : 1];
-  uint64_t full[NS];  // buffer s holds its chunk's tiles
+  uint64_t full[NS];  // buffer s holds its chunk's w and K
 };
-
-// acc += A B over k-steps 0..kk_end (at most KS; a warp-uniform bound) in one chain, as
-// mma_rows orders them (so that the fused output equals score_kernel's bit for bit): A a
-// swizzled tile addressed as in mma_w_swizzled, B stored [k][n].
-template <typename T, int KS>
-__device__ __forceinline__ void mma_swizzled_chain(float (&acc)[4], uint32_t a_lane, const T* B, int ldb, int n0,
-                                                   int kk_end, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    if (kk > kk_end) break;
-    uint32_t a[4], b[2];
-    ldsm_x4_at(a, (a_lane ^ static_cast<uint32_t>((kk & 3) << 5)) + (kk >> 2) * kSwzHalf);
-    ldsm_x2_t(b, B + frag_b_kn(lane & 15, 16 * kk, n0, ldb));
-    mma16816<T>(acc, a, b[0], b[1]);
-  }
-}
 
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
 // with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
@@ -825,27 +766,19 @@ __device__ __forceinline__ void mma_swizzled_chain(float (&acc)[4], uint32_t a_l
 // blocks x < D / C the columns of A from I with u = 0, the others M's from zero; no
 // per-chunk outputs) of fwd_state_kernel_w8 (kLean) with the tiles above: the same
 // products in the same order, so every output equals w8's (at the same C) bit for bit.
-// kOut (C = 16, not the summary): also the output's columns j0.. (launch_chunk_states_output):
-// warp w's token tile of o (the tile of v_new it forms) = scale diag(e^G [s = 0]) Q S_c
-// (Q from qmap, S_c = xb, between the chunk's two barriers beside v_new = u - w S) + P v_new
-// (P = prep.qk from pmap, v_new from vn, after the second barrier beside the state
-// update), stored after the next chunk's first barrier (off the state's chain).
-template <typename T, int NS, int C = kChunkCols, bool kSummary = false, bool kOut = false>
+template <typename T, int NS, int C = kChunkCols, bool kSummary = false>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
-                         const __grid_constant__ CUtensorMap kmap, KMapDims kd, ChunkSummaryOut sum,
-                         const __grid_constant__ CUtensorMap qmap, const __grid_constant__ CUtensorMap pmap, KMapDims qd,
-                         ForwardOut out) {
+                         const __grid_constant__ CUtensorMap kmap, KMapDims kd, ChunkSummaryOut sum) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the host launches it on sm_90 and later only
 #else
   constexpr int D = 128, LDC = C + 8, NTL = C / 8, TPW = NTL / 2;  // n8 tiles: block, warp (token product)
   static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
-  static_assert(!kOut || (C == kChunkCols && !kSummary), "the output: the 16-column state pass");
-  using Smem = TmaStateSmem<T, NS, C, kOut>;
-  constexpr uint32_t kBufBytes = Smem::kHalves * kSwzHalf;  // w and K (and Q, P) of a buffer
+  constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm =
+      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
   const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
@@ -890,30 +823,6 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_2d(dst + half * kSwzHalf, &wmap, 64 * half, static_cast<int>(row0) + t, &sm.full[s]);
       tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
     }
-    if constexpr (kOut) {  // Q's halves (its own map's order) and the scores
-      const int qy = qd.h == 1 ? hb[0] : qd.t == 1 ? t : hb[2];
-      const int qz = qd.h == 2 ? hb[0] : qd.t == 2 ? t : hb[2];
-      const int qw = qd.h == 3 ? hb[0] : qd.t == 3 ? t : hb[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-        tma_box_4d(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s]);
-      tma_box_2d(dst + 6 * kSwzHalf, &pmap, 0, static_cast<int>(row0) + t, &sm.full[s]);
-    }
-  };
-  // kOut: this lane's o pair (rows x0 + lane / 4 + 8 hf, columns j0 + n0 + 2 (lane % 4)),
-  // held from one chunk's second barrier to the next chunk's first
-  float oacc[4] = {};
-  const int ob = static_cast<int>(bh / p.heads), oh = static_cast<int>(bh % p.heads);
-  auto store_o = [&](int c) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = x0 + (lane >> 2) + 8 * hf;
-      const int64_t t = static_cast<int64_t>(c) * CH + x;
-      if (t < p.n)
-        store_u32(static_cast<T*>(out.o) + ob * out.osb + (p.begin + t) * out.ost + oh * out.osh + j0 + n0 +
-                      2 * (lane & 3),
-                  pack2<T>(oacc[2 * hf], oacc[2 * hf + 1]));
-    }
   };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
@@ -952,9 +861,6 @@ __global__ void __launch_bounds__(NT8, 2)
       cm.issue(n, (n % NS) * sizeof(sm.meta[0]));
     }
     cp_async_commit();
-    if constexpr (kOut) {
-      if (c > 0) store_o(c - 1);
-    }
     if (st16 != nullptr)  // the chunk's 16-bit state from xb, 16 bytes a thread
       *reinterpret_cast<uint4*>(st16 + static_cast<int64_t>(c) * se) =
           *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDC + 8 * (tid & 1));
@@ -977,20 +883,7 @@ __global__ void __launch_bounds__(NT8, 2)
           const float v0 = rr.x - acc[t][2 * hf], v1 = rr.y - acc[t][2 * hf + 1];
           if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D + 8 * t, pack2<T>(v0, v1));
           store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
-          if constexpr (kOut) store_u32(sm.vn + x * LDC + cl, pack2<T>(v0, v1));
         }
-      }
-    }
-    if constexpr (kOut) {  // o = f Q S_c (f = scale e^G [s = 0] of the row), as score_kernel
-#pragma unroll
-      for (int e = 0; e < 4; ++e) oacc[e] = 0.f;
-      mma_swizzled_chain<T, D / 16>(oacc, wt + 4 * kSwzHalf + aw, sm.xb, LDC, n0, D / 16, lane);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int x = x0 + (lane >> 2) + 8 * hf;
-        const float f = meta[2 * x + 1] == 0.f ? p.scale * __expf(meta[2 * x]) : 0.f;
-        oacc[2 * hf] *= f;
-        oacc[2 * hf + 1] *= f;
       }
     }
     __syncthreads();
@@ -1002,8 +895,6 @@ __global__ void __launch_bounds__(NT8, 2)
         for (int q = 0; q < 4; ++q) S[nt][q] *= e;
       mma_k_swizzled<T, NTL>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     }
-    // o += P v_new: key blocks 0..x0 / 16 (those above the diagonal are zero)
-    if constexpr (kOut) mma_swizzled_chain<T, CH / 16>(oacc, wt + 6 * kSwzHalf + aw, sm.vn, LDC, n0, x0 / 16, lane);
     if (!kSummary && fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
       float f = 0.f;
       const float* H = doc_carry<D>(p, fo, bh, c, npad, f);
@@ -1012,9 +903,6 @@ __global__ void __launch_bounds__(NT8, 2)
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  if constexpr (kOut) {
-    if (nck > 0) store_o(nck - 1);
-  }
   if constexpr (kSummary) {
     float* const dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
 #pragma unroll
@@ -1494,10 +1382,6 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
       allow(kernel, bytes, "chunk prep smem");
       kernel<<<chunk_grid(p), NT, bytes, s>>>(p, out);
     };
-    if (out.qk != nullptr) {  // the fused output's scores (d = 128 only; the new kernel: the same bits as old)
-      if constexpr (D == 128) return run(prep_kernel<T, D, true, true>);
-      fail("lasp2 (CUDA delta rule, chunked): prep's scores (ChunkPrep::qk) need d = 128");
-    }
     if (env_is("LASP2_DELTA_PREP_KERNEL", "old", "new")) return run(prep_kernel<T, D, false>);
     run(prep_kernel<T, D, true>);
   });
@@ -1566,49 +1450,32 @@ void launch_tma_pass(void (*kernel)(Params...), dim3 grid, int bytes, cudaStream
 
 // The forward state pass (C = 16) or, with kSummary, the part summary (sum) on
 // fwd_state_kernel_tma; false (nothing launched) where it cannot run: before sm_90, a
-// binary without sm_90 code, strides a tensor map cannot take. fused (nullable, the
-// state pass only): the output folded in (kOut), from prep.qk.
+// binary without sm_90 code, strides a tensor map cannot take.
 template <typename T, int C = kChunkCols, bool kSummary = false>
 bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
-                           const ChunkSummaryOut& sum, cudaStream_t s, const ForwardOut* fused = nullptr) {
+                           const ChunkSummaryOut& sum, cudaStream_t s) {
   constexpr int D = 128;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
-  CUtensorMap wmap, kmap, qmap, pmap;
+  CUtensorMap wmap, kmap;
   {  // w: [bh * nck * 64 rows][D], contiguous
     const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
     if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH)) return false;
   }
-  KMapDims kd{}, qd{};
+  KMapDims kd{};
   if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
-  if (fused != nullptr) {  // Q as K; the scores: [bh * nck * 64 rows][64], contiguous
-    const cuuint64_t dims[2] = {CH, static_cast<cuuint64_t>(rows)}, strides[1] = {CH * sizeof(T)};
-    if (kSummary || prep.qk == nullptr || !encode_token_map<T>(&qmap, qd, p.q, p, CH) ||
-        !encode_rows_map<T>(&pmap, 2, prep.qk, dims, strides, 1, CH))
-      return false;
-  } else {
-    qmap = wmap;  // unused without the output
-    pmap = wmap;
-  }
-  const ForwardOut fo = fused != nullptr ? *fused : ForwardOut{};
   const dim3 grid((kSummary ? 2 : 1) * D / C, static_cast<unsigned>(p.bh()));
-  auto run = [&](auto kernel, size_t bytes) {
+  auto run = [&](auto kernel, int ns) {
     if (!runs_sm90(kernel)) return false;
     // + 1024: the tiles' alignment for the swizzle
-    launch_tma_pass(kernel, grid, static_cast<int>(bytes) + 1024, s, p, prep, out, wmap, kmap, kd, sum, qmap, pmap,
-                    qd, fo);
+    const int bytes =
+        static_cast<int>((ns == 4 ? sizeof(TmaStateSmem<T, 4, C>) : sizeof(TmaStateSmem<T, 2, C>)) + 1024);
+    launch_tma_pass(kernel, grid, bytes, s, p, prep, out, wmap, kmap, kd, sum);
     return true;
   };
-  // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2; with
-  // the output (56 KiB a buffer) 3 and 2, one block an SM either way
+  // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
-  if constexpr (!kSummary && C == kChunkCols) {
-    if (fused != nullptr)
-      return one_wave ? run(fwd_state_kernel_tma<T, 3, C, false, true>, sizeof(TmaStateSmem<T, 3, C, true>))
-                      : run(fwd_state_kernel_tma<T, 2, C, false, true>, sizeof(TmaStateSmem<T, 2, C, true>));
-  }
-  return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary>, sizeof(TmaStateSmem<T, 4, C>))
-                  : run(fwd_state_kernel_tma<T, 2, C, kSummary>, sizeof(TmaStateSmem<T, 2, C>));
+  return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary>, 4) : run(fwd_state_kernel_tma<T, 2, C, kSummary>, 2);
 }
 
 // The reverse state pass on rev_state_kernel_tma; false (nothing launched) where it
@@ -1705,32 +1572,6 @@ void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSu
     launch_fwd_states<decltype(tag), decltype(dim)::value>(p, prep, ChunkStatesOut{}, out, s);
   });
   check(cudaGetLastError(), "chunk summary kernel");
-}
-
-// LASP2_DELTA_FUSED_OUTPUT: "1" on, anything else set off, unset kFusedOutputDefault (off:
-// not yet measured on the device; docs/delta_rule.md, thirteenth round).
-constexpr bool kFusedOutputDefault = false;
-bool chunk_output_fused(const Problem& p) {
-  const char* env = std::getenv("LASP2_DELTA_FUSED_OUTPUT");
-  const bool on = (env == nullptr || *env == 0) ? kFusedOutputDefault : std::strcmp(env, "1") == 0;
-  if (!on) return false;
-  const StatePass pass = state_pass();
-  return p.dk == 128 && p.dv == 128 && (p.elem == Elem::kBF16 || p.elem == Elem::kF16) &&
-         (pass == StatePass::kDefault || pass == StatePass::kTma) && chunk_count(p) > 0 && p.bh() > 0;
-}
-
-bool launch_chunk_states_output(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& so,
-                                const ForwardOut& out, cudaStream_t s) {
-  if (chunk_count(p) == 0 || p.bh() == 0) return true;
-  if (p.dk != 128 || p.dv != 128 || prep.qk == nullptr) return false;
-  bool done = false;
-  if (p.elem == Elem::kBF16) {
-    done = launch_fwd_states_tma<__nv_bfloat16>(p, prep, so, ChunkSummaryOut{}, s, &out);
-  } else if (p.elem == Elem::kF16) {
-    done = launch_fwd_states_tma<__half>(p, prep, so, ChunkSummaryOut{}, s, &out);
-  }
-  check(cudaGetLastError(), "chunk state kernel with the output");
-  return done;
 }
 
 void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new, const void* states,

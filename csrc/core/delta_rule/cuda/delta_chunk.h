@@ -12,8 +12,7 @@
 //            d = 128 and 4 at d = 64) with the state in registers:
 //            v_new = u - w S; S <- e S + (diag(d) K)^T v_new; the same pass over the
 //            columns of [A | M] from [I | 0] gives the part summary
-//   output   (chunk-parallel) o = scale diag(e^G [s = 0]) Q S_c + (Q K^T o decay) v_new;
-//            or folded into the state pass (prep writing the scores, launch_chunk_states_output)
+//   output   (chunk-parallel) o = scale diag(e^G [s = 0]) Q S_c + (Q K^T o decay) v_new
 //   rprep    (chunk-parallel, backward) r = -(P^T dO), P the scaled causal scores
 //   rstates  (sequential over chunks, backwards) the gradient of each chunk's leaving
 //            state: X <- e X + w^T (r - diag(d) K X) + Q^T diag(c) dO
@@ -52,10 +51,7 @@ struct ChunkPrep {
   const int* head_end = nullptr;
   // Nullable, [bh][nchunks][64][64] 16-bit: T = (I + L)^-1 of every chunk (for the chunk
   // backward, which would otherwise invert L again).
-  void* t = nullptr;  // Nullable, [bh][nchunks][64][64] 16-bit: the scaled causal scores of every chunk,
-  // scale (Q K^T o decay) with y <= x in one segment (16 x 16 blocks above the diagonal
-  // zero), for the state pass that forms the output (launch_chunk_states_output).
-  void* qk = nullptr;
+  void* t = nullptr;
 };
 
 // w, u and meta of every chunk.
@@ -100,19 +96,6 @@ void launch_chunk_summary(const Problem& p, const ChunkPrep& prep, const ChunkSu
 // o over the part from v_new and the 16-bit chunk states.
 void launch_chunk_output(const Problem& p, const ChunkPrep& prep, const void* v_new,
                          const void* states, const ForwardOut& out, cudaStream_t s);
-
-// The output folded into the forward state pass (LASP2_DELTA_FUSED_OUTPUT=1, off by
-// default; docs/delta_rule.md "Output folded into the state pass, thirteenth round"): each
-// column block of the tma pass also forms o[:, cols] = scale diag(e^G [s = 0]) Q S_c[:, cols]
-// + P v_new[:, cols] from prep's scores (prep.qk), equal bit for bit to launch_chunk_states
-// then launch_chunk_output (the same products in the same order). chunk_output_fused:
-// whether the forward takes this path for p (the knob, d = 128, 16-bit, the tma state
-// pass chosen); launch_chunk_states_output: false (nothing launched) where that pass
-// cannot run (then launch_chunk_states and launch_chunk_output). so.v_new and so.states
-// stay nullable.
-bool chunk_output_fused(const Problem& p);
-bool launch_chunk_states_output(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& so,
-                                const ForwardOut& out, cudaStream_t s);
 
 // r = -(P^T dO) of every chunk into prep.u (prep.meta from launch_chunk_prep).
 void launch_chunk_rprep(const Problem& p, View dout, const ChunkPrep& prep, cudaStream_t s);

@@ -449,22 +449,18 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
       return;
     }
     const ForwardKept fk(g, kept);
-    const bool o_fits = rows_aligned(ConstView{o.data, o.stride});
-    const bool fused = o_fits && gpu::chunk_output_fused(g);  // the output in the state pass
-    const Scratch scratch({chunk_rows(g) * g.dk / 2, fused ? score_floats(g) : 0}, allocator_, s);  // u, scores
+    const Scratch scratch({chunk_rows(g) * g.dk / 2}, allocator_, s);  // u
     gpu::ChunkPrep prep{fk.w, scratch[0], fk.meta};
     prep.t = fk.t;  // the backward's copy of T (prep computes it either way)
-    prep.qk = scratch[1];
     gpu::launch_chunk_prep(g, prep, s);
     gpu::ChunkStatesOut so;
     so.entering = entering;
     so.v_new = fk.v_new;
     so.states = fk.states;
+    gpu::launch_chunk_states(g, prep, so, s);
     gpu::ForwardOut out;
     set_out(o, out.o, out.osb, out.ost, out.osh);
-    if (fused && gpu::launch_chunk_states_output(g, prep, so, out, s)) return;
-    gpu::launch_chunk_states(g, prep, so, s);
-    if (o_fits) {
+    if (rows_aligned(ConstView{o.data, o.stride})) {
       gpu::launch_chunk_output(g, prep, fk.v_new, fk.states, out, s);
     } else {
       walk_forward(segmented(problem_of(p, part, doc.initial)), entering, out, s);
@@ -683,37 +679,26 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
   // prep, the state pass (v_new and the 16-bit state entering each chunk), the output;
   // with `doc_initial` (packed documents' initial states) prep runs on V' and the state
   // pass and the output add the documents' terms (delta_chunk_docs.h).
-  // The fused output (LASP2_DELTA_FUSED_OUTPUT, delta_chunk.h): prep also writes the
-  // chunks' scores, the state pass forms o, and without a kept buffer v_new and the chunk
-  // states are not written at all; where that pass cannot run, states then output.
   void chunked_forward(const gpu::Problem& g0, const float* entering, const float* doc_initial,
                        const gpu::ForwardOut& out, cudaStream_t s) const {
     const int64_t half_rows = chunk_rows(g0) * g0.dk / 2;  // 16-bit [rows][d] in floats
     const bool docs = doc_initial != nullptr;
-    const bool fused = gpu::chunk_output_fused(g0);
     const Scratch scratch({half_rows, half_rows, 2 * chunk_rows(g0), half_rows,
                            g0.bh() * gpu::chunk_count(g0) * g0.dk * g0.dv / 2, docs ? doc_v_floats(g0) : 0,
                            docs ? chunk_rows(g0) : 0, docs ? chunk_rows(g0) : 0},
                           allocator_, s);
-    const Scratch scores({fused ? score_floats(g0) : 0}, allocator_, s);
     gpu::ChunkStatesOut so;
     const gpu::ChunkDocs d{doc_initial, scratch[6], reinterpret_cast<int*>(scratch[7]), scratch[5]};
     const gpu::Problem g = docs ? with_doc_v(g0, d, so, s) : g0;
-    gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
-    prep.qk = scores[0];
+    const gpu::ChunkPrep prep{scratch[0], scratch[1], scratch[2]};
     gpu::launch_chunk_prep(g, prep, s);
     so.entering = entering;
-    if (!(fused && gpu::launch_chunk_states_output(g, prep, so, out, s))) {
-      so.v_new = scratch[3];
-      so.states = scratch[4];
-      gpu::launch_chunk_states(g, prep, so, s);
-      gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
-    }
+    so.v_new = scratch[3];
+    so.states = scratch[4];
+    gpu::launch_chunk_states(g, prep, so, s);
+    gpu::launch_chunk_output(g, prep, scratch[3], scratch[4], out, s);
     if (docs) gpu::launch_chunk_doc_output(g, d, out, s);
   }
-
-  // The chunks' 16-bit [64][64] scores of the fused output, in floats.
-  static int64_t score_floats(const gpu::Problem& g) { return chunk_rows(g) * gpu::kChunkTokens / 2; }
 
   // V' = V - diag(f) K H of delta_chunk_docs.h, [B][seqlen][H][dv] 16-bit, in floats.
   static int64_t doc_v_floats(const gpu::Problem& g) { return g.batch * g.seqlen * g.heads * g.dv / 2; }
