@@ -107,11 +107,12 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
-// VAR (D = 64 output / dq only, session 13; temporary, LASP2_CUDA_FWD_KERNEL): 0 = the
-// score tile by tc_scores (sessions 4-12), 1 = tc_scores_split, 2 = tc_scores_split with
-// its weights and stores per case (the default). At D = 64 the output pass runs 3 blocks
-// per SM (shared memory); the bound keeps variants 1-2 at <= 168 registers for that
-// (unbounded: 175).
+// VAR (D = 64 output / dq only, session 13; LASP2_CUDA_FWD_KERNEL): 0 = the score tile
+// by tc_scores (sessions 4-12; the equality test's reference), 2 = tc_scores_split with
+// its weights and stores per case (the default; variant 1, tc_scores_split with the
+// shared per-pair stores, measured no faster and was removed). At D = 64 the output pass
+// runs 3 blocks per SM (shared memory); the bound keeps variant 2 at <= 168 registers for
+// that (unbounded: 175).
 template <typename T, int D, int MODE, int VAR>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
@@ -256,7 +257,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       const T* const bk[1] = {Ks};
       T* const p[1] = {Ps};
       if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
-      else if constexpr (VAR == 1) tc_scores_split<T, D, NW, 1, false, false>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
     __syncthreads();
@@ -392,15 +392,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   cp_async_wait_all();
 }
 
-// LASP2_CUDA_FWD_KERNEL=old | split (temporary, session 13): D = 64's output and dq
-// passes as variant 0 or 1 of tc_fwd_kernel (same bits; for the A/B and the equality
-// test); unset: variant 2. Read per launch so that a test can switch it. The other
-// kernels have one version.
+// LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
+// tc_fwd_kernel (same bits; the equality test's reference); otherwise variant 2. Read per
+// launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  if (env != nullptr && std::strcmp(env, "old") == 0) return 0;
-  if (env != nullptr && std::strcmp(env, "split") == 0) return 1;
-  return 2;
+  return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
 }
 
 template <typename T, int D, int MODE>
@@ -411,7 +408,6 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   if constexpr (kVariants) {
     const int var = fwd_kernel_variant();
     if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
-    if (var == 1) k = tc_fwd_kernel<T, D, MODE, 1>;
   }
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
