@@ -63,26 +63,8 @@ __device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const flo
       mma16816<T>(acc[CNT - 1], a, b2[0], b2[1]);
     }
   }
-  float Gx[2], sx[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int x = 16 * mt + (lane >> 2) + 8 * hf;
-    Gx[hf] = ms[2 * x];
-    sx[hf] = ms[2 * x + 1];
-  }
-#pragma unroll
-  for (int j = 0; j < CNT; ++j) {
-    const int y = 8 * (nt0 + j) + 2 * (lane & 3);
-    const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int x = 16 * mt + (lane >> 2) + 8 * hf;
-      const float w0 = (y <= x && sx[hf] == my.y) ? scale * exp_ftz(Gx[hf] - my.x) : 0.f;
-      const float w1 = (y + 1 <= x && sx[hf] == my.w) ? scale * exp_ftz(Gx[hf] - my.z) : 0.f;
-      *reinterpret_cast<uint32_t*>(Ps + x * kLdP + y) =
-          pack2<T>(acc[j][2 * hf] * w0, acc[j][2 * hf + 1] * w1);
-    }
-  }
+  T* const p[1] = {Ps};  // all CNT tiles lie on or below the diagonal: no test
+  tc_score_store<T, D, CNT, 1, CNT>(reinterpret_cast<const float(&)[1][CNT][4]>(acc), ms, scale, p, mt, nt0, lane);
 }
 
 template <typename T, int D>

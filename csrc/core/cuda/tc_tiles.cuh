@@ -85,14 +85,15 @@ __device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* 
   }
 }
 
-// The weights and 16-bit stores of tc_scores / tc_scores_split for one warp's
-// accumulators. NB = 0: the n16 pairs above the diagonal are skipped by a test per pair;
-// NB > 0: the caller knows that exactly pairs [0, NB) lie on or below it (no test, one
-// straight block: the key meta of all pairs can load before the first weight).
-template <typename T, int D, int NPW, int N, int NB = 0>
+// The weights and 16-bit stores of tc_scores / tc_scores_split (and tc_forward.cu's
+// scores_slice) for one warp's accumulators. NT = 0: the n16 pairs above the diagonal are
+// skipped by a test per pair; NT > 0: the caller knows that exactly n8 tiles [0, NT) lie
+// on or below it (no test, one straight block: the key meta of all tiles can load before
+// the first weight).
+template <typename T, int D, int NPW, int N, int NT = 0>
 __device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], const float* ms, float scale,
                                                T* const (&Ps)[N], int mt, int nt0, int lane) {
-  static_assert(NB >= 0 && 2 * NB <= NPW, "tc_score_store: 0 <= NB <= NPW / 2");
+  static_assert(NT >= 0 && NT <= NPW, "tc_score_store: 0 <= NT <= NPW");
   // This thread's two query rows x (meta read once per chunk, not per key tile).
   float Gx[2], sx[2];
 #pragma unroll
@@ -102,10 +103,10 @@ __device__ __forceinline__ void tc_score_store(const float (&acc)[N][NPW][4], co
     sx[hf] = ms[2 * x + 1];
   }
 #pragma unroll
-  for (int j = 0; j < (NB > 0 ? 2 * NB : NPW); ++j) {
+  for (int j = 0; j < (NT > 0 ? NT : NPW); ++j) {
     // 16 x 16 blocks above the diagonal (key block > query block) are never read
     // by the consumers (their causal loops skip them): no weights, no store.
-    if (NB == 0 && 8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
+    if (NT == 0 && 8 * (nt0 + (j & ~1)) > 16 * mt + 15) continue;
     const int y = 8 * (nt0 + j) + 2 * (lane & 3);
     const float4 my = *reinterpret_cast<const float4*>(ms + 2 * y);  // {G, s} of keys y, y + 1
 #pragma unroll
@@ -183,7 +184,7 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
 // run. Every accumulator gets the same mma in the same order (the same bits), and the
 // weights and stores are tc_scores' (tc_score_store). StraightStore (the output / dq
 // passes at D = 64, session 13): the weights and stores also inside each case, with
-// their pair count known (tc_score_store<NB>): no per-pair test there either.
+// their pair count known (tc_score_store<2 NB>): no per-pair test there either.
 template <typename T, int D, int NW, int N = 1, bool Spread = false, bool StraightStore = false>
 __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
                                                 const float* ms, float scale, T* const (&Ps)[N], int warp,
@@ -208,16 +209,16 @@ __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T
   if constexpr (StraightStore) {
     if (nb >= 4) {
       tc_score_mmas<T, D, NPW, N, B4>(As, Bs, mt, nt0, lane, acc);
-      tc_score_store<T, D, NPW, N, B4>(acc, ms, scale, Ps, mt, nt0, lane);
+      tc_score_store<T, D, NPW, N, 2 * B4>(acc, ms, scale, Ps, mt, nt0, lane);
     } else if (nb == 3) {
       tc_score_mmas<T, D, NPW, N, B3>(As, Bs, mt, nt0, lane, acc);
-      tc_score_store<T, D, NPW, N, B3>(acc, ms, scale, Ps, mt, nt0, lane);
+      tc_score_store<T, D, NPW, N, 2 * B3>(acc, ms, scale, Ps, mt, nt0, lane);
     } else if (nb == 2) {
       tc_score_mmas<T, D, NPW, N, B2>(As, Bs, mt, nt0, lane, acc);
-      tc_score_store<T, D, NPW, N, B2>(acc, ms, scale, Ps, mt, nt0, lane);
+      tc_score_store<T, D, NPW, N, 2 * B2>(acc, ms, scale, Ps, mt, nt0, lane);
     } else {
       tc_score_mmas<T, D, NPW, N, 1>(As, Bs, mt, nt0, lane, acc);
-      tc_score_store<T, D, NPW, N, 1>(acc, ms, scale, Ps, mt, nt0, lane);
+      tc_score_store<T, D, NPW, N, 2>(acc, ms, scale, Ps, mt, nt0, lane);
     }
     return;
   }
