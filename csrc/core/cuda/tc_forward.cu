@@ -474,14 +474,17 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 
 // LASP2_CUDA_FWD_KERNEL (the output and dq passes; read per launch so that a test can
 // switch it; all variants give the same bits): old = variant 0 (D = 64: tc_scores and the
-// session-13 tail; D = 128: the session-13 kernel), s13 = variant 2 (session 13's default:
-// D = 64 tc_scores_split, the session-13 tail), unset = variant 3 (variant 2 with session
-// 14's tail). The prefix kernels have one version.
+// session-13 tail; D = 128: the session-13 kernel), s13 = variant 2 (session 13's kernels:
+// D = 64 tc_scores_split, the session-13 tail), new = variant 3 (variant 2 with session
+// 14's tail), unset = kFwdDefaultVariant. The prefix kernels have one version.
+constexpr int kFwdDefaultVariant = 2;  // session 14's tail stays opt-in until measured
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  if (env != nullptr && std::strcmp(env, "old") == 0) return 0;
-  if (env != nullptr && std::strcmp(env, "s13") == 0) return 2;
-  return 3;
+  if (env == nullptr) return kFwdDefaultVariant;
+  if (std::strcmp(env, "old") == 0) return 0;
+  if (std::strcmp(env, "s13") == 0) return 2;
+  if (std::strcmp(env, "new") == 0) return 3;
+  return kFwdDefaultVariant;
 }
 
 template <typename T, int D, int MODE>
