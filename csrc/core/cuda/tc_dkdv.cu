@@ -22,6 +22,11 @@
 //     in the same order as the per-tile butterfly);
 //   * the dg warp (kDgWarp) is one without a score block (warp 7 at D = 128, 4 at
 //     D = 64), not warp 0, whose scheduler also runs 3 of the 10 score blocks.
+// Session 14 (docs/kernels.md; measured, then removed): the dk / dv stores through one
+// 64-bit row pointer per token tile without a test per store, an exact 2-instruction bf16
+// unpack and the dS tile written by stmatrix executed 13-15% fewer instructions and ran
+// 0.6% slower (822.8 -> 827.5 / 828.3 us at 64K tokens on an H200): the chunk step is
+// bound by the latency of its shared-memory loads and by the L1 pipe, not by issue.
 // Every output element is computed with the same operations in the same order as by
 // the 16-row warps it replaced (the same bits; compared on an H200 before their
 // removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:
@@ -36,8 +41,6 @@
 //   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -77,75 +80,7 @@ struct DkdvLayout {
   static constexpr int NW = D / 8 / RM;        // warps: 8 at both sizes
 };
 
-// bf16 / fp16 pair -> two floats, exactly unpack2's values. For bf16 each half is the
-// upper 16 bits of a float: one shift and one mask (unpack2's __bfloat1622float2 takes a
-// PRMT and a shift for the upper element: 3 instructions per pair instead of 2).
-template <typename T>
-__device__ __forceinline__ float2 unpack2_exact(uint32_t x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-  } else {
-    return unpack2<T>(x);
-  }
-}
-template <typename T>
-__device__ __forceinline__ uint32_t scale2_exact(uint32_t x, float s0, float s1) {
-  const float2 f = unpack2_exact<T>(x);
-  return pack2<T>(f.x * s0, f.y * s1);
-}
-
-// stmatrix.x4 (sm_90): four 8x8 16-bit matrices, register i of each lane holding the pair
-// (row lane / 4, columns 2 (lane % 4), +1) of matrix i, lane 8 i + k addressing row k of
-// matrix i: the inverse of ldsm_x4. Defined for sm_90 device code only (its one caller is).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void stsm_x4(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_u32(p)), "r"(r0),
-               "r"(r1), "r"(r2), "r"(r3)
-               : "memory");
-}
-#endif
-
-// The dk (dv) stores of one warp, VAR >= 1: the 32 (RM = 2) 16-bit pairs of tr, n8 token
-// tile j (tokens 8 jt + lane / 4, jt = 2 tb[j / 2] + j % 2) x dims 16 (RM r + m) + 8 hf +
-// 2 (lane % 4), through one 64-bit row pointer per token tile (the dims are immediate
-// offsets) and, for a full chunk of full-width rows (block-uniform), without a test per
-// store. VAR 0 computes each store's address from (t0 + token) * stride (an IMAD.WIDE,
-// two IMAD and a LEA / LEA.HI.X pair per store in the sm_90a SASS) under a per-store test.
-template <typename T, int RM>
-__device__ __forceinline__ void store_rows(T* base, int64_t st, const uint32_t (&tr)[RM][4][2], int hc, int r,
-                                           int lane, bool full, int nvalid, int lim) {
-  // token tiles jt = 2 hc, 2 hc + 1 (p[0], p[1]) and 6 - 2 hc, 7 - 2 hc (p[2], p[3])
-  const int col = 16 * RM * r + 2 * (lane & 3);
-  T* p[4];
-  p[0] = base + static_cast<int64_t>((lane >> 2) + 16 * hc) * st + col;
-  p[2] = base + static_cast<int64_t>((lane >> 2) + 16 * (3 - hc)) * st + col;
-  p[1] = p[0] + 8 * st;
-  p[3] = p[2] + 8 * st;
-  if (full) {  // block-uniform
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int m = 0; m < RM; ++m)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) *reinterpret_cast<uint32_t*>(p[j] + 16 * m + 8 * hf) = tr[m][j][hf];
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int jt = 2 * ((j >> 1) == 0 ? hc : 3 - hc) + (j & 1);
-    if (8 * jt + (lane >> 2) >= nvalid) continue;
-#pragma unroll
-    for (int m = 0; m < RM; ++m)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        if (col + 16 * m + 8 * hf < lim) *reinterpret_cast<uint32_t*>(p[j] + 16 * m + 8 * hf) = tr[m][j][hf];
-  }
-}
-
-// VAR (LASP2_CUDA_DKDV_KERNEL, session 14; docs/kernels.md): 0 = session 13's kernel (the
-// equality test's reference), 1 = the same arithmetic with store_rows and unpack2_exact,
-// 2 = 1 with the dS tile written by stmatrix (sm_90; sm_80 builds keep the 32-bit stores).
-template <typename T, int D, int VAR>
+template <typename T, int D>
 __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
   using L = DkdvLayout<D>;
   constexpr int RM = L::RM;
@@ -303,21 +238,6 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       pending = true;
     }
     {  // every warp writes its part (zeros past dk): the products may read all D rows
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if constexpr (VAR == 2) {  // 8 stmatrix.x4 instead of 32 32-bit stores (same bytes)
-        // lane l addresses row l % 8 of matrix l / 8: matrices (n8 tile 2 jp, rows +0),
-        // (2 jp, +8), (2 jp + 1, +0), (2 jp + 1, +8) of m16 tile m, whose fragments are
-        // the pairs Ds[m][j][0, 1] (rows +0) and [2, 3] (rows +8), as ldmatrix reads them
-        T* const base = Dsm + (16 * RM * r + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + hc * HC + 8 * (lane >> 4);
-#pragma unroll
-        for (int m = 0; m < RM; ++m)
-#pragma unroll
-          for (int jp = 0; jp < HC / 16; ++jp)
-            stsm_x4(base + 16 * m * LD + 16 * jp, pack2<T>(Ds[m][2 * jp][0], Ds[m][2 * jp][1]),
-                    pack2<T>(Ds[m][2 * jp][2], Ds[m][2 * jp][3]), pack2<T>(Ds[m][2 * jp + 1][0], Ds[m][2 * jp + 1][1]),
-                    pack2<T>(Ds[m][2 * jp + 1][2], Ds[m][2 * jp + 1][3]));
-      } else
-#endif
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
 #pragma unroll
@@ -406,7 +326,6 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       // (dims d, tokens y and y + 1) is a 32-bit pair of an A fragment of k^T: one
       // ldmatrix.trans per 16 tokens instead of 16 16-bit loads.
       float parts[RM * 8];  // the partials [m][j][0 / 1] of all tiles
-      uint32_t trs[RM][4][2];  // VAR >= 1: the transposed pairs, stored after the loop
 #pragma unroll
       for (int m = 0; m < RM; ++m) {
         const int rb = RM * r + m;  // row block
@@ -418,26 +337,19 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
           float part0 = 0.f, part1 = 0.f;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const float2 kv = VAR >= 1 ? unpack2_exact<T>(kf[2 * (j & 1) + hf])
-                                       : unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
+            const float2 kv = unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
             part0 += acc[m][j][2 * hf] * kv.x;
             part1 += acc[m][j][2 * hf + 1] * kv.y;
             const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
-            if constexpr (VAR >= 1) {
-              trs[m][j][hf] = tr;
-            } else {
-              const int yt = 8 * jt + (lane >> 2);
-              const int dt = 16 * rb + 8 * hf + 2 * (lane & 3);
-              if (full || (yt < nvalid && dt < dk))
-                *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
-            }
+            const int yt = 8 * jt + (lane >> 2);
+            const int dt = 16 * rb + 8 * hf + 2 * (lane & 3);
+            if (full || (yt < nvalid && dt < dk))
+              *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
           }
           parts[8 * m + 2 * j] = part0;
           parts[8 * m + 2 * j + 1] = part1;
         }
       }
-      if constexpr (VAR >= 1)
-        store_rows<T, RM>(dk_b + t0 * args.dk_out.st, args.dk_out.st, trs, hc, r, lane, full, nvalid, dk);
       if (has_dg) {
         // step s pairs lanes across lane bit 2 + s (offset 4 << s), as the per-tile
         // butterfly; after it parts[k] holds the sum of index k + (N/2) b2 + (N/4) b3
@@ -522,30 +434,18 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       };
       if (hc == 0) causal(std::integral_constant<int, 0>{});
       else causal(std::integral_constant<int, 1>{});
-      if constexpr (VAR >= 1) {
-        uint32_t trs[RM][4][2];
 #pragma unroll
-        for (int m = 0; m < RM; ++m)
+      for (int m = 0; m < RM; ++m) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
+          const int jt = 2 * tb[j >> 1] + (j & 1);
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf)
-              trs[m][j][hf] = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
-        store_rows<T, RM>(dv_b + t0 * args.dv_out.st, args.dv_out.st, trs, hc, r, lane, full, nvalid, dv);
-      } else {
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int jt = 2 * tb[j >> 1] + (j & 1);
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
-              const int yt = 8 * jt + (lane >> 2);
-              const int dt = 16 * (RM * r + m) + 8 * hf + 2 * (lane & 3);
-              if (full || (yt < nvalid && dt < dv))
-                *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
-            }
+          for (int hf = 0; hf < 2; ++hf) {
+            const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
+            const int yt = 8 * jt + (lane >> 2);
+            const int dt = 16 * (RM * r + m) + 8 * hf + 2 * (lane & 3);
+            if (full || (yt < nvalid && dt < dv))
+              *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
           }
         }
       }
@@ -565,17 +465,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         uint32_t a[RM][4];
 #pragma unroll
         for (int m = 0; m < RM; ++m) {
-          if constexpr (VAR >= 1) {
-            a[m][0] = scale2_exact<T>(qf[m][kk][0], w0, w1);
-            a[m][1] = scale2_exact<T>(qf[m][kk][1], w0, w1);
-            a[m][2] = scale2_exact<T>(qf[m][kk][2], w2, w3);
-            a[m][3] = scale2_exact<T>(qf[m][kk][3], w2, w3);
-          } else {
-            a[m][0] = scale2<T>(qf[m][kk][0], w0, w1);
-            a[m][1] = scale2<T>(qf[m][kk][1], w0, w1);
-            a[m][2] = scale2<T>(qf[m][kk][2], w2, w3);
-            a[m][3] = scale2<T>(qf[m][kk][3], w2, w3);
-          }
+          a[m][0] = scale2<T>(qf[m][kk][0], w0, w1);
+          a[m][1] = scale2<T>(qf[m][kk][1], w0, w1);
+          a[m][2] = scale2<T>(qf[m][kk][2], w2, w3);
+          a[m][3] = scale2<T>(qf[m][kk][3], w2, w3);
         }
 #pragma unroll
         for (int np = 0; np < HC / 16; ++np) {
@@ -598,29 +491,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-// LASP2_CUDA_DKDV_KERNEL (session 14, D = 128): "old" = VAR 0 (session 13), "rows" = VAR 1,
-// "stsm" = VAR 2; unset or anything else: kDkdvDefault. Read per launch so that a test can
-// switch it.
-constexpr int kDkdvDefault = 0;
-int dkdv_kernel_variant() {
-  const char* env = std::getenv("LASP2_CUDA_DKDV_KERNEL");
-  if (env == nullptr) return kDkdvDefault;
-  if (std::strcmp(env, "old") == 0) return 0;
-  if (std::strcmp(env, "rows") == 0) return 1;
-  if (std::strcmp(env, "stsm") == 0) return 2;
-  return kDkdvDefault;
-}
-
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
-  // D = 64 has VAR 0 only (VAR 1 there: an 8-byte stack frame at the 128-register cap)
-  auto k = tc_dkdv_kernel<T, D, 0>;
-  if constexpr (D == 128) {
-    const int var = dkdv_kernel_variant();
-    if (var == 1) k = tc_dkdv_kernel<T, D, 1>;
-    if (var == 2) k = tc_dkdv_kernel<T, D, 2>;
-  }
+  auto k = tc_dkdv_kernel<T, D>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
