@@ -1807,7 +1807,11 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
 // of their shared-memory atomics and one fp32 rounding (the gate terms of P o (dO U^T)
 // multiply in another order). d = 128 and 64, rows and packed documents with a -inf gate
 // inside a chunk, a part starting at token 37 and ending mid-chunk, an entering state and
-// a leaving gradient; fp16 too, and a part of one partial chunk.
+// a leaving gradient; fp16 too, and a part of one partial chunk. The held form
+// (LASP2_DELTA_CHUNK_BWD_KERNEL=held: early with h stored into its tile from the registers
+// that formed <dh, h> instead of read again) and the sums form (=sums: held with the gate
+// gradients' shared-memory sums gathered into fewer atomic loops) form the same products
+// in the same order, so they are held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1848,7 +1852,7 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
     };
     // the default twice (unset and named), so that the default is the early kernel
     const Grads lean = run("lean");
-    for (const char* kernel : {"", "early"}) {
+    for (const char* kernel : {"", "early", "held", "sums"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
       const Grads early = run(kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
