@@ -24,7 +24,7 @@ namespace {
 // The keys phase's tiles load into the values phase's as each one falls free (lean: q
 // over v, dO over dB, h over dh, dP over dA; dB goes out through dq's rows and comes
 // back over v_new once the scores are formed, dk's first terms through dk's, 16 bits, as
-// fla's two dk halves; early, the default: below, at the kernel's variants).
+// fla's two dk halves; early and sums, the default: below, at the kernel's variants).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -60,9 +60,10 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's two forms (LASP2_DELTA_CHUNK_BWD_KERNEL): early (twelfth round, the
-// default) and lean (ninth round, kept as its reference: the bit-equality test and the
-// timing A/B). The lean kernel hands dB from the values phase to the keys phase through
+// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
+// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
+// round, early's reference; both kept for the bit-equality test and the timing A/B).
+// The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
 // kernel writes dq and dk once: it keeps dB in its tile and dk's first terms in
 // registers, rounded to 16 bits as the hand-over through dk rounds them, so its dq, dk
@@ -73,10 +74,11 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // diag(d) U dh^T is formed next to dU (the fp32 fragments held in registers through dB
 // and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
 // and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
-// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round".)
+// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
+// and "..., fourteenth round".)
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
-// The sums form's shared-memory sums (fourteenth round). A float atomicAdd on shared
+// The sums form's shared-memory sums. A float atomicAdd on shared
 // memory is a compare-and-swap loop on sm_80 / sm_90 (LDS, FADD, ATOMS.CAST.SPIN, a
 // branch back: two dependent shared-memory round trips), and add_rows / add_cols run one
 // loop per fragment half or column pair with 4 or 8 lanes of the warp active: 35 loops a
@@ -201,21 +203,18 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
   }
 }
 
-// held (fourteenth round, LASP2_DELTA_CHUNK_BWD_KERNEL=held): early, with h read once.
-// The 32 KiB of h that every thread loads into registers at the start for <dh, h> stay
-// there until dh's tile is free and are stored into it from the registers (early reads h
-// from global memory a second time, into that tile, by cp.async); <dh, h> is formed after
-// dU and diag(d) U dh^T, so that those products need not wait for h's loads. The products
-// are early's in the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the
-// order of the shared-memory atomics.
-// sums (fourteenth round, LASP2_DELTA_CHUNK_BWD_KERNEL=sums): held, with the gate
-// gradients' shared-memory sums in 9 compare-and-swap loops a warp instead of 35
-// (add_rows_one, add_cols_one_neg; dU's sum into the chunk's last token reduced over the
-// warp first instead of 16 lanes' loops on one place).
-template <typename T, int D, bool kEarly, bool kHeld, bool kSums>
+// sums (fourteenth round, the default): early with two changes. The gate gradients'
+// shared-memory sums run in 9 compare-and-swap loops a warp instead of 35 (add_rows_one,
+// add_cols_one_neg; dU's sum into the chunk's last token reduced over the warp first
+// instead of 16 lanes' loops on one place). And h is read once: the 32 KiB of h that
+// every thread loads into registers at the start for <dh, h> stay there until dh's tile
+// is free and are stored into it from the registers (early reads h from global memory a
+// second time, into that tile, by cp.async); <dh, h> is formed after dU and diag(d) U
+// dh^T, so that those products need not wait for h's loads. The products are early's in
+// the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the order of the sums.
+template <typename T, int D, bool kEarly, bool kSums>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
-  static_assert(kEarly || !kHeld, "held is a form of early");
-  static_assert(kHeld || !kSums, "sums is a form of held");
+  static_assert(kEarly || !kSums, "sums is a form of early");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -269,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
-  // <dh, h> for the gate of the chunk's one-segment map (held: after dU and ud_terms)
+  // <dh, h> for the gate of the chunk's one-segment map (sums: after dU and ud_terms)
   auto dot_terms = [&] {
     float part = 0.f;
 #pragma unroll
@@ -287,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
     if (lane == 0) atomicAdd(&sm.dot, part);
   };
-  if constexpr (!kHeld) dot_terms();
+  if constexpr (!kSums) dot_terms();
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
@@ -333,10 +332,10 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
   [[maybe_unused]] float ud[NH][4];
   if constexpr (kEarly) ud_terms(ud, sm, GL, sL, m0, n0, lane);
-  if constexpr (kHeld) dot_terms();
+  if constexpr (kSums) dot_terms();
   cp_async_wait_all();
   __syncthreads();
-  if constexpr (kHeld) {  // every warp has read dh: h takes its tile, from the registers
+  if constexpr (kSums) {  // every warp has read dh: h takes its tile, from the registers
 #pragma unroll
     for (int i = 0; i < kDotVecs; ++i) {
       const int e = tid + i * kThreads;
@@ -722,18 +721,16 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): early (the default), lean (its reference)
-// held (early with h read once) or sums (held with fewer shared-memory sum loops); the
-// last two are the fourteenth round's, opt-in until measured.
-enum class BwdForm { kLean, kEarly, kHeld, kSums };
+// the tests and the timing A/B can switch it): sums (the default), early (its reference)
+// or lean (early's reference).
+enum class BwdForm { kLean, kEarly, kSums };
 BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "early") == 0) return BwdForm::kEarly;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
+  if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
   if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  if (std::strcmp(env, "held") == 0) return BwdForm::kHeld;
-  if (std::strcmp(env, "sums") == 0) return BwdForm::kSums;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be early, lean, "
-                   "held or sums, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
+                   "lean, not ") +
        env);
 }
 
@@ -744,10 +741,9 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true, true>
-                  : form == BwdForm::kHeld  ? chunk_bwd_kernel<T, D, true, true, false>
-                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false, false>
-                                            : chunk_bwd_kernel<T, D, false, false, false>;
+    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
+                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
+                                            : chunk_bwd_kernel<T, D, false, false>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
