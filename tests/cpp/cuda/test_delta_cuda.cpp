@@ -1799,15 +1799,19 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
   }
 }
 
-// The early chunk backward (the default: dB kept in shared memory and dk's first terms in
-// registers instead of the hand-over through dq's and dk's rows, h loaded as soon as dU
-// is formed) against the lean kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=lean): the same
+// The early chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=early: dB kept in shared memory
+// and dk's first terms in registers instead of the hand-over through dq's and dk's rows,
+// h loaded as soon as dU is formed) against the lean kernel (=lean): the same
 // products in the same order with dk's first terms rounded to 16 bits as the hand-over
 // rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to the order
 // of their shared-memory atomics and one fp32 rounding (the gate terms of P o (dO U^T)
 // multiply in another order). d = 128 and 64, rows and packed documents with a -inf gate
 // inside a chunk, a part starting at token 37 and ending mid-chunk, an entering state and
-// a leaving gradient; fp16 too, and a part of one partial chunk.
+// a leaving gradient; fp16 too, and a part of one partial chunk. The sums form (the
+// default since the fourteenth round, unset and named: early with the gate gradients'
+// shared-memory sums gathered into fewer compare-and-swap loops and h stored into its
+// tile from the registers that formed <dh, h> instead of read again) forms the same
+// products in the same order, so it is held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1846,9 +1850,9 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
       g.download(r);
       return r;
     };
-    // the default twice (unset and named), so that the default is the early kernel
+    // the default twice (unset and named), so that the default is the sums kernel
     const Grads lean = run("lean");
-    for (const char* kernel : {"", "early"}) {
+    for (const char* kernel : {"", "sums", "early"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
       const Grads early = run(kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
