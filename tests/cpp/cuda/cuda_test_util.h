@@ -52,6 +52,15 @@ class EnvGuard {
   std::string old_;
 };
 
+// f() with `name` set to `value` (EnvGuard's meaning) for the call: the tests that
+// compare a path with the one a knob turns back on (`want = with_env("LASP2_DELTA_CHUNKED",
+// "0", run)`) read as one line instead of a scope around an assignment.
+template <typename F>
+auto with_env(const char* name, const std::string& value, F&& f) {
+  const EnvGuard guard(name, value);
+  return f();
+}
+
 inline void cuda_ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }

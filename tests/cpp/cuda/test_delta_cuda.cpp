@@ -399,12 +399,7 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     }
     return r;
   };
-  const ChunkedResult got = run();
-  ChunkedResult want;
-  {
-    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-    want = run();
-  }
+  const ChunkedResult got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
   // the chunked kernels' state products take 16-bit operands (the state entering each
   // chunk, its leaving gradient, T, v_new, dU and dB are rounded to the input dtype, as
   // in fla's chunk kernels), so dg, dbeta and the entering-state gradient are sums of
@@ -1435,12 +1430,7 @@ TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
     gpu.part_summary(dp, part, DocStates{}, gA.p, gM.p, ghA.p, ghM.p, nullptr);
     return Maps{gA.download(), gM.download(), ghA.download(), ghM.download()};
   };
-  const Maps got = summary();
-  Maps want;
-  {
-    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-    want = summary();
-  }
+  const Maps got = summary(), want = with_env("LASP2_DELTA_CHUNKED", "0", summary);
   const double tol = 5e-3;
   EXPECT_LT(rel_err_f32(got.A, want.A), tol) << "A";
   EXPECT_LT(rel_err_f32(got.M, want.M), tol) << "M";
@@ -1951,12 +1941,7 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
       r.finals0.resize(D);
       return r;
     };
-    const Result got = run();
-    Result want;
-    {
-      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-      want = run();
-    }
+    const Result got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
     auto rel_part = [&](const std::vector<double>& a, const std::vector<double>& b) {
       double num = 0, den = 0;
       int64_t bad = 0;
@@ -2034,12 +2019,7 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
       r.dI.resize(D);
       return r;
     };
-    const BwdResult got = run();
-    BwdResult want;
-    {
-      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-      want = run();
-    }
+    const BwdResult got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
     // as DeltaCudaChunked: 16-bit state operands in the chunked passes
     const double tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
     auto rel_rows = [&](const std::vector<double>& a, const std::vector<double>& b, int64_t dim) {
