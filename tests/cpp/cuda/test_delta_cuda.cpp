@@ -1881,6 +1881,25 @@ struct DocStatesCase {
   bool neg_inf;
 };
 
+// max |a - b| / max |b| over the rows of tokens [part.begin, part.end) of [T][row]
+// tensors (row values a token), every value there finite; `what` names the tensor in a
+// failure. The forward's and the backward's comparisons of the two paths share it.
+double rel_in_part(const std::vector<double>& a, const std::vector<double>& b, TokenRange part, int64_t row,
+                   const char* what) {
+  double num = 0, den = 0;
+  int64_t bad = 0;
+  for (int64_t i = part.begin * row; i < part.end * row; ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
+      ++bad;
+      continue;
+    }
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  EXPECT_EQ(bad, 0) << what << " not finite inside the part";
+  return den > 0 ? num / den : num;
+}
+
 class DeltaCudaDocStates : public ::testing::TestWithParam<DocStatesCase> {};
 
 TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
@@ -1942,23 +1961,8 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
       return r;
     };
     const Result got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
-    auto rel_part = [&](const std::vector<double>& a, const std::vector<double>& b) {
-      double num = 0, den = 0;
-      int64_t bad = 0;
-      const int64_t row = spec.heads * spec.dim_v;
-      for (int64_t i = part.begin * row; i < part.end * row; ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
-          ++bad;
-          continue;
-        }
-        num = std::max(num, std::abs(a[i] - b[i]));
-        den = std::max(den, std::abs(b[i]));
-      }
-      EXPECT_EQ(bad, 0) << "o not finite inside the part";
-      return den > 0 ? num / den : num;
-    };
     EXPECT_EQ(got.o_written, want.o_written) << "o written where the recurrent kernels write";
-    EXPECT_LT(rel_part(got.o, want.o), tol_io) << "o";
+    EXPECT_LT(rel_in_part(got.o, want.o, part, spec.heads * spec.dim_v, "o"), tol_io) << "o";
     EXPECT_EQ(delta::testing::max_abs(got.A), 0.0) << "a part with a document start has A = 0 exactly";
     EXPECT_LT(rel_err_f32(got.M, want.M), tol_state) << "M";
     EXPECT_LT(rel_err_f32(got.hA, want.hA), 5e-3) << "head A";
@@ -2022,24 +2026,9 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
     const BwdResult got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
     // as DeltaCudaChunked: 16-bit state operands in the chunked passes
     const double tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
-    auto rel_rows = [&](const std::vector<double>& a, const std::vector<double>& b, int64_t dim) {
-      double num = 0, den = 0;
-      int64_t bad = 0;
-      const int64_t row = spec.heads * dim;
-      for (int64_t i = part.begin * row; i < part.end * row; ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
-          ++bad;
-          continue;
-        }
-        num = std::max(num, std::abs(a[i] - b[i]));
-        den = std::max(den, std::abs(b[i]));
-      }
-      EXPECT_EQ(bad, 0) << "gradient not finite inside the part";
-      return den > 0 ? num / den : num;
-    };
-    EXPECT_LT(rel_rows(got.dq, want.dq, spec.dim_k), tol_io) << "dq";
-    EXPECT_LT(rel_rows(got.dk, want.dk, spec.dim_k), tol_io) << "dk";
-    EXPECT_LT(rel_rows(got.dv, want.dv, spec.dim_v), tol_io) << "dv";
+    EXPECT_LT(rel_in_part(got.dq, want.dq, part, spec.heads * spec.dim_k, "dq"), tol_io) << "dq";
+    EXPECT_LT(rel_in_part(got.dk, want.dk, part, spec.heads * spec.dim_k, "dk"), tol_io) << "dk";
+    EXPECT_LT(rel_in_part(got.dv, want.dv, part, spec.heads * spec.dim_v, "dv"), tol_io) << "dv";
     EXPECT_LT(rel_err_f32(got.dg, want.dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(got.db, want.db), tol_sum) << "dbeta";
     EXPECT_LT(rel_err_f32(got.dI, want.dI), tol_sum) << "d_initial";
