@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_utils.cuh"
 #include "l2norm_kernels.h"
 #include "launch.h"
 
@@ -33,19 +34,18 @@ struct AccOf<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
+// To and from the accumulator: fp32 / fp16 / bf16 through device_utils.cuh's to_float and
+// from_float (the conversions every CUDA kernel uses), double as itself.
 __device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ float to_acc(T x) {
+  return to_float<T>(x);
+}
 
 template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ T from_acc(float x) {
+  return from_float<T>(x);
+}
 template <typename T>
 __device__ __forceinline__ T from_acc(double x);
 template <>
