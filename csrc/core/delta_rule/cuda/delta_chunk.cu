@@ -428,8 +428,8 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
   FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(summary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;
@@ -600,8 +600,8 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(summary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;
@@ -780,8 +780,8 @@ __global__ void __launch_bounds__(NT8, 2)
   TmaStateSmem<T, NS, C>& sm =
       *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(kSummary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;

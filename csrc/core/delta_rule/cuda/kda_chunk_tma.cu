@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(NT8, 2)
   KdaTmaStateSmem<T, NS, C>& sm =
       *reinterpret_cast<KdaTmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(kSummary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;
