@@ -32,42 +32,30 @@ void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout
   const int64_t dk = p.dim_k, dv = p.dim_v;
   std::vector<Acc> acc(dk);
   ChunkInfo<Acc> info;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.heads; ++h) {
-      State<Acc> S(dk, dv);
-      S.load(initial_state ? initial_state + bh_index(p, b, h) * dk * dv : nullptr);
-      for (int64_t c0 = part.begin; c0 < part.end; c0 += p.chunk_size) {
-        const int64_t n = std::min<int64_t>(p.chunk_size, part.end - c0);
-        info.compute(p, b, h, c0, n);
-        for (int64_t x = 0; x < n; ++x) {
-          const T* dox = row<T>(dout, b, c0 + x, h);
-          std::fill(acc.begin(), acc.end(), Acc(0));
-          S.right_mul_add(info.entry_weight(x), dox, acc.data());
-          for (int64_t y = 0; y <= x; ++y) {
-            const Acc w = info.pair_weight(x, y);
-            if (w == Acc(0)) continue;
-            const Acc a = w * dot<Acc>(dox, row<T>(p.v, b, c0 + y, h), dv);
-            const T* ky = row<T>(p.k, b, c0 + y, h);
-            for (int64_t i = 0; i < dk; ++i) acc[i] += a * static_cast<Acc>(ky[i]);
-          }
-          T* dqx = row<T>(dq, b, c0 + x, h);
-          const T* qx = row<T>(p.q, b, c0 + x, h);
-          Acc qdot = 0;
-          for (int64_t i = 0; i < dk; ++i) {
-            const Acc g = p.scale * acc[i];
-            dqx[i] = static_cast<T>(g);
-            qdot += static_cast<Acc>(qx[i]) * g;
-          }
-          if (q_dot_dq) store_real(q_dot_dq, p.decay.dtype, bth_index(p, b, c0 + x, h), qdot);
-        }
-        S.scale(info.through_weight());
-        for (int64_t y = 0; y < n; ++y) {
-          const Acc w = info.exit_weight(y);
-          if (w != Acc(0)) S.add_outer(w, row<T>(p.k, b, c0 + y, h), row<T>(p.v, b, c0 + y, h));
-        }
+  auto dq_rows = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const State<Acc>& S) {
+    for (int64_t x = 0; x < n; ++x) {
+      const T* dox = row<T>(dout, b, c0 + x, h);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      S.right_mul_add(info.entry_weight(x), dox, acc.data());
+      for (int64_t y = 0; y <= x; ++y) {
+        const Acc w = info.pair_weight(x, y);
+        if (w == Acc(0)) continue;
+        const Acc a = w * dot<Acc>(dox, row<T>(p.v, b, c0 + y, h), dv);
+        const T* ky = row<T>(p.k, b, c0 + y, h);
+        for (int64_t i = 0; i < dk; ++i) acc[i] += a * static_cast<Acc>(ky[i]);
       }
+      T* dqx = row<T>(dq, b, c0 + x, h);
+      const T* qx = row<T>(p.q, b, c0 + x, h);
+      Acc qdot = 0;
+      for (int64_t i = 0; i < dk; ++i) {
+        const Acc g = p.scale * acc[i];
+        dqx[i] = static_cast<T>(g);
+        qdot += static_cast<Acc>(qx[i]) * g;
+      }
+      if (q_dot_dq) store_real(q_dot_dq, p.decay.dtype, bth_index(p, b, c0 + x, h), qdot);
     }
-  }
+  };
+  forward_state_scan<T>(p, part, initial_state, info, dq_rows, [](int64_t, int64_t, const State<Acc>&) {});
 }
 
 template <typename T>

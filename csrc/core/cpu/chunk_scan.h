@@ -2,6 +2,7 @@
 // bookkeeping (cumulative log decay and document segments) that every pass uses.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -148,6 +149,34 @@ inline double load_real(const void* base, ScalarType type, int64_t index) {
 inline int64_t bh_index(const AttentionParams& p, int64_t b, int64_t h) { return b * p.heads + h; }
 inline int64_t bth_index(const AttentionParams& p, int64_t b, int64_t t, int64_t h) {
   return (b * p.seqlen + t) * p.heads + h;
+}
+
+// The forward scan that chunk_forward and chunk_backward_dq share (one walk, so the two
+// passes cannot disagree on the state a chunk sees): for every (b, h) in order, S starts
+// from initial_state (null: zero) and is carried through part's chunks. At chunk
+// [c0, c0 + n), info is computed for it and at_chunk(b, h, c0, n, S) runs with S the
+// state entering the chunk; after the last chunk, at_end(b, h, S).
+template <typename T, typename Acc, typename AtChunk, typename AtEnd>
+void forward_state_scan(const AttentionParams& p, TokenRange part, const float* initial_state,
+                        ChunkInfo<Acc>& info, AtChunk&& at_chunk, AtEnd&& at_end) {
+  const int64_t dk = p.dim_k, dv = p.dim_v;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      State<Acc> S(dk, dv);
+      S.load(initial_state ? initial_state + bh_index(p, b, h) * dk * dv : nullptr);
+      for (int64_t c0 = part.begin; c0 < part.end; c0 += p.chunk_size) {
+        const int64_t n = std::min<int64_t>(p.chunk_size, part.end - c0);
+        info.compute(p, b, h, c0, n);
+        at_chunk(b, h, c0, n, static_cast<const State<Acc>&>(S));
+        S.scale(info.through_weight());
+        for (int64_t y = 0; y < n; ++y) {
+          const Acc w = info.exit_weight(y);
+          if (w != Acc(0)) S.add_outer(w, row<T>(p.k, b, c0 + y, h), row<T>(p.v, b, c0 + y, h));
+        }
+      }
+      at_end(b, h, static_cast<const State<Acc>&>(S));
+    }
+  }
 }
 
 }  // namespace lasp2::cpu

@@ -15,38 +15,26 @@ void chunk_forward(const AttentionParams& p, TokenRange part, const float* initi
   const int64_t dk = p.dim_k, dv = p.dim_v;
   std::vector<Acc> acc(dv);
   ChunkInfo<Acc> info;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.heads; ++h) {
-      State<Acc> S(dk, dv);
-      S.load(initial_state ? initial_state + bh_index(p, b, h) * dk * dv : nullptr);
-      for (int64_t c0 = part.begin; c0 < part.end; c0 += p.chunk_size) {
-        const int64_t n = std::min<int64_t>(p.chunk_size, part.end - c0);
-        info.compute(p, b, h, c0, n);
-        if (o.data != nullptr) {
-          for (int64_t x = 0; x < n; ++x) {
-            const T* qx = row<T>(p.q, b, c0 + x, h);
-            std::fill(acc.begin(), acc.end(), Acc(0));
-            S.left_mul_add(info.entry_weight(x), qx, acc.data());  // inter-chunk part
-            for (int64_t y = 0; y <= x; ++y) {                     // intra-chunk part
-              const Acc w = info.pair_weight(x, y);
-              if (w == Acc(0)) continue;
-              const Acc a = w * dot<Acc>(qx, row<T>(p.k, b, c0 + y, h), dk);
-              const T* vy = row<T>(p.v, b, c0 + y, h);
-              for (int64_t j = 0; j < dv; ++j) acc[j] += a * static_cast<Acc>(vy[j]);
-            }
-            T* ox = row<T>(o, b, c0 + x, h);
-            for (int64_t j = 0; j < dv; ++j) ox[j] = static_cast<T>(p.scale * acc[j]);
-          }
-        }
-        S.scale(info.through_weight());
-        for (int64_t y = 0; y < n; ++y) {
-          const Acc w = info.exit_weight(y);
-          if (w != Acc(0)) S.add_outer(w, row<T>(p.k, b, c0 + y, h), row<T>(p.v, b, c0 + y, h));
-        }
+  auto outputs = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const State<Acc>& S) {
+    if (o.data == nullptr) return;
+    for (int64_t x = 0; x < n; ++x) {
+      const T* qx = row<T>(p.q, b, c0 + x, h);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      S.left_mul_add(info.entry_weight(x), qx, acc.data());  // inter-chunk part
+      for (int64_t y = 0; y <= x; ++y) {                     // intra-chunk part
+        const Acc w = info.pair_weight(x, y);
+        if (w == Acc(0)) continue;
+        const Acc a = w * dot<Acc>(qx, row<T>(p.k, b, c0 + y, h), dk);
+        const T* vy = row<T>(p.v, b, c0 + y, h);
+        for (int64_t j = 0; j < dv; ++j) acc[j] += a * static_cast<Acc>(vy[j]);
       }
-      if (final_state) S.store(final_state + bh_index(p, b, h) * dk * dv);
+      T* ox = row<T>(o, b, c0 + x, h);
+      for (int64_t j = 0; j < dv; ++j) ox[j] = static_cast<T>(p.scale * acc[j]);
     }
-  }
+  };
+  forward_state_scan<T>(p, part, initial_state, info, outputs, [&](int64_t b, int64_t h, const State<Acc>& S) {
+    if (final_state) S.store(final_state + bh_index(p, b, h) * dk * dv);
+  });
 }
 
 void part_log_decay(const AttentionParams& p, TokenRange part, float* log_decay) {

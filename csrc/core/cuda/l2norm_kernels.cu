@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_utils.cuh"
 #include "l2norm_kernels.h"
 #include "launch.h"
 
@@ -33,19 +34,18 @@ struct AccOf<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
+// To and from the accumulator: fp32 / fp16 / bf16 through device_utils.cuh's to_float and
+// from_float (the conversions every CUDA kernel uses), double as itself.
 __device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ float to_acc(T x) {
+  return to_float<T>(x);
+}
 
 template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ T from_acc(float x) {
+  return from_float<T>(x);
+}
 template <typename T>
 __device__ __forceinline__ T from_acc(double x);
 template <>
@@ -98,6 +98,23 @@ __device__ __forceinline__ bool locate(const KernelArgs& a, int64_t global_row, 
   return true;
 }
 
+// The four kernels address rows and lanes the same way; these helpers say it once. (The
+// register kernels' lane setup and output loop stay written out in each: as helpers,
+// nvcc compiles them to different PTX, so the change would not be provably neutral.)
+// The index of this thread's group of `group` lanes in the grid (a group owns a row).
+__device__ __forceinline__ int64_t group_index(int group) {
+  return (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / group;
+}
+// Element 0 of row p of a tensor with element strides s.
+template <typename T>
+__device__ __forceinline__ T* row_ptr(void* base, const int64_t* s, const RowPos& p) {
+  return static_cast<T*>(base) + offset_of(s, p.b, p.t, p.h);
+}
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const void* base, const int64_t* s, const RowPos& p) {
+  return static_cast<const T*>(base) + offset_of(s, p.b, p.t, p.h);
+}
+
 // Sum over the group of G lanes (every lane of the warp takes part: G is uniform).
 template <typename Acc>
 __device__ __forceinline__ Acc group_sum(Acc v, int group) {
@@ -112,13 +129,13 @@ __global__ void __launch_bounds__(kThreads) l2norm_forward_regs(const KernelArgs
   const int group = a.group;
   const int sub = threadIdx.x & (group - 1);
   RowPos p;
-  const bool valid = locate(a, (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / group, p);
+  const bool valid = locate(a, group_index(group), p);
   const RowView v = p.which ? a.t[1] : a.t[0];
   const int packs = a.dim / V;
   P x[kMaxIters];
   Acc sum = 0;
   const P* in = nullptr;
-  if (valid) in = reinterpret_cast<const P*>(static_cast<const T*>(v.in) + offset_of(v.in_s, p.b, p.t, p.h));
+  if (valid) in = reinterpret_cast<const P*>(row_ptr<T>(v.in, v.in_s, p));
 #pragma unroll
   for (int i = 0; i < kMaxIters; ++i) {
     const int c = i * group + sub;
@@ -134,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) l2norm_forward_regs(const KernelArgs
   sum = group_sum(sum, group);
   if (!valid) return;
   const Acc rstd = inv_sqrt(sum + static_cast<Acc>(a.eps));
-  P* out = reinterpret_cast<P*>(static_cast<T*>(v.out) + offset_of(v.out_s, p.b, p.t, p.h));
+  P* out = reinterpret_cast<P*>(row_ptr<T>(v.out, v.out_s, p));
 #pragma unroll
   for (int i = 0; i < kMaxIters; ++i) {
     const int c = i * group + sub;
@@ -155,15 +172,15 @@ __global__ void __launch_bounds__(kThreads) l2norm_backward_regs(const KernelArg
   const int group = a.group;
   const int sub = threadIdx.x & (group - 1);
   RowPos p;
-  const bool valid = locate(a, (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / group, p);
+  const bool valid = locate(a, group_index(group), p);
   const RowView v = p.which ? a.t[1] : a.t[0];
   const int packs = a.dim / V;
   P dy[kMaxIters], y[kMaxIters];
   Acc dot = 0;
   const P *din = nullptr, *yin = nullptr;
   if (valid) {
-    din = reinterpret_cast<const P*>(static_cast<const T*>(v.in) + offset_of(v.in_s, p.b, p.t, p.h));
-    yin = reinterpret_cast<const P*>(static_cast<const T*>(v.aux) + offset_of(v.aux_s, p.b, p.t, p.h));
+    din = reinterpret_cast<const P*>(row_ptr<T>(v.in, v.in_s, p));
+    yin = reinterpret_cast<const P*>(row_ptr<T>(v.aux, v.aux_s, p));
   }
 #pragma unroll
   for (int i = 0; i < kMaxIters; ++i) {
@@ -178,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) l2norm_backward_regs(const KernelArg
   dot = group_sum(dot, group);
   if (!valid) return;
   const Acc rstd = static_cast<const Acc*>(v.rstd)[p.r];
-  P* out = reinterpret_cast<P*>(static_cast<T*>(v.out) + offset_of(v.out_s, p.b, p.t, p.h));
+  P* out = reinterpret_cast<P*>(row_ptr<T>(v.out, v.out_s, p));
 #pragma unroll
   for (int i = 0; i < kMaxIters; ++i) {
     const int c = i * group + sub;
@@ -197,9 +214,9 @@ __global__ void __launch_bounds__(kThreads) l2norm_forward_loop(const KernelArgs
   using Acc = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
   RowPos p;
-  if (!locate(a, (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32, p)) return;  // whole warps
+  if (!locate(a, group_index(32), p)) return;  // whole warps
   const RowView v = p.which ? a.t[1] : a.t[0];
-  const T* in = static_cast<const T*>(v.in) + offset_of(v.in_s, p.b, p.t, p.h);
+  const T* in = row_ptr<T>(v.in, v.in_s, p);
   Acc sum = 0;
   for (int d = lane; d < a.dim; d += 32) {
     const Acc f = to_acc(in[d]);
@@ -207,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) l2norm_forward_loop(const KernelArgs
   }
   sum = group_sum(sum, 32);
   const Acc rstd = inv_sqrt(sum + static_cast<Acc>(a.eps));
-  T* out = static_cast<T*>(v.out) + offset_of(v.out_s, p.b, p.t, p.h);
+  T* out = row_ptr<T>(v.out, v.out_s, p);
   for (int d = lane; d < a.dim; d += 32) out[d] = from_acc<T>(to_acc(in[d]) * rstd);
   if (lane == 0) static_cast<Acc*>(v.rstd)[p.r] = rstd;
 }
@@ -217,15 +234,15 @@ __global__ void __launch_bounds__(kThreads) l2norm_backward_loop(const KernelArg
   using Acc = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
   RowPos p;
-  if (!locate(a, (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32, p)) return;
+  if (!locate(a, group_index(32), p)) return;
   const RowView v = p.which ? a.t[1] : a.t[0];
-  const T* dy = static_cast<const T*>(v.in) + offset_of(v.in_s, p.b, p.t, p.h);
-  const T* y = static_cast<const T*>(v.aux) + offset_of(v.aux_s, p.b, p.t, p.h);
+  const T* dy = row_ptr<T>(v.in, v.in_s, p);
+  const T* y = row_ptr<T>(v.aux, v.aux_s, p);
   Acc dot = 0;
   for (int d = lane; d < a.dim; d += 32) dot += to_acc(dy[d]) * to_acc(y[d]);
   dot = group_sum(dot, 32);
   const Acc rstd = static_cast<const Acc*>(v.rstd)[p.r];
-  T* out = static_cast<T*>(v.out) + offset_of(v.out_s, p.b, p.t, p.h);
+  T* out = row_ptr<T>(v.out, v.out_s, p);
   for (int d = lane; d < a.dim; d += 32) out[d] = from_acc<T>(rstd * (to_acc(dy[d]) - to_acc(y[d]) * dot));
 }
 

@@ -22,6 +22,11 @@
 //     in the same order as the per-tile butterfly);
 //   * the dg warp (kDgWarp) is one without a score block (warp 7 at D = 128, 4 at
 //     D = 64), not warp 0, whose scheduler also runs 3 of the 10 score blocks.
+// Session 14 (docs/kernels.md; measured, then removed): the dk / dv stores through one
+// 64-bit row pointer per token tile without a test per store, an exact 2-instruction bf16
+// unpack and the dS tile written by stmatrix executed 13-15% fewer instructions and ran
+// 0.6% slower (822.8 -> 827.5 / 828.3 us at 64K tokens on an H200): the chunk step is
+// bound by the latency of its shared-memory loads and by the L1 pipe, not by issue.
 // Every output element is computed with the same operations in the same order as by
 // the 16-row warps it replaced (the same bits; compared on an H200 before their
 // removal). Below, "rows [16r, +16)" means the warp's 16 RM rows. Per chunk:

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -52,8 +53,27 @@ class EnvGuard {
   std::string old_;
 };
 
+// f() with `name` set to `value` (EnvGuard's meaning) for the call: the tests that
+// compare a path with the one a knob turns back on (`want = with_env("LASP2_DELTA_CHUNKED",
+// "0", run)`) read as one line instead of a scope around an assignment.
+template <typename F>
+auto with_env(const char* name, const std::string& value, F&& f) {
+  const EnvGuard guard(name, value);
+  return f();
+}
+
 inline void cuda_ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// The tolerances of the scalar family's CUDA tests (kernels and schedule) against the
+// float64 CPU reference: per input dtype, and for dg (a sum over the part's n tokens)
+// growing with sqrt(n / 64).
+inline double tol_of(ScalarType t) {
+  return t == ScalarType::kFloat32 ? 1e-4 : t == ScalarType::kFloat16 ? 3e-3 : 1e-2;
+}
+inline double tol_dg(ScalarType t, int64_t n) {
+  return 4 * tol_of(t) * std::sqrt(std::max<double>(1.0, n / 64.0));
 }
 
 inline const char* dtype_name(ScalarType t) {

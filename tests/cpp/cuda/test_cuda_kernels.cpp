@@ -30,13 +30,6 @@
 namespace lasp2::testing {
 namespace {
 
-double tol_of(ScalarType t) {
-  return t == ScalarType::kFloat32 ? 1e-4 : t == ScalarType::kFloat16 ? 3e-3 : 1e-2;
-}
-double tol_dg(ScalarType t, int64_t n) {
-  return 4 * tol_of(t) * std::sqrt(std::max<double>(1.0, n / 64.0));
-}
-
 struct OpCase {
   std::string name;
   ScalarType dtype = ScalarType::kBFloat16;

@@ -110,6 +110,27 @@ DeltaSpec gdn_spec(int d, int64_t seqlen, int64_t batch) {
   return spec;
 }
 
+// max |a - b| / max |b| over tokens [part.begin, part.end) of every batch row of
+// [batch][seqlen][row] tensors (row values a token), every value there finite; `what`
+// names the tensor in a failure. The chunked-vs-recurrent comparisons (DeltaCudaChunked,
+// DeltaCudaDocStates forward and backward) share it.
+double rel_in_part(const std::vector<double>& a, const std::vector<double>& b, TokenRange part, int64_t batch,
+                   int64_t seqlen, int64_t row, const char* what) {
+  double num = 0, den = 0;
+  int64_t bad = 0;
+  for (int64_t bi = 0; bi < batch; ++bi)
+    for (int64_t i = (bi * seqlen + part.begin) * row; i < (bi * seqlen + part.end) * row; ++i) {
+      if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
+        ++bad;
+        continue;
+      }
+      num = std::max(num, std::abs(a[i] - b[i]));
+      den = std::max(den, std::abs(b[i]));
+    }
+  EXPECT_EQ(bad, 0) << what << ": not finite inside the part";
+  return den > 0 ? num / den : num;
+}
+
 // -inf log gates (the state forgotten) at `tokens` of every row and head.
 void forget_at(DeltaProblem<float>& pr, std::initializer_list<int64_t> tokens) {
   const DeltaSpec& spec = pr.spec;
@@ -399,12 +420,7 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
     }
     return r;
   };
-  const ChunkedResult got = run();
-  ChunkedResult want;
-  {
-    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-    want = run();
-  }
+  const ChunkedResult got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
   // the chunked kernels' state products take 16-bit operands (the state entering each
   // chunk, its leaving gradient, T, v_new, dU and dB are rounded to the input dtype, as
   // in fla's chunk kernels), so dg, dbeta and the entering-state gradient are sums of
@@ -412,22 +428,8 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3, tol_state = 5e-3;
   // max |got - want| / max |want| over the part's rows (the 16-bit outputs are
   // poisoned outside it); elements inside it must be finite
-  const int64_t part_elems = (part.end - part.begin) * spec.heads * spec.dim_v;
   auto rel = [&](const std::vector<double>& a, const std::vector<double>& b, const char* name) {
-    double num = 0, den = 0;
-    int64_t bad = 0;
-    for (int64_t b_ = 0; b_ < spec.batch; ++b_)
-      for (int64_t i = 0; i < part_elems; ++i) {
-        const size_t e = static_cast<size_t>((b_ * spec.seqlen + part.begin) * spec.heads * spec.dim_v + i);
-        if (!std::isfinite(a[e]) || !std::isfinite(b[e])) {
-          ++bad;
-          continue;
-        }
-        num = std::max(num, std::abs(a[e] - b[e]));
-        den = std::max(den, std::abs(b[e]));
-      }
-    EXPECT_EQ(bad, 0) << name << ": not finite inside the part";
-    return den > 0 ? num / den : num;
+    return rel_in_part(a, b, part, spec.batch, spec.seqlen, spec.heads * spec.dim_v, name);
   };
   EXPECT_EQ(got.o_written, want.o_written) << "o written where the recurrent kernels write";
   EXPECT_LT(rel(got.o, want.o, "o"), tol_io) << "o";
@@ -1435,12 +1437,7 @@ TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
     gpu.part_summary(dp, part, DocStates{}, gA.p, gM.p, ghA.p, ghM.p, nullptr);
     return Maps{gA.download(), gM.download(), ghA.download(), ghM.download()};
   };
-  const Maps got = summary();
-  Maps want;
-  {
-    const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-    want = summary();
-  }
+  const Maps got = summary(), want = with_env("LASP2_DELTA_CHUNKED", "0", summary);
   const double tol = 5e-3;
   EXPECT_LT(rel_err_f32(got.A, want.A), tol) << "A";
   EXPECT_LT(rel_err_f32(got.M, want.M), tol) << "M";
@@ -1799,15 +1796,19 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
   }
 }
 
-// The early chunk backward (the default: dB kept in shared memory and dk's first terms in
-// registers instead of the hand-over through dq's and dk's rows, h loaded as soon as dU
-// is formed) against the lean kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=lean): the same
+// The early chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=early: dB kept in shared memory
+// and dk's first terms in registers instead of the hand-over through dq's and dk's rows,
+// h loaded as soon as dU is formed) against the lean kernel (=lean): the same
 // products in the same order with dk's first terms rounded to 16 bits as the hand-over
 // rounds them, so dq, dk and dv must be equal bit for bit; dg and dbeta up to the order
 // of their shared-memory atomics and one fp32 rounding (the gate terms of P o (dO U^T)
 // multiply in another order). d = 128 and 64, rows and packed documents with a -inf gate
 // inside a chunk, a part starting at token 37 and ending mid-chunk, an entering state and
-// a leaving gradient; fp16 too, and a part of one partial chunk.
+// a leaving gradient; fp16 too, and a part of one partial chunk. The sums form (the
+// default since the fourteenth round, unset and named: early with the gate gradients'
+// shared-memory sums gathered into fewer compare-and-swap loops and h stored into its
+// tile from the registers that formed <dh, h> instead of read again) forms the same
+// products in the same order, so it is held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1846,9 +1847,9 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
       g.download(r);
       return r;
     };
-    // the default twice (unset and named), so that the default is the early kernel
+    // the default twice (unset and named), so that the default is the sums kernel
     const Grads lean = run("lean");
-    for (const char* kernel : {"", "early"}) {
+    for (const char* kernel : {"", "sums", "early"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
       const Grads early = run(kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
@@ -1951,29 +1952,10 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
       r.finals0.resize(D);
       return r;
     };
-    const Result got = run();
-    Result want;
-    {
-      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-      want = run();
-    }
-    auto rel_part = [&](const std::vector<double>& a, const std::vector<double>& b) {
-      double num = 0, den = 0;
-      int64_t bad = 0;
-      const int64_t row = spec.heads * spec.dim_v;
-      for (int64_t i = part.begin * row; i < part.end * row; ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
-          ++bad;
-          continue;
-        }
-        num = std::max(num, std::abs(a[i] - b[i]));
-        den = std::max(den, std::abs(b[i]));
-      }
-      EXPECT_EQ(bad, 0) << "o not finite inside the part";
-      return den > 0 ? num / den : num;
-    };
+    const Result got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
     EXPECT_EQ(got.o_written, want.o_written) << "o written where the recurrent kernels write";
-    EXPECT_LT(rel_part(got.o, want.o), tol_io) << "o";
+    EXPECT_LT(rel_in_part(got.o, want.o, part, spec.batch, spec.seqlen, spec.heads * spec.dim_v, "o"), tol_io)
+        << "o";
     EXPECT_EQ(delta::testing::max_abs(got.A), 0.0) << "a part with a document start has A = 0 exactly";
     EXPECT_LT(rel_err_f32(got.M, want.M), tol_state) << "M";
     EXPECT_LT(rel_err_f32(got.hA, want.hA), 5e-3) << "head A";
@@ -2034,32 +2016,15 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
       r.dI.resize(D);
       return r;
     };
-    const BwdResult got = run();
-    BwdResult want;
-    {
-      const EnvGuard off("LASP2_DELTA_CHUNKED", "0");
-      want = run();
-    }
+    const BwdResult got = run(), want = with_env("LASP2_DELTA_CHUNKED", "0", run);
     // as DeltaCudaChunked: 16-bit state operands in the chunked passes
     const double tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
-    auto rel_rows = [&](const std::vector<double>& a, const std::vector<double>& b, int64_t dim) {
-      double num = 0, den = 0;
-      int64_t bad = 0;
-      const int64_t row = spec.heads * dim;
-      for (int64_t i = part.begin * row; i < part.end * row; ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) {
-          ++bad;
-          continue;
-        }
-        num = std::max(num, std::abs(a[i] - b[i]));
-        den = std::max(den, std::abs(b[i]));
-      }
-      EXPECT_EQ(bad, 0) << "gradient not finite inside the part";
-      return den > 0 ? num / den : num;
-    };
-    EXPECT_LT(rel_rows(got.dq, want.dq, spec.dim_k), tol_io) << "dq";
-    EXPECT_LT(rel_rows(got.dk, want.dk, spec.dim_k), tol_io) << "dk";
-    EXPECT_LT(rel_rows(got.dv, want.dv, spec.dim_v), tol_io) << "dv";
+    EXPECT_LT(rel_in_part(got.dq, want.dq, part, spec.batch, spec.seqlen, spec.heads * spec.dim_k, "dq"), tol_io)
+        << "dq";
+    EXPECT_LT(rel_in_part(got.dk, want.dk, part, spec.batch, spec.seqlen, spec.heads * spec.dim_k, "dk"), tol_io)
+        << "dk";
+    EXPECT_LT(rel_in_part(got.dv, want.dv, part, spec.batch, spec.seqlen, spec.heads * spec.dim_v, "dv"), tol_io)
+        << "dv";
     EXPECT_LT(rel_err_f32(got.dg, want.dg), tol_sum) << "dg";
     EXPECT_LT(rel_err_f32(got.db, want.db), tol_sum) << "dbeta";
     EXPECT_LT(rel_err_f32(got.dI, want.dI), tol_sum) << "d_initial";

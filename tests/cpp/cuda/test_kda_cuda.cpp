@@ -183,12 +183,7 @@ TEST_P(DeltaCudaKdaChunked, MatchesRecurrentAndCpu) {
     r.E = E.download();
     return r;
   };
-  const KdaResult got = run();
-  KdaResult want;
-  {
-    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED", "0");
-    want = run();
-  }
+  const KdaResult got = run(), want = with_env("LASP2_DELTA_KDA_CHUNKED", "0", run);
   // o in the input dtype; the maps are fp32 sums of products whose operands (T, w, kd,
   // v_new, the carried state) are rounded to the input dtype, as in the GDN chunk maps
   const double tol_io = 1e-2, tol_map = 5e-3;
@@ -290,12 +285,7 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
   const DevBuf<float> d_entering = to_device_f32(entering), d_leaving = to_device_f32(leaving);
 
   auto run = [&]() { return kda_device_backward(pr, dev(), c.type, lay, part, d_entering, d_leaving); };
-  const KdaGrads got = run();
-  KdaGrads want;
-  {
-    const EnvGuard off("LASP2_DELTA_KDA_CHUNKED_BWD", "0");
-    want = run();
-  }
+  const KdaGrads got = run(), want = with_env("LASP2_DELTA_KDA_CHUNKED_BWD", "0", run);
   // as GDN's chunked backward: 16-bit outputs at 1e-2; dg, dbeta and the entering-state
   // gradient are fp32 sums of products of 16-bit operands (h, dh, T, v_new, dU, dB, the
   // scaled sub-chunk tiles): 1e-2 in bfloat16, 2e-3 in float16

@@ -35,6 +35,37 @@ std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
          (c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed" : "_rows");
 }
 
+// The six token tensors the ranks of every schedule produce (o and the gradients), put
+// together in global token order and compared with the float64 recurrence: one
+// definition for the tests of both schedules.
+struct TokenOutputs {
+  std::vector<double> o, dq, dk, dv, dg, db;
+  explicit TokenOutputs(const DeltaReference& ref)
+      : o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()), dg(ref.dg.size()),
+        db(ref.dbeta.size()) {}
+  // A rank's part (its local tensors; gk gate values a token and head); the caller holds
+  // the lock that serialises the ranks.
+  void put(const PartLayout& layout, const DeltaSpec& s, int64_t gk, const std::vector<double>& lo,
+           const std::vector<double>& ldq, const std::vector<double>& ldk, const std::vector<double>& ldv,
+           const std::vector<double>& ldg, const std::vector<double>& ldb) {
+    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
+    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
+    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
+    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+  }
+  // Summaries travel in fp32, so fp64 inputs agree to fp32 rounding.
+  void expect_match(const DeltaReference& ref) const {
+    EXPECT_LT(rel_error(o, ref.o), 1e-5);
+    EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
+    EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
+    EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
+    EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
+    EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+  }
+};
+
 // The document ending at the end of each global part's head (-1: no start inside).
 std::vector<int64_t> head_docs(const DeltaProblem<double>& global, int parts) {
   const int64_t n = global.spec.seqlen / parts;
@@ -65,8 +96,8 @@ void run_with_states(const SpCase& c, bool ring) {
   const int64_t N = s.num_docs(), D = N * s.heads * s.dim_k * s.dim_v;
   const int parts_per_rank = c.balanced ? 2 : 1;
 
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
-  std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size()), d_initial(D, 0.0);
+  TokenOutputs got(ref);
+  std::vector<double> d_initial(D, 0.0);
   std::vector<std::vector<float>> finals(c.world);
   std::mutex mu;
   const double weight_sum = c.world * (c.world + 1) / 2.0;
@@ -128,22 +159,11 @@ void run_with_states(const SpCase& c, bool ring) {
     EXPECT_EQ(comm.collectives(), 2);
 
     std::lock_guard<std::mutex> lock(mu);
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
-    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
     for (int64_t e = 0; e < D; ++e) d_initial[e] += ldi[e];
     finals[rank] = lfinals;
   });
-  // Summaries travel in fp32, so fp64 inputs agree to fp32 rounding.
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
-  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+  got.expect_match(ref);  // the states too agree to fp32 rounding
   EXPECT_LT(rel_error(d_initial, ref.d_initial), 1e-5);
   for (int r = 0; r < c.world; ++r) EXPECT_LT(rel_error(finals[r], ref.finals), 1e-5) << "rank " << r;
 }
@@ -189,8 +209,7 @@ TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
   std::fill(global.initial.begin(), global.initial.end(), 0.f);
   std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
   const DeltaReference ref = delta_reference(global);
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
-  std::vector<double> dg(ref.dg.size()), db(ref.dbeta.size());
+  TokenOutputs got(ref);
   std::mutex mu;
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = PartLayout::contiguous(c.world, rank);
@@ -213,19 +232,9 @@ TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
     lasp1_forward(fwd, &comm, layout, saved, fws.data(), nullptr);
     lasp1_backward(bwd, &comm, layout, saved, bws.data(), nullptr);
     std::lock_guard<std::mutex> lock(mu);
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
-    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
   });
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
-  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+  got.expect_match(ref);
 }
 
 std::vector<SpCase> ring_cases() {

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import lasp2
 from lasp2.distributed.collectives import TORCH_COLLECTIVES, Collectives
 from lasp2_testing.checks import assert_rel, expect_value_error
-from lasp2_testing.delta_inputs import delta_rule_inputs
+from lasp2_testing.delta_inputs import check_ranks_equal_one_process, delta_rule_inputs
 from lasp2_testing.dist import run_distributed
 
 H = 4
@@ -43,32 +43,9 @@ def _op(kind):
 
 
 def check_config(rank, world, group, kind, split, packed, seed):
-    op = _op(kind)
-    q, k, v, do, g, beta, cu, h0, dF = global_inputs(world, kind, packed, seed)
-    kw = dict(scale=0.8, output_final_state=True, cu_seqlens=cu)
-
-    full = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-    o_full, final_full = op(*full[:5], initial_state=full[5], **kw)
-    grads_full = torch.autograd.grad((o_full * do).sum() + (final_full * dF).sum(), full)
-
-    local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)  # noqa: E731
-    leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
-    h0_local = h0.clone().requires_grad_()
-    o, final = op(*leaves, initial_state=h0_local, group=group, split=split, provider="ulysses", **kw)
+    inputs = global_inputs(world, kind, packed, seed)
     what = f"ulysses P={world} {kind} {split} packed={packed} rank {rank}"
-    assert o.shape == leaves[2].shape and final.shape == h0.shape and final.dtype == h0.dtype
-    assert_rel(o, local(o_full), 1e-5, f"o, {what}")
-    assert_rel(final, final_full, 1e-5, f"final state, {what}")
-    # each rank's loss uses its own output rows and a share of the final-state loss
-    weight = (rank + 1) / (world * (world + 1) / 2)
-    loss = (o * local(do)).sum() + (final * dF * weight).sum()
-    grads = torch.autograd.grad(loss, leaves + [h0_local])
-    for name, got, want in zip(("q", "k", "v", "g", "beta"), grads, grads_full):
-        assert got.dtype == want.dtype and got.shape == local(want).shape
-        assert_rel(got, local(want), 1e-5, f"d{name}, {what}")
-    d_h0 = grads[5].clone()
-    dist.all_reduce(d_h0, group=group)  # the data/context-parallel gradient reduction
-    assert_rel(d_h0, grads_full[5], 1e-5, f"d initial_state (summed), {what}")
+    check_ranks_equal_one_process(_op(kind), inputs, group, rank, world, split, "ulysses", what)
 
 
 def check_variants(rank, world, group):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lasp2
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import linear_attention_reference
-from lasp2_testing.checks import assert_sp_matches
+from lasp2_testing.checks import assert_sp_matches, expect_value_error
 
 CONFIGS = [
     # (mode, split, with cu_seqlens, dtype, overlap)
@@ -88,12 +88,8 @@ def check_mismatch(rank, world):
     group = dist.group.WORLD
     T = 8 if rank == 0 else 6  # rank 1 disagrees on its local length
     q = torch.randn(1, T, 2, 4)
-    try:
-        lasp2.linear_attention(q, q, q, group=group)
-    except ValueError as exc:
-        assert "disagree on local sequence length" in str(exc), str(exc)
-    else:
-        raise AssertionError("mismatched ranks were not detected")
+    expect_value_error(lambda: lasp2.linear_attention(q, q, q, group=group),
+                       "disagree on local sequence length", "mismatched ranks were not detected")
 
 
 def test_mismatched_ranks_raise_instead_of_hanging():

@@ -17,7 +17,7 @@ from lasp2 import _bench  # communicator instruments (built with LASP2_BUILD_BEN
 from lasp2.distributed import Collectives, get_communicator
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import linear_attention_reference
-from lasp2_testing.checks import assert_rel, assert_sp_matches
+from lasp2_testing.checks import assert_rel, assert_sp_matches, expect_value_error
 
 PROVIDERS = ("lasp2", "lasp1", "ulysses")
 CONFIGS = [
@@ -163,26 +163,14 @@ def check_communication(rank, world, group):
 
 def check_errors(rank, world, group):
     q = torch.randn(1, 8, world + 1, 4)  # heads not divisible by the group size
-    try:
-        lasp2.linear_attention(q, q, q, group=group, provider="ulysses")
-    except ValueError as exc:
-        assert "must be divisible by the group size" in str(exc), str(exc)
-    else:
-        raise AssertionError("ulysses accepted heads not divisible by the group size")
+    expect_value_error(lambda: lasp2.linear_attention(q, q, q, group=group, provider="ulysses"),
+                       "must be divisible by the group size", "ulysses accepted heads not divisible by the group size")
     q = torch.randn(1, 8, 2 * world, 4)
-    try:
-        lasp2.linear_attention(q, q, q, group=group, split="balanced", provider="ulysses")
-    except ValueError as exc:
-        assert "contiguous\" only" in str(exc), str(exc)
-    else:
-        raise AssertionError("ulysses accepted the balanced split")
+    expect_value_error(lambda: lasp2.linear_attention(q, q, q, group=group, split="balanced", provider="ulysses"),
+                       "contiguous\" only", "ulysses accepted the balanced split")
     # ranks that disagree on the provider get an error instead of a hang
-    try:
-        lasp2.linear_attention(q, q, q, group=group, provider="lasp1" if rank == 0 else "lasp2")
-    except ValueError as exc:
-        assert "disagree on provider" in str(exc), str(exc)
-    else:
-        raise AssertionError("mismatched providers were not detected")
+    expect_value_error(lambda: lasp2.linear_attention(q, q, q, group=group, provider="lasp1" if rank == 0 else "lasp2"),
+                       "disagree on provider", "mismatched providers were not detected")
 
 
 def check_mixed_requires_grad(rank, world, group):

@@ -13,7 +13,7 @@ import lasp2
 from lasp2.distributed import TORCH_COLLECTIVES, Collectives
 from lasp2_testing.dist import run_distributed
 from lasp2_testing.reference import softmax_attention_reference
-from lasp2_testing.checks import assert_rel
+from lasp2_testing.checks import assert_rel, expect_value_error
 
 CONFIGS = [
     # (split, with cu_seqlens, dtype, backend, kv heads, layout, causal)
@@ -119,31 +119,18 @@ def check_mismatch(rank, world):
     kv_heads = 2 if rank == 0 else 1  # rank 1 disagrees on the K/V heads
     q = torch.randn(1, 8, 2, 4)
     k = torch.randn(1, 8, kv_heads, 4)
-    try:
-        lasp2.softmax_attention(q, k, k, group=group)
-    except ValueError as exc:
-        assert "disagree on key/value heads" in str(exc), str(exc)
-    else:
-        raise AssertionError("mismatched ranks were not detected")
+    expect_value_error(lambda: lasp2.softmax_attention(q, k, k, group=group),
+                       "disagree on key/value heads", "mismatched ranks were not detected")
     # and on the sequence split
-    try:
-        lasp2.softmax_attention(q, q, q, group=group, split="balanced" if rank == 0 else "contiguous")
-    except ValueError as exc:
-        assert "disagree on split" in str(exc), str(exc)
-    else:
-        raise AssertionError("mismatched splits were not detected")
+    split = "balanced" if rank == 0 else "contiguous"
+    expect_value_error(lambda: lasp2.softmax_attention(q, q, q, group=group, split=split), "disagree on split",
+                       "mismatched splits were not detected")
 
     # bad input that needs a group: raised on every rank before any collective
     odd = torch.randn(1, 7, 2, 4)
-    try:
-        lasp2.softmax_attention(odd, odd, odd, group=group, split="balanced")
-    except ValueError as exc:
-        assert "balanced split needs an even local sequence length, got 7" in str(exc), str(exc)
-    else:
-        raise AssertionError("odd local length with the balanced split was accepted")
-    try:  # cu_seqlens must describe the global sequence, not the local one
-        lasp2.softmax_attention(q, q, q, group=group, cu_seqlens=torch.tensor([0, 3, 8]))
-    except ValueError as exc:
-        assert "must end at the global sequence length 16" in str(exc), str(exc)
-    else:
-        raise AssertionError("a local cu_seqlens was accepted")
+    expect_value_error(lambda: lasp2.softmax_attention(odd, odd, odd, group=group, split="balanced"),
+                       "balanced split needs an even local sequence length, got 7",
+                       "odd local length with the balanced split was accepted")
+    # cu_seqlens must describe the global sequence, not the local one
+    expect_value_error(lambda: lasp2.softmax_attention(q, q, q, group=group, cu_seqlens=torch.tensor([0, 3, 8])),
+                       "must end at the global sequence length 16", "a local cu_seqlens was accepted")

@@ -165,6 +165,21 @@ def _compare(name, got, want, dtype, tol64=1e-9):
         raise AssertionError(f"{name}: relative error {err:.3g} > {tol}")
 
 
+def _compare_with_grads(o, ref, leaves, ref_leaves, grad, gen, dtype):
+    """o against its float64 reference and, with grad, dq, dk, dv for one dO drawn from
+    gen: the checks of linear_attention and softmax_attention (the delta rule's differ:
+    final states, its own tolerances)."""
+    import torch
+
+    _compare("o", o, ref.detach(), dtype)
+    if grad:
+        do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(o, leaves, do.to(dtype))
+        want = torch.autograd.grad(ref, ref_leaves, do)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            _compare(name, a, b, dtype)
+
+
 def _check_linear(c):
     import torch
     import torch.nn.functional as F
@@ -195,13 +210,7 @@ def _check_linear(c):
     o = to_layout(o)
     ref_leaves = [x.detach().double().requires_grad_(c["grad"]) for x in (q, k, v)]
     ref = recurrence_reference(*ref_leaves, g=g, decay=decay, scale=c["scale"], cu_seqlens=cu)
-    _compare("o", o, ref.detach(), dtype)
-    if c["grad"]:
-        do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-        got = torch.autograd.grad(o, leaves, do.to(dtype))
-        want = torch.autograd.grad(ref, ref_leaves, do)
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            _compare(name, a, b, dtype)
+    _compare_with_grads(o, ref, leaves, ref_leaves, c["grad"], gen, dtype)
     return "ok"
 
 
@@ -296,13 +305,7 @@ def _check_softmax(c):
     scale = c["scale"] if c["scale"] is not None else c["D"] ** -0.5
     ref_leaves = [x.detach().double().requires_grad_(c["grad"]) for x in (q, k, v)]
     ref = _softmax_reference(*ref_leaves, scale, c["causal"], c["cu"])
-    _compare("o", o, ref.detach(), dtype)
-    if c["grad"]:
-        do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-        got = torch.autograd.grad(o, leaves, do.to(dtype))
-        want = torch.autograd.grad(ref, ref_leaves, do)
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            _compare(name, a, b, dtype)
+    _compare_with_grads(o, ref, leaves, ref_leaves, c["grad"], gen, dtype)
     return "ok"
 
 

@@ -28,22 +28,9 @@
 
 namespace lasp2::delta::cpu {
 
-template <typename T>
-const T* row(ConstView view, int64_t b, int64_t t, int64_t h) {
-  return static_cast<const T*>(view.data) + view.stride.offset(b, t, h);
-}
-template <typename T>
-T* row(MutView view, int64_t b, int64_t t, int64_t h) {
-  return static_cast<T*>(view.data) + view.stride.offset(b, t, h);
-}
-
-inline void store_real(void* base, ScalarType type, int64_t index, double value) {
-  if (type == ScalarType::kFloat64) {
-    static_cast<double*>(base)[index] = value;
-  } else {
-    static_cast<float*>(base)[index] = static_cast<float>(value);
-  }
-}
+// Element access and per-token scalar stores as the scalar family's CPU kernels do them.
+using lasp2::cpu::row;
+using lasp2::cpu::store_real;
 
 // A token range [begin, end) of one batch row with no document start and no -inf
 // gate after begin.

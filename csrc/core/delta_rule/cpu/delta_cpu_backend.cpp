@@ -20,6 +20,21 @@ void dispatch_float(ScalarType type, F&& f) {
   dispatch_cpu_float(type, "CPU delta-rule kernels", std::forward<F>(f));
 }
 
+// acc = a xs (kTransposed: a^T xs) in double for one (b, h): a is [dk][dk], xs and acc
+// [dk][dv]; zero entries of a are skipped. apply_map and apply_map_transposed_add share it.
+// Each acc entry sums its terms in ascending m in both forms (the transposed form used to
+// walk m outside i, which adds the same terms to each entry in the same order).
+template <bool kTransposed>
+void map_product(const float* a, const float* xs, int64_t dk, int64_t dv, std::vector<double>& acc) {
+  std::fill(acc.begin(), acc.end(), 0.0);
+  for (int64_t i = 0; i < dk; ++i)
+    for (int64_t m = 0; m < dk; ++m) {
+      const double w = kTransposed ? a[m * dk + i] : a[i * dk + m];  // kTransposed: (a^T)_{i m}
+      if (w == 0.0) continue;
+      for (int64_t j = 0; j < dv; ++j) acc[i * dv + j] += w * xs[m * dv + j];
+    }
+}
+
 class DeltaCpuBackend final : public DeltaKernelBackend {
  public:
   Device device() const override { return Device::kCPU; }
@@ -57,15 +72,7 @@ class DeltaCpuBackend final : public DeltaKernelBackend {
                  int64_t dv, float* out, void*) const override {
     std::vector<double> acc(dk * dv);
     for (int64_t r = 0; r < bh; ++r) {
-      const float* a = A + r * dk * dk;
-      const float* xs = x + r * dk * dv;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = 0; i < dk; ++i)
-        for (int64_t m = 0; m < dk; ++m) {
-          const double w = a[i * dk + m];
-          if (w == 0.0) continue;
-          for (int64_t j = 0; j < dv; ++j) acc[i * dv + j] += w * xs[m * dv + j];
-        }
+      map_product<false>(A + r * dk * dk, x + r * dk * dv, dk, dv, acc);
       for (int64_t e = 0; e < dk * dv; ++e)
         out[r * dk * dv + e] = static_cast<float>(acc[e] + (y ? y[r * dk * dv + e] : 0.0));
     }
@@ -75,15 +82,7 @@ class DeltaCpuBackend final : public DeltaKernelBackend {
                                 int64_t dv, float* out, void*) const override {
     std::vector<double> acc(dk * dv);
     for (int64_t r = 0; r < bh; ++r) {
-      const float* a = A + r * dk * dk;
-      const float* xs = x + r * dk * dv;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t m = 0; m < dk; ++m)
-        for (int64_t i = 0; i < dk; ++i) {
-          const double w = a[m * dk + i];  // (A^T)_{i m}
-          if (w == 0.0) continue;
-          for (int64_t j = 0; j < dv; ++j) acc[i * dv + j] += w * xs[m * dv + j];
-        }
+      map_product<true>(A + r * dk * dk, x + r * dk * dv, dk, dv, acc);
       for (int64_t e = 0; e < dk * dv; ++e)
         out[r * dk * dv + e] = static_cast<float>(out[r * dk * dv + e] + acc[e]);
     }

@@ -428,8 +428,8 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
   FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(summary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;
@@ -600,8 +600,8 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
   FwdStateSmem<T, D, C, NS>& sm = *reinterpret_cast<FwdStateSmem<T, D, C, NS>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(summary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;
@@ -780,8 +780,8 @@ __global__ void __launch_bounds__(NT8, 2)
   TmaStateSmem<T, NS, C>& sm =
       *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(kSummary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;
@@ -824,15 +824,12 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
     }
   };
+  auto issue_own = [&](int c) {  // chunk c's u and meta into buffer c % NS
+    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
+    cm.issue(c, (c % NS) * sizeof(sm.meta[0]));
+  };
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) {
-      if (tid == 0) issue_tiles(i);
-      if (!amap) cu.issue(i, i * sizeof(sm.u[0]), CH);
-      cm.issue(i, i * sizeof(sm.meta[0]));
-    }
-    cp_async_commit();
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
     const int s = c % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's u and meta have landed
@@ -854,16 +851,9 @@ __global__ void __launch_bounds__(NT8, 2)
     mbar_wait(&sm.full[s], (c / NS) & 1);  // chunk c's w and K have landed
     // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
-    const int n = c + NS - 1;  // the chunk that refills buffer (c - 1) % NS
-    if (n < nck) {
-      if (tid == 0) issue_tiles(n);
-      if (!amap) cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
-      cm.issue(n, (n % NS) * sizeof(sm.meta[0]));
-    }
-    cp_async_commit();
-    if (st16 != nullptr)  // the chunk's 16-bit state from xb, 16 bytes a thread
-      *reinterpret_cast<uint4*>(st16 + static_cast<int64_t>(c) * se) =
-          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDC + 8 * (tid & 1));
+    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (c - 1) % NS
+    // the chunk's 16-bit state from xb
+    if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
     const float* meta = sm.meta[s];
     const T* u = sm.u[s];
     const float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
@@ -1111,13 +1101,7 @@ __global__ void __launch_bounds__(NT8)
     cm.issue(c, s * sizeof(sm.meta[0]));
   };
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) {
-      if (tid == 0) issue_tiles(i);
-      issue_own(i);
-    }
-    cp_async_commit();
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
@@ -1125,15 +1109,8 @@ __global__ void __launch_bounds__(NT8)
     mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
-    const int n = i + NS - 1;  // the step that refills buffer (i - 1) % NS
-    if (n < nck) {
-      if (tid == 0) issue_tiles(n);
-      issue_own(n);
-    }
-    cp_async_commit();
-    if (dh16 != nullptr)  // xb's rows, 16 bytes a thread
-      *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
-          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (i - 1) % NS
+    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
     const float* meta = sm.meta[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];

@@ -24,7 +24,7 @@ namespace {
 // The keys phase's tiles load into the values phase's as each one falls free (lean: q
 // over v, dO over dB, h over dh, dP over dA; dB goes out through dq's rows and comes
 // back over v_new once the scores are formed, dk's first terms through dk's, 16 bits, as
-// fla's two dk halves; early, the default: below, at the kernel's variants).
+// fla's two dk halves; early and sums, the default: below, at the kernel's variants).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -60,9 +60,10 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's two forms (LASP2_DELTA_CHUNK_BWD_KERNEL): early (twelfth round, the
-// default) and lean (ninth round, kept as its reference: the bit-equality test and the
-// timing A/B). The lean kernel hands dB from the values phase to the keys phase through
+// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
+// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
+// round, early's reference; both kept for the bit-equality test and the timing A/B).
+// The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
 // kernel writes dq and dk once: it keeps dB in its tile and dk's first terms in
 // registers, rounded to 16 bits as the hand-over through dk rounds them, so its dq, dk
@@ -73,8 +74,46 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // diag(d) U dh^T is formed next to dU (the fp32 fragments held in registers through dB
 // and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
 // and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
-// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round".)
+// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
+// and "..., fourteenth round".)
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
+
+// The sums form's shared-memory sums. A float atomicAdd on shared
+// memory is a compare-and-swap loop on sm_80 / sm_90 (LDS, FADD, ATOMS.CAST.SPIN, a
+// branch back: two dependent shared-memory round trips), and add_rows / add_cols run one
+// loop per fragment half or column pair with 4 or 8 lanes of the warp active: 35 loops a
+// warp in early. These give every lane one sum, so that one loop (all lanes, distinct
+// places) does the work of several: the same shuffled partial sums, each added once, in
+// another order (dg and dbeta move by fp32 roundings only).
+// A lane's pick of v[0..3] by i (registers, not an indexed local array).
+__device__ __forceinline__ float pick4(float v0, float v1, float v2, float v3, int i) {
+  return i == 0 ? v0 : i == 1 ? v1 : i == 2 ? v2 : v3;
+}
+// add_rows(da, va) and add_rows(db, vb) in one loop: lane 4 g + q adds row m0 + g +
+// 8 (q & 1) of da (q < 2) or of db (q >= 2); db null: da alone (lanes q < 2).
+__device__ __forceinline__ void add_rows_one(float* da, const float (&va)[2], float* db, const float (&vb)[2],
+                                             int m0, int lane) {
+  const float a0 = row_sum(va[0]), a1 = row_sum(va[1]);
+  const float b0 = db != nullptr ? row_sum(vb[0]) : 0.f, b1 = db != nullptr ? row_sum(vb[1]) : 0.f;
+  const int q = lane & 3;
+  if (q < 2 || db != nullptr)
+    atomicAdd((q < 2 ? da : db) + m0 + (lane >> 2) + 8 * (q & 1), pick4(a0, a1, b0, b1, q));
+}
+// add_cols<true>(dst, c, c0) for 4 n8 tiles in one loop: after col_sum every lane of
+// quad position q holds the sums of columns 8 j + 2 q + par; lane 4 g + q adds j = g / 2,
+// par = g % 2.
+__device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4][2], int c0, int lane) {
+  float s[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int par = 0; par < 2; ++par) s[2 * j + par] = col_sum(c[j][par]);
+  const int g = lane >> 2;
+  float v = s[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) v = g == i ? s[i] : v;
+  atomicAdd(dst + c0 + 8 * (g >> 1) + 2 * (lane & 3) + (g & 1), -v);
+}
 
 // The blocks that both kernels run alike, each on its own tiles (keys phase, early: dO
 // over v, q over U, dB in its own; lean: dO over dB, q over v, dB back over U), so that
@@ -83,7 +122,7 @@ __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(
 // dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
 // dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
 // here moves the kernel's PTX: see kz_terms).
-template <typename T, int D>
+template <typename T, int D, bool kSums = false>
 __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2], BwdSmem<T, D>& sm, const T* dO,
                                          const T* q, const Problem& p, int m0, int n0, int mw, int lane) {
   constexpr int LD = TcTile<D>::LD, NH = D / 16;
@@ -103,7 +142,11 @@ __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2],
       qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
     }
   }
-  add_rows(sm.dG, qd, m0, lane);
+  if constexpr (kSums) {
+    add_rows_one(sm.dG, qd, nullptr, qd, m0, lane);
+  } else {
+    add_rows(sm.dG, qd, m0, lane);
+  }
   mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
 }
 
@@ -144,7 +187,7 @@ __device__ __forceinline__ void store_rows(T* const (&at)[2], const float (&acc)
 // the two row vectors' room, the caller's: with local arrays here (allocas that, once
 // inlined, likely sit ahead of the kernel's own) the d = 64 kernels' PTX changed
 // (registers coalesced otherwise in the values phase), though the work was the same.
-template <typename T, int D>
+template <typename T, int D, bool kSums = false>
 __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2], float (&kzb)[2], float (&kzm)[2],
                                          int m0, int lane) {
 #pragma unroll
@@ -152,12 +195,26 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
     kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
     kzm[hf] = -kz[hf];
   }
-  add_rows(sm.dG, kzb, m0, lane);
-  add_rows(sm.db, kzm, m0, lane);
+  if constexpr (kSums) {
+    add_rows_one(sm.dG, kzb, sm.db, kzm, m0, lane);
+  } else {
+    add_rows(sm.dG, kzb, m0, lane);
+    add_rows(sm.db, kzm, m0, lane);
+  }
 }
 
-template <typename T, int D, bool kEarly>
+// sums (fourteenth round, the default): early with two changes. The gate gradients'
+// shared-memory sums run in 9 compare-and-swap loops a warp instead of 35 (add_rows_one,
+// add_cols_one_neg; dU's sum into the chunk's last token reduced over the warp first
+// instead of 16 lanes' loops on one place). And h is read once: the 32 KiB of h that
+// every thread loads into registers at the start for <dh, h> stay there until dh's tile
+// is free and are stored into it from the registers (early reads h from global memory a
+// second time, into that tile, by cp.async); <dh, h> is formed after dU and diag(d) U
+// dh^T, so that those products need not wait for h's loads. The products are early's in
+// the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the order of the sums.
+template <typename T, int D, bool kEarly, bool kSums>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
+  static_assert(kEarly || !kSums, "sums is a form of early");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -211,7 +268,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
-  {  // <dh, h> for the gate of the chunk's one-segment map
+  // <dh, h> for the gate of the chunk's one-segment map (sums: after dU and ud_terms)
+  auto dot_terms = [&] {
     float part = 0.f;
 #pragma unroll
     for (int i = 0; i < kDotVecs; ++i) {
@@ -227,7 +285,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
     if (lane == 0) atomicAdd(&sm.dot, part);
-  }
+  };
+  if constexpr (!kSums) dot_terms();
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
@@ -241,12 +300,15 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         const float2 uu = unpack2<T>(load_u32(sm.u + y * LD + col));
         cu[hf] += acc[j][2 * hf] * uu.x + acc[j][2 * hf + 1] * uu.y;
       }
+    [[maybe_unused]] float cs[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int y = m0 + (lane >> 2) + 8 * hf;
       const float d = sof(y) == sL ? bwd_exp(GL - Gof(y)) : 0.f;
       const float c = d * row_sum(cu[hf]);
-      if ((lane & 3) == 0) {
+      if constexpr (kSums) {
+        cs[hf] = c;
+      } else if ((lane & 3) == 0) {
         atomicAdd(sm.dG + y, -c);
         atomicAdd(sm.dG + CH - 1, c);
       }
@@ -258,13 +320,28 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         store_u32(at_x, pack2<T>(d * acc[j][2 * hf] - rr.x, d * acc[j][2 * hf + 1] - rr.y));
       }
     }
+    if constexpr (kSums) {
+      // one loop: lanes q = 0, 1 of each quad their rows' -c, lane 2 the warp's total of c
+      // into the last token (every lane of a quad holds its two rows' c)
+      const float total = col_sum(cs[0] + cs[1]);
+      const int q = lane & 3;
+      if (q < 2 || lane == 2)
+        atomicAdd(sm.dG + (q < 2 ? m0 + (lane >> 2) + 8 * q : CH - 1), q == 0 ? -cs[0] : q == 1 ? -cs[1] : total);
+    }
   }
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
   [[maybe_unused]] float ud[NH][4];
   if constexpr (kEarly) ud_terms(ud, sm, GL, sL, m0, n0, lane);
+  if constexpr (kSums) dot_terms();
   cp_async_wait_all();
   __syncthreads();
-  if constexpr (kEarly) {  // every warp has read dh: h takes its tile
+  if constexpr (kSums) {  // every warp has read dh: h takes its tile, from the registers
+#pragma unroll
+    for (int i = 0; i < kDotVecs; ++i) {
+      const int e = tid + i * kThreads;
+      *reinterpret_cast<uint4*>(sm.s + ((8 * e) / D) * LD + (8 * e) % D) = hv[i];
+    }
+  } else if constexpr (kEarly) {  // every warp has read dh: h takes its tile
     const T* st = static_cast<const T*>(a.states) + at;
 #pragma unroll
     for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, st + r * D, D, CH, D, tid);
@@ -293,7 +370,11 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
           if constexpr (!kEarly) store_u32(dqat[hf] + 8 * j, pack2<T>(acc[j][2 * hf], acc[j][2 * hf + 1]));
         }
       }
-    add_rows(sm.db, dbv, m0, lane);
+    if constexpr (kSums) {
+      add_rows_one(sm.db, dbv, nullptr, dbv, m0, lane);
+    } else {
+      add_rows(sm.db, dbv, m0, lane);
+    }
     __syncthreads();  // every warp has read dU, T and v: q (early: dO) takes v's tile
     if constexpr (kEarly) {
       load_tile<T, D, kThreads>(sm.vq, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
@@ -354,9 +435,14 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         store_u32(sm.tt + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
       }
     }
-    add_rows(sm.dG, rowN, m0, lane);
-    add_rows(sm.db, rowB, m0, lane);
-    add_cols<true>(sm.dG, colN, c0, lane);
+    if constexpr (kSums) {
+      add_rows_one(sm.dG, rowN, sm.db, rowB, m0, lane);
+      add_cols_one_neg(sm.dG, colN, c0, lane);
+    } else {
+      add_rows(sm.dG, rowN, m0, lane);
+      add_rows(sm.db, rowB, m0, lane);
+      add_cols<true>(sm.dG, colN, c0, lane);
+    }
   }
   __syncthreads();  // every warp has read dB: dO takes its tile (early: dB stays)
   if constexpr (!kEarly) {
@@ -461,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
         }
       }
       float kzb[2], kzm[2];
-      kz_terms(sm, kz, kzb, kzm, m0, lane);
+      kz_terms<T, D, kSums>(sm, kz, kzb, kzm, m0, lane);
     }
     cp_async_wait_all();  // q
     __syncthreads();
@@ -486,12 +572,17 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
             colM[j][par] += m;
           }
       }
-      add_rows(sm.dG, rowM, m0, lane);
-      add_cols<true>(sm.dG, colM, c0, lane);
+      if constexpr (kSums) {
+        add_rows_one(sm.dG, rowM, nullptr, rowM, m0, lane);
+        add_cols_one_neg(sm.dG, colM, c0, lane);
+      } else {
+        add_rows(sm.dG, rowM, m0, lane);
+        add_cols<true>(sm.dG, colM, c0, lane);
+      }
     }
     {  // dq, written once
       float dq[NH][4], qd[2];
-      dq_terms(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
+      dq_terms<T, D, kSums>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
       T* dqat[2];
       out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
       store_rows(dqat, dq, m0, cp.nvalid, lane);
@@ -630,25 +721,29 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): early (the default) or lean (its reference).
-// True for early.
-bool chunk_backward_early() {
+// the tests and the timing A/B can switch it): sums (the default), early (its reference)
+// or lean (early's reference).
+enum class BwdForm { kLean, kEarly, kSums };
+BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "early") == 0) return true;
-  if (std::strcmp(env, "lean") == 0) return false;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be early or lean, "
-                   "not ") +
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
+  if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
+  if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
+                   "lean, not ") +
        env);
 }
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
-  const bool early = chunk_backward_early();
+  const BwdForm form = chunk_backward_form();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = early ? chunk_bwd_kernel<T, D, true> : chunk_bwd_kernel<T, D, false>;
+    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
+                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
+                                            : chunk_bwd_kernel<T, D, false, false>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),

@@ -137,6 +137,16 @@ __device__ __forceinline__ void scale_rows(float (&S)[N][4], const float* f, int
     }
   }
 }
+// The columns a block of a forward state pass (4 or 8 warps, GDN or KDA; C columns a
+// block) carries: returns its first column j0; amap: the block carries columns of the
+// summary's A (blocks x < D / C of a summary grid, u = 0, from I), else of M or of the
+// state. One definition of the grid the hosts launch (D / C blocks, 2 D / C for a
+// summary).
+template <int D, int C>
+__device__ __forceinline__ int pass_columns(bool summary, bool& amap) {
+  amap = summary && blockIdx.x < D / C;
+  return (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+}
 // The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
 // (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and
 // head_M's; store(dst) writes the carried columns to dst (offset to the (b, h) state).

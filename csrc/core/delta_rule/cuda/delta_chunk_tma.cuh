@@ -200,6 +200,34 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
   }
 }
 
+// ---- the skeleton of the four tma state passes ------------------------------------------
+// GDN's and KDA's forward and reverse tma passes walk the same ring the same way; these
+// pieces are written once so that the four kernels cannot drift apart (a change to the
+// ring's counting in one kernel alone would be a silent race in the other three).
+// (The kernels' 1024-byte alignment of the shared struct and their swizzled ldmatrix
+// offsets aw / ak stay written out in each kernel: as helpers, nvcc orders the address
+// arithmetic differently, so the PTX would no longer be provably the same.)
+
+// Ring step i of `steps`: thread 0 issues the step's tensor-map tiles (tiles(i), which
+// arms the buffer's barrier), every thread its cp.async pieces (own(i)). One cp.async
+// group a step, committed also past the last step, so that cp_async_wait_upto<NS - 2>
+// always means "the oldest step in flight has landed".
+template <typename Tiles, typename Own>
+__device__ __forceinline__ void ring_issue(int i, int steps, int tid, Tiles&& tiles, Own&& own) {
+  if (i < steps) {
+    if (tid == 0) tiles(i);
+    own(i);
+  }
+  cp_async_commit();
+}
+
+// This thread's 16 bytes of the carried columns xb ([d][ldx], 16 columns: two threads a
+// row) to dst, its piece of a chunk's 16-bit state (forward) or of dh (reverse).
+template <typename T>
+__device__ __forceinline__ void store_xb_piece(T* dst, const T* xb, int ldx, int tid) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(xb + (tid >> 1) * ldx + 8 * (tid & 1));
+}
+
 // ---- host: the tensor maps and the sm_90 check ------------------------------------------
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
   KdaStateSmem<T, D>& sm = *reinterpret_cast<KdaStateSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const bool summary = sum.A != nullptr;
-  const bool amap = summary && blockIdx.x < D / BV;  // columns of A: u = 0, from I
-  const int j0 = (summary && !amap ? blockIdx.x - D / BV : blockIdx.x) * BV;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, BV>(summary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH;

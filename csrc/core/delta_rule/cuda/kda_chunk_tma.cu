@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(NT8, 2)
   KdaTmaStateSmem<T, NS, C>& sm =
       *reinterpret_cast<KdaTmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bool amap = kSummary && blockIdx.x < D / C;  // columns of A: u = 0, from I
-  const int j0 = (kSummary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+  bool amap;  // columns of A: u = 0, from I
+  const int j0 = pass_columns<D, C>(kSummary, amap);
   const int64_t bh = blockIdx.y;
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t npad = static_cast<int64_t>(nck) * CH, row0 = bh * npad;
@@ -101,15 +101,12 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_2d(dst + (2 + half) * kSwzHalf, &kdmap, 64 * half, y, &sm.full[s]);
     }
   };
+  auto issue_own = [&](int c) {  // chunk c's u and eL into buffer c % NS
+    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
+    ce.issue(c, (c % NS) * sizeof(sm.eL[0]));
+  };
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) {
-      if (tid == 0) issue_tiles(i);
-      if (!amap) cu.issue(i, i * sizeof(sm.u[0]), CH);
-      ce.issue(i, i * sizeof(sm.eL[0]));
-    }
-    cp_async_commit();
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
     const int s = c % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's u and eL have landed
@@ -117,16 +114,9 @@ __global__ void __launch_bounds__(NT8, 2)
     mbar_wait(&sm.full[s], (c / NS) & 1);       // chunk c's w and kd have landed
     // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
-    const int n = c + NS - 1;  // the chunk that refills buffer (c - 1) % NS
-    if (n < nck) {
-      if (tid == 0) issue_tiles(n);
-      if (!amap) cu.issue(n, (n % NS) * sizeof(sm.u[0]), CH);
-      ce.issue(n, (n % NS) * sizeof(sm.eL[0]));
-    }
-    cp_async_commit();
-    if (st16 != nullptr)  // the chunk's 16-bit state from xb, 16 bytes a thread
-      *reinterpret_cast<uint4*>(st16 + static_cast<int64_t>(c) * se) =
-          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDC + 8 * (tid & 1));
+    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (c - 1) % NS
+    // the chunk's 16-bit state from xb
+    if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
     const T* u = sm.u[s];
     const uint32_t wt = tiles0 + s * kBufBytes;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A)
@@ -238,13 +228,7 @@ __global__ void __launch_bounds__(NT8)
     ce.issue(c, s * sizeof(sm.eL[0]));
   };
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nck) {
-      if (tid == 0) issue_tiles(i);
-      issue_own(i);
-    }
-    cp_async_commit();
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and eL have landed
@@ -252,15 +236,8 @@ __global__ void __launch_bounds__(NT8)
     mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's kd, w and qg have landed
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
-    const int n = i + NS - 1;  // the step that refills buffer (i - 1) % NS
-    if (n < nck) {
-      if (tid == 0) issue_tiles(n);
-      issue_own(n);
-    }
-    cp_async_commit();
-    if (dh16 != nullptr)  // xb's rows, 16 bytes a thread
-      *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
-          *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (i - 1) % NS
+    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
     const uint32_t kt = tiles0 + s * kBufBytes;
     {  // ys = r - kd X (this warp's token tile)
       float acc[1][4] = {};
