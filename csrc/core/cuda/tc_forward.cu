@@ -68,7 +68,7 @@ __device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const flo
   tc_score_store<T, D, CNT, 1, CNT>(reinterpret_cast<const float(&)[1][CNT][4]>(acc), ms, scale, p, mt, nt0, lane);
 }
 
-// Session 14 (VAR 3, the default): the tail of the output and dq passes with fewer
+// Session 14 (VAR 3, LASP2_CUDA_FWD_KERNEL=new): the tail of the output and dq passes with fewer
 // instructions, every value computed by the same operations in the same order (same bits).
 // bf16 pair -> two floats by bit operations (a bf16 is the top half of its float):
 // __bfloat1622float2 compiles to a PRMT and a shift for the high half (sm_90a SASS), 3
