@@ -60,8 +60,9 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
-// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
+// The kernel's forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
+// default; below, at the kernel), straight (sums with straight triangular products,
+// mma_tri; under measurement), early (twelfth round, sums' reference) and lean (ninth
 // round, early's reference; both kept for the bit-equality test and the timing A/B).
 // The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
