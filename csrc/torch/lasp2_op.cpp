@@ -132,6 +132,34 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
   return {o, final_state, saved};
 }
 
+std::tuple<at::Tensor, at::Tensor> lasp2_one_device_forward(const LinearAttentionArgs& args) {
+  at::Tensor states;
+  auto [o, final_state] = scalar_forward(
+      args, /*output_final_state=*/false, [&](ScalarDecay& family, const Prepared& r, SequenceStates&) {
+        states = floats(saved_states_floats(r.params, r.layout, r.q), r.q);
+        family.with_saved_states(states.data_ptr<float>(), r.layout);
+        family.forward({0, r.params.seqlen}, nullptr, DocStates{}, current_stream(r.q));
+      });
+  (void)final_state;
+  return {o, states};
+}
+
+std::vector<OptTensor> lasp2_one_device_backward(const LinearAttentionArgs& args, const at::Tensor& states,
+                                                 const at::Tensor& dout, bool need_dg) {
+  return scalar_backward(
+      args, dout, need_dg, std::nullopt, /*need_dinitial=*/false,
+      [&](ScalarDecay& family, const Prepared& r, SequenceStates&) {
+        const at::Tensor& kept =
+            saved_buffer(states, "segment_states", saved_states_floats(r.params, r.layout, r.q), r.q);
+        family.with_saved_states(kept.data_ptr<float>(), r.layout);
+        at::Tensor workspace = scratch(family.backward_scratch_bytes(), r.q);
+        const TokenRange all{0, r.params.seqlen};
+        void* stream = current_stream(r.q);
+        family.backward_entering(all, nullptr, DocStates{}, workspace.data_ptr(), stream);
+        family.backward(all, PartStates{}, DocStates{}, workspace.data_ptr(), stream);
+      });
+}
+
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       const std::vector<at::Tensor>& saved_tensors,
                                       const at::Tensor& dout, bool need_dg,
