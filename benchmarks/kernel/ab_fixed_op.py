@@ -7,10 +7,11 @@ process, with fla's chunk_simple_gla(g_gamma=) in the same process when importab
         [--variants old new ...]
 
 Variants (session 14, issue 15):
-  old   the checked Python path and the C++ node with lasp2_forward's five saved buffers
-        (LASP2_EAGER_NODE_ALL_BUFFERS=1, a temporary knob)
-  py    the Python fast path, the node with five buffers
-  new   the Python fast path, the node with the segment states only (the default)
+  old   the checked Python path, the C++ node with lasp2_forward's five saved buffers
+        (LASP2_EAGER_NODE_ALL_BUFFERS=1, a temporary knob) and state walks to fp32
+        underflow (LASP2_CUDA_STATE_FLOOR=0): main before session 14
+  host  the Python fast path and the node with the segment states only, walks as old
+  new   all defaults (walks end at the 2^-48 floor)
   sub0 / sub64   new with LASP2_CUDA_STATE_SUB_CHUNKS=0 / 64 (split walks off / pieces of 64)
 Also prints the host time of the forward call alone (wall, no synchronization: how long
 the GPU waits for its first kernel in a synchronized step) and graph replay times.
@@ -31,14 +32,17 @@ from bench_linear_attention import graph_ms  # noqa: E402
 from lasp2.ops import linear_attention as la_module  # noqa: E402
 
 PLAIN = la_module._plain_cuda_tensors
-ENV = {"LASP2_EAGER_NODE_ALL_BUFFERS": None, "LASP2_CUDA_STATE_SUB_CHUNKS": None}
+ENV = {"LASP2_EAGER_NODE_ALL_BUFFERS": None, "LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
+SAME_KERNELS = ("old", "host")  # the same kernels: the same bits
 
 
 def use(variant):
     env = dict(ENV)
     la_module._plain_cuda_tensors = (lambda *a: False) if variant == "old" else PLAIN
-    if variant in ("old", "py"):
+    if variant == "old":
         env["LASP2_EAGER_NODE_ALL_BUFFERS"] = "1"
+    if variant in ("old", "host"):
+        env["LASP2_CUDA_STATE_FLOOR"] = "0"
     if variant.startswith("sub"):
         env["LASP2_CUDA_STATE_SUB_CHUNKS"] = variant[3:]
     for k, v in env.items():
@@ -64,8 +68,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[65536, 16384])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=["old", "py", "new"])
-    ap.add_argument("--graph", nargs="*", default=["old", "new"])
+    ap.add_argument("--variants", nargs="+", default=["old", "host", "new"])
+    ap.add_argument("--graph", nargs="*", default=["host", "new"])
     ap.add_argument("--fla", action="store_true")
     args = ap.parse_args()
     H, D, B, dt = 16, 128, 1, torch.bfloat16
@@ -76,16 +80,19 @@ def main():
         do = torch.randn(B, T, H, D, device="cuda", dtype=dt, generator=gen)
         fwd = lambda: lasp2.linear_attention(q, k, v, decay=g)
         step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)
-        ref = None
+        ref, diff = None, {}
         eager, host = {n: [] for n in args.variants}, {n: [] for n in args.variants}
         for r in range(args.rounds):
             for n in (args.variants if r % 2 == 0 else args.variants[::-1]):
                 use(n)
                 out = step()
-                if ref is None:
-                    ref = out
-                elif n in ("old", "py", "new"):  # same kernels: same bits
+                if n in SAME_KERNELS:
+                    if ref is None:
+                        ref = out
                     assert all(torch.equal(a, b) for a, b in zip(ref, out)), f"{n}: gradients differ"
+                elif ref is not None and n not in diff:  # max |diff| / max |ref| per gradient
+                    diff[n] = [float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                               for a, b in zip(out, ref)]
                 eager[n].append(median_ms(step))
                 host[n].append(host_us(fwd))
         graph = {}
@@ -98,7 +105,10 @@ def main():
         for n in args.variants:
             print(f"   {n:6s} {statistics.median(eager[n]):.4f}  host fwd call {statistics.median(host[n]):6.1f} us"
                   f"   [{' '.join(f'{x:.3f}' for x in eager[n])}]")
-        print("   graph replay: " + ", ".join(f"{n} {ms:.4f}" for n, ms in graph.items()), flush=True)
+        print("   graph replay: " + ", ".join(f"{n} {ms:.4f}" for n, ms in graph.items()))
+        for n, d in diff.items():
+            print(f"   {n} vs {SAME_KERNELS[0]}: max |d(dq, dk, dv)| / max |.| = " + " ".join(f"{x:.2e}" for x in d))
+        print("", end="", flush=True)
         if args.fla:
             try:
                 from fla.ops.simple_gla import chunk_simple_gla
