@@ -6,13 +6,15 @@ process, with fla's chunk_simple_gla(g_gamma=) in the same process when importab
     python3 benchmarks/kernel/ab_fixed_op.py [--seq-lens 65536 16384] [--rounds 5]
         [--variants old new ...]
 
-Variants (session 14, issue 15):
-  old   the checked Python path, the C++ node with lasp2_forward's five saved buffers
-        (LASP2_EAGER_NODE_ALL_BUFFERS=1, a temporary knob) and state walks to fp32
-        underflow (LASP2_CUDA_STATE_FLOOR=0): main before session 14
-  host  the Python fast path and the node with the segment states only, walks as old
+Variants:
+  old   the checked Python path (no fast path) and state walks to fp32 underflow
+        (LASP2_CUDA_STATE_FLOOR=0)
+  host  the Python fast path, walks as old
   new   all defaults (walks end at the 2^-48 floor)
   sub0 / sub64   new with LASP2_CUDA_STATE_SUB_CHUNKS=0 / 64 (split walks off / pieces of 64)
+(Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
+C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
+after the call.)
 Also prints the host time of the forward call alone (wall, no synchronization: how long
 the GPU waits for its first kernel in a synchronized step) and graph replay times.
 """
@@ -32,15 +34,13 @@ from bench_linear_attention import graph_ms  # noqa: E402
 from lasp2.ops import linear_attention as la_module  # noqa: E402
 
 PLAIN = la_module._plain_cuda_tensors
-ENV = {"LASP2_EAGER_NODE_ALL_BUFFERS": None, "LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
+ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
 SAME_KERNELS = ("old", "host")  # the same kernels: the same bits
 
 
 def use(variant):
     env = dict(ENV)
     la_module._plain_cuda_tensors = (lambda *a: False) if variant == "old" else PLAIN
-    if variant == "old":
-        env["LASP2_EAGER_NODE_ALL_BUFFERS"] = "1"
     if variant in ("old", "host"):
         env["LASP2_CUDA_STATE_FLOOR"] = "0"
     if variant.startswith("sub"):

@@ -5,7 +5,6 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "lasp2_op.h"
@@ -70,31 +69,13 @@ void guard_double_backward(variable_list& grads) {
   }
 }
 
-// TEMPORARY (session 14 A/B, removed after the measurement): LASP2_EAGER_NODE_ALL_BUFFERS=1
-// runs the node through lasp2_forward / lasp2_backward with all five saved buffers.
-bool ab_all_buffers() {
-  const char* s = std::getenv("LASP2_EAGER_NODE_ALL_BUFFERS");
-  return s != nullptr && s[0] == '1';
-}
-
 struct OneDevice : public torch::autograd::Function<OneDevice> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const OptTensor& g, const OptTensor& decay, double scale, int64_t chunk_size,
                             bool overlap) {
-    variable_list keep{q, k, v, g.value_or(at::Tensor()), decay.value_or(at::Tensor())};
-    at::Tensor o;
-    if (ab_all_buffers()) {  // TEMPORARY A/B knob (session 14): lasp2_forward's five buffers
-      auto [out, final_state, saved] =
-          lasp2_forward(one_device_args(q, k, v, g, decay, scale, chunk_size), overlap, false);
-      (void)final_state;
-      o = out;
-      keep.insert(keep.end(), saved.begin(), saved.end());
-    } else {
-      auto [out, states] = lasp2_one_device_forward(one_device_args(q, k, v, g, decay, scale, chunk_size));
-      o = out;
-      keep.push_back(states);
-    }
-    ctx->save_for_backward(keep);
+    (void)overlap;  // LASP-2's forward schedule flag: one device has no gather to overlap
+    auto [o, states] = lasp2_one_device_forward(one_device_args(q, k, v, g, decay, scale, chunk_size));
+    ctx->save_for_backward({q, k, v, g.value_or(at::Tensor()), decay.value_or(at::Tensor()), states});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["chunk_size"] = chunk_size;
     return o;
@@ -110,14 +91,9 @@ struct OneDevice : public torch::autograd::Function<OneDevice> {
     const at::Tensor dout = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(v);
     std::vector<OptTensor> grads;
     try {
-      const LinearAttentionArgs args = one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(),
-                                                       ctx->saved_data["chunk_size"].toInt());
-      if (s.size() == 10) {  // TEMPORARY A/B knob's forward
-        grads = lasp2_backward(args, std::vector<at::Tensor>(s.begin() + 5, s.end()), dout, need_g || need_decay,
-                               std::nullopt, false);
-      } else {
-        grads = lasp2_one_device_backward(args, s[5], dout, need_g || need_decay);
-      }
+      grads = lasp2_one_device_backward(one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(),
+                                                        ctx->saved_data["chunk_size"].toInt()),
+                                        s[5], dout, need_g || need_decay);
     } catch (...) {
       rethrow_named();
     }
