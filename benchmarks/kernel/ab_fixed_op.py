@@ -11,7 +11,8 @@ Variants:
         (LASP2_CUDA_STATE_FLOOR=0)
   host  the Python fast path, walks as old
   new   all defaults (walks end at the 2^-48 floor)
-  sub0 / sub64   new with LASP2_CUDA_STATE_SUB_CHUNKS=0 / 64 (split walks off / pieces of 64)
+  sub<n>   new with LASP2_CUDA_STATE_SUB_CHUNKS=n (0: split walks off; 16, 64: pieces)
+  fl<n>    new with LASP2_CUDA_STATE_FLOOR=n (walks end at 2^-n; 0: at fp32 underflow)
 (Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
 C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
 after the call.)
@@ -45,6 +46,8 @@ def use(variant):
         env["LASP2_CUDA_STATE_FLOOR"] = "0"
     if variant.startswith("sub"):
         env["LASP2_CUDA_STATE_SUB_CHUNKS"] = variant[3:]
+    if variant.startswith("fl"):
+        env["LASP2_CUDA_STATE_FLOOR"] = variant[2:]
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
