@@ -184,11 +184,13 @@ def linear_attention(
     """
     if (group is None and sp_context is None and cu_seqlens is None and initial_state is None
             and output_final_state is False and overlap is None and scale is None and layout == "bthd"
-            and split == "contiguous" and provider == "lasp2" and _plain_cuda_tensors(q, k, v, g, decay)):
+            and split == "contiguous" and provider == "lasp2" and not torch.compiler.is_compiling()
+            and _plain_cuda_tensors(q, k, v, g, decay)):
         # One CUDA device, nothing to plan: every check below would pass and the call would
         # end in the one-device op with these arguments. In a synchronized step the host
         # time before the first launch is GPU idle time; these checks were most of it
-        # (docs/kernels.md, "Session 14: fixed decay beside fla at 64K").
+        # (docs/kernels.md, "Session 14: fixed decay beside fla at 64K"). torch.compile
+        # traces the checked path, as before.
         if q.stride(-1) != 1:
             q = q.contiguous()
         if k.stride(-1) != 1:

@@ -80,3 +80,18 @@ def test_unusual_or_wrong_calls_take_the_checks(monkeypatch):
     with pytest.raises(ValueError, match="head dim"):
         lasp2.linear_attention(q, k, torch.zeros(2, 300, 3, 300, device="cuda", dtype=q.dtype), **extra)
     assert len(calls) == 6
+
+
+def test_compiled_calls_trace_the_checked_path():
+    """torch.compile(fullgraph=True) traces the checked path (the fast path steps aside
+    while compiling) into the custom op: equal to the eager fast path's output and
+    gradients."""
+    q, k, v, extra, do = _inputs("decay", torch.bfloat16)
+    f = lambda q, k, v, decay: lasp2.linear_attention(q, k, v, decay=decay)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = (q, k, v)
+    o_c = compiled(q, k, v, extra["decay"].detach())
+    o = f(q, k, v, extra["decay"].detach())
+    torch.testing.assert_close(o_c, o)
+    for a, b in zip(torch.autograd.grad(o_c, leaves, do), torch.autograd.grad(o, leaves, do)):
+        torch.testing.assert_close(a, b)
