@@ -16,7 +16,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr const char* kOp = "lasp2.linear_attention";
-constexpr int kSaved = 5;  // lasp2_forward's saved buffers (records, prefixes, maps, head_maps, segment states)
 
 // The same arguments lasp2.ops._library builds for a one-device call (no communicator,
 // one part, no documents, no states).
@@ -74,12 +73,9 @@ struct OneDevice : public torch::autograd::Function<OneDevice> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const OptTensor& g, const OptTensor& decay, double scale, int64_t chunk_size,
                             bool overlap) {
-    auto [o, final_state, saved] =
-        lasp2_forward(one_device_args(q, k, v, g, decay, scale, chunk_size), overlap, /*output_final_state=*/false);
-    (void)final_state;
-    variable_list keep{q, k, v, g.value_or(at::Tensor()), decay.value_or(at::Tensor())};
-    keep.insert(keep.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(keep);
+    (void)overlap;  // LASP-2's forward schedule flag: one device has no gather to overlap
+    auto [o, states] = lasp2_one_device_forward(one_device_args(q, k, v, g, decay, scale, chunk_size));
+    ctx->save_for_backward({q, k, v, g.value_or(at::Tensor()), decay.value_or(at::Tensor()), states});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["chunk_size"] = chunk_size;
     return o;
@@ -92,13 +88,12 @@ struct OneDevice : public torch::autograd::Function<OneDevice> {
     // next edges hold only the tensor inputs present: g's is 3, decay's follows it
     const bool need_g = g && ctx->needs_input_grad(3);
     const bool need_decay = decay && ctx->needs_input_grad(g ? 4 : 3);
-    const std::vector<at::Tensor> saved(s.begin() + 5, s.begin() + 5 + kSaved);
     const at::Tensor dout = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(v);
     std::vector<OptTensor> grads;
     try {
-      grads = lasp2_backward(one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(),
-                                             ctx->saved_data["chunk_size"].toInt()),
-                             saved, dout, need_g || need_decay, std::nullopt, /*need_dinitial=*/false);
+      grads = lasp2_one_device_backward(one_device_args(q, k, v, g, decay, ctx->saved_data["scale"].toDouble(),
+                                                        ctx->saved_data["chunk_size"].toInt()),
+                                        s[5], dout, need_g || need_decay);
     } catch (...) {
       rethrow_named();
     }

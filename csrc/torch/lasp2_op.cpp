@@ -8,6 +8,20 @@
 #include "torch_scratch.h"
 
 namespace lasp2::torch_binding {
+namespace {
+
+// at::empty_like(t): for a contiguous t a plain at::empty of its sizes and options (the
+// same layout; empty_like's dispatch through empty_strided took about 18 against 6 us a
+// call on the H200's host under torch.profiler). The forward's output is allocated before
+// its first launch, the backward's gradients before the backward's: in a synchronized
+// eager step the first is GPU idle time, and so is the second where the forward's kernels
+// are shorter than the host's way into the backward (16K: about 170 us idle).
+at::Tensor empty_as(const at::Tensor& t) {
+  return t.is_contiguous() ? at::empty(t.sizes(), t.options()) : at::empty_like(t);
+}
+
+}  // namespace
+
 ScalarSequenceStates::ScalarSequenceStates(const LinearAttentionArgs& a, const Prepared& r, ScalarDecay& family,
                                            bool any) {
   if (r.initial_state.defined()) seq.initial = r.initial_state.data_ptr<float>();
@@ -27,7 +41,7 @@ std::tuple<at::Tensor, OptTensor> scalar_forward(const LinearAttentionArgs& args
               "final states of packed documents (`doc_start`) are per document: pass `head_doc` and `num_seqs`");
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
-  at::Tensor o = at::empty_like(r.v);
+  at::Tensor o = empty_as(r.v);
   ScalarDecay family(kernel_backend_for(r.q), p, mut_view(o, "o"));
   ScalarSequenceStates states(args, r, family, args.initial_state.has_value() || output_final_state);
   OptTensor final_state;
@@ -47,7 +61,7 @@ std::vector<OptTensor> scalar_backward(const LinearAttentionArgs& args, const at
   Prepared r = prepare(args);
   const AttentionParams& p = r.params;
   at::Tensor dout_c = prepare_dout(dout, args, r);
-  at::Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
+  at::Tensor dq = empty_as(r.q), dk = empty_as(r.k), dv = empty_as(r.v);
   at::Tensor dg;
   if (need_dg) dg = gate_grad(p, r.q);
   ScalarDecay family(kernel_backend_for(r.q), p,
@@ -130,6 +144,34 @@ std::tuple<at::Tensor, OptTensor, std::vector<at::Tensor>> lasp2_forward(
                       current_stream(r.q));
       });
   return {o, final_state, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> lasp2_one_device_forward(const LinearAttentionArgs& args) {
+  at::Tensor states;
+  auto [o, final_state] = scalar_forward(
+      args, /*output_final_state=*/false, [&](ScalarDecay& family, const Prepared& r, SequenceStates&) {
+        states = floats(saved_states_floats(r.params, r.layout, r.q), r.q);
+        family.with_saved_states(states.data_ptr<float>(), r.layout);
+        family.forward({0, r.params.seqlen}, nullptr, DocStates{}, current_stream(r.q));
+      });
+  (void)final_state;
+  return {o, states};
+}
+
+std::vector<OptTensor> lasp2_one_device_backward(const LinearAttentionArgs& args, const at::Tensor& states,
+                                                 const at::Tensor& dout, bool need_dg) {
+  return scalar_backward(
+      args, dout, need_dg, std::nullopt, /*need_dinitial=*/false,
+      [&](ScalarDecay& family, const Prepared& r, SequenceStates&) {
+        const at::Tensor& kept =
+            saved_buffer(states, "segment_states", saved_states_floats(r.params, r.layout, r.q), r.q);
+        family.with_saved_states(kept.data_ptr<float>(), r.layout);
+        at::Tensor workspace = scratch(family.backward_scratch_bytes(), r.q);
+        const TokenRange all{0, r.params.seqlen};
+        void* stream = current_stream(r.q);
+        family.backward_entering(all, nullptr, DocStates{}, workspace.data_ptr(), stream);
+        family.backward(all, PartStates{}, DocStates{}, workspace.data_ptr(), stream);
+      });
 }
 
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,

@@ -61,6 +61,17 @@ int64_t lasp2_saved_states_floats(int64_t batch, int64_t seqlen, int64_t heads, 
 std::tuple<int64_t, int64_t> lasp2_saved_states_plan(at::ScalarType dtype, int64_t dim_k, int64_t dim_v,
                                                      const at::Device& device);
 
+// One device without a communicator, documents or states (the C++ eager node,
+// lasp2_eager_node.cpp): what lasp2_forward / lasp2_backward run for such a call (the
+// family's forward, resp. its dq and dk/dv passes, over the whole sequence: LASP-2 has
+// nothing to gather), without the four LASP-2 buffers and the workspace it never reads.
+// Eager host time before the first launch is GPU idle time in a synchronized step, and
+// these were five allocations of it. The forward returns {o, segment states} (saved[4]
+// of lasp2_forward); the backward takes them back and returns what lasp2_backward does
+// (no initial-state gradient).
+std::tuple<at::Tensor, at::Tensor> lasp2_one_device_forward(const LinearAttentionArgs& args);
+std::vector<OptTensor> lasp2_one_device_backward(const LinearAttentionArgs& args, const at::Tensor& states,
+                                                 const at::Tensor& dout, bool need_dg);
 std::vector<OptTensor> lasp2_backward(const LinearAttentionArgs& args,
                                       const std::vector<at::Tensor>& saved,
                                       const at::Tensor& dout, bool need_dg,

@@ -31,8 +31,9 @@ In plain eager mode the entry point runs the same functions through a
 torch.autograd.Function instead of the registered op (lasp2.ops._eager: the custom
 op's Python dispatch is most of the host time at small T); a one-device call without
 documents or states goes to the binding's C++ autograd node instead
-(lasp2_one_device, csrc/torch/lasp2_eager_node.cpp: the same forward, backward and
-saved buffers, with no Python in the backward).
+(lasp2_one_device, csrc/torch/lasp2_eager_node.cpp: the same kernels, of the saved
+buffers only the segment states, the one a one-device call reads; no Python in the
+backward).
 The value checks that need tensor contents (positive gates on CPU) run inside the
 real kernel, so traced / compiled graphs keep them without a graph break. So does,
 under torch.compile over a group, the per-call cross-rank consistency check (as the

@@ -49,6 +49,33 @@ def _validate(q, k, v, g, decay, scale, layout):
     return scale, seq_dim
 
 
+_PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the CUDA kernels take
+
+
+def _plain_cuda_tensors(q, k, v, g, decay) -> bool:
+    """True when _validate would pass q, k, v and g / decay of a CUDA call (plain tensors,
+    4-d q, k, v of one dtype on q's device, k shaped like q, v like q in its first three
+    dims, head dims in [1, MAX_HEAD_DIM], no empty dim; g [B, T, H] or decay [H], float,
+    on q's device, not both), decided in one expression: linear_attention's fast path.
+    False sends the call through every check, for their messages. Device indices instead
+    of torch.device objects; CUDA only, so the CPU's sign check of the gates is never
+    skipped (CUDA tensors skip it anyway)."""
+    T = torch.Tensor
+    if not (type(q) is T and type(k) is T and type(v) is T and q.is_cuda and q.dim() == 4 and v.dim() == 4
+            and q.dtype in _PLAIN_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and has_cuda_kernels()):
+        return False
+    dev, shape = q.get_device(), q.shape
+    if not (k.get_device() == dev and v.get_device() == dev and k.shape == shape and v.shape[:3] == shape[:3]
+            and shape[0] >= 1 and shape[1] >= 1 and shape[2] >= 1 and 1 <= shape[3] <= C.MAX_HEAD_DIM
+            and 1 <= v.shape[3] <= C.MAX_HEAD_DIM):
+        return False
+    if g is not None:
+        return (decay is None and type(g) is T and g.dim() == 3 and g.dtype in C.FLOAT_DTYPES
+                and g.shape == shape[:3] and g.get_device() == dev)
+    return decay is None or (type(decay) is T and decay.dim() == 1 and decay.dtype in C.FLOAT_DTYPES
+                             and decay.shape[0] == shape[2] and decay.get_device() == dev)
+
+
 def _validate_states(initial_state, output_final_state, q, v, ctx, provider, num_docs):
     """Checks initial_state / output_final_state; returns (N, head_doc): the number of
     sequences (B, or the documents of cu_seqlens) and, with the context's documents and
@@ -155,6 +182,22 @@ def linear_attention(
         ``output_final_state=True`` (fla's pair; o alone otherwise, so existing callers
         keep their return type).
     """
+    if (group is None and sp_context is None and cu_seqlens is None and initial_state is None
+            and output_final_state is False and overlap is None and scale is None and layout == "bthd"
+            and split == "contiguous" and provider == "lasp2" and not torch.compiler.is_compiling()
+            and _plain_cuda_tensors(q, k, v, g, decay)):
+        # One CUDA device, nothing to plan: every check below would pass and the call would
+        # end in the one-device op with these arguments. In a synchronized step the host
+        # time before the first launch is GPU idle time; these checks were most of it
+        # (docs/kernels.md, "Session 14: fixed decay beside fla at 64K"). torch.compile
+        # traces the checked path, as before.
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        return lasp2_one_device(q, k, v, g, decay, q.shape[3] ** -0.5, CPU_CHUNK_SIZE, False)
     group_hint = sp_context.group if isinstance(sp_context, SPContext) else group
     try:
         C.check_optional_bool(OP, "overlap", overlap)

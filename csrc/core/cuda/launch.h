@@ -81,6 +81,10 @@ struct StateArgs {
   int nsub = 1;
   float* sub_out = nullptr;
   float* sub_flags = nullptr;
+  // Tensor-core path: a walk ends once its carry (coef times the decay from the chunk to
+  // the segment's edge, a bound on every later term's weight) is <= stop; 0: only where
+  // it underflows to 0 or a document starts (passes.cpp: state_walk_stop).
+  float stop = 0.f;
 };
 
 // The output pass, o = scale * (w_entry * qa^T S + sum_y w(x,y) (qa.ka_y) va_y):

@@ -1,6 +1,7 @@
 #include "passes.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "route.h"
 #include "scratch.h"
@@ -46,6 +47,20 @@ int state_sub_chunks(const AttentionParams& p) {
   return p.decay.mode == DecayMode::kFixed ? 32 : 0;
 }
 
+// Where a tensor-core state walk may end (StateArgs::stop) for walks starting at carry
+// `coef`: once every term left weighs at most 2^-n of the first (n = 48 unless
+// LASP2_CUDA_STATE_FLOOR=n; 0: only at fp32 underflow, as before session 14). Those
+// terms add at most 2^-n times the tail's sum |a b^T| to a state whose kept terms are
+// each rounded to 16 bits (the kernel scales a in bf16 / fp16: relative error up to
+// 2^-8 / 2^-11; in fp16 terms below 2^-25 flush to zero anyway), so what the floor drops
+// is below that rounding unless the tail's values exceed the recent ones by ~2^40. With a
+// fixed decay the weakest heads' walks otherwise cover whole segments (docs/kernels.md,
+// "Session 14: fixed decay beside fla at 64K"). The generic (fp32) path keeps 0.
+float state_walk_stop(float coef) {
+  const int n = env_int("LASP2_CUDA_STATE_FLOOR", 48);
+  return n > 0 ? coef * std::ldexp(1.f, -std::min(n, 120)) : 0.f;
+}
+
 // Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
 int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
   const int sc = sD > 0 ? state_sub_chunks(p) : 0;
@@ -75,6 +90,7 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
   sa.coef = coef;
   sa.out = out;
   if (D > 0) {
+    sa.stop = state_walk_stop(coef);
     sa.nsub = state_pieces(p, g, D);
     if (sa.nsub > 1) {
       sa.sub_chunks = state_sub_chunks(p);

@@ -10,7 +10,9 @@
 // backward from the segment's end with w = w_exit, carry = 1 (exit mode). Either
 // way carry is the decay between the chunk and the segment's edge, so the walk
 // stops once it underflows to zero (a document start, or strong decays: with
-// per-token gates around -0.05 after about 32 chunks), and M stays unscaled.
+// per-token gates around -0.05 after about 32 chunks), or falls to StateArgs::stop
+// (session 14: 2^-48 of its start, where the rest of the walk is far below the 16-bit
+// rounding of the terms kept), and M stays unscaled.
 // A^T fragments are read transposed from the [token][dim] tile (ldmatrix.trans)
 // and scaled per token in registers. The per-token weights come precomputed
 // from the meta kernel (MetaArgs::wmeta): no exponentials here.
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   // carry through the walk's chunks before the piece, 0 once it underflows or a
   // document starts, or when the piece lies past the segment's end
   float carry = sub > 0 && i0 == nall ? 0.f : ENTRY ? args.coef : 1.f;
-  for (int base = 0; base < i0 && carry != 0.f; base += 4 * 32) {
+  for (int base = 0; base < i0 && !(carry <= args.stop); base += 4 * 32) {
     float t[4];  // through factor (w_entry of the chunk's last token), 1 past the piece
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -92,9 +94,9 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
       carry *= t[u];  // the same value in every lane
     }
   }
-  // (one walk never reaches a chunk after carry became 0; piece 0 starts as one walk)
+  // (one walk never reaches a chunk after carry fell to `stop`; piece 0 starts as one walk)
   const int nwalk =
-      sub > 0 && carry == 0.f ? 0 : (args.nsub > 1 ? min(nall, i0 + args.sub_chunks) : nall) - i0;
+      sub > 0 && carry <= args.stop ? 0 : (args.nsub > 1 ? min(nall, i0 + args.sub_chunks) : nall) - i0;
   // Copies the walk's chunk i into `stage` when i < nwalk; commits a group either
   // way, so that "all but the newest group complete" always means "chunk i arrived".
   auto load = [&](int i, int stage) {
@@ -163,9 +165,10 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
       }
     }
     // through the whole chunk: what lies beyond it (entry: later tokens; exit: earlier
-    // ones) is reached only by this factor; 0 after a document start or an underflow
+    // ones) is reached only by this factor; 0 after a document start or an underflow,
+    // and every term past a carry <= stop weighs at most stop (StateArgs::stop)
     carry *= through;
-    if (carry == 0.f) break;
+    if (carry <= args.stop) break;
     stage = stage == 2 ? 0 : stage + 1;
   }
   cp_async_wait_all();

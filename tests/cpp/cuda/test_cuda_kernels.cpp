@@ -39,6 +39,7 @@ struct OpCase {
   Layout layout;
   int seg_chunks = 2;  // 0: the backend's own choice
   int state_sub_chunks = -1;  // LASP2_CUDA_STATE_SUB_CHUNKS (split state walks); -1: unset
+  int state_floor = -1;       // LASP2_CUDA_STATE_FLOOR (where state walks may end); -1: unset
   bool force_generic = false;
   int64_t B = 2, H = 2;
 };
@@ -127,6 +128,7 @@ void run_case(const OpCase& c) {
   EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
                c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
   EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
+  EnvGuard floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "");
   const Problem<double> pr = make_problem(c, 1000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
@@ -303,6 +305,12 @@ std::vector<OpCase> op_cases() {
     c.seg_chunks = 40;
     c.state_sub_chunks = -1;
     cases.push_back(c);
+    // the walks as before session 14 (to fp32 underflow; by default head 0's end at the
+    // 2^-48 floor after about 17 chunks, head 1's after 9, both inside the segments)
+    c.name = "bf16_fixed_D128_T3000_seg40_floor0";
+    c.state_floor = 0;
+    cases.push_back(c);
+    c.state_floor = -1;
     c = OpCase();
     c.name = "bf16_gate_D128_seg5_docs_sub2";
     c.dk = c.dv = 128;
@@ -427,6 +435,45 @@ TEST_P(CudaOps, MatchCpuBackendFloat64) {
 
 INSTANTIATE_TEST_SUITE_P(All, CudaOps, ::testing::ValuesIn(op_cases()),
                          [](const ::testing::TestParamInfo<OpCase>& i) { return i.param.name; });
+
+// ---- where state walks end (LASP2_CUDA_STATE_FLOOR) -------------------------------------
+// The default floor (a walk ends once every term left weighs below 2^-48 of its first)
+// against walks to fp32 underflow (floor 0): on 40-chunk segments both fixed-decay heads
+// (-0.03, -0.06 per token) and the gated ones end early, and the states differ by no more
+// than fp32 rounding of what is kept (the kernel rounds each kept term to bf16, 2^-8).
+TEST(CudaStateFloor, DropsOnlyTermsBelowRounding) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const DecayMode mode : {DecayMode::kFixed, DecayMode::kGate}) {
+    OpCase c;
+    c.name = mode == DecayMode::kFixed ? "floor_fixed" : "floor_gate";
+    c.mode = mode;
+    c.dk = c.dv = 128;
+    c.T = c.end = 3000;
+    c.begin = 0;
+    c.seg_chunks = 40;
+    EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", "40");
+    const Problem<double> pr = make_problem(c, 31);
+    DeviceProblem dp(pr, c.dtype, c.layout);
+    const AttentionParams& pg = dp.p;
+    const int64_t n = pg.bh() * pg.state_elems();
+    std::vector<float> got[2][2];  // [floor 0, default][exit, entry]
+    for (int f = 0; f < 2; ++f) {
+      EnvGuard floor("LASP2_CUDA_STATE_FLOOR", f == 0 ? "0" : "");
+      DevBuf<float> st(n), L(pg.bh()), d(n);
+      cuda_backend().part_state(pg, {0, c.T}, st.p, L.p, nullptr);
+      cuda_backend().part_dstate(pg, {0, c.T}, dp.dout.cview(), d.p, nullptr);
+      got[f][0] = st.download();
+      got[f][1] = d.download();
+    }
+    for (int e = 0; e < 2; ++e) {
+      int64_t bad = 0;
+      const double err = rel_err_f32(got[1][e], got[0][e], &bad);
+      std::printf("[cuda-op] %-34s %-12s rel_diff=%.3e\n", c.name.c_str(), e ? "part_dstate" : "part_state", err);
+      EXPECT_EQ(bad, 0);
+      EXPECT_LT(err, 1e-6) << c.name << (e ? " entry" : " exit");
+    }
+  }
+}
 
 // ---- combines ---------------------------------------------------------------------------
 TEST(CudaCombine, MatchCpu) {
