@@ -1808,12 +1808,7 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
 // default since the fourteenth round, unset and named: early with the gate gradients'
 // shared-memory sums gathered into fewer compare-and-swap loops and h stored into its
 // tile from the registers that formed <dh, h> instead of read again) forms the same
-// products in the same order, so it is held to lean the same way. The straight form
-// (sums with the triangular products compiled once per row block, fourteenth round) runs
-// the same mma.sync in the same order as sums: dq, dk and dv equal sums' bit for bit; dg
-// and dbeta are the same partial sums added by shared-memory atomics from 8 warps,
-// whose order between warps no form fixes (so sums against itself may differ by fp32
-// roundings): held to sums within 1e-5.
+// products in the same order, so it is held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1869,22 +1864,6 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
         EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
             << "written";
       }
-    }
-    {  // straight against sums: dq, dk, dv bit for bit (NaN, the poison outside the part,
-       // in the same places)
-      const Grads sums = run("sums"), straight = run("straight");
-      auto differ = [](const auto& x, const auto& y) {
-        int64_t n = x.size() == y.size() ? 0 : 1;
-        for (size_t i = 0; i < x.size() && i < y.size(); ++i)
-          n += !(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])));
-        return n;
-      };
-      EXPECT_EQ(differ(straight.dq, sums.dq), 0) << "straight dq";
-      EXPECT_EQ(differ(straight.dk, sums.dk), 0) << "straight dk";
-      EXPECT_EQ(differ(straight.dv, sums.dv), 0) << "straight dv";
-      EXPECT_LT(rel_err_f32(straight.dg, sums.dg), 1e-5) << "straight dg";
-      EXPECT_LT(rel_err_f32(straight.db, sums.db), 1e-5) << "straight dbeta";
-      EXPECT_LT(rel_err_f32(straight.dE, sums.dE), 1e-6) << "straight d_entering";
     }
   }
 }

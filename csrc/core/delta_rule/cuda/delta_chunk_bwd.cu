@@ -60,9 +60,8 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
-// default; below, at the kernel), straight (sums with straight triangular products,
-// mma_tri; under measurement), early (twelfth round, sums' reference) and lean (ninth
+// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
+// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
 // round, early's reference; both kept for the bit-equality test and the timing A/B).
 // The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
@@ -78,40 +77,6 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
 // and "..., fourteenth round".)
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
-
-// The five triangular products (T^T dU, dA K, dA^T K, dP^T Q, dP K) run over the k
-// blocks 0..mw (kUpper false) or mw..3 (kUpper true) of the chunk, mw = the warp's row
-// block. With mw a runtime value each unrolled k step of mma_acc sits behind its own
-// test, so each is its own basic block and ptxas issues its ldmatrix right before its
-// mma.sync, nothing overlapping across steps (fourteenth round, "what is left"). The
-// straight form (kStraight) compiles each product once per mw (a warp-uniform switch)
-// with the bounds as constants: the steps are one straight block, the same mma.sync in
-// the same order into the same registers, so the results are the same bit for bit
-// (docs/delta_rule.md, "Chunk backward straight loops, fourteenth round").
-template <typename T, int NT, bool kTransA, bool kBnk, bool kUpper, bool kStraight>
-__device__ __forceinline__ void mma_tri(float (&acc)[NT][4], const T* A, int lda, const T* B, int ldb, int m0,
-                                        int n0, int mw, int lane) {
-  constexpr int KB = CH / 16;  // the chunk's k blocks
-  if constexpr (!kStraight) {
-    mma_acc<T, NT, kTransA, kBnk>(acc, A, lda, B, ldb, m0, n0, kUpper ? mw : 0, kUpper ? KB : mw + 1, NT / 2, lane);
-  } else {
-    static_assert(KB == 4, "one case per row block");
-    switch (mw) {
-      case 0:
-        mma_acc<T, NT, kTransA, kBnk>(acc, A, lda, B, ldb, m0, n0, 0, kUpper ? KB : 1, NT / 2, lane);
-        break;
-      case 1:
-        mma_acc<T, NT, kTransA, kBnk>(acc, A, lda, B, ldb, m0, n0, kUpper ? 1 : 0, kUpper ? KB : 2, NT / 2, lane);
-        break;
-      case 2:
-        mma_acc<T, NT, kTransA, kBnk>(acc, A, lda, B, ldb, m0, n0, kUpper ? 2 : 0, kUpper ? KB : 3, NT / 2, lane);
-        break;
-      default:
-        mma_acc<T, NT, kTransA, kBnk>(acc, A, lda, B, ldb, m0, n0, kUpper ? 3 : 0, KB, NT / 2, lane);
-        break;
-    }
-  }
-}
 
 // The sums form's shared-memory sums. A float atomicAdd on shared
 // memory is a compare-and-swap loop on sm_80 / sm_90 (LDS, FADD, ATOMS.CAST.SPIN, a
@@ -157,7 +122,7 @@ __device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4]
 // dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
 // dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
 // here moves the kernel's PTX: see kz_terms).
-template <typename T, int D, bool kSums = false, bool kStraight = false>
+template <typename T, int D, bool kSums = false>
 __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2], BwdSmem<T, D>& sm, const T* dO,
                                          const T* q, const Problem& p, int m0, int n0, int mw, int lane) {
   constexpr int LD = TcTile<D>::LD, NH = D / 16;
@@ -182,7 +147,7 @@ __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2],
   } else {
     add_rows(sm.dG, qd, m0, lane);
   }
-  mma_tri<T, NH, false, false, false, kStraight>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, mw, lane);
+  mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
 }
 
 // dk's first term diag(d) U dh^T, d_x = exp(G_L - G_x) for the tokens of the chunk's last
@@ -247,12 +212,9 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
 // second time, into that tile, by cp.async); <dh, h> is formed after dU and diag(d) U
 // dh^T, so that those products need not wait for h's loads. The products are early's in
 // the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the order of the sums.
-// straight (kStraight): sums with the triangular products compiled once per row block
-// (mma_tri), the same arithmetic in the same order.
-template <typename T, int D, bool kEarly, bool kSums, bool kStraight = false>
+template <typename T, int D, bool kEarly, bool kSums>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   static_assert(kEarly || !kSums, "sums is a form of early");
-  static_assert(kSums || !kStraight, "straight is a form of sums");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -389,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     float acc[NH][4];
     zero(acc);
     // T^T[y][x] = T[x][y], zero for x < y: blocks mw..3
-    mma_tri<T, NH, true, false, true, kStraight>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.x, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     T* dvrow = static_cast<T*>(a.dv) + cp.b * a.dvsb + cp.t0 * a.dvst + cp.h * a.dvsh;
     T *dvat[2], *dqat[2];
     out_rows(dvat, dvrow, a.dvst, m0, n0, lane);
@@ -502,8 +464,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     } else {
       ud_terms(acc, sm, GL, sL, m0, n0, lane);
     }
-    mma_tri<T, NH, false, false, false, kStraight>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, lane);
-    mma_tri<T, NH, true, false, true, kStraight>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, lane);
+    mma_acc<T, NH, false, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
+    mma_acc<T, NH, true, false>(acc, sm.tt, kLdP, sm.k, LD, m0, n0, mw, CH / 16, NH / 2, lane);
 #pragma unroll
     for (int j = 0; j < NH; ++j)
 #pragma unroll
@@ -590,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     cp_async_wait_all();  // q
     __syncthreads();
     // dk += dP^T Q (dP[x][y] is zero for x < y: row blocks mw..3)
-    mma_tri<T, NH, true, false, true, kStraight>(dk, sm.tt, kLdP, sm.u, LD, m0, n0, mw, lane);
+    mma_acc<T, NH, true, false>(dk, sm.tt, kLdP, sm.u, LD, m0, n0, mw, CH / 16, NH / 2, lane);
     store_rows(dkat, dk, m0, cp.nvalid, lane);
     {  // P = scale Gam o Q K^T (registers only); M = P o (dO U^T) = (Q K^T) o pe:
        // dG_x += sum_y M_xy, dG_y -= sum_x M_xy
@@ -620,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     }
     {  // dq, written once
       float dq[NH][4], qd[2];
-      dq_terms<T, D, kSums, kStraight>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
+      dq_terms<T, D, kSums>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
       T* dqat[2];
       out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
       store_rows(dqat, dq, m0, cp.nvalid, lane);
@@ -759,18 +721,16 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): sums (the default), straight (sums with
-// straight triangular products, fourteenth round, under measurement), early (sums'
-// reference) or lean (early's reference).
-enum class BwdForm { kLean, kEarly, kSums, kStraight };
+// the tests and the timing A/B can switch it): sums (the default), early (its reference)
+// or lean (early's reference).
+enum class BwdForm { kLean, kEarly, kSums };
 BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
-  if (std::strcmp(env, "straight") == 0) return BwdForm::kStraight;
   if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
   if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, straight, "
-                   "early or lean, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
+                   "lean, not ") +
        env);
 }
 
@@ -781,10 +741,9 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = form == BwdForm::kSums       ? chunk_bwd_kernel<T, D, true, true>
-                  : form == BwdForm::kStraight ? chunk_bwd_kernel<T, D, true, true, true>
-                  : form == BwdForm::kEarly    ? chunk_bwd_kernel<T, D, true, false>
-                                               : chunk_bwd_kernel<T, D, false, false>;
+    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
+                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
+                                            : chunk_bwd_kernel<T, D, false, false>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
     // all of the SM's 228 KiB as shared memory, so that two blocks fit
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
