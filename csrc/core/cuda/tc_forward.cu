@@ -17,7 +17,6 @@
 // 0.648 ms per output pass; see docs/kernels.md.)
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
@@ -68,53 +67,6 @@ __device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const flo
   tc_score_store<T, D, CNT, 1, CNT>(reinterpret_cast<const float(&)[1][CNT][4]>(acc), ms, scale, p, mt, nt0, lane);
 }
 
-// Session 14 (VAR 3, LASP2_CUDA_FWD_KERNEL=new): the tail of the output and dq passes with fewer
-// instructions, every value computed by the same operations in the same order (same bits).
-// bf16 pair -> two floats by bit operations (a bf16 is the top half of its float):
-// __bfloat1622float2 compiles to a PRMT and a shift for the high half (sm_90a SASS), 3
-// instructions per pair instead of 2. fp16 converts as before.
-template <typename T>
-__device__ __forceinline__ float2 unpack2_bits(uint32_t x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-  else
-    return unpack2<T>(x);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t scale2_bits(uint32_t x, float s0, float s1) {
-  const float2 f = unpack2_bits<T>(x);
-  return pack2<T>(f.x * s0, f.y * s1);
-}
-
-// One halving exchange of reduce16_over_rows: lanes l and l ^ M (M = 4, 8, 16) each keep
-// half of their first 32 / M values (the upper half where lane bit M is set) and add the
-// partner's partial sums of that half.
-template <int M>
-__device__ __forceinline__ void exchange_half(float (&v)[16], int lane) {
-  constexpr int n = 32 / M;  // values kept
-  const bool hi = (lane & M) != 0;
-#pragma unroll
-  for (int k = 0; k < n; ++k) {
-    const float keep = hi ? v[k + n] : v[k];
-    const float send = hi ? v[k] : v[k + n];
-    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, M);
-  }
-}
-
-// Sums each of a thread's 16 values over the 8 lanes with the same lane % 4 and stores the
-// 64 sums (token 8 (i / 2) + 2 (lane % 4) + i % 2 for value i) to red[0, 64): halving
-// exchanges, 8 + 4 + 2 shuffles instead of 16 x 3. Each sum is the same tree as three
-// xor-4/8/16 butterflies per value (lanes l, l ^ 4, then l ^ 8, then l ^ 16; float addition
-// is commutative): the same bits. Every lane then holds 2 sums and stores them.
-__device__ __forceinline__ void reduce16_over_rows(float (&v)[16], float* red, int lane) {
-  exchange_half<4>(v, lane);
-  exchange_half<8>(v, lane);
-  exchange_half<16>(v, lane);
-  // lane bits 2, 3, 4 chose value halves 8, 4, 2: this lane holds values 2j, 2j + 1
-  const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
-  *reinterpret_cast<float2*>(red + 8 * j + 2 * (lane & 3)) = make_float2(v[0], v[1]);
-}
-
 template <typename T, int D>
 __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const float* ms, float scale,
                                              T* Ps, int warp, int lane) {
@@ -137,13 +89,12 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
-// VAR (output / dq; LASP2_CUDA_FWD_KERNEL): at D = 64, 0 = the score tile by tc_scores
-// (sessions 4-12; the equality test's reference), 2 = tc_scores_split with its weights and
-// stores per case (session 13; variant 1, tc_scores_split with the shared per-pair stores,
-// measured no faster and was removed); 3 = variant 2 with session 14's tail (kTail14; D = 128
-// too, where 0 and 2 are the same code). At D = 64 the output pass runs 3 blocks per SM
-// (shared memory); the bound keeps variants 2 and 3 at <= 168 registers for that
-// (unbounded: 175).
+// VAR (D = 64 output / dq only, session 13; LASP2_CUDA_FWD_KERNEL): 0 = the score tile
+// by tc_scores (sessions 4-12; the equality test's reference), 2 = tc_scores_split with
+// its weights and stores per case (the default; variant 1, tc_scores_split with the
+// shared per-pair stores, measured no faster and was removed). At D = 64 the output pass
+// runs 3 blocks per SM (shared memory); the bound keeps variant 2 at <= 168 registers for
+// that (unbounded: 175).
 template <typename T, int D, int MODE, int VAR>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
@@ -156,9 +107,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // the inter product S_a^T qa^T (it reads only qa and the state) before the barrier
   // after the score tile instead of after it. Same MMAs in the same order: same bits.
   constexpr bool kSplit = NW == 8 && !kPrefix;
-  // VAR 3 (session 14): the tail with bit-operation bf16 unpacks, one predicate per store and
-  // dq's q.dq by halving exchanges (reduce16_over_rows); same bits as VAR 2.
-  constexpr bool kTail14 = VAR >= 3;
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -229,31 +177,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   };
 
   const bool active = 16 * warp < dv;
-  // kDq && kTail14: q.dq of the chunk at token t0c (n tokens) from the warps' partial sums
-  // in red, by thread x = 0..63 (the same sum in the same order as the older variants' below)
-  auto qdq_flush = [&](int64_t t0c, int n, int x) {
-    if (x >= 0 && x < n) {
-      float s = 0.f;
-      const int nact = (dv + 15) / 16;
-      for (int w = 0; w < nact; ++w) s += red[w * 64 + x];
-      args.qdq[bth(g, b, g.begin + t0c + x, h)] = s;
-    }
-  };
-  // kTail14: a chunk's q.dq is summed after the next chunk's first barrier instead of after a
-  // barrier of its own (red is written again only after that chunk's second barrier, which
-  // the summing threads reach after their reads): one barrier per chunk fewer. The summing
-  // threads: warps 4 and 5 at D = 128 (2 n8 score tiles, no weights), warps 0 and 1 at D = 64
-  // (the fewest score blocks).
-  constexpr int kFlushTid0 = NW == 8 ? 128 : 0;
   if (c_begin < c_end) load(c_begin, 0);
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
     cp_async_wait_all();
     __syncthreads();
     if (c + 1 < c_end) load(c + 1, stage ^ 1);
-    // the previous chunk (a full one: only a part's last chunk can be partial)
-    if (kDq && kTail14 && c > c_begin)
-      qdq_flush(static_cast<int64_t>(c - 1) * kChunk, kChunk, tid - kFlushTid0);
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
     const T* Vs = tile(stage, 2);
@@ -309,7 +238,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       const T* const a[1] = {Qs};
       const T* const bk[1] = {Ks};
       T* const p[1] = {Ps};
-      if constexpr (VAR >= 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
+      if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
     __syncthreads();
@@ -366,11 +295,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
         T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
         const int64_t ostep = 8 * args.out.st;
-        // kTail14: store (j, hf) iff 8 j < ylim and dok[hf], with `full` folded in once per
-        // chunk (the same stores as full || (y < nvalid && d < dv)): one compare per store
-        // instead of two compares, an OR and the row's add (static SASS).
-        const int ylim = full ? kChunk : nvalid - (lane >> 2);
-        const bool dok[2] = {full || 16 * warp + 2 * (lane & 3) < dv, full || 16 * warp + 8 + 2 * (lane & 3) < dv};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
@@ -378,8 +302,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           for (int hf = 0; hf < 2; ++hf) {
             const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
             if (kDq) {
-              const float2 x = kTail14 ? unpack2_bits<T>(xf[2 * (j & 1) + hf])  // x[y][d], x[y + 1][d]
-                                       : unpack2<T>(xf[2 * (j & 1) + hf]);
+              const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
               const float x0 = x.x, x1 = x.y;
               if (hf == 0) {
                 part[j][0] = v0 * x0;
@@ -394,20 +317,11 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
             const uint32_t tr = movm_trans(pack2<T>(v0, v1));
             const int y = 8 * j + (lane >> 2);
             const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
-            if (kTail14 ? (8 * j < ylim && dok[hf]) : (full || (y < nvalid && d < dv)))
-              *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
+            if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
           }
           orow += ostep;
         }
-        if (kDq && kTail14) {
-          float v[16];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            v[2 * j] = part[j][0];
-            v[2 * j + 1] = part[j][1];
-          }
-          reduce16_over_rows(v, red + warp * 64, lane);
-        } else if (kDq) {
+        if (kDq) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -432,17 +346,10 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           const int y = 16 * kk + 2 * (lane & 3);
           const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
           uint32_t a[4];
-          if constexpr (kTail14) {
-            a[0] = scale2_bits<T>(vf[kk][0], w0, w1);
-            a[1] = scale2_bits<T>(vf[kk][1], w0, w1);
-            a[2] = scale2_bits<T>(vf[kk][2], w2, w3);
-            a[3] = scale2_bits<T>(vf[kk][3], w2, w3);
-          } else {
-            a[0] = scale2<T>(vf[kk][0], w0, w1);
-            a[1] = scale2<T>(vf[kk][1], w0, w1);
-            a[2] = scale2<T>(vf[kk][2], w2, w3);
-            a[3] = scale2<T>(vf[kk][3], w2, w3);
-          }
+          a[0] = scale2<T>(vf[kk][0], w0, w1);
+          a[1] = scale2<T>(vf[kk][1], w0, w1);
+          a[2] = scale2<T>(vf[kk][2], w2, w3);
+          a[3] = scale2<T>(vf[kk][3], w2, w3);
 #pragma unroll
           for (int np = 0; np < D / 16; ++np) {
             uint32_t bb[4];
@@ -453,7 +360,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         }
       }
     }
-    if (kDq && !kTail14) {
+    if (kDq) {
       __syncthreads();
       if (tid < nvalid) {
         float s = 0.f;
@@ -464,40 +371,25 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     }
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
   }
-  if (kDq && kTail14 && c_begin < c_end) {  // the last chunk's q.dq
-    __syncthreads();
-    const int64_t t0 = static_cast<int64_t>(c_end - 1) * kChunk;
-    qdq_flush(t0, min(kChunk, g.n - static_cast<int>(t0)), tid - kFlushTid0);
-  }
   cp_async_wait_all();
 }
 
-// LASP2_CUDA_FWD_KERNEL (the output and dq passes; read per launch so that a test can
-// switch it; all variants give the same bits): old = variant 0 (D = 64: tc_scores and the
-// session-13 tail; D = 128: the session-13 kernel), s13 = variant 2 (session 13's kernels:
-// D = 64 tc_scores_split, the session-13 tail), new = variant 3 (variant 2 with session
-// 14's tail), unset = kFwdDefaultVariant. The prefix kernels have one version.
-constexpr int kFwdDefaultVariant = 2;  // session 14's tail stays opt-in until measured
+// LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
+// tc_fwd_kernel (same bits; the equality test's reference); otherwise variant 2. Read per
+// launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  if (env == nullptr) return kFwdDefaultVariant;
-  if (std::strcmp(env, "old") == 0) return 0;
-  if (std::strcmp(env, "s13") == 0) return 2;
-  if (std::strcmp(env, "new") == 0) return 3;
-  return kFwdDefaultVariant;
+  return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
 }
 
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
-  constexpr bool kVariants = MODE != static_cast<int>(FwdMode::kPrefix);
+  constexpr bool kVariants = D == 64 && MODE != static_cast<int>(FwdMode::kPrefix);
   auto k = tc_fwd_kernel<T, D, MODE, 2>;
   if constexpr (kVariants) {
     const int var = fwd_kernel_variant();
-    // D = 128 has one score tile (scores_fine8): variant 0 is variant 2's code
-    if (var == 3) k = tc_fwd_kernel<T, D, MODE, 3>;
-    if constexpr (D == 64)
-      if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
+    if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
   }
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
