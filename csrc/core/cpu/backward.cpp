@@ -37,13 +37,9 @@ void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout
       const T* dox = row<T>(dout, b, c0 + x, h);
       std::fill(acc.begin(), acc.end(), Acc(0));
       S.right_mul_add(info.entry_weight(x), dox, acc.data());
-      for (int64_t y = 0; y <= x; ++y) {
-        const Acc w = info.pair_weight(x, y);
-        if (w == Acc(0)) continue;
-        const Acc a = w * dot<Acc>(dox, row<T>(p.v, b, c0 + y, h), dv);
-        const T* ky = row<T>(p.k, b, c0 + y, h);
-        for (int64_t i = 0; i < dk; ++i) acc[i] += a * static_cast<Acc>(ky[i]);
-      }
+      info.add_causal(
+          x, dox, [&](int64_t y) { return row<T>(p.v, b, c0 + y, h); }, dv,
+          [&](int64_t y) { return row<T>(p.k, b, c0 + y, h); }, dk, acc.data());
       T* dqx = row<T>(dq, b, c0 + x, h);
       const T* qx = row<T>(p.q, b, c0 + x, h);
       Acc qdot = 0;

@@ -76,6 +76,19 @@ struct ChunkInfo {
   Acc exit_weight(int64_t y) const { return pair_weight(n - 1, y); }
   // Factor carrying the entering state through the whole chunk.
   Acc through_weight() const { return entry_weight(n - 1); }
+  // The intra-chunk causal part of row x: acc += sum over y <= x of pair_weight(x, y)
+  // (ax . b_y) c_y, with b_y = b_row(y) of length nb and c_y = c_row(y) of length nc.
+  // The output (a = q, b = k, c = v) and dq (a = dO, b = v, c = k) share it.
+  template <typename T, typename BRow, typename CRow>
+  void add_causal(int64_t x, const T* ax, BRow&& b_row, int64_t nb, CRow&& c_row, int64_t nc, Acc* acc) const {
+    for (int64_t y = 0; y <= x; ++y) {
+      const Acc w = pair_weight(x, y);
+      if (w == Acc(0)) continue;
+      const Acc a = w * dot<Acc>(ax, b_row(y), nb);
+      const T* cy = c_row(y);
+      for (int64_t j = 0; j < nc; ++j) acc[j] += a * static_cast<Acc>(cy[j]);
+    }
+  }
 };
 
 // A dk x dv fp32-or-better state held row-major.

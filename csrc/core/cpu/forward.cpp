@@ -21,13 +21,9 @@ void chunk_forward(const AttentionParams& p, TokenRange part, const float* initi
       const T* qx = row<T>(p.q, b, c0 + x, h);
       std::fill(acc.begin(), acc.end(), Acc(0));
       S.left_mul_add(info.entry_weight(x), qx, acc.data());  // inter-chunk part
-      for (int64_t y = 0; y <= x; ++y) {                     // intra-chunk part
-        const Acc w = info.pair_weight(x, y);
-        if (w == Acc(0)) continue;
-        const Acc a = w * dot<Acc>(qx, row<T>(p.k, b, c0 + y, h), dk);
-        const T* vy = row<T>(p.v, b, c0 + y, h);
-        for (int64_t j = 0; j < dv; ++j) acc[j] += a * static_cast<Acc>(vy[j]);
-      }
+      info.add_causal(  // intra-chunk part
+          x, qx, [&](int64_t y) { return row<T>(p.k, b, c0 + y, h); }, dk,
+          [&](int64_t y) { return row<T>(p.v, b, c0 + y, h); }, dv, acc.data());
       T* ox = row<T>(o, b, c0 + x, h);
       for (int64_t j = 0; j < dv; ++j) ox[j] = static_cast<T>(p.scale * acc[j]);
     }
