@@ -65,6 +65,28 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
   }
 }
 
+// C's first products (dk: dS v^T, dv: dS^T k^T), each token column scaled by its exit
+// weight: acc's n8 tile j holds tokens 16 tb[j / 2] + 8 (j % 2) + (0..7). One helper for
+// both so that the two keep the same operations. (The products themselves stay written
+// out twice: as one helper with the transposed dS read a template switch, the dv PTX
+// changed (phi copies at D = 64), so that merge was left.)
+template <int RM>
+__device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
+                                           const float* extw, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
+    const float e0 = extw[y], e1 = extw[y + 1];
+#pragma unroll
+    for (int m = 0; m < RM; ++m) {
+      acc[m][j][0] *= e0;
+      acc[m][j][1] *= e1;
+      acc[m][j][2] *= e0;
+      acc[m][j][3] *= e1;
+    }
+  }
+}
+
 template <int D>
 struct DkdvLayout {
   static constexpr int kTiles = 8 * TcTile<D>::kBytes;  // [2 stages][q, k, v, dO]
@@ -287,18 +309,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
           }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
-        const float e0 = extw[y], e1 = extw[y + 1];
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-          acc[m][j][0] *= e0;
-          acc[m][j][1] *= e1;
-          acc[m][j][2] *= e0;
-          acc[m][j][3] *= e1;
-        }
-      }
+      scale_exit<RM>(acc, tb, extw, lane);
       // key block tb gets the queries of blocks >= tb
       // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
       auto causal = [&](auto h0) {
@@ -394,18 +405,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
           }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
-        const float e0 = extw[y], e1 = extw[y + 1];
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-          acc[m][j][0] *= e0;
-          acc[m][j][1] *= e1;
-          acc[m][j][2] *= e0;
-          acc[m][j][3] *= e1;
-        }
-      }
+      scale_exit<RM>(acc, tb, extw, lane);
       // as in dk: one straight block per hc; the dO fragments of token blocks below
       // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded
       auto causal = [&](auto h0) {
