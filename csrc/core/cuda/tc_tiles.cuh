@@ -58,6 +58,25 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
+// The query row block (m16 tile) of warp `warp`'s part of the score tile, in tc_scores and
+// tc_scores_split (Spread: see tc_scores); its n8 tiles are [(warp / 4) NPW, +NPW). One
+// definition so that the two keep the same split of the tile.
+template <bool Spread>
+__device__ __forceinline__ int tc_score_row_block(int warp) {
+  return (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+}
+
+// Zeroes a warp's mma accumulators (N x M m16n8 tiles of 4 floats).
+template <int N, int M>
+__device__ __forceinline__ void tc_zero(float (&acc)[N][M][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
 // The product part of tc_scores for a warp whose first NB n16 column pairs (of
 // NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
 // D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
@@ -144,16 +163,11 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
   static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  const int mt = tc_score_row_block<Spread>(warp);
   const int nt0 = (warp >> 2) * NPW;
   if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
   float acc[N][NPW][4];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < NPW; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  tc_zero(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
     uint32_t a[N][4];
@@ -192,16 +206,11 @@ __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T
   static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores_split: 4, 8 or 16 warps");
   static_assert(!Spread || NW == 8, "tc_scores_split: Spread needs 8 warps");
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  const int mt = tc_score_row_block<Spread>(warp);
   const int nt0 = (warp >> 2) * NPW;
   if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
   float acc[N][NPW][4];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < NPW; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  tc_zero(acc);
   // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
   const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
   constexpr int H = NPW / 2;  // pairs per warp; NB = min(k, H) keeps unused cases valid
