@@ -286,12 +286,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     if (krows) {
       // dk^T rows [16r, +16), token blocks tb: dS v^T (exit-weighted) + q^T P2
       float acc[RM][4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
-#pragma unroll
-      for (int m = 0; m < RM; ++m)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+      tc_zero(acc);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[RM][4];
@@ -382,12 +377,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
       float acc[RM][4][4];
-#pragma unroll
-      for (int m = 0; m < RM; ++m)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+      tc_zero(acc);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[RM][4];
