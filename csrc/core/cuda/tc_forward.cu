@@ -46,10 +46,7 @@ __device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const flo
                                              T* Ps, int mt, int nt0, int lane) {
   constexpr int LD = TcTile<D>::LD;
   float acc[CNT][4];
-#pragma unroll
-  for (int j = 0; j < CNT; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  tc_zero(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4], bb[4];
@@ -205,10 +202,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     float o[8][4];
     // inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
     auto inter = [&]() {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+      tc_zero(o);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];

@@ -114,10 +114,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   };
 
   float M[DB / 8][4];
-#pragma unroll
-  for (int j = 0; j < DB / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) M[j][e] = 0.f;
+  tc_zero(M);
   const bool active = 16 * warp < args.da;
 
   load(0, 0);

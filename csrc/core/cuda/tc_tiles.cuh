@@ -66,15 +66,18 @@ __device__ __forceinline__ int tc_score_row_block(int warp) {
   return (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
 }
 
-// Zeroes a warp's mma accumulators (N x M m16n8 tiles of 4 floats).
+// Zeroes a warp's mma accumulators (M, or N x M, m16n8 tiles of 4 floats).
+template <int M>
+__device__ __forceinline__ void tc_zero(float (&acc)[M][4]) {
+#pragma unroll
+  for (int j = 0; j < M; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
 template <int N, int M>
 __device__ __forceinline__ void tc_zero(float (&acc)[N][M][4]) {
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < M; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  for (int i = 0; i < N; ++i) tc_zero(acc[i]);
 }
 
 // The product part of tc_scores for a warp whose first NB n16 column pairs (of
