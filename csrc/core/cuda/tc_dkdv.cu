@@ -455,10 +455,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         uint32_t a[RM][4];
 #pragma unroll
         for (int m = 0; m < RM; ++m) {
-          a[m][0] = scale2<T>(qf[m][kk][0], w0, w1);
-          a[m][1] = scale2<T>(qf[m][kk][1], w0, w1);
-          a[m][2] = scale2<T>(qf[m][kk][2], w2, w3);
-          a[m][3] = scale2<T>(qf[m][kk][3], w2, w3);
+          scale_a_tokens<T>(a[m], qf[m][kk], w0, w1, w2, w3);
         }
 #pragma unroll
         for (int np = 0; np < HC / 16; ++np) {

@@ -340,10 +340,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           const int y = 16 * kk + 2 * (lane & 3);
           const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
           uint32_t a[4];
-          a[0] = scale2<T>(vf[kk][0], w0, w1);
-          a[1] = scale2<T>(vf[kk][1], w0, w1);
-          a[2] = scale2<T>(vf[kk][2], w2, w3);
-          a[3] = scale2<T>(vf[kk][3], w2, w3);
+          scale_a_tokens<T>(a, vf[kk], w0, w1, w2, w3);
 #pragma unroll
           for (int np = 0; np < D / 16; ++np) {
             uint32_t bb[4];

@@ -148,10 +148,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
           w[2] = carry * wh.y;
           w[3] = carry * wh.w;
         }
-        a[0] = scale2<T>(a[0], w[0], w[1]);
-        a[1] = scale2<T>(a[1], w[0], w[1]);
-        a[2] = scale2<T>(a[2], w[2], w[3]);
-        a[3] = scale2<T>(a[3], w[2], w[3]);
+        scale_a_tokens<T>(a, a, w[0], w[1], w[2], w[3]);
 #pragma unroll
         for (int np = 0; np < DB / 16; ++np) {  // columns past db are zero in the tile
           uint32_t bb[4];

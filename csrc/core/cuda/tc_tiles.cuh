@@ -80,6 +80,20 @@ __device__ __forceinline__ void tc_zero(float (&acc)[N][M][4]) {
   for (int i = 0; i < N; ++i) tc_zero(acc[i]);
 }
 
+// An m16k16 A fragment whose k index is the token (x: this lane's registers, from
+// ldmatrix of a [dim][token] or .trans of a [token][dim] tile) scaled per token: w0, w1
+// weigh registers 0 and 1 (tokens 2 (lane % 4) + {0, 1} of the k step), w2, w3 registers 2
+// and 3 (tokens + 8). a may be x. Shared by the passes that weight a product over the
+// chunk's tokens (entry / exit weights: tc_state, tc_forward, tc_dkdv).
+template <typename T>
+__device__ __forceinline__ void scale_a_tokens(uint32_t (&a)[4], const uint32_t (&x)[4], float w0,
+                                               float w1, float w2, float w3) {
+  a[0] = scale2<T>(x[0], w0, w1);
+  a[1] = scale2<T>(x[1], w0, w1);
+  a[2] = scale2<T>(x[2], w2, w3);
+  a[3] = scale2<T>(x[3], w2, w3);
+}
+
 // The product part of tc_scores for a warp whose first NB n16 column pairs (of
 // NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
 // D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
