@@ -94,6 +94,29 @@ __device__ __forceinline__ void scale_a_tokens(uint32_t (&a)[4], const uint32_t 
   a[3] = scale2<T>(x[3], w2, w3);
 }
 
+// One k step of the score products, shared by tc_score_mmas and tc_scores: the A
+// fragments of query row block mt (tc_score_a), then for the n16 key pair of n8 tiles
+// nt, nt + 1 (np-th of the warp) acc[i][2 np + {0, 1}] += A_i B_i^T (tc_score_pair).
+template <int D, typename T, int N>
+__device__ __forceinline__ void tc_score_a(uint32_t (&a)[N][4], const T* const (&As)[N], int mt,
+                                           int kk, int lane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, TcTile<D>::LD));
+}
+template <int D, typename T, int N, int NPW>
+__device__ __forceinline__ void tc_score_pair(float (&acc)[N][NPW][4], const uint32_t (&a)[N][4],
+                                              const T* const (&Bs)[N], int kk, int nt, int np,
+                                              int lane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    uint32_t bb[4];
+    ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * nt, TcTile<D>::LD));
+    mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
+    mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
+  }
+}
+
 // The product part of tc_scores for a warp whose first NB n16 column pairs (of
 // NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
 // D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
@@ -102,21 +125,13 @@ template <typename T, int D, int NPW, int N, int NB>
 __device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* const (&Bs)[N], int mt,
                                               int nt0, int lane, float (&acc)[N][NPW][4]) {
   static_assert(NB >= 1 && 2 * NB <= NPW, "tc_score_mmas: 1 <= NB <= NPW / 2");
-  constexpr int LD = TcTile<D>::LD;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
     uint32_t a[N][4];
-#pragma unroll
-    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    tc_score_a<D>(a, As, mt, kk, lane);
 #pragma unroll
     for (int np = 0; np < NB; ++np) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        uint32_t bb[4];
-        ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2 * np), LD));
-        mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
-        mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
-      }
+      tc_score_pair<D>(acc, a, Bs, kk, nt0 + 2 * np, np, lane);
     }
   }
 }
@@ -178,7 +193,6 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
                                           int warp, int lane) {
   static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
   static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
-  constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
   const int mt = tc_score_row_block<Spread>(warp);
   const int nt0 = (warp >> 2) * NPW;
@@ -188,19 +202,12 @@ __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* cons
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
     uint32_t a[N][4];
-#pragma unroll
-    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    tc_score_a<D>(a, As, mt, kk, lane);
 #pragma unroll
     for (int np = 0; np < NPW / 2; ++np) {
       const int nt = nt0 + 2 * np;
       if (8 * nt <= 16 * mt + 15) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          uint32_t bb[4];
-          ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * nt, LD));
-          mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
-          mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
-        }
+        tc_score_pair<D>(acc, a, Bs, kk, nt, np, lane);
       }
     }
   }
