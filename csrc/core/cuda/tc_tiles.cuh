@@ -58,12 +58,17 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
-// The query row block (m16 tile) of warp `warp`'s part of the score tile, in tc_scores and
-// tc_scores_split (Spread: see tc_scores); its n8 tiles are [(warp / 4) NPW, +NPW). One
-// definition so that the two keep the same split of the tile.
-template <bool Spread>
-__device__ __forceinline__ int tc_score_row_block(int warp) {
-  return (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+// Warp `warp`'s part of the score tile in tc_scores and tc_scores_split (NW warps;
+// Spread: see tc_scores): query row block (m16 tile) mt, n8 key tiles [nt0, nt0 + 32 / NW).
+// False (warp-uniform) when all of them lie above the diagonal. One definition so that the
+// two keep the same split of the tile.
+template <int NW, bool Spread>
+__device__ __forceinline__ bool tc_score_block(int warp, int& mt, int& nt0) {
+  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
+  static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
+  mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  nt0 = (warp >> 2) * (32 / NW);
+  return 8 * nt0 <= 16 * mt + 15;
 }
 
 // Zeroes a warp's mma accumulators (M, or N x M, m16n8 tiles of 4 floats).
@@ -191,12 +196,9 @@ template <typename T, int D, int NW, int N = 1, bool Spread = false>
 __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* const (&Bs)[N],
                                           const float* ms, float scale, T* const (&Ps)[N],
                                           int warp, int lane) {
-  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
-  static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = tc_score_row_block<Spread>(warp);
-  const int nt0 = (warp >> 2) * NPW;
-  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  int mt, nt0;
+  if (!tc_score_block<NW, Spread>(warp, mt, nt0)) return;
   float acc[N][NPW][4];
   tc_zero(acc);
 #pragma unroll
@@ -227,12 +229,9 @@ template <typename T, int D, int NW, int N = 1, bool Spread = false, bool Straig
 __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
                                                 const float* ms, float scale, T* const (&Ps)[N], int warp,
                                                 int lane) {
-  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores_split: 4, 8 or 16 warps");
-  static_assert(!Spread || NW == 8, "tc_scores_split: Spread needs 8 warps");
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = tc_score_row_block<Spread>(warp);
-  const int nt0 = (warp >> 2) * NPW;
-  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  int mt, nt0;
+  if (!tc_score_block<NW, Spread>(warp, mt, nt0)) return;
   float acc[N][NPW][4];
   tc_zero(acc);
   // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
