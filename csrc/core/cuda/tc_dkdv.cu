@@ -492,13 +492,7 @@ void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
 int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<128>::kBytes; }
 
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64>(a, s);
-    else launch_dkdv_t<__nv_bfloat16, 128>(a, s);
-  } else {
-    if (D == 64) launch_dkdv_t<__half, 64>(a, s);
-    else launch_dkdv_t<__half, 128>(a, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_dkdv_t<decltype(t), decltype(d)::value>(a, s); });
 }
 
 }  // namespace lasp2::cuda

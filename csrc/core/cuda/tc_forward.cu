@@ -411,13 +411,7 @@ int tc_fwd_smem(int D, FwdMode mode) {
 }
 
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_fwd_mode<__nv_bfloat16, 64>(a, mode, s);
-    else launch_fwd_mode<__nv_bfloat16, 128>(a, mode, s);
-  } else {
-    if (D == 64) launch_fwd_mode<__half, 64>(a, mode, s);
-    else launch_fwd_mode<__half, 128>(a, mode, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_fwd_mode<decltype(t), decltype(d)::value>(a, mode, s); });
 }
 
 }  // namespace lasp2::cuda

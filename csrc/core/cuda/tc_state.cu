@@ -249,13 +249,7 @@ void launch_state_sum(const StateArgs& a, cudaStream_t s) {
 int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_state_t<__nv_bfloat16, 64>(a, entry, s);
-    else launch_state_t<__nv_bfloat16, 128>(a, entry, s);
-  } else {
-    if (D == 64) launch_state_t<__half, 64>(a, entry, s);
-    else launch_state_t<__half, 128>(a, entry, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_state_t<decltype(t), decltype(d)::value>(a, entry, s); });
 }
 
 }  // namespace lasp2::cuda

@@ -3,6 +3,8 @@
 // fall into distinct banks.
 #pragma once
 
+#include <type_traits>
+
 #include "device_utils.cuh"
 
 namespace lasp2::cuda {
@@ -14,6 +16,21 @@ struct TcTile {
 };
 constexpr int kLdP = kChunk + 8;                        // [64][72] score tiles
 constexpr int kPBytes = kChunk * kLdP * 2;
+
+// The launchers' instantiation switch (tc_forward.cu, tc_state.cu, tc_dkdv.cu): calls
+// f(T{}, std::integral_constant<int, D>{}) with T the 16-bit element type of e (bf16, else
+// fp16) and D = 64 or 128 (the tensor-core kernels' sizes: 64 if D == 64, else 128).
+// Host code.
+template <typename F>
+void dispatch_tc(Elem e, int D, F&& f) {
+  if (e == Elem::kBF16) {
+    if (D == 64) f(__nv_bfloat16{}, std::integral_constant<int, 64>{});
+    else f(__nv_bfloat16{}, std::integral_constant<int, 128>{});
+  } else {
+    if (D == 64) f(__half{}, std::integral_constant<int, 64>{});
+    else f(__half{}, std::integral_constant<int, 128>{});
+  }
+}
 
 // cp.async one chunk of a [token][dim] view into a tile: rows >= nvalid and
 // columns >= dim (a multiple of 8) are zero-filled. Thread tid copies the 16-byte
