@@ -65,6 +65,28 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
   }
 }
 
+// C's first products (dk: dS v^T, dv: dS^T k^T), each token column scaled by its exit
+// weight: acc's n8 tile j holds tokens 16 tb[j / 2] + 8 (j % 2) + (0..7). One helper for
+// both so that the two keep the same operations. (The products themselves stay written
+// out twice: as one helper with the transposed dS read a template switch, the dv PTX
+// changed (phi copies at D = 64), so that merge was left.)
+template <int RM>
+__device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
+                                           const float* extw, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
+    const float e0 = extw[y], e1 = extw[y + 1];
+#pragma unroll
+    for (int m = 0; m < RM; ++m) {
+      acc[m][j][0] *= e0;
+      acc[m][j][1] *= e1;
+      acc[m][j][2] *= e0;
+      acc[m][j][3] *= e1;
+    }
+  }
+}
+
 template <int D>
 struct DkdvLayout {
   static constexpr int kTiles = 8 * TcTile<D>::kBytes;  // [2 stages][q, k, v, dO]
@@ -264,12 +286,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     if (krows) {
       // dk^T rows [16r, +16), token blocks tb: dS v^T (exit-weighted) + q^T P2
       float acc[RM][4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
-#pragma unroll
-      for (int m = 0; m < RM; ++m)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+      tc_zero(acc);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[RM][4];
@@ -287,18 +304,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
           }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
-        const float e0 = extw[y], e1 = extw[y + 1];
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-          acc[m][j][0] *= e0;
-          acc[m][j][1] *= e1;
-          acc[m][j][2] *= e0;
-          acc[m][j][3] *= e1;
-        }
-      }
+      scale_exit<RM>(acc, tb, extw, lane);
       // key block tb gets the queries of blocks >= tb
       // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
       auto causal = [&](auto h0) {
@@ -371,12 +377,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
       float acc[RM][4][4];
-#pragma unroll
-      for (int m = 0; m < RM; ++m)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+      tc_zero(acc);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[RM][4];
@@ -394,18 +395,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
             mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
           }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
-        const float e0 = extw[y], e1 = extw[y + 1];
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-          acc[m][j][0] *= e0;
-          acc[m][j][1] *= e1;
-          acc[m][j][2] *= e0;
-          acc[m][j][3] *= e1;
-        }
-      }
+      scale_exit<RM>(acc, tb, extw, lane);
       // as in dk: one straight block per hc; the dO fragments of token blocks below
       // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded
       auto causal = [&](auto h0) {
@@ -465,10 +455,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         uint32_t a[RM][4];
 #pragma unroll
         for (int m = 0; m < RM; ++m) {
-          a[m][0] = scale2<T>(qf[m][kk][0], w0, w1);
-          a[m][1] = scale2<T>(qf[m][kk][1], w0, w1);
-          a[m][2] = scale2<T>(qf[m][kk][2], w2, w3);
-          a[m][3] = scale2<T>(qf[m][kk][3], w2, w3);
+          scale_a_tokens<T>(a[m], qf[m][kk], w0, w1, w2, w3);
         }
 #pragma unroll
         for (int np = 0; np < HC / 16; ++np) {
@@ -505,13 +492,7 @@ void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
 int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<128>::kBytes; }
 
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_dkdv_t<__nv_bfloat16, 64>(a, s);
-    else launch_dkdv_t<__nv_bfloat16, 128>(a, s);
-  } else {
-    if (D == 64) launch_dkdv_t<__half, 64>(a, s);
-    else launch_dkdv_t<__half, 128>(a, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_dkdv_t<decltype(t), decltype(d)::value>(a, s); });
 }
 
 }  // namespace lasp2::cuda

@@ -46,10 +46,7 @@ __device__ __forceinline__ void scores_slice(const T* Qs, const T* Ks, const flo
                                              T* Ps, int mt, int nt0, int lane) {
   constexpr int LD = TcTile<D>::LD;
   float acc[CNT][4];
-#pragma unroll
-  for (int j = 0; j < CNT; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  tc_zero(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4], bb[4];
@@ -205,10 +202,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     float o[8][4];
     // inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
     auto inter = [&]() {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+      tc_zero(o);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
@@ -346,10 +340,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           const int y = 16 * kk + 2 * (lane & 3);
           const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
           uint32_t a[4];
-          a[0] = scale2<T>(vf[kk][0], w0, w1);
-          a[1] = scale2<T>(vf[kk][1], w0, w1);
-          a[2] = scale2<T>(vf[kk][2], w2, w3);
-          a[3] = scale2<T>(vf[kk][3], w2, w3);
+          scale_a_tokens<T>(a, vf[kk], w0, w1, w2, w3);
 #pragma unroll
           for (int np = 0; np < D / 16; ++np) {
             uint32_t bb[4];
@@ -420,13 +411,7 @@ int tc_fwd_smem(int D, FwdMode mode) {
 }
 
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_fwd_mode<__nv_bfloat16, 64>(a, mode, s);
-    else launch_fwd_mode<__nv_bfloat16, 128>(a, mode, s);
-  } else {
-    if (D == 64) launch_fwd_mode<__half, 64>(a, mode, s);
-    else launch_fwd_mode<__half, 128>(a, mode, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_fwd_mode<decltype(t), decltype(d)::value>(a, mode, s); });
 }
 
 }  // namespace lasp2::cuda

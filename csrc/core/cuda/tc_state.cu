@@ -114,10 +114,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   };
 
   float M[DB / 8][4];
-#pragma unroll
-  for (int j = 0; j < DB / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) M[j][e] = 0.f;
+  tc_zero(M);
   const bool active = 16 * warp < args.da;
 
   load(0, 0);
@@ -151,10 +148,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
           w[2] = carry * wh.y;
           w[3] = carry * wh.w;
         }
-        a[0] = scale2<T>(a[0], w[0], w[1]);
-        a[1] = scale2<T>(a[1], w[0], w[1]);
-        a[2] = scale2<T>(a[2], w[2], w[3]);
-        a[3] = scale2<T>(a[3], w[2], w[3]);
+        scale_a_tokens<T>(a, a, w[0], w[1], w[2], w[3]);
 #pragma unroll
         for (int np = 0; np < DB / 16; ++np) {  // columns past db are zero in the tile
           uint32_t bb[4];
@@ -255,13 +249,7 @@ void launch_state_sum(const StateArgs& a, cudaStream_t s) {
 int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s) {
-  if (e == Elem::kBF16) {
-    if (D == 64) launch_state_t<__nv_bfloat16, 64>(a, entry, s);
-    else launch_state_t<__nv_bfloat16, 128>(a, entry, s);
-  } else {
-    if (D == 64) launch_state_t<__half, 64>(a, entry, s);
-    else launch_state_t<__half, 128>(a, entry, s);
-  }
+  dispatch_tc(e, D, [&](auto t, auto d) { launch_state_t<decltype(t), decltype(d)::value>(a, entry, s); });
 }
 
 }  // namespace lasp2::cuda

@@ -3,6 +3,8 @@
 // fall into distinct banks.
 #pragma once
 
+#include <type_traits>
+
 #include "device_utils.cuh"
 
 namespace lasp2::cuda {
@@ -14,6 +16,21 @@ struct TcTile {
 };
 constexpr int kLdP = kChunk + 8;                        // [64][72] score tiles
 constexpr int kPBytes = kChunk * kLdP * 2;
+
+// The launchers' instantiation switch (tc_forward.cu, tc_state.cu, tc_dkdv.cu): calls
+// f(T{}, std::integral_constant<int, D>{}) with T the 16-bit element type of e (bf16, else
+// fp16) and D = 64 or 128 (the tensor-core kernels' sizes: 64 if D == 64, else 128).
+// Host code.
+template <typename F>
+void dispatch_tc(Elem e, int D, F&& f) {
+  if (e == Elem::kBF16) {
+    if (D == 64) f(__nv_bfloat16{}, std::integral_constant<int, 64>{});
+    else f(__nv_bfloat16{}, std::integral_constant<int, 128>{});
+  } else {
+    if (D == 64) f(__half{}, std::integral_constant<int, 64>{});
+    else f(__half{}, std::integral_constant<int, 128>{});
+  }
+}
 
 // cp.async one chunk of a [token][dim] view into a tile: rows >= nvalid and
 // columns >= dim (a multiple of 8) are zero-filled. Thread tid copies the 16-byte
@@ -58,6 +75,70 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
+// Warp `warp`'s part of the score tile in tc_scores and tc_scores_split (NW warps;
+// Spread: see tc_scores): query row block (m16 tile) mt, n8 key tiles [nt0, nt0 + 32 / NW).
+// False (warp-uniform) when all of them lie above the diagonal. One definition so that the
+// two keep the same split of the tile.
+template <int NW, bool Spread>
+__device__ __forceinline__ bool tc_score_block(int warp, int& mt, int& nt0) {
+  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
+  static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
+  mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
+  nt0 = (warp >> 2) * (32 / NW);
+  return 8 * nt0 <= 16 * mt + 15;
+}
+
+// Zeroes a warp's mma accumulators (M, or N x M, m16n8 tiles of 4 floats).
+template <int M>
+__device__ __forceinline__ void tc_zero(float (&acc)[M][4]) {
+#pragma unroll
+  for (int j = 0; j < M; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+}
+template <int N, int M>
+__device__ __forceinline__ void tc_zero(float (&acc)[N][M][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) tc_zero(acc[i]);
+}
+
+// An m16k16 A fragment whose k index is the token (x: this lane's registers, from
+// ldmatrix of a [dim][token] or .trans of a [token][dim] tile) scaled per token: w0, w1
+// weigh registers 0 and 1 (tokens 2 (lane % 4) + {0, 1} of the k step), w2, w3 registers 2
+// and 3 (tokens + 8). a may be x. Shared by the passes that weight a product over the
+// chunk's tokens (entry / exit weights: tc_state, tc_forward, tc_dkdv).
+template <typename T>
+__device__ __forceinline__ void scale_a_tokens(uint32_t (&a)[4], const uint32_t (&x)[4], float w0,
+                                               float w1, float w2, float w3) {
+  a[0] = scale2<T>(x[0], w0, w1);
+  a[1] = scale2<T>(x[1], w0, w1);
+  a[2] = scale2<T>(x[2], w2, w3);
+  a[3] = scale2<T>(x[3], w2, w3);
+}
+
+// One k step of the score products, shared by tc_score_mmas and tc_scores: the A
+// fragments of query row block mt (tc_score_a), then for the n16 key pair of n8 tiles
+// nt, nt + 1 (np-th of the warp) acc[i][2 np + {0, 1}] += A_i B_i^T (tc_score_pair).
+template <int D, typename T, int N>
+__device__ __forceinline__ void tc_score_a(uint32_t (&a)[N][4], const T* const (&As)[N], int mt,
+                                           int kk, int lane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, TcTile<D>::LD));
+}
+template <int D, typename T, int N, int NPW>
+__device__ __forceinline__ void tc_score_pair(float (&acc)[N][NPW][4], const uint32_t (&a)[N][4],
+                                              const T* const (&Bs)[N], int kk, int nt, int np,
+                                              int lane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    uint32_t bb[4];
+    ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * nt, TcTile<D>::LD));
+    mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
+    mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
+  }
+}
+
 // The product part of tc_scores for a warp whose first NB n16 column pairs (of
 // NPW / 2) lie on or below the diagonal: acc[i][2 np + {0, 1}] += A_i B_i^T over all
 // D / 16 k steps, np < NB. NB is a template argument, so the k loop is one straight
@@ -66,21 +147,13 @@ template <typename T, int D, int NPW, int N, int NB>
 __device__ __forceinline__ void tc_score_mmas(const T* const (&As)[N], const T* const (&Bs)[N], int mt,
                                               int nt0, int lane, float (&acc)[N][NPW][4]) {
   static_assert(NB >= 1 && 2 * NB <= NPW, "tc_score_mmas: 1 <= NB <= NPW / 2");
-  constexpr int LD = TcTile<D>::LD;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
     uint32_t a[N][4];
-#pragma unroll
-    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    tc_score_a<D>(a, As, mt, kk, lane);
 #pragma unroll
     for (int np = 0; np < NB; ++np) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        uint32_t bb[4];
-        ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * (nt0 + 2 * np), LD));
-        mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
-        mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
-      }
+      tc_score_pair<D>(acc, a, Bs, kk, nt0 + 2 * np, np, lane);
     }
   }
 }
@@ -140,36 +213,20 @@ template <typename T, int D, int NW, int N = 1, bool Spread = false>
 __device__ __forceinline__ void tc_scores(const T* const (&As)[N], const T* const (&Bs)[N],
                                           const float* ms, float scale, T* const (&Ps)[N],
                                           int warp, int lane) {
-  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores: 4, 8 or 16 warps");
-  static_assert(!Spread || NW == 8, "tc_scores: Spread needs 8 warps");
-  constexpr int LD = TcTile<D>::LD;
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
-  const int nt0 = (warp >> 2) * NPW;
-  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  int mt, nt0;
+  if (!tc_score_block<NW, Spread>(warp, mt, nt0)) return;
   float acc[N][NPW][4];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < NPW; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  tc_zero(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {  // all D/16 steps: padded columns are zero
     uint32_t a[N][4];
-#pragma unroll
-    for (int i = 0; i < N; ++i) ldsm_x4(a[i], As[i] + frag_a_rowmajor(lane, 16 * mt, 16 * kk, LD));
+    tc_score_a<D>(a, As, mt, kk, lane);
 #pragma unroll
     for (int np = 0; np < NPW / 2; ++np) {
       const int nt = nt0 + 2 * np;
       if (8 * nt <= 16 * mt + 15) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          uint32_t bb[4];
-          ldsm_x4(bb, Bs[i] + frag_b_nk(lane, 16 * kk, 8 * nt, LD));
-          mma16816<T>(acc[i][2 * np], a[i], bb[0], bb[1]);
-          mma16816<T>(acc[i][2 * np + 1], a[i], bb[2], bb[3]);
-        }
+        tc_score_pair<D>(acc, a, Bs, kk, nt, np, lane);
       }
     }
   }
@@ -189,19 +246,11 @@ template <typename T, int D, int NW, int N = 1, bool Spread = false, bool Straig
 __device__ __forceinline__ void tc_scores_split(const T* const (&As)[N], const T* const (&Bs)[N],
                                                 const float* ms, float scale, T* const (&Ps)[N], int warp,
                                                 int lane) {
-  static_assert(NW == 4 || NW == 8 || NW == 16, "tc_scores_split: 4, 8 or 16 warps");
-  static_assert(!Spread || NW == 8, "tc_scores_split: Spread needs 8 warps");
   constexpr int NPW = 32 / NW;  // n8 tiles per warp: 8, 4 or 2
-  const int mt = (Spread && (warp & 4) != 0) ? 3 - (warp & 3) : warp & 3;
-  const int nt0 = (warp >> 2) * NPW;
-  if (8 * nt0 > 16 * mt + 15) return;  // (warp-uniform) all of this warp's blocks lie above the diagonal
+  int mt, nt0;
+  if (!tc_score_block<NW, Spread>(warp, mt, nt0)) return;
   float acc[N][NPW][4];
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < NPW; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  tc_zero(acc);
   // n16 pair np lies on or below the diagonal iff 16 np <= 16 mt + 15 - 8 nt0 (>= 0 here)
   const int nb = min(NPW / 2, (16 * mt + 15 - 8 * nt0) / 16 + 1);
   constexpr int H = NPW / 2;  // pairs per warp; NB = min(k, H) keeps unused cases valid

@@ -15,12 +15,10 @@
 namespace lasp2::delta::gpu {
 namespace {
 
+// (the scalar kernels' tc_zero, cuda/tc_tiles.cuh, under the name the delta kernels use)
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  lasp2::cuda::tc_zero(acc);
 }
 
 // f(n, hf, row, col) for this lane's column pairs (col, col + 1) of the N n8 tiles from
