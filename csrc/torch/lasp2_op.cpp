@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> lasp2_one_device_forward(const LinearAttentio
       args, /*output_final_state=*/false, [&](ScalarDecay& family, const Prepared& r, SequenceStates&) {
         states = floats(saved_states_floats(r.params, r.layout, r.q), r.q);
         family.with_saved_states(states.data_ptr<float>(), r.layout);
-        family.forward({0, r.params.seqlen}, nullptr, DocStates{}, current_stream(r.q));
+        ::lasp2::one_device_forward(family, current_stream(r.q));
       });
   (void)final_state;
   return {o, states};
@@ -167,10 +167,7 @@ std::vector<OptTensor> lasp2_one_device_backward(const LinearAttentionArgs& args
             saved_buffer(states, "segment_states", saved_states_floats(r.params, r.layout, r.q), r.q);
         family.with_saved_states(kept.data_ptr<float>(), r.layout);
         at::Tensor workspace = scratch(family.backward_scratch_bytes(), r.q);
-        const TokenRange all{0, r.params.seqlen};
-        void* stream = current_stream(r.q);
-        family.backward_entering(all, nullptr, DocStates{}, workspace.data_ptr(), stream);
-        family.backward(all, PartStates{}, DocStates{}, workspace.data_ptr(), stream);
+        ::lasp2::one_device_backward(family, workspace.data_ptr(), current_stream(r.q));
       });
 }
 

@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "lasp2/lasp2.h"  // one_device_forward / _backward
 #include "lasp2/scalar_decay.h"
 #include "schedule_util.h"
 
@@ -153,7 +154,7 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   check_ring(comm, layout, f, seq, saved);
   const int64_t T = f.local_tokens();
   if (plain(layout, seq)) {
-    f.forward({0, T}, nullptr, DocStates{}, stream);
+    one_device_forward(f, stream);
     return;
   }
   const SummaryShape sh = f.shape();
@@ -234,9 +235,7 @@ void lasp1_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   const int64_t T = f.local_tokens();
   void* family_scratch = workspace;
   if (plain(layout, seq)) {
-    const TokenRange all{0, T};
-    f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
-    f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
+    one_device_backward(f, family_scratch, stream);
     return;
   }
   const SummaryShape sh = f.shape();

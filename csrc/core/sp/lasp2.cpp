@@ -155,6 +155,16 @@ int64_t lasp2_backward_workspace_bytes(const PartFamily& f, const PartLayout& l,
   return backward_bytes(f.shape(), f.backward_scratch_bytes(), l, seq);
 }
 
+void one_device_forward(const PartFamily& f, void* stream) {
+  f.forward({0, f.local_tokens()}, nullptr, DocStates{}, stream);
+}
+
+void one_device_backward(const PartFamily& f, void* family_scratch, void* stream) {
+  const TokenRange all{0, f.local_tokens()};
+  f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
+  f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
+}
+
 void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& layout,
                    const Lasp2Saved& saved, const SequenceStates& seq, void* workspace,
                    const Lasp2Options& options, void* stream) {
@@ -163,7 +173,7 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   check_sequence_states(layout, seq);
   const int64_t T = f.local_tokens();
   if (layout.world_size == 1 && !seq.any()) {
-    f.forward({0, T}, nullptr, DocStates{}, stream);
+    one_device_forward(f, stream);
     return;
   }
   const SummaryShape sh = f.shape();
@@ -247,9 +257,7 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   const int64_t T = f.local_tokens();
   void* family_scratch = workspace;
   if (layout.world_size == 1 && !seq.any()) {
-    const TokenRange all{0, T};
-    f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
-    f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
+    one_device_backward(f, family_scratch, stream);
     return;
   }
   const SummaryShape sh = f.shape();

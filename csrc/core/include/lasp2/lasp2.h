@@ -103,6 +103,14 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
                     const Lasp2Saved& saved, const SequenceStates& states, void* workspace,
                     void* stream);
 
+// One device without sequence states, what lasp2_forward / lasp2_backward run for a
+// layout of world_size 1 and no SequenceStates: the family's passes over the whole local
+// sequence (nothing to gather), reading no Lasp2Saved buffer; the backward's only
+// workspace is the family's scratch (backward_scratch_bytes()). For callers that skip
+// the LASP-2 buffers altogether (the binding's one-device autograd node).
+void one_device_forward(const PartFamily& f, void* stream);
+void one_device_backward(const PartFamily& f, void* family_scratch, void* stream);
+
 // The scalar-decay family (ScalarDecay over `backend`), without sequence states.
 int64_t lasp2_forward_workspace_bytes(const AttentionParams& p, const PartLayout& l);
 int64_t lasp2_backward_workspace_bytes(const AttentionParams& p, const PartLayout& l,
