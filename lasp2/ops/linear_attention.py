@@ -52,6 +52,11 @@ def _validate(q, k, v, g, decay, scale, layout):
 _PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the CUDA kernels take
 
 
+def _rows_dense(x):
+    """x, or a contiguous copy where its last dim is strided (the kernels read whole rows)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _plain_cuda_tensors(q, k, v, g, decay) -> bool:
     """True when _validate would pass q, k, v and g / decay of a CUDA call (plain tensors,
     4-d q, k, v of one dtype on q's device, k shaped like q, v like q in its first three
@@ -191,12 +196,7 @@ def linear_attention(
         # time before the first launch is GPU idle time; these checks were most of it
         # (docs/kernels.md, "Session 14: fixed decay beside fla at 64K"). torch.compile
         # traces the checked path, as before.
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        if k.stride(-1) != 1:
-            k = k.contiguous()
-        if v.stride(-1) != 1:
-            v = v.contiguous()
+        q, k, v = _rows_dense(q), _rows_dense(k), _rows_dense(v)
         return lasp2_one_device(q, k, v, g, decay, q.shape[3] ** -0.5, CPU_CHUNK_SIZE, False)
     group_hint = sp_context.group if isinstance(sp_context, SPContext) else group
     try:
@@ -246,12 +246,7 @@ def linear_attention(
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
         if g is not None:
             g = g.transpose(0, 1)
-    if q.stride(-1) != 1:  # plain tests, not a generator: this runs on every call
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v = _rows_dense(q), _rows_dense(k), _rows_dense(v)  # three calls, not a generator: every call runs this
     if overlap is None:
         overlap = not q.is_cuda
     if ctx.world_size == 1 and sp_context is None and num_docs is None and ctx.cu_seqlens is None and \
