@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
 
 template <typename K>
 void set_smem(K kernel, int bytes) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 }  // namespace

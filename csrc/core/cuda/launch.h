@@ -76,7 +76,8 @@ struct StateArgs {
   // Split walks (tensor-core path; passes.cpp chooses them): each segment's walk is cut into `nsub`
   // pieces of `sub_chunks` chunks, each run by its own blocks; piece 0 writes `out`, piece
   // j > 0 its state to sub_out[bh][nseg][nsub - 1][da * db] when it walked any chunk, and
-  // sub_flags (same index, one float) = 1 if so, else 0; launch_state_sum adds them to out.
+  // sub_flags (same index, one float) = 1 if so, else 0; the scan that reads the states next
+  // adds them (segment_scan.h: StatePieces), or launch_state_sum (LASP2_CUDA_STATE_SUM_KERNEL=1).
   int sub_chunks = 0;  // 0: one piece (nsub = 1)
   int nsub = 1;
   float* sub_out = nullptr;
@@ -131,16 +132,6 @@ struct DkdvArgs {
 
 // ---- misc kernels (misc_kernels.cu) ----
 void launch_meta(const MetaArgs& a, cudaStream_t s);
-// In-place scan over the segment states X[bh][nseg][elems] with segL:
-//   prefix (forward): X[s] <- state entering segment s, starting from `init`;
-//                     `final_out` (nullable) <- state leaving the last segment,
-//                     `log_out` (nullable) <- sum of segL (-inf if any is -inf)
-//   suffix (reverse): X[s] <- gradient of the state leaving segment s, starting
-//                     from `init` (gradient leaving the part); `final_out` <-
-//                     gradient of the state entering the part.
-void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
-                 bool write_segments, const float* init, float* final_out, float* log_out,
-                 cudaStream_t s);
 void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
                      cudaStream_t s);
 // The same fix-up over all heads of a token range (head_row_kernels.cu: whole [B, T, H]
@@ -181,6 +172,10 @@ void launch_generic_state(Elem e, const StateArgs& a, bool entry, bool state_in_
 void launch_generic_fwd(Elem e, const FwdArgs& a, FwdMode mode, bool state_in_smem,
                         cudaStream_t s);
 void launch_generic_dkdv(Elem e, const DkdvArgs& a, bool state_in_smem, cudaStream_t s);
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), once
+// per kernel, device and size (kernel_attributes.cpp: a call is host time at every launch).
+void allow_dynamic_smem(const void* kernel, int bytes);
 
 // Throws lasp2::Error naming `what` if the last launch failed.
 void check_launch(const char* what);

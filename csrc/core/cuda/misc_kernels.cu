@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
                                                    int64_t bh_count, int nseg, int64_t elems,
                                                    bool suffix, bool write_segments,
                                                    const float* init, float* final_out,
-                                                   float* log_out) {
+                                                   float* log_out, StatePieces pieces,
+                                                   float* m_out) {
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -147,6 +148,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   if (e >= elems) return;
   float* x = X + bh * nseg * elems + e;
   const float* src = M + bh * nseg * elems + e;
+  const int np = pieces.nsub - 1;  // later pieces per segment
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch are issued before its stores (which
   // the compiler cannot move them past), so they are in flight together
@@ -157,6 +159,34 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
       m[j] = i < nseg ? src[s * elems] : 0.f;
+    }
+    // the pieces after the first, added in walk order where they walked (the flags are
+    // the same for the whole block: no divergence)
+    for (int p = 0; p < np; ++p) {
+      float add[8];
+      bool walked[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int i = i0 + j;
+        const int64_t slot = (bh * nseg + (suffix ? nseg - 1 - i : i)) * np + p;
+        walked[j] = i < nseg && pieces.sub_flags[slot] != 0.f;
+        add[j] = walked[j] ? pieces.sub_out[slot * elems + e] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (walked[j]) m[j] += add[j];
+    }
+    if (m_out != nullptr && np > 0) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int i = i0 + j;
+        if (i >= nseg) break;
+        const int s = suffix ? nseg - 1 - i : i;
+        const float* flags = pieces.sub_flags + (bh * nseg + s) * np;
+        bool any = false;
+        for (int p = 0; p < np; ++p) any = any || flags[p] != 0.f;
+        if (any) m_out[(bh * nseg + s) * elems + e] = m[j];
+      }
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -257,17 +287,13 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
   check_launch("meta_kernel");
 }
 
-void launch_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
-                 bool write_segments, const float* init, float* final_out, float* log_out,
-                 cudaStream_t s) {
-  launch_scan_from(X, X, segL, bh, nseg, elems, suffix, write_segments, init, final_out, log_out, s);
-}
-
-void launch_scan_from(float* X, const float* M, const float* segL, int64_t bh, int nseg,
-                      int64_t elems, bool suffix, bool write_segments, const float* init,
-                      float* final_out, float* log_out, cudaStream_t s) {
+void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
+                         int64_t elems, bool suffix, bool write_segments, const float* init,
+                         float* final_out, float* log_out, const StatePieces& pieces,
+                         float* m_out, cudaStream_t s) {
   scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
-                                                   write_segments, init, final_out, log_out);
+                                                   write_segments, init, final_out, log_out,
+                                                   pieces, m_out);
   check_launch("scan_kernel");
 }
 

@@ -74,11 +74,19 @@ void add_state_split(ScratchLayout& l, const AttentionParams& p, const Geom& g, 
   l.sub_flags = later;
 }
 
+// LASP2_CUDA_STATE_SUM_KERNEL=1: a split walk's pieces are added by launch_state_sum, as
+// before session 15, instead of by the scan that reads the states next (the same bits;
+// the test compares them): the default saves a launch and a pass over the states a walk.
+bool state_sum_kernel() { return env_int("LASP2_CUDA_STATE_SUM_KERNEL", 0) != 0; }
+
 // Segment states of (a, b) over the part (exit or entry weights) into `out`
 // ([bh][nseg][da * db]); the tensor-core kernel (D > 0) reads the per-token weights,
 // the generic one meta. The scratch has the split walks' buffers (add_state_split).
-void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da, int db,
-                const ScratchBuffers& s, float coef, bool entry, float* out, cudaStream_t stream) {
+// Returns the later pieces of a split walk, which the scan that reads `out` next must add
+// (launch_segment_scan); none where there is no split or launch_state_sum added them.
+StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da,
+                       int db, const ScratchBuffers& s, float coef, bool entry, float* out,
+                       cudaStream_t stream) {
   StateArgs sa;
   sa.g = g;
   sa.a = a;
@@ -89,6 +97,7 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
   sa.wmeta = s.weights;
   sa.coef = coef;
   sa.out = out;
+  StatePieces pieces;
   if (D > 0) {
     sa.stop = state_walk_stop(coef);
     sa.nsub = state_pieces(p, g, D);
@@ -98,11 +107,15 @@ void run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, 
       sa.sub_flags = s.sub_flags;
     }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
-    if (sa.nsub > 1) launch_state_sum(sa, stream);
+    if (sa.nsub > 1) {
+      if (state_sum_kernel()) launch_state_sum(sa, stream);
+      else pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
+    }
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
     launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);
   }
+  return pieces;
 }
 
 }  // namespace
@@ -124,10 +137,11 @@ void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
   launch_meta(meta_args(p, g, s), c.stream);
-  run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
-             entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, c.stream);
-  launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state,
-              log_decay, c.stream);
+  const StatePieces pieces =
+      run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
+                 entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, c.stream);
+  launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry,
+                      false, nullptr, state, log_decay, pieces, nullptr, c.stream);
 }
 
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
@@ -179,15 +193,19 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
     // The true state K^T V ([dk][dv]) of each segment (computed, into `keep` when the
     // forward keeps them, or the forward's read back), then the prefix scan into the
     // scratch: the kept states stay unscanned, valid for any entering state.
+    // Kept states are made whole by the scan (m_out) where a split walk left pieces.
     const float* M = pass.kept;
+    StatePieces pieces;
+    float* whole = nullptr;
     if (!read_kept) {
       float* out = pass.keep != nullptr ? pass.keep : s.seg_states;
-      run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s, 1.f,
-                 false, out, c.stream);
+      pieces = run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v),
+                          s, 1.f, false, out, c.stream);
       M = out;
+      if (out != s.seg_states) whole = out;
     }
-    launch_scan_from(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                     pass.initial_state, nullptr, nullptr, c.stream);
+    launch_segment_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
+                        pass.initial_state, nullptr, nullptr, pieces, whole, c.stream);
     a.state = s.seg_states;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
@@ -262,10 +280,10 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   a.fold_offset = g.nseg == 1 ? 1 : 0;
   a.scratch = s.block_states;
   if (g.nseg > 1) {
-    run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true, s.seg_states,
-               c.stream);
-    launch_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, final_dstate,
-                nullptr, nullptr, c.stream);
+    const StatePieces pieces = run_states(p, g, sD, q, dout, idk, idv, s,
+                                          static_cast<float>(p.scale), true, s.seg_states, c.stream);
+    launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true,
+                        true, final_dstate, nullptr, nullptr, pieces, nullptr, c.stream);
     a.dstate = s.seg_states;
     a.dstate_bh = g.nseg * se;
     a.dstate_seg = se;

@@ -1,8 +1,7 @@
-// The scan over segment states reading them from one buffer and writing another
-// (misc_kernels.cu), for the dq pass that starts from the states its forward kept:
-// those stay unscanned, valid for any entering state and for a second backward.
-// launch.h's launch_scan is the in-place case (M = X). Apart from launch.h, which
-// every kernel file includes, so that this declaration recompiles none of them.
+// The scan over segment states (misc_kernels.cu), in place or from one buffer into another
+// (the dq pass starts from the states its forward kept, which stay unscanned, valid for any
+// entering state and for a second backward). Apart from launch.h, which every kernel file
+// includes, so that this declaration recompiles none of them.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,9 +10,30 @@
 
 namespace lasp2::cuda {
 
-// launch_scan over M[bh][nseg][elems] (only read) into X (same layout; M = X: in place).
-void launch_scan_from(float* X, const float* M, const float* segL, int64_t bh, int nseg,
-                      int64_t elems, bool suffix, bool write_segments, const float* init,
-                      float* final_out, float* log_out, cudaStream_t s);
+// The later pieces of a split segment-state walk (launch.h: StateArgs::sub_out, sub_flags,
+// nsub): the scan that reads the segment states next adds them to each segment's state
+// (in walk order, walked pieces only: the sums launch_state_sum forms, bit for bit), so
+// that the split costs no kernel of its own. nsub = 1: none.
+struct StatePieces {
+  const float* sub_out = nullptr;    // [bh][nseg][nsub - 1][elems]
+  const float* sub_flags = nullptr;  // [bh][nseg][nsub - 1]: 1 if that piece walked any chunk
+  int nsub = 1;
+};
+
+// Scans the segment states M[bh][nseg][elems] (each one M's plus its walked `pieces`) with
+// the segments' log decays segL:
+//   prefix (forward): X[s] <- state entering segment s, starting from `init`;
+//                     `final_out` (nullable) <- state leaving the last segment,
+//                     `log_out` (nullable) <- sum of segL (-inf if any is -inf)
+//   suffix (reverse): X[s] <- gradient of the state leaving segment s, starting
+//                     from `init` (gradient leaving the part); `final_out` <-
+//                     gradient of the state entering the part.
+// X (same layout as M; M itself for an in-place scan) is written only with write_segments.
+// m_out (nullable; not X): each segment whose pieces walked gets its summed state there
+// (M's own buffer: the states kept for a later pass are then whole).
+void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
+                         int64_t elems, bool suffix, bool write_segments, const float* init,
+                         float* final_out, float* log_out, const StatePieces& pieces,
+                         float* m_out, cudaStream_t s);
 
 }  // namespace lasp2::cuda

@@ -482,7 +482,7 @@ template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
   auto k = tc_dkdv_kernel<T, D>;
-  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
 }

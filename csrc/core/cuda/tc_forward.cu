@@ -382,7 +382,7 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
     const int var = fwd_kernel_variant();
     if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
   }
-  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
   check_launch("tc_fwd_kernel");
 }

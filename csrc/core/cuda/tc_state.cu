@@ -193,11 +193,11 @@ void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * a.nsub * (D / kStateDB));
   if (entry) {
     auto k = tc_state_kernel<T, D, true>;
-    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
     k<<<grid, 2 * D, smem, s>>>(a);
   } else {
     auto k = tc_state_kernel<T, D, false>;
-    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
     k<<<grid, 2 * D, smem, s>>>(a);
   }
   check_launch("tc_state_kernel");
