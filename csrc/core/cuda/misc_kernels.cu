@@ -150,46 +150,51 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   const float* src = M + bh * nseg * elems + e;
   const int np = pieces.nsub - 1;  // later pieces per segment
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
-  // batches of 8 segments: the loads of a batch are issued before its stores (which
-  // the compiler cannot move them past), so they are in flight together
-  for (int i0 = 0; i0 < nseg; i0 += 8) {
-    float m[8];
+  // batches of 8 segments: the loads of a batch (the states and, 4 at a time, their later
+  // pieces and flags, each slot read whether or not its piece walked) are issued before
+  // its stores (which the compiler cannot move them past), so they are in flight together
+  constexpr int kSegs = 8, kPieces = 4;
+  for (int i0 = 0; i0 < nseg; i0 += kSegs) {
+    float m[kSegs];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kSegs; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
       m[j] = i < nseg ? src[s * elems] : 0.f;
     }
-    // the pieces after the first, added in walk order where they walked (the flags are
-    // the same for the whole block: no divergence)
-    for (int p = 0; p < np; ++p) {
-      float add[8];
-      bool walked[8];
+    bool any[kSegs] = {};
+    for (int p0 = 0; p0 < np; p0 += kPieces) {
+      float add[kSegs][kPieces], flag[kSegs][kPieces];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kSegs; ++j) {
         const int i = i0 + j;
-        const int64_t slot = (bh * nseg + (suffix ? nseg - 1 - i : i)) * np + p;
-        walked[j] = i < nseg && pieces.sub_flags[slot] != 0.f;
-        add[j] = walked[j] ? pieces.sub_out[slot * elems + e] : 0.f;
+        const int64_t slot0 = (bh * nseg + (suffix ? nseg - 1 - i : i)) * np + p0;
+#pragma unroll
+        for (int u = 0; u < kPieces; ++u) {
+          const bool in = i < nseg && p0 + u < np;
+          flag[j][u] = in ? pieces.sub_flags[slot0 + u] : 0.f;
+          add[j][u] = in ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
+        }
       }
+      // in walk order, walked pieces only (an unwalked slot holds whatever was there)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (walked[j]) m[j] += add[j];
+      for (int j = 0; j < kSegs; ++j)
+#pragma unroll
+        for (int u = 0; u < kPieces; ++u)
+          if (flag[j][u] != 0.f) {
+            m[j] += add[j][u];
+            any[j] = true;
+          }
     }
-    if (m_out != nullptr && np > 0) {
+    if (m_out != nullptr) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kSegs; ++j) {
         const int i = i0 + j;
-        if (i >= nseg) break;
-        const int s = suffix ? nseg - 1 - i : i;
-        const float* flags = pieces.sub_flags + (bh * nseg + s) * np;
-        bool any = false;
-        for (int p = 0; p < np; ++p) any = any || flags[p] != 0.f;
-        if (any) m_out[(bh * nseg + s) * elems + e] = m[j];
+        if (i < nseg && any[j]) m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
       }
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kSegs; ++j) {
       const int i = i0 + j;
       if (i >= nseg) break;
       const int s = suffix ? nseg - 1 - i : i;
