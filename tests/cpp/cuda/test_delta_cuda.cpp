@@ -1648,8 +1648,10 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
 
 // The 8-warp state passes with their copies addressed once a block (w8), every chunk's
 // copies addressed anew (w8calc) and the passes on whole-tile tensor-map copies (tma, the
-// default on sm_90, its summary in 32-column blocks as w8's): the same arithmetic on the
-// same tiles, so every output must be equal bit for bit. Two batch rows
+// default on sm_90, its summary in 32-column blocks as w8's; tmalate, tmahoist, tmaboth:
+// tma with the ring's refill and the 16-bit state / dh stores issued after the first
+// product, with the epilogue's decays and loads before it, both): the same arithmetic on
+// the same tiles, so every output must be equal bit for bit. Two batch rows
 // of 9 heads (144 state-pass blocks: the two-buffer rings on a 132-SM H200, the summary's
 // 72 the four-buffer one) in Megatron's [T, B, H, D] order with padded heads, and one
 // batch row of 5 heads in [B, T, H, D] (40 blocks: the four-buffer rings); a part that
@@ -1718,7 +1720,11 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
     };
     const std::vector<float> lean = run("w8");
     std::vector<const char*> others = {"w8calc"};
-    if (major >= 9) others.push_back("tma");
+    if (major >= 9) {
+      // tma, and tma's instructions in other orders (the refill after the first product, the
+      // epilogue's decays and loads before it, both)
+      for (const char* f : {"tma", "tmalate", "tmahoist", "tmaboth"}) others.push_back(f);
+    }
     for (const char* family : others) {
       const std::vector<float> got = run(family);
       ASSERT_EQ(lean.size(), got.size()) << family;
@@ -2066,6 +2072,105 @@ INSTANTIATE_TEST_SUITE_P(
       const auto& c = info.param;
       return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.neg_inf ? "_neginf" : "");
     });
+
+// LASP2_DELTA_STATE_KERNEL=tmalate, tmahoist, tmaboth (tma with the ring's refill and the
+// 16-bit state / dh stores issued after the first product, the reverse pass keeping tma's
+// order where documents' end gradients overwrite xb; with the epilogue's decays and loads
+// before the product; both) through the backend: forward, part_summary and backward with
+// document states (initial states, finals, end-state and initial-state gradients), -inf
+// gates, an entering state and a leaving gradient, against tma. The same arithmetic, so
+// o, the maps, the finals, dq, dk and dv must be equal bit for bit; dg, dbeta and the
+// state gradients sum through atomics (last bits may move from run to run).
+TEST(DeltaCudaStatePasses, TmaOrdersEqualTmaThroughBackend) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "the tma passes run on sm_90 and later";
+  for (const bool docs : {true, false}) {
+    SCOPED_TRACE(docs ? "documents with states" : "rows");
+    DeltaSpec spec = gdn_spec(128, 330, docs ? 1 : 2);
+    spec.heads = 5;
+    if (docs) spec.doc_starts = {5, 40, 50, 52, 64, 101, 130, 200, 201, 202, 263, 270, 300};
+    DeltaProblem<float> pr(spec, 43);
+    prepare_inputs(pr, ScalarType::kBFloat16);
+    // -inf gates inside chunks, two in a row, on a chunk's first token (the part's chunks
+    // begin at 37, 101, 165, 229, 293); not on the part's first token (d_entering would be 0)
+    forget_at(pr, {45, 90, 165, 166, 250});
+    DeviceProblem dev(pr, ScalarType::kBFloat16, Layout{});
+    const DeltaParams& dp = dev.p;
+    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+    const int64_t bh = dp.bh(), se = dp.state_elems(), me = dp.map_elems();
+    const int64_t D = docs ? spec.num_docs() * spec.heads * se : 0;
+    const EdgeStates edge = random_edge_states(19, bh * se);
+    DevBuf<float> d_initial = docs ? to_device_f32(pr.initial) : zeroed(1);
+    DevBuf<float> d_final_dstate = docs ? to_device_f32(pr.final_dstate) : zeroed(1);
+    const TokenRange part{37, 310};
+    struct Out : Grads {
+      std::vector<double> o;
+      std::vector<float> A, M, finals, dI;
+    };
+    auto run = [&](const char* family) {
+      const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
+      Out r;
+      DocStates ddoc;
+      DevBuf<float> gfin = zeroed(std::max<int64_t>(D, 1)), gdI = zeroed(std::max<int64_t>(D, 1));
+      if (docs) ddoc.initial = d_initial.p;
+      DevTensor og(spec.batch, spec.seqlen, spec.heads, spec.dim_v, ScalarType::kBFloat16, Layout{});
+      gpu.forward(dp, part, edge.d_entering.p, ddoc, og.mview(), nullptr);
+      r.o = og.download().v;
+      DevBuf<float> gA(bh * me), gM(bh * se), ghA(bh * me), ghM(bh * se);
+      if (docs) ddoc.finals = gfin.p;
+      gpu.part_summary(dp, part, ddoc, gA.p, gM.p, ghA.p, ghM.p, nullptr);
+      r.A = gA.download();
+      r.M = gM.download();
+      r.finals = gfin.download();
+      DocStates bdoc;
+      if (docs) {
+        bdoc.initial = d_initial.p;
+        bdoc.final_dstate = d_final_dstate.p;
+        bdoc.d_initial = gdI.p;
+      }
+      BackwardBuffers g(pr, ScalarType::kBFloat16, Layout{}, bh * se);
+      gpu.backward(dp, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, bdoc, g.dq.mview(), g.dk.mview(),
+                   g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+      g.download(r);
+      r.dI = gdI.download();
+      cuda_ok(cudaDeviceSynchronize(), "passes");
+      return r;
+    };
+    const Out tma = run("tma");
+    auto same = [](const auto& a, const auto& b) {
+      int64_t differ = a.size() == b.size() ? 0 : -1;
+      for (size_t i = 0; differ >= 0 && i < a.size(); ++i)
+        differ += std::memcmp(&a[i], &b[i], sizeof(a[i])) != 0 && !(std::isnan(a[i]) && std::isnan(b[i]));
+      return differ;
+    };
+    for (const char* family : {"tmalate", "tmahoist", "tmaboth"}) {
+      SCOPED_TRACE(family);
+      const Out late = run(family);
+      EXPECT_EQ(same(tma.o, late.o), 0) << "o";
+      EXPECT_EQ(same(tma.A, late.A), 0) << "A";
+      EXPECT_EQ(same(tma.M, late.M), 0) << "M";
+      EXPECT_EQ(same(tma.finals, late.finals), 0) << "finals";
+      if (docs) {  // the chunks with a document start take dq, dk from the recurrent backward's atomics
+        const int64_t row = spec.heads * spec.dim_k;
+        EXPECT_LT(rel_in_part(late.dq, tma.dq, part, spec.batch, spec.seqlen, row, "dq"), 1e-2) << "dq";
+        EXPECT_LT(rel_in_part(late.dk, tma.dk, part, spec.batch, spec.seqlen, row, "dk"), 1e-2) << "dk";
+      } else {
+        EXPECT_EQ(same(tma.dq, late.dq), 0) << "dq";
+        EXPECT_EQ(same(tma.dk, late.dk), 0) << "dk";
+      }
+      EXPECT_EQ(same(tma.dv, late.dv), 0) << "dv";
+      EXPECT_LT(rel_err_f32(late.dg, tma.dg), 1e-5) << "dg";
+      EXPECT_LT(rel_err_f32(late.db, tma.db), 1e-5) << "dbeta";
+      EXPECT_LT(rel_err_f32(late.dE, tma.dE), 1e-5) << "d_entering";
+      if (docs) EXPECT_LT(rel_err_f32(late.dI, tma.dI), 1e-5) << "d_initial";
+    }
+    // the comparison has something to compare: gradients and outputs were written
+    EXPECT_GT(delta::testing::max_abs(tma.dE), 0.0) << "d_entering";
+    EXPECT_GT(delta::testing::max_abs(tma.M), 0.0) << "M";
+  }
+}
 
 }  // namespace
 }  // namespace lasp2::testing
