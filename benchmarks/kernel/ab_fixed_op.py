@@ -13,8 +13,6 @@ Variants:
   new   all defaults (walks end at the 2^-48 floor)
   sub<n>   new with LASP2_CUDA_STATE_SUB_CHUNKS=n (0: split walks off; 16, 64: pieces)
   fl<n>    new with LASP2_CUDA_STATE_FLOOR=n (walks end at 2^-n; 0: at fp32 underflow)
-  sumk  new with LASP2_CUDA_STATE_SUM_KERNEL=1 (split walks' pieces added by their own
-        kernel, as before session 15, instead of by the scan; the same bits)
 (Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
 C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
 after the call.)
@@ -37,9 +35,9 @@ from bench_linear_attention import graph_ms  # noqa: E402
 from lasp2.ops import linear_attention as la_module  # noqa: E402
 
 PLAIN = la_module._plain_cuda_tensors
-ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None, "LASP2_CUDA_STATE_SUM_KERNEL": None}
+ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
 SAME_KERNELS = ("old", "host")  # the same kernels: the same bits
-SAME_AS_NEW = ("sumk",)  # other kernels, the same bits as "new"
+SAME_AS_NEW = ()  # variants with other kernels and the same bits as "new"
 
 
 def use(variant):
@@ -51,8 +49,6 @@ def use(variant):
         env["LASP2_CUDA_STATE_SUB_CHUNKS"] = variant[3:]
     if variant.startswith("fl"):
         env["LASP2_CUDA_STATE_FLOOR"] = variant[2:]
-    if variant == "sumk":
-        env["LASP2_CUDA_STATE_SUM_KERNEL"] = "1"
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)

@@ -77,7 +77,7 @@ struct StateArgs {
   // pieces of `sub_chunks` chunks, each run by its own blocks; piece 0 writes `out`, piece
   // j > 0 its state to sub_out[bh][nseg][nsub - 1][da * db] when it walked any chunk, and
   // sub_flags (same index, one float) = 1 if so, else 0; the scan that reads the states next
-  // adds them (segment_scan.h: StatePieces), or launch_state_sum (LASP2_CUDA_STATE_SUM_KERNEL=1).
+  // adds them (segment_scan.h: StatePieces).
   int sub_chunks = 0;  // 0: one piece (nsub = 1)
   int nsub = 1;
   float* sub_out = nullptr;
@@ -154,9 +154,6 @@ int tc_state_smem(int D);
 int tc_fwd_smem(int D, FwdMode mode);
 int tc_dkdv_smem(int D);
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s);
-// out[bh][seg] += the walked pieces j > 0 of a split state pass (StateArgs::sub_out), in
-// walk order; nothing for segments whose later pieces all stopped before their first chunk.
-void launch_state_sum(const StateArgs& a, cudaStream_t s);
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s);
 

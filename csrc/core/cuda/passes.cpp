@@ -74,16 +74,11 @@ void add_state_split(ScratchLayout& l, const AttentionParams& p, const Geom& g, 
   l.sub_flags = later;
 }
 
-// LASP2_CUDA_STATE_SUM_KERNEL=1: a split walk's pieces are added by launch_state_sum, as
-// before session 15, instead of by the scan that reads the states next (the same bits;
-// the test compares them): the default saves a launch and a pass over the states a walk.
-bool state_sum_kernel() { return env_int("LASP2_CUDA_STATE_SUM_KERNEL", 0) != 0; }
-
 // Segment states of (a, b) over the part (exit or entry weights) into `out`
 // ([bh][nseg][da * db]); the tensor-core kernel (D > 0) reads the per-token weights,
 // the generic one meta. The scratch has the split walks' buffers (add_state_split).
 // Returns the later pieces of a split walk, which the scan that reads `out` next must add
-// (launch_segment_scan); none where there is no split or launch_state_sum added them.
+// (launch_segment_scan; none without a split): no kernel of their own.
 StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da,
                        int db, const ScratchBuffers& s, float coef, bool entry, float* out,
                        cudaStream_t stream) {
@@ -107,10 +102,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
       sa.sub_flags = s.sub_flags;
     }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
-    if (sa.nsub > 1) {
-      if (state_sum_kernel()) launch_state_sum(sa, stream);
-      else pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
-    }
+    if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
     launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);

@@ -12,8 +12,8 @@ namespace lasp2::cuda {
 
 // The later pieces of a split segment-state walk (launch.h: StateArgs::sub_out, sub_flags,
 // nsub): the scan that reads the segment states next adds them to each segment's state
-// (in walk order, walked pieces only: the sums launch_state_sum forms, bit for bit), so
-// that the split costs no kernel of its own. nsub = 1: none.
+// (in walk order, walked pieces only: the same bits as the kernel of its own that added
+// them before session 15, shown on an H200), so that the split costs no launch. nsub = 1: none.
 struct StatePieces {
   const float* sub_out = nullptr;    // [bh][nseg][nsub - 1][elems]
   const float* sub_flags = nullptr;  // [bh][nseg][nsub - 1]: 1 if that piece walked any chunk

@@ -21,9 +21,10 @@
 // session 13) gives piece j of the walk to its own blocks: they first multiply the
 // through factors of the walk's chunks before the piece into carry (32 at a time, a
 // butterfly product per warp: a few shuffles instead of a chain of 32), skip the piece
-// if carry is already 0, and write the piece's state apart; launch_state_sum adds the
-// pieces. Against one walk only the rounding of carry's product and the fp32 summation
-// order of the state differ.
+// if carry is already 0, and write the piece's state apart; the scan that reads the
+// segment states next adds the pieces (segment_scan.h: StatePieces; a kernel of its own
+// before session 15). Against one walk only the rounding of carry's product and the fp32
+// summation order of the state differ.
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -203,48 +204,7 @@ void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   check_launch("tc_state_kernel");
 }
 
-// out += the walked later pieces of a split state pass, in walk order (StateArgs).
-// Grid (bh * nseg, elements / 1024); each thread adds 4 values 256 apart (plain float
-// accesses: `out` may be a caller's buffer of any 4-byte alignment).
-__global__ void __launch_bounds__(256) state_sum_kernel(StateArgs a) {
-  const int64_t seg = blockIdx.x;  // bh * nseg + segment
-  const int64_t elems = static_cast<int64_t>(a.da) * a.db;
-  const float* flags = a.sub_flags + seg * (a.nsub - 1);
-  bool any = false;
-  for (int j = 0; j < a.nsub - 1; ++j) any = any || flags[j] != 0.f;
-  if (!any) return;  // only piece 0 walked: out is complete
-  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * 1024 + threadIdx.x;
-  float acc[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int64_t e = e0 + 256 * u;
-    acc[u] = e < elems ? a.out[seg * elems + e] : 0.f;
-  }
-  for (int j = 0; j < a.nsub - 1; ++j) {
-    if (flags[j] == 0.f) continue;
-    const float* x = a.sub_out + (seg * (a.nsub - 1) + j) * elems;
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int64_t e = e0 + 256 * u;
-      if (e < elems) acc[u] += x[e];
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int64_t e = e0 + 256 * u;
-    if (e < elems) a.out[seg * elems + e] = acc[u];
-  }
-}
-
 }  // namespace
-
-void launch_state_sum(const StateArgs& a, cudaStream_t s) {
-  const int64_t elems = static_cast<int64_t>(a.da) * a.db;
-  const dim3 grid(static_cast<unsigned>(a.g.bh() * a.g.nseg),
-                  static_cast<unsigned>((elems + 1023) / 1024));
-  state_sum_kernel<<<grid, 256, 0, s>>>(a);
-  check_launch("state_sum_kernel");
-}
 
 int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 
