@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--decay", choices=["fixed", "gate"], default="fixed")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--host", type=float, default=0.0,
+                    help="also list the step's host events lasting at least this many us (0: none)")
     args = ap.parse_args()
     step = step_fn(args)
     for _ in range(5):
@@ -72,15 +74,22 @@ def main():
             issued = ls[j].time_range.start - t0 if j < len(ls) else float("nan")
             rows.append((e.name[:60], e.time_range.start - t0, e.time_range.elapsed_us(), gap, issued))
             prev_end = max(prev_end, e.time_range.end)
-        rows_by_step.append((prev_end - t0, idle, rows, ls))
+        host = sorted((e for e in events if e.device_type.name == "CPU" and t0 <= e.time_range.start <= t1
+                       and e.time_range.elapsed_us() >= args.host and not e.name.startswith("step")),
+                      key=lambda e: e.time_range.start) if args.host > 0 else []
+        rows_by_step.append((prev_end - t0, idle, rows, ls, host, t0))
     rows_by_step.sort(key=lambda r: r[0])
-    total, idle, rows, ls = rows_by_step[len(rows_by_step) // 2]
+    total, idle, rows, ls, host, t0 = rows_by_step[len(rows_by_step) // 2]
     print(f"== {args.decay} B={args.batch} T={args.seq_len}: step {total / 1000:.3f} ms from its first host op to "
           f"its last kernel's end, GPU idle {idle:.1f} us; {len(rows)} GPU ops, {len(ls)} launches "
           f"(steps: {', '.join(f'{r[0] / 1000:.3f}/{r[1]:.0f}us' for r in rows_by_step)})")
     print(f"   {'kernel':60s} {'start':>8s} {'dur':>8s} {'gap':>7s} {'issued':>8s}  (us)")
     for name, start, dur, gap, issued in rows:
         print(f"   {name:60s} {start:8.1f} {dur:8.1f} {gap:7.1f} {issued:8.1f}")
+    if host:
+        print(f"   host events >= {args.host:g} us (start, duration; nested events indented by start order only):")
+        for e in host[:120]:
+            print(f"     {e.time_range.start - t0:8.1f} {e.time_range.elapsed_us():8.1f}  {e.name[:80]}")
 
 
 if __name__ == "__main__":
