@@ -5,8 +5,9 @@ where the GPU waits for the host.
 
 Runs a few steps, then profiles three (torch.profiler, CPU and CUDA activities) and
 prints, for the median one, every GPU kernel / memset / copy in order with its start
-(us after the step's first host op), its duration, the GPU idle gap before it, and when
-the host issued its launch. The sum of the gaps is the GPU idle time of the step
+(us after the step's first host op), its duration and the GPU idle gap before it;
+with --host, the step's host events (torch ops, CUDA runtime calls) in start order.
+The sum of the gaps is the GPU idle time of the step
 (what an eager step costs over its kernels; the profiler's own host overhead inflates
 it somewhat, so compare variants within one run). Inputs as bench_linear_attention.py
 (H = 16, D = 128, bf16; fixed decays -0.05 rand(H), gates logsigmoid(randn) / 16).
@@ -71,8 +72,7 @@ def main():
         for j, e in enumerate(ks):
             gap = max(0.0, e.time_range.start - prev_end)
             idle += gap
-            issued = ls[j].time_range.start - t0 if j < len(ls) else float("nan")
-            rows.append((e.name[:60], e.time_range.start - t0, e.time_range.elapsed_us(), gap, issued))
+            rows.append((e.name[:60], e.time_range.start - t0, e.time_range.elapsed_us(), gap))
             prev_end = max(prev_end, e.time_range.end)
         host = sorted((e for e in events if e.device_type.name == "CPU" and t0 <= e.time_range.start <= t1
                        and e.time_range.elapsed_us() >= args.host and not e.name.startswith("step")),
@@ -83,9 +83,9 @@ def main():
     print(f"== {args.decay} B={args.batch} T={args.seq_len}: step {total / 1000:.3f} ms from its first host op to "
           f"its last kernel's end, GPU idle {idle:.1f} us; {len(rows)} GPU ops, {len(ls)} launches "
           f"(steps: {', '.join(f'{r[0] / 1000:.3f}/{r[1]:.0f}us' for r in rows_by_step)})")
-    print(f"   {'kernel':60s} {'start':>8s} {'dur':>8s} {'gap':>7s} {'issued':>8s}  (us)")
-    for name, start, dur, gap, issued in rows:
-        print(f"   {name:60s} {start:8.1f} {dur:8.1f} {gap:7.1f} {issued:8.1f}")
+    print(f"   {'kernel':60s} {'start':>8s} {'dur':>8s} {'gap':>7s}  (us)")
+    for name, start, dur, gap in rows:
+        print(f"   {name:60s} {start:8.1f} {dur:8.1f} {gap:7.1f}")
     if host:
         print(f"   host events >= {args.host:g} us (start, duration; nested events indented by start order only):")
         for e in host[:120]:
