@@ -9,6 +9,14 @@ Compares every .entry and .func by name. Before comparing it drops the .loc / .f
 lines (source positions move with any edit), renames the labels in order of first use
 and replaces the anonymous namespace's per-file name (it holds a hash of the path).
 Exit status 0 when every function is the same and both files define the same ones.
+
+A refactor that renames kernels (a template parameter removed) maps the old names first:
+    --sub REGEX REPL   applied to the whole of before.ptx (names, and the parameters named
+                       after them), in order; repeatable
+    --drop REGEX       before's functions whose (mapped) name matches are not compared
+                       (instantiations the new tree no longer has); repeatable
+e.g. the tma state passes' kOrder removed (fifteenth round), kOrder = 2 now the only order:
+    --sub '(_tmaI\w*?)Li2E(?=EEv)' '\1' --drop '_tmaI\w*Li[013]EEEv'
 """
 
 import re
@@ -19,12 +27,15 @@ FUNC = re.compile(r"\.(?:entry|func)\s+(?:\([^)]*\)\s*)?(\S+?)\(")
 LABEL = re.compile(r"\$L__\w+")
 
 
-def functions(path):
+def functions(path, subs=(), drops=()):
     text = ANON.sub("ANON", open(path).read())
+    for pattern, repl in subs:
+        text = re.sub(pattern, repl, text)
     out = {}
     for m in FUNC.finditer(text):
         end = text.find("\n}\n", m.start())
-        out[m.group(1)] = text[m.start():end + 3]
+        if not any(re.search(d, m.group(1)) for d in drops):
+            out[m.group(1)] = text[m.start():end + 3]
     return out
 
 
@@ -34,8 +45,8 @@ def normalised(body):
     return LABEL.sub(lambda m: labels.setdefault(m.group(0), "L%d" % len(labels)), "\n".join(lines))
 
 
-def main(before, after):
-    a, b = functions(before), functions(after)
+def main(before, after, subs=(), drops=()):
+    a, b = functions(before, subs, drops), functions(after)
     bad = 0
     if set(a) != set(b):
         bad += 1
@@ -49,5 +60,23 @@ def main(before, after):
     return 1 if bad else 0
 
 
+def parse(argv):
+    files, subs, drops, i = [], [], [], 0
+    while i < len(argv):
+        if argv[i] == "--sub":
+            subs.append((argv[i + 1], argv[i + 2]))
+            i += 3
+        elif argv[i] == "--drop":
+            drops.append(argv[i + 1])
+            i += 2
+        else:
+            files.append(argv[i])
+            i += 1
+    if len(files) != 2:
+        sys.exit(__doc__)
+    return files[0], files[1], subs, drops
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    before, after, subs, drops = parse(sys.argv[1:])
+    sys.exit(main(before, after, subs, drops))

@@ -1648,10 +1648,9 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
 
 // The 8-warp state passes with their copies addressed once a block (w8), every chunk's
 // copies addressed anew (w8calc) and the passes on whole-tile tensor-map copies (tma, the
-// default on sm_90, its summary in 32-column blocks as w8's; tmalate, tmahoist, tmaboth:
-// tma with the ring's refill and the 16-bit state / dh stores issued after the first
-// product, with the epilogue's decays and loads before it, both): the same arithmetic on
-// the same tiles, so every output must be equal bit for bit. Two batch rows
+// default on sm_90, its summary in 32-column blocks as w8's, the epilogue's decays and
+// loads before the token product): the same arithmetic on the same tiles, so every
+// output must be equal bit for bit. Two batch rows
 // of 9 heads (144 state-pass blocks: the two-buffer rings on a 132-SM H200, the summary's
 // 72 the four-buffer one) in Megatron's [T, B, H, D] order with padded heads, and one
 // batch row of 5 heads in [B, T, H, D] (40 blocks: the four-buffer rings); a part that
@@ -1720,11 +1719,7 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
     };
     const std::vector<float> lean = run("w8");
     std::vector<const char*> others = {"w8calc"};
-    if (major >= 9) {
-      // tma, and tma's instructions in other orders (the refill after the first product, the
-      // epilogue's decays and loads before it, both)
-      for (const char* f : {"tma", "tmalate", "tmahoist", "tmaboth"}) others.push_back(f);
-    }
+    if (major >= 9) others.push_back("tma");
     for (const char* family : others) {
       const std::vector<float> got = run(family);
       ASSERT_EQ(lean.size(), got.size()) << family;
@@ -2073,15 +2068,15 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(dtype_name(c.type)) + "_d" + std::to_string(c.d) + (c.neg_inf ? "_neginf" : "");
     });
 
-// LASP2_DELTA_STATE_KERNEL=tmalate, tmahoist, tmaboth (tma with the ring's refill and the
-// 16-bit state / dh stores issued after the first product, the reverse pass keeping tma's
-// order where documents' end gradients overwrite xb; with the epilogue's decays and loads
-// before the product; both) through the backend: forward, part_summary and backward with
-// document states (initial states, finals, end-state and initial-state gradients), -inf
-// gates, an entering state and a leaving gradient, against tma. The same arithmetic, so
-// o, the maps, the finals, dq, dk and dv must be equal bit for bit; dg, dbeta and the
-// state gradients sum through atomics (last bits may move from run to run).
-TEST(DeltaCudaStatePasses, TmaOrdersEqualTmaThroughBackend) {
+// The tma state passes (LASP2_DELTA_STATE_KERNEL=tma, the default on sm_90: their
+// epilogue's decays and loads before the token product, docs/delta_rule.md "State passes,
+// fifteenth round") through the backend against w8's: forward, part_summary and backward
+// with document states (initial states, finals, end-state and initial-state gradients,
+// the passes' S += f H and F-in-X's-place chunks), -inf gates, an entering state and a
+// leaving gradient. The same arithmetic, so o, the maps, the finals, dq, dk and dv must be
+// equal bit for bit; dg, dbeta and the state gradients sum through atomics (last bits may
+// move from run to run).
+TEST(DeltaCudaStatePasses, TmaEqualsW8ThroughBackend) {
   LASP2_SKIP_WITHOUT_CUDA();
   int major = 0;
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
@@ -2138,37 +2133,34 @@ TEST(DeltaCudaStatePasses, TmaOrdersEqualTmaThroughBackend) {
       cuda_ok(cudaDeviceSynchronize(), "passes");
       return r;
     };
-    const Out tma = run("tma");
+    const Out w8 = run("w8");
     auto same = [](const auto& a, const auto& b) {
       int64_t differ = a.size() == b.size() ? 0 : -1;
       for (size_t i = 0; differ >= 0 && i < a.size(); ++i)
         differ += std::memcmp(&a[i], &b[i], sizeof(a[i])) != 0 && !(std::isnan(a[i]) && std::isnan(b[i]));
       return differ;
     };
-    for (const char* family : {"tmalate", "tmahoist", "tmaboth"}) {
-      SCOPED_TRACE(family);
-      const Out late = run(family);
-      EXPECT_EQ(same(tma.o, late.o), 0) << "o";
-      EXPECT_EQ(same(tma.A, late.A), 0) << "A";
-      EXPECT_EQ(same(tma.M, late.M), 0) << "M";
-      EXPECT_EQ(same(tma.finals, late.finals), 0) << "finals";
-      if (docs) {  // the chunks with a document start take dq, dk from the recurrent backward's atomics
-        const int64_t row = spec.heads * spec.dim_k;
-        EXPECT_LT(rel_in_part(late.dq, tma.dq, part, spec.batch, spec.seqlen, row, "dq"), 1e-2) << "dq";
-        EXPECT_LT(rel_in_part(late.dk, tma.dk, part, spec.batch, spec.seqlen, row, "dk"), 1e-2) << "dk";
-      } else {
-        EXPECT_EQ(same(tma.dq, late.dq), 0) << "dq";
-        EXPECT_EQ(same(tma.dk, late.dk), 0) << "dk";
-      }
-      EXPECT_EQ(same(tma.dv, late.dv), 0) << "dv";
-      EXPECT_LT(rel_err_f32(late.dg, tma.dg), 1e-5) << "dg";
-      EXPECT_LT(rel_err_f32(late.db, tma.db), 1e-5) << "dbeta";
-      EXPECT_LT(rel_err_f32(late.dE, tma.dE), 1e-5) << "d_entering";
-      if (docs) EXPECT_LT(rel_err_f32(late.dI, tma.dI), 1e-5) << "d_initial";
+    const Out tma = run("tma");
+    EXPECT_EQ(same(w8.o, tma.o), 0) << "o";
+    EXPECT_EQ(same(w8.A, tma.A), 0) << "A";
+    EXPECT_EQ(same(w8.M, tma.M), 0) << "M";
+    EXPECT_EQ(same(w8.finals, tma.finals), 0) << "finals";
+    if (docs) {  // the chunks with a document start take dq, dk from the recurrent backward's atomics
+      const int64_t row = spec.heads * spec.dim_k;
+      EXPECT_LT(rel_in_part(tma.dq, w8.dq, part, spec.batch, spec.seqlen, row, "dq"), 1e-2) << "dq";
+      EXPECT_LT(rel_in_part(tma.dk, w8.dk, part, spec.batch, spec.seqlen, row, "dk"), 1e-2) << "dk";
+    } else {
+      EXPECT_EQ(same(w8.dq, tma.dq), 0) << "dq";
+      EXPECT_EQ(same(w8.dk, tma.dk), 0) << "dk";
     }
+    EXPECT_EQ(same(w8.dv, tma.dv), 0) << "dv";
+    EXPECT_LT(rel_err_f32(tma.dg, w8.dg), 1e-5) << "dg";
+    EXPECT_LT(rel_err_f32(tma.db, w8.db), 1e-5) << "dbeta";
+    EXPECT_LT(rel_err_f32(tma.dE, w8.dE), 1e-5) << "d_entering";
+    if (docs) EXPECT_LT(rel_err_f32(tma.dI, w8.dI), 1e-5) << "d_initial";
     // the comparison has something to compare: gradients and outputs were written
-    EXPECT_GT(delta::testing::max_abs(tma.dE), 0.0) << "d_entering";
-    EXPECT_GT(delta::testing::max_abs(tma.M), 0.0) << "M";
+    EXPECT_GT(delta::testing::max_abs(w8.dE), 0.0) << "d_entering";
+    EXPECT_GT(delta::testing::max_abs(w8.M), 0.0) << "M";
   }
 }
 

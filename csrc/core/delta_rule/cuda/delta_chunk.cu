@@ -766,17 +766,14 @@ struct TmaStateSmem {
 // blocks x < D / C the columns of A from I with u = 0, the others M's from zero; no
 // per-chunk outputs) of fwd_state_kernel_w8 (kLean) with the tiles above: the same
 // products in the same order, so every output equals w8's (at the same C) bit for bit.
-// kOrder (the states pass only; LASP2_DELTA_STATE_KERNEL=tmalate, tmahoist, tmaboth, an A/B
-// of the fifteenth round, docs/delta_rule.md "State passes, fifteenth round"): the same
-// instructions in another order. kOrderLate: the ring's refill (thread 0's tensor-map
-// copies, 64 SASS instructions on warp 0, and every thread's cp.async pieces) and the
-// chunk state's store after the token product's mma.sync instead of before it, where the
-// warp waits on the mma chain anyway. kOrderHoist: the epilogue's decays d, its u values
-// and the state's decay e formed before the product (as written, the second token half's
-// meta loads, MUFU and u loads follow the first half's ys stores: ptxas cannot tell the
-// addresses apart). Both: kOrderLate | kOrderHoist.
-constexpr int kOrderLate = 1, kOrderHoist = 2;
-template <typename T, int NS, int C = kChunkCols, bool kSummary = false, int kOrder = 0>
+// The epilogue's decays d, its u values and the state's decay e are formed before the
+// token product: written after it, the second token half's meta loads, MUFU and u loads
+// follow the first half's ys stores (ptxas cannot tell the shared addresses apart), two
+// dependent chains after the last HMMA. At T = 64K on an H200 states 0.95 -> 0.91 ms
+// (16K: 0.25 -> 0.24); issuing the ring's refill after the product instead (where the warp
+// waits on the mma chain) measured slower, 1.05 ms, and so did both (docs/delta_rule.md,
+// "State passes, fifteenth round").
+template <typename T, int NS, int C = kChunkCols, bool kSummary = false>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
                          const __grid_constant__ CUtensorMap kmap, KMapDims kd, ChunkSummaryOut sum) {
@@ -863,69 +860,43 @@ __global__ void __launch_bounds__(NT8, 2)
     __syncthreads();
     // the ring's refill of buffer (c - 1) % NS (free: every warp is past chunk c - 1) and
     // the chunk's 16-bit state from xb (rewritten only after the next chunk's first barrier)
-    auto refill_and_store = [&] {
-      ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);
-      if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
-    };
-    if constexpr (!(kOrder & kOrderLate)) refill_and_store();
+    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);
+    if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
     const float* meta = sm.meta[s];
     const T* u = sm.u[s];
     const float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
     const uint32_t wt = tiles0 + s * kBufBytes;
-    // kOrderHoist: the state's decay e formed here, off the second product's path
-    [[maybe_unused]] float epre = 0.f;
-    if constexpr ((kOrder & kOrderHoist) != 0) epre = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
+    // the state's decay e, off the second product's path
+    const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A); ys = diag(d) v_new
-      // kOrderHoist: both token halves' d and u before the product
-      [[maybe_unused]] float dpre[2];
-      [[maybe_unused]] float2 upre[2][TPW];
-      if constexpr ((kOrder & kOrderHoist) != 0) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = x0 + (lane >> 2) + 8 * hf;
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          dpre[hf] = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
-#pragma unroll
-          for (int t = 0; t < TPW; ++t)
-            upre[hf][t] = amap ? make_float2(0.f, 0.f) : unpack2<T>(load_u32(u + x * LDC + n0 + 8 * t + 2 * (lane & 3)));
-        }
-      }
-      float acc[TPW][4] = {};
-      mma_w_swizzled<T, TPW>(acc, wt + aw, sm.xb, LDC, n0, lane);
-      if constexpr ((kOrder & kOrderLate) != 0) refill_and_store();  // while the mma.sync chain runs
+      // both token halves' d and u before the product
+      float d[2];
+      float2 uu[2][TPW];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf;
-        float d;
-        if constexpr ((kOrder & kOrderHoist) != 0) {
-          d = dpre[hf];
-        } else {
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          d = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
-        }
+        const float Gx = meta[2 * x], sx = meta[2 * x + 1];
+        d[hf] = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
+#pragma unroll
+        for (int t = 0; t < TPW; ++t)
+          uu[hf][t] = amap ? make_float2(0.f, 0.f) : unpack2<T>(load_u32(u + x * LDC + n0 + 8 * t + 2 * (lane & 3)));
+      }
+      float acc[TPW][4] = {};
+      mma_w_swizzled<T, TPW>(acc, wt + aw, sm.xb, LDC, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf;
 #pragma unroll
         for (int t = 0; t < TPW; ++t) {
           const int cl = n0 + 8 * t + 2 * (lane & 3);
-          float2 rr;
-          if constexpr ((kOrder & kOrderHoist) != 0) {
-            rr = upre[hf][t];
-          } else {
-            rr = amap ? make_float2(0.f, 0.f) : unpack2<T>(load_u32(u + x * LDC + cl));
-          }
-          const float v0 = rr.x - acc[t][2 * hf], v1 = rr.y - acc[t][2 * hf + 1];
+          const float v0 = uu[hf][t].x - acc[t][2 * hf], v1 = uu[hf][t].y - acc[t][2 * hf + 1];
           if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D + 8 * t, pack2<T>(v0, v1));
-          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d, v1 * d));
+          store_u32(sm.ys + x * LDC + cl, pack2<T>(v0 * d[hf], v1 * d[hf]));
         }
       }
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
-      float e;
-      if constexpr ((kOrder & kOrderHoist) != 0) {
-        e = epre;
-      } else {
-        e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
-      }
 #pragma unroll
       for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
@@ -1088,11 +1059,10 @@ struct TmaRevSmem {
   uint64_t full[NS];  // buffer s holds its chunk's k, w and q
 };
 
-// kOrder: as fwd_state_kernel_tma's (kOrderLate: the ring's refill, 102 SASS instructions
-// on warp 0 and about 70 on every warp, and dh's store after the first product, except in
-// chunks where a document's end gradient overwrites xb; kOrderHoist: the epilogue's decays
-// and r, dO values read before the product).
-template <typename T, int kOrder = 0>
+// As in fwd_state_kernel_tma, the epilogue's decays and r values, dO's scaling and X's decay
+// e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/delta_rule.md,
+// "State passes, fifteenth round").
+template <typename T>
 __global__ void __launch_bounds__(NT8)
     rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
                          const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap wmap,
@@ -1161,15 +1131,10 @@ __global__ void __launch_bounds__(NT8)
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     // the ring's refill of buffer (i - 1) % NS (free: every warp is past chunk c + 1) and
-    // dh's 16 bytes of this thread from xb (kOrderLate: after the first product's
-    // mma.sync, as in fwd_state_kernel_tma; not with documents' end gradients, which
-    // overwrite xb with F below once dh has its copy)
-    auto refill_and_store = [&] {
-      ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
-      if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
-    };
-    const bool late = (kOrder & kOrderLate) != 0 && ro.doc_end_idx == nullptr;
-    if (!late) refill_and_store();
+    // dh's 16 bytes of this thread from xb (before a document's end gradient overwrites xb
+    // with F below)
+    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
+    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
     const float* meta = sm.meta[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
@@ -1182,57 +1147,36 @@ __global__ void __launch_bounds__(NT8)
       sL = 0.f;
     }
     const uint32_t kt = tiles0 + s * kBufBytes;
-    [[maybe_unused]] float epre = 0.f;
+    // X's decay e, both token halves' d and r and dO's scaling before the product
+    const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
     {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
-      // kOrderHoist: both token halves' d and r, dO's scaling and X's decay e before the product
-      [[maybe_unused]] float dpre[2];
-      [[maybe_unused]] float2 rpre[2];
-      if constexpr ((kOrder & kOrderHoist) != 0) {
-        epre = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          dpre[hf] = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
-          rpre[hf] = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
-        }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          const float cx = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
-          const float2 dd = unpack2<T>(load_u32(dd_t + x * LDV + cl));
-          store_u32(dd_t + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
-        }
-      }
-      float acc[4] = {};
-      mma_w_swizzled<T>(acc, kt + aw, sm.xb, LDV, n0, lane);
-      if (late) refill_and_store();  // while the mma.sync chain runs
+      float d[2];
+      float2 rr[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-        if constexpr ((kOrder & kOrderHoist) != 0) {
-          store_u32(sm.ys + x * LDV + cl,
-                    pack2<T>(rpre[hf].x - dpre[hf] * acc[2 * hf], rpre[hf].y - dpre[hf] * acc[2 * hf + 1]));
-        } else {
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          const float d = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
-          const float2 rr = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
-          store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - d * acc[2 * hf], rr.y - d * acc[2 * hf + 1]));
-          const float cx = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
-          const float2 dd = unpack2<T>(load_u32(dd_t + x * LDV + cl));
-          store_u32(dd_t + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
-        }
+        const float Gx = meta[2 * x], sx = meta[2 * x + 1];
+        d[hf] = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
+        rr[hf] = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        const float Gx = meta[2 * x], sx = meta[2 * x + 1];
+        const float cx = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
+        const float2 dd = unpack2<T>(load_u32(dd_t + x * LDV + cl));
+        store_u32(dd_t + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
+      }
+      float acc[4] = {};
+      mma_w_swizzled<T>(acc, kt + aw, sm.xb, LDV, n0, lane);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        store_u32(sm.ys + x * LDV + cl, pack2<T>(rr[hf].x - d[hf] * acc[2 * hf], rr[hf].y - d[hf] * acc[2 * hf + 1]));
       }
     }
     __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO
-      float e;
-      if constexpr ((kOrder & kOrderHoist) != 0) {
-        e = epre;
-      } else {
-        e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
-      }
       float oq[2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -1464,20 +1408,9 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 // the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
 // A/B); "tma": the forward and reverse passes and the part summary (32-column blocks) on
 // whole-tile tensor-map copies (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by
-// name where they cannot run, an error). docs/delta_rule.md, twelfth and thirteenth rounds.
-// "tmalate", "tmahoist", "tmaboth" (an A/B, fifteenth round): tma's states and reverse
-// passes with their instructions in another order (kOrderLate: the ring's refill and the
-// 16-bit state / dh stores after the first product's mma.sync; kOrderHoist: the
-// epilogue's decays and loads before it; both): the same arithmetic, so the same bits; the
-// summary stays tma's.
-enum class StatePass { kTile, kW8, kW8Calc, kTma, kTmaLate, kTmaHoist, kTmaBoth, kDefault };
-// The kOrder of a tma pass family (0: tma's own order).
-int tma_order(StatePass pass) {
-  return pass == StatePass::kTmaLate    ? kOrderLate
-         : pass == StatePass::kTmaHoist ? kOrderHoist
-         : pass == StatePass::kTmaBoth  ? kOrderLate | kOrderHoist
-                                        : 0;
-}
+// name where they cannot run, an error). docs/delta_rule.md, twelfth, thirteenth and
+// fifteenth rounds.
+enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
   const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
   if (env == nullptr || *env == 0) return StatePass::kDefault;
@@ -1485,18 +1418,15 @@ StatePass state_pass() {
   if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
   if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
   if (std::strcmp(env, "tma") == 0) return StatePass::kTma;
-  if (std::strcmp(env, "tmalate") == 0) return StatePass::kTmaLate;
-  if (std::strcmp(env, "tmahoist") == 0) return StatePass::kTmaHoist;
-  if (std::strcmp(env, "tmaboth") == 0) return StatePass::kTmaBoth;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc, tma, "
-                   "tmalate, tmahoist or tmaboth, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc or tma, "
+                   "not ") +
        env);
 }
 
 // LASP2_DELTA_STATE_KERNEL=tma where its kernels cannot run: an error, not a silent w8
 // (the tests compare the two).
 [[noreturn]] void fail_tma_unavailable() {
-  fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma (or tmalate, tmahoist, tmaboth) needs sm_90 "
+  fail("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL=tma needs sm_90 "
        "and tensor-map strides (16-byte multiples)");
 }
 
@@ -1536,7 +1466,7 @@ void launch_tma_pass(void (*kernel)(Params...), dim3 grid, int bytes, cudaStream
 // The forward state pass (C = 16) or, with kSummary, the part summary (sum) on
 // fwd_state_kernel_tma; false (nothing launched) where it cannot run: before sm_90, a
 // binary without sm_90 code, strides a tensor map cannot take.
-template <typename T, int C = kChunkCols, bool kSummary = false, int kOrder = 0>
+template <typename T, int C = kChunkCols, bool kSummary = false>
 bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkStatesOut& out,
                            const ChunkSummaryOut& sum, cudaStream_t s) {
   constexpr int D = 128;
@@ -1560,17 +1490,16 @@ bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkS
   };
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
-  return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary, kOrder>, 4)
-                  : run(fwd_state_kernel_tma<T, 2, C, kSummary, kOrder>, 2);
+  return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary>, 4) : run(fwd_state_kernel_tma<T, 2, C, kSummary>, 2);
 }
 
 // The reverse state pass on rev_state_kernel_tma; false (nothing launched) where it
 // cannot run, as launch_fwd_states_tma.
-template <typename T, int kOrder = 0>
+template <typename T>
 bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out,
                            cudaStream_t s) {
   constexpr int D = 128;
-  auto kernel = rev_state_kernel_tma<T, kOrder>;
+  auto kernel = rev_state_kernel_tma<T>;
   if (!runs_sm90(kernel)) return false;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
@@ -1620,15 +1549,9 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       if (sum.A != nullptr) return w8(std::integral_constant<int, 2 * kChunkCols>{}, lean_tag);
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
-    if (pass == StatePass::kTma || tma_order(pass) != 0 || pass == StatePass::kDefault) {
-      const int order = tma_order(pass);
+    if (pass == StatePass::kTma || pass == StatePass::kDefault) {
       const bool done = sum.A != nullptr ? launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s)
-                        : order == kOrderLate ? launch_fwd_states_tma<T, kChunkCols, false, kOrderLate>(p, prep, out, sum, s)
-                        : order == kOrderHoist
-                            ? launch_fwd_states_tma<T, kChunkCols, false, kOrderHoist>(p, prep, out, sum, s)
-                        : order != 0
-                            ? launch_fwd_states_tma<T, kChunkCols, false, kOrderLate | kOrderHoist>(p, prep, out, sum, s)
-                            : launch_fwd_states_tma<T>(p, prep, out, sum, s);
+                                         : launch_fwd_states_tma<T>(p, prep, out, sum, s);
       if (done) return;
       if (pass != StatePass::kDefault) fail_tma_unavailable();
     }
@@ -1715,13 +1638,6 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
         allow(kernel, bytes, "chunk reverse state smem");
         kernel<<<dim3(D / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, prep, out);
       };
-      if (const int order = tma_order(pass); order != 0) {
-        const bool done = order == kOrderLate    ? launch_rev_states_tma<T, kOrderLate>(p, dout, prep, out, s)
-                          : order == kOrderHoist ? launch_rev_states_tma<T, kOrderHoist>(p, dout, prep, out, s)
-                                                 : launch_rev_states_tma<T, kOrderLate | kOrderHoist>(p, dout, prep, out, s);
-        if (done) return;
-        fail_tma_unavailable();
-      }
       if (pass == StatePass::kTma || pass == StatePass::kDefault) {
         if (launch_rev_states_tma<T>(p, dout, prep, out, s)) return;
         if (pass == StatePass::kTma) fail_tma_unavailable();
