@@ -17,6 +17,9 @@ A refactor that renames kernels (a template parameter removed) maps the old name
                        (instantiations the new tree no longer has); repeatable
 e.g. the tma state passes' kOrder removed (fifteenth round), kOrder = 2 now the only order:
     --sub '(_tmaI\w*?)Li2E(?=EEv)' '\1' --drop '_tmaI\w*Li[013]EEEv'
+and KDA's kHoist removed (a trailing bool: true kept, false marked first, then dropped):
+    --sub '(kda_\w*state_kernel_tmaI\w*?)Lb0E(?=EEv)' '\1XdropE'
+    --sub '(kda_\w*state_kernel_tmaI\w*?)Lb1E(?=EEv)' '\1' --drop Xdrop
 """
 
 import re

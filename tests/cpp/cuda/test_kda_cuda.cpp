@@ -347,8 +347,8 @@ INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaBackward, ::testing::ValuesIn(kda_case
 // runs the tile kernels' products in their order, so o, the forward's kept v_new and
 // 16-bit chunk states, A, M, the head maps, entering_dstate and the whole backward (dq,
 // dk, dv, dg, dbeta, the entering state's gradient; its state pass and reverse pass with
-// dh) must be equal bit for bit. So must "tmahoist" (tma with the token product's u / r
-// values and the state's diag(eL) formed before the product; fifteenth round's A/B).
+// dh) must be equal bit for bit (tma's epilogue loads and the state's decay come before
+// the token product since the fifteenth round: the same operations on the same values).
 // Cases: bf16 and fp16, rows and packed documents, -inf and strong gates, B x H = 2 or
 // 4 (the four-buffer rings) and 18 or 17 (144 / 136 blocks: the two-buffer rings on a
 // 132-SM H200); the fixture's part [37, 280) starts and ends mid-chunk, with an
@@ -395,15 +395,13 @@ TEST_P(DeltaCudaKdaStateTma, EqualsTileKernel) {
   const char* names[kOut] = {"o",  "kept (v_new, chunk states)", "A",  "M",  "head A", "head M", "entering_dstate",
                              "dq", "dk", "dv", "dg", "dbeta", "backward d_entering"};
   const auto tile = run("tile");
+  const auto tma = run("tma");
   ASSERT_EQ(tile.size(), static_cast<size_t>(kOut));
-  for (const char* family : {"tma", "tmahoist"}) {
-    const auto tma = run(family);
-    for (int i = 0; i < kOut; ++i) {
-      ASSERT_EQ(tile[i].size(), tma[i].size()) << family << " " << names[i];
-      int64_t differ = 0;
-      for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
-      EXPECT_EQ(differ, 0) << family << " vs tile " << names[i] << ": of " << tile[i].size() << " words";
-    }
+  for (int i = 0; i < kOut; ++i) {
+    ASSERT_EQ(tile[i].size(), tma[i].size()) << names[i];
+    int64_t differ = 0;
+    for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
+    EXPECT_EQ(differ, 0) << "tma vs tile " << names[i] << ": of " << tile[i].size() << " words";
   }
   EXPECT_GT(delta::testing::max_abs(tile[0]), 0.0) << "o is not all zero";
   EXPECT_GT(delta::testing::max_abs(tile[3]), 0.0) << "M is not all zero";
@@ -653,9 +651,9 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
 // (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16: the kernels named in
 // LASP2_KDA_STATE_TIMING_VARIANTS (LASP2_DELTA_KDA_STATE_KERNEL values; default two
 // rounds of "tile tma", alternating), each launch timed alone, the median of
-// LASP2_STATE_TIMING_REPS (5) after one warm-up. Then tma's and tmahoist's outputs
-// against the tile kernels': v_new, 16-bit states, leaving state, A, M, dh and entering
-// gradient bit for bit.
+// LASP2_STATE_TIMING_REPS (5) after one warm-up. Then tma's outputs against the tile
+// kernels': v_new, 16-bit states, leaving state, A, M, dh and entering gradient bit for
+// bit.
 TEST(DeltaCudaKdaStateTiming, TmaAgainstTile) {
   LASP2_SKIP_WITHOUT_CUDA();
   int major = 0;
@@ -753,13 +751,11 @@ TEST(DeltaCudaKdaStateTiming, TmaAgainstTile) {
     for (float x : tile[i]) finite += std::isfinite(x) ? 1 : 0;
     EXPECT_EQ(finite, static_cast<int64_t>(tile[i].size())) << "tile " << what[i] << " written and finite";
   }
-  for (const char* family : {"tma", "tmahoist"}) {
-    const auto tma = outputs(family);
-    for (int i = 0; i < kOut; ++i) {
-      int64_t differ = 0;
-      for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
-      EXPECT_EQ(differ, 0) << family << " vs tile " << what[i] << ": of " << tile[i].size() << " words";
-    }
+  const auto tma = outputs("tma");
+  for (int i = 0; i < kOut; ++i) {
+    int64_t differ = 0;
+    for (size_t e = 0; e < tile[i].size(); ++e) differ += std::memcmp(&tile[i][e], &tma[i][e], 4) != 0;
+    EXPECT_EQ(differ, 0) << "tma vs tile " << what[i] << ": of " << tile[i].size() << " words";
   }
 }
 

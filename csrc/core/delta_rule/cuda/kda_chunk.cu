@@ -346,13 +346,12 @@ void kda_dispatch(const Problem& p, F&& f) {
 // them): "tile" kda_state_kernel / kda_rev_state_kernel (4 warps, cp.async tiles); "tma"
 // kda_state_kernel_tma / kda_rev_state_kernel_tma (8 warps, tensor-map tiles; sm_90,
 // d = 128) with the tile kernels' products in their order (every output equal bit for
-// bit). Unset: tma where it runs (at 64K on an H200: states 1.47 -> 0.87 ms, summary
-// 1.61 -> 0.97, rprep + reverse pass 2.04 -> 1.26), else tile; tma falls back to tile at
-// d = 64; named at d = 128 where the tma kernel cannot run (before sm_90), an error.
-// docs/delta_rule.md, thirteenth round. "tmahoist" (an A/B, fifteenth round): tma with
-// the epilogue's loads and the state's decay before the token product (kda_chunk_tma.cu,
-// kHoist; GDN's passes gained 3 - 4 % from the same move), the same bits.
-enum class KdaStatePass { kTile, kTma, kTmaHoist };
+// bit). Unset: tma where it runs (at 64K on an H200: states 1.47 -> 0.85 ms, summary
+// 1.61 -> 0.96, rprep + reverse pass 2.04 -> 1.26; the last step, the epilogue's loads
+// and the state's decay before the token product, in the fifteenth round), else tile;
+// tma falls back to tile at d = 64; named at d = 128 where the tma kernel cannot run
+// (before sm_90), an error. docs/delta_rule.md, thirteenth round.
+enum class KdaStatePass { kTile, kTma };
 constexpr KdaStatePass kKdaStateDefault = KdaStatePass::kTma;
 struct KdaStateChoice {
   KdaStatePass pass;
@@ -363,14 +362,13 @@ KdaStateChoice kda_state_pass() {
   if (env == nullptr || *env == 0) return {kKdaStateDefault, false};
   if (std::strcmp(env, "tile") == 0) return {KdaStatePass::kTile, true};
   if (std::strcmp(env, "tma") == 0) return {KdaStatePass::kTma, true};
-  if (std::strcmp(env, "tmahoist") == 0) return {KdaStatePass::kTmaHoist, true};
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL must be tile, tma or tmahoist, not " + env);
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL must be tile or tma, not " + env);
 }
 
 // LASP2_DELTA_KDA_STATE_KERNEL=tma at d = 128 where the tma kernels cannot
 // run: an error, not a silent tile (the tests compare the two).
 [[noreturn]] void fail_kda_tma_unavailable() {
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL=tma (tmahoist) needs an sm_90 device and binary");
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL=tma needs an sm_90 device and binary");
 }
 
 void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,
@@ -378,7 +376,7 @@ void kda_state_launch(const Problem& p, const KdaPrep& prep, const ChunkStatesOu
   if (chunk_count(p) == 0 || p.bh() == 0) return;
   const KdaStateChoice choice = kda_state_pass();
   if (choice.pass != KdaStatePass::kTile && p.dk == 128 && p.dv == 128) {
-    if (launch_kda_states_tma(p, prep, fo, sum, choice.pass == KdaStatePass::kTmaHoist, s)) return;
+    if (launch_kda_states_tma(p, prep, fo, sum, s)) return;
     if (choice.named) fail_kda_tma_unavailable();
   }
   kda_dispatch(p, [&](auto tag, auto dim) {
@@ -435,8 +433,7 @@ void launch_kda_rstates(const Problem& p, const KdaPrep& prep, View dout, void* 
                static_cast<int>(sizeof(KdaRprepSmem<T, D>)), s, "KDA chunk rprep", p, prep, dout, r);
     const KdaStateChoice choice = kda_state_pass();
     if (choice.pass != KdaStatePass::kTile && D == 128) {
-      if (launch_kda_rstates_tma(p, prep, dout, r, leaving, dh, entering, choice.pass == KdaStatePass::kTmaHoist, s))
-        return;
+      if (launch_kda_rstates_tma(p, prep, dout, r, leaving, dh, entering, s)) return;
       if (choice.named) fail_kda_tma_unavailable();
     }
     kda_launch(kda_rev_state_kernel<T, D>, dim3(D / BV, static_cast<unsigned>(p.bh())),

@@ -48,15 +48,14 @@ struct KdaTmaStateSmem {
 // The state pass (C = 16: v_new, the 16-bit states entering each chunk, the leaving
 // state) or, with kSummary, the part summary (C = 32, grid x = 2 d / C: blocks x < d / C
 // the columns of A from I with u = 0, the others M's from zero).
-// kHoist (LASP2_DELTA_KDA_STATE_KERNEL=tmahoist, an A/B of the fifteenth round; GDN's
-// state passes kept the same move, docs/delta_rule.md "State passes, fifteenth round"):
-// the token product's u values read, and diag(eL) S formed (S is not read between the
-// chunk's xb store and the second product), before the first product instead of after
-// it: written after it, the second token half's u loads follow the first half's ys
-// stores (ptxas cannot tell the shared addresses apart) and the eL loads and FMULs sit
-// between the second barrier and the second product. The same operations on the same
-// values, so the same bits.
-template <typename T, int NS, int C, bool kSummary, bool kHoist = false>
+// The token product's u values are read, and diag(eL) S formed (S is not read between the
+// chunk's xb store and the second product), before the first product: written after it,
+// the second token half's u loads follow the first half's ys stores (ptxas cannot tell
+// the shared addresses apart) and the eL loads and FMULs sit between the second barrier
+// and the second product. The same operations on the same values, so the same bits; at
+// T = 64K on an H200 states 0.871 -> 0.852 ms, summary 0.975 -> 0.960 (GDN's
+// fifteenth-round move; docs/delta_rule.md, "KDA state passes on tensor-map copies").
+template <typename T, int NS, int C, bool kSummary>
 __global__ void __launch_bounds__(NT8, 2)
     kda_state_kernel_tma(Problem p, KdaPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
                          const __grid_constant__ CUtensorMap kdmap, ChunkSummaryOut sum) {
@@ -128,16 +127,14 @@ __global__ void __launch_bounds__(NT8, 2)
     const T* u = sm.u[s];
     const uint32_t wt = tiles0 + s * kBufBytes;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A)
-      [[maybe_unused]] float2 upre[2][TPW];
-      if constexpr (kHoist) {
-        scale_rows(S, sm.eL[s], r0, lane);  // diag(eL) S
+      scale_rows(S, sm.eL[s], r0, lane);  // diag(eL) S, for the second product
+      float2 uu[2][TPW];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
+      for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-          for (int t = 0; t < TPW; ++t)
-            upre[hf][t] = amap ? make_float2(0.f, 0.f)
-                               : unpack2<T>(load_u32(u + (x0 + (lane >> 2) + 8 * hf) * LDC + n0 + 8 * t + 2 * (lane & 3)));
-      }
+        for (int t = 0; t < TPW; ++t)
+          uu[hf][t] = amap ? make_float2(0.f, 0.f)
+                           : unpack2<T>(load_u32(u + (x0 + (lane >> 2) + 8 * hf) * LDC + n0 + 8 * t + 2 * (lane & 3)));
       float acc[TPW][4] = {};
       mma_w_swizzled<T, TPW, false>(acc, wt + aw, sm.xb, LDC, n0, lane);
 #pragma unroll
@@ -146,21 +143,14 @@ __global__ void __launch_bounds__(NT8, 2)
 #pragma unroll
         for (int t = 0; t < TPW; ++t) {
           const int cl = n0 + 8 * t + 2 * (lane & 3);
-          float2 uu;
-          if constexpr (kHoist) {
-            uu = upre[hf][t];
-          } else {
-            uu = amap ? make_float2(0.f, 0.f) : unpack2<T>(load_u32(u + x * LDC + cl));
-          }
-          const uint32_t packed = pack2<T>(uu.x - acc[t][2 * hf], uu.y - acc[t][2 * hf + 1]);
+          const uint32_t packed = pack2<T>(uu[hf][t].x - acc[t][2 * hf], uu[hf][t].y - acc[t][2 * hf + 1]);
           if (vn != nullptr) store_u32(vn + (static_cast<int64_t>(c) * CH + 8 * hf) * D + 8 * t, packed);
           store_u32(sm.ys + x * LDC + cl, packed);
         }
       }
     }
     __syncthreads();
-    // S <- diag(eL) S + kd^T v_new (this warp's state rows)
-    if constexpr (!kHoist) scale_rows(S, sm.eL[s], r0, lane);
+    // S <- diag(eL) S + kd^T v_new (this warp's state rows; diag(eL) S formed above)
     mma_k_swizzled<T, NTL, false>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
@@ -181,8 +171,9 @@ __global__ void __launch_bounds__(NT8, 2)
 // 16-bit X leaving each chunk to dh, the last X to `entering`) on the same machinery:
 // each chunk's kd, w and qg as tensor-map tiles (48 KiB), r's and dO's 16 columns and
 // eL as cp.async pieces, a ring of 3 buffers walked backwards (GDN's
-// rev_state_kernel_tma's depth), the products in kda_rev_state_kernel's order. kHoist: as
-// kda_state_kernel_tma's (r's values and diag(eL) X before the first product).
+// rev_state_kernel_tma's depth), the products in kda_rev_state_kernel's order; as in
+// kda_state_kernel_tma, r's values are read and diag(eL) X formed before the first
+// product (at T = 64K on an H200 rprep + reverse pass 1.264 -> 1.259 ms).
 constexpr int kKdaRevStages = 3;
 template <typename T>
 struct KdaTmaRevSmem {
@@ -196,7 +187,7 @@ struct KdaTmaRevSmem {
   uint64_t full[NS];  // buffer s holds its chunk's kd, w and qg
 };
 
-template <typename T, bool kHoist = false>
+template <typename T>
 __global__ void __launch_bounds__(NT8)
     kda_rev_state_kernel_tma(Problem p, View dout, const void* r, const float* leaving, void* dh, float* entering,
                              const float* eLs, const __grid_constant__ CUtensorMap kdmap,
@@ -264,30 +255,21 @@ __global__ void __launch_bounds__(NT8)
     if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
     const uint32_t kt = tiles0 + s * kBufBytes;
     {  // ys = r - kd X (this warp's token tile)
-      [[maybe_unused]] float2 rpre[2];
-      if constexpr (kHoist) {
-        scale_rows(X, sm.eL[s], r0, lane);  // diag(eL) X
+      scale_rows(X, sm.eL[s], r0, lane);  // diag(eL) X, for the second products
+      float2 rr[2];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          rpre[hf] = unpack2<T>(load_u32(sm.r[s] + (x0 + (lane >> 2) + 8 * hf) * LDV + n0 + 2 * (lane & 3)));
-      }
+      for (int hf = 0; hf < 2; ++hf)
+        rr[hf] = unpack2<T>(load_u32(sm.r[s] + (x0 + (lane >> 2) + 8 * hf) * LDV + n0 + 2 * (lane & 3)));
       float acc[1][4] = {};
       mma_w_swizzled<T, 1, false>(acc, kt + aw, sm.xb, LDV, n0, lane);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-        float2 rr;
-        if constexpr (kHoist) {
-          rr = rpre[hf];
-        } else {
-          rr = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
-        }
-        store_u32(sm.ys + x * LDV + cl, pack2<T>(rr.x - acc[0][2 * hf], rr.y - acc[0][2 * hf + 1]));
+        store_u32(sm.ys + x * LDV + cl, pack2<T>(rr[hf].x - acc[0][2 * hf], rr[hf].y - acc[0][2 * hf + 1]));
       }
     }
     __syncthreads();
-    // X <- diag(eL) X + w^T ys + qg^T dO (this warp's state rows)
-    if constexpr (!kHoist) scale_rows(X, sm.eL[s], r0, lane);
+    // X <- diag(eL) X + w^T ys + qg^T dO (this warp's state rows; diag(eL) X formed above)
     mma_k_swizzled<T, 2, false>(X, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
     mma_k_swizzled<T, 2, false>(X, kt + 4 * kSwzHalf + ak, sm.d[s], LDV, lane);
     // no barrier: the next chunk writes xb and ys only after its first barrier
@@ -299,7 +281,7 @@ __global__ void __launch_bounds__(NT8)
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked)";
 
-template <typename T, int C, bool kSummary, bool kHoist>
+template <typename T, int C, bool kSummary>
 bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo, const ChunkSummaryOut& sum,
                   cudaStream_t s) {
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
@@ -321,26 +303,23 @@ bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& f
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   // (two blocks an SM hide each other's loads), as GDN's; + 1024: the swizzle's alignment
   if (static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms)
-    return run(kda_state_kernel_tma<T, 4, C, kSummary, kHoist>,
+    return run(kda_state_kernel_tma<T, 4, C, kSummary>,
                static_cast<int>(sizeof(KdaTmaStateSmem<T, 4, C>) + 1024));
-  return run(kda_state_kernel_tma<T, 2, C, kSummary, kHoist>,
+  return run(kda_state_kernel_tma<T, 2, C, kSummary>,
              static_cast<int>(sizeof(KdaTmaStateSmem<T, 2, C>) + 1024));
 }
 
 template <typename T>
 bool launch_states_or_summary(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo,
-                              const ChunkSummaryOut& sum, bool hoist, cudaStream_t s) {
-  if (sum.A != nullptr)
-    return hoist ? launch_typed<T, 2 * kChunkCols, true, true>(p, prep, fo, sum, s)
-                 : launch_typed<T, 2 * kChunkCols, true, false>(p, prep, fo, sum, s);
-  return hoist ? launch_typed<T, kChunkCols, false, true>(p, prep, fo, sum, s)
-               : launch_typed<T, kChunkCols, false, false>(p, prep, fo, sum, s);
+                              const ChunkSummaryOut& sum, cudaStream_t s) {
+  if (sum.A != nullptr) return launch_typed<T, 2 * kChunkCols, true>(p, prep, fo, sum, s);
+  return launch_typed<T, kChunkCols, false>(p, prep, fo, sum, s);
 }
 
-template <typename T, bool kHoist>
+template <typename T>
 bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const void* r, const float* leaving, void* dh,
                       float* entering, cudaStream_t s) {
-  auto kernel = kda_rev_state_kernel_tma<T, kHoist>;
+  auto kernel = kda_rev_state_kernel_tma<T>;
   if (!runs_sm90(kernel)) return false;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31)) return false;
@@ -361,22 +340,18 @@ bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const vo
 }  // namespace
 
 bool launch_kda_states_tma(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo,
-                           const ChunkSummaryOut& sum, bool hoist, cudaStream_t s) {
+                           const ChunkSummaryOut& sum, cudaStream_t s) {
   if (p.dk != kD || p.dv != kD || chunk_count(p) == 0 || p.bh() == 0) return false;
-  if (p.elem == Elem::kBF16) return launch_states_or_summary<__nv_bfloat16>(p, prep, fo, sum, hoist, s);
-  if (p.elem == Elem::kF16) return launch_states_or_summary<__half>(p, prep, fo, sum, hoist, s);
+  if (p.elem == Elem::kBF16) return launch_states_or_summary<__nv_bfloat16>(p, prep, fo, sum, s);
+  if (p.elem == Elem::kF16) return launch_states_or_summary<__half>(p, prep, fo, sum, s);
   return false;
 }
 
 bool launch_kda_rstates_tma(const Problem& p, const KdaPrep& prep, View dout, const void* r, const float* leaving,
-                            void* dh, float* entering, bool hoist, cudaStream_t s) {
+                            void* dh, float* entering, cudaStream_t s) {
   if (p.dk != kD || p.dv != kD || chunk_count(p) == 0 || p.bh() == 0) return false;
-  if (p.elem == Elem::kBF16)
-    return hoist ? launch_rev_typed<__nv_bfloat16, true>(p, prep, dout, r, leaving, dh, entering, s)
-                 : launch_rev_typed<__nv_bfloat16, false>(p, prep, dout, r, leaving, dh, entering, s);
-  if (p.elem == Elem::kF16)
-    return hoist ? launch_rev_typed<__half, true>(p, prep, dout, r, leaving, dh, entering, s)
-                 : launch_rev_typed<__half, false>(p, prep, dout, r, leaving, dh, entering, s);
+  if (p.elem == Elem::kBF16) return launch_rev_typed<__nv_bfloat16>(p, prep, dout, r, leaving, dh, entering, s);
+  if (p.elem == Elem::kF16) return launch_rev_typed<__half>(p, prep, dout, r, leaving, dh, entering, s);
   return false;
 }
 

@@ -17,14 +17,14 @@ namespace lasp2::delta::gpu {
 // (sum) on the tma kernel; false (nothing launched) where it cannot run: d != 128, no
 // chunks, a device before sm_90 or a binary without sm_90 code, a tensor map the driver
 // refuses. The products run in kda_state_kernel's order: every output equals its bit
-// for bit. hoist: the kernels with the epilogue's loads and the state's decay before the
-// token product (LASP2_DELTA_KDA_STATE_KERNEL=tmahoist; the same bits).
+// for bit (the epilogue's loads and the state's decay come before the token product,
+// the same operations on the same values).
 bool launch_kda_states_tma(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& fo,
-                           const ChunkSummaryOut& sum, bool hoist, cudaStream_t s);
+                           const ChunkSummaryOut& sum, cudaStream_t s);
 
 // The reverse state pass of launch_kda_rstates (after its rprep into r) on the tma
 // kernel; false (nothing launched) where it cannot run, as above.
 bool launch_kda_rstates_tma(const Problem& p, const KdaPrep& prep, View dout, const void* r, const float* leaving,
-                            void* dh, float* entering, bool hoist, cudaStream_t s);
+                            void* dh, float* entering, cudaStream_t s);
 
 }  // namespace lasp2::delta::gpu
