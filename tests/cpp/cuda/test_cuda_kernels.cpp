@@ -645,6 +645,109 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
   run_saved_states_case(c);
 }
 
+// ---- the segment-state kernel's wide block (LASP2_CUDA_STATE_WIDE, session 15) ------------
+// At D = 128 one block of 16 warps can hold both 64-column groups of the state (the a
+// tile read once instead of once per group). Each thread accumulates the same products
+// in the same order either way, so every pass that walks segment states must give the
+// same bits with and without it: split walks (fixed decays, walks to underflow), gates
+// with documents, dv = 64 (the second column group idle) and a padded [T, B, H, D] view.
+std::vector<std::vector<unsigned char>> state_pass_outputs(const OpCase& c) {
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS", std::to_string(c.state_sub_chunks));
+  EnvGuard floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "");
+  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const KernelBackend& gpu = cuda_backend();
+  const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
+  const std::vector<double> s0 = random_vec(bh * se, 41, 2.0), d0 = random_vec(bh * se, 42, 0.5);
+  DevBuf<float> S0d = to_device_f32(std::vector<float>(s0.begin(), s0.end()));
+  DevBuf<float> D0d = to_device_f32(std::vector<float>(d0.begin(), d0.end()));
+  std::vector<std::vector<unsigned char>> out;  // bytes: NaN poison compares equal to itself
+  auto keep = [&](const std::vector<float>& x) {
+    const auto* b = reinterpret_cast<const unsigned char*>(x.data());
+    out.emplace_back(b, b + x.size() * sizeof(float));
+  };
+  auto keep_bytes = [&](std::vector<unsigned char> x) { out.push_back(std::move(x)); };
+
+  DevBuf<float> st(bh * se), L(bh), dst(bh * se);
+  gpu.part_state(pg, part, st.p, L.p, nullptr);
+  gpu.part_dstate(pg, part, dp.dout.cview(), dst.p, nullptr);
+  keep(st.download());
+  keep(L.download());
+  keep(dst.download());
+  const int64_t n = gpu.saved_states_floats(pg, part);
+  EXPECT_GT(n, 0) << c.name << ": one segment, nothing split";
+  DevBuf<float> kept(std::max<int64_t>(n, 1));
+  kept.poison();
+  DevTensor o = dp.like_v(), dq = dp.like_k(), dq_kept = dp.like_k(), dk = dp.like_k(), dv = dp.like_v();
+  gpu.chunk_forward_saving(pg, part, S0d.p, o.mview(), kept.p, nullptr);
+  DevBuf<float> qdq(scalars), qdq_kept(scalars), dg(scalars);
+  for (auto* b : {&qdq, &qdq_kept, &dg}) b->poison();
+  const bool gates = c.mode == DecayMode::kGate;
+  gpu.chunk_backward_dq_saved(pg, part, dp.dout.cview(), S0d.p, dq.mview(), gates ? qdq.p : nullptr,
+                              nullptr, nullptr);
+  gpu.chunk_backward_dq_saved(pg, part, dp.dout.cview(), S0d.p, dq_kept.mview(),
+                              gates ? qdq_kept.p : nullptr, kept.p, nullptr);
+  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, dk.mview(), dv.mview(), gates ? qdq.p : nullptr,
+                          nullptr, gates ? dg.p : nullptr, nullptr);
+  keep_bytes(o.buf.download());
+  keep(kept.download());
+  keep_bytes(dq.buf.download());
+  keep_bytes(dq_kept.buf.download());
+  keep(qdq.download());
+  keep_bytes(dk.buf.download());
+  keep_bytes(dv.buf.download());
+  keep(dg.download());
+  return out;
+}
+
+TEST(CudaStateKernel, WideBlockEqualsDefault) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  OpCase c;
+  c.name = "bf16_fixed_D128_seg16_sub3_floor0";
+  c.mode = DecayMode::kFixed;
+  c.dk = c.dv = 128;
+  c.T = c.end = 2200;
+  c.begin = 0;
+  c.seg_chunks = 16;
+  c.state_sub_chunks = 3;
+  c.state_floor = 0;
+  std::vector<OpCase> cases = {c};
+  c = OpCase();
+  c.name = "bf16_gate_D128_seg5_docs_sub2";
+  c.dk = c.dv = 128;
+  c.docs = {101, 293, 294, 600, 999};
+  c.seg_chunks = 5;
+  c.state_sub_chunks = 2;
+  cases.push_back(c);
+  c.name = "fp16_fixed_dk128_dv64_seg6_sub0";
+  c.dtype = ScalarType::kFloat16;
+  c.mode = DecayMode::kFixed;
+  c.dv = 64;
+  c.docs = {};
+  c.seg_chunks = 6;
+  c.state_sub_chunks = 0;
+  cases.push_back(c);
+  c.name = "bf16_none_D128_tbhd_pad_seg4";
+  c.dtype = ScalarType::kBFloat16;
+  c.mode = DecayMode::kNone;
+  c.dv = 128;
+  c.layout = Layout{true, 8};
+  c.seg_chunks = 4;
+  cases.push_back(c);
+  const char* names[] = {"part_state", "log_decay", "part_dstate", "o", "kept", "dq", "dq_kept",
+                         "q.dq", "dk", "dv", "dg"};
+  for (const OpCase& k : cases) {
+    SCOPED_TRACE(k.name);
+    const auto want = state_pass_outputs(k);
+    const auto got = with_env("LASP2_CUDA_STATE_WIDE", "1", [&] { return state_pass_outputs(k); });
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << names[i];
+  }
+}
+
 // ---- the dk/dv kernel's 32-row warps at tile D = 128 (tc_dkdv.cu RM = 2) ----------------
 // Edge cases of its row tiles against the CPU backend in float64, run twice (bitwise
 // reproducible): the tile's full width and forced 2-chunk segments with documents, a
