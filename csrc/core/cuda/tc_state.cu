@@ -25,46 +25,34 @@
 // segment states next adds the pieces (segment_scan.h: StatePieces; a kernel of its own
 // before session 15). Against one walk only the rounding of carry's product and the fp32
 // summation order of the state differ.
-#include <cstdlib>
-
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
 namespace {
 
-constexpr int kStateDB = 64;  // state columns per warp group
+constexpr int kStateDB = 64;  // state columns per block
 
 constexpr int kStateStages = 3;
 
-// DBB: state columns per block (kStateDB, or D: both column groups of a D = 128 state in
-// one block, LASP2_CUDA_STATE_WIDE=1, so that the a tile is read once, not once a group).
-template <int D, int DBB = kStateDB>
+template <int D>
 struct StateLayout {
-  static constexpr int kA = TcTile<D>::kBytes;    // [64][D + 8]
-  static constexpr int kB = TcTile<DBB>::kBytes;  // [64][DBB + 8]
+  static constexpr int kA = TcTile<D>::kBytes;         // [64][D + 8]
+  static constexpr int kB = TcTile<kStateDB>::kBytes;  // [64][64 + 8]
   static constexpr int kStage = kA + kB;
   static constexpr int kMeta = kStateStages * kStage;  // [stages][64][2] floats: weights
   static constexpr int kBytes = kMeta + kStateStages * 128 * 4;
 };
 
-// NWC column groups of kStateDB columns a block (1, or 2 for the wide block at D = 128),
-// each of D / 16 warps of 16 rows.
-template <int D, int NWC>
-constexpr int state_threads() {
-  return 32 * (D / 16) * NWC;
-}
-
-template <typename T, int D, bool ENTRY, int NWC>
-__global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_kernel(StateArgs args) {
-  constexpr int NWR = D / 16;  // row warps of a column group
-  constexpr int NTHREADS = state_threads<D, NWC>();
+template <typename T, int D, bool ENTRY>
+__global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
+  constexpr int NW = D / 16;
+  constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
   constexpr int DB = kStateDB;
-  constexpr int DBB = DB * NWC;  // columns of the block
-  constexpr int LDB = TcTile<DBB>::LD;
-  constexpr int NSPLIT = D / DBB;
-  using L = StateLayout<D, DBB>;
+  constexpr int LDB = TcTile<DB>::LD;
+  constexpr int NSPLIT = D / DB;
+  using L = StateLayout<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   float* meta_s = reinterpret_cast<float*>(smem + L::kMeta);
   auto tile_a = [&](int stage) { return reinterpret_cast<T*>(smem + stage * L::kStage); };
@@ -72,13 +60,11 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
 
   const Geom& g = args.g;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wr = warp % NWR, wc = warp / NWR;  // the warp's row block and column group
   const int split = blockIdx.x % NSPLIT;
   const int sub = (blockIdx.x / NSPLIT) % args.nsub;
   const int seg = (blockIdx.x / NSPLIT / args.nsub) % g.nseg;
   const int64_t bh = blockIdx.x / NSPLIT / args.nsub / g.nseg;
-  const int col0 = split * DBB;  // first state column of this block
-  const int wcol = col0 + DB * wc;  // first state column of this warp
+  const int col0 = split * DB;  // first state column of this block
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
   const int c_begin = seg * g.seg_chunks;
   const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
@@ -121,8 +107,8 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
       const int64_t t0 = static_cast<int64_t>(c) * kChunk;
       load_tile<T, D, NTHREADS>(tile_a(stage), abase + t0 * args.a.st, args.a.st, nvalid, args.da,
                                 tid);
-      load_tile<T, DBB, NTHREADS>(tile_b(stage), bbase + t0 * args.b.st, args.b.st, nvalid,
-                                  args.db - col0, tid);
+      load_tile<T, DB, NTHREADS>(tile_b(stage), bbase + t0 * args.b.st, args.b.st, nvalid,
+                                 args.db - col0, tid);
       if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, wmeta + c * 128 + tid * 4, true);
     }
     cp_async_commit();
@@ -130,7 +116,7 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
 
   float M[DB / 8][4];
   tc_zero(M);
-  const bool active = 16 * wr < args.da && wcol < args.db;
+  const bool active = 16 * warp < args.da;
 
   load(0, 0);
   load(1, 1);
@@ -147,7 +133,7 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];
-        ldsm_x4_t(a, ta + frag_a_colmajor(lane, 16 * wr, 16 * kk, LD));
+        ldsm_x4_t(a, ta + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
         const int y0 = 16 * kk + 2 * (lane & 3);
         const float4 wl = *reinterpret_cast<const float4*>(ws + 2 * y0);        // tokens y0, y0 + 1
         const float4 wh = *reinterpret_cast<const float4*>(ws + 2 * (y0 + 8));  // y0 + 8, y0 + 9
@@ -167,7 +153,7 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
 #pragma unroll
         for (int np = 0; np < DB / 16; ++np) {  // columns past db are zero in the tile
           uint32_t bb[4];
-          ldsm_x4_t(bb, tb + frag_b_kn(lane, 16 * kk, DB * wc + 16 * np, LDB));
+          ldsm_x4_t(bb, tb + frag_b_kn(lane, 16 * kk, 16 * np, LDB));
           mma16816<T>(M[2 * np], a, bb[0], bb[1]);
           mma16816<T>(M[2 * np + 1], a, bb[2], bb[3]);
         }
@@ -194,48 +180,33 @@ __global__ void __launch_bounds__(state_threads<D, NWC>(), 2 / NWC) tc_state_ker
     for (int j = 0; j < DB / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * wr + (lane >> 2) + 8 * (e >> 1);
-        const int jj = wcol + 8 * j + 2 * (lane & 3) + (e & 1);
+        const int i = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+        const int jj = col0 + 8 * j + 2 * (lane & 3) + (e & 1);
         if (i < args.da && jj < args.db) out[i * args.db + jj] = M[j][e];
       }
     }
   }
 }
 
-template <typename T, int D, bool ENTRY, int NWC>
-void launch_state_v(const StateArgs& a, cudaStream_t s) {
-  const int smem = StateLayout<D, kStateDB * NWC>::kBytes;
-  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * a.nsub * (D / (kStateDB * NWC)));
-  auto k = tc_state_kernel<T, D, ENTRY, NWC>;
-  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<grid, state_threads<D, NWC>(), smem, s>>>(a);
-}
-
-// LASP2_CUDA_STATE_WIDE=1 (D = 128): one block of 16 warps for both column groups.
-bool state_wide() {
-  const char* v = std::getenv("LASP2_CUDA_STATE_WIDE");
-  return v != nullptr && v[0] == '1';
-}
-
 template <typename T, int D>
 void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
-  if constexpr (D == 128) {
-    if (state_wide()) {
-      if (entry) launch_state_v<T, D, true, 2>(a, s);
-      else launch_state_v<T, D, false, 2>(a, s);
-      check_launch("tc_state_kernel");
-      return;
-    }
+  const int smem = StateLayout<D>::kBytes;
+  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg * a.nsub * (D / kStateDB));
+  if (entry) {
+    auto k = tc_state_kernel<T, D, true>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    k<<<grid, 2 * D, smem, s>>>(a);
+  } else {
+    auto k = tc_state_kernel<T, D, false>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    k<<<grid, 2 * D, smem, s>>>(a);
   }
-  if (entry) launch_state_v<T, D, true, 1>(a, s);
-  else launch_state_v<T, D, false, 1>(a, s);
   check_launch("tc_state_kernel");
 }
 
 }  // namespace
 
-// (at D = 128 the wide block's, the larger)
-int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128, 128>::kBytes; }
+int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s) {
   dispatch_tc(e, D, [&](auto t, auto d) { launch_state_t<decltype(t), decltype(d)::value>(a, entry, s); });
