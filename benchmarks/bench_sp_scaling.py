@@ -23,25 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp2
+from cuda_timing import median_ms  # this folder (the script's own directory is on sys.path)
 from lasp2.distributed.collectives import all_gather_single
 
 
 def timer(device):
     if device.type == "cuda":
         def run(fn, warmup=3, reps=10):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                dist.barrier()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            return sorted(times)[len(times) // 2]
+            return median_ms(fn, warmup, reps, budget_ms=float("inf"), before=dist.barrier)
     else:
         def run(fn, warmup=1, reps=5):
             for _ in range(warmup):

@@ -3,8 +3,10 @@
 import torch
 
 
-def median_ms(fn, warmup=3, reps=10, budget_ms=2000.0):
-    """Median of up to `reps` timed calls (CUDA events), fewer when one call is slow."""
+def median_ms(fn, warmup=3, reps=10, budget_ms=2000.0, before=None):
+    """Median of up to `reps` timed calls (CUDA events), fewer when one call is slow.
+    `before` (e.g. a barrier of the ranks) runs ahead of each timed call, untimed; ranks
+    that time together must pass budget_ms=float("inf"), so that all make every call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -12,6 +14,8 @@ def median_ms(fn, warmup=3, reps=10, budget_ms=2000.0):
     for _ in range(reps):
         if times and sum(times) > budget_ms:
             break
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

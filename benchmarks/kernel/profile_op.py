@@ -9,7 +9,9 @@ share are visible.
 """
 
 import argparse
+import os
 import re
+import sys
 from collections import defaultdict
 
 import torch
@@ -17,20 +19,8 @@ import torch.nn.functional as F
 
 import lasp2
 
-
-def events_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cuda_timing import median_ms  # noqa: E402
 
 
 def main():
@@ -46,7 +36,7 @@ def main():
         g = (F.logsigmoid(torch.randn(B, T, H, device="cuda")) / 16).requires_grad_()
         do = torch.randn_like(v)
         step = lambda: torch.autograd.grad(lasp2.linear_attention(q, k, v, g=g), (q, k, v, g), do)
-        eager = events_ms(step)
+        eager = median_ms(step, budget_ms=float("inf"))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -55,7 +45,7 @@ def main():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        replay = events_ms(graph.replay)
+        replay = median_ms(graph.replay, budget_ms=float("inf"))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
             for _ in range(5):
                 step()
