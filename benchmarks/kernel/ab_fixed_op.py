@@ -37,7 +37,6 @@ from lasp2.ops import linear_attention as la_module  # noqa: E402
 PLAIN = la_module._plain_cuda_tensors
 ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
 SAME_KERNELS = ("old", "host")  # the same kernels: the same bits
-SAME_AS_NEW = ()  # variants with other kernels and the same bits as "new"
 
 
 def use(variant):
@@ -84,16 +83,12 @@ def main():
         do = torch.randn(B, T, H, D, device="cuda", dtype=dt, generator=gen)
         fwd = lambda: lasp2.linear_attention(q, k, v, decay=g)
         step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)
-        ref, new_ref, diff = None, None, {}
+        ref, diff = None, {}
         eager, host = {n: [] for n in args.variants}, {n: [] for n in args.variants}
         for r in range(args.rounds):
             for n in (args.variants if r % 2 == 0 else args.variants[::-1]):
                 use(n)
                 out = step()
-                if n == "new" or n in SAME_AS_NEW:
-                    if new_ref is None:
-                        new_ref = out
-                    assert all(torch.equal(a, b) for a, b in zip(new_ref, out)), f"{n}: gradients differ from new"
                 if n in SAME_KERNELS:
                     if ref is None:
                         ref = out
@@ -127,7 +122,7 @@ def main():
                       ", ".join(f"{n} {fla / statistics.median(eager[n]):.3f}" for n in args.variants))
             except Exception as exc:  # fla is optional
                 print(f"# fla: {type(exc).__name__}: {exc}")
-        del q, k, v, g, do, ref, new_ref
+        del q, k, v, g, do, ref
         torch.cuda.empty_cache()
 
 

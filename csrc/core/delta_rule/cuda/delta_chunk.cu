@@ -1550,10 +1550,10 @@ void launch_fwd_states(const Problem& p, const ChunkPrep& prep, const ChunkState
       w8(std::integral_constant<int, kChunkCols>{}, lean_tag);
     };
     if (pass == StatePass::kTma || pass == StatePass::kDefault) {
-      const bool done = sum.A != nullptr ? launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s)
-                                         : launch_fwd_states_tma<T>(p, prep, out, sum, s);
+      const bool done = sum.A == nullptr ? launch_fwd_states_tma<T>(p, prep, out, sum, s)
+                                         : launch_fwd_states_tma<T, 2 * kChunkCols, true>(p, prep, out, sum, s);
       if (done) return;
-      if (pass != StatePass::kDefault) fail_tma_unavailable();
+      if (pass == StatePass::kTma) fail_tma_unavailable();
     }
     if (pass == StatePass::kW8 || pass == StatePass::kDefault) return w8_cols(std::true_type{});
     if (pass == StatePass::kW8Calc) return w8_cols(std::false_type{});
