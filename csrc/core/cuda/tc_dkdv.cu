@@ -41,8 +41,12 @@
 //   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
+#include <cstdlib>
 #include <type_traits>
 
+#include <algorithm>
+
+#include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
 #include "device_utils.cuh"
 #include "tc_tiles.cuh"
 
@@ -102,8 +106,30 @@ struct DkdvLayout {
   static constexpr int NW = D / 8 / RM;        // warps: 8 at both sizes
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_dkdv_kernel(DkdvArgs args) {
+// Variant 3's kernel argument: DkdvArgs plus the tensor maps of q, k, v, dO (their rows
+// as [136 columns: the tile's LD, past dk / dv zero][64 tokens] boxes: the padded tile
+// layout, zero columns and rows past the part filled by the copy engine) and where each
+// map put the h, t, b dimensions (1..3; the host orders them by stride).
+struct DkdvTmaArgs : DkdvArgs {
+  CUtensorMap map[4];
+  int hdim[4], tdim[4], bdim[4];
+};
+
+// VAR (LASP2_CUDA_DKDV_VARIANT, session 16; every variant computes the same bits, only
+// where and how the next chunk's tile copies are issued differs):
+//   0: all of them right after the loop-top barrier (sessions 4-15);
+//   1: meta, q.dq, q and k there; v between the dk and dv products; dO before the dS
+//      update (one commit group per chunk, so the loop-top wait keeps its meaning);
+//   2: meta, q.dq and q there; k after the score tile (before A's barrier, where warps
+//      with fewer score blocks wait); v and dO as in 1;
+//   3: (sm_90) the four tiles as tensor-map copies issued by one thread after the
+//      loop-top barrier and counted on a per-stage mbarrier (meta and q.dq stay cp.async):
+//      no per-thread copy instructions at all. P = DkdvTmaArgs.
+// The H200 profile (docs/kernels.md, session 16) had 9.6% of the warps' samples in the
+// copy burst, a third of them register-reuse waits behind its own LDGSTS.
+template <typename T, int D, int VAR = 0, typename P = DkdvArgs>
+__global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
+    tc_dkdv_kernel(const __grid_constant__ P args) {
   using L = DkdvLayout<D>;
   constexpr int RM = L::RM;
   constexpr bool Spread = RM == 2;  // see the head comment
@@ -181,6 +207,59 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     }
     cp_async_commit();
   };
+  // VAR >= 1: one piece of load (0 = meta and q.dq, 1-4 = the q, k, v, dO tiles), no
+  // commit (the caller commits after the last piece of the chunk).
+  auto load_piece = [&](int c, int stage, int piece) {
+    const int nvalid = min(kChunk, g.n - c * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c) * kChunk;
+    if (piece == 0) {
+      if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+      if (has_dg && tid < 64) {
+        const bool valid = tid < nvalid;
+        const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
+        cp_async4(qdq_s + stage * 64 + tid, src, valid);
+      }
+    } else if (piece == 1) {
+      load_tile<T, D, NTHREADS>(tile(stage, 0), q_b + t0 * args.q.st, args.q.st, nvalid, dk, tid);
+    } else if (piece == 2) {
+      load_tile<T, D, NTHREADS>(tile(stage, 1), k_b + t0 * args.k.st, args.k.st, nvalid, dk, tid);
+    } else if (piece == 3) {
+      load_tile<T, D, NTHREADS>(tile(stage, 2), v_b + t0 * args.v.st, args.v.st, nvalid, dv, tid);
+    } else {
+      load_tile<T, D, NTHREADS>(tile(stage, 3), o_b + t0 * args.dout.st, args.dout.st, nvalid, dv,
+                                tid);
+    }
+  };
+
+  // VAR 3: the four tiles of chunk c into `stage`, by one thread, counted on bars[stage]
+  // (its one arrival with the bytes expected; every box counts its full 136 x 64
+  // elements, the zero-filled ones too).
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
+  constexpr int kTmaThread = 32 * kDgWarp;
+  auto issue_tiles = [&](int c, int stage) {
+    if constexpr (VAR == 3) {
+      if (tid == kTmaThread) {
+        using namespace lasp2::delta::gpu;
+        mbar_arrive_expect_tx(&bars[stage], 4 * kChunk * LD * static_cast<int>(sizeof(T)));
+        const int t = c * kChunk;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int hd = args.hdim[i], td = args.tdim[i];
+          const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b,
+                    w = hd == 3 ? h : td == 3 ? t : b;
+          tma_box_4d(smem_u32(tile(stage, i)), &args.map[i], 0, y, z, w, &bars[stage]);
+        }
+      }
+    }
+  };
+  if constexpr (VAR == 3) {
+    if (tid == kTmaThread) {
+      lasp2::delta::gpu::mbar_init(&bars[0], 1);
+      lasp2::delta::gpu::mbar_init(&bars[1], 1);
+      lasp2::delta::gpu::mbar_init_fence();
+    }
+    __syncthreads();
+  }
 
   float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;
   // The warp has a row below dk (dv); its other m16 tiles (RM = 2, dims < D) compute
@@ -218,13 +297,43 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
     carry += total;
   };
 
-  if (c_begin < c_end) load(c_end - 1, 0);
+  if constexpr (VAR == 3) {
+    if (c_begin < c_end) {
+      issue_tiles(c_end - 1, 0);
+      load_piece(c_end - 1, 0, 0);
+      cp_async_commit();
+    }
+  } else {
+    if (c_begin < c_end) load(c_end - 1, 0);
+  }
   for (int c = c_end - 1; c >= c_begin; --c) {
     const int stage = (c_end - 1 - c) & 1;
     cp_async_wait_all();
+    if constexpr (VAR == 3) {
+      // stage's fill k (chunks 2k + stage of the walk) completes the barrier's phase k
+      lasp2::delta::gpu::mbar_wait(&bars[stage], ((c_end - 1 - c) >> 1) & 1);
+    }
     __syncthreads();
     if (has_dg && warp == kDgWarp && pending) finish_dg();  // the previous (later) chunk
-    if (c - 1 >= c_begin) load(c - 1, stage ^ 1);
+    const bool next = c - 1 >= c_begin;  // block-uniform
+    if constexpr (VAR == 0) {
+      if (next) load(c - 1, stage ^ 1);
+    } else if constexpr (VAR == 3) {
+      if (next) {
+        // the stage's last (generic-proxy) reads were in the previous chunk, before the
+        // barrier above; order them before the copy engine's writes
+        if (tid == kTmaThread) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+        issue_tiles(c - 1, stage ^ 1);
+        load_piece(c - 1, stage ^ 1, 0);
+      }
+      cp_async_commit();
+    } else {  // the stage being filled was last read in the previous chunk
+      if (next) {
+        load_piece(c - 1, stage ^ 1, 0);
+        load_piece(c - 1, stage ^ 1, 1);
+        if (VAR == 1) load_piece(c - 1, stage ^ 1, 2);
+      }
+    }
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
     const T* Vs = tile(stage, 2);
@@ -248,6 +357,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
       const T* const bs[2] = {Ks, Vs};
       T* const ps[2] = {P1s, P2s};
       tc_scores_split<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
+    }
+    if constexpr (VAR == 2) {
+      if (next) load_piece(c - 1, stage ^ 1, 2);
     }
     if (has_dg && warp == kDgWarp) {  // this chunk's q.dq, before its stage is refilled
 #pragma unroll
@@ -374,6 +486,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         }
       }
     }
+    if constexpr (VAR == 1 || VAR == 2) {
+      if (next) load_piece(c - 1, stage ^ 1, 3);
+    }
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
       float acc[RM][4][4];
@@ -440,6 +555,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
         }
       }
     }
+    if constexpr (VAR == 1 || VAR == 2) {
+      if (next) load_piece(c - 1, stage ^ 1, 4);
+      cp_async_commit();  // one group per chunk: the loop-top wait covers all pieces
+    }
     if (krows) {
       // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
 #pragma unroll
@@ -478,10 +597,86 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2) tc_d
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
+// LASP2_CUDA_DKDV_VARIANT=1|2|3 (session 16): the kernel's copy variants (head of
+// tc_dkdv_kernel; the same bits); unset, 0 or anything else: variant 0. Read per launch so
+// that a test can switch it.
+int dkdv_kernel_variant() {
+  const char* env = std::getenv("LASP2_CUDA_DKDV_VARIANT");
+  if (env == nullptr) return 0;
+  const int v = std::atoi(env);
+  return v >= 1 && v <= 3 ? v : 0;
+}
+
+// View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
+// past `dim` read as zeros) as a 4-d map {d, ...} whose other three dimensions go by
+// stride (extent-1 ones last), read in [64 tokens][LD columns] boxes; false where a map
+// cannot take the view (alignment, strides).
+template <typename T, int D>
+bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const View& v, const Geom& g, int dim) {
+  const auto f = lasp2::delta::gpu::encode_tiled();
+  const T* base = static_cast<const T*>(v.ptr) + g.begin * v.st;
+  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  struct Dim {
+    int64_t stride, extent;
+    int which;  // 0 h, 1 t, 2 b
+  } dm[3] = {{v.sh, g.heads, 0}, {v.st, g.n, 1}, {v.sb, g.batch, 2}};
+  int64_t far = 16;
+  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
+  for (Dim& x : dm)
+    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
+  std::stable_sort(dm, dm + 3, [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), 0, 0, 0}, strides[3];
+  cuuint32_t box[4] = {TcTile<D>::LD, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
+  for (int i = 0; i < 3; ++i) {
+    dims[i + 1] = static_cast<cuuint64_t>(dm[i].extent);
+    strides[i] = static_cast<cuuint64_t>(dm[i].stride) * sizeof(T);
+    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
+    (dm[i].which == 0 ? hdim : dm[i].which == 1 ? tdim : bdim) = i + 1;
+    if (dm[i].which == 1) box[i + 1] = kChunk;
+  }
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return f(map, type, 4, const_cast<T*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
+         CUDA_SUCCESS;
+}
+
+// Variant 3 where it can run (sm_90 code on an sm_90 device, every map encodable); false
+// (nothing launched) otherwise.
+template <typename T, int D>
+bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
+  auto k = tc_dkdv_kernel<T, D, 3, DkdvTmaArgs>;
+  if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
+  DkdvTmaArgs ta;
+  static_cast<DkdvArgs&>(ta) = a;
+  const View* views[4] = {&a.q, &a.k, &a.v, &a.dout};
+  for (int i = 0; i < 4; ++i)
+    if (!encode_tile_map<T, D>(&ta.map[i], ta.hdim[i], ta.tdim[i], ta.bdim[i], *views[i], a.g, i < 2 ? a.dk : a.dv))
+      return false;
+  constexpr int smem = DkdvLayout<D>::kBytes + 16;  // + the two stage barriers
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(ta);
+  check_launch("tc_dkdv_kernel");
+  return true;
+}
+
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
-  auto k = tc_dkdv_kernel<T, D>;
+  auto k = tc_dkdv_kernel<T, D, 0>;
+  switch (dkdv_kernel_variant()) {
+    case 1:
+      k = tc_dkdv_kernel<T, D, 1>;
+      break;
+    case 2:
+      k = tc_dkdv_kernel<T, D, 2>;
+      break;
+    case 3:
+      if (launch_dkdv_tma<T, D>(a, s)) return;
+      break;  // cannot run here: variant 0
+    default:
+      break;
+  }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");

@@ -653,7 +653,9 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // own segments at T = 4109 and a [T, B, H, D] view with padded heads. q.dq is random (the
 // pass only reads it). On an H200 (session 12) these cases also gave dk, dv and dg equal
 // bit for bit to the 16-row-warp kernel of sessions 4-11, which was then removed.
-void run_dkdv_rows_case(const OpCase& c) {
+// variants: LASP2_CUDA_DKDV_VARIANT values whose dk, dv and dg must equal the default
+// kernel's bit for bit (the copy variants of session 16).
+void run_dkdv_rows_case(const OpCase& c, const std::vector<std::string>& variants = {}) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
   const Problem<double> pr = make_problem(c, 3000 + static_cast<uint32_t>(c.T));
@@ -683,10 +685,17 @@ void run_dkdv_rows_case(const OpCase& c) {
                                        dgoffd.p, o.dg.p, nullptr);
     return o;
   };
-  const Out a = run(), b = run();
+  const Out a = with_env("LASP2_CUDA_DKDV_VARIANT", "", run), b = with_env("LASP2_CUDA_DKDV_VARIANT", "", run);
   EXPECT_EQ(b.dk.buf.download(), a.dk.buf.download()) << "dk not reproducible";
   EXPECT_EQ(b.dv.buf.download(), a.dv.buf.download()) << "dv not reproducible";
   EXPECT_EQ(float_bits(b.dg.download()), float_bits(a.dg.download())) << "dg not reproducible";
+  for (const std::string& var : variants) {
+    const Out o = with_env("LASP2_CUDA_DKDV_VARIANT", var, run);
+    EXPECT_EQ(o.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
+    EXPECT_EQ(o.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
+    EXPECT_EQ(float_bits(o.dg.download()), float_bits(a.dg.download()))
+        << "dg: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
+  }
   const double tol = tol_of(c.dtype);
   expect_rows(c, "dk_rows32", a.dk, want_dk, tol);
   expect_rows(c, "dv_rows32", a.dv, want_dv, tol);
@@ -731,6 +740,36 @@ TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
   c.seg_chunks = 3;
   cases.push_back(c);
   for (const OpCase& x : cases) run_dkdv_rows_case(x);
+}
+
+// The copy variants of tc_dkdv_kernel (LASP2_CUDA_DKDV_VARIANT, session 16: where and how
+// the next chunk's tiles are copied) against the default kernel, bit for bit, and the
+// default against the CPU backend: tile widths 128 and 64, gates with documents, fixed
+// decay, the partial last chunk of part [37, 1000), dims below the tile (zero-filled
+// columns), a [T, B, H, D] view with padded heads (row stride not H * D), and the
+// backend's own segments at T = 4109 (full chunks: the variants' fast copy paths).
+TEST(CudaDkdvKernel, CopyVariantsSameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const auto make = walking_edge_case;
+  std::vector<OpCase> cases = {make("cv_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
+                               make("cv_bf16_fixed_D128", ScalarType::kBFloat16, DecayMode::kFixed, 128, 128),
+                               make("cv_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128),
+                               make("cv_bf16_gate_D64_docs", ScalarType::kBFloat16, DecayMode::kGate, 64, 64),
+                               make("cv_bf16_fixed_D64", ScalarType::kBFloat16, DecayMode::kFixed, 64, 64),
+                               make("cv_bf16_gate_dk96_dv72", ScalarType::kBFloat16, DecayMode::kGate, 96, 72)};
+  OpCase c = make("cv_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kFixed, 128, 128);
+  cases.push_back(with_auto_segments(c));
+  c = make("cv_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  cases.push_back(with_auto_segments(c));
+  c = make("cv_bf16_gate_D64_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 64, 64);
+  cases.push_back(with_auto_segments(c));
+  c = make("cv_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  c.layout = {true, 8};
+  c.seg_chunks = 3;
+  cases.push_back(c);
+  const char* only = std::getenv("LASP2_TEST_CASES");
+  for (const OpCase& x : cases)
+    if (only == nullptr || x.name.find(only) != std::string::npos) run_dkdv_rows_case(x, {"1", "2", "3"});
 }
 
 // ---- the output and dq passes' score-tile split (tc_forward.cu, session 13) -------------
