@@ -41,10 +41,9 @@
 //   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
+#include <algorithm>
 #include <cstdlib>
 #include <type_traits>
-
-#include <algorithm>
 
 #include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
 #include "device_utils.cuh"
