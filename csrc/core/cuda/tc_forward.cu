@@ -92,6 +92,9 @@ struct FwdLayout {
 // shared per-pair stores, measured no faster and was removed). At D = 64 the output pass
 // runs 3 blocks per SM (shared memory); the bound keeps variant 2 at <= 168 registers for
 // that (unbounded: 175).
+// VAR 3 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=1): variant 2 with
+// the next chunk's tile copies spread over the body instead of all right after the
+// loop-top barrier (see kSpread). Same math in the same order: the same bits.
 template <typename T, int D, int MODE, int VAR>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
@@ -104,6 +107,17 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // the inter product S_a^T qa^T (it reads only qa and the state) before the barrier
   // after the score tile instead of after it. Same MMAs in the same order: same bits.
   constexpr bool kSplit = NW == 8 && !kPrefix;
+  // Spread copies (VAR 3, session 16). The H200 profile of variant 2 (64K tokens, D = 128)
+  // has 7.6 % (output) / 8.4 % (dq) of all warp samples as long-scoreboard stalls right
+  // after each tile's cp.async run at the loop top: the next tile's address arithmetic
+  // rewrites the registers the previous LDGSTS still holds, and with all 8 warps copying
+  // 12-16 LDGSTS each at the same moment (just after the barrier) the LSU takes them
+  // slowly and no warp has math to issue meanwhile. Here: qa (+ meta) after the loop-top
+  // barrier, ka after the score tile, va (and x) before the state update; one commit per
+  // chunk, so the loop-top wait still covers the whole next chunk. The stage being filled
+  // was last read in the previous chunk, before the loop-top barrier: any point after that
+  // barrier is safe.
+  constexpr bool kSpread = VAR == 3 && !kPrefix;
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -172,6 +186,28 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
     cp_async_commit();
   };
+  // kSpread: one tile (i: 1 ka, 2 va, 3 x; 0 qa with the meta) of chunk c + 1, if any
+  auto load_part = [&](int c, int stage, int i) {
+    if (c + 1 >= c_end) return;
+    const int nvalid = min(kChunk, g.n - (c + 1) * kChunk);
+    const int64_t t0 = static_cast<int64_t>(c + 1) * kChunk;
+    if (i == 0) {
+      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 0), qa_b + t0 * args.qa.st, args.qa.st, nvalid, da, tid);
+      if (tid < 32) cp_async16(meta_s + (stage ^ 1) * 128 + tid * 4, meta + (c + 1) * 128 + tid * 4, true);
+    } else if (i == 1) {
+      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 1), ka_b + t0 * args.ka.st, args.ka.st, nvalid, da, tid);
+    } else if (i == 2) {
+      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 2), va_b + t0 * args.va.st, args.va.st, nvalid, dv, tid);
+    } else if (kDq) {
+      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 3), x_b + t0 * args.x.st, args.x.st, nvalid, dv, tid);
+    }
+  };
+  // kSpread: the copies before the state update (all threads, active or not), then the commit
+  auto load_late = [&](int c, int stage) {
+    load_part(c, stage, 2);
+    if (kDq) load_part(c, stage, 3);
+    cp_async_commit();
+  };
 
   const bool active = 16 * warp < dv;
   if (c_begin < c_end) load(c_begin, 0);
@@ -179,7 +215,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     const int stage = (c - c_begin) & 1;
     cp_async_wait_all();
     __syncthreads();
-    if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    if constexpr (kSpread) load_part(c, stage, 0);
+    else if (c + 1 < c_end) load(c + 1, stage ^ 1);
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
     const T* Vs = tile(stage, 2);
@@ -224,6 +261,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
     if constexpr (kSplit) {
       scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      if constexpr (kSpread) load_part(c, stage, 1);
       if (active) inter();
     } else if constexpr (!kPrefix) {
       // D = 64 (session 13): tc_scores_split, the causal count taken once per warp, so the
@@ -234,6 +272,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       T* const p[1] = {Ps};
       if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
+      if constexpr (kSpread) load_part(c, stage, 1);
     }
     __syncthreads();
 
@@ -329,6 +368,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           }
         }
       }
+      if constexpr (kSpread) load_late(c, stage);
       // state update
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
@@ -350,6 +390,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           }
         }
       }
+    } else if constexpr (kSpread) {
+      load_late(c, stage);  // warps without output dims (dv < D) copy their share too
     }
     if (kDq) {
       __syncthreads();
@@ -373,6 +415,14 @@ int fwd_kernel_variant() {
   return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
 }
 
+// LASP2_CUDA_FWD_COPY=1 (session 16): the output and dq passes with the tile copies spread
+// over the chunk's body (VAR 3, both D; it takes precedence over LASP2_CUDA_FWD_KERNEL=old);
+// unset or 0: variant 2 (or 0). Read per launch, like fwd_kernel_variant.
+int fwd_copy_variant() {
+  const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
+  return env != nullptr && std::strcmp(env, "1") == 0 ? 1 : 0;
+}
+
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
@@ -381,6 +431,9 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   if constexpr (kVariants) {
     const int var = fwd_kernel_variant();
     if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
+  }
+  if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
+    if (fwd_copy_variant() == 1) k = tc_fwd_kernel<T, D, MODE, 3>;
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
