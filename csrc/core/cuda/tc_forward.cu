@@ -94,7 +94,8 @@ struct FwdLayout {
 // that (unbounded: 175).
 // VAR 3 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=1): variant 2 with
 // the next chunk's tile copies spread over the body instead of all right after the
-// loop-top barrier (see kSpread). Same math in the same order: the same bits.
+// loop-top barrier (see kSpread); VAR 4 (LASP2_CUDA_FWD_COPY=2): VAR 3 with each tile's
+// source address advanced per chunk (see kIncr). Same math in the same order: the same bits.
 template <typename T, int D, int MODE, int VAR>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
@@ -117,7 +118,16 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // chunk, so the loop-top wait still covers the whole next chunk. The stage being filled
   // was last read in the previous chunk, before the loop-top barrier: any point after that
   // barrier is safe.
-  constexpr bool kSpread = VAR == 3 && !kPrefix;
+  constexpr bool kSpread = (VAR == 3 || VAR == 4) && !kPrefix;
+  // Incremental copy addresses (VAR 4): the copies are 11 % of the instructions the profile
+  // counts (about 30 per tile and thread: the chunk's and the row's 64-bit offsets
+  // multiplied out again for every tile). Here each tile keeps one pointer at this thread's
+  // first row and column of the next chunk, advanced by a chunk per copy; a full chunk
+  // copies from it (load_tile_from: the same rows and columns as load_tile's full branch),
+  // a partial one (the part's last chunk, or dims below the tile) through load_tile from the
+  // chunk's first row, as before. The pointers replace the head bases (qa_b, ...), which the
+  // loop then no longer reads.
+  constexpr bool kIncr = VAR == 4 && !kPrefix;
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -202,10 +212,41 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       load_tile<T, D, NTHREADS>(tile(stage ^ 1, 3), x_b + t0 * args.x.st, args.x.st, nvalid, dv, tid);
     }
   };
+  // kIncr: load_tile's thread mapping (this thread's first row and 16-byte column)
+  constexpr int kVecs = D / 8;
+  const int row0 = tid / kVecs, col = (tid % kVecs) * 8;
+  auto first = [&](const T* base, int64_t st) {  // chunk c_begin + 1's row row0, column col
+    return base + (static_cast<int64_t>(c_begin + 1) * kChunk + row0) * st + col;
+  };
+  const T* pq = kIncr ? first(qa_b, args.qa.st) : nullptr;
+  const T* pk = kIncr ? first(ka_b, args.ka.st) : nullptr;
+  const T* pv = kIncr ? first(va_b, args.va.st) : nullptr;
+  const T* px = kIncr && kDq ? first(x_b, args.x.st) : nullptr;
+  // kIncr: tile i of chunk c + 1 from its pointer p (then advanced to chunk c + 2), if any
+  auto load_incr = [&](int c, int stage, int i, const T*& p, int64_t st, int dim) {
+    if (c + 1 >= c_end) return;
+    const int nvalid = min(kChunk, g.n - (c + 1) * kChunk);
+    T* dst = tile(stage ^ 1, i);
+    if (nvalid == kChunk && dim >= D) load_tile_from<T, D, NTHREADS>(dst + row0 * LD + col, p, st);
+    else load_tile<T, D, NTHREADS>(dst, p - (row0 * st + col), st, nvalid, dim, tid);
+    if (i == 0 && tid < 32)
+      cp_async16(meta_s + (stage ^ 1) * 128 + tid * 4, meta + (c + 1) * 128 + tid * 4, true);
+    p += kChunk * st;
+  };
+  auto load_spread = [&](int c, int stage, int i) {
+    if constexpr (kIncr) {
+      if (i == 0) load_incr(c, stage, 0, pq, args.qa.st, da);
+      else if (i == 1) load_incr(c, stage, 1, pk, args.ka.st, da);
+      else if (i == 2) load_incr(c, stage, 2, pv, args.va.st, dv);
+      else if (kDq) load_incr(c, stage, 3, px, args.x.st, dv);
+    } else {
+      load_part(c, stage, i);
+    }
+  };
   // kSpread: the copies before the state update (all threads, active or not), then the commit
   auto load_late = [&](int c, int stage) {
-    load_part(c, stage, 2);
-    if (kDq) load_part(c, stage, 3);
+    load_spread(c, stage, 2);
+    if (kDq) load_spread(c, stage, 3);
     cp_async_commit();
   };
 
@@ -215,7 +256,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     const int stage = (c - c_begin) & 1;
     cp_async_wait_all();
     __syncthreads();
-    if constexpr (kSpread) load_part(c, stage, 0);
+    if constexpr (kSpread) load_spread(c, stage, 0);
     else if (c + 1 < c_end) load(c + 1, stage ^ 1);
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
@@ -261,7 +302,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
     if constexpr (kSplit) {
       scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      if constexpr (kSpread) load_part(c, stage, 1);
+      if constexpr (kSpread) load_spread(c, stage, 1);
       if (active) inter();
     } else if constexpr (!kPrefix) {
       // D = 64 (session 13): tc_scores_split, the causal count taken once per warp, so the
@@ -272,7 +313,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       T* const p[1] = {Ps};
       if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      if constexpr (kSpread) load_part(c, stage, 1);
+      if constexpr (kSpread) load_spread(c, stage, 1);
     }
     __syncthreads();
 
@@ -415,12 +456,14 @@ int fwd_kernel_variant() {
   return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
 }
 
-// LASP2_CUDA_FWD_COPY=1 (session 16): the output and dq passes with the tile copies spread
-// over the chunk's body (VAR 3, both D; it takes precedence over LASP2_CUDA_FWD_KERNEL=old);
-// unset or 0: variant 2 (or 0). Read per launch, like fwd_kernel_variant.
+// LASP2_CUDA_FWD_COPY (session 16): 1 = the output and dq passes with the tile copies
+// spread over the chunk's body (VAR 3, both D), 2 = the same with per-chunk advanced copy
+// addresses (VAR 4); either takes precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0:
+// variant 2 (or 0). Read per launch, like fwd_kernel_variant.
 int fwd_copy_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
-  return env != nullptr && std::strcmp(env, "1") == 0 ? 1 : 0;
+  if (env == nullptr) return 0;
+  return std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
 }
 
 template <typename T, int D, int MODE>
@@ -433,7 +476,9 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
     if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
   }
   if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
-    if (fwd_copy_variant() == 1) k = tc_fwd_kernel<T, D, MODE, 3>;
+    const int copy = fwd_copy_variant();
+    if (copy == 1) k = tc_fwd_kernel<T, D, MODE, 3>;
+    if (copy == 2) k = tc_fwd_kernel<T, D, MODE, 4>;
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);

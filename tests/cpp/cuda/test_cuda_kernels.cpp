@@ -823,14 +823,15 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
     if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_split_case(x);
 }
 
-// ---- the output and dq passes with spread tile copies (LASP2_CUDA_FWD_COPY=1, session 16) --
-// The variant copies the next chunk's tiles at three points of the chunk's body instead of
-// all after the loop-top barrier; the arithmetic is the same, so o, dq and q.dq must equal
-// the default kernel's bit for bit, on the edge cases above (partial last chunk, 2- and
+// ---- the output and dq passes with spread tile copies (LASP2_CUDA_FWD_COPY, session 16) ----
+// Variant 1 copies the next chunk's tiles at three points of the chunk's body instead of
+// all after the loop-top barrier, variant 2 also from per-tile pointers advanced by a chunk
+// per copy (full chunks; partial ones as before); the arithmetic is the same, so o, dq and
+// q.dq must equal the default kernel's bit for bit, on the edge cases above (partial last chunk, 2- and
 // 3-chunk segments whose ends stop the copies early, documents, fixed / no decay, dv = 40 and
 // 72 where warps without output dims still copy their share, D = 64 and 128, padded [T, B,
 // H, D] rows) and, with several segments of many chunks, on T = 4109 (the backend's own
-// segments). The variant's outputs are also checked against the CPU backend (float64).
+// segments). The variants' outputs are also checked against the CPU backend (float64).
 void run_fwd_copy_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
@@ -860,15 +861,18 @@ void run_fwd_copy_case(const OpCase& c) {
     cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
     return r;
   };
-  const Out a = run(""), spread = run("1");
-  EXPECT_EQ(spread.o.buf.download(), a.o.buf.download()) << "o: LASP2_CUDA_FWD_COPY=1 differs";
-  EXPECT_EQ(spread.dq.buf.download(), a.dq.buf.download()) << "dq: LASP2_CUDA_FWD_COPY=1 differs";
-  EXPECT_EQ(float_bits(spread.qdq.download()), float_bits(a.qdq.download()))
-      << "q.dq: LASP2_CUDA_FWD_COPY=1 differs";
+  const Out a = run("");
   const double tol = tol_of(c.dtype);
-  expect_rows(c, "o_copy", spread.o, want_o, tol);
-  expect_rows(c, "dq_copy", spread.dq, want_dq, tol);
-  expect_scalars(c, "q.dq_copy", spread.qdq, want_qdq, tol);
+  for (const char* knob : {"1", "2"}) {
+    SCOPED_TRACE(std::string("LASP2_CUDA_FWD_COPY=") + knob);
+    const Out v = run(knob);
+    EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o differs from the default kernel";
+    EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq differs from the default kernel";
+    EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download())) << "q.dq differs from the default kernel";
+    expect_rows(c, "o_copy", v.o, want_o, tol);
+    expect_rows(c, "dq_copy", v.dq, want_dq, tol);
+    expect_scalars(c, "q.dq_copy", v.qdq, want_qdq, tol);
+  }
 }
 
 TEST(CudaFwdKernel, CopySpreadSameBits) {
