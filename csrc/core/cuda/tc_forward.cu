@@ -30,6 +30,22 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "r"(smem_u32(p)));
 }
 
+// stmatrix (sm_90): the four 8x8 16-bit matrices of r0..r3 (thread t holds row t / 4,
+// columns 2 (t % 4) .. + 1 of each), transposed: row k of matrix i, i.e. column k of the
+// fragment, goes to the 16 bytes at thread 8 i + k's address. Used by tc_fwd_kernel's
+// VAR 5 only, which the sm_80 pass of a multi-target build compiles without it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool kHasStmatrix = false;
+__device__ __forceinline__ void stsm_x4_t(void*, uint32_t, uint32_t, uint32_t, uint32_t) {}
+#else
+constexpr bool kHasStmatrix = true;
+__device__ __forceinline__ void stsm_x4_t(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_u32(p)), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+#endif
+
 // The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
 // output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
 // below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of
@@ -95,7 +111,9 @@ struct FwdLayout {
 // VAR 3 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=1): variant 2 with
 // the next chunk's tile copies spread over the body instead of all right after the
 // loop-top barrier (see kSpread); VAR 4 (LASP2_CUDA_FWD_COPY=2): VAR 3 with each tile's
-// source address advanced per chunk (see kIncr). Same math in the same order: the same bits.
+// source address advanced per chunk (see kIncr); VAR 5 (LASP2_CUDA_FWD_COPY=3): VAR 4 with
+// the D = 128 output tile stored through shared memory (see kStage). Same math in the same
+// order: the same bits.
 template <typename T, int D, int MODE, int VAR>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
   using L = FwdLayout<D, MODE>;
@@ -118,7 +136,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // chunk, so the loop-top wait still covers the whole next chunk. The stage being filled
   // was last read in the previous chunk, before the loop-top barrier: any point after that
   // barrier is safe.
-  constexpr bool kSpread = (VAR == 3 || VAR == 4) && !kPrefix;
+  constexpr bool kSpread = VAR >= 3 && !kPrefix;  // VAR 3, 4, 5
   // Incremental copy addresses (VAR 4): the copies are 11 % of the instructions the profile
   // counts (about 30 per tile and thread: the chunk's and the row's 64-bit offsets
   // multiplied out again for every tile). Here each tile keeps one pointer at this thread's
@@ -127,7 +145,17 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // a partial one (the part's last chunk, or dims below the tile) through load_tile from the
   // chunk's first row, as before. The pointers replace the head bases (qa_b, ...), which the
   // loop then no longer reads.
-  constexpr bool kIncr = VAR == 4 && !kPrefix;
+  constexpr bool kIncr = (VAR == 4 || VAR == 5) && !kPrefix;
+  // Staged output stores (VAR 5, D = 128 output / dq, full chunks with 16-byte aligned
+  // output rows). The profile has the store loop at 13 % / 17 % of the samples: each of a
+  // warp's 16 4-byte stores per chunk waits for its movmatrix (short_sb 6.4 % / 8.2 %) and
+  // the next pack for the previous store's registers (long_sb 2.8 % / 2.5 %). Here each warp
+  // writes its 64 x 16 outputs with 4 stmatrix.trans (the same transpose as movmatrix, four
+  // 8x8 blocks per instruction) into its 16 columns of this chunk's qa tile (no longer read:
+  // at D = 128 inter and the score tile ran before the second barrier, and the tile is
+  // refilled only after the next loop-top barrier), then stores them as 4 16-byte stores
+  // per lane (16 full 32-byte rows per instruction).
+  constexpr bool kStage = VAR == 5 && kSplit && kHasStmatrix;
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -251,6 +279,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   };
 
   const bool active = 16 * warp < dv;
+  // kStage: 16-byte stores need 16-byte aligned output rows (block-uniform)
+  const bool out16 = ((reinterpret_cast<uintptr_t>(out_b) | static_cast<uintptr_t>(args.out.st * sizeof(T))) & 15) == 0;
   if (c_begin < c_end) load(c_begin, 0);
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
@@ -360,40 +390,84 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         }
       } else {
         float part[8][2];
+        bool staged = false;
+        if constexpr (kStage) {
+          if (full && out16) {
+            staged = true;
+            T* Os = tile(stage, 0);
+            uint32_t xs[4], pk[4];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              if (kDq && (j & 1) == 0) ldsm_x4_t(xs, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
+                if (kDq) {  // as in the loop below
+                  const float2 x = unpack2<T>(xs[2 * (j & 1) + hf]);
+                  const float x0 = x.x, x1 = x.y;
+                  if (hf == 0) {
+                    part[j][0] = v0 * x0;
+                    part[j][1] = v1 * x1;
+                  } else {
+                    part[j][0] += v0 * x0;
+                    part[j][1] += v1 * x1;
+                  }
+                }
+                pk[2 * (j & 1) + hf] = pack2<T>(v0, v1);
+              }
+              if (j & 1) {  // matrix i = pk[i]: j - 1 + i / 2, hf = i % 2; lane 8i + k gives its row k
+                const int i = lane >> 3, k = lane & 7;
+                stsm_x4_t(Os + (8 * (j - 1 + (i >> 1)) + k) * LD + 16 * warp + 8 * (i & 1), pk[0], pk[1], pk[2], pk[3]);
+              }
+            }
+            __syncwarp();
+            // lanes 0-15: the first 16 bytes of 16 token rows, lanes 16-31 the second
+            T* orow = out_b + (t0 + (lane & 15)) * args.out.st + 16 * warp + 8 * (lane >> 4);
+            const int64_t rstep = 16 * args.out.st;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+              *reinterpret_cast<uint4*>(orow) =
+                  *reinterpret_cast<const uint4*>(Os + (16 * m + (lane & 15)) * LD + 16 * warp + 8 * (lane >> 4));
+              orow += rstep;
+            }
+          }
+        }
         // kDq: x (= q) at this thread's accumulator positions (dims d, tokens y and
         // y + 1) is a 32-bit pair of an A fragment of x^T: one ldmatrix.trans per 16
         // tokens instead of 16 16-bit loads.
         uint32_t xf[4];
-        // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
-        // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
-        // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
-        T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
-        const int64_t ostep = 8 * args.out.st;
+        if (!staged) {  // (always, but for VAR 5's staged chunks)
+          // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
+          // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
+          // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
+          T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
+          const int64_t ostep = 8 * args.out.st;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
+          for (int j = 0; j < 8; ++j) {
+            if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
-            if (kDq) {
-              const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
-              const float x0 = x.x, x1 = x.y;
-              if (hf == 0) {
-                part[j][0] = v0 * x0;
-                part[j][1] = v1 * x1;
-              } else {
-                part[j][0] += v0 * x0;
-                part[j][1] += v1 * x1;
+            for (int hf = 0; hf < 2; ++hf) {
+              const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
+              if (kDq) {
+                const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
+                const float x0 = x.x, x1 = x.y;
+                if (hf == 0) {
+                  part[j][0] = v0 * x0;
+                  part[j][1] = v1 * x1;
+                } else {
+                  part[j][0] += v0 * x0;
+                  part[j][1] += v1 * x1;
+                }
               }
+              // transpose the 8x8 (dims x tokens) block: this thread then holds
+              // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
+              const uint32_t tr = movm_trans(pack2<T>(v0, v1));
+              const int y = 8 * j + (lane >> 2);
+              const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
+              if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
             }
-            // transpose the 8x8 (dims x tokens) block: this thread then holds
-            // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
-            const uint32_t tr = movm_trans(pack2<T>(v0, v1));
-            const int y = 8 * j + (lane >> 2);
-            const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
-            if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
+            orow += ostep;
           }
-          orow += ostep;
         }
         if (kDq) {
 #pragma unroll
@@ -458,12 +532,14 @@ int fwd_kernel_variant() {
 
 // LASP2_CUDA_FWD_COPY (session 16): 1 = the output and dq passes with the tile copies
 // spread over the chunk's body (VAR 3, both D), 2 = the same with per-chunk advanced copy
-// addresses (VAR 4); either takes precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0:
+// addresses (VAR 4), 3 = VAR 4 with staged output stores at D = 128 (VAR 5); each takes precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0:
 // variant 2 (or 0). Read per launch, like fwd_kernel_variant.
 int fwd_copy_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
   if (env == nullptr) return 0;
-  return std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
+  for (int v = 1; v <= 3; ++v)
+    if (env[0] == '0' + v && env[1] == '\0') return v;
+  return 0;
 }
 
 template <typename T, int D, int MODE>
@@ -479,6 +555,7 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
     const int copy = fwd_copy_variant();
     if (copy == 1) k = tc_fwd_kernel<T, D, MODE, 3>;
     if (copy == 2) k = tc_fwd_kernel<T, D, MODE, 4>;
+    if (copy == 3) k = tc_fwd_kernel<T, D, MODE, 5>;
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);

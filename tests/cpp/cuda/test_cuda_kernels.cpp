@@ -826,8 +826,10 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
 // ---- the output and dq passes with spread tile copies (LASP2_CUDA_FWD_COPY, session 16) ----
 // Variant 1 copies the next chunk's tiles at three points of the chunk's body instead of
 // all after the loop-top barrier, variant 2 also from per-tile pointers advanced by a chunk
-// per copy (full chunks; partial ones as before); the arithmetic is the same, so o, dq and
-// q.dq must equal the default kernel's bit for bit, on the edge cases above (partial last chunk, 2- and
+// per copy (full chunks; partial ones as before), variant 3 also stores D = 128's full
+// output chunks through shared memory (stmatrix, 16-byte stores; partial chunks as
+// before); the arithmetic is the same, so o, dq and q.dq must equal the default kernel's
+// bit for bit, on the edge cases above (partial last chunk, 2- and
 // 3-chunk segments whose ends stop the copies early, documents, fixed / no decay, dv = 40 and
 // 72 where warps without output dims still copy their share, D = 64 and 128, padded [T, B,
 // H, D] rows) and, with several segments of many chunks, on T = 4109 (the backend's own
@@ -863,7 +865,7 @@ void run_fwd_copy_case(const OpCase& c) {
   };
   const Out a = run("");
   const double tol = tol_of(c.dtype);
-  for (const char* knob : {"1", "2"}) {
+  for (const char* knob : {"1", "2", "3"}) {
     SCOPED_TRACE(std::string("LASP2_CUDA_FWD_COPY=") + knob);
     const Out v = run(knob);
     EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o differs from the default kernel";
