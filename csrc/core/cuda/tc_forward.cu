@@ -33,12 +33,15 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
 // stmatrix (sm_90): the four 8x8 16-bit matrices of r0..r3 (thread t holds row t / 4,
 // columns 2 (t % 4) .. + 1 of each), transposed: row k of matrix i, i.e. column k of the
 // fragment, goes to the 16 bytes at thread 8 i + k's address. Used by tc_fwd_kernel's
-// VAR 5 only, which the sm_80 pass of a multi-target build compiles without it.
+// VAR 5 only, which the sm_80 pass of a multi-target build compiles without it (a
+// template, so that pass, which never calls it, does not warn about it).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr bool kHasStmatrix = false;
+template <int = 0>
 __device__ __forceinline__ void stsm_x4_t(void*, uint32_t, uint32_t, uint32_t, uint32_t) {}
 #else
 constexpr bool kHasStmatrix = true;
+template <int = 0>
 __device__ __forceinline__ void stsm_x4_t(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
   asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_u32(p)), "r"(r0),
                "r"(r1), "r"(r2), "r"(r3)
