@@ -535,8 +535,9 @@ int fwd_kernel_variant() {
 
 // LASP2_CUDA_FWD_COPY (session 16): 1 = the output and dq passes with the tile copies
 // spread over the chunk's body (VAR 3, both D), 2 = the same with per-chunk advanced copy
-// addresses (VAR 4), 3 = VAR 4 with staged output stores at D = 128 (VAR 5); each takes precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0:
-// variant 2 (or 0). Read per launch, like fwd_kernel_variant.
+// addresses (VAR 4), 3 = VAR 4 with staged output stores at D = 128 (VAR 5); each takes
+// precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0: variant 2 (or 0). Read per
+// launch, like fwd_kernel_variant.
 int fwd_copy_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
   if (env == nullptr) return 0;
