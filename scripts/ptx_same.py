@@ -15,6 +15,8 @@ A refactor that renames kernels (a template parameter removed) maps the old name
                        after them), in order; repeatable
     --drop REGEX       before's functions whose (mapped) name matches are not compared
                        (instantiations the new tree no longer has); repeatable
+    --new REGEX        after's functions whose name matches are not compared (instantiations
+                       a change adds, e.g. a variant behind a knob); repeatable
 e.g. the tma state passes' kOrder removed (fifteenth round), kOrder = 2 now the only order:
     --sub '(_tmaI\w*?)Li2E(?=EEv)' '\1' --drop '_tmaI\w*Li[013]EEEv'
 and KDA's kHoist removed (a trailing bool: true kept, false marked first, then dropped):
@@ -48,8 +50,8 @@ def normalised(body):
     return LABEL.sub(lambda m: labels.setdefault(m.group(0), "L%d" % len(labels)), "\n".join(lines))
 
 
-def main(before, after, subs=(), drops=()):
-    a, b = functions(before, subs, drops), functions(after)
+def main(before, after, subs=(), drops=(), news=()):
+    a, b = functions(before, subs, drops), functions(after, (), news)
     bad = 0
     if set(a) != set(b):
         bad += 1
@@ -64,7 +66,7 @@ def main(before, after, subs=(), drops=()):
 
 
 def parse(argv):
-    files, subs, drops, i = [], [], [], 0
+    files, subs, drops, news, i = [], [], [], [], 0
     while i < len(argv):
         if argv[i] == "--sub":
             subs.append((argv[i + 1], argv[i + 2]))
@@ -72,14 +74,17 @@ def parse(argv):
         elif argv[i] == "--drop":
             drops.append(argv[i + 1])
             i += 2
+        elif argv[i] == "--new":
+            news.append(argv[i + 1])
+            i += 2
         else:
             files.append(argv[i])
             i += 1
     if len(files) != 2:
         sys.exit(__doc__)
-    return files[0], files[1], subs, drops
+    return files[0], files[1], subs, drops, news
 
 
 if __name__ == "__main__":
-    before, after, subs, drops = parse(sys.argv[1:])
-    sys.exit(main(before, after, subs, drops))
+    before, after, subs, drops, news = parse(sys.argv[1:])
+    sys.exit(main(before, after, subs, drops, news))

@@ -830,8 +830,7 @@ void run_fwd_split_case(const OpCase& c) {
   EXPECT_EQ(float_bits(b.qdq.download()), float_bits(a.qdq.download())) << "q.dq not reproducible";
 }
 
-TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
-  LASP2_SKIP_WITHOUT_CUDA();
+std::vector<OpCase> fwd_split_cases() {
   const auto make = walking_edge_case;
   std::vector<OpCase> cases = {make("fs_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
                                make("fs_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128),
@@ -852,10 +851,89 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
   c.layout = {true, 8};
   c.seg_chunks = 3;
   cases.push_back(c);
+  return cases;
+}
+
+TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
+  LASP2_SKIP_WITHOUT_CUDA();
   // LASP2_TEST_CASES=<substring>: only the matching cases (short sanitizer runs)
   const char* only = std::getenv("LASP2_TEST_CASES");
-  for (const OpCase& x : cases)
+  for (const OpCase& x : fwd_split_cases())
     if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_split_case(x);
+}
+
+// ---- the output and dq passes with spread tile copies (LASP2_CUDA_FWD_COPY, session 16) ----
+// Variant 1 copies the next chunk's tiles at three points of the chunk's body instead of
+// all after the loop-top barrier, variant 2 also from per-tile pointers advanced by a chunk
+// per copy (full chunks; partial ones as before), variant 3 also stores D = 128's full
+// output chunks through shared memory (stmatrix, 16-byte stores; partial chunks as
+// before); the arithmetic is the same, so o, dq and q.dq must equal the default kernel's
+// bit for bit, on the edge cases above (partial last chunk, 2- and
+// 3-chunk segments whose ends stop the copies early, documents, fixed / no decay, dv = 40 and
+// 72 where warps without output dims still copy their share, D = 64 and 128, padded [T, B,
+// H, D] rows) and, with several segments of many chunks, on T = 4109 (the backend's own
+// segments). The variants' outputs are also checked against the CPU backend (float64).
+void run_fwd_copy_case(const OpCase& c) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
+  const AttentionParams pc = pr.params();
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
+  const std::vector<double> s0 = random_vec(bh * se, 41, 2.0);
+  const std::vector<float> S0(s0.begin(), s0.end());
+  DevBuf<float> S0d = to_device_f32(S0);
+
+  std::vector<double> want_o = pr.zeros_like_v(), want_dq = pr.zeros_like_k(), want_qdq(scalars, 0.0);
+  cpu_backend().chunk_forward(pc, part, S0.data(), {want_o.data(), pr.strides(c.dv)}, nullptr);
+  cpu_backend().chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), pr.strides(c.dk)},
+                                  want_qdq.data(), nullptr);
+  struct Out {
+    DevTensor o, dq;
+    DevBuf<float> qdq;
+  };
+  auto run = [&](const char* knob) {
+    EnvGuard k("LASP2_CUDA_FWD_COPY", knob);
+    Out r{dp.like_v(), dp.like_k(), DevBuf<float>(scalars)};  // o, dq poisoned
+    r.qdq.poison();
+    cuda_backend().chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
+    cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
+    return r;
+  };
+  const Out a = run("");
+  const double tol = tol_of(c.dtype);
+  for (const char* knob : {"1", "2", "3"}) {
+    SCOPED_TRACE(std::string("LASP2_CUDA_FWD_COPY=") + knob);
+    const Out v = run(knob);
+    EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o differs from the default kernel";
+    EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq differs from the default kernel";
+    EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download())) << "q.dq differs from the default kernel";
+    expect_rows(c, "o_copy", v.o, want_o, tol);
+    expect_rows(c, "dq_copy", v.dq, want_dq, tol);
+    expect_scalars(c, "q.dq_copy", v.qdq, want_qdq, tol);
+  }
+}
+
+TEST(CudaFwdKernel, CopySpreadSameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  std::vector<OpCase> cases = fwd_split_cases();
+  // many chunks per segment at D = 128 (the measured shape's loop), fixed and gated decay
+  OpCase c = with_auto_segments(walking_edge_case("cs_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16,
+                                                  DecayMode::kFixed, 128, 128));
+  c.docs = {};
+  cases.push_back(c);
+  c = walking_edge_case("cs_bf16_gate_D128_seg16", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  c.T = 4109;
+  c.begin = 0;
+  c.end = 4109;
+  c.docs = {};
+  c.seg_chunks = 16;
+  cases.push_back(c);
+  const char* only = std::getenv("LASP2_TEST_CASES");
+  for (const OpCase& x : cases)
+    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_copy_case(x);
 }
 
 // ---- errors -----------------------------------------------------------------------------
