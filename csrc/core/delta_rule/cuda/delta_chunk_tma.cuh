@@ -221,6 +221,18 @@ __device__ __forceinline__ void ring_issue(int i, int steps, int tid, Tiles&& ti
   cp_async_commit();
 }
 
+// ring_issue with the step's tensor-map boxes spread over warps (the GDN passes' kSpread):
+// box(i) on the threads with `issuer` (one a box), own(i) on every thread; the same
+// commit counting.
+template <typename Box, typename Own>
+__device__ __forceinline__ void ring_issue_spread(int i, int steps, bool issuer, Box&& box, Own&& own) {
+  if (i < steps) {
+    if (issuer) box(i);
+    own(i);
+  }
+  cp_async_commit();
+}
+
 // This thread's 16 bytes of the carried columns xb ([d][ldx], 16 columns: two threads a
 // row) to dst, its piece of a chunk's 16-bit state (forward) or of dh (reverse).
 template <typename T>
