@@ -761,14 +761,13 @@ struct TmaStateSmem {
 };
 
 // Box `box` (w, K; halves 0, 1: 0..3) of the forward pass's ring step whose chunk starts at
-// token t into buffer bytes dst, on the buffer's barrier `full` (box 0 arms it with both
-// tiles' bytes): kSpread's share of one warp (h, b: the block's head and batch row). (A
+// token t into buffer bytes dst, counted on the buffer's barrier `full` (armed already, by
+// arm_ring): kSpread's share of one warp (h, b: the block's head and batch row). (A
 // template, as its caller: the sm_80 pass, where the kernels trap, references neither.)
 template <typename T>
 __device__ __forceinline__ void fwd_tma_box(uint64_t& full, uint32_t dst, int t, int box, const CUtensorMap& wmap,
                                             const CUtensorMap& kmap, KMapDims kd, int h, int b, int64_t row0) {
   const int half = box & 1;
-  if (box == 0) mbar_arrive_expect_tx(&full, 2 * 2 * kSwzHalf);
   dst += box * kSwzHalf;
   if (box < 2) {
     tma_box_2d(dst, &wmap, 64 * half, static_cast<int>(row0) + t, &full);
@@ -792,8 +791,9 @@ __device__ __forceinline__ void fwd_tma_box(uint64_t& full, uint32_t dst, int t,
 // waits on the mma chain) measured slower, 1.05 ms, and so did both (docs/delta_rule.md,
 // "State passes, fifteenth round").
 // kSpread (LASP2_DELTA_TMA_ISSUE=spread, on trial): the four boxes of a ring step from
-// lane 0 of warps 4..7 (warp 4 arms the barrier) instead of all from thread 0, as in
-// rev_state_kernel_tma (whose comment says why). Outputs equal bit for bit.
+// lane 0 of warps 4..7 instead of all from thread 0, each step's barrier armed by thread 0
+// ahead of them (arm_ring), as in rev_state_kernel_tma (whose comment says why). Outputs
+// equal bit for bit.
 template <typename T, int NS, int C = kChunkCols, bool kSummary = false, bool kSpread = false>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
@@ -820,6 +820,7 @@ __global__ void __launch_bounds__(NT8, 2)
   float S[NTL][4];
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
+  if constexpr (kSpread) arm_ring(sm.full, 0, NS - 1, nck, kBufBytes, tid);
   __syncthreads();
   ColCopy<T, C, NT8> cu;
   MetaCopy cm;
@@ -888,6 +889,7 @@ __global__ void __launch_bounds__(NT8, 2)
         }
       }
     mbar_wait(&sm.full[s], (c / NS) & 1);  // chunk c's w and K have landed
+    if constexpr (kSpread) arm_ring(sm.full, c + NS - 1, c + NS, nck, kBufBytes, tid);
     // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     // the ring's refill of buffer (c - 1) % NS (free: every warp is past chunk c - 1) and
@@ -1099,14 +1101,13 @@ struct TmaRevSmem {
 };
 
 // Box `box` (k, w, q; halves 0, 1: 0..5) of the reverse pass's ring step whose chunk
-// starts at token t into buffer bytes dst, on the buffer's barrier `full` (box 0 arms it
-// with the three tiles' bytes): kSpread's share of one warp (a template, as fwd_tma_box).
+// starts at token t into buffer bytes dst, counted on the buffer's barrier `full` (armed
+// already, by arm_ring): kSpread's share of one warp (a template, as fwd_tma_box).
 template <typename T>
 __device__ __forceinline__ void rev_tma_box(uint64_t& full, uint32_t dst, int t, int box, const CUtensorMap& kmap,
                                             const CUtensorMap& wmap, const CUtensorMap& qmap, KMapDims kd, KMapDims qd,
                                             int h, int b, int64_t row0) {
   const int half = box & 1;
-  if (box == 0) mbar_arrive_expect_tx(&full, 3 * 2 * kSwzHalf);
   dst += box * kSwzHalf;
   if (box < 2) {
     tma_box_4d(dst, &kmap, 64 * half, kd.h == 1 ? h : kd.t == 1 ? t : b, kd.h == 2 ? h : kd.t == 2 ? t : b,
@@ -1135,9 +1136,10 @@ __device__ __forceinline__ void rev_tma_box(uint64_t& full, uint32_t dst, int t,
 // boxes of a ring step (about 100 instructions on warp 0 alone, after the first barrier)
 // and warps 0-3 both column copies, so warp 0 is the last at the second barrier (where
 // the H200 profile at 64K finds 15 % of the samples, every other warp waiting). Spread:
-// lane 0 of warps 2..7 one box each (warp 2 arms the barrier; the boxes' completions may
-// reach it first: a transaction count may go below zero until then), r's pieces on
-// warps 4-7. The same tiles in the same places: outputs equal bit for bit.
+// lane 0 of warps 2..7 one box each, r's pieces on
+// warps 4-7. Thread 0 arms each step's barrier (expect_tx) before the barrier after which
+// the boxes are issued (arm_ring), so no box completes on an unarmed barrier. The same
+// tiles in the same places: outputs equal bit for bit.
 template <typename T, bool kLateScale = false, bool kSpread = false>
 __global__ void __launch_bounds__(NT8)
     rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
@@ -1163,6 +1165,7 @@ __global__ void __launch_bounds__(NT8)
   float S[2][4];
   load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
+  if constexpr (kSpread) arm_ring(sm.full, 0, NS - 1, nck, kBufBytes, tid);
   __syncthreads();
   ColCopy<T, BV, NT8> cd, cr;
   MetaCopy cm;
@@ -1216,6 +1219,7 @@ __global__ void __launch_bounds__(NT8)
     cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
     store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
     mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
+    if constexpr (kSpread) arm_ring(sm.full, i + NS - 1, i + NS, nck, kBufBytes, tid);
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     // the ring's refill of buffer (i - 1) % NS (free: every warp is past chunk c + 1) and
