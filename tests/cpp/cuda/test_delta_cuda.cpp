@@ -1809,8 +1809,9 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
     if (c.neg_inf) forget_at(pr, {100, 300, 301});
     DeviceProblem dev(pr, c.type, Layout{});
     const int64_t bh = dev.p.bh(), se = dev.p.state_elems();
-    auto run = [&](const char* family) {
+    auto run = [&](const char* family, const char* issue = "") {
       const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
+      const EnvGuard iscope("LASP2_DELTA_TMA_ISSUE", issue);
       DevBuf<float> A(bh * se), M(bh * se), hA(bh * se), hM(bh * se);
       for (DevBuf<float>* b : {&A, &M, &hA, &hM}) b->poison();
       gpu.part_summary(dev.p, c.part, DocStates{}, A.p, M.p, hA.p, hM.p, nullptr);
@@ -1818,9 +1819,11 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
     };
     const char* names[] = {"A", "M", "head A", "head M"};
     const auto w8 = run("w8");
-    for (const char* family : {"", "tma"}) {
+    // (and tma with its boxes spread over warps, LASP2_DELTA_TMA_ISSUE=spread: the same tiles)
+    for (const char* family : {"", "tma", "tma spread"}) {
       SCOPED_TRACE(*family ? family : "(default)");
-      const auto got = run(family);
+      const bool spread = std::strcmp(family, "tma spread") == 0;
+      const auto got = run(spread ? "tma" : family, spread ? "spread" : "");
       for (int i = 0; i < 4; ++i) {
         int64_t differ = 0;
         for (size_t e = 0; e < got[i].size(); ++e) differ += std::memcmp(&got[i][e], &w8[i][e], 4) != 0;
