@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
                                                    bool suffix, bool write_segments,
                                                    const float* init, float* final_out,
                                                    float* log_out, StatePieces pieces,
-                                                   float* m_out) {
+                                                   float* m_out, int last_unread) {
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -149,6 +149,9 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   float* x = X + bh * nseg * elems + e;
   const float* src = M + bh * nseg * elems + e;
   const int np = pieces.nsub - 1;  // later pieces per segment
+  // segments whose state (and pieces) was computed, in scan order: all but the last one
+  // when nothing reads it (segment_scan.h: last_unread)
+  const int live = last_unread ? nseg - 1 : nseg;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch (the states and, 4 at a time, their later
   // pieces and flags, each slot read whether or not its piece walked) are issued before
@@ -160,7 +163,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
     for (int j = 0; j < kSegs; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
-      m[j] = i < nseg ? src[s * elems] : 0.f;
+      m[j] = i < live ? src[s * elems] : 0.f;
     }
     bool any[kSegs] = {};
     for (int p0 = 0; p0 < np; p0 += kPieces) {
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
         const int64_t slot0 = (bh * nseg + (suffix ? nseg - 1 - i : i)) * np + p0;
 #pragma unroll
         for (int u = 0; u < kPieces; ++u) {
-          const bool in = i < nseg && p0 + u < np;
+          const bool in = i < live && p0 + u < np;
           flag[j][u] = in ? pieces.sub_flags[slot0 + u] : 0.f;
           add[j][u] = in ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
         }
@@ -186,11 +189,12 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
             any[j] = true;
           }
     }
-    if (m_out != nullptr) {
+    if (m_out != nullptr) {  // (an unread last segment's slot gets m[j] = 0: deterministic)
 #pragma unroll
       for (int j = 0; j < kSegs; ++j) {
         const int i = i0 + j;
-        if (i < nseg && any[j]) m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
+        if (i < nseg && (any[j] || i >= live))
+          m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
       }
     }
 #pragma unroll
@@ -295,10 +299,13 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
 void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
                          int64_t elems, bool suffix, bool write_segments, const float* init,
                          float* final_out, float* log_out, const StatePieces& pieces,
-                         float* m_out, cudaStream_t s) {
+                         float* m_out, bool last_unread, cudaStream_t s) {
+  if (last_unread && final_out != nullptr) {
+    fail("lasp2 (CUDA): launch_segment_scan: final_out needs the last segment's state");
+  }
   scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
                                                    write_segments, init, final_out, log_out,
-                                                   pieces, m_out);
+                                                   pieces, m_out, last_unread ? 1 : 0);
   check_launch("scan_kernel");
 }
 
