@@ -13,6 +13,8 @@ Variants:
   new   all defaults (walks end at the 2^-48 floor)
   sub<n>   new with LASP2_CUDA_STATE_SUB_CHUNKS=n (0: split walks off; 16, 64: pieces)
   fl<n>    new with LASP2_CUDA_STATE_FLOOR=n (walks end at 2^-n; 0: at fp32 underflow)
+  skip     new with LASP2_CUDA_STATE_SKIP=1 (the state walks leave out the segment no scan
+           reads; its gradients must equal new's bit for bit: asserted when both run)
 (Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
 C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
 after the call.)
@@ -35,8 +37,9 @@ from bench_linear_attention import graph_ms  # noqa: E402
 from lasp2.ops import linear_attention as la_module  # noqa: E402
 
 PLAIN = la_module._plain_cuda_tensors
-ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None}
+ENV = {"LASP2_CUDA_STATE_SUB_CHUNKS": None, "LASP2_CUDA_STATE_FLOOR": None, "LASP2_CUDA_STATE_SKIP": None}
 SAME_KERNELS = ("old", "host")  # the same kernels: the same bits
+SAME_AS_NEW = ("skip",)  # variants with other kernels and the same bits as "new"
 
 
 def use(variant):
@@ -48,6 +51,8 @@ def use(variant):
         env["LASP2_CUDA_STATE_SUB_CHUNKS"] = variant[3:]
     if variant.startswith("fl"):
         env["LASP2_CUDA_STATE_FLOOR"] = variant[2:]
+    if variant == "skip":
+        env["LASP2_CUDA_STATE_SKIP"] = "1"
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
@@ -83,12 +88,16 @@ def main():
         do = torch.randn(B, T, H, D, device="cuda", dtype=dt, generator=gen)
         fwd = lambda: lasp2.linear_attention(q, k, v, decay=g)
         step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)
-        ref, diff = None, {}
+        ref, new_ref, diff = None, None, {}
         eager, host = {n: [] for n in args.variants}, {n: [] for n in args.variants}
         for r in range(args.rounds):
             for n in (args.variants if r % 2 == 0 else args.variants[::-1]):
                 use(n)
                 out = step()
+                if n == "new" or n in SAME_AS_NEW:
+                    if new_ref is None:
+                        new_ref = out
+                    assert all(torch.equal(a, b) for a, b in zip(new_ref, out)), f"{n}: gradients differ from new"
                 if n in SAME_KERNELS:
                     if ref is None:
                         ref = out
@@ -122,7 +131,7 @@ def main():
                       ", ".join(f"{n} {fla / statistics.median(eager[n]):.3f}" for n in args.variants))
             except Exception as exc:  # fla is optional
                 print(f"# fla: {type(exc).__name__}: {exc}")
-        del q, k, v, g, do, ref
+        del q, k, v, g, do, ref, new_ref
         torch.cuda.empty_cache()
 
 
