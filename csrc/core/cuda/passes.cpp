@@ -71,6 +71,12 @@ float state_walk_stop(float coef) {
 // Default off (the walks of sessions 13-15) until measured on the device.
 bool state_skip() { return env_int("LASP2_CUDA_STATE_SKIP", 0) != 0; }
 
+// LASP2_CUDA_SCAN_WALKED_ONLY=1: the scan after a split walk loads a later piece's state only
+// where its flag says it walked (StatePieces::walked_only; the same additions, so the same
+// bits). Default off (every slot loaded with its flag, one round trip, as in session 15)
+// until measured on the device: with fixed decays most later pieces do not walk.
+bool scan_walked_only() { return env_int("LASP2_CUDA_SCAN_WALKED_ONLY", 0) != 0; }
+
 // Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
 int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
   const int sc = sD > 0 ? state_sub_chunks(p) : 0;
@@ -118,7 +124,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
       sa.sub_flags = s.sub_flags;
     }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
-    if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
+    if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub, scan_walked_only()};
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
     launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);

@@ -654,6 +654,8 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // part_dstate (which walk every segment). The kept states equal the knob-off ones in every
 // slot but the last segment's, which holds zeros: poisoned before the forward, so a zero
 // slot shows both that the knob took effect and that the slot stays deterministic.
+// LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan loads only the split walks' pieces that walked)
+// alone and with the skip: the same bits, kept states included.
 struct SkipRun {
   std::vector<unsigned char> o, o_plain, o_zero, dq_kept, dq_re, dk, dv, dk_nod, dv_nod;
   std::vector<uint32_t> qdq_kept, qdq_re, dg, state, L, dstate;
@@ -734,48 +736,57 @@ void run_skip_case(const OpCase& c) {
   ASSERT_EQ(kept_floats % (bh * se), 0);
   const int64_t nseg = kept_floats / (bh * se);
 
-  SkipRun off, on;
+  SkipRun off;
   {
     const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "0");
+    const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "0");
     off = run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
   }
-  {
-    const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "1");
-    on = run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
-  }
-  EXPECT_EQ(on.o, off.o) << "o (keeping states)";
-  EXPECT_EQ(on.o_plain, off.o_plain) << "o";
-  EXPECT_EQ(on.o_zero, off.o_zero) << "o from zero";
-  EXPECT_EQ(on.o, on.o_plain) << "keeping changed o";
-  EXPECT_EQ(on.dq_kept, off.dq_kept) << "dq from kept states";
-  EXPECT_EQ(on.dq_re, off.dq_re) << "dq recomputed";
-  EXPECT_EQ(on.dq_kept, on.dq_re) << "dq from kept states against recomputed";
-  EXPECT_EQ(on.qdq_kept, off.qdq_kept) << "q.dq from kept states";
-  EXPECT_EQ(on.qdq_re, off.qdq_re) << "q.dq recomputed";
-  EXPECT_EQ(on.dk, off.dk) << "dk";
-  EXPECT_EQ(on.dv, off.dv) << "dv";
-  EXPECT_EQ(on.dg, off.dg) << "dg";
-  EXPECT_EQ(on.dk_nod, off.dk_nod) << "dk without a leaving gradient";
-  EXPECT_EQ(on.dv_nod, off.dv_nod) << "dv without a leaving gradient";
-  EXPECT_EQ(on.state, off.state) << "part_state";
-  EXPECT_EQ(on.L, off.L) << "part_state's log decay";
-  EXPECT_EQ(on.dstate, off.dstate) << "part_dstate";
-  // kept states: [bh][nseg][se], the last segment's slot zeros with the knob on
-  int64_t differ = 0, nonzero_last = 0, last_written = 0;
-  for (int64_t i = 0; i < bh; ++i)
-    for (int64_t s = 0; s < nseg; ++s)
-      for (int64_t e = 0; e < se; ++e) {
-        const int64_t j = (i * nseg + s) * se + e;
-        ASSERT_TRUE(std::isfinite(off.kept[j]) && std::isfinite(on.kept[j])) << "kept value " << j << " not written";
-        if (s + 1 < nseg) {
-          differ += on.kept[j] != off.kept[j];
-        } else {
-          nonzero_last += on.kept[j] != 0.f;
-          last_written += off.kept[j] != 0.f;
+  // {skip, walked only}: the scan's piece loads (LASP2_CUDA_SCAN_WALKED_ONLY) change no bit either
+  int64_t last_written = 0;
+  for (const auto& knobs : {std::pair<const char*, const char*>{"1", "0"}, {"0", "1"}, {"1", "1"}}) {
+    SCOPED_TRACE(std::string("LASP2_CUDA_STATE_SKIP=") + knobs.first + " LASP2_CUDA_SCAN_WALKED_ONLY=" + knobs.second);
+    const bool skip = knobs.first[0] == '1';
+    SkipRun on;
+    {
+      const EnvGuard knob("LASP2_CUDA_STATE_SKIP", knobs.first);
+      const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", knobs.second);
+      on = run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
+    }
+    EXPECT_EQ(on.o, off.o) << "o (keeping states)";
+    EXPECT_EQ(on.o_plain, off.o_plain) << "o";
+    EXPECT_EQ(on.o_zero, off.o_zero) << "o from zero";
+    EXPECT_EQ(on.o, on.o_plain) << "keeping changed o";
+    EXPECT_EQ(on.dq_kept, off.dq_kept) << "dq from kept states";
+    EXPECT_EQ(on.dq_re, off.dq_re) << "dq recomputed";
+    EXPECT_EQ(on.dq_kept, on.dq_re) << "dq from kept states against recomputed";
+    EXPECT_EQ(on.qdq_kept, off.qdq_kept) << "q.dq from kept states";
+    EXPECT_EQ(on.qdq_re, off.qdq_re) << "q.dq recomputed";
+    EXPECT_EQ(on.dk, off.dk) << "dk";
+    EXPECT_EQ(on.dv, off.dv) << "dv";
+    EXPECT_EQ(on.dg, off.dg) << "dg";
+    EXPECT_EQ(on.dk_nod, off.dk_nod) << "dk without a leaving gradient";
+    EXPECT_EQ(on.dv_nod, off.dv_nod) << "dv without a leaving gradient";
+    EXPECT_EQ(on.state, off.state) << "part_state";
+    EXPECT_EQ(on.L, off.L) << "part_state's log decay";
+    EXPECT_EQ(on.dstate, off.dstate) << "part_dstate";
+    // kept states: [bh][nseg][se], the last segment's slot zeros with the skip, else equal
+    int64_t differ = 0, nonzero_last = 0;
+    for (int64_t i = 0; i < bh; ++i)
+      for (int64_t s = 0; s < nseg; ++s)
+        for (int64_t e = 0; e < se; ++e) {
+          const int64_t j = (i * nseg + s) * se + e;
+          ASSERT_TRUE(std::isfinite(off.kept[j]) && std::isfinite(on.kept[j])) << "kept value " << j << " not written";
+          if (s + 1 < nseg || !skip) {
+            differ += std::memcmp(&on.kept[j], &off.kept[j], 4) != 0;
+          } else {
+            nonzero_last += on.kept[j] != 0.f;
+            last_written += off.kept[j] != 0.f;
+          }
         }
-      }
-  EXPECT_EQ(differ, 0) << "kept states of the segments the scan reads";
-  EXPECT_EQ(nonzero_last, 0) << "the last segment's kept slot is not zeros with the knob on";
+    EXPECT_EQ(differ, 0) << "kept states of the segments the scan reads";
+    EXPECT_EQ(nonzero_last, 0) << "the last segment's kept slot is not zeros with the skip";
+  }
   EXPECT_GT(last_written, 0) << "the knob-off walk left the last segment's state zero: the case tests nothing";
   // the dq pass reads either knob's kept states alike
   DevBuf<float> kept_off(kept_floats);
