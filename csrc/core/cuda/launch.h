@@ -91,6 +91,10 @@ struct StateArgs {
   // leaves out the one segment whose state no scan reads (LASP2_CUDA_STATE_SKIP).
   int first_seg = 0;
   int segs = 0;
+  // Split walks: 1 = blocks ordered by piece first (all pieces 0, then all pieces 1, ...:
+  // the longest walks start first; LASP2_CUDA_STATE_PIECE_ORDER), 0 = by (bh, segment)
+  // with a segment's pieces together. Which block runs when changes, not what it computes.
+  int piece_major = 0;
 };
 
 // The state kernels' launch view of `a`: segs = 0 made explicit (every segment).

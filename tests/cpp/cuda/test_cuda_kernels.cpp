@@ -655,7 +655,8 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // slot but the last segment's, which holds zeros: poisoned before the forward, so a zero
 // slot shows both that the knob took effect and that the slot stays deterministic.
 // LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan loads only the split walks' pieces that walked)
-// alone and with the skip: the same bits, kept states included.
+// and LASP2_CUDA_STATE_PIECE_ORDER=1 (a split walk's blocks ordered piece first), alone
+// and with the skip: the same bits, kept states included.
 struct SkipRun {
   std::vector<unsigned char> o, o_plain, o_zero, dq_kept, dq_re, dk, dv, dk_nod, dv_nod;
   std::vector<uint32_t> qdq_kept, qdq_re, dg, state, L, dstate;
@@ -736,23 +737,20 @@ void run_skip_case(const OpCase& c) {
   ASSERT_EQ(kept_floats % (bh * se), 0);
   const int64_t nseg = kept_floats / (bh * se);
 
-  SkipRun off;
-  {
-    const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "0");
-    const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "0");
-    off = run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
-  }
-  // {skip, walked only}: the scan's piece loads (LASP2_CUDA_SCAN_WALKED_ONLY) change no bit either
+  // knobs {LASP2_CUDA_STATE_SKIP, LASP2_CUDA_SCAN_WALKED_ONLY, LASP2_CUDA_STATE_PIECE_ORDER}
+  auto run_with = [&](const std::string& knobs) {
+    const EnvGuard skip("LASP2_CUDA_STATE_SKIP", knobs.substr(0, 1));
+    const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", knobs.substr(1, 1));
+    const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", knobs.substr(2, 1));
+    return run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
+  };
+  const SkipRun off = run_with("000");
+  // the scan's piece loads and the blocks' order change no bit either, alone or together
   int64_t last_written = 0;
-  for (const auto& knobs : {std::pair<const char*, const char*>{"1", "0"}, {"0", "1"}, {"1", "1"}}) {
-    SCOPED_TRACE(std::string("LASP2_CUDA_STATE_SKIP=") + knobs.first + " LASP2_CUDA_SCAN_WALKED_ONLY=" + knobs.second);
-    const bool skip = knobs.first[0] == '1';
-    SkipRun on;
-    {
-      const EnvGuard knob("LASP2_CUDA_STATE_SKIP", knobs.first);
-      const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", knobs.second);
-      on = run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
-    }
+  for (const std::string knobs : {"100", "010", "001", "111"}) {
+    SCOPED_TRACE("skip, walked only, piece order = " + knobs);
+    const bool skip = knobs[0] == '1';
+    const SkipRun on = run_with(knobs);
     EXPECT_EQ(on.o, off.o) << "o (keeping states)";
     EXPECT_EQ(on.o_plain, off.o_plain) << "o";
     EXPECT_EQ(on.o_zero, off.o_zero) << "o from zero";

@@ -624,8 +624,9 @@ TEST_F(CudaLasp2SavedStates, BalancedPartsReadTheirOwnSlots) {
 // gradients: the summaries, final states and entering-state gradients come from walks of
 // every segment) or without, keeping the segment states or recomputing them, fixed and
 // gated decays, split walks and documents: every output, gradient, final state and
-// initial-state gradient has the same bits with LASP2_CUDA_STATE_SKIP=1 and
-// LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan's piece loads) as with both 0. The
+// initial-state gradient has the same bits with LASP2_CUDA_STATE_SKIP=1,
+// LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan's piece loads) and LASP2_CUDA_STATE_PIECE_ORDER=1
+// (the split walks' block order) as with all three 0. The
 // kept states differ only where the knob leaves a zero (the last segment of each part),
 // and some do where states are kept (the knob took effect).
 struct SkipLasp2Run {
@@ -711,11 +712,13 @@ TEST_F(CudaLasp2SavedStates, StateSkipSameBits) {
       {
         const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "0");
         const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "0");
+        const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", "0");
         off = run_family(local, t, layout, comm, stream, c.keep, c.seq_states);
       }
       {
         const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "1");
         const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "1");
+        const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", "1");
         on = run_family(local, t, layout, comm, stream, c.keep, c.seq_states);
       }
     };
