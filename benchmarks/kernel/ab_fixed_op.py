@@ -13,11 +13,11 @@ Variants:
   new   all defaults (walks end at the 2^-48 floor)
   sub<n>   new with LASP2_CUDA_STATE_SUB_CHUNKS=n (0: split walks off; 16, 64: pieces)
   fl<n>    new with LASP2_CUDA_STATE_FLOOR=n (walks end at 2^-n; 0: at fp32 underflow)
-  st<abc>  new with LASP2_CUDA_STATE_SKIP=a, LASP2_CUDA_SCAN_WALKED_ONLY=b,
-           LASP2_CUDA_STATE_PIECE_ORDER=c (0/1 each; session 16: the state walks leave out the
+  st<abc>  new with LASP2_CUDA_STATE_SKIP=a, LASP2_CUDA_SCAN_WALKED_ONLY=b (0/1 each),
+           LASP2_CUDA_STATE_PIECE_ORDER=c (0/1/2) (session 16: the state walks leave out the
            segment no scan reads, the scan loads only the pieces that walked, the split
-           walks' blocks ordered piece first); gradients must equal new's bit for bit
-           (asserted when both run), e.g. st111, st100
+           walks' blocks ordered piece first, first or last pieces first); gradients must
+           equal new's bit for bit (asserted when both run), e.g. st110, st001, st002
 (Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
 C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
 after the call.)

@@ -92,7 +92,8 @@ struct StateArgs {
   int first_seg = 0;
   int segs = 0;
   // Split walks: 1 = blocks ordered by piece first (all pieces 0, then all pieces 1, ...:
-  // the longest walks start first; LASP2_CUDA_STATE_PIECE_ORDER), 0 = by (bh, segment)
+  // the longest walks start first; LASP2_CUDA_STATE_PIECE_ORDER), 2 = by piece, the last
+  // pieces first (those that walk are the weak heads' long ones), 0 = by (bh, segment)
   // with a segment's pieces together. Which block runs when changes, not what it computes.
   int piece_major = 0;
 };

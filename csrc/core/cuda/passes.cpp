@@ -81,9 +81,14 @@ bool scan_walked_only() { return env_int("LASP2_CUDA_SCAN_WALKED_ONLY", 0) != 0;
 // segment's piece 0, then every piece 1, ...; StateArgs::piece_major) instead of by segment.
 // Piece 0 of a walk is never shorter than its later pieces, and a later piece walks only
 // where piece 0 walked all its chunks, so this starts the longest blocks first; by segment,
-// a weak head late in the grid starts its long pieces in the last wave. The same blocks,
-// so the same bits. Default off until measured on the device.
-bool state_piece_major() { return env_int("LASP2_CUDA_STATE_PIECE_ORDER", 0) != 0; }
+// a weak head late in the grid starts its long pieces in the last wave. =2: by piece, the
+// last pieces first (most of them exit at once; those that walk are the weak heads' long
+// ones, which then start first). The same blocks, so the same bits. Default 0 (by segment)
+// until measured on the device.
+int state_piece_major() {
+  const int v = env_int("LASP2_CUDA_STATE_PIECE_ORDER", 0);
+  return v == 1 || v == 2 ? v : 0;
+}
 
 // Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
 int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
@@ -130,7 +135,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
       sa.sub_chunks = state_sub_chunks(p);
       sa.sub_out = s.sub_states;
       sa.sub_flags = s.sub_flags;
-      sa.piece_major = state_piece_major() ? 1 : 0;
+      sa.piece_major = state_piece_major();
     }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
     if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub, scan_walked_only()};

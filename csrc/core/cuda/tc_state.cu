@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
     const int64_t per_piece = static_cast<int64_t>(g.batch) * g.heads * args.segs;
     const int64_t r = blockIdx.x / NSPLIT;
     sub = static_cast<int>(r / per_piece);
+    if (args.piece_major == 2) sub = args.nsub - 1 - sub;  // last pieces first
     seg = args.first_seg + static_cast<int>(r % per_piece % args.segs);
     bh = r % per_piece / args.segs;
   } else {

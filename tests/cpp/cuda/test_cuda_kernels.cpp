@@ -655,8 +655,9 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // slot but the last segment's, which holds zeros: poisoned before the forward, so a zero
 // slot shows both that the knob took effect and that the slot stays deterministic.
 // LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan loads only the split walks' pieces that walked)
-// and LASP2_CUDA_STATE_PIECE_ORDER=1 (a split walk's blocks ordered piece first), alone
-// and with the skip: the same bits, kept states included.
+// and LASP2_CUDA_STATE_PIECE_ORDER=1 / 2 (a split walk's blocks ordered piece first, the
+// first or the last pieces first), alone and with the skip: the same bits, kept states
+// included.
 struct SkipRun {
   std::vector<unsigned char> o, o_plain, o_zero, dq_kept, dq_re, dk, dv, dk_nod, dv_nod;
   std::vector<uint32_t> qdq_kept, qdq_re, dg, state, L, dstate;
@@ -747,7 +748,7 @@ void run_skip_case(const OpCase& c) {
   const SkipRun off = run_with("000");
   // the scan's piece loads and the blocks' order change no bit either, alone or together
   int64_t last_written = 0;
-  for (const std::string knobs : {"100", "010", "001", "111"}) {
+  for (const std::string knobs : {"100", "010", "001", "002", "111", "112"}) {
     SCOPED_TRACE("skip, walked only, piece order = " + knobs);
     const bool skip = knobs[0] == '1';
     const SkipRun on = run_with(knobs);
