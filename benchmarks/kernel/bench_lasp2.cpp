@@ -9,7 +9,10 @@
 // one CUDA graph and replayed (the kernels' time without host launch gaps).
 //
 // Inputs are random (a 16 MiB random block tiled over each tensor, never zeros),
-// [B, T, H, D] contiguous; gates are log decays in [-0.1, -0.001]. Each number is
+// [B, T, H, D] contiguous; gates are log decays in [-0.1, -0.001], fixed decays -0.01 (h + 1)
+// per head h, or with LASP2_BENCH_FIXED_DECAY=op -0.05 x uniform [0, 1) per head (the
+// distribution of benchmarks/kernel/ab_fixed_op.py and bench_linear_attention.py's fixed
+// decay, under which the weakest heads' state walks cover whole segments). Each number is
 // the median of 20 runs (CUDA events) after 3 warm-up runs. Build (after the
 // CMake build of the core in $BUILD):
 //   g++ -O2 -std=c++17 -Icsrc/core/include -I$CUDA/include benchmarks/kernel/bench_lasp2.cpp \
@@ -162,6 +165,13 @@ int main(int argc, char** argv) {
     std::vector<float> g(B * T * H), l(H);
     for (auto& x : g) x = uniform(-0.1f, -0.001f);
     for (int64_t h = 0; h < H; ++h) l[h] = -0.01f * (h + 1);
+    const char* fixed = std::getenv("LASP2_BENCH_FIXED_DECAY");
+    if (fixed != nullptr && std::strcmp(fixed, "op") == 0) {
+      for (auto& x : l) x = -0.05f * uniform(0.f, 1.f);
+      std::printf("fixed decays (LASP2_BENCH_FIXED_DECAY=op):");
+      for (float x : l) std::printf(" %.4f", x);
+      std::printf("\n");
+    }
     CK(cudaMemcpy(gate, g.data(), g.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(logd, l.data(), l.size() * 4, cudaMemcpyHostToDevice));
   }

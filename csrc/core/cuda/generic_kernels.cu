@@ -60,8 +60,9 @@ __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args,
   float* w = B + CG * LDB;
   float* Sm = w + CG;
   const int tid = threadIdx.x;
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
+  // blocks of the walked segments only (StateArgs::first_seg, segs; the launch sets segs)
+  const int seg = args.first_seg + static_cast<int>(blockIdx.x % args.segs);
+  const int64_t bh = blockIdx.x / args.segs;
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
   float* out = args.out + (bh * g.nseg + seg) * static_cast<int64_t>(da) * db;
   float* S = state_in_smem ? Sm : out;
@@ -383,9 +384,10 @@ int generic_dkdv_smem(int dk, int dv, bool state_in_smem) {
 }
 
 template <typename T>
-void gen_state_t(const StateArgs& a, bool entry, bool smem_state, cudaStream_t s) {
-  const int bytes = generic_state_smem(a.da, a.db, smem_state);
-  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.g.nseg);
+void gen_state_t(const StateArgs& args, bool entry, bool smem_state, cudaStream_t s) {
+  const int bytes = generic_state_smem(args.da, args.db, smem_state);
+  const StateArgs a = walked_segments(args);
+  const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs);
   if (entry) {
     set_smem(generic_state_kernel<T, true>, bytes);
     generic_state_kernel<T, true><<<grid, kThreads, bytes, s>>>(a, smem_state ? 1 : 0);

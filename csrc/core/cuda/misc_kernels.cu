@@ -127,12 +127,17 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   }
 }
 
+// WALKED_ONLY (StatePieces::walked_only): a piece's state is loaded only where its flag
+// says it walked, once the batch's flags arrived (a second round trip per batch, and no
+// bytes for the pieces that did not walk: most of them with fixed decays, whose walks end
+// at the floor); otherwise every slot is loaded with the flags. The same additions either way.
+template <bool WALKED_ONLY>
 __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, const float* segL,
                                                    int64_t bh_count, int nseg, int64_t elems,
                                                    bool suffix, bool write_segments,
                                                    const float* init, float* final_out,
                                                    float* log_out, StatePieces pieces,
-                                                   float* m_out) {
+                                                   float* m_out, int last_unread) {
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -149,10 +154,14 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   float* x = X + bh * nseg * elems + e;
   const float* src = M + bh * nseg * elems + e;
   const int np = pieces.nsub - 1;  // later pieces per segment
+  // segments whose state (and pieces) was computed, in scan order: all but the last one
+  // when nothing reads it (segment_scan.h: last_unread)
+  const int live = last_unread ? nseg - 1 : nseg;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch (the states and, 4 at a time, their later
-  // pieces and flags, each slot read whether or not its piece walked) are issued before
-  // its stores (which the compiler cannot move them past), so they are in flight together
+  // pieces and flags, each slot read whether or not its piece walked unless WALKED_ONLY)
+  // are issued before its stores (which the compiler cannot move them past), so they are
+  // in flight together
   constexpr int kSegs = 8, kPieces = 4;
   for (int i0 = 0; i0 < nseg; i0 += kSegs) {
     float m[kSegs];
@@ -160,7 +169,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
     for (int j = 0; j < kSegs; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
-      m[j] = i < nseg ? src[s * elems] : 0.f;
+      m[j] = i < live ? src[s * elems] : 0.f;
     }
     bool any[kSegs] = {};
     for (int p0 = 0; p0 < np; p0 += kPieces) {
@@ -171,9 +180,10 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
         const int64_t slot0 = (bh * nseg + (suffix ? nseg - 1 - i : i)) * np + p0;
 #pragma unroll
         for (int u = 0; u < kPieces; ++u) {
-          const bool in = i < nseg && p0 + u < np;
+          const bool in = i < live && p0 + u < np;
           flag[j][u] = in ? pieces.sub_flags[slot0 + u] : 0.f;
-          add[j][u] = in ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
+          const bool load = WALKED_ONLY ? flag[j][u] != 0.f : in;
+          add[j][u] = load ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
         }
       }
       // in walk order, walked pieces only (an unwalked slot holds whatever was there)
@@ -186,11 +196,12 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
             any[j] = true;
           }
     }
-    if (m_out != nullptr) {
+    if (m_out != nullptr) {  // (an unread last segment's slot gets m[j] = 0: deterministic)
 #pragma unroll
       for (int j = 0; j < kSegs; ++j) {
         const int i = i0 + j;
-        if (i < nseg && any[j]) m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
+        if (i < nseg && (any[j] || i >= live))
+          m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
       }
     }
 #pragma unroll
@@ -295,10 +306,13 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
 void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
                          int64_t elems, bool suffix, bool write_segments, const float* init,
                          float* final_out, float* log_out, const StatePieces& pieces,
-                         float* m_out, cudaStream_t s) {
-  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
-                                                   write_segments, init, final_out, log_out,
-                                                   pieces, m_out);
+                         float* m_out, bool last_unread, cudaStream_t s) {
+  if (last_unread && final_out != nullptr) {
+    fail("lasp2 (CUDA): launch_segment_scan: final_out needs the last segment's state");
+  }
+  auto k = pieces.nsub > 1 && pieces.walked_only ? scan_kernel<true> : scan_kernel<false>;
+  k<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix, write_segments, init,
+                                         final_out, log_out, pieces, m_out, last_unread ? 1 : 0);
   check_launch("scan_kernel");
 }
 

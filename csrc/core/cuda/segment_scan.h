@@ -18,6 +18,9 @@ struct StatePieces {
   const float* sub_out = nullptr;    // [bh][nseg][nsub - 1][elems]
   const float* sub_flags = nullptr;  // [bh][nseg][nsub - 1]: 1 if that piece walked any chunk
   int nsub = 1;
+  // true: the scan loads a piece's state only where its flag is set (after the flags, a
+  // second round trip); false: every slot with its flag (LASP2_CUDA_SCAN_WALKED_ONLY).
+  bool walked_only = false;
 };
 
 // Scans the segment states M[bh][nseg][elems] (each one M's plus its walked `pieces`) with
@@ -31,9 +34,12 @@ struct StatePieces {
 // X (same layout as M; M itself for an in-place scan) is written only with write_segments.
 // m_out (nullable; not X): each segment whose pieces walked gets its summed state there
 // (M's own buffer: the states kept for a later pass are then whole).
+// last_unread: the last segment in scan order (prefix: nseg - 1, suffix: 0) has no state
+// (its walk was left out: only final_out would read it, which must then be null); its M
+// and pieces are not read, and m_out, if given, gets zeros in its slot.
 void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
                          int64_t elems, bool suffix, bool write_segments, const float* init,
                          float* final_out, float* log_out, const StatePieces& pieces,
-                         float* m_out, cudaStream_t s);
+                         float* m_out, bool last_unread, cudaStream_t s);
 
 }  // namespace lasp2::cuda

@@ -645,6 +645,232 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
   run_saved_states_case(c);
 }
 
+// ---- state walks without the segment no scan reads (LASP2_CUDA_STATE_SKIP) ---------------
+// With the knob on, the output / dq passes' state walk leaves out the last segment and the
+// dk/dv pass's leaves out segment 0: their scans never read those states (passes.cpp:
+// state_skip). Every output and gradient keeps its bits: o (keeping states or not, with
+// and without an entering state), dq and q.dq (from kept states of either knob, and
+// recomputed), dk, dv and dg (with and without a leaving gradient), part_state and
+// part_dstate (which walk every segment). The kept states equal the knob-off ones in every
+// slot but the last segment's, which holds zeros: poisoned before the forward, so a zero
+// slot shows both that the knob took effect and that the slot stays deterministic.
+// LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan loads only the split walks' pieces that walked)
+// and LASP2_CUDA_STATE_PIECE_ORDER=1 / 2 (a split walk's blocks ordered piece first, the
+// first or the last pieces first), alone and with the skip: the same bits, kept states
+// included.
+struct SkipRun {
+  std::vector<unsigned char> o, o_plain, o_zero, dq_kept, dq_re, dk, dv, dk_nod, dv_nod;
+  std::vector<uint32_t> qdq_kept, qdq_re, dg, state, L, dstate;
+  std::vector<float> kept;
+};
+
+SkipRun run_skip_once(const OpCase& c, DeviceProblem& dp, const float* S0, const float* D0,
+                      const float* dgoff, int64_t kept_floats) {
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const KernelBackend& gpu = cuda_backend();
+  const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
+  SkipRun r;
+  DevBuf<float> kept(std::max<int64_t>(1, kept_floats));
+  kept.poison();
+  DevTensor o = dp.like_v(), o_plain = dp.like_v(), o_zero = dp.like_v();
+  gpu.chunk_forward_saving(pg, part, S0, o.mview(), kept_floats > 0 ? kept.p : nullptr, nullptr);
+  gpu.chunk_forward(pg, part, S0, o_plain.mview(), nullptr);
+  gpu.chunk_forward(pg, part, nullptr, o_zero.mview(), nullptr);
+  r.o = o.buf.download();
+  r.o_plain = o_plain.buf.download();
+  r.o_zero = o_zero.buf.download();
+  r.kept = kept.download();
+
+  DevTensor dq_kept = dp.like_k(), dq_re = dp.like_k();
+  DevBuf<float> qdq_kept(scalars), qdq_re(scalars);
+  qdq_kept.poison();
+  qdq_re.poison();
+  gpu.chunk_backward_dq_saved(pg, part, dp.dout.cview(), S0, dq_kept.mview(), qdq_kept.p,
+                              kept_floats > 0 ? kept.p : nullptr, nullptr);
+  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), S0, dq_re.mview(), qdq_re.p, nullptr);
+  r.dq_kept = dq_kept.buf.download();
+  r.dq_re = dq_re.buf.download();
+  r.qdq_kept = float_bits(qdq_kept.download());
+  r.qdq_re = float_bits(qdq_re.download());
+
+  DevTensor dk = dp.like_k(), dv = dp.like_v(), dk_nod = dp.like_k(), dv_nod = dp.like_v();
+  DevBuf<float> dg(scalars);
+  dg.poison();
+  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0, dk.mview(), dv.mview(), qdq_re.p, dgoff, dg.p,
+                          nullptr);
+  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), nullptr, dk_nod.mview(), dv_nod.mview(), nullptr,
+                          nullptr, nullptr, nullptr);
+  r.dk = dk.buf.download();
+  r.dv = dv.buf.download();
+  r.dk_nod = dk_nod.buf.download();
+  r.dv_nod = dv_nod.buf.download();
+  r.dg = float_bits(dg.download());
+
+  DevBuf<float> st(bh * se), L(bh), dst(bh * se);
+  st.poison();
+  L.poison();
+  dst.poison();
+  gpu.part_state(pg, part, st.p, L.p, nullptr);
+  gpu.part_dstate(pg, part, dp.dout.cview(), dst.p, nullptr);
+  r.state = float_bits(st.download());
+  r.L = float_bits(L.download());
+  r.dstate = float_bits(dst.download());
+  return r;
+}
+
+void run_skip_case(const OpCase& c) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
+               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
+  EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
+  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const TokenRange part{c.begin, c.end};
+  const int64_t bh = dp.p.bh(), se = dp.p.state_elems();
+  auto f32 = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  DevBuf<float> S0 = to_device_f32(f32(random_vec(bh * se, 51, 2.0)));
+  DevBuf<float> D0 = to_device_f32(f32(random_vec(bh * se, 52, 0.5)));
+  DevBuf<float> dgoff = to_device_f32(f32(random_vec(bh, 53, 1.0)));
+  const int64_t kept_floats = cuda_backend().saved_states_floats(dp.p, part);
+  ASSERT_GT(kept_floats, 0) << "one segment: nothing to leave out, the case tests nothing";
+  ASSERT_EQ(kept_floats % (bh * se), 0);
+  const int64_t nseg = kept_floats / (bh * se);
+
+  // knobs {LASP2_CUDA_STATE_SKIP, LASP2_CUDA_SCAN_WALKED_ONLY, LASP2_CUDA_STATE_PIECE_ORDER}
+  auto run_with = [&](const std::string& knobs) {
+    const EnvGuard skip("LASP2_CUDA_STATE_SKIP", knobs.substr(0, 1));
+    const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", knobs.substr(1, 1));
+    const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", knobs.substr(2, 1));
+    return run_skip_once(c, dp, S0.p, D0.p, dgoff.p, kept_floats);
+  };
+  const SkipRun off = run_with("000");
+  // the scan's piece loads and the blocks' order change no bit either, alone or together
+  int64_t last_written = 0;
+  for (const std::string knobs : {"100", "010", "001", "002", "111", "112"}) {
+    SCOPED_TRACE("skip, walked only, piece order = " + knobs);
+    const bool skip = knobs[0] == '1';
+    const SkipRun on = run_with(knobs);
+    EXPECT_EQ(on.o, off.o) << "o (keeping states)";
+    EXPECT_EQ(on.o_plain, off.o_plain) << "o";
+    EXPECT_EQ(on.o_zero, off.o_zero) << "o from zero";
+    EXPECT_EQ(on.o, on.o_plain) << "keeping changed o";
+    EXPECT_EQ(on.dq_kept, off.dq_kept) << "dq from kept states";
+    EXPECT_EQ(on.dq_re, off.dq_re) << "dq recomputed";
+    EXPECT_EQ(on.dq_kept, on.dq_re) << "dq from kept states against recomputed";
+    EXPECT_EQ(on.qdq_kept, off.qdq_kept) << "q.dq from kept states";
+    EXPECT_EQ(on.qdq_re, off.qdq_re) << "q.dq recomputed";
+    EXPECT_EQ(on.dk, off.dk) << "dk";
+    EXPECT_EQ(on.dv, off.dv) << "dv";
+    EXPECT_EQ(on.dg, off.dg) << "dg";
+    EXPECT_EQ(on.dk_nod, off.dk_nod) << "dk without a leaving gradient";
+    EXPECT_EQ(on.dv_nod, off.dv_nod) << "dv without a leaving gradient";
+    EXPECT_EQ(on.state, off.state) << "part_state";
+    EXPECT_EQ(on.L, off.L) << "part_state's log decay";
+    EXPECT_EQ(on.dstate, off.dstate) << "part_dstate";
+    // kept states: [bh][nseg][se], the last segment's slot zeros with the skip, else equal
+    int64_t differ = 0, nonzero_last = 0;
+    for (int64_t i = 0; i < bh; ++i)
+      for (int64_t s = 0; s < nseg; ++s)
+        for (int64_t e = 0; e < se; ++e) {
+          const int64_t j = (i * nseg + s) * se + e;
+          ASSERT_TRUE(std::isfinite(off.kept[j]) && std::isfinite(on.kept[j])) << "kept value " << j << " not written";
+          if (s + 1 < nseg || !skip) {
+            differ += std::memcmp(&on.kept[j], &off.kept[j], 4) != 0;
+          } else {
+            nonzero_last += on.kept[j] != 0.f;
+            last_written += off.kept[j] != 0.f;
+          }
+        }
+    EXPECT_EQ(differ, 0) << "kept states of the segments the scan reads";
+    EXPECT_EQ(nonzero_last, 0) << "the last segment's kept slot is not zeros with the skip";
+  }
+  EXPECT_GT(last_written, 0) << "the knob-off walk left the last segment's state zero: the case tests nothing";
+  // the dq pass reads either knob's kept states alike
+  DevBuf<float> kept_off(kept_floats);
+  kept_off.upload(off.kept);
+  DevTensor dq_x = dp.like_k();
+  DevBuf<float> qdq_x(c.B * c.T * c.H);
+  qdq_x.poison();
+  {
+    const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "1");
+    cuda_backend().chunk_backward_dq_saved(dp.p, part, dp.dout.cview(), S0.p, dq_x.mview(), qdq_x.p, kept_off.p,
+                                           nullptr);
+  }
+  EXPECT_EQ(dq_x.buf.download(), off.dq_kept) << "knob-on dq pass from knob-off kept states";
+  EXPECT_EQ(float_bits(qdq_x.download()), off.qdq_kept) << "knob-on q.dq from knob-off kept states";
+}
+
+TEST(CudaStateSkip, UnreadSegmentLeftOutSameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  std::vector<OpCase> cases;
+  const std::vector<int64_t> docs = {101, 293, 294, 600, 999};
+  OpCase c;  // part [37, 1000): 2-chunk segments (8), documents at chunk and segment edges
+  c.dk = c.dv = 128;
+  c.docs = docs;
+  c.name = "skip_bf16_gate_D128_docs";
+  cases.push_back(c);
+  c.name = "skip_bf16_gate_D128_seg5_docs_sub2";  // split walks with gates and documents
+  c.seg_chunks = 5;
+  c.state_sub_chunks = 2;
+  cases.push_back(c);
+  c = OpCase();
+  c.name = "skip_bf16_fixed_D128_seg16_sub3";  // split walks, 3 segments (the last short)
+  c.mode = DecayMode::kFixed;
+  c.dk = c.dv = 128;
+  c.T = c.end = 2200;
+  c.begin = 0;
+  c.seg_chunks = 16;
+  c.state_sub_chunks = 3;
+  cases.push_back(c);
+  c.name = "skip_bf16_fixed_D128_T3000_seg40_default_split";  // two segments: one walked
+  c.T = c.end = 3000;
+  c.seg_chunks = 40;
+  c.state_sub_chunks = -1;
+  cases.push_back(c);
+  c = OpCase();
+  c.name = "skip_fp16_fixed_dk128_dv64_seg6_sub4";
+  c.dtype = ScalarType::kFloat16;
+  c.mode = DecayMode::kFixed;
+  c.dk = 128;
+  c.dv = 64;
+  c.seg_chunks = 6;
+  c.state_sub_chunks = 4;
+  cases.push_back(c);
+  c = OpCase();
+  c.name = "skip_fp16_none_D64_seg3";
+  c.dtype = ScalarType::kFloat16;
+  c.mode = DecayMode::kNone;
+  c.seg_chunks = 3;
+  cases.push_back(c);
+  c = OpCase();
+  c.name = "skip_fp32_gate_D64_docs_generic";  // the generic state kernel
+  c.dtype = ScalarType::kFloat32;
+  c.docs = docs;
+  cases.push_back(c);
+  c.name = "skip_bf16_fixed_D64_generic_seg3";
+  c.dtype = ScalarType::kBFloat16;
+  c.mode = DecayMode::kFixed;
+  c.docs = {};
+  c.force_generic = true;
+  c.seg_chunks = 3;
+  cases.push_back(c);
+  c = OpCase();
+  c.name = "skip_bf16_gate_D128_T4109_auto";  // the backend's own segments
+  c.dk = c.dv = 128;
+  c.T = c.end = 4109;
+  c.begin = 0;
+  c.docs = {64, 1000, 4096};
+  c.seg_chunks = 0;
+  cases.push_back(c);
+  c.name = "skip_bf16_fixed_D128_T4109_auto";
+  c.mode = DecayMode::kFixed;
+  c.docs = {};
+  cases.push_back(c);
+  for (const OpCase& k : cases) run_skip_case(k);
+}
+
 // ---- the dk/dv kernel's 32-row warps at tile D = 128 (tc_dkdv.cu RM = 2) ----------------
 // Edge cases of its row tiles against the CPU backend in float64, run twice (bitwise
 // reproducible): the tile's full width and forced 2-chunk segments with documents, a
