@@ -88,14 +88,9 @@ struct StateArgs {
   float stop = 0.f;
   // The segments walked: [first_seg, first_seg + segs) of g.nseg (the grid covers these
   // only; the others' `out` slots are not written). segs = 0: all of them. passes.cpp
-  // leaves out the one segment whose state no scan reads (LASP2_CUDA_STATE_SKIP).
+  // leaves out the one segment whose state no scan reads.
   int first_seg = 0;
   int segs = 0;
-  // Split walks: 1 = blocks ordered by piece first (all pieces 0, then all pieces 1, ...:
-  // the longest walks start first; LASP2_CUDA_STATE_PIECE_ORDER), 2 = by piece, the last
-  // pieces first (those that walk are the weak heads' long ones), 0 = by (bh, segment)
-  // with a segment's pieces together. Which block runs when changes, not what it computes.
-  int piece_major = 0;
 };
 
 // The state kernels' launch view of `a`: segs = 0 made explicit (every segment).

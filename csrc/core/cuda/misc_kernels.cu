@@ -127,11 +127,10 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   }
 }
 
-// WALKED_ONLY (StatePieces::walked_only): a piece's state is loaded only where its flag
-// says it walked, once the batch's flags arrived (a second round trip per batch, and no
-// bytes for the pieces that did not walk: most of them with fixed decays, whose walks end
-// at the floor); otherwise every slot is loaded with the flags. The same additions either way.
-template <bool WALKED_ONLY>
+// A later piece's state is loaded only where its flag says it walked, once the batch's
+// flags arrived (a second round trip per batch, and no bytes for the pieces that did not
+// walk: most of them with fixed decays, whose walks end at the floor; session 16, 16 ->
+// 14 us a scan at 64K fixed against loading every slot with its flag).
 __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, const float* segL,
                                                    int64_t bh_count, int nseg, int64_t elems,
                                                    bool suffix, bool write_segments,
@@ -159,9 +158,8 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   const int live = last_unread ? nseg - 1 : nseg;
   float acc = init != nullptr ? init[bh * elems + e] : 0.f;
   // batches of 8 segments: the loads of a batch (the states and, 4 at a time, their later
-  // pieces and flags, each slot read whether or not its piece walked unless WALKED_ONLY)
-  // are issued before its stores (which the compiler cannot move them past), so they are
-  // in flight together
+  // pieces' flags, then the walked pieces) are issued before its stores (which the
+  // compiler cannot move them past), so they are in flight together
   constexpr int kSegs = 8, kPieces = 4;
   for (int i0 = 0; i0 < nseg; i0 += kSegs) {
     float m[kSegs];
@@ -182,8 +180,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
         for (int u = 0; u < kPieces; ++u) {
           const bool in = i < live && p0 + u < np;
           flag[j][u] = in ? pieces.sub_flags[slot0 + u] : 0.f;
-          const bool load = WALKED_ONLY ? flag[j][u] != 0.f : in;
-          add[j][u] = load ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
+          add[j][u] = flag[j][u] != 0.f ? pieces.sub_out[(slot0 + u) * elems + e] : 0.f;
         }
       }
       // in walk order, walked pieces only (an unwalked slot holds whatever was there)
@@ -310,9 +307,9 @@ void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh
   if (last_unread && final_out != nullptr) {
     fail("lasp2 (CUDA): launch_segment_scan: final_out needs the last segment's state");
   }
-  auto k = pieces.nsub > 1 && pieces.walked_only ? scan_kernel<true> : scan_kernel<false>;
-  k<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix, write_segments, init,
-                                         final_out, log_out, pieces, m_out, last_unread ? 1 : 0);
+  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
+                                                   write_segments, init, final_out, log_out,
+                                                   pieces, m_out, last_unread ? 1 : 0);
   check_launch("scan_kernel");
 }
 

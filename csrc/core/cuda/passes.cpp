@@ -61,34 +61,14 @@ float state_walk_stop(float coef) {
   return n > 0 ? coef * std::ldexp(1.f, -std::min(n, 120)) : 0.f;
 }
 
-// LASP2_CUDA_STATE_SKIP=1: the state passes of the output / dq pass and of the dk/dv pass
-// leave out the one segment state their scan never reads (launch_segment_scan:
-// last_unread): the prefix scan's entering states need segments 0 .. nseg - 2 only, the
-// suffix scan's leaving gradients segments 1 .. nseg - 1 (neither pass asks its scan for
-// final_out: final states, the LASP-2 summaries and the entering-state gradients come from
-// reduce_part, which walks every segment). The same bits in every output and gradient;
-// the forward's kept states (OutputPass::keep) hold zeros in the last segment's slot.
-// Default off (the walks of sessions 13-15) until measured on the device.
-bool state_skip() { return env_int("LASP2_CUDA_STATE_SKIP", 0) != 0; }
-
-// LASP2_CUDA_SCAN_WALKED_ONLY=1: the scan after a split walk loads a later piece's state only
-// where its flag says it walked (StatePieces::walked_only; the same additions, so the same
-// bits). Default off (every slot loaded with its flag, one round trip, as in session 15)
-// until measured on the device: with fixed decays most later pieces do not walk.
-bool scan_walked_only() { return env_int("LASP2_CUDA_SCAN_WALKED_ONLY", 0) != 0; }
-
-// LASP2_CUDA_STATE_PIECE_ORDER=1: a split walk's blocks are ordered piece first (every
-// segment's piece 0, then every piece 1, ...; StateArgs::piece_major) instead of by segment.
-// Piece 0 of a walk is never shorter than its later pieces, and a later piece walks only
-// where piece 0 walked all its chunks, so this starts the longest blocks first; by segment,
-// a weak head late in the grid starts its long pieces in the last wave. =2: by piece, the
-// last pieces first (most of them exit at once; those that walk are the weak heads' long
-// ones, which then start first). The same blocks, so the same bits. Default 0 (by segment)
-// until measured on the device.
-int state_piece_major() {
-  const int v = env_int("LASP2_CUDA_STATE_PIECE_ORDER", 0);
-  return v == 1 || v == 2 ? v : 0;
-}
+// The state passes of the output / dq pass and of the dk/dv pass leave out the one segment
+// state their scan never reads (launch_segment_scan: last_unread): the prefix scan's
+// entering states need segments 0 .. nseg - 2 only, the suffix scan's leaving gradients
+// segments 1 .. nseg - 1 (neither pass asks its scan for final_out: final states, the
+// LASP-2 summaries and the entering-state gradients come from reduce_part, which walks
+// every segment). The forward's kept states (OutputPass::keep) hold zeros in the last
+// segment's slot. Session 16: the same bits in every output and gradient as walking all
+// segments (measured on the H200, then the knob was removed), 1/nseg fewer state blocks.
 
 // Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
 int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
@@ -109,7 +89,7 @@ void add_state_split(ScratchLayout& l, const AttentionParams& p, const Geom& g, 
 // Returns the later pieces of a split walk, which the scan that reads `out` next must add
 // (launch_segment_scan; none without a split): no kernel of their own.
 // skip_seg (0 or nseg - 1; -1: none): a segment whose state is not computed (its slot of
-// `out` and its pieces are not written; state_skip).
+// `out` and its pieces are not written; see above).
 StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, View b, int da,
                        int db, const ScratchBuffers& s, float coef, bool entry, float* out,
                        int skip_seg, cudaStream_t stream) {
@@ -135,10 +115,9 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
       sa.sub_chunks = state_sub_chunks(p);
       sa.sub_out = s.sub_states;
       sa.sub_flags = s.sub_flags;
-      sa.piece_major = state_piece_major();
     }
     launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
-    if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub, scan_walked_only()};
+    if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;
     launch_generic_state(elem_of(p.dtype), sa, entry, smem, stream);
@@ -222,21 +201,20 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
     // forward keeps them, or the forward's read back), then the prefix scan into the
     // scratch: the kept states stay unscanned, valid for any entering state.
     // Kept states are made whole by the scan (m_out) where a split walk left pieces.
-    // With state_skip the last segment's state is left out (the prefix scan does not read
-    // it; the kept slot gets zeros from the scan: `whole`).
-    const bool skip = state_skip();
+    // The last segment's state is left out (the prefix scan does not read it; the kept
+    // slot gets zeros from the scan: `whole`).
     const float* M = pass.kept;
     StatePieces pieces;
     float* whole = nullptr;
     if (!read_kept) {
       float* out = pass.keep != nullptr ? pass.keep : s.seg_states;
       pieces = run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v),
-                          s, 1.f, false, out, skip ? g.nseg - 1 : -1, c.stream);
+                          s, 1.f, false, out, g.nseg - 1, c.stream);
       M = out;
       if (out != s.seg_states) whole = out;
     }
     launch_segment_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                        pass.initial_state, nullptr, nullptr, pieces, whole, skip, c.stream);
+                        pass.initial_state, nullptr, nullptr, pieces, whole, true, c.stream);
     a.state = s.seg_states;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
@@ -311,13 +289,12 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   a.fold_offset = g.nseg == 1 ? 1 : 0;
   a.scratch = s.block_states;
   if (g.nseg > 1) {
-    // With state_skip segment 0's entry state is left out (the suffix scan does not read it)
-    const bool skip = state_skip();
+    // Segment 0's entry state is left out (the suffix scan does not read it)
     const StatePieces pieces =
         run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
-                   s.seg_states, skip ? 0 : -1, c.stream);
+                   s.seg_states, 0, c.stream);
     launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true,
-                        true, final_dstate, nullptr, nullptr, pieces, nullptr, skip, c.stream);
+                        true, final_dstate, nullptr, nullptr, pieces, nullptr, true, c.stream);
     a.dstate = s.seg_states;
     a.dstate_bh = g.nseg * se;
     a.dstate_seg = se;

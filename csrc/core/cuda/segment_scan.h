@@ -18,9 +18,6 @@ struct StatePieces {
   const float* sub_out = nullptr;    // [bh][nseg][nsub - 1][elems]
   const float* sub_flags = nullptr;  // [bh][nseg][nsub - 1]: 1 if that piece walked any chunk
   int nsub = 1;
-  // true: the scan loads a piece's state only where its flag is set (after the flags, a
-  // second round trip); false: every slot with its flag (LASP2_CUDA_SCAN_WALKED_ONLY).
-  bool walked_only = false;
 };
 
 // Scans the segment states M[bh][nseg][elems] (each one M's plus its walked `pieces`) with

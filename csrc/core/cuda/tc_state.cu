@@ -62,21 +62,10 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x % NSPLIT;
   // blocks of the walked segments only (StateArgs::first_seg, segs; the launch sets segs),
-  // the pieces of a segment together or (piece_major) every segment's piece 0 first
-  int sub, seg;
-  int64_t bh;
-  if (args.piece_major) {
-    const int64_t per_piece = static_cast<int64_t>(g.batch) * g.heads * args.segs;
-    const int64_t r = blockIdx.x / NSPLIT;
-    sub = static_cast<int>(r / per_piece);
-    if (args.piece_major == 2) sub = args.nsub - 1 - sub;  // last pieces first
-    seg = args.first_seg + static_cast<int>(r % per_piece % args.segs);
-    bh = r % per_piece / args.segs;
-  } else {
-    sub = (blockIdx.x / NSPLIT) % args.nsub;
-    seg = args.first_seg + (blockIdx.x / NSPLIT / args.nsub) % args.segs;
-    bh = blockIdx.x / NSPLIT / args.nsub / args.segs;
-  }
+  // a segment's pieces together
+  const int sub = (blockIdx.x / NSPLIT) % args.nsub;
+  const int seg = args.first_seg + (blockIdx.x / NSPLIT / args.nsub) % args.segs;
+  const int64_t bh = blockIdx.x / NSPLIT / args.nsub / args.segs;
   const int col0 = split * DB;  // first state column of this block
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
   const int c_begin = seg * g.seg_chunks;

@@ -8,14 +8,11 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstring>
 #include <mutex>
-#include <random>
 
 #include "cuda_test_util.h"
 #include "device_rank.h"
 #include "lasp2/lasp2.h"
-#include "lasp2/scalar_decay.h"
 #include "lasp2/scratch_allocator.h"
 #include "../local_slice.h"
 #include "../recurrent_reference.h"
@@ -614,148 +611,6 @@ TEST_F(CudaLasp2SavedStates, BalancedPartsReadTheirOwnSlots) {
                EXPECT_NE(token_rows(bad1.grads.dq, B, T, p1), token_rows(re.grads.dq, B, T, p1));
                EXPECT_EQ(bad0.grads.dv, re.grads.dv);
                EXPECT_EQ(bad1.grads.dv, re.grads.dv);
-             });
-  }
-}
-
-// ---- state walks without the segment no scan reads (LASP2_CUDA_STATE_SKIP) ---------------
-// LASP-2 forward + backward through the scalar family, on one device and on 2 ranks
-// (contiguous and balanced), with sequence states (initial state, final state and both
-// gradients: the summaries, final states and entering-state gradients come from walks of
-// every segment) or without, keeping the segment states or recomputing them, fixed and
-// gated decays, split walks and documents: every output, gradient, final state and
-// initial-state gradient has the same bits with LASP2_CUDA_STATE_SKIP=1,
-// LASP2_CUDA_SCAN_WALKED_ONLY=1 (the scan's piece loads) and LASP2_CUDA_STATE_PIECE_ORDER=1
-// (the split walks' block order) as with all three 0. The
-// kept states differ only where the knob leaves a zero (the last segment of each part),
-// and some do where states are kept (the knob took effect).
-struct SkipLasp2Run {
-  Grads grads;
-  std::vector<float> states, final_state, d_initial;
-};
-
-SkipLasp2Run run_family(const Problem<double>& pr, ScalarType t, const PartLayout& layout, Communicator* comm,
-                        cudaStream_t stream, bool keep, bool seq_states) {
-  DeviceRank r(pr, t, layout);
-  const int64_t S = ScalarDecay::shape_of(r.p).state_floats;
-  std::mt19937 rng(77);  // the same states on every rank
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<float> init(S), fgrad(S);
-  for (float& x : init) x = normal(rng);
-  for (float& x : fgrad) x = 0.5f * normal(rng);
-  DevBuf<float> init_d = to_device_f32(init), fgrad_d = to_device_f32(fgrad), fin(S), dinit(S);
-  fin.poison();
-  dinit.poison();
-  r.states.poison();
-  SequenceStates seq;
-  if (seq_states) {
-    seq.initial = init_d.p;
-    seq.final_state = fin.p;
-    seq.final_grad = fgrad_d.p;
-    seq.initial_grad = dinit.p;
-  }
-  float* kept = keep ? r.states.p : nullptr;
-  const Lasp2Saved saved{r.records.p, r.prefixes.p, r.decays.p, nullptr, kept};
-  ScalarDecay fwd(cuda_backend(), r.p, r.o.mview());
-  fwd.with_saved_states(kept, layout);
-  ScalarDecay bwd(cuda_backend(), r.p, ScalarDecayGrads{r.dout.cview(), r.dq.mview(), r.dk.mview(), r.dv.mview(), r.dg.p});
-  bwd.with_saved_states(kept, layout);
-  DevBuf<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8 + 1);
-  DevBuf<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8 + 1);
-  cuda_ok(cudaDeviceSynchronize(), "uploads");  // they ran on the legacy stream
-  lasp2_forward(fwd, comm, layout, saved, seq, fws.p, Lasp2Options{}, stream);
-  lasp2_backward(bwd, comm, layout, saved, seq, bws.p, stream);
-  cuda_ok(cudaStreamSynchronize(stream), "lasp2 with sequence states");
-  SkipLasp2Run out;
-  out.grads = r.grads();
-  out.states = r.states.download();
-  if (seq_states) {
-    out.final_state = fin.download();
-    out.d_initial = dinit.download();
-  }
-  return out;
-}
-
-struct SkipCase {
-  const char* name;
-  DecayMode mode;
-  int world;
-  bool balanced;
-  int seg_chunks;  // LASP2_CUDA_SEG_CHUNKS (0: the backend's own)
-  int sub_chunks;  // LASP2_CUDA_STATE_SUB_CHUNKS (-1: unset)
-  bool docs, seq_states, keep;
-};
-
-TEST_F(CudaLasp2SavedStates, StateSkipSameBits) {
-  const SkipCase cases[] = {
-      {"P1_fixed_seg4_states", DecayMode::kFixed, 1, false, 4, -1, false, true, true},
-      {"P1_fixed_seg8_sub3", DecayMode::kFixed, 1, false, 8, 3, false, false, true},
-      {"P1_gate_seg4_docs", DecayMode::kGate, 1, false, 4, -1, true, false, true},
-      {"P2_balanced_fixed_seg4_sub2_states", DecayMode::kFixed, 2, true, 4, 2, false, true, true},
-      {"P2_contiguous_gate_auto_states_recompute", DecayMode::kGate, 2, false, 0, -1, false, true, false},
-      {"P2_balanced_gate_seg3_docs", DecayMode::kGate, 2, true, 3, -1, true, false, true},
-      {"P2_contiguous_fixed_seg4_states_sub1", DecayMode::kFixed, 2, false, 4, 1, false, true, true},
-  };
-  const ScalarType t = ScalarType::kBFloat16;
-  for (const SkipCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    const EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-    const EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS", c.sub_chunks >= 0 ? std::to_string(c.sub_chunks) : "");
-    ProblemSpec s = graph_spec();
-    s.mode = c.mode;
-    s.seqlen = c.world * 2048;
-    s.doc_starts = c.docs ? std::vector<int64_t>{700, s.seqlen / 2 + 3} : std::vector<int64_t>{};
-    auto global = rounded(s, t, 41);
-    if (c.docs) forget_some(global);
-    auto both = [&](const Problem<double>& local, const PartLayout& layout, Communicator* comm, cudaStream_t stream,
-                    SkipLasp2Run& off, SkipLasp2Run& on) {
-      {
-        const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "0");
-        const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "0");
-        const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", "0");
-        off = run_family(local, t, layout, comm, stream, c.keep, c.seq_states);
-      }
-      {
-        const EnvGuard knob("LASP2_CUDA_STATE_SKIP", "1");
-        const EnvGuard walked("LASP2_CUDA_SCAN_WALKED_ONLY", "1");
-        const EnvGuard order("LASP2_CUDA_STATE_PIECE_ORDER", "1");
-        on = run_family(local, t, layout, comm, stream, c.keep, c.seq_states);
-      }
-    };
-    auto compare = [&](const SkipLasp2Run& off, const SkipLasp2Run& on) {
-      expect_bitwise(on.grads, off.grads);
-      for (float x : off.final_state) ASSERT_TRUE(std::isfinite(x)) << "final state not written";
-      for (float x : off.d_initial) ASSERT_TRUE(std::isfinite(x)) << "initial-state gradient not written";
-      EXPECT_EQ(on.final_state, off.final_state) << "final state";
-      EXPECT_EQ(on.d_initial, off.d_initial) << "initial-state gradient";
-      ASSERT_EQ(on.states.size(), off.states.size());
-      int64_t zeroed = 0, other = 0;
-      for (size_t i = 0; i < on.states.size(); ++i) {
-        const bool same = std::memcmp(&on.states[i], &off.states[i], 4) == 0;
-        if (same) continue;
-        if (on.states[i] == 0.f) ++zeroed;
-        else ++other;
-      }
-      EXPECT_EQ(other, 0) << "kept states differ other than by zeros";
-      if (c.keep) EXPECT_GT(zeroed, 0) << "no kept state left out: the knob took no effect";
-    };
-    if (c.world == 1) {
-      cudaStream_t stream;
-      cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
-      SkipLasp2Run off, on;
-      both(global, PartLayout::contiguous(1, 0), nullptr, stream, off, on);
-      cudaStreamDestroy(stream);
-      compare(off, on);
-      continue;
-    }
-    on_ranks(c.world, c.balanced, global,
-             [&](int rank, const PartLayout& layout, const Problem<double>& local, Communicator* comm,
-                 cudaStream_t stream, std::mutex& mu) {
-               SkipLasp2Run off, on;
-               both(local, layout, comm, stream, off, on);
-               std::lock_guard<std::mutex> lock(mu);
-               SCOPED_TRACE("rank " + std::to_string(rank));
-               compare(off, on);
              });
   }
 }
