@@ -41,12 +41,11 @@
 //   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
-#include <algorithm>
 #include <cstdlib>
 #include <type_traits>
 
-#include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
 #include "device_utils.cuh"
+#include "tc_tile_map.cuh"  // the tensor maps (variant 3); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -106,9 +105,9 @@ struct DkdvLayout {
 };
 
 // Variant 3's kernel argument: DkdvArgs plus the tensor maps of q, k, v, dO (their rows
-// as [136 columns: the tile's LD, past dk / dv zero][64 tokens] boxes: the padded tile
-// layout, zero columns and rows past the part filled by the copy engine) and where each
-// map put the h, t, b dimensions (1..3; the host orders them by stride).
+// as [LD columns, past dk / dv zero][64 tokens] boxes: the padded tile layout, zero
+// columns and rows past the part filled by the copy engine; tc_tile_map.cuh) and where
+// each map put the h, t, b dimensions (1..3; the host orders them by stride).
 struct DkdvTmaArgs : DkdvArgs {
   CUtensorMap map[4];
   int hdim[4], tdim[4], bdim[4];
@@ -242,12 +241,8 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
         mbar_arrive_expect_tx(&bars[stage], 4 * kChunk * LD * static_cast<int>(sizeof(T)));
         const int t = c * kChunk;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int hd = args.hdim[i], td = args.tdim[i];
-          const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b,
-                    w = hd == 3 ? h : td == 3 ? t : b;
-          tma_box_4d(smem_u32(tile(stage, i)), &args.map[i], 0, y, z, w, &bars[stage]);
-        }
+        for (int i = 0; i < 4; ++i)
+          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], h, t, b, &bars[stage]);
       }
     }
   };
@@ -606,40 +601,6 @@ int dkdv_kernel_variant() {
   return v >= 1 && v <= 3 ? v : 0;
 }
 
-// View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
-// past `dim` read as zeros) as a 4-d map {d, ...} whose other three dimensions go by
-// stride (extent-1 ones last), read in [64 tokens][LD columns] boxes; false where a map
-// cannot take the view (alignment, strides).
-template <typename T, int D>
-bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const View& v, const Geom& g, int dim) {
-  const auto f = lasp2::delta::gpu::encode_tiled();
-  const T* base = static_cast<const T*>(v.ptr) + g.begin * v.st;
-  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
-  struct Dim {
-    int64_t stride, extent;
-    int which;  // 0 h, 1 t, 2 b
-  } dm[3] = {{v.sh, g.heads, 0}, {v.st, g.n, 1}, {v.sb, g.batch, 2}};
-  int64_t far = 16;
-  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
-  for (Dim& x : dm)
-    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
-  std::stable_sort(dm, dm + 3, [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
-  cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), 0, 0, 0}, strides[3];
-  cuuint32_t box[4] = {TcTile<D>::LD, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
-  for (int i = 0; i < 3; ++i) {
-    dims[i + 1] = static_cast<cuuint64_t>(dm[i].extent);
-    strides[i] = static_cast<cuuint64_t>(dm[i].stride) * sizeof(T);
-    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
-    (dm[i].which == 0 ? hdim : dm[i].which == 1 ? tdim : bdim) = i + 1;
-    if (dm[i].which == 1) box[i + 1] = kChunk;
-  }
-  const CUtensorMapDataType type =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return f(map, type, 4, const_cast<T*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
-           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
-         CUDA_SUCCESS;
-}
-
 // Variant 3 where it can run (sm_90 code on an sm_90 device, every map encodable); false
 // (nothing launched) otherwise.
 template <typename T, int D>
@@ -649,9 +610,8 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
   DkdvTmaArgs ta;
   static_cast<DkdvArgs&>(ta) = a;
   const View* views[4] = {&a.q, &a.k, &a.v, &a.dout};
-  for (int i = 0; i < 4; ++i)
-    if (!encode_tile_map<T, D>(&ta.map[i], ta.hdim[i], ta.tdim[i], ta.bdim[i], *views[i], a.g, i < 2 ? a.dk : a.dv))
-      return false;
+  const int dims[4] = {a.dk, a.dk, a.dv, a.dv};
+  if (!encode_tile_maps<T, D>(ta, 4, views, dims, a.g)) return false;
   constexpr int smem = DkdvLayout<D>::kBytes + 16;  // + the two stage barriers
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(ta);

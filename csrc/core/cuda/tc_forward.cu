@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "device_utils.cuh"
+#include "tc_tile_map.cuh"  // the tensor maps (variant 6); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -29,25 +30,6 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "=r"(r[0]), "=r"(r[1])
                : "r"(smem_u32(p)));
 }
-
-// stmatrix (sm_90): the four 8x8 16-bit matrices of r0..r3 (thread t holds row t / 4,
-// columns 2 (t % 4) .. + 1 of each), transposed: row k of matrix i, i.e. column k of the
-// fragment, goes to the 16 bytes at thread 8 i + k's address. Used by tc_fwd_kernel's
-// VAR 5 only, which the sm_80 pass of a multi-target build compiles without it (a
-// template, so that pass, which never calls it, does not warn about it).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool kHasStmatrix = false;
-template <int = 0>
-__device__ __forceinline__ void stsm_x4_t(void*, uint32_t, uint32_t, uint32_t, uint32_t) {}
-#else
-constexpr bool kHasStmatrix = true;
-template <int = 0>
-__device__ __forceinline__ void stsm_x4_t(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_u32(p)), "r"(r0),
-               "r"(r1), "r"(r2), "r"(r3)
-               : "memory");
-}
-#endif
 
 // The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
 // output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
@@ -105,20 +87,29 @@ struct FwdLayout {
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
 };
 
+// Variant 6's kernel argument: FwdArgs plus the tensor maps of qa, ka, va, x (the first
+// NT used; tc_tile_map.cuh) and where each map put the h, t, b dimensions.
+struct FwdTmaArgs : FwdArgs {
+  CUtensorMap map[4];
+  int hdim[4], tdim[4], bdim[4];
+};
+
 // VAR (D = 64 output / dq only, session 13; LASP2_CUDA_FWD_KERNEL): 0 = the score tile
 // by tc_scores (sessions 4-12; the equality test's reference), 2 = tc_scores_split with
 // its weights and stores per case (the default; variant 1, tc_scores_split with the
 // shared per-pair stores, measured no faster and was removed). At D = 64 the output pass
 // runs 3 blocks per SM (shared memory); the bound keeps variant 2 at <= 168 registers for
 // that (unbounded: 175).
-// VAR 3 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=1): variant 2 with
-// the next chunk's tile copies spread over the body instead of all right after the
-// loop-top barrier (see kSpread); VAR 4 (LASP2_CUDA_FWD_COPY=2): VAR 3 with each tile's
-// source address advanced per chunk (see kIncr); VAR 5 (LASP2_CUDA_FWD_COPY=3): VAR 4 with
-// the D = 128 output tile stored through shared memory (see kStage). Same math in the same
-// order: the same bits.
-template <typename T, int D, int MODE, int VAR>
-__global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1) tc_fwd_kernel(FwdArgs args) {
+// VAR 6 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=4, sm_90): variant 2
+// with the next chunk's qa, ka, va (and x) tiles as tensor-map copies issued by one thread
+// after the loop-top barrier and counted on a per-stage mbarrier (the meta stays
+// cp.async): no per-thread copy instructions for the tiles (see kTma). P = FwdTmaArgs.
+// Same math in the same order: the same bits. (VAR 3-5, cp.async copies spread over the
+// chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
+// shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
+template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
+__global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
+    tc_fwd_kernel(const __grid_constant__ P args) {
   using L = FwdLayout<D, MODE>;
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
@@ -129,36 +120,16 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // the inter product S_a^T qa^T (it reads only qa and the state) before the barrier
   // after the score tile instead of after it. Same MMAs in the same order: same bits.
   constexpr bool kSplit = NW == 8 && !kPrefix;
-  // Spread copies (VAR 3, session 16). The H200 profile of variant 2 (64K tokens, D = 128)
-  // has 7.6 % (output) / 8.4 % (dq) of all warp samples as long-scoreboard stalls right
-  // after each tile's cp.async run at the loop top: the next tile's address arithmetic
-  // rewrites the registers the previous LDGSTS still holds, and with all 8 warps copying
-  // 12-16 LDGSTS each at the same moment (just after the barrier) the LSU takes them
-  // slowly and no warp has math to issue meanwhile. Here: qa (+ meta) after the loop-top
-  // barrier, ka after the score tile, va (and x) before the state update; one commit per
-  // chunk, so the loop-top wait still covers the whole next chunk. The stage being filled
-  // was last read in the previous chunk, before the loop-top barrier: any point after that
-  // barrier is safe.
-  constexpr bool kSpread = VAR >= 3 && !kPrefix;  // VAR 3, 4, 5
-  // Incremental copy addresses (VAR 4): the copies are 11 % of the instructions the profile
-  // counts (about 30 per tile and thread: the chunk's and the row's 64-bit offsets
-  // multiplied out again for every tile). Here each tile keeps one pointer at this thread's
-  // first row and column of the next chunk, advanced by a chunk per copy; a full chunk
-  // copies from it (load_tile_from: the same rows and columns as load_tile's full branch),
-  // a partial one (the part's last chunk, or dims below the tile) through load_tile from the
-  // chunk's first row, as before. The pointers replace the head bases (qa_b, ...), which the
-  // loop then no longer reads.
-  constexpr bool kIncr = (VAR == 4 || VAR == 5) && !kPrefix;
-  // Staged output stores (VAR 5, D = 128 output / dq, full chunks with 16-byte aligned
-  // output rows). The profile has the store loop at 13 % / 17 % of the samples: each of a
-  // warp's 16 4-byte stores per chunk waits for its movmatrix (short_sb 6.4 % / 8.2 %) and
-  // the next pack for the previous store's registers (long_sb 2.8 % / 2.5 %). Here each warp
-  // writes its 64 x 16 outputs with 4 stmatrix.trans (the same transpose as movmatrix, four
-  // 8x8 blocks per instruction) into its 16 columns of this chunk's qa tile (no longer read:
-  // at D = 128 inter and the score tile ran before the second barrier, and the tile is
-  // refilled only after the next loop-top barrier), then stores them as 4 16-byte stores
-  // per lane (16 full 32-byte rows per instruction).
-  constexpr bool kStage = VAR == 5 && kSplit && kHasStmatrix;
+  // Tensor-map tile copies (VAR 6, session 16). The H200 profile of variant 2 (64K tokens,
+  // D = 128) has 7.6 % (output) / 8.4 % (dq) of all warp samples as long-scoreboard stalls
+  // right after each tile's cp.async run at the loop top (the next tile's address
+  // arithmetic waits for the registers the previous LDGSTS still holds, 12-16 LDGSTS per
+  // thread and chunk); the copies are 11 % of the instructions. Spreading them over the body
+  // measured slower (VAR 3-5, removed); tc_dkdv's tensor-map copies (its variant 3) measured
+  // faster. Here one thread issues the chunk's NT boxes (tc_tile_map.cuh: the padded tile
+  // layout, zeros past the part's tokens and the view's dims from the copy engine).
+  constexpr bool kTma = VAR == 6;
+  static_assert(!kTma || !kPrefix, "VAR 6: output and dq modes");
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -227,70 +198,56 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
     cp_async_commit();
   };
-  // kSpread: one tile (i: 1 ka, 2 va, 3 x; 0 qa with the meta) of chunk c + 1, if any
-  auto load_part = [&](int c, int stage, int i) {
-    if (c + 1 >= c_end) return;
-    const int nvalid = min(kChunk, g.n - (c + 1) * kChunk);
-    const int64_t t0 = static_cast<int64_t>(c + 1) * kChunk;
-    if (i == 0) {
-      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 0), qa_b + t0 * args.qa.st, args.qa.st, nvalid, da, tid);
-      if (tid < 32) cp_async16(meta_s + (stage ^ 1) * 128 + tid * 4, meta + (c + 1) * 128 + tid * 4, true);
-    } else if (i == 1) {
-      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 1), ka_b + t0 * args.ka.st, args.ka.st, nvalid, da, tid);
-    } else if (i == 2) {
-      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 2), va_b + t0 * args.va.st, args.va.st, nvalid, dv, tid);
-    } else if (kDq) {
-      load_tile<T, D, NTHREADS>(tile(stage ^ 1, 3), x_b + t0 * args.x.st, args.x.st, nvalid, dv, tid);
+  // VAR 6: the NT tiles of chunk c into `stage`, by one thread (not one of the weight
+  // threads, nor a warp with 3 score tiles at D = 128), counted on bars[stage] (its one
+  // arrival with the bytes expected; every box counts its full LD x 64 elements, the
+  // zero-filled ones too); the meta by cp.async, committed.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
+  constexpr int kTmaThread = 32 * (NW == 8 ? 5 : NW - 1);
+  auto load_tma = [&](int c, int stage) {
+    if constexpr (kTma) {
+      if (tid == kTmaThread) {
+        lasp2::delta::gpu::mbar_arrive_expect_tx(&bars[stage], NT * kChunk * LD * static_cast<int>(sizeof(T)));
+        const int t = c * kChunk;
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], h, t, b, &bars[stage]);
+      }
+      if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+      cp_async_commit();
     }
   };
-  // kIncr: load_tile's thread mapping (this thread's first row and 16-byte column)
-  constexpr int kVecs = D / 8;
-  const int row0 = tid / kVecs, col = (tid % kVecs) * 8;
-  auto first = [&](const T* base, int64_t st) {  // chunk c_begin + 1's row row0, column col
-    return base + (static_cast<int64_t>(c_begin + 1) * kChunk + row0) * st + col;
-  };
-  const T* pq = kIncr ? first(qa_b, args.qa.st) : nullptr;
-  const T* pk = kIncr ? first(ka_b, args.ka.st) : nullptr;
-  const T* pv = kIncr ? first(va_b, args.va.st) : nullptr;
-  const T* px = kIncr && kDq ? first(x_b, args.x.st) : nullptr;
-  // kIncr: tile i of chunk c + 1 from its pointer p (then advanced to chunk c + 2), if any
-  auto load_incr = [&](int c, int stage, int i, const T*& p, int64_t st, int dim) {
-    if (c + 1 >= c_end) return;
-    const int nvalid = min(kChunk, g.n - (c + 1) * kChunk);
-    T* dst = tile(stage ^ 1, i);
-    if (nvalid == kChunk && dim >= D) load_tile_from<T, D, NTHREADS>(dst + row0 * LD + col, p, st);
-    else load_tile<T, D, NTHREADS>(dst, p - (row0 * st + col), st, nvalid, dim, tid);
-    if (i == 0 && tid < 32)
-      cp_async16(meta_s + (stage ^ 1) * 128 + tid * 4, meta + (c + 1) * 128 + tid * 4, true);
-    p += kChunk * st;
-  };
-  auto load_spread = [&](int c, int stage, int i) {
-    if constexpr (kIncr) {
-      if (i == 0) load_incr(c, stage, 0, pq, args.qa.st, da);
-      else if (i == 1) load_incr(c, stage, 1, pk, args.ka.st, da);
-      else if (i == 2) load_incr(c, stage, 2, pv, args.va.st, dv);
-      else if (kDq) load_incr(c, stage, 3, px, args.x.st, dv);
-    } else {
-      load_part(c, stage, i);
+  if constexpr (kTma) {
+    if (tid == kTmaThread) {
+      lasp2::delta::gpu::mbar_init(&bars[0], 1);
+      lasp2::delta::gpu::mbar_init(&bars[1], 1);
+      lasp2::delta::gpu::mbar_init_fence();
     }
-  };
-  // kSpread: the copies before the state update (all threads, active or not), then the commit
-  auto load_late = [&](int c, int stage) {
-    load_spread(c, stage, 2);
-    if (kDq) load_spread(c, stage, 3);
-    cp_async_commit();
-  };
-
+    __syncthreads();
+  }
   const bool active = 16 * warp < dv;
-  // kStage: 16-byte stores need 16-byte aligned output rows (block-uniform)
-  const bool out16 = ((reinterpret_cast<uintptr_t>(out_b) | static_cast<uintptr_t>(args.out.st * sizeof(T))) & 15) == 0;
-  if (c_begin < c_end) load(c_begin, 0);
+  if (c_begin < c_end) {
+    if constexpr (kTma) load_tma(c_begin, 0);
+    else load(c_begin, 0);
+  }
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
     cp_async_wait_all();
+    if constexpr (kTma) {
+      // stage's fill k (chunks c_begin + 2k + stage) completes the barrier's phase k
+      lasp2::delta::gpu::mbar_wait(&bars[stage], ((c - c_begin) >> 1) & 1);
+    }
     __syncthreads();
-    if constexpr (kSpread) load_spread(c, stage, 0);
-    else if (c + 1 < c_end) load(c + 1, stage ^ 1);
+    if constexpr (kTma) {
+      if (c + 1 < c_end) {
+        // the stage's last (generic-proxy) reads were in the previous chunk, before the
+        // barrier above; order them before the copy engine's writes
+        if (tid == kTmaThread) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+        load_tma(c + 1, stage ^ 1);
+      }
+    } else if (c + 1 < c_end) {
+      load(c + 1, stage ^ 1);
+    }
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
     const T* Vs = tile(stage, 2);
@@ -335,7 +292,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
     if constexpr (kSplit) {
       scores_fine8<T, D>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      if constexpr (kSpread) load_spread(c, stage, 1);
       if (active) inter();
     } else if constexpr (!kPrefix) {
       // D = 64 (session 13): tc_scores_split, the causal count taken once per warp, so the
@@ -344,9 +300,9 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       const T* const a[1] = {Qs};
       const T* const bk[1] = {Ks};
       T* const p[1] = {Ps};
-      if constexpr (VAR == 2) tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
+      if constexpr (VAR == 2 || VAR == 6)
+        tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
-      if constexpr (kSpread) load_spread(c, stage, 1);
     }
     __syncthreads();
 
@@ -393,84 +349,40 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         }
       } else {
         float part[8][2];
-        bool staged = false;
-        if constexpr (kStage) {
-          if (full && out16) {
-            staged = true;
-            T* Os = tile(stage, 0);
-            uint32_t xs[4], pk[4];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              if (kDq && (j & 1) == 0) ldsm_x4_t(xs, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
-                if (kDq) {  // as in the loop below
-                  const float2 x = unpack2<T>(xs[2 * (j & 1) + hf]);
-                  const float x0 = x.x, x1 = x.y;
-                  if (hf == 0) {
-                    part[j][0] = v0 * x0;
-                    part[j][1] = v1 * x1;
-                  } else {
-                    part[j][0] += v0 * x0;
-                    part[j][1] += v1 * x1;
-                  }
-                }
-                pk[2 * (j & 1) + hf] = pack2<T>(v0, v1);
-              }
-              if (j & 1) {  // matrix i = pk[i]: j - 1 + i / 2, hf = i % 2; lane 8i + k gives its row k
-                const int i = lane >> 3, k = lane & 7;
-                stsm_x4_t(Os + (8 * (j - 1 + (i >> 1)) + k) * LD + 16 * warp + 8 * (i & 1), pk[0], pk[1], pk[2], pk[3]);
-              }
-            }
-            __syncwarp();
-            // lanes 0-15: the first 16 bytes of 16 token rows, lanes 16-31 the second
-            T* orow = out_b + (t0 + (lane & 15)) * args.out.st + 16 * warp + 8 * (lane >> 4);
-            const int64_t rstep = 16 * args.out.st;
-#pragma unroll
-            for (int m = 0; m < 4; ++m) {
-              *reinterpret_cast<uint4*>(orow) =
-                  *reinterpret_cast<const uint4*>(Os + (16 * m + (lane & 15)) * LD + 16 * warp + 8 * (lane >> 4));
-              orow += rstep;
-            }
-          }
-        }
         // kDq: x (= q) at this thread's accumulator positions (dims d, tokens y and
         // y + 1) is a 32-bit pair of an A fragment of x^T: one ldmatrix.trans per 16
         // tokens instead of 16 16-bit loads.
         uint32_t xf[4];
-        if (!staged) {  // (always, but for VAR 5's staged chunks)
-          // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
-          // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
-          // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
-          T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
-          const int64_t ostep = 8 * args.out.st;
+        // this thread's stores go to token t0 + 8j + lane/4, dims 16w + 8hf + 2(lane%4):
+        // a row pointer advanced by one 64-bit add per j (with a 64-bit multiply per
+        // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
+        T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
+        const int64_t ostep = 8 * args.out.st;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
+        for (int j = 0; j < 8; ++j) {
+          if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
-              if (kDq) {
-                const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
-                const float x0 = x.x, x1 = x.y;
-                if (hf == 0) {
-                  part[j][0] = v0 * x0;
-                  part[j][1] = v1 * x1;
-                } else {
-                  part[j][0] += v0 * x0;
-                  part[j][1] += v1 * x1;
-                }
+          for (int hf = 0; hf < 2; ++hf) {
+            const float v0 = o[j][2 * hf], v1 = o[j][2 * hf + 1];
+            if (kDq) {
+              const float2 x = unpack2<T>(xf[2 * (j & 1) + hf]);  // x[y][d], x[y + 1][d]
+              const float x0 = x.x, x1 = x.y;
+              if (hf == 0) {
+                part[j][0] = v0 * x0;
+                part[j][1] = v1 * x1;
+              } else {
+                part[j][0] += v0 * x0;
+                part[j][1] += v1 * x1;
               }
-              // transpose the 8x8 (dims x tokens) block: this thread then holds
-              // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
-              const uint32_t tr = movm_trans(pack2<T>(v0, v1));
-              const int y = 8 * j + (lane >> 2);
-              const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
-              if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
             }
-            orow += ostep;
+            // transpose the 8x8 (dims x tokens) block: this thread then holds
+            // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
+            const uint32_t tr = movm_trans(pack2<T>(v0, v1));
+            const int y = 8 * j + (lane >> 2);
+            const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
+            if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
           }
+          orow += ostep;
         }
         if (kDq) {
 #pragma unroll
@@ -486,7 +398,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           }
         }
       }
-      if constexpr (kSpread) load_late(c, stage);
       // state update
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
@@ -508,8 +419,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           }
         }
       }
-    } else if constexpr (kSpread) {
-      load_late(c, stage);  // warps without output dims (dv < D) copy their share too
     }
     if (kDq) {
       __syncthreads();
@@ -533,17 +442,31 @@ int fwd_kernel_variant() {
   return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
 }
 
-// LASP2_CUDA_FWD_COPY (session 16): 1 = the output and dq passes with the tile copies
-// spread over the chunk's body (VAR 3, both D), 2 = the same with per-chunk advanced copy
-// addresses (VAR 4), 3 = VAR 4 with staged output stores at D = 128 (VAR 5); each takes
-// precedence over LASP2_CUDA_FWD_KERNEL=old. Unset or 0: variant 2 (or 0). Read per
-// launch, like fwd_kernel_variant.
-int fwd_copy_variant() {
+// LASP2_CUDA_FWD_COPY=4 (session 16): the output and dq passes as variant 6 (tensor-map
+// tile copies, both D) where it can run; it takes precedence over
+// LASP2_CUDA_FWD_KERNEL=old. Unset or anything else: variant 2 (or 0). (Values 1-3
+// selected the removed variants 3-5.) Read per launch, like fwd_kernel_variant.
+bool fwd_copy_tma() {
   const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
-  if (env == nullptr) return 0;
-  for (int v = 1; v <= 3; ++v)
-    if (env[0] == '0' + v && env[1] == '\0') return v;
-  return 0;
+  return env != nullptr && std::strcmp(env, "4") == 0;
+}
+
+// Variant 6 where it can run (sm_90 code on an sm_90 device, every map encodable); false
+// (nothing launched) otherwise.
+template <typename T, int D, int MODE>
+bool launch_fwd_tma(const FwdArgs& a, cudaStream_t s) {
+  auto k = tc_fwd_kernel<T, D, MODE, 6, FwdTmaArgs>;
+  if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
+  FwdTmaArgs ta;
+  static_cast<FwdArgs&>(ta) = a;
+  const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
+  const int dims[4] = {a.da, a.da, a.dv, a.dv};
+  if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT, views, dims, a.g)) return false;
+  constexpr int smem = FwdLayout<D, MODE>::kBytes + 16;  // + the two stage barriers
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(ta);
+  check_launch("tc_fwd_kernel");
+  return true;
 }
 
 template <typename T, int D, int MODE>
@@ -556,10 +479,7 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
     if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
   }
   if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
-    const int copy = fwd_copy_variant();
-    if (copy == 1) k = tc_fwd_kernel<T, D, MODE, 3>;
-    if (copy == 2) k = tc_fwd_kernel<T, D, MODE, 4>;
-    if (copy == 3) k = tc_fwd_kernel<T, D, MODE, 5>;
+    if (fwd_copy_tma() && launch_fwd_tma<T, D, MODE>(a, s)) return;  // else as without the knob
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);

@@ -65,19 +65,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
   }
 }
 
-// load_tile's full-chunk branch from pointers already at this thread's first element:
-// s = the source row tid / (D/8), column (tid % (D/8)) * 8 of a chunk whose 64 rows and
-// D columns are all valid, d = the same position in the tile. The same copies as
-// load_tile's (tc_forward.cu's VAR 4 keeps s advancing across chunks).
-template <typename T, int D, int NTHREADS>
-__device__ __forceinline__ void load_tile_from(T* d, const T* s, int64_t row_stride) {
-  constexpr int kStep = NTHREADS / (D / 8);
-  constexpr int kIters = kChunk / kStep;
-  const int64_t step = kStep * row_stride;
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) cp_async16(d + i * kStep * TcTile<D>::LD, s + i * step, true);
-}
-
 // exp(x) for x <= 0 as one MUFU.EX2 with denormal results flushed to zero.
 // __expf compiles (without -ftz) to a range test, two multiplies and a predicate
 // around the same MUFU: 7 instructions instead of 2. A weight below 2^-126 is 0

@@ -1,0 +1,74 @@
+// Tensor-map (TMA) copies of a chunk's [64 tokens][LD] tiles for the tensor-core passes
+// (tc_dkdv.cu's variant 3, tc_forward.cu's variant 6): the host encodes one map per
+// [B, T, H, d] view, the kernel's copy thread issues one box per tile. The box is the
+// padded tile itself (LD = D + 8 columns x 64 tokens), so the copy engine writes the
+// layout ldmatrix reads, and fills columns past the view's dims and tokens past the part
+// with zeros (what load_tile's zero-fill does by hand). Included by .cu files only.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
+#include "launch.h"
+#include "tc_tiles.cuh"
+
+namespace lasp2::cuda {
+namespace {
+
+// One box of the chunk starting at token t (of the part) of head h, batch b into the
+// shared address dst, completing on bar. hd, td: which of the map's dimensions 1..3 hold
+// h and t (encode_tile_map's order by stride); b takes the remaining one.
+__device__ __forceinline__ void tile_map_box(uint32_t dst, const CUtensorMap* map, int hd, int td, int h, int t,
+                                             int b, void* bar) {
+  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
+  lasp2::delta::gpu::tma_box_4d(dst, map, 0, y, z, w, bar);
+}
+
+// View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
+// past `dim` read as zeros) as a 4-d map {d, ...} whose other three dimensions go by
+// stride (extent-1 ones last), read in [64 tokens][LD columns] boxes; false where a map
+// cannot take the view (alignment, strides).
+template <typename T, int D>
+bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const View& v, const Geom& g, int dim) {
+  const auto f = lasp2::delta::gpu::encode_tiled();
+  const T* base = static_cast<const T*>(v.ptr) + g.begin * v.st;
+  if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  struct Dim {
+    int64_t stride, extent;
+    int which;  // 0 h, 1 t, 2 b
+  } dm[3] = {{v.sh, g.heads, 0}, {v.st, g.n, 1}, {v.sb, g.batch, 2}};
+  int64_t far = 16;
+  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
+  for (Dim& x : dm)
+    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
+  std::stable_sort(dm, dm + 3, [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), 0, 0, 0}, strides[3];
+  cuuint32_t box[4] = {TcTile<D>::LD, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
+  for (int i = 0; i < 3; ++i) {
+    dims[i + 1] = static_cast<cuuint64_t>(dm[i].extent);
+    strides[i] = static_cast<cuuint64_t>(dm[i].stride) * sizeof(T);
+    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t{1} << 40)) return false;
+    (dm[i].which == 0 ? hdim : dm[i].which == 1 ? tdim : bdim) = i + 1;
+    if (dm[i].which == 1) box[i + 1] = kChunk;
+  }
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return f(map, type, 4, const_cast<T*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
+         CUDA_SUCCESS;
+}
+
+// The first n maps of a kernel argument A with members map[], hdim[], tdim[], bdim[]
+// (DkdvTmaArgs, FwdTmaArgs): views[i] read with dims[i] columns; false if any cannot be
+// encoded.
+template <typename T, int D, typename A>
+bool encode_tile_maps(A& a, int n, const View* const* views, const int* dims, const Geom& g) {
+  for (int i = 0; i < n; ++i)
+    if (!encode_tile_map<T, D>(&a.map[i], a.hdim[i], a.tdim[i], a.bdim[i], *views[i], g, dims[i])) return false;
+  return true;
+}
+
+}  // namespace
+}  // namespace lasp2::cuda
