@@ -1234,34 +1234,6 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
       line += buf;
     }
     std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
-    // The tma state passes' trial knobs side by side, each launch alone (the median of 5
-    // after a warm-up): LASP2_DELTA_TIMING_REV_SCALES (e.g. "hoist late hoist late":
-    // LASP2_DELTA_REV_SCALE set to each in turn; the reverse pass) and
-    // LASP2_DELTA_TIMING_TMA_ISSUES ("one spread one spread": LASP2_DELTA_TMA_ISSUE; the
-    // forward and reverse passes).
-    auto stage = [&](const char* name) -> const std::function<void()>& {
-      const auto at = std::find_if(stages.begin(), stages.end(),
-                                   [&](const auto& st) { return std::strcmp(st.first, name) == 0; });
-      return at->second;
-    };
-    if (const char* list = std::getenv("LASP2_DELTA_TIMING_REV_SCALES"); list != nullptr && *list != '\0') {
-      std::istringstream names(list);
-      std::string name;
-      while (names >> name) {
-        const EnvGuard scope("LASP2_DELTA_REV_SCALE", name.c_str());
-        const float ms = timer.median_ms(stage("rstates"), 6);
-        std::printf("[ timing ] reverse state pass %s: launch %.3f ms\n", name.c_str(), ms);
-      }
-    }
-    if (const char* list = std::getenv("LASP2_DELTA_TIMING_TMA_ISSUES"); list != nullptr && *list != '\0') {
-      std::istringstream names(list);
-      std::string name;
-      while (names >> name) {
-        const EnvGuard scope("LASP2_DELTA_TMA_ISSUE", name.c_str());
-        const float fwd = timer.median_ms(stage("states"), 6), rev = timer.median_ms(stage("rstates"), 6);
-        std::printf("[ timing ] tma issue %s: states %.3f ms, rstates %.3f ms\n", name.c_str(), fwd, rev);
-      }
-    }
     // The chunk backward's variants side by side (LASP2_DELTA_TIMING_BWD_KERNELS, e.g.
     // "lean early lean early": LASP2_DELTA_CHUNK_BWD_KERNEL set to each in turn): the chunk
     // backward launch alone (the median of 5 after a warm-up) and the one-device backward
@@ -1677,16 +1649,13 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
 // The 8-warp state passes with their copies addressed once a block (w8), every chunk's
 // copies addressed anew (w8calc) and the passes on whole-tile tensor-map copies (tma, the
 // default on sm_90, its summary in 32-column blocks as w8's, the epilogue's decays and
-// loads before the token product): the same arithmetic on the same tiles, so every
+// loads before the token product, the reverse pass's scaled dO stored after it): the same arithmetic on the same tiles, so every
 // output must be equal bit for bit. Two batch rows
 // of 9 heads (144 state-pass blocks: the two-buffer rings on a 132-SM H200, the summary's
 // 72 the four-buffer one) in Megatron's [T, B, H, D] order with padded heads, and one
 // batch row of 5 heads in [B, T, H, D] (40 blocks: the four-buffer rings); a part that
 // starts at token 37 and ends 20 tokens early (its last chunk has 47 rows), an entering
-// state and a leaving gradient. tma's reverse pass with its dO scaling stored after the
-// first product (LASP2_DELTA_REV_SCALE=late: the same values to the same places) too, and
-// tma with each ring step's tensor-map boxes issued by several warps
-// (LASP2_DELTA_TMA_ISSUE=spread: the same tiles), alone and with late.
+// state and a leaving gradient.
 TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
   LASP2_SKIP_WITHOUT_CUDA();
   int major = 0;
@@ -1723,10 +1692,8 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
     const gpu::ChunkPrep rprep{w.p, r.p, meta.p};
     gpu::launch_chunk_prep(gp, prep, nullptr);
     gpu::launch_chunk_rprep(gp, dO, rprep, nullptr);
-    auto run = [&](const char* family, const char* rev_scale, const char* issue) {
+    auto run = [&](const char* family) {
       const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
-      const EnvGuard rscope("LASP2_DELTA_REV_SCALE", rev_scale);
-      const EnvGuard iscope("LASP2_DELTA_TMA_ISSUE", issue);
       DevBuf<float> vnew(rows * D / 2), st16(bh * nck * se / 2), leaving(bh * se), dh(bh * nck * se / 2),
           dentering(bh * se), A(bh * se), M(bh * se);
       for (DevBuf<float>* b : {&vnew, &st16, &leaving, &dh, &dentering, &A, &M}) b->poison();
@@ -1750,20 +1717,11 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
       }
       return out;
     };
-    const std::vector<float> lean = run("w8", "", "");
-    struct Variant {
-      const char *family, *rev_scale, *issue;
-    };
-    std::vector<Variant> others = {{"w8calc", "", ""}};
-    if (major >= 9) {
-      others.push_back({"tma", "", ""});
-      others.push_back({"tma", "late", ""});
-      others.push_back({"tma", "", "spread"});
-      others.push_back({"tma", "late", "spread"});
-    }
-    for (const auto& [family, rev_scale, issue] : others) {
-      SCOPED_TRACE(std::string(family) + " rev_scale=" + rev_scale + " issue=" + issue);
-      const std::vector<float> got = run(family, rev_scale, issue);
+    const std::vector<float> lean = run("w8");
+    std::vector<const char*> others = {"w8calc"};
+    if (major >= 9) others.push_back("tma");
+    for (const char* family : others) {
+      const std::vector<float> got = run(family);
       ASSERT_EQ(lean.size(), got.size()) << family;
       int64_t differ = 0, finite = 0;
       for (size_t i = 0; i < lean.size(); ++i) {
@@ -1809,9 +1767,8 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
     if (c.neg_inf) forget_at(pr, {100, 300, 301});
     DeviceProblem dev(pr, c.type, Layout{});
     const int64_t bh = dev.p.bh(), se = dev.p.state_elems();
-    auto run = [&](const char* family, const char* issue = "") {
+    auto run = [&](const char* family) {
       const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
-      const EnvGuard iscope("LASP2_DELTA_TMA_ISSUE", issue);
       DevBuf<float> A(bh * se), M(bh * se), hA(bh * se), hM(bh * se);
       for (DevBuf<float>* b : {&A, &M, &hA, &hM}) b->poison();
       gpu.part_summary(dev.p, c.part, DocStates{}, A.p, M.p, hA.p, hM.p, nullptr);
@@ -1819,11 +1776,9 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
     };
     const char* names[] = {"A", "M", "head A", "head M"};
     const auto w8 = run("w8");
-    // (and tma with its boxes spread over warps, LASP2_DELTA_TMA_ISSUE=spread: the same tiles)
-    for (const char* family : {"", "tma", "tma spread"}) {
+    for (const char* family : {"", "tma"}) {
       SCOPED_TRACE(*family ? family : "(default)");
-      const bool spread = std::strcmp(family, "tma spread") == 0;
-      const auto got = run(spread ? "tma" : family, spread ? "spread" : "");
+      const auto got = run(family);
       for (int i = 0; i < 4; ++i) {
         int64_t differ = 0;
         for (size_t e = 0; e < got[i].size(); ++e) differ += std::memcmp(&got[i][e], &w8[i][e], 4) != 0;
@@ -1853,11 +1808,10 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
 // a leaving gradient; fp16 too, and a part of one partial chunk. The sums form (the
 // default since the fourteenth round, unset and named: early with the gate gradients'
 // shared-memory sums gathered into fewer compare-and-swap loops and h stored into its
-// tile from the registers that formed <dh, h> instead of read again) forms the same
-// products in the same order, so it is held to lean the same way; so is the hoist form
-// (=hoist: sums with v's pairs, beta and the {G, s} pairs of the score epilogues read
-// before the stores that followed them, and beta copied by cp.async: nothing computed
-// otherwise).
+// tile from the registers that formed <dh, h> instead of read again; since the sixteenth
+// round also v's pairs, beta and the score epilogues' {G, s} pairs read before the stores
+// that followed them, and beta copied by cp.async) forms the same products in the same
+// order, so it is held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -1898,7 +1852,7 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
     };
     // the default twice (unset and named), so that the default is the sums kernel
     const Grads lean = run("lean");
-    for (const char* kernel : {"", "sums", "early", "hoist"}) {
+    for (const char* kernel : {"", "sums", "early"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
       const Grads early = run(kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
@@ -2123,9 +2077,7 @@ INSTANTIATE_TEST_SUITE_P(
 // the passes' S += f H and F-in-X's-place chunks), -inf gates, an entering state and a
 // leaving gradient. The same arithmetic, so o, the maps, the finals, dq, dk and dv must be
 // equal bit for bit; dg, dbeta and the state gradients sum through atomics (last bits may
-// move from run to run). The reverse pass with its dO scaling stored late
-// (LASP2_DELTA_REV_SCALE=late) and the passes with their tensor-map boxes spread over warps
-// (LASP2_DELTA_TMA_ISSUE=spread), together, are held to w8 the same way.
+// move from run to run).
 TEST(DeltaCudaStatePasses, TmaEqualsW8ThroughBackend) {
   LASP2_SKIP_WITHOUT_CUDA();
   int major = 0;
@@ -2154,10 +2106,8 @@ TEST(DeltaCudaStatePasses, TmaEqualsW8ThroughBackend) {
       std::vector<double> o;
       std::vector<float> A, M, finals, dI;
     };
-    auto run = [&](const char* family, bool trial = false) {
+    auto run = [&](const char* family) {
       const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
-      const EnvGuard rscope("LASP2_DELTA_REV_SCALE", trial ? "late" : "");
-      const EnvGuard iscope("LASP2_DELTA_TMA_ISSUE", trial ? "spread" : "");
       Out r;
       DocStates ddoc;
       DevBuf<float> gfin = zeroed(std::max<int64_t>(D, 1)), gdI = zeroed(std::max<int64_t>(D, 1));
@@ -2192,27 +2142,24 @@ TEST(DeltaCudaStatePasses, TmaEqualsW8ThroughBackend) {
         differ += std::memcmp(&a[i], &b[i], sizeof(a[i])) != 0 && !(std::isnan(a[i]) && std::isnan(b[i]));
       return differ;
     };
-    for (const bool trial : {false, true}) {
-      SCOPED_TRACE(trial ? "tma, rev_scale=late, issue=spread" : "tma");
-      const Out tma = run("tma", trial);
-      EXPECT_EQ(same(w8.o, tma.o), 0) << "o";
-      EXPECT_EQ(same(w8.A, tma.A), 0) << "A";
-      EXPECT_EQ(same(w8.M, tma.M), 0) << "M";
-      EXPECT_EQ(same(w8.finals, tma.finals), 0) << "finals";
-      if (docs) {  // the chunks with a document start take dq, dk from the recurrent backward's atomics
-        const int64_t row = spec.heads * spec.dim_k;
-        EXPECT_LT(rel_in_part(tma.dq, w8.dq, part, spec.batch, spec.seqlen, row, "dq"), 1e-2) << "dq";
-        EXPECT_LT(rel_in_part(tma.dk, w8.dk, part, spec.batch, spec.seqlen, row, "dk"), 1e-2) << "dk";
-      } else {
-        EXPECT_EQ(same(w8.dq, tma.dq), 0) << "dq";
-        EXPECT_EQ(same(w8.dk, tma.dk), 0) << "dk";
-      }
-      EXPECT_EQ(same(w8.dv, tma.dv), 0) << "dv";
-      EXPECT_LT(rel_err_f32(tma.dg, w8.dg), 1e-5) << "dg";
-      EXPECT_LT(rel_err_f32(tma.db, w8.db), 1e-5) << "dbeta";
-      EXPECT_LT(rel_err_f32(tma.dE, w8.dE), 1e-5) << "d_entering";
-      if (docs) EXPECT_LT(rel_err_f32(tma.dI, w8.dI), 1e-5) << "d_initial";
+    const Out tma = run("tma");
+    EXPECT_EQ(same(w8.o, tma.o), 0) << "o";
+    EXPECT_EQ(same(w8.A, tma.A), 0) << "A";
+    EXPECT_EQ(same(w8.M, tma.M), 0) << "M";
+    EXPECT_EQ(same(w8.finals, tma.finals), 0) << "finals";
+    if (docs) {  // the chunks with a document start take dq, dk from the recurrent backward's atomics
+      const int64_t row = spec.heads * spec.dim_k;
+      EXPECT_LT(rel_in_part(tma.dq, w8.dq, part, spec.batch, spec.seqlen, row, "dq"), 1e-2) << "dq";
+      EXPECT_LT(rel_in_part(tma.dk, w8.dk, part, spec.batch, spec.seqlen, row, "dk"), 1e-2) << "dk";
+    } else {
+      EXPECT_EQ(same(w8.dq, tma.dq), 0) << "dq";
+      EXPECT_EQ(same(w8.dk, tma.dk), 0) << "dk";
     }
+    EXPECT_EQ(same(w8.dv, tma.dv), 0) << "dv";
+    EXPECT_LT(rel_err_f32(tma.dg, w8.dg), 1e-5) << "dg";
+    EXPECT_LT(rel_err_f32(tma.db, w8.db), 1e-5) << "dbeta";
+    EXPECT_LT(rel_err_f32(tma.dE, w8.dE), 1e-5) << "d_entering";
+    if (docs) EXPECT_LT(rel_err_f32(tma.dI, w8.dI), 1e-5) << "d_initial";
     // the comparison has something to compare: gradients and outputs were written
     EXPECT_GT(delta::testing::max_abs(w8.dE), 0.0) << "d_entering";
     EXPECT_GT(delta::testing::max_abs(w8.M), 0.0) << "M";

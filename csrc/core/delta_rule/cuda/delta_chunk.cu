@@ -760,23 +760,6 @@ struct TmaStateSmem {
   uint64_t full[NS];  // buffer s holds its chunk's w and K
 };
 
-// Box `box` (w, K; halves 0, 1: 0..3) of the forward pass's ring step whose chunk starts at
-// token t into buffer bytes dst, counted on the buffer's barrier `full` (armed already, by
-// arm_ring): kSpread's share of one warp (h, b: the block's head and batch row). (A
-// template, as its caller: the sm_80 pass, where the kernels trap, references neither.)
-template <typename T>
-__device__ __forceinline__ void fwd_tma_box(uint64_t& full, uint32_t dst, int t, int box, const CUtensorMap& wmap,
-                                            const CUtensorMap& kmap, KMapDims kd, int h, int b, int64_t row0) {
-  const int half = box & 1;
-  dst += box * kSwzHalf;
-  if (box < 2) {
-    tma_box_2d(dst, &wmap, 64 * half, static_cast<int>(row0) + t, &full);
-  } else {
-    tma_box_4d(dst, &kmap, 64 * half, kd.h == 1 ? h : kd.t == 1 ? t : b, kd.h == 2 ? h : kd.t == 2 ? t : b,
-               kd.h == 3 ? h : kd.t == 3 ? t : b, &full);
-  }
-}
-
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
 // with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
 // slower, docs/delta_rule.md thirteenth round: grid x = 2 D / C,
@@ -790,11 +773,7 @@ __device__ __forceinline__ void fwd_tma_box(uint64_t& full, uint32_t dst, int t,
 // (16K: 0.25 -> 0.24); issuing the ring's refill after the product instead (where the warp
 // waits on the mma chain) measured slower, 1.05 ms, and so did both (docs/delta_rule.md,
 // "State passes, fifteenth round").
-// kSpread (LASP2_DELTA_TMA_ISSUE=spread, on trial): the four boxes of a ring step from
-// lane 0 of warps 4..7 instead of all from thread 0, each step's barrier armed by thread 0
-// ahead of them (arm_ring), as in rev_state_kernel_tma (whose comment says why). Outputs
-// equal bit for bit.
-template <typename T, int NS, int C = kChunkCols, bool kSummary = false, bool kSpread = false>
+template <typename T, int NS, int C = kChunkCols, bool kSummary = false>
 __global__ void __launch_bounds__(NT8, 2)
     fwd_state_kernel_tma(Problem p, ChunkPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,
                          const __grid_constant__ CUtensorMap kmap, KMapDims kd, ChunkSummaryOut sum) {
@@ -820,7 +799,6 @@ __global__ void __launch_bounds__(NT8, 2)
   float S[NTL][4];
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
-  if constexpr (kSpread) arm_ring(sm.full, 0, NS - 1, nck, kBufBytes, tid);
   __syncthreads();
   ColCopy<T, C, NT8> cu;
   MetaCopy cm;
@@ -857,19 +835,8 @@ __global__ void __launch_bounds__(NT8, 2)
     if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
     cm.issue(c, (c % NS) * sizeof(sm.meta[0]));
   };
-  // (spread: lane 0 of warp w = 4..7 issues box w - 4 of chunk c; the lambdas only in
-  // kSpread's branches, so that the default's PTX stays as it was)
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if constexpr (kSpread) {
-      ring_issue_spread(i, nck, lane == 0 && warp >= 4, [&](int j) {
-        fwd_tma_box<T>(sm.full[j % NS], tiles0 + (j % NS) * kBufBytes, j * CH, warp - 4, wmap, kmap, kd, hb[0],
-                       hb[2], row0);
-      }, issue_own);
-    } else {
-      ring_issue(i, nck, tid, issue_tiles, issue_own);
-    }
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
     const int s = c % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's u and meta have landed
@@ -889,19 +856,11 @@ __global__ void __launch_bounds__(NT8, 2)
         }
       }
     mbar_wait(&sm.full[s], (c / NS) & 1);  // chunk c's w and K have landed
-    if constexpr (kSpread) arm_ring(sm.full, c + NS - 1, c + NS, nck, kBufBytes, tid);
     // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     // the ring's refill of buffer (c - 1) % NS (free: every warp is past chunk c - 1) and
     // the chunk's 16-bit state from xb (rewritten only after the next chunk's first barrier)
-    if constexpr (kSpread) {
-      ring_issue_spread(c + NS - 1, nck, lane == 0 && warp >= 4, [&](int j) {
-        fwd_tma_box<T>(sm.full[j % NS], tiles0 + (j % NS) * kBufBytes, j * CH, warp - 4, wmap, kmap, kd, hb[0],
-                       hb[2], row0);
-      }, issue_own);
-    } else {
-      ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);
-    }
+    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);
     if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
     const float* meta = sm.meta[s];
     const T* u = sm.u[s];
@@ -1100,47 +1059,18 @@ struct TmaRevSmem {
   uint64_t full[NS];  // buffer s holds its chunk's k, w and q
 };
 
-// Box `box` (k, w, q; halves 0, 1: 0..5) of the reverse pass's ring step whose chunk
-// starts at token t into buffer bytes dst, counted on the buffer's barrier `full` (armed
-// already, by arm_ring): kSpread's share of one warp (a template, as fwd_tma_box).
-template <typename T>
-__device__ __forceinline__ void rev_tma_box(uint64_t& full, uint32_t dst, int t, int box, const CUtensorMap& kmap,
-                                            const CUtensorMap& wmap, const CUtensorMap& qmap, KMapDims kd, KMapDims qd,
-                                            int h, int b, int64_t row0) {
-  const int half = box & 1;
-  dst += box * kSwzHalf;
-  if (box < 2) {
-    tma_box_4d(dst, &kmap, 64 * half, kd.h == 1 ? h : kd.t == 1 ? t : b, kd.h == 2 ? h : kd.t == 2 ? t : b,
-               kd.h == 3 ? h : kd.t == 3 ? t : b, &full);
-  } else if (box < 4) {
-    tma_box_2d(dst, &wmap, 64 * half, static_cast<int>(row0) + t, &full);
-  } else {
-    tma_box_4d(dst, &qmap, 64 * half, qd.h == 1 ? h : qd.t == 1 ? t : b, qd.h == 2 ? h : qd.t == 2 ? t : b,
-               qd.h == 3 ? h : qd.t == 3 ? t : b, &full);
-  }
-}
-
 // As in fwd_state_kernel_tma, the epilogue's decays and r values, dO's scaling and X's decay
 // e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/delta_rule.md,
 // "State passes, fifteenth round").
-// kLateScale (LASP2_DELTA_REV_SCALE=late, on trial): in that order the second token half's
-// {G, s} and dO loads follow the first half's scaled dO store (the compiler cannot tell
-// the shared places apart), so two chains of LDS -> MUFU -> FMUL -> STS (~100 cycles
-// each, the H200 profile's short_scoreboard stalls at 64K) run one after the other before
-// the first ldmatrix. Late: both halves' c from the first loop's registers, both dO pairs
-// read before any store, and the scaled pairs stored after the first product is issued
-// (dO's tile is read only after the second barrier). The same values, stored to the same
-// places: every output equals the default's bit for bit (docs/delta_rule.md, "Chunk
-// backward and reverse pass, sixteenth round").
-// kSpread (LASP2_DELTA_TMA_ISSUE=spread, on trial): thread 0 issues all six tensor-map
-// boxes of a ring step (about 100 instructions on warp 0 alone, after the first barrier)
-// and warps 0-3 both column copies, so warp 0 is the last at the second barrier (where
-// the H200 profile at 64K finds 15 % of the samples, every other warp waiting). Spread:
-// lane 0 of warps 2..7 one box each, r's pieces on
-// warps 4-7. Thread 0 arms each step's barrier (expect_tx) before the barrier after which
-// the boxes are issued (arm_ring), so no box completes on an unarmed barrier. The same
-// tiles in the same places: outputs equal bit for bit.
-template <typename T, bool kLateScale = false, bool kSpread = false>
+// dO's scaling is stored late (sixteenth round): scaled and stored in a loop of its own
+// before the product, the second token half's {G, s} and dO loads followed the first
+// half's scaled dO store (the compiler cannot tell the shared places apart), so two chains
+// of LDS -> MUFU -> FMUL -> STS (~100 cycles each, the H200 profile's short_scoreboard
+// stalls at 64K) ran one after the other before the first ldmatrix. Here both halves' c
+// and dO pairs are read in the first loop, and the scaled pairs are stored after the first
+// product is issued (dO's tile is read only after the second barrier): rstates 1.27 ->
+// 1.12 ms at 64K (docs/delta_rule.md, "Chunk backward and reverse pass, sixteenth round").
+template <typename T>
 __global__ void __launch_bounds__(NT8)
     rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
                          const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap wmap,
@@ -1165,13 +1095,11 @@ __global__ void __launch_bounds__(NT8)
   float S[2][4];
   load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
-  if constexpr (kSpread) arm_ring(sm.full, 0, NS - 1, nck, kBufBytes, tid);
   __syncthreads();
   ColCopy<T, BV, NT8> cd, cr;
   MetaCopy cm;
   cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
-  // (spread: threads 128.. take r's pieces, 0.. of them as tid ^ 128)
-  cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], kSpread ? tid ^ 128 : tid);
+  cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], tid);
   cm.init(prep.meta, row0, sm.meta[0], tid);
   T* const dh16 = ro.dh != nullptr ? static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
                                    : nullptr;
@@ -1201,38 +1129,19 @@ __global__ void __launch_bounds__(NT8)
     cr.issue(c, s * sizeof(sm.r[0]), CH);
     cm.issue(c, s * sizeof(sm.meta[0]));
   };
-  // (spread: lane 0 of warp w = 2..7 issues box w - 2 of a step; the lambdas only in
-  // kSpread's branches, so that the default's PTX stays as it was)
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if constexpr (kSpread) {
-      ring_issue_spread(i, nck, lane == 0 && warp >= 2, [&](int j) {
-        rev_tma_box<T>(sm.full[j % NS], tiles0 + (j % NS) * kBufBytes, (nck - 1 - j) * CH, warp - 2, kmap, wmap,
-                       qmap, kd, qd, h, b, row0);
-      }, issue_own);
-    } else {
-      ring_issue(i, nck, tid, issue_tiles, issue_own);
-    }
-  }
+  for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
     cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
     store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
     mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
-    if constexpr (kSpread) arm_ring(sm.full, i + NS - 1, i + NS, nck, kBufBytes, tid);
     // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
     __syncthreads();
     // the ring's refill of buffer (i - 1) % NS (free: every warp is past chunk c + 1) and
     // dh's 16 bytes of this thread from xb (before a document's end gradient overwrites xb
     // with F below)
-    if constexpr (kSpread) {
-      ring_issue_spread(i + NS - 1, nck, lane == 0 && warp >= 2, [&](int j) {
-        rev_tma_box<T>(sm.full[j % NS], tiles0 + (j % NS) * kBufBytes, (nck - 1 - j) * CH, warp - 2, kmap, wmap,
-                       qmap, kd, qd, h, b, row0);
-      }, issue_own);
-    } else {
-      ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
-    }
+    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
     if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
     const float* meta = sm.meta[s];
     T* const dd_t = sm.d[s];
@@ -1251,37 +1160,23 @@ __global__ void __launch_bounds__(NT8)
     {  // y = r - diag(d) K X (this warp's token tile); dO scaled by c in place
       float d[2];
       float2 rr[2];
-      [[maybe_unused]] float cxl[2];
-      [[maybe_unused]] float2 ddl[2];
+      float cx[2];   // dO's scale
+      float2 dd[2];  // dO's pair, scaled and stored after the product is issued
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
         const float Gx = meta[2 * x], sx = meta[2 * x + 1];
         d[hf] = sx == sL ? lasp2::cuda::exp_ftz(GL - Gx) : 0.f;
         rr[hf] = unpack2<T>(load_u32(sm.r[s] + x * LDV + cl));
-        if constexpr (kLateScale) {
-          cxl[hf] = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
-          ddl[hf] = unpack2<T>(load_u32(dd_t + x * LDV + cl));
-        }
-      }
-      if constexpr (!kLateScale) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-          const float Gx = meta[2 * x], sx = meta[2 * x + 1];
-          const float cx = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
-          const float2 dd = unpack2<T>(load_u32(dd_t + x * LDV + cl));
-          store_u32(dd_t + x * LDV + cl, pack2<T>(dd.x * cx, dd.y * cx));
-        }
+        cx[hf] = sx == 0.f ? p.scale * lasp2::cuda::exp_ftz(Gx) : 0.f;
+        dd[hf] = unpack2<T>(load_u32(dd_t + x * LDV + cl));
       }
       float acc[4] = {};
       mma_w_swizzled<T>(acc, kt + aw, sm.xb, LDV, n0, lane);
-      if constexpr (kLateScale) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
-          store_u32(dd_t + x * LDV + cl, pack2<T>(ddl[hf].x * cxl[hf], ddl[hf].y * cxl[hf]));
-        }
+      for (int hf = 0; hf < 2; ++hf) {
+        const int x = x0 + (lane >> 2) + 8 * hf, cl = n0 + 2 * (lane & 3);
+        store_u32(dd_t + x * LDV + cl, pack2<T>(dd[hf].x * cx[hf], dd[hf].y * cx[hf]));
       }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -1544,23 +1439,6 @@ StatePass state_pass() {
        "and tensor-map strides (16-byte multiples)");
 }
 
-// LASP2_DELTA_REV_SCALE (read at every launch): unset or "hoist", the default order;
-// "late", kLateScale (on trial: the tests hold it to the default bit for bit).
-bool rev_late_scale() {
-  const char* env = std::getenv("LASP2_DELTA_REV_SCALE");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "hoist") == 0) return false;
-  if (std::strcmp(env, "late") == 0) return true;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_REV_SCALE must be hoist or late, not ") + env);
-}
-// LASP2_DELTA_TMA_ISSUE (read at every launch): unset or "one", thread 0 issues a ring
-// step's tensor-map boxes; "spread", one warp a box (kSpread of the forward and reverse
-// tma passes, on trial: the tests hold them to the default bit for bit).
-bool tma_issue_spread() {
-  const char* env = std::getenv("LASP2_DELTA_TMA_ISSUE");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "one") == 0) return false;
-  if (std::strcmp(env, "spread") == 0) return true;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_TMA_ISSUE must be one or spread, not ") + env);
-}
 
 // ---- the tensor maps of fwd_state_kernel_tma ---------------------------------------------
 
@@ -1622,9 +1500,6 @@ bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkS
   };
   // ring depth 4 when the blocks fit the device in one wave (one block an SM), else 2
   const bool one_wave = static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms;
-  if (tma_issue_spread())
-    return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary, true>, 4)
-                    : run(fwd_state_kernel_tma<T, 2, C, kSummary, true>, 2);
   return one_wave ? run(fwd_state_kernel_tma<T, 4, C, kSummary>, 4) : run(fwd_state_kernel_tma<T, 2, C, kSummary>, 2);
 }
 
@@ -1634,9 +1509,7 @@ template <typename T>
 bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, const ChunkReverseOut& out,
                            cudaStream_t s) {
   constexpr int D = 128;
-  const bool late = rev_late_scale(), spread = tma_issue_spread();
-  auto kernel = late ? (spread ? rev_state_kernel_tma<T, true, true> : rev_state_kernel_tma<T, true>)
-                     : (spread ? rev_state_kernel_tma<T, false, true> : rev_state_kernel_tma<T>);
+  auto kernel = rev_state_kernel_tma<T>;
   if (!runs_sm90(kernel)) return false;
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;

@@ -75,8 +75,8 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
 // and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
 // dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
-// and "..., fourteenth round".) A fourth form, hoist (sixteenth round, on trial), is sums
-// with some shared-memory loads moved ahead of the stores that held them back (below).
+// and "..., fourteenth round".) Since the sixteenth round sums also reads some
+// shared-memory values ahead of the stores that held them back (below, at the kernel).
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
 // The sums form's shared-memory sums. A float atomicAdd on shared
@@ -213,18 +213,16 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
 // second time, into that tile, by cp.async); <dh, h> is formed after dU and diag(d) U
 // dh^T, so that those products need not wait for h's loads. The products are early's in
 // the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the order of the sums.
-// kHoist (LASP2_DELTA_CHUNK_BWD_KERNEL=hoist, on trial): sums with the loads that the H200
-// profile at 64K found waiting behind stores moved ahead of them: in the dv / dbeta loop
-// (9.5 % of the kernel's stall samples: each pair's beta and v loads came after the
-// previous pair's global store, a branch of its own) and the key columns' {G, s} of the
-// dA and dP epilogues (reloaded after every store into T's tile); beta comes by cp.async
-// with the first group instead of a load stored at once. Nothing is computed otherwise:
-// dq, dk, dv equal sums' bit for bit (docs/delta_rule.md, "Chunk backward and reverse
-// pass, sixteenth round").
-template <typename T, int D, bool kEarly, bool kSums, bool kHoist = false>
+// Sums also moves the loads that the H200 profile at 64K found waiting behind stores
+// ahead of them (sixteenth round): in the dv / dbeta loop (9.5 % of the kernel's stall
+// samples: each pair's beta and v loads came after the previous pair's global store, a
+// branch of its own) and the key columns' {G, s} of the dA and dP epilogues (reloaded
+// after every store into T's tile); beta comes by cp.async with the first group instead
+// of a load stored at once. 1.73 -> 1.62 ms at 64K (docs/delta_rule.md, "Chunk backward
+// and reverse pass, sixteenth round"); nothing is computed otherwise.
+template <typename T, int D, bool kEarly, bool kSums>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
   static_assert(kEarly || !kSums, "sums is a form of early");
-  static_assert(kSums || !kHoist, "hoist is a form of sums");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -253,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   load_meta(sm.meta, a.meta, cp.row0, tid);
-  if constexpr (kHoist) {  // beta with the first group (zero past the valid tokens, as below)
+  if constexpr (kSums) {  // beta with the first group (zero past the valid tokens, as below)
     if (tid < CH) {
       const bool valid = tid < cp.nvalid;
       const float* src = p.beta + cp.b * p.bsb + (cp.t0 + tid) * p.bst + cp.h * p.bsh;
@@ -275,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
   }
   if (tid < CH) {
     const int64_t t = cp.t0 + tid;
-    if constexpr (!kHoist) sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
+    if constexpr (!kSums) sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
     sm.dG[tid] = 0.f;
     sm.db[tid] = 0.f;
   }
@@ -374,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
     out_rows(dvat, dvrow, a.dvst, m0, n0, lane);
     out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
     float dbv[2] = {0.f, 0.f};
-    if constexpr (kHoist) {
+    if constexpr (kSums) {
       // v's pairs and beta read before the first store (in the loop below each store is
       // a branch of its own, and every load after it waits ~30 cycles: 9.5 % of the
       // kernel's stall samples on the H200); the same products, sums and stores
@@ -454,10 +452,10 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * x);
       bxr[hf] = sm.bt[x];
     }
-    // hoist: the key columns' {G, s} pairs before dA's first store into T's tile (after
+    // sums: the key columns' {G, s} pairs before dA's first store into T's tile (after
     // it each reload waits on the store: the compiler cannot tell the places apart)
     [[maybe_unused]] float4 myh[4];
-    if constexpr (kHoist) {
+    if constexpr (kSums) {
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         myh[j] = *reinterpret_cast<const float4*>(sm.meta + 2 * (c0 + 8 * j + 2 * (lane & 3)));
@@ -469,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
         const float bx = bxr[hf];
-        const float4 my = kHoist ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
+        const float4 my = kSums ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
         float dav[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
@@ -556,8 +554,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
         mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
-      [[maybe_unused]] float4 myh[4];  // hoist: as in dA's epilogue, before dP's first store
-      if constexpr (kHoist) {
+      [[maybe_unused]] float4 myh[4];  // sums: as in dA's epilogue, before dP's first store
+      if constexpr (kSums) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           myh[j] = *reinterpret_cast<const float4*>(sm.meta + 2 * (c0 + 8 * j + 2 * (lane & 3)));
@@ -567,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, Chunk
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-          const float4 my = kHoist ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
+          const float4 my = kSums ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
 #pragma unroll
           for (int par = 0; par < 2; ++par) {
             const int y = y0 + par, e = 2 * hf + par;
@@ -781,18 +779,16 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): sums (the default), early (its reference),
-// lean (early's reference) or hoist (sums with its shared-memory loads ahead of the stores
-// that held them back, and beta by cp.async: on trial, see the kernel).
-enum class BwdForm { kLean, kEarly, kSums, kHoist };
+// the tests and the timing A/B can switch it): sums (the default), early (its reference)
+// or lean (early's reference).
+enum class BwdForm { kLean, kEarly, kSums };
 BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
   if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
   if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  if (std::strcmp(env, "hoist") == 0) return BwdForm::kHoist;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early, "
-                   "lean or hoist, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
+                   "lean, not ") +
        env);
 }
 
@@ -804,7 +800,6 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
     auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
-                  : form == BwdForm::kHoist ? chunk_bwd_kernel<T, D, true, true, true>
                   : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
                                             : chunk_bwd_kernel<T, D, false, false>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");

@@ -221,30 +221,6 @@ __device__ __forceinline__ void ring_issue(int i, int steps, int tid, Tiles&& ti
   cp_async_commit();
 }
 
-// kSpread's arming (thread 0): the barriers of ring steps [from, to) (those < steps) expect
-// `bytes` and take their one arrival, before the block barrier after which other warps
-// issue those steps' boxes, so that every box completes on an armed barrier. Step i's
-// barrier is full[i % NS]; its previous phase (step i - NS) completed before every thread
-// passed the block barrier that followed its wait, so arming it (which does not complete
-// the phase: the bytes are still owed) cannot disturb a waiter.
-template <int NS>
-__device__ __forceinline__ void arm_ring(uint64_t (&full)[NS], int from, int to, int steps, uint32_t bytes, int tid) {
-  if (tid != 0) return;
-  for (int i = from; i < to && i < steps; ++i) mbar_arrive_expect_tx(&full[i % NS], bytes);
-}
-
-// ring_issue with the step's tensor-map boxes spread over warps (the GDN passes' kSpread):
-// box(i) on the threads with `issuer` (one a box), own(i) on every thread; the same
-// commit counting.
-template <typename Box, typename Own>
-__device__ __forceinline__ void ring_issue_spread(int i, int steps, bool issuer, Box&& box, Own&& own) {
-  if (i < steps) {
-    if (issuer) box(i);
-    own(i);
-  }
-  cp_async_commit();
-}
-
 // This thread's 16 bytes of the carried columns xb ([d][ldx], 16 columns: two threads a
 // row) to dst, its piece of a chunk's 16-bit state (forward) or of dh (reverse).
 template <typename T>
