@@ -41,11 +41,17 @@
 //   warp kDgWarp: dg = reverse cumulative sum of (q.dq - k.dk) within the segment, for
 //   chunk c after the next chunk's first barrier (which publishes the k.dk partials:
 //   one block barrier per chunk fewer); chunk c's q.dq values wait in its registers.
-#include <cstdlib>
+// Tile copies (session 16): by default (sm_90 code on an sm_90 device, views a tensor map
+// can describe) one thread fetches the next chunk's q, k, v, dO tiles by tensor-map copies
+// right after the loop-top barrier, counted on a per-stage mbarrier (kTma; H200, 64K
+// tokens, H = 16, D = 128, bf16: 826.6 -> 812.7 us; graph fwd+bwd with tc_forward's
+// tensor-map copies 1.98 -> 1.83 ms). Otherwise (sm_80, views a map cannot take,
+// LASP2_CUDA_TILE_COPY=cp_async) every thread copies them by cp.async there (sessions
+// 4-15): the same bits.
 #include <type_traits>
 
 #include "device_utils.cuh"
-#include "tc_tile_map.cuh"  // the tensor maps (variant 3); tma_copy.cuh's wrappers
+#include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -104,7 +110,7 @@ struct DkdvLayout {
   static constexpr int NW = D / 8 / RM;        // warps: 8 at both sizes
 };
 
-// Variant 3's kernel argument: DkdvArgs plus the tensor maps of q, k, v, dO (their rows
+// The kTma kernel's argument: DkdvArgs plus the tensor maps of q, k, v, dO (their rows
 // as [LD columns, past dk / dv zero][64 tokens] boxes: the padded tile layout, zero
 // columns and rows past the part filled by the copy engine; tc_tile_map.cuh) and where
 // each map put the h, t, b dimensions (1..3; the host orders them by stride).
@@ -113,19 +119,16 @@ struct DkdvTmaArgs : DkdvArgs {
   int hdim[4], tdim[4], bdim[4];
 };
 
-// VAR (LASP2_CUDA_DKDV_VARIANT, session 16; every variant computes the same bits, only
-// where and how the next chunk's tile copies are issued differs):
-//   0: all of them right after the loop-top barrier (sessions 4-15);
-//   1: meta, q.dq, q and k there; v between the dk and dv products; dO before the dS
-//      update (one commit group per chunk, so the loop-top wait keeps its meaning);
-//   2: meta, q.dq and q there; k after the score tile (before A's barrier, where warps
-//      with fewer score blocks wait); v and dO as in 1;
-//   3: (sm_90) the four tiles as tensor-map copies issued by one thread after the
-//      loop-top barrier and counted on a per-stage mbarrier (meta and q.dq stay cp.async):
-//      no per-thread copy instructions at all. P = DkdvTmaArgs.
-// The H200 profile (docs/kernels.md, session 16) had 9.6% of the warps' samples in the
-// copy burst, a third of them register-reuse waits behind its own LDGSTS.
-template <typename T, int D, int VAR = 0, typename P = DkdvArgs>
+// kTma (session 16; the same bits either way, only how the next chunk's tiles are copied
+// differs): true (sm_90, P = DkdvTmaArgs): the four tiles as tensor-map copies issued by
+// one thread after the loop-top barrier and counted on a per-stage mbarrier (meta and
+// q.dq stay cp.async): no per-thread copy instructions for the tiles. false: every
+// thread's cp.async there (sessions 4-15). The H200 profile of the cp.async kernel
+// (docs/kernels.md, session 16) had 9.6% of the warps' samples in the copy burst, a third
+// of them register-reuse waits behind its own LDGSTS; spreading the cp.async copies over
+// the chunk's body (after the score tile, between the dk and dv products, before the dS
+// update) measured slower and was removed.
+template <typename T, int D, bool kTma = false, typename P = DkdvArgs>
 __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     tc_dkdv_kernel(const __grid_constant__ P args) {
   using L = DkdvLayout<D>;
@@ -189,6 +192,17 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
   auto tile = [&](int stage, int i) { return tiles + (stage * 4 + i) * kChunk * LD; };
 
+  // chunk c's meta and q.dq (nvalid tokens from t0) into `stage` by cp.async (both copy
+  // paths), not committed
+  auto load_meta_at = [&](int c, int stage, int nvalid, int64_t t0) {
+    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+    if (has_dg && tid < 64) {
+      const bool valid = tid < nvalid;
+      const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
+      cp_async4(qdq_s + stage * 64 + tid, src, valid);
+    }
+  };
+  // !kTma: chunk c's tiles, meta and q.dq by cp.async, committed
   auto load = [&](int c, int stage) {
     const int nvalid = min(kChunk, g.n - c * kChunk);
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
@@ -197,45 +211,23 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     load_tile<T, D, NTHREADS>(tile(stage, 2), v_b + t0 * args.v.st, args.v.st, nvalid, dv, tid);
     load_tile<T, D, NTHREADS>(tile(stage, 3), o_b + t0 * args.dout.st, args.dout.st, nvalid, dv,
                               tid);
-    if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
-    if (has_dg && tid < 64) {
-      const bool valid = tid < nvalid;
-      const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
-      cp_async4(qdq_s + stage * 64 + tid, src, valid);
-    }
+    load_meta_at(c, stage, nvalid, t0);
     cp_async_commit();
   };
-  // VAR >= 1: one piece of load (0 = meta and q.dq, 1-4 = the q, k, v, dO tiles), no
-  // commit (the caller commits after the last piece of the chunk).
-  auto load_piece = [&](int c, int stage, int piece) {
+  // kTma: chunk c's meta and q.dq alone (the tiles come by tensor map), not committed
+  auto load_meta = [&](int c, int stage) {
     const int nvalid = min(kChunk, g.n - c * kChunk);
     const int64_t t0 = static_cast<int64_t>(c) * kChunk;
-    if (piece == 0) {
-      if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
-      if (has_dg && tid < 64) {
-        const bool valid = tid < nvalid;
-        const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
-        cp_async4(qdq_s + stage * 64 + tid, src, valid);
-      }
-    } else if (piece == 1) {
-      load_tile<T, D, NTHREADS>(tile(stage, 0), q_b + t0 * args.q.st, args.q.st, nvalid, dk, tid);
-    } else if (piece == 2) {
-      load_tile<T, D, NTHREADS>(tile(stage, 1), k_b + t0 * args.k.st, args.k.st, nvalid, dk, tid);
-    } else if (piece == 3) {
-      load_tile<T, D, NTHREADS>(tile(stage, 2), v_b + t0 * args.v.st, args.v.st, nvalid, dv, tid);
-    } else {
-      load_tile<T, D, NTHREADS>(tile(stage, 3), o_b + t0 * args.dout.st, args.dout.st, nvalid, dv,
-                                tid);
-    }
+    load_meta_at(c, stage, nvalid, t0);
   };
 
-  // VAR 3: the four tiles of chunk c into `stage`, by one thread, counted on bars[stage]
+  // kTma: the four tiles of chunk c into `stage`, by one thread, counted on bars[stage]
   // (its one arrival with the bytes expected; every box counts its full 136 x 64
   // elements, the zero-filled ones too).
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
   constexpr int kTmaThread = 32 * kDgWarp;
   auto issue_tiles = [&](int c, int stage) {
-    if constexpr (VAR == 3) {
+    if constexpr (kTma) {
       if (tid == kTmaThread) {
         using namespace lasp2::delta::gpu;
         mbar_arrive_expect_tx(&bars[stage], 4 * kChunk * LD * static_cast<int>(sizeof(T)));
@@ -246,7 +238,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       }
     }
   };
-  if constexpr (VAR == 3) {
+  if constexpr (kTma) {
     if (tid == kTmaThread) {
       lasp2::delta::gpu::mbar_init(&bars[0], 1);
       lasp2::delta::gpu::mbar_init(&bars[1], 1);
@@ -291,10 +283,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     carry += total;
   };
 
-  if constexpr (VAR == 3) {
+  if constexpr (kTma) {
     if (c_begin < c_end) {
       issue_tiles(c_end - 1, 0);
-      load_piece(c_end - 1, 0, 0);
+      load_meta(c_end - 1, 0);
       cp_async_commit();
     }
   } else {
@@ -303,30 +295,24 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   for (int c = c_end - 1; c >= c_begin; --c) {
     const int stage = (c_end - 1 - c) & 1;
     cp_async_wait_all();
-    if constexpr (VAR == 3) {
+    if constexpr (kTma) {
       // stage's fill k (chunks 2k + stage of the walk) completes the barrier's phase k
       lasp2::delta::gpu::mbar_wait(&bars[stage], ((c_end - 1 - c) >> 1) & 1);
     }
     __syncthreads();
     if (has_dg && warp == kDgWarp && pending) finish_dg();  // the previous (later) chunk
     const bool next = c - 1 >= c_begin;  // block-uniform
-    if constexpr (VAR == 0) {
-      if (next) load(c - 1, stage ^ 1);
-    } else if constexpr (VAR == 3) {
+    if constexpr (kTma) {
       if (next) {
         // the stage's last (generic-proxy) reads were in the previous chunk, before the
         // barrier above; order them before the copy engine's writes
         if (tid == kTmaThread) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
         issue_tiles(c - 1, stage ^ 1);
-        load_piece(c - 1, stage ^ 1, 0);
+        load_meta(c - 1, stage ^ 1);
       }
       cp_async_commit();
-    } else {  // the stage being filled was last read in the previous chunk
-      if (next) {
-        load_piece(c - 1, stage ^ 1, 0);
-        load_piece(c - 1, stage ^ 1, 1);
-        if (VAR == 1) load_piece(c - 1, stage ^ 1, 2);
-      }
+    } else if (next) {
+      load(c - 1, stage ^ 1);
     }
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
@@ -351,9 +337,6 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       const T* const bs[2] = {Ks, Vs};
       T* const ps[2] = {P1s, P2s};
       tc_scores_split<T, D, NW, 2, Spread>(as, bs, ms, args.scale, ps, warp, lane);
-    }
-    if constexpr (VAR == 2) {
-      if (next) load_piece(c - 1, stage ^ 1, 2);
     }
     if (has_dg && warp == kDgWarp) {  // this chunk's q.dq, before its stage is refilled
 #pragma unroll
@@ -480,9 +463,6 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
         }
       }
     }
-    if constexpr (VAR == 1 || VAR == 2) {
-      if (next) load_piece(c - 1, stage ^ 1, 3);
-    }
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
       float acc[RM][4][4];
@@ -549,10 +529,6 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
         }
       }
     }
-    if constexpr (VAR == 1 || VAR == 2) {
-      if (next) load_piece(c - 1, stage ^ 1, 4);
-      cp_async_commit();  // one group per chunk: the loop-top wait covers all pieces
-    }
     if (krows) {
       // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
 #pragma unroll
@@ -591,21 +567,11 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-// LASP2_CUDA_DKDV_VARIANT=1|2|3 (session 16): the kernel's copy variants (head of
-// tc_dkdv_kernel; the same bits); unset, 0 or anything else: variant 0. Read per launch so
-// that a test can switch it.
-int dkdv_kernel_variant() {
-  const char* env = std::getenv("LASP2_CUDA_DKDV_VARIANT");
-  if (env == nullptr) return 0;
-  const int v = std::atoi(env);
-  return v >= 1 && v <= 3 ? v : 0;
-}
-
-// Variant 3 where it can run (sm_90 code on an sm_90 device, every map encodable); false
+// The kTma kernel where it can run (sm_90 code on an sm_90 device, every map encodable); false
 // (nothing launched) otherwise.
 template <typename T, int D>
 bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
-  auto k = tc_dkdv_kernel<T, D, 3, DkdvTmaArgs>;
+  auto k = tc_dkdv_kernel<T, D, true, DkdvTmaArgs>;
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
   DkdvTmaArgs ta;
   static_cast<DkdvArgs&>(ta) = a;
@@ -619,23 +585,13 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
   return true;
 }
 
+// The tensor-map copies unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or they cannot
+// run; then the cp.async kernel.
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
+  if (!tile_copy_forced_cp_async() && launch_dkdv_tma<T, D>(a, s)) return;
   constexpr int smem = DkdvLayout<D>::kBytes;
-  auto k = tc_dkdv_kernel<T, D, 0>;
-  switch (dkdv_kernel_variant()) {
-    case 1:
-      k = tc_dkdv_kernel<T, D, 1>;
-      break;
-    case 2:
-      k = tc_dkdv_kernel<T, D, 2>;
-      break;
-    case 3:
-      if (launch_dkdv_tma<T, D>(a, s)) return;
-      break;  // cannot run here: variant 0
-    default:
-      break;
-  }
+  auto k = tc_dkdv_kernel<T, D, false>;
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");

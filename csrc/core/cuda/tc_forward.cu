@@ -12,6 +12,13 @@
 //      va^T diag(w_exit) ka, reusing the va^T fragments of the intra product.
 // Modes: kFwd (o), kDq (dq with (dO, v, k), plus q.dq per token), kPrefix
 // (o += scale w_entry qa^T P, the LASP-2 prefix term).
+// Tile copies (session 16): by default (output and dq modes, sm_90 code on an sm_90
+// device, views a tensor map can describe) one thread fetches the next chunk's qa, ka, va
+// (and x) tiles by tensor-map copies counted on a per-stage mbarrier (VAR 6; H200, 64K
+// tokens, H = 16, D = 128, bf16: output 462 -> 406 us, dq 565 -> 481 us, 16K -11 % / -16 %,
+// graph fwd+bwd with tc_dkdv's tensor-map copies 1.98 -> 1.83 ms). Otherwise (sm_80,
+// views a map cannot take, the prefix mode, LASP2_CUDA_TILE_COPY=cp_async) every thread
+// copies by cp.async (VAR 2, or 0): the same bits.
 // (A layout with twice the warps, each holding half a row block of the state and
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass; see docs/kernels.md.)
@@ -96,14 +103,14 @@ struct FwdTmaArgs : FwdArgs {
 
 // VAR (D = 64 output / dq only, session 13; LASP2_CUDA_FWD_KERNEL): 0 = the score tile
 // by tc_scores (sessions 4-12; the equality test's reference), 2 = tc_scores_split with
-// its weights and stores per case (the default; variant 1, tc_scores_split with the
+// its weights and stores per case (the cp.async default; variant 1, tc_scores_split with the
 // shared per-pair stores, measured no faster and was removed). At D = 64 the output pass
 // runs 3 blocks per SM (shared memory); the bound keeps variant 2 at <= 168 registers for
 // that (unbounded: 175).
-// VAR 6 (output / dq, D = 64 and 128, session 16; LASP2_CUDA_FWD_COPY=4, sm_90): variant 2
-// with the next chunk's qa, ka, va (and x) tiles as tensor-map copies issued by one thread
-// after the loop-top barrier and counted on a per-stage mbarrier (the meta stays
-// cp.async): no per-thread copy instructions for the tiles (see kTma). P = FwdTmaArgs.
+// VAR 6 (output / dq, D = 64 and 128, session 16; the default on sm_90, head comment):
+// variant 2 with the next chunk's qa, ka, va (and x) tiles as tensor-map copies issued by
+// one thread after the loop-top barrier and counted on a per-stage mbarrier (the meta
+// stays cp.async): no per-thread copy instructions for the tiles (see kTma). P = FwdTmaArgs.
 // Same math in the same order: the same bits. (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
@@ -125,9 +132,10 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // right after each tile's cp.async run at the loop top (the next tile's address
   // arithmetic waits for the registers the previous LDGSTS still holds, 12-16 LDGSTS per
   // thread and chunk); the copies are 11 % of the instructions. Spreading them over the body
-  // measured slower (VAR 3-5, removed); tc_dkdv's tensor-map copies (its variant 3) measured
-  // faster. Here one thread issues the chunk's NT boxes (tc_tile_map.cuh: the padded tile
-  // layout, zeros past the part's tokens and the view's dims from the copy engine).
+  // measured slower (VAR 3-5, removed); tc_dkdv's tensor-map copies (then its variant 3)
+  // measured faster. Here one thread issues the chunk's NT boxes (tc_tile_map.cuh: the
+  // padded tile layout, zeros past the part's tokens and the view's dims from the copy
+  // engine). The measured gain: head comment.
   constexpr bool kTma = VAR == 6;
   static_assert(!kTma || !kPrefix, "VAR 6: output and dq modes");
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
@@ -435,20 +443,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 }
 
 // LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
-// tc_fwd_kernel (same bits; the equality test's reference); otherwise variant 2. Read per
-// launch so that a test can switch it. The other kernels have one version.
+// tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
+// equality test's reference); otherwise variant 6 where it runs, else 2. Read per launch
+// so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
   return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
-}
-
-// LASP2_CUDA_FWD_COPY=4 (session 16): the output and dq passes as variant 6 (tensor-map
-// tile copies, both D) where it can run; it takes precedence over
-// LASP2_CUDA_FWD_KERNEL=old. Unset or anything else: variant 2 (or 0). (Values 1-3
-// selected the removed variants 3-5.) Read per launch, like fwd_kernel_variant.
-bool fwd_copy_tma() {
-  const char* env = std::getenv("LASP2_CUDA_FWD_COPY");
-  return env != nullptr && std::strcmp(env, "4") == 0;
 }
 
 // Variant 6 where it can run (sm_90 code on an sm_90 device, every map encodable); false
@@ -469,17 +469,19 @@ bool launch_fwd_tma(const FwdArgs& a, cudaStream_t s) {
   return true;
 }
 
+// Output and dq: variant 6 (the tensor-map copies) unless forced off or it cannot run,
+// then the cp.async kernels (variant 2, or 0 at D = 64 with LASP2_CUDA_FWD_KERNEL=old).
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
   constexpr bool kVariants = D == 64 && MODE != static_cast<int>(FwdMode::kPrefix);
   auto k = tc_fwd_kernel<T, D, MODE, 2>;
-  if constexpr (kVariants) {
-    const int var = fwd_kernel_variant();
-    if (var == 0) k = tc_fwd_kernel<T, D, MODE, 0>;
-  }
   if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
-    if (fwd_copy_tma() && launch_fwd_tma<T, D, MODE>(a, s)) return;  // else as without the knob
+    const bool old = kVariants && fwd_kernel_variant() == 0;
+    if (!old && !tile_copy_forced_cp_async() && launch_fwd_tma<T, D, MODE>(a, s)) return;
+    if constexpr (kVariants) {
+      if (old) k = tc_fwd_kernel<T, D, MODE, 0>;
+    }
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);

@@ -1,5 +1,6 @@
 // Tensor-map (TMA) copies of a chunk's [64 tokens][LD] tiles for the tensor-core passes
-// (tc_dkdv.cu's variant 3, tc_forward.cu's variant 6): the host encodes one map per
+// (tc_dkdv.cu's and tc_forward.cu's default copy path on sm_90, session 16: tc_forward's
+// variant 6, tc_dkdv's kTma kernel): the host encodes one map per
 // [B, T, H, d] view, the kernel's copy thread issues one box per tile. The box is the
 // padded tile itself (LD = D + 8 columns x 64 tokens), so the copy engine writes the
 // layout ldmatrix reads, and fills columns past the view's dims and tokens past the part
@@ -8,6 +9,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
@@ -16,6 +19,16 @@
 
 namespace lasp2::cuda {
 namespace {
+
+// LASP2_CUDA_TILE_COPY=cp_async: the output, dq and dk/dv passes copy their tiles by
+// cp.async from every thread (the kernels of sessions 4-15, the fallback where a map
+// cannot run) even where the tensor-map copies could; the same bits. Read per launch so
+// that a test can compare the two paths; anything else or unset: tensor maps where they
+// run.
+inline bool tile_copy_forced_cp_async() {
+  const char* env = std::getenv("LASP2_CUDA_TILE_COPY");
+  return env != nullptr && std::strcmp(env, "cp_async") == 0;
+}
 
 // One box of the chunk starting at token t (of the part) of head h, batch b into the
 // shared address dst, completing on bar. hd, td: which of the map's dimensions 1..3 hold

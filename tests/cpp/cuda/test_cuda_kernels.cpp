@@ -653,9 +653,10 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // own segments at T = 4109 and a [T, B, H, D] view with padded heads. q.dq is random (the
 // pass only reads it). On an H200 (session 12) these cases also gave dk, dv and dg equal
 // bit for bit to the 16-row-warp kernel of sessions 4-11, which was then removed.
-// variants: LASP2_CUDA_DKDV_VARIANT values whose dk, dv and dg must equal the default
-// kernel's bit for bit (the copy variants of session 16).
-void run_dkdv_rows_case(const OpCase& c, const std::vector<std::string>& variants = {}) {
+// cp_async_too: also run with LASP2_CUDA_TILE_COPY=cp_async (the cp.async kernel, the
+// fallback of the default tensor-map copies, session 16), whose dk, dv and dg must equal
+// the default's bit for bit and, like it, the CPU's.
+void run_dkdv_rows_case(const OpCase& c, bool cp_async_too = false) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
   const Problem<double> pr = make_problem(c, 3000 + static_cast<uint32_t>(c.T));
@@ -685,21 +686,25 @@ void run_dkdv_rows_case(const OpCase& c, const std::vector<std::string>& variant
                                        dgoffd.p, o.dg.p, nullptr);
     return o;
   };
-  const Out a = with_env("LASP2_CUDA_DKDV_VARIANT", "", run), b = with_env("LASP2_CUDA_DKDV_VARIANT", "", run);
+  // the default copy path (tensor maps on sm_90), the knob explicitly unset
+  const Out a = with_env("LASP2_CUDA_TILE_COPY", "", run), b = with_env("LASP2_CUDA_TILE_COPY", "", run);
   EXPECT_EQ(b.dk.buf.download(), a.dk.buf.download()) << "dk not reproducible";
   EXPECT_EQ(b.dv.buf.download(), a.dv.buf.download()) << "dv not reproducible";
   EXPECT_EQ(float_bits(b.dg.download()), float_bits(a.dg.download())) << "dg not reproducible";
-  for (const std::string& var : variants) {
-    const Out o = with_env("LASP2_CUDA_DKDV_VARIANT", var, run);
-    EXPECT_EQ(o.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
-    EXPECT_EQ(o.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
-    EXPECT_EQ(float_bits(o.dg.download()), float_bits(a.dg.download()))
-        << "dg: LASP2_CUDA_DKDV_VARIANT=" << var << " differs";
-  }
   const double tol = tol_of(c.dtype);
   expect_rows(c, "dk_rows32", a.dk, want_dk, tol);
   expect_rows(c, "dv_rows32", a.dv, want_dv, tol);
   expect_scalars(c, "dg_rows32", a.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+  if (cp_async_too) {
+    const Out o = with_env("LASP2_CUDA_TILE_COPY", "cp_async", run);
+    EXPECT_EQ(o.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_TILE_COPY=cp_async differs";
+    EXPECT_EQ(o.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_TILE_COPY=cp_async differs";
+    EXPECT_EQ(float_bits(o.dg.download()), float_bits(a.dg.download()))
+        << "dg: LASP2_CUDA_TILE_COPY=cp_async differs";
+    expect_rows(c, "dk_rows32_cp_async", o.dk, want_dk, tol);
+    expect_rows(c, "dv_rows32_cp_async", o.dv, want_dv, tol);
+    expect_scalars(c, "dg_rows32_cp_async", o.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+  }
 }
 
 // The walking passes' edge cases (dk/dv rows of 32, the output / dq score split): part
@@ -742,13 +747,15 @@ TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
   for (const OpCase& x : cases) run_dkdv_rows_case(x);
 }
 
-// The copy variants of tc_dkdv_kernel (LASP2_CUDA_DKDV_VARIANT, session 16: where and how
-// the next chunk's tiles are copied) against the default kernel, bit for bit, and the
-// default against the CPU backend: tile widths 128 and 64, gates with documents, fixed
-// decay, the partial last chunk of part [37, 1000), dims below the tile (zero-filled
-// columns), a [T, B, H, D] view with padded heads (row stride not H * D), and the
-// backend's own segments at T = 4109 (full chunks: the variants' fast copy paths).
-TEST(CudaDkdvKernel, CopyVariantsSameBits) {
+// tc_dkdv_kernel's two copy paths (session 16): the default (tensor-map copies on sm_90)
+// against LASP2_CUDA_TILE_COPY=cp_async (the cp.async kernel), bit for bit, and both
+// against the CPU backend: tile widths 128 and 64, gates with documents, fixed decay, the
+// partial last chunk of part [37, 1000), dims below the tile (zero-filled columns), a
+// [T, B, H, D] view with padded heads (row stride not H * D), and the backend's own
+// segments at T = 4109 (full chunks: the cp.async kernel's fast copy path). Without an
+// sm_90 device both runs take the cp.async kernel and the comparison holds trivially; the
+// CPU comparisons still run.
+TEST(CudaDkdvKernel, TmaCopySameBits) {
   LASP2_SKIP_WITHOUT_CUDA();
   const auto make = walking_edge_case;
   std::vector<OpCase> cases = {make("cv_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128),
@@ -769,7 +776,7 @@ TEST(CudaDkdvKernel, CopyVariantsSameBits) {
   cases.push_back(c);
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_dkdv_rows_case(x, {"1", "2", "3"});
+    if (only == nullptr || x.name.find(only) != std::string::npos) run_dkdv_rows_case(x, true);
 }
 
 // ---- the output and dq passes' score-tile split (tc_forward.cu, session 13) -------------
@@ -779,7 +786,9 @@ TEST(CudaDkdvKernel, CopyVariantsSameBits) {
 // warps 6 and 7, the weights; dk = 96, dv = 72), D = 64 (the 4-warp kernel), fixed and
 // no decay, fp16, the backend's own segments at T = 4109; D = 64 also with dk = 48,
 // dv = 40 and fixed decay, and each case also with LASP2_CUDA_FWD_KERNEL=old, which must
-// give the same bits (D = 64's straight score loops, session 13). On an H200 (session 13) these
+// give the same bits (D = 64's straight score loops, session 13; the old kernel copies by
+// cp.async, so on sm_90 it is compared with the default tensor-map kernel, and
+// TmaCopySameBits below compares that with the cp.async variant 2). On an H200 (session 13) these
 // cases also gave o, dq and q.dq equal bit for bit to the kernel of sessions 4-12 and to
 // the measured variants (tc_scores' Spread; the fine split with the inter product after
 // the barrier), which were then removed.
@@ -862,18 +871,19 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
     if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_split_case(x);
 }
 
-// ---- the output and dq passes with tensor-map tile copies (LASP2_CUDA_FWD_COPY=4, session 16) ----
-// Variant 6 fetches the next chunk's qa, ka, va (and x) tiles by tensor-map copies issued by
-// one thread (the copy engine writing the padded tile and zero-filling tokens past the part
-// and columns past the dims) instead of cp.async from every thread; the arithmetic is the
-// same, so o, dq and q.dq must equal the default kernel's bit for bit, on the edge cases
+// ---- the output and dq passes' two copy paths (session 16) ----------------------------
+// The default (variant 6 on sm_90) fetches the next chunk's qa, ka, va (and x) tiles by
+// tensor-map copies issued by one thread (the copy engine writing the padded tile and
+// zero-filling tokens past the part and columns past the dims); LASP2_CUDA_TILE_COPY=cp_async
+// forces the cp.async kernel (variant 2, every thread copying). The arithmetic is the same,
+// so o, dq and q.dq must be equal bit for bit, on the edge cases
 // above (partial last chunk, 2- and 3-chunk segments whose ends stop the copies early,
 // documents, fixed / no decay, dv = 40 and 72 where the maps' zero columns stand in for the
 // missing dims, D = 64 and 128, padded [T, B, H, D] rows, parts that start mid-sequence) and,
 // with several segments of many chunks (both stages' barriers through many phases), on
-// T = 4109 (the backend's own segments). The outputs are also checked against the CPU
-// backend (float64). Without an sm_90 device the knob falls back to the default kernel
-// and the comparison holds trivially; the CPU comparison still runs.
+// T = 4109 (the backend's own segments). Both paths' outputs are also checked against the
+// CPU backend (float64). Without an sm_90 device both runs take the cp.async kernel and the
+// comparison holds trivially; the CPU comparisons still run.
 void run_fwd_tma_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
@@ -896,25 +906,25 @@ void run_fwd_tma_case(const OpCase& c) {
     DevBuf<float> qdq;
   };
   auto run = [&](const char* knob) {
-    EnvGuard k("LASP2_CUDA_FWD_COPY", knob);
+    EnvGuard k("LASP2_CUDA_TILE_COPY", knob);
     Out r{dp.like_v(), dp.like_k(), DevBuf<float>(scalars)};  // o, dq poisoned
     r.qdq.poison();
     cuda_backend().chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
     cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
     return r;
   };
-  const Out a = run("");
+  const Out a = run(""), v = run("cp_async");  // the default (tma on sm_90), forced cp.async
   const double tol = tol_of(c.dtype);
-  for (const char* knob : {"4"}) {
-    SCOPED_TRACE(std::string("LASP2_CUDA_FWD_COPY=") + knob);
-    const Out v = run(knob);
-    EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o differs from the default kernel";
-    EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq differs from the default kernel";
-    EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download())) << "q.dq differs from the default kernel";
-    expect_rows(c, "o_tma", v.o, want_o, tol);
-    expect_rows(c, "dq_tma", v.dq, want_dq, tol);
-    expect_scalars(c, "q.dq_tma", v.qdq, want_qdq, tol);
-  }
+  EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o: LASP2_CUDA_TILE_COPY=cp_async differs";
+  EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq: LASP2_CUDA_TILE_COPY=cp_async differs";
+  EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download()))
+      << "q.dq: LASP2_CUDA_TILE_COPY=cp_async differs";
+  expect_rows(c, "o_default", a.o, want_o, tol);
+  expect_rows(c, "dq_default", a.dq, want_dq, tol);
+  expect_scalars(c, "q.dq_default", a.qdq, want_qdq, tol);
+  expect_rows(c, "o_cp_async", v.o, want_o, tol);
+  expect_rows(c, "dq_cp_async", v.dq, want_dq, tol);
+  expect_scalars(c, "q.dq_cp_async", v.qdq, want_qdq, tol);
 }
 
 TEST(CudaFwdKernel, TmaCopySameBits) {
