@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
 template <typename T, int D, bool ENTRY>
 bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
   auto k = tc_state_kernel<T, D, ENTRY, true, StateTmaArgs>;
-  if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0 || reinterpret_cast<uintptr_t>(a.wmeta) % 16 != 0) return false;
+  if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0 || a.wmeta == nullptr ||
+      reinterpret_cast<uintptr_t>(a.wmeta) % 16 != 0)
+    return false;
   StateTmaArgs ta;
   static_cast<StateArgs&>(ta) = a;
   if (!encode_tile_map<T, D>(&ta.map[0], ta.hdim[0], ta.tdim[0], ta.bdim[0], a.a, a.g, a.da) ||
