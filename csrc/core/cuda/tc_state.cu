@@ -25,7 +25,14 @@
 // segment states next adds the pieces (segment_scan.h: StatePieces; a kernel of its own
 // before session 15). Against one walk only the rounding of carry's product and the fp32
 // summation order of the state differ.
+// Tile copies (session 16, as tc_forward's and tc_dkdv's): by default (sm_90 code on an
+// sm_90 device, views a tensor map can take, 16-byte aligned weights) one thread fetches
+// each chunk's a and b tiles by tensor-map copies and its weights by a 1-d bulk copy, all
+// three counted on the stage's mbarrier (kTma); otherwise (sm_80, other views,
+// LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async: the same bytes in shared
+// memory where the kernel reads, the same bits.
 #include "device_utils.cuh"
+#include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -44,8 +51,19 @@ struct StateLayout {
   static constexpr int kBytes = kMeta + kStateStages * 128 * 4;
 };
 
-template <typename T, int D, bool ENTRY>
-__global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
+// The kTma kernel's argument: StateArgs plus the tensor maps of a (map 0, da columns read
+// in [64][D + 8] boxes) and b (map 1, db columns in [64][64 + 8] boxes from the block's
+// first column; tc_tile_map.cuh) and where each map put the h, t, b dimensions.
+struct StateTmaArgs : StateArgs {
+  CUtensorMap map[2];
+  int hdim[2], tdim[2], bdim[2];
+};
+
+// kTma (session 16; head comment): the same walk with each chunk's a, b tiles and weights
+// copied by one thread (kTmaThread) onto the stage's mbarrier instead of cp.async from
+// every thread. P = StateTmaArgs then.
+template <typename T, int D, bool ENTRY, bool kTma = false, typename P = StateArgs>
+__global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constant__ P args) {
   constexpr int NW = D / 16;
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -116,17 +134,77 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
     cp_async_commit();
   };
 
+  // kTma: the walk's chunk i (< nwalk) into `stage` by one thread (the last warp's first:
+  // the idle warp where da < D), counted on bars[stage] (one arrival with the bytes
+  // expected; the boxes count their zero-filled parts too). Stage s's k-th fill is the
+  // walk's chunk 3k + s and completes its barrier's phase k; bit s of `phases` holds the
+  // parity of the next fill to wait for.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
+  constexpr int kTmaThread = NTHREADS - 32;
+  uint32_t phases = 0;
+  auto load_tma = [&](int i, int stage) {
+    if constexpr (kTma) {
+      if (tid == kTmaThread && i < nwalk) {
+        const int c = chunk_of(i0 + i);
+        const int t = c * kChunk;
+        lasp2::delta::gpu::mbar_arrive_expect_tx(&bars[stage], L::kStage + 128 * 4);
+        tile_map_box(smem_u32(tile_a(stage)), &args.map[0], args.hdim[0], args.tdim[0], h, t, b, &bars[stage]);
+        tile_map_box(smem_u32(tile_b(stage)), &args.map[1], args.hdim[1], args.tdim[1], h, t, b, &bars[stage],
+                     col0);
+        bulk_copy_1d(smem_u32(meta_s + stage * 128), wmeta + c * 128, 128 * 4, &bars[stage]);
+      }
+    }
+  };
+  // kTma: waits (the copy thread alone) for the copies issued past the walk's last chunk
+  // i0 + last (the walk stopped early): the block's shared memory must outlive them.
+  auto drain_tma = [&](int last, int stage) {
+    if constexpr (kTma) {
+      if (tid == kTmaThread) {
+        for (int j = 1; j <= 2 && last + j < nwalk; ++j) {
+          const int s = (stage + j) % 3;
+          lasp2::delta::gpu::mbar_wait(&bars[s], (phases >> s) & 1u);
+        }
+      }
+    }
+  };
+  if constexpr (kTma) {
+    if (tid == kTmaThread) {
+      lasp2::delta::gpu::mbar_init(&bars[0], 1);
+      lasp2::delta::gpu::mbar_init(&bars[1], 1);
+      lasp2::delta::gpu::mbar_init(&bars[2], 1);
+      lasp2::delta::gpu::mbar_init_fence();
+    }
+    __syncthreads();
+  }
+
   float M[DB / 8][4];
   tc_zero(M);
   const bool active = 16 * warp < args.da;
 
-  load(0, 0);
-  load(1, 1);
+  if constexpr (kTma) {
+    load_tma(0, 0);
+    load_tma(1, 1);
+  } else {
+    load(0, 0);
+    load(1, 1);
+  }
   int stage = 0;
   for (int i = 0; i < nwalk; ++i) {
-    cp_async_wait_group1();  // chunk i arrived (only chunk i + 1 may be pending)
+    if constexpr (kTma) {
+      lasp2::delta::gpu::mbar_wait(&bars[stage], (phases >> stage) & 1u);  // chunk i arrived
+      phases ^= 1u << stage;
+    } else {
+      cp_async_wait_group1();  // chunk i arrived (only chunk i + 1 may be pending)
+    }
     __syncthreads();         // ... for every thread; and the stage of i - 1 is free
-    load(i + 2, stage == 0 ? 2 : stage - 1);
+    if constexpr (kTma) {
+      // that stage's last (generic-proxy) reads were before the barrier above; order them
+      // before the copy engine's writes
+      if (tid == kTmaThread && i + 2 < nwalk) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+      load_tma(i + 2, stage == 0 ? 2 : stage - 1);
+    } else {
+      load(i + 2, stage == 0 ? 2 : stage - 1);
+    }
     const T* ta = tile_a(stage);
     const T* tb = tile_b(stage);
     const float* ws = meta_s + stage * 128;  // {w_entry, w_exit} per token
@@ -165,10 +243,13 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
     // ones) is reached only by this factor; 0 after a document start or an underflow,
     // and every term past a carry <= stop weighs at most stop (StateArgs::stop)
     carry *= through;
-    if (carry <= args.stop) break;
+    if (carry <= args.stop) {
+      if constexpr (kTma) drain_tma(i, stage);
+      break;
+    }
     stage = stage == 2 ? 0 : stage + 1;
   }
-  cp_async_wait_all();
+  if constexpr (!kTma) cp_async_wait_all();
 
   float* out = args.out + (bh * g.nseg + seg) * static_cast<int64_t>(args.da) * args.db;
   if (sub > 0) {  // a later piece: its own slot, and whether it walked any chunk
@@ -190,11 +271,36 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(StateArgs args) {
   }
 }
 
+// The kTma kernel where it can run (sm_90 code on an sm_90 device, both maps encodable,
+// the weights 16-byte aligned for the bulk copy); false (nothing launched) otherwise.
+template <typename T, int D, bool ENTRY>
+bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
+  auto k = tc_state_kernel<T, D, ENTRY, true, StateTmaArgs>;
+  if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0 || a.wmeta == nullptr ||
+      reinterpret_cast<uintptr_t>(a.wmeta) % 16 != 0)
+    return false;
+  StateTmaArgs ta;
+  static_cast<StateArgs&>(ta) = a;
+  if (!encode_tile_map<T, D>(&ta.map[0], ta.hdim[0], ta.tdim[0], ta.bdim[0], a.a, a.g, a.da) ||
+      !encode_tile_map<T, kStateDB>(&ta.map[1], ta.hdim[1], ta.tdim[1], ta.bdim[1], a.b, a.g, a.db))
+    return false;
+  constexpr int smem = StateLayout<D>::kBytes + 3 * 8;  // + the three stage barriers
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  k<<<grid, 2 * D, smem, s>>>(ta);
+  check_launch("tc_state_kernel");
+  return true;
+}
+
+// The kTma kernel unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or it cannot run, then
+// the cp.async kernel.
 template <typename T, int D>
 void launch_state_t(const StateArgs& args, bool entry, cudaStream_t s) {
   const int smem = StateLayout<D>::kBytes;
   const StateArgs a = walked_segments(args);
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs * a.nsub * (D / kStateDB));
+  if (grid > 0 && !tile_copy_forced_cp_async() &&
+      (entry ? launch_state_tma<T, D, true>(a, grid, s) : launch_state_tma<T, D, false>(a, grid, s)))
+    return;
   if (entry) {
     auto k = tc_state_kernel<T, D, true>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);

@@ -1,6 +1,6 @@
 // Tensor-map (TMA) copies of a chunk's [64 tokens][LD] tiles for the tensor-core passes
-// (tc_dkdv.cu's and tc_forward.cu's default copy path on sm_90, session 16: tc_forward's
-// variant 6, tc_dkdv's kTma kernel): the host encodes one map per
+// (tc_dkdv.cu's, tc_forward.cu's and tc_state.cu's default copy path on sm_90, session 16:
+// tc_forward's variant 6, tc_dkdv's and tc_state's kTma kernels): the host encodes one map per
 // [B, T, H, d] view, the kernel's copy thread issues one box per tile. The box is the
 // padded tile itself (LD = D + 8 columns x 64 tokens), so the copy engine writes the
 // layout ldmatrix reads, and fills columns past the view's dims and tokens past the part
@@ -20,7 +20,7 @@
 namespace lasp2::cuda {
 namespace {
 
-// LASP2_CUDA_TILE_COPY=cp_async: the output, dq and dk/dv passes copy their tiles by
+// LASP2_CUDA_TILE_COPY=cp_async: the output, dq, dk/dv and segment-state passes copy their tiles by
 // cp.async from every thread (the kernels of sessions 4-15, the fallback where a map
 // cannot run) even where the tensor-map copies could; the same bits. Read per launch so
 // that a test can compare the two paths; anything else or unset: tensor maps where they
@@ -32,11 +32,20 @@ inline bool tile_copy_forced_cp_async() {
 
 // One box of the chunk starting at token t (of the part) of head h, batch b into the
 // shared address dst, completing on bar. hd, td: which of the map's dimensions 1..3 hold
-// h and t (encode_tile_map's order by stride); b takes the remaining one.
+// h and t (encode_tile_map's order by stride); b takes the remaining one. x: the box's
+// first column (tc_state's column blocks; 0 elsewhere).
 __device__ __forceinline__ void tile_map_box(uint32_t dst, const CUtensorMap* map, int hd, int td, int h, int t,
-                                             int b, void* bar) {
+                                             int b, void* bar, int x = 0) {
   const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
-  lasp2::delta::gpu::tma_box_4d(dst, map, 0, y, z, w, bar);
+  lasp2::delta::gpu::tma_box_4d(dst, map, x, y, z, w, bar);
+}
+
+// A plain (1-d) bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned)
+// from global src to shared dst, its bytes counted on bar (tc_state's per-token weights).
+__device__ __forceinline__ void bulk_copy_1d(uint32_t dst, const void* src, uint32_t bytes, void* bar) {
+  LASP2_ASM90("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+              "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_u32(bar))
+              : "memory");
 }
 
 // View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
