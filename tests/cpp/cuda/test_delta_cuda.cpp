@@ -1877,8 +1877,8 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
 }
 
 // The chunk backward's tensor-map copies (the sums form's default on sm_90, session 16:
-// the values phase's k, dh, r, v_new, T and v tiles as one thread's boxes on two
-// mbarriers) against its cp.async copies (LASP2_CUDA_TILE_COPY=cp_async): the same bytes
+// its k, dh, r, v_new, T, v, dO and q tiles as one thread's boxes on two mbarriers)
+// against its cp.async copies (LASP2_CUDA_TILE_COPY=cp_async): the same bytes
 // in the places the products read, so dq, dk and dv must be equal bit for bit (and the
 // entering-state gradient, which other kernels form); dg and dbeta up to the order of
 // the kernel's shared-memory float atomics between warps, which no run fixes (1e-6).

@@ -225,19 +225,30 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
 // of a load stored at once. 1.73 -> 1.62 ms at 64K (docs/delta_rule.md, "Chunk backward
 // and reverse pass, sixteenth round"); nothing is computed otherwise.
 //
-// kTma (session 16, the default on sm_90; chunk_bwd_kernel_tma): the values phase's tiles
-// (k, dh, r, v_new, then T and v) arrive as tensor-map copies that thread 0 issues, one
-// box a 64-row tile, counted on two mbarriers (one a cp.async group) instead of 4-8
-// cp.async pieces a thread and tile; the output, dq and dk/dv passes measured 12-15 %
-// faster so. The boxes are the padded tiles (tc_tile_map.cuh): the same bytes in the
-// places the products read (rows past the part zero, as load_tile's zero-fill), so the
-// same bits. The meta, beta and the keys phase's loads stay cp.async.
+// kTma (session 16, the default on sm_90; chunk_bwd_kernel_tma): the tiles (k, dh, r,
+// v_new; then T and v; then dO over v and q over U) arrive as tensor-map copies that
+// thread 0 issues, one box a 64-row tile, counted on two mbarriers (phase 0: the first
+// two groups, phase 1: dO and q) instead of 4-8 cp.async pieces a thread and tile; the
+// output, dq and dk/dv passes measured 12-15 % faster so. The boxes are the padded tiles
+// (tc_tile_map.cuh): the same bytes in the places the products read (rows past the part
+// zero, as load_tile's zero-fill), so the same bits. The meta and beta stay cp.async,
+// h comes from registers (sums).
 struct BwdMaps {
-  // 0 k, 1 dh, 2 r, 3 v_new, 4 T, 5 v (hdim / tdim / bdim: tile_map_box's)
-  CUtensorMap map[6];
-  int hdim[6], tdim[6], bdim[6];
+  // 0 k, 1 dh, 2 r, 3 v_new, 4 T, 5 v, 6 dO, 7 q (hdim / tdim / bdim: tile_map_box's)
+  CUtensorMap map[8];
+  int hdim[8], tdim[8], bdim[8];
 };
-constexpr int kMapK = 0, kMapDh = 1, kMapR = 2, kMapVnew = 3, kMapT = 4, kMapV = 5;
+constexpr int kMapK = 0, kMapDh = 1, kMapR = 2, kMapVnew = 3, kMapT = 4, kMapV = 5, kMapDo = 6, kMapQ = 7;
+// Thread 0 of a kTma block: the view tile of map m at chunk c of (b, h) into dst, its bytes
+// on bar, after the block's earlier reads of dst (ordered before this thread by a
+// __syncthreads) are ordered before the copy engine's writes.
+template <typename T, int D>
+__device__ __forceinline__ void tma_view_tile_after_reads(const BwdMaps* maps, int m, const T* dst, const ChunkPos& cp,
+                                                          uint64_t* bar) {
+  LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+  mbar_arrive_expect_tx(bar, CH * TcTile<D>::LD * sizeof(T));
+  lasp2::cuda::tile_map_box(smem_u32(dst), &maps->map[m], maps->hdim[m], maps->tdim[m], cp.h, cp.c * CH, cp.b, bar);
+}
 
 template <typename T, int D, bool kEarly, bool kSums, bool kTma>
 __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBackwardArgs& a,
@@ -470,7 +481,9 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       add_rows(sm.db, dbv, m0, lane);
     }
     __syncthreads();  // every warp has read dU, T and v: q (early: dO) takes v's tile
-    if constexpr (kEarly) {
+    if constexpr (kTma) {
+      if (tid == 0) tma_view_tile_after_reads<T, D>(maps, kMapDo, sm.vq, cp, &bars[0]);
+    } else if constexpr (kEarly) {
       load_tile<T, D, kThreads>(sm.vq, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
     } else {
       load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
@@ -582,6 +595,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
   }
   // early: dO and h, this thread's copies (the barrier shows all of them)
   if constexpr (kEarly) cp_async_wait_all();
+  if constexpr (kTma) mbar_wait(&bars[0], 1);  // dO
   __syncthreads();  // every warp has read dh and dA: h takes dh's tile (dP will take dA's)
   if constexpr (!kEarly) {
     const T* st = static_cast<const T*>(a.states) + at;
@@ -628,7 +642,11 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     }
     cp_async_wait_all();  // (h: already in)
     __syncthreads();      // every warp has read U and written dP; h is in: q takes U's tile
-    load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    if constexpr (kTma) {
+      if (tid == 0) tma_view_tile_after_reads<T, D>(maps, kMapQ, sm.u, cp, &bars[1]);
+    } else {
+      load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+    }
     cp_async_commit();
     T* dkat[2];
     out_rows(dkat, dkrow, a.dkst, m0, n0, lane);
@@ -658,6 +676,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       kz_terms<T, D, kSums>(sm, kz, kzb, kzm, m0, lane);
     }
     cp_async_wait_all();  // q
+    if constexpr (kTma) mbar_wait(&bars[1], 1);
     __syncthreads();
     // dk += dP^T Q (dP[x][y] is zero for x < y: row blocks mw..3)
     mma_acc<T, NH, true, false>(dk, sm.tt, kLdP, sm.u, LD, m0, n0, mw, CH / 16, NH / 2, lane);
@@ -884,6 +903,9 @@ bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cud
   Geom sg;
   bool ok = encode_tile_map<T, D>(&m.map[kMapK], m.hdim[kMapK], m.tdim[kMapK], m.bdim[kMapK], view(p.k), part, D);
   ok = ok && encode_tile_map<T, D>(&m.map[kMapV], m.hdim[kMapV], m.tdim[kMapV], m.bdim[kMapV], view(p.v), part, D);
+  ok = ok && encode_tile_map<T, D>(&m.map[kMapQ], m.hdim[kMapQ], m.tdim[kMapQ], m.bdim[kMapQ], view(p.q), part, D);
+  ok = ok &&
+       encode_tile_map<T, D>(&m.map[kMapDo], m.hdim[kMapDo], m.tdim[kMapDo], m.bdim[kMapDo], view(a.dout), part, D);
   scratch(a.dh, nck * D, D, sv, sg);
   ok = ok && encode_tile_map<T, D>(&m.map[kMapDh], m.hdim[kMapDh], m.tdim[kMapDh], m.bdim[kMapDh], sv, sg, D);
   scratch(a.r, npad, D, sv, sg);
