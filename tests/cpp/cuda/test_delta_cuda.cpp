@@ -1235,7 +1235,8 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     }
     std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
     // The chunk backward's variants side by side (LASP2_DELTA_TIMING_BWD_KERNELS, e.g.
-    // "lean early lean early": LASP2_DELTA_CHUNK_BWD_KERNEL set to each in turn): the chunk
+    // "lean early lean early" or "sums sums/cp_async ...": LASP2_DELTA_CHUNK_BWD_KERNEL
+    // (and LASP2_CUDA_TILE_COPY after a slash) set to each in turn): the chunk
     // backward launch alone (the median of 5 after a warm-up) and the one-device backward
     // with the forward kept (forward_keeping, then backward_reusing timed; the median of 3
     // after a warm-up), so that one process's data serve the A/B.
@@ -1244,7 +1245,11 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
       std::istringstream names(list);
       std::string name;
       while (names >> name) {
-        const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", name.c_str());
+        // "sums/cp_async": the form with LASP2_CUDA_TILE_COPY=cp_async (the cp.async
+        // copies instead of the tensor maps); a plain name leaves the copies at the default
+        const size_t slash = name.find('/');
+        const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", name.substr(0, slash));
+        const EnvGuard copy("LASP2_CUDA_TILE_COPY", slash == std::string::npos ? "" : name.substr(slash + 1));
         const float chunk_ms = timer.median_ms([&] { gpu::launch_chunk_backward(g, ba, nullptr); }, 6);
         std::vector<float> bwd;
         for (int rep = 0; rep < 4; ++rep) {
@@ -1866,6 +1871,100 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
         for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
         EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
             << "written";
+      }
+    }
+  }
+}
+
+// The chunk backward's tensor-map copies (the sums form's default on sm_90, session 16:
+// its k, dh, r, v_new, T, v, dO and q tiles as one thread's boxes on two mbarriers)
+// against its cp.async copies (LASP2_CUDA_TILE_COPY=cp_async): the same bytes
+// in the places the products read, so dq, dk and dv must be equal bit for bit (and the
+// entering-state gradient, which other kernels form); dg and dbeta up to the order of
+// the kernel's shared-memory float atomics between warps, which no run fixes (1e-6).
+// EarlyEqualsLean's cases (rows and packed documents with a -inf gate inside a chunk, a
+// part starting at token 37 and ending mid-chunk, one partial chunk, d = 64 and 128,
+// bf16 and fp16) and fp16 at d = 64; both held to the CPU backend without -inf gates.
+TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  struct Case {
+    int d;
+    bool packed;
+    ScalarType type;
+    TokenRange part;
+  };
+  const std::vector<Case> cases = {{128, false, ScalarType::kBFloat16, {37, 280}},
+                                   {128, true, ScalarType::kBFloat16, {37, 280}},
+                                   {64, false, ScalarType::kBFloat16, {37, 280}},
+                                   {64, true, ScalarType::kBFloat16, {37, 280}},
+                                   {128, true, ScalarType::kFloat16, {0, 300}},
+                                   {64, false, ScalarType::kFloat16, {37, 280}},
+                                   {128, false, ScalarType::kBFloat16, {100, 141}}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.packed ? "packed" : "rows") + " d=" + std::to_string(c.d) +
+                 (c.type == ScalarType::kFloat16 ? " fp16" : " bf16") + " part " + std::to_string(c.part.begin) +
+                 ".." + std::to_string(c.part.end));
+    DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
+    if (c.packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    DeltaProblem<float> pr(spec, 43);
+    if (c.packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
+    prepare_inputs(pr, c.type);
+    const Layout lay{false, 0};
+    DeviceProblem dev(pr, c.type, lay);
+    const DeltaParams& dp = dev.p;
+    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
+    const int64_t se = dp.bh() * dp.state_elems();
+    const EdgeStates edge = random_edge_states(5, se);
+    auto run = [&](const char* copy) {
+      const EnvGuard scope("LASP2_CUDA_TILE_COPY", copy);
+      Grads r;
+      BackwardBuffers g(pr, c.type, lay, se);
+      gpu.backward(dp, c.part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
+                   g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+      g.download(r);
+      return r;
+    };
+    const Grads ref = run("cp_async"), got = run("");
+    auto bits_differ = [](const auto& x, const auto& y) {
+      int64_t n = 0;
+      for (size_t e = 0; e < x.size(); ++e) n += std::memcmp(&x[e], &y[e], sizeof(x[e])) != 0;
+      return n;
+    };
+    EXPECT_EQ(bits_differ(got.dq, ref.dq), 0) << "dq";
+    EXPECT_EQ(bits_differ(got.dk, ref.dk), 0) << "dk";
+    EXPECT_EQ(bits_differ(got.dv, ref.dv), 0) << "dv";
+    EXPECT_EQ(bits_differ(got.dE, ref.dE), 0) << "d_entering";
+    EXPECT_LT(rel_err_f32(got.dg, ref.dg), 1e-6) << "dg";
+    EXPECT_LT(rel_err_f32(got.db, ref.db), 1e-6) << "dbeta";
+    for (const auto* x : {&got.dq, &got.dk, &got.dv}) {
+      int64_t nonzero = 0;
+      for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
+      EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
+          << "written";
+    }
+    if (!c.packed) {  // the CPU backend (no -inf gates)
+      const DeltaParams hp = pr.params();
+      const int64_t bh = dp.bh();
+      std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
+      std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dE(bh * dp.state_elems());
+      delta::delta_cpu_backend().backward(hp, c.part, pr.dout_view(), edge.entering.data(), edge.leaving.data(),
+                                          DocStates{}, {dq.data(), pr.strides(spec.dim_k)},
+                                          {dk.data(), pr.strides(spec.dim_k)}, {dv.data(), pr.strides(spec.dim_v)},
+                                          dg.data(), db.data(), dE.data(), nullptr);
+      const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
+      for (const Grads* r : {&got, &ref}) {
+        SCOPED_TRACE(r == &got ? "tensor maps vs CPU" : "cp.async vs CPU");
+        for (auto [name, got_v, want_v, dim] : {std::tuple{"dq", &r->dq, &dq, spec.dim_k},
+                                                {"dk", &r->dk, &dk, spec.dim_k}, {"dv", &r->dv, &dv, spec.dim_v}}) {
+          std::vector<char> written(got_v->size(), 0);
+          for (size_t i = 0; i < written.size(); ++i) written[i] = std::isnan((*got_v)[i]) ? 0 : 1;
+          const Compare cmp = compare_rows(*got_v, written, *want_v, spec.batch, spec.seqlen, spec.heads, dim,
+                                           c.part.begin, c.part.end);
+          EXPECT_LT(cmp.rel, tol_io) << name;
+          EXPECT_EQ(cmp.missing, 0) << name;
+        }
+        EXPECT_LT(rel_err_f32(r->dg, dg), tol_sum) << "dg";
+        EXPECT_LT(rel_err_f32(r->db, db), tol_sum) << "dbeta";
       }
     }
   }
