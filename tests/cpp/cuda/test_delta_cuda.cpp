@@ -1802,6 +1802,74 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
   }
 }
 
+// A case of the chunk backward's bit-equality tests below (GDN rows, or packed documents
+// with a -inf gate inside chunk 2; a part of a 300-token sequence), set up on the device
+// once; run(knob, value) is the CUDA backward under one environment setting (the chunk
+// backward's form or its copy mode).
+struct ChunkBackwardCase {
+  int d;
+  bool packed;
+  ScalarType type;
+  TokenRange part;
+};
+
+struct ChunkBackwardRun {
+  explicit ChunkBackwardRun(const ChunkBackwardCase& c)
+      : c(c), spec(spec_of(c)), pr(spec, 43), dev(prepared(pr, c), c.type, Layout{false, 0}),
+        se(dev.p.bh() * dev.p.state_elems()), edge(random_edge_states(5, se)) {}
+
+  std::string name() const {
+    return std::string(c.packed ? "packed" : "rows") + " d=" + std::to_string(c.d) +
+           (c.type == ScalarType::kFloat16 ? " fp16" : " bf16") + " part " + std::to_string(c.part.begin) + ".." +
+           std::to_string(c.part.end);
+  }
+
+  Grads run(const char* knob, const char* value) const {
+    const EnvGuard scope(knob, value);
+    Grads r;
+    BackwardBuffers g(pr, c.type, Layout{false, 0}, se);
+    delta::delta_backend_for(Device::kCUDA)
+        .backward(dev.p, c.part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
+                  g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+    g.download(r);
+    return r;
+  }
+
+  // dq, dk and dv hold values in (about) the part's share of their rows: the kernels wrote
+  void expect_written(const Grads& r) const {
+    for (const auto* x : {&r.dq, &r.dk, &r.dv}) {
+      int64_t nonzero = 0;
+      for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
+      EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
+          << "written";
+    }
+  }
+
+  ChunkBackwardCase c;
+  DeltaSpec spec;
+  DeltaProblem<float> pr;
+  DeviceProblem dev;
+  int64_t se;
+  EdgeStates edge;
+
+ private:
+  static DeltaSpec spec_of(const ChunkBackwardCase& c) {
+    DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
+    if (c.packed) spec.doc_starts = {5, 64, 65, 130, 201};
+    return spec;
+  }
+  static const DeltaProblem<float>& prepared(DeltaProblem<float>& pr, const ChunkBackwardCase& c) {
+    if (c.packed) pr.g[(170 * pr.spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
+    prepare_inputs(pr, c.type);
+    return pr;
+  }
+};
+
+const std::vector<ChunkBackwardCase> kChunkBackwardCases = {
+    {128, false, ScalarType::kBFloat16, {37, 280}}, {128, true, ScalarType::kBFloat16, {37, 280}},
+    {64, false, ScalarType::kBFloat16, {37, 280}},  {64, true, ScalarType::kBFloat16, {37, 280}},
+    {128, true, ScalarType::kFloat16, {0, 300}},    {128, false, ScalarType::kBFloat16, {100, 141}}};
+
 // The early chunk backward (LASP2_DELTA_CHUNK_BWD_KERNEL=early: dB kept in shared memory
 // and dk's first terms in registers instead of the hand-over through dq's and dk's rows,
 // h loaded as soon as dU is formed) against the lean kernel (=lean): the same
@@ -1819,59 +1887,21 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
 // order, so it is held to lean the same way.
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
-  struct Case {
-    int d;
-    bool packed;
-    ScalarType type;
-    TokenRange part;
-  };
-  const std::vector<Case> cases = {{128, false, ScalarType::kBFloat16, {37, 280}},
-                                   {128, true, ScalarType::kBFloat16, {37, 280}},
-                                   {64, false, ScalarType::kBFloat16, {37, 280}},
-                                   {64, true, ScalarType::kBFloat16, {37, 280}},
-                                   {128, true, ScalarType::kFloat16, {0, 300}},
-                                   {128, false, ScalarType::kBFloat16, {100, 141}}};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(std::string(c.packed ? "packed" : "rows") + " d=" + std::to_string(c.d) +
-                 (c.type == ScalarType::kFloat16 ? " fp16" : " bf16") + " part " + std::to_string(c.part.begin) +
-                 ".." + std::to_string(c.part.end));
-    DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
-    if (c.packed) spec.doc_starts = {5, 64, 65, 130, 201};
-    DeltaProblem<float> pr(spec, 43);
-    if (c.packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
-    prepare_inputs(pr, c.type);
-    const Layout lay{false, 0};
-    DeviceProblem dev(pr, c.type, lay);
-    const DeltaParams& dp = dev.p;
-    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-    const int64_t se = dp.bh() * dp.state_elems();
-    const EdgeStates edge = random_edge_states(5, se);
-    auto run = [&](const char* kernel) {
-      const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
-      Grads r;
-      BackwardBuffers g(pr, c.type, lay, se);
-      gpu.backward(dp, c.part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
-                   g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
-      g.download(r);
-      return r;
-    };
+  for (const ChunkBackwardCase& c : kChunkBackwardCases) {
+    const ChunkBackwardRun cb(c);
+    SCOPED_TRACE(cb.name());
     // the default twice (unset and named), so that the default is the sums kernel
-    const Grads lean = run("lean");
+    const Grads lean = cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", "lean");
     for (const char* kernel : {"", "sums", "early"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
-      const Grads early = run(kernel);
+      const Grads early = cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
       EXPECT_EQ(max_abs_diff(early.dk, lean.dk), 0.0) << "dk";
       EXPECT_EQ(max_abs_diff(early.dv, lean.dv), 0.0) << "dv";
       EXPECT_LT(rel_err_f32(early.dg, lean.dg), 1e-5) << "dg";
       EXPECT_LT(rel_err_f32(early.db, lean.db), 1e-5) << "dbeta";
       EXPECT_LT(rel_err_f32(early.dE, lean.dE), 1e-6) << "d_entering";
-      for (const auto* x : {&early.dq, &early.dk, &early.dv}) {
-        int64_t nonzero = 0;
-        for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
-        EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
-            << "written";
-      }
+      cb.expect_written(early);
     }
   }
 }
@@ -1887,44 +1917,16 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
 // bf16 and fp16) and fp16 at d = 64; both held to the CPU backend without -inf gates.
 TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
   LASP2_SKIP_WITHOUT_CUDA();
-  struct Case {
-    int d;
-    bool packed;
-    ScalarType type;
-    TokenRange part;
-  };
-  const std::vector<Case> cases = {{128, false, ScalarType::kBFloat16, {37, 280}},
-                                   {128, true, ScalarType::kBFloat16, {37, 280}},
-                                   {64, false, ScalarType::kBFloat16, {37, 280}},
-                                   {64, true, ScalarType::kBFloat16, {37, 280}},
-                                   {128, true, ScalarType::kFloat16, {0, 300}},
-                                   {64, false, ScalarType::kFloat16, {37, 280}},
-                                   {128, false, ScalarType::kBFloat16, {100, 141}}};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(std::string(c.packed ? "packed" : "rows") + " d=" + std::to_string(c.d) +
-                 (c.type == ScalarType::kFloat16 ? " fp16" : " bf16") + " part " + std::to_string(c.part.begin) +
-                 ".." + std::to_string(c.part.end));
-    DeltaSpec spec = gdn_spec(c.d, 300, c.packed ? 1 : 2);
-    if (c.packed) spec.doc_starts = {5, 64, 65, 130, 201};
-    DeltaProblem<float> pr(spec, 43);
-    if (c.packed) pr.g[(170 * spec.heads + 1)] = -INFINITY;  // a forgetting gate inside chunk 2
-    prepare_inputs(pr, c.type);
-    const Layout lay{false, 0};
-    DeviceProblem dev(pr, c.type, lay);
-    const DeltaParams& dp = dev.p;
-    const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
-    const int64_t se = dp.bh() * dp.state_elems();
-    const EdgeStates edge = random_edge_states(5, se);
-    auto run = [&](const char* copy) {
-      const EnvGuard scope("LASP2_CUDA_TILE_COPY", copy);
-      Grads r;
-      BackwardBuffers g(pr, c.type, lay, se);
-      gpu.backward(dp, c.part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
-                   g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
-      g.download(r);
-      return r;
-    };
-    const Grads ref = run("cp_async"), got = run("");
+  std::vector<ChunkBackwardCase> cases = kChunkBackwardCases;
+  cases.push_back({64, false, ScalarType::kFloat16, {37, 280}});
+  for (const ChunkBackwardCase& c : cases) {
+    const ChunkBackwardRun cb(c);
+    SCOPED_TRACE(cb.name());
+    const DeltaSpec& spec = cb.spec;
+    const DeltaProblem<float>& pr = cb.pr;
+    const DeltaParams& dp = cb.dev.p;
+    const EdgeStates& edge = cb.edge;
+    const Grads ref = cb.run("LASP2_CUDA_TILE_COPY", "cp_async"), got = cb.run("LASP2_CUDA_TILE_COPY", "");
     auto bits_differ = [](const auto& x, const auto& y) {
       int64_t n = 0;
       for (size_t e = 0; e < x.size(); ++e) n += std::memcmp(&x[e], &y[e], sizeof(x[e])) != 0;
@@ -1936,12 +1938,7 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
     EXPECT_EQ(bits_differ(got.dE, ref.dE), 0) << "d_entering";
     EXPECT_LT(rel_err_f32(got.dg, ref.dg), 1e-6) << "dg";
     EXPECT_LT(rel_err_f32(got.db, ref.db), 1e-6) << "dbeta";
-    for (const auto* x : {&got.dq, &got.dk, &got.dv}) {
-      int64_t nonzero = 0;
-      for (double e : *x) nonzero += (!std::isnan(e) && e != 0.0) ? 1 : 0;
-      EXPECT_GT(nonzero, static_cast<int64_t>(x->size()) * (c.part.end - c.part.begin) / spec.seqlen / 2)
-          << "written";
-    }
+    cb.expect_written(got);
     if (!c.packed) {  // the CPU backend (no -inf gates)
       const DeltaParams hp = pr.params();
       const int64_t bh = dp.bh();
