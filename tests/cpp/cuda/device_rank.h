@@ -46,8 +46,8 @@ struct DeviceProblem {
     p.decay.log_decay = log_decay.p;
     p.doc_start = pr.spec.doc_starts.empty() ? nullptr : doc.p;
   }
-  DevTensor like_v() { return DevTensor(v.B, v.T, v.H, v.D, v.type, v.layout); }
-  DevTensor like_k() { return DevTensor(k.B, k.T, k.H, k.D, k.type, k.layout); }
+  DevTensor like_v() const { return DevTensor(v.B, v.T, v.H, v.D, v.type, v.layout); }
+  DevTensor like_k() const { return DevTensor(k.B, k.T, k.H, k.D, k.type, k.layout); }
 };
 
 // One rank's problem on the device: inputs uploaded once, forward + backward

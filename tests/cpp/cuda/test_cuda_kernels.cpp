@@ -932,51 +932,74 @@ TEST(CudaStateKernel, TmaCopySameBits) {
 // cases also gave o, dq and q.dq equal bit for bit to the kernel of sessions 4-12 and to
 // the measured variants (tc_scores' Spread; the fine split with the inter product after
 // the barrier), which were then removed.
-void run_fwd_split_case(const OpCase& c) {
-  SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
-  const AttentionParams pc = pr.params();
-  DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
-  const TokenRange part{c.begin, c.end};
-  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
-  const std::vector<double> s0 = random_vec(bh * se, 41, 2.0);
-  const std::vector<float> S0(s0.begin(), s0.end());
-  DevBuf<float> S0d = to_device_f32(S0);
-
-  std::vector<double> want_o = pr.zeros_like_v(), want_dq = pr.zeros_like_k(), want_qdq(scalars, 0.0);
-  cpu_backend().chunk_forward(pc, part, S0.data(), {want_o.data(), pr.strides(c.dv)}, nullptr);
-  cpu_backend().chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), pr.strides(c.dk)},
-                                  want_qdq.data(), nullptr);
+// One case of the output and dq passes on the device (o, dq and q.dq from a random
+// entering state) with its CPU reference in float64; run(knob, value) is both passes
+// under one environment setting (o and dq poisoned first).
+struct FwdDqRun {
   struct Out {
     DevTensor o, dq;
     DevBuf<float> qdq;
   };
-  auto run = [&]() {
+
+  explicit FwdDqRun(const OpCase& c)
+      : c(c), pr(make_problem(c, 4000 + static_cast<uint32_t>(c.T))), dp(pr, c.dtype, c.layout),
+        part{c.begin, c.end}, scalars(c.B * c.T * c.H) {
+    const AttentionParams pc = pr.params();
+    const std::vector<double> s0 = random_vec(pc.bh() * pc.state_elems(), 41, 2.0);
+    S0.assign(s0.begin(), s0.end());
+    S0d = to_device_f32(S0);
+    want_o = pr.zeros_like_v();
+    want_dq = pr.zeros_like_k();
+    want_qdq.assign(scalars, 0.0);
+    cpu_backend().chunk_forward(pc, part, S0.data(), {want_o.data(), pr.strides(c.dv)}, nullptr);
+    cpu_backend().chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), pr.strides(c.dk)},
+                                    want_qdq.data(), nullptr);
+  }
+
+  Out run(const char* knob, const char* value) const {
+    EnvGuard k(knob, value);
     Out r{dp.like_v(), dp.like_k(), DevBuf<float>(scalars)};
     r.qdq.poison();
-    cuda_backend().chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
-    cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
+    cuda_backend().chunk_forward(dp.p, part, S0d.p, r.o.mview(), nullptr);
+    cuda_backend().chunk_backward_dq(dp.p, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
     return r;
-  };
+  }
+
+  // b's o, dq and q.dq bit for bit a's (what: the setting that gave b)
+  static void expect_same_bits(const Out& a, const Out& b, const std::string& what) {
+    EXPECT_EQ(b.o.buf.download(), a.o.buf.download()) << "o: " << what;
+    EXPECT_EQ(b.dq.buf.download(), a.dq.buf.download()) << "dq: " << what;
+    EXPECT_EQ(float_bits(b.qdq.download()), float_bits(a.qdq.download())) << "q.dq: " << what;
+  }
+
+  void expect_matches_cpu(const Out& r, const std::string& tag) const {
+    const double tol = tol_of(c.dtype);
+    expect_rows(c, ("o_" + tag).c_str(), r.o, want_o, tol);
+    expect_rows(c, ("dq_" + tag).c_str(), r.dq, want_dq, tol);
+    expect_scalars(c, ("q.dq_" + tag).c_str(), r.qdq, want_qdq, tol);
+  }
+
+  OpCase c;
+  Problem<double> pr;
+  DeviceProblem dp;
+  TokenRange part;
+  int64_t scalars;
+  std::vector<float> S0;
+  DevBuf<float> S0d;
+  std::vector<double> want_o, want_dq, want_qdq;
+};
+
+void run_fwd_split_case(const OpCase& c) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const FwdDqRun f(c);
   // the default kernels (twice) and LASP2_CUDA_FWD_KERNEL=old (D = 64: tc_scores instead
   // of tc_scores_split, session 13; the other tiles have one kernel): the same bits
-  auto run_knob = [&](const char* knob) {
-    EnvGuard k("LASP2_CUDA_FWD_KERNEL", knob);
-    return run();
-  };
-  const Out a = run_knob(""), b = run_knob(""), old = run_knob("old");
-  const double tol = tol_of(c.dtype);
-  EXPECT_EQ(old.o.buf.download(), a.o.buf.download()) << "o: LASP2_CUDA_FWD_KERNEL=old differs";
-  EXPECT_EQ(old.dq.buf.download(), a.dq.buf.download()) << "dq: LASP2_CUDA_FWD_KERNEL=old differs";
-  EXPECT_EQ(float_bits(old.qdq.download()), float_bits(a.qdq.download())) << "q.dq: LASP2_CUDA_FWD_KERNEL=old differs";
-  expect_rows(c, "o_split", a.o, want_o, tol);
-  expect_rows(c, "dq_split", a.dq, want_dq, tol);
-  expect_scalars(c, "q.dq_split", a.qdq, want_qdq, tol);
-  EXPECT_EQ(b.o.buf.download(), a.o.buf.download()) << "o not reproducible";
-  EXPECT_EQ(b.dq.buf.download(), a.dq.buf.download()) << "dq not reproducible";
-  EXPECT_EQ(float_bits(b.qdq.download()), float_bits(a.qdq.download())) << "q.dq not reproducible";
+  const FwdDqRun::Out a = f.run("LASP2_CUDA_FWD_KERNEL", ""), b = f.run("LASP2_CUDA_FWD_KERNEL", ""),
+                      old = f.run("LASP2_CUDA_FWD_KERNEL", "old");
+  FwdDqRun::expect_same_bits(a, old, "LASP2_CUDA_FWD_KERNEL=old differs");
+  f.expect_matches_cpu(a, "split");
+  FwdDqRun::expect_same_bits(a, b, "not reproducible");
 }
 
 std::vector<OpCase> fwd_split_cases() {
@@ -1027,44 +1050,12 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
 void run_fwd_tma_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
-  const AttentionParams pc = pr.params();
-  DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
-  const TokenRange part{c.begin, c.end};
-  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
-  const std::vector<double> s0 = random_vec(bh * se, 41, 2.0);
-  const std::vector<float> S0(s0.begin(), s0.end());
-  DevBuf<float> S0d = to_device_f32(S0);
-
-  std::vector<double> want_o = pr.zeros_like_v(), want_dq = pr.zeros_like_k(), want_qdq(scalars, 0.0);
-  cpu_backend().chunk_forward(pc, part, S0.data(), {want_o.data(), pr.strides(c.dv)}, nullptr);
-  cpu_backend().chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), pr.strides(c.dk)},
-                                  want_qdq.data(), nullptr);
-  struct Out {
-    DevTensor o, dq;
-    DevBuf<float> qdq;
-  };
-  auto run = [&](const char* knob) {
-    EnvGuard k("LASP2_CUDA_TILE_COPY", knob);
-    Out r{dp.like_v(), dp.like_k(), DevBuf<float>(scalars)};  // o, dq poisoned
-    r.qdq.poison();
-    cuda_backend().chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
-    cuda_backend().chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
-    return r;
-  };
-  const Out a = run(""), v = run("cp_async");  // the default (tma on sm_90), forced cp.async
-  const double tol = tol_of(c.dtype);
-  EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o: LASP2_CUDA_TILE_COPY=cp_async differs";
-  EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq: LASP2_CUDA_TILE_COPY=cp_async differs";
-  EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download()))
-      << "q.dq: LASP2_CUDA_TILE_COPY=cp_async differs";
-  expect_rows(c, "o_default", a.o, want_o, tol);
-  expect_rows(c, "dq_default", a.dq, want_dq, tol);
-  expect_scalars(c, "q.dq_default", a.qdq, want_qdq, tol);
-  expect_rows(c, "o_cp_async", v.o, want_o, tol);
-  expect_rows(c, "dq_cp_async", v.dq, want_dq, tol);
-  expect_scalars(c, "q.dq_cp_async", v.qdq, want_qdq, tol);
+  const FwdDqRun f(c);
+  // the default (tma on sm_90), forced cp.async
+  const FwdDqRun::Out a = f.run("LASP2_CUDA_TILE_COPY", ""), v = f.run("LASP2_CUDA_TILE_COPY", "cp_async");
+  FwdDqRun::expect_same_bits(a, v, "LASP2_CUDA_TILE_COPY=cp_async differs");
+  f.expect_matches_cpu(a, "default");
+  f.expect_matches_cpu(v, "cp_async");
 }
 
 TEST(CudaFwdKernel, TmaCopySameBits) {
