@@ -239,11 +239,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     }
   };
   if constexpr (kTma) {
-    if (tid == kTmaThread) {
-      lasp2::delta::gpu::mbar_init(&bars[0], 1);
-      lasp2::delta::gpu::mbar_init(&bars[1], 1);
-      lasp2::delta::gpu::mbar_init_fence();
-    }
+    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<2>(bars);
     __syncthreads();
   }
 
@@ -306,7 +302,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       if (next) {
         // the stage's last (generic-proxy) reads were in the previous chunk, before the
         // barrier above; order them before the copy engine's writes
-        if (tid == kTmaThread) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (tid == kTmaThread) lasp2::delta::gpu::fence_proxy_async_shared();
         issue_tiles(c - 1, stage ^ 1);
         load_meta(c - 1, stage ^ 1);
       }

@@ -226,11 +226,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     }
   };
   if constexpr (kTma) {
-    if (tid == kTmaThread) {
-      lasp2::delta::gpu::mbar_init(&bars[0], 1);
-      lasp2::delta::gpu::mbar_init(&bars[1], 1);
-      lasp2::delta::gpu::mbar_init_fence();
-    }
+    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<2>(bars);
     __syncthreads();
   }
   const bool active = 16 * warp < dv;
@@ -250,7 +246,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       if (c + 1 < c_end) {
         // the stage's last (generic-proxy) reads were in the previous chunk, before the
         // barrier above; order them before the copy engine's writes
-        if (tid == kTmaThread) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (tid == kTmaThread) lasp2::delta::gpu::fence_proxy_async_shared();
         load_tma(c + 1, stage ^ 1);
       }
     } else if (c + 1 < c_end) {

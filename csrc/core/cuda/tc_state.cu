@@ -168,12 +168,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
     }
   };
   if constexpr (kTma) {
-    if (tid == kTmaThread) {
-      lasp2::delta::gpu::mbar_init(&bars[0], 1);
-      lasp2::delta::gpu::mbar_init(&bars[1], 1);
-      lasp2::delta::gpu::mbar_init(&bars[2], 1);
-      lasp2::delta::gpu::mbar_init_fence();
-    }
+    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<3>(bars);
     __syncthreads();
   }
 
@@ -200,7 +195,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
     if constexpr (kTma) {
       // that stage's last (generic-proxy) reads were before the barrier above; order them
       // before the copy engine's writes
-      if (tid == kTmaThread && i + 2 < nwalk) LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (tid == kTmaThread && i + 2 < nwalk) lasp2::delta::gpu::fence_proxy_async_shared();
       load_tma(i + 2, stage == 0 ? 2 : stage - 1);
     } else {
       load(i + 2, stage == 0 ? 2 : stage - 1);

@@ -245,7 +245,7 @@ constexpr int kMapK = 0, kMapDh = 1, kMapR = 2, kMapVnew = 3, kMapT = 4, kMapV =
 template <typename T, int D>
 __device__ __forceinline__ void tma_view_tile_after_reads(const BwdMaps* maps, int m, const T* dst, const ChunkPos& cp,
                                                           uint64_t* bar) {
-  LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory");
+  fence_proxy_async_shared();
   mbar_arrive_expect_tx(bar, CH * TcTile<D>::LD * sizeof(T));
   lasp2::cuda::tile_map_box(smem_u32(dst), &maps->map[m], maps->hdim[m], maps->tdim[m], cp.h, cp.c * CH, cp.b, bar);
 }
@@ -279,9 +279,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     if (tid == 0) {
       // chunk_bwd_body's kTma: one box a 64-row tile; the scratch arrays' maps take
       // (b, h) as "head" bh and their rows as tokens (launch_chunk_backward_tma)
-      mbar_init(&bars[0], 1);
-      mbar_init(&bars[1], 1);
-      mbar_init_fence();
+      init_ring_barriers<2>(bars);
       constexpr uint32_t kTile = CH * LD * sizeof(T), kTileT = CH * kLdP * sizeof(T);
       const int bh = static_cast<int>(cp.bh), t = cp.c * CH;
       auto box = [&](int m, const T* dst, int hh, int tt, int bb, int bar) {

@@ -191,13 +191,7 @@ struct KMapDims {
 // expect_tx).
 template <int NS>
 __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid) {
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(&full[s], 1);
-    }
-    mbar_init_fence();
-  }
+  if (tid == 0) init_ring_barriers<NS>(full);
 }
 
 // ---- the skeleton of the four tma state passes ------------------------------------------

@@ -28,6 +28,18 @@ __device__ __forceinline__ void mbar_init(void* bar, uint32_t count) {
 }
 // Makes the initialised barriers visible to the async proxy (the copies' completions).
 __device__ __forceinline__ void mbar_init_fence() { LASP2_ASM90("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One thread's set-up of a ring of NS barriers, one arrival each (that thread's own
+// expect_tx), made visible to the copy engine; the block's __syncthreads publishes them.
+template <int NS>
+__device__ __forceinline__ void init_ring_barriers(uint64_t* bars) {
+#pragma unroll
+  for (int s = 0; s < NS; ++s) mbar_init(&bars[s], 1);
+  mbar_init_fence();
+}
+// Orders the block's earlier (generic-proxy) accesses of shared memory, which a
+// __syncthreads ordered before this thread, before the copy engine's later writes there:
+// issued before a copy refills a tile the block has read.
+__device__ __forceinline__ void fence_proxy_async_shared() { LASP2_ASM90("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Waits until the barrier's phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(void* bar, uint32_t parity) {
