@@ -7,13 +7,13 @@
 // with zeros (what load_tile's zero-fill does by hand). Included by .cu files only.
 #pragma once
 
-#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
-#include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90; tma_copy.cuh's wrappers
+#include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90, token_dims_by_stride; tma_copy.cuh's wrappers
 #include "launch.h"
 #include "tc_tiles.cuh"
 
@@ -57,15 +57,7 @@ bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const Vi
   const auto f = lasp2::delta::gpu::encode_tiled();
   const T* base = static_cast<const T*>(v.ptr) + g.begin * v.st;
   if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
-  struct Dim {
-    int64_t stride, extent;
-    int which;  // 0 h, 1 t, 2 b
-  } dm[3] = {{v.sh, g.heads, 0}, {v.st, g.n, 1}, {v.sb, g.batch, 2}};
-  int64_t far = 16;
-  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
-  for (Dim& x : dm)
-    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
-  std::stable_sort(dm, dm + 3, [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  const auto dm = lasp2::delta::gpu::token_dims_by_stride(v, g.heads, g.n, g.batch);
   cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), 0, 0, 0}, strides[3];
   cuuint32_t box[4] = {TcTile<D>::LD, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
   for (int i = 0; i < 3; ++i) {

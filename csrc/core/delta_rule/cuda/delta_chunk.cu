@@ -1447,15 +1447,7 @@ StatePass state_pass() {
 // dimensions go by stride (one of extent 1 last); kd says where h, t and b went.
 template <typename T>
 bool encode_token_map(CUtensorMap* map, KMapDims& kd, const View& v, const Problem& p, int rows) {
-  struct Dim {
-    int64_t stride, extent;
-    int which;  // 0 h, 1 t, 2 b
-  } dm[3] = {{v.sh, p.heads, 0}, {v.st, p.n, 1}, {v.sb, p.batch, 2}};
-  int64_t far = 16;
-  for (const Dim& x : dm) far = std::max(far, x.stride * x.extent);
-  for (Dim& x : dm)
-    if (x.extent == 1) x.stride = far;  // any valid stride: never stepped
-  std::stable_sort(std::begin(dm), std::end(dm), [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  const auto dm = token_dims_by_stride(v, p.heads, p.n, p.batch);
   cuuint64_t dims[4] = {128, 0, 0, 0}, strides[3];
   int row_dim = 0;
   for (int i = 0; i < 3; ++i) {

@@ -9,6 +9,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -186,6 +188,25 @@ __device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_
 struct KMapDims {
   int h, t, b;
 };
+
+// The h, t and b dimensions of a [B, T, H, d]-strided view (V: a View of either backend)
+// in the order of their strides, innermost first: dimensions 1..3 of a tensor map {d, ...}.
+// An extent-1 dimension, never stepped, gets a stride past all the others (any valid one),
+// so it sorts last.
+struct StridedDim {
+  int64_t stride, extent;
+  int which;  // 0 h, 1 t, 2 b
+};
+template <typename V>
+std::array<StridedDim, 3> token_dims_by_stride(const V& v, int64_t heads, int64_t n, int64_t batch) {
+  std::array<StridedDim, 3> dm = {{{v.sh, heads, 0}, {v.st, n, 1}, {v.sb, batch, 2}}};
+  int64_t far = 16;
+  for (const StridedDim& x : dm) far = std::max(far, x.stride * x.extent);
+  for (StridedDim& x : dm)
+    if (x.extent == 1) x.stride = far;
+  std::stable_sort(dm.begin(), dm.end(), [](const StridedDim& a, const StridedDim& b) { return a.stride < b.stride; });
+  return dm;
+}
 
 // Thread 0 sets up a tma kernel's ring of `full` barriers: one arrival each (its own
 // expect_tx).
