@@ -384,9 +384,8 @@ int generic_dkdv_smem(int dk, int dv, bool state_in_smem) {
 }
 
 template <typename T>
-void gen_state_t(const StateArgs& args, bool entry, bool smem_state, cudaStream_t s) {
-  const int bytes = generic_state_smem(args.da, args.db, smem_state);
-  const StateArgs a = walked_segments(args);
+void gen_state_t(const StateArgs& a, bool entry, bool smem_state, cudaStream_t s) {
+  const int bytes = generic_state_smem(a.da, a.db, smem_state);
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs);
   if (entry) {
     set_smem(generic_state_kernel<T, true>, bytes);

@@ -87,20 +87,11 @@ struct StateArgs {
   // it underflows to 0 or a document starts (passes.cpp: state_walk_stop).
   float stop = 0.f;
   // The segments walked: [first_seg, first_seg + segs) of g.nseg (the grid covers these
-  // only; the others' `out` slots are not written). segs = 0: all of them. passes.cpp
-  // leaves out the one segment whose state no scan reads.
+  // only; the others' `out` slots are not written). passes.cpp's run_states sets them:
+  // every segment, or all but the one whose state no scan reads.
   int first_seg = 0;
   int segs = 0;
 };
-
-// The state kernels' launch view of `a`: segs = 0 made explicit (every segment).
-inline StateArgs walked_segments(StateArgs a) {
-  if (a.segs <= 0) {
-    a.first_seg = 0;
-    a.segs = a.g.nseg;
-  }
-  return a;
-}
 
 // The output pass, o = scale * (w_entry * qa^T S + sum_y w(x,y) (qa.ka_y) va_y):
 //   kFwd:    (qa, ka, va) = (q, k, v), out = o

@@ -95,10 +95,8 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
                        int skip_seg, cudaStream_t stream) {
   StateArgs sa;
   sa.g = g;
-  if (skip_seg >= 0) {
-    sa.first_seg = skip_seg == 0 ? 1 : 0;
-    sa.segs = g.nseg - 1;
-  }
+  sa.first_seg = skip_seg == 0 ? 1 : 0;
+  sa.segs = skip_seg >= 0 ? g.nseg - 1 : g.nseg;
   sa.a = a;
   sa.b = b;
   sa.da = da;
@@ -108,6 +106,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
   sa.coef = coef;
   sa.out = out;
   StatePieces pieces;
+  if (sa.segs == 0) return pieces;  // the one segment left out: no block to launch
   if (D > 0) {
     sa.stop = state_walk_stop(coef);
     sa.nsub = state_pieces(p, g, D);

@@ -289,9 +289,8 @@ bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
 // The kTma kernel unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or it cannot run, then
 // the cp.async kernel.
 template <typename T, int D>
-void launch_state_t(const StateArgs& args, bool entry, cudaStream_t s) {
+void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   const int smem = StateLayout<D>::kBytes;
-  const StateArgs a = walked_segments(args);
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs * a.nsub * (D / kStateDB));
   if (grid > 0 && !tile_copy_forced_cp_async() &&
       (entry ? launch_state_tma<T, D, true>(a, grid, s) : launch_state_tma<T, D, false>(a, grid, s)))
