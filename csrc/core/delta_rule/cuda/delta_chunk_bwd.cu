@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
@@ -872,6 +873,15 @@ BwdForm chunk_backward_form() {
 
 // The sums form with the tensor-map copies where it can run (sm_90 code on an sm_90
 // device, every map encodable); false (nothing launched) otherwise.
+// A chunk backward kernel's dynamic shared memory, and all of the SM's 228 KiB as shared
+// memory so that two blocks fit; set before each launch (both copy paths).
+template <typename Kernel>
+void allow_chunk_backward(Kernel kernel, int bytes) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+        "chunk backward carveout");
+}
+
 template <typename T, int D>
 bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   auto kernel = chunk_bwd_kernel_tma<T, D>;
@@ -897,26 +907,27 @@ bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cud
     g.n = static_cast<int>(rows);
   };
   BwdMaps m;
+  // map i of the view v over g, read in boxes of C columns (+ the tile's padding)
+  auto encode = [&](auto cols, int i, const CView& v, const Geom& g) {
+    constexpr int C = decltype(cols)::value;
+    return encode_tile_map<T, C>(&m.map[i], m.hdim[i], m.tdim[i], m.bdim[i], v, g, C);
+  };
+  const std::integral_constant<int, D> d;
   CView sv;
   Geom sg;
-  bool ok = encode_tile_map<T, D>(&m.map[kMapK], m.hdim[kMapK], m.tdim[kMapK], m.bdim[kMapK], view(p.k), part, D);
-  ok = ok && encode_tile_map<T, D>(&m.map[kMapV], m.hdim[kMapV], m.tdim[kMapV], m.bdim[kMapV], view(p.v), part, D);
-  ok = ok && encode_tile_map<T, D>(&m.map[kMapQ], m.hdim[kMapQ], m.tdim[kMapQ], m.bdim[kMapQ], view(p.q), part, D);
-  ok = ok &&
-       encode_tile_map<T, D>(&m.map[kMapDo], m.hdim[kMapDo], m.tdim[kMapDo], m.bdim[kMapDo], view(a.dout), part, D);
+  bool ok = encode(d, kMapK, view(p.k), part) && encode(d, kMapV, view(p.v), part) &&
+            encode(d, kMapQ, view(p.q), part) && encode(d, kMapDo, view(a.dout), part);
   scratch(a.dh, nck * D, D, sv, sg);
-  ok = ok && encode_tile_map<T, D>(&m.map[kMapDh], m.hdim[kMapDh], m.tdim[kMapDh], m.bdim[kMapDh], sv, sg, D);
+  ok = ok && encode(d, kMapDh, sv, sg);
   scratch(a.r, npad, D, sv, sg);
-  ok = ok && encode_tile_map<T, D>(&m.map[kMapR], m.hdim[kMapR], m.tdim[kMapR], m.bdim[kMapR], sv, sg, D);
+  ok = ok && encode(d, kMapR, sv, sg);
   scratch(a.v_new, npad, D, sv, sg);
-  ok = ok && encode_tile_map<T, D>(&m.map[kMapVnew], m.hdim[kMapVnew], m.tdim[kMapVnew], m.bdim[kMapVnew], sv, sg, D);
+  ok = ok && encode(d, kMapVnew, sv, sg);
   scratch(a.t, npad, CH, sv, sg);
-  ok = ok && encode_tile_map<T, CH>(&m.map[kMapT], m.hdim[kMapT], m.tdim[kMapT], m.bdim[kMapT], sv, sg, CH);
+  ok = ok && encode(std::integral_constant<int, CH>{}, kMapT, sv, sg);
   if (!ok) return false;
   const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-        "chunk backward carveout");
+  allow_chunk_backward(kernel, bytes);
   kernel<<<dim3(static_cast<unsigned>(nck), static_cast<unsigned>(bh)), kThreads, bytes, s>>>(p, a, m);
   return true;
 }
@@ -935,10 +946,7 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
                   : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
                                             : chunk_bwd_kernel<T, D, false, false>;
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
-    // all of the SM's 228 KiB as shared memory, so that two blocks fit
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-          "chunk backward carveout");
+    allow_chunk_backward(kernel, bytes);
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
   chunk_dispatch<true>(p, kWho, go);
