@@ -81,14 +81,15 @@ __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const flo
   else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
 }
 
-template <int D, int MODE>
+// NS: stages of the tile / meta ring (3 only in variant 8 at D = 128, below).
+template <int D, int MODE, int NS = 2>
 struct FwdLayout {
   static constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
   static constexpr bool kDq = MODE == static_cast<int>(FwdMode::kDq);
   static constexpr int NT = kPrefix ? 1 : (kDq ? 4 : 3);  // qa, ka, va, x
-  static constexpr int kTiles = 2 * NT * TcTile<D>::kBytes;
+  static constexpr int kTiles = NS * NT * TcTile<D>::kBytes;
   static constexpr int kMeta = kTiles;
-  static constexpr int kP = kMeta + 2 * 128 * 4;
+  static constexpr int kP = kMeta + NS * 128 * 4;
   static constexpr int kW = kP + (kPrefix ? 0 : kPBytes);
   static constexpr int kRed = kW + 2 * 64 * 4;
   static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
@@ -111,13 +112,28 @@ struct FwdTmaArgs : FwdArgs {
 // variant 2 with the next chunk's qa, ka, va (and x) tiles as tensor-map copies issued by
 // one thread after the loop-top barrier and counted on a per-stage mbarrier (the meta
 // stays cp.async): no per-thread copy instructions for the tiles (see kTma). P = FwdTmaArgs.
-// Same math in the same order: the same bits. (VAR 3-5, cp.async copies spread over the
+// Same math in the same order: the same bits.
+// VAR 7 (session 17, LASP2_CUDA_FWD_KERNEL=wbulk, opt-in while unmeasured): variant 6 with
+// the chunk's per-token weights (the meta, 512 bytes) as a 1-d bulk copy by the same thread
+// onto the same mbarrier as the tiles (tc_state's kTma does so): no cp.async, commit or
+// group wait left in the kernel (warp 0 no longer copies; every warp's loop top waits on
+// the mbarrier alone). VAR 8 (=wbulk3): variant 7 with a third stage at D = 128 (the next
+// but one chunk in flight: 2 chunks of lead for the copies instead of 1; shared memory
+// output 115 -> 164 KiB, dq 152 -> 217 KiB, still one block an SM as before); at D = 64
+// (3 output blocks an SM, which a third stage would not fit) it is variant 7. Same
+// bytes in shared memory: the same bits. (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
+template <int D, int VAR>
+constexpr int fwd_stages() {
+  return VAR == 8 && D == 128 ? 3 : 2;
+}
+
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
     tc_fwd_kernel(const __grid_constant__ P args) {
-  using L = FwdLayout<D, MODE>;
+  constexpr int NS = fwd_stages<D, VAR>();
+  using L = FwdLayout<D, MODE, NS>;
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
   constexpr int NW = D / 16;
@@ -136,7 +152,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // measured faster. Here one thread issues the chunk's NT boxes (tc_tile_map.cuh: the
   // padded tile layout, zeros past the part's tokens and the view's dims from the copy
   // engine). The measured gain: head comment.
-  constexpr bool kTma = VAR == 6;
+  constexpr bool kTma = VAR >= 6;
+  constexpr bool kWBulk = VAR >= 7;  // the meta on the mbarrier too (VAR 7, 8)
   static_assert(!kTma || !kPrefix, "VAR 6: output and dq modes");
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
@@ -209,45 +226,54 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // VAR 6: the NT tiles of chunk c into `stage`, by one thread (not one of the weight
   // threads, nor a warp with 3 score tiles at D = 128), counted on bars[stage] (its one
   // arrival with the bytes expected; every box counts its full LD x 64 elements, the
-  // zero-filled ones too); the meta by cp.async, committed.
+  // zero-filled ones too); the meta by cp.async, committed. VAR 7, 8: the meta's 512
+  // bytes by the same thread as a bulk copy counted on the same barrier (meta's chunks are
+  // 512-byte blocks from a 16-byte aligned base: launch_fwd_tma checks it).
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
   constexpr int kTmaThread = 32 * (NW == 8 ? 5 : NW - 1);
   auto load_tma = [&](int c, int stage) {
     if constexpr (kTma) {
       if (tid == kTmaThread) {
-        lasp2::delta::gpu::mbar_arrive_expect_tx(&bars[stage], NT * kChunk * LD * static_cast<int>(sizeof(T)));
+        lasp2::delta::gpu::mbar_arrive_expect_tx(
+            &bars[stage], NT * kChunk * LD * static_cast<int>(sizeof(T)) + (kWBulk ? 128 * 4 : 0));
         const int t = c * kChunk;
 #pragma unroll
         for (int i = 0; i < NT; ++i)
           tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], h, t, b, &bars[stage]);
+        if constexpr (kWBulk) bulk_copy_1d(smem_u32(meta_s + stage * 128), meta + c * 128, 128 * 4, &bars[stage]);
       }
-      if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
-      cp_async_commit();
+      if constexpr (!kWBulk) {
+        if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
+        cp_async_commit();
+      }
     }
   };
   if constexpr (kTma) {
-    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<2>(bars);
+    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<NS>(bars);
     __syncthreads();
   }
   const bool active = 16 * warp < dv;
-  if (c_begin < c_end) {
-    if constexpr (kTma) load_tma(c_begin, 0);
-    else load(c_begin, 0);
+  // the ring: chunk c_begin + i in stage i % NS; stage s's fill k (chunk c_begin + NS k + s)
+  // completes its barrier's phase k (kTma)
+  if constexpr (kTma) {
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i)
+      if (c_begin + i < c_end) load_tma(c_begin + i, i);
+  } else if (c_begin < c_end) {
+    load(c_begin, 0);
   }
   for (int c = c_begin; c < c_end; ++c) {
-    const int stage = (c - c_begin) & 1;
-    cp_async_wait_all();
-    if constexpr (kTma) {
-      // stage's fill k (chunks c_begin + 2k + stage) completes the barrier's phase k
-      lasp2::delta::gpu::mbar_wait(&bars[stage], ((c - c_begin) >> 1) & 1);
-    }
+    const int stage = NS == 2 ? (c - c_begin) & 1 : (c - c_begin) % NS;
+    if constexpr (!kWBulk) cp_async_wait_all();
+    if constexpr (kTma)
+      lasp2::delta::gpu::mbar_wait(&bars[stage], (NS == 2 ? (c - c_begin) >> 1 : (c - c_begin) / NS) & 1);
     __syncthreads();
     if constexpr (kTma) {
-      if (c + 1 < c_end) {
-        // the stage's last (generic-proxy) reads were in the previous chunk, before the
-        // barrier above; order them before the copy engine's writes
+      if (c + NS - 1 < c_end) {
+        // the target stage (chunk c - 1's) had its last (generic-proxy) reads in the
+        // previous chunk, before the barrier above; order them before the copy engine's writes
         if (tid == kTmaThread) lasp2::delta::gpu::fence_proxy_async_shared();
-        load_tma(c + 1, stage ^ 1);
+        load_tma(c + NS - 1, NS == 2 ? stage ^ 1 : stage == 0 ? NS - 1 : stage - 1);
       }
     } else if (c + 1 < c_end) {
       load(c + 1, stage ^ 1);
@@ -304,7 +330,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       const T* const a[1] = {Qs};
       const T* const bk[1] = {Ks};
       T* const p[1] = {Ps};
-      if constexpr (VAR == 2 || VAR == 6)
+      if constexpr (VAR == 2 || VAR >= 6)
         tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
@@ -435,46 +461,79 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     }
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
   }
-  cp_async_wait_all();
+  if constexpr (!kWBulk) cp_async_wait_all();
 }
 
 // LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
-// equality test's reference); otherwise variant 6 where it runs, else 2. Read per launch
-// so that a test can switch it. The other kernels have one version.
+// equality test's reference); =wbulk / =wbulk3 (session 17, opt-in while unmeasured):
+// variant 7 / 8 where the tensor-map kernel runs (the per-token weights on the tiles'
+// mbarrier; 8 also a third stage at D = 128); otherwise variant 6 where it runs, else 2.
+// Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  return env != nullptr && std::strcmp(env, "old") == 0 ? 0 : 2;
+  if (env == nullptr) return 2;
+  if (std::strcmp(env, "old") == 0) return 0;
+  if (std::strcmp(env, "wbulk") == 0) return 7;
+  if (std::strcmp(env, "wbulk3") == 0) return 8;
+  return 2;
 }
 
-// Variant 6 where it can run (sm_90 code on an sm_90 device, every map encodable); false
-// (nothing launched) otherwise.
-template <typename T, int D, int MODE>
-bool launch_fwd_tma(const FwdArgs& a, cudaStream_t s) {
-  auto k = tc_fwd_kernel<T, D, MODE, 6, FwdTmaArgs>;
+// The opt-in shared memory per block of the current device (variant 8's check).
+int smem_optin_bytes() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  return bytes;
+}
+
+// Variant VAR (6, 7 or 8) where it can run (sm_90 code on an sm_90 device, every map
+// encodable); false (nothing launched) otherwise.
+template <typename T, int D, int MODE, int VAR>
+bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
+  auto k = tc_fwd_kernel<T, D, MODE, VAR, FwdTmaArgs>;
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
   FwdTmaArgs ta;
   static_cast<FwdArgs&>(ta) = a;
   const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
   const int dims[4] = {a.da, a.da, a.dv, a.dv};
   if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT, views, dims, a.g)) return false;
-  constexpr int smem = FwdLayout<D, MODE>::kBytes + 16;  // + the two stage barriers
+  constexpr int NS = fwd_stages<D, VAR>();
+  constexpr int smem = FwdLayout<D, MODE, NS>::kBytes + 8 * NS;  // + the stage barriers
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(ta);
   check_launch("tc_fwd_kernel");
   return true;
 }
 
-// Output and dq: variant 6 (the tensor-map copies) unless forced off or it cannot run,
-// then the cp.async kernels (variant 2, or 0 at D = 64 with LASP2_CUDA_FWD_KERNEL=old).
+// The tensor-map kernel: variant 6, or var (7, 8) where its extra conditions hold (the
+// meta's bulk copies need it 16-byte aligned; variant 8's third stage at D = 128 the
+// device's opt-in shared memory, else variant 7); false (nothing launched) where none runs.
+template <typename T, int D, int MODE>
+bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
+  if (var >= 7 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0) {
+    if constexpr (D == 128) {
+      if (var == 8 && FwdLayout<D, MODE, 3>::kBytes + 24 <= smem_optin_bytes())
+        return launch_fwd_tma_var<T, D, MODE, 8>(a, s);
+    }
+    return launch_fwd_tma_var<T, D, MODE, 7>(a, s);
+  }
+  return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
+}
+
+// Output and dq: variant 6 (the tensor-map copies; 7 / 8 by the knob) unless forced off or
+// it cannot run, then the cp.async kernels (variant 2, or 0 at D = 64 with
+// LASP2_CUDA_FWD_KERNEL=old).
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
   constexpr bool kVariants = D == 64 && MODE != static_cast<int>(FwdMode::kPrefix);
   auto k = tc_fwd_kernel<T, D, MODE, 2>;
   if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
-    const bool old = kVariants && fwd_kernel_variant() == 0;
-    if (!old && !tile_copy_forced_cp_async() && launch_fwd_tma<T, D, MODE>(a, s)) return;
+    const int var = fwd_kernel_variant();
+    const bool old = kVariants && var == 0;
+    if (!old && !tile_copy_forced_cp_async() && launch_fwd_tma<T, D, MODE>(a, var, s)) return;
     if constexpr (kVariants) {
       if (old) k = tc_fwd_kernel<T, D, MODE, 0>;
     }

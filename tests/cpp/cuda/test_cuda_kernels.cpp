@@ -1058,10 +1058,10 @@ void run_fwd_tma_case(const OpCase& c) {
   f.expect_matches_cpu(v, "cp_async");
 }
 
-TEST(CudaFwdKernel, TmaCopySameBits) {
-  LASP2_SKIP_WITHOUT_CUDA();
+// The split cases and, with many chunks per segment at D = 128 (the measured shape's loop),
+// fixed and gated decay.
+std::vector<OpCase> fwd_copy_cases() {
   std::vector<OpCase> cases = fwd_split_cases();
-  // many chunks per segment at D = 128 (the measured shape's loop), fixed and gated decay
   OpCase c = with_auto_segments(walking_edge_case("cs_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16,
                                                   DecayMode::kFixed, 128, 128));
   c.docs = {};
@@ -1073,9 +1073,63 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
   c.docs = {};
   c.seg_chunks = 16;
   cases.push_back(c);
+  return cases;
+}
+
+TEST(CudaFwdKernel, TmaCopySameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const char* only = std::getenv("LASP2_TEST_CASES");
+  for (const OpCase& x : fwd_copy_cases())
+    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_tma_case(x);
+}
+
+// ---- the output and dq passes' weights on the tiles' mbarrier (session 17) --------------
+// LASP2_CUDA_FWD_KERNEL=wbulk (variant 7: each chunk's per-token weights as a 1-d bulk
+// copy by the tile-copy thread onto the stage's mbarrier, not warp 0's cp.async) and
+// =wbulk3 (variant 8: the same with a third stage at D = 128; variant 7 at D = 64) against
+// the default (variant 6), bit for bit (the same bytes in shared memory, the same
+// arithmetic), and each against the CPU backend (float64). The cases: TmaCopySameBits'
+// (gates with documents, fixed and no decay, D = 64 and 128, narrow dims, parts
+// [37, 1000) whose last chunk is partial, 2- and 3-chunk segments where the third stage's
+// first two fills are the whole walk, padded [T, B, H, D]) and, for the three-stage ring
+// through many phases at each decay, 16-chunk segments of a part [37, 4109) with fixed and
+// no decay and D = 64 with gates. Without an sm_90 device every setting runs the cp.async
+// kernel (the comparison holds trivially; the CPU comparisons still run).
+void run_fwd_wbulk_case(const OpCase& c) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const FwdDqRun f(c);
+  const FwdDqRun::Out a = f.run("LASP2_CUDA_FWD_KERNEL", "");
+  f.expect_matches_cpu(a, "default");
+  for (const char* v : {"wbulk", "wbulk3"}) {
+    const FwdDqRun::Out w = f.run("LASP2_CUDA_FWD_KERNEL", v);
+    FwdDqRun::expect_same_bits(a, w, std::string("LASP2_CUDA_FWD_KERNEL=") + v + " differs");
+    f.expect_matches_cpu(w, v);
+  }
+}
+
+TEST(CudaFwdKernel, WeightBulkCopySameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  std::vector<OpCase> cases = fwd_copy_cases();
+  const struct {
+    const char* name;
+    DecayMode mode;
+    int64_t d;
+  } longs[] = {{"wb_bf16_fixed_D128_seg16_part37", DecayMode::kFixed, 128},
+               {"wb_bf16_none_D128_seg16_part37", DecayMode::kNone, 128},
+               {"wb_bf16_gate_D64_seg16_part37", DecayMode::kGate, 64}};
+  for (const auto& l : longs) {
+    OpCase c = walking_edge_case(l.name, ScalarType::kBFloat16, l.mode, l.d, l.d);
+    c.T = 4109;
+    c.begin = 37;  // 4072 tokens: 63 full chunks and one of 40
+    c.end = 4109;
+    c.docs = {};
+    c.seg_chunks = 16;
+    cases.push_back(c);
+  }
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_tma_case(x);
+    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_wbulk_case(x);
 }
 
 // ---- errors -----------------------------------------------------------------------------
