@@ -38,6 +38,36 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "r"(smem_u32(p)));
 }
 
+// VAR 9's output staging (sm_90; nothing on the sm_80 pass, whose host never launches
+// VAR 9): four 8 x 8 16-bit matrices from mma accumulator pairs, stored transposed (lane
+// l gives the row address of matrix l / 8's row l % 8); and the bulk-group tensor store of
+// a staged [64][LD] box at token t of head h, batch b (tile_map_box's coordinates; the
+// copy engine writes only the elements inside the map: the part's tokens, the view's dims).
+__device__ __forceinline__ void stsm_x4_t(uint32_t addr, const uint32_t (&r)[4]) {
+  LASP2_ASM90("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+              "r"(r[1]), "r"(r[2]), "r"(r[3])
+              : "memory");
+}
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, int x, int y, int z, int w, uint32_t src) {
+  LASP2_ASM90("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                  reinterpret_cast<uint64_t>(map)),
+              "r"(x), "r"(y), "r"(z), "r"(w), "r"(src)
+              : "memory");
+  LASP2_ASM90("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void tile_map_store(const CUtensorMap* map, int hd, int td, int h, int t, int b,
+                                               uint32_t src) {
+  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
+  tma_store_4d(map, 0, y, z, w, src);
+}
+// Waits until at most N of this thread's bulk store groups still read shared memory
+// (READ) or are incomplete at all (!READ).
+template <int N, bool READ>
+__device__ __forceinline__ void bulk_store_wait() {
+  if constexpr (READ) LASP2_ASM90("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+  else LASP2_ASM90("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
 // output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
 // below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of
@@ -81,8 +111,9 @@ __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const flo
   else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
 }
 
-// NS: stages of the tile / meta ring (3 only in variant 8 at D = 128, below).
-template <int D, int MODE, int NS = 2>
+// NS: stages of the tile / meta ring (3 only in variants 8, 9 at D = 128, below); OST: two
+// staged output tiles (variant 9's output pass) after the rest.
+template <int D, int MODE, int NS = 2, bool OST = false>
 struct FwdLayout {
   static constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
   static constexpr bool kDq = MODE == static_cast<int>(FwdMode::kDq);
@@ -92,7 +123,8 @@ struct FwdLayout {
   static constexpr int kP = kMeta + NS * 128 * 4;
   static constexpr int kW = kP + (kPrefix ? 0 : kPBytes);
   static constexpr int kRed = kW + 2 * 64 * 4;
-  static constexpr int kBytes = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
+  static constexpr int kOut = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
+  static constexpr int kBytes = kOut + (OST ? 2 * TcTile<D>::kBytes : 0);
 };
 
 // Variant 6's kernel argument: FwdArgs plus the tensor maps of qa, ka, va, x (the first
@@ -121,19 +153,36 @@ struct FwdTmaArgs : FwdArgs {
 // but one chunk in flight: 2 chunks of lead for the copies instead of 1; shared memory
 // output 115 -> 164 KiB, dq 152 -> 217 KiB, still one block an SM as before); at D = 64
 // (3 output blocks an SM, which a third stage would not fit) it is variant 7. Same
-// bytes in shared memory: the same bits. (VAR 3-5, cp.async copies spread over the
+// bytes in shared memory: the same bits.
+// VAR 9 (=wbulk3s, D = 128 output pass; elsewhere the variant 8 kernel): variant 8 with the
+// output tile staged in shared memory and stored by one tensor-map store a chunk: each
+// thread's 16 movmatrix + 16 predicated 4-byte STG per chunk become 4 stmatrix.trans (the
+// same packed pairs, transposed by the store instead of movmatrix) and a proxy fence; the
+// copy thread stores chunk c's staged tile after chunk c + 1's loop-top barrier (two
+// staging tiles, +34 KiB) and, before that chunk's score barrier, waits until the store of
+// chunk c - 1 (the tile chunk c + 1 writes) has been read. The copy engine clips the box to
+// the part's tokens and the view's dims (the STGs' bounds tests). The same values in the
+// same places: the same bits. (The ncu profile of variant 2 had 9 % of its samples on the
+// store sequence's F2FP / STG / address instructions, mostly short-scoreboard waits on
+// movmatrix.) (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
 template <int D, int VAR>
 constexpr int fwd_stages() {
-  return VAR == 8 && D == 128 ? 3 : 2;
+  return VAR >= 8 && D == 128 ? 3 : 2;
+}
+template <int D, int MODE, int VAR>
+constexpr bool fwd_tma_store() {
+  return VAR == 9 && D == 128 && MODE == static_cast<int>(FwdMode::kFwd);
 }
 
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
     tc_fwd_kernel(const __grid_constant__ P args) {
   constexpr int NS = fwd_stages<D, VAR>();
-  using L = FwdLayout<D, MODE, NS>;
+  constexpr bool kStore = fwd_tma_store<D, MODE, VAR>();
+  using L = FwdLayout<D, MODE, NS, kStore>;
+  static_assert(!kStore || L::kOut % 128 == 0, "staged output tiles: 128-byte aligned");
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
   constexpr int NW = D / 16;
@@ -231,6 +280,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // 512-byte blocks from a 16-byte aligned base: launch_fwd_tma checks it).
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
   constexpr int kTmaThread = 32 * (NW == 8 ? 5 : NW - 1);
+  // VAR 9: the i-th chunk of the walk's staged output tile
+  auto out_stage = [&](int i) { return reinterpret_cast<T*>(smem + L::kOut) + (i & 1) * kChunk * LD; };
   auto load_tma = [&](int c, int stage) {
     if constexpr (kTma) {
       if (tid == kTmaThread) {
@@ -268,6 +319,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if constexpr (kTma)
       lasp2::delta::gpu::mbar_wait(&bars[stage], (NS == 2 ? (c - c_begin) >> 1 : (c - c_begin) / NS) & 1);
     __syncthreads();
+    if constexpr (kStore) {
+      // chunk c - 1's staged output (its stmatrix and proxy fences before the barrier above)
+      if (tid == kTmaThread && c > c_begin)
+        tile_map_store(&args.map[3], args.hdim[3], args.tdim[3], h, (c - 1) * kChunk, b,
+                       smem_u32(out_stage(c - 1 - c_begin)));
+    }
     if constexpr (kTma) {
       if (c + NS - 1 < c_end) {
         // the target stage (chunk c - 1's) had its last (generic-proxy) reads in the
@@ -334,6 +391,11 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         tc_scores_split<T, D, NW, 1, false, true>(a, bk, ms, args.scale, p, warp, lane);
       else tc_scores<T, D, NW>(Qs, Ks, ms, args.scale, Ps, warp, lane);
     }
+    if constexpr (kStore) {
+      // this chunk's staging tile held chunk c - 2's output: its store (the older of the
+      // two issued) has read it once at most one group is still reading
+      if (tid == kTmaThread) bulk_store_wait<1, true>();
+    }
     __syncthreads();
 
     // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
@@ -388,6 +450,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
         T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
         const int64_t ostep = 8 * args.out.st;
+        T* const ostg = out_stage(c - c_begin);  // (VAR 9)
+        uint32_t pk[4];                          // (VAR 9) blocks (j - 1 or j, hf) as packed pairs
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
@@ -405,15 +469,28 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
                 part[j][1] += v1 * x1;
               }
             }
-            // transpose the 8x8 (dims x tokens) block: this thread then holds
-            // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
-            const uint32_t tr = movm_trans(pack2<T>(v0, v1));
-            const int y = 8 * j + (lane >> 2);
-            const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
-            if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
+            if constexpr (kStore) {
+              pk[2 * (j & 1) + hf] = pack2<T>(v0, v1);
+            } else {
+              // transpose the 8x8 (dims x tokens) block: this thread then holds
+              // token 8j + lane/4, dims 16w + 8hf + 2(lane%4) .. + 1
+              const uint32_t tr = movm_trans(pack2<T>(v0, v1));
+              const int y = 8 * j + (lane >> 2);
+              const int d = 16 * warp + 8 * hf + 2 * (lane & 3);
+              if (full || (y < nvalid && d < dv)) *reinterpret_cast<uint32_t*>(orow + 8 * hf) = tr;
+            }
           }
-          orow += ostep;
+          if constexpr (kStore) {
+            // blocks (j - 1, 0), (j - 1, 1), (j, 0), (j, 1): lane l addresses token
+            // 8 (j - 1 + l / 16) + l % 8, dims 16w + 8 (l / 8 % 2) of the staged tile
+            if (j & 1)
+              stsm_x4_t(smem_u32(ostg + (8 * (j - 1 + (lane >> 4)) + (lane & 7)) * LD + 16 * warp + 8 * ((lane >> 3) & 1)),
+                        pk);
+          } else {
+            orow += ostep;
+          }
         }
+        if constexpr (kStore) lasp2::delta::gpu::fence_proxy_async_shared();  // before the copy engine reads it
         if (kDq) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
@@ -462,13 +539,23 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
   }
   if constexpr (!kWBulk) cp_async_wait_all();
+  if constexpr (kStore) {
+    // the last chunk's staged output; the block's shared memory must outlive the stores
+    __syncthreads();
+    if (tid == kTmaThread && c_begin < c_end) {
+      tile_map_store(&args.map[3], args.hdim[3], args.tdim[3], h, (c_end - 1) * kChunk, b,
+                     smem_u32(out_stage(c_end - 1 - c_begin)));
+      bulk_store_wait<0, false>();
+    }
+  }
 }
 
 // LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
-// equality test's reference); =wbulk / =wbulk3 (session 17, opt-in while unmeasured):
-// variant 7 / 8 where the tensor-map kernel runs (the per-token weights on the tiles'
-// mbarrier; 8 also a third stage at D = 128); otherwise variant 6 where it runs, else 2.
+// equality test's reference); =wbulk / =wbulk3 / =wbulk3s (session 17, opt-in while
+// unmeasured): variant 7 / 8 / 9 where the tensor-map kernel runs (the per-token weights on
+// the tiles' mbarrier; 8 also a third stage at D = 128; 9 also the output pass's tile by
+// tensor-map stores at D = 128); otherwise variant 6 where it runs, else 2.
 // Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
@@ -476,10 +563,11 @@ int fwd_kernel_variant() {
   if (std::strcmp(env, "old") == 0) return 0;
   if (std::strcmp(env, "wbulk") == 0) return 7;
   if (std::strcmp(env, "wbulk3") == 0) return 8;
+  if (std::strcmp(env, "wbulk3s") == 0) return 9;
   return 2;
 }
 
-// The opt-in shared memory per block of the current device (variant 8's check).
+// The opt-in shared memory per block of the current device (variants 8, 9).
 int smem_optin_bytes() {
   int dev = 0, bytes = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -488,36 +576,43 @@ int smem_optin_bytes() {
   return bytes;
 }
 
-// Variant VAR (6, 7 or 8) where it can run (sm_90 code on an sm_90 device, every map
-// encodable); false (nothing launched) otherwise.
+// Variant VAR (6 to 9) where it can run (sm_90 code on an sm_90 device, every map
+// encodable, variants 8 and 9 within the device's shared memory); false (nothing launched)
+// otherwise.
 template <typename T, int D, int MODE, int VAR>
 bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   auto k = tc_fwd_kernel<T, D, MODE, VAR, FwdTmaArgs>;
+  constexpr int NS = fwd_stages<D, VAR>();
+  constexpr bool kStore = fwd_tma_store<D, MODE, VAR>();
+  constexpr int smem = FwdLayout<D, MODE, NS, kStore>::kBytes + 8 * NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
+  if (VAR >= 8 && smem > smem_optin_bytes()) return false;
   FwdTmaArgs ta;
   static_cast<FwdArgs&>(ta) = a;
-  const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
+  // map 3: x (dq) or, variant 9's output pass, the output
+  const View* views[4] = {&a.qa, &a.ka, &a.va, kStore ? &a.out : &a.x};
   const int dims[4] = {a.da, a.da, a.dv, a.dv};
-  if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT, views, dims, a.g)) return false;
-  constexpr int NS = fwd_stages<D, VAR>();
-  constexpr int smem = FwdLayout<D, MODE, NS>::kBytes + 8 * NS;  // + the stage barriers
+  if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT + (kStore ? 1 : 0), views, dims, a.g)) return false;
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(ta);
   check_launch("tc_fwd_kernel");
   return true;
 }
 
-// The tensor-map kernel: variant 6, or var (7, 8) where its extra conditions hold (the
-// meta's bulk copies need it 16-byte aligned; variant 8's third stage at D = 128 the
-// device's opt-in shared memory, else variant 7); false (nothing launched) where none runs.
+// The tensor-map kernel: variant var (7, 8, 9) where it runs, else the next lower one down
+// to variant 6 (7 and up: the meta's bulk copies need it 16-byte aligned; 8 and 9 exist at
+// D = 128 only, 9 in the output pass only, each within the device's opt-in shared memory;
+// 9 also needs a map of the output view); false (nothing launched) where none runs.
 template <typename T, int D, int MODE>
 bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
   if (var >= 7 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0) {
     if constexpr (D == 128) {
-      if (var == 8 && FwdLayout<D, MODE, 3>::kBytes + 24 <= smem_optin_bytes())
-        return launch_fwd_tma_var<T, D, MODE, 8>(a, s);
+      if constexpr (fwd_tma_store<D, MODE, 9>()) {
+        if (var == 9 && launch_fwd_tma_var<T, D, MODE, 9>(a, s)) return true;
+      }
+      if (var >= 8 && launch_fwd_tma_var<T, D, MODE, 8>(a, s)) return true;
     }
-    return launch_fwd_tma_var<T, D, MODE, 7>(a, s);
+    if (launch_fwd_tma_var<T, D, MODE, 7>(a, s)) return true;
   }
   return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
 }
