@@ -24,6 +24,7 @@
 // 0.648 ms per output pass; see docs/kernels.md.)
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "device_utils.cuh"
 #include "tc_tile_map.cuh"  // the tensor maps (variant 6); tma_copy.cuh's wrappers
@@ -133,6 +134,11 @@ struct FwdTmaArgs : FwdArgs {
   CUtensorMap map[4];
   int hdim[4], tdim[4], bdim[4];
 };
+// Variants 9 and 10 (the staged output tile's tensor-map stores): also the output's map.
+struct FwdTmaStoreArgs : FwdTmaArgs {
+  CUtensorMap omap;
+  int ohdim, otdim, obdim;
+};
 
 // VAR (D = 64 output / dq only, session 13; LASP2_CUDA_FWD_KERNEL): 0 = the score tile
 // by tc_scores (sessions 4-12; the equality test's reference), 2 = tc_scores_split with
@@ -164,16 +170,19 @@ struct FwdTmaArgs : FwdArgs {
 // the part's tokens and the view's dims (the STGs' bounds tests). The same values in the
 // same places: the same bits. (The ncu profile of variant 2 had 9 % of its samples on the
 // store sequence's F2FP / STG / address instructions, mostly short-scoreboard waits on
-// movmatrix.) (VAR 3-5, cp.async copies spread over the
+// movmatrix.) VAR 10 (=wbulks, D = 128; elsewhere variant 7): variant 7 (two stages) with
+// VAR 9's staged output tile, in the output and the dq pass (dq: 152 -> 187 KiB); it
+// separates the staging's effect from the third stage's. P = FwdTmaStoreArgs for 9, 10.
+// (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
 template <int D, int VAR>
 constexpr int fwd_stages() {
-  return VAR >= 8 && D == 128 ? 3 : 2;
+  return (VAR == 8 || VAR == 9) && D == 128 ? 3 : 2;
 }
 template <int D, int MODE, int VAR>
 constexpr bool fwd_tma_store() {
-  return VAR == 9 && D == 128 && MODE == static_cast<int>(FwdMode::kFwd);
+  return D == 128 && ((VAR == 9 && MODE == static_cast<int>(FwdMode::kFwd)) || VAR == 10);
 }
 
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
@@ -322,7 +331,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if constexpr (kStore) {
       // chunk c - 1's staged output (its stmatrix and proxy fences before the barrier above)
       if (tid == kTmaThread && c > c_begin)
-        tile_map_store(&args.map[3], args.hdim[3], args.tdim[3], h, (c - 1) * kChunk, b,
+        tile_map_store(&args.omap, args.ohdim, args.otdim, h, (c - 1) * kChunk, b,
                        smem_u32(out_stage(c - 1 - c_begin)));
     }
     if constexpr (kTma) {
@@ -543,7 +552,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // the last chunk's staged output; the block's shared memory must outlive the stores
     __syncthreads();
     if (tid == kTmaThread && c_begin < c_end) {
-      tile_map_store(&args.map[3], args.hdim[3], args.tdim[3], h, (c_end - 1) * kChunk, b,
+      tile_map_store(&args.omap, args.ohdim, args.otdim, h, (c_end - 1) * kChunk, b,
                      smem_u32(out_stage(c_end - 1 - c_begin)));
       bulk_store_wait<0, false>();
     }
@@ -553,9 +562,10 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 // LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
 // equality test's reference); =wbulk / =wbulk3 / =wbulk3s (session 17, opt-in while
-// unmeasured): variant 7 / 8 / 9 where the tensor-map kernel runs (the per-token weights on
-// the tiles' mbarrier; 8 also a third stage at D = 128; 9 also the output pass's tile by
-// tensor-map stores at D = 128); otherwise variant 6 where it runs, else 2.
+// unmeasured), =wbulks: variant 7 / 8 / 9 / 10 where the tensor-map kernel runs (the
+// per-token weights on the tiles' mbarrier; 8 also a third stage at D = 128; 9 also the
+// output pass's tile by tensor-map stores at D = 128; 10 = 7 with both passes' tiles so
+// stored at D = 128); otherwise variant 6 where it runs, else 2.
 // Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
@@ -564,6 +574,7 @@ int fwd_kernel_variant() {
   if (std::strcmp(env, "wbulk") == 0) return 7;
   if (std::strcmp(env, "wbulk3") == 0) return 8;
   if (std::strcmp(env, "wbulk3s") == 0) return 9;
+  if (std::strcmp(env, "wbulks") == 0) return 10;
   return 2;
 }
 
@@ -576,48 +587,53 @@ int smem_optin_bytes() {
   return bytes;
 }
 
-// Variant VAR (6 to 9) where it can run (sm_90 code on an sm_90 device, every map
-// encodable, variants 8 and 9 within the device's shared memory); false (nothing launched)
+// Variant VAR (6 to 10) where it can run (sm_90 code on an sm_90 device, every map
+// encodable, variants 8 to 10 within the device's shared memory); false (nothing launched)
 // otherwise.
 template <typename T, int D, int MODE, int VAR>
 bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
-  auto k = tc_fwd_kernel<T, D, MODE, VAR, FwdTmaArgs>;
   constexpr int NS = fwd_stages<D, VAR>();
   constexpr bool kStore = fwd_tma_store<D, MODE, VAR>();
+  using P = std::conditional_t<kStore, FwdTmaStoreArgs, FwdTmaArgs>;
+  auto k = tc_fwd_kernel<T, D, MODE, VAR, P>;
   constexpr int smem = FwdLayout<D, MODE, NS, kStore>::kBytes + 8 * NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
   if (VAR >= 8 && smem > smem_optin_bytes()) return false;
-  FwdTmaArgs ta;
+  P ta;
   static_cast<FwdArgs&>(ta) = a;
-  // map 3: x (dq) or, variant 9's output pass, the output
-  const View* views[4] = {&a.qa, &a.ka, &a.va, kStore ? &a.out : &a.x};
+  const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
   const int dims[4] = {a.da, a.da, a.dv, a.dv};
-  if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT + (kStore ? 1 : 0), views, dims, a.g)) return false;
+  if (!encode_tile_maps<T, D>(ta, FwdLayout<D, MODE>::NT, views, dims, a.g)) return false;
+  if constexpr (kStore) {
+    if (!encode_tile_map<T, D>(&ta.omap, ta.ohdim, ta.otdim, ta.obdim, a.out, a.g, a.dv)) return false;
+  }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(ta);
   check_launch("tc_fwd_kernel");
   return true;
 }
 
-// The tensor-map kernel: variant var (7, 8, 9) where it runs, else the next lower one down
-// to variant 6 (7 and up: the meta's bulk copies need it 16-byte aligned; 8 and 9 exist at
-// D = 128 only, 9 in the output pass only, each within the device's opt-in shared memory;
-// 9 also needs a map of the output view); false (nothing launched) where none runs.
+// The tensor-map kernel: variant var (7 to 10) where it runs, else the next one down (10
+// -> 7, 9 -> 8 -> 7) to variant 6 (7 and up: the meta's bulk copies need it 16-byte
+// aligned; 8 to 10 exist at D = 128 only, 9 in the output pass only, each within the
+// device's opt-in shared memory; 9 and 10 also need a map of the output view); false
+// (nothing launched) where none runs.
 template <typename T, int D, int MODE>
 bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
   if (var >= 7 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0) {
     if constexpr (D == 128) {
+      if (var == 10 && launch_fwd_tma_var<T, D, MODE, 10>(a, s)) return true;
       if constexpr (fwd_tma_store<D, MODE, 9>()) {
         if (var == 9 && launch_fwd_tma_var<T, D, MODE, 9>(a, s)) return true;
       }
-      if (var >= 8 && launch_fwd_tma_var<T, D, MODE, 8>(a, s)) return true;
+      if ((var == 8 || var == 9) && launch_fwd_tma_var<T, D, MODE, 8>(a, s)) return true;
     }
     if (launch_fwd_tma_var<T, D, MODE, 7>(a, s)) return true;
   }
   return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
 }
 
-// Output and dq: variant 6 (the tensor-map copies; 7 / 8 by the knob) unless forced off or
+// Output and dq: variant 6 (the tensor-map copies; 7 to 10 by the knob) unless forced off or
 // it cannot run, then the cp.async kernels (variant 2, or 0 at D = 64 with
 // LASP2_CUDA_FWD_KERNEL=old).
 template <typename T, int D, int MODE>

@@ -1089,8 +1089,9 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
 // =wbulk3 (variant 8: the same with a third stage at D = 128; variant 7 at D = 64) and
 // =wbulk3s (variant 9: 8 with the output pass's tile staged by stmatrix and written by
 // tensor-map stores that clip it to the part's tokens and the view's dims, at D = 128;
-// elsewhere 8 or 7) against the default (variant 6), bit for bit (the same values in the
-// same places), and each against the CPU backend (float64). The cases: TmaCopySameBits'
+// elsewhere 8 or 7) and =wbulks (variant 10: 7 with that staged output in both passes at
+// D = 128) against the default (variant 6), bit for bit (the same values in the same
+// places), and each against the CPU backend (float64). The cases: TmaCopySameBits'
 // (gates with documents, fixed and no decay, D = 64 and 128, narrow dims, parts
 // [37, 1000) whose last chunk is partial, 2- and 3-chunk segments where the third stage's
 // first two fills are the whole walk, padded [T, B, H, D]) and, for the three-stage ring
@@ -1103,7 +1104,7 @@ void run_fwd_wbulk_case(const OpCase& c) {
   const FwdDqRun f(c);
   const FwdDqRun::Out a = f.run("LASP2_CUDA_FWD_KERNEL", "");
   f.expect_matches_cpu(a, "default");
-  for (const char* v : {"wbulk", "wbulk3", "wbulk3s"}) {
+  for (const char* v : {"wbulk", "wbulk3", "wbulk3s", "wbulks"}) {
     const FwdDqRun::Out w = f.run("LASP2_CUDA_FWD_KERNEL", v);
     FwdDqRun::expect_same_bits(a, w, std::string("LASP2_CUDA_FWD_KERNEL=") + v + " differs");
     f.expect_matches_cpu(w, v);
