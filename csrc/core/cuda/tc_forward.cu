@@ -39,36 +39,6 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "r"(smem_u32(p)));
 }
 
-// VAR 9's output staging (sm_90; nothing on the sm_80 pass, whose host never launches
-// VAR 9): four 8 x 8 16-bit matrices from mma accumulator pairs, stored transposed (lane
-// l gives the row address of matrix l / 8's row l % 8); and the bulk-group tensor store of
-// a staged [64][LD] box at token t of head h, batch b (tile_map_box's coordinates; the
-// copy engine writes only the elements inside the map: the part's tokens, the view's dims).
-__device__ __forceinline__ void stsm_x4_t(uint32_t addr, const uint32_t (&r)[4]) {
-  LASP2_ASM90("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
-              "r"(r[1]), "r"(r[2]), "r"(r[3])
-              : "memory");
-}
-__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, int x, int y, int z, int w, uint32_t src) {
-  LASP2_ASM90("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
-                  reinterpret_cast<uint64_t>(map)),
-              "r"(x), "r"(y), "r"(z), "r"(w), "r"(src)
-              : "memory");
-  LASP2_ASM90("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void tile_map_store(const CUtensorMap* map, int hd, int td, int h, int t, int b,
-                                               uint32_t src) {
-  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
-  tma_store_4d(map, 0, y, z, w, src);
-}
-// Waits until at most N of this thread's bulk store groups still read shared memory
-// (READ) or are incomplete at all (!READ).
-template <int N, bool READ>
-__device__ __forceinline__ void bulk_store_wait() {
-  if constexpr (READ) LASP2_ASM90("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-  else LASP2_ASM90("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // The causal score tile P = scale W o (Qs Ks^T) split finely over 8 warps (D = 128,
 // output and dq modes; session 13). Row block r of the 64 x 64 tile has 2r + 2 n8 key tiles at or
 // below the diagonal, 20 in all; warp w computes CNT = 3 (w < 4) or 2 (w >= 4) of

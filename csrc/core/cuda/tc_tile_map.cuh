@@ -48,6 +48,37 @@ __device__ __forceinline__ void bulk_copy_1d(uint32_t dst, const void* src, uint
               : "memory");
 }
 
+// Output tiles staged in shared memory and written by tensor-map stores (sm_90; nothing on
+// the sm_80 pass, whose host never launches such kernels): four 8 x 8 16-bit matrices from
+// mma accumulator pairs, stored transposed (lane l gives the row address of matrix l / 8's
+// row l % 8); and the bulk-group tensor store of a staged [64][LD] box at token t of head
+// h, batch b (tile_map_box's coordinates; the copy engine writes only the elements inside
+// the map: the part's tokens, the view's dims).
+__device__ __forceinline__ void stsm_x4_t(uint32_t addr, const uint32_t (&r)[4]) {
+  LASP2_ASM90("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+              "r"(r[1]), "r"(r[2]), "r"(r[3])
+              : "memory");
+}
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, int x, int y, int z, int w, uint32_t src) {
+  LASP2_ASM90("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                  reinterpret_cast<uint64_t>(map)),
+              "r"(x), "r"(y), "r"(z), "r"(w), "r"(src)
+              : "memory");
+  LASP2_ASM90("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void tile_map_store(const CUtensorMap* map, int hd, int td, int h, int t, int b,
+                                               uint32_t src) {
+  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
+  tma_store_4d(map, 0, y, z, w, src);
+}
+// Waits until at most N of this thread's bulk store groups still read shared memory
+// (READ) or are incomplete at all (!READ).
+template <int N, bool READ>
+__device__ __forceinline__ void bulk_store_wait() {
+  if constexpr (READ) LASP2_ASM90("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+  else LASP2_ASM90("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
 // past `dim` read as zeros) as a 4-d map {d, ...} whose other three dimensions go by
 // stride (extent-1 ones last), read in [64 tokens][LD columns] boxes; false where a map
