@@ -16,9 +16,13 @@
 // device, views a tensor map can describe) one thread fetches the next chunk's qa, ka, va
 // (and x) tiles by tensor-map copies counted on a per-stage mbarrier (VAR 6; H200, 64K
 // tokens, H = 16, D = 128, bf16: output 462 -> 406 us, dq 565 -> 481 us, 16K -11 % / -16 %,
-// graph fwd+bwd with tc_dkdv's tensor-map copies 1.98 -> 1.83 ms). Otherwise (sm_80,
-// views a map cannot take, the prefix mode, LASP2_CUDA_TILE_COPY=cp_async) every thread
-// copies by cp.async (VAR 2, or 0): the same bits.
+// graph fwd+bwd with tc_dkdv's tensor-map copies 1.98 -> 1.83 ms); since session 17 the
+// same thread also copies the per-token weights, and at D = 128 the output tile is staged
+// in shared memory and written by tensor-map stores (VAR 10, the default; output 406 ->
+// 382 us, dq 480 -> 457 us, graph fwd+bwd 1.79 -> 1.74 ms at gates). VAR 6 stays as the
+// fallback where VAR 10 cannot run. Otherwise (sm_80, views a map cannot take, the prefix
+// mode, LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async (VAR 2, or 0): the
+// same bits.
 // (A layout with twice the warps, each holding half a row block of the state and
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass; see docs/kernels.md.)
@@ -27,7 +31,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
-#include "tc_tile_map.cuh"  // the tensor maps (variant 6); tma_copy.cuh's wrappers
+#include "tc_tile_map.cuh"  // the tensor maps (variants 6, 10); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
 namespace lasp2::cuda {
@@ -82,10 +86,11 @@ __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const flo
   else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
 }
 
-// NS: stages of the tile / meta ring (3 only in variants 8, 9 at D = 128, below); OST: two
-// staged output tiles (variant 9's output pass) after the rest.
-template <int D, int MODE, int NS = 2, bool OST = false>
+// Two stages of the tile / meta ring; OST: two staged output tiles (variant 10 at D = 128)
+// after the rest.
+template <int D, int MODE, bool OST = false>
 struct FwdLayout {
+  static constexpr int NS = 2;
   static constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
   static constexpr bool kDq = MODE == static_cast<int>(FwdMode::kDq);
   static constexpr int NT = kPrefix ? 1 : (kDq ? 4 : 3);  // qa, ka, va, x
@@ -104,7 +109,7 @@ struct FwdTmaArgs : FwdArgs {
   CUtensorMap map[4];
   int hdim[4], tdim[4], bdim[4];
 };
-// Variants 9 and 10 (the staged output tile's tensor-map stores): also the output's map.
+// Variant 10 at D = 128 (the staged output tile's tensor-map stores): also the output's map.
 struct FwdTmaStoreArgs : FwdTmaArgs {
   CUtensorMap omap;
   int ohdim, otdim, obdim;
@@ -120,47 +125,42 @@ struct FwdTmaStoreArgs : FwdTmaArgs {
 // variant 2 with the next chunk's qa, ka, va (and x) tiles as tensor-map copies issued by
 // one thread after the loop-top barrier and counted on a per-stage mbarrier (the meta
 // stays cp.async): no per-thread copy instructions for the tiles (see kTma). P = FwdTmaArgs.
-// Same math in the same order: the same bits.
-// VAR 7 (session 17, LASP2_CUDA_FWD_KERNEL=wbulk, opt-in while unmeasured): variant 6 with
+// Same math in the same order: the same bits. Since session 17 the fallback of VAR 10
+// (meta not 16-byte aligned, no map of the output view) and LASP2_CUDA_FWD_KERNEL=v6.
+// VAR 10 (output / dq, session 17; the default on sm_90, head comment): variant 6 with
 // the chunk's per-token weights (the meta, 512 bytes) as a 1-d bulk copy by the same thread
 // onto the same mbarrier as the tiles (tc_state's kTma does so): no cp.async, commit or
 // group wait left in the kernel (warp 0 no longer copies; every warp's loop top waits on
-// the mbarrier alone). VAR 8 (=wbulk3): variant 7 with a third stage at D = 128 (the next
-// but one chunk in flight: 2 chunks of lead for the copies instead of 1; shared memory
-// output 115 -> 164 KiB, dq 152 -> 217 KiB, still one block an SM as before); at D = 64
-// (3 output blocks an SM, which a third stage would not fit) it is variant 7. Same
-// bytes in shared memory: the same bits.
-// VAR 9 (=wbulk3s, D = 128 output pass; elsewhere the variant 8 kernel): variant 8 with the
-// output tile staged in shared memory and stored by one tensor-map store a chunk: each
-// thread's 16 movmatrix + 16 predicated 4-byte STG per chunk become 4 stmatrix.trans (the
-// same packed pairs, transposed by the store instead of movmatrix) and a proxy fence; the
-// copy thread stores chunk c's staged tile after chunk c + 1's loop-top barrier (two
-// staging tiles, +34 KiB) and, before that chunk's score barrier, waits until the store of
-// chunk c - 1 (the tile chunk c + 1 writes) has been read. The copy engine clips the box to
-// the part's tokens and the view's dims (the STGs' bounds tests). The same values in the
-// same places: the same bits. (The ncu profile of variant 2 had 9 % of its samples on the
-// store sequence's F2FP / STG / address instructions, mostly short-scoreboard waits on
-// movmatrix.) VAR 10 (=wbulks, D = 128; elsewhere variant 7): variant 7 (two stages) with
-// VAR 9's staged output tile, in the output and the dq pass (dq: 152 -> 187 KiB); it
-// separates the staging's effect from the third stage's. P = FwdTmaStoreArgs for 9, 10.
+// the mbarrier alone). At D = 128 also the output tile staged in shared memory and stored
+// by one tensor-map store a chunk: each thread's 16 movmatrix + 16 predicated 4-byte STG
+// per chunk become 4 stmatrix.trans (the same packed pairs, transposed by the store
+// instead of movmatrix) and a proxy fence; the copy thread stores chunk c's staged tile
+// after chunk c + 1's loop-top barrier (two staging tiles: output 149 KiB, dq 187 KiB) and,
+// before that chunk's score barrier, waits until the store of chunk c - 1 (the tile chunk
+// c + 1 writes) has been read. The copy engine clips the box to the part's tokens and the
+// view's dims (the STGs' bounds tests). The same values in the same places: the same
+// bits. (The ncu profile of variant 2 had 9 % of its samples on the store sequence's
+// F2FP / STG / address instructions, mostly short-scoreboard waits on movmatrix.) At
+// D = 64 (3 output blocks an SM, no room for staging tiles) the weights' bulk copy alone.
+// P = FwdTmaStoreArgs at D = 128, else FwdTmaArgs. On an H200 (64K, H = 16, D = 128,
+// bf16, gates) the weights' bulk copy alone (then VAR 7) gave output -1.2 %, dq +0.5 %; a
+// third stage at D = 128 (VAR 8) made dq slower (+1.7 % against VAR 6); the staged
+// tensor-map stores are the gain (VAR 10: output -6 %, dq -5 %). VAR 7-9 were removed
+// (docs/kernels.md).
 // (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
 template <int D, int VAR>
-constexpr int fwd_stages() {
-  return (VAR == 8 || VAR == 9) && D == 128 ? 3 : 2;
-}
-template <int D, int MODE, int VAR>
 constexpr bool fwd_tma_store() {
-  return D == 128 && ((VAR == 9 && MODE == static_cast<int>(FwdMode::kFwd)) || VAR == 10);
+  return D == 128 && VAR == 10;
 }
 
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
     tc_fwd_kernel(const __grid_constant__ P args) {
-  constexpr int NS = fwd_stages<D, VAR>();
-  constexpr bool kStore = fwd_tma_store<D, MODE, VAR>();
-  using L = FwdLayout<D, MODE, NS, kStore>;
+  constexpr bool kStore = fwd_tma_store<D, VAR>();
+  using L = FwdLayout<D, MODE, kStore>;
+  constexpr int NS = L::NS;
   static_assert(!kStore || L::kOut % 128 == 0, "staged output tiles: 128-byte aligned");
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
   constexpr int NT = L::NT;
@@ -181,8 +181,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // padded tile layout, zeros past the part's tokens and the view's dims from the copy
   // engine). The measured gain: head comment.
   constexpr bool kTma = VAR >= 6;
-  constexpr bool kWBulk = VAR >= 7;  // the meta on the mbarrier too (VAR 7, 8)
-  static_assert(!kTma || !kPrefix, "VAR 6: output and dq modes");
+  constexpr bool kWBulk = VAR >= 10;  // the meta on the mbarrier too
+  static_assert(!kTma || !kPrefix, "VAR 6, 10: output and dq modes");
   constexpr int kWeightTid0 = kSplit ? 32 * NW - 64 : 0;  // the 64 weight threads
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -254,12 +254,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // VAR 6: the NT tiles of chunk c into `stage`, by one thread (not one of the weight
   // threads, nor a warp with 3 score tiles at D = 128), counted on bars[stage] (its one
   // arrival with the bytes expected; every box counts its full LD x 64 elements, the
-  // zero-filled ones too); the meta by cp.async, committed. VAR 7, 8: the meta's 512
+  // zero-filled ones too); the meta by cp.async, committed. VAR 10: the meta's 512
   // bytes by the same thread as a bulk copy counted on the same barrier (meta's chunks are
   // 512-byte blocks from a 16-byte aligned base: launch_fwd_tma checks it).
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
   constexpr int kTmaThread = 32 * (NW == 8 ? 5 : NW - 1);
-  // VAR 9: the i-th chunk of the walk's staged output tile
+  // VAR 10 at D = 128: the i-th chunk of the walk's staged output tile
   auto out_stage = [&](int i) { return reinterpret_cast<T*>(smem + L::kOut) + (i & 1) * kChunk * LD; };
   auto load_tma = [&](int c, int stage) {
     if constexpr (kTma) {
@@ -293,10 +293,10 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     load(c_begin, 0);
   }
   for (int c = c_begin; c < c_end; ++c) {
-    const int stage = NS == 2 ? (c - c_begin) & 1 : (c - c_begin) % NS;
+    const int stage = (c - c_begin) & 1;
     if constexpr (!kWBulk) cp_async_wait_all();
     if constexpr (kTma)
-      lasp2::delta::gpu::mbar_wait(&bars[stage], (NS == 2 ? (c - c_begin) >> 1 : (c - c_begin) / NS) & 1);
+      lasp2::delta::gpu::mbar_wait(&bars[stage], ((c - c_begin) >> 1) & 1);
     __syncthreads();
     if constexpr (kStore) {
       // chunk c - 1's staged output (its stmatrix and proxy fences before the barrier above)
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         // the target stage (chunk c - 1's) had its last (generic-proxy) reads in the
         // previous chunk, before the barrier above; order them before the copy engine's writes
         if (tid == kTmaThread) lasp2::delta::gpu::fence_proxy_async_shared();
-        load_tma(c + NS - 1, NS == 2 ? stage ^ 1 : stage == 0 ? NS - 1 : stage - 1);
+        load_tma(c + NS - 1, stage ^ 1);
       }
     } else if (c + 1 < c_end) {
       load(c + 1, stage ^ 1);
@@ -429,8 +429,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         // store, ptxas recomputed whole addresses: 14 instructions more per chunk)
         T* orow = out_b + (t0 + (lane >> 2)) * args.out.st + 16 * warp + 2 * (lane & 3);
         const int64_t ostep = 8 * args.out.st;
-        T* const ostg = out_stage(c - c_begin);  // (VAR 9)
-        uint32_t pk[4];                          // (VAR 9) blocks (j - 1 or j, hf) as packed pairs
+        T* const ostg = out_stage(c - c_begin);  // (kStore)
+        uint32_t pk[4];                          // (kStore) blocks (j - 1 or j, hf) as packed pairs
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (kDq && (j & 1) == 0) ldsm_x4_t(xf, Xs + frag_a_colmajor(lane, 16 * warp, 8 * j, LD));
@@ -531,24 +531,20 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 
 // LASP2_CUDA_FWD_KERNEL=old (session 13): D = 64's output and dq passes as variant 0 of
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
-// equality test's reference); =wbulk / =wbulk3 / =wbulk3s (session 17, opt-in while
-// unmeasured), =wbulks: variant 7 / 8 / 9 / 10 where the tensor-map kernel runs (the
-// per-token weights on the tiles' mbarrier; 8 also a third stage at D = 128; 9 also the
-// output pass's tile by tensor-map stores at D = 128; 10 = 7 with both passes' tiles so
-// stored at D = 128); otherwise variant 6 where it runs, else 2.
+// equality test's reference; at D = 128 the default); =v6 (session 17): variant 6 (the
+// default before session 17, now VAR 10's fallback; the equality test's reference) where
+// the tensor-map kernel runs; unset (or any other value): variant 10 where it runs, else 6,
+// else 2.
 // Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
   const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  if (env == nullptr) return 2;
+  if (env == nullptr) return 10;
   if (std::strcmp(env, "old") == 0) return 0;
-  if (std::strcmp(env, "wbulk") == 0) return 7;
-  if (std::strcmp(env, "wbulk3") == 0) return 8;
-  if (std::strcmp(env, "wbulk3s") == 0) return 9;
-  if (std::strcmp(env, "wbulks") == 0) return 10;
-  return 2;
+  if (std::strcmp(env, "v6") == 0) return 6;
+  return 10;
 }
 
-// The opt-in shared memory per block of the current device (variants 8, 9).
+// The opt-in shared memory per block of the current device (variant 10).
 int smem_optin_bytes() {
   int dev = 0, bytes = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -557,18 +553,18 @@ int smem_optin_bytes() {
   return bytes;
 }
 
-// Variant VAR (6 to 10) where it can run (sm_90 code on an sm_90 device, every map
-// encodable, variants 8 to 10 within the device's shared memory); false (nothing launched)
+// Variant VAR (6 or 10) where it can run (sm_90 code on an sm_90 device, every map
+// encodable, variant 10 within the device's shared memory); false (nothing launched)
 // otherwise.
 template <typename T, int D, int MODE, int VAR>
 bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
-  constexpr int NS = fwd_stages<D, VAR>();
-  constexpr bool kStore = fwd_tma_store<D, MODE, VAR>();
+  constexpr bool kStore = fwd_tma_store<D, VAR>();
   using P = std::conditional_t<kStore, FwdTmaStoreArgs, FwdTmaArgs>;
   auto k = tc_fwd_kernel<T, D, MODE, VAR, P>;
-  constexpr int smem = FwdLayout<D, MODE, NS, kStore>::kBytes + 8 * NS;  // + the stage barriers
+  using L = FwdLayout<D, MODE, kStore>;
+  constexpr int smem = L::kBytes + 8 * L::NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
-  if (VAR >= 8 && smem > smem_optin_bytes()) return false;
+  if (VAR == 10 && smem > smem_optin_bytes()) return false;
   P ta;
   static_cast<FwdArgs&>(ta) = a;
   const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
@@ -583,29 +579,19 @@ bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   return true;
 }
 
-// The tensor-map kernel: variant var (7 to 10) where it runs, else the next one down (10
-// -> 7, 9 -> 8 -> 7) to variant 6 (7 and up: the meta's bulk copies need it 16-byte
-// aligned; 8 to 10 exist at D = 128 only, 9 in the output pass only, each within the
-// device's opt-in shared memory; 9 and 10 also need a map of the output view); false
-// (nothing launched) where none runs.
+// The tensor-map kernel: variant 10 (unless var == 6) where it runs, else variant 6 (10
+// needs the meta 16-byte aligned for its bulk copies, at D = 128 a map of the output view,
+// and its shared memory); false (nothing launched) where neither runs.
 template <typename T, int D, int MODE>
 bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
-  if (var >= 7 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0) {
-    if constexpr (D == 128) {
-      if (var == 10 && launch_fwd_tma_var<T, D, MODE, 10>(a, s)) return true;
-      if constexpr (fwd_tma_store<D, MODE, 9>()) {
-        if (var == 9 && launch_fwd_tma_var<T, D, MODE, 9>(a, s)) return true;
-      }
-      if ((var == 8 || var == 9) && launch_fwd_tma_var<T, D, MODE, 8>(a, s)) return true;
-    }
-    if (launch_fwd_tma_var<T, D, MODE, 7>(a, s)) return true;
-  }
+  if (var != 6 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0 && launch_fwd_tma_var<T, D, MODE, 10>(a, s))
+    return true;
   return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
 }
 
-// Output and dq: variant 6 (the tensor-map copies; 7 to 10 by the knob) unless forced off or
-// it cannot run, then the cp.async kernels (variant 2, or 0 at D = 64 with
-// LASP2_CUDA_FWD_KERNEL=old).
+// Output and dq: variant 10 (6 where 10 cannot run or by the knob; the tensor-map kernels)
+// unless forced off or neither can run, then the cp.async kernels (variant 2, or 0 at
+// D = 64 with LASP2_CUDA_FWD_KERNEL=old).
 template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
