@@ -48,6 +48,8 @@
 // tensor-map copies 1.98 -> 1.83 ms). Otherwise (sm_80, views a map cannot take,
 // LASP2_CUDA_TILE_COPY=cp_async) every thread copies them by cp.async there (sessions
 // 4-15): the same bits.
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -118,6 +120,14 @@ struct DkdvTmaArgs : DkdvArgs {
   CUtensorMap map[4];
   int hdim[4], tdim[4], bdim[4];
 };
+// The staged-store kernel's argument (session 17, LASP2_CUDA_DKDV_STORE=tma, D = 128): also
+// the maps of dk_out (omap[0], dk columns) and dv_out (omap[1], dv columns), written in the
+// same [64 tokens][LD] boxes from the staging tiles (the copy engine writes only the part's
+// tokens and the view's dims).
+struct DkdvTmaStoreArgs : DkdvTmaArgs {
+  CUtensorMap omap[2];
+  int ohdim[2], otdim[2], obdim[2];
+};
 
 // kTma (session 16; the same bits either way, only how the next chunk's tiles are copied
 // differs): true (sm_90, P = DkdvTmaArgs): the four tiles as tensor-map copies issued by
@@ -128,10 +138,25 @@ struct DkdvTmaArgs : DkdvArgs {
 // of them register-reuse waits behind its own LDGSTS; spreading the cp.async copies over
 // the chunk's body (after the score tile, between the dk and dv products, before the dS
 // update) measured slower and was removed.
+// P = DkdvTmaStoreArgs (kStore; session 17, D = 128 only, behind LASP2_CUDA_DKDV_STORE=tma):
+// kTma with the chunk's dk and dv tiles staged in shared memory by stmatrix.trans (two
+// [64][LD] tiles past the layout, 34,816 B: 231,440 B a block with the barriers, under the
+// H200's 232,448) and written by one tensor-map store each, issued by the copy thread at the
+// next chunk's loop-top barrier, instead of 16 movmatrix + 16 STG per thread and product
+// (the H200 profile, docs/kernels.md session 16: dk partials + stores 10.4 %, dv stores
+// 9.5 % of the warp-stall samples). Each dk / dv element is final in the one warp that
+// computes it (the k loop covers all D; only the k.dk partials for dg are summed across
+// warps), so the staged values are the stored ones: the same bits. The kernel keeps its
+// template signature (the store is chosen by P) so that the default kernel's PTX and name
+// stay as they were. D = 64 stays on the per-thread stores: the two staging tiles would
+// take its block to 122,880 B, one block per SM instead of two.
 template <typename T, int D, bool kTma = false, typename P = DkdvArgs>
 __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     tc_dkdv_kernel(const __grid_constant__ P args) {
   using L = DkdvLayout<D>;
+  constexpr bool kStore = std::is_same_v<P, DkdvTmaStoreArgs>;
+  static_assert(!kStore || (kTma && D == 128), "staged dk / dv stores: the D = 128 tensor-map kernel only");
+  static_assert(!kStore || L::kBytes % 128 == 0, "staged dk / dv tiles: 128-byte aligned");
   constexpr int RM = L::RM;
   constexpr bool Spread = RM == 2;  // see the head comment
   constexpr int kDgWarp = Spread ? 7 : 4;  // writes dg: no score block (head comment)
@@ -224,8 +249,18 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   // kTma: the four tiles of chunk c into `stage`, by one thread, counted on bars[stage]
   // (its one arrival with the bytes expected; every box counts its full 136 x 64
   // elements, the zero-filled ones too).
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
+  // kStore: the staging tiles [dk, dv] at L::kBytes, the barriers after them
+  T* const stg = reinterpret_cast<T*>(smem + L::kBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes + (kStore ? 2 * TcTile<D>::kBytes : 0));
   constexpr int kTmaThread = 32 * kDgWarp;
+  // kStore: chunk c's staged dk and dv tiles, by the copy thread (whose bulk groups they are)
+  auto store_tiles = [&](int c) {
+    if constexpr (kStore) {
+      for (int i = 0; i < 2; ++i)
+        tile_map_store(&args.omap[i], args.ohdim[i], args.otdim[i], h, c * kChunk, b,
+                       smem_u32(stg + i * kChunk * LD));
+    }
+  };
   auto issue_tiles = [&](int c, int stage) {
     if constexpr (kTma) {
       if (tid == kTmaThread) {
@@ -296,6 +331,11 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       lasp2::delta::gpu::mbar_wait(&bars[stage], ((c_end - 1 - c) >> 1) & 1);
     }
     __syncthreads();
+    if constexpr (kStore) {
+      // the previous (later) chunk's staged dk and dv (their stmatrix and proxy fences before
+      // the barrier above)
+      if (tid == kTmaThread && c < c_end - 1) store_tiles(c + 1);
+    }
     if (has_dg && warp == kDgWarp && pending) finish_dg();  // the previous (later) chunk
     const bool next = c - 1 >= c_begin;  // block-uniform
     if constexpr (kTma) {
@@ -343,6 +383,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       pend_nvalid = nvalid;
       pend_t0 = t0;
       pending = true;
+    }
+    if constexpr (kStore) {
+      // C rewrites the staging tiles: the stores issued at this chunk's top have read them
+      if (tid == kTmaThread) bulk_store_wait<0, true>();
     }
     {  // every warp writes its part (zeros past dk): the products may read all D rows
 #pragma unroll
@@ -421,6 +465,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       for (int m = 0; m < RM; ++m) {
         const int rb = RM * r + m;  // row block
         uint32_t kf[4];
+        uint32_t pk[4];  // kStore: the 8x8 blocks (j & 1, hf) of token block tb[j >> 1]
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int jt = 2 * tb[j >> 1] + (j & 1);  // n8 tile of the chunk's 64 tokens
@@ -431,11 +476,24 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
             const float2 kv = unpack2<T>(kf[2 * (j & 1) + hf]);  // k[y][d], k[y + 1][d]
             part0 += acc[m][j][2 * hf] * kv.x;
             part1 += acc[m][j][2 * hf + 1] * kv.y;
-            const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
-            const int yt = 8 * jt + (lane >> 2);
-            const int dt = 16 * rb + 8 * hf + 2 * (lane & 3);
-            if (full || (yt < nvalid && dt < dk))
-              *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
+            if constexpr (kStore) {
+              pk[2 * (j & 1) + hf] = pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]);
+            } else {
+              const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
+              const int yt = 8 * jt + (lane >> 2);
+              const int dt = 16 * rb + 8 * hf + 2 * (lane & 3);
+              if (full || (yt < nvalid && dt < dk))
+                *reinterpret_cast<uint32_t*>(dk_b + (t0 + yt) * args.dk_out.st + dt) = tr;
+            }
+          }
+          if constexpr (kStore) {
+            // the four 8x8 (dims x tokens) blocks of token block tb[j >> 1], transposed into
+            // the [token][dim] staging tile: lane l addresses token 16 tb + 8 (l / 16) + l % 8,
+            // dims 16 rb + 8 (l / 8 % 2)
+            if (j & 1)
+              stsm_x4_t(smem_u32(stg + (16 * tb[j >> 1] + 8 * (lane >> 4) + (lane & 7)) * LD + 16 * rb +
+                                 8 * ((lane >> 3) & 1)),
+                        pk);
           }
           parts[8 * m + 2 * j] = part0;
           parts[8 * m + 2 * j + 1] = part1;
@@ -509,22 +567,43 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       };
       if (hc == 0) causal(std::integral_constant<int, 0>{});
       else causal(std::integral_constant<int, 1>{});
+      if constexpr (kStore) {
+        // as dk's, into the second staging tile
+        T* const vst = stg + kChunk * LD;
 #pragma unroll
-      for (int m = 0; m < RM; ++m) {
+        for (int m = 0; m < RM; ++m) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int jt = 2 * tb[j >> 1] + (j & 1);
+          for (int i = 0; i < 2; ++i) {
+            uint32_t pk[4];
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
-            const int yt = 8 * jt + (lane >> 2);
-            const int dt = 16 * (RM * r + m) + 8 * hf + 2 * (lane & 3);
-            if (full || (yt < nvalid && dt < dv))
-              *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
+            for (int q = 0; q < 4; ++q)
+              pk[q] = pack2<T>(acc[m][2 * i + (q >> 1)][2 * (q & 1)], acc[m][2 * i + (q >> 1)][2 * (q & 1) + 1]);
+            stsm_x4_t(smem_u32(vst + (16 * tb[i] + 8 * (lane >> 4) + (lane & 7)) * LD + 16 * (RM * r + m) +
+                               8 * ((lane >> 3) & 1)),
+                      pk);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < RM; ++m) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int jt = 2 * tb[j >> 1] + (j & 1);
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const uint32_t tr = movm_trans(pack2<T>(acc[m][j][2 * hf], acc[m][j][2 * hf + 1]));
+              const int yt = 8 * jt + (lane >> 2);
+              const int dt = 16 * (RM * r + m) + 8 * hf + 2 * (lane & 3);
+              if (full || (yt < nvalid && dt < dv))
+                *reinterpret_cast<uint32_t*>(dv_b + (t0 + yt) * args.dv_out.st + dt) = tr;
+            }
           }
         }
       }
     }
+    // kStore: this thread's stmatrix writes before the copy engine reads them (the store is
+    // issued after the next barrier)
+    if constexpr (kStore) lasp2::delta::gpu::fence_proxy_async_shared();
     if (krows) {
       // this warp's part of dS = exp(G_last) dS + scale q^T diag(w_entry) dO
 #pragma unroll
@@ -556,6 +635,15 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     }
   }
   cp_async_wait_all();
+  if constexpr (kStore) {
+    // the segment's first chunk's staged dk and dv; the block's shared memory must outlive
+    // the stores
+    __syncthreads();
+    if (tid == kTmaThread && c_begin < c_end) {
+      store_tiles(c_begin);
+      bulk_store_wait<0, false>();
+    }
+  }
   if (has_dg) {
     __syncthreads();
     if (warp == kDgWarp && pending) finish_dg();  // the segment's first chunk
@@ -563,37 +651,76 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-// The kTma kernel where it can run (sm_90 code on an sm_90 device, every map encodable); false
-// (nothing launched) otherwise.
-template <typename T, int D>
+// LASP2_CUDA_DKDV_STORE=tma (session 17): the staged dk / dv tiles and their tensor-map
+// stores (kStore) at D = 128 where they run; anything else or unset: the per-thread stores.
+// Read per launch so that a test can compare the two.
+inline bool dkdv_store_tma() {
+  const char* env = std::getenv("LASP2_CUDA_DKDV_STORE");
+  return env != nullptr && std::strcmp(env, "tma") == 0;
+}
+
+// Which kernel the last launch_tc_dkdv ran (tc_dkdv_last_kernel, for the tests).
+int g_last_kernel = -1;
+
+// The opt-in shared memory per block of the current device (the kStore kernel's 231,440 B).
+int dkdv_smem_optin() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  return bytes;
+}
+
+// The kTma kernel (P = DkdvTmaArgs) or its staged-store form (P = DkdvTmaStoreArgs) where it
+// can run (sm_90 code on an sm_90 device, every map encodable, the block's shared memory within
+// the device's opt-in limit); false (nothing launched) otherwise.
+template <typename T, int D, typename P>
 bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
-  auto k = tc_dkdv_kernel<T, D, true, DkdvTmaArgs>;
+  constexpr bool kStore = std::is_same_v<P, DkdvTmaStoreArgs>;
+  auto k = tc_dkdv_kernel<T, D, true, P>;
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
-  DkdvTmaArgs ta;
+  // + the two stage barriers (kStore: after the two staging tiles)
+  constexpr int smem = DkdvLayout<D>::kBytes + (kStore ? 2 * TcTile<D>::kBytes : 0) + 16;
+  if (kStore && smem > dkdv_smem_optin()) return false;
+  P ta;
   static_cast<DkdvArgs&>(ta) = a;
   const View* views[4] = {&a.q, &a.k, &a.v, &a.dout};
   const int dims[4] = {a.dk, a.dk, a.dv, a.dv};
   if (!encode_tile_maps<T, D>(ta, 4, views, dims, a.g)) return false;
-  constexpr int smem = DkdvLayout<D>::kBytes + 16;  // + the two stage barriers
+  if constexpr (kStore) {
+    if (!encode_tile_map<T, D>(&ta.omap[0], ta.ohdim[0], ta.otdim[0], ta.obdim[0], a.dk_out, a.g, a.dk) ||
+        !encode_tile_map<T, D>(&ta.omap[1], ta.ohdim[1], ta.otdim[1], ta.obdim[1], a.dv_out, a.g, a.dv))
+      return false;
+  }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(ta);
   check_launch("tc_dkdv_kernel");
+  g_last_kernel = kStore ? 2 : 1;
   return true;
 }
 
 // The tensor-map copies unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or they cannot
-// run; then the cp.async kernel.
+// run (with LASP2_CUDA_DKDV_STORE=tma at D = 128 first the staged stores); then the cp.async
+// kernel.
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
-  if (!tile_copy_forced_cp_async() && launch_dkdv_tma<T, D>(a, s)) return;
+  if (!tile_copy_forced_cp_async()) {
+    if constexpr (D == 128) {
+      if (dkdv_store_tma() && launch_dkdv_tma<T, D, DkdvTmaStoreArgs>(a, s)) return;
+    }
+    if (launch_dkdv_tma<T, D, DkdvTmaArgs>(a, s)) return;
+  }
   constexpr int smem = DkdvLayout<D>::kBytes;
   auto k = tc_dkdv_kernel<T, D, false>;
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
+  g_last_kernel = 0;
 }
 
 }  // namespace
+
+int tc_dkdv_last_kernel() { return g_last_kernel; }
 
 int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<128>::kBytes; }
 

@@ -27,6 +27,12 @@
 #include "lasp2/kernel_backend.h"
 #include "../problem.h"
 
+// csrc/core/cuda/launch.h (not a public header): which dk/dv kernel ran last, 0 cp.async,
+// 1 tensor-map copies, 2 those with the staged dk / dv stores (StagedStoreSameBits)
+namespace lasp2::cuda {
+int tc_dkdv_last_kernel();
+}  // namespace lasp2::cuda
+
 namespace lasp2::testing {
 namespace {
 
@@ -777,6 +783,101 @@ TEST(CudaDkdvKernel, TmaCopySameBits) {
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
     if (only == nullptr || x.name.find(only) != std::string::npos) run_dkdv_rows_case(x, true);
+}
+
+// ---- the dk/dv pass's staged tensor-map stores (tc_dkdv.cu kStore, session 17) ----------
+// LASP2_CUDA_DKDV_STORE=tma (each chunk's dk and dv tiles staged in shared memory by
+// stmatrix.trans and written by one tensor-map store each, the copy engine clipping them to
+// the part's tokens and the view's dims; D = 128 tiles only) against the default (per-thread
+// movmatrix + stores), bit for bit in dk, dv and dg (the same values, only how they reach
+// memory differs), and against the CPU backend (float64). On an sm_90 device the test also
+// checks which kernel ran: the staged one at tile D = 128, the default tensor-map kernel at
+// D = 64 (the knob does not apply there) and without the knob. The cases: parts [37, 1000)
+// (the last chunk partial: the store must clip its rows; 2-chunk segments, so several stores
+// in flight per block over the walk), gates with documents, fixed and no decay, fp16, dk != dv
+// (96 / 72: both maps clip columns; 128 / 64 and 72 / 40: warps that stage no dv rows, their
+// rows of the staging tile stale and outside the map), the backend's own segments at
+// T = 4109 (full chunks, many chunks per block) and a [T, B, H, D] view with padded heads
+// (row stride not H * D). Without an sm_90 device every run takes the cp.async kernel.
+void run_dkdv_store_case(const OpCase& c, int tile_d) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard copy("LASP2_CUDA_TILE_COPY", "");
+  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
+  const AttentionParams pc = pr.params();
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
+  const std::vector<double> d0 = random_vec(bh * se, 41, 0.5), off = random_vec(bh, 42, 1.0),
+                            qdq = random_vec(scalars, 43, 1.0);
+  const std::vector<float> D0(d0.begin(), d0.end()), dgoff(off.begin(), off.end()),
+      qdqf(qdq.begin(), qdq.end());
+  DevBuf<float> D0d = to_device_f32(D0), dgoffd = to_device_f32(dgoff), qdqd = to_device_f32(qdqf);
+  std::vector<double> want_dk = pr.zeros_like_k(), want_dv = pr.zeros_like_v(), want_dg(scalars, 0.0);
+  cpu_backend().chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), pr.strides(c.dk)},
+                                    {want_dv.data(), pr.strides(c.dv)}, qdq.data(), dgoff.data(),
+                                    want_dg.data(), nullptr);
+  struct Out {
+    DevTensor dk, dv;
+    DevBuf<float> dg;
+    int kernel;
+  };
+  auto run = [&]() {
+    Out o{dp.like_k(), dp.like_v(), DevBuf<float>(scalars), -1};
+    o.dg.poison();  // dk, dv come poisoned: elements the stores miss fail expect_rows
+    cuda_backend().chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, o.dk.mview(), o.dv.mview(), qdqd.p,
+                                       dgoffd.p, o.dg.p, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "dkdv");
+    o.kernel = lasp2::cuda::tc_dkdv_last_kernel();
+    return o;
+  };
+  const Out a = with_env("LASP2_CUDA_DKDV_STORE", "", run);
+  const Out s = with_env("LASP2_CUDA_DKDV_STORE", "tma", run);
+  int dev = 0, major = 0;
+  cuda_ok(cudaGetDevice(&dev), "device");
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
+  if (major == 9) {
+    EXPECT_EQ(a.kernel, 1) << "default: not the tensor-map kernel";
+    EXPECT_EQ(s.kernel, tile_d == 128 ? 2 : 1) << "LASP2_CUDA_DKDV_STORE=tma: unexpected kernel";
+  }
+  EXPECT_EQ(s.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_DKDV_STORE=tma differs";
+  EXPECT_EQ(s.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_DKDV_STORE=tma differs";
+  EXPECT_EQ(float_bits(s.dg.download()), float_bits(a.dg.download())) << "dg: LASP2_CUDA_DKDV_STORE=tma differs";
+  const double tol = tol_of(c.dtype);
+  for (const auto* o : {&a, &s}) {
+    const std::string tag = o == &a ? "_default" : "_store_tma";
+    expect_rows(c, ("dk" + tag).c_str(), o->dk, want_dk, tol);
+    expect_rows(c, ("dv" + tag).c_str(), o->dv, want_dv, tol);
+    expect_scalars(c, ("dg" + tag).c_str(), o->dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+  }
+}
+
+TEST(CudaDkdvKernel, StagedStoreSameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const auto make = walking_edge_case;
+  struct Case {
+    OpCase c;
+    int tile_d;
+  };
+  std::vector<Case> cases = {{make("st_bf16_gate_D128_docs", ScalarType::kBFloat16, DecayMode::kGate, 128, 128), 128},
+                             {make("st_bf16_fixed_D128", ScalarType::kBFloat16, DecayMode::kFixed, 128, 128), 128},
+                             {make("st_fp16_fixed_D128", ScalarType::kFloat16, DecayMode::kFixed, 128, 128), 128},
+                             {make("st_bf16_gate_dk96_dv72", ScalarType::kBFloat16, DecayMode::kGate, 96, 72), 128},
+                             {make("st_fp16_gate_dk128_dv64", ScalarType::kFloat16, DecayMode::kGate, 128, 64), 128},
+                             {make("st_bf16_none_dk72_dv40", ScalarType::kBFloat16, DecayMode::kNone, 72, 40), 128},
+                             {make("st_bf16_gate_D64_docs", ScalarType::kBFloat16, DecayMode::kGate, 64, 64), 64}};
+  OpCase c = make("st_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  cases.push_back({with_auto_segments(c), 128});
+  c = make("st_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kFixed, 128, 128);
+  cases.push_back({with_auto_segments(c), 128});
+  c = make("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
+  c.layout = {true, 8};
+  c.seg_chunks = 3;
+  cases.push_back({c, 128});
+  const char* only = std::getenv("LASP2_TEST_CASES");
+  for (const Case& x : cases)
+    if (only == nullptr || x.c.name.find(only) != std::string::npos) run_dkdv_store_case(x.c, x.tile_d);
 }
 
 // ---- the segment-state walk's two copy paths (tc_state.cu, session 16) ------------------
