@@ -37,8 +37,16 @@ struct BwdSmem {
   T s[D * LD];      // dh; keys: h
   T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA; keys: dP
   float meta[2 * CH];
-  float bt[CH], dG[CH], db[CH];
-  float dot;  // <dh, h>
+  float bt[CH];
+  // The per-token sums of dg and dbeta, [column half][dG, dbeta][token]. The atomic forms
+  // (sums, early, lean) add every warp's share into [0] with shared-memory atomics. The
+  // ordered form (the default) gives each lane one place of its warp's column half (below,
+  // own_row_slot) and sums the halves once, in a fixed order, at the end.
+  float rsum[2][2][CH];
+  float wsum[16];  // ordered: each warp's dU total into the last token [w], its <dh, h> share [8 + w]
+  float dot;       // the atomic forms' <dh, h>
+  __device__ float* dG() { return rsum[0][0]; }
+  __device__ float* db() { return rsum[0][1]; }
 };
 
 constexpr int kThreads = 256;  // 8 warps
@@ -108,7 +116,8 @@ __device__ __forceinline__ void add_rows_one(float* da, const float (&va)[2], fl
 // add_cols<true>(dst, c, c0) for 4 n8 tiles in one loop: after col_sum every lane of
 // quad position q holds the sums of columns 8 j + 2 q + par; lane 4 g + q adds j = g / 2,
 // par = g % 2.
-__device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4][2], int c0, int lane) {
+// col_one: this lane's column sum, col_of: its column (from c0).
+__device__ __forceinline__ float col_one(const float (&c)[4][2], int lane) {
   float s[8];
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -118,7 +127,41 @@ __device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4]
   float v = s[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) v = g == i ? s[i] : v;
-  atomicAdd(dst + c0 + 8 * (g >> 1) + 2 * (lane & 3) + (g & 1), -v);
+  return v;
+}
+__device__ __forceinline__ int col_of(int lane) {
+  const int g = lane >> 2;
+  return 8 * (g >> 1) + 2 * (lane & 3) + (g & 1);
+}
+__device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4][2], int c0, int lane) {
+  atomicAdd(dst + c0 + col_of(lane), -col_one(c, lane));
+}
+
+// The ordered form's sums (the default since session 17; kOrd below): no atomics, so dg
+// and dbeta are the same bits from run to run (the atomics' order between warps is not).
+// Lane 4 g + q of a warp owns one place for the whole kernel, add_rows_one's: dG (q < 2)
+// or dbeta (q >= 2) of row m0 + g + 8 (q & 1) in its column half's slots, and adds each
+// of the warp's row sums there by a plain load and store (no other thread touches it until
+// the last barrier, so program order is the order). A lane's column sum (add_cols_one_neg's
+// column) of N (dA's epilogue) stays in a register until M's (the keys phase), when dB's
+// tile is free: the two go to a [row block][token] slot there. The warps' dU totals into
+// the last token and their <dh, h> shares go to one slot a warp. The dg loop adds the
+// slots in one fixed order. No extra barrier; 576 bytes more shared memory a block.
+template <typename T, int D>
+__device__ __forceinline__ float* own_row_slot(BwdSmem<T, D>& sm, int nh, int m0, int lane) {
+  return sm.rsum[nh][(lane & 3) >> 1] + m0 + (lane >> 2) + 8 * (lane & 1);
+}
+// The row sums of va (dG, kG) and vb (dbeta, kB) into this lane's place: stored (kFirst:
+// the array's first sum) or added.
+template <bool kG, bool kB, bool kFirst = false>
+__device__ __forceinline__ void own_rows(float* own, const float (&va)[2], const float (&vb)[2], int lane) {
+  const float a0 = kG ? row_sum(va[0]) : 0.f, a1 = kG ? row_sum(va[1]) : 0.f;
+  const float b0 = kB ? row_sum(vb[0]) : 0.f, b1 = kB ? row_sum(vb[1]) : 0.f;
+  const int q = lane & 3;
+  if ((kG && q < 2) || (kB && q >= 2)) {
+    const float v = pick4(a0, a1, b0, b1, q);
+    *own = kFirst ? v : *own + v;
+  }
 }
 
 // The blocks that both kernels run alike, each on its own tiles (keys phase, early: dO
@@ -128,9 +171,10 @@ __device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4]
 // dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
 // dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
 // here moves the kernel's PTX: see kz_terms).
-template <typename T, int D, bool kSums = false>
+template <typename T, int D, bool kSums = false, bool kOrd = false>
 __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2], BwdSmem<T, D>& sm, const T* dO,
-                                         const T* q, const Problem& p, int m0, int n0, int mw, int lane) {
+                                         const T* q, const Problem& p, int m0, int n0, int mw, int lane,
+                                         [[maybe_unused]] float* own = nullptr) {
   constexpr int LD = TcTile<D>::LD, NH = D / 16;
   zero(dq);
   mma_acc<T, NH, false, true>(dq, dO, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
@@ -148,10 +192,12 @@ __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2],
       qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
     }
   }
-  if constexpr (kSums) {
-    add_rows_one(sm.dG, qd, nullptr, qd, m0, lane);
+  if constexpr (kOrd) {
+    own_rows<true, false>(own, qd, qd, lane);
+  } else if constexpr (kSums) {
+    add_rows_one(sm.dG(), qd, nullptr, qd, m0, lane);
   } else {
-    add_rows(sm.dG, qd, m0, lane);
+    add_rows(sm.dG(), qd, m0, lane);
   }
   mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
 }
@@ -193,19 +239,21 @@ __device__ __forceinline__ void store_rows(T* const (&at)[2], const float (&acc)
 // the two row vectors' room, the caller's: with local arrays here (allocas that, once
 // inlined, likely sit ahead of the kernel's own) the d = 64 kernels' PTX changed
 // (registers coalesced otherwise in the values phase), though the work was the same.
-template <typename T, int D, bool kSums = false>
+template <typename T, int D, bool kSums = false, bool kOrd = false>
 __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2], float (&kzb)[2], float (&kzm)[2],
-                                         int m0, int lane) {
+                                         int m0, int lane, [[maybe_unused]] float* own = nullptr) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
     kzm[hf] = -kz[hf];
   }
-  if constexpr (kSums) {
-    add_rows_one(sm.dG, kzb, sm.db, kzm, m0, lane);
+  if constexpr (kOrd) {
+    own_rows<true, true>(own, kzb, kzm, lane);
+  } else if constexpr (kSums) {
+    add_rows_one(sm.dG(), kzb, sm.db(), kzm, m0, lane);
   } else {
-    add_rows(sm.dG, kzb, m0, lane);
-    add_rows(sm.db, kzm, m0, lane);
+    add_rows(sm.dG(), kzb, m0, lane);
+    add_rows(sm.db(), kzm, m0, lane);
   }
 }
 
@@ -251,10 +299,11 @@ __device__ __forceinline__ void tma_view_tile_after_reads(const BwdMaps* maps, i
   lasp2::cuda::tile_map_box(smem_u32(dst), &maps->map[m], maps->hdim[m], maps->tdim[m], cp.h, cp.c * CH, cp.b, bar);
 }
 
-template <typename T, int D, bool kEarly, bool kSums, bool kTma>
+template <typename T, int D, bool kEarly, bool kSums, bool kOrd, bool kTma>
 __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBackwardArgs& a,
                                                [[maybe_unused]] const BwdMaps* maps) {
   static_assert(kEarly || !kSums, "sums is a form of early");
+  static_assert(kSums || !kOrd, "ordered is a form of sums");
   static_assert(!kTma || kSums, "tensor-map copies: the sums form");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
@@ -269,6 +318,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     cp.b = static_cast<int>(bh32 / heads);
     cp.h = static_cast<int>(bh32 - static_cast<unsigned>(cp.b) * heads);
   }
+  // ordered: this lane's place in the row sums (own_row_slot; formed where used)
+  [[maybe_unused]] auto own = [&] { return own_row_slot(sm, warp >> 2, m0, lane); };
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
@@ -332,10 +383,12 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
   if (tid < CH) {
     const int64_t t = cp.t0 + tid;
     if constexpr (!kSums) sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
-    sm.dG[tid] = 0.f;
-    sm.db[tid] = 0.f;
+    if constexpr (!kOrd) {  // (ordered: each place's first sum is a store)
+      sm.dG()[tid] = 0.f;
+      sm.db()[tid] = 0.f;
+    }
   }
-  if (tid == 0) sm.dot = 0.f;
+  if (!kOrd && tid == 0) sm.dot = 0.f;
   cp_async_wait_group1();
   __syncthreads();
   if constexpr (kTma) mbar_wait(&bars[0], 0);  // (after the barrier: thread 0 has initialised it)
@@ -358,7 +411,11 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-    if (lane == 0) atomicAdd(&sm.dot, part);
+    if constexpr (kOrd) {
+      if (lane == 0) sm.wsum[8 + warp] = part;
+    } else if (lane == 0) {
+      atomicAdd(&sm.dot, part);
+    }
   };
   if constexpr (!kSums) dot_terms();
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
@@ -383,8 +440,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       if constexpr (kSums) {
         cs[hf] = c;
       } else if ((lane & 3) == 0) {
-        atomicAdd(sm.dG + y, -c);
-        atomicAdd(sm.dG + CH - 1, c);
+        atomicAdd(sm.dG() + y, -c);
+        atomicAdd(sm.dG() + CH - 1, c);
       }
       // r and dU share the tile: each lane reads and writes only its own fragment's places
 #pragma unroll
@@ -394,13 +451,17 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         store_u32(at_x, pack2<T>(d * acc[j][2 * hf] - rr.x, d * acc[j][2 * hf + 1] - rr.y));
       }
     }
-    if constexpr (kSums) {
+    if constexpr (kOrd) {  // lanes q = 0, 1 store their rows' -c (dG's first sums), lane 0 the warp's total
+      const float total = col_sum(cs[0] + cs[1]);
+      if ((lane & 3) < 2) *own() = (lane & 1) ? -cs[1] : -cs[0];
+      if (lane == 0) sm.wsum[warp] = total;
+    } else if constexpr (kSums) {
       // one loop: lanes q = 0, 1 of each quad their rows' -c, lane 2 the warp's total of c
       // into the last token (every lane of a quad holds its two rows' c)
       const float total = col_sum(cs[0] + cs[1]);
       const int q = lane & 3;
       if (q < 2 || lane == 2)
-        atomicAdd(sm.dG + (q < 2 ? m0 + (lane >> 2) + 8 * q : CH - 1), q == 0 ? -cs[0] : q == 1 ? -cs[1] : total);
+        atomicAdd(sm.dG() + (q < 2 ? m0 + (lane >> 2) + 8 * q : CH - 1), q == 0 ? -cs[0] : q == 1 ? -cs[1] : total);
     }
   }
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
@@ -474,10 +535,12 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
           }
         }
     }
-    if constexpr (kSums) {
-      add_rows_one(sm.db, dbv, nullptr, dbv, m0, lane);
+    if constexpr (kOrd) {
+      own_rows<false, true, true>(own(), dbv, dbv, lane);  // dbeta's first sums
+    } else if constexpr (kSums) {
+      add_rows_one(sm.db(), dbv, nullptr, dbv, m0, lane);
     } else {
-      add_rows(sm.db, dbv, m0, lane);
+      add_rows(sm.db(), dbv, m0, lane);
     }
     __syncthreads();  // every warp has read dU, T and v: q (early: dO) takes v's tile
     if constexpr (kTma) {
@@ -497,6 +560,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       }
   }
   __syncthreads();
+  [[maybe_unused]] float colv = 0.f;  // ordered: this lane's column sum of N, until M's
   {  // dL = -(dB U^T) (strict, same segment) and L = Gam o K K^T (without beta) on the same
      // fragments: dA = dL o beta_x Gam (into T's tile), dbeta_x += sum_y dL_xy L_xy,
      // N = beta_x dL o L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
@@ -549,13 +613,16 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         store_u32(sm.tt + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
       }
     }
-    if constexpr (kSums) {
-      add_rows_one(sm.dG, rowN, sm.db, rowB, m0, lane);
-      add_cols_one_neg(sm.dG, colN, c0, lane);
+    if constexpr (kOrd) {
+      own_rows<true, true>(own(), rowN, rowB, lane);
+      colv = col_one(colN, lane);
+    } else if constexpr (kSums) {
+      add_rows_one(sm.dG(), rowN, sm.db(), rowB, m0, lane);
+      add_cols_one_neg(sm.dG(), colN, c0, lane);
     } else {
-      add_rows(sm.dG, rowN, m0, lane);
-      add_rows(sm.db, rowB, m0, lane);
-      add_cols<true>(sm.dG, colN, c0, lane);
+      add_rows(sm.dG(), rowN, m0, lane);
+      add_rows(sm.db(), rowB, m0, lane);
+      add_cols<true>(sm.dG(), colN, c0, lane);
     }
   }
   __syncthreads();  // every warp has read dB: dO takes its tile (early: dB stays)
@@ -672,7 +739,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         }
       }
       float kzb[2], kzm[2];
-      kz_terms<T, D, kSums>(sm, kz, kzb, kzm, m0, lane);
+      kz_terms<T, D, kSums, kOrd>(sm, kz, kzb, kzm, m0, lane, own());
     }
     cp_async_wait_all();  // q
     if constexpr (kTma) mbar_wait(&bars[1], 1);
@@ -698,17 +765,20 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
             colM[j][par] += m;
           }
       }
-      if constexpr (kSums) {
-        add_rows_one(sm.dG, rowM, nullptr, rowM, m0, lane);
-        add_cols_one_neg(sm.dG, colM, c0, lane);
+      if constexpr (kOrd) {  // dB's tile is free (every warp has formed Z): N's and M's column sums there
+        own_rows<true, false>(own(), rowM, rowM, lane);
+        reinterpret_cast<float*>(sm.x)[mw * CH + c0 + col_of(lane)] = -(colv + col_one(colM, lane));
+      } else if constexpr (kSums) {
+        add_rows_one(sm.dG(), rowM, nullptr, rowM, m0, lane);
+        add_cols_one_neg(sm.dG(), colM, c0, lane);
       } else {
-        add_rows(sm.dG, rowM, m0, lane);
-        add_cols<true>(sm.dG, colM, c0, lane);
+        add_rows(sm.dG(), rowM, m0, lane);
+        add_cols<true>(sm.dG(), colM, c0, lane);
       }
     }
     {  // dq, written once
       float dq[NH][4], qd[2];
-      dq_terms<T, D, kSums>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
+      dq_terms<T, D, kSums, kOrd>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane, own());
       T* dqat[2];
       out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
       store_rows(dqat, dq, m0, cp.nvalid, lane);
@@ -749,8 +819,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
           store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
         }
       }
-      add_rows(sm.dG, rowM, m0, lane);
-      add_cols<true>(sm.dG, colM, c0, lane);
+      add_rows(sm.dG(), rowM, m0, lane);
+      add_cols<true>(sm.dG(), colM, c0, lane);
     }
     __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
     load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
@@ -805,7 +875,29 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     // chunk's last token and at each segment's last.
     const float eL = sL == 0.f ? bwd_exp(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
-    const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
+    float va, vb, dba = 0.f, dbb = 0.f;
+    if constexpr (kOrd) {  // the slots in one order: the two column halves' row sums, then the four row blocks' column sums
+      auto two = [&](const float* s) { return *reinterpret_cast<const float2*>(s + xa); };
+      const float* cs = reinterpret_cast<const float*>(sm.x);
+      const float2 g0 = two(sm.rsum[0][0]), g1 = two(sm.rsum[1][0]), b0 = two(sm.rsum[0][1]), b1 = two(sm.rsum[1][1]);
+      const float2 k0 = two(cs), k1 = two(cs + CH), k2 = two(cs + 2 * CH), k3 = two(cs + 3 * CH);
+      va = (g0.x + g1.x) + ((k0.x + k1.x) + (k2.x + k3.x));
+      vb = (g0.y + g1.y) + ((k0.y + k1.y) + (k2.y + k3.y));
+      dba = b0.x + b1.x;
+      dbb = b0.y + b1.y;
+      if (xb == CH - 1) {  // the warps' dU totals and <dh, h> shares, warp 0 first
+        float tot = 0.f, dot = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          tot += sm.wsum[w];
+          dot += sm.wsum[8 + w];
+        }
+        vb += tot + eL * dot;
+      }
+    } else {
+      va = sm.dG()[xa];
+      vb = sm.dG()[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
+    }
     const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
     float run = va + (fa ? 0.f : vb);  // token xa's run over this lane's tokens
     bool cut = fa || fb;               // whether a run restarts inside them
@@ -829,21 +921,22 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       if (x < cp.nvalid) {
         const int64_t bth = (cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h;
         if (a.dg != nullptr) a.dg[bth] = outs[i];
-        if (a.dbeta != nullptr) a.dbeta[bth] = sm.db[x];
+        if (a.dbeta != nullptr) a.dbeta[bth] = kOrd ? (i == 0 ? dba : dbb) : sm.db()[x];
       }
     }
   }
 }
 
-template <typename T, int D, bool kEarly, bool kSums>
+template <typename T, int D, bool kEarly, bool kSums, bool kOrd>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
-  chunk_bwd_body<T, D, kEarly, kSums, false>(p, a, nullptr);
+  chunk_bwd_body<T, D, kEarly, kSums, kOrd, false>(p, a, nullptr);
 }
-// The sums form with the tensor-map copies (kTma above); maps built per launch on the host.
-template <typename T, int D>
+// The sums form (kOrd: ordered) with the tensor-map copies (kTma above); maps built per
+// launch on the host.
+template <typename T, int D, bool kOrd>
 __global__ void __launch_bounds__(kThreads, 2)
     chunk_bwd_kernel_tma(Problem p, ChunkBackwardArgs a, const __grid_constant__ BwdMaps maps) {
-  chunk_bwd_body<T, D, true, true, true>(p, a, &maps);
+  chunk_bwd_body<T, D, true, true, kOrd, true>(p, a, &maps);
 }
 
 constexpr const char* kWho = "lasp2 (CUDA delta rule, chunked backward)";
@@ -858,33 +951,35 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): sums (the default), early (its reference)
-// or lean (early's reference).
-enum class BwdForm { kLean, kEarly, kSums };
+// the tests and the timing A/B can switch it): ordered (the default since session 17:
+// sums with dg and dbeta summed in a fixed order, the same bits from run to run), sums
+// (session 16's default: the same products, dg and dbeta through shared-memory atomics;
+// kept for the A/B), early (sums' reference) or lean (early's reference).
+enum class BwdForm { kLean, kEarly, kSums, kOrdered };
 BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "ordered") == 0) return BwdForm::kOrdered;
+  if (std::strcmp(env, "sums") == 0) return BwdForm::kSums;
   if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
   if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
-                   "lean, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be ordered, sums, "
+                   "early or lean, not ") +
        env);
 }
 
-// The sums form with the tensor-map copies where it can run (sm_90 code on an sm_90
-// device, every map encodable); false (nothing launched) otherwise.
 // A chunk backward kernel's dynamic shared memory, and all of the SM's 228 KiB as shared
-// memory so that two blocks fit; set before each launch (both copy paths).
+// memory so that two blocks fit (both copy paths): set once per kernel and device
+// (allow_max_shared, kernel_attributes.cpp), not at every launch.
 template <typename Kernel>
 void allow_chunk_backward(Kernel kernel, int bytes) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-        "chunk backward carveout");
+  check(lasp2::cuda::allow_max_shared(reinterpret_cast<const void*>(kernel), bytes), "chunk backward attributes");
 }
 
-template <typename T, int D>
+// The sums form (kOrd: ordered) with the tensor-map copies where it can run (sm_90 code on
+// an sm_90 device, every map encodable); false (nothing launched) otherwise.
+template <typename T, int D, bool kOrd>
 bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
-  auto kernel = chunk_bwd_kernel_tma<T, D>;
+  auto kernel = chunk_bwd_kernel_tma<T, D, kOrd>;
   if (!runs_sm90(kernel) || p.n > INT32_MAX) return false;
   using lasp2::cuda::encode_tile_map;
   using CView = lasp2::cuda::View;
@@ -938,14 +1033,15 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    // sums: tensor-map copies unless LASP2_CUDA_TILE_COPY=cp_async or they cannot run
-    if (form == BwdForm::kSums && !lasp2::cuda::tile_copy_forced_cp_async() &&
-        launch_chunk_backward_tma<T, D>(p, a, s))
-      return;
+    // ordered and sums: tensor-map copies unless LASP2_CUDA_TILE_COPY=cp_async or they cannot run
+    const bool maps = !lasp2::cuda::tile_copy_forced_cp_async();
+    if (maps && form == BwdForm::kOrdered && launch_chunk_backward_tma<T, D, true>(p, a, s)) return;
+    if (maps && form == BwdForm::kSums && launch_chunk_backward_tma<T, D, false>(p, a, s)) return;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
-                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
-                                            : chunk_bwd_kernel<T, D, false, false>;
+    auto kernel = form == BwdForm::kOrdered ? chunk_bwd_kernel<T, D, true, true, true>
+                  : form == BwdForm::kSums  ? chunk_bwd_kernel<T, D, true, true, false>
+                  : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false, false>
+                                            : chunk_bwd_kernel<T, D, false, false, false>;
     allow_chunk_backward(kernel, bytes);
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
