@@ -26,7 +26,7 @@ namespace {
 // The keys phase's tiles load into the values phase's as each one falls free (lean: q
 // over v, dO over dB, h over dh, dP over dA; dB goes out through dq's rows and comes
 // back over v_new once the scores are formed, dk's first terms through dk's, 16 bits, as
-// fla's two dk halves; early and sums, the default: below, at the kernel's variants).
+// fla's two dk halves; early, sums and ordered, the default: below, at the kernel's variants).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -73,9 +73,11 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
-// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
-// round, early's reference; both kept for the bit-equality test and the timing A/B).
+// The kernel's four forms (LASP2_DELTA_CHUNK_BWD_KERNEL): ordered (session 17, the
+// default: sums with dg and dbeta summed without atomics in a fixed order, own_rows below),
+// sums (fourteenth round; below, at the kernel; kept for the timing A/B), early (twelfth
+// round, sums' reference) and lean (ninth round, early's reference; both kept for the
+// bit-equality test and the timing A/B).
 // The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
 // kernel writes dq and dk once: it keeps dB in its tile and dk's first terms in
@@ -257,8 +259,9 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
   }
 }
 
-// sums (fourteenth round, the default): early with two changes. The gate gradients'
-// shared-memory sums run in 9 compare-and-swap loops a warp instead of 35 (add_rows_one,
+// sums (fourteenth round, the default until session 17's ordered): early with two
+// changes. The gate gradients' shared-memory sums run in 9 compare-and-swap loops a warp
+// instead of 35 (add_rows_one,
 // add_cols_one_neg; dU's sum into the chunk's last token reduced over the warp first
 // instead of 16 lanes' loops on one place). And h is read once: the 32 KiB of h that
 // every thread loads into registers at the start for <dh, h> stay there until dh's tile
@@ -876,7 +879,9 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     const float eL = sL == 0.f ? bwd_exp(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
     float va, vb, dba = 0.f, dbb = 0.f;
-    if constexpr (kOrd) {  // the slots in one order: the two column halves' row sums, then the four row blocks' column sums
+    if constexpr (kOrd) {
+      // the slots in one order: the two column halves' row sums, then the four row
+      // blocks' column sums
       auto two = [&](const float* s) { return *reinterpret_cast<const float2*>(s + xa); };
       const float* cs = reinterpret_cast<const float*>(sm.x);
       const float2 g0 = two(sm.rsum[0][0]), g1 = two(sm.rsum[1][0]), b0 = two(sm.rsum[0][1]), b1 = two(sm.rsum[1][1]);
