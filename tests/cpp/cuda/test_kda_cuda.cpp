@@ -11,8 +11,9 @@
 // test_delta_cuda.cpp; the CPU chunk form takes no -inf gates, so those cases compare
 // with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming), the state
 // pass on tensor-map copies against the tile kernel (DeltaCudaKdaStateTma, its A/B
-// DeltaCudaKdaStateTiming) and the chunk-gradient kernel's tma / tmahoist variants against
-// the default one (DeltaCudaKdaBwdKernels, their A/B DeltaCudaKdaTiming.BwdKernels).
+// DeltaCudaKdaStateTiming) and the chunk-gradient kernel's tensor-map form (tma, the
+// default on sm_90) against the cp.async one (lean; DeltaCudaKdaBwdKernels, their A/B
+// DeltaCudaKdaTiming.BwdKernels).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -352,9 +353,9 @@ int64_t differing_words(const std::vector<E>& a, const std::vector<E>& b) {
 }
 
 // The chunk-gradient kernel with its tiles by tensor-map copies
-// (LASP2_DELTA_KDA_BWD_KERNEL=tma, kda_bwd_kernel_tma; sm_90) and with those copies and
-// the loads hoisted ahead of the stores (tmahoist) against the default (lean: cp.async
-// copies): the same tiles in the same places (rows past the part zero in all), the same
+// (LASP2_DELTA_KDA_BWD_KERNEL=tma, kda_bwd_kernel_tma; sm_90), and the default (unset:
+// tma where it runs, so on sm_90 the same kernel through the automatic choice), against
+// lean (LASP2_DELTA_KDA_BWD_KERNEL=lean: cp.async copies): the same tiles in the same places (rows past the part zero in all), the same
 // operations on the same values, and dg and dbeta sum in slots of one lane each (no
 // atomics), so dq, dk, dv (and where they are written), dg, dbeta and the entering
 // state's gradient must be equal bit for bit. The backward's cases: bf16 / fp16, d = 64
@@ -379,7 +380,8 @@ TEST_P(DeltaCudaKdaBwdKernels, TmaEqualsLean) {
   for (const auto* t : {&want.dq, &want.dk})
     for (size_t e = 0; e < t->v.size(); ++e) nonzero += t->written[e] && t->v[e] != 0.0;
   EXPECT_GT(nonzero, 0) << "dq, dk";
-  for (const char* kernel : {"tma", "tmahoist"}) {
+  for (const char* kernel : {"tma", ""}) {
+    SCOPED_TRACE(*kernel ? kernel : "(default)");
     const KdaGrads got = run(kernel);
     for (auto [name, a, b] :
          {std::tuple{"dq", &got.dq, &want.dq}, {"dk", &got.dk, &want.dk}, {"dv", &got.dv, &want.dv}}) {
@@ -726,13 +728,13 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
   }
 }
 
-// A/B of the chunk-gradient kernels (LASP2_DELTA_KDA_BWD_KERNEL: lean, tma, tmahoist) at
+// A/B of the chunk-gradient kernels (LASP2_DELTA_KDA_BWD_KERNEL: lean, tma) at
 // T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16: the values named in
-// LASP2_KDA_BWD_TIMING_VARIANTS (default three rounds of "lean tma tmahoist", alternating),
+// LASP2_KDA_BWD_TIMING_VARIANTS (default three rounds of "lean tma", alternating),
 // each the median of LASP2_KDA_BWD_TIMING_REPS (5) launches after one warm-up, on the
 // inputs of one prep / state pass / reverse pass. Then every later variant's dq, dk, dv,
 // dg, dbeta against the first's, bit for bit over the whole problem. Under ncu the two
-// kernels' names tell them apart (kda_bwd_kernel, kda_bwd_kernel_tma<..., false / true>).
+// kernels' names tell them apart (kda_bwd_kernel, kda_bwd_kernel_tma).
 TEST(DeltaCudaKdaTiming, BwdKernels) {
   LASP2_SKIP_WITHOUT_CUDA();
   int major = 0;
@@ -773,7 +775,7 @@ TEST(DeltaCudaKdaTiming, BwdKernels) {
   std::vector<std::string> names;
   std::vector<std::vector<std::vector<float>>> outs;
   std::istringstream list(
-      env_or("LASP2_KDA_BWD_TIMING_VARIANTS", "lean tma tmahoist lean tma tmahoist lean tma tmahoist"));
+      env_or("LASP2_KDA_BWD_TIMING_VARIANTS", "lean tma lean tma lean tma"));
   for (std::string name; list >> name;) {
     const EnvGuard scope("LASP2_DELTA_KDA_BWD_KERNEL", name);
     for (DevTensor* t : {&bl.dq, &bl.dk, &bl.dv}) t->buf.poison();

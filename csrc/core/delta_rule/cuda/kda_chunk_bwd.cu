@@ -226,7 +226,7 @@ __device__ __forceinline__ void db_rows(S& sm, bool nh, const float (&v)[2], int
   }
 }
 
-// kTma (session 17, LASP2_DELTA_KDA_BWD_KERNEL=tma; kda_bwd_kernel_tma): the token tiles
+// kTma (session 17, kda_bwd_kernel_tma; the default on sm_90): the token tiles
 // (k twice, v_new, r, dh, T, h, dO, q) arrive as tensor-map boxes that thread 0 issues,
 // one a 64-row tile, counted on two mbarriers, instead of 4 cp.async pieces a thread and
 // tile (the GDN chunk backward measured 1.62 -> 1.55 ms so, session 16). The boxes are
@@ -260,17 +260,9 @@ __device__ __forceinline__ void kda_state_boxes(const KdaBwdMaps* maps, int m, T
     kda_box<T>(maps, m, s + r * TcTile<D>::LD, static_cast<int>(cp.bh), cp.c * D + r, 0, bar);
 }
 
-// kHoist (session 17, with kTma: LASP2_DELTA_KDA_BWD_KERNEL=tmahoist): the GDN chunk
-// backward's other session-16 move (1.73 -> 1.62 ms there): no shared-memory load waits
-// behind a global store. The dv loop's beta (one value a row, loaded again after every
-// pair's dv store, each in a branch of its own) is read once a row before the dB product;
-// the row sums' epilogue first adds dq (in place in dq's registers), dk, dG and dbeta
-// without a global store, then stores dq, so that the k, q and dG loads of one pair no
-// longer wait for the dq store of the one before. The same operations on the same values.
-//
 // The global loads are issued ahead of their use (see "Loads ahead" in
 // docs/delta_rule.md): with one block an SM at d = 128 nothing else hides their latency.
-template <typename T, int D, bool kTma, bool kHoist>
+template <typename T, int D, bool kTma>
 __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackwardArgs& a,
                                              [[maybe_unused]] const KdaBwdMaps* maps) {
   using Smem = KdaBwdSmem<T, D>;
@@ -487,11 +479,6 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
     for_pairs<NH>(m0, lane, [&](int j, int hf, int y, int c) {
         vreg[j][hf] = y < nvalid ? load_u32(vrow + y * p.v.st + n0 + c) : 0u;
       });
-    [[maybe_unused]] float brow[2];  // kHoist: this lane's two rows' beta
-    if constexpr (kHoist) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) brow[hf] = sm.bt[m0 + (lane >> 2) + 8 * hf];
-    }
     float acc[NH][4];
     zero(acc);
     mma_acc<T, NH, true, false>(acc, sm.tk, kLdP, sm.x1, LD, m0, n0, mw, CH / 16, NH / 2, lane);
@@ -502,12 +489,7 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
       if (y < nvalid) {
         const float2 vv = unpack2<T>(vreg[j][hf]);
         dbv[hf] += b0 * vv.x + b1 * vv.y;
-        float b;
-        if constexpr (kHoist) {
-          b = brow[hf];
-        } else {
-          b = sm.bt[y];
-        }
+        const float b = sm.bt[y];
         store_u32(dvrow + y * a.dvst + col, pack2<T>(b * b0, b * b1));
       }
       store_u32(sm.x2 + y * LD + col, pack2<T>(b0, b1));
@@ -635,16 +617,7 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
       dk[j][2 * hf + 1] += b * r1;
       kr[hf] += kx.x * r0 + kx.y * r1;
       float2 dgv = make_float2(b * kx.x * r0, b * kx.y * r1);
-      if constexpr (kHoist) {  // dq whole into dq's registers; stored below
-        const float2 qq = unpack2<T>(load_u32(qt + x * LD + i));  // (rows past the part: zeros, unused)
-        const float s0 = dq[j][2 * hf] + p0, s1 = dq[j][2 * hf + 1] + p1;
-        if (x < nvalid) {
-          dgv.x += qq.x * s0;  // q . dq whole
-          dgv.y += qq.y * s1;
-        }
-        dq[j][2 * hf] = s0;
-        dq[j][2 * hf + 1] = s1;
-      } else if (x < nvalid) {
+      if (x < nvalid) {
         const float2 qq = unpack2<T>(load_u32(qt + x * LD + i));
         const float s0 = dq[j][2 * hf] + p0, s1 = dq[j][2 * hf + 1] + p1;
         dgv.x += qq.x * s0;  // q . dq whole
@@ -655,11 +628,6 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
       const float2 old = *pg;
       *pg = make_float2(old.x + dgv.x, old.y + dgv.y);
     });
-    if constexpr (kHoist) {
-      for_pairs<NH>(m0, lane, [&](int j, int hf, int x, int c) {
-        if (x < nvalid) store_u32(dqrow + x * a.dqst + n0 + c, pack2<T>(dq[j][2 * hf], dq[j][2 * hf + 1]));
-      });
-    }
     db_rows(sm, wp.n0 != 0, kr, m0, lane);
   }
   __syncwarp();  // the row sums' scratch reads are done before the column sums write it
@@ -697,13 +665,13 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
-  kda_bwd_body<T, D, false, false>(p, a, nullptr);
+  kda_bwd_body<T, D, false>(p, a, nullptr);
 }
-// kTma (and kHoist) above; the maps built per launch on the host (launch_kda_backward_tma)
-template <typename T, int D, bool kHoist>
+// kTma above; the maps built per launch on the host (launch_kda_backward_tma)
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1)
     kda_bwd_kernel_tma(Problem p, KdaBackwardArgs a, const __grid_constant__ KdaBwdMaps maps) {
-  kda_bwd_body<T, D, true, kHoist>(p, a, &maps);
+  kda_bwd_body<T, D, true>(p, a, &maps);
 }
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
@@ -719,24 +687,27 @@ void allow_kda_backward(Kernel kernel, int bytes) {
 }
 
 // Which kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every launch so that the tests
-// and the timing A/B can switch it): lean (unset or empty: the default, cp.async copies),
-// tma (kTma) or tmahoist (kTma and kHoist). tma and tmahoist are an error where the
-// tensor-map copies cannot run (before sm_90, a view a map cannot take), not a silent
-// lean: the tests compare them with it.
-enum class KdaBwdKernel { kLean, kTma, kTmaHoist };
+// and the timing A/B can switch it). Unset or empty (kAuto, the default): tma where the
+// tensor-map copies can run (sm_90 code on an sm_90 device, every view mappable; measured
+// 3 % faster at 64K on the H200, the same bits), lean otherwise or with
+// LASP2_CUDA_TILE_COPY=cp_async, silently, as the GDN passes choose. lean: the cp.async
+// kernel. tma: the tensor-map kernel, an error where it cannot run (not a silent lean:
+// the tests compare the two). (tmahoist, tma with the GDN backward's loads ahead of the
+// stores, measured no faster than tma and was removed, session 17.)
+enum class KdaBwdKernel { kAuto, kLean, kTma };
 KdaBwdKernel kda_backward_kernel() {
   const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "lean") == 0) return KdaBwdKernel::kLean;
+  if (env == nullptr || *env == '\0') return KdaBwdKernel::kAuto;
+  if (std::strcmp(env, "lean") == 0) return KdaBwdKernel::kLean;
   if (std::strcmp(env, "tma") == 0) return KdaBwdKernel::kTma;
-  if (std::strcmp(env, "tmahoist") == 0) return KdaBwdKernel::kTmaHoist;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be lean, tma or tmahoist, not " + env);
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be lean or tma, not " + env);
 }
 
 // kda_bwd_kernel_tma where it can run (sm_90 code on an sm_90 device, every map
 // encodable); false (nothing launched) otherwise.
 template <typename T, int D>
-bool launch_kda_backward_tma(const Problem& p, const KdaBackwardArgs& a, bool hoist, cudaStream_t s) {
-  auto kernel = hoist ? kda_bwd_kernel_tma<T, D, true> : kda_bwd_kernel_tma<T, D, false>;
+bool launch_kda_backward_tma(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
+  auto kernel = kda_bwd_kernel_tma<T, D>;
   if (!runs_sm90(kernel) || p.n > INT32_MAX) return false;
   using lasp2::cuda::encode_tile_map;
   using CView = lasp2::cuda::View;
@@ -800,11 +771,14 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    if (which != KdaBwdKernel::kLean) {
-      if (launch_kda_backward_tma<T, D>(p, a, which == KdaBwdKernel::kTmaHoist, s)) return;
-      fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL=tma / tmahoist needs an sm_90 device and binary and "
+    if (which == KdaBwdKernel::kTma) {
+      if (launch_kda_backward_tma<T, D>(p, a, s)) return;
+      fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL=tma needs an sm_90 device and binary and "
                                "views a tensor map can take");
     }
+    if (which == KdaBwdKernel::kAuto && !lasp2::cuda::tile_copy_forced_cp_async() &&
+        launch_kda_backward_tma<T, D>(p, a, s))
+      return;
     const int bytes = static_cast<int>(sizeof(KdaBwdSmem<T, D>));
     auto* kernel = kda_bwd_kernel<T, D>;
     allow_kda_backward(kernel, bytes);
