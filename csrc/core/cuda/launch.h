@@ -183,6 +183,12 @@ void launch_generic_dkdv(Elem e, const DkdvArgs& a, bool state_in_smem, cudaStre
 // per kernel, device and size (kernel_attributes.cpp: a call is host time at every launch).
 void allow_dynamic_smem(const void* kernel, int bytes);
 
+// allow_dynamic_smem and cudaFuncAttributePreferredSharedMemoryCarveout =
+// cudaSharedmemCarveoutMaxShared (all of the SM's shared memory, for two large blocks an
+// SM), once per kernel, device and size (kernel_attributes.cpp); the first failed call's
+// error (not remembered: the next launch tries again), else cudaSuccess.
+cudaError_t allow_max_shared(const void* kernel, int bytes);
+
 // Throws lasp2::Error naming `what` if the last launch failed.
 void check_launch(const char* what);
 

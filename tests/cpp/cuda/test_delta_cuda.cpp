@@ -511,15 +511,25 @@ struct KeptWorkProblem {
   }
 };
 
+// The words of two equally long arrays whose bits differ.
+template <typename V>
+int64_t bits_differ(const std::vector<V>& x, const std::vector<V>& y) {
+  EXPECT_EQ(x.size(), y.size());
+  int64_t n = 0;
+  for (size_t e = 0; e < std::min(x.size(), y.size()); ++e) n += std::memcmp(&x[e], &y[e], sizeof(V)) != 0;
+  return n;
+}
+
 // A backward that read kept work against the one that recomputed it: the same kernels on
-// the same inputs, so dq, dk, dv equal bit for bit, and dg, dbeta, the entering-state
-// gradients equal up to the order of the per-token sums' shared-memory atomics.
+// the same inputs, so dq, dk, dv equal bit for bit, and so do dg and dbeta (since session
+// 17 the GDN chunk backward sums them in a fixed order, the ordered form; KDA's chunked
+// backward sums them in slots without atomics); the entering-state gradients within 1e-5.
 void expect_same_backward(const Grads& got, const Grads& want) {
   EXPECT_EQ(max_abs_diff(got.dq, want.dq), 0.0) << "dq";
   EXPECT_EQ(max_abs_diff(got.dk, want.dk), 0.0) << "dk";
   EXPECT_EQ(max_abs_diff(got.dv, want.dv), 0.0) << "dv";
-  EXPECT_LT(rel_err_f32(got.dg, want.dg), 1e-5) << "dg";
-  EXPECT_LT(rel_err_f32(got.db, want.db), 1e-5) << "dbeta";
+  EXPECT_EQ(bits_differ(got.dg, want.dg), 0) << "dg";
+  EXPECT_EQ(bits_differ(got.db, want.db), 0) << "dbeta";
   EXPECT_LT(rel_err_f32(got.dE, want.dE), 1e-5) << "d_entering";
   EXPECT_LT(rel_err_f32(got.dE_head, want.dE_head), 1e-6) << "entering dstate";
 }
@@ -1235,7 +1245,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     }
     std::printf("[ timing ] chunked stages (ms): %s\n", line.c_str());
     // The chunk backward's variants side by side (LASP2_DELTA_TIMING_BWD_KERNELS, e.g.
-    // "lean early lean early" or "sums sums/cp_async ...": LASP2_DELTA_CHUNK_BWD_KERNEL
+    // "lean early lean early" or "ordered ordered/cp_async ...": LASP2_DELTA_CHUNK_BWD_KERNEL
     // (and LASP2_CUDA_TILE_COPY after a slash) set to each in turn): the chunk
     // backward launch alone (the median of 5 after a warm-up) and the one-device backward
     // with the forward kept (forward_keeping, then backward_reusing timed; the median of 3
@@ -1245,7 +1255,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
       std::istringstream names(list);
       std::string name;
       while (names >> name) {
-        // "sums/cp_async": the form with LASP2_CUDA_TILE_COPY=cp_async (the cp.async
+        // "ordered/cp_async": the form with LASP2_CUDA_TILE_COPY=cp_async (the cp.async
         // copies instead of the tensor maps); a plain name leaves the copies at the default
         const size_t slash = name.find('/');
         const EnvGuard scope("LASP2_DELTA_CHUNK_BWD_KERNEL", name.substr(0, slash));
@@ -1878,21 +1888,21 @@ const std::vector<ChunkBackwardCase> kChunkBackwardCases = {
 // of their shared-memory atomics and one fp32 rounding (the gate terms of P o (dO U^T)
 // multiply in another order). d = 128 and 64, rows and packed documents with a -inf gate
 // inside a chunk, a part starting at token 37 and ending mid-chunk, an entering state and
-// a leaving gradient; fp16 too, and a part of one partial chunk. The sums form (the
-// default since the fourteenth round, unset and named: early with the gate gradients'
-// shared-memory sums gathered into fewer compare-and-swap loops and h stored into its
-// tile from the registers that formed <dh, h> instead of read again; since the sixteenth
-// round also v's pairs, beta and the score epilogues' {G, s} pairs read before the stores
-// that followed them, and beta copied by cp.async) forms the same products in the same
-// order, so it is held to lean the same way.
+// a leaving gradient; fp16 too, and a part of one partial chunk. The ordered form (the
+// production form, unset and named: early with the gate gradients' sums in per-lane slots
+// added in a fixed order, no atomics, and h stored into its tile from the registers that
+// formed <dh, h> instead of read again; v's pairs, beta and the score epilogues' {G, s}
+// pairs read before the stores that followed them, beta copied by cp.async) forms the
+// same products in the same order, so it is held to lean the same way. (early and lean
+// are kept in the library as these references only.)
 TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
   LASP2_SKIP_WITHOUT_CUDA();
   for (const ChunkBackwardCase& c : kChunkBackwardCases) {
     const ChunkBackwardRun cb(c);
     SCOPED_TRACE(cb.name());
-    // the default twice (unset and named), so that the default is the sums kernel
+    // the default twice (unset and named), so that the default is the ordered kernel
     const Grads lean = cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", "lean");
-    for (const char* kernel : {"", "sums", "early"}) {
+    for (const char* kernel : {"", "ordered", "early"}) {
       SCOPED_TRACE(*kernel ? kernel : "(default)");
       const Grads early = cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", kernel);
       EXPECT_EQ(max_abs_diff(early.dq, lean.dq), 0.0) << "dq";
@@ -1910,8 +1920,8 @@ TEST(DeltaCudaChunkBackward, EarlyEqualsLean) {
 // its k, dh, r, v_new, T, v, dO and q tiles as one thread's boxes on two mbarriers)
 // against its cp.async copies (LASP2_CUDA_TILE_COPY=cp_async): the same bytes
 // in the places the products read, so dq, dk and dv must be equal bit for bit (and the
-// entering-state gradient, which other kernels form); dg and dbeta up to the order of
-// the kernel's shared-memory float atomics between warps, which no run fixes (1e-6).
+// entering-state gradient, which other kernels form), and since session 17 (the ordered
+// form, the default: dg and dbeta summed in a fixed order) dg and dbeta too.
 // EarlyEqualsLean's cases (rows and packed documents with a -inf gate inside a chunk, a
 // part starting at token 37 and ending mid-chunk, one partial chunk, d = 64 and 128,
 // bf16 and fp16) and fp16 at d = 64; both held to the CPU backend without -inf gates.
@@ -1927,17 +1937,12 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
     const DeltaParams& dp = cb.dev.p;
     const EdgeStates& edge = cb.edge;
     const Grads ref = cb.run("LASP2_CUDA_TILE_COPY", "cp_async"), got = cb.run("LASP2_CUDA_TILE_COPY", "");
-    auto bits_differ = [](const auto& x, const auto& y) {
-      int64_t n = 0;
-      for (size_t e = 0; e < x.size(); ++e) n += std::memcmp(&x[e], &y[e], sizeof(x[e])) != 0;
-      return n;
-    };
     EXPECT_EQ(bits_differ(got.dq, ref.dq), 0) << "dq";
     EXPECT_EQ(bits_differ(got.dk, ref.dk), 0) << "dk";
     EXPECT_EQ(bits_differ(got.dv, ref.dv), 0) << "dv";
     EXPECT_EQ(bits_differ(got.dE, ref.dE), 0) << "d_entering";
-    EXPECT_LT(rel_err_f32(got.dg, ref.dg), 1e-6) << "dg";
-    EXPECT_LT(rel_err_f32(got.db, ref.db), 1e-6) << "dbeta";
+    EXPECT_EQ(bits_differ(got.dg, ref.dg), 0) << "dg";
+    EXPECT_EQ(bits_differ(got.db, ref.db), 0) << "dbeta";
     cb.expect_written(got);
     if (!c.packed) {  // the CPU backend (no -inf gates)
       const DeltaParams hp = pr.params();
@@ -1965,6 +1970,100 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
       }
     }
   }
+}
+
+// Determinism (session 17): the same inputs give the same bits, run after run, from the
+// chunked GDN backward (prep, the state pass, rprep, the reverse pass and the chunk
+// backward, whose dg and dbeta the ordered form, the default, sums in a fixed order) and
+// the chunked KDA backward (its sums in slots without atomics): dq, dk, dv, dg, dbeta and
+// the entering state's gradient (dh0). GDN: ChunkBackwardRun's cases (four chunks a head,
+// rows and packed documents with a -inf gate, d = 64 and 128, bf16 and fp16, a part of one
+// partial chunk), four runs each, and the cp.async copies (the same arithmetic, so the same
+// bits); GDN and KDA: 2048 tokens, 2 heads, rows (batch 2) and packed documents (batch 1),
+// 32 chunks a head, d = 64 and 128, four runs each. (Packed documents with their own states
+// are left out: their document chunks take the token-recurrent backward, whose per-token
+// sums meet in global float atomics from several blocks, delta_recurrent.cu.)
+struct SameBitsProblem {
+  DeltaProblem<float> pr;
+  DeviceProblem dev;
+  TokenRange part{0, 2048};
+  int64_t se;
+  EdgeStates edge;
+  SameBitsProblem(GateKind gate, int d, bool packed)
+      : pr(prepared(gate, d, packed)), dev(pr, ScalarType::kBFloat16, Layout{false, 0}),
+        se(dev.p.bh() * dev.p.state_elems()), edge(random_edge_states(12, se)) {}
+  Grads run() const {
+    Grads r;
+    BackwardBuffers g(pr, ScalarType::kBFloat16, Layout{false, 0}, se);
+    delta::delta_backend_for(Device::kCUDA)
+        .backward(dev.p, part, dev.dout.cview(), edge.d_entering.p, edge.d_leaving.p, DocStates{}, g.dq.mview(),
+                  g.dk.mview(), g.dv.mview(), g.dg.p, g.db.p, g.dE.p, nullptr);
+    g.download(r);
+    return r;
+  }
+
+ private:
+  static DeltaProblem<float> prepared(GateKind gate, int d, bool packed) {
+    DeltaSpec spec = gdn_spec(d, 2048, packed ? 1 : 2);
+    spec.gate_kind = gate;
+    if (packed) spec.doc_starts = {5, 64, 65, 130, 201, 777, 1024, 1500, 2047};
+    DeltaProblem<float> pr(spec, 53);
+    prepare_inputs(pr, ScalarType::kBFloat16);
+    return pr;
+  }
+};
+
+// The words of got whose bits differ from want's, each output on its own.
+void expect_same_bits(const Grads& got, const Grads& want) {
+  EXPECT_EQ(bits_differ(got.dq, want.dq), 0) << "dq";
+  EXPECT_EQ(bits_differ(got.dk, want.dk), 0) << "dk";
+  EXPECT_EQ(bits_differ(got.dv, want.dv), 0) << "dv";
+  EXPECT_EQ(bits_differ(got.dg, want.dg), 0) << "dg";
+  EXPECT_EQ(bits_differ(got.db, want.db), 0) << "dbeta";
+  EXPECT_EQ(bits_differ(got.dE, want.dE), 0) << "dh0 (d_entering)";
+}
+
+// A backward's dg and dbeta hold non-zero values in most of the part's tokens (so that the
+// bit comparisons compare sums, not zeros).
+void expect_sums_written(const Grads& r, int64_t tokens) {
+  for (const auto* x : {&r.dg, &r.db}) {
+    int64_t nonzero = 0;
+    for (float e : *x) nonzero += std::isfinite(e) && e != 0.f ? 1 : 0;
+    EXPECT_GT(nonzero, tokens / 2) << (x == &r.dg ? "dg" : "dbeta") << " written";
+  }
+}
+
+TEST(DeltaCudaChunkBackward, SameInputsSameBits) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const ChunkBackwardCase& c : kChunkBackwardCases) {
+    const ChunkBackwardRun cb(c);
+    SCOPED_TRACE(cb.name());
+    const Grads first = cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", "");
+    cb.expect_written(first);
+    expect_sums_written(first, (c.part.end - c.part.begin) * cb.spec.heads);
+    for (int rep = 0; rep < 3; ++rep) {
+      SCOPED_TRACE("rerun " + std::to_string(rep + 1));
+      expect_same_bits(cb.run("LASP2_DELTA_CHUNK_BWD_KERNEL", ""), first);
+    }
+    SCOPED_TRACE("cp.async copies");
+    expect_same_bits(cb.run("LASP2_CUDA_TILE_COPY", "cp_async"), first);
+  }
+  for (const GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
+    for (const int d : {64, 128})
+      for (const bool packed : {false, true}) {
+        const bool kda = gate == GateKind::kPerKey;
+        const std::string name = std::string(kda ? "kda " : "gdn ") + (packed ? "packed" : "rows") +
+                                 " d=" + std::to_string(d) + " T=2048";
+        SCOPED_TRACE(name);
+        if (!chunk_backward_fits_device(gate, d)) continue;  // the token walks (global atomics)
+        const SameBitsProblem sb(gate, d, packed);
+        const Grads first = sb.run();
+        expect_sums_written(first, sb.part.length() * sb.pr.spec.heads);
+        for (int rep = 0; rep < 3; ++rep) {
+          SCOPED_TRACE("rerun " + std::to_string(rep + 1));
+          expect_same_bits(sb.run(), first);
+        }
+      }
 }
 
 }  // namespace

@@ -9,9 +9,11 @@
 // dim and token); and the chunked backward (kda_chunk_bwd.h, DeltaCudaKdaBackward): dq,
 // dk, dv, dg, dbeta and the entering state's gradient. The recurrent kernels are held to the CPU backend by
 // test_delta_cuda.cpp; the CPU chunk form takes no -inf gates, so those cases compare
-// with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming), and the
-// state pass on tensor-map copies against the tile kernel (DeltaCudaKdaStateTma, its
-// A/B DeltaCudaKdaStateTiming).
+// with the recurrent kernels alone. Plus a timing case (DeltaCudaKdaTiming), the state
+// pass on tensor-map copies against the tile kernel (DeltaCudaKdaStateTma, its A/B
+// DeltaCudaKdaStateTiming) and the chunk-gradient kernel's tensor-map form (tma, the
+// default on sm_90) against the cp.async one (lean; DeltaCudaKdaBwdKernels, their A/B
+// DeltaCudaKdaTiming.BwdKernels).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -342,6 +344,61 @@ TEST_P(DeltaCudaKdaBackward, MatchesRecurrentAndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaBackward, ::testing::ValuesIn(kda_cases(true)), kda_case_name);
 
+// The number of elements of a and b (same size) whose bits differ.
+template <typename E>
+int64_t differing_words(const std::vector<E>& a, const std::vector<E>& b) {
+  int64_t differ = 0;
+  for (size_t e = 0; e < a.size(); ++e) differ += std::memcmp(&a[e], &b[e], sizeof(E)) != 0;
+  return differ;
+}
+
+// The chunk-gradient kernel with its tiles by tensor-map copies
+// (LASP2_DELTA_KDA_BWD_KERNEL=tma, kda_bwd_kernel_tma; sm_90), and the default (unset:
+// tma where it runs, so on sm_90 the same kernel through the automatic choice), against
+// lean (LASP2_DELTA_KDA_BWD_KERNEL=lean: cp.async copies): the same tiles in the same places (rows past the part zero in all), the same
+// operations on the same values, and dg and dbeta sum in slots of one lane each (no
+// atomics), so dq, dk, dv (and where they are written), dg, dbeta and the entering
+// state's gradient must be equal bit for bit. The backward's cases: bf16 / fp16, d = 64
+// and 128, rows and packed documents, -inf and strong gates; the fixture's part [37, 280)
+// starts and ends inside chunks (243 tokens).
+class DeltaCudaKdaBwdKernels : public KdaCaseTest {};
+
+TEST_P(DeltaCudaKdaBwdKernels, TmaEqualsLean) {
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "tensor-map copies run on sm_90 and later";
+  const std::vector<std::vector<float>> edge = random_states(11, 2, bh * se);
+  const DevBuf<float> d_entering = to_device_f32(edge[0]), d_leaving = to_device_f32(edge[1]);
+  auto run = [&](const char* kernel) {
+    const EnvGuard scope("LASP2_DELTA_KDA_BWD_KERNEL", kernel);
+    return kda_device_backward(pr, dev(), c.type, lay, part, d_entering, d_leaving);
+  };
+  const KdaGrads want = run("lean");
+  // not a comparison of zeros: the part's dq, dk, dg are not all zero
+  EXPECT_GT(delta::testing::max_abs(want.dg), 0.0) << "dg";
+  int64_t nonzero = 0;
+  for (const auto* t : {&want.dq, &want.dk})
+    for (size_t e = 0; e < t->v.size(); ++e) nonzero += t->written[e] && t->v[e] != 0.0;
+  EXPECT_GT(nonzero, 0) << "dq, dk";
+  for (const char* kernel : {"tma", ""}) {
+    SCOPED_TRACE(*kernel ? kernel : "(default)");
+    const KdaGrads got = run(kernel);
+    for (auto [name, a, b] :
+         {std::tuple{"dq", &got.dq, &want.dq}, {"dk", &got.dk, &want.dk}, {"dv", &got.dv, &want.dv}}) {
+      ASSERT_EQ(a->v.size(), b->v.size()) << name;
+      EXPECT_EQ(differing_words(a->v, b->v), 0) << kernel << " vs lean " << name << ": of " << a->v.size();
+      EXPECT_EQ(a->written, b->written) << kernel << ": " << name << " written at the same places";
+    }
+    for (auto [name, a, b] : {std::tuple{"dg", &got.dg, &want.dg}, {"dbeta", &got.db, &want.db},
+                              {"d_entering", &got.dE, &want.dE}}) {
+      ASSERT_EQ(a->size(), b->size()) << name;
+      EXPECT_EQ(differing_words(*a, *b), 0) << kernel << " vs lean " << name << ": of " << a->size();
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, DeltaCudaKdaBwdKernels, ::testing::ValuesIn(kda_cases(true)), kda_case_name);
+
 // KDA's state passes on tensor-map copies (kda_state_kernel_tma, kda_rev_state_kernel_tma;
 // sm_90, d = 128; LASP2_DELTA_KDA_STATE_KERNEL) against the 4-warp tile kernels: "tma"
 // runs the tile kernels' products in their order, so o, the forward's kept v_new and
@@ -515,6 +572,54 @@ delta::gpu::Problem timing_problem(const DevTensor& q, const DevTensor& k, const
   return kp;
 }
 
+// The chunked backward's launches one by one on the timing problem (kda_chunk_bwd.h):
+// prep with T, the state pass (v_new, the 16-bit states entering each chunk), rprep + the
+// reverse pass (r, dh), then the chunk-gradient kernel into dq, dk, dv, dg, dbeta.
+struct KdaBwdLaunches {
+  KdaBwdLaunches(const DevTensor& q, const DevTensor& k, const DevTensor& v, const DevTensor& dout,
+                 const DevBuf<float>& g, const DevBuf<float>& beta)
+      : T(q.T), H(q.H), D(q.D), kp(timing_problem(q, k, v, g, beta)), z(delta::gpu::kda_prep_sizes(kp)),
+        nck(delta::gpu::chunk_count(kp)), w(z.rows_half), u(z.rows_half), qg(z.rows_half), kd(z.rows_half),
+        pm(z.p_half), eL(z.eL), tt(z.p_half), vn(z.rows_half), st(H * nck * D * D / 2), rr(z.rows_half),
+        dh(H * nck * D * D / 2), dg(T * H * D), db(T * H), dq(1, T, H, D, q.type, Layout{}),
+        dk(1, T, H, D, q.type, Layout{}), dv(1, T, H, D, q.type, Layout{}) {
+    prep = {w.p, u.p, qg.p, kd.p, pm.p, eL.p};
+    prep.t = tt.p;
+    so.v_new = vn.p;
+    so.states = st.p;
+    dov = {dout.buf.p, T * H * D, H * D, D};
+    ba.dout = dov;
+    ba.v_new = vn.p;
+    ba.states = st.p;
+    ba.dh = dh.p;
+    ba.t = tt.p;
+    ba.r = rr.p;
+    ba.dq = dq.buf.p;
+    ba.dk = dk.buf.p;
+    ba.dv = dv.buf.p;
+    ba.dqsb = ba.dksb = ba.dvsb = T * H * D;
+    ba.dqst = ba.dkst = ba.dvst = H * D;
+    ba.dqsh = ba.dksh = ba.dvsh = D;
+    ba.dg = dg.p;
+    ba.dbeta = db.p;
+  }
+  void run_prep() const { delta::gpu::launch_kda_prep(kp, prep, nullptr); }
+  void run_states() const { delta::gpu::launch_kda_states(kp, prep, so, nullptr); }
+  void run_rstates() const { delta::gpu::launch_kda_rstates(kp, prep, dov, rr.p, nullptr, dh.p, nullptr, nullptr); }
+  void run_grads() const { delta::gpu::launch_kda_backward(kp, ba, nullptr); }
+
+  int64_t T, H, D;
+  delta::gpu::Problem kp;
+  delta::gpu::KdaPrepSizes z;
+  int64_t nck;
+  DevBuf<float> w, u, qg, kd, pm, eL, tt, vn, st, rr, dh, dg, db;
+  DevTensor dq, dk, dv;
+  delta::gpu::KdaPrep prep;
+  delta::gpu::ChunkStatesOut so;
+  delta::gpu::View dov;
+  delta::gpu::KdaBackwardArgs ba;
+};
+
 // KDA at T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16 on one device:
 // part_summary, forward, entering_dstate and the backward with the chunked kernels and
 // with the recurrent ones (printed). Inputs: repeated random patterns (fast to set up);
@@ -601,37 +706,14 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
                 t[2]);
     // per launch of the chunked backward (kda_chunk_bwd.h): prep with T, the state pass,
     // rprep + the reverse pass (launch_kda_rstates), the chunk gradients
-    DevBuf<float> tt(z.p_half), rr(z.rows_half), dhb(H * gpu::chunk_count(kp) * D * D / 2), dgb(T * H * D),
-        dbb(T * H);
-    gpu::KdaPrep bp = prep;
-    bp.t = tt.p;
-    const gpu::View dov{dout.buf.p, T * H * D, H * D, D};
-    DevTensor bq = tensor(), bk = tensor(), bv = tensor();
-    gpu::KdaBackwardArgs ba;
-    ba.dout = dov;
-    ba.v_new = vn.p;
-    ba.states = st.p;
-    ba.dh = dhb.p;
-    ba.t = tt.p;
-    ba.r = rr.p;
-    ba.dq = bq.buf.p;
-    ba.dk = bk.buf.p;
-    ba.dv = bv.buf.p;
-    ba.dqsb = ba.dksb = ba.dvsb = T * H * D;
-    ba.dqst = ba.dkst = ba.dvst = H * D;
-    ba.dqsh = ba.dksh = ba.dvsh = D;
-    ba.dg = dgb.p;
-    ba.dbeta = dbb.p;
-    const std::vector<float> tb =
-        time_steps({[&] { gpu::launch_kda_prep(kp, bp, nullptr); },
-                    [&] { gpu::launch_kda_states(kp, bp, so, nullptr); },
-                    [&] { gpu::launch_kda_rstates(kp, bp, dov, rr.p, nullptr, dhb.p, nullptr, nullptr); },
-                    [&] { gpu::launch_kda_backward(kp, ba, nullptr); }});
+    const KdaBwdLaunches bl(q, k, v, dout, g, beta);
+    const std::vector<float> tb = time_steps({[&] { bl.run_prep(); }, [&] { bl.run_states(); },
+                                              [&] { bl.run_rstates(); }, [&] { bl.run_grads(); }});
     std::printf("[ timing ] KDA chunked backward per launch: prep (with T) %.2f ms, states %.2f ms, rprep + rstates "
                 "%.2f ms, chunk gradients %.2f ms\n",
                 tb[0], tb[1], tb[2], tb[3]);
     // the chunk gradients' dq, dk, dv over the first 256 tokens are finite and not all zero
-    for (auto [name, grad] : {std::pair{"dq", &bq}, std::pair{"dk", &bk}, std::pair{"dv", &bv}}) {
+    for (auto [name, grad] : {std::pair{"dq", &bl.dq}, std::pair{"dk", &bl.dk}, std::pair{"dv", &bl.dv}}) {
       const std::vector<double> head = first_tokens(*grad, std::min<int64_t>(T, 256)).v;
       ASSERT_EQ(count_nonfinite(head), 0) << name << " not finite";
       EXPECT_GT(delta::testing::max_abs(head), 0.0) << name << " is all zero over the first tokens";
@@ -644,6 +726,88 @@ TEST(DeltaCudaKdaTiming, OneDevice) {
     ASSERT_EQ(count_nonfinite(a), 0) << name << " not finite";
     EXPECT_LT(rel_max_diff(a, b), 2e-2) << "chunked vs recurrent " << name << " (first tokens)";
   }
+}
+
+// A/B of the chunk-gradient kernels (LASP2_DELTA_KDA_BWD_KERNEL: lean, tma) at
+// T = 64K (LASP2_DELTA_TIMING_T), H = 16, D = 128, bf16: the values named in
+// LASP2_KDA_BWD_TIMING_VARIANTS (default three rounds of "lean tma", alternating),
+// each the median of LASP2_KDA_BWD_TIMING_REPS (5) launches after one warm-up, on the
+// inputs of one prep / state pass / reverse pass. Then every later variant's dq, dk, dv,
+// dg, dbeta against the first's, bit for bit over the whole problem. Under ncu the two
+// kernels' names tell them apart (kda_bwd_kernel, kda_bwd_kernel_tma).
+TEST(DeltaCudaKdaTiming, BwdKernels) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  int major = 0;
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
+  if (major < 9) GTEST_SKIP() << "tensor-map copies run on sm_90 and later";
+  auto env_or = [](const char* name, const char* dflt) {
+    const char* e = std::getenv(name);
+    return std::string(e != nullptr && *e != '\0' ? e : dflt);
+  };
+  const int64_t T = std::atoll(env_or("LASP2_DELTA_TIMING_T", "65536").c_str()), H = 16, D = 128;
+  const int reps = std::max(1, std::atoi(env_or("LASP2_KDA_BWD_TIMING_REPS", "5").c_str()));
+  const ScalarType type = ScalarType::kBFloat16;
+  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
+      dout(1, T, H, D, type, Layout{});
+  std::mt19937 rng(3);
+  upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
+  DevBuf<float> g(T * H * D), beta(T * H);
+  upload_timing_gates(rng, g, beta);
+  KdaBwdLaunches bl(q, k, v, dout, g, beta);
+  bl.run_prep();
+  bl.run_states();
+  bl.run_rstates();
+  cudaEvent_t e0, e1;
+  cuda_ok(cudaEventCreate(&e0), "event");
+  cuda_ok(cudaEventCreate(&e1), "event");
+  // every output, host side (16-bit dq, dk, dv as their bytes)
+  auto outputs = [&] {
+    std::vector<std::vector<float>> out;
+    for (DevTensor* t : {&bl.dq, &bl.dk, &bl.dv}) {
+      std::vector<float> words(t->elems / 2);
+      cuda_ok(cudaMemcpy(words.data(), t->buf.p, 2 * t->elems, cudaMemcpyDeviceToHost), "download");
+      out.push_back(std::move(words));
+    }
+    out.push_back(bl.dg.download());
+    out.push_back(bl.db.download());
+    return out;
+  };
+  std::vector<std::string> names;
+  std::vector<std::vector<std::vector<float>>> outs;
+  std::istringstream list(
+      env_or("LASP2_KDA_BWD_TIMING_VARIANTS", "lean tma lean tma lean tma"));
+  for (std::string name; list >> name;) {
+    const EnvGuard scope("LASP2_DELTA_KDA_BWD_KERNEL", name);
+    for (DevTensor* t : {&bl.dq, &bl.dk, &bl.dv}) t->buf.poison();
+    for (DevBuf<float>* b : {&bl.dg, &bl.db}) b->poison();
+    bl.run_grads();  // warm-up
+    std::vector<float> ms(reps);
+    for (float& m : ms) {
+      cuda_ok(cudaEventRecord(e0), "record");
+      bl.run_grads();
+      cuda_ok(cudaEventRecord(e1), "record");
+      cuda_ok(cudaEventSynchronize(e1), "sync");
+      cuda_ok(cudaEventElapsedTime(&m, e0, e1), "elapsed");
+    }
+    std::sort(ms.begin(), ms.end());
+    std::printf("[ timing ] KDA T=%lld H=16 D=128 bf16 chunk gradients, kernel %-8s: %.3f ms (median of %d)\n",
+                static_cast<long long>(T), name.c_str(), ms[ms.size() / 2], reps);
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      names.push_back(name);
+      outs.push_back(outputs());
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  const char* what[5] = {"dq", "dk", "dv", "dg", "dbeta"};
+  ASSERT_FALSE(outs.empty());
+  int64_t finite = 0;
+  for (float x : outs[0][3]) finite += std::isfinite(x) ? 1 : 0;
+  EXPECT_EQ(finite, static_cast<int64_t>(outs[0][3].size())) << names[0] << " dg written and finite";
+  for (size_t n = 1; n < outs.size(); ++n)
+    for (int i = 0; i < 5; ++i)
+      EXPECT_EQ(differing_words(outs[n][i], outs[0][i]), 0)
+          << names[n] << " vs " << names[0] << " " << what[i] << ": of " << outs[0][i].size() << " words";
 }
 
 // A/B of KDA's state passes per launch (kda_chunk_tma.h: the forward pass, the part

@@ -26,7 +26,7 @@ namespace {
 // The keys phase's tiles load into the values phase's as each one falls free (lean: q
 // over v, dO over dB, h over dh, dP over dA; dB goes out through dq's rows and comes
 // back over v_new once the scores are formed, dk's first terms through dk's, 16 bits, as
-// fla's two dk halves; early and sums, the default: below, at the kernel's variants).
+// fla's two dk halves; early and ordered, the default: below, at the kernel's forms).
 template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -37,8 +37,16 @@ struct BwdSmem {
   T s[D * LD];      // dh; keys: h
   T tt[CH * kLdP];  // T = (I + L)^-1 (from prep), then dA; keys: dP
   float meta[2 * CH];
-  float bt[CH], dG[CH], db[CH];
-  float dot;  // <dh, h>
+  float bt[CH];
+  // The per-token sums of dg and dbeta, [column half][dG, dbeta][token]. The atomic forms
+  // (early, lean) add every warp's share into [0] with shared-memory atomics. The
+  // ordered form (the default) gives each lane one place of its warp's column half (below,
+  // own_row_slot) and sums the halves once, in a fixed order, at the end.
+  float rsum[2][2][CH];
+  float wsum[16];  // ordered: each warp's dU total into the last token [w], its <dh, h> share [8 + w]
+  float dot;       // the atomic forms' <dh, h>
+  __device__ float* dG() { return rsum[0][0]; }
+  __device__ float* db() { return rsum[0][1]; }
 };
 
 constexpr int kThreads = 256;  // 8 warps
@@ -65,9 +73,14 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
   for (int hf = 0; hf < 2; ++hf) at[hf] = row + (m0 + (lane >> 2) + 8 * hf) * st + n0 + 2 * (lane & 3);
 }
 
-// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): sums (fourteenth round, the
-// default; below, at the kernel), early (twelfth round, its reference) and lean (ninth
-// round, early's reference; both kept for the bit-equality test and the timing A/B).
+// The kernel's three forms (LASP2_DELTA_CHUNK_BWD_KERNEL): ordered (kOrd: the production
+// form; session 17: dg and dbeta summed without atomics in a fixed order, own_rows below;
+// the rest of its changes to early below, at the kernel), early (twelfth round, ordered's
+// reference) and lean (ninth round, early's reference). early and lean are TEST
+// REFERENCES only (EarlyEqualsLean: ordered and early against lean, dq / dk / dv bit for
+// bit); session 16's sums form (ordered's products with dg and dbeta in shared-memory
+// atomics; 4 % slower at 64K on the H200 and not the same bits from run to run) was
+// removed in session 17.
 // The lean kernel hands dB from the values phase to the keys phase through
 // dq's rows and dk's first terms through dk's (16-bit stores, read back); the early
 // kernel writes dq and dk once: it keeps dB in its tile and dk's first terms in
@@ -80,35 +93,21 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
 // and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
 // dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
-// and "..., fourteenth round".) Since the sixteenth round sums also reads some
+// and "..., fourteenth round".) Since the sixteenth round kOrd (then sums) also reads some
 // shared-memory values ahead of the stores that held them back (below, at the kernel).
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
 
-// The sums form's shared-memory sums. A float atomicAdd on shared
-// memory is a compare-and-swap loop on sm_80 / sm_90 (LDS, FADD, ATOMS.CAST.SPIN, a
-// branch back: two dependent shared-memory round trips), and add_rows / add_cols run one
-// loop per fragment half or column pair with 4 or 8 lanes of the warp active: 35 loops a
-// warp in early. These give every lane one sum, so that one loop (all lanes, distinct
-// places) does the work of several: the same shuffled partial sums, each added once, in
-// another order (dg and dbeta move by fp32 roundings only).
+// The ordered form's lane helpers. (Session 16's sums form added the same shuffled
+// partial sums with shared-memory atomics, one compare-and-swap loop a lane: 9 loops a
+// warp instead of early's 35; removed in session 17 for the ordered form below.)
 // A lane's pick of v[0..3] by i (registers, not an indexed local array).
 __device__ __forceinline__ float pick4(float v0, float v1, float v2, float v3, int i) {
   return i == 0 ? v0 : i == 1 ? v1 : i == 2 ? v2 : v3;
 }
-// add_rows(da, va) and add_rows(db, vb) in one loop: lane 4 g + q adds row m0 + g +
-// 8 (q & 1) of da (q < 2) or of db (q >= 2); db null: da alone (lanes q < 2).
-__device__ __forceinline__ void add_rows_one(float* da, const float (&va)[2], float* db, const float (&vb)[2],
-                                             int m0, int lane) {
-  const float a0 = row_sum(va[0]), a1 = row_sum(va[1]);
-  const float b0 = db != nullptr ? row_sum(vb[0]) : 0.f, b1 = db != nullptr ? row_sum(vb[1]) : 0.f;
-  const int q = lane & 3;
-  if (q < 2 || db != nullptr)
-    atomicAdd((q < 2 ? da : db) + m0 + (lane >> 2) + 8 * (q & 1), pick4(a0, a1, b0, b1, q));
-}
-// add_cols<true>(dst, c, c0) for 4 n8 tiles in one loop: after col_sum every lane of
-// quad position q holds the sums of columns 8 j + 2 q + par; lane 4 g + q adds j = g / 2,
-// par = g % 2.
-__device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4][2], int c0, int lane) {
+// After col_sum every lane of quad position q holds the sums of columns 8 j + 2 q + par
+// of 4 n8 tiles; lane 4 g + q takes j = g / 2, par = g % 2.
+// col_one: this lane's column sum, col_of: its column (from c0).
+__device__ __forceinline__ float col_one(const float (&c)[4][2], int lane) {
   float s[8];
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -118,7 +117,38 @@ __device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4]
   float v = s[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) v = g == i ? s[i] : v;
-  atomicAdd(dst + c0 + 8 * (g >> 1) + 2 * (lane & 3) + (g & 1), -v);
+  return v;
+}
+__device__ __forceinline__ int col_of(int lane) {
+  const int g = lane >> 2;
+  return 8 * (g >> 1) + 2 * (lane & 3) + (g & 1);
+}
+
+// The ordered form's sums (session 17; kOrd below): no atomics, so dg and dbeta are the
+// same bits from run to run (the atomics' order between warps is not). Lane 4 g + q of a
+// warp owns one place for the whole kernel: dG (q < 2) or dbeta (q >= 2) of row
+// m0 + g + 8 (q & 1) in its column half's slots, and adds each of the warp's row sums
+// there by a plain load and store (no other thread touches it until the last barrier,
+// so program order is the order). A lane's column sum (col_of's column) of N (dA's
+// epilogue) stays in a register until M's (the keys phase), when dB's tile is free: the
+// two go to a [row block][token] slot there. The warps' dU totals into the last token
+// and their <dh, h> shares go to one slot a warp. The dg loop adds the slots in one
+// fixed order. No extra barrier; 576 bytes more shared memory a block.
+template <typename T, int D>
+__device__ __forceinline__ float* own_row_slot(BwdSmem<T, D>& sm, int nh, int m0, int lane) {
+  return sm.rsum[nh][(lane & 3) >> 1] + m0 + (lane >> 2) + 8 * (lane & 1);
+}
+// The row sums of va (dG, kG) and vb (dbeta, kB) into this lane's place: stored (kFirst:
+// the array's first sum) or added.
+template <bool kG, bool kB, bool kFirst = false>
+__device__ __forceinline__ void own_rows(float* own, const float (&va)[2], const float (&vb)[2], int lane) {
+  const float a0 = kG ? row_sum(va[0]) : 0.f, a1 = kG ? row_sum(va[1]) : 0.f;
+  const float b0 = kB ? row_sum(vb[0]) : 0.f, b1 = kB ? row_sum(vb[1]) : 0.f;
+  const int q = lane & 3;
+  if ((kG && q < 2) || (kB && q >= 2)) {
+    const float v = pick4(a0, a1, b0, b1, q);
+    *own = kFirst ? v : *own + v;
+  }
 }
 
 // The blocks that both kernels run alike, each on its own tiles (keys phase, early: dO
@@ -128,9 +158,10 @@ __device__ __forceinline__ void add_cols_one_neg(float* dst, const float (&c)[4]
 // dq = scale diag(ent) dO S0^T + dP K (dP[x][y] is zero for y > x: key blocks 0..mw);
 // dG_x += q_x . (the first term)_x. qd: the row sums' room, the caller's (a local array
 // here moves the kernel's PTX: see kz_terms).
-template <typename T, int D, bool kSums = false>
+template <typename T, int D, bool kOrd = false>
 __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2], BwdSmem<T, D>& sm, const T* dO,
-                                         const T* q, const Problem& p, int m0, int n0, int mw, int lane) {
+                                         const T* q, const Problem& p, int m0, int n0, int mw, int lane,
+                                         [[maybe_unused]] float* own = nullptr) {
   constexpr int LD = TcTile<D>::LD, NH = D / 16;
   zero(dq);
   mma_acc<T, NH, false, true>(dq, dO, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
@@ -148,10 +179,10 @@ __device__ __forceinline__ void dq_terms(float (&dq)[D / 16][4], float (&qd)[2],
       qd[hf] += dq[j][2 * hf] * qq.x + dq[j][2 * hf + 1] * qq.y;
     }
   }
-  if constexpr (kSums) {
-    add_rows_one(sm.dG, qd, nullptr, qd, m0, lane);
+  if constexpr (kOrd) {
+    own_rows<true, false>(own, qd, qd, lane);
   } else {
-    add_rows(sm.dG, qd, m0, lane);
+    add_rows(sm.dG(), qd, m0, lane);
   }
   mma_acc<T, NH, false, false>(dq, sm.tt, kLdP, sm.k, LD, m0, n0, 0, mw + 1, NH / 2, lane);
 }
@@ -193,32 +224,33 @@ __device__ __forceinline__ void store_rows(T* const (&at)[2], const float (&acc)
 // the two row vectors' room, the caller's: with local arrays here (allocas that, once
 // inlined, likely sit ahead of the kernel's own) the d = 64 kernels' PTX changed
 // (registers coalesced otherwise in the values phase), though the work was the same.
-template <typename T, int D, bool kSums = false>
+template <typename T, int D, bool kOrd = false>
 __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2], float (&kzb)[2], float (&kzm)[2],
-                                         int m0, int lane) {
+                                         int m0, int lane, [[maybe_unused]] float* own = nullptr) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     kzb[hf] = -sm.bt[m0 + (lane >> 2) + 8 * hf] * kz[hf];
     kzm[hf] = -kz[hf];
   }
-  if constexpr (kSums) {
-    add_rows_one(sm.dG, kzb, sm.db, kzm, m0, lane);
+  if constexpr (kOrd) {
+    own_rows<true, true>(own, kzb, kzm, lane);
   } else {
-    add_rows(sm.dG, kzb, m0, lane);
-    add_rows(sm.db, kzm, m0, lane);
+    add_rows(sm.dG(), kzb, m0, lane);
+    add_rows(sm.db(), kzm, m0, lane);
   }
 }
 
-// sums (fourteenth round, the default): early with two changes. The gate gradients'
-// shared-memory sums run in 9 compare-and-swap loops a warp instead of 35 (add_rows_one,
-// add_cols_one_neg; dU's sum into the chunk's last token reduced over the warp first
-// instead of 16 lanes' loops on one place). And h is read once: the 32 KiB of h that
+// kOrd (the ordered form; its changes to early came in three steps: the sums form of the
+// fourteenth and sixteenth rounds, then the ordered sums of session 17, above at own_rows):
+// early with these changes. The gate gradients' sums run without atomics (above; session
+// 16's sums form ran them in 9 compare-and-swap loops a warp instead of early's 35, dU's
+// sum into the chunk's last token reduced over the warp first). And h is read once: the 32 KiB of h that
 // every thread loads into registers at the start for <dh, h> stay there until dh's tile
 // is free and are stored into it from the registers (early reads h from global memory a
 // second time, into that tile, by cp.async); <dh, h> is formed after dU and diag(d) U
 // dh^T, so that those products need not wait for h's loads. The products are early's in
 // the same order: dq, dk, dv equal bit for bit, dg and dbeta up to the order of the sums.
-// Sums also moves the loads that the H200 profile at 64K found waiting behind stores
+// It also moves the loads that the H200 profile at 64K found waiting behind stores
 // ahead of them (sixteenth round): in the dv / dbeta loop (9.5 % of the kernel's stall
 // samples: each pair's beta and v loads came after the previous pair's global store, a
 // branch of its own) and the key columns' {G, s} of the dA and dP epilogues (reloaded
@@ -233,7 +265,7 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
 // output, dq and dk/dv passes measured 12-15 % faster so. The boxes are the padded tiles
 // (tc_tile_map.cuh): the same bytes in the places the products read (rows past the part
 // zero, as load_tile's zero-fill), so the same bits. The meta and beta stay cp.async,
-// h comes from registers (sums).
+// h comes from registers (kOrd).
 struct BwdMaps {
   // 0 k, 1 dh, 2 r, 3 v_new, 4 T, 5 v, 6 dO, 7 q (hdim / tdim / bdim: tile_map_box's)
   CUtensorMap map[8];
@@ -251,11 +283,11 @@ __device__ __forceinline__ void tma_view_tile_after_reads(const BwdMaps* maps, i
   lasp2::cuda::tile_map_box(smem_u32(dst), &maps->map[m], maps->hdim[m], maps->tdim[m], cp.h, cp.c * CH, cp.b, bar);
 }
 
-template <typename T, int D, bool kEarly, bool kSums, bool kTma>
+template <typename T, int D, bool kEarly, bool kOrd, bool kTma>
 __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBackwardArgs& a,
                                                [[maybe_unused]] const BwdMaps* maps) {
-  static_assert(kEarly || !kSums, "sums is a form of early");
-  static_assert(!kTma || kSums, "tensor-map copies: the sums form");
+  static_assert(kEarly || !kOrd, "ordered is a form of early");
+  static_assert(!kTma || kOrd, "tensor-map copies: the ordered form");
   constexpr int LD = TcTile<D>::LD;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -269,6 +301,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     cp.b = static_cast<int>(bh32 / heads);
     cp.h = static_cast<int>(bh32 - static_cast<unsigned>(cp.b) * heads);
   }
+  // ordered: this lane's place in the row sums (own_row_slot; formed where used)
+  [[maybe_unused]] auto own = [&] { return own_row_slot(sm, warp >> 2, m0, lane); };
   const int nck = static_cast<int>(chunk_count(p));
   const int64_t at = (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
@@ -307,7 +341,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
   }
   load_meta(sm.meta, a.meta, cp.row0, tid);
-  if constexpr (kSums) {  // beta with the first group (zero past the valid tokens, as below)
+  if constexpr (kOrd) {  // beta with the first group (zero past the valid tokens, as below)
     if (tid < CH) {
       const bool valid = tid < cp.nvalid;
       const float* src = p.beta + cp.b * p.bsb + (cp.t0 + tid) * p.bst + cp.h * p.bsh;
@@ -331,18 +365,20 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
   }
   if (tid < CH) {
     const int64_t t = cp.t0 + tid;
-    if constexpr (!kSums) sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
-    sm.dG[tid] = 0.f;
-    sm.db[tid] = 0.f;
+    if constexpr (!kOrd) sm.bt[tid] = tid < cp.nvalid ? p.beta[cp.b * p.bsb + t * p.bst + cp.h * p.bsh] : 0.f;
+    if constexpr (!kOrd) {  // (ordered: each place's first sum is a store)
+      sm.dG()[tid] = 0.f;
+      sm.db()[tid] = 0.f;
+    }
   }
-  if (tid == 0) sm.dot = 0.f;
+  if (!kOrd && tid == 0) sm.dot = 0.f;
   cp_async_wait_group1();
   __syncthreads();
   if constexpr (kTma) mbar_wait(&bars[0], 0);  // (after the barrier: thread 0 has initialised it)
   const float GL = sm.meta[2 * (CH - 1)], sL = sm.meta[2 * (CH - 1) + 1];
   auto Gof = [&](int x) { return sm.meta[2 * x]; };
   auto sof = [&](int x) { return sm.meta[2 * x + 1]; };
-  // <dh, h> for the gate of the chunk's one-segment map (sums: after dU and ud_terms)
+  // <dh, h> for the gate of the chunk's one-segment map (kOrd: after dU and ud_terms)
   auto dot_terms = [&] {
     float part = 0.f;
 #pragma unroll
@@ -358,9 +394,13 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-    if (lane == 0) atomicAdd(&sm.dot, part);
+    if constexpr (kOrd) {
+      if (lane == 0) sm.wsum[8 + warp] = part;
+    } else if (lane == 0) {
+      atomicAdd(&sm.dot, part);
+    }
   };
-  if constexpr (!kSums) dot_terms();
+  if constexpr (!kOrd) dot_terms();
   {  // dU = diag(d) K dh - r (rows y of this warp); dG_y -= d_y (K dh)_y . U_y, dG_last += the same
     float acc[NH][4];
     zero(acc);
@@ -380,11 +420,11 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       const int y = m0 + (lane >> 2) + 8 * hf;
       const float d = sof(y) == sL ? bwd_exp(GL - Gof(y)) : 0.f;
       const float c = d * row_sum(cu[hf]);
-      if constexpr (kSums) {
+      if constexpr (kOrd) {
         cs[hf] = c;
       } else if ((lane & 3) == 0) {
-        atomicAdd(sm.dG + y, -c);
-        atomicAdd(sm.dG + CH - 1, c);
+        atomicAdd(sm.dG() + y, -c);
+        atomicAdd(sm.dG() + CH - 1, c);
       }
       // r and dU share the tile: each lane reads and writes only its own fragment's places
 #pragma unroll
@@ -394,23 +434,20 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         store_u32(at_x, pack2<T>(d * acc[j][2 * hf] - rr.x, d * acc[j][2 * hf + 1] - rr.y));
       }
     }
-    if constexpr (kSums) {
-      // one loop: lanes q = 0, 1 of each quad their rows' -c, lane 2 the warp's total of c
-      // into the last token (every lane of a quad holds its two rows' c)
+    if constexpr (kOrd) {  // lanes q = 0, 1 store their rows' -c (dG's first sums), lane 0 the warp's total
       const float total = col_sum(cs[0] + cs[1]);
-      const int q = lane & 3;
-      if (q < 2 || lane == 2)
-        atomicAdd(sm.dG + (q < 2 ? m0 + (lane >> 2) + 8 * q : CH - 1), q == 0 ? -cs[0] : q == 1 ? -cs[1] : total);
+      if ((lane & 3) < 2) *own() = (lane & 1) ? -cs[1] : -cs[0];
+      if (lane == 0) sm.wsum[warp] = total;
     }
   }
   // early: diag(d) U dh^T (dk's first term) now, while dh is in its tile
   [[maybe_unused]] float ud[NH][4];
   if constexpr (kEarly) ud_terms(ud, sm, GL, sL, m0, n0, lane);
-  if constexpr (kSums) dot_terms();
+  if constexpr (kOrd) dot_terms();
   cp_async_wait_all();
   if constexpr (kTma) mbar_wait(&bars[1], 0);  // T and v
   __syncthreads();
-  if constexpr (kSums) {  // every warp has read dh: h takes its tile, from the registers
+  if constexpr (kOrd) {  // every warp has read dh: h takes its tile, from the registers
 #pragma unroll
     for (int i = 0; i < kDotVecs; ++i) {
       const int e = tid + i * kThreads;
@@ -432,7 +469,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     out_rows(dvat, dvrow, a.dvst, m0, n0, lane);
     out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
     float dbv[2] = {0.f, 0.f};
-    if constexpr (kSums) {
+    if constexpr (kOrd) {
       // v's pairs and beta read before the first store (in the loop below each store is
       // a branch of its own, and every load after it waits ~30 cycles: 9.5 % of the
       // kernel's stall samples on the H200); the same products, sums and stores
@@ -474,10 +511,10 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
           }
         }
     }
-    if constexpr (kSums) {
-      add_rows_one(sm.db, dbv, nullptr, dbv, m0, lane);
+    if constexpr (kOrd) {
+      own_rows<false, true, true>(own(), dbv, dbv, lane);  // dbeta's first sums
     } else {
-      add_rows(sm.db, dbv, m0, lane);
+      add_rows(sm.db(), dbv, m0, lane);
     }
     __syncthreads();  // every warp has read dU, T and v: q (early: dO) takes v's tile
     if constexpr (kTma) {
@@ -497,6 +534,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       }
   }
   __syncthreads();
+  [[maybe_unused]] float colv = 0.f;  // ordered: this lane's column sum of N, until M's
   {  // dL = -(dB U^T) (strict, same segment) and L = Gam o K K^T (without beta) on the same
      // fragments: dA = dL o beta_x Gam (into T's tile), dbeta_x += sum_y dL_xy L_xy,
      // N = beta_x dL o L: dG_x += sum_y N_xy, dG_y -= sum_x N_xy
@@ -514,10 +552,10 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * x);
       bxr[hf] = sm.bt[x];
     }
-    // sums: the key columns' {G, s} pairs before dA's first store into T's tile (after
+    // kOrd: the key columns' {G, s} pairs before dA's first store into T's tile (after
     // it each reload waits on the store: the compiler cannot tell the places apart)
     [[maybe_unused]] float4 myh[4];
-    if constexpr (kSums) {
+    if constexpr (kOrd) {
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         myh[j] = *reinterpret_cast<const float4*>(sm.meta + 2 * (c0 + 8 * j + 2 * (lane & 3)));
@@ -529,7 +567,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       for (int hf = 0; hf < 2; ++hf) {
         const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
         const float bx = bxr[hf];
-        const float4 my = kSums ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
+        const float4 my = kOrd ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
         float dav[2];
 #pragma unroll
         for (int par = 0; par < 2; ++par) {
@@ -549,13 +587,13 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         store_u32(sm.tt + x * kLdP + y0, pack2<T>(dav[0], dav[1]));
       }
     }
-    if constexpr (kSums) {
-      add_rows_one(sm.dG, rowN, sm.db, rowB, m0, lane);
-      add_cols_one_neg(sm.dG, colN, c0, lane);
+    if constexpr (kOrd) {
+      own_rows<true, true>(own(), rowN, rowB, lane);
+      colv = col_one(colN, lane);
     } else {
-      add_rows(sm.dG, rowN, m0, lane);
-      add_rows(sm.db, rowB, m0, lane);
-      add_cols<true>(sm.dG, colN, c0, lane);
+      add_rows(sm.dG(), rowN, m0, lane);
+      add_rows(sm.db(), rowB, m0, lane);
+      add_cols<true>(sm.dG(), colN, c0, lane);
     }
   }
   __syncthreads();  // every warp has read dB: dO takes its tile (early: dB stays)
@@ -617,8 +655,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
         mx[hf] = *reinterpret_cast<const float2*>(sm.meta + 2 * (m0 + (lane >> 2) + 8 * hf));
-      [[maybe_unused]] float4 myh[4];  // sums: as in dA's epilogue, before dP's first store
-      if constexpr (kSums) {
+      [[maybe_unused]] float4 myh[4];  // kOrd: as in dA's epilogue, before dP's first store
+      if constexpr (kOrd) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           myh[j] = *reinterpret_cast<const float4*>(sm.meta + 2 * (c0 + 8 * j + 2 * (lane & 3)));
@@ -628,7 +666,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int x = m0 + (lane >> 2) + 8 * hf, y0 = c0 + 8 * j + 2 * (lane & 3);
-          const float4 my = kSums ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
+          const float4 my = kOrd ? myh[j] : *reinterpret_cast<const float4*>(sm.meta + 2 * y0);
 #pragma unroll
           for (int par = 0; par < 2; ++par) {
             const int y = y0 + par, e = 2 * hf + par;
@@ -672,7 +710,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
         }
       }
       float kzb[2], kzm[2];
-      kz_terms<T, D, kSums>(sm, kz, kzb, kzm, m0, lane);
+      kz_terms<T, D, kOrd>(sm, kz, kzb, kzm, m0, lane, own());
     }
     cp_async_wait_all();  // q
     if constexpr (kTma) mbar_wait(&bars[1], 1);
@@ -698,17 +736,17 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
             colM[j][par] += m;
           }
       }
-      if constexpr (kSums) {
-        add_rows_one(sm.dG, rowM, nullptr, rowM, m0, lane);
-        add_cols_one_neg(sm.dG, colM, c0, lane);
+      if constexpr (kOrd) {  // dB's tile is free (every warp has formed Z): N's and M's column sums there
+        own_rows<true, false>(own(), rowM, rowM, lane);
+        reinterpret_cast<float*>(sm.x)[mw * CH + c0 + col_of(lane)] = -(colv + col_one(colM, lane));
       } else {
-        add_rows(sm.dG, rowM, m0, lane);
-        add_cols<true>(sm.dG, colM, c0, lane);
+        add_rows(sm.dG(), rowM, m0, lane);
+        add_cols<true>(sm.dG(), colM, c0, lane);
       }
     }
     {  // dq, written once
       float dq[NH][4], qd[2];
-      dq_terms<T, D, kSums>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane);
+      dq_terms<T, D, kOrd>(dq, qd, sm, sm.vq, sm.u, p, m0, n0, mw, lane, own());
       T* dqat[2];
       out_rows(dqat, dqrow, a.dqst, m0, n0, lane);
       store_rows(dqat, dq, m0, cp.nvalid, lane);
@@ -749,8 +787,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
           store_u32(sm.tt + x * kLdP + y0, pack2<T>(dv[0], dv[1]));
         }
       }
-      add_rows(sm.dG, rowM, m0, lane);
-      add_cols<true>(sm.dG, colM, c0, lane);
+      add_rows(sm.dG(), rowM, m0, lane);
+      add_cols<true>(sm.dG(), colM, c0, lane);
     }
     __syncthreads();  // every warp has read U: dB comes back from dq's rows into its tile
     load_tile<T, D, kThreads>(sm.u, dqrow, a.dqst, cp.nvalid, D, tid);
@@ -805,7 +843,31 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     // chunk's last token and at each segment's last.
     const float eL = sL == 0.f ? bwd_exp(GL) : 0.f;
     const int xa = 2 * lane, xb = xa + 1;
-    const float va = sm.dG[xa], vb = sm.dG[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
+    float va, vb, dba = 0.f, dbb = 0.f;
+    if constexpr (kOrd) {
+      // the slots in one order: the two column halves' row sums, then the four row
+      // blocks' column sums
+      auto two = [&](const float* s) { return *reinterpret_cast<const float2*>(s + xa); };
+      const float* cs = reinterpret_cast<const float*>(sm.x);
+      const float2 g0 = two(sm.rsum[0][0]), g1 = two(sm.rsum[1][0]), b0 = two(sm.rsum[0][1]), b1 = two(sm.rsum[1][1]);
+      const float2 k0 = two(cs), k1 = two(cs + CH), k2 = two(cs + 2 * CH), k3 = two(cs + 3 * CH);
+      va = (g0.x + g1.x) + ((k0.x + k1.x) + (k2.x + k3.x));
+      vb = (g0.y + g1.y) + ((k0.y + k1.y) + (k2.y + k3.y));
+      dba = b0.x + b1.x;
+      dbb = b0.y + b1.y;
+      if (xb == CH - 1) {  // the warps' dU totals and <dh, h> shares, warp 0 first
+        float tot = 0.f, dot = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          tot += sm.wsum[w];
+          dot += sm.wsum[8 + w];
+        }
+        vb += tot + eL * dot;
+      }
+    } else {
+      va = sm.dG()[xa];
+      vb = sm.dG()[xb] + (xb == CH - 1 ? eL * sm.dot : 0.f);
+    }
     const bool fa = sof(xa) != sof(xb), fb = xb == CH - 1 || sof(xb + 1) != sof(xb);
     float run = va + (fa ? 0.f : vb);  // token xa's run over this lane's tokens
     bool cut = fa || fb;               // whether a run restarts inside them
@@ -829,17 +891,18 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       if (x < cp.nvalid) {
         const int64_t bth = (cp.b * p.seqlen + cp.t0 + x) * p.heads + cp.h;
         if (a.dg != nullptr) a.dg[bth] = outs[i];
-        if (a.dbeta != nullptr) a.dbeta[bth] = sm.db[x];
+        if (a.dbeta != nullptr) a.dbeta[bth] = kOrd ? (i == 0 ? dba : dbb) : sm.db()[x];
       }
     }
   }
 }
 
-template <typename T, int D, bool kEarly, bool kSums>
+template <typename T, int D, bool kEarly, bool kOrd>
 __global__ void __launch_bounds__(kThreads, 2) chunk_bwd_kernel(Problem p, ChunkBackwardArgs a) {
-  chunk_bwd_body<T, D, kEarly, kSums, false>(p, a, nullptr);
+  chunk_bwd_body<T, D, kEarly, kOrd, false>(p, a, nullptr);
 }
-// The sums form with the tensor-map copies (kTma above); maps built per launch on the host.
+// The ordered form with the tensor-map copies (kTma above); maps built per launch on the
+// host.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     chunk_bwd_kernel_tma(Problem p, ChunkBackwardArgs a, const __grid_constant__ BwdMaps maps) {
@@ -858,30 +921,32 @@ int chunk_backward_smem_bytes(int d) {
 }
 
 // Which chunk backward runs (LASP2_DELTA_CHUNK_BWD_KERNEL, read at every launch so that
-// the tests and the timing A/B can switch it): sums (the default), early (its reference)
-// or lean (early's reference).
-enum class BwdForm { kLean, kEarly, kSums };
+// the tests can switch it): ordered (the production form since session 17: dg and dbeta
+// summed in a fixed order, the same bits from run to run; session 16's sums form, the same
+// products with those sums in shared-memory atomics, measured 4 % slower and
+// nondeterministic, removed), early or lean (test references only: EarlyEqualsLean holds
+// ordered and early to lean, dq / dk / dv bit for bit).
+enum class BwdForm { kLean, kEarly, kOrdered };
 BwdForm chunk_backward_form() {
   const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "sums") == 0) return BwdForm::kSums;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "ordered") == 0) return BwdForm::kOrdered;
   if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
   if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be sums, early or "
-                   "lean, not ") +
+  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be ordered, early "
+                   "or lean, not ") +
        env);
 }
 
-// The sums form with the tensor-map copies where it can run (sm_90 code on an sm_90
-// device, every map encodable); false (nothing launched) otherwise.
 // A chunk backward kernel's dynamic shared memory, and all of the SM's 228 KiB as shared
-// memory so that two blocks fit; set before each launch (both copy paths).
+// memory so that two blocks fit (both copy paths): set once per kernel and device
+// (allow_max_shared, kernel_attributes.cpp), not at every launch.
 template <typename Kernel>
 void allow_chunk_backward(Kernel kernel, int bytes) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "chunk backward smem");
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-        "chunk backward carveout");
+  check(lasp2::cuda::allow_max_shared(reinterpret_cast<const void*>(kernel), bytes), "chunk backward attributes");
 }
 
+// The ordered form with the tensor-map copies where it can run (sm_90 code on
+// an sm_90 device, every map encodable); false (nothing launched) otherwise.
 template <typename T, int D>
 bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
   auto kernel = chunk_bwd_kernel_tma<T, D>;
@@ -938,12 +1003,11 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    // sums: tensor-map copies unless LASP2_CUDA_TILE_COPY=cp_async or they cannot run
-    if (form == BwdForm::kSums && !lasp2::cuda::tile_copy_forced_cp_async() &&
-        launch_chunk_backward_tma<T, D>(p, a, s))
-      return;
+    // ordered: tensor-map copies unless LASP2_CUDA_TILE_COPY=cp_async or they cannot run
+    const bool maps = !lasp2::cuda::tile_copy_forced_cp_async();
+    if (maps && form == BwdForm::kOrdered && launch_chunk_backward_tma<T, D>(p, a, s)) return;
     const int bytes = static_cast<int>(sizeof(BwdSmem<T, D>));
-    auto kernel = form == BwdForm::kSums    ? chunk_bwd_kernel<T, D, true, true>
+    auto kernel = form == BwdForm::kOrdered ? chunk_bwd_kernel<T, D, true, true>
                   : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
                                             : chunk_bwd_kernel<T, D, false, false>;
     allow_chunk_backward(kernel, bytes);

@@ -34,8 +34,8 @@ struct ChunkBackwardArgs {
   const void* t = nullptr;         // [bh][nchunks][64][64], 16-bit: each chunk's T (launch_chunk_prep)
   const void* r = nullptr;         // [bh][nchunks * 64][dv], 16-bit: -(P^T dO) (launch_chunk_rprep)
   // dq and dk also carry dB and dk's first terms from the first phase to the second in
-  // the lean kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=lean, a reference); early and sums (the
-  // default) keep them on the chip
+  // the lean kernel (LASP2_DELTA_CHUNK_BWD_KERNEL=lean, a reference); early (a
+  // reference) and ordered (the production form) keep them on the chip
   void* dq = nullptr;
   int64_t dqsb = 0, dqst = 0, dqsh = 0;
   void* dk = nullptr;

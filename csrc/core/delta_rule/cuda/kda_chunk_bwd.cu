@@ -35,8 +35,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
+#include "cuda/tc_tile_map.cuh"  // encode_tile_map, tile_map_box; tma_copy.cuh's barriers
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
@@ -222,10 +226,45 @@ __device__ __forceinline__ void db_rows(S& sm, bool nh, const float (&v)[2], int
   }
 }
 
+// kTma (session 17, kda_bwd_kernel_tma; the default on sm_90): the token tiles
+// (k twice, v_new, r, dh, T, h, dO, q) arrive as tensor-map boxes that thread 0 issues,
+// one a 64-row tile, counted on two mbarriers, instead of 4 cp.async pieces a thread and
+// tile (the GDN chunk backward measured 1.62 -> 1.55 ms so, session 16). The boxes are
+// the padded tiles (tc_tile_map.cuh): the same bytes in the places the products read
+// (rows past the part zero, as load_tile's zero-fill), so the same bits. Barrier 0 takes
+// k (phase 0), h (1), q (2); barrier 1 the rest of the first group (0), dO and k (1).
+struct KdaBwdMaps {
+  // 0 k, 1 dh, 2 r, 3 v_new, 4 T, 5 h, 6 dO, 7 q (hdim / tdim / bdim: tile_map_box's)
+  CUtensorMap map[8];
+  int hdim[8], tdim[8], bdim[8];
+};
+constexpr int kMapK = 0, kMapDh = 1, kMapR = 2, kMapVnew = 3, kMapT = 4, kMapH = 5, kMapDo = 6, kMapQ = 7;
+// the two barriers: 16 bytes after the tiles, 16-byte aligned
+template <typename T, int D>
+constexpr size_t kBarOff = (sizeof(KdaBwdSmem<T, D>) + 15) / 16 * 16;
+
+// Thread 0 of a kTma block: box m (at head hh, token / row tt, batch bb) into dst, its
+// bytes counted on bar (expected by the caller).
+template <typename T>
+__device__ __forceinline__ void kda_box(const KdaBwdMaps* maps, int m, const T* dst, int hh, int tt, int bb,
+                                        uint64_t* bar) {
+  lasp2::cuda::tile_map_box(smem_u32(dst), &maps->map[m], maps->hdim[m], maps->tdim[m], hh, tt, bb, bar);
+}
+// Thread 0 of a kTma block: the state tile (dh or h, D rows in boxes of 64) of this chunk
+// into s; bytes expected by the caller.
+template <typename T, int D>
+__device__ __forceinline__ void kda_state_boxes(const KdaBwdMaps* maps, int m, T* s, const ChunkPos& cp,
+                                                uint64_t* bar) {
+#pragma unroll
+  for (int r = 0; r < D; r += CH)
+    kda_box<T>(maps, m, s + r * TcTile<D>::LD, static_cast<int>(cp.bh), cp.c * D + r, 0, bar);
+}
+
 // The global loads are issued ahead of their use (see "Loads ahead" in
 // docs/delta_rule.md): with one block an SM at d = 128 nothing else hides their latency.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
+template <typename T, int D, bool kTma>
+__device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackwardArgs& a,
+                                             [[maybe_unused]] const KdaBwdMaps* maps) {
   using Smem = KdaBwdSmem<T, D>;
   constexpr int LD = Smem::LD, LG = Smem::LG;
   constexpr int NH = D / 16;  // n8 tiles across half a head dim
@@ -244,17 +283,34 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   const float* seg = sm.seg;
 
   static_assert(D <= NTH && CH <= NTH, "a thread a key dim, a thread a token");
-  // k into kd's tile, its own group (kd reads it once G is summed); rows past nvalid
-  // zero-filled
-  load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
-  cp_async_commit();
-  load_tile<T, D, NTH>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NTH>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
+  // kTma: both barriers' phases, their bytes
+  [[maybe_unused]] uint64_t* bars = reinterpret_cast<uint64_t*>(smem_raw + kBarOff<T, D>);
+  [[maybe_unused]] constexpr uint32_t kTile = CH * LD * sizeof(T), kTileT = CH * kLdP * sizeof(T);
+  if constexpr (kTma) {
+    if (tid == 0) {  // the same tiles in the same places as the cp.async groups below
+      init_ring_barriers<2>(bars);
+      const int bh = static_cast<int>(cp.bh), t = cp.c * CH;
+      mbar_arrive_expect_tx(&bars[0], kTile);
+      kda_box<T>(maps, kMapK, sm.x2, cp.h, t, cp.b, &bars[0]);
+      mbar_arrive_expect_tx(&bars[1], (2 + D / CH) * kTile + kTileT);
+      kda_box<T>(maps, kMapVnew, sm.u, bh, t, 0, &bars[1]);
+      kda_box<T>(maps, kMapR, sm.x1, bh, t, 0, &bars[1]);
+      kda_state_boxes<T, D>(maps, kMapDh, sm.s, cp, &bars[1]);
+      kda_box<T>(maps, kMapT, sm.tk, bh, t, 0, &bars[1]);
+    }
+  } else {
+    // k into kd's tile, its own group (kd reads it once G is summed); rows past nvalid
+    // zero-filled
+    load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+    cp_async_commit();
+    load_tile<T, D, NTH>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+    load_tile<T, D, NTH>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
 #pragma unroll
-  for (int r = 0; r < D; r += CH)
-    load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);
-  load_tile<T, CH, NTH>(sm.tk, static_cast<const T*>(a.t) + chunk * CH * CH, CH, CH, CH, tid);
-  cp_async_commit();
+    for (int r = 0; r < D; r += CH)
+      load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);
+    load_tile<T, CH, NTH>(sm.tk, static_cast<const T*>(a.t) + chunk * CH * CH, CH, CH, CH, tid);
+    cp_async_commit();
+  }
   // this thread's key dim's gates (64 loads in one batch), issued before the barrier
   // below so that they are in flight with beta's and the document starts'
   float gv[CH];
@@ -306,6 +362,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   }
   cp_async_wait_group1();  // k's group (the first) has landed
   __syncthreads();
+  if constexpr (kTma) mbar_wait(&bars[0], 0);  // k (after the barrier: thread 0 has initialised it)
   const float* GL = G + (CH - 1) * LG;
   const float sL = seg[CH - 1];
   {  // kd = e^{G_last - G} . K [last segment], in place over k's tile
@@ -323,6 +380,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   }
   cp_async_wait_all();
   __syncthreads();
+  if constexpr (kTma) mbar_wait(&bars[1], 0);  // v_new, r, dh, T
 
   // S0's rows warp + 8 r for rowdot(X, S0) (this lane's pairs 2 lane + 64 c),
   // all loaded here in one batch, used after the two products below
@@ -399,9 +457,17 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     }
   }
   __syncthreads();  // dU is whole; every warp is past X and kd: h takes X's tile
+  if constexpr (kTma) {
+    if (tid == 0) {
+      fence_proxy_async_shared();  // the block's reads of X before the copy's writes
+      mbar_arrive_expect_tx(&bars[0], (D / CH) * kTile);
+      kda_state_boxes<T, D>(maps, kMapH, sm.s, cp, &bars[0]);
+    }
+  } else {
 #pragma unroll
-  for (int r = 0; r < D; r += CH)
-    load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.states) + at + r * D, D, CH, D, tid);
+    for (int r = 0; r < D; r += CH)
+      load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.states) + at + r * D, D, CH, D, tid);
+  }
   cp_async_commit();
   {  // dB = T^T dU (T^T[y][x] is zero for x < y: blocks mw..3); dv = beta dB;
      // dbeta_y += dB_y . v_y; dB over kd's tile (every warp is past kd)
@@ -431,8 +497,17 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     db_rows(sm, wp.n0 != 0, dbv, m0, lane);
   }
   __syncthreads();  // every warp is past dU and T: dO and k take their tiles
-  load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
-  load_tile<T, D, NTH>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+  if constexpr (kTma) {
+    if (tid == 0) {
+      fence_proxy_async_shared();  // the block's accesses of dU and T before the copies' writes
+      mbar_arrive_expect_tx(&bars[1], 2 * kTile);
+      kda_box<T>(maps, kMapDo, sm.x1, cp.h, cp.c * CH, cp.b, &bars[1]);
+      kda_box<T>(maps, kMapK, sm.tk, cp.h, cp.c * CH, cp.b, &bars[1]);
+    }
+  } else {
+    load_tile<T, D, NTH>(sm.x1, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, nvalid, D, tid);
+    load_tile<T, D, NTH>(sm.tk, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
+  }
   cp_async_commit();
   // Z's product (dB and S0 only) while dO and k land; S0's group (the older one) waited
   // here, with dO and k already in flight
@@ -440,13 +515,15 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   zero(zacc);
   cp_async_wait_group1();
   __syncthreads();  // S0's tile whole
+  if constexpr (kTma) mbar_wait(&bars[0], 1);  // h
   mma_acc<T, NH, false, true>(zacc, sm.x2, LD, sm.s, LD, m0, n0, 0, D / 16, NH / 2, lane);
   cp_async_wait_all();
   __syncthreads();
+  if constexpr (kTma) mbar_wait(&bars[1], 1);  // dO and k
 
   // ---- the state side: Z, dq's first term, the score gradients
   T* dqrow = static_cast<T*>(a.dq) + cp.b * a.dqsb + cp.t0 * a.dqst + cp.h * a.dqsh;
-  const T* qrow = rows_of<T>(p.q, cp.b, cp.h, cp.t0);
+  [[maybe_unused]] const T* qrow = rows_of<T>(p.q, cp.b, cp.h, cp.t0);  // (cp.async)
   {  // Z = ent . (dB S0^T): dk -= beta Z; dG -= beta k . Z; dbeta -= k . Z
     float (&acc)[NH][4] = zacc;
     float kz[2] = {0.f, 0.f};
@@ -484,7 +561,15 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   // every warp is past S0 (Z, dq's first term): q takes S0's tile, landing while dP and dL
   // are formed
   __syncthreads();
-  load_tile<T, D, NTH>(sm.s, qrow, p.q.st, nvalid, D, tid);
+  if constexpr (kTma) {
+    if (tid == 0) {
+      fence_proxy_async_shared();  // the block's reads of S0 before the copy's writes
+      mbar_arrive_expect_tx(&bars[0], kTile);
+      kda_box<T>(maps, kMapQ, sm.s, cp.h, cp.c * CH, cp.b, &bars[0]);
+    }
+  } else {
+    load_tile<T, D, NTH>(sm.s, qrow, p.q.st, nvalid, D, tid);
+  }
   cp_async_commit();
   {  // dP = scale (dO U^T) [y <= x], dL = -(dB U^T) [y < x], both in one segment: this
      // warp's rows and score columns c0.. (the 16-column pairs right of the diagonal
@@ -511,6 +596,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
   }
   cp_async_wait_all();  // q (issued before dP, dL)
   __syncthreads();      // dP, dL whole; q's tile whole
+  if constexpr (kTma) mbar_wait(&bars[0], 0);  // q (the barrier's third phase)
   const T* qt = sm.s;   // q's [64][LD] tile
 
   // ---- the decayed sums over tokens (scratch: this warp's rows and column half of the
@@ -577,7 +663,99 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Prob
     a.dbeta[(cp.b * p.seqlen + cp.t0 + tid) * p.heads + cp.h] = sm.db[tid] + sm.db[CH + tid];
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) kda_bwd_kernel(Problem p, KdaBackwardArgs a) {
+  kda_bwd_body<T, D, false>(p, a, nullptr);
+}
+// kTma above; the maps built per launch on the host (launch_kda_backward_tma)
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1)
+    kda_bwd_kernel_tma(Problem p, KdaBackwardArgs a, const __grid_constant__ KdaBwdMaps maps) {
+  kda_bwd_body<T, D, true>(p, a, &maps);
+}
+
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
+
+// The kernel's dynamic shared memory, and all of the SM's shared memory as shared memory
+// (so that two blocks fit at d = 64); set before each launch (both copy paths).
+template <typename Kernel>
+void allow_kda_backward(Kernel kernel, int bytes) {
+  chunk_allow_smem(kernel, bytes, kWho, "KDA chunk backward smem");
+  chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared),
+              kWho, "KDA chunk backward carveout");
+}
+
+// Which kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every launch so that the tests
+// and the timing A/B can switch it). Unset or empty (kAuto, the default): tma where the
+// tensor-map copies can run (sm_90 code on an sm_90 device, every view mappable; measured
+// 3 % faster at 64K on the H200, the same bits), lean otherwise or with
+// LASP2_CUDA_TILE_COPY=cp_async, silently, as the GDN passes choose. lean: the cp.async
+// kernel. tma: the tensor-map kernel, an error where it cannot run (not a silent lean:
+// the tests compare the two). (tmahoist, tma with the GDN backward's loads ahead of the
+// stores, measured no faster than tma and was removed, session 17.)
+enum class KdaBwdKernel { kAuto, kLean, kTma };
+KdaBwdKernel kda_backward_kernel() {
+  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
+  if (env == nullptr || *env == '\0') return KdaBwdKernel::kAuto;
+  if (std::strcmp(env, "lean") == 0) return KdaBwdKernel::kLean;
+  if (std::strcmp(env, "tma") == 0) return KdaBwdKernel::kTma;
+  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be lean or tma, not " + env);
+}
+
+// kda_bwd_kernel_tma where it can run (sm_90 code on an sm_90 device, every map
+// encodable); false (nothing launched) otherwise.
+template <typename T, int D>
+bool launch_kda_backward_tma(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
+  auto kernel = kda_bwd_kernel_tma<T, D>;
+  if (!runs_sm90(kernel) || p.n > INT32_MAX) return false;
+  using lasp2::cuda::encode_tile_map;
+  using CView = lasp2::cuda::View;
+  using lasp2::cuda::Geom;
+  const int64_t nck = chunk_count(p), bh = p.bh(), npad = nck * CH;
+  if (bh > INT32_MAX || nck * D > INT32_MAX) return false;
+  // q, k, dO: the part's tokens of [B, T, H, d]
+  Geom part;
+  part.batch = p.batch;
+  part.heads = p.heads;
+  part.begin = p.begin;
+  part.n = static_cast<int>(p.n);
+  auto view = [](const View& v) { return CView{const_cast<void*>(v.ptr), v.sb, v.st, v.sh}; };
+  // the scratch arrays [bh][rows][cols]: "head" bh, rows as tokens, one batch
+  auto scratch = [&](const void* ptr, int64_t rows, int64_t cols, CView& v, Geom& g) {
+    v = CView{const_cast<void*>(ptr), 0, cols, rows * cols};
+    g.batch = 1;
+    g.heads = static_cast<int>(bh);
+    g.begin = 0;
+    g.n = static_cast<int>(rows);
+  };
+  KdaBwdMaps m;
+  // map i of the view v over g, read in boxes of C columns (+ the tile's padding)
+  auto encode = [&](auto cols, int i, const CView& v, const Geom& g) {
+    constexpr int C = decltype(cols)::value;
+    return encode_tile_map<T, C>(&m.map[i], m.hdim[i], m.tdim[i], m.bdim[i], v, g, C);
+  };
+  const std::integral_constant<int, D> d;
+  CView sv;
+  Geom sg;
+  bool ok = encode(d, kMapK, view(p.k), part) && encode(d, kMapQ, view(p.q), part) &&
+            encode(d, kMapDo, view(a.dout), part);
+  scratch(a.dh, nck * D, D, sv, sg);
+  ok = ok && encode(d, kMapDh, sv, sg);
+  scratch(a.states, nck * D, D, sv, sg);
+  ok = ok && encode(d, kMapH, sv, sg);
+  scratch(a.r, npad, D, sv, sg);
+  ok = ok && encode(d, kMapR, sv, sg);
+  scratch(a.v_new, npad, D, sv, sg);
+  ok = ok && encode(d, kMapVnew, sv, sg);
+  scratch(a.t, npad, CH, sv, sg);
+  ok = ok && encode(std::integral_constant<int, CH>{}, kMapT, sv, sg);
+  if (!ok) return false;
+  const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
+  allow_kda_backward(kernel, bytes);
+  kernel<<<dim3(static_cast<unsigned>(nck), static_cast<unsigned>(bh)), kThreads, bytes, s>>>(p, a, m);
+  return true;
+}
 
 }  // namespace
 
@@ -589,16 +767,21 @@ int kda_backward_smem_bytes(int d) {
 void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
   if (chunk_count(p) == 0 || p.bh() == 0) return;
   if (p.dk != p.dv || (p.dk != 64 && p.dk != 128)) fail(std::string(kWho) + ": d_k = d_v must be 64 or 128");
+  const KdaBwdKernel which = kda_backward_kernel();
   auto go = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
+    if (which == KdaBwdKernel::kTma) {
+      if (launch_kda_backward_tma<T, D>(p, a, s)) return;
+      fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL=tma needs an sm_90 device and binary and "
+                               "views a tensor map can take");
+    }
+    if (which == KdaBwdKernel::kAuto && !lasp2::cuda::tile_copy_forced_cp_async() &&
+        launch_kda_backward_tma<T, D>(p, a, s))
+      return;
     const int bytes = static_cast<int>(sizeof(KdaBwdSmem<T, D>));
     auto* kernel = kda_bwd_kernel<T, D>;
-    chunk_allow_smem(kernel, bytes, kWho, "KDA chunk backward smem");
-    // all of the SM's shared memory as shared memory, so that two blocks fit at d = 64
-    chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     cudaSharedmemCarveoutMaxShared),
-                kWho, "KDA chunk backward carveout");
+    allow_kda_backward(kernel, bytes);
     const dim3 grid(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
     kernel<<<grid, kThreads, bytes, s>>>(p, a);
   };
