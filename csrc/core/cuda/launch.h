@@ -160,7 +160,7 @@ int tc_fwd_smem(int D, FwdMode mode);
 int tc_dkdv_smem(int D);
 // The kernel the last launch_tc_dkdv ran in this process (tests; not synchronized): 0 the cp.async
 // kernel, 1 the tensor-map copies (kTma), 2 kTma with the staged dk / dv tensor-map stores
-// (LASP2_CUDA_DKDV_STORE=tma); -1 before any launch.
+// (the default at D = 128; LASP2_CUDA_DKDV_STORE=direct forces 1); -1 before any launch.
 int tc_dkdv_last_kernel();
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s);
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);

@@ -53,6 +53,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "route.h"         // device_info: the opt-in shared memory of the staged stores
 #include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
@@ -120,7 +121,7 @@ struct DkdvTmaArgs : DkdvArgs {
   CUtensorMap map[4];
   int hdim[4], tdim[4], bdim[4];
 };
-// The staged-store kernel's argument (session 17, LASP2_CUDA_DKDV_STORE=tma, D = 128): also
+// The staged-store kernel's argument (session 17, the default at D = 128): also
 // the maps of dk_out (omap[0], dk columns) and dv_out (omap[1], dv columns), written in the
 // same [64 tokens][LD] boxes from the staging tiles (the copy engine writes only the part's
 // tokens and the view's dims).
@@ -138,7 +139,7 @@ struct DkdvTmaStoreArgs : DkdvTmaArgs {
 // of them register-reuse waits behind its own LDGSTS; spreading the cp.async copies over
 // the chunk's body (after the score tile, between the dk and dv products, before the dS
 // update) measured slower and was removed.
-// P = DkdvTmaStoreArgs (kStore; session 17, D = 128 only, behind LASP2_CUDA_DKDV_STORE=tma):
+// P = DkdvTmaStoreArgs (kStore; session 17, D = 128 only, the default where it fits):
 // kTma with the chunk's dk and dv tiles staged in shared memory by stmatrix.trans (two
 // [64][LD] tiles past the layout, 34,816 B: 231,440 B a block with the barriers, under the
 // H200's 232,448) and written by one tensor-map store each, issued by the copy thread at the
@@ -651,25 +652,17 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
 }
 
-// LASP2_CUDA_DKDV_STORE=tma (session 17): the staged dk / dv tiles and their tensor-map
-// stores (kStore) at D = 128 where they run; anything else or unset: the per-thread stores.
-// Read per launch so that a test can compare the two.
-inline bool dkdv_store_tma() {
+// The staged dk / dv tiles and their tensor-map stores (kStore, session 17: 814 -> 640 us at
+// 64K, D = 128 on an H200) run by default at D = 128 where they fit;
+// LASP2_CUDA_DKDV_STORE=direct forces the per-thread stores of the kTma kernel (the same
+// bits; read per launch so that a test can compare the two).
+inline bool dkdv_store_staged() {
   const char* env = std::getenv("LASP2_CUDA_DKDV_STORE");
-  return env != nullptr && std::strcmp(env, "tma") == 0;
+  return env == nullptr || std::strcmp(env, "direct") != 0;
 }
 
 // Which kernel the last launch_tc_dkdv ran (tc_dkdv_last_kernel, for the tests).
 int g_last_kernel = -1;
-
-// The opt-in shared memory per block of the current device (the kStore kernel's 231,440 B).
-int dkdv_smem_optin() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return 0;
-  return bytes;
-}
 
 // The kTma kernel (P = DkdvTmaArgs) or its staged-store form (P = DkdvTmaStoreArgs) where it
 // can run (sm_90 code on an sm_90 device, every map encodable, the block's shared memory within
@@ -681,7 +674,7 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
   // + the two stage barriers (kStore: after the two staging tiles)
   constexpr int smem = DkdvLayout<D>::kBytes + (kStore ? 2 * TcTile<D>::kBytes : 0) + 16;
-  if (kStore && smem > dkdv_smem_optin()) return false;
+  if (kStore && smem > device_info().smem_optin) return false;
   P ta;
   static_cast<DkdvArgs&>(ta) = a;
   const View* views[4] = {&a.q, &a.k, &a.v, &a.dout};
@@ -700,13 +693,12 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
 }
 
 // The tensor-map copies unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or they cannot
-// run (with LASP2_CUDA_DKDV_STORE=tma at D = 128 first the staged stores); then the cp.async
-// kernel.
+// run (at D = 128 first their staged-store form); then the cp.async kernel.
 template <typename T, int D>
 void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   if (!tile_copy_forced_cp_async()) {
     if constexpr (D == 128) {
-      if (dkdv_store_tma() && launch_dkdv_tma<T, D, DkdvTmaStoreArgs>(a, s)) return;
+      if (dkdv_store_staged() && launch_dkdv_tma<T, D, DkdvTmaStoreArgs>(a, s)) return;
     }
     if (launch_dkdv_tma<T, D, DkdvTmaArgs>(a, s)) return;
   }

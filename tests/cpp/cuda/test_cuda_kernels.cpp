@@ -786,13 +786,13 @@ TEST(CudaDkdvKernel, TmaCopySameBits) {
 }
 
 // ---- the dk/dv pass's staged tensor-map stores (tc_dkdv.cu kStore, session 17) ----------
-// LASP2_CUDA_DKDV_STORE=tma (each chunk's dk and dv tiles staged in shared memory by
-// stmatrix.trans and written by one tensor-map store each, the copy engine clipping them to
-// the part's tokens and the view's dims; D = 128 tiles only) against the default (per-thread
+// The default (each chunk's dk and dv tiles staged in shared memory by stmatrix.trans and
+// written by one tensor-map store each, the copy engine clipping them to the part's tokens
+// and the view's dims; D = 128 tiles only) against LASP2_CUDA_DKDV_STORE=direct (per-thread
 // movmatrix + stores), bit for bit in dk, dv and dg (the same values, only how they reach
 // memory differs), and against the CPU backend (float64). On an sm_90 device the test also
-// checks which kernel ran: the staged one at tile D = 128, the default tensor-map kernel at
-// D = 64 (the knob does not apply there) and without the knob. The cases: parts [37, 1000)
+// checks which kernel ran: the staged one at tile D = 128 by default, the direct tensor-map
+// kernel at D = 64 (no staged form there) and under the knob. The cases: parts [37, 1000)
 // (the last chunk partial: the store must clip its rows; 2-chunk segments, so several stores
 // in flight per block over the walk), gates with documents, fixed and no decay, fp16, dk != dv
 // (96 / 72: both maps clip columns; 128 / 64 and 72 / 40: warps that stage no dv rows, their
@@ -832,21 +832,21 @@ void run_dkdv_store_case(const OpCase& c, int tile_d) {
     o.kernel = lasp2::cuda::tc_dkdv_last_kernel();
     return o;
   };
-  const Out a = with_env("LASP2_CUDA_DKDV_STORE", "", run);
-  const Out s = with_env("LASP2_CUDA_DKDV_STORE", "tma", run);
+  const Out a = with_env("LASP2_CUDA_DKDV_STORE", "direct", run);
+  const Out s = with_env("LASP2_CUDA_DKDV_STORE", "", run);
   int dev = 0, major = 0;
   cuda_ok(cudaGetDevice(&dev), "device");
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
   if (major == 9) {
-    EXPECT_EQ(a.kernel, 1) << "default: not the tensor-map kernel";
-    EXPECT_EQ(s.kernel, tile_d == 128 ? 2 : 1) << "LASP2_CUDA_DKDV_STORE=tma: unexpected kernel";
+    EXPECT_EQ(a.kernel, 1) << "LASP2_CUDA_DKDV_STORE=direct: not the tensor-map kernel";
+    EXPECT_EQ(s.kernel, tile_d == 128 ? 2 : 1) << "default: unexpected kernel";
   }
-  EXPECT_EQ(s.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_DKDV_STORE=tma differs";
-  EXPECT_EQ(s.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_DKDV_STORE=tma differs";
-  EXPECT_EQ(float_bits(s.dg.download()), float_bits(a.dg.download())) << "dg: LASP2_CUDA_DKDV_STORE=tma differs";
+  EXPECT_EQ(s.dk.buf.download(), a.dk.buf.download()) << "dk: the staged stores differ from the direct ones";
+  EXPECT_EQ(s.dv.buf.download(), a.dv.buf.download()) << "dv: the staged stores differ from the direct ones";
+  EXPECT_EQ(float_bits(s.dg.download()), float_bits(a.dg.download())) << "dg: the staged stores differ from the direct ones";
   const double tol = tol_of(c.dtype);
   for (const auto* o : {&a, &s}) {
-    const std::string tag = o == &a ? "_default" : "_store_tma";
+    const std::string tag = o == &a ? "_direct" : "_staged";
     expect_rows(c, ("dk" + tag).c_str(), o->dk, want_dk, tol);
     expect_rows(c, ("dv" + tag).c_str(), o->dv, want_dv, tol);
     expect_scalars(c, ("dg" + tag).c_str(), o->dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
