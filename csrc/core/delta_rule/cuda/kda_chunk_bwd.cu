@@ -40,7 +40,8 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda/tc_tile_map.cuh"  // encode_tile_map, tile_map_box; tma_copy.cuh's barriers
+#include "cuda/tc_tile_map.cuh"  // tile_map_box; tma_copy.cuh's barriers
+#include "delta_rule/cuda/chunk_grad_maps.cuh"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
@@ -709,47 +710,18 @@ template <typename T, int D>
 bool launch_kda_backward_tma(const Problem& p, const KdaBackwardArgs& a, cudaStream_t s) {
   auto kernel = kda_bwd_kernel_tma<T, D>;
   if (!runs_sm90(kernel) || p.n > INT32_MAX) return false;
-  using lasp2::cuda::encode_tile_map;
-  using CView = lasp2::cuda::View;
-  using lasp2::cuda::Geom;
   const int64_t nck = chunk_count(p), bh = p.bh(), npad = nck * CH;
   if (bh > INT32_MAX || nck * D > INT32_MAX) return false;
-  // q, k, dO: the part's tokens of [B, T, H, d]
-  Geom part;
-  part.batch = p.batch;
-  part.heads = p.heads;
-  part.begin = p.begin;
-  part.n = static_cast<int>(p.n);
-  auto view = [](const View& v) { return CView{const_cast<void*>(v.ptr), v.sb, v.st, v.sh}; };
-  // the scratch arrays [bh][rows][cols]: "head" bh, rows as tokens, one batch
-  auto scratch = [&](const void* ptr, int64_t rows, int64_t cols, CView& v, Geom& g) {
-    v = CView{const_cast<void*>(ptr), 0, cols, rows * cols};
-    g.batch = 1;
-    g.heads = static_cast<int>(bh);
-    g.begin = 0;
-    g.n = static_cast<int>(rows);
-  };
   KdaBwdMaps m;
-  // map i of the view v over g, read in boxes of C columns (+ the tile's padding)
-  auto encode = [&](auto cols, int i, const CView& v, const Geom& g) {
-    constexpr int C = decltype(cols)::value;
-    return encode_tile_map<T, C>(&m.map[i], m.hdim[i], m.tdim[i], m.bdim[i], v, g, C);
-  };
-  const std::integral_constant<int, D> d;
-  CView sv;
-  Geom sg;
-  bool ok = encode(d, kMapK, view(p.k), part) && encode(d, kMapQ, view(p.q), part) &&
-            encode(d, kMapDo, view(a.dout), part);
-  scratch(a.dh, nck * D, D, sv, sg);
-  ok = ok && encode(d, kMapDh, sv, sg);
-  scratch(a.states, nck * D, D, sv, sg);
-  ok = ok && encode(d, kMapH, sv, sg);
-  scratch(a.r, npad, D, sv, sg);
-  ok = ok && encode(d, kMapR, sv, sg);
-  scratch(a.v_new, npad, D, sv, sg);
-  ok = ok && encode(d, kMapVnew, sv, sg);
-  scratch(a.t, npad, CH, sv, sg);
-  ok = ok && encode(std::integral_constant<int, CH>{}, kMapT, sv, sg);
+  ChunkGradMaps<T, KdaBwdMaps> e(m, p);
+  const bool ok = e.template tokens<D>(kMapK, p.k) &&
+                  e.template tokens<D>(kMapQ, p.q) &&
+                  e.template tokens<D>(kMapDo, a.dout) &&
+                  e.template scratch<D>(kMapDh, a.dh, nck * D, D) &&
+                  e.template scratch<D>(kMapH, a.states, nck * D, D) &&
+                  e.template scratch<D>(kMapR, a.r, npad, D) &&
+                  e.template scratch<D>(kMapVnew, a.v_new, npad, D) &&
+                  e.template scratch<CH>(kMapT, a.t, npad, CH);
   if (!ok) return false;
   const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
   allow_kda_backward(kernel, bytes);
