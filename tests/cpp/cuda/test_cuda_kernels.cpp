@@ -662,54 +662,85 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
 // cp_async_too: also run with LASP2_CUDA_TILE_COPY=cp_async (the cp.async kernel, the
 // fallback of the default tensor-map copies, session 16), whose dk, dv and dg must equal
 // the default's bit for bit and, like it, the CPU's.
-void run_dkdv_rows_case(const OpCase& c, bool cp_async_too = false) {
-  SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  const Problem<double> pr = make_problem(c, 3000 + static_cast<uint32_t>(c.T));
-  const AttentionParams pc = pr.params();
-  DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
-  const TokenRange part{c.begin, c.end};
-  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
-  const std::vector<double> d0 = random_vec(bh * se, 31, 0.5), off = random_vec(bh, 32, 1.0),
-                            qdq = random_vec(scalars, 33, 1.0);
-  const std::vector<float> D0(d0.begin(), d0.end()), dgoff(off.begin(), off.end()),
-      qdqf(qdq.begin(), qdq.end());
-  DevBuf<float> D0d = to_device_f32(D0), dgoffd = to_device_f32(dgoff), qdqd = to_device_f32(qdqf);
-
-  std::vector<double> want_dk = pr.zeros_like_k(), want_dv = pr.zeros_like_v(), want_dg(scalars, 0.0);
-  cpu_backend().chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), pr.strides(c.dk)},
-                                    {want_dv.data(), pr.strides(c.dv)}, qdq.data(), dgoff.data(),
-                                    want_dg.data(), nullptr);
+// One dk/dv pass problem (tests below): the inputs on the device, the CPU backend's
+// float64 dk, dv and dg for them, and run(), the CUDA backend's pass under one knob
+// setting. seed: the problem's (make_problem), vec_seed: the first of the three random
+// vectors' (the entering dS state, the dg offsets, q.dq: random, the pass only reads it).
+struct DkdvRun {
   struct Out {
     DevTensor dk, dv;
     DevBuf<float> dg;
+    int kernel;  // tc_dkdv_last_kernel() after the launch
   };
-  auto run = [&]() {
-    Out o{dp.like_k(), dp.like_v(), DevBuf<float>(scalars)};
-    o.dg.poison();
-    cuda_backend().chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, o.dk.mview(), o.dv.mview(), qdqd.p,
+
+  DkdvRun(const OpCase& c, uint32_t seed, uint64_t vec_seed)
+      : c(c), pr(make_problem(c, seed + static_cast<uint32_t>(c.T))), dp(pr, c.dtype, c.layout),
+        part{c.begin, c.end}, scalars(c.B * c.T * c.H) {
+    const AttentionParams pc = pr.params();
+    const std::vector<double> d0 = random_vec(pc.bh() * pc.state_elems(), vec_seed, 0.5),
+                              off = random_vec(pc.bh(), vec_seed + 1, 1.0),
+                              qdq = random_vec(scalars, vec_seed + 2, 1.0);
+    D0.assign(d0.begin(), d0.end());
+    dgoff.assign(off.begin(), off.end());
+    const std::vector<float> qdqf(qdq.begin(), qdq.end());
+    D0d = to_device_f32(D0);
+    dgoffd = to_device_f32(dgoff);
+    qdqd = to_device_f32(qdqf);
+    want_dk = pr.zeros_like_k();
+    want_dv = pr.zeros_like_v();
+    want_dg.assign(scalars, 0.0);
+    cpu_backend().chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), pr.strides(c.dk)},
+                                      {want_dv.data(), pr.strides(c.dv)}, qdq.data(), dgoff.data(),
+                                      want_dg.data(), nullptr);
+  }
+
+  Out run(const char* knob, const char* value) const {
+    EnvGuard k(knob, value);
+    Out o{dp.like_k(), dp.like_v(), DevBuf<float>(scalars), -1};
+    o.dg.poison();  // dk, dv come poisoned: elements the stores miss fail expect_rows
+    cuda_backend().chunk_backward_dkdv(dp.p, part, dp.dout.cview(), D0d.p, o.dk.mview(), o.dv.mview(), qdqd.p,
                                        dgoffd.p, o.dg.p, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "dkdv");
+    o.kernel = lasp2::cuda::tc_dkdv_last_kernel();
     return o;
-  };
+  }
+
+  // b's dk, dv and dg bit for bit a's (what: the setting that gave b)
+  static void expect_same_bits(const Out& a, const Out& b, const std::string& what) {
+    EXPECT_EQ(b.dk.buf.download(), a.dk.buf.download()) << "dk: " << what;
+    EXPECT_EQ(b.dv.buf.download(), a.dv.buf.download()) << "dv: " << what;
+    EXPECT_EQ(float_bits(b.dg.download()), float_bits(a.dg.download())) << "dg: " << what;
+  }
+
+  void expect_matches_cpu(const Out& r, const std::string& tag) const {
+    const double tol = tol_of(c.dtype);
+    expect_rows(c, ("dk_" + tag).c_str(), r.dk, want_dk, tol);
+    expect_rows(c, ("dv_" + tag).c_str(), r.dv, want_dv, tol);
+    expect_scalars(c, ("dg_" + tag).c_str(), r.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+  }
+
+  OpCase c;
+  Problem<double> pr;
+  DeviceProblem dp;
+  TokenRange part;
+  int64_t scalars;
+  std::vector<float> D0, dgoff;
+  DevBuf<float> D0d, dgoffd, qdqd;
+  std::vector<double> want_dk, want_dv, want_dg;
+};
+
+void run_dkdv_rows_case(const OpCase& c, bool cp_async_too = false) {
+  SCOPED_TRACE(c.name);
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const DkdvRun r(c, 3000, 31);
   // the default copy path (tensor maps on sm_90), the knob explicitly unset
-  const Out a = with_env("LASP2_CUDA_TILE_COPY", "", run), b = with_env("LASP2_CUDA_TILE_COPY", "", run);
-  EXPECT_EQ(b.dk.buf.download(), a.dk.buf.download()) << "dk not reproducible";
-  EXPECT_EQ(b.dv.buf.download(), a.dv.buf.download()) << "dv not reproducible";
-  EXPECT_EQ(float_bits(b.dg.download()), float_bits(a.dg.download())) << "dg not reproducible";
-  const double tol = tol_of(c.dtype);
-  expect_rows(c, "dk_rows32", a.dk, want_dk, tol);
-  expect_rows(c, "dv_rows32", a.dv, want_dv, tol);
-  expect_scalars(c, "dg_rows32", a.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+  const DkdvRun::Out a = r.run("LASP2_CUDA_TILE_COPY", ""), b = r.run("LASP2_CUDA_TILE_COPY", "");
+  DkdvRun::expect_same_bits(a, b, "not reproducible");
+  r.expect_matches_cpu(a, "rows32");
   if (cp_async_too) {
-    const Out o = with_env("LASP2_CUDA_TILE_COPY", "cp_async", run);
-    EXPECT_EQ(o.dk.buf.download(), a.dk.buf.download()) << "dk: LASP2_CUDA_TILE_COPY=cp_async differs";
-    EXPECT_EQ(o.dv.buf.download(), a.dv.buf.download()) << "dv: LASP2_CUDA_TILE_COPY=cp_async differs";
-    EXPECT_EQ(float_bits(o.dg.download()), float_bits(a.dg.download()))
-        << "dg: LASP2_CUDA_TILE_COPY=cp_async differs";
-    expect_rows(c, "dk_rows32_cp_async", o.dk, want_dk, tol);
-    expect_rows(c, "dv_rows32_cp_async", o.dv, want_dv, tol);
-    expect_scalars(c, "dg_rows32_cp_async", o.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
+    const DkdvRun::Out o = r.run("LASP2_CUDA_TILE_COPY", "cp_async");
+    DkdvRun::expect_same_bits(a, o, "LASP2_CUDA_TILE_COPY=cp_async differs");
+    r.expect_matches_cpu(o, "rows32_cp_async");
   }
 }
 
@@ -803,37 +834,8 @@ void run_dkdv_store_case(const OpCase& c, int tile_d) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
   EnvGuard copy("LASP2_CUDA_TILE_COPY", "");
-  const Problem<double> pr = make_problem(c, 4000 + static_cast<uint32_t>(c.T));
-  const AttentionParams pc = pr.params();
-  DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
-  const TokenRange part{c.begin, c.end};
-  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
-  const std::vector<double> d0 = random_vec(bh * se, 41, 0.5), off = random_vec(bh, 42, 1.0),
-                            qdq = random_vec(scalars, 43, 1.0);
-  const std::vector<float> D0(d0.begin(), d0.end()), dgoff(off.begin(), off.end()),
-      qdqf(qdq.begin(), qdq.end());
-  DevBuf<float> D0d = to_device_f32(D0), dgoffd = to_device_f32(dgoff), qdqd = to_device_f32(qdqf);
-  std::vector<double> want_dk = pr.zeros_like_k(), want_dv = pr.zeros_like_v(), want_dg(scalars, 0.0);
-  cpu_backend().chunk_backward_dkdv(pc, part, pr.dout_view(), D0.data(), {want_dk.data(), pr.strides(c.dk)},
-                                    {want_dv.data(), pr.strides(c.dv)}, qdq.data(), dgoff.data(),
-                                    want_dg.data(), nullptr);
-  struct Out {
-    DevTensor dk, dv;
-    DevBuf<float> dg;
-    int kernel;
-  };
-  auto run = [&]() {
-    Out o{dp.like_k(), dp.like_v(), DevBuf<float>(scalars), -1};
-    o.dg.poison();  // dk, dv come poisoned: elements the stores miss fail expect_rows
-    cuda_backend().chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, o.dk.mview(), o.dv.mview(), qdqd.p,
-                                       dgoffd.p, o.dg.p, nullptr);
-    cuda_ok(cudaDeviceSynchronize(), "dkdv");
-    o.kernel = lasp2::cuda::tc_dkdv_last_kernel();
-    return o;
-  };
-  const Out a = with_env("LASP2_CUDA_DKDV_STORE", "direct", run);
-  const Out s = with_env("LASP2_CUDA_DKDV_STORE", "", run);
+  const DkdvRun r(c, 4000, 41);
+  const DkdvRun::Out a = r.run("LASP2_CUDA_DKDV_STORE", "direct"), s = r.run("LASP2_CUDA_DKDV_STORE", "");
   int dev = 0, major = 0;
   cuda_ok(cudaGetDevice(&dev), "device");
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
@@ -841,16 +843,9 @@ void run_dkdv_store_case(const OpCase& c, int tile_d) {
     EXPECT_EQ(a.kernel, 1) << "LASP2_CUDA_DKDV_STORE=direct: not the tensor-map kernel";
     EXPECT_EQ(s.kernel, tile_d == 128 ? 2 : 1) << "default: unexpected kernel";
   }
-  EXPECT_EQ(s.dk.buf.download(), a.dk.buf.download()) << "dk: the staged stores differ from the direct ones";
-  EXPECT_EQ(s.dv.buf.download(), a.dv.buf.download()) << "dv: the staged stores differ from the direct ones";
-  EXPECT_EQ(float_bits(s.dg.download()), float_bits(a.dg.download())) << "dg: the staged stores differ from the direct ones";
-  const double tol = tol_of(c.dtype);
-  for (const auto* o : {&a, &s}) {
-    const std::string tag = o == &a ? "_direct" : "_staged";
-    expect_rows(c, ("dk" + tag).c_str(), o->dk, want_dk, tol);
-    expect_rows(c, ("dv" + tag).c_str(), o->dv, want_dv, tol);
-    expect_scalars(c, ("dg" + tag).c_str(), o->dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
-  }
+  DkdvRun::expect_same_bits(a, s, "the staged stores differ from the direct ones");
+  r.expect_matches_cpu(a, "direct");
+  r.expect_matches_cpu(s, "staged");
 }
 
 TEST(CudaDkdvKernel, StagedStoreSameBits) {
