@@ -544,6 +544,30 @@ void upload_timing_gates(std::mt19937& rng, DevBuf<float>& g, DevBuf<float>& bet
     cuda_ok(cudaMemcpy(g.p + at, gh.data(), 4 * std::min(pattern, g.n - at), cudaMemcpyHostToDevice), "upload");
   beta.upload(bh);
 }
+// The sm_90 timing tests' set-up (BwdKernels, TmaAgainstTile): a knob's value or dflt
+// when unset or empty, and the [1, T, 16, 128] bf16 inputs with T from LASP2_DELTA_TIMING_T
+// (64K unless set): q, k, v, dout (upload_timing_tokens, k scaled) and per-key log gates g
+// and betas (upload_timing_gates), from generator seed 3.
+std::string env_or(const char* name, const char* dflt) {
+  const char* e = std::getenv(name);
+  return std::string(e != nullptr && *e != '\0' ? e : dflt);
+}
+struct TimingInputs {
+  static constexpr int64_t H = 16, D = 128;
+  static constexpr ScalarType type = ScalarType::kBFloat16;
+  int64_t T;
+  DevTensor q, k, v, dout;
+  DevBuf<float> g, beta;
+  TimingInputs()
+      : T(std::atoll(env_or("LASP2_DELTA_TIMING_T", "65536").c_str())), q(1, T, H, D, type, Layout{}),
+        k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}), dout(1, T, H, D, type, Layout{}),
+        g(T * H * D), beta(T * H) {
+    std::mt19937 rng(3);
+    upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
+    upload_timing_gates(rng, g, beta);
+  }
+};
+
 // The chunk kernels' problem over the whole of [1, T, H, D] bf16 q, k, v with per-key
 // gates g [1, T, H, D] and betas [1, T, H], scale 1 / sqrt(D).
 delta::gpu::Problem timing_problem(const DevTensor& q, const DevTensor& k, const DevTensor& v, const DevBuf<float>& g,
@@ -740,19 +764,11 @@ TEST(DeltaCudaKdaTiming, BwdKernels) {
   int major = 0;
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
   if (major < 9) GTEST_SKIP() << "tensor-map copies run on sm_90 and later";
-  auto env_or = [](const char* name, const char* dflt) {
-    const char* e = std::getenv(name);
-    return std::string(e != nullptr && *e != '\0' ? e : dflt);
-  };
-  const int64_t T = std::atoll(env_or("LASP2_DELTA_TIMING_T", "65536").c_str()), H = 16, D = 128;
+  TimingInputs in;
+  const int64_t T = in.T;
   const int reps = std::max(1, std::atoi(env_or("LASP2_KDA_BWD_TIMING_REPS", "5").c_str()));
-  const ScalarType type = ScalarType::kBFloat16;
-  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
-      dout(1, T, H, D, type, Layout{});
-  std::mt19937 rng(3);
-  upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
-  DevBuf<float> g(T * H * D), beta(T * H);
-  upload_timing_gates(rng, g, beta);
+  DevTensor &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+  DevBuf<float> &g = in.g, &beta = in.beta;
   KdaBwdLaunches bl(q, k, v, dout, g, beta);
   bl.run_prep();
   bl.run_states();
@@ -824,19 +840,11 @@ TEST(DeltaCudaKdaStateTiming, TmaAgainstTile) {
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "compute capability");
   if (major < 9) GTEST_SKIP() << "the tma state pass runs on sm_90 and later";
   namespace gpu = delta::gpu;
-  auto env_or = [](const char* name, const char* dflt) {
-    const char* e = std::getenv(name);
-    return std::string(e != nullptr && *e != '\0' ? e : dflt);
-  };
-  const int64_t T = std::atoll(env_or("LASP2_DELTA_TIMING_T", "65536").c_str()), H = 16, D = 128;
+  TimingInputs in;
+  const int64_t T = in.T, H = in.H, D = in.D;
   const int reps = std::max(1, std::atoi(env_or("LASP2_STATE_TIMING_REPS", "5").c_str()));
-  const ScalarType type = ScalarType::kBFloat16;
-  DevTensor q(1, T, H, D, type, Layout{}), k(1, T, H, D, type, Layout{}), v(1, T, H, D, type, Layout{}),
-      dout(1, T, H, D, type, Layout{});
-  std::mt19937 rng(3);
-  upload_timing_tokens(rng, type, {&q, &k, &v, &dout}, &k);
-  DevBuf<float> g(T * H * D), beta(T * H);
-  upload_timing_gates(rng, g, beta);
+  DevTensor &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+  DevBuf<float> &g = in.g, &beta = in.beta;
   const gpu::Problem kp = timing_problem(q, k, v, g, beta);
   const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(kp);
   const int64_t nck = gpu::chunk_count(kp), se = D * D;
