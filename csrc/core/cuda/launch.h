@@ -158,7 +158,7 @@ void launch_state_dot(const float* prefix, const float* state, const float* log_
 int tc_state_smem(int D);
 int tc_fwd_smem(int D, FwdMode mode);
 int tc_dkdv_smem(int D);
-// The kernel the last launch_tc_dkdv ran in this process (tests; not synchronized): 0 the cp.async
+// The kernel the last launch_tc_dkdv ran in this process (tests; any thread's): 0 the cp.async
 // kernel, 1 the tensor-map copies (kTma), 2 kTma with the staged dk / dv tensor-map stores
 // (the default at D = 128; LASP2_CUDA_DKDV_STORE=direct forces 1); -1 before any launch.
 int tc_dkdv_last_kernel();

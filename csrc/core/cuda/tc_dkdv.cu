@@ -48,6 +48,7 @@
 // tensor-map copies 1.98 -> 1.83 ms). Otherwise (sm_80, views a map cannot take,
 // LASP2_CUDA_TILE_COPY=cp_async) every thread copies them by cp.async there (sessions
 // 4-15): the same bits.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -662,7 +663,7 @@ inline bool dkdv_store_staged() {
 }
 
 // Which kernel the last launch_tc_dkdv ran (tc_dkdv_last_kernel, for the tests).
-int g_last_kernel = -1;
+std::atomic<int> g_last_kernel{-1};  // atomic: launches may come from several host threads
 
 // The kTma kernel (P = DkdvTmaArgs) or its staged-store form (P = DkdvTmaStoreArgs) where it
 // can run (sm_90 code on an sm_90 device, every map encodable, the block's shared memory within
@@ -688,7 +689,7 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(ta);
   check_launch("tc_dkdv_kernel");
-  g_last_kernel = kStore ? 2 : 1;
+  g_last_kernel.store(kStore ? 2 : 1, std::memory_order_relaxed);
   return true;
 }
 
@@ -707,12 +708,12 @@ void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
   k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
   check_launch("tc_dkdv_kernel");
-  g_last_kernel = 0;
+  g_last_kernel.store(0, std::memory_order_relaxed);
 }
 
 }  // namespace
 
-int tc_dkdv_last_kernel() { return g_last_kernel; }
+int tc_dkdv_last_kernel() { return g_last_kernel.load(std::memory_order_relaxed); }
 
 int tc_dkdv_smem(int D) { return D == 64 ? DkdvLayout<64>::kBytes : DkdvLayout<128>::kBytes; }
 
