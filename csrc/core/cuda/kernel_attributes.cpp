@@ -13,32 +13,15 @@
 
 namespace lasp2::cuda {
 
-void allow_dynamic_smem(const void* kernel, int bytes) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    // no device to key on: leave it to the call (its error shows at the launch)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    return;
-  }
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
-  const std::lock_guard<std::mutex> lock(mu);
-  int& have = allowed[{kernel, dev}];
-  if (have >= bytes) return;
-  // A failed call is not remembered: the launch then fails and check_launch names it.
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
-      cudaSuccess) {
-    have = bytes;
-  }
-}
+namespace {
 
-cudaError_t allow_max_shared(const void* kernel, int bytes) {
-  auto set = [&] {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-    return e;
-  };
+// Runs set() (which returns the first failing cudaFuncSetAttribute's error) unless it
+// already succeeded for this kernel on the current device with at least `bytes`. The
+// cache is per instantiation, so one per caller (each passes its own lambda type):
+// allow_max_shared must still set its carveout on a kernel that allow_dynamic_smem has seen. A failure is not remembered: the next launch tries
+// again (and its own error shows).
+template <typename Set>
+cudaError_t set_once(const void* kernel, int bytes, Set set) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return set();  // no device to key on: the call reports it
   static std::mutex mu;
@@ -47,8 +30,25 @@ cudaError_t allow_max_shared(const void* kernel, int bytes) {
   int& have = allowed[{kernel, dev}];
   if (have >= bytes) return cudaSuccess;
   const cudaError_t e = set();
-  if (e == cudaSuccess) have = bytes;  // a failure is not remembered: the next launch tries again
+  if (e == cudaSuccess) have = bytes;
   return e;
+}
+
+}  // namespace
+
+void allow_dynamic_smem(const void* kernel, int bytes) {
+  // a failure shows at the launch, which check_launch names
+  set_once(kernel, bytes,
+           [&] { return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); });
+}
+
+cudaError_t allow_max_shared(const void* kernel, int bytes) {
+  return set_once(kernel, bytes, [&] {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    return e;
+  });
 }
 
 }  // namespace lasp2::cuda
