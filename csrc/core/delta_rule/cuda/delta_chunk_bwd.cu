@@ -938,14 +938,6 @@ BwdForm chunk_backward_form() {
        env);
 }
 
-// A chunk backward kernel's dynamic shared memory, and all of the SM's 228 KiB as shared
-// memory so that two blocks fit (both copy paths): set once per kernel and device
-// (allow_max_shared, kernel_attributes.cpp), not at every launch.
-template <typename Kernel>
-void allow_chunk_backward(Kernel kernel, int bytes) {
-  check(lasp2::cuda::allow_max_shared(reinterpret_cast<const void*>(kernel), bytes), "chunk backward attributes");
-}
-
 // The ordered form with the tensor-map copies where it can run (sm_90 code on
 // an sm_90 device, every map encodable); false (nothing launched) otherwise.
 template <typename T, int D>
@@ -966,7 +958,7 @@ bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cud
                   e.template scratch<CH>(kMapT, a.t, npad, CH);
   if (!ok) return false;
   const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
-  allow_chunk_backward(kernel, bytes);
+  chunk_allow_max_shared(kernel, bytes, kWho, "chunk backward attributes");
   kernel<<<dim3(static_cast<unsigned>(nck), static_cast<unsigned>(bh)), kThreads, bytes, s>>>(p, a, m);
   return true;
 }
@@ -984,7 +976,7 @@ void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStr
     auto kernel = form == BwdForm::kOrdered ? chunk_bwd_kernel<T, D, true, true>
                   : form == BwdForm::kEarly ? chunk_bwd_kernel<T, D, true, false>
                                             : chunk_bwd_kernel<T, D, false, false>;
-    allow_chunk_backward(kernel, bytes);
+    chunk_allow_max_shared(kernel, bytes, kWho, "chunk backward attributes");
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p, a);
   };
   chunk_dispatch<true>(p, kWho, go);

@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/launch.h"  // allow_max_shared
 #include "delta_rule/cuda/delta_launch.h"
 #include "lasp2/types.h"
 
@@ -30,6 +31,14 @@ template <typename Kernel>
 void chunk_allow_smem(Kernel kernel, int bytes, const char* who, const char* what) {
   if (bytes > 48 * 1024)
     chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), who, what);
+}
+
+// Sets kernel's dynamic shared memory to `bytes` and the SM's whole shared memory as
+// shared memory (so that two large blocks fit an SM), once per kernel, device and size
+// (lasp2::cuda::allow_max_shared), not at every launch.
+template <typename Kernel>
+void chunk_allow_max_shared(Kernel kernel, int bytes, const char* who, const char* what) {
+  chunk_check(::lasp2::cuda::allow_max_shared(reinterpret_cast<const void*>(kernel), bytes), who, what);
 }
 
 // f(T{}, std::integral_constant<int, D>{}) for p's 16-bit element type (bf16, fp16) and

@@ -677,16 +677,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1)
 
 constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
 
-// The kernel's dynamic shared memory, and all of the SM's shared memory as shared memory
-// (so that two blocks fit at d = 64); set before each launch (both copy paths).
-template <typename Kernel>
-void allow_kda_backward(Kernel kernel, int bytes) {
-  chunk_allow_smem(kernel, bytes, kWho, "KDA chunk backward smem");
-  chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared),
-              kWho, "KDA chunk backward carveout");
-}
-
 // Which kernel runs (LASP2_DELTA_KDA_BWD_KERNEL, read at every launch so that the tests
 // and the timing A/B can switch it). Unset or empty (kAuto, the default): tma where the
 // tensor-map copies can run (sm_90 code on an sm_90 device, every view mappable; measured
@@ -724,7 +714,7 @@ bool launch_kda_backward_tma(const Problem& p, const KdaBackwardArgs& a, cudaStr
                   e.template scratch<CH>(kMapT, a.t, npad, CH);
   if (!ok) return false;
   const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
-  allow_kda_backward(kernel, bytes);
+  chunk_allow_max_shared(kernel, bytes, kWho, "KDA chunk backward attributes");
   kernel<<<dim3(static_cast<unsigned>(nck), static_cast<unsigned>(bh)), kThreads, bytes, s>>>(p, a, m);
   return true;
 }
@@ -753,7 +743,7 @@ void launch_kda_backward(const Problem& p, const KdaBackwardArgs& a, cudaStream_
       return;
     const int bytes = static_cast<int>(sizeof(KdaBwdSmem<T, D>));
     auto* kernel = kda_bwd_kernel<T, D>;
-    allow_kda_backward(kernel, bytes);
+    chunk_allow_max_shared(kernel, bytes, kWho, "KDA chunk backward attributes");
     const dim3 grid(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh()));
     kernel<<<grid, kThreads, bytes, s>>>(p, a);
   };

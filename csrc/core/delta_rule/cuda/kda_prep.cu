@@ -408,11 +408,7 @@ void launch_kda_prep(const Problem& p, const KdaPrep& out, cudaStream_t s) {
     constexpr int D = decltype(dim)::value;
     const int bytes = static_cast<int>(sizeof(KdaLevelSmem<T, D>));
     auto kernel = kda_prep_kernel<T, D>;
-    chunk_allow_smem(kernel, bytes, kWho, "KDA chunk prep");
-    // the SM's whole 228 KiB as shared memory: two blocks of d = 128 an SM
-    chunk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     cudaSharedmemCarveoutMaxShared),
-                kWho, "KDA chunk prep carveout");
+    chunk_allow_max_shared(kernel, bytes, kWho, "KDA chunk prep");  // two blocks of d = 128 an SM
     kernel<<<dim3(static_cast<unsigned>(chunk_count(p)), static_cast<unsigned>(p.bh())), kThreads, bytes, s>>>(p,
                                                                                                                out);
     chunk_check(cudaGetLastError(), kWho, "KDA chunk prep");
