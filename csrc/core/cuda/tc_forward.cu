@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "route.h"  // device_info: the opt-in shared memory of variant 10
 #include "tc_tile_map.cuh"  // the tensor maps (variants 6, 10); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
@@ -283,14 +284,11 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     __syncthreads();
   }
   const bool active = 16 * warp < dv;
-  // the ring: chunk c_begin + i in stage i % NS; stage s's fill k (chunk c_begin + NS k + s)
+  // the ring: chunk c_begin + i in stage i % 2; stage s's fill k (chunk c_begin + 2 k + s)
   // completes its barrier's phase k (kTma)
-  if constexpr (kTma) {
-#pragma unroll
-    for (int i = 0; i < NS - 1; ++i)
-      if (c_begin + i < c_end) load_tma(c_begin + i, i);
-  } else if (c_begin < c_end) {
-    load(c_begin, 0);
+  if (c_begin < c_end) {
+    if constexpr (kTma) load_tma(c_begin, 0);
+    else load(c_begin, 0);
   }
   for (int c = c_begin; c < c_end; ++c) {
     const int stage = (c - c_begin) & 1;
@@ -304,15 +302,15 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         tile_map_store(&args.omap, args.ohdim, args.otdim, h, (c - 1) * kChunk, b,
                        smem_u32(out_stage(c - 1 - c_begin)));
     }
-    if constexpr (kTma) {
-      if (c + NS - 1 < c_end) {
+    if (c + 1 < c_end) {
+      if constexpr (kTma) {
         // the target stage (chunk c - 1's) had its last (generic-proxy) reads in the
         // previous chunk, before the barrier above; order them before the copy engine's writes
         if (tid == kTmaThread) lasp2::delta::gpu::fence_proxy_async_shared();
-        load_tma(c + NS - 1, stage ^ 1);
+        load_tma(c + 1, stage ^ 1);
+      } else {
+        load(c + 1, stage ^ 1);
       }
-    } else if (c + 1 < c_end) {
-      load(c + 1, stage ^ 1);
     }
     const T* Qs = tile(stage, 0);
     const T* Ks = tile(stage, 1);
@@ -544,15 +542,6 @@ int fwd_kernel_variant() {
   return 10;
 }
 
-// The opt-in shared memory per block of the current device (variant 10).
-int smem_optin_bytes() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return 0;
-  return bytes;
-}
-
 // Variant VAR (6 or 10) where it can run (sm_90 code on an sm_90 device, every map
 // encodable, variant 10 within the device's shared memory); false (nothing launched)
 // otherwise.
@@ -564,7 +553,7 @@ bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   using L = FwdLayout<D, MODE, kStore>;
   constexpr int smem = L::kBytes + 8 * L::NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
-  if (VAR == 10 && smem > smem_optin_bytes()) return false;
+  if (VAR == 10 && smem > device_info().smem_optin) return false;  // cached per device
   P ta;
   static_cast<FwdArgs&>(ta) = a;
   const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
