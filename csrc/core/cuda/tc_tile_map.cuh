@@ -30,18 +30,28 @@ inline bool tile_copy_forced_cp_async() {
   return env != nullptr && std::strcmp(env, "cp_async") == 0;
 }
 
-// One box of the chunk starting at token t (of the part) of head h, batch b into the
-// shared address dst, completing on bar. hd, td: which of the map's dimensions 1..3 hold
-// h and t (encode_tile_map's order by stride); b takes the remaining one. x: the box's
-// first column (tc_state's column blocks; 0 elsewhere).
+// A box's coordinates {y, z, w} in a map's dimensions 1..3 for token t (of the part) of
+// head h, batch b. hd, td: which of those dimensions hold h and t (encode_tile_map's order
+// by stride); b takes the remaining one.
+struct BoxCoords {
+  int y, z, w;
+};
+__device__ __forceinline__ BoxCoords box_coords(int hd, int td, int h, int t, int b) {
+  return {hd == 1 ? h : td == 1 ? t : b, hd == 2 ? h : td == 2 ? t : b, hd == 3 ? h : td == 3 ? t : b};
+}
+
+// One box of the chunk starting at token t of head h, batch b (box_coords) into the
+// shared address dst, completing on bar. x: the box's first column (tc_state's column
+// blocks; 0 elsewhere).
 __device__ __forceinline__ void tile_map_box(uint32_t dst, const CUtensorMap* map, int hd, int td, int h, int t,
                                              int b, void* bar, int x = 0) {
-  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
-  lasp2::delta::gpu::tma_box_4d(dst, map, x, y, z, w, bar);
+  const BoxCoords c = box_coords(hd, td, h, t, b);
+  lasp2::delta::gpu::tma_box_4d(dst, map, x, c.y, c.z, c.w, bar);
 }
 
 // A plain (1-d) bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned)
-// from global src to shared dst, its bytes counted on bar (tc_state's per-token weights).
+// from global src to shared dst, its bytes counted on bar (the per-token weights of
+// tc_state's and tc_forward's tensor-map kernels).
 __device__ __forceinline__ void bulk_copy_1d(uint32_t dst, const void* src, uint32_t bytes, void* bar) {
   LASP2_ASM90("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_u32(bar))
@@ -68,8 +78,8 @@ __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, int x, int 
 }
 __device__ __forceinline__ void tile_map_store(const CUtensorMap* map, int hd, int td, int h, int t, int b,
                                                uint32_t src) {
-  const int y = hd == 1 ? h : td == 1 ? t : b, z = hd == 2 ? h : td == 2 ? t : b, w = hd == 3 ? h : td == 3 ? t : b;
-  tma_store_4d(map, 0, y, z, w, src);
+  const BoxCoords c = box_coords(hd, td, h, t, b);
+  tma_store_4d(map, 0, c.y, c.z, c.w, src);
 }
 // Waits until at most N of this thread's bulk store groups still read shared memory
 // (READ) or are incomplete at all (!READ).
