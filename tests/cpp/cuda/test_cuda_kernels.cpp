@@ -1144,15 +1144,16 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
 // T = 4109 (the backend's own segments). Both paths' outputs are also checked against the
 // CPU backend (float64). Without an sm_90 device both runs take the cp.async kernel and the
 // comparison holds trivially; the CPU comparisons still run.
-void run_fwd_tma_case(const OpCase& c) {
+// run_fwd_knob_case: case c with `knob` unset (the default) and set to `value`: o, dq and
+// q.dq bit for bit, and each run against the CPU backend.
+void run_fwd_knob_case(const OpCase& c, const char* knob, const char* value) {
   SCOPED_TRACE(c.name);
   EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
   const FwdDqRun f(c);
-  // the default (tma on sm_90), forced cp.async
-  const FwdDqRun::Out a = f.run("LASP2_CUDA_TILE_COPY", ""), v = f.run("LASP2_CUDA_TILE_COPY", "cp_async");
-  FwdDqRun::expect_same_bits(a, v, "LASP2_CUDA_TILE_COPY=cp_async differs");
+  const FwdDqRun::Out a = f.run(knob, ""), v = f.run(knob, value);
+  FwdDqRun::expect_same_bits(a, v, std::string(knob) + "=" + value + " differs");
   f.expect_matches_cpu(a, "default");
-  f.expect_matches_cpu(v, "cp_async");
+  f.expect_matches_cpu(v, value);
 }
 
 // The split cases and, with many chunks per segment at D = 128 (the measured shape's loop),
@@ -1177,7 +1178,8 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
   LASP2_SKIP_WITHOUT_CUDA();
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : fwd_copy_cases())
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_tma_case(x);
+    if (only == nullptr || x.name.find(only) != std::string::npos)
+      run_fwd_knob_case(x, "LASP2_CUDA_TILE_COPY", "cp_async");
 }
 
 // ---- the default tensor-map kernel against the previous one (session 17) ---------------
@@ -1193,15 +1195,6 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
 // through many phases at each decay, 16-chunk segments of a part [37, 4109) with fixed and
 // no decay and D = 64 with gates. Without an sm_90 device both settings run the cp.async
 // kernel (the comparison holds trivially; the CPU comparisons still run).
-void run_fwd_v6_case(const OpCase& c) {
-  SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  const FwdDqRun f(c);
-  const FwdDqRun::Out a = f.run("LASP2_CUDA_FWD_KERNEL", ""), v = f.run("LASP2_CUDA_FWD_KERNEL", "v6");
-  FwdDqRun::expect_same_bits(a, v, "LASP2_CUDA_FWD_KERNEL=v6 differs");
-  f.expect_matches_cpu(a, "default");
-  f.expect_matches_cpu(v, "v6");
-}
 
 TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
   LASP2_SKIP_WITHOUT_CUDA();
@@ -1224,7 +1217,8 @@ TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
   }
   const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_v6_case(x);
+    if (only == nullptr || x.name.find(only) != std::string::npos)
+      run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v6");
 }
 
 // ---- errors -----------------------------------------------------------------------------
