@@ -43,6 +43,19 @@ if ! $BIN/lasp2_core_tests --gtest_list_tests >/dev/null 2>&1; then
   BIN=/tmp/b
 fi
 
+# A sanitizer stopped by `timeout` may leave its instrumented test process on the GPU, which
+# then slows every timing after it 2-4x (session 17's invalid 256K row): before timing, stop
+# any lasp2 test process still running and wait until no compute process is left.
+gpu_idle() {
+  pkill -f 'lasp2_core_tests' 2>/dev/null
+  for _ in $(seq 30); do
+    [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && return 0
+    sleep 1
+  done
+  echo "GPU still busy before timing: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader | tr '\n' ' ')" |
+    tee -a "$OUT/gpu.txt"
+}
+
 if has tests; then
   SUB=${SAN_FILTER:-'*CudaOps*T77_part13*:*CudaOps*dk40*:*CudaOps*dk33*:*CudaOps*dk96*:*CudaOps*seg5*:*bf16_gate_D64_T1000_docs_forget*'}
   timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --leak-check no $BIN/lasp2_core_tests \
@@ -58,6 +71,7 @@ if has tests; then
   cat /tmp/shard*.log > "$OUT/tests.log"
   { echo "== memcheck"; cat /tmp/memcheck.log; echo "== racecheck"; cat /tmp/racecheck.log; } > "$OUT/sanitizer.log"
   echo "tests+sanitizers done after $(( $(date +%s) - T0 )) s"
+  gpu_idle
 fi
 
 # bench / base: the same shapes (T H D B dtype mode), one bench_lasp2 call each
