@@ -13,7 +13,7 @@ Variants:
   new   all defaults (walks end at the 2^-48 floor)
   sub<n>   new with LASP2_CUDA_STATE_SUB_CHUNKS=n (0: split walks off; 16, 64: pieces)
   fl<n>    new with LASP2_CUDA_STATE_FLOOR=n (walks end at 2^-n; 0: at fp32 underflow)
-(Session 14's measurement, docs/kernels.md, ran this at fa1dfaf, where `old` also put the
+(Session 14's measurement, docs/history/kernels-log.md, ran this at fa1dfaf, where `old` also put the
 C++ node back on lasp2_forward's five saved buffers through a temporary knob, removed
 after the call.)
 Also prints the host time of the forward call alone (wall, no synchronization: how long

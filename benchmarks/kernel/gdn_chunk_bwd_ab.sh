@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GDN chunk backward's A/B on one GPU (docs/delta_rule.md, "Chunk backward, twelfth
+# The GDN chunk backward's A/B on one GPU (docs/history/delta-rule-log.md, "Chunk backward, twelfth
 # round", "..., fourteenth round" and session 17): ordered (the default: early with the
 # gate gradients' sums in per-lane slots, no atomics, and h read once) against early
 # (its reference, LASP2_DELTA_CHUNK_BWD_KERNEL=early; lean, early's reference, runs in the

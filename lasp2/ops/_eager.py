@@ -3,7 +3,7 @@
 An op defined in Python with torch.library.custom_op pays, on every eager call, for
 its dispatcher round trip, the filling of default arguments from its schema and the
 autograd wrapper around it: tens of microseconds per op, measured as most of the
-host time of one layer at T = 4K on an H200 (docs/kernels.md, "Performance"). Each
+host time of one layer at T = 4K on an H200 (docs/history/kernels-log.md, "Performance"). Each
 op module therefore builds, from the SAME implementation, setup_context and backward
 functions it registers with torch.library, a torch.autograd.Function, and its public
 entry point calls that Function in plain eager mode. Under torch.compile,

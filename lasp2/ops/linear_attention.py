@@ -194,7 +194,7 @@ def linear_attention(
         # One CUDA device, nothing to plan: every check below would pass and the call would
         # end in the one-device op with these arguments. In a synchronized step the host
         # time before the first launch is GPU idle time; these checks were most of it
-        # (docs/kernels.md, "Session 14: fixed decay beside fla at 64K"). torch.compile
+        # (docs/history/kernels-log.md, "Session 14: fixed decay beside fla at 64K"). torch.compile
         # traces the checked path, as before.
         q, k, v = _rows_dense(q), _rows_dense(k), _rows_dense(v)
         return lasp2_one_device(q, k, v, g, decay, q.shape[3] ** -0.5, CPU_CHUNK_SIZE, False)

@@ -3,7 +3,7 @@
 // row (one 32-byte sector and one L1 wavefront per value), this one reads and writes
 // whole rows (coalesced), accumulating the offsets in the same order, so the same bits.
 // (A meta over whole rows was tried too and removed: no gain in fwd + bwd, session 11
-// in docs/kernels.md.)
+// in docs/history/kernels-log.md.)
 #include <algorithm>
 
 #include "device_utils.cuh"

@@ -3,7 +3,7 @@
 // The attribute lives on the function in the device's context, so setting it again
 // before every launch only costs host time: about 4 us a call on the H200's host, and
 // in a synchronized step the host time before the forward's long kernels is GPU idle
-// time (docs/kernels.md, "Session 15").
+// time (docs/history/kernels-log.md, "Session 15").
 #include <cstdint>
 #include <map>
 #include <mutex>

@@ -31,14 +31,14 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
 // The dg fix-up over all heads of a token range (head_row_kernels.cu) unless
 // LASP2_CUDA_HEAD_ROWS=0, which selects the one per (b, h, segment) (misc_kernels.cu):
 // both write the same bits (the test compares them); on an H200 (session 11,
-// docs/kernels.md) the one over rows took 5.5 instead of 20 us at 64K tokens.
+// docs/history/kernels-log.md) the one over rows took 5.5 instead of 20 us at 64K tokens.
 bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1) != 0; }
 
 // Chunks per piece of a split segment-state walk (StateArgs::sub_chunks), 0 = one walk
 // per segment. A walk stops where its carry underflows, so the pass lasts as long as
 // its longest walk: with per-token gates every walk stops after about 32 chunks, with
 // a fixed decay per head the weakest head's walks cover whole segments (128 chunks at
-// T = 64K, H = 16 on 132 SMs) while the others stop early (docs/kernels.md, session 13).
+// T = 64K, H = 16 on 132 SMs) while the others stop early (docs/history/kernels-log.md, session 13).
 // Pieces of 32 chunks bound every block's walk; the default splits fixed decays only.
 // LASP2_CUDA_STATE_SUB_CHUNKS=n: n > 0 for every decay mode, 0 = never split.
 int state_sub_chunks(const AttentionParams& p) {
@@ -54,7 +54,7 @@ int state_sub_chunks(const AttentionParams& p) {
 // each rounded to 16 bits (the kernel scales a in bf16 / fp16: relative error up to
 // 2^-8 / 2^-11; in fp16 terms below 2^-25 flush to zero anyway), so what the floor drops
 // is below that rounding unless the tail's values exceed the recent ones by ~2^40. With a
-// fixed decay the weakest heads' walks otherwise cover whole segments (docs/kernels.md,
+// fixed decay the weakest heads' walks otherwise cover whole segments (docs/history/kernels-log.md,
 // "Session 14: fixed decay beside fla at 64K"). The generic (fp32) path keeps 0.
 float state_walk_stop(float coef) {
   const int n = env_int("LASP2_CUDA_STATE_FLOOR", 48);

@@ -107,8 +107,9 @@ Geom make_geom(const AttentionParams& p, TokenRange part, int D) {
   if (sc <= 0) {
     // Tensor cores: about one wave of (b, h, segment) blocks, as long segments as
     // that allows, so that the segment states and their scan stay a small part of
-    // the traffic. Measured on H100 at T = 64K, H = 16 (docs/kernels.md): D = 128
-    // (one 512-thread block per SM) 128-chunk segments beat 64-chunk ones by 15%
+    // the traffic. Measured on H100 at T = 64K, H = 16 (docs/history/results-log.md,
+    // "Kernel history"): D = 128 (one 512-thread block per SM) 128-chunk segments beat
+    // 64-chunk ones by 15%
     // (measured with the earlier 256-thread blocks); D = 64 (256-thread blocks,
     // two per SM) needs two blocks per SM.
     // Generic: four blocks per SM. Segments have >= 4 chunks.

@@ -8,11 +8,11 @@
 //   RM = 2 at D = 128 (8 warps, 256 threads, up to 255 registers): each B fragment
 //     read from shared memory (the v, k, dO tiles, P1, P2) feeds two m16 tiles, so
 //     the row groups read them half as often as 16 warps of 16 rows (sessions 4-11,
-//     512 threads; docs/kernels.md, session 12: ldmatrix per chunk and SM 1,664 ->
+//     512 threads; docs/history/kernels-log.md, session 12: ldmatrix per chunk and SM 1,664 ->
 //     1,136, 977 -> 940 us at 64K tokens on an H200). The score tile's blocks are
 //     spread over the four schedulers (tc_scores' Spread) and warps 6 and 7, which
 //     then have none, compute the entry/exit weights.
-// Session 13 (docs/kernels.md: 935 -> 821 us at 64K tokens, the same bits):
+// Session 13 (docs/history/kernels-log.md: 935 -> 821 us at 64K tokens, the same bits):
 //   * no causal test inside an unrolled loop: the score tile's k loop
 //     (tc_scores_split) and the causal products of C (specialized on hc) are straight
 //     blocks, so ptxas loads the next step's fragments while this step's mma run (a
@@ -22,7 +22,7 @@
 //     in the same order as the per-tile butterfly);
 //   * the dg warp (kDgWarp) is one without a score block (warp 7 at D = 128, 4 at
 //     D = 64), not warp 0, whose scheduler also runs 3 of the 10 score blocks.
-// Session 14 (docs/kernels.md; measured, then removed): the dk / dv stores through one
+// Session 14 (docs/history/kernels-log.md; measured, then removed): the dk / dv stores through one
 // 64-bit row pointer per token tile without a test per store, an exact 2-instruction bf16
 // unpack and the dS tile written by stmatrix executed 13-15% fewer instructions and ran
 // 0.6% slower (822.8 -> 827.5 / 828.3 us at 64K tokens on an H200): the chunk step is
@@ -136,7 +136,7 @@ struct DkdvTmaStoreArgs : DkdvTmaArgs {
 // one thread after the loop-top barrier and counted on a per-stage mbarrier (meta and
 // q.dq stay cp.async): no per-thread copy instructions for the tiles. false: every
 // thread's cp.async there (sessions 4-15). The H200 profile of the cp.async kernel
-// (docs/kernels.md, session 16) had 9.6% of the warps' samples in the copy burst, a third
+// (docs/history/kernels-log.md, session 16) had 9.6% of the warps' samples in the copy burst, a third
 // of them register-reuse waits behind its own LDGSTS; spreading the cp.async copies over
 // the chunk's body (after the score tile, between the dk and dv products, before the dS
 // update) measured slower and was removed.
@@ -145,7 +145,7 @@ struct DkdvTmaStoreArgs : DkdvTmaArgs {
 // [64][LD] tiles past the layout, 34,816 B: 231,440 B a block with the barriers, under the
 // H200's 232,448) and written by one tensor-map store each, issued by the copy thread at the
 // next chunk's loop-top barrier, instead of 16 movmatrix + 16 STG per thread and product
-// (the H200 profile, docs/kernels.md session 16: dk partials + stores 10.4 %, dv stores
+// (the H200 profile, docs/history/kernels-log.md session 16: dk partials + stores 10.4 %, dv stores
 // 9.5 % of the warp-stall samples). Each dk / dv element is final in the one warp that
 // computes it (the k loop covers all D; only the k.dk partials for dg are summed across
 // warps), so the staged values are the stored ones: the same bits. The kernel keeps its

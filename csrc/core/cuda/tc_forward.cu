@@ -25,7 +25,8 @@
 // same bits.
 // (A layout with twice the warps, each holding half a row block of the state and
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
-// 0.648 ms per output pass; see docs/kernels.md.)
+// 0.648 ms per output pass on an H100; see docs/history/results-log.md, "Kernel
+// history".)
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -147,10 +148,11 @@ struct FwdTmaStoreArgs : FwdTmaArgs {
 // bf16, gates) the weights' bulk copy alone (then VAR 7) gave output -1.2 %, dq +0.5 %; a
 // third stage at D = 128 (VAR 8) made dq slower (+1.7 % against VAR 6); the staged
 // tensor-map stores are the gain (VAR 10: output -6 %, dq -5 %). VAR 7-9 were removed
-// (docs/kernels.md).
+// (docs/history/kernels-log.md, session 17).
 // (VAR 3-5, cp.async copies spread over the
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
-// shared memory, measured slower on an H200 and were removed: docs/kernels.md.)
+// shared memory, measured slower on an H200 and were removed: docs/history/kernels-log.md,
+// session 16.)
 template <int D, int VAR>
 constexpr bool fwd_tma_store() {
   return D == 128 && VAR == 10;

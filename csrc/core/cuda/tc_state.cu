@@ -17,7 +17,7 @@
 // and scaled per token in registers. The per-token weights come precomputed
 // from the meta kernel (MetaArgs::wmeta): no exponentials here.
 // A split walk (StateArgs::sub_chunks, for per-head fixed decays, whose weakest head
-// otherwise walks whole segments while the others stop early: docs/kernels.md,
+// otherwise walks whole segments while the others stop early: docs/history/kernels-log.md,
 // session 13) gives piece j of the walk to its own blocks: they first multiply the
 // through factors of the walk's chunks before the piece into carry (32 at a time, a
 // butterfly product per warp: a few shuffles instead of a chain of 32), skip the piece

@@ -2266,7 +2266,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 // The tma state passes (LASP2_DELTA_STATE_KERNEL=tma, the default on sm_90: their
-// epilogue's decays and loads before the token product, docs/delta_rule.md "State passes,
+// epilogue's decays and loads before the token product, docs/history/delta-rule-log.md "State passes,
 // fifteenth round") through the backend against w8's: forward, part_summary and backward
 // with document states (initial states, finals, end-state and initial-state gradients,
 // the passes' S += f H and F-in-X's-place chunks), -inf gates, an entering state and a

@@ -1,5 +1,5 @@
 """The math of the chunked KDA backward (csrc/core/delta_rule/cuda/kda_chunk_bwd.h,
-docs/delta_rule.md "The KDA chunked backward") in float64 against autograd of the token
+docs/history/delta-rule-log.md "The KDA chunked backward") in float64 against autograd of the token
 recurrence: the per-chunk forward (T, w, u, qg, kd, eL, P, v_new), the reverse pass for
 each chunk's leaving-state gradient dh_c, then each chunk's dq, dk, dv, dg (per key dim,
 a reverse cumulative sum inside each segment) and dbeta, with documents starting inside

@@ -1,5 +1,5 @@
 """The factoring of the KDA levels prep (csrc/core/delta_rule/cuda/kda_prep.cu,
-docs/delta_rule.md "KDA prep, session 11") in float64 against the direct formulas of
+docs/history/delta-rule-log.md "KDA prep, session 11") in float64 against the direct formulas of
 kda_chunk.h: the decays as products of per-token factors gamma (exchanged between the
 16-token sub-chunks as each one's first-token factor and the product of its other 15),
 the six levels' scaled tiles (levels 0..3 inside a sub-chunk, 4 and 5 between them),

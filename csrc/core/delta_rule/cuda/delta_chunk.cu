@@ -33,7 +33,7 @@ namespace {
 // L and T in fp32 [64][LDL]. Once T is read into registers, V is loaded over T's bytes
 // and L's hold the 16-bit tw tile, then (after w) the tu tile: 51 KiB a block at d = 128,
 // four blocks an SM (V beside T from the start, three: 0.89 against 0.80 ms at T = 64K,
-// H = 16 on an H200, docs/delta_rule.md).
+// H = 16 on an H200, docs/history/delta-rule-log.md, sixth round).
 template <typename T, int D>
 struct PrepSmem {
   static constexpr int LD = TcTile<D>::LD;
@@ -65,7 +65,7 @@ constexpr int kPrepBlocksPerSm = 4;
 // - the balanced 32-block merge of invert_unit_lower (shared-memory wavefronts with the
 //   staged stores 23.7 M -> 19.9 M at T = 16K) and T's copy in 4-byte pairs (one shuffle with the neighbouring
 //   column's lane) instead of 2-byte stores.
-// 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/delta_rule.md, "Prep and rprep, thirteenth round").
+// 0.70 -> 0.57 ms at T = 64K, H = 16 (docs/history/delta-rule-log.md, "Prep and rprep, thirteenth round").
 template <typename T, int D, bool kNew>
 __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, ChunkPrep out) {
   constexpr int LD = TcTile<D>::LD;
@@ -744,7 +744,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 // (128-byte swizzle, the ldmatrix addresses swizzled to match), counted on one mbarrier a
 // ring buffer (`full`); the 16 columns of u (reverse: r, dO) and the meta stay cp.async
 // pieces. At T = 64K, H = 16 on an H200: states 1.34 -> 0.95 ms, rstates 1.81 -> 1.32
-// (docs/delta_rule.md, twelfth round; there also the clusters of 2 with multicast copies,
+// (docs/history/delta-rule-log.md, twelfth round; there also the clusters of 2 with multicast copies,
 // 1.64 / 1.94 ms, not kept).
 // Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
 // 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
@@ -762,7 +762,7 @@ struct TmaStateSmem {
 
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
 // with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
-// slower, docs/delta_rule.md thirteenth round: grid x = 2 D / C,
+// slower, docs/history/delta-rule-log.md thirteenth round: grid x = 2 D / C,
 // blocks x < D / C the columns of A from I with u = 0, the others M's from zero; no
 // per-chunk outputs) of fwd_state_kernel_w8 (kLean) with the tiles above: the same
 // products in the same order, so every output equals w8's (at the same C) bit for bit.
@@ -771,7 +771,7 @@ struct TmaStateSmem {
 // follow the first half's ys stores (ptxas cannot tell the shared addresses apart), two
 // dependent chains after the last HMMA. At T = 64K on an H200 states 0.95 -> 0.91 ms
 // (16K: 0.25 -> 0.24); issuing the ring's refill after the product instead (where the warp
-// waits on the mma chain) measured slower, 1.05 ms, and so did both (docs/delta_rule.md,
+// waits on the mma chain) measured slower, 1.05 ms, and so did both (docs/history/delta-rule-log.md,
 // "State passes, fifteenth round").
 template <typename T, int NS, int C = kChunkCols, bool kSummary = false>
 __global__ void __launch_bounds__(NT8, 2)
@@ -1060,7 +1060,7 @@ struct TmaRevSmem {
 };
 
 // As in fwd_state_kernel_tma, the epilogue's decays and r values, dO's scaling and X's decay
-// e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/delta_rule.md,
+// e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/history/delta-rule-log.md,
 // "State passes, fifteenth round").
 // dO's scaling is stored late (sixteenth round): scaled and stored in a loop of its own
 // before the product, the second token half's {G, s} and dO loads followed the first
@@ -1069,7 +1069,8 @@ struct TmaRevSmem {
 // stalls at 64K) ran one after the other before the first ldmatrix. Here both halves' c
 // and dO pairs are read in the first loop, and the scaled pairs are stored after the first
 // product is issued (dO's tile is read only after the second barrier): rstates 1.27 ->
-// 1.12 ms at 64K (docs/delta_rule.md, "Chunk backward and reverse pass, sixteenth round").
+// 1.12 ms at 64K (docs/history/delta-rule-log.md, "Chunk backward and reverse pass,
+// sixteenth round").
 template <typename T>
 __global__ void __launch_bounds__(NT8)
     rev_state_kernel_tma(Problem p, View dout, ChunkPrep prep, ChunkReverseOut ro,
@@ -1417,7 +1418,7 @@ void launch_chunk_prep(const Problem& p, const ChunkPrep& out, cudaStream_t s) {
 // the 8-warp versions addressing every chunk's copies anew (kept for the ninth round's
 // A/B); "tma": the forward and reverse passes and the part summary (32-column blocks) on
 // whole-tile tensor-map copies (fwd_state_kernel_tma, rev_state_kernel_tma; chosen by
-// name where they cannot run, an error). docs/delta_rule.md, twelfth, thirteenth and
+// name where they cannot run, an error). docs/history/delta-rule-log.md, twelfth, thirteenth and
 // fifteenth rounds.
 enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 StatePass state_pass() {
@@ -1520,7 +1521,7 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
 // The forward state pass and the part summary. At d = 128 the 8-warp kernel: 16 columns
 // a block for the state pass, 32 for the summary (whose 2 d columns a (b, h) would
 // otherwise take two blocks an SM, each reading w and K). Measured at T = 64K, H = 16,
-// bf16 on an H200 (docs/delta_rule.md, "State passes, seventh round"): states 1.36 ms
+// bf16 on an H200 (docs/history/delta-rule-log.md, "State passes, seventh round"): states 1.36 ms
 // with 8 warps against 1.42 with 4 (2.19 with 32 columns: half the SMs, twice the
 // work each); summary 1.50 with 32 columns against 1.70 (4 warps) and 1.73 (8 warps,
 // 16 columns). The copies addressed once a block (w8 against w8calc, ninth round):
@@ -1634,7 +1635,7 @@ void launch_chunk_rstates(const Problem& p, View dout, const ChunkPrep& prep, co
     const int bytes = static_cast<int>(sizeof(StateSmem<T, D>));
     // 8 warps: 1.83 against 1.94 ms with 4 at T = 64K, H = 16; 1.74 with the copies
     // addressed once a block; on sm_90 by default the tensor-map copies (rev_state_kernel_tma,
-    // 1.81 -> 1.32 ms against w8 in one call; docs/delta_rule.md, twelfth round)
+    // 1.81 -> 1.32 ms against w8 in one call; docs/history/delta-rule-log.md, twelfth round)
     if constexpr (D == 128) {
       auto run = [&](auto kernel) {
         allow(kernel, bytes, "chunk reverse state smem");

@@ -93,7 +93,7 @@ __device__ __forceinline__ void out_rows(T* (&at)[2], T* row, int64_t st, int m0
 // diag(d) U dh^T is formed next to dU (the fp32 fragments held in registers through dB
 // and dA), so that h can take dh's tile as soon as dU is formed and lands behind dB, dA
 // and dP. Keys phase order: Z (dB S0^T, while q lands), the rest of dk, P's gate terms,
-// dq. (Measured on the H200 at 64K: docs/delta_rule.md, "Chunk backward, twelfth round"
+// dq. (Measured on the H200 at 64K: docs/history/delta-rule-log.md, "Chunk backward, twelfth round"
 // and "..., fourteenth round".) Since the sixteenth round kOrd (then sums) also reads some
 // shared-memory values ahead of the stores that held them back (below, at the kernel).
 __device__ __forceinline__ float bwd_exp(float x) { return lasp2::cuda::exp_ftz(x); }
@@ -256,7 +256,7 @@ __device__ __forceinline__ void kz_terms(BwdSmem<T, D>& sm, const float (&kz)[2]
 // samples: each pair's beta and v loads came after the previous pair's global store, a
 // branch of its own) and the key columns' {G, s} of the dA and dP epilogues (reloaded
 // after every store into T's tile); beta comes by cp.async with the first group instead
-// of a load stored at once. 1.73 -> 1.62 ms at 64K (docs/delta_rule.md, "Chunk backward
+// of a load stored at once. 1.73 -> 1.62 ms at 64K (docs/history/delta-rule-log.md, "Chunk backward
 // and reverse pass, sixteenth round"); nothing is computed otherwise.
 //
 // kTma (session 16, the default on sm_90; chunk_bwd_kernel_tma): the tiles (k, dh, r,

@@ -36,7 +36,7 @@ __device__ __forceinline__ void cp_async_wait_upto() {
 // two warps a scheduler, so those instructions sit on the chunk's path (ncu: 361
 // instructions a warp a chunk in the forward, about 40 of them the products'). Here each
 // thread's sources and shared-memory destinations are formed once; a chunk adds its row
-// offset (292 instructions, 11 % less time; docs/delta_rule.md, ninth round).
+// offset (292 instructions, 11 % less time; docs/history/delta-rule-log.md, ninth round).
 __device__ __forceinline__ void cp_async16_to(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }

@@ -350,7 +350,7 @@ void kda_dispatch(const Problem& p, F&& f) {
 // 1.61 -> 0.96, rprep + reverse pass 2.04 -> 1.26; the last step, the epilogue's loads
 // and the state's decay before the token product, in the fifteenth round), else tile;
 // tma falls back to tile at d = 64; named at d = 128 where the tma kernel cannot run
-// (before sm_90), an error. docs/delta_rule.md, thirteenth round.
+// (before sm_90), an error. docs/history/delta-rule-log.md, thirteenth round.
 enum class KdaStatePass { kTile, kTma };
 constexpr KdaStatePass kKdaStateDefault = KdaStatePass::kTma;
 struct KdaStateChoice {

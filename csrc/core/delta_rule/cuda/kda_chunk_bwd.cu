@@ -29,9 +29,9 @@
 //   written by one lane each (no atomics), the gate loads step one pointer without tests
 //   in a whole chunk, G is kept in log2 units (no multiply an exponential) and the loops
 //   inside the diagonal sub-chunks are unrolled by 2 (9.26 -> 6.45 ms, measured side by
-//   side; docs/delta_rule.md, "twelfth round").
-// On one H200 at T = 64K, H = 16, d = 128, bf16: 6.45 ms (docs/delta_rule.md, "The KDA
-// chunked backward").
+//   side; docs/history/delta-rule-log.md, "KDA chunk-gradient kernel, twelfth round").
+// On one H200 at T = 64K, H = 16, d = 128, bf16: 6.45 ms (docs/history/delta-rule-log.md, "The KDA
+// chunked backward" and the paragraphs after it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -262,7 +262,7 @@ __device__ __forceinline__ void kda_state_boxes(const KdaBwdMaps* maps, int m, T
 }
 
 // The global loads are issued ahead of their use (see "Loads ahead" in
-// docs/delta_rule.md): with one block an SM at d = 128 nothing else hides their latency.
+// docs/history/delta-rule-log.md): with one block an SM at d = 128 nothing else hides their latency.
 template <typename T, int D, bool kTma>
 __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackwardArgs& a,
                                              [[maybe_unused]] const KdaBwdMaps* maps) {

@@ -6,7 +6,7 @@
 // The math, per chunk (U = v_new, S0 = h_c, X = dh_c; G_x the within-segment cumulative
 // log gate, a d_k vector; ent_x = e^{G_x} [s_x = 0], dd_y = e^{G_last - G_y} [s_y =
 // s_last], kd = dd . K; every decay e^{G_x - G_y} below is per element, y <= x in one
-// segment; see docs/delta_rule.md):
+// segment; see docs/history/delta-rule-log.md, "The KDA chunked backward"):
 //   dU = kd X - r,  dB = T^T dU,  dv = diag(beta) dB
 //   dP = scale (dO U^T) [y <= x],  dL = -(dB U^T) [y < x]
 //   dq_x = scale ent_x . (dO S0^T)_x + sum_y dP_xy e^{G_x - G_y} . k_y

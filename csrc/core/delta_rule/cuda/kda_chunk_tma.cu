@@ -13,7 +13,7 @@
 // in its order (one chain over k), so every output equals its bit for bit. (GDN's two
 // chains a product, v over even / odd k-steps and S over the chunk's two token halves,
 // measured slower here: states 0.886 against 0.868 ms, the reverse pass 1.38 against 1.26
-// at 64K; removed, docs/delta_rule.md thirteenth round.)
+// at 64K; removed, docs/history/delta-rule-log.md thirteenth round.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -54,7 +54,8 @@ struct KdaTmaStateSmem {
 // the shared addresses apart) and the eL loads and FMULs sit between the second barrier
 // and the second product. The same operations on the same values, so the same bits; at
 // T = 64K on an H200 states 0.871 -> 0.852 ms, summary 0.975 -> 0.960 (GDN's
-// fifteenth-round move; docs/delta_rule.md, "KDA state passes on tensor-map copies").
+// fifteenth-round move; docs/history/delta-rule-log.md, "KDA state passes on tensor-map
+// copies").
 template <typename T, int NS, int C, bool kSummary>
 __global__ void __launch_bounds__(NT8, 2)
     kda_state_kernel_tma(Problem p, KdaPrep prep, ChunkStatesOut fo, const __grid_constant__ CUtensorMap wmap,

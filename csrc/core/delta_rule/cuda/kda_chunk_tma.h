@@ -2,7 +2,7 @@
 // (sm_90, d_k = d_v = 128; kernels in kda_chunk_tma.cu), behind launch_kda_states,
 // launch_kda_summary and launch_kda_rstates (kda_chunk.h), which pick them by
 // LASP2_DELTA_KDA_STATE_KERNEL
-// (kda_chunk.cu; docs/delta_rule.md, "KDA state passes on tensor-map copies, thirteenth
+// (kda_chunk.cu; docs/history/delta-rule-log.md, "KDA state passes on tensor-map copies, thirteenth
 // round").
 #pragma once
 
