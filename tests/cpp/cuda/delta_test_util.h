@@ -105,6 +105,38 @@ inline EdgeStates random_edge_states(uint32_t seed, int64_t floats) {
   return {std::move(entering), std::move(leaving), std::move(d_entering), std::move(d_leaving)};
 }
 
+// The CPU backend's backward of pr's problem over `part` from the entering state and the
+// leaving-state gradient given (the reference of the backward tests; dq, dk, dv, dg, dbeta
+// zero outside the part); with_docs also with the documents' initial states and end-state
+// gradients in and their initial-state gradients out (dI).
+struct CpuGrads {
+  std::vector<float> dq, dk, dv, dg, db, dI, dE;
+};
+inline CpuGrads cpu_backward(const DeltaProblem<float>& pr, TokenRange part, const float* entering,
+                             const float* leaving, bool with_docs) {
+  const DeltaSpec& spec = pr.spec;
+  const DeltaParams hp = pr.params();
+  CpuGrads r;
+  r.dq.assign(pr.q.size(), 0.f);
+  r.dk.assign(pr.k.size(), 0.f);
+  r.dv.assign(pr.v.size(), 0.f);
+  r.dg.assign(pr.g.size(), 0.f);
+  r.db.assign(pr.beta.size(), 0.f);
+  r.dE.resize(hp.bh() * hp.state_elems());
+  DocStates doc;
+  if (with_docs) {
+    r.dI = zeros(spec.num_docs() * spec.heads * hp.state_elems());
+    doc.initial = pr.initial.data();
+    doc.final_dstate = pr.final_dstate.data();
+    doc.d_initial = r.dI.data();
+  }
+  delta::delta_cpu_backend().backward(hp, part, pr.dout_view(), entering, leaving, doc,
+                                      {r.dq.data(), pr.strides(spec.dim_k)}, {r.dk.data(), pr.strides(spec.dim_k)},
+                                      {r.dv.data(), pr.strides(spec.dim_v)}, r.dg.data(), r.db.data(), r.dE.data(),
+                                      nullptr);
+  return r;
+}
+
 // A backward call's results read back: dq, dk, dv (NaN where not written), dg, dbeta,
 // the entering-state gradient, and entering_dstate's (dE_head).
 struct Grads {

@@ -139,7 +139,6 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
     SCOPED_TRACE(cb.name());
     const DeltaSpec& spec = cb.spec;
     const DeltaProblem<float>& pr = cb.pr;
-    const DeltaParams& dp = cb.dev.p;
     const EdgeStates& edge = cb.edge;
     const Grads ref = cb.run("LASP2_CUDA_TILE_COPY", "cp_async"), got = cb.run("LASP2_CUDA_TILE_COPY", "");
     EXPECT_EQ(bits_differ(got.dq, ref.dq), 0) << "dq";
@@ -150,14 +149,8 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
     EXPECT_EQ(bits_differ(got.db, ref.db), 0) << "dbeta";
     cb.expect_written(got);
     if (!c.packed) {  // the CPU backend (no -inf gates)
-      const DeltaParams hp = pr.params();
-      const int64_t bh = dp.bh();
-      std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
-      std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dE(bh * dp.state_elems());
-      delta::delta_cpu_backend().backward(hp, c.part, pr.dout_view(), edge.entering.data(), edge.leaving.data(),
-                                          DocStates{}, {dq.data(), pr.strides(spec.dim_k)},
-                                          {dk.data(), pr.strides(spec.dim_k)}, {dv.data(), pr.strides(spec.dim_v)},
-                                          dg.data(), db.data(), dE.data(), nullptr);
+      const auto [dq, dk, dv, dg, db, dI, dE] =
+          cpu_backward(pr, c.part, edge.entering.data(), edge.leaving.data(), false);
       const double tol_io = 1e-2, tol_sum = c.type == ScalarType::kBFloat16 ? 1e-2 : 2e-3;
       for (const Grads* r : {&got, &ref}) {
         SCOPED_TRACE(r == &got ? "tensor maps vs CPU" : "cp.async vs CPU");

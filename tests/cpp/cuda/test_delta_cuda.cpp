@@ -175,15 +175,7 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
   // backward with an entering state, a leaving-state gradient and document states
   {
     const int64_t gk = c.gate == GateKind::kPerKey ? s.dim_k : 1;
-    std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
-    std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dI = zeros(D), dE(bh * se);
-    DocStates doc;
-    doc.initial = pr.initial.data();
-    doc.final_dstate = pr.final_dstate.data();
-    doc.d_initial = dI.data();
-    cpu.backward(hp, part, pr.dout_view(), entering.data(), leaving.data(), doc,
-                 {dq.data(), pr.strides(s.dim_k)}, {dk.data(), pr.strides(s.dim_k)},
-                 {dv.data(), pr.strides(s.dim_v)}, dg.data(), db.data(), dE.data(), nullptr);
+    const auto [dq, dk, dv, dg, db, dI, dE] = cpu_backward(pr, part, entering.data(), leaving.data(), true);
 
     BackwardBuffers g(pr, c.type, lay, bh * se);
     DevBuf<float> gdI = zeroed(D);

@@ -174,15 +174,8 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
     EXPECT_GT(delta::testing::max_abs(want.dI), 0.0) << "initial-state gradients asked for";
 
     if (!c.neg_inf) {
-      std::vector<float> dq(pr.q.size(), 0.f), dk(pr.k.size(), 0.f), dv(pr.v.size(), 0.f);
-      std::vector<float> dg(pr.g.size(), 0.f), db(pr.beta.size(), 0.f), dI = zeros(D), dE(bh * se);
-      DocStates doc;
-      doc.initial = pr.initial.data();
-      doc.final_dstate = pr.final_dstate.data();
-      doc.d_initial = dI.data();
-      cpu.backward(hp, part, pr.dout_view(), edge.entering.data(), edge.leaving.data(), doc,
-                   {dq.data(), pr.strides(spec.dim_k)}, {dk.data(), pr.strides(spec.dim_k)},
-                   {dv.data(), pr.strides(spec.dim_v)}, dg.data(), db.data(), dE.data(), nullptr);
+      const auto [dq, dk, dv, dg, db, dI, dE] =
+          cpu_backward(pr, part, edge.entering.data(), edge.leaving.data(), true);
       for (auto [name, got_v, want_v, dim] : {std::tuple{"dq", &got.dq, &dq, spec.dim_k}, {"dk", &got.dk, &dk, spec.dim_k},
                                               {"dv", &got.dv, &dv, spec.dim_v}}) {
         std::vector<char> written(got_v->size(), 0);
