@@ -1,5 +1,5 @@
 // A delta-rule test problem (tests/cpp/delta_rule/delta_problem.h) on the device, shared
-// by the GDN and KDA CUDA tests (test_delta_cuda.cpp, test_kda_cuda.cpp).
+// by the GDN and KDA CUDA tests (test_delta_*.cpp, test_kda_*.cpp).
 #pragma once
 
 #include <vector>

@@ -1,4 +1,4 @@
-// A linear attention problem on the device (the CUDA backend's tests: test_cuda_kernels.cpp,
+// A linear attention problem on the device (the CUDA backend's tests: cuda_op_case.h's,
 // test_cuda_lasp2.cpp, test_cuda_call_check.cpp): the inputs uploaded once and the params
 // pointing at them; for one rank of a layout also LASP-2's saved buffers and workspaces.
 #pragma once

@@ -5,7 +5,7 @@
 // (some dims, and every dim of one token), packed documents (starts inside chunks, on a
 // chunk's first token, one-token documents) and head maps (head_end inside a chunk and
 // on a chunk edge). Its time is printed by DeltaCudaKdaTiming.OneDevice
-// (test_kda_cuda.cpp, "per launch").
+// (test_kda_timing.cpp, "per launch").
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -1,0 +1,124 @@
+// The dq pass reading the segment states chunk_forward_saving kept, against the pass that
+// computes them again.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cuda_op_case.h"
+#include "cuda_test_util.h"
+#include "device_rank.h"
+#include "lasp2/kernel_backend.h"
+#include "../problem.h"
+
+namespace lasp2::testing {
+namespace {
+
+// ---- segment states kept from forward for the dq pass -----------------------------------
+// chunk_forward_saving keeps the exit-weighted segment states of (k, v) before their scan;
+// chunk_backward_dq_saved reads them instead of running the state pass. They do not
+// depend on the entering state (forward from zero, dq with S0: what LASP-2's
+// overlapped forward and its backward do), so dq and q.dq equal the recomputing pass
+// bit for bit, also when read twice (the scan leaves them intact); altered states
+// change dq, so the pass reads them; and a dq on the generic route (padded views)
+// reading states of the tensor-core forward still matches the CPU.
+
+void run_saved_states_case(const OpCase& c) {
+  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
+               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
+  const Problem<double> pr = make_problem(c, 2000 + static_cast<uint32_t>(c.T));
+  const AttentionParams pc = pr.params();
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const AttentionParams& pg = dp.p;
+  const TokenRange part{c.begin, c.end};
+  const KernelBackend& gpu = cuda_backend();
+  const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
+  const std::vector<double> s0 = random_vec(bh * se, 21, 2.0);
+  const std::vector<float> S0(s0.begin(), s0.end());
+  DevBuf<float> S0d = to_device_f32(S0);
+
+  const int64_t n = gpu.saved_states_floats(pg, part);
+  ASSERT_GT(n, 0) << "one segment: nothing to keep, the case tests nothing";
+  ASSERT_EQ(n % (bh * se), 0);
+  DevBuf<float> kept(n);
+  kept.poison();
+  DevTensor o = dp.like_v(), o_plain = dp.like_v();
+  gpu.chunk_forward_saving(pg, part, nullptr, o.mview(), kept.p, nullptr);
+  gpu.chunk_forward(pg, part, nullptr, o_plain.mview(), nullptr);
+  EXPECT_EQ(o.buf.download(), o_plain.buf.download()) << c.name << ": keeping changed o";
+  const std::vector<float> kept_host = kept.download();
+  for (float x : kept_host) ASSERT_TRUE(std::isfinite(x)) << c.name << ": kept states not all written";
+
+  auto dq_of = [&](const float* saved, const KernelBackend& be, DevTensor& dq, DevBuf<float>& qdq) {
+    qdq.poison();
+    be.chunk_backward_dq_saved(pg, part, dp.dout.cview(), S0d.p, dq.mview(), qdq.p, saved, nullptr);
+  };
+  DevTensor dq_re = dp.like_k(), dq_a = dp.like_k(), dq_b = dp.like_k(), dq_bad = dp.like_k();
+  DevBuf<float> qdq_re(scalars), qdq_a(scalars), qdq_b(scalars), qdq_bad(scalars);
+  dq_of(nullptr, gpu, dq_re, qdq_re);
+  dq_of(kept.p, gpu, dq_a, qdq_a);
+  dq_of(kept.p, gpu, dq_b, qdq_b);
+  EXPECT_EQ(dq_a.buf.download(), dq_re.buf.download()) << c.name << ": dq from kept states";
+  // bit patterns: q.dq is written only where dg needs it (gates), elsewhere both keep
+  // their NaN poison, which == would call unequal
+  EXPECT_EQ(float_bits(qdq_a.download()), float_bits(qdq_re.download())) << c.name << ": q.dq from kept states";
+  EXPECT_EQ(dq_b.buf.download(), dq_re.buf.download()) << c.name << ": second read";
+  EXPECT_EQ(kept.download(), kept_host) << c.name << ": the dq pass changed the kept states";
+
+  std::vector<float> altered = kept_host;
+  for (float& x : altered) x = 0.5f * x + 1.f;
+  kept.upload(altered);
+  dq_of(kept.p, gpu, dq_bad, qdq_bad);
+  EXPECT_NE(dq_bad.buf.download(), dq_re.buf.download()) << c.name << ": altered kept states left dq unchanged";
+  kept.upload(kept_host);
+
+  // the CPU reference, then dq on padded views (generic route) with the kept states
+  std::vector<double> want_dq = pr.zeros_like_k(), want_qdq(scalars, 0.0);
+  cpu_backend().chunk_backward_dq(pc, part, pr.dout_view(), S0.data(), {want_dq.data(), pr.strides(c.dk)},
+                                  want_qdq.data(), nullptr);
+  expect_rows(c, "dq_saved", dq_a, want_dq, tol_of(c.dtype));
+  DeviceProblem padded(pr, c.dtype, Layout{true, 3});
+  DevTensor dq_pad = padded.like_k();
+  DevBuf<float> qdq_pad(scalars);
+  qdq_pad.poison();
+  gpu.chunk_backward_dq_saved(padded.p, part, padded.dout.cview(), S0d.p, dq_pad.mview(), qdq_pad.p, kept.p,
+                              nullptr);
+  expect_rows(c, "dq_saved_pad3", dq_pad, want_dq, tol_of(c.dtype));
+  expect_scalars(c, "q.dq_saved_pad3", qdq_pad, want_qdq, tol_of(c.dtype));
+  EXPECT_EQ(cpu_backend().saved_states_floats(pc, part), 0) << "the CPU backend keeps nothing";
+}
+
+TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  OpCase c;  // part [37, 1000), 2-chunk segments, documents at chunk and segment edges
+  c.docs = {101, 293, 294, 600, 999};
+  for (ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat16, ScalarType::kFloat32})
+    for (DecayMode m : {DecayMode::kNone, DecayMode::kFixed, DecayMode::kGate}) {
+      c.dtype = t;
+      c.mode = m;
+      c.dk = c.dv = t == ScalarType::kFloat16 ? 64 : 128;
+      c.name = std::string("saved_") + dtype_name(t) + "_" + std::to_string(static_cast<int>(m)) + "_D" +
+               std::to_string(c.dk);
+      run_saved_states_case(c);
+    }
+  c = OpCase{};  // the backend's own segments at T = 4109
+  c.name = "saved_bf16_gate_D128_T4109_auto";
+  c.dk = c.dv = 128;
+  c.T = 4109;
+  c.begin = 0;
+  c.end = 4109;
+  c.seg_chunks = 0;
+  run_saved_states_case(c);
+  c.name = "saved_bf16_fixed_D128_seg16_sub3";  // the kept states from split walks
+  c.mode = DecayMode::kFixed;
+  c.docs = {};
+  c.T = c.end = 2200;
+  c.seg_chunks = 16;
+  c.state_sub_chunks = 3;
+  run_saved_states_case(c);
+}
+
+}  // namespace
+}  // namespace lasp2::testing
