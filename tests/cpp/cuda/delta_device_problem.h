@@ -12,14 +12,14 @@ namespace lasp2::testing {
 
 // The problem on the device (q, k, v, dO in `type`, gates and betas fp32, packed
 // documents' markers) and p, its parameters pointing at them.
-struct DeviceProblem {
+struct DeltaDeviceProblem {
   DevTensor q, k, v, dout;
   DevBuf<float> g, beta;
   DevBuf<uint8_t> doc_start;
   DevBuf<int32_t> doc_id;
   delta::DeltaParams p;
 
-  DeviceProblem(const delta::testing::DeltaProblem<float>& pr, ScalarType type, Layout lay)
+  DeltaDeviceProblem(const delta::testing::DeltaProblem<float>& pr, ScalarType type, Layout lay)
       : q(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
         k(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_k, type, lay),
         v(pr.spec.batch, pr.spec.seqlen, pr.spec.heads, pr.spec.dim_v, type, lay),

@@ -63,7 +63,7 @@ struct ChunkBackwardRun {
   ChunkBackwardCase c;
   DeltaSpec spec;
   DeltaProblem<float> pr;
-  DeviceProblem dev;
+  DeltaDeviceProblem dev;
   int64_t se;
   EdgeStates edge;
 
@@ -183,7 +183,7 @@ TEST(DeltaCudaChunkBackward, TensorMapEqualsCpAsync) {
 // sums meet in global float atomics from several blocks, delta_recurrent.cu.)
 struct SameBitsProblem {
   DeltaProblem<float> pr;
-  DeviceProblem dev;
+  DeltaDeviceProblem dev;
   TokenRange part{0, 2048};
   int64_t se;
   EdgeStates edge;

@@ -52,7 +52,7 @@ TEST_P(DeltaCudaChunked, MatchesRecurrentKernels) {
   // the state forgotten inside a chunk, at a chunk's first token, at the part's first
   if (c.neg_inf) forget_at(pr, {37, 90, 165, 166, 250});
   const Layout lay{false, 0};
-  DeviceProblem dev(pr, c.type, lay);
+  DeltaDeviceProblem dev(pr, c.type, lay);
   const DeltaParams& dp = dev.p;
   const DeltaParams hp = pr.params();
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
@@ -169,7 +169,7 @@ TEST_P(DeltaCudaChunkedSummary, MatchesRecurrentCpuAndForward) {
   DeltaProblem<float> pr(spec, 31);
   prepare_inputs(pr, c.type);
   if (c.neg_inf) forget_at(pr, {37, 90, 165, 166, 250});
-  DeviceProblem dev(pr, c.type, Layout{});
+  DeltaDeviceProblem dev(pr, c.type, Layout{});
   const DeltaParams& dp = dev.p;
   const DeltaParams hp = pr.params();
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);

@@ -89,7 +89,7 @@ TEST_P(DeltaCuda, MatchesCpuBackend) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
   const Layout lay{c.strided, c.strided ? 8 : 0};
-  DeviceProblem dev(pr, c.type, lay);
+  DeltaDeviceProblem dev(pr, c.type, lay);
   const DeltaParams& dp = dev.p;
   const DeltaKernelBackend& cpu = delta::delta_cpu_backend();
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
@@ -285,7 +285,7 @@ TEST_P(DeltaCudaSchedule, MatchesCpuSchedule) {
   prepare_inputs(pr, ScalarType::kFloat32);
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
-  DeviceProblem dev(pr, ScalarType::kFloat32, Layout{});
+  DeltaDeviceProblem dev(pr, ScalarType::kFloat32, Layout{});
   const PartLayout layout{1, 0, c.parts};
   SequenceStates seqs;
   if (c.packed) {

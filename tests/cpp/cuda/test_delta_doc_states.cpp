@@ -45,7 +45,7 @@ TEST_P(DeltaCudaDocStates, ChunkedMatchesRecurrentAndCpu) {
   DeltaProblem<float> pr(spec, 41);
   prepare_inputs(pr, c.type);
   if (c.neg_inf) forget_at(pr, {37, 45, 52, 90, 165, 166, 250});
-  DeviceProblem dev(pr, c.type, Layout{});
+  DeltaDeviceProblem dev(pr, c.type, Layout{});
   const DeltaParams& dp = dev.p;
   const DeltaParams hp = pr.params();
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);

@@ -30,7 +30,7 @@ namespace {
 struct KeptWorkProblem {
   DeltaProblem<float> pr;
   Layout lay{false, 0};
-  DeviceProblem dev;
+  DeltaDeviceProblem dev;
   const DeltaParams& dp = dev.p;
   const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
   TokenRange part{37, pr.spec.seqlen - 20};
@@ -251,7 +251,7 @@ ScheduleOut run_schedule(const DeltaProblem<float>& pr, const PartLayout& layout
   const DeltaSpec& spec = pr.spec;
   const bool packed = spec.packed();
   const Layout lay{false, 0};
-  DeviceProblem dev(pr, ScalarType::kBFloat16, lay);
+  DeltaDeviceProblem dev(pr, ScalarType::kBFloat16, lay);
   const DeltaParams& dp = dev.p;
   const auto& be = delta::delta_backend_for(Device::kCUDA);
   const int64_t S = dp.bh() * dp.state_elems();

@@ -37,7 +37,7 @@ TEST(DeltaCudaPrep, NewEqualsOld) {
       DeltaProblem<float> pr(spec, 47);
       forget_at(pr, {120, 165});  // inside chunk 1; chunk 2's first token
       prepare_inputs(pr, type);
-      DeviceProblem dev(pr, type, Layout{});
+      DeltaDeviceProblem dev(pr, type, Layout{});
       gpu::Problem gp = gdn_problem(dev.p);
       gp.batch = static_cast<int>(spec.batch);
       gp.elem = type == ScalarType::kFloat16 ? gpu::Elem::kF16 : gpu::Elem::kBF16;

@@ -141,7 +141,7 @@ TEST(DeltaCudaStatePasses, SummaryTmaEqualsW8) {
     DeltaProblem<float> pr(spec, 17);
     prepare_inputs(pr, c.type);
     if (c.neg_inf) forget_at(pr, {100, 300, 301});
-    DeviceProblem dev(pr, c.type, Layout{});
+    DeltaDeviceProblem dev(pr, c.type, Layout{});
     const int64_t bh = dev.p.bh(), se = dev.p.state_elems();
     auto run = [&](const char* family) {
       const EnvGuard scope("LASP2_DELTA_STATE_KERNEL", family);
@@ -196,7 +196,7 @@ TEST(DeltaCudaStatePasses, TmaEqualsW8ThroughBackend) {
     // -inf gates inside chunks, two in a row, on a chunk's first token (the part's chunks
     // begin at 37, 101, 165, 229, 293); not on the part's first token (d_entering would be 0)
     forget_at(pr, {45, 90, 165, 166, 250});
-    DeviceProblem dev(pr, ScalarType::kBFloat16, Layout{});
+    DeltaDeviceProblem dev(pr, ScalarType::kBFloat16, Layout{});
     const DeltaParams& dp = dev.p;
     const DeltaKernelBackend& gpu = delta::delta_backend_for(Device::kCUDA);
     const int64_t bh = dp.bh(), se = dp.state_elems(), me = dp.map_elems();

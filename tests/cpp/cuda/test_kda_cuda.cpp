@@ -118,9 +118,9 @@ class KdaCaseTest : public ::testing::TestWithParam<KdaCase> {
  protected:
   void SetUp() override {
     LASP2_SKIP_WITHOUT_CUDA();
-    dev_ = std::make_unique<DeviceProblem>(pr, c.type, lay);
+    dev_ = std::make_unique<DeltaDeviceProblem>(pr, c.type, lay);
   }
-  const DeviceProblem& dev() const { return *dev_; }
+  const DeltaDeviceProblem& dev() const { return *dev_; }
 
   const KdaCase c = GetParam();
   const DeltaProblem<float> pr = kda_problem(c);
@@ -131,7 +131,7 @@ class KdaCaseTest : public ::testing::TestWithParam<KdaCase> {
   const int64_t bh = hp.bh(), se = hp.state_elems();
 
  private:
-  std::unique_ptr<DeviceProblem> dev_;
+  std::unique_ptr<DeltaDeviceProblem> dev_;
 };
 
 struct KdaResult {
@@ -238,7 +238,7 @@ struct KdaGrads {
 
 // The CUDA backend's backward of a case's problem over `part` from the entering state and
 // the leaving-state gradient.
-KdaGrads kda_device_backward(const DeltaProblem<float>& pr, const DeviceProblem& dev, ScalarType type, Layout lay,
+KdaGrads kda_device_backward(const DeltaProblem<float>& pr, const DeltaDeviceProblem& dev, ScalarType type, Layout lay,
                              TokenRange part, const DevBuf<float>& entering, const DevBuf<float>& leaving) {
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
