@@ -1,7 +1,9 @@
 // Host-visible arguments and launchers of the chunked (WY / UT-transform) tensor-core
 // kernels for the scalar-gate delta rule (GDN) in 16-bit inputs, d_k = d_v in {64, 128};
-// the kernels live in delta_chunk.cu. The math is the CPU backend's
-// (cpu/delta_chunk.h), on fixed 64-token chunks of the part:
+// the kernels live in delta_chunk_prep.cu (prep), delta_chunk_states.cu (states and the
+// summary), delta_chunk_scores.cu (output, rprep) and delta_chunk_rstates.cu (rstates),
+// with what they share in delta_chunk_state.cuh and delta_chunk_launch.cuh. The math is
+// the CPU backend's (cpu/delta_chunk.h), on fixed 64-token chunks of the part:
 //
 //   prep     (chunk-parallel) per chunk: G (cumulative log gate, a warp scan), s (segment
 //            index), L = strict_tril(diag(beta) K K^T o decay), T = (I + L)^-1 in fp32

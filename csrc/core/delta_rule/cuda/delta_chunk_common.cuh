@@ -1,7 +1,7 @@
-// Shared device helpers of the chunked delta-rule kernels (delta_chunk.cu forward and
-// reverse state passes, delta_chunk_bwd.cu backward): tile loads of a 64-token chunk,
-// the chunk's position in the part and the per-warp mma.sync products (mma_acc, and
-// mma_rows, its full-width case). Included by .cu files only; everything lives in an
+// Shared device helpers of the chunked delta-rule kernels (delta_chunk_prep.cu,
+// delta_chunk_states.cu, delta_chunk_rstates.cu, delta_chunk_scores.cu,
+// delta_chunk_bwd.cu): tile loads of a 64-token chunk, the chunk's position in the part
+// and the per-warp mma.sync products (mma_acc, and mma_rows, its full-width case). Included by .cu files only; everything lives in an
 // anonymous namespace (internal linkage).
 #pragma once
 

@@ -1,4 +1,4 @@
-// Host-side launch helpers shared by the chunked delta-rule kernels (delta_chunk.cu,
+// Host-side launch helpers shared by the chunked delta-rule kernels (delta_chunk_launch.cuh,
 // delta_chunk_bwd.cu, delta_chunk_docs.cu, kda_chunk.cu, kda_chunk_bwd.cu): the CUDA
 // error check, the dynamic shared-memory opt-in and the dispatch over the 16-bit element
 // type and the head dim. Each caller passes its own message prefix (`who`, e.g. "lasp2

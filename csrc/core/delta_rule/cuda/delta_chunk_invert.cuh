@@ -1,5 +1,5 @@
 // T = (I + L)^-1 of a 64 x 64 strictly lower-triangular fp32 matrix in shared memory,
-// shared by the chunked GDN prep (delta_chunk.cu) and the KDA prep (kda_prep.cu).
+// shared by the chunked GDN prep (delta_chunk_prep.cu) and the KDA prep (kda_prep.cu).
 // Included by .cu files only, after delta_chunk_common.cuh (CH, LDL); internal linkage.
 #pragma once
 

@@ -1,7 +1,7 @@
 // Shared pieces of the state passes on whole-tile tensor-map copies (sm_90): GDN's
-// fwd_state_kernel_tma / rev_state_kernel_tma (delta_chunk.cu) and KDA's
-// kda_state_kernel_tma / kda_rev_state_kernel_tma (kda_chunk_tma.cu). Device: the copies addressed once a block
-// (TileCopy, ColCopy, MetaCopy), the swizzled-tile products (mma_w_swizzled,
+// fwd_state_kernel_tma / rev_state_kernel_tma (delta_chunk_states.cu,
+// delta_chunk_rstates.cu) and KDA's kda_state_kernel_tma / kda_rev_state_kernel_tma
+// (kda_chunk_tma.cu). Device: the copies addressed once a block (TileCopy, ColCopy, MetaCopy), the swizzled-tile products (mma_w_swizzled,
 // mma_k_swizzled) and the ring's barriers; host: the tensor-map encoding and the sm_90
 // check. Included by .cu files only; everything has internal linkage.
 #pragma once

@@ -1,6 +1,6 @@
 // KDA's forward state pass and part summary on whole-tile tensor-map copies (sm_90,
-// d = 128; kda_chunk_tma.h): GDN's fwd_state_kernel_tma (delta_chunk.cu) with KDA's
-// per-key-dim decay, on the shared pieces of delta_chunk_tma.cuh. 8 warps a block, one
+// d = 128; kda_chunk_tma.h): GDN's fwd_state_kernel_tma (delta_chunk_states.cu) with
+// KDA's per-key-dim decay, on the shared pieces of delta_chunk_tma.cuh. 8 warps a block, one
 // block per (b, h) and C state columns (16; the summary 32), sequential over the chunks;
 // thread 0 copies each chunk's w and kd tiles (prep's [rows][128], 16-bit) as two
 // 64-column boxes each (128-byte swizzle) on a ring of NS buffers counted by mbarriers;

@@ -1,6 +1,6 @@
 // PTX wrappers for whole-tile copies (sm_90): mbarriers and tensor-map (TMA) copies. The
-// "tma" state passes of delta_chunk.cu use them: each chunk's full-width tiles arrive as
-// two 64-column boxes each (128-byte swizzle) instead of 4 cp.async pieces a thread.
+// "tma" state passes (delta_chunk_states.cu, delta_chunk_rstates.cu) use them: each
+// chunk's full-width tiles arrive as two 64-column boxes each (128-byte swizzle) instead of 4 cp.async pieces a thread.
 // Included by .cu files only (internal linkage).
 #pragma once
 
