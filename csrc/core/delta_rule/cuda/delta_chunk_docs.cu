@@ -13,6 +13,7 @@
 #include "cuda/device_utils.cuh"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_docs.h"
+#include "delta_rule/cuda/delta_documents.cuh"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -43,9 +44,6 @@ __device__ __forceinline__ Pos pos_of(const Problem& p) {
 template <typename T>
 __device__ __forceinline__ const T* row_at(const View& v, int b, int64_t t, int h) {
   return static_cast<const T*>(v.ptr) + b * v.sb + t * v.st + h * v.sh;
-}
-__device__ __forceinline__ int64_t doc_of(const Problem& p, int b, int64_t t) {
-  return p.doc_id != nullptr ? p.doc_id[b * p.doc_sb + t] : b;
 }
 
 // f and idx of the chunk's tokens (delta_chunk_docs.h) into global scratch, then V' rows.

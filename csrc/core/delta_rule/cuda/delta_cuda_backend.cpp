@@ -1,7 +1,7 @@
 // DeltaKernelBackend on CUDA: argument checks, scratch, and the launches of
-// delta_recurrent.cu. Inputs q, k, v (and dO) in float32, float16 or bfloat16 with a
-// contiguous last dimension and any [B, T, H] strides; gates and betas float32;
-// d_k, d_v in 1..128. Accumulation, states and maps in float32.
+// delta_recurrent.cu and delta_compose.cu. Inputs q, k, v (and dO) in float32, float16
+// or bfloat16 with a contiguous last dimension and any [B, T, H] strides; gates and
+// betas float32; d_k, d_v in 1..128. Accumulation, states and maps in float32.
 //
 // What each call launches:
 //   part_summary     one walk over the part of the columns [A | M] from [I | 0]

@@ -1,6 +1,7 @@
 // Host-visible kernel arguments and launchers of the delta-rule CUDA backend
 // (plain structs: pointers, element strides, sizes), so that the backend compiles
-// with the host compiler; the kernels live in delta_recurrent.cu.
+// with the host compiler; the kernels live in delta_recurrent.cu (the walks) and
+// delta_compose.cu (the segment composition and map combines).
 //
 // Every kernel walks a part [begin, begin + n) of the local sequence token by token.
 // The state columns are independent (column j of S only sees v[:, j]), so a kernel

@@ -3,6 +3,7 @@
 // lane), the inputs of 64 tokens staged in shared memory at a time, fp32 arithmetic,
 // inputs in fp32, fp16 or bf16. The same recurrence as the CPU reference: per token,
 // X = D_t S; S = X + beta k (v - X^T k)^T; o = scale S^T q.
+// The composition of the walks' segment summaries is delta_compose.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -13,6 +14,7 @@
 
 #include "cuda/device_utils.cuh"
 #include "cuda/elem_dispatch.cuh"
+#include "delta_rule/cuda/delta_documents.cuh"
 #include "delta_rule/cuda/delta_launch.h"
 #include "lasp2/types.h"
 
@@ -50,13 +52,6 @@ __device__ __forceinline__ float across_groups(float v) {
 #pragma unroll
   for (int o = G; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-__device__ __forceinline__ bool starts_doc(const Problem& p, int b, int64_t t) {
-  return p.doc_start != nullptr && p.doc_start[b * p.doc_sb + t] != 0;
-}
-__device__ __forceinline__ int64_t doc_of(const Problem& p, int b, int64_t t) {
-  return p.doc_id != nullptr ? p.doc_id[b * p.doc_sb + t] : b;
 }
 
 // ---- the stage: inputs of CT tokens in shared memory ---------------------------------
@@ -471,138 +466,6 @@ __global__ void __launch_bounds__(NW * 32) entering_dstate_kernel(Problem p, Vie
   store_column<G, R>(p, out + (blockIdx.z * p.bh() + L.bh) * se, p.dv, L.col, valid, L.g, lam);
 }
 
-// ---- composition over segments --------------------------------------------------------------
-constexpr int kComposeCols = 32, kComposeThreads = 256;
-constexpr int kComposeRows = kMaxDim / (kComposeThreads / kComposeCols);  // rows per thread
-
-__global__ void __launch_bounds__(kComposeThreads) compose_kernel(Problem p, ComposeArgs a) {
-  __shared__ float X[kMaxDim][kComposeCols];
-  const int c = threadIdx.x % kComposeCols, rb = threadIdx.x / kComposeCols;
-  constexpr int RS = kComposeThreads / kComposeCols;  // row stride
-  const int dk = p.dk, dv = p.dv;
-  const bool summary = a.mode == ComposeMode::kSummary;
-  const int ncols = summary ? dk + dv : dv;
-  const int col = blockIdx.x * kComposeCols + c;
-  const bool valid = col < ncols;
-  const int64_t bhi = blockIdx.y, bh = p.bh();
-  const int b = static_cast<int>(bhi / p.heads), h = static_cast<int>(bhi % p.heads);
-  const int64_t me = static_cast<int64_t>(dk) * dk, se = static_cast<int64_t>(dk) * dv;
-  const bool is_map = summary && col < dk;
-  const int mcol = summary ? col - dk : col;  // column in a [dk][dv] array
-
-  for (int k = 0; k < kComposeRows; ++k) {
-    const int i = rb + RS * k;
-    if (i >= dk) break;
-    float x = 0.f;
-    if (summary) {
-      x = (is_map && i == col) ? 1.f : 0.f;
-    } else if (a.init != nullptr && valid) {
-      x = a.init[bhi * se + static_cast<int64_t>(i) * dv + col];
-    }
-    X[i][c] = x;
-  }
-  __syncthreads();
-
-  // acc = Op X (+ add): Op = A (rows i) or A^T; add a [dk][dv] array at column mcol.
-  auto apply = [&](const float* A, bool transposed, const float* add, float (&acc)[kComposeRows]) {
-    for (int k = 0; k < kComposeRows; ++k) {
-      const int i = rb + RS * k;
-      if (i >= dk) break;
-      float s0 = 0.f, s1 = 0.f;
-      if (transposed) {
-        for (int m = 0; m < dk; m += 2) {
-          s0 += A[static_cast<int64_t>(m) * dk + i] * X[m][c];
-          if (m + 1 < dk) s1 += A[static_cast<int64_t>(m + 1) * dk + i] * X[m + 1][c];
-        }
-      } else {
-        const float* row = A + static_cast<int64_t>(i) * dk;
-        for (int m = 0; m < dk; m += 2) {
-          s0 += row[m] * X[m][c];
-          if (m + 1 < dk) s1 += row[m + 1] * X[m + 1][c];
-        }
-      }
-      float s = s0 + s1;
-      if (add != nullptr && valid && !is_map && mcol >= 0 && mcol < dv)
-        s += add[static_cast<int64_t>(i) * dv + mcol];
-      acc[k] = s;
-    }
-  };
-  auto write = [&](float* base, int ld, int column, const float (&v)[kComposeRows]) {
-    for (int k = 0; k < kComposeRows; ++k) {
-      const int i = rb + RS * k;
-      if (i >= dk) break;
-      base[static_cast<int64_t>(i) * ld + column] = v[k];
-    }
-  };
-  auto write_x = [&](float* base, int ld, int column) {
-    for (int k = 0; k < kComposeRows; ++k) {
-      const int i = rb + RS * k;
-      if (i >= dk) break;
-      base[static_cast<int64_t>(i) * ld + column] = X[i][c];
-    }
-  };
-  auto update = [&](const float (&acc)[kComposeRows]) {
-    __syncthreads();  // every read of X is done
-    for (int k = 0; k < kComposeRows; ++k) {
-      const int i = rb + RS * k;
-      if (i >= dk) break;
-      X[i][c] = acc[k];
-    }
-    __syncthreads();
-  };
-
-  float acc[kComposeRows], acc2[kComposeRows];
-  if (a.mode == ComposeMode::kPrefix) {
-    for (int s = 0; s < p.nseg; ++s) {
-      const int64_t slot = s * bh + bhi;
-      if (valid) write_x(a.seg_out + slot * se, dv, col);
-      apply(a.segA + slot * me, false, a.segM + slot * se, acc);
-      update(acc);
-    }
-  } else if (a.mode == ComposeMode::kSuffix) {
-    for (int s = p.nseg - 1; s >= 0; --s) {
-      const int64_t slot = s * bh + bhi;
-      if (valid && a.seg_out != nullptr) write_x(a.seg_out + slot * se, dv, col);
-      apply(a.segA + slot * me, true, a.E + slot * se, acc);
-      update(acc);
-    }
-    if (valid && a.final_out != nullptr) write_x(a.final_out + bhi * se, dv, col);
-  } else {
-    bool seen = false;
-    for (int s = 0; s < p.nseg; ++s) {
-      const int64_t slot = s * bh + bhi;
-      const int f = a.firsts[b * p.nseg + s];
-      apply(a.segA + slot * me, false, a.segM + slot * se, acc);
-      if (f >= 0) {  // a document start in this segment: its head ends a document
-        apply(a.seg_head_A + slot * me, false, a.seg_head_M + slot * se, acc2);
-        if (valid) {
-          if (!seen) {
-            if (is_map) {
-              write(a.head_A + bhi * me, dk, col, acc2);
-            } else {
-              write(a.head_M + bhi * se, dv, mcol, acc2);
-            }
-          } else if (a.finals != nullptr && !is_map) {
-            const int64_t d = doc_of(p, b, p.begin + f - 1);
-            write(a.finals + (d * p.heads + h) * se, dv, mcol, acc2);
-          }
-        }
-        seen = true;
-      }
-      update(acc);
-    }
-    if (valid) {
-      if (is_map) {
-        write_x(a.A + bhi * me, dk, col);
-        if (!seen) write_x(a.head_A + bhi * me, dk, col);
-      } else {
-        write_x(a.M + bhi * se, dv, mcol);
-        if (!seen) write_x(a.head_M + bhi * se, dv, mcol);
-      }
-    }
-  }
-}
-
 // ---- backward --------------------------------------------------------------------------------
 template <int G, int R, int NW>
 __host__ __device__ constexpr int backward_extra_floats() {
@@ -816,48 +679,6 @@ __global__ void __launch_bounds__(kMaxDim) finish_kernel(Problem p, FinishArgs a
   if (a.dbeta != nullptr && i == 0) a.dbeta[bth] = acc[3 * p.dk];
 }
 
-// ---- combines ------------------------------------------------------------------------------
-constexpr int kMapThreads = 256;
-constexpr int kMapPerThread = kMaxDim * kMaxDim / kMapThreads;
-
-__global__ void __launch_bounds__(kMapThreads)
-    apply_map_kernel(const float* A, const float* x, const float* y, int dk, int dv,
-                     bool transposed_add, float* out) {
-  const int64_t r = blockIdx.x;
-  const float* a = A + r * dk * dk;
-  const float* xs = x + r * dk * dv;
-  float acc[kMapPerThread];
-#pragma unroll
-  for (int c = 0; c < kMapPerThread; ++c) {
-    const int e = threadIdx.x + c * kMapThreads;
-    acc[c] = 0.f;
-    if (e < dk * dv) {
-      const int i = e / dv, j = e % dv;
-      float s = 0.f;
-      if (transposed_add) {
-        for (int m = 0; m < dk; ++m) s += a[m * dk + i] * xs[m * dv + j];
-        s += out[r * dk * dv + e];
-      } else {
-        for (int m = 0; m < dk; ++m) s += a[i * dk + m] * xs[m * dv + j];
-        if (y != nullptr) s += y[r * dk * dv + e];
-      }
-      acc[c] = s;
-    }
-  }
-  __syncthreads();  // every read of this (b, h) before any write: out may alias x or y
-#pragma unroll
-  for (int c = 0; c < kMapPerThread; ++c) {
-    const int e = threadIdx.x + c * kMapThreads;
-    if (e < dk * dv) out[r * dk * dv + e] = acc[c];
-  }
-}
-
-__global__ void add_kernel(float* dst, const float* src, int64_t count) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[i] += src[i];
-}
-
 // ---- dispatch ------------------------------------------------------------------------------
 // Walks: 8 warps, 8 lanes per column (32 columns a block), 8 or 16 rows per lane.
 constexpr int kWalkWarps = 8, kWalkG = 8;
@@ -966,14 +787,6 @@ void launch_entering_dstate(const Problem& p, View dout, const int* firsts,
   check_launch("entering-state gradient kernel");
 }
 
-void launch_compose(const Problem& p, const ComposeArgs& a, cudaStream_t s) {
-  const int ncols = a.mode == ComposeMode::kSummary ? p.dk + p.dv : p.dv;
-  compose_kernel<<<dim3(static_cast<unsigned>((ncols + kComposeCols - 1) / kComposeCols),
-                        static_cast<unsigned>(p.bh())),
-                   kComposeThreads, 0, s>>>(p, a);
-  check_launch("segment composition kernel");
-}
-
 template <typename T, int G, int R>
 static int backward_bytes(bool per_key) {
   constexpr int CW = kBwdWarps * (32 / G);
@@ -1014,21 +827,6 @@ void launch_finish(const Problem& p, const FinishArgs& a, cudaStream_t s) {
     finish_kernel<T><<<static_cast<unsigned>(blocks), kMaxDim, 0, s>>>(p, a);
   });
   check_launch("backward finish kernel");
-}
-
-void launch_apply_map(const float* A, const float* x, const float* y, int64_t bh, int dk, int dv,
-                      bool transposed_add, float* out, cudaStream_t s) {
-  if (bh == 0) return;
-  apply_map_kernel<<<static_cast<unsigned>(bh), kMapThreads, 0, s>>>(A, x, y, dk, dv,
-                                                                      transposed_add, out);
-  check_launch("apply_map kernel");
-}
-
-void launch_add(float* dst, const float* src, int64_t count, cudaStream_t s) {
-  if (count <= 0) return;
-  const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
-  add_kernel<<<static_cast<unsigned>(blocks), 256, 0, s>>>(dst, src, count);
-  check_launch("add kernel");
 }
 
 }  // namespace lasp2::delta::gpu
