@@ -7,7 +7,9 @@ that a refactor of device code changes nothing (same PTX, same machine code).
 
 Compares every .entry and .func by name. Before comparing it drops the .loc / .file
 lines (source positions move with any edit), renames the labels in order of first use
-and replaces the anonymous namespace's per-file name (it holds a hash of the path).
+and replaces the anonymous namespace's per-file name (it holds a hash of the path) and
+the number of a function's local stack (__local_depotN counts the functions before it in
+its file, so a kernel moved to another file changes N and nothing else).
 Exit status 0 when every function is the same and both files define the same ones.
 
 A refactor that renames kernels (a template parameter removed) maps the old names first:
@@ -30,6 +32,7 @@ import sys
 ANON = re.compile(r"(\d+)?_GLOBAL__N__[0-9a-f]+_\d+_\w+?_cu_[0-9a-f]{8}")
 FUNC = re.compile(r"\.(?:entry|func)\s+(?:\([^)]*\)\s*)?(\S+?)\(")
 LABEL = re.compile(r"\$L__\w+")
+DEPOT = re.compile(r"__local_depot\d+")
 
 
 def functions(path, subs=(), drops=()):
@@ -47,7 +50,8 @@ def functions(path, subs=(), drops=()):
 def normalised(body):
     lines = [line for line in body.split("\n") if not re.match(r"\s*\.(loc|file)\b", line)]
     labels = {}
-    return LABEL.sub(lambda m: labels.setdefault(m.group(0), "L%d" % len(labels)), "\n".join(lines))
+    body = DEPOT.sub("__local_depot", "\n".join(lines))
+    return LABEL.sub(lambda m: labels.setdefault(m.group(0), "L%d" % len(labels)), body)
 
 
 def main(before, after, subs=(), drops=(), news=()):
