@@ -106,6 +106,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
             C.fail(op, f"`sp_context` must be an SPContext from lasp2.build_sp_context, "
                        f"got {type(sp_context).__name__}")
         if group is not None or cu_seqlens is not None:
+            report_local_failure(op, group if group is not None else sp_context.group, q)  # its peers raise too
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
         split = sp_context.split
