@@ -1,6 +1,6 @@
-"""The nn modules over a group when ONE rank's arguments are bad or the ranks disagree
-(session 18's audit): every rank raises a ValueError at that call, none waits, and the
-group stays in step for the next call.
+"""The nn modules and lasp2.gather_sequence over a group when ONE rank's arguments are
+bad or the ranks disagree (session 18's audit): every rank raises a ValueError at that
+call, none waits, and the group stays in step for the next call.
 
 Before: a module's own checks (`x`, `cu_seqlens`) ran before the op's cross-rank check
 without telling the peers, so they waited in that check's all-gather (until the group's
@@ -9,7 +9,10 @@ timeout), or took the failing rank's next call as this one and raised a wrong er
 halo before the delta rule's check: a batch or dtype that differed per rank aborted the
 process inside gloo (a size mismatch, SIGABRT), a bad `x` or `cu_seqlens` on one rank
 did the same to the next collective. gated_delta_rule with both `sp_context` and `group`
-on one rank raised there alone (its peers hung in the op's check)."""
+on one rank raised there alone (its peers hung in the op's check). gather_sequence
+all-gathered whatever each rank passed: a local length or dtype differing per rank
+aborted a process inside gloo (and handed the other a sequence with garbage rows), a
+split or `dim` differing per rank reassembled a wrong sequence without an error."""
 
 import torch
 import torch.distributed as dist
@@ -55,6 +58,11 @@ def _scenarios(rank, world):
         "GatedDeltaNet odd balanced length": lambda: gdn_balanced(x[:, :7]),
         "gated_delta_rule sp_context and group": lambda: lasp2.gated_delta_rule(
             q, k, v, g, beta, sp_context=ctx, group=W if bad else None),
+        "gather_sequence length": lambda: lasp2.gather_sequence(x[:, :6] if bad else x, W),
+        "gather_sequence dtype": lambda: lasp2.gather_sequence(x.double() if bad else x, W),
+        "gather_sequence split": lambda: lasp2.gather_sequence(x, W, split="balanced" if bad else "contiguous"),
+        "gather_sequence dim": lambda: lasp2.gather_sequence(x, W, dim=1 if bad else 2),
+        "gather_sequence bad split": lambda: lasp2.gather_sequence(x, W, split="halves" if bad else "contiguous"),
     })
     seen = {}
     for name, fn in calls.items():
@@ -64,15 +72,18 @@ def _scenarios(rank, world):
     return seen
 
 
-def test_one_ranks_bad_module_input_raises_on_every_rank():
+def test_one_ranks_bad_input_raises_on_every_rank():
     seen = assert_all_ok(run_world(2, _scenarios, timeout=240, pg_timeout=30))
     own = {"x dtype": "`x` has dtype torch.float64", "cu_seqlens": "`cu_seqlens` must be non-decreasing",
            "GatedDeltaNet batch": "disagree on batch size: [2, 1]",
            "GatedDeltaNet kernel size": "disagree on kernel size: [4, 3]",
            "GatedDeltaNet odd balanced length": "the balanced split needs an even local sequence length, `x`",
-           "gated_delta_rule sp_context and group": "pass either `sp_context` or `group`"}
-    peer = {"GatedDeltaNet batch": own["GatedDeltaNet batch"], "GatedDeltaNet kernel size": own["GatedDeltaNet kernel size"],
-            "GatedDeltaNet odd balanced length": own["GatedDeltaNet odd balanced length"]}
+           "gated_delta_rule sp_context and group": "pass either `sp_context` or `group`",
+           "gather_sequence length": "disagree on local sequence length: [6, 8]",
+           "gather_sequence dtype": "disagree on `x` dtype", "gather_sequence split": "disagree on split: [2, 1]",
+           "gather_sequence dim": "disagree on `dim`: [1, 2]", "gather_sequence bad split": "split must be one of"}
+    # the errors every rank raises alike (a disagreement, or the same bad argument on every rank)
+    peer = {key: own[key] for key in own if "disagree" in own[key] or key.endswith("odd balanced length")}
     for name in seen[0]:
         key = next(k for k in own if name.endswith(k))
         assert own[key] in seen[0][name], (name, seen[0][name])  # the bad rank names its argument
