@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lasp2.distributed.context import SPContext, sp_context_for
+from lasp2.distributed.context import SPContext, resolve_sp_context, sp_context_for
 from lasp2.nn.linear_attention import LinearAttention
 from lasp2.nn._rank_checks import module_group, raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
@@ -110,6 +110,9 @@ class HybridStack(nn.Module):
             check_module_input("HybridStack", x, self.norm.weight.shape[0], self.norm.weight, seq_dim)
             if sp_context is None:
                 sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
+            elif cu_seqlens is not None:  # both given: they must agree (the layers see only the context)
+                resolve_sp_context("HybridStack", sp_context, None, "contiguous", cu_seqlens, x.shape[seq_dim],
+                                   x.shape[1 - seq_dim], x.device)
         for layer in self.layers:
             x = layer(x, sp_context=sp_context)
         return self.norm(x)
