@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.options import SPLITS
 
 
@@ -82,6 +82,7 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     if (rank is None) != (world_size is None):
         raise ValueError("pass both `rank` and `world_size`, or neither (then they come from `group`)")
     if rank is None or world_size is None:
+        check_group("lasp2.split_sequence", group)  # e.g. new_group's placeholder on a non-member: name `group`
         rank, world_size = group_rank_and_size(group)
     _check_rank(rank, world_size)
     total = x.shape[dim]
@@ -103,6 +104,7 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     Ranks that pass different shapes, dtypes, splits or dims all raise the same ValueError
     (one small cross-rank check before the all-gather, which with mismatched sizes aborted
     the process inside gloo, and with mismatched splits or dims reassembled a wrong sequence)."""
+    check_group(GATHER, group)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
         _parts_per_rank(split)

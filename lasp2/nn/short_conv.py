@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.distributed.collectives import all_gather_single
-from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.nn._rank_checks import raised_on_every_rank
@@ -88,6 +88,7 @@ def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, spli
     the caller's `fields` named by `names`). Without it a rank whose `x` or `cu_seqlens`
     failed left its peers waiting in the all-gather, and ranks with different batch sizes
     or dtypes aborted the process inside gloo (a size mismatch)."""
+    check_group(owner, group)  # before its size is read (a non-member's placeholder gave "world_size -1")
     world = group_rank_and_size(group)[1]
     parts = 2 if split == "balanced" and world > 1 else 1
     with raised_on_every_rank(owner, group, x):
