@@ -179,7 +179,8 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     # it runs inside the custom op, after the value checks of g and beta
     consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
                    int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
-                   int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)]
+                   int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider),
+                   C.builds_backward(q, k, v, g, beta, initial_state)]
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 
