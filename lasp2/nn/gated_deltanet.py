@@ -127,10 +127,10 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
         # once for the three convolutions: the ranks agree on what their halo all-gathers move
-        check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, self.group, self.split,
-                         cu_seqlens, (H, K, V, int(self.per_key_gate)),
-                         ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
-        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_seqlens, ranks_checked=True)
+        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, self.group,
+                                   self.split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
+                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
+        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_host, ranks_checked=True)
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
         v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)

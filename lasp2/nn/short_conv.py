@@ -76,8 +76,7 @@ def _check_local_conv(owner: str, x, channels: int, kernel_size: int, world: int
     if world > 1 and kernel_size - 1 > T // parts:
         raise ValueError(f"{owner}: each part holds {T // parts} tokens, fewer than kernel_size - 1 = "
                          f"{kernel_size - 1}; use a shorter kernel or longer local sequences")
-    if cu_seqlens is not None:
-        check_cu_seqlens(owner, cu_seqlens, T * world)
+    return None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, T * world)
 
 
 def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, split: str, cu_seqlens,
@@ -87,17 +86,20 @@ def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, spli
     the same size and kind (batch, length, channels, kernel, dtype, split, documents; plus
     the caller's `fields` named by `names`). Without it a rank whose `x` or `cu_seqlens`
     failed left its peers waiting in the all-gather, and ranks with different batch sizes
-    or dtypes aborted the process inside gloo (a size mismatch)."""
+    or dtypes aborted the process inside gloo (a size mismatch). Returns the checked
+    cu_seqlens as an int64 CPU tensor (None without documents): the convolutions read
+    their document ids from it, so a CUDA `cu_seqlens` is copied to the host once a call."""
     check_group(owner, group)  # before its size is read (a non-member's placeholder gave "world_size -1")
     world = group_rank_and_size(group)[1]
     parts = 2 if split == "balanced" and world > 1 else 1
     with raised_on_every_rank(owner, group, x):
-        _check_local_conv(owner, x, channels, kernel_size, world, parts, cu_seqlens)
+        cu_host = _check_local_conv(owner, x, channels, kernel_size, world, parts, cu_seqlens)
     if world > 1:
         signature = [x.shape[0], x.shape[1], channels, kernel_size, DTYPE_CODES.get(x.dtype, -1), parts,
                      int(cu_seqlens is not None), *fields]
         verify_group_consistency(owner, group, signature, CONV_CHECK_NAMES + tuple(names), x.device,
-                                 host_values=[("`cu_seqlens` contents", cu_seqlens)])
+                                 host_values=[("`cu_seqlens` contents", cu_host)])
+    return cu_host
 
 
 def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -106,11 +108,11 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """y_t = sum_i weight[c, i] x_{t - (W-1) + i} (+ bias) per channel, over the global
     sequence; x is this rank's share [B, T_local, C]. ranks_checked: the caller ran
     check_conv_ranks for this call already (a module with several convolutions of one
-    input checks once)."""
+    input checks once, and passes the cu_seqlens it returned)."""
     W = weight.shape[1]
     rank, world = group_rank_and_size(group)
     if not ranks_checked:
-        check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens)
+        cu_seqlens = check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens)
     B, T, Cn = x.shape
     parts = 2 if split == "balanced" and world > 1 else 1
     n = T // parts
