@@ -23,6 +23,14 @@ def module_group(default_group, sp_context):
     return sp_context.group if isinstance(sp_context, SPContext) else default_group
 
 
+def check_sp_context(owner: str, sp_context):
+    """None or an SPContext (inside a module's reported checks: the op's own check of it
+    would run with no group to tell, the module's group being replaced by the context's)."""
+    if sp_context is not None and not isinstance(sp_context, SPContext):
+        raise ValueError(f"{owner}: `sp_context` must be an SPContext from lasp2.build_sp_context, "
+                         f"got {type(sp_context).__name__}")
+
+
 @contextmanager
 def raised_on_every_rank(owner: str, group, hint=None):
     """Runs a forward's checks; a ValueError / TypeError from them is reported to the

@@ -58,6 +58,7 @@ def _scenarios(rank, world):
         "GatedDeltaNet odd balanced length": lambda: gdn_balanced(x[:, :7]),
         "gated_delta_rule sp_context and group": lambda: lasp2.gated_delta_rule(
             q, k, v, g, beta, sp_context=ctx, group=W if bad else None),
+        "HybridStack sp_context": lambda: modules["HybridStack"](x, sp_context="ctx" if bad else ctx),
         "gather_sequence length": lambda: lasp2.gather_sequence(x[:, :6] if bad else x, W),
         "gather_sequence dtype": lambda: lasp2.gather_sequence(x.double() if bad else x, W),
         "gather_sequence split": lambda: lasp2.gather_sequence(x, W, split="balanced" if bad else "contiguous"),
@@ -79,6 +80,7 @@ def test_one_ranks_bad_input_raises_on_every_rank():
            "GatedDeltaNet kernel size": "disagree on kernel size: [4, 3]",
            "GatedDeltaNet odd balanced length": "the balanced split needs an even local sequence length, `x`",
            "gated_delta_rule sp_context and group": "pass either `sp_context` or `group`",
+           "sp_context": "`sp_context` must be an SPContext",
            "gather_sequence length": "disagree on local sequence length: [6, 8]",
            "gather_sequence dtype": "disagree on `x` dtype", "gather_sequence split": "disagree on split: [2, 1]",
            "gather_sequence dim": "disagree on `dim`: [1, 2]", "gather_sequence bad split": "split must be one of"}
