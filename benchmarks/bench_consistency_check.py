@@ -162,9 +162,9 @@ def bench(rank, world, args):
     gates = [torch.nn.functional.logsigmoid(torch.randn(1, T, args.heads, generator=gen)).to(device).requires_grad_()
              for _ in range(L_max)]
 
-    # the linear-attention call's check: 12 size fields, 4 host values, decay (absent) and
+    # the linear-attention call's check: 13 size fields, 4 host values, decay (absent) and
     # the positive-gate flag on CUDA
-    signature = [1, T, args.heads, args.head_dim, args.head_dim, 1, 2, 1, 0, 0, 0, 0]
+    signature = [1, T, args.heads, args.head_dim, args.head_dim, 1, 2, 1, 0, 0, 0, 0, 1]
     names = [f"f{i}" for i in range(len(signature))]
 
     def check(g):
@@ -237,6 +237,7 @@ def _model_step(GC, group, device, world, args, original, hidden):
     import lasp2.nn.linear_attention as nn_la
     from lasp2.nn import HybridStack
     from lasp2.ops import linear_attention as op_module
+    from lasp2.ops import _checks as C
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     heads = max(1, hidden // args.head_dim)  # heads of --head-dim (16 of 128 at hidden 2048)
@@ -248,7 +249,8 @@ def _model_step(GC, group, device, world, args, original, hidden):
 
     def beside(q, k, v, g=None, decay=None, **kw):  # the call's check (as linear_attention runs it), then the op
         signature = [q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3], 1,
-                     0 if g is None and decay is None else (1 if decay is not None else 2), 1, 0, 0, 0, 0]
+                     0 if g is None and decay is None else (1 if decay is not None else 2), 1, 0, 0, 0, 0,
+                     C.builds_backward(q, k, v, g, decay)]
         verdict = GC.verify_group_consistency(
             op_module.OP, group, signature, op_module.CHECK_NAMES, device,
             host_values=[("`scale`", q.shape[3] ** -0.5), ("`cu_seqlens` contents", None), ("`layout`", "bthd"),

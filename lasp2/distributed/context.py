@@ -314,6 +314,8 @@ def resolve_sp_context(owner: str, sp_context: Optional[SPContext], group, split
             raise ValueError(f"{owner}: `group` differs from the group of `sp_context`; pass one of them")
         if split != "contiguous" and split != ctx.split:
             raise ValueError(f"{owner}: `split` {split!r} differs from the split of `sp_context` {ctx.split!r}")
+        if cu_seqlens is not None:  # its form first: a list raised AttributeError here, which no rank reported
+            check_cu_seqlens_form(owner, cu_seqlens)
         if cu_seqlens is not None and (ctx.cu_seqlens is None or
                                        not torch.equal(cu_seqlens.detach().to("cpu", torch.int64), ctx.cu_seqlens)):
             raise ValueError(f"{owner}: `cu_seqlens` differs from the cu_seqlens of `sp_context`; pass one of them")

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.options import SPLITS
 
 
@@ -82,6 +82,7 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     if (rank is None) != (world_size is None):
         raise ValueError("pass both `rank` and `world_size`, or neither (then they come from `group`)")
     if rank is None or world_size is None:
+        check_group("lasp2.split_sequence", group)  # e.g. new_group's placeholder on a non-member: name `group`
         rank, world_size = group_rank_and_size(group)
     _check_rank(rank, world_size)
     total = x.shape[dim]
@@ -93,14 +94,35 @@ def split_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     return x.index_select(dim, index)
 
 
+GATHER = "lasp2.gather_sequence"
+GATHER_CHECK_NAMES = ("number of dims of `x`", "`dim`", "local sequence length", "split")
+
+
 def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                     split: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Inverse of split_sequence: the full sequence on every rank (not differentiable)."""
-    _parts_per_rank(split)
-    dim = _check_dim(x, dim)
+    """Inverse of split_sequence: the full sequence on every rank (not differentiable).
+    Ranks that pass different shapes, dtypes, splits or dims all raise the same ValueError
+    (one small cross-rank check before the all-gather, which with mismatched sizes aborted
+    the process inside gloo, and with mismatched splits or dims reassembled a wrong sequence)."""
+    check_group(GATHER, group)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
+        _parts_per_rank(split)
+        _check_dim(x, dim)
         return x
+    from lasp2.ops._group_consistency import group_device, report_local_failure, verify_group_consistency
+
+    try:
+        parts = _parts_per_rank(split)
+        dim = _check_dim(x, dim)
+        if x.shape[dim] % parts:
+            raise ValueError(f"the balanced split needs an even local length, `x` has {x.shape[dim]} (dim {dim})")
+    except (ValueError, TypeError):
+        report_local_failure(GATHER, group, x)  # the other ranks raise too, never wait for this one
+        raise
+    verify_group_consistency(GATHER, group, [x.dim(), dim, x.shape[dim], parts], GATHER_CHECK_NAMES,
+                             group_device(group, x),
+                             host_values=[("`x` shape", list(x.shape)), ("`x` dtype", str(x.dtype))])
     pieces = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(pieces, x.contiguous(), group=group)
     local_len = x.shape[dim]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.nn.norms import rms_norm
-from lasp2.nn.short_conv import ShortConvolution
+from lasp2.nn._rank_checks import raised_on_every_rank
+from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
 from lasp2.distributed.context import check_cu_seqlens_form
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
@@ -116,15 +117,20 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
         """Returns the output, or (output, final_state) when output_final_state."""
-        check_module_input("GatedDeltaNet", x, self.hidden_size, self.q_proj.weight,
-                           1 if self.layout == "bthd" else 0)
-        if cu_seqlens is not None:  # its form before the convolutions read its values
-            check_cu_seqlens_form("GatedDeltaNet", cu_seqlens)
+        with raised_on_every_rank("GatedDeltaNet", self.group, x):  # a failing rank's peers raise too
+            check_module_input("GatedDeltaNet", x, self.hidden_size, self.q_proj.weight,
+                               1 if self.layout == "bthd" else 0)
+            if cu_seqlens is not None:  # its form before the convolutions read its values
+                check_cu_seqlens_form("GatedDeltaNet", cu_seqlens)
         if self.layout == "tbhd":
             x = x.transpose(0, 1)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
-        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_seqlens)
+        # once for the three convolutions: the ranks agree on what their halo all-gathers move
+        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, self.group,
+                                   self.split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
+                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
+        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_host, ranks_checked=True)
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
         v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lasp2.distributed.context import SPContext, sp_context_for
+from lasp2.distributed.context import SPContext, resolve_sp_context, sp_context_for
 from lasp2.nn.linear_attention import LinearAttention
+from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
 from lasp2.ops._checks import check_module_input
@@ -61,7 +62,9 @@ class HybridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 sp_context: Optional[SPContext] = None) -> torch.Tensor:
-        check_module_input("HybridBlock", x, self.norm1.weight.shape[0], self.norm1.weight)
+        with raised_on_every_rank("HybridBlock", module_group(self.mixer.group, sp_context), x):
+            check_sp_context("HybridBlock", sp_context)
+            check_module_input("HybridBlock", x, self.norm1.weight.shape[0], self.norm1.weight)
         x = x + self.mixer(self.norm1(x), cu_seqlens=cu_seqlens, sp_context=sp_context)
         return x + self.mlp(self.norm2(x))
 
@@ -104,9 +107,14 @@ class HybridStack(nn.Module):
         """x: this rank's tokens. The SP context (group, split, documents, positions) is
         built once here, unless given, and shared by every layer."""
         seq_dim = 1 if self.layout == "bthd" else 0
-        check_module_input("HybridStack", x, self.norm.weight.shape[0], self.norm.weight, seq_dim)
-        if sp_context is None:
-            sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
+        with raised_on_every_rank("HybridStack", module_group(self.group, sp_context), x):
+            check_sp_context("HybridStack", sp_context)
+            check_module_input("HybridStack", x, self.norm.weight.shape[0], self.norm.weight, seq_dim)
+            if sp_context is None:
+                sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
+            elif cu_seqlens is not None:  # both given: they must agree (the layers see only the context)
+                resolve_sp_context("HybridStack", sp_context, None, "contiguous", cu_seqlens, x.shape[seq_dim],
+                                   x.shape[1 - seq_dim], x.device)
         for layer in self.layers:
             x = layer(x, sp_context=sp_context)
         return self.norm(x)

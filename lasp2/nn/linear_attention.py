@@ -10,6 +10,7 @@ from torch import nn
 
 from lasp2.distributed.context import SPContext
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
+from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay
 from lasp2.ops.linear_attention import linear_attention
@@ -85,8 +86,10 @@ class LinearAttention(nn.Module):
                 sp_context: Optional[SPContext] = None) -> torch.Tensor:
         """x: this rank's tokens; `sp_context` (``lasp2.build_sp_context``, once per batch)
         replaces the module's ``group`` / ``split`` and ``cu_seqlens``."""
-        check_module_input("LinearAttention", x, self.hidden_size, self.q_proj.weight,
-                           1 if self.layout == "bthd" else 0)
+        with raised_on_every_rank("LinearAttention", module_group(self.group, sp_context), x):
+            check_sp_context("LinearAttention", sp_context)
+            check_module_input("LinearAttention", x, self.hidden_size, self.q_proj.weight,
+                               1 if self.layout == "bthd" else 0)
         lead = x.shape[:2]
         heads = (*lead, self.num_heads, self.head_dim)
         feature = FEATURE_MAPS[self.feature_map_name]

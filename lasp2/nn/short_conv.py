@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.distributed.collectives import all_gather_single
-from lasp2.distributed.communicator import group_rank_and_size
+from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
+from lasp2.nn._rank_checks import raised_on_every_rank
+from lasp2.ops._checks import DTYPE_CODES
+from lasp2.ops._group_consistency import verify_group_consistency
 
 
 class _GatherHalo(torch.autograd.Function):
@@ -57,19 +60,63 @@ def _global_doc_ids(cu_seqlens, global_len):
     return torch.cumsum(starts, 0)
 
 
+# the size fields of the cross-rank check before the halo's all-gather (check_conv_ranks)
+CONV_CHECK_NAMES = ("batch size", "local sequence length", "channels", "kernel size", "dtype", "split",
+                    "use of cu_seqlens")
+
+
+def _check_local_conv(owner: str, x, channels: int, kernel_size: int, world: int, parts: int, cu_seqlens):
+    """What one rank can check of a convolution's input before the halo exchange."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != channels:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: `x` must be [B, T_local, {channels}], got {got}")
+    T = x.shape[1]
+    if T % parts:
+        raise ValueError(f"{owner}: the balanced split needs an even local sequence length, `x` has {T} tokens")
+    if world > 1 and kernel_size - 1 > T // parts:
+        raise ValueError(f"{owner}: each part holds {T // parts} tokens, fewer than kernel_size - 1 = "
+                         f"{kernel_size - 1}; use a shorter kernel or longer local sequences")
+    return None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, T * world)
+
+
+def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, split: str, cu_seqlens,
+                     fields=(), names=()):
+    """Before the halo's all-gather over a group: this rank's checks (a failing rank tells
+    its peers, which raise too), then ONE cross-rank check that every rank gathers halos of
+    the same size and kind (batch, length, channels, kernel, dtype, split, documents; plus
+    the caller's `fields` named by `names`). Without it a rank whose `x` or `cu_seqlens`
+    failed left its peers waiting in the all-gather, and ranks with different batch sizes
+    or dtypes aborted the process inside gloo (a size mismatch). Returns the checked
+    cu_seqlens as an int64 CPU tensor (None without documents): the convolutions read
+    their document ids from it, so a CUDA `cu_seqlens` is copied to the host once a call."""
+    check_group(owner, group)  # before its size is read (a non-member's placeholder gave "world_size -1")
+    world = group_rank_and_size(group)[1]
+    parts = 2 if split == "balanced" and world > 1 else 1
+    with raised_on_every_rank(owner, group, x):
+        cu_host = _check_local_conv(owner, x, channels, kernel_size, world, parts, cu_seqlens)
+    if world > 1:
+        signature = [x.shape[0], x.shape[1], channels, kernel_size, DTYPE_CODES.get(x.dtype, -1), parts,
+                     int(cu_seqlens is not None), *fields]
+        verify_group_consistency(owner, group, signature, CONV_CHECK_NAMES + tuple(names), x.device,
+                                 host_values=[("`cu_seqlens` contents", cu_host)])
+    return cu_host
+
+
 def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   group=None, split: str = "contiguous", cu_seqlens: Optional[torch.Tensor] = None):
+                   group=None, split: str = "contiguous", cu_seqlens: Optional[torch.Tensor] = None,
+                   ranks_checked: bool = False):
     """y_t = sum_i weight[c, i] x_{t - (W-1) + i} (+ bias) per channel, over the global
-    sequence; x is this rank's share [B, T_local, C]."""
-    B, T, Cn = x.shape
+    sequence; x is this rank's share [B, T_local, C]. ranks_checked: the caller ran
+    check_conv_ranks for this call already (a module with several convolutions of one
+    input checks once, and passes the cu_seqlens it returned)."""
     W = weight.shape[1]
     rank, world = group_rank_and_size(group)
+    if not ranks_checked:
+        cu_seqlens = check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens)
+    B, T, Cn = x.shape
     parts = 2 if split == "balanced" and world > 1 else 1
     n = T // parts
     halo = W - 1
-    if world > 1 and halo > n:
-        raise ValueError(f"causal_conv_sp: each part holds {n} tokens, fewer than kernel_size - 1 = {halo}; "
-                         "use a shorter kernel or longer local sequences")
     global_len = T * world
     position = global_token_index(T, rank, world, "balanced" if parts == 2 else "contiguous")
     doc = _global_doc_ids(cu_seqlens, global_len)
@@ -124,6 +171,6 @@ class ShortConvolution(nn.Module):
         bound = kernel_size ** -0.5
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x, group=None, split="contiguous", cu_seqlens=None):
-        y = causal_conv_sp(x, self.weight, self.bias, group, split, cu_seqlens)
+    def forward(self, x, group=None, split="contiguous", cu_seqlens=None, ranks_checked: bool = False):
+        y = causal_conv_sp(x, self.weight, self.bias, group, split, cu_seqlens, ranks_checked)
         return F.silu(y) if self.activation == "silu" else y

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lasp2.distributed.context import SPContext, sp_context_for
+from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
 from lasp2.ops._checks import check_module_input, check_positive_int
 from lasp2.ops.softmax_attention import softmax_attention
 from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice
@@ -71,10 +72,12 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 sp_context: Optional[SPContext] = None) -> torch.Tensor:
         seq_dim = 1 if self.layout == "bthd" else 0
-        check_module_input("SoftmaxAttention", x, self.hidden_size, self.q_proj.weight, seq_dim)
+        with raised_on_every_rank("SoftmaxAttention", module_group(self.group, sp_context), x):
+            check_sp_context("SoftmaxAttention", sp_context)
+            check_module_input("SoftmaxAttention", x, self.hidden_size, self.q_proj.weight, seq_dim)
+            if sp_context is None:
+                sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
         lead = x.shape[:2]
-        if sp_context is None:
-            sp_context = sp_context_for(self.group, self.split, cu_seqlens, x.shape[seq_dim], x.device)
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)

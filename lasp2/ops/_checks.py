@@ -135,6 +135,15 @@ def check_log_gates(op: str, name: str, x: Optional[torch.Tensor]):
                  f"{bad} entr{'y is' if bad == 1 else 'ies are'} positive (max {float(x.max())})")
 
 
+def builds_backward(*inputs) -> int:
+    """The cross-rank check's field "the call builds a backward": grad mode is on and some
+    input requires grad. The ranks' backwards run collectives together, so a rank that
+    builds none leaves its peers' backward waiting (gloo aborted at the next collective).
+    Which inputs need gradients may differ per rank: every rank's backward runs the same
+    collectives whatever it computes."""
+    return int(torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs))
+
+
 def positive_flag(x: Optional[torch.Tensor]):
     """A device bool scalar: does x hold a positive entry (None: no flag)."""
     if x is None or x.device.type == "cpu":

@@ -106,6 +106,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
             C.fail(op, f"`sp_context` must be an SPContext from lasp2.build_sp_context, "
                        f"got {type(sp_context).__name__}")
         if group is not None or cu_seqlens is not None:
+            report_local_failure(op, group if group is not None else sp_context.group, q)  # its peers raise too
             C.fail(op, "pass either `sp_context` or `group` / `cu_seqlens`, not both")
         group = sp_context.group
         split = sp_context.split
@@ -178,7 +179,8 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     # it runs inside the custom op, after the value checks of g and beta
     consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
                    int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
-                   int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider)]
+                   int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider),
+                   C.builds_backward(q, k, v, g, beta, initial_state)]
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 

@@ -87,6 +87,25 @@ def test_ops_check_the_context_against_their_inputs():
             op(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), sp_context=ctx)
         with pytest.raises(ValueError, match="`sp_context` must be an SPContext"):
             op(q, q, q, sp_context="ctx")
+        # beside a context, cu_seqlens' form is checked as without one (a list raised
+        # AttributeError, which a group's other ranks were never told of; floats passed)
+        with pytest.raises(ValueError, match="`cu_seqlens` must be a torch.Tensor, got list"):
+            op(q, q, q, sp_context=ctx, cu_seqlens=[0, 3, 8])
+        with pytest.raises(ValueError, match="`cu_seqlens` must be int32 or int64, got torch.float32"):
+            op(q, q, q, sp_context=ctx, cu_seqlens=torch.tensor([0.0, 3.0, 8.0]))
+
+
+def test_hybrid_stack_checks_cu_seqlens_against_its_context():
+    """HybridStack given both used the context's documents and silently ignored
+    cu_seqlens (its layers see only the context); now they must agree, as in the mixers."""
+    torch.manual_seed(0)
+    stack = lasp2.nn.HybridStack(16, 2, pattern="LS")
+    x = torch.randn(1, 8, 16)
+    ctx = lasp2.build_sp_context(cu_seqlens=torch.tensor([0, 3, 8]))
+    torch.testing.assert_close(stack(x, sp_context=ctx, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32)),
+                               stack(x, cu_seqlens=torch.tensor([0, 3, 8])), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="HybridStack: `cu_seqlens` differs from the cu_seqlens of `sp_context`"):
+        stack(x, sp_context=ctx, cu_seqlens=torch.tensor([0, 4, 8]))
 
 
 def context_rank(rank, world):

@@ -33,3 +33,12 @@ def test_indivisible_length_is_rejected():
 def test_unknown_split():
     with pytest.raises(ValueError, match="split must be one of"):
         lasp2.split_sequence(torch.zeros(1, 4, 1), split="zigzag", rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("fn", [lasp2.split_sequence, lasp2.gather_sequence])
+def test_a_group_that_is_not_one_is_named(fn):
+    """A string, or the int new_group hands a process outside the group, used to surface
+    as torch's "Default process group has not been initialized" or as "`world_size`
+    must be >= 1, got -1" (an argument the caller never passed)."""
+    with pytest.raises(ValueError, match="`group` must be a torch.distributed ProcessGroup or None, got str"):
+        fn(torch.zeros(1, 4, 1), "world")

@@ -1,7 +1,7 @@
 """Issue 13.3: every call checks that the ranks of the group agree (shapes, options
-and small values: scale, cu_seqlens, decay, provider, split), so ranks that disagree
-ALL raise the same ValueError, on every call (no per-signature cache), and the
-process and the group stay usable afterwards."""
+and small values: scale, cu_seqlens, decay, provider, split; whether a backward is built),
+so ranks that disagree ALL raise the same ValueError, on every call (no per-signature
+cache), and the process and the group stay usable afterwards."""
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,14 @@ def _scenarios(rank, world):
     decay = torch.tensor([-0.1, -0.2 if rank == 0 else -0.3], dtype=torch.float64)
     seen.append(_expect(lambda: la(8, decay=decay), "`decay`"))
     seen.append(_expect(lambda: la(8, provider="lasp1" if rank else "lasp2"), "provider"))
+    # inputs requiring grad on one rank only: its backward's collectives would wait for a
+    # peer that built no backward (gloo aborted at the next collective before session 18);
+    # which inputs need grad may differ (test_providers_distributed's mixed requires_grad)
+    q, k, v = _qkv(8)
+    g, beta = -torch.rand(1, 8, 2, dtype=torch.float64), torch.rand(1, 8, 2, dtype=torch.float64)
+    qg = q.clone().requires_grad_(rank == 0)
+    seen.append(_expect(lambda: lasp2.linear_attention(qg, k, v, g=g, group=W), "building a backward"))
+    seen.append(_expect(lambda: lasp2.gated_delta_rule(qg, k, v, g, beta, group=W), "building a backward"))
     # a rank whose own argument check fails still takes part: its peers raise, not hang
     for op in (sa,):
         bad_cu = torch.tensor([0, 9, 7, 16] if rank == 0 else [0, 7, 16])
