@@ -77,6 +77,16 @@ def assert_all_ok(results) -> list:
     return [results[r][1] for r in sorted(results)]
 
 
+
+def value_error_text(fn) -> str:
+    """The message of the ValueError `fn()` raises, or "no error" (a scenario's outcome on
+    one rank, compared across ranks: every rank must raise, with the same kind of message)."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from rel_helpers import assert_all_ok, run_world
+from rel_helpers import assert_all_ok, run_world, value_error_text
 
 
 def _inputs(B=1, T=8, H=2, D=4):
@@ -16,14 +16,6 @@ def _inputs(B=1, T=8, H=2, D=4):
     g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64)
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
     return q, k, v, g, beta
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return "no error"
 
 
 def _scenarios(rank, world):
@@ -46,7 +38,7 @@ def _scenarios(rank, world):
     }
     seen = {}
     for name, fn in calls.items():
-        seen[name] = _outcome(fn)
+        seen[name] = value_error_text(fn)
         lasp2.linear_attention(q, k, v, g=g, group=W)  # still usable, and in step
     return seen
 

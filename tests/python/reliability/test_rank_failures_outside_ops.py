@@ -18,17 +18,9 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from rel_helpers import assert_all_ok, run_world
+from rel_helpers import assert_all_ok, run_world, value_error_text
 
 HIDDEN, HEADS, T = 16, 2, 8
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return "no error"
 
 
 def _scenarios(rank, world):
@@ -67,7 +59,7 @@ def _scenarios(rank, world):
     })
     seen = {}
     for name, fn in calls.items():
-        seen[name] = _outcome(fn)
+        seen[name] = value_error_text(fn)
         gdn(x)  # the group is still in step: a module (halo + delta rule) and an op
         lasp2.linear_attention(q, k, v, g=g, group=W)
     return seen
