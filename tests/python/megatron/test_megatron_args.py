@@ -91,6 +91,14 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
      r"split \(--sp-split\) 'balanced': provider 'ulysses' supports split='contiguous' only for linear "
      r"attention \(LASP-2\) \('L'\) layers"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
+    # session 18: an infinite normaliser (every gate 1) and a string were taken (the string
+    # raised TypeError from a comparison); strings for the switches are truthy, so
+    # output_norm="false" turned the norm on
+    (dict(gate_logit_normalizer=float("inf")), "gate_logit_normalizer .* finite number > 0, got inf"),
+    (dict(gate_logit_normalizer="16"), "gate_logit_normalizer .* finite number > 0, got '16'"),
+    (dict(output_norm="false"), r"output_norm \(--linear-attention-output-norm\) must be True or False"),
+    (dict(linear_rope="no"), r"linear_rope \(--linear-attention-rope\) must be True or False"),
+    (dict(learnable_decay=1), r"learnable_decay \(--linear-attention-learnable-decay\) must be True or False"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
