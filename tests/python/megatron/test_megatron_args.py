@@ -305,3 +305,26 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     for unchanged in (["--sp-provider", "none"], ["--num-layers", "4"],
                       ["--sp-provider", "lasp2", "--spec", "my.specs", "s"]):
         assert spec_args(unchanged) == unchanged
+
+
+def test_gated_deltanet_convolution_width_zero_is_refused():
+    """Session 18: config.linear_conv_kernel_dim = 0 built a width-4 convolution (`or 4`)
+    without a word; it now raises naming the field (megatron-core's default 4 still builds)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    spec = get_lasp2_layer_spec(Lasp2Options(layer_pattern="G"), layer_kind="G").submodules.self_attention
+    no_groups = ProcessGroupCollection(tp=None, cp=None)  # one process: TP = CP = 1, construction only
+
+    def build(**fields):
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+                                   **fields)
+        return build_module(spec, config=config, layer_number=1, pg_collection=no_groups)
+
+    assert build().conv.kernel_size == 4
+    assert build(linear_conv_kernel_dim=2).conv.kernel_size == 2
+    with pytest.raises(Lasp2ConfigError, match=r"linear_conv_kernel_dim .* must be an int >= 1, got 0 \(layer 1\)"):
+        build(linear_conv_kernel_dim=0)
