@@ -328,3 +328,22 @@ def test_gated_deltanet_convolution_width_zero_is_refused():
     assert build(linear_conv_kernel_dim=2).conv.kernel_size == 2
     with pytest.raises(Lasp2ConfigError, match=r"linear_conv_kernel_dim .* must be an int >= 1, got 0 \(layer 1\)"):
         build(linear_conv_kernel_dim=0)
+
+
+@pytest.mark.parametrize("split, seq, cp, ok", [
+    ("balanced", 12, 2, True), ("balanced", 10, 2, False), ("contiguous", 10, 2, True),
+    ("contiguous", 10, 4, False), ("balanced", 7, 1, True)])
+def test_launcher_checks_the_sequence_length_before_any_collective(split, seq, cp, ok):
+    """Session 18: a --seq-length the split cannot cut was found at the first batch, by the
+    ranks that read it; under PP x CP (4 gloo ranks) the second stage's ranks, waiting in
+    their first receive, died of 'Connection closed by peer' instead. The launcher's options
+    step (every rank, before the model and the first step) now raises naming --seq-length."""
+    from megatron_patches import pretrain_gpt
+
+    args = pretrain_gpt.parse_args(["--device", "cpu", "--seq-length", str(seq), "--context-parallel-size", str(cp),
+                                    "--sp-split", split])
+    if ok:
+        assert pretrain_gpt.lasp2_options(args).split == split
+    else:
+        with pytest.raises(Lasp2ConfigError, match=f"--seq-length {seq} must be divisible by .*--context-parallel"):
+            pretrain_gpt.lasp2_options(args)
