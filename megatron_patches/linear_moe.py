@@ -178,7 +178,8 @@ class Lasp2LinearAttention(MegatronModule):
         if (gk is not None or g is not None) and self.decay_mode in ("none", "fixed"):
             # the gates would replace the configured decay without a word
             raise Lasp2ConfigError(f"Lasp2LinearAttention: lasp2_decay={self.decay_mode!r} takes no gates, but "
-                                   f"{'gk' if gk is not None else 'g'} was passed (lasp2_decay='gate' or unset uses them)")
+                                   f"{'gk' if gk is not None else 'g'} was passed (lasp2_decay='gate' or unset "
+                                   "uses them)")
         log_gate = self._log_gate(gk, g, n, b, h)
         decay = self.log_decay if log_gate is None else None
         if self.decay_mode == "gate" and log_gate is None:

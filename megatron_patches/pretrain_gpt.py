@@ -207,9 +207,10 @@ def transformer_config(args):
 
 def lasp2_options(args) -> Lasp2Options:
     """The validated options, and the sequence length checked against the split: every rank
-    raises here, before the model is built and any rank waits on another. (Found at the first batch instead, only the ranks that
-    read it raised; later pipeline stages were then waiting in their first receive, where gloo
-    fails with 'Connection closed by peer' and NCCL waits until its timeout.)"""
+    raises here, before the model is built and any rank waits on another. (Found at the first
+    batch instead, only the ranks that read it raised; later pipeline stages were then waiting
+    in their first receive, where gloo fails with 'Connection closed by peer' and NCCL waits
+    until its timeout.)"""
     options = options_from_args(args)
     options.validate(args.num_layers)
     cp = args.context_parallel_size
