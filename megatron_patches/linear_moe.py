@@ -206,10 +206,10 @@ class Lasp2LinearAttention(MegatronModule):
 
 
 def _per_head(name: str, gate: torch.Tensor, n: int, b: int, h: int) -> torch.Tensor:
-    """A gate tensor as [n, b, h]: it must be laid out as q ([n, b, h] or [n, b, h, 1]); a
-    reshape of anything with n*b*h entries (e.g. [b, n, h]) would pair gates with the wrong
-    tokens silently."""
-    if list(gate.shape) not in ([n, b, h], [n, b, h, 1]):
+    """A gate tensor as [n, b, h]: it must be laid out as q (its dims other than 1 those of
+    [n, b, h], e.g. [n, b, h, 1], or [1, t, h] for packed [t, 1, h]); a reshape of anything
+    with n*b*h entries (e.g. [b, n, h]) would pair gates with the wrong tokens silently."""
+    if [d for d in gate.shape if d != 1] != [d for d in (n, b, h) if d != 1]:
         raise Lasp2ConfigError(f"Lasp2LinearAttention: {name} must be [n, b, heads] = {[n, b, h]} (q's layout, "
                                f"[t, heads] packed), got {list(gate.shape)}")
     return gate.reshape(n, b, h)

@@ -78,8 +78,11 @@ def test_linear_moe_slot_refuses_what_it_used_to_misread():
     q, k, v = (torch.randn(n, b, HEADS, d, generator=gen) for _ in range(3))
     gk = torch.randn(n, b, HEADS, generator=gen)
     core = Lasp2LinearAttention(linear_moe_config("gate"))
-    # [n, b, h, 1] is q's layout too: the same gates
+    # [n, b, h, 1] is q's layout too: the same gates; so is [1, t, h] for packed [t, 1, h]
     assert torch.equal(core(q=q, k=k, v=v, gk=gk.unsqueeze(-1)), core(q=q, k=k, v=v, gk=gk))
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    packed = [x[:, 0] for x in (q, k, v)]
+    assert torch.equal(core(*packed, gk=gk[None, :, 0], cu_seqlens=cu), core(*packed, gk=gk[:, 0], cu_seqlens=cu))
     for name in ("gk", "g"):
         for bad in (gk.transpose(0, 1).contiguous(), gk.reshape(-1)):
             with pytest.raises(Lasp2ConfigError, match=f"{name} must be \\[n, b, heads\\] = \\[6, 2, 4\\]"):
