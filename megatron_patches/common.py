@@ -25,8 +25,8 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "cu_seqlens_of", "global_head_slice",
-           "mark_heterogeneous_layers", "process_groups", "recomputes_core_attention", "sp_group_of",
-           "sum_grad_over_tp", "warn_once"]
+           "mark_heterogeneous_layers", "process_groups", "recomputes_core_attention", "repeat_kv_heads",
+           "sp_group_of", "sum_grad_over_tp", "warn_once"]
 
 _WARNED = set()
 
@@ -57,6 +57,23 @@ def check_ulysses_heads(options: Lasp2Options, heads_per_tp_rank: int, cp_group,
         raise Lasp2ConfigError(
             f"provider 'ulysses' shards heads over the CP group: heads per TP rank ({heads_per_tp_rank}) of "
             f"{layer} must be divisible by --context-parallel-size {cp}")
+
+
+def repeat_kv_heads(owner: str, heads: int, k: torch.Tensor, v: torch.Tensor):
+    """Grouped keys / values [s, b, groups, d] repeated to one per query head (linear attention
+    takes one key per query head). Lasp2ConfigError unless the groups divide the query heads (a
+    floor division repeated 3 groups to 3 of 4 heads, or 4 groups to 0 of 2)."""
+    if k.dim() != 4 or v.dim() != 4 or k.shape[2] != v.shape[2]:
+        raise Lasp2ConfigError(f"{owner}: k and v must be [s, b, groups, head_dim] with the same groups, got "
+                               f"{list(k.shape)} and {list(v.shape)}")
+    groups = k.shape[2]
+    if groups == heads:
+        return k, v
+    if groups == 0 or heads % groups:
+        raise Lasp2ConfigError(f"{owner}: q has {heads} heads but k and v have {groups}; grouped keys / values "
+                               "must divide the query heads")
+    rep = heads // groups
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
 
 
 def global_head_slice(num_heads: int, tp_group) -> slice:

@@ -107,8 +107,12 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
             is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
         # the whole model's convolution and gate parameters are drawn (the same random numbers
         # for every TP layout), this rank keeps its heads
-        self.conv = ShortConvolution(config.num_attention_heads * 3 * D, config.linear_conv_kernel_dim or 4,
-                                     **factory)
+        width = getattr(config, "linear_conv_kernel_dim", None)
+        width = 4 if width is None else width  # megatron-core's default; 0 is not a width (it became 4)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise Lasp2ConfigError(f"{type(self).__name__}: config.linear_conv_kernel_dim (the short convolution's "
+                                   f"width) must be an int >= 1, got {width!r} (layer {layer_number})")
+        self.conv = ShortConvolution(config.num_attention_heads * 3 * D, width, **factory)
         self.conv.weight = torch.nn.Parameter(self.conv.weight.detach().view(-1, 3 * D, self.conv.kernel_size)[heads]
                                               .reshape(H * 3 * D, self.conv.kernel_size).clone())
         A_log, dt_bias = init_gate_parameters(config.num_attention_heads, **factory)

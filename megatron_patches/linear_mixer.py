@@ -53,6 +53,7 @@ from megatron_patches.common import (  # noqa: E402
     global_head_slice,
     process_groups,
     recomputes_core_attention,
+    repeat_kv_heads,
 )
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
@@ -100,9 +101,7 @@ class Lasp2LinearCoreAttention(Lasp2CoreAttentionBase):
             raise Lasp2ConfigError(f"{name}: linear attention is causal; attn_mask_type=no_mask is not supported")
         q, k, v, cu_seqlens = self._unpack(query, key, value, attention_bias, packed_seq_params)
         s, b, h, _ = q.shape
-        if k.shape[2] != h:  # GQA: linear attention takes one key per query head
-            rep = h // k.shape[2]
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        k, v = repeat_kv_heads(name, h, k, v)  # GQA: linear attention takes one key per query head
         feature = FEATURE_MAPS[self.options.feature_map]
         q, k = feature(q), feature(k)
         if (g is None) != (self.options.decay != "gate"):

@@ -51,7 +51,7 @@ import lasp2  # noqa: E402
 from lasp2.nn.norms import RMSNorm  # noqa: E402
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay  # noqa: E402
 from lasp2.options import FEATURE_MAPS  # noqa: E402
-from megatron_patches.common import sum_grad_over_tp  # noqa: E402
+from megatron_patches.common import repeat_kv_heads, sum_grad_over_tp  # noqa: E402
 from megatron_patches.options import Lasp2ConfigError  # noqa: E402
 
 __all__ = ["Lasp2LinearAttention"]
@@ -113,8 +113,19 @@ class Lasp2LinearAttention(MegatronModule):
         else:
             self.la_output_norm = torch.nn.Identity()
         self._register_load_state_dict_pre_hook(_rename_old_norm_weight)
-        self.gate_normalizer = float(get("gla_la_gate_logit_normalizer", 16.0))
+        self.gate_normalizer = get("gla_la_gate_logit_normalizer", 16.0)
+        if isinstance(self.gate_normalizer, bool) or not isinstance(self.gate_normalizer, (int, float)) \
+                or not 0 < self.gate_normalizer < float("inf"):
+            # 0 made every log gate -inf (NaN where logsigmoid rounds to 0), a negative one positive
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: gla_la_gate_logit_normalizer must be a finite number "
+                                   f"> 0, got {self.gate_normalizer!r}")
+        self.gate_normalizer = float(self.gate_normalizer)
         self.gate_clamp_min = get("gla_la_clamp_min")
+        if self.gate_clamp_min is not None and not (isinstance(self.gate_clamp_min, (int, float))
+                                                    and not isinstance(self.gate_clamp_min, bool)
+                                                    and self.gate_clamp_min <= 0):
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: gla_la_clamp_min is a floor on the log gates, which are "
+                                   f"<= 0: it must be a number <= 0 or None, got {self.gate_clamp_min!r}")
         self.split = get("lasp2_split", "balanced")
         self.provider = get("lasp2_provider", "lasp2")
         self.decay_mode = get("lasp2_decay")
@@ -153,12 +164,22 @@ class Lasp2LinearAttention(MegatronModule):
             q, k, v = (x.unsqueeze(1) for x in (q, k, v))
             gk = gk.unsqueeze(1) if gk is not None and gk.dim() == 2 else gk
             g = g.unsqueeze(1) if g is not None and g.dim() == 2 else g
+        if q.dim() != 4:
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: q must be [n, b, heads, head_dim] (or [t, heads, "
+                                   f"head_dim] packed), got {list(q.shape)}")
         n, b, h, _ = q.shape
-        if k.shape[2] != h:  # grouped keys/values: one per query head for linear attention
-            rep = h // k.shape[2]
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        k, v = repeat_kv_heads("Lasp2LinearAttention", h, k, v)
+        if isinstance(self.la_output_norm, RMSNorm) and v.shape[-1] != self.head_v_dim:
+            # the norm's scale is [head_v_dim]: a RuntimeError from broadcasting otherwise
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: v has head dim {v.shape[-1]} but the module was built "
+                                   f"for head_v_dim {self.head_v_dim} (hidden_size x expand_v / num_attention_heads)")
         if self.feature_map is not None:
             q, k = self.feature_map(q), self.feature_map(k)
+        if (gk is not None or g is not None) and self.decay_mode in ("none", "fixed"):
+            # the gates would replace the configured decay without a word
+            raise Lasp2ConfigError(f"Lasp2LinearAttention: lasp2_decay={self.decay_mode!r} takes no gates, but "
+                                   f"{'gk' if gk is not None else 'g'} was passed (lasp2_decay='gate' or unset "
+                                   "uses them)")
         log_gate = self._log_gate(gk, g, n, b, h)
         decay = self.log_decay if log_gate is None else None
         if self.decay_mode == "gate" and log_gate is None:
@@ -178,10 +199,20 @@ class Lasp2LinearAttention(MegatronModule):
                 raise Lasp2ConfigError(
                     f"Lasp2LinearAttention: gk has {gk.shape[-1]} channels per token; lasp2 takes one gate per "
                     f"head ({h}), not GLA's per-channel gates [n, b, h*d]: project the gates to heads")
-            g = gate_from_logits(gk.reshape(n, b, h), self.gate_normalizer, self.gate_clamp_min)
+            g = gate_from_logits(_per_head("gk", gk, n, b, h), self.gate_normalizer, self.gate_clamp_min)
         elif g is not None:
-            g = g.reshape(n, b, h)
+            g = _per_head("g", g, n, b, h)
         return g
+
+
+def _per_head(name: str, gate: torch.Tensor, n: int, b: int, h: int) -> torch.Tensor:
+    """A gate tensor as [n, b, h]: it must be laid out as q (its dims other than 1 those of
+    [n, b, h], e.g. [n, b, h, 1], or [1, t, h] for packed [t, 1, h]); a reshape of anything
+    with n*b*h entries (e.g. [b, n, h]) would pair gates with the wrong tokens silently."""
+    if [d for d in gate.shape if d != 1] != [d for d in (n, b, h) if d != 1]:
+        raise Lasp2ConfigError(f"Lasp2LinearAttention: {name} must be [n, b, heads] = {[n, b, h]} (q's layout, "
+                               f"[t, heads] packed), got {list(gate.shape)}")
+    return gate.reshape(n, b, h)
 
 
 def _rename_old_norm_weight(state_dict, prefix, *args):

@@ -107,9 +107,14 @@ class Lasp2Options:
         _choice("decay (--linear-attention-decay)", self.decay, DECAYS)
         _choice("feature_map (--linear-attention-feature-map)", self.feature_map, FEATURE_MAPS)
         _choice("softmax_backend (--sp-softmax-backend)", self.softmax_backend, SOFTMAX_BACKENDS)
-        if not self.gate_logit_normalizer > 0:
-            raise Lasp2ConfigError(
-                f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
+        _positive_number("gate_logit_normalizer (--linear-attention-gate-normalizer)", self.gate_logit_normalizer)
+        # a string such as "false" (a config file's spelling) is truthy: it would switch the
+        # feature on while asking for it off, so only True / False are taken
+        for name, value in (("output_norm (--linear-attention-output-norm)", self.output_norm),
+                            ("learnable_decay (--linear-attention-learnable-decay)", self.learnable_decay),
+                            ("linear_rope (--linear-attention-rope)", self.linear_rope)):
+            if not isinstance(value, bool):
+                raise Lasp2ConfigError(f"{name} must be True or False, got {value!r}")
         if self.layer_pattern is not None:
             normalize_layer_pattern(self.layer_pattern)
             if num_layers is not None and len(self.layer_pattern) != num_layers:
@@ -156,6 +161,12 @@ def _check_split(provider: str, split: str, kind: str, family: str, op: str, pat
             f"split (--sp-split) {split!r}: provider {provider!r} supports split={only} only for "
             f"{lasp2_options.LAYER_LETTERS[kind]} ({kind!r}) layers ({op}); use --sp-provider lasp2 or "
             f"lasp1 for the balanced split, or --sp-split contiguous")
+
+
+def _positive_number(name: str, value) -> None:
+    """A finite real number > 0 (an infinite normaliser makes every gate 1: no decay at all)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise Lasp2ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _choice(name: str, value, choices):

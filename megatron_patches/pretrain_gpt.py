@@ -206,8 +206,20 @@ def transformer_config(args):
 
 
 def lasp2_options(args) -> Lasp2Options:
+    """The validated options, and the sequence length checked against the split: every rank
+    raises here, before the model is built and any rank waits on another. (Found at the first
+    batch instead, only the ranks that read it raised; later pipeline stages were then waiting
+    in their first receive, where gloo fails with 'Connection closed by peer' and NCCL waits
+    until its timeout.)"""
     options = options_from_args(args)
     options.validate(args.num_layers)
+    cp = args.context_parallel_size
+    parts = cp * (2 if options.split == "balanced" else 1)
+    if cp > 1 and args.seq_length % parts:
+        raise Lasp2ConfigError(
+            f"--seq-length {args.seq_length} must be divisible by {'2 x ' if options.split == 'balanced' else ''}"
+            f"--context-parallel-size {cp} = {parts} for --sp-split {options.split} (each CP rank holds "
+            f"{'two chunks' if options.split == 'balanced' else 'one chunk'} of the sequence)")
     return options
 
 

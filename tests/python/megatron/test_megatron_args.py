@@ -91,6 +91,14 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
      r"split \(--sp-split\) 'balanced': provider 'ulysses' supports split='contiguous' only for linear "
      r"attention \(LASP-2\) \('L'\) layers"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
+    # session 18: an infinite normaliser (every gate 1) and a string were taken (the string
+    # raised TypeError from a comparison); strings for the switches are truthy, so
+    # output_norm="false" turned the norm on
+    (dict(gate_logit_normalizer=float("inf")), "gate_logit_normalizer .* finite number > 0, got inf"),
+    (dict(gate_logit_normalizer="16"), "gate_logit_normalizer .* finite number > 0, got '16'"),
+    (dict(output_norm="false"), r"output_norm \(--linear-attention-output-norm\) must be True or False"),
+    (dict(linear_rope="no"), r"linear_rope \(--linear-attention-rope\) must be True or False"),
+    (dict(learnable_decay=1), r"learnable_decay \(--linear-attention-learnable-decay\) must be True or False"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
@@ -297,3 +305,45 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     for unchanged in (["--sp-provider", "none"], ["--num-layers", "4"],
                       ["--sp-provider", "lasp2", "--spec", "my.specs", "s"]):
         assert spec_args(unchanged) == unchanged
+
+
+def test_gated_deltanet_convolution_width_zero_is_refused():
+    """Session 18: config.linear_conv_kernel_dim = 0 built a width-4 convolution (`or 4`)
+    without a word; it now raises naming the field (megatron-core's default 4 still builds)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    spec = get_lasp2_layer_spec(Lasp2Options(layer_pattern="G"), layer_kind="G").submodules.self_attention
+    no_groups = ProcessGroupCollection(tp=None, cp=None)  # one process: TP = CP = 1, construction only
+
+    def build(**fields):
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+                                   **fields)
+        return build_module(spec, config=config, layer_number=1, pg_collection=no_groups)
+
+    assert build().conv.kernel_size == 4
+    assert build(linear_conv_kernel_dim=2).conv.kernel_size == 2
+    with pytest.raises(Lasp2ConfigError, match=r"linear_conv_kernel_dim .* must be an int >= 1, got 0 \(layer 1\)"):
+        build(linear_conv_kernel_dim=0)
+
+
+@pytest.mark.parametrize("split, seq, cp, ok", [
+    ("balanced", 12, 2, True), ("balanced", 10, 2, False), ("contiguous", 10, 2, True),
+    ("contiguous", 10, 4, False), ("balanced", 7, 1, True)])
+def test_launcher_checks_the_sequence_length_before_any_collective(split, seq, cp, ok):
+    """Session 18: a --seq-length the split cannot cut was found at the first batch, by the
+    ranks that read it; under PP x CP (4 gloo ranks) the second stage's ranks, waiting in
+    their first receive, died of 'Connection closed by peer' instead. The launcher's options
+    step (every rank, before the model and the first step) now raises naming --seq-length."""
+    from megatron_patches import pretrain_gpt
+
+    args = pretrain_gpt.parse_args(["--device", "cpu", "--seq-length", str(seq), "--context-parallel-size", str(cp),
+                                    "--sp-split", split])
+    if ok:
+        assert pretrain_gpt.lasp2_options(args).split == split
+    else:
+        with pytest.raises(Lasp2ConfigError, match=f"--seq-length {seq} must be divisible by .*--context-parallel"):
+            pretrain_gpt.lasp2_options(args)

@@ -65,6 +65,42 @@ def test_linear_moe_errors():
         Lasp2LinearAttention(linear_moe_config(), expand_k=0.3)
 
 
+def test_linear_moe_slot_refuses_what_it_used_to_misread():
+    """Session 18: gates laid out [b, n, h] (or flat) were reshaped to [n, b, h], pairing
+    them with the wrong tokens; gates given to lasp2_decay='none' / 'fixed' replaced that
+    decay; 3 key groups for 4 query heads were repeated to 3, a v head dim other than the
+    norm's raised a broadcasting RuntimeError; a zero / negative gate normaliser or a
+    positive clamp gave -inf / positive log gates. Each now raises naming the argument."""
+    from megatron_patches.linear_moe import Lasp2LinearAttention
+
+    n, b, d = 6, 2, HIDDEN // HEADS
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, b, HEADS, d, generator=gen) for _ in range(3))
+    gk = torch.randn(n, b, HEADS, generator=gen)
+    core = Lasp2LinearAttention(linear_moe_config("gate"))
+    # [n, b, h, 1] is q's layout too: the same gates; so is [1, t, h] for packed [t, 1, h]
+    assert torch.equal(core(q=q, k=k, v=v, gk=gk.unsqueeze(-1)), core(q=q, k=k, v=v, gk=gk))
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    packed = [x[:, 0] for x in (q, k, v)]
+    assert torch.equal(core(*packed, gk=gk[None, :, 0], cu_seqlens=cu), core(*packed, gk=gk[:, 0], cu_seqlens=cu))
+    for name in ("gk", "g"):
+        for bad in (gk.transpose(0, 1).contiguous(), gk.reshape(-1)):
+            with pytest.raises(Lasp2ConfigError, match=f"{name} must be \\[n, b, heads\\] = \\[6, 2, 4\\]"):
+                core(q=q, k=k, v=v, **{name: -bad.abs()})
+    with pytest.raises(Lasp2ConfigError, match="q has 4 heads but k and v have 3"):
+        core(q=q, k=k[:, :, :3], v=v[:, :, :3], gk=gk)
+    with pytest.raises(Lasp2ConfigError, match="v has head dim 3 but the module was built for head_v_dim 16"):
+        core(q=q, k=k, v=v[..., :3], gk=gk)
+    for decay in ("none", "fixed"):
+        with pytest.raises(Lasp2ConfigError, match=f"lasp2_decay='{decay}' takes no gates, but gk was passed"):
+            Lasp2LinearAttention(linear_moe_config(decay))(q=q, k=k, v=v, gk=gk)
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(Lasp2ConfigError, match="gla_la_gate_logit_normalizer must be a finite number > 0"):
+            Lasp2LinearAttention(linear_moe_config("gate", gla_la_gate_logit_normalizer=bad))
+    with pytest.raises(Lasp2ConfigError, match="gla_la_clamp_min .* must be a number <= 0 or None, got 1.0"):
+        Lasp2LinearAttention(linear_moe_config("gate", gla_la_clamp_min=1.0))
+
+
 def test_parameter_names_are_linear_moes():
     """Linear-MoE's core modules hold their output norm as `la_output_norm` (an RMSNorm over
     head_v_dim, parameter `weight` when la_elementwise_affine): its checkpoints load strictly."""

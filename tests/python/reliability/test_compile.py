@@ -3,6 +3,8 @@ ops with fake kernels and an autograd formula, so torch.compile(fullgraph=True) 
 torch.export trace them (per-call cu_seqlens included: the ops plan the documents
 inside); torch.func transforms raise a clear NotImplementedError (CPU, small shapes: fast)."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +229,28 @@ def test_softmax_double_backward_raises():
     (dq,) = torch.autograd.grad(lasp2.softmax_attention(q, k, v).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         dq.sum().backward()
+
+
+def test_bad_arguments_under_compile_raise_the_eager_message():
+    """A shape / dtype check fails while tracing: default torch.compile breaks the graph and
+    raises the eager ValueError; fullgraph=True raises torch._dynamo's Unsupported, whose
+    message must still hold the eager text (what a user reads to fix the call); a check of
+    tensor contents runs inside the op and raises the ValueError itself."""
+    q, k, v, g = _inputs()
+
+    def f(q, k, v, g, cu_seqlens=None):
+        return lasp2.linear_attention(q, k, v, g=g, cu_seqlens=cu_seqlens)
+
+    calls = {"shape": (q, k[:, :9], v, g), "contents": (q, k, v, g, torch.tensor([0, 5, 3, 10]))}
+    for name, args in calls.items():
+        with pytest.raises(ValueError) as eager:
+            f(*args)
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match=re.escape(str(eager.value))):
+            torch.compile(f, backend="eager")(*args)
+        torch._dynamo.reset()
+        with pytest.raises(Exception) as full:
+            torch.compile(f, fullgraph=True, backend="eager")(*args)
+        assert str(eager.value) in str(full.value), (name, str(full.value)[:300])
+        assert isinstance(full.value, ValueError) == (name == "contents"), (name, type(full.value))
+    torch._dynamo.reset()
