@@ -1,9 +1,9 @@
 """Whether two PTX files of one .cu file hold the same code: the proof, without a GPU,
 that a refactor of device code changes nothing (same PTX, same machine code).
 
-    nvcc <flags> -arch=sm_90a -ptx FILE.cu -o before.ptx   # on the old tree
-    nvcc <flags> -arch=sm_90a -ptx FILE.cu -o after.ptx    # on the new one
-    python3 scripts/ptx_same.py before.ptx after.ptx
+    bash scripts/ptx_of.sh OLD_TREE /tmp/a FILE.cu   # sm_90a and compute_80, the build's flags
+    bash scripts/ptx_of.sh .        /tmp/b FILE.cu
+    python3 scripts/ptx_same.py /tmp/a/FILE.90.ptx /tmp/b/FILE.90.ptx   # and .80.ptx
 
 Compares every .entry and .func by name. Before comparing it drops the .loc / .file
 lines (source positions move with any edit), renames the labels in order of first use
