@@ -81,4 +81,10 @@ struct DeltaParams {
 // a document (doc = b).
 using DocStates = ::lasp2::DocStates;
 
+// Throws lasp2::Error naming the field when `p` cannot describe a problem: negative
+// sizes, head dims below 1, null q / k / v / g / beta with tokens to read, a non-finite
+// scale, chunk_size below 1, an unknown gate dtype or kind. DeltaFamily checks it on
+// construction, so every schedule and backend path does.
+void check_delta_params(const DeltaParams& p);
+
 }  // namespace lasp2::delta

@@ -70,4 +70,10 @@ struct AttentionParams {
   }
 };
 
+// Throws lasp2::Error naming the field when `p` cannot describe a problem: negative
+// sizes, head dims below 1, null q / k / v (or decay values of the decay mode) with
+// tokens to read, a non-finite scale, chunk_size below 1, a negative doc_start stride.
+// ScalarDecay checks it on construction, so every schedule and backend path does.
+void check_attention_params(const AttentionParams& p);
+
 }  // namespace lasp2
