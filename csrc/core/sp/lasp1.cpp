@@ -34,6 +34,13 @@ void check_ring(Communicator* comm, const PartLayout& layout, const PartFamily& 
               "LASP-1 with packed documents' states needs the saved head maps");
 }
 
+// The ring's buffers (head_maps: check_ring).
+void check_saved(const SummaryShape& s, int parts, const Lasp1Saved& saved) {
+  sp::check_buffer(saved.entering_state, Lasp1Saved::entering_state_floats(s, parts), "floats",
+                   "Lasp1Saved.entering_state");
+  sp::check_buffer(saved.local_record, Lasp1Saved::local_record_floats(s, parts), "floats", "Lasp1Saved.local_record");
+}
+
 // The rank holding global part g.
 int owner_of(const PartLayout& l, int g) {
   if (l.parts_per_rank == 1) return g;
@@ -161,6 +168,8 @@ void lasp1_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   const int64_t S = sh.state_floats, Mp = sh.map_floats, R = sh.record_floats();
   const int parts = layout.parts_per_rank, total = layout.total_parts(), rank = layout.rank;
   const bool packed = seq.packed();
+  check_saved(sh, parts, saved);
+  sp::check_buffer(workspace, lasp1_forward_workspace_bytes(f, layout, seq), "bytes", "lasp1_forward: workspace");
   const ForwardSpace ws(sh, layout, seq, workspace);
   const int64_t D = seq.floats(S);
   // the check's words fly while the ring runs (every rank posts this gather first)
@@ -242,6 +251,8 @@ void lasp1_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   const int64_t S = sh.state_floats, Mp = sh.map_floats, R = sh.record_floats();
   const int parts = layout.parts_per_rank, total = layout.total_parts(), rank = layout.rank;
   const bool packed = seq.packed();
+  check_saved(sh, parts, saved);
+  sp::check_buffer(workspace, lasp1_backward_workspace_bytes(f, layout, seq), "bytes", "lasp1_backward: workspace");
   const BackwardSpace ws(sh, layout, seq, f.backward_scratch_bytes(), workspace);
   const int64_t D = seq.floats(S);
 

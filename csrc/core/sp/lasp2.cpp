@@ -108,6 +108,14 @@ bool holds_first_part(const PartLayout& l) {
   return false;
 }
 
+// The buffers forward writes and backward reads on the sequence-parallel path.
+void check_saved(const SummaryShape& s, const PartLayout& l, bool packed, const Lasp2Saved& saved) {
+  sp::check_buffer(saved.local_records, l.parts_per_rank * s.record_floats(), "floats", "Lasp2Saved.local_records");
+  sp::check_buffer(saved.prefix_states, l.parts_per_rank * s.state_floats, "floats", "Lasp2Saved.prefix_states");
+  sp::check_buffer(saved.maps, (l.total_parts() + 2) * s.map_floats, "floats", "Lasp2Saved.maps");
+  if (packed) sp::check_buffer(saved.head_maps, l.total_parts() * s.map_floats, "floats", "Lasp2Saved.head_maps");
+}
+
 int64_t forward_bytes(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq) {
   return round_up8(ForwardSpace(s, l, seq, nullptr).floats * 4);
 }
@@ -160,6 +168,7 @@ void one_device_forward(const PartFamily& f, void* stream) {
 }
 
 void one_device_backward(const PartFamily& f, void* family_scratch, void* stream) {
+  sp::check_buffer(family_scratch, f.backward_scratch_bytes(), "bytes", "the backward workspace");
   const TokenRange all{0, f.local_tokens()};
   f.backward_entering(all, nullptr, DocStates{}, family_scratch, stream);
   f.backward(all, PartStates{}, DocStates{}, family_scratch, stream);
@@ -180,6 +189,8 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   const int64_t S = sh.state_floats, Mp = sh.map_floats, D = seq.floats(S);
   const int parts = layout.parts_per_rank, total = layout.total_parts();
   const bool packed = seq.packed();
+  check_saved(sh, layout, packed, saved);
+  sp::check_buffer(workspace, lasp2_forward_workspace_bytes(f, layout, seq), "bytes", "lasp2_forward: workspace");
   const ForwardSpace ws(sh, layout, seq, workspace);
 
   DocStates docs;  // documents inside the parts (packed only)
@@ -264,6 +275,8 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   const int64_t S = sh.state_floats, Mp = sh.map_floats, D = seq.floats(S);
   const int parts = layout.parts_per_rank, total = layout.total_parts();
   const bool packed = seq.packed();
+  check_saved(sh, layout, packed, saved);
+  sp::check_buffer(workspace, lasp2_backward_workspace_bytes(f, layout, seq), "bytes", "lasp2_backward: workspace");
   const BackwardSpace ws(sh, layout, seq, f.backward_scratch_bytes(), workspace);
 
   for (int i = 0; i < parts; ++i) f.entering_grad(layout.local_range(i, T), ws.send + i * S, stream);

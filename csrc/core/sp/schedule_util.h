@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "lasp2/call_check.h"
 #include "lasp2/communicator.h"
@@ -38,6 +39,14 @@ inline void check_sequence_states(const PartLayout& l, const SequenceStates& seq
 }
 
 inline int64_t round_up8(int64_t bytes) { return (bytes + 7) / 8 * 8; }
+
+// A buffer the caller sized with the schedule's *_floats / *_bytes functions: null only
+// when that size is 0 (an empty tensor's storage may be null), else the schedule would
+// write through a null pointer.
+inline void check_buffer(const void* data, int64_t size, const char* unit, const char* what) {
+  LASP2_CHECK(size <= 0 || data != nullptr,
+              std::string(what) + " is null (it needs " + std::to_string(size) + " " + unit + ")");
+}
 
 // Cuts consecutive fp32 buffers from a workspace; with a null base it only counts.
 struct Carve {
