@@ -10,6 +10,7 @@
 
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
+#include "lasp2/scalar_decay.h"
 #include "problem.h"
 
 namespace lasp2::testing {
@@ -142,6 +143,17 @@ TEST(ParamErrors, EmptyProblemWithNullDataRuns) {
   p.decay.gate = nullptr;
   EXPECT_NO_THROW(lasp2_forward(cpu_backend(), nullptr, PartLayout::contiguous(1, 0), p,
                                 {nullptr, pr.strides(s.dim_v)}, {}, nullptr, {}, nullptr));
+}
+
+// The local document starts of a packed sequence: null flags with tokens read null
+// memory, a layout that does not split the tokens read past the last part.
+TEST(ParamErrors, LocalDocumentsNeedFlagsAndAValidLayout) {
+  const std::vector<uint8_t> flags(7, 0);
+  expect_error_naming([] { LocalDocuments::of(nullptr, 8, PartLayout::contiguous(1, 0), {-1}); },
+                      "host_doc_start");
+  expect_error_naming([&] { LocalDocuments::of(flags.data(), 7, PartLayout::balanced(2, 0), {-1, -1, -1, -1}); },
+                      "balanced");
+  EXPECT_TRUE(LocalDocuments::of(nullptr, 0, PartLayout::contiguous(1, 0), {-1}).starts.empty());
 }
 
 }  // namespace

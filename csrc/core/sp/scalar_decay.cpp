@@ -36,8 +36,11 @@ const float* doc_state(const float* states, int64_t doc, int64_t state_floats) {
 
 LocalDocuments LocalDocuments::of(const uint8_t* host_doc_start, int64_t local_tokens,
                                   const PartLayout& layout, const std::vector<int64_t>& head_doc) {
+  layout.validate(local_tokens);
   LASP2_CHECK(static_cast<int64_t>(head_doc.size()) == layout.total_parts(),
               "head_doc needs one entry per global part");
+  LASP2_CHECK(local_tokens == 0 || host_doc_start != nullptr,
+              "LocalDocuments::of: host_doc_start is null (it needs one flag per local token)");
   LocalDocuments d;
   for (int i = 0; i < layout.parts_per_rank; ++i) {
     const TokenRange r = layout.local_range(i, local_tokens);
