@@ -56,4 +56,14 @@ void check_attention_params(const AttentionParams& p) {
                   std::to_string(p.doc_start_batch_stride));
 }
 
+void check_output_view(const MutView& view, int64_t batch, int64_t seqlen, int64_t heads, const char* name) {
+  if (batch * seqlen * heads <= 0) return;
+  const std::string what(name);
+  const BTHStrides& stride = view.stride;
+  LASP2_CHECK(view.data != nullptr, what + ".data is null");
+  LASP2_CHECK(batch == 1 || stride.batch != 0, what + ".stride.batch is 0 with batch > 1");
+  LASP2_CHECK(seqlen == 1 || stride.seq != 0, what + ".stride.seq is 0 with seqlen > 1");
+  LASP2_CHECK(heads == 1 || stride.head != 0, what + ".stride.head is 0 with heads > 1");
+}
+
 }  // namespace lasp2

@@ -156,5 +156,41 @@ TEST(ParamErrors, LocalDocumentsNeedFlagsAndAValidLayout) {
   EXPECT_TRUE(LocalDocuments::of(nullptr, 0, PartLayout::contiguous(1, 0), {-1}).starts.empty());
 }
 
+// Outputs whose strides were left at 0 made every token write one row: forward
+// returned a silently wrong o. A broadcast dout (zero strides, torch's expand of a
+// per-channel weight) is a valid input and still runs.
+TEST(ParamErrors, OutputsWithZeroStrides) {
+  ProblemSpec s;
+  s.seqlen = 16;
+  const Problem<double> pr(s);
+  const AttentionParams p = pr.params();
+  std::vector<double> o = pr.zeros_like_v(), dq = pr.zeros_like_k(), dk = pr.zeros_like_k(),
+                      dv = pr.zeros_like_v();
+  const PartLayout one = PartLayout::contiguous(1, 0);
+  const BTHStrides sk = pr.strides(s.dim_k), sv = pr.strides(s.dim_v);
+  const auto forward = [&](BTHStrides st) {
+    lasp2_forward(cpu_backend(), nullptr, one, p, {o.data(), st}, {}, nullptr, {}, nullptr);
+  };
+  expect_error_naming([&] { forward({}); }, "o.stride.batch");
+  expect_error_naming([&] { forward({sv.batch, 0, sv.head}); }, "o.stride.seq");
+  expect_error_naming([&] { forward({sv.batch, sv.seq, 0}); }, "o.stride.head");
+  expect_error_naming([&] {
+    lasp1_backward(cpu_backend(), nullptr, one, p, pr.dout_view(), {}, {dq.data(), {sk.batch, 0, sk.head}},
+                   {dk.data(), sk}, {dv.data(), sv}, nullptr, nullptr, nullptr);
+  }, "dq.stride.seq");
+  expect_error_naming([&] {
+    lasp2_backward(cpu_backend(), nullptr, one, p, pr.dout_view(), {}, {dq.data(), sk}, {dk.data(), {0, sk.seq, sk.head}},
+                   {dv.data(), sv}, nullptr, nullptr, nullptr);
+  }, "dk.stride.batch");
+  expect_error_naming([&] {
+    lasp2_backward(cpu_backend(), nullptr, one, p, pr.dout_view(), {}, {dq.data(), sk}, {dk.data(), sk},
+                   {dv.data(), {sv.batch, sv.seq, 0}}, nullptr, nullptr, nullptr);
+  }, "dv.stride.head");
+  // A broadcast dout: one row of dim_v values for every (b, t, h).
+  const std::vector<double> row(pr.dout.begin(), pr.dout.begin() + s.dim_v);
+  EXPECT_NO_THROW(lasp2_backward(cpu_backend(), nullptr, one, p, {row.data(), {0, 0, 0}}, {}, {dq.data(), sk},
+                                 {dk.data(), sk}, {dv.data(), sv}, nullptr, nullptr, nullptr));
+}
+
 }  // namespace
 }  // namespace lasp2::testing

@@ -1,30 +1,26 @@
 // The delta-rule family on a DeltaKernelBackend (see delta_family.h).
 #include "delta_rule/delta_family.h"
 
+#include "lasp2/params.h"
+
 namespace lasp2::delta {
-namespace {
-
-// Empty tensors may come with null data; only a call with tokens reads or writes them.
-bool has_tokens(const DeltaParams& p) { return p.batch * p.seqlen * p.heads > 0; }
-
-}  // namespace
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, MutView o,
                          float* fold_scratch)
     : be_(backend), p_(p), o_(o), fold_(fold_scratch) {
   check_delta_params(p);
-  LASP2_CHECK(!has_tokens(p) || o.data != nullptr, "the output o.data is null");
+  check_output_view(o, p.batch, p.seqlen, p.heads, "o");
 }
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p,
                          const DeltaGrads& grads, float* fold_scratch)
     : be_(backend), p_(p), grads_(grads), fold_(fold_scratch) {
   check_delta_params(p);
-  const bool tokens = has_tokens(p);
-  LASP2_CHECK(!tokens || grads.dout.data != nullptr, "the output gradient dout.data is null");
-  LASP2_CHECK(!tokens || grads.dq.data != nullptr, "the gradient dq.data is null");
-  LASP2_CHECK(!tokens || grads.dk.data != nullptr, "the gradient dk.data is null");
-  LASP2_CHECK(!tokens || grads.dv.data != nullptr, "the gradient dv.data is null");
+  // dout is read only: zero strides are a broadcast gradient (torch expand), allowed.
+  LASP2_CHECK(p.batch * p.seqlen * p.heads == 0 || grads.dout.data != nullptr, "dout.data is null");
+  check_output_view(grads.dq, p.batch, p.seqlen, p.heads, "dq");
+  check_output_view(grads.dk, p.batch, p.seqlen, p.heads, "dk");
+  check_output_view(grads.dv, p.batch, p.seqlen, p.heads, "dv");
 }
 
 DeltaFamily& DeltaFamily::with_forward_kept(float* buffer, const PartLayout& layout) {

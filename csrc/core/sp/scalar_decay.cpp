@@ -25,9 +25,6 @@ bool any_states(const DocStates& d) {
          d.d_initial != nullptr;
 }
 
-// Empty tensors may come with null data; only a call with tokens reads or writes them.
-bool has_tokens(const AttentionParams& p) { return p.batch * p.seqlen * p.heads > 0; }
-
 const float* doc_state(const float* states, int64_t doc, int64_t state_floats) {
   return states == nullptr ? nullptr : states + doc * state_floats;
 }
@@ -57,7 +54,7 @@ LocalDocuments LocalDocuments::of(const uint8_t* host_doc_start, int64_t local_t
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o)
     : be_(backend), p_(p), plain_(p), o_(o) {
   check_attention_params(p);
-  LASP2_CHECK(!has_tokens(p) || o.data != nullptr, "the output o.data is null");
+  check_output_view(o, p.batch, p.seqlen, p.heads, "o");
   plain_.doc_start = nullptr;
 }
 
@@ -65,11 +62,11 @@ ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p,
                          const ScalarDecayGrads& grads)
     : be_(backend), p_(p), plain_(p), grads_(grads) {
   check_attention_params(p);
-  const bool tokens = has_tokens(p);
-  LASP2_CHECK(!tokens || grads.dout.data != nullptr, "the output gradient dout.data is null");
-  LASP2_CHECK(!tokens || grads.dq.data != nullptr, "the gradient dq.data is null");
-  LASP2_CHECK(!tokens || grads.dk.data != nullptr, "the gradient dk.data is null");
-  LASP2_CHECK(!tokens || grads.dv.data != nullptr, "the gradient dv.data is null");
+  // dout is read only: zero strides are a broadcast gradient (torch expand), allowed.
+  LASP2_CHECK(p.batch * p.seqlen * p.heads == 0 || grads.dout.data != nullptr, "dout.data is null");
+  check_output_view(grads.dq, p.batch, p.seqlen, p.heads, "dq");
+  check_output_view(grads.dk, p.batch, p.seqlen, p.heads, "dk");
+  check_output_view(grads.dv, p.batch, p.seqlen, p.heads, "dv");
   plain_.doc_start = nullptr;
 }
 

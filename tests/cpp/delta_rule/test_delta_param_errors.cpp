@@ -86,6 +86,13 @@ TEST(DeltaParamErrors, NullOutputsAndGradients) {
   const MutView dq{g.data(), pr.strides(s.dim_k)}, dk{g.data() + pr.k.size(), pr.strides(s.dim_k)},
       dv{g.data() + 2 * pr.k.size(), pr.strides(s.dim_v)}, none{nullptr, pr.strides(s.dim_v)};
   expect_error_naming([&] { DeltaFamily(delta_cpu_backend(), p, none, fold.data()); }, "o.data");
+  // Strides left at 0: every token would write one row of o.
+  expect_error_naming([&] { DeltaFamily(delta_cpu_backend(), p, MutView{g.data(), {}}, fold.data()); },
+                      "o.stride.batch");
+  expect_error_naming([&] {
+    DeltaFamily(delta_cpu_backend(), p, DeltaGrads{pr.dout_view(), dq, dk, {dv.data, {dv.stride.batch, 0, 1}}},
+                fold.data());
+  }, "dv.stride.seq");
   expect_error_naming([&] {
     DeltaFamily(delta_cpu_backend(), p, DeltaGrads{{nullptr, pr.strides(s.dim_v)}, dq, dk, dv}, fold.data());
   }, "dout.data");

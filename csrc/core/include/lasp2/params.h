@@ -76,4 +76,11 @@ struct AttentionParams {
 // ScalarDecay checks it on construction, so every schedule and backend path does.
 void check_attention_params(const AttentionParams& p);
 
+// An output (o, dq, dk, dv) of a [batch, seqlen, heads, .] problem: its data is set
+// when there are tokens, and every axis longer than one has a nonzero stride (a zero
+// stride, e.g. strides left at their default, makes the tokens of that axis write one
+// row: a silently wrong answer). Inputs may broadcast (torch's expand gives zero
+// strides), so only outputs are checked this way. Throws lasp2::Error naming `name`.
+void check_output_view(const MutView& view, int64_t batch, int64_t seqlen, int64_t heads, const char* name);
+
 }  // namespace lasp2
