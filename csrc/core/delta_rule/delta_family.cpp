@@ -16,11 +16,7 @@ DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p
                          const DeltaGrads& grads, float* fold_scratch)
     : be_(backend), p_(p), grads_(grads), fold_(fold_scratch) {
   check_delta_params(p);
-  // dout is read only: zero strides are a broadcast gradient (torch expand), allowed.
-  LASP2_CHECK(p.batch * p.seqlen * p.heads == 0 || grads.dout.data != nullptr, "dout.data is null");
-  check_output_view(grads.dq, p.batch, p.seqlen, p.heads, "dq");
-  check_output_view(grads.dk, p.batch, p.seqlen, p.heads, "dk");
-  check_output_view(grads.dv, p.batch, p.seqlen, p.heads, "dv");
+  check_gradient_views(grads.dout, grads.dq, grads.dk, grads.dv, p.batch, p.seqlen, p.heads);
 }
 
 DeltaFamily& DeltaFamily::with_forward_kept(float* buffer, const PartLayout& layout) {

@@ -62,11 +62,7 @@ ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p,
                          const ScalarDecayGrads& grads)
     : be_(backend), p_(p), plain_(p), grads_(grads) {
   check_attention_params(p);
-  // dout is read only: zero strides are a broadcast gradient (torch expand), allowed.
-  LASP2_CHECK(p.batch * p.seqlen * p.heads == 0 || grads.dout.data != nullptr, "dout.data is null");
-  check_output_view(grads.dq, p.batch, p.seqlen, p.heads, "dq");
-  check_output_view(grads.dk, p.batch, p.seqlen, p.heads, "dk");
-  check_output_view(grads.dv, p.batch, p.seqlen, p.heads, "dv");
+  check_gradient_views(grads.dout, grads.dq, grads.dk, grads.dv, p.batch, p.seqlen, p.heads);
   plain_.doc_start = nullptr;
 }
 

@@ -76,6 +76,19 @@ struct AttentionParams {
 // ScalarDecay checks it on construction, so every schedule and backend path does.
 void check_attention_params(const AttentionParams& p);
 
+// What every family's params share, checked under the struct's name `owner` (e.g.
+// "AttentionParams"): sizes >= 0, head dims >= 1, a finite scale, chunk_size >= 1 and
+// q / k / v data set when there are tokens. check_attention_params and
+// check_delta_params add their own fields.
+void check_problem_fields(const char* owner, int64_t batch, int64_t seqlen, int64_t heads, int64_t dim_k,
+                          int64_t dim_v, double scale, int chunk_size, const ConstView& q, const ConstView& k,
+                          const ConstView& v);
+
+// The views of a backward: dout set when there are tokens (read only: zero strides are a
+// broadcast gradient, torch's expand, and allowed), dq / dk / dv as check_output_view.
+void check_gradient_views(const ConstView& dout, const MutView& dq, const MutView& dk, const MutView& dv,
+                          int64_t batch, int64_t seqlen, int64_t heads);
+
 // An output (o, dq, dk, dv) of a [batch, seqlen, heads, .] problem: its data is set
 // when there are tokens, and every axis longer than one has a nonzero stride (a zero
 // stride, e.g. strides left at their default, makes the tokens of that axis write one
