@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 
+#include "expect_error.h"
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 #include "lasp2/scalar_decay.h"
@@ -15,18 +16,6 @@
 
 namespace lasp2::testing {
 namespace {
-
-// Runs `call` and expects an Error whose message mentions `field`.
-void expect_error_naming(const std::function<void()>& call, const std::string& field) {
-  try {
-    call();
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos)
-        << "the message does not name " << field << ": " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "no lasp2::Error for a bad " << field;
-}
 
 // LASP-2 and LASP-1 forwards and backwards on one device with `edit` applied to the
 // params of a valid float64 problem; each must reject it naming `field`.

@@ -6,6 +6,7 @@
 #include <functional>
 #include <string>
 
+#include "expect_error.h"
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 #include "problem.h"
@@ -13,17 +14,6 @@
 
 namespace lasp2::testing {
 namespace {
-
-void expect_error_naming(const std::function<void()>& call, const std::string& name) {
-  try {
-    call();
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(name), std::string::npos)
-        << "the message does not name " << name << ": " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "no lasp2::Error for a null " << name;
-}
 
 // One rank's valid problem, outputs, gradients and properly sized buffers.
 struct Rank {

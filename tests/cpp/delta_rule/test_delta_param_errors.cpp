@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "../expect_error.h"
 #include "delta_problem.h"
 #include "delta_rule/delta_family.h"
 #include "lasp2/lasp1.h"
@@ -15,16 +16,7 @@
 namespace lasp2::delta::testing {
 namespace {
 
-void expect_error_naming(const std::function<void()>& call, const std::string& field) {
-  try {
-    call();
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos)
-        << "the message does not name " << field << ": " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "no lasp2::Error for a bad " << field;
-}
+using ::lasp2::testing::expect_error_naming;
 
 // Builds the family (forward and backward) from a valid float64 problem with `edit`
 // applied and runs it through both schedules on one device.
