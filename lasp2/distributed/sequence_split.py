@@ -110,16 +110,13 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
         _parts_per_rank(split)
         _check_dim(x, dim)
         return x
-    from lasp2.ops._group_consistency import group_device, report_local_failure, verify_group_consistency
+    from lasp2.ops._group_consistency import group_device, raised_on_every_rank, verify_group_consistency
 
-    try:
+    with raised_on_every_rank(GATHER, group, x):  # the other ranks raise too, never wait for this one
         parts = _parts_per_rank(split)
         dim = _check_dim(x, dim)
         if x.shape[dim] % parts:
             raise ValueError(f"the balanced split needs an even local length, `x` has {x.shape[dim]} (dim {dim})")
-    except (ValueError, TypeError):
-        report_local_failure(GATHER, group, x)  # the other ranks raise too, never wait for this one
-        raise
     verify_group_consistency(GATHER, group, [x.dim(), dim, x.shape[dim], parts], GATHER_CHECK_NAMES,
                              group_device(group, x),
                              host_values=[("`x` shape", list(x.shape)), ("`x` dtype", str(x.dtype))])

@@ -7,15 +7,13 @@ rank that fails there never reached the op's check: its peers waited in that che
 all-gather until the group's timeout, or (a rank that went on with its next call) took
 that call's row as this one's and raised a wrong error. The failure row sent here is
 the one the op's check (or a module's own, as GatedDeltaNet's) reads as "rank(s) ...
-rejected their arguments" on every other rank.
+rejected their arguments" on every other rank. The modules run their checks inside
+lasp2.ops._group_consistency.raised_on_every_rank; this file holds what they check.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from lasp2.distributed.context import SPContext
-from lasp2.ops._group_consistency import report_local_failure
 
 
 def module_group(default_group, sp_context):
@@ -30,13 +28,3 @@ def check_sp_context(owner: str, sp_context):
         raise ValueError(f"{owner}: `sp_context` must be an SPContext from lasp2.build_sp_context, "
                          f"got {type(sp_context).__name__}")
 
-
-@contextmanager
-def raised_on_every_rank(owner: str, group, hint=None):
-    """Runs a forward's checks; a ValueError / TypeError from them is reported to the
-    group (one all-gather of a failure row, none when the checks pass) and re-raised."""
-    try:
-        yield
-    except (ValueError, TypeError):
-        report_local_failure(owner, group, hint)
-        raise

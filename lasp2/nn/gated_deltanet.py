@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.nn.norms import rms_norm
-from lasp2.nn._rank_checks import raised_on_every_rank
+from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
 from lasp2.distributed.context import check_cu_seqlens_form
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int

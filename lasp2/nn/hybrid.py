@@ -11,7 +11,8 @@ from torch import nn
 
 from lasp2.distributed.context import SPContext, resolve_sp_context, sp_context_for
 from lasp2.nn.linear_attention import LinearAttention
-from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
+from lasp2.nn._rank_checks import check_sp_context, module_group
+from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
 from lasp2.ops._checks import check_module_input

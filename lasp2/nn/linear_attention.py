@@ -10,7 +10,8 @@ from torch import nn
 
 from lasp2.distributed.context import SPContext
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
-from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
+from lasp2.nn._rank_checks import check_sp_context, module_group
+from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
 from lasp2.ops.gates import gate_from_logits, lightning_log_decay
 from lasp2.ops.linear_attention import linear_attention

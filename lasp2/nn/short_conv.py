@@ -22,9 +22,8 @@ from lasp2.distributed.collectives import all_gather_single
 from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.context import check_cu_seqlens
 from lasp2.distributed.sequence_split import global_token_index
-from lasp2.nn._rank_checks import raised_on_every_rank
 from lasp2.ops._checks import DTYPE_CODES
-from lasp2.ops._group_consistency import verify_group_consistency
+from lasp2.ops._group_consistency import raised_on_every_rank, verify_group_consistency
 
 
 class _GatherHalo(torch.autograd.Function):

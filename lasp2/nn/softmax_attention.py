@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lasp2.distributed.context import SPContext, sp_context_for
-from lasp2.nn._rank_checks import check_sp_context, module_group, raised_on_every_rank
+from lasp2.nn._rank_checks import check_sp_context, module_group
+from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.ops._checks import check_module_input, check_positive_int
 from lasp2.ops.softmax_attention import softmax_attention
 from lasp2.options import LAYOUTS, SOFTMAX_BACKENDS, SPLITS, check_choice

@@ -592,6 +592,19 @@ def report_local_failure(op: str, group, hint=None):
     STATS["sync"] += 1
 
 
+
+@contextlib.contextmanager
+def raised_on_every_rank(op: str, group, hint=None):
+    """Runs this rank's own argument checks: a ValueError / TypeError from them is
+    reported to the group (report_local_failure: one all-gather of a failure row, none
+    when the checks pass) and re-raised, so the peers raise at their next check instead
+    of waiting. For checks outside the ops' traced paths (modules, sequence helpers)."""
+    try:
+        yield
+    except (ValueError, TypeError):
+        report_local_failure(op, group, hint)
+        raise
+
 def _failure_message(op, rows) -> str:
     failed = [r for r, row in enumerate(rows) if row[1] == _FAILED]
     return (f"{op}: rank(s) {failed} of `group` rejected their arguments (their error names the argument); "
