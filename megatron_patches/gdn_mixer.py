@@ -19,14 +19,14 @@ config.linear_conv_kernel_dim (Megatron's name, default 4).
 
 Tensor parallelism splits heads: the in-projection's output is laid out head by head
 ([q_h, k_h, v_h, z_h, beta_h, a_h] for each head h; a_h holds Dk logits for "K"), so its
-column-parallel split, the convolution's channels and A_log / dt_bias (TP-sharded along dim
-0, global shapes in distributed checkpoints) hold whole heads of this TP rank; the output norm's scale is
-shared by all heads, so its gradient is summed over the TP group. The same seed gives
-every TP layout the same (sliced) weights.
+column-parallel split, the convolution's channels and A_log / dt_bias (TP-sharded along
+dim 0, global shapes in distributed checkpoints) hold whole heads of this TP rank; the
+output norm's scale is shared by all heads, so its gradient is summed over the TP group.
+The same seed gives every TP layout the same (sliced) weights.
 
-The provider is --sp-provider: "lasp2", "lasp1" or "ulysses" (lasp2.gated_delta_rule's and
-lasp2.kda's all-to-all over heads; it takes either split, and this TP rank's heads must divide by
-the CP size).
+The provider is --sp-provider: "lasp2", "lasp1" or "ulysses" (the all-to-all over heads
+of lasp2.gated_delta_rule and lasp2.kda; it takes either split, and this TP rank's heads
+must divide by the CP size).
 """
 
 from __future__ import annotations
@@ -118,9 +118,8 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         factory = {"device": device, "dtype": config.params_dtype}
         self.in_proj = build_module(
             submodules.in_proj, config.hidden_size, config.num_attention_heads * (4 * D + 1 + self.gate_width),
-            config=config,
-            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+            config=config, init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
         # the whole model's convolution and gate parameters are drawn (the same random numbers
         # for every TP layout), this rank keeps its heads
         width = getattr(config, "linear_conv_kernel_dim", None)
