@@ -384,3 +384,9 @@ def test_kda_layer_shapes_and_provider():
     with pytest.raises(Lasp2ConfigError, match=r"KDA \('K'\) layers run under --sp-provider lasp2 or lasp1 or "
                                                r"ulysses, got 'none' \(layer 1\)"):
         build("K", Lasp2Options(provider="none"))
+    # the one spec for every layer (Megatron-LM's --spec path) builds a "K" layer by its number
+    config2 = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    one_spec = get_lasp2_layer_spec(Lasp2Options(layer_pattern="GK")).submodules.self_attention
+    kinds = [build_module(one_spec, config=config2, layer_number=n, pg_collection=no_groups).layer_kind
+             for n in (1, 2)]
+    assert kinds == ["G", "K"]
