@@ -30,7 +30,9 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2, help="K/V heads of the softmax layers (GQA)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--pattern", default="LLLS", help="one letter a layer: L linear, S softmax attention")
+    parser.add_argument("--pattern", default="LLLS",
+                        help="one letter a layer: L linear, S softmax attention, G gated DeltaNet, "
+                             "K Kimi Delta Attention (e.g. KKKS)")
     parser.add_argument("--split", choices=["contiguous", "balanced"], default="balanced")
     parser.add_argument("--docs", action="store_true", help="pack 3 documents (batch 1, cu_seqlens)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -93,7 +95,8 @@ def main():
     else:
         ok = e[2] <= 2 * e[4] + 1e-3 and e[3] <= 2 * e[5] + 1e-3
     if rank == 0:
-        print(f"lasp2 hybrid example: {world} ranks, pattern={args.pattern} (L: LASP-2, S: LASP-2H), "
+        print(f"lasp2 hybrid example: {world} ranks, pattern={args.pattern} "
+              "(L: LASP-2, S: LASP-2H, G / K: delta rule), "
               f"split={args.split}, docs={args.docs}, global T={args.seq_len} "
               f"({args.seq_len // world} tokens per rank), {args.dtype} on {device.type}")
         print(f"  max relative error vs one process: output {e[0]:.2e}, parameter grads {e[1]:.2e}")

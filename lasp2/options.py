@@ -9,7 +9,7 @@ instead of spelling their own, so a word means one thing everywhere:
   DECAYS            decay modes of the linear-attention module
   SOFTMAX_BACKENDS  block kernels of LASP-2H (lasp2.softmax_attention)
   FEATURE_MAPS      name -> function applied to q and k before linear attention
-  LAYER_LETTERS     one letter per layer kind in hybrid patterns ("LLLS")
+  LAYER_LETTERS     one letter per layer kind in hybrid patterns ("LLLS", "KKKS")
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ LAYER_LETTERS: Dict[str, str] = {
     "L": "linear attention (LASP-2)",
     "S": "softmax attention (LASP-2H)",
     "G": "gated DeltaNet (delta rule)",
+    "K": "Kimi Delta Attention (KDA, per-key gate)",
 }
 
 

@@ -70,8 +70,8 @@ def add_lasp2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              default=d.layer_pattern,
              help="one character per layer: L = linear attention (LASP-2), S = softmax attention "
                   "(LASP-2H; also N or Megatron's *), G = gated DeltaNet (gated delta rule under "
-                  "--sp-provider), "
-                  "e.g. LLLSLLLS or LGLS. Default: every layer linear attention")
+                  "--sp-provider), K = Kimi Delta Attention (KDA, per-key gate), "
+                  "e.g. LLLSLLLS, LGLS or KKKS. Default: every layer linear attention")
     # else: Megatron-LM >= 0.17 defines --hybrid-layer-pattern itself; lasp2 reads the same flag
     # (options_from_args), so there is one pattern flag, in lasp2's letters plus Megatron's "*".
     _add(parser, group, ["--linear-attention-decay"], dest="linear_attention_decay", choices=DECAYS,

@@ -3,7 +3,7 @@ per-head TP slices, and the checks that keep RoPE and checkpoints right under CP
 
 The layers themselves live by job: megatron_patches.softmax_attention (LASP-2H core
 attention), megatron_patches.linear_mixer (linear attention, "L"),
-megatron_patches.gdn_mixer (gated DeltaNet, "G").
+megatron_patches.gdn_mixer (gated DeltaNet "G", KDA "K").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Gated DeltaNet layers ("G") of a lasp2 model in Megatron: the gated delta rule under LASP-2.
+"""Delta-rule layers of a lasp2 model in Megatron: gated DeltaNet ("G") and Kimi Delta
+Attention ("K"), the gated delta rule under LASP-2.
 
   Lasp2GatedDeltaNetMixer  the token mixer of a TransformerLayer's self-attention slot, in the
                            style of megatron-core's GatedDeltaNet (a MegatronModule with its
@@ -7,22 +8,25 @@
                            of q, k, v whose halo crosses CP ranks (lasp2.nn.ShortConvolution);
                            lasp2.gated_delta_rule over the CP group (L2-normalised q, k);
                            a gated RMSNorm per head; a row-parallel out-projection
+  Lasp2KimiDeltaAttentionMixer  the same layer with Kimi Linear's per-key-dim gate (lasp2.kda):
+                           the one difference is the gate's width, Dk logits a head instead of one
 
-The layer math is lasp2.nn.GatedDeltaNet's (fla's gated DeltaNet): beta = sigmoid(.),
-g = -exp(A_log) softplus(. + dt_bias). Heads and head dims are the model's attention
-heads and kv_channels (keys and values share them); the convolution width is
+The layer math is lasp2.nn.GatedDeltaNet's (fla's gated DeltaNet / KDA): beta = sigmoid(.),
+g = -exp(A_log) softplus(. + dt_bias), with one a and dt_bias per head ("G") or per key dim
+of each head ("K": g [.., H, Dk], dt_bias [H * Dk]). Heads and head dims are the model's
+attention heads and kv_channels (keys and values share them); the convolution width is
 config.linear_conv_kernel_dim (Megatron's name, default 4).
 
 Tensor parallelism splits heads: the in-projection's output is laid out head by head
-([q_h, k_h, v_h, z_h, beta_h, a_h] for each head h), so its column-parallel split, the
-convolution's channels and A_log / dt_bias (TP-sharded along dim 0, global shapes in
-distributed checkpoints) hold whole heads of this TP rank; the output norm's scale is
-shared by all heads, so its gradient is summed over the TP group. The same seed gives
-every TP layout the same (sliced) weights.
+([q_h, k_h, v_h, z_h, beta_h, a_h] for each head h; a_h holds Dk logits for "K"), so its
+column-parallel split, the convolution's channels and A_log / dt_bias (TP-sharded along
+dim 0, global shapes in distributed checkpoints) hold whole heads of this TP rank; the
+output norm's scale is shared by all heads, so its gradient is summed over the TP group.
+The same seed gives every TP layout the same (sliced) weights.
 
-The provider is --sp-provider: "lasp2", "lasp1" or "ulysses" (lasp2.gated_delta_rule's
-all-to-all over heads; it takes either split, and this TP rank's heads must divide by
-the CP size).
+The provider is --sp-provider: "lasp2", "lasp1" or "ulysses" (the all-to-all over heads
+of lasp2.gated_delta_rule and lasp2.kda; it takes either split, and this TP rank's heads
+must divide by the CP size).
 """
 
 from __future__ import annotations
@@ -59,9 +63,16 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
-from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
+from megatron_patches.options import (  # noqa: E402
+    GATED_DELTANET,
+    GDN_PROVIDERS,
+    KDA,
+    Lasp2ConfigError,
+    Lasp2Options,
+    resolve_options,
+)
 
-__all__ = ["Lasp2GatedDeltaNetMixer", "Lasp2GatedDeltaNetSubmodules"]
+__all__ = ["Lasp2GatedDeltaNetMixer", "Lasp2GatedDeltaNetSubmodules", "Lasp2KimiDeltaAttentionMixer"]
 
 
 @dataclass
@@ -79,9 +90,12 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
     """hidden [s_local, b, h] -> (output [s_local, b, h], output bias): one gated DeltaNet
     layer over the CP group, built and called like megatron-core's SelfAttention /
     GatedDeltaNet. Spec param `lasp2_options` (None: Megatron-LM's parsed --sp-*
-    arguments, else the defaults)."""
+    arguments, else the defaults). The class attributes say the gate's kind (a subclass
+    changes them and nothing else: Lasp2KimiDeltaAttentionMixer)."""
 
-    layer_kind = "G"
+    layer_kind = GATED_DELTANET
+    per_key_gate = False  # one log gate a head and token (lasp2.gated_delta_rule)
+    kind_name = "gated DeltaNet"
 
     def __init__(self, config, submodules: Lasp2GatedDeltaNetSubmodules, layer_number: int,
                  attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
@@ -91,20 +105,21 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         self.lasp2_options, self.layer_number = options, layer_number
         self.pg_collection = process_groups(pg_collection)
         if options.provider not in GDN_PROVIDERS:
-            raise Lasp2ConfigError(f"gated DeltaNet ('G') layers run under --sp-provider {' or '.join(GDN_PROVIDERS)}, "
-                                   f"got {options.provider!r} (layer {layer_number})")
+            raise Lasp2ConfigError(f"{self.kind_name} ({self.layer_kind!r}) layers run under --sp-provider "
+                                   f"{' or '.join(GDN_PROVIDERS)}, got {options.provider!r} (layer {layer_number})")
         tp_group = self.pg_collection.tp
         self.head_dim = config.kv_channels
         self.num_heads = divide(config.num_attention_heads, get_pg_size(tp_group))  # this TP rank's
-        check_ulysses_heads(options, self.num_heads, self.pg_collection.cp, f"gated DeltaNet layer {layer_number}")
+        check_ulysses_heads(options, self.num_heads, self.pg_collection.cp, f"{self.kind_name} layer {layer_number}")
         H, D = self.num_heads, self.head_dim
+        self.gate_width = D if self.per_key_gate else 1  # gate logits a head
         heads = global_head_slice(config.num_attention_heads, tp_group)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         factory = {"device": device, "dtype": config.params_dtype}
         self.in_proj = build_module(
-            submodules.in_proj, config.hidden_size, config.num_attention_heads * (4 * D + 2), config=config,
-            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+            submodules.in_proj, config.hidden_size, config.num_attention_heads * (4 * D + 1 + self.gate_width),
+            config=config, init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
         # the whole model's convolution and gate parameters are drawn (the same random numbers
         # for every TP layout), this rank keeps its heads
         width = getattr(config, "linear_conv_kernel_dim", None)
@@ -115,8 +130,10 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         self.conv = ShortConvolution(config.num_attention_heads * 3 * D, width, **factory)
         self.conv.weight = torch.nn.Parameter(self.conv.weight.detach().view(-1, 3 * D, self.conv.kernel_size)[heads]
                                               .reshape(H * 3 * D, self.conv.kernel_size).clone())
-        A_log, dt_bias = init_gate_parameters(config.num_attention_heads, **factory)
-        self.A_log, self.dt_bias = torch.nn.Parameter(A_log[heads].clone()), torch.nn.Parameter(dt_bias[heads].clone())
+        A_log, dt_bias = init_gate_parameters(config.num_attention_heads,
+                                              config.num_attention_heads * self.gate_width, **factory)
+        dt_bias = dt_bias.view(config.num_attention_heads, self.gate_width)[heads].reshape(-1)  # [H * width]
+        self.A_log, self.dt_bias = torch.nn.Parameter(A_log[heads].clone()), torch.nn.Parameter(dt_bias.clone())
         for param in (self.conv.weight, self.A_log, self.dt_bias):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
         self.out_norm = build_module(submodules.out_norm, D, eps=config.layernorm_epsilon, **factory)
@@ -154,26 +171,28 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         position-aware; documents come from packed_seq_params)."""
         name = type(self).__name__
         if inference_context is not None or inference_params is not None:
-            raise Lasp2ConfigError(f"{name}: gated DeltaNet layers do not support Megatron's inference context")
+            raise Lasp2ConfigError(f"{name}: {self.kind_name} layers do not support Megatron's inference context")
         if key_value_states is not None or attention_bias is not None:
             raise Lasp2ConfigError(f"{name}: key_value_states / attention_bias are not supported")
         o = self.lasp2_options
         cp = self.pg_collection.cp
         cu_seqlens = cu_seqlens_of(name, packed_seq_params, o, cp)
         group = sp_group_of(self.pg_collection)
-        H, D = self.num_heads, self.head_dim
-        mixed, _ = self.in_proj(hidden_states)                       # [s, b, H * (4D + 2)]
+        H, D, W = self.num_heads, self.head_dim, self.gate_width
+        mixed, _ = self.in_proj(hidden_states)                       # [s, b, H * (4D + 1 + W)]
         s, b = mixed.shape[:2]
-        mixed = mixed.transpose(0, 1).reshape(b, s, H, 4 * D + 2)    # lasp2's "bthd"
-        qkv, z, beta_logit, a = torch.split(mixed, [3 * D, D, 1, 1], dim=-1)
+        mixed = mixed.transpose(0, 1).reshape(b, s, H, 4 * D + 1 + W)  # lasp2's "bthd"
+        qkv, z, beta_logit, a = torch.split(mixed, [3 * D, D, 1, W], dim=-1)
         qkv = self.conv(qkv.reshape(b, s, H * 3 * D), group=group, split=o.split, cu_seqlens=cu_seqlens)
         q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
         beta = beta_from_logits(beta_logit.squeeze(-1))
-        g = delta_log_gate(a.squeeze(-1), self.A_log, self.dt_bias)
+        # "K": g [b, s, H, Dk], one gate a key dim; "G": g [b, s, H]
+        g = delta_log_gate(a if self.per_key_gate else a.squeeze(-1), self.A_log, self.dt_bias, self.per_key_gate)
+        op = lasp2.kda if self.per_key_gate else lasp2.gated_delta_rule
 
         def delta_rule(q, k, v, g, beta):
-            return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
-                                          provider=o.provider, use_qk_l2norm=True)[0]
+            return op(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split, provider=o.provider,
+                      use_qk_l2norm=True)[0]
 
         if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
             out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)
@@ -182,3 +201,12 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)
         return self.out_proj(out)
 
+
+class Lasp2KimiDeltaAttentionMixer(Lasp2GatedDeltaNetMixer):
+    """Kimi Delta Attention ("K"): Lasp2GatedDeltaNetMixer with Kimi Linear's per-key-dim
+    gate g [.., H, Dk] = -exp(A_log[h]) softplus(a + dt_bias[h * Dk + i]) (lasp2.kda);
+    dt_bias has Dk entries a head (global shape [heads * kv_channels])."""
+
+    layer_kind = KDA
+    per_key_gate = True
+    kind_name = "KDA"

@@ -158,7 +158,7 @@ class Lasp2LinearAttention(MegatronModule):
         if beta is not None:
             raise Lasp2ConfigError("Lasp2LinearAttention: `beta` (DeltaNet's delta rule) is not taken in this "
                                    "linear-attention slot; the delta rule is lasp2.gated_delta_rule / lasp2.kda, "
-                                   "and in Megatron the gated DeltaNet layers (hybrid pattern letter 'G')")
+                                   "and in Megatron the gated DeltaNet and KDA layers (pattern letters 'G', 'K')")
         packed = q.dim() == 3
         if packed:
             q, k, v = (x.unsqueeze(1) for x in (q, k, v))

@@ -20,14 +20,16 @@ from lasp2.ops.providers import get_provider, provider_names
 # The vocabulary is lasp2's (lasp2.options); Megatron adds provider "none" (its own
 # attention and context parallelism) and its spellings of softmax attention.
 PROVIDERS = (*lasp2_options.PROVIDERS, "none")
-# the providers lasp2.gated_delta_rule has ("lasp2", "lasp1", "ulysses"), read from lasp2's
-# registry so that this list cannot fall behind the op
+# the providers lasp2.gated_delta_rule and lasp2.kda share ("lasp2", "lasp1", "ulysses"; one
+# provider family), read from lasp2's registry so that this list cannot fall behind the ops
 GDN_PROVIDERS = provider_names(_DELTA_FAMILY)
 SPLITS = lasp2_options.SPLITS
 DECAYS = lasp2_options.DECAYS
 FEATURE_MAPS = tuple(lasp2_options.FEATURE_MAPS)
 SOFTMAX_BACKENDS = lasp2_options.SOFTMAX_BACKENDS
-LINEAR, SOFTMAX, GATED_DELTANET = "L", "S", "G"
+LINEAR, SOFTMAX, GATED_DELTANET, KDA = "L", "S", "G", "K"
+# the delta-rule layer kinds and their ops (one provider family: the same providers and splits)
+DELTA_RULE_OPS = {GATED_DELTANET: "lasp2.gated_delta_rule", KDA: "lasp2.kda"}
 # lasp2's layer letters plus the spellings of softmax attention in Megatron: "N" (earlier lasp2
 # patterns) and "*" (the attention symbol of Megatron's --hybrid-layer-pattern, 0.17+)
 MEGATRON_SPELLINGS = {"N": SOFTMAX, "*": SOFTMAX}
@@ -62,14 +64,15 @@ class Lasp2Options:
         "lasp1" (P2P ring), "ulysses" (all-to-all over heads) or "none" (no lasp2:
         Megatron's stock attention and its own context parallelism; every layer
         must then be softmax attention). Softmax layers always use LASP-2H; gated
-        DeltaNet ("G") layers take "lasp2", "lasp1" or "ulysses" too.
+        DeltaNet ("G") and KDA ("K") layers take "lasp2", "lasp1" or "ulysses" too.
     split: how the sequence is laid out over the context-parallel group:
         "balanced" (Megatron's own zig-zag: rank r holds chunks r and 2P-1-r of
         2P) or "contiguous". ulysses needs "contiguous" where the pattern has linear
-        ("L") layers (lasp2.gated_delta_rule's ulysses takes either split).
+        ("L") layers (lasp2.gated_delta_rule's and lasp2.kda's ulysses take either split).
     layer_pattern: one character per layer, "L" linear attention, "S" softmax
         attention ("N" and Megatron's "*" mean the same and are stored as "S"), "G"
-        gated DeltaNet, e.g. "LLLS" * 6. None: every layer is linear attention.
+        gated DeltaNet, "K" Kimi Delta Attention (per-key gate), e.g. "LLLS" * 6 or
+        "KKKS" * 6 (Kimi Linear). None: every layer is linear attention.
     decay: linear attention's decay: "none", "fixed" (per-head lightning decay) or
         "gate" (per-token, per-head gate projected from the hidden states).
     feature_map: applied to q and k of linear attention.
@@ -125,15 +128,16 @@ class Lasp2Options:
         pattern = self.pattern_for(num_layers or 1)
         if self.provider == "none" and set(pattern) - {SOFTMAX}:
             raise Lasp2ConfigError(
-                "provider 'none' (Megatron's own context parallelism) has no linear attention or gated "
-                "DeltaNet: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
-        if GATED_DELTANET in pattern and self.provider not in GDN_PROVIDERS:
-            raise Lasp2ConfigError(
-                f"gated DeltaNet ('G') layers run under --sp-provider {' or '.join(GDN_PROVIDERS)}, "
-                f"got {self.provider!r} (lasp2.gated_delta_rule has no {self.provider!r} provider)")
-        for kind, family, op in ((LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention"),
-                                 (GATED_DELTANET, _DELTA_FAMILY, "lasp2.gated_delta_rule")):
-            _check_split(self.provider, self.split, kind, family, op, pattern)
+                "provider 'none' (Megatron's own context parallelism) has no linear attention, gated "
+                "DeltaNet or KDA: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        for kind, op in DELTA_RULE_OPS.items():
+            if kind in pattern and self.provider not in GDN_PROVIDERS:
+                raise Lasp2ConfigError(
+                    f"{lasp2_options.LAYER_LETTERS[kind]} ({kind!r}) layers run under --sp-provider "
+                    f"{' or '.join(GDN_PROVIDERS)}, got {self.provider!r} ({op} has no {self.provider!r} provider)")
+        _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
+        for kind, op in DELTA_RULE_OPS.items():
+            _check_split(self.provider, self.split, kind, _DELTA_FAMILY, op, pattern)
         return self
 
     def pattern_for(self, num_layers: int) -> str:
@@ -142,7 +146,7 @@ class Lasp2Options:
         return self.layer_pattern
 
     def layer_kind(self, layer_number: int, num_layers: int) -> str:
-        """'L', 'S' or 'G' for a 1-based global layer number."""
+        """'L', 'S', 'G' or 'K' for a 1-based global layer number."""
         self.validate(num_layers)
         if not 1 <= layer_number <= num_layers:
             raise Lasp2ConfigError(f"layer_number {layer_number} is outside [1, {num_layers}]")

@@ -20,6 +20,7 @@ builders (linear_qkv, linear_proj, q/k_layernorm) and puts in the self-attention
   "S"  Lasp2SelfAttention with Lasp2SoftmaxCoreAttention (megatron_patches.softmax_attention;
        LASP-2H), or with the base spec's own core attention for provider "none"
   "G"  Lasp2GatedDeltaNetMixer     (megatron_patches.gdn_mixer; gated delta rule under LASP-2)
+  "K"  Lasp2KimiDeltaAttentionMixer (megatron_patches.gdn_mixer; the same with KDA's per-key gate)
 
 so state dicts keep Megatron's names. Nothing of Megatron is forked.
 """
@@ -44,10 +45,15 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
 
 from megatron_patches.common import mark_heterogeneous_layers  # noqa: E402
-from megatron_patches.gdn_mixer import Lasp2GatedDeltaNetMixer, Lasp2GatedDeltaNetSubmodules  # noqa: E402
+from megatron_patches.gdn_mixer import (  # noqa: E402
+    Lasp2GatedDeltaNetMixer,
+    Lasp2GatedDeltaNetSubmodules,
+    Lasp2KimiDeltaAttentionMixer,
+)
 from megatron_patches.linear_mixer import Lasp2LinearMixer, Lasp2LinearMixerSubmodules  # noqa: E402
 from megatron_patches.options import (  # noqa: E402
     GATED_DELTANET,
+    KDA,
     LAYER_LETTERS,
     LINEAR,
     Lasp2ConfigError,
@@ -91,8 +97,9 @@ def mixer_spec(layer_kind: str, attention: ModuleSpec, options: Optional[Lasp2Op
         return ModuleSpec(module=Lasp2LinearMixer, params=params, submodules=Lasp2LinearMixerSubmodules(
             linear_qkv=sub.linear_qkv, linear_proj=sub.linear_proj,
             q_layernorm=sub.q_layernorm, k_layernorm=sub.k_layernorm))
-    if kind == GATED_DELTANET:
-        return ModuleSpec(module=Lasp2GatedDeltaNetMixer, params=params, submodules=Lasp2GatedDeltaNetSubmodules(
+    if kind in (GATED_DELTANET, KDA):  # one mixer; its subclass sets KDA's per-key gate
+        module = Lasp2GatedDeltaNetMixer if kind == GATED_DELTANET else Lasp2KimiDeltaAttentionMixer
+        return ModuleSpec(module=module, params=params, submodules=Lasp2GatedDeltaNetSubmodules(
             in_proj=sub.linear_qkv, out_proj=sub.linear_proj))
     if resolve_options(options).provider == "none":
         core = sub.core_attention  # Megatron's own attention and context parallelism
@@ -106,7 +113,8 @@ class Lasp2LayerMixer:
     """The self-attention slot of a spec that serves every layer (layer_kind None): when a
     layer is built it builds the mixer of the layer's kind in the pattern (by its global
     1-based layer number, so pipeline stages need nothing else). A factory: constructing
-    it returns a Lasp2LinearMixer, Lasp2SelfAttention or Lasp2GatedDeltaNetMixer."""
+    it returns a Lasp2LinearMixer, Lasp2SelfAttention, Lasp2GatedDeltaNetMixer or
+    Lasp2KimiDeltaAttentionMixer."""
 
     def __new__(cls, config, submodules, layer_number: int, lasp2_options: Optional[Lasp2Options] = None,
                 **kwargs):
@@ -124,7 +132,7 @@ def patch_layer_spec(spec: ModuleSpec, options: Optional[Lasp2Options] = None,
     """A copy of a TransformerLayer spec whose self-attention slot holds lasp2's mixer.
 
     Works with any spec whose self_attention is a SelfAttention spec (local, TE, MoE
-    layer specs). layer_kind "L" / "S" / "G" fixes the layer's kind; None picks it from
+    layer specs). layer_kind "L" / "S" / "G" / "K" fixes the layer's kind; None picks it from
     options.layer_pattern by layer number when the layer is built (Lasp2LayerMixer).
     options None: Megatron-LM's parsed --sp-* arguments at build time, else the defaults.
     """

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.nn.norms import rms_norm
+from lasp2.nn._rank_checks import check_sp_context, module_group
 from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
-from lasp2.distributed.context import check_cu_seqlens_form
+from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
 from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
 from lasp2.options import LAYOUTS, SPLITS, check_choice
@@ -71,7 +72,8 @@ class GatedDeltaNet(nn.Module):
     projection. `per_key_gate=True` gives Kimi Delta Attention's per-key-dim gate.
 
     Inputs are this rank's share of the sequence, ``[B, T_local, hidden]`` ("bthd") or
-    ``[T_local, B, hidden]`` ("tbhd"); with ``group`` the result equals running the
+    ``[T_local, B, hidden]`` ("tbhd"); with ``group`` (or a forward's ``sp_context``,
+    as lasp2.nn.HybridStack passes for "G" / "K" layers) the result equals running the
     module on the whole sequence (the short convolutions exchange a halo of
     kernel_size - 1 tokens with the previous part's rank, the delta rule runs LASP-2).
     Parameters are replicated; reduce their gradients over the group.
@@ -115,22 +117,32 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False, **factory)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
-        """Returns the output, or (output, final_state) when output_final_state."""
-        with raised_on_every_rank("GatedDeltaNet", self.group, x):  # a failing rank's peers raise too
-            check_module_input("GatedDeltaNet", x, self.hidden_size, self.q_proj.weight,
-                               1 if self.layout == "bthd" else 0)
+                initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                sp_context: Optional[SPContext] = None):
+        """Returns the output, or (output, final_state) when output_final_state.
+        `sp_context` (``lasp2.build_sp_context``, once per batch; what HybridStack passes)
+        replaces the module's ``group`` / ``split`` and ``cu_seqlens`` (a `cu_seqlens`
+        given too must equal the context's)."""
+        seq_dim = 1 if self.layout == "bthd" else 0
+        group, split = module_group(self.group, sp_context), self.split
+        with raised_on_every_rank("GatedDeltaNet", group, x):  # a failing rank's peers raise too
+            check_sp_context("GatedDeltaNet", sp_context)
+            check_module_input("GatedDeltaNet", x, self.hidden_size, self.q_proj.weight, seq_dim)
             if cu_seqlens is not None:  # its form before the convolutions read its values
                 check_cu_seqlens_form("GatedDeltaNet", cu_seqlens)
+            if sp_context is not None:  # the convolutions and the op run on the context's layout
+                resolve_sp_context("GatedDeltaNet", sp_context, None, "contiguous", cu_seqlens, x.shape[seq_dim],
+                                   x.shape[1 - seq_dim], x.device)
+                split, cu_seqlens = sp_context.split, sp_context.cu_seqlens
         if self.layout == "tbhd":
             x = x.transpose(0, 1)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
         # once for the three convolutions: the ranks agree on what their halo all-gathers move
-        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, self.group,
-                                   self.split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
+        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
+                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
                                    ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
-        conv = dict(group=self.group, split=self.split, cu_seqlens=cu_host, ranks_checked=True)
+        conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
         v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)
@@ -138,8 +150,11 @@ class GatedDeltaNet(nn.Module):
         a = self.a_proj(x)
         g = delta_log_gate(a.view(B, T, H, K) if self.per_key_gate else a, self.A_log, self.dt_bias, self.per_key_gate)
         op = kda if self.per_key_gate else gated_delta_rule
+        # the context's own collectives reach the op; the per-call arguments otherwise
+        where = ({"sp_context": sp_context} if sp_context is not None
+                 else {"cu_seqlens": cu_seqlens, "group": group, "split": split})
         o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                      cu_seqlens=cu_seqlens, group=self.group, split=self.split, use_qk_l2norm=True)
+                      use_qk_l2norm=True, **where)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         out = self.o_proj(o.reshape(B, T, H * V))
         if self.layout == "tbhd":

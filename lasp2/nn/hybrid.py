@@ -1,5 +1,6 @@
-"""Hybrid models: pre-norm residual blocks mixing linear attention (LASP-2) and
-softmax attention (LASP-2H) under one sequence split and one SP group."""
+"""Hybrid models: pre-norm residual blocks mixing linear attention (LASP-2), softmax
+attention (LASP-2H) and the delta rule (gated DeltaNet, Kimi Delta Attention) under one
+sequence split and one SP group."""
 
 from __future__ import annotations
 
@@ -10,16 +11,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp2.distributed.context import SPContext, resolve_sp_context, sp_context_for
+from lasp2.nn.gated_deltanet import GatedDeltaNet
 from lasp2.nn.linear_attention import LinearAttention
 from lasp2.nn._rank_checks import check_sp_context, module_group
 from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.norms import RMSNorm
 from lasp2.nn.softmax_attention import SoftmaxAttention
 from lasp2.ops._checks import check_module_input
-from lasp2.options import LAYER_LETTERS, check_choice, parse_layer_pattern
+from lasp2.options import check_choice, parse_layer_pattern
 
-# mixer name -> (module, its letter in hybrid patterns, lasp2.options.LAYER_LETTERS)
-MIXERS = {"linear": (LinearAttention, "L"), "softmax": (SoftmaxAttention, "S")}
+
+def _delta_mixer(mixer: str, per_key_gate: bool):
+    """GatedDeltaNet with its gate kind fixed by the mixer's name: "kda" is the per-key
+    gate, "gated_deltanet" the per-head one (a `per_key_gate` kwarg would contradict it)."""
+
+    def build(hidden_size, num_heads, **kwargs):
+        if "per_key_gate" in kwargs:
+            raise ValueError(f"HybridBlock: mixer {mixer!r} fixes `per_key_gate` to {per_key_gate}; "
+                             "choose the mixer 'gated_deltanet' (per-head gate) or 'kda' (per-key gate) instead")
+        return GatedDeltaNet(hidden_size, num_heads, per_key_gate=per_key_gate, **kwargs)
+
+    return build
+
+
+# mixer name -> (its builder, its letter in hybrid patterns, lasp2.options.LAYER_LETTERS)
+MIXERS = {"linear": (LinearAttention, "L"), "softmax": (SoftmaxAttention, "S"),
+          "gated_deltanet": (_delta_mixer("gated_deltanet", False), "G"), "kda": (_delta_mixer("kda", True), "K")}
 MIXER_OF_LETTER = {letter: name for name, (_, letter) in MIXERS.items()}
 
 
@@ -37,11 +54,14 @@ class SwiGLU(nn.Module):
 
 class HybridBlock(nn.Module):
     """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; the mixer is
-    ``lasp2.nn.LinearAttention`` ("linear") or ``lasp2.nn.SoftmaxAttention`` ("softmax").
+    ``lasp2.nn.LinearAttention`` ("linear"), ``lasp2.nn.SoftmaxAttention`` ("softmax") or
+    ``lasp2.nn.GatedDeltaNet`` with a per-head gate ("gated_deltanet") or Kimi Delta
+    Attention's per-key gate ("kda").
 
     Token-wise parts (norms, MLP) need no communication; the mixer does its own
-    (LASP-2: one AllGather of states; LASP-2H: one AllGather of K/V). ``mixer_kwargs``
-    go to the mixer's constructor (e.g. ``decay="fixed"`` or ``num_kv_heads=2``).
+    (LASP-2: one AllGather of states; LASP-2H: one AllGather of K/V; the delta rule: a
+    convolution halo and one AllGather of part summaries). ``mixer_kwargs`` go to the
+    mixer's constructor (e.g. ``decay="fixed"``, ``num_kv_heads=2`` or ``conv_size=4``).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mixer: str = "linear",
@@ -72,26 +92,25 @@ class HybridBlock(nn.Module):
 
 class HybridStack(nn.Module):
     """A stack of HybridBlocks following ``pattern``, one letter a layer
-    (``lasp2.options.LAYER_LETTERS``): "L" linear attention, "S" softmax attention;
-    e.g. "LLLS" (3 linear : 1 softmax, as in the
-    LASP-2H paper's hybrids). Every layer shares ``group``, ``split`` and ``layout``:
-    one sequence layout serves the whole model, so activations never move between
-    layers. ``linear_kwargs`` / ``softmax_kwargs`` go to the mixers."""
+    (``lasp2.options.LAYER_LETTERS``): "L" linear attention, "S" softmax attention,
+    "G" gated DeltaNet, "K" Kimi Delta Attention; e.g. "LLLS" (3 linear : 1 softmax, as
+    in the LASP-2H paper's hybrids), "KKKS" (Kimi Linear's 3 : 1) or "GGGS" (Qwen3-Next's).
+    Every layer shares ``group``, ``split`` and ``layout``: one sequence layout serves
+    the whole model, so activations never move between layers. ``linear_kwargs`` /
+    ``softmax_kwargs`` / ``gdn_kwargs`` / ``kda_kwargs`` go to the mixers of the L / S /
+    G / K layers."""
 
     def __init__(self, hidden_size: int, num_heads: int, pattern: str = "LLLS",
                  intermediate_size: Optional[int] = None, group=None, split: str = "contiguous",
                  layout: str = "bthd", linear_kwargs: Optional[dict] = None,
-                 softmax_kwargs: Optional[dict] = None, device=None, dtype=None):
+                 softmax_kwargs: Optional[dict] = None, gdn_kwargs: Optional[dict] = None,
+                 kda_kwargs: Optional[dict] = None, device=None, dtype=None):
         super().__init__()
-        letters = parse_layer_pattern(pattern)
-        missing = sorted(set(letters) - set(MIXER_OF_LETTER))
-        if missing:
-            raise ValueError(f"HybridStack: `pattern` {pattern!r} has layer letters {missing} "
-                             f"({', '.join(LAYER_LETTERS[c] for c in missing)}) that HybridStack does not build; "
-                             f"it builds {sorted(MIXER_OF_LETTER)}")
+        letters = parse_layer_pattern(pattern)  # every letter has a mixer (MIXER_OF_LETTER)
         self.pattern = pattern
         self.group, self.split, self.layout = group, split, layout
-        kwargs = {"linear": linear_kwargs, "softmax": softmax_kwargs}
+        kwargs = {"linear": linear_kwargs, "softmax": softmax_kwargs, "gated_deltanet": gdn_kwargs,
+                  "kda": kda_kwargs}
         self.layers = nn.ModuleList(
             HybridBlock(hidden_size, num_heads, MIXER_OF_LETTER[c], intermediate_size, group=group, split=split,
                         layout=layout, device=device, dtype=dtype, **(kwargs[MIXER_OF_LETTER[c]] or {}))

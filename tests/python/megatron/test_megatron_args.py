@@ -85,11 +85,15 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(provider="ulysses"), "supports split='contiguous' only"),  # balanced is the default
     (dict(provider="none", layer_pattern="LN"), "no linear attention"),
     (dict(layer_pattern="LMLS"), "got 'LMLS'"),  # Megatron's Mamba letter: no lasp2 layer
-    (dict(provider="none", layer_pattern="GS"), "no linear attention or gated DeltaNet"),
+    (dict(provider="none", layer_pattern="GS"), "no linear attention, gated DeltaNet or KDA"),
+    # KDA layers under a provider lasp2.kda lacks: the pattern check names the letter
+    (dict(provider="none", layer_pattern="KS"), "no linear attention, gated DeltaNet or KDA"),
+    (dict(layer_pattern="LQS"), r"layer letters \(.*'K' Kimi Delta Attention \(KDA, per-key gate\)\)"),
     # ulysses of linear attention takes the contiguous split only; the G layers' would take both
     (dict(provider="ulysses", layer_pattern="GLS"),
      r"split \(--sp-split\) 'balanced': provider 'ulysses' supports split='contiguous' only for linear "
      r"attention \(LASP-2\) \('L'\) layers"),
+    (dict(provider="ulysses", layer_pattern="KLS"), r"only for linear attention \(LASP-2\) \('L'\) layers"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
     # session 18: an infinite normaliser (every gate 1) and a string were taken (the string
     # raised TypeError from a comparison); strings for the switches are truthy, so
@@ -116,6 +120,11 @@ def test_gated_deltanet_layers_take_every_provider_of_lasp2_gated_delta_rule():
     assert Lasp2Options(provider="ulysses", split="contiguous", layer_pattern="LGSG").validate(4)
     args = parse("--sp-provider", "ulysses", "--hybrid-layer-pattern", "G*G")
     assert options_from_args(args) == Lasp2Options(provider="ulysses", layer_pattern="GSG")
+    # KDA layers are the same family (lasp2.kda): every provider, ulysses with either split
+    for provider in GDN_PROVIDERS:
+        assert Lasp2Options(provider=provider, layer_pattern="KKKS").validate(4)
+    args = parse("--sp-provider", "lasp1", "--hybrid-layer-pattern", "KKK*")
+    assert options_from_args(args) == Lasp2Options(provider="lasp1", layer_pattern="KKKS")
 
 
 def test_lasp1_takes_the_balanced_split():
@@ -153,22 +162,23 @@ def test_options_come_from_megatron_lm_args(monkeypatch):
 def test_layer_specs_follow_the_pattern():
     from megatron.core.transformer.attention import SelfAttention
 
-    from megatron_patches.gdn_mixer import Lasp2GatedDeltaNetMixer
+    from megatron_patches.gdn_mixer import Lasp2GatedDeltaNetMixer, Lasp2KimiDeltaAttentionMixer
     from megatron_patches.linear_mixer import Lasp2LinearMixer
     from megatron_patches.softmax_attention import Lasp2SelfAttention, Lasp2SoftmaxCoreAttention
     from megatron_patches.specs import get_lasp2_layer_specs
 
-    opts = Lasp2Options(layer_pattern="LLNG")
-    specs = get_lasp2_layer_specs(4, opts)
+    opts = Lasp2Options(layer_pattern="LLNGK")
+    specs = get_lasp2_layer_specs(5, opts)
     attn = [s.submodules.self_attention for s in specs]
-    assert [a.module.layer_kind for a in attn] == list("LLSG")  # "N" is read as lasp2's "S"
+    assert [a.module.layer_kind for a in attn] == list("LLSGK")  # "N" is read as lasp2's "S"
     assert [a.module for a in attn] == [Lasp2LinearMixer, Lasp2LinearMixer, Lasp2SelfAttention,
-                                        Lasp2GatedDeltaNetMixer]
+                                        Lasp2GatedDeltaNetMixer, Lasp2KimiDeltaAttentionMixer]
+    assert [a.module.per_key_gate for a in attn[3:]] == [False, True]
     assert issubclass(Lasp2SelfAttention, SelfAttention)
     assert attn[2].submodules.core_attention.module is Lasp2SoftmaxCoreAttention
     assert all(a.params["lasp2_options"] is opts for a in attn)
-    with pytest.raises(Lasp2ConfigError, match="num_layers=5"):
-        get_lasp2_layer_specs(5, opts)
+    with pytest.raises(Lasp2ConfigError, match="num_layers=4"):
+        get_lasp2_layer_specs(4, opts)
 
 
 def test_patch_layer_spec_keeps_the_base_modules():
@@ -347,3 +357,36 @@ def test_launcher_checks_the_sequence_length_before_any_collective(split, seq, c
     else:
         with pytest.raises(Lasp2ConfigError, match=f"--seq-length {seq} must be divisible by .*--context-parallel"):
             pretrain_gpt.lasp2_options(args)
+
+
+def test_kda_layer_shapes_and_provider():
+    """A "K" layer's in-projection gives each head [q, k, v, z, beta, a] with Dk gate logits
+    (a "G" layer: one), dt_bias one entry a key dim of each head; built directly from its
+    spec under provider "none" (which lasp2.kda lacks) it raises naming the kind."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    no_groups = ProcessGroupCollection(tp=None, cp=None)  # one process: TP = CP = 1, construction only
+    D = 32 // 4
+
+    def build(kind, options):
+        spec = get_lasp2_layer_spec(options, layer_kind=kind).submodules.self_attention
+        return build_module(spec, config=config, layer_number=1, pg_collection=no_groups)
+
+    for kind, width in (("G", 1), ("K", D)):
+        layer = build(kind, Lasp2Options(layer_pattern=kind))
+        assert layer.layer_kind == kind and layer.in_proj.weight.shape == (4 * (4 * D + 1 + width), 32)
+        assert layer.A_log.shape == (4,) and layer.dt_bias.shape == (4 * width,)
+    with pytest.raises(Lasp2ConfigError, match=r"KDA \('K'\) layers run under --sp-provider lasp2 or lasp1 or "
+                                               r"ulysses, got 'none' \(layer 1\)"):
+        build("K", Lasp2Options(provider="none"))
+    # the one spec for every layer (Megatron-LM's --spec path) builds a "K" layer by its number
+    config2 = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    one_spec = get_lasp2_layer_spec(Lasp2Options(layer_pattern="GK")).submodules.self_attention
+    kinds = [build_module(one_spec, config=config2, layer_number=n, pg_collection=no_groups).layer_kind
+             for n in (1, 2)]
+    assert kinds == ["G", "K"]

@@ -73,6 +73,14 @@ CASES = [
     Case("balanced ulysses gdn", O(provider="ulysses", layer_pattern="GSGS")),
     Case("packed balanced ulysses gdn", O(provider="ulysses", layer_pattern="SGGS"), packed=True,
          rope_split="balanced"),
+    # KDA layers (Kimi Linear's per-key gate, lasp2.kda): a 3 : 1 hybrid under selective recompute
+    # (the 4-D gate an input of the region), and packed documents under lasp1 and Ulysses
+    Case("balanced kda hybrid selective-recompute", O(layer_pattern="KKKS", decay="gate"),
+         config={"recompute_granularity": "selective"}),
+    Case("packed contiguous lasp1 kda", O(provider="lasp1", split="contiguous", layer_pattern="KSKL"), packed=True,
+         pos_emb="learned_absolute"),
+    Case("packed balanced ulysses kda", O(provider="ulysses", layer_pattern="SKGK"), packed=True,
+         rope_split="balanced"),
 ]
 CKPT_CASE = Case("ckpt", O(layer_pattern="LGNL", decay="fixed", learnable_decay=True))
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
@@ -238,6 +246,8 @@ def _misc(rank):
         Case("u", O(provider="ulysses", split="contiguous"), num_layers=1, groups=1), num_attention_heads=1))
     out["ulysses_heads_gdn"] = error_of(lambda: build_gpt(
         Case("ug", O(provider="ulysses", layer_pattern="G"), num_layers=1, groups=1), num_attention_heads=1))
+    out["ulysses_heads_kda"] = error_of(lambda: build_gpt(
+        Case("uk", O(provider="ulysses", layer_pattern="K"), num_layers=1, groups=1), num_attention_heads=1))
 
     def pattern_mismatch():  # the Megatron-LM path: one spec for every layer, pattern checked at build
         from megatron.core.models.gpt import GPTModel
@@ -273,7 +283,9 @@ def _mixers_equal_lasp2_nn_modules():
     """CP = 1: each Megatron mixer computes its lasp2.nn module's function (lasp2.nn.LinearAttention,
     lasp2.nn.GatedDeltaNet, tested against float64 references in tests/python/nn) with the same
     weights, mapped from Megatron's layouts: linear_qkv grouped per query group, the gated DeltaNet
-    in-projection head by head ([q, k, v, z, beta, a] of each head)."""
+    in-projection head by head ([q, k, v, z, beta, a] of each head; for KDA "K", a holds one gate
+    logit a key dim and dt_bias one entry a key dim of each head: a KDA layer whose gate were
+    per head would not match lasp2.nn.GatedDeltaNet(per_key_gate=True))."""
     import lasp2
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -315,24 +327,26 @@ def _mixers_equal_lasp2_nn_modules():
         ref.o_proj.weight.copy_(linear.linear_proj.weight)
     out["L"] = against(linear, ref)
 
-    gdn = mixer("G", O(layer_pattern="G"))
-    ref = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, layout="tbhd", norm_eps=config.layernorm_epsilon)
-    with torch.no_grad():
-        w = gdn.in_proj.weight.view(HEADS, 4 * D + 2, HIDDEN)
-        rows = {"q": (0, D), "k": (D, 2 * D), "v": (2 * D, 3 * D), "z": (3 * D, 4 * D), "b": (4 * D, 4 * D + 1),
-                "a": (4 * D + 1, 4 * D + 2)}
-        for name, proj in (("q", ref.q_proj), ("k", ref.k_proj), ("v", ref.v_proj), ("z", ref.g_proj),
-                           ("b", ref.b_proj), ("a", ref.a_proj)):
-            lo, hi = rows[name]
-            proj.weight.copy_(w[:, lo:hi].reshape(-1, HIDDEN))
-        conv = gdn.conv.weight.view(HEADS, 3, D, -1)
-        for i, c in enumerate((ref.q_conv, ref.k_conv, ref.v_conv)):
-            c.weight.copy_(conv[:, i].reshape(HEADS * D, -1))
-        ref.A_log.copy_(gdn.A_log)
-        ref.dt_bias.copy_(gdn.dt_bias)
-        ref.o_norm.weight.copy_(gdn.out_norm.weight)
-        ref.o_proj.weight.copy_(gdn.out_proj.weight)
-    out["G"] = against(gdn, ref)
+    for kind, width in (("G", 1), ("K", D)):  # gate logits a head
+        gdn = mixer(kind, O(layer_pattern=kind))
+        ref = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, layout="tbhd", norm_eps=config.layernorm_epsilon,
+                                     per_key_gate=kind == "K")
+        with torch.no_grad():
+            w = gdn.in_proj.weight.view(HEADS, 4 * D + 1 + width, HIDDEN)
+            rows = {"q": (0, D), "k": (D, 2 * D), "v": (2 * D, 3 * D), "z": (3 * D, 4 * D), "b": (4 * D, 4 * D + 1),
+                    "a": (4 * D + 1, 4 * D + 1 + width)}
+            for name, proj in (("q", ref.q_proj), ("k", ref.k_proj), ("v", ref.v_proj), ("z", ref.g_proj),
+                               ("b", ref.b_proj), ("a", ref.a_proj)):
+                lo, hi = rows[name]
+                proj.weight.copy_(w[:, lo:hi].reshape(-1, HIDDEN))
+            conv = gdn.conv.weight.view(HEADS, 3, D, -1)
+            for i, c in enumerate((ref.q_conv, ref.k_conv, ref.v_conv)):
+                c.weight.copy_(conv[:, i].reshape(HEADS * D, -1))
+            ref.A_log.copy_(gdn.A_log)
+            ref.dt_bias.copy_(gdn.dt_bias)
+            ref.o_norm.weight.copy_(gdn.out_norm.weight)
+            ref.o_proj.weight.copy_(gdn.out_proj.weight)
+        out[kind] = against(gdn, ref)
     return out
 
 
@@ -491,7 +505,7 @@ def test_balanced_batch_split_is_megatrons(cp2_results):
 
 def test_mixers_compute_their_lasp2_nn_modules(cp2_results):
     r = cp2_results["misc"]["mixers_vs_lasp2_nn"]
-    assert set(r) == {"L", "G"}
+    assert set(r) == {"L", "G", "K"}
     for kind, result in r.items():
         assert result["out_rel"] <= FP32_TOL and result["grad_rel"] <= FP32_TOL, (kind, result)
 
@@ -510,6 +524,8 @@ def test_errors_that_need_a_cp_group(cp2_results):
         r["ulysses_heads"]
     assert "heads per TP rank (1) of gated DeltaNet layer 1 must be divisible by --context-parallel-size 2" in \
         r["ulysses_heads_gdn"]
+    assert "heads per TP rank (1) of KDA layer 1 must be divisible by --context-parallel-size 2" in \
+        r["ulysses_heads_kda"]
     assert "has 3 characters but the model has num_layers=4" in r["pattern_mismatch"]
     assert "the contiguous split needs megatron_patches.rope.use_lasp2_rope('contiguous')" in \
         r["rope_contiguous_unpatched"]

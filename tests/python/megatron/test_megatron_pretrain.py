@@ -5,7 +5,7 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * PP 2 x CP 2 (1F1B) and PP 2 x VPP 2 x CP 2 (interleaved 1F1B) train exactly as PP 1 x CP 1
   x DP 4: the same losses and the same weights after each SGD step (an SGD step moves every
   weight by lr x its gradient, so equal weights mean equal gradients).
-* A gated DeltaNet hybrid (pattern LGLS) trains at CP 2 exactly as at CP 1.
+* A delta-rule hybrid (pattern LGKS: gated DeltaNet and KDA layers) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
@@ -28,7 +28,7 @@ pytest.importorskip("megatron.core")
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
-GDN_PATTERN = "LGLS"
+GDN_PATTERN = "LGKS"  # gated DeltaNet and KDA layers
 BASE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
         "--hybrid-layer-pattern", PATTERN, "--linear-attention-decay", "gate", "--device", "cpu",

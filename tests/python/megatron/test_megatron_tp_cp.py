@@ -44,9 +44,13 @@ CASES = [
          rope_split="contiguous"),
     # gated DeltaNet: heads split over TP, the convolution halo over CP (at CP 4 parts of 4 tokens)
     Case("balanced gdn", O(layer_pattern="GLSG", decay="gate")),
+    # KDA (per-key gate): its gate logits and dt_bias (Dk a head) split over TP with their heads
+    Case("balanced kda", O(layer_pattern="KKSK")),
 ]
 LAYOUTS = [(2, 2), (1, 4)]  # (TP, CP) against (1, 1)
-CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn", "contiguous ulysses gdn"}
+CP4_CASES = {"balanced fixed-decay rope gqa", "packed balanced gate", "balanced gdn", "contiguous ulysses gdn",
+             "balanced kda"}
+GDN_CASE, KDA_CASE = CASES[-2], CASES[-1]
 DDP_CASE = Case("ddp", O(layer_pattern="LNLN", decay="gate"))
 
 
@@ -86,8 +90,9 @@ def _checkpoints(rank, tmpdir):
     from megatron.core import dist_checkpointing
 
     out = {}
-    # gate: linear_gate is TP-sharded too; gdn: conv.weight, A_log, dt_bias by head, out_norm replicated
-    for case in (CASES[1], CASES[-1]):
+    # gate: linear_gate is TP-sharded too; gdn / kda: conv.weight, A_log, dt_bias by head (kda: Dk entries
+    # of dt_bias a head), out_norm replicated
+    for case in (CASES[1], GDN_CASE, KDA_CASE):
         states = {}
         for tp, cp in ((1, 1), (2, 2)):
             init_parallel(tp=tp, cp=cp)
@@ -175,7 +180,7 @@ def test_per_head_parameters_are_sharded_by_global_head(tp_cp_results):
 
 def test_dist_checkpoint_between_tp_cp_and_one_device(tp_cp_results):
     r = tp_cp_results["ckpt"]
-    assert len(r) == 10  # two cases: same seed, two loads, two starting points
+    assert len(r) == 15  # three cases: same seed, two loads, two starting points
     for key, value in r.items():
         what = key.split(": ", 1)[1]
         if what == "same_seed_state_diff":

@@ -12,7 +12,7 @@ from lasp2.options import FEATURE_MAPS, LAYER_LETTERS, PROVIDERS, SPLITS, parse_
 def test_choice_sets():
     assert PROVIDERS == ("lasp2", "lasp1", "ulysses")
     assert SPLITS == ("contiguous", "balanced")
-    assert set(LAYER_LETTERS) == {"L", "S", "G"}
+    assert set(LAYER_LETTERS) == {"L", "S", "G", "K"}
 
 
 def test_elu_means_elu_plus_one():
@@ -24,14 +24,15 @@ def test_elu_means_elu_plus_one():
 def test_parse_layer_pattern():
     assert parse_layer_pattern("LLLS") == ["L", "L", "L", "S"]
     assert parse_layer_pattern("GLS") == ["G", "L", "S"]
+    assert parse_layer_pattern("KKKS") == ["K", "K", "K", "S"]
     for bad in ("", "LXS", "lls", None, ["L"]):
         with pytest.raises(ValueError, match="`hybrid_pattern` must be a non-empty string of layer letters"):
             parse_layer_pattern(bad, name="hybrid_pattern")
 
 
-def test_hybrid_stack_names_the_letters_it_does_not_build():
-    with pytest.raises(ValueError, match=r"`pattern` 'LG' has layer letters \['G'\] \(gated DeltaNet"):
-        lasp2.nn.HybridStack(16, 2, pattern="LG")
+def test_hybrid_stack_names_every_letter_in_its_error():
+    with pytest.raises(ValueError, match=r"'G' gated DeltaNet.*'K' Kimi Delta Attention \(KDA, per-key gate\)"):
+        lasp2.nn.HybridStack(16, 2, pattern="LGQ")
 
 
 def test_gate_from_logits():

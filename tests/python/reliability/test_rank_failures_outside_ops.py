@@ -36,6 +36,9 @@ def _scenarios(rank, world):
                "SoftmaxAttention": lasp2.nn.SoftmaxAttention(HIDDEN, HEADS, group=W),
                "HybridBlock": lasp2.nn.HybridBlock(HIDDEN, HEADS, group=W),
                "HybridStack": lasp2.nn.HybridStack(HIDDEN, HEADS, pattern="LS", group=W),
+               # its delta-rule layers take the stack's SP context (session 19)
+               "KDA HybridStack": lasp2.nn.HybridStack(HIDDEN, HEADS, pattern="KG", group=W,
+                                                       kda_kwargs={"conv_size": 3}, gdn_kwargs={"conv_size": 3}),
                "GatedDeltaNet": gdn}
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, T, HEADS, 4, generator=gen) for _ in range(3))
@@ -51,6 +54,7 @@ def _scenarios(rank, world):
         "gated_delta_rule sp_context and group": lambda: lasp2.gated_delta_rule(
             q, k, v, g, beta, sp_context=ctx, group=W if bad else None),
         "HybridStack sp_context": lambda: modules["HybridStack"](x, sp_context="ctx" if bad else ctx),
+        "GatedDeltaNet sp_context": lambda: gdn(x, sp_context="ctx" if bad else ctx),
         "gather_sequence length": lambda: lasp2.gather_sequence(x[:, :6] if bad else x, W),
         "gather_sequence dtype": lambda: lasp2.gather_sequence(x.double() if bad else x, W),
         "gather_sequence split": lambda: lasp2.gather_sequence(x, W, split="balanced" if bad else "contiguous"),
