@@ -131,7 +131,7 @@ def fsdp_rank(rank, world):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (DP, CP), mesh_dim_names=("dp", "cp"))
-    dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
+    dp_cp = mesh["dp", "cp"]._flatten("dp_cp")  # torch 2.13 has no public name for flattening a mesh
     torch.manual_seed(0)
     initial = TinyHybrid()
     steps = 2
