@@ -42,8 +42,10 @@ def check_torch_fsdp2_args(args) -> None:
                          f"checkpoints; not with {', '.join(bad)}")
 
 
-def wrap_torch_fsdp2(config, module: torch.nn.Module) -> torch.nn.Module:
-    """`module` (a GPTModel) sharded with FSDP2 over the dp-cp group, one unit per transformer layer."""
+def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """`module` (a GPTModel) sharded with FSDP2 over `process_group` (default: megatron-core's
+    dp-cp group; the tests pass the dp group to show that CP must be in it), one unit per
+    transformer layer."""
     from megatron.core.distributed import DistributedDataParallelConfig, TorchFullyShardedDataParallel
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -52,4 +54,5 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module) -> torch.nn.Module:
             """FSDP2 reduced the gradients during backward (see the module docstring)."""
 
     return Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
-                                              module=module, sub_modules_to_wrap={TransformerLayer})
+                                              module=module, sub_modules_to_wrap={TransformerLayer},
+                                              process_group=process_group)

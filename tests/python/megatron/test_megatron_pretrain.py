@@ -8,7 +8,8 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * A gated DeltaNet hybrid (pattern LGLS) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
-  trains the LGLS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4.
+  trains the LGLS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4; sharded over the
+  dp group alone (no CP reduction) it does not.
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
   run had; the saves return (a hang fails the test through the worker timeout).
@@ -148,6 +149,18 @@ def _worker(rank, world, out_path, tmpdir):
     out["fsdp"] = {"losses": fsdp["losses"], "ref_losses": gdn[1]["losses"],
                    "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(gdn[1]["chunks"])),
                    "sharded": all(isinstance(p, DTensor) for p in fsdp["chunks"][0].module.parameters())}
+    # the same sharded over the dp group only: CP ranks keep partial gradients, the check must see it
+    from megatron.core import parallel_state as ps
+    from megatron_patches import torch_fsdp
+
+    wrap = torch_fsdp.wrap_torch_fsdp2
+    torch_fsdp.wrap_torch_fsdp2 = lambda config, module: wrap(config, module, ps.get_data_parallel_group())
+    try:
+        dp_only = _run(_layout(1, 1, 2) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN,
+                                                 "--use-torch-fsdp2"])
+    finally:
+        torch_fsdp.wrap_torch_fsdp2 = wrap
+    out["fsdp"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
     # 3. checkpoint at (1, 2, 2) after step 2 (model + distributed optimizer; the run goes on to
     # step 3), resumed from it at other layouts
     save = os.path.join(tmpdir, "ckpt")
@@ -205,6 +218,7 @@ def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results):
     for got, ref in zip(r["losses"], r["ref_losses"]):
         assert abs(got - ref) <= 1e-5 * abs(ref), r
     assert r["weight_diff"] <= 1e-5, r  # two SGD steps of lr 0.5: the gradients agree
+    assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
 
 
 @pytest.mark.parametrize("layout", ["tp1 pp1 cp1", "tp2 pp1 cp1"])
