@@ -27,6 +27,9 @@ available unless force=True, and nothing in this package applies it implicitly.
                   gather / scatter (.cuda() copies, distrib_optimizer.py:1089) runs in place
   tied_embedding  PP: the last stage's copy of the tied embedding weight is moved with .cuda()
                   (language_module.py:244); there .cuda() leaves CPU tensors in place
+  torch_fsdp_mesh TorchFullyShardedDataParallel (--use-torch-fsdp2) builds its DeviceMesh with
+                  DeviceMesh.from_group(group, "cuda") (torch_fully_sharded_data_parallel.py:81);
+                  that module sees a DeviceMesh whose from_group builds it on "cpu"
 """
 
 from __future__ import annotations
@@ -149,7 +152,25 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
 
     LanguageModule.setup_embeddings_and_output_layer = _as_on_cuda(LanguageModule.setup_embeddings_and_output_layer)
     _APPLIED.append("tied_embedding")
+
+    try:  # a megatron-core without the FSDP2 wrapper (or a torch without FSDP2) just lacks --use-torch-fsdp2
+        from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
+    except ImportError:
+        torch_fsdp = None
+    if getattr(torch_fsdp, "DeviceMesh", None) is not None:
+        torch_fsdp.DeviceMesh = _CpuDeviceMesh
+        _APPLIED.append("torch_fsdp_mesh")
     return list(_APPLIED)
+
+
+class _CpuDeviceMesh:
+    """What torch_fully_sharded_data_parallel uses of DeviceMesh, with its meshes on the CPU."""
+
+    @staticmethod
+    def from_group(group, device_type, *args, **kwargs):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu", *args, **kwargs)
 
 
 def _cpu_torch() -> types.ModuleType:

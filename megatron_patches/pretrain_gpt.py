@@ -6,9 +6,10 @@
 
 Nothing here is a training loop of its own making: the steps run through
 megatron-core's `get_forward_backward_func` (no pipelining, 1F1B, interleaved
-virtual stages), gradients through Megatron's `DistributedDataParallel` and
-`finalize_model_grads`, the update through `get_megatron_optimizer` (Adam / SGD,
-`--use-distributed-optimizer`, bf16 master weights), checkpoints through
+virtual stages), gradients through Megatron's `DistributedDataParallel` (or its FSDP2
+wrapper, `--use-torch-fsdp2`) and `finalize_model_grads`, the update through
+`get_megatron_optimizer` (Adam / SGD, `--use-distributed-optimizer`, bf16 master
+weights), checkpoints through
 `dist_checkpointing` (loadable at another TP x PP x CP x DP layout), data through
 megatron-core's GPT dataset (`MockGPTDataset` unless `--data-path` names an
 indexed dataset). Arguments use Megatron-LM's names. `--sp-provider
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--use-torch-fsdp2", action="store_true",
+                     help="PyTorch FSDP2 over dp-cp (megatron-core's TorchFullyShardedDataParallel) instead of DDP")
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=1)
     t.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x DP")
@@ -114,6 +117,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:
         args.num_query_groups = None
+    if args.use_torch_fsdp2:
+        from megatron_patches.torch_fsdp import check_torch_fsdp2_args
+
+        check_torch_fsdp2_args(args)
     if args.transformer_impl is None:
         from megatron_patches.specs import HAVE_TE
 
@@ -224,7 +231,8 @@ def lasp2_options(args) -> Lasp2Options:
 
 
 def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
-    """One GPTModel per virtual stage of this pipeline rank, each wrapped in Megatron's DDP."""
+    """One GPTModel per virtual stage of this pipeline rank, each wrapped in Megatron's DDP
+    (or, with --use-torch-fsdp2, its TorchFullyShardedDataParallel)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -247,6 +255,10 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
         if args.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
+    if args.use_torch_fsdp2:
+        from megatron_patches.torch_fsdp import wrap_torch_fsdp2
+
+        return [wrap_torch_fsdp2(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
         use_distributed_optimizer=args.use_distributed_optimizer)
@@ -488,13 +500,15 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
     iterators = [data_iterator(args, dataset, iteration) for _ in chunks]
     forward_step = make_forward_step(options, device)
     forward_backward = get_forward_backward_func()
-    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    # under FSDP2 a parameter is a DTensor: this rank holds its local shard
+    n_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for c in chunks for p in c.parameters())
     _log(f"lasp2-pretrain-gpt: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
          f"{args.pipeline_model_parallel_size}{' (virtual ' + str(args.virtual_pipeline_model_parallel_size) + ')' if args.virtual_pipeline_model_parallel_size else ''}"
          f" x CP {args.context_parallel_size} x DP {args.data_parallel_size}; pattern "
          f"{options.pattern_for(args.num_layers)}, sp-provider {options.provider}, split {options.split}; "
          f"{args.transformer_impl} spec, {'bf16' if args.bf16 else 'fp32'}, "
-         f"{'distributed ' if args.use_distributed_optimizer else ''}{args.optimizer}; "
+         f"{'distributed ' if args.use_distributed_optimizer else ''}{args.optimizer}"
+         f"{', FSDP2 over dp-cp' if args.use_torch_fsdp2 else ''}; "
          f"rank 0 holds {n_params / 1e6:.2f} M parameters")
     losses = []
     flops = _flops_per_step(args)

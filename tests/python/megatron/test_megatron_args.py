@@ -390,3 +390,17 @@ def test_kda_layer_shapes_and_provider():
     kinds = [build_module(one_spec, config=config2, layer_number=n, pg_collection=no_groups).layer_kind
              for n in (1, 2)]
     assert kinds == ["G", "K"]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
+    (["--save", "ckpt"], "--save")])
+def test_launcher_refuses_torch_fsdp2_with_what_it_was_not_run_with(extra, named):
+    """--use-torch-fsdp2 is tested at TP 1, PP 1, fp32, the plain optimizer, no checkpoints
+    (tests/python/megatron/test_megatron_pretrain.py); other settings stop at parse time."""
+    from megatron_patches import pretrain_gpt
+
+    assert pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2"]).use_torch_fsdp2
+    with pytest.raises(SystemExit, match=f"--use-torch-fsdp2 is tested .*not with {named}"):
+        pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *extra])

@@ -7,6 +7,9 @@ distributed), dist_checkpointing, the mock GPT dataset.
   weight by lr x its gradient, so equal weights mean equal gradients).
 * A delta-rule hybrid (pattern LGKS: gated DeltaNet and KDA layers) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
+* `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
+  trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4; sharded over the
+  dp group alone (no CP reduction) it does not.
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
   run had; the saves return (a hang fails the test through the worker timeout).
@@ -64,19 +67,30 @@ def _global_named_params(chunks):
 
 
 def _set_weights(chunks):
-    """TP = 1 in every run that calls this: each parameter is whole."""
+    """TP = 1 in every run that calls this: each parameter is whole (or, under FSDP2, a
+    DTensor whose shards are cut from the whole value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     with torch.no_grad():
         for name, param in _global_named_params(chunks):
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             values = torch.randn(param.shape, generator=gen) * 0.1
             if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")):
                 values += 1.0
+            if isinstance(param, DTensor):
+                values = distribute_tensor(values, param.device_mesh, param.placements)
             param.copy_(values)
+
+
+def _whole(param):
+    """A parameter's whole value (FSDP2's DTensors are gathered: a collective, same order on every rank)."""
+    full_tensor = getattr(param, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else param).detach().clone()
 
 
 def _weights(chunks):
     """Every parameter of the whole model, on every rank (TP = 1 layouts)."""
-    mine = {name: p.detach().clone() for name, p in _global_named_params(chunks)}
+    mine = {name: _whole(p) for name, p in _global_named_params(chunks)}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     out = {}
@@ -127,6 +141,26 @@ def _worker(rank, world, out_path, tmpdir):
     out["distopt"] = {"plain": plain["losses"], "distributed": distributed["losses"],
                       "weight_diff": _max_diff(_weights(plain["chunks"]), _weights(distributed["chunks"])),
                       "moved": _max_diff(_weights(plain["chunks"]), ref_weights)}
+    # 2b. FSDP2 over dp-cp (DP 2 x CP 2) against DDP at CP 1 x DP 4, the LGKS hybrid, SGD
+    from torch.distributed.tensor import DTensor
+
+    fsdp = _run(_layout(1, 1, 2) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN,
+                                          "--use-torch-fsdp2"])
+    out["fsdp"] = {"losses": fsdp["losses"], "ref_losses": gdn[1]["losses"],
+                   "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(gdn[1]["chunks"])),
+                   "sharded": all(isinstance(p, DTensor) for p in fsdp["chunks"][0].module.parameters())}
+    # the same sharded over the dp group only: CP ranks keep partial gradients, the check must see it
+    from megatron.core import parallel_state as ps
+    from megatron_patches import torch_fsdp
+
+    wrap = torch_fsdp.wrap_torch_fsdp2
+    torch_fsdp.wrap_torch_fsdp2 = lambda config, module: wrap(config, module, ps.get_data_parallel_group())
+    try:
+        dp_only = _run(_layout(1, 1, 2) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN,
+                                                 "--use-torch-fsdp2"])
+    finally:
+        torch_fsdp.wrap_torch_fsdp2 = wrap
+    out["fsdp"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
     # 3. checkpoint at (1, 2, 2) after step 2 (model + distributed optimizer; the run goes on to
     # step 3), resumed from it at other layouts
     save = os.path.join(tmpdir, "ckpt")
@@ -175,6 +209,16 @@ def test_distributed_optimizer_equals_plain_optimizer(results):
     # Adam's normalised steps turn float noise of near-zero gradients into ~lr-sized differences
     # of a few weights (measured 2e-6 after two steps of lr 0.01)
     assert r["weight_diff"] <= 2e-5, r
+
+
+def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results):
+    r = results["fsdp"]
+    assert r["sharded"], r  # every parameter is an FSDP2 shard (DTensor): FSDP did run
+    assert len(r["losses"]) == 2
+    for got, ref in zip(r["losses"], r["ref_losses"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), r
+    assert r["weight_diff"] <= 1e-5, r  # two SGD steps of lr 0.5: the gradients agree
+    assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
 
 
 @pytest.mark.parametrize("layout", ["tp1 pp1 cp1", "tp2 pp1 cp1"])
