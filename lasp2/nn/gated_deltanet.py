@@ -16,7 +16,8 @@ from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
 from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
 from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
-from lasp2.ops.gated_delta_rule import gated_delta_rule, kda
+from lasp2.ops.gated_delta_rule import FAMILY, gated_delta_rule, kda
+from lasp2.ops.providers.base import provider_names
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
 
@@ -75,13 +76,15 @@ class GatedDeltaNet(nn.Module):
     ``[T_local, B, hidden]`` ("tbhd"); with ``group`` (or a forward's ``sp_context``,
     as lasp2.nn.HybridStack passes for "G" / "K" layers) the result equals running the
     module on the whole sequence (the short convolutions exchange a halo of
-    kernel_size - 1 tokens with the previous part's rank, the delta rule runs LASP-2).
+    kernel_size - 1 tokens with the previous part's rank, the delta rule runs LASP-2,
+    or ``provider`` "lasp1" / "ulysses", as ``lasp2.gated_delta_rule``).
     Parameters are replicated; reduce their gradients over the group.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: Optional[int] = None,
                  value_head_dim: Optional[int] = None, conv_size: int = 4, per_key_gate: bool = False,
-                 group=None, split: str = "contiguous", layout: str = "bthd", norm_eps: float = 1e-5, device=None, dtype=None):
+                 group=None, split: str = "contiguous", layout: str = "bthd", norm_eps: float = 1e-5, device=None, dtype=None,
+                 provider: str = "lasp2"):
         super().__init__()
         check_positive_int("GatedDeltaNet", "hidden_size", hidden_size)
         check_positive_int("GatedDeltaNet", "num_heads", num_heads)
@@ -95,11 +98,13 @@ class GatedDeltaNet(nn.Module):
             raise ValueError(f"GatedDeltaNet: `hidden_size` {hidden_size} and `num_heads` {num_heads} give no heads")
         check_choice("GatedDeltaNet", "layout", layout, LAYOUTS)
         check_choice("GatedDeltaNet", "split", split, SPLITS)
+        check_choice("GatedDeltaNet", "provider", provider, provider_names(FAMILY))
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim, self.value_head_dim = head_dim, value_head_dim
         self.per_key_gate = per_key_gate
         self.group, self.split, self.layout = group, split, layout
+        self.provider = provider
         key_dim, value_dim = num_heads * head_dim, num_heads * value_head_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False, **factory)
@@ -154,7 +159,7 @@ class GatedDeltaNet(nn.Module):
         where = ({"sp_context": sp_context} if sp_context is not None
                  else {"cu_seqlens": cu_seqlens, "group": group, "split": split})
         o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                      use_qk_l2norm=True, **where)
+                      use_qk_l2norm=True, provider=self.provider, **where)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         out = self.o_proj(o.reshape(B, T, H * V))
         if self.layout == "tbhd":

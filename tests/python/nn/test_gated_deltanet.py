@@ -51,15 +51,17 @@ def test_module_runs_and_returns_states(per_key_gate):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-CONFIGS = [("contiguous", False, False), ("balanced", True, False), ("contiguous", True, True)]
+# (split, packed documents, per-key gate (KDA), provider)
+CONFIGS = [("contiguous", False, False, "lasp2"), ("balanced", True, False, "lasp2"), ("contiguous", True, True, "lasp2"),
+           ("balanced", True, True, "lasp1"), ("contiguous", False, False, "ulysses")]
 
 
 def check_module_rank(rank, world):
     group = dist.new_group(list(range(world)))
-    for index, (split, packed, per_key) in enumerate(CONFIGS):
+    for index, (split, packed, per_key, provider) in enumerate(CONFIGS):
         torch.manual_seed(20 + index)
         T = 8 * world
-        layer = lasp2.nn.GatedDeltaNet(12, 2, conv_size=4, per_key_gate=per_key).double()
+        layer = lasp2.nn.GatedDeltaNet(12, 2, conv_size=4, per_key_gate=per_key, provider=provider).double()
         x = torch.randn(1 if packed else 2, T, 12, dtype=torch.float64)
         do = torch.randn_like(x)
         cu = torch.tensor([0, 3, 9, T - 2, T]) if packed else None
@@ -72,7 +74,7 @@ def check_module_rank(rank, world):
         xl = local(x).requires_grad_()
         y = layer(xl, cu_seqlens=cu)
         layer.group, layer.split = None, "contiguous"
-        what = f"P={world} {split} packed={packed} per_key={per_key} rank {rank}"
+        what = f"P={world} {split} packed={packed} per_key={per_key} {provider} rank {rank}"
         assert_rel(y, local(y_full), 1e-5, f"output, {what}")
         grads = torch.autograd.grad((y * local(do)).sum(), [xl] + list(layer.parameters()))
         assert_rel(grads[0], local(grads_full[0]), 1e-5, f"dx, {what}")
@@ -80,6 +82,10 @@ def check_module_rank(rank, world):
             got = got.clone()
             dist.all_reduce(got, group=group)
             assert_rel(got, want, 1e-5, f"d{name}, {what}")
+    # the provider reaches the op: ulysses shards 3 heads over 2 ranks no more than the op does
+    odd = lasp2.nn.GatedDeltaNet(12, 3, head_dim=4, provider="ulysses", group=group).double()
+    with pytest.raises(ValueError, match=r"provider=\"ulysses\" shards heads .* heads \(3\)"):
+        odd(torch.randn(1, 8, 12, dtype=torch.float64))
 
 
 def test_module_same_with_and_without_group():

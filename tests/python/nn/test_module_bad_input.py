@@ -85,3 +85,10 @@ def test_autocast_mixes_dtypes(module):
             got = layer(x.bfloat16())
     err = float((got.float() - want).abs().max() / want.abs().max())
     assert err < 5e-2, err
+
+
+@pytest.mark.parametrize("module", ["LinearAttention", "GatedDeltaNet"])
+def test_unknown_provider_names_it(module):
+    cls = getattr(lasp2.nn, module)
+    with pytest.raises(ValueError, match=rf"{module}: `provider` must be one of .*'lasp1'.*got 'ring'"):
+        cls(HIDDEN, HEADS, provider="ring")
