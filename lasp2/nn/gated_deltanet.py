@@ -143,10 +143,12 @@ class GatedDeltaNet(nn.Module):
             x = x.transpose(0, 1)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
-        # once for the three convolutions: the ranks agree on what their halo all-gathers move
+        # once for the three convolutions: the ranks agree on what their halo all-gathers move,
+        # and on the layout: a square [B, T] would pass every size check read the other way
         cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
-                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
-                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
+                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate), LAYOUTS.index(self.layout)),
+                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)",
+                                    "layout (bthd/tbhd)"))
         conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
