@@ -73,6 +73,15 @@ def test_bad_cu_seqlens_names_it(module, name, cu, error, match):
         make(module)(X, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("module", ["GatedDeltaNet", "KDA"])
+@pytest.mark.parametrize("cu", [[0, 4, 8, 8], [0, 4, 4, 8]], ids=["empty last", "empty inner"])
+def test_empty_documents_name_cu_seqlens(module, cu):
+    """The delta rule needs every document non-empty: its error, not the short
+    convolution's IndexError (an empty last document's boundary indexed past the end)."""
+    with pytest.raises(ValueError, match=r"`cu_seqlens` must be strictly increasing \(no empty documents\)"):
+        make(module)(X, cu_seqlens=torch.tensor(cu))
+
+
 @pytest.mark.parametrize("module", ["LinearAttention", "GatedDeltaNet", "HybridStack"])
 def test_autocast_mixes_dtypes(module):
     """bf16 x into fp32 parameters under CPU autocast is a valid call (the dtype check
