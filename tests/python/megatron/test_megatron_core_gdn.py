@@ -1,0 +1,288 @@
+"""megatron-core's own GatedDeltaNet under LASP-2 context parallelism (Lasp2CoreGatedDeltaNet).
+
+The independent reference is megatron-core's GatedDeltaNet itself, on one process and the whole
+sequence, in its config.deterministic_mode path (its pure-torch torch_chunk_gated_delta_rule
+and nn.Conv1d). Building it on a CPU needs three stand-ins, set in the test processes only:
+torch.cuda.current_device -> "cpu" (megatron_patches.cpu), HAVE_FLA -> True and fla's l2norm
+-> the same formula in torch (x / sqrt(sum x^2 + 1e-6)); its torch.compile'd gated norm runs
+eagerly (no compiler needed). It has no packed sequences, so
+packed batches are compared with its runs on each document alone.
+
+Ours loads its state_dict unchanged and runs over CP = 2 (both splits, every provider),
+CP = 3, and TP = 2 x CP = 2 (weights sliced per in_proj / conv1d section, as megatron-core's
+sharded_state_dict splits them). float64 parameters and inputs: ours is float64 throughout,
+the reference's delta rule casts to float32, so outputs and gradients agree to float32
+rounding (measured ~1e-7 relative; bound TOL). A wrong halo or state exchange gives errors
+of order 1e-1 (checked below by switching each off).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from lasp2_testing.dist import run_distributed  # noqa: E402
+from megatron_testing import worker_setup  # noqa: E402
+
+HIDDEN, SEQ, BATCH = 32, 24, 2
+KEY_HEADS, VALUE_HEADS, KEY_DIM, VALUE_DIM, WIDTH = 2, 4, 8, 6, 4
+PACKED_CU = (0, 5, 14, 16, 24)  # documents inside a part, across parts and ranks, one shorter than the halo
+TOL = 1e-5  # max |diff| / max |ref|: float32 rounding of the reference's delta rule
+# A = exp(A_log) from here, not megatron-core's default (1, 16): with A >= 1 the state keeps
+# under exp(-1.3) per token and a rank's incoming state hardly reaches its outputs (a broken
+# state exchange then changed them by ~1e-3 only); ~0.1 keeps it over the whole sequence
+A_INIT_RANGE = (0.02, 0.2)
+
+
+def _fla_l2norm(x, dim=-1, eps=1e-6, **_):
+    return x * torch.rsqrt((x * x).sum(dim, keepdim=True) + eps)
+
+
+def _use_megatron_gdn_on_cpu():
+    """megatron-core's GatedDeltaNet buildable and runnable here (see the module docstring):
+    its __init__ and forward read HAVE_FLA / l2norm from their modules' globals (one module in
+    0.16.1, two in later releases)."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    torch._dynamo.config.disable = True  # its gated norm is torch.compile'd: eager is the reference
+    for fn in (GatedDeltaNet.__init__, GatedDeltaNet.forward):
+        fn.__globals__["HAVE_FLA"] = True
+        fn.__globals__["l2norm"] = _fla_l2norm
+
+
+def _config(tp=1, cp=1, **overrides):
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, use_cpu_initialization=True,
+                  params_dtype=torch.float64, hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
+                  activation_func=F.silu, deterministic_mode=True, linear_conv_kernel_dim=WIDTH,
+                  linear_key_head_dim=KEY_DIM, linear_value_head_dim=VALUE_DIM, linear_num_key_heads=KEY_HEADS,
+                  linear_num_value_heads=VALUE_HEADS, tensor_model_parallel_size=tp, context_parallel_size=cp)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _submodules():
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=LNImpl, out_proj=RowParallelLinear)
+
+
+def _pgs():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+
+
+def _theirs(seed=5, **config):
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    torch.manual_seed(seed)
+    return GatedDeltaNet(_config(**config), _submodules(), layer_number=1, conv_bias=True,
+                         A_init_range=A_INIT_RANGE, pg_collection=_pgs())
+
+
+def _ours(options, seed=11, tp=1, cp=1, **config):
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+
+    torch.manual_seed(seed)
+    return Lasp2CoreGatedDeltaNet(_config(tp, cp, **config), _submodules(), layer_number=1, conv_bias=True,
+                                  A_init_range=A_INIT_RANGE, pg_collection=_pgs(), lasp2_options=options)
+
+
+def _inputs(packed):
+    gen = torch.Generator().manual_seed(3)
+    b = 1 if packed else BATCH
+    x = torch.randn(SEQ, b, HIDDEN, generator=gen, dtype=torch.float64)
+    w = torch.randn(SEQ, b, HIDDEN, generator=gen, dtype=torch.float64)  # loss weights
+    return x, w
+
+
+def _reference(module, packed):
+    """Output, input gradient and parameter gradients of sum(out * w) on one process; packed:
+    each document run alone (megatron-core's layer has no packed sequences)."""
+    x, w = _inputs(packed)
+    x = x.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    if packed:
+        out = torch.cat([module(x[a:b], None)[0] for a, b in zip(PACKED_CU[:-1], PACKED_CU[1:])])
+    else:
+        out = module(x, None)[0]
+    (out * w).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def _run_ours(module, split, packed, cp_group):
+    """This rank's output and input gradient, and the CP-summed parameter gradients."""
+    import torch.distributed as dist
+
+    from lasp2.distributed.sequence_split import global_token_index
+    from megatron_patches.batch import get_packed_batch_on_this_sp_rank
+
+    x, w = _inputs(packed)
+    cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    idx = global_token_index(SEQ // cp, rank, cp, split)
+    params = None
+    if packed:
+        cu = torch.tensor(PACKED_CU, dtype=torch.int32)
+        params = get_packed_batch_on_this_sp_rank({"tokens": torch.zeros(1, SEQ)}, cu, split=split,
+                                                  cp_group=cp_group)[1]
+    xl = x[idx].clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out, bias = module(xl, None, packed_seq_params=params)
+    assert bias is None
+    (out * w[idx]).sum().backward()
+    grads = {}
+    for n, p in module.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g, group=cp_group)  # Megatron reduces replicated parameters over dp x cp
+        grads[n] = g
+    return idx, out.detach(), xl.grad, grads
+
+
+def _rel(got, ref):
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _errors(ref, got, tp_slice=lambda name, t: t):
+    """Worst relative error of output, input gradient and each parameter gradient."""
+    out_ref, dx_ref, grads_ref = ref
+    idx, out, dx, grads = got
+    errs = {"out": _rel(out, out_ref[idx]), "dx": _rel(dx, dx_ref[idx])}
+    assert set(grads) == set(grads_ref), sorted(set(grads) ^ set(grads_ref))
+    for name, g in grads.items():
+        errs[name] = _rel(g, tp_slice(name, grads_ref[name]))
+    return errs
+
+
+def _cp_worker(rank, world, out_path):
+    """CP = world over every rank; on world 2 also the bad-config errors and the checks that
+    the comparison fails without the halo or the state exchange."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patches import Lasp2Options
+    from megatron_patches import core_gdn
+    from megatron_testing import init_parallel
+
+    worker_setup()
+    _use_megatron_gdn_on_cpu()
+    init_parallel(tp=1, cp=1)
+    theirs = _theirs()
+    refs = {packed: _reference(theirs, packed) for packed in (False, True)}
+    state = theirs.state_dict()
+    same_seed = _same_seed_state(state)
+    init_parallel(tp=1, cp=world)
+    cp_group = ps.get_context_parallel_group()
+    providers = ("lasp2", "lasp1", "ulysses") if VALUE_HEADS % world == 0 else ("lasp2", "lasp1")
+    results = {}
+    for provider in providers:
+        for split in ("balanced", "contiguous"):
+            ours = _ours(Lasp2Options(provider=provider, split=split, layer_pattern="G"), cp=world)
+            ours.load_state_dict(state)  # strict: the same names and shapes
+            for packed in (False, True):
+                key = f"cp{world} {provider} {split}{' packed' if packed else ''}"
+                results[key] = _errors(refs[packed], _run_ours(ours, split, packed, cp_group))
+    out = {"results": results}
+    if world == 2:
+        out["same_seed_state"] = same_seed
+        out["broken"] = _broken(core_gdn, state, refs, cp_group)
+        out["errors"] = _bad_configs()
+    if rank == 0:
+        torch.save(out, out_path)
+
+
+def _same_seed_state(state):
+    """ours built with the seeds theirs had (torch's, and the RNG tracker's, reset): the same
+    weights (megatron-core's draws, in order)."""
+    from megatron_patches import Lasp2Options
+    from megatron_testing import init_parallel
+
+    init_parallel(tp=1, cp=1)
+    ours = _ours(Lasp2Options(), seed=5)
+    mine = ours.state_dict()
+    diffs = {k: (mine[k] - state[k]).abs().max().item() for k in state if isinstance(state[k], torch.Tensor)}
+    return {"keys": list(mine) == list(state), "max_diff": max(diffs.values()), "diffs": diffs}
+
+
+def _broken(core_gdn, state, refs, cp_group):
+    """The comparison's errors with the convolution halo or the delta rule's state exchange
+    off (each rank alone, documents still reset): both must exceed TOL by far."""
+    from megatron_patches import Lasp2Options
+
+    out = {}
+    real_conv, real_rule = core_gdn.causal_conv_sp, core_gdn.lasp2.gated_delta_rule
+
+    def conv_alone(x, weight, bias, group=None, split=None, cu_seqlens=None):
+        return real_conv(x, weight, bias, group=None, split="contiguous", cu_seqlens=None)
+
+    def rule_alone(*args, group=None, split=None, cu_seqlens=None, **kwargs):
+        return real_rule(*args, group=None, cu_seqlens=None, **kwargs)
+
+    for what in ("halo", "state"):
+        ours = _ours(Lasp2Options(split="balanced"), cp=2)
+        ours.load_state_dict(state)
+        try:
+            if what == "halo":
+                core_gdn.causal_conv_sp = conv_alone
+            else:
+                core_gdn.lasp2.gated_delta_rule = rule_alone
+            out[what] = _errors(refs[False], _run_ours(ours, "balanced", False, cp_group))
+        finally:
+            core_gdn.causal_conv_sp, core_gdn.lasp2.gated_delta_rule = real_conv, real_rule
+    return out
+
+
+def _bad_configs():
+    """Lasp2ConfigError messages of configs that cannot work (CP = 2)."""
+    from megatron_patches import Lasp2ConfigError, Lasp2Options
+
+    cases = {
+        "provider none": lambda: _ours(Lasp2Options(provider="none", layer_pattern="S"), cp=2),
+        "ulysses heads": lambda: _ours(Lasp2Options(provider="ulysses", split="contiguous", layer_pattern="G"),
+                                       cp=2, linear_num_key_heads=1, linear_num_value_heads=3),
+        "gqa": lambda: _ours(Lasp2Options(), cp=2, linear_num_key_heads=3, linear_num_value_heads=4),
+        "no width": lambda: _ours(Lasp2Options(), cp=2, linear_conv_kernel_dim=None),
+    }
+    out = {}
+    for name, build in cases.items():
+        try:
+            build()
+            out[name] = None
+        except Lasp2ConfigError as exc:
+            out[name] = str(exc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cp2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("core_gdn") / "cp2.pt"
+    run_distributed(2, _cp_worker, str(out), timeout=300)
+    return torch.load(out, weights_only=False)
+
+
+def test_cp2_equals_megatron_core_gdn_on_one_process(cp2):
+    results = cp2["results"]
+    assert len(results) == 3 * 2 * 2  # providers x splits x (unpacked, packed)
+    for key, errs in results.items():
+        assert max(errs.values()) <= TOL, (key, errs)
+
+
+def test_same_seed_gives_megatron_cores_weights(cp2):
+    r = cp2["same_seed_state"]
+    assert r["keys"] and r["max_diff"] == 0.0, r
+
+
+def test_the_comparison_catches_a_missing_halo_or_state_exchange(cp2):
+    for what, errs in cp2["broken"].items():
+        assert errs["out"] > 1e3 * TOL, (what, errs)
+
+
+def test_bad_configs_raise_naming_the_setting(cp2):
+    errors = cp2["errors"]
+    assert "--sp-provider" in errors["provider none"]
+    assert "--context-parallel-size" in errors["ulysses heads"]
+    assert "linear_num_value_heads" in errors["gqa"] and "linear_num_key_heads" in errors["gqa"]
+    assert "linear_conv_kernel_dim" in errors["no width"]
