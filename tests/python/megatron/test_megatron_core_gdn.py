@@ -143,8 +143,10 @@ def _run_ours(module, split, packed, cp_group):
     return idx, out.detach(), xl.grad, grads
 
 
-def _rel(got, ref):
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+def _rel(got, ref, full=None):
+    """max |got - ref| / max |full| (full: the whole reference, of which ref may be a TP share)."""
+    full = ref if full is None else full
+    return ((got - ref).abs().max() / full.abs().max().clamp_min(1e-30)).item()
 
 
 def _errors(ref, got, tp_slice=lambda name, t: t):
@@ -154,7 +156,7 @@ def _errors(ref, got, tp_slice=lambda name, t: t):
     errs = {"out": _rel(out, out_ref[idx]), "dx": _rel(dx, dx_ref[idx])}
     assert set(grads) == set(grads_ref), sorted(set(grads) ^ set(grads_ref))
     for name, g in grads.items():
-        errs[name] = _rel(g, tp_slice(name, grads_ref[name]))
+        errs[name] = _rel(g, tp_slice(name, grads_ref[name]), grads_ref[name])
     return errs
 
 
@@ -256,6 +258,70 @@ def _bad_configs():
     return out
 
 
+def _tp_shard(name, full, tp, rank):
+    """This TP rank's share of a full (TP = 1) parameter or gradient, as megatron-core lays it
+    out: in_proj / conv1d per section (each section column-parallel), A_log / dt_bias by head,
+    out_proj row-parallel, out_norm replicated."""
+    qk, v, hv = KEY_HEADS * KEY_DIM, VALUE_HEADS * VALUE_DIM, VALUE_HEADS
+    sections = {"in_proj.weight": [qk, qk, v, v, hv, hv], "conv1d.weight": [qk, qk, v], "conv1d.bias": [qk, qk, v],
+                "A_log": [hv], "dt_bias": [hv]}
+    if name == "out_proj.weight":
+        return full.chunk(tp, dim=1)[rank]
+    if name not in sections:
+        return full
+    return torch.cat([part.chunk(tp)[rank] for part in full.split(sections[name])])
+
+
+def _sharded_view(module):
+    """(key, global shape, global offset, replica id, local shape) of every tensor of a module's
+    sharded_state_dict, its factories (in_proj / conv1d section splits) applied."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = module.sharded_state_dict(prefix="layer.")
+    apply_factories(sharded)
+    rows = []
+    for value in sharded.values():
+        for t in value if isinstance(value, list) else [value]:
+            if isinstance(t, ShardedTensor):
+                rows.append((t.key, tuple(t.global_shape), tuple(t.global_offset), tuple(t.replica_id),
+                             tuple(t.local_shape)))
+    return sorted(rows)
+
+
+def _tp_cp_worker(rank, world, out_path, ckpt_dir):
+    """TP = 2 x CP = 2: megatron-core's TP = 1 distributed checkpoint loads into ours, which then
+    equals megatron-core on one process; ours' sharded_state_dict is theirs at TP 2 x CP 2."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megatron_patches import Lasp2Options
+    from megatron_testing import init_parallel
+
+    worker_setup()
+    _use_megatron_gdn_on_cpu()
+    init_parallel(tp=1, cp=1)
+    theirs = _theirs()
+    refs = {packed: _reference(theirs, packed) for packed in (False, True)}
+    full = {k: v for k, v in theirs.state_dict().items() if isinstance(v, torch.Tensor)}
+    dist_checkpointing.save(theirs.sharded_state_dict(prefix="layer."), ckpt_dir)
+    init_parallel(tp=2, cp=2)
+    tp_rank, cp_group = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_group()
+    out = {"sharded_view_equal": _sharded_view(_theirs(tp=2, cp=2)) == _sharded_view(
+        _ours(Lasp2Options(layer_pattern="G"), tp=2, cp=2))}
+    shard = lambda name, t: _tp_shard(name, t, 2, tp_rank)  # noqa: E731
+    for split in ("balanced", "contiguous"):
+        ours = _ours(Lasp2Options(split=split, layer_pattern="G"), tp=2, cp=2)
+        loaded = dist_checkpointing.load(ours.sharded_state_dict(prefix="layer."), ckpt_dir)
+        ours.load_state_dict({k[len("layer."):]: v for k, v in loaded.items()})
+        mine = ours.state_dict()
+        out[f"{split} load_diff"] = max((mine[k] - shard(k, v)).abs().max().item() for k, v in full.items())
+        for packed in (False, True):
+            key = f"tp2 cp2 {split}{' packed' if packed else ''}"
+            out[key] = _errors(refs[packed], _run_ours(ours, split, packed, cp_group), shard)
+    if rank == 0:
+        torch.save(out, out_path)
+
+
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("core_gdn") / "cp2.pt"
@@ -286,3 +352,25 @@ def test_bad_configs_raise_naming_the_setting(cp2):
     assert "--context-parallel-size" in errors["ulysses heads"]
     assert "linear_num_value_heads" in errors["gqa"] and "linear_num_key_heads" in errors["gqa"]
     assert "linear_conv_kernel_dim" in errors["no width"]
+
+
+def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
+    out = tmp_path / "cp3.pt"
+    run_distributed(3, _cp_worker, str(out), timeout=300)
+    results = torch.load(out, weights_only=False)["results"]
+    assert len(results) == 2 * 2 * 2  # lasp2, lasp1 (4 value heads do not split over 3) x splits x packing
+    for key, errs in results.items():
+        assert max(errs.values()) <= TOL, (key, errs)
+
+
+def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path):
+    out = tmp_path / "tp2cp2.pt"
+    (tmp_path / "ckpt").mkdir()
+    run_distributed(4, _tp_cp_worker, str(out), str(tmp_path / "ckpt"), timeout=300)
+    r = torch.load(out, weights_only=False)
+    assert r.pop("sharded_view_equal")
+    for split in ("balanced", "contiguous"):
+        assert r.pop(f"{split} load_diff") == 0.0
+    assert len(r) == 4
+    for key, errs in r.items():
+        assert max(errs.values()) <= TOL, (key, errs)
