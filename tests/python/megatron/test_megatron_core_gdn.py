@@ -374,3 +374,92 @@ def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path)
     assert len(r) == 4
     for key, errs in r.items():
         assert max(errs.values()) <= TOL, (key, errs)
+
+
+class _LocalBackend:
+    """The builders megatron-core's get_gated_delta_net_module_spec asks its backend for
+    (Transformer Engine's in Megatron; local layers here)."""
+
+    def column_parallel_layer_norm_linear(self):
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        return ColumnParallelLinear
+
+    def layer_norm(self, rms_norm=False, for_qk=False):
+        from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+
+        return LNImpl
+
+    def row_parallel_linear(self):
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        return RowParallelLinear
+
+
+def _hybrid_block_spec():
+    """Two layers as megatron-core's experimental block spec lays them out: GatedDeltaNet, then
+    softmax attention."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_gated_delta_net_module_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    gdn = get_gated_delta_net_module_spec(SimpleNamespace(normalization="RMSNorm"), backend=_LocalBackend())
+    layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(self_attention=gdn))
+    return TransformerBlockSubmodules(layer_specs=[layer, get_gpt_layer_local_spec()])
+
+
+def test_spec_rewrite_swaps_megatron_core_gdn_only():
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    from megatron_patches import Lasp2Options
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+    from megatron_patches.specs import use_lasp2_core_gdn
+
+    block = _hybrid_block_spec()
+    options = Lasp2Options(provider="lasp1", layer_pattern="G")
+    ours = use_lasp2_core_gdn(block, options)
+    gdn, attention = (layer.submodules.self_attention for layer in ours.layer_specs)
+    assert gdn.module is Lasp2CoreGatedDeltaNet and gdn.params["lasp2_options"] is options
+    theirs = block.layer_specs[0].submodules.self_attention
+    assert theirs.module is GatedDeltaNet  # the input spec is left as it was
+    assert gdn.submodules == theirs.submodules and gdn.metainfo == theirs.metainfo
+    assert attention.module is block.layer_specs[1].submodules.self_attention.module
+    # a layer list and a lone module spec are rewritten too; options None: read when built
+    assert use_lasp2_core_gdn([theirs])[0].params == {"lasp2_options": None}
+
+
+def test_spec_rewrite_errors():
+    from megatron_patches import Lasp2ConfigError, Lasp2Options
+    from megatron_patches.specs import get_lasp2_core_gdn_block_spec, use_lasp2_core_gdn
+
+    block = _hybrid_block_spec()
+    with pytest.raises(Lasp2ConfigError, match="--sp-provider 'none'"):
+        use_lasp2_core_gdn(block, Lasp2Options(provider="none", layer_pattern="S"))
+    with pytest.raises(Lasp2ConfigError, match="no megatron-core GatedDeltaNet"):
+        use_lasp2_core_gdn(block.layer_specs[1:])
+    with pytest.raises(Lasp2ConfigError, match="experimental_attention_variant"):
+        get_lasp2_core_gdn_block_spec(_config())
+
+
+def test_megatron_lm_wrapper_keeps_megatrons_spec_and_swaps_its_gdn(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as variants
+
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+    from megatron_patches.run import install_core_gdn, spec_args, uses_core_gdn
+
+    argv = ["--sp-provider", "lasp2", "--experimental-attention-variant", "gated_delta_net",
+            "--linear-attention-freq", "4"]
+    assert uses_core_gdn(argv) and spec_args(argv) == argv  # no --spec: Megatron-LM builds its block spec
+    assert not uses_core_gdn(["--sp-provider", "none", "--experimental-attention-variant", "gated_delta_net"])
+    assert spec_args(["--sp-provider", "lasp2"])[-1] == "lasp2_layer_spec"
+    monkeypatch.setattr(variants, "get_gated_delta_net_module_spec", variants.get_gated_delta_net_module_spec)
+    install_core_gdn()
+    install_core_gdn()  # idempotent
+    spec = variants.get_gated_delta_net_module_spec(SimpleNamespace(normalization="RMSNorm"), backend=_LocalBackend())
+    assert spec.module is Lasp2CoreGatedDeltaNet and spec.params == {"lasp2_options": None}
