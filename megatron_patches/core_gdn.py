@@ -98,7 +98,7 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         self.activation = self.act_fn.__name__
         check_ulysses_heads(options, self.num_v_heads_local_tp, self.pg_collection.cp,
                             f"GatedDeltaNet layer {layer_number} (linear_num_value_heads / TP)")
-        tp_group = self.pg_collection.tp
+        tp_group = self.tp_group = self.pg_collection.tp
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         factory = {"device": device, "dtype": config.params_dtype}
         # built in megatron-core's order: in_proj, conv1d, dt_bias, A_log, out_norm, out_proj

@@ -187,6 +187,14 @@ def _cp_worker(rank, world, out_path):
             for packed in (False, True):
                 key = f"cp{world} {provider} {split}{' packed' if packed else ''}"
                 results[key] = _errors(refs[packed], _run_ours(ours, split, packed, cp_group))
+    # selective recompute of the delta rule ("core_attn"): the same numbers
+    ours = _ours(Lasp2Options(layer_pattern="G"), cp=world, recompute_granularity="selective",
+                 recompute_modules=["core_attn"])
+    ours.load_state_dict(state)
+    assert ours.checkpoint_core_attention
+    for packed in (False, True):
+        results[f"cp{world} recompute{' packed' if packed else ''}"] = _errors(
+            refs[packed], _run_ours(ours, "balanced", packed, cp_group))
     out = {"results": results}
     if world == 2:
         out["same_seed_state"] = same_seed
@@ -331,7 +339,7 @@ def cp2(tmp_path_factory):
 
 def test_cp2_equals_megatron_core_gdn_on_one_process(cp2):
     results = cp2["results"]
-    assert len(results) == 3 * 2 * 2  # providers x splits x (unpacked, packed)
+    assert len(results) == 3 * 2 * 2 + 2  # providers x splits x (unpacked, packed), recompute
     for key, errs in results.items():
         assert max(errs.values()) <= TOL, (key, errs)
 
@@ -358,7 +366,8 @@ def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
     out = tmp_path / "cp3.pt"
     run_distributed(3, _cp_worker, str(out), timeout=300)
     results = torch.load(out, weights_only=False)["results"]
-    assert len(results) == 2 * 2 * 2  # lasp2, lasp1 (4 value heads do not split over 3) x splits x packing
+    # lasp2, lasp1 (4 value heads do not split over 3) x splits x packing, recompute
+    assert len(results) == 2 * 2 * 2 + 2
     for key, errs in results.items():
         assert max(errs.values()) <= TOL, (key, errs)
 
