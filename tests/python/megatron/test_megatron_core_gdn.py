@@ -8,9 +8,9 @@ torch.cuda.current_device -> "cpu" (megatron_patches.cpu), HAVE_FLA -> True and 
 eagerly (no compiler needed). It has no packed sequences, so
 packed batches are compared with its runs on each document alone.
 
-Ours loads its state_dict unchanged and runs over CP = 2 (both splits, every provider),
-CP = 3, and TP = 2 x CP = 2 (weights sliced per in_proj / conv1d section, as megatron-core's
-sharded_state_dict splits them). float64 parameters and inputs: ours is float64 throughout,
+Ours loads its state_dict unchanged and runs over CP = 2 (both splits, every provider,
+selective recompute), CP = 3, and TP = 2 x CP = 2 (megatron-core's TP = 1 distributed
+checkpoint loaded; with Megatron's sequence parallelism too). float64 parameters and inputs: ours is float64 throughout,
 the reference's delta rule casts to float32, so outputs and gradients agree to float32
 rounding (measured ~1e-7 relative; bound TOL). A wrong halo or state exchange gives errors
 of order 1e-1 (checked below by switching each off).
@@ -63,12 +63,13 @@ def _config(tp=1, cp=1, **overrides):
     return TransformerConfig(**kwargs)
 
 
-def _submodules():
+def _submodules(out_norm=None):
     from megatron.core.models.gpt.gpt_layer_specs import LNImpl
     from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    return GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=LNImpl, out_proj=RowParallelLinear)
+    return GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=out_norm or LNImpl,
+                                   out_proj=RowParallelLinear)
 
 
 def _pgs():
@@ -85,11 +86,11 @@ def _theirs(seed=5, **config):
                          A_init_range=A_INIT_RANGE, pg_collection=_pgs())
 
 
-def _ours(options, seed=11, tp=1, cp=1, **config):
+def _ours(options, seed=11, tp=1, cp=1, out_norm=None, **config):
     from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
 
     torch.manual_seed(seed)
-    return Lasp2CoreGatedDeltaNet(_config(tp, cp, **config), _submodules(), layer_number=1, conv_bias=True,
+    return Lasp2CoreGatedDeltaNet(_config(tp, cp, **config), _submodules(out_norm), layer_number=1, conv_bias=True,
                                   A_init_range=A_INIT_RANGE, pg_collection=_pgs(), lasp2_options=options)
 
 
@@ -115,8 +116,10 @@ def _reference(module, packed):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
-def _run_ours(module, split, packed, cp_group):
-    """This rank's output and input gradient, and the CP-summed parameter gradients."""
+def _run_ours(module, split, packed, cp_group, sp_group=None):
+    """This rank's output and input gradient, and the CP-summed parameter gradients. sp_group:
+    Megatron's sequence parallelism, the rank's tokens split again over the TP group (and the
+    gradients of parameters marked sequence_parallel summed over it, as Megatron does)."""
     import torch.distributed as dist
 
     from lasp2.distributed.sequence_split import global_token_index
@@ -125,6 +128,8 @@ def _run_ours(module, split, packed, cp_group):
     x, w = _inputs(packed)
     cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     idx = global_token_index(SEQ // cp, rank, cp, split)
+    if sp_group is not None:
+        idx = idx.chunk(dist.get_world_size(sp_group))[dist.get_rank(sp_group)]
     params = None
     if packed:
         cu = torch.tensor(PACKED_CU, dtype=torch.int32)
@@ -139,6 +144,8 @@ def _run_ours(module, split, packed, cp_group):
     for n, p in module.named_parameters():
         g = p.grad.clone()
         dist.all_reduce(g, group=cp_group)  # Megatron reduces replicated parameters over dp x cp
+        if sp_group is not None and getattr(p, "sequence_parallel", False):
+            dist.all_reduce(g, group=sp_group)
         grads[n] = g
     return idx, out.detach(), xl.grad, grads
 
@@ -280,6 +287,16 @@ def _tp_shard(name, full, tp, rank):
     return torch.cat([part.chunk(tp)[rank] for part in full.split(sections[name])])
 
 
+class _SequenceParallelRMSNorm:
+    """out_norm for Megatron's sequence parallelism (the local spec's torch norm refuses it):
+    RMSNorm whose weight is marked sequence_parallel, as Transformer Engine's norm is."""
+
+    def __new__(cls, config, hidden_size, eps):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def _sharded_view(module):
     """(key, global shape, global offset, replica id, local shape) of every tensor of a module's
     sharded_state_dict, its factories (in_proj / conv1d section splits) applied."""
@@ -326,6 +343,14 @@ def _tp_cp_worker(rank, world, out_path, ckpt_dir):
         for packed in (False, True):
             key = f"tp2 cp2 {split}{' packed' if packed else ''}"
             out[key] = _errors(refs[packed], _run_ours(ours, split, packed, cp_group), shard)
+    # Megatron's sequence parallelism: in_proj gathers the TP group's tokens, out_proj scatters them
+    ours = _ours(Lasp2Options(layer_pattern="G"), tp=2, cp=2, out_norm=_SequenceParallelRMSNorm,
+                 sequence_parallel=True)
+    ours.load_state_dict({k: shard(k, v) for k, v in full.items()})
+    for packed in (False, True):
+        key = f"tp2 cp2 sequence-parallel{' packed' if packed else ''}"
+        out[key] = _errors(refs[packed], _run_ours(ours, "balanced", packed, cp_group,
+                                                   ps.get_tensor_model_parallel_group()), shard)
     if rank == 0:
         torch.save(out, out_path)
 
@@ -380,7 +405,7 @@ def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path)
     assert r.pop("sharded_view_equal")
     for split in ("balanced", "contiguous"):
         assert r.pop(f"{split} load_diff") == 0.0
-    assert len(r) == 4
+    assert len(r) == 6  # splits x packing, sequence parallelism x packing
     for key, errs in r.items():
         assert max(errs.values()) <= TOL, (key, errs)
 
