@@ -319,7 +319,7 @@ def _tp_cp_worker(rank, world, out_path, ckpt_dir):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_patches import Lasp2Options
+    from megatron_patches import Lasp2ConfigError, Lasp2Options
     from megatron_testing import init_parallel
 
     worker_setup()
@@ -351,6 +351,11 @@ def _tp_cp_worker(rank, world, out_path, ckpt_dir):
         key = f"tp2 cp2 sequence-parallel{' packed' if packed else ''}"
         out[key] = _errors(refs[packed], _run_ours(ours, "balanced", packed, cp_group,
                                                    ps.get_tensor_model_parallel_group()), shard)
+    try:  # one key head cannot be split over 2 TP ranks
+        _ours(Lasp2Options(layer_pattern="G"), tp=2, cp=2, linear_num_key_heads=1, linear_num_value_heads=2)
+        out["tp error"] = None
+    except Lasp2ConfigError as exc:
+        out["tp error"] = str(exc)
     if rank == 0:
         torch.save(out, out_path)
 
@@ -403,6 +408,8 @@ def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path)
     run_distributed(4, _tp_cp_worker, str(out), str(tmp_path / "ckpt"), timeout=300)
     r = torch.load(out, weights_only=False)
     assert r.pop("sharded_view_equal")
+    error = r.pop("tp error")
+    assert "linear_num_key_heads (1)" in error and "--tensor-model-parallel-size 2" in error, error
     for split in ("balanced", "contiguous"):
         assert r.pop(f"{split} load_diff") == 0.0
     assert len(r) == 6  # splits x packing, sequence parallelism x packing
