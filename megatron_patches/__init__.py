@@ -9,6 +9,7 @@ that use it). See docs/megatron.md.
   megatron_patches.softmax_attention Lasp2SoftmaxCoreAttention, Lasp2SelfAttention ("S", LASP-2H)
   megatron_patches.gdn_mixer         Lasp2GatedDeltaNetMixer ("G", gated delta rule),
                                      Lasp2KimiDeltaAttentionMixer ("K", KDA's per-key gate)
+  megatron_patches.core_gdn          Lasp2CoreGatedDeltaNet (megatron-core's own GatedDeltaNet under LASP-2)
   megatron_patches.specs             layer / hybrid block specs; lasp2_layer_spec for --spec
   megatron_patches.batch             get_batch_on_this_sp_rank, get_packed_batch_on_this_sp_rank
   megatron_patches.rope              use_lasp2_rope (contiguous split, packed sequences under CP)
@@ -29,6 +30,8 @@ _LAZY = {
     "Lasp2SelfAttention": "megatron_patches.softmax_attention",
     "Lasp2GatedDeltaNetMixer": "megatron_patches.gdn_mixer",
     "Lasp2KimiDeltaAttentionMixer": "megatron_patches.gdn_mixer",
+    "Lasp2CoreGatedDeltaNet": "megatron_patches.core_gdn",
+    "use_lasp2_core_gdn": "megatron_patches.specs",
     "get_lasp2_layer_spec": "megatron_patches.specs",
     "get_lasp2_layer_specs": "megatron_patches.specs",
     "get_lasp2_hybrid_block_spec": "megatron_patches.specs",

@@ -8,6 +8,11 @@ Megatron-LM's parser, and selects the lasp2 layer spec (`--spec megatron_patches
 lasp2_layer_spec`, or the TE one with --transformer-impl transformer_engine) whenever
 --sp-provider is given and --spec is not: `--sp-provider` alone switches lasp2 on.
 With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope.
+
+With --experimental-attention-variant gated_delta_net (megatron-core's Qwen3-Next style
+hybrid) no --spec is added: Megatron-LM builds its own block spec, and install_core_gdn
+makes megatron-core's GatedDeltaNet layers in it Lasp2CoreGatedDeltaNet
+(megatron_patches.core_gdn, LASP-2 over the CP group).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import runpy
 import sys
 from typing import List, Optional
 
-__all__ = ["install", "main", "spec_args"]
+__all__ = ["install", "install_core_gdn", "main", "spec_args", "uses_core_gdn"]
 
 
 def spec_args(argv: List[str]) -> List[str]:
@@ -25,7 +30,7 @@ def spec_args(argv: List[str]) -> List[str]:
     if "--spec" in flags or not ({"--sp-provider", "--lasp2-sp-provider"} & flags):
         return list(argv)
     provider = _value(argv, "--sp-provider") or _value(argv, "--lasp2-sp-provider")
-    if provider == "none":  # Megatron's own attention and context parallelism
+    if provider == "none" or uses_core_gdn(argv):  # Megatron's own spec (install_core_gdn swaps its GDN)
         return list(argv)
     te = _value(argv, "--transformer-impl") in (None, "transformer_engine")
     moe = _value(argv, "--num-experts") not in (None, "0")
@@ -35,6 +40,31 @@ def spec_args(argv: List[str]) -> List[str]:
         HAVE_TE = False
     name = "lasp2_" + ("te_" if te and HAVE_TE else "") + ("moe_" if moe else "") + "layer_spec"
     return list(argv) + ["--spec", "megatron_patches.specs", name]
+
+
+def uses_core_gdn(argv: List[str]) -> bool:
+    """megatron-core's gated DeltaNet hybrid with a lasp2 provider: its GDN layers go under LASP-2."""
+    provider = _value(argv, "--sp-provider") or _value(argv, "--lasp2-sp-provider")
+    return provider not in (None, "none") and _value(argv, "--experimental-attention-variant") == "gated_delta_net"
+
+
+def install_core_gdn() -> None:
+    """megatron-core's get_gated_delta_net_module_spec (which its experimental block spec looks
+    up at call time) returns the spec with Lasp2CoreGatedDeltaNet (options from the parsed
+    --sp-* arguments when the layer is built). Idempotent."""
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as variants
+
+    from megatron_patches.specs import use_lasp2_core_gdn
+
+    original = variants.get_gated_delta_net_module_spec
+    if getattr(original, "lasp2", False):
+        return
+
+    def get_gated_delta_net_module_spec(config, backend=None):
+        return use_lasp2_core_gdn(original(config=config, backend=backend))
+
+    get_gated_delta_net_module_spec.lasp2 = True
+    variants.get_gated_delta_net_module_spec = get_gated_delta_net_module_spec
 
 
 def _value(argv: List[str], flag: str) -> Optional[str]:
@@ -70,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("usage: python -m megatron_patches.run <pretrain_gpt.py | pretrain_mamba.py> ARGS...")
     script, rest = argv[0], spec_args(argv[1:])
     install()
+    if uses_core_gdn(rest):
+        install_core_gdn()
     if _value(rest, "--sp-split") == "contiguous":
         from megatron_patches.rope import use_lasp2_rope
 

@@ -23,6 +23,12 @@ builders (linear_qkv, linear_proj, q/k_layernorm) and puts in the self-attention
   "K"  Lasp2KimiDeltaAttentionMixer (megatron_patches.gdn_mixer; the same with KDA's per-key gate)
 
 so state dicts keep Megatron's names. Nothing of Megatron is forked.
+
+megatron-core's own gated DeltaNet models (config.experimental_attention_variant ==
+"gated_delta_net", Qwen3-Next style) keep their specs; use_lasp2_core_gdn rewrites one so
+its GatedDeltaNet layers are megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet (the same
+parameters, run under LASP-2 CP), and get_lasp2_core_gdn_block_spec does that to
+megatron-core's get_transformer_block_with_experimental_attention_variant_spec.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from megatron_patches.gdn_mixer import (  # noqa: E402
 from megatron_patches.linear_mixer import Lasp2LinearMixer, Lasp2LinearMixerSubmodules  # noqa: E402
 from megatron_patches.options import (  # noqa: E402
     GATED_DELTANET,
+    GDN_PROVIDERS,
     KDA,
     LAYER_LETTERS,
     LINEAR,
@@ -75,12 +82,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "HAVE_TE",
     "Lasp2LayerMixer",
+    "get_lasp2_core_gdn_block_spec",
     "get_lasp2_hybrid_block_spec",
     "get_lasp2_layer_spec",
     "get_lasp2_layer_specs",
     "lasp2_layer_spec",
     "mixer_spec",
     "patch_layer_spec",
+    "use_lasp2_core_gdn",
 ]
 
 
@@ -203,6 +212,63 @@ def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, 
         local = layer_specs[offset:offset + count]
     norm = TENorm if backend == "te" else LNImpl
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=norm)
+
+
+def use_lasp2_core_gdn(spec, options: Optional[Lasp2Options] = None):
+    """A copy of a spec (a ModuleSpec, TransformerBlockSubmodules or list of layer specs) whose
+    megatron-core GatedDeltaNet modules are Lasp2CoreGatedDeltaNet with spec param
+    `lasp2_options` (None: Megatron-LM's parsed --sp-* arguments at build time, else the
+    defaults); the submodules (in_proj, out_norm, out_proj) and other params stay.
+    Lasp2ConfigError when options has no gated-delta-rule provider (e.g. 'none': keep
+    megatron-core's layer) or the spec has no GatedDeltaNet."""
+    if options is not None:
+        options.validate()
+        if options.provider not in GDN_PROVIDERS:
+            raise Lasp2ConfigError(f"use_lasp2_core_gdn: --sp-provider {options.provider!r} has no gated delta "
+                                   f"rule; use {' or '.join(GDN_PROVIDERS)} (or keep megatron-core's GatedDeltaNet)")
+    # imported here: megatron-core's GatedDeltaNet module is needed by these models only
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+
+    spec = copy.deepcopy(spec)
+    swapped = _swap_gdn(spec, options, GatedDeltaNet, Lasp2CoreGatedDeltaNet)
+    if not swapped:
+        raise Lasp2ConfigError("use_lasp2_core_gdn: the spec has no megatron-core GatedDeltaNet (built for "
+                               "config.experimental_attention_variant='gated_delta_net' with linear_attention_freq)")
+    return spec
+
+
+def _swap_gdn(node, options, theirs, ours) -> int:
+    """Rewrites `theirs` ModuleSpecs to `ours` in place, through submodules and layer lists; their count."""
+    if isinstance(node, (list, tuple)):
+        return sum(_swap_gdn(item, options, theirs, ours) for item in node)
+    if isinstance(node, ModuleSpec):
+        count = 0
+        if node.module is theirs:
+            node.module = ours
+            node.params = {**(node.params or {}), "lasp2_options": options}
+            count = 1
+        return count + _swap_gdn(node.submodules, options, theirs, ours)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return sum(_swap_gdn(getattr(node, f.name), options, theirs, ours) for f in dataclasses.fields(node))
+    return 0
+
+
+def get_lasp2_core_gdn_block_spec(config, options: Optional[Lasp2Options] = None, vp_stage: Optional[int] = None,
+                                  pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """megatron-core's block spec of a gated DeltaNet hybrid (linear_attention_freq), its
+    GatedDeltaNet layers under LASP-2 (use_lasp2_core_gdn). megatron-core builds that spec
+    with Transformer Engine only."""
+    if getattr(config, "experimental_attention_variant", None) != "gated_delta_net":
+        raise Lasp2ConfigError("get_lasp2_core_gdn_block_spec needs config.experimental_attention_variant="
+                               f"'gated_delta_net', got {getattr(config, 'experimental_attention_variant', None)!r}")
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_transformer_block_with_experimental_attention_variant_spec,
+    )
+
+    spec = get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return use_lasp2_core_gdn(spec, options)
 
 
 # Module-level specs for Megatron-LM's `--spec megatron_patches.specs <name>` (its GPT
