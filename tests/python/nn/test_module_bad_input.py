@@ -101,3 +101,11 @@ def test_unknown_provider_names_it(module):
     cls = getattr(lasp2.nn, module)
     with pytest.raises(ValueError, match=rf"{module}: `provider` must be one of .*'lasp1'.*got 'ring'"):
         cls(HIDDEN, HEADS, provider="ring")
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_per_key_gate_must_be_a_bool(value):
+    """Before: "no" raised int()'s "invalid literal" at the first forward, 1 and None built a
+    layer (KDA / gated DeltaNet) without a word."""
+    with pytest.raises(ValueError, match=rf"GatedDeltaNet: `per_key_gate` must be a bool, got {value!r}"):
+        lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, per_key_gate=value)
