@@ -31,15 +31,19 @@ __all__ = ["check_torch_fsdp2_args", "wrap_torch_fsdp2"]
 
 
 def check_torch_fsdp2_args(args) -> None:
-    """Refuses the combinations the FSDP2 path has not been run with."""
+    """Refuses the combinations the FSDP2 path has not been run with (or gets wrong)."""
     untested = {"--use-distributed-optimizer": args.use_distributed_optimizer,
                 "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
                 "--tensor-model-parallel-size > 1": args.tensor_model_parallel_size > 1,
-                "--bf16": args.bf16, "--save": args.save is not None, "--load": args.load is not None}
+                "--bf16": args.bf16, "--save": args.save is not None, "--load": args.load is not None,
+                # finalize_model_grads divides by the token count through scale_gradients, a no-op in
+                # megatron-core 0.16.1's FSDP2 class (and FSDP2 averages, DDP sums, per-token losses):
+                # weights 175 off DDP's after one SGD step (session 19 audit)
+                "--calculate-per-token-loss": args.calculate_per_token_loss}
     bad = [flag for flag, on in untested.items() if on]
     if bad:
         raise SystemExit(f"--use-torch-fsdp2 is tested with TP 1, PP 1, fp32, the plain optimizer and no "
-                         f"checkpoints; not with {', '.join(bad)}")
+                         f"checkpoints, the mean loss of each rank's tokens; not with {', '.join(bad)}")
 
 
 def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from lasp2.nn._rank_checks import check_sp_context, module_group
 from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
 from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
-from lasp2.ops._checks import check_module_input, check_positive_float, check_positive_int
+from lasp2.ops._checks import check_bool, check_module_input, check_positive_float, check_positive_int
 from lasp2.ops.gated_delta_rule import FAMILY, gated_delta_rule, kda
 from lasp2.ops.providers.base import provider_names
 from lasp2.options import LAYOUTS, SPLITS, check_choice
@@ -92,6 +92,8 @@ class GatedDeltaNet(nn.Module):
         check_positive_int("GatedDeltaNet", "value_head_dim", value_head_dim, optional=True)
         check_positive_int("GatedDeltaNet", "conv_size", conv_size)
         check_positive_float("GatedDeltaNet", "norm_eps", norm_eps)
+        # a gate kind, not a truth value: "no" crashed in the cross-rank check's int(), 1 built KDA
+        check_bool("GatedDeltaNet", "per_key_gate", per_key_gate)
         head_dim = head_dim or hidden_size // num_heads
         value_head_dim = value_head_dim or head_dim
         if head_dim * num_heads == 0:
@@ -143,10 +145,12 @@ class GatedDeltaNet(nn.Module):
             x = x.transpose(0, 1)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
-        # once for the three convolutions: the ranks agree on what their halo all-gathers move
+        # once for the three convolutions: the ranks agree on what their halo all-gathers move,
+        # and on the layout: a square [B, T] would pass every size check read the other way
         cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
-                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate)),
-                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)"))
+                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate), LAYOUTS.index(self.layout)),
+                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)",
+                                    "layout (bthd/tbhd)"))
         conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
         q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
         k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lasp2.distributed.collectives import all_gather_single
 from lasp2.distributed.communicator import check_group, group_rank_and_size
-from lasp2.distributed.context import check_cu_seqlens
+from lasp2.distributed.context import check_cu_seqlens, document_starts
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops._checks import DTYPE_CODES
 from lasp2.ops._group_consistency import raised_on_every_rank, verify_group_consistency
@@ -53,10 +53,12 @@ class _GatherHalo(torch.autograd.Function):
 
 
 def _global_doc_ids(cu_seqlens, global_len):
-    starts = torch.zeros(global_len, dtype=torch.int64)
-    if cu_seqlens is not None:  # checked: unchecked values would index out of range or mislabel tokens
-        starts[check_cu_seqlens("ShortConvolution", cu_seqlens, global_len)[1:-1]] = 1
-    return torch.cumsum(starts, 0)
+    if cu_seqlens is None:
+        return torch.zeros(global_len, dtype=torch.int64)
+    # checked: unchecked values would index out of range or mislabel tokens; document_starts
+    # drops the boundary of an empty last document (= global_len), which indexed past the end
+    values = check_cu_seqlens("ShortConvolution", cu_seqlens, global_len)
+    return torch.cumsum(document_starts(values, global_len).to(torch.int64), 0)
 
 
 # the size fields of the cross-rank check before the halo's all-gather (check_conv_ranks)

@@ -395,7 +395,9 @@ def test_kda_layer_shapes_and_provider():
 @pytest.mark.parametrize("extra, named", [
     (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
     (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
-    (["--save", "ckpt"], "--save")])
+    (["--save", "ckpt"], "--save"),
+    # session 19 audit: ran, and trained to weights 175 off DDP's after one SGD step (loss 25.7, not 4.0)
+    (["--calculate-per-token-loss"], "--calculate-per-token-loss")])
 def test_launcher_refuses_torch_fsdp2_with_what_it_was_not_run_with(extra, named):
     """--use-torch-fsdp2 is tested at TP 1, PP 1, fp32, the plain optimizer, no checkpoints
     (tests/python/megatron/test_megatron_pretrain.py); other settings stop at parse time."""

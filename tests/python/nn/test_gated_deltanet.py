@@ -32,6 +32,9 @@ def test_short_conv_matches_conv1d_with_documents():
     cu = torch.tensor([0, 2, 3, 9, 17])
     assert_rel(causal_conv_sp(x, w), conv_reference(x, w), 1e-12, "conv, one document")
     assert_rel(causal_conv_sp(x, w, cu_seqlens=cu), conv_reference(x, w, cu), 1e-12, "conv, documents")
+    # empty documents (the last one's boundary is the sequence's end: an IndexError before)
+    empty = torch.tensor([0, 0, 2, 3, 3, 9, 17, 17])
+    assert_rel(causal_conv_sp(x, w, cu_seqlens=empty), conv_reference(x, w, cu), 1e-12, "conv, empty documents")
 
 
 @pytest.mark.parametrize("per_key_gate", [False, True])

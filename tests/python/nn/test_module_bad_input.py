@@ -73,6 +73,15 @@ def test_bad_cu_seqlens_names_it(module, name, cu, error, match):
         make(module)(X, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("module", ["GatedDeltaNet", "KDA"])
+@pytest.mark.parametrize("cu", [[0, 4, 8, 8], [0, 4, 4, 8]], ids=["empty last", "empty inner"])
+def test_empty_documents_name_cu_seqlens(module, cu):
+    """The delta rule needs every document non-empty: its error, not the short
+    convolution's IndexError (an empty last document's boundary indexed past the end)."""
+    with pytest.raises(ValueError, match=r"`cu_seqlens` must be strictly increasing \(no empty documents\)"):
+        make(module)(X, cu_seqlens=torch.tensor(cu))
+
+
 @pytest.mark.parametrize("module", ["LinearAttention", "GatedDeltaNet", "HybridStack"])
 def test_autocast_mixes_dtypes(module):
     """bf16 x into fp32 parameters under CPU autocast is a valid call (the dtype check
@@ -92,3 +101,11 @@ def test_unknown_provider_names_it(module):
     cls = getattr(lasp2.nn, module)
     with pytest.raises(ValueError, match=rf"{module}: `provider` must be one of .*'lasp1'.*got 'ring'"):
         cls(HIDDEN, HEADS, provider="ring")
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_per_key_gate_must_be_a_bool(value):
+    """Before: "no" raised int()'s "invalid literal" at the first forward, 1 and None built a
+    layer (KDA / gated DeltaNet) without a word."""
+    with pytest.raises(ValueError, match=rf"GatedDeltaNet: `per_key_gate` must be a bool, got {value!r}"):
+        lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, per_key_gate=value)

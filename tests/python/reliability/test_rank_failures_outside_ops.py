@@ -8,7 +8,8 @@ timeout), or took the failing rank's next call as this one and raised a wrong er
 ("calling different lasp2 ops"). GatedDeltaNet's short convolutions all-gather their
 halo before the delta rule's check: a batch or dtype that differed per rank aborted the
 process inside gloo (a size mismatch, SIGABRT), a bad `x` or `cu_seqlens` on one rank
-did the same to the next collective. gated_delta_rule with both `sp_context` and `group`
+did the same to the next collective; a layout differing per rank (bthd / tbhd) with
+square inputs gave each rank a wrong answer without an error. gated_delta_rule with both `sp_context` and `group`
 on one rank raised there alone (its peers hung in the op's check). gather_sequence
 all-gathered whatever each rank passed: a local length or dtype differing per rank
 aborted a process inside gloo (and handed the other a sequence with garbage rows), a
@@ -32,6 +33,7 @@ def _scenarios(rank, world):
     gdn = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=3, group=W)
     gdn_wide = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=4 if bad else 3, group=W)
     gdn_balanced = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=2, group=W, split="balanced")
+    gdn_tbhd = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=3, group=W, layout="tbhd" if bad else "bthd")
     modules = {"LinearAttention": lasp2.nn.LinearAttention(HIDDEN, HEADS, decay="gate", group=W),
                "SoftmaxAttention": lasp2.nn.SoftmaxAttention(HIDDEN, HEADS, group=W),
                "HybridBlock": lasp2.nn.HybridBlock(HIDDEN, HEADS, group=W),
@@ -51,6 +53,8 @@ def _scenarios(rank, world):
         "GatedDeltaNet batch": lambda: gdn(torch.cat([x, x]) if bad else x),
         "GatedDeltaNet kernel size": lambda: gdn_wide(x),
         "GatedDeltaNet odd balanced length": lambda: gdn_balanced(x[:, :7]),
+        # a square [T, T] input: every size agrees, only the layout tells the ranks apart
+        "GatedDeltaNet layout": lambda: gdn_tbhd(x.expand(T, T, HIDDEN)),
         "gated_delta_rule sp_context and group": lambda: lasp2.gated_delta_rule(
             q, k, v, g, beta, sp_context=ctx, group=W if bad else None),
         "HybridStack sp_context": lambda: modules["HybridStack"](x, sp_context="ctx" if bad else ctx),
@@ -74,6 +78,7 @@ def test_one_ranks_bad_input_raises_on_every_rank():
     own = {"x dtype": "`x` has dtype torch.float64", "cu_seqlens": "`cu_seqlens` must be non-decreasing",
            "GatedDeltaNet batch": "disagree on batch size: [2, 1]",
            "GatedDeltaNet kernel size": "disagree on kernel size: [4, 3]",
+           "GatedDeltaNet layout": "disagree on layout (bthd/tbhd): [1, 0]",
            "GatedDeltaNet odd balanced length": "the balanced split needs an even local sequence length, `x`",
            "gated_delta_rule sp_context and group": "pass either `sp_context` or `group`",
            "sp_context": "`sp_context` must be an SPContext",
