@@ -74,6 +74,18 @@ __device__ __forceinline__ T* head_base(const View& v, int b, int h, int64_t beg
 __device__ __forceinline__ int64_t bth(const Geom& g, int b, int64_t t, int h) {
   return (static_cast<int64_t>(b) * g.seqlen + t) * g.heads + h;
 }
+// The per-token meta of (b, h) (launch.h: meta and wmeta are [bh][nchunks * 64][2]).
+__device__ __forceinline__ const float* head_meta(const float* meta, const Geom& g, int64_t bh) {
+  return meta + bh * g.nchunks * kChunk * 2;
+}
+// Segment seg's state of (b, h) in a buffer at bh * bh_stride + seg * seg_stride; null
+// (nothing enters or leaves) stays null. The buffer and strides by reference: so the
+// kernel's parameter loads keep their place and the PTX is that of the expression written
+// out (by value, nvcc ordered the loads differently).
+__device__ __forceinline__ const float* seg_state(const float* const& base, int64_t bh, int seg,
+                                                  const int64_t& bh_stride, const int64_t& seg_stride) {
+  return base != nullptr ? base + bh * bh_stride + seg * seg_stride : nullptr;
+}
 
 // ---- decay weights from a chunk's meta (G = cumulative log decay, s = docs) -----
 // Pair weight of key y in the output of query x (both in one chunk).

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args,
   for (int64_t e = tid; e < elems; e += kThreads) S[e] = 0.f;
   const T* ab = head_base<T>(args.a, b, h, g.begin);
   const T* bb = head_base<T>(args.b, b, h, g.begin);
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* meta = head_meta(args.meta, g, bh);
   const int c_begin = seg * g.seg_chunks, c_end = min(g.nchunks, c_begin + g.seg_chunks);
   float carry = args.coef;
   bool done = false;
@@ -144,8 +144,7 @@ __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int
   float* S = state_in_smem ? Sm : args.scratch + (bh * g.nseg + seg) * static_cast<int64_t>(da) * LDV;
   const int64_t elems = static_cast<int64_t>(da) * dv;
   {
-    const float* E = args.state != nullptr ? args.state + bh * args.state_bh + seg * args.state_seg
-                                           : nullptr;
+    const float* E = seg_state(args.state, bh, seg, args.state_bh, args.state_seg);
     for (int64_t e = tid; e < elems; e += kThreads) {
       const int i = static_cast<int>(e / dv), j = static_cast<int>(e % dv);
       S[i * LDV + j] =
@@ -157,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int
   const T* vb = kPrefix ? nullptr : head_base<T>(args.va, b, h, g.begin);
   const T* xb = kDq ? head_base<T>(args.x, b, h, g.begin) : nullptr;
   T* ob = head_base<T>(args.out, b, h, g.begin);
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* meta = head_meta(args.meta, g, bh);
   const int c_begin = seg * g.seg_chunks, c_end = min(g.nchunks, c_begin + g.seg_chunks);
   const float scale = args.scale;
   bool done = false;
@@ -264,9 +263,7 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
   float* Dst = state_in_smem ? Dm : args.scratch + (bh * g.nseg + seg) * static_cast<int64_t>(dk) * LDV;
   const int64_t elems = static_cast<int64_t>(dk) * dv;
   {
-    const float* E = args.dstate != nullptr
-                         ? args.dstate + bh * args.dstate_bh + seg * args.dstate_seg
-                         : nullptr;
+    const float* E = seg_state(args.dstate, bh, seg, args.dstate_bh, args.dstate_seg);
     for (int64_t e = tid; e < elems; e += kThreads) {
       const int i = static_cast<int>(e / dv), j = static_cast<int>(e % dv);
       Dst[i * LDV + j] = E == nullptr ? 0.f : E[i * dv + j];
@@ -278,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
   const T* ob = head_base<T>(args.dout, b, h, g.begin);
   T* dkout = head_base<T>(args.dk_out, b, h, g.begin);
   T* dvout = head_base<T>(args.dv_out, b, h, g.begin);
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* meta = head_meta(args.meta, g, bh);
   const int c_begin = seg * g.seg_chunks, c_end = min(g.nchunks, c_begin + g.seg_chunks);
   const bool has_dg = args.dg != nullptr;
   float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;

@@ -81,7 +81,9 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
 // weight: acc's n8 tile j holds tokens 16 tb[j / 2] + 8 (j % 2) + (0..7). One helper for
 // both so that the two keep the same operations. (The products themselves stay written
 // out twice: as one helper with the transposed dS read a template switch, the dv PTX
-// changed (phi copies at D = 64), so that merge was left.)
+// changed (phi copies at D = 64), and as a generic lambda in the kernel (the switch a
+// std::bool_constant) the zeroed accumulators' registers were numbered apart at D = 64;
+// so that merge was left.)
 template <int RM>
 __device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
                                            const float* extw, int lane) {
@@ -193,9 +195,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   // (m16 tile m: row block RM r + m) x columns [hc D/2, +D/2).
   float Ds[RM][HC / 8][4];
   {
-    const float* E = args.dstate != nullptr
-                         ? args.dstate + bh * args.dstate_bh + seg * args.dstate_seg
-                         : nullptr;
+    const float* E = seg_state(args.dstate, bh, seg, args.dstate_bh, args.dstate_seg);
 #pragma unroll
     for (int m = 0; m < RM; ++m) {
 #pragma unroll
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   const T* o_b = head_base<T>(args.dout, b, h, g.begin);
   T* dk_b = head_base<T>(args.dk_out, b, h, g.begin);
   T* dv_b = head_base<T>(args.dv_out, b, h, g.begin);
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* meta = head_meta(args.meta, g, bh);
   auto tile = [&](int stage, int i) { return tiles + (stage * 4 + i) * kChunk * LD; };
 
   // chunk c's meta and q.dq (nvalid tokens from t0) into `stage` by cp.async (both copy

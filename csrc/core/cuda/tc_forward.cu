@@ -217,8 +217,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // Entering state, as S_a^T: row = output dim (16 warp + ...), column = qa dim.
   float S[D / 8][4];
   {
-    const float* E = args.state != nullptr ? args.state + bh * args.state_bh + seg * args.state_seg
-                                           : nullptr;
+    const float* E = seg_state(args.state, bh, seg, args.state_bh, args.state_seg);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
 #pragma unroll
@@ -238,7 +237,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   const T* va_b = kPrefix ? nullptr : head_base<T>(args.va, b, h, g.begin);
   const T* x_b = kDq ? head_base<T>(args.x, b, h, g.begin) : nullptr;
   T* out_b = head_base<T>(args.out, b, h, g.begin);
-  const float* meta = args.meta + bh * g.nchunks * kChunk * 2;
+  const float* meta = head_meta(args.meta, g, bh);
   auto tile = [&](int stage, int i) { return tiles + (stage * NT + i) * kChunk * LD; };
 
   auto load = [&](int c, int stage) {

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
   const T* abase = head_base<T>(args.a, b, h, g.begin);
   const T* bbase = head_base<T>(args.b, b, h, g.begin) + col0;
-  const float* wmeta = args.wmeta + bh * g.nchunks * kChunk * 2;
+  const float* wmeta = head_meta(args.wmeta, g, bh);
   if (col0 >= args.db) return;  // (uniform) no columns for this block
 
   // The i-th chunk of the segment's walk: forward (entry) or backward from the end (exit).

@@ -7,14 +7,14 @@ namespace lasp2::delta {
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, MutView o,
                          float* fold_scratch)
-    : be_(backend), p_(p), o_(o), fold_(fold_scratch) {
+    : BackendFamily(backend), p_(p), o_(o), fold_(fold_scratch) {
   check_delta_params(p);
   check_output_view(o, p.batch, p.seqlen, p.heads, "o");
 }
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p,
                          const DeltaGrads& grads, float* fold_scratch)
-    : be_(backend), p_(p), grads_(grads), fold_(fold_scratch) {
+    : BackendFamily(backend), p_(p), grads_(grads), fold_(fold_scratch) {
   check_delta_params(p);
   check_gradient_views(grads.dout, grads.dq, grads.dk, grads.dv, p.batch, p.seqlen, p.heads);
 }

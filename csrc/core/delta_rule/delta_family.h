@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "delta_rule/delta_backend.h"
+#include "lasp2/backend_family.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
 
@@ -27,7 +28,7 @@ struct DeltaGrads {
   bool doc_states = false;  // the call has per-document initial states or end-state gradients
 };
 
-class DeltaFamily final : public PartFamily {
+class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
  public:
   // fold_scratch: one state (B*H*dk*dv fp32) on the backend's device, where the folds
   // keep their running value (the backend's map products write to a separate buffer).
@@ -54,7 +55,6 @@ class DeltaFamily final : public PartFamily {
 
   SummaryShape shape() const override { return shape_of(p_); }
   int64_t local_tokens() const override { return p_.seqlen; }
-  Device device() const override { return be_.device(); }
 
   void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
                  void* stream) const override;
@@ -72,22 +72,11 @@ class DeltaFamily final : public PartFamily {
   void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
-  void copy(float* dst, const float* src, int64_t count, void* stream) const override {
-    be_.copy(dst, src, count, stream);
-  }
-  void fill_zero(float* dst, int64_t count, void* stream) const override {
-    be_.fill_zero(dst, count, stream);
-  }
-  void add(float* dst, const float* src, int64_t count, void* stream) const override {
-    be_.add(dst, src, count, stream);
-  }
-
  private:
   float* kept_slot(TokenRange part) const;
   // Where step k of n writes, so that the last step lands in `out`.
   float* step_target(int k, int n, float* out) const { return (n - k) % 2 == 0 ? out : fold_; }
 
-  const DeltaKernelBackend& be_;
   DeltaParams p_;
   MutView o_;
   DeltaGrads grads_;

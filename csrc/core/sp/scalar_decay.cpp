@@ -52,7 +52,7 @@ LocalDocuments LocalDocuments::of(const uint8_t* host_doc_start, int64_t local_t
 }
 
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o)
-    : be_(backend), p_(p), plain_(p), o_(o) {
+    : BackendFamily(backend), p_(p), plain_(p), o_(o) {
   check_attention_params(p);
   check_output_view(o, p.batch, p.seqlen, p.heads, "o");
   plain_.doc_start = nullptr;
@@ -60,7 +60,7 @@ ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p,
 
 ScalarDecay::ScalarDecay(const KernelBackend& backend, const AttentionParams& p,
                          const ScalarDecayGrads& grads)
-    : be_(backend), p_(p), plain_(p), grads_(grads) {
+    : BackendFamily(backend), p_(p), plain_(p), grads_(grads) {
   check_attention_params(p);
   check_gradient_views(grads.dout, grads.dq, grads.dk, grads.dv, p.batch, p.seqlen, p.heads);
   plain_.doc_start = nullptr;

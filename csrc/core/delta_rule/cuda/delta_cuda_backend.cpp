@@ -78,6 +78,30 @@ void set_out(MutView v, void*& ptr, int64_t& sb, int64_t& st, int64_t& sh) {
   sh = v.stride.head;
 }
 
+// The chunked backward passes' outputs (KdaBackwardArgs, ChunkBackwardArgs: the same fields).
+template <typename BackwardArgs>
+void set_grads(MutView dq, MutView dk, MutView dv, float* dg, float* dbeta, BackwardArgs& a) {
+  set_out(dq, a.dq, a.dqsb, a.dqst, a.dqsh);
+  set_out(dk, a.dk, a.dksb, a.dkst, a.dksh);
+  set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
+  a.dg = dg;
+  a.dbeta = dbeta;
+}
+
+// The token-recurrent backward's last pass: dq, dk, dg and dbeta from its sums `acc`
+// (flags nullable: the intervals whose tokens to write).
+void launch_finish_of(const gpu::Problem& g, const float* acc, MutView dq, MutView dk, float* dg,
+                      float* dbeta, const int* flags, cudaStream_t s) {
+  gpu::FinishArgs f;
+  f.acc = acc;
+  set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
+  set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
+  f.dg = dg;
+  f.dbeta = dbeta;
+  f.flags = flags;
+  gpu::launch_finish(g, f, s);
+}
+
 void check_params(const DeltaParams& p, TokenRange part) {
   elem_of(p.dtype);
   LASP2_CHECK(p.gate_dtype == ScalarType::kFloat32,
@@ -611,14 +635,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
     a.acc = scratch[1];
     gpu::launch_backward(g, a, s);
-
-    gpu::FinishArgs f;
-    f.acc = scratch[1];
-    set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
-    set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
-    f.dg = static_cast<float*>(dg);
-    f.dbeta = static_cast<float*>(dbeta);
-    gpu::launch_finish(g, f, s);
+    launch_finish_of(g, scratch[1], dq, dk, static_cast<float*>(dg), static_cast<float*>(dbeta), nullptr, s);
   }
 
   void apply_map(const float* A, const float* x, const float* y, int64_t bh, int64_t dk,
@@ -837,11 +854,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dh = more[2];
     a.t = prep.t;
     a.r = more[1];
-    set_out(dq, a.dq, a.dqsb, a.dqst, a.dqsh);
-    set_out(dk, a.dk, a.dksb, a.dkst, a.dksh);
-    set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
-    a.dg = dg;
-    a.dbeta = dbeta;
+    set_grads(dq, dk, dv, dg, dbeta, a);
     gpu::launch_kda_backward(g, a, s);
   }
 
@@ -939,11 +952,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     a.dh = scratch[2];
     a.t = prep.t;
     a.r = kept->reverse.u;
-    set_out(dq, a.dq, a.dqsb, a.dqst, a.dqsh);
-    set_out(dk, a.dk, a.dksb, a.dkst, a.dksh);
-    set_out(dv, a.dv, a.dvsb, a.dvst, a.dvsh);
-    a.dg = dg;
-    a.dbeta = dbeta;
+    set_grads(dq, dk, dv, dg, dbeta, a);
     gpu::launch_chunk_backward(g, a, s);
   }
 
@@ -1000,11 +1009,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     ca.dh = a[7];
     ca.t = prep.t;
     ca.r = prep.u;
-    set_out(dq, ca.dq, ca.dqsb, ca.dqst, ca.dqsh);
-    set_out(dk, ca.dk, ca.dksb, ca.dkst, ca.dksh);
-    set_out(dv, ca.dv, ca.dvsb, ca.dvst, ca.dvsh);
-    ca.dg = dg;
-    ca.dbeta = dbeta;
+    set_grads(dq, dk, dv, dg, dbeta, ca);
     gpu::launch_chunk_backward(g, ca, s);
     // the chunks with a document start, again: the recurrent backward on v and the
     // documents' states (one segment: launch_backward walks intervals, not segments)
@@ -1021,14 +1026,7 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     set_out(dv, ra.dv, ra.dvsb, ra.dvst, ra.dvsh);
     ra.acc = b[7];
     gpu::launch_backward(gr, ra, s);
-    gpu::FinishArgs f;
-    f.acc = b[7];
-    set_out(dq, f.dq, f.dqsb, f.dqst, f.dqsh);
-    set_out(dk, f.dk, f.dksb, f.dkst, f.dksh);
-    f.dg = dg;
-    f.dbeta = dbeta;
-    f.flags = ends.flags;
-    gpu::launch_finish(gr, f, s);
+    launch_finish_of(gr, b[7], dq, dk, dg, dbeta, ends.flags, s);
   }
 
   // The reverse pass from a zero leaving gradient: the head's outputs' share.

@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "lasp2/backend_family.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
@@ -35,7 +36,7 @@ struct LocalDocuments {
                            const PartLayout& layout, const std::vector<int64_t>& head_doc);
 };
 
-class ScalarDecay final : public PartFamily {
+class ScalarDecay final : public BackendFamily<KernelBackend> {
  public:
   ScalarDecay(const KernelBackend& backend, const AttentionParams& p, MutView o);
   ScalarDecay(const KernelBackend& backend, const AttentionParams& p, const ScalarDecayGrads& grads);
@@ -64,7 +65,6 @@ class ScalarDecay final : public PartFamily {
 
   SummaryShape shape() const override { return shape_of(p_); }
   int64_t local_tokens() const override { return p_.seqlen; }
-  Device device() const override { return be_.device(); }
 
   void summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
                  void* stream) const override;
@@ -89,16 +89,6 @@ class ScalarDecay final : public PartFamily {
   void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
-  void copy(float* dst, const float* src, int64_t count, void* stream) const override {
-    be_.copy(dst, src, count, stream);
-  }
-  void fill_zero(float* dst, int64_t count, void* stream) const override {
-    be_.fill_zero(dst, count, stream);
-  }
-  void add(float* dst, const float* src, int64_t count, void* stream) const override {
-    be_.add(dst, src, count, stream);
-  }
-
  private:
   struct Segment {
     TokenRange range;
@@ -119,7 +109,6 @@ class ScalarDecay final : public PartFamily {
   // The saved-states slot of a part (null: none kept for it).
   float* saved_slot(TokenRange part) const;
 
-  const KernelBackend& be_;
   AttentionParams p_;
   AttentionParams plain_;  // p_ without document starts (segments hold none)
   MutView o_;
