@@ -17,6 +17,7 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
+from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -24,9 +25,10 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
-__all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "cu_seqlens_of", "global_head_slice",
-           "mark_heterogeneous_layers", "process_groups", "recomputes_core_attention", "repeat_kv_heads",
-           "sp_group_of", "sum_grad_over_tp", "warn_once"]
+__all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "check_self_attention_call",
+           "cu_seqlens_of", "global_head_slice", "mark_heterogeneous_layers", "process_groups",
+           "recomputes_core_attention", "repeat_kv_heads", "run_core", "sp_group_of", "sum_grad_over_tp",
+           "warn_once"]
 
 _WARNED = set()
 
@@ -97,6 +99,27 @@ def recomputes_core_attention(config) -> bool:
     """Megatron's selective recompute of the attention core (recompute_granularity="selective"
     with "core_attn" in recompute_modules): the mixers then checkpoint their core op."""
     return config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or ())
+
+
+def run_core(module: MegatronModule, core, *args):
+    """core(*args), checkpointed (recomputed in backward) while `module` trains under
+    selective recompute of the attention core (module.checkpoint_core_attention, from
+    recomputes_core_attention)."""
+    if module.checkpoint_core_attention and module.training:
+        return tensor_parallel.checkpoint(core, False, *args)
+    return core(*args)
+
+
+def check_self_attention_call(owner: str, kind: str, inference_context=None, inference_params=None,
+                              key_value_states=None, attention_bias=None) -> None:
+    """The arguments of Megatron's self-attention call that lasp2's token mixers do not take:
+    an inference context (KV cache), cross attention, an additive attention bias."""
+    if inference_context is not None or inference_params is not None:
+        raise Lasp2ConfigError(f"{owner}: {kind} layers do not support Megatron's inference context (KV cache)")
+    if key_value_states is not None:
+        raise Lasp2ConfigError(f"{owner}: self attention only (key_value_states was given)")
+    if attention_bias is not None:
+        raise Lasp2ConfigError(f"{owner}: {kind} layers take no attention_bias")
 
 
 def sum_grad_over_tp(param: torch.Tensor, tp_group) -> None:

@@ -34,7 +34,6 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
-from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules  # noqa: E402
 from megatron.core.tensor_parallel import get_cuda_rng_tracker  # noqa: E402
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
@@ -46,10 +45,12 @@ import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import beta_from_logits, delta_log_gate  # noqa: E402
 from lasp2.nn.short_conv import causal_conv_sp  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
+    check_self_attention_call,
     check_ulysses_heads,
     cu_seqlens_of,
     process_groups,
     recomputes_core_attention,
+    run_core,
     sp_group_of,
     sum_grad_over_tp,
 )
@@ -178,10 +179,8 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         """RoPE and the attention mask are not read, as in megatron-core (the recurrence is causal;
         documents come from packed_seq_params)."""
         name = type(self).__name__
-        if inference_context is not None or inference_params is not None:
-            raise Lasp2ConfigError(f"{name}: Megatron's inference context is not supported")
-        if key_value_states is not None or attention_bias is not None:
-            raise Lasp2ConfigError(f"{name}: key_value_states / attention_bias are not supported")
+        check_self_attention_call(name, "gated DeltaNet", inference_context, inference_params, key_value_states,
+                                  attention_bias)
         o = self.lasp2_options
         cu_seqlens = cu_seqlens_of(name, packed_seq_params, o, self.pg_collection.cp)
         group = sp_group_of(self.pg_collection)
@@ -208,10 +207,7 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
             return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
                                           provider=o.provider, use_qk_l2norm=self.use_qk_l2norm)[0]
 
-        if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
-            out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)
-        else:
-            out = delta_rule(q, k, v, g, beta)
+        out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self._gated_norm(out, z).reshape(b, s, self.v_dim_local_tp).transpose(0, 1).contiguous()
         return self.out_proj(out)
 

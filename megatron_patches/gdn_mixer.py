@@ -40,7 +40,6 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
-from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -55,11 +54,13 @@ import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import GatedRMSNorm, beta_from_logits, delta_log_gate, init_gate_parameters  # noqa: E402
 from lasp2.nn.short_conv import ShortConvolution  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
+    check_self_attention_call,
     check_ulysses_heads,
     cu_seqlens_of,
     global_head_slice,
     process_groups,
     recomputes_core_attention,
+    run_core,
     sp_group_of,
     sum_grad_over_tp,
 )
@@ -170,10 +171,8 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         """RoPE and the attention mask are not read (the recurrence is causal and
         position-aware; documents come from packed_seq_params)."""
         name = type(self).__name__
-        if inference_context is not None or inference_params is not None:
-            raise Lasp2ConfigError(f"{name}: {self.kind_name} layers do not support Megatron's inference context")
-        if key_value_states is not None or attention_bias is not None:
-            raise Lasp2ConfigError(f"{name}: key_value_states / attention_bias are not supported")
+        check_self_attention_call(name, self.kind_name, inference_context, inference_params, key_value_states,
+                                  attention_bias)
         o = self.lasp2_options
         cp = self.pg_collection.cp
         cu_seqlens = cu_seqlens_of(name, packed_seq_params, o, cp)
@@ -194,10 +193,7 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
             return op(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split, provider=o.provider,
                       use_qk_l2norm=True)[0]
 
-        if self.checkpoint_core_attention and self.training:  # selective recompute ("core_attn")
-            out = tensor_parallel.checkpoint(delta_rule, False, q, k, v, g, beta)
-        else:
-            out = delta_rule(q, k, v, g, beta)
+        out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)
         return self.out_proj(out)
 

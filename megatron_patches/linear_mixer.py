@@ -28,7 +28,6 @@ from megatron_patches._compat import check_megatron_core_version
 
 check_megatron_core_version()
 
-from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
@@ -48,12 +47,14 @@ from lasp2.options import FEATURE_MAPS  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
     Lasp2CoreAttentionBase,
     check_rope_layout,
+    check_self_attention_call,
     check_ulysses_heads,
     cu_seqlens_of,
     global_head_slice,
     process_groups,
     recomputes_core_attention,
     repeat_kv_heads,
+    run_core,
 )
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
@@ -234,11 +235,8 @@ class Lasp2LinearMixer(MegatronModule):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *,
                 inference_params=None, **kwargs):
-        if inference_context is not None or inference_params is not None:
-            raise Lasp2ConfigError("Lasp2LinearMixer: linear-attention layers do not support Megatron's "
-                                   "inference context (KV cache)")
-        if key_value_states is not None:
-            raise Lasp2ConfigError("Lasp2LinearMixer: self attention only (key_value_states was given)")
+        check_self_attention_call(type(self).__name__, "linear-attention", inference_context, inference_params,
+                                  key_value_states)  # attention_bias goes to the core attention
         q, k, v = self._qkv(hidden_states)
         g = None
         if self.linear_gate is not None:
@@ -252,8 +250,5 @@ class Lasp2LinearMixer(MegatronModule):
             return self.core_attention(q, k, v, attention_mask, attn_mask_type=self.attn_mask_type,
                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params, g=g)
 
-        if self.checkpoint_core_attention and self.training:
-            out = tensor_parallel.checkpoint(core, False, *core_args)
-        else:
-            out = core(*core_args)
+        out = run_core(self, core, *core_args)
         return self.linear_proj(out)

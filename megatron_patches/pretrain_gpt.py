@@ -23,7 +23,6 @@ on GPUs, model TFLOP/s per GPU.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -468,7 +467,6 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
     """Builds everything and trains; returns the per-step losses, the last iteration, the
     model chunks and the optimizer. after_model_build(chunks), if given, runs before the
     optimizer is built (tests set weights there)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

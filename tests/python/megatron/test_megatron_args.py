@@ -406,3 +406,26 @@ def test_launcher_refuses_torch_fsdp2_with_what_it_was_not_run_with(extra, named
     assert pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2"]).use_torch_fsdp2
     with pytest.raises(SystemExit, match=f"--use-torch-fsdp2 is tested .*not with {named}"):
         pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *extra])
+
+
+@pytest.mark.parametrize("kind", ["L", "G", "K"])
+def test_mixers_refuse_what_self_attention_calls_they_do_not_take(kind):
+    """Megatron's self-attention call may carry an inference context (KV cache), cross-attention
+    states or an attention bias; the lasp2 mixers refuse each by name before any work."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    spec = get_lasp2_layer_spec(Lasp2Options(layer_pattern=kind), layer_kind=kind).submodules.self_attention
+    layer = build_module(spec, config=config, layer_number=1, pg_collection=ProcessGroupCollection(tp=None, cp=None))
+    x = torch.randn(8, 1, 32)
+    with pytest.raises(Lasp2ConfigError, match="do not support Megatron's inference context"):
+        layer(x, None, inference_context=object())
+    with pytest.raises(Lasp2ConfigError, match=r"self attention only \(key_value_states was given\)"):
+        layer(x, None, key_value_states=x)
+    if kind != "L":  # a linear layer hands attention_bias to its core attention, which decides
+        with pytest.raises(Lasp2ConfigError, match="take no attention_bias"):
+            layer(x, None, attention_bias=torch.zeros(1))
