@@ -110,6 +110,16 @@ __device__ __forceinline__ void mma_acc(float (&acc)[NTILES][4], const T* A, int
   }
 }
 
+// acc += other: a product's second accumulator chain (or a second product) summed into
+// the first, fragment by fragment.
+template <int N>
+__device__ __forceinline__ void add_frags(float (&acc)[N][4], const float (&other)[N][4]) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] += other[nt][e];
+}
+
 // acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.
 template <typename T, int NTILES, bool kTransA>
 __device__ __forceinline__ void mma_rows(float (&acc)[NTILES][4], const T* A, int lda, const T* B, int ldb,

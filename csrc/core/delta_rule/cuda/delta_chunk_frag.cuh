@@ -122,6 +122,14 @@ __device__ __forceinline__ void load_state_xb(float (&S)[N][4], T* xb, int ldx, 
     store_u32(xb + row * ldx + cl, pack2<T>(f2.x, f2.y));
   });
 }
+// S times the scalar e (a chunk's decay of the state, GDN's scalar gate).
+template <int N>
+__device__ __forceinline__ void scale_state(float (&S)[N][4], float e) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+}
 // diag(f) S: row r times f[r].
 template <int N>
 __device__ __forceinline__ void scale_rows(float (&S)[N][4], const float* f, int r0, int lane) {

@@ -139,10 +139,7 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float(&acc)[2][4] = S[mt];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        scale_state(acc, e);
         const int r0 = warp * (D / 4) + 16 * mt;
         mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
         mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
@@ -260,16 +257,10 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
       const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
       float oq[2][4] = {};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_rows_halves<T, 2>(S, B.a2, LD, sm.ys, LDV, r0, lane);
       mma_rows_halves<T, 2>(oq, B.a3, LD, B.d, LDV, r0, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+      add_frags(S, oq);
     }
     // no barrier: the next chunk writes xb and ys only after its first barrier, and
     // refills this buffer after it
@@ -424,16 +415,10 @@ __global__ void __launch_bounds__(NT8)
     __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO
       float oq[2][4] = {};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_k_swizzled<T>(S, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
       mma_k_swizzled<T>(oq, kt + 4 * kSwzHalf + ak, dd_t, LDV, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+      add_frags(S, oq);
     }
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }

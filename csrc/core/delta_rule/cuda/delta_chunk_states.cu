@@ -167,10 +167,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float(&acc)[NTL][4] = S[mt];
-#pragma unroll
-        for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        scale_state(acc, e);
         mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
       }
     }
@@ -316,10 +313,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_rows_halves<T, NTL>(S, B.k, LD, sm.ys, LDC, r0, lane);
     }
     if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
@@ -501,10 +495,7 @@ __global__ void __launch_bounds__(NT8, 2)
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_k_swizzled<T, NTL>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     }
     if (!kSummary && fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)

@@ -141,12 +141,7 @@ __device__ __forceinline__ void mma_w_swizzled(float (&acc)[NTILES][4], uint32_t
 #pragma unroll
     for (int t = 0; t < NTILES; ++t) mma16816<T>(kSplit && (kk & 1) ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
   }
-  if constexpr (kSplit) {
-#pragma unroll
-    for (int t = 0; t < NTILES; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
-  }
+  if constexpr (kSplit) add_frags(acc, odd);
 }
 // One n8 tile (the reverse pass).
 template <typename T>
@@ -175,12 +170,7 @@ __device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_
       mma16816<T>(c[2 * pr + 1], a, bb[2], bb[3]);
     }
   }
-  if constexpr (kSplit) {
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
-  }
+  if constexpr (kSplit) add_frags(acc, hi);
 }
 
 // Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
