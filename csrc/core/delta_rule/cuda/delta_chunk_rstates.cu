@@ -220,9 +220,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     if (i + NS - 1 < nck) load(c - (NS - 1), (i + NS - 1) % NS);
     cp_async_commit();
     if constexpr (kLean) {  // xb's rows, 16 bytes a store: one a thread (NT8 = 2 D)
-      if (dh16 != nullptr)
-        *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
-            *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+      if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);
     } else if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D

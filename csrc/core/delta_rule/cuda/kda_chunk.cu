@@ -42,6 +42,14 @@ struct KdaStateSmem {
   T ys[CH * LDV];  // v_new of the chunk (16-bit)
 };
 
+// Chunk c's eL (d floats, the gate over the whole chunk: prep's [bh][nchunks][d]) into
+// shared memory, D / 4 threads 16 bytes each.
+template <int D>
+__device__ __forceinline__ void load_chunk_eL(float* dst, const float* eL, const Problem& p, int64_t bh, int c,
+                                              int tid) {
+  if (tid < D / 4) cp_async16(dst + 4 * tid, eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void load_kda_chunk(const Problem& p, const KdaPrep& prep, KdaStateBuf<T, D>& B, int c,
                                                int64_t bh, int j0, bool with_u, int tid) {
@@ -49,7 +57,7 @@ __device__ __forceinline__ void load_kda_chunk(const Problem& p, const KdaPrep& 
   load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, NT>(B.kd, static_cast<const T*>(prep.kd) + cp.row0 * D, D, CH, D, tid);
   if (with_u) load_cols<T>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D, D, j0, CH, tid);
-  if (tid < D / 4) cp_async16(B.eL + 4 * tid, prep.eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+  load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);
 }
 
 template <typename T, int D>
@@ -244,7 +252,7 @@ __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPr
   load_tile<T, D, NT>(B.qg, static_cast<const T*>(prep.qg) + cp.row0 * D, D, CH, D, tid);
   load_cols<T>(B.r, static_cast<const T*>(r) + cp.row0 * D, D, j0, CH, tid);
   load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
-  if (tid < D / 4) cp_async16(B.eL + 4 * tid, prep.eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+  load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);
 }
 
 template <typename T, int D>
