@@ -359,16 +359,10 @@ __global__ void __launch_bounds__(NT8)
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
-    store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
-    mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
-    // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    // the ring's refill of buffer (i - 1) % NS (free: every warp is past chunk c + 1) and
-    // dh's 16 bytes of this thread from xb (before a document's end gradient overwrites xb
-    // with F below)
-    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
-    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
+    // the carried gradient to xb, the ring's refill of buffer (i - 1) % NS and dh's 16
+    // bytes of this thread from xb (before a document's end gradient overwrites xb with F
+    // below)
+    ring_step_begin<NS>(i, nck, &sm.full[s], sm.xb, LDV, S, r0, dh16, c, se, tid, lane, issue_tiles, issue_own);
     const float* meta = sm.meta[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];

@@ -16,6 +16,7 @@
 
 #include "cuda/tc_tiles.cuh"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/tma_copy.cuh"
 
 namespace lasp2::delta::gpu {
@@ -231,6 +232,24 @@ __device__ __forceinline__ void ring_issue(int i, int steps, int tid, Tiles&& ti
 template <typename T>
 __device__ __forceinline__ void store_xb_piece(T* dst, const T* xb, int ldx, int tid) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(xb + (tid >> 1) * ldx + 8 * (tid & 1));
+}
+
+// The start of ring step i (its chunk in buffer i % NS, `full` that buffer's barrier): the
+// step's cp.async pieces landed, the carried state S (rows r0..) as the 16-bit copy xb,
+// the step's tiles landed, the block barrier (every warp past step i - 1: its buffer is
+// free, and every warp sees xb), the refill of that buffer (step i + NS - 1), and this
+// thread's piece of xb to piece + step * piece_step (the chunk's 16-bit state or dh;
+// none without piece). xb is rewritten only after the next step's barrier.
+template <int NS, typename T, int N, typename Tiles, typename Own>
+__device__ __forceinline__ void ring_step_begin(int i, int steps, uint64_t* full, T* xb, int ldx,
+                                                const float (&S)[N][4], int r0, T* piece, int step,
+                                                int64_t piece_step, int tid, int lane, Tiles&& tiles, Own&& own) {
+  cp_async_wait_upto<NS - 2>();
+  store_rows<T, N>(xb, ldx, S, r0, lane);
+  mbar_wait(full, (i / NS) & 1);
+  __syncthreads();
+  ring_issue(i + NS - 1, steps, tid, tiles, own);
+  if (piece != nullptr) store_xb_piece(piece + static_cast<int64_t>(step) * piece_step, xb, ldx, tid);
 }
 
 // ---- host: the tensor maps and the sm_90 check ------------------------------------------

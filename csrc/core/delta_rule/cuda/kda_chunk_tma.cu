@@ -117,14 +117,8 @@ __global__ void __launch_bounds__(NT8, 2)
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
     const int s = c % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's u and eL have landed
-    store_rows<T, NTL>(sm.xb, LDC, S, r0, lane);  // the carried columns, 16-bit
-    mbar_wait(&sm.full[s], (c / NS) & 1);       // chunk c's w and kd have landed
-    // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (c - 1) % NS
-    // the chunk's 16-bit state from xb
-    if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
+    // the carried columns to xb, the ring's refill, the chunk's 16-bit state from xb
+    ring_step_begin<NS>(c, nck, &sm.full[s], sm.xb, LDC, S, r0, st16, c, se, tid, lane, issue_tiles, issue_own);
     const T* u = sm.u[s];
     const uint32_t wt = tiles0 + s * kBufBytes;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A)
@@ -247,13 +241,8 @@ __global__ void __launch_bounds__(NT8)
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and eL have landed
-    store_rows<T, 2>(sm.xb, LDV, X, r0, lane);
-    mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's kd, w and qg have landed
-    // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (i - 1) % NS
-    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
+    // the carried gradient to xb, the ring's refill, dh's rows from xb
+    ring_step_begin<NS>(i, nck, &sm.full[s], sm.xb, LDV, X, r0, dh16, c, se, tid, lane, issue_tiles, issue_own);
     const uint32_t kt = tiles0 + s * kBufBytes;
     {  // ys = r - kd X (this warp's token tile)
       scale_rows(X, sm.eL[s], r0, lane);  // diag(eL) X, for the second products
