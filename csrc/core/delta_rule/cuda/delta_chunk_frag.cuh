@@ -153,6 +153,12 @@ __device__ __forceinline__ int pass_columns(bool summary, bool& amap) {
   amap = summary && blockIdx.x < D / C;
   return (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
 }
+// u = 0 in every ring buffer (a summary's columns of A, which read no u): the LEN 16-bit
+// values of each buffer's u, NTH threads.
+template <typename T, int NTH, int LEN, typename Buf, int NS>
+__device__ __forceinline__ void zero_ring_u(Buf (&buf)[NS], int tid) {
+  for (int i = tid; i < NS * LEN; i += NTH) buf[i / LEN].u[i % LEN] = from_float<T>(0.f);
+}
 // The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
 // (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and
 // head_M's; store(dst) writes the carried columns to dst (offset to the (b, h) state).

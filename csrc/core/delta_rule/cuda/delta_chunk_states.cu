@@ -106,9 +106,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
   float S[MT][NTL][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) load_state<D>(S[mt], amap, entering, bh * se, warp * (D / 4) + 16 * mt, j0, lane);
-  if (amap) {  // u = 0 in every buffer
-    for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
-  }
+  if (amap) zero_ring_u<T, NT, CH * LDC>(sm.buf, tid);
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
     if (i < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
@@ -213,9 +211,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 
   float S[NTL][4];
   load_state<D>(S, amap, entering, bh * se, r0, j0, lane);
-  if (amap) {  // u = 0 in every buffer
-    for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
-  }
+  if (amap) zero_ring_u<T, NT8, CH * LDC>(sm.buf, tid);
   [[maybe_unused]] TileCopy<T, D, NT8> cw, ck;
   [[maybe_unused]] ColCopy<T, C, NT8> cu;
   [[maybe_unused]] MetaCopy cm;

@@ -89,8 +89,7 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
         const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
         S[mt][nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
       }
-  if (amap)
-    for (int i = tid; i < 2 * CH * LDV; i += NT) sm.buf[i / (CH * LDV)].u[i % (CH * LDV)] = from_float<T>(0.f);
+  if (amap) zero_ring_u<T, NT, CH * LDV>(sm.buf, tid);
   load_kda_chunk<T, D>(p, prep, sm.buf[0], 0, bh, j0, !amap, tid);
   cp_async_commit();
   for (int c = 0; c < nck; ++c) {
