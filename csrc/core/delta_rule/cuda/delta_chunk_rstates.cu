@@ -38,11 +38,7 @@ struct StateBuf {
   float meta[2 * CH];
 };
 template <typename T, int D>
-struct StateSmem {
-  StateBuf<T, D> buf[kRevStages];
-  T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
-  T ys[CH * LDV];
-};
+using StateSmem = StateRingSmem<T, StateBuf<T, D>, kRevStages, D, LDV>;  // xb: the carried gradient, [d][16]
 
 template <typename T, int D, int NTH = NT>
 __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
@@ -272,17 +268,6 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
 // tensor-map boxes (three tiles, 48 KiB), dO's and r's 16 columns and the meta as cp.async
 // pieces, a ring of kRevStages buffers walked backwards. The same products in the same order as w8, so every output equals
 // w8's bit for bit.
-template <typename T>
-struct TmaRevSmem {
-  static constexpr int NS = kRevStages;
-  unsigned char tiles[NS][3][2 * kSwzHalf];  // [buffer][k, w, q]: 1024-byte aligned (the swizzle)
-  T r[NS][CH * LDV];
-  T d[NS][CH * LDV];
-  float meta[NS][2 * CH];
-  T xb[128 * LDV];  // the carried gradient (16-bit copy), [d][16]
-  T ys[CH * LDV];
-  uint64_t full[NS];  // buffer s holds its chunk's k, w and q
-};
 
 // As in fwd_state_kernel_tma, the epilogue's decays and r values, dO's scaling and X's decay
 // e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/history/delta-rule-log.md,
@@ -307,8 +292,8 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = 128, NS = kRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaRevSmem<T>& sm =
-      *reinterpret_cast<TmaRevSmem<T>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kRevStages>& sm =
+      *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
@@ -326,7 +311,7 @@ __global__ void __launch_bounds__(NT8)
   MetaCopy cm;
   cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
   cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], tid);
-  cm.init(prep.meta, row0, sm.meta[0], tid);
+  cm.init(prep.meta, row0, sm.gate[0], tid);
   T* const dh16 = ro.dh != nullptr ? static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
                                    : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
@@ -353,7 +338,7 @@ __global__ void __launch_bounds__(NT8)
     const int c = nck - 1 - i, s = i % NS;
     cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
     cr.issue(c, s * sizeof(sm.r[0]), CH);
-    cm.issue(c, s * sizeof(sm.meta[0]));
+    cm.issue(c, s * sizeof(sm.gate[0]));
   };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
@@ -363,7 +348,7 @@ __global__ void __launch_bounds__(NT8)
     // bytes of this thread from xb (before a document's end gradient overwrites xb with F
     // below)
     ring_step_begin<NS>(i, nck, &sm.full[s], sm.xb, LDV, S, r0, dh16, c, se, tid, lane, issue_tiles, issue_own);
-    const float* meta = sm.meta[s];
+    const float* meta = sm.gate[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
     if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
@@ -437,7 +422,7 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
   if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
       !encode_token_map<T>(&qmap, qd, p.q, p, CH))
     return false;
-  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T>) + 1024);  // + the swizzle's alignment
+  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kRevStages>) + 1024);  // + the swizzle's alignment
   launch_tma_pass(kernel, dim3(D / BV, static_cast<unsigned>(p.bh())), bytes, s, p, dout, prep, out, kmap, wmap, qmap,
                   kd, qd);
   return true;

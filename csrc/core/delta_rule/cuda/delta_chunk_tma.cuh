@@ -174,6 +174,37 @@ __device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_
   if constexpr (kSplit) add_frags(acc, hi);
 }
 
+// The shared memory of the tma state passes (GDN's and KDA's): the ring's NS buffers of
+// tiles (each tile as two [64][64] halves, columns 0..63 and 64..127, of 128-byte rows,
+// the 16-byte pieces of row r at piece index XOR (r % 8): the tensor map's 128-byte
+// swizzle, conflict-free for ldmatrix like the padded rows of TileCopy; 1024-byte
+// aligned) and of cp.async column blocks and gate floats (GDN's {G, s} pairs of the
+// chunk's 64 tokens, KDA's eL of its d = 128 keys), the carried columns' 16-bit copy xb
+// ([d][ld]), the chunk's 16-bit token rows ys of the second product, and `full`: buffer s
+// holds its chunk's tiles.
+// The forward passes: tiles w and K (KDA: kd), u's C columns.
+template <typename T, int NS, int C = kChunkCols>
+struct TmaStateSmem {
+  static constexpr int LDC = C + 8;
+  unsigned char tiles[NS][2][2 * kSwzHalf];
+  T u[NS][CH * LDC];
+  float gate[NS][2 * CH];
+  T xb[128 * LDC];
+  T ys[CH * LDC];
+  uint64_t full[NS];
+};
+// The reverse passes: tiles k, w and q (KDA: kd, w and qg), r's and dO's 16 columns.
+template <typename T, int NS>
+struct TmaRevSmem {
+  unsigned char tiles[NS][3][2 * kSwzHalf];
+  T r[NS][CH * LDV];
+  T d[NS][CH * LDV];
+  float gate[NS][2 * CH];
+  T xb[128 * LDV];
+  T ys[CH * LDV];
+  uint64_t full[NS];
+};
+
 // Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
 // stride.
 struct KMapDims {

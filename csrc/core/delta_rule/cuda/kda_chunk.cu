@@ -36,11 +36,7 @@ struct KdaStateBuf {
   float eL[D];
 };
 template <typename T, int D>
-struct KdaStateSmem {
-  KdaStateBuf<T, D> buf[2];
-  T xb[D * LDV];  // the carried columns (16-bit copy), [d][16]
-  T ys[CH * LDV];  // v_new of the chunk (16-bit)
-};
+using KdaStateSmem = StateRingSmem<T, KdaStateBuf<T, D>, 2, D, LDV>;  // ys: v_new of the chunk
 
 // Chunk c's eL (d floats, the gate over the whole chunk: prep's [bh][nchunks][d]) into
 // shared memory, D / 4 threads 16 bytes each.
@@ -235,11 +231,7 @@ struct KdaRevBuf {
   float eL[D];
 };
 template <typename T, int D>
-struct KdaRevSmem {
-  KdaRevBuf<T, D> buf[2];
-  T xb[D * LDV];
-  T ys[CH * LDV];
-};
+using KdaRevSmem = StateRingSmem<T, KdaRevBuf<T, D>, 2, D, LDV>;
 
 template <typename T, int D>
 __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPrep& prep, const View& dout,
