@@ -307,11 +307,8 @@ __global__ void __launch_bounds__(NT8)
   load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, BV, NT8> cd, cr;
-  MetaCopy cm;
-  cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
-  cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], tid);
-  cm.init(prep.meta, row0, sm.gate[0], tid);
+  RevColCopies<T, NS> cols;
+  cols.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, prep.u, prep.meta, row0, j0, sm, tid);
   T* const dh16 = ro.dh != nullptr ? static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
                                    : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
@@ -334,12 +331,7 @@ __global__ void __launch_bounds__(NT8)
       tma_box_4d(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int i) {
-    const int c = nck - 1 - i, s = i % NS;
-    cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
-    cr.issue(c, s * sizeof(sm.r[0]), CH);
-    cm.issue(c, s * sizeof(sm.gate[0]));
-  };
+  auto issue_own = [&](int i) { cols.issue(p, nck, i); };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {

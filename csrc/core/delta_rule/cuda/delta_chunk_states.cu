@@ -377,10 +377,8 @@ __global__ void __launch_bounds__(NT8, 2)
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, C, NT8> cu;
-  MetaCopy cm;
-  cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
-  cm.init(prep.meta, row0, sm.gate[0], tid);
+  FwdColCopies<T, NS, C> cols;
+  cols.init(prep.u, prep.meta, row0, j0, sm, tid);
   T* const vn = !kSummary && fo.v_new != nullptr
                     ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
                     : nullptr;
@@ -408,10 +406,7 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int c) {  // chunk c's u and meta into buffer c % NS
-    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
-    cm.issue(c, (c % NS) * sizeof(sm.gate[0]));
-  };
+  auto issue_own = [&](int c) { cols.issue(c, !amap); };  // chunk c's u and meta
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {

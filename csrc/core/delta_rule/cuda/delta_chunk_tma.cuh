@@ -205,6 +205,44 @@ struct TmaRevSmem {
   uint64_t full[NS];
 };
 
+// A forward tma pass's cp.async pieces (GDN's and KDA's): u's C columns (none for a
+// summary's columns of A) and the chunk's gate floats; chunk c into buffer c % NS.
+template <typename T, int NS, int C>
+struct FwdColCopies {
+  ColCopy<T, C, NT8> u;
+  MetaCopy gate;
+  // u_rows: [rows][128] scratch, the pair's rows from row0, read from column j0.
+  __device__ __forceinline__ void init(const void* u_rows, const float* gates, int64_t row0, int j0,
+                                       TmaStateSmem<T, NS, C>& sm, int tid) {
+    u.init(static_cast<const T*>(u_rows) + row0 * 128 + j0, 128, sm.u[0], tid);
+    gate.init(gates, row0, sm.gate[0], tid);
+  }
+  __device__ __forceinline__ void issue(int c, bool with_u) const {
+    if (with_u) u.issue(c, (c % NS) * sizeof(T[CH * (C + 8)]), CH);
+    gate.issue(c, (c % NS) * sizeof(float[2 * CH]));
+  }
+};
+// A reverse tma pass's cp.async pieces (GDN's and KDA's): dO's and r's 16 columns and the
+// chunk's gate floats; step i of the ring copies chunk nck - 1 - i into buffer i % NS.
+template <typename T, int NS>
+struct RevColCopies {
+  ColCopy<T, BV, NT8> d, r;
+  MetaCopy gate;
+  // dout_cols: dO's rows at column j0; r: [rows][128] scratch, the pair's rows from row0.
+  __device__ __forceinline__ void init(const T* dout_cols, int64_t dout_st, const void* r_rows, const float* gates,
+                                       int64_t row0, int j0, TmaRevSmem<T, NS>& sm, int tid) {
+    d.init(dout_cols, dout_st, sm.d[0], tid);
+    r.init(static_cast<const T*>(r_rows) + row0 * 128 + j0, 128, sm.r[0], tid);
+    gate.init(gates, row0, sm.gate[0], tid);
+  }
+  __device__ __forceinline__ void issue(const Problem& p, int nck, int i) const {
+    const int c = nck - 1 - i, s = i % NS;
+    d.issue(c, s * sizeof(T[CH * LDV]), chunk_rows(p, c));
+    r.issue(c, s * sizeof(T[CH * LDV]), CH);
+    gate.issue(c, s * sizeof(float[2 * CH]));
+  }
+};
+
 // Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
 // stride.
 struct KMapDims {

@@ -72,10 +72,8 @@ __global__ void __launch_bounds__(NT8, 2)
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, C, NT8> cu;
-  MetaCopy ce;
-  cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
-  ce.init(prep.eL, row0, sm.gate[0], tid);  // prep.eL + bh nck d = + 2 row0
+  FwdColCopies<T, NS, C> cols;
+  cols.init(prep.u, prep.eL, row0, j0, sm, tid);  // prep.eL + bh nck d = + 2 row0: MetaCopy's offset
   T* const vn = !kSummary && fo.v_new != nullptr
                     ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
                     : nullptr;
@@ -98,10 +96,7 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_2d(dst + (2 + half) * kSwzHalf, &kdmap, 64 * half, y, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int c) {  // chunk c's u and eL into buffer c % NS
-    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
-    ce.issue(c, (c % NS) * sizeof(sm.gate[0]));
-  };
+  auto issue_own = [&](int c) { cols.issue(c, !amap); };  // chunk c's u and eL
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
@@ -186,11 +181,8 @@ __global__ void __launch_bounds__(NT8)
   load_state<D>(X, false, leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, BV, NT8> cd, cr;
-  MetaCopy ce;
-  cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
-  cr.init(static_cast<const T*>(r) + row0 * D + j0, D, sm.r[0], tid);
-  ce.init(eLs, row0, sm.gate[0], tid);  // eL + bh nck d = + 2 row0
+  RevColCopies<T, NS> cols;  // eL + bh nck d = + 2 row0: MetaCopy's offset
+  cols.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, r, eLs, row0, j0, sm, tid);
   T* const dh16 =
       dh != nullptr ? static_cast<T*>(dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1) : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
@@ -209,12 +201,7 @@ __global__ void __launch_bounds__(NT8)
       tma_box_2d(dst + (4 + half) * kSwzHalf, &qgmap, 64 * half, y, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int i) {
-    const int c = nck - 1 - i, s = i % NS;
-    cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
-    cr.issue(c, s * sizeof(sm.r[0]), CH);
-    ce.issue(c, s * sizeof(sm.gate[0]));
-  };
+  auto issue_own = [&](int i) { cols.issue(p, nck, i); };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
