@@ -6,7 +6,9 @@
 // order, CSE): each use was checked against the written-out loops (ptxas -v registers and
 // spills on sm_90a and sm_80, PTX opcode counts), and where a helper moved them the loop
 // stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
-// KDA state pass's diag(eL) scaling, the GDN rprep's negated store).
+// KDA state pass's diag(eL) scaling, the GDN rprep's negated store; session 19: KDA's
+// 4-warp passes' S / X loads through load_state and their token-row epilogues through
+// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece).
 // Included by .cu files only; internal linkage.
 #pragma once
 

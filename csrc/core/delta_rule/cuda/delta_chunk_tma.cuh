@@ -279,9 +279,15 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 // GDN's and KDA's forward and reverse tma passes walk the same ring the same way; these
 // pieces are written once so that the four kernels cannot drift apart (a change to the
 // ring's counting in one kernel alone would be a silent race in the other three).
-// (The kernels' 1024-byte alignment of the shared struct and their swizzled ldmatrix
-// offsets aw / ak stay written out in each kernel: as helpers, nvcc orders the address
-// arithmetic differently, so the PTX would no longer be provably the same.)
+// (Written out in each kernel still, because as helpers they change the PTX, so that it
+// would no longer be provably the same code (tried again in session 19): the 1024-byte
+// alignment of the shared struct, the swizzled ldmatrix offsets aw / ak (nvcc orders the
+// address arithmetic differently), the forward passes' v_new / chunk-state pointers and
+// leaving-state stores, the reverse passes' dh pointer, and KDA's tiles issue for N
+// two-dimensional maps (registers renumbered, instructions reordered). A helper keeps the
+// PTX where its arguments are values the kernel had already formed and its body the
+// kernel's statements in the kernel's order; a pointer formed as an argument instead of
+// inside the helper moved KDA's reverse pass.)
 
 // Ring step i of `steps`: thread 0 issues the step's tensor-map tiles (tiles(i), which
 // arms the buffer's barrier), every thread its cp.async pieces (own(i)). One cp.async
