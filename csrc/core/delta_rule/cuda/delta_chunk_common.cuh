@@ -67,6 +67,16 @@ __device__ __forceinline__ ChunkPos chunk_pos(const Problem& p, int c, int64_t b
   return q;
 }
 
+// The shared memory of a cp.async state pass (GDN's and KDA's, forward and reverse): a
+// ring of NS chunk buffers Buf, the carried columns' 16-bit copy xb ([d][ld]) and the
+// chunk's 16-bit token rows ys ([64][ld]) of the second product.
+template <typename T, typename Buf, int NS, int D, int LDX>
+struct StateRingSmem {
+  Buf buf[NS];
+  T xb[D * LDX];
+  T ys[CH * LDX];
+};
+
 // The {G, s} pairs of a chunk (64 x 2 floats) into shared memory.
 __device__ __forceinline__ void load_meta(float* dst, const float* meta, int64_t row0, int tid) {
   if (tid < CH / 2) cp_async16(dst + 4 * tid, meta + 2 * row0 + 4 * tid, true);
@@ -108,6 +118,16 @@ __device__ __forceinline__ void mma_acc(float (&acc)[NTILES][4], const T* A, int
       mma16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
     }
   }
+}
+
+// acc += other: a product's second accumulator chain (or a second product) summed into
+// the first, fragment by fragment.
+template <int N>
+__device__ __forceinline__ void add_frags(float (&acc)[N][4], const float (&other)[N][4]) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] += other[nt][e];
 }
 
 // acc[n][.] (+)= A (16 rows of warp `warp`, k over kk0..kk1) x B for D/8 n-tiles.

@@ -6,7 +6,9 @@
 // order, CSE): each use was checked against the written-out loops (ptxas -v registers and
 // spills on sm_90a and sm_80, PTX opcode counts), and where a helper moved them the loop
 // stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
-// KDA state pass's diag(eL) scaling, the GDN rprep's negated store).
+// KDA state pass's diag(eL) scaling, the GDN rprep's negated store; session 19: KDA's
+// 4-warp passes' S / X loads through load_state and their token-row epilogues through
+// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece).
 // Included by .cu files only; internal linkage.
 #pragma once
 
@@ -122,6 +124,14 @@ __device__ __forceinline__ void load_state_xb(float (&S)[N][4], T* xb, int ldx, 
     store_u32(xb + row * ldx + cl, pack2<T>(f2.x, f2.y));
   });
 }
+// S times the scalar e (a chunk's decay of the state, GDN's scalar gate).
+template <int N>
+__device__ __forceinline__ void scale_state(float (&S)[N][4], float e) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+}
 // diag(f) S: row r times f[r].
 template <int N>
 __device__ __forceinline__ void scale_rows(float (&S)[N][4], const float* f, int r0, int lane) {
@@ -144,6 +154,12 @@ template <int D, int C>
 __device__ __forceinline__ int pass_columns(bool summary, bool& amap) {
   amap = summary && blockIdx.x < D / C;
   return (summary && !amap ? blockIdx.x - D / C : blockIdx.x) * C;
+}
+// u = 0 in every ring buffer (a summary's columns of A, which read no u): the LEN 16-bit
+// values of each buffer's u, NTH threads.
+template <typename T, int NTH, int LEN, typename Buf, int NS>
+__device__ __forceinline__ void zero_ring_u(Buf (&buf)[NS], int tid) {
+  for (int i = tid; i < NS * LEN; i += NTH) buf[i / LEN].u[i % LEN] = from_float<T>(0.f);
 }
 // The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
 // (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and

@@ -38,11 +38,7 @@ struct StateBuf {
   float meta[2 * CH];
 };
 template <typename T, int D>
-struct StateSmem {
-  StateBuf<T, D> buf[kRevStages];
-  T xb[D * LDV];  // the carried state (16-bit copy), [d][16]
-  T ys[CH * LDV];
-};
+using StateSmem = StateRingSmem<T, StateBuf<T, D>, kRevStages, D, LDV>;  // xb: the carried gradient, [d][16]
 
 template <typename T, int D, int NTH = NT>
 __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& dout, const ChunkPrep& prep,
@@ -139,10 +135,7 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float(&acc)[2][4] = S[mt];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        scale_state(acc, e);
         const int r0 = warp * (D / 4) + 16 * mt;
         mma_rows<T, 2, true>(acc, B.a2, LD, sm.ys, LDV, r0, 0, CH / 16, lane);
         mma_rows<T, 2, true>(acc, B.a3, LD, B.d, LDV, r0, 0, CH / 16, lane);
@@ -223,9 +216,7 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     if (i + NS - 1 < nck) load(c - (NS - 1), (i + NS - 1) % NS);
     cp_async_commit();
     if constexpr (kLean) {  // xb's rows, 16 bytes a store: one a thread (NT8 = 2 D)
-      if (dh16 != nullptr)
-        *reinterpret_cast<uint4*>(dh16 + static_cast<int64_t>(c) * se) =
-            *reinterpret_cast<const uint4*>(sm.xb + (tid >> 1) * LDV + 8 * (tid & 1));
+      if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);
     } else if (ro.dh != nullptr) {  // xb's rows, 16 bytes a store: one a thread
       T* dst = static_cast<T*>(ro.dh) + (bh * nck + c) * se + j0;
       const int row = tid >> 1, part = tid & 1;  // NT8 = 2 D
@@ -260,16 +251,10 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
     {  // X <- e X + w^T ys + q^T diag(c) dO: four accumulators, eight chains of two
       const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
       float oq[2][4] = {};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_rows_halves<T, 2>(S, B.a2, LD, sm.ys, LDV, r0, lane);
       mma_rows_halves<T, 2>(oq, B.a3, LD, B.d, LDV, r0, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+      add_frags(S, oq);
     }
     // no barrier: the next chunk writes xb and ys only after its first barrier, and
     // refills this buffer after it
@@ -283,17 +268,6 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
 // tensor-map boxes (three tiles, 48 KiB), dO's and r's 16 columns and the meta as cp.async
 // pieces, a ring of kRevStages buffers walked backwards. The same products in the same order as w8, so every output equals
 // w8's bit for bit.
-template <typename T>
-struct TmaRevSmem {
-  static constexpr int NS = kRevStages;
-  unsigned char tiles[NS][3][2 * kSwzHalf];  // [buffer][k, w, q]: 1024-byte aligned (the swizzle)
-  T r[NS][CH * LDV];
-  T d[NS][CH * LDV];
-  float meta[NS][2 * CH];
-  T xb[128 * LDV];  // the carried gradient (16-bit copy), [d][16]
-  T ys[CH * LDV];
-  uint64_t full[NS];  // buffer s holds its chunk's k, w and q
-};
 
 // As in fwd_state_kernel_tma, the epilogue's decays and r values, dO's scaling and X's decay
 // e come before the first product: at T = 64K rstates 1.34 -> 1.28 ms (docs/history/delta-rule-log.md,
@@ -318,8 +292,8 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = 128, NS = kRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaRevSmem<T>& sm =
-      *reinterpret_cast<TmaRevSmem<T>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kRevStages>& sm =
+      *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
@@ -333,11 +307,8 @@ __global__ void __launch_bounds__(NT8)
   load_state<D>(S, false, ro.leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, BV, NT8> cd, cr;
-  MetaCopy cm;
-  cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
-  cr.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.r[0], tid);
-  cm.init(prep.meta, row0, sm.meta[0], tid);
+  RevColCopies<T, NS> cols;
+  cols.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, prep.u, prep.meta, row0, j0, sm, tid);
   T* const dh16 = ro.dh != nullptr ? static_cast<T*>(ro.dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1)
                                    : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
@@ -360,27 +331,16 @@ __global__ void __launch_bounds__(NT8)
       tma_box_4d(dst + (4 + half) * kSwzHalf, &qmap, 64 * half, qy, qz, qw, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int i) {
-    const int c = nck - 1 - i, s = i % NS;
-    cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
-    cr.issue(c, s * sizeof(sm.r[0]), CH);
-    cm.issue(c, s * sizeof(sm.meta[0]));
-  };
+  auto issue_own = [&](int i) { cols.issue(p, nck, i); };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and meta have landed
-    store_rows<T, 2>(sm.xb, LDV, S, r0, lane);
-    mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's k, w and q have landed
-    // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    // the ring's refill of buffer (i - 1) % NS (free: every warp is past chunk c + 1) and
-    // dh's 16 bytes of this thread from xb (before a document's end gradient overwrites xb
-    // with F below)
-    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);
-    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
-    const float* meta = sm.meta[s];
+    // the carried gradient to xb, the ring's refill of buffer (i - 1) % NS and dh's 16
+    // bytes of this thread from xb (before a document's end gradient overwrites xb with F
+    // below)
+    ring_step_begin<NS>(i, nck, &sm.full[s], sm.xb, LDV, S, r0, dh16, c, se, tid, lane, issue_tiles, issue_own);
+    const float* meta = sm.gate[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
     if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
@@ -424,16 +384,10 @@ __global__ void __launch_bounds__(NT8)
     __syncthreads();
     {  // X <- e X + w^T ys + q^T diag(c) dO
       float oq[2][4] = {};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_k_swizzled<T>(S, kt + 2 * kSwzHalf + ak, sm.ys, LDV, lane);
       mma_k_swizzled<T>(oq, kt + 4 * kSwzHalf + ak, dd_t, LDV, lane);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] += oq[nt][q];
+      add_frags(S, oq);
     }
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
@@ -460,7 +414,7 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
   if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
       !encode_token_map<T>(&qmap, qd, p.q, p, CH))
     return false;
-  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T>) + 1024);  // + the swizzle's alignment
+  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kRevStages>) + 1024);  // + the swizzle's alignment
   launch_tma_pass(kernel, dim3(D / BV, static_cast<unsigned>(p.bh())), bytes, s, p, dout, prep, out, kmap, wmap, qmap,
                   kd, qd);
   return true;

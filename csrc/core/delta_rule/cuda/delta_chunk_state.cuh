@@ -62,10 +62,7 @@ __device__ __forceinline__ void mma_row_tiles(float (&acc)[NTILES][4], const T* 
 #pragma unroll
     for (int t = 0; t < NTILES; ++t) mma16816<T>(kk & 1 ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
   }
-#pragma unroll
-  for (int t = 0; t < NTILES; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
+  add_frags(acc, odd);
 }
 
 // acc[NTILES][4] += A^T B over a chunk's tokens (mma_rows with kTransA: A stored [token][m],
@@ -77,10 +74,7 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
   float hi[NTILES][4] = {};
   mma_rows<T, NTILES, true>(acc, A, lda, B, ldb, m0, 0, 2, lane);
   mma_rows<T, NTILES, true>(hi, A, lda, B, ldb, m0, 2, 4, lane);
-#pragma unroll
-  for (int nt = 0; nt < NTILES; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
+  add_frags(acc, hi);
 }
 
 // ---- host: which pass runs, and the tensor-map passes' launch --------------------------

@@ -39,12 +39,7 @@ struct FwdStateBuf {
   float meta[2 * CH];
 };
 template <typename T, int D, int C, int NS>
-struct FwdStateSmem {
-  static constexpr int LDC = C + 8;
-  FwdStateBuf<T, D, C> buf[NS];
-  T xb[D * LDC];  // the carried columns (16-bit copy), [d][C]
-  T ys[CH * LDC];
-};
+using FwdStateSmem = StateRingSmem<T, FwdStateBuf<T, D, C>, NS, D, C + 8>;  // xb: the carried columns, [d][C]
 
 // Columns [0, C) of the first 64 rows of src (row pitch ld) into a [64][C + 8] tile;
 // rows >= nvalid are zero-filled. NTH threads, C / 8 16-byte pieces a row.
@@ -106,9 +101,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
   float S[MT][NTL][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) load_state<D>(S[mt], amap, entering, bh * se, warp * (D / 4) + 16 * mt, j0, lane);
-  if (amap) {  // u = 0 in every buffer
-    for (int i = tid; i < NS * CH * LDC; i += NT) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
-  }
+  if (amap) zero_ring_u<T, NT, CH * LDC>(sm.buf, tid);
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
     if (i < nck) load_fwd_chunk<T, D, C>(p, prep, sm.buf[i], i, bh, j0, !amap, tid);
@@ -167,10 +160,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float(&acc)[NTL][4] = S[mt];
-#pragma unroll
-        for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[nt][q] *= e;
+        scale_state(acc, e);
         mma_rows<T, NTL, true>(acc, B.k, LD, sm.ys, LDC, warp * (D / 4) + 16 * mt, 0, CH / 16, lane);
       }
     }
@@ -216,9 +206,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 
   float S[NTL][4];
   load_state<D>(S, amap, entering, bh * se, r0, j0, lane);
-  if (amap) {  // u = 0 in every buffer
-    for (int i = tid; i < NS * CH * LDC; i += NT8) sm.buf[i / (CH * LDC)].u[i % (CH * LDC)] = from_float<T>(0.f);
-  }
+  if (amap) zero_ring_u<T, NT8, CH * LDC>(sm.buf, tid);
   [[maybe_unused]] TileCopy<T, D, NT8> cw, ck;
   [[maybe_unused]] ColCopy<T, C, NT8> cu;
   [[maybe_unused]] MetaCopy cm;
@@ -316,10 +304,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
       const float e = sL == 0.f ? chunk_exp<kLean>(GL) : 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_rows_halves<T, NTL>(S, B.k, LD, sm.ys, LDC, r0, lane);
     }
     if (fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)
@@ -350,19 +335,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
 // pieces. At T = 64K, H = 16 on an H200: states 1.34 -> 0.95 ms, rstates 1.81 -> 1.32
 // (docs/history/delta-rule-log.md, twelfth round; there also the clusters of 2 with multicast copies,
 // 1.64 / 1.94 ms, not kept).
-// Tile layout: a chunk's w and K each as two [64][64] halves (columns 0..63, 64..127) of
-// 128-byte rows, the 16-byte pieces of row r at piece index XOR (r % 8) (the tensor
-// map's 128-byte swizzle: conflict-free for ldmatrix, like the padded rows of TileCopy).
-template <typename T, int NS, int C = kChunkCols>
-struct TmaStateSmem {
-  static constexpr int LDC = C + 8;
-  unsigned char tiles[NS][2][2 * kSwzHalf];  // [buffer][w, K]: 1024-byte aligned (the swizzle)
-  T u[NS][CH * LDC];
-  float meta[NS][2 * CH];
-  T xb[128 * LDC];  // the carried columns (16-bit copy), [d][C]
-  T ys[CH * LDC];
-  uint64_t full[NS];  // buffer s holds its chunk's w and K
-};
+// The shared memory: TmaStateSmem (delta_chunk_tma.cuh).
 
 // The forward state pass (v_new, the 16-bit chunk states, the leaving state; C = 16) or,
 // with kSummary, the part summary (C columns of [A | M], launched with 32; 16 measured
@@ -404,10 +377,8 @@ __global__ void __launch_bounds__(NT8, 2)
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, C, NT8> cu;
-  MetaCopy cm;
-  cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
-  cm.init(prep.meta, row0, sm.meta[0], tid);
+  FwdColCopies<T, NS, C> cols;
+  cols.init(prep.u, prep.meta, row0, j0, sm, tid);
   T* const vn = !kSummary && fo.v_new != nullptr
                     ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
                     : nullptr;
@@ -435,10 +406,7 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_4d(dst + (2 + half) * kSwzHalf, &kmap, 64 * half, y, z, w, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int c) {  // chunk c's u and meta into buffer c % NS
-    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
-    cm.issue(c, (c % NS) * sizeof(sm.meta[0]));
-  };
+  auto issue_own = [&](int c) { cols.issue(c, !amap); };  // chunk c's u and meta
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
@@ -466,7 +434,7 @@ __global__ void __launch_bounds__(NT8, 2)
     // the chunk's 16-bit state from xb (rewritten only after the next chunk's first barrier)
     ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);
     if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
-    const float* meta = sm.meta[s];
+    const float* meta = sm.gate[s];
     const T* u = sm.u[s];
     const float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
     const uint32_t wt = tiles0 + s * kBufBytes;
@@ -501,10 +469,7 @@ __global__ void __launch_bounds__(NT8, 2)
     }
     __syncthreads();
     {  // S <- e S + K^T ys (this warp's state rows)
-#pragma unroll
-      for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) S[nt][q] *= e;
+      scale_state(S, e);
       mma_k_swizzled<T, NTL>(S, wt + 2 * kSwzHalf + ak, sm.ys, LDC, lane);
     }
     if (!kSummary && fo.doc_f != nullptr) {  // S += f H: a document begun inside the chunk (delta_chunk_docs.h)

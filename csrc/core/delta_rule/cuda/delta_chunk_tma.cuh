@@ -16,6 +16,7 @@
 
 #include "cuda/tc_tiles.cuh"
 #include "delta_rule/cuda/delta_chunk_common.cuh"
+#include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/tma_copy.cuh"
 
 namespace lasp2::delta::gpu {
@@ -141,12 +142,7 @@ __device__ __forceinline__ void mma_w_swizzled(float (&acc)[NTILES][4], uint32_t
 #pragma unroll
     for (int t = 0; t < NTILES; ++t) mma16816<T>(kSplit && (kk & 1) ? odd[t] : acc[t], a, b[2 * t], b[2 * t + 1]);
   }
-  if constexpr (kSplit) {
-#pragma unroll
-    for (int t = 0; t < NTILES; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] += odd[t][e];
-  }
+  if constexpr (kSplit) add_frags(acc, odd);
 }
 // One n8 tile (the reverse pass).
 template <typename T>
@@ -175,13 +171,77 @@ __device__ __forceinline__ void mma_k_swizzled(float (&acc)[NTL][4], uint32_t a_
       mma16816<T>(c[2 * pr + 1], a, bb[2], bb[3]);
     }
   }
-  if constexpr (kSplit) {
-#pragma unroll
-    for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] += hi[nt][e];
-  }
+  if constexpr (kSplit) add_frags(acc, hi);
 }
+
+// The shared memory of the tma state passes (GDN's and KDA's): the ring's NS buffers of
+// tiles (each tile as two [64][64] halves, columns 0..63 and 64..127, of 128-byte rows,
+// the 16-byte pieces of row r at piece index XOR (r % 8): the tensor map's 128-byte
+// swizzle, conflict-free for ldmatrix like the padded rows of TileCopy; 1024-byte
+// aligned) and of cp.async column blocks and gate floats (GDN's {G, s} pairs of the
+// chunk's 64 tokens, KDA's eL of its d = 128 keys), the carried columns' 16-bit copy xb
+// ([d][ld]), the chunk's 16-bit token rows ys of the second product, and `full`: buffer s
+// holds its chunk's tiles.
+// The forward passes: tiles w and K (KDA: kd), u's C columns.
+template <typename T, int NS, int C = kChunkCols>
+struct TmaStateSmem {
+  static constexpr int LDC = C + 8;
+  unsigned char tiles[NS][2][2 * kSwzHalf];
+  T u[NS][CH * LDC];
+  float gate[NS][2 * CH];
+  T xb[128 * LDC];
+  T ys[CH * LDC];
+  uint64_t full[NS];
+};
+// The reverse passes: tiles k, w and q (KDA: kd, w and qg), r's and dO's 16 columns.
+template <typename T, int NS>
+struct TmaRevSmem {
+  unsigned char tiles[NS][3][2 * kSwzHalf];
+  T r[NS][CH * LDV];
+  T d[NS][CH * LDV];
+  float gate[NS][2 * CH];
+  T xb[128 * LDV];
+  T ys[CH * LDV];
+  uint64_t full[NS];
+};
+
+// A forward tma pass's cp.async pieces (GDN's and KDA's): u's C columns (none for a
+// summary's columns of A) and the chunk's gate floats; chunk c into buffer c % NS.
+template <typename T, int NS, int C>
+struct FwdColCopies {
+  ColCopy<T, C, NT8> u;
+  MetaCopy gate;
+  // u_rows: [rows][128] scratch, the pair's rows from row0, read from column j0.
+  __device__ __forceinline__ void init(const void* u_rows, const float* gates, int64_t row0, int j0,
+                                       TmaStateSmem<T, NS, C>& sm, int tid) {
+    u.init(static_cast<const T*>(u_rows) + row0 * 128 + j0, 128, sm.u[0], tid);
+    gate.init(gates, row0, sm.gate[0], tid);
+  }
+  __device__ __forceinline__ void issue(int c, bool with_u) const {
+    if (with_u) u.issue(c, (c % NS) * sizeof(T[CH * (C + 8)]), CH);
+    gate.issue(c, (c % NS) * sizeof(float[2 * CH]));
+  }
+};
+// A reverse tma pass's cp.async pieces (GDN's and KDA's): dO's and r's 16 columns and the
+// chunk's gate floats; step i of the ring copies chunk nck - 1 - i into buffer i % NS.
+template <typename T, int NS>
+struct RevColCopies {
+  ColCopy<T, BV, NT8> d, r;
+  MetaCopy gate;
+  // dout_cols: dO's rows at column j0; r: [rows][128] scratch, the pair's rows from row0.
+  __device__ __forceinline__ void init(const T* dout_cols, int64_t dout_st, const void* r_rows, const float* gates,
+                                       int64_t row0, int j0, TmaRevSmem<T, NS>& sm, int tid) {
+    d.init(dout_cols, dout_st, sm.d[0], tid);
+    r.init(static_cast<const T*>(r_rows) + row0 * 128 + j0, 128, sm.r[0], tid);
+    gate.init(gates, row0, sm.gate[0], tid);
+  }
+  __device__ __forceinline__ void issue(const Problem& p, int nck, int i) const {
+    const int c = nck - 1 - i, s = i % NS;
+    d.issue(c, s * sizeof(T[CH * LDV]), chunk_rows(p, c));
+    r.issue(c, s * sizeof(T[CH * LDV]), CH);
+    gate.issue(c, s * sizeof(float[2 * CH]));
+  }
+};
 
 // Where the K tensor map's dimensions h, t, b sit (1..3; 0 is d): the host orders them by
 // stride.
@@ -219,9 +279,15 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 // GDN's and KDA's forward and reverse tma passes walk the same ring the same way; these
 // pieces are written once so that the four kernels cannot drift apart (a change to the
 // ring's counting in one kernel alone would be a silent race in the other three).
-// (The kernels' 1024-byte alignment of the shared struct and their swizzled ldmatrix
-// offsets aw / ak stay written out in each kernel: as helpers, nvcc orders the address
-// arithmetic differently, so the PTX would no longer be provably the same.)
+// (Written out in each kernel still, because as helpers they change the PTX, so that it
+// would no longer be provably the same code (tried again in session 19): the 1024-byte
+// alignment of the shared struct, the swizzled ldmatrix offsets aw / ak (nvcc orders the
+// address arithmetic differently), the forward passes' v_new / chunk-state pointers and
+// leaving-state stores, the reverse passes' dh pointer, and KDA's tiles issue for N
+// two-dimensional maps (registers renumbered, instructions reordered). A helper keeps the
+// PTX where its arguments are values the kernel had already formed and its body the
+// kernel's statements in the kernel's order; a pointer formed as an argument instead of
+// inside the helper moved KDA's reverse pass.)
 
 // Ring step i of `steps`: thread 0 issues the step's tensor-map tiles (tiles(i), which
 // arms the buffer's barrier), every thread its cp.async pieces (own(i)). One cp.async
@@ -241,6 +307,24 @@ __device__ __forceinline__ void ring_issue(int i, int steps, int tid, Tiles&& ti
 template <typename T>
 __device__ __forceinline__ void store_xb_piece(T* dst, const T* xb, int ldx, int tid) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(xb + (tid >> 1) * ldx + 8 * (tid & 1));
+}
+
+// The start of ring step i (its chunk in buffer i % NS, `full` that buffer's barrier): the
+// step's cp.async pieces landed, the carried state S (rows r0..) as the 16-bit copy xb,
+// the step's tiles landed, the block barrier (every warp past step i - 1: its buffer is
+// free, and every warp sees xb), the refill of that buffer (step i + NS - 1), and this
+// thread's piece of xb to piece + step * piece_step (the chunk's 16-bit state or dh;
+// none without piece). xb is rewritten only after the next step's barrier.
+template <int NS, typename T, int N, typename Tiles, typename Own>
+__device__ __forceinline__ void ring_step_begin(int i, int steps, uint64_t* full, T* xb, int ldx,
+                                                const float (&S)[N][4], int r0, T* piece, int step,
+                                                int64_t piece_step, int tid, int lane, Tiles&& tiles, Own&& own) {
+  cp_async_wait_upto<NS - 2>();
+  store_rows<T, N>(xb, ldx, S, r0, lane);
+  mbar_wait(full, (i / NS) & 1);
+  __syncthreads();
+  ring_issue(i + NS - 1, steps, tid, tiles, own);
+  if (piece != nullptr) store_xb_piece(piece + static_cast<int64_t>(step) * piece_step, xb, ldx, tid);
 }
 
 // ---- host: the tensor maps and the sm_90 check ------------------------------------------

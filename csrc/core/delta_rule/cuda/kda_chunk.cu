@@ -36,11 +36,15 @@ struct KdaStateBuf {
   float eL[D];
 };
 template <typename T, int D>
-struct KdaStateSmem {
-  KdaStateBuf<T, D> buf[2];
-  T xb[D * LDV];  // the carried columns (16-bit copy), [d][16]
-  T ys[CH * LDV];  // v_new of the chunk (16-bit)
-};
+using KdaStateSmem = StateRingSmem<T, KdaStateBuf<T, D>, 2, D, LDV>;  // ys: v_new of the chunk
+
+// Chunk c's eL (d floats, the gate over the whole chunk: prep's [bh][nchunks][d]) into
+// shared memory, D / 4 threads 16 bytes each.
+template <int D>
+__device__ __forceinline__ void load_chunk_eL(float* dst, const float* eL, const Problem& p, int64_t bh, int c,
+                                              int tid) {
+  if (tid < D / 4) cp_async16(dst + 4 * tid, eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+}
 
 template <typename T, int D>
 __device__ __forceinline__ void load_kda_chunk(const Problem& p, const KdaPrep& prep, KdaStateBuf<T, D>& B, int c,
@@ -49,7 +53,7 @@ __device__ __forceinline__ void load_kda_chunk(const Problem& p, const KdaPrep& 
   load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
   load_tile<T, D, NT>(B.kd, static_cast<const T*>(prep.kd) + cp.row0 * D, D, CH, D, tid);
   if (with_u) load_cols<T>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D, D, j0, CH, tid);
-  if (tid < D / 4) cp_async16(B.eL + 4 * tid, prep.eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+  load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);
 }
 
 template <typename T, int D>
@@ -81,8 +85,7 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
         const int col = j0 + 8 * nt + 2 * (lane & 3) + (e & 1);
         S[mt][nt][e] = amap ? (row == col ? 1.f : 0.f) : entering != nullptr ? entering[bh * se + row * D + col] : 0.f;
       }
-  if (amap)
-    for (int i = tid; i < 2 * CH * LDV; i += NT) sm.buf[i / (CH * LDV)].u[i % (CH * LDV)] = from_float<T>(0.f);
+  if (amap) zero_ring_u<T, NT, CH * LDV>(sm.buf, tid);
   load_kda_chunk<T, D>(p, prep, sm.buf[0], 0, bh, j0, !amap, tid);
   cp_async_commit();
   for (int c = 0; c < nck; ++c) {
@@ -228,11 +231,7 @@ struct KdaRevBuf {
   float eL[D];
 };
 template <typename T, int D>
-struct KdaRevSmem {
-  KdaRevBuf<T, D> buf[2];
-  T xb[D * LDV];
-  T ys[CH * LDV];
-};
+using KdaRevSmem = StateRingSmem<T, KdaRevBuf<T, D>, 2, D, LDV>;
 
 template <typename T, int D>
 __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPrep& prep, const View& dout,
@@ -244,7 +243,7 @@ __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPr
   load_tile<T, D, NT>(B.qg, static_cast<const T*>(prep.qg) + cp.row0 * D, D, CH, D, tid);
   load_cols<T>(B.r, static_cast<const T*>(r) + cp.row0 * D, D, j0, CH, tid);
   load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
-  if (tid < D / 4) cp_async16(B.eL + 4 * tid, prep.eL + (bh * chunk_count(p) + c) * D + 4 * tid, true);
+  load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);
 }
 
 template <typename T, int D>

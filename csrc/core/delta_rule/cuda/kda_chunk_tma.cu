@@ -30,20 +30,9 @@ namespace lasp2::delta::gpu {
 namespace {
 
 constexpr int kD = 128;
-// eL of a chunk (d floats) copies as MetaCopy's {G, s} pairs of 64 tokens: the same
-// 512 bytes at the same per-chunk stride
+// eL of a chunk (d floats) copies as MetaCopy's {G, s} pairs of 64 tokens (the same 512
+// bytes at the same per-chunk stride) into TmaStateSmem's / TmaRevSmem's gate
 static_assert(kD == 2 * CH, "eL rows as MetaCopy's");
-
-template <typename T, int NS, int C>
-struct KdaTmaStateSmem {
-  static constexpr int LDC = C + 8;
-  unsigned char tiles[NS][2][2 * kSwzHalf];  // [buffer][w, kd]: 1024-byte aligned (the swizzle)
-  T u[NS][CH * LDC];
-  float eL[NS][kD];
-  T xb[kD * LDC];  // the carried columns (16-bit copy), [d][C]
-  T ys[CH * LDC];  // v_new of the chunk (16-bit)
-  uint64_t full[NS];  // buffer s holds its chunk's w and kd
-};
 
 // The state pass (C = 16: v_new, the 16-bit states entering each chunk, the leaving
 // state) or, with kSummary, the part summary (C = 32, grid x = 2 d / C: blocks x < d / C
@@ -67,8 +56,8 @@ __global__ void __launch_bounds__(NT8, 2)
   static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and kd of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  KdaTmaStateSmem<T, NS, C>& sm =
-      *reinterpret_cast<KdaTmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm =
+      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   bool amap;  // columns of A: u = 0, from I
   const int j0 = pass_columns<D, C>(kSummary, amap);
@@ -83,10 +72,8 @@ __global__ void __launch_bounds__(NT8, 2)
   load_state<D>(S, amap, kSummary ? nullptr : fo.entering, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, C, NT8> cu;
-  MetaCopy ce;
-  cu.init(static_cast<const T*>(prep.u) + row0 * D + j0, D, sm.u[0], tid);
-  ce.init(prep.eL, row0, sm.eL[0], tid);  // prep.eL + bh nck d = + 2 row0
+  FwdColCopies<T, NS, C> cols;
+  cols.init(prep.u, prep.eL, row0, j0, sm, tid);  // prep.eL + bh nck d = + 2 row0: MetaCopy's offset
   T* const vn = !kSummary && fo.v_new != nullptr
                     ? static_cast<T*>(fo.v_new) + (row0 + x0 + (lane >> 2)) * D + j0 + n0 + 2 * (lane & 3)
                     : nullptr;
@@ -109,26 +96,17 @@ __global__ void __launch_bounds__(NT8, 2)
       tma_box_2d(dst + (2 + half) * kSwzHalf, &kdmap, 64 * half, y, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int c) {  // chunk c's u and eL into buffer c % NS
-    if (!amap) cu.issue(c, (c % NS) * sizeof(sm.u[0]), CH);
-    ce.issue(c, (c % NS) * sizeof(sm.eL[0]));
-  };
+  auto issue_own = [&](int c) { cols.issue(c, !amap); };  // chunk c's u and eL
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int c = 0; c < nck; ++c) {
     const int s = c % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's u and eL have landed
-    store_rows<T, NTL>(sm.xb, LDC, S, r0, lane);  // the carried columns, 16-bit
-    mbar_wait(&sm.full[s], (c / NS) & 1);       // chunk c's w and kd have landed
-    // every warp is past chunk c - 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    ring_issue(c + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (c - 1) % NS
-    // the chunk's 16-bit state from xb
-    if (st16 != nullptr) store_xb_piece(st16 + static_cast<int64_t>(c) * se, sm.xb, LDC, tid);
+    // the carried columns to xb, the ring's refill, the chunk's 16-bit state from xb
+    ring_step_begin<NS>(c, nck, &sm.full[s], sm.xb, LDC, S, r0, st16, c, se, tid, lane, issue_tiles, issue_own);
     const T* u = sm.u[s];
     const uint32_t wt = tiles0 + s * kBufBytes;
     {  // v_new = u - w S (this warp's token tiles; u = 0 for the columns of A)
-      scale_rows(S, sm.eL[s], r0, lane);  // diag(eL) S, for the second product
+      scale_rows(S, sm.gate[s], r0, lane);  // diag(eL) S, for the second product
       float2 uu[2][TPW];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
@@ -176,17 +154,6 @@ __global__ void __launch_bounds__(NT8, 2)
 // kda_state_kernel_tma, r's values are read and diag(eL) X formed before the first
 // product (at T = 64K on an H200 rprep + reverse pass 1.264 -> 1.259 ms).
 constexpr int kKdaRevStages = 3;
-template <typename T>
-struct KdaTmaRevSmem {
-  static constexpr int NS = kKdaRevStages;
-  unsigned char tiles[NS][3][2 * kSwzHalf];  // [buffer][kd, w, qg]: 1024-byte aligned (the swizzle)
-  T r[NS][CH * LDV];
-  T d[NS][CH * LDV];
-  float eL[NS][kD];
-  T xb[kD * LDV];  // the carried gradient (16-bit copy), [d][16]
-  T ys[CH * LDV];
-  uint64_t full[NS];  // buffer s holds its chunk's kd, w and qg
-};
 
 template <typename T>
 __global__ void __launch_bounds__(NT8)
@@ -199,8 +166,8 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = kD, NS = kKdaRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // kd, w and qg of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  KdaTmaRevSmem<T>& sm =
-      *reinterpret_cast<KdaTmaRevSmem<T>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kKdaRevStages>& sm =
+      *reinterpret_cast<TmaRevSmem<T, kKdaRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;
@@ -214,11 +181,8 @@ __global__ void __launch_bounds__(NT8)
   load_state<D>(X, false, leaving, bh * se, r0, j0, lane);
   init_full_barriers(sm.full, tid);
   __syncthreads();
-  ColCopy<T, BV, NT8> cd, cr;
-  MetaCopy ce;
-  cd.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, sm.d[0], tid);
-  cr.init(static_cast<const T*>(r) + row0 * D + j0, D, sm.r[0], tid);
-  ce.init(eLs, row0, sm.eL[0], tid);  // eL + bh nck d = + 2 row0
+  RevColCopies<T, NS> cols;  // eL + bh nck d = + 2 row0: MetaCopy's offset
+  cols.init(rows_of<T>(dout, b, h, p.begin) + j0, dout.st, r, eLs, row0, j0, sm, tid);
   T* const dh16 =
       dh != nullptr ? static_cast<T*>(dh) + bh * nck * se + (tid >> 1) * D + j0 + 8 * (tid & 1) : nullptr;
   const uint32_t tiles0 = smem_u32(&sm.tiles[0][0][0]);
@@ -237,26 +201,16 @@ __global__ void __launch_bounds__(NT8)
       tma_box_2d(dst + (4 + half) * kSwzHalf, &qgmap, 64 * half, y, &sm.full[s]);
     }
   };
-  auto issue_own = [&](int i) {
-    const int c = nck - 1 - i, s = i % NS;
-    cd.issue(c, s * sizeof(sm.d[0]), chunk_rows(p, c));
-    cr.issue(c, s * sizeof(sm.r[0]), CH);
-    ce.issue(c, s * sizeof(sm.eL[0]));
-  };
+  auto issue_own = [&](int i) { cols.issue(p, nck, i); };
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) ring_issue(i, nck, tid, issue_tiles, issue_own);
   for (int i = 0; i < nck; ++i) {
     const int c = nck - 1 - i, s = i % NS;
-    cp_async_wait_upto<NS - 2>();  // chunk c's column tiles and eL have landed
-    store_rows<T, 2>(sm.xb, LDV, X, r0, lane);
-    mbar_wait(&sm.full[s], (i / NS) & 1);  // chunk c's kd, w and qg have landed
-    // every warp is past chunk c + 1 (its buffer is free here) and sees chunk c and xb
-    __syncthreads();
-    ring_issue(i + NS - 1, nck, tid, issue_tiles, issue_own);  // refills buffer (i - 1) % NS
-    if (dh16 != nullptr) store_xb_piece(dh16 + static_cast<int64_t>(c) * se, sm.xb, LDV, tid);  // xb's rows
+    // the carried gradient to xb, the ring's refill, dh's rows from xb
+    ring_step_begin<NS>(i, nck, &sm.full[s], sm.xb, LDV, X, r0, dh16, c, se, tid, lane, issue_tiles, issue_own);
     const uint32_t kt = tiles0 + s * kBufBytes;
     {  // ys = r - kd X (this warp's token tile)
-      scale_rows(X, sm.eL[s], r0, lane);  // diag(eL) X, for the second products
+      scale_rows(X, sm.gate[s], r0, lane);  // diag(eL) X, for the second products
       float2 rr[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
@@ -305,9 +259,9 @@ bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& f
   // (two blocks an SM hide each other's loads), as GDN's; + 1024: the swizzle's alignment
   if (static_cast<int64_t>(grid.x) * p.bh() <= lasp2::cuda::device_info().sms)
     return run(kda_state_kernel_tma<T, 4, C, kSummary>,
-               static_cast<int>(sizeof(KdaTmaStateSmem<T, 4, C>) + 1024));
+               static_cast<int>(sizeof(TmaStateSmem<T, 4, C>) + 1024));
   return run(kda_state_kernel_tma<T, 2, C, kSummary>,
-             static_cast<int>(sizeof(KdaTmaStateSmem<T, 2, C>) + 1024));
+             static_cast<int>(sizeof(TmaStateSmem<T, 2, C>) + 1024));
 }
 
 template <typename T>
@@ -330,7 +284,7 @@ bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const vo
       !encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) ||
       !encode_rows_map<T>(&qgmap, 2, prep.qg, dims, strides, 1, CH))
     return false;
-  const int bytes = static_cast<int>(sizeof(KdaTmaRevSmem<T>) + 1024);  // + the swizzle's alignment
+  const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kKdaRevStages>) + 1024);  // + the swizzle's alignment
   chunk_allow_smem(kernel, bytes, kWho, "KDA chunk reverse state pass (tma)");
   kernel<<<dim3(kD / BV, static_cast<unsigned>(p.bh())), NT8, bytes, s>>>(p, dout, r, leaving, dh, entering, prep.eL,
                                                                            kdmap, wmap, qgmap);
