@@ -8,8 +8,8 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * A delta-rule hybrid (pattern LGKS: gated DeltaNet and KDA layers) trains at CP 2 exactly as at CP 1.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
-  trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4; sharded over the
-  dp group alone (no CP reduction) it does not.
+  trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4, with and without
+  `--calculate-per-token-loss`; sharded over the dp group alone (no CP reduction) it does not.
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
   run had; the saves return (a hang fails the test through the worker timeout).
@@ -38,6 +38,8 @@ BASE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
         "--log-interval", "1000"]
 SGD = ["--optimizer", "sgd", "--lr", "0.5", "--clip-grad", "0"]
 ADAM = ["--optimizer", "adam", "--lr", "0.01", "--clip-grad", "0"]
+PER_TOKEN = ["--calculate-per-token-loss"]
+LOSS_FORMS = {"mean": [], "per_token": PER_TOKEN}  # a rank's loss: mean, or sum, over its tokens
 LAYOUTS = {  # name: (TP, PP, CP, extra)
     "pp1 cp1": (1, 1, 1, []),
     "pp2 cp2": (1, 2, 2, []),
@@ -141,14 +143,19 @@ def _worker(rank, world, out_path, tmpdir):
     out["distopt"] = {"plain": plain["losses"], "distributed": distributed["losses"],
                       "weight_diff": _max_diff(_weights(plain["chunks"]), _weights(distributed["chunks"])),
                       "moved": _max_diff(_weights(plain["chunks"]), ref_weights)}
-    # 2b. FSDP2 over dp-cp (DP 2 x CP 2) against DDP at CP 1 x DP 4, the LGKS hybrid, SGD
+    # 2b. FSDP2 over dp-cp (DP 2 x CP 2) against DDP at CP 1 x DP 4, the LGKS hybrid, SGD, with
+    # each loss form: the mean over a rank's tokens (DDP's run is 1b's) and the per-token sum
     from torch.distributed.tensor import DTensor
 
-    fsdp = _run(_layout(1, 1, 2) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN,
-                                          "--use-torch-fsdp2"])
-    out["fsdp"] = {"losses": fsdp["losses"], "ref_losses": gdn[1]["losses"],
-                   "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(gdn[1]["chunks"])),
-                   "sharded": all(isinstance(p, DTensor) for p in fsdp["chunks"][0].module.parameters())}
+    gdn_sgd = SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN]
+    ddp_ref = {"mean": gdn[1], "per_token": _run(_layout(1, 1, 1) + gdn_sgd + PER_TOKEN)}
+    out["fsdp"] = {}
+    for form, extra in LOSS_FORMS.items():
+        fsdp = _run(_layout(1, 1, 2) + gdn_sgd + extra + ["--use-torch-fsdp2"])
+        out["fsdp"][form] = {
+            "losses": fsdp["losses"], "ref_losses": ddp_ref[form]["losses"],
+            "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(ddp_ref[form]["chunks"])),
+            "sharded": all(isinstance(p, DTensor) for p in fsdp["chunks"][0].module.parameters())}
     # the same sharded over the dp group only: CP ranks keep partial gradients, the check must see it
     from megatron.core import parallel_state as ps
     from megatron_patches import torch_fsdp
@@ -160,7 +167,7 @@ def _worker(rank, world, out_path, tmpdir):
                                                  "--use-torch-fsdp2"])
     finally:
         torch_fsdp.wrap_torch_fsdp2 = wrap
-    out["fsdp"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
+    out["fsdp"]["mean"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
     # 3. checkpoint at (1, 2, 2) after step 2 (model + distributed optimizer; the run goes on to
     # step 3), resumed from it at other layouts
     save = os.path.join(tmpdir, "ckpt")
@@ -211,14 +218,18 @@ def test_distributed_optimizer_equals_plain_optimizer(results):
     assert r["weight_diff"] <= 2e-5, r
 
 
-def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results):
-    r = results["fsdp"]
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results, form):
+    """per_token: FSDP2 must sum over dp-cp and apply finalize_model_grads' 1 / tokens, as DDP
+    does; without the division (megatron-core's FSDP2 class alone) the weights ended 175 off."""
+    r = results["fsdp"][form]
     assert r["sharded"], r  # every parameter is an FSDP2 shard (DTensor): FSDP did run
     assert len(r["losses"]) == 2
     for got, ref in zip(r["losses"], r["ref_losses"]):
         assert abs(got - ref) <= 1e-5 * abs(ref), r
     assert r["weight_diff"] <= 1e-5, r  # two SGD steps of lr 0.5: the gradients agree
-    assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
+    if form == "mean":
+        assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
 
 
 @pytest.mark.parametrize("layout", ["tp1 pp1 cp1", "tp2 pp1 cp1"])
