@@ -14,7 +14,10 @@ weights), checkpoints through
 megatron-core's GPT dataset (`MockGPTDataset` unless `--data-path` names an
 indexed dataset). Arguments use Megatron-LM's names. `--sp-provider
 lasp2|lasp1|ulysses|none` is the one lasp2 flag; the rest of the lasp2 group
-(megatron_patches.arguments) has defaults.
+(megatron_patches.arguments) has defaults. megatron-core's own gated DeltaNet hybrid
+(Qwen3-Next's layout) takes megatron-core's flags instead of `--hybrid-layer-pattern`:
+`--experimental-attention-variant gated_delta_net --linear-attention-freq N` (its
+GatedDeltaNet layers as megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet).
 
 Each step logs one line: iteration, loss, learning rate, grad norm, tokens/s and,
 on GPUs, model TFLOP/s per GPU.
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.arguments import add_lasp2_args
-from megatron_patches.options import SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
+from megatron_patches.options import GDN_PROVIDERS, SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
 
@@ -62,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="layer spec: local or transformer_engine (default: TE where it imports on GPU)")
     m.add_argument("--init-method-std", type=float, default=0.02)
+    g = p.add_argument_group("gated DeltaNet hybrid (megatron-core's Qwen3-Next layout; its GDN layers under LASP-2)")
+    g.add_argument("--experimental-attention-variant", choices=["gated_delta_net"], default=None,
+                   help="megatron-core's GatedDeltaNet where --linear-attention-freq says 1, softmax attention "
+                        "(LASP-2H) elsewhere; instead of --hybrid-layer-pattern")
+    g.add_argument("--linear-attention-freq", type=_linear_attention_freq, default=None,
+                   help="N: softmax attention every N-th layer, else GDN; or a list of 1 (GDN) / 0 per layer, "
+                        "e.g. '([1]*3+[0])*2'")
+    for flag in ("conv-kernel-dim", "key-head-dim", "value-head-dim", "num-key-heads", "num-value-heads"):
+        g.add_argument(f"--linear-{flag}", type=int, default=None, help="default: megatron-core's")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -100,6 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None)
     add_lasp2_args(p)
     return p
+
+
+def _linear_attention_freq(text: str):
+    """Megatron-LM's spelling of linear_attention_freq: an int, or a Python list expression of
+    ints, + and * (evaluated without eval)."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(item) for item in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+
+    try:
+        freq = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        freq = None
+    if not isinstance(freq, (int, list)):
+        raise argparse.ArgumentTypeError(f"expected an int or a list such as '([1]*3+[0])*2', got {text!r}")
+    return freq
+
+
+CORE_GDN_SIZES = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_num_key_heads", "linear_num_value_heads")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -199,6 +239,8 @@ def transformer_config(args):
         gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
         apply_rope_fusion=False, bias_dropout_fusion=False,
     )
+    core_gdn = {k: getattr(args, k) for k in CORE_GDN_SIZES if getattr(args, k) is not None}
+    kwargs.update(core_gdn)
     if args.recompute_granularity == "full":
         kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     if args.virtual_pipeline_model_parallel_size and args.distributed_backend == "gloo":
@@ -208,7 +250,14 @@ def transformer_config(args):
         # while the receiver posts (activation from prev, grad from next): the tensors swap
         # silently. Megatron's unbatched p2p path sends the two directions over two groups.
         kwargs["batch_p2p_comm"] = False
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    if args.experimental_attention_variant:
+        # Set after construction: TransformerConfig's check of this variant refuses CP > 1
+        # (0.16.1: its GatedDeltaNet has no CP; 0.19: heads divisible by TP x CP, for its head
+        # sharding). Lasp2CoreGatedDeltaNet keeps the sequence split and checks its heads itself.
+        config.experimental_attention_variant = args.experimental_attention_variant
+        config.linear_attention_freq = args.linear_attention_freq
+    return config
 
 
 def lasp2_options(args) -> Lasp2Options:
@@ -217,7 +266,7 @@ def lasp2_options(args) -> Lasp2Options:
     batch instead, only the ranks that read it raised; later pipeline stages were then waiting
     in their first receive, where gloo fails with 'Connection closed by peer' and NCCL waits
     until its timeout.)"""
-    options = options_from_args(args)
+    options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
     cp = args.context_parallel_size
     parts = cp * (2 if options.split == "balanced" else 1)
@@ -229,6 +278,32 @@ def lasp2_options(args) -> Lasp2Options:
     return options
 
 
+def core_gdn_args(args):
+    """With --experimental-attention-variant: a copy of args whose --hybrid-layer-pattern is
+    megatron-core's layer order ("G" gated DeltaNet, "S" softmax), the flags checked; the
+    options are read from it (so they are validated against that pattern, not the default)."""
+    variant = getattr(args, "experimental_attention_variant", None)
+    given = [k for k in ("linear_attention_freq",) + CORE_GDN_SIZES if getattr(args, k, None) is not None]
+    if variant is None:
+        if given:
+            raise Lasp2ConfigError(f"--{given[0].replace('_', '-')} is for --experimental-attention-variant "
+                                   "gated_delta_net")
+        return args
+    if args.hybrid_layer_pattern is not None:
+        raise Lasp2ConfigError("--hybrid-layer-pattern and --experimental-attention-variant both set the layer "
+                               "order: give --linear-attention-freq instead")
+    if args.sp_provider not in GDN_PROVIDERS:
+        raise Lasp2ConfigError(f"--experimental-attention-variant {variant} runs its GatedDeltaNet layers under "
+                               f"--sp-provider {' or '.join(GDN_PROVIDERS)}, got {args.sp_provider!r} "
+                               "(megatron-core's own layer has no context parallelism)")
+    if args.linear_attention_freq is None:
+        raise Lasp2ConfigError(f"--experimental-attention-variant {variant} needs --linear-attention-freq "
+                               "(N: softmax attention every N-th layer; or a 0 / 1 list per layer)")
+    from megatron_patches.specs import core_gdn_layer_pattern
+
+    return argparse.Namespace(**{**vars(args), "hybrid_layer_pattern": core_gdn_layer_pattern(args)})
+
+
 def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
     """One GPTModel per virtual stage of this pipeline rank, each wrapped in Megatron's DDP
     (or, with --use-torch-fsdp2, its TorchFullyShardedDataParallel)."""
@@ -236,7 +311,7 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_patches.specs import get_lasp2_hybrid_block_spec
+    from megatron_patches.specs import get_lasp2_core_gdn_block_spec, get_lasp2_hybrid_block_spec
 
     backend = "te" if args.transformer_impl == "transformer_engine" else "local"
     vpp = args.virtual_pipeline_model_parallel_size or 1
@@ -245,7 +320,10 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
         stage = vp_stage if args.virtual_pipeline_model_parallel_size else None
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        spec = get_lasp2_hybrid_block_spec(config, options, backend, vp_stage=stage)
+        if config.experimental_attention_variant:
+            spec = get_lasp2_core_gdn_block_spec(config, options, vp_stage=stage, backend=backend)
+        else:
+            spec = get_lasp2_hybrid_block_spec(config, options, backend, vp_stage=stage)
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab_size,
                          max_sequence_length=args.max_position_embeddings, pre_process=pre, post_process=post,
                          position_embedding_type=args.position_embedding_type,

@@ -43,6 +43,7 @@ check_megatron_core_version()
 
 from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType, LayerType  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlockSubmodules,
@@ -63,6 +64,7 @@ from megatron_patches.options import (  # noqa: E402
     KDA,
     LAYER_LETTERS,
     LINEAR,
+    SOFTMAX,
     Lasp2ConfigError,
     Lasp2Options,
     resolve_options,
@@ -82,6 +84,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "HAVE_TE",
     "Lasp2LayerMixer",
+    "core_gdn_layer_pattern",
     "get_lasp2_core_gdn_block_spec",
     "get_lasp2_hybrid_block_spec",
     "get_lasp2_layer_spec",
@@ -202,6 +205,11 @@ def get_lasp2_hybrid_block_spec(config, options: Optional[Lasp2Options] = None, 
     distributed-checkpoint keys; the layers' parameters differ)."""
     layer_specs = get_lasp2_layer_specs(config.num_layers, options, backend, **base_kwargs)
     mark_heterogeneous_layers(config, options if options is not None else Lasp2Options())
+    return _stage_block(config, layer_specs, backend, vp_stage, pp_rank)
+
+
+def _stage_block(config, layer_specs, backend: str, vp_stage, pp_rank) -> TransformerBlockSubmodules:
+    """The block of this pipeline stage's layers out of the whole model's layer specs."""
     if config.pipeline_model_parallel_layout is not None:
         layout = config.pipeline_model_parallel_layout
         local = [layer_specs[i] for i in layout.get_layer_id_list(
@@ -255,20 +263,68 @@ def _swap_gdn(node, options, theirs, ours) -> int:
     return 0
 
 
+def core_gdn_layer_pattern(config) -> str:
+    """megatron-core's layer order of a gated DeltaNet hybrid (its get_linear_attention_pattern
+    of config.linear_attention_freq and num_layers) in lasp2's letters: "G" where it builds a
+    GatedDeltaNet, "S" (softmax attention) elsewhere. Lasp2ConfigError for a frequency it
+    cannot use (an int < 1, a list of the wrong length or not of 0 / 1)."""
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_linear_attention_pattern
+
+    freq = getattr(config, "linear_attention_freq", None)
+    if isinstance(freq, bool) or (isinstance(freq, int) and freq < 1):
+        raise Lasp2ConfigError(f"linear_attention_freq (--linear-attention-freq) must be an int >= 1 or a list "
+                               f"of 0 / 1 per layer, got {freq!r}")
+    try:
+        pattern = get_linear_attention_pattern(config)
+    except (AssertionError, ValueError) as exc:
+        raise Lasp2ConfigError(f"linear_attention_freq (--linear-attention-freq): {exc}") from None
+    if any(isinstance(x, bool) or x not in (0, 1) for x in pattern):
+        raise Lasp2ConfigError(f"linear_attention_freq (--linear-attention-freq) as a list holds 1 (gated "
+                               f"DeltaNet) or 0 (softmax attention) per layer, got {pattern!r}")
+    return "".join(GATED_DELTANET if x else SOFTMAX for x in pattern)
+
+
 def get_lasp2_core_gdn_block_spec(config, options: Optional[Lasp2Options] = None, vp_stage: Optional[int] = None,
-                                  pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+                                  pp_rank: Optional[int] = None, backend: Optional[str] = None
+                                  ) -> TransformerBlockSubmodules:
     """megatron-core's block spec of a gated DeltaNet hybrid (linear_attention_freq), its
-    GatedDeltaNet layers under LASP-2 (use_lasp2_core_gdn). megatron-core builds that spec
-    with Transformer Engine only."""
+    GatedDeltaNet layers under LASP-2 (use_lasp2_core_gdn).
+
+    backend None: megatron-core's own builder (Transformer Engine only; its softmax layers are
+    its TE attention). "local" or "te": the same layer order (core_gdn_layer_pattern) built
+    here, the softmax layers lasp2's LASP-2H "S" layer spec of that backend and the GDN layers
+    megatron-core's GatedDeltaNet spec for it. The local backend has no fused norm + linear:
+    in_proj is then a column-parallel linear after the layer's own input norm, the layout
+    megatron-core gives a spec whose metainfo fuse_input_layernorm is False."""
     if getattr(config, "experimental_attention_variant", None) != "gated_delta_net":
         raise Lasp2ConfigError("get_lasp2_core_gdn_block_spec needs config.experimental_attention_variant="
                                f"'gated_delta_net', got {getattr(config, 'experimental_attention_variant', None)!r}")
-    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
-        get_transformer_block_with_experimental_attention_variant_spec,
-    )
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as variants
 
-    spec = get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return use_lasp2_core_gdn(spec, options)
+    if backend is None:
+        spec = variants.get_transformer_block_with_experimental_attention_variant_spec(
+            config, vp_stage=vp_stage, pp_rank=pp_rank)
+        return use_lasp2_core_gdn(spec, options)
+    pattern = core_gdn_layer_pattern(config)
+    options = resolve_options(options).replace(layer_pattern=pattern).validate(config.num_layers)
+    softmax = get_lasp2_layer_spec(options, backend, SOFTMAX)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider as Provider
+    else:
+        from megatron.core.models.backends import LocalSpecProvider as Provider
+    provider = Provider()
+    gdn = variants.get_gated_delta_net_module_spec(config, backend=provider)
+    if gdn.submodules.in_proj is None:  # no fused norm + linear in this backend
+        gdn.submodules.in_proj = provider.column_parallel_linear()
+        gdn.metainfo["fuse_input_layernorm"] = False
+    gdn_layer = copy.deepcopy(softmax)
+    gdn_layer.submodules.self_attention = gdn
+    gdn_layer.submodules.input_layernorm = (
+        IdentityOp if gdn.metainfo["fuse_input_layernorm"]
+        else provider.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False))
+    layer_specs = use_lasp2_core_gdn([gdn_layer if kind == GATED_DELTANET else softmax for kind in pattern], options)
+    mark_heterogeneous_layers(config, options)
+    return _stage_block(config, layer_specs, backend, vp_stage, pp_rank)
 
 
 # Module-level specs for Megatron-LM's `--spec megatron_patches.specs <name>` (its GPT

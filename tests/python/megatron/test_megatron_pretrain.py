@@ -6,6 +6,10 @@ distributed), dist_checkpointing, the mock GPT dataset.
   x DP 4: the same losses and the same weights after each SGD step (an SGD step moves every
   weight by lr x its gradient, so equal weights mean equal gradients).
 * A delta-rule hybrid (pattern LGKS: gated DeltaNet and KDA layers) trains at CP 2 exactly as at CP 1.
+* megatron-core's own gated DeltaNet hybrid (--experimental-attention-variant gated_delta_net
+  --linear-attention-freq: Lasp2CoreGatedDeltaNet layers, LASP-2H softmax) trains at CP 2
+  exactly as at CP 1; its checkpoint saved at CP 2 x DP 2 resumes at TP 2 x CP 2 with the
+  uninterrupted run's loss; bad flag combinations are refused before anything is built.
 * The distributed optimizer (DP 2 x CP 2) equals the plain one (Adam).
 * `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
   trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4, with and without
@@ -32,10 +36,16 @@ from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
 GDN_PATTERN = "LGKS"  # gated DeltaNet and KDA layers
-BASE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-        "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
-        "--hybrid-layer-pattern", PATTERN, "--linear-attention-decay", "gate", "--device", "cpu",
-        "--log-interval", "1000"]
+MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4", "--device", "cpu",
+         "--log-interval", "1000"]
+BASE = MODEL + ["--hybrid-layer-pattern", PATTERN, "--linear-attention-decay", "gate"]
+# megatron-core's own gated DeltaNet hybrid (its flags; list form of the frequency): GDN, GDN,
+# softmax, GDN, built with local modules and Lasp2CoreGatedDeltaNet
+CORE_GDN = ["--experimental-attention-variant", "gated_delta_net",
+            "--linear-attention-freq", "([1]*2+[0])+[1]", "--linear-conv-kernel-dim", "3",
+            "--linear-key-head-dim", "8", "--linear-value-head-dim", "8", "--linear-num-key-heads", "2",
+            "--linear-num-value-heads", "4"]
 SGD = ["--optimizer", "sgd", "--lr", "0.5", "--clip-grad", "0"]
 ADAM = ["--optimizer", "adam", "--lr", "0.01", "--clip-grad", "0"]
 PER_TOKEN = ["--calculate-per-token-loss"]
@@ -101,10 +111,10 @@ def _weights(chunks):
     return out
 
 
-def _run(argv, set_weights=True):
+def _run(argv, set_weights=True, base=BASE):
     from megatron_patches import pretrain_gpt
 
-    args = pretrain_gpt.parse_args(BASE + argv)
+    args = pretrain_gpt.parse_args(base + argv)
     return pretrain_gpt.pretrain(args, after_model_build=_set_weights if set_weights else None)
 
 
@@ -137,6 +147,25 @@ def _worker(rank, world, out_path, tmpdir):
                   "weight_diff": _max_diff(_weights(gdn[2]["chunks"]), _weights(gdn[1]["chunks"])),
                   "kinds": "".join(layer.self_attention.layer_kind
                                    for layer in gdn[2]["chunks"][0].module.decoder.layers)}
+    # 1c. megatron-core's gated DeltaNet hybrid (Lasp2CoreGatedDeltaNet): CP 2 (x DP 2) against CP 1 (x DP 4)
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+
+    core = {cp: _run(_layout(1, 1, cp) + SGD + ["--train-iters", "2"] + CORE_GDN, base=MODEL) for cp in (1, 2)}
+    layers = core[2]["chunks"][0].module.decoder.layers
+    out["core_gdn"] = {
+        "losses": core[2]["losses"], "ref_losses": core[1]["losses"],
+        "weight_diff": _max_diff(_weights(core[2]["chunks"]), _weights(core[1]["chunks"])),
+        "kinds": "".join("G" if isinstance(layer.self_attention, Lasp2CoreGatedDeltaNet)
+                         else layer.self_attention.layer_kind for layer in layers),
+        "gdn_input_norm": [type(layer.input_layernorm).__name__ for layer in layers]}
+    # its checkpoint (Adam) saved at CP 2 x DP 2 after step 2, resumed at TP 2 x CP 2 (in_proj's
+    # [q, k, v, z, beta, alpha] sections resharded by megatron-core's sharded_state_dict)
+    core_save = os.path.join(tmpdir, "core_gdn_ckpt")
+    core_whole = _run(_layout(1, 1, 2) + ADAM + CORE_GDN + ["--train-iters", "3", "--save", core_save,
+                                                            "--save-interval", "2"], base=MODEL)
+    core_resumed = _run(_layout(2, 1, 2) + ADAM + CORE_GDN + ["--train-iters", "3", "--load", core_save,
+                                                              "--ckpt-step", "2"], set_weights=False, base=MODEL)
+    out["core_gdn"]["ckpt"] = {"whole": core_whole["losses"], "resumed": core_resumed["losses"]}
     # 2. the distributed optimizer against the plain one (DP 2 x CP 2, Adam, 2 steps)
     plain = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2"])
     distributed = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2", "--use-distributed-optimizer"])
@@ -206,6 +235,65 @@ def test_gated_deltanet_hybrid_cp2_equals_cp1(results):
     for got, ref in zip(r["losses"], r["ref_losses"]):
         assert abs(got - ref) <= 1e-5 * abs(ref), r
     assert r["weight_diff"] <= 1e-5, r
+
+
+def test_core_gated_deltanet_hybrid_cp2_equals_cp1(results):
+    """megatron-core's layer order from --linear-attention-freq, its GatedDeltaNet as
+    Lasp2CoreGatedDeltaNet after a layer input norm (the unfused in_proj), LASP-2H softmax.
+    With the delta rule's state exchange off (each rank alone) the weights differ by 0.41
+    (measured; 2e-6 with it)."""
+    r = results["core_gdn"]
+    assert r["kinds"] == "GGSG" and len(r["losses"]) == 2, r
+    assert all(name != "IdentityOp" for name in r["gdn_input_norm"]), r
+    for got, ref in zip(r["losses"], r["ref_losses"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), r
+    assert r["weight_diff"] <= 1e-5, r
+
+
+def test_core_gated_deltanet_checkpoint_resumes_at_tp2_cp2(results):
+    """Step 3 at TP 2 x CP 2 from the CP 2 x DP 2 checkpoint has the uninterrupted run's loss."""
+    r = results["core_gdn"]["ckpt"]
+    assert len(r["resumed"]) == 1 and len(r["whole"]) == 3, r  # step 3 only: 1-2 from the checkpoint
+    assert abs(r["resumed"][0] - r["whole"][2]) <= 1e-5 * abs(r["whole"][2]), r
+    assert r["resumed"][0] < r["whole"][0], r
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sp-provider", "none"], "runs its GatedDeltaNet layers under --sp-provider lasp2"),
+    (["--linear-attention-freq", "[1,1,0]"], "Invalid length of linear_attention_pattern: 3, expected 4"),
+    (["--linear-attention-freq", "[1,2,0,1]"], "holds 1 .gated DeltaNet. or 0"),
+    (["--linear-attention-freq", "0"], "must be an int >= 1"),
+    (["--hybrid-layer-pattern", "GGSG"], "both set the layer order"),
+])
+def test_core_gated_deltanet_bad_flag_combinations(argv, match):
+    """Refused before any process group or model exists (every rank raises the same)."""
+    from megatron_patches import Lasp2ConfigError, pretrain_gpt
+
+    with pytest.raises(Lasp2ConfigError, match=match):
+        pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + CORE_GDN + argv))
+
+
+def test_core_gated_deltanet_flags_parse_as_megatron_lm():
+    """--linear-attention-freq: an int or Megatron-LM's list expression (no eval: names are
+    refused); the linear_* sizes only with the variant; no variant without a frequency."""
+    from megatron_patches import Lasp2ConfigError, pretrain_gpt
+
+    args = pretrain_gpt.parse_args(MODEL + CORE_GDN + ["--linear-attention-freq", "([1]*3+[0])*1"])
+    assert args.linear_attention_freq == [1, 1, 1, 0]
+    assert pretrain_gpt.lasp2_options(args).layer_pattern == "GGGS"
+    args = pretrain_gpt.parse_args(MODEL + CORE_GDN + ["--linear-attention-freq", "2"])
+    assert args.linear_attention_freq == 2 and pretrain_gpt.lasp2_options(args).layer_pattern == "GSGS"
+    # validated against that order: ulysses takes the balanced split for GDN layers (not for
+    # the default pattern's linear-attention layers, whose check refused this before)
+    ulysses = pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + CORE_GDN + ["--sp-provider", "ulysses"]))
+    assert (ulysses.provider, ulysses.split, ulysses.layer_pattern) == ("ulysses", "balanced", "GGSG")
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(MODEL + ["--linear-attention-freq", "__import__('os').getpid()"])
+    with pytest.raises(Lasp2ConfigError, match="--linear-num-key-heads is for --experimental-attention-variant"):
+        pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + ["--linear-num-key-heads", "2"]))
+    with pytest.raises(Lasp2ConfigError, match="needs --linear-attention-freq"):
+        pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + ["--experimental-attention-variant",
+                                                                    "gated_delta_net"]))
 
 
 def test_distributed_optimizer_equals_plain_optimizer(results):
