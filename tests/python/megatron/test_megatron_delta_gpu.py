@@ -8,15 +8,15 @@ fla imports.
 Each run is one NCCL rank on GPU 0 (Megatron's parallel state needs a process group). The
 float64 reference holds the device layer's weights cast back (the rounded values are the
 problem, as in the ops' GPU tests); bounds are the ops' (tests/python/ops/test_delta_rule_gpu.py:
-bf16 2e-2, fp32 2e-4) for the output and the input gradient; a bf16 parameter gradient
-(a sum over every token of rounded activations) is held to 2e-2 or twice the CPU kernels'
-own bf16 error on the same inputs, whichever is larger (tests/python/nn/test_hybrid_gpu.py
-says why). The bodies take the device: run on the CPU (lasp2's CPU kernels; megatron-core's
-layer on its deterministic torch path with test_megatron_core_gdn.py's stand-ins for fla)
-they measured fp32 <= 1.6e-6 for everything, bf16 output and input gradient <= 9e-3, bf16
-parameter gradients <= 1.6e-2 but for the K layer's A_log on packed documents, 4.1e-2 (a
-gate gradient, summed over tokens with cancellation: the ops' own gate-gradient bound is
-4 * 2e-2 * sqrt(T / 64) = 0.14 here), and ours vs megatron-core's bf16 <= 1.3e-2.
+bf16 2e-2, fp32 2e-4) for the output, and in fp32 for everything; a bf16 gradient is held
+to lasp2_testing.checks.module_grad_bound (2e-2 or twice the CPU kernels' own bf16 error on
+the same inputs, at most the ops' gate-gradient bound 4 * 2e-2 * sqrt(200 / 64) = 0.14;
+tests/python/nn/test_hybrid_gpu.py says why). The bodies take the device: run on the CPU
+(lasp2's CPU kernels; megatron-core's layer on its deterministic torch path with
+test_megatron_core_gdn.py's stand-ins for fla) they measured fp32 <= 1.6e-6 for everything,
+bf16 output and input gradient <= 9e-3, bf16 parameter gradients <= 1.6e-2 but for the K
+layer's A_log on packed documents, 4.1e-2 (a gate gradient), and ours vs megatron-core's in
+bf16 <= 1.3e-2.
 
 Run on the device machine: `pytest -m gpu tests/python/megatron/test_megatron_delta_gpu.py`.
 """
@@ -28,7 +28,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.checks import rel_err  # noqa: E402
+from lasp2_testing.checks import module_grad_bound, rel_err  # noqa: E402
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -140,11 +140,14 @@ def layer_errors(kind, device, dtype, packed):
 def check_layer_on(kind, device, dtype, packed):
     errs = layer_errors(kind, device, dtype, packed)
     tol = TOL[dtype]
-    for name in ("out", "dx"):
-        assert errs[name] < tol, (kind, name, errs[name], errs)
-    cpu = layer_errors(kind, "cpu", dtype, packed) if dtype == torch.bfloat16 else {}
+    assert errs["out"] < tol, (kind, "out", errs["out"], errs)
+    if dtype == torch.float32:
+        worst = max(errs, key=errs.get)
+        assert errs[worst] < tol, (kind, worst, errs[worst], errs)
+        return
+    cpu = layer_errors(kind, "cpu", dtype, packed)
     for name, err in errs.items():
-        bound = max(tol, 2 * cpu.get(name, 0.0))
+        bound = module_grad_bound(tol, cpu[name], SEQ)
         assert err < bound, (kind, name, err, bound, errs)
 
 
@@ -228,17 +231,19 @@ def _run_documents(module, x, w):
 
 
 def check_against_megatron_core(result, dtype):
-    """ours within the ops' bound of the float64 reference; ours and theirs within that bound
-    of each other or twice theirs' own error against the reference (fla's fp32 runs tf32
-    products), whichever is larger. Returns the backward's refusal message, if any."""
+    """ours' output within the ops' bound of the float64 reference (its gradients are checked
+    against float64 by the K / core test); ours and theirs within that bound of each other or
+    within twice the larger of their own errors against the reference (fla's fp32 kernels
+    may multiply in tf32: fla sets the precision, not this test). Returns the backward's
+    refusal message, if any."""
     tol = TOL[dtype]
-    for name in ("out", "dx"):
-        assert result["ours"][name] < tol, (name, result)
+    assert result["ours"]["out"] < tol, result
     assert result["ours vs theirs forward"] < max(tol, 2 * result["theirs forward"]), result
     if "backward refused" in result:
         return result["backward refused"]
     for name, err in result["ours vs theirs"].items():
-        assert err < max(tol, 2 * result["theirs"][name]), (name, err, result)
+        bound = max(tol, 2 * max(result["ours"][name], result["theirs"][name]))
+        assert err < bound, (name, err, bound, result)
     return None
 
 
