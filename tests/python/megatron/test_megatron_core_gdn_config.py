@@ -27,7 +27,7 @@ def config_cls(monkeypatch):
 def _gdn(config_cls, **overrides):
     kwargs = dict(num_layers=4, hidden_size=32, num_attention_heads=4, experimental_attention_variant="gated_delta_net",
                   linear_attention_freq=4, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                  linear_num_key_heads=2, linear_num_value_heads=4, context_parallel_size=2)
+                  linear_num_key_heads=2, linear_num_value_heads=4, context_parallel_size=4)
     kwargs.update(overrides)
     return config_cls(**kwargs)
 
@@ -42,7 +42,8 @@ def test_without_install_megatron_cores_assertion_stands(config_cls):
     from megatron_patches.core_gdn_config import core_gdn_context_parallel_allowed
 
     assert not core_gdn_context_parallel_allowed()
-    # 0.16.1: "Gated delta net does not support context parallel ... context_parallel_size=2"
+    # 0.16.1: "Gated delta net does not support context parallel ... context_parallel_size=4";
+    # 0.19: "linear_num_key_heads=2 must be a multiple of (... * self.context_parallel_size=4)"
     with pytest.raises(AssertionError, match="context_parallel_size"):
         _gdn(config_cls)
 
