@@ -250,14 +250,15 @@ def transformer_config(args):
         # while the receiver posts (activation from prev, grad from next): the tensors swap
         # silently. Megatron's unbatched p2p path sends the two directions over two groups.
         kwargs["batch_p2p_comm"] = False
-    config = TransformerConfig(**kwargs)
     if args.experimental_attention_variant:
-        # Set after construction: TransformerConfig's check of this variant refuses CP > 1
-        # (0.16.1: its GatedDeltaNet has no CP; 0.19: heads divisible by TP x CP, for its head
-        # sharding). Lasp2CoreGatedDeltaNet keeps the sequence split and checks its heads itself.
-        config.experimental_attention_variant = args.experimental_attention_variant
-        config.linear_attention_freq = args.linear_attention_freq
-    return config
+        # megatron-core's config check of this variant refuses CP > 1; Lasp2CoreGatedDeltaNet
+        # runs these layers, so its own check stands in for that one (core_gdn_config)
+        from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
+
+        allow_core_gdn_context_parallel()
+        kwargs.update(experimental_attention_variant=args.experimental_attention_variant,
+                      linear_attention_freq=args.linear_attention_freq)
+    return TransformerConfig(**kwargs)
 
 
 def lasp2_options(args) -> Lasp2Options:

@@ -12,7 +12,11 @@ With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope
 With --experimental-attention-variant gated_delta_net (megatron-core's Qwen3-Next style
 hybrid) no --spec is added: Megatron-LM builds its own block spec, and install_core_gdn
 makes megatron-core's GatedDeltaNet layers in it Lasp2CoreGatedDeltaNet
-(megatron_patches.core_gdn, LASP-2 over the CP group).
+(megatron_patches.core_gdn, LASP-2 over the CP group) and lets Megatron-LM's
+TransformerConfig take the variant with --context-parallel-size > 1: megatron-core's
+CP assertion for it (0.16.1: CP must be 1; 0.19: heads divisible by TP x CP) is replaced
+by lasp2's check of the --linear-* head flags, its other checks kept
+(megatron_patches.core_gdn_config).
 """
 
 from __future__ import annotations
@@ -51,11 +55,15 @@ def uses_core_gdn(argv: List[str]) -> bool:
 def install_core_gdn() -> None:
     """megatron-core's get_gated_delta_net_module_spec (which its experimental block spec looks
     up at call time) returns the spec with Lasp2CoreGatedDeltaNet (options from the parsed
-    --sp-* arguments when the layer is built). Idempotent."""
+    --sp-* arguments when the layer is built), and TransformerConfig accepts the variant with
+    --context-parallel-size > 1 (allow_core_gdn_context_parallel: lasp2's checks of the GDN
+    flags instead of megatron-core's CP assertion, every other check kept). Idempotent."""
     from megatron.core.models.gpt import experimental_attention_variant_module_specs as variants
 
+    from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
     from megatron_patches.specs import use_lasp2_core_gdn
 
+    allow_core_gdn_context_parallel()
     original = variants.get_gated_delta_net_module_spec
     if getattr(original, "lasp2", False):
         return

@@ -499,8 +499,17 @@ def test_megatron_lm_wrapper_keeps_megatrons_spec_and_swaps_its_gdn(monkeypatch)
     assert uses_core_gdn(argv) and spec_args(argv) == argv  # no --spec: Megatron-LM builds its block spec
     assert not uses_core_gdn(["--sp-provider", "none", "--experimental-attention-variant", "gated_delta_net"])
     assert spec_args(["--sp-provider", "lasp2"])[-1] == "lasp2_layer_spec"
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     monkeypatch.setattr(variants, "get_gated_delta_net_module_spec", variants.get_gated_delta_net_module_spec)
+    monkeypatch.setattr(TransformerConfig, "__post_init__", TransformerConfig.__post_init__)
+    gdn_cp4 = dict(experimental_attention_variant="gated_delta_net", linear_attention_freq=4, num_layers=4, cp=4)
+    with pytest.raises(AssertionError, match="context_parallel_size"):  # megatron-core's own check
+        _config(**gdn_cp4)
     install_core_gdn()
     install_core_gdn()  # idempotent
     spec = variants.get_gated_delta_net_module_spec(SimpleNamespace(normalization="RMSNorm"), backend=_LocalBackend())
     assert spec.module is Lasp2CoreGatedDeltaNet and spec.params == {"lasp2_options": None}
+    # the config Megatron-LM builds from --experimental-attention-variant ... --context-parallel-size 4
+    config = _config(**gdn_cp4)
+    assert (config.experimental_attention_variant, config.context_parallel_size) == ("gated_delta_net", 4)

@@ -1,0 +1,113 @@
+"""TransformerConfig accepts megatron-core's gated DeltaNet variant under context parallelism
+when lasp2 runs its GatedDeltaNet layers (Lasp2CoreGatedDeltaNet).
+
+megatron-core's TransformerConfig.__post_init__ refuses experimental_attention_variant ==
+"gated_delta_net" with context_parallel_size > 1 before any layer exists:
+
+  0.16.1  `assert self.context_parallel_size == 1` (its layer has no CP), the last assertion
+          of its gated_delta_net block
+  0.19    linear_num_key_heads and linear_num_value_heads divisible by TP x CP (its CP moves
+          the sequence to head sharding with an all-to-all)
+
+Neither applies to Lasp2CoreGatedDeltaNet: every CP rank keeps its tokens and all of its TP
+rank's heads. So Megatron-LM, which builds its config from the arguments, stopped there for
+CP > 1 (Megatron-LM issues #3883, #4374).
+
+allow_core_gdn_context_parallel() replaces TransformerConfig.__post_init__ with a wrapper.
+Only a config with this variant and CP > 1 is treated differently:
+
+  1. check_core_gdn_config: what megatron-core's gated_delta_net block checks, except CP,
+     as Lasp2ConfigError naming the flag (linear_attention_freq and the five linear_* sizes
+     set, value heads a multiple of key heads, key heads divisible by TP; value heads
+     divisible by TP follows). 0.19's selective recompute module "gdn_norm_out" (megatron-core's
+     layer only) is refused here too: step 2 would otherwise report it as invalid for the variant.
+  2. megatron-core's own __post_init__ with experimental_attention_variant set to None for
+     its duration and restored after (also on error): every other check runs unchanged, those
+     of context parallelism included. The variant is read in __post_init__ only by the
+     gated_delta_net block, the "dsa" branches (not this variant) and, in 0.19, the
+     "gdn_norm_out" check of step 1.
+
+CP 1, other variants and configs built before allow_... are megatron-core's alone.
+Idempotent; restore_core_gdn_config() puts the original back (tests).
+"""
+
+from __future__ import annotations
+
+from megatron_patches.options import Lasp2ConfigError
+
+__all__ = ["allow_core_gdn_context_parallel", "check_core_gdn_config", "core_gdn_context_parallel_allowed",
+           "restore_core_gdn_config"]
+
+VARIANT = "gated_delta_net"
+SIZES = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+         "linear_num_value_heads")
+
+
+def _flag(field: str) -> str:
+    return f"{field} (--{field.replace('_', '-')})"
+
+
+def check_core_gdn_config(config) -> None:
+    """megatron-core's config checks of the gated_delta_net variant but its CP one, for
+    Lasp2CoreGatedDeltaNet (which checks the same head layout again when built)."""
+    if config.linear_attention_freq is None:
+        raise Lasp2ConfigError(f"experimental_attention_variant {VARIANT!r} needs {_flag('linear_attention_freq')}")
+    for field in SIZES:
+        value = getattr(config, field, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise Lasp2ConfigError(f"{_flag(field)} must be an int >= 1 for {VARIANT}, got {value!r}")
+    hk, hv, tp = config.linear_num_key_heads, config.linear_num_value_heads, config.tensor_model_parallel_size
+    if hv % hk:
+        raise Lasp2ConfigError(f"{_flag('linear_num_value_heads')} = {hv} must be a multiple of "
+                               f"{_flag('linear_num_key_heads')} = {hk} (each key head serves whole value heads)")
+    if hk % tp:
+        raise Lasp2ConfigError(f"{_flag('linear_num_key_heads')} = {hk} must be divisible by "
+                               f"{_flag('tensor_model_parallel_size')} = {tp} (TP splits whole heads)")
+    if config.recompute_granularity == "selective" and "gdn_norm_out" in (config.recompute_modules or ()):
+        raise Lasp2ConfigError("recompute_modules 'gdn_norm_out' (--recompute-modules) is megatron-core's "
+                               "GatedDeltaNet's; Lasp2CoreGatedDeltaNet recomputes its delta rule with 'core_attn'")
+
+
+def _lasp2_runs_its_gdn(config) -> bool:
+    return config.experimental_attention_variant == VARIANT and config.context_parallel_size > 1
+
+
+def _transformer_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig
+
+
+def core_gdn_context_parallel_allowed() -> bool:
+    return getattr(_transformer_config().__post_init__, "lasp2_original", None) is not None
+
+
+def allow_core_gdn_context_parallel() -> None:
+    """TransformerConfig(experimental_attention_variant="gated_delta_net", context_parallel_size > 1)
+    builds, checked as in the module docstring. Idempotent."""
+    config_cls = _transformer_config()
+    if core_gdn_context_parallel_allowed():
+        return
+    original = config_cls.__post_init__
+
+    def __post_init__(self):
+        if not _lasp2_runs_its_gdn(self):
+            return original(self)
+        check_core_gdn_config(self)
+        variant, self.experimental_attention_variant = self.experimental_attention_variant, None
+        try:
+            return original(self)
+        finally:
+            self.experimental_attention_variant = variant
+
+    __post_init__.lasp2_original = original
+    # MLATransformerConfig's __post_init__ calls super().__post_init__(): it gets this one too
+    config_cls.__post_init__ = __post_init__
+
+
+def restore_core_gdn_config() -> None:
+    """megatron-core's own __post_init__ again (configs built meanwhile keep their values)."""
+    config_cls = _transformer_config()
+    original = getattr(config_cls.__post_init__, "lasp2_original", None)
+    if original is not None:
+        config_cls.__post_init__ = original
