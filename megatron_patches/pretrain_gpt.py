@@ -114,27 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Longest list --linear-attention-freq builds (one entry per layer): '[1]*10000000000' would
+# otherwise allocate the list (80 GB) before its length is compared with --num-layers
+MAX_PATTERN_LAYERS = 1 << 16
+
+
 def _linear_attention_freq(text: str):
     """Megatron-LM's spelling of linear_attention_freq: an int, or a Python list expression of
-    ints, + and * (evaluated without eval)."""
+    ints, + and * (evaluated without eval), at most MAX_PATTERN_LAYERS entries."""
     import ast
+
+    def sized(items: list) -> list:
+        if len(items) > MAX_PATTERN_LAYERS:
+            raise ValueError
+        return items
 
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
         if isinstance(node, ast.List):
-            return [value(item) for item in node.elts]
+            return sized([value(item) for item in node.elts])
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = value(node.left), value(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
+            if isinstance(node.op, ast.Add):
+                return sized(left + right) if isinstance(left, list) else left + right
+            times, items = (left, right) if isinstance(right, list) else (right, left)
+            if isinstance(items, list) and isinstance(times, int) and max(len(items), 1) * times > MAX_PATTERN_LAYERS:
+                raise ValueError  # checked before the list is built
+            result = left * right
+            return sized(result) if isinstance(result, list) else result
         raise ValueError
 
     try:
         freq = value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, TypeError):
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        # RecursionError: ast.parse of a few thousand chained '1+1+...'
         freq = None
     if not isinstance(freq, (int, list)):
-        raise argparse.ArgumentTypeError(f"expected an int or a list such as '([1]*3+[0])*2', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an int or a list of at most {MAX_PATTERN_LAYERS} entries such "
+                                         f"as '([1]*3+[0])*2', got {text[:80]!r}{'...' if len(text) > 80 else ''}")
     return freq
 
 

@@ -296,6 +296,22 @@ def test_core_gated_deltanet_flags_parse_as_megatron_lm():
                                                                     "gated_delta_net"]))
 
 
+@pytest.mark.parametrize("freq", [
+    "[1]*100000000",  # 0.8 GB allocated, then compared with --num-layers
+    "[1]*1000000000000",  # MemoryError
+    "[]*100000000000000000000",  # OverflowError
+    "+".join(["1"] * 20000),  # RecursionError in ast.parse
+], ids=["800MB", "MemoryError", "OverflowError", "RecursionError"])
+def test_linear_attention_freq_too_large_is_an_argument_error(freq, capsys):
+    """Bounded before it is built: argparse's error naming the flag, not a traceback or a
+    list of a billion layers."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(MODEL + CORE_GDN + ["--linear-attention-freq", freq])
+    assert "argument --linear-attention-freq: expected an int or a list of at most" in capsys.readouterr().err
+
+
 def test_distributed_optimizer_equals_plain_optimizer(results):
     r = results["distopt"]
     assert r["moved"] > 1e-3  # Adam moved the weights: the comparison is not of two untouched models
