@@ -14,6 +14,8 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
   trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4, with and without
   `--calculate-per-token-loss`; sharded over the dp group alone (no CP reduction) it does not.
+  With the per-token loss it also equals DDP when ranks hold unequal token counts (a loss mask
+  with zeros), over 4 accumulated micro-batches, with gradient clipping active.
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
   run had; the saves return (a hang fails the test through the worker timeout).
@@ -197,6 +199,10 @@ def _worker(rank, world, out_path, tmpdir):
     finally:
         torch_fsdp.wrap_torch_fsdp2 = wrap
     out["fsdp"]["mean"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
+    # 2c. per-token loss with unequal token counts per rank (loss mask 0 where the token is a
+    # multiple of 3), 4 micro-batches per rank at DP 2 and gradient clipping active: FSDP2 equals DDP
+    out["fsdp"]["masked"] = _fsdp_with_unequal_token_counts(gdn_sgd + PER_TOKEN + [
+        "--clip-grad", "0.05", "--global-batch-size", "8"])
     # 3. checkpoint at (1, 2, 2) after step 2 (model + distributed optimizer; the run goes on to
     # step 3), resumed from it at other layouts
     save = os.path.join(tmpdir, "ckpt")
@@ -210,6 +216,41 @@ def _worker(rank, world, out_path, tmpdir):
     out["files"] = sorted(os.listdir(os.path.join(save, "iter_0000002")))
     if rank == 0:
         torch.save(out, out_path)
+
+
+def _fsdp_with_unequal_token_counts(argv):
+    from megatron_patches import pretrain_gpt
+
+    plain_iterator, plain_loss, plain_log = pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log
+    counts, norms = [], []
+
+    def masked_iterator(args, dataset, start_iteration):
+        for batch in plain_iterator(args, dataset, start_iteration):  # the same tokens masked in every layout
+            batch["loss_mask"] = (batch["tokens"] % 3 != 0).to(batch["loss_mask"].dtype)
+            yield batch
+
+    def counting_loss(loss_mask, output_tensor):
+        counts.append(int(loss_mask.sum()))
+        return plain_loss(loss_mask, output_tensor)
+
+    def grad_norms(line):  # rank 0's step lines: the norm before clipping, of the 1 / tokens scaled gradient
+        if "grad norm" in line:
+            norms[-1].append(float(line.split("grad norm ")[1].split()[0]))
+
+    pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log = masked_iterator, counting_loss, grad_norms
+    try:
+        runs = []
+        for extra in (_layout(1, 1, 1), _layout(1, 1, 2) + ["--use-torch-fsdp2"]):
+            norms.append([])
+            runs.append(_run(argv + ["--log-interval", "1"] + extra))
+        ddp, fsdp = runs
+    finally:
+        pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log = plain_iterator, plain_loss, plain_log
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, counts)
+    return {"losses": fsdp["losses"], "ref_losses": ddp["losses"], "counts": sorted(set(sum(every_rank, []))),
+            "grad_norms": norms[1], "ref_grad_norms": norms[0],
+            "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(ddp["chunks"]))}
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +375,22 @@ def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results, form):
     assert r["weight_diff"] <= 1e-5, r  # two SGD steps of lr 0.5: the gradients agree
     if form == "mean":
         assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
+
+
+def test_torch_fsdp2_per_token_loss_with_unequal_token_counts_equals_ddp(results):
+    """The loss mask leaves ranks and micro-batches different token counts (the all-ones mock
+    mask cannot tell 1 / global tokens from 1 / (local tokens x ranks)); 4 micro-batches per
+    rank accumulate; the gradient norm (3.0 measured) is clipped to 0.05, from FSDP2's
+    sharded gradients as from DDP's whole ones, after the 1 / tokens scaling in both (the
+    reported norm is taken before clipping: it checks that scale, the weights the clipping)."""
+    r = results["fsdp"]["masked"]
+    assert len(r["counts"]) > 1, r  # unequal token counts
+    assert len(r["losses"]) == 2 and len(r["grad_norms"]) == 2 and min(r["ref_grad_norms"]) > 1.0, r
+    for got, ref in zip(r["grad_norms"], r["ref_grad_norms"]):
+        assert abs(got - ref) <= 1e-3 * ref, r  # the log prints 4 decimals
+    for got, ref in zip(r["losses"], r["ref_losses"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), r
+    assert r["weight_diff"] <= 1e-6, r  # clipped SGD steps move weights by at most lr x 0.05
 
 
 @pytest.mark.parametrize("layout", ["tp1 pp1 cp1", "tp2 pp1 cp1"])
