@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N: softmax attention every N-th layer, else GDN; or a list of 1 (GDN) / 0 per layer, "
                         "e.g. '([1]*3+[0])*2'")
     for flag in ("conv-kernel-dim", "key-head-dim", "value-head-dim", "num-key-heads", "num-value-heads"):
-        g.add_argument(f"--linear-{flag}", type=int, default=None, help="default: megatron-core's")
+        g.add_argument(f"--linear-{flag}", type=_positive_int, default=None, help="default: megatron-core's")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None)
     add_lasp2_args(p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    """A --linear-* size, checked on every rank at parse time: at CP 1 megatron-core's config
+    takes 0 or -1, and only the pipeline stages that build a GatedDeltaNet layer raised (the
+    others then failed in their first receive: gloo 'Connection closed by peer')."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
 
 
 # Longest list --linear-attention-freq builds (one entry per layer): '[1]*10000000000' would

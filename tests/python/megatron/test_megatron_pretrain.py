@@ -353,6 +353,19 @@ def test_linear_attention_freq_too_large_is_an_argument_error(freq, capsys):
     assert "argument --linear-attention-freq: expected an int or a list of at most" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--linear-key-head-dim", "0"), ("--linear-num-key-heads", "-1"),
+                                         ("--linear-conv-kernel-dim", "0"), ("--linear-value-head-dim", "x")])
+def test_linear_sizes_below_one_are_argument_errors(flag, value, capsys):
+    """Refused at parse time on every rank. Before: at CP 1 megatron-core's config took them and
+    only the pipeline stages holding a GatedDeltaNet layer raised; PP 2 with layers GGSS: ranks
+    of the second stage failed with gloo's 'Connection closed by peer'."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(MODEL + CORE_GDN + [flag, value])
+    assert f"argument {flag}: expected an int >= 1, got {value!r}" in capsys.readouterr().err
+
+
 def test_distributed_optimizer_equals_plain_optimizer(results):
     r = results["distopt"]
     assert r["moved"] > 1e-3  # Adam moved the weights: the comparison is not of two untouched models
