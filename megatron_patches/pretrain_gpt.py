@@ -331,9 +331,25 @@ def core_gdn_args(args):
     if args.linear_attention_freq is None:
         raise Lasp2ConfigError(f"--experimental-attention-variant {variant} needs --linear-attention-freq "
                                "(N: softmax attention every N-th layer; or a 0 / 1 list per layer)")
+    if args.sp_provider == "ulysses":
+        _check_ulysses_gdn_heads(args)
     from megatron_patches.specs import core_gdn_layer_pattern
 
     return argparse.Namespace(**{**vars(args), "hybrid_layer_pattern": core_gdn_layer_pattern(args)})
+
+
+def _check_ulysses_gdn_heads(args) -> None:
+    """Ulysses shards a TP rank's GatedDeltaNet value heads over the CP group. Checked here, on
+    every rank: Lasp2CoreGatedDeltaNet checks it too, but only on the pipeline stages that build
+    one (the other stages then failed in their first receive)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    hv = args.linear_num_value_heads or TransformerConfig.__dataclass_fields__["linear_num_value_heads"].default
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if hv and hv % tp == 0 and (hv // tp) % cp:  # hv % tp: megatron-core's config names it
+        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's GatedDeltaNet value heads over the CP group: "
+                               f"--linear-num-value-heads {hv} / --tensor-model-parallel-size {tp} = {hv // tp} must "
+                               f"be divisible by --context-parallel-size {cp}")
 
 
 def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:

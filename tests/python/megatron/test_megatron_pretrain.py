@@ -305,6 +305,13 @@ def test_core_gated_deltanet_checkpoint_resumes_at_tp2_cp2(results):
     (["--linear-attention-freq", "[1,2,0,1]"], "holds 1 .gated DeltaNet. or 0"),
     (["--linear-attention-freq", "0"], "must be an int >= 1"),
     (["--hybrid-layer-pattern", "GGSG"], "both set the layer order"),
+    # before: raised by the layers at build time, so with PP 2 and layers GGSS only the first
+    # stage did; the second stage's ranks failed with gloo's 'Connection closed by peer'
+    (["--sp-provider", "ulysses", "--context-parallel-size", "2", "--linear-num-key-heads", "1",
+      "--linear-num-value-heads", "3"], r"--linear-num-value-heads 3 / --tensor-model-parallel-size 1 = 3 must be "
+                                         r"divisible by --context-parallel-size 2"),
+    (["--sp-provider", "ulysses", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+      "--linear-num-key-heads", "2", "--linear-num-value-heads", "2"], r"/ --tensor-model-parallel-size 2 = 1 must"),
 ])
 def test_core_gated_deltanet_bad_flag_combinations(argv, match):
     """Refused before any process group or model exists (every rank raises the same)."""
