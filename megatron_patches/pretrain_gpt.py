@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.arguments import add_lasp2_args
-from megatron_patches.options import GDN_PROVIDERS, SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
+from megatron_patches.options import (GATED_DELTANET, GDN_PROVIDERS, KDA, LINEAR, SOFTMAX, Lasp2ConfigError,
+                                      Lasp2Options, options_from_args)
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
 
@@ -300,6 +301,8 @@ def lasp2_options(args) -> Lasp2Options:
     until its timeout.)"""
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
+    if options.provider == "ulysses" and not args.experimental_attention_variant:
+        _check_ulysses_mixer_heads(args, options)
     cp = args.context_parallel_size
     parts = cp * (2 if options.split == "balanced" else 1)
     if cp > 1 and args.seq_length % parts:
@@ -336,6 +339,18 @@ def core_gdn_args(args):
     from megatron_patches.specs import core_gdn_layer_pattern
 
     return argparse.Namespace(**{**vars(args), "hybrid_layer_pattern": core_gdn_layer_pattern(args)})
+
+
+def _check_ulysses_mixer_heads(args, options: Lasp2Options) -> None:
+    """Ulysses shards a TP rank's attention heads of the L / G / K layers over the CP group.
+    Checked here, on every rank: the layers check it too, but only on the pipeline stages that
+    build one (PP 2, layers LLNN: the second stage's ranks failed in their first receive)."""
+    tp, cp, heads = args.tensor_model_parallel_size, args.context_parallel_size, args.num_attention_heads
+    kinds = set(options.pattern_for(args.num_layers)) & {LINEAR, GATED_DELTANET, KDA}
+    if kinds and heads % tp == 0 and (heads // tp) % cp:  # heads % tp: megatron-core's config names it
+        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's heads of the {'/'.join(sorted(kinds))} "
+                               f"layers over the CP group: --num-attention-heads {heads} / --tensor-model-parallel-size "
+                               f"{tp} = {heads // tp} must be divisible by --context-parallel-size {cp}")
 
 
 def _check_ulysses_gdn_heads(args) -> None:

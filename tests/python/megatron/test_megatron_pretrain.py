@@ -321,6 +321,20 @@ def test_core_gated_deltanet_bad_flag_combinations(argv, match):
         pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + CORE_GDN + argv))
 
 
+@pytest.mark.parametrize("pattern, split", [("LLNN", "contiguous"), ("GGNN", "balanced"), ("NNKN", "balanced")])
+def test_ulysses_heads_not_divisible_by_cp_refused_on_every_rank(pattern, split):
+    """Before: only the layers checked it when built, so with PP 2 the stage without such a
+    layer (LLNN: the second) failed with gloo's 'Connection closed by peer' instead."""
+    from megatron_patches import Lasp2ConfigError, pretrain_gpt
+
+    argv = MODEL + ["--hybrid-layer-pattern", pattern, "--sp-provider", "ulysses", "--sp-split", split,
+                    "--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    with pytest.raises(Lasp2ConfigError, match=r"--num-attention-heads 3 / --tensor-model-parallel-size 1 = 3 must "
+                                               r"be divisible by --context-parallel-size 2"):
+        pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(argv + ["--hidden-size", "48", "--num-attention-heads", "3"]))
+    assert pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(argv)).provider == "ulysses"  # 4 heads: divisible
+
+
 def test_core_gated_deltanet_flags_parse_as_megatron_lm():
     """--linear-attention-freq: an int or Megatron-LM's list expression (no eval: names are
     refused); the linear_* sizes only with the variant; no variant without a frequency."""
