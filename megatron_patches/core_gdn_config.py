@@ -28,7 +28,14 @@ Only a config with this variant and CP > 1 is treated differently:
      "gdn_norm_out" check of step 1.
 
 CP 1, other variants and configs built before allow_... are megatron-core's alone.
-Idempotent; restore_core_gdn_config() puts the original back (tests).
+
+The config check was megatron-core's only guard of its own GatedDeltaNet: 0.16.1's layer has
+no context parallelism and at CP > 1 would run each rank's tokens as a whole sequence, without
+an error. So while the config accepts CP > 1, megatron-core's GatedDeltaNet.__init__ refuses
+such a config (Lasp2ConfigError naming context_parallel_size); Lasp2CoreGatedDeltaNet, which
+does not run that __init__, is what lasp2's specs build (use_lasp2_core_gdn, install_core_gdn).
+
+Idempotent; restore_core_gdn_config() puts the originals back (tests).
 """
 
 from __future__ import annotations
@@ -103,11 +110,44 @@ def allow_core_gdn_context_parallel() -> None:
     __post_init__.lasp2_original = original
     # MLATransformerConfig's __post_init__ calls super().__post_init__(): it gets this one too
     config_cls.__post_init__ = __post_init__
+    _refuse_megatron_cores_gdn_at_context_parallel()
+
+
+def _megatron_cores_gdn():
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    return GatedDeltaNet
+
+
+def _refuse_megatron_cores_gdn_at_context_parallel() -> None:
+    layer_cls = _megatron_cores_gdn()
+    original = layer_cls.__init__
+    if getattr(original, "lasp2_original", None) is not None:
+        return
+
+    def __init__(self, *args, **kwargs):
+        config = kwargs["config"] if "config" in kwargs else (args[0] if args else None)
+        if config is not None and _lasp2_runs_its_gdn(config):
+            raise Lasp2ConfigError(
+                f"megatron-core's {type(self).__name__} with context_parallel_size (--context-parallel-size) = "
+                f"{config.context_parallel_size}: the config took CP > 1 for {VARIANT} because lasp2 runs these "
+                "layers; build them as Lasp2CoreGatedDeltaNet (megatron_patches.specs.use_lasp2_core_gdn, "
+                "megatron_patches.run.install_core_gdn)")
+        return original(self, *args, **kwargs)
+
+    __init__.lasp2_original = original
+    __init__.lasp2_inherited = "__init__" not in vars(layer_cls)  # 0.19: _GDNBase's
+    layer_cls.__init__ = __init__
 
 
 def restore_core_gdn_config() -> None:
-    """megatron-core's own __post_init__ again (configs built meanwhile keep their values)."""
-    config_cls = _transformer_config()
-    original = getattr(config_cls.__post_init__, "lasp2_original", None)
-    if original is not None:
-        config_cls.__post_init__ = original
+    """megatron-core's own __post_init__ and GatedDeltaNet.__init__ again (configs built
+    meanwhile keep their values)."""
+    for cls, name in ((_transformer_config(), "__post_init__"), (_megatron_cores_gdn(), "__init__")):
+        wrapper = getattr(cls, name)
+        if getattr(wrapper, "lasp2_original", None) is None:
+            continue
+        if getattr(wrapper, "lasp2_inherited", False):
+            delattr(cls, name)
+        else:
+            setattr(cls, name, wrapper.lasp2_original)

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.arguments import add_lasp2_args
-from megatron_patches.options import GDN_PROVIDERS, SOFTMAX, Lasp2ConfigError, Lasp2Options, options_from_args
+from megatron_patches.options import (GATED_DELTANET, GDN_PROVIDERS, KDA, LINEAR, SOFTMAX, Lasp2ConfigError,
+                                      Lasp2Options, options_from_args)
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
 
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N: softmax attention every N-th layer, else GDN; or a list of 1 (GDN) / 0 per layer, "
                         "e.g. '([1]*3+[0])*2'")
     for flag in ("conv-kernel-dim", "key-head-dim", "value-head-dim", "num-key-heads", "num-value-heads"):
-        g.add_argument(f"--linear-{flag}", type=int, default=None, help="default: megatron-core's")
+        g.add_argument(f"--linear-{flag}", type=_positive_int, default=None, help="default: megatron-core's")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -114,27 +115,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    """A --linear-* size, checked on every rank at parse time: at CP 1 megatron-core's config
+    takes 0 or -1, and only the pipeline stages that build a GatedDeltaNet layer raised (the
+    others then failed in their first receive: gloo 'Connection closed by peer')."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+# Longest list --linear-attention-freq builds (one entry per layer): '[1]*10000000000' would
+# otherwise allocate the list (80 GB) before its length is compared with --num-layers
+MAX_PATTERN_LAYERS = 1 << 16
+
+
 def _linear_attention_freq(text: str):
     """Megatron-LM's spelling of linear_attention_freq: an int, or a Python list expression of
-    ints, + and * (evaluated without eval)."""
+    ints, + and * (evaluated without eval), at most MAX_PATTERN_LAYERS entries."""
     import ast
+
+    def sized(items: list) -> list:
+        if len(items) > MAX_PATTERN_LAYERS:
+            raise ValueError
+        return items
 
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
         if isinstance(node, ast.List):
-            return [value(item) for item in node.elts]
+            return sized([value(item) for item in node.elts])
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = value(node.left), value(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
+            if isinstance(node.op, ast.Add):
+                return sized(left + right) if isinstance(left, list) else left + right
+            times, items = (left, right) if isinstance(right, list) else (right, left)
+            if isinstance(items, list) and isinstance(times, int) and max(len(items), 1) * times > MAX_PATTERN_LAYERS:
+                raise ValueError  # checked before the list is built
+            result = left * right
+            return sized(result) if isinstance(result, list) else result
         raise ValueError
 
     try:
         freq = value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, TypeError):
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        # RecursionError: ast.parse of a few thousand chained '1+1+...'
         freq = None
     if not isinstance(freq, (int, list)):
-        raise argparse.ArgumentTypeError(f"expected an int or a list such as '([1]*3+[0])*2', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an int or a list of at most {MAX_PATTERN_LAYERS} entries such "
+                                         f"as '([1]*3+[0])*2', got {text[:80]!r}{'...' if len(text) > 80 else ''}")
     return freq
 
 
@@ -269,6 +301,8 @@ def lasp2_options(args) -> Lasp2Options:
     until its timeout.)"""
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
+    if options.provider == "ulysses" and not args.experimental_attention_variant:
+        _check_ulysses_mixer_heads(args, options)
     cp = args.context_parallel_size
     parts = cp * (2 if options.split == "balanced" else 1)
     if cp > 1 and args.seq_length % parts:
@@ -300,9 +334,37 @@ def core_gdn_args(args):
     if args.linear_attention_freq is None:
         raise Lasp2ConfigError(f"--experimental-attention-variant {variant} needs --linear-attention-freq "
                                "(N: softmax attention every N-th layer; or a 0 / 1 list per layer)")
+    if args.sp_provider == "ulysses":
+        _check_ulysses_gdn_heads(args)
     from megatron_patches.specs import core_gdn_layer_pattern
 
     return argparse.Namespace(**{**vars(args), "hybrid_layer_pattern": core_gdn_layer_pattern(args)})
+
+
+def _check_ulysses_mixer_heads(args, options: Lasp2Options) -> None:
+    """Ulysses shards a TP rank's attention heads of the L / G / K layers over the CP group.
+    Checked here, on every rank: the layers check it too, but only on the pipeline stages that
+    build one (PP 2, layers LLNN: the second stage's ranks failed in their first receive)."""
+    tp, cp, heads = args.tensor_model_parallel_size, args.context_parallel_size, args.num_attention_heads
+    kinds = set(options.pattern_for(args.num_layers)) & {LINEAR, GATED_DELTANET, KDA}
+    if kinds and heads % tp == 0 and (heads // tp) % cp:  # heads % tp: megatron-core's config names it
+        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's heads of the {'/'.join(sorted(kinds))} "
+                               f"layers over the CP group: --num-attention-heads {heads} / --tensor-model-parallel-size "
+                               f"{tp} = {heads // tp} must be divisible by --context-parallel-size {cp}")
+
+
+def _check_ulysses_gdn_heads(args) -> None:
+    """Ulysses shards a TP rank's GatedDeltaNet value heads over the CP group. Checked here, on
+    every rank: Lasp2CoreGatedDeltaNet checks it too, but only on the pipeline stages that build
+    one (the other stages then failed in their first receive)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    hv = args.linear_num_value_heads or TransformerConfig.__dataclass_fields__["linear_num_value_heads"].default
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if hv and hv % tp == 0 and (hv // tp) % cp:  # hv % tp: megatron-core's config names it
+        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's GatedDeltaNet value heads over the CP group: "
+                               f"--linear-num-value-heads {hv} / --tensor-model-parallel-size {tp} = {hv // tp} must "
+                               f"be divisible by --context-parallel-size {cp}")
 
 
 def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:

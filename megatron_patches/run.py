@@ -33,7 +33,7 @@ def spec_args(argv: List[str]) -> List[str]:
     flags = {a.split("=", 1)[0] for a in argv}
     if "--spec" in flags or not ({"--sp-provider", "--lasp2-sp-provider"} & flags):
         return list(argv)
-    provider = _value(argv, "--sp-provider") or _value(argv, "--lasp2-sp-provider")
+    provider = _value(argv, "--sp-provider", "--lasp2-sp-provider")
     if provider == "none" or uses_core_gdn(argv):  # Megatron's own spec (install_core_gdn swaps its GDN)
         return list(argv)
     te = _value(argv, "--transformer-impl") in (None, "transformer_engine")
@@ -48,7 +48,7 @@ def spec_args(argv: List[str]) -> List[str]:
 
 def uses_core_gdn(argv: List[str]) -> bool:
     """megatron-core's gated DeltaNet hybrid with a lasp2 provider: its GDN layers go under LASP-2."""
-    provider = _value(argv, "--sp-provider") or _value(argv, "--lasp2-sp-provider")
+    provider = _value(argv, "--sp-provider", "--lasp2-sp-provider")
     return provider not in (None, "none") and _value(argv, "--experimental-attention-variant") == "gated_delta_net"
 
 
@@ -75,13 +75,16 @@ def install_core_gdn() -> None:
     variants.get_gated_delta_net_module_spec = get_gated_delta_net_module_spec
 
 
-def _value(argv: List[str], flag: str) -> Optional[str]:
+def _value(argv: List[str], *flags: str) -> Optional[str]:
+    """The value argparse will store for `flags` (spellings of one argument): the last one given."""
+    value = None
     for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+        for flag in flags:
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    return value
 
 
 def install() -> None:

@@ -315,6 +315,11 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     for unchanged in (["--sp-provider", "none"], ["--num-layers", "4"],
                       ["--sp-provider", "lasp2", "--spec", "my.specs", "s"]):
         assert spec_args(unchanged) == unchanged
+    # a flag given twice: argparse keeps the last value, so does the spec choice (the first,
+    # 'none', used to drop the lasp2 spec while Megatron-LM parsed --sp-provider lasp2)
+    twice = local[2:] + ["--sp-provider", "none", "--lasp2-sp-provider=lasp2"]
+    assert spec_args(twice) == twice + ["--spec", "megatron_patches.specs", "lasp2_layer_spec"]
+    assert spec_args(local + ["--sp-provider", "none"]) == local + ["--sp-provider", "none"]
 
 
 def test_gated_deltanet_convolution_width_zero_is_refused():

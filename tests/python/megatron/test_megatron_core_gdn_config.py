@@ -17,10 +17,12 @@ from megatron_patches import Lasp2ConfigError  # noqa: E402
 
 @pytest.fixture
 def config_cls(monkeypatch):
-    """TransformerConfig, its original __post_init__ put back after the test."""
+    """TransformerConfig, its original __post_init__ (and GatedDeltaNet's __init__) put back after the test."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(TransformerConfig, "__post_init__", TransformerConfig.__post_init__)
+    monkeypatch.setattr(GatedDeltaNet, "__init__", GatedDeltaNet.__init__)
     return TransformerConfig
 
 
@@ -101,18 +103,38 @@ def test_after_install_other_checks_are_megatron_cores(config_cls):
     assert config.experimental_attention_variant == "gated_delta_net"
 
 
+def test_after_install_megatron_cores_own_gdn_refuses_cp(config_cls):
+    """The config check was the only guard of megatron-core's GatedDeltaNet (0.16.1: no CP;
+    with fla it built at CP 4 and ran each rank's tokens alone). Lasp2CoreGatedDeltaNet builds."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
+
+    allow_core_gdn_context_parallel()
+    config = _gdn(config_cls)
+    with pytest.raises(Lasp2ConfigError, match=r"megatron-core's GatedDeltaNet with context_parallel_size "
+                                               r"\(--context-parallel-size\) = 4"):
+        GatedDeltaNet(config=config, submodules=None, layer_number=1, pg_collection=None)
+    with pytest.raises(Lasp2ConfigError, match="context_parallel_size"):
+        GatedDeltaNet(config, None)
+
+
 def test_install_is_idempotent_and_reversible(config_cls):
     from megatron_patches.core_gdn_config import (allow_core_gdn_context_parallel,
                                                   core_gdn_context_parallel_allowed, restore_core_gdn_config)
 
-    original = config_cls.__post_init__
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    original, layer_init = config_cls.__post_init__, GatedDeltaNet.__init__
     allow_core_gdn_context_parallel()
-    wrapper = config_cls.__post_init__
+    wrapper, layer_wrapper = config_cls.__post_init__, GatedDeltaNet.__init__
     allow_core_gdn_context_parallel()
     assert config_cls.__post_init__ is wrapper and wrapper.lasp2_original is original
+    assert GatedDeltaNet.__init__ is layer_wrapper and layer_wrapper.lasp2_original is layer_init
     assert core_gdn_context_parallel_allowed()
     restore_core_gdn_config()
     restore_core_gdn_config()
     assert config_cls.__post_init__ is original and not core_gdn_context_parallel_allowed()
+    assert GatedDeltaNet.__init__ is layer_init
     with pytest.raises(AssertionError, match="context_parallel_size"):
         _gdn(config_cls)

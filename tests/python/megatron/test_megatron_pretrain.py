@@ -14,6 +14,8 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * `--use-torch-fsdp2` (megatron-core's TorchFullyShardedDataParallel, FSDP2 over dp-cp)
   trains the LGKS hybrid at DP 2 x CP 2 exactly as DDP at CP 1 x DP 4, with and without
   `--calculate-per-token-loss`; sharded over the dp group alone (no CP reduction) it does not.
+  With the per-token loss it also equals DDP when ranks hold unequal token counts (a loss mask
+  with zeros), over 4 accumulated micro-batches, with gradient clipping active.
 * A checkpoint (model + distributed optimizer) saved at (TP, PP, CP) = (1, 2, 2)
   loads at (1, 1, 1) and (2, 1, 1) and the next step has the loss the uninterrupted
   run had; the saves return (a hang fails the test through the worker timeout).
@@ -197,6 +199,10 @@ def _worker(rank, world, out_path, tmpdir):
     finally:
         torch_fsdp.wrap_torch_fsdp2 = wrap
     out["fsdp"]["mean"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
+    # 2c. per-token loss with unequal token counts per rank (loss mask 0 where the token is a
+    # multiple of 3), 4 micro-batches per rank at DP 2 and gradient clipping active: FSDP2 equals DDP
+    out["fsdp"]["masked"] = _fsdp_with_unequal_token_counts(gdn_sgd + PER_TOKEN + [
+        "--clip-grad", "0.05", "--global-batch-size", "8"])
     # 3. checkpoint at (1, 2, 2) after step 2 (model + distributed optimizer; the run goes on to
     # step 3), resumed from it at other layouts
     save = os.path.join(tmpdir, "ckpt")
@@ -210,6 +216,41 @@ def _worker(rank, world, out_path, tmpdir):
     out["files"] = sorted(os.listdir(os.path.join(save, "iter_0000002")))
     if rank == 0:
         torch.save(out, out_path)
+
+
+def _fsdp_with_unequal_token_counts(argv):
+    from megatron_patches import pretrain_gpt
+
+    plain_iterator, plain_loss, plain_log = pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log
+    counts, norms = [], []
+
+    def masked_iterator(args, dataset, start_iteration):
+        for batch in plain_iterator(args, dataset, start_iteration):  # the same tokens masked in every layout
+            batch["loss_mask"] = (batch["tokens"] % 3 != 0).to(batch["loss_mask"].dtype)
+            yield batch
+
+    def counting_loss(loss_mask, output_tensor):
+        counts.append(int(loss_mask.sum()))
+        return plain_loss(loss_mask, output_tensor)
+
+    def grad_norms(line):  # rank 0's step lines: the norm before clipping, of the 1 / tokens scaled gradient
+        if "grad norm" in line:
+            norms[-1].append(float(line.split("grad norm ")[1].split()[0]))
+
+    pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log = masked_iterator, counting_loss, grad_norms
+    try:
+        runs = []
+        for extra in (_layout(1, 1, 1), _layout(1, 1, 2) + ["--use-torch-fsdp2"]):
+            norms.append([])
+            runs.append(_run(argv + ["--log-interval", "1"] + extra))
+        ddp, fsdp = runs
+    finally:
+        pretrain_gpt.data_iterator, pretrain_gpt.loss_func, pretrain_gpt._log = plain_iterator, plain_loss, plain_log
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, counts)
+    return {"losses": fsdp["losses"], "ref_losses": ddp["losses"], "counts": sorted(set(sum(every_rank, []))),
+            "grad_norms": norms[1], "ref_grad_norms": norms[0],
+            "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(ddp["chunks"]))}
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +305,13 @@ def test_core_gated_deltanet_checkpoint_resumes_at_tp2_cp2(results):
     (["--linear-attention-freq", "[1,2,0,1]"], "holds 1 .gated DeltaNet. or 0"),
     (["--linear-attention-freq", "0"], "must be an int >= 1"),
     (["--hybrid-layer-pattern", "GGSG"], "both set the layer order"),
+    # before: raised by the layers at build time, so with PP 2 and layers GGSS only the first
+    # stage did; the second stage's ranks failed with gloo's 'Connection closed by peer'
+    (["--sp-provider", "ulysses", "--context-parallel-size", "2", "--linear-num-key-heads", "1",
+      "--linear-num-value-heads", "3"], r"--linear-num-value-heads 3 / --tensor-model-parallel-size 1 = 3 must be "
+                                         r"divisible by --context-parallel-size 2"),
+    (["--sp-provider", "ulysses", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+      "--linear-num-key-heads", "2", "--linear-num-value-heads", "2"], r"/ --tensor-model-parallel-size 2 = 1 must"),
 ])
 def test_core_gated_deltanet_bad_flag_combinations(argv, match):
     """Refused before any process group or model exists (every rank raises the same)."""
@@ -271,6 +319,20 @@ def test_core_gated_deltanet_bad_flag_combinations(argv, match):
 
     with pytest.raises(Lasp2ConfigError, match=match):
         pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(MODEL + CORE_GDN + argv))
+
+
+@pytest.mark.parametrize("pattern, split", [("LLNN", "contiguous"), ("GGNN", "balanced"), ("NNKN", "balanced")])
+def test_ulysses_heads_not_divisible_by_cp_refused_on_every_rank(pattern, split):
+    """Before: only the layers checked it when built, so with PP 2 the stage without such a
+    layer (LLNN: the second) failed with gloo's 'Connection closed by peer' instead."""
+    from megatron_patches import Lasp2ConfigError, pretrain_gpt
+
+    argv = MODEL + ["--hybrid-layer-pattern", pattern, "--sp-provider", "ulysses", "--sp-split", split,
+                    "--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    with pytest.raises(Lasp2ConfigError, match=r"--num-attention-heads 3 / --tensor-model-parallel-size 1 = 3 must "
+                                               r"be divisible by --context-parallel-size 2"):
+        pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(argv + ["--hidden-size", "48", "--num-attention-heads", "3"]))
+    assert pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(argv)).provider == "ulysses"  # 4 heads: divisible
 
 
 def test_core_gated_deltanet_flags_parse_as_megatron_lm():
@@ -296,6 +358,35 @@ def test_core_gated_deltanet_flags_parse_as_megatron_lm():
                                                                     "gated_delta_net"]))
 
 
+@pytest.mark.parametrize("freq", [
+    "[1]*100000000",  # 0.8 GB allocated, then compared with --num-layers
+    "[1]*1000000000000",  # MemoryError
+    "[]*100000000000000000000",  # OverflowError
+    "+".join(["1"] * 20000),  # RecursionError in ast.parse
+], ids=["800MB", "MemoryError", "OverflowError", "RecursionError"])
+def test_linear_attention_freq_too_large_is_an_argument_error(freq, capsys):
+    """Bounded before it is built: argparse's error naming the flag, not a traceback or a
+    list of a billion layers."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(MODEL + CORE_GDN + ["--linear-attention-freq", freq])
+    assert "argument --linear-attention-freq: expected an int or a list of at most" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--linear-key-head-dim", "0"), ("--linear-num-key-heads", "-1"),
+                                         ("--linear-conv-kernel-dim", "0"), ("--linear-value-head-dim", "x")])
+def test_linear_sizes_below_one_are_argument_errors(flag, value, capsys):
+    """Refused at parse time on every rank. Before: at CP 1 megatron-core's config took them and
+    only the pipeline stages holding a GatedDeltaNet layer raised; PP 2 with layers GGSS: ranks
+    of the second stage failed with gloo's 'Connection closed by peer'."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(MODEL + CORE_GDN + [flag, value])
+    assert f"argument {flag}: expected an int >= 1, got {value!r}" in capsys.readouterr().err
+
+
 def test_distributed_optimizer_equals_plain_optimizer(results):
     r = results["distopt"]
     assert r["moved"] > 1e-3  # Adam moved the weights: the comparison is not of two untouched models
@@ -318,6 +409,22 @@ def test_torch_fsdp2_over_dp_cp_equals_ddp_at_cp1(results, form):
     assert r["weight_diff"] <= 1e-5, r  # two SGD steps of lr 0.5: the gradients agree
     if form == "mean":
         assert r["dp_only_weight_diff"] > 1e-2, r  # without CP in the FSDP group (measured 0.15)
+
+
+def test_torch_fsdp2_per_token_loss_with_unequal_token_counts_equals_ddp(results):
+    """The loss mask leaves ranks and micro-batches different token counts (the all-ones mock
+    mask cannot tell 1 / global tokens from 1 / (local tokens x ranks)); 4 micro-batches per
+    rank accumulate; the gradient norm (3.0 measured) is clipped to 0.05, from FSDP2's
+    sharded gradients as from DDP's whole ones, after the 1 / tokens scaling in both (the
+    reported norm is taken before clipping: it checks that scale, the weights the clipping)."""
+    r = results["fsdp"]["masked"]
+    assert len(r["counts"]) > 1, r  # unequal token counts
+    assert len(r["losses"]) == 2 and len(r["grad_norms"]) == 2 and min(r["ref_grad_norms"]) > 1.0, r
+    for got, ref in zip(r["grad_norms"], r["ref_grad_norms"]):
+        assert abs(got - ref) <= 1e-3 * ref, r  # the log prints 4 decimals
+    for got, ref in zip(r["losses"], r["ref_losses"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), r
+    assert r["weight_diff"] <= 1e-6, r  # clipped SGD steps move weights by at most lr x 0.05
 
 
 @pytest.mark.parametrize("layout", ["tp1 pp1 cp1", "tp2 pp1 cp1"])
