@@ -502,7 +502,11 @@ def test_megatron_lm_wrapper_keeps_megatrons_spec_and_swaps_its_gdn(monkeypatch)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(variants, "get_gated_delta_net_module_spec", variants.get_gated_delta_net_module_spec)
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    # install_core_gdn patches these three process-wide: put them back after this test
     monkeypatch.setattr(TransformerConfig, "__post_init__", TransformerConfig.__post_init__)
+    monkeypatch.setattr(GatedDeltaNet, "__init__", GatedDeltaNet.__init__)
     gdn_cp4 = dict(experimental_attention_variant="gated_delta_net", linear_attention_freq=4, num_layers=4, cp=4)
     with pytest.raises(AssertionError, match="context_parallel_size"):  # megatron-core's own check
         _config(**gdn_cp4)
