@@ -130,13 +130,12 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention, gated "
                 "DeltaNet or KDA: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
         for kind, op in DELTA_RULE_OPS.items():
             if kind in pattern and self.provider not in GDN_PROVIDERS:
                 raise Lasp2ConfigError(
                     f"{lasp2_options.LAYER_LETTERS[kind]} ({kind!r}) layers run under --sp-provider "
                     f"{' or '.join(GDN_PROVIDERS)}, got {self.provider!r} ({op} has no {self.provider!r} provider)")
-        _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
-        for kind, op in DELTA_RULE_OPS.items():
             _check_split(self.provider, self.split, kind, _DELTA_FAMILY, op, pattern)
         return self
 
