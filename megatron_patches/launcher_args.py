@@ -218,27 +218,27 @@ def core_gdn_args(args):
     return argparse.Namespace(**{**vars(args), "hybrid_layer_pattern": core_gdn_layer_pattern(args)})
 
 
+def _check_ulysses_heads(args, heads: int, heads_flag: str, layers: str) -> None:
+    """Ulysses shards a TP rank's heads of `layers` over the CP group. Checked here, on every
+    rank: the layers check it too, but only on the pipeline stages that build one (PP 2,
+    layers LLNN: the second stage's ranks failed in their first receive)."""
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if heads and heads % tp == 0 and (heads // tp) % cp:  # heads % tp: megatron-core's config names it
+        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's heads of the {layers} layers over the CP "
+                               f"group: {heads_flag} {heads} / --tensor-model-parallel-size {tp} = {heads // tp} "
+                               f"must be divisible by --context-parallel-size {cp}")
+
+
 def _check_ulysses_mixer_heads(args, options: Lasp2Options) -> None:
-    """Ulysses shards a TP rank's attention heads of the L / G / K layers over the CP group.
-    Checked here, on every rank: the layers check it too, but only on the pipeline stages that
-    build one (PP 2, layers LLNN: the second stage's ranks failed in their first receive)."""
-    tp, cp, heads = args.tensor_model_parallel_size, args.context_parallel_size, args.num_attention_heads
+    """The attention heads of the pattern's L / G / K layers."""
     kinds = set(options.pattern_for(args.num_layers)) & {LINEAR, GATED_DELTANET, KDA}
-    if kinds and heads % tp == 0 and (heads // tp) % cp:  # heads % tp: megatron-core's config names it
-        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's heads of the {'/'.join(sorted(kinds))} "
-                               f"layers over the CP group: --num-attention-heads {heads} / --tensor-model-parallel-size "
-                               f"{tp} = {heads // tp} must be divisible by --context-parallel-size {cp}")
+    if kinds:
+        _check_ulysses_heads(args, args.num_attention_heads, "--num-attention-heads", "/".join(sorted(kinds)))
 
 
 def _check_ulysses_gdn_heads(args) -> None:
-    """Ulysses shards a TP rank's GatedDeltaNet value heads over the CP group. Checked here, on
-    every rank: Lasp2CoreGatedDeltaNet checks it too, but only on the pipeline stages that build
-    one (the other stages then failed in their first receive)."""
+    """The value heads of megatron-core's GatedDeltaNet layers (its default where not given)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     hv = args.linear_num_value_heads or TransformerConfig.__dataclass_fields__["linear_num_value_heads"].default
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if hv and hv % tp == 0 and (hv // tp) % cp:  # hv % tp: megatron-core's config names it
-        raise Lasp2ConfigError(f"--sp-provider ulysses shards a TP rank's GatedDeltaNet value heads over the CP group: "
-                               f"--linear-num-value-heads {hv} / --tensor-model-parallel-size {tp} = {hv // tp} must "
-                               f"be divisible by --context-parallel-size {cp}")
+    _check_ulysses_heads(args, hv, "--linear-num-value-heads", "GatedDeltaNet")
