@@ -44,10 +44,14 @@ def expect_value_error(fn, want: str, what: str):
 
 def module_grad_bound(tol, cpu_err, T):
     """The bound of a bf16 model's gradient (input or parameter) on a GPU against float64:
-    tol (the ops' bf16 bound) or twice the CPU kernels' own bf16 error on the same inputs,
-    whichever is larger, but at most the ops' gate-gradient bound 4 tol sqrt(T / 64). Every
+    tol (the ops' bf16 bound) or three times the CPU kernels' own bf16 error on the same
+    inputs, whichever is larger, but at most the ops' gate-gradient bound 4 tol sqrt(T / 64)
+    (a wrong kernel is off by O(1)). Three, not two: the CUDA kernels round more intermediate
+    tiles to 16 bits than the CPU kernels (which round inputs and outputs), and on one H200
+    (session 20) HybridStack's linear gate-projection bias on packed documents measured
+    3.01e-2 against the CPU's 1.29e-2 (2.3x; the same stack in fp32 within 2e-4). Every
     gradient upstream of a log gate carries that gate's gradient, a sum of O(1) terms that
     cancel (its error is relative to them, not to the sum), and sums over tokens of rounded
     activations do the same (measured on the CPU in bf16: up to 4.5e-2 for HybridStack's
     input gradient at T = 132, 2e-2 to 4e-2 for gate parameters)."""
-    return min(4 * tol * (T / 64) ** 0.5, max(tol, 2 * cpu_err))
+    return min(4 * tol * (T / 64) ** 0.5, max(tol, 3 * cpu_err))

@@ -9,8 +9,8 @@ Each run is one NCCL rank on GPU 0 (Megatron's parallel state needs a process gr
 float64 reference holds the device layer's weights cast back (the rounded values are the
 problem, as in the ops' GPU tests); bounds are the ops' (tests/python/ops/test_delta_rule_gpu.py:
 bf16 2e-2, fp32 2e-4) for the output, and in fp32 for everything; a bf16 gradient is held
-to lasp2_testing.checks.module_grad_bound (2e-2 or twice the CPU kernels' own bf16 error on
-the same inputs, at most the ops' gate-gradient bound 4 * 2e-2 * sqrt(200 / 64) = 0.14;
+to lasp2_testing.checks.module_grad_bound (2e-2 or three times the CPU kernels' own bf16
+error on the same inputs, at most the ops' gate-gradient bound 4 * 2e-2 * sqrt(200 / 64) = 0.14;
 tests/python/nn/test_hybrid_gpu.py says why). The bodies take the device: run on the CPU
 (lasp2's CPU kernels; megatron-core's layer on its deterministic torch path with
 test_megatron_core_gdn.py's stand-ins for fla) they measured fp32 <= 1.6e-6 for everything,
