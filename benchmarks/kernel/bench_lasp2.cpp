@@ -13,14 +13,23 @@
 // per head h, or with LASP2_BENCH_FIXED_DECAY=op -0.05 x uniform [0, 1) per head (the
 // distribution of benchmarks/kernel/ab_fixed_op.py and bench_linear_attention.py's fixed
 // decay, under which the weakest heads' state walks cover whole segments). Each number is
-// the median of 20 runs (CUDA events) after 3 warm-up runs. Build (after the
-// CMake build of the core in $BUILD):
+// the median of 20 runs (CUDA events) after 3 warm-up runs. An eager row starts on an idle
+// GPU, so it also counts the host time before and between the call's launches, which a
+// graph replay does not: two knobs (unset: nothing changes) tell that part apart.
+// LASP2_BENCH_HOST=1 prints the wall time of one eager lasp2_forward / lasp2_backward call
+// (from an idle GPU, median). LASP2_BENCH_POOL_KEEP=1 sets the device's memory pool to keep
+// what it reserved: by default (release threshold 0) the pool returns freed memory at every
+// synchronization, here after each run, so every run's scratch from cudaMallocAsync is
+// mapped anew (a graph keeps its allocations). Build (after the CMake build of the core
+// in $BUILD):
 //   g++ -O2 -std=c++17 -Icsrc/core/include -I$CUDA/include benchmarks/kernel/bench_lasp2.cpp \
 //       $BUILD/liblasp2_core.a -L$CUDA/lib64 -lcudart -lpthread -o bench_lasp2
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -114,6 +123,28 @@ float median_ms(const std::function<void()>& fn, int warmup = -1, int reps = -1)
   return ts[ts.size() / 2];
 }
 
+// The host's wall time of one call, in us: each from an idle GPU (as in median_ms, whose
+// synchronization after every run also lets the memory pool release), median.
+float median_host_us(const std::function<void()>& fn) {
+  std::vector<float> ts;
+  for (int i = 0; i < g_warmup + g_reps; ++i) {
+    CK(cudaDeviceSynchronize());
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    const auto t1 = std::chrono::steady_clock::now();
+    if (i >= g_warmup) ts.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
+  }
+  CK(cudaDeviceSynchronize());
+  CK(cudaGetLastError());
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+bool env_on(const char* name) {
+  const char* s = std::getenv(name);
+  return s != nullptr && std::strcmp(s, "1") == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -135,6 +166,13 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  if (env_on("LASP2_BENCH_POOL_KEEP")) {  // the pool cudaMallocAsync takes from keeps its memory
+    cudaMemPool_t pool;
+    CK(cudaDeviceGetMemPool(&pool, 0));
+    uint64_t keep = UINT64_MAX;
+    CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    std::printf("memory pool: release threshold max (LASP2_BENCH_POOL_KEEP=1)\n");
+  }
 
   // Copy bandwidth: 1 GiB device-to-device, bytes read + bytes written.
   float copy_gbs = 0;
@@ -243,6 +281,15 @@ int main(int argc, char** argv) {
                    nullptr);
   });
   if (what == "once") return 0;
+  if (env_on("LASP2_BENCH_HOST")) {
+    const float hf = median_host_us([&] { lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, nullptr); });
+    const float hb = median_host_us([&] {
+      lasp2_backward(be, nullptr, layout, p, dov, saved, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws,
+                     nullptr);
+    });
+    std::printf("host wall time of one eager call (LASP2_BENCH_HOST=1): lasp2_forward %.1f us, lasp2_backward %.1f us\n",
+                hf, hb);
+  }
   const float fwd = rows[rows.size() - 2].ms, bwd = rows.back().ms;
   const double fb_bytes = 11 * tens + 3 * scal, fb_flops = 3 * f_state + 2 * f_out + f_dkdv;
   rows.push_back({"fwd+bwd", fwd + bwd, fb_bytes, fb_flops});
