@@ -54,6 +54,7 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
+from megatron_patches.core_gdn_config import SIZES, check_gdn_head_layout  # noqa: E402
 from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["GatedDeltaNetSubmodules", "Lasp2CoreGatedDeltaNet"]
@@ -132,20 +133,9 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
 
     def _read_config(self, config, layer_number):
         """The head layout, checked, and the sizes megatron-core's sharded_state_dict reads."""
-        name = f"{type(self).__name__} (layer {layer_number})"
-        fields = {f: getattr(config, f, None) for f in ("linear_conv_kernel_dim", "linear_key_head_dim",
-                                                        "linear_value_head_dim", "linear_num_key_heads",
-                                                        "linear_num_value_heads")}
-        for field, value in fields.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Lasp2ConfigError(f"{name}: config.{field} must be an int >= 1, got {value!r}")
+        check_gdn_head_layout(config, self.tp_size, f"{type(self).__name__} (layer {layer_number})")
+        fields = {f: getattr(config, f) for f in SIZES}
         hk, hv = fields["linear_num_key_heads"], fields["linear_num_value_heads"]
-        if hv % hk:
-            raise Lasp2ConfigError(f"{name}: config.linear_num_value_heads ({hv}) must be a multiple of "
-                                   f"config.linear_num_key_heads ({hk}) (each key head serves whole value heads)")
-        if hk % self.tp_size:
-            raise Lasp2ConfigError(f"{name}: config.linear_num_key_heads ({hk}) must be divisible by "
-                                   f"--tensor-model-parallel-size {self.tp_size} (TP splits whole heads)")
         self.config, self.hidden_size = config, config.hidden_size
         self.conv_kernel_dim = fields["linear_conv_kernel_dim"]
         self.key_head_dim, self.value_head_dim = fields["linear_key_head_dim"], fields["linear_value_head_dim"]
