@@ -55,6 +55,7 @@ from megatron_patches.common import (  # noqa: E402
     sum_grad_over_tp,
 )
 from megatron_patches.core_gdn_config import SIZES, check_gdn_head_layout  # noqa: E402
+from megatron_patches.delta_checks import check_delta_layer_ranks  # noqa: E402
 from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["GatedDeltaNetSubmodules", "Lasp2CoreGatedDeltaNet"]
@@ -180,9 +181,17 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         qkv, z, beta_logit, alpha = torch.split(
             mixed, [self.conv_dim_local_tp, self.v_dim_local_tp, self.num_v_heads_local_tp,
                     self.num_v_heads_local_tp], dim=-1)
+        g = delta_log_gate(alpha, self.A_log, self.dt_bias)
+        beta = beta_from_logits(beta_logit)
+        # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
+        cu_host = check_delta_layer_ranks(
+            name, qkv, list(self.conv1d.parameters()), self.conv_kernel_dim, g, beta,
+            heads=self.num_v_heads_local_tp, key_dim=self.key_head_dim, value_dim=self.value_head_dim,
+            per_key=False, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
+            use_qk_l2norm=self.use_qk_l2norm)  # q and k are repeated to the value heads
         # nn.Conv1d's [C, 1, W] weight with W - 1 left padding, cut to s: tap j reads x_{t-(W-1)+j}
         qkv = self.act_fn(causal_conv_sp(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, group=group,
-                                         split=o.split, cu_seqlens=cu_seqlens))
+                                         split=o.split, cu_seqlens=cu_host, ranks_checked=True))
         q, k, v = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], dim=-1)
         q = q.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
         k = k.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
@@ -190,12 +199,11 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         rep = self.num_value_heads // self.num_key_heads
         if rep > 1:  # L2 norm per head commutes with the repeat: lasp2 normalises the repeated heads
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-        g = delta_log_gate(alpha, self.A_log, self.dt_bias)
-        beta = beta_from_logits(beta_logit)
 
         def delta_rule(q, k, v, g, beta):
             return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
-                                          provider=o.provider, use_qk_l2norm=self.use_qk_l2norm)[0]
+                                          provider=o.provider, use_qk_l2norm=self.use_qk_l2norm,
+                                          ranks_checked=True)[0]
 
         out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self._gated_norm(out, z).reshape(b, s, self.v_dim_local_tp).transpose(0, 1).contiguous()
