@@ -50,7 +50,8 @@ def main():
 
     torch.manual_seed(0)  # same weights and data on every rank
     stack = lasp2.nn.HybridStack(args.hidden, args.heads, pattern=args.pattern,
-                                 softmax_kwargs={"num_kv_heads": args.kv_heads}, device=device, dtype=dtype)
+                                 softmax_kwargs={"num_kv_heads": args.kv_heads} if "S" in args.pattern else None,
+                                 device=device, dtype=dtype)
     batch = 1 if args.docs else args.batch
     x = torch.randn(batch, args.seq_len, args.hidden, device=device, dtype=dtype)
     w = torch.randn_like(x)  # loss = <y, w>: a random projection of the output

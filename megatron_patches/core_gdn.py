@@ -54,6 +54,8 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
+from megatron_patches.core_gdn_config import SIZES, check_gdn_head_layout  # noqa: E402
+from megatron_patches.delta_checks import check_delta_layer_ranks  # noqa: E402
 from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["GatedDeltaNetSubmodules", "Lasp2CoreGatedDeltaNet"]
@@ -132,20 +134,9 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
 
     def _read_config(self, config, layer_number):
         """The head layout, checked, and the sizes megatron-core's sharded_state_dict reads."""
-        name = f"{type(self).__name__} (layer {layer_number})"
-        fields = {f: getattr(config, f, None) for f in ("linear_conv_kernel_dim", "linear_key_head_dim",
-                                                        "linear_value_head_dim", "linear_num_key_heads",
-                                                        "linear_num_value_heads")}
-        for field, value in fields.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Lasp2ConfigError(f"{name}: config.{field} must be an int >= 1, got {value!r}")
+        check_gdn_head_layout(config, self.tp_size, f"{type(self).__name__} (layer {layer_number})")
+        fields = {f: getattr(config, f) for f in SIZES}
         hk, hv = fields["linear_num_key_heads"], fields["linear_num_value_heads"]
-        if hv % hk:
-            raise Lasp2ConfigError(f"{name}: config.linear_num_value_heads ({hv}) must be a multiple of "
-                                   f"config.linear_num_key_heads ({hk}) (each key head serves whole value heads)")
-        if hk % self.tp_size:
-            raise Lasp2ConfigError(f"{name}: config.linear_num_key_heads ({hk}) must be divisible by "
-                                   f"--tensor-model-parallel-size {self.tp_size} (TP splits whole heads)")
         self.config, self.hidden_size = config, config.hidden_size
         self.conv_kernel_dim = fields["linear_conv_kernel_dim"]
         self.key_head_dim, self.value_head_dim = fields["linear_key_head_dim"], fields["linear_value_head_dim"]
@@ -190,9 +181,17 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         qkv, z, beta_logit, alpha = torch.split(
             mixed, [self.conv_dim_local_tp, self.v_dim_local_tp, self.num_v_heads_local_tp,
                     self.num_v_heads_local_tp], dim=-1)
+        g = delta_log_gate(alpha, self.A_log, self.dt_bias)
+        beta = beta_from_logits(beta_logit)
+        # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
+        cu_host = check_delta_layer_ranks(
+            name, qkv, list(self.conv1d.parameters()), self.conv_kernel_dim, g, beta,
+            heads=self.num_v_heads_local_tp, key_dim=self.key_head_dim, value_dim=self.value_head_dim,
+            per_key=False, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
+            use_qk_l2norm=self.use_qk_l2norm)  # q and k are repeated to the value heads
         # nn.Conv1d's [C, 1, W] weight with W - 1 left padding, cut to s: tap j reads x_{t-(W-1)+j}
         qkv = self.act_fn(causal_conv_sp(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, group=group,
-                                         split=o.split, cu_seqlens=cu_seqlens))
+                                         split=o.split, cu_seqlens=cu_host, ranks_checked=True))
         q, k, v = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], dim=-1)
         q = q.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
         k = k.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
@@ -200,12 +199,11 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         rep = self.num_value_heads // self.num_key_heads
         if rep > 1:  # L2 norm per head commutes with the repeat: lasp2 normalises the repeated heads
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-        g = delta_log_gate(alpha, self.A_log, self.dt_bias)
-        beta = beta_from_logits(beta_logit)
 
         def delta_rule(q, k, v, g, beta):
             return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
-                                          provider=o.provider, use_qk_l2norm=self.use_qk_l2norm)[0]
+                                          provider=o.provider, use_qk_l2norm=self.use_qk_l2norm,
+                                          ranks_checked=True)[0]
 
         out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self._gated_norm(out, z).reshape(b, s, self.v_dim_local_tp).transpose(0, 1).contiguous()

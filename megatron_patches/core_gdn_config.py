@@ -17,9 +17,9 @@ allow_core_gdn_context_parallel() replaces TransformerConfig.__post_init__ with 
 Only a config with this variant and CP > 1 is treated differently:
 
   1. check_core_gdn_config: what megatron-core's gated_delta_net block checks, except CP,
-     as Lasp2ConfigError naming the flag (linear_attention_freq and the five linear_* sizes
-     set, value heads a multiple of key heads, key heads divisible by TP; value heads
-     divisible by TP follows). 0.19's selective recompute module "gdn_norm_out" (megatron-core's
+     as Lasp2ConfigError naming the flag (linear_attention_freq set; check_gdn_head_layout,
+     which Lasp2CoreGatedDeltaNet runs too: the five linear_* sizes set, value heads a
+     multiple of key heads, key heads divisible by TP; value heads divisible by TP follows). 0.19's selective recompute module "gdn_norm_out" (megatron-core's
      layer only) is refused here too: step 2 would otherwise report it as invalid for the variant.
   2. megatron-core's own __post_init__ with experimental_attention_variant set to None for
      its duration and restored after (also on error): every other check runs unchanged, those
@@ -42,8 +42,8 @@ from __future__ import annotations
 
 from megatron_patches.options import Lasp2ConfigError
 
-__all__ = ["allow_core_gdn_context_parallel", "check_core_gdn_config", "core_gdn_context_parallel_allowed",
-           "restore_core_gdn_config"]
+__all__ = ["allow_core_gdn_context_parallel", "check_core_gdn_config", "check_gdn_head_layout",
+           "core_gdn_context_parallel_allowed", "restore_core_gdn_config"]
 
 VARIANT = "gated_delta_net"
 SIZES = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
@@ -54,22 +54,32 @@ def _flag(field: str) -> str:
     return f"{field} (--{field.replace('_', '-')})"
 
 
-def check_core_gdn_config(config) -> None:
-    """megatron-core's config checks of the gated_delta_net variant but its CP one, for
-    Lasp2CoreGatedDeltaNet (which checks the same head layout again when built)."""
-    if config.linear_attention_freq is None:
-        raise Lasp2ConfigError(f"experimental_attention_variant {VARIANT!r} needs {_flag('linear_attention_freq')}")
+def check_gdn_head_layout(config, tp_size: int, where: str = "") -> None:
+    """The gated_delta_net sizes and head layout that both the config (at CP > 1) and
+    Lasp2CoreGatedDeltaNet (when built) need: the five linear_* sizes ints >= 1, value heads a
+    multiple of key heads, key heads divisible by TP (tp_size: the config's, or the layer's TP
+    group's). One function, so the two places say the same thing; `where` (the layer) prefixes
+    the message."""
+    prefix = f"{where}: " if where else ""
     for field in SIZES:
         value = getattr(config, field, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise Lasp2ConfigError(f"{_flag(field)} must be an int >= 1 for {VARIANT}, got {value!r}")
-    hk, hv, tp = config.linear_num_key_heads, config.linear_num_value_heads, config.tensor_model_parallel_size
+            raise Lasp2ConfigError(f"{prefix}{_flag(field)} must be an int >= 1 for {VARIANT}, got {value!r}")
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
     if hv % hk:
-        raise Lasp2ConfigError(f"{_flag('linear_num_value_heads')} = {hv} must be a multiple of "
+        raise Lasp2ConfigError(f"{prefix}{_flag('linear_num_value_heads')} = {hv} must be a multiple of "
                                f"{_flag('linear_num_key_heads')} = {hk} (each key head serves whole value heads)")
-    if hk % tp:
-        raise Lasp2ConfigError(f"{_flag('linear_num_key_heads')} = {hk} must be divisible by "
-                               f"{_flag('tensor_model_parallel_size')} = {tp} (TP splits whole heads)")
+    if hk % tp_size:
+        raise Lasp2ConfigError(f"{prefix}{_flag('linear_num_key_heads')} = {hk} must be divisible by "
+                               f"{_flag('tensor_model_parallel_size')} = {tp_size} (TP splits whole heads)")
+
+
+def check_core_gdn_config(config) -> None:
+    """megatron-core's config checks of the gated_delta_net variant but its CP one, for
+    Lasp2CoreGatedDeltaNet (whose construction runs check_gdn_head_layout again, with its TP group)."""
+    if config.linear_attention_freq is None:
+        raise Lasp2ConfigError(f"experimental_attention_variant {VARIANT!r} needs {_flag('linear_attention_freq')}")
+    check_gdn_head_layout(config, config.tensor_model_parallel_size)
     if config.recompute_granularity == "selective" and "gdn_norm_out" in (config.recompute_modules or ()):
         raise Lasp2ConfigError("recompute_modules 'gdn_norm_out' (--recompute-modules) is megatron-core's "
                                "GatedDeltaNet's; Lasp2CoreGatedDeltaNet recomputes its delta rule with 'core_attn'")

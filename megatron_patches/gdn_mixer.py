@@ -64,6 +64,7 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
+from megatron_patches.delta_checks import check_delta_layer_ranks  # noqa: E402
 from megatron_patches.options import (  # noqa: E402
     GATED_DELTANET,
     GDN_PROVIDERS,
@@ -182,16 +183,22 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         s, b = mixed.shape[:2]
         mixed = mixed.transpose(0, 1).reshape(b, s, H, 4 * D + 1 + W)  # lasp2's "bthd"
         qkv, z, beta_logit, a = torch.split(mixed, [3 * D, D, 1, W], dim=-1)
-        qkv = self.conv(qkv.reshape(b, s, H * 3 * D), group=group, split=o.split, cu_seqlens=cu_seqlens)
-        q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
+        qkv = qkv.reshape(b, s, H * 3 * D)
         beta = beta_from_logits(beta_logit.squeeze(-1))
         # "K": g [b, s, H, Dk], one gate a key dim; "G": g [b, s, H]
         g = delta_log_gate(a if self.per_key_gate else a.squeeze(-1), self.A_log, self.dt_bias, self.per_key_gate)
+        # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
+        cu_host = check_delta_layer_ranks(
+            name, qkv, list(self.conv.parameters()), self.conv.kernel_size, g, beta, heads=H, key_dim=D,
+            value_dim=D, per_key=self.per_key_gate, group=group, split=o.split, cu_seqlens=cu_seqlens,
+            provider=o.provider, use_qk_l2norm=True)
+        qkv = self.conv(qkv, group=group, split=o.split, cu_seqlens=cu_host, ranks_checked=True)
+        q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
         op = lasp2.kda if self.per_key_gate else lasp2.gated_delta_rule
 
         def delta_rule(q, k, v, g, beta):
             return op(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split, provider=o.provider,
-                      use_qk_l2norm=True)[0]
+                      use_qk_l2norm=True, ranks_checked=True)[0]
 
         out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)

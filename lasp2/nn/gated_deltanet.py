@@ -16,7 +16,7 @@ from lasp2.ops._group_consistency import raised_on_every_rank
 from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
 from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
 from lasp2.ops._checks import check_bool, check_module_input, check_positive_float, check_positive_int
-from lasp2.ops.gated_delta_rule import FAMILY, gated_delta_rule, kda
+from lasp2.ops.gated_delta_rule import FAMILY, check_call_early, gated_delta_rule, kda
 from lasp2.ops.providers.base import provider_names
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
@@ -145,25 +145,33 @@ class GatedDeltaNet(nn.Module):
             x = x.transpose(0, 1)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_head_dim
-        # once for the three convolutions: the ranks agree on what their halo all-gathers move,
-        # and on the layout: a square [B, T] would pass every size check read the other way
-        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
-                                   split, cu_seqlens, (H, K, V, int(self.per_key_gate), LAYOUTS.index(self.layout)),
-                                   ("heads", "key head dim", "value head dim", "gate kind (GDN/KDA)",
-                                    "layout (bthd/tbhd)"))
-        conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
-        q = self.q_conv(self.q_proj(x), **conv).view(B, T, H, K)
-        k = self.k_conv(self.k_proj(x), **conv).view(B, T, H, K)
-        v = self.v_conv(self.v_proj(x), **conv).view(B, T, H, V)
+        q, k, v = (proj(x).unflatten(-1, (H, d)) for proj, d in ((self.q_proj, K), (self.k_proj, K), (self.v_proj, V)))
         beta = beta_from_logits(self.b_proj(x))
         a = self.a_proj(x)
         g = delta_log_gate(a.view(B, T, H, K) if self.per_key_gate else a, self.A_log, self.dt_bias, self.per_key_gate)
         op = kda if self.per_key_gate else gated_delta_rule
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+
+        def op_checks(cu_values):  # the delta rule's own checks, before the halos (the convolutions keep shapes)
+            return check_call_early(
+                "lasp2.kda" if self.per_key_gate else "lasp2.gated_delta_rule", q, k, v, g, beta,
+                per_key=self.per_key_gate, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens, group=group, split=split, provider=self.provider, use_qk_l2norm=True,
+                grad_inputs=[w for conv in convs for w in conv.parameters()], cu_values=cu_values)
+
+        # ONE cross-rank check a call, before the three convolutions' halo all-gathers: what
+        # they move, the layout (a square [B, T] would pass every size check read the other
+        # way) and the delta rule's own check (the op is told: ranks_checked)
+        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
+                                   split, cu_seqlens, (LAYOUTS.index(self.layout),), ("layout (bthd/tbhd)",),
+                                   more=op_checks)
+        conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
+        q, k, v = (c(t.flatten(2), **conv).view(t.shape) for c, t in zip(convs, (q, k, v)))
         # the context's own collectives reach the op; the per-call arguments otherwise
         where = ({"sp_context": sp_context} if sp_context is not None
                  else {"cu_seqlens": cu_seqlens, "group": group, "split": split})
         o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                      use_qk_l2norm=True, provider=self.provider, **where)
+                      use_qk_l2norm=True, provider=self.provider, ranks_checked=True, **where)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         out = self.o_proj(o.reshape(B, T, H * V))
         if self.layout == "tbhd":

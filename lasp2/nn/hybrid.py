@@ -38,6 +38,9 @@ def _delta_mixer(mixer: str, per_key_gate: bool):
 MIXERS = {"linear": (LinearAttention, "L"), "softmax": (SoftmaxAttention, "S"),
           "gated_deltanet": (_delta_mixer("gated_deltanet", False), "G"), "kda": (_delta_mixer("kda", True), "K")}
 MIXER_OF_LETTER = {letter: name for name, (_, letter) in MIXERS.items()}
+# mixer name -> HybridStack's argument holding that kind's kwargs
+KWARGS_ARGUMENT = {"linear": "linear_kwargs", "softmax": "softmax_kwargs", "gated_deltanet": "gdn_kwargs",
+                   "kda": "kda_kwargs"}
 
 
 class SwiGLU(nn.Module):
@@ -98,7 +101,7 @@ class HybridStack(nn.Module):
     Every layer shares ``group``, ``split`` and ``layout``: one sequence layout serves
     the whole model, so activations never move between layers. ``linear_kwargs`` /
     ``softmax_kwargs`` / ``gdn_kwargs`` / ``kda_kwargs`` go to the mixers of the L / S /
-    G / K layers."""
+    G / K layers; non-empty ones for a letter the pattern lacks are a ValueError."""
 
     def __init__(self, hidden_size: int, num_heads: int, pattern: str = "LLLS",
                  intermediate_size: Optional[int] = None, group=None, split: str = "contiguous",
@@ -111,6 +114,13 @@ class HybridStack(nn.Module):
         self.group, self.split, self.layout = group, split, layout
         kwargs = {"linear": linear_kwargs, "softmax": softmax_kwargs, "gated_deltanet": gdn_kwargs,
                   "kda": kda_kwargs}
+        # settings for a kind the pattern never builds would be dropped silently (a typo in
+        # the pattern, or kwargs meant for another kind): refused, naming the argument
+        for mixer, given in kwargs.items():
+            letter = MIXERS[mixer][1]
+            if given and letter not in letters:
+                raise ValueError(f"HybridStack: `{KWARGS_ARGUMENT[mixer]}` {given!r} is given but `pattern` "
+                                 f"{pattern!r} has no {letter!r} layer to take it")
         self.layers = nn.ModuleList(
             HybridBlock(hidden_size, num_heads, MIXER_OF_LETTER[c], intermediate_size, group=group, split=split,
                         layout=layout, device=device, dtype=dtype, **(kwargs[MIXER_OF_LETTER[c]] or {}))

@@ -81,7 +81,7 @@ def _check_local_conv(owner: str, x, channels: int, kernel_size: int, world: int
 
 
 def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, split: str, cu_seqlens,
-                     fields=(), names=()):
+                     fields=(), names=(), more=None):
     """Before the halo's all-gather over a group: this rank's checks (a failing rank tells
     its peers, which raise too), then ONE cross-rank check that every rank gathers halos of
     the same size and kind (batch, length, channels, kernel, dtype, split, documents; plus
@@ -89,17 +89,26 @@ def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, spli
     failed left its peers waiting in the all-gather, and ranks with different batch sizes
     or dtypes aborted the process inside gloo (a size mismatch). Returns the checked
     cu_seqlens as an int64 CPU tensor (None without documents): the convolutions read
-    their document ids from it, so a CUDA `cu_seqlens` is copied to the host once a call."""
+    their document ids from it, so a CUDA `cu_seqlens` is copied to the host once a call.
+
+    more: over a group, a callable run among this rank's checks, given the checked cu_seqlens
+    (as returned), that returns (fields, names, host values) to fold into the same check: a
+    delta-rule module's op checks
+    (gated_delta_rule.check_call_early), so its call makes one check, not one here and one
+    in the op."""
     check_group(owner, group)  # before its size is read (a non-member's placeholder gave "world_size -1")
     world = group_rank_and_size(group)[1]
     parts = 2 if split == "balanced" and world > 1 else 1
+    more_fields, more_names, more_values = (), (), ()
     with raised_on_every_rank(owner, group, x):
         cu_host = _check_local_conv(owner, x, channels, kernel_size, world, parts, cu_seqlens)
+        if more is not None and world > 1:
+            more_fields, more_names, more_values = more(cu_host)
     if world > 1:
         signature = [x.shape[0], x.shape[1], channels, kernel_size, DTYPE_CODES.get(x.dtype, -1), parts,
-                     int(cu_seqlens is not None), *fields]
-        verify_group_consistency(owner, group, signature, CONV_CHECK_NAMES + tuple(names), x.device,
-                                 host_values=[("`cu_seqlens` contents", cu_host)])
+                     int(cu_seqlens is not None), *fields, *more_fields]
+        verify_group_consistency(owner, group, signature, CONV_CHECK_NAMES + tuple(names) + tuple(more_names),
+                                 x.device, host_values=[("`cu_seqlens` contents", cu_host), *more_values])
     return cu_host
 
 

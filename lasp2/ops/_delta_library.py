@@ -101,8 +101,14 @@ def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consist
                 cu_seqlens: Optional[Tensor], parts: int):
     """The value checks (g, beta, cu_seqlens), then (on a group) the cross-rank check: a
     rank whose values are bad still takes part in the check's collective, so no rank
-    waits for it. Returns this rank's documents (_documents)."""
+    waits for it. Returns this rank's documents (_documents).
+
+    A group with no `consistency` fields is a call made with ranks_checked=True: its
+    caller ran both checks before its own collectives (gated_delta_rule.check_call_early),
+    so neither runs again (the documents, read here, were checked there too)."""
     op = op_name(g)
+    if group is not None and not consistency:
+        return _documents(q, g, cu_seqlens, group, parts)[:3]
     try:
         _raise_value_error(g, _C.delta_value_stats(g, beta).wait())
         doc_start, doc_id, head_doc, bounds = _documents(q, g, cu_seqlens, group, parts)

@@ -41,7 +41,7 @@ def check_nonempty_documents(owner: str, bounds: Sequence[int], when: str = ""):
 WITH_STATES = " with `initial_state` / `output_final_state`"
 
 
-def _global_documents(owner: str, cu_seqlens: torch.Tensor, global_len: int, nonempty_when: Optional[str]):
+def global_documents(owner: str, cu_seqlens: torch.Tensor, global_len: int, nonempty_when: Optional[str]):
     """Reads the values of cu_seqlens once: (the boundaries as python ints, the global
     document starts). ValueError naming it unless they run from 0 to the global length,
     non-decreasing (strictly increasing, with `nonempty_when` in the message, unless that
@@ -65,7 +65,7 @@ def local_documents(owner: str, cu_seqlens: torch.Tensor, local_len: int, rank: 
     increasing from 0 to the global length), so the ops call it inside their kernels,
     where torch.compile does not trace."""
     global_len = local_len * world
-    bounds, starts = _global_documents(owner, cu_seqlens, global_len, "")
+    bounds, starts = global_documents(owner, cu_seqlens, global_len, "")
     doc_of = torch.cumsum(starts.to(torch.int64), 0)  # document of each global token
     index = _local_index(local_len, rank, world, parts_per_rank)
     return (starts[index].to(device), doc_of[index].to(torch.int32).to(device),
@@ -79,7 +79,7 @@ def local_document_starts(owner: str, cu_seqlens: torch.Tensor, local_len: int, 
     from cu_seqlens inside a custom op. Documents may be empty unless they carry states
     (`with_states`); head_doc is [] without states."""
     global_len = local_len * world
-    bounds, starts = _global_documents(owner, cu_seqlens, global_len, WITH_STATES if with_states else None)
+    bounds, starts = global_documents(owner, cu_seqlens, global_len, WITH_STATES if with_states else None)
     head = head_docs(bounds, global_len, world * parts_per_rank) if with_states else []
     return starts[_local_index(local_len, rank, world, parts_per_rank)].to(device), head
 

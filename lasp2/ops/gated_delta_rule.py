@@ -20,7 +20,9 @@ import torch.distributed as dist
 from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.context import SPContext, check_cu_seqlens_form
 from lasp2.ops import _checks as C
-from lasp2.ops._delta_library import delta_rule, group_handle
+from lasp2._extension import _C
+from lasp2.ops._delta_library import CONSISTENCY_FIELDS, _raise_value_error, delta_rule, group_handle
+from lasp2.ops._documents import global_documents
 from lasp2.ops._group_consistency import report_local_failure
 from lasp2.ops._l2norm_library import L2NORM_EPS, qk_l2norm
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
@@ -98,7 +100,8 @@ def _validate(op, q, k, v, g, beta, per_key, initial_state, layout, split, provi
 
 
 def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
-                group, layout, split, provider, use_qk_l2norm, sp_context, use_qk_l2norm_in_kernel=None):
+                group, layout, split, provider, use_qk_l2norm, sp_context, use_qk_l2norm_in_kernel=None,
+                ranks_checked=False):
     collectives = None
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
         if not isinstance(sp_context, SPContext):
@@ -116,11 +119,14 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         use_qk_l2norm = _fla_l2norm_spelling(op, use_qk_l2norm, use_qk_l2norm_in_kernel)
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                      group, layout, split, provider, use_qk_l2norm)
+        C.check_bool(op, "ranks_checked", ranks_checked)
     except (ValueError, TypeError):
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
         raise
     impl, scale, cu_seqlens, num_seqs, parts, consistency = call
     comm = group_handle(group, q.device) if consistency else 0  # the communicator and group, as an int
+    if ranks_checked:  # the caller's one check covered this call (check_call_early): none in the op
+        consistency = []
 
     if layout == "tbhd":
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
@@ -184,6 +190,40 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
 
+# fields of the op's cross-rank check that a short convolution's check (lasp2.nn.short_conv.
+# check_conv_ranks) holds already, with the same value, when check_call_early's are folded into it
+SAME_IN_CONV_CHECK = ("batch size", "local sequence length", "split", "use of cu_seqlens")
+
+
+def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_final_state, cu_seqlens, group,
+                     split, provider, use_qk_l2norm, grad_inputs=(), cu_values=None):
+    """For a module whose own collectives (the short convolutions' halos) come before the op:
+    this rank's checks of the op's call (its arguments, the values of g and beta, the
+    documents), raising the op's ValueError, and the fields of the op's cross-rank check
+    but those in SAME_IN_CONV_CHECK, as (fields, names, host values). The module folds them
+    into its ONE cross-rank check before its first collective (check_conv_ranks' `more`)
+    and calls the op with ranks_checked=True, which checks neither again: one collective
+    of checks per call, and a rank that fails here still takes part in it.
+
+    q, k, v: the op's inputs or tensors of their shapes, dtype and device (values unread:
+    stand-ins are fine); grad_inputs: the tensors the op's q, k, v will require grad
+    through (their projections, the convolution weights); cu_values: cu_seqlens already read
+    to the host (check_conv_ranks' result), read instead of it. Layout "bthd"."""
+    call = _plan(op, q, k, v, g, beta, per_key, None, initial_state, output_final_state, cu_seqlens, group,
+                 "bthd", split, provider, use_qk_l2norm)
+    _, scale, cu_seqlens, num_seqs, parts, consistency = call
+    if not consistency:  # one device: no cross-rank check, and the op checks the values itself
+        return (), (), ()
+    _raise_value_error(g, _C.delta_value_stats(g, beta).wait())
+    if cu_seqlens is not None:  # strictly increasing (the convolutions' check allows empty documents)
+        world = group_rank_and_size(group)[1]
+        global_documents(op, cu_seqlens if cu_values is None else cu_values, q.shape[1] * world,
+                         "")  # the check of local_documents, which the op runs after the collective
+    consistency[-1] = C.builds_backward(q, k, v, g, beta, initial_state, *grad_inputs)
+    kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS) if name not in SAME_IN_CONV_CHECK]
+    return [value for value, _ in kept], [name for _, name in kept], [("`scale`", float(scale))]
+
+
 def _fla_l2norm_spelling(op: str, use_qk_l2norm, use_qk_l2norm_in_kernel) -> bool:
     """The one L2-norm flag from lasp2's spelling and fla's (`use_qk_l2norm_in_kernel`,
     None when not given): both are checked as bools, and two that disagree are an error
@@ -215,6 +255,7 @@ def gated_delta_rule(
     use_qk_l2norm: bool = False,
     sp_context=None,
     use_qk_l2norm_in_kernel: Optional[bool] = None,
+    ranks_checked: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
@@ -254,6 +295,10 @@ def gated_delta_rule(
             written for fla's ``chunk_gated_delta_rule`` / ``chunk_kda`` runs unchanged
             (pass it by keyword: fla's 9th positional argument is lasp2's ``cu_seqlens``).
             Giving both with different values is a ValueError.
+        ranks_checked: the caller ran ``check_call_early`` (lasp2.ops.gated_delta_rule)
+            for this call and folded its fields into a cross-rank check of its own, as
+            lasp2.nn.GatedDeltaNet does before its convolutions' halo exchange: the op
+            runs neither the cross-rank check nor the value checks of g and beta again.
 
     Returns:
         ``(o, final_state)``: o with the shape of v; final_state None unless
@@ -261,7 +306,7 @@ def gated_delta_rule(
     """
     return _delta_rule("lasp2.gated_delta_rule", q, k, v, g, beta, False, scale, initial_state,
                        output_final_state, cu_seqlens, group, layout, split, provider, use_qk_l2norm,
-                       sp_context, use_qk_l2norm_in_kernel)
+                       sp_context, use_qk_l2norm_in_kernel, ranks_checked)
 
 
 def kda(
@@ -281,6 +326,7 @@ def kda(
     use_qk_l2norm: bool = False,
     sp_context=None,
     use_qk_l2norm_in_kernel: Optional[bool] = None,
+    ranks_checked: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
     ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the
@@ -289,4 +335,4 @@ def kda(
     :func:`gated_delta_rule`."""
     return _delta_rule("lasp2.kda", q, k, v, g, beta, True, scale, initial_state, output_final_state,
                        cu_seqlens, group, layout, split, provider, use_qk_l2norm, sp_context,
-                       use_qk_l2norm_in_kernel)
+                       use_qk_l2norm_in_kernel, ranks_checked)

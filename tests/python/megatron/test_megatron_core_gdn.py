@@ -172,6 +172,7 @@ def _cp_worker(rank, world, out_path):
     the comparison fails without the halo or the state exchange."""
     from megatron.core import parallel_state as ps
 
+    from lasp2.ops import _group_consistency as GC
     from megatron_patches import Lasp2Options
     from megatron_patches import core_gdn
     from megatron_testing import init_parallel
@@ -186,27 +187,32 @@ def _cp_worker(rank, world, out_path):
     init_parallel(tp=1, cp=world)
     cp_group = ps.get_context_parallel_group()
     providers = ("lasp2", "lasp1", "ulysses") if VALUE_HEADS % world == 0 else ("lasp2", "lasp1")
-    results = {}
+    results, checks = {}, {}  # checks: cross-rank checks (exchanges) of one forward and backward
     for provider in providers:
         for split in ("balanced", "contiguous"):
             ours = _ours(Lasp2Options(provider=provider, split=split, layer_pattern="G"), cp=world)
             ours.load_state_dict(state)  # strict: the same names and shapes
             for packed in (False, True):
                 key = f"cp{world} {provider} {split}{' packed' if packed else ''}"
+                before = GC.STATS["sync"]
                 results[key] = _errors(refs[packed], _run_ours(ours, split, packed, cp_group))
+                checks[key] = GC.STATS["sync"] - before
     # selective recompute of the delta rule ("core_attn"): the same numbers
     ours = _ours(Lasp2Options(layer_pattern="G"), cp=world, recompute_granularity="selective",
                  recompute_modules=["core_attn"])
     ours.load_state_dict(state)
     assert ours.checkpoint_core_attention
     for packed in (False, True):
-        results[f"cp{world} recompute{' packed' if packed else ''}"] = _errors(
-            refs[packed], _run_ours(ours, "balanced", packed, cp_group))
-    out = {"results": results}
+        key = f"cp{world} recompute{' packed' if packed else ''}"
+        before = GC.STATS["sync"]
+        results[key] = _errors(refs[packed], _run_ours(ours, "balanced", packed, cp_group))
+        checks[key] = GC.STATS["sync"] - before
+    out = {"results": results, "checks": checks}
     if world == 2:
         out["same_seed_state"] = same_seed
         out["broken"] = _broken(core_gdn, state, refs, cp_group)
         out["errors"] = _bad_configs()
+        out["disagreements"] = _disagreements(rank, state, cp_group)
     if rank == 0:
         torch.save(out, out_path)
 
@@ -232,7 +238,7 @@ def _broken(core_gdn, state, refs, cp_group):
     out = {}
     real_conv, real_rule = core_gdn.causal_conv_sp, core_gdn.lasp2.gated_delta_rule
 
-    def conv_alone(x, weight, bias, group=None, split=None, cu_seqlens=None):
+    def conv_alone(x, weight, bias, group=None, split=None, cu_seqlens=None, ranks_checked=False):
         return real_conv(x, weight, bias, group=None, split="contiguous", cu_seqlens=None)
 
     def rule_alone(*args, group=None, split=None, cu_seqlens=None, **kwargs):
@@ -249,6 +255,39 @@ def _broken(core_gdn, state, refs, cp_group):
             out[what] = _errors(refs[False], _run_ours(ours, "balanced", False, cp_group))
         finally:
             core_gdn.causal_conv_sp, core_gdn.lasp2.gated_delta_rule = real_conv, real_rule
+    return out
+
+
+def _disagreements(rank, state, cp_group):
+    """Each rank's error when rank 0 alone differs (CP = 2): every rank raises a ValueError
+    at that call (the one check a call covers the halo and the delta rule), and the group
+    works after. [rank 0's, rank 1's] message per case."""
+    import torch.distributed as dist
+
+    from megatron_patches import Lasp2Options
+
+    bad = rank == 0
+
+    def layer(provider="lasp2"):
+        ours = _ours(Lasp2Options(provider=provider, split="balanced", layer_pattern="G"), cp=2)
+        ours.load_state_dict(state)
+        return ours
+
+    x = _inputs(False)[0][: SEQ // 2]
+    cases = {"provider": lambda: layer("lasp1" if bad else "lasp2")(x),
+             "batch": lambda: layer()(x[:, :1] if bad else x),
+             "NaN gates": lambda: layer()(x * float("nan") if bad else x)}
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            mine = "no error"
+        except ValueError as exc:
+            mine = str(exc)
+        layer()(x)  # in step again
+        seen = [None, None]
+        dist.all_gather_object(seen, mine, group=cp_group)
+        out[name] = seen
     return out
 
 
@@ -374,6 +413,14 @@ def test_cp2_equals_megatron_core_gdn_on_one_process(cp2):
         assert max(errs.values()) <= TOL, (key, errs)
 
 
+def test_one_cross_rank_check_per_call(cp2):
+    """The convolution's halo and the delta rule share ONE check a call (the op is told:
+    ranks_checked), also when selective recompute runs the delta rule again in backward;
+    there were two (three with recompute)."""
+    checks = cp2["checks"]
+    assert len(checks) == len(cp2["results"]) and set(checks.values()) == {1}, checks
+
+
 def test_same_seed_gives_megatron_cores_weights(cp2):
     r = cp2["same_seed_state"]
     assert r["keys"] and r["max_diff"] == 0.0, r
@@ -390,6 +437,13 @@ def test_bad_configs_raise_naming_the_setting(cp2):
     assert "--context-parallel-size" in errors["ulysses heads"]
     assert "linear_num_value_heads" in errors["gqa"] and "linear_num_key_heads" in errors["gqa"]
     assert "linear_conv_kernel_dim" in errors["no width"]
+
+
+def test_ranks_that_disagree_all_raise(cp2):
+    d = cp2["disagreements"]
+    assert all("disagree on provider (lasp2/lasp1/ulysses): [1, 0]" in m for m in d["provider"]), d
+    assert all("disagree on batch size: [1, 2]" in m for m in d["batch"]), d
+    assert "`g` contains NaN" in d["NaN gates"][0] and "rejected their arguments" in d["NaN gates"][1], d
 
 
 def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
@@ -409,7 +463,8 @@ def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path)
     r = torch.load(out, weights_only=False)
     assert r.pop("sharded_view_equal")
     error = r.pop("tp error")
-    assert "linear_num_key_heads (1)" in error and "--tensor-model-parallel-size 2" in error, error
+    assert ("linear_num_key_heads (--linear-num-key-heads) = 1 must be divisible by "
+            "tensor_model_parallel_size (--tensor-model-parallel-size) = 2") in error, error
     for split in ("balanced", "contiguous"):
         assert r.pop(f"{split} load_diff") == 0.0
     assert len(r) == 6  # splits x packing, sequence parallelism x packing

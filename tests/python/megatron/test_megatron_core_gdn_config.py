@@ -83,6 +83,33 @@ def test_after_install_a_bad_gdn_config_names_the_flag(config_cls, overrides, ma
         _gdn(config_cls, **overrides)
 
 
+@pytest.mark.parametrize("overrides", [dict(linear_num_key_heads=3), dict(linear_value_head_dim=0)])
+def test_the_layer_and_the_config_report_a_bad_head_layout_alike(config_cls, overrides):
+    """One check (check_gdn_head_layout) serves the config and Lasp2CoreGatedDeltaNet's
+    construction: the layer's message is the config's, prefixed with the layer."""
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_patches import Lasp2Options
+    from megatron_patches.core_gdn import Lasp2CoreGatedDeltaNet
+    from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
+
+    allow_core_gdn_context_parallel()
+    with pytest.raises(Lasp2ConfigError) as from_config:
+        _gdn(config_cls, **overrides)
+    # CP 1: megatron-core's own config check runs; the bad values go in after it
+    config = _gdn(config_cls, context_parallel_size=1, use_cpu_initialization=True)
+    for field, value in overrides.items():
+        setattr(config, field, value)
+    submodules = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=LNImpl, out_proj=RowParallelLinear)
+    with pytest.raises(Lasp2ConfigError) as from_layer:
+        Lasp2CoreGatedDeltaNet(config, submodules, layer_number=2, pg_collection=ProcessGroupCollection(tp=None, cp=None),
+                               lasp2_options=Lasp2Options())
+    assert str(from_layer.value) == f"Lasp2CoreGatedDeltaNet (layer 2): {from_config.value}"
+
+
 def test_after_install_other_checks_are_megatron_cores(config_cls):
     from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
 

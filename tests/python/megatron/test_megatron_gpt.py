@@ -273,6 +273,7 @@ def _misc(rank):
     out["rope_packed_unpatched"] = error_of(lambda: rope_without_patch(
         Case("p", O(layer_pattern="NL"), num_layers=2, packed=True)))
     out["megatron_lm_spec"] = _megatron_lm_spec_path()
+    out["delta_mixer_checks"] = _delta_mixer_checks()
     init_parallel(tp=1, cp=1)
     out["pre_mixer_checkpoints"] = _pre_mixer_checkpoints_load()
     out["mixers_vs_lasp2_nn"] = _mixers_equal_lasp2_nn_modules()
@@ -348,6 +349,28 @@ def _mixers_equal_lasp2_nn_modules():
             ref.o_proj.weight.copy_(gdn.out_proj.weight)
         out[kind] = against(gdn, ref)
     return out
+
+
+def _delta_mixer_checks():
+    """Cross-rank checks (exchanges counted by lasp2.ops._group_consistency.STATS) of one
+    forward and backward of each delta-rule mixer over the CP group."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lasp2.ops import _group_consistency as GC
+    from megatron_patches.specs import get_lasp2_layer_spec
+
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=HIDDEN,
+                               use_cpu_initialization=True, params_dtype=torch.float32, add_bias_linear=False,
+                               hidden_dropout=0.0, attention_dropout=0.0)
+    x = torch.randn(SEQ // 2, 2, HIDDEN, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    counts = {}
+    for kind in ("G", "K"):
+        spec = get_lasp2_layer_spec(O(layer_pattern=kind), layer_kind=kind).submodules.self_attention
+        module = spec.module(config=config, submodules=spec.submodules, layer_number=1, **spec.params)
+        before = GC.STATS["sync"]
+        module(x)[0].sum().backward()
+        counts[kind] = GC.STATS["sync"] - before
+    return counts
 
 
 def _pre_mixer_checkpoints_load():
@@ -508,6 +531,11 @@ def test_mixers_compute_their_lasp2_nn_modules(cp2_results):
     assert set(r) == {"L", "G", "K"}
     for kind, result in r.items():
         assert result["out_rel"] <= FP32_TOL and result["grad_rel"] <= FP32_TOL, (kind, result)
+
+
+def test_delta_mixers_check_the_ranks_once_per_call(cp2_results):
+    """The convolution's halo and the delta rule share one cross-rank check a call (there were two)."""
+    assert cp2_results["misc"]["delta_mixer_checks"] == {"G": 1, "K": 1}
 
 
 def test_checkpoints_of_the_modules_before_the_mixer_split_load(cp2_results):

@@ -28,6 +28,17 @@ def test_bad_arguments():
         lasp2.nn.GatedDeltaNet(16, 2)(torch.randn(1, 4, 16), cu_seqlens=torch.tensor([0, 2, 4]), sp_context=ctx)
 
 
+@pytest.mark.parametrize("argument, value, pattern, letter", [
+    ("linear_kwargs", {"decay": "gate"}, "KKKS", "L"), ("softmax_kwargs", {"num_kv_heads": 1}, "LLLL", "S"),
+    ("gdn_kwargs", {"conv_size": 2}, "LSK", "G"), ("kda_kwargs", {"conv_size": 3}, "GGGS", "K")])
+def test_kwargs_of_a_kind_the_pattern_lacks_are_refused(argument, value, pattern, letter):
+    """They were dropped silently; an empty dict (no settings) or None still builds."""
+    with pytest.raises(ValueError, match=rf"HybridStack: `{argument}` .* `pattern` '{pattern}' has no '{letter}' layer"):
+        lasp2.nn.HybridStack(16, 2, pattern=pattern, **{argument: value})
+    assert len(lasp2.nn.HybridStack(16, 2, pattern=pattern, **{argument: {}}).layers) == len(pattern)
+    assert len(lasp2.nn.HybridStack(16, 2, pattern=pattern + letter, **{argument: value}).layers) == len(pattern) + 1
+
+
 def test_hybrid_stack_builds_every_layer_letter():
     assert set(MIXER_OF_LETTER) == set(LAYER_LETTERS)
     stack = lasp2.nn.HybridStack(16, 2, pattern="LSGK", gdn_kwargs={"conv_size": 2}, kda_kwargs={"conv_size": 3})
@@ -39,9 +50,10 @@ def test_hybrid_stack_builds_every_layer_letter():
 
 def make_stack(pattern="LSLS"):
     torch.manual_seed(0)
+    # each kind's kwargs only where the pattern has that kind (others are refused)
     return lasp2.nn.HybridStack(32, 4, pattern=pattern, intermediate_size=48,
-                                linear_kwargs={"decay": "gate"},
-                                softmax_kwargs={"num_kv_heads": 2}).double()
+                                linear_kwargs={"decay": "gate"} if "L" in pattern else None,
+                                softmax_kwargs={"num_kv_heads": 2} if "S" in pattern else None).double()
 
 
 @pytest.mark.parametrize("letter, per_key", [("K", True), ("G", False)])

@@ -34,6 +34,8 @@ def _scenarios(rank, world):
     gdn_wide = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=4 if bad else 3, group=W)
     gdn_balanced = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=2, group=W, split="balanced")
     gdn_tbhd = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=3, group=W, layout="tbhd" if bad else "bthd")
+    gdn_lasp1 = lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, conv_size=3, group=W, provider="lasp1" if bad else "lasp2")
+    state = torch.zeros(1, HEADS, HIDDEN // HEADS, HIDDEN // HEADS)
     modules = {"LinearAttention": lasp2.nn.LinearAttention(HIDDEN, HEADS, decay="gate", group=W),
                "SoftmaxAttention": lasp2.nn.SoftmaxAttention(HIDDEN, HEADS, group=W),
                "HybridBlock": lasp2.nn.HybridBlock(HIDDEN, HEADS, group=W),
@@ -59,6 +61,11 @@ def _scenarios(rank, world):
             q, k, v, g, beta, sp_context=ctx, group=W if bad else None),
         "HybridStack sp_context": lambda: modules["HybridStack"](x, sp_context="ctx" if bad else ctx),
         "GatedDeltaNet sp_context": lambda: gdn(x, sp_context="ctx" if bad else ctx),
+        # what the delta rule's own check covered before it was folded into the module's one
+        "GatedDeltaNet provider": lambda: gdn_lasp1(x),
+        "GatedDeltaNet output_final_state": lambda: gdn(x, output_final_state=bad),
+        "GatedDeltaNet initial_state": lambda: gdn(x, initial_state=state if bad else None),
+        "GatedDeltaNet NaN gates": lambda: gdn(x * float("nan") if bad else x),
         "gather_sequence length": lambda: lasp2.gather_sequence(x[:, :6] if bad else x, W),
         "gather_sequence dtype": lambda: lasp2.gather_sequence(x.double() if bad else x, W),
         "gather_sequence split": lambda: lasp2.gather_sequence(x, W, split="balanced" if bad else "contiguous"),
@@ -79,6 +86,10 @@ def test_one_ranks_bad_input_raises_on_every_rank():
            "GatedDeltaNet batch": "disagree on batch size: [2, 1]",
            "GatedDeltaNet kernel size": "disagree on kernel size: [4, 3]",
            "GatedDeltaNet layout": "disagree on layout (bthd/tbhd): [1, 0]",
+           "GatedDeltaNet provider": "disagree on provider (lasp2/lasp1/ulysses): [1, 0]",
+           "GatedDeltaNet output_final_state": "disagree on output_final_state: [1, 0]",
+           "GatedDeltaNet initial_state": "disagree on use of initial_state: [1, 0]",
+           "GatedDeltaNet NaN gates": "`g` contains NaN",
            "GatedDeltaNet odd balanced length": "the balanced split needs an even local sequence length, `x`",
            "gated_delta_rule sp_context and group": "pass either `sp_context` or `group`",
            "sp_context": "`sp_context` must be an SPContext",
@@ -92,3 +103,40 @@ def test_one_ranks_bad_input_raises_on_every_rank():
         assert own[key] in seen[0][name], (name, seen[0][name])  # the bad rank names its argument
         # its peer raises at the same call (not a later one's error, not a hang)
         assert peer.get(key, "rejected their arguments") in seen[1][name], (name, seen[1][name])
+
+
+def _checks_per_call(rank, world):
+    """Cross-rank checks (exchanges of lasp2.ops._group_consistency, its STATS counter) of one
+    forward and backward of the delta-rule modules over the group."""
+    from lasp2.ops import _group_consistency as GC
+
+    W = dist.group.WORLD
+    torch.manual_seed(0)
+    x = torch.randn(1, T, HIDDEN, requires_grad=True)
+    cu = torch.tensor([0, 5, T + 3, T * world])
+    ctx = lasp2.build_sp_context(W, seqlen=T * world, cu_seqlens=cu)
+    calls = {
+        "GatedDeltaNet": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, group=W)(x),
+        "KDA balanced": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, per_key_gate=True, group=W, split="balanced")(x),
+        "GatedDeltaNet cu_seqlens": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, group=W)(x, cu_seqlens=cu),
+        "GatedDeltaNet sp_context": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS)(x, sp_context=ctx),
+        "GatedDeltaNet lasp1": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, group=W, provider="lasp1")(x),
+        "GatedDeltaNet ulysses": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, group=W, provider="ulysses")(x),
+        "GatedDeltaNet final state": lambda: lasp2.nn.GatedDeltaNet(HIDDEN, HEADS, group=W)(
+            x, initial_state=torch.zeros(1, HEADS, 8, 8), output_final_state=True)[0],
+    }
+    counts = {}
+    for name, call in calls.items():
+        before = GC.STATS["sync"]
+        call().sum().backward()
+        counts[name] = GC.STATS["sync"] - before
+    return counts
+
+
+def test_a_delta_rule_module_checks_the_ranks_once_per_call():
+    """One cross-rank check (one collective) a call covers the convolutions' halo and the
+    delta rule (the op is called with ranks_checked=True); there were two. The scenarios
+    above show that what either covered still raises on every rank."""
+    counts = assert_all_ok(run_world(2, _checks_per_call, timeout=240, pg_timeout=30))
+    for rank in (0, 1):
+        assert counts[rank] and set(counts[rank].values()) == {1}, counts[rank]
