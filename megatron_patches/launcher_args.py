@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from megatron_patches.arguments import add_lasp2_args
+from megatron_patches.moe import add_moe_args, check_moe_args
 from megatron_patches.options import (GATED_DELTANET, GDN_PROVIDERS, KDA, LINEAR, Lasp2ConfigError, Lasp2Options,
                                       options_from_args)
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-interval", type=int, default=1)
     c.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda if available")
     c.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None)
+    add_moe_args(p)
     add_lasp2_args(p)
     return p
 
@@ -176,6 +178,7 @@ def lasp2_options(args) -> Lasp2Options:
     batch instead, only the ranks that read it raised; later pipeline stages were then waiting
     in their first receive, where gloo fails with 'Connection closed by peer' and NCCL waits
     until its timeout.)"""
+    check_moe_args(args)
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
     if options.provider == "ulysses" and not args.experimental_attention_variant:
