@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="layer spec: local or transformer_engine (default: TE where it imports on GPU)")
     m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
     g = p.add_argument_group("gated DeltaNet hybrid (megatron-core's Qwen3-Next layout; its GDN layers under LASP-2)")
     g.add_argument("--experimental-attention-variant", choices=["gated_delta_net"], default=None,
                    help="megatron-core's GatedDeltaNet where --linear-attention-freq says 1, softmax attention "

@@ -70,6 +70,12 @@ def check_moe_args(args) -> None:
             and args.moe_router_load_balancing_type != "sinkhorn"):  # megatron-core's config refuses it
         raise Lasp2ConfigError("--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one "
                                "selected expert has a zero gradient)")
+    if not args.disable_bias_linear and args.transformer_impl == "local":
+        # megatron-core 0.16.1's expert MLP adds its fc2 bias in place to the output of the
+        # row-parallel reduce, which autograd refuses ("a view ... modified inplace")
+        raise Lasp2ConfigError("--num-experts with the local spec needs --disable-bias-linear (megatron-core's "
+                               "expert MLP cannot add a linear bias there; Megatron-LM's MoE models run "
+                               "without biases)")
     if args.moe_token_dispatcher_type == "alltoall" and args.device == "cpu":
         raise Lasp2ConfigError("--moe-token-dispatcher-type alltoall needs --device cuda (megatron-core's "
                                "alltoall dispatcher opens a CUDA stream); use allgather on CPU")

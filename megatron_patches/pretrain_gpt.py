@@ -109,6 +109,7 @@ def transformer_config(args):
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
         normalization=args.normalization, init_method_std=args.init_method_std,
+        add_bias_linear=not args.disable_bias_linear,
         params_dtype=dtype, bf16=args.bf16, pipeline_dtype=dtype, autocast_dtype=dtype,
         hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True,  # the same weights for every layout: checkpoints and tests compare
