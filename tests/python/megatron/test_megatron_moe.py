@@ -3,7 +3,8 @@
 A hybrid with an MoE MLP in every layer (pattern LGSL: linear attention, gated DeltaNet,
 softmax; 4 experts, top-2, SequentialMLP, allgather dispatcher) trained two SGD steps at
 CP 2 x DP 2 with its experts spread over EP 2 (and EP 4: the expert group spans CP and DP
-ranks) has the losses and every weight, experts included, of CP 1 x DP 4 at EP 1.
+ranks) has the losses and every weight, experts included, of CP 1 x DP 4 at EP 1; so does
+megatron-core's own gated DeltaNet hybrid with MoE (Qwen3-Next's layout) at CP 2 x EP 2.
 
 Each rank must hold num_experts / EP experts, the ones of its EP rank: a run that ignores
 --expert-model-parallel-size holds all 4 on every rank and fails that check; expert gradients
@@ -17,6 +18,11 @@ expert over the tensor x context parallel group and scales the loss's gradient b
 load_balancing_loss (Megatron-LM's log: summed over CP ranks, averaged over micro-batches, DP
 ranks and layers) is the same at both layouts, and the coefficient changes the weights (the
 loss reaches the gradient).
+
+SGD at lr 0.1, not the other launcher tests' 0.5: at 0.5 the second step of this MoE model
+amplifies fp32 summation-order differences to ~1e-4 in the embedding and the first layer (EP 2
+at CP 1 alone, measured; a 1e-6 weight perturbation moves the same weights by 5e-3), at 0.1 the
+layouts agree to ~1e-7 under the same 1e-5 tolerance.
 
 Every run starts from the same weights: each parameter, expert weights by their global expert
 index, is set from a generator seeded by its global name.
@@ -37,10 +43,15 @@ EXPERTS = 4
 LR = "0.1"
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "32", "--num-attention-heads", "4",
          "--seq-length", "16", "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
-         "--device", "cpu", "--log-interval", "1000", "--hybrid-layer-pattern", "LGSL",
-         "--linear-attention-decay", "gate", "--num-experts", str(EXPERTS), "--moe-router-topk", "2",
+         "--device", "cpu", "--log-interval", "1000", "--linear-attention-decay", "gate", "--num-experts", str(EXPERTS), "--moe-router-topk", "2",
          "--disable-bias-linear",
          "--optimizer", "sgd", "--lr", LR, "--clip-grad", "0", "--train-iters", "2"]
+# megatron-core's own gated DeltaNet hybrid (GDN, GDN, softmax, GDN) instead of the pattern
+HYBRID = ["--hybrid-layer-pattern", "LGSL"]
+CORE_GDN = ["--experimental-attention-variant", "gated_delta_net",
+            "--linear-attention-freq", "([1]*2+[0])+[1]", "--linear-conv-kernel-dim", "3",
+            "--linear-key-head-dim", "8", "--linear-value-head-dim", "8", "--linear-num-key-heads", "2",
+            "--linear-num-value-heads", "4"]
 NO_BALANCING = ["--moe-router-load-balancing-type", "none"]
 AUX_LOSS = ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.1"]
 LAYOUTS = {"cp1 ep1": (1, 1), "cp2 ep2": (2, 2), "cp2 ep4": (2, 4)}  # name: (CP, EP); DP = 4 / CP
@@ -122,7 +133,7 @@ def _worker(rank, world, out_path):
         for name, (cp, ep) in LAYOUTS.items():
             if balancing == "aux_loss" and name == "cp2 ep4":
                 continue  # one EP layout is enough for the loss's CP scaling
-            result = _run(_layout(cp, ep) + flags)
+            result = _run(_layout(cp, ep) + HYBRID + flags)
             held = [None] * world
             dist.all_gather_object(held, (ps.get_expert_model_parallel_rank(), _experts_held(result["chunks"])))
             runs[name] = {"losses": result["losses"], "aux": result["aux_losses"],
@@ -131,6 +142,14 @@ def _worker(rank, world, out_path):
                                            for layer in result["chunks"][0].module.decoder.layers),
                           "mlp": type(result["chunks"][0].module.decoder.layers[0].mlp).__name__}
         out[balancing] = runs
+    # Qwen3-Next's layout: megatron-core's gated DeltaNet hybrid (Lasp2CoreGatedDeltaNet, LASP-2H
+    # softmax) with MoE, load balancing on
+    core = {}
+    for name, (cp, ep) in (("cp1 ep1", (1, 1)), ("cp2 ep2", (2, 2))):
+        result = _run(_layout(cp, ep) + AUX_LOSS + CORE_GDN)
+        core[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": _weights(result["chunks"]),
+                      "mlp": type(result["chunks"][0].module.decoder.layers[0].mlp).__name__}
+    out["core_gdn"] = core
     out["aux_moves_weights"] = _max_diff(out["aux_loss"]["cp1 ep1"]["weights"], out["none"]["cp1 ep1"]["weights"])
     for runs in out.values():
         if isinstance(runs, dict):
@@ -169,6 +188,18 @@ def test_moe_hybrid_cp2_with_expert_parallelism_equals_cp1_ep1(results, balancin
     for got, want in zip(r["losses"], ref["losses"]):
         assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
     assert r["weight_diff"] <= 1e-5, r["worst"]  # two SGD steps of lr 0.5: the gradients agree
+
+
+def test_core_gated_deltanet_moe_hybrid_cp2_ep2_equals_cp1_ep1(results):
+    """Qwen3-Next's layout (megatron-core's GatedDeltaNet layers as Lasp2CoreGatedDeltaNet,
+    LASP-2H softmax, an MoE MLP in every layer, aux_loss on): CP 2 x DP 2 at EP 2 as CP 1 x DP 4."""
+    r, ref = results["core_gdn"]["cp2 ep2"], results["core_gdn"]["cp1 ep1"]
+    assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r
+    for got, want in zip(r["losses"], ref["losses"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
+    for got, want in zip(r["aux"], ref["aux"]):
+        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert r["weight_diff"] <= 1e-5, r["worst"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
