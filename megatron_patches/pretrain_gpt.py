@@ -17,7 +17,9 @@ lasp2|lasp1|ulysses|none` is the one lasp2 flag; the rest of the lasp2 group
 (megatron_patches.arguments) has defaults. megatron-core's own gated DeltaNet hybrid
 (Qwen3-Next's layout) takes megatron-core's flags instead of `--hybrid-layer-pattern`:
 `--experimental-attention-variant gated_delta_net --linear-attention-freq N` (its
-GatedDeltaNet layers as megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet).
+GatedDeltaNet layers as megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet). `--num-experts` and
+Megatron-LM's other MoE flags (megatron_patches.moe) put megatron-core's MoELayer in every
+layer, its experts spread over `--expert-model-parallel-size` ranks.
 
 Each step logs one line: iteration, loss, learning rate, grad norm, tokens/s and,
 on GPUs, model TFLOP/s per GPU. The command line and its checks: megatron_patches.launcher_args.
