@@ -3,7 +3,8 @@
 A hybrid with an MoE MLP in every layer (pattern LGSL: linear attention, gated DeltaNet,
 softmax; 4 experts, top-2, SequentialMLP, allgather dispatcher) trained two SGD steps at
 CP 2 x DP 2 with its experts spread over EP 2 (and EP 4: the expert group spans CP and DP
-ranks) has the losses and every weight, experts included, of CP 1 x DP 4 at EP 1; so does
+ranks; and PP 2 x CP 2 at EP 2, 1F1B) has the losses and every weight, experts included, of
+CP 1 x DP 4 at EP 1; so does
 megatron-core's own gated DeltaNet hybrid with MoE (Qwen3-Next's layout) at CP 2 x EP 2.
 
 Each rank must hold num_experts / EP experts, the ones of its EP rank: a run that ignores
@@ -54,12 +55,14 @@ CORE_GDN = ["--experimental-attention-variant", "gated_delta_net",
             "--linear-num-value-heads", "4"]
 NO_BALANCING = ["--moe-router-load-balancing-type", "none"]
 AUX_LOSS = ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.1"]
-LAYOUTS = {"cp1 ep1": (1, 1), "cp2 ep2": (2, 2), "cp2 ep4": (2, 4)}  # name: (CP, EP); DP = 4 / CP
+# name: (PP, CP, EP); DP = 4 / (PP x CP)
+LAYOUTS = {"cp1 ep1": (1, 1, 1), "cp2 ep2": (1, 2, 2), "cp2 ep4": (1, 2, 4), "pp2 cp2 ep2": (2, 2, 2)}
 EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 
 
-def _layout(cp, ep):
-    return ["--context-parallel-size", str(cp), "--expert-model-parallel-size", str(ep)]
+def _layout(cp, ep, pp=1):
+    return ["--context-parallel-size", str(cp), "--expert-model-parallel-size", str(ep),
+            "--pipeline-model-parallel-size", str(pp)]
 
 
 def _global_named_params(chunks):
@@ -74,6 +77,8 @@ def _global_named_params(chunks):
             if name.startswith("decoder.layers."):
                 local, rest = name[len("decoder.layers."):].split(".", 1)
                 name = f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
+            elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                name = "embedding.word_embeddings.weight"  # the last pipeline stage's copy
             match = EXPERT.match(name)
             if match:
                 per_rank = model.decoder.layers[0].mlp.num_local_experts
@@ -130,10 +135,10 @@ def _worker(rank, world, out_path):
     out = {}
     for balancing, flags in (("none", NO_BALANCING), ("aux_loss", AUX_LOSS)):
         runs = {}
-        for name, (cp, ep) in LAYOUTS.items():
+        for name, (pp, cp, ep) in LAYOUTS.items():
             if balancing == "aux_loss" and name == "cp2 ep4":
-                continue  # one EP layout is enough for the loss's CP scaling
-            result = _run(_layout(cp, ep) + HYBRID + flags)
+                continue  # one EP layout at PP 1 is enough for the loss's CP scaling
+            result = _run(_layout(cp, ep, pp) + HYBRID + flags)
             held = [None] * world
             dist.all_gather_object(held, (ps.get_expert_model_parallel_rank(), _experts_held(result["chunks"])))
             runs[name] = {"losses": result["losses"], "aux": result["aux_losses"],
@@ -180,10 +185,11 @@ def results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("balancing, layout", [("none", "cp2 ep2"), ("none", "cp2 ep4"), ("aux_loss", "cp2 ep2")])
+@pytest.mark.parametrize("balancing, layout", [("none", "cp2 ep2"), ("none", "cp2 ep4"), ("none", "pp2 cp2 ep2"),
+                                               ("aux_loss", "cp2 ep2"), ("aux_loss", "pp2 cp2 ep2")])
 def test_moe_hybrid_cp2_with_expert_parallelism_equals_cp1_ep1(results, balancing, layout):
     r, ref = results[balancing][layout], results[balancing]["cp1 ep1"]
-    assert r["kinds"] == "LGSL" and r["mlp"] == "MoELayer", r
+    assert r["kinds"] == ("LG" if layout.startswith("pp2") else "LGSL") and r["mlp"] == "MoELayer", r
     assert len(r["losses"]) == 2, r
     for got, want in zip(r["losses"], ref["losses"]):
         assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
@@ -206,10 +212,12 @@ def test_core_gated_deltanet_moe_hybrid_cp2_ep2_equals_cp1_ep1(results):
 def test_each_rank_holds_its_ep_ranks_experts(results, layout):
     """EP ignored: every rank holds experts 0-3 (fails here); EP 2: ranks of EP rank e hold
     experts 2e, 2e+1 of every layer."""
-    _, ep = LAYOUTS[layout]
+    pp, _, ep = LAYOUTS[layout]
     per_rank = EXPERTS // ep
-    for ep_rank, held in results["none"][layout]["held"]:
-        assert held == [(layer, ep_rank * per_rank + i) for layer in range(4) for i in range(per_rank)], \
+    for (ep_rank, held), rank in zip(results["none"][layout]["held"], range(4)):
+        stage = rank // (4 // pp)  # megatron-core's default order: the pipeline rank varies slowest
+        layers = range(stage * 4 // pp, (stage + 1) * 4 // pp)
+        assert held == [(layer, ep_rank * per_rank + i) for layer in layers for i in range(per_rank)], \
             (layout, ep_rank, held)
     assert sorted({ep_rank for ep_rank, _ in results["none"][layout]["held"]}) == list(range(ep)), layout
 
