@@ -49,6 +49,11 @@ def apply_megatron_core_fixes() -> None:
     (distrib_optimizer.py, load_state_dict), then copies the checkpoint's per-parameter
     tensors over every state key, "step" included, which the checkpoint does not hold
     (_set_main_param_and_optimizer_states: KeyError 'step'). The step is kept as loaded.
+
+    MoE without Transformer Engine (megatron-core 0.16.1): moe_utils imports its TE functions in
+    a try block that leaves the names undefined when TE is missing, while the router's gating
+    linear tests `te_general_gemm is not None` (NameError at the first MoE forward). The
+    missing names are defined as None, the value the module's own checks expect.
     """
     global _FIXES_APPLIED
     if _FIXES_APPLIED:
@@ -67,4 +72,20 @@ def apply_megatron_core_fixes() -> None:
         return original(self, model_param, tensors)
 
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    _define_missing_moe_te_functions()
     _FIXES_APPLIED = True
+
+
+# the TE functions megatron-core's moe_utils imports in its try block
+_MOE_TE_FUNCTIONS = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                     "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                     "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+                     "fused_unpermute", "te_general_gemm")
+
+
+def _define_missing_moe_te_functions() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_TE_FUNCTIONS:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)

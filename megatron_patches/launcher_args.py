@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from megatron_patches.arguments import add_lasp2_args
+from megatron_patches.moe import add_moe_args, check_moe_args
 from megatron_patches.options import (GATED_DELTANET, GDN_PROVIDERS, KDA, LINEAR, Lasp2ConfigError, Lasp2Options,
                                       options_from_args)
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="layer spec: local or transformer_engine (default: TE where it imports on GPU)")
     m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
     g = p.add_argument_group("gated DeltaNet hybrid (megatron-core's Qwen3-Next layout; its GDN layers under LASP-2)")
     g.add_argument("--experimental-attention-variant", choices=["gated_delta_net"], default=None,
                    help="megatron-core's GatedDeltaNet where --linear-attention-freq says 1, softmax attention "
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-interval", type=int, default=1)
     c.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda if available")
     c.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None)
+    add_moe_args(p)
     add_lasp2_args(p)
     return p
 
@@ -176,6 +179,7 @@ def lasp2_options(args) -> Lasp2Options:
     batch instead, only the ranks that read it raised; later pipeline stages were then waiting
     in their first receive, where gloo fails with 'Connection closed by peer' and NCCL waits
     until its timeout.)"""
+    check_moe_args(args)
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
     if options.provider == "ulysses" and not args.experimental_attention_variant:

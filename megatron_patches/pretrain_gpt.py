@@ -17,7 +17,9 @@ lasp2|lasp1|ulysses|none` is the one lasp2 flag; the rest of the lasp2 group
 (megatron_patches.arguments) has defaults. megatron-core's own gated DeltaNet hybrid
 (Qwen3-Next's layout) takes megatron-core's flags instead of `--hybrid-layer-pattern`:
 `--experimental-attention-variant gated_delta_net --linear-attention-freq N` (its
-GatedDeltaNet layers as megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet).
+GatedDeltaNet layers as megatron_patches.core_gdn.Lasp2CoreGatedDeltaNet). `--num-experts` and
+Megatron-LM's other MoE flags (megatron_patches.moe) put megatron-core's MoELayer in every
+layer, its experts spread over `--expert-model-parallel-size` ranks.
 
 Each step logs one line: iteration, loss, learning rate, grad norm, tokens/s and,
 on GPUs, model TFLOP/s per GPU. The command line and its checks: megatron_patches.launcher_args.
@@ -36,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_patches.launcher_args import CORE_GDN_SIZES, build_parser, lasp2_options, parse_args
+from megatron_patches.moe import (check_moe_world, moe_aux_losses, moe_config_kwargs, moe_spec_kwargs,
+                                  reset_moe_aux_losses)
 from megatron_patches.options import SOFTMAX, Lasp2ConfigError, Lasp2Options
 
 __all__ = ["build_parser", "main", "parse_args", "pretrain"]
@@ -50,7 +54,7 @@ def _log(text: str):
 
 
 def initialize(args) -> None:
-    """Process group, Megatron's parallel state (TP, PP, virtual PP, CP), seeds."""
+    """Process group, Megatron's parallel state (TP, PP, virtual PP, CP, EP), seeds."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -66,6 +70,7 @@ def initialize(args) -> None:
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if world % (tp * pp * cp):
         raise SystemExit(f"world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    check_moe_world(args, world)
     args.data_parallel_size = world // (tp * pp * cp)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
@@ -86,6 +91,7 @@ def initialize(args) -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
                                  context_parallel_size=cp,
+                                 expert_model_parallel_size=args.expert_model_parallel_size,
                                  # gloo copies of the groups only where the main backend is not gloo
                                  create_gloo_process_groups=args.distributed_backend != "gloo")
     torch.manual_seed(args.seed)
@@ -105,6 +111,7 @@ def transformer_config(args):
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
         normalization=args.normalization, init_method_std=args.init_method_std,
+        add_bias_linear=not args.disable_bias_linear,
         params_dtype=dtype, bf16=args.bf16, pipeline_dtype=dtype, autocast_dtype=dtype,
         hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True,  # the same weights for every layout: checkpoints and tests compare
@@ -115,6 +122,7 @@ def transformer_config(args):
     )
     core_gdn = {k: getattr(args, k) for k in CORE_GDN_SIZES if getattr(args, k) is not None}
     kwargs.update(core_gdn)
+    kwargs.update(moe_config_kwargs(args))
     if args.recompute_granularity == "full":
         kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     if args.virtual_pipeline_model_parallel_size and args.distributed_backend == "gloo":
@@ -152,9 +160,10 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         if config.experimental_attention_variant:
-            spec = get_lasp2_core_gdn_block_spec(config, options, vp_stage=stage, backend=backend)
+            spec = get_lasp2_core_gdn_block_spec(config, options, vp_stage=stage, backend=backend,
+                                                 **moe_spec_kwargs(args))
         else:
-            spec = get_lasp2_hybrid_block_spec(config, options, backend, vp_stage=stage)
+            spec = get_lasp2_hybrid_block_spec(config, options, backend, vp_stage=stage, **moe_spec_kwargs(args))
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab_size,
                          max_sequence_length=args.max_position_embeddings, pre_process=pre, post_process=post,
                          position_embedding_type=args.position_embedding_type,
@@ -277,6 +286,8 @@ def _flops_per_step(args) -> float:
     attention term of the softmax layers (6 x 2 x s x h per token and layer, causal: halved)."""
     h, l, v, s = args.hidden_size, args.num_layers, args.vocab_size, args.seq_length
     ffn = args.ffn_hidden_size
+    if args.num_experts is not None:  # each token passes topk experts and the router
+        ffn = args.moe_router_topk * (args.moe_ffn_hidden_size or ffn) + args.num_experts / 2
     dense = l * (4 * h * h + 2 * h * ffn) + v * h
     options = lasp2_options(args)
     softmax_layers = options.pattern_for(l).count(SOFTMAX)
@@ -373,8 +384,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
 
 
 def pretrain(args, after_model_build=None) -> Dict[str, object]:
-    """Builds everything and trains; returns the per-step losses, the last iteration, the
-    model chunks and the optimizer. after_model_build(chunks), if given, runs before the
+    """Builds everything and trains; returns the per-step losses, the per-step MoE
+    load-balancing losses (aux_losses: a dict per step, None where there is none), the last
+    iteration, the model chunks and the optimizer. after_model_build(chunks), if given, runs before the
     optimizer is built (tests set weights there)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -383,6 +395,7 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
 
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     apply_megatron_core_fixes()
+    reset_moe_aux_losses()
     initialize(args)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     options = lasp2_options(args)
@@ -415,9 +428,10 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
          f"{options.pattern_for(args.num_layers)}, sp-provider {options.provider}, split {options.split}; "
          f"{args.transformer_impl} spec, {'bf16' if args.bf16 else 'fp32'}, "
          f"{'distributed ' if args.use_distributed_optimizer else ''}{args.optimizer}"
-         f"{', FSDP2 over dp-cp' if args.use_torch_fsdp2 else ''}; "
+         f"{', FSDP2 over dp-cp' if args.use_torch_fsdp2 else ''}"
+         f"{_moe_summary(args)}; "
          f"rank 0 holds {n_params / 1e6:.2f} M parameters")
-    losses = []
+    losses, aux_losses = [], []
     flops = _flops_per_step(args)
     while iteration < args.train_iters:
         start = time.perf_counter()
@@ -434,13 +448,16 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         loss = _reduce_lm_loss(reports, device)
+        aux = moe_aux_losses(args)  # a collective: every rank, every step
         elapsed = time.perf_counter() - start
         iteration += 1
         losses.append(loss)
+        aux_losses.append(aux)
         if iteration % args.log_interval == 0:
             tokens_per_s = args.global_batch_size * args.seq_length / elapsed
             line = (f"iteration {iteration:6d}/{args.train_iters} | lm loss {loss:.6f} | lr {args.lr:.3g} | "
                     f"grad norm {grad_norm:.4f} | {elapsed * 1000:.1f} ms | tokens/s {tokens_per_s:,.0f}")
+            line += "".join(f" | {name} {value:.6f}" for name, value in (aux or {}).items())
             if device.type == "cuda":
                 line += f" | TFLOP/s per GPU {flops / elapsed / dist.get_world_size() / 1e12:.1f}"
             _log(line)
@@ -449,7 +466,16 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
             _log(f"saved {save_checkpoint(args.save, iteration, chunks, optimizer)}")
     if args.save:
         _log(f"saved {save_checkpoint(args.save, iteration, chunks, optimizer)}")
-    return {"losses": losses, "iteration": iteration, "chunks": chunks, "optimizer": optimizer}
+    return {"losses": losses, "aux_losses": aux_losses, "iteration": iteration, "chunks": chunks,
+            "optimizer": optimizer}
+
+
+def _moe_summary(args) -> str:
+    if args.num_experts is None:
+        return ""
+    return (f", MoE {args.num_experts} experts top-{args.moe_router_topk} over EP "
+            f"{args.expert_model_parallel_size} ({args.moe_token_dispatcher_type}, "
+            f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff:g})")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -285,8 +285,8 @@ def core_gdn_layer_pattern(config) -> str:
 
 
 def get_lasp2_core_gdn_block_spec(config, options: Optional[Lasp2Options] = None, vp_stage: Optional[int] = None,
-                                  pp_rank: Optional[int] = None, backend: Optional[str] = None
-                                  ) -> TransformerBlockSubmodules:
+                                  pp_rank: Optional[int] = None, backend: Optional[str] = None,
+                                  **base_kwargs) -> TransformerBlockSubmodules:
     """megatron-core's block spec of a gated DeltaNet hybrid (linear_attention_freq), its
     GatedDeltaNet layers under LASP-2 (use_lasp2_core_gdn).
 
@@ -295,7 +295,9 @@ def get_lasp2_core_gdn_block_spec(config, options: Optional[Lasp2Options] = None
     here, the softmax layers lasp2's LASP-2H "S" layer spec of that backend and the GDN layers
     megatron-core's GatedDeltaNet spec for it. The local backend has no fused norm + linear:
     in_proj is then a column-parallel linear after the layer's own input norm, the layout
-    megatron-core gives a spec whose metainfo fuse_input_layernorm is False."""
+    megatron-core gives a spec whose metainfo fuse_input_layernorm is False. base_kwargs (e.g.
+    num_experts: an MoE MLP in every layer) go to the local / TE layer spec; megatron-core's
+    own builder reads them from config instead."""
     if getattr(config, "experimental_attention_variant", None) != "gated_delta_net":
         raise Lasp2ConfigError("get_lasp2_core_gdn_block_spec needs config.experimental_attention_variant="
                                f"'gated_delta_net', got {getattr(config, 'experimental_attention_variant', None)!r}")
@@ -307,7 +309,7 @@ def get_lasp2_core_gdn_block_spec(config, options: Optional[Lasp2Options] = None
         return use_lasp2_core_gdn(spec, options)
     pattern = core_gdn_layer_pattern(config)
     options = resolve_options(options).replace(layer_pattern=pattern).validate(config.num_layers)
-    softmax = get_lasp2_layer_spec(options, backend, SOFTMAX)
+    softmax = get_lasp2_layer_spec(options, backend, SOFTMAX, **base_kwargs)
     if backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider as Provider
     else:
