@@ -33,7 +33,6 @@ index, is set from a generator seeded by its global name.
 """
 
 import re
-import zlib
 
 import pytest
 import torch
@@ -41,6 +40,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
+from launcher_testing import EXPERT, global_named_params, initial_value, max_diff, set_weights, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 EXPERTS = 4
@@ -60,7 +60,6 @@ NO_BALANCING = ["--moe-router-load-balancing-type", "none"]
 AUX_LOSS = ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.1"]
 # name: (PP, CP, EP); DP = 4 / (PP x CP)
 LAYOUTS = {"cp1 ep1": (1, 1, 1), "cp2 ep2": (1, 2, 2), "cp2 ep4": (1, 2, 4), "pp2 cp2 ep2": (2, 2, 2)}
-EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 
 
 def _layout(cp, ep, pp=1):
@@ -68,65 +67,16 @@ def _layout(cp, ep, pp=1):
             "--pipeline-model-parallel-size", str(pp)]
 
 
-def _global_named_params(chunks):
-    """(global name, parameter): layer indices global, local expert indices made global
-    (EP rank x experts per rank + local index)."""
-    from megatron.core import parallel_state as ps
-
-    ep_rank = ps.get_expert_model_parallel_rank()
-    for chunk in chunks:
-        model = chunk.module
-        for name, param in model.named_parameters():
-            if name.startswith("decoder.layers."):
-                local, rest = name[len("decoder.layers."):].split(".", 1)
-                name = f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
-            elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
-                name = "embedding.word_embeddings.weight"  # the last pipeline stage's copy
-            match = EXPERT.match(name)
-            if match:
-                per_rank = model.decoder.layers[0].mlp.num_local_experts
-                name = f"{match[1]}{ep_rank * per_rank + int(match[2])}{match[3]}"
-            yield name, param
-
-
-def _initial(name, shape):
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    values = torch.randn(shape, generator=gen) * 0.1
-    return values + 1.0 if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")) else values
-
-
-def _set_weights(chunks):
-    with torch.no_grad():
-        for name, param in _global_named_params(chunks):
-            param.copy_(_initial(name, param.shape))
-
-
-def _weights(chunks):
-    """Every parameter of the whole model (experts from all EP ranks), on every rank."""
-    mine = {name: p.detach().clone() for name, p in _global_named_params(chunks)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    out = {}
-    for part in gathered:
-        out.update(part)
-    return out
-
-
 def _experts_held(chunks):
     """This rank's global expert indices, per layer."""
     return sorted({(int(name.split(".")[2]), int(EXPERT.match(name)[2]))
-                   for name, _ in _global_named_params(chunks) if EXPERT.match(name)})
-
-
-def _max_diff(a, b):
-    assert set(a) == set(b), sorted(set(a) ^ set(b))
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+                   for name, _ in global_named_params(chunks) if EXPERT.match(name)})
 
 
 def _run(argv):
     from megatron_patches import pretrain_gpt
 
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + argv), after_model_build=_set_weights)
+    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + argv), after_model_build=set_weights)
 
 
 def _worker(rank, world, out_path):
@@ -147,7 +97,7 @@ def _worker(rank, world, out_path):
             held = [None] * world
             dist.all_gather_object(held, (ps.get_expert_model_parallel_rank(), _experts_held(result["chunks"])))
             runs[name] = {"losses": result["losses"], "aux": result["aux_losses"],
-                          "weights": _weights(result["chunks"]), "held": held,
+                          "weights": whole_weights(result["chunks"]), "held": held,
                           "kinds": "".join(layer.self_attention.layer_kind
                                            for layer in result["chunks"][0].module.decoder.layers),
                           "mlp": type(result["chunks"][0].module.decoder.layers[0].mlp).__name__}
@@ -157,24 +107,24 @@ def _worker(rank, world, out_path):
     core = {}
     for name, (cp, ep) in (("cp1 ep1", (1, 1)), ("cp2 ep2", (2, 2))):
         result = _run(_layout(cp, ep) + AUX_LOSS + CORE_GDN)
-        core[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": _weights(result["chunks"]),
+        core[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": whole_weights(result["chunks"]),
                       "mlp": type(result["chunks"][0].module.decoder.layers[0].mlp).__name__}
     out["core_gdn"] = core
     # the distributed optimizer (Adam; megatron-core's needs it) shards the expert parameters over
     # the expert-data-parallel group: CP 2 x EP 2 with it against the plain optimizer
     adam = _layout(2, 2) + HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01"]
     plain, sharded = _run(adam), _run(adam + ["--use-distributed-optimizer"])
-    plain_weights = _weights(plain["chunks"])
+    plain_weights = whole_weights(plain["chunks"])
     out["distopt"] = {"plain": plain["losses"], "distributed": sharded["losses"],
-                      "weight_diff": _max_diff(_weights(sharded["chunks"]), plain_weights),
-                      "moved": max((w - _initial(k, w.shape)).abs().max().item() for k, w in plain_weights.items())}
-    out["aux_moves_weights"] = _max_diff(out["aux_loss"]["cp1 ep1"]["weights"], out["none"]["cp1 ep1"]["weights"])
+                      "weight_diff": max_diff(whole_weights(sharded["chunks"]), plain_weights),
+                      "moved": max((w - initial_value(k, w.shape)).abs().max().item() for k, w in plain_weights.items())}
+    out["aux_moves_weights"] = max_diff(out["aux_loss"]["cp1 ep1"]["weights"], out["none"]["cp1 ep1"]["weights"])
     for runs in out.values():
         if isinstance(runs, dict) and "cp1 ep1" in runs:
             ref = runs["cp1 ep1"]["weights"]
             for run in runs.values():
                 weights = run.pop("weights")
-                run["weight_diff"] = _max_diff(weights, ref)
+                run["weight_diff"] = max_diff(weights, ref)
                 run["worst"] = sorted(((weights[k] - ref[k]).abs().max().item(), k) for k in ref)[-6:]
     # EP x TP x PP must divide the world: refused on every rank before any expert group is made
     errors = []

@@ -26,7 +26,6 @@ pipeline rank).
 """
 
 import os
-import zlib
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
+from launcher_testing import max_diff, set_weights, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
@@ -66,63 +66,11 @@ def _layout(tp, pp, cp):
             "--context-parallel-size", str(cp)]
 
 
-def _global_named_params(chunks):
-    """(global name, parameter) of this rank's chunks: layer indices made global, the last
-    stage's copy of the tied embedding named as the embedding."""
-    for chunk in chunks:
-        model = chunk.module
-        for name, param in model.named_parameters():
-            if name.startswith("decoder.layers."):
-                local, rest = name[len("decoder.layers."):].split(".", 1)
-                name = f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
-            elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
-                name = "embedding.word_embeddings.weight"
-            yield name, param
-
-
-def _set_weights(chunks):
-    """TP = 1 in every run that calls this: each parameter is whole (or, under FSDP2, a
-    DTensor whose shards are cut from the whole value)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        for name, param in _global_named_params(chunks):
-            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            values = torch.randn(param.shape, generator=gen) * 0.1
-            if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")):
-                values += 1.0
-            if isinstance(param, DTensor):
-                values = distribute_tensor(values, param.device_mesh, param.placements)
-            param.copy_(values)
-
-
-def _whole(param):
-    """A parameter's whole value (FSDP2's DTensors are gathered: a collective, same order on every rank)."""
-    full_tensor = getattr(param, "full_tensor", None)
-    return (full_tensor() if full_tensor is not None else param).detach().clone()
-
-
-def _weights(chunks):
-    """Every parameter of the whole model, on every rank (TP = 1 layouts)."""
-    mine = {name: _whole(p) for name, p in _global_named_params(chunks)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    out = {}
-    for part in gathered:
-        out.update(part)
-    return out
-
-
-def _run(argv, set_weights=True, base=BASE):
+def _run(argv, set_weights_first=True, base=BASE):
     from megatron_patches import pretrain_gpt
 
     args = pretrain_gpt.parse_args(base + argv)
-    return pretrain_gpt.pretrain(args, after_model_build=_set_weights if set_weights else None)
-
-
-def _max_diff(a, b):
-    assert set(a) == set(b), sorted(set(a) ^ set(b))
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return pretrain_gpt.pretrain(args, after_model_build=set_weights if set_weights_first else None)
 
 
 def _worker(rank, world, out_path, tmpdir):
@@ -137,16 +85,16 @@ def _worker(rank, world, out_path, tmpdir):
     runs = {}
     for name, (tp, pp, cp, extra) in LAYOUTS.items():
         result = _run(_layout(tp, pp, cp) + extra + SGD + ["--train-iters", "2"])
-        runs[name] = (result["losses"], _weights(result["chunks"]))
+        runs[name] = (result["losses"], whole_weights(result["chunks"]))
     ref_losses, ref_weights = runs["pp1 cp1"]
     for name, (losses, weights) in runs.items():
         out["pipeline"][name] = {"losses": losses, "ref_losses": ref_losses,
-                                 "weight_diff": _max_diff(weights, ref_weights)}
+                                 "weight_diff": max_diff(weights, ref_weights)}
     # 1b. a gated DeltaNet hybrid: CP 2 (x DP 2) against CP 1 (x DP 4)
     gdn = {cp: _run(_layout(1, 1, cp) + SGD + ["--train-iters", "2", "--hybrid-layer-pattern", GDN_PATTERN])
            for cp in (1, 2)}
     out["gdn"] = {"losses": gdn[2]["losses"], "ref_losses": gdn[1]["losses"],
-                  "weight_diff": _max_diff(_weights(gdn[2]["chunks"]), _weights(gdn[1]["chunks"])),
+                  "weight_diff": max_diff(whole_weights(gdn[2]["chunks"]), whole_weights(gdn[1]["chunks"])),
                   "kinds": "".join(layer.self_attention.layer_kind
                                    for layer in gdn[2]["chunks"][0].module.decoder.layers)}
     # 1c. megatron-core's gated DeltaNet hybrid (Lasp2CoreGatedDeltaNet): CP 2 (x DP 2) against CP 1 (x DP 4)
@@ -156,7 +104,7 @@ def _worker(rank, world, out_path, tmpdir):
     layers = core[2]["chunks"][0].module.decoder.layers
     out["core_gdn"] = {
         "losses": core[2]["losses"], "ref_losses": core[1]["losses"],
-        "weight_diff": _max_diff(_weights(core[2]["chunks"]), _weights(core[1]["chunks"])),
+        "weight_diff": max_diff(whole_weights(core[2]["chunks"]), whole_weights(core[1]["chunks"])),
         "kinds": "".join("G" if isinstance(layer.self_attention, Lasp2CoreGatedDeltaNet)
                          else layer.self_attention.layer_kind for layer in layers),
         "gdn_input_norm": [type(layer.input_layernorm).__name__ for layer in layers]}
@@ -166,14 +114,14 @@ def _worker(rank, world, out_path, tmpdir):
     core_whole = _run(_layout(1, 1, 2) + ADAM + CORE_GDN + ["--train-iters", "3", "--save", core_save,
                                                             "--save-interval", "2"], base=MODEL)
     core_resumed = _run(_layout(2, 1, 2) + ADAM + CORE_GDN + ["--train-iters", "3", "--load", core_save,
-                                                              "--ckpt-step", "2"], set_weights=False, base=MODEL)
+                                                              "--ckpt-step", "2"], set_weights_first=False, base=MODEL)
     out["core_gdn"]["ckpt"] = {"whole": core_whole["losses"], "resumed": core_resumed["losses"]}
     # 2. the distributed optimizer against the plain one (DP 2 x CP 2, Adam, 2 steps)
     plain = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2"])
     distributed = _run(_layout(1, 1, 2) + ADAM + ["--train-iters", "2", "--use-distributed-optimizer"])
     out["distopt"] = {"plain": plain["losses"], "distributed": distributed["losses"],
-                      "weight_diff": _max_diff(_weights(plain["chunks"]), _weights(distributed["chunks"])),
-                      "moved": _max_diff(_weights(plain["chunks"]), ref_weights)}
+                      "weight_diff": max_diff(whole_weights(plain["chunks"]), whole_weights(distributed["chunks"])),
+                      "moved": max_diff(whole_weights(plain["chunks"]), ref_weights)}
     # 2b. FSDP2 over dp-cp (DP 2 x CP 2) against DDP at CP 1 x DP 4, the LGKS hybrid, SGD, with
     # each loss form: the mean over a rank's tokens (DDP's run is 1b's) and the per-token sum
     from torch.distributed.tensor import DTensor
@@ -185,7 +133,7 @@ def _worker(rank, world, out_path, tmpdir):
         fsdp = _run(_layout(1, 1, 2) + gdn_sgd + extra + ["--use-torch-fsdp2"])
         out["fsdp"][form] = {
             "losses": fsdp["losses"], "ref_losses": ddp_ref[form]["losses"],
-            "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(ddp_ref[form]["chunks"])),
+            "weight_diff": max_diff(whole_weights(fsdp["chunks"]), whole_weights(ddp_ref[form]["chunks"])),
             "sharded": all(isinstance(p, DTensor) for p in fsdp["chunks"][0].module.parameters())}
     # the same sharded over the dp group only: CP ranks keep partial gradients, the check must see it
     from megatron.core import parallel_state as ps
@@ -198,7 +146,7 @@ def _worker(rank, world, out_path, tmpdir):
                                                  "--use-torch-fsdp2"])
     finally:
         torch_fsdp.wrap_torch_fsdp2 = wrap
-    out["fsdp"]["mean"]["dp_only_weight_diff"] = _max_diff(_weights(dp_only["chunks"]), _weights(gdn[1]["chunks"]))
+    out["fsdp"]["mean"]["dp_only_weight_diff"] = max_diff(whole_weights(dp_only["chunks"]), whole_weights(gdn[1]["chunks"]))
     # 2c. per-token loss with unequal token counts per rank (loss mask 0 where the token is a
     # multiple of 3), 4 micro-batches per rank at DP 2 and gradient clipping active: FSDP2 equals DDP
     out["fsdp"]["masked"] = _fsdp_with_unequal_token_counts(gdn_sgd + PER_TOKEN + [
@@ -211,7 +159,7 @@ def _worker(rank, world, out_path, tmpdir):
     out["ckpt"]["whole"] = whole["losses"]
     for tp, pp, cp in ((1, 1, 1), (2, 1, 1)):
         resumed = _run(_layout(tp, pp, cp) + opt + ["--train-iters", "3", "--load", save, "--ckpt-step", "2"],
-                       set_weights=False)
+                       set_weights_first=False)
         out["ckpt"][f"resumed tp{tp} pp{pp} cp{cp}"] = resumed["losses"]
     out["files"] = sorted(os.listdir(os.path.join(save, "iter_0000002")))
     if rank == 0:
@@ -250,7 +198,7 @@ def _fsdp_with_unequal_token_counts(argv):
     dist.all_gather_object(every_rank, counts)
     return {"losses": fsdp["losses"], "ref_losses": ddp["losses"], "counts": sorted(set(sum(every_rank, []))),
             "grad_norms": norms[1], "ref_grad_norms": norms[0],
-            "weight_diff": _max_diff(_weights(fsdp["chunks"]), _weights(ddp["chunks"]))}
+            "weight_diff": max_diff(whole_weights(fsdp["chunks"]), whole_weights(ddp["chunks"]))}
 
 
 @pytest.fixture(scope="module")

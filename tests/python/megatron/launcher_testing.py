@@ -1,0 +1,79 @@
+"""The launcher tests' view of a whole model (test_megatron_pretrain.py, test_megatron_moe.py):
+every parameter under one global name whatever the layout (TP = 1), set from a generator
+seeded by that name, gathered onto every rank and compared.
+
+Global names: pipeline stages' layer indices made global, the last stage's copy of a tied
+embedding named as the embedding, and MoE experts by their global index (EP rank x experts
+a rank + local index), so a run at EP 2 names its experts as one at EP 1 does.
+"""
+
+import re
+import zlib
+
+import torch
+import torch.distributed as dist
+
+EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
+
+
+def global_named_params(chunks):
+    """(global name, parameter) of this rank's model chunks."""
+    from megatron.core import parallel_state as ps
+
+    ep_rank = ps.get_expert_model_parallel_rank()
+    for chunk in chunks:
+        model = chunk.module
+        for name, param in model.named_parameters():
+            if name.startswith("decoder.layers."):
+                local, rest = name[len("decoder.layers."):].split(".", 1)
+                name = f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
+            elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                name = "embedding.word_embeddings.weight"  # the last pipeline stage's copy
+            match = EXPERT.match(name)
+            if match:
+                per_rank = model.decoder.layers[0].mlp.num_local_experts
+                name = f"{match[1]}{ep_rank * per_rank + int(match[2])}{match[3]}"
+            yield name, param
+
+
+def initial_value(name, shape):
+    """The starting value of the parameter `name` (norm weights around 1)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    values = torch.randn(shape, generator=gen) * 0.1
+    return values + 1.0 if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")) else values
+
+
+def set_weights(chunks):
+    """Every parameter from initial_value (TP = 1: each parameter is whole or, under FSDP2, a
+    DTensor whose shards are cut from the whole value). The launcher's after_model_build hook."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, param in global_named_params(chunks):
+            values = initial_value(name, param.shape)
+            if isinstance(param, DTensor):
+                values = distribute_tensor(values, param.device_mesh, param.placements)
+            param.copy_(values)
+
+
+def _whole(param):
+    """A parameter's whole value (FSDP2's DTensors are gathered: a collective, same order on every rank)."""
+    full_tensor = getattr(param, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else param).detach().clone()
+
+
+def whole_weights(chunks):
+    """Every parameter of the whole model (every stage's, every EP rank's experts), on every rank."""
+    mine = {name: _whole(p) for name, p in global_named_params(chunks)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    out = {}
+    for part in gathered:
+        out.update(part)
+    return out
+
+
+def max_diff(a, b):
+    """The largest absolute difference of two whole models' weights (same names)."""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
