@@ -50,6 +50,9 @@ struct GenState {
   static int64_t tiles(int da, int db) { return CG * (da + 1) + CG * (db + 1) + CG; }
 };
 
+// The kernels below write out their walks over the sub-chunks each: as one helper taking
+// the body as a lambda (returning whether the walk ends), nvcc placed address arithmetic
+// differently in the state and output kernels (other PTX, so not provably the same code).
 template <typename T, bool ENTRY>
 __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args, int state_in_smem) {
   extern __shared__ float gsm[];

@@ -83,7 +83,8 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
 // out twice: as one helper with the transposed dS read a template switch, the dv PTX
 // changed (phi copies at D = 64), and as a generic lambda in the kernel (the switch a
 // std::bool_constant) the zeroed accumulators' registers were numbered apart at D = 64;
-// so that merge was left.)
+// they were too with the k loop alone as a __forceinline__ template (the switch a template
+// parameter), the zeroing inside it or not; so that merge was left.)
 template <int RM>
 __device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
                                            const float* extw, int lane) {
