@@ -68,6 +68,31 @@ struct GlobalResults : RankResults {
   }
 };
 
+// The final-state gradient shared out over the ranks and the ranks' initial-state
+// gradients summed back. Rank r's loss weights the final state by (r + 1) / sum, so the
+// ranks' losses add up to one process's: their initial-state gradients must sum to its.
+class StateGradShares {
+ public:
+  StateGradShares(const std::vector<float>& dfinal, int world)
+      : dfinal_(dfinal), weight_sum_(world * (world + 1) / 2.0), initial_sum_(dfinal.size(), 0.0) {}
+  std::vector<float> final_grad_of(int rank) const {
+    std::vector<float> share(dfinal_);
+    for (auto& x : share) x = static_cast<float>(x * (rank + 1) / weight_sum_);
+    return share;
+  }
+  void add_initial_grad(const std::vector<float>& initial_grad) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t e = 0; e < initial_grad.size(); ++e) initial_sum_[e] += initial_grad[e];
+  }
+  const std::vector<double>& initial_grad_sum() const { return initial_sum_; }
+
+ private:
+  std::vector<float> dfinal_;
+  double weight_sum_;
+  std::vector<double> initial_sum_;
+  std::mutex mu_;
+};
+
 TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const SpCase c = GetParam();
   ProblemSpec s;
@@ -123,17 +148,14 @@ TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
   const auto ref = recurrent_reference(global, &h0, &dfinal);
 
   GlobalResults got(global);
-  std::vector<double> initial_grad_sum(state, 0.0);
-  std::mutex mu;
-  const double weight_sum = c.world * (c.world + 1) / 2.0;
+  StateGradShares shares(dfinal, c.world);
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = c.balanced ? PartLayout::balanced(c.world, rank) : PartLayout::contiguous(c.world, rank);
     const Problem<double> local = local_problem(global, layout);
     const AttentionParams p = local.params();
     const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
     RankResults r(local);
-    std::vector<float> my_dfinal(dfinal);  // this rank's share of the final-state gradient
-    for (auto& x : my_dfinal) x = static_cast<float>(x * (rank + 1) / weight_sum);
+    const std::vector<float> my_dfinal = shares.final_grad_of(rank);
     const ScalarDecay fwd(cpu_backend(), p, MutView{r.o.data(), sv});
     const ScalarDecay bwd(cpu_backend(), p,
                           ScalarDecayGrads{local.dout_view(), {r.dq.data(), sk}, {r.dk.data(), sk},
@@ -159,11 +181,10 @@ TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
     lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
     EXPECT_EQ(comm.collectives(), 2);
     EXPECT_LT(rel_error(final_state, ref.final_state), 1e-5) << "rank " << rank;
-    std::lock_guard<std::mutex> lock(mu);
-    for (int64_t e = 0; e < state; ++e) initial_grad_sum[e] += initial_grad[e];
+    shares.add_initial_grad(initial_grad);
     got.put(r, layout, s);
   });
-  EXPECT_LT(rel_error(initial_grad_sum, ref.initial_grad), 1e-5);
+  EXPECT_LT(rel_error(shares.initial_grad_sum(), ref.initial_grad), 1e-5);
   got.expect_matches(ref, c.mode);
 }
 
@@ -220,17 +241,15 @@ TEST_P(Lasp2DocumentStates, MatchTheRecurrence) {
       }
   }
   GlobalResults got(global);
-  std::vector<double> initial_grad_sum(D, 0.0);
-  std::mutex mu;
-  const double weight_sum = c.world * (c.world + 1) / 2.0;
+  StateGradShares shares(dfinal, c.world);
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout{c.world, rank, parts_per_rank};
     const Problem<double> local = local_problem(global, layout);
     const AttentionParams p = local.params();
     const auto sk = local.strides(p.dim_k), sv = local.strides(p.dim_v);
     RankResults r(local);
-    std::vector<float> my_dfinal(dfinal), scratch(ScalarDecay::documents_scratch_floats(p));
-    for (auto& x : my_dfinal) x = static_cast<float>(x * (rank + 1) / weight_sum);
+    const std::vector<float> my_dfinal = shares.final_grad_of(rank);
+    std::vector<float> scratch(ScalarDecay::documents_scratch_floats(p));
     const LocalDocuments docs = LocalDocuments::of(local.doc_start.data(), p.seqlen, layout, head_doc);
     ScalarDecay fwd(cpu_backend(), p, MutView{r.o.data(), sv});
     ScalarDecay bwd(cpu_backend(), p,
@@ -259,11 +278,10 @@ TEST_P(Lasp2DocumentStates, MatchTheRecurrence) {
     lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
     EXPECT_EQ(comm.collectives(), 2);
     EXPECT_LT(rel_error(finals, ref.final_state), 1e-5) << "rank " << rank;
-    std::lock_guard<std::mutex> lock(mu);
-    for (int64_t e = 0; e < D; ++e) initial_grad_sum[e] += initial_grad[e];
+    shares.add_initial_grad(initial_grad);
     got.put(r, layout, s);
   });
-  EXPECT_LT(rel_error(initial_grad_sum, ref.initial_grad), 1e-5);
+  EXPECT_LT(rel_error(shares.initial_grad_sum(), ref.initial_grad), 1e-5);
   got.expect_matches(ref, c.mode);
 }
 

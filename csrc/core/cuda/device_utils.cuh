@@ -66,6 +66,25 @@ __device__ __forceinline__ uint32_t scale2(uint32_t x, float s0, float s1) {
 }
 
 // ---- per-(b, h) addressing ---------------------------------------------------
+// The (batch, head, segment) of a pass's thread block, numbered bh * nseg + seg, and the
+// segment's chunks [c_begin, c_end) (empty past the part's last chunk).
+struct SegmentBlock {
+  int seg;
+  int64_t bh;
+  int b, h;
+  int c_begin, c_end;
+};
+__device__ __forceinline__ SegmentBlock segment_block(const Geom& g) {
+  SegmentBlock s;
+  s.seg = blockIdx.x % g.nseg;
+  s.bh = blockIdx.x / g.nseg;
+  s.b = static_cast<int>(s.bh / g.heads);
+  s.h = static_cast<int>(s.bh % g.heads);
+  s.c_begin = s.seg * g.seg_chunks;
+  s.c_end = min(g.nchunks, s.c_begin + g.seg_chunks);
+  return s;
+}
+
 template <typename T>
 __device__ __forceinline__ T* head_base(const View& v, int b, int h, int64_t begin) {
   return static_cast<T*>(v.ptr) + b * v.sb + h * v.sh + begin * v.st;

@@ -50,6 +50,9 @@ struct GenState {
   static int64_t tiles(int da, int db) { return CG * (da + 1) + CG * (db + 1) + CG; }
 };
 
+// The kernels below write out their walks over the sub-chunks each: as one helper taking
+// the body as a lambda (returning whether the walk ends), nvcc placed address arithmetic
+// differently in the state and output kernels (other PTX, so not provably the same code).
 template <typename T, bool ENTRY>
 __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args, int state_in_smem) {
   extern __shared__ float gsm[];
@@ -130,6 +133,8 @@ __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int
   float* obuf = ext + CG;
   float* Sm = obuf + (kDq ? CG * LDV : 0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // the block's place written out, not segment_block(g): with its chunk range, nvcc ordered
+  // this kernel's code differently (other PTX)
   const int seg = blockIdx.x % g.nseg;
   const int64_t bh = blockIdx.x / g.nseg;
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
@@ -257,6 +262,8 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
   float* kdk = qdq + CG;
   float* Dm = kdk + CG;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // the block's place written out, not segment_block(g): with its chunk range, nvcc ordered
+  // this kernel's code differently (other PTX)
   const int seg = blockIdx.x % g.nseg;
   const int64_t bh = blockIdx.x / g.nseg;
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);

@@ -100,7 +100,10 @@ __device__ __forceinline__ bool locate(const KernelArgs& a, int64_t global_row, 
 
 // The four kernels address rows and lanes the same way; these helpers say it once. (The
 // register kernels' lane setup and output loop stay written out in each: as helpers,
-// nvcc compiles them to different PTX, so the change would not be provably neutral.)
+// nvcc compiles them to different PTX, so the change would not be provably neutral. The
+// lane setup as a struct reordered the row address arithmetic of all 16; the output loop
+// as a helper taking the value as a lambda, with the output pointer passed by value, by
+// reference or computed inside, changed the 8 scalar (V = 1) kernels.)
 // The index of this thread's group of `group` lanes in the grid (a group owns a row).
 __device__ __forceinline__ int64_t group_index(int group) {
   return (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / group;

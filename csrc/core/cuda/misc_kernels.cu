@@ -73,6 +73,8 @@ constexpr int kMetaBatch = 4;
 
 __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   const Geom& g = a.g;
+  // the block's place written out, not segment_block(g): with it, nvcc ordered the chunk
+  // range's arithmetic differently (other PTX)
   const int seg = blockIdx.x % g.nseg;
   const int64_t bh = blockIdx.x / g.nseg;
   const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
@@ -216,17 +218,15 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
 // dg[t] += dg_offset[bh] + sum of the totals of the segments after t's segment.
 __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const float* seg_total,
                                                        const float* dg_offset) {
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  const SegmentBlock blk = segment_block(g);
   __shared__ float offset;
   if (threadIdx.x == 0) {
-    float o = dg_offset != nullptr ? dg_offset[bh] : 0.f;
-    for (int s = g.nseg - 1; s > seg; --s) o += seg_total[bh * g.nseg + s];
+    float o = dg_offset != nullptr ? dg_offset[blk.bh] : 0.f;
+    for (int s = g.nseg - 1; s > blk.seg; --s) o += seg_total[blk.bh * g.nseg + s];
     offset = o;
   }
   __syncthreads();
-  const int x0 = seg * g.seg_chunks * kChunk;
+  const int x0 = blk.seg * g.seg_chunks * kChunk;
   const int x1 = min(g.n, x0 + g.seg_chunks * kChunk);
   // batches of 8 tokens per thread: the loads first, so that they are in flight together
   for (int xb = x0 + threadIdx.x; xb < x1; xb += 8 * blockDim.x) {
@@ -234,12 +234,12 @@ __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const 
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const int x = xb + u * blockDim.x;
-      v[u] = x < x1 ? dg[bth(g, b, g.begin + x, h)] : 0.f;
+      v[u] = x < x1 ? dg[bth(g, blk.b, g.begin + x, blk.h)] : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const int x = xb + u * blockDim.x;
-      if (x < x1) dg[bth(g, b, g.begin + x, h)] = v[u] + offset;
+      if (x < x1) dg[bth(g, blk.b, g.begin + x, blk.h)] = v[u] + offset;
     }
   }
 }

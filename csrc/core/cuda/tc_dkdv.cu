@@ -83,7 +83,8 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
 // out twice: as one helper with the transposed dS read a template switch, the dv PTX
 // changed (phi copies at D = 64), and as a generic lambda in the kernel (the switch a
 // std::bool_constant) the zeroed accumulators' registers were numbered apart at D = 64;
-// so that merge was left.)
+// they were too with the k loop alone as a __forceinline__ template (the switch a template
+// parameter), the zeroing inside it or not; so that merge was left.)
 template <int RM>
 __device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
                                            const float* extw, int lane) {
@@ -183,11 +184,10 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   const Geom& g = args.g;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = warp % NR, hc = warp / NR;
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
-  const int c_begin = seg * g.seg_chunks;
-  const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
+  const SegmentBlock blk = segment_block(g);
+  // the chunk range as locals: with blk's members in the walk, the staged-store kernel's
+  // stage and barrier-phase arithmetic compiled to other PTX
+  const int c_begin = blk.c_begin, c_end = blk.c_end;
   const int dk = args.dk, dv = args.dv;
   const bool has_dg = args.dg != nullptr;
 
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   // (m16 tile m: row block RM r + m) x columns [hc D/2, +D/2).
   float Ds[RM][HC / 8][4];
   {
-    const float* E = seg_state(args.dstate, bh, seg, args.dstate_bh, args.dstate_seg);
+    const float* E = seg_state(args.dstate, blk.bh, blk.seg, args.dstate_bh, args.dstate_seg);
 #pragma unroll
     for (int m = 0; m < RM; ++m) {
 #pragma unroll
@@ -210,13 +210,13 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     }
   }
 
-  const T* q_b = head_base<T>(args.q, b, h, g.begin);
-  const T* k_b = head_base<T>(args.k, b, h, g.begin);
-  const T* v_b = head_base<T>(args.v, b, h, g.begin);
-  const T* o_b = head_base<T>(args.dout, b, h, g.begin);
-  T* dk_b = head_base<T>(args.dk_out, b, h, g.begin);
-  T* dv_b = head_base<T>(args.dv_out, b, h, g.begin);
-  const float* meta = head_meta(args.meta, g, bh);
+  const T* q_b = head_base<T>(args.q, blk.b, blk.h, g.begin);
+  const T* k_b = head_base<T>(args.k, blk.b, blk.h, g.begin);
+  const T* v_b = head_base<T>(args.v, blk.b, blk.h, g.begin);
+  const T* o_b = head_base<T>(args.dout, blk.b, blk.h, g.begin);
+  T* dk_b = head_base<T>(args.dk_out, blk.b, blk.h, g.begin);
+  T* dv_b = head_base<T>(args.dv_out, blk.b, blk.h, g.begin);
+  const float* meta = head_meta(args.meta, g, blk.bh);
   auto tile = [&](int stage, int i) { return tiles + (stage * 4 + i) * kChunk * LD; };
 
   // chunk c's meta and q.dq (nvalid tokens from t0) into `stage` by cp.async (both copy
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     if (tid < 32) cp_async16(meta_s + stage * 128 + tid * 4, meta + c * 128 + tid * 4, true);
     if (has_dg && tid < 64) {
       const bool valid = tid < nvalid;
-      const float* src = args.qdq + bth(g, b, g.begin + (valid ? t0 + tid : 0), h);
+      const float* src = args.qdq + bth(g, blk.b, g.begin + (valid ? t0 + tid : 0), blk.h);
       cp_async4(qdq_s + stage * 64 + tid, src, valid);
     }
   };
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
   auto store_tiles = [&](int c) {
     if constexpr (kStore) {
       for (int i = 0; i < 2; ++i)
-        tile_map_store(&args.omap[i], args.ohdim[i], args.otdim[i], h, c * kChunk, b,
+        tile_map_store(&args.omap[i], args.ohdim[i], args.otdim[i], blk.h, c * kChunk, blk.b,
                        smem_u32(stg + i * kChunk * LD));
     }
   };
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
         const int t = c * kChunk;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], h, t, b, &bars[stage]);
+          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], blk.h, t, blk.b, &bars[stage]);
       }
     }
   };
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     __syncthreads();
   }
 
-  float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[bh] : 0.f;
+  float carry = (has_dg && args.fold_offset && args.dg_offset != nullptr) ? args.dg_offset[blk.bh] : 0.f;
   // The warp has a row below dk (dv); its other m16 tiles (RM = 2, dims < D) compute
   // zeros: the rows of dS and of the q, k, v, dO tiles past the dims are zero, and
   // their stores are masked.
@@ -310,9 +310,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
       if (lane + o < 32) s += t;
     }
     const float total = __shfl_sync(0xffffffffu, s, 0);
-    if (2 * lane < pend_nvalid) args.dg[bth(g, b, g.begin + pend_t0 + 2 * lane, h)] = carry + s;
+    if (2 * lane < pend_nvalid) args.dg[bth(g, blk.b, g.begin + pend_t0 + 2 * lane, blk.h)] = carry + s;
     if (2 * lane + 1 < pend_nvalid)
-      args.dg[bth(g, b, g.begin + pend_t0 + 2 * lane + 1, h)] = carry + s - v[0];
+      args.dg[bth(g, blk.b, g.begin + pend_t0 + 2 * lane + 1, blk.h)] = carry + s - v[0];
     carry += total;
   };
 
@@ -650,7 +650,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     __syncthreads();
     if (warp == kDgWarp && pending) finish_dg();  // the segment's first chunk
   }
-  if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[bh * g.nseg + seg] = carry;
+  if (has_dg && !args.fold_offset && tid == 32 * kDgWarp) args.seg_total[blk.bh * g.nseg + blk.seg] = carry;
 }
 
 // The staged dk / dv tiles and their tensor-map stores (kStore, session 17: 814 -> 640 us at

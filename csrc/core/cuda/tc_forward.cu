@@ -199,17 +199,14 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 
   const Geom& g = args.g;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
-  const int c_begin = seg * g.seg_chunks;
-  const int c_end = min(g.nchunks, c_begin + g.seg_chunks);
+  const SegmentBlock blk = segment_block(g);
+  const int c_begin = blk.c_begin, c_end = blk.c_end;
   const int da = args.da, dv = args.dv;
 
   float esc = 1.f;
   if (kPrefix) {
     float lam = 0.f;
-    for (int s = 0; s < seg; ++s) lam += args.segL[bh * g.nseg + s];
+    for (int s = 0; s < blk.seg; ++s) lam += args.segL[blk.bh * g.nseg + s];
     esc = __expf(lam);
     if (esc == 0.f || args.state == nullptr) return;  // nothing reaches this segment
   }
@@ -217,7 +214,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   // Entering state, as S_a^T: row = output dim (16 warp + ...), column = qa dim.
   float S[D / 8][4];
   {
-    const float* E = seg_state(args.state, bh, seg, args.state_bh, args.state_seg);
+    const float* E = seg_state(args.state, blk.bh, blk.seg, args.state_bh, args.state_seg);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
 #pragma unroll
@@ -232,12 +229,12 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     }
   }
 
-  const T* qa_b = head_base<T>(args.qa, b, h, g.begin);
-  const T* ka_b = kPrefix ? nullptr : head_base<T>(args.ka, b, h, g.begin);
-  const T* va_b = kPrefix ? nullptr : head_base<T>(args.va, b, h, g.begin);
-  const T* x_b = kDq ? head_base<T>(args.x, b, h, g.begin) : nullptr;
-  T* out_b = head_base<T>(args.out, b, h, g.begin);
-  const float* meta = head_meta(args.meta, g, bh);
+  const T* qa_b = head_base<T>(args.qa, blk.b, blk.h, g.begin);
+  const T* ka_b = kPrefix ? nullptr : head_base<T>(args.ka, blk.b, blk.h, g.begin);
+  const T* va_b = kPrefix ? nullptr : head_base<T>(args.va, blk.b, blk.h, g.begin);
+  const T* x_b = kDq ? head_base<T>(args.x, blk.b, blk.h, g.begin) : nullptr;
+  T* out_b = head_base<T>(args.out, blk.b, blk.h, g.begin);
+  const float* meta = head_meta(args.meta, g, blk.bh);
   auto tile = [&](int stage, int i) { return tiles + (stage * NT + i) * kChunk * LD; };
 
   auto load = [&](int c, int stage) {
@@ -271,7 +268,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         const int t = c * kChunk;
 #pragma unroll
         for (int i = 0; i < NT; ++i)
-          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], h, t, b, &bars[stage]);
+          tile_map_box(smem_u32(tile(stage, i)), &args.map[i], args.hdim[i], args.tdim[i], blk.h, t, blk.b, &bars[stage]);
         if constexpr (kWBulk) bulk_copy_1d(smem_u32(meta_s + stage * 128), meta + c * 128, 128 * 4, &bars[stage]);
       }
       if constexpr (!kWBulk) {
@@ -300,7 +297,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if constexpr (kStore) {
       // chunk c - 1's staged output (its stmatrix and proxy fences before the barrier above)
       if (tid == kTmaThread && c > c_begin)
-        tile_map_store(&args.omap, args.ohdim, args.otdim, h, (c - 1) * kChunk, b,
+        tile_map_store(&args.omap, args.ohdim, args.otdim, blk.h, (c - 1) * kChunk, blk.b,
                        smem_u32(out_stage(c - 1 - c_begin)));
     }
     if (c + 1 < c_end) {
@@ -511,7 +508,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         float s = 0.f;
         const int nact = (dv + 15) / 16;
         for (int w = 0; w < nact; ++w) s += red[w * 64 + tid];
-        args.qdq[bth(g, b, g.begin + t0 + tid, h)] = s;
+        args.qdq[bth(g, blk.b, g.begin + t0 + tid, blk.h)] = s;
       }
     }
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
@@ -521,7 +518,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // the last chunk's staged output; the block's shared memory must outlive the stores
     __syncthreads();
     if (tid == kTmaThread && c_begin < c_end) {
-      tile_map_store(&args.omap, args.ohdim, args.otdim, h, (c_end - 1) * kChunk, b,
+      tile_map_store(&args.omap, args.ohdim, args.otdim, blk.h, (c_end - 1) * kChunk, blk.b,
                      smem_u32(out_stage(c_end - 1 - c_begin)));
       bulk_store_wait<0, false>();
     }
