@@ -19,8 +19,9 @@ Only a config with this variant and CP > 1 is treated differently:
   1. check_core_gdn_config: what megatron-core's gated_delta_net block checks, except CP,
      as Lasp2ConfigError naming the flag (linear_attention_freq set; check_gdn_head_layout,
      which Lasp2CoreGatedDeltaNet runs too: the five linear_* sizes set, value heads a
-     multiple of key heads, key heads divisible by TP; value heads divisible by TP follows). 0.19's selective recompute module "gdn_norm_out" (megatron-core's
-     layer only) is refused here too: step 2 would otherwise report it as invalid for the variant.
+     multiple of key heads, key heads divisible by TP; value heads divisible by TP follows).
+     0.19's selective recompute module "gdn_norm_out" (megatron-core's layer only) is
+     refused here too: step 2 would otherwise report it as invalid for the variant.
   2. megatron-core's own __post_init__ with experimental_attention_variant set to None for
      its duration and restored after (also on error): every other check runs unchanged, those
      of context parallelism included. The variant is read in __post_init__ only by the
