@@ -1,4 +1,4 @@
-"""Guards for megatron-core's distributed-checkpoint save.
+"""Guards for megatron-core's distributed checkpoints: the writer before a save, the expert layout at a load.
 
 The reported hang ("a dist-checkpoint save of a DDP-wrapped model after a training step
 hung on CPU at CP 2 and PP 2 x CP 2, writing only common.pt") is megatron-core's writer
