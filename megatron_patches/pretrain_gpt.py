@@ -303,7 +303,10 @@ def _tracker(path: str) -> str:
 
 
 def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
-    state = {"iteration": iteration}
+    from megatron.core import parallel_state as ps
+
+    # the expert-parallel size the optimizer state was laid out for (checkpointing.check_expert_layout)
+    state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
@@ -367,6 +370,13 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
             iteration = int(f.read().strip())
     directory = os.path.join(path, f"iter_{iteration:07d}")
     if optimizer is not None:
+        from megatron.core import parallel_state as ps
+
+        from megatron_patches.checkpointing import check_expert_layout
+
+        saved = dist_checkpointing.load_common_state_dict(directory)
+        check_expert_layout(saved.get("expert_model_parallel_size"), ps.get_expert_model_parallel_world_size(),
+                            has_optimizer=True)
         _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state(chunks, optimizer, iteration, True), directory)
     if len(chunks) == 1:
