@@ -343,11 +343,25 @@ def save_checkpoint(path: str, iteration: int, chunks, optimizer) -> str:
     return directory
 
 
+def _sgd_state(optimizer, config=None) -> None:
+    """SGD's state as a checkpoint holds it: a momentum buffer per parameter where momentum
+    is on, nothing otherwise (megatron-core gives SGD no init_state_fn, and its optimizer's
+    sharded_state_dict calls one when loading: "'NoneType' object is not callable")."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p.data))
+
+
 def _init_optimizer_state(optimizer) -> None:
     """Gives a fresh optimizer the state entries a loaded checkpoint fills in (the
-    distributed optimizer's state dict reads Adam's "step" of every parameter)."""
+    distributed optimizer's state dict reads Adam's "step" of every parameter; SGD gets
+    the init_state_fn megatron-core leaves None)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.SGD) and getattr(opt, "init_state_fn", None) is None:
+            opt.init_state_fn = _sgd_state
+            continue
         if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
             continue
         for group in inner.param_groups:

@@ -162,6 +162,15 @@ def _worker(rank, world, out_path, tmpdir):
                        set_weights_first=False)
         out["ckpt"][f"resumed tp{tp} pp{pp} cp{cp}"] = resumed["losses"]
     out["files"] = sorted(os.listdir(os.path.join(save, "iter_0000002")))
+    # 3b. SGD with momentum (megatron-core gives SGD no init_state_fn, which its loading calls):
+    # saved after step 2 at (1, 1, 2), resumed there for steps 3 and 4; step 4's loss and the
+    # weights read the momentum buffers the load restored
+    sgd_save = os.path.join(tmpdir, "ckpt_sgd")
+    sgd = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--lr", "0.1", "--clip-grad", "0"] + _layout(1, 1, 2)
+    sgd_whole = _run(sgd + ["--train-iters", "4", "--save", sgd_save, "--save-interval", "2"])
+    sgd_resumed = _run(sgd + ["--train-iters", "4", "--load", sgd_save, "--ckpt-step", "2"], set_weights_first=False)
+    out["ckpt_sgd"] = {"whole": sgd_whole["losses"], "resumed": sgd_resumed["losses"],
+                       "weight_diff": max_diff(whole_weights(sgd_resumed["chunks"]), whole_weights(sgd_whole["chunks"]))}
     if rank == 0:
         torch.save(out, out_path)
 
@@ -382,6 +391,14 @@ def test_checkpoint_resumes_at_another_layout_with_the_same_loss(results, layout
     assert len(resumed) == 1  # only step 3 ran: steps 1 and 2 came from the checkpoint
     assert abs(resumed[0] - r["whole"][2]) <= 1e-5 * abs(r["whole"][2]), r
     assert resumed[0] < r["whole"][0]  # it continued from trained weights, not from scratch
+
+
+def test_sgd_with_momentum_resumes_with_the_same_losses_and_weights(results):
+    r = results["ckpt_sgd"]
+    assert len(r["resumed"]) == 2, r  # steps 3 and 4; 1 and 2 came from the checkpoint
+    for got, want in zip(r["resumed"], r["whole"][2:]):
+        assert abs(got - want) <= 1e-5 * abs(want), r
+    assert r["weight_diff"] <= 1e-6, r
 
 
 def test_checkpoint_is_written_by_every_rank(results):
