@@ -5,8 +5,9 @@
 // what = table (default), sweep (also times several segment lengths through
 // LASP2_CUDA_SEG_CHUNKS), fb (only lasp2_forward / lasp2_backward / fwd+bwd, for
 // repeated before/after runs), or once (each backend function once: for profilers).
-// Every table ends with "fwd+bwd (graph)": lasp2_forward + lasp2_backward captured in
-// one CUDA graph and replayed (the kernels' time without host launch gaps).
+// Every table ends with "lasp2_forward (graph)" and "fwd+bwd (graph)": lasp2_forward alone,
+// and lasp2_forward + lasp2_backward, captured in a CUDA graph and replayed (the kernels'
+// time without host launch gaps).
 //
 // Inputs are random (a 16 MiB random block tiled over each tensor, never zeros),
 // [B, T, H, D] contiguous; gates are log decays in [-0.1, -0.001], fixed decays -0.01 (h + 1)
@@ -293,22 +294,29 @@ int main(int argc, char** argv) {
   const float fwd = rows[rows.size() - 2].ms, bwd = rows.back().ms;
   const double fb_bytes = 11 * tens + 3 * scal, fb_flops = 3 * f_state + 2 * f_out + f_dkdv;
   rows.push_back({"fwd+bwd", fwd + bwd, fb_bytes, fb_flops});
-  {  // the same fwd + bwd replayed from a CUDA graph (a blocking stream: the events on
-     // the legacy stream around the launch wait for it)
+  // Calls replayed from a CUDA graph (a blocking stream: the events on the legacy stream
+  // around the launch wait for it): the kernels' time without the host's launch gaps.
+  auto graph_row = [&](const char* name, double bytes, double flops, const std::function<void(cudaStream_t)>& calls) {
     cudaStream_t cs;
     CK(cudaStreamCreate(&cs));
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
-    lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, cs);
-    lasp2_backward(be, nullptr, layout, p, dov, saved, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws, cs);
+    calls(cs);
     CK(cudaStreamEndCapture(cs, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
-    rows.push_back({"fwd+bwd (graph)", median_ms([&] { CK(cudaGraphLaunch(exec, cs)); }), fb_bytes, fb_flops});
+    rows.push_back({name, median_ms([&] { CK(cudaGraphLaunch(exec, cs)); }), bytes, flops});
     CK(cudaGraphExecDestroy(exec));
     CK(cudaGraphDestroy(graph));
     CK(cudaStreamDestroy(cs));
-  }
+  };
+  graph_row("lasp2_forward (graph)", 4 * tens + scal, f_state + f_out, [&](cudaStream_t cs) {
+    lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, cs);
+  });
+  graph_row("fwd+bwd (graph)", fb_bytes, fb_flops, [&](cudaStream_t cs) {
+    lasp2_forward(be, nullptr, layout, p, {o, st}, saved, nullptr, {}, cs);
+    lasp2_backward(be, nullptr, layout, p, dov, saved, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr, bws, cs);
+  });
 
   std::printf("\nB=%lld T=%lld H=%lld D=%lld %s mode=%s, copy bandwidth %.0f GB/s\n", (long long)B, (long long)T,
               (long long)H, (long long)D, dts.c_str(), ms.c_str(), copy_gbs);
