@@ -5,22 +5,30 @@
 # and checks that the loss falls. Prints the per-step log (loss, tokens/s, TFLOP/s per GPU).
 #   bash scripts/megatron_gpu_check.sh            (from the repository root, lasp2 built)
 #   DECAY=gate bash scripts/megatron_gpu_check.sh (per-token gates: Lasp2LinearMixer's linear_gate)
-# PATTERN overrides the 12-letter layer pattern (L / G / S; e.g. PATTERN=LGLSLGLSLGLS).
+# PATTERN overrides the 12-letter layer pattern (L / G / K / S; e.g. PATTERN=LGLSLGLSLGLS); PATTERN=
+# (empty) leaves --hybrid-layer-pattern out, for layouts chosen by EXTRA. DIST replaces
+# --use-distributed-optimizer (DIST=--use-torch-fsdp2 for FSDP2); EXTRA is appended, e.g.
+#   PATTERN= EXTRA="--experimental-attention-variant gated_delta_net --linear-attention-freq 4" bash ...
+#   EXTRA="--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 1024 --disable-bias-linear" bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${LOG:-megatron_gpu_check.log}
-PATTERN=${PATTERN:-LLLSLLLSLLLS}
+PATTERN=${PATTERN-LLLSLLLSLLLS}
 DECAY=${DECAY:-fixed}
+DIST=${DIST---use-distributed-optimizer}
+EXTRA=${EXTRA:-}
+LAYOUT=()
+[ -n "$PATTERN" ] && LAYOUT=(--hybrid-layer-pattern "$PATTERN")
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c 'import transformer_engine' 2>/dev/null; then IMPL=transformer_engine; else IMPL=local; fi
-echo "spec: $IMPL, pattern $PATTERN, decay $DECAY"
+echo "spec: $IMPL, pattern ${PATTERN:-(none)}, decay $DECAY, $DIST $EXTRA"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m megatron_patches.pretrain_gpt \
-  --device cuda --bf16 --use-distributed-optimizer --transformer-impl "$IMPL" \
+  --device cuda --bf16 $DIST --transformer-impl "$IMPL" \
   --num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048 --vocab-size 32000 \
-  --hybrid-layer-pattern "$PATTERN" --sp-provider lasp2 --linear-attention-decay "$DECAY" \
+  "${LAYOUT[@]}" --sp-provider lasp2 --linear-attention-decay "$DECAY" \
   --micro-batch-size 4 --global-batch-size 16 --train-iters 50 --lr 3e-4 --optimizer adam \
-  --log-interval 1 2>&1 | tee "$LOG"
+  --log-interval 1 $EXTRA 2>&1 | tee "$LOG"
 "$PY" - "$LOG" <<'PYEOF'
 import re, sys
 losses = [float(m.group(1)) for m in re.finditer(r"lm loss ([0-9.]+)", open(sys.argv[1]).read())]
