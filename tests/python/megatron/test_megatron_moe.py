@@ -283,10 +283,9 @@ def test_expert_layout_check_of_a_checkpoint(saved, ep, refused):
     if refused:
         with pytest.raises(Lasp2ConfigError, match=f"saved at --expert-model-parallel-size {saved}, loading it at "
                                                    f"--expert-model-parallel-size {ep}"):
-            check_expert_layout(saved, ep, has_optimizer=True)
+            check_expert_layout(saved, ep)
     else:
-        check_expert_layout(saved, ep, has_optimizer=True)
-    check_expert_layout(saved, ep, has_optimizer=False)  # only the optimizer layout is checked
+        check_expert_layout(saved, ep)
 
 
 @pytest.mark.parametrize("argv, match", [
