@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 # megatron-core releases the patches are checked against: 0.16.1 (the last release for
@@ -54,6 +55,14 @@ def apply_megatron_core_fixes() -> None:
     a try block that leaves the names undefined when TE is missing, while the router's gating
     linear tests `te_general_gemm is not None` (NameError at the first MoE forward). The
     missing names are defined as None, the value the module's own checks expect.
+
+    Megatron's sequence parallelism without Apex / TE (megatron-core 0.16.1; every CPU run):
+    the local spec's norm (WrappedTorchNorm) asserts that config.sequence_parallel is off, so
+    --sequence-parallel, which MoE at TP > 1 needs, could not build a model. A torch norm over a
+    sequence shard computes what it computes over the whole sequence; what sequence parallelism
+    needs is its weight's gradient summed over TP, which finalize_model_grads does for
+    parameters marked sequence_parallel, as Apex's and TE's norms mark theirs. The norm is
+    built as without sequence parallelism and its parameters are marked.
     """
     global _FIXES_APPLIED
     if _FIXES_APPLIED:
@@ -73,6 +82,7 @@ def apply_megatron_core_fixes() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     _define_missing_moe_te_functions()
+    _let_torch_norms_take_sequence_parallel()
     _FIXES_APPLIED = True
 
 
@@ -89,3 +99,28 @@ def _define_missing_moe_te_functions() -> None:
     for name in _MOE_TE_FUNCTIONS:
         if not hasattr(moe_utils, name):
             setattr(moe_utils, name, None)
+
+
+def _let_torch_norms_take_sequence_parallel() -> None:
+    try:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    except ImportError:  # a release without the wrapper has no such assertion to get past
+        return
+    original = WrappedTorchNorm.__new__
+
+    def __new__(cls, *args, **kwargs):
+        config = kwargs["config"] if "config" in kwargs else args[0]
+        if not getattr(config, "sequence_parallel", False):
+            return original(cls, *args, **kwargs)
+        plain = copy.copy(config)  # the same config, but for the assertion's field
+        plain.sequence_parallel = False
+        if "config" in kwargs:
+            kwargs["config"] = plain
+        else:
+            args = (plain, *args[1:])
+        norm = original(cls, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True  # its gradient summed over TP (finalize_model_grads)
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(__new__)

@@ -30,7 +30,7 @@ def check_checkpoint_writer() -> None:
             "writer processes die before reporting and the save hangs after writing common.pt")
 
 
-def check_expert_layout(saved_ep: Optional[int], ep: int, has_optimizer: bool) -> None:
+def check_expert_layout(saved_ep: Optional[int], ep: int) -> None:
     """An MoE checkpoint's optimizer state loads only where the expert parameters sit in the
     same optimizer layout. megatron-core's get_megatron_optimizer puts expert parameters into a
     second, expert optimizer only at EP > 1 (there they are marked allreduce = False); its
@@ -38,8 +38,9 @@ def check_expert_layout(saved_ep: Optional[int], ep: int, has_optimizer: bool) -
     (EP 1) names it without the prefix. Loading across that boundary raised a KeyError on some
     ranks only, and the others hung in the load's collectives (measured: CP 2 x EP 2 -> CP 1 x
     EP 1). Refused here, on every rank alike, from the checkpoint's common state. saved_ep is
-    None for checkpoints written before it was recorded (not checked)."""
-    if saved_ep is None or not has_optimizer or (saved_ep > 1) == (ep > 1):
+    None for checkpoints written before it was recorded (not checked). Called only for a load
+    with an optimizer: the model's expert weights reshard across any EP."""
+    if saved_ep is None or (saved_ep > 1) == (ep > 1):
         return
     raise Lasp2ConfigError(
         f"--load: this MoE checkpoint was saved at --expert-model-parallel-size {saved_ep}, loading it at "

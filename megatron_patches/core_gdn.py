@@ -43,6 +43,7 @@ from megatron.core.utils import get_pg_size  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import beta_from_logits, delta_log_gate  # noqa: E402
+from lasp2.nn.delta_checks import check_delta_layer_ranks, op_stand_ins  # noqa: E402
 from lasp2.nn.short_conv import causal_conv_sp  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
     check_self_attention_call,
@@ -55,7 +56,6 @@ from megatron_patches.common import (  # noqa: E402
     sum_grad_over_tp,
 )
 from megatron_patches.core_gdn_config import SIZES, check_gdn_head_layout  # noqa: E402
-from megatron_patches.delta_checks import check_delta_layer_ranks  # noqa: E402
 from megatron_patches.options import GDN_PROVIDERS, Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
 __all__ = ["GatedDeltaNetSubmodules", "Lasp2CoreGatedDeltaNet"]
@@ -184,11 +184,11 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         g = delta_log_gate(alpha, self.A_log, self.dt_bias)
         beta = beta_from_logits(beta_logit)
         # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
-        cu_host = check_delta_layer_ranks(
-            name, qkv, list(self.conv1d.parameters()), self.conv_kernel_dim, g, beta,
-            heads=self.num_v_heads_local_tp, key_dim=self.key_head_dim, value_dim=self.value_head_dim,
+        cu_host = check_delta_layer_ranks(  # q and k are repeated to the value heads
+            name, qkv, qkv.shape[-1], self.conv_kernel_dim,
+            *op_stand_ins(qkv, self.num_v_heads_local_tp, self.key_head_dim, self.value_head_dim), g, beta,
             per_key=False, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
-            use_qk_l2norm=self.use_qk_l2norm)  # q and k are repeated to the value heads
+            use_qk_l2norm=self.use_qk_l2norm, grad_inputs=[qkv, *self.conv1d.parameters()])
         # nn.Conv1d's [C, 1, W] weight with W - 1 left padding, cut to s: tap j reads x_{t-(W-1)+j}
         qkv = self.act_fn(causal_conv_sp(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, group=group,
                                          split=o.split, cu_seqlens=cu_host, ranks_checked=True))

@@ -52,6 +52,7 @@ from megatron.core.utils import divide, get_pg_size  # noqa: E402
 
 import lasp2  # noqa: E402
 from lasp2.nn.gated_deltanet import GatedRMSNorm, beta_from_logits, delta_log_gate, init_gate_parameters  # noqa: E402
+from lasp2.nn.delta_checks import check_delta_layer_ranks, op_stand_ins  # noqa: E402
 from lasp2.nn.short_conv import ShortConvolution  # noqa: E402
 from megatron_patches.common import (  # noqa: E402
     check_self_attention_call,
@@ -64,7 +65,6 @@ from megatron_patches.common import (  # noqa: E402
     sp_group_of,
     sum_grad_over_tp,
 )
-from megatron_patches.delta_checks import check_delta_layer_ranks  # noqa: E402
 from megatron_patches.options import (  # noqa: E402
     GATED_DELTANET,
     GDN_PROVIDERS,
@@ -189,9 +189,9 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         g = delta_log_gate(a if self.per_key_gate else a.squeeze(-1), self.A_log, self.dt_bias, self.per_key_gate)
         # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
         cu_host = check_delta_layer_ranks(
-            name, qkv, list(self.conv.parameters()), self.conv.kernel_size, g, beta, heads=H, key_dim=D,
-            value_dim=D, per_key=self.per_key_gate, group=group, split=o.split, cu_seqlens=cu_seqlens,
-            provider=o.provider, use_qk_l2norm=True)
+            name, qkv, qkv.shape[-1], self.conv.kernel_size, *op_stand_ins(qkv, H, D, D), g, beta,
+            per_key=self.per_key_gate, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
+            use_qk_l2norm=True, grad_inputs=[qkv, *self.conv.parameters()])
         qkv = self.conv(qkv, group=group, split=o.split, cu_seqlens=cu_host, ranks_checked=True)
         q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
         op = lasp2.kda if self.per_key_gate else lasp2.gated_delta_rule

@@ -76,6 +76,11 @@ def check_moe_args(args) -> None:
         raise Lasp2ConfigError("--num-experts with the local spec needs --disable-bias-linear (megatron-core's "
                                "expert MLP cannot add a linear bias there; Megatron-LM's MoE models run "
                                "without biases)")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        # megatron-core's MoELayer raises at the first training step otherwise, naming no flag
+        raise Lasp2ConfigError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} with --num-experts "
+                               "needs --sequence-parallel (megatron-core's MoE layer trains at TP > 1 only with "
+                               "Megatron's sequence parallelism)")
     if args.moe_token_dispatcher_type == "alltoall" and args.device == "cpu":
         raise Lasp2ConfigError("--moe-token-dispatcher-type alltoall needs --device cuda (megatron-core's "
                                "alltoall dispatcher opens a CUDA stream); use allgather on CPU")

@@ -389,8 +389,7 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         from megatron_patches.checkpointing import check_expert_layout
 
         saved = dist_checkpointing.load_common_state_dict(directory)
-        check_expert_layout(saved.get("expert_model_parallel_size"), ps.get_expert_model_parallel_world_size(),
-                            has_optimizer=True)
+        check_expert_layout(saved.get("expert_model_parallel_size"), ps.get_expert_model_parallel_world_size())
         _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state(chunks, optimizer, iteration, True), directory)
     if len(chunks) == 1:

@@ -13,10 +13,11 @@ from torch import nn
 from lasp2.nn.norms import rms_norm
 from lasp2.nn._rank_checks import check_sp_context, module_group
 from lasp2.ops._group_consistency import raised_on_every_rank
-from lasp2.nn.short_conv import ShortConvolution, check_conv_ranks
+from lasp2.nn.delta_checks import check_delta_layer_ranks
+from lasp2.nn.short_conv import ShortConvolution
 from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
 from lasp2.ops._checks import check_bool, check_module_input, check_positive_float, check_positive_int
-from lasp2.ops.gated_delta_rule import FAMILY, check_call_early, gated_delta_rule, kda
+from lasp2.ops.gated_delta_rule import FAMILY, gated_delta_rule, kda
 from lasp2.ops.providers.base import provider_names
 from lasp2.options import LAYOUTS, SPLITS, check_choice
 
@@ -151,20 +152,15 @@ class GatedDeltaNet(nn.Module):
         g = delta_log_gate(a.view(B, T, H, K) if self.per_key_gate else a, self.A_log, self.dt_bias, self.per_key_gate)
         op = kda if self.per_key_gate else gated_delta_rule
         convs = (self.q_conv, self.k_conv, self.v_conv)
-
-        def op_checks(cu_values):  # the delta rule's own checks, before the halos (the convolutions keep shapes)
-            return check_call_early(
-                "lasp2.kda" if self.per_key_gate else "lasp2.gated_delta_rule", q, k, v, g, beta,
-                per_key=self.per_key_gate, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, group=group, split=split, provider=self.provider, use_qk_l2norm=True,
-                grad_inputs=[w for conv in convs for w in conv.parameters()], cu_values=cu_values)
-
         # ONE cross-rank check a call, before the three convolutions' halo all-gathers: what
         # they move, the layout (a square [B, T] would pass every size check read the other
         # way) and the delta rule's own check (the op is told: ranks_checked)
-        cu_host = check_conv_ranks("GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, group,
-                                   split, cu_seqlens, (LAYOUTS.index(self.layout),), ("layout (bthd/tbhd)",),
-                                   more=op_checks)
+        cu_host = check_delta_layer_ranks(
+            "GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, q, k, v, g, beta,
+            per_key=self.per_key_gate, group=group, split=split, cu_seqlens=cu_seqlens, provider=self.provider,
+            use_qk_l2norm=True, grad_inputs=[w for conv in convs for w in conv.parameters()],
+            initial_state=initial_state, output_final_state=output_final_state,
+            fields=(LAYOUTS.index(self.layout),), names=("layout (bthd/tbhd)",))
         conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
         q, k, v = (c(t.flatten(2), **conv).view(t.shape) for c, t in zip(convs, (q, k, v)))
         # the context's own collectives reach the op; the per-call arguments otherwise

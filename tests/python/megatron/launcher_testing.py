@@ -1,6 +1,7 @@
 """The launcher tests' view of a whole model (test_megatron_pretrain.py, test_megatron_moe.py):
-every parameter under one global name whatever the layout (TP = 1), set from a generator
-seeded by that name, gathered onto every rank and compared.
+every parameter under one global name whatever the layout, set from a generator seeded by
+that name, gathered onto every rank and compared. A tensor-parallel parameter is a shard of
+its whole value along its partition dim, cut in (expert) TP rank order.
 
 Global names: pipeline stages' layer indices made global, the last stage's copy of a tied
 embedding named as the embedding, and MoE experts by their global index (EP rank x experts
@@ -43,23 +44,53 @@ def initial_value(name, shape):
     return values + 1.0 if name.endswith(("layernorm.weight", "norm.weight", "norm_weight")) else values
 
 
+def _tp_group(param):
+    """The group a tensor-parallel parameter is split over (None: whole on every TP rank).
+    Experts' (allreduce = False) is the expert-TP group, the others' the TP group."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    group = (ps.get_tensor_model_parallel_group() if getattr(param, "allreduce", True)
+             else ps.get_expert_tensor_parallel_group())
+    if group.size() == 1:
+        return None
+    assert getattr(param, "partition_stride", 1) == 1, "a strided shard is not one cut of the whole value"
+    return group
+
+
 def set_weights(chunks):
-    """Every parameter from initial_value (TP = 1: each parameter is whole or, under FSDP2, a
-    DTensor whose shards are cut from the whole value). The launcher's after_model_build hook."""
+    """Every parameter from initial_value: whole, this rank's TP shard of the whole value, or,
+    under FSDP2 (TP 1), a DTensor whose shards are cut from it. The launcher's after_model_build
+    hook."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     with torch.no_grad():
         for name, param in global_named_params(chunks):
-            values = initial_value(name, param.shape)
+            group = _tp_group(param)
+            if group is None:
+                values = initial_value(name, param.shape)
+            else:
+                shape = list(param.shape)
+                shape[param.partition_dim] *= group.size()
+                values = initial_value(name, shape).chunk(group.size(), param.partition_dim)[dist.get_rank(group)]
             if isinstance(param, DTensor):
                 values = distribute_tensor(values, param.device_mesh, param.placements)
             param.copy_(values)
 
 
 def _whole(param):
-    """A parameter's whole value (FSDP2's DTensors are gathered: a collective, same order on every rank)."""
+    """A parameter's whole value (FSDP2's DTensors and TP shards are gathered: collectives, in
+    the same order on every rank)."""
     full_tensor = getattr(param, "full_tensor", None)
-    return (full_tensor() if full_tensor is not None else param).detach().clone()
+    if full_tensor is not None:
+        return full_tensor().detach().clone()
+    group = _tp_group(param)
+    if group is None:
+        return param.detach().clone()
+    parts = [torch.empty_like(param) for _ in range(group.size())]
+    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    return torch.cat(parts, param.partition_dim)
 
 
 def whole_weights(chunks):

@@ -5,6 +5,7 @@ distributed), dist_checkpointing, the mock GPT dataset.
 * PP 2 x CP 2 (1F1B) and PP 2 x VPP 2 x CP 2 (interleaved 1F1B) train exactly as PP 1 x CP 1
   x DP 4: the same losses and the same weights after each SGD step (an SGD step moves every
   weight by lr x its gradient, so equal weights mean equal gradients).
+* TP 2 x CP 2 with --sequence-parallel (weights TP-sharded from the same whole values) too.
 * A delta-rule hybrid (pattern LGKS: gated DeltaNet and KDA layers) trains at CP 2 exactly as at CP 1.
 * megatron-core's own gated DeltaNet hybrid (--experimental-attention-variant gated_delta_net
   --linear-attention-freq: Lasp2CoreGatedDeltaNet layers, LASP-2H softmax) trains at CP 2
@@ -58,6 +59,9 @@ LAYOUTS = {  # name: (TP, PP, CP, extra)
     # interleaved 1F1B, two virtual stages of one layer per pipeline rank; 4 micro-batches, so the
     # steady state sends activations and gradients between the two ranks in one step
     "pp2 vpp2 cp2": (1, 2, 2, ["--num-layers-per-virtual-pipeline-stage", "1"]),
+    # Megatron's sequence parallelism: the CPU's torch norms take it through
+    # apply_megatron_core_fixes, their gradients summed over TP (test_megatron_moe.py: with MoE)
+    "tp2 cp2 sp": (2, 1, 2, ["--sequence-parallel"]),
 }
 
 
