@@ -30,6 +30,15 @@ available unless force=True, and nothing in this package applies it implicitly.
   torch_fsdp_mesh TorchFullyShardedDataParallel (--use-torch-fsdp2) builds its DeviceMesh with
                   DeviceMesh.from_group(group, "cuda") (torch_fully_sharded_data_parallel.py:81);
                   that module sees a DeviceMesh whose from_group builds it on "cpu"
+  moe_alltoall    MoEAlltoAllTokenDispatcher (--moe-token-dispatcher-type alltoall) opens a
+                  torch.cuda.Stream for its device-to-host copies of the split sizes
+                  (token_dispatcher.py:445) and waits on it through an event (:871-899); that
+                  module sees a torch.cuda whose stream and event do nothing (on the CPU every op
+                  has finished when it returns), and its copies (maybe_move_tensor_to_cpu, which
+                  leaves host tensors as they are) turn the split sizes into numpy arrays as they
+                  do from a GPU: all_to_all_single takes sequences of ints, not tensors. The
+                  dispatch itself (permute, all_to_all_single over the EP group, sort by local
+                  expert, and back) is megatron-core's, on gloo
 """
 
 from __future__ import annotations
@@ -153,6 +162,12 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
     LanguageModule.setup_embeddings_and_output_layer = _as_on_cuda(LanguageModule.setup_embeddings_and_output_layer)
     _APPLIED.append("tied_embedding")
 
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _torch_with_host_streams()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    _APPLIED.append("moe_alltoall")
+
     try:  # a megatron-core without the FSDP2 wrapper (or a torch without FSDP2) just lacks --use-torch-fsdp2
         from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
     except ImportError:
@@ -193,6 +208,48 @@ def _cpu_torch() -> types.ModuleType:
 
     for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like", "ones_like"):
         setattr(proxy, name, on_cpu(getattr(torch, name)))
+    return proxy
+
+
+class _HostStream:
+    """A CUDA stream's interface for work that is already done when issued (CPU ops)."""
+
+    def wait_stream(self, stream):
+        pass
+
+    def record_event(self):
+        return _DoneEvent()
+
+
+class _DoneEvent:
+    def synchronize(self):
+        pass
+
+
+def _host_copy(tensor, as_numpy=False, record_stream=False):
+    """moe_utils.maybe_move_tensor_to_cpu for tensors already on the host: as_numpy as from a GPU."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _torch_with_host_streams() -> types.ModuleType:
+    """A stand-in for the torch module whose torch.cuda has no-op streams and events (the rest of
+    torch.cuda, and of torch, as they are)."""
+
+    class _Proxy(types.ModuleType):
+        def __init__(self, name, real):
+            super().__init__(name)
+            self._real = real
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    current = _HostStream()
+    cuda = _Proxy("torch.cuda", torch.cuda)
+    cuda.Stream = _HostStream
+    cuda.current_stream = lambda *args, **kwargs: current
+    cuda.stream = lambda stream: contextlib.nullcontext()
+    proxy = _Proxy("torch", torch)
+    proxy.cuda = cuda
     return proxy
 
 

@@ -32,7 +32,7 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-pre-softmax", action="store_true",
                    help="softmax before the top-k (megatron-core needs it for --moe-router-topk 1)")
     g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHERS, default="allgather",
-                   help="alltoall needs --device cuda (megatron-core's dispatcher opens a CUDA stream)")
+                   help="megatron-core's dispatchers (on CPU alltoall runs through megatron_patches.cpu)")
     g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING, default="aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="scale of the load-balancing loss added to the gradient (Megatron-LM suggests 1e-2)")
@@ -81,9 +81,6 @@ def check_moe_args(args) -> None:
         raise Lasp2ConfigError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} with --num-experts "
                                "needs --sequence-parallel (megatron-core's MoE layer trains at TP > 1 only with "
                                "Megatron's sequence parallelism)")
-    if args.moe_token_dispatcher_type == "alltoall" and args.device == "cpu":
-        raise Lasp2ConfigError("--moe-token-dispatcher-type alltoall needs --device cuda (megatron-core's "
-                               "alltoall dispatcher opens a CUDA stream); use allgather on CPU")
 
 
 def check_moe_world(args, world: int) -> None:

@@ -305,7 +305,7 @@ def _tracker(path: str) -> str:
 def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
     from megatron.core import parallel_state as ps
 
-    # the expert-parallel size the optimizer state was laid out for (checkpointing.check_expert_layout)
+    # the expert-parallel size the optimizer state was laid out for (moe_checkpoint.optimizer_layout_changes)
     state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
@@ -383,21 +383,32 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         with open(_tracker(path)) as f:
             iteration = int(f.read().strip())
     directory = os.path.join(path, f"iter_{iteration:07d}")
+    remap = False  # the optimizer state crosses EP 1 | EP > 1 (megatron_patches.moe_checkpoint)
     if optimizer is not None:
         from megatron.core import parallel_state as ps
 
-        from megatron_patches.checkpointing import check_expert_layout
+        from megatron_patches.moe_checkpoint import optimizer_layout_changes
 
         saved = dist_checkpointing.load_common_state_dict(directory)
-        check_expert_layout(saved.get("expert_model_parallel_size"), ps.get_expert_model_parallel_world_size())
+        remap = optimizer_layout_changes(saved.get("expert_model_parallel_size"),
+                                         ps.get_expert_model_parallel_world_size(), optimizer)
         _init_optimizer_state(optimizer)
-    state = dist_checkpointing.load(_sharded_state(chunks, optimizer, iteration, True), directory)
+    sharded = _sharded_state(chunks, optimizer, iteration, True)
+    if remap:
+        from megatron_patches.moe_checkpoint import rekey_optimizer_state
+
+        rekey_optimizer_state(sharded["optimizer"], directory)
+    state = dist_checkpointing.load(sharded, directory)
     if len(chunks) == 1:
         chunks[0].module.load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(chunks):
             chunk.module.load_state_dict(state[f"model{i}"])
     if optimizer is not None:
+        if remap:
+            from megatron_patches.moe_checkpoint import state_in_current_layout
+
+            state["optimizer"] = state_in_current_layout(state["optimizer"], saved["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
     _log(f"loaded {directory} (iteration {iteration})")
     return iteration
