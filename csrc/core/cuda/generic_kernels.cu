@@ -7,6 +7,7 @@
 // strides the tensor-core kernels do not take.
 #include "device_utils.cuh"
 #include "elem_dispatch.cuh"
+#include "pdl.cuh"
 
 namespace lasp2::cuda {
 namespace {
@@ -55,6 +56,8 @@ struct GenState {
 // differently in the state and output kernels (other PTX, so not provably the same code).
 template <typename T, bool ENTRY>
 __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args, int state_in_smem) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   extern __shared__ float gsm[];
   const Geom& g = args.g;
   const int da = args.da, db = args.db, LDA = da + 1, LDB = db + 1;
@@ -119,6 +122,8 @@ struct GenFwd {
 
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int state_in_smem) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
   constexpr bool kDq = MODE == static_cast<int>(FwdMode::kDq);
   extern __shared__ float gsm[];
@@ -246,6 +251,8 @@ struct GenDkdv {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, int state_in_smem) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   extern __shared__ float gsm[];
   const Geom& g = args.g;
   const int dk = args.dk, dv = args.dv, LDK = dk + 1, LDV = dv + 1;
@@ -393,30 +400,29 @@ void gen_state_t(const StateArgs& a, bool entry, bool smem_state, cudaStream_t s
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs);
   if (entry) {
     set_smem(generic_state_kernel<T, true>, bytes);
-    generic_state_kernel<T, true><<<grid, kThreads, bytes, s>>>(a, smem_state ? 1 : 0);
+    launch_kernel("generic_state_kernel", generic_state_kernel<T, true>, grid, kThreads, bytes, s, a,
+                  smem_state ? 1 : 0);
   } else {
     set_smem(generic_state_kernel<T, false>, bytes);
-    generic_state_kernel<T, false><<<grid, kThreads, bytes, s>>>(a, smem_state ? 1 : 0);
+    launch_kernel("generic_state_kernel", generic_state_kernel<T, false>, grid, kThreads, bytes, s, a,
+                  smem_state ? 1 : 0);
   }
-  check_launch("generic_state_kernel");
 }
 
 template <typename T, int MODE>
 void gen_fwd_t(const FwdArgs& a, bool smem_state, cudaStream_t s) {
   const int bytes = generic_fwd_smem(a.da, a.dv, static_cast<FwdMode>(MODE), smem_state);
   set_smem(generic_fwd_kernel<T, MODE>, bytes);
-  generic_fwd_kernel<T, MODE><<<static_cast<unsigned>(a.g.bh() * a.g.nseg), kThreads, bytes, s>>>(
-      a, smem_state ? 1 : 0);
-  check_launch("generic_fwd_kernel");
+  launch_kernel("generic_fwd_kernel", generic_fwd_kernel<T, MODE>, static_cast<unsigned>(a.g.bh() * a.g.nseg),
+                kThreads, bytes, s, a, smem_state ? 1 : 0);
 }
 
 template <typename T>
 void gen_dkdv_t(const DkdvArgs& a, bool smem_state, cudaStream_t s) {
   const int bytes = generic_dkdv_smem(a.dk, a.dv, smem_state);
   set_smem(generic_dkdv_kernel<T>, bytes);
-  generic_dkdv_kernel<T><<<static_cast<unsigned>(a.g.bh() * a.g.nseg), kThreads, bytes, s>>>(
-      a, smem_state ? 1 : 0);
-  check_launch("generic_dkdv_kernel");
+  launch_kernel("generic_dkdv_kernel", generic_dkdv_kernel<T>, static_cast<unsigned>(a.g.bh() * a.g.nseg),
+                kThreads, bytes, s, a, smem_state ? 1 : 0);
 }
 
 void launch_generic_state(Elem e, const StateArgs& a, bool entry, bool state_in_smem,

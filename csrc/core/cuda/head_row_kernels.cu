@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "device_utils.cuh"
+#include "pdl.cuh"
 
 namespace lasp2::cuda {
 namespace {
@@ -24,6 +25,8 @@ __global__ void __launch_bounds__(kRowThreads) dg_fixup_rows_kernel(Geom g, floa
                                                                     const float* seg_total,
                                                                     const float* dg_offset,
                                                                     int pieces) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   extern __shared__ float offset[];  // [H]
   const int H = g.heads, b = blockIdx.y, tid = threadIdx.x;
   const int seg = blockIdx.x / pieces, piece = blockIdx.x - seg * pieces;
@@ -64,9 +67,8 @@ void launch_dg_fixup_rows(const Geom& g, float* dg, const float* seg_total, cons
   const int64_t seg_values = static_cast<int64_t>(std::min(g.n, g.seg_chunks * kChunk)) * g.heads;
   const int pieces = static_cast<int>((seg_values + kRowRound - 1) / kRowRound);
   const dim3 grid(static_cast<unsigned>(g.nseg * pieces), static_cast<unsigned>(g.batch));
-  dg_fixup_rows_kernel<<<grid, kRowThreads, g.heads * sizeof(float), s>>>(g, dg, seg_total,
-                                                                         dg_offset, pieces);
-  check_launch("dg_fixup_rows_kernel");
+  launch_kernel("dg_fixup_rows_kernel", dg_fixup_rows_kernel, grid, kRowThreads, g.heads * sizeof(float), s,
+                g, dg, seg_total, dg_offset, pieces);
 }
 
 }  // namespace lasp2::cuda

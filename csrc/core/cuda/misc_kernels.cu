@@ -6,6 +6,7 @@
 
 #include "device_utils.cuh"
 #include "lasp2/types.h"
+#include "pdl.cuh"
 #include "segment_scan.h"
 
 namespace lasp2::cuda {
@@ -72,6 +73,8 @@ constexpr int kMetaWarps = 32;
 constexpr int kMetaBatch = 4;
 
 __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   const Geom& g = a.g;
   // the block's place written out, not segment_block(g): with it, nvcc ordered the chunk
   // range's arithmetic differently (other PTX)
@@ -139,6 +142,8 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
                                                    const float* init, float* final_out,
                                                    float* log_out, StatePieces pieces,
                                                    float* m_out, int last_unread) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   const int64_t bh = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const float* L = segL + bh * nseg;
@@ -218,6 +223,8 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
 // dg[t] += dg_offset[bh] + sum of the totals of the segments after t's segment.
 __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const float* seg_total,
                                                        const float* dg_offset) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   const SegmentBlock blk = segment_block(g);
   __shared__ float offset;
   if (threadIdx.x == 0) {
@@ -248,6 +255,8 @@ __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_p
                                                       const float* log_decays, int target,
                                                       int64_t bh_count, int64_t elems, bool suffix,
                                                       float* out) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   const int64_t i = blockIdx.y;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e >= elems) return;
@@ -270,6 +279,8 @@ __global__ void __launch_bounds__(256) state_dot_kernel(const float* prefix, con
                                                         const float* log_decay,
                                                         const float* dstate, int64_t elems,
                                                         float* out) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   const int64_t i = blockIdx.x;
   const double a = exp(static_cast<double>(log_decay[i]));
   double s = 0.0;
@@ -296,8 +307,8 @@ dim3 elem_grid(int64_t elems, int64_t bh) {
 }  // namespace
 
 void launch_meta(const MetaArgs& a, cudaStream_t s) {
-  meta_kernel<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * kMetaWarps, 0, s>>>(a);
-  check_launch("meta_kernel");
+  launch_kernel("meta_kernel", meta_kernel, static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * kMetaWarps,
+                0, s, a);
 }
 
 void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
@@ -307,32 +318,27 @@ void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh
   if (last_unread && final_out != nullptr) {
     fail("lasp2 (CUDA): launch_segment_scan: final_out needs the last segment's state");
   }
-  scan_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(X, M, segL, bh, nseg, elems, suffix,
-                                                   write_segments, init, final_out, log_out,
-                                                   pieces, m_out, last_unread ? 1 : 0);
-  check_launch("scan_kernel");
+  launch_kernel("scan_kernel", scan_kernel, elem_grid(elems, bh), 256, 0, s, X, M, segL, bh, nseg, elems,
+                suffix, write_segments, init, final_out, log_out, pieces, m_out, last_unread ? 1 : 0);
 }
 
 void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,
                      cudaStream_t s) {
-  dg_fixup_kernel<<<static_cast<unsigned>(g.bh() * g.nseg), 256, 0, s>>>(g, dg, seg_total,
-                                                                        dg_offset);
-  check_launch("dg_fixup_kernel");
+  launch_kernel("dg_fixup_kernel", dg_fixup_kernel, static_cast<unsigned>(g.bh() * g.nseg), 256, 0, s, g, dg,
+                seg_total, dg_offset);
 }
 
 void launch_combine(const PartTable& parts, int num_parts, const float* log_decays, int target,
                     int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s) {
-  combine_kernel<<<elem_grid(elems, bh), 256, 0, s>>>(parts, num_parts, log_decays, target, bh,
-                                                      elems, suffix, out);
-  check_launch("combine_kernel");
+  launch_kernel("combine_kernel", combine_kernel, elem_grid(elems, bh), 256, 0, s, parts, num_parts,
+                log_decays, target, bh, elems, suffix, out);
 }
 
 void launch_state_dot(const float* prefix, const float* state, const float* log_decay,
                       const float* dstate, int64_t bh, int64_t elems, float* out,
                       cudaStream_t s) {
-  state_dot_kernel<<<static_cast<unsigned>(bh), 256, 0, s>>>(prefix, state, log_decay, dstate,
-                                                             elems, out);
-  check_launch("state_dot_kernel");
+  launch_kernel("state_dot_kernel", state_dot_kernel, static_cast<unsigned>(bh), 256, 0, s, prefix, state,
+                log_decay, dstate, elems, out);
 }
 
 }  // namespace lasp2::cuda

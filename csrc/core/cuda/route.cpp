@@ -27,6 +27,7 @@ const DeviceInfo& device_info() {
   int pools = 0;
   cuda_check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "attribute");
   info.pools = pools != 0;
+  cuda_check(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
   return cache.emplace(dev, info).first->second;
 }
 

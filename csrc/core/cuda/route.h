@@ -19,6 +19,7 @@ struct DeviceInfo {
   int sms = 1;
   int smem_optin = 48 * 1024;  // opt-in shared memory per block
   bool pools = false;          // stream-ordered allocator (cudaMallocAsync) supported
+  int cc_major = 0;            // compute capability (pdl.cpp: PDL from sm_90)
 };
 // The current device's limits (cached per device).
 const DeviceInfo& device_info();

@@ -54,6 +54,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "pdl.cuh"
 #include "route.h"         // device_info: the opt-in shared memory of the staged stores
 #include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
@@ -158,6 +159,8 @@ struct DkdvTmaStoreArgs : DkdvTmaArgs {
 template <typename T, int D, bool kTma = false, typename P = DkdvArgs>
 __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     tc_dkdv_kernel(const __grid_constant__ P args) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   using L = DkdvLayout<D>;
   constexpr bool kStore = std::is_same_v<P, DkdvTmaStoreArgs>;
   static_assert(!kStore || (kTma && D == 128), "staged dk / dv stores: the D = 128 tensor-map kernel only");
@@ -687,8 +690,8 @@ bool launch_dkdv_tma(const DkdvArgs& a, cudaStream_t s) {
       return false;
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(ta);
-  check_launch("tc_dkdv_kernel");
+  launch_kernel("tc_dkdv_kernel", k, static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem,
+                s, ta);
   g_last_kernel.store(kStore ? 2 : 1, std::memory_order_relaxed);
   return true;
 }
@@ -706,8 +709,8 @@ void launch_dkdv_t(const DkdvArgs& a, cudaStream_t s) {
   constexpr int smem = DkdvLayout<D>::kBytes;
   auto k = tc_dkdv_kernel<T, D, false>;
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem, s>>>(a);
-  check_launch("tc_dkdv_kernel");
+  launch_kernel("tc_dkdv_kernel", k, static_cast<unsigned>(a.g.bh() * a.g.nseg), 32 * DkdvLayout<D>::NW, smem,
+                s, a);
   g_last_kernel.store(0, std::memory_order_relaxed);
 }
 

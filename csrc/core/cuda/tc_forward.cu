@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "pdl.cuh"
 #include "route.h"  // device_info: the opt-in shared memory of variant 10
 #include "tc_tile_map.cuh"  // the tensor maps (variants 6, 10); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
@@ -161,6 +162,8 @@ constexpr bool fwd_tma_store() {
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
     tc_fwd_kernel(const __grid_constant__ P args) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   constexpr bool kStore = fwd_tma_store<D, VAR>();
   using L = FwdLayout<D, MODE, kStore>;
   constexpr int NS = L::NS;
@@ -561,8 +564,7 @@ bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
     if (!encode_tile_map<T, D>(&ta.omap, ta.ohdim, ta.otdim, ta.obdim, a.out, a.g, a.dv)) return false;
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(ta);
-  check_launch("tc_fwd_kernel");
+  launch_kernel("tc_fwd_kernel", k, static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s, ta);
   return true;
 }
 
@@ -593,8 +595,7 @@ void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
     }
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s>>>(a);
-  check_launch("tc_fwd_kernel");
+  launch_kernel("tc_fwd_kernel", k, static_cast<unsigned>(a.g.bh() * a.g.nseg), 2 * D, smem, s, a);
 }
 
 template <typename T, int D>

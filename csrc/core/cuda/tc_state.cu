@@ -32,6 +32,7 @@
 // LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async: the same bytes in shared
 // memory where the kernel reads, the same bits.
 #include "device_utils.cuh"
+#include "pdl.cuh"
 #include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
@@ -64,6 +65,8 @@ struct StateTmaArgs : StateArgs {
 // every thread. P = StateTmaArgs then.
 template <typename T, int D, bool ENTRY, bool kTma = false, typename P = StateArgs>
 __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constant__ P args) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
   constexpr int NW = D / 16;
   constexpr int NTHREADS = 32 * NW;
   constexpr int LD = TcTile<D>::LD;
@@ -281,8 +284,7 @@ bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
     return false;
   constexpr int smem = StateLayout<D>::kBytes + 3 * 8;  // + the three stage barriers
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  k<<<grid, 2 * D, smem, s>>>(ta);
-  check_launch("tc_state_kernel");
+  launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, ta);
   return true;
 }
 
@@ -298,13 +300,12 @@ void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
   if (entry) {
     auto k = tc_state_kernel<T, D, true>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-    k<<<grid, 2 * D, smem, s>>>(a);
+    launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, a);
   } else {
     auto k = tc_state_kernel<T, D, false>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-    k<<<grid, 2 * D, smem, s>>>(a);
+    launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, a);
   }
-  check_launch("tc_state_kernel");
 }
 
 }  // namespace
