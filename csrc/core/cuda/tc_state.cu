@@ -296,6 +296,19 @@ __global__ void __launch_bounds__(2 * D, (StateLayout<D, S>::kMinBlocks))
 // atomic: launches may come from several host threads.
 std::atomic<int> g_last_stages{-1};
 
+// Lets kernel k (S stages) take `bytes` of dynamic shared memory. Deeper rings also ask for
+// the largest carveout: two 4-stage blocks (2 x 106 KiB at D = 128) share an SM only in its
+// 228 KiB configuration, which the driver need not pick for a kernel one block of which can
+// run. (A failure shows at the launch, which check_launch names.)
+template <int S>
+void allow_state_smem(const void* k, int bytes) {
+  if constexpr (S == kStateStages) {
+    allow_dynamic_smem(k, bytes);
+  } else {
+    (void)allow_max_shared(k, bytes);
+  }
+}
+
 // The kTma kernel where it can run (sm_90 code on an sm_90 device, both maps encodable,
 // the weights 16-byte aligned for the bulk copy); false (nothing launched) otherwise.
 template <typename T, int D, bool ENTRY, int S>
@@ -310,7 +323,7 @@ bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
       !encode_tile_map<T, kStateDB>(&ta.map[1], ta.hdim[1], ta.tdim[1], ta.bdim[1], a.b, a.g, a.db))
     return false;
   constexpr int smem = StateLayout<D, S>::kTmaBytes;  // + the S stage barriers
-  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
   k<<<grid, 2 * D, smem, s>>>(ta);
   check_launch("tc_state_kernel");
   return true;
@@ -328,11 +341,11 @@ void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
     return;
   if (entry) {
     auto k = tc_state_kernel<T, D, true, false, StateArgs, S>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
     k<<<grid, 2 * D, smem, s>>>(a);
   } else {
     auto k = tc_state_kernel<T, D, false, false, StateArgs, S>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
     k<<<grid, 2 * D, smem, s>>>(a);
   }
   check_launch("tc_state_kernel");
