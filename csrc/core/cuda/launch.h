@@ -156,13 +156,19 @@ void launch_state_dot(const float* prefix, const float* state, const float* log_
 // ---- tensor-core path (bf16/fp16, dims <= D in {64, 128}, multiples of 8) ----
 // Dynamic shared memory each launcher needs (bytes), to check against the device.
 int tc_state_smem(int D);
+// The state walk's with `stages` copy stages (LASP2_CUDA_STATE_STAGES: 3, 4 or 6; 3 is
+// tc_state_smem's ring), its tensor-map kernel's bytes; -1 for a count not built.
+int tc_state_stages_smem(int D, int stages);
+// The copy stages of the last launch_tc_state in this process (tests; any thread's); -1
+// before any launch.
+int tc_state_last_stages();
 int tc_fwd_smem(int D, FwdMode mode);
 int tc_dkdv_smem(int D);
 // The kernel the last launch_tc_dkdv ran in this process (tests; any thread's): 0 the cp.async
 // kernel, 1 the tensor-map copies (kTma), 2 kTma with the staged dk / dv tensor-map stores
 // (the default at D = 128; LASP2_CUDA_DKDV_STORE=direct forces 1); -1 before any launch.
 int tc_dkdv_last_kernel();
-void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s);
+void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s, int stages = 3);
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "route.h"
 #include "scratch.h"
@@ -61,6 +62,25 @@ float state_walk_stop(float coef) {
   return n > 0 ? coef * std::ldexp(1.f, -std::min(n, 120)) : 0.f;
 }
 
+// Copy stages of the tensor-core state walk at tile D (LASP2_CUDA_STATE_STAGES: 3, 4 or 6;
+// unset: 3, the ring every session before 21 measured). With per-token gates a walk ends
+// after ~10 chunks and takes ~2.4 us a chunk at 64K, far above its math: each step waits on
+// a load issued two steps before, so a deeper ring (S - 1 chunks in flight) may help; with
+// a fixed decay 4 stages measured no change (session 15). The default stays until measured.
+// Any other value, or a ring the device's opt-in shared memory cannot hold, is an Error.
+int state_copy_stages(int D) {
+  const char* name = "LASP2_CUDA_STATE_STAGES";
+  const int n = env_int(name, 3);
+  const int bytes = tc_state_stages_smem(D, n);
+  LASP2_CHECK(bytes > 0, std::string(name) + "=" + std::to_string(n) +
+                             ": the state walk is built for 3, 4 or 6 copy stages");
+  LASP2_CHECK(bytes <= device_info().smem_optin,
+              std::string(name) + "=" + std::to_string(n) + " needs " + std::to_string(bytes) +
+                  " bytes of shared memory a block at D = " + std::to_string(D) + ", the device allows " +
+                  std::to_string(device_info().smem_optin));
+  return n;
+}
+
 // The state passes of the output / dq pass and of the dk/dv pass leave out the one segment
 // state their scan never reads (launch_segment_scan: last_unread): the prefix scan's
 // entering states need segments 0 .. nseg - 2 only, the suffix scan's leaving gradients
@@ -115,7 +135,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
       sa.sub_out = s.sub_states;
       sa.sub_flags = s.sub_flags;
     }
-    launch_tc_state(elem_of(p.dtype), D, sa, entry, stream);
+    launch_tc_state(elem_of(p.dtype), D, sa, entry, stream, state_copy_stages(D));
     if (sa.nsub > 1) pieces = {sa.sub_out, sa.sub_flags, sa.nsub};
   } else {
     const bool smem = generic_state_smem(da, db, true) <= device_info().smem_optin;

@@ -31,6 +31,11 @@
 // three counted on the stage's mbarrier (kTma); otherwise (sm_80, other views,
 // LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async: the same bytes in shared
 // memory where the kernel reads, the same bits.
+// Copy stages (session 21): S stages, S - 1 chunks in flight; LASP2_CUDA_STATE_STAGES picks
+// S (3 unless set; passes.cpp): with gates a walk of ~10 chunks waits on each load, so a
+// deeper ring may overlap more of them. Only the copy ring differs: the same bits.
+#include <atomic>
+
 #include "device_utils.cuh"
 #include "pdl.cuh"
 #include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
@@ -41,16 +46,28 @@ namespace {
 
 constexpr int kStateDB = 64;  // state columns per block
 
-constexpr int kStateStages = 3;
+constexpr int kStateStages = 3;  // the default ring (LASP2_CUDA_STATE_STAGES unset)
 
-template <int D>
+template <int D, int S = kStateStages>
 struct StateLayout {
   static constexpr int kA = TcTile<D>::kBytes;         // [64][D + 8]
   static constexpr int kB = TcTile<kStateDB>::kBytes;  // [64][64 + 8]
   static constexpr int kStage = kA + kB;
-  static constexpr int kMeta = kStateStages * kStage;  // [stages][64][2] floats: weights
-  static constexpr int kBytes = kMeta + kStateStages * 128 * 4;
+  static constexpr int kMeta = S * kStage;  // [stages][64][2] floats: weights
+  static constexpr int kBytes = kMeta + S * 128 * 4;
+  // with the kTma kernel's S stage barriers after kBytes
+  static constexpr int kTmaBytes = kBytes + S * 8;
+  // Blocks an SM for __launch_bounds__: 2 where two blocks' shared memory (with the 1 KiB
+  // the runtime keeps per block) fits an sm_90 SM's 228 KiB (3 stages: 80 KiB at D = 128;
+  // 4 stages 106 KiB; 6 stages at D = 64 111 KiB), else 1.
+  static constexpr int kMinBlocks = 2 * (kTmaBytes + 1024) <= 228 * 1024 ? 2 : 1;
 };
+
+// cp.async: waits until at most the N newest committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_newest() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // The kTma kernel's argument: StateArgs plus the tensor maps of a (map 0, da columns read
 // in [64][D + 8] boxes) and b (map 1, db columns in [64][64 + 8] boxes from the block's
@@ -62,9 +79,11 @@ struct StateTmaArgs : StateArgs {
 
 // kTma (session 16; head comment): the same walk with each chunk's a, b tiles and weights
 // copied by one thread (kTmaThread) onto the stage's mbarrier instead of cp.async from
-// every thread. P = StateTmaArgs then.
-template <typename T, int D, bool ENTRY, bool kTma = false, typename P = StateArgs>
-__global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constant__ P args) {
+// every thread. P = StateTmaArgs then. S copy stages: chunk i + S - 1 is fetched while
+// chunk i is multiplied.
+template <typename T, int D, bool ENTRY, bool kTma = false, typename P = StateArgs, int S = kStateStages>
+__global__ void __launch_bounds__(2 * D, (StateLayout<D, S>::kMinBlocks))
+    tc_state_kernel(const __grid_constant__ P args) {
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
   pdl_launch_dependents();
   constexpr int NW = D / 16;
@@ -73,7 +92,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   constexpr int DB = kStateDB;
   constexpr int LDB = TcTile<DB>::LD;
   constexpr int NSPLIT = D / DB;
-  using L = StateLayout<D>;
+  using L = StateLayout<D, S>;
   extern __shared__ __align__(16) unsigned char smem[];
   float* meta_s = reinterpret_cast<float*>(smem + L::kMeta);
   auto tile_a = [&](int stage) { return reinterpret_cast<T*>(smem + stage * L::kStage); };
@@ -140,7 +159,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   // kTma: the walk's chunk i (< nwalk) into `stage` by one thread (the last warp's first:
   // the idle warp where da < D), counted on bars[stage] (one arrival with the bytes
   // expected; the boxes count their zero-filled parts too). Stage s's k-th fill is the
-  // walk's chunk 3k + s and completes its barrier's phase k; bit s of `phases` holds the
+  // walk's chunk Sk + s and completes its barrier's phase k; bit s of `phases` holds the
   // parity of the next fill to wait for.
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBytes);
   constexpr int kTmaThread = NTHREADS - 32;
@@ -163,15 +182,15 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   auto drain_tma = [&](int last, int stage) {
     if constexpr (kTma) {
       if (tid == kTmaThread) {
-        for (int j = 1; j <= 2 && last + j < nwalk; ++j) {
-          const int s = (stage + j) % 3;
+        for (int j = 1; j <= S - 1 && last + j < nwalk; ++j) {
+          const int s = (stage + j) % S;
           lasp2::delta::gpu::mbar_wait(&bars[s], (phases >> s) & 1u);
         }
       }
     }
   };
   if constexpr (kTma) {
-    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<3>(bars);
+    if (tid == kTmaThread) lasp2::delta::gpu::init_ring_barriers<S>(bars);
     __syncthreads();
   }
 
@@ -179,12 +198,19 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   tc_zero(M);
   const bool active = 16 * warp < args.da;
 
+  // the first S - 1 chunks; the first two written out as before session 21 (a loop from 0
+  // compiles the default ring to other PTX)
+  static_assert(S >= 3, "the ring holds at least the chunk in use and the next two");
   if constexpr (kTma) {
     load_tma(0, 0);
     load_tma(1, 1);
+#pragma unroll
+    for (int j = 2; j < S - 1; ++j) load_tma(j, j);
   } else {
     load(0, 0);
     load(1, 1);
+#pragma unroll
+    for (int j = 2; j < S - 1; ++j) load(j, j);
   }
   int stage = 0;
   for (int i = 0; i < nwalk; ++i) {
@@ -192,16 +218,16 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
       lasp2::delta::gpu::mbar_wait(&bars[stage], (phases >> stage) & 1u);  // chunk i arrived
       phases ^= 1u << stage;
     } else {
-      cp_async_wait_group1();  // chunk i arrived (only chunk i + 1 may be pending)
+      cp_async_wait_newest<S - 2>();  // chunk i arrived (only chunks i + 1 .. i + S - 2 may be pending)
     }
     __syncthreads();         // ... for every thread; and the stage of i - 1 is free
     if constexpr (kTma) {
       // that stage's last (generic-proxy) reads were before the barrier above; order them
       // before the copy engine's writes
-      if (tid == kTmaThread && i + 2 < nwalk) lasp2::delta::gpu::fence_proxy_async_shared();
-      load_tma(i + 2, stage == 0 ? 2 : stage - 1);
+      if (tid == kTmaThread && i + S - 1 < nwalk) lasp2::delta::gpu::fence_proxy_async_shared();
+      load_tma(i + S - 1, stage == 0 ? S - 1 : stage - 1);
     } else {
-      load(i + 2, stage == 0 ? 2 : stage - 1);
+      load(i + S - 1, stage == 0 ? S - 1 : stage - 1);
     }
     const T* ta = tile_a(stage);
     const T* tb = tile_b(stage);
@@ -245,7 +271,7 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
       if constexpr (kTma) drain_tma(i, stage);
       break;
     }
-    stage = stage == 2 ? 0 : stage + 1;
+    stage = stage == S - 1 ? 0 : stage + 1;
   }
   if constexpr (!kTma) cp_async_wait_all();
 
@@ -269,11 +295,28 @@ __global__ void __launch_bounds__(2 * D, 2) tc_state_kernel(const __grid_constan
   }
 }
 
+// The stage count of the last launch_tc_state (tc_state_last_stages, for the tests);
+// atomic: launches may come from several host threads.
+std::atomic<int> g_last_stages{-1};
+
+// Lets kernel k (S stages) take `bytes` of dynamic shared memory. Deeper rings also ask for
+// the largest carveout: two 4-stage blocks (2 x 106 KiB at D = 128) share an SM only in its
+// 228 KiB configuration, which the driver need not pick for a kernel one block of which can
+// run. (A failure shows at the launch, which check_launch names.)
+template <int S>
+void allow_state_smem(const void* k, int bytes) {
+  if constexpr (S == kStateStages) {
+    allow_dynamic_smem(k, bytes);
+  } else {
+    (void)allow_max_shared(k, bytes);
+  }
+}
+
 // The kTma kernel where it can run (sm_90 code on an sm_90 device, both maps encodable,
 // the weights 16-byte aligned for the bulk copy); false (nothing launched) otherwise.
-template <typename T, int D, bool ENTRY>
+template <typename T, int D, bool ENTRY, int S>
 bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
-  auto k = tc_state_kernel<T, D, ENTRY, true, StateTmaArgs>;
+  auto k = tc_state_kernel<T, D, ENTRY, true, StateTmaArgs, S>;
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0 || a.wmeta == nullptr ||
       reinterpret_cast<uintptr_t>(a.wmeta) % 16 != 0)
     return false;
@@ -282,38 +325,66 @@ bool launch_state_tma(const StateArgs& a, unsigned grid, cudaStream_t s) {
   if (!encode_tile_map<T, D>(&ta.map[0], ta.hdim[0], ta.tdim[0], ta.bdim[0], a.a, a.g, a.da) ||
       !encode_tile_map<T, kStateDB>(&ta.map[1], ta.hdim[1], ta.tdim[1], ta.bdim[1], a.b, a.g, a.db))
     return false;
-  constexpr int smem = StateLayout<D>::kBytes + 3 * 8;  // + the three stage barriers
-  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  constexpr int smem = StateLayout<D, S>::kTmaBytes;  // + the S stage barriers
+  allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
   launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, ta);
   return true;
 }
 
 // The kTma kernel unless forced off (LASP2_CUDA_TILE_COPY=cp_async) or it cannot run, then
-// the cp.async kernel.
-template <typename T, int D>
+// the cp.async kernel; S copy stages.
+template <typename T, int D, int S>
 void launch_state_t(const StateArgs& a, bool entry, cudaStream_t s) {
-  const int smem = StateLayout<D>::kBytes;
+  const int smem = StateLayout<D, S>::kBytes;
   const unsigned grid = static_cast<unsigned>(a.g.bh() * a.segs * a.nsub * (D / kStateDB));
+  g_last_stages.store(S, std::memory_order_relaxed);
   if (grid > 0 && !tile_copy_forced_cp_async() &&
-      (entry ? launch_state_tma<T, D, true>(a, grid, s) : launch_state_tma<T, D, false>(a, grid, s)))
+      (entry ? launch_state_tma<T, D, true, S>(a, grid, s) : launch_state_tma<T, D, false, S>(a, grid, s)))
     return;
   if (entry) {
-    auto k = tc_state_kernel<T, D, true>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    auto k = tc_state_kernel<T, D, true, false, StateArgs, S>;
+    allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
     launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, a);
   } else {
-    auto k = tc_state_kernel<T, D, false>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+    auto k = tc_state_kernel<T, D, false, false, StateArgs, S>;
+    allow_state_smem<S>(reinterpret_cast<const void*>(k), smem);
     launch_kernel("tc_state_kernel", k, grid, 2 * D, smem, s, a);
   }
+}
+
+// The byte counts of the rings tc_state_stages_ok accepts: the kTma kernel's (the larger).
+template <int S>
+int state_smem_of(int D) {
+  return D == 64 ? StateLayout<64, S>::kTmaBytes : StateLayout<128, S>::kTmaBytes;
 }
 
 }  // namespace
 
 int tc_state_smem(int D) { return D == 64 ? StateLayout<64>::kBytes : StateLayout<128>::kBytes; }
 
-void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s) {
-  dispatch_tc(e, D, [&](auto t, auto d) { launch_state_t<decltype(t), decltype(d)::value>(a, entry, s); });
+int tc_state_stages_smem(int D, int stages) {
+  switch (stages) {
+    case 3:
+      return state_smem_of<3>(D);
+    case 4:
+      return state_smem_of<4>(D);
+    case 6:
+      return state_smem_of<6>(D);
+    default:
+      return -1;  // not built
+  }
+}
+
+int tc_state_last_stages() { return g_last_stages.load(std::memory_order_relaxed); }
+
+void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s, int stages) {
+  dispatch_tc(e, D, [&](auto t, auto d) {
+    using T = decltype(t);
+    constexpr int kD = decltype(d)::value;
+    if (stages == 4) launch_state_t<T, kD, 4>(a, entry, s);
+    else if (stages == 6) launch_state_t<T, kD, 6>(a, entry, s);
+    else launch_state_t<T, kD, kStateStages>(a, entry, s);
+  });
 }
 
 }  // namespace lasp2::cuda
