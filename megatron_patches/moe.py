@@ -3,7 +3,9 @@ and defaults, the checks every rank runs on them before any process group or mod
 what they set in megatron-core's TransformerConfig, and the load-balancing loss line of the log.
 
 The MoE layer itself is megatron-core's (MoELayer: TopKRouter, token dispatcher, SequentialMLP
-of local experts); expert parameters are reduced over the expert-data-parallel group by
+of local experts, and with --moe-shared-expert-intermediate-size its SharedExpertMLP, which the
+local and TE layer specs of megatron-core already carry as MoESubmodules.shared_experts and
+MoELayer builds only when the config has the size); expert parameters are reduced over the expert-data-parallel group by
 megatron-core's DDP and stepped by get_megatron_optimizer's expert optimizer, both of which
 find them by their `allreduce = False` attribute. Nothing here changes that machinery."""
 
@@ -36,6 +38,12 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING, default="aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="scale of the load-balancing loss added to the gradient (Megatron-LM suggests 1e-2)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="FFN size of the shared experts every token passes through besides its routed ones "
+                        "(DeepSeek / Qwen-MoE; several shared experts: their sizes summed; default: none)")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="run the shared experts on a side CUDA stream during the alltoall dispatch "
+                        "(--device cuda and the alltoall dispatcher only)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="ranks the experts of a layer are spread over (within the data x context parallel ranks)")
 
@@ -47,7 +55,9 @@ def _flag(dest: str) -> str:
 def check_moe_args(args) -> None:
     """The checks that need only the command line (parse time, the same on every rank)."""
     if args.num_experts is None:
-        moe_only = [d for d, default in (("moe_ffn_hidden_size", None), ("moe_router_pre_softmax", False))
+        moe_only = [d for d, default in (("moe_ffn_hidden_size", None), ("moe_router_pre_softmax", False),
+                                         ("moe_shared_expert_intermediate_size", None),
+                                         ("moe_shared_expert_overlap", False))
                     if getattr(args, d) != default]
         if args.expert_model_parallel_size != 1:
             moe_only.insert(0, "expert_model_parallel_size")
@@ -64,6 +74,7 @@ def check_moe_args(args) -> None:
                                "(each expert-parallel rank holds the same number of experts)")
     if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size < 1:
         raise Lasp2ConfigError(f"--moe-ffn-hidden-size must be >= 1, got {args.moe_ffn_hidden_size}")
+    _check_shared_experts(args)
     if args.moe_aux_loss_coeff < 0:
         raise Lasp2ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
     if (topk == 1 and not args.moe_router_pre_softmax
@@ -76,11 +87,38 @@ def check_moe_args(args) -> None:
         raise Lasp2ConfigError("--num-experts with the local spec needs --disable-bias-linear (megatron-core's "
                                "expert MLP cannot add a linear bias there; Megatron-LM's MoE models run "
                                "without biases)")
+    if args.use_torch_fsdp2 and ep > 1:
+        # megatron-core 0.16.1's TorchFullyShardedDataParallel shards every parameter over the
+        # data x context parallel group, experts included; at EP > 1 ranks of different EP ranks
+        # hold different experts under the same name, so its all-gather mixes them (measured:
+        # step-1 loss 4.308 instead of 4.295, weights off by 0.57, no error)
+        raise Lasp2ConfigError(f"--use-torch-fsdp2 with --expert-model-parallel-size {ep} is refused: megatron-core's "
+                               "FSDP2 wrapper shards the expert parameters over the data x context parallel "
+                               "group, not the expert-data-parallel one, and trains wrong numbers; use "
+                               "--expert-model-parallel-size 1 or megatron-core's DDP")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         # megatron-core's MoELayer raises at the first training step otherwise, naming no flag
         raise Lasp2ConfigError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} with --num-experts "
                                "needs --sequence-parallel (megatron-core's MoE layer trains at TP > 1 only with "
                                "Megatron's sequence parallelism)")
+
+
+def _check_shared_experts(args) -> None:
+    size = args.moe_shared_expert_intermediate_size
+    if size is not None and size < 1:
+        raise Lasp2ConfigError(f"--moe-shared-expert-intermediate-size must be >= 1, got {size}")
+    if not args.moe_shared_expert_overlap:
+        return
+    if size is None:
+        raise Lasp2ConfigError("--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size "
+                               "(there is no shared expert to overlap)")
+    if args.device != "cuda":
+        # megatron-core 0.16.1's SharedExpertMLP opens a torch.cuda.Stream for it when built
+        raise Lasp2ConfigError("--moe-shared-expert-overlap needs --device cuda (megatron-core runs the shared "
+                               "experts on a CUDA side stream; on CPU run without it, the same numbers)")
+    if args.moe_token_dispatcher_type != "alltoall":  # megatron-core's config refuses it, naming no flag
+        raise Lasp2ConfigError("--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall "
+                               f"(megatron-core overlaps only that dispatcher), got {args.moe_token_dispatcher_type}")
 
 
 def check_moe_world(args, world: int) -> None:
@@ -110,6 +148,8 @@ def moe_config_kwargs(args) -> Dict[str, object]:
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_overlap=args.moe_shared_expert_overlap,
         moe_grouped_gemm=False,  # SequentialMLP: the local experts one after another (no grouped GEMM)
     )
 

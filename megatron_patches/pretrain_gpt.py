@@ -286,8 +286,9 @@ def _flops_per_step(args) -> float:
     attention term of the softmax layers (6 x 2 x s x h per token and layer, causal: halved)."""
     h, l, v, s = args.hidden_size, args.num_layers, args.vocab_size, args.seq_length
     ffn = args.ffn_hidden_size
-    if args.num_experts is not None:  # each token passes topk experts and the router
+    if args.num_experts is not None:  # each token passes topk experts, the router and the shared experts
         ffn = args.moe_router_topk * (args.moe_ffn_hidden_size or ffn) + args.num_experts / 2
+        ffn += args.moe_shared_expert_intermediate_size or 0
     dense = l * (4 * h * h + 2 * h * ffn) + v * h
     options = lasp2_options(args)
     softmax_layers = options.pattern_for(l).count(SOFTMAX)
@@ -509,7 +510,9 @@ def _moe_summary(args) -> str:
         return ""
     return (f", MoE {args.num_experts} experts top-{args.moe_router_topk} over EP "
             f"{args.expert_model_parallel_size} ({args.moe_token_dispatcher_type}, "
-            f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff:g})")
+            f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff:g})"
+            + (f" + shared experts of {args.moe_shared_expert_intermediate_size}"
+               if args.moe_shared_expert_intermediate_size else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -288,6 +288,16 @@ def test_moe_checkpoint_at_ep2_resumes_at_ep4_with_the_same_step(results):
     (["--moe-ffn-hidden-size", "16"], r"--moe-ffn-hidden-size needs --num-experts"),
     (["--num-experts", "4", "--moe-router-topk", "1"], r"--moe-router-topk 1 needs --moe-router-pre-softmax"),
     (["--num-experts", "4", "--moe-aux-loss-coeff", "-1"], r"--moe-aux-loss-coeff must be >= 0"),
+    (["--moe-shared-expert-intermediate-size", "16"], r"--moe-shared-expert-intermediate-size needs --num-experts"),
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"],
+     r"--moe-shared-expert-intermediate-size must be >= 1, got 0"),
+    (["--num-experts", "4", "--moe-shared-expert-overlap"],
+     r"--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size"),
+    # megatron-core's SharedExpertMLP opens a torch.cuda.Stream for the overlap when built
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap",
+      "--moe-token-dispatcher-type", "alltoall"], r"--moe-shared-expert-overlap needs --device cuda"),
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap",
+      "--device", "cuda"], r"--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall"),
     # megatron-core's MoE layer raised at the first training step, naming no flag
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
      r"--tensor-model-parallel-size 2 with --num-experts needs --sequence-parallel"),
@@ -330,4 +340,7 @@ def test_moe_flags_parse_with_megatron_lm_defaults():
     kwargs = moe_config_kwargs(args)
     assert kwargs["num_moe_experts"] == 8 and kwargs["moe_ffn_hidden_size"] == args.ffn_hidden_size
     assert kwargs["moe_grouped_gemm"] is False
+    assert kwargs["moe_shared_expert_intermediate_size"] is None and kwargs["moe_shared_expert_overlap"] is False
+    for field in ("moe_shared_expert_intermediate_size", "moe_shared_expert_overlap"):
+        assert kwargs[field] == fields[field].default, field  # no shared expert unless asked, as Megatron-LM
     assert moe_config_kwargs(pretrain_gpt.parse_args(["--device", "cpu"])) == {}
