@@ -14,41 +14,15 @@
 #include "device_rank.h"
 #include "lasp2/lasp2.h"
 #include "lasp2/scratch_allocator.h"
+#include "lasp2_device_run.h"
 #include "../local_slice.h"
 #include "../recurrent_reference.h"
 
 namespace lasp2::testing {
 namespace {
 
-Problem<double> rounded(const ProblemSpec& s, ScalarType t, uint32_t seed) {
-  Problem<double> pr(s, seed);
-  for (auto* v : {&pr.q, &pr.k, &pr.v, &pr.dout})
-    for (auto& x : *v) x = round_to(t, x);
-  for (auto& x : pr.gate) x = static_cast<double>(static_cast<float>(x));
-  for (auto& x : pr.log_decay) x = static_cast<double>(static_cast<float>(x));
-  return pr;
-}
-
-// Runs forward + backward of one rank's problem on the GPU (comm may be null).
-Grads run_rank(const Problem<double>& pr, ScalarType dtype, const PartLayout& layout, Communicator* comm,
-               bool overlap, cudaStream_t stream, const KernelBackend& be = cuda_backend()) {
-  DeviceRank r(pr, dtype, layout);
-  r.enqueue(be, comm, layout, overlap, stream);
-  cuda_ok(cudaStreamSynchronize(stream), "lasp2 on the device");
-  return r.grads();
-}
-
 // Log gates of -inf (the state forgotten at that token) at chunk and segment edges,
 // in a run, at the first and last token; with kFixed, the last head's log decay.
-// One rank's outputs and gradients into the global ones at its layout's tokens.
-void put_rank(Grads& out, const Grads& g, const PartLayout& layout, const ProblemSpec& s) {
-  put_tokens(out.o, g.o, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-  put_tokens(out.dq, g.dq, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-  put_tokens(out.dk, g.dk, layout, s.batch, s.seqlen, s.heads, s.dim_k);
-  put_tokens(out.dv, g.dv, layout, s.batch, s.seqlen, s.heads, s.dim_v);
-  put_tokens(out.dg, g.dg, layout, s.batch, s.seqlen, s.heads, 1);
-}
-
 void forget_some(Problem<double>& pr) {
   const auto& s = pr.spec;
   if (s.mode == DecayMode::kFixed) {
@@ -60,30 +34,6 @@ void forget_some(Problem<double>& pr) {
     pr.gate[(0 * T + t) * s.heads + 0] = -INFINITY;
   for (int64_t t : {int64_t{1}, int64_t{95}, int64_t{96}, int64_t{255}, int64_t{256}, T - 2})
     if (t < T) pr.gate[((s.batch - 1) * T + t) * s.heads + (s.heads - 1)] = -INFINITY;
-}
-
-double rel_nan_aware(const std::vector<double>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return num / std::max(den, 1e-3);
-}
-
-void check(const char* name, const Grads& g, const ReferenceGrads& ref, ScalarType t, int64_t T, bool with_dg) {
-  const double tol = tol_of(t);
-  const double eo = rel_nan_aware(g.o, ref.o), eq = rel_nan_aware(g.dq, ref.dq),
-               ek = rel_nan_aware(g.dk, ref.dk), ev = rel_nan_aware(g.dv, ref.dv),
-               eg = rel_nan_aware(g.dg, ref.dg);
-  std::printf("[cuda-e2e] %-40s o=%.2e dq=%.2e dk=%.2e dv=%.2e dg=%.2e (tol %.0e, dg %.1e)\n", name, eo, eq, ek,
-              ev, eg, tol, tol_dg(t, T));
-  EXPECT_LT(eo, tol) << "o";
-  EXPECT_LT(eq, tol) << "dq";
-  EXPECT_LT(ek, tol) << "dk";
-  EXPECT_LT(ev, tol) << "dv";
-  if (with_dg) EXPECT_LT(eg, tol_dg(t, T)) << "dg";
 }
 
 struct E2eCase {
@@ -121,7 +71,7 @@ TEST_P(CudaLasp2SingleDevice, MatchesRecurrence) {
   const auto ref = recurrent_reference(pr);
   const Grads g = run_rank(pr, c.dtype, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
   const std::string name = "single_" + e2e_name(c);
-  check(name.c_str(), g, ref, c.dtype, c.T, c.mode != DecayMode::kNone);
+  expect_near_recurrence(name.c_str(), g, ref, c.dtype, c.T, c.mode != DecayMode::kNone);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -180,7 +130,7 @@ TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
     std::lock_guard<std::mutex> lock(mu);
     put_rank(out, g, layout, s);
   });
-  check(("sp_" + sp_name(c)).c_str(), out, ref, c.dtype, s.seqlen, true);
+  expect_near_recurrence(("sp_" + sp_name(c)).c_str(), out, ref, c.dtype, s.seqlen, true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
@@ -210,14 +160,6 @@ class CountingAllocator final : public ScratchAllocator {
   }
   mutable std::atomic<int> allocations{0}, live{0};
 };
-
-void expect_bitwise(const Grads& a, const Grads& b) {
-  EXPECT_EQ(a.o, b.o);
-  EXPECT_EQ(a.dq, b.dq);
-  EXPECT_EQ(a.dk, b.dk);
-  EXPECT_EQ(a.dv, b.dv);
-  EXPECT_EQ(a.dg, b.dg);
-}
 
 ProblemSpec graph_spec() {
   ProblemSpec s;
@@ -261,30 +203,12 @@ TEST(CudaLasp2Graph, CaptureAndReplayMatchEager) {
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
     const Grads eager1 = run_rank(first, t, layout, nullptr, true, stream, *be);
     const Grads eager2 = run_rank(second, t, layout, nullptr, true, stream, *be);
-    DeviceRank r(first, t, layout);
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-    r.enqueue(*be, nullptr, layout, true, stream);
-    cuda_ok(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-    cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
-    cuda_ok(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
-    cuda_ok(cudaStreamSynchronize(stream), "replay");
-    expect_bitwise(r.grads(), eager1);
-    // new inputs into the same buffers, outputs poisoned, replay
-    r.q.upload(second.q);
-    r.k.upload(second.k);
-    r.v.upload(second.v);
-    r.dout.upload(second.dout);
-    r.gate.upload(std::vector<float>(second.gate.begin(), second.gate.end()));
-    for (DevTensor* x : {&r.o, &r.dq, &r.dk, &r.dv}) x->buf.poison();
-    r.dg.poison();
-    cuda_ok(cudaDeviceSynchronize(), "uploads");
-    cuda_ok(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
-    cuda_ok(cudaStreamSynchronize(stream), "replay");
-    expect_bitwise(r.grads(), eager2);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
+    {
+      CapturedRank graph(first, t, layout, *be, stream);
+      expect_bitwise(graph.replay(), eager1);
+      graph.load(second);  // new inputs into the same buffers, outputs poisoned, replay
+      expect_bitwise(graph.replay(), eager2);
+    }
     cudaStreamDestroy(stream);
   }
   EXPECT_EQ(allocator.live.load(), 0);
@@ -308,28 +232,6 @@ std::string rows_name(const RowsCase& c) {
   return "B" + std::to_string(c.batch) + "_H" + std::to_string(c.heads) + "_T" + std::to_string(c.T) + "_D" +
          std::to_string(c.d) + (c.mode == DecayMode::kFixed ? "_fixed" : "_gate") + "_seg" +
          std::to_string(c.seg_chunks) + (c.docs ? "_docs" : "") + "_P" + std::to_string(c.world);
-}
-
-// Forward + backward of `global` on `world` ranks (balanced layout; one device: the whole
-// sequence), the gradients gathered in the global layout.
-Grads run_world(const Problem<double>& global, ScalarType t, int world) {
-  if (world == 1) return run_rank(global, t, PartLayout::contiguous(1, 0), nullptr, true, nullptr);
-  const ProblemSpec& s = global.spec;
-  Grads out{std::vector<double>(global.q.size() / s.dim_k * s.dim_v), std::vector<double>(global.q.size()),
-            std::vector<double>(global.k.size()), std::vector<double>(global.v.size()),
-            std::vector<double>(s.batch * s.seqlen * s.heads)};
-  std::mutex mu;
-  run_device_ranks(world, [&](int rank, DeviceThreadCommunicator& comm) {
-    const PartLayout layout = PartLayout::balanced(world, rank);
-    const auto local = local_problem(global, layout);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
-    const Grads g = run_rank(local, t, layout, &comm, true, stream);
-    cudaStreamDestroy(stream);
-    std::lock_guard<std::mutex> lock(mu);
-    put_rank(out, g, layout, s);
-  });
-  return out;
 }
 
 TEST(CudaLasp2HeadRows, SameBitsAsPerHeadKernels) {
@@ -365,7 +267,7 @@ TEST(CudaLasp2HeadRows, SameBitsAsPerHeadKernels) {
       const EnvGuard knob("LASP2_CUDA_HEAD_ROWS", "");  // the default: over rows
       expect_bitwise(run_world(pr, t, c.world), per_head);
     }
-    check(name.c_str(), per_head, recurrent_reference(pr), t, c.T, true);
+    expect_near_recurrence(name.c_str(), per_head, recurrent_reference(pr), t, c.T, true);
   }
 }
 

@@ -11,6 +11,7 @@
 #include "cuda_test_util.h"
 #include "device_rank.h"
 #include "lasp2/kernel_backend.h"
+#include "walking_passes.h"
 #include "../problem.h"
 
 namespace lasp2::testing {
@@ -69,14 +70,10 @@ TEST(CudaStateFloor, DropsOnlyTermsBelowRounding) {
 // comparison holds trivially; the CPU comparisons still run.
 void run_state_tma_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
-               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
-  EnvGuard floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "");
+  const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 5000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
   const TokenRange part{c.begin, c.end};
   const int64_t bh = pc.bh(), se = pc.state_elems(), scalars = c.B * c.T * c.H;
   auto f32 = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
@@ -84,39 +81,12 @@ void run_state_tma_case(const OpCase& c) {
                            dgoff = f32(random_vec(bh, 53, 1.0));
   DevBuf<float> S0d = to_device_f32(S0), D0d = to_device_f32(D0), dgoffd = to_device_f32(dgoff);
 
-  struct Out {
-    DevBuf<float> st, L, dst;
-    DevTensor o, dq, dk, dv;
-    DevBuf<float> qdq, dg;
-  };
   auto run = [&](const char* knob) {
-    EnvGuard k("LASP2_CUDA_TILE_COPY", knob);
-    Out r{DevBuf<float>(bh * se), DevBuf<float>(bh), DevBuf<float>(bh * se), dp.like_v(), dp.like_k(),
-          dp.like_k(), dp.like_v(), DevBuf<float>(scalars), DevBuf<float>(scalars)};
-    r.st.poison();
-    r.L.poison();
-    r.dst.poison();
-    r.qdq.poison();
-    r.dg.poison();
-    const KernelBackend& gpu = cuda_backend();
-    gpu.part_state(pg, part, r.st.p, r.L.p, nullptr);
-    gpu.part_dstate(pg, part, dp.dout.cview(), r.dst.p, nullptr);
-    gpu.chunk_forward(pg, part, S0d.p, r.o.mview(), nullptr);
-    gpu.chunk_backward_dq(pg, part, dp.dout.cview(), S0d.p, r.dq.mview(), r.qdq.p, nullptr);
-    gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0d.p, r.dk.mview(), r.dv.mview(), r.qdq.p, dgoffd.p,
-                            r.dg.p, nullptr);
-    return r;
+    const EnvGuard k("LASP2_CUDA_TILE_COPY", knob);
+    return run_walking_passes(cuda_backend(), c, dp, S0d.p, D0d.p, dgoffd.p);
   };
-  const Out a = run(""), v = run("cp_async");  // the default (tma on sm_90), forced cp.async
-  EXPECT_EQ(float_bits(v.st.download()), float_bits(a.st.download())) << "part_state differs";
-  EXPECT_EQ(float_bits(v.L.download()), float_bits(a.L.download())) << "part_state's log decay differs";
-  EXPECT_EQ(float_bits(v.dst.download()), float_bits(a.dst.download())) << "part_dstate differs";
-  EXPECT_EQ(v.o.buf.download(), a.o.buf.download()) << "o differs";
-  EXPECT_EQ(v.dq.buf.download(), a.dq.buf.download()) << "dq differs";
-  EXPECT_EQ(float_bits(v.qdq.download()), float_bits(a.qdq.download())) << "q.dq differs";
-  EXPECT_EQ(v.dk.buf.download(), a.dk.buf.download()) << "dk differs";
-  EXPECT_EQ(v.dv.buf.download(), a.dv.buf.download()) << "dv differs";
-  EXPECT_EQ(float_bits(v.dg.download()), float_bits(a.dg.download())) << "dg differs";
+  const WalkOutputs a = run(""), v = run("cp_async");  // the default (tma on sm_90), forced cp.async
+  expect_same_walk_bits(v.bits(), a.bits());
 
   const KernelBackend& cpu = cpu_backend();
   const double tol = tol_of(c.dtype);
@@ -141,18 +111,6 @@ void run_state_tma_case(const OpCase& c) {
   expect_scalars(c, "tma_dg", a.dg, want_dg, tol_dg(c.dtype, c.end - c.begin));
 }
 
-OpCase state_tma_case(const char* name, DecayMode m, int64_t dk, int64_t dv, int64_t T, int seg_chunks) {
-  OpCase c;
-  c.name = name;
-  c.mode = m;
-  c.dk = dk;
-  c.dv = dv;
-  c.T = c.end = T;
-  c.begin = 0;
-  c.seg_chunks = seg_chunks;
-  return c;
-}
-
 TEST(CudaStateKernel, TmaCopySameBits) {
   LASP2_SKIP_WITHOUT_CUDA();
   const auto edge = walking_edge_case;  // part [37, 1000): partial last chunk, 2-chunk segments
@@ -163,31 +121,31 @@ TEST(CudaStateKernel, TmaCopySameBits) {
                                edge("st_bf16_fixed_dk64_dv128", ScalarType::kBFloat16, DecayMode::kFixed, 64, 128)};
   // 40-chunk segments: walks that stop at the default floor (fixed: -0.03 / -0.06 a token;
   // gates) with copies of the next two chunks in flight; T = 3000 ends on a partial chunk
-  cases.push_back(state_tma_case("st_bf16_fixed_D128_seg40_floor", DecayMode::kFixed, 128, 128, 3000, 40));
-  cases.push_back(state_tma_case("st_bf16_gate_D128_seg40_floor", DecayMode::kGate, 128, 128, 3000, 40));
-  cases.push_back(state_tma_case("st_bf16_fixed_D64_seg40_floor", DecayMode::kFixed, 64, 64, 3000, 40));
+  cases.push_back(whole_sequence_case("st_bf16_fixed_D128_seg40_floor", DecayMode::kFixed, 128, 128, 3000, 40));
+  cases.push_back(whole_sequence_case("st_bf16_gate_D128_seg40_floor", DecayMode::kGate, 128, 128, 3000, 40));
+  cases.push_back(whole_sequence_case("st_bf16_fixed_D64_seg40_floor", DecayMode::kFixed, 64, 64, 3000, 40));
   // split walks: pieces of 3 and 7 chunks; past the floor the later pieces walk no chunk
-  OpCase c = state_tma_case("st_bf16_fixed_D128_seg16_sub3", DecayMode::kFixed, 128, 128, 2200, 16);
+  OpCase c = whole_sequence_case("st_bf16_fixed_D128_seg16_sub3", DecayMode::kFixed, 128, 128, 2200, 16);
   c.state_sub_chunks = 3;
   cases.push_back(c);
-  c = state_tma_case("st_bf16_fixed_dk128_dv64_seg40_sub7", DecayMode::kFixed, 128, 64, 3000, 40);
+  c = whole_sequence_case("st_bf16_fixed_dk128_dv64_seg40_sub7", DecayMode::kFixed, 128, 64, 3000, 40);
   c.state_sub_chunks = 7;
   cases.push_back(c);
-  c = state_tma_case("st_bf16_fixed_D128_seg40_sub7_floor0", DecayMode::kFixed, 128, 128, 3000, 40);
+  c = whole_sequence_case("st_bf16_fixed_D128_seg40_sub7_floor0", DecayMode::kFixed, 128, 128, 3000, 40);
   c.state_sub_chunks = 7;
   c.state_floor = 0;  // walks to fp32 underflow only
   cases.push_back(c);
   // documents through long segments (carry 0 at a document start), the backend's segments
   cases.push_back(with_auto_segments(edge("st_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate,
                                           128, 128)));
-  c = state_tma_case("st_bf16_gate_D64_seg24_docs", DecayMode::kGate, 64, 64, 3000, 24);
+  c = whole_sequence_case("st_bf16_gate_D64_seg24_docs", DecayMode::kGate, 64, 64, 3000, 24);
   c.docs = {640, 1700, 1701, 2990};
   cases.push_back(c);
   c = edge("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
   c.layout = {true, 8};
   c.seg_chunks = 3;
   cases.push_back(c);
-  c = state_tma_case("st_bf16_fixed_D128_TBHD_pad8_seg16", DecayMode::kFixed, 128, 128, 2200, 16);
+  c = whole_sequence_case("st_bf16_fixed_D128_TBHD_pad8_seg16", DecayMode::kFixed, 128, 128, 2200, 16);
   c.layout = {true, 8};
   cases.push_back(c);
   const char* only = std::getenv("LASP2_TEST_CASES");

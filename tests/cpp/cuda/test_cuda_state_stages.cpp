@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda_op_case.h"
+#include "walking_passes.h"
 #include "cuda_test_util.h"
 #include "device_rank.h"
 #include "lasp2/kernel_backend.h"
@@ -66,10 +67,7 @@ StageRun run_with_stages(const OpCase& c, const Problem<double>& pr, const std::
 
 void run_stages_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
-  const EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  const EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
-                     c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
-  const EnvGuard floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "");
+  const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 7100 + static_cast<uint32_t>(c.T));
   const StageRun want = run_with_stages(c, pr, "");
   for (const char* stages : {"4", "6"}) {
@@ -108,14 +106,7 @@ void run_stages_case(const OpCase& c) {
 }
 
 OpCase stages_case(const char* name, DecayMode m, int64_t d, int64_t T, int seg_chunks) {
-  OpCase c;
-  c.name = name;
-  c.mode = m;
-  c.dk = c.dv = d;
-  c.T = c.end = T;
-  c.begin = 0;
-  c.seg_chunks = seg_chunks;
-  return c;
+  return whole_sequence_case(name, m, d, d, T, seg_chunks);
 }
 
 // Walks shorter than the ring (2-chunk segments, pieces of 3 chunks, documents) and longer

@@ -100,3 +100,11 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0, backend:
         failures.append((-1, f"ranks exited with codes {bad_exit}"))
     if failures:
         raise AssertionError("\n".join(f"rank {r}:\n{msg}" for r, msg in sorted(failures)))
+
+
+def run_distributed_and_load(world_size: int, fn, path, *args, timeout: float = 600.0):
+    """run_distributed(world_size, fn, str(path), *args), whose fn saves its results at path
+    (torch.save, on one rank), and those results: the tests that run one worker for a module
+    and check what it measured read that as one call."""
+    run_distributed(world_size, fn, str(path), *args, timeout=timeout)
+    return torch.load(path, weights_only=False)

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from megatron_testing import worker_setup  # noqa: E402
 
 HIDDEN, SEQ, BATCH = 32, 24, 2
@@ -401,9 +401,7 @@ def _tp_cp_worker(rank, world, out_path, ckpt_dir):
 
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("core_gdn") / "cp2.pt"
-    run_distributed(2, _cp_worker, str(out), timeout=300)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(2, _cp_worker, tmp_path_factory.mktemp("core_gdn") / "cp2.pt", timeout=300)
 
 
 def test_cp2_equals_megatron_core_gdn_on_one_process(cp2):
@@ -447,9 +445,7 @@ def test_ranks_that_disagree_all_raise(cp2):
 
 
 def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
-    out = tmp_path / "cp3.pt"
-    run_distributed(3, _cp_worker, str(out), timeout=300)
-    results = torch.load(out, weights_only=False)["results"]
+    results = run_distributed_and_load(3, _cp_worker, tmp_path / "cp3.pt", timeout=300)["results"]
     # lasp2, lasp1 (4 value heads do not split over 3) x splits x packing, recompute
     assert len(results) == 2 * 2 * 2 + 2
     for key, errs in results.items():
@@ -457,10 +453,8 @@ def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
 
 
 def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path):
-    out = tmp_path / "tp2cp2.pt"
     (tmp_path / "ckpt").mkdir()
-    run_distributed(4, _tp_cp_worker, str(out), str(tmp_path / "ckpt"), timeout=300)
-    r = torch.load(out, weights_only=False)
+    r = run_distributed_and_load(4, _tp_cp_worker, tmp_path / "tp2cp2.pt", str(tmp_path / "ckpt"), timeout=300)
     assert r.pop("sharded_view_equal")
     error = r.pop("tp error")
     assert ("linear_num_key_heads (--linear-num-key-heads) = 1 must be divisible by "

@@ -196,30 +196,31 @@ def test_moe_hybrid_cp2_with_expert_parallelism_equals_cp1_ep1(results, balancin
     assert r["weight_diff"] <= 1e-5, r["worst"]  # two SGD steps of lr 0.5: the gradients agree
 
 
+def _assert_trains_as_with_aux_loss(r, ref):
+    """Run r (an MoE MLP, load-balancing loss on) trained as ref: the two losses, the logged
+    load_balancing_loss and every weight."""
+    assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r
+    for got, want in zip(r["losses"], ref["losses"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
+    for got, want in zip(r["aux"], ref["aux"]):
+        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert r["weight_diff"] <= 1e-5, r["worst"]
+
+
 @pytest.mark.parametrize("layout", list(TP_LAYOUTS))
 def test_moe_hybrid_at_tp2_with_sequence_parallelism_equals_tp1(results, layout):
     """TP 2 x CP 2 and TP 2 x DP 2 (EP 2, expert TP 2; --sequence-parallel, the norms' gradients
     summed over TP) train as TP 1 x CP 1 x DP 4 at EP 1, load-balancing loss on: the losses, the
     logged load_balancing_loss and every weight, TP shards gathered (measured: weights to 6e-7)."""
     r, ref = results["aux_loss"][layout], results["aux_loss"]["cp1 ep1"]
-    assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
-    assert r["weight_diff"] <= 1e-5, r["worst"]
+    _assert_trains_as_with_aux_loss(r, ref)
 
 
 def test_core_gated_deltanet_moe_hybrid_cp2_ep2_equals_cp1_ep1(results):
     """Qwen3-Next's layout (megatron-core's GatedDeltaNet layers as Lasp2CoreGatedDeltaNet,
     LASP-2H softmax, an MoE MLP in every layer, aux_loss on): CP 2 x DP 2 at EP 2 as CP 1 x DP 4."""
     r, ref = results["core_gdn"]["cp2 ep2"], results["core_gdn"]["cp1 ep1"]
-    assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
-    assert r["weight_diff"] <= 1e-5, r["worst"]
+    _assert_trains_as_with_aux_loss(r, ref)
 
 
 def test_distributed_optimizer_with_experts_equals_plain_optimizer(results):

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from launcher_testing import initial_value, max_diff, set_weights, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
 # name: (CP, EP, dispatcher); DP = 4 / CP
@@ -52,9 +52,8 @@ def _worker(rank, world, out_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron_moe_dispatch") / "results.pt"
-    run_distributed(4, _worker, str(out), timeout=300)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_dispatch") / "results.pt",
+                                    timeout=300)
 
 
 @pytest.mark.parametrize("name, reference", [("cp2 ep2 alltoall", "cp2 ep2 allgather"),
