@@ -79,6 +79,14 @@ def set_weights(chunks):
             param.copy_(values)
 
 
+def run_launcher(argv, after_model_build=set_weights, **kwargs):
+    """One launcher run of a test: megatron_patches.pretrain_gpt on Megatron-LM's flags, the
+    weights set by set_weights once the model is built."""
+    from megatron_patches import pretrain_gpt
+
+    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(argv), after_model_build=after_model_build, **kwargs)
+
+
 def _whole(param):
     """A parameter's whole value (FSDP2's DTensors and TP shards are gathered: collectives, in
     the same order on every rank)."""

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import EXPERT, global_named_params, initial_value, max_diff, set_weights, whole_weights  # noqa: E402
+from launcher_testing import EXPERT, global_named_params, initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 EXPERTS = 4
@@ -86,9 +86,7 @@ def _experts_held(chunks):
 
 
 def _run(argv):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + argv), after_model_build=set_weights)
+    return run_launcher(MODEL + argv)
 
 
 def _resume(argv):

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, set_weights, whole_weights  # noqa: E402
+from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
@@ -29,10 +29,7 @@ RUNS = {"cp1 ep1 allgather": (1, 1, "allgather"), "cp2 ep2 allgather": (2, 2, "a
 
 
 def _run(argv):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + HYBRID + NO_BALANCING + argv),
-                                 after_model_build=set_weights)
+    return run_launcher(MODEL + HYBRID + NO_BALANCING + argv)
 
 
 def _worker(rank, world, out_path):

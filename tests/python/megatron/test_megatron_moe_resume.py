@@ -26,7 +26,7 @@ import torch.distributed as dist
 pytest.importorskip("megatron.core")
 
 from launcher_testing import max_diff, set_weights, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
 ADAM = HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01", "--train-iters", "3"]
@@ -104,9 +104,7 @@ def _worker(rank, world, out_path, tmpdir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_moe_resume")
-    out = tmp / "results.pt"
-    run_distributed(4, _worker, str(out), str(tmp), timeout=300)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=300)
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, set_weights, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
 SHARED_SIZE = 16
@@ -31,10 +31,7 @@ LAYOUTS = {"cp1 ep1": (1, 1), "cp2 ep2": (2, 2)}  # (CP, EP); DP = 4 / CP
 
 
 def _run(argv):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + HYBRID + AUX_LOSS + SHARED + argv),
-                                 after_model_build=set_weights)
+    return run_launcher(MODEL + HYBRID + AUX_LOSS + SHARED + argv)
 
 
 def _worker(rank, world, out_path):
@@ -55,9 +52,7 @@ def _worker(rank, world, out_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron_moe_shared") / "results.pt"
-    run_distributed(4, _worker, str(out), timeout=300)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_shared") / "results.pt", timeout=300)
 
 
 def test_moe_with_a_shared_expert_at_cp2_ep2_equals_cp1_ep1(results):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, set_weights, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
 VPP = ["--num-layers-per-virtual-pipeline-stage", "1"]
@@ -36,10 +36,7 @@ RUNS = {"cp1 ep1": _layout(1, 1), "pp2 vpp2 cp2 ep2": _layout(2, 2, 2) + VPP,
 
 
 def _run(argv):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + HYBRID + AUX_LOSS + argv),
-                                 after_model_build=set_weights)
+    return run_launcher(MODEL + HYBRID + AUX_LOSS + argv)
 
 
 def _worker(rank, world, out_path):
@@ -71,9 +68,7 @@ def _worker(rank, world, out_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron_moe_vpp_fsdp") / "results.pt"
-    run_distributed(4, _worker, str(out), timeout=300)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_vpp_fsdp") / "results.pt", timeout=300)
 
 
 @pytest.mark.parametrize("name", ["pp2 vpp2 cp2 ep2", "fsdp2 cp2 ep1"])
