@@ -3,18 +3,13 @@
 // are those of the default 3 stages, so every result must equal the default's bit for bit.
 #include <gtest/gtest.h>
 
-#include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "cuda_op_case.h"
 #include "walking_passes.h"
 #include "cuda_test_util.h"
-#include "device_rank.h"
-#include "lasp2/kernel_backend.h"
-#include "lasp2/lasp2.h"
-#include "../problem.h"
+#include "pass_bits.h"
 
 namespace lasp2::cuda {
 int tc_state_last_stages();  // launch.h (csrc): the ring of the last state walk launched
@@ -23,43 +18,11 @@ int tc_state_last_stages();  // launch.h (csrc): the ring of the last state walk
 namespace lasp2::testing {
 namespace {
 
-// Everything one ring computes for a case: the backend's state passes and the walking
-// passes that read segment states (over the case's part), then lasp2_forward +
-// lasp2_backward of the whole problem on one rank.
-struct StageRun {
-  std::vector<uint32_t> st, L, dst, qdq, dg;
-  std::vector<unsigned char> o, dq, dk, dv;  // the tensors' bytes
-  Grads e2e;
-};
-
-StageRun run_with_stages(const OpCase& c, const Problem<double>& pr, const std::string& stages) {
+// Everything one ring computes for a case (pass_bits.h).
+PassBits run_with_stages(const OpCase& c, const Problem<double>& pr, const std::string& stages) {
   const EnvGuard k("LASP2_CUDA_STATE_STAGES", stages);
-  DeviceProblem dp(pr, c.dtype, c.layout);
-  const AttentionParams& pg = dp.p;
-  const TokenRange part{c.begin, c.end};
-  const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
-  DevBuf<float> S0 = to_device_f32(std::vector<float>(bh * se, 0.25f)),
-                D0 = to_device_f32(std::vector<float>(bh * se, -0.5f)),
-                dgoff = to_device_f32(std::vector<float>(bh, 1.f));
-  DevBuf<float> st(bh * se), L(bh), dst(bh * se), qdq(scalars), dg(scalars);
-  DevTensor o = dp.like_v(), dq = dp.like_k(), dk = dp.like_k(), dv = dp.like_v();
-  for (DevBuf<float>* b : {&st, &L, &dst, &qdq, &dg}) b->poison();
-  const KernelBackend& gpu = cuda_backend();
-  gpu.part_state(pg, part, st.p, L.p, nullptr);
-  gpu.part_dstate(pg, part, dp.dout.cview(), dst.p, nullptr);
-  gpu.chunk_forward(pg, part, S0.p, o.mview(), nullptr);
-  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), S0.p, dq.mview(), qdq.p, nullptr);
-  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0.p, dk.mview(), dv.mview(), qdq.p, dgoff.p, dg.p,
-                          nullptr);
-  StageRun r{float_bits(st.download()),  float_bits(L.download()), float_bits(dst.download()),
-             float_bits(qdq.download()), float_bits(dg.download()), o.buf.download(),
-             dq.buf.download(),          dk.buf.download(),        dv.buf.download(),
-             {}};
-  const PartLayout layout = PartLayout::contiguous(1, 0);
-  DeviceRank rank(pr, c.dtype, layout);
-  rank.enqueue(gpu, nullptr, layout, true, nullptr);
-  cuda_ok(cudaStreamSynchronize(nullptr), "lasp2 forward + backward");
-  r.e2e = rank.grads();
+  const AttentionParams p = pr.params();
+  const PassBits r = run_pass_bits(c, pr, std::vector<float>(p.bh() * p.state_elems(), 0.25f));
   // the knob reached the walk (the cases are bf16 on the tensor-core route)
   EXPECT_EQ(lasp2::cuda::tc_state_last_stages(), stages.empty() ? 3 : std::stoi(stages)) << "ring " << stages;
   return r;
@@ -69,40 +32,12 @@ void run_stages_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
   const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 7100 + static_cast<uint32_t>(c.T));
-  const StageRun want = run_with_stages(c, pr, "");
+  const PassBits want = run_with_stages(c, pr, "");
   for (const char* stages : {"4", "6"}) {
     SCOPED_TRACE(std::string("LASP2_CUDA_STATE_STAGES=") + stages);
-    const StageRun got = run_with_stages(c, pr, stages);
-    EXPECT_EQ(got.st, want.st) << "part_state differs";
-    EXPECT_EQ(got.L, want.L) << "part_state's log decay differs";
-    EXPECT_EQ(got.dst, want.dst) << "part_dstate differs";
-    EXPECT_EQ(got.o, want.o) << "o differs";
-    EXPECT_EQ(got.dq, want.dq) << "dq differs";
-    EXPECT_EQ(got.qdq, want.qdq) << "q.dq differs";
-    EXPECT_EQ(got.dk, want.dk) << "dk differs";
-    EXPECT_EQ(got.dv, want.dv) << "dv differs";
-    EXPECT_EQ(got.dg, want.dg) << "dg differs";
-    EXPECT_EQ(got.e2e.o, want.e2e.o) << "lasp2_forward's o differs";
-    EXPECT_EQ(got.e2e.dq, want.e2e.dq) << "lasp2_backward's dq differs";
-    EXPECT_EQ(got.e2e.dk, want.e2e.dk) << "lasp2_backward's dk differs";
-    EXPECT_EQ(got.e2e.dv, want.e2e.dv) << "lasp2_backward's dv differs";
-    EXPECT_EQ(got.e2e.dg, want.e2e.dg) << "lasp2_backward's dg differs";
+    expect_same_pass_bits(run_with_stages(c, pr, stages), want);
   }
-  // and the default's states against the float64 CPU backend, so that equal runs are right ones
-  const AttentionParams pc = pr.params();
-  const int64_t n = pc.bh() * pc.state_elems();
-  std::vector<float> cpu_st(n), cpu_L(pc.bh()), cpu_dst(n);
-  const TokenRange part{c.begin, c.end};
-  cpu_backend().part_state(pc, part, cpu_st.data(), cpu_L.data(), nullptr);
-  cpu_backend().part_dstate(pc, part, pr.dout_view(), cpu_dst.data(), nullptr);
-  auto floats = [](const std::vector<uint32_t>& bits) {
-    std::vector<float> f(bits.size());
-    std::memcpy(f.data(), bits.data(), bits.size() * sizeof(float));
-    return f;
-  };
-  const double tol = tol_of(c.dtype);
-  EXPECT_LT(rel_err_f32(floats(want.st), cpu_st), tol) << "part_state against the CPU";
-  EXPECT_LT(rel_err_f32(floats(want.dst), cpu_dst), tol) << "part_dstate against the CPU";
+  expect_states_near_cpu(c, pr, want);
 }
 
 OpCase stages_case(const char* name, DecayMode m, int64_t d, int64_t T, int seg_chunks) {
