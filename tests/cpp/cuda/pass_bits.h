@@ -18,13 +18,14 @@
 #include "device_rank.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2/lasp2.h"
+#include "walking_passes.h"
 #include "../problem.h"
 
 namespace lasp2::testing {
 
 struct PassBits {
-  std::vector<uint32_t> st, L, dst, qdq, dg, saved;  // saved: chunk_forward_saving's states
-  std::vector<unsigned char> o, dq, dk, dv;            // the tensors' bytes
+  WalkBits walk;                     // the state and walking passes (walking_passes.h)
+  std::vector<uint32_t> saved;       // chunk_forward_saving's states
   Grads e2e;
   std::vector<uint32_t> e2e_states;  // lasp2_forward's kept segment states
 };
@@ -34,37 +35,23 @@ inline PassBits run_pass_bits(const OpCase& c, const Problem<double>& pr, const 
   DeviceProblem dp(pr, c.dtype, c.layout);
   const AttentionParams& pg = dp.p;
   const TokenRange part{c.begin, c.end};
-  const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
+  const int64_t bh = pg.bh(), se = pg.state_elems();
   DevBuf<float> init = to_device_f32(S0), D0 = to_device_f32(std::vector<float>(bh * se, -0.5f)),
                 dgoff = to_device_f32(std::vector<float>(bh, 1.f));
-  DevBuf<float> st(bh * se), L(bh), dst(bh * se), qdq(scalars), dg(scalars);
   const KernelBackend& gpu = cuda_backend();
   const int64_t nsaved = gpu.saved_states_floats(pg, part);
   DevBuf<float> saved(std::max<int64_t>(1, nsaved));
-  DevTensor o = dp.like_v(), o2 = dp.like_v(), dq = dp.like_k(), dk = dp.like_k(), dv = dp.like_v();
-  for (DevBuf<float>* b : {&st, &L, &dst, &qdq, &dg, &saved}) b->poison();
-  gpu.part_state(pg, part, st.p, L.p, nullptr);
-  gpu.part_dstate(pg, part, dp.dout.cview(), dst.p, nullptr);
-  gpu.chunk_forward(pg, part, init.p, o.mview(), nullptr);
-  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), init.p, dq.mview(), qdq.p, nullptr);
-  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), D0.p, dk.mview(), dv.mview(), qdq.p, dgoff.p, dg.p,
-                          nullptr);
+  DevTensor o2 = dp.like_v();
+  saved.poison();
+  const WalkOutputs walk = run_walking_passes(gpu, c, dp, init.p, D0.p, dgoff.p);
   // the states a forward keeps (every slot written: the last one's zeros too); its o is o's
   if (nsaved > 0) gpu.chunk_forward_saving(pg, part, init.p, o2.mview(), saved.p, nullptr);
   PassBits r;
-  r.st = float_bits(st.download());
-  r.L = float_bits(L.download());
-  r.dst = float_bits(dst.download());
-  r.qdq = float_bits(qdq.download());
-  r.dg = float_bits(dg.download());
+  r.walk = walk.bits();
   if (nsaved > 0) {
     r.saved = float_bits(saved.download());
-    EXPECT_EQ(o2.buf.download(), o.buf.download()) << "chunk_forward_saving's o differs from chunk_forward's";
+    EXPECT_EQ(o2.buf.download(), walk.o.buf.download()) << "chunk_forward_saving's o differs from chunk_forward's";
   }
-  r.o = o.buf.download();
-  r.dq = dq.buf.download();
-  r.dk = dk.buf.download();
-  r.dv = dv.buf.download();
   const PartLayout layout = PartLayout::contiguous(1, 0);
   DeviceRank rank(pr, c.dtype, layout);
   rank.states.poison();
@@ -77,15 +64,7 @@ inline PassBits run_pass_bits(const OpCase& c, const Problem<double>& pr, const 
 }
 
 inline void expect_same_pass_bits(const PassBits& got, const PassBits& want) {
-  EXPECT_EQ(got.st, want.st) << "part_state differs";
-  EXPECT_EQ(got.L, want.L) << "part_state's log decay differs";
-  EXPECT_EQ(got.dst, want.dst) << "part_dstate differs";
-  EXPECT_EQ(got.o, want.o) << "o differs";
-  EXPECT_EQ(got.dq, want.dq) << "dq differs";
-  EXPECT_EQ(got.qdq, want.qdq) << "q.dq differs";
-  EXPECT_EQ(got.dk, want.dk) << "dk differs";
-  EXPECT_EQ(got.dv, want.dv) << "dv differs";
-  EXPECT_EQ(got.dg, want.dg) << "dg differs";
+  expect_same_walk_bits(got.walk, want.walk);
   EXPECT_EQ(got.saved, want.saved) << "chunk_forward_saving's kept states differ";
   EXPECT_EQ(got.e2e.o, want.e2e.o) << "lasp2_forward's o differs";
   EXPECT_EQ(got.e2e.dq, want.e2e.dq) << "lasp2_backward's dq differs";
@@ -109,8 +88,8 @@ inline void expect_states_near_cpu(const OpCase& c, const Problem<double>& pr, c
     return f;
   };
   const double tol = tol_of(c.dtype);
-  EXPECT_LT(rel_err_f32(floats(r.st), cpu_st), tol) << "part_state against the CPU";
-  EXPECT_LT(rel_err_f32(floats(r.dst), cpu_dst), tol) << "part_dstate against the CPU";
+  EXPECT_LT(rel_err_f32(floats(r.walk.st), cpu_st), tol) << "part_state against the CPU";
+  EXPECT_LT(rel_err_f32(floats(r.walk.dst), cpu_dst), tol) << "part_dstate against the CPU";
 }
 
 }  // namespace lasp2::testing
