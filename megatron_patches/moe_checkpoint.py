@@ -115,7 +115,22 @@ def state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict
     """The optimizer state dict, in `optimizer`'s nesting, from what dist_checkpointing.load
     returned for the renamed sharded state dict (`loaded`: the checkpoint's common part, nested
     as saved, merged with this optimizer's tensors and param lists, nested as here) and the
-    checkpoint's common optimizer state (`saved_common`)."""
+    checkpoint's common optimizer state (`saved_common`). A collective: where it fails on any
+    rank (steps that differ, a param group the checkpoint lacks), every rank raises
+    Lasp2ConfigError, so that none goes on to train and waits in the first step's collectives."""
+    error, state = None, None
+    try:
+        state = _state_in_current_layout(loaded, saved_common, optimizer)
+    except Exception as exc:  # reported on every rank below
+        error = f"{type(exc).__name__}: {exc}"
+    error = _agree(error)
+    if error is not None:
+        raise Lasp2ConfigError(f"--load: cannot rebuild this MoE checkpoint's optimizer state across "
+                               f"--expert-model-parallel-size 1 | > 1 ({error})")
+    return state
+
+
+def _state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict:
     subs = _sub_optimizers(optimizer)
     here = [loaded[i] for i in range(len(subs))] if len(subs) > 1 else [loaded]
     saved = _parts(saved_common)

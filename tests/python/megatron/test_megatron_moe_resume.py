@@ -68,7 +68,30 @@ def _rekey_checks(rank, world, directory):
         error = str(exc)
     errors = [None] * world
     dist.all_gather_object(errors, error)
-    return {"renamed": present["state"][0]["exp_avg"].key, "errors": errors}
+    return {"renamed": present["state"][0]["exp_avg"].key, "errors": errors,
+            "rebuild_errors": _rebuild_checks(rank, world)}
+
+
+def _rebuild_checks(rank, world):
+    """state_in_current_layout fails on rank 1 alone (its checkpoint's two optimizers at different
+    steps; the other ranks' inputs rebuild): every rank raises, none goes on to train."""
+    from types import SimpleNamespace
+
+    from megatron_patches import Lasp2ConfigError
+    from megatron_patches.moe_checkpoint import state_in_current_layout
+
+    optimizer = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[]))  # one optimizer, no groups
+    loaded = {"state": {}, "param_groups": []}
+    steps = (1, 2) if rank == 1 else (2, 2)
+    saved = {i: {"state": {"common_step": torch.tensor(step)}, "param_groups": []} for i, step in enumerate(steps)}
+    try:
+        state_in_current_layout(loaded, saved, optimizer)
+        error = None
+    except Lasp2ConfigError as exc:
+        error = str(exc)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return errors
 
 
 def _worker(rank, world, out_path, tmpdir):
@@ -142,6 +165,13 @@ def test_an_optimizer_tensor_missing_on_one_rank_is_an_error_on_every_rank(resul
         assert error is not None and re.search(
             r"cannot map this MoE checkpoint's optimizer state .*no optimizer tensor "
             r"'optimizer.state.exp_avg.no_such_parameter'", error), results["rekey"]["errors"]
+
+
+def test_a_rebuild_failing_on_one_rank_raises_on_every_rank(results):
+    for error in results["rekey"]["rebuild_errors"]:
+        assert error is not None and re.search(
+            r"cannot rebuild this MoE checkpoint's optimizer state .*different steps", error), \
+            results["rekey"]["rebuild_errors"]
 
 
 class _FP32Stub:
