@@ -65,43 +65,51 @@ def optimizer_layout_changes(saved_ep: Optional[int], ep: int, optimizer) -> boo
     return True
 
 
-def _agree(local_error: Optional[str]) -> Optional[str]:
-    """The first rank's error, on every rank (None where no rank has one): a collective."""
+def _on_every_rank(what: str, fn, *args):
+    """fn(*args) on this rank, as a collective: where it fails on any rank, every rank raises
+    Lasp2ConfigError with the first failing rank's error (so that none goes on and waits in
+    the next collective: the load's, or the first training step's)."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except Exception as exc:  # reported on every rank below
+        error = f"{type(exc).__name__}: {exc}"
     errors: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, local_error)
-    return next((e for e in errors if e is not None), None)
+    dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise Lasp2ConfigError(f"--load: cannot {what} this MoE checkpoint's optimizer state across "
+                               f"--expert-model-parallel-size 1 | > 1 ({error})")
+    return result
 
 
 def rekey_optimizer_state(optimizer_sharded: Dict, directory: str) -> int:
     """Renames the sharded tensors of the loading optimizer's state dict (in place) to the keys
     the checkpoint at `directory` holds them under; returns how many. A collective: where any
     rank's tensor is missing from the checkpoint, every rank raises Lasp2ConfigError."""
+    return _on_every_rank("map", _rekey, optimizer_sharded, directory)
+
+
+def _rekey(optimizer_sharded: Dict, directory: str) -> int:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    error, renamed = None, 0
-    try:
-        saved: Dict[str, str] = {}
-        for key in dist_checkpointing.load_tensors_metadata(directory):
-            bare = _CHAINED.sub("", key)
-            if bare in saved:
-                raise ValueError(f"two tensors of the checkpoint map to {bare!r}: {saved[bare]!r}, {key!r}")
-            saved[bare] = key
-        for value in nested_values(optimizer_sharded):
-            if isinstance(value, ShardedBase):
-                bare = _CHAINED.sub("", value.key)
-                if bare not in saved:
-                    raise KeyError(f"the checkpoint has no optimizer tensor {bare!r} (with or without a "
-                                   "chained_<i>. prefix)")
-                value.key = saved[bare]
-                renamed += 1
-    except Exception as exc:  # reported on every rank below, so that none waits in the load
-        error = f"{type(exc).__name__}: {exc}"
-    error = _agree(error)
-    if error is not None:
-        raise Lasp2ConfigError(f"--load: cannot map this MoE checkpoint's optimizer state across "
-                               f"--expert-model-parallel-size 1 | > 1 ({error})")
+    saved: Dict[str, str] = {}
+    for key in dist_checkpointing.load_tensors_metadata(directory):
+        bare = _CHAINED.sub("", key)
+        if bare in saved:
+            raise ValueError(f"two tensors of the checkpoint map to {bare!r}: {saved[bare]!r}, {key!r}")
+        saved[bare] = key
+    renamed = 0
+    for value in nested_values(optimizer_sharded):
+        if isinstance(value, ShardedBase):
+            bare = _CHAINED.sub("", value.key)
+            if bare not in saved:
+                raise KeyError(f"the checkpoint has no optimizer tensor {bare!r} (with or without a "
+                               "chained_<i>. prefix)")
+            value.key = saved[bare]
+            renamed += 1
     return renamed
 
 
@@ -118,16 +126,7 @@ def state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict
     checkpoint's common optimizer state (`saved_common`). A collective: where it fails on any
     rank (steps that differ, a param group the checkpoint lacks), every rank raises
     Lasp2ConfigError, so that none goes on to train and waits in the first step's collectives."""
-    error, state = None, None
-    try:
-        state = _state_in_current_layout(loaded, saved_common, optimizer)
-    except Exception as exc:  # reported on every rank below
-        error = f"{type(exc).__name__}: {exc}"
-    error = _agree(error)
-    if error is not None:
-        raise Lasp2ConfigError(f"--load: cannot rebuild this MoE checkpoint's optimizer state across "
-                               f"--expert-model-parallel-size 1 | > 1 ({error})")
-    return state
+    return _on_every_rank("rebuild", _state_in_current_layout, loaded, saved_common, optimizer)
 
 
 def _state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict:

@@ -112,6 +112,21 @@ def whole_weights(chunks):
     return out
 
 
+def config_errors_on_every_rank(fn, *args):
+    """fn(*args) on this rank; every rank's Lasp2ConfigError message (None where fn returned),
+    gathered on every rank: a refusal must happen on all of them, none left waiting."""
+    from megatron_patches import Lasp2ConfigError
+
+    try:
+        fn(*args)
+        error = None
+    except Lasp2ConfigError as exc:
+        error = str(exc)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
+
+
 def max_diff(a, b):
     """The largest absolute difference of two whole models' weights (same names)."""
     assert set(a) == set(b), sorted(set(a) ^ set(b))

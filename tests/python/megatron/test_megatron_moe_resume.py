@@ -21,11 +21,10 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import max_diff, set_weights, whole_weights  # noqa: E402
+from launcher_testing import config_errors_on_every_rank, max_diff, set_weights, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
@@ -52,7 +51,6 @@ def _rekey_checks(rank, world, directory):
     prefix; a key the checkpoint lacks on rank 1 alone raises on every rank (none waits)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_patches import Lasp2ConfigError
     from megatron_patches.moe_checkpoint import rekey_optimizer_state
 
     def state(key):
@@ -61,13 +59,7 @@ def _rekey_checks(rank, world, directory):
     present = state("optimizer.state.exp_avg.embedding.word_embeddings.weight")
     rekey_optimizer_state(present, directory)
     missing = "no_such_parameter" if rank == 1 else "embedding.word_embeddings.weight"
-    try:
-        rekey_optimizer_state(state(f"optimizer.state.exp_avg.{missing}"), directory)
-        error = None
-    except Lasp2ConfigError as exc:
-        error = str(exc)
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
+    errors = config_errors_on_every_rank(rekey_optimizer_state, state(f"optimizer.state.exp_avg.{missing}"), directory)
     return {"renamed": present["state"][0]["exp_avg"].key, "errors": errors,
             "rebuild_errors": _rebuild_checks(rank, world)}
 
@@ -77,28 +69,19 @@ def _rebuild_checks(rank, world):
     steps; the other ranks' inputs rebuild): every rank raises, none goes on to train."""
     from types import SimpleNamespace
 
-    from megatron_patches import Lasp2ConfigError
     from megatron_patches.moe_checkpoint import state_in_current_layout
 
     optimizer = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[]))  # one optimizer, no groups
     loaded = {"state": {}, "param_groups": []}
     steps = (1, 2) if rank == 1 else (2, 2)
     saved = {i: {"state": {"common_step": torch.tensor(step)}, "param_groups": []} for i, step in enumerate(steps)}
-    try:
-        state_in_current_layout(loaded, saved, optimizer)
-        error = None
-    except Lasp2ConfigError as exc:
-        error = str(exc)
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    return errors
+    return config_errors_on_every_rank(state_in_current_layout, loaded, saved, optimizer)
 
 
 def _worker(rank, world, out_path, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_patches import Lasp2ConfigError
 
     out = {}
     for name, (saved, resumed) in RESUMES.items():
@@ -110,15 +93,9 @@ def _worker(rank, world, out_path, tmpdir):
                      "weight_diff": max_diff(whole_weights(result["chunks"]), whole_weights_),
                      "saved_optimizer": _optimizer_summary(whole["optimizer"]),
                      "resumed_optimizer": _optimizer_summary(result["optimizer"])}
-    try:
-        _pretrain(_layout(1, 1) + ["--use-distributed-optimizer", "--load", os.path.join(tmpdir, "ep2_to_ep1"),
-                                   "--ckpt-step", "2"])
-        error = None
-    except Lasp2ConfigError as exc:
-        error = str(exc)
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    out["distopt_errors"] = errors
+    out["distopt_errors"] = config_errors_on_every_rank(
+        _pretrain, _layout(1, 1) + ["--use-distributed-optimizer", "--load", os.path.join(tmpdir, "ep2_to_ep1"),
+                                    "--ckpt-step", "2"])
     out["rekey"] = _rekey_checks(rank, world, os.path.join(tmpdir, "ep2_to_ep1", "iter_0000002"))
     if rank == 0:
         torch.save(out, out_path)

@@ -21,11 +21,10 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from launcher_testing import config_errors_on_every_rank, initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
@@ -45,7 +44,6 @@ def _worker(rank, world, out_path):
     warnings.filterwarnings("ignore")
     from torch.distributed.tensor import DTensor
 
-    from megatron_patches import Lasp2ConfigError
 
     out = {}
     for name, argv in RUNS.items():
@@ -54,14 +52,7 @@ def _worker(rank, world, out_path):
         out[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": whole_weights(chunks),
                      "chunks": len(chunks), "mlp": type(chunks[0].module.decoder.layers[0].mlp).__name__,
                      "sharded": all(isinstance(p, DTensor) for c in chunks for p in c.module.parameters())}
-    try:
-        _run(_layout(2, 2) + FSDP2)
-        error = None
-    except Lasp2ConfigError as exc:
-        error = str(exc)
-    every_rank = [None] * world
-    dist.all_gather_object(every_rank, error)
-    out["fsdp2_ep2_errors"] = every_rank
+    out["fsdp2_ep2_errors"] = config_errors_on_every_rank(_run, _layout(2, 2) + FSDP2)
     if rank == 0:
         torch.save(out, out_path)
 
