@@ -39,6 +39,14 @@ available unless force=True, and nothing in this package applies it implicitly.
                   do from a GPU: all_to_all_single takes sequences of ints, not tensors. The
                   dispatch itself (permute, all_to_all_single over the EP group, sort by local
                   expert, and back) is megatron-core's, on gloo
+  uneven_all_gather
+                  at TP > 1 the same dispatcher gathers each TP rank's tokens, a different number
+                  per rank, with torch.distributed.all_gather into a list of unequal slices
+                  (mappings.py:150, token_dispatcher.py:696), which NCCL runs and gloo refuses
+                  ("invalid tensor size"); tensor_parallel.mappings sees a torch.distributed whose
+                  all_gather pads each rank's rows to the longest, gathers, and copies each
+                  rank's own rows out (equal slices go to torch's all_gather as they are). The
+                  backward's uneven reduce_scatter (mappings.py:193) gloo runs as it is
 """
 
 from __future__ import annotations
@@ -168,6 +176,11 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     _APPLIED.append("moe_alltoall")
 
+    from megatron.core.tensor_parallel import mappings
+
+    mappings.torch = _torch_with_uneven_all_gather()
+    _APPLIED.append("uneven_all_gather")
+
     try:  # a megatron-core without the FSDP2 wrapper (or a torch without FSDP2) just lacks --use-torch-fsdp2
         from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
     except ImportError:
@@ -231,17 +244,20 @@ def _host_copy(tensor, as_numpy=False, record_stream=False):
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
+class _Proxy(types.ModuleType):
+    """A module that is `real` except for the attributes set on it."""
+
+    def __init__(self, name, real):
+        super().__init__(name)
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 def _torch_with_host_streams() -> types.ModuleType:
     """A stand-in for the torch module whose torch.cuda has no-op streams and events (the rest of
     torch.cuda, and of torch, as they are)."""
-
-    class _Proxy(types.ModuleType):
-        def __init__(self, name, real):
-            super().__init__(name)
-            self._real = real
-
-        def __getattr__(self, name):
-            return getattr(self._real, name)
 
     current = _HostStream()
     cuda = _Proxy("torch.cuda", torch.cuda)
@@ -250,6 +266,33 @@ def _torch_with_host_streams() -> types.ModuleType:
     cuda.stream = lambda stream: contextlib.nullcontext()
     proxy = _Proxy("torch", torch)
     proxy.cuda = cuda
+    return proxy
+
+
+def _all_gather_padded(tensor_list, tensor, group=None, async_op=False):
+    """torch.distributed.all_gather for slices that differ in their first dimension (gloo's
+    needs equal shapes): every rank's rows padded to the longest slice, gathered, and each
+    rank's own rows copied into its slice. async_op goes to torch's as it is (megatron-core's
+    uneven gathers are synchronous)."""
+    rows = [t.shape[0] for t in tensor_list]
+    if len(set(rows)) <= 1 or async_op:
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    padded = tensor.new_zeros((max(rows),) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(parts, padded, group=group)
+    for out, part, n in zip(tensor_list, parts, rows):
+        out.copy_(part[:n])
+    return None
+
+
+def _torch_with_uneven_all_gather() -> types.ModuleType:
+    """A stand-in for the torch module whose torch.distributed.all_gather takes unequal slices
+    (the rest of torch.distributed, and of torch, as they are)."""
+    distributed = _Proxy("torch.distributed", torch.distributed)
+    distributed.all_gather = _all_gather_padded
+    proxy = _Proxy("torch", torch)
+    proxy.distributed = distributed
     return proxy
 
 

@@ -5,7 +5,8 @@ what they set in megatron-core's TransformerConfig, and the load-balancing loss 
 The MoE layer itself is megatron-core's (MoELayer: TopKRouter, token dispatcher, SequentialMLP
 of local experts, and with --moe-shared-expert-intermediate-size its SharedExpertMLP, which the
 local and TE layer specs of megatron-core already carry as MoESubmodules.shared_experts and
-MoELayer builds only when the config has the size); expert parameters are reduced over the expert-data-parallel group by
+MoELayer builds only when the config has the size; --moe-shared-expert-gate gives it its sigmoid
+gate_weight); expert parameters are reduced over the expert-data-parallel group by
 megatron-core's DDP and stepped by get_megatron_optimizer's expert optimizer, both of which
 find them by their `allreduce = False` attribute. Nothing here changes that machinery."""
 
@@ -41,6 +42,9 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
                    help="FFN size of the shared experts every token passes through besides its routed ones "
                         "(DeepSeek / Qwen-MoE; several shared experts: their sizes summed; default: none)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared experts' output per token by a learned sigmoid gate "
+                        "(Qwen-MoE's; megatron-core's SharedExpertMLP gate_weight)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts on a side CUDA stream during the alltoall dispatch "
                         "(--device cuda and the alltoall dispatcher only)")
@@ -57,7 +61,7 @@ def check_moe_args(args) -> None:
     if args.num_experts is None:
         moe_only = [d for d, default in (("moe_ffn_hidden_size", None), ("moe_router_pre_softmax", False),
                                          ("moe_shared_expert_intermediate_size", None),
-                                         ("moe_shared_expert_overlap", False))
+                                         ("moe_shared_expert_gate", False), ("moe_shared_expert_overlap", False))
                     if getattr(args, d) != default]
         if args.expert_model_parallel_size != 1:
             moe_only.insert(0, "expert_model_parallel_size")
@@ -107,6 +111,9 @@ def _check_shared_experts(args) -> None:
     size = args.moe_shared_expert_intermediate_size
     if size is not None and size < 1:
         raise Lasp2ConfigError(f"--moe-shared-expert-intermediate-size must be >= 1, got {size}")
+    if args.moe_shared_expert_gate and size is None:  # megatron-core would ignore it silently
+        raise Lasp2ConfigError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size "
+                               "(there is no shared expert to gate)")
     if not args.moe_shared_expert_overlap:
         return
     if size is None:
@@ -149,6 +156,7 @@ def moe_config_kwargs(args) -> Dict[str, object]:
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         expert_model_parallel_size=args.expert_model_parallel_size,
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
         moe_shared_expert_overlap=args.moe_shared_expert_overlap,
         moe_grouped_gemm=False,  # SequentialMLP: the local experts one after another (no grouped GEMM)
     )

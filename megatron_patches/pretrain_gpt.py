@@ -289,6 +289,7 @@ def _flops_per_step(args) -> float:
     if args.num_experts is not None:  # each token passes topk experts, the router and the shared experts
         ffn = args.moe_router_topk * (args.moe_ffn_hidden_size or ffn) + args.num_experts / 2
         ffn += args.moe_shared_expert_intermediate_size or 0
+        ffn += 0.5 if args.moe_shared_expert_gate else 0  # its gate: one h-vector, as the router's E
     dense = l * (4 * h * h + 2 * h * ffn) + v * h
     options = lasp2_options(args)
     softmax_layers = options.pattern_for(l).count(SOFTMAX)
@@ -512,6 +513,7 @@ def _moe_summary(args) -> str:
             f"{args.expert_model_parallel_size} ({args.moe_token_dispatcher_type}, "
             f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff:g})"
             + (f" + shared experts of {args.moe_shared_expert_intermediate_size}"
+               + (" (gated)" if args.moe_shared_expert_gate else "")
                if args.moe_shared_expert_intermediate_size else ""))
 
 

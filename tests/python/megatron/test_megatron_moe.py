@@ -290,6 +290,10 @@ def test_moe_checkpoint_at_ep2_resumes_at_ep4_with_the_same_step(results):
     (["--moe-shared-expert-intermediate-size", "16"], r"--moe-shared-expert-intermediate-size needs --num-experts"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"],
      r"--moe-shared-expert-intermediate-size must be >= 1, got 0"),
+    (["--moe-shared-expert-gate"], r"--moe-shared-expert-gate needs --num-experts"),
+    # megatron-core builds no shared expert then, and so no gate: the flag would do nothing
+    (["--num-experts", "4", "--moe-shared-expert-gate"],
+     r"--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
     (["--num-experts", "4", "--moe-shared-expert-overlap"],
      r"--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size"),
     # megatron-core's SharedExpertMLP opens a torch.cuda.Stream for the overlap when built
@@ -340,6 +344,7 @@ def test_moe_flags_parse_with_megatron_lm_defaults():
     assert kwargs["num_moe_experts"] == 8 and kwargs["moe_ffn_hidden_size"] == args.ffn_hidden_size
     assert kwargs["moe_grouped_gemm"] is False
     assert kwargs["moe_shared_expert_intermediate_size"] is None and kwargs["moe_shared_expert_overlap"] is False
-    for field in ("moe_shared_expert_intermediate_size", "moe_shared_expert_overlap"):
+    assert kwargs["moe_shared_expert_gate"] is False
+    for field in ("moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_shared_expert_overlap"):
         assert kwargs[field] == fields[field].default, field  # no shared expert unless asked, as Megatron-LM
     assert moe_config_kwargs(pretrain_gpt.parse_args(["--device", "cpu"])) == {}
