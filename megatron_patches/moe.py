@@ -8,7 +8,8 @@ local and TE layer specs of megatron-core already carry as MoESubmodules.shared_
 MoELayer builds only when the config has the size; --moe-shared-expert-gate gives it its sigmoid
 gate_weight); expert parameters are reduced over the expert-data-parallel group by
 megatron-core's DDP and stepped by get_megatron_optimizer's expert optimizer, both of which
-find them by their `allreduce = False` attribute. Nothing here changes that machinery."""
+find them by their `allreduce = False` attribute. Nothing here changes that machinery; under
+--use-torch-fsdp2 megatron_patches.torch_fsdp shards them over the same group."""
 
 from __future__ import annotations
 
@@ -91,15 +92,6 @@ def check_moe_args(args) -> None:
         raise Lasp2ConfigError("--num-experts with the local spec needs --disable-bias-linear (megatron-core's "
                                "expert MLP cannot add a linear bias there; Megatron-LM's MoE models run "
                                "without biases)")
-    if args.use_torch_fsdp2 and ep > 1:
-        # megatron-core 0.16.1's TorchFullyShardedDataParallel shards every parameter over the
-        # data x context parallel group, experts included; at EP > 1 ranks of different EP ranks
-        # hold different experts under the same name, so its all-gather mixes them (measured:
-        # step-1 loss 4.308 instead of 4.295, weights off by 0.57, no error)
-        raise Lasp2ConfigError(f"--use-torch-fsdp2 with --expert-model-parallel-size {ep} is refused: megatron-core's "
-                               "FSDP2 wrapper shards the expert parameters over the data x context parallel "
-                               "group, not the expert-data-parallel one, and trains wrong numbers; use "
-                               "--expert-model-parallel-size 1 or megatron-core's DDP")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         # megatron-core's MoELayer raises at the first training step otherwise, naming no flag
         raise Lasp2ConfigError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} with --num-experts "

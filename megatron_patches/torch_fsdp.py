@@ -15,11 +15,32 @@ reduce-scatter sums (divide factor 1, see `_sum_gradients_over_the_mesh`), and
 `scale_gradients`, a no-op in megatron-core's FSDP2 class (0.16.1 and 0.19), multiplies
 this rank's gradient shards.
 
+With MoE at `--expert-model-parallel-size` > 1 ranks of different EP ranks hold different
+experts under the same parameter names, so the experts cannot be sharded over dp-cp with the
+rest (megatron-core's class does that: its all-gather mixed the EP ranks' experts, step-1
+loss 4.308 instead of 4.295, no error). Each MoE layer's `experts` module (the parameters
+megatron-core marks `allreduce = False`, which its DDP reduces over the expert-data-parallel
+group) becomes an FSDP2 unit of its own over that group, made before the per-layer units,
+which then leave its parameters to it. The gradient math is DDP's: it scales every gradient
+by 1 / dp-cp size and sums, the dense ones over dp-cp, the expert ones over the smaller
+expert-dp group (an expert's gradient already holds the tokens that every EP rank
+dispatched to it). So the expert units sum (divide factor 1, ReduceOp.SUM), and
+`finish_grad_sync`, which finalize_model_grads calls after the last micro-batch, multiplies
+their shards by 1 / dp-cp size (not FSDP2's divide factor: a factor other than the mesh
+size is a PREMUL_SUM, which gloo lacks, and forced to a sum torch 2.13 divides by it twice
+on a 1-rank mesh, the expert-dp group at EP = dp x cp: measured, weights 0.058 off). Under
+`--calculate-per-token-loss` every unit sums and `scale_gradients` divides by the tokens,
+as above. FSDP2 drops parameters' attributes; megatron-core's class restores those it saw,
+which for the expert units were already gone, so `allreduce = False` is put back here: by it
+get_megatron_optimizer steps the experts in its expert optimizer, whose gradient norm is
+summed over the EP ranks (without it megatron-core's norm asserts on DTensor gradients of
+two meshes in one optimizer). At EP 1 megatron-core marks no parameter and nothing changes.
+
 Two further megatron-core 0.16.1 details are handled here:
   * finalize_model_grads calls `finish_grad_sync(force_all_reduce=...)`, which
     TorchFullyShardedDataParallel (its base class) does not accept: a TypeError after the
     first backward. FSDP2 has already reduce-scattered the gradients in backward, so
-    there is nothing to finish.
+    there is nothing to finish but the expert scaling above.
   * Only the transformer layers are wrapped as their own FSDP units; the embedding and
     the output layer stay in the root unit. With tied embeddings the output layer reads
     the embedding's weight: in a separate unit that weight is resharded (a DTensor) by
@@ -27,7 +48,8 @@ Two further megatron-core 0.16.1 details are handled here:
     ColumnParallelLinear by class, megatron-core's default, would also wrap the layers'
     own projections a second time.
 On CPU (gloo) the class builds its DeviceMesh on "cuda": megatron_patches.cpu's
-`torch_fsdp_mesh` patch builds it on "cpu".
+`torch_fsdp_mesh` patch builds it on "cpu" (the experts' mesh is made by the same
+constructor, so it follows).
 """
 
 from __future__ import annotations
@@ -52,40 +74,99 @@ def check_torch_fsdp2_args(args) -> None:
 def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
     """`module` (a GPTModel) sharded with FSDP2 over `process_group` (default: megatron-core's
     dp-cp group; the tests pass the dp group to show that CP must be in it), one unit per
-    transformer layer."""
+    transformer layer and, at EP > 1, one per MoE layer's experts over the expert-data-parallel
+    group."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig, TorchFullyShardedDataParallel
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     class Lasp2TorchFullyShardedDataParallel(TorchFullyShardedDataParallel):
+        expert_units: tuple = ()  # set below
+        expert_gradient_scale = 1.0
+
         def finish_grad_sync(self, *args, **kwargs):
-            """FSDP2 reduced the gradients during backward (see the module docstring)."""
+            """FSDP2 reduced the gradients during backward (see the module docstring); the expert
+            units summed theirs, which DDP scales by 1 / dp-cp size (mean loss): done here, once
+            per step, after the last micro-batch's backward."""
+            if self.expert_gradient_scale != 1.0:
+                for unit in self.expert_units:
+                    _scale_local_gradients(unit, self.expert_gradient_scale)
 
         def scale_gradients(self, scaling_factor) -> None:
             """finalize_model_grads' 1 / (tokens of the global batch) under --calculate-per-token-loss
             (a 0-dim tensor): applied to this rank's shard of every gradient."""
             _scale_local_gradients(self.module, scaling_factor)
 
+    if process_group is None:
+        process_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    attributes = {name: dict(vars(param)) for name, param in module.named_parameters()}
+    expert_units = _shard_experts_over_expert_data_parallel(module)  # before the layers' units contain them
     wrapped = Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
                                                  module=module, sub_modules_to_wrap={TransformerLayer},
                                                  process_group=process_group)
+    # megatron-core's class puts back the attributes FSDP2 drops (allreduce = False, by which
+    # get_megatron_optimizer puts the experts in its expert optimizer, whose gradient norm is
+    # summed over the EP ranks), but it saved them after the expert units had dropped theirs
+    for name, param in wrapped.module.named_parameters():
+        for attribute, value in attributes[name].items():
+            setattr(param, attribute, value)
+    wrapped.expert_units = tuple(expert_units)
     if config.calculate_per_token_loss:
-        _sum_gradients_over_the_mesh(wrapped.module)
+        _sum_gradients_over_the_mesh(wrapped.module, "--use-torch-fsdp2 with --calculate-per-token-loss")
+    elif expert_units:
+        # an expert gradient summed over the expert-dp ranks already holds every dp x cp rank's
+        # tokens (the dispatcher's backward brought them), so DDP's 1 / dp-cp size is its mean;
+        # FSDP2's own average would divide by the smaller expert-dp size
+        for unit in expert_units:
+            _sum_gradients_over_the_mesh(unit, "--use-torch-fsdp2 with --expert-model-parallel-size > 1")
+        wrapped.expert_gradient_scale = 1.0 / parallel_state.get_data_parallel_group(with_context_parallel=True).size()
     return wrapped
 
 
-def _sum_gradients_over_the_mesh(module: torch.nn.Module) -> None:
-    """Every FSDP unit under `module` reduce-scatters gradients as a sum, not FSDP's default
-    average: a per-token loss is each rank's sum over its tokens, and the division by the
-    global token count comes afterwards through scale_gradients (as with megatron-core's DDP,
-    which does not average under --calculate-per-token-loss). Forcing ReduceOp.SUM keeps
-    FSDP2 off PREMUL_SUM(1 / factor), which gloo lacks; with a factor of 1 nothing is
-    divided after the reduction either."""
+def _is_expert_parallel(param) -> bool:
+    """megatron-core's mark of a parameter held by one expert-parallel rank only (set at EP > 1;
+    at EP 1 its experts are ordinary data-parallel parameters, as for its DDP)."""
+    return not getattr(param, "allreduce", True)
+
+
+def _shard_experts_over_expert_data_parallel(module: torch.nn.Module) -> list:
+    """Each MoE layer's expert module (SequentialMLP) as an FSDP2 unit over megatron-core's
+    expert-data-parallel group, the ranks holding the same experts; the per-layer units made
+    afterwards leave the parameters of these units to them. None at EP 1. Returns the units."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from torch.distributed.fsdp import fully_shard
+
+    units = [layer.experts for layer in module.modules() if isinstance(layer, MoELayer)
+             and any(_is_expert_parallel(param) for param in layer.experts.parameters())]
+    if not units:
+        return []
+    in_units = {id(param) for unit in units for param in unit.parameters()}
+    stray = [name for name, param in module.named_parameters()
+             if _is_expert_parallel(param) != (id(param) in in_units)]
+    if stray:  # an expert parameter outside MoELayer.experts, or a data-parallel one inside it
+        raise SystemExit(f"--use-torch-fsdp2: {stray[0]} is not sharded over its data-parallel group (an "
+                         "expert-parallel parameter outside an MoE layer's experts, or the other way round)")
+    # megatron-core's own mesh constructor, which enable_cpu_execution puts on the CPU
+    mesh = torch_fully_sharded_data_parallel.DeviceMesh.from_group(
+        parallel_state.get_expert_data_parallel_group(), "cuda")
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    return units
+
+
+def _sum_gradients_over_the_mesh(module: torch.nn.Module, flags: str) -> None:
+    """Every FSDP unit under `module` (itself included) reduce-scatters gradients as a sum, not
+    FSDP's default average; the division comes afterwards (scale_gradients, finish_grad_sync).
+    Forcing ReduceOp.SUM keeps FSDP2 off PREMUL_SUM(1 / factor), which gloo lacks; with a
+    factor of 1 nothing is divided after the reduction either (not even on a 1-rank mesh,
+    where torch 2.13 divides by a factor twice)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
-        raise SystemExit("--use-torch-fsdp2 with --calculate-per-token-loss needs FSDP2's "
-                         "set_gradient_divide_factor and set_force_sum_reduction_for_comms (torch 2.13 has "
-                         f"them); torch {torch.__version__} lacks them")
+        raise SystemExit(f"{flags} needs FSDP2's set_gradient_divide_factor and set_force_sum_reduction_for_comms "
+                         f"(torch 2.13 has them); torch {torch.__version__} lacks them")
     for unit in module.modules():  # each call sets only that unit's own parameter groups
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
