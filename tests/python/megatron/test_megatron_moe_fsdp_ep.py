@@ -21,6 +21,16 @@ off at EP 2 and EP 4; summing the expert gradients over the expert-dp group with
 expert-dp group, 0.023 off at EP 2 (0.069 at EP 4, a 1-rank group); without putting back the
 experts' `allreduce = False` megatron-core's gradient norm asserts (DTensor gradients of two
 meshes in one optimizer).
+
+Run once, not kept (a process running several FSDP2 models): with a shared expert, and with
+the alltoall dispatcher (EP 2 at CP 2, EP 4 at DP 4), FSDP2 at EP > 1 equals DDP at EP 1
+(weights 1.3e-7 / 1.2e-7). The shared-expert run failed here after other FSDP2 runs in the same
+processes, not alone: the sharded parameters whose shapes an earlier run had come out of
+fully_shard with that run's mesh (DeviceMesh equality compares rank layouts, not process
+groups, and some DTensor cache returns the equal old one; its group, over the same ranks, is
+still alive, so the numbers are unaffected), a new shape (the shared expert's) with this
+run's, and megatron-core's gradient norm asserts when one optimizer's gradients name two
+groups. Every run here has the shapes of the first FSDP2 run.
 """
 
 import pytest
