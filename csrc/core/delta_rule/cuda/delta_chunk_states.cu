@@ -176,10 +176,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
     // ys (read just now) only after its first barrier
   }
   cp_async_wait_all();
-  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
-  });
+  store_pass_end<D>(fo, sum, amap, bh * se, S, warp * (D / 4), j0, lane);
 }
 
 // kLean: the copies of TileCopy / ColCopy / MetaCopy and the chunk states stored from xb
@@ -316,6 +313,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     // ys (read just now) only after its first barrier
   }
   cp_async_wait_all();
+  // store_pass_end's work written out (see there why)
   float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
   if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
 #pragma unroll
