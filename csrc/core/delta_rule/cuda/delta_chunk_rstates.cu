@@ -427,8 +427,7 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap kmap, wmap, qmap;
   KMapDims kd{}, qd{};
-  const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
+  if (!encode_chunk_rows_map<T>(&wmap, prep.w, rows) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
       !encode_token_map<T>(&qmap, qd, p.q, p, CH))
     return false;
   const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kRevStages>) + 1024);  // + the swizzle's alignment

@@ -501,10 +501,7 @@ bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkS
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap wmap, kmap;
-  {  // w: [bh * nck * 64 rows][D], contiguous
-    const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-    if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH)) return false;
-  }
+  if (!encode_chunk_rows_map<T>(&wmap, prep.w, rows)) return false;  // w: [bh * nck * 64 rows][D]
   KMapDims kd{};
   if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
   const dim3 grid((kSummary ? 2 : 1) * D / C, static_cast<unsigned>(p.bh()));

@@ -365,6 +365,14 @@ bool encode_rows_map(CUtensorMap* map, int rank, const void* base, const cuuint6
            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// A prep array of the part's chunk rows (w, kd, qg: [rows][128] 16-bit, contiguous) read
+// in the tma state passes' [64][64] boxes.
+template <typename T>
+bool encode_chunk_rows_map(CUtensorMap* map, const void* base, int64_t rows) {
+  const cuuint64_t dims[2] = {128, static_cast<cuuint64_t>(rows)}, strides[1] = {128 * sizeof(T)};
+  return encode_rows_map<T>(map, 2, base, dims, strides, 1, CH);
+}
+
 // An sm_90 device, and the kernel built for it.
 template <typename Kernel>
 bool runs_sm90(Kernel kernel) {
