@@ -8,7 +8,13 @@
 // stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
 // KDA state pass's diag(eL) scaling, the GDN rprep's negated store; session 19: KDA's
 // 4-warp passes' S / X loads through load_state and their token-row epilogues through
-// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece).
+// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece; session 22: KDA's
+// 4-warp forward / reverse 16-bit copies of S / X with the chunk-state / dh store, the
+// predicate by value, by reference or in a lambda: the forward pass's stores were
+// threaded into two copies of the loop, and the reverse pass adds j0 + 8 nt + 2 (lane % 4)
+// in another order than the forward's j0 + cl).
+// What kept the PTX where earlier forms did not (session 22): fragment arrays declared by
+// the caller where the loop had them, not inside the helper (tc_dkdv's ds_product).
 // Included by .cu files only; internal linkage.
 #pragma once
 

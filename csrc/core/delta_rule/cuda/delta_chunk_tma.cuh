@@ -287,7 +287,10 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 // two-dimensional maps (registers renumbered, instructions reordered). A helper keeps the
 // PTX where its arguments are values the kernel had already formed and its body the
 // kernel's statements in the kernel's order; a pointer formed as an argument instead of
-// inside the helper moved KDA's reverse pass.)
+// inside the helper moved KDA's reverse pass. Session 22: the aligned struct with the
+// extern array declared inside the helper (the offset's arithmetic narrowed to 32 bits),
+// and the forward passes' end (leaving state / summary) as one helper, direct or with the
+// summary's two pointers as scalars: the summary kernels' state registers renumbered.)
 
 // Ring step i of `steps`: thread 0 issues the step's tensor-map tiles (tiles(i), which
 // arms the buffer's barrier), every thread its cp.async pieces (own(i)). One cp.async
