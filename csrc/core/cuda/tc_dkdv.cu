@@ -78,14 +78,39 @@ __device__ __forceinline__ void xchg_step(float (&v)[N], int lane, int st) {
   }
 }
 
+// acc += dS B^T over all D dims (kTransposed: dS^T B^T), B's tokens the warp's token blocks
+// tb: C's first product, dk's dS v^T and dv's dS^T k^T. The fragments a and bb are the
+// caller's, declared where the loop had them: with them local here (earlier sessions' form;
+// an inlined helper's arrays sit ahead of the kernel's own) the D = 64 kernels' registers
+// were numbered apart. This form keeps the PTX as written out (session 22).
+template <typename T, int D, int RM, bool kTransposed>
+__device__ __forceinline__ void ds_product(float (&acc)[RM][4][4], uint32_t (&a)[RM][4], uint32_t (&bb)[2][4],
+                                           const T* Dsm, const T* B, int r, const int (&tb)[2], int lane) {
+  constexpr int LD = TcTile<D>::LD;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int m = 0; m < RM; ++m) {
+      if constexpr (kTransposed)
+        ldsm_x4_t(a[m], Dsm + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
+      else
+        ldsm_x4(a[m], Dsm + frag_a_rowmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], B + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
+#pragma unroll
+    for (int m = 0; m < RM; ++m)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mma16816<T>(acc[m][2 * i], a[m], bb[i][0], bb[i][1]);
+        mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
+      }
+  }
+}
+
 // C's first products (dk: dS v^T, dv: dS^T k^T), each token column scaled by its exit
 // weight: acc's n8 tile j holds tokens 16 tb[j / 2] + 8 (j % 2) + (0..7). One helper for
-// both so that the two keep the same operations. (The products themselves stay written
-// out twice: as one helper with the transposed dS read a template switch, the dv PTX
-// changed (phi copies at D = 64), and as a generic lambda in the kernel (the switch a
-// std::bool_constant) the zeroed accumulators' registers were numbered apart at D = 64;
-// they were too with the k loop alone as a __forceinline__ template (the switch a template
-// parameter), the zeroing inside it or not; so that merge was left.)
+// both so that the two keep the same operations.
 template <int RM>
 __device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&tb)[2],
                                            const float* extw, int lane) {
@@ -420,24 +445,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     if (krows) {
       // dk^T rows [16r, +16), token blocks tb: dS v^T (exit-weighted) + q^T P2
       float acc[RM][4][4];  // n8 tiles: 2i + t = tokens 16 tb[i] + 8t + (0..7)
+      uint32_t a[RM][4], bb[2][4];  // ds_product's fragments (see there why here)
       tc_zero(acc);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[RM][4];
-#pragma unroll
-        for (int m = 0; m < RM; ++m)
-          ldsm_x4(a[m], Dsm + frag_a_rowmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
-        uint32_t bb[2][4];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Vs + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
-#pragma unroll
-        for (int m = 0; m < RM; ++m)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            mma16816<T>(acc[m][2 * i], a[m], bb[i][0], bb[i][1]);
-            mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
-          }
-      }
+      ds_product<T, D, RM, false>(acc, a, bb, Dsm, Vs, r, tb, lane);
       scale_exit<RM>(acc, tb, extw, lane);
       // key block tb gets the queries of blocks >= tb
       // token blocks {H0, 3 - H0} known at compile time: one straight block per hc
@@ -525,24 +535,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
     if (vrows) {
       // dv^T rows [16r, +16), token blocks tb: dS^T k^T (exit-weighted) + dO^T P1
       float acc[RM][4][4];
+      uint32_t a[RM][4], bb[2][4];  // ds_product's fragments (see there why here)
       tc_zero(acc);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[RM][4];
-#pragma unroll
-        for (int m = 0; m < RM; ++m)
-          ldsm_x4_t(a[m], Dsm + frag_a_colmajor(lane, 16 * (RM * r + m), 16 * kk, LD));
-        uint32_t bb[2][4];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) ldsm_x4(bb[i], Ks + frag_b_nk(lane, 16 * kk, 16 * tb[i], LD));
-#pragma unroll
-        for (int m = 0; m < RM; ++m)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            mma16816<T>(acc[m][2 * i], a[m], bb[i][0], bb[i][1]);
-            mma16816<T>(acc[m][2 * i + 1], a[m], bb[i][2], bb[i][3]);
-          }
-      }
+      ds_product<T, D, RM, true>(acc, a, bb, Dsm, Ks, r, tb, lane);
       scale_exit<RM>(acc, tb, extw, lane);
       // as in dk: one straight block per hc; the dO fragments of token blocks below
       // both of the warp's key blocks (kk = 0 for hc = 1) are not loaded

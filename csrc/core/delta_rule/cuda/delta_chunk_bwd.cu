@@ -942,25 +942,19 @@ BwdForm chunk_backward_form() {
 // an sm_90 device, every map encodable); false (nothing launched) otherwise.
 template <typename T, int D>
 bool launch_chunk_backward_tma(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {
-  auto kernel = chunk_bwd_kernel_tma<T, D>;
-  if (!runs_sm90(kernel) || p.n > INT32_MAX) return false;
-  const int64_t nck = chunk_count(p), bh = p.bh(), npad = nck * CH;
-  if (bh > INT32_MAX || nck * D > INT32_MAX) return false;
-  BwdMaps m;
-  ChunkGradMaps<T, BwdMaps> e(m, p);
-  const bool ok = e.template tokens<D>(kMapK, p.k) &&
-                  e.template tokens<D>(kMapV, p.v) &&
-                  e.template tokens<D>(kMapQ, p.q) &&
-                  e.template tokens<D>(kMapDo, a.dout) &&
-                  e.template scratch<D>(kMapDh, a.dh, nck * D, D) &&
-                  e.template scratch<D>(kMapR, a.r, npad, D) &&
-                  e.template scratch<D>(kMapVnew, a.v_new, npad, D) &&
-                  e.template scratch<CH>(kMapT, a.t, npad, CH);
-  if (!ok) return false;
   const int bytes = static_cast<int>(kBarOff<T, D>) + 16;  // + the two barriers
-  chunk_allow_max_shared(kernel, bytes, kWho, "chunk backward attributes");
-  kernel<<<dim3(static_cast<unsigned>(nck), static_cast<unsigned>(bh)), kThreads, bytes, s>>>(p, a, m);
-  return true;
+  return launch_grad_kernel_tma<T, D, BwdMaps, kThreads>(
+      chunk_bwd_kernel_tma<T, D>, p, a, bytes, kWho, "chunk backward attributes", s,
+      [&](ChunkGradMaps<T, BwdMaps>& e, int64_t nck, int64_t npad) {
+        return e.template tokens<D>(kMapK, p.k) &&
+               e.template tokens<D>(kMapV, p.v) &&
+               e.template tokens<D>(kMapQ, p.q) &&
+               e.template tokens<D>(kMapDo, a.dout) &&
+               e.template scratch<D>(kMapDh, a.dh, nck * D, D) &&
+               e.template scratch<D>(kMapR, a.r, npad, D) &&
+               e.template scratch<D>(kMapVnew, a.v_new, npad, D) &&
+               e.template scratch<CH>(kMapT, a.t, npad, CH);
+      });
 }
 
 void launch_chunk_backward(const Problem& p, const ChunkBackwardArgs& a, cudaStream_t s) {

@@ -8,7 +8,13 @@
 // stays written out (e.g. the state passes' 16-bit copies of the carried columns, the
 // KDA state pass's diag(eL) scaling, the GDN rprep's negated store; session 19: KDA's
 // 4-warp passes' S / X loads through load_state and their token-row epilogues through
-// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece).
+// for_pairs, the GDN w8 pass's chunk-state piece through store_xb_piece; session 22: KDA's
+// 4-warp forward / reverse 16-bit copies of S / X with the chunk-state / dh store, the
+// predicate by value, by reference or in a lambda: the forward pass's stores were
+// threaded into two copies of the loop, and the reverse pass adds j0 + 8 nt + 2 (lane % 4)
+// in another order than the forward's j0 + cl).
+// What kept the PTX where earlier forms did not (session 22): fragment arrays declared by
+// the caller where the loop had them, not inside the helper (tc_dkdv's ds_product).
 // Included by .cu files only; internal linkage.
 #pragma once
 
@@ -161,19 +167,22 @@ template <typename T, int NTH, int LEN, typename Buf, int NS>
 __device__ __forceinline__ void zero_ring_u(Buf (&buf)[NS], int tid) {
   for (int i = tid; i < NS * LEN; i += NTH) buf[i / LEN].u[i % LEN] = from_float<T>(0.f);
 }
-// The end of a forward state pass (4 or 8 warps, GDN or KDA): the state leaving the part
+// The end of a 4-warp forward state pass (GDN or KDA): the state leaving the part
 // (fo.leaving) or, for the summary (sum.A set), A's columns and head_A's (amap) or M's and
-// head_M's; store(dst) writes the carried columns to dst (offset to the (b, h) state).
-template <typename F>
+// head_M's; S: the carried columns j0.. of the warp's MT m-tiles of rows from r0, at: the
+// (b, h) state's offset. (fwd_state_kernel_w8 writes its end out: through this helper,
+// with summary recomputed here or passed in, one of the two kinds of kernel changed PTX.)
+template <int D, int MT, int N>
 __device__ __forceinline__ void store_pass_end(const ChunkStatesOut& fo, const ChunkSummaryOut& sum, bool amap,
-                                               int64_t at, F&& store) {
+                                               int64_t at, const float (&S)[MT][N][4], int r0, int j0, int lane) {
   const bool summary = sum.A != nullptr;
   float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
   if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
     if (dst[which] == nullptr) continue;
-    store(dst[which] + at);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst[which] + at, S[mt], r0 + 16 * mt, j0, lane);
   }
 }
 

@@ -21,6 +21,9 @@ namespace {
 // column groups (4 (tid / 16)) over 16 row pairs instead of all eight over 4 row pairs,
 // so a warp's loop runs 32 - 8 w steps instead of 32 (80 warp steps instead of 128).
 // Every output is the same sum in the same order, on another thread: the same bits.
+// (The 16-merge's two 2 x 2 products, C A^-1 and B^-1 (C A^-1), stay written out: as one
+// helper taking the tiles and offsets, every prep kernel's registers were renumbered,
+// session 22.)
 template <int kThreads = NT, bool kBalanced = false>
 __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
   static_assert(kThreads >= NT, "four warps do the work");

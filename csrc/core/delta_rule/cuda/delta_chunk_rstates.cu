@@ -57,6 +57,36 @@ __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& d
   load_meta(B.meta, prep.meta, cp.row0, tid);
 }
 
+// X and its 16-bit copy xb = F (offset to the (b, h) state): the 4-warp pass's MT
+// m-tiles of rows from r0, the 8-warp passes' one.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void load_carried_xb(float (&S)[MT][2][4], T* xb, const float* F, int r0, int j0,
+                                                int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) load_state_xb<T, D>(S[mt], xb, LDV, F, r0 + 16 * mt, j0, lane);
+}
+template <typename T, int D>
+__device__ __forceinline__ void load_carried_xb(float (&S)[2][4], T* xb, const float* F, int r0, int j0, int lane) {
+  load_state_xb<T, D>(S, xb, LDV, F, r0, j0, lane);
+}
+
+// A document that ends inside chunk c (delta_chunk_docs.h): its final-state gradient F
+// takes X's place (S and its 16-bit copy xb), and the chunk's decay to the chunk's end
+// becomes the document's end gradient's (GL, sL = 0). Block-uniform; the barriers: the
+// chunk's dh copy of xb is done before, every warp sees F's xb after.
+template <typename T, int D, typename State>
+__device__ __forceinline__ void doc_end_in_place(const ChunkReverseOut& ro, int64_t bh, int nck, int c, int64_t se,
+                                                 float& GL, float& sL, State& S, T* xb, int r0, int j0, int lane) {
+  if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {
+    const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
+    __syncthreads();  // dh's copy of xb is done
+    load_carried_xb<T, D>(S, xb, F, r0, j0, lane);
+    __syncthreads();
+    GL = ro.doc_end_g[bh * nck + c];
+    sL = 0.f;
+  }
+}
+
 // Backwards over the chunks: X leaving chunk c -> dh (16-bit); y = r - diag(d) K X;
 // X <- e X + w^T y + Q^T diag(c) dO.
 template <typename T, int D>
@@ -102,15 +132,7 @@ __global__ void __launch_bounds__(NT) rev_state_kernel(Problem p, View dout, Chu
       }
     }
     float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
-    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
-      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
-      __syncthreads();  // dh's copy of xb is done
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) load_state_xb<T, D>(S[mt], sm.xb, LDV, F, warp * (D / 4) + 16 * mt, j0, lane);
-      __syncthreads();
-      GL = ro.doc_end_g[bh * nck + c];
-      sL = 0.f;
-    }
+    doc_end_in_place<T, D>(ro, bh, nck, c, se, GL, sL, S, sm.xb, warp * (D / 4), j0, lane);
     {  // y = r - diag(d) K X (token rows of this warp)
       float acc[2][4];
       zero(acc);
@@ -223,6 +245,8 @@ __global__ void __launch_bounds__(NT8) rev_state_kernel_w8(Problem p, View dout,
       *reinterpret_cast<uint4*>(dst + row * D + 8 * part) = *reinterpret_cast<const uint4*>(sm.xb + row * LDV + 8 * part);
     }
     float GL = B.meta[2 * (CH - 1)], sL = B.meta[2 * (CH - 1) + 1];
+    // doc_end_in_place written out: through it (a lambda for the load, or not) this
+    // kernel's chunk-loop address arithmetic compiled in another order (other PTX)
     if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
       const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
       __syncthreads();  // dh's copy of xb is done
@@ -343,14 +367,7 @@ __global__ void __launch_bounds__(NT8)
     const float* meta = sm.gate[s];
     T* const dd_t = sm.d[s];
     float GL = meta[2 * (CH - 1)], sL = meta[2 * (CH - 1) + 1];
-    if (ro.doc_end_idx != nullptr && ro.doc_end_idx[bh * nck + c] >= 0) {  // F in X's place (delta_chunk_docs.h)
-      const float* F = ro.doc_final + static_cast<int64_t>(ro.doc_end_idx[bh * nck + c]) * se;
-      __syncthreads();  // dh's copy of xb is done
-      load_state_xb<T, D>(S, sm.xb, LDV, F, r0, j0, lane);
-      __syncthreads();
-      GL = ro.doc_end_g[bh * nck + c];
-      sL = 0.f;
-    }
+    doc_end_in_place<T, D>(ro, bh, nck, c, se, GL, sL, S, sm.xb, r0, j0, lane);
     const uint32_t kt = tiles0 + s * kBufBytes;
     // X's decay e, both token halves' d and r and dO's scaling before the product
     const float e = sL == 0.f ? lasp2::cuda::exp_ftz(GL) : 0.f;
@@ -410,8 +427,7 @@ bool launch_rev_states_tma(const Problem& p, View dout, const ChunkPrep& prep, c
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap kmap, wmap, qmap;
   KMapDims kd{}, qd{};
-  const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
+  if (!encode_chunk_rows_map<T>(&wmap, prep.w, rows) || !encode_token_map<T>(&kmap, kd, p.k, p, CH) ||
       !encode_token_map<T>(&qmap, qd, p.q, p, CH))
     return false;
   const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kRevStages>) + 1024);  // + the swizzle's alignment

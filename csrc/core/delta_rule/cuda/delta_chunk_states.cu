@@ -176,10 +176,7 @@ __global__ void __launch_bounds__(NT) fwd_state_kernel(Problem p, ChunkPrep prep
     // ys (read just now) only after its first barrier
   }
   cp_async_wait_all();
-  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
-  });
+  store_pass_end<D>(fo, sum, amap, bh * se, S, warp * (D / 4), j0, lane);
 }
 
 // kLean: the copies of TileCopy / ColCopy / MetaCopy and the chunk states stored from xb
@@ -316,6 +313,7 @@ __global__ void __launch_bounds__(NT8, 2) fwd_state_kernel_w8(Problem p, ChunkPr
     // ys (read just now) only after its first barrier
   }
   cp_async_wait_all();
+  // store_pass_end's work written out (see there why)
   float* dst[2] = {amap ? sum.A : sum.M, amap ? sum.head_A : sum.head_M};
   if (!summary) dst[0] = fo.leaving, dst[1] = nullptr;
 #pragma unroll
@@ -503,10 +501,7 @@ bool launch_fwd_states_tma(const Problem& p, const ChunkPrep& prep, const ChunkS
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31) || p.heads <= 0 || p.batch <= 0) return false;
   CUtensorMap wmap, kmap;
-  {  // w: [bh * nck * 64 rows][D], contiguous
-    const cuuint64_t dims[2] = {D, static_cast<cuuint64_t>(rows)}, strides[1] = {D * sizeof(T)};
-    if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH)) return false;
-  }
+  if (!encode_chunk_rows_map<T>(&wmap, prep.w, rows)) return false;  // w: [bh * nck * 64 rows][D]
   KMapDims kd{};
   if (!encode_token_map<T>(&kmap, kd, p.k, p, CH)) return false;
   const dim3 grid((kSummary ? 2 : 1) * D / C, static_cast<unsigned>(p.bh()));

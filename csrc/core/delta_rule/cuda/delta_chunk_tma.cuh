@@ -287,7 +287,10 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 // two-dimensional maps (registers renumbered, instructions reordered). A helper keeps the
 // PTX where its arguments are values the kernel had already formed and its body the
 // kernel's statements in the kernel's order; a pointer formed as an argument instead of
-// inside the helper moved KDA's reverse pass.)
+// inside the helper moved KDA's reverse pass. Session 22: the aligned struct with the
+// extern array declared inside the helper (the offset's arithmetic narrowed to 32 bits),
+// and the forward passes' end (leaving state / summary) as one helper, direct or with the
+// summary's two pointers as scalars: the summary kernels' state registers renumbered.)
 
 // Ring step i of `steps`: thread 0 issues the step's tensor-map tiles (tiles(i), which
 // arms the buffer's barrier), every thread its cp.async pieces (own(i)). One cp.async
@@ -363,6 +366,14 @@ bool encode_rows_map(CUtensorMap* map, int rank, const void* base, const cuuint6
   return f(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), dims, strides, box, ones,
            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// A prep array of the part's chunk rows (w, kd, qg: [rows][128] 16-bit, contiguous) read
+// in the tma state passes' [64][64] boxes.
+template <typename T>
+bool encode_chunk_rows_map(CUtensorMap* map, const void* base, int64_t rows) {
+  const cuuint64_t dims[2] = {128, static_cast<cuuint64_t>(rows)}, strides[1] = {128 * sizeof(T)};
+  return encode_rows_map<T>(map, 2, base, dims, strides, 1, CH);
 }
 
 // An sm_90 device, and the kernel built for it.

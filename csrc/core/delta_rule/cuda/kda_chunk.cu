@@ -142,10 +142,7 @@ __global__ void __launch_bounds__(NT) kda_state_kernel(Problem p, KdaPrep prep, 
     // no barrier: the next chunk writes xb and ys only after its first barrier
   }
   cp_async_wait_all();
-  store_pass_end(fo, sum, amap, bh * se, [&](float* dst) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) store_state<D>(dst, S[mt], warp * (D / 4) + 16 * mt, j0, lane);
-  });
+  store_pass_end<D>(fo, sum, amap, bh * se, S, warp * (D / 4), j0, lane);
 }
 
 // ---- the output pass: o = qg S_c + P v_new ------------------------------------------------------

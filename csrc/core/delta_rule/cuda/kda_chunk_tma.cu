@@ -241,12 +241,8 @@ bool launch_typed(const Problem& p, const KdaPrep& prep, const ChunkStatesOut& f
                   cudaStream_t s) {
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31)) return false;
-  CUtensorMap wmap, kdmap;
-  // w and kd: [bh * nck * 64 rows][d], contiguous, read in [64][64] boxes
-  const cuuint64_t dims[2] = {kD, static_cast<cuuint64_t>(rows)}, strides[1] = {kD * sizeof(T)};
-  if (!encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) ||
-      !encode_rows_map<T>(&kdmap, 2, prep.kd, dims, strides, 1, CH))
-    return false;
+  CUtensorMap wmap, kdmap;  // w and kd: [bh * nck * 64 rows][d]
+  if (!encode_chunk_rows_map<T>(&wmap, prep.w, rows) || !encode_chunk_rows_map<T>(&kdmap, prep.kd, rows)) return false;
   const dim3 grid((kSummary ? 2 : 1) * kD / C, static_cast<unsigned>(p.bh()));
   auto run = [&](auto kernel, int bytes) {
     if (!runs_sm90(kernel)) return false;
@@ -279,10 +275,8 @@ bool launch_rev_typed(const Problem& p, const KdaPrep& prep, View dout, const vo
   const int64_t nck = chunk_count(p), rows = p.bh() * nck * CH;
   if (rows >= (int64_t{1} << 31)) return false;
   CUtensorMap kdmap, wmap, qgmap;
-  const cuuint64_t dims[2] = {kD, static_cast<cuuint64_t>(rows)}, strides[1] = {kD * sizeof(T)};
-  if (!encode_rows_map<T>(&kdmap, 2, prep.kd, dims, strides, 1, CH) ||
-      !encode_rows_map<T>(&wmap, 2, prep.w, dims, strides, 1, CH) ||
-      !encode_rows_map<T>(&qgmap, 2, prep.qg, dims, strides, 1, CH))
+  if (!encode_chunk_rows_map<T>(&kdmap, prep.kd, rows) || !encode_chunk_rows_map<T>(&wmap, prep.w, rows) ||
+      !encode_chunk_rows_map<T>(&qgmap, prep.qg, rows))
     return false;
   const int bytes = static_cast<int>(sizeof(TmaRevSmem<T, kKdaRevStages>) + 1024);  // + the swizzle's alignment
   chunk_allow_smem(kernel, bytes, kWho, "KDA chunk reverse state pass (tma)");
