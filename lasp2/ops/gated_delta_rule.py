@@ -186,6 +186,11 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
                    int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
                    int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider),
+                   # g's and beta's dtypes set the size of provider "ulysses"' all-to-all of them
+                   # (a rank passing float32 gates beside float64 ones aborted the process in
+                   # gloo); a layout differing per rank with B == T_local would read other
+                   # tokens silently
+                   C.DTYPE_CODES[g.dtype], C.DTYPE_CODES[beta.dtype], C.LAYOUTS.index(layout),
                    C.builds_backward(q, k, v, g, beta, initial_state)]
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
@@ -220,7 +225,9 @@ def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_fin
         global_documents(op, cu_seqlens if cu_values is None else cu_values, q.shape[1] * world,
                          "")  # the check of local_documents, which the op runs after the collective
     consistency[-1] = C.builds_backward(q, k, v, g, beta, initial_state, *grad_inputs)
-    kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS) if name not in SAME_IN_CONV_CHECK]
+    # the layout is "bthd" in every module's call (left out: the row has no slot to spare)
+    kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS)
+            if name not in SAME_IN_CONV_CHECK and name != "layout (bthd/tbhd)"]
     return [value for value, _ in kept], [name for _, name in kept], [("`scale`", float(scale))]
 
 
