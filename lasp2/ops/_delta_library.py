@@ -59,8 +59,8 @@ from lasp2.ops._opaque import handle_of, resolve
 CONSISTENCY_FIELDS = (
     "batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
     "gate kind (GDN/KDA)", "split", "number of sequences", "use of cu_seqlens", "use of initial_state",
-    "output_final_state", "use_qk_l2norm", "provider (lasp2/lasp1/ulysses)",
-    "building a backward (grad mode and an input requiring grad)")
+    "output_final_state", "use_qk_l2norm", "provider (lasp2/lasp1/ulysses)", "dtype of `g`", "dtype of `beta`",
+    "layout (bthd/tbhd)", "building a backward (grad mode and an input requiring grad)")
 
 
 def op_name(g: Tensor) -> str:

@@ -64,7 +64,7 @@ OP = "lasp2.linear_attention"
 # what the size fields of the per-call consistency check are (in the order linear_attention sends them)
 CHECK_NAMES = ("batch size", "local sequence length", "heads", "key head dim", "value head dim", "dtype",
                "decay mode (none/decay/g)", "split", "use of cu_seqlens", f"provider {PROVIDERS}",
-               "use of initial_state", "output_final_state",
+               "use of initial_state", "output_final_state", "dtype of `g` (-1: no g)",
                "building a backward (grad mode and an input requiring grad)")
 # its host values after `scale` (in the op: digested while tracing)
 HOST_NAMES = ("`cu_seqlens` contents", "`layout`", "`overlap`")

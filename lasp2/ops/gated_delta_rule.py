@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lasp2.distributed.communicator import check_group, group_rank_and_size
-from lasp2.distributed.context import SPContext, check_cu_seqlens_form
+from lasp2.distributed.context import SPContext, check_cu_seqlens_form, resolve_sp_context
 from lasp2.ops import _checks as C
 from lasp2._extension import _C
 from lasp2.ops._delta_library import CONSISTENCY_FIELDS, _raise_value_error, delta_rule, group_handle
@@ -103,6 +103,7 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
                 group, layout, split, provider, use_qk_l2norm, sp_context, use_qk_l2norm_in_kernel=None,
                 ranks_checked=False):
     collectives = None
+    split_arg = split  # the caller's, checked against the context's below
     if sp_context is not None:  # an SPContext carries the group, split and documents of the batch
         if not isinstance(sp_context, SPContext):
             report_local_failure(op, group, q)
@@ -119,6 +120,13 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         use_qk_l2norm = _fla_l2norm_spelling(op, use_qk_l2norm, use_qk_l2norm_in_kernel)
         call = _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_state, cu_seqlens,
                      group, layout, split, provider, use_qk_l2norm)
+        if sp_context is not None:
+            # linear_attention's and softmax_attention's checks of a context against the call: an
+            # explicit split other than the context's was silently replaced by it (inputs split
+            # "balanced" ran as "contiguous"), and a context of another length went unnoticed
+            seq_dim = 1 if layout == "bthd" else 0
+            resolve_sp_context(op, sp_context, None, split_arg, None, q.shape[seq_dim], q.shape[1 - seq_dim],
+                               q.device)
         C.check_bool(op, "ranks_checked", ranks_checked)
     except (ValueError, TypeError):
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
@@ -186,6 +194,11 @@ def _plan(op, q, k, v, g, beta, per_key, scale, initial_state, output_final_stat
     consistency = [batch, local_len, H, Dk, Dv, C.DTYPE_CODES[q.dtype], int(per_key), parts, num_seqs,
                    int(cu_seqlens is not None), int(initial_state is not None), int(output_final_state),
                    int(bool(use_qk_l2norm)), provider_names(FAMILY).index(provider),
+                   # g's and beta's dtypes set the size of provider "ulysses"' all-to-all of them
+                   # (a rank passing float32 gates beside float64 ones aborted the process in
+                   # gloo); a layout differing per rank with B == T_local would read other
+                   # tokens silently
+                   C.DTYPE_CODES[g.dtype], C.DTYPE_CODES[beta.dtype], C.LAYOUTS.index(layout),
                    C.builds_backward(q, k, v, g, beta, initial_state)]
     return impl, scale, cu_seqlens, num_seqs, parts, consistency
 
@@ -220,7 +233,9 @@ def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_fin
         global_documents(op, cu_seqlens if cu_values is None else cu_values, q.shape[1] * world,
                          "")  # the check of local_documents, which the op runs after the collective
     consistency[-1] = C.builds_backward(q, k, v, g, beta, initial_state, *grad_inputs)
-    kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS) if name not in SAME_IN_CONV_CHECK]
+    # the layout is "bthd" in every module's call (left out: the row has no slot to spare)
+    kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS)
+            if name not in SAME_IN_CONV_CHECK and name != "layout (bthd/tbhd)"]
     return [value for value, _ in kept], [name for _, name in kept], [("`scale`", float(scale))]
 
 

@@ -229,7 +229,11 @@ def linear_attention(
         signature = [batch, local_len, q.shape[2], q.shape[3], v.shape[3], C.DTYPE_CODES[q.dtype],
                      0 if g is None and decay is None else (1 if decay is not None else 2), ctx.parts_per_rank,
                      int(ctx.cu_seqlens is not None), PROVIDERS.index(provider), int(initial_state is not None),
-                     int(output_final_state), C.builds_backward(q, k, v, g, decay, initial_state)]
+                     int(output_final_state),
+                     # g's dtype sets the size of provider "ulysses"' all-to-all of it (float32
+                     # gates on one rank beside float64 ones aborted the process in gloo)
+                     -1 if g is None else C.DTYPE_CODES[g.dtype],
+                     C.builds_backward(q, k, v, g, decay, initial_state)]
         if torch.compiler.is_compiling():  # the provider's custom op checks the ranks
             cu_list = ctx.cu_seqlens_list
             in_op_check = compiled_check(ctx.group, q.device, signature,

@@ -108,12 +108,20 @@ struct State {
   void store(float* dst) const {
     for (int64_t i = 0; i < dk * dv; ++i) dst[i] = static_cast<float>(m[i]);
   }
+  // A zero factor (a document start or reset between the state and its reader) skips the
+  // state instead of multiplying it: 0 * inf or 0 * NaN from one document's non-finite
+  // values would otherwise reach every later document (the float64 recurrence restarts).
   void scale(Acc f) {
+    if (f == Acc(0)) {
+      std::fill(m.begin(), m.end(), Acc(0));
+      return;
+    }
     for (auto& x : m) x *= f;
   }
   // m += f * a b^T
   template <typename T, typename U>
   void add_outer(Acc f, const T* a, const U* b) {
+    if (f == Acc(0)) return;
     for (int64_t i = 0; i < dk; ++i) {
       const Acc ai = f * static_cast<Acc>(a[i]);
       Acc* r = &m[i * dv];
@@ -123,6 +131,7 @@ struct State {
   // out[j] += f * sum_i a[i] m[i][j]   (a^T M)
   template <typename T>
   void left_mul_add(Acc f, const T* a, Acc* out) const {
+    if (f == Acc(0)) return;
     for (int64_t i = 0; i < dk; ++i) {
       const Acc ai = f * static_cast<Acc>(a[i]);
       const Acc* r = &m[i * dv];
@@ -132,6 +141,7 @@ struct State {
   // out[i] += f * sum_j m[i][j] b[j]   (M b)
   template <typename T>
   void right_mul_add(Acc f, const T* b, Acc* out) const {
+    if (f == Acc(0)) return;
     for (int64_t i = 0; i < dk; ++i) {
       const Acc* r = &m[i * dv];
       Acc s = 0;

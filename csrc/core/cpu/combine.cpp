@@ -7,7 +7,11 @@
 
 namespace lasp2::cpu {
 
-// Horner's rule in the direction of travel: acc = exp(L_m) * acc + M_m.
+// Horner's rule in the direction of travel: acc = exp(L_m) * acc + M_m. A part holding
+// a document start or reset has exp(L_m) = 0: what came before is dropped, not multiplied
+// (0 * inf = NaN would carry one document's non-finite values into the next ones).
+static inline double carry(double a, double acc) { return a == 0.0 ? 0.0 : a * acc; }
+
 void combine_prefix(const std::vector<const float*>& parts, const float* log_decays, int target,
                     int64_t bh, int64_t state_elems, float* out) {
   std::vector<double> acc(state_elems);
@@ -16,7 +20,7 @@ void combine_prefix(const std::vector<const float*>& parts, const float* log_dec
     for (int m = 0; m < target; ++m) {
       const double a = std::exp(static_cast<double>(log_decays[m * bh + i]));
       const float* M = parts[m] + i * state_elems;
-      for (int64_t e = 0; e < state_elems; ++e) acc[e] = a * acc[e] + M[e];
+      for (int64_t e = 0; e < state_elems; ++e) acc[e] = carry(a, acc[e]) + M[e];
     }
     for (int64_t e = 0; e < state_elems; ++e) out[i * state_elems + e] = static_cast<float>(acc[e]);
   }
@@ -31,7 +35,7 @@ void combine_suffix(const std::vector<const float*>& parts, const float* log_dec
     for (int m = num_parts - 1; m > target; --m) {
       const double a = std::exp(static_cast<double>(log_decays[m * bh + i]));
       const float* dM = parts[m] + i * state_elems;
-      for (int64_t e = 0; e < state_elems; ++e) acc[e] = a * acc[e] + dM[e];
+      for (int64_t e = 0; e < state_elems; ++e) acc[e] = carry(a, acc[e]) + dM[e];
     }
     for (int64_t e = 0; e < state_elems; ++e) out[i * state_elems + e] = static_cast<float>(acc[e]);
   }
@@ -44,7 +48,7 @@ void state_dot(const float* prefix, const float* state, const float* log_decay,
     double s = 0;
     for (int64_t e = 0; e < state_elems; ++e) {
       const int64_t idx = i * state_elems + e;
-      s += (a * prefix[idx] + state[idx]) * static_cast<double>(dstate[idx]);
+      s += (carry(a, prefix[idx]) + state[idx]) * static_cast<double>(dstate[idx]);
     }
     out[i] = static_cast<float>(s);
   }

@@ -95,6 +95,22 @@ def test_ops_check_the_context_against_their_inputs():
             op(q, q, q, sp_context=ctx, cu_seqlens=torch.tensor([0.0, 3.0, 8.0]))
 
 
+def test_the_delta_rule_checks_the_context_against_its_inputs():
+    """gated_delta_rule / kda replaced an explicit `split` by the context's (inputs split
+    "balanced" over a group ran as "contiguous", silently) and never compared the context's
+    length with q's: now the checks of linear_attention's (session 22)."""
+    q = torch.randn(1, 8, 2, 4)
+    g, beta = -torch.rand(1, 8, 2), torch.rand(1, 8, 2)
+    ctx = lasp2.build_sp_context(seqlen=8)
+    for op, gate in ((lasp2.gated_delta_rule, g), (lasp2.kda, g[..., None].expand(1, 8, 2, 4))):
+        torch.testing.assert_close(op(q, q, q, gate, beta, sp_context=ctx)[0], op(q, q, q, gate, beta)[0],
+                                   rtol=0, atol=0)
+        with pytest.raises(ValueError, match="`split` 'balanced' differs from the split of `sp_context` 'contiguous'"):
+            op(q, q, q, gate, beta, sp_context=ctx, split="balanced")
+        with pytest.raises(ValueError, match="`q` has 6 tokens a rank but `sp_context` was built for 8"):
+            op(q[:, :6], q[:, :6], q[:, :6], gate[:, :6], beta[:, :6], sp_context=ctx)
+
+
 def test_hybrid_stack_checks_cu_seqlens_against_its_context():
     """HybridStack given both used the context's documents and silently ignored
     cu_seqlens (its layers see only the context); now they must agree, as in the mixers."""

@@ -94,3 +94,39 @@ def check_mismatch(rank, world):
 
 def test_mismatched_ranks_raise_instead_of_hanging():
     run_distributed(2, check_mismatch, timeout=120)
+
+
+def check_non_finite_stays_in_its_document(rank, world):
+    """One rank's rows of documents after one holding an inf / NaN (ranks of 36-token
+    parts under the balanced split: the bad document's part, whose log decay is -inf, is
+    combined into the later parts' entering states) against that document alone."""
+    group = dist.group.WORLD
+    L, H, D = 72, 2, 4
+    T = L * world
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, generator=gen, dtype=torch.float64)) / 3
+    k[0, 3, 0] = float("inf")
+    v[0, 5, 1] = float("nan")
+    for split in ("contiguous", "balanced"):
+        for cut in (L - 30, L, L + 5):  # the second document starts inside rank 0, at its edge, in rank 1
+            cu = torch.tensor([0, cut, T])
+            index = lasp2.global_token_index(L, rank, world, split)
+            later = index >= cut
+            alone = linear_attention_reference(q[:, cut:], k[:, cut:], v[:, cut:], g=g[:, cut:])
+            for provider in ("lasp2", "lasp1"):
+                for final in (False, True):
+                    local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)  # noqa: E731
+                    out = lasp2.linear_attention(local(q), local(k), local(v), g=local(g), group=group, split=split,
+                                                 cu_seqlens=cu, provider=provider, output_final_state=final)
+                    o = out[0] if final else out
+                    where = f"split {split}, second document from {cut}, {provider}, final states {final}"
+                    assert torch.isfinite(o[:, later]).all(), where
+                    torch.testing.assert_close(o[:, later], alone[:, index[later] - cut], rtol=1e-6, atol=1e-6,
+                                               msg=lambda m: f"{where}: {m}")
+                    if final:
+                        assert torch.isfinite(out[1][1]).all(), where
+
+
+def test_non_finite_values_stay_in_their_document():
+    run_distributed(2, check_non_finite_stays_in_its_document, timeout=120)

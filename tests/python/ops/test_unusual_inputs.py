@@ -111,3 +111,39 @@ def test_cu_seqlens_int32_and_strided(kind):
         o2, final2 = _run(kind, x, cu_seqlens=other)
         torch.testing.assert_close(o2, o, rtol=0, atol=0)
         torch.testing.assert_close(final2, final, rtol=0, atol=0)
+
+
+
+def _doc_call(kind, x, final, **kw):
+    """(o, final_state or None) of the kind's op on the tensors x, no initial state."""
+    if kind in ("gdn", "kda"):
+        op = lasp2.gated_delta_rule if kind == "gdn" else lasp2.kda
+        return op(x["q"], x["k"], x["v"], x["gate"], x["beta"], output_final_state=final, **kw)
+    gate = {"g": x["gate"]} if kind == "gate" else ({"decay": x["gate"]} if kind == "decay" else {})
+    out = lasp2.linear_attention(x["q"], x["k"], x["v"], output_final_state=final, **gate, **kw)
+    return out if final else (out, None)
+
+
+@pytest.mark.parametrize("kind", ["gate", "decay", "none", "gdn", "kda"])
+@pytest.mark.parametrize("final", [False, True], ids=["o", "o-and-final"])
+def test_non_finite_values_stay_in_their_document(kind, final):
+    """An inf or NaN in one packed document never reaches the next one: its rows (and final
+    state) equal a call on that document alone. The CPU linear-attention kernels multiplied
+    the state entering a chunk by its weight 0 past a document start (0 * inf = NaN), so a
+    document starting in a later 64-token chunk than the bad token came out all NaN (session 22)."""
+    T2, cut = 140, 70  # the second document starts in the second 64-token chunk
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = {"q": rnd(1, T2, H, K), "k": rnd(1, T2, H, K) / K, "v": rnd(1, T2, H, V),
+         "beta": torch.rand(1, T2, H, generator=gen, dtype=torch.float64)}
+    x["gate"] = (-torch.rand(H, generator=gen, dtype=torch.float64) if kind == "decay"
+                 else F.logsigmoid(rnd(1, T2, H, K) if kind == "kda" else rnd(1, T2, H) + 2) / 2)
+    x["k"][0, 3, 0, 1] = float("inf")
+    x["v"][0, 5, 1, 0] = float("nan")
+    o, final_states = _doc_call(kind, x, final, cu_seqlens=torch.tensor([0, cut, T2]))
+    second = {n: t if n == "gate" and kind == "decay" else t[:, cut:] for n, t in x.items()}
+    o_alone, final_alone = _doc_call(kind, second, final)
+    assert torch.isfinite(o[:, cut:]).all()
+    torch.testing.assert_close(o[:, cut:], o_alone, rtol=1e-10, atol=1e-12)
+    if final:
+        torch.testing.assert_close(final_states[1], final_alone[0], rtol=1e-6, atol=1e-7)  # fp32 states

@@ -54,6 +54,21 @@ def _scenarios(rank, world):
         bad_cu = torch.tensor([0, 9, 7, 16] if rank == 0 else [0, 7, 16])
         seen.append(_expect(lambda: op(8, cu_seqlens=bad_cu), "cu_seqlens" if rank == 0 else "rejected their arguments")
                     and "checked")
+    # the gates' dtypes set the size of provider "ulysses"' all-to-all of them: float32 gates
+    # on one rank beside float64 ones aborted the process inside gloo (session 22)
+    g64 = -torch.rand(1, 8, 2, dtype=torch.float64)
+    g_mixed = g64.float() if rank else g64
+    seen.append(_expect(lambda: la(8, g=g_mixed, provider="ulysses"), "dtype of `g`"))
+    seen.append(_expect(lambda: lasp2.gated_delta_rule(q, k, v, g_mixed, beta, group=W, provider="ulysses"),
+                        "dtype of `g`"))
+    seen.append(_expect(lambda: lasp2.gated_delta_rule(q, k, v, g, beta.float() if rank else beta, group=W,
+                                                       provider="ulysses"), "dtype of `beta`"))
+    # a layout differing per rank where B == T_local passes every size check but reads other
+    # tokens as the sequence: the delta rule ran silently (linear attention checks `layout`)
+    sq = [torch.rand(2, 2, 2, 4, dtype=torch.float64) for _ in range(3)]
+    sq_g, sq_beta = -torch.rand(2, 2, 2, dtype=torch.float64), torch.rand(2, 2, 2, dtype=torch.float64)
+    seen.append(_expect(lambda: lasp2.gated_delta_rule(*sq, sq_g, sq_beta, group=W, layout="tbhd" if rank else "bthd"),
+                        "layout"))
     # two different ops at the same point: a clear error, not a hang or garbage
     seen.append(_expect(lambda: la(8) if rank == 0 else sa(8), "different lasp2 ops"))
     la(8)
