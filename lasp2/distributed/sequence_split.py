@@ -100,10 +100,18 @@ GATHER_CHECK_NAMES = ("number of dims of `x`", "`dim`", "local sequence length",
 
 def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                     split: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Inverse of split_sequence: the full sequence on every rank (not differentiable).
+    """Inverse of split_sequence: the full sequence on every rank.
     Ranks that pass different shapes, dtypes, splits or dims all raise the same ValueError
     (one small cross-rank check before the all-gather, which with mismatched sizes aborted
-    the process inside gloo, and with mismatched splits or dims reassembled a wrong sequence)."""
+    the process inside gloo, and with mismatched splits or dims reassembled a wrong sequence).
+
+    Differentiable as split_sequence's adjoint: the gradient reaching `x` is this rank's rows
+    of the gradient of the gathered tensor. That is the one-process gradient when every rank
+    computes the same loss from the gathered sequence and the parameters' gradients are summed
+    over the group (as Megatron's data x context-parallel reduction does), and what a group of
+    one returns (`x` itself). (Before session 22 the gathered tensor had no gradient at all
+    with more than one rank, while a group of one passed it: a loss through it trained on one
+    device and silently lost that gradient under sequence parallelism.)"""
     check_group(GATHER, group)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
@@ -120,13 +128,27 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     verify_group_consistency(GATHER, group, [x.dim(), dim, x.shape[dim], parts], GATHER_CHECK_NAMES,
                              group_device(group, x),
                              host_values=[("`x` shape", list(x.shape)), ("`x` dtype", str(x.dtype))])
-    pieces = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    local_len = x.shape[dim]
-    out_shape = list(x.shape)
-    out_shape[dim] = local_len * world_size
-    out = x.new_empty(out_shape)
-    for r, piece in enumerate(pieces):
-        index = global_token_index(local_len, r, world_size, split, device=x.device)
-        out.index_copy_(dim, index, piece)
-    return out
+    return _GatherSequence.apply(x, group, split, dim, rank, world_size)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """The all-gather of gather_sequence; backward keeps this rank's rows (split_sequence)."""
+
+    @staticmethod
+    def forward(ctx, x, group, split, dim, rank, world_size):
+        pieces = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        local_len = x.shape[dim]
+        out_shape = list(x.shape)
+        out_shape[dim] = local_len * world_size
+        out = x.new_empty(out_shape)
+        for r, piece in enumerate(pieces):
+            out.index_copy_(dim, global_token_index(local_len, r, world_size, split, device=x.device), piece)
+        ctx.dim = dim
+        ctx.save_for_backward(global_token_index(local_len, rank, world_size, split, device=x.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (own_rows,) = ctx.saved_tensors
+        return grad_out.index_select(ctx.dim, own_rows), None, None, None, None, None

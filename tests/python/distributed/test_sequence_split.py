@@ -42,3 +42,47 @@ def test_a_group_that_is_not_one_is_named(fn):
     must be >= 1, got -1" (an argument the caller never passed)."""
     with pytest.raises(ValueError, match="`group` must be a torch.distributed ProcessGroup or None, got str"):
         fn(torch.zeros(1, 4, 1), "world")
+
+
+def _loss_of_the_gathered_sequence(y):
+    """A loss that mixes tokens (a causal running sum), the same on every rank."""
+    w = torch.linspace(-1.0, 2.0, y.shape[1], dtype=y.dtype).view(1, -1, 1)
+    return (y.cumsum(dim=1).square() * w).sum()
+
+
+def _problem():
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 24, 3, generator=gen, dtype=torch.float64)
+    theta = torch.randn(3, generator=gen, dtype=torch.float64)
+    return a, theta
+
+
+def _gather_gradient_rank(rank, world_size, split):
+    import torch.distributed as dist
+
+    a, theta0 = _problem()
+    theta = theta0.clone().requires_grad_()
+    x = lasp2.split_sequence(a, split=split, rank=rank, world_size=world_size) * theta
+    x.retain_grad()
+    _loss_of_the_gathered_sequence(lasp2.gather_sequence(x, dist.group.WORLD, split=split)).backward()
+
+    theta_ref = theta0.clone().requires_grad_()
+    x_ref = a * theta_ref
+    x_ref.retain_grad()
+    _loss_of_the_gathered_sequence(x_ref).backward()
+    # this rank's rows of the one-process gradient, and theta's gradient summed over the group
+    own = lasp2.split_sequence(x_ref.grad, split=split, rank=rank, world_size=world_size)
+    torch.testing.assert_close(x.grad, own, rtol=1e-12, atol=1e-12)
+    summed = theta.grad.clone()
+    dist.all_reduce(summed)
+    torch.testing.assert_close(summed, theta_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("split,world", [("contiguous", 3), ("balanced", 2)])
+def test_gather_sequence_passes_each_rank_its_rows_of_the_gradient(split, world):
+    """A loss computed from the gathered sequence on every rank: summed over the group, the
+    parameters' gradients are one process's (a group of more than one rank used to return a
+    tensor with no gradient, while a group of one passed it)."""
+    from lasp2_testing.dist import run_distributed
+
+    run_distributed(world, _gather_gradient_rank, split)
