@@ -130,6 +130,13 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention, gated "
                 "DeltaNet or KDA: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        if self.provider == "none" and self.split != "balanced":
+            # Megatron's own context parallelism (TE's attention) lays the sequence out in its
+            # zig-zag order only: contiguous chunks under it mask the wrong tokens, with no error
+            raise Lasp2ConfigError(
+                f"split (--sp-split) {self.split!r}: provider 'none' (Megatron's own context parallelism) "
+                "takes Megatron's zig-zag layout only: use --sp-split balanced, or --sp-provider lasp2|lasp1 "
+                "for LASP-2H softmax attention on the contiguous split")
         _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
         for kind, op in DELTA_RULE_OPS.items():
             if kind in pattern and self.provider not in GDN_PROVIDERS:

@@ -103,6 +103,10 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(output_norm="false"), r"output_norm \(--linear-attention-output-norm\) must be True or False"),
     (dict(linear_rope="no"), r"linear_rope \(--linear-attention-rope\) must be True or False"),
     (dict(learnable_decay=1), r"learnable_decay \(--linear-attention-learnable-decay\) must be True or False"),
+    # session 22: Megatron's own context parallelism (TE's attention) takes its zig-zag layout
+    # only; contiguous chunks under it mask the wrong tokens without an error (CP > 1)
+    (dict(provider="none", split="contiguous"),
+     r"split \(--sp-split\) 'contiguous': provider 'none' .*--sp-split balanced"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
