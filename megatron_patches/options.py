@@ -118,6 +118,11 @@ class Lasp2Options:
                             ("linear_rope (--linear-attention-rope)", self.linear_rope)):
             if not isinstance(value, bool):
                 raise Lasp2ConfigError(f"{name} must be True or False, got {value!r}")
+        if self.learnable_decay and self.decay != "fixed":
+            # only decay="fixed" has per-head decays to train: the switch was dropped without a word
+            raise Lasp2ConfigError(
+                "learnable_decay (--linear-attention-learnable-decay) trains the fixed decays: it needs "
+                f"decay (--linear-attention-decay) fixed, got {self.decay!r}")
         if self.layer_pattern is not None:
             normalize_layer_pattern(self.layer_pattern)
             if num_layers is not None and len(self.layer_pattern) != num_layers:

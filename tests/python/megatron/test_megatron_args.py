@@ -29,12 +29,12 @@ def test_defaults_are_the_options_defaults():
 
 def test_every_flag_parses():
     args = parse("--sp-provider", "lasp1", "--sp-split", "contiguous", "--hybrid-layer-pattern", "LLLN",
-                 "--linear-attention-decay", "gate", "--linear-attention-feature-map", "elu",
+                 "--linear-attention-decay", "fixed", "--linear-attention-feature-map", "elu",
                  "--linear-attention-output-norm", "false", "--linear-attention-gate-normalizer", "8",
                  "--linear-attention-learnable-decay", "--linear-attention-rope", "true",
                  "--sp-softmax-backend", "plain")
     assert options_from_args(args) == Lasp2Options(
-        provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="gate", feature_map="elu",
+        provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="fixed", feature_map="elu",
         output_norm=False, gate_logit_normalizer=8.0, learnable_decay=True, linear_rope=True,
         softmax_backend="plain")
 
@@ -107,6 +107,11 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     # only; contiguous chunks under it mask the wrong tokens without an error (CP > 1)
     (dict(provider="none", split="contiguous"),
      r"split \(--sp-split\) 'contiguous': provider 'none' .*--sp-split balanced"),
+    # session 22: a learnable decay under decay gate / none was dropped without a word
+    (dict(learnable_decay=True, decay="gate"),
+     r"learnable_decay \(--linear-attention-learnable-decay\) trains the fixed decays: .*--linear-attention-decay"
+     r"\) fixed, got 'gate'"),
+    (dict(learnable_decay=True, decay="none"), r"--linear-attention-decay\) fixed, got 'none'"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
