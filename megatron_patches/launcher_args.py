@@ -23,15 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-pretrain-gpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--num-layers", type=int, default=4)
-    m.add_argument("--hidden-size", type=int, default=64)
-    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
-    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--num-layers", type=_positive_int, default=4)
+    m.add_argument("--hidden-size", type=_positive_int, default=64)
+    m.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4 x hidden size")
+    m.add_argument("--num-attention-heads", type=_positive_int, default=4)
     m.add_argument("--group-query-attention", action="store_true")
-    m.add_argument("--num-query-groups", type=int, default=None)
-    m.add_argument("--seq-length", type=int, default=64)
-    m.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    m.add_argument("--vocab-size", type=int, default=128, help="vocabulary of the mock data / the model")
+    m.add_argument("--num-query-groups", type=_positive_int, default=None)
+    m.add_argument("--seq-length", type=_positive_int, default=64)
+    m.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default --seq-length")
+    m.add_argument("--vocab-size", type=_positive_int, default=128, help="vocabulary of the mock data / the model")
     m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
     m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -49,17 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("conv-kernel-dim", "key-head-dim", "value-head-dim", "num-key-heads", "num-value-heads"):
         g.add_argument(f"--linear-{flag}", type=_positive_int, default=None, help="default: megatron-core's")
     par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    par.add_argument("--context-parallel-size", type=_positive_int, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument("--use-torch-fsdp2", action="store_true",
                      help="PyTorch FSDP2 over dp-cp (megatron-core's TorchFullyShardedDataParallel) instead of DDP")
     t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, default=1)
-    t.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x DP")
+    t.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    t.add_argument("--global-batch-size", type=_positive_int, default=None, help="default micro batch x DP")
     t.add_argument("--train-iters", type=int, default=20)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     t.add_argument("--lr", type=float, default=1e-3)
@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    """A --linear-* size, checked on every rank at parse time: at CP 1 megatron-core's config
-    takes 0 or -1, and only the pipeline stages that build a GatedDeltaNet layer raised (the
-    others then failed in their first receive: gloo 'Connection closed by peer')."""
+    """A size (layers, heads, lengths, parallel degrees, batch sizes, --linear-* sizes), checked
+    on every rank at parse time. Sizes of 0 or below failed later with ZeroDivisionError in the
+    set-up, or never (--seq-length -4 at CP 2 passed the split check); a --linear-* size of 0
+    or -1 megatron-core's config takes at CP 1, and only the pipeline stages that build a
+    GatedDeltaNet layer raised (the others then failed in their first receive: gloo
+    'Connection closed by peer')."""
     try:
         value = int(text)
     except ValueError:

@@ -443,3 +443,24 @@ def test_mixers_refuse_what_self_attention_calls_they_do_not_take(kind):
     if kind != "L":  # a linear layer hands attention_bias to its core attention, which decides
         with pytest.raises(Lasp2ConfigError, match="take no attention_bias"):
             layer(x, None, attention_bias=torch.zeros(1))
+
+
+LAUNCHER_SIZE_FLAGS = ["--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                       "--num-query-groups", "--seq-length", "--max-position-embeddings", "--vocab-size",
+                       "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                       "--num-layers-per-virtual-pipeline-stage", "--context-parallel-size", "--micro-batch-size",
+                       "--global-batch-size"]
+
+
+@pytest.mark.parametrize("flag", LAUNCHER_SIZE_FLAGS)
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_launcher_sizes_must_be_positive(flag, value, capsys):
+    """Session 22: sizes of 0 or below were taken at parse time and failed later with
+    ZeroDivisionError / 'math domain error' inside the set-up (--context-parallel-size 0,
+    --micro-batch-size 0, --num-layers 0), or not at all (--seq-length -4 at CP 2 passed the
+    split check). argparse now names the flag on every rank."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--device", "cpu", flag, value])
+    assert f"argument {flag}: expected an int >= 1, got '{value}'" in capsys.readouterr().err
