@@ -165,6 +165,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:
         args.num_query_groups = None
+    elif args.num_query_groups is None:
+        # Megatron-LM's --num-query-groups defaults to 1 there; None here is multi-head attention
+        raise SystemExit("--group-query-attention needs --num-query-groups (the number of key / value heads)")
+    elif args.num_attention_heads % args.num_query_groups:
+        # megatron-core's config takes it; its QKV split fails at the first forward, on the first
+        # pipeline stage only (later stages then wait in their first receive)
+        raise SystemExit(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                         f"--num-query-groups {args.num_query_groups}")
     if args.use_torch_fsdp2:
         from megatron_patches.torch_fsdp import check_torch_fsdp2_args
 
