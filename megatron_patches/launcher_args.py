@@ -193,6 +193,10 @@ def lasp2_options(args) -> Lasp2Options:
     check_moe_args(args)
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
+    if options.linear_rope and args.position_embedding_type != "rope":
+        # the linear layers apply the model's rotary embeddings; without them there are none
+        raise Lasp2ConfigError(f"--linear-attention-rope needs --position-embedding-type rope, got "
+                               f"{args.position_embedding_type!r}")
     if options.provider == "ulysses" and not args.experimental_attention_variant:
         _check_ulysses_mixer_heads(args, options)
     cp = args.context_parallel_size

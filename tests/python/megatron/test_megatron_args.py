@@ -483,3 +483,17 @@ def test_launcher_refuses_query_groups_the_heads_cannot_take(argv, message):
     assert pretrain_gpt.parse_args(["--device", "cpu", "--group-query-attention", "--num-query-groups", "2"]
                                    ).num_query_groups == 2
 
+
+@pytest.mark.parametrize("position", ["learned_absolute", "none"])
+def test_launcher_refuses_linear_rope_without_rope(position):
+    """Session 22: --linear-attention-rope true under --position-embedding-type learned_absolute or
+    none trained without rotary embeddings in the linear layers (they get none to apply)."""
+    from megatron_patches import pretrain_gpt
+
+    args = pretrain_gpt.parse_args(["--device", "cpu", "--linear-attention-rope", "true",
+                                    "--position-embedding-type", position])
+    with pytest.raises(Lasp2ConfigError, match=f"--linear-attention-rope needs --position-embedding-type rope, "
+                                               f"got {position!r}"):
+        pretrain_gpt.lasp2_options(args)
+    assert pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(["--device", "cpu", "--linear-attention-rope", "true"])
+                                      ).linear_rope
