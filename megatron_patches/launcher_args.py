@@ -163,6 +163,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
+        # the table has one row per position: shorter, the first forward fails in an index error
+        # on the first pipeline stage only (the others wait in their first receive)
+        raise SystemExit(f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length "
+                         f"{args.seq_length} (--position-embedding-type learned_absolute has one row per position)")
     if not args.group_query_attention:
         args.num_query_groups = None
     elif args.num_query_groups is None:

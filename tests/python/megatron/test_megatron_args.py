@@ -497,3 +497,17 @@ def test_launcher_refuses_linear_rope_without_rope(position):
         pretrain_gpt.lasp2_options(args)
     assert pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(["--device", "cpu", "--linear-attention-rope", "true"])
                                       ).linear_rope
+
+
+def test_launcher_refuses_learned_positions_shorter_than_the_sequence():
+    """Session 22: --position-embedding-type learned_absolute with --max-position-embeddings below
+    --seq-length built a table too short for the positions and failed at the first forward
+    (an index error, on the first pipeline stage only)."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match="--max-position-embeddings 16 is below --seq-length 64"):
+        pretrain_gpt.parse_args(["--device", "cpu", "--position-embedding-type", "learned_absolute",
+                                 "--max-position-embeddings", "16", "--seq-length", "64"])
+    # rotary embeddings are computed for the sequence at hand: the table size does not bound them
+    assert pretrain_gpt.parse_args(["--device", "cpu", "--max-position-embeddings", "16", "--seq-length", "64"]
+                                   ).max_position_embeddings == 16
