@@ -142,6 +142,12 @@ class Lasp2Options:
                 f"split (--sp-split) {self.split!r}: provider 'none' (Megatron's own context parallelism) "
                 "takes Megatron's zig-zag layout only: use --sp-split balanced, or --sp-provider lasp2|lasp1 "
                 "for LASP-2H softmax attention on the contiguous split")
+        if self.provider == "none" and self.softmax_backend != "auto":
+            # Megatron's own attention runs the softmax layers: the choice would be dropped
+            raise Lasp2ConfigError(
+                f"softmax_backend (--sp-softmax-backend) {self.softmax_backend!r} chooses LASP-2H's kernels: "
+                "provider 'none' (--sp-provider none) runs Megatron's own attention, which never reads it; "
+                "leave it 'auto' or use --sp-provider lasp2")
         _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
         for kind, op in DELTA_RULE_OPS.items():
             if kind in pattern and self.provider not in GDN_PROVIDERS:
