@@ -159,6 +159,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
     if args.bf16 and args.device == "cpu":
         raise SystemExit("--bf16 is for --device cuda (lasp2's CPU kernels compute in fp32)")
+    # flags that only act with another: alone they were dropped without a word
+    if args.ckpt_step is not None and not args.load:
+        raise SystemExit("--ckpt-step is for --load (the iteration to resume from); without --load the run "
+                         "starts from scratch")
+    if args.save_interval is not None and not args.save:
+        raise SystemExit("--save-interval is for --save (without it nothing is written)")
+    if args.mock_data and args.data_path:
+        raise SystemExit("--mock-data and --data-path both choose the data: give one")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:

@@ -514,3 +514,17 @@ def test_launcher_refuses_learned_positions_shorter_than_the_sequence():
     # rotary embeddings are computed for the sequence at hand: the table size does not bound them
     assert pretrain_gpt.parse_args(["--device", "cpu", "--max-position-embeddings", "16", "--seq-length", "64"]
                                    ).max_position_embeddings == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt-step", "2"], "--ckpt-step is for --load"),
+    (["--save-interval", "2"], "--save-interval is for --save"),
+    (["--mock-data", "--data-path", "corpus_text_document"], "--mock-data and --data-path"),
+])
+def test_launcher_refuses_flags_it_would_ignore(argv, message):
+    """Session 22: --ckpt-step without --load trained from scratch, --save-interval without
+    --save wrote nothing, and --data-path won over --mock-data; each without a word."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match=message):
+        pretrain_gpt.parse_args(["--device", "cpu", *argv])
