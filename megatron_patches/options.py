@@ -135,6 +135,11 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention, gated "
                 "DeltaNet or KDA: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        for name, on in (("learnable_decay (--linear-attention-learnable-decay)", self.learnable_decay),
+                         ("linear_rope (--linear-attention-rope)", self.linear_rope)):
+            if on and LINEAR not in pattern:  # no layer reads it: it was dropped without a word
+                raise Lasp2ConfigError(f"{name} acts on linear attention ('L') layers only; the pattern "
+                                       f"{pattern!r} has none")
         if self.provider == "none" and self.split != "balanced":
             # Megatron's own context parallelism (TE's attention) lays the sequence out in its
             # zig-zag order only: contiguous chunks under it mask the wrong tokens, with no error

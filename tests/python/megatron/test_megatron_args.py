@@ -112,6 +112,11 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
      r"learnable_decay \(--linear-attention-learnable-decay\) trains the fixed decays: .*--linear-attention-decay"
      r"\) fixed, got 'gate'"),
     (dict(learnable_decay=True, decay="none"), r"--linear-attention-decay\) fixed, got 'none'"),
+    # session 22: switches of the linear (L) layers in a pattern without one were dropped
+    (dict(layer_pattern="GGKS", learnable_decay=True),
+     r"learnable_decay \(--linear-attention-learnable-decay\) acts on linear attention \('L'\) layers only; "
+     r"the pattern 'GGKS' has none"),
+    (dict(layer_pattern="GS", linear_rope=True), r"linear_rope \(--linear-attention-rope\) acts on .*'GS' has none"),
     # session 22: provider none runs Megatron's own attention, which never reads the backend
     (dict(provider="none", softmax_backend="plain"),
      r"softmax_backend \(--sp-softmax-backend\) 'plain' chooses LASP-2H's kernels: provider 'none'"),
