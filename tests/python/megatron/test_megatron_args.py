@@ -339,6 +339,23 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     assert spec_args(local + ["--sp-provider", "none"]) == local + ["--sp-provider", "none"]
 
 
+@pytest.mark.parametrize("flag", ["--sp-split=contiguous", "--linear-attention-decay", "--lasp2-softmax-backend"])
+def test_run_wrapper_refuses_lasp2_flags_without_sp_provider(flag):
+    """Session 22: lasp2's flags without --sp-provider (and without --spec) left Megatron-LM's
+    own spec in place, which never reads them: the run trained stock attention silently."""
+    from megatron_patches.run import spec_args
+
+    argv = ["--num-layers", "4", flag] + ([] if "=" in flag else ["gate"])
+    with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} .*without --sp-provider"):
+        spec_args(argv)
+    # Megatron's own --linear-attention-freq (gated DeltaNet hybrid) is not lasp2's; with --spec the
+    # user's spec module decides what it reads
+    with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} .*with --sp-provider none"):
+        spec_args(argv + ["--sp-provider", "none"])
+    assert spec_args(["--linear-attention-freq", "4"]) == ["--linear-attention-freq", "4"]
+    assert spec_args(argv + ["--spec", "my.specs", "s"]) == argv + ["--spec", "my.specs", "s"]
+
+
 def test_gated_deltanet_convolution_width_zero_is_refused():
     """Session 18: config.linear_conv_kernel_dim = 0 built a width-4 convolution (`or 4`)
     without a word; it now raises naming the field (megatron-core's default 4 still builds)."""
