@@ -23,15 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-pretrain-gpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--num-layers", type=int, default=4)
-    m.add_argument("--hidden-size", type=int, default=64)
-    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
-    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--num-layers", type=_positive_int, default=4)
+    m.add_argument("--hidden-size", type=_positive_int, default=64)
+    m.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4 x hidden size")
+    m.add_argument("--num-attention-heads", type=_positive_int, default=4)
     m.add_argument("--group-query-attention", action="store_true")
-    m.add_argument("--num-query-groups", type=int, default=None)
-    m.add_argument("--seq-length", type=int, default=64)
-    m.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    m.add_argument("--vocab-size", type=int, default=128, help="vocabulary of the mock data / the model")
+    m.add_argument("--num-query-groups", type=_positive_int, default=None)
+    m.add_argument("--seq-length", type=_positive_int, default=64)
+    m.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default --seq-length")
+    m.add_argument("--vocab-size", type=_positive_int, default=128, help="vocabulary of the mock data / the model")
     m.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
     m.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -49,17 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("conv-kernel-dim", "key-head-dim", "value-head-dim", "num-key-heads", "num-value-heads"):
         g.add_argument(f"--linear-{flag}", type=_positive_int, default=None, help="default: megatron-core's")
     par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    par.add_argument("--context-parallel-size", type=_positive_int, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument("--use-torch-fsdp2", action="store_true",
                      help="PyTorch FSDP2 over dp-cp (megatron-core's TorchFullyShardedDataParallel) instead of DDP")
     t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, default=1)
-    t.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x DP")
+    t.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    t.add_argument("--global-batch-size", type=_positive_int, default=None, help="default micro batch x DP")
     t.add_argument("--train-iters", type=int, default=20)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     t.add_argument("--lr", type=float, default=1e-3)
@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    """A --linear-* size, checked on every rank at parse time: at CP 1 megatron-core's config
-    takes 0 or -1, and only the pipeline stages that build a GatedDeltaNet layer raised (the
-    others then failed in their first receive: gloo 'Connection closed by peer')."""
+    """A size (layers, heads, lengths, parallel degrees, batch sizes, --linear-* sizes), checked
+    on every rank at parse time. Sizes of 0 or below failed later with ZeroDivisionError in the
+    set-up, or never (--seq-length -4 at CP 2 passed the split check); a --linear-* size of 0
+    or -1 megatron-core's config takes at CP 1, and only the pipeline stages that build a
+    GatedDeltaNet layer raised (the others then failed in their first receive: gloo
+    'Connection closed by peer')."""
     try:
         value = int(text)
     except ValueError:
@@ -156,12 +159,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
     if args.bf16 and args.device == "cpu":
         raise SystemExit("--bf16 is for --device cuda (lasp2's CPU kernels compute in fp32)")
+    # flags that only act with another: alone they were dropped without a word
+    if args.ckpt_step is not None and not args.load:
+        raise SystemExit("--ckpt-step is for --load (the iteration to resume from); without --load the run "
+                         "starts from scratch")
+    if args.save_interval is not None and not args.save:
+        raise SystemExit("--save-interval is for --save (without it nothing is written)")
+    if args.mock_data and args.data_path:
+        raise SystemExit("--mock-data and --data-path both choose the data: give one")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
+        # the table has one row per position: shorter, the first forward fails in an index error
+        # on the first pipeline stage only (the others wait in their first receive)
+        raise SystemExit(f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length "
+                         f"{args.seq_length} (--position-embedding-type learned_absolute has one row per position)")
     if not args.group_query_attention:
         args.num_query_groups = None
+    elif args.num_query_groups is None:
+        # Megatron-LM's --num-query-groups defaults to 1 there; None here is multi-head attention
+        raise SystemExit("--group-query-attention needs --num-query-groups (the number of key / value heads)")
+    elif args.num_attention_heads % args.num_query_groups:
+        # megatron-core's config takes it; its QKV split fails at the first forward, on the first
+        # pipeline stage only (later stages then wait in their first receive)
+        raise SystemExit(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                         f"--num-query-groups {args.num_query_groups}")
     if args.use_torch_fsdp2:
         from megatron_patches.torch_fsdp import check_torch_fsdp2_args
 
@@ -182,6 +206,10 @@ def lasp2_options(args) -> Lasp2Options:
     check_moe_args(args)
     options = options_from_args(core_gdn_args(args))
     options.validate(args.num_layers)
+    if options.linear_rope and args.position_embedding_type != "rope":
+        # the linear layers apply the model's rotary embeddings; without them there are none
+        raise Lasp2ConfigError(f"--linear-attention-rope needs --position-embedding-type rope, got "
+                               f"{args.position_embedding_type!r}")
     if options.provider == "ulysses" and not args.experimental_attention_variant:
         _check_ulysses_mixer_heads(args, options)
     cp = args.context_parallel_size

@@ -107,7 +107,11 @@ class Lasp2LinearAttention(MegatronModule):
         if norm == "rmsnorm":
             self.la_output_norm = RMSNorm(self.head_v_dim, eps=float(get("la_norm_eps", 1e-6)),
                                               dtype=config.params_dtype)
-            if not bool(get("la_elementwise_affine", True)):  # Linear-MoE then has no parameter
+            affine = get("la_elementwise_affine", True)
+            if not isinstance(affine, bool):  # a config file's "false" is truthy: it kept the scale
+                raise Lasp2ConfigError(f"Lasp2LinearAttention: la_elementwise_affine must be True or False, "
+                                       f"got {affine!r}")
+            if not affine:  # Linear-MoE then has no parameter
                 del self.la_output_norm.weight
                 self.la_output_norm.register_buffer("weight", torch.ones(self.head_v_dim), persistent=False)
         else:

@@ -118,6 +118,11 @@ class Lasp2Options:
                             ("linear_rope (--linear-attention-rope)", self.linear_rope)):
             if not isinstance(value, bool):
                 raise Lasp2ConfigError(f"{name} must be True or False, got {value!r}")
+        if self.learnable_decay and self.decay != "fixed":
+            # only decay="fixed" has per-head decays to train: the switch was dropped without a word
+            raise Lasp2ConfigError(
+                "learnable_decay (--linear-attention-learnable-decay) trains the fixed decays: it needs "
+                f"decay (--linear-attention-decay) fixed, got {self.decay!r}")
         if self.layer_pattern is not None:
             normalize_layer_pattern(self.layer_pattern)
             if num_layers is not None and len(self.layer_pattern) != num_layers:
@@ -130,6 +135,24 @@ class Lasp2Options:
             raise Lasp2ConfigError(
                 "provider 'none' (Megatron's own context parallelism) has no linear attention, gated "
                 "DeltaNet or KDA: set --hybrid-layer-pattern to all 'S', or --sp-provider lasp2|lasp1|ulysses")
+        for name, on in (("learnable_decay (--linear-attention-learnable-decay)", self.learnable_decay),
+                         ("linear_rope (--linear-attention-rope)", self.linear_rope)):
+            if on and LINEAR not in pattern:  # no layer reads it: it was dropped without a word
+                raise Lasp2ConfigError(f"{name} acts on linear attention ('L') layers only; the pattern "
+                                       f"{pattern!r} has none")
+        if self.provider == "none" and self.split != "balanced":
+            # Megatron's own context parallelism (TE's attention) lays the sequence out in its
+            # zig-zag order only: contiguous chunks under it mask the wrong tokens, with no error
+            raise Lasp2ConfigError(
+                f"split (--sp-split) {self.split!r}: provider 'none' (Megatron's own context parallelism) "
+                "takes Megatron's zig-zag layout only: use --sp-split balanced, or --sp-provider lasp2|lasp1 "
+                "for LASP-2H softmax attention on the contiguous split")
+        if self.provider == "none" and self.softmax_backend != "auto":
+            # Megatron's own attention runs the softmax layers: the choice would be dropped
+            raise Lasp2ConfigError(
+                f"softmax_backend (--sp-softmax-backend) {self.softmax_backend!r} chooses LASP-2H's kernels: "
+                "provider 'none' (--sp-provider none) runs Megatron's own attention, which never reads it; "
+                "leave it 'auto' or use --sp-provider lasp2")
         _check_split(self.provider, self.split, LINEAR, _LINEAR_FAMILY, "lasp2.linear_attention", pattern)
         for kind, op in DELTA_RULE_OPS.items():
             if kind in pattern and self.provider not in GDN_PROVIDERS:

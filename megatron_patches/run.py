@@ -6,7 +6,8 @@
 Before the script runs, this registers the lasp2 argument group (add_lasp2_args) with
 Megatron-LM's parser, and selects the lasp2 layer spec (`--spec megatron_patches.specs
 lasp2_layer_spec`, or the TE one with --transformer-impl transformer_engine) whenever
---sp-provider is given and --spec is not: `--sp-provider` alone switches lasp2 on.
+--sp-provider is given and --spec is not: `--sp-provider` alone switches lasp2 on (lasp2's
+other flags without it, or with --sp-provider none, are refused: nothing would read them).
 With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope.
 
 With --experimental-attention-variant gated_delta_net (megatron-core's Qwen3-Next style
@@ -31,10 +32,18 @@ __all__ = ["install", "install_core_gdn", "main", "spec_args", "uses_core_gdn"]
 def spec_args(argv: List[str]) -> List[str]:
     """argv plus `--spec megatron_patches.specs <spec>` when --sp-provider is given without --spec."""
     flags = {a.split("=", 1)[0] for a in argv}
-    if "--spec" in flags or not ({"--sp-provider", "--lasp2-sp-provider"} & flags):
+    if "--spec" in flags:
         return list(argv)
     provider = _value(argv, "--sp-provider", "--lasp2-sp-provider")
-    if provider == "none" or uses_core_gdn(argv):  # Megatron's own spec (install_core_gdn swaps its GDN)
+    if provider in (None, "none"):
+        orphans = sorted(flags & _lasp2_only_flags())
+        if orphans:  # Megatron-LM's own spec never reads them (and --sp-split contiguous would
+            # install lasp2's RoPE slicing over Megatron's zig-zag batches): refused, not ignored
+            given = "given without --sp-provider" if provider is None else "given with --sp-provider none"
+            raise SystemExit(f"{orphans[0]} is a lasp2 flag {given}: Megatron-LM's own spec never reads it; "
+                             "the lasp2 spec is chosen by --sp-provider lasp2|lasp1|ulysses (or name one with --spec)")
+        return list(argv)
+    if uses_core_gdn(argv):  # Megatron's own spec (install_core_gdn swaps its GDN)
         return list(argv)
     te = _value(argv, "--transformer-impl") in (None, "transformer_engine")
     moe = _value(argv, "--num-experts") not in (None, "0")
@@ -44,6 +53,17 @@ def spec_args(argv: List[str]) -> List[str]:
         HAVE_TE = False
     name = "lasp2_" + ("te_" if te and HAVE_TE else "") + ("moe_" if moe else "") + "layer_spec"
     return list(argv) + ["--spec", "megatron_patches.specs", name]
+
+
+def _lasp2_only_flags() -> set:
+    """The lasp2 group's flags that Megatron-LM does not define (read off add_lasp2_args, so the
+    set cannot fall behind it): all of them but --sp-provider and the shared --hybrid-layer-pattern."""
+    import argparse
+
+    from megatron_patches.arguments import MEGATRON_PATTERN_FLAG, add_lasp2_args
+
+    parser = add_lasp2_args(argparse.ArgumentParser(add_help=False))
+    return set(parser._option_string_actions) - {"--sp-provider", "--lasp2-sp-provider", MEGATRON_PATTERN_FLAG}
 
 
 def uses_core_gdn(argv: List[str]) -> bool:

@@ -29,12 +29,12 @@ def test_defaults_are_the_options_defaults():
 
 def test_every_flag_parses():
     args = parse("--sp-provider", "lasp1", "--sp-split", "contiguous", "--hybrid-layer-pattern", "LLLN",
-                 "--linear-attention-decay", "gate", "--linear-attention-feature-map", "elu",
+                 "--linear-attention-decay", "fixed", "--linear-attention-feature-map", "elu",
                  "--linear-attention-output-norm", "false", "--linear-attention-gate-normalizer", "8",
                  "--linear-attention-learnable-decay", "--linear-attention-rope", "true",
                  "--sp-softmax-backend", "plain")
     assert options_from_args(args) == Lasp2Options(
-        provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="gate", feature_map="elu",
+        provider="lasp1", split="contiguous", layer_pattern="LLLN", decay="fixed", feature_map="elu",
         output_norm=False, gate_logit_normalizer=8.0, learnable_decay=True, linear_rope=True,
         softmax_backend="plain")
 
@@ -103,6 +103,23 @@ def test_bad_flag_values_are_rejected_by_argparse(argv, capsys):
     (dict(output_norm="false"), r"output_norm \(--linear-attention-output-norm\) must be True or False"),
     (dict(linear_rope="no"), r"linear_rope \(--linear-attention-rope\) must be True or False"),
     (dict(learnable_decay=1), r"learnable_decay \(--linear-attention-learnable-decay\) must be True or False"),
+    # session 22: Megatron's own context parallelism (TE's attention) takes its zig-zag layout
+    # only; contiguous chunks under it mask the wrong tokens without an error (CP > 1)
+    (dict(provider="none", split="contiguous"),
+     r"split \(--sp-split\) 'contiguous': provider 'none' .*--sp-split balanced"),
+    # session 22: a learnable decay under decay gate / none was dropped without a word
+    (dict(learnable_decay=True, decay="gate"),
+     r"learnable_decay \(--linear-attention-learnable-decay\) trains the fixed decays: .*--linear-attention-decay"
+     r"\) fixed, got 'gate'"),
+    (dict(learnable_decay=True, decay="none"), r"--linear-attention-decay\) fixed, got 'none'"),
+    # session 22: switches of the linear (L) layers in a pattern without one were dropped
+    (dict(layer_pattern="GGKS", learnable_decay=True),
+     r"learnable_decay \(--linear-attention-learnable-decay\) acts on linear attention \('L'\) layers only; "
+     r"the pattern 'GGKS' has none"),
+    (dict(layer_pattern="GS", linear_rope=True), r"linear_rope \(--linear-attention-rope\) acts on .*'GS' has none"),
+    # session 22: provider none runs Megatron's own attention, which never reads the backend
+    (dict(provider="none", softmax_backend="plain"),
+     r"softmax_backend \(--sp-softmax-backend\) 'plain' chooses LASP-2H's kernels: provider 'none'"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(Lasp2ConfigError, match=match):
@@ -322,6 +339,23 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     assert spec_args(local + ["--sp-provider", "none"]) == local + ["--sp-provider", "none"]
 
 
+@pytest.mark.parametrize("flag", ["--sp-split=contiguous", "--linear-attention-decay", "--lasp2-softmax-backend"])
+def test_run_wrapper_refuses_lasp2_flags_without_sp_provider(flag):
+    """Session 22: lasp2's flags without --sp-provider (and without --spec) left Megatron-LM's
+    own spec in place, which never reads them: the run trained stock attention silently."""
+    from megatron_patches.run import spec_args
+
+    argv = ["--num-layers", "4", flag] + ([] if "=" in flag else ["gate"])
+    with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} .*without --sp-provider"):
+        spec_args(argv)
+    # Megatron's own --linear-attention-freq (gated DeltaNet hybrid) is not lasp2's; with --spec the
+    # user's spec module decides what it reads
+    with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} .*with --sp-provider none"):
+        spec_args(argv + ["--sp-provider", "none"])
+    assert spec_args(["--linear-attention-freq", "4"]) == ["--linear-attention-freq", "4"]
+    assert spec_args(argv + ["--spec", "my.specs", "s"]) == argv + ["--spec", "my.specs", "s"]
+
+
 def test_gated_deltanet_convolution_width_zero_is_refused():
     """Session 18: config.linear_conv_kernel_dim = 0 built a width-4 convolution (`or 4`)
     without a word; it now raises naming the field (megatron-core's default 4 still builds)."""
@@ -434,3 +468,85 @@ def test_mixers_refuse_what_self_attention_calls_they_do_not_take(kind):
     if kind != "L":  # a linear layer hands attention_bias to its core attention, which decides
         with pytest.raises(Lasp2ConfigError, match="take no attention_bias"):
             layer(x, None, attention_bias=torch.zeros(1))
+
+
+LAUNCHER_SIZE_FLAGS = ["--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                       "--num-query-groups", "--seq-length", "--max-position-embeddings", "--vocab-size",
+                       "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                       "--num-layers-per-virtual-pipeline-stage", "--context-parallel-size", "--micro-batch-size",
+                       "--global-batch-size"]
+
+
+@pytest.mark.parametrize("flag", LAUNCHER_SIZE_FLAGS)
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_launcher_sizes_must_be_positive(flag, value, capsys):
+    """Session 22: sizes of 0 or below were taken at parse time and failed later with
+    ZeroDivisionError / 'math domain error' inside the set-up (--context-parallel-size 0,
+    --micro-batch-size 0, --num-layers 0), or not at all (--seq-length -4 at CP 2 passed the
+    split check). argparse now names the flag on every rank."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--device", "cpu", flag, value])
+    assert f"argument {flag}: expected an int >= 1, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--group-query-attention", "--num-query-groups", "3"],
+     "--num-attention-heads 4 must be divisible by --num-query-groups 3"),
+    (["--group-query-attention"], "--group-query-attention needs --num-query-groups"),
+])
+def test_launcher_refuses_query_groups_the_heads_cannot_take(argv, message):
+    """Session 22: 4 heads in 3 query groups built and failed at the first forward, in
+    megatron-core's QKV split (a shape error, on the first pipeline stage only: later stages
+    wait in their first receive); --group-query-attention alone trained multi-head attention
+    (Megatron-LM's --num-query-groups defaults to 1 there). Both are refused at parse time."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match=message):
+        pretrain_gpt.parse_args(["--device", "cpu", *argv])
+    assert pretrain_gpt.parse_args(["--device", "cpu", "--group-query-attention", "--num-query-groups", "2"]
+                                   ).num_query_groups == 2
+
+
+@pytest.mark.parametrize("position", ["learned_absolute", "none"])
+def test_launcher_refuses_linear_rope_without_rope(position):
+    """Session 22: --linear-attention-rope true under --position-embedding-type learned_absolute or
+    none trained without rotary embeddings in the linear layers (they get none to apply)."""
+    from megatron_patches import pretrain_gpt
+
+    args = pretrain_gpt.parse_args(["--device", "cpu", "--linear-attention-rope", "true",
+                                    "--position-embedding-type", position])
+    with pytest.raises(Lasp2ConfigError, match=f"--linear-attention-rope needs --position-embedding-type rope, "
+                                               f"got {position!r}"):
+        pretrain_gpt.lasp2_options(args)
+    assert pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(["--device", "cpu", "--linear-attention-rope", "true"])
+                                      ).linear_rope
+
+
+def test_launcher_refuses_learned_positions_shorter_than_the_sequence():
+    """Session 22: --position-embedding-type learned_absolute with --max-position-embeddings below
+    --seq-length built a table too short for the positions and failed at the first forward
+    (an index error, on the first pipeline stage only)."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match="--max-position-embeddings 16 is below --seq-length 64"):
+        pretrain_gpt.parse_args(["--device", "cpu", "--position-embedding-type", "learned_absolute",
+                                 "--max-position-embeddings", "16", "--seq-length", "64"])
+    # rotary embeddings are computed for the sequence at hand: the table size does not bound them
+    assert pretrain_gpt.parse_args(["--device", "cpu", "--max-position-embeddings", "16", "--seq-length", "64"]
+                                   ).max_position_embeddings == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt-step", "2"], "--ckpt-step is for --load"),
+    (["--save-interval", "2"], "--save-interval is for --save"),
+    (["--mock-data", "--data-path", "corpus_text_document"], "--mock-data and --data-path"),
+])
+def test_launcher_refuses_flags_it_would_ignore(argv, message):
+    """Session 22: --ckpt-step without --load trained from scratch, --save-interval without
+    --save wrote nothing, and --data-path won over --mock-data; each without a word."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match=message):
+        pretrain_gpt.parse_args(["--device", "cpu", *argv])

@@ -99,6 +99,10 @@ def test_linear_moe_slot_refuses_what_it_used_to_misread():
             Lasp2LinearAttention(linear_moe_config("gate", gla_la_gate_logit_normalizer=bad))
     with pytest.raises(Lasp2ConfigError, match="gla_la_clamp_min .* must be a number <= 0 or None, got 1.0"):
         Lasp2LinearAttention(linear_moe_config("gate", gla_la_clamp_min=1.0))
+    # session 22: a config file's "false" is truthy, so it kept the learned scale it asked away
+    with pytest.raises(Lasp2ConfigError, match="la_elementwise_affine must be True or False, got 'false'"):
+        Lasp2LinearAttention(linear_moe_config("gate", la_elementwise_affine="false"))
+    assert Lasp2LinearAttention(linear_moe_config("gate", la_elementwise_affine=False)).norm_weight is None
 
 
 def test_parameter_names_are_linear_moes():
