@@ -18,7 +18,8 @@ import torch
 from lasp2.distributed.sequence_split import split_sequence
 from megatron_patches.options import SPLITS, Lasp2ConfigError
 
-__all__ = ["get_batch_on_this_sp_rank", "get_packed_batch_on_this_sp_rank", "sp_rank_and_size"]
+__all__ = ["get_batch_on_this_sp_rank", "get_packed_batch_on_this_sp_rank", "restore_megatron_batches",
+           "sp_rank_and_size", "use_lasp2_batches"]
 
 # per key: the sequence dim (Megatron's batch dict convention)
 _SEQ_DIM = {"attention_mask": 2}
@@ -98,3 +99,43 @@ def get_packed_batch_on_this_sp_rank(batch: Dict[str, Optional[torch.Tensor]], c
                              max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
     params.lasp2_split = split
     return local, params
+
+
+# Where Megatron-LM's pretrain scripts take get_batch_on_this_cp_rank from (megatron.core.utils;
+# megatron.training.utils in releases before it moved to the core); filled by use_lasp2_batches.
+_BATCH_MODULES = ("megatron.core.utils", "megatron.training.utils")
+_ORIGINAL_BATCH_FNS: Dict[str, object] = {}
+
+
+def use_lasp2_batches(split: str) -> None:
+    """Makes Megatron's get_batch_on_this_cp_rank slice batches with `split` (a script that imports
+    it afterwards gets this one), for Megatron-LM's own pretrain_gpt.py under `--sp-split
+    contiguous`: its get_batch cuts the zig-zag layout, which lasp2's layers and RoPE slicing for
+    the contiguous split would read as contiguous tokens, training wrong numbers without an
+    error. Packed (THD) batches are not cut by it: lasp2's layers refuse packed batches not
+    marked by get_packed_batch_on_this_sp_rank."""
+    import importlib
+
+    if split not in SPLITS:
+        raise Lasp2ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def get_batch_on_this_cp_rank(batch, cp_group=None):
+        return get_batch_on_this_sp_rank(batch, split=split, cp_group=cp_group)
+
+    for name in _BATCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # megatron.training is not in the megatron-core wheel
+            continue
+        if hasattr(module, "get_batch_on_this_cp_rank"):
+            _ORIGINAL_BATCH_FNS.setdefault(name, module.get_batch_on_this_cp_rank)
+            module.get_batch_on_this_cp_rank = get_batch_on_this_cp_rank
+
+
+def restore_megatron_batches() -> None:
+    """Puts Megatron's own get_batch_on_this_cp_rank back where use_lasp2_batches replaced it."""
+    import importlib
+
+    for name, fn in _ORIGINAL_BATCH_FNS.items():
+        importlib.import_module(name).get_batch_on_this_cp_rank = fn
+    _ORIGINAL_BATCH_FNS.clear()

@@ -8,7 +8,9 @@ Megatron-LM's parser, and selects the lasp2 layer spec (`--spec megatron_patches
 lasp2_layer_spec`, or the TE one with --transformer-impl transformer_engine) whenever
 --sp-provider is given and --spec is not: `--sp-provider` alone switches lasp2 on (lasp2's
 other flags without it, or with --sp-provider none, are refused: nothing would read them).
-With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope.
+With --sp-split contiguous it also installs megatron_patches.rope.use_lasp2_rope and
+megatron_patches.batch.use_lasp2_batches (the script's get_batch_on_this_cp_rank cuts
+Megatron's zig-zag layout, which the contiguous layers would misread without an error).
 
 With --experimental-attention-variant gated_delta_net (megatron-core's Qwen3-Next style
 hybrid) no --spec is added: Megatron-LM builds its own block spec, and install_core_gdn
@@ -134,9 +136,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if uses_core_gdn(rest):
         install_core_gdn()
     if _value(rest, "--sp-split") == "contiguous":
+        from megatron_patches.batch import use_lasp2_batches
         from megatron_patches.rope import use_lasp2_rope
 
         use_lasp2_rope("contiguous")
+        use_lasp2_batches("contiguous")  # the script's get_batch cuts the zig-zag layout otherwise
     sys.argv = [script] + rest
     runpy.run_path(script, run_name="__main__")
 

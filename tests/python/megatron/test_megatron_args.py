@@ -339,6 +339,38 @@ def test_run_wrapper_selects_the_spec_from_sp_provider_alone():
     assert spec_args(local + ["--sp-provider", "none"]) == local + ["--sp-provider", "none"]
 
 
+def test_run_wrapper_makes_megatron_batches_contiguous(monkeypatch):
+    """Session 22: `python -m megatron_patches.run pretrain_gpt.py --sp-split contiguous` left
+    Megatron-LM's get_batch_on_this_cp_rank (the zig-zag layout) in the script, while lasp2's
+    layers and RoPE read contiguous tokens: wrong numbers at CP > 1, no error. The wrapper now
+    installs the contiguous slicing where the script imports it from."""
+    import megatron.core.utils as core_utils
+
+    from megatron_patches import rope, run
+    from megatron_patches.batch import restore_megatron_batches
+
+    original = core_utils.get_batch_on_this_cp_rank
+    batch = {"tokens": torch.arange(16).view(2, 8), "labels": torch.arange(16).view(2, 8) + 100}
+    seen = {}
+
+    def script(path, run_name):  # what `from megatron.core.utils import get_batch_on_this_cp_rank` gets
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        seen["rank1"] = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(1, 2))
+
+    monkeypatch.setattr(run, "install", lambda: None)  # Megatron-LM's parser: not in the core wheel
+    monkeypatch.setattr(run.runpy, "run_path", script)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    try:
+        run.main(["pretrain_gpt.py", "--sp-provider", "lasp2", "--sp-split", "contiguous"])
+    finally:
+        restore_megatron_batches()
+        rope.restore_megatron_rope()
+    assert seen["rank1"]["tokens"].tolist() == [[4, 5, 6, 7], [12, 13, 14, 15]]  # zig-zag: 2, 3, 4, 5
+    assert seen["rank1"]["labels"].tolist() == [[104, 105, 106, 107], [112, 113, 114, 115]]
+    assert core_utils.get_batch_on_this_cp_rank is original
+
+
 @pytest.mark.parametrize("flag", ["--sp-split=contiguous", "--linear-attention-decay", "--lasp2-softmax-backend"])
 def test_run_wrapper_refuses_lasp2_flags_without_sp_provider(flag):
     """Session 22: lasp2's flags without --sp-provider (and without --spec) left Megatron-LM's
