@@ -322,6 +322,10 @@ def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
 
     # the expert-parallel size the optimizer state was laid out for (moe_checkpoint.optimizer_layout_changes)
     state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
+    if optimizer is not None:  # checked at --load (checkpointing.check_optimizer_kind)
+        from megatron_patches.checkpointing import optimizer_kind
+
+        state["optimizer_kind"] = optimizer_kind(optimizer)
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
@@ -409,6 +413,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         from megatron_patches.moe_checkpoint import optimizer_layout_changes
 
         saved = dist_checkpointing.load_common_state_dict(directory)
+        from megatron_patches.checkpointing import check_optimizer_kind
+
+        check_optimizer_kind(saved.get("optimizer_kind"), optimizer)
         remap = optimizer_layout_changes(saved.get("expert_model_parallel_size"),
                                          ps.get_expert_model_parallel_world_size(), optimizer)
         _init_optimizer_state(optimizer)

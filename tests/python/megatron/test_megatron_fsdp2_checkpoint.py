@@ -15,7 +15,9 @@ loaded one rank's shard where another's belongs, moves the weights by ~lr = 1e-2
 
 A model whose FSDP2 shards megatron-core cannot place in a checkpoint (a dim 0 that is not a
 multiple of the dp-cp size: FSDP2's last shard is shorter, megatron-core assumes equal ones) is
-refused at the start of a run with --save, on every rank, naming the flags.
+refused at the start of a run with --save, on every rank, naming the flags. So is FSDP2's
+checkpoint (the plain optimizer's) loaded with --use-distributed-optimizer, whose checkpoint
+layout differs (megatron_patches.checkpointing.check_optimizer_kind; DDP alike).
 
 Before megatron_patches.fsdp2_checkpoint the launcher refused --save / --load with FSDP2 (every
 case here failed). Mutations tried once, not kept: megatron-core's placement of the expert shards
@@ -68,6 +70,10 @@ def _worker(rank, world, out_path, tmpdir):
         result = _pretrain(argv + ["--load", whole[saved]["path"], "--ckpt-step", "2"])  # weights from the checkpoint
         out[name] = {"whole": whole[saved]["losses"], "resumed": result["losses"],
                      "weight_diff": max_diff(whole_weights(result["chunks"]), whole[saved]["weights"])}
+    # the plain optimizer's checkpoint (FSDP2's) loaded by DDP with the distributed optimizer
+    out["distopt_errors"] = config_errors_on_every_rank(
+        _pretrain, _layout(1, 1) + ["--use-distributed-optimizer", "--load", whole["fsdp2 cp2"]["path"],
+                                    "--ckpt-step", "2"])
     # fc1's dim 0 of 30 over dp x cp = 4: FSDP2 shards of 8, 8, 8 and 6 rows
     out["uneven_errors"] = config_errors_on_every_rank(
         _pretrain, _layout(2, 1) + FSDP2 + ["--ffn-hidden-size", "30", "--save", os.path.join(tmpdir, "uneven")])
@@ -98,3 +104,11 @@ def test_shards_megatron_core_cannot_place_are_refused_on_every_rank(results):
             r"--use-torch-fsdp2 with --save / --load: megatron-core cannot place this model's shards .*"
             r"linear_fc1\.weight: dim 0 of \(30, 32\) is not a multiple of its FSDP2 mesh's 4 ranks", error), \
             results["uneven_errors"]
+
+
+def test_a_plain_optimizer_checkpoint_loaded_with_the_distributed_one_is_refused_on_every_rank(results):
+    """Before the checkpoint recorded its optimizer's kind: a KeyError on every rank."""
+    for error in results["distopt_errors"]:
+        assert error is not None and re.search(
+            r"saved without --use-distributed-optimizer; loading it with --use-distributed-optimizer is not "
+            r"supported", error), results["distopt_errors"]
