@@ -413,11 +413,11 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         from megatron_patches.moe_checkpoint import optimizer_layout_changes
 
         saved = dist_checkpointing.load_common_state_dict(directory)
-        from megatron_patches.checkpointing import check_optimizer_kind
-
-        check_optimizer_kind(saved.get("optimizer_kind"), optimizer)
         remap = optimizer_layout_changes(saved.get("expert_model_parallel_size"),
                                          ps.get_expert_model_parallel_world_size(), optimizer)
+        from megatron_patches.checkpointing import check_optimizer_kind
+
+        check_optimizer_kind(saved.get("optimizer_kind"), optimizer)  # after the EP check: its message is more specific
         _init_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, iteration, True)
     if remap:

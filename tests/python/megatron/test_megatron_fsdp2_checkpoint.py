@@ -9,7 +9,8 @@ loss and every weight:
     (CP 1 x DP 4) resumed by FSDP2 at DP 2 x CP 2: the files hold whole tensors under DDP's
     keys, so either side loads the other's;
   * FSDP2 at DP 2 x CP 2 x EP 2 (the experts in units of their own over the expert-data-parallel
-    group) resumed at the same layout.
+    group) resumed at the same layout, and at EP 1 (the optimizer state mapped from two optimizers
+    to one, megatron_patches.moe_checkpoint).
 Adam's update at step 3 depends on its moments and step: a resume that lost the moments, or
 loaded one rank's shard where another's belongs, moves the weights by ~lr = 1e-2.
 
@@ -47,6 +48,8 @@ RESUMES = {  # name: (the saving run, the resuming run's flags)
     "fsdp2 cp2 to ddp cp1": ("fsdp2 cp2", _layout(1, 1)),
     "ddp cp1 to fsdp2 cp2": ("ddp cp1", _layout(2, 1) + FSDP2),
     "fsdp2 cp2 ep2 to fsdp2 cp2 ep2": ("fsdp2 cp2 ep2", _layout(2, 2) + FSDP2),
+    # across EP 2 -> EP 1: the optimizer state mapped by megatron_patches.moe_checkpoint
+    "fsdp2 cp2 ep2 to fsdp2 cp2 ep1": ("fsdp2 cp2 ep2", _layout(2, 1) + FSDP2),
 }
 
 
