@@ -112,12 +112,16 @@ def place_fsdp2_shards(model_state: dict, modules) -> None:
                 global_offset=tuple(sh.global_offset[:n]) + (rank * (param.shape[0] // size),) + rest,
                 axis_fragmentations=tuple(sh.axis_fragmentations[:n]) + (size,) + (1,) * (param.dim() - 1),
                 replica_id=(*sh.replica_id[:-1], 0) if isinstance(sh.replica_id, tuple) else 0)
-            placed_sh.validate_metadata_integrity()
+            try:  # raised on this rank alone it would leave the others waiting: reported below
+                placed_sh.validate_metadata_integrity()
+            except Exception as exc:
+                error = f"{name}: {exc}"
+                break
             sh.global_shape, sh.global_offset = placed_sh.global_shape, placed_sh.global_offset
             sh.axis_fragmentations, sh.replica_id = placed_sh.axis_fragmentations, placed_sh.replica_id
             placed.add(id(sh.data))
         missing = [name for key, (name, _) in params.items() if key not in placed]
-        if missing:  # saved from a copy (a full tensor, a clone): its place is not known here
+        if missing and error is None:  # saved from a copy (a full tensor, a clone): its place is not known here
             error = f"{missing[0]}: not in the model's sharded state dict as its FSDP2 shard"
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
