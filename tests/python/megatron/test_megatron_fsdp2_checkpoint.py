@@ -4,7 +4,7 @@ The LGSL hybrid with 4 experts top-2 of test_megatron_moe.py, Adam, 3 steps, sav
 2 and resumed from it in a new launch; step 3 of the resumed run has the uninterrupted run's
 loss and every weight:
   * FSDP2 at DP 2 x CP 2 resumed by FSDP2 at DP 2 x CP 2 (EP 1: the experts are sharded over
-    dp x cp with their layers);
+    dp x cp with their layers), and at EP 2;
   * the same checkpoint resumed by megatron-core's DDP at CP 1 x DP 4, and a DDP checkpoint
     (CP 1 x DP 4) resumed by FSDP2 at DP 2 x CP 2: the files hold whole tensors under DDP's
     keys, so either side loads the other's;
@@ -46,6 +46,7 @@ SAVES = {"fsdp2 cp2": _layout(2, 1) + FSDP2, "ddp cp1": _layout(1, 1), "fsdp2 cp
 RESUMES = {  # name: (the saving run, the resuming run's flags)
     "fsdp2 cp2 to fsdp2 cp2": ("fsdp2 cp2", _layout(2, 1) + FSDP2),
     "fsdp2 cp2 to ddp cp1": ("fsdp2 cp2", _layout(1, 1)),
+    "fsdp2 cp2 to fsdp2 cp2 ep2": ("fsdp2 cp2", _layout(2, 2) + FSDP2),  # one optimizer to two
     "ddp cp1 to fsdp2 cp2": ("ddp cp1", _layout(2, 1) + FSDP2),
     "fsdp2 cp2 ep2 to fsdp2 cp2 ep2": ("fsdp2 cp2 ep2", _layout(2, 2) + FSDP2),
     # across EP 2 -> EP 1: the optimizer state mapped by megatron_patches.moe_checkpoint
