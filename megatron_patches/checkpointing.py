@@ -1,5 +1,6 @@
-"""A guard for megatron-core's distributed checkpoints: the writer before a save (MoE checkpoints
-across EP 1 <-> EP > 1: megatron_patches.moe_checkpoint).
+"""Guards for megatron-core's distributed checkpoints: the writer before a save, and the kind of
+optimizer a checkpoint was saved with at a load (MoE checkpoints across EP 1 <-> EP > 1:
+megatron_patches.moe_checkpoint; FSDP2's: megatron_patches.fsdp2_checkpoint).
 
 The reported hang ("a dist-checkpoint save of a DDP-wrapped model after a training step
 hung on CPU at CP 2 and PP 2 x CP 2, writing only common.pt") is megatron-core's writer
@@ -13,7 +14,7 @@ write hangs that way, and `pip install --no-deps megatron-core` does not bring p
 
 from __future__ import annotations
 
-__all__ = ["check_checkpoint_writer"]
+__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "optimizer_kind"]
 
 
 def check_checkpoint_writer() -> None:
@@ -25,3 +26,32 @@ def check_checkpoint_writer() -> None:
         raise ImportError(
             "dist_checkpointing.save needs psutil (pip install psutil): without it megatron-core's "
             "writer processes die before reporting and the save hangs after writing common.pt")
+
+
+def optimizer_kind(optimizer) -> str:
+    """"distributed" (--use-distributed-optimizer) or "plain": what a checkpoint records."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(sub, DistributedOptimizer) for sub in subs) else "plain"
+
+
+def check_optimizer_kind(saved_kind, optimizer) -> None:
+    """Raises Lasp2ConfigError where the checkpoint's optimizer state is the other kind's.
+
+    The distributed optimizer's checkpoint ("fully_reshardable") holds fp32 main parameters
+    under keys of its own, the plain optimizer's does not: loading one with the other raised a
+    KeyError ("optimizer.state.param.<name> from model not in state dict") on every rank, whether
+    the model was megatron-core's DDP or --use-torch-fsdp2. The decision needs only the
+    checkpoint's common state and the command line, so every rank makes it alike. saved_kind is
+    None for checkpoints written before it was recorded (not checked)."""
+    from megatron_patches.options import Lasp2ConfigError
+
+    kind = optimizer_kind(optimizer)
+    if saved_kind is None or saved_kind == kind:
+        return
+    flag = "--use-distributed-optimizer"
+    raise Lasp2ConfigError(
+        f"--load: this checkpoint was saved {'with' if saved_kind == 'distributed' else 'without'} {flag}; "
+        f"loading it {'with' if kind == 'distributed' else 'without'} {flag} is not supported (the distributed "
+        f"optimizer keeps fp32 main parameters under keys of its own). Resume with the same {flag} setting")

@@ -304,11 +304,28 @@ def _tracker(path: str) -> str:
     return os.path.join(path, "latest_checkpointed_iteration.txt")
 
 
+def _is_fsdp2(chunks) -> bool:
+    """Whether the chunks are --use-torch-fsdp2's (megatron_patches.torch_fsdp)."""
+    from megatron_patches.torch_fsdp import is_torch_fsdp2
+
+    return any(is_torch_fsdp2(chunk) for chunk in chunks)
+
+
 def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
     from megatron.core import parallel_state as ps
 
+    fsdp2 = _is_fsdp2(chunks)
+    if fsdp2:
+        from megatron_patches.fsdp2_checkpoint import use_the_shard_itself_for_optimizer_state
+
+        use_the_shard_itself_for_optimizer_state()
+
     # the expert-parallel size the optimizer state was laid out for (moe_checkpoint.optimizer_layout_changes)
     state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
+    if optimizer is not None:  # checked at --load (checkpointing.check_optimizer_kind)
+        from megatron_patches.checkpointing import optimizer_kind
+
+        state["optimizer_kind"] = optimizer_kind(optimizer)
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
@@ -317,6 +334,10 @@ def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
         for i, chunk in enumerate(chunks):
             state[f"model{i}"] = chunk.module.sharded_state_dict()
             model_state.update(state[f"model{i}"])
+    if fsdp2:  # before the optimizer's state takes the model's offsets
+        from megatron_patches.fsdp2_checkpoint import place_fsdp2_shards
+
+        place_fsdp2_shards(model_state, [chunk.module for chunk in chunks])
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading,
@@ -394,6 +415,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         saved = dist_checkpointing.load_common_state_dict(directory)
         remap = optimizer_layout_changes(saved.get("expert_model_parallel_size"),
                                          ps.get_expert_model_parallel_world_size(), optimizer)
+        from megatron_patches.checkpointing import check_optimizer_kind
+
+        check_optimizer_kind(saved.get("optimizer_kind"), optimizer)  # after the EP check: its message is more specific
         _init_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, iteration, True)
     if remap:
@@ -401,17 +425,20 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
 
         rekey_optimizer_state(sharded["optimizer"], directory)
     state = dist_checkpointing.load(sharded, directory)
-    if len(chunks) == 1:
-        chunks[0].module.load_state_dict(state["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.module.load_state_dict(state[f"model{i}"])
+    fsdp2 = _is_fsdp2(chunks)
+    if fsdp2:  # FSDP2's parameters are DTensors; the checkpoint gave this rank's shards
+        from megatron_patches.fsdp2_checkpoint import optimizer_state_as_dtensors, shards_as_dtensors
+    for i, chunk in enumerate(chunks):
+        model_state = state["model"] if len(chunks) == 1 else state[f"model{i}"]
+        chunk.module.load_state_dict(shards_as_dtensors(model_state, chunk.module) if fsdp2 else model_state)
     if optimizer is not None:
         if remap:
             from megatron_patches.moe_checkpoint import state_in_current_layout
 
             state["optimizer"] = state_in_current_layout(state["optimizer"], saved["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
+        if fsdp2:
+            optimizer_state_as_dtensors(optimizer)
     _log(f"loaded {directory} (iteration {iteration})")
     return iteration
 
@@ -451,6 +478,8 @@ def pretrain(args, after_model_build=None) -> Dict[str, object]:
         from megatron_patches.checkpointing import check_checkpoint_writer
 
         check_checkpoint_writer()
+        if _is_fsdp2(chunks):  # megatron-core's offsets of the FSDP2 shards (refused before training)
+            _sharded_state(chunks, None, 0, False)
     iteration = load_checkpoint(args.load, chunks, optimizer, args.ckpt_step) if args.load else 0
     dataset = build_dataset(args)
     iterators = [data_iterator(args, dataset, iteration) for _ in chunks]

@@ -50,13 +50,20 @@ Two further megatron-core 0.16.1 details are handled here:
 On CPU (gloo) the class builds its DeviceMesh on "cuda": megatron_patches.cpu's
 `torch_fsdp_mesh` patch builds it on "cpu" (the experts' mesh is made by the same
 constructor, so it follows).
+--save / --load: megatron-core's dist_checkpointing of the model's FSDP2 shards, with the fixes
+in megatron_patches.fsdp2_checkpoint; the files are DDP's, so either loads the other's.
+Refused (check_torch_fsdp2_args): TP > 1, PP > 1 and the distributed optimizer (not run with
+FSDP2), and --bf16: the launcher runs it only on CUDA, so it could not be compared with DDP's
+--bf16 here; megatron-core's class gives fully_shard no MixedPrecisionPolicy, so FSDP2 would
+shard Float16Module's bf16 parameters and reduce the gradients in bf16, with the fp32 main
+parameters built by Float16OptimizerWithFloat16Params from the shards.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_torch_fsdp2_args", "wrap_torch_fsdp2"]
+__all__ = ["check_torch_fsdp2_args", "is_torch_fsdp2", "wrap_torch_fsdp2"]
 
 
 def check_torch_fsdp2_args(args) -> None:
@@ -64,11 +71,18 @@ def check_torch_fsdp2_args(args) -> None:
     untested = {"--use-distributed-optimizer": args.use_distributed_optimizer,
                 "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
                 "--tensor-model-parallel-size > 1": args.tensor_model_parallel_size > 1,
-                "--bf16": args.bf16, "--save": args.save is not None, "--load": args.load is not None}
+                "--bf16": args.bf16}
     bad = [flag for flag, on in untested.items() if on]
     if bad:
-        raise SystemExit(f"--use-torch-fsdp2 is tested with TP 1, PP 1, fp32, the plain optimizer and no "
-                         f"checkpoints; not with {', '.join(bad)}")
+        raise SystemExit(f"--use-torch-fsdp2 is tested with TP 1, PP 1, fp32 and the plain optimizer "
+                         f"(--save / --load included); not with {', '.join(bad)}")
+
+
+def is_torch_fsdp2(chunk) -> bool:
+    """Whether a model chunk is wrapped by wrap_torch_fsdp2 (megatron-core's FSDP2 class)."""
+    from megatron.core.distributed import TorchFullyShardedDataParallel
+
+    return isinstance(chunk, TorchFullyShardedDataParallel)
 
 
 def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

@@ -466,14 +466,17 @@ def test_kda_layer_shapes_and_provider():
 @pytest.mark.parametrize("extra, named", [
     (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
     (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
-    (["--save", "ckpt"], "--save")])
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size > 1"),
+    (["--bf16", "--device", "cuda"], "--bf16")])  # --bf16 is refused on the CPU before (CPU kernels are fp32)
 def test_launcher_refuses_torch_fsdp2_with_what_it_was_not_run_with(extra, named):
-    """--use-torch-fsdp2 is tested at TP 1, PP 1, fp32, the plain optimizer, no checkpoints
-    (tests/python/megatron/test_megatron_pretrain.py); other settings stop at parse time."""
+    """--use-torch-fsdp2 is tested at TP 1, PP 1, fp32, the plain optimizer, with checkpoints
+    (tests/python/megatron/test_megatron_pretrain.py, test_megatron_fsdp2_checkpoint.py); other
+    settings stop at parse time."""
     from megatron_patches import pretrain_gpt
 
-    # --calculate-per-token-loss was refused until FSDP2 summed over dp-cp and divided by the tokens
-    for accepted in ([], ["--calculate-per-token-loss"]):
+    # --calculate-per-token-loss was refused until FSDP2 summed over dp-cp and divided by the tokens,
+    # --save / --load until megatron_patches.fsdp2_checkpoint placed the shards
+    for accepted in ([], ["--calculate-per-token-loss"], ["--save", "ckpt", "--load", "ckpt"]):
         assert pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *accepted]).use_torch_fsdp2
     with pytest.raises(SystemExit, match=f"--use-torch-fsdp2 is tested .*not with {named}"):
         pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *extra])
