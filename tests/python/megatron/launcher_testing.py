@@ -131,3 +131,14 @@ def max_diff(a, b):
     """The largest absolute difference of two whole models' weights (same names)."""
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_resumed_as_the_uninterrupted_run(r, weight_tol=None):
+    """r: the losses of a 3-step run ("whole") and of its resume from the step-2 checkpoint
+    ("resumed"), and where given the largest weight difference after step 3 ("weight_diff").
+    The resume ran step 3 alone, from trained weights, with the uninterrupted run's loss."""
+    assert len(r["resumed"]) == 1 and len(r["whole"]) == 3, r  # steps 1-2 came from the checkpoint
+    assert abs(r["resumed"][0] - r["whole"][2]) <= 1e-5 * abs(r["whole"][2]), r
+    assert r["resumed"][0] < r["whole"][0], r  # trained weights, not a fresh start
+    if weight_tol is not None:
+        assert r["weight_diff"] <= weight_tol, r
