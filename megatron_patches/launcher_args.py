@@ -186,6 +186,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # pipeline stage only (later stages then wait in their first receive)
         raise SystemExit(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
                          f"--num-query-groups {args.num_query_groups}")
+    if args.hidden_size % args.num_attention_heads:
+        # megatron-core then floors the head dim (kv_channels) and builds a narrower attention than
+        # asked for, without a word; Megatron-LM's own parser refuses it
+        raise SystemExit(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+                         f"{args.num_attention_heads}")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        # megatron-core's assertion names its config fields, not the flags
+        raise SystemExit(f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}")
     if args.use_torch_fsdp2:
         from megatron_patches.torch_fsdp import check_torch_fsdp2_args
 

@@ -544,6 +544,23 @@ def test_launcher_refuses_query_groups_the_heads_cannot_take(argv, message):
                                    ).num_query_groups == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden-size", "70", "--num-attention-heads", "4"], "--hidden-size 70 must be divisible by --num-attention-heads 4"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+     "--num-layers 3 must be divisible by --pipeline-model-parallel-size 2"),
+])
+def test_launcher_refuses_sizes_megatron_lm_refuses(argv, message):
+    """Session 22: a hidden size the heads do not divide built a narrower attention (megatron-core
+    floors the head dim; Megatron-LM's parser refuses it), and layers the pipeline stages do not
+    divide failed in megatron-core's assertion naming its config fields, not the flags."""
+    from megatron_patches import pretrain_gpt
+
+    with pytest.raises(SystemExit, match=message):
+        pretrain_gpt.parse_args(["--device", "cpu", *argv])
+    assert pretrain_gpt.parse_args(["--device", "cpu", "--hidden-size", "72", "--num-attention-heads", "4",
+                                    "--num-layers", "4", "--pipeline-model-parallel-size", "2"]).hidden_size == 72
+
+
 @pytest.mark.parametrize("position", ["learned_absolute", "none"])
 def test_launcher_refuses_linear_rope_without_rope(position):
     """Session 22: --linear-attention-rope true under --position-embedding-type learned_absolute or
