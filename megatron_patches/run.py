@@ -46,6 +46,13 @@ def spec_args(argv: List[str]) -> List[str]:
                              "the lasp2 spec is chosen by --sp-provider lasp2|lasp1|ulysses (or name one with --spec)")
         return list(argv)
     if uses_core_gdn(argv):  # Megatron's own spec (install_core_gdn swaps its GDN)
+        if _value(argv, "--sp-split") == "contiguous":
+            # that spec's softmax layers are Megatron's own attention, whose context parallelism
+            # takes its zig-zag layout only: contiguous batches would be masked wrongly there, and
+            # zig-zag ones misread by the GDN layers, either way without an error
+            raise SystemExit("--sp-split contiguous with --experimental-attention-variant gated_delta_net: "
+                             "Megatron-LM's own softmax layers in that hybrid take its zig-zag layout only; "
+                             "use --sp-split balanced")
         return list(argv)
     te = _value(argv, "--transformer-impl") in (None, "transformer_engine")
     moe = _value(argv, "--num-experts") not in (None, "0")

@@ -548,6 +548,11 @@ def test_megatron_lm_wrapper_keeps_megatrons_spec_and_swaps_its_gdn(monkeypatch)
     assert uses_core_gdn(argv) and spec_args(argv) == argv  # no --spec: Megatron-LM builds its block spec
     assert not uses_core_gdn(["--sp-provider", "none", "--experimental-attention-variant", "gated_delta_net"])
     assert spec_args(["--sp-provider", "lasp2"])[-1] == "lasp2_layer_spec"
+    # that block spec's softmax layers are Megatron's own attention (zig-zag under CP only): a
+    # contiguous split would feed one of the two layer kinds the wrong tokens (session 22)
+    with pytest.raises(SystemExit, match="--sp-split contiguous with --experimental-attention-variant"):
+        spec_args(argv + ["--sp-split", "contiguous"])
+    assert spec_args(argv + ["--sp-split", "balanced"]) == argv + ["--sp-split", "balanced"]
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(variants, "get_gated_delta_net_module_spec", variants.get_gated_delta_net_module_spec)
