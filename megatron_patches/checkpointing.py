@@ -14,7 +14,9 @@ write hangs that way, and `pip install --no-deps megatron-core` does not bring p
 
 from __future__ import annotations
 
-__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "optimizer_kind"]
+from typing import List, Optional
+
+__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "first_error_on_any_rank", "optimizer_kind"]
 
 
 def check_checkpoint_writer() -> None:
@@ -55,3 +57,14 @@ def check_optimizer_kind(saved_kind, optimizer) -> None:
         f"--load: this checkpoint was saved {'with' if saved_kind == 'distributed' else 'without'} {flag}; "
         f"loading it {'with' if kind == 'distributed' else 'without'} {flag} is not supported (the distributed "
         f"optimizer keeps fp32 main parameters under keys of its own). Resume with the same {flag} setting")
+
+
+def first_error_on_any_rank(error: Optional[str]) -> Optional[str]:
+    """The first rank's error message, on every rank (None where no rank has one): a collective,
+    so that a check failing on some ranks raises on all of them and none waits in the next
+    collective (the load's, or the first training step's)."""
+    import torch.distributed as dist
+
+    errors: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)

@@ -89,10 +89,10 @@ def place_fsdp2_shards(model_state: dict, modules) -> None:
     index, are kept)."""
     import dataclasses
 
-    import torch.distributed as dist
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_patches.checkpointing import first_error_on_any_rank
     from megatron_patches.options import Lasp2ConfigError
 
     params = _fsdp2_parameters(modules)
@@ -123,9 +123,7 @@ def place_fsdp2_shards(model_state: dict, modules) -> None:
         missing = [name for key, (name, _) in params.items() if key not in placed]
         if missing and error is None:  # saved from a copy (a full tensor, a clone): its place is not known here
             error = f"{missing[0]}: not in the model's sharded state dict as its FSDP2 shard"
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    error = next((e for e in errors if e is not None), None)
+    error = first_error_on_any_rank(error)
     if error is not None:
         raise Lasp2ConfigError(f"--use-torch-fsdp2 with --save / --load: megatron-core cannot place this "
                                f"model's shards in a checkpoint ({error})")

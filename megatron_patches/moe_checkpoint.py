@@ -32,8 +32,8 @@ import re
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron_patches.checkpointing import first_error_on_any_rank
 from megatron_patches.options import Lasp2ConfigError
 
 __all__ = ["optimizer_layout_changes", "rekey_optimizer_state", "state_in_current_layout"]
@@ -74,9 +74,7 @@ def _on_every_rank(what: str, fn, *args):
         result = fn(*args)
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
-    errors: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    error = next((e for e in errors if e is not None), None)
+    error = first_error_on_any_rank(error)
     if error is not None:
         raise Lasp2ConfigError(f"--load: cannot {what} this MoE checkpoint's optimizer state across "
                                f"--expert-model-parallel-size 1 | > 1 ({error})")
