@@ -39,6 +39,13 @@ available unless force=True, and nothing in this package applies it implicitly.
                   do from a GPU: all_to_all_single takes sequences of ints, not tensors. The
                   dispatch itself (permute, all_to_all_single over the EP group, sort by local
                   expert, and back) is megatron-core's, on gloo
+  shared_expert_overlap
+                  --moe-shared-expert-overlap: SharedExpertMLP opens a torch.cuda.Stream when built
+                  (shared_experts.py:123) and runs its pieces on it, waiting through
+                  wait_stream (:162, :277); it sees the same torch as moe_alltoall. On the CPU the
+                  side-stream work runs in the order the dispatcher calls it, so the overlapped
+                  path (its explicit TP gather / reduce-scatter, the output added in the combine)
+                  computes what the plain path does (test_megatron_moe_shared.py compares them)
   uneven_all_gather
                   at TP > 1 the same dispatcher gathers each TP rank's tokens, a different number
                   per rank, with torch.distributed.all_gather into a list of unequal slices
@@ -175,6 +182,11 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
     token_dispatcher.torch = _torch_with_host_streams()
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     _APPLIED.append("moe_alltoall")
+
+    from megatron.core.transformer.moe import shared_experts
+
+    shared_experts.torch = token_dispatcher.torch
+    _APPLIED.append("shared_expert_overlap")
 
     from megatron.core.tensor_parallel import mappings
 

@@ -21,8 +21,9 @@ from megatron_patches.options import Lasp2ConfigError
 __all__ = ["DISPATCHERS", "LOAD_BALANCING", "add_moe_args", "check_moe_args", "check_moe_world",
            "moe_config_kwargs", "moe_spec_kwargs", "moe_aux_losses", "reset_moe_aux_losses"]
 
-# megatron-core 0.16's dispatchers without DeepEP / HybridEP ("flex" needs one of them)
-DISPATCHERS = ("allgather", "alltoall")
+# megatron-core 0.16's dispatchers; "flex" (MoEFlexTokenDispatcher) runs only on GPUs with DeepEP
+# installed (_check_flex_dispatcher)
+DISPATCHERS = ("allgather", "alltoall", "flex")
 # megatron-core's load-balancing types (TopKRouter)
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 
@@ -36,7 +37,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-pre-softmax", action="store_true",
                    help="softmax before the top-k (megatron-core needs it for --moe-router-topk 1)")
     g.add_argument("--moe-token-dispatcher-type", choices=DISPATCHERS, default="allgather",
-                   help="megatron-core's dispatchers (on CPU alltoall runs through megatron_patches.cpu)")
+                   help="megatron-core's dispatchers (on CPU alltoall runs through megatron_patches.cpu; "
+                        "flex needs --device cuda and DeepEP)")
     g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING, default="aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="scale of the load-balancing loss added to the gradient (Megatron-LM suggests 1e-2)")
@@ -48,7 +50,7 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
                         "(Qwen-MoE's; megatron-core's SharedExpertMLP gate_weight)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts on a side CUDA stream during the alltoall dispatch "
-                        "(--device cuda and the alltoall dispatcher only)")
+                        "(the alltoall dispatcher only; on CPU the same steps run in order)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="ranks the experts of a layer are spread over (within the data x context parallel ranks)")
 
@@ -80,6 +82,8 @@ def check_moe_args(args) -> None:
     if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size < 1:
         raise Lasp2ConfigError(f"--moe-ffn-hidden-size must be >= 1, got {args.moe_ffn_hidden_size}")
     _check_shared_experts(args)
+    if args.moe_token_dispatcher_type == "flex":
+        _check_flex_dispatcher(args)
     if args.moe_aux_loss_coeff < 0:
         raise Lasp2ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
     if (topk == 1 and not args.moe_router_pre_softmax
@@ -111,13 +115,29 @@ def _check_shared_experts(args) -> None:
     if size is None:
         raise Lasp2ConfigError("--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size "
                                "(there is no shared expert to overlap)")
-    if args.device != "cuda":
-        # megatron-core 0.16.1's SharedExpertMLP opens a torch.cuda.Stream for it when built
-        raise Lasp2ConfigError("--moe-shared-expert-overlap needs --device cuda (megatron-core runs the shared "
-                               "experts on a CUDA side stream; on CPU run without it, the same numbers)")
     if args.moe_token_dispatcher_type != "alltoall":  # megatron-core's config refuses it, naming no flag
         raise Lasp2ConfigError("--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall "
                                f"(megatron-core overlaps only that dispatcher), got {args.moe_token_dispatcher_type}")
+
+
+def _check_flex_dispatcher(args) -> None:
+    """megatron-core's flex dispatcher, refused up front where it cannot run: megatron-core itself
+    fails only when the first MoE layer is built (ImportError, or an assertion naming no flag), on
+    the pipeline stages that build one, while the others wait in their first receive."""
+    flag = "--moe-token-dispatcher-type flex"
+    if args.device != "cuda":
+        # its dispatch and combine are DeepEP's (or HybridEP's) fused CUDA kernels, with no CPU path
+        raise Lasp2ConfigError(f"{flag} needs --device cuda: megatron-core's MoEFlexTokenDispatcher dispatches "
+                               "through DeepEP's fused CUDA kernels, which have no CPU path; on CPU use "
+                               "--moe-token-dispatcher-type alltoall (megatron-core's all-to-all, the same routing)")
+    from megatron.core.transformer.moe import fused_a2a
+
+    if not getattr(fused_a2a, "HAVE_DEEP_EP", False):  # megatron-core's default flex backend, "deepep"
+        raise Lasp2ConfigError(f"{flag} needs DeepEP (the deep_ep package, github.com/deepseek-ai/DeepEP), which "
+                               "does not import here; without it use --moe-token-dispatcher-type alltoall")
+    if args.tensor_model_parallel_size * args.expert_model_parallel_size == 1:
+        raise Lasp2ConfigError(f"{flag} needs --tensor-model-parallel-size x --expert-model-parallel-size > 1 "
+                               "(megatron-core's flex dispatcher exchanges tokens over that group; at 1 use allgather)")
 
 
 def check_moe_world(args, world: int) -> None:

@@ -294,9 +294,10 @@ def test_moe_checkpoint_at_ep2_resumes_at_ep4_with_the_same_step(results):
      r"--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
     (["--num-experts", "4", "--moe-shared-expert-overlap"],
      r"--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size"),
-    # megatron-core's SharedExpertMLP opens a torch.cuda.Stream for the overlap when built
-    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap",
-      "--moe-token-dispatcher-type", "alltoall"], r"--moe-shared-expert-overlap needs --device cuda"),
+    # DeepEP's fused CUDA kernels: megatron-core fails when the first MoE layer is built, naming no flag
+    (["--num-experts", "4", "--moe-token-dispatcher-type", "flex", "--expert-model-parallel-size", "2"],
+     r"--moe-token-dispatcher-type flex needs --device cuda: megatron-core's MoEFlexTokenDispatcher dispatches "
+     r"through DeepEP's fused CUDA kernels"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap",
       "--device", "cuda"], r"--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall"),
     # megatron-core's MoE layer raised at the first training step, naming no flag
@@ -311,6 +312,32 @@ def test_bad_moe_flags_are_refused_before_anything_is_built(argv, match):
     base = ["--num-layers", "4", "--device", "cpu", "--hybrid-layer-pattern", "LGSL", "--disable-bias-linear"]
     with pytest.raises(Lasp2ConfigError, match=match):
         pretrain_gpt.lasp2_options(pretrain_gpt.parse_args(base + argv))
+
+
+@pytest.mark.parametrize("have_deep_ep, argv, match", [
+    (False, ["--expert-model-parallel-size", "2"], r"--moe-token-dispatcher-type flex needs DeepEP \(the deep_ep"),
+    (True, [], r"--moe-token-dispatcher-type flex needs --tensor-model-parallel-size x "
+               r"--expert-model-parallel-size > 1"),
+    (True, ["--expert-model-parallel-size", "2"], None)])
+def test_flex_dispatcher_on_cuda_needs_deep_ep_and_an_expert_group(monkeypatch, have_deep_ep, argv, match):
+    """--device cuda: without DeepEP megatron-core raises an ImportError when the first MoE layer is
+    built, at TP x EP 1 an assertion naming no flag; both refused at parse time. With DeepEP (its
+    import flag stood in: not installed here) and EP 2 the flag goes to megatron-core's config."""
+    from megatron.core.transformer.moe import fused_a2a
+
+    from megatron_patches import Lasp2ConfigError, pretrain_gpt
+    from megatron_patches.moe import moe_config_kwargs
+
+    monkeypatch.setattr(fused_a2a, "HAVE_DEEP_EP", have_deep_ep, raising=False)
+    args = pretrain_gpt.parse_args(["--num-layers", "4", "--device", "cuda", "--hybrid-layer-pattern", "LGSL",
+                                    "--disable-bias-linear", "--num-experts", "4",
+                                    "--moe-token-dispatcher-type", "flex"] + argv)
+    if match is not None:
+        with pytest.raises(Lasp2ConfigError, match=match):
+            pretrain_gpt.lasp2_options(args)
+    else:
+        pretrain_gpt.lasp2_options(args)
+        assert moe_config_kwargs(args)["moe_token_dispatcher_type"] == "flex"
 
 
 def test_moe_with_linear_biases_on_the_local_spec_is_refused():

@@ -19,6 +19,11 @@ gathers the tokens its TP ranks send to an expert, a different number from each,
 reduce-scatters them back). That gather is an all_gather into unequal slices, which gloo
 refuses; the launcher's CPU patches pad it ("uneven_all_gather"): without that patch the TP
 run fails at the first step (gloo: "invalid tensor size"; TP 2 x DP 2 the same, run once).
+
+--moe-token-dispatcher-type flex (megatron-core's MoEFlexTokenDispatcher: DeepEP's or HybridEP's
+fused CUDA kernels, no CPU path) is refused on every rank on CPU, naming the flag and why, before
+anything is built (test_megatron_moe.py: the same on CUDA without DeepEP, and at TP x EP 1).
+Before session 23 argparse refused it as an invalid choice, saying nothing of why.
 """
 
 import pytest
@@ -26,10 +31,12 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from launcher_testing import (config_errors_on_every_rank, initial_value, max_diff, run_launcher,  # noqa: E402
+                             whole_weights)
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
+FLEX = ["--moe-token-dispatcher-type", "flex"]
 # name: (layout flags, EP, dispatcher); DP = 4 / (TP x PP x CP)
 RUNS = {"cp1 ep1 allgather": (_layout(1, 1), 1, "allgather"), "cp2 ep2 allgather": (_layout(2, 2), 2, "allgather"),
         "cp2 ep2 alltoall": (_layout(2, 2), 2, "alltoall"), "cp2 ep4 alltoall": (_layout(2, 4), 4, "alltoall"),
@@ -52,6 +59,7 @@ def _worker(rank, world, out_path):
         out[name] = {"losses": result["losses"], "weights": whole_weights(result["chunks"]),
                      "dispatcher": type(layer.mlp.token_dispatcher).__name__,
                      "local_experts": layer.mlp.num_local_experts}
+    out["flex_errors"] = config_errors_on_every_rank(_run, _layout(2, 2) + FLEX)
     if rank == 0:
         torch.save(out, out_path)
 
@@ -85,3 +93,14 @@ def test_references_use_the_allgather_dispatcher_and_the_weights_moved(results):
         assert results[name]["dispatcher"] == "MoEAllGatherTokenDispatcher", results[name]["dispatcher"]
     weights = results["cp1 ep1 allgather"]["weights"]
     assert max((w - initial_value(k, w.shape)).abs().max().item() for k, w in weights.items()) > 1e-3
+
+
+def test_flex_dispatcher_is_refused_on_every_cpu_rank(results):
+    """megatron-core's flex dispatcher runs DeepEP's CUDA kernels: on CPU every rank refuses it
+    before any process group or layer is built (megatron-core would fail only where the first MoE
+    layer is built), naming the flag, why, and the dispatcher to use instead."""
+    errors = results["flex_errors"]
+    assert len(errors) == 4, errors
+    for error in errors:
+        assert error is not None and error.startswith("--moe-token-dispatcher-type flex needs --device cuda"), errors
+        assert "DeepEP" in error and "use --moe-token-dispatcher-type alltoall" in error, error

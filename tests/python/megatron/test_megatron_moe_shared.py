@@ -18,6 +18,23 @@ weight, the shared expert's included, of CP 1 x DP 4 x EP 1; with the gate, TP 2
 and PP 2 x CP 2 x EP 2 those of CP 1 x DP 4 x EP 1 with the gate. The shared expert's weights,
 and the gate's, moved (so their gradients reached them).
 
+Interleaved stages (session 23): PP 2 x VPP 2 x CP 2 x EP 2 (one layer per virtual stage, two
+model chunks per pipeline rank, 4 micro-batches), with and without the gate, train as CP 1 x DP 4
+x EP 1 (measured: losses to 3e-8 relative, weights to 2.1e-7). Nothing needed fixing; mutation
+tried once, not kept: the second virtual stage's shared-expert parameters marked as experts'
+(reduced over the expert-data-parallel group, 1 rank there, instead of the 2 CP ranks) fails both
+VPP comparisons (step-2 loss off by 6e-5 relative), which a run with one chunk per rank cannot see.
+
+--moe-shared-expert-overlap with the alltoall dispatcher (session 23): megatron-core then runs
+the shared expert in pieces from inside the dispatcher (its TP gather before the dispatch
+all-to-all, fc1 during it, fc2 and the TP reduce-scatter during the combine's, the output added
+in the combine) on a CUDA side stream; on CPU the launcher's "shared_expert_overlap" patch gives
+it a stream that does nothing, so the pieces run in the dispatcher's order. At CP 2 x DP 2 x EP 2
+and gated at TP 2 x CP 2 x EP 2 (--sequence-parallel: the explicit gather / reduce-scatter) it
+trains as CP 1 x DP 4 x EP 1 (losses to 6e-8, weights to 1.4e-7), the dispatcher holding the
+shared expert. Without the patch the overlapped runs fail when the layer is built
+("torch.cuda.Stream requires CUDA support"); before it the launcher refused the flag on CPU.
+
 Mutations tried once, not kept: the shared expert's gradient dropped, or its output not added to
 the routed experts' (then it gets no gradient either), fails the "trained" test; its parameters
 marked as experts' (allreduce False: reduced over the expert-data-parallel group, 2 ranks at
@@ -35,16 +52,28 @@ pytest.importorskip("megatron.core")
 from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
+from test_megatron_moe_vpp_fsdp import VPP  # noqa: E402
 
 SHARED_SIZE = 16
 SHARED = ["--moe-shared-expert-intermediate-size", str(SHARED_SIZE)]
 GATE = ["--moe-shared-expert-gate"]
+# the shared expert's pieces called by the alltoall dispatcher around its all-to-alls
+OVERLAP = ["--moe-token-dispatcher-type", "alltoall", "--moe-shared-expert-overlap"]
 # name: (layout flags, TP); DP = 4 / (TP x PP x CP); "gate ..." runs add GATE
 LAYOUTS = {"cp1 ep1": (_layout(1, 1), 1), "cp2 ep2": (_layout(2, 2), 1), "pp2 cp2 ep2": (_layout(2, 2, pp=2), 1),
            "tp2 cp2 ep2": (_layout(2, 2) + TP2, 2), "tp2 dp2 ep2": (_layout(1, 2) + TP2, 2)}
 GATED = ("cp1 ep1", "pp2 cp2 ep2", "tp2 cp2 ep2")
 RUNS = {**{name: (flags, tp) for name, (flags, tp) in LAYOUTS.items()},
-        **{f"gate {name}": (LAYOUTS[name][0] + GATE, LAYOUTS[name][1]) for name in GATED}}
+        **{f"gate {name}": (LAYOUTS[name][0] + GATE, LAYOUTS[name][1]) for name in GATED},
+        # interleaved stages: one layer per virtual stage, 2 model chunks per pipeline rank
+        "pp2 vpp2 cp2 ep2": (_layout(2, 2, pp=2) + VPP, 1),
+        "gate pp2 vpp2 cp2 ep2": (_layout(2, 2, pp=2) + VPP + GATE, 1),
+        "overlap cp2 ep2": (_layout(2, 2) + OVERLAP, 1),
+        "overlap gate tp2 cp2 ep2": (_layout(2, 2) + TP2 + OVERLAP + GATE, 2)}
+
+
+def _gated(name):
+    return "gate" in name.split()
 
 
 def _run(argv):
@@ -58,10 +87,14 @@ def _worker(rank, world, out_path):
     out = {}
     for name, (argv, _) in RUNS.items():
         result = _run(argv)
-        shared = result["chunks"][0].module.decoder.layers[0].mlp.shared_experts
+        mlp = result["chunks"][0].module.decoder.layers[0].mlp
+        shared = mlp.shared_experts
         out[name] = {"losses": result["losses"], "aux": result["aux_losses"],
                      "weights": whole_weights(result["chunks"]), "shared": type(shared).__name__,
-                     "shared_fc1": tuple(shared.linear_fc1.weight.shape), "gated": shared.use_shared_expert_gate}
+                     "shared_fc1": tuple(shared.linear_fc1.weight.shape), "gated": shared.use_shared_expert_gate,
+                     "chunks": len(result["chunks"]),
+                     # overlapped: the dispatcher runs the shared expert, MoELayer does not
+                     "overlapped": getattr(mlp.token_dispatcher, "shared_experts", None) is shared}
     if rank == 0:
         torch.save(out, out_path)
 
@@ -75,13 +108,19 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name, reference", [("cp2 ep2", "cp1 ep1"), ("pp2 cp2 ep2", "cp1 ep1"),
                                              ("tp2 cp2 ep2", "cp1 ep1"), ("tp2 dp2 ep2", "cp1 ep1"),
                                              ("gate tp2 cp2 ep2", "gate cp1 ep1"),
-                                             ("gate pp2 cp2 ep2", "gate cp1 ep1")])
+                                             ("gate pp2 cp2 ep2", "gate cp1 ep1"),
+                                             ("pp2 vpp2 cp2 ep2", "cp1 ep1"),
+                                             ("gate pp2 vpp2 cp2 ep2", "gate cp1 ep1"),
+                                             ("overlap cp2 ep2", "cp1 ep1"),
+                                             ("overlap gate tp2 cp2 ep2", "gate cp1 ep1")])
 def test_moe_with_a_shared_expert_trains_as_cp1_ep1(results, name, reference):
     """Measured: losses to 3e-8 relative, weights to 2.1e-7 (TP 2, PP 2, gated or not)."""
     r, ref = results[name], results[reference]
     tp = RUNS[name][1]
     assert r["shared"] == ref["shared"] == "SharedExpertMLP", (r["shared"], ref["shared"])
-    assert r["gated"] == ref["gated"] == name.startswith("gate"), (r["gated"], ref["gated"])
+    assert r["gated"] == ref["gated"] == _gated(name), (r["gated"], ref["gated"])
+    assert r["chunks"] == (2 if "vpp2" in name else 1), r["chunks"]
+    assert r["overlapped"] == ("overlap" in name) and not ref["overlapped"], (r["overlapped"], ref["overlapped"])
     # the flag's size (not --ffn-hidden-size), split over TP as the dense MLP's fc1
     assert r["shared_fc1"] == (SHARED_SIZE // tp, 32), r["shared_fc1"]
     assert len(r["losses"]) == 2, r
@@ -98,7 +137,7 @@ def test_every_layers_shared_expert_is_trained(results, name):
     output reaches the loss and its gradient its weights."""
     weights = results[name]["weights"]
     shared = {k: w for k, w in weights.items() if ".mlp.shared_experts." in k}
-    expected = ["gate_weight", "linear_fc1.weight", "linear_fc2.weight"][0 if name.startswith("gate") else 1:]
+    expected = ["gate_weight", "linear_fc1.weight", "linear_fc2.weight"][0 if _gated(name) else 1:]
     for layer in range(4):
         assert sorted(k.split(".mlp.shared_experts.")[1] for k in shared
                       if k.startswith(f"decoder.layers.{layer}.")) == expected, (layer, sorted(shared))
