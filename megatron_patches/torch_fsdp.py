@@ -36,6 +36,19 @@ get_megatron_optimizer steps the experts in its expert optimizer, whose gradient
 summed over the EP ranks (without it megatron-core's norm asserts on DTensor gradients of
 two meshes in one optimizer). At EP 1 megatron-core marks no parameter and nothing changes.
 
+Several models in one process (a training and an evaluation model, a rebuild, the tests' several
+launcher runs): torch's DTensor sharding-propagation cache (2.13: a Python lru_cache and the C++
+dispatch fast path's) is keyed by DeviceMesh equality, which compares rank layouts, not process
+groups, so fully_shard's `nn.Parameter(dtensor)` (an aten.detach) of a shape an earlier model had
+came out with that model's mesh: equal, but naming the earlier group. megatron-core's gradient
+norm then asserted on two groups in one optimizer; after the world is destroyed and initialized
+again (the launcher's main() twice) the old mesh's group name resolves to whichever new group has
+that name (measured with plain fully_shard on 2 ranks: a 1-rank group, a sum over it 1 instead
+of 2 on rank 0, silently). So
+wrap_torch_fsdp2 clears the cache before sharding and refuses a parameter whose mesh is not its
+FSDP2 unit's (`_check_parameter_meshes`). Not covered: a model still used after the next one is
+built can get the newer, equal mesh on its ops' outputs (both groups alive, over the same ranks).
+
 Two further megatron-core 0.16.1 details are handled here:
   * finalize_model_grads calls `finish_grad_sync(force_all_reduce=...)`, which
     TorchFullyShardedDataParallel (its base class) does not accept: a TypeError after the
@@ -114,6 +127,7 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
     if process_group is None:
         process_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     attributes = {name: dict(vars(param)) for name, param in module.named_parameters()}
+    _forget_cached_meshes()  # an earlier model's, of the same ranks (see the module docstring)
     expert_units = _shard_experts_over_expert_data_parallel(module)  # before the layers' units contain them
     wrapped = Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
                                                  module=module, sub_modules_to_wrap={TransformerLayer},
@@ -124,6 +138,7 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
     for name, param in wrapped.module.named_parameters():
         for attribute, value in attributes[name].items():
             setattr(param, attribute, value)
+    _check_parameter_meshes(wrapped.module)
     wrapped.expert_units = tuple(expert_units)
     if config.calculate_per_token_loss:
         _sum_gradients_over_the_mesh(wrapped.module, "--use-torch-fsdp2 with --calculate-per-token-loss")
@@ -197,3 +212,35 @@ def _scale_local_gradients(module: torch.nn.Module, factor) -> None:
             if grad is None:
                 continue
             (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(factor)
+
+
+def _forget_cached_meshes() -> None:
+    """Clears torch's DTensor sharding-propagation caches, whose cached output specs hold the
+    DeviceMesh of the first tensor that produced them: an equal mesh (same ranks) of an earlier
+    model would otherwise be handed to this model's parameters. torch 2.13 exposes the clearing
+    in torch.distributed.tensor.debug (private); without it _check_parameter_meshes still stops
+    a stale mesh."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:
+        return
+    _clear_sharding_prop_cache()
+
+
+def _check_parameter_meshes(module: torch.nn.Module) -> None:
+    """Every FSDP2 parameter's DTensor mesh is the very mesh of its unit (the one fully_shard was
+    given, whose group FSDP2 reduces over); an equal mesh of an earlier model would send
+    megatron-core's gradient norm and checkpoints to that model's process group."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {id(param): name for name, param in module.named_parameters()}
+    for unit in module.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        for group in unit._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                if fsdp_param.sharded_param.device_mesh is not group.mesh_info.mesh:
+                    name = names.get(id(fsdp_param.sharded_param), "a parameter")
+                    raise SystemExit(f"--use-torch-fsdp2: {name} came out of fully_shard with another model's "
+                                     "DeviceMesh (torch's DTensor sharding-propagation cache, keyed by mesh "
+                                     "equality, was not cleared: megatron_patches/torch_fsdp.py)")

@@ -5,10 +5,10 @@ three SGD steps with FSDP2 at DP 2 x CP 2, has megatron-core's DDP's losses, log
 load_balancing_loss, last-step gradient norm and every weight, experts included:
   * at EP 2 and at EP 4 (one rank per expert-data-parallel group) against DDP at CP 1 x DP 4
     x EP 1;
-  * with --calculate-per-token-loss at EP 2 against DDP with the flag at the same layout (CP 2
-    x EP 2): megatron-core scales the load-balancing loss by the CP size only without a
-    per-token loss (schedules.forward_step_calc_loss), so with it CP 2 and CP 1 differ under its
-    own DDP too (weights 5.6e-3 apart after three steps at EP 1 and at EP 2, measured).
+  * with --calculate-per-token-loss and a shared expert at EP 2 against DDP with both at the
+    same layout (CP 2 x EP 2): megatron-core scales the load-balancing loss by the CP size only
+    without a per-token loss (schedules.forward_step_calc_loss), so with it CP 2 and CP 1 differ
+    under its own DDP too (weights 5.6e-3 apart after three steps at EP 1 and at EP 2, measured).
 Each rank holds 4 / EP experts per layer, those of its EP rank: FSDP2 units of their own over
 megatron-core's expert-data-parallel group (the ranks with the same experts), the other
 parameters over all 4 dp x cp ranks; the meshes and the units' divide factors are asserted.
@@ -22,15 +22,16 @@ expert-dp group, 0.023 off at EP 2 (0.069 at EP 4, a 1-rank group); without putt
 experts' `allreduce = False` megatron-core's gradient norm asserts (DTensor gradients of two
 meshes in one optimizer).
 
-Run once, not kept (a process running several FSDP2 models): with a shared expert, and with
-the alltoall dispatcher (EP 2 at CP 2, EP 4 at DP 4), FSDP2 at EP > 1 equals DDP at EP 1
-(weights 1.3e-7 / 1.2e-7). The shared-expert run failed here after other FSDP2 runs in the same
-processes, not alone: the sharded parameters whose shapes an earlier run had come out of
-fully_shard with that run's mesh (DeviceMesh equality compares rank layouts, not process
-groups, and some DTensor cache returns the equal old one; its group, over the same ranks, is
-still alive, so the numbers are unaffected), a new shape (the shared expert's) with this
-run's, and megatron-core's gradient norm asserts when one optimizer's gradients name two
-groups. Every run here has the shapes of the first FSDP2 run.
+The per-token pair has a shared expert (an ordinary dense parameter, sharded over dp x cp with
+its layer): that FSDP2 run, this process's third, repeats the earlier runs' parameter shapes and
+adds the shared expert's. Before session 23 it failed (megatron-core's gradient norm asserted on
+two process groups in one optimizer): torch's DTensor sharding-propagation cache, keyed by
+DeviceMesh equality (rank layouts, not groups), gave the repeated shapes an earlier run's mesh;
+wrap_torch_fsdp2 now clears it (test_megatron_fsdp2_meshes.py), and every parameter's mesh is
+asserted to be its unit's own.
+
+Run once, not kept: with the alltoall dispatcher (EP 2 at CP 2, EP 4 at DP 4) FSDP2 at EP > 1
+equals DDP at EP 1 (weights 1.2e-7).
 """
 
 import pytest
@@ -45,20 +46,24 @@ from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 STEPS = ["--train-iters", "3"]
 FSDP2 = ["--use-torch-fsdp2"]
 PER_TOKEN = ["--calculate-per-token-loss"]
+# in the per-token pair only: its FSDP2 run, this process's third, repeats the earlier runs'
+# shapes and adds the shared expert's (test_megatron_fsdp2_meshes.py)
+SHARED = ["--moe-shared-expert-intermediate-size", "16"]
 RUNS = {  # name: flags; DP = 4 / CP
     "ddp cp1 ep1": _layout(1, 1),
     "fsdp2 cp2 ep2": _layout(2, 2) + FSDP2,
     "fsdp2 cp2 ep4": _layout(2, 4) + FSDP2,  # one rank per expert-data-parallel group
     # DDP at the same layout: megatron-core's per-token load-balancing loss differs with CP
-    "ddp cp2 ep2 per-token": _layout(2, 2) + PER_TOKEN,
-    "fsdp2 cp2 ep2 per-token": _layout(2, 2) + FSDP2 + PER_TOKEN,
+    "ddp cp2 ep2 per-token shared": _layout(2, 2) + PER_TOKEN + SHARED,
+    "fsdp2 cp2 ep2 per-token shared": _layout(2, 2) + FSDP2 + PER_TOKEN + SHARED,
 }
 REFERENCE = {"fsdp2 cp2 ep2": "ddp cp1 ep1", "fsdp2 cp2 ep4": "ddp cp1 ep1",
-             "fsdp2 cp2 ep2 per-token": "ddp cp2 ep2 per-token"}
+             "fsdp2 cp2 ep2 per-token shared": "ddp cp2 ep2 per-token shared"}
 
 
 def _sharding(chunk):
-    """(expert-parallel?, FSDP2 mesh size, divide factor of its unit) of every parameter."""
+    """(expert-parallel?, FSDP2 mesh size, divide factor of its unit, whether its mesh is its
+    unit's own) of every parameter."""
     from torch.distributed.fsdp import FSDPModule
 
     unit_of = {}
@@ -66,8 +71,9 @@ def _sharding(chunk):
         if isinstance(module, FSDPModule):
             for group in module._get_fsdp_state()._fsdp_param_groups:
                 for fsdp_param in group.fsdp_params:
-                    unit_of[id(fsdp_param.sharded_param)] = group.gradient_divide_factor
-    return {name: (not getattr(p, "allreduce", True), p.device_mesh.size(), unit_of.get(id(p)))
+                    unit_of[id(fsdp_param.sharded_param)] = (group.gradient_divide_factor, group.mesh_info.mesh)
+    return {name: (not getattr(p, "allreduce", True), p.device_mesh.size(), unit_of[id(p)][0],
+                   p.device_mesh is unit_of[id(p)][1])
             for name, p in chunk.module.named_parameters()}
 
 
@@ -117,8 +123,10 @@ def test_fsdp2_shards_experts_over_the_expert_data_parallel_group(results, name)
     experts = {key: s for key, s in sharding.items() if ".mlp.experts." in key}
     dense = {key: s for key, s in sharding.items() if key not in experts}
     assert len(experts) == 4 * (4 // ep) * 2  # 4 layers x local experts x (fc1, fc2)
-    assert set(experts.values()) == {(True, 4 // ep, 1.0)}, experts
-    assert set(dense.values()) == {(False, 4, 1.0 if "per-token" in name else None)}, dense
+    assert set(experts.values()) == {(True, 4 // ep, 1.0, True)}, experts
+    assert set(dense.values()) == {(False, 4, 1.0 if "per-token" in name else None, True)}, dense
+    shared = [key for key in dense if ".mlp.shared_experts." in key]
+    assert len(shared) == (4 * 2 if "shared" in name else 0), shared  # 4 layers x (fc1, fc2)
 
 
 def test_the_reference_trained(results):
