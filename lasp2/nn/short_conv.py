@@ -24,6 +24,7 @@ from lasp2.distributed.context import check_cu_seqlens, document_starts
 from lasp2.distributed.sequence_split import global_token_index
 from lasp2.ops._checks import DTYPE_CODES
 from lasp2.ops._group_consistency import raised_on_every_rank, verify_group_consistency
+from lasp2.ops._ranks_checked import check_ranks_checked, covers
 
 
 class _GatherHalo(torch.autograd.Function):
@@ -114,14 +115,19 @@ def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, spli
 
 def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    group=None, split: str = "contiguous", cu_seqlens: Optional[torch.Tensor] = None,
-                   ranks_checked: bool = False):
+                   ranks_checked=False):
     """y_t = sum_i weight[c, i] x_{t - (W-1) + i} (+ bias) per channel, over the global
-    sequence; x is this rank's share [B, T_local, C]. ranks_checked: the caller ran
-    check_conv_ranks for this call already (a module with several convolutions of one
-    input checks once, and passes the cu_seqlens it returned)."""
+    sequence; x is this rank's share [B, T_local, C]. ranks_checked: the RanksChecked of
+    the caller's check of this call over `group` (lasp2.nn.delta_checks.
+    check_delta_layer_ranks: a module with several convolutions of one input checks once;
+    its documents replace `cu_seqlens`). Anything else, True included, checks here: a
+    rank that skipped the check's all-gather alone met its peers' check with the halo's."""
     W = weight.shape[1]
+    check_ranks_checked("causal_conv_sp", ranks_checked)
     rank, world = group_rank_and_size(group)
-    if not ranks_checked:
+    if covers(ranks_checked, group):
+        cu_seqlens = ranks_checked.cu_seqlens
+    else:
         cu_seqlens = check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens)
     B, T, Cn = x.shape
     parts = 2 if split == "balanced" and world > 1 else 1
@@ -181,6 +187,6 @@ class ShortConvolution(nn.Module):
         bound = kernel_size ** -0.5
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x, group=None, split="contiguous", cu_seqlens=None, ranks_checked: bool = False):
+    def forward(self, x, group=None, split="contiguous", cu_seqlens=None, ranks_checked=False):
         y = causal_conv_sp(x, self.weight, self.bias, group, split, cu_seqlens, ranks_checked)
         return F.silu(y) if self.activation == "silu" else y

@@ -103,7 +103,7 @@ def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consist
     rank whose values are bad still takes part in the check's collective, so no rank
     waits for it. Returns this rank's documents (_documents).
 
-    A group with no `consistency` fields is a call made with ranks_checked=True: its
+    A group with no `consistency` fields is a call made with a RanksChecked proof: its
     caller ran both checks before its own collectives (gated_delta_rule.check_call_early),
     so neither runs again (the documents, read here, were checked there too)."""
     op = op_name(g)
