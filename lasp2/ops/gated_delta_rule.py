@@ -23,7 +23,7 @@ from lasp2.ops import _checks as C
 from lasp2._extension import _C
 from lasp2.ops._delta_library import CONSISTENCY_FIELDS, _raise_value_error, delta_rule, group_handle
 from lasp2.ops._documents import global_documents
-from lasp2.ops._group_consistency import report_local_failure
+from lasp2.ops._group_consistency import report_local_failure, tensor_bits_digest
 from lasp2.ops._l2norm_library import L2NORM_EPS, qk_l2norm
 from lasp2.ops._ranks_checked import check_ranks_checked, covers
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
@@ -236,9 +236,12 @@ def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_fin
                          "")  # the check of local_documents, which the op runs after the collective
     consistency[-1] = C.builds_backward(q, k, v, g, beta, initial_state, *grad_inputs)
     # the layout is "bthd" in every module's call (left out: the row has no slot to spare)
+    # left out too: "use of initial_state", which the digest of its values below covers (a
+    # None digest differs from any tensor's; the module's row has no slot to spare)
     kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS)
-            if name not in SAME_IN_CONV_CHECK and name != "layout (bthd/tbhd)"]
-    return [value for value, _ in kept], [name for _, name in kept], [("`scale`", float(scale))]
+            if name not in SAME_IN_CONV_CHECK and name not in ("layout (bthd/tbhd)", "use of initial_state")]
+    return ([value for value, _ in kept], [name for _, name in kept],
+            [("`scale`", float(scale)), ("`initial_state` values", tensor_bits_digest(initial_state))])
 
 
 def _fla_l2norm_spelling(op: str, use_qk_l2norm, use_qk_l2norm_in_kernel) -> bool:
@@ -290,9 +293,14 @@ def gated_delta_rule(
         scale: multiplies q; default ``Dk ** -0.5``.
         initial_state: optional ``[N, H, Dk, Dv]``, N = B, or the number of documents
             with ``cu_seqlens``; sequence n starts from ``initial_state[n]`` wherever
-            its first token lives. Its gradient on a rank is that rank's share
-            (summed over the group, as the data/context-parallel gradient reduction
-            does, it equals one process's).
+            its first token lives. Every rank of a group passes the same values (as
+            the final states it usually comes from are): ranks whose copies differ all
+            raise ValueError naming `initial_state` (a CUDA state's values are read on
+            the host). Its gradient on a rank is that rank's share (summed over the
+            group, as the data/context-parallel gradient reduction does, it equals one
+            process's; which rank holds which part differs per provider: LASP-2 / LASP-1
+            give a sequence's whole gradient to the rank holding its first token,
+            "ulysses" each rank its heads').
         output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
             sequence, on every rank (float32, or the dtype of ``initial_state``).
             Gradients arriving at the ranks' copies are summed (the loss is the sum of
