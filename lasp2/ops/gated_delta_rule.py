@@ -133,6 +133,11 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
         raise
     impl, scale, cu_seqlens, num_seqs, parts, consistency = call
+    if cu_seqlens is not None and sp_context is None:
+        # a private copy (a context holds one already): the backward plans the documents from
+        # it again, and a caller's buffer edited in place between forward and backward (numpy
+        # views bump no version counter) gave a gradient of other documents than the output's
+        cu_seqlens = cu_seqlens.clone()
     comm = group_handle(group, q.device) if consistency else 0  # the communicator and group, as an int
     if covers(ranks_checked, group, op):  # the caller's one check covered this call (check_call_early)
         consistency = []  # none in the op (a bare True is no proof: a rank passing it alone would skip

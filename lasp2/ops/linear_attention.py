@@ -268,7 +268,11 @@ def linear_attention(
         final = None
     elif num_docs is not None:  # one device (the plain op), the documents planned inside it
         out = lasp2_linear_attention(q, k, v, g, decay, None, float(scale), CPU_CHUNK_SIZE, None, 1, bool(overlap),
-                                     initial_state, output_final_state, num_seqs=num_seqs, cu_seqlens=cu_seqlens)
+                                     initial_state, output_final_state, num_seqs=num_seqs,
+                                     # a private copy: the backward plans the documents from it again,
+                                     # and a caller's buffer edited in place (numpy views bump no version)
+                                     # gave a gradient of other documents than the output's
+                                     cu_seqlens=cu_seqlens.clone())
         o, final = out if output_final_state else (out, None)
     elif initial_state is not None or output_final_state:
         o, final = impl.apply_with_states(
