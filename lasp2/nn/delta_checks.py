@@ -14,6 +14,7 @@ whose own checks fail still sends its row, so its peers raise too.
 from __future__ import annotations
 
 from lasp2.nn.short_conv import check_conv_ranks
+from lasp2.ops._checks import builds_backward
 from lasp2.ops._ranks_checked import RanksChecked
 from lasp2.ops.gated_delta_rule import check_call_early
 
@@ -50,4 +51,6 @@ def check_delta_layer_ranks(owner: str, conv_input, channels: int, kernel_size: 
 
     cu_host = check_conv_ranks(owner, conv_input, channels, kernel_size, group, split, cu_seqlens, fields, names,
                                more=op_checks)
-    return RanksChecked(group, cu_host, op)
+    # the check's "building a backward" field (check_call_early's), the same on every rank
+    backward = bool(builds_backward(q, k, v, g, beta, initial_state, *grad_inputs))
+    return RanksChecked(group, cu_host, op, backward)

@@ -22,7 +22,7 @@ from lasp2.distributed.collectives import all_gather_single
 from lasp2.distributed.communicator import check_group, group_rank_and_size
 from lasp2.distributed.context import check_cu_seqlens, document_starts
 from lasp2.distributed.sequence_split import global_token_index
-from lasp2.ops._checks import DTYPE_CODES
+from lasp2.ops._checks import DTYPE_CODES, builds_backward, guard_double_backward
 from lasp2.ops._group_consistency import raised_on_every_rank, verify_group_consistency
 from lasp2.ops._ranks_checked import check_ranks_checked, covers
 
@@ -30,10 +30,14 @@ from lasp2.ops._ranks_checked import check_ranks_checked, covers
 class _GatherHalo(torch.autograd.Function):
     """tails [parts, B, W-1, C] of this rank's parts -> the same for every rank, stacked
     [world * parts, ...] in rank order; backward returns to each rank the summed
-    gradients of its own tails."""
+    gradients of its own tails. anchor: a leaf requiring grad, passed where the call builds
+    a backward but this rank's tails need no gradient (its projection frozen, `x` without
+    grad): the node, and so its all-gather, exists on every rank alike. Without it such a
+    rank skipped the backward all-gather its peers made, which then met its next call's
+    collectives (gloo aborted, or the peers' halo gradients went to another convolution)."""
 
     @staticmethod
-    def forward(ctx, tails, group):
+    def forward(ctx, tails, group, anchor=None):
         world = dist.get_world_size(group)
         out = tails.new_empty((world * tails.shape[0],) + tuple(tails.shape[1:]))
         all_gather_single(out, tails.contiguous(), group=group)
@@ -45,12 +49,17 @@ class _GatherHalo(torch.autograd.Function):
         group, parts = ctx.group, ctx.parts
         rank = dist.get_rank(group)
         world = dist.get_world_size(group)
-        gathered = grad.new_empty((world * grad.shape[0],) + tuple(grad.shape[1:]))
-        all_gather_single(gathered, grad.contiguous(), group=group)
-        # every rank's gradient for this rank's tails, summed
-        gathered = gathered.view((world,) + tuple(grad.shape))
-        mine = gathered[:, rank * parts:(rank + 1) * parts].sum(0)
-        return mine, None
+        # no_grad: under create_graph=True (grad mode on here) the all-gather's in-place write
+        # into its output raised torch's "A view was created in no_grad mode ..." on every
+        # rank, so a module over a group refused what it ran on one device; its double
+        # backward raises lasp2's clear error instead (guard_double_backward)
+        with torch.no_grad():
+            gathered = grad.new_empty((world * grad.shape[0],) + tuple(grad.shape[1:]))
+            all_gather_single(gathered, grad.contiguous(), group=group)
+            # every rank's gradient for this rank's tails, summed
+            gathered = gathered.view((world,) + tuple(grad.shape))
+            mine = gathered[:, rank * parts:(rank + 1) * parts].sum(0)
+        return guard_double_backward("lasp2.nn.ShortConvolution (halo exchange)", (mine, None, None))
 
 
 def _global_doc_ids(cu_seqlens, global_len):
@@ -65,6 +74,7 @@ def _global_doc_ids(cu_seqlens, global_len):
 # the size fields of the cross-rank check before the halo's all-gather (check_conv_ranks)
 CONV_CHECK_NAMES = ("batch size", "local sequence length", "channels", "kernel size", "dtype", "split",
                     "use of cu_seqlens")
+BACKWARD_FIELD = "building a backward (grad mode and an input requiring grad)"
 
 
 def _check_local_conv(owner: str, x, channels: int, kernel_size: int, world: int, parts: int, cu_seqlens):
@@ -126,9 +136,13 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     check_ranks_checked("causal_conv_sp", ranks_checked)
     rank, world = group_rank_and_size(group)
     if covers(ranks_checked, group):
-        cu_seqlens = ranks_checked.cu_seqlens
+        cu_seqlens, backward = ranks_checked.cu_seqlens, ranks_checked.backward
     else:
-        cu_seqlens = check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens)
+        # which inputs need gradients may differ per rank; whether the call builds a backward
+        # may not (the halo's backward all-gather runs on every rank or none)
+        backward = builds_backward(x, weight, bias)
+        cu_seqlens = check_conv_ranks("causal_conv_sp", x, weight.shape[0], W, group, split, cu_seqlens,
+                                      (backward,), (BACKWARD_FIELD,))
     B, T, Cn = x.shape
     parts = 2 if split == "balanced" and world > 1 else 1
     n = T // parts
@@ -139,7 +153,8 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     xs = x.view(B, parts, n, Cn)
     if world > 1 and halo > 0:
         tails = xs[:, :, n - halo:].permute(1, 0, 2, 3)  # [parts, B, halo, C]
-        every = _GatherHalo.apply(tails, group)          # [world * parts, B, halo, C], rank order
+        anchor = tails.new_zeros((), requires_grad=True) if backward and not tails.requires_grad else None
+        every = _GatherHalo.apply(tails, group, anchor)  # [world * parts, B, halo, C], rank order
     outputs = []
     for i in range(parts):
         first = int(position[i * n])  # global position of the part's first token

@@ -20,12 +20,16 @@ import torch
 class RanksChecked:
     """One successful cross-rank check over `group`. cu_seqlens: the documents it checked,
     on the host (None: none); op: the delta-rule op whose own check it covered too
-    ("lasp2.gated_delta_rule" / "lasp2.kda"; None: the convolution's alone)."""
+    ("lasp2.gated_delta_rule" / "lasp2.kda"; None: the convolution's alone); backward: the
+    call builds a backward (the check's field, so the same on every rank)."""
 
-    __slots__ = ("group", "cu_seqlens", "op")
+    __slots__ = ("group", "cu_seqlens", "op", "backward")
 
-    def __init__(self, group, cu_seqlens: Optional[torch.Tensor], op: Optional[str] = None):
+    def __init__(self, group, cu_seqlens: Optional[torch.Tensor], op: Optional[str] = None, backward: bool = True):
         self.group, self.cu_seqlens, self.op = group, cu_seqlens, op
+        # the checked field "building a backward", equal on every rank: where it is set, every
+        # rank's convolutions record their halo's backward (short_conv.causal_conv_sp)
+        self.backward = backward
 
     def __repr__(self):
         return f"RanksChecked(op={self.op!r})"
