@@ -156,6 +156,10 @@ def _digest_cached(value) -> int:
             digest = _SCALAR_DIGESTS[key] = digest_host(value)
         return digest
     if isinstance(value, torch.Tensor):
+        if torch.is_inference(value):
+            # no version counter to key the memo on (reading it raised, so every module over a
+            # group failed under torch.inference_mode with packed documents): digest each time
+            return digest_host(value)
         held, version, digest = _TENSOR_DIGEST
         if held is value and version == value._version:
             return digest

@@ -12,7 +12,11 @@ Bugs these cases found, each failing before its fix:
   it now returns the first-order gradients, and a double backward raises lasp2's error;
 - an inference tensor `x` with grad mode on raised torch's RuntimeError inside the first
   projection on that rank alone, its peers waiting in the module's check: now a ValueError
-  naming `x` among the reported checks, so every rank raises.
+  naming `x` among the reported checks, so every rank raises;
+- under torch.inference_mode with packed documents every module but SoftmaxAttention
+  raised "Inference tensors do not track version counter" (the check's digest memo read
+  the version of the context's cu_seqlens copy, an inference tensor): such tensors are now
+  digested without the memo.
 """
 
 import torch
@@ -113,6 +117,18 @@ def _body(rank, world):
             failures.append(f"inference tensor: {e}")
     with torch.inference_mode():  # inference mode on every rank is fine
         module(xi)
+
+    # 5. torch.inference_mode with packed documents: every module kind, the no_grad output
+    torch.manual_seed(0)
+    stack = lasp2.nn.HybridStack(8, 2, pattern="LSGK", group=dist.group.WORLD, gdn_kwargs={"conv_size": 3},
+                                 kda_kwargs={"conv_size": 3}).double()
+    cu = torch.tensor([0, 5, 11, T * world])
+    with torch.no_grad():
+        want = stack(xi.clone(), cu_seqlens=cu)
+    with torch.inference_mode():
+        got = stack(xi, cu_seqlens=cu)
+    if not torch.equal(got, want):
+        failures.append("inference_mode with cu_seqlens")
     return failures
 
 
