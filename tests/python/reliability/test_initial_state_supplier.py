@@ -6,7 +6,8 @@ lives") did not say whose copy counts, and with copies that differed no single a
 came out: LASP-2 (linear attention and the delta rule) combines the states on every rank
 from that rank's copy, so each rank returned other final states; provider "ulysses"
 started each head from the copy of the rank running it. Now the copies' bits are compared
-in the cross-rank check (ValueError naming `initial_state` on every rank). With equal
+in the cross-rank check (ValueError naming `initial_state` on every rank; compiled
+linear_attention over a group too, inside its custom op). With equal
 copies the output and final states are one process's on every rank, and the ranks'
 gradients of initial_state sum to one process's: LASP-2 and LASP-1 give a sequence's
 whole gradient to the rank holding its first token, "ulysses" each rank its heads'.
@@ -92,6 +93,16 @@ def _body(rank, world):
                                   if provider != "ulysses" else [])):
             if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
                 failures.append(f"{case} {name}: max error {(got - want).abs().max():.3g}")
+    # compiled over a group, the check runs in the custom op: the same error there
+    q, k, v, _, _, state, _, _ = _inputs(world, "linear", False)
+    compiled = torch.compile(lambda q, k, v, h: lasp2.linear_attention(q, k, v, group=group, initial_state=h),
+                             fullgraph=True, backend="eager")
+    try:
+        compiled(*(x[:, rank * T_LOCAL:(rank + 1) * T_LOCAL] for x in (q, k, v)), state + rank)
+        failures.append("compiled linear_attention: different copies ran")
+    except ValueError as e:
+        if "`initial_state`" not in str(e):
+            failures.append(f"compiled linear_attention: {e}")
     # a module folds the values into its one check (check_call_early)
     torch.manual_seed(0)
     gdn = lasp2.nn.GatedDeltaNet(8, 2, conv_size=3, group=group)
