@@ -133,7 +133,8 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     its documents replace `cu_seqlens`). Anything else, True included, checks here: a
     rank that skipped the check's all-gather alone met its peers' check with the halo's."""
     W = weight.shape[1]
-    check_ranks_checked("causal_conv_sp", ranks_checked)
+    with raised_on_every_rank("causal_conv_sp", group, x):  # its peers, checking, raise too
+        check_ranks_checked("causal_conv_sp", ranks_checked)
     rank, world = group_rank_and_size(group)
     if covers(ranks_checked, group):
         cu_seqlens, backward = ranks_checked.cu_seqlens, ranks_checked.backward

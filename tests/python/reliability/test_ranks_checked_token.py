@@ -49,7 +49,14 @@ def _one_rank_claims_checked(rank, world):
     proof = RanksChecked(other, None, "lasp2.gated_delta_rule") if rank == 0 else False
     out["proof for another group"] = lasp2.gated_delta_rule(q[:, mine], k[:, mine], v[:, mine], g[:, mine],
                                                              beta[:, mine], group=group, ranks_checked=proof)[0]
-    return {name: t.tolist() for name, t in out.items()}
+    result = {name: t.tolist() for name, t in out.items()}
+    # a `ranks_checked` of another type on one rank: every rank raises (it raised alone)
+    try:
+        causal_conv_sp(x[:, mine], weight, None, group, "contiguous", None, None if rank == 0 else False)
+        result["bad type"] = "ran"
+    except ValueError as e:
+        result["bad type"] = str(e)
+    return result
 
 
 def test_a_rank_claiming_ranks_checked_alone_neither_hangs_nor_answers_wrongly():
@@ -64,6 +71,7 @@ def test_a_rank_claiming_ranks_checked_alone_neither_hangs_nor_answers_wrongly()
     expected["causal_conv_sp"] = causal_conv_sp(x, weight)
     expected["proof for another group"] = expected["gated_delta_rule lasp2"]
     for rank, got in enumerate(results):
+        assert "`ranks_checked`" in got["bad type"] or "rejected their arguments" in got["bad type"], got["bad type"]
         mine = slice(rank * T, (rank + 1) * T)
         for name, want in expected.items():
             torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64), want[:, mine],
