@@ -4,8 +4,9 @@ same with or without sequence parallelism.
 Token t of a part needs the previous kernel_size - 1 tokens of the *global*
 sequence, which for the first tokens of a part live on the rank holding the
 previous part. One AllGather of every part's last kernel_size - 1 tokens (the
-halo) brings them; in backward one AllGather of the halo gradients returns each
-part's share to the rank that owns the tokens. Packed documents (cu_seqlens) are
+halo; all of a part shorter than that, the halo then spanning several parts) brings
+them; in backward one AllGather of the halo gradients returns each part's share to the
+rank that owns the tokens. Packed documents (cu_seqlens) are
 respected: no output mixes tokens of two documents.
 """
 
@@ -85,9 +86,6 @@ def _check_local_conv(owner: str, x, channels: int, kernel_size: int, world: int
     T = x.shape[1]
     if T % parts:
         raise ValueError(f"{owner}: the balanced split needs an even local sequence length, `x` has {T} tokens")
-    if world > 1 and kernel_size - 1 > T // parts:
-        raise ValueError(f"{owner}: each part holds {T // parts} tokens, fewer than kernel_size - 1 = "
-                         f"{kernel_size - 1}; use a shorter kernel or longer local sequences")
     return None if cu_seqlens is None else check_cu_seqlens(owner, cu_seqlens, T * world)
 
 
@@ -123,6 +121,13 @@ def check_conv_ranks(owner: str, x, channels: int, kernel_size: int, group, spli
     return cu_host
 
 
+def _slot(part: int, world: int, parts: int) -> int:
+    """Where global part `part`'s tail lies in the gathered halo (rank order, `parts` a rank;
+    the balanced split: rank r holds parts r and 2P-1-r)."""
+    owner = part if part < world else 2 * world - 1 - part
+    return owner * parts + (0 if parts == 1 or part < world else 1)
+
+
 def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    group=None, split: str = "contiguous", cu_seqlens: Optional[torch.Tensor] = None,
                    ranks_checked=False):
@@ -152,10 +157,11 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     position = global_token_index(T, rank, world, "balanced" if parts == 2 else "contiguous")
     doc = _global_doc_ids(cu_seqlens, global_len)
     xs = x.view(B, parts, n, Cn)
+    m = min(halo, n)  # a part's tail: all of a part shorter than the halo
     if world > 1 and halo > 0:
-        tails = xs[:, :, n - halo:].permute(1, 0, 2, 3)  # [parts, B, halo, C]
+        tails = xs[:, :, n - m:].permute(1, 0, 2, 3)  # [parts, B, m, C]
         anchor = tails.new_zeros((), requires_grad=True) if backward and not tails.requires_grad else None
-        every = _GatherHalo.apply(tails, group, anchor)  # [world * parts, B, halo, C], rank order
+        every = _GatherHalo.apply(tails, group, anchor)  # [world * parts, B, m, C], rank order
     outputs = []
     for i in range(parts):
         first = int(position[i * n])  # global position of the part's first token
@@ -164,13 +170,14 @@ def causal_conv_sp(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         elif world == 1:
             ext = F.pad(xs[:, i], (0, 0, halo, 0))
         else:
-            # The sequence's first part reads some other part's tail too, masked to zero
-            # below (positions < 0): every rank's output then depends on the gathered
-            # halo, so every rank joins the collective of its backward.
-            prev_part = max(first // n - 1, 0)  # global part index of the predecessor
-            owner = prev_part if prev_part < world else 2 * world - 1 - prev_part
-            slot = owner * parts + (0 if parts == 1 or prev_part < world else 1)
-            ext = torch.cat([every[slot], xs[:, i]], dim=1)
+            # The halo is the last `halo` tokens before the part, from as many preceding parts
+            # as it spans (parts shorter than kernel_size - 1 tokens: several; such parts were
+            # refused before session 23). Parts before the sequence's start read part 0's tail,
+            # masked to zero below (positions < 0): every rank's output then depends on the
+            # gathered halo, so every rank joins the collective of its backward.
+            span = -(-halo // m)
+            pieces = [every[_slot(max(p, 0), world, parts)] for p in range(first // n - span, first // n)]
+            ext = torch.cat([*pieces, xs[:, i]], dim=1)[:, span * m - halo:]
         # positions of ext rows: first - halo ... first + n - 1
         pos = torch.arange(first - halo, first + n)
         doc_ext = torch.where(pos >= 0, doc[pos.clamp_min(0)], torch.full_like(pos, -1))
