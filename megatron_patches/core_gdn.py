@@ -184,14 +184,14 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         g = delta_log_gate(alpha, self.A_log, self.dt_bias)
         beta = beta_from_logits(beta_logit)
         # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
-        cu_host = check_delta_layer_ranks(  # q and k are repeated to the value heads
+        checked = check_delta_layer_ranks(  # q and k are repeated to the value heads
             name, qkv, qkv.shape[-1], self.conv_kernel_dim,
             *op_stand_ins(qkv, self.num_v_heads_local_tp, self.key_head_dim, self.value_head_dim), g, beta,
             per_key=False, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
             use_qk_l2norm=self.use_qk_l2norm, grad_inputs=[qkv, *self.conv1d.parameters()])
         # nn.Conv1d's [C, 1, W] weight with W - 1 left padding, cut to s: tap j reads x_{t-(W-1)+j}
         qkv = self.act_fn(causal_conv_sp(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, group=group,
-                                         split=o.split, cu_seqlens=cu_host, ranks_checked=True))
+                                         split=o.split, cu_seqlens=checked.cu_seqlens, ranks_checked=checked))
         q, k, v = torch.split(qkv, [self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp], dim=-1)
         q = q.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
         k = k.reshape(b, s, self.num_k_heads_local_tp, self.key_head_dim)
@@ -203,7 +203,7 @@ class Lasp2CoreGatedDeltaNet(GatedDeltaNet):
         def delta_rule(q, k, v, g, beta):
             return lasp2.gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split,
                                           provider=o.provider, use_qk_l2norm=self.use_qk_l2norm,
-                                          ranks_checked=True)[0]
+                                          ranks_checked=checked)[0]
 
         out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self._gated_norm(out, z).reshape(b, s, self.v_dim_local_tp).transpose(0, 1).contiguous()

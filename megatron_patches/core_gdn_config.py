@@ -28,7 +28,9 @@ Only a config with this variant and CP > 1 is treated differently:
      gated_delta_net block, the "dsa" branches (not this variant) and, in 0.19, the
      "gdn_norm_out" check of step 1.
 
-CP 1, other variants and configs built before allow_... are megatron-core's alone.
+At CP 1 the variant runs step 1's flag checks but "gdn_norm_out" (check_gdn_flags: megatron-core's
+assertions there name config fields, not the flags a Megatron-LM user sets), then megatron-core's
+__post_init__ unchanged. Other variants and configs built before allow_... are megatron-core's alone.
 
 The config check was megatron-core's only guard of its own GatedDeltaNet: 0.16.1's layer has
 no context parallelism and at CP > 1 would run each rank's tokens as a whole sequence, without
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 from megatron_patches.options import Lasp2ConfigError
 
-__all__ = ["allow_core_gdn_context_parallel", "check_core_gdn_config", "check_gdn_head_layout",
+__all__ = ["allow_core_gdn_context_parallel", "check_core_gdn_config", "check_gdn_flags", "check_gdn_head_layout",
            "core_gdn_context_parallel_allowed", "restore_core_gdn_config"]
 
 VARIANT = "gated_delta_net"
@@ -75,12 +77,19 @@ def check_gdn_head_layout(config, tp_size: int, where: str = "") -> None:
                                f"{_flag('tensor_model_parallel_size')} = {tp_size} (TP splits whole heads)")
 
 
-def check_core_gdn_config(config) -> None:
-    """megatron-core's config checks of the gated_delta_net variant but its CP one, for
-    Lasp2CoreGatedDeltaNet (whose construction runs check_gdn_head_layout again, with its TP group)."""
+def check_gdn_flags(config) -> None:
+    """What megatron-core's gated_delta_net block asserts of the flags at any CP (the frequency
+    set, the head layout), as Lasp2ConfigError naming the flags: its assertions name config
+    fields (and linear_num_key_heads = 0 ended in a ZeroDivisionError)."""
     if config.linear_attention_freq is None:
         raise Lasp2ConfigError(f"experimental_attention_variant {VARIANT!r} needs {_flag('linear_attention_freq')}")
     check_gdn_head_layout(config, config.tensor_model_parallel_size)
+
+
+def check_core_gdn_config(config) -> None:
+    """megatron-core's config checks of the gated_delta_net variant but its CP one, for
+    Lasp2CoreGatedDeltaNet (whose construction runs check_gdn_head_layout again, with its TP group)."""
+    check_gdn_flags(config)
     if config.recompute_granularity == "selective" and "gdn_norm_out" in (config.recompute_modules or ()):
         raise Lasp2ConfigError("recompute_modules 'gdn_norm_out' (--recompute-modules) is megatron-core's "
                                "GatedDeltaNet's; Lasp2CoreGatedDeltaNet recomputes its delta rule with 'core_attn'")
@@ -110,6 +119,8 @@ def allow_core_gdn_context_parallel() -> None:
 
     def __post_init__(self):
         if not _lasp2_runs_its_gdn(self):
+            if self.experimental_attention_variant == VARIANT:  # CP 1: megatron-core's checks, the flags
+                check_gdn_flags(self)                          # named first (session 23)
             return original(self)
         check_core_gdn_config(self)
         variant, self.experimental_attention_variant = self.experimental_attention_variant, None

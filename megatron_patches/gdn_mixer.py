@@ -188,17 +188,17 @@ class Lasp2GatedDeltaNetMixer(MegatronModule):
         # "K": g [b, s, H, Dk], one gate a key dim; "G": g [b, s, H]
         g = delta_log_gate(a if self.per_key_gate else a.squeeze(-1), self.A_log, self.dt_bias, self.per_key_gate)
         # ONE cross-rank check a call, before the halo all-gather: the convolution's and the delta rule's
-        cu_host = check_delta_layer_ranks(
+        checked = check_delta_layer_ranks(
             name, qkv, qkv.shape[-1], self.conv.kernel_size, *op_stand_ins(qkv, H, D, D), g, beta,
             per_key=self.per_key_gate, group=group, split=o.split, cu_seqlens=cu_seqlens, provider=o.provider,
             use_qk_l2norm=True, grad_inputs=[qkv, *self.conv.parameters()])
-        qkv = self.conv(qkv, group=group, split=o.split, cu_seqlens=cu_host, ranks_checked=True)
+        qkv = self.conv(qkv, group=group, split=o.split, cu_seqlens=checked.cu_seqlens, ranks_checked=checked)
         q, k, v = torch.split(qkv.view(b, s, H, 3 * D), [D, D, D], dim=-1)
         op = lasp2.kda if self.per_key_gate else lasp2.gated_delta_rule
 
         def delta_rule(q, k, v, g, beta):
             return op(q, k, v, g, beta, cu_seqlens=cu_seqlens, group=group, split=o.split, provider=o.provider,
-                      use_qk_l2norm=True, ranks_checked=True)[0]
+                      use_qk_l2norm=True, ranks_checked=checked)[0]
 
         out = run_core(self, delta_rule, q, k, v, g, beta)
         out = self.out_norm(out, z).reshape(b, s, H * D).transpose(0, 1)

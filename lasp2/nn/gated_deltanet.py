@@ -154,20 +154,20 @@ class GatedDeltaNet(nn.Module):
         convs = (self.q_conv, self.k_conv, self.v_conv)
         # ONE cross-rank check a call, before the three convolutions' halo all-gathers: what
         # they move, the layout (a square [B, T] would pass every size check read the other
-        # way) and the delta rule's own check (the op is told: ranks_checked)
-        cu_host = check_delta_layer_ranks(
+        # way) and the delta rule's own check (the convolutions and the op get its proof: ranks_checked)
+        checked = check_delta_layer_ranks(
             "GatedDeltaNet", x, self.hidden_size, self.q_conv.kernel_size, q, k, v, g, beta,
             per_key=self.per_key_gate, group=group, split=split, cu_seqlens=cu_seqlens, provider=self.provider,
             use_qk_l2norm=True, grad_inputs=[w for conv in convs for w in conv.parameters()],
             initial_state=initial_state, output_final_state=output_final_state,
             fields=(LAYOUTS.index(self.layout),), names=("layout (bthd/tbhd)",))
-        conv = dict(group=group, split=split, cu_seqlens=cu_host, ranks_checked=True)
+        conv = dict(group=group, split=split, cu_seqlens=checked.cu_seqlens, ranks_checked=checked)
         q, k, v = (c(t.flatten(2), **conv).view(t.shape) for c, t in zip(convs, (q, k, v)))
         # the context's own collectives reach the op; the per-call arguments otherwise
         where = ({"sp_context": sp_context} if sp_context is not None
                  else {"cu_seqlens": cu_seqlens, "group": group, "split": split})
         o, final = op(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                      use_qk_l2norm=True, provider=self.provider, ranks_checked=True, **where)
+                      use_qk_l2norm=True, provider=self.provider, ranks_checked=checked, **where)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         out = self.o_proj(o.reshape(B, T, H * V))
         if self.layout == "tbhd":

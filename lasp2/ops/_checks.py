@@ -204,6 +204,12 @@ def check_module_input(owner: str, x, hidden_size: int, weight: torch.Tensor, se
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{owner}: `x` has dtype {x.dtype} but the module's parameters are {weight.dtype}; "
                          "convert one to the other (or run under torch.autocast)")
+    if torch.is_inference(x) and torch.is_grad_enabled() and weight.requires_grad:
+        # autograd cannot save an inference tensor for the backward: torch raised that inside the
+        # first projection, on this rank alone, while its peers waited in the module's check
+        raise ValueError(f"{owner}: `x` was made under torch.inference_mode, but grad mode is on and the module's "
+                         "parameters require grad (autograd cannot save it for the backward); clone it outside "
+                         "inference mode, or call the module under torch.inference_mode() / torch.no_grad()")
     if seq_dim is not None:
         if x.shape[seq_dim] < 1:
             raise ValueError(f"{owner}: `x` has an empty sequence dimension, shape {list(x.shape)}")

@@ -52,7 +52,7 @@ from lasp2.distributed.communicator import get_communicator, group_rank_and_size
 from lasp2.ops import _checks as C
 from lasp2.ops._documents import final_state_grad, local_documents
 from lasp2.ops._eager import eager_call, eager_function, reject_functorch
-from lasp2.ops._group_consistency import report_local_failure, verify_group_consistency
+from lasp2.ops._group_consistency import report_local_failure, tensor_bits_digest, verify_group_consistency
 from lasp2.ops._opaque import handle_of, resolve
 
 # The fields of the cross-rank check, in the order of `consistency`.
@@ -98,12 +98,15 @@ def _documents(q: Tensor, g: Tensor, cu_seqlens: Optional[Tensor], group, parts:
 
 
 def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consistency: List[int],
-                cu_seqlens: Optional[Tensor], parts: int):
+                cu_seqlens: Optional[Tensor], parts: int, initial_state: Optional[Tensor] = None):
     """The value checks (g, beta, cu_seqlens), then (on a group) the cross-rank check: a
     rank whose values are bad still takes part in the check's collective, so no rank
-    waits for it. Returns this rank's documents (_documents).
+    waits for it. Returns this rank's documents (_documents). initial_state's values are
+    compared too: every rank must pass the same (docs/reliability.md; with copies that
+    differed, LASP-2 returned different final states per rank and "ulysses" started each
+    head from its own rank's copy).
 
-    A group with no `consistency` fields is a call made with ranks_checked=True: its
+    A group with no `consistency` fields is a call made with a RanksChecked proof: its
     caller ran both checks before its own collectives (gated_delta_rule.check_call_early),
     so neither runs again (the documents, read here, were checked there too)."""
     op = op_name(g)
@@ -117,7 +120,8 @@ def _check_call(q: Tensor, g: Tensor, beta: Tensor, group, scale: float, consist
         raise
     if group is not None and consistency:
         verify_group_consistency(op, group, consistency, CONSISTENCY_FIELDS, q.device,
-                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", bounds)])
+                                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", bounds),
+                                              ("`initial_state` values", tensor_bits_digest(initial_state))])
     return doc_start, doc_id, head_doc
 
 
@@ -139,7 +143,8 @@ def _forward_impl(q, k, v, g, beta, cu_seqlens, initial_state, scale, chunk_size
     # fail before the collectives.
     pending = _C.delta_value_stats(g, beta) if (group is None and cu_seqlens is None and g.is_cuda) else None
     if pending is None:
-        doc_start, doc_id, head_doc = _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts)
+        doc_start, doc_id, head_doc = _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts,
+                                                  initial_state)
     else:
         doc_start, doc_id, head_doc = None, None, []
     with C.named_errors(op_name(g)):

@@ -56,7 +56,8 @@ from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import _assume_constant_result, group_handle
 from lasp2.ops._documents import final_state_grad, local_document_starts
 from lasp2.ops._eager import eager_call, eager_function, reject_functorch, under_functorch
-from lasp2.ops._group_consistency import Digest, digest_host, report_local_failure, verify_group_consistency
+from lasp2.ops._group_consistency import (Digest, digest_host, report_local_failure, tensor_bits_digest,
+                                          verify_group_consistency)
 from lasp2.ops._opaque import handle_of, resolve
 from lasp2.options import PROVIDERS
 
@@ -81,7 +82,7 @@ def _digests(*values) -> tuple:
     return tuple(digest_host(list(v) if isinstance(v, tuple) else v) for v in values)
 
 
-def _check_in_op(q, g, decay, scale, check: int, consistency: List[int]):
+def _check_in_op(q, g, decay, scale, check: int, consistency: List[int], initial_state=None):
     """The cross-rank check of a compiled call over a group, at its real kernel: the
     eager check's row and errors (the device values compared at the call). A rank whose
     gates are bad still takes part, so no rank waits for it."""
@@ -95,7 +96,9 @@ def _check_in_op(q, g, decay, scale, check: int, consistency: List[int]):
     n = len(CHECK_NAMES)
     verify_group_consistency(
         OP, group, consistency[:n], CHECK_NAMES, q.device,
-        host_values=[("`scale`", float(scale)), *zip(HOST_NAMES, map(Digest, consistency[n:]))],
+        host_values=[("`scale`", float(scale)), *zip(HOST_NAMES, map(Digest, consistency[n:])),
+                     # read here, at the real kernel (the eager call's last host value)
+                     ("`initial_state` values", tensor_bits_digest(initial_state))],
         **device_checks(g, decay), lag=False)
 
 
@@ -120,7 +123,7 @@ def _world(handle: int) -> int:
 def _forward_impl(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, overlap, head_doc,
                   num_seqs, output_final_state, cu_seqlens=None, check=0, consistency=None):
     if check:
-        _check_in_op(q, g, decay, scale, check, consistency)
+        _check_in_op(q, g, decay, scale, check, consistency, initial_state)
     else:
         C.check_log_gates(OP, "g", g)
         C.check_log_gates(OP, "decay", decay)

@@ -23,8 +23,9 @@ from lasp2.ops import _checks as C
 from lasp2._extension import _C
 from lasp2.ops._delta_library import CONSISTENCY_FIELDS, _raise_value_error, delta_rule, group_handle
 from lasp2.ops._documents import global_documents
-from lasp2.ops._group_consistency import report_local_failure
+from lasp2.ops._group_consistency import report_local_failure, tensor_bits_digest
 from lasp2.ops._l2norm_library import L2NORM_EPS, qk_l2norm
+from lasp2.ops._ranks_checked import check_ranks_checked, covers
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE, Provider, get_provider, provider_names, register
 from lasp2.ops.providers.ulysses_delta import DeltaUlyssesProvider
 from lasp2.options import SPLITS, check_choice
@@ -127,14 +128,20 @@ def _delta_rule(op, q, k, v, g, beta, per_key, scale, initial_state, output_fina
             seq_dim = 1 if layout == "bthd" else 0
             resolve_sp_context(op, sp_context, None, split_arg, None, q.shape[seq_dim], q.shape[1 - seq_dim],
                                q.device)
-        C.check_bool(op, "ranks_checked", ranks_checked)
+        check_ranks_checked(op, ranks_checked)
     except (ValueError, TypeError):
         report_local_failure(op, group, q)  # the other ranks raise too, never wait for this one
         raise
     impl, scale, cu_seqlens, num_seqs, parts, consistency = call
+    if cu_seqlens is not None and sp_context is None:
+        # a private copy (a context holds one already): the backward plans the documents from
+        # it again, and a caller's buffer edited in place between forward and backward (numpy
+        # views bump no version counter) gave a gradient of other documents than the output's
+        cu_seqlens = cu_seqlens.clone()
     comm = group_handle(group, q.device) if consistency else 0  # the communicator and group, as an int
-    if ranks_checked:  # the caller's one check covered this call (check_call_early): none in the op
-        consistency = []
+    if covers(ranks_checked, group, op):  # the caller's one check covered this call (check_call_early)
+        consistency = []  # none in the op (a bare True is no proof: a rank passing it alone would skip
+        # the all-gather its peers run)
 
     if layout == "tbhd":
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
@@ -215,7 +222,7 @@ def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_fin
     documents), raising the op's ValueError, and the fields of the op's cross-rank check
     but those in SAME_IN_CONV_CHECK, as (fields, names, host values). The module folds them
     into its ONE cross-rank check before its first collective (check_conv_ranks' `more`)
-    and calls the op with ranks_checked=True, which checks neither again: one collective
+    and calls the op with the RanksChecked proof it gets, which checks neither again: one collective
     of checks per call, and a rank that fails here still takes part in it.
 
     q, k, v: the op's inputs or tensors of their shapes, dtype and device (values unread:
@@ -234,9 +241,12 @@ def check_call_early(op, q, k, v, g, beta, *, per_key, initial_state, output_fin
                          "")  # the check of local_documents, which the op runs after the collective
     consistency[-1] = C.builds_backward(q, k, v, g, beta, initial_state, *grad_inputs)
     # the layout is "bthd" in every module's call (left out: the row has no slot to spare)
+    # left out too: "use of initial_state", which the digest of its values below covers (a
+    # None digest differs from any tensor's; the module's row has no slot to spare)
     kept = [(value, name) for value, name in zip(consistency, CONSISTENCY_FIELDS)
-            if name not in SAME_IN_CONV_CHECK and name != "layout (bthd/tbhd)"]
-    return [value for value, _ in kept], [name for _, name in kept], [("`scale`", float(scale))]
+            if name not in SAME_IN_CONV_CHECK and name not in ("layout (bthd/tbhd)", "use of initial_state")]
+    return ([value for value, _ in kept], [name for _, name in kept],
+            [("`scale`", float(scale)), ("`initial_state` values", tensor_bits_digest(initial_state))])
 
 
 def _fla_l2norm_spelling(op: str, use_qk_l2norm, use_qk_l2norm_in_kernel) -> bool:
@@ -270,7 +280,7 @@ def gated_delta_rule(
     use_qk_l2norm: bool = False,
     sp_context=None,
     use_qk_l2norm_in_kernel: Optional[bool] = None,
-    ranks_checked: bool = False,
+    ranks_checked=False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gated delta rule (gated DeltaNet) over a sequence that may be split across `group`.
 
@@ -288,9 +298,14 @@ def gated_delta_rule(
         scale: multiplies q; default ``Dk ** -0.5``.
         initial_state: optional ``[N, H, Dk, Dv]``, N = B, or the number of documents
             with ``cu_seqlens``; sequence n starts from ``initial_state[n]`` wherever
-            its first token lives. Its gradient on a rank is that rank's share
-            (summed over the group, as the data/context-parallel gradient reduction
-            does, it equals one process's).
+            its first token lives. Every rank of a group passes the same values (as
+            the final states it usually comes from are): ranks whose copies differ all
+            raise ValueError naming `initial_state` (a CUDA state's values are read on
+            the host). Its gradient on a rank is that rank's share (summed over the
+            group, as the data/context-parallel gradient reduction does, it equals one
+            process's; which rank holds which part differs per provider: LASP-2 / LASP-1
+            give a sequence's whole gradient to the rank holding its first token,
+            "ulysses" each rank its heads').
         output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
             sequence, on every rank (float32, or the dtype of ``initial_state``).
             Gradients arriving at the ranks' copies are summed (the loss is the sum of
@@ -310,10 +325,14 @@ def gated_delta_rule(
             written for fla's ``chunk_gated_delta_rule`` / ``chunk_kda`` runs unchanged
             (pass it by keyword: fla's 9th positional argument is lasp2's ``cu_seqlens``).
             Giving both with different values is a ValueError.
-        ranks_checked: the caller ran ``check_call_early`` (lasp2.ops.gated_delta_rule)
-            for this call and folded its fields into a cross-rank check of its own, as
-            lasp2.nn.GatedDeltaNet does before its convolutions' halo exchange: the op
-            runs neither the cross-rank check nor the value checks of g and beta again.
+        ranks_checked: internal. The ``RanksChecked`` that
+            ``lasp2.nn.delta_checks.check_delta_layer_ranks`` returned for this call (it
+            ran ``check_call_early`` and folded its fields into the layer's one cross-rank
+            check, as lasp2.nn.GatedDeltaNet does before its convolutions' halo exchange):
+            the op then runs neither the cross-rank check nor the value checks of g and
+            beta again. Anything else, ``True`` included, runs them (a rank that skipped
+            the check's all-gather alone would meet its peers' check with the schedule's
+            collectives).
 
     Returns:
         ``(o, final_state)``: o with the shape of v; final_state None unless
@@ -341,7 +360,7 @@ def kda(
     use_qk_l2norm: bool = False,
     sp_context=None,
     use_qk_l2norm_in_kernel: Optional[bool] = None,
-    ranks_checked: bool = False,
+    ranks_checked=False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Kimi Delta Attention: the gated delta rule with one log gate per key dim,
     ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`` (the

@@ -13,7 +13,7 @@ from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_
 from lasp2.ops import _checks as C
 from lasp2.ops._compiled import outside_graph, own_communication
 from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
-from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
+from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, tensor_bits_digest, verify_group_consistency
 from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention, lasp2_one_device
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE
@@ -172,8 +172,11 @@ def linear_attention(
             to every layer, in place of ``group``, ``split`` and ``cu_seqlens``.
         initial_state: optional ``[N, H, Dk, Dv]``, N = B, or the number of documents
             with ``cu_seqlens``: sequence n starts from ``initial_state[n]`` (its first
-            token's decay applies to it, as in fla) wherever that token lives. Its
-            gradient on a rank is that rank's share: summed over the group (as the
+            token's decay applies to it, as in fla) wherever that token lives. Every
+            rank of a group passes the same values (as the final states it usually
+            comes from are): ranks whose copies differ all raise ValueError naming
+            `initial_state` (eager calls; a CUDA state's values are read on the host).
+            Its gradient on a rank is that rank's share: summed over the group (as the
             data/context-parallel gradient reduction does) it is one process's.
             Providers "lasp2" and "lasp1" (and one device).
         output_final_state: also return the ``[N, H, Dk, Dv]`` end state of every
@@ -242,7 +245,11 @@ def linear_attention(
             check = verify_group_consistency(
                 OP, ctx.group, signature, CHECK_NAMES, q.device,
                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
-                             ("`layout`", layout), ("`overlap`", overlap)], **device_checks(g, decay))
+                             ("`layout`", layout), ("`overlap`", overlap),
+                             # every rank must pass the same states (LASP-2 combines them on
+                             # every rank: copies that differed gave each rank other final states)
+                             ("`initial_state` values", tensor_bits_digest(initial_state))],
+                **device_checks(g, decay))
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 
@@ -261,7 +268,11 @@ def linear_attention(
         final = None
     elif num_docs is not None:  # one device (the plain op), the documents planned inside it
         out = lasp2_linear_attention(q, k, v, g, decay, None, float(scale), CPU_CHUNK_SIZE, None, 1, bool(overlap),
-                                     initial_state, output_final_state, num_seqs=num_seqs, cu_seqlens=cu_seqlens)
+                                     initial_state, output_final_state, num_seqs=num_seqs,
+                                     # a private copy: the backward plans the documents from it again,
+                                     # and a caller's buffer edited in place (numpy views bump no version)
+                                     # gave a gradient of other documents than the output's
+                                     cu_seqlens=cu_seqlens.clone())
         o, final = out if output_final_state else (out, None)
     elif initial_state is not None or output_final_state:
         o, final = impl.apply_with_states(

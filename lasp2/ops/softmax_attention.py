@@ -142,5 +142,7 @@ def softmax_attention(
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     o = lasp2h_attention(q, k, v, float(scale), K.resolve_backend(backend, q, v.shape[3], float(scale)), ctx.group,
                          ctx.collectives, rank, world, parts, ctx.effective_split, causal, cu,
-                         cu_seqlens if per_call else None, consistency)
+                         # a private copy: the backward plans the documents from it again, and a
+                         # caller's buffer edited in place (numpy views bump no version) changed them
+                         cu_seqlens.clone() if per_call else None, consistency)
     return check.seal(o.transpose(0, 1) if layout == "tbhd" else o)

@@ -48,7 +48,7 @@ def _packed(doc_start, head_doc) -> bool:
 def _forward_eager(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
                    output_final_state, check=0, consistency=None):
     if check:  # compiled over a group: the cross-rank check (and the gates' signs) here, before the ring
-        L._check_in_op(q, g, decay, scale, check, consistency)
+        L._check_in_op(q, g, decay, scale, check, consistency, initial_state)
     args = L._args(q, k, v, g, decay, doc_start, initial_state, scale, chunk_size, comm, parts, head_doc, num_seqs,
                    None, False)
     with C.named_errors(OP):

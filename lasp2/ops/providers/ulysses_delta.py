@@ -203,7 +203,7 @@ class DeltaUlyssesProvider(Provider):
                 "(their custom op runs the cross-rank check); provider=\"ulysses\" checks the ranks in Python")
         # g/beta/cu_seqlens values and the cross-rank check, before any collective: a rank
         # with bad values makes every rank raise instead of leaving them in an all-to-all
-        _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts_per_rank)
+        _check_call(q, g, beta, group, scale, consistency, cu_seqlens, parts_per_rank, initial_state)
         rank, world = group_rank_and_size(group)
         ex = Exchange(group, rank, world, parts_per_rank, collectives or TORCH_COLLECTIVES)
         keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad

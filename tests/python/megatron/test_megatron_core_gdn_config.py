@@ -83,6 +83,25 @@ def test_after_install_a_bad_gdn_config_names_the_flag(config_cls, overrides, ma
         _gdn(config_cls, **overrides)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(linear_num_key_heads=3), r"linear_num_value_heads \(--linear-num-value-heads\) = 4 must be a multiple of"),
+    (dict(tensor_model_parallel_size=4, linear_num_key_heads=2, linear_num_value_heads=8),
+     r"tensor_model_parallel_size \(--tensor-model-parallel-size\) = 4"),
+    (dict(linear_attention_freq=None), r"needs linear_attention_freq \(--linear-attention-freq\)"),
+    (dict(linear_key_head_dim=None), r"linear_key_head_dim \(--linear-key-head-dim\) must be an int"),
+    (dict(linear_num_key_heads=0), r"linear_num_key_heads \(--linear-num-key-heads\) must be an int"),
+])
+def test_after_install_a_bad_gdn_config_at_cp1_names_the_flag(config_cls, overrides, match):
+    """Session 23: at CP 1 megatron-core's own assertions ran alone, naming config fields
+    ("linear_num_key_heads must be a multiple of tensor_model_parallel_size"; 0 key heads a
+    ZeroDivisionError); lasp2's flag checks now run first there too."""
+    from megatron_patches.core_gdn_config import allow_core_gdn_context_parallel
+
+    allow_core_gdn_context_parallel()
+    with pytest.raises(Lasp2ConfigError, match=match):
+        _gdn(config_cls, context_parallel_size=1, **overrides)
+
+
 @pytest.mark.parametrize("overrides", [dict(linear_num_key_heads=3), dict(linear_value_head_dim=0)])
 def test_the_layer_and_the_config_report_a_bad_head_layout_alike(config_cls, overrides):
     """One check (check_gdn_head_layout) serves the config and Lasp2CoreGatedDeltaNet's
@@ -118,10 +137,7 @@ def test_after_install_other_checks_are_megatron_cores(config_cls):
         _gdn(config_cls, cp_comm_type=["p2p"])
     with pytest.raises(ValueError, match="num_attention_heads"):
         _gdn(config_cls, num_attention_heads=3, tensor_model_parallel_size=2)
-    # CP 1 is megatron-core's alone: its own GDN assertion, not lasp2's error
-    with pytest.raises(AssertionError, match="must be a multiple of") as info:
-        _gdn(config_cls, context_parallel_size=1, linear_num_key_heads=3)
-    assert not isinstance(info.value, Lasp2ConfigError)
+    # (CP 1's GDN flags: lasp2's checks first since session 23, test_..._at_cp1_names_the_flag)
     # megatron-core's check failing with the variant hidden leaves the variant in place
     config = _gdn(config_cls)
     config.cp_comm_type = ["p2p"]
