@@ -56,7 +56,7 @@ from lasp2.ops import _checks as C
 from lasp2.ops._delta_library import _assume_constant_result, group_handle
 from lasp2.ops._documents import final_state_grad, local_document_starts
 from lasp2.ops._eager import eager_call, eager_function, reject_functorch, under_functorch
-from lasp2.ops._group_consistency import (Digest, digest_host, report_local_failure, tensor_bits_digest,
+from lasp2.ops._group_consistency import (Digest, digest_host, report_local_failure,
                                           verify_group_consistency)
 from lasp2.ops._opaque import handle_of, resolve
 from lasp2.options import PROVIDERS
@@ -96,15 +96,16 @@ def _check_in_op(q, g, decay, scale, check: int, consistency: List[int], initial
     n = len(CHECK_NAMES)
     verify_group_consistency(
         OP, group, consistency[:n], CHECK_NAMES, q.device,
-        host_values=[("`scale`", float(scale)), *zip(HOST_NAMES, map(Digest, consistency[n:])),
-                     # read here, at the real kernel (the eager call's last host value)
-                     ("`initial_state` values", tensor_bits_digest(initial_state))],
-        **device_checks(g, decay), lag=False)
+        host_values=[("`scale`", float(scale)), *zip(HOST_NAMES, map(Digest, consistency[n:]))],
+        **device_checks(g, decay, initial_state), lag=False)
 
 
-def device_checks(g, decay) -> dict:
-    """The check row's device values and positive-gate flags (the eager call's and the op's)."""
-    return dict(device_values=[("`decay` values", decay)],
+def device_checks(g, decay, initial_state=None) -> dict:
+    """The check row's device values and positive-gate flags (the eager call's and the op's).
+    `initial_state` is a device value, not a host one: every rank must pass the same states
+    (LASP-2 combines them on every rank), and on CUDA its digest then rides the lagged slots
+    ("NaN at the call") instead of reading the state back to the host at every call."""
+    return dict(device_values=[("`decay` values", decay), ("`initial_state` values", initial_state)],
                 positive=[(f"`{name}` holds positive log gates/decays (they must be <= 0)", x)
                           for name, x in (("g", g), ("decay", decay)) if x is not None])
 

@@ -13,7 +13,7 @@ from lasp2.distributed.context import SPContext, per_call_documents, resolve_sp_
 from lasp2.ops import _checks as C
 from lasp2.ops._compiled import outside_graph, own_communication
 from lasp2.ops._documents import WITH_STATES, check_nonempty_documents, head_docs
-from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, tensor_bits_digest, verify_group_consistency
+from lasp2.ops._group_consistency import NO_CHECK, report_local_failure, verify_group_consistency
 from lasp2.ops._library import CHECK_NAMES, compiled_check, device_checks, lasp2_linear_attention, lasp2_one_device
 from lasp2.ops.providers import LINEAR_ATTENTION, get_provider
 from lasp2.ops.providers.base import CPU_CHUNK_SIZE
@@ -245,11 +245,8 @@ def linear_attention(
             check = verify_group_consistency(
                 OP, ctx.group, signature, CHECK_NAMES, q.device,
                 host_values=[("`scale`", float(scale)), ("`cu_seqlens` contents", ctx.cu_seqlens),
-                             ("`layout`", layout), ("`overlap`", overlap),
-                             # every rank must pass the same states (LASP-2 combines them on
-                             # every rank: copies that differed gave each rank other final states)
-                             ("`initial_state` values", tensor_bits_digest(initial_state))],
-                **device_checks(g, decay))
+                             ("`layout`", layout), ("`overlap`", overlap)],
+                **device_checks(g, decay, initial_state))
     else:
         impl = get_provider(OP, LINEAR_ATTENTION, "lasp2")  # one device: every provider is the plain op
 

@@ -126,3 +126,34 @@ def test_settle_rejects_a_group_that_is_not_one():
     with pytest.raises(ValueError, match="settle_consistency_checks: `group` must be a torch.distributed"):
         lasp2.settle_consistency_checks("WORLD")
     lasp2.settle_consistency_checks()  # nothing waits in this process: a no-op
+
+
+def _differing_initial_state(rank, world):
+    """linear_attention's initial_state is a device value: under the lag (CUDA, here
+    LAG_ON_CPU) copies that differ between ranks are compared DEPTH calls later, like decay."""
+    from lasp2.ops import _group_consistency as GC
+
+    GC.LAG_ON_CPU, GC.DEPTH = True, 2
+    W = dist.group.WORLD
+    same = torch.full((1, 2, 4, 4), 0.5, dtype=torch.float64)
+    mine = same.clone()
+    mine[0, 1, 2, 3] += rank  # rank 1's copy differs in one element
+    la = lambda **kw: lasp2.linear_attention(*qkv(), group=W, **kw)  # noqa: E731
+    out = {"agree": value_error(lambda: la(initial_state=same))}
+    out["call"] = value_error(lambda: la(initial_state=mine))
+    out["next"] = value_error(lambda: la())
+    out["depth"] = value_error(lambda: la())
+    out["after"] = value_error(lambda: la(initial_state=same))
+    GC.STATS.update(sync=0)
+    la(initial_state=same)
+    out["exchanges"] = GC.STATS["sync"]  # one exchange a call: no extra read of the state
+    return out
+
+
+def test_initial_state_copies_are_compared_as_device_values():
+    r0, r1 = assert_all_ok(run_world(2, _differing_initial_state, timeout=120))
+    for r in (r0, r1):
+        assert r["agree"] is None and r["call"] is None and r["next"] is None and r["after"] is None
+        assert "`initial_state` values" in r["depth"] and "earlier call" in r["depth"]
+        assert r["exchanges"] == 1
+    assert r0["depth"] == r1["depth"]
