@@ -16,14 +16,17 @@ over TP (megatron_patches.common.sum_grad_over_tp). Under DDP a hook on the para
 FSDP2 replaces the parameter by its shard, so the hook never runs and
 megatron_patches.torch_fsdp sums the shards' gradients over TP once a step. Without that sum
 (tried once, not kept) the TP runs' out_norm weights end 4.3e-3 from DDP's, the rest ~1e-5, and
-the three TP training cases and the three TP resumes fail (the TP ranks' copies of out_norm
-drift apart; a checkpoint keeps TP rank 0's). Measured: losses to 4.5e-8 relative, gradient
+the three TP training cases and the resumes of TP checkpoints failed (the TP ranks' copies of
+out_norm drift apart; a checkpoint keeps TP rank 0's). Measured: losses to 4.5e-8 relative, gradient
 norm 2.1e-7, weights 2.1e-7; resumes 9e-9 in the loss, weights 0 at one layout, 5e-7 across.
 
 Checkpoints (Adam, saved after step 2 of 3, resumed in a new launch; step 3 equals the
-uninterrupted run's loss and weights): FSDP2 at TP 2 x CP 2 resumed by FSDP2 at the same layout
-and by DDP at TP 1 x DP 4; a DDP checkpoint (TP 1 x DP 4) resumed by FSDP2 at TP 2 x CP 2; FSDP2
-at PP 2 x CP 2 resumed by FSDP2 at the same layout and by DDP at PP 1 x DP 4. With TP splitting
+uninterrupted run's loss and weights): FSDP2 at TP 2 x CP 2 resumed by FSDP2 at PP 2 x CP 2 and
+by DDP at DP 4; DDP's at PP 2 x VPP 2 x CP 2 resumed by FSDP2 at TP 2 x CP 2; FSDP2 at PP 2 x
+VPP 2 x CP 2 resumed by FSDP2 at the same layout and by DDP at DP 4. A save with VPP chunks
+failed before session 23, DDP's too ("Param id 3 does not match any model sharded param": the
+launcher merged the chunks' sharded state dicts, whose local keys coincide, into one dict for
+the optimizer; megatron_patches.pretrain_gpt._sharded_state now nests them). With TP splitting
 dim 0 of a weight, its FSDP2 shard lies at (TP rank x dp-cp size + dp-cp rank) of (TP x dp-cp)
 blocks (megatron_patches.fsdp2_checkpoint.place_fsdp2_shards; placed by the mesh alone, as
 before, the TP 2 save failed: "Invalid access pattern" for embedding.word_embeddings.weight).
@@ -52,6 +55,7 @@ ADAM = ["--optimizer", "adam", "--lr", "0.01", "--train-iters", "3"]
 FSDP2 = ["--use-torch-fsdp2"]
 SP = ["--sequence-parallel"]
 PER_TOKEN = ["--calculate-per-token-loss"]
+VPP = ["--num-layers-per-virtual-pipeline-stage", "1"]  # two virtual stages of one layer a pipeline rank
 
 
 def _layout(tp, pp, cp):
@@ -64,7 +68,7 @@ TRAIN = {  # name: flags; DP = 4 / (TP x PP x CP)
     "fsdp2 tp2 cp2 sp": _layout(2, 1, 2) + FSDP2 + SP,
     "fsdp2 tp2 dp2": _layout(2, 1, 1) + FSDP2,
     "fsdp2 pp2 cp2": _layout(1, 2, 2) + FSDP2,
-    "fsdp2 pp2 vpp2 cp2": _layout(1, 2, 2) + FSDP2 + ["--num-layers-per-virtual-pipeline-stage", "1"],
+    "fsdp2 pp2 vpp2 cp2": _layout(1, 2, 2) + FSDP2 + VPP,
     "fsdp2 tp2 pp2 sp": _layout(2, 2, 1) + FSDP2 + SP,
     # a rank's loss the sum over its tokens: FSDP2 sums over dp-cp, scale_gradients divides
     "ddp dp4 per-token": _layout(1, 1, 1) + PER_TOKEN,
@@ -73,14 +77,14 @@ TRAIN = {  # name: flags; DP = 4 / (TP x PP x CP)
 }
 REFERENCE = {name: "ddp dp4 per-token" if name.endswith("per-token") else "ddp dp4"
              for name in TRAIN if name.startswith("fsdp2")}
-SAVES = {"fsdp2 tp2 cp2 sp": _layout(2, 1, 2) + FSDP2 + SP, "ddp dp4": _layout(1, 1, 1),
-         "fsdp2 pp2 cp2": _layout(1, 2, 2) + FSDP2}
+SAVES = {"fsdp2 tp2 cp2 sp": _layout(2, 1, 2) + FSDP2 + SP, "ddp pp2 vpp2 cp2": _layout(1, 2, 2) + VPP,
+         "fsdp2 pp2 vpp2 cp2": _layout(1, 2, 2) + FSDP2 + VPP}
 RESUMES = {  # name: (the saving run, the resuming run's flags)
-    "fsdp2 tp2 cp2 sp to fsdp2 tp2 cp2 sp": ("fsdp2 tp2 cp2 sp", _layout(2, 1, 2) + FSDP2 + SP),
+    "fsdp2 tp2 cp2 sp to fsdp2 pp2 cp2": ("fsdp2 tp2 cp2 sp", _layout(1, 2, 2) + FSDP2),
     "fsdp2 tp2 cp2 sp to ddp dp4": ("fsdp2 tp2 cp2 sp", _layout(1, 1, 1)),
-    "ddp dp4 to fsdp2 tp2 cp2 sp": ("ddp dp4", _layout(2, 1, 2) + FSDP2 + SP),
-    "fsdp2 pp2 cp2 to fsdp2 pp2 cp2": ("fsdp2 pp2 cp2", _layout(1, 2, 2) + FSDP2),
-    "fsdp2 pp2 cp2 to ddp dp4": ("fsdp2 pp2 cp2", _layout(1, 1, 1)),
+    "ddp pp2 vpp2 cp2 to fsdp2 tp2 cp2 sp": ("ddp pp2 vpp2 cp2", _layout(2, 1, 2) + FSDP2 + SP),
+    "fsdp2 pp2 vpp2 cp2 to fsdp2 pp2 vpp2 cp2": ("fsdp2 pp2 vpp2 cp2", _layout(1, 2, 2) + FSDP2 + VPP),
+    "fsdp2 pp2 vpp2 cp2 to ddp dp4": ("fsdp2 pp2 vpp2 cp2", _layout(1, 1, 1)),
 }
 
 
