@@ -440,6 +440,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
 
             state["optimizer"] = state_in_current_layout(state["optimizer"], saved["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
+        from megatron_patches.checkpointing import own_step_count_per_parameter
+
+        own_step_count_per_parameter(optimizer)  # the distributed optimizer shares one step tensor
         if fsdp2:
             optimizer_state_as_dtensors(optimizer)
     _log(f"loaded {directory} (iteration {iteration})")
