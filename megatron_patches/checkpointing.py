@@ -1,5 +1,5 @@
-"""Guards for megatron-core's distributed checkpoints: the writer before a save, and the kind of
-optimizer a checkpoint was saved with at a load (MoE checkpoints across EP 1 <-> EP > 1:
+"""Guards for megatron-core's distributed checkpoints: the writer before a save, the kind of
+optimizer a checkpoint was saved with at a load, Adam's step counts after a load (MoE checkpoints across EP 1 <-> EP > 1:
 megatron_patches.moe_checkpoint; FSDP2's: megatron_patches.fsdp2_checkpoint).
 
 The reported hang ("a dist-checkpoint save of a DDP-wrapped model after a training step
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "first_error_on_any_rank", "optimizer_kind"]
+__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "first_error_on_any_rank", "optimizer_kind",
+           "own_step_count_per_parameter"]
 
 
 def check_checkpoint_writer() -> None:
@@ -68,3 +69,21 @@ def first_error_on_any_rank(error: Optional[str]) -> Optional[str]:
     errors: List[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return next((e for e in errors if e is not None), None)
+
+
+def own_step_count_per_parameter(optimizer) -> None:
+    """After optimizer.load_state_dict: every parameter's Adam "step" made a tensor of its own.
+    megatron-core 0.16.1's DistributedOptimizer.load_state_dict (without Apex / Transformer
+    Engine: torch's Adam) puts one and the same step tensor into every parameter's state, and
+    torch's Adam adds 1 to each parameter's step in place, so the shared count grew by the number
+    of parameters a step: a resume at step 2 took step 3 with a bias correction of step 15 (13
+    parameters a rank), its weights 3.3e-3 off the uninterrupted run's while the loss, computed
+    before the update, agreed. Harmless where the steps are already separate."""
+    import torch
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.clone()

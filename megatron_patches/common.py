@@ -25,10 +25,10 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size  # noqa: E402
 
 from megatron_patches.options import Lasp2ConfigError, Lasp2Options, resolve_options  # noqa: E402
 
-__all__ = ["Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout", "check_self_attention_call",
-           "cu_seqlens_of", "global_head_slice", "mark_heterogeneous_layers", "process_groups",
-           "recomputes_core_attention", "repeat_kv_heads", "run_core", "sp_group_of", "sum_grad_over_tp",
-           "warn_once"]
+__all__ = ["GRAD_SUMMED_OVER_TP", "Lasp2CoreAttentionBase", "causal_from_mask", "check_rope_layout",
+           "check_self_attention_call", "cu_seqlens_of", "global_head_slice", "mark_heterogeneous_layers",
+           "process_groups", "recomputes_core_attention", "repeat_kv_heads", "run_core", "sp_group_of",
+           "sum_grad_over_tp", "warn_once"]
 
 _WARNED = set()
 
@@ -122,12 +122,19 @@ def check_self_attention_call(owner: str, kind: str, inference_context=None, inf
         raise Lasp2ConfigError(f"{owner}: {kind} layers take no attention_bias")
 
 
+GRAD_SUMMED_OVER_TP = "lasp2_grad_summed_over_tp"
+
+
 def sum_grad_over_tp(param: torch.Tensor, tp_group) -> None:
     """A parameter shared by heads split over TP ranks (e.g. one norm scale for every head):
     each rank's gradient covers its heads only, the true one is the sum over the TP group
-    (Megatron reduces only sequence-parallel norm gradients over TP)."""
+    (Megatron reduces only sequence-parallel norm gradients over TP). A hook on the parameter
+    sums each backward's gradient. --use-torch-fsdp2 replaces the parameter by a sharded one
+    (the hooked tensor is in no graph any more), so the group is also recorded on it
+    (GRAD_SUMMED_OVER_TP): megatron_patches.torch_fsdp sums those gradient shards once a step."""
     if get_pg_size(tp_group) > 1:
         param.register_hook(lambda grad: _all_reduce_sum(grad, tp_group))
+        setattr(param, GRAD_SUMMED_OVER_TP, tp_group)
 
 
 def _all_reduce_sum(grad: torch.Tensor, group) -> torch.Tensor:

@@ -72,6 +72,20 @@ def _uneven(name: str, param):
     return None
 
 
+def _tensor_parallel_blocks_of_dim_0(param) -> tuple:
+    """(TP size, TP rank) of a parameter that tensor parallelism splits along dim 0 (a
+    column-parallel weight, a head-sharded vector): its rows are block `TP rank` of `TP size` of
+    the whole tensor's. (1, 0) for any other parameter. Experts (allreduce = False) are split
+    over the expert-TP group, the rest over the TP group."""
+    from megatron.core import parallel_state
+
+    if not getattr(param, "tensor_model_parallel", False) or getattr(param, "partition_dim", None) != 0:
+        return 1, 0
+    group = (parallel_state.get_tensor_model_parallel_group() if getattr(param, "allreduce", True)
+             else parallel_state.get_expert_tensor_parallel_group())
+    return group.size(), group.rank()
+
+
 def place_fsdp2_shards(model_state: dict, modules) -> None:
     """Makes each ShardedTensor of `model_state` (megatron-core's model sharded_state_dict, in
     place) that holds an FSDP2 parameter's local shard say where that shard lies in the whole
@@ -85,8 +99,10 @@ def place_fsdp2_shards(model_state: dict, modules) -> None:
     validation then found rows nobody writes: "Invalid access pattern", raised on rank 0 alone,
     the others waiting), and at EP > 1 experts sharded over the expert-dp group (the launcher's
     units), not dp-cp, so the offset and the count are that mesh's. Each such ShardedTensor is
-    given its parameter's mesh rank and size and replica 0 (the prepended axes, the expert
-    index, are kept)."""
+    given its parameter's mesh rank and size along dim 0 and replica 0; where tensor parallelism
+    splits dim 0 too (a column-parallel weight), the shard lies in this TP rank's block of rows:
+    block (TP rank x mesh size + mesh rank) of (TP size x mesh size). The prepended axes (the
+    expert index) and the other dims (a row-parallel weight's TP split of dim 1) are kept."""
     import dataclasses
 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -105,12 +121,16 @@ def place_fsdp2_shards(model_state: dict, modules) -> None:
                 continue
             name, param = found
             size, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+            tp_size, tp_rank = _tensor_parallel_blocks_of_dim_0(param)
             n = sh.prepend_axis_num
-            rest = (0,) * (param.dim() - 1)
+            rows = param.shape[0]  # this TP rank's rows, FSDP2's whole tensor
+            # dim 0: this TP rank's block of rows, and this FSDP2 shard within it; the other dims
+            # (a row-parallel weight's TP split of dim 1) as megatron-core placed them
             placed_sh = dataclasses.replace(
-                sh, global_shape=tuple(sh.global_shape[:n]) + tuple(param.shape),
-                global_offset=tuple(sh.global_offset[:n]) + (rank * (param.shape[0] // size),) + rest,
-                axis_fragmentations=tuple(sh.axis_fragmentations[:n]) + (size,) + (1,) * (param.dim() - 1),
+                sh, global_shape=(*sh.global_shape[:n], rows * tp_size, *sh.global_shape[n + 1:]),
+                global_offset=(*sh.global_offset[:n], tp_rank * rows + rank * (rows // size),
+                               *sh.global_offset[n + 1:]),
+                axis_fragmentations=(*sh.axis_fragmentations[:n], tp_size * size, *sh.axis_fragmentations[n + 1:]),
                 replica_id=(*sh.replica_id[:-1], 0) if isinstance(sh.replica_id, tuple) else 0)
             try:  # raised on this rank alone it would leave the others waiting: reported below
                 placed_sh.validate_metadata_integrity()

@@ -330,10 +330,13 @@ def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
     else:
-        model_state = {}
+        # nested, not merged: the chunks' state dicts share their local keys (each chunk's layers
+        # are numbered from 0; the ShardedTensors inside carry the global names), so a merge kept
+        # the last chunk's entries only and the optimizer found no ShardedTensor for the others'
+        # parameters ("Param id 3 does not match any model sharded param" at every VPP save)
         for i, chunk in enumerate(chunks):
             state[f"model{i}"] = chunk.module.sharded_state_dict()
-            model_state.update(state[f"model{i}"])
+        model_state = {f"model{i}": state[f"model{i}"] for i in range(len(chunks))}
     if fsdp2:  # before the optimizer's state takes the model's offsets
         from megatron_patches.fsdp2_checkpoint import place_fsdp2_shards
 
@@ -437,6 +440,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
 
             state["optimizer"] = state_in_current_layout(state["optimizer"], saved["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
+        from megatron_patches.checkpointing import own_step_count_per_parameter
+
+        own_step_count_per_parameter(optimizer)  # the distributed optimizer shares one step tensor
         if fsdp2:
             optimizer_state_as_dtensors(optimizer)
     _log(f"loaded {directory} (iteration {iteration})")

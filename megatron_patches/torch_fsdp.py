@@ -65,11 +65,20 @@ On CPU (gloo) the class builds its DeviceMesh on "cuda": megatron_patches.cpu's
 constructor, so it follows).
 --save / --load: megatron-core's dist_checkpointing of the model's FSDP2 shards, with the fixes
 in megatron_patches.fsdp2_checkpoint; the files are DDP's, so either loads the other's.
-Refused (check_torch_fsdp2_args): TP > 1, PP > 1 and the distributed optimizer (not run with
-FSDP2), and --bf16: the launcher runs it only on CUDA, so it could not be compared with DDP's
---bf16 here; megatron-core's class gives fully_shard no MixedPrecisionPolicy, so FSDP2 would
-shard Float16Module's bf16 parameters and reduce the gradients in bf16, with the fp32 main
-parameters built by Float16OptimizerWithFloat16Params from the shards.
+With TP > 1 each TP rank's parameters (its parts of the tensor-parallel weights) are sharded
+over its own dp-cp group, as megatron-core's class does; PP (and VPP) wraps each model chunk
+as an FSDP2 root of its own, and finalize_model_grads sums the tied embedding's gradient over
+the first and last stage (it unshards DTensor gradients for that). One thing TP needs here:
+lasp2's mixers sum the gradient of a parameter that heads split over TP share (a norm scale)
+over TP with a hook on the parameter (megatron_patches.common.sum_grad_over_tp); fully_shard
+replaces the parameter, so the hook never runs, and finish_grad_sync sums those gradient
+shards over TP instead (they shard alike on every TP rank).
+Refused (check_torch_fsdp2_args): the distributed optimizer, which shards DDP's gradient
+buffers (FSDP2 has none, and already shards the optimizer state), and --bf16: the launcher runs
+it only on CUDA, so it could not be compared with DDP's --bf16 here; megatron-core's class gives
+fully_shard no MixedPrecisionPolicy, so FSDP2 would shard Float16Module's bf16 parameters and
+reduce the gradients in bf16, with the fp32 main parameters built by
+Float16OptimizerWithFloat16Params from the shards.
 """
 
 from __future__ import annotations
@@ -80,15 +89,19 @@ __all__ = ["check_torch_fsdp2_args", "is_torch_fsdp2", "wrap_torch_fsdp2"]
 
 
 def check_torch_fsdp2_args(args) -> None:
-    """Refuses the combinations the FSDP2 path has not been run with (or gets wrong)."""
-    untested = {"--use-distributed-optimizer": args.use_distributed_optimizer,
-                "--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
-                "--tensor-model-parallel-size > 1": args.tensor_model_parallel_size > 1,
-                "--bf16": args.bf16}
-    bad = [flag for flag, on in untested.items() if on]
-    if bad:
-        raise SystemExit(f"--use-torch-fsdp2 is tested with TP 1, PP 1, fp32 and the plain optimizer "
-                         f"(--save / --load included); not with {', '.join(bad)}")
+    """Refuses what cannot go with --use-torch-fsdp2 (the distributed optimizer) and what it has
+    not been compared with DDP in (--bf16); TP, PP (with VPP), CP, EP and checkpoints are tested."""
+    if args.use_distributed_optimizer:
+        # megatron-core's DistributedOptimizer partitions DDP's contiguous gradient buffers
+        # (model_chunk.buffers), which FSDP2 does not have; Megatron-LM refuses the pair too
+        raise SystemExit("--use-torch-fsdp2 and --use-distributed-optimizer exclude each other: megatron-core's "
+                         "distributed optimizer shards DDP's gradient buffers, which FSDP2 has none of, and FSDP2 "
+                         "already shards the parameters, gradients and optimizer state over dp-cp (drop "
+                         "--use-distributed-optimizer)")
+    if args.bf16:
+        raise SystemExit("--use-torch-fsdp2 is tested in fp32, not with --bf16 (megatron-core's FSDP2 class gives "
+                         "fully_shard no mixed-precision policy: bf16 gradient reduction and fp32 main "
+                         "parameters of the shards have not been compared with DDP's on a GPU)")
 
 
 def is_torch_fsdp2(chunk) -> bool:
@@ -118,6 +131,7 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
             if self.expert_gradient_scale != 1.0:
                 for unit in self.expert_units:
                     _scale_local_gradients(unit, self.expert_gradient_scale)
+            _sum_head_shared_gradients_over_tp(self.module)
 
         def scale_gradients(self, scaling_factor) -> None:
             """finalize_model_grads' 1 / (tokens of the global batch) under --calculate-per-token-loss
@@ -200,6 +214,31 @@ def _sum_gradients_over_the_mesh(module: torch.nn.Module, flags: str) -> None:
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
+
+
+def _sum_head_shared_gradients_over_tp(module: torch.nn.Module) -> None:
+    """The gradients of the parameters that lasp2's mixers share between heads split over TP
+    (megatron_patches.common.sum_grad_over_tp: a norm scale for every head) summed over their TP
+    group. Under DDP a hook on the parameter does it; FSDP2 made a new (sharded) parameter, so
+    the hook never runs. The TP ranks' FSDP2 meshes shard alike (rank i of each dp-cp group holds
+    the same rows), so the local shards are summed, after FSDP2's reduction over dp-cp: the two
+    sums commute, as do finalize_model_grads' later scalings."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from megatron_patches.common import GRAD_SUMMED_OVER_TP
+
+    by_group = {}
+    for param in module.parameters():
+        group = getattr(param, GRAD_SUMMED_OVER_TP, None)
+        if group is not None and param.grad is not None:
+            by_group.setdefault(group, []).append(param)
+    with torch.no_grad():
+        for group, params in by_group.items():  # the same parameters, in the same order, on every TP rank
+            shards = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            summed = _flatten_dense_tensors(shards)
+            torch.distributed.all_reduce(summed, group=group)
+            for shard, value in zip(shards, _unflatten_dense_tensors(summed, shards)):
+                shard.copy_(value)
 
 
 def _scale_local_gradients(module: torch.nn.Module, factor) -> None:

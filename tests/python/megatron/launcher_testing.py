@@ -60,8 +60,8 @@ def _tp_group(param):
 
 
 def set_weights(chunks):
-    """Every parameter from initial_value: whole, this rank's TP shard of the whole value, or,
-    under FSDP2 (TP 1), a DTensor whose shards are cut from it. The launcher's after_model_build
+    """Every parameter from initial_value: whole or this rank's TP shard of the whole value;
+    under FSDP2 a DTensor whose dp-cp shards are cut from that. The launcher's after_model_build
     hook."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -88,16 +88,15 @@ def run_launcher(argv, after_model_build=set_weights, **kwargs):
 
 
 def _whole(param):
-    """A parameter's whole value (FSDP2's DTensors and TP shards are gathered: collectives, in
-    the same order on every rank)."""
+    """A parameter's whole value: an FSDP2 DTensor gathered over its dp-cp mesh (this TP rank's
+    shard), then a TP shard over its TP group (collectives, in the same order on every rank)."""
     full_tensor = getattr(param, "full_tensor", None)
-    if full_tensor is not None:
-        return full_tensor().detach().clone()
+    value = (full_tensor() if full_tensor is not None else param).detach().clone()
     group = _tp_group(param)
     if group is None:
-        return param.detach().clone()
-    parts = [torch.empty_like(param) for _ in range(group.size())]
-    dist.all_gather(parts, param.detach().contiguous(), group=group)
+        return value
+    parts = [torch.empty_like(value) for _ in range(group.size())]
+    dist.all_gather(parts, value.contiguous(), group=group)
     return torch.cat(parts, param.partition_dim)
 
 

@@ -2,6 +2,7 @@
 (one process, no process group)."""
 
 import argparse
+import re
 import sys
 import types
 
@@ -463,22 +464,27 @@ def test_kda_layer_shapes_and_provider():
     assert kinds == ["G", "K"]
 
 
-@pytest.mark.parametrize("extra, named", [
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
-    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size > 1"),
-    (["--bf16", "--device", "cuda"], "--bf16")])  # --bf16 is refused on the CPU before (CPU kernels are fp32)
-def test_launcher_refuses_torch_fsdp2_with_what_it_was_not_run_with(extra, named):
-    """--use-torch-fsdp2 is tested at TP 1, PP 1, fp32, the plain optimizer, with checkpoints
-    (tests/python/megatron/test_megatron_pretrain.py, test_megatron_fsdp2_checkpoint.py); other
-    settings stop at parse time."""
+@pytest.mark.parametrize("extra, refusal", [
+    # megatron-core's DistributedOptimizer iterates DDP's gradient buffers (model_chunk.buffers):
+    # let through, it failed with "TypeError: 'method' object is not iterable" (nn.Module.buffers)
+    (["--use-distributed-optimizer"], "--use-torch-fsdp2 and --use-distributed-optimizer exclude each other: "
+                                      "megatron-core's distributed optimizer shards DDP's gradient buffers"),
+    (["--bf16", "--device", "cuda"], "--use-torch-fsdp2 is tested in fp32, not with --bf16")])  # CPU: refused before
+def test_launcher_refuses_torch_fsdp2_with_what_it_cannot_or_was_not_run_with(extra, refusal):
+    """--use-torch-fsdp2 is tested with TP, PP (and VPP), CP, EP, the per-token loss and
+    checkpoints (test_megatron_fsdp2_tp_pp.py, test_megatron_pretrain.py,
+    test_megatron_fsdp2_checkpoint.py, test_megatron_moe_fsdp_ep.py); the distributed optimizer
+    and --bf16 stop at parse time."""
     from megatron_patches import pretrain_gpt
 
     # --calculate-per-token-loss was refused until FSDP2 summed over dp-cp and divided by the tokens,
-    # --save / --load until megatron_patches.fsdp2_checkpoint placed the shards
-    for accepted in ([], ["--calculate-per-token-loss"], ["--save", "ckpt", "--load", "ckpt"]):
+    # --save / --load until megatron_patches.fsdp2_checkpoint placed the shards, TP > 1 and PP > 1
+    # until test_megatron_fsdp2_tp_pp.py
+    for accepted in ([], ["--calculate-per-token-loss"], ["--save", "ckpt", "--load", "ckpt"],
+                     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                     ["--pipeline-model-parallel-size", "2"]):
         assert pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *accepted]).use_torch_fsdp2
-    with pytest.raises(SystemExit, match=f"--use-torch-fsdp2 is tested .*not with {named}"):
+    with pytest.raises(SystemExit, match=re.escape(refusal)):
         pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *extra])
 
 

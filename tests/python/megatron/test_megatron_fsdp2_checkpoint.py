@@ -10,7 +10,9 @@ loss and every weight:
     keys, so either side loads the other's;
   * FSDP2 at DP 2 x CP 2 x EP 2 (the experts in units of their own over the expert-data-parallel
     group) resumed at the same layout, and at EP 1 (the optimizer state mapped from two optimizers
-    to one, megatron_patches.moe_checkpoint).
+    to one, megatron_patches.moe_checkpoint);
+  * FSDP2 at TP 2 x CP 2 x EP 2 (--sequence-parallel, expert TP 2) resumed by DDP at CP 1 x DP 4
+    x EP 1 (TP and FSDP2 both split fc1's dim 0; without TP and PP: test_megatron_fsdp2_tp_pp.py).
 Adam's update at step 3 depends on its moments and step: a resume that lost the moments, or
 loaded one rank's shard where another's belongs, moves the weights by ~lr = 1e-2.
 
@@ -39,11 +41,12 @@ pytest.importorskip("megatron.core")
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, config_errors_on_every_rank,  # noqa: E402
                              max_diff, set_weights, whole_weights)
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
-from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
+from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
 ADAM = HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01", "--train-iters", "3"]
 FSDP2 = ["--use-torch-fsdp2"]
-SAVES = {"fsdp2 cp2": _layout(2, 1) + FSDP2, "ddp cp1": _layout(1, 1), "fsdp2 cp2 ep2": _layout(2, 2) + FSDP2}
+SAVES = {"fsdp2 cp2": _layout(2, 1) + FSDP2, "ddp cp1": _layout(1, 1), "fsdp2 cp2 ep2": _layout(2, 2) + FSDP2,
+         "fsdp2 tp2 cp2 ep2": _layout(2, 2) + TP2 + FSDP2}
 RESUMES = {  # name: (the saving run, the resuming run's flags)
     "fsdp2 cp2 to fsdp2 cp2": ("fsdp2 cp2", _layout(2, 1) + FSDP2),
     "fsdp2 cp2 to ddp cp1": ("fsdp2 cp2", _layout(1, 1)),
@@ -52,6 +55,8 @@ RESUMES = {  # name: (the saving run, the resuming run's flags)
     "fsdp2 cp2 ep2 to fsdp2 cp2 ep2": ("fsdp2 cp2 ep2", _layout(2, 2) + FSDP2),
     # across EP 2 -> EP 1: the optimizer state mapped by megatron_patches.moe_checkpoint
     "fsdp2 cp2 ep2 to fsdp2 cp2 ep1": ("fsdp2 cp2 ep2", _layout(2, 1) + FSDP2),
+    # TP 2 (expert TP 2: fc1 split along dim 0 by TP and FSDP2 both) x EP 2 to DDP at TP 1 x EP 1
+    "fsdp2 tp2 cp2 ep2 to ddp cp1": ("fsdp2 tp2 cp2 ep2", _layout(1, 1)),
 }
 
 

@@ -4,7 +4,8 @@ The LGSL hybrid with 4 experts top-2 (load-balancing loss on) of test_megatron_m
 three SGD steps with FSDP2 at DP 2 x CP 2, has megatron-core's DDP's losses, logged
 load_balancing_loss, last-step gradient norm and every weight, experts included:
   * at EP 2 and at EP 4 (one rank per expert-data-parallel group) against DDP at CP 1 x DP 4
-    x EP 1;
+    x EP 1, and at TP 2 x CP 2 x EP 2 with --sequence-parallel (expert TP 2; test_megatron_fsdp2_tp_pp.py
+    has FSDP2 with TP and PP without MoE);
   * with --calculate-per-token-loss and a shared expert at EP 2 against DDP with both at the
     same layout (CP 2 x EP 2): megatron-core scales the load-balancing loss by the CP size only
     without a per-token loss (schedules.forward_step_calc_loss), so with it CP 2 and CP 1 differ
@@ -41,7 +42,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
-from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
+from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
 
 STEPS = ["--train-iters", "3"]
 FSDP2 = ["--use-torch-fsdp2"]
@@ -53,11 +54,13 @@ RUNS = {  # name: flags; DP = 4 / CP
     "ddp cp1 ep1": _layout(1, 1),
     "fsdp2 cp2 ep2": _layout(2, 2) + FSDP2,
     "fsdp2 cp2 ep4": _layout(2, 4) + FSDP2,  # one rank per expert-data-parallel group
+    # TP 2 (expert TP 2, --sequence-parallel): dp-cp is 2 ranks, expert-dp 1
+    "fsdp2 tp2 cp2 ep2": _layout(2, 2) + TP2 + FSDP2,
     # DDP at the same layout: megatron-core's per-token load-balancing loss differs with CP
     "ddp cp2 ep2 per-token shared": _layout(2, 2) + PER_TOKEN + SHARED,
     "fsdp2 cp2 ep2 per-token shared": _layout(2, 2) + FSDP2 + PER_TOKEN + SHARED,
 }
-REFERENCE = {"fsdp2 cp2 ep2": "ddp cp1 ep1", "fsdp2 cp2 ep4": "ddp cp1 ep1",
+REFERENCE = {"fsdp2 cp2 ep2": "ddp cp1 ep1", "fsdp2 cp2 ep4": "ddp cp1 ep1", "fsdp2 tp2 cp2 ep2": "ddp cp1 ep1",
              "fsdp2 cp2 ep2 per-token shared": "ddp cp2 ep2 per-token shared"}
 
 
@@ -116,15 +119,16 @@ def test_fsdp2_at_ep_above_1_equals_ddp(results, name):
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_fsdp2_shards_experts_over_the_expert_data_parallel_group(results, name):
     """Each rank holds 4 / EP experts per layer, as FSDP2 units over the expert-data-parallel
-    group (4 / EP ranks), summing their gradients; the other parameters over all 4 dp x cp
-    ranks, averaged (summed under the per-token loss)."""
+    group (4 / (TP x EP) ranks), summing their gradients; the other parameters over the 4 / TP
+    dp x cp ranks, averaged (summed under the per-token loss)."""
     ep = 4 if "ep4" in name else 2
+    tp = 2 if "tp2" in name else 1
     sharding = results[name]["sharding"]
     experts = {key: s for key, s in sharding.items() if ".mlp.experts." in key}
     dense = {key: s for key, s in sharding.items() if key not in experts}
     assert len(experts) == 4 * (4 // ep) * 2  # 4 layers x local experts x (fc1, fc2)
-    assert set(experts.values()) == {(True, 4 // ep, 1.0, True)}, experts
-    assert set(dense.values()) == {(False, 4, 1.0 if "per-token" in name else None, True)}, dense
+    assert set(experts.values()) == {(True, 4 // (tp * ep), 1.0, True)}, experts
+    assert set(dense.values()) == {(False, 4 // tp, 1.0 if "per-token" in name else None, True)}, dense
     shared = [key for key in dense if ".mlp.shared_experts." in key]
     assert len(shared) == (4 * 2 if "shared" in name else 0), shared  # 4 layers x (fc1, fc2)
 
