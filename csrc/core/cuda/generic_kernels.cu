@@ -5,7 +5,6 @@
 // fits (else in a global scratch slice of the block's own). Used for fp32 inputs
 // (the 1e-4 accuracy target excludes tf32 / bf16 tensor cores) and for sizes or
 // strides the tensor-core kernels do not take.
-#include "carried_state.cuh"
 #include "device_utils.cuh"
 #include "elem_dispatch.cuh"
 #include "pdl.cuh"
@@ -95,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) generic_state_kernel(StateArgs args,
       __syncthreads();
       for (int64_t e = tid; e < elems; e += kThreads) {
         const int i = static_cast<int>(e / db), j = static_cast<int>(e % db);
-        float s = ENTRY ? S[e] : weigh_carried(thr, S[e]);  // dropped, not times 0, at a document start
+        float s = ENTRY ? S[e] : S[e] * thr;
         for (int y = 0; y < nv; ++y) s += w[y] * A[y * LDA + i] * B[y * LDB + j];
         S[e] = s;
       }
@@ -222,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int
       __syncthreads();
       for (int64_t e = tid; e < elems; e += kThreads) {
         const int i = static_cast<int>(e / dv), j = static_cast<int>(e % dv);
-        float s = weigh_carried(thr, S[i * LDV + j]);  // dropped, not times 0, at a document start
+        float s = S[i * LDV + j] * thr;
         if (!kPrefix)
           for (int y = 0; y < nv; ++y) s += ext[y] * ka[y * LDA + i] * va[y * LDV + j];
         S[i * LDV + j] = s;
@@ -349,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
       __syncthreads();
       for (int64_t e = tid; e < elems; e += kThreads) {
         const int i = static_cast<int>(e / dv), j = static_cast<int>(e % dv);
-        float s = weigh_carried(thr, Dst[i * LDV + j]);  // dropped, not times 0, at a document start
+        float s = Dst[i * LDV + j] * thr;
         for (int x = 0; x < nv; ++x) s += ent[x] * q[x * LDK + i] * dO[x * LDV + j];
         Dst[i * LDV + j] = s;
       }

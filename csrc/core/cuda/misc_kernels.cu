@@ -252,14 +252,6 @@ __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const 
   }
 }
 
-// Horner's step of the part combines, acc = a * acc + part: a part holding a document
-// start or reset has a = exp(-inf) = 0, and what came before is dropped, not multiplied
-// (0 * inf = NaN would carry one document's non-finite values into the later ones;
-// session 23, as the CPU's combine.cpp). For a finite acc the same value, up to a zero's sign.
-__device__ __forceinline__ double combine_step(double a, double acc, float part) {
-  return a == 0.0 ? static_cast<double>(part) : a * acc + part;
-}
-
 __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_parts,
                                                       const float* log_decays, int target,
                                                       int64_t bh_count, int64_t elems, bool suffix,
@@ -273,12 +265,12 @@ __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_p
   if (!suffix) {
     for (int m = 0; m < target; ++m) {
       const double a = exp(static_cast<double>(log_decays[m * bh_count + i]));
-      acc = combine_step(a, acc, parts.p[m][i * elems + e]);
+      acc = a * acc + parts.p[m][i * elems + e];
     }
   } else {
     for (int m = num_parts - 1; m > target; --m) {
       const double a = exp(static_cast<double>(log_decays[m * bh_count + i]));
-      acc = combine_step(a, acc, parts.p[m][i * elems + e]);
+      acc = a * acc + parts.p[m][i * elems + e];
     }
   }
   out[i * elems + e] = static_cast<float>(acc);
@@ -295,8 +287,7 @@ __global__ void __launch_bounds__(256) state_dot_kernel(const float* prefix, con
   double s = 0.0;
   for (int64_t e = threadIdx.x; e < elems; e += blockDim.x) {
     const int64_t idx = i * elems + e;
-    // S_out = exp(L) P + M: P skipped where exp(L) = 0 (combine_step's reason)
-    s += combine_step(a, prefix[idx], state[idx]) * static_cast<double>(dstate[idx]);
+    s += (a * prefix[idx] + state[idx]) * static_cast<double>(dstate[idx]);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);

@@ -12,12 +12,9 @@ namespace lasp2::cuda {
 __device__ __forceinline__ float segment_decay(float L) { return __expf(L); }
 
 // The state leaving a segment of decay weight w (segment_decay) that `acc` entered and
-// whose own state is m. w = 0 (a document start or a -inf gate in the segment) selects m
-// instead of multiplying acc by 0: an inf or NaN of an earlier document would otherwise
-// reach every later one (0 * inf = NaN; session 23, the CPU scan skips the state alike).
-// For a finite acc the value of the fused multiply-add; only a zero's sign can differ.
+// whose own state is m (w = 0: m, for a finite acc).
 __device__ __forceinline__ float segment_scan_step(float w, float acc, float m) {
-  return w == 0.f ? m : __fmaf_rn(acc, w, m);
+  return __fmaf_rn(acc, w, m);
 }
 
 }  // namespace lasp2::cuda

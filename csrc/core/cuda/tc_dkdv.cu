@@ -53,7 +53,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include "carried_state.cuh"
 #include "device_utils.cuh"
 #include "pdl.cuh"
 #include "route.h"         // device_info: the opt-in shared memory of the staged stores
@@ -119,13 +118,12 @@ __device__ __forceinline__ void scale_exit(float (&acc)[RM][4][4], const int (&t
   for (int j = 0; j < 4; ++j) {
     const int y = 16 * tb[j >> 1] + 8 * (j & 1) + 2 * (lane & 3);
     const float e0 = extw[y], e1 = extw[y + 1];
-    // the state gradient's part, skipped (not times 0) before a document start
 #pragma unroll
     for (int m = 0; m < RM; ++m) {
-      acc[m][j][0] = weigh_carried(e0, acc[m][j][0]);
-      acc[m][j][1] = weigh_carried(e1, acc[m][j][1]);
-      acc[m][j][2] = weigh_carried(e0, acc[m][j][2]);
-      acc[m][j][3] = weigh_carried(e1, acc[m][j][3]);
+      acc[m][j][0] *= e0;
+      acc[m][j][1] *= e1;
+      acc[m][j][2] *= e0;
+      acc[m][j][3] *= e1;
     }
   }
 }
@@ -613,7 +611,7 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
 #pragma unroll
         for (int j = 0; j < HC / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) Ds[m][j][e] = weigh_carried(through, Ds[m][j][e]);  // 0 at a document start
+          for (int e = 0; e < 4; ++e) Ds[m][j][e] *= through;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const int x = 16 * kk + 2 * (lane & 3);

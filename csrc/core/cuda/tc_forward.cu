@@ -31,7 +31,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include "carried_state.cuh"
 #include "device_utils.cuh"
 #include "pdl.cuh"
 #include "route.h"  // device_info: the opt-in shared memory of variant 10
@@ -457,11 +456,10 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       for (int j = 0; j < 8; ++j) {
         const int y = 8 * j + 2 * (lane & 3);
         const float e0 = entw[y], e1 = entw[y + 1];
-        // the state's part of the row, skipped (not times 0) past a document start
-        o[j][0] = weigh_carried(e0, o[j][0]);
-        o[j][1] = weigh_carried(e1, o[j][1]);
-        o[j][2] = weigh_carried(e0, o[j][2]);
-        o[j][3] = weigh_carried(e1, o[j][3]);
+        o[j][0] *= e0;
+        o[j][1] *= e1;
+        o[j][2] *= e0;
+        o[j][3] *= e1;
       }
       uint32_t vf[4][4];
       if (!kPrefix) {
@@ -558,11 +556,11 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
           }
         }
       }
-      // state update (through = 0 past a document start: the state dropped, not times 0)
+      // state update
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) S[j][e] = weigh_carried(through, S[j][e]);
+        for (int e = 0; e < 4; ++e) S[j][e] *= through;
       if (!kPrefix) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {

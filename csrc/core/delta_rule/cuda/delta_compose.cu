@@ -15,15 +15,6 @@
 namespace lasp2::delta::gpu {
 namespace {
 
-// s += a x, skipped where the map entry a is 0: a segment or part holding a document start
-// has a zero map (the state entering it is forgotten), and 0 * inf = NaN from an earlier
-// document's non-finite values would reach the later ones (session 23; the CPU's
-// map_product skips zero entries alike). For a finite x the same value (the same fused
-// multiply-add where a != 0).
-__device__ __forceinline__ void add_map_term(float& s, float a, float x) {
-  if (a != 0.f) s += a * x;
-}
-
 // ---- composition over segments --------------------------------------------------------------
 constexpr int kComposeCols = 32, kComposeThreads = 256;
 constexpr int kComposeRows = kMaxDim / (kComposeThreads / kComposeCols);  // rows per thread
@@ -64,14 +55,14 @@ __global__ void __launch_bounds__(kComposeThreads) compose_kernel(Problem p, Com
       float s0 = 0.f, s1 = 0.f;
       if (transposed) {
         for (int m = 0; m < dk; m += 2) {
-          add_map_term(s0, A[static_cast<int64_t>(m) * dk + i], X[m][c]);
-          if (m + 1 < dk) add_map_term(s1, A[static_cast<int64_t>(m + 1) * dk + i], X[m + 1][c]);
+          s0 += A[static_cast<int64_t>(m) * dk + i] * X[m][c];
+          if (m + 1 < dk) s1 += A[static_cast<int64_t>(m + 1) * dk + i] * X[m + 1][c];
         }
       } else {
         const float* row = A + static_cast<int64_t>(i) * dk;
         for (int m = 0; m < dk; m += 2) {
-          add_map_term(s0, row[m], X[m][c]);
-          if (m + 1 < dk) add_map_term(s1, row[m + 1], X[m + 1][c]);
+          s0 += row[m] * X[m][c];
+          if (m + 1 < dk) s1 += row[m + 1] * X[m + 1][c];
         }
       }
       float s = s0 + s1;
@@ -175,10 +166,10 @@ __global__ void __launch_bounds__(kMapThreads)
       const int i = e / dv, j = e % dv;
       float s = 0.f;
       if (transposed_add) {
-        for (int m = 0; m < dk; ++m) add_map_term(s, a[m * dk + i], xs[m * dv + j]);
+        for (int m = 0; m < dk; ++m) s += a[m * dk + i] * xs[m * dv + j];
         s += out[r * dk * dv + e];
       } else {
-        for (int m = 0; m < dk; ++m) add_map_term(s, a[i * dk + m], xs[m * dv + j]);
+        for (int m = 0; m < dk; ++m) s += a[i * dk + m] * xs[m * dv + j];
         if (y != nullptr) s += y[r * dk * dv + e];
       }
       acc[c] = s;
