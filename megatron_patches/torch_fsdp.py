@@ -266,6 +266,16 @@ def _forget_cached_meshes() -> None:
     _clear_sharding_prop_cache()
 
 
+def _param_groups(state) -> list:
+    """An FSDP2 unit's parameter groups: torch 2.13 keeps a list (`_fsdp_param_groups`), torch
+    2.11 (the GPU machine's) one group or None (`_fsdp_param_group`)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 def _check_parameter_meshes(module: torch.nn.Module) -> None:
     """Every FSDP2 parameter's DTensor mesh is the very mesh of its unit (the one fully_shard was
     given, whose group FSDP2 reduces over); an equal mesh of an earlier model would send
@@ -276,7 +286,7 @@ def _check_parameter_meshes(module: torch.nn.Module) -> None:
     for unit in module.modules():
         if not isinstance(unit, FSDPModule):
             continue
-        for group in unit._get_fsdp_state()._fsdp_param_groups:
+        for group in _param_groups(unit._get_fsdp_state()):
             for fsdp_param in group.fsdp_params:
                 if fsdp_param.sharded_param.device_mesh is not group.mesh_info.mesh:
                     name = names.get(id(fsdp_param.sharded_param), "a parameter")

@@ -7,7 +7,8 @@
 #   DECAY=gate bash scripts/megatron_gpu_check.sh (per-token gates: Lasp2LinearMixer's linear_gate)
 # PATTERN overrides the 12-letter layer pattern (L / G / K / S; e.g. PATTERN=LGLSLGLSLGLS); PATTERN=
 # (empty) leaves --hybrid-layer-pattern out, for layouts chosen by EXTRA. DIST replaces
-# --use-distributed-optimizer (DIST=--use-torch-fsdp2 for FSDP2); EXTRA is appended, e.g.
+# --use-distributed-optimizer (DIST=--use-torch-fsdp2 for FSDP2, which the launcher refuses with
+# --bf16: PRECISION= runs it in fp32); EXTRA is appended, e.g.
 #   PATTERN= EXTRA="--experimental-attention-variant gated_delta_net --linear-attention-freq 4" bash ...
 #   EXTRA="--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 1024 --disable-bias-linear" bash ...
 set -euo pipefail
@@ -24,7 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c 'import transformer_engine' 2>/dev/null; then IMPL=transformer_engine; else IMPL=local; fi
 echo "spec: $IMPL, pattern ${PATTERN:-(none)}, decay $DECAY, $DIST $EXTRA"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m megatron_patches.pretrain_gpt \
-  --device cuda --bf16 $DIST --transformer-impl "$IMPL" \
+  --device cuda ${PRECISION---bf16} $DIST --transformer-impl "$IMPL" \
   --num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048 --vocab-size 32000 \
   "${LAYOUT[@]}" --sp-provider lasp2 --linear-attention-decay "$DECAY" \
   --micro-batch-size 4 --global-batch-size 16 --train-iters 50 --lr 3e-4 --optimizer adam \
