@@ -112,13 +112,6 @@ struct FwdArgs {
   float scale = 1.f;
   float* qdq = nullptr;        // [B, T, H] fp32 contiguous
   float* scratch = nullptr;    // generic path: per-block state when it does not fit in smem
-  // The prefix scan folded into the tensor-core kFwd / kDq kernels' prologue
-  // (LASP2_CUDA_SCAN_FOLD, passes.cpp: run_output): `state` then holds the unscanned
-  // segment states ([bh][nseg][elems], strides state_bh and state_seg) and the block of
-  // segment s scans segments 0 .. s - 1 itself from fold_init (null: zeros) with segL.
-  int fold_scan = 0;
-  const float* fold_init = nullptr;  // [bh][elems]
-  float* fold_zero_last = nullptr;   // kept states: the last segment's slot gets zeros (as the scan's m_out)
 };
 
 // dk, dv (and the per-token dg terms) by a reverse walk of each segment.

@@ -7,7 +7,6 @@
 #include "device_utils.cuh"
 #include "lasp2/types.h"
 #include "pdl.cuh"
-#include "scan_step.cuh"
 #include "segment_scan.h"
 
 namespace lasp2::cuda {
@@ -215,7 +214,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
       if (i >= nseg) break;
       const int s = suffix ? nseg - 1 - i : i;
       if (write_segments) x[s * elems] = acc;
-      acc = segment_scan_step(segment_decay(L[s]), acc, m[j]);
+      acc = __expf(L[s]) * acc + m[j];  // exp(-inf) = 0: a document start blocks the state
     }
   }
   if (final_out != nullptr) final_out[bh * elems + e] = acc;

@@ -1,7 +1,6 @@
 #include "passes.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -81,19 +80,6 @@ int state_copy_stages(int D) {
                   std::to_string(device_info().smem_optin));
   return n;
 }
-
-// LASP2_CUDA_SCAN_FOLD=1 (session 21; unset / 0: off, the default until measured on a GPU):
-// the tensor-core output and dq passes (kFwd, kDq) compute their blocks' entering states
-// themselves from the unscanned segment states (tc_forward.cu: fold_entering_state)
-// instead of after a scan kernel: one launch and one DRAM round trip of the entering
-// states fewer per pass (the scan took ~6.5-7 us at 64K tokens, plus its launch gap);
-// each block instead reads the states of the segments before its own. The same fp32
-// operations in the same order: the same bits. Only where the scan would add no pieces of
-// a split walk (fixed decays split by default: they keep the scan), never in the generic
-// kernels or the prefix mode. Read per call so that a test can switch it.
-bool scan_fold_enabled() { return env_int("LASP2_CUDA_SCAN_FOLD", 0) != 0; }
-
-std::atomic<int64_t> g_scan_folds{0};  // output passes run with the scan folded (the tests)
 
 // The state passes of the output / dq pass and of the dk/dv pass leave out the one segment
 // state their scan never reads (launch_segment_scan: last_unread): the prefix scan's
@@ -206,13 +192,8 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   const View k = view_of(p.k), v = view_of(p.v);
   // the segment-state pass, if any (none when the forward's states are read back)
   const int sD = need_states && !read_kept ? state_dim(p, k, v) : 0;
-  // the scan folded into the output kernel (scan_fold_enabled): states read back are whole
-  const bool fold = need_states && D > 0 && mode != FwdMode::kPrefix && scan_fold_enabled() &&
-                    (read_kept || state_pieces(p, g, sD) == 1);
-  // scratch for the states unless the folded scan reads them from `keep` or `kept`
-  const bool scratch_states = need_states && !(fold && (read_kept || pass.keep != nullptr));
   ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
-  layout.seg_states = scratch_states ? g.bh() * g.nseg * se : 0;
+  layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
   layout.block_states =
       smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
   add_state_split(layout, p, g, sD);
@@ -251,19 +232,9 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
       M = out;
       if (out != s.seg_states) whole = out;
     }
-    if (fold) {
-      // no scan: the output kernel's blocks scan M themselves (no pieces to add; the
-      // last-segment blocks zero the kept states' last slot, as the scan's m_out does)
-      a.state = M;
-      a.fold_scan = 1;
-      a.fold_init = pass.initial_state;
-      a.fold_zero_last = whole;
-      g_scan_folds.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      launch_segment_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                          pass.initial_state, nullptr, nullptr, pieces, whole, true, c.stream);
-      a.state = s.seg_states;
-    }
+    launch_segment_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
+                        pass.initial_state, nullptr, nullptr, pieces, whole, true, c.stream);
+    a.state = s.seg_states;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
   } else {
@@ -274,8 +245,6 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   if (D > 0) launch_tc_fwd(elem_of(p.dtype), D, a, mode, c.stream);
   else launch_generic_fwd(elem_of(p.dtype), a, mode, smem_state, c.stream);
 }
-
-int64_t scan_folded_passes() { return g_scan_folds.load(std::memory_order_relaxed); }
 
 namespace {
 // The tile dimension both output modes would take with aligned views (no view checks).

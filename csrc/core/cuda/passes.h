@@ -42,9 +42,6 @@ struct OutputPass {
 };
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
                 const OutputPass& pass);
-// Output passes run so far with the prefix scan folded into the output kernel
-// (LASP2_CUDA_SCAN_FOLD; for the tests: the knob took effect).
-int64_t scan_folded_passes();
 
 // The segments of the output pass when it keeps or reads states: chosen from the params
 // (dtype, dims, batch x heads, device) and the part alone, not from the views' alignment,

@@ -34,7 +34,6 @@
 #include "device_utils.cuh"
 #include "pdl.cuh"
 #include "route.h"  // device_info: the opt-in shared memory of variant 10
-#include "scan_step.cuh"
 #include "tc_tile_map.cuh"  // the tensor maps (variants 6, 10); tma_copy.cuh's wrappers
 #include "tc_tiles.cuh"
 
@@ -160,76 +159,7 @@ constexpr bool fwd_tma_store() {
   return D == 128 && VAR == 10;
 }
 
-// The state entering the block's segment with the prefix scan folded in
-// (FwdArgs::fold_scan; LASP2_CUDA_SCAN_FOLD, session 21): instead of a scan kernel writing
-// every entering state to DRAM for this kernel to read, each block runs the scan's
-// recurrence over the unscanned states of the segments before its own, per element, with
-// the scan's operations in its order (segment_scan_step; no term skipped, so also a -inf
-// log decay, an overflowed state or a signed zero give the scan's bits). The layout of S
-// and the element each entry holds: tc_fwd_kernel's load below. The last segment's block
-// also writes the zeros the scan's m_out leaves in kept states' unread last slot
-// (segment_scan.h: last_unread); no block reads that slot.
-template <int D>
-__device__ __forceinline__ void fold_entering_state(const FwdArgs& args, const Geom& g, const SegmentBlock& blk,
-                                                    int warp, int lane, float (&S)[D / 8][4]) {
-  const int da = args.da, dv = args.dv;
-  const int64_t se = args.state_seg;
-  // this thread's entry (j, e) is state element idx[j][e]; one outside da x dv stays 0
-  // (its idx is 0, loaded and not used: every load unconditional, so that a segment's are
-  // all in flight before its multiply-adds)
-  int idx[D / 8][4];
-  bool in[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int jj = 16 * warp + (lane >> 2) + 8 * (e >> 1);
-      const int ii = 8 * j + 2 * (lane & 3) + (e & 1);
-      in[j][e] = jj < dv && ii < da;
-      idx[j][e] = in[j][e] ? (args.state_transposed ? jj * da + ii : ii * dv + jj) : 0;
-    }
-  }
-  const float* init = args.fold_init != nullptr ? args.fold_init + blk.bh * se : nullptr;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) S[j][e] = init != nullptr && in[j][e] ? init[idx[j][e]] : 0.f;
-  const float* M = args.state + blk.bh * args.state_bh;
-  const float* L = args.segL + blk.bh * g.nseg;
-  // 32 loads in flight a thread at a time (all 64 at D = 128 made the dq kernels spill)
-  constexpr int kJ = D / 8 < 8 ? D / 8 : 8;
-  for (int s = 0; s < blk.seg; ++s) {
-    const float* Ms = M + s * se;
-    const float w = segment_decay(L[s]);
-#pragma unroll
-    for (int j0 = 0; j0 < D / 8; j0 += kJ) {
-      float m[kJ][4];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) m[j][e] = Ms[idx[j0 + j][e]];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (in[j0 + j][e]) S[j0 + j][e] = segment_scan_step(w, S[j0 + j][e], m[j][e]);
-    }
-  }
-  if (args.fold_zero_last != nullptr && blk.seg == g.nseg - 1) {
-    float* z = args.fold_zero_last + blk.bh * args.state_bh + blk.seg * se;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (in[j][e]) z[idx[j][e]] = 0.f;
-  }
-}
-
-// FOLD (LASP2_CUDA_SCAN_FOLD, output and dq modes): the entering state by
-// fold_entering_state; its own instantiations, so that the kernels without it (the
-// default) are the code of before (in one kernel for both, the fold's loads raised
-// D = 128's registers from ~200 to 255).
-template <typename T, int D, int MODE, int VAR, typename P = FwdArgs, bool FOLD = false>
+template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
     tc_fwd_kernel(const __grid_constant__ P args) {
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
@@ -286,10 +216,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 
   // Entering state, as S_a^T: row = output dim (16 warp + ...), column = qa dim.
   float S[D / 8][4];
-  if constexpr (FOLD) {
-    static_assert(!kPrefix, "the prefix mode has no scan to fold");
-    fold_entering_state<D>(args, g, blk, warp, lane, S);
-  } else {
+  {
     const float* E = seg_state(args.state, blk.bh, blk.seg, args.state_bh, args.state_seg);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
@@ -619,11 +546,11 @@ int fwd_kernel_variant() {
 // Variant VAR (6 or 10) where it can run (sm_90 code on an sm_90 device, every map
 // encodable, variant 10 within the device's shared memory); false (nothing launched)
 // otherwise.
-template <typename T, int D, int MODE, int VAR, bool FOLD>
+template <typename T, int D, int MODE, int VAR>
 bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   constexpr bool kStore = fwd_tma_store<D, VAR>();
   using P = std::conditional_t<kStore, FwdTmaStoreArgs, FwdTmaArgs>;
-  auto k = tc_fwd_kernel<T, D, MODE, VAR, P, FOLD>;
+  auto k = tc_fwd_kernel<T, D, MODE, VAR, P>;
   using L = FwdLayout<D, MODE, kStore>;
   constexpr int smem = L::kBytes + 8 * L::NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
@@ -644,27 +571,27 @@ bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
 // The tensor-map kernel: variant 10 (unless var == 6) where it runs, else variant 6 (10
 // needs the meta 16-byte aligned for its bulk copies, at D = 128 a map of the output view,
 // and its shared memory); false (nothing launched) where neither runs.
-template <typename T, int D, int MODE, bool FOLD>
+template <typename T, int D, int MODE>
 bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
-  if (var != 6 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0 && launch_fwd_tma_var<T, D, MODE, 10, FOLD>(a, s))
+  if (var != 6 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0 && launch_fwd_tma_var<T, D, MODE, 10>(a, s))
     return true;
-  return launch_fwd_tma_var<T, D, MODE, 6, FOLD>(a, s);
+  return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
 }
 
 // Output and dq: variant 10 (6 where 10 cannot run or by the knob; the tensor-map kernels)
 // unless forced off or neither can run, then the cp.async kernels (variant 2, or 0 at
 // D = 64 with LASP2_CUDA_FWD_KERNEL=old).
-template <typename T, int D, int MODE, bool FOLD>
+template <typename T, int D, int MODE>
 void launch_fwd_t(const FwdArgs& a, cudaStream_t s) {
   constexpr int smem = FwdLayout<D, MODE>::kBytes;
   constexpr bool kVariants = D == 64 && MODE != static_cast<int>(FwdMode::kPrefix);
-  auto k = tc_fwd_kernel<T, D, MODE, 2, FwdArgs, FOLD>;
+  auto k = tc_fwd_kernel<T, D, MODE, 2>;
   if constexpr (MODE != static_cast<int>(FwdMode::kPrefix)) {
     const int var = fwd_kernel_variant();
     const bool old = kVariants && var == 0;
-    if (!old && !tile_copy_forced_cp_async() && launch_fwd_tma<T, D, MODE, FOLD>(a, var, s)) return;
+    if (!old && !tile_copy_forced_cp_async() && launch_fwd_tma<T, D, MODE>(a, var, s)) return;
     if constexpr (kVariants) {
-      if (old) k = tc_fwd_kernel<T, D, MODE, 0, FwdArgs, FOLD>;
+      if (old) k = tc_fwd_kernel<T, D, MODE, 0>;
     }
   }
   allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
@@ -675,15 +602,13 @@ template <typename T, int D>
 void launch_fwd_mode(const FwdArgs& a, FwdMode mode, cudaStream_t s) {
   switch (mode) {
     case FwdMode::kFwd:
-      if (a.fold_scan) launch_fwd_t<T, D, 0, true>(a, s);
-      else launch_fwd_t<T, D, 0, false>(a, s);
+      launch_fwd_t<T, D, 0>(a, s);
       break;
     case FwdMode::kDq:
-      if (a.fold_scan) launch_fwd_t<T, D, 1, true>(a, s);
-      else launch_fwd_t<T, D, 1, false>(a, s);
+      launch_fwd_t<T, D, 1>(a, s);
       break;
     case FwdMode::kPrefix:
-      launch_fwd_t<T, D, 2, false>(a, s);  // (run_output folds no prefix scan)
+      launch_fwd_t<T, D, 2>(a, s);
       break;
   }
 }

@@ -1,10 +1,9 @@
 // Everything the scalar family's CUDA backend computes for one OpCase, as bits, for the
 // tests of knobs that must change no bit (test_cuda_state_stages.cpp: the state walk's
-// copy ring; test_cuda_scan_fold.cpp: the scan folded into the output kernels): the
-// state passes and the walking passes that read segment states over the case's part
-// (from a given entering state), the forward's kept states, then lasp2_forward +
-// lasp2_backward of the whole problem on one rank (which keeps states and reads them
-// back), with its kept states. The caller sets the knobs around run_pass_bits.
+// copy ring): the state passes and the walking passes that read segment states over the
+// case's part (from a given entering state), the forward's kept states, then
+// lasp2_forward + lasp2_backward of the whole problem on one rank (which keeps states and
+// reads them back), with its kept states. The caller sets the knobs around run_pass_bits.
 #pragma once
 
 #include <gtest/gtest.h>
