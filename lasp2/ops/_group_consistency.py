@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from lasp2.distributed.collectives import all_gather_single
 from lasp2.distributed.communicator import check_group
-from lasp2.ops._checks import positive_flag
+from lasp2.ops._checks import DTYPE_CODES, positive_flag
 
 ROW = 32  # int64 slots per rank: header (3) + fields
 _HEADER = 3  # op code, number of fields (or _FAILED), mode + 2 * number of size fields
@@ -128,10 +128,7 @@ def tensor_bits_digest(x: Optional[torch.Tensor]):
     index = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64)
     # int64 products wrap: still a fixed function of the bits, the same on every rank
     sums = torch.stack(((bits * (2 * index + 1)).sum(), ((bits ^ (index * 0x5851F42D4C957F2D)) * 0x2545F4914F6CDD1D).sum()))
-    return [*map(int, sums.tolist()), *x.shape, DTYPE_BITS.get(x.dtype, -1)]
-
-
-DTYPE_BITS = {torch.float64: 64, torch.float32: 32, torch.bfloat16: 16, torch.float16: 17}
+    return [*map(int, sums.tolist()), *x.shape, DTYPE_CODES.get(x.dtype, -1)]
 
 
 _TENSOR_DIGEST: list = [None, -1, 0]  # the last tensor digested (kept alive, so its id stays its own), version, digest

@@ -175,7 +175,9 @@ def linear_attention(
             token's decay applies to it, as in fla) wherever that token lives. Every
             rank of a group passes the same values (as the final states it usually
             comes from are): ranks whose copies differ all raise ValueError naming
-            `initial_state` (eager calls; a CUDA state's values are read on the host).
+            `initial_state` (compared by a digest computed on the device: on CPU at
+            this call, on CUDA up to a few calls later, as for `decay`;
+            docs/reliability.md).
             Its gradient on a rank is that rank's share: summed over the group (as the
             data/context-parallel gradient reduction does) it is one process's.
             Providers "lasp2" and "lasp1" (and one device).
