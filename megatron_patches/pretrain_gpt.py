@@ -187,10 +187,15 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
 def build_optimizer(args, chunks):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    # Under --use-torch-fsdp2 the optimizer's parameters are FSDP2's fp32 shards, with --bf16 too
+    # (megatron_patches.torch_fsdp: bf16 in the forward only): they are the main parameters that
+    # DDP's bf16 optimizer (Float16OptimizerWithFloat16Params) keeps besides its bf16 ones, so
+    # megatron-core's FP32Optimizer steps them (neither loss-scales bf16)
+    bf16_params = args.bf16 and not args.use_torch_fsdp2
     config = OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
-        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        bf16=bf16_params, params_dtype=torch.bfloat16 if bf16_params else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer)
     return get_megatron_optimizer(config, chunks, use_gloo_process_groups=args.distributed_backend != "gloo")
 
