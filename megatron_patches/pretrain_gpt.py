@@ -328,9 +328,10 @@ def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
     # the expert-parallel size the optimizer state was laid out for (moe_checkpoint.optimizer_layout_changes)
     state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
     if optimizer is not None:  # checked at --load (checkpointing.check_optimizer_kind)
-        from megatron_patches.checkpointing import optimizer_kind
+        from megatron_patches.checkpointing import main_params, optimizer_kind
 
         state["optimizer_kind"] = optimizer_kind(optimizer)
+        state["main_params"] = main_params(optimizer)  # checked at --load (checkpointing.check_main_params)
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
@@ -426,6 +427,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         from megatron_patches.checkpointing import check_optimizer_kind
 
         check_optimizer_kind(saved.get("optimizer_kind"), optimizer)  # after the EP check: its message is more specific
+        from megatron_patches.checkpointing import check_main_params
+
+        check_main_params(saved.get("main_params"), _is_fsdp2(chunks) and chunks[0].config.bf16)
         _init_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, iteration, True)
     if remap:

@@ -135,7 +135,8 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
     """`module` (a GPTModel) sharded with FSDP2 over `process_group` (default: megatron-core's
     dp-cp group; the tests pass the dp group to show that CP must be in it), one unit per
     transformer layer and, at EP > 1, one per MoE layer's experts over the expert-data-parallel
-    group."""
+    group. With config.bf16 (the model built in bf16) the units get DDP --bf16's mixed precision:
+    fp32 shards, bf16 compute, fp32 reduction (_Bf16MixedPrecisionSharding, module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig, TorchFullyShardedDataParallel
     from megatron.core.transformer.transformer_layer import TransformerLayer
