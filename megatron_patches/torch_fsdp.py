@@ -98,7 +98,10 @@ policy a unit) and is refused, naming both (lasp2's linear attention with
 --linear-attention-learnable-decay and its output norm). Measured on the CPU
 (test_megatron_fsdp2_bf16.py): with one micro-batch a step, or a 1-rank mesh, losses and fp32
 weights equal DDP --bf16's exactly; accumulating micro-batches, FSDP2 adds reduced gradients where
-DDP reduces the sum, an fp32 rounding apart, which bf16 rounding of the weights then spreads.
+DDP reduces the sum, an fp32 rounding apart, which bf16 rounding of the weights then spreads (on
+the CPU's gloo: equal too; with gradient clipping the norm of shards and of whole tensors differ
+in the last bit, spread the same way). At TP > 1 the head-shared scales summed over TP (above)
+are summed in fp32 here, where DDP's hook sums their bf16 gradient in bf16.
 Refused (check_torch_fsdp2_args): the distributed optimizer, which shards DDP's gradient buffers
 (FSDP2 has none, and already shards the optimizer state).
 """

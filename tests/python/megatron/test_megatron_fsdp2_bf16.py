@@ -5,11 +5,13 @@ RMSNorm of the local spec, whose weights the bf16 model keeps in fp32) is traine
 (bf16 parameters, gradients accumulated and reduced in fp32 main_grad, fp32 main parameters in
 Float16OptimizerWithFloat16Params) and by FSDP2 --bf16 (megatron_patches.torch_fsdp: fp32 shards,
 bf16 in the forward, gradients reduced in fp32, megatron-core's FP32Optimizer on the shards):
-four Adam steps at DP 2 and at CP 2 (one micro-batch a step), at PP 2 (four micro-batches, a 1-rank
-mesh), and two SGD steps at DP 2 with two micro-batches a step (FSDP2 reduces each and adds them,
+four Adam steps at DP 2, at CP 2 and at TP 2 with --sequence-parallel (one micro-batch a step),
+at PP 2 (four micro-batches; PP and TP on a 1-rank mesh), and two SGD steps at DP 2 with two micro-batches a step (FSDP2 reduces each and adds them,
 DDP adds them and reduces the sum). Losses, the last gradient norm and the fp32 main parameters
 agree; measured: losses and weights equal (0 apart), gradient norms to 6e-8 (the norm of shards
-summed over the mesh against DDP's of whole tensors). Both start from the model's own
+summed over the mesh against DDP's of whole tensors), except at TP 2 the out_norm scales whose
+gradient lasp2 sums over TP: 3.0e-5 apart, as DDP's hook sums the bf16 gradient in bf16 where FSDP2
+sums fp32 shards (held to 2e-4). Both start from the model's own
 initialization (FSDP2's fp32 shards are exact copies of the bf16 values). Gradient clipping is
 off: the clipping factor from those two norms differs in its last bit, which bf16 rounding of the
 weights then spreads (clipped at 1.0, four Adam steps with two micro-batches ended 7e-5 apart in
@@ -50,12 +52,15 @@ CASES = {  # name: flags (micro-batches a step: global batch / (micro batch x DP
     "dp2": ADAM + ["--global-batch-size", "2"],  # one
     "cp2": ADAM + ["--context-parallel-size", "2", "--global-batch-size", "1"],  # one
     "pp2": ADAM + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4"],  # four, a 1-rank mesh
+    # one, a 1-rank mesh: the sequence-parallel norms' and the head-shared out_norm's TP sums
+    "tp2 sp": ADAM + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--global-batch-size", "1"],
     "dp2 accumulating": SGD + ["--global-batch-size", "4"],  # two, each reduced by FSDP2, summed after
 }
 FSDP2 = ["--use-torch-fsdp2"]
 CONTROLS = ("reduce in bf16", "norms in bf16")
 CONTROLLED = ("dp2", "dp2 accumulating")
 LOSS_RTOL, GRAD_NORM_RTOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-5
+SUMMED_OVER_TP_ATOL = 2e-4
 
 
 def _train_bf16(argv):
@@ -71,19 +76,26 @@ def _train_bf16(argv):
 def _main_weights(run):
     """Every parameter's fp32 main value, whole, on every rank: DDP's from its bf16 optimizer
     (the fp32 copies of the bf16 parameters, the fp32 parameters themselves), FSDP2's shards
-    gathered. TP 1, so a rank's parameter is whole."""
+    gathered. Under TP each rank's part, by its name and TP rank (both runs split alike)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    from megatron.core import parallel_state as ps
+
     chunks = run["chunks"]
+    tp_rank = ps.get_tensor_model_parallel_rank()
     if any(isinstance(p, DTensor) for c in chunks for p in c.parameters()):
-        return whole_weights(chunks)
+        mine = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+                for name, p in global_named_params(chunks)}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {(k, tp_rank): v for k, v in mine.items()})
+        return {k: v for part in gathered for k, v in part.items()}
     optimizer = run["optimizer"]
     main = {}
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):  # one per parameter group kind
         for models, mains in zip(sub.float16_groups, sub.fp32_from_float16_groups):
             main.update({id(p): m for p, m in zip(models, mains)})
-    mine = {name: main.get(id(p), p).detach().float().clone() for name, p in global_named_params(chunks)}
+    mine = {(name, tp_rank): main.get(id(p), p).detach().float().clone() for name, p in global_named_params(chunks)}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in part.items()}
@@ -113,9 +125,13 @@ def _with_control(name):
 def _summary(run):
     from torch.distributed.tensor import DTensor
 
+    from megatron_patches.common import GRAD_SUMMED_OVER_TP
+
     params = [p for c in run["chunks"] for p in c.module.parameters()]
     return {"losses": run["losses"], "grad_norm": run["optimizer"].get_grad_norm(),
             "weights": _main_weights(run),
+            "summed_over_tp": {name for name, p in global_named_params(run["chunks"])
+                               if getattr(p, GRAD_SUMMED_OVER_TP, None) is not None},
             # FSDP2: every trained parameter an fp32 shard; frozen fp32 ones (fixed decays) as DDP's
             "dtypes": sorted({(type(p).__name__, str(p.dtype), p.requires_grad) for p in params})}
 
@@ -171,7 +187,16 @@ def _deviations(run, ref):
     difference) of a run against its DDP reference."""
     assert len(run["losses"]) == len(ref["losses"]) > 1
     loss = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref["losses"]))
-    return loss, abs(run["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"], max_diff(run["weights"], ref["weights"])
+    plain = {k for k in ref["weights"] if k[0] not in ref["summed_over_tp"]}
+    return (loss, abs(run["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
+            max_diff({k: run["weights"][k] for k in plain}, {k: ref["weights"][k] for k in plain}))
+
+
+def _summed_over_tp_deviation(run, ref):
+    """The largest weight difference of the parameters whose gradient lasp2 sums over TP (the
+    gated DeltaNet / KDA out_norm scale, shared by the heads TP splits; none at TP 1)."""
+    keys = {k for k in ref["weights"] if k[0] in ref["summed_over_tp"]}
+    return max_diff({k: run["weights"][k] for k in keys}, {k: ref["weights"][k] for k in keys}) if keys else 0.0
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -179,6 +204,11 @@ def test_fsdp2_bf16_trains_as_ddp_bf16(results, case):
     run, ref = results["fsdp2"][case], results["ddp"][case]
     loss, grad_norm, weights = _deviations(run, ref)
     assert loss <= LOSS_RTOL and grad_norm <= GRAD_NORM_RTOL and weights <= WEIGHT_ATOL, (loss, grad_norm, weights)
+    # DDP's hook sums their gradient over TP on the bf16 gradient, rounding to bf16 before its
+    # fp32 main_grad; FSDP2 sums its fp32 gradient shards: 3.0e-5 apart after four steps at TP 2
+    # (left out, the TP sum puts them 4.3e-3 off, see test_megatron_fsdp2_tp_pp.py)
+    assert _summed_over_tp_deviation(run, ref) <= SUMMED_OVER_TP_ATOL, _summed_over_tp_deviation(run, ref)
+    assert (case == "tp2 sp") == bool(ref["summed_over_tp"]), ref["summed_over_tp"]
     # DDP: bf16 parameters besides the fp32 ones the model builds (norms, decays); FSDP2: fp32
     # shards of every trained one, the frozen fp32 decays left out of FSDP2 (replicated)
     assert ("Parameter", "torch.bfloat16", True) in ref["dtypes"], ref["dtypes"]
