@@ -6,7 +6,8 @@ RMSNorm of the local spec, whose weights the bf16 model keeps in fp32) is traine
 Float16OptimizerWithFloat16Params) and by FSDP2 --bf16 (megatron_patches.torch_fsdp: fp32 shards,
 bf16 in the forward, gradients reduced in fp32, megatron-core's FP32Optimizer on the shards):
 four Adam steps at DP 2, at CP 2 and at TP 2 with --sequence-parallel (one micro-batch a step),
-at PP 2 (four micro-batches; PP and TP on a 1-rank mesh), and two SGD steps at DP 2 with two micro-batches a step (FSDP2 reduces each and adds them,
+at PP 2 (four micro-batches; PP and TP on a 1-rank mesh), with MoE at EP 2 (LGSL, 4 experts top-2,
+the experts' FSDP2 units over a 1-rank expert-dp group), and two SGD steps at DP 2 with two micro-batches a step (FSDP2 reduces each and adds them,
 DDP adds them and reduces the sum). Losses, the last gradient norm and the fp32 main parameters
 agree; measured: losses and weights equal (0 apart), gradient norms to 6e-8 (the norm of shards
 summed over the mesh against DDP's of whole tensors), except at TP 2 the out_norm scales whose
@@ -55,6 +56,10 @@ CASES = {  # name: flags (micro-batches a step: global batch / (micro batch x DP
     # one, a 1-rank mesh: the sequence-parallel norms' and the head-shared out_norm's TP sums
     "tp2 sp": ADAM + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--global-batch-size", "1"],
     "dp2 accumulating": SGD + ["--global-batch-size", "4"],  # two, each reduced by FSDP2, summed after
+    # one; MoE, 4 experts top-2 over EP 2: the experts' FSDP2 units over the expert-dp group (1 rank)
+    "dp2 ep2 moe": ADAM + ["--global-batch-size", "2", "--hybrid-layer-pattern", "LGSL", "--num-experts", "4",
+                           "--moe-router-topk", "2", "--expert-model-parallel-size", "2", "--disable-bias-linear",
+                           "--ffn-hidden-size", "32"],
 }
 FSDP2 = ["--use-torch-fsdp2"]
 CONTROLS = ("reduce in bf16", "norms in bf16")
