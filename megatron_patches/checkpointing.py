@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-__all__ = ["check_checkpoint_writer", "check_optimizer_kind", "first_error_on_any_rank", "optimizer_kind",
-           "own_step_count_per_parameter"]
+__all__ = ["check_checkpoint_writer", "check_main_params", "check_optimizer_kind", "first_error_on_any_rank",
+           "main_params", "optimizer_kind", "own_step_count_per_parameter"]
 
 
 def check_checkpoint_writer() -> None:
@@ -58,6 +58,31 @@ def check_optimizer_kind(saved_kind, optimizer) -> None:
         f"--load: this checkpoint was saved {'with' if saved_kind == 'distributed' else 'without'} {flag}; "
         f"loading it {'with' if kind == 'distributed' else 'without'} {flag} is not supported (the distributed "
         f"optimizer keeps fp32 main parameters under keys of its own). Resume with the same {flag} setting")
+
+
+def main_params(optimizer) -> str:
+    """Where a checkpoint holds the fp32 main parameters: "optimizer" (megatron-core's bf16
+    optimizer, DDP --bf16: bf16 weights, fp32 copies in the optimizer state) or "model" (the
+    weights themselves: fp32 runs, and --use-torch-fsdp2 --bf16, whose fp32 shards are them)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "optimizer" if any(isinstance(sub, Float16OptimizerWithFloat16Params) for sub in subs) else "model"
+
+
+def check_main_params(saved: Optional[str], fsdp2_bf16: bool) -> None:
+    """Raises Lasp2ConfigError where --use-torch-fsdp2 --bf16 (fp32 main parameters = its weights)
+    would load a checkpoint of DDP --bf16, whose weights are the bf16 roundings of the fp32 main
+    parameters kept in its optimizer state under keys FP32Optimizer does not read: the run would
+    go on from rounded main parameters. saved is None for checkpoints written before it was
+    recorded (not checked); other pairs are left to megatron-core."""
+    from megatron_patches.options import Lasp2ConfigError
+
+    if fsdp2_bf16 and saved == "optimizer":
+        raise Lasp2ConfigError(
+            "--load: this checkpoint was saved by DDP with --bf16 (bf16 weights, fp32 main parameters in its "
+            "optimizer state); --use-torch-fsdp2 with --bf16 keeps the fp32 main parameters as its weights and "
+            "would resume from their bf16 roundings. Resume it without --use-torch-fsdp2")
 
 
 def first_error_on_any_rank(error: Optional[str]) -> Optional[str]:

@@ -23,7 +23,8 @@ available unless force=True, and nothing in this package applies it implicitly.
                   distributed optimizer, gradient clipping and its local l2 norm in utils.py,
                   the loss scaler, finalize_model_grads, the DDP buffers); and their two checks
                   of CUDA type names (distrib_optimizer.py:420, clip_grads.py:167) see a CPU
-                  tensor's type under its CUDA name; the distributed optimizer's checkpoint
+                  tensor's type under its CUDA name, as does the bf16 optimizer's sorting of the
+                  parameters (optimizer.py:671, DDP --bf16); the distributed optimizer's checkpoint
                   gather / scatter (.cuda() copies, distrib_optimizer.py:1089) runs in place
   tied_embedding  PP: the last stage's copy of the tied embedding weight is moved with .cuda()
                   (language_module.py:244); there .cuda() leaves CPU tensors in place
@@ -163,6 +164,9 @@ def enable_cpu_execution(force: bool = False) -> List[str]:
     distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = classmethod(
         _as_on_cuda(build_groups))
     moptimizer.clip_grad_by_total_norm_fp32 = _as_on_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    # bf16 parameters (DDP --bf16): the bf16 optimizer sorts them by CUDA type name (optimizer.py:671)
+    moptimizer.Float16OptimizerWithFloat16Params.__init__ = _as_on_cuda(
+        moptimizer.Float16OptimizerWithFloat16Params.__init__)
     # Its checkpoint state is gathered and scattered over the DP group with .cuda() copies
     # (distrib_optimizer.py:1089 and the matching load paths).
     for name in ("sharded_state_dict", "load_state_dict"):

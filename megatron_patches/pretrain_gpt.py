@@ -187,10 +187,15 @@ def build_model(args, config, options: Lasp2Options) -> List[torch.nn.Module]:
 def build_optimizer(args, chunks):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    # Under --use-torch-fsdp2 the optimizer's parameters are FSDP2's fp32 shards, with --bf16 too
+    # (megatron_patches.torch_fsdp: bf16 in the forward only): they are the main parameters that
+    # DDP's bf16 optimizer (Float16OptimizerWithFloat16Params) keeps besides its bf16 ones, so
+    # megatron-core's FP32Optimizer steps them (neither loss-scales bf16)
+    bf16_params = args.bf16 and not args.use_torch_fsdp2
     config = OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
-        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        bf16=bf16_params, params_dtype=torch.bfloat16 if bf16_params else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer)
     return get_megatron_optimizer(config, chunks, use_gloo_process_groups=args.distributed_backend != "gloo")
 
@@ -323,9 +328,10 @@ def _sharded_state(chunks, optimizer, iteration: int, is_loading: bool):
     # the expert-parallel size the optimizer state was laid out for (moe_checkpoint.optimizer_layout_changes)
     state = {"iteration": iteration, "expert_model_parallel_size": ps.get_expert_model_parallel_world_size()}
     if optimizer is not None:  # checked at --load (checkpointing.check_optimizer_kind)
-        from megatron_patches.checkpointing import optimizer_kind
+        from megatron_patches.checkpointing import main_params, optimizer_kind
 
         state["optimizer_kind"] = optimizer_kind(optimizer)
+        state["main_params"] = main_params(optimizer)  # checked at --load (checkpointing.check_main_params)
     if len(chunks) == 1:
         state["model"] = chunks[0].module.sharded_state_dict()
         model_state = state["model"]
@@ -421,6 +427,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         from megatron_patches.checkpointing import check_optimizer_kind
 
         check_optimizer_kind(saved.get("optimizer_kind"), optimizer)  # after the EP check: its message is more specific
+        from megatron_patches.checkpointing import check_main_params
+
+        check_main_params(saved.get("main_params"), _is_fsdp2(chunks) and chunks[0].config.bf16)
         _init_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, iteration, True)
     if remap:

@@ -73,15 +73,42 @@ lasp2's mixers sum the gradient of a parameter that heads split over TP share (a
 over TP with a hook on the parameter (megatron_patches.common.sum_grad_over_tp); fully_shard
 replaces the parameter, so the hook never runs, and finish_grad_sync sums those gradient
 shards over TP instead (they shard alike on every TP rank).
-Refused (check_torch_fsdp2_args): the distributed optimizer, which shards DDP's gradient
-buffers (FSDP2 has none, and already shards the optimizer state), and --bf16: the launcher runs
-it only on CUDA, so it could not be compared with DDP's --bf16 here; megatron-core's class gives
-fully_shard no MixedPrecisionPolicy, so FSDP2 would shard Float16Module's bf16 parameters and
-reduce the gradients in bf16, with the fp32 main parameters built by
-Float16OptimizerWithFloat16Params from the shards.
+--bf16 (wrap_torch_fsdp2 with config.bf16): FSDP2 trains as megatron-core's DDP with --bf16 does.
+That one (the launcher builds the model in bf16, params_dtype; Megatron-LM's Float16Module does the
+same) computes with bf16 parameters, accumulates each micro-batch's bf16 gradient in an fp32
+main_grad and all-reduces it in fp32 (grad_reduce_in_fp32), and Float16OptimizerWithFloat16Params
+steps fp32 copies of the bf16 parameters, rounding them back to bf16 after each step; the parameters
+the model builds in fp32 (torch's RMSNorm weights of the local spec, lasp2's fixed decays) stay fp32
+throughout. megatron-core's FSDP2 class (0.16.1, 0.19) gives fully_shard no MixedPrecisionPolicy:
+Megatron-LM shards the bf16 parameters themselves, so FSDP2 reduce-scatters the gradients in bf16
+and keeps them in bf16 across micro-batches (FSDP2 casts a reduced gradient back to its shard's
+dtype), and the fp32 main parameters are copies of the shards; on this model fully_shard also
+refuses the mix of bf16 and fp32 gradients in one unit. Here the fp32 shards *are* the main
+parameters: each bf16 parameter becomes fp32 (exactly the DDP optimizer's first main copy) before
+sharding, and every unit gets MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the forward
+and backward see bf16 parameters as under DDP (the all-gather casts, rounding as DDP's copy back
+does), each micro-batch's bf16 gradient is cast to fp32 before the reduce-scatter and accumulated in
+the fp32 shard, and megatron-core's FP32Optimizer steps the fp32 shards (pretrain_gpt.build_optimizer;
+bf16 has no loss scale in either). cast_forward_inputs is off: DDP casts no input (RoPE's fp32
+frequencies reach the layers as they are). The parameters built in fp32 keep fp32: a frozen one
+(the fixed decays) is left out of FSDP2 (ignored_params: replicated, no gradient, as under DDP); a
+module holding a trained one (an RMSNorm) becomes a unit of its own without a cast, made before the
+unit it lies in. A module holding a trained fp32 parameter beside bf16 ones cannot get both (one
+policy a unit) and is refused, naming both (lasp2's linear attention with
+--linear-attention-learnable-decay and its output norm). Measured on the CPU
+(test_megatron_fsdp2_bf16.py): with one micro-batch a step, or a 1-rank mesh, losses and fp32
+weights equal DDP --bf16's exactly; accumulating micro-batches, FSDP2 adds reduced gradients where
+DDP reduces the sum, an fp32 rounding apart, which bf16 rounding of the weights then spreads (on
+the CPU's gloo: equal too; with gradient clipping the norm of shards and of whole tensors differ
+in the last bit, spread the same way). At TP > 1 the head-shared scales summed over TP (above)
+are summed in fp32 here, where DDP's hook sums their bf16 gradient in bf16.
+Refused (check_torch_fsdp2_args): the distributed optimizer, which shards DDP's gradient buffers
+(FSDP2 has none, and already shards the optimizer state).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -89,8 +116,8 @@ __all__ = ["check_torch_fsdp2_args", "is_torch_fsdp2", "wrap_torch_fsdp2"]
 
 
 def check_torch_fsdp2_args(args) -> None:
-    """Refuses what cannot go with --use-torch-fsdp2 (the distributed optimizer) and what it has
-    not been compared with DDP in (--bf16); TP, PP (with VPP), CP, EP and checkpoints are tested."""
+    """Refuses what cannot go with --use-torch-fsdp2 (the distributed optimizer); TP, PP (with VPP),
+    CP, EP, checkpoints and --bf16 (wrap_torch_fsdp2's mixed precision) are tested."""
     if args.use_distributed_optimizer:
         # megatron-core's DistributedOptimizer partitions DDP's contiguous gradient buffers
         # (model_chunk.buffers), which FSDP2 does not have; Megatron-LM refuses the pair too
@@ -98,10 +125,6 @@ def check_torch_fsdp2_args(args) -> None:
                          "distributed optimizer shards DDP's gradient buffers, which FSDP2 has none of, and FSDP2 "
                          "already shards the parameters, gradients and optimizer state over dp-cp (drop "
                          "--use-distributed-optimizer)")
-    if args.bf16:
-        raise SystemExit("--use-torch-fsdp2 is tested in fp32, not with --bf16 (megatron-core's FSDP2 class gives "
-                         "fully_shard no mixed-precision policy: bf16 gradient reduction and fp32 main "
-                         "parameters of the shards have not been compared with DDP's on a GPU)")
 
 
 def is_torch_fsdp2(chunk) -> bool:
@@ -115,7 +138,8 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
     """`module` (a GPTModel) sharded with FSDP2 over `process_group` (default: megatron-core's
     dp-cp group; the tests pass the dp group to show that CP must be in it), one unit per
     transformer layer and, at EP > 1, one per MoE layer's experts over the expert-data-parallel
-    group."""
+    group. With config.bf16 (the model built in bf16) the units get DDP --bf16's mixed precision:
+    fp32 shards, bf16 compute, fp32 reduction (_Bf16MixedPrecisionSharding, module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig, TorchFullyShardedDataParallel
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -142,10 +166,12 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
         process_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     attributes = {name: dict(vars(param)) for name, param in module.named_parameters()}
     _forget_cached_meshes()  # an earlier model's, of the same ranks (see the module docstring)
-    expert_units = _shard_experts_over_expert_data_parallel(module)  # before the layers' units contain them
-    wrapped = Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
-                                                 module=module, sub_modules_to_wrap={TransformerLayer},
-                                                 process_group=process_group)
+    shard = _Bf16MixedPrecisionSharding(module) if config.bf16 else _plain_fully_shard
+    expert_units = _shard_experts_over_expert_data_parallel(module, shard)  # before the layers' units contain them
+    with _megatron_core_sharding_with(shard):
+        wrapped = Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
+                                                     module=module, sub_modules_to_wrap={TransformerLayer},
+                                                     process_group=process_group)
     # megatron-core's class puts back the attributes FSDP2 drops (allreduce = False, by which
     # get_megatron_optimizer puts the experts in its expert optimizer, whose gradient norm is
     # summed over the EP ranks), but it saved them after the expert units had dropped theirs
@@ -172,14 +198,14 @@ def _is_expert_parallel(param) -> bool:
     return not getattr(param, "allreduce", True)
 
 
-def _shard_experts_over_expert_data_parallel(module: torch.nn.Module) -> list:
+def _shard_experts_over_expert_data_parallel(module: torch.nn.Module, shard) -> list:
     """Each MoE layer's expert module (SequentialMLP) as an FSDP2 unit over megatron-core's
     expert-data-parallel group, the ranks holding the same experts; the per-layer units made
-    afterwards leave the parameters of these units to them. None at EP 1. Returns the units."""
+    afterwards leave the parameters of these units to them. None at EP 1. Returns the units.
+    `shard`: fully_shard, or _Bf16MixedPrecisionSharding's (under --bf16)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import torch_fully_sharded_data_parallel
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from torch.distributed.fsdp import fully_shard
 
     units = [layer.experts for layer in module.modules() if isinstance(layer, MoELayer)
              and any(_is_expert_parallel(param) for param in layer.experts.parameters())]
@@ -195,8 +221,84 @@ def _shard_experts_over_expert_data_parallel(module: torch.nn.Module) -> list:
     mesh = torch_fully_sharded_data_parallel.DeviceMesh.from_group(
         parallel_state.get_expert_data_parallel_group(), "cuda")
     for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        shard(unit, mesh=mesh, reshard_after_forward=True)
     return units
+
+
+def _plain_fully_shard(module: torch.nn.Module, **kwargs):
+    """fully_shard as megatron-core's class calls it (fp32 training: no mixed-precision policy)."""
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module, **kwargs)
+
+
+@contextlib.contextmanager
+def _megatron_core_sharding_with(shard):
+    """megatron-core's class (0.16.1 and 0.19) calls its module's `fully_shard(sub_module, mesh=...,
+    reshard_after_forward=...)` and takes no mixed-precision policy of its own: while it builds
+    the units, that name is `shard`."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as core_fsdp
+
+    original = core_fsdp.fully_shard
+    core_fsdp.fully_shard = shard
+    try:
+        yield
+    finally:
+        core_fsdp.fully_shard = original
+
+
+class _Bf16MixedPrecisionSharding:
+    """fully_shard for a model that --bf16 built (megatron-core's params_dtype bf16), with DDP
+    --bf16's arithmetic (see the module docstring): its bf16 parameters become fp32 (exactly: the
+    DDP optimizer's first main parameters) and are sharded with param_dtype bf16, reduce_dtype
+    fp32; the parameters the model built in fp32 stay fp32 in the forward, as under DDP: a frozen
+    one (lasp2's fixed decays) is left out of FSDP2, replicated as DDP leaves it, and the module
+    that holds a trained one (torch's RMSNorm of the local spec) becomes a unit of its own
+    without a cast, made before the unit it lies in. cast_forward_inputs off: DDP casts no
+    input (RoPE's fp32 frequencies reach the layers as they are)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        names = {id(param): name for name, param in model.named_parameters()}
+        params = list(model.parameters())  # each once (a tied embedding is one parameter)
+        self.ignored = {p for p in params if p.dtype == torch.float32 and not p.requires_grad}
+        trained_fp32 = {id(p) for p in params if p.dtype == torch.float32 and p.requires_grad}
+        self.fp32_units = []
+        for owner_name, owner in model.named_modules():
+            own = [p for p in owner.parameters(recurse=False) if p not in self.ignored]
+            if not any(id(p) in trained_fp32 for p in own):
+                continue
+            mixed = [p for p in own if id(p) not in trained_fp32]
+            if mixed:  # one policy a unit: one of the two would be computed in the other's dtype
+                fp32 = next(p for p in own if id(p) in trained_fp32)
+                raise SystemExit(
+                    f"--use-torch-fsdp2 with --bf16: {owner_name or 'the model'} holds the trained fp32 parameter "
+                    f"{names[id(fp32)]} next to the {mixed[0].dtype} {names[id(mixed[0])]}; FSDP2's mixed "
+                    "precision is one policy per module, so one of them would not be computed in the dtype DDP "
+                    "--bf16 computes it in (drop --use-torch-fsdp2, or the flag that trains that parameter)")
+            self.fp32_units.append(owner)
+        with torch.no_grad():
+            for param in params:
+                if param.dtype == torch.bfloat16:
+                    param.data = param.data.float()  # the same Parameter: its attributes stay
+        self.bf16_compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                 cast_forward_inputs=False)
+        self.fp32_compute = MixedPrecisionPolicy(cast_forward_inputs=False)
+        self._sharded = set()
+
+    def __call__(self, module: torch.nn.Module, **kwargs):
+        from torch.distributed.fsdp import fully_shard
+
+        inside = {id(m) for m in module.modules()}
+        for unit in self.fp32_units:
+            if id(unit) in inside and id(unit) not in self._sharded:
+                if unit is module:
+                    raise SystemExit(f"--use-torch-fsdp2 with --bf16: {type(module).__name__} holds trained fp32 "
+                                     "parameters directly and is an FSDP2 unit of bf16 parameters too")
+                fully_shard(unit, mp_policy=self.fp32_compute, ignored_params=self.ignored, **kwargs)
+                self._sharded.add(id(unit))
+        return fully_shard(module, mp_policy=self.bf16_compute, ignored_params=self.ignored, **kwargs)
 
 
 def _sum_gradients_over_the_mesh(module: torch.nn.Module, flags: str) -> None:

@@ -7,8 +7,12 @@
 #   DECAY=gate bash scripts/megatron_gpu_check.sh (per-token gates: Lasp2LinearMixer's linear_gate)
 # PATTERN overrides the 12-letter layer pattern (L / G / K / S; e.g. PATTERN=LGLSLGLSLGLS); PATTERN=
 # (empty) leaves --hybrid-layer-pattern out, for layouts chosen by EXTRA. DIST replaces
-# --use-distributed-optimizer (DIST=--use-torch-fsdp2 for FSDP2, which the launcher refuses with
-# --bf16: PRECISION= runs it in fp32); EXTRA is appended, e.g.
+# --use-distributed-optimizer (DIST= plain DDP; DIST=--use-torch-fsdp2 FSDP2, in bf16 with DDP
+# --bf16's mixed precision: fp32 shards, bf16 compute, fp32 gradient reduction); PRECISION= runs
+# fp32. FSDP2 against DDP, both bf16 (the same loss at step 1, then close, not bit-equal):
+#   LOG=ddp_bf16.log DIST= bash scripts/megatron_gpu_check.sh
+#   LOG=fsdp2_bf16.log DIST=--use-torch-fsdp2 bash scripts/megatron_gpu_check.sh
+# EXTRA is appended, e.g.
 #   PATTERN= EXTRA="--experimental-attention-variant gated_delta_net --linear-attention-freq 4" bash ...
 #   EXTRA="--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 1024 --disable-bias-linear" bash ...
 set -euo pipefail

@@ -468,21 +468,21 @@ def test_kda_layer_shapes_and_provider():
     # megatron-core's DistributedOptimizer iterates DDP's gradient buffers (model_chunk.buffers):
     # let through, it failed with "TypeError: 'method' object is not iterable" (nn.Module.buffers)
     (["--use-distributed-optimizer"], "--use-torch-fsdp2 and --use-distributed-optimizer exclude each other: "
-                                      "megatron-core's distributed optimizer shards DDP's gradient buffers"),
-    (["--bf16", "--device", "cuda"], "--use-torch-fsdp2 is tested in fp32, not with --bf16")])  # CPU: refused before
+                                      "megatron-core's distributed optimizer shards DDP's gradient buffers")])
 def test_launcher_refuses_torch_fsdp2_with_what_it_cannot_or_was_not_run_with(extra, refusal):
-    """--use-torch-fsdp2 is tested with TP, PP (and VPP), CP, EP, the per-token loss and
-    checkpoints (test_megatron_fsdp2_tp_pp.py, test_megatron_pretrain.py,
-    test_megatron_fsdp2_checkpoint.py, test_megatron_moe_fsdp_ep.py); the distributed optimizer
-    and --bf16 stop at parse time."""
+    """--use-torch-fsdp2 is tested with TP, PP (and VPP), CP, EP, the per-token loss,
+    checkpoints and --bf16 (test_megatron_fsdp2_tp_pp.py, test_megatron_pretrain.py,
+    test_megatron_fsdp2_checkpoint.py, test_megatron_moe_fsdp_ep.py, test_megatron_fsdp2_bf16.py);
+    the distributed optimizer stops at parse time."""
     from megatron_patches import pretrain_gpt
 
     # --calculate-per-token-loss was refused until FSDP2 summed over dp-cp and divided by the tokens,
     # --save / --load until megatron_patches.fsdp2_checkpoint placed the shards, TP > 1 and PP > 1
-    # until test_megatron_fsdp2_tp_pp.py
+    # until test_megatron_fsdp2_tp_pp.py, --bf16 (on CUDA; the CPU refuses it for every run) until
+    # megatron_patches.torch_fsdp gave FSDP2 DDP's mixed precision (test_megatron_fsdp2_bf16.py)
     for accepted in ([], ["--calculate-per-token-loss"], ["--save", "ckpt", "--load", "ckpt"],
                      ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                     ["--pipeline-model-parallel-size", "2"]):
+                     ["--pipeline-model-parallel-size", "2"], ["--bf16", "--device", "cuda"]):
         assert pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *accepted]).use_torch_fsdp2
     with pytest.raises(SystemExit, match=re.escape(refusal)):
         pretrain_gpt.parse_args(["--device", "cpu", "--use-torch-fsdp2", *extra])
