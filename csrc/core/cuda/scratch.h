@@ -17,8 +17,14 @@ namespace lasp2::cuda {
 // another from one allocation each start on a 256-byte boundary.
 int64_t aligned_bytes(int64_t floats);
 
+// The current device's stream-ordered pool for scratch that no ScratchAllocator supplies:
+// lasp2's own, which keeps up to LASP2_CUDA_SCRATCH_KEEP_MB (default 256) across
+// synchronizations; null (the device's default pool) where that is 0 or the device has no
+// memory pools. Made once per device.
+cudaMemPool_t scratch_pool();
+
 // One device allocation of `bytes` for a backend call: from `allocator` when given,
-// else cudaMallocAsync on `stream` (cudaMalloc where the device has no memory pools);
+// else from scratch_pool() on `stream` (cudaMalloc where the device has no memory pools);
 // given back, stream-ordered, on destruction. bytes == 0: none (data() is null).
 // Both kernel families carve their scratch from one.
 class DeviceBlock {

@@ -13,6 +13,7 @@
 #include "cuda_test_util.h"
 #include "device_rank.h"
 #include "lasp2/lasp2.h"
+#include "cuda/scratch.h"  // the backend's own scratch pool
 #include "lasp2/scratch_allocator.h"
 #include "lasp2_device_run.h"
 #include "../local_slice.h"
@@ -184,6 +185,34 @@ TEST(CudaLasp2Scratch, CallersAllocatorGetsEveryBufferBack) {
   EXPECT_EQ(allocator.allocations.load(), 3);  // one device: the output, dq and dk/dv passes
   EXPECT_EQ(allocator.live.load(), 0);
   expect_bitwise(mine, dflt);
+}
+
+// Without a caller's allocator the scratch comes from lasp2's own pool (cuda/scratch.cpp),
+// which keeps it across synchronizations (the device's default pool gave it back at each
+// one, and the next call mapped it again: session 24): after a call none of it is in use
+// and all of it stays reserved, and a second identical call reserves nothing more and gives
+// the same bits. (Needs LASP2_CUDA_SCRATCH_KEEP_MB unset or > 0.)
+TEST(CudaLasp2Scratch, OwnPoolKeepsScratchAcrossSynchronization) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const cudaMemPool_t pool = cuda::scratch_pool();
+  ASSERT_NE(pool, nullptr) << "no scratch pool: LASP2_CUDA_SCRATCH_KEEP_MB=0, or a device without memory pools";
+  auto attr = [&](cudaMemPoolAttr a) {
+    uint64_t v = 0;
+    cuda_ok(cudaMemPoolGetAttribute(pool, a, &v), "cudaMemPoolGetAttribute");
+    return v;
+  };
+  const auto pr = rounded(graph_spec(), ScalarType::kBFloat16, 5);
+  const PartLayout layout = PartLayout::contiguous(1, 0);
+  const Grads first = run_rank(pr, ScalarType::kBFloat16, layout, nullptr, true, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  const uint64_t reserved = attr(cudaMemPoolAttrReservedMemCurrent);
+  EXPECT_GT(reserved, 0u) << "the scratch went back to the system at the synchronization";
+  EXPECT_EQ(attr(cudaMemPoolAttrUsedMemCurrent), 0u) << "scratch still in use after the call";
+  const Grads second = run_rank(pr, ScalarType::kBFloat16, layout, nullptr, true, nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  EXPECT_EQ(attr(cudaMemPoolAttrReservedMemCurrent), reserved) << "the second call mapped new memory";
+  EXPECT_EQ(attr(cudaMemPoolAttrUsedMemCurrent), 0u);
+  expect_bitwise(second, first);
 }
 
 // Forward + backward enqueue no host synchronization and no synchronous allocation:

@@ -24,7 +24,9 @@ class ScratchAllocator {
 
 #ifdef LASP2_WITH_CUDA
 // A CUDA backend whose temporary buffers come from `allocator` (which must outlive
-// it). cuda_backend() uses the stream-ordered CUDA allocator (cudaMallocAsync).
+// it). cuda_backend() takes its scratch from a stream-ordered pool of lasp2's own that keeps
+// up to LASP2_CUDA_SCRATCH_KEEP_MB (default 256) across synchronizations (0: the device's
+// default pool, which gives it back at each one).
 std::unique_ptr<KernelBackend> make_cuda_backend(const ScratchAllocator& allocator);
 #endif
 
