@@ -35,7 +35,8 @@ int64_t aligned_bytes(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
 // Session 24 measured that on an H100 (bench_lasp2, 64K tokens, H = 16, D = 128, gates):
 // the host time of one eager lasp2_forward was 130.5 us and of lasp2_backward 291.8 us, against
 // 51.0 and 77.1 us with the memory kept. The eager forward took 0.552 ms against the graph
-// replay's 0.453 ms; with the memory kept, 0.461 ms. The default pool's threshold is
+// replay's 0.453 ms; with the memory kept, 0.461 ms. With this pool, on an H200: 0.432-0.437 ms
+// against 0.483-0.511 ms with LASP2_CUDA_SCRATCH_KEEP_MB=0. The default pool's threshold is
 // the process's, so lasp2 does not change it; this pool keeps up to LASP2_CUDA_SCRATCH_KEEP_MB
 // (read when the device's pool is made; default 256 MiB, about the scratch of a 1M-token call at
 // H = 16) across synchronizations; 0 takes the default pool, as before session 24.
