@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <mutex>
 #include <string>
-#include <unordered_map>
 
 namespace lasp2::cuda {
 
@@ -13,22 +11,17 @@ void cuda_check(cudaError_t e, const char* what) {
 }
 
 const DeviceInfo& device_info() {
-  static std::mutex mu;
-  static std::unordered_map<int, DeviceInfo> cache;
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  DeviceInfo info;
-  cuda_check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
-  cuda_check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-             "attribute");
-  int pools = 0;
-  cuda_check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "attribute");
-  info.pools = pools != 0;
-  cuda_check(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
-  return cache.emplace(dev, info).first->second;
+  return per_device([](int dev) {
+    DeviceInfo info;
+    cuda_check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
+    cuda_check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "attribute");
+    int pools = 0;
+    cuda_check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "attribute");
+    info.pools = pools != 0;
+    cuda_check(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
+    return info;
+  });
 }
 
 int env_int(const char* name, int fallback) {

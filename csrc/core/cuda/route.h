@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <initializer_list>
+#include <mutex>
+#include <unordered_map>
 
 #include "launch.h"
 #include "lasp2/params.h"
@@ -23,6 +25,21 @@ struct DeviceInfo {
 };
 // The current device's limits (cached per device).
 const DeviceInfo& device_info();
+
+// make(device) for the current device, made once per device and kept (thread-safe). Each
+// call site's lambda is a type of its own, so each has its own cache.
+template <typename Make>
+auto& per_device(Make make) {
+  using T = decltype(make(0));
+  static std::mutex mu;
+  static std::unordered_map<int, T> cache;  // its elements stay where they are as it grows
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it == cache.end()) it = cache.emplace(dev, make(dev)).first;
+  return it->second;
+}
 
 // Integer environment knob, `fallback` when unset or empty.
 int env_int(const char* name, int fallback);

@@ -1,8 +1,5 @@
 #include "scratch.h"
 
-#include <mutex>
-#include <unordered_map>
-
 #include "route.h"
 
 namespace lasp2::cuda {
@@ -43,26 +40,21 @@ int64_t aligned_bytes(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
 // Callers that own the device's memory pass a ScratchAllocator instead (the PyTorch binding:
 // its caching allocator).
 cudaMemPool_t scratch_pool() {
-  static std::mutex mu;
-  static std::unordered_map<int, cudaMemPool_t> pools;
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = pools.find(dev);
-  if (it != pools.end()) return it->second;
-  cudaMemPool_t pool = nullptr;
-  const int keep_mb = env_int("LASP2_CUDA_SCRATCH_KEEP_MB", 256);
-  if (keep_mb > 0 && device_info().pools) {
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev;
-    cuda_check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate of the scratch pool");
-    uint64_t keep = static_cast<uint64_t>(keep_mb) << 20;
-    cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
-               "the scratch pool's release threshold");
-  }
-  return pools.emplace(dev, pool).first->second;
+  return per_device([](int dev) {
+    cudaMemPool_t pool = nullptr;
+    const int keep_mb = env_int("LASP2_CUDA_SCRATCH_KEEP_MB", 256);
+    if (keep_mb > 0 && device_info().pools) {
+      cudaMemPoolProps props = {};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = dev;
+      cuda_check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate of the scratch pool");
+      uint64_t keep = static_cast<uint64_t>(keep_mb) << 20;
+      cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+                 "the scratch pool's release threshold");
+    }
+    return pool;
+  });
 }
 
 DeviceBlock::DeviceBlock(int64_t bytes, const ScratchAllocator* allocator, cudaStream_t stream)
