@@ -70,7 +70,7 @@ SUMMED_OVER_TP_ATOL = 2e-4
 
 def _train_bf16(argv):
     """A launcher run with --bf16 on the CPU (see the module docstring), from the model's own
-    initialization. Each distinct dataset is built once a worker (launcher_testing.reuse_datasets)."""
+    initialization. The mock dataset is built once a worker (launcher_testing.reuse_datasets)."""
     from megatron_patches import pretrain_gpt
 
     reuse_datasets()
