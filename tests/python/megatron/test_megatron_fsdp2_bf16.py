@@ -41,7 +41,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, global_named_params, max_diff,  # noqa: E402
-                             whole_weights)
+                             reuse_datasets, whole_weights)
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -70,9 +70,10 @@ SUMMED_OVER_TP_ATOL = 2e-4
 
 def _train_bf16(argv):
     """A launcher run with --bf16 on the CPU (see the module docstring), from the model's own
-    initialization."""
+    initialization. The mock dataset is built once a worker (launcher_testing.reuse_datasets)."""
     from megatron_patches import pretrain_gpt
 
+    reuse_datasets()
     args = pretrain_gpt.parse_args(argv)
     args.bf16 = True
     return pretrain_gpt.pretrain(args)

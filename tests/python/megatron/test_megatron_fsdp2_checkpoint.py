@@ -39,7 +39,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, config_errors_on_every_rank,  # noqa: E402
-                             max_diff, set_weights, whole_weights)
+                             max_diff, run_launcher, set_weights, whole_weights)
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
@@ -60,10 +60,8 @@ RESUMES = {  # name: (the saving run, the resuming run's flags)
 }
 
 
-def _pretrain(argv, **kwargs):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + ADAM + argv), **kwargs)
+def _pretrain(argv, after_model_build=None):
+    return run_launcher(MODEL + ADAM + argv, after_model_build=after_model_build)
 
 
 def _worker(rank, world, out_path, tmpdir):

@@ -91,9 +91,7 @@ def _run(argv):
 
 
 def _resume(argv):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + argv))  # weights from the checkpoint
+    return run_launcher(MODEL + argv, after_model_build=None)  # weights from the checkpoint
 
 
 def _checkpoint_across_ep(tmpdir):

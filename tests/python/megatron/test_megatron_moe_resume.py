@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, config_errors_on_every_rank,  # noqa: E402
-                             max_diff, set_weights, whole_weights)
+                             max_diff, run_launcher, set_weights, whole_weights)
 from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
@@ -34,10 +34,8 @@ ADAM = HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01", "--train-
 RESUMES = {"ep2 to ep1": ((2, 2), (1, 1)), "ep1 to ep2": ((1, 1), (2, 2))}
 
 
-def _pretrain(argv, **kwargs):
-    from megatron_patches import pretrain_gpt
-
-    return pretrain_gpt.pretrain(pretrain_gpt.parse_args(MODEL + ADAM + argv), **kwargs)
+def _pretrain(argv, after_model_build=None):
+    return run_launcher(MODEL + ADAM + argv, after_model_build=after_model_build)
 
 
 def _optimizer_summary(optimizer):

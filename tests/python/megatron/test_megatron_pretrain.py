@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import assert_resumed_as_the_uninterrupted_run, max_diff, set_weights, whole_weights  # noqa: E402
+from launcher_testing import (assert_resumed_as_the_uninterrupted_run, max_diff, run_launcher,  # noqa: E402
+                             set_weights, whole_weights)
 from lasp2_testing.dist import run_distributed  # noqa: E402
 
 PATTERN = "LNLN"
@@ -71,10 +72,7 @@ def _layout(tp, pp, cp):
 
 
 def _run(argv, set_weights_first=True, base=BASE):
-    from megatron_patches import pretrain_gpt
-
-    args = pretrain_gpt.parse_args(base + argv)
-    return pretrain_gpt.pretrain(args, after_model_build=set_weights if set_weights_first else None)
+    return run_launcher(base + argv, after_model_build=set_weights if set_weights_first else None)
 
 
 def _worker(rank, world, out_path, tmpdir):

@@ -1,11 +1,11 @@
 """Helpers of the reliability tests: a float64 step-by-step recurrence (finite for
 -inf gates, unlike the cumulative-sum form) and a gloo world runner that reports
 per-rank results, exceptions and exit codes, with a hard timeout (a hang fails the
-test instead of stalling CI)."""
+test instead of stalling CI). gloo ranks start from lasp2_testing.dist's forkserver (torch
+imported once), NCCL ranks are spawned."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -14,12 +14,15 @@ from typing import Optional
 
 import torch
 
+from lasp2_testing.dist import process_context, take_environment
 
-def _child(rank, world, store_path, fn, args, results, timeout_s, backend="gloo"):
+
+def _child(rank, world, store_path, fn, args, results, timeout_s, backend, environ):
     import datetime
 
     import torch.distributed as dist
 
+    take_environment(environ)
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -41,11 +44,11 @@ def run_world(world: int, fn, *args, timeout: float = 60.0, pg_timeout: float = 
     Returns {rank: ("ok", value) | ("raised", text) | ("exit", exitcode) | ("hung", None)}.
     fn must be importable (module level) and its return value picklable.
     """
-    ctx = multiprocessing.get_context("spawn")
+    ctx = process_context(backend)
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="lasp2_rel_")
     procs = [ctx.Process(target=_child, args=(r, world, os.path.join(store_dir, "store"), fn, args, results,
-                                              pg_timeout, backend))
+                                              pg_timeout, backend, dict(os.environ)))
              for r in range(world)]
     for p in procs:
         p.start()
