@@ -129,8 +129,6 @@ def _with_control(name):
 
 
 def _summary(run):
-    from torch.distributed.tensor import DTensor
-
     from megatron_patches.common import GRAD_SUMMED_OVER_TP
 
     params = [p for c in run["chunks"] for p in c.module.parameters()]
