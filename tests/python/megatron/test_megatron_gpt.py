@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
 from megatron_testing import (  # noqa: E402
     ddp_train,
@@ -463,9 +463,7 @@ def _worker(rank, world, out_path, tmpdir):
 @pytest.fixture(scope="module")
 def cp2_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_cp2")
-    out = tmp / "results.pt"
-    run_distributed(2, _worker, str(out), str(tmp), timeout=400)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(2, _worker, tmp / "results.pt", str(tmp), timeout=400)
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES])

@@ -50,7 +50,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (EXPERT, assert_resumed_as_the_uninterrupted_run, global_named_params,  # noqa: E402
                              initial_value, max_diff, run_launcher, whole_weights)
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 
 EXPERTS = 4
 LR = "0.1"
@@ -177,9 +177,7 @@ def _worker(rank, world, out_path, tmpdir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_moe")
-    out = tmp / "results.pt"
-    run_distributed(4, _worker, str(out), str(tmp), timeout=450)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=450)
 
 
 @pytest.mark.parametrize("balancing, layout", [("none", "cp2 ep2"), ("none", "cp2 ep4"), ("none", "pp2 cp2 ep2"),

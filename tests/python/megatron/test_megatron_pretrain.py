@@ -36,7 +36,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, max_diff, run_launcher,  # noqa: E402
                              set_weights, whole_weights)
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 
 PATTERN = "LNLN"
 GDN_PATTERN = "LGKS"  # gated DeltaNet and KDA layers
@@ -217,9 +217,7 @@ def _fsdp_with_unequal_token_counts(argv):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_pretrain")
-    out = tmp / "results.pt"
-    run_distributed(4, _worker, str(out), str(tmp), timeout=400)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=400)
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "pp1 cp1"])

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed  # noqa: E402
+from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
 from megatron_testing import (  # noqa: E402
     ddp_train,
@@ -144,9 +144,7 @@ def _worker(rank, world, out_path, tmpdir):
 @pytest.fixture(scope="module")
 def tp_cp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_tp_cp")
-    out = tmp / "results.pt"
-    run_distributed(4, _worker, str(out), str(tmp), timeout=500)
-    return torch.load(out, weights_only=False)
+    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=500)
 
 
 def test_cp_groups_are_megatrons(tp_cp_results):
