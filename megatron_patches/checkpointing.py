@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 __all__ = ["check_checkpoint_writer", "check_main_params", "check_optimizer_kind", "first_error_on_any_rank",
-           "main_params", "optimizer_kind", "own_step_count_per_parameter"]
+           "main_params", "optimizer_kind", "own_step_count_per_parameter", "sub_optimizers"]
 
 
 def check_checkpoint_writer() -> None:
@@ -31,12 +31,17 @@ def check_checkpoint_writer() -> None:
             "writer processes die before reporting and the save hangs after writing common.pt")
 
 
+def sub_optimizers(optimizer) -> list:
+    """The optimizers megatron-core's get_megatron_optimizer chained (ChainedOptimizer: the dense
+    and the expert one, ...), or [optimizer] where it made one."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def optimizer_kind(optimizer) -> str:
     """"distributed" (--use-distributed-optimizer) or "plain": what a checkpoint records."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(isinstance(sub, DistributedOptimizer) for sub in subs) else "plain"
+    return "distributed" if any(isinstance(sub, DistributedOptimizer) for sub in sub_optimizers(optimizer)) else "plain"
 
 
 def check_optimizer_kind(saved_kind, optimizer) -> None:
@@ -66,7 +71,7 @@ def main_params(optimizer) -> str:
     weights themselves: fp32 runs, and --use-torch-fsdp2 --bf16, whose fp32 shards are them)."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    subs = sub_optimizers(optimizer)
     return "optimizer" if any(isinstance(sub, Float16OptimizerWithFloat16Params) for sub in subs) else "model"
 
 
@@ -106,7 +111,7 @@ def own_step_count_per_parameter(optimizer) -> None:
     before the update, agreed. Harmless where the steps are already separate."""
     import torch
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub in sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         for state in getattr(inner, "state", {}).values():
             step = state.get("step")

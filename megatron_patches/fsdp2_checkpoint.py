@@ -171,7 +171,9 @@ def optimizer_state_as_dtensors(optimizer) -> None:
     like the parameter, as the optimizer's own state is; scalars (Adam's step) stay as they are."""
     from torch.distributed.tensor import DTensor
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    from megatron_patches.checkpointing import sub_optimizers
+
+    for sub in sub_optimizers(optimizer):
         inner = sub.optimizer
         for param, state in inner.state.items():
             if not isinstance(param, DTensor):

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_patches.checkpointing import first_error_on_any_rank
+from megatron_patches.checkpointing import first_error_on_any_rank, sub_optimizers
 from megatron_patches.options import Lasp2ConfigError
 
 __all__ = ["optimizer_layout_changes", "rekey_optimizer_state", "state_in_current_layout"]
@@ -41,10 +41,6 @@ __all__ = ["optimizer_layout_changes", "rekey_optimizer_state", "state_in_curren
 _CHAINED = re.compile(r"^chained_\d+\.")
 # what identifies a param group apart from is_expert_parallel (megatron-core's _get_param_groups)
 _GROUP_KEYS = ("wd_mult", "lr_mult", "is_decoupled_lr")
-
-
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def optimizer_layout_changes(saved_ep: Optional[int], ep: int, optimizer) -> bool:
@@ -55,7 +51,7 @@ def optimizer_layout_changes(saved_ep: Optional[int], ep: int, optimizer) -> boo
         return False
     from megatron.core.optimizer.optimizer import FP32Optimizer
 
-    unmapped = sorted({type(opt).__name__ for opt in _sub_optimizers(optimizer) if not isinstance(opt, FP32Optimizer)})
+    unmapped = sorted({type(opt).__name__ for opt in sub_optimizers(optimizer) if not isinstance(opt, FP32Optimizer)})
     if unmapped:
         raise Lasp2ConfigError(
             f"--load: this MoE checkpoint was saved at --expert-model-parallel-size {saved_ep}; loading it at "
@@ -128,7 +124,7 @@ def state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict
 
 
 def _state_in_current_layout(loaded: Dict, saved_common: Dict, optimizer) -> Dict:
-    subs = _sub_optimizers(optimizer)
+    subs = sub_optimizers(optimizer)
     here = [loaded[i] for i in range(len(subs))] if len(subs) > 1 else [loaded]
     saved = _parts(saved_common)
     steps = [part["state"]["common_step"] for part in saved if "common_step" in part.get("state", {})]

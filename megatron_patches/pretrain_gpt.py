@@ -389,7 +389,9 @@ def _init_optimizer_state(optimizer) -> None:
     """Gives a fresh optimizer the state entries a loaded checkpoint fills in (the
     distributed optimizer's state dict reads Adam's "step" of every parameter; SGD gets
     the init_state_fn megatron-core leaves None)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    from megatron_patches.checkpointing import sub_optimizers
+
+    for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.SGD) and getattr(opt, "init_state_fn", None) is None:
             opt.init_state_fn = _sgd_state
@@ -424,11 +426,9 @@ def load_checkpoint(path: str, chunks, optimizer, iteration: Optional[int] = Non
         saved = dist_checkpointing.load_common_state_dict(directory)
         remap = optimizer_layout_changes(saved.get("expert_model_parallel_size"),
                                          ps.get_expert_model_parallel_world_size(), optimizer)
-        from megatron_patches.checkpointing import check_optimizer_kind
+        from megatron_patches.checkpointing import check_main_params, check_optimizer_kind
 
         check_optimizer_kind(saved.get("optimizer_kind"), optimizer)  # after the EP check: its message is more specific
-        from megatron_patches.checkpointing import check_main_params
-
         check_main_params(saved.get("main_params"), _is_fsdp2(chunks) and chunks[0].config.bf16)
         _init_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, iteration, True)
