@@ -143,6 +143,7 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig, TorchFullyShardedDataParallel
     from megatron.core.transformer.transformer_layer import TransformerLayer
+    from torch.distributed.fsdp import fully_shard
 
     class Lasp2TorchFullyShardedDataParallel(TorchFullyShardedDataParallel):
         expert_units: tuple = ()  # set below
@@ -166,7 +167,7 @@ def wrap_torch_fsdp2(config, module: torch.nn.Module, process_group=None) -> tor
         process_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     attributes = {name: dict(vars(param)) for name, param in module.named_parameters()}
     _forget_cached_meshes()  # an earlier model's, of the same ranks (see the module docstring)
-    shard = _Bf16MixedPrecisionSharding(module) if config.bf16 else _plain_fully_shard
+    shard = _Bf16MixedPrecisionSharding(module) if config.bf16 else fully_shard  # fp32: no mixed-precision policy
     expert_units = _shard_experts_over_expert_data_parallel(module, shard)  # before the layers' units contain them
     with _megatron_core_sharding_with(shard):
         wrapped = Lasp2TorchFullyShardedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(),
@@ -223,13 +224,6 @@ def _shard_experts_over_expert_data_parallel(module: torch.nn.Module, shard) -> 
     for unit in units:
         shard(unit, mesh=mesh, reshard_after_forward=True)
     return units
-
-
-def _plain_fully_shard(module: torch.nn.Module, **kwargs):
-    """fully_shard as megatron-core's class calls it (fp32 training: no mixed-precision policy)."""
-    from torch.distributed.fsdp import fully_shard
-
-    return fully_shard(module, **kwargs)
 
 
 @contextlib.contextmanager
