@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "env_knob.h"
 #include "route.h"
 #include "scratch.h"
 #include "segment_scan.h"
@@ -33,7 +34,8 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
 // LASP2_CUDA_HEAD_ROWS=0, which selects the one per (b, h, segment) (misc_kernels.cu):
 // both write the same bits (the test compares them); on an H200 (session 11,
 // docs/history/kernels-log.md) the one over rows took 5.5 instead of 20 us at 64K tokens.
-bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1) != 0; }
+// 2 and 3 (the bit mask of before session 12) still mean the default; anything else: Error.
+bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1, 0, 3) != 0; }
 
 // Chunks per piece of a split segment-state walk (StateArgs::sub_chunks), 0 = one walk
 // per segment. A walk stops where its carry underflows, so the pass lasts as long as
@@ -41,9 +43,9 @@ bool dg_fixup_over_rows() { return env_int("LASP2_CUDA_HEAD_ROWS", 1) != 0; }
 // a fixed decay per head the weakest head's walks cover whole segments (128 chunks at
 // T = 64K, H = 16 on 132 SMs) while the others stop early (docs/history/kernels-log.md, session 13).
 // Pieces of 32 chunks bound every block's walk; the default splits fixed decays only.
-// LASP2_CUDA_STATE_SUB_CHUNKS=n: n > 0 for every decay mode, 0 = never split.
+// LASP2_CUDA_STATE_SUB_CHUNKS=n: n > 0 for every decay mode, 0 = never split (negative: Error).
 int state_sub_chunks(const AttentionParams& p) {
-  const int forced = env_int("LASP2_CUDA_STATE_SUB_CHUNKS", -1);
+  const int forced = env_int("LASP2_CUDA_STATE_SUB_CHUNKS", -1, 0, INT_MAX);
   if (forced >= 0) return forced;
   return p.decay.mode == DecayMode::kFixed ? 32 : 0;
 }
@@ -56,10 +58,11 @@ int state_sub_chunks(const AttentionParams& p) {
 // 2^-8 / 2^-11; in fp16 terms below 2^-25 flush to zero anyway), so what the floor drops
 // is below that rounding unless the tail's values exceed the recent ones by ~2^40. With a
 // fixed decay the weakest heads' walks otherwise cover whole segments (docs/history/kernels-log.md,
-// "Session 14: fixed decay beside fla at 64K"). The generic (fp32) path keeps 0.
+// "Session 14: fixed decay beside fla at 64K"). The generic (fp32) path keeps 0. n is at most
+// 120 (2^-120 is still a normal float; values past it were clamped to it before session 25).
 float state_walk_stop(float coef) {
-  const int n = env_int("LASP2_CUDA_STATE_FLOOR", 48);
-  return n > 0 ? coef * std::ldexp(1.f, -std::min(n, 120)) : 0.f;
+  const int n = env_int("LASP2_CUDA_STATE_FLOOR", 48, 0, 120);
+  return n > 0 ? coef * std::ldexp(1.f, -n) : 0.f;
 }
 
 // Copy stages of the tensor-core state walk at tile D (LASP2_CUDA_STATE_STAGES: 3, 4 or 6;
@@ -70,10 +73,9 @@ float state_walk_stop(float coef) {
 // Any other value, or a ring the device's opt-in shared memory cannot hold, is an Error.
 int state_copy_stages(int D) {
   const char* name = "LASP2_CUDA_STATE_STAGES";
-  const int n = env_int(name, 3);
+  constexpr int kBuilt[] = {3, 4, 6};  // tc_state_stages_smem's rings
+  const int n = kBuilt[env_choice(name, {"3", "4", "6"}, 0)];
   const int bytes = tc_state_stages_smem(D, n);
-  LASP2_CHECK(bytes > 0, std::string(name) + "=" + std::to_string(n) +
-                             ": the state walk is built for 3, 4 or 6 copy stages");
   LASP2_CHECK(bytes <= device_info().smem_optin,
               std::string(name) + "=" + std::to_string(n) + " needs " + std::to_string(bytes) +
                   " bytes of shared memory a block at D = " + std::to_string(D) + ", the device allows " +
@@ -262,7 +264,7 @@ Geom output_geom(const AttentionParams& p, TokenRange part) {
 void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_seg_chunks) {
   const int D = output_dim(p);  // make_geom's blocks per SM for this tile dimension
   *target_blocks = (D == 128 ? 1 : D == 64 ? 2 : 4) * static_cast<int64_t>(device_info().sms);
-  *forced_seg_chunks = env_int("LASP2_CUDA_SEG_CHUNKS", 0);
+  *forced_seg_chunks = seg_chunks_knob();
 }
 
 int64_t kept_state_floats(const AttentionParams& p, TokenRange part) {

@@ -5,6 +5,7 @@
 #include <string>
 #include <utility>
 
+#include "env_knob.h"
 #include "lasp2/types.h"
 #include "launch.h"
 #include "pdl.h"
@@ -42,7 +43,7 @@ std::atomic<int64_t> attributed{0};
 }  // namespace
 
 bool pdl_launch_attribute(const void* kernel) {
-  if (env_int("LASP2_CUDA_PDL", 0) != 1) return false;
+  if (!env_flag("LASP2_CUDA_PDL", false)) return false;
   if (device_info().cc_major < 9 || !built_for_sm90(kernel)) return false;
   attributed.fetch_add(1, std::memory_order_relaxed);
   return true;

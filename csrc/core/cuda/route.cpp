@@ -1,8 +1,10 @@
 #include "route.h"
 
 #include <algorithm>
-#include <cstdlib>
+#include <climits>
 #include <string>
+
+#include "env_knob.h"
 
 namespace lasp2::cuda {
 
@@ -24,10 +26,7 @@ const DeviceInfo& device_info() {
   });
 }
 
-int env_int(const char* name, int fallback) {
-  const char* s = std::getenv(name);
-  return (s != nullptr && *s != '\0') ? std::atoi(s) : fallback;
-}
+int seg_chunks_knob() { return env_int("LASP2_CUDA_SEG_CHUNKS", 0, 0, INT_MAX); }
 
 Elem elem_of(ScalarType t, const char* inputs) {
   switch (t) {
@@ -76,7 +75,7 @@ bool tc_views_ok(std::initializer_list<View> views) {
 
 int tc_dim(const AttentionParams& p, std::initializer_list<View> views, int smem_needed_64,
            int smem_needed_128) {
-  if (env_int("LASP2_CUDA_FORCE_GENERIC", 0) != 0) return 0;
+  if (env_flag("LASP2_CUDA_FORCE_GENERIC", false)) return 0;
   if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return 0;
   if (p.dim_k % 8 != 0 || p.dim_v % 8 != 0 || p.dim_k > 128 || p.dim_v > 128) return 0;
   if (!tc_views_ok(views)) return 0;
@@ -97,8 +96,8 @@ Geom make_geom(const AttentionParams& p, TokenRange part, int D) {
   g.begin = part.begin;
   g.n = static_cast<int>(part.length());
   g.nchunks = (g.n + kChunk - 1) / kChunk;
-  int sc = env_int("LASP2_CUDA_SEG_CHUNKS", 0);
-  if (sc <= 0) {
+  int sc = seg_chunks_knob();
+  if (sc == 0) {
     // Tensor cores: about one wave of (b, h, segment) blocks, as long segments as
     // that allows, so that the segment states and their scan stay a small part of
     // the traffic. Measured on H100 at T = 64K, H = 16 (docs/history/results-log.md,

@@ -41,8 +41,10 @@ auto& per_device(Make make) {
   return it->second;
 }
 
-// Integer environment knob, `fallback` when unset or empty.
-int env_int(const char* name, int fallback);
+// LASP2_CUDA_SEG_CHUNKS: chunks per segment of the scalar family's passes, 0 (or unset) =
+// the backend's choice (make_geom); read per call. Anything but a whole number >= 0 is a
+// lasp2::Error (env_knob.h).
+int seg_chunks_knob();
 
 // The kernels' element type of t; for any other dtype throws lasp2::Error saying that
 // `inputs` (the family and its tensors) must be float32, float16 or bfloat16.

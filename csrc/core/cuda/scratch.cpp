@@ -1,5 +1,6 @@
 #include "scratch.h"
 
+#include "env_knob.h"
 #include "route.h"
 
 namespace lasp2::cuda {
@@ -42,7 +43,7 @@ int64_t aligned_bytes(int64_t floats) { return (floats * 4 + 255) / 256 * 256; }
 cudaMemPool_t scratch_pool() {
   return per_device([](int dev) {
     cudaMemPool_t pool = nullptr;
-    const int keep_mb = env_int("LASP2_CUDA_SCRATCH_KEEP_MB", 256);
+    const int keep_mb = env_int("LASP2_CUDA_SCRATCH_KEEP_MB", 256, 0, INT_MAX);
     if (keep_mb > 0 && device_info().pools) {
       cudaMemPoolProps props = {};
       props.allocType = cudaMemAllocationTypePinned;

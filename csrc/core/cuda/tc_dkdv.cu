@@ -49,11 +49,10 @@
 // LASP2_CUDA_TILE_COPY=cp_async) every thread copies them by cp.async there (sessions
 // 4-15): the same bits.
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "env_knob.h"
 #include "pdl.cuh"
 #include "route.h"         // device_info: the opt-in shared memory of the staged stores
 #include "tc_tile_map.cuh"  // the tensor maps (kTma); tma_copy.cuh's wrappers
@@ -654,11 +653,9 @@ __global__ void __launch_bounds__(32 * DkdvLayout<D>::NW, D == 128 ? 1 : 2)
 // The staged dk / dv tiles and their tensor-map stores (kStore, session 17: 814 -> 640 us at
 // 64K, D = 128 on an H200) run by default at D = 128 where they fit;
 // LASP2_CUDA_DKDV_STORE=direct forces the per-thread stores of the kTma kernel (the same
-// bits; read per launch so that a test can compare the two).
-inline bool dkdv_store_staged() {
-  const char* env = std::getenv("LASP2_CUDA_DKDV_STORE");
-  return env == nullptr || std::strcmp(env, "direct") != 0;
-}
+// bits; read per launch so that a test can compare the two); unset or empty: the default,
+// anything else a lasp2::Error (env_knob.h).
+inline bool dkdv_store_staged() { return env_choice("LASP2_CUDA_DKDV_STORE", {"direct"}, -1) < 0; }
 
 // Which kernel the last launch_tc_dkdv ran (tc_dkdv_last_kernel, for the tests).
 std::atomic<int> g_last_kernel{-1};  // atomic: launches may come from several host threads

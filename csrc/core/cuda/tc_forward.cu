@@ -27,11 +27,10 @@
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass on an H100; see docs/history/results-log.md, "Kernel
 // history".)
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "device_utils.cuh"
+#include "env_knob.h"
 #include "pdl.cuh"
 #include "route.h"  // device_info: the opt-in shared memory of variant 10
 #include "tc_tile_map.cuh"  // the tensor maps (variants 6, 10); tma_copy.cuh's wrappers
@@ -532,15 +531,13 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
 // equality test's reference; at D = 128 the default); =v6 (session 17): variant 6 (the
 // default before session 17, now VAR 10's fallback; the equality test's reference) where
-// the tensor-map kernel runs; unset (or any other value): variant 10 where it runs, else 6,
-// else 2.
+// the tensor-map kernel runs; unset or empty: variant 10 where it runs, else 6, else 2; any
+// other value is a lasp2::Error (env_knob.h).
 // Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
-  const char* env = std::getenv("LASP2_CUDA_FWD_KERNEL");
-  if (env == nullptr) return 10;
-  if (std::strcmp(env, "old") == 0) return 0;
-  if (std::strcmp(env, "v6") == 0) return 6;
-  return 10;
+  constexpr int kNamed[] = {0, 6};
+  const int i = env_choice("LASP2_CUDA_FWD_KERNEL", {"old", "v6"}, -1);
+  return i < 0 ? 10 : kNamed[i];
 }
 
 // Variant VAR (6 or 10) where it can run (sm_90 code on an sm_90 device, every map

@@ -9,11 +9,10 @@
 
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "delta_rule/cuda/delta_chunk_tma.cuh"  // encode_tiled, runs_sm90, token_dims_by_stride; tma_copy.cuh's wrappers
+#include "env_knob.h"
 #include "launch.h"
 #include "tc_tiles.cuh"
 
@@ -23,12 +22,9 @@ namespace {
 // LASP2_CUDA_TILE_COPY=cp_async: the output, dq, dk/dv and segment-state passes copy their tiles by
 // cp.async from every thread (the kernels of sessions 4-15, the fallback where a map
 // cannot run) even where the tensor-map copies could; the same bits. Read per launch so
-// that a test can compare the two paths; anything else or unset: tensor maps where they
-// run.
-inline bool tile_copy_forced_cp_async() {
-  const char* env = std::getenv("LASP2_CUDA_TILE_COPY");
-  return env != nullptr && std::strcmp(env, "cp_async") == 0;
-}
+// that a test can compare the two paths; unset or empty: tensor maps where they run;
+// anything else: a lasp2::Error (env_knob.h).
+inline bool tile_copy_forced_cp_async() { return env_choice("LASP2_CUDA_TILE_COPY", {"cp_async"}, -1) == 0; }
 
 // A box's coordinates {y, z, w} in a map's dimensions 1..3 for token t (of the part) of
 // head h, batch b. hd, td: which of those dimensions hold h and t (encode_tile_map's order

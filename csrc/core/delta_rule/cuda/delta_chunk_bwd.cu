@@ -3,8 +3,6 @@
 // accumulation. Warp w owns tokens [16 (w % 4), +16) of the chunk and half of
 // the columns (w / 4) in every product; per-token sums (the G and beta gradients) meet
 // in shared memory.
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -14,6 +12,7 @@
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "cuda/tc_tile_map.cuh"  // tile_map_box, tile_copy_forced_cp_async
 #include "delta_rule/cuda/chunk_grad_maps.cuh"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -929,13 +928,8 @@ int chunk_backward_smem_bytes(int d) {
 // ordered and early to lean, dq / dk / dv bit for bit).
 enum class BwdForm { kLean, kEarly, kOrdered };
 BwdForm chunk_backward_form() {
-  const char* env = std::getenv("LASP2_DELTA_CHUNK_BWD_KERNEL");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "ordered") == 0) return BwdForm::kOrdered;
-  if (std::strcmp(env, "early") == 0) return BwdForm::kEarly;
-  if (std::strcmp(env, "lean") == 0) return BwdForm::kLean;
-  fail(std::string("lasp2 (CUDA delta rule, chunked backward): LASP2_DELTA_CHUNK_BWD_KERNEL must be ordered, early "
-                   "or lean, not ") +
-       env);
+  constexpr BwdForm kNamed[] = {BwdForm::kOrdered, BwdForm::kEarly, BwdForm::kLean};
+  return kNamed[env_choice("LASP2_DELTA_CHUNK_BWD_KERNEL", {"ordered", "early", "lean"}, 0)];
 }
 
 // The ordered form with the tensor-map copies where it can run (sm_90 code on

@@ -8,12 +8,11 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -39,12 +38,9 @@ inline dim3 chunk_grid(const Problem& p) {
 }
 
 // A kernel choice read at every launch (the tests compare the two): true where `name` is
-// `old`, false where it is unset, empty or `dflt`; anything else is an error.
+// `old`, false where it is unset, empty or `dflt`; anything else is an error (env_knob.h).
 inline bool env_is(const char* name, const char* old, const char* dflt) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == 0 || std::strcmp(env, dflt) == 0) return false;
-  if (std::strcmp(env, old) == 0) return true;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): ") + name + " must be " + dflt + " or " + old + ", not " + env);
+  return env_choice(name, {dflt, old}, 0) == 1;
 }
 
 }  // namespace

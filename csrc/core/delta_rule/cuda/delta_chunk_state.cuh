@@ -7,8 +7,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -16,6 +14,7 @@
 #include "delta_rule/cuda/delta_chunk_common.cuh"
 #include "delta_rule/cuda/delta_chunk_launch.cuh"
 #include "delta_rule/cuda/delta_chunk_tma.cuh"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -89,15 +88,9 @@ __device__ __forceinline__ void mma_rows_halves(float (&acc)[NTILES][4], const T
 // fifteenth rounds.
 enum class StatePass { kTile, kW8, kW8Calc, kTma, kDefault };
 inline StatePass state_pass() {
-  const char* env = std::getenv("LASP2_DELTA_STATE_KERNEL");
-  if (env == nullptr || *env == 0) return StatePass::kDefault;
-  if (std::strcmp(env, "w8") == 0) return StatePass::kW8;
-  if (std::strcmp(env, "w8calc") == 0) return StatePass::kW8Calc;
-  if (std::strcmp(env, "tile") == 0) return StatePass::kTile;
-  if (std::strcmp(env, "tma") == 0) return StatePass::kTma;
-  fail(std::string("lasp2 (CUDA delta rule, chunked): LASP2_DELTA_STATE_KERNEL must be tile, w8, w8calc or tma, "
-                   "not ") +
-       env);
+  constexpr StatePass kNamed[] = {StatePass::kTile, StatePass::kW8, StatePass::kW8Calc, StatePass::kTma};
+  const int i = env_choice("LASP2_DELTA_STATE_KERNEL", {"tile", "w8", "w8calc", "tma"}, -1);
+  return i < 0 ? StatePass::kDefault : kNamed[i];
 }
 
 // LASP2_DELTA_STATE_KERNEL=tma where its kernels cannot run: an error, not a silent w8

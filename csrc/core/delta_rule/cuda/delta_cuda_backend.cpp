@@ -41,9 +41,10 @@
 // the backward then runs neither, and the SP schedules' entering_dstate skips prep too.
 // LASP2_DELTA_KEEP_FORWARD=0 (both families) or LASP2_DELTA_KDA_KEEP_FORWARD=0 (KDA alone)
 // turns that off.
+// These five switches take 0 or 1 (unset or empty: 1, on); any other value is a lasp2::Error
+// naming the variable (env_knob.h), where before session 25 only a leading '0' counted.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
@@ -57,6 +58,7 @@
 #include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
 #include "delta_rule/cuda/delta_launch.h"
+#include "env_knob.h"
 
 namespace lasp2::delta {
 namespace {
@@ -164,8 +166,7 @@ bool rows_aligned(ConstView v) { return rows_aligned(v.data, v.stride.batch, v.s
 // Whether the chunked kernels take the call (delta_chunk.h): GDN, 16-bit inputs,
 // d_k = d_v in {64, 128}, q, k, v and `extra` in 16-byte-aligned rows.
 bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
-  const char* env = std::getenv("LASP2_DELTA_CHUNKED");
-  if (env != nullptr && env[0] == '0') return false;
+  if (!env_flag("LASP2_DELTA_CHUNKED", true)) return false;
   if (p.gate_kind != GateKind::kScalar) return false;
   if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
   if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
@@ -181,8 +182,7 @@ bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstV
 // LASP2_DELTA_KDA_CHUNKED=0 (or LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels;
 // the backward takes kda_backward_chunked() below.
 bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
-  const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED");
-  if (env != nullptr && env[0] == '0') return false;
+  if (!env_flag("LASP2_DELTA_KDA_CHUNKED", true)) return false;
   if (p.gate_kind != GateKind::kPerKey) return false;
   DeltaParams scalar = p;
   scalar.gate_kind = GateKind::kScalar;
@@ -195,8 +195,7 @@ bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<Co
 // LASP2_DELTA_KDA_CHUNKED_BWD=0 keeps the recurrent backward.
 bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout, MutView dq, MutView dk, MutView dv,
                           bool doc_states) {
-  const char* env = std::getenv("LASP2_DELTA_KDA_CHUNKED_BWD");
-  if (env != nullptr && env[0] == '0') return false;
+  if (!env_flag("LASP2_DELTA_KDA_CHUNKED_BWD", true)) return false;
   if (p.doc_start != nullptr && doc_states) return false;
   if (!kda_chunked(p, part, {dout, ConstView{dq.data, dq.stride}, ConstView{dk.data, dk.stride},
                              ConstView{dv.data, dv.stride}}))
@@ -267,17 +266,13 @@ int64_t chunk_rows(const gpu::Problem& g) { return g.bh() * gpu::chunk_count(g) 
 // kda_backward_chunked() (KDA) that the params' sizes, dtypes and gate kind decide (the
 // views' alignment is checked by each call).
 bool keeps_forward_params(const DeltaParams& p) {
-  const char* chunked_env = std::getenv("LASP2_DELTA_CHUNKED");
-  if (chunked_env != nullptr && chunked_env[0] == '0') return false;
-  const char* keep_env = std::getenv("LASP2_DELTA_KEEP_FORWARD");
-  if (keep_env != nullptr && keep_env[0] == '0') return false;
+  if (!env_flag("LASP2_DELTA_CHUNKED", true) || !env_flag("LASP2_DELTA_KEEP_FORWARD", true)) return false;
   if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
   if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
   if (p.gate_kind == GateKind::kPerKey) {
     for (const char* name :
          {"LASP2_DELTA_KDA_KEEP_FORWARD", "LASP2_DELTA_KDA_CHUNKED", "LASP2_DELTA_KDA_CHUNKED_BWD"}) {
-      const char* env = std::getenv(name);
-      if (env != nullptr && env[0] == '0') return false;
+      if (!env_flag(name, true)) return false;
     }
     return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
   }

@@ -9,13 +9,13 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/elem_dispatch.cuh"
 #include "delta_rule/cuda/delta_documents.cuh"
 #include "delta_rule/cuda/delta_launch.h"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -734,10 +734,11 @@ void dispatch_walk(const Problem& p, F&& f) {
 void check_launch(const char* what) { check_error(cudaGetLastError(), what); }
 
 int64_t plan_seg_len(const Problem& p, int sms) {
-  const char* env = std::getenv("LASP2_DELTA_SEG_LEN");
-  int64_t seg = 0;
-  if (env != nullptr && *env != '\0') {
-    seg = std::max<int64_t>(CT, std::atoll(env) / CT * CT);
+  // LASP2_DELTA_SEG_LEN: tokens a segment, rounded down to whole CT-token tiles (at least
+  // one); anything but a whole number >= 1 is a lasp2::Error (env_knob.h).
+  int64_t seg = env_int64("LASP2_DELTA_SEG_LEN", 0, 1, INT64_MAX);
+  if (seg > 0) {
+    seg = std::max<int64_t>(CT, seg / CT * CT);
   } else {
     // about two waves of the forward walk's blocks, segments of at least 512 tokens
     const int64_t blocks = (p.dv + 31) / 32 * p.bh();

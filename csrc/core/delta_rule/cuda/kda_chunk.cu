@@ -8,8 +8,6 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -18,6 +16,7 @@
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/cuda/kda_chunk_tma.h"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -354,11 +353,9 @@ struct KdaStateChoice {
   bool named;  // set by the variable (else the default)
 };
 KdaStateChoice kda_state_pass() {
-  const char* env = std::getenv("LASP2_DELTA_KDA_STATE_KERNEL");
-  if (env == nullptr || *env == 0) return {kKdaStateDefault, false};
-  if (std::strcmp(env, "tile") == 0) return {KdaStatePass::kTile, true};
-  if (std::strcmp(env, "tma") == 0) return {KdaStatePass::kTma, true};
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_STATE_KERNEL must be tile or tma, not " + env);
+  constexpr KdaStatePass kNamed[] = {KdaStatePass::kTile, KdaStatePass::kTma};
+  const int i = env_choice("LASP2_DELTA_KDA_STATE_KERNEL", {"tile", "tma"}, -1);
+  return i < 0 ? KdaStateChoice{kKdaStateDefault, false} : KdaStateChoice{kNamed[i], true};
 }
 
 // LASP2_DELTA_KDA_STATE_KERNEL=tma at d = 128 where the tma kernels cannot

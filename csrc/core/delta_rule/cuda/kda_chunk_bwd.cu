@@ -35,8 +35,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -46,6 +44,7 @@
 #include "delta_rule/cuda/delta_chunk_dispatch.h"
 #include "delta_rule/cuda/delta_chunk_frag.cuh"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
+#include "env_knob.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta::gpu {
@@ -687,11 +686,9 @@ constexpr const char* kWho = "lasp2 (CUDA KDA, chunked backward)";
 // stores, measured no faster than tma and was removed, session 17.)
 enum class KdaBwdKernel { kAuto, kLean, kTma };
 KdaBwdKernel kda_backward_kernel() {
-  const char* env = std::getenv("LASP2_DELTA_KDA_BWD_KERNEL");
-  if (env == nullptr || *env == '\0') return KdaBwdKernel::kAuto;
-  if (std::strcmp(env, "lean") == 0) return KdaBwdKernel::kLean;
-  if (std::strcmp(env, "tma") == 0) return KdaBwdKernel::kTma;
-  fail(std::string(kWho) + ": LASP2_DELTA_KDA_BWD_KERNEL must be lean or tma, not " + env);
+  constexpr KdaBwdKernel kNamed[] = {KdaBwdKernel::kLean, KdaBwdKernel::kTma};
+  const int i = env_choice("LASP2_DELTA_KDA_BWD_KERNEL", {"lean", "tma"}, -1);
+  return i < 0 ? KdaBwdKernel::kAuto : kNamed[i];
 }
 
 // kda_bwd_kernel_tma where it can run (sm_90 code on an sm_90 device, every map
