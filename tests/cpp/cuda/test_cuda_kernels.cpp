@@ -130,9 +130,6 @@ void run_case(const OpCase& c) {
 
 std::vector<OpCase> op_cases() {
   std::vector<OpCase> cases;
-  auto mode_name = [](DecayMode m) {
-    return m == DecayMode::kNone ? "none" : m == DecayMode::kFixed ? "fixed" : "gate";
-  };
   // Part [37, 1000): chunks start at 37 + 64 i, segments (2 chunks) at 37 + 128 i.
   // Documents at a chunk start (101), a segment start (293) and the token after
   // it, mid-chunk (600) and the last token (999).
@@ -145,7 +142,7 @@ std::vector<OpCase> op_cases() {
         c.mode = m;
         c.dk = c.dv = d;
         c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
-        c.name = std::string(dtype_name(t)) + "_" + mode_name(m) + "_D" + std::to_string(d) +
+        c.name = std::string(dtype_name(t)) + "_" + decay_mode_name(m) + "_D" + std::to_string(d) +
                  (c.docs.empty() ? "" : "_docs");
         cases.push_back(c);
       }
