@@ -50,7 +50,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (EXPERT, assert_resumed_as_the_uninterrupted_run, global_named_params,  # noqa: E402
                              initial_value, max_diff, run_launcher, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 EXPERTS = 4
 LR = "0.1"
@@ -105,7 +105,7 @@ def _checkpoint_across_ep(tmpdir):
             "weight_diff": max_diff(whole_weights(resumed["chunks"]), whole_at_ep2)}
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -170,14 +170,12 @@ def _worker(rank, world, out_path, tmpdir):
     dist.all_gather_object(every_rank, errors)
     out["world_errors"] = every_rank
     out["ckpt"] = _checkpoint_across_ep(tmpdir)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_moe")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=450)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_moe")), timeout=450)
 
 
 @pytest.mark.parametrize("balancing, layout", [("none", "cp2 ep2"), ("none", "cp2 ep4"), ("none", "pp2 cp2 ep2"),

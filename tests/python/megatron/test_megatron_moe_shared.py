@@ -50,7 +50,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
 from test_megatron_moe_vpp_fsdp import VPP  # noqa: E402
 
@@ -80,7 +80,7 @@ def _run(argv):
     return run_launcher(MODEL + HYBRID + AUX_LOSS + SHARED + argv)
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -95,14 +95,12 @@ def _worker(rank, world, out_path):
                      "chunks": len(result["chunks"]),
                      # overlapped: the dispatcher runs the shared expert, MoELayer does not
                      "overlapped": getattr(mlp.token_dispatcher, "shared_experts", None) is shared}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_shared") / "results.pt",
-                                    timeout=400)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=400)
 
 
 @pytest.mark.parametrize("name, reference", [("cp2 ep2", "cp1 ep1"), ("pp2 cp2 ep2", "cp1 ep1"),

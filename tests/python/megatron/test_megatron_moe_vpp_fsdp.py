@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
 VPP = ["--num-layers-per-virtual-pipeline-stage", "1"]
@@ -34,7 +34,7 @@ def _run(argv):
     return run_launcher(MODEL + HYBRID + AUX_LOSS + argv)
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -48,13 +48,12 @@ def _worker(rank, world, out_path):
         out[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": whole_weights(chunks),
                      "chunks": len(chunks), "mlp": type(chunks[0].module.decoder.layers[0].mlp).__name__,
                      "sharded": all(isinstance(p, DTensor) for c in chunks for p in c.module.parameters())}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_vpp_fsdp") / "results.pt", timeout=300)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=300)
 
 
 @pytest.mark.parametrize("name", ["pp2 vpp2 cp2 ep2", "fsdp2 cp2 ep1"])
