@@ -38,12 +38,11 @@ generator seeded by its global name, TP shards cut from the whole value).
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import (assert_resumed_as_the_uninterrupted_run, initial_value, max_diff,  # noqa: E402
-                             run_launcher, whole_weights)
+from launcher_testing import (assert_resumed_as_the_uninterrupted_run, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
 from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -124,8 +123,7 @@ def test_fsdp2_with_tp_or_pp_trains_as_ddp(results, name):
     r, ref = results["train"][name], results["train"][REFERENCE[name]]
     assert r["sharded"], name  # every parameter an FSDP2 shard (DTensor): FSDP2 did run
     assert len(r["losses"]) == len(ref["losses"]) == 2
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
+    assert_same_losses(r, ref)
     assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], (r["grad_norm"], ref["grad_norm"])
     assert max_diff(r["weights"], ref["weights"]) <= 1e-6
 

@@ -30,8 +30,8 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import (config_errors_on_every_rank, initial_value, max_diff, run_launcher,  # noqa: E402
-                             whole_weights)
+from launcher_testing import (assert_same_losses, config_errors_on_every_rank, initial_value, max_diff,  # noqa: E402
+                             run_launcher, whole_weights)
 from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
@@ -79,8 +79,7 @@ def test_alltoall_dispatcher_trains_as_allgather_and_as_ep1(results, name, refer
     assert r["dispatcher"] == "MoEAlltoAllTokenDispatcher", r["dispatcher"]
     assert r["local_experts"] == 4 // RUNS[name][1], r["local_experts"]
     assert len(r["losses"]) == 2, r["losses"]
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-6 * abs(want), (r["losses"], ref["losses"])
+    assert_same_losses(r, ref, rel=1e-6)
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 
 

@@ -36,11 +36,11 @@ equals DDP at EP 1 (weights 1.2e-7).
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from launcher_testing import (assert_same_load_balancing_losses, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
 from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
 
@@ -106,10 +106,8 @@ def test_fsdp2_at_ep_above_1_equals_ddp(results, name):
     weights 1.2e-7."""
     r, ref = results[name], results[REFERENCE[name]]
     assert len(r["losses"]) == len(ref["losses"]) == 3
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], (r["grad_norm"], ref["grad_norm"])
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 

@@ -16,11 +16,11 @@ test_megatron_moe_fsdp_ep.py.
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
+from launcher_testing import (assert_same_load_balancing_losses, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
 from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
@@ -63,10 +63,8 @@ def test_moe_under_vpp_and_fsdp2_equals_cp1_ep1(results, name):
     assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r["losses"]
     assert r["chunks"] == (2 if "vpp" in name else 1)  # two virtual stages on each pipeline rank
     assert r["sharded"] == ("fsdp2" in name)  # FSDP2's DTensors, not DDP's plain parameters
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 
 

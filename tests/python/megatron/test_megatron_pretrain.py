@@ -29,7 +29,6 @@ pipeline rank).
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
