@@ -41,6 +41,7 @@ import time
 import torch
 
 import lasp2
+from cuda_timing import captured_graph  # this folder (the script's own directory is on sys.path)
 from lasp2.ops import _eager
 
 
@@ -103,16 +104,7 @@ def _wall_ms(step, iters, device):
 
 
 def _graph_ms(step, iters):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return _wall_ms(graph.replay, iters, torch.device("cuda"))
+    return _wall_ms(captured_graph(step, warmup=3).replay, iters, torch.device("cuda"))
 
 
 def _split(forward, inputs, steps, device):

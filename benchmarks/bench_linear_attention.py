@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lasp2  # noqa: E402
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import captured_graph, median_ms  # noqa: E402
 
 
 def copy_bandwidth_gbs():
@@ -38,15 +38,7 @@ def copy_bandwidth_gbs():
 
 def graph_ms(step):
     """Median time of replaying `step` (fwd + bwd) captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = captured_graph(step, warmup=2)
     ms = median_ms(graph.replay)
     del graph
     return ms

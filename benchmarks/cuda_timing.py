@@ -1,4 +1,4 @@
-"""Timing helper shared by the GPU benchmarks of this folder."""
+"""Timing helpers shared by the GPU benchmarks of this folder."""
 
 import torch
 
@@ -23,3 +23,19 @@ def median_ms(fn, warmup=3, reps=10, budget_ms=2000.0, before=None):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def captured_graph(step, warmup):
+    """`step` captured in a CUDA graph, after `warmup` calls on a side stream (the order
+    PyTorch's CUDA-graph notes give): those calls do the lazy set-up (cuBLAS handles,
+    allocator blocks, lasp2's scratch) that must not happen inside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import lasp2
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import captured_graph, median_ms  # noqa: E402
 
 
 def main():
@@ -37,14 +37,7 @@ def main():
         do = torch.randn_like(v)
         step = lambda: torch.autograd.grad(lasp2.linear_attention(q, k, v, g=g), (q, k, v, g), do)
         eager = median_ms(step, budget_ms=float("inf"))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = captured_graph(step, warmup=1)
         replay = median_ms(graph.replay, budget_ms=float("inf"))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
             for _ in range(5):

@@ -10,6 +10,11 @@
 
 namespace lasp2::testing {
 
+// A decay mode as the parameterized tests name their cases.
+inline const char* decay_mode_name(DecayMode m) {
+  return m == DecayMode::kNone ? "none" : m == DecayMode::kFixed ? "fixed" : "gate";
+}
+
 struct ProblemSpec {
   int64_t batch = 2, seqlen = 37, heads = 3, dim_k = 8, dim_v = 5;
   DecayMode mode = DecayMode::kGate;

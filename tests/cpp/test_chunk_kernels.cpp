@@ -20,7 +20,7 @@ struct KernelCase {
 
 std::string case_name(const ::testing::TestParamInfo<KernelCase>& info) {
   const auto& c = info.param;
-  const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
+  const char* mode = decay_mode_name(c.mode);
   return std::string(mode) + "_T" + std::to_string(c.seqlen) + "_C" + std::to_string(c.chunk_size) +
          (c.with_docs ? "_docs" : "");
 }

@@ -2,8 +2,11 @@
 // for associativity (merging two adjacent parts first gives the same prefix).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 
 #include "lasp2/kernel_backend.h"
 #include "problem.h"
@@ -34,17 +37,24 @@ struct Records {
   }
 };
 
-TEST(Combine, PrefixIsTheDecayedSumOfEarlierParts) {
-  Records r(5, 3, 4, 7);
+// What the combine at part `target` must hold, computed directly: the sum over the
+// earlier parts (combine_prefix) or the later ones (combine_suffix) of each part's state
+// times the decay of the parts strictly between it and `target`.
+enum class Side { kEarlier, kLater };
+
+void expect_direct_decayed_sums(const Records& r, Side side) {
   for (int target = 0; target < r.parts; ++target) {
+    SCOPED_TRACE("target part " + std::to_string(target));
     std::vector<float> got(r.bh * r.elems);
-    cpu_backend().combine_prefix(r.pointers(), r.log_decays.data(), target, r.bh, r.elems, got.data(), nullptr);
+    const auto combine = side == Side::kEarlier ? &KernelBackend::combine_prefix : &KernelBackend::combine_suffix;
+    (cpu_backend().*combine)(r.pointers(), r.log_decays.data(), target, r.bh, r.elems, got.data(), nullptr);
+    const int first = side == Side::kEarlier ? 0 : target + 1, end = side == Side::kEarlier ? target : r.parts;
     for (int64_t i = 0; i < r.bh; ++i) {
       for (int64_t e = 0; e < r.elems; ++e) {
         double want = 0;
-        for (int m = 0; m < target; ++m) {
+        for (int m = first; m < end; ++m) {
           double L = 0;
-          for (int j = m + 1; j < target; ++j) L += r.log_decays[j * r.bh + i];
+          for (int j = std::min(m, target) + 1; j < std::max(m, target); ++j) L += r.log_decays[j * r.bh + i];
           want += std::exp(L) * r.states[m][i * r.elems + e];
         }
         EXPECT_NEAR(got[i * r.elems + e], want, 1e-5);
@@ -53,23 +63,12 @@ TEST(Combine, PrefixIsTheDecayedSumOfEarlierParts) {
   }
 }
 
+TEST(Combine, PrefixIsTheDecayedSumOfEarlierParts) {
+  expect_direct_decayed_sums(Records(5, 3, 4, 7), Side::kEarlier);
+}
+
 TEST(Combine, SuffixIsTheDecayedSumOfLaterParts) {
-  Records r(4, 2, 3, 8);
-  for (int target = 0; target < r.parts; ++target) {
-    std::vector<float> got(r.bh * r.elems);
-    cpu_backend().combine_suffix(r.pointers(), r.log_decays.data(), target, r.bh, r.elems, got.data(), nullptr);
-    for (int64_t i = 0; i < r.bh; ++i) {
-      for (int64_t e = 0; e < r.elems; ++e) {
-        double want = 0;
-        for (int m = target + 1; m < r.parts; ++m) {
-          double L = 0;
-          for (int j = target + 1; j < m; ++j) L += r.log_decays[j * r.bh + i];
-          want += std::exp(L) * r.states[m][i * r.elems + e];
-        }
-        EXPECT_NEAR(got[i * r.elems + e], want, 1e-5);
-      }
-    }
-  }
+  expect_direct_decayed_sums(Records(4, 2, 3, 8), Side::kLater);
 }
 
 // (M1, L1) then (M2, L2) merge into (exp(L2) M1 + M2, L1 + L2); the prefix of the

@@ -22,7 +22,7 @@ struct RingCase {
 
 std::string ring_name(const ::testing::TestParamInfo<RingCase>& info) {
   const auto& c = info.param;
-  const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
+  const char* mode = decay_mode_name(c.mode);
   return "P" + std::to_string(c.world) + "_" + mode + (c.with_docs ? "_docs" : "") +
          (c.balanced ? "_balanced" : "");
 }

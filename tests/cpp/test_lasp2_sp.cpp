@@ -31,7 +31,7 @@ struct SpCase {
 
 std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
   const auto& c = info.param;
-  const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
+  const char* mode = decay_mode_name(c.mode);
   return "P" + std::to_string(c.world) + (c.balanced ? "_balanced_" : "_contiguous_") + mode +
          (c.with_docs ? "_docs" : "") + (c.overlap ? "_overlap" : "_fused");
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ostream>
 #include <random>
@@ -33,6 +34,24 @@ struct OpCase {
   bool force_generic = false;
   int64_t B = 2, H = 2;
 };
+
+// The knobs an OpCase sets for its scope (unset where the case leaves them to the
+// backend, so a knob set outside the test does not leak into a case that does not name it).
+struct CaseKnobs {
+  explicit CaseKnobs(const OpCase& c)
+      : seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : ""),
+        sub("LASP2_CUDA_STATE_SUB_CHUNKS", c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : ""),
+        floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : ""),
+        generic("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "") {}
+  EnvGuard seg, sub, floor, generic;
+};
+
+// LASP2_TEST_CASES=<substring>: run only the cases whose names contain it (short sanitizer
+// runs of the long case lists); unset, every case runs.
+inline bool selected_by_env(const OpCase& c) {
+  const char* only = std::getenv("LASP2_TEST_CASES");
+  return only == nullptr || c.name.find(only) != std::string::npos;
+}
 
 inline std::vector<double> random_vec(size_t n, uint32_t seed, double sd = 1.0) {
   std::mt19937 rng(seed);
@@ -142,6 +161,28 @@ inline OpCase with_auto_segments(OpCase c) {
   c.end = 4109;
   c.docs = {64, 1000, 4096};
   c.seg_chunks = 0;
+  return c;
+}
+// Case c on a [T, B, H, D] view with padded heads (the stores' row stride is not H * D),
+// in 3-chunk segments.
+inline OpCase as_padded_tbhd(OpCase c) {
+  c.layout = {true, 8};
+  c.seg_chunks = 3;
+  return c;
+}
+
+// A case over the whole sequence [0, T) with segments of `seg_chunks` chunks (0: the
+// backend's own), bf16 and without documents.
+inline OpCase whole_sequence_case(const char* name, DecayMode m, int64_t dk, int64_t dv, int64_t T,
+                                  int seg_chunks) {
+  OpCase c;
+  c.name = name;
+  c.mode = m;
+  c.dk = dk;
+  c.dv = dv;
+  c.T = c.end = T;
+  c.begin = 0;
+  c.seg_chunks = seg_chunks;
   return c;
 }
 

@@ -3,7 +3,6 @@
 // against each other.
 #include <gtest/gtest.h>
 
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -102,7 +101,7 @@ struct DkdvRun {
 
 void run_dkdv_rows_case(const OpCase& c, bool cp_async_too = false) {
   SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const CaseKnobs knobs(c);
   const DkdvRun r(c, 3000, 31);
   // the default copy path (tensor maps on sm_90), the knob explicitly unset
   const DkdvRun::Out a = r.run("LASP2_CUDA_TILE_COPY", ""), b = r.run("LASP2_CUDA_TILE_COPY", "");
@@ -125,10 +124,8 @@ TEST(CudaDkdvKernel, Rows32EdgeCasesMatchCpu) {
                                make("r32_bf16_gate_dk96_dv128", ScalarType::kBFloat16, DecayMode::kGate, 96, 128)};
   OpCase c = make("r32_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
   cases.push_back(with_auto_segments(c));
-  c = make("r32_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back(c);
+  cases.push_back(
+      as_padded_tbhd(make("r32_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128)));
   for (const OpCase& x : cases) run_dkdv_rows_case(x);
 }
 
@@ -155,13 +152,10 @@ TEST(CudaDkdvKernel, TmaCopySameBits) {
   cases.push_back(with_auto_segments(c));
   c = make("cv_bf16_gate_D64_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 64, 64);
   cases.push_back(with_auto_segments(c));
-  c = make("cv_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back(c);
-  const char* only = std::getenv("LASP2_TEST_CASES");
+  cases.push_back(
+      as_padded_tbhd(make("cv_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128)));
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_dkdv_rows_case(x, true);
+    if (selected_by_env(x)) run_dkdv_rows_case(x, true);
 }
 
 // ---- the dk/dv pass's staged tensor-map stores (tc_dkdv.cu kStore, session 17) ----------
@@ -180,7 +174,7 @@ TEST(CudaDkdvKernel, TmaCopySameBits) {
 // (row stride not H * D). Without an sm_90 device every run takes the cp.async kernel.
 void run_dkdv_store_case(const OpCase& c, int tile_d) {
   SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const CaseKnobs knobs(c);
   EnvGuard copy("LASP2_CUDA_TILE_COPY", "");
   const DkdvRun r(c, 4000, 41);
   const DkdvRun::Out a = r.run("LASP2_CUDA_DKDV_STORE", "direct"), s = r.run("LASP2_CUDA_DKDV_STORE", "");
@@ -214,13 +208,10 @@ TEST(CudaDkdvKernel, StagedStoreSameBits) {
   cases.push_back({with_auto_segments(c), 128});
   c = make("st_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kFixed, 128, 128);
   cases.push_back({with_auto_segments(c), 128});
-  c = make("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back({c, 128});
-  const char* only = std::getenv("LASP2_TEST_CASES");
+  cases.push_back(
+      {as_padded_tbhd(make("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128)), 128});
   for (const Case& x : cases)
-    if (only == nullptr || x.c.name.find(only) != std::string::npos) run_dkdv_store_case(x.c, x.tile_d);
+    if (selected_by_env(x.c)) run_dkdv_store_case(x.c, x.tile_d);
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 // bit for bit against the kernels they replace.
 #include <gtest/gtest.h>
 
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -88,7 +87,7 @@ struct FwdDqRun {
 
 void run_fwd_split_case(const OpCase& c) {
   SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const CaseKnobs knobs(c);
   const FwdDqRun f(c);
   // the default kernels (twice) and LASP2_CUDA_FWD_KERNEL=old (D = 64: tc_scores instead
   // of tc_scores_split, session 13; the other tiles have one kernel): the same bits
@@ -111,24 +110,16 @@ std::vector<OpCase> fwd_split_cases() {
                                make("fs_fp16_fixed_D64", ScalarType::kFloat16, DecayMode::kFixed, 64, 64)};
   OpCase c = make("fs_bf16_gate_D128_T4109_auto", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
   cases.push_back(with_auto_segments(c));
-  // [T, B, H, D] with padded heads: the stores' row stride is not H * D
-  c = make("fs_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back(c);
-  c = make("fs_fp16_gate_D64_TBHD_pad8", ScalarType::kFloat16, DecayMode::kGate, 64, 64);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back(c);
+  cases.push_back(as_padded_tbhd(make("fs_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128,
+                                      128)));
+  cases.push_back(as_padded_tbhd(make("fs_fp16_gate_D64_TBHD_pad8", ScalarType::kFloat16, DecayMode::kGate, 64, 64)));
   return cases;
 }
 
 TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
   LASP2_SKIP_WITHOUT_CUDA();
-  // LASP2_TEST_CASES=<substring>: only the matching cases (short sanitizer runs)
-  const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : fwd_split_cases())
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_fwd_split_case(x);
+    if (selected_by_env(x)) run_fwd_split_case(x);
 }
 
 // ---- the output and dq passes' two copy paths (session 16) ----------------------------
@@ -149,7 +140,7 @@ TEST(CudaFwdKernel, ScoreSplitEdgeCasesMatchCpu) {
 // q.dq bit for bit, and each run against the CPU backend.
 void run_fwd_knob_case(const OpCase& c, const char* knob, const char* value) {
   SCOPED_TRACE(c.name);
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
+  const CaseKnobs knobs(c);
   const FwdDqRun f(c);
   const FwdDqRun::Out a = f.run(knob, ""), v = f.run(knob, value);
   FwdDqRun::expect_same_bits(a, v, std::string(knob) + "=" + value + " differs");
@@ -161,26 +152,15 @@ void run_fwd_knob_case(const OpCase& c, const char* knob, const char* value) {
 // fixed and gated decay.
 std::vector<OpCase> fwd_copy_cases() {
   std::vector<OpCase> cases = fwd_split_cases();
-  OpCase c = with_auto_segments(walking_edge_case("cs_bf16_fixed_D128_T4109_auto", ScalarType::kBFloat16,
-                                                  DecayMode::kFixed, 128, 128));
-  c.docs = {};
-  cases.push_back(c);
-  c = walking_edge_case("cs_bf16_gate_D128_seg16", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.T = 4109;
-  c.begin = 0;
-  c.end = 4109;
-  c.docs = {};
-  c.seg_chunks = 16;
-  cases.push_back(c);
+  cases.push_back(whole_sequence_case("cs_bf16_fixed_D128_T4109_auto", DecayMode::kFixed, 128, 128, 4109, 0));
+  cases.push_back(whole_sequence_case("cs_bf16_gate_D128_seg16", DecayMode::kGate, 128, 128, 4109, 16));
   return cases;
 }
 
 TEST(CudaFwdKernel, TmaCopySameBits) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : fwd_copy_cases())
-    if (only == nullptr || x.name.find(only) != std::string::npos)
-      run_fwd_knob_case(x, "LASP2_CUDA_TILE_COPY", "cp_async");
+    if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_TILE_COPY", "cp_async");
 }
 
 // ---- the default tensor-map kernel against the previous one (session 17) ---------------
@@ -208,18 +188,12 @@ TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
                {"wb_bf16_none_D128_seg16_part37", DecayMode::kNone, 128},
                {"wb_bf16_gate_D64_seg16_part37", DecayMode::kGate, 64}};
   for (const auto& l : longs) {
-    OpCase c = walking_edge_case(l.name, ScalarType::kBFloat16, l.mode, l.d, l.d);
-    c.T = 4109;
+    OpCase c = whole_sequence_case(l.name, l.mode, l.d, l.d, 4109, 16);
     c.begin = 37;  // 4072 tokens: 63 full chunks and one of 40
-    c.end = 4109;
-    c.docs = {};
-    c.seg_chunks = 16;
     cases.push_back(c);
   }
-  const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos)
-      run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v6");
+    if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v6");
 }
 
 }  // namespace

@@ -31,11 +31,7 @@ namespace lasp2::testing {
 namespace {
 
 void run_case(const OpCase& c) {
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
-               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
-  EnvGuard gen("LASP2_CUDA_FORCE_GENERIC", c.force_generic ? "1" : "");
-  EnvGuard floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "");
+  const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 1000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
@@ -134,9 +130,6 @@ void run_case(const OpCase& c) {
 
 std::vector<OpCase> op_cases() {
   std::vector<OpCase> cases;
-  auto mode_name = [](DecayMode m) {
-    return m == DecayMode::kNone ? "none" : m == DecayMode::kFixed ? "fixed" : "gate";
-  };
   // Part [37, 1000): chunks start at 37 + 64 i, segments (2 chunks) at 37 + 128 i.
   // Documents at a chunk start (101), a segment start (293) and the token after
   // it, mid-chunk (600) and the last token (999).
@@ -149,7 +142,7 @@ std::vector<OpCase> op_cases() {
         c.mode = m;
         c.dk = c.dv = d;
         c.docs = m == DecayMode::kFixed ? std::vector<int64_t>{} : docs;
-        c.name = std::string(dtype_name(t)) + "_" + mode_name(m) + "_D" + std::to_string(d) +
+        c.name = std::string(dtype_name(t)) + "_" + decay_mode_name(m) + "_D" + std::to_string(d) +
                  (c.docs.empty() ? "" : "_docs");
         cases.push_back(c);
       }
@@ -179,15 +172,7 @@ std::vector<OpCase> op_cases() {
      // exit-weighted states walk each segment backward, carrying the decay to its end
      // over 16 chunks (the gated cases' decays, -0.3 per token on average, underflow
      // after about 6 chunks and stop the walks early, e.g. T4109_auto)
-    OpCase c;
-    c.name = "bf16_fixed_D128_seg16";
-    c.mode = DecayMode::kFixed;
-    c.dk = c.dv = 128;
-    c.T = 2200;
-    c.begin = 0;
-    c.end = 2200;
-    c.seg_chunks = 16;
-    cases.push_back(c);
+    cases.push_back(whole_sequence_case("bf16_fixed_D128_seg16", DecayMode::kFixed, 128, 128, 2200, 16));
   }
   {  // Split segment-state walks (StateArgs::sub_chunks; the default splits fixed decays
      // into pieces of 32 chunks where segments are longer): pieces of 3 chunks over
@@ -196,28 +181,16 @@ std::vector<OpCase> op_cases() {
      // per piece with a short last segment (pieces past its end), D = 64 (one column
      // block), dv = 64 at D = 128 (no second column block), no decay, and the default
      // pieces over 40-chunk segments (32 + 8 chunks; head 1's second piece underflows)
-    OpCase c;
-    c.name = "bf16_fixed_D128_seg16_sub3";
-    c.mode = DecayMode::kFixed;
-    c.dk = c.dv = 128;
-    c.T = 2200;
-    c.begin = 0;
-    c.end = 2200;
-    c.seg_chunks = 16;
+    OpCase c = whole_sequence_case("bf16_fixed_D128_seg16_sub3", DecayMode::kFixed, 128, 128, 2200, 16);
     c.state_sub_chunks = 3;
     cases.push_back(c);
-    c.name = "bf16_fixed_D128_T3000_seg40_default_split";
-    c.T = 3000;
-    c.end = 3000;
-    c.seg_chunks = 40;
-    c.state_sub_chunks = -1;
+    c = whole_sequence_case("bf16_fixed_D128_T3000_seg40_default_split", DecayMode::kFixed, 128, 128, 3000, 40);
     cases.push_back(c);
     // the walks as before session 14 (to fp32 underflow; by default head 0's end at the
     // 2^-48 floor after about 17 chunks, head 1's after 9, both inside the segments)
     c.name = "bf16_fixed_D128_T3000_seg40_floor0";
     c.state_floor = 0;
     cases.push_back(c);
-    c.state_floor = -1;
     c = OpCase();
     c.name = "bf16_gate_D128_seg5_docs_sub2";
     c.dk = c.dv = 128;
@@ -244,14 +217,8 @@ std::vector<OpCase> op_cases() {
     cases.push_back(c);
   }
   {  // 4096 + 13 tokens, the backend's own segmentation
-    OpCase c;
-    c.name = "bf16_gate_D128_T4109_auto";
-    c.dk = c.dv = 128;
-    c.T = 4109;
-    c.begin = 0;
-    c.end = 4109;
-    c.docs = {64, 1000, 4096};
-    c.seg_chunks = 0;
+    OpCase c = with_auto_segments(walking_edge_case("bf16_gate_D128_T4109_auto", ScalarType::kBFloat16,
+                                                    DecayMode::kGate, 128, 128));
     cases.push_back(c);
     c.name = "fp32_gate_D64_T4109_auto";
     c.dtype = ScalarType::kFloat32;
@@ -260,13 +227,9 @@ std::vector<OpCase> op_cases() {
   }
   for (ScalarType t : {ScalarType::kBFloat16, ScalarType::kFloat32}) {
     for (int64_t T : {1, 77}) {
-      OpCase c;
+      const std::string name = std::string(dtype_name(t)) + "_gate_D64_T" + std::to_string(T);
+      OpCase c = whole_sequence_case(name.c_str(), DecayMode::kGate, 64, 64, T, 0);
       c.dtype = t;
-      c.T = T;
-      c.begin = 0;
-      c.end = T;
-      c.seg_chunks = 0;
-      c.name = std::string(dtype_name(t)) + "_gate_D64_T" + std::to_string(T);
       cases.push_back(c);
     }
     OpCase c;

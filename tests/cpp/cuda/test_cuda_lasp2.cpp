@@ -47,7 +47,7 @@ struct E2eCase {
 };
 
 std::string e2e_name(const E2eCase& c) {
-  const char* mode = c.mode == DecayMode::kNone ? "none" : c.mode == DecayMode::kFixed ? "fixed" : "gate";
+  const char* mode = decay_mode_name(c.mode);
   return std::string(dtype_name(c.dtype)) + "_" + mode + "_D" + std::to_string(c.d) + "_T" +
          std::to_string(c.T) + (c.docs ? "_docs" : "") + (c.forget ? "_forget" : "");
 }

@@ -25,9 +25,7 @@ namespace {
 // reading states of the tensor-core forward still matches the CPU.
 
 void run_saved_states_case(const OpCase& c) {
-  EnvGuard seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : "");
-  EnvGuard sub("LASP2_CUDA_STATE_SUB_CHUNKS",
-               c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : "");
+  const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 2000 + static_cast<uint32_t>(c.T));
   const AttentionParams pc = pr.params();
   DeviceProblem dp(pr, c.dtype, c.layout);
@@ -103,20 +101,10 @@ TEST(CudaSavedStates, DqFromForwardStatesEqualsRecompute) {
                std::to_string(c.dk);
       run_saved_states_case(c);
     }
-  c = OpCase{};  // the backend's own segments at T = 4109
-  c.name = "saved_bf16_gate_D128_T4109_auto";
-  c.dk = c.dv = 128;
-  c.T = 4109;
-  c.begin = 0;
-  c.end = 4109;
-  c.seg_chunks = 0;
-  run_saved_states_case(c);
-  c.name = "saved_bf16_fixed_D128_seg16_sub3";  // the kept states from split walks
-  c.mode = DecayMode::kFixed;
-  c.docs = {};
-  c.T = c.end = 2200;
-  c.seg_chunks = 16;
-  c.state_sub_chunks = 3;
+  // the backend's own segments at T = 4109
+  run_saved_states_case(whole_sequence_case("saved_bf16_gate_D128_T4109_auto", DecayMode::kGate, 128, 128, 4109, 0));
+  c = whole_sequence_case("saved_bf16_fixed_D128_seg16_sub3", DecayMode::kFixed, 128, 128, 2200, 16);
+  c.state_sub_chunks = 3;  // the kept states from split walks
   run_saved_states_case(c);
 }
 

@@ -141,16 +141,13 @@ TEST(CudaStateKernel, TmaCopySameBits) {
   c = whole_sequence_case("st_bf16_gate_D64_seg24_docs", DecayMode::kGate, 64, 64, 3000, 24);
   c.docs = {640, 1700, 1701, 2990};
   cases.push_back(c);
-  c = edge("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128);
-  c.layout = {true, 8};
-  c.seg_chunks = 3;
-  cases.push_back(c);
+  cases.push_back(
+      as_padded_tbhd(edge("st_bf16_gate_D128_TBHD_pad8", ScalarType::kBFloat16, DecayMode::kGate, 128, 128)));
   c = whole_sequence_case("st_bf16_fixed_D128_TBHD_pad8_seg16", DecayMode::kFixed, 128, 128, 2200, 16);
   c.layout = {true, 8};
   cases.push_back(c);
-  const char* only = std::getenv("LASP2_TEST_CASES");
   for (const OpCase& x : cases)
-    if (only == nullptr || x.name.find(only) != std::string::npos) run_state_tma_case(x);
+    if (selected_by_env(x)) run_state_tma_case(x);
 }
 
 }  // namespace

@@ -2,8 +2,8 @@
 // part_state / part_dstate and the passes chunk_forward, chunk_backward_dq and
 // chunk_backward_dkdv over a case's part), for the tests that run them all under two settings
 // of a knob and require the same bits (test_cuda_state_pass.cpp, test_cuda_state_stages.cpp):
-// the case's own knobs, a whole-sequence case, one run into poisoned buffers, and the
-// comparison of two runs' bits.
+// one run into poisoned buffers and the comparison of two runs' bits (the case's knobs and
+// whole-sequence cases: cuda_op_case.h).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -18,29 +18,6 @@
 #include "lasp2/kernel_backend.h"
 
 namespace lasp2::testing {
-
-// The knobs an OpCase sets for its scope (unset where the case leaves them to the backend).
-struct CaseKnobs {
-  explicit CaseKnobs(const OpCase& c)
-      : seg("LASP2_CUDA_SEG_CHUNKS", c.seg_chunks > 0 ? std::to_string(c.seg_chunks) : ""),
-        sub("LASP2_CUDA_STATE_SUB_CHUNKS", c.state_sub_chunks >= 0 ? std::to_string(c.state_sub_chunks) : ""),
-        floor("LASP2_CUDA_STATE_FLOOR", c.state_floor >= 0 ? std::to_string(c.state_floor) : "") {}
-  EnvGuard seg, sub, floor;
-};
-
-// A case over the whole sequence [0, T) with segments of `seg_chunks` chunks.
-inline OpCase whole_sequence_case(const char* name, DecayMode m, int64_t dk, int64_t dv, int64_t T,
-                                  int seg_chunks) {
-  OpCase c;
-  c.name = name;
-  c.mode = m;
-  c.dk = dk;
-  c.dv = dv;
-  c.T = c.end = T;
-  c.begin = 0;
-  c.seg_chunks = seg_chunks;
-  return c;
-}
 
 // What the walking passes wrote, as bits (tensors: their bytes, padding included).
 struct WalkBits {

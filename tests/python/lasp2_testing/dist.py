@@ -122,9 +122,22 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0, backend:
         raise AssertionError("\n".join(f"rank {r}:\n{msg}" for r, msg in sorted(failures)))
 
 
-def run_distributed_and_load(world_size: int, fn, path, *args, timeout: float = 600.0):
-    """run_distributed(world_size, fn, str(path), *args), whose fn saves its results at path
-    (torch.save, on one rank), and those results: the tests that run one worker for a module
-    and check what it measured read that as one call."""
-    run_distributed(world_size, fn, str(path), *args, timeout=timeout)
-    return torch.load(path, weights_only=False)
+def _save_rank0_result(rank, world_size, path, fn, *args):
+    """A rank of run_distributed_for_result: fn's return value, kept by rank 0 for the caller."""
+    result = fn(rank, world_size, *args)
+    if rank == 0:
+        torch.save(result, path)
+
+
+def run_distributed_for_result(world_size: int, fn, *args, timeout: float = 600.0):
+    """run_distributed(world_size, fn, *args) and what fn returned on rank 0 (a rank cannot
+    hand a return value back itself: it goes through a temporary file, removed after). For
+    the tests that run one worker for a module and check what it measured; a worker whose
+    results differ per rank gathers them first."""
+    result_dir = tempfile.mkdtemp(prefix="lasp2_result_")
+    path = os.path.join(result_dir, "result.pt")
+    try:
+        run_distributed(world_size, _save_rank0_result, path, fn, *args, timeout=timeout)
+        return torch.load(path, weights_only=False)
+    finally:
+        shutil.rmtree(result_dir, ignore_errors=True)

@@ -165,6 +165,20 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_same_losses(r, ref, rel=1e-5):
+    """Runs r and ref logged the same loss at each step, to `rel` relative (the callers check
+    the step counts)."""
+    for got, want in zip(r["losses"], ref["losses"]):
+        assert abs(got - want) <= rel * abs(want), (r["losses"], ref["losses"])
+
+
+def assert_same_load_balancing_losses(r, ref, rel=1e-5):
+    """Runs r and ref (MoE, load-balancing loss on) logged the same load_balancing_loss at each
+    step, to `rel` relative."""
+    for got, want in zip(r["aux"], ref["aux"]):
+        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= rel * want["load_balancing_loss"]
+
+
 def assert_resumed_as_the_uninterrupted_run(r, weight_tol=None):
     """r: the losses of a 3-step run ("whole") and of its resume from the step-2 checkpoint
     ("resumed"), and where given the largest weight difference after step 3 ("weight_diff").

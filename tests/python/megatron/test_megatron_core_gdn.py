@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from megatron_testing import worker_setup  # noqa: E402
 
 HIDDEN, SEQ, BATCH = 32, 24, 2
@@ -167,7 +167,7 @@ def _errors(ref, got, tp_slice=lambda name, t: t):
     return errs
 
 
-def _cp_worker(rank, world, out_path):
+def _cp_worker(rank, world):
     """CP = world over every rank; on world 2 also the bad-config errors and the checks that
     the comparison fails without the halo or the state exchange."""
     from megatron.core import parallel_state as ps
@@ -213,8 +213,7 @@ def _cp_worker(rank, world, out_path):
         out["broken"] = _broken(core_gdn, state, refs, cp_group)
         out["errors"] = _bad_configs()
         out["disagreements"] = _disagreements(rank, state, cp_group)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 def _same_seed_state(state):
@@ -352,7 +351,7 @@ def _sharded_view(module):
     return sorted(rows)
 
 
-def _tp_cp_worker(rank, world, out_path, ckpt_dir):
+def _tp_cp_worker(rank, world, ckpt_dir):
     """TP = 2 x CP = 2: megatron-core's TP = 1 distributed checkpoint loads into ours, which then
     equals megatron-core on one process; ours' sharded_state_dict is theirs at TP 2 x CP 2."""
     from megatron.core import dist_checkpointing
@@ -395,13 +394,12 @@ def _tp_cp_worker(rank, world, out_path, ckpt_dir):
         out["tp error"] = None
     except Lasp2ConfigError as exc:
         out["tp error"] = str(exc)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def cp2(tmp_path_factory):
-    return run_distributed_and_load(2, _cp_worker, tmp_path_factory.mktemp("core_gdn") / "cp2.pt", timeout=300)
+def cp2():
+    return run_distributed_for_result(2, _cp_worker, timeout=300)
 
 
 def test_cp2_equals_megatron_core_gdn_on_one_process(cp2):
@@ -444,8 +442,8 @@ def test_ranks_that_disagree_all_raise(cp2):
     assert "`g` contains NaN" in d["NaN gates"][0] and "rejected their arguments" in d["NaN gates"][1], d
 
 
-def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
-    results = run_distributed_and_load(3, _cp_worker, tmp_path / "cp3.pt", timeout=300)["results"]
+def test_cp3_equals_megatron_core_gdn_on_one_process():
+    results = run_distributed_for_result(3, _cp_worker, timeout=300)["results"]
     # lasp2, lasp1 (4 value heads do not split over 3) x splits x packing, recompute
     assert len(results) == 2 * 2 * 2 + 2
     for key, errs in results.items():
@@ -453,8 +451,7 @@ def test_cp3_equals_megatron_core_gdn_on_one_process(tmp_path):
 
 
 def test_tp2_cp2_loads_megatron_core_checkpoint_and_equals_one_process(tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    r = run_distributed_and_load(4, _tp_cp_worker, tmp_path / "tp2cp2.pt", str(tmp_path / "ckpt"), timeout=300)
+    r = run_distributed_for_result(4, _tp_cp_worker, str(tmp_path), timeout=300)  # the checkpoint's folder
     assert r.pop("sharded_view_equal")
     error = r.pop("tp error")
     assert ("linear_num_key_heads (--linear-num-key-heads) = 1 must be divisible by "

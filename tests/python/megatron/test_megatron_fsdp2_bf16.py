@@ -42,7 +42,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, global_named_params, max_diff,  # noqa: E402
                              reuse_datasets, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
          "--vocab-size", "64", "--micro-batch-size", "1", "--device", "cpu", "--log-interval", "1000",
@@ -155,7 +155,7 @@ def _save_and_resume(tmpdir):
                 os.path.join(path, "iter_0000002")).get("main_params")}
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -176,14 +176,12 @@ def _worker(rank, world, out_path, tmpdir):
     except SystemExit as error:
         out["learnable decay"] = str(error)
     out["resume"] = _save_and_resume(tmpdir)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp2_bf16")
-    return run_distributed_and_load(2, _worker, tmp / "results.pt", str(tmp), timeout=500)
+    return run_distributed_for_result(2, _worker, str(tmp_path_factory.mktemp("fsdp2_bf16")), timeout=500)
 
 
 def _deviations(run, ref):

@@ -40,7 +40,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, config_errors_on_every_rank,  # noqa: E402
                              max_diff, run_launcher, set_weights, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
 ADAM = HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01", "--train-iters", "3"]
@@ -64,7 +64,7 @@ def _pretrain(argv, after_model_build=None):
     return run_launcher(MODEL + ADAM + argv, after_model_build=after_model_build)
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -85,16 +85,13 @@ def _worker(rank, world, out_path, tmpdir):
     # fc1's dim 0 of 30 over dp x cp = 4: FSDP2 shards of 8, 8, 8 and 6 rows
     out["uneven_errors"] = config_errors_on_every_rank(
         _pretrain, _layout(2, 1) + FSDP2 + ["--ffn-hidden-size", "30", "--save", os.path.join(tmpdir, "uneven")])
-    if rank == 0:
-        import torch
-
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_fsdp2_checkpoint")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=400)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_fsdp2_checkpoint")),
+                                      timeout=400)
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

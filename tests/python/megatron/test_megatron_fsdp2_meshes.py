@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 
 def _config():
@@ -30,7 +30,7 @@ def _model(shapes):
     return torch.nn.Sequential(*[torch.nn.Linear(inputs, outputs) for outputs, inputs in shapes])
 
 
-def _wrap_three_models(rank, world, out_path):
+def _wrap_three_models(rank, world):
     """Three models wrapped in a row, each over a new group of all ranks (equal meshes, other
     groups), each repeating the shapes before it and adding one; the third with the cache
     clearing disabled. Per model and parameter: is its mesh's group the one that model was
@@ -56,14 +56,12 @@ def _wrap_three_models(rank, world, out_path):
             out[name] = str(error)
             continue
         out[name] = {key: param.device_mesh.get_group() is group for key, param in wrapped.module.named_parameters()}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(2, _wrap_three_models, tmp_path_factory.mktemp("fsdp2_meshes") / "meshes.pt",
-                                    timeout=120)
+def results():
+    return run_distributed_for_result(2, _wrap_three_models, timeout=120)
 
 
 def test_every_model_gets_its_own_mesh(results):

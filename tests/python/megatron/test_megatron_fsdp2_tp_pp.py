@@ -38,13 +38,12 @@ generator seeded by its global name, TP shards cut from the whole value).
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import (assert_resumed_as_the_uninterrupted_run, initial_value, max_diff,  # noqa: E402
-                             run_launcher, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from launcher_testing import (assert_resumed_as_the_uninterrupted_run, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
          "--vocab-size", "64", "--micro-batch-size", "1", "--global-batch-size", "4", "--device", "cpu",
@@ -88,7 +87,7 @@ RESUMES = {  # name: (the saving run, the resuming run's flags)
 }
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     from torch.distributed.tensor import DTensor
@@ -111,14 +110,12 @@ def _worker(rank, world, out_path, tmpdir):
                            after_model_build=None)  # the weights come from the checkpoint
         out["resume"][name] = {"whole": saved[source]["losses"], "resumed": run["losses"],
                                "weight_diff": max_diff(whole_weights(run["chunks"]), saved[source]["weights"])}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_fsdp2_tp_pp")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=500)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_fsdp2_tp_pp")), timeout=500)
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))
@@ -126,8 +123,7 @@ def test_fsdp2_with_tp_or_pp_trains_as_ddp(results, name):
     r, ref = results["train"][name], results["train"][REFERENCE[name]]
     assert r["sharded"], name  # every parameter an FSDP2 shard (DTensor): FSDP2 did run
     assert len(r["losses"]) == len(ref["losses"]) == 2
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
+    assert_same_losses(r, ref)
     assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], (r["grad_norm"], ref["grad_norm"])
     assert max_diff(r["weights"], ref["weights"]) <= 1e-6
 

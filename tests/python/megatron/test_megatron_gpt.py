@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
 from megatron_testing import (  # noqa: E402
     ddp_train,
@@ -443,7 +443,7 @@ def _megatron_lm_spec_path():
     return {"kinds": kinds, **result}
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import time
 
     worker_setup()
@@ -456,14 +456,12 @@ def _worker(rank, world, out_path, tmpdir):
         times[name] = time.perf_counter() - start
     results["equality"], results["packed_docs"] = results["equality"]
     results["times"] = times
-    if rank == 0:
-        torch.save(results, out_path)
+    return results
 
 
 @pytest.fixture(scope="module")
 def cp2_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_cp2")
-    return run_distributed_and_load(2, _worker, tmp / "results.pt", str(tmp), timeout=400)
+    return run_distributed_for_result(2, _worker, str(tmp_path_factory.mktemp("megatron_cp2")), timeout=400)
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES])

@@ -43,14 +43,14 @@ import os
 import re
 
 import pytest
-import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import (EXPERT, assert_resumed_as_the_uninterrupted_run, global_named_params,  # noqa: E402
+from launcher_testing import (EXPERT, assert_resumed_as_the_uninterrupted_run,  # noqa: E402
+                             assert_same_load_balancing_losses, assert_same_losses, global_named_params,
                              initial_value, max_diff, run_launcher, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 EXPERTS = 4
 LR = "0.1"
@@ -105,7 +105,7 @@ def _checkpoint_across_ep(tmpdir):
             "weight_diff": max_diff(whole_weights(resumed["chunks"]), whole_at_ep2)}
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -170,14 +170,12 @@ def _worker(rank, world, out_path, tmpdir):
     dist.all_gather_object(every_rank, errors)
     out["world_errors"] = every_rank
     out["ckpt"] = _checkpoint_across_ep(tmpdir)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_moe")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=450)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_moe")), timeout=450)
 
 
 @pytest.mark.parametrize("balancing, layout", [("none", "cp2 ep2"), ("none", "cp2 ep4"), ("none", "pp2 cp2 ep2"),
@@ -186,8 +184,7 @@ def test_moe_hybrid_cp2_with_expert_parallelism_equals_cp1_ep1(results, balancin
     r, ref = results[balancing][layout], results[balancing]["cp1 ep1"]
     assert r["kinds"] == ("LG" if layout.startswith("pp2") else "LGSL") and r["mlp"] == "MoELayer", r
     assert len(r["losses"]) == 2, r
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
+    assert_same_losses(r, ref)
     assert r["weight_diff"] <= 1e-5, r["worst"]  # two SGD steps of lr 0.5: the gradients agree
 
 
@@ -195,10 +192,8 @@ def _assert_trains_as_with_aux_loss(r, ref):
     """Run r (an MoE MLP, load-balancing loss on) trained as ref: the two losses, the logged
     load_balancing_loss and every weight."""
     assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert r["weight_diff"] <= 1e-5, r["worst"]
 
 

@@ -27,13 +27,12 @@ Before session 23 argparse refused it as an invalid choice, saying nothing of wh
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import (config_errors_on_every_rank, initial_value, max_diff, run_launcher,  # noqa: E402
-                             whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from launcher_testing import (assert_same_losses, config_errors_on_every_rank, initial_value, max_diff,  # noqa: E402
+                             run_launcher, whole_weights)
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, TP2, _layout  # noqa: E402
 
 FLEX = ["--moe-token-dispatcher-type", "flex"]
@@ -48,7 +47,7 @@ def _run(argv):
     return run_launcher(MODEL + HYBRID + NO_BALANCING + argv)
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -60,14 +59,12 @@ def _worker(rank, world, out_path):
                      "dispatcher": type(layer.mlp.token_dispatcher).__name__,
                      "local_experts": layer.mlp.num_local_experts}
     out["flex_errors"] = config_errors_on_every_rank(_run, _layout(2, 2) + FLEX)
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_dispatch") / "results.pt",
-                                    timeout=300)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=300)
 
 
 @pytest.mark.parametrize("name, reference", [("cp2 ep2 alltoall", "cp2 ep2 allgather"),
@@ -82,8 +79,7 @@ def test_alltoall_dispatcher_trains_as_allgather_and_as_ep1(results, name, refer
     assert r["dispatcher"] == "MoEAlltoAllTokenDispatcher", r["dispatcher"]
     assert r["local_experts"] == 4 // RUNS[name][1], r["local_experts"]
     assert len(r["losses"]) == 2, r["losses"]
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-6 * abs(want), (r["losses"], ref["losses"])
+    assert_same_losses(r, ref, rel=1e-6)
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 
 

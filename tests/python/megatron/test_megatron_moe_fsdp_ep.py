@@ -36,12 +36,12 @@ equals DDP at EP 1 (weights 1.2e-7).
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from launcher_testing import (assert_same_load_balancing_losses, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
 
 STEPS = ["--train-iters", "3"]
@@ -80,7 +80,7 @@ def _sharding(chunk):
             for name, p in chunk.module.named_parameters()}
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -92,14 +92,12 @@ def _worker(rank, world, out_path):
                      "grad_norm": result["optimizer"].get_grad_norm(),  # the last step's gradients (no clipping)
                      "weights": whole_weights(result["chunks"]),
                      "sharding": _sharding(result["chunks"][0]) if "fsdp2" in name else None}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_fsdp_ep") / "results.pt",
-                                    timeout=400)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=400)
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))
@@ -108,10 +106,8 @@ def test_fsdp2_at_ep_above_1_equals_ddp(results, name):
     weights 1.2e-7."""
     r, ref = results[name], results[REFERENCE[name]]
     assert len(r["losses"]) == len(ref["losses"]) == 3
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], (r["grad_norm"], ref["grad_norm"])
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 

@@ -26,7 +26,7 @@ pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, config_errors_on_every_rank,  # noqa: E402
                              max_diff, run_launcher, set_weights, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import HYBRID, MODEL, NO_BALANCING, _layout  # noqa: E402
 
 ADAM = HYBRID + NO_BALANCING + ["--optimizer", "adam", "--lr", "0.01", "--train-iters", "3"]
@@ -77,7 +77,7 @@ def _rebuild_checks(rank, world):
     return config_errors_on_every_rank(state_in_current_layout, loaded, saved, optimizer)
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -96,14 +96,12 @@ def _worker(rank, world, out_path, tmpdir):
         _pretrain, _layout(1, 1) + ["--use-distributed-optimizer", "--load", os.path.join(tmpdir, "ep2_to_ep1"),
                                     "--ckpt-step", "2"])
     out["rekey"] = _rekey_checks(rank, world, os.path.join(tmpdir, "ep2_to_ep1", "iter_0000002"))
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_moe_resume")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=300)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_moe_resume")), timeout=300)
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

@@ -45,12 +45,12 @@ config (no gate built) the gate test.
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from launcher_testing import (assert_same_load_balancing_losses, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, TP2, _layout  # noqa: E402
 from test_megatron_moe_vpp_fsdp import VPP  # noqa: E402
 
@@ -80,7 +80,7 @@ def _run(argv):
     return run_launcher(MODEL + HYBRID + AUX_LOSS + SHARED + argv)
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -95,14 +95,12 @@ def _worker(rank, world, out_path):
                      "chunks": len(result["chunks"]),
                      # overlapped: the dispatcher runs the shared expert, MoELayer does not
                      "overlapped": getattr(mlp.token_dispatcher, "shared_experts", None) is shared}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_shared") / "results.pt",
-                                    timeout=400)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=400)
 
 
 @pytest.mark.parametrize("name, reference", [("cp2 ep2", "cp1 ep1"), ("pp2 cp2 ep2", "cp1 ep1"),
@@ -124,10 +122,8 @@ def test_moe_with_a_shared_expert_trains_as_cp1_ep1(results, name, reference):
     # the flag's size (not --ffn-hidden-size), split over TP as the dense MLP's fc1
     assert r["shared_fc1"] == (SHARED_SIZE // tp, 32), r["shared_fc1"]
     assert len(r["losses"]) == 2, r
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 
 

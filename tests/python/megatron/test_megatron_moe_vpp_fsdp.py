@@ -16,12 +16,12 @@ test_megatron_moe_fsdp_ep.py.
 """
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from launcher_testing import initial_value, max_diff, run_launcher, whole_weights  # noqa: E402
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from launcher_testing import (assert_same_load_balancing_losses, assert_same_losses, initial_value,  # noqa: E402
+                             max_diff, run_launcher, whole_weights)
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from test_megatron_moe import AUX_LOSS, HYBRID, MODEL, _layout  # noqa: E402
 
 VPP = ["--num-layers-per-virtual-pipeline-stage", "1"]
@@ -34,7 +34,7 @@ def _run(argv):
     return run_launcher(MODEL + HYBRID + AUX_LOSS + argv)
 
 
-def _worker(rank, world, out_path):
+def _worker(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -48,13 +48,12 @@ def _worker(rank, world, out_path):
         out[name] = {"losses": result["losses"], "aux": result["aux_losses"], "weights": whole_weights(chunks),
                      "chunks": len(chunks), "mlp": type(chunks[0].module.decoder.layers[0].mlp).__name__,
                      "sharded": all(isinstance(p, DTensor) for c in chunks for p in c.module.parameters())}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_distributed_and_load(4, _worker, tmp_path_factory.mktemp("megatron_moe_vpp_fsdp") / "results.pt", timeout=300)
+def results():
+    return run_distributed_for_result(4, _worker, timeout=300)
 
 
 @pytest.mark.parametrize("name", ["pp2 vpp2 cp2 ep2", "fsdp2 cp2 ep1"])
@@ -64,10 +63,8 @@ def test_moe_under_vpp_and_fsdp2_equals_cp1_ep1(results, name):
     assert r["mlp"] == "MoELayer" and len(r["losses"]) == 2, r["losses"]
     assert r["chunks"] == (2 if "vpp" in name else 1)  # two virtual stages on each pipeline rank
     assert r["sharded"] == ("fsdp2" in name)  # FSDP2's DTensors, not DDP's plain parameters
-    for got, want in zip(r["losses"], ref["losses"]):
-        assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], ref["losses"])
-    for got, want in zip(r["aux"], ref["aux"]):
-        assert abs(got["load_balancing_loss"] - want["load_balancing_loss"]) <= 1e-5 * want["load_balancing_loss"]
+    assert_same_losses(r, ref)
+    assert_same_load_balancing_losses(r, ref)
     assert max_diff(r["weights"], ref["weights"]) <= 1e-5
 
 

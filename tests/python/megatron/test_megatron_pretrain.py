@@ -29,14 +29,13 @@ pipeline rank).
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
 from launcher_testing import (assert_resumed_as_the_uninterrupted_run, max_diff, run_launcher,  # noqa: E402
                              set_weights, whole_weights)
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 
 PATTERN = "LNLN"
 GDN_PATTERN = "LGKS"  # gated DeltaNet and KDA layers
@@ -75,7 +74,7 @@ def _run(argv, set_weights_first=True, base=BASE):
     return run_launcher(base + argv, after_model_build=set_weights if set_weights_first else None)
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -175,8 +174,7 @@ def _worker(rank, world, out_path, tmpdir):
     sgd_resumed = _run(sgd + ["--train-iters", "4", "--load", sgd_save, "--ckpt-step", "2"], set_weights_first=False)
     out["ckpt_sgd"] = {"whole": sgd_whole["losses"], "resumed": sgd_resumed["losses"],
                        "weight_diff": max_diff(whole_weights(sgd_resumed["chunks"]), whole_weights(sgd_whole["chunks"]))}
-    if rank == 0:
-        torch.save(out, out_path)
+    return out
 
 
 def _fsdp_with_unequal_token_counts(argv):
@@ -216,8 +214,7 @@ def _fsdp_with_unequal_token_counts(argv):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_pretrain")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=400)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_pretrain")), timeout=400)
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "pp1 cp1"])

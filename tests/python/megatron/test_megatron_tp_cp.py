@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lasp2_testing.dist import run_distributed_and_load  # noqa: E402
+from lasp2_testing.dist import run_distributed_for_result  # noqa: E402
 from megatron_patches import Lasp2Options  # noqa: E402
 from megatron_testing import (  # noqa: E402
     ddp_train,
@@ -123,7 +123,7 @@ def _ddp(rank):
             "loss_rel": {k: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for k, c in curves.items()}}
 
 
-def _worker(rank, world, out_path, tmpdir):
+def _worker(rank, world, tmpdir):
     import time
 
     worker_setup()
@@ -137,14 +137,12 @@ def _worker(rank, world, out_path, tmpdir):
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, results["sharding"])
     results["sharding"] = gathered
-    if rank == 0:
-        torch.save(results, out_path)
+    return results
 
 
 @pytest.fixture(scope="module")
 def tp_cp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("megatron_tp_cp")
-    return run_distributed_and_load(4, _worker, tmp / "results.pt", str(tmp), timeout=500)
+    return run_distributed_for_result(4, _worker, str(tmp_path_factory.mktemp("megatron_tp_cp")), timeout=500)
 
 
 def test_cp_groups_are_megatrons(tp_cp_results):
