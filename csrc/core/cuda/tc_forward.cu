@@ -20,10 +20,9 @@
 // same thread also copies the per-token weights, and at D = 128 the output tile is staged
 // in shared memory and written by tensor-map stores (VAR 10, the default; output 406 ->
 // 382 us, dq 480 -> 457 us, graph fwd+bwd 1.79 -> 1.74 ms at gates). VAR 6 stays as the
-// fallback where VAR 10 cannot run. Since session 25 D = 128's dq pass runs VAR 14 (VAR 10
-// with the q.dq sum one barrier later; dq -3 % on an H100). Otherwise (sm_80, views a map
-// cannot take, the prefix mode, LASP2_CUDA_TILE_COPY=cp_async) every thread copies by
-// cp.async (VAR 2, or 0): the same bits.
+// fallback where VAR 10 cannot run. Otherwise (sm_80, views a map cannot take, the prefix
+// mode, LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async (VAR 2, or 0): the
+// same bits.
 // (A layout with twice the warps, each holding half a row block of the state and
 // reading S_a^T back from shared memory, measured slower at D = 128: 0.706 vs
 // 0.648 ms per output pass on an H100; see docs/history/results-log.md, "Kernel
@@ -89,10 +88,9 @@ __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const flo
   else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
 }
 
-// Two stages of the tile / meta ring; OST: two staged output tiles (variants 10 and 14 at
-// D = 128) after the rest; RED2: two slots of the dq mode's per-warp q.dq partial sums
-// (variant 14).
-template <int D, int MODE, bool OST = false, bool RED2 = false>
+// Two stages of the tile / meta ring; OST: two staged output tiles (variant 10 at D = 128)
+// after the rest.
+template <int D, int MODE, bool OST = false>
 struct FwdLayout {
   static constexpr int NS = 2;
   static constexpr bool kPrefix = MODE == static_cast<int>(FwdMode::kPrefix);
@@ -103,8 +101,7 @@ struct FwdLayout {
   static constexpr int kP = kMeta + NS * 128 * 4;
   static constexpr int kW = kP + (kPrefix ? 0 : kPBytes);
   static constexpr int kRed = kW + 2 * 64 * 4;
-  static constexpr int kRedSlot = (D / 16) * 64;  // floats
-  static constexpr int kOut = kRed + (kDq ? (RED2 ? 2 : 1) * kRedSlot * 4 : 0);
+  static constexpr int kOut = kRed + (kDq ? (D / 16) * 64 * 4 : 0);
   static constexpr int kBytes = kOut + (OST ? 2 * TcTile<D>::kBytes : 0);
 };
 
@@ -156,23 +153,10 @@ struct FwdTmaStoreArgs : FwdTmaArgs {
 // chunk's body, from per-chunk advanced addresses, and D = 128's output staged through
 // shared memory, measured slower on an H200 and were removed: docs/history/kernels-log.md,
 // session 16.)
-// VAR 14 (dq at D = 128, session 25; the default there): variant 10 with chunk c's q.dq sum
-// over the warps' partial sums done after chunk c + 1's loop-top barrier (two slots of
-// partial sums, by warps 4 and 5: two score tiles each, no weights) instead of behind a
-// block barrier of its own after the chunk: one block barrier a chunk less. The same sums
-// in the same order: the same bits. On an H100 (64K, H = 16, D = 128, bf16, gates; ncu,
-// with the session-25 variant 12 under it) the dq pass 502 -> 482-487 us, graph fwd + bwd
-// 1.675-1.680 -> 1.662-1.669 ms. LASP2_CUDA_FWD_KERNEL=v10 keeps variant 10's barrier.
 template <int D, int VAR>
 constexpr bool fwd_tma_store() {
-  return D == 128 && (VAR == 10 || VAR == 14);
+  return D == 128 && VAR == 10;
 }
-template <int D, int MODE, int VAR>
-constexpr bool fwd_defer_qdq() {
-  return D == 128 && VAR == 14 && MODE == static_cast<int>(FwdMode::kDq);
-}
-template <int D, int MODE, int VAR>
-using FwdLayoutOf = FwdLayout<D, MODE, fwd_tma_store<D, VAR>(), fwd_defer_qdq<D, MODE, VAR>()>;
 
 template <typename T, int D, int MODE, int VAR, typename P = FwdArgs>
 __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 : 1)
@@ -180,9 +164,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
   pdl_launch_dependents();
   constexpr bool kStore = fwd_tma_store<D, VAR>();
-  constexpr bool kDefer = fwd_defer_qdq<D, MODE, VAR>();
-  static_assert(VAR != 14 || kDefer, "variant 14: the dq mode at D = 128");
-  using L = FwdLayoutOf<D, MODE, VAR>;
+  using L = FwdLayout<D, MODE, kStore>;
   constexpr int NS = L::NS;
   static_assert(!kStore || L::kOut % 128 == 0, "staged output tiles: 128-byte aligned");
   constexpr bool kPrefix = L::kPrefix, kDq = L::kDq;
@@ -302,21 +284,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     __syncthreads();
   }
   const bool active = 16 * warp < dv;
-  // dq mode: chunk i's q.dq per token, the sum of the warps' partial sums in r, by the 64
-  // threads from tid0
-  auto qdq_sum = [&](int i, const float* r, int tid0) {
-    const int x = tid - tid0;
-    const int nv = min(kChunk, g.n - i * kChunk);
-    if (x >= 0 && x < nv) {
-      float s = 0.f;
-      const int nact = (dv + 15) / 16;
-      for (int w = 0; w < nact; ++w) s += r[w * 64 + x];
-      args.qdq[bth(g, blk.b, g.begin + static_cast<int64_t>(i) * kChunk + x, blk.h)] = s;
-    }
-  };
-  // chunk c's slot of partial sums (kDefer: two, by the chunk's parity)
-  auto red_slot = [&](int c) { return kDefer ? red + ((c - c_begin) & 1) * L::kRedSlot : red; };
-  constexpr int kDeferTid0 = 128;  // warps 4 and 5
   // the ring: chunk c_begin + i in stage i % 2; stage s's fill k (chunk c_begin + 2 k + s)
   // completes its barrier's phase k (kTma)
   if (c_begin < c_end) {
@@ -329,11 +296,6 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if constexpr (kTma)
       lasp2::delta::gpu::mbar_wait(&bars[stage], ((c - c_begin) >> 1) & 1);
     __syncthreads();
-    if constexpr (kDefer) {
-      // chunk c - 1's q.dq: its partial sums were written before the barrier above, and its
-      // slot is written again only in chunk c + 1's body, after this chunk's score barrier
-      if (c > c_begin) qdq_sum(c - 1, red_slot(c - 1), kDeferTid0);
-    }
     if constexpr (kStore) {
       // chunk c - 1's staged output (its stmatrix and proxy fences before the barrier above)
       if (tid == kTmaThread && c > c_begin)
@@ -515,7 +477,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
               v += __shfl_xor_sync(0xffffffffu, v, 4);
               v += __shfl_xor_sync(0xffffffffu, v, 8);
               v += __shfl_xor_sync(0xffffffffu, v, 16);
-              if (lane < 4) red_slot(c)[warp * 64 + 8 * j + 2 * lane + e] = v;
+              if (lane < 4) red[warp * 64 + 8 * j + 2 * lane + e] = v;
             }
           }
         }
@@ -542,18 +504,21 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
         }
       }
     }
-    if (kDq && !kDefer) {
+    if (kDq) {
       __syncthreads();
-      qdq_sum(c, red, 0);
+      if (tid < nvalid) {
+        float s = 0.f;
+        const int nact = (dv + 15) / 16;
+        for (int w = 0; w < nact; ++w) s += red[w * 64 + tid];
+        args.qdq[bth(g, blk.b, g.begin + t0 + tid, blk.h)] = s;
+      }
     }
     if (kPrefix && through == 0.f) break;  // the prefix no longer reaches any token
   }
   if constexpr (!kWBulk) cp_async_wait_all();
   if constexpr (kStore) {
-    // the last chunk's staged output (and with kDefer its q.dq); the block's shared memory
-    // must outlive the stores
+    // the last chunk's staged output; the block's shared memory must outlive the stores
     __syncthreads();
-    if (kDefer && c_begin < c_end) qdq_sum(c_end - 1, red_slot(c_end - 1), kDeferTid0);
     if (tid == kTmaThread && c_begin < c_end) {
       tile_map_store(&args.omap, args.ohdim, args.otdim, blk.h, (c_end - 1) * kChunk, blk.b,
                      smem_u32(out_stage(c_end - 1 - c_begin)));
@@ -566,29 +531,27 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
 // tc_fwd_kernel (a cp.async kernel: it also forgoes the tensor-map copies; same bits; the
 // equality test's reference; at D = 128 the default); =v6 (session 17): variant 6 (the
 // default before session 17, now VAR 10's fallback; the equality test's reference) where
-// the tensor-map kernel runs; =v10 (session 25): variant 10 also for D = 128's dq pass (its
-// q.dq sum behind a barrier of its own; the equality test's reference); unset or empty:
-// variant 14 for D = 128's dq pass, else variant 10, where it runs, else 6, else 2; any
+// the tensor-map kernel runs; unset or empty: variant 10 where it runs, else 6, else 2; any
 // other value is a lasp2::Error (env_knob.h).
 // Read per launch so that a test can switch it. The other kernels have one version.
 int fwd_kernel_variant() {
-  constexpr int kNamed[] = {0, 6, 10};
-  const int i = env_choice("LASP2_CUDA_FWD_KERNEL", {"old", "v6", "v10"}, -1);
-  return i < 0 ? 14 : kNamed[i];
+  constexpr int kNamed[] = {0, 6};
+  const int i = env_choice("LASP2_CUDA_FWD_KERNEL", {"old", "v6"}, -1);
+  return i < 0 ? 10 : kNamed[i];
 }
 
-// Variant VAR (6, 10 or 14) where it can run (sm_90 code on an sm_90 device, every map
-// encodable, variants 10 and 14 within the device's shared memory); false (nothing
-// launched) otherwise.
+// Variant VAR (6 or 10) where it can run (sm_90 code on an sm_90 device, every map
+// encodable, variant 10 within the device's shared memory); false (nothing launched)
+// otherwise.
 template <typename T, int D, int MODE, int VAR>
 bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   constexpr bool kStore = fwd_tma_store<D, VAR>();
   using P = std::conditional_t<kStore, FwdTmaStoreArgs, FwdTmaArgs>;
   auto k = tc_fwd_kernel<T, D, MODE, VAR, P>;
-  using L = FwdLayoutOf<D, MODE, VAR>;
+  using L = FwdLayout<D, MODE, kStore>;
   constexpr int smem = L::kBytes + 8 * L::NS;  // + the stage barriers
   if (!lasp2::delta::gpu::runs_sm90(k) || a.g.n <= 0) return false;
-  if (VAR >= 10 && smem > device_info().smem_optin) return false;  // cached per device
+  if (VAR == 10 && smem > device_info().smem_optin) return false;  // cached per device
   P ta;
   static_cast<FwdArgs&>(ta) = a;
   const View* views[4] = {&a.qa, &a.ka, &a.va, &a.x};
@@ -602,17 +565,13 @@ bool launch_fwd_tma_var(const FwdArgs& a, cudaStream_t s) {
   return true;
 }
 
-// The tensor-map kernel: at D = 128 in dq mode variant 14 (var == 14, the default) where
-// it runs; else variant 10 (unless var == 6) where it runs, else variant 6 (10 and 14
-// need the meta 16-byte aligned for its bulk copies, at D = 128 a map of the output view,
+// The tensor-map kernel: variant 10 (unless var == 6) where it runs, else variant 6 (10
+// needs the meta 16-byte aligned for its bulk copies, at D = 128 a map of the output view,
 // and its shared memory); false (nothing launched) where neither runs.
 template <typename T, int D, int MODE>
 bool launch_fwd_tma(const FwdArgs& a, int var, cudaStream_t s) {
-  const bool meta_aligned = reinterpret_cast<uintptr_t>(a.meta) % 16 == 0;
-  if constexpr (fwd_defer_qdq<D, MODE, 14>()) {
-    if (var == 14 && meta_aligned && launch_fwd_tma_var<T, D, MODE, 14>(a, s)) return true;
-  }
-  if (var != 6 && meta_aligned && launch_fwd_tma_var<T, D, MODE, 10>(a, s)) return true;
+  if (var != 6 && reinterpret_cast<uintptr_t>(a.meta) % 16 == 0 && launch_fwd_tma_var<T, D, MODE, 10>(a, s))
+    return true;
   return launch_fwd_tma_var<T, D, MODE, 6>(a, s);
 }
 

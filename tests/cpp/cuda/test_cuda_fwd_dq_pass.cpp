@@ -177,7 +177,8 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
 // no decay and D = 64 with gates. Without an sm_90 device both settings run the cp.async
 // kernel (the comparison holds trivially; the CPU comparisons still run).
 
-std::vector<OpCase> staged_store_cases() {
+TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
+  LASP2_SKIP_WITHOUT_CUDA();
   std::vector<OpCase> cases = fwd_copy_cases();
   const struct {
     const char* name;
@@ -191,26 +192,8 @@ std::vector<OpCase> staged_store_cases() {
     c.begin = 37;  // 4072 tokens: 63 full chunks and one of 40
     cases.push_back(c);
   }
-  return cases;
-}
-
-TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  for (const OpCase& x : staged_store_cases())
+  for (const OpCase& x : cases)
     if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v6");
-}
-
-// ---- the dq pass's q.dq sum one barrier later (variant 14, session 25) -------------------
-// The default at D = 128 in dq mode (chunk c's q.dq summed from the warps' partial sums
-// after chunk c + 1's loop-top barrier, two slots of partial sums) against
-// LASP2_CUDA_FWD_KERNEL=v10 (the sum behind a barrier of its own after each chunk), bit for
-// bit, on the cases above: the 16-chunk segments take both slots through many phases, the
-// partial last chunks and narrow dv the sum's token and warp bounds; D = 64 and the output
-// mode run variant 10 either way (the comparison holds trivially there).
-TEST(CudaFwdKernel, DeferredQdqSumSameBits) {
-  LASP2_SKIP_WITHOUT_CUDA();
-  for (const OpCase& x : staged_store_cases())
-    if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v10");
 }
 
 }  // namespace
