@@ -13,6 +13,7 @@
 
 #include "cuda/device_utils.cuh"
 #include "cuda/elem_dispatch.cuh"
+#include "cuda/route.h"
 #include "delta_rule/cuda/delta_documents.cuh"
 #include "delta_rule/cuda/delta_launch.h"
 #include "env_knob.h"
@@ -467,14 +468,29 @@ __global__ void __launch_bounds__(NW * 32) entering_dstate_kernel(Problem p, Vie
 }
 
 // ---- backward --------------------------------------------------------------------------------
-template <int G, int R, int NW>
-__host__ __device__ constexpr int backward_extra_floats() {
-  // stretch entry states per column + each warp's per-token sums (dq, dk, dg rows,
-  // dbeta) over half a stretch
-  return NW * (32 / G) * kStretches * G * R + (kStretch / 2) * NW * (3 * G * R + 1);
+// The per-token sums' rows (each warp's dq, dk, dg rows and dbeta of one token): kHalves
+// (the default), one row per token of half a stretch, reused by the next half once a
+// barrier after each half's sums says every thread has read them; kTokens (session 25,
+// LASP2_DELTA_RECURRENT_BWD=tokens), one row per token of the stretch, so that the two
+// halves of a stretch alternate between the rows of tokens 4..7 and those of 0..3 and the
+// next half's barrier before its sums (which every thread reaches only after its reads of
+// the previous half's rows) orders those reads before the rows are written again: one
+// block barrier per half a stretch less, the same sums in the same order.
+enum class BwdRows { kHalves, kTokens };
+
+template <BwdRows ROWS>
+constexpr int backward_sum_rows() {
+  return ROWS == BwdRows::kTokens ? kStretch : kStretch / 2;
 }
 
-template <typename T, int G, int R, int NW>
+template <int G, int R, int NW, BwdRows ROWS>
+__host__ __device__ constexpr int backward_extra_floats() {
+  // stretch entry states per column + each warp's per-token sums (dq, dk, dg rows,
+  // dbeta) over half a stretch (kHalves) or a stretch (kTokens)
+  return NW * (32 / G) * kStretches * G * R + backward_sum_rows<ROWS>() * NW * (3 * G * R + 1);
+}
+
+template <typename T, int G, int R, int NW, BwdRows ROWS>
 __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardArgs a) {
   constexpr int DKP = G * R, CPW = 32 / G, CW = NW * CPW, RQ = 3 * DKP + 1;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -602,7 +618,8 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
           }
           db = across_groups<G>(db);
           if (L.lane < G) {
-            float* rr = red + ((xx % kHalf) * NW + L.warp) * RQ;
+            // token xx's row: xx itself (kTokens) or its place in its half (kHalves)
+            float* rr = red + ((ROWS == BwdRows::kTokens ? xx : xx % kHalf) * NW + L.warp) * RQ;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
               rr[L.g * R + r] = dq[r];
@@ -626,17 +643,22 @@ __global__ void __launch_bounds__(NW * 32) backward_kernel(Problem p, BackwardAr
         }
         if (xx % kHalf == 0) {  // the sums of tokens [xx, xx + kHalf) of the stretch
           const int cnt = (len < xx + kHalf ? len : xx + kHalf) - xx;
-          __syncthreads();
+          __syncthreads();  // every warp's rows of these tokens are written
           const int64_t x0 = c0 + xb + xx;
+          const float* rows = red + (ROWS == BwdRows::kTokens ? xx : 0) * NW * RQ;
           for (int e = threadIdx.x; e < cnt * Q; e += NW * 32) {
             const int hx = e / Q, qi = e % Q;
             const int slot = qi < 3 * p.dk ? (qi / p.dk) * DKP + qi % p.dk : 3 * DKP;
             float sum = 0.f;
 #pragma unroll
-            for (int w = 0; w < NW; ++w) sum += red[(hx * NW + w) * RQ + slot];
+            for (int w = 0; w < NW; ++w) sum += rows[(hx * NW + w) * RQ + slot];
             atomicAdd(a.acc + ((x0 + hx) * p.bh() + L.bh) * Q + qi, sum);
           }
-          __syncthreads();
+          // kHalves: the next half writes the same rows. kTokens: it writes the other half's
+          // rows, and the half after it writes these only after the next half's barrier
+          // above, which every thread reaches after the reads just made (at a chunk's end
+          // the next chunk's stage barriers come first)
+          if constexpr (ROWS == BwdRows::kHalves) __syncthreads();
         }
       }
     }
@@ -788,24 +810,41 @@ void launch_entering_dstate(const Problem& p, View dout, const int* firsts,
   check_launch("entering-state gradient kernel");
 }
 
-template <typename T, int G, int R>
+template <typename T, int G, int R, BwdRows ROWS>
 static int backward_bytes(bool per_key) {
   constexpr int CW = kBwdWarps * (32 / G);
   return stage_sizes(sizeof(T), G * R, CW, per_key, true).total +
-         static_cast<int>(sizeof(float)) * backward_extra_floats<G, R, kBwdWarps>();
+         static_cast<int>(sizeof(float)) * backward_extra_floats<G, R, kBwdWarps, ROWS>();
 }
+
+// LASP2_DELTA_RECURRENT_BWD: unset, empty or "halves" the backward's sum rows per half a
+// stretch (BwdRows::kHalves, the default); "tokens" a row per token of the stretch
+// (kTokens: one barrier per half a stretch less; the same bits) where its shared memory fits
+// the device's opt-in limit, else kHalves (kTokens adds 24 KiB at d_k <= 64, 48 KiB above:
+// 201 KiB for 16-bit GDN at d_k = 128, which fits an H100's 227; fp32 and KDA at d_k > 64
+// need 233 KiB and take kHalves there); any other value is a lasp2::Error (env_knob.h).
+// Read per launch so that a test can switch it. Both run one 8-warp block an SM.
+static bool backward_rows_tokens() { return env_choice("LASP2_DELTA_RECURRENT_BWD", {"halves", "tokens"}, 0) == 1; }
 
 template <typename T, int G, int R>
 static void launch_backward_cfg(const Problem& p, const BackwardArgs& a, cudaStream_t s) {
-  const int bytes = backward_bytes<T, G, R>(p.per_key != 0);
-  auto kernel = backward_kernel<T, G, R, kBwdWarps>;
-  allow_smem(kernel, bytes, "backward");
   Problem one = p;  // one segment: the reverse walk runs over the whole part
   one.nseg = 1;
   one.seg_len = p.n;
   const int z = a.chunk_dstate != nullptr ? static_cast<int>(p.checkpoints()) : 1;
   if (z == 0) return;
-  kernel<<<walk_grid<G>(p, p.dv, kBwdWarps, z), kBwdWarps * 32, bytes, s>>>(one, a);
+  const dim3 grid = walk_grid<G>(p, p.dv, kBwdWarps, z);
+  auto run = [&](auto kernel, int bytes) {
+    allow_smem(kernel, bytes, "backward");
+    kernel<<<grid, kBwdWarps * 32, bytes, s>>>(one, a);
+  };
+  const bool per_key = p.per_key != 0;
+  if (backward_rows_tokens()) {
+    const int bytes = backward_bytes<T, G, R, BwdRows::kTokens>(per_key);
+    if (bytes <= lasp2::cuda::device_info().smem_optin)
+      return run(backward_kernel<T, G, R, kBwdWarps, BwdRows::kTokens>, bytes);
+  }
+  run(backward_kernel<T, G, R, kBwdWarps, BwdRows::kHalves>, backward_bytes<T, G, R, BwdRows::kHalves>(per_key));
 }
 
 void launch_backward(const Problem& p, const BackwardArgs& a, cudaStream_t s) {
