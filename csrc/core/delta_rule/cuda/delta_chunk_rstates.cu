@@ -316,8 +316,7 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = 128, NS = kRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaRevSmem<T, kRevStages>& sm =
-      *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kRevStages>& sm = *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;

@@ -359,8 +359,7 @@ __global__ void __launch_bounds__(NT8, 2)
   static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaStateSmem<T, NS, C>& sm =
-      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm = *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   bool amap;  // columns of A: u = 0, from I
   const int j0 = pass_columns<D, C>(kSummary, amap);
