@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(NT) kda_rprep_kernel(Problem p, KdaPrep prep, 
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
   load_tile<T, CH, NT>(sm.ps, static_cast<const T*>(prep.p) + chunk * CH * CH, CH, CH, CH, tid);
-  load_tile<T, D, NT>(sm.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NT>(sm.d, dout, cp, tid);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
