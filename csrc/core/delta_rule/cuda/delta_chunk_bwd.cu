@@ -337,8 +337,8 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
 #pragma unroll
       for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, dst + r * D, D, CH, D, tid);
     }
-    load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
-    load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+    load_scratch_rows<T, D, kThreads>(sm.x, a.r, cp, tid);
+    load_scratch_rows<T, D, kThreads>(sm.u, a.v_new, cp, tid);
   }
   load_meta(sm.meta, a.meta, cp.row0, tid);
   if constexpr (kOrd) {  // beta with the first group (zero past the valid tokens, as below)

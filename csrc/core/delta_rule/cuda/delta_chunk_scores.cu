@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
   load_chunk_rows<T, D, NT>(sm.q, p.q, cp, tid);
   load_chunk_rows<T, D, NT>(sm.k, p.k, cp, tid);
   if constexpr (kOut) {
-    load_tile<T, D, NT>(sm.x, static_cast<const T*>(xin.ptr) + cp.row0 * D, D, CH, D, tid);
+    load_scratch_rows<T, D, NT>(sm.x, xin.ptr, cp, tid);
     const T* st = static_cast<const T*>(states) + (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
 #pragma unroll
     for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.st + r * LD, st + r * D, D, CH, D, tid);

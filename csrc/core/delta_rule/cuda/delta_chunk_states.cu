@@ -57,7 +57,7 @@ template <typename T, int D, int C, int NTH = NT>
 __device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
                                                int c, int64_t bh, int j0, bool with_u, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NTH>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
+  load_scratch_rows<T, D, NTH>(B.w, prep.w, cp, tid);
   load_chunk_rows<T, D, NTH>(B.k, p.k, cp, tid);
   // columns j0..j0+C of u
   if (with_u) load_col_block<T, C, NTH>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, tid);
