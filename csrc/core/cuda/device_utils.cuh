@@ -66,20 +66,28 @@ __device__ __forceinline__ uint32_t scale2(uint32_t x, float s0, float s1) {
 }
 
 // ---- per-(b, h) addressing ---------------------------------------------------
-// The (batch, head, segment) of a pass's thread block, numbered bh * nseg + seg, and the
-// segment's chunks [c_begin, c_end) (empty past the part's last chunk).
-struct SegmentBlock {
+// The (segment, batch, head) of a pass's thread block, numbered bh * nseg + seg (kernels
+// that form the chunk range themselves take this alone: see generic_kernels.cu).
+struct SegmentPlace {
   int seg;
   int64_t bh;
   int b, h;
-  int c_begin, c_end;
 };
-__device__ __forceinline__ SegmentBlock segment_block(const Geom& g) {
-  SegmentBlock s;
+__device__ __forceinline__ SegmentPlace segment_place(const Geom& g) {
+  SegmentPlace s;
   s.seg = blockIdx.x % g.nseg;
   s.bh = blockIdx.x / g.nseg;
   s.b = static_cast<int>(s.bh / g.heads);
   s.h = static_cast<int>(s.bh % g.heads);
+  return s;
+}
+// The place and the segment's chunks [c_begin, c_end) (empty past the part's last chunk).
+struct SegmentBlock : SegmentPlace {
+  int c_begin, c_end;
+};
+__device__ __forceinline__ SegmentBlock segment_block(const Geom& g) {
+  SegmentBlock s;
+  static_cast<SegmentPlace&>(s) = segment_place(g);
   s.c_begin = s.seg * g.seg_chunks;
   s.c_end = min(g.nchunks, s.c_begin + g.seg_chunks);
   return s;

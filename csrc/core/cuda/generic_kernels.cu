@@ -138,11 +138,9 @@ __global__ void __launch_bounds__(kThreads) generic_fwd_kernel(FwdArgs args, int
   float* obuf = ext + CG;
   float* Sm = obuf + (kDq ? CG * LDV : 0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // the block's place written out, not segment_block(g): with its chunk range, nvcc ordered
-  // this kernel's code differently (other PTX)
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  // the place only, not segment_block(g): with its chunk range, nvcc ordered this
+  // kernel's code differently (other PTX)
+  const auto [seg, bh, b, h] = segment_place(g);
 
   float esc = 1.f;
   if (kPrefix) {
@@ -269,11 +267,9 @@ __global__ void __launch_bounds__(kThreads) generic_dkdv_kernel(DkdvArgs args, i
   float* kdk = qdq + CG;
   float* Dm = kdk + CG;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // the block's place written out, not segment_block(g): with its chunk range, nvcc ordered
-  // this kernel's code differently (other PTX)
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  // the place only, not segment_block(g): with its chunk range, nvcc ordered this
+  // kernel's code differently (other PTX)
+  const auto [seg, bh, b, h] = segment_place(g);
   float* Dst = state_in_smem ? Dm : args.scratch + (bh * g.nseg + seg) * static_cast<int64_t>(dk) * LDV;
   const int64_t elems = static_cast<int64_t>(dk) * dv;
   {

@@ -76,11 +76,9 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
   pdl_launch_dependents();
   const Geom& g = a.g;
-  // the block's place written out, not segment_block(g): with it, nvcc ordered the chunk
-  // range's arithmetic differently (other PTX)
-  const int seg = blockIdx.x % g.nseg;
-  const int64_t bh = blockIdx.x / g.nseg;
-  const int b = static_cast<int>(bh / g.heads), h = static_cast<int>(bh % g.heads);
+  // the place only, not segment_block(g): with it, nvcc ordered the chunk range's
+  // arithmetic differently (other PTX)
+  const auto [seg, bh, b, h] = segment_place(g);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c0 = seg * g.seg_chunks;
   const int c1 = min(g.nchunks, c0 + g.seg_chunks);

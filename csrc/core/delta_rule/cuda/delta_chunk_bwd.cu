@@ -331,14 +331,14 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
       box(kMapV, sm.vq, cp.h, t, cp.b, 1);
     }
   } else {
-    load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+    load_chunk_rows<T, D, kThreads>(sm.k, p.k, cp, tid);
     {
       const T* dst = static_cast<const T*>(a.dh) + at;
 #pragma unroll
       for (int r = 0; r < D; r += CH) load_tile<T, D, kThreads>(sm.s + r * LD, dst + r * D, D, CH, D, tid);
     }
-    load_tile<T, D, kThreads>(sm.x, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
-    load_tile<T, D, kThreads>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
+    load_scratch_rows<T, D, kThreads>(sm.x, a.r, cp, tid);
+    load_scratch_rows<T, D, kThreads>(sm.u, a.v_new, cp, tid);
   }
   load_meta(sm.meta, a.meta, cp.row0, tid);
   if constexpr (kOrd) {  // beta with the first group (zero past the valid tokens, as below)
@@ -351,7 +351,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
   cp_async_commit();  // what dU needs; T and v land while it is formed
   if constexpr (!kTma) {
     load_tile<T, CH, kThreads>(sm.tt, static_cast<const T*>(a.t) + cp.row0 * CH, CH, CH, CH, tid);
-    load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+    load_chunk_rows<T, D, kThreads>(sm.vq, p.v, cp, tid);
   }
   cp_async_commit();  // (kTma: empty, so that the waits below count the same groups)
   // h meets dh only in <dh, h>: straight into registers, 16 bytes a load (dh's tile
@@ -520,9 +520,9 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     if constexpr (kTma) {
       if (tid == 0) tma_view_tile_after_reads<T, D>(maps, kMapDo, sm.vq, cp, &bars[0]);
     } else if constexpr (kEarly) {
-      load_tile<T, D, kThreads>(sm.vq, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+      load_chunk_rows<T, D, kThreads>(sm.vq, a.dout, cp, tid);
     } else {
-      load_tile<T, D, kThreads>(sm.vq, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+      load_chunk_rows<T, D, kThreads>(sm.vq, p.q, cp, tid);
     }
     cp_async_commit();
 #pragma unroll
@@ -598,7 +598,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
   }
   __syncthreads();  // every warp has read dB: dO takes its tile (early: dB stays)
   if constexpr (!kEarly) {
-    load_tile<T, D, kThreads>(sm.x, rows_of<T>(a.dout, cp.b, cp.h, cp.t0), a.dout.st, cp.nvalid, D, tid);
+    load_chunk_rows<T, D, kThreads>(sm.x, a.dout, cp, tid);
     cp_async_commit();
   }
   // early: dk's first terms, rounded to 16 bits as the lean kernel's hand-over through
@@ -682,7 +682,7 @@ __device__ __forceinline__ void chunk_bwd_body(const Problem& p, const ChunkBack
     if constexpr (kTma) {
       if (tid == 0) tma_view_tile_after_reads<T, D>(maps, kMapQ, sm.u, cp, &bars[1]);
     } else {
-      load_tile<T, D, kThreads>(sm.u, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+      load_chunk_rows<T, D, kThreads>(sm.u, p.q, cp, tid);
     }
     cp_async_commit();
     T* dkat[2];

@@ -66,6 +66,18 @@ __device__ __forceinline__ ChunkPos chunk_pos(const Problem& p, int c, int64_t b
   q.row0 = bh * chunk_count(p) * CH + static_cast<int64_t>(c) * CH;
   return q;
 }
+// The chunk's token rows of a [B, T, H, D] view (cp.nvalid of them; the tile's rows past
+// those zero) into the [64][LD] tile dst, NTH threads.
+template <typename T, int D, int NTH>
+__device__ __forceinline__ void load_chunk_rows(T* dst, const View& v, const ChunkPos& cp, int tid) {
+  load_tile<T, D, NTH>(dst, rows_of<T>(v, cp.b, cp.h, cp.t0), v.st, cp.nvalid, D, tid);
+}
+// The chunk's 64 rows of a [rows][D] 16-bit scratch (prep's w, kd, qg, v_new, r, ...: a
+// part's chunks padded to 64 rows each) into the [64][LD] tile dst, NTH threads.
+template <typename T, int D, int NTH>
+__device__ __forceinline__ void load_scratch_rows(T* dst, const void* rows, const ChunkPos& cp, int tid) {
+  load_tile<T, D, NTH>(dst, static_cast<const T*>(rows) + cp.row0 * D, D, CH, D, tid);
+}
 
 // The shared memory of a cp.async state pass (GDN's and KDA's, forward and reverse): a
 // ring of NS chunk buffers Buf, the carried columns' 16-bit copy xb ([d][ld]) and the

@@ -8,6 +8,15 @@
 namespace lasp2::delta::gpu {
 namespace {
 
+// acc += (r0, r1)^T (c0, c1): one k-step of a 2 x 2 block of a product (row pair r0, r1
+// of the left factor's column k, column pair c0, c1 of the right factor's row k).
+__device__ __forceinline__ void add_outer2(float (&acc)[2][2], float r0, float r1, float c0, float c1) {
+  acc[0][0] += r0 * c0;
+  acc[0][1] += r0 * c1;
+  acc[1][0] += r1 * c0;
+  acc[1][1] += r1 * c1;
+}
+
 // T = (I + L)^-1 of a strictly lower-triangular 64 x 64 L, in fp32, blocked by 16:
 // the diagonal blocks by substitution (warp w, lane j solves column j of block w in
 // registers), then the 2 x 2 block merges inv([[A, 0], [C, B]]) =
@@ -23,7 +32,8 @@ namespace {
 // Every output is the same sum in the same order, on another thread: the same bits.
 // (The 16-merge's two 2 x 2 products, C A^-1 and B^-1 (C A^-1), stay written out: as one
 // helper taking the tiles and offsets, every prep kernel's registers were renumbered,
-// session 22.)
+// session 22. Only a k-step's four FMAs on values already loaded, add_outer2, are shared:
+// the same PTX, session 25.)
 template <int kThreads = NT, bool kBalanced = false>
 __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) {
   static_assert(kThreads >= NT, "four warps do the work");
@@ -54,10 +64,7 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
       if (!act) break;
       const float c0 = L[(i0 + r) * LDL + j0 + k], c1 = L[(i0 + r + 1) * LDL + j0 + k];
       const float a0 = Tm[(j0 + k) * LDL + j0 + c], a1 = Tm[(j0 + k) * LDL + j0 + c + 1];
-      x[0][0] += c0 * a0;
-      x[0][1] += c0 * a1;
-      x[1][0] += c1 * a0;
-      x[1][1] += c1 * a1;
+      add_outer2(x, c0, c1, a0, a1);
     }
     __syncthreads();
     if (act)
@@ -72,10 +79,7 @@ __device__ __forceinline__ void invert_unit_lower(float* L, float* Tm, int tid) 
       if (!act) break;
       const float b0 = Tm[(i0 + r) * LDL + i0 + k], b1 = Tm[(i0 + r + 1) * LDL + i0 + k];
       const float x0 = L[(i0 + k) * LDL + j0 + c], x1 = L[(i0 + k) * LDL + j0 + c + 1];
-      y[0][0] += b0 * x0;
-      y[0][1] += b0 * x1;
-      y[1][0] += b1 * x0;
-      y[1][1] += b1 * x1;
+      add_outer2(y, b0, b1, x0, x1);
     }
     if (act)
 #pragma unroll

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
   PrepSmem<T, D>& sm = *reinterpret_cast<PrepSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NT>(sm.k, p.k, cp, tid);
   cp_async_commit();
   if (warp == 0) {
     // tokens 2 lane, 2 lane + 1: the cumulative gate G and segment index s by a warp
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(NT, kPrepBlocksPerSm) prep_kernel(Problem p, C
     }
     __syncthreads();
     // T is in registers: V over its bytes, in flight while tw and w are formed
-    load_tile<T, D, NT>(sm.v(), rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+    load_chunk_rows<T, D, NT>(sm.v(), p.v, cp, tid);
     cp_async_commit();
     T* tw = reinterpret_cast<T*>(sm.L);
     T* const tcopy = out.t != nullptr ? static_cast<T*>(out.t) + cp.row0 * CH + tid : nullptr;

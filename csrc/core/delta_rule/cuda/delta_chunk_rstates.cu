@@ -49,7 +49,7 @@ __device__ __forceinline__ void load_state_chunk(const Problem& p, const View& d
   const T* r = static_cast<const T*>(prep.u) + cp.row0 * D;
   load_tile<T, D, NTH>(B.a1, k, p.k.st, cp.nvalid, D, tid);
   load_tile<T, D, NTH>(B.a2, w, D, CH, D, tid);
-  load_tile<T, D, NTH>(B.a3, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NTH>(B.a3, p.q, cp, tid);
   if (tid < NT) {  // the column tiles: 2 CH = NT pieces
     load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
     load_cols<T>(B.r, r, D, j0, CH, tid);
@@ -316,8 +316,7 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = 128, NS = kRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // k, w and q of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaRevSmem<T, kRevStages>& sm =
-      *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kRevStages>& sm = *reinterpret_cast<TmaRevSmem<T, kRevStages>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;

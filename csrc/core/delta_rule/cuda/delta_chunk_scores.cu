@@ -37,15 +37,15 @@ __global__ void __launch_bounds__(NT) score_kernel(Problem p, ChunkPrep prep, Vi
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int nck = static_cast<int>(chunk_count(p));
-  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NT>(sm.q, p.q, cp, tid);
+  load_chunk_rows<T, D, NT>(sm.k, p.k, cp, tid);
   if constexpr (kOut) {
-    load_tile<T, D, NT>(sm.x, static_cast<const T*>(xin.ptr) + cp.row0 * D, D, CH, D, tid);
+    load_scratch_rows<T, D, NT>(sm.x, xin.ptr, cp, tid);
     const T* st = static_cast<const T*>(states) + (cp.bh * nck + cp.c) * static_cast<int64_t>(D) * D;
 #pragma unroll
     for (int r = 0; r < D; r += CH) load_tile<T, D, NT>(sm.st + r * LD, st + r * D, D, CH, D, tid);
   } else {
-    load_tile<T, D, NT>(sm.x, rows_of<T>(xin, cp.b, cp.h, cp.t0), xin.st, cp.nvalid, D, tid);
+    load_chunk_rows<T, D, NT>(sm.x, xin, cp, tid);
   }
   load_meta(sm.meta, prep.meta, cp.row0, tid);
   cp_async_commit();
@@ -108,9 +108,9 @@ __global__ void __launch_bounds__(NT) rprep_kernel(Problem p, ChunkPrep prep, Vi
   RprepSmem<T, D>& sm = *reinterpret_cast<RprepSmem<T, D>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
-  load_tile<T, D, NT>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, NT>(sm.x, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NT>(sm.q, p.q, cp, tid);
+  load_chunk_rows<T, D, NT>(sm.k, p.k, cp, tid);
+  load_chunk_rows<T, D, NT>(sm.x, dout, cp, tid);
   load_meta(sm.meta, prep.meta, cp.row0, tid);
   cp_async_commit();
   cp_async_wait_all();

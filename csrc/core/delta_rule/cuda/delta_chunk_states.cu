@@ -57,8 +57,8 @@ template <typename T, int D, int C, int NTH = NT>
 __device__ __forceinline__ void load_fwd_chunk(const Problem& p, const ChunkPrep& prep, FwdStateBuf<T, D, C>& B,
                                                int c, int64_t bh, int j0, bool with_u, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NTH>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NTH>(B.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
+  load_scratch_rows<T, D, NTH>(B.w, prep.w, cp, tid);
+  load_chunk_rows<T, D, NTH>(B.k, p.k, cp, tid);
   // columns j0..j0+C of u
   if (with_u) load_col_block<T, C, NTH>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D + j0, D, CH, tid);
   load_meta(B.meta, prep.meta, cp.row0, tid);
@@ -359,8 +359,7 @@ __global__ void __launch_bounds__(NT8, 2)
   static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and K of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaStateSmem<T, NS, C>& sm =
-      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm = *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   bool amap;  // columns of A: u = 0, from I
   const int j0 = pass_columns<D, C>(kSummary, amap);

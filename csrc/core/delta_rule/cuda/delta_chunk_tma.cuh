@@ -268,6 +268,13 @@ std::array<StridedDim, 3> token_dims_by_stride(const V& v, int64_t heads, int64_
   return dm;
 }
 
+// Bytes from raw (a tma pass's dynamic shared memory) to its first 1024-byte boundary,
+// where the shared struct starts (the 128-byte swizzle's boxes need it; the hosts ask for
+// 1024 bytes more).
+__device__ __forceinline__ uint32_t swizzle_pad(const unsigned char* raw) {
+  return (1024u - (lasp2::cuda::smem_u32(raw) & 1023u)) & 1023u;
+}
+
 // Thread 0 sets up a tma kernel's ring of `full` barriers: one arrival each (its own
 // expect_tx).
 template <int NS>
@@ -280,8 +287,9 @@ __device__ __forceinline__ void init_full_barriers(uint64_t (&full)[NS], int tid
 // pieces are written once so that the four kernels cannot drift apart (a change to the
 // ring's counting in one kernel alone would be a silent race in the other three).
 // (Written out in each kernel still, because as helpers they change the PTX, so that it
-// would no longer be provably the same code (tried again in session 19): the 1024-byte
-// alignment of the shared struct, the swizzled ldmatrix offsets aw / ak (nvcc orders the
+// would no longer be provably the same code (tried again in session 19): the shared
+// struct's reference at its 1024-byte boundary (session 25: the offset alone,
+// swizzle_pad, keeps the PTX), the swizzled ldmatrix offsets aw / ak (nvcc orders the
 // address arithmetic differently), the forward passes' v_new / chunk-state pointers and
 // leaving-state stores, the reverse passes' dh pointer, and KDA's tiles issue for N
 // two-dimensional maps (registers renumbered, instructions reordered). A helper keeps the

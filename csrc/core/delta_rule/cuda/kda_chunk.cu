@@ -49,8 +49,8 @@ template <typename T, int D>
 __device__ __forceinline__ void load_kda_chunk(const Problem& p, const KdaPrep& prep, KdaStateBuf<T, D>& B, int c,
                                                int64_t bh, int j0, bool with_u, int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(B.kd, static_cast<const T*>(prep.kd) + cp.row0 * D, D, CH, D, tid);
+  load_scratch_rows<T, D, NT>(B.w, prep.w, cp, tid);
+  load_scratch_rows<T, D, NT>(B.kd, prep.kd, cp, tid);
   if (with_u) load_cols<T>(B.u, static_cast<const T*>(prep.u) + cp.row0 * D, D, j0, CH, tid);
   load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);
 }
@@ -164,8 +164,8 @@ __global__ void __launch_bounds__(NT) kda_output_kernel(Problem p, KdaPrep prep,
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
-  load_tile<T, D, NT>(sm.qg, static_cast<const T*>(prep.qg) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(sm.x, static_cast<const T*>(v_new) + cp.row0 * D, D, CH, D, tid);
+  load_scratch_rows<T, D, NT>(sm.qg, prep.qg, cp, tid);
+  load_scratch_rows<T, D, NT>(sm.x, v_new, cp, tid);
   load_tile<T, CH, NT>(sm.ps, static_cast<const T*>(prep.p) + chunk * CH * CH, CH, CH, CH, tid);
   const T* st = static_cast<const T*>(states) + chunk * static_cast<int64_t>(D) * D;
 #pragma unroll
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(NT) kda_rprep_kernel(Problem p, KdaPrep prep, 
   const ChunkPos cp = chunk_pos(p, blockIdx.x, blockIdx.y);
   const int64_t chunk = cp.bh * chunk_count(p) + cp.c;
   load_tile<T, CH, NT>(sm.ps, static_cast<const T*>(prep.p) + chunk * CH * CH, CH, CH, CH, tid);
-  load_tile<T, D, NT>(sm.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, NT>(sm.d, dout, cp, tid);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -234,9 +234,9 @@ __device__ __forceinline__ void load_kda_rev_chunk(const Problem& p, const KdaPr
                                                    const void* r, KdaRevBuf<T, D>& B, int c, int64_t bh, int j0,
                                                    int tid) {
   const ChunkPos cp = chunk_pos(p, c, bh);
-  load_tile<T, D, NT>(B.w, static_cast<const T*>(prep.w) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(B.kd, static_cast<const T*>(prep.kd) + cp.row0 * D, D, CH, D, tid);
-  load_tile<T, D, NT>(B.qg, static_cast<const T*>(prep.qg) + cp.row0 * D, D, CH, D, tid);
+  load_scratch_rows<T, D, NT>(B.w, prep.w, cp, tid);
+  load_scratch_rows<T, D, NT>(B.kd, prep.kd, cp, tid);
+  load_scratch_rows<T, D, NT>(B.qg, prep.qg, cp, tid);
   load_cols<T>(B.r, static_cast<const T*>(r) + cp.row0 * D, D, j0, CH, tid);
   load_cols<T>(B.d, rows_of<T>(dout, cp.b, cp.h, cp.t0), dout.st, j0, cp.nvalid, tid);
   load_chunk_eL<D>(B.eL, prep.eL, p, bh, c, tid);

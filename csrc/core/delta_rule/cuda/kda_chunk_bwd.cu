@@ -303,8 +303,8 @@ __device__ __forceinline__ void kda_bwd_body(const Problem& p, const KdaBackward
     // zero-filled
     load_tile<T, D, NTH>(sm.x2, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, nvalid, D, tid);
     cp_async_commit();
-    load_tile<T, D, NTH>(sm.u, static_cast<const T*>(a.v_new) + cp.row0 * D, D, CH, D, tid);
-    load_tile<T, D, NTH>(sm.x1, static_cast<const T*>(a.r) + cp.row0 * D, D, CH, D, tid);
+    load_scratch_rows<T, D, NTH>(sm.u, a.v_new, cp, tid);
+    load_scratch_rows<T, D, NTH>(sm.x1, a.r, cp, tid);
 #pragma unroll
     for (int r = 0; r < D; r += CH)
       load_tile<T, D, NTH>(sm.s + r * LD, static_cast<const T*>(a.dh) + at + r * D, D, CH, D, tid);

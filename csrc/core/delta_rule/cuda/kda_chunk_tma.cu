@@ -56,8 +56,7 @@ __global__ void __launch_bounds__(NT8, 2)
   static_assert(C == kChunkCols || (kSummary && C == 2 * kChunkCols), "16 columns (32: the summary only)");
   constexpr uint32_t kBufBytes = 2 * 2 * kSwzHalf;  // w and kd of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaStateSmem<T, NS, C>& sm =
-      *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaStateSmem<T, NS, C>& sm = *reinterpret_cast<TmaStateSmem<T, NS, C>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   bool amap;  // columns of A: u = 0, from I
   const int j0 = pass_columns<D, C>(kSummary, amap);
@@ -166,8 +165,7 @@ __global__ void __launch_bounds__(NT8)
   constexpr int D = kD, NS = kKdaRevStages;
   constexpr uint32_t kBufBytes = 3 * 2 * kSwzHalf;  // kd, w and qg of a buffer
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TmaRevSmem<T, kKdaRevStages>& sm =
-      *reinterpret_cast<TmaRevSmem<T, kKdaRevStages>*>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+  TmaRevSmem<T, kKdaRevStages>& sm = *reinterpret_cast<TmaRevSmem<T, kKdaRevStages>*>(smem_raw + swizzle_pad(smem_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = blockIdx.x * BV;
   const int64_t bh = blockIdx.y;

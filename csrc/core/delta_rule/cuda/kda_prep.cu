@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(kThreads, 2) kda_prep_kernel(Problem p, KdaPre
   // the factor phases' owner of sub-chunk X, dims (i, i + 1) (d = 64: the even warps)
   const int X = warp >> 1, i = 2 * (32 * (warp & 1) + lane);
   const bool owner = i < D;
-  load_tile<T, D, kThreads>(sm.k, rows_of<T>(p.k, cp.b, cp.h, cp.t0), p.k.st, cp.nvalid, D, tid);
-  load_tile<T, D, kThreads>(sm.q, rows_of<T>(p.q, cp.b, cp.h, cp.t0), p.q.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, kThreads>(sm.k, p.k, cp, tid);
+  load_chunk_rows<T, D, kThreads>(sm.q, p.q, cp, tid);
   cp_async_commit();
   if (tid < CH) {
     const int x = tid;
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 2) kda_prep_kernel(Problem p, KdaPre
     }
   }
   // q is done with: v over it, in flight while T is formed
-  load_tile<T, D, kThreads>(sm.q, rows_of<T>(p.v, cp.b, cp.h, cp.t0), p.v.st, cp.nvalid, D, tid);
+  load_chunk_rows<T, D, kThreads>(sm.q, p.v, cp, tid);
   cp_async_commit();
   __syncthreads();  // k is read: T goes over qs and k
   float* Tm = reinterpret_cast<float*>(sm.qs);
