@@ -4,7 +4,9 @@
 //   bench_lasp2 [T=65536] [H=16] [D=128] [B=1] [dtype=bf16|fp16|fp32] [mode=gate|fixed|none] [what]
 // what = table (default), sweep (also times several segment lengths through
 // LASP2_CUDA_SEG_CHUNKS), fb (only lasp2_forward / lasp2_backward / fwd+bwd, for
-// repeated before/after runs), or once (each backend function once: for profilers).
+// repeated before/after runs), once (each backend function once: for profilers), or sp
+// (the table's fb rows, then one rank of a P-GPU group at the same local length T:
+// sp_rank_table below).
 // Every table ends with "lasp2_forward (graph)" and "fwd+bwd (graph)": lasp2_forward alone,
 // and lasp2_forward + lasp2_backward, captured in a CUDA graph and replayed (the kernels'
 // time without host launch gaps).
@@ -35,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -146,6 +149,133 @@ bool env_on(const char* name) {
   return s != nullptr && std::strcmp(s, "1") == 0;
 }
 
+
+// Stands in for a P-rank group on one GPU: rank() and size() of the rank timed, and an
+// AllGather that copies this rank's block into every slot (the gathered values enter only
+// the entering-state terms, whose cost does not depend on them). So a rank's time with it
+// is its compute alone: what sequence parallelism adds to the one-device call at the same
+// local length, the bound on weak-scaling efficiency when communication is free or hidden.
+class LoopbackCommunicator final : public Communicator {
+ public:
+  LoopbackCommunicator(int rank, int size) : rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Device device() const override { return Device::kCUDA; }
+  std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count, ScalarType type,
+                                       void* stream) override {
+    const std::size_t bytes = count * element_size(type);
+    for (int r = 0; r < size_; ++r) {
+      char* slot = static_cast<char*>(recv) + r * bytes;
+      if (slot != send)
+        CK(cudaMemcpyAsync(slot, send, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)));
+    }
+    return std::make_unique<CompletedWork>();
+  }
+  std::unique_ptr<CommWork> send(const void*, std::size_t, ScalarType, int, void*) override { return ring_only(); }
+  std::unique_ptr<CommWork> recv(void*, std::size_t, ScalarType, int, void*) override { return ring_only(); }
+
+ private:
+  static std::unique_ptr<CommWork> ring_only() {
+    std::fprintf(stderr, "LoopbackCommunicator: LASP-2 only (no point-to-point transfers)\n");
+    std::exit(1);
+  }
+  int rank_, size_;
+};
+
+// The buffers one rank's lasp2_forward / lasp2_backward keep and use (tests/cpp/cuda/
+// device_rank.h allocates the same).
+struct RankBuffers {
+  std::vector<void*> owned;
+  Lasp2Saved saved;
+  void* fws = nullptr;
+  void* bws = nullptr;
+  RankBuffers(const KernelBackend& be, const AttentionParams& p, const PartLayout& l) {
+    auto alloc = [&](int64_t bytes) {
+      void* ptr = nullptr;
+      CK(cudaMalloc(&ptr, std::max<int64_t>(8, bytes)));
+      owned.push_back(ptr);
+      return ptr;
+    };
+    auto floats = [&](int64_t n) { return static_cast<float*>(alloc(4 * n)); };
+    saved.local_records = floats(Lasp2Saved::local_records_floats(p, l));
+    saved.prefix_states = floats(Lasp2Saved::prefix_states_floats(p, l));
+    saved.maps = floats(Lasp2Saved::log_decays_floats(p, l));
+    saved.segment_states = floats(Lasp2Saved::segment_states_floats(be, p, l));
+    fws = alloc(lasp2_forward_workspace_bytes(p, l));
+    bws = alloc(lasp2_backward_workspace_bytes(p, l, true));
+  }
+  ~RankBuffers() {
+    for (void* ptr : owned) cudaFree(ptr);
+  }
+};
+
+// The median time of `calls` replayed from a CUDA graph, or -1 where they cannot be
+// captured (then the table says so).
+float graph_ms(const std::function<void(cudaStream_t)>& calls) {
+  cudaStream_t cs;
+  CK(cudaStreamCreate(&cs));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  bool ok = cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  if (ok) {
+    try {
+      calls(cs);
+    } catch (const std::exception& e) {
+      std::printf("(capture failed: %s)\n", e.what());
+      ok = false;
+    }
+    ok = cudaStreamEndCapture(cs, &graph) == cudaSuccess && ok;
+    ok = ok && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  }
+  cudaGetLastError();  // a failed capture's error is reported as -1, not by the next CK
+  const float t = ok ? median_ms([&] { CK(cudaGraphLaunch(exec, cs)); }) : -1.f;
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  CK(cudaStreamDestroy(cs));
+  return t;
+}
+
+// what = sp: one rank's forward (fused: the gather waited for, the entering state in the
+// output pass, LASP-2's CUDA default; and overlapped) and backward at local length T for
+// P = 2, 4, 8 ranks, the first and the last rank, contiguous and balanced splits, against
+// the one-device call (P = 1, no communicator) at the same T, eager and from a CUDA graph.
+void sp_rank_table(const KernelBackend& be, const AttentionParams& p, MutView o, ConstView dov, MutView dq,
+                   MutView dk, MutView dv, float* dg) {
+  std::printf("\none rank of a P-GPU group at the same local T, communication free (LoopbackCommunicator);\n"
+              "eff = the P = 1 time / the rank's time (the weak-scaling bound), ms\n");
+  std::printf("%3s %11s %5s %10s %12s %9s %6s %9s %6s\n", "P", "split", "rank", "fwd fused", "fwd overlap",
+              "fwd+bwd", "eff", "fb graph", "eff");
+  float base = 0, base_graph = 0;
+  for (int P : {1, 2, 4, 8}) {
+    for (int balanced = 0; balanced < (P > 1 ? 2 : 1); ++balanced) {
+      for (int rank : {0, P - 1}) {
+        const PartLayout l = balanced ? PartLayout::balanced(P, rank) : PartLayout::contiguous(P, rank);
+        LoopbackCommunicator loop(rank, P);
+        Communicator* comm = P > 1 ? &loop : nullptr;
+        RankBuffers b(be, p, l);
+        auto fwd = [&](bool overlap, cudaStream_t s) {
+          Lasp2Options opt;
+          opt.overlap_forward = overlap;
+          lasp2_forward(be, comm, l, p, o, b.saved, b.fws, opt, s);
+        };
+        auto fb_calls = [&](cudaStream_t s) {
+          fwd(false, s);
+          lasp2_backward(be, comm, l, p, dov, b.saved, dq, dk, dv, dg, b.bws, s);
+        };
+        const float ff = median_ms([&] { fwd(false, nullptr); });
+        const float fo = median_ms([&] { fwd(true, nullptr); });
+        const float fb = median_ms([&] { fb_calls(nullptr); });
+        const float fbg = graph_ms(fb_calls);
+        if (P == 1) base = fb, base_graph = fbg;
+        char eg[16] = "n/a";
+        if (fbg > 0 && base_graph > 0) std::snprintf(eg, sizeof(eg), "%.2f", base_graph / fbg);
+        std::printf("%3d %11s %5d %10.3f %12.3f %9.3f %6.2f %9.3f %6s\n", P, balanced ? "balanced" : "contiguous",
+                    rank, ff, fo, fb, base / fb, fbg, eg);
+        if (P == 1) break;
+      }
+    }
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -262,7 +392,7 @@ int main(int argc, char** argv) {
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& fn) {
     rows.push_back({name, median_ms(fn), bytes, flops});
   };
-  if (what != "fb") {
+  if (what != "fb" && what != "sp") {
     add("part_state (states+scan)", 2 * tens + scal, f_state, [&] { be.part_state(p, all, state, L, nullptr); });
     add("chunk_forward", 4 * tens + scal, f_state + f_out,
         [&] { be.chunk_forward(p, all, nullptr, {o, st}, nullptr); });
@@ -328,6 +458,9 @@ int main(int argc, char** argv) {
   }
   std::printf("(floor = minimum bytes (inputs read once, outputs written once) / copy bandwidth;\n"
               " TFLOP/s counts the chunked algorithm's matmul flops, chunk 64, incl. the segment-state pass)\n");
+  if (what == "sp") {
+    sp_rank_table(be, p, {o, st}, dov, {dq, st}, {dk, st}, {dv, st}, with_dg ? dg : nullptr);
+  }
   if (what == "sweep") {
     std::printf("\nsegment length sweep (LASP2_CUDA_SEG_CHUNKS; 0 = the backend's choice), ms:\n");
     std::printf("%10s %8s %12s %10s %12s %12s\n", "seg_chunks", "blocks", "part_state", "chunk_fwd", "bwd_dq", "bwd_dkdv");
