@@ -13,10 +13,12 @@
 // launches: passes.h.
 //
 // Environment knobs (tests, benchmarks): LASP2_CUDA_SEG_CHUNKS=<n> forces n chunks
-// per segment; LASP2_CUDA_FORCE_GENERIC=1 disables the tensor-core kernels.
+// per segment; LASP2_CUDA_FORCE_GENERIC=1 disables the tensor-core kernels;
+// LASP2_CUDA_SUMMARY_KEEP=0 keeps no segment states from a part summary (part_state_saving).
 #include <algorithm>
 #include <string>
 
+#include "env_knob.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2/scratch_allocator.h"
 #include "passes.h"
@@ -61,16 +63,27 @@ class CudaBackend final : public KernelBackend {
                             MutView o, float* saved, void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0) return;
-    OutputPass pass;
-    pass.mode = FwdMode::kFwd;
-    pass.qa = view_of(p.q);
-    pass.ka = view_of(p.k);
-    pass.va = view_of(p.v);
-    pass.out = view_of(o);
-    pass.da = static_cast<int>(p.dim_k);
-    pass.dv = static_cast<int>(p.dim_v);
-    pass.initial_state = initial_state;
+    OutputPass pass = forward_pass(p, initial_state, o);
     pass.keep = saved;
+    run_output(call(stream), p, part, pass);
+  }
+
+  // The summary's walk is the output pass's (reduce_part: keep), so LASP-2's forward on
+  // P > 1 ranks walks each part's segments once instead of twice.
+  // LASP2_CUDA_SUMMARY_KEEP=0 keeps none (the forward walks again: the A/B's reference).
+  bool part_state_saving(const AttentionParams& p, TokenRange part, float* state, float* log_decay,
+                         float* saved, void* stream) const override {
+    check_params(p, part);
+    if (!env_flag("LASP2_CUDA_SUMMARY_KEEP", true)) saved = nullptr;
+    return reduce_part(call(stream), p, part, view_of(p.k), view_of(p.v), false, state, log_decay, saved);
+  }
+
+  void chunk_forward_from_saved(const AttentionParams& p, TokenRange part, const float* initial_state,
+                                MutView o, const float* saved, void* stream) const override {
+    check_params(p, part);
+    if (p.bh() == 0 || part.length() == 0) return;
+    OutputPass pass = forward_pass(p, initial_state, o);
+    pass.kept = saved;
     run_output(call(stream), p, part, pass);
   }
 
@@ -184,6 +197,20 @@ class CudaBackend final : public KernelBackend {
  private:
   static cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
   CallContext call(void* stream) const { return {allocator_, as_stream(stream)}; }
+
+  // The output pass of o (chunk_forward_saving, chunk_forward_from_saved).
+  static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {
+    OutputPass pass;
+    pass.mode = FwdMode::kFwd;
+    pass.qa = view_of(p.q);
+    pass.ka = view_of(p.k);
+    pass.va = view_of(p.v);
+    pass.out = view_of(o);
+    pass.da = static_cast<int>(p.dim_k);
+    pass.dv = static_cast<int>(p.dim_v);
+    pass.initial_state = initial_state;
+    return pass;
+  }
 
   static void combine(const std::vector<const float*>& parts, const float* log_decays, int target,
                       int64_t bh, int64_t state_elems, float* out, bool suffix, void* stream) {

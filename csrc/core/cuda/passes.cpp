@@ -148,28 +148,36 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
 
 }  // namespace
 
-void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
-                 bool entry, float* state, float* log_decay) {
+bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
+                 bool entry, float* state, float* log_decay, float* keep) {
   const int64_t se = p.state_elems();
-  if (p.bh() == 0) return;
+  if (p.bh() == 0) return false;
   if (part.length() == 0) {
     cuda_check(cudaMemsetAsync(state, 0, p.bh() * se * 4, c.stream), "cudaMemsetAsync");
     if (log_decay) cuda_check(cudaMemsetAsync(log_decay, 0, p.bh() * 4, c.stream), "cudaMemsetAsync");
-    return;
+    return false;
   }
   const int D = state_dim(p, a, b);
-  const Geom g = make_geom(p, part, D);
+  // Kept states are cut as the output pass cuts the part (run_output: keeping), so that
+  // its walk over segments 0 .. nseg - 2 is this one's, bit for bit.
+  const Geom kg = output_geom(p, part);
+  const bool keeping = keep != nullptr && !entry && kg.nseg > 1;
+  const Geom g = keeping ? kg : make_geom(p, part, D);
   ScratchLayout layout = ScratchLayout::for_walk(g, D > 0);
-  layout.seg_states = g.bh() * g.nseg * se;
+  layout.seg_states = keeping ? 0 : g.bh() * g.nseg * se;
   add_state_split(layout, p, g, D);
   Scratch scratch(layout, c.allocator, c.stream);
   const ScratchBuffers& s = scratch.buffers();
+  float* M = keeping ? keep : s.seg_states;
   launch_meta(meta_args(p, g, s), c.stream);
   const StatePieces pieces =
       run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
-                 entry ? static_cast<float>(p.scale) : 1.f, entry, s.seg_states, -1, c.stream);
-  launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, entry,
-                      false, nullptr, state, log_decay, pieces, nullptr, false, c.stream);
+                 entry ? static_cast<float>(p.scale) : 1.f, entry, M, -1, c.stream);
+  // in place (X is not written without write_segments); kept states made whole where a
+  // split walk left pieces, as the output pass's scan makes them
+  launch_segment_scan(M, M, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state, log_decay,
+                      pieces, keeping ? M : nullptr, false, c.stream);
+  return keeping;
 }
 
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,

@@ -21,8 +21,11 @@ struct CallContext {
 // The state of a whole part, reduced over segments in parallel: the exit-weighted
 // sum of k v^T and the part's log decay (part_state), or the entry-weighted
 // scale * sum q dO^T (part_dstate: entry = true, scanned in reverse).
-void reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
-                 bool entry, float* state, float* log_decay);
+// keep (exit mode, nullable): the segment states also go there, on the output geometry,
+// whole: what OutputPass::keep would hold (the last segment's slot too, which no pass
+// reads); false where the output pass keeps none (one segment), then keep is untouched.
+bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
+                 bool entry, float* state, float* log_decay, float* keep = nullptr);
 
 // The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
 // and the transposed state), or the prefix term only (kPrefix).

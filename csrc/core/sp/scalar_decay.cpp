@@ -113,6 +113,12 @@ float* ScalarDecay::saved_slot(TokenRange part) const {
   return nullptr;  // not a part of the layout: nothing kept
 }
 
+bool ScalarDecay::summarized(TokenRange part) const {
+  for (const TokenRange& r : summarized_)
+    if (r.begin == part.begin && r.end == part.end) return true;
+  return false;
+}
+
 // --- segments (packed documents with states) ---------------------------------
 
 std::vector<ScalarDecay::Segment> ScalarDecay::segments(TokenRange part) const {
@@ -166,7 +172,9 @@ void ScalarDecay::apply_segment(const float* x, float* out, void* stream) const 
 
 void ScalarDecay::summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
                             void* stream) const {
-  be_.part_state(p_, part, out.state, out.map, stream);  // L = -inf past a start
+  // L = -inf past a start; the part's segment states kept where its forward keeps them
+  if (be_.part_state_saving(p_, part, out.state, out.map, saved_slot(part), stream) && !summarized(part))
+    summarized_.push_back(part);
   if (!any_states(docs) && !out.want_head) return;
   const std::vector<Segment> segs = segments(part);
   const int64_t S = shape().state_floats;
@@ -197,7 +205,8 @@ void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const 
 void ScalarDecay::forward(TokenRange part, const float* entering, const DocStates& docs,
                           void* stream) const {
   if (!segmented(part, docs)) {
-    be_.chunk_forward_saving(p_, part, entering, o_, saved_slot(part), stream);
+    if (summarized(part)) be_.chunk_forward_from_saved(p_, part, entering, o_, saved_slot(part), stream);
+    else be_.chunk_forward_saving(p_, part, entering, o_, saved_slot(part), stream);
     return;
   }
   for (const Segment& s : segments(part)) {

@@ -1,5 +1,5 @@
 // The dq pass reading the segment states chunk_forward_saving kept, against the pass that
-// computes them again.
+// computes them again; the forward reading those part_state_saving kept.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -23,6 +23,41 @@ namespace {
 // bit for bit, also when read twice (the scan leaves them intact); altered states
 // change dq, so the pass reads them; and a dq on the generic route (padded views)
 // reading states of the tensor-core forward still matches the CPU.
+
+// part_state_saving (LASP-2's part summary) keeps what chunk_forward_saving keeps, bit for
+// bit, in every slot the output pass fills (that pass leaves the last segment's zero; the
+// summary walks it too: any finite value), with part_state's state and log decay, and
+// chunk_forward_from_saved reading them gives chunk_forward's o bit for bit (with an
+// entering state); altered states change o, so the pass reads them.
+void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange part,
+                          const std::vector<float>& kept_by_forward, const float* S0) {
+  const KernelBackend& gpu = cuda_backend();
+  const AttentionParams& pg = dp.p;
+  const int64_t bh = pg.bh(), se = pg.state_elems(), n = static_cast<int64_t>(kept_by_forward.size());
+  const int64_t nseg = n / (bh * se);
+  DevBuf<float> kept(n), state(bh * se), state_re(bh * se), L(bh), L_re(bh);
+  kept.poison();
+  ASSERT_TRUE(gpu.part_state_saving(pg, part, state.p, L.p, kept.p, nullptr)) << c.name;
+  gpu.part_state(pg, part, state_re.p, L_re.p, nullptr);
+  EXPECT_EQ(float_bits(state.download()), float_bits(state_re.download())) << c.name << ": summary state";
+  EXPECT_EQ(float_bits(L.download()), float_bits(L_re.download())) << c.name << ": summary log decay";
+  const std::vector<float> got = kept.download();
+  const std::vector<uint32_t> got_bits = float_bits(got), want_bits = float_bits(kept_by_forward);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool last = (i / se) % nseg == nseg - 1;
+    if (last) ASSERT_TRUE(std::isfinite(got[i])) << c.name << ": last segment's slot value " << i;
+    else ASSERT_EQ(got_bits[i], want_bits[i]) << c.name << ": kept value " << i;
+  }
+  DevTensor o = dp.like_v(), o_re = dp.like_v(), o_bad = dp.like_v();
+  gpu.chunk_forward_from_saved(pg, part, S0, o.mview(), kept.p, nullptr);
+  gpu.chunk_forward(pg, part, S0, o_re.mview(), nullptr);
+  EXPECT_EQ(o.buf.download(), o_re.buf.download()) << c.name << ": o from the summary's states";
+  std::vector<float> altered = got;
+  for (float& x : altered) x = 0.5f * x + 1.f;
+  kept.upload(altered);
+  gpu.chunk_forward_from_saved(pg, part, S0, o_bad.mview(), kept.p, nullptr);
+  EXPECT_NE(o_bad.buf.download(), o_re.buf.download()) << c.name << ": altered states left o unchanged";
+}
 
 void run_saved_states_case(const OpCase& c) {
   const CaseKnobs knobs(c);
@@ -48,6 +83,8 @@ void run_saved_states_case(const OpCase& c) {
   EXPECT_EQ(o.buf.download(), o_plain.buf.download()) << c.name << ": keeping changed o";
   const std::vector<float> kept_host = kept.download();
   for (float x : kept_host) ASSERT_TRUE(std::isfinite(x)) << c.name << ": kept states not all written";
+
+  expect_summary_keeps(c, dp, part, kept_host, S0d.p);
 
   auto dq_of = [&](const float* saved, const KernelBackend& be, DevTensor& dq, DevBuf<float>& qdq) {
     qdq.poison();

@@ -84,6 +84,25 @@ class KernelBackend {
     (void)saved;
     chunk_forward(p, part, initial_state, o, stream);
   }
+  // part_state, also writing into `saved` (nullable) the states chunk_forward_saving
+  // would keep: a part summary walks the same segments that the part's output pass
+  // walks first (LASP-2 on P > 1 ranks summarizes each part, then runs its output pass).
+  // Returns whether it wrote them; the default keeps none.
+  virtual bool part_state_saving(const AttentionParams& p, TokenRange part, float* state,
+                                 float* log_decay, float* saved, void* stream) const {
+    (void)saved;
+    part_state(p, part, state, log_decay, stream);
+    return false;
+  }
+  // chunk_forward reading those states from `saved` (written by part_state_saving, which
+  // returned true, over the same part, inputs and params) instead of walking the segments
+  // again. The same results as chunk_forward_saving.
+  virtual void chunk_forward_from_saved(const AttentionParams& p, TokenRange part,
+                                        const float* initial_state, MutView o, const float* saved,
+                                        void* stream) const {
+    (void)saved;
+    chunk_forward(p, part, initial_state, o, stream);
+  }
   // chunk_backward_dq reading them from `saved` (written by chunk_forward_saving over
   // the same part, inputs and params; nullable: computed again). Same results.
   virtual void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,

@@ -108,6 +108,9 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   void apply_segment(const float* x, float* out, void* stream) const;
   // The saved-states slot of a part (null: none kept for it).
   float* saved_slot(TokenRange part) const;
+  // Whether summarize filled the part's slot (then forward reads it instead of walking
+  // the part's segments again).
+  bool summarized(TokenRange part) const;
 
   AttentionParams p_;
   AttentionParams plain_;  // p_ without document starts (segments hold none)
@@ -119,6 +122,7 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   float* table_ = nullptr;
   float* saved_states_ = nullptr;  // with_saved_states
   PartLayout saved_layout_;
+  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled
 };
 
 }  // namespace lasp2
