@@ -69,13 +69,13 @@ class CudaBackend final : public KernelBackend {
   }
 
   // The summary's walk is the output pass's (reduce_part: keep), so LASP-2's forward on
-  // P > 1 ranks walks each part's segments once instead of twice.
-  // LASP2_CUDA_SUMMARY_KEEP=0 keeps none (the forward walks again: the A/B's reference).
+  // P > 1 ranks walks each part's segments once instead of twice (keep_summaries).
   bool part_state_saving(const AttentionParams& p, TokenRange part, float* state, float* log_decay,
                          float* saved, void* stream) const override {
     check_params(p, part);
-    if (!env_flag("LASP2_CUDA_SUMMARY_KEEP", true)) saved = nullptr;
-    return reduce_part(call(stream), p, part, view_of(p.k), view_of(p.v), false, state, log_decay, saved);
+    if (!keep_summaries()) saved = nullptr;
+    const Geom g = output_geom(p, part);
+    return reduce_part(call(stream), p, part, view_of(p.k), view_of(p.v), false, state, log_decay, saved, &g);
   }
 
   void chunk_forward_from_saved(const AttentionParams& p, TokenRange part, const float* initial_state,
@@ -105,6 +105,34 @@ class CudaBackend final : public KernelBackend {
                    void* stream) const override {
     check_params(p, part);
     reduce_part(call(stream), p, part, view_of(p.q), view_of(dout), true, dstate, nullptr);
+  }
+
+  // The same for the backward: the walk of the part's entering-state gradient is the dk/dv
+  // pass's (reduce_part on dkdv_geom), kept in a block of the call's allocator until the
+  // dk/dv pass has been enqueued.
+  std::unique_ptr<KeptWork> part_dstate_keeping(const AttentionParams& p, TokenRange part, ConstView dout,
+                                                float* dstate, void* stream) const override {
+    check_params(p, part);
+    const Geom g = dkdv_geom(p, part, view_of(dout));
+    if (!keep_summaries() || p.bh() == 0 || part.length() == 0 || g.nseg <= 1) {
+      part_dstate(p, part, dout, dstate, stream);
+      return nullptr;
+    }
+    auto kept = std::make_unique<KeptStates>(g, p.state_elems(), allocator_, as_stream(stream));
+    reduce_part(call(stream), p, part, view_of(p.q), view_of(dout), true, dstate, nullptr, kept->states(), &g);
+    return kept;
+  }
+
+  void chunk_backward_dkdv_kept(const AttentionParams& p, TokenRange part, ConstView dout,
+                                const float* final_dstate, MutView dk, MutView dv, const void* q_dot_dq,
+                                const float* dg_offset, void* dg, const KeptWork* kept,
+                                void* stream) const override {
+    check_dkdv(p, part, q_dot_dq, dg);
+    if (p.bh() == 0 || part.length() == 0) return;
+    const auto* k = dynamic_cast<const KeptStates*>(kept);
+    run_dkdv(call(stream), p, part, view_of(dout), final_dstate, view_of(dk), view_of(dv),
+             static_cast<const float*>(q_dot_dq), dg_offset, static_cast<float*>(dg), k ? k->states() : nullptr,
+             k ? &k->geom : nullptr);
   }
 
   void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
@@ -141,13 +169,7 @@ class CudaBackend final : public KernelBackend {
                            const float* final_dstate, MutView dk, MutView dv,
                            const void* q_dot_dq, const float* dg_offset, void* dg,
                            void* stream) const override {
-    check_params(p, part);
-    LASP2_CHECK(dg == nullptr || q_dot_dq != nullptr, "dg needs q_dot_dq from the dq pass");
-    LASP2_CHECK(dg == nullptr || p.decay.dtype == ScalarType::kFloat32,
-                "CUDA kernels write dg as float32 (decay dtype must be float32)");
-    if (p.bh() == 0 || part.length() == 0) return;
-    run_dkdv(call(stream), p, part, view_of(dout), final_dstate, view_of(dk), view_of(dv),
-             static_cast<const float*>(q_dot_dq), dg_offset, static_cast<float*>(dg));
+    chunk_backward_dkdv_kept(p, part, dout, final_dstate, dk, dv, q_dot_dq, dg_offset, dg, nullptr, stream);
   }
 
   void combine_prefix(const std::vector<const float*>& parts, const float* log_decays,
@@ -197,6 +219,30 @@ class CudaBackend final : public KernelBackend {
  private:
   static cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
   CallContext call(void* stream) const { return {allocator_, as_stream(stream)}; }
+
+  // Whether a part's summary keeps its segment states for the pass after it
+  // (LASP2_CUDA_SUMMARY_KEEP=0: no, both passes walk them: the A/B's reference).
+  static bool keep_summaries() { return env_flag("LASP2_CUDA_SUMMARY_KEEP", true); }
+
+  static void check_dkdv(const AttentionParams& p, TokenRange part, const void* q_dot_dq, const void* dg) {
+    check_params(p, part);
+    LASP2_CHECK(dg == nullptr || q_dot_dq != nullptr, "dg needs q_dot_dq from the dq pass");
+    LASP2_CHECK(dg == nullptr || p.decay.dtype == ScalarType::kFloat32,
+                "CUDA kernels write dg as float32 (decay dtype must be float32)");
+  }
+
+  // part_dstate_keeping's states: the dk/dv pass's segments of one part, in a block of the
+  // call's allocator (given back, stream-ordered, when destroyed).
+  class KeptStates final : public KeptWork {
+   public:
+    KeptStates(const Geom& g, int64_t state_elems, const ScratchAllocator* allocator, cudaStream_t stream)
+        : geom(g), block_(4 * g.bh() * g.nseg * state_elems, allocator, stream) {}
+    float* states() const { return reinterpret_cast<float*>(block_.data()); }
+    const Geom geom;
+
+   private:
+    DeviceBlock block_;
+  };
 
   // The output pass of o (chunk_forward_saving, chunk_forward_from_saved).
   static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {

@@ -149,7 +149,7 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
 }  // namespace
 
 bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
-                 bool entry, float* state, float* log_decay, float* keep) {
+                 bool entry, float* state, float* log_decay, float* keep, const Geom* keep_geom) {
   const int64_t se = p.state_elems();
   if (p.bh() == 0) return false;
   if (part.length() == 0) {
@@ -158,11 +158,10 @@ bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
     return false;
   }
   const int D = state_dim(p, a, b);
-  // Kept states are cut as the output pass cuts the part (run_output: keeping), so that
-  // its walk over segments 0 .. nseg - 2 is this one's, bit for bit.
-  const Geom kg = output_geom(p, part);
-  const bool keeping = keep != nullptr && !entry && kg.nseg > 1;
-  const Geom g = keeping ? kg : make_geom(p, part, D);
+  // Kept states are cut as the pass that reads them cuts the part, so that its walk (every
+  // segment but the one its scan leaves unread) is this one's, bit for bit.
+  const bool keeping = keep != nullptr && keep_geom != nullptr && keep_geom->nseg > 1;
+  const Geom g = keeping ? *keep_geom : make_geom(p, part, D);
   ScratchLayout layout = ScratchLayout::for_walk(g, D > 0);
   layout.seg_states = keeping ? 0 : g.bh() * g.nseg * se;
   add_state_split(layout, p, g, D);
@@ -281,16 +280,23 @@ int64_t kept_state_floats(const AttentionParams& p, TokenRange part) {
   return g.nseg > 1 ? g.bh() * g.nseg * p.state_elems() : 0;
 }
 
+Geom dkdv_geom(const AttentionParams& p, TokenRange part, View dout) {
+  const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v);
+  return make_geom(p, part, tc_dim(p, {q, k, v, dout}, tc_dkdv_smem(64), tc_dkdv_smem(128)));
+}
+
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
               const float* final_dstate, View dk, View dv, const float* q_dot_dq,
-              const float* dg_offset, float* dg) {
+              const float* dg_offset, float* dg, const float* kept, const Geom* kept_geom) {
   const int64_t se = p.state_elems();
   const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v);
   const int D = tc_dim(p, {q, k, v, dout, dk, dv}, tc_dkdv_smem(64), tc_dkdv_smem(128));
   const Geom g = make_geom(p, part, D);
+  const bool read_kept = kept != nullptr && kept_geom != nullptr && g.nseg > 1 &&
+                         kept_geom->seg_chunks == g.seg_chunks && kept_geom->nseg == g.nseg;
   const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
   const bool smem_state = D > 0 || generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
-  const int sD = g.nseg > 1 ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
+  const int sD = g.nseg > 1 && !read_kept ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
   ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
   layout.seg_states = g.nseg > 1 ? g.bh() * g.nseg * se : 0;
   layout.seg_dg_sums = g.bh() * g.nseg;
@@ -318,12 +324,14 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   a.fold_offset = g.nseg == 1 ? 1 : 0;
   a.scratch = s.block_states;
   if (g.nseg > 1) {
-    // Segment 0's entry state is left out (the suffix scan does not read it)
+    // Segment 0's entry state is left out (the suffix scan does not read it); kept ones
+    // are whole (no pieces)
     const StatePieces pieces =
-        run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
-                   s.seg_states, 0, c.stream);
-    launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true,
-                        true, final_dstate, nullptr, nullptr, pieces, nullptr, true, c.stream);
+        read_kept ? StatePieces{}
+                  : run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
+                               s.seg_states, 0, c.stream);
+    launch_segment_scan(s.seg_states, read_kept ? kept : s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se,
+                        true, true, final_dstate, nullptr, nullptr, pieces, nullptr, true, c.stream);
     a.dstate = s.seg_states;
     a.dstate_bh = g.nseg * se;
     a.dstate_seg = se;

@@ -21,11 +21,14 @@ struct CallContext {
 // The state of a whole part, reduced over segments in parallel: the exit-weighted
 // sum of k v^T and the part's log decay (part_state), or the entry-weighted
 // scale * sum q dO^T (part_dstate: entry = true, scanned in reverse).
-// keep (exit mode, nullable): the segment states also go there, on the output geometry,
-// whole: what OutputPass::keep would hold (the last segment's slot too, which no pass
-// reads); false where the output pass keeps none (one segment), then keep is untouched.
+// keep (nullable): the segment states also go there, whole (a split walk's pieces added),
+// cut as `keep_geom` cuts the part: the geometry of the pass that reads them (exit mode:
+// output_geom, what OutputPass::keep would hold, its last segment's slot too; entry mode:
+// dkdv_geom, for run_dkdv's `kept`). Returns false where that geometry has one segment
+// (nothing kept; keep untouched).
 bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
-                 bool entry, float* state, float* log_decay, float* keep = nullptr);
+                 bool entry, float* state, float* log_decay, float* keep = nullptr,
+                 const Geom* keep_geom = nullptr);
 
 // The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
 // and the transposed state), or the prefix term only (kPrefix).
@@ -57,9 +60,15 @@ void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_s
 // (the pass then needs none).
 int64_t kept_state_floats(const AttentionParams& p, TokenRange part);
 
-// dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part.
+// dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part. kept (nullable):
+// the entry-weighted segment states of (q, dO) reduce_part kept on `kept_geom`, read
+// instead of walked where the pass cuts the part alike (else walked again).
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
               const float* final_dstate, View dk, View dv, const float* q_dot_dq,
-              const float* dg_offset, float* dg);
+              const float* dg_offset, float* dg, const float* kept = nullptr,
+              const Geom* kept_geom = nullptr);
+// The dk/dv pass's segments where dk and dv are laid out as q and k (the views it is
+// given then decide: run_dkdv's kept_geom check).
+Geom dkdv_geom(const AttentionParams& p, TokenRange part, View dout);
 
 }  // namespace lasp2::cuda

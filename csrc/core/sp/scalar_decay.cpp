@@ -220,7 +220,12 @@ void ScalarDecay::add_entering_output(TokenRange part, const float* entering,
 }
 
 void ScalarDecay::entering_grad(TokenRange part, float* dstate, void* stream) const {
-  be_.part_dstate(p_, part, grads_.dout, dstate, stream);
+  if (!docs_.starts.empty()) {  // parts cut at documents with states: their dk/dv passes run per segment
+    be_.part_dstate(p_, part, grads_.dout, dstate, stream);
+    return;
+  }
+  auto kept = be_.part_dstate_keeping(p_, part, grads_.dout, dstate, stream);
+  if (kept) kept_dstates_.emplace_back(part, std::move(kept));
 }
 
 void ScalarDecay::combine_suffix(const std::vector<const float*>& dstates, const float* maps,
@@ -253,8 +258,17 @@ void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocS
                     p_.state_elems(), g.dg_offset, stream);
       dg_offset = g.dg_offset;
     }
-    be_.chunk_backward_dkdv(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv,
-                            g.q_dot_dq, dg_offset, grads_.dg, stream);
+    // what entering_grad kept for this part, if anything; given back once the pass is enqueued
+    std::unique_ptr<KernelBackend::KeptWork> kept;
+    for (auto it = kept_dstates_.begin(); it != kept_dstates_.end(); ++it) {
+      if (it->first.begin == part.begin && it->first.end == part.end) {
+        kept = std::move(it->second);
+        kept_dstates_.erase(it);
+        break;
+      }
+    }
+    be_.chunk_backward_dkdv_kept(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv, g.q_dot_dq,
+                                 dg_offset, grads_.dg, kept.get(), stream);
     return;
   }
   const int64_t S = shape().state_floats;

@@ -1,5 +1,6 @@
 // The dq pass reading the segment states chunk_forward_saving kept, against the pass that
-// computes them again; the forward reading those part_state_saving kept.
+// computes them again; the forward reading those part_state_saving kept, the dk/dv pass
+// those part_dstate_keeping kept.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -59,6 +60,37 @@ void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange p
   EXPECT_NE(o_bad.buf.download(), o_re.buf.download()) << c.name << ": altered states left o unchanged";
 }
 
+// part_dstate_keeping (LASP-2's entering-state gradient of a part) gives part_dstate's
+// gradient bit for bit and keeps what the dk/dv pass then reads: dk, dv and dg equal
+// chunk_backward_dkdv's bit for bit, with a gradient leaving the part.
+void expect_dstate_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange part) {
+  const KernelBackend& gpu = cuda_backend();
+  const AttentionParams& pg = dp.p;
+  const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
+  const bool with_dg = c.mode != DecayMode::kNone;
+  DevBuf<float> dstate(bh * se), dstate_re(bh * se);
+  const auto kept = gpu.part_dstate_keeping(pg, part, dp.dout.cview(), dstate.p, nullptr);
+  ASSERT_NE(kept, nullptr) << c.name << ": several segments, nothing kept";
+  gpu.part_dstate(pg, part, dp.dout.cview(), dstate_re.p, nullptr);
+  EXPECT_EQ(float_bits(dstate.download()), float_bits(dstate_re.download())) << c.name << ": entering gradient";
+  const std::vector<double> s1 = random_vec(bh * se, 23, 2.0);
+  DevBuf<float> S1 = to_device_f32(std::vector<float>(s1.begin(), s1.end()));
+  DevTensor dq = dp.like_k();
+  DevBuf<float> qdq(scalars);
+  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), nullptr, dq.mview(), with_dg ? qdq.p : nullptr, nullptr);
+  DevTensor dk = dp.like_k(), dv = dp.like_v(), dk_re = dp.like_k(), dv_re = dp.like_v();
+  DevBuf<float> dg(scalars), dg_re(scalars);
+  dg.poison();
+  dg_re.poison();
+  gpu.chunk_backward_dkdv_kept(pg, part, dp.dout.cview(), S1.p, dk.mview(), dv.mview(), with_dg ? qdq.p : nullptr,
+                               nullptr, with_dg ? dg.p : nullptr, kept.get(), nullptr);
+  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), S1.p, dk_re.mview(), dv_re.mview(), with_dg ? qdq.p : nullptr,
+                          nullptr, with_dg ? dg_re.p : nullptr, nullptr);
+  EXPECT_EQ(dk.buf.download(), dk_re.buf.download()) << c.name << ": dk from the kept states";
+  EXPECT_EQ(dv.buf.download(), dv_re.buf.download()) << c.name << ": dv from the kept states";
+  EXPECT_EQ(float_bits(dg.download()), float_bits(dg_re.download())) << c.name << ": dg from the kept states";
+}
+
 void run_saved_states_case(const OpCase& c) {
   const CaseKnobs knobs(c);
   const Problem<double> pr = make_problem(c, 2000 + static_cast<uint32_t>(c.T));
@@ -85,6 +117,7 @@ void run_saved_states_case(const OpCase& c) {
   for (float x : kept_host) ASSERT_TRUE(std::isfinite(x)) << c.name << ": kept states not all written";
 
   expect_summary_keeps(c, dp, part, kept_host, S0d.p);
+  expect_dstate_keeps(c, dp, part);
 
   auto dq_of = [&](const float* saved, const KernelBackend& be, DevTensor& dq, DevBuf<float>& qdq) {
     qdq.poison();
