@@ -110,7 +110,7 @@ class CudaBackend final : public KernelBackend {
   // The same for the backward: the walk of the part's entering-state gradient is the dk/dv
   // pass's (reduce_part on dkdv_geom), kept in a block of the call's allocator until the
   // dk/dv pass has been enqueued.
-  std::unique_ptr<KeptWork> part_dstate_keeping(const AttentionParams& p, TokenRange part, ConstView dout,
+  std::unique_ptr<KeptPartWork> part_dstate_keeping(const AttentionParams& p, TokenRange part, ConstView dout,
                                                 float* dstate, void* stream) const override {
     check_params(p, part);
     const Geom g = dkdv_geom(p, part, view_of(dout));
@@ -125,7 +125,7 @@ class CudaBackend final : public KernelBackend {
 
   void chunk_backward_dkdv_kept(const AttentionParams& p, TokenRange part, ConstView dout,
                                 const float* final_dstate, MutView dk, MutView dv, const void* q_dot_dq,
-                                const float* dg_offset, void* dg, const KeptWork* kept,
+                                const float* dg_offset, void* dg, const KeptPartWork* kept,
                                 void* stream) const override {
     check_dkdv(p, part, q_dot_dq, dg);
     if (p.bh() == 0 || part.length() == 0) return;
@@ -233,7 +233,7 @@ class CudaBackend final : public KernelBackend {
 
   // part_dstate_keeping's states: the dk/dv pass's segments of one part, in a block of the
   // call's allocator (given back, stream-ordered, when destroyed).
-  class KeptStates final : public KeptWork {
+  class KeptStates final : public KeptPartWork {
    public:
     KeptStates(const Geom& g, int64_t state_elems, const ScratchAllocator* allocator, cudaStream_t stream)
         : geom(g), block_(4 * g.bh() * g.nseg * state_elems, allocator, stream) {}

@@ -12,17 +12,14 @@
 #include <memory>
 
 #include "delta_rule/delta_params.h"
+#include "lasp2/kept_part_work.h"
 #include "lasp2/types.h"
 
 namespace lasp2::delta {
 
 // What a backend's entering_dstate may keep for the backward of the same part in the
-// same call (the CUDA backend: its chunked kernels' per-chunk w, u, T, meta and r), so
-// that backward need not form it again. Opaque to the callers; destroying it frees it.
-class KeptPartWork {
- public:
-  virtual ~KeptPartWork() = default;
-};
+// same call (lasp2/kept_part_work.h; the CUDA backend: its chunked kernels' per-chunk w,
+// u, T, meta and r), so that backward need not form it again.
 
 // The backward that will follow entering_dstate_keeping on a part: whether it can take
 // the kept work depends on its gradient views and on per-document states (with those the

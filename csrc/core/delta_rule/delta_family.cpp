@@ -40,7 +40,7 @@ float* DeltaFamily::kept_slot(TokenRange part) const {
   float* slot = forward_kept_;
   for (int i = 0; i < kept_layout_.parts_per_rank; ++i) {
     const TokenRange r = kept_layout_.local_range(i, p_.seqlen);
-    if (r.begin == part.begin && r.end == part.end) return slot;
+    if (r == part) return slot;
     slot += be_.forward_kept_floats(p_, r);
   }
   return nullptr;
@@ -99,18 +99,15 @@ void DeltaFamily::forward(TokenRange part, const float* entering, const DocState
 
 void DeltaFamily::entering_grad(TokenRange part, float* dstate, void* stream) const {
   const BackwardPlan plan{grads_.dq, grads_.dk, grads_.dv, grads_.doc_states, kept_slot(part)};
-  std::unique_ptr<KeptPartWork> kept = be_.entering_dstate_keeping(p_, part, grads_.dout, plan, dstate, stream);
-  if (kept) kept_.emplace_back(part, std::move(kept));
+  kept_.put(part, be_.entering_dstate_keeping(p_, part, grads_.dout, plan, dstate, stream));
 }
 
 void DeltaFamily::backward(TokenRange part, const PartStates& states, const DocStates& docs,
                            void*, void* stream) const {
-  auto it = kept_.begin();
-  while (it != kept_.end() && !(it->first.begin == part.begin && it->first.end == part.end)) ++it;
-  const KeptPartWork* kept = it != kept_.end() ? it->second.get() : nullptr;
-  be_.backward_reusing(kept, p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
+  // freed stream-ordered at the end of this call, behind the launches that read it
+  const std::unique_ptr<KeptPartWork> kept = kept_.take(part);
+  be_.backward_reusing(kept.get(), p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
                        grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream, kept_slot(part));
-  if (it != kept_.end()) kept_.erase(it);  // freed stream-ordered, behind the launches that read it
 }
 
 }  // namespace lasp2::delta

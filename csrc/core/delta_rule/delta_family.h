@@ -84,7 +84,7 @@ class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
   float* forward_kept_ = nullptr;  // with_forward_kept
   PartLayout kept_layout_{};
   // entering_grad's kept work per part (at most parts_per_rank entries), until backward
-  mutable std::vector<std::pair<TokenRange, std::unique_ptr<KeptPartWork>>> kept_;
+  mutable KeptByPart kept_;
 };
 
 }  // namespace lasp2::delta

@@ -107,16 +107,14 @@ float* ScalarDecay::saved_slot(TokenRange part) const {
   int64_t offset = 0;
   for (int i = 0; i < saved_layout_.parts_per_rank; ++i) {
     const TokenRange r = saved_layout_.local_range(i, p_.seqlen);
-    if (r.begin == part.begin && r.end == part.end) return saved_states_ + offset;
+    if (r == part) return saved_states_ + offset;
     offset += be_.saved_states_floats(p_, r);
   }
   return nullptr;  // not a part of the layout: nothing kept
 }
 
 bool ScalarDecay::summarized(TokenRange part) const {
-  for (const TokenRange& r : summarized_)
-    if (r.begin == part.begin && r.end == part.end) return true;
-  return false;
+  return std::find(summarized_.begin(), summarized_.end(), part) != summarized_.end();
 }
 
 // --- segments (packed documents with states) ---------------------------------
@@ -224,8 +222,7 @@ void ScalarDecay::entering_grad(TokenRange part, float* dstate, void* stream) co
     be_.part_dstate(p_, part, grads_.dout, dstate, stream);
     return;
   }
-  auto kept = be_.part_dstate_keeping(p_, part, grads_.dout, dstate, stream);
-  if (kept) kept_dstates_.emplace_back(part, std::move(kept));
+  kept_dstates_.put(part, be_.part_dstate_keeping(p_, part, grads_.dout, dstate, stream));
 }
 
 void ScalarDecay::combine_suffix(const std::vector<const float*>& dstates, const float* maps,
@@ -259,14 +256,7 @@ void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocS
       dg_offset = g.dg_offset;
     }
     // what entering_grad kept for this part, if anything; given back once the pass is enqueued
-    std::unique_ptr<KernelBackend::KeptWork> kept;
-    for (auto it = kept_dstates_.begin(); it != kept_dstates_.end(); ++it) {
-      if (it->first.begin == part.begin && it->first.end == part.end) {
-        kept = std::move(it->second);
-        kept_dstates_.erase(it);
-        break;
-      }
-    }
+    const std::unique_ptr<KeptPartWork> kept = kept_dstates_.take(part);
     be_.chunk_backward_dkdv_kept(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv, g.q_dot_dq,
                                  dg_offset, grads_.dg, kept.get(), stream);
     return;

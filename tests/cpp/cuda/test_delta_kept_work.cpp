@@ -84,7 +84,7 @@ TEST(DeltaCudaKeptPrep, BackwardReusingMatchesBackward) {
       DevBuf<float> gE(se);
       BackwardBuffers g(kp.pr, ScalarType::kBFloat16, kp.lay, se);
       const delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
-      std::unique_ptr<delta::KeptPartWork> kept;
+      std::unique_ptr<KeptPartWork> kept;
       if (keep) {
         kept = gpu.entering_dstate_keeping(dp, part, kp.dev.dout.cview(), plan, gE.p, nullptr);
         EXPECT_NE(kept, nullptr) << "the chunked kernels keep prep and rprep";
@@ -170,7 +170,7 @@ TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
             gpu.forward_keeping(dp, part, kp.edge.d_entering.p, DocStates{}, o.mview(), kept.p, nullptr);
           }
           if (mode >= 3) cuda_ok(cudaMemset(kept.p, 0, want_floats * sizeof(float)), "memset");
-          std::unique_ptr<delta::KeptPartWork> work;
+          std::unique_ptr<KeptPartWork> work;
           if (mode == 2 || mode == 4) {
             delta::BackwardPlan plan{g.dq.mview(), g.dk.mview(), g.dv.mview(), false};
             plan.forward_kept = kept.p;

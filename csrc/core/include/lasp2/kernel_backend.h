@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "lasp2/kept_part_work.h"
 #include "lasp2/params.h"
 
 namespace lasp2 {
@@ -113,18 +114,11 @@ class KernelBackend {
     chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
   }
 
-  // --- work kept between two calls over one part (optional) ----------------
-  // Device memory a backend keeps from one call for a later call over the same part;
-  // released when destroyed, ordered after the work already enqueued on the stream of
-  // the call that made it (so it may be destroyed once the later call is enqueued).
-  class KeptWork {
-   public:
-    virtual ~KeptWork() = default;
-  };
+  // --- work kept between two calls over one part (optional; kept_part_work.h) --
   // part_dstate, also keeping the entry-weighted segment states of (q, dO) that the dk/dv
   // pass over the same part walks first (LASP-2's backward on P > 1 ranks asks for the
   // part's entering-state gradient before its dk/dv pass). Null: none kept (the default).
-  virtual std::unique_ptr<KeptWork> part_dstate_keeping(const AttentionParams& p, TokenRange part,
+  virtual std::unique_ptr<KeptPartWork> part_dstate_keeping(const AttentionParams& p, TokenRange part,
                                                         ConstView dout, float* dstate, void* stream) const {
     part_dstate(p, part, dout, dstate, stream);
     return nullptr;
@@ -134,7 +128,7 @@ class KernelBackend {
   virtual void chunk_backward_dkdv_kept(const AttentionParams& p, TokenRange part, ConstView dout,
                                         const float* final_dstate, MutView dk, MutView dv,
                                         const void* q_dot_dq, const float* dg_offset, void* dg,
-                                        const KeptWork* kept, void* stream) const {
+                                        const KeptPartWork* kept, void* stream) const {
     (void)kept;
     chunk_backward_dkdv(p, part, dout, final_dstate, dk, dv, q_dot_dq, dg_offset, dg, stream);
   }

@@ -10,11 +10,10 @@
 // summary, the documents' end states and the initial states' gradients.
 #pragma once
 
-#include <memory>
-#include <utility>
 #include <vector>
 
 #include "lasp2/backend_family.h"
+#include "lasp2/kept_part_work.h"
 #include "lasp2/kernel_backend.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
@@ -125,8 +124,8 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   float* saved_states_ = nullptr;  // with_saved_states
   PartLayout saved_layout_;
   mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled
-  // What entering_grad kept for each part's dk/dv pass (backward takes it).
-  mutable std::vector<std::pair<TokenRange, std::unique_ptr<KernelBackend::KeptWork>>> kept_dstates_;
+  mutable KeptByPart kept_dstates_;  // what entering_grad kept for each part's dk/dv pass
+
 };
 
 }  // namespace lasp2

@@ -48,6 +48,7 @@ struct TokenRange {
   int64_t end = 0;
   int64_t length() const { return end - begin; }
 };
+inline bool operator==(TokenRange a, TokenRange b) { return a.begin == b.begin && a.end == b.end; }
 
 // Thrown for violated preconditions; bindings turn it into the host language's error.
 class Error : public std::invalid_argument {
