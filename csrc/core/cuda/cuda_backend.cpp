@@ -91,14 +91,8 @@ class CudaBackend final : public KernelBackend {
                          MutView o, void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0 || prefix == nullptr) return;
-    OutputPass pass;
-    pass.mode = FwdMode::kPrefix;
-    pass.qa = view_of(p.q);
-    pass.out = view_of(o);
-    pass.da = static_cast<int>(p.dim_k);
-    pass.dv = static_cast<int>(p.dim_v);
-    pass.initial_state = prefix;
-    run_output(call(stream), p, part, pass);
+    run_output(call(stream), p, part,
+               output_pass(FwdMode::kPrefix, view_of(p.q), View{}, View{}, view_of(o), p.dim_k, p.dim_v, prefix));
   }
 
   void part_dstate(const AttentionParams& p, TokenRange part, ConstView dout, float* dstate,
@@ -149,16 +143,9 @@ class CudaBackend final : public KernelBackend {
                 "CUDA kernels write q_dot_dq as float32 (decay dtype must be float32)");
     if (p.bh() == 0 || part.length() == 0) return;
     // dq is the forward pass of (dO, v, k) with the transposed state.
-    OutputPass pass;
-    pass.mode = q_dot_dq != nullptr ? FwdMode::kDq : FwdMode::kFwd;
-    pass.qa = view_of(dout);
-    pass.ka = view_of(p.v);
-    pass.va = view_of(p.k);
+    OutputPass pass = output_pass(q_dot_dq != nullptr ? FwdMode::kDq : FwdMode::kFwd, view_of(dout), view_of(p.v),
+                                  view_of(p.k), view_of(dq), p.dim_v, p.dim_k, initial_state);
     pass.x = view_of(p.q);
-    pass.out = view_of(dq);
-    pass.da = static_cast<int>(p.dim_v);
-    pass.dv = static_cast<int>(p.dim_k);
-    pass.initial_state = initial_state;
     pass.transposed = true;
     pass.qdq = static_cast<float*>(q_dot_dq);
     pass.kept = saved;
@@ -244,18 +231,25 @@ class CudaBackend final : public KernelBackend {
     DeviceBlock block_;
   };
 
-  // The output pass of o (chunk_forward_saving, chunk_forward_from_saved).
-  static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {
+  // An output pass over (qa, ka, va) into `out` with `initial_state` entering the part
+  // (kPrefix reads qa alone).
+  static OutputPass output_pass(FwdMode mode, View qa, View ka, View va, View out, int64_t da, int64_t dv,
+                                const float* initial_state) {
     OutputPass pass;
-    pass.mode = FwdMode::kFwd;
-    pass.qa = view_of(p.q);
-    pass.ka = view_of(p.k);
-    pass.va = view_of(p.v);
-    pass.out = view_of(o);
-    pass.da = static_cast<int>(p.dim_k);
-    pass.dv = static_cast<int>(p.dim_v);
+    pass.mode = mode;
+    pass.qa = qa;
+    pass.ka = ka;
+    pass.va = va;
+    pass.out = out;
+    pass.da = static_cast<int>(da);
+    pass.dv = static_cast<int>(dv);
     pass.initial_state = initial_state;
     return pass;
+  }
+  // ... of o (chunk_forward_saving, chunk_forward_from_saved)
+  static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {
+    return output_pass(FwdMode::kFwd, view_of(p.q), view_of(p.k), view_of(p.v), view_of(o), p.dim_k, p.dim_v,
+                       initial_state);
   }
 
   static void combine(const std::vector<const float*>& parts, const float* log_decays, int target,
