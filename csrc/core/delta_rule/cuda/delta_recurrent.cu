@@ -469,9 +469,9 @@ __global__ void __launch_bounds__(NW * 32) entering_dstate_kernel(Problem p, Vie
 
 // ---- backward --------------------------------------------------------------------------------
 // The per-token sums' rows (each warp's dq, dk, dg rows and dbeta of one token): kHalves
-// (the default), one row per token of half a stretch, reused by the next half once a
-// barrier after each half's sums says every thread has read them; kTokens (session 25,
-// LASP2_DELTA_RECURRENT_BWD=tokens), one row per token of the stretch, so that the two
+// (LASP2_DELTA_RECURRENT_BWD=halves), one row per token of half a stretch, reused by the
+// next half once a barrier after each half's sums says every thread has read them; kTokens
+// (session 25, the default since session 26), one row per token of the stretch, so that the two
 // halves of a stretch alternate between the rows of tokens 4..7 and those of 0..3 and the
 // next half's barrier before its sums (which every thread reaches only after its reads of
 // the previous half's rows) orders those reads before the rows are written again: one
@@ -817,14 +817,16 @@ static int backward_bytes(bool per_key) {
          static_cast<int>(sizeof(float)) * backward_extra_floats<G, R, kBwdWarps, ROWS>();
 }
 
-// LASP2_DELTA_RECURRENT_BWD: unset, empty or "halves" the backward's sum rows per half a
-// stretch (BwdRows::kHalves, the default); "tokens" a row per token of the stretch
-// (kTokens: one barrier per half a stretch less; the same bits) where its shared memory fits
-// the device's opt-in limit, else kHalves (kTokens adds 24 KiB at d_k <= 64, 48 KiB above:
-// 201 KiB for 16-bit GDN at d_k = 128, which fits an H100's 227; fp32 and KDA at d_k > 64
-// need 233 KiB and take kHalves there); any other value is a lasp2::Error (env_knob.h).
-// Read per launch so that a test can switch it. Both run one 8-warp block an SM.
-static bool backward_rows_tokens() { return env_choice("LASP2_DELTA_RECURRENT_BWD", {"halves", "tokens"}, 0) == 1; }
+// LASP2_DELTA_RECURRENT_BWD: unset, empty or "tokens" a row of the backward's sums per token
+// of the stretch (BwdRows::kTokens, the default since session 26: one barrier per half a
+// stretch less, the same bits; on an H100 the GDN token-recurrent backward at 64K with 66
+// documents' states 153-154 -> 144-145 ms) where its shared memory fits the device's
+// opt-in limit, else kHalves; "halves" a row per token of half a stretch (kHalves, the
+// form before). kTokens adds 24 KiB at d_k <= 64, 48 KiB above: 201 KiB for 16-bit GDN at
+// d_k = 128, which fits an H100's 227; fp32 and KDA at d_k > 64 need 233 KiB and take
+// kHalves there. Any other value is a lasp2::Error (env_knob.h). Read per launch so that a
+// test can switch it. Both run one 8-warp block an SM.
+static bool backward_rows_tokens() { return env_choice("LASP2_DELTA_RECURRENT_BWD", {"halves", "tokens"}, 1) == 1; }
 
 template <typename T, int G, int R>
 static void launch_backward_cfg(const Problem& p, const BackwardArgs& a, cudaStream_t s) {
