@@ -4,9 +4,10 @@
 //   bench_lasp2 [T=65536] [H=16] [D=128] [B=1] [dtype=bf16|fp16|fp32] [mode=gate|fixed|none] [what]
 // what = table (default), sweep (also times several segment lengths through
 // LASP2_CUDA_SEG_CHUNKS), fb (only lasp2_forward / lasp2_backward / fwd+bwd, for
-// repeated before/after runs), once (each backend function once: for profilers), or sp
+// repeated before/after runs), once (each backend function once: for profilers), sp
 // (the table's fb rows, then one rank of a P-GPU group at the same local length T:
-// sp_rank_table below).
+// sp_rank_table below), or sponce [P=2] [contiguous|balanced] [rank=0] (that rank's
+// forward + backward once, for profilers).
 // Every table ends with "lasp2_forward (graph)" and "fwd+bwd (graph)": lasp2_forward alone,
 // and lasp2_forward + lasp2_backward, captured in a CUDA graph and replayed (the kernels'
 // time without host launch gaps).
@@ -235,6 +236,16 @@ float graph_ms(const std::function<void(cudaStream_t)>& calls) {
   return t;
 }
 
+// One rank's forward (fused) + backward, enqueued on `s` (comm null: P = 1).
+void sp_rank_fb(const KernelBackend& be, const AttentionParams& p, const PartLayout& l, Communicator* comm,
+                const RankBuffers& b, MutView o, ConstView dov, MutView dq, MutView dk, MutView dv, float* dg,
+                bool overlap, bool backward, cudaStream_t s) {
+  Lasp2Options opt;
+  opt.overlap_forward = overlap;
+  lasp2_forward(be, comm, l, p, o, b.saved, b.fws, opt, s);
+  if (backward) lasp2_backward(be, comm, l, p, dov, b.saved, dq, dk, dv, dg, b.bws, s);
+}
+
 // what = sp: one rank's forward (fused: the gather waited for, the entering state in the
 // output pass, LASP-2's CUDA default; and overlapped) and backward at local length T for
 // P = 2, 4, 8 ranks, the first and the last rank, contiguous and balanced splits, against
@@ -253,15 +264,8 @@ void sp_rank_table(const KernelBackend& be, const AttentionParams& p, MutView o,
         LoopbackCommunicator loop(rank, P);
         Communicator* comm = P > 1 ? &loop : nullptr;
         RankBuffers b(be, p, l);
-        auto fwd = [&](bool overlap, cudaStream_t s) {
-          Lasp2Options opt;
-          opt.overlap_forward = overlap;
-          lasp2_forward(be, comm, l, p, o, b.saved, b.fws, opt, s);
-        };
-        auto fb_calls = [&](cudaStream_t s) {
-          fwd(false, s);
-          lasp2_backward(be, comm, l, p, dov, b.saved, dq, dk, dv, dg, b.bws, s);
-        };
+        auto fwd = [&](bool overlap, cudaStream_t s) { sp_rank_fb(be, p, l, comm, b, o, dov, dq, dk, dv, dg, overlap, false, s); };
+        auto fb_calls = [&](cudaStream_t s) { sp_rank_fb(be, p, l, comm, b, o, dov, dq, dk, dv, dg, false, true, s); };
         const float ff = median_ms([&] { fwd(false, nullptr); });
         const float fo = median_ms([&] { fwd(true, nullptr); });
         const float fb = median_ms([&] { fb_calls(nullptr); });
@@ -392,6 +396,19 @@ int main(int argc, char** argv) {
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& fn) {
     rows.push_back({name, median_ms(fn), bytes, flops});
   };
+  if (what == "sponce") {
+    const int P = argc > 8 ? std::atoi(argv[8]) : 2;
+    const bool balanced = argc > 9 && std::strcmp(argv[9], "balanced") == 0;
+    const int rank = argc > 10 ? std::atoi(argv[10]) : 0;
+    const PartLayout l = balanced ? PartLayout::balanced(P, rank) : PartLayout::contiguous(P, rank);
+    LoopbackCommunicator loop(rank, P);
+    RankBuffers b(be, p, l);
+    sp_rank_fb(be, p, l, P > 1 ? &loop : nullptr, b, {o, st}, dov, {dq, st}, {dk, st}, {dv, st},
+               with_dg ? dg : nullptr, false, true, nullptr);
+    CK(cudaDeviceSynchronize());
+    std::printf("sponce: P = %d, %s, rank %d: one forward + backward\n", P, balanced ? "balanced" : "contiguous", rank);
+    return 0;
+  }
   if (what != "fb" && what != "sp") {
     add("part_state (states+scan)", 2 * tens + scal, f_state, [&] { be.part_state(p, all, state, L, nullptr); });
     add("chunk_forward", 4 * tens + scal, f_state + f_out,
