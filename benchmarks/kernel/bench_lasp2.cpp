@@ -152,7 +152,9 @@ bool env_on(const char* name) {
 
 
 // Stands in for a P-rank group on one GPU: rank() and size() of the rank timed, and an
-// AllGather that copies this rank's block into every slot (the gathered values enter only
+// AllGather that fills every slot with this rank's block the first time a buffer is
+// gathered into, and afterwards copies only the rank's own slot (one copy, as a collective
+// is one operation; the other slots keep same-shaped values: the gathered values enter only
 // the entering-state terms, whose cost does not depend on them). So a rank's time with it
 // is its compute alone: what sequence parallelism adds to the one-device call at the same
 // local length, the bound on weak-scaling efficiency when communication is free or hidden.
@@ -165,9 +167,11 @@ class LoopbackCommunicator final : public Communicator {
   std::unique_ptr<CommWork> all_gather(const void* send, void* recv, std::size_t count, ScalarType type,
                                        void* stream) override {
     const std::size_t bytes = count * element_size(type);
+    const bool first = std::find(filled_.begin(), filled_.end(), recv) == filled_.end();
+    if (first) filled_.push_back(recv);
     for (int r = 0; r < size_; ++r) {
       char* slot = static_cast<char*>(recv) + r * bytes;
-      if (slot != send)
+      if (slot != send && (first || r == rank_))
         CK(cudaMemcpyAsync(slot, send, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)));
     }
     return std::make_unique<CompletedWork>();
@@ -181,6 +185,7 @@ class LoopbackCommunicator final : public Communicator {
     std::exit(1);
   }
   int rank_, size_;
+  std::vector<void*> filled_;  // gather buffers whose every slot has been written
 };
 
 // The buffers one rank's lasp2_forward / lasp2_backward keep and use (tests/cpp/cuda/
