@@ -48,6 +48,34 @@ TEST(CudaEnvKnobs, MalformedScalarKnobsAreErrors) {
   cuda_ok(cudaDeviceSynchronize(), "part_state after the knob errors");
 }
 
+// LASP2_CUDA_SUMMARY_KEEP (session 26): 0 keeps no states from a part summary, 1 (unset) keeps
+// them where the output pass would, anything else names the knob.
+TEST(CudaEnvKnobs, SummaryKeepTakesZeroOrOne) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  const OpCase c = whole_sequence_case("knob_keep", DecayMode::kGate, 128, 128, 640, 0);
+  const Problem<double> pr = make_problem(c, 7003);
+  DeviceProblem dp(pr, c.dtype, c.layout);
+  const TokenRange all{0, c.T};
+  const int64_t n = cuda_backend().saved_states_floats(dp.p, all);
+  ASSERT_GT(n, 0) << "one segment: nothing to keep";
+  DevBuf<float> st(dp.p.bh() * dp.p.state_elems()), L(dp.p.bh()), kept(n);
+  const auto keeps = [&] { return cuda_backend().part_state_saving(dp.p, all, st.p, L.p, kept.p, nullptr); };
+  EXPECT_TRUE(keeps()) << "unset";
+  {
+    const EnvGuard off("LASP2_CUDA_SUMMARY_KEEP", "0");
+    EXPECT_FALSE(keeps());
+  }
+  {
+    const EnvGuard on("LASP2_CUDA_SUMMARY_KEEP", "1");
+    EXPECT_TRUE(keeps());
+  }
+  {
+    const EnvGuard bad("LASP2_CUDA_SUMMARY_KEEP", "no");
+    expect_error_naming(keeps, "LASP2_CUDA_SUMMARY_KEEP=\"no\"");
+  }
+  cuda_ok(cudaDeviceSynchronize(), "part_state_saving after the knob error");
+}
+
 TEST(CudaEnvKnobs, DeltaSwitchesTakeZeroOrOne) {
   LASP2_SKIP_WITHOUT_CUDA();
   delta::DeltaParams kda;  // bf16, d = 64, per-key gates: every switch of keeps_forward_params is read
