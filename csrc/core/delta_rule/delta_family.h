@@ -9,8 +9,6 @@
 // state-pass outputs) lives in a caller's buffer from the forward call to the backward one.
 #pragma once
 
-#include <memory>
-#include <utility>
 #include <vector>
 
 #include "delta_rule/delta_backend.h"

@@ -125,7 +125,6 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   PartLayout saved_layout_;
   mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled
   mutable KeptByPart kept_dstates_;  // what entering_grad kept for each part's dk/dv pass
-
 };
 
 }  // namespace lasp2
