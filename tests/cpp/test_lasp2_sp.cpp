@@ -27,13 +27,14 @@ struct SpCase {
   DecayMode mode;
   bool with_docs;
   bool overlap;
+  int64_t batch = 2;  // 1 with the balanced split: its two parts run as one pair (part_pair.h)
 };
 
 std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
   const auto& c = info.param;
   const char* mode = decay_mode_name(c.mode);
   return "P" + std::to_string(c.world) + (c.balanced ? "_balanced_" : "_contiguous_") + mode +
-         (c.with_docs ? "_docs" : "") + (c.overlap ? "_overlap" : "_fused");
+         (c.with_docs ? "_docs" : "") + (c.overlap ? "_overlap" : "_fused") + (c.batch == 1 ? "_B1" : "");
 }
 
 class Lasp2Sp : public ::testing::TestWithParam<SpCase> {};
@@ -96,6 +97,7 @@ class StateGradShares {
 TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
   const SpCase c = GetParam();
   ProblemSpec s;
+  s.batch = c.batch;
   s.mode = c.mode;
   s.chunk_size = 4;
   s.seqlen = 2 * c.world * 6;  // parts of 6 tokens, chunk 4: parts end mid-chunk
@@ -134,6 +136,7 @@ TEST_P(Lasp2Sp, RanksMatchSingleDevice) {
 TEST_P(Lasp2Sp, SequenceStatesMatchTheRecurrence) {
   const SpCase c = GetParam();
   ProblemSpec s;
+  s.batch = c.batch;
   s.mode = c.mode;
   s.chunk_size = 4;
   s.seqlen = 2 * c.world * 5;
@@ -193,7 +196,10 @@ std::vector<SpCase> sp_cases() {
   for (int world : {2, 3, 4})
     for (bool balanced : {false, true})
       for (DecayMode mode : {DecayMode::kNone, DecayMode::kFixed, DecayMode::kGate})
-        for (bool docs : {false, true}) cases.push_back({world, balanced, mode, docs, world != 3});
+        for (bool docs : {false, true}) {
+          cases.push_back({world, balanced, mode, docs, world != 3});
+          if (balanced) cases.push_back({world, balanced, mode, docs, world != 3, 1});
+        }
   return cases;
 }
 

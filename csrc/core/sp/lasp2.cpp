@@ -34,13 +34,15 @@ using sp::round_up8;
 // travel only with packed documents (the heads' buffers exist anyway: a family may
 // always write them), then the call's check words (kCallCheckFloats, at `words`; written
 // after the summaries, as without packed documents they lie where the heads' are).
+// A block of records is [the parts' states][the parts' maps] (PartFamily::summarize_parts:
+// each list's buffers one after another).
 struct ForwardSpace {
-  int64_t record, parts, sent, words;  // floats per record, local parts, floats sent per rank, words' offset
+  int64_t S, Mp, record, parts, sent, words;  // floats per state / map / record, local parts, floats sent per rank, words' offset
   float *send, *gathered, *state, *table;
   int64_t floats;
 
   ForwardSpace(const SummaryShape& s, const PartLayout& l, const SequenceStates& seq, void* base)
-      : record(s.record_floats()), parts(l.parts_per_rank) {
+      : S(s.state_floats), Mp(s.map_floats), record(s.record_floats()), parts(l.parts_per_rank) {
     const bool packed = seq.packed();
     const int64_t finals = packed && seq.final_state ? seq.floats(s.state_floats) : 0;
     words = parts * record * (packed ? 2 : 1) + finals;
@@ -52,15 +54,23 @@ struct ForwardSpace {
     table = c.take(3 * s.map_floats);
     floats = c.used;
   }
-  // Part g's gathered record (head: its head record).
-  const float* record_of(const PartLayout& l, int g, bool head) const {
+  // Offsets of local part i's state and map in a rank's block (head: its head's).
+  int64_t state_at(int i, bool head) const { return (head ? parts * record : 0) + i * S; }
+  int64_t map_at(int i, bool head) const { return (head ? parts * record : 0) + parts * S + i * Mp; }
+  // Part g's gathered state and map (head: its head's).
+  const float* state_of(const PartLayout& l, int g, bool head) const {
     const int slot = l.gather_slot(g);
-    return gathered + (slot / parts) * sent + ((head ? parts : 0) + slot % parts) * record;
+    return gathered + (slot / parts) * sent + state_at(slot % parts, head);
+  }
+  const float* map_of(const PartLayout& l, int g, bool head) const {
+    const int slot = l.gather_slot(g);
+    return gathered + (slot / parts) * sent + map_at(slot % parts, head);
   }
 };
 
 // The backward workspace after the family's scratch: [local dP][final grads] sent,
-// the gathered blocks, the summed final grads, the parts' E (packed), one D, a table.
+// the gathered blocks, the summed final grads, the parts' E (packed), the local parts' D,
+// a table.
 struct BackwardSpace {
   int64_t state, sent;
   float *send, *gathered, *final_grad, *entering, *suffix, *table;
@@ -78,7 +88,7 @@ struct BackwardSpace {
     gathered = c.take(l.world_size * sent);
     final_grad = c.take(final_grad_wanted ? D : 0);
     entering = c.take(seq.packed() && final_grad_wanted ? l.total_parts() * state : 0);
-    suffix = c.take(state);
+    suffix = c.take(l.parts_per_rank * state);
     table = c.take(3 * s.map_floats);
     floats = c.used;
   }
@@ -201,20 +211,21 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
       f.fill_zero(docs.finals, D, stream);
     }
   }
+  std::vector<TokenRange> ranges(parts);
+  std::vector<PartSummary> summaries(parts);
   for (int i = 0; i < parts; ++i) {
-    float* record = ws.send + i * ws.record;
-    float* head = ws.send + (parts + i) * ws.record;
-    f.summarize(layout.local_range(i, T), docs, {record, record + S, head, head + S, packed}, stream);
+    ranges[i] = layout.local_range(i, T);
+    summaries[i] = {ws.send + ws.state_at(i, false), ws.send + ws.map_at(i, false), ws.send + ws.state_at(i, true),
+                    ws.send + ws.map_at(i, true), packed};
   }
+  f.summarize_parts(ranges, docs, summaries, stream);
   f.copy(saved.local_records, ws.send, parts * ws.record, stream);
   if (check.armed()) {
     f.copy(ws.send + ws.words, reinterpret_cast<const float*>(check.words), 2 * check.count, stream);
   }
   auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);
   const bool overlap = options.overlap_forward && f.has_entering_output();
-  if (overlap) {
-    for (int i = 0; i < parts; ++i) f.forward(layout.local_range(i, T), nullptr, docs, stream);
-  }
+  if (overlap) f.forward_parts(ranges, std::vector<const float*>(parts, nullptr), docs, stream);
   work->wait(stream);
 
   f.fill_zero(saved.maps, Mp, stream);
@@ -223,24 +234,26 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   std::vector<const float*> states(first + total + 1);
   if (first) states[0] = seq.initial;  // the first document's (or every row's)
   for (int g = 0; g < total; ++g) {
-    const float* record = ws.record_of(layout, g, false);
-    states[first + g] = record;
-    f.copy(saved.maps + (g + 1) * Mp, record + S, Mp, stream);
-    if (packed) f.copy(saved.head_maps + g * Mp, ws.record_of(layout, g, true) + S, Mp, stream);
+    states[first + g] = ws.state_of(layout, g, false);
+    f.copy(saved.maps + (g + 1) * Mp, ws.map_of(layout, g, false), Mp, stream);
+    if (packed) f.copy(saved.head_maps + g * Mp, ws.map_of(layout, g, true), Mp, stream);
   }
   states.back() = states[first + total - 1];  // pairs with the zero row; keeps targets in range
   const float* maps = saved.maps + (1 - first) * Mp;  // the row of list entry 0
+  // P_g of every local part (zeros for part 0 without an initial state: the fold over
+  // nothing), then the parts' outputs
+  std::vector<const float*> entering(parts);
   for (int i = 0; i < parts; ++i) {
     const int g = layout.global_part(i);
     float* prefix = saved.prefix_states + i * S;
     f.combine_prefix(states, maps, first + g, prefix, stream);
-    const float* entering = (g == 0 && !first) ? nullptr : prefix;
-    const TokenRange range = layout.local_range(i, T);
-    if (!overlap) {
-      f.forward(range, entering, docs, stream);
-    } else if (entering != nullptr) {
-      f.add_entering_output(range, entering, stream);
-    }
+    entering[i] = (g == 0 && !first) ? nullptr : prefix;
+  }
+  if (!overlap) {
+    f.forward_parts(ranges, entering, docs, stream);
+  } else {
+    for (int i = 0; i < parts; ++i)
+      if (entering[i] != nullptr) f.add_entering_output(ranges[i], entering[i], stream);
   }
   if (seq.final_state != nullptr && !packed) {
     f.combine_prefix(states, maps, first + total, seq.final_state, stream);
@@ -252,7 +265,7 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
       if (d < 0) continue;
       f.combine_prefix(states, maps, first + g, ws.state, stream);
       one_step_table(f, saved.head_maps + g * Mp, ws.table, stream);
-      const float* head = ws.record_of(layout, g, true);
+      const float* head = ws.state_of(layout, g, true);
       f.combine_prefix({ws.state, head, head}, ws.table, 2, seq.final_state + d * S, stream);
     }
     f.combine_prefix(states, maps, first + total, seq.final_state + (seq.count - 1) * S, stream);
@@ -279,19 +292,24 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   sp::check_buffer(workspace, lasp2_backward_workspace_bytes(f, layout, seq), "bytes", "lasp2_backward: workspace");
   const BackwardSpace ws(sh, layout, seq, f.backward_scratch_bytes(), workspace);
 
-  for (int i = 0; i < parts; ++i) f.entering_grad(layout.local_range(i, T), ws.send + i * S, stream);
+  std::vector<TokenRange> ranges(parts);
+  std::vector<float*> own_dstates(parts);
+  for (int i = 0; i < parts; ++i) {
+    ranges[i] = layout.local_range(i, T);
+    own_dstates[i] = ws.send + i * S;
+  }
+  f.entering_grads(ranges, own_dstates, stream);
   if (seq.final_grad != nullptr) f.copy(ws.send + parts * S, seq.final_grad, D, stream);
   auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);
   // What needs only forward states (the cached prefixes) runs while the gather flies.
   DocStates docs;
   if (packed) docs.initial = seq.initial;
-  auto entering_of = [&](int i) -> const float* {
-    const bool zero = layout.global_part(i) == 0 && seq.initial == nullptr;
-    return zero ? nullptr : saved.prefix_states + i * S;
-  };
+  std::vector<const float*> entering(parts);  // zeros in the forward's slot where null
   for (int i = 0; i < parts; ++i) {
-    f.backward_entering(layout.local_range(i, T), entering_of(i), docs, family_scratch, stream);
+    const bool zero = layout.global_part(i) == 0 && seq.initial == nullptr;
+    entering[i] = zero ? nullptr : saved.prefix_states + i * S;
   }
+  f.backward_entering_parts(ranges, entering, docs, family_scratch, stream);
   work->wait(stream);
 
   // The final states are replicated: their gradient is the sum of the ranks'.
@@ -321,15 +339,18 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
     docs.d_initial = seq.initial_grad;
   }
   if (seq.initial_grad != nullptr) f.fill_zero(seq.initial_grad, D, stream);  // this rank's share
+  std::vector<PartStates> states(parts);
   for (int i = 0; i < parts; ++i) {
     const int g = layout.global_part(i);
     const bool last = g == total - 1 && final_grad == nullptr;
-    if (!last) f.combine_suffix(dstates, maps, first + g, ws.suffix, stream);
-    const float* record = saved.local_records + i * sh.record_floats();
-    const PartStates states{saved.prefix_states + i * S, record, record + S,
-                            last ? nullptr : ws.suffix};
-    f.backward(layout.local_range(i, T), states, docs, family_scratch, stream);
+    float* suffix = ws.suffix + i * S;
+    if (!last) f.combine_suffix(dstates, maps, first + g, suffix, stream);
+    else if (parts > 1) f.fill_zero(suffix, S, stream);  // backward_parts' zero slot
+    // the records as the forward's send block has them: [the parts' states][their maps]
+    states[i] = {saved.prefix_states + i * S, saved.local_records + i * S, saved.local_records + parts * S + i * Mp,
+                 last ? nullptr : suffix};
   }
+  f.backward_parts(ranges, states, docs, family_scratch, stream);
   // The first sequence (every row) enters global part 0.
   if (seq.initial_grad != nullptr && holds_first_part(layout)) {
     f.combine_suffix(dstates, maps, 0, seq.initial_grad, stream);

@@ -8,7 +8,8 @@
 namespace lasp2 {
 namespace {
 
-// The family's backward scratch: q_t . dq_t per token, then the dg offset of one part.
+// The family's backward scratch: q_t . dq_t per token, then the dg offsets of the local
+// parts (one part's, or a pair's two rows).
 struct DgScratch {
   void* q_dot_dq = nullptr;
   float* dg_offset = nullptr;
@@ -77,7 +78,7 @@ ScalarDecay& ScalarDecay::with_documents(LocalDocuments docs, float* scratch) {
 }
 
 int64_t ScalarDecay::backward_scratch_bytes(const AttentionParams& p, bool need_dg) {
-  return need_dg ? sp::q_dot_bytes(p) + sp::round_up8(p.bh() * 4) : 0;
+  return need_dg ? sp::q_dot_bytes(p) + sp::round_up8(2 * p.bh() * 4) : 0;
 }
 
 // --- states kept from forward for backward --------------------------------------
@@ -88,15 +89,20 @@ ScalarDecay& ScalarDecay::with_saved_states(float* buffer, const PartLayout& lay
   return *this;
 }
 
-// The local parts' slots one after another, or the local sequence as one part (the
-// schedule's single-device path) from the start: whichever needs more.
+// The local parts' slots one after another, the pair of a balanced rank's parts, or the
+// local sequence as one part (the schedule's single-device path) from the start:
+// whichever needs most.
 int64_t ScalarDecay::saved_states_floats(const KernelBackend& backend, const AttentionParams& p,
                                          const PartLayout& layout) {
   if (p.seqlen <= 0) return 0;
   int64_t parts = 0;
+  std::vector<TokenRange> ranges;
   for (int i = 0; i < layout.parts_per_rank; ++i) {
-    parts += backend.saved_states_floats(p, layout.local_range(i, p.seqlen));
+    ranges.push_back(layout.local_range(i, p.seqlen));
+    parts += backend.saved_states_floats(p, ranges.back());
   }
+  const std::optional<PartPair> pair = PartPair::of(p, ranges);
+  if (pair) parts = std::max(parts, backend.saved_states_floats(pair->params, pair->range));
   return std::max(parts, backend.saved_states_floats(p, {0, p.seqlen}));
 }
 
@@ -248,17 +254,7 @@ void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocS
                            void* scratch, void* stream) const {
   const DgScratch g(p_, scratch, grads_.dg != nullptr);
   if (!segmented(part, docs)) {
-    const float* dg_offset = nullptr;
-    if (grads_.dg != nullptr && states.leaving_grad != nullptr) {
-      // <S_out, D> with S_out = exp(L) P + M: the part of dg owed to what follows the part.
-      be_.state_dot(states.entering, states.state, states.map, states.leaving_grad, p_.bh(),
-                    p_.state_elems(), g.dg_offset, stream);
-      dg_offset = g.dg_offset;
-    }
-    // what entering_grad kept for this part, if anything; given back once the pass is enqueued
-    const std::unique_ptr<KeptPartWork> kept = kept_dstates_.take(part);
-    be_.chunk_backward_dkdv_kept(p_, part, grads_.dout, states.leaving_grad, grads_.dk, grads_.dv, g.q_dot_dq,
-                                 dg_offset, grads_.dg, kept.get(), stream);
+    dkdv(p_, part, states, grads_, part, scratch, stream);
     return;
   }
   const int64_t S = shape().state_floats;
@@ -285,6 +281,110 @@ void ScalarDecay::backward(TokenRange part, const PartStates& states, const DocS
     be_.combine_suffix({d_initial, d_initial, leaving}, table_, 0, p_.bh(), p_.state_elems(), d_initial,
                        stream);
   }
+}
+
+void ScalarDecay::dkdv(const AttentionParams& p, TokenRange range, const PartStates& states,
+                       const ScalarDecayGrads& grads, TokenRange kept_key, void* scratch, void* stream) const {
+  const DgScratch g(p_, scratch, grads.dg != nullptr);
+  const float* dg_offset = nullptr;
+  if (grads.dg != nullptr && states.leaving_grad != nullptr) {
+    // <S_out, D> with S_out = exp(L) P + M: the part of dg owed to what follows the part.
+    be_.state_dot(states.entering, states.state, states.map, states.leaving_grad, p.bh(), p.state_elems(),
+                  g.dg_offset, stream);
+    dg_offset = g.dg_offset;
+  }
+  // what entering_grad kept for this part, if anything; given back once the pass is enqueued
+  const std::unique_ptr<KeptPartWork> kept = kept_dstates_.take(kept_key);
+  be_.chunk_backward_dkdv_kept(p, range, grads.dout, states.leaving_grad, grads.dk, grads.dv, g.q_dot_dq, dg_offset,
+                               grads.dg, kept.get(), stream);
+}
+
+// --- a balanced rank's two parts as one pair (part_pair.h) -----------------------
+
+std::optional<PartPair> ScalarDecay::pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const {
+  if (!docs_.starts.empty() || any_states(docs)) return std::nullopt;
+  return PartPair::of(p_, parts);
+}
+
+float* ScalarDecay::pair_slot(const PartPair& pair) const {
+  if (saved_states_ == nullptr || be_.saved_states_floats(pair.params, pair.range) == 0) return nullptr;
+  return saved_states_;
+}
+
+// The pair's kept work and summary are filed under the whole local range, which is no
+// part of a balanced layout.
+void ScalarDecay::summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
+                                  const std::vector<PartSummary>& out, void* stream) const {
+  const std::optional<PartPair> pair = pair_of(parts, docs);
+  const int64_t S = shape().state_floats, Mp = shape().map_floats;
+  if (!pair || out[0].want_head || out[1].want_head || out[1].state != out[0].state + S ||
+      out[1].map != out[0].map + Mp) {
+    PartFamily::summarize_parts(parts, docs, out, stream);
+    return;
+  }
+  if (be_.part_state_saving(pair->params, pair->range, out[0].state, out[0].map, pair_slot(*pair), stream))
+    summarized_.push_back({0, p_.seqlen});
+}
+
+void ScalarDecay::forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                                const DocStates& docs, void* stream) const {
+  const std::optional<PartPair> pair = pair_of(parts, docs);
+  const std::optional<const float*> in = laid_out(entering, shape().state_floats);
+  if (!pair || !in) {
+    PartFamily::forward_parts(parts, entering, docs, stream);
+    return;
+  }
+  const MutView o = pair->view(o_);
+  if (summarized({0, p_.seqlen})) be_.chunk_forward_from_saved(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
+  else be_.chunk_forward_saving(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
+}
+
+void ScalarDecay::entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
+                                 void* stream) const {
+  const std::optional<PartPair> pair = pair_of(parts, {});
+  const std::optional<float*> out = laid_out(dstates, shape().state_floats);
+  if (!pair || !out || *out == nullptr) {
+    PartFamily::entering_grads(parts, dstates, stream);
+    return;
+  }
+  kept_dstates_.put({0, p_.seqlen},
+                    be_.part_dstate_keeping(pair->params, pair->range, pair->view(grads_.dout), *out, stream));
+}
+
+void ScalarDecay::backward_entering_parts(const std::vector<TokenRange>& parts,
+                                          const std::vector<const float*>& entering, const DocStates& docs,
+                                          void* scratch, void* stream) const {
+  const std::optional<PartPair> pair = pair_of(parts, docs);
+  const std::optional<const float*> in = laid_out(entering, shape().state_floats);
+  if (!pair || !in) {
+    PartFamily::backward_entering_parts(parts, entering, docs, scratch, stream);
+    return;
+  }
+  const DgScratch g(p_, scratch, grads_.dg != nullptr);
+  be_.chunk_backward_dq_saved(pair->params, pair->range, pair->view(grads_.dout), *in, pair->view(grads_.dq),
+                              g.q_dot_dq, pair_slot(*pair), stream);
+}
+
+void ScalarDecay::backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,
+                                 const DocStates& docs, void* scratch, void* stream) const {
+  const std::optional<PartPair> pair = pair_of(parts, docs);
+  const int64_t S = shape().state_floats, Mp = shape().map_floats;
+  auto column = [&](auto member) {
+    std::vector<const float*> v;
+    for (const PartStates& s : states) v.push_back(s.*member);
+    return v;
+  };
+  const auto entering = laid_out(column(&PartStates::entering), S);
+  const auto own = laid_out(column(&PartStates::state), S);
+  const auto map = laid_out(column(&PartStates::map), Mp);
+  const auto leaving = laid_out(column(&PartStates::leaving_grad), S);
+  if (!pair || !entering || !own || !map || !leaving || !*entering || !*own || !*map) {
+    PartFamily::backward_parts(parts, states, docs, scratch, stream);
+    return;
+  }
+  const ScalarDecayGrads grads{pair->view(grads_.dout), pair->view(grads_.dq), pair->view(grads_.dk),
+                               pair->view(grads_.dv), grads_.dg};
+  dkdv(pair->params, pair->range, {*entering, *own, *map, *leaving}, grads, {0, p_.seqlen}, scratch, stream);
 }
 
 }  // namespace lasp2

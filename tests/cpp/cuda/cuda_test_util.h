@@ -82,13 +82,13 @@ inline const char* dtype_name(ScalarType t) {
 
 // The sequence-parallel tests' problem on `world` ranks: parts of 96 tokens (they end
 // mid-chunk), documents starting inside a part, exactly at a part edge, at the last token.
-inline ProblemSpec sp_spec(int world) {
+inline ProblemSpec sp_spec(int world, int64_t batch = 2, int64_t part_tokens = 96) {
   ProblemSpec s;
-  s.batch = 2;
+  s.batch = batch;
   s.heads = 2;
   s.dim_k = s.dim_v = 64;
   s.mode = DecayMode::kGate;
-  s.seqlen = 2 * world * 96;
+  s.seqlen = 2 * world * part_tokens;
   s.scale = 0.125f;
   s.doc_starts = {5, 96, 97, s.seqlen - 1};
   return s;

@@ -97,11 +97,14 @@ struct SpCase {
   bool overlap;
   ScalarType dtype;
   bool forget = false;
+  int64_t batch = 2;  // 1 with the balanced split: a rank's two parts run as one pair (part_pair.h)
+  int64_t part_tokens = 96;
 };
 
 std::string sp_name(const SpCase& c) {
   return "P" + std::to_string(c.world) + (c.balanced ? "_balanced" : "_contiguous") +
-         (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype) + (c.forget ? "_forget" : "");
+         (c.overlap ? "_overlap_" : "_fused_") + dtype_name(c.dtype) + (c.forget ? "_forget" : "") +
+         (c.batch == 1 ? "_B1" : "") + (c.part_tokens != 96 ? "_part" + std::to_string(c.part_tokens) : "");
 }
 
 void PrintTo(const SpCase& c, std::ostream* os) { *os << sp_name(c); }
@@ -111,7 +114,7 @@ class CudaLasp2Sp : public ::testing::TestWithParam<SpCase> {};
 TEST_P(CudaLasp2Sp, RanksMatchRecurrence) {
   LASP2_SKIP_WITHOUT_CUDA();
   const SpCase c = GetParam();
-  const ProblemSpec s = sp_spec(c.world);
+  const ProblemSpec s = sp_spec(c.world, c.batch, c.part_tokens);
   auto global = rounded(s, c.dtype, 99);
   if (c.forget) forget_some(global);  // also at part edges (95, 96, 255, 256)
   const auto ref = recurrent_reference(global);
@@ -141,7 +144,13 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CudaLasp2Sp,
                                            SpCase{4, false, false, ScalarType::kFloat32},
                                            SpCase{3, true, true, ScalarType::kFloat16},
                                            SpCase{2, true, true, ScalarType::kBFloat16, true},
-                                           SpCase{4, false, false, ScalarType::kFloat32, true}),
+                                           SpCase{4, false, false, ScalarType::kFloat32, true},
+                                           SpCase{2, true, false, ScalarType::kBFloat16, false, 1},
+                                           SpCase{4, true, true, ScalarType::kBFloat16, false, 1},
+                                           SpCase{3, true, false, ScalarType::kFloat16, true, 1},
+                                           SpCase{2, true, false, ScalarType::kFloat32, false, 1},
+                                           SpCase{2, true, false, ScalarType::kBFloat16, false, 1, 1024},
+                                           SpCase{2, true, false, ScalarType::kBFloat16, true, 2, 1024}),
                          [](const ::testing::TestParamInfo<SpCase>& i) { return sp_name(i.param); });
 
 // A caller's scratch allocator (the binding passes PyTorch's caching allocator):

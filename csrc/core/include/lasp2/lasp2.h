@@ -60,7 +60,7 @@ struct SequenceStates {
 
 // What forward keeps for backward ("KV-state caching"), all fp32 on the device:
 struct Lasp2Saved {
-  float* local_records = nullptr;  // [parts_per_rank][record_floats]: M_i then A_i
+  float* local_records = nullptr;  // the parts_per_rank records: every M_i, then every A_i
   float* prefix_states = nullptr;  // [parts_per_rank][state_floats]: P_i
   float* maps = nullptr;           // [total_parts + 2][map_floats]: 0, A of every part in
                                    // global order, 0 (the zero rows pad the folds' ends)

@@ -145,6 +145,25 @@ class PartFamily {
   virtual void backward(TokenRange part, const PartStates& states, const DocStates& docs,
                         void* scratch, void* stream) const = 0;
 
+  // --- all of a rank's local parts in one call (what LASP-2's schedule calls) ------
+  // Each takes the rank's parts in local order with one entry per part in every list, and
+  // by default makes the single-part call above for each. A family may instead run them
+  // as one pass (ScalarDecay: the balanced split's two halves as a batch of two rows),
+  // for which the schedule lays each list's buffers out one after another in one
+  // [parts][state_floats] (or [parts][map_floats]) array; a null entry (nothing enters or
+  // leaves that part) has its slot there filled with zeros.
+  virtual void summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
+                               const std::vector<PartSummary>& out, void* stream) const;
+  virtual void forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                             const DocStates& docs, void* stream) const;
+  virtual void entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
+                              void* stream) const;
+  virtual void backward_entering_parts(const std::vector<TokenRange>& parts,
+                                       const std::vector<const float*>& entering, const DocStates& docs,
+                                       void* scratch, void* stream) const;
+  virtual void backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,
+                              const DocStates& docs, void* scratch, void* stream) const;
+
   // --- memory on device() ----------------------------------------------------
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;

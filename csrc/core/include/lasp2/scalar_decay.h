@@ -8,8 +8,13 @@
 // segments without one (the kernels then run with no starts, the document's initial
 // state entering its segment) and folds the segments' own (M, L) into the part's
 // summary, the documents' end states and the initial states' gradients.
+//
+// The balanced split's two local parts (B = 1, no documents with states) run as one
+// batch of two rows (part_pair.h): one backend call per pass where the single-part calls
+// would make two over half parts.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "lasp2/backend_family.h"
@@ -17,6 +22,7 @@
 #include "lasp2/kernel_backend.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
+#include "lasp2/part_pair.h"
 
 namespace lasp2 {
 
@@ -50,7 +56,7 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   static int64_t documents_scratch_floats(const AttentionParams& p) {
     return 2 * p.bh() * p.state_elems() + 3 * p.bh();
   }
-  // q.dq per token (for dg) and the dg offset of one part.
+  // q.dq per token (for dg) and the dg offsets of the local parts (at most two).
   static int64_t backward_scratch_bytes(const AttentionParams& p, bool need_dg);
 
   // States the backend keeps from forward for its backward (KernelBackend::
@@ -90,7 +96,27 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
+  // A balanced rank's two parts as one PartPair where they form one; else the calls above.
+  void summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
+                       const std::vector<PartSummary>& out, void* stream) const override;
+  void forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                     const DocStates& docs, void* stream) const override;
+  void entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
+                      void* stream) const override;
+  void backward_entering_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                               const DocStates& docs, void* scratch, void* stream) const override;
+  void backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,
+                      const DocStates& docs, void* scratch, void* stream) const override;
+
  private:
+  // The pair the parts form, if the family may run them as one (no document states).
+  std::optional<PartPair> pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const;
+  // The pair's saved-states slot (the buffer's start; null: none kept).
+  float* pair_slot(const PartPair& pair) const;
+  // The dk/dv pass of `pass` (one part, or a pair's rows) after its dg offset.
+  void dkdv(const AttentionParams& p, TokenRange range, const PartStates& states, const ScalarDecayGrads& grads,
+            TokenRange kept_key, void* scratch, void* stream) const;
+
   struct Segment {
     TokenRange range;
     int64_t doc;  // -1: the document entering the part
@@ -123,7 +149,7 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   float* table_ = nullptr;
   float* saved_states_ = nullptr;  // with_saved_states
   PartLayout saved_layout_;
-  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled
+  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled ({0, T}: a pair's)
   mutable KeptByPart kept_dstates_;  // what entering_grad kept for each part's dk/dv pass
 };
 
