@@ -1,9 +1,32 @@
 // The delta-rule family on a DeltaKernelBackend (see delta_family.h).
 #include "delta_rule/delta_family.h"
 
+#include <algorithm>
+
 #include "lasp2/params.h"
 
 namespace lasp2::delta {
+namespace {
+
+std::vector<TokenRange> local_ranges(const PartLayout& layout, int64_t seqlen) {
+  std::vector<TokenRange> out;
+  for (int i = 0; i < layout.parts_per_rank; ++i) out.push_back(layout.local_range(i, seqlen));
+  return out;
+}
+
+bool any_states(const DocStates& d) {
+  return d.initial != nullptr || d.finals != nullptr || d.final_dstate != nullptr || d.d_initial != nullptr;
+}
+
+// One member of each entry, in order (a list's buffers, for laid_out).
+template <typename T, typename M>
+std::vector<M> column(const std::vector<T>& entries, M T::*member) {
+  std::vector<M> out;
+  for (const T& e : entries) out.push_back(e.*member);
+  return out;
+}
+
+}  // namespace
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, MutView o,
                          float* fold_scratch)
@@ -27,8 +50,11 @@ DeltaFamily& DeltaFamily::with_forward_kept(float* buffer, const PartLayout& lay
 
 int64_t DeltaFamily::forward_kept_floats(const DeltaKernelBackend& backend, const DeltaParams& p,
                                          const PartLayout& layout) {
+  const std::vector<TokenRange> ranges = local_ranges(layout, p.seqlen);
   int64_t floats = 0;
-  for (int i = 0; i < layout.parts_per_rank; ++i) floats += backend.forward_kept_floats(p, layout.local_range(i, p.seqlen));
+  for (const TokenRange& r : ranges) floats += backend.forward_kept_floats(p, r);
+  const std::optional<DeltaPair> pair = DeltaPair::of(p, ranges);
+  if (pair) floats = std::max(floats, backend.forward_kept_floats(pair->params, pair->range));
   return floats;
 }
 
@@ -108,6 +134,87 @@ void DeltaFamily::backward(TokenRange part, const PartStates& states, const DocS
   const std::unique_ptr<KeptPartWork> kept = kept_.take(part);
   be_.backward_reusing(kept.get(), p_, part, grads_.dout, states.entering, states.leaving_grad, docs, grads_.dq,
                        grads_.dk, grads_.dv, grads_.dg, grads_.dbeta, nullptr, stream, kept_slot(part));
+}
+
+// --- a balanced rank's two parts as one pair ------------------------------------
+
+// Per-document states (DocStates, BackwardPlan::doc_states) keep the single-part calls:
+// the kernels index them by document, and doc_states picks the CUDA backward's path where
+// documents start. Without document starts that flag changes nothing, so rows with an
+// initial state (which the schedule passes as the entering state, not as DocStates) still
+// pair in the backward as they did in the forward (which has no flag): the kept forward
+// slot needs both directions to decide alike.
+std::optional<DeltaPair> DeltaFamily::pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const {
+  if (any_states(docs) || (p_.doc_start != nullptr && grads_.doc_states)) return std::nullopt;
+  return DeltaPair::of(p_, parts);
+}
+
+// The buffer's start, where the buffer was sized for the pair (forward_kept_floats).
+float* DeltaFamily::pair_slot(const DeltaPair& pair) const {
+  if (forward_kept_ == nullptr || !DeltaPair::of(p_, local_ranges(kept_layout_, p_.seqlen))) return nullptr;
+  return be_.forward_kept_floats(pair.params, pair.range) > 0 ? forward_kept_ : nullptr;
+}
+
+void DeltaFamily::summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
+                                  const std::vector<PartSummary>& out, void* stream) const {
+  const std::optional<DeltaPair> pair = pair_of(parts, docs);
+  const int64_t S = shape().state_floats, Mp = shape().map_floats;
+  const auto M = laid_out(column(out, &PartSummary::state), S);
+  const auto A = laid_out(column(out, &PartSummary::map), Mp);
+  const auto head_M = laid_out(column(out, &PartSummary::head_state), S);
+  const auto head_A = laid_out(column(out, &PartSummary::head_map), Mp);
+  // the heads are written whether wanted or not (their buffers are always valid)
+  if (!pair || !M || !A || !head_M || !head_A || !*M || !*A || !*head_M || !*head_A) {
+    PartFamily::summarize_parts(parts, docs, out, stream);
+    return;
+  }
+  be_.part_summary(pair->params, pair->range, docs, *A, *M, *head_A, *head_M, stream);
+}
+
+void DeltaFamily::forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                                const DocStates& docs, void* stream) const {
+  const std::optional<DeltaPair> pair = pair_of(parts, docs);
+  const std::optional<const float*> in = laid_out(entering, shape().state_floats);
+  if (!pair || !in) {
+    PartFamily::forward_parts(parts, entering, docs, stream);
+    return;
+  }
+  be_.forward_keeping(pair->params, pair->range, *in, docs, pair->view(o_), pair_slot(*pair), stream);
+}
+
+// The pair's kept work is filed under the whole local range, which is no part of a
+// balanced layout.
+void DeltaFamily::entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
+                                 void* stream) const {
+  const std::optional<DeltaPair> pair = pair_of(parts, {});
+  const std::optional<float*> out = laid_out(dstates, shape().state_floats);
+  if (!pair || !out || *out == nullptr) {
+    PartFamily::entering_grads(parts, dstates, stream);
+    return;
+  }
+  const BackwardPlan plan{pair->view(grads_.dq), pair->view(grads_.dk), pair->view(grads_.dv), grads_.doc_states,
+                          pair_slot(*pair)};
+  kept_.put({0, p_.seqlen},
+            be_.entering_dstate_keeping(pair->params, pair->range, pair->view(grads_.dout), plan, *out, stream));
+}
+
+// The delta rule's backward recomputes the part's own map: of the records it needs only
+// the entering state and the leaving gradient (both nullable).
+void DeltaFamily::backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,
+                                 const DocStates& docs, void* scratch, void* stream) const {
+  const std::optional<DeltaPair> pair = pair_of(parts, docs);
+  const int64_t S = shape().state_floats;
+  const auto entering = laid_out(column(states, &PartStates::entering), S);
+  const auto leaving = laid_out(column(states, &PartStates::leaving_grad), S);
+  if (!pair || !entering || !leaving) {
+    PartFamily::backward_parts(parts, states, docs, scratch, stream);
+    return;
+  }
+  // dg and dbeta stay as they are: contiguous, indexed (b * seqlen + t) (delta_pair.h)
+  const std::unique_ptr<KeptPartWork> kept = kept_.take({0, p_.seqlen});
+  be_.backward_reusing(kept.get(), pair->params, pair->range, pair->view(grads_.dout), *entering, *leaving, docs,
+                       pair->view(grads_.dq), pair->view(grads_.dk), pair->view(grads_.dv), grads_.dg,
+                       grads_.dbeta, nullptr, stream, pair_slot(*pair));
 }
 
 }  // namespace lasp2::delta

@@ -7,11 +7,17 @@
 // scratch on CUDA) the object holds in between and frees after backward. What the
 // forward keeps for the backward (with_forward_kept: the CUDA chunked kernels' prep and
 // state-pass outputs) lives in a caller's buffer from the forward call to the backward one.
+//
+// The balanced split's two local parts (B = 1, no per-document states in play) run as one
+// batch of two rows (delta_pair.h): one backend call per pass where the single-part calls
+// would make two over half parts.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "delta_rule/delta_backend.h"
+#include "delta_rule/delta_pair.h"
 #include "lasp2/backend_family.h"
 #include "lasp2/part_family.h"
 #include "lasp2/part_layout.h"
@@ -42,7 +48,8 @@ class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
   // The buffer the forward fills and the backward of the same call reads (both objects get
   // the same one): forward_kept_floats(backend, p, layout) fp32 values, one slot per local
   // part in order (with one part a rank, that part is the whole local sequence, which the
-  // one-device schedule runs as one). 0: the backend keeps nothing (the CPU backend, or
+  // one-device schedule runs as one), or the two parts' pair from the buffer's start (its
+  // size covers both forms). 0: the backend keeps nothing (the CPU backend, or
   // LASP2_DELTA_KEEP_FORWARD=0); a null buffer: nothing kept, the backward recomputes.
   // Its contents depend on the state entering each part, which the schedules hand to the
   // backward as they handed it to the forward (LASP-2's prefix states, LASP-1's entering
@@ -70,8 +77,23 @@ class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
   void backward(TokenRange part, const PartStates& states, const DocStates& docs, void* scratch,
                 void* stream) const override;
 
+  // A balanced rank's two parts as one DeltaPair where they form one; else the calls above.
+  void summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
+                       const std::vector<PartSummary>& out, void* stream) const override;
+  void forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
+                     const DocStates& docs, void* stream) const override;
+  void entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
+                      void* stream) const override;
+  void backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,
+                      const DocStates& docs, void* scratch, void* stream) const override;
+
  private:
   float* kept_slot(TokenRange part) const;
+  // The pair the parts form, if the family may run them as one (no per-document states
+  // in play: the forward and the backward of one call decide alike).
+  std::optional<DeltaPair> pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const;
+  // The pair's forward-kept slot (the buffer's start; null: none kept).
+  float* pair_slot(const DeltaPair& pair) const;
   // Where step k of n writes, so that the last step lands in `out`.
   float* step_target(int k, int n, float* out) const { return (n - k) % 2 == 0 ? out : fold_; }
 
@@ -81,7 +103,8 @@ class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
   float* fold_;
   float* forward_kept_ = nullptr;  // with_forward_kept
   PartLayout kept_layout_{};
-  // entering_grad's kept work per part (at most parts_per_rank entries), until backward
+  // entering_grad's kept work per part (at most parts_per_rank entries; a pair's under
+  // {0, seqlen}, which is no part of a balanced layout), until backward
   mutable KeptByPart kept_;
 };
 

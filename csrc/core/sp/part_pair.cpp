@@ -10,12 +10,19 @@ bool PartPair::enabled() {
   return on;
 }
 
+std::optional<TokenRange> PairRows::range_of(int64_t batch, int64_t seqlen, const std::vector<TokenRange>& parts) {
+  const int64_t h = seqlen / 2;
+  if (parts.size() != 2 || batch != 1 || h == 0 || 2 * h != seqlen) return std::nullopt;
+  if (!(parts[0] == TokenRange{0, h}) || !(parts[1] == TokenRange{h, 2 * h}) || !PartPair::enabled()) return std::nullopt;
+  return TokenRange{0, h};
+}
+
 std::optional<PartPair> PartPair::of(const AttentionParams& p, const std::vector<TokenRange>& parts) {
-  const int64_t h = p.seqlen / 2;
-  if (parts.size() != 2 || p.batch != 1 || h == 0 || 2 * h != p.seqlen) return std::nullopt;
-  if (!(parts[0] == TokenRange{0, h}) || !(parts[1] == TokenRange{h, 2 * h}) || !enabled()) return std::nullopt;
+  const std::optional<TokenRange> range = range_of(p.batch, p.seqlen, parts);
+  if (!range) return std::nullopt;
   PartPair pair;
-  pair.range = {0, h};
+  pair.range = *range;
+  const int64_t h = range->end;
   AttentionParams& q = pair.params;
   q = p;
   q.batch = 2;

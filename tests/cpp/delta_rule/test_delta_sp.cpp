@@ -2,8 +2,10 @@
 // generic LASP-2 schedule (csrc/core/sp) on P threads: every rank's outputs,
 // gradients and final states equal the float64 recurrence over the whole sequence,
 // for the contiguous and balanced layouts, GDN and KDA gates, batch rows and packed
-// documents that span ranks, with initial states in and final states out; exactly
-// one collective per direction. The ranks' initial-state gradients are shares: their
+// documents that span ranks, with initial states in and final states out (and without
+// states: documents then only reset); exactly one collective per direction. B = 1 with
+// the balanced split runs a rank's two parts as one pair (delta_rule/delta_pair.h)
+// unless per-document states are in play. The ranks' initial-state gradients are shares: their
 // sum is one process's (the loss is the sum of the ranks' losses).
 #include <gtest/gtest.h>
 
@@ -27,12 +29,14 @@ struct SpCase {
   bool balanced;
   GateKind gate;
   bool packed;
+  int64_t batch = 2;  // rows only (packed documents are one row): 1 with the balanced split pairs its parts
 };
 
 std::string sp_name(const ::testing::TestParamInfo<SpCase>& info) {
   const auto& c = info.param;
   return "P" + std::to_string(c.world) + (c.balanced ? "_balanced_" : "_contiguous_") +
-         (c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed" : "_rows");
+         (c.gate == GateKind::kScalar ? "gdn" : "kda") + (c.packed ? "_packed" : "_rows") +
+         (!c.packed && c.batch == 1 ? "_B1" : "");
 }
 
 // The six token tensors the ranks of every schedule produce (o and the gradients), put
@@ -83,6 +87,7 @@ std::vector<int64_t> head_docs(const DeltaProblem<double>& global, int parts) {
 // (which adds one AllGather per direction for the final states and their gradients).
 void run_with_states(const SpCase& c, bool ring) {
   DeltaSpec s;
+  s.batch = c.batch;
   s.gate_kind = c.gate;
   s.chunk_size = 4;
   s.seqlen = 12 * std::max(c.world, 2);  // parts of 6 or 12 (+) tokens: parts end mid-chunk
@@ -184,8 +189,56 @@ std::vector<SpCase> sp_cases() {
         for (bool packed : {false, true}) {
           if (world == 1 && balanced) continue;
           out.push_back({world, balanced, gate, packed});
+          if (balanced && !packed) out.push_back({world, balanced, gate, packed, 1});
         }
   return out;
+}
+
+// Without sequence states (the training step's usual call): documents only reset, as
+// cu_seqlens describe them, and nothing enters or leaves the sequences; B = 1 with the
+// balanced split pairs its parts with or without document starts.
+TEST_P(DeltaLasp2Sp, WithoutStatesMatchesRecurrence) {
+  const SpCase c = GetParam();
+  DeltaSpec s;
+  s.batch = c.packed ? 1 : c.batch;
+  s.gate_kind = c.gate;
+  s.chunk_size = 4;
+  s.seqlen = 12 * std::max(c.world, 2);
+  if (c.packed) s.doc_starts = {5, 6, 7, 12, s.seqlen - 1};
+  DeltaProblem<double> global(s);
+  std::fill(global.initial.begin(), global.initial.end(), 0.f);
+  std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
+  const DeltaReference ref = delta_reference(global);
+  const int parts_per_rank = c.balanced ? 2 : 1;
+  TokenOutputs got(ref);
+  std::mutex mu;
+  run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
+    const PartLayout layout{c.world, rank, parts_per_rank};
+    const DeltaProblem<double> local = local_problem(global, layout);
+    const DeltaParams p = local.params();
+    const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
+    std::vector<double> lo(local.v.size()), ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
+    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
+    std::vector<float> fold(p.bh() * p.state_elems());
+    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
+    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
+                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
+                           ldg.data(), ldb.data()};
+    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    const SummaryShape sh = fwd.shape();
+    std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
+    std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
+    std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
+    const Lasp2Saved saved{records.data(), prefixes.data(), maps.data()};
+    const SequenceStates seq;
+    std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
+    lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
+    std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
+    lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
+    std::lock_guard<std::mutex> lock(mu);
+    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
+  });
+  got.expect_match(ref);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, DeltaLasp2Sp, ::testing::ValuesIn(sp_cases()), sp_name);

@@ -19,26 +19,34 @@
 
 namespace lasp2 {
 
-struct PartPair {
-  AttentionParams params;  // batch 2, seqlen h: row j is local part j
-  TokenRange range;        // [0, h)
+// What any family's pair shares: the token range [0, h) of the two-row problem and the
+// strides that reach its row 1 (a batch stride of h times the sequence stride; h tokens
+// on from token 0 of the one row).
+struct PairRows {
+  TokenRange range;  // [0, h)
 
-  // The pair of `parts` of a problem `p`: B = 1, exactly [0, h) and [h, 2h) with
-  // 2h = p.seqlen > 0, and LASP2_PAIR_PARTS not 0. Nothing otherwise.
+  // [0, h) when `parts` of a problem of `batch` rows and `seqlen` local tokens are exactly
+  // [0, h) and [h, 2h) of one row with 2h = seqlen > 0 and LASP2_PAIR_PARTS is not 0.
+  static std::optional<TokenRange> range_of(int64_t batch, int64_t seqlen, const std::vector<TokenRange>& parts);
+
+  BTHStrides rows(BTHStrides s) const {
+    s.batch = range.end * s.seq;
+    return s;
+  }
+  ConstView view(const ConstView& v) const { return {v.data, rows(v.stride)}; }
+  MutView view(const MutView& v) const { return {v.data, rows(v.stride)}; }
+};
+
+// The scalar-decay family's pair (the delta rule's: delta_rule/delta_pair.h).
+struct PartPair : PairRows {
+  AttentionParams params;  // batch 2, seqlen h: row j is local part j
+
+  // The pair of `parts` of a problem `p` (see range_of). Nothing otherwise.
   static std::optional<PartPair> of(const AttentionParams& p, const std::vector<TokenRange>& parts);
   // Whether pairs are formed at all: LASP2_PAIR_PARTS (unset: 1; 0 runs the parts one
   // call each, the A/B's reference). Read once per process, at the first call: a forward
   // and its backward must lay out what one keeps for the other alike.
   static bool enabled();
-
-  ConstView view(const ConstView& v) const { return {v.data, rows(v.stride)}; }
-  MutView view(const MutView& v) const { return {v.data, rows(v.stride)}; }
-
- private:
-  BTHStrides rows(BTHStrides s) const {
-    s.batch = range.end * s.seq;
-    return s;
-  }
 };
 
 // Where buffers of `stride` elements each, one per part in order, begin when they lie
