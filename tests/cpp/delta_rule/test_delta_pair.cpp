@@ -23,6 +23,7 @@ using lasp2::testing::ThreadCommunicator;
 
 // Row 1 of the pair is local token h + t of the one row, in every field read by row.
 TEST(DeltaPair, RowOneReadsTheSecondHalf) {
+  if (!PartPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
   for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey}) {
     DeltaSpec s;
     s.batch = 1;
@@ -69,23 +70,24 @@ TEST(DeltaPair, NoneWhereTheHalvesAreNotTheWholeOfOneRow) {
   EXPECT_FALSE(DeltaPair::of(one_row.params(), {{5, 10}, {0, 5}}).has_value());  // out of order
 }
 
-// The CPU backend, recording (batch, seqlen) of every pass, and keeping forward work of
-// batch^2 * length floats (a pair's is larger than its two parts' together, so the
-// buffer's size must be the pair's) and a token of entering-state gradient work, so
-// that the test sees where the family puts and finds them.
+// The CPU backend, recording (batch, seqlen) of every pass, and asking for forward work
+// of batch^2 * length floats (a pair's is larger than its two parts' together, so the
+// buffer's size must be the pair's) and keeping a token of entering-state gradient work,
+// so that the test sees where the family puts and finds them.
 class RecordingBackend final : public DeltaKernelBackend {
  public:
   struct Call {
     const char* what;
     int64_t batch, seqlen;
-    const float* forward_kept;  // the slot the call got
+    const float* forward_kept;  // the slot the call got ...
+    int64_t kept_floats;        // ... and what it may use of it (forward_kept_floats)
     bool kept_work;             // backward: entering_dstate_keeping's work reached it
   };
   Device device() const override { return Device::kCPU; }
 
   void part_summary(const DeltaParams& p, TokenRange part, const DocStates& doc, float* A, float* M,
                     float* head_A, float* head_M, void* stream) const override {
-    note({"part_summary", p.batch, p.seqlen, nullptr, false});
+    note({"part_summary", p.batch, p.seqlen, nullptr, 0, false});
     cpu().part_summary(p, part, doc, A, M, head_A, head_M, stream);
   }
   void forward(const DeltaParams&, TokenRange, const float*, const DocStates&, MutView, void*) const override {
@@ -96,8 +98,7 @@ class RecordingBackend final : public DeltaKernelBackend {
   }
   void forward_keeping(const DeltaParams& p, TokenRange part, const float* entering, const DocStates& doc,
                        MutView o, float* kept, void* stream) const override {
-    note({"forward", p.batch, p.seqlen, kept, false});
-    if (kept != nullptr) std::fill_n(kept, forward_kept_floats(p, part), 1.f);  // the buffer must hold it
+    note({"forward", p.batch, p.seqlen, kept, forward_kept_floats(p, part), false});
     cpu().forward(p, part, entering, doc, o, stream);
   }
   void entering_dstate(const DeltaParams&, TokenRange, ConstView, float*, void*) const override {
@@ -106,7 +107,7 @@ class RecordingBackend final : public DeltaKernelBackend {
   std::unique_ptr<KeptPartWork> entering_dstate_keeping(const DeltaParams& p, TokenRange part, ConstView dout,
                                                         const BackwardPlan& plan, float* dentering,
                                                         void* stream) const override {
-    note({"entering_dstate", p.batch, p.seqlen, plan.forward_kept, false});
+    note({"entering_dstate", p.batch, p.seqlen, plan.forward_kept, forward_kept_floats(p, part), false});
     cpu().entering_dstate(p, part, dout, dentering, stream);
     return std::make_unique<KeptPartWork>();
   }
@@ -118,7 +119,7 @@ class RecordingBackend final : public DeltaKernelBackend {
                         const float* entering, const float* leaving_dstate, const DocStates& doc, MutView dq,
                         MutView dk, MutView dv, void* dg, void* dbeta, float* dentering, void* stream,
                         const float* forward_kept) const override {
-    note({"backward", p.batch, p.seqlen, forward_kept, kept != nullptr});
+    note({"backward", p.batch, p.seqlen, forward_kept, forward_kept_floats(p, part), kept != nullptr});
     cpu().backward(p, part, dout, entering, leaving_dstate, doc, dq, dk, dv, dg, dbeta, dentering, stream);
   }
 
@@ -158,7 +159,9 @@ struct PairRun {
   GateKind gate = GateKind::kScalar;
   bool doc_starts = false;
   bool doc_ids = true;      // with doc_starts: the torch op's doc_id, or starts alone
-  bool doc_states = false;  // with doc_starts: initial and final states per document
+  // initial and final states: per document with doc_starts, else the row's (which the
+  // schedule passes as entering and leaving states, not as DocStates)
+  bool states = false;
 };
 
 // What one rank saw: its backend's calls, and its forward-kept buffer.
@@ -166,6 +169,15 @@ struct RankCalls {
   std::vector<RecordingBackend::Call> calls;
   const float* kept = nullptr;
   int64_t kept_floats = 0;
+
+  // Every slot a call got lies inside the buffer.
+  void expect_slots_inside() const {
+    for (const auto& c : calls)
+      if (c.forward_kept != nullptr) {
+        EXPECT_GE(c.forward_kept, kept) << c.what;
+        EXPECT_LE(c.forward_kept + c.kept_floats, kept + kept_floats) << c.what;
+      }
+  }
 };
 
 // LASP-2 over P = 2 thread ranks, balanced split: every rank's calls, and the gathered
@@ -178,7 +190,7 @@ std::vector<RankCalls> run_balanced(const PairRun& r) {
   s.seqlen = 24;  // parts of 6 tokens: they end mid-chunk
   if (r.doc_starts) s.doc_starts = {5, 6, 13, 20};  // one at a part edge, one in each half of rank 1
   DeltaProblem<double> global(s);
-  if (!r.doc_states) {  // nothing enters or leaves the documents
+  if (!r.states) {  // nothing enters or leaves the sequences
     std::fill(global.initial.begin(), global.initial.end(), 0.f);
     std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
   }
@@ -206,27 +218,32 @@ std::vector<RankCalls> run_balanced(const PairRun& r) {
     std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
     std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
     std::vector<float> maps(Lasp2Saved::maps_floats(sh, layout));
-    std::vector<float> head_maps(Lasp2Saved::head_maps_floats(sh, layout, r.doc_states) + 1);
+    const bool doc_states = r.states && r.doc_starts;
+    std::vector<float> head_maps(Lasp2Saved::head_maps_floats(sh, layout, doc_states) + 1);
     const Lasp2Saved saved{records.data(), prefixes.data(), maps.data(), head_maps.data()};
     SequenceStates seq;
-    if (r.doc_states) {
-      for (int64_t g = 0; g < 4; ++g) {  // the document ending in each global part's head
-        const auto start = std::find(global.doc_start.begin() + 6 * g, global.doc_start.begin() + 6 * g + 6, 1);
-        seq.head_doc.push_back(start == global.doc_start.begin() + 6 * g + 6 ? -1 : global.doc_id[start - global.doc_start.begin()] - 1);
-      }
-      seq.count = N;
+    if (r.states) {
       seq.initial = local.initial.data();
       seq.final_state = finals.data();
+    }
+    if (doc_states) {
+      for (int64_t g = 0; g < 4; ++g) {  // the document ending in each global part's head (-1: none)
+        int64_t d = -1;
+        for (int64_t t = 6 * g; t < 6 * g + 6 && d < 0; ++t)
+          if (global.doc_start[t]) d = global.doc_id[t] - 1;
+        seq.head_doc.push_back(d);
+      }
+      seq.count = N;
     }
     std::vector<double> fws((lasp2_forward_workspace_bytes(fwd, layout, seq) + 7) / 8);
     lasp2_forward(fwd, &comm, layout, saved, seq, fws.data(), Lasp2Options{}, nullptr);
 
     const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
                            {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
-                           ldg.data(), ldb.data(), r.doc_states};
+                           ldg.data(), ldb.data(), r.states};  // as the torch op sets it
     DeltaFamily bwd(backend, p, grads, fold.data());
     bwd.with_forward_kept(kept.data(), layout);
-    if (r.doc_states) {
+    if (r.states) {
       seq.final_state = nullptr;
       seq.final_grad = local.final_dstate.data();
       seq.initial_grad = d_initial.data();
@@ -254,14 +271,15 @@ std::vector<RankCalls> run_balanced(const PairRun& r) {
 
 std::string run_name(const PairRun& r) {
   return std::string(r.gate == GateKind::kScalar ? "gdn" : "kda") +
-         (r.doc_starts ? (r.doc_ids ? " with documents" : " with document starts alone") : "");
+         (r.doc_starts ? (r.doc_ids ? " with documents" : " with document starts alone") : "") +
+         (r.states ? " and states" : "");
 }
 
 TEST(DeltaPair, BalancedRankOfOneRowRunsEachPassOnce) {
   if (!PartPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
   for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
-    for (int docs = 0; docs < 3; ++docs) {
-      const PairRun r{1, gate, docs > 0, docs == 1};
+    for (const PairRun& r : {PairRun{1, gate}, PairRun{1, gate, true, true}, PairRun{1, gate, true, false},
+                             PairRun{1, gate, false, true, true}}) {  // the last: the row's states
       SCOPED_TRACE(run_name(r));
       const std::vector<RankCalls> ranks = run_balanced(r);
       for (int rank = 0; rank < 2; ++rank) {
@@ -275,6 +293,7 @@ TEST(DeltaPair, BalancedRankOfOneRowRunsEachPassOnce) {
           EXPECT_EQ(c.seqlen, 6) << c.what << ", rank " << rank;
         }
         for (size_t i = 1; i < 4; ++i) EXPECT_EQ(rc.calls[i].forward_kept, rc.kept) << rc.calls[i].what;
+        rc.expect_slots_inside();
         EXPECT_TRUE(rc.calls[3].kept_work);
       }
     }
@@ -292,17 +311,18 @@ TEST(DeltaPair, BalancedRankOfTwoRowsRunsEachPartAlone) {
       for (const auto& c : rc.calls) EXPECT_EQ(c.seqlen, 12) << c.what << ", rank " << rank;
       // part 1's slot follows part 0's; its backward finds its own kept work
       EXPECT_EQ(rc.calls[3].forward_kept, rc.kept + 24);
+      rc.expect_slots_inside();
       EXPECT_TRUE(rc.calls[7].kept_work);
     }
   }
 }
 
-// Per-document states are the single-part calls' (the documents' states are indexed by
-// document, which the parts' own calls keep apart).
+// Per-document states keep the single-part calls (DeltaFamily::pair_of), in both
+// directions alike.
 TEST(DeltaPair, DocumentStatesRunEachPartAlone) {
   for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey}) {
     const PairRun r{1, gate, true, true, true};
-    SCOPED_TRACE(run_name(r) + " and states");
+    SCOPED_TRACE(run_name(r));
     const std::vector<RankCalls> ranks = run_balanced(r);
     for (int rank = 0; rank < 2; ++rank) {
       ASSERT_EQ(ranks[rank].calls.size(), 8u) << "rank " << rank;

@@ -149,7 +149,7 @@ void run_with_states(const SpCase& c, bool ring) {
     std::vector<float> ldi(D);
     const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
                            {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
-                           ldg.data(), ldb.data()};
+                           ldg.data(), ldb.data(), true};  // states in, their gradients out (as the torch op says)
     const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
     seq.final_state = nullptr;
     seq.final_grad = local.final_dstate.data();
