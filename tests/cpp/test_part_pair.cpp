@@ -27,6 +27,7 @@ AttentionParams params_of(int64_t batch, int64_t seqlen) {
 }
 
 TEST(PartPair, FormsFromTheTwoHalvesOfOneRow) {
+  if (!PartPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
   const AttentionParams p = params_of(1, 10);
   const auto pair = PartPair::of(p, {{0, 5}, {5, 10}});
   ASSERT_TRUE(pair.has_value());
