@@ -5,7 +5,7 @@
 
 namespace lasp2 {
 
-bool PartPair::enabled() {
+bool PairRows::enabled() {
   static const bool on = env_flag("LASP2_PAIR_PARTS", true);
   return on;
 }
@@ -13,7 +13,7 @@ bool PartPair::enabled() {
 std::optional<TokenRange> PairRows::range_of(int64_t batch, int64_t seqlen, const std::vector<TokenRange>& parts) {
   const int64_t h = seqlen / 2;
   if (parts.size() != 2 || batch != 1 || h == 0 || 2 * h != seqlen) return std::nullopt;
-  if (!(parts[0] == TokenRange{0, h}) || !(parts[1] == TokenRange{h, 2 * h}) || !PartPair::enabled()) return std::nullopt;
+  if (!(parts[0] == TokenRange{0, h}) || !(parts[1] == TokenRange{h, 2 * h}) || !enabled()) return std::nullopt;
   return TokenRange{0, h};
 }
 

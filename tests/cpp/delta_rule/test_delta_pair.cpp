@@ -23,7 +23,7 @@ using lasp2::testing::ThreadCommunicator;
 
 // Row 1 of the pair is local token h + t of the one row, in every field read by row.
 TEST(DeltaPair, RowOneReadsTheSecondHalf) {
-  if (!PartPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
+  if (!DeltaPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
   for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey}) {
     DeltaSpec s;
     s.batch = 1;
@@ -276,7 +276,7 @@ std::string run_name(const PairRun& r) {
 }
 
 TEST(DeltaPair, BalancedRankOfOneRowRunsEachPassOnce) {
-  if (!PartPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
+  if (!DeltaPair::enabled()) GTEST_SKIP() << "LASP2_PAIR_PARTS=0";
   for (GateKind gate : {GateKind::kScalar, GateKind::kPerKey})
     for (const PairRun& r : {PairRun{1, gate}, PairRun{1, gate, true, true}, PairRun{1, gate, true, false},
                              PairRun{1, gate, false, true, true}}) {  // the last: the row's states

@@ -28,6 +28,10 @@ struct PairRows {
   // [0, h) when `parts` of a problem of `batch` rows and `seqlen` local tokens are exactly
   // [0, h) and [h, 2h) of one row with 2h = seqlen > 0 and LASP2_PAIR_PARTS is not 0.
   static std::optional<TokenRange> range_of(int64_t batch, int64_t seqlen, const std::vector<TokenRange>& parts);
+  // Whether pairs are formed at all: LASP2_PAIR_PARTS (unset: 1; 0 runs the parts one
+  // call each, the A/B's reference). Read once per process, at the first call: a forward
+  // and its backward must lay out what one keeps for the other alike.
+  static bool enabled();
 
   BTHStrides rows(BTHStrides s) const {
     s.batch = range.end * s.seq;
@@ -43,10 +47,6 @@ struct PartPair : PairRows {
 
   // The pair of `parts` of a problem `p` (see range_of). Nothing otherwise.
   static std::optional<PartPair> of(const AttentionParams& p, const std::vector<TokenRange>& parts);
-  // Whether pairs are formed at all: LASP2_PAIR_PARTS (unset: 1; 0 runs the parts one
-  // call each, the A/B's reference). Read once per process, at the first call: a forward
-  // and its backward must lay out what one keeps for the other alike.
-  static bool enabled();
 };
 
 // Where buffers of `stride` elements each, one per part in order, begin when they lie
