@@ -272,6 +272,7 @@ struct ScheduleCase {
   bool packed;
   int parts;
   int seg_len = 0;
+  int64_t batch = 0;  // rows: 0 is spec_for's 2; 1 with two parts runs them as one pair (delta_pair.h)
 };
 
 class DeltaCudaSchedule : public ::testing::TestWithParam<ScheduleCase> {};
@@ -281,7 +282,9 @@ TEST_P(DeltaCudaSchedule, MatchesCpuSchedule) {
   const ScheduleCase c = GetParam();
   const SegLenScope seg_scope(c.seg_len);
   DeltaCase dc{c.gate, c.packed, ScalarType::kFloat32, 64, 64, false};
-  DeltaProblem<float> pr(spec_for(dc), 13);
+  DeltaSpec spec = spec_for(dc);
+  if (c.batch > 0) spec.batch = c.batch;
+  DeltaProblem<float> pr(spec, 13);
   prepare_inputs(pr, ScalarType::kFloat32);
   const DeltaSpec& s = pr.spec;
   const DeltaParams hp = pr.params();
@@ -377,12 +380,13 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(ScheduleCase{GateKind::kScalar, false, 1}, ScheduleCase{GateKind::kScalar, true, 1},
                       ScheduleCase{GateKind::kScalar, true, 2}, ScheduleCase{GateKind::kPerKey, false, 2},
                       ScheduleCase{GateKind::kPerKey, true, 2}, ScheduleCase{GateKind::kScalar, true, 1, 64},
-                      ScheduleCase{GateKind::kPerKey, true, 2, 64}, ScheduleCase{GateKind::kPerKey, false, 1, 128}),
+                      ScheduleCase{GateKind::kPerKey, true, 2, 64}, ScheduleCase{GateKind::kPerKey, false, 1, 128},
+                      ScheduleCase{GateKind::kScalar, false, 2, 0, 1}, ScheduleCase{GateKind::kPerKey, false, 2, 0, 1}),
     [](const ::testing::TestParamInfo<ScheduleCase>& info) {
       const auto& c = info.param;
       return std::string(c.gate == GateKind::kScalar ? "gdn" : "kda") +
              (c.packed ? "_packed" : "_rows") + "_parts" + std::to_string(c.parts) +
-             (c.seg_len ? "_seg" + std::to_string(c.seg_len) : "");
+             (c.seg_len ? "_seg" + std::to_string(c.seg_len) : "") + (c.batch == 1 ? "_B1" : "");
     });
 
 }  // namespace

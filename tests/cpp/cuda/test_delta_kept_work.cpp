@@ -241,7 +241,9 @@ TEST(DeltaCudaForwardKept, BackwardFromForwardMatchesRecomputing) {
 // bit). GDN at d = 64, KDA at d = 64 and 128; rows with initial states and final-state
 // gradients (the general schedule: prefix states enter every part) over one and two parts
 // a rank, on one device and on two ranks (threads with a device-memory AllGather), and
-// packed documents without states (the one-device form, one part).
+// packed documents without states (the one-device form, one part). One row with two parts
+// a rank runs them as one pair (delta_pair.h), whose kept slot is the buffer's start: rows
+// with states on one device, packed documents without on two ranks.
 struct ScheduleOut {
   std::vector<std::vector<double>> oqkv;  // o, dq, dk, dv
   std::vector<float> dg, db, dI;
@@ -315,16 +317,23 @@ TEST(DeltaCudaForwardKept, ScheduleMatchesRecomputing) {
                   family.c_str(), d);
       continue;
     }
-    auto spec_of = [&](bool packed, int64_t seqlen) {
-      DeltaSpec spec = gdn_spec(d, seqlen, packed ? 1 : 2);
+    auto spec_of = [&](bool packed, int64_t seqlen, int64_t batch = 2) {
+      DeltaSpec spec = gdn_spec(d, seqlen, packed ? 1 : batch);
       spec.gate_kind = gate;
       if (packed) spec.doc_starts = {5, 64, 65, 130, 201};
       return spec;
     };
-    for (const auto& [packed, parts] : {std::pair{false, 1}, {false, 2}, {true, 1}}) {
+    struct Form {
+      bool packed;
+      int parts;
+      int64_t batch;
+    };
+    for (const Form& f : {Form{false, 1, 2}, Form{false, 2, 2}, Form{true, 1, 1}, Form{false, 2, 1}}) {
+      const bool packed = f.packed;
+      const int parts = f.parts;
       SCOPED_TRACE(family + " d=" + std::to_string(d) + (packed ? " packed" : " rows") +
-                   " parts=" + std::to_string(parts));
-      DeltaProblem<float> pr(spec_of(packed, 320), 41);
+                   " parts=" + std::to_string(parts) + " batch=" + std::to_string(f.batch));
+      DeltaProblem<float> pr(spec_of(packed, 320, f.batch), 41);
       prepare_inputs(pr, ScalarType::kBFloat16);
       const PartLayout layout{1, 0, parts};
       expect_schedules_equal(run_schedule(pr, layout, nullptr, true), run_schedule(pr, layout, nullptr, false));
@@ -339,6 +348,15 @@ TEST(DeltaCudaForwardKept, ScheduleMatchesRecomputing) {
       pr.final_dstate = first.final_dstate;
       prepare_inputs(pr, ScalarType::kBFloat16);
       const PartLayout layout{2, rank, 1};
+      const ScheduleOut want = run_schedule(pr, layout, &comm, false);
+      expect_schedules_equal(run_schedule(pr, layout, &comm, true), want);
+    });
+    // two ranks of two parts, one row of packed documents without states: each rank's pair
+    run_device_ranks(2, [&](int rank, DeviceThreadCommunicator& comm) {
+      SCOPED_TRACE(family + " d=" + std::to_string(d) + " packed, two parts, rank " + std::to_string(rank) + " of 2");
+      DeltaProblem<float> pr(spec_of(true, 320), 41 + rank);
+      prepare_inputs(pr, ScalarType::kBFloat16);
+      const PartLayout layout{2, rank, 2};
       const ScheduleOut want = run_schedule(pr, layout, &comm, false);
       expect_schedules_equal(run_schedule(pr, layout, &comm, true), want);
     });
