@@ -4,8 +4,8 @@
 // [B, T, H, dk]: the same BTHStrides, whose batch stride becomes h times the sequence
 // stride), beta, and doc_start and doc_id (doc_batch_stride = h, so starts_doc and
 // doc_of of row 1 read local token h + t). Where doc_id is null, doc_of(b, t) = b names
-// row 1 document 1; the kernels read doc_of only with per-document states
-// (DocStates, BackwardPlan::doc_states), which DeltaFamily never pairs. dg and dbeta are
+// row 1 document 1; the kernels (CPU and CUDA) read doc_of only to index per-document
+// states (DocStates), with which DeltaFamily never pairs. dg and dbeta are
 // contiguous [B, T, H(, dk)] and indexed (b * seqlen + t) * H + h by every backend, which
 // is the one row's index of token h + t for row 1.
 #pragma once
