@@ -18,20 +18,11 @@ std::optional<TokenRange> PairRows::range_of(int64_t batch, int64_t seqlen, cons
 }
 
 std::optional<PartPair> PartPair::of(const AttentionParams& p, const std::vector<TokenRange>& parts) {
-  const std::optional<TokenRange> range = range_of(p.batch, p.seqlen, parts);
-  if (!range) return std::nullopt;
-  PartPair pair;
-  pair.range = *range;
-  const int64_t h = range->end;
-  AttentionParams& q = pair.params;
-  q = p;
-  q.batch = 2;
-  q.seqlen = h;
-  q.q = pair.view(p.q);
-  q.k = pair.view(p.k);
-  q.v = pair.view(p.v);
-  q.decay.gate_stride = pair.rows(p.decay.gate_stride);
-  q.doc_start_batch_stride = h;
+  std::optional<PartPair> pair = two_rows<PartPair>(p, parts);
+  if (pair) {
+    pair->params.decay.gate_stride = pair->rows(p.decay.gate_stride);
+    pair->params.doc_start_batch_stride = pair->range.end;
+  }
   return pair;
 }
 

@@ -71,6 +71,23 @@ struct TokenOutputs {
 };
 
 // The document ending at the end of each global part's head (-1: no start inside).
+// One rank's outputs and gradients and the two families (forward, backward) that write
+// them, for calls without sequence states.
+struct RankCall {
+  std::vector<double> o, dq, dk, dv, dg, dbeta;
+  std::vector<float> fold;
+  DeltaFamily fwd, bwd;
+
+  explicit RankCall(const DeltaProblem<double>& l)
+      : o(l.v.size()), dq(l.q.size()), dk(l.k.size()), dv(l.v.size()), dg(l.g.size()),
+        dbeta(l.beta.size()), fold(l.params().bh() * l.params().state_elems()),
+        fwd(delta_cpu_backend(), l.params(), MutView{o.data(), l.strides(l.spec.dim_v)}, fold.data()),
+        bwd(delta_cpu_backend(), l.params(),
+            DeltaGrads{l.dout_view(), {dq.data(), l.strides(l.spec.dim_k)}, {dk.data(), l.strides(l.spec.dim_k)},
+                       {dv.data(), l.strides(l.spec.dim_v)}, dg.data(), dbeta.data()},
+            fold.data()) {}
+};
+
 std::vector<int64_t> head_docs(const DeltaProblem<double>& global, int parts) {
   const int64_t n = global.spec.seqlen / parts;
   std::vector<int64_t> out(parts, -1);
@@ -215,16 +232,9 @@ TEST_P(DeltaLasp2Sp, WithoutStatesMatchesRecurrence) {
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout{c.world, rank, parts_per_rank};
     const DeltaProblem<double> local = local_problem(global, layout);
-    const DeltaParams p = local.params();
     const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
-    std::vector<double> lo(local.v.size()), ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
-    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
-    std::vector<float> fold(p.bh() * p.state_elems());
-    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
-    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
-                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
-                           ldg.data(), ldb.data()};
-    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    RankCall call(local);
+    const DeltaFamily &fwd = call.fwd, &bwd = call.bwd;
     const SummaryShape sh = fwd.shape();
     std::vector<float> records(Lasp2Saved::local_records_floats(sh, layout));
     std::vector<float> prefixes(Lasp2Saved::prefix_states_floats(sh, layout));
@@ -236,7 +246,7 @@ TEST_P(DeltaLasp2Sp, WithoutStatesMatchesRecurrence) {
     std::vector<double> bws((lasp2_backward_workspace_bytes(bwd, layout, seq) + 7) / 8);
     lasp2_backward(bwd, &comm, layout, saved, seq, bws.data(), nullptr);
     std::lock_guard<std::mutex> lock(mu);
-    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
+    got.put(layout, s, gk, call.o, call.dq, call.dk, call.dv, call.dg, call.dbeta);
   });
   got.expect_match(ref);
 }
@@ -267,16 +277,9 @@ TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
   run_ranks(c.world, [&](int rank, ThreadCommunicator& comm) {
     const PartLayout layout = PartLayout::contiguous(c.world, rank);
     DeltaProblem<double> local = local_problem(global, layout);
-    const DeltaParams p = local.params();
     const int64_t gk = s.gate_kind == GateKind::kPerKey ? s.dim_k : 1;
-    std::vector<double> lo(local.v.size()), ldq(local.q.size()), ldk(local.k.size()), ldv(local.v.size());
-    std::vector<double> ldg(local.g.size()), ldb(local.beta.size());
-    std::vector<float> fold(p.bh() * p.state_elems());
-    const DeltaFamily fwd(delta_cpu_backend(), p, MutView{lo.data(), local.strides(s.dim_v)}, fold.data());
-    const DeltaGrads grads{local.dout_view(), {ldq.data(), local.strides(s.dim_k)},
-                           {ldk.data(), local.strides(s.dim_k)}, {ldv.data(), local.strides(s.dim_v)},
-                           ldg.data(), ldb.data()};
-    const DeltaFamily bwd(delta_cpu_backend(), p, grads, fold.data());
+    RankCall call(local);
+    const DeltaFamily &fwd = call.fwd, &bwd = call.bwd;
     const SummaryShape sh = fwd.shape();
     std::vector<float> entering(Lasp1Saved::entering_state_floats(sh)), record(Lasp1Saved::local_record_floats(sh));
     const Lasp1Saved saved{entering.data(), record.data()};
@@ -285,7 +288,7 @@ TEST_P(DeltaLasp1Sp, RanksMatchRecurrence) {
     lasp1_forward(fwd, &comm, layout, saved, fws.data(), nullptr);
     lasp1_backward(bwd, &comm, layout, saved, bws.data(), nullptr);
     std::lock_guard<std::mutex> lock(mu);
-    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
+    got.put(layout, s, gk, call.o, call.dq, call.dk, call.dv, call.dg, call.dbeta);
   });
   got.expect_match(ref);
 }

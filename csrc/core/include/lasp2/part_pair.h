@@ -39,6 +39,24 @@ struct PairRows {
   }
   ConstView view(const ConstView& v) const { return {v.data, rows(v.stride)}; }
   MutView view(const MutView& v) const { return {v.data, rows(v.stride)}; }
+
+  // The pair of `parts` of `p` with what every family's params have read as two rows
+  // (batch, seqlen, q, k, v); the family then sets its own per-row fields. Nothing where
+  // range_of finds no pair.
+  template <typename Pair, typename Params>
+  static std::optional<Pair> two_rows(const Params& p, const std::vector<TokenRange>& parts) {
+    const std::optional<TokenRange> range = range_of(p.batch, p.seqlen, parts);
+    if (!range) return std::nullopt;
+    Pair pair;
+    pair.range = *range;
+    pair.params = p;
+    pair.params.batch = 2;
+    pair.params.seqlen = range->end;
+    pair.params.q = pair.view(p.q);
+    pair.params.k = pair.view(p.k);
+    pair.params.v = pair.view(p.v);
+    return pair;
+  }
 };
 
 // The scalar-decay family's pair (the delta rule's: delta_rule/delta_pair.h).
