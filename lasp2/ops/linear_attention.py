@@ -152,7 +152,9 @@ def linear_attention(
         scale: multiplies q; default ``Dk ** -0.5``.
         group: the sequence-parallel process group (e.g. Megatron's context-parallel
             group); None means one device. The group is used, never created.
-        split: how the sequence is laid out over the group, "contiguous" or "balanced".
+        split: how the sequence is laid out over the group, "contiguous" or "balanced"
+            (rank r holds parts r and 2P-1-r; with B = 1 LASP-2 runs the two as one pass,
+            docs/providers.md).
         cu_seqlens: optional cumulative document lengths of the *global* packed
             sequence (B must be 1), int32/int64, starting at 0 and ending at the
             global length: documents never attend across boundaries.

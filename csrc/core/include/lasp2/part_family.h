@@ -38,6 +38,9 @@
 //   backward_entering     optional: gradients needing only P (the scalar family's dq);
 //                         runs while the backward AllGather is in flight
 //   backward(part, ...)   the remaining gradients, given P_j, the part's own record and D_j
+//   *_parts               optional: a rank's parts in one call each way (LASP-2's schedule
+//                         calls these; by default one single-part call per part), which lets
+//                         a family run a balanced rank's two parts as one pass (part_pair.h)
 // Buffers the family keeps between backward_entering and backward (per token scratch
 // like q.dq) are the family's backward scratch: it asks for backward_scratch_bytes()
 // and the schedule hands the same block to both calls.
