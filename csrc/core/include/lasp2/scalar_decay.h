@@ -111,9 +111,12 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
  private:
   // The pair the parts form, if the family may run them as one (no document states).
   std::optional<PartPair> pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const;
-  // The pair's saved-states slot (the buffer's start; null: none kept).
+  // The pair's saved-states slot (the buffer's start; null: none kept). The forward and
+  // the backward pair alike (the same parts, entering states laid out by the schedule), so
+  // what one writes there the other reads in the same layout.
   float* pair_slot(const PartPair& pair) const;
-  // The dk/dv pass of `pass` (one part, or a pair's rows) after its dg offset.
+  // The dk/dv pass over `range` of `p` (one part, or a pair's two rows), after the
+  // state_dot that gives it the dg offset of what follows the part.
   void dkdv(const AttentionParams& p, TokenRange range, const PartStates& states, const ScalarDecayGrads& grads,
             TokenRange kept_key, void* scratch, void* stream) const;
 
