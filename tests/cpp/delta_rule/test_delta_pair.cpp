@@ -11,6 +11,7 @@
 
 #include "../thread_communicator.h"
 #include "delta_problem.h"
+#include "delta_token_outputs.h"
 #include "delta_rule/delta_family.h"
 #include "delta_rule/delta_pair.h"
 #include "lasp2/lasp2.h"
@@ -195,8 +196,7 @@ std::vector<RankCalls> run_balanced(const PairRun& r) {
     std::fill(global.final_dstate.begin(), global.final_dstate.end(), 0.f);
   }
   const DeltaReference ref = delta_reference(global);
-  std::vector<double> o(ref.o.size()), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size()),
-      dg(ref.dg.size()), db(ref.dbeta.size());
+  TokenOutputs got(ref);
   std::vector<RankCalls> out(2);
   std::mutex mu;
   run_ranks(2, [&](int rank, ThreadCommunicator& comm) {
@@ -253,19 +253,9 @@ std::vector<RankCalls> run_balanced(const PairRun& r) {
 
     std::lock_guard<std::mutex> lock(mu);
     out[rank] = {backend.calls(), kept.data(), static_cast<int64_t>(kept.size())};
-    put_tokens(o, lo, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dq, ldq, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dk, ldk, layout, s.batch, s.seqlen, s.heads * s.dim_k);
-    put_tokens(dv, ldv, layout, s.batch, s.seqlen, s.heads * s.dim_v);
-    put_tokens(dg, ldg, layout, s.batch, s.seqlen, s.heads * gk);
-    put_tokens(db, ldb, layout, s.batch, s.seqlen, s.heads);
+    got.put(layout, s, gk, lo, ldq, ldk, ldv, ldg, ldb);
   });
-  EXPECT_LT(rel_error(o, ref.o), 1e-5);
-  EXPECT_LT(rel_error(dq, ref.dq), 1e-5);
-  EXPECT_LT(rel_error(dk, ref.dk), 1e-5);
-  EXPECT_LT(rel_error(dv, ref.dv), 1e-5);
-  EXPECT_LT(rel_error(dg, ref.dg), 1e-5);
-  EXPECT_LT(rel_error(db, ref.dbeta), 1e-5);
+  got.expect_match(ref);
   return out;
 }
 
