@@ -72,16 +72,26 @@ def check_rank(rank, world):
         check_config(rank, world, group, "lasp1", kind, split, packed, seed=20 + index)
     for index, (kind, split, packed) in enumerate(RESET_CONFIGS):
         check_config(rank, world, group, "lasp2", kind, split, packed, seed=40 + index, resets=True)
-    check_lasp1(rank, world, group)
+    check_without_states(rank, world, group)
     if world == 2:
         check_mismatch(rank, world)
         check_compiled(rank, world, group)
 
 
-def check_lasp1(rank, world, group):
-    """provider="lasp1" without sequence states equals one process, GDN and KDA, rows
-    and packed documents, both splits."""
-    for index, (kind, packed, split) in enumerate([("gdn", False, "contiguous"), ("kda", True, "balanced")]):
+# without sequence states: (kind, packed, split, provider). LASP-2 with B = 1 (packed) and
+# the balanced split runs a rank's two parts as one batch of two rows (delta_rule/delta_pair.h).
+NO_STATE_CONFIGS = [
+    ("gdn", False, "contiguous", "lasp1"),
+    ("kda", True, "balanced", "lasp1"),
+    ("gdn", True, "balanced", "lasp2"),
+    ("kda", True, "balanced", "lasp2"),
+]
+
+
+def check_without_states(rank, world, group):
+    """Without sequence states each provider equals one process, GDN and KDA, rows and
+    packed documents, both splits."""
+    for index, (kind, packed, split, provider) in enumerate(NO_STATE_CONFIGS):
         op = lasp2.kda if kind == "kda" else lasp2.gated_delta_rule
         q, k, v, do, g, beta, cu, _, _ = global_inputs(world, kind, packed, seed=30 + index)
         full = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
@@ -89,8 +99,8 @@ def check_lasp1(rank, world, group):
         grads_full = torch.autograd.grad((o_full * do).sum(), full)
         local = lambda x: lasp2.split_sequence(x, group, split=split, dim=1)
         leaves = [local(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
-        o, final = op(*leaves, scale=0.8, cu_seqlens=cu, group=group, split=split, provider="lasp1")
-        what = f"lasp1 P={world} {kind} packed={packed} {split} rank {rank}"
+        o, final = op(*leaves, scale=0.8, cu_seqlens=cu, group=group, split=split, provider=provider)
+        what = f"{provider} P={world} {kind} packed={packed} {split} rank {rank}"
         assert final is None
         assert_rel(o, local(o_full), 1e-5, f"o, {what}")
         for name, got, want in zip(("q", "k", "v", "g", "beta"), torch.autograd.grad((o * local(do)).sum(), leaves),
