@@ -6,27 +6,6 @@
 #include "lasp2/params.h"
 
 namespace lasp2::delta {
-namespace {
-
-std::vector<TokenRange> local_ranges(const PartLayout& layout, int64_t seqlen) {
-  std::vector<TokenRange> out;
-  for (int i = 0; i < layout.parts_per_rank; ++i) out.push_back(layout.local_range(i, seqlen));
-  return out;
-}
-
-bool any_states(const DocStates& d) {
-  return d.initial != nullptr || d.finals != nullptr || d.final_dstate != nullptr || d.d_initial != nullptr;
-}
-
-// One member of each entry, in order (a list's buffers, for laid_out).
-template <typename T, typename M>
-std::vector<M> column(const std::vector<T>& entries, M T::*member) {
-  std::vector<M> out;
-  for (const T& e : entries) out.push_back(e.*member);
-  return out;
-}
-
-}  // namespace
 
 DeltaFamily::DeltaFamily(const DeltaKernelBackend& backend, const DeltaParams& p, MutView o,
                          float* fold_scratch)
@@ -50,7 +29,7 @@ DeltaFamily& DeltaFamily::with_forward_kept(float* buffer, const PartLayout& lay
 
 int64_t DeltaFamily::forward_kept_floats(const DeltaKernelBackend& backend, const DeltaParams& p,
                                          const PartLayout& layout) {
-  const std::vector<TokenRange> ranges = local_ranges(layout, p.seqlen);
+  const std::vector<TokenRange> ranges = layout.local_ranges(p.seqlen);
   int64_t floats = 0;
   for (const TokenRange& r : ranges) floats += backend.forward_kept_floats(p, r);
   const std::optional<DeltaPair> pair = DeltaPair::of(p, ranges);
@@ -145,13 +124,13 @@ void DeltaFamily::backward(TokenRange part, const PartStates& states, const DocS
 // pair in the backward as they did in the forward (which has no flag): the kept forward
 // slot needs both directions to decide alike.
 std::optional<DeltaPair> DeltaFamily::pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const {
-  if (any_states(docs) || (p_.doc_start != nullptr && grads_.doc_states)) return std::nullopt;
+  if (docs.any() || (p_.doc_start != nullptr && grads_.doc_states)) return std::nullopt;
   return DeltaPair::of(p_, parts);
 }
 
 // The buffer's start, where the buffer was sized for the pair (forward_kept_floats).
 float* DeltaFamily::pair_slot(const DeltaPair& pair) const {
-  if (forward_kept_ == nullptr || !DeltaPair::of(p_, local_ranges(kept_layout_, p_.seqlen))) return nullptr;
+  if (forward_kept_ == nullptr || !DeltaPair::of(p_, kept_layout_.local_ranges(p_.seqlen))) return nullptr;
   return be_.forward_kept_floats(pair.params, pair.range) > 0 ? forward_kept_ : nullptr;
 }
 
@@ -159,10 +138,10 @@ void DeltaFamily::summarize_parts(const std::vector<TokenRange>& parts, const Do
                                   const std::vector<PartSummary>& out, void* stream) const {
   const std::optional<DeltaPair> pair = pair_of(parts, docs);
   const int64_t S = shape().state_floats, Mp = shape().map_floats;
-  const auto M = laid_out(column(out, &PartSummary::state), S);
-  const auto A = laid_out(column(out, &PartSummary::map), Mp);
-  const auto head_M = laid_out(column(out, &PartSummary::head_state), S);
-  const auto head_A = laid_out(column(out, &PartSummary::head_map), Mp);
+  const auto M = laid_out(out, &PartSummary::state, S);
+  const auto A = laid_out(out, &PartSummary::map, Mp);
+  const auto head_M = laid_out(out, &PartSummary::head_state, S);
+  const auto head_A = laid_out(out, &PartSummary::head_map, Mp);
   // the heads are written whether wanted or not (their buffers are always valid)
   if (!pair || !M || !A || !head_M || !head_A || !*M || !*A || !*head_M || !*head_A) {
     PartFamily::summarize_parts(parts, docs, out, stream);
@@ -182,8 +161,6 @@ void DeltaFamily::forward_parts(const std::vector<TokenRange>& parts, const std:
   be_.forward_keeping(pair->params, pair->range, *in, docs, pair->view(o_), pair_slot(*pair), stream);
 }
 
-// The pair's kept work is filed under the whole local range, which is no part of a
-// balanced layout.
 void DeltaFamily::entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
                                  void* stream) const {
   const std::optional<DeltaPair> pair = pair_of(parts, {});
@@ -194,7 +171,7 @@ void DeltaFamily::entering_grads(const std::vector<TokenRange>& parts, const std
   }
   const BackwardPlan plan{pair->view(grads_.dq), pair->view(grads_.dk), pair->view(grads_.dv), grads_.doc_states,
                           pair_slot(*pair)};
-  kept_.put({0, p_.seqlen},
+  kept_.put(pair->key(),
             be_.entering_dstate_keeping(pair->params, pair->range, pair->view(grads_.dout), plan, *out, stream));
 }
 
@@ -204,14 +181,14 @@ void DeltaFamily::backward_parts(const std::vector<TokenRange>& parts, const std
                                  const DocStates& docs, void* scratch, void* stream) const {
   const std::optional<DeltaPair> pair = pair_of(parts, docs);
   const int64_t S = shape().state_floats;
-  const auto entering = laid_out(column(states, &PartStates::entering), S);
-  const auto leaving = laid_out(column(states, &PartStates::leaving_grad), S);
+  const auto entering = laid_out(states, &PartStates::entering, S);
+  const auto leaving = laid_out(states, &PartStates::leaving_grad, S);
   if (!pair || !entering || !leaving) {
     PartFamily::backward_parts(parts, states, docs, scratch, stream);
     return;
   }
   // dg and dbeta stay as they are: contiguous, indexed (b * seqlen + t) (delta_pair.h)
-  const std::unique_ptr<KeptPartWork> kept = kept_.take({0, p_.seqlen});
+  const std::unique_ptr<KeptPartWork> kept = kept_.take(pair->key());
   be_.backward_reusing(kept.get(), pair->params, pair->range, pair->view(grads_.dout), *entering, *leaving, docs,
                        pair->view(grads_.dq), pair->view(grads_.dk), pair->view(grads_.dv), grads_.dg,
                        grads_.dbeta, nullptr, stream, pair_slot(*pair));

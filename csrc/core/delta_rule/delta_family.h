@@ -104,7 +104,7 @@ class DeltaFamily final : public BackendFamily<DeltaKernelBackend> {
   float* forward_kept_ = nullptr;  // with_forward_kept
   PartLayout kept_layout_{};
   // entering_grad's kept work per part (at most parts_per_rank entries; a pair's under
-  // {0, seqlen}, which is no part of a balanced layout), until backward
+  // PairRows::key), until backward
   mutable KeptByPart kept_;
 };
 

@@ -211,10 +211,9 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
       f.fill_zero(docs.finals, D, stream);
     }
   }
-  std::vector<TokenRange> ranges(parts);
+  const std::vector<TokenRange> ranges = layout.local_ranges(T);
   std::vector<PartSummary> summaries(parts);
   for (int i = 0; i < parts; ++i) {
-    ranges[i] = layout.local_range(i, T);
     summaries[i] = {ws.send + ws.state_at(i, false), ws.send + ws.map_at(i, false), ws.send + ws.state_at(i, true),
                     ws.send + ws.map_at(i, true), packed};
   }
@@ -292,12 +291,9 @@ void lasp2_backward(const PartFamily& f, Communicator* comm, const PartLayout& l
   sp::check_buffer(workspace, lasp2_backward_workspace_bytes(f, layout, seq), "bytes", "lasp2_backward: workspace");
   const BackwardSpace ws(sh, layout, seq, f.backward_scratch_bytes(), workspace);
 
-  std::vector<TokenRange> ranges(parts);
+  const std::vector<TokenRange> ranges = layout.local_ranges(T);
   std::vector<float*> own_dstates(parts);
-  for (int i = 0; i < parts; ++i) {
-    ranges[i] = layout.local_range(i, T);
-    own_dstates[i] = ws.send + i * S;
-  }
+  for (int i = 0; i < parts; ++i) own_dstates[i] = ws.send + i * S;
   f.entering_grads(ranges, own_dstates, stream);
   if (seq.final_grad != nullptr) f.copy(ws.send + parts * S, seq.final_grad, D, stream);
   auto work = sp::gather(comm, f, ws.send, ws.gathered, ws.sent, stream);

@@ -21,11 +21,6 @@ struct DgScratch {
   }
 };
 
-bool any_states(const DocStates& d) {
-  return d.initial != nullptr || d.finals != nullptr || d.final_dstate != nullptr ||
-         d.d_initial != nullptr;
-}
-
 const float* doc_state(const float* states, int64_t doc, int64_t state_floats) {
   return states == nullptr ? nullptr : states + doc * state_floats;
 }
@@ -95,12 +90,9 @@ ScalarDecay& ScalarDecay::with_saved_states(float* buffer, const PartLayout& lay
 int64_t ScalarDecay::saved_states_floats(const KernelBackend& backend, const AttentionParams& p,
                                          const PartLayout& layout) {
   if (p.seqlen <= 0) return 0;
+  const std::vector<TokenRange> ranges = layout.local_ranges(p.seqlen);
   int64_t parts = 0;
-  std::vector<TokenRange> ranges;
-  for (int i = 0; i < layout.parts_per_rank; ++i) {
-    ranges.push_back(layout.local_range(i, p.seqlen));
-    parts += backend.saved_states_floats(p, ranges.back());
-  }
+  for (const TokenRange& r : ranges) parts += backend.saved_states_floats(p, r);
   const std::optional<PartPair> pair = PartPair::of(p, ranges);
   if (pair) parts = std::max(parts, backend.saved_states_floats(pair->params, pair->range));
   return std::max(parts, backend.saved_states_floats(p, {0, p.seqlen}));
@@ -139,7 +131,7 @@ std::vector<ScalarDecay::Segment> ScalarDecay::segments(TokenRange part) const {
 }
 
 bool ScalarDecay::segmented(TokenRange part, const DocStates& docs) const {
-  if (!any_states(docs)) return false;
+  if (!docs.any()) return false;
   const auto first = std::lower_bound(docs_.starts.begin(), docs_.starts.end(), part.begin);
   return first != docs_.starts.end() && *first < part.end;  // a start inside the part
 }
@@ -179,7 +171,7 @@ void ScalarDecay::summarize(TokenRange part, const DocStates& docs, const PartSu
   // L = -inf past a start; the part's segment states kept where its forward keeps them
   if (be_.part_state_saving(p_, part, out.state, out.map, saved_slot(part), stream) && !summarized(part))
     summarized_.push_back(part);
-  if (!any_states(docs) && !out.want_head) return;
+  if (!docs.any() && !out.want_head) return;
   const std::vector<Segment> segs = segments(part);
   const int64_t S = shape().state_floats;
   if (out.want_head) {
@@ -302,7 +294,7 @@ void ScalarDecay::dkdv(const AttentionParams& p, TokenRange range, const PartSta
 // --- a balanced rank's two parts as one pair (part_pair.h) -----------------------
 
 std::optional<PartPair> ScalarDecay::pair_of(const std::vector<TokenRange>& parts, const DocStates& docs) const {
-  if (!docs_.starts.empty() || any_states(docs)) return std::nullopt;
+  if (!docs_.starts.empty() || docs.any()) return std::nullopt;
   return PartPair::of(p_, parts);
 }
 
@@ -311,19 +303,17 @@ float* ScalarDecay::pair_slot(const PartPair& pair) const {
   return saved_states_;
 }
 
-// The pair's kept work and summary are filed under the whole local range, which is no
-// part of a balanced layout.
 void ScalarDecay::summarize_parts(const std::vector<TokenRange>& parts, const DocStates& docs,
                                   const std::vector<PartSummary>& out, void* stream) const {
   const std::optional<PartPair> pair = pair_of(parts, docs);
-  const int64_t S = shape().state_floats, Mp = shape().map_floats;
-  if (!pair || out[0].want_head || out[1].want_head || out[1].state != out[0].state + S ||
-      out[1].map != out[0].map + Mp) {
+  const auto M = laid_out(out, &PartSummary::state, shape().state_floats);
+  const auto L = laid_out(out, &PartSummary::map, shape().map_floats);
+  if (!pair || out[0].want_head || out[1].want_head || !M || !L || !*M || !*L) {
     PartFamily::summarize_parts(parts, docs, out, stream);
     return;
   }
-  if (be_.part_state_saving(pair->params, pair->range, out[0].state, out[0].map, pair_slot(*pair), stream))
-    summarized_.push_back({0, p_.seqlen});
+  if (be_.part_state_saving(pair->params, pair->range, *M, *L, pair_slot(*pair), stream))
+    summarized_.push_back(pair->key());
 }
 
 void ScalarDecay::forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
@@ -335,7 +325,7 @@ void ScalarDecay::forward_parts(const std::vector<TokenRange>& parts, const std:
     return;
   }
   const MutView o = pair->view(o_);
-  if (summarized({0, p_.seqlen})) be_.chunk_forward_from_saved(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
+  if (summarized(pair->key())) be_.chunk_forward_from_saved(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
   else be_.chunk_forward_saving(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
 }
 
@@ -347,7 +337,7 @@ void ScalarDecay::entering_grads(const std::vector<TokenRange>& parts, const std
     PartFamily::entering_grads(parts, dstates, stream);
     return;
   }
-  kept_dstates_.put({0, p_.seqlen},
+  kept_dstates_.put(pair->key(),
                     be_.part_dstate_keeping(pair->params, pair->range, pair->view(grads_.dout), *out, stream));
 }
 
@@ -369,22 +359,17 @@ void ScalarDecay::backward_parts(const std::vector<TokenRange>& parts, const std
                                  const DocStates& docs, void* scratch, void* stream) const {
   const std::optional<PartPair> pair = pair_of(parts, docs);
   const int64_t S = shape().state_floats, Mp = shape().map_floats;
-  auto column = [&](auto member) {
-    std::vector<const float*> v;
-    for (const PartStates& s : states) v.push_back(s.*member);
-    return v;
-  };
-  const auto entering = laid_out(column(&PartStates::entering), S);
-  const auto own = laid_out(column(&PartStates::state), S);
-  const auto map = laid_out(column(&PartStates::map), Mp);
-  const auto leaving = laid_out(column(&PartStates::leaving_grad), S);
+  const auto entering = laid_out(states, &PartStates::entering, S);
+  const auto own = laid_out(states, &PartStates::state, S);
+  const auto map = laid_out(states, &PartStates::map, Mp);
+  const auto leaving = laid_out(states, &PartStates::leaving_grad, S);
   if (!pair || !entering || !own || !map || !leaving || !*entering || !*own || !*map) {
     PartFamily::backward_parts(parts, states, docs, scratch, stream);
     return;
   }
   const ScalarDecayGrads grads{pair->view(grads_.dout), pair->view(grads_.dq), pair->view(grads_.dk),
                                pair->view(grads_.dv), grads_.dg};
-  dkdv(pair->params, pair->range, {*entering, *own, *map, *leaving}, grads, {0, p_.seqlen}, scratch, stream);
+  dkdv(pair->params, pair->range, {*entering, *own, *map, *leaving}, grads, pair->key(), scratch, stream);
 }
 
 }  // namespace lasp2

@@ -87,6 +87,8 @@ struct DocStates {
   float* finals = nullptr;              // out: end states of documents begun and ended inside a part
   const float* final_dstate = nullptr;  // gradients of the documents' end states
   float* d_initial = nullptr;           // out: gradients of `initial` for documents begun inside a part
+
+  bool any() const { return initial != nullptr || finals != nullptr || final_dstate != nullptr || d_initial != nullptr; }
 };
 
 // Where summarize() writes: the part's record and its head's. The head buffers are

@@ -6,6 +6,8 @@
 // Local tokens are the rank's parts concatenated in that order.
 #pragma once
 
+#include <vector>
+
 #include "lasp2/types.h"
 
 namespace lasp2 {
@@ -35,6 +37,12 @@ struct PartLayout {
   TokenRange local_range(int i, int64_t local_seqlen) const {
     const int64_t n = local_seqlen / parts_per_rank;
     return {i * n, (i + 1) * n};
+  }
+  // Every local part's range, in local order.
+  std::vector<TokenRange> local_ranges(int64_t local_seqlen) const {
+    std::vector<TokenRange> out;
+    for (int i = 0; i < parts_per_rank; ++i) out.push_back(local_range(i, local_seqlen));
+    return out;
   }
 
   void validate(int64_t local_seqlen) const {

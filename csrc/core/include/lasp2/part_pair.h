@@ -39,6 +39,9 @@ struct PairRows {
   }
   ConstView view(const ConstView& v) const { return {v.data, rows(v.stride)}; }
   MutView view(const MutView& v) const { return {v.data, rows(v.stride)}; }
+  // What a family files the pair's kept work and summary under: the whole local range,
+  // which is no part of a balanced layout.
+  TokenRange key() const { return {0, 2 * range.end}; }
 
   // The pair of `parts` of `p` with what every family's params have read as two rows
   // (batch, seqlen, q, k, v); the family then sets its own per-row fields. Nothing where
@@ -81,6 +84,13 @@ std::optional<T*> laid_out(const std::vector<T*>& buffers, int64_t stride) {
     base = b;
   }
   return base ? base : std::optional<T*>(nullptr);
+}
+// The same over one member of each entry (PartSummary::state, PartStates::leaving_grad, ...).
+template <typename E, typename T>
+std::optional<T*> laid_out(const std::vector<E>& entries, T* E::*member, int64_t stride) {
+  std::vector<T*> buffers;
+  for (const E& e : entries) buffers.push_back(e.*member);
+  return laid_out(buffers, stride);
 }
 
 }  // namespace lasp2

@@ -152,7 +152,7 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   float* table_ = nullptr;
   float* saved_states_ = nullptr;  // with_saved_states
   PartLayout saved_layout_;
-  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled ({0, T}: a pair's)
+  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled (a pair's: PairRows::key)
   mutable KeptByPart kept_dstates_;  // what entering_grad kept for each part's dk/dv pass
 };
 
