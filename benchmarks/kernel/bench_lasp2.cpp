@@ -269,7 +269,9 @@ void sp_rank_table(const KernelBackend& be, const AttentionParams& p, MutView o,
         LoopbackCommunicator loop(rank, P);
         Communicator* comm = P > 1 ? &loop : nullptr;
         RankBuffers b(be, p, l);
-        auto fwd = [&](bool overlap, cudaStream_t s) { sp_rank_fb(be, p, l, comm, b, o, dov, dq, dk, dv, dg, overlap, false, s); };
+        auto fwd = [&](bool overlap, cudaStream_t s) {
+          sp_rank_fb(be, p, l, comm, b, o, dov, dq, dk, dv, dg, overlap, false, s);
+        };
         auto fb_calls = [&](cudaStream_t s) { sp_rank_fb(be, p, l, comm, b, o, dov, dq, dk, dv, dg, false, true, s); };
         const float ff = median_ms([&] { fwd(false, nullptr); });
         const float fo = median_ms([&] { fwd(true, nullptr); });

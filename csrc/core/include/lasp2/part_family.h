@@ -88,7 +88,9 @@ struct DocStates {
   const float* final_dstate = nullptr;  // gradients of the documents' end states
   float* d_initial = nullptr;           // out: gradients of `initial` for documents begun inside a part
 
-  bool any() const { return initial != nullptr || finals != nullptr || final_dstate != nullptr || d_initial != nullptr; }
+  bool any() const {
+    return initial != nullptr || finals != nullptr || final_dstate != nullptr || d_initial != nullptr;
+  }
 };
 
 // Where summarize() writes: the part's record and its head's. The head buffers are
