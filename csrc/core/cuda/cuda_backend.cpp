@@ -14,7 +14,8 @@
 //
 // Environment knobs (tests, benchmarks): LASP2_CUDA_SEG_CHUNKS=<n> forces n chunks
 // per segment; LASP2_CUDA_FORCE_GENERIC=1 disables the tensor-core kernels;
-// LASP2_CUDA_SUMMARY_KEEP=0 keeps no segment states from a part summary (part_state_saving).
+// LASP2_CUDA_SUMMARY_KEEP=0 keeps nothing from one pass over a part for the next (the
+// *_keeping functions: segment states and meta; the A/B's reference).
 #include <algorithm>
 #include <string>
 
@@ -69,21 +70,31 @@ class CudaBackend final : public KernelBackend {
   }
 
   // The summary's walk is the output pass's (reduce_part: keep), so LASP-2's forward on
-  // P > 1 ranks walks each part's segments once instead of twice (keep_summaries).
-  bool part_state_saving(const AttentionParams& p, TokenRange part, float* state, float* log_decay,
-                         float* saved, void* stream) const override {
+  // P > 1 ranks walks each part's segments once instead of twice; its meta serves the
+  // output pass too.
+  std::unique_ptr<KeptPartWork> part_state_keeping(const AttentionParams& p, TokenRange part, float* state,
+                                                   float* log_decay, float* saved, void* stream) const override {
     check_params(p, part);
-    if (!keep_summaries()) saved = nullptr;
+    if (!keep_summaries()) {
+      part_state(p, part, state, log_decay, stream);
+      return nullptr;
+    }
+    auto kept = std::make_unique<KeptPart>();
     const Geom g = output_geom(p, part);
-    return reduce_part(call(stream), p, part, view_of(p.k), view_of(p.v), false, state, log_decay, saved, &g);
+    kept->saved = reduce_part(call(stream), p, part, view_of(p.k), view_of(p.v), false, state, log_decay, saved,
+                              &g, &kept->meta);
+    return kept;
   }
 
-  void chunk_forward_from_saved(const AttentionParams& p, TokenRange part, const float* initial_state,
-                                MutView o, const float* saved, void* stream) const override {
+  void chunk_forward_kept(const AttentionParams& p, TokenRange part, const float* initial_state, MutView o,
+                          float* saved, KeptPartWork* kept, void* stream) const override {
     check_params(p, part);
     if (p.bh() == 0 || part.length() == 0) return;
     OutputPass pass = forward_pass(p, initial_state, o);
-    pass.kept = saved;
+    auto* k = dynamic_cast<KeptPart*>(kept);
+    if (k != nullptr && k->saved) pass.kept = saved;
+    else pass.keep = saved;
+    pass.meta = k != nullptr ? &k->meta : nullptr;
     run_output(call(stream), p, part, pass);
   }
 
@@ -103,30 +114,38 @@ class CudaBackend final : public KernelBackend {
 
   // The same for the backward: the walk of the part's entering-state gradient is the dk/dv
   // pass's (reduce_part on dkdv_geom), kept in a block of the call's allocator until the
-  // dk/dv pass has been enqueued.
+  // dk/dv pass has been enqueued; its meta serves the dq and dk/dv passes.
   std::unique_ptr<KeptPartWork> part_dstate_keeping(const AttentionParams& p, TokenRange part, ConstView dout,
-                                                float* dstate, void* stream) const override {
+                                                    float* dstate, void* stream) const override {
     check_params(p, part);
-    const Geom g = dkdv_geom(p, part, view_of(dout));
-    if (!keep_summaries() || p.bh() == 0 || part.length() == 0 || g.nseg <= 1) {
+    if (!keep_summaries() || p.bh() == 0 || part.length() == 0) {
       part_dstate(p, part, dout, dstate, stream);
       return nullptr;
     }
-    auto kept = std::make_unique<KeptStates>(g, p.state_elems(), allocator_, as_stream(stream));
-    reduce_part(call(stream), p, part, view_of(p.q), view_of(dout), true, dstate, nullptr, kept->states(), &g);
+    auto kept = std::make_unique<KeptPart>();
+    const Geom g = dkdv_geom(p, part, view_of(dout));
+    if (g.nseg > 1) {
+      kept->states = std::make_unique<DeviceBlock>(4 * g.bh() * g.nseg * p.state_elems(), allocator_,
+                                                   as_stream(stream));
+      kept->states_geom = g;
+    }
+    reduce_part(call(stream), p, part, view_of(p.q), view_of(dout), true, dstate, nullptr, kept->states_data(), &g,
+                &kept->meta);
     return kept;
   }
 
   void chunk_backward_dkdv_kept(const AttentionParams& p, TokenRange part, ConstView dout,
                                 const float* final_dstate, MutView dk, MutView dv, const void* q_dot_dq,
-                                const float* dg_offset, void* dg, const KeptPartWork* kept,
+                                const float* dg_offset, void* dg, KeptPartWork* kept,
                                 void* stream) const override {
     check_dkdv(p, part, q_dot_dq, dg);
     if (p.bh() == 0 || part.length() == 0) return;
-    const auto* k = dynamic_cast<const KeptStates*>(kept);
+    auto* k = dynamic_cast<KeptPart*>(kept);
+    const bool states = k != nullptr && k->states != nullptr;
     run_dkdv(call(stream), p, part, view_of(dout), final_dstate, view_of(dk), view_of(dv),
-             static_cast<const float*>(q_dot_dq), dg_offset, static_cast<float*>(dg), k ? k->states() : nullptr,
-             k ? &k->geom : nullptr);
+             static_cast<const float*>(q_dot_dq), dg_offset, static_cast<float*>(dg),
+             states ? k->states_data() : nullptr, states ? &k->states_geom : nullptr,
+             k != nullptr ? &k->meta : nullptr);
   }
 
   void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
@@ -138,18 +157,24 @@ class CudaBackend final : public KernelBackend {
   void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
                                const float* initial_state, MutView dq, void* q_dot_dq,
                                const float* saved, void* stream) const override {
-    check_params(p, part);
-    LASP2_CHECK(q_dot_dq == nullptr || p.decay.dtype == ScalarType::kFloat32,
-                "CUDA kernels write q_dot_dq as float32 (decay dtype must be float32)");
-    if (p.bh() == 0 || part.length() == 0) return;
-    // dq is the forward pass of (dO, v, k) with the transposed state.
-    OutputPass pass = output_pass(q_dot_dq != nullptr ? FwdMode::kDq : FwdMode::kFwd, view_of(dout), view_of(p.v),
-                                  view_of(p.k), view_of(dq), p.dim_v, p.dim_k, initial_state);
-    pass.x = view_of(p.q);
-    pass.transposed = true;
-    pass.qdq = static_cast<float*>(q_dot_dq);
-    pass.kept = saved;
-    run_output(call(stream), p, part, pass);
+    run_dq(p, part, dout, initial_state, dq, q_dot_dq, saved, nullptr, stream);
+  }
+
+  // The dq pass's meta kept for the dk/dv pass (in `kept`, or a new one), which on one
+  // device would launch the same meta kernel again.
+  std::unique_ptr<KeptPartWork> chunk_backward_dq_keeping(const AttentionParams& p, TokenRange part,
+                                                          ConstView dout, const float* initial_state, MutView dq,
+                                                          void* q_dot_dq, const float* saved,
+                                                          std::unique_ptr<KeptPartWork> kept,
+                                                          void* stream) const override {
+    if (!keep_summaries()) {
+      chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, saved, stream);
+      return kept;
+    }
+    if (kept == nullptr) kept = std::make_unique<KeptPart>();
+    auto* k = dynamic_cast<KeptPart*>(kept.get());
+    run_dq(p, part, dout, initial_state, dq, q_dot_dq, saved, k != nullptr ? &k->meta : nullptr, stream);
+    return kept;
   }
 
   void chunk_backward_dkdv(const AttentionParams& p, TokenRange part, ConstView dout,
@@ -218,18 +243,34 @@ class CudaBackend final : public KernelBackend {
                 "CUDA kernels write dg as float32 (decay dtype must be float32)");
   }
 
-  // part_dstate_keeping's states: the dk/dv pass's segments of one part, in a block of the
-  // call's allocator (given back, stream-ordered, when destroyed).
-  class KeptStates final : public KeptPartWork {
-   public:
-    KeptStates(const Geom& g, int64_t state_elems, const ScratchAllocator* allocator, cudaStream_t stream)
-        : geom(g), block_(4 * g.bh() * g.nseg * state_elems, allocator, stream) {}
-    float* states() const { return reinterpret_cast<float*>(block_.data()); }
-    const Geom geom;
-
-   private:
-    DeviceBlock block_;
+  // What one pass over a part keeps for the next (kept_part_work.h): the meta, and
+  // part_dstate_keeping's segment gradients (dk/dv pass's geometry) in a block of the
+  // call's allocator, or part_state_keeping's note that the caller's saved slot holds the
+  // forward's segment states. Destroying it gives its blocks back, stream-ordered.
+  struct KeptPart final : public KeptPartWork {
+    MetaSlot meta;
+    std::unique_ptr<DeviceBlock> states;
+    Geom states_geom;
+    bool saved = false;
+    float* states_data() const { return states ? reinterpret_cast<float*>(states->data()) : nullptr; }
   };
+
+  // dq is the forward pass of (dO, v, k) with the transposed state.
+  void run_dq(const AttentionParams& p, TokenRange part, ConstView dout, const float* initial_state, MutView dq,
+              void* q_dot_dq, const float* saved, MetaSlot* meta, void* stream) const {
+    check_params(p, part);
+    LASP2_CHECK(q_dot_dq == nullptr || p.decay.dtype == ScalarType::kFloat32,
+                "CUDA kernels write q_dot_dq as float32 (decay dtype must be float32)");
+    if (p.bh() == 0 || part.length() == 0) return;
+    OutputPass pass = output_pass(q_dot_dq != nullptr ? FwdMode::kDq : FwdMode::kFwd, view_of(dout), view_of(p.v),
+                                  view_of(p.k), view_of(dq), p.dim_v, p.dim_k, initial_state);
+    pass.x = view_of(p.q);
+    pass.transposed = true;
+    pass.qdq = static_cast<float*>(q_dot_dq);
+    pass.kept = saved;
+    pass.meta = meta;
+    run_output(call(stream), p, part, pass);
+  }
 
   // An output pass over (qa, ka, va) into `out` with `initial_state` entering the part
   // (kPrefix reads qa alone).
@@ -246,7 +287,7 @@ class CudaBackend final : public KernelBackend {
     pass.initial_state = initial_state;
     return pass;
   }
-  // ... of o (chunk_forward_saving, chunk_forward_from_saved)
+  // ... of o (chunk_forward_saving, chunk_forward_kept)
   static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {
     return output_pass(FwdMode::kFwd, view_of(p.q), view_of(p.k), view_of(p.v), view_of(o), p.dim_k, p.dim_v,
                        initial_state);

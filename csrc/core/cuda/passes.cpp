@@ -30,6 +30,43 @@ MetaArgs meta_args(const AttentionParams& p, const Geom& g, const ScratchBuffers
   return m;
 }
 
+bool same_cut(const Geom& a, const Geom& b) {
+  return a.batch == b.batch && a.heads == b.heads && a.seqlen == b.seqlen && a.begin == b.begin && a.n == b.n &&
+         a.nchunks == b.nchunks && a.seg_chunks == b.seg_chunks && a.nseg == b.nseg;
+}
+
+// A pass's scratch: `layout` (the pass's own buffers) plus its meta, launched into the
+// scratch or, with a slot, read from the slot's kept meta (made there first where the one
+// it holds does not serve g). `tc_walk`: the pass walks segment states on tensor cores
+// (the weights); `tc_route`: its kernels are the tensor-core ones, so a kept meta also
+// gets the weights for a later pass that walks.
+class PassScratch {
+ public:
+  PassScratch(const CallContext& c, const AttentionParams& p, const Geom& g, bool tc_walk, bool tc_route,
+              ScratchLayout layout, MetaSlot* slot)
+      : scratch_(with_meta(layout, g, tc_walk, slot), c.allocator, c.stream), s_(scratch_.buffers()) {
+    if (slot == nullptr) {
+      launch_meta(meta_args(p, g, s_), c.stream);
+      return;
+    }
+    if (!*slot || !(*slot)->serves(g, tc_walk)) *slot = std::make_unique<KeptMeta>(c, p, g, tc_walk || tc_route);
+    (*slot)->place(s_);
+  }
+  const ScratchBuffers& buffers() const { return s_; }
+
+ private:
+  static ScratchLayout with_meta(ScratchLayout l, const Geom& g, bool tc_walk, const MetaSlot* slot) {
+    if (slot != nullptr) return l;
+    const ScratchLayout walk = ScratchLayout::for_walk(g, tc_walk);
+    l.meta = walk.meta;
+    l.weights = walk.weights;
+    l.seg_log_decay = walk.seg_log_decay;
+    return l;
+  }
+  Scratch scratch_;
+  ScratchBuffers s_;
+};
+
 // The dg fix-up over all heads of a token range (head_row_kernels.cu) unless
 // LASP2_CUDA_HEAD_ROWS=0, which selects the one per (b, h, segment) (misc_kernels.cu):
 // both write the same bits (the test compares them); on an H200 (session 11,
@@ -148,8 +185,22 @@ StatePieces run_states(const AttentionParams& p, const Geom& g, int D, View a, V
 
 }  // namespace
 
+KeptMeta::KeptMeta(const CallContext& c, const AttentionParams& p, const Geom& g, bool weights)
+    : g_(g), weights_(weights), block_(ScratchLayout::for_walk(g, weights), c.allocator, c.stream) {
+  launch_meta(meta_args(p, g, block_.buffers()), c.stream);
+}
+
+bool KeptMeta::serves(const Geom& g, bool weights) const { return same_cut(g_, g) && (weights_ || !weights); }
+
+void KeptMeta::place(ScratchBuffers& s) const {
+  const ScratchBuffers& b = block_.buffers();
+  s.meta = b.meta;
+  s.weights = b.weights;
+  s.seg_log_decay = b.seg_log_decay;
+}
+
 bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
-                 bool entry, float* state, float* log_decay, float* keep, const Geom* keep_geom) {
+                 bool entry, float* state, float* log_decay, float* keep, const Geom* keep_geom, MetaSlot* meta) {
   const int64_t se = p.state_elems();
   if (p.bh() == 0) return false;
   if (part.length() == 0) {
@@ -162,13 +213,12 @@ bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   // segment but the one its scan leaves unread) is this one's, bit for bit.
   const bool keeping = keep != nullptr && keep_geom != nullptr && keep_geom->nseg > 1;
   const Geom g = keeping ? *keep_geom : make_geom(p, part, D);
-  ScratchLayout layout = ScratchLayout::for_walk(g, D > 0);
+  ScratchLayout layout;
   layout.seg_states = keeping ? 0 : g.bh() * g.nseg * se;
   add_state_split(layout, p, g, D);
-  Scratch scratch(layout, c.allocator, c.stream);
+  const PassScratch scratch(c, p, g, D > 0, D > 0, layout, meta);
   const ScratchBuffers& s = scratch.buffers();
   float* M = keeping ? keep : s.seg_states;
-  launch_meta(meta_args(p, g, s), c.stream);
   const StatePieces pieces =
       run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
                  entry ? static_cast<float>(p.scale) : 1.f, entry, M, -1, c.stream);
@@ -201,14 +251,13 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   const View k = view_of(p.k), v = view_of(p.v);
   // the segment-state pass, if any (none when the forward's states are read back)
   const int sD = need_states && !read_kept ? state_dim(p, k, v) : 0;
-  ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
+  ScratchLayout layout;
   layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
   layout.block_states =
       smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
   add_state_split(layout, p, g, sD);
-  Scratch scratch(layout, c.allocator, c.stream);
+  const PassScratch scratch(c, p, g, sD > 0, D > 0, layout, pass.meta);
   const ScratchBuffers& s = scratch.buffers();
-  launch_meta(meta_args(p, g, s), c.stream);
   FwdArgs a;
   a.g = g;
   a.qa = pass.qa;
@@ -287,7 +336,7 @@ Geom dkdv_geom(const AttentionParams& p, TokenRange part, View dout) {
 
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
               const float* final_dstate, View dk, View dv, const float* q_dot_dq,
-              const float* dg_offset, float* dg, const float* kept, const Geom* kept_geom) {
+              const float* dg_offset, float* dg, const float* kept, const Geom* kept_geom, MetaSlot* meta) {
   const int64_t se = p.state_elems();
   const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v);
   const int D = tc_dim(p, {q, k, v, dout, dk, dv}, tc_dkdv_smem(64), tc_dkdv_smem(128));
@@ -297,14 +346,13 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
   const bool smem_state = D > 0 || generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
   const int sD = g.nseg > 1 && !read_kept ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
-  ScratchLayout layout = ScratchLayout::for_walk(g, sD > 0);
+  ScratchLayout layout;
   layout.seg_states = g.nseg > 1 ? g.bh() * g.nseg * se : 0;
   layout.seg_dg_sums = g.bh() * g.nseg;
   layout.block_states = smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv);
   add_state_split(layout, p, g, sD);
-  Scratch scratch(layout, c.allocator, c.stream);
+  const PassScratch scratch(c, p, g, sD > 0, D > 0, layout, meta);
   const ScratchBuffers& s = scratch.buffers();
-  launch_meta(meta_args(p, g, s), c.stream);
   DkdvArgs a;
   a.g = g;
   a.q = q;

@@ -6,9 +6,12 @@
 
 #include <cuda_runtime.h>
 
+#include <memory>
+
 #include "launch.h"
 #include "lasp2/params.h"
 #include "lasp2/scratch_allocator.h"
+#include "scratch.h"
 
 namespace lasp2::cuda {
 
@@ -18,6 +21,31 @@ struct CallContext {
   cudaStream_t stream = nullptr;
 };
 
+// The per-token meta of one part on one geometry (ScratchLayout::for_walk's meta, weights
+// and segment log decays: MetaArgs), kept in a block of the call's allocator so that a
+// later pass over the same part and params reads it instead of launching the meta kernel
+// again. LASP-2 on P > 1 ranks runs two passes over a part forward (summary, output) and
+// three backward (entering-state gradient, dq, dk/dv); one device runs two backward.
+class KeptMeta {
+ public:
+  // Launches the meta kernel into the block; `weights`: also the tensor-core walk's
+  // per-token weights.
+  KeptMeta(const CallContext& c, const AttentionParams& p, const Geom& g, bool weights);
+  // Whether a pass on geometry g (needing the weights or not) can read it.
+  bool serves(const Geom& g, bool weights) const;
+  // The meta buffers, for a pass's ScratchBuffers.
+  void place(ScratchBuffers& s) const;
+
+ private:
+  Geom g_;
+  bool weights_;
+  Scratch block_;
+};
+// A pass's kept meta, in and out (nullable): read where it serves the pass, else made
+// anew in it (the next pass then reads that one). Without a slot the meta goes into the
+// pass's own scratch.
+using MetaSlot = std::unique_ptr<KeptMeta>;
+
 // The state of a whole part, reduced over segments in parallel: the exit-weighted
 // sum of k v^T and the part's log decay (part_state), or the entry-weighted
 // scale * sum q dO^T (part_dstate: entry = true, scanned in reverse).
@@ -25,10 +53,10 @@ struct CallContext {
 // cut as `keep_geom` cuts the part: the geometry of the pass that reads them (exit mode:
 // output_geom, what OutputPass::keep would hold, its last segment's slot too; entry mode:
 // dkdv_geom, for run_dkdv's `kept`). Returns false where that geometry has one segment
-// (nothing kept; keep untouched).
+// (nothing kept; keep untouched). meta: MetaSlot.
 bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
                  bool entry, float* state, float* log_decay, float* keep = nullptr,
-                 const Geom* keep_geom = nullptr);
+                 const Geom* keep_geom = nullptr, MetaSlot* meta = nullptr);
 
 // The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
 // and the transposed state), or the prefix term only (kPrefix).
@@ -45,6 +73,7 @@ struct OutputPass {
   float* qdq = nullptr;
   float* keep = nullptr;
   const float* kept = nullptr;
+  MetaSlot* meta = nullptr;
 };
 void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
                 const OutputPass& pass);
@@ -62,11 +91,11 @@ int64_t kept_state_floats(const AttentionParams& p, TokenRange part);
 
 // dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part. kept (nullable):
 // the entry-weighted segment states of (q, dO) reduce_part kept on `kept_geom`, read
-// instead of walked where the pass cuts the part alike (else walked again).
+// instead of walked where the pass cuts the part alike (else walked again). meta: MetaSlot.
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
               const float* final_dstate, View dk, View dv, const float* q_dot_dq,
               const float* dg_offset, float* dg, const float* kept = nullptr,
-              const Geom* kept_geom = nullptr);
+              const Geom* kept_geom = nullptr, MetaSlot* meta = nullptr);
 // The dk/dv pass's segments where dk and dv are laid out as q and k (the views it is
 // given then decide: run_dkdv's kept_geom check).
 Geom dkdv_geom(const AttentionParams& p, TokenRange part, View dout);

@@ -111,10 +111,6 @@ float* ScalarDecay::saved_slot(TokenRange part) const {
   return nullptr;  // not a part of the layout: nothing kept
 }
 
-bool ScalarDecay::summarized(TokenRange part) const {
-  return std::find(summarized_.begin(), summarized_.end(), part) != summarized_.end();
-}
-
 // --- segments (packed documents with states) ---------------------------------
 
 std::vector<ScalarDecay::Segment> ScalarDecay::segments(TokenRange part) const {
@@ -169,8 +165,7 @@ void ScalarDecay::apply_segment(const float* x, float* out, void* stream) const 
 void ScalarDecay::summarize(TokenRange part, const DocStates& docs, const PartSummary& out,
                             void* stream) const {
   // L = -inf past a start; the part's segment states kept where its forward keeps them
-  if (be_.part_state_saving(p_, part, out.state, out.map, saved_slot(part), stream) && !summarized(part))
-    summarized_.push_back(part);
+  kept_summaries_.put(part, be_.part_state_keeping(p_, part, out.state, out.map, saved_slot(part), stream));
   if (!docs.any() && !out.want_head) return;
   const std::vector<Segment> segs = segments(part);
   const int64_t S = shape().state_floats;
@@ -200,9 +195,10 @@ void ScalarDecay::combine_prefix(const std::vector<const float*>& states, const 
 
 void ScalarDecay::forward(TokenRange part, const float* entering, const DocStates& docs,
                           void* stream) const {
+  // what summarize kept for this part, if anything; given back once the pass is enqueued
+  const std::unique_ptr<KeptPartWork> kept = kept_summaries_.take(part);
   if (!segmented(part, docs)) {
-    if (summarized(part)) be_.chunk_forward_from_saved(p_, part, entering, o_, saved_slot(part), stream);
-    else be_.chunk_forward_saving(p_, part, entering, o_, saved_slot(part), stream);
+    be_.chunk_forward_kept(p_, part, entering, o_, saved_slot(part), kept.get(), stream);
     return;
   }
   for (const Segment& s : segments(part)) {
@@ -232,8 +228,9 @@ void ScalarDecay::backward_entering(TokenRange part, const float* entering, cons
                                     void* scratch, void* stream) const {
   const DgScratch g(p_, scratch, grads_.dg != nullptr);
   if (!segmented(part, docs)) {
-    be_.chunk_backward_dq_saved(p_, part, grads_.dout, entering, grads_.dq, g.q_dot_dq,
-                                saved_slot(part), stream);
+    // reads what entering_grad kept, and keeps for the dk/dv pass (backward)
+    kept_dstates_.put(part, be_.chunk_backward_dq_keeping(p_, part, grads_.dout, entering, grads_.dq, g.q_dot_dq,
+                                                          saved_slot(part), kept_dstates_.take(part), stream));
     return;
   }
   for (const Segment& s : segments(part)) {
@@ -312,8 +309,7 @@ void ScalarDecay::summarize_parts(const std::vector<TokenRange>& parts, const Do
     PartFamily::summarize_parts(parts, docs, out, stream);
     return;
   }
-  if (be_.part_state_saving(pair->params, pair->range, *M, *L, pair_slot(*pair), stream))
-    summarized_.push_back(pair->key());
+  kept_summaries_.put(pair->key(), be_.part_state_keeping(pair->params, pair->range, *M, *L, pair_slot(*pair), stream));
 }
 
 void ScalarDecay::forward_parts(const std::vector<TokenRange>& parts, const std::vector<const float*>& entering,
@@ -324,9 +320,8 @@ void ScalarDecay::forward_parts(const std::vector<TokenRange>& parts, const std:
     PartFamily::forward_parts(parts, entering, docs, stream);
     return;
   }
-  const MutView o = pair->view(o_);
-  if (summarized(pair->key())) be_.chunk_forward_from_saved(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
-  else be_.chunk_forward_saving(pair->params, pair->range, *in, o, pair_slot(*pair), stream);
+  const std::unique_ptr<KeptPartWork> kept = kept_summaries_.take(pair->key());
+  be_.chunk_forward_kept(pair->params, pair->range, *in, pair->view(o_), pair_slot(*pair), kept.get(), stream);
 }
 
 void ScalarDecay::entering_grads(const std::vector<TokenRange>& parts, const std::vector<float*>& dstates,
@@ -351,8 +346,10 @@ void ScalarDecay::backward_entering_parts(const std::vector<TokenRange>& parts,
     return;
   }
   const DgScratch g(p_, scratch, grads_.dg != nullptr);
-  be_.chunk_backward_dq_saved(pair->params, pair->range, pair->view(grads_.dout), *in, pair->view(grads_.dq),
-                              g.q_dot_dq, pair_slot(*pair), stream);
+  kept_dstates_.put(pair->key(), be_.chunk_backward_dq_keeping(pair->params, pair->range, pair->view(grads_.dout),
+                                                               *in, pair->view(grads_.dq), g.q_dot_dq,
+                                                               pair_slot(*pair), kept_dstates_.take(pair->key()),
+                                                               stream));
 }
 
 void ScalarDecay::backward_parts(const std::vector<TokenRange>& parts, const std::vector<PartStates>& states,

@@ -48,8 +48,8 @@ TEST(CudaEnvKnobs, MalformedScalarKnobsAreErrors) {
   cuda_ok(cudaDeviceSynchronize(), "part_state after the knob errors");
 }
 
-// LASP2_CUDA_SUMMARY_KEEP (session 26): 0 keeps no states from a part summary, 1 (unset) keeps
-// them where the output pass would, anything else names the knob.
+// LASP2_CUDA_SUMMARY_KEEP (session 26): 0 keeps nothing from a part summary, 1 (unset) keeps
+// its states where the output pass would and its meta, anything else names the knob.
 TEST(CudaEnvKnobs, SummaryKeepTakesZeroOrOne) {
   LASP2_SKIP_WITHOUT_CUDA();
   const OpCase c = whole_sequence_case("knob_keep", DecayMode::kGate, 128, 128, 640, 0);
@@ -59,7 +59,7 @@ TEST(CudaEnvKnobs, SummaryKeepTakesZeroOrOne) {
   const int64_t n = cuda_backend().saved_states_floats(dp.p, all);
   ASSERT_GT(n, 0) << "one segment: nothing to keep";
   DevBuf<float> st(dp.p.bh() * dp.p.state_elems()), L(dp.p.bh()), kept(n);
-  const auto keeps = [&] { return cuda_backend().part_state_saving(dp.p, all, st.p, L.p, kept.p, nullptr); };
+  const auto keeps = [&] { return cuda_backend().part_state_keeping(dp.p, all, st.p, L.p, kept.p, nullptr) != nullptr; };
   EXPECT_TRUE(keeps()) << "unset";
   {
     const EnvGuard off("LASP2_CUDA_SUMMARY_KEEP", "0");
@@ -73,7 +73,7 @@ TEST(CudaEnvKnobs, SummaryKeepTakesZeroOrOne) {
     const EnvGuard bad("LASP2_CUDA_SUMMARY_KEEP", "no");
     expect_error_naming(keeps, "LASP2_CUDA_SUMMARY_KEEP=\"no\"");
   }
-  cuda_ok(cudaDeviceSynchronize(), "part_state_saving after the knob error");
+  cuda_ok(cudaDeviceSynchronize(), "part_state_keeping after the knob error");
 }
 
 TEST(CudaEnvKnobs, DeltaSwitchesTakeZeroOrOne) {

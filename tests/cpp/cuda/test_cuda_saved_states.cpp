@@ -1,9 +1,10 @@
 // The dq pass reading the segment states chunk_forward_saving kept, against the pass that
-// computes them again; the forward reading those part_state_saving kept, the dk/dv pass
-// those part_dstate_keeping kept.
+// computes them again; the forward reading what part_state_keeping kept, the dq and dk/dv
+// passes what part_dstate_keeping and chunk_backward_dq_keeping kept.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,11 +26,11 @@ namespace {
 // change dq, so the pass reads them; and a dq on the generic route (padded views)
 // reading states of the tensor-core forward still matches the CPU.
 
-// part_state_saving (LASP-2's part summary) keeps what chunk_forward_saving keeps, bit for
+// part_state_keeping (LASP-2's part summary) keeps what chunk_forward_saving keeps, bit for
 // bit, in every slot the output pass fills (that pass leaves the last segment's zero; the
 // summary walks it too: any finite value), with part_state's state and log decay, and
-// chunk_forward_from_saved reading them gives chunk_forward's o bit for bit (with an
-// entering state); altered states change o, so the pass reads them.
+// chunk_forward_kept reading them (and the kept meta) gives chunk_forward's o bit for bit
+// (with an entering state); altered states change o, so the pass reads them.
 void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange part,
                           const std::vector<float>& kept_by_forward, const float* S0) {
   const KernelBackend& gpu = cuda_backend();
@@ -38,7 +39,8 @@ void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange p
   const int64_t nseg = n / (bh * se);
   DevBuf<float> kept(n), state(bh * se), state_re(bh * se), L(bh), L_re(bh);
   kept.poison();
-  ASSERT_TRUE(gpu.part_state_saving(pg, part, state.p, L.p, kept.p, nullptr)) << c.name;
+  const std::unique_ptr<KeptPartWork> work = gpu.part_state_keeping(pg, part, state.p, L.p, kept.p, nullptr);
+  ASSERT_NE(work, nullptr) << c.name;
   gpu.part_state(pg, part, state_re.p, L_re.p, nullptr);
   EXPECT_EQ(float_bits(state.download()), float_bits(state_re.download())) << c.name << ": summary state";
   EXPECT_EQ(float_bits(L.download()), float_bits(L_re.download())) << c.name << ": summary log decay";
@@ -50,45 +52,67 @@ void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange p
     else ASSERT_EQ(got_bits[i], want_bits[i]) << c.name << ": kept value " << i;
   }
   DevTensor o = dp.like_v(), o_re = dp.like_v(), o_bad = dp.like_v();
-  gpu.chunk_forward_from_saved(pg, part, S0, o.mview(), kept.p, nullptr);
+  gpu.chunk_forward_kept(pg, part, S0, o.mview(), kept.p, work.get(), nullptr);
   gpu.chunk_forward(pg, part, S0, o_re.mview(), nullptr);
   EXPECT_EQ(o.buf.download(), o_re.buf.download()) << c.name << ": o from the summary's states";
   std::vector<float> altered = got;
   for (float& x : altered) x = 0.5f * x + 1.f;
   kept.upload(altered);
-  gpu.chunk_forward_from_saved(pg, part, S0, o_bad.mview(), kept.p, nullptr);
+  gpu.chunk_forward_kept(pg, part, S0, o_bad.mview(), kept.p, work.get(), nullptr);
   EXPECT_NE(o_bad.buf.download(), o_re.buf.download()) << c.name << ": altered states left o unchanged";
 }
 
 // part_dstate_keeping (LASP-2's entering-state gradient of a part) gives part_dstate's
-// gradient bit for bit and keeps what the dk/dv pass then reads: dk, dv and dg equal
-// chunk_backward_dkdv's bit for bit, with a gradient leaving the part.
+// gradient bit for bit and keeps what the dq and dk/dv passes then read, and
+// chunk_backward_dq_keeping keeps what the dk/dv pass reads where nothing was kept before
+// (one device): dq, q.dq, dk, dv and dg equal the plain passes' bit for bit, with a
+// gradient leaving the part, through either chain.
 void expect_dstate_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange part) {
   const KernelBackend& gpu = cuda_backend();
   const AttentionParams& pg = dp.p;
   const int64_t bh = pg.bh(), se = pg.state_elems(), scalars = c.B * c.T * c.H;
   const bool with_dg = c.mode != DecayMode::kNone;
   DevBuf<float> dstate(bh * se), dstate_re(bh * se);
-  const auto kept = gpu.part_dstate_keeping(pg, part, dp.dout.cview(), dstate.p, nullptr);
-  ASSERT_NE(kept, nullptr) << c.name << ": several segments, nothing kept";
+  std::unique_ptr<KeptPartWork> summary = gpu.part_dstate_keeping(pg, part, dp.dout.cview(), dstate.p, nullptr);
+  ASSERT_NE(summary, nullptr) << c.name << ": nothing kept";
   gpu.part_dstate(pg, part, dp.dout.cview(), dstate_re.p, nullptr);
   EXPECT_EQ(float_bits(dstate.download()), float_bits(dstate_re.download())) << c.name << ": entering gradient";
-  const std::vector<double> s1 = random_vec(bh * se, 23, 2.0);
+  const std::vector<double> s0 = random_vec(bh * se, 22, 2.0), s1 = random_vec(bh * se, 23, 2.0);
+  DevBuf<float> S0 = to_device_f32(std::vector<float>(s0.begin(), s0.end()));
   DevBuf<float> S1 = to_device_f32(std::vector<float>(s1.begin(), s1.end()));
-  DevTensor dq = dp.like_k();
-  DevBuf<float> qdq(scalars);
-  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), nullptr, dq.mview(), with_dg ? qdq.p : nullptr, nullptr);
-  DevTensor dk = dp.like_k(), dv = dp.like_v(), dk_re = dp.like_k(), dv_re = dp.like_v();
-  DevBuf<float> dg(scalars), dg_re(scalars);
-  dg.poison();
-  dg_re.poison();
-  gpu.chunk_backward_dkdv_kept(pg, part, dp.dout.cview(), S1.p, dk.mview(), dv.mview(), with_dg ? qdq.p : nullptr,
-                               nullptr, with_dg ? dg.p : nullptr, kept.get(), nullptr);
-  gpu.chunk_backward_dkdv(pg, part, dp.dout.cview(), S1.p, dk_re.mview(), dv_re.mview(), with_dg ? qdq.p : nullptr,
-                          nullptr, with_dg ? dg_re.p : nullptr, nullptr);
-  EXPECT_EQ(dk.buf.download(), dk_re.buf.download()) << c.name << ": dk from the kept states";
-  EXPECT_EQ(dv.buf.download(), dv_re.buf.download()) << c.name << ": dv from the kept states";
-  EXPECT_EQ(float_bits(dg.download()), float_bits(dg_re.download())) << c.name << ": dg from the kept states";
+  struct Grads {
+    DevTensor dq, dk, dv;
+    DevBuf<float> qdq, dg;
+  };
+  const auto fresh = [&] {
+    Grads g{dp.like_k(), dp.like_k(), dp.like_v(), DevBuf<float>(scalars), DevBuf<float>(scalars)};
+    g.qdq.poison();
+    g.dg.poison();
+    return g;
+  };
+  const auto dkdv = [&](Grads& g, KeptPartWork* kept) {
+    gpu.chunk_backward_dkdv_kept(pg, part, dp.dout.cview(), S1.p, g.dk.mview(), g.dv.mview(),
+                                 with_dg ? g.qdq.p : nullptr, nullptr, with_dg ? g.dg.p : nullptr, kept, nullptr);
+  };
+  Grads want = fresh();
+  gpu.chunk_backward_dq(pg, part, dp.dout.cview(), S0.p, want.dq.mview(), with_dg ? want.qdq.p : nullptr, nullptr);
+  dkdv(want, nullptr);
+  const auto expect_equal = [&](Grads& got, const char* chain) {
+    EXPECT_EQ(got.dq.buf.download(), want.dq.buf.download()) << c.name << " " << chain << ": dq";
+    EXPECT_EQ(float_bits(got.qdq.download()), float_bits(want.qdq.download())) << c.name << " " << chain << ": q.dq";
+    EXPECT_EQ(got.dk.buf.download(), want.dk.buf.download()) << c.name << " " << chain << ": dk";
+    EXPECT_EQ(got.dv.buf.download(), want.dv.buf.download()) << c.name << " " << chain << ": dv";
+    EXPECT_EQ(float_bits(got.dg.download()), float_bits(want.dg.download())) << c.name << " " << chain << ": dg";
+  };
+  for (const bool after_summary : {true, false}) {
+    Grads got = fresh();
+    std::unique_ptr<KeptPartWork> kept =
+        gpu.chunk_backward_dq_keeping(pg, part, dp.dout.cview(), S0.p, got.dq.mview(), with_dg ? got.qdq.p : nullptr,
+                                      nullptr, after_summary ? std::move(summary) : nullptr, nullptr);
+    ASSERT_NE(kept, nullptr) << c.name << ": the dq pass kept nothing for the dk/dv pass";
+    dkdv(got, kept.get());
+    expect_equal(got, after_summary ? "summary, dq, dk/dv" : "dq, dk/dv");
+  }
 }
 
 void run_saved_states_case(const OpCase& c) {

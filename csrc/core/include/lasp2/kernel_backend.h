@@ -86,24 +86,24 @@ class KernelBackend {
     (void)saved;
     chunk_forward(p, part, initial_state, o, stream);
   }
-  // part_state, also writing into `saved` (nullable) the states chunk_forward_saving
-  // would keep: a part summary walks the same segments that the part's output pass
-  // walks first (LASP-2 on P > 1 ranks summarizes each part, then runs its output pass).
-  // Returns whether it wrote them; the default keeps none.
-  virtual bool part_state_saving(const AttentionParams& p, TokenRange part, float* state,
-                                 float* log_decay, float* saved, void* stream) const {
+  // part_state, also keeping what chunk_forward_kept over the same part, inputs and params
+  // then reads (kept_part_work.h): LASP-2 on P > 1 ranks summarizes each part, then runs its
+  // output pass, which walks the same segments first. The CUDA backend writes into `saved`
+  // (nullable) the states chunk_forward_saving would keep, and keeps its per-token meta.
+  // Null: nothing kept (the default).
+  virtual std::unique_ptr<KeptPartWork> part_state_keeping(const AttentionParams& p, TokenRange part,
+                                                           float* state, float* log_decay, float* saved,
+                                                           void* stream) const {
     (void)saved;
     part_state(p, part, state, log_decay, stream);
-    return false;
+    return nullptr;
   }
-  // chunk_forward reading those states from `saved` (written by part_state_saving, which
-  // returned true, over the same part, inputs and params) instead of walking the segments
-  // again. The same results as chunk_forward_saving.
-  virtual void chunk_forward_from_saved(const AttentionParams& p, TokenRange part,
-                                        const float* initial_state, MutView o, const float* saved,
-                                        void* stream) const {
-    (void)saved;
-    chunk_forward(p, part, initial_state, o, stream);
+  // chunk_forward_saving reading what part_state_keeping kept (`kept`, null: nothing; the
+  // same `saved`) instead of computing it again. The same results.
+  virtual void chunk_forward_kept(const AttentionParams& p, TokenRange part, const float* initial_state,
+                                  MutView o, float* saved, KeptPartWork* kept, void* stream) const {
+    (void)kept;
+    chunk_forward_saving(p, part, initial_state, o, saved, stream);
   }
   // chunk_backward_dq reading them from `saved` (written by chunk_forward_saving over
   // the same part, inputs and params; nullable: computed again). Same results.
@@ -114,21 +114,34 @@ class KernelBackend {
     chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
   }
 
-  // --- work kept between two calls over one part (optional; kept_part_work.h) --
-  // part_dstate, also keeping the entry-weighted segment states of (q, dO) that the dk/dv
-  // pass over the same part walks first (LASP-2's backward on P > 1 ranks asks for the
-  // part's entering-state gradient before its dk/dv pass). Null: none kept (the default).
+  // --- work kept between calls over one part (optional; kept_part_work.h) -----
+  // part_dstate, also keeping what the dq and dk/dv passes over the same part, inputs and
+  // params then read (LASP-2's backward on P > 1 ranks asks for the part's entering-state
+  // gradient first): the CUDA backend keeps the entry-weighted segment states of (q, dO)
+  // that the dk/dv pass walks first, and the per-token meta. Null: none kept (the default).
   virtual std::unique_ptr<KeptPartWork> part_dstate_keeping(const AttentionParams& p, TokenRange part,
-                                                        ConstView dout, float* dstate, void* stream) const {
+                                                            ConstView dout, float* dstate, void* stream) const {
     part_dstate(p, part, dout, dstate, stream);
     return nullptr;
   }
-  // chunk_backward_dkdv reading them (`kept` from part_dstate_keeping over the same part,
-  // inputs and params; null: walked again). The same results.
+  // chunk_backward_dq_saved reading what `kept` holds (nullable), and returning what the
+  // dk/dv pass over the same part then reads: `kept`, or work of its own (the CUDA
+  // backend's meta, which one device's dk/dv pass would compute again). The default
+  // returns `kept`.
+  virtual std::unique_ptr<KeptPartWork> chunk_backward_dq_keeping(const AttentionParams& p, TokenRange part,
+                                                                  ConstView dout, const float* initial_state,
+                                                                  MutView dq, void* q_dot_dq, const float* saved,
+                                                                  std::unique_ptr<KeptPartWork> kept,
+                                                                  void* stream) const {
+    chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, saved, stream);
+    return kept;
+  }
+  // chunk_backward_dkdv reading `kept` (from part_dstate_keeping or chunk_backward_dq_keeping
+  // over the same part, inputs and params; null: computed again). The same results.
   virtual void chunk_backward_dkdv_kept(const AttentionParams& p, TokenRange part, ConstView dout,
                                         const float* final_dstate, MutView dk, MutView dv,
                                         const void* q_dot_dq, const float* dg_offset, void* dg,
-                                        const KeptPartWork* kept, void* stream) const {
+                                        KeptPartWork* kept, void* stream) const {
     (void)kept;
     chunk_backward_dkdv(p, part, dout, final_dstate, dk, dv, q_dot_dq, dg_offset, dg, stream);
   }

@@ -138,9 +138,6 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   void apply_segment(const float* x, float* out, void* stream) const;
   // The saved-states slot of a part (null: none kept for it).
   float* saved_slot(TokenRange part) const;
-  // Whether summarize filled the part's slot (then forward reads it instead of walking
-  // the part's segments again).
-  bool summarized(TokenRange part) const;
 
   AttentionParams p_;
   AttentionParams plain_;  // p_ without document starts (segments hold none)
@@ -152,8 +149,10 @@ class ScalarDecay final : public BackendFamily<KernelBackend> {
   float* table_ = nullptr;
   float* saved_states_ = nullptr;  // with_saved_states
   PartLayout saved_layout_;
-  mutable std::vector<TokenRange> summarized_;  // parts whose slot summarize filled (a pair's: PairRows::key)
-  mutable KeptByPart kept_dstates_;  // what entering_grad kept for each part's dk/dv pass
+  // What the backend kept from one pass over a part for the next (a pair's: PairRows::key):
+  // summarize's for forward; entering_grad's, then the dq pass's, for the dk/dv pass.
+  mutable KeptByPart kept_summaries_;
+  mutable KeptByPart kept_dstates_;
 };
 
 }  // namespace lasp2
