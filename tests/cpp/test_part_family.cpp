@@ -9,6 +9,7 @@
 #include <mutex>
 #include <random>
 
+#include "lasp2/copy_rows.h"
 #include "lasp2/lasp1.h"
 #include "lasp2/lasp2.h"
 #include "local_slice.h"
@@ -112,6 +113,9 @@ class AffineFamily final : public PartFamily {
     std::copy_n(src, count, dst);
   }
   void fill_zero(float* dst, int64_t count, void*) const override { std::fill_n(dst, count, 0.f); }
+  void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const override {
+    copy_rows_one_by_one(*this, dst, rows, count, stream);
+  }
   void add(float* dst, const float* src, int64_t count, void*) const override {
     for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
   }

@@ -216,6 +216,9 @@ class CudaBackend final : public KernelBackend {
     cuda_check(cudaMemsetAsync(dst, 0, count * sizeof(float), as_stream(stream)),
                "cudaMemsetAsync");
   }
+  void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const override {
+    launch_copy_rows(rows.data(), static_cast<int64_t>(rows.size()), count, dst, as_stream(stream));
+  }
   // dst + src as a two-entry prefix fold with zero log decays (exp(0) = 1); the third
   // entry only keeps the fold's target inside the list.
   void add(float* dst, const float* src, int64_t count, void* stream) const override {

@@ -150,6 +150,9 @@ struct PartTable {
 };
 void launch_combine(const PartTable& parts, int num_parts, const float* log_decays, int target,
                     int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s);
+// dst[r * count, +count) = rows[r][0, count) for r < n, zeros where rows[r] is null: the
+// rows a LASP-2 forward gathers (one map per global part), in one launch a kMaxParts rows.
+void launch_copy_rows(const float* const* rows, int64_t n, int64_t count, float* dst, cudaStream_t s);
 void launch_state_dot(const float* prefix, const float* state, const float* log_decay,
                       const float* dstate, int64_t bh, int64_t elems, float* out, cudaStream_t s);
 

@@ -1,6 +1,7 @@
 // The small kernels: per-token decay bookkeeping (meta), the scan over segment
 // states, the dg fix-up across segments, and the LASP-2 combines of gathered
 // per-part states (sizes independent of the sequence length).
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -273,6 +274,17 @@ __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_p
   out[i * elems + e] = static_cast<float>(acc);
 }
 
+__global__ void __launch_bounds__(256) copy_rows_kernel(PartTable rows, int64_t count, float* dst) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
+  const float* src = rows.p[blockIdx.y];
+  float* out = dst + blockIdx.y * count;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count; e += step) {
+    out[e] = src != nullptr ? src[e] : 0.f;
+  }
+}
+
 // One block of kStateDotThreads per (b, h). 1024 threads, not 256 (before session 27): a
 // block walks its 16K-value state (D = 128) in a quarter of the dependent steps, the loads of
 // four steps in flight at once. Every SP rank but the last runs it once a backward; with 256
@@ -338,6 +350,20 @@ void launch_combine(const PartTable& parts, int num_parts, const float* log_deca
                     int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s) {
   launch_kernel("combine_kernel", combine_kernel, elem_grid(elems, bh), 256, 0, s, parts, num_parts,
                 log_decays, target, bh, elems, suffix, out);
+}
+
+void launch_copy_rows(const float* const* rows, int64_t n, int64_t count, float* dst, cudaStream_t s) {
+  if (count <= 0) return;
+  // a row of a delta-rule map is bh * dk * dk values (1 MiB at H = 16, D = 128): enough
+  // blocks to stream it, a grid-stride loop past that
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((count + 255) / 256, 64));
+  for (int64_t r0 = 0; r0 < n; r0 += kMaxParts) {
+    const int rn = static_cast<int>(std::min<int64_t>(kMaxParts, n - r0));
+    PartTable table{};
+    for (int r = 0; r < rn; ++r) table.p[r] = rows[r0 + r];
+    launch_kernel("copy_rows_kernel", copy_rows_kernel, dim3(blocks, static_cast<unsigned>(rn)), 256, 0, s, table,
+                  count, dst + r0 * count);
+  }
 }
 
 void launch_state_dot(const float* prefix, const float* state, const float* log_decay,

@@ -10,8 +10,10 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "delta_rule/delta_params.h"
+#include "lasp2/copy_rows.h"
 #include "lasp2/kept_part_work.h"
 #include "lasp2/types.h"
 
@@ -115,6 +117,10 @@ class DeltaKernelBackend {
   virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+  // dst[r * count, +count) = rows[r] (null: zeros); the CUDA backend does it in one launch.
+  virtual void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const {
+    copy_rows_one_by_one(*this, dst, rows, count, stream);
+  }
 };
 
 const DeltaKernelBackend& delta_cpu_backend();

@@ -227,16 +227,18 @@ void lasp2_forward(const PartFamily& f, Communicator* comm, const PartLayout& la
   if (overlap) f.forward_parts(ranges, std::vector<const float*>(parts, nullptr), docs, stream);
   work->wait(stream);
 
-  f.fill_zero(saved.maps, Mp, stream);
-  f.fill_zero(saved.maps + (total + 1) * Mp, Mp, stream);
   const int first = seq.initial != nullptr ? 1 : 0;  // list index of part 0's state
   std::vector<const float*> states(first + total + 1);
   if (first) states[0] = seq.initial;  // the first document's (or every row's)
+  // saved.maps: [zeros][every global part's map][zeros], one launch (not one copy a part)
+  std::vector<const float*> map_rows(total + 2, nullptr), head_rows(packed ? total : 0);
   for (int g = 0; g < total; ++g) {
     states[first + g] = ws.state_of(layout, g, false);
-    f.copy(saved.maps + (g + 1) * Mp, ws.map_of(layout, g, false), Mp, stream);
-    if (packed) f.copy(saved.head_maps + g * Mp, ws.map_of(layout, g, true), Mp, stream);
+    map_rows[g + 1] = ws.map_of(layout, g, false);
+    if (packed) head_rows[g] = ws.map_of(layout, g, true);
   }
+  f.copy_rows(saved.maps, map_rows, Mp, stream);
+  if (packed) f.copy_rows(saved.head_maps, head_rows, Mp, stream);
   states.back() = states[first + total - 1];  // pairs with the zero row; keeps targets in range
   const float* maps = saved.maps + (1 - first) * Mp;  // the row of list entry 0
   // P_g of every local part (zeros for part 0 without an initial state: the fold over

@@ -1,13 +1,16 @@
 // The scalar family's CUDA combines (combine_prefix / combine_suffix over the parts'
-// states, state_dot, copy, fill_zero) against the CPU backend.
+// states, state_dot, copy, fill_zero) against the CPU backend; copy_rows of both families'
+// CUDA backends against the rows themselves.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "cuda_op_case.h"
 #include "cuda_test_util.h"
+#include "delta_rule/delta_backend.h"
 #include "lasp2/kernel_backend.h"
 
 namespace lasp2::testing {
@@ -64,6 +67,37 @@ TEST(CudaCombine, MatchCpu) {
   EXPECT_EQ(b.download(), states[3]);
   cuda_backend().fill_zero(b.p, bh * elems, nullptr);
   for (float x : b.download()) EXPECT_EQ(x, 0.f);
+}
+
+// copy_rows: null rows give zeros, more rows than one launch's table (kMaxParts = 256) go in
+// several, a row longer than the grid's stride, and a row count that is not a multiple of 4.
+TEST(CudaCombine, CopyRowsGathersEveryRow) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const int64_t count : {int64_t{37}, int64_t{70001}}) {
+    const int rows = count < 100 ? 300 : 5;
+    std::vector<std::vector<float>> host(rows);
+    std::vector<DevBuf<float>> dev;
+    std::vector<const float*> ptrs(rows, nullptr);
+    std::vector<float> want(rows * count, 0.f);
+    for (int r = 0; r < rows; ++r) {
+      if (r % 3 == 1) continue;  // null: zeros
+      const auto v = random_vec(count, 700 + r);
+      host[r].assign(v.begin(), v.end());
+      std::copy(host[r].begin(), host[r].end(), want.begin() + r * count);
+      dev.push_back(to_device_f32(host[r]));
+      ptrs[r] = dev.back().p;
+    }
+    DevBuf<float> out(rows * count + 1), out_delta(rows * count + 1);
+    out.poison();
+    out_delta.poison();
+    cuda_backend().copy_rows(out.p, ptrs, count, nullptr);
+    delta::delta_backend_for(Device::kCUDA).copy_rows(out_delta.p, ptrs, count, nullptr);
+    for (const auto* got : {&out, &out_delta}) {
+      const std::vector<float> g = got->download();
+      EXPECT_EQ(std::vector<float>(g.begin(), g.begin() + rows * count), want) << "count " << count;
+      EXPECT_TRUE(std::isnan(g.back())) << "count " << count << ": wrote past the last row";
+    }
+  }
 }
 
 TEST(CudaCombine, TooManyPartsIsAnError) {

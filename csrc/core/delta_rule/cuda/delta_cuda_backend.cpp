@@ -49,6 +49,7 @@
 #include <optional>
 #include <string>
 
+#include "cuda/launch.h"
 #include "cuda/route.h"
 #include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
@@ -662,6 +663,10 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     if (count <= 0) return;
     cuda::cuda_check(cudaMemsetAsync(dst, 0, count * sizeof(float), as_stream(stream)),
                      "cudaMemsetAsync");
+  }
+
+  void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const override {
+    cuda::launch_copy_rows(rows.data(), static_cast<int64_t>(rows.size()), count, dst, as_stream(stream));
   }
 
  private:

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "lasp2/copy_rows.h"
 #include "lasp2/kept_part_work.h"
 #include "lasp2/params.h"
 
@@ -164,6 +165,10 @@ class KernelBackend {
   // --- memory helpers --------------------------------------------------------
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+  // dst[r * count, +count) = rows[r] (null: zeros); the CUDA backend does it in one launch.
+  virtual void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const {
+    copy_rows_one_by_one(*this, dst, rows, count, stream);
+  }
   // dst += src (the schedule sums the ranks' final-state gradients with it).
   virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;
 };

@@ -174,6 +174,8 @@ class PartFamily {
   // --- memory on device() ----------------------------------------------------
   virtual void copy(float* dst, const float* src, int64_t count, void* stream) const = 0;
   virtual void fill_zero(float* dst, int64_t count, void* stream) const = 0;
+  // dst[r * count, +count) = rows[r] (null: zeros)
+  virtual void copy_rows(float* dst, const std::vector<const float*>& rows, int64_t count, void* stream) const = 0;
   virtual void add(float* dst, const float* src, int64_t count, void* stream) const = 0;  // dst += src
 };
 
