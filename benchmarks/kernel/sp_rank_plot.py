@@ -56,7 +56,8 @@ def table(runs):
     rows = []
     for (T, label, P, split, rank), ms in sorted(best.items()):
         base = best.get((T, label, 1, "contiguous", 0))
-        rows.append((T, label, P, split, rank, ms, base / ms if base else float("nan"), len(runs[(T, label, P, split, rank)])))
+        eff = base / ms if base else float("nan")
+        rows.append((T, label, P, split, rank, ms, eff, len(runs[(T, label, P, split, rank)])))
     print(f"{'T':>7} {'binary':>10} {'P':>2} {'split':>10} {'rank':>4} {'fb graph ms':>11} {'eff':>5} {'runs':>4}")
     for T, label, P, split, rank, ms, eff, n in rows:
         print(f"{T:>7} {label:>10} {P:>2} {split:>10} {rank:>4} {ms:>11.3f} {eff:>5.2f} {n:>4}")
@@ -100,7 +101,8 @@ def main():
     src.add_argument("--from-log", nargs="+", metavar="LOG", help="logs of earlier runs")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--shape", nargs=5, default=["16", "128", "1", "bf16", "gate"], metavar=("H", "D", "B", "DTYPE", "DECAY"))
+    ap.add_argument("--shape", nargs=5, default=["16", "128", "1", "bf16", "gate"],
+                    metavar=("H", "D", "B", "DTYPE", "DECAY"))
     ap.add_argument("--log", help="with --run: also write the raw output here")
     ap.add_argument("--png", help="write the plot here")
     ap.add_argument("--title", default="one LASP-2 rank beside one device (bench_lasp2 ... sp, communication free)")

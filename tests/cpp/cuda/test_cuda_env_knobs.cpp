@@ -59,7 +59,9 @@ TEST(CudaEnvKnobs, SummaryKeepTakesZeroOrOne) {
   const int64_t n = cuda_backend().saved_states_floats(dp.p, all);
   ASSERT_GT(n, 0) << "one segment: nothing to keep";
   DevBuf<float> st(dp.p.bh() * dp.p.state_elems()), L(dp.p.bh()), kept(n);
-  const auto keeps = [&] { return cuda_backend().part_state_keeping(dp.p, all, st.p, L.p, kept.p, nullptr) != nullptr; };
+  const auto keeps = [&] {
+    return cuda_backend().part_state_keeping(dp.p, all, st.p, L.p, kept.p, nullptr) != nullptr;
+  };
   EXPECT_TRUE(keeps()) << "unset";
   {
     const EnvGuard off("LASP2_CUDA_SUMMARY_KEEP", "0");
