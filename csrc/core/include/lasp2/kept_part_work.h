@@ -1,6 +1,7 @@
 // Work a backend keeps from one call over a part for a later call over the same part
-// within one schedule call (LASP-2's backward: what the entering-state gradient walked,
-// for the part's backward), and the family-side holder that carries it between the two.
+// within one schedule call (LASP-2: what a part summary walked, for the output pass; what
+// the entering-state gradient or the dq pass computed, for the dk/dv pass), and the
+// family-side holder that carries it between them.
 #pragma once
 
 #include <memory>
