@@ -150,6 +150,12 @@ struct PartTable {
 };
 void launch_combine(const PartTable& parts, int num_parts, const float* log_decays, int target,
                     int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s);
+// out[bh][s] = X[bh][s] + exp(sum of segL over the segments before s) * add[bh] (prefix), or
+// after s (suffix): the states entering each segment (the gradients leaving it) from the
+// part's own tokens, scanned from zero, plus what enters (leaves) the part, for a pass that
+// has both. out may be X. Segments whose sum is -inf (a document start between) get X.
+void launch_add_through_segments(const float* X, const float* segL, const float* add, int64_t bh, int nseg,
+                                 int64_t elems, bool suffix, float* out, cudaStream_t s);
 // dst[r * count, +count) = rows[r][0, count) for r < n, zeros where rows[r] is null: the
 // rows a LASP-2 forward gathers (one map per global part), in one launch a kMaxParts rows.
 void launch_copy_rows(const float* const* rows, int64_t n, int64_t count, float* dst, cudaStream_t s);

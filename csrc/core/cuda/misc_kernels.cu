@@ -274,6 +274,25 @@ __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_p
   out[i * elems + e] = static_cast<float>(acc);
 }
 
+__global__ void __launch_bounds__(256) add_through_segments_kernel(const float* X, const float* segL,
+                                                                   const float* add, int nseg, int64_t elems,
+                                                                   bool suffix, float* out) {
+  pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
+  pdl_launch_dependents();
+  const int64_t bh = blockIdx.y;
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= elems) return;
+  const float a = add[bh * elems + e];
+  const float* L = segL + bh * nseg;
+  float lam = 0.f;  // the segments between the part's edge and segment s, in walk order
+  for (int i = 0; i < nseg; ++i) {
+    const int s = suffix ? nseg - 1 - i : i;
+    const int64_t at = (bh * nseg + s) * elems + e;
+    out[at] = fmaf(__expf(lam), a, X[at]);  // exp(-inf) = 0: nothing passes a document start
+    lam += L[s];
+  }
+}
+
 __global__ void __launch_bounds__(256) copy_rows_kernel(PartTable rows, int64_t count, float* dst) {
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
   pdl_launch_dependents();
@@ -350,6 +369,12 @@ void launch_combine(const PartTable& parts, int num_parts, const float* log_deca
                     int64_t bh, int64_t elems, bool suffix, float* out, cudaStream_t s) {
   launch_kernel("combine_kernel", combine_kernel, elem_grid(elems, bh), 256, 0, s, parts, num_parts,
                 log_decays, target, bh, elems, suffix, out);
+}
+
+void launch_add_through_segments(const float* X, const float* segL, const float* add, int64_t bh, int nseg,
+                                 int64_t elems, bool suffix, float* out, cudaStream_t s) {
+  launch_kernel("add_through_segments_kernel", add_through_segments_kernel, elem_grid(elems, bh), 256, 0, s, X, segL,
+                add, nseg, elems, suffix, out);
 }
 
 void launch_copy_rows(const float* const* rows, int64_t n, int64_t count, float* dst, cudaStream_t s) {

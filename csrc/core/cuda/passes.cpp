@@ -222,10 +222,11 @@ bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   const StatePieces pieces =
       run_states(p, g, D, a, b, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v), s,
                  entry ? static_cast<float>(p.scale) : 1.f, entry, M, -1, c.stream);
-  // in place (X is not written without write_segments); kept states made whole where a
-  // split walk left pieces, as the output pass's scan makes them
-  launch_segment_scan(M, M, s.seg_log_decay, g.bh(), g.nseg, se, entry, false, nullptr, state, log_decay,
-                      pieces, keeping ? M : nullptr, false, c.stream);
+  // in place; what is kept, as the pass that reads it would have made it: scanned from
+  // zero (write_segments), the state entering each segment (exit mode, for the output
+  // pass) or the gradient leaving it (entry mode, for the dk/dv pass)
+  launch_segment_scan(M, M, s.seg_log_decay, g.bh(), g.nseg, se, entry, keeping, nullptr, state, log_decay,
+                      pieces, nullptr, false, c.stream);
   return keeping;
 }
 
@@ -275,24 +276,31 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   a.scratch = s.block_states;
   if (need_states) {
     // The true state K^T V ([dk][dv]) of each segment (computed, into `keep` when the
-    // forward keeps them, or the forward's read back), then the prefix scan into the
-    // scratch: the kept states stay unscanned, valid for any entering state.
-    // Kept states are made whole by the scan (m_out) where a split walk left pieces.
-    // The last segment's state is left out (the prefix scan does not read it; the kept
-    // slot gets zeros from the scan: `whole`).
-    const float* M = pass.kept;
-    StatePieces pieces;
-    float* whole = nullptr;
+    // forward keeps them), then the prefix scan from zero in place: the state entering
+    // each segment from the part's own tokens (a split walk's pieces added). That is what
+    // the forward keeps and the dq pass (or the output pass after a summary that kept
+    // them, reduce_part) reads back with no scan of its own. Where a state enters the part
+    // (a P > 1 rank's prefix, an initial state), one elementwise launch adds it times the
+    // decay of the segments before each into the scratch (the kept states stay from zero):
+    // as many launches as the scan it replaces, none where nothing enters (one device, the
+    // first rank). (Adding it inside the pass's blocks, session 28: about 20 us slower a
+    // pass at 16K on an H100, the loads of a 64 KiB state with no registers to spare.)
+    // The last segment's state is left out (the prefix scan does not read it).
+    const float* X = pass.kept;
     if (!read_kept) {
       float* out = pass.keep != nullptr ? pass.keep : s.seg_states;
-      pieces = run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v),
-                          s, 1.f, false, out, g.nseg - 1, c.stream);
-      M = out;
-      if (out != s.seg_states) whole = out;
+      const StatePieces pieces = run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v),
+                                            s, 1.f, false, out, g.nseg - 1, c.stream);
+      launch_segment_scan(out, out, s.seg_log_decay, g.bh(), g.nseg, se, false, true, nullptr, nullptr, nullptr,
+                          pieces, nullptr, true, c.stream);
+      X = out;
     }
-    launch_segment_scan(s.seg_states, M, s.seg_log_decay, g.bh(), g.nseg, se, false, true,
-                        pass.initial_state, nullptr, nullptr, pieces, whole, true, c.stream);
-    a.state = s.seg_states;
+    if (pass.initial_state != nullptr) {
+      launch_add_through_segments(X, s.seg_log_decay, pass.initial_state, g.bh(), g.nseg, se, false, s.seg_states,
+                                  c.stream);
+      X = s.seg_states;
+    }
+    a.state = X;
     a.state_bh = g.nseg * se;
     a.state_seg = se;
   } else {
@@ -372,15 +380,23 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   a.fold_offset = g.nseg == 1 ? 1 : 0;
   a.scratch = s.block_states;
   if (g.nseg > 1) {
-    // Segment 0's entry state is left out (the suffix scan does not read it); kept ones
-    // are whole (no pieces)
-    const StatePieces pieces =
-        read_kept ? StatePieces{}
-                  : run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
-                               s.seg_states, 0, c.stream);
-    launch_segment_scan(s.seg_states, read_kept ? kept : s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se,
-                        true, true, final_dstate, nullptr, nullptr, pieces, nullptr, true, c.stream);
-    a.dstate = s.seg_states;
+    // The gradients leaving each segment from the part's own outputs: the entry states'
+    // suffix scan from zero, in place (segment 0's entry state is left out: the scan does
+    // not read it), or what the part's entering-state gradient kept, scanned alike
+    // (reduce_part); plus the part's leaving gradient times the decay of the segments
+    // after each, where one leaves (as the output pass's entering state above).
+    if (!read_kept) {
+      const StatePieces pieces = run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
+                                            s.seg_states, 0, c.stream);
+      launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, nullptr,
+                          nullptr, nullptr, pieces, nullptr, true, c.stream);
+    }
+    a.dstate = read_kept ? kept : s.seg_states;
+    if (final_dstate != nullptr) {
+      launch_add_through_segments(a.dstate, s.seg_log_decay, final_dstate, g.bh(), g.nseg, se, true, s.seg_states,
+                                  c.stream);
+      a.dstate = s.seg_states;
+    }
     a.dstate_bh = g.nseg * se;
     a.dstate_seg = se;
   } else {

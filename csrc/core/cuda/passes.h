@@ -49,21 +49,23 @@ using MetaSlot = std::unique_ptr<KeptMeta>;
 // The state of a whole part, reduced over segments in parallel: the exit-weighted
 // sum of k v^T and the part's log decay (part_state), or the entry-weighted
 // scale * sum q dO^T (part_dstate: entry = true, scanned in reverse).
-// keep (nullable): the segment states also go there, whole (a split walk's pieces added),
-// cut as `keep_geom` cuts the part: the geometry of the pass that reads them (exit mode:
-// output_geom, what OutputPass::keep would hold, its last segment's slot too; entry mode:
-// dkdv_geom, for run_dkdv's `kept`). Returns false where that geometry has one segment
-// (nothing kept; keep untouched). meta: MetaSlot.
+// keep (nullable): the segment states also go there, cut as `keep_geom` cuts the part: the
+// geometry of the pass that reads them (exit mode: output_geom, what OutputPass::keep
+// would hold, the states entering each segment from zero; entry mode: dkdv_geom, for
+// run_dkdv's `kept`, the gradient leaving each segment from zero). Returns false where
+// that geometry has one segment (nothing kept; keep untouched). meta: MetaSlot.
 bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part, View a, View b,
                  bool entry, float* state, float* log_decay, float* keep = nullptr,
                  const Geom* keep_geom = nullptr, MetaSlot* meta = nullptr);
 
 // The output pass (FwdArgs): o (kFwd), dq and q.dq (kDq, with (qa, ka, va) = (dO, v, k)
 // and the transposed state), or the prefix term only (kPrefix).
-// Both kFwd and kDq start from the exit-weighted segment states M_s of (k, v) over the
-// part (before their scan, so independent of the entering state). `keep` (kFwd) receives
-// them, `kept` (kDq) reads them instead of running the state pass; either one puts the
-// pass on the output geometry (output_geom), so the two calls cut the part alike.
+// Both kFwd and kDq start from the states entering each segment from the part's own
+// tokens (the exit-weighted segment states M_s of (k, v) scanned from zero, so independent
+// of the entering state, which launch_add_through_segments adds where one enters).
+// `keep` (kFwd) receives them, `kept` (kFwd after a summary that kept them, kDq) reads them
+// instead of running the state pass and the scan; either one puts the pass on the output
+// geometry (output_geom), so the two calls cut the part alike.
 struct OutputPass {
   FwdMode mode = FwdMode::kFwd;
   View qa, ka, va, x, out;
@@ -90,8 +92,10 @@ void output_plan(const AttentionParams& p, int64_t* target_blocks, int* forced_s
 int64_t kept_state_floats(const AttentionParams& p, TokenRange part);
 
 // dk, dv and the dg terms (DkdvArgs) with final_dstate leaving the part. kept (nullable):
-// the entry-weighted segment states of (q, dO) reduce_part kept on `kept_geom`, read
-// instead of walked where the pass cuts the part alike (else walked again). meta: MetaSlot.
+// the gradients leaving each segment from the part's own outputs (the entry-weighted
+// segment states of (q, dO) suffix-scanned from zero) that reduce_part kept on
+// `kept_geom`, read instead of walked and scanned where the pass cuts the part alike
+// (else walked again). meta: MetaSlot.
 void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, View dout,
               const float* final_dstate, View dk, View dv, const float* q_dot_dq,
               const float* dg_offset, float* dg, const float* kept = nullptr,
