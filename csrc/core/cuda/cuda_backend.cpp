@@ -48,7 +48,7 @@ class CudaBackend final : public KernelBackend {
     chunk_forward_saving(p, part, initial_state, o, nullptr, stream);
   }
 
-  // The exit-weighted segment states of (k, v) before their scan (passes.h: OutputPass).
+  // The states entering each segment from the part's own tokens (passes.h: OutputPass).
   int64_t saved_states_floats(const AttentionParams& p, TokenRange part) const override {
     check_params(p, part);
     return kept_state_floats(p, part);

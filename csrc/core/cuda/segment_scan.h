@@ -1,7 +1,8 @@
-// The scan over segment states (misc_kernels.cu), in place or from one buffer into another
-// (the dq pass starts from the states its forward kept, which stay unscanned, valid for any
-// entering state and for a second backward). Apart from launch.h, which every kernel file
-// includes, so that this declaration recompiles none of them.
+// The scan over segment states (misc_kernels.cu). Every caller scans in place from zero
+// since session 28 (the kept states are scanned from zero, valid for any entering state,
+// which launch_add_through_segments adds); `init`, a separate M and `m_out` have no caller
+// left. Apart from launch.h, which every kernel file includes, so that this declaration
+// recompiles none of them.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -58,9 +58,10 @@ class KernelBackend {
   // --- states kept from forward for backward (optional) --------------------
   // A backend whose dq pass starts from states its forward pass computes anyway may
   // keep them: saved_states_floats(p, part) fp32 values on its device (0, the default:
-  // it keeps none). The CUDA backend keeps the exit-weighted states of the part's
-  // segments before their scan (batch x heads x segments x dk x dv, docs/kernels.md),
-  // which do not depend on the state entering the part.
+  // it keeps none). The CUDA backend keeps the states entering each of the part's
+  // segments from the part's own tokens (its exit-weighted segment states scanned from
+  // zero; batch x heads x segments x dk x dv, docs/kernels.md), which do not depend on
+  // the state entering the part.
   virtual int64_t saved_states_floats(const AttentionParams& p, TokenRange part) const {
     (void)p;
     (void)part;
