@@ -45,7 +45,7 @@ class CudaBackend final : public KernelBackend {
 
   void chunk_forward(const AttentionParams& p, TokenRange part, const float* initial_state,
                      MutView o, void* stream) const override {
-    chunk_forward_saving(p, part, initial_state, o, nullptr, stream);
+    chunk_forward_kept(p, part, initial_state, o, nullptr, nullptr, stream);
   }
 
   // The states entering each segment from the part's own tokens (passes.h: OutputPass).
@@ -58,15 +58,6 @@ class CudaBackend final : public KernelBackend {
     SavedStatesPlan plan;
     output_plan(p, &plan.target_blocks, &plan.forced_seg_chunks);
     return plan;
-  }
-
-  void chunk_forward_saving(const AttentionParams& p, TokenRange part, const float* initial_state,
-                            MutView o, float* saved, void* stream) const override {
-    check_params(p, part);
-    if (p.bh() == 0 || part.length() == 0) return;
-    OutputPass pass = forward_pass(p, initial_state, o);
-    pass.keep = saved;
-    run_output(call(stream), p, part, pass);
   }
 
   // The summary's walk is the output pass's (reduce_part: keep), so LASP-2's forward on
@@ -151,13 +142,7 @@ class CudaBackend final : public KernelBackend {
   void chunk_backward_dq(const AttentionParams& p, TokenRange part, ConstView dout,
                          const float* initial_state, MutView dq, void* q_dot_dq,
                          void* stream) const override {
-    chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, nullptr, stream);
-  }
-
-  void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
-                               const float* initial_state, MutView dq, void* q_dot_dq,
-                               const float* saved, void* stream) const override {
-    run_dq(p, part, dout, initial_state, dq, q_dot_dq, saved, nullptr, stream);
+    run_dq(p, part, dout, initial_state, dq, q_dot_dq, nullptr, nullptr, stream);
   }
 
   // The dq pass's meta kept for the dk/dv pass (in `kept`, or a new one), which on one
@@ -168,7 +153,7 @@ class CudaBackend final : public KernelBackend {
                                                           std::unique_ptr<KeptPartWork> kept,
                                                           void* stream) const override {
     if (!keep_summaries()) {
-      chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, saved, stream);
+      run_dq(p, part, dout, initial_state, dq, q_dot_dq, saved, nullptr, stream);
       return kept;
     }
     if (kept == nullptr) kept = std::make_unique<KeptPart>();
@@ -290,7 +275,7 @@ class CudaBackend final : public KernelBackend {
     pass.initial_state = initial_state;
     return pass;
   }
-  // ... of o (chunk_forward_saving, chunk_forward_kept)
+  // ... of o (chunk_forward_kept)
   static OutputPass forward_pass(const AttentionParams& p, const float* initial_state, MutView o) {
     return output_pass(FwdMode::kFwd, view_of(p.q), view_of(p.k), view_of(p.v), view_of(o), p.dim_k, p.dim_v,
                        initial_state);

@@ -135,12 +135,10 @@ __global__ void __launch_bounds__(32 * kMetaWarps) meta_kernel(MetaArgs a) {
 // flags arrived (a second round trip per batch, and no bytes for the pieces that did not
 // walk: most of them with fixed decays, whose walks end at the floor; session 16, 16 ->
 // 14 us a scan at 64K fixed against loading every slot with its flag).
-__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, const float* segL,
-                                                   int64_t bh_count, int nseg, int64_t elems,
-                                                   bool suffix, bool write_segments,
-                                                   const float* init, float* final_out,
-                                                   float* log_out, StatePieces pieces,
-                                                   float* m_out, int last_unread) {
+__global__ void __launch_bounds__(256) scan_kernel(float* X, const float* segL, int64_t bh_count, int nseg,
+                                                   int64_t elems, bool suffix, bool write_segments,
+                                                   float* final_out, float* log_out, StatePieces pieces,
+                                                   int last_unread) {
   pdl_wait();  // pdl.cuh: the previous kernel has finished before any global memory access
   pdl_launch_dependents();
   const int64_t bh = blockIdx.y;
@@ -157,15 +155,15 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
   }
   if (e >= elems) return;
   float* x = X + bh * nseg * elems + e;
-  const float* src = M + bh * nseg * elems + e;
   const int np = pieces.nsub - 1;  // later pieces per segment
   // segments whose state (and pieces) was computed, in scan order: all but the last one
   // when nothing reads it (segment_scan.h: last_unread)
   const int live = last_unread ? nseg - 1 : nseg;
-  float acc = init != nullptr ? init[bh * elems + e] : 0.f;
+  float acc = 0.f;  // from zero: an entering state is added later (launch_add_through_segments)
   // batches of 8 segments: the loads of a batch (the states and, 4 at a time, their later
   // pieces' flags, then the walked pieces) are issued before its stores (which the
-  // compiler cannot move them past), so they are in flight together
+  // compiler cannot move them past), so they are in flight together; in place, each
+  // segment's slot read before it is written
   constexpr int kSegs = 8, kPieces = 4;
   for (int i0 = 0; i0 < nseg; i0 += kSegs) {
     float m[kSegs];
@@ -173,9 +171,8 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
     for (int j = 0; j < kSegs; ++j) {
       const int i = i0 + j;
       const int s = suffix ? nseg - 1 - i : i;
-      m[j] = i < live ? src[s * elems] : 0.f;
+      m[j] = i < live ? x[s * elems] : 0.f;
     }
-    bool any[kSegs] = {};
     for (int p0 = 0; p0 < np; p0 += kPieces) {
       float add[kSegs][kPieces], flag[kSegs][kPieces];
 #pragma unroll
@@ -194,18 +191,7 @@ __global__ void __launch_bounds__(256) scan_kernel(float* X, const float* M, con
       for (int j = 0; j < kSegs; ++j)
 #pragma unroll
         for (int u = 0; u < kPieces; ++u)
-          if (flag[j][u] != 0.f) {
-            m[j] += add[j][u];
-            any[j] = true;
-          }
-    }
-    if (m_out != nullptr) {  // (an unread last segment's slot gets m[j] = 0: deterministic)
-#pragma unroll
-      for (int j = 0; j < kSegs; ++j) {
-        const int i = i0 + j;
-        if (i < nseg && (any[j] || i >= live))
-          m_out[(bh * nseg + (suffix ? nseg - 1 - i : i)) * elems + e] = m[j];
-      }
+          if (flag[j][u] != 0.f) m[j] += add[j][u];
     }
 #pragma unroll
     for (int j = 0; j < kSegs; ++j) {
@@ -348,15 +334,14 @@ void launch_meta(const MetaArgs& a, cudaStream_t s) {
                 0, s, a);
 }
 
-void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
-                         int64_t elems, bool suffix, bool write_segments, const float* init,
-                         float* final_out, float* log_out, const StatePieces& pieces,
-                         float* m_out, bool last_unread, cudaStream_t s) {
+void launch_segment_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                         bool write_segments, float* final_out, float* log_out, const StatePieces& pieces,
+                         bool last_unread, cudaStream_t s) {
   if (last_unread && final_out != nullptr) {
     fail("lasp2 (CUDA): launch_segment_scan: final_out needs the last segment's state");
   }
-  launch_kernel("scan_kernel", scan_kernel, elem_grid(elems, bh), 256, 0, s, X, M, segL, bh, nseg, elems,
-                suffix, write_segments, init, final_out, log_out, pieces, m_out, last_unread ? 1 : 0);
+  launch_kernel("scan_kernel", scan_kernel, elem_grid(elems, bh), 256, 0, s, X, segL, bh, nseg, elems, suffix,
+                write_segments, final_out, log_out, pieces, last_unread ? 1 : 0);
 }
 
 void launch_dg_fixup(const Geom& g, float* dg, const float* seg_total, const float* dg_offset,

@@ -125,9 +125,10 @@ int state_copy_stages(int D) {
 // entering states need segments 0 .. nseg - 2 only, the suffix scan's leaving gradients
 // segments 1 .. nseg - 1 (neither pass asks its scan for final_out: final states, the
 // LASP-2 summaries and the entering-state gradients come from reduce_part, which walks
-// every segment). The forward's kept states (OutputPass::keep) hold zeros in the last
-// segment's slot. Session 16: the same bits in every output and gradient as walking all
-// segments (measured on the H200, then the knob was removed), 1/nseg fewer state blocks.
+// every segment). The scan still writes every slot of what it keeps (OutputPass::keep): the
+// state entering each segment, the last one's too. Session 16: the same bits in every output
+// and gradient as walking all segments (measured on the H200, then the knob was removed),
+// 1/nseg fewer state blocks.
 
 // Pieces per segment of the state pass on route sD (tensor cores only), 1 = no split.
 int state_pieces(const AttentionParams& p, const Geom& g, int sD) {
@@ -225,8 +226,8 @@ bool reduce_part(const CallContext& c, const AttentionParams& p, TokenRange part
   // in place; what is kept, as the pass that reads it would have made it: scanned from
   // zero (write_segments), the state entering each segment (exit mode, for the output
   // pass) or the gradient leaving it (entry mode, for the dk/dv pass)
-  launch_segment_scan(M, M, s.seg_log_decay, g.bh(), g.nseg, se, entry, keeping, nullptr, state, log_decay,
-                      pieces, nullptr, false, c.stream);
+  launch_segment_scan(M, s.seg_log_decay, g.bh(), g.nseg, se, entry, keeping, state, log_decay, pieces, false,
+                      c.stream);
   return keeping;
 }
 
@@ -253,7 +254,10 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
   // the segment-state pass, if any (none when the forward's states are read back)
   const int sD = need_states && !read_kept ? state_dim(p, k, v) : 0;
   ScratchLayout layout;
-  layout.seg_states = need_states ? g.bh() * g.nseg * se : 0;
+  // segment states of the pass's own: where none are read back or kept for later, and where
+  // an entering state is added to what was (which stays from zero)
+  const bool own_states = need_states && (pass.initial_state != nullptr || (!read_kept && pass.keep == nullptr));
+  layout.seg_states = own_states ? g.bh() * g.nseg * se : 0;
   layout.block_states =
       smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(pass.da, pass.dv);
   add_state_split(layout, p, g, sD);
@@ -291,8 +295,8 @@ void run_output(const CallContext& c, const AttentionParams& p, TokenRange part,
       float* out = pass.keep != nullptr ? pass.keep : s.seg_states;
       const StatePieces pieces = run_states(p, g, sD, k, v, static_cast<int>(p.dim_k), static_cast<int>(p.dim_v),
                                             s, 1.f, false, out, g.nseg - 1, c.stream);
-      launch_segment_scan(out, out, s.seg_log_decay, g.bh(), g.nseg, se, false, true, nullptr, nullptr, nullptr,
-                          pieces, nullptr, true, c.stream);
+      launch_segment_scan(out, s.seg_log_decay, g.bh(), g.nseg, se, false, true, nullptr, nullptr, pieces, true,
+                          c.stream);
       X = out;
     }
     if (pass.initial_state != nullptr) {
@@ -355,7 +359,10 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   const bool smem_state = D > 0 || generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
   const int sD = g.nseg > 1 && !read_kept ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
   ScratchLayout layout;
-  layout.seg_states = g.nseg > 1 ? g.bh() * g.nseg * se : 0;
+  // segment gradients of the pass's own: where none were kept, and where a leaving gradient
+  // is added to what was (which stays from zero)
+  const bool own_states = g.nseg > 1 && (!read_kept || final_dstate != nullptr);
+  layout.seg_states = own_states ? g.bh() * g.nseg * se : 0;
   layout.seg_dg_sums = g.bh() * g.nseg;
   layout.block_states = smem_state ? 0 : g.bh() * g.nseg * generic_state_scratch_floats(idk, idv);
   add_state_split(layout, p, g, sD);
@@ -388,8 +395,8 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
     if (!read_kept) {
       const StatePieces pieces = run_states(p, g, sD, q, dout, idk, idv, s, static_cast<float>(p.scale), true,
                                             s.seg_states, 0, c.stream);
-      launch_segment_scan(s.seg_states, s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, nullptr,
-                          nullptr, nullptr, pieces, nullptr, true, c.stream);
+      launch_segment_scan(s.seg_states, s.seg_log_decay, g.bh(), g.nseg, se, true, true, nullptr, nullptr, pieces,
+                          true, c.stream);
     }
     a.dstate = read_kept ? kept : s.seg_states;
     if (final_dstate != nullptr) {

@@ -1,8 +1,7 @@
-// The scan over segment states (misc_kernels.cu). Every caller scans in place from zero
-// since session 28 (the kept states are scanned from zero, valid for any entering state,
-// which launch_add_through_segments adds); `init`, a separate M and `m_out` have no caller
-// left. Apart from launch.h, which every kernel file includes, so that this declaration
-// recompiles none of them.
+// The scan over segment states (misc_kernels.cu), in place and from zero: the states kept
+// this way hold for any entering state, which launch_add_through_segments adds where one
+// enters (session 28). Apart from launch.h, which every kernel file includes, so that this
+// declaration recompiles none of them.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,23 +20,19 @@ struct StatePieces {
   int nsub = 1;
 };
 
-// Scans the segment states M[bh][nseg][elems] (each one M's plus its walked `pieces`) with
-// the segments' log decays segL:
-//   prefix (forward): X[s] <- state entering segment s, starting from `init`;
+// Scans the segment states X[bh][nseg][elems] (each one its own walk plus its walked
+// `pieces`) with the segments' log decays segL, from zero, in place:
+//   prefix (forward): X[s] <- state entering segment s from the part's own tokens;
 //                     `final_out` (nullable) <- state leaving the last segment,
 //                     `log_out` (nullable) <- sum of segL (-inf if any is -inf)
-//   suffix (reverse): X[s] <- gradient of the state leaving segment s, starting
-//                     from `init` (gradient leaving the part); `final_out` <-
-//                     gradient of the state entering the part.
-// X (same layout as M; M itself for an in-place scan) is written only with write_segments.
-// m_out (nullable; not X): each segment whose pieces walked gets its summed state there
-// (M's own buffer: the states kept for a later pass are then whole).
+//   suffix (reverse): X[s] <- gradient of the state leaving segment s from the part's
+//                     own outputs; `final_out` <- gradient of the state entering the part.
+// X is written only with write_segments (else it is read alone).
 // last_unread: the last segment in scan order (prefix: nseg - 1, suffix: 0) has no state
-// (its walk was left out: only final_out would read it, which must then be null); its M
-// and pieces are not read, and m_out, if given, gets zeros in its slot.
-void launch_segment_scan(float* X, const float* M, const float* segL, int64_t bh, int nseg,
-                         int64_t elems, bool suffix, bool write_segments, const float* init,
-                         float* final_out, float* log_out, const StatePieces& pieces,
-                         float* m_out, bool last_unread, cudaStream_t s);
+// (its walk was left out: only final_out would read it, which must then be null); its slot
+// and pieces are not read.
+void launch_segment_scan(float* X, const float* segL, int64_t bh, int nseg, int64_t elems, bool suffix,
+                         bool write_segments, float* final_out, float* log_out, const StatePieces& pieces,
+                         bool last_unread, cudaStream_t s);
 
 }  // namespace lasp2::cuda

@@ -24,7 +24,7 @@ namespace lasp2::testing {
 
 struct PassBits {
   WalkBits walk;                     // the state and walking passes (walking_passes.h)
-  std::vector<uint32_t> saved;       // chunk_forward_saving's states
+  std::vector<uint32_t> saved;       // chunk_forward_kept's states
   Grads e2e;
   std::vector<uint32_t> e2e_states;  // lasp2_forward's kept segment states
 };
@@ -43,13 +43,14 @@ inline PassBits run_pass_bits(const OpCase& c, const Problem<double>& pr, const 
   DevTensor o2 = dp.like_v();
   saved.poison();
   const WalkOutputs walk = run_walking_passes(gpu, c, dp, init.p, D0.p, dgoff.p);
-  // the states a forward keeps (every slot written: the last one's zeros too); its o is o's
-  if (nsaved > 0) gpu.chunk_forward_saving(pg, part, init.p, o2.mview(), saved.p, nullptr);
+  // the states a forward keeps (every slot written, the last segment's entering state too);
+  // its o is o's
+  if (nsaved > 0) gpu.chunk_forward_kept(pg, part, init.p, o2.mview(), saved.p, nullptr, nullptr);
   PassBits r;
   r.walk = walk.bits();
   if (nsaved > 0) {
     r.saved = float_bits(saved.download());
-    EXPECT_EQ(o2.buf.download(), walk.o.buf.download()) << "chunk_forward_saving's o differs from chunk_forward's";
+    EXPECT_EQ(o2.buf.download(), walk.o.buf.download()) << "chunk_forward_kept's o differs from chunk_forward's";
   }
   const PartLayout layout = PartLayout::contiguous(1, 0);
   DeviceRank rank(pr, c.dtype, layout);
@@ -64,7 +65,7 @@ inline PassBits run_pass_bits(const OpCase& c, const Problem<double>& pr, const 
 
 inline void expect_same_pass_bits(const PassBits& got, const PassBits& want) {
   expect_same_walk_bits(got.walk, want.walk);
-  EXPECT_EQ(got.saved, want.saved) << "chunk_forward_saving's kept states differ";
+  EXPECT_EQ(got.saved, want.saved) << "chunk_forward_kept's kept states differ";
   EXPECT_EQ(got.e2e.o, want.e2e.o) << "lasp2_forward's o differs";
   EXPECT_EQ(got.e2e.dq, want.e2e.dq) << "lasp2_backward's dq differs";
   EXPECT_EQ(got.e2e.dk, want.e2e.dk) << "lasp2_backward's dk differs";

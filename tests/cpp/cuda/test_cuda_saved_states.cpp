@@ -1,4 +1,4 @@
-// The dq pass reading the segment states chunk_forward_saving kept, against the pass that
+// The dq pass reading the segment states chunk_forward_kept kept, against the pass that
 // computes them again; the forward reading what part_state_keeping kept, the dq and dk/dv
 // passes what part_dstate_keeping and chunk_backward_dq_keeping kept.
 #include <gtest/gtest.h>
@@ -18,17 +18,17 @@ namespace lasp2::testing {
 namespace {
 
 // ---- segment states kept from forward for the dq pass -----------------------------------
-// chunk_forward_saving keeps the exit-weighted segment states of (k, v) before their scan;
-// chunk_backward_dq_saved reads them instead of running the state pass. They do not
+// chunk_forward_kept keeps the exit-weighted segment states of (k, v), scanned from zero;
+// chunk_backward_dq_keeping reads them instead of running the state pass. They do not
 // depend on the entering state (forward from zero, dq with S0: what LASP-2's
 // overlapped forward and its backward do), so dq and q.dq equal the recomputing pass
 // bit for bit, also when read twice (the scan leaves them intact); altered states
 // change dq, so the pass reads them; and a dq on the generic route (padded views)
 // reading states of the tensor-core forward still matches the CPU.
 
-// part_state_keeping (LASP-2's part summary) keeps what chunk_forward_saving keeps, bit for
-// bit, in every slot the output pass fills (that pass leaves the last segment's zero; the
-// summary walks it too: any finite value), with part_state's state and log decay, and
+// part_state_keeping (LASP-2's part summary) keeps what chunk_forward_kept keeps, bit for
+// bit, in every slot but the last segment's (whose state the output pass does not walk and
+// the summary does: any finite value there), with part_state's state and log decay, and
 // chunk_forward_kept reading them (and the kept meta) gives chunk_forward's o bit for bit
 // (with an entering state); altered states change o, so the pass reads them.
 void expect_summary_keeps(const OpCase& c, const DeviceProblem& dp, TokenRange part,
@@ -134,7 +134,7 @@ void run_saved_states_case(const OpCase& c) {
   DevBuf<float> kept(n);
   kept.poison();
   DevTensor o = dp.like_v(), o_plain = dp.like_v();
-  gpu.chunk_forward_saving(pg, part, nullptr, o.mview(), kept.p, nullptr);
+  gpu.chunk_forward_kept(pg, part, nullptr, o.mview(), kept.p, nullptr, nullptr);
   gpu.chunk_forward(pg, part, nullptr, o_plain.mview(), nullptr);
   EXPECT_EQ(o.buf.download(), o_plain.buf.download()) << c.name << ": keeping changed o";
   const std::vector<float> kept_host = kept.download();
@@ -145,7 +145,7 @@ void run_saved_states_case(const OpCase& c) {
 
   auto dq_of = [&](const float* saved, const KernelBackend& be, DevTensor& dq, DevBuf<float>& qdq) {
     qdq.poison();
-    be.chunk_backward_dq_saved(pg, part, dp.dout.cview(), S0d.p, dq.mview(), qdq.p, saved, nullptr);
+    be.chunk_backward_dq_keeping(pg, part, dp.dout.cview(), S0d.p, dq.mview(), qdq.p, saved, nullptr, nullptr);
   };
   DevTensor dq_re = dp.like_k(), dq_a = dp.like_k(), dq_b = dp.like_k(), dq_bad = dp.like_k();
   DevBuf<float> qdq_re(scalars), qdq_a(scalars), qdq_b(scalars), qdq_bad(scalars);
@@ -175,8 +175,8 @@ void run_saved_states_case(const OpCase& c) {
   DevTensor dq_pad = padded.like_k();
   DevBuf<float> qdq_pad(scalars);
   qdq_pad.poison();
-  gpu.chunk_backward_dq_saved(padded.p, part, padded.dout.cview(), S0d.p, dq_pad.mview(), qdq_pad.p, kept.p,
-                              nullptr);
+  gpu.chunk_backward_dq_keeping(padded.p, part, padded.dout.cview(), S0d.p, dq_pad.mview(), qdq_pad.p, kept.p,
+                                nullptr, nullptr);
   expect_rows(c, "dq_saved_pad3", dq_pad, want_dq, tol_of(c.dtype));
   expect_scalars(c, "q.dq_saved_pad3", qdq_pad, want_qdq, tol_of(c.dtype));
   EXPECT_EQ(cpu_backend().saved_states_floats(pc, part), 0) << "the CPU backend keeps nothing";

@@ -81,17 +81,10 @@ class KernelBackend {
     (void)p;
     return {};
   }
-  // chunk_forward, also writing those states into `saved` (nullable: keep none).
-  virtual void chunk_forward_saving(const AttentionParams& p, TokenRange part,
-                                    const float* initial_state, MutView o, float* saved,
-                                    void* stream) const {
-    (void)saved;
-    chunk_forward(p, part, initial_state, o, stream);
-  }
   // part_state, also keeping what chunk_forward_kept over the same part, inputs and params
   // then reads (kept_part_work.h): LASP-2 on P > 1 ranks summarizes each part, then runs its
   // output pass, which walks the same segments first. The CUDA backend writes into `saved`
-  // (nullable) the states chunk_forward_saving would keep, and keeps its per-token meta.
+  // (nullable) the states chunk_forward_kept would keep, and keeps its per-token meta.
   // Null: nothing kept (the default).
   virtual std::unique_ptr<KeptPartWork> part_state_keeping(const AttentionParams& p, TokenRange part,
                                                            float* state, float* log_decay, float* saved,
@@ -100,20 +93,14 @@ class KernelBackend {
     part_state(p, part, state, log_decay, stream);
     return nullptr;
   }
-  // chunk_forward_saving reading what part_state_keeping kept (`kept`, null: nothing; the
-  // same `saved`) instead of computing it again. The same results.
+  // chunk_forward, reading what part_state_keeping kept (`kept`, null: nothing) instead of
+  // computing it again, and otherwise writing the states above into `saved` (nullable: keep
+  // none) for chunk_backward_dq_keeping. The same results as chunk_forward.
   virtual void chunk_forward_kept(const AttentionParams& p, TokenRange part, const float* initial_state,
                                   MutView o, float* saved, KeptPartWork* kept, void* stream) const {
-    (void)kept;
-    chunk_forward_saving(p, part, initial_state, o, saved, stream);
-  }
-  // chunk_backward_dq reading them from `saved` (written by chunk_forward_saving over
-  // the same part, inputs and params; nullable: computed again). Same results.
-  virtual void chunk_backward_dq_saved(const AttentionParams& p, TokenRange part, ConstView dout,
-                                       const float* initial_state, MutView dq, void* q_dot_dq,
-                                       const float* saved, void* stream) const {
     (void)saved;
-    chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
+    (void)kept;
+    chunk_forward(p, part, initial_state, o, stream);
   }
 
   // --- work kept between calls over one part (optional; kept_part_work.h) -----
@@ -126,16 +113,18 @@ class KernelBackend {
     part_dstate(p, part, dout, dstate, stream);
     return nullptr;
   }
-  // chunk_backward_dq_saved reading what `kept` holds (nullable), and returning what the
-  // dk/dv pass over the same part then reads: `kept`, or work of its own (the CUDA
-  // backend's meta, which one device's dk/dv pass would compute again). The default
-  // returns `kept`.
+  // chunk_backward_dq reading the states chunk_forward_kept wrote into `saved` over the same
+  // part, inputs and params (nullable: computed again) and what `kept` holds (nullable), and
+  // returning what the dk/dv pass over the same part then reads: `kept`, or work of its own
+  // (the CUDA backend's meta, which one device's dk/dv pass would compute again). The same
+  // results as chunk_backward_dq; the default returns `kept`.
   virtual std::unique_ptr<KeptPartWork> chunk_backward_dq_keeping(const AttentionParams& p, TokenRange part,
                                                                   ConstView dout, const float* initial_state,
                                                                   MutView dq, void* q_dot_dq, const float* saved,
                                                                   std::unique_ptr<KeptPartWork> kept,
                                                                   void* stream) const {
-    chunk_backward_dq_saved(p, part, dout, initial_state, dq, q_dot_dq, saved, stream);
+    (void)saved;
+    chunk_backward_dq(p, part, dout, initial_state, dq, q_dot_dq, stream);
     return kept;
   }
   // chunk_backward_dkdv reading `kept` (from part_dstate_keeping or chunk_backward_dq_keeping
