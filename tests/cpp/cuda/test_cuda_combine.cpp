@@ -19,7 +19,7 @@ namespace {
 // ---- combines ---------------------------------------------------------------------------
 TEST(CudaCombine, MatchCpu) {
   LASP2_SKIP_WITHOUT_CUDA();
-  const int parts = 7;
+  const int parts = 19;  // folds of up to 18 parts: two whole batches of 8 loads and a partial one
   const int64_t bh = 3, elems = 300;
   std::vector<std::vector<float>> states(parts);
   std::vector<DevBuf<float>> dstates;
@@ -32,7 +32,8 @@ TEST(CudaCombine, MatchCpu) {
   std::uniform_real_distribution<float> u(-2.f, 0.f);
   std::vector<float> L(parts * bh);
   for (auto& x : L) x = u(rng);
-  L[2 * bh + 1] = -INFINITY;  // a part that starts a document
+  L[2 * bh + 1] = -INFINITY;  // parts that start a document
+  L[12 * bh] = -INFINITY;
   DevBuf<float> Ld = to_device_f32(L);
   std::vector<const float*> hp, dp;
   for (int i = 0; i < parts; ++i) {
