@@ -239,8 +239,9 @@ __global__ void __launch_bounds__(256) dg_fixup_kernel(Geom g, float* dg, const 
 // The fold over the parts' states: each part's decay exp(L) in float64 once a block (the
 // block's (b, h) row), not once a value, and the states loaded kFoldBatch at a time before
 // they are folded in, in the same order (the same bits as before). With an exp a value the
-// fold was bound by float64 math: 17.6-17.9 us over 15 parts against 3.4-3.8 over none (ncu,
-// H100, H = 16, D = 128: a balanced P = 8 rank at 4K tokens, session 29), and it grows with P.
+// fold was bound by float64 math: 17.6-17.9 us over 15 parts against 3.4-3.8 over none, now
+// 10.1 (ncu, H100, H = 16, D = 128: a balanced P = 8 rank at 4K tokens, session 29); the
+// batched loads alone, with the exp a value, gained nothing. The fold grows with P.
 constexpr int kFoldBatch = 8;
 
 __global__ void __launch_bounds__(256) combine_kernel(PartTable parts, int num_parts,
