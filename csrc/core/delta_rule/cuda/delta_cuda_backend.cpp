@@ -1,5 +1,5 @@
-// DeltaKernelBackend on CUDA: argument checks, scratch, and the launches of
-// delta_recurrent.cu and delta_compose.cu. Inputs q, k, v (and dO) in float32, float16
+// DeltaKernelBackend on CUDA: the launches of each call (its argument checks and the choice
+// of kernels in delta_cuda_route.h, its buffers' layouts in delta_cuda_buffers.h). Inputs q, k, v (and dO) in float32, float16
 // or bfloat16 with a contiguous last dimension and any [B, T, H] strides; gates and
 // betas float32; d_k, d_v in 1..128. Accumulation, states and maps in float32.
 //
@@ -58,6 +58,8 @@
 #include "delta_rule/cuda/kda_chunk.h"
 #include "delta_rule/cuda/kda_chunk_bwd.h"
 #include "delta_rule/cuda/delta_cuda_backend.h"
+#include "delta_rule/cuda/delta_cuda_buffers.h"
+#include "delta_rule/cuda/delta_cuda_route.h"
 #include "delta_rule/cuda/delta_launch.h"
 #include "env_knob.h"
 
@@ -65,12 +67,10 @@ namespace lasp2::delta {
 namespace {
 
 using gpu::Elem;
+using namespace cuda_buffers;
+using namespace cuda_route;
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
-
-Elem elem_of(ScalarType t) { return cuda::elem_of(t, "lasp2 (CUDA delta rule): q, k, v"); }
-
-gpu::View view_of(ConstView v) { return {v.data, v.stride.batch, v.stride.seq, v.stride.head}; }
 
 // An output tensor into a kernel argument struct's pointer and [B, T, H] strides
 // (those structs name each output's fields apart: dq, dqsb, dqst, dqsh).
@@ -104,268 +104,6 @@ void launch_finish_of(const gpu::Problem& g, const float* acc, MutView dq, MutVi
   f.flags = flags;
   gpu::launch_finish(g, f, s);
 }
-
-void check_params(const DeltaParams& p, TokenRange part) {
-  elem_of(p.dtype);
-  LASP2_CHECK(p.gate_dtype == ScalarType::kFloat32,
-              "the CUDA delta-rule kernels take float32 gates and betas, got " +
-                  std::string(to_string(p.gate_dtype)));
-  LASP2_CHECK(p.dim_k >= 1 && p.dim_k <= gpu::kMaxDim && p.dim_v >= 1 && p.dim_v <= gpu::kMaxDim,
-              "the CUDA delta-rule kernels support head dims 1..128, got dim_k=" +
-                  std::to_string(p.dim_k) + ", dim_v=" + std::to_string(p.dim_v));
-  LASP2_CHECK(p.batch >= 0 && p.heads >= 0 && p.seqlen >= 0, "negative sizes");
-  LASP2_CHECK(p.bh() <= 65535, "the CUDA delta-rule kernels support batch * heads <= 65535");
-  LASP2_CHECK(part.begin >= 0 && part.begin <= part.end && part.end <= p.seqlen,
-              "token range outside the local sequence");
-  LASP2_CHECK(part.length() * p.bh() < (int64_t{1} << 31), "part too long for the CUDA kernels");
-  LASP2_CHECK(p.g != nullptr && p.beta != nullptr, "the delta rule needs gates and betas");
-}
-
-gpu::Problem problem_of(const DeltaParams& p, TokenRange part, const float* doc_initial) {
-  gpu::Problem g;
-  g.batch = static_cast<int>(p.batch);
-  g.heads = static_cast<int>(p.heads);
-  g.dk = static_cast<int>(p.dim_k);
-  g.dv = static_cast<int>(p.dim_v);
-  g.seqlen = p.seqlen;
-  g.begin = part.begin;
-  g.n = part.length();
-  g.elem = elem_of(p.dtype);
-  g.q = view_of(p.q);
-  g.k = view_of(p.k);
-  g.v = view_of(p.v);
-  g.g = static_cast<const float*>(p.g);
-  g.gsb = p.g_stride.batch;
-  g.gst = p.g_stride.seq;
-  g.gsh = p.g_stride.head;
-  g.per_key = p.gate_kind == GateKind::kPerKey ? 1 : 0;
-  g.beta = static_cast<const float*>(p.beta);
-  g.bsb = p.beta_stride.batch;
-  g.bst = p.beta_stride.seq;
-  g.bsh = p.beta_stride.head;
-  g.scale = static_cast<float>(p.scale);
-  g.doc_start = p.doc_start;
-  g.doc_id = p.doc_id;
-  g.doc_sb = p.doc_batch_stride;
-  g.doc_initial = doc_initial;
-  const int64_t per = 16 / (g.elem == Elem::kF32 ? 4 : 2);
-  auto aligned = [&](const gpu::View& v) {
-    return reinterpret_cast<uintptr_t>(v.ptr) % 16 == 0 && v.sb % per == 0 && v.st % per == 0 &&
-           v.sh % per == 0;
-  };
-  g.vec = (aligned(g.q) && aligned(g.k) && g.dk % per == 0) ? 1 : 0;
-  g.seg_len = std::max<int64_t>(g.n, 1);  // one segment until segmented()
-  g.nseg = 1;
-  return g;
-}
-
-bool rows_aligned(const void* ptr, int64_t sb, int64_t st, int64_t sh) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && st % 8 == 0 && sh % 8 == 0;
-}
-bool rows_aligned(ConstView v) { return rows_aligned(v.data, v.stride.batch, v.stride.seq, v.stride.head); }
-
-// Whether the chunked kernels take the call (delta_chunk.h): GDN, 16-bit inputs,
-// d_k = d_v in {64, 128}, q, k, v and `extra` in 16-byte-aligned rows.
-bool chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
-  if (!env_flag("LASP2_DELTA_CHUNKED", true)) return false;
-  if (p.gate_kind != GateKind::kScalar) return false;
-  if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
-  if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
-  if (part.length() == 0 || (part.length() + 63) / 64 > 65535) return false;
-  if (!rows_aligned(p.q) || !rows_aligned(p.k) || !rows_aligned(p.v)) return false;
-  for (const ConstView& v : extra)
-    if (!rows_aligned(v)) return false;
-  return true;
-}
-
-// Whether the KDA chunk kernels (kda_chunk.h) take a forward, part_summary or
-// entering_dstate call: what chunked() asks of GDN, with per-key gates.
-// LASP2_DELTA_KDA_CHUNKED=0 (or LASP2_DELTA_CHUNKED=0) keeps the recurrent kernels;
-// the backward takes kda_backward_chunked() below.
-bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<ConstView> extra) {
-  if (!env_flag("LASP2_DELTA_KDA_CHUNKED", true)) return false;
-  if (p.gate_kind != GateKind::kPerKey) return false;
-  DeltaParams scalar = p;
-  scalar.gate_kind = GateKind::kScalar;
-  return chunked(scalar, part, extra);
-}
-
-// Whether the KDA chunked backward (kda_chunk_bwd.h) takes a backward call: kda_chunked()
-// with dout, dq, dk and dv, the block's shared memory (191.75 KiB at d = 128: sm_90, not
-// sm_80), and no per-document states with packed documents (as GDN's).
-// LASP2_DELTA_KDA_CHUNKED_BWD=0 keeps the recurrent backward.
-bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout, MutView dq, MutView dk, MutView dv,
-                          bool doc_states) {
-  if (!env_flag("LASP2_DELTA_KDA_CHUNKED_BWD", true)) return false;
-  if (p.doc_start != nullptr && doc_states) return false;
-  if (!kda_chunked(p, part, {dout, ConstView{dq.data, dq.stride}, ConstView{dk.data, dk.stride},
-                             ConstView{dv.data, dv.stride}}))
-    return false;
-  return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
-}
-
-// One allocation (cuda::DeviceBlock) of `floats` fp32 elements per buffer, each on a
-// 256-byte boundary; buffer i is scratch[i] (null where its size is 0).
-class Scratch {
- public:
-  Scratch(std::initializer_list<int64_t> floats, const ScratchAllocator* allocator,
-          cudaStream_t stream)
-      : block_(total_bytes(floats), allocator, stream) {
-    char* p = block_.data();
-    if (p == nullptr) return;
-    for (int64_t f : floats) {
-      pointers_[count_++] = f > 0 ? reinterpret_cast<float*>(p) : nullptr;
-      p += cuda::aligned_bytes(f);
-    }
-  }
-  float* operator[](int i) const { return pointers_[i]; }
-
- private:
-  static int64_t total_bytes(std::initializer_list<int64_t> floats) {
-    int64_t bytes = 0;
-    for (int64_t f : floats) bytes += cuda::aligned_bytes(f);
-    return bytes;
-  }
-  cuda::DeviceBlock block_;
-  float* pointers_[8] = {};
-  int count_ = 0;
-};
-
-// Cuts the part into segments that the walks run in parallel (delta_launch.h).
-gpu::Problem segmented(gpu::Problem g) {
-  g.seg_len = gpu::plan_seg_len(g, cuda::device_info().sms);
-  g.nseg = g.n > 0 ? static_cast<int>((g.n + g.seg_len - 1) / g.seg_len) : 1;
-  return g;
-}
-
-// The per-segment maps, states and document starts of a segmented walk.
-struct SegmentBuffers {
-  float *A = nullptr, *M = nullptr, *head_A = nullptr, *head_M = nullptr, *states = nullptr;
-  int* firsts = nullptr;
-  SegmentBuffers(const gpu::Problem& g, const ScratchAllocator* allocator, cudaStream_t s)
-      : scratch_({g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
-                  g.nseg * g.bh() * g.dk * g.dk, g.nseg * g.bh() * g.dk * g.dv,
-                  g.nseg * g.bh() * g.dk * g.dv, static_cast<int64_t>(g.batch) * g.nseg},
-                 allocator, s) {
-    A = scratch_[0];
-    M = scratch_[1];
-    head_A = scratch_[2];
-    head_M = scratch_[3];
-    states = scratch_[4];
-    firsts = reinterpret_cast<int*>(scratch_[5]);
-  }
-
- private:
-  Scratch scratch_;
-};
-
-// Rows of the chunked kernels' per-token scratch: (b, h) x whole chunks.
-int64_t chunk_rows(const gpu::Problem& g) { return g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens; }
-
-// Whether the forward keeps its chunked kernels' outputs for the backward (forward_kept_floats
-// > 0): everything of chunked() and chunk_backward_takes() (GDN) or of kda_chunked() and
-// kda_backward_chunked() (KDA) that the params' sizes, dtypes and gate kind decide (the
-// views' alignment is checked by each call).
-bool keeps_forward_params(const DeltaParams& p) {
-  if (!env_flag("LASP2_DELTA_CHUNKED", true) || !env_flag("LASP2_DELTA_KEEP_FORWARD", true)) return false;
-  if (p.dtype != ScalarType::kBFloat16 && p.dtype != ScalarType::kFloat16) return false;
-  if (p.dim_k != p.dim_v || (p.dim_k != 64 && p.dim_k != 128)) return false;
-  if (p.gate_kind == GateKind::kPerKey) {
-    for (const char* name :
-         {"LASP2_DELTA_KDA_KEEP_FORWARD", "LASP2_DELTA_KDA_CHUNKED", "LASP2_DELTA_KDA_CHUNKED_BWD"}) {
-      if (!env_flag(name, true)) return false;
-    }
-    return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
-  }
-  if (p.gate_kind != GateKind::kScalar) return false;
-  return cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
-}
-
-// One part's forward-kept buffer: w, meta, T, v_new, the 16-bit chunk states, back to
-// back (each a multiple of 64 floats, so every piece starts 256-byte aligned).
-struct ForwardKept {
-  float *w = nullptr, *meta = nullptr, *t = nullptr, *v_new = nullptr, *states = nullptr;
-
-  static int64_t floats(int64_t bh, int64_t chunks, int64_t dk, int64_t dv) {
-    const int64_t rows = bh * chunks * gpu::kChunkTokens;
-    return rows * dk / 2 + 2 * rows + rows * gpu::kChunkTokens / 2 + rows * dv / 2 + bh * chunks * dk * dv / 2;
-  }
-  ForwardKept(const gpu::Problem& g, const float* base) {
-    const int64_t rows = g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens;
-    float* p = const_cast<float*>(base);  // written by forward_keeping, read by the backward
-    w = p;
-    meta = w + rows * g.dk / 2;
-    t = meta + 2 * rows;
-    v_new = t + rows * gpu::kChunkTokens / 2;
-    states = v_new + rows * g.dv / 2;
-  }
-};
-
-// One KDA part's forward-kept buffer: what the KDA backward reads of prep (w, qg, kd,
-// P, eL, T: KdaPrep without u) and of the state pass (v_new, the 16-bit chunk states),
-// back to back; each piece a multiple of 64 floats (rows are whole chunks, d in {64, 128}),
-// so every one starts 256-byte aligned.
-struct KdaForwardKept {
-  gpu::KdaPrep prep;
-  void* v_new = nullptr;
-  void* states = nullptr;
-
-  // chunks: bh * chunk count. 16-bit w, qg, kd, v_new ([rows][d]), P and T ([64][64] a
-  // chunk) and chunk states ([dk][dv] a chunk); fp32 eL ([dk] a chunk).
-  static int64_t floats(int64_t bh, int64_t chunks, int64_t dk, int64_t dv) {
-    const int64_t c = bh * chunks, rows = c * gpu::kChunkTokens;
-    return 3 * rows * dk / 2 + 2 * c * gpu::kChunkTokens * gpu::kChunkTokens / 2 + c * dk + rows * dv / 2 +
-           c * dk * dv / 2;
-  }
-  KdaForwardKept(const gpu::Problem& g, const float* base) {
-    const gpu::KdaPrepSizes z = gpu::kda_prep_sizes(g);
-    float* p = const_cast<float*>(base);  // written by forward_keeping, read by the backward
-    prep.w = p;
-    prep.qg = p += z.rows_half;
-    prep.kd = p += z.rows_half;
-    prep.p = p += z.rows_half;
-    prep.t = p += z.p_half;
-    prep.eL = p += z.p_half;
-    v_new = p += z.eL;
-    states = p + chunk_rows(g) * g.dv / 2;
-  }
-};
-
-// The backward's per-chunk inputs from prep (w, u, meta and T) and rprep (r). r goes
-// in place of u unless `separate_r` (then the state pass can still read u after rprep:
-// what entering_dstate keeps for backward).
-class ChunkBackwardPrep final : public KeptPartWork {
- public:
-  ChunkBackwardPrep(const gpu::Problem& g, bool separate_r, const ScratchAllocator* allocator, cudaStream_t s)
-      : scratch_({chunk_rows(g) * g.dk / 2, chunk_rows(g) * g.dk / 2, 2 * chunk_rows(g),
-                  g.bh() * gpu::chunk_count(g) * gpu::kChunkTokens * gpu::kChunkTokens / 2,
-                  separate_r ? chunk_rows(g) * g.dk / 2 : 0},
-                 allocator, s) {
-    prep = {scratch_[0], scratch_[1], scratch_[2]};
-    prep.t = scratch_[3];
-    reverse = prep;
-    if (separate_r) reverse.u = scratch_[4];
-  }
-  // The forward's prep and state pass from `kept` (forward_keeping): only r is allocated.
-  ChunkBackwardPrep(const gpu::Problem& g, const ForwardKept& kept, const ScratchAllocator* allocator,
-                    cudaStream_t s)
-      : scratch_({chunk_rows(g) * g.dk / 2}, allocator, s) {
-    prep = {kept.w, nullptr, kept.meta};
-    prep.t = kept.t;
-    reverse = prep;
-    reverse.u = scratch_[0];
-    v_new = kept.v_new;
-    states = kept.states;
-  }
-  gpu::ChunkPrep prep;     // u in .u
-  gpu::ChunkPrep reverse;  // r in .u
-  // Non-null: the forward's state pass wrote them (nothing to run again).
-  const void* v_new = nullptr;
-  const void* states = nullptr;
-
- private:
-  Scratch scratch_;
-};
 
 class DeltaCudaBackend final : public DeltaKernelBackend {
  public:
