@@ -1,7 +1,8 @@
 // DeltaKernelBackend on CUDA: the launches of each call (its argument checks and the choice
-// of kernels in delta_cuda_route.h, its buffers' layouts in delta_cuda_buffers.h). Inputs q, k, v (and dO) in float32, float16
-// or bfloat16 with a contiguous last dimension and any [B, T, H] strides; gates and
-// betas float32; d_k, d_v in 1..128. Accumulation, states and maps in float32.
+// of kernels in delta_cuda_route.h, its buffers' layouts in delta_cuda_buffers.h). Inputs
+// q, k, v (and dO) in float32, float16 or bfloat16 with a contiguous last dimension and any
+// [B, T, H] strides; gates and betas float32; d_k, d_v in 1..128. Accumulation, states and
+// maps in float32.
 //
 // What each call launches:
 //   part_summary     one walk over the part of the columns [A | M] from [I | 0]
