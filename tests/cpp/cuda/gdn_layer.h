@@ -14,6 +14,7 @@
 
 #include "cuda_test_util.h"
 #include "delta_rule/cuda/delta_chunk.h"
+#include "delta_rule/cuda/delta_cuda_route.h"
 #include "delta_test_util.h"
 
 namespace lasp2::testing::delta_cuda {
@@ -66,33 +67,10 @@ inline DeltaParams gdn_params(const DevTensor& q, const DevTensor& k, const DevT
   return p;
 }
 
-inline delta::gpu::View gpu_view(ConstView v) {
-  return delta::gpu::View{v.data, v.stride.batch, v.stride.seq, v.stride.head};
-}
-
-// The kernels' problem of gdn_params' layer: all T tokens, one segment.
+// The kernels' problem of gdn_params' layer: all T tokens, one segment (the backend's own
+// conversion, delta_cuda_route.h).
 inline delta::gpu::Problem gdn_problem(const DeltaParams& p) {
-  delta::gpu::Problem g;
-  g.batch = 1;
-  g.heads = static_cast<int>(p.heads);
-  g.dk = g.dv = static_cast<int>(p.dim_k);
-  g.seqlen = p.seqlen;
-  g.n = p.seqlen;
-  g.elem = delta::gpu::Elem::kBF16;
-  g.q = gpu_view(p.q);
-  g.k = gpu_view(p.k);
-  g.v = gpu_view(p.v);
-  g.g = static_cast<const float*>(p.g);
-  g.gsb = p.g_stride.batch;
-  g.gst = p.g_stride.seq;
-  g.gsh = p.g_stride.head;
-  g.beta = static_cast<const float*>(p.beta);
-  g.bsb = p.beta_stride.batch;
-  g.bst = p.beta_stride.seq;
-  g.bsh = p.beta_stride.head;
-  g.scale = static_cast<float>(p.scale);
-  g.seg_len = p.seqlen;
-  return g;
+  return delta::cuda_route::problem_of(p, TokenRange{0, p.seqlen}, nullptr);
 }
 
 }  // namespace lasp2::testing::delta_cuda

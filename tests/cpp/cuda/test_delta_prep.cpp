@@ -46,7 +46,7 @@ TEST(DeltaCudaPrep, NewEqualsOld) {
       gp.begin = 37;
       gp.n = 280 - 37;
       ASSERT_NE(gp.doc_start, nullptr);
-      const gpu::View dO = gpu_view(dev.dout.cview());
+      const gpu::View dO = delta::cuda_route::view_of(dev.dout.cview());
       const int64_t rows = gp.bh() * gpu::chunk_count(gp) * 64;
       auto run = [&](const char* prep_kernel, const char* rprep_kernel) {
         const EnvGuard a("LASP2_DELTA_PREP_KERNEL", prep_kernel), b("LASP2_DELTA_RPREP_KERNEL", rprep_kernel);

@@ -56,7 +56,7 @@ TEST(DeltaCudaStatePasses, CopiesAddressedOnceEqualPerChunk) {
     gp.batch = static_cast<int>(B);
     gp.begin = 37;
     gp.n = T - 37 - 20;
-    const gpu::View dO = gpu_view(dout.cview());
+    const gpu::View dO = delta::cuda_route::view_of(dout.cview());
     const int64_t bh = B * H, nck = gpu::chunk_count(gp), rows = bh * nck * 64, se = D * D;
     ASSERT_EQ(nck, 15);
     std::vector<float> state(bh * se);

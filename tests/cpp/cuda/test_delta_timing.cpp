@@ -165,7 +165,7 @@ TEST(DeltaCudaTiming, GdnOneDevice) {
     bprep.t = tm.p;
     const gpu::ForwardOut fo = forward_out(o);
     gpu::ChunkBackwardArgs ba;
-    ba.dout = gpu_view(dout.cview());
+    ba.dout = delta::cuda_route::view_of(dout.cview());
     ba.meta = meta.p;
     ba.v_new = vnew.p;
     ba.states = st16.p;
@@ -277,7 +277,7 @@ TEST(DeltaCudaPrepTiming, OldVsNew) {
   const gpu::ChunkPrep prep{w.p, u.p, meta.p};
   gpu::ChunkPrep tprep = prep;
   tprep.t = tm.p;
-  const gpu::View dO = gpu_view(dout.cview());
+  const gpu::View dO = delta::cuda_route::view_of(dout.cview());
   LaunchTimer timer;
   const int reps = static_cast<int>(env_or("LASP2_PREP_TIMING_REPS", 6));  // 1 under ncu: one launch each
   for (int round = 0; round < 2; ++round)
@@ -388,7 +388,7 @@ TEST(DeltaCudaStateTiming, FamiliesSideBySide) {
 
   namespace gpu = delta::gpu;
   const gpu::Problem gp = gdn_problem(gdn_params(q, k, v, gb));
-  const gpu::View dO = gpu_view(dout.cview());
+  const gpu::View dO = delta::cuda_route::view_of(dout.cview());
   const int64_t nck = gpu::chunk_count(gp), rows = H * nck * 64;
   DevBuf<float> w(rows * D / 2), uu(rows * D / 2), r(rows * D / 2), meta(2 * rows), vnew(rows * D / 2),
       st16(H * nck * D * D / 2), dh(H * nck * D * D / 2), A(H * D * D), M(H * D * D);
