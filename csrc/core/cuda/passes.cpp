@@ -353,8 +353,7 @@ void run_dkdv(const CallContext& c, const AttentionParams& p, TokenRange part, V
   const View q = view_of(p.q), k = view_of(p.k), v = view_of(p.v);
   const int D = tc_dim(p, {q, k, v, dout, dk, dv}, tc_dkdv_smem(64), tc_dkdv_smem(128));
   const Geom g = make_geom(p, part, D);
-  const bool read_kept = kept != nullptr && kept_geom != nullptr && g.nseg > 1 &&
-                         kept_geom->seg_chunks == g.seg_chunks && kept_geom->nseg == g.nseg;
+  const bool read_kept = kept != nullptr && kept_geom != nullptr && g.nseg > 1 && same_cut(*kept_geom, g);
   const int idk = static_cast<int>(p.dim_k), idv = static_cast<int>(p.dim_v);
   const bool smem_state = D > 0 || generic_dkdv_smem(idk, idv, true) <= device_info().smem_optin;
   const int sD = g.nseg > 1 && !read_kept ? state_dim(p, q, dout) : 0;  // the entry-state pass, if any
