@@ -44,15 +44,12 @@
 // turns that off.
 // These five switches take 0 or 1 (unset or empty: 1, on); any other value is a lasp2::Error
 // naming the variable (env_knob.h), where before session 25 only a leading '0' counted.
-#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <string>
 
 #include "cuda/launch.h"
 #include "cuda/route.h"
-#include "cuda/scratch.h"
 #include "delta_rule/cuda/delta_chunk.h"
 #include "delta_rule/cuda/delta_chunk_bwd.h"
 #include "delta_rule/cuda/delta_chunk_docs.h"
@@ -62,7 +59,6 @@
 #include "delta_rule/cuda/delta_cuda_buffers.h"
 #include "delta_rule/cuda/delta_cuda_route.h"
 #include "delta_rule/cuda/delta_launch.h"
-#include "env_knob.h"
 
 namespace lasp2::delta {
 namespace {
@@ -265,21 +261,6 @@ class DeltaCudaBackend final : public DeltaKernelBackend {
     c.E = seg.states;
     c.final_out = dentering;
     gpu::launch_compose(g, c, s);
-  }
-
-  // Whether the chunked backward takes the part (else the token walks): 16-bit aligned
-  // views, the chunk kernel's shared memory, and no per-document states (documents begun
-  // inside a chunk start from zero there, receive no end-state gradient and give none to
-  // their initial state in the chunked kernels).
-  bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) const {
-    return chunk_backward_fits(p, part, dout, plan) && !(p.doc_start != nullptr && plan.doc_states);
-  }
-  // The views and the chunk kernel's shared memory alone (packed documents with their
-  // states: chunked_doc_backward).
-  static bool chunk_backward_fits(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) {
-    return chunked(p, part, {dout, ConstView{plan.dq.data, plan.dq.stride}, ConstView{plan.dk.data, plan.dk.stride},
-                             ConstView{plan.dv.data, plan.dv.stride}}) &&
-           cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
   }
 
   // Keeps prep's and rprep's outputs (with T, r beside u) when the chunked kernels take

@@ -106,6 +106,16 @@ bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout,
   return cuda::device_info().smem_optin >= gpu::kda_backward_smem_bytes(static_cast<int>(p.dim_k));
 }
 
+bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) {
+  return chunk_backward_fits(p, part, dout, plan) && !(p.doc_start != nullptr && plan.doc_states);
+}
+
+bool chunk_backward_fits(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan) {
+  return chunked(p, part, {dout, ConstView{plan.dq.data, plan.dq.stride}, ConstView{plan.dk.data, plan.dk.stride},
+                           ConstView{plan.dv.data, plan.dv.stride}}) &&
+         cuda::device_info().smem_optin >= gpu::chunk_backward_smem_bytes(static_cast<int>(p.dim_k));
+}
+
 gpu::Problem segmented(gpu::Problem g) {
   g.seg_len = gpu::plan_seg_len(g, cuda::device_info().sms);
   g.nseg = g.n > 0 ? static_cast<int>((g.n + g.seg_len - 1) / g.seg_len) : 1;

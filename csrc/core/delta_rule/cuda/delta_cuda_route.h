@@ -7,6 +7,7 @@
 #include <initializer_list>
 
 #include "delta_rule/cuda/delta_launch.h"
+#include "delta_rule/delta_backend.h"
 #include "delta_rule/delta_params.h"
 
 namespace lasp2::delta::cuda_route {
@@ -44,6 +45,15 @@ bool kda_chunked(const DeltaParams& p, TokenRange part, std::initializer_list<Co
 // LASP2_DELTA_KDA_CHUNKED_BWD=0 keeps the recurrent backward.
 bool kda_backward_chunked(const DeltaParams& p, TokenRange part, ConstView dout, MutView dq, MutView dk, MutView dv,
                           bool doc_states);
+
+// Whether the GDN chunked backward takes the call (else the token walks): 16-bit aligned
+// views, the chunk kernel's shared memory, and no per-document states (documents begun
+// inside a chunk start from zero there, receive no end-state gradient and give none to
+// their initial state in the chunked kernels).
+bool chunk_backward_takes(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan);
+// The views and the chunk kernel's shared memory alone (packed documents with their
+// states: the backend's chunked_doc_backward).
+bool chunk_backward_fits(const DeltaParams& p, TokenRange part, ConstView dout, const BackwardPlan& plan);
 
 // Cuts the part into segments that the walks run in parallel (delta_launch.h).
 gpu::Problem segmented(gpu::Problem g);
