@@ -22,9 +22,9 @@ namespace {
 // chunk_backward_dq_keeping reads them instead of running the state pass. They do not
 // depend on the entering state (forward from zero, dq with S0: what LASP-2's
 // overlapped forward and its backward do), so dq and q.dq equal the recomputing pass
-// bit for bit, also when read twice (the scan leaves them intact); altered states
-// change dq, so the pass reads them; and a dq on the generic route (padded views)
-// reading states of the tensor-core forward still matches the CPU.
+// bit for bit, also when read twice (the pass adds S0 into its own scratch and leaves
+// them intact); altered states change dq, so the pass reads them; and a dq on the generic
+// route (padded views) reading states of the tensor-core forward still matches the CPU.
 
 // part_state_keeping (LASP-2's part summary) keeps what chunk_forward_kept keeps, bit for
 // bit, in every slot but the last segment's (whose state the output pass does not walk and
