@@ -77,6 +77,12 @@ __device__ __forceinline__ void tile_map_store(const CUtensorMap* map, int hd, i
   const BoxCoords c = box_coords(hd, td, h, t, b);
   tma_store_4d(map, 0, c.y, c.z, c.w, src);
 }
+// The same from column x (a warp's slice of the tile, stored by a map of narrower boxes).
+__device__ __forceinline__ void tile_map_store_at(const CUtensorMap* map, int hd, int td, int h, int t, int b, int x,
+                                                  uint32_t src) {
+  const BoxCoords c = box_coords(hd, td, h, t, b);
+  tma_store_4d(map, x, c.y, c.z, c.w, src);
+}
 // Waits until at most N of this thread's bulk store groups still read shared memory
 // (READ) or are incomplete at all (!READ).
 template <int N, bool READ>
@@ -87,16 +93,18 @@ __device__ __forceinline__ void bulk_store_wait() {
 
 // View v's rows of the part (from token g.begin, g.n of them; rows past them and columns
 // past `dim` read as zeros) as a 4-d map {d, ...} whose other three dimensions go by
-// stride (extent-1 ones last), read in [64 tokens][LD columns] boxes; false where a map
-// cannot take the view (alignment, strides).
+// stride (extent-1 ones last), read in [64 tokens][box_cols] boxes (LD columns unless a
+// kernel stores narrower slices); false where a map cannot take the view (alignment,
+// strides).
 template <typename T, int D>
-bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const View& v, const Geom& g, int dim) {
+bool encode_tile_map(CUtensorMap* map, int& hdim, int& tdim, int& bdim, const View& v, const Geom& g, int dim,
+                     int box_cols = TcTile<D>::LD) {
   const auto f = lasp2::delta::gpu::encode_tiled();
   const T* base = static_cast<const T*>(v.ptr) + g.begin * v.st;
   if (f == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   const auto dm = lasp2::delta::gpu::token_dims_by_stride(v, g.heads, g.n, g.batch);
   cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), 0, 0, 0}, strides[3];
-  cuuint32_t box[4] = {TcTile<D>::LD, 1, 1, 1}, ones[4] = {1, 1, 1, 1};
+  cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols), 1, 1, 1}, ones[4] = {1, 1, 1, 1};
   for (int i = 0; i < 3; ++i) {
     dims[i + 1] = static_cast<cuuint64_t>(dm[i].extent);
     strides[i] = static_cast<cuuint64_t>(dm[i].stride) * sizeof(T);

@@ -177,8 +177,9 @@ TEST(CudaFwdKernel, TmaCopySameBits) {
 // no decay and D = 64 with gates. Without an sm_90 device both settings run the cp.async
 // kernel (the comparison holds trivially; the CPU comparisons still run).
 
-TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
-  LASP2_SKIP_WITHOUT_CUDA();
+// TmaCopySameBits' cases and 16-chunk segments of a part [37, 4109) (63 full chunks and one
+// of 40) with fixed and no decay at D = 128 and gates at D = 64: the rings through many phases.
+std::vector<OpCase> ring_cases() {
   std::vector<OpCase> cases = fwd_copy_cases();
   const struct {
     const char* name;
@@ -189,11 +190,33 @@ TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
                {"wb_bf16_gate_D64_seg16_part37", DecayMode::kGate, 64}};
   for (const auto& l : longs) {
     OpCase c = whole_sequence_case(l.name, l.mode, l.d, l.d, 4109, 16);
-    c.begin = 37;  // 4072 tokens: 63 full chunks and one of 40
+    c.begin = 37;
     cases.push_back(c);
   }
-  for (const OpCase& x : cases)
+  return cases;
+}
+
+TEST(CudaFwdKernel, StagedStoreSameBitsAsV6) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  for (const OpCase& x : ring_cases())
     if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v6");
+}
+
+// ---- the warp-specialized output kernel against variant 10 (session 30) -----------------
+// The default output pass at D = 128 on sm_90 (variant 16: consumer warps that own their
+// state rows, producer warps for P and the weights, a three-stage mbarrier ring, per-warp
+// tensor-map stores of 16-column slices) against LASP2_CUDA_FWD_KERNEL=v10 (variant 10, the
+// default before), bit for bit, and each against the CPU backend, on ring_cases() with a
+// gated 16-chunk segment at D = 128 added. The dq mode and D = 64 run variant 10 under both
+// settings (equal trivially there; the CPU comparisons still run).
+TEST(CudaFwdKernel, WarpSpecializedSameBitsAsV10) {
+  LASP2_SKIP_WITHOUT_CUDA();
+  std::vector<OpCase> cases = ring_cases();
+  OpCase g = whole_sequence_case("ws_bf16_gate_D128_seg16_part37", DecayMode::kGate, 128, 128, 4109, 16);
+  g.begin = 37;
+  cases.push_back(g);
+  for (const OpCase& x : cases)
+    if (selected_by_env(x)) run_fwd_knob_case(x, "LASP2_CUDA_FWD_KERNEL", "v10");
 }
 
 }  // namespace

@@ -54,6 +54,11 @@ __device__ __forceinline__ void mbar_wait(void* bar, uint32_t parity) {
         : "memory");
   } while (done == 0);
 }
+// One plain arrival of this thread (release: its earlier shared-memory accesses are
+// ordered before the phase completes for the threads that wait on it).
+__device__ __forceinline__ void mbar_arrive(void* bar) {
+  LASP2_ASM90("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
 // One arrival that also expects `bytes` of tensor copies in the barrier's current phase.
 __device__ __forceinline__ void mbar_arrive_expect_tx(void* bar, uint32_t bytes) {
   LASP2_ASM90("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
