@@ -88,6 +88,105 @@ __device__ __forceinline__ void scores_fine8(const T* Qs, const T* Ks, const flo
   else scores_slice<T, D, 2>(Qs, Ks, ms, scale, Ps, mt, nt0, lane);
 }
 
+// The pieces of a consumer warp's chunk step that the output / dq kernels (variants 2-10
+// and 16) share: warp w owns rows [16 w, 16 w + 16) of the state S_a^T and of the output^T.
+
+// The segment's entering state as S_a^T in mma accumulators (row = output dim 16 w + ...,
+// column = qa dim), times esc (the prefix mode's decay, else 1); zeros where none enters.
+template <int D>
+__device__ __forceinline__ void load_entering_state(float (&S)[D / 8][4], const FwdArgs& args,
+                                                    const SegmentBlock& blk, float esc, int warp, int lane) {
+  const int da = args.da, dv = args.dv;
+  const float* E = seg_state(args.state, blk.bh, blk.seg, args.state_bh, args.state_seg);
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int jj = 16 * warp + (lane >> 2) + 8 * (e >> 1);
+      const int ii = 8 * j + 2 * (lane & 3) + (e & 1);
+      float val = 0.f;
+      if (E != nullptr && jj < dv && ii < da) val = esc * (args.state_transposed ? E[jj * da + ii] : E[ii * dv + jj]);
+      S[j][e] = val;
+    }
+  }
+}
+
+// inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
+template <typename T, int D>
+__device__ __forceinline__ void inter_product(float (&o)[8][4], const float (&S)[D / 8][4], const T* Qs, int lane) {
+  constexpr int LD = TcTile<D>::LD;
+  tc_zero(o);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<T>(S[2 * kk][0], S[2 * kk][1]);
+    a[1] = pack2<T>(S[2 * kk][2], S[2 * kk][3]);
+    a[2] = pack2<T>(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+    a[3] = pack2<T>(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+    uint32_t bb[4][4];
+#pragma unroll
+    for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Qs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      mma16816<T>(o[2 * np], a, bb[np][0], bb[np][1]);
+      mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
+    }
+  }
+}
+
+// o's token columns times their entry weights (scale folded in)
+__device__ __forceinline__ void scale_by_entry(float (&o)[8][4], const float* entw, int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int y = 8 * j + 2 * (lane & 3);
+    const float e0 = entw[y], e1 = entw[y + 1];
+    o[j][0] *= e0;
+    o[j][1] *= e1;
+    o[j][2] *= e0;
+    o[j][3] *= e1;
+  }
+}
+
+// intra: o += va^T P^T (P is causal: token block np of queries needs key blocks <= np); the
+// warp's va^T fragments stay in vf for the state update
+template <typename T, int D>
+__device__ __forceinline__ void intra_product(float (&o)[8][4], uint32_t (&vf)[4][4], const T* Vs, const T* Ps, int warp,
+                                              int lane) {
+  constexpr int LD = TcTile<D>::LD;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    ldsm_x4_t(vf[kk], Vs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
+#pragma unroll
+    for (int np = kk; np < 4; ++np) {
+      uint32_t bb[4];
+      ldsm_x4(bb, Ps + frag_b_nk(lane, 16 * kk, 16 * np, kLdP));
+      mma16816<T>(o[2 * np], vf[kk], bb[0], bb[1]);
+      mma16816<T>(o[2 * np + 1], vf[kk], bb[2], bb[3]);
+    }
+  }
+}
+
+// S_a^T += va^T diag(w_exit) ka, from intra_product's va^T fragments
+template <typename T, int D>
+__device__ __forceinline__ void add_chunk_to_state(float (&S)[D / 8][4], const uint32_t (&vf)[4][4], const T* Ks,
+                                                   const float* extw, int lane) {
+  constexpr int LD = TcTile<D>::LD;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int y = 16 * kk + 2 * (lane & 3);
+    const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
+    uint32_t a[4];
+    scale_a_tokens<T>(a, vf[kk], w0, w1, w2, w3);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, Ks + frag_b_kn(lane, 16 * kk, 16 * np, LD));
+      mma16816<T>(S[2 * np], a, bb[0], bb[1]);
+      mma16816<T>(S[2 * np + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
 // Two stages of the tile / meta ring; OST: two staged output tiles (variant 10 at D = 128)
 // after the rest.
 template <int D, int MODE, bool OST = false>
@@ -213,23 +312,8 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     if (esc == 0.f || args.state == nullptr) return;  // nothing reaches this segment
   }
 
-  // Entering state, as S_a^T: row = output dim (16 warp + ...), column = qa dim.
   float S[D / 8][4];
-  {
-    const float* E = seg_state(args.state, blk.bh, blk.seg, args.state_bh, args.state_seg);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int jj = 16 * warp + (lane >> 2) + 8 * (e >> 1);
-        const int ii = 8 * j + 2 * (lane & 3) + (e & 1);
-        float val = 0.f;
-        if (E != nullptr && jj < dv && ii < da)
-          val = esc * (args.state_transposed ? E[jj * da + ii] : E[ii * dv + jj]);
-        S[j][e] = val;
-      }
-    }
-  }
+  load_entering_state<D>(S, args, blk, esc, warp, lane);
 
   const T* qa_b = head_base<T>(args.qa, blk.b, blk.h, g.begin);
   const T* ka_b = kPrefix ? nullptr : head_base<T>(args.ka, blk.b, blk.h, g.begin);
@@ -332,26 +416,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     }
 
     float o[8][4];
-    // inter: o = S_a^T qa^T over the qa dims (reads qa and the state only)
-    auto inter = [&]() {
-      tc_zero(o);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(S[2 * kk][0], S[2 * kk][1]);
-        a[1] = pack2<T>(S[2 * kk][2], S[2 * kk][3]);
-        a[2] = pack2<T>(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-        a[3] = pack2<T>(S[2 * kk + 1][2], S[2 * kk + 1][3]);
-        uint32_t bb[4][4];
-#pragma unroll
-        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Qs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          mma16816<T>(o[2 * np], a, bb[np][0], bb[np][1]);
-          mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
-        }
-      }
-    };
+    auto inter = [&]() { inter_product<T, D>(o, S, Qs, lane); };
 
     // ---- A: P = scale W o (qa ka^T) -------------------------------------------
     if constexpr (kSplit) {
@@ -378,30 +443,9 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
     // ---- C: outputs and state update (warp w: output dims [16w, 16w + 16)) -------
     if (active) {
       if constexpr (!kSplit) inter();
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int y = 8 * j + 2 * (lane & 3);
-        const float e0 = entw[y], e1 = entw[y + 1];
-        o[j][0] *= e0;
-        o[j][1] *= e1;
-        o[j][2] *= e0;
-        o[j][3] *= e1;
-      }
+      scale_by_entry(o, entw, lane);
       uint32_t vf[4][4];
-      if (!kPrefix) {
-        // intra: va^T P^T (P is causal: token block np of queries needs key blocks <= np)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          ldsm_x4_t(vf[kk], Vs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
-#pragma unroll
-          for (int np = kk; np < 4; ++np) {
-            uint32_t bb[4];
-            ldsm_x4(bb, Ps + frag_b_nk(lane, 16 * kk, 16 * np, kLdP));
-            mma16816<T>(o[2 * np], vf[kk], bb[0], bb[1]);
-            mma16816<T>(o[2 * np + 1], vf[kk], bb[2], bb[3]);
-          }
-        }
-      }
+      if (!kPrefix) intra_product<T, D>(o, vf, Vs, Ps, warp, lane);
       if (kPrefix) {
         // out += o (scale is in entw), element-wise in the accumulator layout
 #pragma unroll
@@ -487,22 +531,7 @@ __global__ void __launch_bounds__(2 * D, (D == 64 && VAR > 0 && MODE == 0) ? 3 :
       for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[j][e] *= through;
-      if (!kPrefix) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const int y = 16 * kk + 2 * (lane & 3);
-          const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
-          uint32_t a[4];
-          scale_a_tokens<T>(a, vf[kk], w0, w1, w2, w3);
-#pragma unroll
-          for (int np = 0; np < D / 16; ++np) {
-            uint32_t bb[4];
-            ldsm_x4_t(bb, Ks + frag_b_kn(lane, 16 * kk, 16 * np, LD));
-            mma16816<T>(S[2 * np], a, bb[0], bb[1]);
-            mma16816<T>(S[2 * np + 1], a, bb[2], bb[3]);
-          }
-        }
-      }
+      if (!kPrefix) add_chunk_to_state<T, D>(S, vf, Ks, extw, lane);
     }
     if (kDq) {
       __syncthreads();
@@ -586,7 +615,7 @@ __global__ void __launch_bounds__(320, 1) tc_fwd_ws_kernel(const __grid_constant
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const SegmentBlock blk = segment_block(g);
   const int c_begin = blk.c_begin, c_end = blk.c_end;
-  const int da = args.da, dv = args.dv;
+  const int dv = args.dv;
   const float* meta = head_meta(args.meta, g, blk.bh);
 
   if (tid == kCopyTid) {
@@ -658,20 +687,7 @@ __global__ void __launch_bounds__(320, 1) tc_fwd_ws_kernel(const __grid_constant
   // ---- consumers: warp w owns output dims [16w, 16w + 16) ----------------------------
   const bool active = 16 * warp < dv;
   float S[D / 8][4];
-  {
-    const float* E = seg_state(args.state, blk.bh, blk.seg, args.state_bh, args.state_seg);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int jj = 16 * warp + (lane >> 2) + 8 * (e >> 1);
-        const int ii = 8 * j + 2 * (lane & 3) + (e & 1);
-        float val = 0.f;
-        if (E != nullptr && jj < dv && ii < da) val = args.state_transposed ? E[jj * da + ii] : E[ii * dv + jj];
-        S[j][e] = val;
-      }
-    }
-  }
+  load_entering_state<D>(S, args, blk, 1.f, warp, lane);
   T* const my_slices = reinterpret_cast<T*>(smem + L::kStage + warp * L::kSliceBytes);
   for (int c = c_begin; c < c_end; ++c) {
     const int i = c - c_begin, s = i % NS;
@@ -683,50 +699,14 @@ __global__ void __launch_bounds__(320, 1) tc_fwd_ws_kernel(const __grid_constant
     const float* ms = meta_of(s);
     if (active) {
       float o[8][4];
-      // inter: o = S_a^T qa^T over the qa dims
-      tc_zero(o);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(S[2 * kk][0], S[2 * kk][1]);
-        a[1] = pack2<T>(S[2 * kk][2], S[2 * kk][3]);
-        a[2] = pack2<T>(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-        a[3] = pack2<T>(S[2 * kk + 1][2], S[2 * kk + 1][3]);
-        uint32_t bb[4][4];
-#pragma unroll
-        for (int np = 0; np < 4; ++np) ldsm_x4(bb[np], Qs + frag_b_nk(lane, 16 * kk, 16 * np, LD));
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          mma16816<T>(o[2 * np], a, bb[np][0], bb[np][1]);
-          mma16816<T>(o[2 * np + 1], a, bb[np][2], bb[np][3]);
-        }
-      }
+      inter_product<T, D>(o, S, Qs, lane);
       lasp2::delta::gpu::mbar_wait(&ready[s], par);
       const T* Ps = p_of(s);
       const float* entw = w_of(s);
       const float* extw = entw + 64;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int y = 8 * j + 2 * (lane & 3);
-        const float e0 = entw[y], e1 = entw[y + 1];
-        o[j][0] *= e0;
-        o[j][1] *= e1;
-        o[j][2] *= e0;
-        o[j][3] *= e1;
-      }
+      scale_by_entry(o, entw, lane);
       uint32_t vf[4][4];
-      // intra: va^T P^T (P is causal: token block np of queries needs key blocks <= np)
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        ldsm_x4_t(vf[kk], Vs + frag_a_colmajor(lane, 16 * warp, 16 * kk, LD));
-#pragma unroll
-        for (int np = kk; np < 4; ++np) {
-          uint32_t bb[4];
-          ldsm_x4(bb, Ps + frag_b_nk(lane, 16 * kk, 16 * np, kLdP));
-          mma16816<T>(o[2 * np], vf[kk], bb[0], bb[1]);
-          mma16816<T>(o[2 * np + 1], vf[kk], bb[2], bb[3]);
-        }
-      }
+      intra_product<T, D>(o, vf, Vs, Ps, warp, lane);
       // the warp's 64 x 16 output slice: staging slice i % 2 (its store two chunks ago has
       // read it once at most one of this lane's store groups still reads), then one store
       T* const ostg = my_slices + (i & 1) * kChunk * 16;
@@ -751,20 +731,7 @@ __global__ void __launch_bounds__(320, 1) tc_fwd_ws_kernel(const __grid_constant
       for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[j][e] *= through;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const int y = 16 * kk + 2 * (lane & 3);
-        const float w0 = extw[y], w1 = extw[y + 1], w2 = extw[y + 8], w3 = extw[y + 9];
-        uint32_t a[4];
-        scale_a_tokens<T>(a, vf[kk], w0, w1, w2, w3);
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, Ks + frag_b_kn(lane, 16 * kk, 16 * np, LD));
-          mma16816<T>(S[2 * np], a, bb[0], bb[1]);
-          mma16816<T>(S[2 * np + 1], a, bb[2], bb[3]);
-        }
-      }
+      add_chunk_to_state<T, D>(S, vf, Ks, extw, lane);
     } else {
       lasp2::delta::gpu::mbar_wait(&ready[s], par);  // an idle warp still releases the stage in turn
     }
