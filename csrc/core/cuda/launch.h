@@ -179,6 +179,10 @@ int tc_dkdv_smem(int D);
 int tc_dkdv_last_kernel();
 void launch_tc_state(Elem e, int D, const StateArgs& a, bool entry, cudaStream_t s, int stages = 3);
 void launch_tc_fwd(Elem e, int D, const FwdArgs& a, FwdMode mode, cudaStream_t s);
+// The output mode at D = 128 by variant 16 (tc_forward_ws.cu; bf16 / fp16), where it runs:
+// sm_90 code on an sm_90 device, the meta 16-byte aligned, every map encodable, its shared
+// memory within the device's opt-in limit; false (nothing launched) otherwise.
+bool launch_tc_fwd_ws(Elem e, const FwdArgs& a, cudaStream_t s);
 void launch_tc_dkdv(Elem e, int D, const DkdvArgs& a, cudaStream_t s);
 
 // ---- generic path (any dtype, dims <= 256; FMA arithmetic) ----
