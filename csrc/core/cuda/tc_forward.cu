@@ -19,7 +19,8 @@
 // graph fwd+bwd with tc_dkdv's tensor-map copies 1.98 -> 1.83 ms); since session 17 the
 // same thread also copies the per-token weights, and at D = 128 the output tile is staged
 // in shared memory and written by tensor-map stores (VAR 10, the default; output 406 ->
-// 382 us, dq 480 -> 457 us, graph fwd+bwd 1.79 -> 1.74 ms at gates). VAR 6 stays as the
+// 382 us, dq 480 -> 457 us, graph fwd+bwd 1.79 -> 1.74 ms at gates; since session 30 the
+// output mode at D = 128 runs variant 16 first, tc_forward_ws.cu). VAR 6 stays as the
 // fallback where VAR 10 cannot run. Otherwise (sm_80, views a map cannot take, the prefix
 // mode, LASP2_CUDA_TILE_COPY=cp_async) every thread copies by cp.async (VAR 2, or 0): the
 // same bits.

@@ -108,8 +108,8 @@ __device__ __forceinline__ void scale_by_entry(float (&o)[8][4], const float* en
 // intra: o += va^T P^T (P is causal: token block np of queries needs key blocks <= np); the
 // warp's va^T fragments stay in vf for the state update
 template <typename T, int D>
-__device__ __forceinline__ void intra_product(float (&o)[8][4], uint32_t (&vf)[4][4], const T* Vs, const T* Ps, int warp,
-                                              int lane) {
+__device__ __forceinline__ void intra_product(float (&o)[8][4], uint32_t (&vf)[4][4], const T* Vs, const T* Ps,
+                                              int warp, int lane) {
   constexpr int LD = TcTile<D>::LD;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {

@@ -1,8 +1,6 @@
 // The output pass by job, not by phase (variant 16; the default output pass at D = 128 on
 // sm_90 since session 30): its kernel and launcher. tc_forward.cu's launcher calls
 // launch_tc_fwd_ws first and falls back to variant 10 where it declines.
-#include <type_traits>
-
 #include "device_utils.cuh"
 #include "launch.h"
 #include "pdl.cuh"
@@ -44,7 +42,7 @@ struct FwdWsLayout {
   static constexpr int NS = 3;
   static constexpr int NT = 3;                                   // qa, ka, va
   static constexpr int kTile = TcTile<128>::kBytes;
-  static constexpr int kStage = NS * NT * kTile;                 // per warp: two [64][16] slices
+  static constexpr int kStage = NS * NT * kTile;                 // the consumers' output slices, two [64][16] a warp
   static constexpr int kSliceBytes = 2 * kChunk * 16 * 2;
   static constexpr int kMeta = kStage + 8 * kSliceBytes;
   static constexpr int kP = kMeta + NS * 128 * 4;
@@ -54,7 +52,8 @@ struct FwdWsLayout {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(FwdWsLayout::kThreads, 1) tc_fwd_ws_kernel(const __grid_constant__ FwdTmaStoreArgs args) {
+__global__ void __launch_bounds__(FwdWsLayout::kThreads, 1)
+    tc_fwd_ws_kernel(const __grid_constant__ FwdTmaStoreArgs args) {
   using L = FwdWsLayout;
   constexpr int D = 128, NS = L::NS, NT = L::NT, LD = TcTile<D>::LD;
   constexpr int kConsumers = 8, kProducers = L::kThreads / 32 - kConsumers, kCopyTid = 32 * kConsumers;
